@@ -1,0 +1,1 @@
+"""Batched, differentiable quadratic programs."""
