@@ -1,5 +1,7 @@
 """optlayers: optimization problems as differentiable PyTorch layers."""
 from optlayers.qp.status import QPSolveError, QPStatus
+from optlayers.cone import ConeSolution, ConeSolveError, ConeSpec, ConeStatus, solve_cone
 
 __all__ = ["QPSolveError", "QPStatus"]
+__all__ += ["ConeSolution", "ConeSolveError", "ConeSpec", "ConeStatus", "solve_cone"]
 __version__ = "0.1.0"

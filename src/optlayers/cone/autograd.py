@@ -1,0 +1,127 @@
+"""The cone program as a torch.autograd.Function: forward solves, backward/jvp differentiate."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from optlayers.cone import backends, derivative, embedding, refine
+from optlayers.cone.spec import ConeSpec
+from optlayers.cone.status import ConeStatus
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything non-differentiable about a solve."""
+
+    spec: ConeSpec
+    solver: str
+    mode: str
+    options: dict
+    warm_starts: tuple | None
+    max_workers: int | None
+    refine_steps: int = refine.REFINE_STEPS
+
+
+def _scipy(A: torch.Tensor) -> sp.csc_matrix:
+    A = A.detach().cpu().double()
+    if A.layout == torch.sparse_csr:
+        return sp.csr_matrix((A.values().numpy(), A.col_indices().numpy(), A.crow_indices().numpy()),
+                             shape=A.shape).tocsc()
+    if A.layout == torch.sparse_coo:
+        A = A.coalesce()
+        return sp.csc_matrix((A.values().numpy(), tuple(A.indices().numpy())), shape=A.shape)
+    return sp.csc_matrix(A.numpy())
+
+
+def _problems(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None) -> list[backends.Problem]:
+    batch = b.shape[0]
+    shared_A = _scipy(A) if A.layout != torch.strided or A.dim() == 2 else None
+    A_np = None if shared_A is not None else A.detach().cpu().double().numpy()
+    b_np, c_np = b.detach().cpu().double().numpy(), c.detach().cpu().double().numpy()
+    P_np = None if P is None else P.detach().cpu().double().numpy()
+    P_np = None if P_np is None else (P_np + np.swapaxes(P_np, -1, -2)) / 2
+    shared_P = None if P_np is None or P_np.ndim == 3 else sp.triu(P_np, format="csc")
+    return [backends.Problem(
+        A=shared_A if shared_A is not None else sp.csc_matrix(A_np[i]), b=b_np[i], c=c_np[i],
+        P=shared_P if P_np is None or P_np.ndim == 2 else sp.triu(P_np[i], format="csc"))
+        for i in range(batch)]
+
+
+def _sym(P: torch.Tensor | None) -> torch.Tensor | None:
+    return None if P is None else (P + P.transpose(-1, -2)) / 2
+
+
+class ConeProgram(torch.autograd.Function):
+    """(A, b, c, P) -> (x, y, s, status); A (B, m, n) or shared (m, n), b (B, m), c (B, n)."""
+
+    @staticmethod
+    def forward(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
+                settings: Settings) -> tuple[torch.Tensor, ...]:
+        results = backends.solve_batch(_problems(A, b, c, P), settings.spec, settings.solver, settings.options,
+                                       settings.warm_starts, settings.max_workers)
+        like = dict(dtype=b.dtype, device=b.device)
+        x = torch.as_tensor(np.stack([r.x for r in results]), **like)
+        y = torch.as_tensor(np.stack([r.y for r in results]), **like)
+        s = torch.as_tensor(np.stack([r.s for r in results]), **like)
+        status = torch.tensor([int(r.status) for r in results], dtype=torch.int64, device=b.device)
+        point = derivative.Point(settings.spec, A.detach(), _sym(P), x, y, s, status == ConeStatus.SOLVED)
+        point = refine.refine(point, b.detach(), c.detach(), settings.mode, settings.refine_steps)
+        return point.x, point.y, point.s, status
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        A, _, _, P, settings = inputs
+        x, y, s, status = output
+        ctx.mark_non_differentiable(status)
+        ctx.settings = settings
+        ctx.save_for_backward(A, P, x, y, s, status)
+        ctx.save_for_forward(A, P, x, y, s, status)
+
+    @staticmethod
+    def _point(ctx: Any) -> derivative.Point:
+        A, P, x, y, s, status = ctx.saved_tensors
+        return derivative.Point(ctx.settings.spec, A.detach(), _sym(P if P is None else P.detach()),
+                                x, y, s, status == ConeStatus.SOLVED)
+
+    @staticmethod
+    def backward(ctx: Any, vx: torch.Tensor | None, vy: torch.Tensor | None, vs: torch.Tensor | None,
+                 _status: Any) -> tuple:
+        point = ConeProgram._point(ctx)
+        zeros = lambda v, like: torch.zeros_like(like) if v is None else v  # noqa: E731
+        r = derivative.vjp(point, ctx.settings.mode, zeros(vx, point.x), zeros(vy, point.y), zeros(vs, point.s))
+        A, P = point.A, point.P
+        need_A, need_b, need_c, need_P = ctx.needs_input_grad[:4]
+        grad_A = grad_P = None
+        shared_A = A.layout != torch.strided or A.dim() == 2
+        n = point.x.shape[-1]
+        grad_b, grad_c = -r[:, n:], -r[:, :n]
+        if need_A:
+            grad_A = _grad_sparse(A, point, r) if A.layout != torch.strided else \
+                embedding.perturbation_adjoint(point.x, point.y, r, shared=shared_A)[0]
+        if need_P:
+            grad_P = embedding.perturbation_adjoint(point.x, point.y, r, shared=P.dim() == 2)[3]
+        return grad_A, grad_b if need_b else None, grad_c if need_c else None, grad_P, None
+
+    @staticmethod
+    def jvp(ctx: Any, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
+            dP: torch.Tensor | None, _settings: Any) -> tuple:
+        point = ConeProgram._point(ctx)
+        dx, dy, ds = derivative.jvp(point, ctx.settings.mode, dA, db, dc, _sym(dP))
+        return dx, dy, ds, None
+
+
+def _grad_sparse(A: torch.Tensor, point: derivative.Point, r: torch.Tensor) -> torch.Tensor:
+    """The A cotangent of a shared sparse A, on A's sparsity pattern and in its layout."""
+    if A.layout == torch.sparse_csr:
+        crow, col = A.crow_indices(), A.col_indices()
+        rows = torch.repeat_interleave(torch.arange(A.shape[0], device=A.device), crow.diff())
+        values = embedding.grad_A_entries(point.x, point.y, r, rows, col)
+        return torch.sparse_csr_tensor(crow, col, values, size=A.shape)
+    A = A.coalesce()
+    rows, cols = A.indices()
+    values = embedding.grad_A_entries(point.x, point.y, r, rows, cols)
+    return torch.sparse_coo_tensor(A.indices(), values, size=A.shape)

@@ -1,0 +1,86 @@
+"""JVP and VJP of the solution map (A, b, c, P) -> (x, y, s) at a computed solution.
+
+Both build the same residual-map derivative M (embedding.py) and differ only in the direction
+of the linear solve (linsolve.py); failed elements (``ok`` False) get zero tangents/cotangents.
+"""
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+
+from optlayers.cone import embedding, linsolve, product
+from optlayers.cone.spec import ConeSpec
+
+RESIDUAL_WARN = 1e-6  # relative residual of the derivative's linear solve above which we warn
+
+
+@dataclasses.dataclass(frozen=True)
+class Point:
+    """A batch of solutions and the data it solves: x (B, n), y (B, m), s (B, m), ok (B,) bool."""
+
+    spec: ConeSpec
+    A: torch.Tensor
+    P: torch.Tensor | None
+    x: torch.Tensor
+    y: torch.Tensor
+    s: torch.Tensor
+    ok: torch.Tensor
+
+    def cleaned(self) -> Point:
+        """Failed elements' NaNs replaced by zeros, so that they cannot leak into the batch."""
+        keep = self.ok.unsqueeze(-1)
+        zero = lambda t: torch.where(keep, t, torch.zeros_like(t))  # noqa: E731
+        return dataclasses.replace(self, x=zero(self.x), y=zero(self.y), s=zero(self.s))
+
+
+def _element(A: torch.Tensor | None, index: int) -> torch.Tensor | None:
+    if A is None or A.layout != torch.strided or A.dim() == 2:
+        return A
+    return A[index:index + 1]
+
+
+def solve_system(point: Point, rhs: torch.Tensor, transpose: bool, mode: str, check: bool = True) -> torch.Tensor:
+    """Solve M dz = rhs (or M^T r = rhs) at ``point``; zero for failed elements. ``check`` warns on inaccuracy."""
+    zy = point.y - point.s
+    if mode == "dense":
+        M = embedding.ResidualDerivative(point.A, point.P, product.derivative(point.spec, zy, dual=True))
+        result = linsolve.solve_dense(M, rhs, transpose)
+    else:
+        def make(index: int) -> embedding.ResidualDerivative:
+            D = product.derivative(point.spec, zy[index:index + 1], dual=True)
+            return embedding.ResidualDerivative(_element(point.A, index), _element(point.P, index), D)
+        result = linsolve.solve_iterative(make, rhs, transpose, mode)
+    if check:
+        _check_residual(result.residual, point.ok, mode)
+    return torch.where(point.ok.unsqueeze(-1), result.solution, torch.zeros_like(result.solution))
+
+
+def _check_residual(residual: torch.Tensor, ok: torch.Tensor, mode: str) -> None:
+    bad = ok & ~(residual <= RESIDUAL_WARN)
+    if bool(bad.any()):
+        worst = float(residual[bad].max())
+        warnings.warn(f"the derivative's linear system (mode={mode!r}) was solved only to relative residual "
+                      f"{worst:.1e} for batch elements {bad.nonzero().flatten().tolist()[:10]}: the solution may "
+                      "be degenerate (not strictly complementary) or inaccurate; try mode='dense' or tighter "
+                      "solver tolerances", RuntimeWarning, stacklevel=4)
+
+
+def jvp(point: Point, mode: str, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
+        dP: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, ds), each (B, .), for data tangents shaped like the data (None: zero)."""
+    point = point.cleaned()
+    g = embedding.perturbation(point.x, point.y, dA, db, dc, dP)
+    dz = -solve_system(point, g, transpose=False, mode=mode)
+    D = product.derivative(point.spec, point.y - point.s, dual=True)
+    return embedding.output_map(D, dz, point.x.shape[-1])
+
+
+def vjp(point: Point, mode: str, vx: torch.Tensor, vy: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+    """r (B, n + m) solving M^T r = (output map)^T v; ``embedding.perturbation_adjoint`` maps it to the data."""
+    point = point.cleaned()
+    D = product.derivative(point.spec, point.y - point.s, dual=True)
+    rhs = embedding.output_adjoint(D, vx, vy, vs)
+    rhs = torch.where(point.ok.unsqueeze(-1), rhs, torch.zeros_like(rhs))
+    return solve_system(point, rhs, transpose=True, mode=mode)

@@ -1,0 +1,123 @@
+"""Derivative of the residual map of the homogeneous self-dual embedding at a solution.
+
+With u = (x, y, tau), z = u - v = (x, y - s, tau) and the (quadratic) embedding
+Q(u) = (P x + A^T y + c tau,  -A x + b tau,  -c^T x - b^T y - x^T P x / tau), the residual map
+R(z) = Q(Pi(z)) - Pi(z) + z vanishes at a solution, Pi projecting onto R^n x K* x R_+. Its
+derivative M = (DQ - I) DPi + I is singular: R is positively homogeneous, so M z = 0. We fix
+that gauge by holding tau = 1 (dropping M's tau column) and drop the tau row, which is implied
+by the others (it is the derivative of the zero duality gap). What remains is, with
+D = DPi_K*(y - s),
+
+    M = [[P, A^T D], [-A, I - D]],   M dz = -g,   g = (dP x + dA^T y + dc,  -dA x + db),
+
+and (dx, dy, ds) = (dz_x, D dz_y, D dz_y - dz_y). Batched over a leading dimension B.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from optlayers.cone.operator import LinearMap
+
+
+def matvec(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A v for A (B, m, n), shared dense or sparse (m, n), and v (B, n) -> (B, m)."""
+    if A.layout != torch.strided:
+        return (A @ v.T).T
+    return (A @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def rmatvec(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """A^T v for v (B, m) -> (B, n)."""
+    if A.layout != torch.strided:
+        return (v @ A)
+    return (v.unsqueeze(-2) @ A).squeeze(-2)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidualDerivative:
+    """M of the module docstring for A, P (or None) and the cone derivative D, acting on (B, n + m)."""
+
+    A: torch.Tensor
+    P: torch.Tensor | None
+    D: LinearMap
+
+    @property
+    def n(self) -> int:
+        return self.A.shape[-1]
+
+    def _p(self, v: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(v) if self.P is None else matvec(self.P, v)
+
+    def matvec(self, dz: torch.Tensor) -> torch.Tensor:
+        dx, dw = dz[..., :self.n], dz[..., self.n:]
+        d_dw = self.D.matvec(dw)
+        return torch.cat([self._p(dx) + rmatvec(self.A, d_dw), -matvec(self.A, dx) + dw - d_dw], dim=-1)
+
+    def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
+        rx, ry = r[..., :self.n], r[..., self.n:]
+        return torch.cat([self._p(rx) - rmatvec(self.A, ry), self.D.rmatvec(matvec(self.A, rx) - ry) + ry], dim=-1)
+
+    def dense(self, batch: int) -> torch.Tensor:
+        """M as a (B, n + m, n + m) tensor."""
+        A = self.A.to_dense() if self.A.layout != torch.strided else self.A
+        A = A.expand(batch, *A.shape[-2:])
+        m = A.shape[-2]
+        Dd = self.D.dense().expand(batch, m, m)
+        P = A.new_zeros(batch, self.n, self.n) if self.P is None else self.P.expand(batch, self.n, self.n)
+        eye = torch.eye(m, dtype=A.dtype, device=A.device)
+        top = torch.cat([P, A.transpose(-1, -2) @ Dd], dim=-1)
+        bottom = torch.cat([-A, eye - Dd], dim=-1)
+        return torch.cat([top, bottom], dim=-2)
+
+
+def perturbation(x: torch.Tensor, y: torch.Tensor, dA: torch.Tensor | None, db: torch.Tensor | None,
+                 dc: torch.Tensor | None, dP: torch.Tensor | None) -> torch.Tensor:
+    """g = (dP x + dA^T y + dc, -dA x + db), (B, n + m); None means a zero perturbation."""
+    gx, gy = torch.zeros_like(x), torch.zeros_like(y)
+    if dA is not None:
+        gx = gx + rmatvec(dA, y)
+        gy = gy - matvec(dA, x)
+    if dP is not None:
+        gx = gx + matvec(dP, x)
+    if dc is not None:
+        gx = gx + dc
+    if db is not None:
+        gy = gy + db
+    return torch.cat([gx, gy], dim=-1)
+
+
+def perturbation_adjoint(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, shared: bool = False
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The data cotangents (A, b, c, P) of -<r, g(dA, db, dc, dP)> for r (B, n + m).
+
+    A: r_y x^T - y r_x^T; b: -r_y; c: -r_x; P: the symmetric part of -r_x x^T. With ``shared``
+    the A and P cotangents are summed over the batch (a shared parameter's gradient is the sum).
+    """
+    n = x.shape[-1]
+    rx, ry = r[..., :n], r[..., n:]
+    pattern = "bi,bj->ij" if shared else "bi,bj->bij"
+    grad_A = torch.einsum(pattern, ry, x) - torch.einsum(pattern, y, rx)
+    outer = torch.einsum(pattern, rx, x)
+    return grad_A, -ry, -rx, -(outer + outer.transpose(-1, -2)) / 2
+
+
+def output_map(D: LinearMap, dz: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dy, ds) from dz (B, n + m)."""
+    dx, dw = dz[..., :n], dz[..., n:]
+    dy = D.matvec(dw)
+    return dx, dy, dy - dw
+
+
+def output_adjoint(D: LinearMap, vx: torch.Tensor, vy: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
+    """The transpose of ``output_map``: (vx, D^T (vy + vs) - vs), (B, n + m)."""
+    return torch.cat([vx, D.rmatvec(vy + vs) - vs], dim=-1)
+
+
+def grad_A_entries(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, rows: torch.Tensor,
+                   cols: torch.Tensor) -> torch.Tensor:
+    """The entries (rows, cols) of the A cotangent, summed over the batch (for a sparse shared A)."""
+    n = x.shape[-1]
+    rx, ry = r[..., :n], r[..., n:]
+    return (ry[:, rows] * x[:, cols] - y[:, rows] * rx[:, cols]).sum(0)

@@ -1,0 +1,197 @@
+"""The exponential cone K = cl{(x, y, z): y > 0, y exp(x / y) <= z} and its dual.
+
+The dual is K* = cl{(u, v, w): u < 0, -u exp(v / u) <= e w}. A point v0 = (r, s, t) is
+projected onto K in one of four regions: v0 in K (itself), -v0 in K* (the origin), r <= 0 and
+s <= 0 (to (r, 0, max(t, 0))), and otherwise onto the boundary point y (rho, 1, exp(rho)) where
+rho is the root of Friberg's (2021) univariate function h, increasing on the bracket
+1 - s/r < rho < r/s where the projection and its polar part both exist. The dual cone is
+handled by Moreau: proj_K*(v) = v + proj_K(-v).
+"""
+from __future__ import annotations
+
+import torch
+
+from optlayers.cone.operator import LinearMap
+
+MAX_BRACKET_DOUBLINGS = 12  # widens an open side of the bracket by up to 2**12; h is scaled, never overflows
+MAX_ROOT_ITERS = 100  # safeguarded Newton on an interval: bisection alone needs < 100 steps in float64
+REGION_INSIDE, REGION_POLAR, REGION_ANALYTIC, REGION_ROOT = 0, 1, 2, 3
+
+
+def regions(v: torch.Tensor) -> torch.Tensor:
+    """Which of the four cases each point v (..., 3) falls in (REGION_* codes)."""
+    r, s, t = v.unbind(-1)
+    safe_s = torch.where(s > 0, s, torch.ones_like(s))
+    safe_r = torch.where(r > 0, r, torch.ones_like(r))
+    in_cone = ((s > 0) & (safe_s * torch.exp(r / safe_s) <= t)) | ((r <= 0) & (s == 0) & (t >= 0))
+    in_polar = ((r > 0) & (safe_r * torch.exp(s / safe_r) <= -torch.e * t)) | ((r == 0) & (s <= 0) & (t <= 0))
+    code = torch.full_like(r, REGION_ROOT, dtype=torch.long)
+    code = torch.where((r <= 0) & (s <= 0), REGION_ANALYTIC, code)
+    code = torch.where(in_polar, REGION_POLAR, code)
+    return torch.where(in_cone, REGION_INSIDE, code)
+
+
+def _h(w: torch.Tensor, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Friberg's h(rho) and h'(rho), both times exp(-|rho|) so that they never overflow."""
+    r, s, t = w.unbind(-1)
+    ep, en, poly = _scaled_exps(rho)
+    f = ((rho - 1) * r + s) * ep - (r - rho * s) * en - (rho * (rho - 1) + 1) * t * poly
+    df = (rho * r + s) * ep + (r - (rho - 1) * s) * en - (2 * rho - 1) * t * poly
+    return f, df
+
+
+def _scaled_exps(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """exp(rho), exp(-rho) and 1, each times exp(-|rho|)."""
+    size = rho.abs()
+    return torch.exp(rho - size), torch.exp(-rho - size), torch.exp(-size)
+
+
+def _bracket(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    r, s, _ = w.unbind(-1)
+    inf = torch.full_like(r, torch.inf)
+    lo = torch.where(r > 0, 1 - s / torch.where(r > 0, r, 1.0), -inf)
+    hi = torch.where(s > 0, r / torch.where(s > 0, s, 1.0), inf)
+    finite_lo, finite_hi = lo.isfinite(), hi.isfinite()
+    anchor_lo = torch.where(finite_hi, hi, torch.zeros_like(hi))
+    anchor_hi = torch.where(finite_lo, lo, torch.zeros_like(lo))
+    for k in range(MAX_BRACKET_DOUBLINGS + 1):
+        step = float(2**k)
+        cand = anchor_lo - step
+        f, _ = _h(w, cand)
+        take = ~lo.isfinite() & (f < 0)
+        lo = torch.where(take, cand, lo)
+        hi = torch.where(~finite_hi & ~finite_lo & (f >= 0), torch.minimum(hi, cand), hi)
+        cand = anchor_hi + step
+        f, _ = _h(w, cand)
+        take = ~hi.isfinite() & (f > 0)
+        hi = torch.where(take, cand, hi)
+    return lo, hi
+
+
+def _root(w: torch.Tensor) -> torch.Tensor:
+    """The root rho of h for normalized points w (N, 3) in the root region.
+
+    Safeguarded Newton: a Newton step is taken only when it stays inside the bracket and at least
+    halves the previous step (h is exponential, plain Newton crawls by ~1 per step), otherwise
+    the bracket is bisected.
+    """
+    lo, hi = _bracket(w)
+    rho = (lo + hi) / 2
+    last_step = hi - lo
+    tol = torch.finfo(w.dtype).eps
+    for _ in range(MAX_ROOT_ITERS):
+        f, df = _h(w, rho)
+        lo = torch.where(f < 0, rho, lo)
+        hi = torch.where(f >= 0, rho, hi)
+        newton = rho - f / df
+        fast = newton.isfinite() & (newton > lo) & (newton < hi) & (2 * (newton - rho).abs() <= last_step)
+        new = torch.where(fast, newton, (lo + hi) / 2)
+        last_step = (new - rho).abs()
+        rho = new
+        if bool((last_step <= tol * torch.clamp(rho.abs(), min=1)).all()):
+            break
+    return rho
+
+
+def _ray(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a = (rho, 1, e^rho) and da/drho, both times exp(-max(rho, 0)) so that they never overflow."""
+    scale = torch.exp(-rho.clamp_min(0))
+    grow = torch.exp(rho - rho.clamp_min(0))
+    a = torch.stack([rho * scale, scale, grow], dim=-1)
+    da = torch.stack([scale, torch.zeros_like(rho), grow], dim=-1)
+    return a, da
+
+
+def _boundary_point(w: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """The point of the ray {y (rho, 1, e^rho): y >= 0} nearest to w."""
+    a, _ = _ray(rho)
+    coef = ((w * a).sum(-1) / (a * a).sum(-1)).clamp_min(0)
+    return coef.unsqueeze(-1) * a
+
+
+def _nearest(v: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
+    """Per row of v (N, 3), the candidate point of K (each (N, 3)) nearest to it."""
+    stacked = torch.stack(candidates)
+    dist = torch.linalg.vector_norm(stacked - v, dim=-1)
+    best = dist.argmin(0)
+    return stacked.gather(0, best.reshape(1, -1, 1).expand(1, -1, 3)).squeeze(0)
+
+
+def _heuristics(v: torch.Tensor) -> list[torch.Tensor]:
+    """Points of K near v (N, 3) that guard the root solution against cancellation (Friberg)."""
+    r, s, t = v.unbind(-1)
+    on_face = torch.stack([r.clamp_max(0), torch.zeros_like(s), t.clamp_min(0)], dim=-1)
+    safe_s = torch.where(s > 0, s, torch.ones_like(s))
+    lifted = torch.stack([r, s, torch.maximum(t, safe_s * torch.exp(r / safe_s))], dim=-1)
+    return [on_face, torch.where((s > 0).unsqueeze(-1), lifted, on_face)]
+
+
+def _primal(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projection onto K of v (N, 3); also the region codes and the root (NaN off the root region)."""
+    code = regions(v)
+    r, s, t = v.unbind(-1)
+    analytic = torch.stack([r, torch.zeros_like(s), t.clamp_min(0)], dim=-1)
+    out = torch.where((code == REGION_INSIDE).unsqueeze(-1), v, torch.zeros_like(v))
+    out = torch.where((code == REGION_ANALYTIC).unsqueeze(-1), analytic, out)
+    rho = torch.full_like(r, torch.nan)
+    root = code == REGION_ROOT
+    if bool(root.any()):
+        norm = torch.linalg.vector_norm(v[root], dim=-1, keepdim=True)
+        w = v[root] / norm
+        rho_root = _root(w)
+        rho[root] = rho_root
+        out[root] = _nearest(v[root], [_boundary_point(w, rho_root) * norm, *_heuristics(v[root])])
+    return out, code, rho
+
+
+def project(v: torch.Tensor, dual: bool = False) -> torch.Tensor:
+    """Projection of v (..., 3) onto K, or onto K* if ``dual``."""
+    flat = v.reshape(-1, 3)
+    if dual:
+        return (flat + _primal(-flat)[0]).reshape(v.shape)
+    return _primal(flat)[0].reshape(v.shape)
+
+
+def _root_jacobian(w: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """Jacobian (N, 3, 3) of p(w) = u u^T w, u = a(rho(w)) / |a|, where h(rho(w); w) = 0.
+
+    dp = u u^T dw + (du u^T + u du^T) w drho with du/drho = (I - u u^T) a' / |a| and
+    drho = -<dh/dw, dw> / h'(rho) (implicit function theorem on Friberg's h).
+    """
+    a, da = _ray(rho)
+    norm = torch.linalg.vector_norm(a, dim=-1, keepdim=True)
+    u, du = a / norm, da / norm
+    du = du - u * (u * du).sum(-1, keepdim=True)
+    dp_drho = du * (u * w).sum(-1, keepdim=True) + u * (du * w).sum(-1, keepdim=True)
+    ep, en, poly = _scaled_exps(rho)
+    dh_dw = torch.stack([(rho - 1) * ep - en, ep + rho * en, -(rho * (rho - 1) + 1) * poly], dim=-1)
+    _, dh_drho = _h(w, rho)
+    drho_dw = -dh_dw / dh_drho.unsqueeze(-1)
+    return u.unsqueeze(-1) * u.unsqueeze(-2) + dp_drho.unsqueeze(-1) * drho_dw.unsqueeze(-2)
+
+
+def _primal_jacobian(v: torch.Tensor) -> torch.Tensor:
+    """Jacobian (N, 3, 3) of the projection onto K at v (N, 3); the inside piece on K's boundary."""
+    _, code, rho = _primal(v)
+    eye = torch.eye(3, dtype=v.dtype, device=v.device).expand(v.shape[0], 3, 3)
+    jac = torch.where((code == REGION_INSIDE)[:, None, None], eye, torch.zeros_like(eye))
+    analytic = torch.diag_embed(torch.stack(
+        [torch.ones_like(rho), torch.zeros_like(rho), (v[:, 2] > 0).to(v.dtype)], dim=-1))
+    jac = torch.where((code == REGION_ANALYTIC)[:, None, None], analytic, jac)
+    root = code == REGION_ROOT
+    if bool(root.any()):
+        w = v[root] / torch.linalg.vector_norm(v[root], dim=-1, keepdim=True)
+        jac[root] = _root_jacobian(w, rho[root])
+    return jac
+
+
+def derivative(v: torch.Tensor, dual: bool = False) -> LinearMap:
+    """Derivative of ``project`` at v (..., 3), as a map with a (..., 3, 3) symmetric matrix."""
+    flat = v.reshape(-1, 3)
+    if dual:
+        jac = torch.eye(3, dtype=v.dtype, device=v.device) - _primal_jacobian(-flat)
+    else:
+        jac = _primal_jacobian(flat)
+    jac = jac.reshape(*v.shape, 3)
+    apply = lambda d: (jac @ d.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    return LinearMap(apply, apply, lambda: jac)

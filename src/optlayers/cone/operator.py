@@ -1,0 +1,35 @@
+"""A batched linear operator given by its action and the action of its transpose."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+Apply = Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearMap:
+    """Batched linear map v (..., n) -> (..., m); ``dense()`` builds the (..., m, n) matrix on request."""
+
+    matvec: Apply
+    rmatvec: Apply
+    dense: Callable[[], torch.Tensor]
+
+
+def identity(v: torch.Tensor) -> LinearMap:
+    """The identity on vectors shaped like ``v`` (..., k)."""
+    eye = torch.eye(v.shape[-1], dtype=v.dtype, device=v.device)
+    return LinearMap(lambda d: d, lambda d: d, lambda: eye.expand(*v.shape, v.shape[-1]))
+
+
+def zero_map(v: torch.Tensor) -> LinearMap:
+    """The zero map on vectors shaped like ``v`` (..., k)."""
+    return LinearMap(torch.zeros_like, torch.zeros_like, lambda: v.new_zeros(*v.shape, v.shape[-1]))
+
+
+def symmetric_from_matrix(jac: torch.Tensor) -> LinearMap:
+    """A map given by a batched matrix ``jac`` (..., k, k) that is symmetric."""
+    apply = lambda d: (jac @ d.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    return LinearMap(apply, apply, lambda: jac)

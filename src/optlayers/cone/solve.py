@@ -1,0 +1,70 @@
+"""The public entry point: solve_cone."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from optlayers.cone.autograd import ConeProgram, Settings
+from optlayers.cone.backends import SOLVERS
+from optlayers.cone.linsolve import MODES
+from optlayers.cone.refine import REFINE_STEPS
+from optlayers.cone.spec import ConeSpec
+from optlayers.cone.status import ON_FAILURE_CHOICES, apply_failure_policy
+from optlayers.cone.validation import check_choice, validate
+
+
+@dataclasses.dataclass(frozen=True)
+class ConeSolution:
+    """Primal x (B, n), dual y (B, m), slack s (B, m) and per-element ``status`` (B,) int64 ConeStatus.
+
+    Unbatched inputs give unbatched outputs. Failed elements are NaN in x, y, s.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    s: torch.Tensor
+    status: torch.Tensor
+
+
+def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mode: str = "dense",
+               on_failure: str = "raise", solver_options: dict | None = None,
+               warm_start: ConeSolution | None = None, max_workers: int | None = None,
+               refine_steps: int = REFINE_STEPS) -> ConeSolution:
+    """Solve min c^T x + 1/2 x^T P x  s.t.  A x + s = b, s in K, differentiably in A, b, c, P.
+
+    Args:
+        A: (m, n) shared or (B, m, n); dense tensor, torch sparse (CSR/COO, shared only) or scipy sparse.
+        b: (m,) or (B, m).
+        c: (n,) or (B, n).
+        cones: the cone K (SCS order and conventions), covering the m rows.
+        P: optional (n, n) or (B, n, n) PSD matrix; its symmetric part is used.
+        solver: "clarabel" (interior point) or "scs" (splitting; uses ``warm_start``).
+        mode: the derivative's linear solve: "dense" (batched LU, CPU or CUDA), or "lsqr"/"lsmr"
+            (matrix-free, element by element, for large sparse problems).
+        on_failure: "raise", "warn" or "ignore" when an element is not solved.
+        solver_options: passed to the solver (Clarabel settings attributes / SCS keyword arguments).
+        warm_start: a previous solution of the same shapes (used by SCS).
+        max_workers: threads for the batch (default: all cores).
+        refine_steps: Newton steps on the residual map after the solver (0 to skip), see refine.py.
+
+    Returns:
+        ConeSolution with x (B, n), y (B, m), s (B, m), status (B,); x, y, s differentiable
+        (reverse mode and torch.func.jvp). Shared A and P receive the sum of per-element gradients.
+    """
+    check_choice("solver", solver, SOLVERS)
+    check_choice("mode", mode, MODES)
+    check_choice("on_failure", on_failure, ON_FAILURE_CHOICES)
+    data = validate(A, b, c, P, cones)
+    warm = None
+    if warm_start is not None:
+        x0, y0, s0 = (t.detach().cpu().double().reshape(data.b.shape[0], -1).numpy()
+                      for t in (warm_start.x, warm_start.y, warm_start.s))
+        warm = tuple(None if not np.isfinite(x0[i]).all() else (x0[i], y0[i], s0[i]) for i in range(len(x0)))
+    settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps)
+    x, y, s, status = ConeProgram.apply(data.A, data.b, data.c, data.P, settings)
+    apply_failure_policy(status, on_failure)
+    if data.batch is None:
+        x, y, s, status = x[0], y[0], s[0], status[0]
+    return ConeSolution(x, y, s, status)
