@@ -8,7 +8,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from optlayers.cone import backends, derivative, embedding, refine
+from optlayers.cone import backends, derivative, embedding, linsolve, refine
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 
@@ -23,7 +23,7 @@ class Settings:
     options: dict
     warm_starts: tuple | None
     max_workers: int | None
-    refine_steps: int = refine.REFINE_STEPS
+    refine_steps: int = refine.MAX_STEPS
 
 
 def _scipy(A: torch.Tensor) -> sp.csc_matrix:
@@ -56,7 +56,11 @@ def _sym(P: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class ConeProgram(torch.autograd.Function):
-    """(A, b, c, P) -> (x, y, s, status); A (B, m, n) or shared (m, n), b (B, m), c (B, n)."""
+    """(A, b, c, P) -> (x, y, s, status, lu, pivots); A (B, m, n) or shared (m, n), b (B, m), c (B, n).
+
+    lu, pivots: the factorization of the residual map's derivative made while refining (empty in
+    lsqr/lsmr mode), reused by backward and jvp.
+    """
 
     @staticmethod
     def forward(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
@@ -68,28 +72,38 @@ class ConeProgram(torch.autograd.Function):
         y = torch.as_tensor(np.stack([r.y for r in results]), **like)
         s = torch.as_tensor(np.stack([r.s for r in results]), **like)
         status = torch.tensor([int(r.status) for r in results], dtype=torch.int64, device=b.device)
-        point = derivative.Point(settings.spec, A.detach(), _sym(P), x, y, s, status == ConeStatus.SOLVED)
+        returned = (status == ConeStatus.SOLVED) | (status == ConeStatus.INACCURATE)
+        point = derivative.Point(settings.spec, A.detach(), _sym(P), x, y, s, returned)
         point = refine.refine(point, b.detach(), c.detach(), settings.mode, settings.refine_steps)
-        return point.x, point.y, point.s, status
+        accurate = refine.relative_residual(point, b.detach(), c.detach()) <= refine.ACCEPT_TOL
+        status = torch.where((status == ConeStatus.INACCURATE) & accurate, int(ConeStatus.SOLVED), status)
+        solved = (status == ConeStatus.SOLVED).unsqueeze(-1)
+        nan = lambda t: torch.where(solved, t, torch.full_like(t, torch.nan))  # noqa: E731
+        if point.factorization is None:  # lsqr/lsmr: nothing to reuse; empty tensors keep the outputs uniform
+            lu, pivots = x.new_empty(0), torch.empty(0, dtype=torch.int32, device=x.device)
+        else:
+            lu, pivots = point.factorization.lu, point.factorization.pivots
+        return nan(point.x), nan(point.y), nan(point.s), status, lu, pivots
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         A, _, _, P, settings = inputs
-        x, y, s, status = output
-        ctx.mark_non_differentiable(status)
+        x, y, s, status, lu, pivots = output
+        ctx.mark_non_differentiable(status, lu, pivots)
         ctx.settings = settings
-        ctx.save_for_backward(A, P, x, y, s, status)
-        ctx.save_for_forward(A, P, x, y, s, status)
+        ctx.save_for_backward(A, P, x, y, s, status, lu, pivots)
+        ctx.save_for_forward(A, P, x, y, s, status, lu, pivots)
 
     @staticmethod
     def _point(ctx: Any) -> derivative.Point:
-        A, P, x, y, s, status = ctx.saved_tensors
+        A, P, x, y, s, status, lu, pivots = ctx.saved_tensors
+        factorization = linsolve.DenseFactorization(lu, pivots) if lu.numel() else None
         return derivative.Point(ctx.settings.spec, A.detach(), _sym(P if P is None else P.detach()),
-                                x, y, s, status == ConeStatus.SOLVED)
+                                x, y, s, status == ConeStatus.SOLVED, factorization)
 
     @staticmethod
     def backward(ctx: Any, vx: torch.Tensor | None, vy: torch.Tensor | None, vs: torch.Tensor | None,
-                 _status: Any) -> tuple:
+                 *_non_differentiable: Any) -> tuple:
         point = ConeProgram._point(ctx)
         zeros = lambda v, like: torch.zeros_like(like) if v is None else v  # noqa: E731
         r = derivative.vjp(point, ctx.settings.mode, zeros(vx, point.x), zeros(vy, point.y), zeros(vs, point.s))
@@ -111,7 +125,7 @@ class ConeProgram(torch.autograd.Function):
             dP: torch.Tensor | None, _settings: Any) -> tuple:
         point = ConeProgram._point(ctx)
         dx, dy, ds = derivative.jvp(point, ctx.settings.mode, dA, db, dc, _sym(dP))
-        return dx, dy, ds, None
+        return dx, dy, ds, None, None, None
 
 
 def _grad_sparse(A: torch.Tensor, point: derivative.Point, r: torch.Tensor) -> torch.Tensor:

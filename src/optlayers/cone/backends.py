@@ -17,7 +17,7 @@ from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 
 SOLVERS = ("clarabel", "scs")
-SCS_DEFAULT_EPS = 1e-8  # SCS's own default (1e-4) is too loose for derivatives; diffcp users tighten it too
+SCS_DEFAULT_EPS = 1e-4  # SCS's own default; Newton refinement (refine.py) then takes the solution to ~1e-13
 
 _CLARABEL_STATUS = {
     "Solved": ConeStatus.SOLVED,
@@ -37,6 +37,9 @@ _SCS_STATUS = {  # SCS's info["status_val"]
     -2: ConeStatus.PRIMAL_INFEASIBLE,
     -7: ConeStatus.PRIMAL_INFEASIBLE,
 }
+
+
+RETURNS_ITERATE = (ConeStatus.SOLVED, ConeStatus.INACCURATE)  # the iterate is returned (to be refined); NaN otherwise
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +97,7 @@ def _scs_solve(problem: Problem, cone: dict, options: dict, warm: WarmStart | No
     else:
         out = solver.solve(warm_start=True, x=warm[0], y=warm[1], s=warm[2])
     status = _SCS_STATUS.get(out["info"]["status_val"], ConeStatus.NUMERICAL_ERROR)
-    if status != ConeStatus.SOLVED:
+    if status not in RETURNS_ITERATE:
         return _failed(problem, status)
     return Result(out["x"], out["y"], out["s"], status)
 
@@ -165,7 +168,7 @@ def _clarabel_solve(problem: Problem, prepared: _ClarabelCones, options: dict, w
         A, b = sp.csc_matrix(prepared.T @ A), prepared.T @ b
     out = clarabel.DefaultSolver(P, problem.c, A, b, prepared.cones, settings).solve()
     status = _CLARABEL_STATUS.get(str(out.status), ConeStatus.NUMERICAL_ERROR)
-    if status != ConeStatus.SOLVED:
+    if status not in RETURNS_ITERATE:
         return _failed(problem, status)
     x, y, s = np.asarray(out.x), np.asarray(out.z), np.asarray(out.s)
     if prepared.T is not None:

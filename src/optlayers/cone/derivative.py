@@ -27,6 +27,7 @@ class Point:
     y: torch.Tensor
     s: torch.Tensor
     ok: torch.Tensor
+    factorization: linsolve.DenseFactorization | None = None  # of M at (or near) this point
 
     def cleaned(self) -> Point:
         """Failed elements' NaNs replaced by zeros, so that they cannot leak into the batch."""
@@ -46,7 +47,7 @@ def solve_system(point: Point, rhs: torch.Tensor, transpose: bool, mode: str, ch
     zy = point.y - point.s
     if mode == "dense":
         M = embedding.ResidualDerivative(point.A, point.P, product.derivative(point.spec, zy, dual=True))
-        result = linsolve.solve_dense(M, rhs, transpose)
+        result = linsolve.solve_dense(M, rhs, transpose, point.factorization)
     else:
         def make(index: int) -> embedding.ResidualDerivative:
             D = product.derivative(point.spec, zy[index:index + 1], dual=True)

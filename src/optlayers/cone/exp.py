@@ -15,6 +15,10 @@ from optlayers.cone.operator import LinearMap
 
 MAX_BRACKET_DOUBLINGS = 12  # widens an open side of the bracket by up to 2**12; h is scaled, never overflows
 MAX_ROOT_ITERS = 100  # safeguarded Newton on an interval: bisection alone needs < 100 steps in float64
+MULTISECTION_POINTS = 31  # grid points per multisection round: the bracket shrinks 32-fold per round
+MAX_MULTISECTION_ROUNDS = 4  # 32**4 ~ 1e6: a 4096-wide bracket gets below NEWTON_WIDTH
+ROOT_TOL_ULPS = 16  # Newton steps below 16 ulps of rho are rounding noise in h: converged
+NEWTON_WIDTH = 0.01  # bracket width from which Newton on h converges in a few steps
 REGION_INSIDE, REGION_POLAR, REGION_ANALYTIC, REGION_ROOT = 0, 1, 2, 3
 
 
@@ -46,49 +50,71 @@ def _scaled_exps(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return torch.exp(rho - size), torch.exp(-rho - size), torch.exp(-size)
 
 
+def _first_true(mask: torch.Tensor) -> torch.Tensor:
+    """Index along dim 0 of the first True per column (the last index if none)."""
+    last = torch.full_like(mask[0], mask.shape[0] - 1, dtype=torch.long)
+    return torch.where(mask.any(0), mask.to(torch.int8).argmax(0), last)
+
+
 def _bracket(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An interval (lo, hi) with h(lo) < 0 <= h(hi); an open side is found among anchor +- 2^k."""
     r, s, _ = w.unbind(-1)
-    inf = torch.full_like(r, torch.inf)
-    lo = torch.where(r > 0, 1 - s / torch.where(r > 0, r, 1.0), -inf)
-    hi = torch.where(s > 0, r / torch.where(s > 0, s, 1.0), inf)
-    finite_lo, finite_hi = lo.isfinite(), hi.isfinite()
-    anchor_lo = torch.where(finite_hi, hi, torch.zeros_like(hi))
-    anchor_hi = torch.where(finite_lo, lo, torch.zeros_like(lo))
-    for k in range(MAX_BRACKET_DOUBLINGS + 1):
-        step = float(2**k)
-        cand = anchor_lo - step
-        f, _ = _h(w, cand)
-        take = ~lo.isfinite() & (f < 0)
-        lo = torch.where(take, cand, lo)
-        hi = torch.where(~finite_hi & ~finite_lo & (f >= 0), torch.minimum(hi, cand), hi)
-        cand = anchor_hi + step
-        f, _ = _h(w, cand)
-        take = ~hi.isfinite() & (f > 0)
-        hi = torch.where(take, cand, hi)
+    lo = 1 - s / torch.where(r > 0, r, torch.ones_like(r))
+    hi = r / torch.where(s > 0, s, torch.ones_like(s))
+    open_lo, open_hi = r <= 0, s <= 0
+    offsets = 2.0 ** torch.arange(MAX_BRACKET_DOUBLINGS + 1, dtype=w.dtype, device=w.device).unsqueeze(-1)
+    down = hi - offsets  # candidates for an open lower side, (K, N)
+    k = _first_true(_h(w, down)[0] < 0)
+    new_lo = down.gather(0, k.unsqueeze(0)).squeeze(0)
+    new_hi = torch.where(k > 0, down.gather(0, (k - 1).clamp_min(0).unsqueeze(0)).squeeze(0), hi)
+    lo, hi = torch.where(open_lo, new_lo, lo), torch.where(open_lo, new_hi, hi)
+    up = lo + offsets  # candidates for an open upper side
+    k = _first_true(_h(w, up)[0] >= 0)
+    new_hi = up.gather(0, k.unsqueeze(0)).squeeze(0)
+    new_lo = torch.where(k > 0, up.gather(0, (k - 1).clamp_min(0).unsqueeze(0)).squeeze(0), lo)
+    return torch.where(open_hi, new_lo, lo), torch.where(open_hi, new_hi, hi)
+
+
+def _multisection(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink (lo, hi) by MULTISECTION_POINTS + 1 per round, evaluating h on a grid at once."""
+    fractions = torch.arange(1, MULTISECTION_POINTS + 1, dtype=w.dtype, device=w.device).unsqueeze(-1)
+    fractions = fractions / (MULTISECTION_POINTS + 1)
+    for _ in range(MAX_MULTISECTION_ROUNDS):
+        if bool(((hi - lo) <= NEWTON_WIDTH).all()):
+            break
+        grid = lo + (hi - lo) * fractions
+        positive = _h(w, grid)[0] >= 0
+        k, above = _first_true(positive), positive.any(0)
+        new_hi = torch.where(above, grid.gather(0, k.unsqueeze(0)).squeeze(0), hi)
+        new_lo = torch.where(k > 0, grid.gather(0, (k - 1).clamp_min(0).unsqueeze(0)).squeeze(0), lo)
+        new_lo = torch.where(above, new_lo, grid[-1])
+        lo, hi = new_lo, new_hi
     return lo, hi
 
 
 def _root(w: torch.Tensor) -> torch.Tensor:
     """The root rho of h for normalized points w (N, 3) in the root region.
 
-    Safeguarded Newton: a Newton step is taken only when it stays inside the bracket and at least
-    halves the previous step (h is exponential, plain Newton crawls by ~1 per step), otherwise
-    the bracket is bisected.
+    Multisection narrows the bracket, then safeguarded Newton: a Newton step is taken only when
+    it stays inside the bracket and at least halves the previous step, otherwise bisection.
     """
-    lo, hi = _bracket(w)
+    lo, hi = _multisection(w, *_bracket(w))
     rho = (lo + hi) / 2
     last_step = hi - lo
-    tol = torch.finfo(w.dtype).eps
+    tol = ROOT_TOL_ULPS * torch.finfo(w.dtype).eps
+    done = torch.zeros_like(rho, dtype=torch.bool)
     for _ in range(MAX_ROOT_ITERS):
         f, df = _h(w, rho)
         lo = torch.where(f < 0, rho, lo)
         hi = torch.where(f >= 0, rho, hi)
-        newton = rho - f / df
-        fast = newton.isfinite() & (newton > lo) & (newton < hi) & (2 * (newton - rho).abs() <= last_step)
-        new = torch.where(fast, newton, (lo + hi) / 2)
+        step = f / df
+        newton = rho - step
+        fast = newton.isfinite() & (newton >= lo) & (newton <= hi) & (2 * step.abs() <= last_step)
+        new = torch.where(done, rho, torch.where(fast, newton, (lo + hi) / 2))
         last_step = (new - rho).abs()
+        done = done | (last_step <= tol * torch.clamp(new.abs(), min=1))
         rho = new
-        if bool((last_step <= tol * torch.clamp(rho.abs(), min=1)).all()):
+        if bool(done.all()):
             break
     return rho
 

@@ -9,7 +9,7 @@ import torch
 from optlayers.cone.autograd import ConeProgram, Settings
 from optlayers.cone.backends import SOLVERS
 from optlayers.cone.linsolve import MODES
-from optlayers.cone.refine import REFINE_STEPS
+from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ON_FAILURE_CHOICES, apply_failure_policy
 from optlayers.cone.validation import check_choice, validate
@@ -63,7 +63,7 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
                       for t in (warm_start.x, warm_start.y, warm_start.s))
         warm = tuple(None if not np.isfinite(x0[i]).all() else (x0[i], y0[i], s0[i]) for i in range(len(x0)))
     settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps)
-    x, y, s, status = ConeProgram.apply(data.A, data.b, data.c, data.P, settings)
+    x, y, s, status, _, _ = ConeProgram.apply(data.A, data.b, data.c, data.P, settings)
     apply_failure_policy(status, on_failure)
     if data.batch is None:
         x, y, s, status = x[0], y[0], s[0], status[0]

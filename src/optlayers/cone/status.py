@@ -47,12 +47,16 @@ class ConeSolveError(RuntimeError):
 
 
 def describe_failures(status: torch.Tensor, max_listed: int = 10) -> str:
-    """A sentence naming the failed batch elements and why."""
-    failed = (status != ConeStatus.SOLVED).nonzero().flatten().tolist()
-    parts = [f"element {i}: {ConeStatus(int(status[i])).name.lower()} ({ConeStatus(int(status[i])).message})"
-             for i in failed[:max_listed]]
-    more = f"; and {len(failed) - max_listed} more" if len(failed) > max_listed else ""
-    return f"{len(failed)} of {status.numel()} cone programs were not solved: " + "; ".join(parts) + more
+    """A sentence naming the failed batch elements, grouped by reason."""
+    failed = status != ConeStatus.SOLVED
+    parts = []
+    for code in ConeStatus:
+        where = (status == code).nonzero().flatten().tolist()
+        if code == ConeStatus.SOLVED or not where:
+            continue
+        listed = ", ".join(map(str, where[:max_listed])) + (f" and {len(where) - max_listed} more" if len(where) > max_listed else "")
+        parts.append(f"{code.name.lower()} (elements {listed}): {code.message}")
+    return f"{int(failed.sum())} of {status.numel()} cone programs were not solved: " + "; ".join(parts)
 
 
 def apply_failure_policy(status: torch.Tensor, on_failure: str) -> None:

@@ -1,4 +1,4 @@
-"""Random cone programs with a known, unique solution, shared by the tests and the benchmark.
+"""Random cone programs with a known, unique solution, for the tests and the benchmarks.
 
 z is drawn block by block so that s = proj_K(z) and y = s - z are strictly complementary with
 known face dimensions: half the nonnegative rows active, every second-order and exponential

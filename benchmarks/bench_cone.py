@@ -1,0 +1,127 @@
+"""optlayers.solve_cone vs diffcp on the same batch of random cone programs (all five cone types).
+
+Times the forward solve and the adjoint (VJP) of the same loss on the CPU, and the batched dense
+derivative on CUDA when available. Prints a table and writes JSON.
+
+    PYTHONPATH=src python benchmarks/bench_cone.py --batch 128 --repeats 3 --out bench_cone.json
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import statistics
+import time
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from optlayers.cone import ConeSpec, solve_cone
+from optlayers.cone.testing import random_program
+
+SPEC = ConeSpec(zero=14, nonneg=30, soc=[10, 10, 10], psd=[4], exp=4)  # m = 96
+N = 48
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """Median wall time over ``repeats`` runs, and the last result."""
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def bench_optlayers(data, solver: str, mode: str, repeats: int, device: str = "cpu") -> dict:
+    A, b, c, v = (t.to(device) for t in data)
+
+    def forward():
+        A_ = A.detach().requires_grad_()
+        b_, c_ = b.detach().requires_grad_(), c.detach().requires_grad_()
+        return A_, b_, c_, solve_cone(A_, b_, c_, SPEC, solver=solver, mode=mode)
+
+    t_fwd, (A_, b_, c_, sol) = timed(forward, repeats)
+
+    def adjoint():
+        A_.grad = b_.grad = c_.grad = None
+        (sol.x * v).sum().backward(retain_graph=True)
+        return A_.grad
+
+    t_adj, _ = timed(adjoint, repeats)
+    return {"forward_s": t_fwd, "adjoint_s": t_adj, "solved": int((sol.status == 0).sum()),
+            "grad_c": c_.grad.detach().cpu().numpy(), "x": sol.x.detach().cpu().numpy()}
+
+
+def bench_diffcp(data, mode: str, repeats: int, solve_method: str) -> dict:
+    import diffcp
+
+    A, b, c, v = (t.numpy() for t in data)
+    As = [sp.csc_matrix(a) for a in A]
+    cone = SPEC.scs_cone()
+    kwargs = {"eps": 1e-8} if solve_method == "SCS" else {}
+    fwd = lambda: diffcp.solve_and_derivative_batch(As, list(b), list(c), [cone] * len(As), mode=mode,  # noqa: E731
+                                                    solve_method=solve_method, **kwargs)
+    t_fwd, (xs, ys, ss, _, DT) = timed(fwd, repeats)
+    zeros_m = [np.zeros(A.shape[1]) for _ in As]
+    t_adj, (dAs, dbs, dcs) = timed(lambda: DT(list(v), zeros_m, zeros_m), repeats)
+    return {"forward_s": t_fwd, "adjoint_s": t_adj, "solved": len(xs), "grad_c": np.stack(dcs), "x": np.stack(xs)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads (default 1: the solver thread pool already uses the cores)")
+    parser.add_argument("--out", default="bench_cone.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    A, b, c, _, x_true, _, _ = random_program(SPEC, N, batch=args.batch, seed=0)
+    v = torch.randn(args.batch, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    data = (A, b, c, v)
+    rows = {}
+    for solver in ("clarabel", "scs"):
+        rows[f"optlayers {solver} dense"] = bench_optlayers(data, solver, "dense", args.repeats)
+    try:
+        for method in ("SCS", "Clarabel"):
+            rows[f"diffcp {method} dense"] = bench_diffcp(data, "dense", args.repeats, method)
+            rows[f"diffcp {method} lsqr"] = bench_diffcp(data, "lsqr", args.repeats, method)
+    except ImportError as err:
+        print(f"diffcp skipped: {err}")
+    if torch.cuda.is_available():
+        rows["optlayers clarabel dense (CUDA derivative)"] = bench_optlayers(data, "clarabel", "dense", args.repeats, "cuda")
+    else:
+        print("CUDA not available: the CUDA row is skipped")
+    reference = rows["optlayers clarabel dense"]["grad_c"]
+    print(f"{'method':45s} {'forward s':>10s} {'adjoint s':>10s} {'total s':>9s} {'solved':>7s} "
+          f"{'max |x - x*|':>13s} {'max |dc - dc_ref|':>18s}")
+    table = []
+    for name, row in rows.items():
+        err_x = float(np.abs(row["x"] - x_true.numpy()).max())
+        err_g = float(np.abs(row["grad_c"] - reference).max())
+        total = row["forward_s"] + row["adjoint_s"]
+        print(f"{name:45s} {row['forward_s']:10.3f} {row['adjoint_s']:10.3f} {total:9.3f} {row['solved']:7d} "
+              f"{err_x:13.1e} {err_g:18.1e}")
+        table.append({"method": name, "forward_s": row["forward_s"], "adjoint_s": row["adjoint_s"],
+                      "solved": row["solved"], "max_x_error": err_x, "max_grad_c_diff": err_g})
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
+            "torch": torch.__version__, "threads": args.threads, "batch": args.batch, "m": SPEC.size, "n": N,
+            "cones": str(SPEC), "repeats": args.repeats}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": table}, f, indent=2)
+    print(json.dumps(meta))
+
+
+if __name__ == "__main__":
+    main()
