@@ -11,6 +11,8 @@ import torch
 
 from optlayers.cone.operator import LinearMap
 
+ZERO_EIG_ULPS = 64  # eigenvalues within 64 ulps of the spectral radius of zero count as zero (on the boundary)
+
 
 def order(size: int) -> int:
     """The matrix order d of a vectorized PSD cone of length d(d+1)/2."""
@@ -58,10 +60,11 @@ def derivative(v: torch.Tensor, dual: bool = False) -> LinearMap:
     """Derivative of ``project`` at v: dX -> V (G o (V^T dX V)) V^T (symmetric).
 
     G_ij = (max(l_i,0) - max(l_j,0)) / (l_i - l_j) for eigenvalues of opposite signs, 1 when
-    both are >= 0 (the piece inside the cone on its boundary) and 0 when both are negative.
+    both are >= 0 up to round-off (the piece inside the cone on its boundary) and 0 when both are negative.
     """
     lam, vecs = torch.linalg.eigh(vec_to_mat(v))
-    pos = lam >= 0
+    round_off = ZERO_EIG_ULPS * torch.finfo(v.dtype).eps * lam.abs().amax(-1, keepdim=True)
+    pos = lam >= -round_off
     li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
     pi, pj = pos.unsqueeze(-1), pos.unsqueeze(-2)
     mixed = pi != pj
