@@ -1,0 +1,140 @@
+"""solve_cone forward: solutions, statuses and policies, validation at the door."""
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from optlayers import ConeSolveError, ConeSpec, ConeStatus, solve_cone
+from optlayers.cone.testing import ALL_CONES, n_range, random_program
+
+SOLUTION_TOL = 1e-8  # refined solutions are accurate to ~1e-12; this leaves room for conditioning
+
+
+@pytest.mark.parametrize("solver", ["clarabel", "scs"])
+@pytest.mark.parametrize("quadratic", [False, True])
+def test_recovers_known_solution(solver, quadratic):
+    A, b, c, P, x, y, s = random_program(ALL_CONES, 15, batch=3, quadratic=quadratic, seed=1)
+    sol = solve_cone(A, b, c, ALL_CONES, P, solver=solver)
+    assert (sol.status == ConeStatus.SOLVED).all()
+    for got, want in ((sol.x, x), (sol.y, y), (sol.s, s)):
+        assert torch.allclose(got, want, atol=SOLUTION_TOL)
+
+
+def test_unbatched_and_shared_inputs():
+    A, b, c, _, x, _, _ = random_program(ALL_CONES, 14, batch=None, seed=2)
+    sol = solve_cone(A, b, c, ALL_CONES)
+    assert sol.x.shape == x.shape and sol.status.shape == ()
+    assert torch.allclose(sol.x, x, atol=SOLUTION_TOL)
+    A, b, c, _, x, _, _ = random_program(ALL_CONES, 14, batch=4, shared_A=True, seed=3)
+    assert A.dim() == 2
+    assert torch.allclose(solve_cone(A, b, c, ALL_CONES).x, x, atol=SOLUTION_TOL)
+
+
+def test_sparse_A_scipy_and_torch():
+    A, b, c, _, x, _, _ = random_program(ALL_CONES, 14, batch=2, shared_A=True, seed=4)
+    for sparse in (sp.csc_matrix(A.numpy()), A.to_sparse_csr(), A.to_sparse_coo()):
+        sol = solve_cone(sparse, b, c, ALL_CONES)
+        assert torch.allclose(sol.x, x, atol=SOLUTION_TOL)
+
+
+def test_float32_inputs_give_float32_outputs():
+    A, b, c, _, x, _, _ = random_program(ALL_CONES, 14, batch=2, seed=5)
+    sol = solve_cone(A.float(), b.float(), c.float(), ALL_CONES)
+    assert sol.x.dtype == torch.float32
+    assert torch.allclose(sol.x.double(), x, atol=1e-4)
+
+
+def test_scs_warm_start_converges_in_fewer_iterations():
+    A, b, c, _, x, _, _ = random_program(ALL_CONES, 14, batch=2, seed=6)
+    cold = solve_cone(A, b, c, ALL_CONES, solver="scs", refine_steps=0)
+    warm = solve_cone(A, b, c, ALL_CONES, solver="scs", warm_start=cold, refine_steps=0,
+                      solver_options={"max_iters": 5})
+    assert (warm.status == ConeStatus.SOLVED).all()
+    assert torch.allclose(warm.x, x, atol=1e-3)
+
+
+def infeasible_batch():
+    spec = ConeSpec(nonneg=8)
+    lo, _ = n_range(spec)
+    A, b, c, _, x, y, s = random_program(spec, lo, batch=3, seed=7)
+    A, b = A.clone(), b.clone()
+    A[1, 0], A[1, 1] = A[1, 0] * 0 + 1, A[1, 1] * 0 - 1  # x_0 <= -1 and -x_0 <= -1: infeasible
+    A[1, :2, 1:] = 0
+    b[1, :2] = -1
+    return spec, A, b, c, x
+
+
+@pytest.mark.parametrize("solver", ["clarabel", "scs"])
+def test_infeasible_element_reported_others_correct(solver):
+    spec, A, b, c, x = infeasible_batch()
+    sol = solve_cone(A, b, c, spec, solver=solver, on_failure="ignore")
+    assert sol.status[1] == ConeStatus.PRIMAL_INFEASIBLE
+    assert torch.isnan(sol.x[1]).all() and torch.isnan(sol.y[1]).all()
+    assert (sol.status[[0, 2]] == ConeStatus.SOLVED).all()
+    assert torch.allclose(sol.x[[0, 2]], x[[0, 2]], atol=SOLUTION_TOL)
+
+
+def test_failure_policies():
+    spec, A, b, c, _ = infeasible_batch()
+    with pytest.raises(ConeSolveError, match="primal_infeasible \\(elements 1\\)") as info:
+        solve_cone(A, b, c, spec)
+    assert info.value.status.tolist()[1] == ConeStatus.PRIMAL_INFEASIBLE
+    with pytest.warns(RuntimeWarning, match="1 of 3 cone programs were not solved"):
+        solve_cone(A, b, c, spec, on_failure="warn")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        solve_cone(A, b, c, spec, on_failure="ignore")
+
+
+def test_failed_element_gets_zero_gradient_and_others_finite():
+    spec, A, b, c, _ = infeasible_batch()
+    b = b.requires_grad_()
+    sol = solve_cone(A, b, c, spec, on_failure="ignore")
+    sol.x[[0, 2]].sum().backward()
+    assert torch.isfinite(b.grad).all() and (b.grad[1] == 0).all() and (b.grad[0] != 0).any()
+
+
+SPEC = ConeSpec(zero=1, nonneg=2)
+
+
+@pytest.mark.parametrize("args, error, message", [
+    (dict(A=torch.zeros(4, 2), b=torch.zeros(4)), ValueError, "cones cover 3 rows .* A has m = 4 rows"),
+    (dict(b=torch.zeros(4)), ValueError, r"b must end in shape \(3,\) to match A of shape \(3, 2\), got \(4,\)"),
+    (dict(c=torch.zeros(2, 3)), ValueError, r"c must end in shape \(2,\)"),
+    (dict(P=torch.zeros(3, 3)), ValueError, r"P must end in shape \(2, 2\)"),
+    (dict(c=torch.tensor([0.0, float("nan")])), ValueError, "c contains NaN or Inf"),
+    (dict(b=torch.tensor([0.0, float("inf"), 1.0])), ValueError, "b contains NaN or Inf"),
+    (dict(A=torch.zeros(3, 2, dtype=torch.int64)), TypeError, "A must be a floating-point tensor .* got torch.int64"),
+    (dict(A=[[0.0]]), TypeError, "A must be a torch.Tensor, numpy array or scipy sparse matrix, got list"),
+    (dict(b=torch.zeros(3, device="meta")), ValueError, "all inputs must be on one device"),
+    (dict(A=torch.zeros(2, 3, 2), b=torch.zeros(5, 3)), ValueError, "batched inputs must share one batch size"),
+    (dict(A=torch.zeros(3)), ValueError, r"A must have 2 or 3 dimensions .* got shape \(3,\)"),
+    (dict(cones=(1, 2)), TypeError, "cones must be a ConeSpec, got tuple"),
+    (dict(solver="ecos"), ValueError, r"solver must be one of \('clarabel', 'scs'\), got 'ecos'"),
+    (dict(mode="qr"), ValueError, "mode must be one of"),
+    (dict(on_failure="explode"), ValueError, "on_failure must be one of"),
+])
+def test_bad_input_messages(args, error, message):
+    kwargs = dict(A=torch.zeros(3, 2), b=torch.zeros(3), c=torch.zeros(2), cones=SPEC)
+    kwargs.update(args)
+    with pytest.raises(error, match=message):
+        solve_cone(**kwargs)
+
+
+def test_bad_cone_spec():
+    with pytest.raises(ValueError, match="ConeSpec.nonneg must be a nonnegative int, got -1"):
+        ConeSpec(nonneg=-1)
+    with pytest.raises(ValueError, match="ConeSpec.soc entries must be positive ints"):
+        ConeSpec(soc=[3, 0])
+
+
+def test_cone_spec_sizes_and_scs_dict():
+    spec = ConeSpec(zero=2, nonneg=3, soc=[3, 3, 4], psd=[2, 3], exp=1, exp_dual=2)
+    assert spec.size == 2 + 3 + 10 + 3 + 6 + 3 + 6
+    assert spec.scs_cone() == {"z": 2, "l": 3, "q": [3, 3, 4], "s": [2, 3], "ep": 1, "ed": 2}
+    blocks = list(spec.blocks())
+    assert [b.start for b in blocks] == [0, 2, 5, 11, 15, 18, 24, 27]
+    assert blocks[-1].stop == spec.size and blocks[-1].dual
+    assert np.array_equal([b.count for b in blocks], [2, 3, 2, 1, 1, 1, 1, 2])
