@@ -124,7 +124,8 @@ class ConeProgram(torch.autograd.Function):
     def jvp(ctx: Any, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
             dP: torch.Tensor | None, _settings: Any) -> tuple:
         point = ConeProgram._point(ctx)
-        dx, dy, ds = derivative.jvp(point, ctx.settings.mode, dA, db, dc, _sym(dP))
+        # torch.func hands jvp wrapped tensors that scipy's LSQR cannot read: forward mode is dense
+        dx, dy, ds = derivative.jvp(point, "dense", dA, db, dc, _sym(dP))
         return dx, dy, ds, None, None, None
 
 

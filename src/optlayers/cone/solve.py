@@ -42,7 +42,8 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
         P: optional (n, n) or (B, n, n) PSD matrix; its symmetric part is used.
         solver: "clarabel" (interior point) or "scs" (splitting; uses ``warm_start``).
         mode: the derivative's linear solve: "dense" (batched LU, CPU or CUDA), or "lsqr"/"lsmr"
-            (matrix-free, element by element, for large sparse problems).
+            (matrix-free, element by element, for large sparse problems; reverse mode only:
+            forward mode, torch.func.jvp, always uses the dense solve).
         on_failure: "raise", "warn" or "ignore" when an element is not solved.
         solver_options: passed to the solver (Clarabel settings attributes / SCS keyword arguments).
         warm_start: a previous solution of the same shapes (used by SCS).

@@ -1,0 +1,140 @@
+"""Derivatives of the solution map: finite differences, adjoint identity, modes, gradcheck, diffcp."""
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from optlayers import ConeSpec, solve_cone
+from optlayers.cone.testing import ALL_CONES, random_program
+
+FD_STEP = 1e-6
+FD_TOL = 1e-5  # solutions are refined to ~1e-13, so central differences are good to ~1e-8 here
+PER_CONE = {
+    "nonneg": ConeSpec(zero=2, nonneg=8),
+    "soc": ConeSpec(zero=2, nonneg=2, soc=[4, 3]),
+    "psd": ConeSpec(zero=2, nonneg=2, psd=[3]),
+    "exp": ConeSpec(zero=2, nonneg=2, exp=3),
+    "exp_dual": ConeSpec(zero=2, nonneg=2, exp_dual=3),
+    "all": ALL_CONES,
+}
+N = {"nonneg": 6, "soc": 5, "psd": 5, "exp": 6, "exp_dual": 6, "all": 15}
+
+
+def outputs(A, b, c, P, spec, **kwargs):
+    sol = solve_cone(A, b, c, spec, P, **kwargs)
+    return torch.cat([sol.x, sol.y, sol.s], -1)
+
+
+def data_direction(A, b, c, P, seed):
+    gen = torch.Generator().manual_seed(seed)
+    dP = None
+    if P is not None:
+        L = torch.randn(P.shape, generator=gen)
+        dP = L + L.transpose(-1, -2)
+    return (torch.randn(A.shape, generator=gen), torch.randn(b.shape, generator=gen),
+            torch.randn(c.shape, generator=gen), dP)
+
+
+@pytest.mark.parametrize("name", list(PER_CONE))
+@pytest.mark.parametrize("quadratic", [False, True])
+def test_jvp_matches_finite_differences(name, quadratic):
+    spec = PER_CONE[name]
+    A, b, c, P, *_ = random_program(spec, N[name], batch=2, quadratic=quadratic, seed=11)
+    dA, db, dc, dP = data_direction(A, b, c, P, seed=12)
+    plus = outputs(A + FD_STEP * dA, b + FD_STEP * db, c + FD_STEP * dc, None if P is None else P + FD_STEP * dP, spec)
+    minus = outputs(A - FD_STEP * dA, b - FD_STEP * db, c - FD_STEP * dc, None if P is None else P - FD_STEP * dP, spec)
+    fd = (plus - minus) / (2 * FD_STEP)
+    primals = (A, b, c) if P is None else (A, b, c, P)
+    tangents = (dA, db, dc) if P is None else (dA, db, dc, dP)
+    _, jvp = torch.func.jvp(lambda *args: outputs(*args, *([None] if P is None else []), spec), primals, tangents)
+    err = float((jvp - fd).abs().max())
+    assert err < FD_TOL * (1 + float(fd.abs().max())), f"{name}: |JVP - FD| = {err:.2e}"
+
+
+@pytest.mark.parametrize("mode", ["dense", "lsqr"])
+def test_adjoint_identity(mode):
+    A, b, c, P, *_ = random_program(ALL_CONES, 15, batch=3, quadratic=True, seed=13)
+    dA, db, dc, dP = data_direction(A, b, c, P, seed=14)
+    v = torch.randn(3, 15 + 2 * ALL_CONES.size)
+    leaves = [t.clone().requires_grad_() for t in (A, b, c, P)]
+    out = outputs(*leaves, ALL_CONES, mode=mode)
+    grads = torch.autograd.grad((out * v).sum(), leaves)
+    _, jvp = torch.func.jvp(lambda *args: outputs(*args, ALL_CONES, mode=mode), (A, b, c, P), (dA, db, dc, dP))
+    lhs = (jvp * v).sum()
+    rhs = sum((g * d).sum() for g, d in zip(grads, (dA, db, dc, dP)))
+    assert torch.allclose(lhs, rhs, rtol=1e-8), (float(lhs), float(rhs))
+
+
+def test_dense_and_lsqr_agree():
+    A, b, c, _, *_ = random_program(ALL_CONES, 15, batch=2, seed=15)
+    grads = {}
+    for mode in ("dense", "lsqr", "lsmr"):
+        leaves = [t.clone().requires_grad_() for t in (A, b, c)]
+        sol = solve_cone(*leaves, ALL_CONES, mode=mode)
+        (sol.x.sum() + (sol.y * torch.arange(ALL_CONES.size)).sum()).backward()
+        grads[mode] = [t.grad for t in leaves]
+    for mode in ("lsqr", "lsmr"):
+        for g_dense, g_iter in zip(grads["dense"], grads[mode]):
+            assert torch.allclose(g_dense, g_iter, atol=1e-7)
+
+
+def test_gradcheck_small_problem():
+    spec = ConeSpec(zero=1, nonneg=3, soc=[3], exp=1)
+    A, b, c, P, *_ = random_program(spec, 4, batch=2, quadratic=True, seed=16)
+    inputs = tuple(t.clone().requires_grad_() for t in (A, b, c, P))
+    fn = lambda *args: tuple(getattr(solve_cone(*args[:3], spec, args[3]), k) for k in ("x", "y", "s"))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_A_gradient_is_sum_over_batch():
+    A, b, c, _, *_ = random_program(ALL_CONES, 15, batch=3, shared_A=True, seed=17)
+    weights = torch.randn(3, 15)
+    shared = A.clone().requires_grad_()
+    (solve_cone(shared, b, c, ALL_CONES).x * weights).sum().backward()
+    total = torch.zeros_like(A)
+    for i in range(3):
+        single = A.clone().requires_grad_()
+        (solve_cone(single, b[i], c[i], ALL_CONES).x * weights[i]).sum().backward()
+        total += single.grad
+    assert torch.allclose(shared.grad, total, atol=1e-9)
+
+
+def test_sparse_A_gradient_on_pattern():
+    A, b, c, _, *_ = random_program(ALL_CONES, 15, batch=2, shared_A=True, seed=18)
+    A = A * (torch.rand(A.shape, generator=torch.Generator().manual_seed(0)) > 0.3)
+    dense = A.clone().requires_grad_()
+    solve_cone(dense, b, c, ALL_CONES).x.sum().backward()
+    sparse = A.to_sparse_coo().requires_grad_()
+    solve_cone(sparse, b, c, ALL_CONES).x.sum().backward()
+    grad = sparse.grad.to_dense()
+    mask = A != 0
+    assert torch.allclose(grad[mask], dense.grad[mask], atol=1e-9)
+    assert (grad[~mask] == 0).all()
+
+
+def test_gradients_flow_from_y_and_s_only():
+    A, b, c, _, *_ = random_program(ALL_CONES, 15, batch=2, seed=19)
+    c = c.clone().requires_grad_()
+    sol = solve_cone(A, b, c, ALL_CONES)
+    (sol.y.sum() + sol.s.square().sum()).backward()
+    assert c.grad is not None and torch.isfinite(c.grad).all() and c.grad.abs().max() > 0
+
+
+def test_against_diffcp():
+    diffcp = pytest.importorskip("diffcp", reason="diffcp not installed")
+    spec = ConeSpec(zero=2, nonneg=6, soc=[4], psd=[2], exp=1)
+    A, b, c, _, *_ = random_program(spec, 9, batch=2, seed=20)
+    leaves = [t.clone().requires_grad_() for t in (A, b, c)]
+    sol = solve_cone(*leaves, spec)
+    v = torch.randn(2, 9)
+    (sol.x * v).sum().backward()
+    for i in range(2):
+        x, y, s, _, DT = diffcp.solve_and_derivative(sp.csc_matrix(A[i].numpy()), b[i].numpy(), c[i].numpy(),
+                                                     spec.scs_cone(), mode="dense", solve_method="SCS",
+                                                     eps=1e-10, max_iters=100000)
+        assert np.allclose(x, sol.x[i].detach().numpy(), atol=1e-6)
+        dA, db, dc = DT(v[i].numpy(), np.zeros(spec.size), np.zeros(spec.size))
+        # diffcp's dA is sparse on A's pattern (dense here); its cotangents carry the same sign convention
+        assert np.allclose(dc, leaves[2].grad[i].numpy(), atol=1e-4)
+        assert np.allclose(db, leaves[1].grad[i].numpy(), atol=1e-4)
+        assert np.allclose(dA.toarray(), leaves[0].grad[i].numpy(), atol=1e-4)
