@@ -16,6 +16,9 @@ from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
 
 RUNNING = -1
+# The start keeps s and λ at least this far inside the cone: the shift by 1 in ``initial_point``
+# is lost to rounding when |Gx − h| is huge.
+_INTERIOR_FLOOR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -162,8 +165,8 @@ def initial_point(data: QPData, settings: IPMSettings) -> IPMState:
     if k:
         shift_s = z.amax(-1, keepdim=True)
         shift_l = (-z).amax(-1, keepdim=True)
-        s = torch.where(shift_s >= 0, -z + 1 + shift_s, -z)
-        lam = torch.where(shift_l >= 0, z + 1 + shift_l, z)
+        s = torch.where(shift_s >= 0, -z + 1 + shift_s, -z).clamp(min=_INTERIOR_FLOOR)
+        lam = torch.where(shift_l >= 0, z + 1 + shift_l, z).clamp(min=_INTERIOR_FLOOR)
     else:
         s, lam = ones, ones
     status = torch.where(f.ok, RUNNING, int(QPStatus.NUMERICAL_ERROR)).to(torch.int64)

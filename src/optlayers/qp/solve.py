@@ -89,7 +89,7 @@ def solve_qp(
     flat, batch = prepare_qp(Q, p, G, h, A, b)
     settings = default_settings(flat[1].dtype, tol, rel_tol, max_iter)
     out = QPSolveFn.apply(*flat, settings)
-    z, lam, nu, s, status, iterations, primal, dual, gap = (t.reshape(*batch, *t.shape[1:]) for t in out[:9])
+    z, lam, nu, s, status, iterations, primal, dual, gap = (t.reshape((*batch, *t.shape[1:])) for t in out[:9])
     apply_failure_policy(status, on_failure)
     return QPSolution(z, lam, nu, s, status, iterations, primal, dual, gap)
 
