@@ -21,17 +21,17 @@ def solution_of(Msym_from, m_present=True):
 
 @pytest.mark.parametrize("with_equalities", [True, False])
 def test_gradcheck_all_inputs_batched(with_equalities):
-    data = random_qp((2,), 4, 5, 2 if with_equalities else 0, active=True)
+    data = random_qp((2,), 3, 4, 1 if with_equalities else 0, active=True)
     inputs = [data[k].clone().requires_grad_() for k in NAMES if data[k] is not None]
     assert torch.autograd.gradcheck(solution_of(None), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def test_gradcheck_shared_matrices():
-    data = random_qp((3,), 4, 6, 1, active=True)
+    data = random_qp((2,), 3, 4, 1, active=True)
     inputs = [data["Q"][0], data["p"], data["G"][0], None, data["A"][0], data["b"]]
-    z0 = torch.randn(4)
-    inputs[3] = inputs[2] @ z0 + torch.rand(3, 6) + 0.1
-    inputs[5] = inputs[4] @ z0 + torch.zeros(3, 1)
+    z0 = torch.randn(3)
+    inputs[3] = inputs[2] @ z0 + torch.rand(2, 4) + 0.1
+    inputs[5] = inputs[4] @ z0 + torch.zeros(2, 1)
     inputs = [t.clone().requires_grad_() for t in inputs]
     assert torch.autograd.gradcheck(solution_of(None), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
@@ -108,3 +108,10 @@ def test_float32_gradients_close_to_float64():
         assert h.grad.dtype == dtype
     for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
         np.testing.assert_allclose(g32.double().numpy(), g64.numpy(), atol=1e-3, rtol=1e-3)
+
+
+def test_vmap_matches_batched_solve():
+    data = random_qp((3,), 5, 6, 1)
+    keys = [k for k in NAMES if data[k] is not None]
+    vmapped = torch.func.vmap(lambda *a: solve_qp(*a).z)(*(data[k] for k in keys))
+    np.testing.assert_allclose(vmapped.numpy(), solve_qp(**data).z.numpy(), atol=1e-12)

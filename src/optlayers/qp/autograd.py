@@ -14,7 +14,7 @@ from torch import Tensor
 from optlayers.qp.derivatives import solution_jvp, solution_vjp
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings, solve_scaled
 from optlayers.qp.kkt import KKTFactor
-from optlayers.qp.problem import qp_data
+from optlayers.qp.problem import check_values, qp_data
 from optlayers.qp.scaling import (
     QPData,
     Scaling,
@@ -24,7 +24,7 @@ from optlayers.qp.scaling import (
     unscale_data_cotangent,
     unscale_solution,
 )
-from optlayers.qp.status import QPStatus
+from optlayers.qp.status import QPStatus, apply_failure_policy
 
 _N_PUBLIC = 9  # z, lam, nu, s, status, iterations, primal, dual, gap
 
@@ -70,16 +70,21 @@ def _keep_solved(mask: Tensor, t: Tensor, fill: float) -> Tensor:
 
 
 class QPSolveFn(torch.autograd.Function):
-    """(Q, p, G, h, A, b, settings) -> (z, λ, ν, s, status, iterations, residuals..., saved...)."""
+    """(Q, p, G, h, A, b, settings, on_failure, batch_shape) -> (z, λ, ν, s, status, iterations,
+    residuals..., saved...). The failure policy is applied here, on plain tensors, so that it
+    also holds under ``torch.func`` transforms; ``batch_shape`` names failed elements."""
 
     @staticmethod
-    def forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings) -> tuple[Tensor, ...]:
+    def forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
+                on_failure: str, batch_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
+        check_values(Q, p, G, h, A, b)
         dtype = p.dtype
         scaled, sc = equilibrate(qp_data(*(t.to(COMPUTE_DTYPE) for t in (Q, p, G, h, A, b))))
         result = solve_scaled(scaled, sc, settings)
         st, res = result.state, result.residuals
         solved = st.status == int(QPStatus.SOLVED)
         x, nu, lam, s = (_keep_solved(solved, v, float("nan")).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
+        apply_failure_policy(st.status.reshape(batch_shape), on_failure)
         fac = result.factor
         saved = _Saved(scaled.Q, scaled.G, fac.C, fac.d0, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c,
                        fac.w_inv, fac.w_inv_soft, fac.chol_h, fac.chol_s, st.status)
@@ -87,7 +92,7 @@ class QPSolveFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        ctx.settings = inputs[-1]
+        ctx.settings = inputs[6]
         saved = (*output[_N_PUBLIC:], output[4])
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
@@ -102,11 +107,21 @@ class QPSolveFn(torch.autograd.Function):
         gx, gnu_s, glam_s, gs_s = scale_solution_cotangent(sc, *cot)
         ct = unscale_data_cotangent(sc, solution_vjp(sv.factor(), sv.x, sv.nu, sv.lam, sv.s, gx, gnu_s, glam_s, gs_s, ctx.settings.refine_steps))
         grads = [_keep_solved(solved, t, 0.0).to(dtype) for t in (ct.Q, ct.p, ct.G, ct.h, ct.A, ct.b)]
-        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])), None)
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])), None, None, None)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        """``torch.func.vmap`` rule: the vmapped dimension joins the batch the solver already has."""
+        tensors, (settings, on_failure, _) = args[:6], args[6:]
+        size = info.batch_size
+        moved = [t.movedim(d, 0) if d is not None else t.expand(size, *t.shape) for t, d in zip(tensors, in_dims)]
+        flat = [t.reshape(-1, *t.shape[2:]) for t in moved]
+        out = QPSolveFn.apply(*flat, settings, on_failure, (flat[0].shape[0],))
+        return tuple(o.reshape(size, -1, *o.shape[1:]) for o in out), (0,) * len(out)
 
     @staticmethod
     def jvp(ctx: Any, dQ: Tensor | None, dp: Tensor | None, dG: Tensor | None, dh: Tensor | None,
-            dA: Tensor | None, db: Tensor | None, _settings: Any) -> tuple[Tensor | None, ...]:
+            dA: Tensor | None, db: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         sv = _Saved(*ctx.saved_tensors)
         solved, sc = sv.solved(), sv.scaling()
         dtype = next(t.dtype for t in (dQ, dp, dG, dh, dA, db) if t is not None)

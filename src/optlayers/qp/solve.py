@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.ipm import default_settings
 from optlayers.qp.problem import prepare_qp
-from optlayers.qp.status import ON_FAILURE_CHOICES, apply_failure_policy
+from optlayers.qp.status import ON_FAILURE_CHOICES
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,8 @@ def solve_qp(
     _check_options(tol, rel_tol, max_iter, on_failure)
     flat, batch = prepare_qp(Q, p, G, h, A, b)
     settings = default_settings(flat[1].dtype, tol, rel_tol, max_iter)
-    out = QPSolveFn.apply(*flat, settings)
+    out = QPSolveFn.apply(*flat, settings, on_failure, tuple(batch))
     z, lam, nu, s, status, iterations, primal, dual, gap = (t.reshape((*batch, *t.shape[1:])) for t in out[:9])
-    apply_failure_policy(status, on_failure)
     return QPSolution(z, lam, nu, s, status, iterations, primal, dual, gap)
 
 
