@@ -17,6 +17,7 @@ MODES = ("dense", "lsqr", "lsmr")
 ITERATIVE_TOL = 1e-12  # LSQR/LSMR atol = btol: near float64 accuracy, derivatives feed gradients
 ITERATIVE_MAX_ITER_FACTOR = 10  # iteration cap as a multiple of the system size n + m
 REFINEMENT_TOL = 1e-12  # relative residual that ends iterative refinement with a reused factorization
+SINGULAR_RESIDUAL = 1e-8  # an LU solve this inaccurate (or not finite) means M is singular: use least squares
 MAX_REFINEMENT_STEPS = 4  # each step gains ~ -log10 of the distance between the two points' M
 
 
@@ -68,7 +69,20 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
                 return SolveResult(sol, residual)
             sol = sol + factorization.solve(rhs - apply(sol), transpose)
     sol = DenseFactorization.of(M, rhs.shape[0]).solve(rhs, transpose)
-    return SolveResult(sol, relative_residual(apply, sol, rhs))
+    residual = relative_residual(apply, sol, rhs)
+    singular = ~(residual <= SINGULAR_RESIDUAL)
+    if bool(singular.any()):
+        sol, residual = sol.clone(), residual.clone()
+        sol[singular] = _least_squares(M.dense(rhs.shape[0])[singular], rhs[singular], transpose)
+        residual[singular] = relative_residual(apply, sol, rhs)[singular]
+    return SolveResult(sol, residual)
+
+
+def _least_squares(matrices: torch.Tensor, rhs: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """Minimum-norm least-squares solutions through the pseudo-inverse (SVD; any device)."""
+    if transpose:
+        matrices = matrices.transpose(-1, -2)
+    return (torch.linalg.pinv(matrices) @ rhs.unsqueeze(-1)).squeeze(-1)
 
 
 def solve_iterative(make: Callable[[int], ResidualDerivative], rhs: torch.Tensor, transpose: bool,

@@ -21,7 +21,8 @@ from optlayers.cone.derivative import Point, solve_system
 MAX_STEPS = 8  # Newton/chord steps; from a 1e-3 accurate start chord steps gain ~3 digits each
 TARGET = 1e-13  # relative residual below which an element needs no more steps (float64 round-off level)
 ACCEPT_TOL = 1e-9  # relative residual at which a refined inaccurate solution counts as solved
-CHORD_RATIO = 0.1  # refactorise when a chord step shrinks the residual by less than this factor
+CHORD_RATIO = 0.1
+MAX_BACKTRACKS = 4  # halvings of a Newton step that does not lower ||R|| (semismooth Newton can overshoot)  # refactorise when a chord step shrinks the residual by less than this factor
 
 
 def residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,27 @@ def _derivative(point: Point, w: torch.Tensor) -> embedding.ResidualDerivative:
     return embedding.ResidualDerivative(point.A, point.P, product.derivative(point.spec, w, dual=True))
 
 
+def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, step: torch.Tensor,
+               norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first of the step lengths 1, 1/2, 1/4, ... that lowers ||R||, per element (the last tried if none)."""
+    n = point.x.shape[-1]
+    best_x, best_w, best_res, best_norm = point.x, w, None, torch.full_like(norm, torch.inf)
+    length = 1.0
+    for _ in range(MAX_BACKTRACKS + 1):
+        x_try, w_try = point.x - length * step[:, :n], w - length * step[:, n:]
+        res_try = residual(dataclasses.replace(point, x=x_try), b, c, w_try)
+        norm_try = res_try.norm(dim=-1)
+        take = ~(best_norm < norm) & (norm_try < best_norm)
+        keep = take.unsqueeze(-1)
+        best_x, best_w = torch.where(keep, x_try, best_x), torch.where(keep, w_try, best_w)
+        best_res = res_try if best_res is None else torch.where(keep, res_try, best_res)
+        best_norm = torch.where(take, norm_try, best_norm)
+        if bool((best_norm < norm).all()):
+            break
+        length /= 2
+    return best_x, best_w, best_res, best_norm
+
+
 def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps: int = MAX_STEPS) -> Point:
     """``point`` after up to ``max_steps`` Newton steps on R (failed elements untouched).
 
@@ -58,6 +80,7 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
     norm = res.norm(dim=-1)
     scale = _scale(b, c)
     factorization = linsolve.DenseFactorization.of(_derivative(current, w), b.shape[0]) if mode == "dense" else None
+    improved = torch.zeros_like(point.ok)
     for _ in range(max_steps):
         active = current.ok & (norm > TARGET * scale)
         if not bool(active.any()):
@@ -66,11 +89,10 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
             step = solve_system(current, res, transpose=False, mode=mode, check=False)
         else:
             step = factorization.solve(res, transpose=False)
-        trial = dataclasses.replace(current, x=current.x - step[:, :n])
-        w_trial = w - step[:, n:]
-        res_trial = residual(trial, b, c, w_trial)
-        norm_trial = res_trial.norm(dim=-1)
+        trial_x, w_trial, res_trial, norm_trial = _backtrack(current, b, c, w, step, norm)
+        trial = dataclasses.replace(current, x=trial_x)
         better = active & (norm_trial < norm)
+        improved = improved | better
         keep = better.unsqueeze(-1)
         w = torch.where(keep, w_trial, w)
         y = product.project(point.spec, w, dual=True)
@@ -80,6 +102,6 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
         norm = torch.where(better, norm_trial, norm)
         if factorization is not None and bool(slow.any()):
             factorization = linsolve.DenseFactorization.of(_derivative(current, w), b.shape[0])
-    keep = point.ok.unsqueeze(-1)
+    keep = (point.ok & improved).unsqueeze(-1)  # never improved: the solver's own (unprojected) answer
     return dataclasses.replace(point, x=torch.where(keep, current.x, point.x), y=torch.where(keep, current.y, point.y),
                                s=torch.where(keep, current.s, point.s), factorization=factorization)
