@@ -23,10 +23,12 @@ MAX_REFINEMENT_STEPS = 4  # each step gains ~ -log10 of the distance between the
 
 @dataclasses.dataclass(frozen=True)
 class SolveResult:
-    """Solution (B, N) of the batched linear system and its relative residual (B,)."""
+    """Solution (B, N) of the batched linear system, its relative residual (B,), and the dense
+    factorization it used (for reuse at a nearby point; None for the iterative solvers)."""
 
     solution: torch.Tensor
     residual: torch.Tensor
+    factorization: DenseFactorization | None = None
 
 
 def relative_residual(apply: Callable[[torch.Tensor], torch.Tensor], sol: torch.Tensor,
@@ -66,16 +68,17 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
         for _ in range(MAX_REFINEMENT_STEPS):
             residual = relative_residual(apply, sol, rhs)
             if bool((~(residual > REFINEMENT_TOL)).all()):
-                return SolveResult(sol, residual)
+                return SolveResult(sol, residual, factorization)
             sol = sol + factorization.solve(rhs - apply(sol), transpose)
-    sol = DenseFactorization.of(M, rhs.shape[0]).solve(rhs, transpose)
+    factorization = DenseFactorization.of(M, rhs.shape[0])
+    sol = factorization.solve(rhs, transpose)
     residual = relative_residual(apply, sol, rhs)
     singular = ~(residual <= SINGULAR_RESIDUAL)
     if bool(singular.any()):
         sol, residual = sol.clone(), residual.clone()
         sol[singular] = _least_squares(M.dense(rhs.shape[0])[singular], rhs[singular], transpose)
         residual[singular] = relative_residual(apply, sol, rhs)[singular]
-    return SolveResult(sol, residual)
+    return SolveResult(sol, residual, factorization)
 
 
 def _least_squares(matrices: torch.Tensor, rhs: torch.Tensor, transpose: bool) -> torch.Tensor:

@@ -1,9 +1,8 @@
 """A QP as a cone program: min 1/2 z^T Q z + p^T z s.t. A z = b, G z <= h through solve_cone.
 
 Cone data: x = z, P = Q, c = p, rows [A; G] with K = {0}^m x R_+^k, b_cone = [b; h]. Then
-y = [nu; lam] and s = [0; h - G z]. Rows are scaled to unit norm first (the cone embedding is
-not scale invariant: w = y - s mixes primal and dual scales). Built from differentiable tensor
-operations, so gradients flow to every QP argument through solve_cone's derivative.
+y = [nu; lam] and s = [0; h - G z]. Built from differentiable tensor operations, so gradients
+flow to every QP argument through solve_cone's derivative.
 """
 from __future__ import annotations
 
@@ -64,10 +63,5 @@ def solve_qp_cone(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = Non
         offsets.append(h.expand(batch, h.shape[-1]) if batch else h)
     m = 0 if A is None else A.shape[-2]
     k = 0 if G is None else G.shape[-2]
-    rows, offsets = torch.cat(rows, -2), torch.cat(offsets, -1)
-    # Row equilibration: a positive row scaling maps {0} x R_+ onto itself, so the scaled program has the
-    # same z; it is held constant (detached), which leaves the derivatives of the solution map exact.
-    scale = 1 / rows.detach().norm(dim=-1).clamp_min(torch.finfo(rows.dtype).tiny)
-    sol = solve_cone(rows * scale.unsqueeze(-1), offsets * scale, p, ConeSpec(zero=m, nonneg=k), Q, **cone_options)
-    y, s = sol.y * scale, sol.s / scale
-    return ConeQPSolution(z=sol.x, lam=y[..., m:], nu=y[..., :m], s=s[..., m:], status=sol.status)
+    sol = solve_cone(torch.cat(rows, -2), torch.cat(offsets, -1), p, ConeSpec(zero=m, nonneg=k), Q, **cone_options)
+    return ConeQPSolution(z=sol.x, lam=sol.y[..., m:], nu=sol.y[..., :m], s=sol.s[..., m:], status=sol.status)

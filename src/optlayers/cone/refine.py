@@ -3,11 +3,11 @@
 Interior point solutions on the boundary of a curved cone are accurate only to about the square
 root of the solver's tolerance, and SCS is run loosely for speed. With w = y - s, the residual
 R(x, w) = (P x + A^T Pi_K*(w) + c,  -A x + b - Pi_K*(w) + w) has the derivative M of
-embedding.py. In dense mode M is factorised once and reused (chord Newton steps, each only a
-triangular solve); it is refactorised at the current point only when a step contracts the
-residual by less than CHORD_RATIO. The last factorization is kept for the backward pass. A step
-is kept per element only if it lowers ||R||; y = Pi_K*(w) and s = y - w stay exactly in K*, K
-and complementary.
+embedding.py. In dense mode each Newton step solves with the exact M by iterative refinement
+preconditioned with the previous factorization, refactorising only when that stalls (and falling
+back to least squares where M is singular); the last factorization is kept for the backward
+pass. A (backtracked) step is kept per element only if it lowers ||R||; elements never improved
+keep the solver's answer. y = Pi_K*(w) and s = y - w stay exactly in K*, K and complementary.
 """
 from __future__ import annotations
 
@@ -18,10 +18,9 @@ import torch
 from optlayers.cone import embedding, linsolve, product
 from optlayers.cone.derivative import Point, solve_system
 
-MAX_STEPS = 8  # Newton/chord steps; from a 1e-3 accurate start chord steps gain ~3 digits each
+MAX_STEPS = 6  # Newton steps; from a 1e-4 accurate start two or three reach TARGET
 TARGET = 1e-13  # relative residual below which an element needs no more steps (float64 round-off level)
 ACCEPT_TOL = 1e-9  # relative residual at which a refined inaccurate solution counts as solved
-CHORD_RATIO = 0.1
 MAX_BACKTRACKS = 4  # halvings of a Newton step that does not lower ||R|| (semismooth Newton can overshoot)  # refactorise when a chord step shrinks the residual by less than this factor
 
 
@@ -79,29 +78,26 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
     res = residual(current, b, c, w)
     norm = res.norm(dim=-1)
     scale = _scale(b, c)
-    factorization = linsolve.DenseFactorization.of(_derivative(current, w), b.shape[0]) if mode == "dense" else None
+    factorization = None
     improved = torch.zeros_like(point.ok)
     for _ in range(max_steps):
         active = current.ok & (norm > TARGET * scale)
         if not bool(active.any()):
             break
-        if factorization is None:
-            step = solve_system(current, res, transpose=False, mode=mode, check=False)
+        if mode == "dense":
+            solved = linsolve.solve_dense(_derivative(current, w), res, False, factorization)
+            step, factorization = solved.solution, solved.factorization
         else:
-            step = factorization.solve(res, transpose=False)
+            step = solve_system(current, res, transpose=False, mode=mode, check=False)
         trial_x, w_trial, res_trial, norm_trial = _backtrack(current, b, c, w, step, norm)
-        trial = dataclasses.replace(current, x=trial_x)
         better = active & (norm_trial < norm)
         improved = improved | better
         keep = better.unsqueeze(-1)
         w = torch.where(keep, w_trial, w)
         y = product.project(point.spec, w, dual=True)
-        current = dataclasses.replace(current, x=torch.where(keep, trial.x, current.x), y=y, s=y - w)
+        current = dataclasses.replace(current, x=torch.where(keep, trial_x, current.x), y=y, s=y - w)
         res = torch.where(keep, res_trial, res)
-        slow = active & ~(norm_trial <= CHORD_RATIO * norm) & (norm_trial > TARGET * scale)
         norm = torch.where(better, norm_trial, norm)
-        if factorization is not None and bool(slow.any()):
-            factorization = linsolve.DenseFactorization.of(_derivative(current, w), b.shape[0])
     keep = (point.ok & improved).unsqueeze(-1)  # never improved: the solver's own (unprojected) answer
     return dataclasses.replace(point, x=torch.where(keep, current.x, point.x), y=torch.where(keep, current.y, point.y),
                                s=torch.where(keep, current.s, point.s), factorization=factorization)
