@@ -26,9 +26,15 @@ MAX_BACKTRACKS = 4  # halvings of a Newton step that does not lower ||R|| (semis
 
 def residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """R(x, w), (B, n + m)."""
+    return _residual(point, b, c, w)[0]
+
+
+def _residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """R(x, w) and y = Pi_K*(w)."""
     y = product.project(point.spec, w, dual=True)
     px = torch.zeros_like(point.x) if point.P is None else embedding.matvec(point.P, point.x)
-    return torch.cat([px + embedding.rmatvec(point.A, y) + c, -embedding.matvec(point.A, point.x) + b - y + w], -1)
+    res = torch.cat([px + embedding.rmatvec(point.A, y) + c, -embedding.matvec(point.A, point.x) + b - y + w], -1)
+    return res, y
 
 
 def _scale(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -45,24 +51,25 @@ def _derivative(point: Point, w: torch.Tensor) -> embedding.ResidualDerivative:
 
 
 def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, step: torch.Tensor,
-               norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first of the step lengths 1, 1/2, 1/4, ... that lowers ||R||, per element (the last tried if none)."""
+               norm: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(x, w, y, R, ||R||) at the first of the step lengths 1, 1/2, 1/4, ... that lowers ||R||, per
+    element (the best tried if none does)."""
     n = point.x.shape[-1]
-    best_x, best_w, best_res, best_norm = point.x, w, None, torch.full_like(norm, torch.inf)
+    best = None
     length = 1.0
     for _ in range(MAX_BACKTRACKS + 1):
         x_try, w_try = point.x - length * step[:, :n], w - length * step[:, n:]
-        res_try = residual(dataclasses.replace(point, x=x_try), b, c, w_try)
-        norm_try = res_try.norm(dim=-1)
-        take = ~(best_norm < norm) & (norm_try < best_norm)
-        keep = take.unsqueeze(-1)
-        best_x, best_w = torch.where(keep, x_try, best_x), torch.where(keep, w_try, best_w)
-        best_res = res_try if best_res is None else torch.where(keep, res_try, best_res)
-        best_norm = torch.where(take, norm_try, best_norm)
-        if bool((best_norm < norm).all()):
+        res_try, y_try = _residual(dataclasses.replace(point, x=x_try), b, c, w_try)
+        trial = (x_try, w_try, y_try, res_try, res_try.norm(dim=-1))
+        if best is None:
+            best = trial
+        else:
+            take = ~(best[4] < norm) & (trial[4] < best[4])
+            best = tuple(torch.where(take.unsqueeze(-1) if t.dim() > 1 else take, t, u) for t, u in zip(trial, best))
+        if bool((best[4] < norm).all()):
             break
         length /= 2
-    return best_x, best_w, best_res, best_norm
+    return best
 
 
 def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps: int = MAX_STEPS) -> Point:
@@ -89,12 +96,12 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
             step, factorization = solved.solution, solved.factorization
         else:
             step = solve_system(current, res, transpose=False, mode=mode, check=False)
-        trial_x, w_trial, res_trial, norm_trial = _backtrack(current, b, c, w, step, norm)
+        trial_x, w_trial, y_trial, res_trial, norm_trial = _backtrack(current, b, c, w, step, norm)
         better = active & (norm_trial < norm)
         improved = improved | better
         keep = better.unsqueeze(-1)
         w = torch.where(keep, w_trial, w)
-        y = product.project(point.spec, w, dual=True)
+        y = torch.where(keep, y_trial, current.y)
         current = dataclasses.replace(current, x=torch.where(keep, trial_x, current.x), y=y, s=y - w)
         res = torch.where(keep, res_trial, res)
         norm = torch.where(better, norm_trial, norm)
