@@ -99,6 +99,10 @@ def test_failed_element_gets_zero_gradient_and_others_finite():
 SPEC = ConeSpec(zero=1, nonneg=2)
 
 
+class _WrongWarm:
+    x, y, s = torch.zeros(5), torch.zeros(3), torch.zeros(3)
+
+
 @pytest.mark.parametrize("args, error, message", [
     (dict(A=torch.zeros(4, 2), b=torch.zeros(4)), ValueError, "cones cover 3 rows .* A has m = 4 rows"),
     (dict(b=torch.zeros(4)), ValueError, r"b must end in shape \(3,\) to match A of shape \(3, 2\), got \(4,\)"),
@@ -115,6 +119,9 @@ SPEC = ConeSpec(zero=1, nonneg=2)
     (dict(solver="ecos"), ValueError, r"solver must be one of \('clarabel', 'scs'\), got 'ecos'"),
     (dict(mode="qr"), ValueError, "mode must be one of"),
     (dict(on_failure="explode"), ValueError, "on_failure must be one of"),
+    (dict(refine_steps=-1), ValueError, "refine_steps must be an int >= 0, got -1"),
+    (dict(max_workers=0), ValueError, "max_workers must be an int >= 1 or None, got 0"),
+    (dict(warm_start=_WrongWarm()), ValueError, "warm_start must be a solution of the same shapes"),
 ])
 def test_bad_input_messages(args, error, message):
     kwargs = dict(A=torch.zeros(3, 2), b=torch.zeros(3), c=torch.zeros(2), cones=SPEC)

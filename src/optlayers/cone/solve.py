@@ -57,14 +57,26 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
     check_choice("solver", solver, SOLVERS)
     check_choice("mode", mode, MODES)
     check_choice("on_failure", on_failure, ON_FAILURE_CHOICES)
+    for name, value, least in (("refine_steps", refine_steps, 0), ("max_workers", max_workers, 1)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+            raise ValueError(f"{name} must be an int >= {least}{' or None' if name == 'max_workers' else ''}, "
+                             f"got {value!r}")
     data = validate(A, b, c, P, cones)
     warm = None
     if warm_start is not None:
+        expected = (data.b.shape[0] * data.c.shape[-1], data.b.numel(), data.b.numel())
+        given = tuple(t.numel() for t in (warm_start.x, warm_start.y, warm_start.s))
+        if given != expected:
+            raise ValueError(f"warm_start must be a solution of the same shapes: x, y, s with {expected} "
+                             f"entries, got {given}")
         x0, y0, s0 = (t.detach().cpu().double().reshape(data.b.shape[0], -1).numpy()
                       for t in (warm_start.x, warm_start.y, warm_start.s))
         warm = tuple(None if not np.isfinite(x0[i]).all() else (x0[i], y0[i], s0[i]) for i in range(len(x0)))
     settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps)
-    x, y, s, status, _, _ = ConeProgram.apply(data.A, data.b, data.c, data.P, settings)
+    # The solvers, the refinement and the derivative all work in float64; outputs follow the inputs' dtype.
+    wide = [None if t is None else t.to(torch.float64) for t in (data.A, data.b, data.c, data.P)]
+    x, y, s, status, _, _ = ConeProgram.apply(*wide, settings)
+    x, y, s = (t.to(data.b.dtype) for t in (x, y, s))
     apply_failure_policy(status, on_failure)
     if data.batch is None:
         x, y, s, status = x[0], y[0], s[0], status[0]
