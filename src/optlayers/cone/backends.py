@@ -5,6 +5,7 @@ Both solvers release the GIL while they work, so a thread pool runs the batch in
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
@@ -72,7 +73,7 @@ def solve_batch(problems: Sequence[Problem], spec: ConeSpec, solver: str, option
     single = _clarabel_solve if solver == "clarabel" else _scs_solve
     prepared = _clarabel_prepare(spec) if solver == "clarabel" else spec.scs_cone()
     workers = min(len(problems), max_workers or os.cpu_count() or 1)
-    run: Callable[[Problem, WarmStart | None], Result] = lambda p, w: single(p, prepared, options, w)  # noqa: E731
+    run: Callable[[Problem, WarmStart | None], Result] = functools.partial(single, prepared, options)
     if workers <= 1:
         return [run(p, w) for p, w in zip(problems, warm_starts)]
     with ThreadPoolExecutor(workers) as pool:
@@ -84,7 +85,7 @@ def _failed(problem: Problem, status: ConeStatus) -> Result:
     return Result(np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), status)
 
 
-def _scs_solve(problem: Problem, cone: dict, options: dict, warm: WarmStart | None) -> Result:
+def _scs_solve(cone: dict, options: dict, problem: Problem, warm: WarmStart | None) -> Result:
     import scs
 
     settings = {"verbose": False, "eps_abs": SCS_DEFAULT_EPS, "eps_rel": SCS_DEFAULT_EPS, **options}
@@ -154,7 +155,7 @@ def _psd_permutation(size: int) -> sp.csr_matrix:
     return sp.identity(size, format="csr")[order]
 
 
-def _clarabel_solve(problem: Problem, prepared: _ClarabelCones, options: dict, warm: WarmStart | None) -> Result:
+def _clarabel_solve(prepared: _ClarabelCones, options: dict, problem: Problem, warm: WarmStart | None) -> Result:
     import clarabel
 
     settings = clarabel.DefaultSettings()

@@ -7,10 +7,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from optlayers.cone.backends import SOLVERS
-from optlayers.cone.linsolve import MODES
 from optlayers.cone.spec import ConeSpec
-from optlayers.cone.status import ON_FAILURE_CHOICES
 
 
 @dataclasses.dataclass(frozen=True)
