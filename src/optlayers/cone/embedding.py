@@ -60,16 +60,18 @@ class ResidualDerivative:
         return torch.cat([self._p(rx) - rmatvec(self.A, ry), self.D.rmatvec(matvec(self.A, rx) - ry) + ry], dim=-1)
 
     def dense(self, batch: int) -> torch.Tensor:
-        """M as a (B, n + m, n + m) tensor."""
+        """M as a (B, n + m, n + m) tensor (A^T D from D^T applied to A's columns, no dense product)."""
         A = self.A.to_dense() if self.A.layout != torch.strided else self.A
         A = A.expand(batch, *A.shape[-2:])
-        m = A.shape[-2]
-        Dd = self.D.dense().expand(batch, m, m)
-        P = A.new_zeros(batch, self.n, self.n) if self.P is None else self.P.expand(batch, self.n, self.n)
-        eye = torch.eye(m, dtype=A.dtype, device=A.device)
-        top = torch.cat([P, A.transpose(-1, -2) @ Dd], dim=-1)
-        bottom = torch.cat([-A, eye - Dd], dim=-1)
-        return torch.cat([top, bottom], dim=-2)
+        n, m = self.n, A.shape[-2]
+        dt_a = self.D.rmatvec(A.permute(2, 0, 1)).permute(1, 0, 2)  # (B, n, m): row j is (D^T A e_j)^T
+        out = A.new_empty(batch, n + m, n + m)
+        out[:, :n, :n] = 0 if self.P is None else self.P
+        out[:, :n, n:] = dt_a
+        out[:, n:, :n] = -A
+        out[:, n:, n:] = -self.D.dense()
+        out[:, n:, n:].diagonal(dim1=-2, dim2=-1).add_(1)
+        return out
 
 
 def perturbation(x: torch.Tensor, y: torch.Tensor, dA: torch.Tensor | None, db: torch.Tensor | None,

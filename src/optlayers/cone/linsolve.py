@@ -59,26 +59,46 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
     """Solve with the dense M (B, N, N) on any device.
 
     With ``factorization`` of a nearby M (e.g. from the forward pass), it is used as a
-    preconditioner for iterative refinement against the exact operator M, and replaced by a fresh
-    factorization only if refinement does not reach REFINEMENT_TOL within MAX_REFINEMENT_STEPS.
+    preconditioner for iterative refinement against the exact operator M; the elements where
+    refinement does not reach REFINEMENT_TOL within MAX_REFINEMENT_STEPS are refactorised. Where
+    the LU solve is not accurate (M singular), minimum-norm least squares is used instead.
     """
     apply = M.rmatvec if transpose else M.matvec
-    if factorization is not None:
+    if factorization is None:
+        factorization = DenseFactorization.of(M, rhs.shape[0])
         sol = factorization.solve(rhs, transpose)
-        for _ in range(MAX_REFINEMENT_STEPS):
-            residual = relative_residual(apply, sol, rhs)
-            if bool((~(residual > REFINEMENT_TOL)).all()):
-                return SolveResult(sol, residual, factorization)
-            sol = sol + factorization.solve(rhs - apply(sol), transpose)
-    factorization = DenseFactorization.of(M, rhs.shape[0])
-    sol = factorization.solve(rhs, transpose)
-    residual = relative_residual(apply, sol, rhs)
+        residual = relative_residual(apply, sol, rhs)
+    else:
+        sol, residual = _refined(apply, factorization, rhs, transpose)
+        stalled = ~(residual <= REFINEMENT_TOL)
+        if bool(stalled.any()):  # refactorise only the elements where the old factorization no longer helps
+            dense = M.dense(rhs.shape[0])[stalled]
+            lu, pivots, _ = torch.linalg.lu_factor_ex(dense)
+            factorization = DenseFactorization(factorization.lu.clone(), factorization.pivots.clone())
+            factorization.lu[stalled], factorization.pivots[stalled] = lu, pivots
+            sol, residual = sol.clone(), residual.clone()
+            sol[stalled] = torch.linalg.lu_solve(lu, pivots, rhs[stalled].unsqueeze(-1), adjoint=transpose).squeeze(-1)
+            residual[stalled] = relative_residual(apply, sol, rhs)[stalled]
     singular = ~(residual <= SINGULAR_RESIDUAL)
     if bool(singular.any()):
         sol, residual = sol.clone(), residual.clone()
         sol[singular] = _least_squares(M.dense(rhs.shape[0])[singular], rhs[singular], transpose)
         residual[singular] = relative_residual(apply, sol, rhs)[singular]
     return SolveResult(sol, residual, factorization)
+
+
+def _refined(apply, factorization: DenseFactorization, rhs: torch.Tensor,
+             transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Iterative refinement of the solution against ``apply``, preconditioned by ``factorization``."""
+    sol = factorization.solve(rhs, transpose)
+    for _ in range(MAX_REFINEMENT_STEPS):
+        residual = relative_residual(apply, sol, rhs)
+        if bool((~(residual > REFINEMENT_TOL)).all()):
+            break
+        sol = sol + factorization.solve(rhs - apply(sol), transpose)
+    else:
+        residual = relative_residual(apply, sol, rhs)
+    return sol, residual
 
 
 def _least_squares(matrices: torch.Tensor, rhs: torch.Tensor, transpose: bool) -> torch.Tensor:
