@@ -75,8 +75,9 @@ class ConeProgram(torch.autograd.Function):
         returned = (status == ConeStatus.SOLVED) | (status == ConeStatus.INACCURATE)
         point = derivative.Point(settings.spec, A.detach(), _sym(P), x, y, s, returned)
         point = refine.refine(point, b.detach(), c.detach(), settings.mode, settings.refine_steps)
-        accurate = refine.relative_residual(point, b.detach(), c.detach()) <= refine.ACCEPT_TOL
-        status = torch.where((status == ConeStatus.INACCURATE) & accurate, int(ConeStatus.SOLVED), status)
+        accurate = refine.kkt_residual(point.cleaned(), b.detach(), c.detach()) <= refine.SOLVED_TOL
+        status = torch.where(returned & accurate, int(ConeStatus.SOLVED), status)
+        status = torch.where(returned & ~accurate, int(ConeStatus.INACCURATE), status)
         solved = (status == ConeStatus.SOLVED).unsqueeze(-1)
         nan = lambda t: torch.where(solved, t, torch.full_like(t, torch.nan))  # noqa: E731
         if point.factorization is None:  # lsqr/lsmr: nothing to reuse; empty tensors keep the outputs uniform

@@ -28,8 +28,9 @@ class ConeStatus(enum.IntEnum):
 
 _MESSAGES = {
     ConeStatus.SOLVED: "solved to the requested tolerance",
-    ConeStatus.INACCURATE: "solved only to reduced accuracy (Clarabel AlmostSolved / SCS solved_inaccurate); "
-    "rescale the data, raise the iteration limit, or try the other solver",
+    ConeStatus.INACCURATE: "solved only to reduced accuracy: the relative KKT residual after refinement is above "
+    "1e-6 (or the solver said AlmostSolved / solved_inaccurate); rescale the data, tighten the solver's "
+    "tolerance in solver_options, or try the other solver",
     ConeStatus.MAX_ITER: "reached the iteration or time limit; raise `max_iter`/`max_iters` in solver_options",
     ConeStatus.PRIMAL_INFEASIBLE: "primal infeasible: no x satisfies A x + s = b with s in K (certificate found)",
     ConeStatus.DUAL_INFEASIBLE: "dual infeasible: the objective is unbounded below on the feasible set",
