@@ -147,3 +147,18 @@ def test_cone_spec_sizes_and_scs_dict():
     assert [b.start for b in blocks] == [0, 2, 5, 11, 15, 18, 24, 27]
     assert blocks[-1].stop == spec.size and blocks[-1].dual
     assert np.array_equal([b.count for b in blocks], [2, 3, 2, 1, 1, 1, 1, 2])
+
+
+def test_cone_layer_module():
+    from optlayers.cone import ConeLayer
+
+    A, b, c, _, x, _, _ = random_program(ALL_CONES, 14, batch=2, seed=8)
+    layer = ConeLayer(ALL_CONES, solver="scs")
+    assert "solver='scs'" in repr(layer)
+    b = b.clone().requires_grad_()
+    sol = layer(A, b, c)
+    assert torch.allclose(sol.x, x, atol=SOLUTION_TOL)
+    sol.x.sum().backward()
+    assert b.grad is not None
+    with pytest.raises(TypeError, match="unknown option 'tol'"):
+        ConeLayer(ALL_CONES, tol=1e-3)

@@ -81,3 +81,37 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
     if data.batch is None:
         x, y, s, status = x[0], y[0], s[0], status[0]
     return ConeSolution(x, y, s, status)
+
+
+class ConeLayer(torch.nn.Module):
+    """A thin ``nn.Module`` around ``solve_cone`` for a fixed cone and fixed solver settings.
+
+    Args:
+        cones: the cone K.
+        **options: keyword arguments of ``solve_cone`` (solver, mode, on_failure, solver_options, ...).
+
+    Shape:
+        forward(A, b, c, P=None) with the shapes of ``solve_cone``; returns a ``ConeSolution``.
+
+    Example:
+        >>> layer = ConeLayer(ConeSpec(zero=1, nonneg=2), solver="scs")
+        >>> sol = layer(A, b, c)
+    """
+
+    def __init__(self, cones: ConeSpec, **options):
+        super().__init__()
+        if not isinstance(cones, ConeSpec):
+            raise TypeError(f"cones must be a ConeSpec, got {type(cones).__name__}")
+        for name in options:
+            if name not in _LAYER_OPTIONS:
+                raise TypeError(f"unknown option {name!r}; expected one of {_LAYER_OPTIONS}")
+        self.cones, self.options = cones, options
+
+    def forward(self, A, b, c, P=None) -> ConeSolution:
+        return solve_cone(A, b, c, self.cones, P, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"cones={self.cones}" + "".join(f", {k}={v!r}" for k, v in self.options.items())
+
+
+_LAYER_OPTIONS = ("solver", "mode", "on_failure", "solver_options", "max_workers", "refine_steps")
