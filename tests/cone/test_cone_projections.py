@@ -168,7 +168,8 @@ def test_exp_projection_against_cvxpy():
         assert np.allclose(value, z.value, atol=REF_TOL), (row, value, z.value)
 
 
-def test_exp_moreau_many_points():
+def test_exp_orthogonal_decomposition_many_points():
+    """proj_K* is defined through Moreau here, so what this checks is <proj_K(v), proj_K*(-v)> = 0."""
     v = torch.randn(3000, 3) * 3
     moreau_check(exp, v)
     moreau_check(exp, v * 1e-3)
@@ -203,3 +204,28 @@ def test_report_max_fd_errors(capsys):
     with capsys.disabled():
         print("\nmax |derivative - FD| per cone:", {k: f"{v:.1e}" for k, v in sorted(MAX_FD_ERRORS.items())})
     assert all(err < FD_TOL for err in MAX_FD_ERRORS.values())
+
+
+def in_exp_cone(p: torch.Tensor, tol: float) -> torch.Tensor:
+    x, y, z = p.unbind(-1)
+    safe = torch.where(y > 0, y, torch.ones_like(y))
+    curved = (y > 0) & (safe * torch.exp(x / safe) - z <= tol)
+    return curved | ((y.abs() <= tol) & (x <= tol) & (z >= -tol))
+
+
+def test_exp_projection_on_a_wide_grid():
+    """Friberg's test domain (coarser): +-e^k, k = -10..10, and 0 in every coordinate.
+
+    p = proj_K(v) must lie in K (by the formula), q = p - v in K* (by its distance to K*,
+    ||proj_K(-q)||: the formula for K* amplifies round-off by exp(v/u)), and <p, q> = 0, all
+    relative to |v|.
+    """
+    vals = torch.cat([-torch.exp(torch.arange(-10.0, 11.0, 2.0)), torch.zeros(1), torch.exp(torch.arange(-10.0, 11.0, 2.0))])
+    v = torch.cartesian_prod(vals, vals, vals)
+    scale = v.norm(dim=-1).clamp_min(1)
+    p = exp.project(v)
+    q = p - v
+    assert torch.isfinite(p).all()
+    assert in_exp_cone(p / scale.unsqueeze(-1), 1e-12).all()
+    assert float((exp.project(-q).norm(dim=-1) / scale).max()) < 1e-12
+    assert float(((p * q).sum(-1).abs() / scale**2).max()) < 1e-12
