@@ -110,16 +110,15 @@ class ConeProgram(torch.autograd.Function):
         r = derivative.vjp(point, ctx.settings.mode, zeros(vx, point.x), zeros(vy, point.y), zeros(vs, point.s))
         A, P = point.A, point.P
         need_A, need_b, need_c, need_P = ctx.needs_input_grad[:4]
-        grad_A = grad_P = None
-        shared_A = A.layout != torch.strided or A.dim() == 2
         n = point.x.shape[-1]
-        grad_b, grad_c = -r[:, n:], -r[:, :n]
-        if need_A:
-            grad_A = _grad_sparse(A, point, r) if A.layout != torch.strided else \
-                embedding.perturbation_adjoint(point.x, point.y, r, shared=shared_A)[0]
+        grad_A = grad_P = None
+        if need_A and A.layout != torch.strided:
+            grad_A = _grad_sparse(A, point, r)
+        elif need_A:
+            grad_A = embedding.perturbation_adjoint(point.x, point.y, r, shared=A.dim() == 2)[0]
         if need_P:
             grad_P = embedding.perturbation_adjoint(point.x, point.y, r, shared=P.dim() == 2)[3]
-        return grad_A, grad_b if need_b else None, grad_c if need_c else None, grad_P, None
+        return grad_A, -r[:, n:] if need_b else None, -r[:, :n] if need_c else None, grad_P, None
 
     @staticmethod
     def jvp(ctx: Any, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
