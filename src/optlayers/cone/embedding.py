@@ -59,17 +59,25 @@ class ResidualDerivative:
         rx, ry = r[..., :self.n], r[..., self.n:]
         return torch.cat([self._p(rx) - rmatvec(self.A, ry), self.D.rmatvec(matvec(self.A, rx) - ry) + ry], dim=-1)
 
-    def dense(self, batch: int) -> torch.Tensor:
-        """M as a (B, n + m, n + m) tensor (A^T D from D^T applied to A's columns, no dense product)."""
+    def dense(self, batch: int, index: torch.Tensor | None = None) -> torch.Tensor:
+        """M as a (B, n + m, n + m) tensor, or only the elements selected by the boolean ``index`` (B,).
+
+        A^T D is formed by applying D^T to A's columns (no dense product with D).
+        """
         A = self.A.to_dense() if self.A.layout != torch.strided else self.A
         A = A.expand(batch, *A.shape[-2:])
         n, m = self.n, A.shape[-2]
         dt_a = self.D.rmatvec(A.permute(2, 0, 1)).permute(1, 0, 2)  # (B, n, m): row j is (D^T A e_j)^T
-        out = A.new_empty(batch, n + m, n + m)
-        out[:, :n, :n] = 0 if self.P is None else self.P
+        d_dense = self.D.dense().expand(batch, m, m)
+        P = None if self.P is None else self.P.expand(batch, n, n)
+        if index is not None:
+            A, dt_a, d_dense = A[index], dt_a[index], d_dense[index]
+            P = None if P is None else P[index]
+        out = A.new_empty(A.shape[0], n + m, n + m)
+        out[:, :n, :n] = 0 if P is None else P
         out[:, :n, n:] = dt_a
         out[:, n:, :n] = -A
-        out[:, n:, n:] = -self.D.dense()
+        out[:, n:, n:] = -d_dense
         out[:, n:, n:].diagonal(dim1=-2, dim2=-1).add_(1)
         return out
 

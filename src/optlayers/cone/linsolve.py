@@ -72,7 +72,7 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
         sol, residual = _refined(apply, factorization, rhs, transpose)
         stalled = ~(residual <= REFINEMENT_TOL)
         if bool(stalled.any()):  # refactorise only the elements where the old factorization no longer helps
-            dense = M.dense(rhs.shape[0])[stalled]
+            dense = M.dense(rhs.shape[0], stalled)
             lu, pivots, _ = torch.linalg.lu_factor_ex(dense)
             factorization = DenseFactorization(factorization.lu.clone(), factorization.pivots.clone())
             factorization.lu[stalled], factorization.pivots[stalled] = lu, pivots
@@ -82,7 +82,7 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
     singular = ~(residual <= SINGULAR_RESIDUAL)
     if bool(singular.any()):
         sol, residual = sol.clone(), residual.clone()
-        sol[singular] = _least_squares(M.dense(rhs.shape[0])[singular], rhs[singular], transpose)
+        sol[singular] = _least_squares(M.dense(rhs.shape[0], singular), rhs[singular], transpose)
         residual[singular] = relative_residual(apply, sol, rhs)[singular]
     return SolveResult(sol, residual, factorization)
 
