@@ -64,9 +64,9 @@ def _derivative(point: Point, w: torch.Tensor) -> embedding.ResidualDerivative:
 
 
 def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, step: torch.Tensor,
-               norm: torch.Tensor) -> tuple[torch.Tensor, ...]:
+               norm: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(x, w, y, R, ||R||) at the first of the step lengths 1, 1/2, 1/4, ... that lowers ||R||, per
-    element (the best tried if none does)."""
+    element (the best tried if none does); stops once every ``active`` element has improved."""
     n = point.x.shape[-1]
     best = None
     length = 1.0
@@ -79,7 +79,7 @@ def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, 
         else:
             take = ~(best[4] < norm) & (trial[4] < best[4])
             best = tuple(torch.where(take.unsqueeze(-1) if t.dim() > 1 else take, t, u) for t, u in zip(trial, best))
-        if bool((best[4] < norm).all()):
+        if bool(((best[4] < norm) | ~active).all()):
             break
         length /= 2
     return best
@@ -109,7 +109,7 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
             step, factorization = solved.solution, solved.factorization
         else:
             step = solve_system(current, res, transpose=False, mode=mode, check=False)
-        trial_x, w_trial, y_trial, res_trial, norm_trial = _backtrack(current, b, c, w, step, norm)
+        trial_x, w_trial, y_trial, res_trial, norm_trial = _backtrack(current, b, c, w, step, norm, active)
         better = active & (norm_trial < norm)
         improved = improved | better
         keep = better.unsqueeze(-1)
