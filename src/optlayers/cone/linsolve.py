@@ -55,12 +55,12 @@ class DenseFactorization:
 
 
 def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
-                factorization: DenseFactorization | None = None) -> SolveResult:
+                factorization: DenseFactorization | None = None, tol: float = REFINEMENT_TOL) -> SolveResult:
     """Solve with the dense M (B, N, N) on any device.
 
     With ``factorization`` of a nearby M (e.g. from the forward pass), it is used as a
     preconditioner for iterative refinement against the exact operator M; the elements where
-    refinement does not reach REFINEMENT_TOL within MAX_REFINEMENT_STEPS are refactorised. Where
+    refinement does not reach ``tol`` within MAX_REFINEMENT_STEPS are refactorised. Where
     the LU solve is not accurate (M singular), minimum-norm least squares is used instead.
     """
     apply = M.rmatvec if transpose else M.matvec
@@ -69,8 +69,8 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
         sol = factorization.solve(rhs, transpose)
         residual = relative_residual(apply, sol, rhs)
     else:
-        sol, residual = _refined(apply, factorization, rhs, transpose)
-        stalled = ~(residual <= REFINEMENT_TOL)
+        sol, residual = _refined(apply, factorization, rhs, transpose, tol)
+        stalled = ~(residual <= tol)
         if bool(stalled.any()):  # refactorise only the elements where the old factorization no longer helps
             dense = M.dense(rhs.shape[0], stalled)
             lu, pivots, _ = torch.linalg.lu_factor_ex(dense)
@@ -79,7 +79,7 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
             sol, residual = sol.clone(), residual.clone()
             sol[stalled] = torch.linalg.lu_solve(lu, pivots, rhs[stalled].unsqueeze(-1), adjoint=transpose).squeeze(-1)
             residual[stalled] = relative_residual(apply, sol, rhs)[stalled]
-    singular = ~(residual <= SINGULAR_RESIDUAL)
+    singular = ~(residual <= max(tol, SINGULAR_RESIDUAL))
     if bool(singular.any()):
         sol, residual = sol.clone(), residual.clone()
         sol[singular] = _least_squares(M.dense(rhs.shape[0], singular), rhs[singular], transpose)
@@ -87,13 +87,13 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
     return SolveResult(sol, residual, factorization)
 
 
-def _refined(apply, factorization: DenseFactorization, rhs: torch.Tensor,
-             transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _refined(apply, factorization: DenseFactorization, rhs: torch.Tensor, transpose: bool,
+             tol: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Iterative refinement of the solution against ``apply``, preconditioned by ``factorization``."""
     sol = factorization.solve(rhs, transpose)
     for _ in range(MAX_REFINEMENT_STEPS):
         residual = relative_residual(apply, sol, rhs)
-        if bool((~(residual > REFINEMENT_TOL)).all()):
+        if bool((~(residual > tol)).all()):
             break
         sol = sol + factorization.solve(rhs - apply(sol), transpose)
     else:

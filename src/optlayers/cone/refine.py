@@ -23,6 +23,8 @@ TARGET = 1e-13  # relative residual below which an element needs no more steps (
 SOLVED_TOL = 1e-6  # relative KKT residual for SOLVED: refined answers reach ~1e-13, and an answer the
 # refinement could not improve must still be as good as the solvers' own defaults (1e-8 Clarabel, 1e-4 SCS
 # relative to their scaling) would suggest; anything worse is reported INACCURATE
+NEWTON_FORCING = 1e-6  # relative accuracy of each Newton step's linear solve (inexact Newton: enough for
+# superlinear convergence; the stopping test is on R itself)
 MAX_BACKTRACKS = 4  # halvings of a Newton step that does not lower ||R|| (semismooth Newton can overshoot)  # refactorise when a chord step shrinks the residual by less than this factor
 
 
@@ -105,7 +107,7 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
         if not bool(active.any()):
             break
         if mode == "dense":
-            solved = linsolve.solve_dense(_derivative(current, w), res, False, factorization)
+            solved = linsolve.solve_dense(_derivative(current, w), res, False, factorization, NEWTON_FORCING)
             step, factorization = solved.solution, solved.factorization
         else:
             step = solve_system(current, res, transpose=False, mode=mode, check=False)
