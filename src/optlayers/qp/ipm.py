@@ -83,7 +83,6 @@ class IPMState:
     stalls: Tensor
     primal_infeasible_count: Tensor
     dual_infeasible_count: Tensor
-    mu_per_infeasibility: Tensor
 
 
 @dataclass(frozen=True)
@@ -174,19 +173,7 @@ def initial_point(data: QPData, settings: IPMSettings) -> IPMState:
         s, lam = ones, ones
     status = torch.where(f.ok, RUNNING, int(QPStatus.NUMERICAL_ERROR)).to(torch.int64)
     zeros = torch.zeros(B, dtype=torch.int64, device=x.device)
-    return IPMState(x, nu, lam, s, status, zeros, zeros, zeros, zeros, x.new_zeros(B))
-
-
-def scaled_infeasibility(res: "Residuals") -> Tensor:
-    """The largest KKT residual of the scaled problem, (B,)."""
-    return torch.stack([inf_norm(res.r_d), inf_norm(res.r_e), inf_norm(res.r_i)]).amax(0)
-
-
-# The corrector never aims complementarity below this fraction of the start's ratio μ₀/max(φ₀, 1)
-# times the current infeasibility φ (scaled units): complementarity that runs ahead of feasibility pins s and λ to
-# the boundary, where the iteration can no longer reach feasibility (the usual neighbourhood
-# condition of infeasible interior point methods).
-_MU_FLOOR_FRACTION = 1e-2
+    return IPMState(x, nu, lam, s, status, zeros, zeros, zeros, zeros)
 
 
 def newton_iteration(data: QPData, st: IPMState, res: Residuals, settings: IPMSettings) -> tuple[IPMState, Tensor, Tensor]:
@@ -199,8 +186,7 @@ def newton_iteration(data: QPData, st: IPMState, res: Residuals, settings: IPMSe
         alpha = torch.minimum(_max_step(st.s, ds), _max_step(st.lam, dlam)).unsqueeze(-1)
         mu_aff = dot(st.s + alpha * ds, st.lam + alpha * dlam) / k
         sigma = (mu_aff / res.mu.clamp(min=torch.finfo(st.s.dtype).tiny)).clamp(0.0, 1.0) ** 3
-        target = torch.maximum(sigma * res.mu, _MU_FLOOR_FRACTION * st.mu_per_infeasibility * scaled_infeasibility(res))
-        b4 = -st.s * st.lam - ds * dlam + torch.minimum(target, res.mu).unsqueeze(-1)
+        b4 = -st.s * st.lam - ds * dlam + (sigma * res.mu).unsqueeze(-1)
         dx, dnu, dlam, ds = solve_newton(f, st.s, st.lam, -res.r_d, -res.r_e, -res.r_i, b4, refine)
         alpha = (settings.step_fraction * torch.minimum(_max_step(st.s, ds), _max_step(st.lam, dlam))).clamp(max=1.0)
     else:
@@ -271,16 +257,12 @@ def assess(data: QPData, old: IPMState, new: IPMState, alpha: Tensor, factor_ok:
         stalls=pick(stalls, old.stalls),
         primal_infeasible_count=pick(p_count, old.primal_infeasible_count),
         dual_infeasible_count=pick(d_count, old.dual_infeasible_count),
-        mu_per_infeasibility=old.mu_per_infeasibility,
     )
 
 
 def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings) -> IPMResult:
     """Run the interior point method on a scaled batch until every problem has a status."""
     st = initial_point(data, settings)
-    start = residuals(data, sc, st, settings)
-    phi0 = scaled_infeasibility(start)
-    st = replace(st, mu_per_infeasibility=start.mu / phi0.clamp(min=1.0))
     for iteration in range(settings.max_iter + 1):
         res = residuals(data, sc, st, settings)
         st = replace(st, status=torch.where((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED), st.status))
