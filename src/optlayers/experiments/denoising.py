@@ -1,0 +1,3 @@
+DESCRIPTION = "todo"
+def add_arguments(p):
+    pass
