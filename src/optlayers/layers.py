@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from optlayers.qp import solve_qp
+from optlayers.qp.solve import solve_qp
 from optlayers.qp.status import ON_FAILURE_CHOICES
 
 DEFAULT_EPS = 1e-4

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from optlayers import OptNet
 from optlayers.experiments import common
-from optlayers.qp import solve_qp
+from optlayers.qp.solve import solve_qp
 
 DESCRIPTION = "learn hidden 2-D polytope constraints from (p, z*) pairs"
 FULL = {"epochs": 30, "batch_size": 100, "lr": 0.05, "n_train": 2000, "n_test": 500}

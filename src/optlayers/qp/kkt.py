@@ -1,0 +1,182 @@
+"""Linear algebra of the interior point KKT systems: factorise once, solve many right-hand sides.
+
+The Newton system of the (regularised) KKT conditions of
+
+    minimize ½ xᵀQx + pᵀx   subject to   A x = b,   G x + s = h,   s ≥ 0
+
+is, with W = diag(s/λ + δᵢ),
+
+    (Q + ρI) dx + Aᵀ dν + Gᵀ dλ = b1
+    A dx − δₑ dν               = b2
+    G dx + ds − δᵢ dλ          = b3
+    λ∘ds + s∘dλ                = b4
+
+Eliminating ds and dλ leaves H dx + Aᵀ dν = rx, A dx − δₑ dν = re with the symmetric positive
+definite H = Q + ρI + Gᵀ W⁻¹ G, and a Schur complement S = A H⁻¹ Aᵀ + δₑ I for the equalities.
+Both are factorised by Cholesky. The primal and equality regularisations ρ and δₑ are removed
+again by iterative refinement against the unregularised reduced system, so they perturb
+neither the step nor the derivatives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+# Each failed Cholesky factorisation is retried with its regularisation multiplied by this.
+_REG_GROWTH = 100.0
+_MAX_FACTOR_RETRIES = 4
+
+
+@dataclass(frozen=True)
+class KKTFactor:
+    """Cholesky factors of the regularised reduced KKT system of a batch of B problems.
+
+    Inequalities split into *soft* rows, folded into H, and *stiff* rows (s/λ small, i.e.
+    active at the solution), kept beside the equalities as rows of C with their W on the
+    diagonal: H stays well-conditioned however close the stiff rows are to active.
+
+        H = Q + ρI + G_softᵀ W_soft⁻¹ G_soft        (B, n, n), factor ``chol_h``
+        S = C H⁻¹ Cᵀ + diag(d0 + δₑ on equalities)  (B, r, r), factor ``chol_s``
+        C = [A; G ⊙ stiff]  (r = m, or m + k when a stiff mask is given; non-stiff rows are
+        zero with d0 = 1, so they decouple).
+
+    Attributes:
+        Q, G: (B, n, n), (B, k, n). C: (B, r, n). d0: (B, r) unregularised diagonal block.
+        w_inv: (B, k) W⁻¹ of every inequality; w_inv_soft: (B, k) the part folded into H.
+        m: number of equality rows, the leading rows of C.
+        ok: (B,) whether both factorisations succeeded with finite entries.
+    """
+
+    Q: Tensor
+    G: Tensor
+    C: Tensor
+    d0: Tensor
+    w_inv: Tensor
+    w_inv_soft: Tensor
+    chol_h: Tensor
+    chol_s: Tensor
+    ok: Tensor
+    m: int
+
+
+def mv(M: Tensor, v: Tensor) -> Tensor:
+    """Batched matrix-vector product (B, r, c) @ (B, c) -> (B, r)."""
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def mtv(M: Tensor, v: Tensor) -> Tensor:
+    """Batched transposed product Mᵀ v, (B, r, c), (B, r) -> (B, c)."""
+    return (v.unsqueeze(-2) @ M).squeeze(-2)
+
+
+def _cholesky(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Lower Cholesky factor and whether it succeeded (NaN reaches the diagonal)."""
+    chol, info = torch.linalg.cholesky_ex(M)
+    return chol, (info == 0) & torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all(-1)
+
+
+def factor_kkt(
+    Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delta: Tensor, stiff: Tensor | None = None
+) -> KKTFactor:
+    """Factorise H and S for every problem of the batch.
+
+    Args:
+        Q, A, G: (B, n, n), (B, m, n), (B, k, n).
+        w_inv: (B, k) positive diagonal of W⁻¹.
+        rho, delta: (B,) primal and equality regularisation. Where a factorisation fails, both
+            are raised (by ``_REG_GROWTH``, at most ``_MAX_FACTOR_RETRIES`` times) for that
+            problem alone; problems that still fail are marked in ``ok``.
+        stiff: optional (B, k) mask of inequalities to keep out of H (see ``KKTFactor``).
+    """
+    m = A.shape[-2]
+    if stiff is None:
+        C, d0, w_inv_soft = A, A.new_zeros(A.shape[:-1]), w_inv
+    else:
+        C = torch.cat([A, G * stiff.unsqueeze(-1)], dim=-2)
+        d0 = torch.cat([A.new_zeros(A.shape[:-1]), torch.where(stiff, 1.0 / w_inv, torch.ones_like(w_inv))], dim=-1)
+        w_inv_soft = torch.where(stiff, torch.zeros_like(w_inv), w_inv)
+    eq_rows = torch.arange(C.shape[-2], device=Q.device) < m
+    H0 = torch.baddbmm(Q, G.transpose(-1, -2), w_inv_soft.unsqueeze(-1) * G)
+    ok = torch.zeros(Q.shape[0], dtype=torch.bool, device=Q.device)
+    chol_h, chol_s = H0, H0.new_zeros(Q.shape[0], C.shape[-2], C.shape[-2])
+    for attempt in range(_MAX_FACTOR_RETRIES + 1):
+        H = H0.clone()
+        H.diagonal(dim1=-2, dim2=-1).add_(rho.unsqueeze(-1))
+        lh, ok_h = _cholesky(H)
+        ls, ok_s = chol_s, ok_h
+        if C.shape[-2]:
+            y = torch.linalg.solve_triangular(lh, C.transpose(-1, -2), upper=False)
+            S = y.transpose(-1, -2) @ y
+            S.diagonal(dim1=-2, dim2=-1).add_(d0 + torch.where(eq_rows, delta.unsqueeze(-1), torch.zeros_like(d0)))
+            ls, ok_s = _cholesky(S)
+        new = ok_h & ok_s & ~ok
+        if attempt == 0:
+            chol_h, chol_s = lh, ls
+        else:
+            chol_h = torch.where(new[:, None, None], lh, chol_h)
+            chol_s = torch.where(new[:, None, None], ls, chol_s)
+        ok = ok | new
+        if bool(ok.all()):
+            break
+        rho = torch.where(ok, rho, rho * _REG_GROWTH)
+        delta = torch.where(ok, delta, delta * _REG_GROWTH)
+    return KKTFactor(Q=Q, G=G, C=C, d0=d0, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s, ok=ok, m=m)
+
+
+def _chol_solve(chol: Tensor, r: Tensor) -> Tensor:
+    """M⁻¹ r for M = LLᵀ."""
+    return torch.cholesky_solve(r.unsqueeze(-1), chol).squeeze(-1)
+
+
+def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor) -> tuple[Tensor, Tensor]:
+    """Solve H dx + Cᵀ ω = rx, C dx − (d0 + δₑ) ω = rc with the regularised factors."""
+    t = _chol_solve(f.chol_h, rx)
+    if f.C.shape[-2] == 0:
+        return t, rc
+    omega = _chol_solve(f.chol_s, mv(f.C, t) - rc)
+    dx = _chol_solve(f.chol_h, rx - mtv(f.C, omega))
+    return dx, omega
+
+
+def _apply_extended(f: KKTFactor, dx: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
+    """The unregularised extended operator: (Q + G_softᵀ W_soft⁻¹ G_soft) dx + Cᵀ ω, C dx − d0 ω."""
+    hx = mv(f.Q, dx) + mtv(f.G, f.w_inv_soft * mv(f.G, dx)) + mtv(f.C, omega)
+    return hx, mv(f.C, dx) - f.d0 * omega
+
+
+def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor, v: Tensor, refine_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve Q dx + Aᵀ dν + Gᵀ dλ = rx, A dx = re, G dx − W dλ = −v, refining away ρ and δₑ.
+
+    Soft rows are eliminated, dλ = W⁻¹(G dx + v); stiff rows stay in the Schur complement, so
+    that dλ is never a vanishing G dx + v multiplied by a huge W⁻¹.
+
+    Args:
+        rx: (B, n); re: (B, m); v: (B, k).
+        refine_steps: iterative refinement steps against the unregularised system.
+    Returns:
+        dx (B, n), dν (B, m), dλ (B, k).
+    """
+    stiff_rows = f.C.shape[-2] > f.m
+    v_stiff = v[..., : 0] if not stiff_rows else torch.where(f.w_inv_soft > 0, torch.zeros_like(v), -v)
+    rx = rx - mtv(f.G, f.w_inv_soft * v)
+    rc = torch.cat([re, v_stiff], dim=-1)
+    dx, omega = _solve_regularised(f, rx, rc)
+    for _ in range(refine_steps):
+        hx, cx = _apply_extended(f, dx, omega)
+        ex, eo = _solve_regularised(f, rx - hx, rc - cx)
+        dx, omega = dx + ex, omega + eo
+    dlam = f.w_inv_soft * (mv(f.G, dx) + v)
+    if stiff_rows:
+        dlam = torch.where(f.w_inv_soft > 0, dlam, omega[:, f.m :])
+    return dx, omega[:, : f.m], dlam
+
+
+def solve_newton(
+    f: KKTFactor, s: Tensor, lam: Tensor, b1: Tensor, b2: Tensor, b3: Tensor, b4: Tensor, refine_steps: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Solve the full Newton system of the module docstring; returns dx, dν, dλ, ds."""
+    dx, dnu, dlam = solve_reduced(f, b1, b2, b4 / lam - b3, refine_steps)
+    ds = (b4 - s * dlam) / lam
+    return dx, dnu, dlam, ds
