@@ -26,7 +26,7 @@ HEIGHT_RANGE = (10, 99)
 NOISE_STD = 10.0
 """The paper's data: piecewise-constant signals with 1–9 segments of integer heights 10–99, noise σ = 10."""
 FULL = {"epochs": 50, "batch_size": 100, "lr": None, "n_train": 9000, "n_test": 1000}
-QUICK = {"epochs": 3, "batch_size": 50, "lr": None, "n_train": 500, "n_test": 200}
+QUICK = {"epochs": 2, "batch_size": 25, "lr": None, "n_train": 100, "n_test": 100}
 METHODS = ("tv", "fc", "optnet-learn-d", "optnet-tv-init")
 TRAINED = METHODS[1:]
 LEARNING_RATES = {"fc": 1e-3, "optnet-learn-d": 1e-2, "optnet-tv-init": 1e-4}
@@ -34,6 +34,8 @@ LEARNING_RATES = {"fc": 1e-3, "optnet-learn-d": 1e-2, "optnet-tv-init": 1e-4}
 to fine-tune the TV initialisation without leaving its basin."""
 LAMBDA_GRID = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 60.0)
 """λ values searched for the TV baseline (the paper's best λ is about 21)."""
+QUICK_LAMBDA_GRID = (10.0, 15.0, 20.0, 25.0, 30.0)
+"""The part of LAMBDA_GRID around the optimum, for --quick."""
 TV_SEARCH_SIGNALS = 1000
 """Training signals used to choose λ (more changes the choice little and costs a QP solve each)."""
 LEARN_D_LAMBDA = 13.0
@@ -104,12 +106,12 @@ def _mse(model: nn.Module, batch: list[Tensor]) -> dict[str, Tensor]:
 
 
 def tv_search(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], device: torch.device,
-              ctx: common.DistContext) -> dict[str, Any]:
-    """TV denoising: the λ of LAMBDA_GRID with the lowest training MSE, and its test MSE."""
+              ctx: common.DistContext, grid: tuple[float, ...] = LAMBDA_GRID) -> dict[str, Any]:
+    """TV denoising: the λ of ``grid`` with the lowest training MSE, and its test MSE."""
     subset = [t[:TV_SEARCH_SIGNALS] for t in train]
     dtype = train[0].dtype
     train_mse = {}
-    for lam in LAMBDA_GRID:
+    for lam in grid:
         tv = OptNetTV(SIGNAL_LENGTH, lam, learn_d=False, device=device, dtype=dtype)
         train_mse[lam] = common.evaluate(tv, subset, _mse, device, ctx)["loss"]
     best = min(train_mse, key=train_mse.get)
@@ -164,7 +166,7 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
 
         results["tv"] = json.loads(tv_file.read_text())
     elif needs_tv:
-        results["tv"] = tv_search(train, test, device, ctx)
+        results["tv"] = tv_search(train, test, device, ctx, QUICK_LAMBDA_GRID if args.quick else LAMBDA_GRID)
         if ctx.is_main:
             common.write_json(tv_file, results["tv"])
     lam = results["tv"]["lambda"] if needs_tv else None
