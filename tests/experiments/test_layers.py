@@ -1,0 +1,90 @@
+import pytest
+import torch
+
+from optlayers import OptNet, OptNetTV
+from optlayers.layers import first_difference
+
+DTYPE = torch.float64
+
+
+def _scramble(layer: torch.nn.Module, scale: float = 3.0) -> None:
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.copy_(scale * torch.randn_like(param))
+
+
+@pytest.mark.parametrize("n_ineq,n_eq,nonnegative", [(6, 2, False), (0, 3, True), (4, 0, True), (5, 0, False)])
+def test_optnet_is_feasible_by_construction(n_ineq, n_eq, nonnegative):
+    torch.manual_seed(0)
+    layer = OptNet(5, n_ineq=n_ineq, n_eq=n_eq, nonnegative=nonnegative, dtype=DTYPE)
+    for _ in range(3):
+        _scramble(layer)
+        _, G, h, A, b = layer.qp_data()
+        z0 = layer.z0
+        if G is not None:
+            assert (G @ z0 < h).all(), "z0 must be strictly feasible for any parameter value"
+        if A is not None:
+            torch.testing.assert_close(A @ z0, b)
+        z = layer(torch.randn(7, 5, dtype=DTYPE))
+        if G is not None:
+            assert (z @ G.T - h).max() < 1e-6
+        if A is not None:
+            assert (z @ A.T - b).abs().max() < 1e-6
+        if nonnegative:
+            assert z.min() > -1e-6
+
+
+def test_optnet_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    layer = OptNet(4, n_ineq=6, n_eq=1, dtype=DTYPE)
+    layer(torch.randn(3, 4, dtype=DTYPE)).square().sum().backward()
+    for name, param in layer.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_optnet_unconstrained_matches_closed_form():
+    torch.manual_seed(0)
+    layer = OptNet(3, dtype=DTYPE)
+    p = torch.randn(2, 3, dtype=DTYPE)
+    Q = layer.qp_data()[0]
+    torch.testing.assert_close(layer(p), -torch.linalg.solve(Q, p.T).T)
+
+
+def test_fixed_q_sudoku_variant():
+    layer = OptNet(8, n_eq=3, fixed_q=0.1, nonnegative=True, dtype=DTYPE)
+    assert {n for n, _ in layer.named_parameters()} == {"A", "z0_raw"}
+    torch.testing.assert_close(layer.qp_data()[0], 0.1 * torch.eye(8, dtype=DTYPE))
+    assert "fixed_q=0.1" in repr(layer) and "nonnegative=True" in repr(layer)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"n": 0}, "n must be an integer >= 1, got 0"),
+    ({"n": 3, "n_eq": 3}, "n_eq must be < n"),
+    ({"n": 3, "n_ineq": -1}, "n_ineq must be an integer >= 0, got -1"),
+    ({"n": 3, "eps": -1.0}, "eps must be a finite number >= 0, got -1.0"),
+    ({"n": 3, "on_failure": "explode"}, "on_failure must be one of"),
+])
+def test_optnet_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptNet(**kwargs)
+
+
+def test_tv_layer_denoises_and_is_feasible_for_any_d():
+    torch.manual_seed(0)
+    clean = torch.repeat_interleave(torch.tensor([20.0, 60.0, 30.0], dtype=DTYPE), 10)
+    noisy = clean + 5 * torch.randn(4, 30, dtype=DTYPE)
+    tv = OptNetTV(30, lam=10.0, learn_d=False, dtype=DTYPE)
+    assert ((tv(noisy) - clean) ** 2).mean() < ((noisy - clean) ** 2).mean()
+    random_tv = OptNetTV(30, lam=10.0, init="random", n_diff=12, dtype=DTYPE)
+    _, G, h = random_tv.qp_data()
+    assert G.shape == (24, 30 + 12) and (h == 0).all()
+    assert random_tv(noisy).shape == (4, 30)
+
+
+def test_tv_layer_validates():
+    with pytest.raises(ValueError, match="lam must be a finite number > 0, got 0"):
+        OptNetTV(10, lam=0)
+    with pytest.raises(ValueError, match="init must be 'difference' or 'random', got 'x'"):
+        OptNetTV(10, lam=1.0, init="x")
+    torch.testing.assert_close(first_difference(3), torch.tensor([[-1.0, 1.0, 0.0], [0.0, -1.0, 1.0]]))

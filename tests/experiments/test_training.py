@@ -1,0 +1,59 @@
+import json
+
+import pytest
+import torch
+
+from optlayers.experiments import common
+from helpers import train_tiny
+
+
+def _params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_tiny_training_lowers_the_loss(tmp_path):
+    _, history = train_tiny(tmp_path, epochs=3)
+    assert history[-1]["test_loss"] < 0.5 * history[0]["test_loss"]
+    assert [r["epoch"] for r in history] == [0, 1, 2, 3]
+    rows = json.loads((tmp_path / common.METRICS_JSON).read_text())
+    assert rows[-1]["train_loss"] == history[-1]["train_loss"]
+    assert (tmp_path / common.METRICS_CSV).read_text().splitlines()[0].startswith("epoch,")
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight, straight_history = train_tiny(tmp_path / "a", epochs=3)
+    train_tiny(tmp_path / "b", epochs=1)
+    torch.manual_seed(1234)  # the resumed run must not depend on the RNG state it starts with
+    resumed, resumed_history = train_tiny(tmp_path / "b", epochs=3, resume=True)
+    for key, value in _params(straight).items():
+        torch.testing.assert_close(_params(resumed)[key], value, rtol=0, atol=0)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(resumed_history) == drop(straight_history)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    train_tiny(tmp_path, epochs=1)
+    state = torch.load(tmp_path / common.CHECKPOINT_FILE, weights_only=True)
+    assert state["epoch"] == 1 and set(state) >= {"model", "optimizer", "rng", "history"}
+    assert not list(tmp_path.glob("*.tmp")), "the atomic write must not leave temporary files"
+
+
+def test_existing_checkpoint_needs_resume_and_same_options(tmp_path):
+    train_tiny(tmp_path, epochs=1)
+    with pytest.raises(common.UsageError, match="pass --resume"):
+        train_tiny(tmp_path, epochs=2)
+    with pytest.raises(common.UsageError, match="resume with the same options"):
+        train_tiny(tmp_path, epochs=2, resume=True, batch_size=8)
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "f.json"
+    common.write_json(path, {"a": 1})
+
+    def fail(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        common.atomic_write_bytes(path, fail)
+    assert json.loads(path.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1
