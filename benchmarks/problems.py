@@ -56,13 +56,14 @@ class QPBatch:
 def random_qp(batch: int, n: int, n_ineq: int, n_eq: int = 0, *, seed: int = 0) -> QPBatch:
     """Feasible, strictly convex random QPs in float64 on the CPU.
 
-    Q = L Lᵀ / n + 1e-3 I with L standard normal; G (and A) standard normal; h = G z₀ + s₀ with
+    Q = L Lᵀ / n + 1e-3 I with L standard normal (symmetrised exactly: CPLEX checks); G (and A) standard normal; h = G z₀ + s₀ with
     s₀ ~ U(0, 1) > 0 and b = A z₀, so z₀ is strictly feasible for the inequalities.
     """
     gen = torch.Generator().manual_seed(seed)
     kw = {"generator": gen, "dtype": torch.float64}
     L = torch.randn(batch, n, n, **kw)
-    Q = L @ L.mT / n + REGULARIZATION * torch.eye(n, dtype=torch.float64)
+    LLt = L @ L.mT
+    Q = (LLt + LLt.mT) / (2 * n) + REGULARIZATION * torch.eye(n, dtype=torch.float64)
     p = torch.randn(batch, n, **kw)
     G = torch.randn(batch, n_ineq, n, **kw)
     z0 = torch.randn(batch, n, **kw)
