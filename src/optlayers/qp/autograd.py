@@ -1,0 +1,113 @@
+"""The QP solve as a ``torch.autograd.Function``: forward runs the interior point method,
+backward (VJP) and jvp differentiate the KKT conditions with the forward's factorisation.
+
+Inputs are flat batches (B, ·) as produced by ``problem.prepare_qp``; broadcasting of shared
+arguments happens before, with ``expand``, so autograd sums their gradients over the batch.
+"""
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from optlayers.qp.derivatives import solution_jvp, solution_vjp
+from optlayers.qp.ipm import IPMSettings, solve_scaled
+from optlayers.qp.kkt import KKTFactor
+from optlayers.qp.problem import qp_data
+from optlayers.qp.scaling import (
+    QPData,
+    Scaling,
+    equilibrate,
+    scale_data_tangent,
+    scale_solution_cotangent,
+    unscale_data_cotangent,
+    unscale_solution,
+)
+from optlayers.qp.status import QPStatus
+
+_N_PUBLIC = 9  # z, lam, nu, s, status, iterations, primal, dual, gap
+
+
+class _Saved(NamedTuple):
+    """What the derivatives need, in the scaled space; the trailing outputs of ``forward``."""
+
+    Q: Tensor
+    A: Tensor
+    G: Tensor
+    x: Tensor
+    nu: Tensor
+    lam: Tensor
+    s: Tensor
+    d: Tensor
+    e: Tensor
+    f: Tensor
+    c: Tensor
+    w_inv: Tensor
+    chol_h: Tensor
+    chol_s: Tensor
+    status: Tensor
+
+    def factor(self) -> KKTFactor:
+        return KKTFactor(self.Q, self.A, self.G, self.w_inv, self.chol_h, self.chol_s, self.solved())
+
+    def scaling(self) -> Scaling:
+        return Scaling(self.d, self.e, self.f, self.c)
+
+    def solved(self) -> Tensor:
+        return self.status == int(QPStatus.SOLVED)
+
+
+def _rows(mask: Tensor, t: Tensor) -> Tensor:
+    return mask.view(-1, *([1] * (t.dim() - 1)))
+
+
+def _keep_solved(mask: Tensor, t: Tensor, fill: float) -> Tensor:
+    return torch.where(_rows(mask, t), t, torch.full_like(t, fill))
+
+
+class QPSolveFn(torch.autograd.Function):
+    """(Q, p, G, h, A, b, settings) -> (z, λ, ν, s, status, iterations, residuals..., saved...)."""
+
+    @staticmethod
+    def forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings) -> tuple[Tensor, ...]:
+        scaled, sc = equilibrate(qp_data(Q, p, G, h, A, b))
+        result = solve_scaled(scaled, sc, settings)
+        st, res = result.state, result.residuals
+        solved = st.status == int(QPStatus.SOLVED)
+        x, nu, lam, s = (_keep_solved(solved, v, float("nan")) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
+        saved = _Saved(scaled.Q, scaled.A, scaled.G, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c,
+                       result.factor.w_inv, result.factor.chol_h, result.factor.chol_s, st.status)
+        return (x, lam, nu, s, st.status, st.iterations, res.primal, res.dual, res.gap, *saved[:-1])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        ctx.settings = inputs[-1]
+        saved = (*output[_N_PUBLIC:], output[4])
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+        ctx.mark_non_differentiable(*output[4:])
+
+    @staticmethod
+    def backward(ctx: Any, gz: Tensor | None, glam: Tensor | None, gnu: Tensor | None, gs: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
+        sv = _Saved(*ctx.saved_tensors)
+        solved, sc = sv.solved(), sv.scaling()
+        cot = [torch.zeros_like(ref) if g is None else _keep_solved(solved, g, 0.0) for g, ref in ((gz, sv.x), (gnu, sv.nu), (glam, sv.lam), (gs, sv.s))]
+        gx, gnu_s, glam_s, gs_s = scale_solution_cotangent(sc, *cot)
+        ct = unscale_data_cotangent(sc, solution_vjp(sv.factor(), sv.x, sv.nu, sv.lam, sv.s, gx, gnu_s, glam_s, gs_s, ctx.settings.refine_steps))
+        grads = [_keep_solved(solved, t, 0.0) for t in (ct.Q, ct.p, ct.G, ct.h, ct.A, ct.b)]
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])), None)
+
+    @staticmethod
+    def jvp(ctx: Any, dQ: Tensor | None, dp: Tensor | None, dG: Tensor | None, dh: Tensor | None,
+            dA: Tensor | None, db: Tensor | None, _settings: Any) -> tuple[Tensor | None, ...]:
+        sv = _Saved(*ctx.saved_tensors)
+        solved, sc = sv.solved(), sv.scaling()
+        def tangent(t: Tensor | None, like: Tensor) -> Tensor:
+            return torch.zeros_like(like) if t is None else t
+        dQ = tangent(dQ, sv.Q)
+        t = QPData(Q=0.5 * (dQ + dQ.transpose(-1, -2)), p=tangent(dp, sv.x), A=tangent(dA, sv.A),
+                   b=tangent(db, sv.nu), G=tangent(dG, sv.G), h=tangent(dh, sv.lam))
+        dx, dnu, dlam, ds = solution_jvp(sv.factor(), sv.x, sv.nu, sv.lam, sv.s, scale_data_tangent(sc, t), ctx.settings.refine_steps)
+        dz, dnu, dlam, ds = (_keep_solved(solved, v, float("nan")) for v in unscale_solution(sc, dx, dnu, dlam, ds))
+        return (dz, dlam, dnu, ds, *([None] * (_N_PUBLIC - 4 + len(_Saved._fields) - 1)))

@@ -1,0 +1,265 @@
+"""Batched primal-dual interior point method (Mehrotra predictor-corrector) on scaled QPs.
+
+One loop drives ``initial_point`` / ``newton_iteration`` / ``assess`` over an explicit
+``IPMState``. Every problem of the batch keeps its own status: a problem that converged,
+was found infeasible or failed numerically is frozen while the others go on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from optlayers.qp.kkt import KKTFactor, factor_kkt, mtv, mv, solve_newton, solve_reduced
+from optlayers.qp.scaling import QPData, Scaling
+from optlayers.qp.status import QPStatus
+
+RUNNING = -1
+
+
+@dataclass(frozen=True)
+class IPMSettings:
+    """Hyperparameters of the interior point method (immutable).
+
+    Attributes:
+        tol: absolute tolerance on the primal residual, dual residual and duality gap of the
+            original (unscaled) problem, in the infinity norm.
+        rel_tol: relative tolerance, multiplied by the size of the terms of each residual.
+        max_iter: iteration limit.
+        reg: primal (ρ) and equality (δₑ) regularisation of the scaled KKT system; removed by
+            iterative refinement, it only keeps singular Q and dependent equalities factorisable.
+        ineq_reg: inequality regularisation δᵢ: bounds W = S/Λ + δᵢ away from zero so that
+            H = Q + Gᵀ W⁻¹ G stays representable as constraints become active.
+        refine_steps: iterative refinement steps per solve.
+        step_fraction: fraction of the step to the boundary of s ≥ 0, λ ≥ 0 that is taken.
+        infeasibility_tol: tolerance of the infeasibility certificates (scaled problem).
+        stall_limit: consecutive iterations with a negligible step after which a problem is
+            declared a numerical failure.
+    """
+
+    tol: float
+    rel_tol: float
+    max_iter: int
+    reg: float
+    ineq_reg: float
+    refine_steps: int = 3
+    step_fraction: float = 0.99
+    infeasibility_tol: float = 1e-7
+    stall_limit: int = 5
+
+
+def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | None, max_iter: int | None) -> IPMSettings:
+    """Settings for ``dtype``: float64 solves tightly; float32 to what its precision allows."""
+    if dtype == torch.float64:
+        base = IPMSettings(tol=1e-10, rel_tol=1e-10, max_iter=100, reg=1e-9, ineq_reg=1e-12)
+    else:
+        base = IPMSettings(tol=1e-5, rel_tol=1e-5, max_iter=50, reg=1e-6, ineq_reg=1e-7, infeasibility_tol=1e-4)
+    if tol is not None:
+        base = replace(base, tol=tol, rel_tol=tol if rel_tol is None else rel_tol)
+    elif rel_tol is not None:
+        base = replace(base, rel_tol=rel_tol)
+    if max_iter is not None:
+        base = replace(base, max_iter=max_iter)
+    return base
+
+
+@dataclass(frozen=True)
+class IPMState:
+    """Iterate and per-problem bookkeeping; all tensors have leading batch dimension B."""
+
+    x: Tensor
+    nu: Tensor
+    lam: Tensor
+    s: Tensor
+    status: Tensor
+    iterations: Tensor
+    stalls: Tensor
+    primal_infeasible_count: Tensor
+    dual_infeasible_count: Tensor
+
+
+@dataclass(frozen=True)
+class Residuals:
+    """Residuals of the scaled problem and their unscaled infinity norms, (B, ...) and (B,)."""
+
+    r_d: Tensor
+    r_e: Tensor
+    r_i: Tensor
+    mu: Tensor
+    primal: Tensor
+    dual: Tensor
+    gap: Tensor
+    converged: Tensor
+
+
+@dataclass(frozen=True)
+class IPMResult:
+    """Final scaled iterate, per-problem outcome, and the KKT factorisation at the solution."""
+
+    state: IPMState
+    residuals: Residuals
+    factor: KKTFactor
+
+
+def inf_norm(v: Tensor) -> Tensor:
+    """Infinity norm over the last dimension, 0 for empty vectors."""
+    return v.abs().amax(-1) if v.shape[-1] else v.new_zeros(v.shape[:-1])
+
+
+def dot(u: Tensor, v: Tensor) -> Tensor:
+    return (u * v).sum(-1)
+
+
+def _max_step(v: Tensor, dv: Tensor) -> Tensor:
+    """Largest α ≤ 1 with v + α dv ≥ 0, per problem."""
+    ratio = torch.where(dv < 0, -v / dv, torch.ones_like(v))
+    return ratio.amin(-1).clamp(max=1.0) if v.shape[-1] else v.new_ones(v.shape[0])
+
+
+def residuals(data: QPData, sc: Scaling, st: IPMState, settings: IPMSettings) -> Residuals:
+    """KKT residuals and the convergence test, measured in the original problem's units."""
+    c = sc.c
+    qx, atnu, gtlam = mv(data.Q, st.x), mtv(data.A, st.nu), mtv(data.G, st.lam)
+    ax, gx = mv(data.A, st.x), mv(data.G, st.x)
+    r_d = qx + data.p + atnu + gtlam
+    r_e = ax - data.b
+    r_i = gx + st.s - data.h
+    dual_unscale = 1.0 / (sc.d * c.unsqueeze(-1))
+    dual = inf_norm(r_d * dual_unscale)
+    dual_size = torch.stack([inf_norm(v * dual_unscale) for v in (qx, data.p, atnu, gtlam)]).amax(0)
+    primal = torch.maximum(inf_norm(r_e / sc.e), inf_norm(r_i / sc.f))
+    primal_size = torch.stack([inf_norm(ax / sc.e), inf_norm(data.b / sc.e), inf_norm(gx / sc.f), inf_norm(data.h / sc.f)]).amax(0)
+    terms = torch.stack([dot(st.x, qx), dot(data.p, st.x), dot(data.b, st.nu), dot(data.h, st.lam)])
+    complementarity = dot(st.s, st.lam)
+    gap = torch.maximum(terms.sum(0).abs(), complementarity) / c
+    gap_size = terms.abs().amax(0) / c
+    k = data.h.shape[-1]
+    mu = complementarity / max(k, 1)
+    converged = (
+        (primal <= settings.tol + settings.rel_tol * primal_size)
+        & (dual <= settings.tol + settings.rel_tol * dual_size)
+        & (gap <= settings.tol + settings.rel_tol * gap_size)
+    )
+    return Residuals(r_d=r_d, r_e=r_e, r_i=r_i, mu=mu, primal=primal, dual=dual, gap=gap, converged=converged)
+
+
+def _factor_at(data: QPData, lam: Tensor, s: Tensor, settings: IPMSettings) -> KKTFactor:
+    reg = lam.new_full(lam.shape[:1], settings.reg)
+    w_inv = lam / (s + settings.ineq_reg * lam)
+    return factor_kkt(data.Q, data.A, data.G, w_inv, reg, reg.clone())
+
+
+def initial_point(data: QPData, settings: IPMSettings) -> IPMState:
+    """Mehrotra/CVXOPT start: least-squares x with W = I, then s and λ shifted into the interior."""
+    B, n = data.p.shape
+    k = data.h.shape[-1]
+    ones = data.h.new_ones(B, k)
+    reg = data.p.new_full((B,), settings.reg)
+    f = factor_kkt(data.Q, data.A, data.G, ones, reg, reg.clone())
+    x, nu = solve_reduced(f, -data.p + mtv(data.G, data.h), data.b, settings.refine_steps)
+    z = mv(data.G, x) - data.h
+    if k:
+        shift_s = z.amax(-1, keepdim=True)
+        shift_l = (-z).amax(-1, keepdim=True)
+        s = torch.where(shift_s >= 0, -z + 1 + shift_s, -z)
+        lam = torch.where(shift_l >= 0, z + 1 + shift_l, z)
+    else:
+        s, lam = ones, ones
+    status = torch.where(f.ok, RUNNING, int(QPStatus.NUMERICAL_ERROR)).to(torch.int64)
+    zeros = torch.zeros(B, dtype=torch.int64, device=x.device)
+    return IPMState(x, nu, lam, s, status, zeros, zeros, zeros, zeros)
+
+
+def newton_iteration(data: QPData, st: IPMState, res: Residuals, settings: IPMSettings) -> tuple[IPMState, Tensor, Tensor]:
+    """One predictor-corrector step for every problem; returns the new state, step and factor health."""
+    f = _factor_at(data, st.lam, st.s, settings)
+    k = data.h.shape[-1]
+    refine = settings.refine_steps
+    dx, dnu, dlam, ds = solve_newton(f, st.s, st.lam, -res.r_d, -res.r_e, -res.r_i, -st.s * st.lam, refine)
+    if k:
+        alpha = torch.minimum(_max_step(st.s, ds), _max_step(st.lam, dlam)).unsqueeze(-1)
+        mu_aff = dot(st.s + alpha * ds, st.lam + alpha * dlam) / k
+        sigma = (mu_aff / res.mu.clamp(min=torch.finfo(st.s.dtype).tiny)).clamp(0.0, 1.0) ** 3
+        b4 = -st.s * st.lam - ds * dlam + (sigma * res.mu).unsqueeze(-1)
+        dx, dnu, dlam, ds = solve_newton(f, st.s, st.lam, -res.r_d, -res.r_e, -res.r_i, b4, refine)
+        alpha = (settings.step_fraction * torch.minimum(_max_step(st.s, ds), _max_step(st.lam, dlam))).clamp(max=1.0)
+    else:
+        alpha = st.x.new_ones(st.x.shape[0])
+    a = alpha.unsqueeze(-1)
+    stepped = replace(st, x=st.x + a * dx, nu=st.nu + a * dnu, lam=st.lam + a * dlam, s=st.s + a * ds)
+    return stepped, alpha, f.ok
+
+
+def _certificates(data: QPData, old: IPMState, new: IPMState, eps: float) -> tuple[Tensor, Tensor]:
+    """Whether the last step looks like a primal (Farkas) or a dual infeasibility certificate."""
+    dnu, dlam, dx = new.nu - old.nu, new.lam - old.lam, new.x - old.x
+    ny = torch.maximum(inf_norm(dnu), inf_norm(dlam))
+    farkas = (
+        (inf_norm(mtv(data.A, dnu) + mtv(data.G, dlam)) <= eps * ny)
+        & (dot(data.b, dnu) + dot(data.h, dlam) < -eps * ny)
+        & ((dlam.amin(-1) if dlam.shape[-1] else ny) >= -eps * ny)
+        & (ny > 0)
+    )
+    nx = inf_norm(dx)
+    gdx = mv(data.G, dx)
+    recession = (
+        (inf_norm(mv(data.Q, dx)) <= eps * nx)
+        & (inf_norm(mv(data.A, dx)) <= eps * nx)
+        & ((gdx.amax(-1) if gdx.shape[-1] else -nx) <= eps * nx)
+        & (dot(data.p, dx) < -eps * nx)
+        & (nx > 0)
+    )
+    return farkas, recession
+
+
+# A certificate must hold for this many consecutive iterations before it is believed.
+_CERTIFICATE_PERSISTENCE = 3
+# A step shorter than this is negligible progress.
+_NEGLIGIBLE_STEP = 1e-10
+
+
+def assess(data: QPData, old: IPMState, new: IPMState, alpha: Tensor, factor_ok: Tensor, settings: IPMSettings) -> IPMState:
+    """Accept the step where the problem is running and sound; update statuses and counters."""
+    running = old.status == RUNNING
+    finite = torch.stack([torch.isfinite(t).all(-1) for t in (new.x, new.nu, new.lam, new.s)]).all(0)
+    sound = running & factor_ok & finite
+    farkas, recession = _certificates(data, old, new, settings.infeasibility_tol)
+    one = torch.ones_like(old.iterations)
+    p_count = torch.where(farkas, old.primal_infeasible_count + one, 0)
+    d_count = torch.where(recession, old.dual_infeasible_count + one, 0)
+    stalls = torch.where(alpha < _NEGLIGIBLE_STEP, old.stalls + one, 0)
+    status = old.status
+    status = torch.where(running & ~sound, int(QPStatus.NUMERICAL_ERROR), status)
+    status = torch.where(sound & (stalls >= settings.stall_limit), int(QPStatus.NUMERICAL_ERROR), status)
+    status = torch.where(sound & (p_count >= _CERTIFICATE_PERSISTENCE), int(QPStatus.PRIMAL_INFEASIBLE), status)
+    status = torch.where(sound & (d_count >= _CERTIFICATE_PERSISTENCE), int(QPStatus.DUAL_INFEASIBLE), status)
+
+    def pick(a: Tensor, b: Tensor) -> Tensor:
+        return torch.where(sound.view(-1, *([1] * (a.dim() - 1))), a, b)
+
+    return IPMState(
+        x=pick(new.x, old.x),
+        nu=pick(new.nu, old.nu),
+        lam=pick(new.lam, old.lam),
+        s=pick(new.s, old.s),
+        status=status,
+        iterations=old.iterations + sound.to(old.iterations.dtype),
+        stalls=pick(stalls, old.stalls),
+        primal_infeasible_count=pick(p_count, old.primal_infeasible_count),
+        dual_infeasible_count=pick(d_count, old.dual_infeasible_count),
+    )
+
+
+def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings) -> IPMResult:
+    """Run the interior point method on a scaled batch until every problem has a status."""
+    st = initial_point(data, settings)
+    for iteration in range(settings.max_iter + 1):
+        res = residuals(data, sc, st, settings)
+        st = replace(st, status=torch.where((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED), st.status))
+        if iteration == settings.max_iter or not bool((st.status == RUNNING).any()):
+            break
+        stepped, alpha, factor_ok = newton_iteration(data, st, res, settings)
+        st = assess(data, st, stepped, alpha, factor_ok, settings)
+    st = replace(st, status=torch.where(st.status == RUNNING, int(QPStatus.MAX_ITER), st.status))
+    return IPMResult(state=st, residuals=res, factor=_factor_at(data, st.lam, st.s, settings))

@@ -1,0 +1,102 @@
+"""Validation of user QP data and its broadcasting into one flat batch."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from optlayers.qp.scaling import QPData
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+def is_absent(t: Tensor | None) -> bool:
+    """None and empty tensors both mean "no such constraint" (qpth passes empty tensors)."""
+    return t is None or (isinstance(t, Tensor) and t.numel() == 0)
+
+
+def _check_tensor(name: str, t: object, ref: Tensor | None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}; convert it with {name}.double() or {name}.float()")
+    if t.is_sparse or t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout}; use {name}.to_dense()")
+    if ref is not None and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but p has dtype {ref.dtype}; all QP data must share one dtype")
+    if ref is not None and t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but p is on {ref.device}; all QP data must be on one device")
+    if not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or Inf; QP data must be finite")
+    return t
+
+
+def _check_matrix(name: str, M: Tensor, rows: int | None, n: int) -> None:
+    if M.dim() < 2 or M.shape[-1] != n or (rows is not None and M.shape[-2] != rows):
+        want = f"(..., {rows if rows is not None else 'k'}, {n})"
+        raise ValueError(f"{name} must have shape {want} (n = {n} from p), got {tuple(M.shape)}")
+
+
+def _check_pair(mat_name: str, vec_name: str, M: Tensor | None, v: Tensor | None, ref: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """Validate a constraint pair (G, h) or (A, b); absent pairs become empty shared tensors."""
+    if is_absent(M) and is_absent(v):
+        return ref.new_zeros(0, n), ref.new_zeros(0)
+    if is_absent(M) or is_absent(v):
+        given, missing = (vec_name, mat_name) if is_absent(M) else (mat_name, vec_name)
+        raise ValueError(f"{given} was given without {missing}; pass both or neither")
+    M = _check_tensor(mat_name, M, ref)
+    v = _check_tensor(vec_name, v, ref)
+    _check_matrix(mat_name, M, None, n)
+    if v.dim() < 1 or v.shape[-1] != M.shape[-2]:
+        raise ValueError(f"{vec_name} must have shape (..., {M.shape[-2]}) to match {mat_name} of shape {tuple(M.shape)}, got {tuple(v.shape)}")
+    return M, v
+
+
+def _check_symmetric(Q: Tensor) -> None:
+    tol = math.sqrt(torch.finfo(Q.dtype).eps)
+    asym = (Q - Q.transpose(-1, -2)).abs().amax()
+    size = Q.abs().amax().clamp(min=1.0)
+    if bool(asym > tol * size):
+        raise ValueError(
+            f"Q must be symmetric (positive semidefinite); max |Q - Qᵀ| = {float(asym):.3g} exceeds {tol:.1e}·max|Q|; "
+            "pass (Q + Q.transpose(-1, -2)) / 2"
+        )
+
+
+def prepare_qp(
+    Q: Tensor, p: Tensor, G: Tensor | None, h: Tensor | None, A: Tensor | None, b: Tensor | None
+) -> tuple[tuple[Tensor, ...], torch.Size]:
+    """Validate QP data and broadcast it to one flat batch.
+
+    Returns:
+        (Q, p, G, h, A, b) of shapes (B, n, n), (B, n), (B, k, n), (B, k), (B, m, n), (B, m), where
+        absent constraints have k = 0 or m = 0, and the broadcast batch shape (B = its product,
+        or 1 for unbatched data).
+    """
+    p = _check_tensor("p", p, None)
+    if p.dim() < 1 or p.shape[-1] == 0:
+        raise ValueError(f"p must have shape (..., n) with n >= 1, got {tuple(p.shape)}")
+    n = p.shape[-1]
+    Q = _check_tensor("Q", Q, p)
+    _check_matrix("Q", Q, n, n)
+    _check_symmetric(Q)
+    G, h = _check_pair("G", "h", G, h, p, n)
+    A, b = _check_pair("A", "b", A, b, p, n)
+    parts = {"Q": Q.shape[:-2], "p": p.shape[:-1], "G": G.shape[:-2], "h": h.shape[:-1], "A": A.shape[:-2], "b": b.shape[:-1]}
+    try:
+        batch = torch.broadcast_shapes(*parts.values())
+    except RuntimeError:
+        listed = ", ".join(f"{k}: {tuple(v)}" for k, v in parts.items())
+        raise ValueError(f"the batch dimensions of the QP data do not broadcast together ({listed})") from None
+    size = math.prod(batch)
+    flat = tuple(
+        t.expand(*batch, *t.shape[t.dim() - tail :]).reshape(size, *t.shape[t.dim() - tail :])
+        for t, tail in ((Q, 2), (p, 1), (G, 2), (h, 1), (A, 2), (b, 1))
+    )
+    return flat, batch
+
+
+def qp_data(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> QPData:
+    """Flat tensors to ``QPData``, with Q symmetrised."""
+    return QPData(Q=0.5 * (Q + Q.transpose(-1, -2)), p=p, A=A, b=b, G=G, h=h)
