@@ -17,13 +17,15 @@ REFERENCE_MAX_ITER = 500
 
 @dataclass(frozen=True)
 class Accuracy:
-    """Worst case over the checked batch elements; all in float64, absolute."""
+    """Worst case over the checked batch elements that returned a finite z (float64, absolute);
+    ``failed`` counts those that did not (a solver's NaN for "not solved")."""
 
     primal: float
     dual: float
     complementarity: float
     distance: float
     checked: int
+    failed: int
 
     @property
     def kkt(self) -> float:
@@ -67,7 +69,7 @@ def reference_solutions(qp: QPBatch) -> np.ndarray:
     return np.stack(solutions)
 
 
-def _fit_multipliers(Q, p, G, h, A, b, z) -> tuple[np.ndarray, np.ndarray]:
+def _fit_multipliers(Q, p, G, h, A, z) -> tuple[np.ndarray, np.ndarray]:
     """Multipliers (λ ≥ 0, ν) minimising ‖Qz + p + Gᵀλ + Aᵀν‖² + ‖λ ∘ slack‖²; returns (stationarity, λ ∘ slack)."""
     slack = np.maximum(h - G @ z, 0.0)
     n_ineq = G.shape[0]
@@ -84,17 +86,20 @@ def kkt_accuracy(qp: QPBatch, z: np.ndarray, reference: np.ndarray) -> Accuracy:
     """KKT residuals of ``z`` with the best multipliers any solver could report, and ‖z − z_ref‖∞.
 
     Fitting the multipliers makes the measure a function of z alone, so solvers that return no duals
-    (or use other sign conventions) are judged the same way.
+    (or use other sign conventions) are judged the same way. Elements with a non-finite z are counted
+    as failed and left out of the maxima (NaN when every element failed).
     """
     Q, p, G, h, A, b = _numpy(qp)
-    primal = dual = comp = 0.0
-    for i in range(z.shape[0]):
+    finite = np.isfinite(z).all(axis=1)
+    primal, dual, comp, distance = [], [], [], []
+    for i in np.flatnonzero(finite):
         violation = np.maximum(G[i] @ z[i] - h[i], 0.0).max(initial=0.0)
         if A is not None:
             violation = max(violation, np.abs(A[i] @ z[i] - b[i]).max())
-        stationarity, products = _fit_multipliers(Q[i], p[i], G[i], h[i], None if A is None else A[i], None, z[i])
-        primal = max(primal, float(violation))
-        dual = max(dual, float(np.abs(stationarity).max()))
-        comp = max(comp, float(np.abs(products).max(initial=0.0)))
-    distance = float(np.abs(z - reference[: z.shape[0]]).max())
-    return Accuracy(primal, dual, comp, distance, int(z.shape[0]))
+        stationarity, products = _fit_multipliers(Q[i], p[i], G[i], h[i], None if A is None else A[i], z[i])
+        primal.append(violation)
+        dual.append(np.abs(stationarity).max())
+        comp.append(np.abs(products).max(initial=0.0))
+        distance.append(np.abs(z[i] - reference[i]).max())
+    worst = [float(max(values, default=np.nan)) for values in (primal, dual, comp, distance)]
+    return Accuracy(*worst, checked=int(z.shape[0]), failed=int((~finite).sum()))

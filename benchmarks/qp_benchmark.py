@@ -188,6 +188,12 @@ def _accuracy(row: dict, key: str) -> str:
     return "—" if accuracy is None else f"{accuracy[key]:.1e}"
 
 
+def _note(row: dict) -> str:
+    failed = (row.get("accuracy") or {}).get("failed", 0)
+    unsolved = f"{failed}/{row['accuracy']['checked']} checked elements unsolved (NaN)" if failed else ""
+    return "; ".join(part for part in (row["note"], unsolved) if part)
+
+
 TABLE_HEADER = ("figure", "n", "m", "p", "batch", "dtype", "solver", "forward s [IQR]", "backward s [IQR]",
                 "fwd+bwd s [IQR]", "reps", "max KKT", "‖z−z*‖∞", "note")
 
@@ -200,7 +206,7 @@ def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
         lines.append((row["figure"], str(row["n"]), str(row["n_ineq"]), str(row["n_eq"]), str(row["batch"]),
                       row["dtype"], row["solver"], _seconds(row, "forward"), _seconds(row, "backward"),
                       _seconds(row, "total"), str(reps), _accuracy(row, "kkt"), _accuracy(row, "distance"),
-                      row["note"] or ("" if row["status"] == "ok" else row["status"])))
+                      _note(row)))
     return lines
 
 
