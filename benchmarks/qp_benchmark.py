@@ -123,7 +123,8 @@ def check(solver: Solver, qp: QPBatch, reference) -> Accuracy | None:
 
 def run_one(solver: Solver, setting: Setting, problems: ProblemCache, device: torch.device, budget: Budget,
             capped: bool) -> dict:
-    """One row of the results: timings and accuracy, or the reason there are none."""
+    """One row of the results: timings and accuracy, or the reason there are none (the same problems appear
+    in several figures; ``main`` measures each solver once per problem set and reuses the row)."""
     row = {**asdict(setting), "solver": solver.name, "device": str(device), "differentiable": solver.differentiable,
            "settings": solver.settings}
     del row["solvers"]
@@ -229,6 +230,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     parser.add_argument("--dtype", default="both", choices=[*DTYPES, "both"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and solver threads (default: all cores)")
+    parser.add_argument("--no-caps", action="store_true", help="run every solver at every size (can take hours)")
     parser.add_argument("--solvers", default=None, help="comma-separated subset, e.g. optlayers,linear (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder (default: runs/benchmark)")
     return parser.parse_args(argv)
@@ -247,14 +249,19 @@ def main(argv: list[str] | None = None) -> dict:
     solvers, missing = available_solvers(args.solvers.split(",") if args.solvers else None, args.threads)
     for line in missing:
         print(line, flush=True)
-    problems, rows = ProblemCache(), []
+    problems, rows, measured = ProblemCache(), [], {}
     budget = QUICK_BUDGET if args.quick else FULL_BUDGET
+    capped = not (args.quick or args.no_caps)
     meta = metadata(args, argv, missing)
     for setting in settings:
         for solver in solvers:
-            if runs_in(solver, setting):
-                rows.append(run_one(solver, setting, problems, device, budget, capped=not args.quick))
-                print(text_table(rows[-1:]).splitlines()[1], flush=True)
+            if not runs_in(solver, setting):
+                continue
+            key = (solver.name, setting.batch, setting.n, setting.n_ineq, setting.n_eq, setting.dtype)
+            if key not in measured:
+                measured[key] = run_one(solver, setting, problems, device, budget, capped)
+            rows.append({**measured[key], "figure": setting.figure})
+            print(text_table(rows[-1:]).splitlines()[1], flush=True)
     meta["load_average_at_end"] = os.getloadavg()
     results = {"meta": meta, "results": rows}
     args.out.mkdir(parents=True, exist_ok=True)

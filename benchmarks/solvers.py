@@ -22,8 +22,10 @@ CVXPYLAYERS_MAX_BATCH = 64
 """cvxpylayers costs tens of ms per element at n = 100: capped so the default run stays near 10 minutes."""
 GUROBI_MAX_N = 200
 """The size-limited Gurobi licence rejects the dense n = 300 problems ("Model too large")."""
-SLOW_PEER_MAX_N = 100
-"""qpth and QPLayer take minutes per call at n = 500, batch 128; they stop at n = 100 in the default run."""
+SLOW_MAX_N = 100
+"""qpth, QPLayer and (for now) optlayers take minutes per call at n = 500, batch 128 on 2 cores; they stop at
+n = 100 in the default run (``--no-caps`` lifts every cap)."""
+SLOW_CAP = f"n ≤ {SLOW_MAX_N} in the default run (minutes per call at n = 500)"
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,8 @@ def _optlayers() -> Solver:
     from optlayers import QPFunction
 
     layer = QPFunction(on_failure="ignore")
-    return Solver("optlayers", lambda qp: layer(*qp.tensors()), True, "QPFunction defaults (tol, max_iter)")
+    return Solver("optlayers", lambda qp: layer(*qp.tensors()), True, "QPFunction defaults (tol, max_iter)",
+                  max_n=SLOW_MAX_N, cap_reason=SLOW_CAP)
 
 
 class _LinearBaseline:
@@ -83,8 +86,8 @@ def _qpth() -> Solver:
         Q, p, G, h, A, b = qp.tensors()
         return layer(Q, p, G, h, empty if A is None else A, empty if b is None else b)
 
-    return Solver("qpth", solve, True, "QPFunction defaults (eps 1e-12, 20 iterations)", max_n=SLOW_PEER_MAX_N,
-                  cap_reason=f"n ≤ {SLOW_PEER_MAX_N} in the default run")
+    return Solver("qpth", solve, True, "QPFunction defaults (eps 1e-12, 20 iterations)", max_n=SLOW_MAX_N,
+                  cap_reason=SLOW_CAP)
 
 
 def _qplayer() -> Solver:
@@ -98,8 +101,8 @@ def _qplayer() -> Solver:
         b = empty if qp.b is None else qp.b
         return layer(qp.Q, qp.p, A, b, qp.G, torch.full_like(qp.h, NO_LOWER_BOUND), qp.h)[0]
 
-    return Solver("qplayer", solve, True, "proxsuite QPFunction defaults (eps 1e-9, serial)", max_n=SLOW_PEER_MAX_N,
-                  cap_reason=f"n ≤ {SLOW_PEER_MAX_N} in the default run")
+    return Solver("qplayer", solve, True, "proxsuite QPFunction defaults (eps 1e-9, serial)", max_n=SLOW_MAX_N,
+                  cap_reason=SLOW_CAP)
 
 
 class _CvxpyLayers:
