@@ -59,7 +59,7 @@ def full_settings(dtypes: list[str], cuda: bool) -> list[Setting]:
     """The default run: Figures 1 and 2, equalities, and large batches when on a GPU."""
     settings = [Setting("fig1", 128, n, n, 0, dtype, FIGURE1_SOLVERS) for dtype in dtypes for n in (10, 50, 100, 500)]
     settings += [Setting("fig2", batch, 100, 100, 0, "float64") for batch in (1, 64, 128) if "float64" in dtypes]
-    settings += [Setting("equality", 128, 100, 100, 50, dtype) for dtype in dtypes]
+    settings += [Setting("equality", 128, 100, 100, 50, "float64")] if "float64" in dtypes else []
     if cuda:
         settings += [Setting("gpu", batch, 100, 100, 0, dtype, GPU_SOLVERS) for dtype in dtypes for batch in (512, 1024, 2048)]
     return settings
@@ -151,6 +151,13 @@ def _cpu_model() -> str:
                 platform.processor())
 
 
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _version(package: str) -> str | None:
     try:
         return importlib.metadata.version(package)
@@ -164,6 +171,7 @@ def metadata(args: argparse.Namespace, argv: list[str], missing: list[str]) -> d
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "PYTHONPATH=src python -m benchmarks.qp_benchmark " + " ".join(argv),
+        "commit": _git_commit(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -31,7 +31,7 @@ def test_metadata_records_the_machine(run):
     meta = run[0]["meta"]
     assert meta["torch_threads"] == 1
     assert meta["command"].startswith("PYTHONPATH=src python -m benchmarks.qp_benchmark --quick")
-    assert meta["cpu"] and meta["date"] and meta["versions"]["torch"]
+    assert meta["cpu"] and meta["date"] and meta["commit"] and meta["versions"]["torch"]
 
 
 def test_every_setting_has_both_solvers_timed(run):
