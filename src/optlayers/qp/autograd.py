@@ -12,9 +12,9 @@ import torch
 from torch import Tensor
 
 from optlayers.qp.derivatives import solution_jvp, solution_vjp
-from optlayers.qp.ipm import IPMSettings, solve_scaled
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings, solve_scaled
 from optlayers.qp.kkt import KKTFactor
-from optlayers.qp.problem import qp_data
+from optlayers.qp.problem import check_values, qp_data
 from optlayers.qp.scaling import (
     QPData,
     Scaling,
@@ -24,7 +24,7 @@ from optlayers.qp.scaling import (
     unscale_data_cotangent,
     unscale_solution,
 )
-from optlayers.qp.status import QPStatus
+from optlayers.qp.status import QPStatus, apply_failure_policy
 
 _N_PUBLIC = 9  # z, lam, nu, s, status, iterations, primal, dual, gap
 
@@ -33,8 +33,9 @@ class _Saved(NamedTuple):
     """What the derivatives need, in the scaled space; the trailing outputs of ``forward``."""
 
     Q: Tensor
-    A: Tensor
     G: Tensor
+    C: Tensor
+    d0: Tensor
     x: Tensor
     nu: Tensor
     lam: Tensor
@@ -44,12 +45,14 @@ class _Saved(NamedTuple):
     f: Tensor
     c: Tensor
     w_inv: Tensor
+    w_inv_soft: Tensor
     chol_h: Tensor
     chol_s: Tensor
     status: Tensor
 
     def factor(self) -> KKTFactor:
-        return KKTFactor(self.Q, self.A, self.G, self.w_inv, self.chol_h, self.chol_s, self.solved())
+        return KKTFactor(self.Q, self.G, self.C, self.d0, self.w_inv, self.w_inv_soft, self.chol_h, self.chol_s,
+                         self.solved(), self.nu.shape[-1])
 
     def scaling(self) -> Scaling:
         return Scaling(self.d, self.e, self.f, self.c)
@@ -67,22 +70,29 @@ def _keep_solved(mask: Tensor, t: Tensor, fill: float) -> Tensor:
 
 
 class QPSolveFn(torch.autograd.Function):
-    """(Q, p, G, h, A, b, settings) -> (z, λ, ν, s, status, iterations, residuals..., saved...)."""
+    """(Q, p, G, h, A, b, settings, on_failure, batch_shape) -> (z, λ, ν, s, status, iterations,
+    residuals..., saved...). The failure policy is applied here, on plain tensors, so that it
+    also holds under ``torch.func`` transforms; ``batch_shape`` names failed elements."""
 
     @staticmethod
-    def forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings) -> tuple[Tensor, ...]:
-        scaled, sc = equilibrate(qp_data(Q, p, G, h, A, b))
+    def forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
+                on_failure: str, batch_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
+        check_values(Q, p, G, h, A, b)
+        dtype = p.dtype
+        scaled, sc = equilibrate(qp_data(*(t.to(COMPUTE_DTYPE) for t in (Q, p, G, h, A, b))))
         result = solve_scaled(scaled, sc, settings)
         st, res = result.state, result.residuals
         solved = st.status == int(QPStatus.SOLVED)
-        x, nu, lam, s = (_keep_solved(solved, v, float("nan")) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
-        saved = _Saved(scaled.Q, scaled.A, scaled.G, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c,
-                       result.factor.w_inv, result.factor.chol_h, result.factor.chol_s, st.status)
-        return (x, lam, nu, s, st.status, st.iterations, res.primal, res.dual, res.gap, *saved[:-1])
+        x, nu, lam, s = (_keep_solved(solved, v, float("nan")).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
+        apply_failure_policy(st.status.reshape(batch_shape), on_failure)
+        fac = result.factor
+        saved = _Saved(scaled.Q, scaled.G, fac.C, fac.d0, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c,
+                       fac.w_inv, fac.w_inv_soft, fac.chol_h, fac.chol_s, st.status)
+        return (x, lam, nu, s, st.status, st.iterations, res.primal.to(dtype), res.dual.to(dtype), res.gap.to(dtype), *saved[:-1])
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        ctx.settings = inputs[-1]
+        ctx.settings = inputs[6]
         saved = (*output[_N_PUBLIC:], output[4])
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
@@ -92,22 +102,35 @@ class QPSolveFn(torch.autograd.Function):
     def backward(ctx: Any, gz: Tensor | None, glam: Tensor | None, gnu: Tensor | None, gs: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         sv = _Saved(*ctx.saved_tensors)
         solved, sc = sv.solved(), sv.scaling()
-        cot = [torch.zeros_like(ref) if g is None else _keep_solved(solved, g, 0.0) for g, ref in ((gz, sv.x), (gnu, sv.nu), (glam, sv.lam), (gs, sv.s))]
+        dtype = next(g.dtype for g in (gz, glam, gnu, gs) if g is not None)
+        cot = [torch.zeros_like(ref) if g is None else _keep_solved(solved, g.to(COMPUTE_DTYPE), 0.0) for g, ref in ((gz, sv.x), (gnu, sv.nu), (glam, sv.lam), (gs, sv.s))]
         gx, gnu_s, glam_s, gs_s = scale_solution_cotangent(sc, *cot)
         ct = unscale_data_cotangent(sc, solution_vjp(sv.factor(), sv.x, sv.nu, sv.lam, sv.s, gx, gnu_s, glam_s, gs_s, ctx.settings.refine_steps))
-        grads = [_keep_solved(solved, t, 0.0) for t in (ct.Q, ct.p, ct.G, ct.h, ct.A, ct.b)]
-        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])), None)
+        grads = [_keep_solved(solved, t, 0.0).to(dtype) for t in (ct.Q, ct.p, ct.G, ct.h, ct.A, ct.b)]
+        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])), None, None, None)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        """``torch.func.vmap`` rule: the vmapped dimension joins the batch the solver already has."""
+        tensors, (settings, on_failure, _) = args[:6], args[6:]
+        size = info.batch_size
+        moved = [t.movedim(d, 0) if d is not None else t.expand(size, *t.shape) for t, d in zip(tensors, in_dims)]
+        flat = [t.reshape(-1, *t.shape[2:]) for t in moved]
+        out = QPSolveFn.apply(*flat, settings, on_failure, (flat[0].shape[0],))
+        return tuple(o.reshape(size, -1, *o.shape[1:]) for o in out), (0,) * len(out)
 
     @staticmethod
     def jvp(ctx: Any, dQ: Tensor | None, dp: Tensor | None, dG: Tensor | None, dh: Tensor | None,
-            dA: Tensor | None, db: Tensor | None, _settings: Any) -> tuple[Tensor | None, ...]:
+            dA: Tensor | None, db: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         sv = _Saved(*ctx.saved_tensors)
         solved, sc = sv.solved(), sv.scaling()
+        dtype = next(t.dtype for t in (dQ, dp, dG, dh, dA, db) if t is not None)
+
         def tangent(t: Tensor | None, like: Tensor) -> Tensor:
-            return torch.zeros_like(like) if t is None else t
+            return torch.zeros_like(like) if t is None else t.to(COMPUTE_DTYPE)
         dQ = tangent(dQ, sv.Q)
-        t = QPData(Q=0.5 * (dQ + dQ.transpose(-1, -2)), p=tangent(dp, sv.x), A=tangent(dA, sv.A),
+        t = QPData(Q=0.5 * (dQ + dQ.transpose(-1, -2)), p=tangent(dp, sv.x), A=tangent(dA, sv.C[:, : sv.nu.shape[-1]]),
                    b=tangent(db, sv.nu), G=tangent(dG, sv.G), h=tangent(dh, sv.lam))
         dx, dnu, dlam, ds = solution_jvp(sv.factor(), sv.x, sv.nu, sv.lam, sv.s, scale_data_tangent(sc, t), ctx.settings.refine_steps)
-        dz, dnu, dlam, ds = (_keep_solved(solved, v, float("nan")) for v in unscale_solution(sc, dx, dnu, dlam, ds))
+        dz, dnu, dlam, ds = (_keep_solved(solved, v, float("nan")).to(dtype) for v in unscale_solution(sc, dx, dnu, dlam, ds))
         return (dz, dlam, dnu, ds, *([None] * (_N_PUBLIC - 4 + len(_Saved._fields) - 1)))

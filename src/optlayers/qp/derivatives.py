@@ -24,10 +24,7 @@ def solution_vjp(
     gx: Tensor, gnu: Tensor, glam: Tensor, gs: Tensor, refine_steps: int,
 ) -> QPData:
     """Cotangent of the data from cotangents of (x, ν, λ, s); all (B, ·)."""
-    s_over_lam = s / lam
-    rx = gx + mtv(f.G, f.w_inv * (glam - s_over_lam * gs))
-    wx, wnu = solve_reduced(f, rx, gnu, refine_steps)
-    wlam = f.w_inv * (mv(f.G, wx) - glam + s_over_lam * gs)
+    wx, wnu, wlam = solve_reduced(f, gx, gnu, (s / lam) * gs - glam, refine_steps)
     return QPData(
         Q=-0.5 * (_outer(wx, x) + _outer(x, wx)),
         p=-wx,
@@ -45,8 +42,7 @@ def solution_jvp(
     r1 = mv(t.Q, x) + t.p + mtv(t.A, nu) + mtv(t.G, lam)
     r2 = mv(t.A, x) - t.b
     r3 = mv(t.G, x) - t.h
-    dx, dnu = solve_reduced(f, -r1 - mtv(f.G, f.w_inv * r3), -r2, refine_steps)
-    dlam = f.w_inv * (mv(f.G, dx) + r3)
+    dx, dnu, dlam = solve_reduced(f, -r1, -r2, r3, refine_steps)
     return dx, dnu, dlam, -(s / lam) * dlam
 
 

@@ -16,6 +16,13 @@ from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
 
 RUNNING = -1
+# The interior point iteration runs in float64 whatever the data's dtype: its KKT systems grow
+# as ill-conditioned as 1/tol, beyond float32's reach, and GPUs of the H100 class run float64
+# at their float32 (non-tensor-core) rate. Results are returned in the data's dtype.
+COMPUTE_DTYPE = torch.float64
+# The start keeps s and λ at least this far inside the cone: the shift by 1 in ``initial_point``
+# is lost to rounding when |Gx − h| is huge.
+_INTERIOR_FLOOR = 1e-2
 
 
 @dataclass(frozen=True)
@@ -50,11 +57,10 @@ class IPMSettings:
 
 
 def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | None, max_iter: int | None) -> IPMSettings:
-    """Settings for ``dtype``: float64 solves tightly; float32 to what its precision allows."""
-    if dtype == torch.float64:
-        base = IPMSettings(tol=1e-10, rel_tol=1e-10, max_iter=100, reg=1e-9, ineq_reg=1e-12)
-    else:
-        base = IPMSettings(tol=1e-5, rel_tol=1e-5, max_iter=50, reg=1e-6, ineq_reg=1e-7, infeasibility_tol=1e-4)
+    """Settings for data of ``dtype``. The iteration itself always runs in float64 (see
+    ``COMPUTE_DTYPE``); float32 data is solved to what a float32 answer can represent."""
+    tight = dtype == torch.float64
+    base = IPMSettings(tol=1e-10 if tight else 1e-6, rel_tol=1e-10 if tight else 1e-6, max_iter=100, reg=1e-9, ineq_reg=1e-12)
     if tol is not None:
         base = replace(base, tol=tol, rel_tol=tol if rel_tol is None else rel_tol)
     elif rel_tol is not None:
@@ -144,10 +150,10 @@ def residuals(data: QPData, sc: Scaling, st: IPMState, settings: IPMSettings) ->
     return Residuals(r_d=r_d, r_e=r_e, r_i=r_i, mu=mu, primal=primal, dual=dual, gap=gap, converged=converged)
 
 
-def _factor_at(data: QPData, lam: Tensor, s: Tensor, settings: IPMSettings) -> KKTFactor:
+def _factor_at(data: QPData, lam: Tensor, s: Tensor, settings: IPMSettings, stiff: bool = False) -> KKTFactor:
     reg = lam.new_full(lam.shape[:1], settings.reg)
     w_inv = lam / (s + settings.ineq_reg * lam)
-    return factor_kkt(data.Q, data.A, data.G, w_inv, reg, reg.clone())
+    return factor_kkt(data.Q, data.A, data.G, w_inv, reg, reg.clone(), stiff=w_inv > _STIFF_W_INV if stiff else None)
 
 
 def initial_point(data: QPData, settings: IPMSettings) -> IPMState:
@@ -157,13 +163,12 @@ def initial_point(data: QPData, settings: IPMSettings) -> IPMState:
     ones = data.h.new_ones(B, k)
     reg = data.p.new_full((B,), settings.reg)
     f = factor_kkt(data.Q, data.A, data.G, ones, reg, reg.clone())
-    x, nu = solve_reduced(f, -data.p + mtv(data.G, data.h), data.b, settings.refine_steps)
-    z = mv(data.G, x) - data.h
+    x, nu, z = solve_reduced(f, -data.p, data.b, -data.h, settings.refine_steps)
     if k:
         shift_s = z.amax(-1, keepdim=True)
         shift_l = (-z).amax(-1, keepdim=True)
-        s = torch.where(shift_s >= 0, -z + 1 + shift_s, -z)
-        lam = torch.where(shift_l >= 0, z + 1 + shift_l, z)
+        s = torch.where(shift_s >= 0, -z + 1 + shift_s, -z).clamp(min=_INTERIOR_FLOOR)
+        lam = torch.where(shift_l >= 0, z + 1 + shift_l, z).clamp(min=_INTERIOR_FLOOR)
     else:
         s, lam = ones, ones
     status = torch.where(f.ok, RUNNING, int(QPStatus.NUMERICAL_ERROR)).to(torch.int64)
@@ -213,6 +218,10 @@ def _certificates(data: QPData, old: IPMState, new: IPMState, eps: float) -> tup
     return farkas, recession
 
 
+# For the derivatives, inequalities with W⁻¹ = λ/s above this (scaled units) are kept out of H
+# and handled like equalities (see ``kkt.KKTFactor``): near-active rows would otherwise make H
+# as ill-conditioned as 1/tol and cost the derivatives digits.
+_STIFF_W_INV = 1.0
 # A certificate must hold for this many consecutive iterations before it is believed.
 _CERTIFICATE_PERSISTENCE = 3
 # A step shorter than this is negligible progress.
@@ -262,4 +271,4 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings) -> IPMResult:
         stepped, alpha, factor_ok = newton_iteration(data, st, res, settings)
         st = assess(data, st, stepped, alpha, factor_ok, settings)
     st = replace(st, status=torch.where(st.status == RUNNING, int(QPStatus.MAX_ITER), st.status))
-    return IPMResult(state=st, residuals=res, factor=_factor_at(data, st.lam, st.s, settings))
+    return IPMResult(state=st, residuals=res, factor=_factor_at(data, st.lam, st.s, settings, stiff=True))

@@ -33,21 +33,32 @@ _MAX_FACTOR_RETRIES = 4
 class KKTFactor:
     """Cholesky factors of the regularised reduced KKT system of a batch of B problems.
 
+    Inequalities split into *soft* rows, folded into H, and *stiff* rows (s/λ small, i.e.
+    active at the solution), kept beside the equalities as rows of C with their W on the
+    diagonal: H stays well-conditioned however close the stiff rows are to active.
+
+        H = Q + ρI + G_softᵀ W_soft⁻¹ G_soft        (B, n, n), factor ``chol_h``
+        S = C H⁻¹ Cᵀ + diag(d0 + δₑ on equalities)  (B, r, r), factor ``chol_s``
+        C = [A; G ⊙ stiff]  (r = m, or m + k when a stiff mask is given; non-stiff rows are
+        zero with d0 = 1, so they decouple).
+
     Attributes:
-        Q, A, G: problem matrices, (B, n, n), (B, m, n), (B, k, n).
-        w_inv: (B, k) the diagonal of W⁻¹.
-        chol_h: (B, n, n) lower Cholesky factor of H = Q + ρI + Gᵀ W⁻¹ G.
-        chol_s: (B, m, m) lower Cholesky factor of S = A H⁻¹ Aᵀ + δₑ I.
+        Q, G: (B, n, n), (B, k, n). C: (B, r, n). d0: (B, r) unregularised diagonal block.
+        w_inv: (B, k) W⁻¹ of every inequality; w_inv_soft: (B, k) the part folded into H.
+        m: number of equality rows, the leading rows of C.
         ok: (B,) whether both factorisations succeeded with finite entries.
     """
 
     Q: Tensor
-    A: Tensor
     G: Tensor
+    C: Tensor
+    d0: Tensor
     w_inv: Tensor
+    w_inv_soft: Tensor
     chol_h: Tensor
     chol_s: Tensor
     ok: Tensor
+    m: int
 
 
 def mv(M: Tensor, v: Tensor) -> Tensor:
@@ -66,7 +77,9 @@ def _cholesky(M: Tensor) -> tuple[Tensor, Tensor]:
     return chol, ok
 
 
-def factor_kkt(Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delta: Tensor) -> KKTFactor:
+def factor_kkt(
+    Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delta: Tensor, stiff: Tensor | None = None
+) -> KKTFactor:
     """Factorise H and S for every problem of the batch.
 
     Args:
@@ -75,20 +88,27 @@ def factor_kkt(Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delt
         rho, delta: (B,) primal and equality regularisation. Where a factorisation fails, both
             are raised (by ``_REG_GROWTH``, at most ``_MAX_FACTOR_RETRIES`` times) for that
             problem alone; problems that still fail are marked in ``ok``.
+        stiff: optional (B, k) mask of inequalities to keep out of H (see ``KKTFactor``).
     """
     n, m = Q.shape[-1], A.shape[-2]
+    if stiff is None:
+        C, d0, w_inv_soft = A, A.new_zeros(A.shape[:-1]), w_inv
+    else:
+        C = torch.cat([A, G * stiff.unsqueeze(-1)], dim=-2)
+        d0 = torch.cat([A.new_zeros(A.shape[:-1]), torch.where(stiff, 1.0 / w_inv, torch.ones_like(w_inv))], dim=-1)
+        w_inv_soft = torch.where(stiff, torch.zeros_like(w_inv), w_inv)
+    eq_rows = torch.arange(C.shape[-2], device=Q.device) < m
     eye_n = torch.eye(n, dtype=Q.dtype, device=Q.device)
-    eye_m = torch.eye(m, dtype=Q.dtype, device=Q.device)
-    H0 = Q + G.transpose(-1, -2) @ (w_inv.unsqueeze(-1) * G)
+    H0 = Q + G.transpose(-1, -2) @ (w_inv_soft.unsqueeze(-1) * G)
     ok = torch.zeros(Q.shape[0], dtype=torch.bool, device=Q.device)
     chol_h = torch.zeros_like(Q)
-    chol_s = Q.new_zeros(Q.shape[0], m, m)
+    chol_s = Q.new_zeros(Q.shape[0], C.shape[-2], C.shape[-2])
     for _ in range(_MAX_FACTOR_RETRIES + 1):
         lh, ok_h = _cholesky(H0 + rho[:, None, None] * eye_n)
-        ok_h = ok_h & ~ok
-        y = torch.linalg.solve_triangular(lh, A.transpose(-1, -2), upper=False)
-        ls, ok_s = _cholesky(y.transpose(-1, -2) @ y + delta[:, None, None] * eye_m)
-        new = ok_h & ok_s
+        y = torch.linalg.solve_triangular(lh, C.transpose(-1, -2), upper=False)
+        diag = d0 + torch.where(eq_rows, delta.unsqueeze(-1), torch.zeros_like(d0))
+        ls, ok_s = _cholesky(y.transpose(-1, -2) @ y + torch.diag_embed(diag))
+        new = ok_h & ok_s & ~ok
         chol_h = torch.where(new[:, None, None], lh, chol_h)
         chol_s = torch.where(new[:, None, None], ls, chol_s)
         ok = ok | new
@@ -96,46 +116,54 @@ def factor_kkt(Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delt
             break
         rho = torch.where(ok, rho, rho * _REG_GROWTH)
         delta = torch.where(ok, delta, delta * _REG_GROWTH)
-    return KKTFactor(Q=Q, A=A, G=G, w_inv=w_inv, chol_h=chol_h, chol_s=chol_s, ok=ok)
+    return KKTFactor(Q=Q, G=G, C=C, d0=d0, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s, ok=ok, m=m)
 
 
-def _solve_regularised(f: KKTFactor, rx: Tensor, re: Tensor) -> tuple[Tensor, Tensor]:
-    """Solve H dx + Aᵀ dν = rx, A dx − δₑ dν = re with the regularised factors."""
+def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor) -> tuple[Tensor, Tensor]:
+    """Solve H dx + Cᵀ ω = rx, C dx − (d0 + δₑ) ω = rc with the regularised factors."""
     t = torch.cholesky_solve(rx.unsqueeze(-1), f.chol_h).squeeze(-1)
-    dnu = torch.cholesky_solve((mv(f.A, t) - re).unsqueeze(-1), f.chol_s).squeeze(-1)
-    dx = torch.cholesky_solve((rx - mtv(f.A, dnu)).unsqueeze(-1), f.chol_h).squeeze(-1)
-    return dx, dnu
+    omega = torch.cholesky_solve((mv(f.C, t) - rc).unsqueeze(-1), f.chol_s).squeeze(-1)
+    dx = torch.cholesky_solve((rx - mtv(f.C, omega)).unsqueeze(-1), f.chol_h).squeeze(-1)
+    return dx, omega
 
 
-def apply_reduced(f: KKTFactor, dx: Tensor, dnu: Tensor) -> tuple[Tensor, Tensor]:
-    """The unregularised reduced operator: (Q + Gᵀ W⁻¹ G) dx + Aᵀ dν and A dx."""
-    hx = mv(f.Q, dx) + mtv(f.G, f.w_inv * mv(f.G, dx)) + mtv(f.A, dnu)
-    return hx, mv(f.A, dx)
+def _apply_extended(f: KKTFactor, dx: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
+    """The unregularised extended operator: (Q + G_softᵀ W_soft⁻¹ G_soft) dx + Cᵀ ω, C dx − d0 ω."""
+    hx = mv(f.Q, dx) + mtv(f.G, f.w_inv_soft * mv(f.G, dx)) + mtv(f.C, omega)
+    return hx, mv(f.C, dx) - f.d0 * omega
 
 
-def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor, refine_steps: int) -> tuple[Tensor, Tensor]:
-    """Solve (Q + Gᵀ W⁻¹ G) dx + Aᵀ dν = rx, A dx = re, refining away ρ and δₑ.
+def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor, v: Tensor, refine_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Solve Q dx + Aᵀ dν + Gᵀ dλ = rx, A dx = re, G dx − W dλ = −v, refining away ρ and δₑ.
+
+    Soft rows are eliminated, dλ = W⁻¹(G dx + v); stiff rows stay in the Schur complement, so
+    that dλ is never a vanishing G dx + v multiplied by a huge W⁻¹.
 
     Args:
-        rx: (B, n); re: (B, m).
+        rx: (B, n); re: (B, m); v: (B, k).
         refine_steps: iterative refinement steps against the unregularised system.
     Returns:
-        dx (B, n), dν (B, m).
+        dx (B, n), dν (B, m), dλ (B, k).
     """
-    dx, dnu = _solve_regularised(f, rx, re)
+    stiff_rows = f.C.shape[-2] > f.m
+    v_stiff = v[..., : 0] if not stiff_rows else torch.where(f.w_inv_soft > 0, torch.zeros_like(v), -v)
+    rx = rx - mtv(f.G, f.w_inv_soft * v)
+    rc = torch.cat([re, v_stiff], dim=-1)
+    dx, omega = _solve_regularised(f, rx, rc)
     for _ in range(refine_steps):
-        hx, ax = apply_reduced(f, dx, dnu)
-        cx, cnu = _solve_regularised(f, rx - hx, re - ax)
-        dx, dnu = dx + cx, dnu + cnu
-    return dx, dnu
+        hx, cx = _apply_extended(f, dx, omega)
+        ex, eo = _solve_regularised(f, rx - hx, rc - cx)
+        dx, omega = dx + ex, omega + eo
+    dlam = f.w_inv_soft * (mv(f.G, dx) + v)
+    if stiff_rows:
+        dlam = torch.where(f.w_inv_soft > 0, dlam, omega[:, f.m :])
+    return dx, omega[:, : f.m], dlam
 
 
 def solve_newton(
     f: KKTFactor, s: Tensor, lam: Tensor, b1: Tensor, b2: Tensor, b3: Tensor, b4: Tensor, refine_steps: int
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Solve the full Newton system of the module docstring; returns dx, dν, dλ, ds."""
-    u = f.w_inv * (b4 / lam - b3)
-    dx, dnu = solve_reduced(f, b1 - mtv(f.G, u), b2, refine_steps)
-    dlam = f.w_inv * mv(f.G, dx) + u
+    dx, dnu, dlam = solve_reduced(f, b1, b2, b4 / lam - b3, refine_steps)
     ds = (b4 - s * dlam) / lam
     return dx, dnu, dlam, ds

@@ -27,8 +27,6 @@ def _check_tensor(name: str, t: object, ref: Tensor | None) -> Tensor:
         raise TypeError(f"{name} has dtype {t.dtype} but p has dtype {ref.dtype}; all QP data must share one dtype")
     if ref is not None and t.device != ref.device:
         raise ValueError(f"{name} is on {t.device} but p is on {ref.device}; all QP data must be on one device")
-    if not bool(torch.isfinite(t).all()):
-        raise ValueError(f"{name} contains NaN or Inf; QP data must be finite")
     return t
 
 
@@ -80,7 +78,6 @@ def prepare_qp(
     n = p.shape[-1]
     Q = _check_tensor("Q", Q, p)
     _check_matrix("Q", Q, n, n)
-    _check_symmetric(Q)
     G, h = _check_pair("G", "h", G, h, p, n)
     A, b = _check_pair("A", "b", A, b, p, n)
     parts = {"Q": Q.shape[:-2], "p": p.shape[:-1], "G": G.shape[:-2], "h": h.shape[:-1], "A": A.shape[:-2], "b": b.shape[:-1]}
@@ -95,6 +92,15 @@ def prepare_qp(
         for t, tail in ((Q, 2), (p, 1), (G, 2), (h, 1), (A, 2), (b, 1))
     )
     return flat, batch
+
+
+def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> None:
+    """Value checks (finite, Q symmetric); run on plain tensors, inside the solve, so that
+    ``torch.func.vmap`` can trace ``prepare_qp``."""
+    for name, t in zip(("Q", "p", "G", "h", "A", "b"), (Q, p, G, h, A, b)):
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{name} contains NaN or Inf; QP data must be finite")
+    _check_symmetric(Q)
 
 
 def qp_data(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> QPData:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.ipm import default_settings
 from optlayers.qp.problem import prepare_qp
-from optlayers.qp.status import ON_FAILURE_CHOICES, apply_failure_policy
+from optlayers.qp.status import ON_FAILURE_CHOICES
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,10 @@ def solve_qp(
         p: (..., n).
         G, h: (..., k, n) and (..., k) inequality constraints, or None.
         A, b: (..., m, n) and (..., m) equality constraints, or None.
-        tol: absolute tolerance on the primal residual, dual residual and gap (default 1e-10 in
-            float64, 1e-5 in float32).
+        tol: absolute tolerance on the primal residual, dual residual and gap (default 1e-10 for
+            float64 data, 1e-6 for float32; the iteration itself always runs in float64).
         rel_tol: relative tolerance (default: ``tol``).
-        max_iter: iteration limit (default 100 in float64, 50 in float32).
+        max_iter: iteration limit (default 100).
         on_failure: "raise" (``QPSolveError`` naming the failed elements), "warn" or "ignore";
             failed elements hold NaN, the others are unaffected.
 
@@ -88,9 +88,8 @@ def solve_qp(
     _check_options(tol, rel_tol, max_iter, on_failure)
     flat, batch = prepare_qp(Q, p, G, h, A, b)
     settings = default_settings(flat[1].dtype, tol, rel_tol, max_iter)
-    out = QPSolveFn.apply(*flat, settings)
-    z, lam, nu, s, status, iterations, primal, dual, gap = (t.reshape(*batch, *t.shape[1:]) for t in out[:9])
-    apply_failure_policy(status, on_failure)
+    out = QPSolveFn.apply(*flat, settings, on_failure, tuple(batch))
+    z, lam, nu, s, status, iterations, primal, dual, gap = (t.reshape((*batch, *t.shape[1:])) for t in out[:9])
     return QPSolution(z, lam, nu, s, status, iterations, primal, dual, gap)
 
 

@@ -59,4 +59,4 @@ def apply_failure_policy(status: torch.Tensor, on_failure: str) -> None:
     if on_failure == "raise":
         raise QPSolveError(describe_failures(status), status)
     if on_failure == "warn":
-        warnings.warn(describe_failures(status) + " Their outputs are NaN.", RuntimeWarning, stacklevel=3)
+        warnings.warn(describe_failures(status) + " Their outputs are NaN.", RuntimeWarning, stacklevel=2)

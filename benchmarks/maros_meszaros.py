@@ -1,0 +1,146 @@
+"""Solve the dense Maros–Meszaros QPs with ``solve_qp`` (float64) and count those solved to 1e-6.
+
+A problem counts as solved when qpbenchmark's primal residual, dual residual and duality gap
+(see the data set's README) are all ≤ the tolerance, measured on the returned solution.
+
+    python benchmarks/maros_meszaros.py [--data DIR] [--tol 1e-6] [--only NAME ...] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.io
+import torch
+
+from optlayers import QPStatus, solve_qp
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maros_meszaros_dense"
+# qpbenchmark writes "no bound" as ±1e20 (or ±inf); some files store it as 9.999…e19.
+INFINITE_BOUND = 1e19
+
+
+@dataclass(frozen=True)
+class MarosMeszarosQP:
+    """minimize ½xᵀPx + qᵀx + r subject to l ≤ Ax ≤ u (dense numpy)."""
+
+    name: str
+    P: np.ndarray
+    q: np.ndarray
+    r: float
+    A: np.ndarray
+    l: np.ndarray
+    u: np.ndarray
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    n: int
+    rows: int
+    status: str
+    iterations: int
+    primal: float
+    dual: float
+    gap: float
+    seconds: float
+    solved: bool
+
+
+def load(path: Path) -> MarosMeszarosQP:
+    mat = scipy.io.loadmat(path)
+    dense = lambda key: np.asarray(mat[key].todense() if hasattr(mat[key], "todense") else mat[key], dtype=np.float64)
+    return MarosMeszarosQP(path.stem, dense("P"), dense("q").ravel(), float(np.asarray(mat["r"]).ravel()[0]),
+                           dense("A"), dense("l").ravel(), dense("u").ravel())
+
+
+def to_optlayers(qp: MarosMeszarosQP) -> dict[str, torch.Tensor | None]:
+    """Equalities from rows with l = u; each finite side of the other rows is one inequality."""
+    l = np.where(qp.l <= -INFINITE_BOUND, -np.inf, qp.l)
+    u = np.where(qp.u >= INFINITE_BOUND, np.inf, qp.u)
+    eq = l == u
+    upper = ~eq & np.isfinite(u)
+    lower = ~eq & np.isfinite(l)
+    G = np.vstack([qp.A[upper], -qp.A[lower]])
+    h = np.concatenate([u[upper], -l[lower]])
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a))
+    P = 0.5 * (qp.P + qp.P.T)
+    return {"Q": t(P), "p": t(qp.q), "G": t(G) if len(h) else None, "h": t(h) if len(h) else None,
+            "A": t(qp.A[eq]) if eq.any() else None, "b": t(u[eq]) if eq.any() else None,
+            "_masks": (eq, upper, lower)}
+
+
+def multipliers(qp: MarosMeszarosQP, masks: tuple[np.ndarray, ...], nu: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    """The multiplier y of l ≤ Ax ≤ u: positive where the upper side is active."""
+    eq, upper, lower = masks
+    y = np.zeros(len(qp.l))
+    y[eq] = nu
+    y[upper] += lam[: upper.sum()]
+    y[lower] -= lam[upper.sum():]
+    return y
+
+
+def residuals(qp: MarosMeszarosQP, x: np.ndarray, y: np.ndarray) -> tuple[float, float, float]:
+    """qpbenchmark's primal residual, dual residual and duality gap."""
+    ax = qp.A @ x
+    finite_u, finite_l = qp.u < INFINITE_BOUND, qp.l > -INFINITE_BOUND
+    primal = max(0.0, np.max(np.where(finite_u, ax - qp.u, 0.0), initial=0.0), np.max(np.where(finite_l, qp.l - ax, 0.0), initial=0.0))
+    dual = float(np.abs(qp.P @ x + qp.q + qp.A.T @ y).max())
+    yp, ym = np.maximum(y, 0.0), np.minimum(y, 0.0)
+    gap = abs(x @ qp.P @ x + qp.q @ x + np.sum(np.where(finite_u, qp.u * yp, 0.0)) + np.sum(np.where(finite_l, qp.l * ym, 0.0)))
+    return float(primal), dual, float(gap)
+
+
+def solve_one(path: Path, tol: float, max_iter: int) -> Outcome:
+    qp = load(path)
+    data = to_optlayers(qp)
+    masks = data.pop("_masks")
+    start = time.perf_counter()
+    sol = solve_qp(**data, tol=tol / 10, rel_tol=0.0, max_iter=max_iter, on_failure="ignore")
+    seconds = time.perf_counter() - start
+    status = QPStatus(int(sol.status))
+    if status == QPStatus.SOLVED:
+        lam = sol.lam.numpy() if data["h"] is not None else np.zeros(0)
+        nu = sol.nu.numpy() if data["b"] is not None else np.zeros(0)
+        primal, dual, gap = residuals(qp, sol.z.numpy(), multipliers(qp, masks, nu, lam))
+    else:
+        primal = dual = gap = math.nan
+    solved = status == QPStatus.SOLVED and max(primal, dual, gap) <= tol
+    return Outcome(qp.name, qp.P.shape[0], qp.A.shape[0], status.name.lower(), int(sol.iterations), primal, dual, gap, seconds, solved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of the .mat files")
+    parser.add_argument("--tol", type=float, default=1e-6, help="success threshold on each residual")
+    parser.add_argument("--max-iter", type=int, default=200)
+    parser.add_argument("--only", nargs="*", help="problem names to run")
+    parser.add_argument("--json", type=Path, help="write the outcomes here")
+    args = parser.parse_args(argv)
+    paths = sorted(args.data.glob("*.mat"))
+    if args.only:
+        paths = [p for p in paths if p.stem in set(args.only)]
+    if not paths:
+        print(f"no .mat files found in {args.data}", file=sys.stderr)
+        return 2
+    outcomes = []
+    print(f"{'problem':<10} {'n':>5} {'rows':>5} {'status':<18} {'iter':>4} {'primal':>9} {'dual':>9} {'gap':>9} {'time s':>7}  ok")
+    for path in paths:
+        o = solve_one(path, args.tol, args.max_iter)
+        outcomes.append(o)
+        print(f"{o.name:<10} {o.n:>5} {o.rows:>5} {o.status:<18} {o.iterations:>4} {o.primal:9.1e} {o.dual:9.1e} {o.gap:9.1e} {o.seconds:7.2f}  {'yes' if o.solved else 'NO'}", flush=True)
+    solved = sum(o.solved for o in outcomes)
+    print(f"\nsolved {solved} of {len(outcomes)} to {args.tol:g}; failed: {', '.join(o.name for o in outcomes if not o.solved) or 'none'}")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(o) for o in outcomes], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""Derivatives of the solution map: finite differences, forward vs reverse mode, batch sums."""
+import numpy as np
+import pytest
+import torch
+
+from optlayers import solve_qp
+from qp.helpers import random_qp
+
+NAMES = ("Q", "p", "G", "h", "A", "b")
+
+
+def solution_of(Msym_from, m_present=True):
+    """A function of (M, p, G, h[, A, b]) with Q = (M + Mᵀ)/2, returning z, λ (and ν)."""
+
+    def fn(M, p, G, h, A=None, b=None):
+        sol = solve_qp(0.5 * (M + M.transpose(-1, -2)), p, G, h, A, b, tol=1e-13)
+        return (sol.z, sol.lam, sol.nu) if A is not None else (sol.z, sol.lam)
+
+    return fn
+
+
+@pytest.mark.parametrize("with_equalities", [True, False])
+def test_gradcheck_all_inputs_batched(with_equalities):
+    data = random_qp((2,), 3, 4, 1 if with_equalities else 0, active=True)
+    inputs = [data[k].clone().requires_grad_() for k in NAMES if data[k] is not None]
+    assert torch.autograd.gradcheck(solution_of(None), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_shared_matrices():
+    data = random_qp((2,), 3, 4, 1, active=True)
+    inputs = [data["Q"][0], data["p"], data["G"][0], None, data["A"][0], data["b"]]
+    z0 = torch.randn(3)
+    inputs[3] = inputs[2] @ z0 + torch.rand(2, 4) + 0.1
+    inputs[5] = inputs[4] @ z0 + torch.zeros(2, 1)
+    inputs = [t.clone().requires_grad_() for t in inputs]
+    assert torch.autograd.gradcheck(solution_of(None), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_shared_gradient_is_sum_of_per_element_gradients():
+    data = random_qp((4,), 6, 8, 2, active=True)
+    Q = data["Q"][0].clone().requires_grad_()
+    G = data["G"][0].clone().requires_grad_()
+    h = (data["G"][0] @ torch.randn(6)) + torch.rand(4, 8)
+    weights = torch.randn(4, 6)
+    (solve_qp(Q, data["p"], G, h, data["A"], data["b"]).z * weights).sum().backward()
+    expected_Q, expected_G = torch.zeros_like(Q), torch.zeros_like(G)
+    for i in range(4):
+        Qi, Gi = data["Q"][0].clone().requires_grad_(), data["G"][0].clone().requires_grad_()
+        (solve_qp(Qi, data["p"][i], Gi, h[i], data["A"][i], data["b"][i]).z * weights[i]).sum().backward()
+        expected_Q += Qi.grad
+        expected_G += Gi.grad
+    np.testing.assert_allclose(Q.grad.numpy(), expected_Q.numpy(), atol=1e-9)
+    np.testing.assert_allclose(G.grad.numpy(), expected_G.numpy(), atol=1e-9)
+
+
+def _tangents(data):
+    t = {k: torch.randn_like(v) for k, v in data.items() if v is not None}
+    t["Q"] = 0.5 * (t["Q"] + t["Q"].transpose(-1, -2))
+    return t
+
+
+def _solution_vector(**data):
+    sol = solve_qp(**data, tol=1e-13)
+    return torch.cat([sol.z, sol.lam, sol.nu, sol.s], dim=-1)
+
+
+def test_jvp_matches_central_finite_differences():
+    data = random_qp((3,), 5, 7, 2, active=True)
+    tang = _tangents(data)
+    keys = list(tang)
+    f = lambda *args: _solution_vector(**dict(zip(keys, args)))
+    _, jvp = torch.func.jvp(f, tuple(data[k] for k in keys), tuple(tang[k] for k in keys))
+    eps = 1e-6
+    plus = f(*(data[k] + eps * tang[k] for k in keys))
+    minus = f(*(data[k] - eps * tang[k] for k in keys))
+    np.testing.assert_allclose(jvp.numpy(), ((plus - minus) / (2 * eps)).numpy(), atol=1e-6, rtol=1e-5)
+
+
+def test_jvp_and_vjp_are_adjoint():
+    data = random_qp((2,), 6, 9, 3, active=True)
+    keys = [k for k in NAMES if data[k] is not None]
+    tang = _tangents(data)
+    f = lambda *args: _solution_vector(**dict(zip(keys, args)))
+    primals = tuple(data[k] for k in keys)
+    out, jvp = torch.func.jvp(f, primals, tuple(tang[k] for k in keys))
+    v = torch.randn_like(out)
+    _, vjp_fn = torch.func.vjp(f, *primals)
+    cot = vjp_fn(v)
+    lhs = float((jvp * v).sum())
+    rhs = sum(float((c * tang[k]).sum()) for c, k in zip(cot, keys))
+    assert lhs == pytest.approx(rhs, rel=1e-9, abs=1e-9)
+
+
+def test_jacfwd_and_jacrev_agree():
+    data = random_qp((), 4, 5, 1, active=True)
+    f = lambda p: solve_qp(data["Q"], p, data["G"], data["h"], data["A"], data["b"], tol=1e-13).z
+    np.testing.assert_allclose(torch.func.jacfwd(f)(data["p"]).numpy(), torch.func.jacrev(f)(data["p"]).numpy(), atol=1e-9)
+
+
+def test_float32_gradients_close_to_float64():
+    data = random_qp((3,), 8, 10, 2, active=True)
+    grads = {}
+    for dtype in (torch.float32, torch.float64):
+        h = data["h"].to(dtype).requires_grad_()
+        p = data["p"].to(dtype).requires_grad_()
+        solve_qp(data["Q"].to(dtype), p, data["G"].to(dtype), h, data["A"].to(dtype), data["b"].to(dtype)).z.square().sum().backward()
+        grads[dtype] = (h.grad, p.grad)
+        assert h.grad.dtype == dtype
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
+        np.testing.assert_allclose(g32.double().numpy(), g64.numpy(), atol=1e-3, rtol=1e-3)
+
+
+def test_vmap_matches_batched_solve():
+    data = random_qp((3,), 5, 6, 1)
+    keys = [k for k in NAMES if data[k] is not None]
+    vmapped = torch.func.vmap(lambda *a: solve_qp(*a).z)(*(data[k] for k in keys))
+    np.testing.assert_allclose(vmapped.numpy(), solve_qp(**data).z.numpy(), atol=1e-12)

@@ -1,0 +1,120 @@
+"""Solutions and multipliers against Clarabel; special problem classes; batching and dtypes."""
+import numpy as np
+import pytest
+import torch
+
+from optlayers import QPFunction, QPStatus, solve_qp
+from qp.helpers import clarabel_solve, random_qp
+
+TIGHT = 1e-12
+
+
+def assert_matches_clarabel(data, sol, atol=1e-7):
+    batch = sol.z.shape[:-1]
+    for index in np.ndindex(*batch):
+        pick = lambda t, tail: None if t is None else t.expand(*batch, *t.shape[t.dim() - tail:])[index]
+        z, lam, nu = clarabel_solve(pick(data["Q"], 2), pick(data["p"], 1), pick(data["G"], 2), pick(data["h"], 1), pick(data["A"], 2), pick(data["b"], 1))
+        np.testing.assert_allclose(sol.z[index].numpy(), z, atol=atol, rtol=0)
+        if data["G"] is not None:
+            np.testing.assert_allclose(sol.lam[index].numpy(), lam, atol=atol * 10, rtol=0)
+        if data["A"] is not None:
+            np.testing.assert_allclose(sol.nu[index].numpy(), nu, atol=atol * 10, rtol=0)
+
+
+@pytest.mark.parametrize("n,k,m", [(10, 15, 3), (30, 30, 0), (20, 0, 5), (25, 40, 10), (8, 0, 0)])
+def test_random_qps_match_clarabel(n, k, m):
+    data = random_qp((4,), n, k, m)
+    sol = solve_qp(**data, tol=TIGHT)
+    assert (sol.status == QPStatus.SOLVED).all()
+    assert_matches_clarabel(data, sol)
+
+
+def test_many_active_constraints_match_clarabel():
+    data = random_qp((3,), 12, 16, 4, active=True)
+    sol = solve_qp(**data, tol=TIGHT)
+    assert_matches_clarabel(data, sol)
+    assert int((sol.lam > 0.4).sum()) == 3 * 8
+
+
+def test_linear_program_with_zero_q():
+    data = random_qp((3,), 10, 25, 2)
+    data["Q"] = torch.zeros(10, 10)
+    G = data["G"]
+    data["G"] = torch.cat([G, torch.eye(10).expand(3, 10, 10), -torch.eye(10).expand(3, 10, 10)], dim=-2)
+    data["h"] = torch.cat([data["h"], torch.full((3, 20), 5.0) + 10], dim=-1)
+    sol = solve_qp(**data, tol=TIGHT)
+    assert (sol.status == QPStatus.SOLVED).all()
+    assert_matches_clarabel(data, sol, atol=1e-6)
+
+
+def test_singular_q_rank_deficient():
+    data = random_qp((3,), 15, 30, 3, rank=4)
+    sol = solve_qp(**data, tol=TIGHT)
+    assert (sol.status == QPStatus.SOLVED).all()
+    assert (sol.primal_residual < 1e-9).all() and (sol.dual_residual < 1e-9).all()
+    ref = [clarabel_solve(data["Q"][i], data["p"][i], data["G"][i], data["h"][i], data["A"][i], data["b"][i])[0] for i in range(3)]
+    obj = lambda Q, p, z: 0.5 * z @ Q @ z + p @ z
+    for i in range(3):
+        assert obj(data["Q"][i].numpy(), data["p"][i].numpy(), sol.z[i].numpy()) == pytest.approx(obj(data["Q"][i].numpy(), data["p"][i].numpy(), ref[i]), abs=1e-7)
+
+
+def test_redundant_equality_rows():
+    data = random_qp((2,), 8, 6, 3)
+    data["A"] = torch.cat([data["A"], data["A"][:, :1] * 2.0], dim=1)
+    data["b"] = torch.cat([data["b"], data["b"][:, :1] * 2.0], dim=1)
+    sol = solve_qp(**data, tol=TIGHT)
+    assert (sol.status == QPStatus.SOLVED).all()
+    assert (sol.primal_residual < 1e-9).all() and (sol.dual_residual < 1e-9).all()
+    data_without = dict(data, A=data["A"][:, :3], b=data["b"][:, :3])
+    np.testing.assert_allclose(sol.z.numpy(), solve_qp(**data_without, tol=TIGHT).z.numpy(), atol=1e-8)
+
+
+def test_unbatched_and_batch_of_one_agree():
+    data = random_qp((1,), 6, 8, 2)
+    batched = solve_qp(**data)
+    single = solve_qp(**{k: v[0] for k, v in data.items()})
+    assert single.z.shape == (6,) and single.status.shape == ()
+    np.testing.assert_allclose(single.z.numpy(), batched.z[0].numpy(), atol=1e-12)
+
+
+def test_shared_arguments_broadcast():
+    data = random_qp((5,), 7, 9, 2)
+    shared = dict(data, Q=data["Q"][0], G=data["G"][0], A=data["A"][0])
+    shared["h"] = (shared["G"] @ torch.randn(7)) + torch.rand(5, 9)
+    shared["b"] = shared["A"] @ torch.randn(7)
+    sol = solve_qp(**shared)
+    assert sol.z.shape == (5, 7) and sol.nu.shape == (5, 2)
+    for i in range(5):
+        one = solve_qp(shared["Q"], shared["p"][i], shared["G"], shared["h"][i], shared["A"], shared["b"])
+        np.testing.assert_allclose(sol.z[i].numpy(), one.z.numpy(), atol=1e-9)
+
+
+def test_multiple_batch_dimensions():
+    data = random_qp((2, 3), 5, 6, 1)
+    sol = solve_qp(**data)
+    assert sol.z.shape == (2, 3, 5) and sol.status.shape == (2, 3)
+    np.testing.assert_allclose(sol.z[1, 2].numpy(), solve_qp(**{k: v[1, 2] for k, v in data.items()}).z.numpy(), atol=1e-10)
+
+
+def test_float32_follows_input_dtype():
+    data = random_qp((4,), 20, 20, 2, dtype=torch.float32)
+    sol = solve_qp(**data)
+    assert sol.z.dtype == torch.float32 and (sol.status == QPStatus.SOLVED).all()
+    ref = solve_qp(**{k: v.double() for k, v in data.items()}).z
+    np.testing.assert_allclose(sol.z.numpy(), ref.numpy(), atol=1e-4)
+
+
+def test_qpfunction_accepts_qpth_style_empty_tensors():
+    data = random_qp((3,), 6, 8, 0)
+    empty = torch.empty(0)
+    z = QPFunction()(data["Q"], data["p"], data["G"], data["h"], empty, empty)
+    np.testing.assert_allclose(z.numpy(), solve_qp(**data).z.numpy(), atol=1e-12)
+    assert "on_failure='raise'" in repr(QPFunction())
+
+
+def test_slacks_and_complementarity():
+    data = random_qp((3,), 10, 12, 2, active=True)
+    sol = solve_qp(**data)
+    np.testing.assert_allclose(sol.s.numpy(), (data["h"] - (data["G"] @ sol.z.unsqueeze(-1)).squeeze(-1)).numpy(), atol=1e-9)
+    assert (sol.lam >= 0).all() and (sol.s >= 0).all()
+    assert float((sol.lam * sol.s).abs().max()) < 1e-8

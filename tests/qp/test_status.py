@@ -1,0 +1,78 @@
+"""Infeasible, unbounded and failed elements: their status, the policy, and the rest of the batch."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from optlayers import QPSolveError, QPStatus, solve_qp
+
+
+def _mixed_batch():
+    """Element 0 feasible, 1 primal infeasible (x₁ ≤ −1 and x₁ ≥ 1), 2 feasible."""
+    Q = torch.eye(2).expand(3, 2, 2)
+    p = torch.tensor([[2.0, 1.0], [1.0, 1.0], [0.5, -1.0]])
+    G = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    h = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0]])
+    return Q, p, G, h
+
+
+def test_primal_infeasible_element_is_reported_and_others_are_correct():
+    Q, p, G, h = _mixed_batch()
+    sol = solve_qp(Q, p, G, h, on_failure="ignore")
+    assert sol.status.tolist() == [QPStatus.SOLVED, QPStatus.PRIMAL_INFEASIBLE, QPStatus.SOLVED]
+    assert torch.isnan(sol.z[1]).all() and torch.isnan(sol.lam[1]).all()
+    np.testing.assert_allclose(sol.z[0].numpy(), [-1.0, -1.0], atol=1e-9)
+    np.testing.assert_allclose(sol.z[2].numpy(), [-0.5, 1.0], atol=1e-9)
+    alone = solve_qp(Q[0], p[0], G, h[0])
+    np.testing.assert_allclose(sol.z[0].numpy(), alone.z.numpy(), atol=1e-12)
+
+
+def test_dual_infeasible_linear_program():
+    Q = torch.zeros(2, 2, 2)
+    p = torch.tensor([[-1.0, 0.0], [1.0, 1.0]])
+    G = -torch.eye(2)
+    h = torch.zeros(2)
+    sol = solve_qp(Q, p, G, h, on_failure="ignore")
+    assert sol.status.tolist() == [QPStatus.DUAL_INFEASIBLE, QPStatus.SOLVED]
+    np.testing.assert_allclose(sol.z[1].numpy(), [0.0, 0.0], atol=1e-9)
+
+
+def test_inconsistent_equalities_are_primal_infeasible():
+    A = torch.tensor([[1.0, 1.0], [1.0, 1.0]])
+    b = torch.tensor([1.0, 2.0])
+    sol = solve_qp(torch.eye(2), torch.zeros(2), A=A, b=b, on_failure="ignore")
+    assert int(sol.status) == QPStatus.PRIMAL_INFEASIBLE
+
+
+def test_raise_names_failed_elements():
+    Q, p, G, h = _mixed_batch()
+    with pytest.raises(QPSolveError, match=r"1 of 3 QPs were not solved: element 1: primal_infeasible") as info:
+        solve_qp(Q, p, G, h)
+    assert info.value.status.tolist()[1] == QPStatus.PRIMAL_INFEASIBLE
+
+
+def test_warn_returns_nan_for_failed_elements():
+    Q, p, G, h = _mixed_batch()
+    with pytest.warns(RuntimeWarning, match="Their outputs are NaN"):
+        sol = solve_qp(Q, p, G, h, on_failure="warn")
+    assert torch.isnan(sol.z[1]).all() and torch.isfinite(sol.z[[0, 2]]).all()
+
+
+def test_max_iter_status():
+    Q, p, G, h = _mixed_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = solve_qp(Q[0], p[0], G, h[0], max_iter=1, on_failure="ignore")
+    assert int(sol.status) == QPStatus.MAX_ITER
+    assert "max_iter" in QPStatus.MAX_ITER.message
+
+
+def test_gradients_of_failed_elements_are_zero_not_nan():
+    Q, p, G, h = _mixed_batch()
+    p = p.clone().requires_grad_()
+    sol = solve_qp(Q, p, G, h, on_failure="ignore")
+    solved = sol.status == QPStatus.SOLVED
+    sol.z[solved].sum().backward()
+    assert torch.isfinite(p.grad).all()
+    assert (p.grad[1] == 0).all() and (p.grad[0] != 0).any()
