@@ -105,7 +105,7 @@ class QPSolveFn(torch.autograd.Function):
         dtype = next(g.dtype for g in (gz, glam, gnu, gs) if g is not None)
         cot = [torch.zeros_like(ref) if g is None else _keep_solved(solved, g.to(COMPUTE_DTYPE), 0.0) for g, ref in ((gz, sv.x), (gnu, sv.nu), (glam, sv.lam), (gs, sv.s))]
         gx, gnu_s, glam_s, gs_s = scale_solution_cotangent(sc, *cot)
-        ct = unscale_data_cotangent(sc, solution_vjp(sv.factor(), sv.x, sv.nu, sv.lam, sv.s, gx, gnu_s, glam_s, gs_s, ctx.settings.refine_steps))
+        ct = unscale_data_cotangent(sc, solution_vjp(sv.factor(), sv.x, sv.nu, sv.lam, sv.s, gx, gnu_s, glam_s, gs_s, ctx.settings.derivative_refine_steps))
         grads = [_keep_solved(solved, t, 0.0).to(dtype) for t in (ct.Q, ct.p, ct.G, ct.h, ct.A, ct.b)]
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])), None, None, None)
 
@@ -131,6 +131,6 @@ class QPSolveFn(torch.autograd.Function):
         dQ = tangent(dQ, sv.Q)
         t = QPData(Q=0.5 * (dQ + dQ.transpose(-1, -2)), p=tangent(dp, sv.x), A=tangent(dA, sv.C[:, : sv.nu.shape[-1]]),
                    b=tangent(db, sv.nu), G=tangent(dG, sv.G), h=tangent(dh, sv.lam))
-        dx, dnu, dlam, ds = solution_jvp(sv.factor(), sv.x, sv.nu, sv.lam, sv.s, scale_data_tangent(sc, t), ctx.settings.refine_steps)
+        dx, dnu, dlam, ds = solution_jvp(sv.factor(), sv.x, sv.nu, sv.lam, sv.s, scale_data_tangent(sc, t), ctx.settings.derivative_refine_steps)
         dz, dnu, dlam, ds = (_keep_solved(solved, v, float("nan")).to(dtype) for v in unscale_solution(sc, dx, dnu, dlam, ds))
         return (dz, dlam, dnu, ds, *([None] * (_N_PUBLIC - 4 + len(_Saved._fields) - 1)))

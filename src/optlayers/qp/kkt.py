@@ -72,9 +72,9 @@ def mtv(M: Tensor, v: Tensor) -> Tensor:
 
 
 def _cholesky(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Lower Cholesky factor and whether it succeeded (NaN reaches the diagonal)."""
     chol, info = torch.linalg.cholesky_ex(M)
-    ok = (info == 0) & torch.isfinite(chol).flatten(1).all(-1)
-    return chol, ok
+    return chol, (info == 0) & torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all(-1)
 
 
 def factor_kkt(
@@ -90,7 +90,7 @@ def factor_kkt(
             problem alone; problems that still fail are marked in ``ok``.
         stiff: optional (B, k) mask of inequalities to keep out of H (see ``KKTFactor``).
     """
-    n, m = Q.shape[-1], A.shape[-2]
+    m = A.shape[-2]
     if stiff is None:
         C, d0, w_inv_soft = A, A.new_zeros(A.shape[:-1]), w_inv
     else:
@@ -98,19 +98,25 @@ def factor_kkt(
         d0 = torch.cat([A.new_zeros(A.shape[:-1]), torch.where(stiff, 1.0 / w_inv, torch.ones_like(w_inv))], dim=-1)
         w_inv_soft = torch.where(stiff, torch.zeros_like(w_inv), w_inv)
     eq_rows = torch.arange(C.shape[-2], device=Q.device) < m
-    eye_n = torch.eye(n, dtype=Q.dtype, device=Q.device)
-    H0 = Q + G.transpose(-1, -2) @ (w_inv_soft.unsqueeze(-1) * G)
+    H0 = torch.baddbmm(Q, G.transpose(-1, -2), w_inv_soft.unsqueeze(-1) * G)
     ok = torch.zeros(Q.shape[0], dtype=torch.bool, device=Q.device)
-    chol_h = torch.zeros_like(Q)
-    chol_s = Q.new_zeros(Q.shape[0], C.shape[-2], C.shape[-2])
-    for _ in range(_MAX_FACTOR_RETRIES + 1):
-        lh, ok_h = _cholesky(H0 + rho[:, None, None] * eye_n)
-        y = torch.linalg.solve_triangular(lh, C.transpose(-1, -2), upper=False)
-        diag = d0 + torch.where(eq_rows, delta.unsqueeze(-1), torch.zeros_like(d0))
-        ls, ok_s = _cholesky(y.transpose(-1, -2) @ y + torch.diag_embed(diag))
+    chol_h, chol_s = H0, H0.new_zeros(Q.shape[0], C.shape[-2], C.shape[-2])
+    for attempt in range(_MAX_FACTOR_RETRIES + 1):
+        H = H0.clone()
+        H.diagonal(dim1=-2, dim2=-1).add_(rho.unsqueeze(-1))
+        lh, ok_h = _cholesky(H)
+        ls, ok_s = chol_s, ok_h
+        if C.shape[-2]:
+            y = torch.linalg.solve_triangular(lh, C.transpose(-1, -2), upper=False)
+            S = y.transpose(-1, -2) @ y
+            S.diagonal(dim1=-2, dim2=-1).add_(d0 + torch.where(eq_rows, delta.unsqueeze(-1), torch.zeros_like(d0)))
+            ls, ok_s = _cholesky(S)
         new = ok_h & ok_s & ~ok
-        chol_h = torch.where(new[:, None, None], lh, chol_h)
-        chol_s = torch.where(new[:, None, None], ls, chol_s)
+        if attempt == 0:
+            chol_h, chol_s = lh, ls
+        else:
+            chol_h = torch.where(new[:, None, None], lh, chol_h)
+            chol_s = torch.where(new[:, None, None], ls, chol_s)
         ok = ok | new
         if bool(ok.all()):
             break
@@ -119,11 +125,18 @@ def factor_kkt(
     return KKTFactor(Q=Q, G=G, C=C, d0=d0, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s, ok=ok, m=m)
 
 
+def _chol_solve(chol: Tensor, r: Tensor) -> Tensor:
+    """M⁻¹ r for M = LLᵀ."""
+    return torch.cholesky_solve(r.unsqueeze(-1), chol).squeeze(-1)
+
+
 def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor) -> tuple[Tensor, Tensor]:
     """Solve H dx + Cᵀ ω = rx, C dx − (d0 + δₑ) ω = rc with the regularised factors."""
-    t = torch.cholesky_solve(rx.unsqueeze(-1), f.chol_h).squeeze(-1)
-    omega = torch.cholesky_solve((mv(f.C, t) - rc).unsqueeze(-1), f.chol_s).squeeze(-1)
-    dx = torch.cholesky_solve((rx - mtv(f.C, omega)).unsqueeze(-1), f.chol_h).squeeze(-1)
+    t = _chol_solve(f.chol_h, rx)
+    if f.C.shape[-2] == 0:
+        return t, rc
+    omega = _chol_solve(f.chol_s, mv(f.C, t) - rc)
+    dx = _chol_solve(f.chol_h, rx - mtv(f.C, omega))
     return dx, omega
 
 

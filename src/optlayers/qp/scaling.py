@@ -66,17 +66,22 @@ def _inv_sqrt(norm: Tensor) -> Tensor:
 
 def equilibrate(data: QPData, iterations: int = RUIZ_ITERATIONS) -> tuple[QPData, Scaling]:
     """Scale rows and columns of the KKT matrix [[Q, Aᵀ, Gᵀ], [A, 0, 0], [G, 0, 0]] to unit norm."""
-    Q, A, G = data.Q, data.A, data.G
+    absQ, absA, absG = data.Q.abs(), data.A.abs(), data.G.abs()
     d = torch.ones_like(data.p)
     e = torch.ones_like(data.b)
     f = torch.ones_like(data.h)
     for _ in range(iterations):
-        col = torch.maximum(torch.maximum(_col_inf_norm(Q), _col_inf_norm(A)), _col_inf_norm(G))
-        dd, ee, ff = _inv_sqrt(col), _inv_sqrt(_row_inf_norm(A)), _inv_sqrt(_row_inf_norm(G))
-        Q = dd.unsqueeze(-1) * Q * dd.unsqueeze(-2)
-        A = ee.unsqueeze(-1) * A * dd.unsqueeze(-2)
-        G = ff.unsqueeze(-1) * G * dd.unsqueeze(-2)
-        d, e, f = d * dd, e * ee, f * ff
+        # Norms of the currently scaled matrices, without forming them: |d_i M_ij d_j| etc.
+        col = torch.maximum(
+            torch.maximum(_col_inf_norm(absQ * d.unsqueeze(-1)), _col_inf_norm(absA * e.unsqueeze(-1))),
+            _col_inf_norm(absG * f.unsqueeze(-1)),
+        ) * d
+        rows_a = _row_inf_norm(absA * d.unsqueeze(-2)) * e
+        rows_g = _row_inf_norm(absG * d.unsqueeze(-2)) * f
+        d, e, f = d * _inv_sqrt(col), e * _inv_sqrt(rows_a), f * _inv_sqrt(rows_g)
+    Q = d.unsqueeze(-1) * data.Q * d.unsqueeze(-2)
+    A = e.unsqueeze(-1) * data.A * d.unsqueeze(-2)
+    G = f.unsqueeze(-1) * data.G * d.unsqueeze(-2)
     p = d * data.p
     cost_norm = torch.maximum(_col_inf_norm(Q).mean(-1), p.abs().amax(-1) if p.shape[-1] else p.new_zeros(p.shape[0]))
     c = torch.where(cost_norm > 0, 1.0 / cost_norm.clamp(_MIN_NORM, _MAX_NORM), torch.ones_like(cost_norm))
