@@ -1,0 +1,76 @@
+"""Random batched QPs from the OptNet paper (Amos & Kolter, 2017, Section 5.1), the one generator the benchmark uses."""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+REGULARIZATION = 1e-3
+"""The paper's Q = L Lᵀ / n + 1e-3 I keeps every Q strictly positive definite."""
+
+
+@dataclass(frozen=True)
+class QPBatch:
+    """minimize ½ zᵀQz + pᵀz s.t. A z = b, G z ≤ h, for each batch element; A, b are None without equalities."""
+
+    Q: torch.Tensor
+    p: torch.Tensor
+    G: torch.Tensor
+    h: torch.Tensor
+    A: torch.Tensor | None = None
+    b: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.p.shape[0]
+
+    @property
+    def n(self) -> int:
+        return self.p.shape[1]
+
+    @property
+    def n_ineq(self) -> int:
+        return self.h.shape[1]
+
+    @property
+    def n_eq(self) -> int:
+        return 0 if self.b is None else self.b.shape[1]
+
+    def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> QPBatch:
+        """The same problems with every tensor moved to ``dtype`` and ``device``."""
+        return self.map(lambda t: t.to(dtype=dtype, device=device))
+
+    def map(self, fn) -> QPBatch:
+        """Apply ``fn`` to every present tensor."""
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self) if getattr(self, f.name) is not None})
+
+    def subset(self, count: int) -> QPBatch:
+        """The first ``count`` batch elements."""
+        return self.map(lambda t: t[:count])
+
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """(Q, p, G, h, A, b) in qpth's argument order."""
+        return self.Q, self.p, self.G, self.h, self.A, self.b
+
+
+def random_qp(batch: int, n: int, n_ineq: int, n_eq: int = 0, *, seed: int = 0) -> QPBatch:
+    """Feasible, strictly convex random QPs in float64 on the CPU.
+
+    Q = L Lᵀ / n + 1e-3 I with L standard normal (symmetrised exactly: CPLEX checks); G (and A) standard normal; h = G z₀ + s₀ with
+    s₀ ~ U(0, 1) > 0 and b = A z₀, so z₀ is strictly feasible for the inequalities.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    kw = {"generator": gen, "dtype": torch.float64}
+    L = torch.randn(batch, n, n, **kw)
+    LLt = L @ L.mT
+    Q = (LLt + LLt.mT) / (2 * n) + REGULARIZATION * torch.eye(n, dtype=torch.float64)
+    p = torch.randn(batch, n, **kw)
+    G = torch.randn(batch, n_ineq, n, **kw)
+    z0 = torch.randn(batch, n, **kw)
+    s0 = torch.rand(batch, n_ineq, **kw)
+    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + s0
+    if n_eq == 0:
+        return QPBatch(Q, p, G, h)
+    A = torch.randn(batch, n_eq, n, **kw)
+    b = (A @ z0.unsqueeze(-1)).squeeze(-1)
+    return QPBatch(Q, p, G, h, A, b)

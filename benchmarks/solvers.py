@@ -1,0 +1,238 @@
+"""The solvers under comparison, each behind one signature: QPBatch -> z of shape (batch, n).
+
+Every peer sits behind an optional import; ``available_solvers`` returns those that import and a
+line for each that does not.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from benchmarks.problems import QPBatch
+
+NO_LOWER_BOUND = -1e20
+"""QPLayer takes l ≤ Gz ≤ u; its own examples use -1e20 for "no lower bound"."""
+OSQP_TOL = 1e-6
+"""OSQP's default 1e-3 is too loose to compare solutions; 1e-6 with polishing is its accurate setting."""
+CVXPYLAYERS_MAX_BATCH = 64
+"""cvxpylayers costs tens of ms per element at n = 100: capped so the default run stays near 10 minutes."""
+GUROBI_MAX_N = 200
+"""The size-limited Gurobi licence rejects the dense n = 300 problems ("Model too large")."""
+SLOW_MAX_N = 100
+"""qpth, QPLayer and (for now) optlayers take minutes per call at n = 500, batch 128 on 2 cores; they stop at
+n = 100 in the default run (``--no-caps`` lifts every cap)."""
+SLOW_CAP = f"n ≤ {SLOW_MAX_N} in the default run (minutes per call at n = 500)"
+
+
+@dataclass(frozen=True)
+class Solver:
+    """A named way of solving a QPBatch; ``cap`` names why a problem size is left out of the default run."""
+
+    name: str
+    solve: Callable[[QPBatch], torch.Tensor]
+    differentiable: bool
+    settings: str
+    max_n: int = math.inf
+    max_batch: int = math.inf
+    cap_reason: str = ""
+
+    def cap(self, qp: QPBatch) -> str | None:
+        """Why this solver skips ``qp`` in the default run, or None."""
+        if qp.n > self.max_n or qp.batch > self.max_batch:
+            return self.cap_reason
+        return None
+
+
+def _empty_like(qp: QPBatch) -> torch.Tensor:
+    return torch.empty(0, dtype=qp.p.dtype, device=qp.p.device)
+
+
+def _optlayers() -> Solver:
+    from optlayers import QPFunction
+
+    layer = QPFunction(on_failure="ignore")
+    return Solver("optlayers", lambda qp: layer(*qp.tensors()), True, "QPFunction defaults (tol, max_iter)",
+                  max_n=SLOW_MAX_N, cap_reason=SLOW_CAP)
+
+
+class _LinearBaseline:
+    """A torch.nn.Linear(n, n) applied to p: the paper's reference for the cost of an ordinary layer."""
+
+    def __init__(self) -> None:
+        self._layers: dict[tuple, torch.nn.Linear] = {}
+
+    def __call__(self, qp: QPBatch) -> torch.Tensor:
+        key = (qp.n, qp.p.dtype, qp.p.device)
+        if key not in self._layers:
+            self._layers[key] = torch.nn.Linear(qp.n, qp.n, dtype=qp.p.dtype, device=qp.p.device)
+        return self._layers[key](qp.p)
+
+
+def _linear() -> Solver:
+    return Solver("linear", _LinearBaseline(), True, "torch.nn.Linear(n, n) on p")
+
+
+def _qpth() -> Solver:
+    from qpth.qp import QPFunction
+
+    layer = QPFunction(verbose=-1)
+
+    def solve(qp: QPBatch) -> torch.Tensor:
+        empty = _empty_like(qp)
+        Q, p, G, h, A, b = qp.tensors()
+        return layer(Q, p, G, h, empty if A is None else A, empty if b is None else b)
+
+    return Solver("qpth", solve, True, "QPFunction defaults (eps 1e-12, 20 iterations)", max_n=SLOW_MAX_N,
+                  cap_reason=SLOW_CAP)
+
+
+def _qplayer() -> Solver:
+    from proxsuite.torch.qplayer import QPFunction
+
+    layer = QPFunction()
+
+    def solve(qp: QPBatch) -> torch.Tensor:
+        empty = _empty_like(qp)
+        A = empty if qp.A is None else qp.A
+        b = empty if qp.b is None else qp.b
+        return layer(qp.Q, qp.p, A, b, qp.G, torch.full_like(qp.h, NO_LOWER_BOUND), qp.h)[0]
+
+    return Solver("qplayer", solve, True, "proxsuite QPFunction defaults (eps 1e-9, serial)", max_n=SLOW_MAX_N,
+                  cap_reason=SLOW_CAP)
+
+
+class _CvxpyLayers:
+    """cvxpylayers with ½‖Rz‖² for ½zᵀQz (R = chol(Q)ᵀ, computed in the graph), as DPP requires."""
+
+    def __init__(self) -> None:
+        self._layers: dict[tuple[int, int, int], object] = {}
+
+    def _layer(self, n: int, n_ineq: int, n_eq: int):
+        import cvxpy as cp
+        from cvxpylayers.torch import CvxpyLayer
+
+        z = cp.Variable(n)
+        R, p, G, h = cp.Parameter((n, n)), cp.Parameter(n), cp.Parameter((n_ineq, n)), cp.Parameter(n_ineq)
+        params, constraints = [R, p, G, h], [G @ z <= h]
+        if n_eq:
+            A, b = cp.Parameter((n_eq, n)), cp.Parameter(n_eq)
+            params, constraints = params + [A, b], constraints + [A @ z == b]
+        problem = cp.Problem(cp.Minimize(0.5 * cp.sum_squares(R @ z) + p @ z), constraints)
+        return CvxpyLayer(problem, parameters=params, variables=[z])
+
+    def __call__(self, qp: QPBatch) -> torch.Tensor:
+        key = (qp.n, qp.n_ineq, qp.n_eq)
+        if key not in self._layers:
+            self._layers[key] = self._layer(*key)
+        R = torch.linalg.cholesky(qp.Q).mT
+        data = [R, qp.p, qp.G, qp.h] + ([qp.A, qp.b] if qp.n_eq else [])
+        return self._layers[key](*data)[0]
+
+
+def _cvxpylayers() -> Solver:
+    import cvxpylayers.torch  # noqa: F401  (fail here, not at the first call, when missing)
+
+    return Solver("cvxpylayers", _CvxpyLayers(), True, "CvxpyLayer defaults (diffcp + SCS), Q through its Cholesky factor",
+                  max_batch=CVXPYLAYERS_MAX_BATCH, cap_reason=f"batch ≤ {CVXPYLAYERS_MAX_BATCH} in the default run")
+
+
+def _loop(solve_one: Callable[..., np.ndarray]) -> Callable[[QPBatch], torch.Tensor]:
+    """Solve element by element in numpy float64 (conversion included in the timing)."""
+
+    def solve(qp: QPBatch) -> torch.Tensor:
+        Q, p, G, h, A, b = [None if t is None else t.detach().double().cpu().numpy() for t in qp.tensors()]
+        z = [solve_one(Q[i], p[i], G[i], h[i], None if A is None else A[i], None if b is None else b[i])
+             for i in range(qp.batch)]
+        return torch.from_numpy(np.stack(z)).to(dtype=qp.p.dtype, device=qp.p.device)
+
+    return solve
+
+
+def _gurobi(threads: int) -> Solver:
+    import gurobipy as gp
+
+    env = gp.Env(params={"OutputFlag": 0, "Threads": threads})
+
+    def solve_one(Q, p, G, h, A, b) -> np.ndarray:
+        with gp.Model(env=env) as model:
+            z = model.addMVar(p.shape[0], lb=-gp.GRB.INFINITY)
+            model.setMObjective(0.5 * Q, p, 0.0, sense=gp.GRB.MINIMIZE)
+            model.addMConstr(G, z, "<", h)
+            if A is not None:
+                model.addMConstr(A, z, "=", b)
+            model.optimize()
+            return z.X
+
+    return Solver("gurobi", _loop(solve_one), False, f"defaults (barrier), {threads} threads, model built per element",
+                  max_n=GUROBI_MAX_N, cap_reason="size-limited licence")
+
+
+def _cplex(threads: int) -> Solver:
+    import cplex
+
+    def solve_one(Q, p, G, h, A, b) -> np.ndarray:
+        n = p.shape[0]
+        model = cplex.Cplex()
+        for stream in (model.set_log_stream, model.set_results_stream, model.set_warning_stream, model.set_error_stream):
+            stream(None)
+        model.parameters.threads.set(threads)
+        model.variables.add(obj=p.tolist(), lb=[-cplex.infinity] * n)
+        columns = list(range(n))
+        model.objective.set_quadratic([cplex.SparsePair(columns, Q[:, j].tolist()) for j in columns])
+        rows = [G] if A is None else [G, A]
+        senses = "L" * G.shape[0] + ("" if A is None else "E" * A.shape[0])
+        matrix = np.vstack(rows)
+        model.linear_constraints.add(lin_expr=[cplex.SparsePair(columns, row.tolist()) for row in matrix],
+                                     senses=senses, rhs=np.concatenate([h] + ([] if b is None else [b])).tolist())
+        model.solve()
+        z = np.array(model.solution.get_values())
+        model.end()
+        return z
+
+    return Solver("cplex", _loop(solve_one), False, f"defaults (barrier), {threads} threads, model built per element")
+
+
+def _osqp() -> Solver:
+    import osqp
+    import scipy.sparse as sp
+
+    def solve_one(Q, p, G, h, A, b) -> np.ndarray:
+        rows = G if A is None else np.vstack([G, A])
+        lower = np.full(G.shape[0], -np.inf) if A is None else np.concatenate([np.full(G.shape[0], -np.inf), b])
+        upper = h if A is None else np.concatenate([h, b])
+        solver = osqp.OSQP()
+        solver.setup(sp.csc_matrix(np.triu(Q)), p, sp.csc_matrix(rows), lower, upper, verbose=False,
+                     eps_abs=OSQP_TOL, eps_rel=OSQP_TOL, polishing=True)
+        return solver.solve().x
+
+    return Solver("osqp", _loop(solve_one), False, f"eps_abs = eps_rel = {OSQP_TOL:g}, polishing, single thread")
+
+
+def available_solvers(names: list[str] | None, threads: int) -> tuple[list[Solver], list[str]]:
+    """The requested solvers (all when ``names`` is None) that import, and a line for each that does not."""
+    factories: dict[str, Callable[[], Solver]] = {
+        "optlayers": _optlayers,
+        "linear": _linear,
+        "qpth": _qpth,
+        "qplayer": _qplayer,
+        "cvxpylayers": _cvxpylayers,
+        "gurobi": lambda: _gurobi(threads),
+        "cplex": lambda: _cplex(threads),
+        "osqp": _osqp,
+    }
+    unknown = set(names or ()) - factories.keys()
+    if unknown:
+        raise ValueError(f"unknown solvers {sorted(unknown)}; choose from {sorted(factories)}")
+    solvers, missing = [], []
+    for name, factory in factories.items():
+        if names is not None and name not in names:
+            continue
+        try:
+            solvers.append(factory())
+        except Exception as error:  # a peer that fails to import or license is skipped, not fatal
+            missing.append(f"{name}: skipped, not available ({type(error).__name__}: {error})")
+    return solvers, missing
