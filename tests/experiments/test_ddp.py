@@ -6,7 +6,7 @@ import torch
 import torch.multiprocessing as mp
 
 from optlayers.experiments import common
-from helpers import train_tiny
+from tiny_training import train_tiny
 
 WORLD_SIZE = 2
 

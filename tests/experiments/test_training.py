@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optlayers.experiments import common
-from helpers import train_tiny
+from tiny_training import train_tiny
 
 
 def _params(model):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optlayers import QPStatus, solve_qp
-from qp.helpers import random_qp
+from qp_problems import random_qp
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 

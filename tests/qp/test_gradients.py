@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optlayers import solve_qp
-from qp.helpers import random_qp
+from qp_problems import random_qp
 
 NAMES = ("Q", "p", "G", "h", "A", "b")
 

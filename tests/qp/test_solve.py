@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optlayers import QPFunction, QPStatus, solve_qp
-from qp.helpers import clarabel_solve, random_qp
+from qp_problems import clarabel_solve, random_qp
 
 TIGHT = 1e-12
 
