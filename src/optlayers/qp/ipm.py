@@ -37,9 +37,10 @@ class IPMSettings:
         reg: primal (ρ) and equality (δₑ) regularisation of the scaled KKT system; removed by
             iterative refinement, it only keeps singular Q and dependent equalities factorisable.
         ineq_reg: inequality regularisation δᵢ: bounds W = S/Λ + δᵢ away from zero so that
-            H = Q + Gᵀ W⁻¹ G stays representable as constraints become active.
+            H = Q + Gᵀ W⁻¹ G stays representable as constraints become active (1e-10 solves
+            QCAPRI and QISRAEL of Maros–Meszaros, which stall with 1e-12).
         refine_steps: iterative refinement steps per Newton solve (with one, 57 of the 62
-            Maros–Meszaros problems solve; with three, 59).
+            Maros–Meszaros problems solve; with three, 61).
         derivative_refine_steps: refinement steps per derivative solve (these must be exact).
         step_fraction: fraction of the step to the boundary of s ≥ 0, λ ≥ 0 that is taken.
         infeasibility_tol: tolerance of the infeasibility certificates (scaled problem).
@@ -63,7 +64,7 @@ def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | Non
     """Settings for data of ``dtype``. The iteration itself always runs in float64 (see
     ``COMPUTE_DTYPE``); float32 data is solved to what a float32 answer can represent."""
     tight = dtype == torch.float64
-    base = IPMSettings(tol=1e-10 if tight else 1e-6, rel_tol=1e-10 if tight else 1e-6, max_iter=100, reg=1e-9, ineq_reg=1e-12)
+    base = IPMSettings(tol=1e-10 if tight else 1e-6, rel_tol=1e-10 if tight else 1e-6, max_iter=100, reg=1e-9, ineq_reg=1e-10)
     if tol is not None:
         base = replace(base, tol=tol, rel_tol=tol if rel_tol is None else rel_tol)
     elif rel_tol is not None:
