@@ -62,9 +62,11 @@ class IPMSettings:
 
 def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | None, max_iter: int | None) -> IPMSettings:
     """Settings for data of ``dtype``. The iteration itself always runs in float64 (see
-    ``COMPUTE_DTYPE``); float32 data is solved to what a float32 answer can represent."""
+    ``COMPUTE_DTYPE``), so float32 data is solved nearly as tightly: a looser gap tolerance
+    lets the multipliers of inactive constraints stay large enough to move z by (gap / smallest
+    eigenvalue of Q), far beyond float32's resolution."""
     tight = dtype == torch.float64
-    base = IPMSettings(tol=1e-10 if tight else 1e-6, rel_tol=1e-10 if tight else 1e-6, max_iter=100, reg=1e-9, ineq_reg=1e-10)
+    base = IPMSettings(tol=1e-12 if tight else 1e-10, rel_tol=1e-12 if tight else 1e-10, max_iter=100, reg=1e-9, ineq_reg=1e-10)
     if tol is not None:
         base = replace(base, tol=tol, rel_tol=tol if rel_tol is None else rel_tol)
     elif rel_tol is not None:

@@ -70,8 +70,8 @@ def solve_qp(
         p: (..., n).
         G, h: (..., k, n) and (..., k) inequality constraints, or None.
         A, b: (..., m, n) and (..., m) equality constraints, or None.
-        tol: absolute tolerance on the primal residual, dual residual and gap (default 1e-10 for
-            float64 data, 1e-6 for float32; the iteration itself always runs in float64).
+        tol: absolute tolerance on the primal residual, dual residual and gap (default 1e-12 for
+            float64 data, 1e-10 for float32; the iteration itself always runs in float64).
         rel_tol: relative tolerance (default: ``tol``).
         max_iter: iteration limit (default 100).
         on_failure: "raise" (``QPSolveError`` naming the failed elements), "warn" or "ignore";
