@@ -9,7 +9,7 @@ from qp_problems import random_qp
 NAMES = ("Q", "p", "G", "h", "A", "b")
 
 
-def solution_of(Msym_from, m_present=True):
+def solution_of():
     """A function of (M, p, G, h[, A, b]) with Q = (M + Mᵀ)/2, returning z, λ (and ν)."""
 
     def fn(M, p, G, h, A=None, b=None):
@@ -23,7 +23,7 @@ def solution_of(Msym_from, m_present=True):
 def test_gradcheck_all_inputs_batched(with_equalities):
     data = random_qp((2,), 3, 4, 1 if with_equalities else 0, active=True)
     inputs = [data[k].clone().requires_grad_() for k in NAMES if data[k] is not None]
-    assert torch.autograd.gradcheck(solution_of(None), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(solution_of(), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def test_gradcheck_shared_matrices():
@@ -33,7 +33,7 @@ def test_gradcheck_shared_matrices():
     inputs[3] = inputs[2] @ z0 + torch.rand(2, 4) + 0.1
     inputs[5] = inputs[4] @ z0 + torch.zeros(2, 1)
     inputs = [t.clone().requires_grad_() for t in inputs]
-    assert torch.autograd.gradcheck(solution_of(None), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
+    assert torch.autograd.gradcheck(solution_of(), inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
 def test_shared_gradient_is_sum_of_per_element_gradients():
