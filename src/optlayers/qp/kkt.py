@@ -101,9 +101,10 @@ def factor_kkt(
     H0 = torch.baddbmm(Q, G.transpose(-1, -2), w_inv_soft.unsqueeze(-1) * G)
     ok = torch.zeros(Q.shape[0], dtype=torch.bool, device=Q.device)
     chol_h, chol_s = H0, H0.new_zeros(Q.shape[0], C.shape[-2], C.shape[-2])
+    H, added = H0, torch.zeros_like(rho)
     for attempt in range(_MAX_FACTOR_RETRIES + 1):
-        H = H0.clone()
-        H.diagonal(dim1=-2, dim2=-1).add_(rho.unsqueeze(-1))
+        H.diagonal(dim1=-2, dim2=-1).add_((rho - added).unsqueeze(-1))
+        added = rho
         lh, ok_h = _cholesky(H)
         ls, ok_s = chol_s, ok_h
         if C.shape[-2]:
@@ -126,8 +127,10 @@ def factor_kkt(
 
 
 def _chol_solve(chol: Tensor, r: Tensor) -> Tensor:
-    """M⁻¹ r for M = LLᵀ."""
-    return torch.cholesky_solve(r.unsqueeze(-1), chol).squeeze(-1)
+    """M⁻¹ r for M = LLᵀ, by two triangular solves (on the CPU, ``torch.cholesky_solve`` copies
+    the factor on every call and costs three times as much)."""
+    y = torch.linalg.solve_triangular(chol, r.unsqueeze(-1), upper=False)
+    return torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(-1)
 
 
 def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor) -> tuple[Tensor, Tensor]:
