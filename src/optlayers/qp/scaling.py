@@ -46,18 +46,18 @@ class Scaling:
     c: Tensor
 
 
-def _col_inf_norm(M: Tensor) -> Tensor:
-    """Column infinity norms of (B, r, c), zeros when r = 0."""
+def _col_max(M: Tensor) -> Tensor:
+    """Column maxima of a nonnegative (B, r, c) (its column infinity norms), zeros when r = 0."""
     if M.shape[-2] == 0:
         return M.new_zeros(M.shape[0], M.shape[-1])
-    return M.abs().amax(-2)
+    return M.amax(-2)
 
 
-def _row_inf_norm(M: Tensor) -> Tensor:
-    """Row infinity norms of (B, r, c), zeros when c = 0."""
+def _row_max(M: Tensor) -> Tensor:
+    """Row maxima of a nonnegative (B, r, c) (its row infinity norms), zeros when c = 0."""
     if M.shape[-1] == 0:
         return M.new_zeros(M.shape[:-1])
-    return M.abs().amax(-1)
+    return M.amax(-1)
 
 
 def _inv_sqrt(norm: Tensor) -> Tensor:
@@ -73,17 +73,17 @@ def equilibrate(data: QPData, iterations: int = RUIZ_ITERATIONS) -> tuple[QPData
     for _ in range(iterations):
         # Norms of the currently scaled matrices, without forming them: |d_i M_ij d_j| etc.
         col = torch.maximum(
-            torch.maximum(_col_inf_norm(absQ * d.unsqueeze(-1)), _col_inf_norm(absA * e.unsqueeze(-1))),
-            _col_inf_norm(absG * f.unsqueeze(-1)),
+            torch.maximum(_col_max(absQ * d.unsqueeze(-1)), _col_max(absA * e.unsqueeze(-1))),
+            _col_max(absG * f.unsqueeze(-1)),
         ) * d
-        rows_a = _row_inf_norm(absA * d.unsqueeze(-2)) * e
-        rows_g = _row_inf_norm(absG * d.unsqueeze(-2)) * f
+        rows_a = _row_max(absA * d.unsqueeze(-2)) * e
+        rows_g = _row_max(absG * d.unsqueeze(-2)) * f
         d, e, f = d * _inv_sqrt(col), e * _inv_sqrt(rows_a), f * _inv_sqrt(rows_g)
     Q = d.unsqueeze(-1) * data.Q * d.unsqueeze(-2)
     A = e.unsqueeze(-1) * data.A * d.unsqueeze(-2)
     G = f.unsqueeze(-1) * data.G * d.unsqueeze(-2)
     p = d * data.p
-    cost_norm = torch.maximum(_col_inf_norm(Q).mean(-1), p.abs().amax(-1) if p.shape[-1] else p.new_zeros(p.shape[0]))
+    cost_norm = torch.maximum(_col_max(Q.abs()).mean(-1), p.abs().amax(-1) if p.shape[-1] else p.new_zeros(p.shape[0]))
     c = torch.where(cost_norm > 0, 1.0 / cost_norm.clamp(_MIN_NORM, _MAX_NORM), torch.ones_like(cost_norm))
     scaled = QPData(Q=c[:, None, None] * Q, p=c[:, None] * p, A=A, b=e * data.b, G=G, h=f * data.h)
     return scaled, Scaling(d=d, e=e, f=f, c=c)
