@@ -36,6 +36,7 @@ class _Saved(NamedTuple):
     G: Tensor
     C: Tensor
     d0: Tensor
+    H: Tensor
     x: Tensor
     nu: Tensor
     lam: Tensor
@@ -51,7 +52,7 @@ class _Saved(NamedTuple):
     status: Tensor
 
     def factor(self) -> KKTFactor:
-        return KKTFactor(self.Q, self.G, self.C, self.d0, self.w_inv, self.w_inv_soft, self.chol_h, self.chol_s,
+        return KKTFactor(self.Q, self.G, self.C, self.d0, self.H, self.w_inv, self.w_inv_soft, self.chol_h, self.chol_s,
                          self.solved(), self.nu.shape[-1])
 
     def scaling(self) -> Scaling:
@@ -86,7 +87,7 @@ class QPSolveFn(torch.autograd.Function):
         x, nu, lam, s = (_keep_solved(solved, v, float("nan")).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
         apply_failure_policy(st.status.reshape(batch_shape), on_failure)
         fac = result.factor
-        saved = _Saved(scaled.Q, scaled.G, fac.C, fac.d0, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c,
+        saved = _Saved(scaled.Q, scaled.G, fac.C, fac.d0, fac.H, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c,
                        fac.w_inv, fac.w_inv_soft, fac.chol_h, fac.chol_s, st.status)
         return (x, lam, nu, s, st.status, st.iterations, res.primal.to(dtype), res.dual.to(dtype), res.gap.to(dtype), *saved[:-1])
 

@@ -44,6 +44,7 @@ class KKTFactor:
 
     Attributes:
         Q, G: (B, n, n), (B, k, n). C: (B, r, n). d0: (B, r) unregularised diagonal block.
+        H: (B, n, n) the unregularised Q + G_softᵀ W_soft⁻¹ G_soft.
         w_inv: (B, k) W⁻¹ of every inequality; w_inv_soft: (B, k) the part folded into H.
         m: number of equality rows, the leading rows of C.
         ok: (B,) whether both factorisations succeeded with finite entries.
@@ -53,6 +54,7 @@ class KKTFactor:
     G: Tensor
     C: Tensor
     d0: Tensor
+    H: Tensor
     w_inv: Tensor
     w_inv_soft: Tensor
     chol_h: Tensor
@@ -123,7 +125,8 @@ def factor_kkt(
             break
         rho = torch.where(ok, rho, rho * _REG_GROWTH)
         delta = torch.where(ok, delta, delta * _REG_GROWTH)
-    return KKTFactor(Q=Q, G=G, C=C, d0=d0, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s, ok=ok, m=m)
+    H.diagonal(dim1=-2, dim2=-1).sub_(added.unsqueeze(-1))
+    return KKTFactor(Q=Q, G=G, C=C, d0=d0, H=H0, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s, ok=ok, m=m)
 
 
 def _chol_solve(chol: Tensor, r: Tensor) -> Tensor:
@@ -145,7 +148,7 @@ def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor) -> tuple[Tensor, Te
 
 def _apply_extended(f: KKTFactor, dx: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
     """The unregularised extended operator: (Q + G_softᵀ W_soft⁻¹ G_soft) dx + Cᵀ ω, C dx − d0 ω."""
-    hx = mv(f.Q, dx) + mtv(f.G, f.w_inv_soft * mv(f.G, dx)) + mtv(f.C, omega)
+    hx = mv(f.H, dx) + mtv(f.C, omega)
     return hx, mv(f.C, dx) - f.d0 * omega
 
 
