@@ -118,3 +118,19 @@ def test_slacks_and_complementarity():
     np.testing.assert_allclose(sol.s.numpy(), (data["h"] - (data["G"] @ sol.z.unsqueeze(-1)).squeeze(-1)).numpy(), atol=1e-9)
     assert (sol.lam >= 0).all() and (sol.s >= 0).all()
     assert float((sol.lam * sol.s).abs().max()) < 1e-8
+
+
+def test_interior_solution_without_cycling():
+    """A 2-variable QP from the hard-constraints experiment on which the predictor-corrector
+    iterates once cycled (μ rising along long steps) until max_iter; its solution is interior."""
+    p = torch.tensor([-0.878325257767833, 1.9849861214967168])
+    G = torch.tensor([[1.174723041230297, 0.10975902501676328], [-0.0860091439893235, 0.8208068909560391],
+                      [0.3610868742606234, 0.5287874785890546], [-0.5256061544172994, -0.5524558979497846],
+                      [-0.09902974001766027, -0.16181663342110642], [-0.4903990698922889, -0.26712662350529603]])
+    h = torch.tensor([1.5635055421403032, 0.8944707546868136, 1.0127603069782412, 1.0183714627829419,
+                      1.1781420721028864, 1.1578303219421])
+    sol = solve_qp(torch.eye(2), p, G, h)
+    assert (G @ -p < h).all(), "the unconstrained minimiser -p is feasible"
+    np.testing.assert_allclose(sol.z.numpy(), -p.numpy(), atol=1e-10)
+    np.testing.assert_allclose(sol.lam.numpy(), 0.0, atol=1e-10)
+    assert sol.iterations.item() < 30

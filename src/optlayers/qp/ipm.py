@@ -129,6 +129,35 @@ def _max_step(v: Tensor, dv: Tensor) -> Tensor:
     return ratio.amin(-1).clamp(max=1.0) if v.shape[-1] else v.new_ones(v.shape[0])
 
 
+# Along a step the residuals shrink like (1 − α), but for a QP the mean complementarity
+# μ(α) = μ + α(σ − 1)μ + α² dsᵀdλ / k has a positive quadratic term (dsᵀdλ = dxᵀQ dx on a
+# feasible iterate), so a long step can raise it; predictor-corrector iterates can then cycle
+# (seen on a 2-variable QP whose solution is interior). Steps are shortened until the merit
+# μ(α) + (1 − α)·‖r‖ falls by at least this fraction of α, trying α, αβ, αβ², ...
+_MERIT_DECREASE = 0.01
+_BACKTRACK = 0.7
+_BACKTRACK_STEPS = 12
+
+
+def _scaled_infeasibility(res: Residuals) -> Tensor:
+    """Largest entry of the scaled residuals r_d, r_e, r_i, per problem (B,)."""
+    return torch.stack([inf_norm(res.r_d), inf_norm(res.r_e), inf_norm(res.r_i)]).amax(0)
+
+
+def _merit_step(s: Tensor, lam: Tensor, ds: Tensor, dlam: Tensor, alpha: Tensor, infeasibility: Tensor) -> Tensor:
+    """The longest candidate step ≤ ``alpha`` (B,) with sufficient merit decrease (see above);
+    the shortest candidate where none has it."""
+    factors = _BACKTRACK ** torch.arange(_BACKTRACK_STEPS, dtype=s.dtype, device=s.device)
+    a = alpha.unsqueeze(-1) * factors
+    mu_a = ((s.unsqueeze(1) + a.unsqueeze(-1) * ds.unsqueeze(1)) * (lam.unsqueeze(1) + a.unsqueeze(-1) * dlam.unsqueeze(1))).mean(-1)
+    merit0 = (s * lam).mean(-1) + infeasibility
+    merit = mu_a + (1 - a) * infeasibility.unsqueeze(-1)
+    ok = merit <= (1 - _MERIT_DECREASE * a) * merit0.unsqueeze(-1)
+    last = torch.full_like(alpha, _BACKTRACK_STEPS - 1, dtype=torch.int64)
+    first = torch.where(ok.any(-1), ok.to(torch.int64).argmax(-1), last)
+    return a.gather(-1, first.unsqueeze(-1)).squeeze(-1)
+
+
 def residuals(data: QPData, sc: Scaling, st: IPMState, settings: IPMSettings) -> Residuals:
     """KKT residuals and the convergence test, measured in the original problem's units."""
     c = sc.c
@@ -208,6 +237,7 @@ def newton_iteration(data: QPData, st: IPMState, res: Residuals, settings: IPMSe
         b4 = -st.s * st.lam - ds * dlam + (sigma * res.mu).unsqueeze(-1)
         dx, dnu, dlam, ds = solve_newton(f, st.s, st.lam, -res.r_d, -res.r_e, -res.r_i, b4, refine)
         alpha = (settings.step_fraction * torch.minimum(_max_step(st.s, ds), _max_step(st.lam, dlam))).clamp(max=1.0)
+        alpha = _merit_step(st.s, st.lam, ds, dlam, alpha, _scaled_infeasibility(res))
     else:
         alpha = st.x.new_ones(st.x.shape[0])
     return Step(dx, dnu, dlam, ds, mv(data.Q, dx), alpha, f.ok)
