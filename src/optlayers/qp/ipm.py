@@ -146,15 +146,14 @@ def _scaled_infeasibility(res: Residuals) -> Tensor:
 
 def _merit_step(s: Tensor, lam: Tensor, ds: Tensor, dlam: Tensor, alpha: Tensor, infeasibility: Tensor) -> Tensor:
     """The longest candidate step ≤ ``alpha`` (B,) with sufficient merit decrease (see above);
-    the shortest candidate where none has it."""
+    ``alpha`` itself where none has it (shorter steps would only crawl)."""
     factors = _BACKTRACK ** torch.arange(_BACKTRACK_STEPS, dtype=s.dtype, device=s.device)
     a = alpha.unsqueeze(-1) * factors
     mu_a = ((s.unsqueeze(1) + a.unsqueeze(-1) * ds.unsqueeze(1)) * (lam.unsqueeze(1) + a.unsqueeze(-1) * dlam.unsqueeze(1))).mean(-1)
     merit0 = (s * lam).mean(-1) + infeasibility
     merit = mu_a + (1 - a) * infeasibility.unsqueeze(-1)
     ok = merit <= (1 - _MERIT_DECREASE * a) * merit0.unsqueeze(-1)
-    last = torch.full_like(alpha, _BACKTRACK_STEPS - 1, dtype=torch.int64)
-    first = torch.where(ok.any(-1), ok.to(torch.int64).argmax(-1), last)
+    first = torch.where(ok.any(-1), ok.to(torch.int64).argmax(-1), 0)
     return a.gather(-1, first.unsqueeze(-1)).squeeze(-1)
 
 
