@@ -134,3 +134,17 @@ def test_interior_solution_without_cycling():
     np.testing.assert_allclose(sol.z.numpy(), -p.numpy(), atol=1e-10)
     np.testing.assert_allclose(sol.lam.numpy(), 0.0, atol=1e-10)
     assert sol.iterations.item() < 30
+
+
+def test_many_small_feasible_qps_all_solve_quickly():
+    """2000 small strictly convex feasible QPs (the shape of OptNet layers in the experiments)."""
+    gen = torch.Generator().manual_seed(3)
+    B, n, k = 2000, 3, 8
+    G = torch.randn(B, k, n, generator=gen) * torch.rand(B, k, 1, generator=gen)
+    z0 = torch.randn(B, n, generator=gen)
+    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + torch.rand(B, k, generator=gen)
+    p = 3 * torch.randn(B, n, generator=gen)
+    Q = torch.eye(n) * (torch.rand(B, 1, 1, generator=gen) + 0.1)
+    sol = solve_qp(Q, p, G, h)
+    assert (sol.status == QPStatus.SOLVED).all()
+    assert sol.iterations.max().item() <= 30
