@@ -210,6 +210,13 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
 
 
+def check_resume(out: Path, resume: bool) -> None:
+    """With ``--resume``, ``out`` must hold a checkpoint of an earlier run (any of its models)."""
+    if resume and not any(Path(out).rglob(CHECKPOINT_FILE)):
+        raise UsageError(f"--resume: no {CHECKPOINT_FILE} under --out {out}; pass the --out of the run to "
+                         "continue, or drop --resume to start a new run")
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load with ``weights_only=True``: checkpoints hold only tensors and plain containers."""
     state = torch.load(path, map_location="cpu", weights_only=True)

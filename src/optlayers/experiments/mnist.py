@@ -54,7 +54,13 @@ def _find(data_dir: Path, stem: str) -> Path:
 def load_data(dataset: str, data_dir: Path | None, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """``(train_x (n, 784) uint8, train_y, test_x, test_y)``."""
     if data_dir is not None:
-        arrays = [read_idx(_find(data_dir, stem)) for stem in IDX_FILES.values()]
+        if not data_dir.is_dir():
+            raise common.UsageError(f"--data-dir {data_dir} is not a directory (expected a folder with the four IDX files)")
+        paths = [_find(data_dir, stem) for stem in IDX_FILES.values()]
+        try:
+            arrays = [read_idx(path) for path in paths]
+        except ValueError as error:
+            raise common.UsageError(f"--data-dir: {error}") from None
         train_x, train_y, test_x, test_y = arrays
         return train_x.reshape(len(train_x), -1), train_y, test_x.reshape(len(test_x), -1), test_y
     if dataset != "mnist":
