@@ -41,6 +41,9 @@ TV_SEARCH_SIGNALS = 1000
 LEARN_D_LAMBDA = 13.0
 """λ of the learn-D layer (as in the paper's code); D's scale is learned, so λ only sets the initial balance."""
 FC_HIDDEN = 500
+SOLVER_OPTIONS = {"tol": 1e-8, "max_iter": 300}
+"""QP settings of every denoising layer: signals are O(100), so 1e-8 is far below the noise (σ = 10); with a random D
+the default 1e-10 sometimes needs over 100 iterations on a signal, and max_iter leaves room for such stragglers."""
 EXAMPLES_PLOTTED = 2
 
 
@@ -85,7 +88,7 @@ class TVInitOptNet(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.n = n
         self.input = nn.Linear(n, n + m, **factory)
-        self.qp = OptNet(n + m, n_ineq=2 * m, **factory)
+        self.qp = OptNet(n + m, n_ineq=2 * m, **SOLVER_OPTIONS, **factory)
         D, eye = first_difference(n, **factory), torch.eye(m, **factory)
         with torch.no_grad():
             self.input.weight.zero_()
@@ -112,10 +115,10 @@ def tv_search(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], device:
     dtype = train[0].dtype
     train_mse = {}
     for lam in grid:
-        tv = OptNetTV(SIGNAL_LENGTH, lam, learn_d=False, device=device, dtype=dtype)
+        tv = OptNetTV(SIGNAL_LENGTH, lam, learn_d=False, **SOLVER_OPTIONS, device=device, dtype=dtype)
         train_mse[lam] = common.evaluate(tv, subset, _mse, device, ctx)["loss"]
     best = min(train_mse, key=train_mse.get)
-    tv = OptNetTV(SIGNAL_LENGTH, best, learn_d=False, device=device, dtype=dtype)
+    tv = OptNetTV(SIGNAL_LENGTH, best, learn_d=False, **SOLVER_OPTIONS, device=device, dtype=dtype)
     return {"lambda": best, "train_mse": train_mse[best], "test_mse": common.evaluate(tv, test, _mse, device, ctx)["loss"],
             "search": [{"lambda": k, "train_mse": v} for k, v in train_mse.items()]}
 
@@ -124,7 +127,7 @@ def build(method: str, lam: float, device: torch.device, dtype: torch.dtype) -> 
     if method == "fc":
         return FCDenoiser(SIGNAL_LENGTH, device=device, dtype=dtype)
     if method == "optnet-learn-d":
-        return OptNetTV(SIGNAL_LENGTH, LEARN_D_LAMBDA, init="random", device=device, dtype=dtype)
+        return OptNetTV(SIGNAL_LENGTH, LEARN_D_LAMBDA, init="random", **SOLVER_OPTIONS, device=device, dtype=dtype)
     return TVInitOptNet(SIGNAL_LENGTH, lam, device=device, dtype=dtype)
 
 
@@ -185,7 +188,7 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
         if histories:
             common.plot_curves(histories, [("loss", "MSE")], args.out / "curves.png", logy=True, hlines=hlines)
         if needs_tv:
-            models = {"tv": OptNetTV(SIGNAL_LENGTH, lam, learn_d=False, device=device, dtype=dtype), **models}
+            models = {"tv": OptNetTV(SIGNAL_LENGTH, lam, learn_d=False, **SOLVER_OPTIONS, device=device, dtype=dtype), **models}
         plot_examples(models, [t.to(device) for t in test], args.out / "examples.png")
         common.write_json(args.out / "results.json", results)
     return results
