@@ -8,6 +8,7 @@ layer (with a linear input layer) initialised at the TV solution and fine-tuned.
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,13 @@ def make_signals(n: int, rng: np.random.Generator, length: int = SIGNAL_LENGTH) 
         heights = rng.integers(HEIGHT_RANGE[0], HEIGHT_RANGE[1] + 1, segments)
         clean[i] = np.repeat(heights, np.diff(np.concatenate([[0], breaks, [length]])))
     return clean, clean + NOISE_STD * rng.standard_normal((n, length))
+
+
+def _signal_tensors(n: int, rng: np.random.Generator, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(noisy, clean)`` tensors of ``n`` signals; train and test draw from separate streams, so the test
+    set depends only on ``--seed`` and ``--n-test`` and runs with different ``--n-train`` share it."""
+    clean, noisy = make_signals(n, rng)
+    return torch.tensor(noisy, dtype=dtype), torch.tensor(clean, dtype=dtype)
 
 
 class FCDenoiser(nn.Module):
@@ -155,21 +163,20 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
     epochs, batch_size = common.pick(args, "epochs", FULL, QUICK), common.pick(args, "batch_size", FULL, QUICK)
     n_train, n_test = common.pick(args, "n_train", FULL, QUICK), common.pick(args, "n_test", FULL, QUICK)
     dtype = common.DTYPES[args.dtype]
-    rng = np.random.default_rng(args.seed)
-    clean, noisy = make_signals(n_train + n_test, rng)
-    noisy_t, clean_t = torch.tensor(noisy, dtype=dtype), torch.tensor(clean, dtype=dtype)
-    train, test = (noisy_t[:n_train], clean_t[:n_train]), (noisy_t[n_train:], clean_t[n_train:])
+    train, test = (_signal_tensors(n, np.random.default_rng([args.seed, split]), dtype)
+                   for split, n in enumerate((n_train, n_test)))
 
     results: dict[str, Any] = {"experiment": "denoising", "quick": args.quick, "n_train": n_train, "n_test": n_test,
                                "epochs": epochs, "noisy_test_mse": float(((test[0] - test[1]) ** 2).mean())}
     tv_file = args.out / "tv" / "results.json"
     needs_tv = "tv" in args.methods or "optnet-tv-init" in args.methods
-    if needs_tv and args.resume and tv_file.exists():
-        import json
-
-        results["tv"] = json.loads(tv_file.read_text())
+    grid = QUICK_LAMBDA_GRID if args.quick else LAMBDA_GRID
+    tv_data = {"seed": args.seed, "n_train": n_train, "n_test": n_test, "grid": list(grid)}
+    saved = json.loads(tv_file.read_text()) if args.resume and tv_file.exists() else {}
+    if needs_tv and saved.get("data") == tv_data:
+        results["tv"] = saved
     elif needs_tv:
-        results["tv"] = tv_search(train, test, device, ctx, QUICK_LAMBDA_GRID if args.quick else LAMBDA_GRID)
+        results["tv"] = {**tv_search(train, test, device, ctx, grid), "data": tv_data}
         if ctx.is_main:
             common.write_json(tv_file, results["tv"])
     lam = results["tv"]["lambda"] if needs_tv else None
