@@ -57,3 +57,5 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         common.atomic_write_bytes(path, fail)
     assert json.loads(path.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1
+    (tmp_path / "plain").write_bytes(b"")
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode, "same permissions as a file open() creates"
