@@ -1,4 +1,6 @@
-"""Bad command lines end with exit status 2 and a message that names the offending option."""
+"""The command line: bad options end with exit status 2 and a message naming the option; tiny runs end to end."""
+import json
+
 import numpy as np
 import pytest
 
@@ -87,3 +89,33 @@ def test_existing_run_needs_resume(capsys, tmp_path):
     err = _usage_error(capsys, ["experiment", "hard-constraints", "--epochs", "1", "--n-train", "4", "--n-test", "4",
                                 "--no-progress", "--out", str(tmp_path)])
     assert "exists; pass --resume to continue it" in err
+
+
+def test_cli_run_writes_outputs_and_resumes(capsys, tmp_path):
+    argv = ["experiment", "hard-constraints", "--n-train", "40", "--n-test", "20", "--batch-size", "20",
+            "--no-progress", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--epochs", "1"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    for name in ("results.json", "constraints.png", "loss.png", "optnet/metrics.json", "optnet/metrics.csv",
+                 "optnet/checkpoint.pt"):
+        assert (tmp_path / name).is_file(), name
+    assert cli.main([*argv, "--epochs", "2", "--resume"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    history = json.loads((tmp_path / "optnet" / common.METRICS_JSON).read_text())
+    assert [row["epoch"] for row in history] == [0, 1, 2]
+    assert second["initial_test_mse"] == first["initial_test_mse"] and second["epochs"] == 2
+
+
+def test_mnist_from_idx_files_the_test_writes(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    for stem in mnist.IDX_FILES.values():
+        n = 30 if stem.startswith("train") else 10
+        array = rng.integers(0, 256, (n, 28, 28)) if "images" in stem else rng.integers(0, 10, n)
+        write_idx(tmp_path / "data" / f"{stem}.gz", array.astype(np.uint8))
+    argv = ["experiment", "mnist", "--data-dir", str(tmp_path / "data"), "--dataset", "fashion-mnist", "--epochs", "1",
+            "--batch-size", "10", "--no-progress", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["source"] == "idx" and results["n_train"] == 30 and results["n_test"] == 10
+    assert 0.0 <= results["optnet"]["test_accuracy"] <= 1.0 and (tmp_path / "out" / "curves.png").is_file()
