@@ -59,3 +59,13 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert json.loads(path.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1
     (tmp_path / "plain").write_bytes(b"")
     assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode, "same permissions as a file open() creates"
+
+
+def test_mask_unsolved_drops_nan_rows_from_loss_and_gradient():
+    pred = torch.tensor([[1.0, 2.0], [float("nan"), float("nan")], [0.5, 0.0]], requires_grad=True)
+    target = torch.zeros(3, 2)
+    masked, unsolved = common.mask_unsolved(pred, target)
+    assert unsolved.tolist() == [0.0, 1.0, 0.0]
+    (masked - target).square().sum().backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad[1].abs().sum() == 0
+    torch.testing.assert_close(pred.grad[[0, 2]], 2 * pred.detach()[[0, 2]])

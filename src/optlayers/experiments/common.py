@@ -387,6 +387,17 @@ def fit(
     return history
 
 
+def mask_unsolved(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of ``pred`` holding NaN (QPs a layer with ``on_failure="ignore"`` did not solve) replaced by ``target``.
+
+    Those rows then add neither loss nor gradient. Returns ``(pred, unsolved)`` with ``unsolved`` a
+    ``(B,)`` 0/1 tensor, to be reported as a metric so that failures stay visible.
+    """
+    solved = torch.isfinite(pred).flatten(1).all(1)
+    mask = solved.view(-1, *([1] * (pred.dim() - 1)))
+    return torch.where(mask, pred, target.detach()), (~solved).to(pred.dtype)
+
+
 # --------------------------------------------------------------------------- reporting
 def plot_curves(
     histories: Mapping[str, Sequence[Mapping[str, Any]]],
