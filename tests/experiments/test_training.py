@@ -69,3 +69,16 @@ def test_mask_unsolved_drops_nan_rows_from_loss_and_gradient():
     (masked - target).square().sum().backward()
     assert torch.isfinite(pred.grad).all() and pred.grad[1].abs().sum() == 0
     torch.testing.assert_close(pred.grad[[0, 2]], 2 * pred.detach()[[0, 2]])
+
+
+def test_mnist_loss_masks_an_unsolved_qp():
+    from optlayers.experiments import mnist
+
+    torch.manual_seed(0)
+    model = mnist.Classifier(True, 20, dtype=torch.float64)
+    solve = model.head.forward
+    model.head.forward = lambda p: torch.cat([solve(p[:2]), torch.full_like(p[2:3], float("nan")), solve(p[3:])])
+    out = mnist._per_sample(model, [torch.randn(5, 20, dtype=torch.float64), torch.arange(5)])
+    assert out["unsolved"].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0] and out["loss"][2] == 0 and out["error"][2] == 1
+    out["loss"].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
