@@ -34,9 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         run_demo()
         return 0
-    from optlayers.experiments.common import UsageError, close_distributed, init_distributed
+    from optlayers.experiments.common import UsageError, check_resume, close_distributed, init_distributed
 
     try:
+        check_resume(args.out, args.resume)
         ctx, device = init_distributed(args.device)
     except UsageError as error:
         args.subparser.error(str(error))

@@ -57,3 +57,28 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         common.atomic_write_bytes(path, fail)
     assert json.loads(path.read_text()) == {"a": 1} and len(list(tmp_path.iterdir())) == 1
+    (tmp_path / "plain").write_bytes(b"")
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode, "same permissions as a file open() creates"
+
+
+def test_mask_unsolved_drops_nan_rows_from_loss_and_gradient():
+    pred = torch.tensor([[1.0, 2.0], [float("nan"), float("nan")], [0.5, 0.0]], requires_grad=True)
+    target = torch.zeros(3, 2)
+    masked, unsolved = common.mask_unsolved(pred, target)
+    assert unsolved.tolist() == [0.0, 1.0, 0.0]
+    (masked - target).square().sum().backward()
+    assert torch.isfinite(pred.grad).all() and pred.grad[1].abs().sum() == 0
+    torch.testing.assert_close(pred.grad[[0, 2]], 2 * pred.detach()[[0, 2]])
+
+
+def test_mnist_loss_masks_an_unsolved_qp():
+    from optlayers.experiments import mnist
+
+    torch.manual_seed(0)
+    model = mnist.Classifier(True, 20, dtype=torch.float64)
+    solve = model.head.forward
+    model.head.forward = lambda p: torch.cat([solve(p[:2]), torch.full_like(p[2:3], float("nan")), solve(p[3:])])
+    out = mnist._per_sample(model, [torch.randn(5, 20, dtype=torch.float64), torch.arange(5)])
+    assert out["unsolved"].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0] and out["loss"][2] == 0 and out["error"][2] == 1
+    out["loss"].sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

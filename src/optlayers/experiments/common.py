@@ -174,11 +174,18 @@ def close_distributed(ctx: DistContext) -> None:
 
 
 # --------------------------------------------------------------------------- files
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
     """Call ``write(file)`` on a temporary file next to ``path``, then rename it over ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -208,6 +215,13 @@ def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write_bytes(path, lambda f: torch.save(state, f))
+
+
+def check_resume(out: Path, resume: bool) -> None:
+    """With ``--resume``, ``out`` must hold a checkpoint of an earlier run (any of its models)."""
+    if resume and not any(Path(out).rglob(CHECKPOINT_FILE)):
+        raise UsageError(f"--resume: no {CHECKPOINT_FILE} under --out {out}; pass the --out of the run to "
+                         "continue, or drop --resume to start a new run")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -371,6 +385,17 @@ def fit(
         test = evaluate(model, test_data, per_sample, device, ctx, cfg.eval_batch_size)
         record({"epoch": epoch, **train, **{f"test_{k}": v for k, v in test.items()}, "seconds": time.perf_counter() - began})
     return history
+
+
+def mask_unsolved(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of ``pred`` holding NaN (QPs a layer with ``on_failure="ignore"`` did not solve) replaced by ``target``.
+
+    Those rows then add neither loss nor gradient. Returns ``(pred, unsolved)`` with ``unsolved`` a
+    ``(B,)`` 0/1 tensor, to be reported as a metric so that failures stay visible.
+    """
+    solved = torch.isfinite(pred).flatten(1).all(1)
+    mask = solved.view(-1, *([1] * (pred.dim() - 1)))
+    return torch.where(mask, pred, target.detach()), (~solved).to(pred.dtype)
 
 
 # --------------------------------------------------------------------------- reporting

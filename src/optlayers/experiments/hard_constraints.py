@@ -3,6 +3,8 @@
 Targets are ``z* = argmin ½‖z‖² + pᵀz  s.t.  G* z ≤ h*`` for random ``p`` and a hidden polytope
 ``G* z ≤ h*``. An OptNet layer with Q = I and randomly initialised constraints is trained on
 ``(p, z*)`` pairs by MSE; the plots show the learned polytope converging to the hidden one.
+A QP the solver does not solve adds no loss and is counted in the ``unsolved`` metric instead of
+stopping the run.
 """
 from __future__ import annotations
 
@@ -119,12 +121,13 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
 
     torch.manual_seed(args.seed)
     fixed_q = None if args.learn_q else 1.0
-    layer = OptNet(2, n_ineq=args.n_learned, fixed_q=fixed_q, device=device, dtype=dtype)
+    layer = OptNet(2, n_ineq=args.n_learned, fixed_q=fixed_q, on_failure="ignore", device=device, dtype=dtype)
     optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
 
     def per_sample(model: nn.Module, batch: list[Tensor]) -> dict[str, Tensor]:
         p, z_true = batch
-        return {"loss": ((model(p) - z_true) ** 2).mean(-1)}
+        z, unsolved = common.mask_unsolved(model(p), z_true)
+        return {"loss": ((z - z_true) ** 2).mean(-1), "unsolved": unsolved}
 
     cfg = common.TrainConfig(args.out / "optnet", epochs, batch_size, args.seed, args.resume, not args.no_progress, name="optnet")
     history = common.fit(layer, optimizer, train, test, per_sample, cfg, device=device, ctx=ctx, snapshot=_snapshot)
@@ -136,6 +139,8 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
         "initial_test_mse": history[0]["test_loss"],
         "constraint_error": constraint_error(G_np, h_np, np.asarray(last["G"]), np.asarray(last["h"])),
         "initial_constraint_error": constraint_error(G_np, h_np, np.asarray(history[0]["G"]), np.asarray(history[0]["h"])),
+        "test_unsolved_fraction": last["test_unsolved"],
+        "max_train_unsolved_fraction": max(r.get("train_unsolved", 0.0) for r in history),
         "epochs": epochs,
     }
     if ctx.is_main:

@@ -54,7 +54,13 @@ def _find(data_dir: Path, stem: str) -> Path:
 def load_data(dataset: str, data_dir: Path | None, rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """``(train_x (n, 784) uint8, train_y, test_x, test_y)``."""
     if data_dir is not None:
-        arrays = [read_idx(_find(data_dir, stem)) for stem in IDX_FILES.values()]
+        if not data_dir.is_dir():
+            raise common.UsageError(f"--data-dir {data_dir} is not a directory (expected a folder with the four IDX files)")
+        paths = [_find(data_dir, stem) for stem in IDX_FILES.values()]
+        try:
+            arrays = [read_idx(path) for path in paths]
+        except ValueError as error:
+            raise common.UsageError(f"--data-dir: {error}") from None
         train_x, train_y, test_x, test_y = arrays
         return train_x.reshape(len(train_x), -1), train_y, test_x.reshape(len(test_x), -1), test_y
     if dataset != "mnist":
@@ -68,23 +74,32 @@ def load_data(dataset: str, data_dir: Path | None, rng: np.random.Generator) -> 
 
 
 class Classifier(nn.Module):
-    """FC–ReLU–FC–ReLU–head–log-softmax, where head is Linear(10, 10) or OptNet(10, n_ineq=10)."""
+    """FC–ReLU–FC–ReLU–head, where head is Linear(10, 10) or OptNet(10, n_ineq=10); returns the logits.
+
+    The OptNet head leaves a QP it does not solve as a NaN row (``on_failure="ignore"``); the loss
+    masks and counts such rows, so one hard QP does not stop a run.
+    """
 
     def __init__(self, use_optnet: bool, n_features: int = 784, *, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.fc1 = nn.Linear(n_features, HIDDEN, **factory)
         self.fc2 = nn.Linear(HIDDEN, CLASSES, **factory)
-        self.head = OptNet(CLASSES, n_ineq=N_INEQ, **factory) if use_optnet else nn.Linear(CLASSES, CLASSES, **factory)
+        self.head = OptNet(CLASSES, n_ineq=N_INEQ, on_failure="ignore", **factory) if use_optnet else nn.Linear(CLASSES, CLASSES, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.log_softmax(self.head(F.relu(self.fc2(F.relu(self.fc1(x))))), -1)
+        return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
 
 
 def _per_sample(model: nn.Module, batch: list[Tensor]) -> dict[str, Tensor]:
     x, y = batch
-    logp = model(x)
-    return {"loss": F.nll_loss(logp, y, reduction="none"), "error": (logp.argmax(-1) != y).to(logp.dtype)}
+    out = model(x)
+    logits, unsolved = common.mask_unsolved(out, torch.zeros_like(out))
+    logp = F.log_softmax(logits, -1)
+    failed = unsolved.bool()
+    loss = torch.where(failed, 0.0, F.nll_loss(logp, y, reduction="none"))
+    error = (logp.argmax(-1) != y) | failed
+    return {"loss": loss, "error": error.to(logp.dtype), "unsolved": unsolved}
 
 
 def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device) -> dict[str, Any]:

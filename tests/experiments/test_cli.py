@@ -1,0 +1,121 @@
+"""The command line: bad options end with exit status 2 and a message naming the option; tiny runs end to end."""
+import json
+
+import numpy as np
+import pytest
+
+from optlayers import cli
+from optlayers.experiments import common, mnist
+from optlayers.experiments.idx import write_idx
+
+
+def _usage_error(capsys, argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value,expected", [
+    ("--epochs", "-1", "expected a positive integer, got '-1'"),
+    ("--epochs", "two", "expected a positive integer, got 'two'"),
+    ("--batch-size", "0", "expected a positive integer, got '0'"),
+    ("--lr", "nan", "expected a positive finite number, got 'nan'"),
+    ("--seed", "-3", "expected an integer >= 0, got '-3'"),
+    ("--dtype", "float16", "invalid choice: 'float16'"),
+])
+def test_bad_numbers_and_choices_name_the_option(capsys, tmp_path, option, value, expected):
+    err = _usage_error(capsys, ["experiment", "sudoku", option, value, "--out", str(tmp_path)])
+    assert f"argument {option}" in err and expected in err
+
+
+def test_unknown_experiment_lists_the_choices(capsys):
+    err = _usage_error(capsys, ["experiment", "chess"])
+    assert "invalid choice: 'chess'" in err and "sudoku" in err and "denoising" in err
+
+
+@pytest.mark.parametrize("device,expected", [
+    ("tpu", "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    ("gpu0", "--device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu0'"),
+])
+def test_unknown_device(capsys, tmp_path, device, expected):
+    err = _usage_error(capsys, ["experiment", "sudoku", "--device", device, "--out", str(tmp_path)])
+    assert expected in err
+
+
+def test_cuda_without_cuda(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    err = _usage_error(capsys, ["experiment", "denoising", "--device", "cuda", "--out", str(tmp_path)])
+    assert "--device 'cuda' asks for CUDA" in err and "use --device cpu" in err
+
+
+def test_resume_without_checkpoint(capsys, tmp_path):
+    err = _usage_error(capsys, ["experiment", "hard-constraints", "--resume", "--out", str(tmp_path / "nothing")])
+    assert "--resume: no checkpoint.pt under --out" in err and "drop --resume" in err
+
+
+def test_data_dir_that_does_not_exist(capsys, tmp_path):
+    err = _usage_error(capsys, ["experiment", "mnist", "--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path / "o")])
+    assert "--data-dir" in err and "is not a directory" in err
+
+
+def test_data_dir_missing_files(capsys, tmp_path):
+    write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((2, 28, 28), np.uint8))
+    err = _usage_error(capsys, ["experiment", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "has no train-labels-idx1-ubyte or train-labels-idx1-ubyte.gz" in err
+
+
+def test_data_dir_with_a_corrupt_file(capsys, tmp_path):
+    for stem in mnist.IDX_FILES.values():
+        write_idx(tmp_path / stem, np.zeros((2, 28, 28) if "images" in stem else (2,), np.uint8))
+    (tmp_path / "t10k-labels-idx1-ubyte").write_bytes(b"not idx")
+    err = _usage_error(capsys, ["experiment", "mnist", "--data-dir", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "--data-dir:" in err and "is not an IDX file" in err
+
+
+def test_fashion_mnist_needs_data_dir(capsys, tmp_path):
+    err = _usage_error(capsys, ["experiment", "mnist", "--dataset", "fashion-mnist", "--out", str(tmp_path)])
+    assert "--dataset fashion-mnist needs --data-dir" in err
+
+
+def test_hard_constraints_needs_three_hidden_constraints(capsys, tmp_path):
+    err = _usage_error(capsys, ["experiment", "hard-constraints", "--n-true", "2", "--out", str(tmp_path)])
+    assert "--n-true must be >= 3" in err
+
+
+def test_existing_run_needs_resume(capsys, tmp_path):
+    (tmp_path / "optnet").mkdir()
+    common.save_checkpoint(tmp_path / "optnet" / common.CHECKPOINT_FILE, {"format": common.CHECKPOINT_FORMAT})
+    err = _usage_error(capsys, ["experiment", "hard-constraints", "--epochs", "1", "--n-train", "4", "--n-test", "4",
+                                "--no-progress", "--out", str(tmp_path)])
+    assert "exists; pass --resume to continue it" in err
+
+
+def test_cli_run_writes_outputs_and_resumes(capsys, tmp_path):
+    argv = ["experiment", "hard-constraints", "--n-train", "40", "--n-test", "20", "--batch-size", "20",
+            "--no-progress", "--out", str(tmp_path)]
+    assert cli.main([*argv, "--epochs", "1"]) == 0
+    first = json.loads(capsys.readouterr().out)
+    for name in ("results.json", "constraints.png", "loss.png", "optnet/metrics.json", "optnet/metrics.csv",
+                 "optnet/checkpoint.pt"):
+        assert (tmp_path / name).is_file(), name
+    assert cli.main([*argv, "--epochs", "2", "--resume"]) == 0
+    second = json.loads(capsys.readouterr().out)
+    history = json.loads((tmp_path / "optnet" / common.METRICS_JSON).read_text())
+    assert [row["epoch"] for row in history] == [0, 1, 2]
+    assert second["initial_test_mse"] == first["initial_test_mse"] and second["epochs"] == 2
+
+
+def test_mnist_from_idx_files_the_test_writes(capsys, tmp_path):
+    rng = np.random.default_rng(0)
+    (tmp_path / "data").mkdir()
+    for stem in mnist.IDX_FILES.values():
+        n = 30 if stem.startswith("train") else 10
+        array = rng.integers(0, 256, (n, 28, 28)) if "images" in stem else rng.integers(0, 10, n)
+        write_idx(tmp_path / "data" / f"{stem}.gz", array.astype(np.uint8))
+    argv = ["experiment", "mnist", "--data-dir", str(tmp_path / "data"), "--dataset", "fashion-mnist", "--epochs", "1",
+            "--batch-size", "10", "--no-progress", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["source"] == "idx" and results["n_train"] == 30 and results["n_test"] == 10
+    assert 0.0 <= results["optnet"]["test_accuracy"] <= 1.0 and (tmp_path / "out" / "curves.png").is_file()
