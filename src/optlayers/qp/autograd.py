@@ -52,7 +52,7 @@ class _Saved(NamedTuple):
     status: Tensor
 
     def factor(self) -> KKTFactor:
-        return KKTFactor(self.Q, self.G, self.C, self.d0, self.H, self.w_inv, self.w_inv_soft, self.chol_h, self.chol_s,
+        return KKTFactor(self.H, self.G, self.C, self.d0, self.w_inv, self.w_inv_soft, self.chol_h, self.chol_s,
                          self.solved(), self.nu.shape[-1])
 
     def scaling(self) -> Scaling:

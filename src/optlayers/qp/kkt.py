@@ -37,24 +37,23 @@ class KKTFactor:
     active at the solution), kept beside the equalities as rows of C with their W on the
     diagonal: H stays well-conditioned however close the stiff rows are to active.
 
-        H = Q + ρI + G_softᵀ W_soft⁻¹ G_soft        (B, n, n), factor ``chol_h``
-        S = C H⁻¹ Cᵀ + diag(d0 + δₑ on equalities)  (B, r, r), factor ``chol_s``
+        H = Q + G_softᵀ W_soft⁻¹ G_soft              (B, n, n), ``chol_h`` factors H + ρI
+        S = C (H + ρI)⁻¹ Cᵀ + diag(d0 + δₑ on eq.)   (B, r, r), factor ``chol_s``
         C = [A; G ⊙ stiff]  (r = m, or m + k when a stiff mask is given; non-stiff rows are
         zero with d0 = 1, so they decouple).
 
     Attributes:
-        Q, G: (B, n, n), (B, k, n). C: (B, r, n). d0: (B, r) unregularised diagonal block.
         H: (B, n, n) the unregularised Q + G_softᵀ W_soft⁻¹ G_soft.
+        G: (B, k, n). C: (B, r, n). d0: (B, r) unregularised diagonal block.
         w_inv: (B, k) W⁻¹ of every inequality; w_inv_soft: (B, k) the part folded into H.
         m: number of equality rows, the leading rows of C.
         ok: (B,) whether both factorisations succeeded with finite entries.
     """
 
-    Q: Tensor
+    H: Tensor
     G: Tensor
     C: Tensor
     d0: Tensor
-    H: Tensor
     w_inv: Tensor
     w_inv_soft: Tensor
     chol_h: Tensor
@@ -100,10 +99,10 @@ def factor_kkt(
         d0 = torch.cat([A.new_zeros(A.shape[:-1]), torch.where(stiff, 1.0 / w_inv, torch.ones_like(w_inv))], dim=-1)
         w_inv_soft = torch.where(stiff, torch.zeros_like(w_inv), w_inv)
     eq_rows = torch.arange(C.shape[-2], device=Q.device) < m
-    H0 = torch.baddbmm(Q, G.transpose(-1, -2), w_inv_soft.unsqueeze(-1) * G)
+    H = torch.baddbmm(Q, G.transpose(-1, -2), w_inv_soft.unsqueeze(-1) * G)
     ok = torch.zeros(Q.shape[0], dtype=torch.bool, device=Q.device)
-    chol_h, chol_s = H0, H0.new_zeros(Q.shape[0], C.shape[-2], C.shape[-2])
-    H, added = H0, torch.zeros_like(rho)
+    chol_h, chol_s = H, H.new_zeros(Q.shape[0], C.shape[-2], C.shape[-2])
+    added = torch.zeros_like(rho)  # the regularisation now on H's diagonal, removed at the end
     for attempt in range(_MAX_FACTOR_RETRIES + 1):
         H.diagonal(dim1=-2, dim2=-1).add_((rho - added).unsqueeze(-1))
         added = rho
@@ -126,7 +125,7 @@ def factor_kkt(
         rho = torch.where(ok, rho, rho * _REG_GROWTH)
         delta = torch.where(ok, delta, delta * _REG_GROWTH)
     H.diagonal(dim1=-2, dim2=-1).sub_(added.unsqueeze(-1))
-    return KKTFactor(Q=Q, G=G, C=C, d0=d0, H=H0, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s, ok=ok, m=m)
+    return KKTFactor(H=H, G=G, C=C, d0=d0, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s, ok=ok, m=m)
 
 
 def _chol_solve(chol: Tensor, r: Tensor) -> Tensor:
