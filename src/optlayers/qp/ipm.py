@@ -139,18 +139,15 @@ _BACKTRACK = 0.7
 _BACKTRACK_STEPS = 12
 
 
-def _scaled_infeasibility(res: Residuals) -> Tensor:
-    """Largest entry of the scaled residuals r_d, r_e, r_i, per problem (B,)."""
-    return torch.stack([inf_norm(res.r_d), inf_norm(res.r_e), inf_norm(res.r_i)]).amax(0)
-
-
-def _merit_step(s: Tensor, lam: Tensor, ds: Tensor, dlam: Tensor, alpha: Tensor, infeasibility: Tensor) -> Tensor:
+def _merit_step(s: Tensor, lam: Tensor, ds: Tensor, dlam: Tensor, alpha: Tensor, res: Residuals) -> Tensor:
     """The longest candidate step ≤ ``alpha`` (B,) with sufficient merit decrease (see above);
-    ``alpha`` itself where none has it (shorter steps would only crawl)."""
+    ``alpha`` itself where none has it (shorter steps would only crawl). ‖r‖ is the largest
+    entry of the scaled residuals r_d, r_e, r_i."""
+    infeasibility = torch.stack([inf_norm(res.r_d), inf_norm(res.r_e), inf_norm(res.r_i)]).amax(0)
     factors = _BACKTRACK ** torch.arange(_BACKTRACK_STEPS, dtype=s.dtype, device=s.device)
     a = alpha.unsqueeze(-1) * factors
     mu_a = ((s.unsqueeze(1) + a.unsqueeze(-1) * ds.unsqueeze(1)) * (lam.unsqueeze(1) + a.unsqueeze(-1) * dlam.unsqueeze(1))).mean(-1)
-    merit0 = (s * lam).mean(-1) + infeasibility
+    merit0 = res.mu + infeasibility
     merit = mu_a + (1 - a) * infeasibility.unsqueeze(-1)
     ok = merit <= (1 - _MERIT_DECREASE * a) * merit0.unsqueeze(-1)
     first = torch.where(ok.any(-1), ok.to(torch.int64).argmax(-1), 0)
@@ -236,7 +233,7 @@ def newton_iteration(data: QPData, st: IPMState, res: Residuals, settings: IPMSe
         b4 = -st.s * st.lam - ds * dlam + (sigma * res.mu).unsqueeze(-1)
         dx, dnu, dlam, ds = solve_newton(f, st.s, st.lam, -res.r_d, -res.r_e, -res.r_i, b4, refine)
         alpha = (settings.step_fraction * torch.minimum(_max_step(st.s, ds), _max_step(st.lam, dlam))).clamp(max=1.0)
-        alpha = _merit_step(st.s, st.lam, ds, dlam, alpha, _scaled_infeasibility(res))
+        alpha = _merit_step(st.s, st.lam, ds, dlam, alpha, res)
     else:
         alpha = st.x.new_ones(st.x.shape[0])
     return Step(dx, dnu, dlam, ds, mv(data.Q, dx), alpha, f.ok)
