@@ -12,8 +12,9 @@ import torch
 from torch import Tensor
 
 from optlayers.qp.derivatives import solution_jvp, solution_vjp
-from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings, solve_scaled
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
 from optlayers.qp.kkt import KKTFactor
+from optlayers.qp.parallel import solve_scaled_parallel
 from optlayers.qp.problem import check_values, qp_data
 from optlayers.qp.scaling import (
     QPData,
@@ -81,7 +82,7 @@ class QPSolveFn(torch.autograd.Function):
         check_values(Q, p, G, h, A, b)
         dtype = p.dtype
         scaled, sc = equilibrate(qp_data(*(t.to(COMPUTE_DTYPE) for t in (Q, p, G, h, A, b))))
-        result = solve_scaled(scaled, sc, settings)
+        result = solve_scaled_parallel(scaled, sc, settings)
         st, res = result.state, result.residuals
         solved = st.status == int(QPStatus.SOLVED)
         x, nu, lam, s = (_keep_solved(solved, v, float("nan")).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))

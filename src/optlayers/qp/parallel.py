@@ -1,0 +1,80 @@
+"""Run the interior point method on slices of a CPU batch in parallel threads.
+
+On the CPU, torch runs the batched triangular solves and Cholesky factorisations of the
+solver one matrix after another on a single core, and its element-wise work on (B, n) vectors
+is too small to be split across cores. Slicing the batch and solving the slices in as many
+Python threads as torch has intra-op threads puts every core to work (torch releases the GIL
+inside its kernels); each slice's thread runs torch single-threaded, so that the cores are
+not oversubscribed. The problems of a batch are independent, so the slices give the same
+iterates as the whole batch.
+"""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields, is_dataclass, replace
+from typing import TypeVar
+
+import torch
+from torch import Tensor
+
+from optlayers.qp.ipm import IPMResult, IPMSettings, solve_scaled
+from optlayers.qp.scaling import QPData, Scaling
+
+# A slice should hold at least this many matrix entries (batch × n × n): below it, thread
+# start-up and contention for the GIL outweigh the parallel linear algebra.
+_MIN_SLICE_ENTRIES = 100_000
+
+T = TypeVar("T")
+
+
+def slice_count(batch: int, n: int, device: torch.device) -> int:
+    """How many slices a batch of ``batch`` problems with ``n`` variables is solved in."""
+    if device.type != "cpu":
+        return 1
+    per_problem = max(n * n, 1)
+    return max(1, min(torch.get_num_threads(), batch, batch * per_problem // _MIN_SLICE_ENTRIES))
+
+
+def _take(obj: T, index: slice) -> T:
+    """``obj`` (a dataclass of (B, ...) tensors) restricted to the batch elements ``index``."""
+    return replace(obj, **{f.name: getattr(obj, f.name)[index] for f in fields(obj)})
+
+
+def _concat(parts: list[T]) -> T:
+    """Join dataclasses of batch slices along the batch dimension (non-tensor fields from the first)."""
+    first = parts[0]
+    joined = {}
+    for f in fields(first):
+        values = [getattr(p, f.name) for p in parts]
+        if isinstance(values[0], Tensor):
+            joined[f.name] = torch.cat(values)
+        elif is_dataclass(values[0]):
+            joined[f.name] = _concat(values)
+        else:
+            joined[f.name] = values[0]
+    return replace(first, **joined)
+
+
+def _solve_slice(data: QPData, sc: Scaling, settings: IPMSettings, caller_threads: int) -> IPMResult:
+    """One slice on one core. torch's intra-op thread count is per thread under OpenMP; it is
+    set back to the caller's on the way out in case a build shares it between threads."""
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return solve_scaled(data, sc, settings)
+    finally:
+        torch.set_num_threads(caller_threads)
+
+
+def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings) -> IPMResult:
+    """``ipm.solve_scaled`` on ``slice_count`` slices of the batch at once; same result."""
+    batch, n = data.p.shape
+    count = slice_count(batch, n, data.p.device)
+    if count == 1:
+        return solve_scaled(data, sc, settings)
+    bounds = torch.linspace(0, batch, count + 1).round().to(torch.int64).tolist()
+    slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        parts = list(pool.map(lambda s: _solve_slice(_take(data, s), _take(sc, s), settings, threads), slices))
+    return _concat(parts)
