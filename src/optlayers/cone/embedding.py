@@ -19,20 +19,21 @@ import dataclasses
 import torch
 
 from optlayers.cone.operator import LinearMap
+from optlayers.linalg import mtv, mv
 
 
 def matvec(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """A v for A (B, m, n), shared dense or sparse (m, n), and v (B, n) -> (B, m)."""
     if A.layout != torch.strided:
         return (A @ v.T).T
-    return (A @ v.unsqueeze(-1)).squeeze(-1)
+    return mv(A, v)
 
 
 def rmatvec(A: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """A^T v for v (B, m) -> (B, n)."""
     if A.layout != torch.strided:
         return (v @ A)
-    return (v.unsqueeze(-2) @ A).squeeze(-2)
+    return mtv(A, v)
 
 
 @dataclasses.dataclass(frozen=True)

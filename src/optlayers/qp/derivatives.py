@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from optlayers.qp.kkt import KKTFactor, mtv, mv, solve_reduced
+from optlayers.linalg import mtv, mv
+from optlayers.qp.kkt import KKTFactor, solve_reduced
 from optlayers.qp.scaling import QPData
 
 

@@ -11,7 +11,8 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from optlayers.qp.kkt import KKTFactor, factor_kkt, mtv, mv, solve_newton, solve_reduced
+from optlayers.linalg import mtv, mv
+from optlayers.qp.kkt import KKTFactor, factor_kkt, solve_newton, solve_reduced
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
 

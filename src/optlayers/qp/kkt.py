@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optlayers.linalg import mtv, mv
+
 # Each failed Cholesky factorisation is retried with its regularisation multiplied by this.
 _REG_GROWTH = 100.0
 _MAX_FACTOR_RETRIES = 4
@@ -60,16 +62,6 @@ class KKTFactor:
     chol_s: Tensor
     ok: Tensor
     m: int
-
-
-def mv(M: Tensor, v: Tensor) -> Tensor:
-    """Batched matrix-vector product (B, r, c) @ (B, c) -> (B, r)."""
-    return (M @ v.unsqueeze(-1)).squeeze(-1)
-
-
-def mtv(M: Tensor, v: Tensor) -> Tensor:
-    """Batched transposed product Mᵀ v, (B, r, c), (B, r) -> (B, c)."""
-    return (v.unsqueeze(-2) @ M).squeeze(-2)
 
 
 def _cholesky(M: Tensor) -> tuple[Tensor, Tensor]:
