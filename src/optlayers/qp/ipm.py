@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from optlayers.linalg import mtv, mv
+from optlayers.qp.batch import put, take
 from optlayers.qp.kkt import KKTFactor, factor_kkt, solve_newton, solve_reduced
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
@@ -311,14 +312,33 @@ def assess(data: QPData, old: IPMState, res: Residuals, step: Step, settings: IP
     )
 
 
+# Once no more than this fraction of the working batch is still running, the finished problems
+# are dropped from it, so that the iterations of the slowest problems cost only their own work.
+_COMPACT_FRACTION = 0.75
+
+
 def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings) -> IPMResult:
     """Run the interior point method on a scaled batch until every problem has a status."""
-    st = initial_point(data, settings)
+    full = initial_point(data, settings)
+    index = None  # the working batch's elements in the full batch; None while they are all
+    work_data, work_sc, st = data, sc, full
     for iteration in range(settings.max_iter + 1):
-        res = residuals(data, sc, st, settings)
+        res = residuals(work_data, work_sc, st, settings)
         st = replace(st, status=torch.where((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED), st.status))
-        if iteration == settings.max_iter or not bool((st.status == RUNNING).any()):
+        running = st.status == RUNNING
+        count = int(running.sum())
+        if iteration == settings.max_iter or count == 0:
             break
-        st = assess(data, st, res, newton_iteration(data, st, res, settings), settings)
-    st = replace(st, status=torch.where(st.status == RUNNING, int(QPStatus.MAX_ITER), st.status))
-    return IPMResult(state=st, residuals=res, factor=_factor_at(data, st.lam, st.s, settings, stiff=True))
+        if count <= _COMPACT_FRACTION * running.shape[0]:
+            full = st if index is None else put(full, index, st)
+            keep = running.nonzero().squeeze(-1)
+            index = keep if index is None else index[keep]
+            work_data, work_sc, st, res = take(data, index), take(sc, index), take(st, keep), take(res, keep)
+        st = assess(work_data, st, res, newton_iteration(work_data, st, res, settings), settings)
+    if index is not None:
+        full = put(full, index, st)
+        res = residuals(data, sc, full, settings)
+    else:
+        full = st
+    full = replace(full, status=torch.where(full.status == RUNNING, int(QPStatus.MAX_ITER), full.status))
+    return IPMResult(state=full, residuals=res, factor=_factor_at(data, full.lam, full.s, settings, stiff=True))

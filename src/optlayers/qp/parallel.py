@@ -11,20 +11,16 @@ iterates as the whole batch.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import fields, is_dataclass, replace
-from typing import TypeVar
 
 import torch
-from torch import Tensor
 
+from optlayers.qp.batch import concat, take
 from optlayers.qp.ipm import IPMResult, IPMSettings, solve_scaled
 from optlayers.qp.scaling import QPData, Scaling
 
 # A slice should hold at least this many matrix entries (batch × n × n): below it, thread
 # start-up and contention for the GIL outweigh the parallel linear algebra.
 _MIN_SLICE_ENTRIES = 100_000
-
-T = TypeVar("T")
 
 
 def slice_count(batch: int, n: int, device: torch.device) -> int:
@@ -33,26 +29,6 @@ def slice_count(batch: int, n: int, device: torch.device) -> int:
         return 1
     per_problem = max(n * n, 1)
     return max(1, min(torch.get_num_threads(), batch, batch * per_problem // _MIN_SLICE_ENTRIES))
-
-
-def _take(obj: T, index: slice) -> T:
-    """``obj`` (a dataclass of (B, ...) tensors) restricted to the batch elements ``index``."""
-    return replace(obj, **{f.name: getattr(obj, f.name)[index] for f in fields(obj)})
-
-
-def _concat(parts: list[T]) -> T:
-    """Join dataclasses of batch slices along the batch dimension (non-tensor fields from the first)."""
-    first = parts[0]
-    joined = {}
-    for f in fields(first):
-        values = [getattr(p, f.name) for p in parts]
-        if isinstance(values[0], Tensor):
-            joined[f.name] = torch.cat(values)
-        elif is_dataclass(values[0]):
-            joined[f.name] = _concat(values)
-        else:
-            joined[f.name] = values[0]
-    return replace(first, **joined)
 
 
 def _solve_slice(data: QPData, sc: Scaling, settings: IPMSettings, caller_threads: int) -> IPMResult:
@@ -76,5 +52,5 @@ def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings) -> I
     slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
     threads = torch.get_num_threads()
     with ThreadPoolExecutor(max_workers=count) as pool:
-        parts = list(pool.map(lambda s: _solve_slice(_take(data, s), _take(sc, s), settings, threads), slices))
-    return _concat(parts)
+        parts = list(pool.map(lambda s: _solve_slice(take(data, s), take(sc, s), settings, threads), slices))
+    return concat(parts)

@@ -1,9 +1,10 @@
-"""Solving a CPU batch in slices on parallel threads gives the whole batch's answer."""
+"""The batch is an implementation detail: slices on parallel threads and a working batch that
+sheds finished problems give every element the answer it gets alone."""
 import pytest
 import torch
 
 from optlayers import QPStatus, solve_qp
-from optlayers.qp import parallel
+from optlayers.qp import ipm, parallel
 from tests.qp.qp_problems import random_qp
 
 
@@ -49,3 +50,25 @@ def test_small_batches_and_other_devices_are_not_sliced(threads):
     assert parallel.slice_count(128, 100, torch.device("meta")) == 1
     torch.set_num_threads(1)
     assert parallel.slice_count(128, 100, torch.device("cpu")) == 1
+
+
+def test_finished_problems_leave_the_working_batch(monkeypatch):
+    """Problems that need few iterations are dropped from the batch; every element still gets
+    exactly the answer it gets alone, including the infeasible and the slow ones."""
+    torch.manual_seed(1)
+    data = random_qp((8,), 5, 6, 1, active=True)
+    data["Q"][:4] = torch.eye(5, dtype=torch.float64)  # easy: a few iterations
+    data["p"][:4] = 0.1 * data["p"][:4].sign()
+    data["G"][5, 1] = -data["G"][5, 0]
+    data["h"][5, :2] = -1.0  # infeasible
+    compactions = []
+    original_take = ipm.take
+    monkeypatch.setattr(ipm, "take", lambda obj, index: compactions.append(len(index)) or original_take(obj, index))
+    batch = solve_qp(**data, on_failure="ignore")
+    assert compactions, "the working batch was never compacted"
+    assert len(set(batch.iterations.tolist())) > 2
+    for i in range(8):
+        alone = solve_qp(**{k: None if v is None else v[i] for k, v in data.items()}, on_failure="ignore")
+        assert alone.status == batch.status[i] and alone.iterations == batch.iterations[i], i
+        for name in ("z", "lam", "nu", "gap"):
+            torch.testing.assert_close(getattr(batch, name)[i], getattr(alone, name), rtol=1e-12, atol=1e-12, equal_nan=True)
