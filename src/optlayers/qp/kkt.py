@@ -91,7 +91,7 @@ def factor_kkt(
         d0 = torch.cat([A.new_zeros(A.shape[:-1]), torch.where(stiff, 1.0 / w_inv, torch.ones_like(w_inv))], dim=-1)
         w_inv_soft = torch.where(stiff, torch.zeros_like(w_inv), w_inv)
     eq_rows = torch.arange(C.shape[-2], device=Q.device) < m
-    H = torch.baddbmm(Q, G.transpose(-1, -2), w_inv_soft.unsqueeze(-1) * G)
+    H = torch.baddbmm(Q, G.mT * w_inv_soft.unsqueeze(-2), G)  # scaling Gᵀ's columns is the faster broadcast
     ok = torch.zeros(Q.shape[0], dtype=torch.bool, device=Q.device)
     chol_h, chol_s = H, H.new_zeros(Q.shape[0], C.shape[-2], C.shape[-2])
     added = torch.zeros_like(rho)  # the regularisation now on H's diagonal, removed at the end
