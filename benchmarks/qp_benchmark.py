@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ ACCURACY_SAMPLE = 32
 FULL_BUDGET = Budget(warmup=1, min_repeats=3, max_repeats=10, seconds=3.0)
 QUICK_BUDGET = Budget(warmup=1, min_repeats=2, max_repeats=3, seconds=0.5)
 SEED = 0
-PEER_PACKAGES = ("torch", "numpy", "qpth", "proxsuite", "cvxpylayers", "cvxpy", "diffcp", "scs", "gurobipy", "cplex",
+PEER_PACKAGES = ("torch", "numpy", "qpth", "proxsuite", "qpax", "jax", "cvxpylayers", "cvxpy", "diffcp", "scs", "gurobipy", "cplex",
                  "osqp", "clarabel")
 
 
@@ -51,8 +52,8 @@ class Setting:
     solvers: tuple[str, ...] | None = None
 
 
-FIGURE1_SOLVERS = ("optlayers", "linear", "qpth", "qplayer")
-GPU_SOLVERS = ("optlayers", "linear", "qpth")
+FIGURE1_SOLVERS = ("optlayers", "linear", "qpth", "qplayer", "qpax")
+GPU_SOLVERS = ("optlayers", "linear", "qpth", "qpax")
 
 
 def full_settings(dtypes: list[str], cuda: bool) -> list[Setting]:
@@ -103,8 +104,13 @@ def measure(solver: Solver, qp: QPBatch, budget: Budget, clock: Clock) -> dict[s
     """Forward (and for layers backward and their sum) seconds per call."""
     if not solver.differentiable:
         return {"forward": Stats.of(repeat(forward_phase(lambda: solver.solve(qp)), clock, budget)[0])}
-    leaves = _leaves(qp)
     weights = torch.randn(qp.batch, qp.n, dtype=qp.p.dtype, device=qp.p.device)
+    if solver.value_and_grad is not None:  # outside torch's autograd: backward = (forward + backward) − forward
+        forward = repeat(forward_phase(lambda: solver.solve(qp)), clock, budget)[0]
+        total = repeat(forward_phase(lambda: solver.value_and_grad(qp, weights)), clock, budget)[0]
+        backward = [max(t - statistics.median(forward), 0.0) for t in total]
+        return {"forward": Stats.of(forward), "backward": Stats.of(backward), "total": Stats.of(total)}
+    leaves = _leaves(qp)
     inputs = [t for t in leaves.tensors() if t is not None]
     forward, backward = repeat(forward_backward_phases(lambda: solver.solve(leaves), inputs, weights), clock, budget)
     total = [f + b for f, b in zip(forward, backward)]

@@ -39,6 +39,9 @@ class Solver:
     max_n: int = math.inf
     max_batch: int = math.inf
     cap_reason: str = ""
+    value_and_grad: Callable[[QPBatch, torch.Tensor], object] | None = None
+    """For solvers outside torch's autograd (JAX): one call computing z and the gradients of ⟨weights, z⟩
+    with respect to every input, returned when the results are ready; timed as forward + backward."""
 
     def cap(self, qp: QPBatch) -> str | None:
         """Why this solver skips ``qp`` in the default run, or None."""
@@ -140,6 +143,34 @@ def _cvxpylayers() -> Solver:
                   max_batch=CVXPYLAYERS_MAX_BATCH, cap_reason=f"batch ≤ {CVXPYLAYERS_MAX_BATCH} in the default run")
 
 
+def _qpax() -> Solver:
+    import jax
+    import qpax
+
+    jax.config.update("jax_enable_x64", True)  # float64 problems stay float64 (a process-wide JAX setting)
+
+    def batched(Q, p, A, b, G, h):
+        return jax.vmap(qpax.solve_qp_primal)(Q, p, A, b, G, h)
+
+    forward = jax.jit(batched)
+    loss_and_grads = jax.jit(jax.value_and_grad(lambda args, w: (batched(*args) * w).sum()))
+
+    def arrays(qp: QPBatch) -> tuple:
+        empty = torch.zeros(qp.batch, 0, qp.n, dtype=qp.p.dtype, device=qp.p.device)
+        A = empty if qp.A is None else qp.A
+        b = empty[..., 0] if qp.b is None else qp.b
+        return tuple(jax.dlpack.from_dlpack(t.detach().contiguous()) for t in (qp.Q, qp.p, A, b, qp.G, qp.h))
+
+    def solve(qp: QPBatch) -> torch.Tensor:
+        return torch.from_dlpack(forward(*arrays(qp)).block_until_ready())
+
+    def value_and_grad(qp: QPBatch, weights: torch.Tensor):
+        return jax.block_until_ready(loss_and_grads(arrays(qp), jax.dlpack.from_dlpack(weights.contiguous())))
+
+    return Solver("qpax", solve, True, "solve_qp_primal defaults (solver_tol 1e-5, relaxed gradients), jit + vmap",
+                  max_n=SLOW_MAX_N, cap_reason=SLOW_CAP, value_and_grad=value_and_grad)
+
+
 def _loop(solve_one: Callable[..., np.ndarray]) -> Callable[[QPBatch], torch.Tensor]:
     """Solve element by element in numpy float64 (conversion included in the timing)."""
 
@@ -219,6 +250,7 @@ def available_solvers(names: list[str] | None, threads: int) -> tuple[list[Solve
         "linear": _linear,
         "qpth": _qpth,
         "qplayer": _qplayer,
+        "qpax": _qpax,
         "cvxpylayers": _cvxpylayers,
         "gurobi": lambda: _gurobi(threads),
         "cplex": lambda: _cplex(threads),
