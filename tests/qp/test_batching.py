@@ -1,5 +1,7 @@
 """The batch is an implementation detail: slices on parallel threads and a working batch that
 sheds finished problems give every element the answer it gets alone."""
+import threading
+
 import pytest
 import torch
 
@@ -35,6 +37,11 @@ def test_slices_reproduce_the_whole_batch(monkeypatch, threads):
     assert parallel.slice_count(7, 6, torch.device("cpu")) == 3
     sliced, sliced_grads = _solve_with_threads(3, data)
     assert torch.get_num_threads() == 3, "the caller's thread count must survive the parallel solve"
+    seen = []
+    later = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    later.start()
+    later.join()
+    assert seen == [3], "a thread started after the solve must get the caller's thread count"
     assert whole.status[3] != QPStatus.SOLVED and (whole.status != QPStatus.SOLVED).sum() == 1
     for name in ("z", "lam", "nu", "s", "status", "iterations", "primal_residual", "dual_residual", "gap"):
         torch.testing.assert_close(getattr(sliced, name), getattr(whole, name), rtol=0, atol=0, equal_nan=True, msg=name)

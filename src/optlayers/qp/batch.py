@@ -10,14 +10,18 @@ from torch import Tensor
 T = TypeVar("T")
 
 
+def _tensor_fields(obj: object) -> list[str]:
+    return [f.name for f in fields(obj) if isinstance(getattr(obj, f.name), Tensor)]
+
+
 def take(obj: T, index: Tensor | slice) -> T:
-    """``obj`` restricted to the batch elements ``index`` (indices or a slice) of every field."""
-    return replace(obj, **{f.name: getattr(obj, f.name)[index] for f in fields(obj)})
+    """``obj`` restricted to the batch elements ``index`` (indices or a slice) of every tensor field."""
+    return replace(obj, **{name: getattr(obj, name)[index] for name in _tensor_fields(obj)})
 
 
 def put(full: T, index: Tensor, part: T) -> T:
-    """``full`` with the batch elements ``index`` replaced by ``part``'s (out of place)."""
-    return replace(full, **{f.name: getattr(full, f.name).index_copy(0, index, getattr(part, f.name)) for f in fields(full)})
+    """``full`` with the batch elements ``index`` of every tensor field replaced by ``part``'s (out of place)."""
+    return replace(full, **{name: getattr(full, name).index_copy(0, index, getattr(part, name)) for name in _tensor_fields(full)})
 
 
 def concat(parts: list[T]) -> T:

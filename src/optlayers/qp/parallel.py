@@ -31,15 +31,14 @@ def slice_count(batch: int, n: int, device: torch.device) -> int:
     return max(1, min(torch.get_num_threads(), batch, batch * per_problem // _MIN_SLICE_ENTRIES))
 
 
-def _solve_slice(data: QPData, sc: Scaling, settings: IPMSettings, caller_threads: int) -> IPMResult:
-    """One slice on one core. torch's intra-op thread count is per thread under OpenMP; it is
-    set back to the caller's on the way out in case a build shares it between threads."""
+def _solve_slice(data: QPData, sc: Scaling, settings: IPMSettings) -> IPMResult:
+    """One slice on one core. Under OpenMP torch's thread count is per thread, copied from a
+    process-wide value when a thread first asks for it: asking before setting 1 keeps a sibling
+    slice's setting from leaking in (the caller restores the process-wide value afterwards)."""
+    torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            return solve_scaled(data, sc, settings)
-    finally:
-        torch.set_num_threads(caller_threads)
+    with torch.no_grad():
+        return solve_scaled(data, sc, settings)
 
 
 def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings) -> IPMResult:
@@ -51,6 +50,9 @@ def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings) -> I
     bounds = torch.linspace(0, batch, count + 1).round().to(torch.int64).tolist()
     slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
     threads = torch.get_num_threads()
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        parts = list(pool.map(lambda s: _solve_slice(take(data, s), take(sc, s), settings, threads), slices))
+    try:
+        with ThreadPoolExecutor(max_workers=count) as pool:
+            parts = list(pool.map(lambda s: _solve_slice(take(data, s), take(sc, s), settings), slices))
+    finally:
+        torch.set_num_threads(threads)
     return concat(parts)
