@@ -159,8 +159,11 @@ def _merit_step(s: Tensor, lam: Tensor, ds: Tensor, dlam: Tensor, alpha: Tensor,
 def residuals(data: QPData, sc: Scaling, st: IPMState, settings: IPMSettings) -> Residuals:
     """KKT residuals and the convergence test, measured in the original problem's units."""
     c = sc.c
-    qx, atnu, gtlam = mv(data.Q, st.x), mtv(data.A, st.nu), mtv(data.G, st.lam)
-    ax, gx = mv(data.A, st.x), mv(data.G, st.x)
+    qx, gtlam, gx = mv(data.Q, st.x), mtv(data.G, st.lam), mv(data.G, st.x)
+    if data.A.shape[-2]:
+        atnu, ax = mtv(data.A, st.nu), mv(data.A, st.x)
+    else:
+        atnu, ax = torch.zeros_like(st.x), st.nu
     r_d = qx + data.p + atnu + gtlam
     r_e = ax - data.b
     r_i = gx + st.s - data.h

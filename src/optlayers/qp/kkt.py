@@ -139,8 +139,10 @@ def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor) -> tuple[Tensor, Te
 
 def _apply_extended(f: KKTFactor, dx: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
     """The unregularised extended operator: (Q + G_softᵀ W_soft⁻¹ G_soft) dx + Cᵀ ω, C dx − d0 ω."""
-    hx = mv(f.H, dx) + mtv(f.C, omega)
-    return hx, mv(f.C, dx) - f.d0 * omega
+    hx = mv(f.H, dx)
+    if f.C.shape[-2] == 0:
+        return hx, omega
+    return hx + mtv(f.C, omega), mv(f.C, dx) - f.d0 * omega
 
 
 def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor, v: Tensor, refine_steps: int) -> tuple[Tensor, Tensor, Tensor]:
