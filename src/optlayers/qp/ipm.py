@@ -148,7 +148,10 @@ def _merit_step(s: Tensor, lam: Tensor, ds: Tensor, dlam: Tensor, alpha: Tensor,
     infeasibility = torch.stack([inf_norm(res.r_d), inf_norm(res.r_e), inf_norm(res.r_i)]).amax(0)
     factors = _BACKTRACK ** torch.arange(_BACKTRACK_STEPS, dtype=s.dtype, device=s.device)
     a = alpha.unsqueeze(-1) * factors
-    mu_a = ((s.unsqueeze(1) + a.unsqueeze(-1) * ds.unsqueeze(1)) * (lam.unsqueeze(1) + a.unsqueeze(-1) * dlam.unsqueeze(1))).mean(-1)
+    k = s.shape[-1]
+    # μ(a) = mean((s + a ds)(λ + a dλ)) = μ + a·(sᵀdλ + λᵀds)/k + a²·dsᵀdλ/k
+    linear, quadratic = ((dot(s, dlam) + dot(lam, ds)) / k).unsqueeze(-1), (dot(ds, dlam) / k).unsqueeze(-1)
+    mu_a = res.mu.unsqueeze(-1) + a * (linear + a * quadratic)
     merit0 = res.mu + infeasibility
     merit = mu_a + (1 - a) * infeasibility.unsqueeze(-1)
     ok = merit <= (1 - _MERIT_DECREASE * a) * merit0.unsqueeze(-1)
