@@ -74,8 +74,8 @@ def figure2(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def figure_gpu(rows: list[dict], path: Path) -> None:
-    """Forward + backward time against batch size on the GPU."""
+def figure_batch(rows: list[dict], path: Path) -> None:
+    """Forward + backward time against batch size (the large-batch settings)."""
     fig, ax = plt.subplots(figsize=(6, 4.5))
     _lines(ax, rows, "batch", ("total",))
     ax.set_xlabel("batch size")
@@ -88,7 +88,7 @@ def figure_gpu(rows: list[dict], path: Path) -> None:
 def save_figures(rows: list[dict], out: Path) -> list[Path]:
     """Write the figures whose settings were run; returns their paths."""
     written = []
-    for figure, draw in (("fig1", figure1), ("fig2", figure2), ("gpu", figure_gpu)):
+    for figure, draw in (("fig1", figure1), ("fig2", figure2), ("batch", figure_batch)):
         timed = _timed(rows, figure)
         if figure == "fig2":
             timed = [row for row in timed if row["dtype"] == timed[0]["dtype"]] if timed else []

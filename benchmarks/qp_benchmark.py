@@ -56,13 +56,14 @@ FIGURE1_SOLVERS = ("optlayers", "linear", "qpth", "qplayer", "qpax")
 GPU_SOLVERS = ("optlayers", "linear", "qpth", "qpax")
 
 
-def full_settings(dtypes: list[str], cuda: bool) -> list[Setting]:
-    """The default run: Figures 1 and 2, equalities, and large batches when on a GPU."""
+def full_settings(dtypes: list[str], large_batches: bool) -> list[Setting]:
+    """The default run: Figures 1 and 2, equalities, and (on a GPU, or on the CPU with ``--no-caps``)
+    the growth with the batch up to 2048."""
     settings = [Setting("fig1", 128, n, n, 0, dtype, FIGURE1_SOLVERS) for dtype in dtypes for n in (10, 50, 100, 500)]
     settings += [Setting("fig2", batch, 100, 100, 0, "float64") for batch in (1, 64, 128) if "float64" in dtypes]
     settings += [Setting("equality", 128, 100, 100, 50, "float64")] if "float64" in dtypes else []
-    if cuda:
-        settings += [Setting("gpu", batch, 100, 100, 0, dtype, GPU_SOLVERS) for dtype in dtypes for batch in (512, 1024, 2048)]
+    if large_batches:
+        settings += [Setting("batch", batch, 100, 100, 0, dtype, GPU_SOLVERS) for dtype in dtypes for batch in (512, 1024, 2048)]
     return settings
 
 
@@ -72,7 +73,7 @@ def quick_settings(dtypes: list[str], cuda: bool) -> list[Setting]:
     settings += [Setting("fig2", batch, 10, 10, 0, dtypes[0]) for batch in (1, 8)]
     settings += [Setting("equality", 8, 10, 10, 3, dtypes[0])]
     if cuda:
-        settings += [Setting("gpu", 64, 10, 10, 0, dtypes[0], GPU_SOLVERS)]
+        settings += [Setting("batch", 64, 10, 10, 0, dtypes[0], GPU_SOLVERS)]
     return settings
 
 
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
     torch.set_num_threads(args.threads)
     dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
-    settings = (quick_settings if args.quick else full_settings)(dtypes, device.type == "cuda")
+    cuda = device.type == "cuda"
+    settings = quick_settings(dtypes, cuda) if args.quick else full_settings(dtypes, cuda or args.no_caps)
     solvers, missing = available_solvers(args.solvers.split(",") if args.solvers else None, args.threads)
     for line in missing:
         print(line, flush=True)
