@@ -109,11 +109,12 @@ class Residuals:
 
 @dataclass(frozen=True)
 class IPMResult:
-    """Final scaled iterate, per-problem outcome, and the KKT factorisation at the solution."""
+    """Final scaled iterate, per-problem outcome, and the derivatives' KKT factorisation at the
+    solution when it was asked for (``derivative_factor``)."""
 
     state: IPMState
     residuals: Residuals
-    factor: KKTFactor
+    factor: KKTFactor | None
 
 
 def inf_norm(v: Tensor) -> Tensor:
@@ -189,10 +190,10 @@ def residuals(data: QPData, sc: Scaling, st: IPMState, settings: IPMSettings) ->
     return Residuals(r_d=r_d, r_e=r_e, r_i=r_i, mu=mu, primal=primal, dual=dual, gap=gap, converged=converged)
 
 
-def _factor_at(data: QPData, lam: Tensor, s: Tensor, settings: IPMSettings, stiff: bool = False) -> KKTFactor:
+def _factor_at(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings, stiff: bool = False) -> KKTFactor:
     reg = lam.new_full(lam.shape[:1], settings.reg)
     w_inv = lam / (s + settings.ineq_reg * lam)
-    return factor_kkt(data.Q, data.A, data.G, w_inv, reg, reg.clone(), stiff=w_inv > _STIFF_W_INV if stiff else None)
+    return factor_kkt(Q, A, G, w_inv, reg, reg.clone(), stiff=w_inv > _STIFF_W_INV if stiff else None)
 
 
 def initial_point(data: QPData, settings: IPMSettings) -> IPMState:
@@ -230,7 +231,7 @@ class Step:
 
 def newton_iteration(data: QPData, st: IPMState, res: Residuals, settings: IPMSettings) -> Step:
     """One predictor-corrector direction and step length for every problem."""
-    f = _factor_at(data, st.lam, st.s, settings)
+    f = _factor_at(data.Q, data.A, data.G, st.lam, st.s, settings)
     k = data.h.shape[-1]
     refine = settings.refine_steps
     dx, dnu, dlam, ds = solve_newton(f, st.s, st.lam, -res.r_d, -res.r_e, -res.r_i, -st.s * st.lam, refine)
@@ -323,8 +324,9 @@ def assess(data: QPData, old: IPMState, res: Residuals, step: Step, settings: IP
 _COMPACT_FRACTION = 0.75
 
 
-def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings) -> IPMResult:
-    """Run the interior point method on a scaled batch until every problem has a status."""
+def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
+    """Run the interior point method on a scaled batch until every problem has a status; with
+    ``with_factor``, also factorise the KKT system at the solution for the derivatives."""
     full = initial_point(data, settings)
     index = None  # the working batch's elements in the full batch; None while they are all
     work_data, work_sc, st = data, sc, full
@@ -347,4 +349,11 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings) -> IPMResult:
     else:
         full = st
     full = replace(full, status=torch.where(full.status == RUNNING, int(QPStatus.MAX_ITER), full.status))
-    return IPMResult(state=full, residuals=res, factor=_factor_at(data, full.lam, full.s, settings, stiff=True))
+    factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings) if with_factor else None
+    return IPMResult(state=full, residuals=res, factor=factor)
+
+
+def derivative_factor(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings) -> KKTFactor:
+    """The KKT factorisation that the derivatives solve with, at a final iterate (λ, s) of the
+    scaled problem (Q, A, G): near-active inequalities are kept out of H (see ``_STIFF_W_INV``)."""
+    return _factor_at(Q, A, G, lam, s, settings, stiff=True)

@@ -33,28 +33,28 @@ def slice_count(batch: int, n: int, device: torch.device) -> int:
     return max(1, min(torch.get_num_threads(), batch, batch * per_problem // _MIN_SLICE_ENTRIES))
 
 
-def _solve_slice(data: QPData, sc: Scaling, settings: IPMSettings) -> IPMResult:
+def _solve_slice(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool) -> IPMResult:
     """One slice on one core. Under OpenMP torch's thread count is per thread, copied from a
     process-wide value when a thread first asks for it: asking before setting 1 keeps a sibling
     slice's setting from leaking in (the caller restores the process-wide value afterwards)."""
     torch.get_num_threads()
     torch.set_num_threads(1)
     with torch.no_grad():
-        return solve_scaled(data, sc, settings)
+        return solve_scaled(data, sc, settings, with_factor)
 
 
-def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings) -> IPMResult:
+def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
     """``ipm.solve_scaled`` on ``slice_count`` slices of the batch at once; same result."""
     batch, n = data.p.shape
     count = slice_count(batch, n, data.p.device)
     if count == 1:
-        return solve_scaled(data, sc, settings)
+        return solve_scaled(data, sc, settings, with_factor)
     bounds = torch.linspace(0, batch, count + 1).round().to(torch.int64).tolist()
     slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
     threads = torch.get_num_threads()
     try:
         with ThreadPoolExecutor(max_workers=count) as pool:
-            parts = list(pool.map(lambda s: _solve_slice(take(data, s), take(sc, s), settings), slices))
+            parts = list(pool.map(lambda s: _solve_slice(take(data, s), take(sc, s), settings, with_factor), slices))
     finally:
         torch.set_num_threads(threads)
     return concat(parts)

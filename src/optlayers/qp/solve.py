@@ -88,7 +88,8 @@ def solve_qp(
     _check_options(tol, rel_tol, max_iter, on_failure)
     flat, batch = prepare_qp(Q, p, G, h, A, b)
     settings = default_settings(flat[1].dtype, tol, rel_tol, max_iter)
-    out = QPSolveFn.apply(*flat, settings, on_failure, tuple(batch))
+    keep_factor = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
+    out = QPSolveFn.apply(*flat, settings, keep_factor, on_failure, tuple(batch))
     z, lam, nu, s, status, iterations, primal, dual, gap = (t.reshape((*batch, *t.shape[1:])) for t in out[:9])
     return QPSolution(z, lam, nu, s, status, iterations, primal, dual, gap)
 
