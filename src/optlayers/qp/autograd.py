@@ -80,7 +80,7 @@ def _rows(mask: Tensor, t: Tensor) -> Tensor:
 
 
 def _keep_solved(mask: Tensor, t: Tensor, fill: float) -> Tensor:
-    return torch.where(_rows(mask, t), t, torch.full_like(t, fill))
+    return torch.where(_rows(mask, t), t, torch.tensor(fill, dtype=t.dtype, device=t.device))
 
 
 class QPSolveFn(torch.autograd.Function):

@@ -16,8 +16,9 @@ from optlayers.qp.kkt import KKTFactor, solve_reduced
 from optlayers.qp.scaling import QPData
 
 
-def _outer(u: Tensor, v: Tensor) -> Tensor:
-    return u.unsqueeze(-1) * v.unsqueeze(-2)
+def _outer_sum(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor) -> Tensor:
+    """u1 v1ᵀ + u2 v2ᵀ for (B, r) u's and (B, c) v's, as one (B, r, 2) @ (B, 2, c) product."""
+    return torch.stack([u1, u2], dim=-1) @ torch.stack([v1, v2], dim=-2)
 
 
 def solution_vjp(
@@ -27,11 +28,11 @@ def solution_vjp(
     """Cotangent of the data from cotangents of (x, ν, λ, s); all (B, ·)."""
     wx, wnu, wlam = solve_reduced(f, gx, gnu, (s / lam) * gs - glam, refine_steps)
     return QPData(
-        Q=-0.5 * (_outer(wx, x) + _outer(x, wx)),
+        Q=_outer_sum(-0.5 * wx, x, -0.5 * x, wx),
         p=-wx,
-        A=-(_outer(nu, wx) + _outer(wnu, x)),
+        A=_outer_sum(-nu, wx, -wnu, x),
         b=wnu,
-        G=-(_outer(lam, wx) + _outer(wlam, x)),
+        G=_outer_sum(-lam, wx, -wlam, x),
         h=wlam,
     )
 

@@ -105,14 +105,14 @@ def scale_solution_cotangent(
 
 def scale_data_tangent(sc: Scaling, t: QPData) -> QPData:
     """Map a tangent of the original data to the scaled data (the scaling is held fixed)."""
-    c = sc.c
-    dd = sc.d.unsqueeze(-1) * sc.d.unsqueeze(-2)
+    c, col = sc.c, sc.d.unsqueeze(-2)
+    # one new (B, ·, ·) tensor per matrix, scaled in place: these run on every backward pass
     return QPData(
-        Q=c[:, None, None] * dd * t.Q,
+        Q=(t.Q * col).mul_((c.unsqueeze(-1) * sc.d).unsqueeze(-1)),
         p=c[:, None] * sc.d * t.p,
-        A=sc.e.unsqueeze(-1) * t.A * sc.d.unsqueeze(-2),
+        A=(t.A * col).mul_(sc.e.unsqueeze(-1)),
         b=sc.e * t.b,
-        G=sc.f.unsqueeze(-1) * t.G * sc.d.unsqueeze(-2),
+        G=(t.G * col).mul_(sc.f.unsqueeze(-1)),
         h=sc.f * t.h,
     )
 
