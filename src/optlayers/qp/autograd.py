@@ -1,5 +1,6 @@
 """The QP solve as a ``torch.autograd.Function``: forward runs the interior point method,
-backward (VJP) and jvp differentiate the KKT conditions with the forward's factorisation.
+backward (VJP) and jvp differentiate the KKT conditions with the factorisation at the solution —
+built by the forward when gradients were possible, otherwise on demand.
 
 Inputs are flat batches (B, ·) as produced by ``problem.prepare_qp``; broadcasting of shared
 arguments happens before, with ``expand``, so autograd sums their gradients over the batch.
@@ -68,11 +69,14 @@ class _Saved(NamedTuple):
         return self.status == int(QPStatus.SOLVED)
 
 
+_FACTOR_FIELDS = ("C", "d0", "H", "w_inv", "w_inv_soft", "chol_h", "chol_s")  # as in _Saved
+
+
 def _factor_fields(fac: KKTFactor | None, like: Tensor) -> tuple[Tensor, ...]:
     """The factorisation's tensors for ``_Saved``, or empty placeholders without one."""
     if fac is None:
-        return tuple(like.new_empty(0) for _ in range(7))
-    return fac.C, fac.d0, fac.H, fac.w_inv, fac.w_inv_soft, fac.chol_h, fac.chol_s
+        return tuple(like.new_empty(0) for _ in _FACTOR_FIELDS)
+    return tuple(getattr(fac, name) for name in _FACTOR_FIELDS)
 
 
 def _rows(mask: Tensor, t: Tensor) -> Tensor:
