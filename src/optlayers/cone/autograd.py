@@ -9,6 +9,7 @@ import scipy.sparse as sp
 import torch
 
 from optlayers.cone import backends, derivative, embedding, linsolve, refine
+from optlayers.cone.interior import solver as interior_solver
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 
@@ -51,6 +52,63 @@ def _problems(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor
         for i in range(batch)]
 
 
+def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
+           settings: Settings) -> tuple[torch.Tensor, ...]:
+    """x (B, n), y, s (B, m) and status (B,) from the chosen solver, before refinement ("ipm":
+    the batched interior point method, on A's device)."""
+    like = dict(dtype=b.dtype, device=b.device)
+    if settings.solver == "ipm":
+        dense = A.detach().to_dense() if A.layout != torch.strided else A.detach()
+        batch = b.shape[0]
+        P_sym = _sym(P)
+        x, y, s, status = interior_solver.solve(
+            dense.expand(batch, *dense.shape[-2:]), b.detach(), c.detach(),
+            None if P_sym is None else P_sym.detach().expand(batch, *P_sym.shape[-2:]), settings.spec,
+            interior_solver.IPMSettings(**settings.options))
+        return x, y, s, status
+    results = backends.solve_batch(_problems(A, b, c, P), settings.spec, settings.solver, settings.options,
+                                   settings.warm_starts, settings.max_workers)
+    x = torch.as_tensor(np.stack([r.x for r in results]), **like)
+    y = torch.as_tensor(np.stack([r.y for r in results]), **like)
+    s = torch.as_tensor(np.stack([r.s for r in results]), **like)
+    status = torch.tensor([int(r.status) for r in results], dtype=torch.int64, device=b.device)
+    return x, y, s, status
+
+
+def _solve_and_refine(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
+                      settings: Settings) -> tuple[derivative.Point, torch.Tensor]:
+    """The refined solution and its status: SOLVED only where the relative KKT residual is small."""
+    x, y, s, status = _solve(A, b, c, P, settings)
+    returned = (status == ConeStatus.SOLVED) | (status == ConeStatus.INACCURATE)
+    point = derivative.Point(settings.spec, A.detach(), _sym(P), x, y, s, returned)
+    point = refine.refine(point, b.detach(), c.detach(), settings.mode, settings.refine_steps)
+    accurate = refine.kkt_residual(point.cleaned(), b.detach(), c.detach()) <= refine.SOLVED_TOL
+    status = torch.where(returned & accurate, int(ConeStatus.SOLVED), status)
+    return point, torch.where(returned & ~accurate, int(ConeStatus.INACCURATE), status)
+
+
+def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, settings: Settings,
+               point: derivative.Point, status: torch.Tensor) -> tuple[derivative.Point, torch.Tensor]:
+    """Solve the elements the batched interior point method left unsolved with Clarabel (which
+    also certifies infeasibility), and merge them into ``point`` and ``status``."""
+    index = (status != ConeStatus.SOLVED).nonzero().squeeze(-1)
+    clarabel = dataclasses.replace(settings, solver="clarabel", options={}, warm_starts=None)
+    sub, sub_status = _solve_and_refine(A if A.dim() == 2 else A[index], b[index], c[index],
+                                        P if P is None or P.dim() == 2 else P[index], clarabel)
+    merged = []
+    for whole, part in ((point.x, sub.x), (point.y, sub.y), (point.s, sub.s), (status, sub_status)):
+        whole = whole.clone()
+        whole[index] = part
+        merged.append(whole)
+    factorization = None
+    if point.factorization is not None and sub.factorization is not None:
+        lu, pivots = point.factorization.lu.clone(), point.factorization.pivots.clone()
+        lu[index], pivots[index] = sub.factorization.lu, sub.factorization.pivots
+        factorization = linsolve.DenseFactorization(lu, pivots)
+    point = dataclasses.replace(point, x=merged[0], y=merged[1], s=merged[2], factorization=factorization)
+    return point, merged[3]
+
+
 def _sym(P: torch.Tensor | None) -> torch.Tensor | None:
     return None if P is None else (P + P.transpose(-1, -2)) / 2
 
@@ -65,19 +123,10 @@ class ConeProgram(torch.autograd.Function):
     @staticmethod
     def forward(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
                 settings: Settings) -> tuple[torch.Tensor, ...]:
-        results = backends.solve_batch(_problems(A, b, c, P), settings.spec, settings.solver, settings.options,
-                                       settings.warm_starts, settings.max_workers)
-        like = dict(dtype=b.dtype, device=b.device)
-        x = torch.as_tensor(np.stack([r.x for r in results]), **like)
-        y = torch.as_tensor(np.stack([r.y for r in results]), **like)
-        s = torch.as_tensor(np.stack([r.s for r in results]), **like)
-        status = torch.tensor([int(r.status) for r in results], dtype=torch.int64, device=b.device)
-        returned = (status == ConeStatus.SOLVED) | (status == ConeStatus.INACCURATE)
-        point = derivative.Point(settings.spec, A.detach(), _sym(P), x, y, s, returned)
-        point = refine.refine(point, b.detach(), c.detach(), settings.mode, settings.refine_steps)
-        accurate = refine.kkt_residual(point.cleaned(), b.detach(), c.detach()) <= refine.SOLVED_TOL
-        status = torch.where(returned & accurate, int(ConeStatus.SOLVED), status)
-        status = torch.where(returned & ~accurate, int(ConeStatus.INACCURATE), status)
+        point, status = _solve_and_refine(A, b, c, P, settings)
+        if settings.solver == "ipm" and not bool((status == ConeStatus.SOLVED).all()):
+            point, status = _fall_back(A, b, c, P, settings, point, status)
+        x = point.x
         solved = (status == ConeStatus.SOLVED).unsqueeze(-1)
         nan = lambda t: torch.where(solved, t, torch.full_like(t, torch.nan))  # noqa: E731
         if point.factorization is None:  # lsqr/lsmr: nothing to reuse; empty tensors keep the outputs uniform

@@ -14,6 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from optlayers.cone import nonneg, psd, soc, zero
+from optlayers.cone.interior.exponential import DUAL_TO_PRIMAL
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 
@@ -112,7 +113,7 @@ class _ClarabelCones:
     T_inv: sp.csr_matrix | None
 
 
-_DUAL_EXP_TO_EXP = np.array([[1.0, -1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+_DUAL_EXP_TO_EXP = np.array(DUAL_TO_PRIMAL)
 
 
 def _clarabel_prepare(spec: ConeSpec) -> _ClarabelCones:

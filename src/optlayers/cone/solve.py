@@ -7,12 +7,16 @@ import numpy as np
 import torch
 
 from optlayers.cone.autograd import ConeProgram, Settings
-from optlayers.cone.backends import SOLVERS
+from optlayers.cone import backends
+from optlayers.cone.interior.solver import IPMSettings
 from optlayers.cone.linsolve import MODES
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ON_FAILURE_CHOICES, apply_failure_policy
 from optlayers.cone.validation import check_choice, validate
+
+
+SOLVERS = ("ipm",) + backends.SOLVERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +44,15 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
         c: (n,) or (B, n).
         cones: the cone K (SCS order and conventions), covering the m rows.
         P: optional (n, n) or (B, n, n) PSD matrix; its symmetric part is used.
-        solver: "clarabel" (interior point) or "scs" (splitting; uses ``warm_start``).
+        solver: "ipm" (the batched interior point method of ``optlayers.cone.interior``, on the
+            data's device, CPU or CUDA; elements it leaves unsolved go to Clarabel), "clarabel"
+            (interior point, element by element in threads) or "scs" (splitting; uses ``warm_start``).
         mode: the derivative's linear solve: "dense" (batched LU, CPU or CUDA), or "lsqr"/"lsmr"
             (matrix-free, element by element, for large sparse problems; reverse mode only:
             forward mode, torch.func.jvp, always uses the dense solve).
         on_failure: "raise", "warn" or "ignore" when an element is not solved.
-        solver_options: passed to the solver (Clarabel settings attributes / SCS keyword arguments).
+        solver_options: passed to the solver (IPMSettings fields for "ipm", Clarabel settings
+            attributes, SCS keyword arguments).
         warm_start: a previous solution of the same shapes (used by SCS).
         max_workers: threads for the batch (default: all cores).
         refine_steps: Newton steps on the residual map after the solver (0 to skip), see refine.py.
@@ -61,6 +68,12 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
             raise ValueError(f"{name} must be an int >= {least}{' or None' if name == 'max_workers' else ''}, "
                              f"got {value!r}")
+    if solver == "ipm":
+        known = {field.name for field in dataclasses.fields(IPMSettings)}
+        unknown = sorted(set(solver_options or {}) - known)
+        if unknown:
+            raise ValueError(f"solver_options for solver='ipm' must be IPMSettings fields {sorted(known)}, "
+                             f"got {unknown}")
     data = validate(A, b, c, P, cones)
     warm = None
     if warm_start is not None:

@@ -1,0 +1,1 @@
+"""A batched primal-dual interior point method for cone programs, in torch (CPU or CUDA)."""

@@ -1,0 +1,188 @@
+"""Nesterov–Todd scaling of the symmetric cones (nonnegative, second-order, PSD) for the interior point method.
+
+For s in int K and y in int K* = K there is a linear W (here a dense (k, k) matrix per cone) with
+W y = W^-T s = lambda. The linearised complementarity lambda o (W dy + W^-T ds) = d (o the Jordan
+product of the cone) is then ds + W^T W dy = W^T (lambda \\ d), and the Newton system needs only
+V = W^-T (V^T V = (W^T W)^-1) to eliminate dy. Each cone kind supplies W, W^-1 and its Jordan
+algebra; see Vandenberghe, "The CVXOPT linear and quadratic cone program solvers" (2010).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from optlayers.cone import psd
+
+
+def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+def _finite(M: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
+    """M where all its entries are finite, else ``fallback``: LAPACK's eigen and singular value
+    routines raise on NaN, and an element that failed must not stop the batch."""
+    ok = M.isfinite().flatten(-2).all(-1)[..., None, None]
+    return torch.where(ok, M, fallback)
+
+
+def cholesky_or_nan(M: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factor, NaN where M is not (numerically) positive definite, so that the
+    failure reaches the Newton system's finiteness check instead of raising."""
+    chol, info = torch.linalg.cholesky_ex(M)
+    return torch.where((info == 0)[..., None, None], chol, torch.full_like(chol, torch.nan))
+
+
+@dataclasses.dataclass(frozen=True)
+class Jordan:
+    """The Jordan algebra of one cone kind on vectors (..., k): product, division lambda \\ d, unit e."""
+
+    product: callable
+    divide: callable
+    unit: callable
+    max_step: callable  # largest alpha with x + alpha dx in K for x in int K (inf if none), (...,)
+
+
+def _nonneg_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    ratio = torch.where(dx < 0, -x / dx.clamp(max=-torch.finfo(x.dtype).tiny), torch.full_like(x, torch.inf))
+    return ratio.amin(-1)
+
+
+NONNEG = Jordan(product=lambda a, b: a * b, divide=lambda lam, d: d / lam, unit=torch.ones_like,
+                max_step=_nonneg_step)
+
+
+def _soc_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    head = (a * b).sum(-1, keepdim=True)
+    return torch.cat([head, a[..., :1] * b[..., 1:] + b[..., :1] * a[..., 1:]], -1)
+
+
+def _soc_divide(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """u with lam o u = d: the inverse of the arrow matrix of lam."""
+    l0, l1, d0, d1 = lam[..., :1], lam[..., 1:], d[..., :1], d[..., 1:]
+    det = l0 * l0 - (l1 * l1).sum(-1, keepdim=True)
+    u0 = (l0 * d0 - (l1 * d1).sum(-1, keepdim=True)) / det
+    return torch.cat([u0, (d1 - u0 * l1) / l0], -1)
+
+
+def _soc_unit(v: torch.Tensor) -> torch.Tensor:
+    e = torch.zeros_like(v)
+    e[..., 0] = 1
+    return e
+
+
+def _soc_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """The smallest alpha > 0 with (x0 + a dx0)^2 = ||x1 + a dx1||^2, from x inside the cone."""
+    a = dx[..., 0] ** 2 - (dx[..., 1:] ** 2).sum(-1)
+    half_b = x[..., 0] * dx[..., 0] - (x[..., 1:] * dx[..., 1:]).sum(-1)
+    c = x[..., 0] ** 2 - (x[..., 1:] ** 2).sum(-1)
+    disc = half_b * half_b - a * c
+    hits = (a < 0) | ((half_b < 0) & (disc >= 0))
+    root = c / (torch.sqrt(disc.clamp_min(0)) - half_b)
+    return torch.where(hits, root, torch.full_like(root, torch.inf)).amin(-1)
+
+
+SOC = Jordan(product=_soc_product, divide=_soc_divide, unit=_soc_unit, max_step=_soc_step)
+
+
+def _psd_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    A, B = psd.vec_to_mat(a), psd.vec_to_mat(b)
+    return psd.mat_to_vec((A @ B + B @ A) / 2)
+
+
+def _psd_divide(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """U with (L U + U L) / 2 = D for a diagonal L = mat(lam) (the scaled point is diagonal)."""
+    diag = psd.vec_to_mat(lam).diagonal(dim1=-2, dim2=-1)
+    return psd.mat_to_vec(2 * psd.vec_to_mat(d) / (diag.unsqueeze(-1) + diag.unsqueeze(-2)))
+
+
+def _psd_unit(v: torch.Tensor) -> torch.Tensor:
+    d = psd.order(v.shape[-1])
+    return psd.mat_to_vec(torch.eye(d, dtype=v.dtype, device=v.device).expand(*v.shape[:-1], d, d))
+
+
+def _psd_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Largest alpha with X + alpha dX PSD, for X positive definite."""
+    chol = cholesky_or_nan(psd.vec_to_mat(x))
+    inner = torch.linalg.solve_triangular(chol, psd.vec_to_mat(dx), upper=False)
+    inner = torch.linalg.solve_triangular(chol, inner.mT, upper=False)
+    inner = _finite((inner + inner.mT) / 2, torch.zeros_like(inner))
+    least = torch.linalg.eigvalsh(inner)[..., 0]
+    return torch.where(least < 0, -1 / least.clamp(max=-torch.finfo(x.dtype).tiny), torch.full_like(least, torch.inf))
+
+
+PSD = Jordan(product=_psd_product, divide=_psd_divide, unit=_psd_unit, max_step=_psd_step)
+
+
+@dataclasses.dataclass(frozen=True)
+class NTScaling:
+    """W, W^-1 (..., k, k) and lambda = W y (..., k) for one kind of symmetric cone."""
+
+    W: torch.Tensor
+    W_inv: torch.Tensor
+    lam: torch.Tensor
+    algebra: Jordan
+
+    @property
+    def V(self) -> torch.Tensor:
+        """W^-T, with V^T V = (W^T W)^-1: scales the cone rows of the Newton system."""
+        return self.W_inv.mT
+
+    def affine_rhs(self, s: torch.Tensor) -> torch.Tensor:
+        """q of ds + W^T W dy = q for the affine (predictor) direction: -s."""
+        return -s
+
+    def combined_rhs(self, sigma_mu: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor, s: torch.Tensor,
+                     y: torch.Tensor) -> torch.Tensor:
+        """q for the Mehrotra corrector: W^T (lambda \\ (sigma mu e - lambda o lambda - (W^-T ds) o (W dy)))."""
+        lam, j = self.lam, self.algebra
+        d = sigma_mu * j.unit(lam) - j.product(lam, lam) - j.product(_mv(self.V, ds), _mv(self.W, dy))
+        return _mv(self.W.mT, j.divide(lam, d))
+
+    def max_step(self, s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        """Largest step keeping s + a ds and y + a dy in the cone (measured from lambda), (...,)."""
+        step = self.algebra.max_step
+        return torch.minimum(step(self.lam, _mv(self.V, ds)), step(self.lam, _mv(self.W, dy)))
+
+
+def nonneg_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
+    """s, y (..., 1): W = sqrt(s / y)."""
+    w = torch.sqrt(s / y)
+    return NTScaling(w.unsqueeze(-1), (1 / w).unsqueeze(-1), torch.sqrt(s * y), NONNEG)
+
+
+def soc_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
+    """s, y (..., k) inside the second-order cone: W = eta (2 v v^T - J), J = diag(1, -I)."""
+    def j_norm(v: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt((v[..., :1] ** 2 - (v[..., 1:] ** 2).sum(-1, keepdim=True)).clamp_min(0))
+
+    ns, ny = j_norm(s), j_norm(y)
+    s_bar, y_bar = s / ns, y / ny
+    gamma = torch.sqrt((1 + (s_bar * y_bar).sum(-1, keepdim=True)) / 2)
+    j_y = torch.cat([y_bar[..., :1], -y_bar[..., 1:]], -1)
+    w = (s_bar + j_y) / (2 * gamma)  # the scaling point: eta^2 P(w) y = s, P the quadratic representation
+    v = (w + _soc_unit(w)) / torch.sqrt(2 * (w[..., :1] + 1))  # its Jordan square root: W = eta P(v)
+    eta = torch.sqrt(ns / ny).unsqueeze(-1)
+    J = torch.diag_embed(_soc_unit(s) * 2 - 1)
+    jv = _mv(J, v)
+    W = eta * (2 * v.unsqueeze(-1) * v.unsqueeze(-2) - J)
+    W_inv = (2 * jv.unsqueeze(-1) * jv.unsqueeze(-2) - J) / eta
+    return NTScaling(W, W_inv, _mv(W, y), SOC)
+
+
+def psd_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
+    """s, y (..., d(d+1)/2) positive definite: W(Y) = R^T Y R with R R^T Y R R^T = S, as (k, k) matrices on svec."""
+    chol_s, chol_y = cholesky_or_nan(psd.vec_to_mat(s)), cholesky_or_nan(psd.vec_to_mat(y))
+    product = chol_y.mT @ chol_s
+    eye = torch.eye(product.shape[-1], dtype=s.dtype, device=s.device).expand_as(product)
+    failed = ~product.isfinite().flatten(-2).all(-1)[..., None, None]
+    _, sing, vh = torch.linalg.svd(_finite(product, eye))
+    R = torch.where(failed, torch.nan, chol_s @ vh.mT * sing.rsqrt().unsqueeze(-2))
+    R_inv, _ = torch.linalg.inv_ex(R)
+    k = s.shape[-1]
+    basis = psd.vec_to_mat(torch.eye(k, dtype=s.dtype, device=s.device)).reshape(k, *([1] * (s.dim() - 1)),
+                                                                                    *R.shape[-2:])
+    W = psd.mat_to_vec(R.mT @ basis @ R).movedim(0, -1)
+    W_inv = psd.mat_to_vec(R_inv.mT @ basis @ R_inv).movedim(0, -1)
+    lam = psd.mat_to_vec(torch.diag_embed(sing))
+    return NTScaling(W, W_inv, lam, PSD)
