@@ -104,8 +104,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch intra-op threads (default 1: the solver thread pool already uses the cores)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads (default: torch's, one per core; the batched interior point "
+                             "method solves that many slices of the batch in parallel threads)")
     parser.add_argument("--out", default="bench_cone.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,7 +114,7 @@ def main() -> None:
     v = torch.randn(args.batch, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     data = (A, b, c, v)
     rows = {}
-    for solver in ("scs", "clarabel"):
+    for solver in ("scs", "ipm", "clarabel"):
         rows[f"optlayers {solver} dense"] = bench_optlayers(data, solver, "dense", args.repeats)
     rows["optlayers scs dense, warm start"] = bench_optlayers(data, "scs", "dense", args.repeats, warm=True)
     try:
@@ -125,6 +126,7 @@ def main() -> None:
     except ImportError as err:
         print(f"diffcp skipped: {err}")
     if torch.cuda.is_available():
+        rows["optlayers ipm dense (CUDA)"] = bench_optlayers(data, "ipm", "dense", args.repeats, "cuda")
         rows["optlayers clarabel dense (CUDA derivative)"] = bench_optlayers(data, "clarabel", "dense", args.repeats, "cuda")
     else:
         print("CUDA not available: the CUDA row is skipped")

@@ -148,8 +148,9 @@ class ConeProgram(torch.autograd.Function):
     def _point(ctx: Any) -> derivative.Point:
         A, P, x, y, s, status, lu, pivots = ctx.saved_tensors
         factorization = linsolve.DenseFactorization(lu, pivots) if lu.numel() else None
-        return derivative.Point(ctx.settings.spec, A.detach(), _sym(P if P is None else P.detach()),
-                                x, y, s, status == ConeStatus.SOLVED, factorization)
+        point = derivative.Point(ctx.settings.spec, A.detach(), _sym(P if P is None else P.detach()),
+                                 x, y, s, status == ConeStatus.SOLVED, factorization)
+        return point.cleaned()  # a failed element's NaN x, y must not reach the A and P cotangents
 
     @staticmethod
     def backward(ctx: Any, vx: torch.Tensor | None, vy: torch.Tensor | None, vs: torch.Tensor | None,

@@ -71,7 +71,8 @@ def _cholesky(M: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def factor_kkt(
-    Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delta: Tensor, stiff: Tensor | None = None
+    Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delta: Tensor, stiff: Tensor | None = None,
+    unit_weights: bool = False,
 ) -> KKTFactor:
     """Factorise H and S for every problem of the batch.
 
@@ -82,6 +83,8 @@ def factor_kkt(
             are raised (by ``_REG_GROWTH``, at most ``_MAX_FACTOR_RETRIES`` times) for that
             problem alone; problems that still fail are marked in ``ok``.
         stiff: optional (B, k) mask of inequalities to keep out of H (see ``KKTFactor``).
+        unit_weights: the caller promises w_inv == 1 and no stiff rows (the cone solver scales G
+            itself), so that H = Q + GᵀG skips the (B, n, k) weighting.
     """
     m = A.shape[-2]
     if stiff is None:
@@ -91,7 +94,8 @@ def factor_kkt(
         d0 = torch.cat([A.new_zeros(A.shape[:-1]), torch.where(stiff, 1.0 / w_inv, torch.ones_like(w_inv))], dim=-1)
         w_inv_soft = torch.where(stiff, torch.zeros_like(w_inv), w_inv)
     eq_rows = torch.arange(C.shape[-2], device=Q.device) < m
-    H = torch.baddbmm(Q, G.mT * w_inv_soft.unsqueeze(-2), G)  # scaling Gᵀ's columns is the faster broadcast
+    weighted = G.mT if unit_weights else G.mT * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
+    H = torch.baddbmm(Q, weighted, G)
     ok = torch.zeros(Q.shape[0], dtype=torch.bool, device=Q.device)
     chol_h, chol_s = H, H.new_zeros(Q.shape[0], C.shape[-2], C.shape[-2])
     added = torch.zeros_like(rho)  # the regularisation now on H's diagonal, removed at the end

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from optlayers import threads
 from optlayers.cone import exp as exp_module
 from optlayers.cone import nonneg, psd, soc
 from optlayers.cone.interior import exponential, symmetric
@@ -27,6 +28,10 @@ from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.linalg import mtv, mv
 from optlayers.qp.kkt import factor_kkt, solve_reduced
+
+
+# A CPU slice should hold at least this many matrix entries (batch x (m + n) x n), as in the QP solver.
+_MIN_SLICE_ENTRIES = 300_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +47,10 @@ class IPMSettings:
         max_iter: iteration limit.
         step_fraction: fraction of the step to the cone boundary that is taken.
         backtrack: factor by which a step that leaves an exponential cone is shortened.
-        max_backtracks: shortenings before an element is declared a numerical failure.
-        reg: regularisation of the reduced system, removed by ``refine_steps`` of iterative refinement.
+        max_backtracks: steps tried (1, backtrack, backtrack^2, ...; all at once) before an
+            element is declared a numerical failure.
+        reg: regularisation of the reduced system; ``refine_steps`` of iterative refinement remove
+            it (none by default: at 1e-10 it moves the steps far less than the tolerance).
     """
 
     tol: float = 1e-8
@@ -53,7 +60,7 @@ class IPMSettings:
     backtrack: float = 0.8
     max_backtracks: int = 40
     reg: float = 1e-10
-    refine_steps: int = 2
+    refine_steps: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +127,15 @@ def _scaling(part: _Part, s: torch.Tensor, y: torch.Tensor, mu: torch.Tensor):
     return exponential.exp_scaling(s, y, mu)
 
 
+def _times(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """M (B, count, k, k) @ X (B, count, k, c); for k = 1 a broadcast product (far cheaper than
+    B * count one-by-one matrix products)."""
+    return M * X if M.shape[-1] == 1 else M @ X
+
+
 def _apply_blocks(mats: list[torch.Tensor], v: torch.Tensor, parts: list[_Part], transpose: bool) -> torch.Tensor:
     """Block-diagonal (B, m_K, m_K) matrix (one (B, count, k, k) tensor per part) times v (B, m_K)."""
-    pieces = [((M.mT if transpose else M) @ _piece(v, part).unsqueeze(-1)).squeeze(-1) for M, part in zip(mats, parts)]
+    pieces = [_times(M.mT if transpose else M, _piece(v, part).unsqueeze(-1)).squeeze(-1) for M, part in zip(mats, parts)]
     return _join(pieces, v.shape[0])
 
 
@@ -170,27 +183,40 @@ def _residuals(prob: _Problem, it: _Iterate) -> tuple[torch.Tensor, ...]:
     return r_d, r_z, r_p, torch.stack([primal, dual, gap.abs()]).amax(0)
 
 
-def _cone_membership(parts: list[_Part], s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Whether every exponential cone of each element holds s and y strictly inside, (B,)."""
-    ok = torch.ones(s.shape[0], dtype=torch.bool, device=s.device)
-    for part in parts:
-        if part.kind == "exp":
-            ok = ok & exponential.in_primal(_piece(s, part)).all(-1) & exponential.in_dual(_piece(y, part)).all(-1)
-    return ok
+def _exp_rows(v: torch.Tensor, parts: list[_Part]) -> torch.Tensor:
+    """The exponential cones' rows of v (..., m_K) as (..., cones, 3)."""
+    pieces = [v[..., part.start:part.stop].reshape(*v.shape[:-1], part.count, 3) for part in parts if part.kind == "exp"]
+    return torch.cat(pieces, -2)
 
 
-def _newton_step(prob: _Problem, it: _Iterate, parts: list[_Part], degree: int, settings: IPMSettings
-                 ) -> tuple[_Iterate, torch.Tensor]:
-    """One predictor-corrector step; returns the new iterate and whether its linear algebra held (B,)."""
+def _exp_step(parts: list[_Part], s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor,
+              alpha: torch.Tensor, settings: IPMSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The longest of alpha * backtrack^k (k < max_backtracks) keeping every exponential cone's
+    s and y strictly inside, all k tried at once (the feasible steps along a ray form an
+    interval); and whether one was found (B,)."""
+    factors = settings.backtrack ** torch.arange(settings.max_backtracks, dtype=s.dtype, device=s.device)
+    trials = (alpha.unsqueeze(0) * factors.unsqueeze(-1))[..., None, None]  # (K, B, 1, 1)
+    s_e, y_e, ds_e, dy_e = (_exp_rows(t, parts) for t in (s, y, ds, dy))
+    inside = (exponential.in_primal(s_e + trials * ds_e) & exponential.in_dual(y_e + trials * dy_e)).all(-1)
+    found = inside.any(0)
+    first = inside.to(torch.int8).argmax(0)
+    step = alpha * factors[first]
+    return torch.where(found, step, torch.zeros_like(step)), found
+
+
+def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ...], parts: list[_Part], degree: int,
+                 settings: IPMSettings) -> tuple[_Iterate, torch.Tensor]:
+    """One predictor-corrector step from ``it`` with its residuals (r_d, r_z, r_p); returns the
+    new iterate and whether its linear algebra held (B,)."""
     batch = it.x.shape[0]
-    r_d, r_z, r_p, _ = _residuals(prob, it)
+    r_d, r_z, r_p = residuals
     mu = (it.s * it.y).sum(-1) / degree
     scalings = [_scaling(part, _piece(it.s, part), _piece(it.y, part), mu.unsqueeze(-1).expand(batch, part.count))
                 for part in parts]
     V = [sc.V for sc in scalings]
-    G = _join([v @ _piece(prob.A_k, part) for v, part in zip(V, parts)], batch)
+    G = _join([_times(v, _piece(prob.A_k, part)) for v, part in zip(V, parts)], batch)
     reg = torch.full((batch,), settings.reg, dtype=it.x.dtype, device=it.x.device)
-    factor = factor_kkt(prob.P, prob.A_z, G, torch.ones_like(it.s), reg, reg)
+    factor = factor_kkt(prob.P, prob.A_z, G, torch.ones_like(it.s), reg, reg, unit_weights=True)
 
     def direction(rhs: Callable) -> tuple[torch.Tensor, ...]:
         q = _join([rhs(sc, part) for sc, part in zip(scalings, parts)], batch)
@@ -200,8 +226,8 @@ def _newton_step(prob: _Problem, it: _Iterate, parts: list[_Part], degree: int, 
         return dx, dnu, -r_p - mv(prob.A_k, dx), dy
 
     def step_length(ds: torch.Tensor, dy: torch.Tensor, fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """fraction of the step to the boundary (at most 1), shortened until s, y are inside the
-        exponential cones; and whether that took at most ``max_backtracks`` shortenings (B,)."""
+        """fraction of the step to the boundary of the symmetric cones (at most 1), shortened
+        until s, y are inside the exponential cones; and whether that succeeded (B,)."""
         step = torch.ones(batch, dtype=it.x.dtype, device=it.x.device) / fraction
         for sc, part in zip(scalings, parts):
             pieces = (_piece(t, part) for t in (it.s, it.y, ds, dy))
@@ -209,12 +235,7 @@ def _newton_step(prob: _Problem, it: _Iterate, parts: list[_Part], degree: int, 
         alpha = (fraction * step).clamp(max=1)
         if not has_exp:
             return alpha, torch.ones_like(alpha, dtype=torch.bool)
-        for _ in range(settings.max_backtracks):
-            inside = _cone_membership(parts, it.s + alpha.unsqueeze(-1) * ds, it.y + alpha.unsqueeze(-1) * dy)
-            if bool(inside.all()):
-                break
-            alpha = torch.where(inside, alpha, alpha * settings.backtrack)
-        return torch.where(inside, alpha, torch.zeros_like(alpha)), inside
+        return _exp_step(parts, it.s, it.y, ds, dy, alpha, settings)
 
     has_exp = any(part.kind == "exp" for part in parts)
     affine = direction(lambda sc, part: sc.affine_rhs(_piece(it.s, part)))
@@ -238,8 +259,18 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
     """Solve a batch: A (B, m, n), b (B, m), c (B, n), P (B, n, n) or None, all float64.
 
     Returns x (B, n), y (B, m), s (B, m) and status (B,) int64 (ConeStatus: SOLVED, INACCURATE,
-    MAX_ITER or NUMERICAL_ERROR); every element holds its last iterate.
+    MAX_ITER or NUMERICAL_ERROR); every element holds its last iterate. A large CPU batch is
+    solved in slices on parallel threads (threads.py), with the same result.
     """
+    batch, m, n = A.shape
+    count = threads.slice_count(batch, (m + n) * n, A.device, _MIN_SLICE_ENTRIES)
+    parts = threads.map_slices(
+        lambda part: _solve(A[part], b[part], c[part], None if P is None else P[part], spec, settings), batch, count)
+    return tuple(torch.cat(outputs) for outputs in zip(*parts))
+
+
+def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
+           settings: IPMSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, m, n = A.shape
     z = spec.zero
     parts = _parts(spec)
@@ -256,7 +287,7 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
     status = torch.full((batch,), int(ConeStatus.MAX_ITER), dtype=torch.int64, device=A.device)
     working = torch.arange(batch, device=A.device)
     for iteration in range(settings.max_iter + 1):
-        error = _residuals(prob, it)[3]
+        *residuals, error = _residuals(prob, it)
         done = error <= settings.tol
         result = _put(result, working, it)
         status[working[done]] = int(ConeStatus.SOLVED)
@@ -264,7 +295,7 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
         if iteration == settings.max_iter:
             status[close] = int(ConeStatus.INACCURATE)
             break
-        it, ok = _newton_step(prob, it, parts, degree, settings)
+        it, ok = _newton_step(prob, it, residuals, parts, degree, settings)
         failed = ~ok & ~done
         status[working[failed]] = torch.where(error[failed] <= settings.inaccurate_tol, int(ConeStatus.INACCURATE),
                                               int(ConeStatus.NUMERICAL_ERROR))

@@ -16,6 +16,9 @@ from optlayers.cone import psd
 
 
 def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """M (..., k, k) times v (..., k); for k = 1 a broadcast product (many 1 x 1 matrix products are slow)."""
+    if M.shape[-1] == 1:
+        return M[..., 0] * v
     return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
@@ -79,7 +82,7 @@ def _soc_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     disc = half_b * half_b - a * c
     hits = (a < 0) | ((half_b < 0) & (disc >= 0))
     root = c / (torch.sqrt(disc.clamp_min(0)) - half_b)
-    return torch.where(hits, root, torch.full_like(root, torch.inf)).amin(-1)
+    return torch.where(hits, root, torch.full_like(root, torch.inf))
 
 
 SOC = Jordan(product=_soc_product, divide=_soc_divide, unit=_soc_unit, max_step=_soc_step)

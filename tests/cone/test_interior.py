@@ -1,0 +1,592 @@
+"""The batched interior point method (optlayers.cone.interior): scalings and Jordan algebras
+against their defining identities, the exponential barrier against autodiff of an independent
+formula, the solver against programs with known solutions and against Clarabel, the Clarabel
+fallback, and gradients through solve_cone(solver="ipm")."""
+import dataclasses
+import math
+
+import pytest
+import torch
+
+from optlayers.cone import ConeSolveError, ConeSpec, ConeStatus, solve_cone
+from optlayers.cone.interior import exponential, solver, symmetric
+from optlayers.cone.testing import ALL_CONES, n_range, random_program
+
+IDENTITY_TOL = 1e-10  # algebraic identities on well-conditioned random points hold to round-off
+STEP_RTOL = 1e-8  # max_step against a 200-step bisection on cone membership
+BISECTION_FAR = 1e6  # a direction still inside the cone at this step is taken never to leave it
+IPM_TOL = {"polyhedral": 1e-4, "curved": 5e-3}  # the raw IPM stops at relative residual 1e-8: solutions on
+# a polyhedral face are then good to ~1e-6, on a curved boundary only to ~sqrt of that (observed <= 1.5e-3)
+REFINED_TOL = 1e-9  # solve_cone refines the IPM's answer to ~1e-13
+GRAD_TOL = 1e-7  # both solvers' answers are refined to the same point, and share the backward pass
+RETURNED = (int(ConeStatus.SOLVED), int(ConeStatus.INACCURATE))
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return (M @ v.unsqueeze(-1)).squeeze(-1)
+
+
+# --- points and membership, written here from the definitions --------------------------------
+
+def svec_indices(d: int) -> list[tuple[int, int]]:
+    """SCS's order: the lower triangle stacked column by column."""
+    return [(i, j) for j in range(d) for i in range(j, d)]
+
+
+def svec(M: torch.Tensor) -> torch.Tensor:
+    idx = svec_indices(M.shape[-1])
+    return torch.stack([M[..., i, j] * (1 if i == j else math.sqrt(2)) for i, j in idx], -1)
+
+
+def smat(v: torch.Tensor) -> torch.Tensor:
+    d = (math.isqrt(8 * v.shape[-1] + 1) - 1) // 2
+    M = v.new_zeros(*v.shape[:-1], d, d)
+    for k, (i, j) in enumerate(svec_indices(d)):
+        value = v[..., k] / (1 if i == j else math.sqrt(2))
+        M[..., i, j] = value
+        M[..., j, i] = value
+    return M
+
+
+def random_interior(kind: str, shape: tuple[int, ...], k: int, g: torch.Generator) -> torch.Tensor:
+    """Points (*shape, k) strictly inside the nonnegative orthant, second-order cone or PSD cone."""
+    if kind == "nonneg":
+        return 0.2 + torch.rand(*shape, k, generator=g)
+    if kind == "soc":
+        tail = torch.randn(*shape, k - 1, generator=g)
+        return torch.cat([tail.norm(dim=-1, keepdim=True) + 0.2 + torch.rand(*shape, 1, generator=g), tail], -1)
+    d = (math.isqrt(8 * k + 1) - 1) // 2
+    L = torch.randn(*shape, d, d, generator=g)
+    return svec(L @ L.mT / d + 0.3 * torch.eye(d))
+
+
+def margin(kind: str, v: torch.Tensor) -> torch.Tensor:
+    """>= 0 exactly on the cone: least entry, x0 - ||x1||, least eigenvalue."""
+    if kind == "nonneg":
+        return v.amin(-1)
+    if kind == "soc":
+        return v[..., 0] - v[..., 1:].norm(dim=-1)
+    return torch.linalg.eigvalsh(smat(v))[..., 0]
+
+
+def exp_primal_margin(p: torch.Tensor) -> torch.Tensor:
+    """z - y exp(x / y) where y > 0, -inf elsewhere: > 0 on int K_exp."""
+    x, y, z = p.unbind(-1)
+    safe = torch.where(y > 0, y, torch.ones_like(y))
+    return torch.where(y > 0, z - safe * torch.exp(x / safe), torch.full_like(y, -torch.inf))
+
+
+def exp_dual_margin(q: torch.Tensor) -> torch.Tensor:
+    """e w + u exp(v / u) where u < 0, -inf elsewhere: > 0 on int K_exp^*."""
+    u, v, w = q.unbind(-1)
+    safe = torch.where(u < 0, u, -torch.ones_like(u))
+    return torch.where(u < 0, math.e * w + safe * torch.exp(v / safe), torch.full_like(u, -torch.inf))
+
+
+def random_exp_primal(count: int, g: torch.Generator) -> torch.Tensor:
+    y, z, gap = torch.exp(0.5 * torch.randn(3, count, generator=g))
+    return torch.stack([y * torch.log(z / y) - gap, y, z], -1)
+
+
+def random_exp_dual(count: int, g: torch.Generator) -> torch.Tensor:
+    a, w, gap = torch.exp(0.5 * torch.randn(3, count, generator=g))
+    u = -a
+    return torch.stack([u, u - u * torch.log(-u / w) + gap, w], -1)
+
+
+def in_closed_cones(spec: ConeSpec, v: torch.Tensor, dual: bool) -> torch.Tensor:
+    """Whether each row of v (B, m) lies in K (or K^* if ``dual``) outside the zero cone, up to round-off."""
+    ok = torch.ones(v.shape[0], dtype=torch.bool)
+    slack = 1e-12 * (1 + v.abs().amax(-1, keepdim=True))
+    for block in spec.blocks():
+        name = block.module.__name__.rsplit(".", 1)[-1]
+        rows = v[:, block.start:block.stop].reshape(v.shape[0], block.count, block.size)
+        if name in ("nonneg", "soc", "psd"):
+            ok &= (margin(name, rows) >= -slack).all(-1)
+        elif name == "exp":
+            primal = block.dual == dual  # s of a K_exp block, or y of a K_exp^* block
+            m = exp_primal_margin(rows) if primal else exp_dual_margin(rows)
+            ok &= (m >= -slack).all(-1)
+    return ok
+
+
+# --- 1. Nesterov-Todd scalings -----------------------------------------------------------------
+
+SCALINGS = {"nonneg": symmetric.nonneg_scaling, "soc": symmetric.soc_scaling, "psd": symmetric.psd_scaling}
+ALGEBRAS = {"nonneg": symmetric.NONNEG, "soc": symmetric.SOC, "psd": symmetric.PSD}
+SYMMETRIC_CASES = [("nonneg", 1)] + [("soc", k) for k in (2, 3, 5)] + [("psd", d * (d + 1) // 2) for d in (1, 2, 3, 4)]
+CASE_IDS = [f"{kind}-{k}" for kind, k in SYMMETRIC_CASES]
+BATCH = (4, 3)  # two leading dimensions, as the solver's (batch, cones of a kind)
+
+
+def step_cases(cases: list[tuple[str, int]]) -> list:
+    """The cases for max_step, the second-order cone's marked with its known bug."""
+    return [pytest.param(kind, k, id=f"{kind}-{k}") for kind, k in cases]
+
+
+def scaled_pair(kind: str, k: int, seed: int):
+    g = gen(seed)
+    s, y = random_interior(kind, BATCH, k, g), random_interior(kind, BATCH, k, g)
+    return s, y, SCALINGS[kind](s, y)
+
+
+@pytest.mark.parametrize("kind, k", SYMMETRIC_CASES, ids=CASE_IDS)
+def test_nt_scaling_identities(kind, k):
+    s, y, sc = scaled_pair(kind, k, seed=k)
+    eye = torch.eye(k).expand(*BATCH, k, k)
+    assert sc.W.shape == sc.W_inv.shape == (*BATCH, k, k) and sc.lam.shape == (*BATCH, k)
+    assert torch.allclose(mv(sc.W, y), sc.lam, atol=IDENTITY_TOL)
+    assert torch.allclose(mv(torch.linalg.inv(sc.W).mT, s), sc.lam, atol=IDENTITY_TOL)
+    assert torch.allclose(sc.W @ sc.W_inv, eye, atol=IDENTITY_TOL)
+    assert torch.allclose(sc.V.mT @ sc.V, torch.linalg.inv(sc.W.mT @ sc.W), atol=IDENTITY_TOL)
+    assert torch.allclose(mv(sc.W.mT @ sc.W, y), s, atol=IDENTITY_TOL)  # W^T W maps y to s
+    assert (margin(kind, sc.lam) > 0).all()  # the scaled point is inside the cone
+
+
+@pytest.mark.parametrize("kind, k", SYMMETRIC_CASES, ids=CASE_IDS)
+def test_nt_newton_right_hand_sides(kind, k):
+    """affine: lam o (V ds + W dy) = -lam o lam with ds + W^T W dy = q means q = -W^T lam = -s;
+    combined: lam o (V q) = sigma mu e - lam o lam - (V ds) o (W dy)."""
+    s, y, sc = scaled_pair(kind, k, seed=10 + k)
+    algebra = ALGEBRAS[kind]
+    assert torch.allclose(sc.affine_rhs(s), -mv(sc.W.mT, sc.lam), atol=IDENTITY_TOL)
+    g = gen(20 + k)
+    ds, dy = torch.randn(*BATCH, k, generator=g), torch.randn(*BATCH, k, generator=g)
+    sigma_mu = torch.rand(*BATCH, 1, generator=g)
+    q = sc.combined_rhs(sigma_mu, ds, dy, s, y)
+    lam = sc.lam
+    want = sigma_mu * algebra.unit(lam) - algebra.product(lam, lam) - algebra.product(mv(sc.V, ds), mv(sc.W, dy))
+    assert torch.allclose(algebra.product(lam, mv(sc.V, q)), want, atol=IDENTITY_TOL)
+
+
+@pytest.mark.parametrize("kind, k", step_cases(SYMMETRIC_CASES))
+def test_nt_max_step_equals_step_in_original_coordinates(kind, k):
+    """W and V are automorphisms of the cone: the step measured from lambda is the step from s, y."""
+    s, y, sc = scaled_pair(kind, k, seed=30 + k)
+    g = gen(40 + k)
+    ds, dy = torch.randn(*BATCH, k, generator=g), torch.randn(*BATCH, k, generator=g)
+    dy[0] = random_interior(kind, BATCH[1:], k, g)  # where ds, dy both stay inside: inf
+    ds[0] = random_interior(kind, BATCH[1:], k, g)
+    step = ALGEBRAS[kind].max_step
+    want = torch.minimum(step(s, ds), step(y, dy))
+    got = sc.max_step(s, y, ds, dy)
+    assert got.shape == BATCH
+    assert torch.isinf(got[0]).all() and torch.isfinite(got[1:]).any()
+    assert torch.allclose(got, want, rtol=STEP_RTOL)
+
+
+def test_cholesky_or_nan_marks_only_the_failed_elements():
+    g = gen(50)
+    L = torch.randn(3, 4, 4, generator=g)
+    M = L @ L.mT + torch.eye(4)
+    M[1, 0, 0] = -1.0  # indefinite
+    chol = symmetric.cholesky_or_nan(M)
+    assert torch.isnan(chol[1]).all() and torch.isfinite(chol[[0, 2]]).all()
+    assert torch.allclose(chol[[0, 2]] @ chol[[0, 2]].mT, M[[0, 2]], atol=IDENTITY_TOL)
+    assert torch.equal(chol[[0, 2]], chol[[0, 2]].tril())
+
+
+# --- 2. Jordan algebras ----------------------------------------------------------------------
+
+def reference_product(kind: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    if kind == "nonneg":
+        return a * b
+    if kind == "soc":
+        return torch.cat([(a * b).sum(-1, keepdim=True), a[..., :1] * b[..., 1:] + b[..., :1] * a[..., 1:]], -1)
+    A, B = smat(a), smat(b)
+    return svec((A @ B + B @ A) / 2)
+
+
+JORDAN_CASES = [("nonneg", 5)] + [("soc", k) for k in (2, 3, 5)] + [("psd", d * (d + 1) // 2) for d in (1, 2, 3, 4)]
+JORDAN_IDS = [f"{kind}-{k}" for kind, k in JORDAN_CASES]
+
+
+@pytest.mark.parametrize("kind, k", JORDAN_CASES, ids=JORDAN_IDS)
+def test_jordan_product_unit_and_division(kind, k):
+    algebra, g = ALGEBRAS[kind], gen(60 + k)
+    a, b = torch.randn(*BATCH, k, generator=g), torch.randn(*BATCH, k, generator=g)
+    assert torch.allclose(algebra.product(a, b), reference_product(kind, a, b), atol=IDENTITY_TOL)
+    assert torch.allclose(algebra.product(a, b), algebra.product(b, a), atol=IDENTITY_TOL)
+    e = algebra.unit(a)
+    assert e.shape == a.shape
+    assert torch.allclose(algebra.product(e, a), a, atol=IDENTITY_TOL)
+    if kind == "psd":  # the PSD division is for the diagonal scaled point lambda of psd_scaling (documented)
+        lam = SCALINGS[kind](random_interior(kind, BATCH, k, g), random_interior(kind, BATCH, k, g)).lam
+        assert torch.allclose(smat(lam), torch.diag_embed(smat(lam).diagonal(dim1=-2, dim2=-1)), atol=IDENTITY_TOL)
+    else:
+        lam = random_interior(kind, BATCH, k, g)
+    assert torch.allclose(algebra.product(lam, algebra.divide(lam, b)), b, atol=IDENTITY_TOL)
+    assert torch.allclose(algebra.divide(lam, algebra.product(lam, b)), b, atol=IDENTITY_TOL)
+
+
+def bisection_step(kind: str, x: torch.Tensor, dx: torch.Tensor, iterations: int = 200) -> torch.Tensor:
+    """sup {alpha >= 0: x + alpha dx in K} by bisection on membership (inf if still inside at BISECTION_FAR)."""
+    shape = x.shape[:-1]
+    far = margin(kind, x + BISECTION_FAR * dx) >= 0
+    lo, hi = torch.zeros(shape), torch.full(shape, BISECTION_FAR)
+    for _ in range(iterations):
+        mid = (lo + hi) / 2
+        inside = margin(kind, x + mid.unsqueeze(-1) * dx) >= 0
+        lo, hi = torch.where(inside, mid, lo), torch.where(inside, hi, mid)
+    return torch.where(far, torch.inf, lo)
+
+
+def special_directions(kind: str, k: int, count: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Directions (rows) that never leave the cone, those along its boundary, and the negatives of
+    both (which do leave it). Boundary directions are exact for the nonnegative and second-order
+    cones (unit vectors, integer Pythagorean tuples); a rank-one PSD direction is on the boundary
+    only up to round-off, so its step may be a huge finite number instead of inf."""
+    inside = torch.cat([torch.zeros(1, k), random_interior(kind, (count,), k, g)])
+    if kind == "nonneg":
+        boundary = torch.eye(k)
+    elif kind == "soc":
+        boundary = torch.tensor({2: [1.0, 1.0], 3: [5.0, 3.0, 4.0], 5: [2.0, 1.0, 1.0, 1.0, -1.0]}[k]).unsqueeze(0)
+    else:
+        v = torch.randn(count, (math.isqrt(8 * k + 1) - 1) // 2, generator=g)
+        boundary = svec(v.unsqueeze(-1) * v.unsqueeze(-2))
+    return {"inside": inside, "boundary": boundary, "leaving": -torch.cat([inside[1:], boundary])}
+
+
+@pytest.mark.parametrize("kind, k", step_cases(JORDAN_CASES))
+def test_jordan_max_step_against_bisection(kind, k):
+    algebra, g = ALGEBRAS[kind], gen(70 + k)
+    x = random_interior(kind, BATCH, k, g)
+    dx = 2 * torch.randn(*BATCH, k, generator=g)
+    want = bisection_step(kind, x, dx)
+    got = algebra.max_step(x, dx)
+    assert got.shape == BATCH
+    assert torch.isfinite(want).any()
+    assert torch.allclose(got, want, rtol=STEP_RTOL)
+
+    for name, directions in special_directions(kind, k, 4, g).items():
+        x = random_interior(kind, (directions.shape[0],), k, g)
+        got = algebra.max_step(x, directions)
+        assert got.shape == directions.shape[:1]
+        if name == "inside" or (name == "boundary" and kind != "psd"):
+            assert torch.isinf(got).all(), name
+        elif name == "boundary":
+            assert (got > BISECTION_FAR).all(), name
+        else:
+            assert torch.isfinite(got).all(), name
+            assert torch.allclose(got, bisection_step(kind, x, directions), rtol=STEP_RTOL), name
+
+
+# --- 3. the exponential cone -------------------------------------------------------------------
+
+def primal_barrier(p: torch.Tensor) -> torch.Tensor:
+    """The standard barrier of K_exp: -log(y log(z / y) - x) - log y - log z."""
+    x, y, z = p.unbind(-1)
+    return -torch.log(y * torch.log(z / y) - x) - torch.log(y) - torch.log(z)
+
+
+def reference_dual_barrier(q: torch.Tensor) -> torch.Tensor:
+    """The primal barrier at (u - v, -u, w), which lies in K_exp exactly when (u, v, w) is in K_exp^*."""
+    u, v, w = q.unbind(-1)
+    return primal_barrier(torch.stack([u - v, -u, w], -1))
+
+
+def test_dual_barrier_matches_autodiff_and_is_logarithmically_homogeneous():
+    y = random_exp_dual(64, gen(80))
+    assert (exp_dual_margin(y) > 0).all()
+    grad, hess = exponential.dual_barrier(y)
+    want_grad = torch.vmap(torch.func.grad(reference_dual_barrier))(y)
+    want_hess = torch.vmap(torch.func.hessian(reference_dual_barrier))(y)
+    scale = 1 + want_hess.abs().amax((-2, -1), keepdim=True)
+    assert torch.allclose(grad, want_grad, rtol=1e-10, atol=1e-10)
+    assert ((hess - want_hess).abs() <= 1e-10 * scale).all()
+    assert torch.allclose(-(y * grad).sum(-1), torch.full((64,), float(exponential.DEGREE)), atol=1e-9)
+    assert torch.allclose(mv(hess, y), -grad, rtol=1e-9, atol=1e-9)
+    assert (torch.linalg.eigvalsh(hess) > 0).all()
+
+
+def test_exp_membership_against_definitions():
+    g = gen(81)
+    points = torch.cat([2 * torch.randn(4000, 3, generator=g), random_exp_primal(500, g), random_exp_dual(500, g)])
+    for test, reference in ((exponential.in_primal, exp_primal_margin), (exponential.in_dual, exp_dual_margin)):
+        m = reference(points)
+        clear = ~(m.abs() <= 1e-9 * (1 + points.abs().amax(-1)))  # leave out points within round-off of the boundary
+        want = m > 0
+        got = test(points)
+        assert got.dtype == torch.bool and got.shape == (points.shape[0],)
+        assert torch.equal(got[clear], want[clear])
+        assert 500 <= int(want[clear].sum()) <= points.shape[0] - 500  # both outcomes well represented
+
+
+def test_exp_dual_to_primal_map_and_central_point():
+    g = gen(82)
+    points = torch.cat([2 * torch.randn(2000, 3, generator=g), random_exp_dual(200, g)])
+    T = torch.tensor(exponential.DUAL_TO_PRIMAL)
+    assert torch.equal(exponential.in_dual(points), exponential.in_primal(mv(T, points)))
+    dual = random_exp_dual(200, g)
+    assert (exp_primal_margin(mv(T, dual)) > 0).all()
+    center = torch.tensor(exponential.CENTRAL_POINT)
+    assert exponential.in_primal(center) and exponential.in_dual(center)
+    grad, _ = exponential.dual_barrier(center)
+    assert torch.allclose(-grad, center, atol=1e-9)  # on the central path with mu = 1 and s = y
+
+
+def test_exp_scaling_is_the_bfgs_corrected_dual_hessian():
+    g = gen(83)
+    s, y = random_exp_primal(50, g), random_exp_dual(50, g)
+    mu = torch.cat([(s * y).sum(-1)[:25] / exponential.DEGREE, torch.exp(torch.randn(25, generator=g))])
+    sc = exponential.exp_scaling(s, y, mu)
+    grad, hess = exponential.dual_barrier(y)
+    assert torch.allclose(sc.grad, grad, atol=IDENTITY_TOL)
+    H = torch.linalg.inv(sc.V.mT @ sc.V)
+    m = mu[:, None, None]
+    want = m * hess + s.unsqueeze(-1) * s.unsqueeze(-2) / (s * y).sum(-1)[:, None, None] \
+        - m * grad.unsqueeze(-1) * grad.unsqueeze(-2) / exponential.DEGREE
+    scale = want.abs().amax((-2, -1), keepdim=True)
+    assert ((H - want).abs() <= 1e-8 * scale).all()
+    assert torch.allclose(mv(H, y), s, rtol=1e-8, atol=1e-8 * float(s.abs().max()))
+    assert (torch.linalg.eigvalsh((H + H.mT) / 2) > 0).all()
+
+
+# --- 4. the solver on programs with known solutions ---------------------------------------------
+
+KINDS = {
+    "nonneg": (ConeSpec(nonneg=8), "polyhedral"),
+    "soc": (ConeSpec(soc=[4, 3, 3]), "curved"),
+    "psd": (ConeSpec(psd=[3, 1, 2, 2]), "curved"),
+    "exp": (ConeSpec(exp=3), "curved"),
+    "exp_dual": (ConeSpec(exp_dual=3), "curved"),
+}
+
+
+def middle_n(spec: ConeSpec) -> int:
+    lo, hi = n_range(spec)
+    return (lo + hi) // 2
+
+
+def check_ipm_solution(spec: ConeSpec, A, b, c, P, x, y, s, family: str) -> None:
+    X, Y, S, status = solver.solve(A, b, c, P, spec)
+    batch, m, n = A.shape
+    assert X.shape == (batch, n) and Y.shape == S.shape == (batch, m) and status.dtype == torch.int64
+    assert all(v in RETURNED for v in status.tolist()), status.tolist()
+    tol = IPM_TOL[family]
+    for name, got, want in (("x", X, x), ("y", Y, y), ("s", S, s)):
+        err = float((got - want).abs().max())
+        assert err < tol, f"{name}: |ipm - known| = {err:.1e}"
+    assert (S[:, :spec.zero] == 0).all()
+    assert in_closed_cones(spec, S, dual=False).all() and in_closed_cones(spec, Y, dual=True).all()
+
+
+def check_refined_solution(spec: ConeSpec, A, b, c, P, x, y, s) -> None:
+    sol = solve_cone(A, b, c, spec, P, solver="ipm")
+    assert (sol.status == ConeStatus.SOLVED).all()
+    for got, want in ((sol.x, x), (sol.y, y), (sol.s, s)):
+        assert torch.allclose(got, want, atol=REFINED_TOL)
+
+
+@pytest.mark.parametrize("zero", [0, 2])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_ipm_recovers_known_solution_per_cone(kind, zero):
+    spec, family = KINDS[kind]
+    spec = dataclasses.replace(spec, zero=zero)
+    A, b, c, P, x, y, s = random_program(spec, middle_n(spec), batch=3, seed=99 + zero)
+    check_ipm_solution(spec, A, b, c, P, x, y, s, family)
+    check_refined_solution(spec, A, b, c, P, x, y, s)
+
+
+@pytest.mark.parametrize("quadratic", [False, True])
+def test_ipm_recovers_known_solution_all_cones(quadratic):
+    A, b, c, P, x, y, s = random_program(ALL_CONES, 15, batch=4, quadratic=quadratic, seed=100)
+    check_ipm_solution(ALL_CONES, A, b, c, P, x, y, s, "curved")
+    check_refined_solution(ALL_CONES, A, b, c, P, x, y, s)
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "all"])
+def test_batch_elements_are_solved_independently(kind):
+    """An element's iterates must not depend on the other elements of its batch (nor on when they stop)."""
+    spec = ALL_CONES if kind == "all" else dataclasses.replace(KINDS[kind][0], zero=1)
+    A, b, c, P, *_ = random_program(spec, middle_n(spec), batch=3, quadratic=True, seed=102)
+    together = solver.solve(A, b, c, P, spec)
+    for i in range(3):
+        alone = solver.solve(A[i:i + 1], b[i:i + 1], c[i:i + 1], P[i:i + 1], spec)
+        assert together[3][i] == alone[3][0]
+        for whole, single in zip(together[:3], alone[:3]):
+            assert torch.allclose(whole[i], single[0], atol=1e-10)
+
+
+def test_ipm_shared_and_unbatched_inputs():
+    A, b, c, _, x, _, _ = random_program(ALL_CONES, 14, batch=3, shared_A=True, seed=92)
+    assert A.dim() == 2
+    assert torch.allclose(solve_cone(A, b, c, ALL_CONES, solver="ipm").x, x, atol=REFINED_TOL)
+    A, b, c, P, x, _, _ = random_program(ALL_CONES, 14, batch=None, quadratic=True, seed=93)
+    sol = solve_cone(A, b, c, ALL_CONES, P, solver="ipm")
+    assert sol.x.shape == x.shape and sol.status.shape == ()
+    assert torch.allclose(sol.x, x, atol=REFINED_TOL)
+
+
+def qp_like_program(batch: int, n: int, seed: int):
+    """min 1/2 x^T P x + c^T x  s.t.  sum(x) = 1, x >= -1, ||x|| <= 2, with a singular PSD P (rank n - 2)."""
+    g = gen(seed)
+    spec = ConeSpec(zero=1, nonneg=n, soc=[n + 1])
+    eye = torch.eye(n)
+    A = torch.cat([torch.ones(1, n), -eye, torch.zeros(1, n), -eye]).expand(batch, -1, -1)
+    b = torch.cat([torch.ones(1), torch.ones(n), torch.full((1,), 2.0), torch.zeros(n)]).expand(batch, -1)
+    L = torch.randn(batch, n, n - 2, generator=g)
+    P = L @ L.mT / n
+    c = 3 * torch.randn(batch, n, generator=g)
+    return spec, A.contiguous(), b.contiguous(), c, P
+
+
+def test_ipm_with_singular_quadratic_term_matches_clarabel():
+    spec, A, b, c, P = qp_like_program(batch=3, n=6, seed=94)
+    ref = solve_cone(A, b, c, spec, P, solver="clarabel")
+    assert (ref.status == ConeStatus.SOLVED).all()
+    X, Y, S, status = solver.solve(A, b, c, P, spec)
+    assert all(v in RETURNED for v in status.tolist())
+    assert torch.allclose(X, ref.x, atol=IPM_TOL["curved"])
+    assert torch.allclose(Y, ref.y, atol=IPM_TOL["curved"])
+    sol = solve_cone(A, b, c, spec, P, solver="ipm")
+    assert (sol.status == ConeStatus.SOLVED).all()
+    for got, want in ((sol.x, ref.x), (sol.y, ref.y), (sol.s, ref.s)):
+        assert torch.allclose(got, want, atol=REFINED_TOL)
+    assert (sol.x.norm(dim=-1) > 2 - 1e-6).any() or (sol.x < -1 + 1e-6).any()  # some constraint is active
+
+
+# --- 5. the Clarabel fallback --------------------------------------------------------------------
+
+def infeasible_program():
+    """x0 <= -1 and x0 >= 1 (nonnegative rows -1 - x0 >= 0 and -1 + x0 >= 0), and |x1| <= 1."""
+    spec = ConeSpec(nonneg=4)
+    A = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    b = torch.tensor([-1.0, -1.0, 1.0, 1.0])
+    c = torch.tensor([0.0, 1.0])
+    return spec, A, b, c
+
+
+def test_infeasible_program_falls_back_to_clarabel_certificate():
+    spec, A, b, c = infeasible_program()
+    _, _, _, status = solver.solve(A.unsqueeze(0), b.unsqueeze(0), c.unsqueeze(0), None, spec)
+    assert int(status[0]) in (ConeStatus.MAX_ITER, ConeStatus.NUMERICAL_ERROR)  # no certificates in the IPM
+    sol = solve_cone(A, b, c, spec, solver="ipm", on_failure="ignore")
+    assert sol.status == ConeStatus.PRIMAL_INFEASIBLE
+    assert torch.isnan(sol.x).all() and torch.isnan(sol.y).all() and torch.isnan(sol.s).all()
+    with pytest.raises(ConeSolveError, match="primal_infeasible"):
+        solve_cone(A, b, c, spec, solver="ipm")
+
+
+def test_iteration_limit_falls_back_to_clarabel():
+    A, b, c, P, x, _, _ = random_program(ALL_CONES, 15, batch=3, quadratic=True, seed=95)
+    _, _, _, status = solver.solve(A, b, c, P, ALL_CONES, solver.IPMSettings(max_iter=2))
+    assert (status == ConeStatus.MAX_ITER).all()
+    sol = solve_cone(A, b, c, ALL_CONES, P, solver="ipm", solver_options={"max_iter": 2})
+    ref = solve_cone(A, b, c, ALL_CONES, P, solver="clarabel")
+    assert (sol.status == ConeStatus.SOLVED).all()
+    for got, want in ((sol.x, ref.x), (sol.y, ref.y), (sol.s, ref.s)):
+        assert torch.allclose(got, want, atol=REFINED_TOL)
+    assert torch.allclose(sol.x, x, atol=REFINED_TOL)
+
+
+def mixed_batch():
+    """Three nonnegative programs with known solutions; the middle one made infeasible."""
+    spec = ConeSpec(nonneg=8)
+    A, b, c, _, x, _, _ = random_program(spec, n_range(spec)[0], batch=3, seed=96)
+    A, b = A.clone(), b.clone()
+    A[1, :2] = 0
+    A[1, 0, 0], A[1, 1, 0] = 1.0, -1.0  # x0 <= -1 and x0 >= 1
+    b[1, :2] = -1.0
+    return spec, A, b, c, x
+
+
+def test_mixed_feasible_and_infeasible_batch():
+    spec, A, b, c, x = mixed_batch()
+    _, _, _, status = solver.solve(A, b, c, None, spec)
+    assert status[0] in RETURNED and status[2] in RETURNED and status[1] not in RETURNED
+    leaves = {name: [t.clone().requires_grad_() for t in (A, b, c)] for name in ("ipm", "clarabel")}
+    weights = torch.randn(3, x.shape[-1], generator=gen(97))
+    sols = {}
+    for name, (A_, b_, c_) in leaves.items():
+        sols[name] = solve_cone(A_, b_, c_, spec, solver=name, on_failure="ignore")
+        (sols[name].x[[0, 2]] * weights[[0, 2]]).sum().backward()
+    sol = sols["ipm"]
+    assert sol.status.tolist() == [ConeStatus.SOLVED, ConeStatus.PRIMAL_INFEASIBLE, ConeStatus.SOLVED]
+    assert torch.isnan(sol.x[1]).all()
+    assert torch.allclose(sol.x[[0, 2]], x[[0, 2]], atol=REFINED_TOL)
+    for g_ipm, g_ref in zip(*(leaves[name][1:] for name in ("ipm", "clarabel"))):  # b and c
+        assert (g_ipm.grad[1] == 0).all() and torch.isfinite(g_ipm.grad).all()
+        assert torch.allclose(g_ipm.grad, g_ref.grad, atol=GRAD_TOL)
+    grad_A = leaves["ipm"][0].grad
+    assert torch.allclose(grad_A[[0, 2]], leaves["clarabel"][0].grad[[0, 2]], atol=GRAD_TOL)
+
+
+def test_failed_element_leaves_A_and_P_gradients_finite():
+    spec, A, b, _ = infeasible_program()
+    b = torch.stack([b, torch.ones(4)])  # element 0 infeasible, element 1 feasible
+    c = torch.tensor([[0.0, 1.0], [0.3, 1.0]])
+    A, P = A.clone().requires_grad_(), torch.eye(2).requires_grad_()  # shared by both elements
+    sol = solve_cone(A, b, c, spec, P, solver="ipm", on_failure="ignore")
+    assert sol.status.tolist() == [ConeStatus.PRIMAL_INFEASIBLE, ConeStatus.SOLVED]
+    sol.x[1].sum().backward()
+    assert torch.isfinite(A.grad).all() and torch.isfinite(P.grad).all()
+
+
+# --- 6. gradients through solve_cone(solver="ipm") ---------------------------------------------
+
+@pytest.mark.parametrize("quadratic, shared_A", [(False, True), (True, False)])
+def test_gradients_match_clarabel(quadratic, shared_A):
+    A, b, c, P, *_ = random_program(ALL_CONES, 15, batch=2, quadratic=quadratic, shared_A=shared_A, seed=98)
+    g = gen(99)
+    m = ALL_CONES.size
+    vx, vy, vs = torch.randn(2, 15, generator=g), torch.randn(2, m, generator=g), torch.randn(2, m, generator=g)
+    grads = {}
+    for name in ("ipm", "clarabel"):
+        leaves = [t.clone().requires_grad_() for t in (A, b, c, P) if t is not None]
+        sol = solve_cone(*leaves[:3], ALL_CONES, leaves[3] if quadratic else None, solver=name)
+        ((sol.x * vx).sum() + (sol.y * vy).sum() + (sol.s * vs).sum()).backward()
+        grads[name] = [t.grad for t in leaves]
+    assert grads["ipm"][0].shape == A.shape
+    for g_ipm, g_ref in zip(grads["ipm"], grads["clarabel"]):
+        assert g_ipm.abs().max() > 0
+        assert torch.allclose(g_ipm, g_ref, rtol=1e-6, atol=GRAD_TOL)
+
+
+def test_gradcheck_through_ipm():
+    spec = ConeSpec(nonneg=2, soc=[3])
+    A, b, c, P, *_ = random_program(spec, 2, batch=None, quadratic=True, seed=103)
+    inputs = tuple(t.clone().requires_grad_() for t in (A, b, c, P))
+
+    def fn(A, b, c, P):
+        sol = solve_cone(A, b, c, spec, P, solver="ipm")
+        return sol.x, sol.y, sol.s
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+# --- 7. CUDA -------------------------------------------------------------------------------------
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_ipm_on_cuda_matches_cpu():
+    A, b, c, P, x, _, _ = random_program(ALL_CONES, 15, batch=4, quadratic=True, seed=101)
+    raw, refined, grads = {}, {}, {}
+    for device in ("cpu", "cuda"):
+        data = [t.to(device) for t in (A, b, c, P)]
+        X, _, _, status = solver.solve(*data[:3], data[3], ALL_CONES)
+        assert X.device.type == device and status.device.type == device
+        raw[device] = (X.cpu(), status.cpu())
+        leaves = [t.clone().requires_grad_() for t in data]
+        sol = solve_cone(*leaves[:3], ALL_CONES, leaves[3], solver="ipm")
+        assert sol.x.device.type == device
+        (sol.x.sum() + sol.y.square().sum()).backward()
+        refined[device] = sol.x.detach().cpu()
+        grads[device] = [t.grad.cpu() for t in leaves]
+    for device in ("cpu", "cuda"):  # rounding differs between the devices: an element may stall on one only
+        X, status = raw[device]
+        returned = torch.tensor([v in RETURNED for v in status.tolist()])
+        assert int(returned.sum()) >= 3
+        assert torch.allclose(X[returned], x[returned], atol=IPM_TOL["curved"])
+    assert torch.allclose(refined["cuda"], refined["cpu"], atol=REFINED_TOL)
+    assert torch.allclose(refined["cuda"], x, atol=REFINED_TOL)
+    for g_cpu, g_cuda in zip(grads["cpu"], grads["cuda"]):
+        assert torch.allclose(g_cpu, g_cuda, atol=1e-8)
+    spec, A_mix, b_mix, c_mix, x_mix = mixed_batch()  # the fallback merges Clarabel's answers back onto the GPU
+    sol = solve_cone(A_mix.cuda(), b_mix.cuda(), c_mix.cuda(), spec, solver="ipm", on_failure="ignore")
+    assert sol.x.device.type == "cuda"
+    assert sol.status.cpu().tolist() == [ConeStatus.SOLVED, ConeStatus.PRIMAL_INFEASIBLE, ConeStatus.SOLVED]
+    assert torch.allclose(sol.x[[0, 2]].cpu(), x_mix[[0, 2]], atol=REFINED_TOL)
