@@ -100,6 +100,23 @@ def bench_diffcp(data, mode: str, repeats: int, solve_method: str, eps: float | 
             "solved": len(xs), "grad_c": np.stack(dcs), "x": np.stack(xs)}
 
 
+def batch_scaling(batches: list[int], repeats: int, device: str) -> list[dict]:
+    """Forward time per problem of the batched interior point method and of Clarabel's per-problem
+    threads, for several batch sizes (the batched solver pays a fixed cost per iteration)."""
+    out = []
+    print(f"\nforward only, per problem, on {device} (ipm) / CPU threads (clarabel):")
+    for batch in batches:
+        A, b, c, _, _, _, _ = random_program(SPEC, N, batch=batch, seed=3)
+        for solver in ("ipm", "clarabel"):
+            here = device if solver == "ipm" else "cpu"
+            data = tuple(t.to(here) for t in (A, b, c))
+            (wall, _), sol = timed(lambda: solve_cone(*data, SPEC, solver=solver, on_failure="ignore"), repeats)
+            solved = int((sol.status == 0).sum())
+            print(f"  batch {batch:5d} {solver:9s} {wall:8.3f} s  {1e3 * wall / batch:7.2f} ms/problem  solved {solved}")
+            out.append({"batch": batch, "solver": solver, "device": here, "forward_s": wall, "solved": solved})
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -108,8 +125,11 @@ def main() -> None:
                         help="torch intra-op threads (default: torch's, one per core; the batched interior point "
                              "method solves that many slices of the batch in parallel threads)")
     parser.add_argument("--out", default="bench_cone.json")
+    parser.add_argument("--scaling", type=lambda s: [int(v) for v in s.split(",") if v], default=[16, 128, 512],
+                        help="batch sizes of the forward-only scaling table (comma separated; empty to skip)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     A, b, c, _, x_true, _, _ = random_program(SPEC, N, batch=args.batch, seed=0)
     v = torch.randn(args.batch, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     data = (A, b, c, v)
@@ -145,11 +165,12 @@ def main() -> None:
         table.append({"method": name, "forward_s": row["forward_s"], "adjoint_s": row["adjoint_s"],
                       "forward_cpu_s": row["forward_cpu_s"], "adjoint_cpu_s": row["adjoint_cpu_s"],
                       "solved": row["solved"], "max_x_error": err_x, "max_grad_c_diff": err_g})
+    scaling = batch_scaling(args.scaling, args.repeats, device)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
             "torch": torch.__version__, "threads": args.threads, "batch": args.batch, "m": SPEC.size, "n": N,
             "cones": str(SPEC), "repeats": args.repeats}
     with open(args.out, "w") as f:
-        json.dump({"meta": meta, "rows": table}, f, indent=2)
+        json.dump({"meta": meta, "rows": table, "batch_scaling": scaling}, f, indent=2)
     print(json.dumps(meta))
 
 

@@ -483,6 +483,22 @@ def test_iteration_limit_falls_back_to_clarabel():
     assert torch.allclose(sol.x, x, atol=REFINED_TOL)
 
 
+def test_without_clarabel_the_interior_point_statuses_stand(monkeypatch):
+    """The fallback needs the clarabel package; without it unsolved elements are reported, not raised on."""
+    from optlayers.cone import backends
+
+    def missing(*_args, **_kwargs):
+        raise ImportError("No module named 'clarabel'")
+
+    monkeypatch.setattr(backends, "_clarabel_prepare", missing)
+    A, b, c, P, _, _, _ = random_program(ALL_CONES, 15, batch=3, quadratic=True, seed=95)
+    sol = solve_cone(A, b, c, ALL_CONES, P, solver="ipm", solver_options={"max_iter": 2}, on_failure="ignore")
+    assert (sol.status == ConeStatus.MAX_ITER).all()
+    assert torch.isnan(sol.x).all()
+    with pytest.raises(ImportError):
+        solve_cone(A, b, c, ALL_CONES, P, solver="clarabel")
+
+
 def mixed_batch():
     """Three nonnegative programs with known solutions; the middle one made infeasible."""
     spec = ConeSpec(nonneg=8)

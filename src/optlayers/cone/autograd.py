@@ -90,11 +90,15 @@ def _solve_and_refine(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torc
 def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, settings: Settings,
                point: derivative.Point, status: torch.Tensor) -> tuple[derivative.Point, torch.Tensor]:
     """Solve the elements the batched interior point method left unsolved with Clarabel (which
-    also certifies infeasibility), and merge them into ``point`` and ``status``."""
+    also certifies infeasibility), and merge them into ``point`` and ``status``. Without the
+    clarabel package (the ``cone`` extra) the interior point method's statuses stand."""
     index = (status != ConeStatus.SOLVED).nonzero().squeeze(-1)
     clarabel = dataclasses.replace(settings, solver="clarabel", options={}, warm_starts=None)
-    sub, sub_status = _solve_and_refine(A if A.dim() == 2 else A[index], b[index], c[index],
-                                        P if P is None or P.dim() == 2 else P[index], clarabel)
+    try:
+        sub, sub_status = _solve_and_refine(A if A.dim() == 2 else A[index], b[index], c[index],
+                                            P if P is None or P.dim() == 2 else P[index], clarabel)
+    except ImportError:
+        return point, status
     merged = []
     for whole, part in ((point.x, sub.x), (point.y, sub.y), (point.s, sub.s), (status, sub_status)):
         whole = whole.clone()

@@ -53,7 +53,7 @@ class IPMSettings:
             it (none by default: at 1e-10 it moves the steps far less than the tolerance).
     """
 
-    tol: float = 1e-8
+    tol: float = 1e-6
     inaccurate_tol: float = 1e-5
     max_iter: int = 60
     step_fraction: float = 0.99
