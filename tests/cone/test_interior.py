@@ -123,7 +123,7 @@ BATCH = (4, 3)  # two leading dimensions, as the solver's (batch, cones of a kin
 
 
 def step_cases(cases: list[tuple[str, int]]) -> list:
-    """The cases for max_step, the second-order cone's marked with its known bug."""
+    """The cases for max_step."""
     return [pytest.param(kind, k, id=f"{kind}-{k}") for kind, k in cases]
 
 

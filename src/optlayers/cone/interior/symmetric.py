@@ -44,6 +44,7 @@ class Jordan:
     divide: callable
     unit: callable
     max_step: callable  # largest alpha with x + alpha dx in K for x in int K (inf if none), (...,)
+    scaled_step: callable  # the same for x = lambda, the NT-scaled point (diagonal on the PSD cone)
 
 
 def _nonneg_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -52,7 +53,7 @@ def _nonneg_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
 
 
 NONNEG = Jordan(product=lambda a, b: a * b, divide=lambda lam, d: d / lam, unit=torch.ones_like,
-                max_step=_nonneg_step)
+                max_step=_nonneg_step, scaled_step=_nonneg_step)
 
 
 def _soc_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -85,7 +86,7 @@ def _soc_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     return torch.where(hits, root, torch.full_like(root, torch.inf))
 
 
-SOC = Jordan(product=_soc_product, divide=_soc_divide, unit=_soc_unit, max_step=_soc_step)
+SOC = Jordan(product=_soc_product, divide=_soc_divide, unit=_soc_unit, max_step=_soc_step, scaled_step=_soc_step)
 
 
 def _psd_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -114,7 +115,15 @@ def _psd_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     return torch.where(least < 0, -1 / least.clamp(max=-torch.finfo(x.dtype).tiny), torch.full_like(least, torch.inf))
 
 
-PSD = Jordan(product=_psd_product, divide=_psd_divide, unit=_psd_unit, max_step=_psd_step)
+def _psd_scaled_step(lam: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """``_psd_step`` from a diagonal L = mat(lam): the least eigenvalue of L^-1/2 dX L^-1/2."""
+    root = psd.vec_to_mat(lam).diagonal(dim1=-2, dim2=-1).sqrt()
+    inner = psd.vec_to_mat(dx) / (root.unsqueeze(-1) * root.unsqueeze(-2))
+    least = torch.linalg.eigvalsh(_finite(inner, torch.zeros_like(inner)))[..., 0]
+    return torch.where(least < 0, -1 / least.clamp(max=-torch.finfo(lam.dtype).tiny), torch.full_like(least, torch.inf))
+
+
+PSD = Jordan(product=_psd_product, divide=_psd_divide, unit=_psd_unit, max_step=_psd_step, scaled_step=_psd_scaled_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +152,10 @@ class NTScaling:
         return _mv(self.W.mT, j.divide(lam, d))
 
     def max_step(self, s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-        """Largest step keeping s + a ds and y + a dy in the cone (measured from lambda), (...,)."""
-        step = self.algebra.max_step
-        return torch.minimum(step(self.lam, _mv(self.V, ds)), step(self.lam, _mv(self.W, dy)))
+        """Largest step keeping s + a ds and y + a dy in the cone (measured from lambda, both
+        directions at once), (...,)."""
+        both = torch.stack([_mv(self.V, ds), _mv(self.W, dy)])
+        return self.algebra.scaled_step(self.lam, both).amin(0)
 
 
 def nonneg_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
