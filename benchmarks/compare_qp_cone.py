@@ -78,12 +78,14 @@ def run(method, data, v):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for both methods")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch intra-op threads for all methods (default: torch's, one per core)")
     parser.add_argument("--out", default="compare_qp_cone.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     methods = {
         "solve_qp (core IPM)": lambda *d: solve_qp(*d, on_failure="ignore"),
+        "solve_qp_cone ipm": lambda *d: solve_qp_cone(*d, solver="ipm", on_failure="ignore"),
         "solve_qp_cone clarabel": lambda *d: solve_qp_cone(*d, solver="clarabel", on_failure="ignore"),
         "solve_qp_cone scs": lambda *d: solve_qp_cone(*d, solver="scs", on_failure="ignore"),
     }

@@ -27,7 +27,9 @@ def slice_count(batch: int, entries_per_problem: int, device: torch.device, min_
 
 def _single_threaded(fn: Callable[[slice], Result], part: slice) -> Result:
     """Under OpenMP torch's thread count is per thread, copied from a process-wide value when a
-    thread first asks for it: asking before setting 1 keeps a sibling's setting from leaking in."""
+    thread first asks for it: asking before setting 1 keeps a sibling's setting from leaking in.
+    Side effect: while the slices run, a thread of the caller's program that touches torch for
+    the first time starts with one thread (the caller's own count is restored by ``map_slices``)."""
     torch.get_num_threads()
     torch.set_num_threads(1)
     with torch.no_grad():
@@ -38,7 +40,7 @@ def map_slices(fn: Callable[[slice], Result], batch: int, count: int) -> list[Re
     """[fn(slice) for each of ``count`` contiguous slices of range(batch)], the slices in parallel threads."""
     if count == 1:
         return [fn(slice(0, batch))]
-    bounds = torch.linspace(0, batch, count + 1).round().to(torch.int64).tolist()
+    bounds = [index * batch // count for index in range(count + 1)]
     slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
     threads = torch.get_num_threads()
     try:

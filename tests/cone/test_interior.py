@@ -485,18 +485,13 @@ def test_iteration_limit_falls_back_to_clarabel():
 
 def test_without_clarabel_the_interior_point_statuses_stand(monkeypatch):
     """The fallback needs the clarabel package; without it unsolved elements are reported, not raised on."""
-    from optlayers.cone import backends
+    from optlayers.cone import autograd
 
-    def missing(*_args, **_kwargs):
-        raise ImportError("No module named 'clarabel'")
-
-    monkeypatch.setattr(backends, "_clarabel_prepare", missing)
+    monkeypatch.setattr(autograd, "_clarabel_available", lambda: False)
     A, b, c, P, _, _, _ = random_program(ALL_CONES, 15, batch=3, quadratic=True, seed=95)
     sol = solve_cone(A, b, c, ALL_CONES, P, solver="ipm", solver_options={"max_iter": 2}, on_failure="ignore")
     assert (sol.status == ConeStatus.MAX_ITER).all()
     assert torch.isnan(sol.x).all()
-    with pytest.raises(ImportError):
-        solve_cone(A, b, c, ALL_CONES, P, solver="clarabel")
 
 
 def mixed_batch():
@@ -606,3 +601,30 @@ def test_ipm_on_cuda_matches_cpu():
     assert sol.x.device.type == "cuda"
     assert sol.status.cpu().tolist() == [ConeStatus.SOLVED, ConeStatus.PRIMAL_INFEASIBLE, ConeStatus.SOLVED]
     assert torch.allclose(sol.x[[0, 2]].cpu(), x_mix[[0, 2]], atol=REFINED_TOL)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_backtracks": 0}, r"IPMSettings.max_backtracks must be an int >= 1, got 0"),
+    ({"max_iter": 2.5}, r"IPMSettings.max_iter must be an int >= 0, got 2.5"),
+    ({"step_fraction": 0.0}, r"IPMSettings.step_fraction must be a number in \(0.0, 1.0\), got 0.0"),
+    ({"tol": 1e-3, "inaccurate_tol": 1e-4}, r"inaccurate_tol \(0.0001\) must be >= tol \(0.001\)"),
+])
+def test_ipm_settings_are_checked_at_the_door(options, message):
+    A, b, c, *_ = random_program(ConeSpec(nonneg=4), 2, batch=1, seed=0)
+    with pytest.raises(ValueError, match=message):
+        solve_cone(A, b, c, ConeSpec(nonneg=4), solver="ipm", solver_options=options)
+
+
+def test_solver_checks_shapes_and_takes_a_shared_P():
+    spec = ConeSpec(zero=1, nonneg=6)
+    A, b, c, P, *_ = random_program(spec, 4, batch=3, quadratic=True, seed=7)
+    with pytest.raises(ValueError, match=r"A must be \(B, m, n\)"):
+        solver.solve(A[0], b, c, None, spec)
+    with pytest.raises(ValueError, match=r"P must be \(n, n\)"):
+        solver.solve(A, b, c, P[:, :2], spec)
+    shared = P[0]
+    together = solver.solve(A, b, c, shared, spec)
+    expanded = solver.solve(A, b, c, shared.expand(3, 4, 4), spec)
+    for got, want in zip(together, expanded):
+        assert torch.equal(got, want)
+

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from typing import Any
 
 import numpy as np
@@ -64,7 +65,7 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
         x, y, s, status = interior_solver.solve(
             dense.expand(batch, *dense.shape[-2:]), b.detach(), c.detach(),
             None if P_sym is None else P_sym.detach().expand(batch, *P_sym.shape[-2:]), settings.spec,
-            interior_solver.IPMSettings(**settings.options))
+            interior_solver.IPMSettings(**settings.options), max_slices=settings.max_workers)
         return x, y, s, status
     results = backends.solve_batch(_problems(A, b, c, P), settings.spec, settings.solver, settings.options,
                                    settings.warm_starts, settings.max_workers)
@@ -87,30 +88,38 @@ def _solve_and_refine(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torc
     return point, torch.where(returned & ~accurate, int(ConeStatus.INACCURATE), status)
 
 
+def _clarabel_available() -> bool:
+    return importlib.util.find_spec("clarabel") is not None
+
+
 def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, settings: Settings,
                point: derivative.Point, status: torch.Tensor) -> tuple[derivative.Point, torch.Tensor]:
     """Solve the elements the batched interior point method left unsolved with Clarabel (which
-    also certifies infeasibility), and merge them into ``point`` and ``status``. Without the
-    clarabel package (the ``cone`` extra) the interior point method's statuses stand."""
+    also certifies infeasibility) and take Clarabel's answer where it is SOLVED or where the
+    interior point method returned nothing. Without the clarabel package (the ``cone`` extra)
+    the interior point method's statuses stand."""
+    if not _clarabel_available():
+        return point, status
     index = (status != ConeStatus.SOLVED).nonzero().squeeze(-1)
     clarabel = dataclasses.replace(settings, solver="clarabel", options={}, warm_starts=None)
-    try:
-        sub, sub_status = _solve_and_refine(A if A.dim() == 2 else A[index], b[index], c[index],
-                                            P if P is None or P.dim() == 2 else P[index], clarabel)
-    except ImportError:
-        return point, status
+    sub, sub_status = _solve_and_refine(A if A.dim() == 2 else A[index], b[index], c[index],
+                                        P if P is None or P.dim() == 2 else P[index], clarabel)
+    better = (sub_status == ConeStatus.SOLVED) | (status[index] != ConeStatus.INACCURATE)
+    index, sub_status = index[better], sub_status[better]
     merged = []
-    for whole, part in ((point.x, sub.x), (point.y, sub.y), (point.s, sub.s), (status, sub_status)):
+    for whole, part in ((point.x, sub.x), (point.y, sub.y), (point.s, sub.s)):
         whole = whole.clone()
-        whole[index] = part
+        whole[index] = part[better]
         merged.append(whole)
+    status = status.clone()
+    status[index] = sub_status
     factorization = None
     if point.factorization is not None and sub.factorization is not None:
         lu, pivots = point.factorization.lu.clone(), point.factorization.pivots.clone()
-        lu[index], pivots[index] = sub.factorization.lu, sub.factorization.pivots
+        lu[index], pivots[index] = sub.factorization.lu[better], sub.factorization.pivots[better]
         factorization = linsolve.DenseFactorization(lu, pivots)
     point = dataclasses.replace(point, x=merged[0], y=merged[1], s=merged[2], factorization=factorization)
-    return point, merged[3]
+    return point, status
 
 
 def _sym(P: torch.Tensor | None) -> torch.Tensor | None:

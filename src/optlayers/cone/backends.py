@@ -14,7 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from optlayers.cone import nonneg, psd, soc, zero
-from optlayers.cone.interior.exponential import DUAL_TO_PRIMAL
+from optlayers.cone.exp import DUAL_TO_PRIMAL
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 

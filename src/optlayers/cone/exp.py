@@ -20,6 +20,8 @@ MAX_MULTISECTION_ROUNDS = 4  # 32**4 ~ 1e6: a 4096-wide bracket gets below NEWTO
 ROOT_TOL_ULPS = 16  # Newton steps below 16 ulps of rho are rounding noise in h: converged
 NEWTON_WIDTH = 0.01  # bracket width from which Newton on h converges in a few steps
 REGION_INSIDE, REGION_POLAR, REGION_ANALYTIC, REGION_ROOT = 0, 1, 2, 3
+# s in K_exp^* iff DUAL_TO_PRIMAL s in K_exp: (u, v, w) -> (u - v, -u, w).
+DUAL_TO_PRIMAL = ((1.0, -1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
 
 
 def regions(v: torch.Tensor) -> torch.Tensor:

@@ -87,6 +87,8 @@ def factor_kkt(
             itself), so that H = Q + GᵀG skips the (B, n, k) weighting.
     """
     m = A.shape[-2]
+    if unit_weights and stiff is not None:
+        raise ValueError("factor_kkt: unit_weights=True needs stiff=None (stiff rows carry their own weights)")
     if stiff is None:
         C, d0, w_inv_soft = A, A.new_zeros(A.shape[:-1]), w_inv
     else:

@@ -16,13 +16,12 @@ import dataclasses
 
 import torch
 
+from optlayers.cone.exp import DUAL_TO_PRIMAL  # noqa: F401  (the solver maps dual exponential rows with it)
 from optlayers.cone.interior.symmetric import cholesky_or_nan
 
 DEGREE = 3
 # The central point s = y of K_exp and K_exp^* used as the start (Clarabel's choice).
 CENTRAL_POINT = (-1.051383945322714, 0.556409619469370, 1.258967884768947)
-# s in K_exp^* iff DUAL_TO_PRIMAL s in K_exp: (u, v, w) -> (u - v, -u, w).
-DUAL_TO_PRIMAL = ((1.0, -1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
 
 
 def in_primal(s: torch.Tensor) -> torch.Tensor:
@@ -75,7 +74,8 @@ class ExpScaling:
 
     def combined_rhs(self, sigma_mu: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor, s: torch.Tensor,
                      y: torch.Tensor) -> torch.Tensor:
-        """-s - sigma mu grad f*(y). (A second-order term -mu/2 D^3 f*(y)[dy, dy] along the affine
+        """-s - sigma mu grad f*(y) (the affine directions ds, dy and y are part of the interface
+        shared with ``NTScaling``). (A second-order term -mu/2 D^3 f*(y)[dy, dy] along the affine
         direction, the analogue of Mehrotra's correction, did not lower the iteration count.)"""
         return -s - sigma_mu * self.grad
 

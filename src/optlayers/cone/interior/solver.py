@@ -30,37 +30,61 @@ from optlayers.linalg import mtv, mv
 from optlayers.qp.kkt import factor_kkt, solve_reduced
 
 
-# A CPU slice should hold at least this many matrix entries (batch x (m + n) x n), as in the QP solver.
-_MIN_SLICE_ENTRIES = 300_000
+# A CPU batch is cut into slices on parallel threads only above this many matrix entries
+# (batch x (m + n) x n). The iteration is dispatch-bound (~1,300 small torch operations): on two
+# cores, m = 96, n = 48, two slices of 64 ran 15 % slower than one batch of 128 (the threads
+# queue on the GIL), two slices of 256 ran 15-20 % faster than one batch of 512.
+_MIN_SLICE_ENTRIES = 1_500_000
 
 
 @dataclasses.dataclass(frozen=True)
 class IPMSettings:
-    """Hyperparameters (immutable).
+    """Hyperparameters (immutable); ``solve_cone(solver="ipm", solver_options={...})`` sets them.
 
     Attributes:
-        tol: relative primal, dual and gap residual at which an element stops (the Newton
-            refinement after the solver takes it to round-off).
+        tol: relative primal, dual and gap residual at which an element stops. 1e-8 as
+            Clarabel: the Newton refinement after the solver takes most elements to round-off,
+            but a degenerate element it cannot improve keeps this accuracy (1e-6 left such
+            elements 1e-3 off on badly scaled rows).
         inaccurate_tol: an element that stalls (on an exponential cone the membership test
             loses its digits near the boundary) or runs out of iterations with a residual below
-            this is returned INACCURATE, for the refinement to finish; above, it is a failure.
-        max_iter: iteration limit.
-        step_fraction: fraction of the step to the cone boundary that is taken.
-        backtrack: factor by which a step that leaves an exponential cone is shortened.
-        max_backtracks: steps tried (1, backtrack, backtrack^2, ...; all at once) before an
-            element is declared a numerical failure.
-        reg: regularisation of the reduced system; ``refine_steps`` of iterative refinement remove
-            it (none by default: at 1e-10 it moves the steps far less than the tolerance).
+            this is returned INACCURATE, for the refinement to finish; above, it has failed.
+        max_iter: iteration limit (elements of the test problems take 13-17; 60 leaves room
+            for badly scaled ones before Clarabel takes over).
+        step_fraction: fraction of the step to the cone boundary that is taken (0.99, as
+            Clarabel's max_step_fraction); on exponential cones the step must stay inside when
+            divided by it, so that every cone keeps the same margin.
+        backtrack: factor by which a step that leaves an exponential cone is shortened (0.8:
+            finer factors changed the iteration count by < 3 % and failed more often).
+        max_backtracks: shortenings before an element is declared a numerical failure
+            (0.8^40 ~ 1e-4).
+        reg: regularisation of the reduced KKT system, small enough (1e-10) to move the steps
+            far less than the tolerance; ``kkt_refine_steps`` of iterative refinement remove it.
+        kkt_refine_steps: iterative refinement steps per Newton solve (0: none were needed).
     """
 
-    tol: float = 1e-6
+    tol: float = 1e-8
     inaccurate_tol: float = 1e-5
     max_iter: int = 60
     step_fraction: float = 0.99
     backtrack: float = 0.8
     max_backtracks: int = 40
     reg: float = 1e-10
-    refine_steps: int = 0
+    kkt_refine_steps: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("max_iter", "max_backtracks", "kkt_refine_steps"):
+            value = getattr(self, name)
+            least = 1 if name == "max_backtracks" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"IPMSettings.{name} must be an int >= {least}, got {value!r}")
+        for name, lo, hi in (("tol", 0.0, 1.0), ("inaccurate_tol", 0.0, 1.0), ("step_fraction", 0.0, 1.0),
+                             ("backtrack", 0.0, 1.0), ("reg", 0.0, 1.0)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo < value < hi:
+                raise ValueError(f"IPMSettings.{name} must be a number in ({lo}, {hi}), got {value!r}")
+        if self.inaccurate_tol < self.tol:
+            raise ValueError(f"IPMSettings.inaccurate_tol ({self.inaccurate_tol}) must be >= tol ({self.tol})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +96,7 @@ class _Part:
     count: int
     size: int
     degree: int
+    dual: bool = False  # dual exponential cones, mapped to primal ones by exponential.DUAL_TO_PRIMAL
 
     @property
     def stop(self) -> int:
@@ -79,6 +104,7 @@ class _Part:
 
 
 def _parts(spec: ConeSpec) -> list[_Part]:
+    """The non-zero cones of ``spec`` as parts, offsets counted from the first non-zero row."""
     parts = []
     for block in spec.blocks():
         if block.module is nonneg:
@@ -91,7 +117,7 @@ def _parts(spec: ConeSpec) -> list[_Part]:
             kind, degree = "exp", exponential.DEGREE
         else:
             continue
-        parts.append(_Part(kind, block.start - spec.zero, block.count, block.size, degree))
+        parts.append(_Part(kind, block.start - spec.zero, block.count, block.size, degree, block.dual))
     return parts
 
 
@@ -101,10 +127,12 @@ def _piece(v: torch.Tensor, part: _Part) -> torch.Tensor:
 
 
 def _join(pieces: list[torch.Tensor], batch: int) -> torch.Tensor:
+    """The inverse of ``_piece`` over all parts: (B, count, size, ...) pieces -> (B, m_K, ...)."""
     return torch.cat([p.reshape(batch, -1, *p.shape[3:]) for p in pieces], 1)
 
 
 def _central_point(parts: list[_Part], batch: int, like: torch.Tensor) -> torch.Tensor:
+    """The start s = y (B, m_K): the unit of each symmetric cone, the exponential cone's central point."""
     pieces = []
     for part in parts:
         shape = (batch, part.count, part.size)
@@ -117,7 +145,9 @@ def _central_point(parts: list[_Part], batch: int, like: torch.Tensor) -> torch.
     return _join(pieces, batch) if pieces else like.new_zeros(batch, 0)
 
 
-def _scaling(part: _Part, s: torch.Tensor, y: torch.Tensor, mu: torch.Tensor):
+def _scaling(part: _Part, s: torch.Tensor, y: torch.Tensor,
+             mu: torch.Tensor) -> symmetric.NTScaling | exponential.ExpScaling:
+    """The scaling of one part's cones at s, y (B, count, size); mu (B, count)."""
     if part.kind == "nonneg":
         return symmetric.nonneg_scaling(s, y)
     if part.kind == "soc":
@@ -156,6 +186,8 @@ class _Problem:
 
 @dataclasses.dataclass(frozen=True)
 class _Iterate:
+    """Primal x (B, n), equality multipliers nu (B, z), cone slacks s and multipliers y (B, m_K)."""
+
     x: torch.Tensor
     nu: torch.Tensor
     s: torch.Tensor
@@ -166,6 +198,7 @@ class _Iterate:
 
 
 def _inf_norm(v: torch.Tensor) -> torch.Tensor:
+    """Infinity norm over the last dimension, (B,); zeros for an empty one."""
     return v.abs().amax(-1) if v.shape[-1] else v.new_zeros(v.shape[0])
 
 
@@ -189,19 +222,28 @@ def _exp_rows(v: torch.Tensor, parts: list[_Part]) -> torch.Tensor:
     return torch.cat(pieces, -2)
 
 
+_TRIAL_CHUNK = 8  # exponential-cone step lengths tried at once (most steps are found in the first 8)
+
+
 def _exp_step(parts: list[_Part], s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor,
-              alpha: torch.Tensor, settings: IPMSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    """The longest of alpha * backtrack^k (k < max_backtracks) keeping every exponential cone's
-    s and y strictly inside, all k tried at once (the feasible steps along a ray form an
-    interval); and whether one was found (B,)."""
-    factors = settings.backtrack ** torch.arange(settings.max_backtracks, dtype=s.dtype, device=s.device)
-    trials = (alpha.unsqueeze(0) * factors.unsqueeze(-1))[..., None, None]  # (K, B, 1, 1)
+              alpha: torch.Tensor, fraction: float, settings: IPMSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """The longest of alpha * backtrack^k (k < max_backtracks) for which the step divided by
+    ``fraction`` keeps every exponential cone's s and y strictly inside (the feasible steps along
+    a ray form an interval), tried a chunk of k at a time; and whether one was found (B,)."""
     s_e, y_e, ds_e, dy_e = (_exp_rows(t, parts) for t in (s, y, ds, dy))
-    inside = (exponential.in_primal(s_e + trials * ds_e) & exponential.in_dual(y_e + trials * dy_e)).all(-1)
-    found = inside.any(0)
-    first = inside.to(torch.int8).argmax(0)
-    step = alpha * factors[first]
-    return torch.where(found, step, torch.zeros_like(step)), found
+    step, found = torch.zeros_like(alpha), torch.zeros_like(alpha, dtype=torch.bool)
+    for first in range(0, settings.max_backtracks, _TRIAL_CHUNK):
+        powers = torch.arange(first, min(first + _TRIAL_CHUNK, settings.max_backtracks), dtype=s.dtype, device=s.device)
+        factors = settings.backtrack ** powers
+        trials = alpha.unsqueeze(0) * factors.unsqueeze(-1)  # (K, B)
+        reach = (trials / fraction)[..., None, None]
+        inside = (exponential.in_primal(s_e + reach * ds_e) & exponential.in_dual(y_e + reach * dy_e)).all(-1)
+        hit = inside.any(0) & ~found
+        step = torch.where(hit, trials.gather(0, inside.to(torch.int8).argmax(0, keepdim=True)).squeeze(0), step)
+        found = found | hit
+        if bool(found.all()):
+            break
+    return step, found
 
 
 def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ...], parts: list[_Part], degree: int,
@@ -221,7 +263,7 @@ def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ..
     def direction(rhs: Callable) -> tuple[torch.Tensor, ...]:
         q = _join([rhs(sc, part) for sc, part in zip(scalings, parts)], batch)
         v = _apply_blocks(V, r_p + q, parts, transpose=False)
-        dx, dnu, dlam = solve_reduced(factor, -r_d, -r_z, v, settings.refine_steps)
+        dx, dnu, dlam = solve_reduced(factor, -r_d, -r_z, v, settings.kkt_refine_steps)
         dy = _apply_blocks(V, dlam, parts, transpose=True)
         return dx, dnu, -r_p - mv(prob.A_k, dx), dy
 
@@ -233,11 +275,10 @@ def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ..
             pieces = (_piece(t, part) for t in (it.s, it.y, ds, dy))
             step = torch.minimum(step, sc.max_step(*pieces).amin(-1))
         alpha = (fraction * step).clamp(max=1)
-        if not has_exp:
+        if not any(part.kind == "exp" for part in parts):
             return alpha, torch.ones_like(alpha, dtype=torch.bool)
-        return _exp_step(parts, it.s, it.y, ds, dy, alpha, settings)
+        return _exp_step(parts, it.s, it.y, ds, dy, alpha, fraction, settings)
 
-    has_exp = any(part.kind == "exp" for part in parts)
     affine = direction(lambda sc, part: sc.affine_rhs(_piece(it.s, part)))
     alpha, _ = step_length(affine[2], affine[3], 1.0)
     sigma = (1 - alpha) ** 3
@@ -255,15 +296,27 @@ def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ..
 
 
 def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
-          settings: IPMSettings = IPMSettings()) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Solve a batch: A (B, m, n), b (B, m), c (B, n), P (B, n, n) or None, all float64.
+          settings: IPMSettings = IPMSettings(), max_slices: int | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Solve a batch: A (B, m, n), b (B, m), c (B, n), P (B, n, n), shared (n, n) or None; float64.
 
     Returns x (B, n), y (B, m), s (B, m) and status (B,) int64 (ConeStatus: SOLVED, INACCURATE,
     MAX_ITER or NUMERICAL_ERROR); every element holds its last iterate. A large CPU batch is
-    solved in slices on parallel threads (threads.py), with the same result.
+    solved in at most ``max_slices`` (default: torch's thread count) slices on parallel threads
+    (threads.py), with the same result.
     """
+    if A.dim() != 3 or b.shape != A.shape[:2] or c.shape != (A.shape[0], A.shape[2]):
+        raise ValueError(f"A must be (B, m, n), b (B, m) and c (B, n); got A {tuple(A.shape)}, b {tuple(b.shape)}, "
+                         f"c {tuple(c.shape)}")
     batch, m, n = A.shape
+    if P is not None:
+        if P.shape[-2:] != (n, n) or P.dim() not in (2, 3) or (P.dim() == 3 and P.shape[0] != batch):
+            raise ValueError(f"P must be (n, n) = ({n}, {n}) or (B, n, n) = ({batch}, {n}, {n}), got {tuple(P.shape)}")
+        P = P.expand(batch, n, n)
+    if spec.size != m:
+        raise ValueError(f"spec covers {spec.size} rows but A has m = {m}")
     count = threads.slice_count(batch, (m + n) * n, A.device, _MIN_SLICE_ENTRIES)
+    count = min(count, max_slices or count)
     parts = threads.map_slices(
         lambda part: _solve(A[part], b[part], c[part], None if P is None else P[part], spec, settings), batch, count)
     return tuple(torch.cat(outputs) for outputs in zip(*parts))
@@ -271,63 +324,78 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
 
 def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
            settings: IPMSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, m, n = A.shape
-    z = spec.zero
+    """``solve`` for one slice: set up, iterate, map back."""
     parts = _parts(spec)
-    degree = max(sum(part.count * part.degree for part in parts), 1)
-    T = _dual_exp_map(spec, A)
-    A_k, b_k = A[:, z:], b[:, z:]
-    if T is not None:
-        A_k, b_k = T @ A_k, mv(T, b_k)
-    P = A.new_zeros(batch, n, n) if P is None else P.expand(batch, n, n)
-    prob = _Problem(A[:, :z], b[:, :z], A_k, b_k, c, P)
-    start = _central_point(parts, batch, A)
-    it = _Iterate(A.new_zeros(batch, n), A.new_zeros(batch, z), start, start.clone())
-    result = it
-    status = torch.full((batch,), int(ConeStatus.MAX_ITER), dtype=torch.int64, device=A.device)
-    working = torch.arange(batch, device=A.device)
-    for iteration in range(settings.max_iter + 1):
-        *residuals, error = _residuals(prob, it)
-        done = error <= settings.tol
-        result = _put(result, working, it)
-        status[working[done]] = int(ConeStatus.SOLVED)
-        close = working[~done & (error <= settings.inaccurate_tol)]
-        if iteration == settings.max_iter:
-            status[close] = int(ConeStatus.INACCURATE)
-            break
-        it, ok = _newton_step(prob, it, residuals, parts, degree, settings)
-        failed = ~ok & ~done
-        status[working[failed]] = torch.where(error[failed] <= settings.inaccurate_tol, int(ConeStatus.INACCURATE),
-                                              int(ConeStatus.NUMERICAL_ERROR))
-        keep = ~done & ok
-        if not bool(keep.all()):
-            working, prob, it = working[keep], prob.take(keep), it.take(keep)
-        if working.numel() == 0:
-            break
-    y_k, s_k = result.y, result.s
-    if T is not None:
-        y_k, s_k = mtv(T, y_k), torch.linalg.solve(T, s_k.unsqueeze(-1)).squeeze(-1)
+    prob = _setup(A, b, c, P, spec, parts)
+    result, status = _iterate(prob, parts, settings)
+    y_k, s_k = _from_primal_exp(result.y, result.s, parts)
     return result.x, torch.cat([result.nu, y_k], -1), torch.cat([torch.zeros_like(result.nu), s_k], -1), status
 
 
-def _put(result: _Iterate, index: torch.Tensor, it: _Iterate) -> _Iterate:
+def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
+           parts: list[_Part]) -> _Problem:
+    """Split the zero-cone rows from the others and map dual exponential rows to primal ones."""
+    batch, _, n = A.shape
+    A_k, b_k = A[:, spec.zero:], b[:, spec.zero:]
+    if any(part.dual for part in parts):
+        T = A.new_tensor(exponential.DUAL_TO_PRIMAL)
+        A_k, b_k = A_k.clone(), b_k.clone()
+        for part in (part for part in parts if part.dual):
+            A_k[:, part.start:part.stop] = (T @ _piece(A_k, part)).reshape(batch, -1, n)
+            b_k[:, part.start:part.stop] = (_piece(b_k, part) @ T.mT).reshape(batch, -1)
+    P = A.new_zeros(batch, n, n) if P is None else P
+    return _Problem(A[:, :spec.zero], b[:, :spec.zero], A_k, b_k, c, P)
+
+
+def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: list[_Part]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Undo ``_setup``'s map on the dual exponential rows: y = T^T y', s = T^-1 s'."""
+    if not any(part.dual for part in parts):
+        return y, s
+    T = y.new_tensor(exponential.DUAL_TO_PRIMAL)
+    y, s = y.clone(), s.clone()
+    for part in (part for part in parts if part.dual):
+        y[:, part.start:part.stop] = (_piece(y, part) @ T).reshape(y.shape[0], -1)
+        s[:, part.start:part.stop] = (_piece(s, part) @ torch.linalg.inv(T).mT).reshape(s.shape[0], -1)
+    return y, s
+
+
+def _iterate(prob: _Problem, parts: list[_Part], settings: IPMSettings) -> tuple[_Iterate, torch.Tensor]:
+    """The interior point loop over a shrinking working batch: the last iterate and status of every element."""
+    batch, n = prob.c.shape
+    degree = max(sum(part.count * part.degree for part in parts), 1)
+    start = _central_point(parts, batch, prob.c)
+    it = _Iterate(prob.c.new_zeros(batch, n), prob.c.new_zeros(batch, prob.b_z.shape[-1]), start, start.clone())
+    result = it
+    status = torch.full((batch,), int(ConeStatus.MAX_ITER), dtype=torch.int64, device=prob.c.device)
+    working = torch.arange(batch, device=prob.c.device)
+    running = torch.full_like(status, int(ConeStatus.MAX_ITER))
+    for iteration in range(settings.max_iter + 1):
+        *residuals, error = _residuals(prob, it)
+        done = error <= settings.tol
+        close = error <= settings.inaccurate_tol
+        if iteration == settings.max_iter:
+            running = torch.where(done, int(ConeStatus.SOLVED), torch.where(close, int(ConeStatus.INACCURATE), running))
+            result, status = _put(result, status, working, it, running)
+            break
+        step, ok = _newton_step(prob, it, residuals, parts, degree, settings)
+        running = torch.where(done, int(ConeStatus.SOLVED), torch.where(
+            ok, running, torch.where(close, int(ConeStatus.INACCURATE), int(ConeStatus.NUMERICAL_ERROR))))
+        keep = ~done & ok
+        if not bool(keep.all()):  # finished elements leave: record them, shrink the working batch
+            result, status = _put(result, status, working, it, running)
+            index = keep.nonzero().squeeze(-1)
+            working, prob, it, running = working[index], prob.take(index), step.take(index), running[index]
+            if working.numel() == 0:
+                break
+        else:
+            it = step
+    return result, status
+
+
+def _put(result: _Iterate, status: torch.Tensor, index: torch.Tensor, it: _Iterate,
+         running: torch.Tensor) -> tuple[_Iterate, torch.Tensor]:
+    """``result`` and ``status`` with the working batch (``index`` into the whole batch) written in."""
     out = []
     for whole, part in zip(dataclasses.astuple(result), dataclasses.astuple(it)):
-        whole = whole.clone()
-        whole[index] = part
-        out.append(whole)
-    return _Iterate(*out)
-
-
-def _dual_exp_map(spec: ConeSpec, like: torch.Tensor) -> torch.Tensor | None:
-    """The (m_K, m_K) row map T with s in K_exp^* iff T s in K_exp on the dual-exponential rows (None if none)."""
-    if not spec.exp_dual:
-        return None
-    m_k = spec.size - spec.zero
-    T = torch.eye(m_k, dtype=like.dtype, device=like.device)
-    block = like.new_tensor(exponential.DUAL_TO_PRIMAL)
-    first = m_k - 3 * spec.exp_dual
-    for k in range(spec.exp_dual):
-        rows = slice(first + 3 * k, first + 3 * k + 3)
-        T[rows, rows] = block
-    return T
+        out.append(whole.index_copy(0, index, part))
+    return _Iterate(*out), status.index_copy(0, index, running)

@@ -9,6 +9,7 @@ algebra; see Vandenberghe, "The CVXOPT linear and quadratic cone program solvers
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -40,11 +41,13 @@ def cholesky_or_nan(M: torch.Tensor) -> torch.Tensor:
 class Jordan:
     """The Jordan algebra of one cone kind on vectors (..., k): product, division lambda \\ d, unit e."""
 
-    product: callable
-    divide: callable
-    unit: callable
-    max_step: callable  # largest alpha with x + alpha dx in K for x in int K (inf if none), (...,)
-    scaled_step: callable  # the same for x = lambda, the NT-scaled point (diagonal on the PSD cone)
+    product: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    divide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    unit: Callable[[torch.Tensor], torch.Tensor]
+    max_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # largest alpha with x + alpha dx in K
+    # for any x in int K (inf if none), (...,)
+    scaled_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # the same from x = lambda, the
+    # NT-scaled point (diagonal on the PSD cone, where it needs no factorisation); what the solver uses
 
 
 def _nonneg_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -152,8 +155,9 @@ class NTScaling:
         return _mv(self.W.mT, j.divide(lam, d))
 
     def max_step(self, s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-        """Largest step keeping s + a ds and y + a dy in the cone (measured from lambda, both
-        directions at once), (...,)."""
+        """Largest step keeping s + a ds and y + a dy in the cone (...,), both measured from lambda
+        at once (W and V are automorphisms of the cone, so s and y themselves are not needed;
+        they are arguments for the interface shared with ``ExpScaling``)."""
         both = torch.stack([_mv(self.V, ds), _mv(self.W, dy)])
         return self.algebra.scaled_step(self.lam, both).amin(0)
 
