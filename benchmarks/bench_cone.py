@@ -128,7 +128,8 @@ def main() -> None:
     parser.add_argument("--scaling", type=lambda s: [int(v) for v in s.split(",") if v], default=[16, 128, 512],
                         help="batch sizes of the forward-only scaling table (comma separated; empty to skip)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads != torch.get_num_threads():  # torch.set_num_threads also breaks batched LU with more than
+        torch.set_num_threads(args.threads)  # one thread on MKL builds (pytorch/pytorch#142815): only when asked
     device = "cuda" if torch.cuda.is_available() else "cpu"
     A, b, c, _, x_true, _, _ = random_program(SPEC, N, batch=args.batch, seed=0)
     v = torch.randn(args.batch, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -86,7 +86,8 @@ def main() -> None:
                         help="torch intra-op threads for all methods (default: torch's, one per core)")
     parser.add_argument("--out", default="compare_qp_cone.json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads != torch.get_num_threads():  # torch.set_num_threads also breaks batched LU with more than
+        torch.set_num_threads(args.threads)  # one thread on MKL builds (pytorch/pytorch#142815): only when asked
     methods = {
         "solve_qp (core IPM)": lambda *d: solve_qp(*d, on_failure="ignore"),
         "solve_qp_cone ipm": lambda *d: solve_qp_cone(*d, solver="ipm", on_failure="ignore"),

@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
-    torch.set_num_threads(args.threads)
+    if args.threads != torch.get_num_threads():  # torch.set_num_threads also breaks batched LU with more than
+        torch.set_num_threads(args.threads)  # one thread on MKL builds (pytorch/pytorch#142815): only when asked
     dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
     cuda = device.type == "cuda"
     settings = quick_settings(dtypes, cuda) if args.quick else full_settings(dtypes, cuda or args.no_caps)

@@ -4,11 +4,21 @@ On the CPU, torch runs batched factorisations and triangular solves one matrix a
 on a single core, and its element-wise kernels do not split small (B, n) tensors across cores.
 The problems of a batch are independent, so the interior point methods (QP and cone) cut a
 large batch into as many slices as torch has intra-op threads and solve them at once: torch
-releases the GIL inside its kernels. Each slice's thread runs torch with one thread, so that
-the cores are not oversubscribed; the caller's thread count is restored afterwards.
+releases the GIL inside its kernels.
+
+Each slice's thread limits its own OpenMP team to one thread (``omp_set_num_threads`` of the
+OpenMP runtime torch ships, a per-thread setting) so that the cores are not oversubscribed.
+It does not call ``torch.set_num_threads``: that also switches MKL's dynamic threading off for
+the whole process, after which torch's batched LU (``linalg.lu_factor``, ``solve``, ``inv``)
+runs MKL's ``getrf`` concurrently from several threads and returns invalid pivots or wrong
+factors (pytorch/pytorch#142815, #141358; seen here with torch 2.13 on two cores). Where that
+runtime cannot be found, batches are not sliced.
 """
 from __future__ import annotations
 
+import ctypes
+import functools
+import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, TypeVar
 
@@ -16,22 +26,40 @@ import torch
 
 Result = TypeVar("Result")
 
+# The OpenMP runtimes torch's Linux and macOS wheels ship beside libtorch_cpu.
+_OPENMP_RUNTIMES = ("libgomp.so.1", "libiomp5.so", "libomp.dylib", "libiomp5.dylib")
+
+
+@functools.lru_cache(maxsize=1)
+def _omp_set_num_threads() -> Callable[[int], None] | None:
+    """``omp_set_num_threads`` of torch's OpenMP runtime, or None if it cannot be found."""
+    if not torch.backends.openmp.is_available():
+        return None
+    folder = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in _OPENMP_RUNTIMES:
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            try:
+                function = ctypes.CDLL(path).omp_set_num_threads
+            except (OSError, AttributeError):
+                continue
+            function.argtypes = [ctypes.c_int]
+            return function
+    return None
+
 
 def slice_count(batch: int, entries_per_problem: int, device: torch.device, min_entries: int) -> int:
     """How many slices: one per intra-op thread, each with at least ``min_entries`` matrix entries
-    (below that the threads' contention for the GIL eats the gain); always 1 off the CPU."""
-    if device.type != "cpu":
+    (below that the threads' contention for the GIL eats the gain); 1 off the CPU or without a
+    per-thread OpenMP setting."""
+    if device.type != "cpu" or _omp_set_num_threads() is None:
         return 1
     return max(1, min(torch.get_num_threads(), batch, batch * max(entries_per_problem, 1) // min_entries))
 
 
 def _single_threaded(fn: Callable[[slice], Result], part: slice) -> Result:
-    """Under OpenMP torch's thread count is per thread, copied from a process-wide value when a
-    thread first asks for it: asking before setting 1 keeps a sibling's setting from leaking in.
-    Side effect: while the slices run, a thread of the caller's program that touches torch for
-    the first time starts with one thread (the caller's own count is restored by ``map_slices``)."""
-    torch.get_num_threads()
-    torch.set_num_threads(1)
+    """fn(part) in a pool thread whose OpenMP team (torch's intra-op threads and MKL's) is one thread."""
+    _omp_set_num_threads()(1)
     with torch.no_grad():
         return fn(part)
 
@@ -42,9 +70,5 @@ def map_slices(fn: Callable[[slice], Result], batch: int, count: int) -> list[Re
         return [fn(slice(0, batch))]
     bounds = [index * batch // count for index in range(count + 1)]
     slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    threads = torch.get_num_threads()
-    try:
-        with ThreadPoolExecutor(max_workers=count) as pool:
-            return list(pool.map(lambda part: _single_threaded(fn, part), slices))
-    finally:
-        torch.set_num_threads(threads)
+    with ThreadPoolExecutor(max_workers=count) as pool:
+        return list(pool.map(lambda part: _single_threaded(fn, part), slices))
