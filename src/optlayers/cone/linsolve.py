@@ -47,11 +47,26 @@ class DenseFactorization:
 
     @staticmethod
     def of(M: ResidualDerivative, batch: int) -> DenseFactorization:
-        lu, pivots, _ = torch.linalg.lu_factor_ex(M.dense(batch))
-        return DenseFactorization(lu, pivots)
+        return DenseFactorization(*lu_factor(M.dense(batch)))
 
     def solve(self, rhs: torch.Tensor, transpose: bool) -> torch.Tensor:
         return torch.linalg.lu_solve(self.lu, self.pivots, rhs.unsqueeze(-1), adjoint=transpose).squeeze(-1)
+
+
+def lu_factor(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched LU with partial pivoting of (B, N, N), (lu, pivots).
+
+    After ``torch.set_num_threads(k >= 2)`` torch's batched CPU LU can run MKL's getrf from
+    several threads at once and return invalid pivots (pytorch/pytorch#142815); those elements
+    are factorised again one at a time (wrong factors with valid pivots show up in the solves'
+    residual checks, which fall back to least squares).
+    """
+    lu, pivots, _ = torch.linalg.lu_factor_ex(matrices)
+    invalid = ((pivots < 1) | (pivots > matrices.shape[-1])).any(-1)
+    if bool(invalid.any()):
+        for index in invalid.nonzero().squeeze(-1).tolist():
+            lu[index], pivots[index], _ = torch.linalg.lu_factor_ex(matrices[index])
+    return lu, pivots
 
 
 def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
@@ -73,7 +88,7 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
         stalled = ~(residual <= tol)
         if bool(stalled.any()):  # refactorise only the elements where the old factorization no longer helps
             dense = M.dense(rhs.shape[0], stalled)
-            lu, pivots, _ = torch.linalg.lu_factor_ex(dense)
+            lu, pivots = lu_factor(dense)
             factorization = DenseFactorization(factorization.lu.clone(), factorization.pivots.clone())
             factorization.lu[stalled], factorization.pivots[stalled] = lu, pivots
             sol, residual = sol.clone(), residual.clone()
