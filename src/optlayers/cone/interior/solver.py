@@ -253,15 +253,16 @@ def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ..
     batch = it.x.shape[0]
     r_d, r_z, r_p = residuals
     mu = (it.s * it.y).sum(-1) / degree
-    scalings = [_scaling(part, _piece(it.s, part), _piece(it.y, part), mu.unsqueeze(-1).expand(batch, part.count))
-                for part in parts]
+    s_parts, y_parts = [_piece(it.s, part) for part in parts], [_piece(it.y, part) for part in parts]
+    scalings = [_scaling(part, s, y, mu.unsqueeze(-1).expand(batch, part.count))
+                for part, s, y in zip(parts, s_parts, y_parts)]
     V = [sc.V for sc in scalings]
     G = _join([_times(v, _piece(prob.A_k, part)) for v, part in zip(V, parts)], batch)
     reg = torch.full((batch,), settings.reg, dtype=it.x.dtype, device=it.x.device)
     factor = factor_kkt(prob.P, prob.A_z, G, torch.ones_like(it.s), reg, reg, unit_weights=True)
 
-    def direction(rhs: Callable) -> tuple[torch.Tensor, ...]:
-        q = _join([rhs(sc, part) for sc, part in zip(scalings, parts)], batch)
+    def direction(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(dx, dnu, ds, dy) of the Newton system with ds + H dy = q on the cone rows."""
         v = _apply_blocks(V, r_p + q, parts, transpose=False)
         dx, dnu, dlam = solve_reduced(factor, -r_d, -r_z, v, settings.kkt_refine_steps)
         dy = _apply_blocks(V, dlam, parts, transpose=True)
@@ -271,20 +272,19 @@ def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ..
         """fraction of the step to the boundary of the symmetric cones (at most 1), shortened
         until s, y are inside the exponential cones; and whether that succeeded (B,)."""
         step = torch.ones(batch, dtype=it.x.dtype, device=it.x.device) / fraction
-        for sc, part in zip(scalings, parts):
-            pieces = (_piece(t, part) for t in (it.s, it.y, ds, dy))
-            step = torch.minimum(step, sc.max_step(*pieces).amin(-1))
+        for sc, part, s, y in zip(scalings, parts, s_parts, y_parts):
+            step = torch.minimum(step, sc.max_step(s, y, _piece(ds, part), _piece(dy, part)).amin(-1))
         alpha = (fraction * step).clamp(max=1)
         if not any(part.kind == "exp" for part in parts):
             return alpha, torch.ones_like(alpha, dtype=torch.bool)
         return _exp_step(parts, it.s, it.y, ds, dy, alpha, fraction, settings)
 
-    affine = direction(lambda sc, part: sc.affine_rhs(_piece(it.s, part)))
+    affine = direction(-it.s)  # every scaling's affine right-hand side is -s
     alpha, _ = step_length(affine[2], affine[3], 1.0)
-    sigma = (1 - alpha) ** 3
-    sigma_mu = (sigma * mu)[:, None, None]
-    dx, dnu, ds, dy = direction(lambda sc, part: sc.combined_rhs(
-        sigma_mu, _piece(affine[2], part), _piece(affine[3], part), _piece(it.s, part), _piece(it.y, part)))
+    sigma_mu = ((1 - alpha) ** 3 * mu)[:, None, None]
+    dx, dnu, ds, dy = direction(_join([
+        sc.combined_rhs(sigma_mu, _piece(affine[2], part), _piece(affine[3], part), s, y)
+        for sc, part, s, y in zip(scalings, parts, s_parts, y_parts)], batch))
     finite = factor.ok & torch.stack([t.isfinite().all(-1) for t in (dx, ds, dy)]).all(0)
     if dnu.shape[-1]:
         finite = finite & dnu.isfinite().all(-1)
