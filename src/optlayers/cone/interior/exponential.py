@@ -16,7 +16,6 @@ import dataclasses
 
 import torch
 
-from optlayers.cone.exp import DUAL_TO_PRIMAL  # noqa: F401  (the solver maps dual exponential rows with it)
 from optlayers.cone.interior.symmetric import cholesky_or_nan
 
 DEGREE = 3

@@ -16,7 +16,6 @@ hand it to Clarabel. Converged elements stop and leave the working batch.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import torch
 
@@ -96,7 +95,7 @@ class _Part:
     count: int
     size: int
     degree: int
-    dual: bool = False  # dual exponential cones, mapped to primal ones by exponential.DUAL_TO_PRIMAL
+    dual: bool = False  # dual exponential cones, mapped to primal ones by exp_module.DUAL_TO_PRIMAL
 
     @property
     def stop(self) -> int:
@@ -338,7 +337,7 @@ def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
     batch, _, n = A.shape
     A_k, b_k = A[:, spec.zero:], b[:, spec.zero:]
     if any(part.dual for part in parts):
-        T = A.new_tensor(exponential.DUAL_TO_PRIMAL)
+        T = A.new_tensor(exp_module.DUAL_TO_PRIMAL)
         A_k, b_k = A_k.clone(), b_k.clone()
         for part in (part for part in parts if part.dual):
             A_k[:, part.start:part.stop] = (T @ _piece(A_k, part)).reshape(batch, -1, n)
@@ -351,7 +350,7 @@ def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: list[_Part]) -> tu
     """Undo ``_setup``'s map on the dual exponential rows: y = T^T y', s = T^-1 s'."""
     if not any(part.dual for part in parts):
         return y, s
-    T = y.new_tensor(exponential.DUAL_TO_PRIMAL)
+    T = y.new_tensor(exp_module.DUAL_TO_PRIMAL)
     y, s = y.clone(), s.clone()
     for part in (part for part in parts if part.dual):
         y[:, part.start:part.stop] = (_piece(y, part) @ T).reshape(y.shape[0], -1)
