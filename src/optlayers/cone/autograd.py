@@ -57,7 +57,6 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
            settings: Settings) -> tuple[torch.Tensor, ...]:
     """x (B, n), y, s (B, m) and status (B,) from the chosen solver, before refinement ("ipm":
     the batched interior point method, on A's device)."""
-    like = dict(dtype=b.dtype, device=b.device)
     if settings.solver == "ipm":
         dense = A.detach().to_dense() if A.layout != torch.strided else A.detach()
         batch = b.shape[0]
@@ -69,6 +68,7 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
         return x, y, s, status
     results = backends.solve_batch(_problems(A, b, c, P), settings.spec, settings.solver, settings.options,
                                    settings.warm_starts, settings.max_workers)
+    like = dict(dtype=b.dtype, device=b.device)
     x = torch.as_tensor(np.stack([r.x for r in results]), **like)
     y = torch.as_tensor(np.stack([r.y for r in results]), **like)
     s = torch.as_tensor(np.stack([r.s for r in results]), **like)
