@@ -58,8 +58,11 @@ def slice_count(batch: int, entries_per_problem: int, device: torch.device, min_
 
 
 def _single_threaded(fn: Callable[[slice], Result], part: slice) -> Result:
-    """fn(part) in a pool thread whose OpenMP team (torch's intra-op threads and MKL's) is one thread."""
-    _omp_set_num_threads()(1)
+    """fn(part) in a pool thread whose OpenMP team (torch's intra-op threads and MKL's) is one thread
+    (where the runtime is not found, ``slice_count`` does not slice; a direct caller gets plain threads)."""
+    setter = _omp_set_num_threads()
+    if setter is not None:
+        setter(1)
     with torch.no_grad():
         return fn(part)
 
