@@ -28,6 +28,11 @@ def test_slices_with_a_half_precision_default_dtype():
     assert parts[0][0] == 0 and parts[-1][1] == 2049 and parts[0][1] == parts[1][0]
 
 
+needs_openmp = pytest.mark.skipif(threads._omp_set_num_threads() is None,
+                                  reason="no per-thread OpenMP setting found: batches are not sliced")
+
+
+@needs_openmp
 def test_workers_run_single_threaded_and_the_caller_keeps_its_threads():
     before = torch.get_num_threads()
     inside = threads.map_slices(lambda part: torch.get_num_threads(), 4, 2)
@@ -47,6 +52,7 @@ assert torch.allclose(P @ L @ U, A, atol=1e-10), "wrong factors"
 """
 
 
+@needs_openmp
 def test_batched_lu_stays_valid_after_sliced_solves():
     """torch.set_num_threads (which the slicing must not call) breaks torch's batched LU for the
     whole process on MKL builds: invalid pivots, wrong factors (pytorch/pytorch#142815). A fresh
@@ -54,3 +60,26 @@ def test_batched_lu_stays_valid_after_sliced_solves():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", _LU_AFTER_SLICES], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+_WORKERS_AFTER_SET = """
+import torch
+from optlayers import threads
+torch.set_num_threads(2)
+assert threads.map_slices(lambda part: torch.get_num_threads(), 4, 2) == [1, 1]
+"""
+
+
+@needs_openmp
+def test_workers_stay_single_threaded_after_the_caller_set_a_count():
+    """torch's per-thread start-up resets a new thread's team to the process count once one was set."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _WORKERS_AFTER_SET], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("count", [0, -1, 5])
+def test_map_slices_refuses_bad_counts(count):
+    with pytest.raises(ValueError, match="count must be an int in"):
+        threads.map_slices(lambda part: part, 4, count)
+

@@ -7,7 +7,8 @@ large batch into as many slices as torch has intra-op threads and solve them at 
 releases the GIL inside its kernels.
 
 Each slice's thread limits its own OpenMP team to one thread (``omp_set_num_threads`` of the
-OpenMP runtime torch ships, a per-thread setting) so that the cores are not oversubscribed.
+OpenMP runtime torch is linked against, a per-thread setting) so that the cores are not
+oversubscribed.
 It does not call ``torch.set_num_threads``: that also switches MKL's dynamic threading off for
 the whole process, after which torch's batched LU (``linalg.lu_factor``, ``solve``, ``inv``)
 runs MKL's ``getrf`` concurrently from several threads and returns invalid pivots or wrong
@@ -26,17 +27,18 @@ import torch
 
 Result = TypeVar("Result")
 
-# The OpenMP runtimes torch's Linux and macOS wheels ship beside libtorch_cpu.
-_OPENMP_RUNTIMES = ("libgomp.so.1", "libiomp5.so", "libomp.dylib", "libiomp5.dylib")
+# torch's CPU library, through whose handle ``omp_set_num_threads`` resolves to the OpenMP runtime
+# torch itself is linked against (never a second copy).
+_TORCH_CPU_LIBRARIES = ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll")
 
 
 @functools.lru_cache(maxsize=1)
 def _omp_set_num_threads() -> Callable[[int], None] | None:
-    """``omp_set_num_threads`` of torch's OpenMP runtime, or None if it cannot be found."""
+    """``omp_set_num_threads`` of the OpenMP runtime torch uses, or None if it cannot be found."""
     if not torch.backends.openmp.is_available():
         return None
     folder = os.path.join(os.path.dirname(torch.__file__), "lib")
-    for name in _OPENMP_RUNTIMES:
+    for name in _TORCH_CPU_LIBRARIES:
         path = os.path.join(folder, name)
         if os.path.exists(path):
             try:
@@ -52,6 +54,8 @@ def slice_count(batch: int, entries_per_problem: int, device: torch.device, min_
     """How many slices: one per intra-op thread, each with at least ``min_entries`` matrix entries
     (below that the threads' contention for the GIL eats the gain); 1 off the CPU or without a
     per-thread OpenMP setting."""
+    if min_entries < 1:
+        raise ValueError(f"min_entries must be >= 1, got {min_entries}")
     if device.type != "cpu" or _omp_set_num_threads() is None:
         return 1
     return max(1, min(torch.get_num_threads(), batch, batch * max(entries_per_problem, 1) // min_entries))
@@ -60,6 +64,7 @@ def slice_count(batch: int, entries_per_problem: int, device: torch.device, min_
 def _single_threaded(fn: Callable[[slice], Result], part: slice) -> Result:
     """fn(part) in a pool thread whose OpenMP team (torch's intra-op threads and MKL's) is one thread
     (where the runtime is not found, ``slice_count`` does not slice; a direct caller gets plain threads)."""
+    torch.get_num_threads()  # torch's per-thread start-up, which would reset the team size set below
     setter = _omp_set_num_threads()
     if setter is not None:
         setter(1)
@@ -68,7 +73,10 @@ def _single_threaded(fn: Callable[[slice], Result], part: slice) -> Result:
 
 
 def map_slices(fn: Callable[[slice], Result], batch: int, count: int) -> list[Result]:
-    """[fn(slice) for each of ``count`` contiguous slices of range(batch)], the slices in parallel threads."""
+    """[fn(slice) for each of ``count`` contiguous slices of range(batch)], the slices in parallel
+    threads under ``torch.no_grad()`` (with ``count`` 1, fn runs in the caller's thread and grad mode)."""
+    if not isinstance(count, int) or not 1 <= count <= max(batch, 1):
+        raise ValueError(f"count must be an int in [1, batch = {batch}], got {count!r}")
     if count == 1:
         return [fn(slice(0, batch))]
     bounds = [index * batch // count for index in range(count + 1)]

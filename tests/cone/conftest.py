@@ -3,11 +3,10 @@ import torch
 
 
 @pytest.fixture(autouse=True)
-def float64_single_thread():
-    """Tests run in float64; one intra-op thread (tiny batched ops are slower with more on 2 cores)."""
-    dtype, threads = torch.get_default_dtype(), torch.get_num_threads()
+def float64():
+    """Tests run in float64. (No torch.set_num_threads here: restoring a count of 2 or more leaves
+    torch's batched LU broken on MKL builds, pytorch/pytorch#142815.)"""
+    dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
     yield
     torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)

@@ -153,7 +153,7 @@ def test_nt_newton_right_hand_sides(kind, k):
     combined: lam o (V q) = sigma mu e - lam o lam - (V ds) o (W dy)."""
     s, y, sc = scaled_pair(kind, k, seed=10 + k)
     algebra = ALGEBRAS[kind]
-    assert torch.allclose(sc.affine_rhs(s), -mv(sc.W.mT, sc.lam), atol=IDENTITY_TOL)
+    assert torch.allclose(-s, -mv(sc.W.mT, sc.lam), atol=IDENTITY_TOL)  # the solver's affine right-hand side
     g = gen(20 + k)
     ds, dy = torch.randn(*BATCH, k, generator=g), torch.randn(*BATCH, k, generator=g)
     sigma_mu = torch.rand(*BATCH, 1, generator=g)
@@ -623,6 +623,10 @@ def test_solver_checks_shapes_and_takes_a_shared_P():
         solver.solve(A[0], b, c, None, spec)
     with pytest.raises(ValueError, match=r"P must be \(n, n\)"):
         solver.solve(A, b, c, P[:, :2], spec)
+    with pytest.raises(TypeError, match="must be float64"):
+        solver.solve(A.float(), b, c, None, spec)
+    with pytest.raises(ValueError, match="max_slices must be an int >= 1"):
+        solver.solve(A, b, c, None, spec, max_slices=0)
     shared = P[0]
     together = solver.solve(A, b, c, shared, spec)
     expanded = solver.solve(A, b, c, shared.expand(3, 4, 4), spec)

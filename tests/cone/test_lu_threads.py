@@ -4,6 +4,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from optlayers.cone import linsolve
+
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "src")
 
 _SCRIPT = """
@@ -18,7 +23,11 @@ sol = solve_cone(A, b, c, spec, solver="ipm")
 sol.x.sum().backward()
 assert bool((sol.status == 0).all()), sol.status
 assert float((sol.x - x).detach().abs().max()) < 1e-9
-assert bool(A.grad.isfinite().all())
+racing = A.grad.clone()
+torch.set_num_threads(1)  # one thread: no concurrent getrf
+A.grad = None
+solve_cone(A, b, c, spec, solver="ipm").x.sum().backward()
+assert torch.allclose(racing, A.grad, atol=1e-10), float((racing - A.grad).abs().max())
 """
 
 
@@ -26,3 +35,25 @@ def test_cone_layer_after_set_num_threads_two():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_lu_factor_refactorises_corrupted_elements(monkeypatch):
+    """Elements whose batched factorisation came back with invalid pivots or wrong factors (as
+    the racing getrf returns them) are factorised again on their own."""
+    matrices = torch.randn(4, 30, 30, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    real = torch.linalg.lu_factor_ex
+
+    def racing(M):
+        lu, pivots, info = real(M)
+        if M.dim() == 3:
+            lu, pivots = lu.clone(), pivots.clone()
+            pivots[1, 5] = 0  # invalid pivot
+            lu[2, 7, 3] += 1.0  # wrong factor, valid pivots
+        return lu, pivots, info
+
+    monkeypatch.setattr(torch.linalg, "lu_factor_ex", racing)
+    lu, pivots = linsolve.lu_factor(matrices)
+    P, L, U = torch.lu_unpack(lu, pivots)
+    assert torch.allclose(P @ L @ U, matrices, atol=1e-12)
+    with pytest.raises(ValueError, match=r"lu_factor expects \(B, N, N\)"):
+        linsolve.lu_factor(matrices[0])

@@ -14,7 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from optlayers.cone import nonneg, psd, soc, zero
-from optlayers.cone.exp import DUAL_TO_PRIMAL
+from optlayers.cone.exp import DUAL_TO_PRIMAL, PRIMAL_TO_DUAL
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 
@@ -140,7 +140,7 @@ def _clarabel_prepare(spec: ConeSpec) -> _ClarabelCones:
             cones += [clarabel.ExponentialConeT()] * block.count
             if block.dual:
                 forward = sp.block_diag([_DUAL_EXP_TO_EXP] * block.count, format="csr")
-                inverse = sp.block_diag([np.linalg.inv(_DUAL_EXP_TO_EXP)] * block.count, format="csr")
+                inverse = sp.block_diag([np.array(PRIMAL_TO_DUAL)] * block.count, format="csr")
         maps.append(forward)
         inverses.append(inverse)
     if not spec.psd and not spec.exp_dual:

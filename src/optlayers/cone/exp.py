@@ -22,6 +22,7 @@ NEWTON_WIDTH = 0.01  # bracket width from which Newton on h converges in a few s
 REGION_INSIDE, REGION_POLAR, REGION_ANALYTIC, REGION_ROOT = 0, 1, 2, 3
 # s in K_exp^* iff DUAL_TO_PRIMAL s in K_exp: (u, v, w) -> (u - v, -u, w).
 DUAL_TO_PRIMAL = ((1.0, -1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
+PRIMAL_TO_DUAL = ((0.0, -1.0, 0.0), (-1.0, -1.0, 0.0), (0.0, 0.0, 1.0))  # its inverse
 
 
 def regions(v: torch.Tensor) -> torch.Tensor:

@@ -57,14 +57,24 @@ def lu_factor(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Batched LU with partial pivoting of (B, N, N), (lu, pivots).
 
     After ``torch.set_num_threads(k >= 2)`` torch's batched CPU LU can run MKL's getrf from
-    several threads at once and return invalid pivots (pytorch/pytorch#142815); those elements
-    are factorised again one at a time (wrong factors with valid pivots show up in the solves'
-    residual checks, which fall back to least squares).
+    several threads at once and return invalid pivots or wrong factors (pytorch/pytorch#142815).
+    Each element is checked (pivot i lies in [i, N], and a solve with a random right-hand side
+    has a small residual) and a failing one is factorised again on its own.
     """
+    if matrices.dim() != 3 or matrices.shape[-1] != matrices.shape[-2]:
+        raise ValueError(f"lu_factor expects (B, N, N) matrices, got {tuple(matrices.shape)}")
     lu, pivots, _ = torch.linalg.lu_factor_ex(matrices)
-    invalid = ((pivots < 1) | (pivots > matrices.shape[-1])).any(-1)
-    if bool(invalid.any()):
-        for index in invalid.nonzero().squeeze(-1).tolist():
+    size = matrices.shape[-1]
+    rows = torch.arange(1, size + 1, device=pivots.device, dtype=pivots.dtype)
+    suspect = ((pivots < rows) | (pivots > size)).any(-1)
+    if matrices.device.type == "cpu" and size:
+        probe = torch.randn(matrices.shape[:-1], dtype=matrices.dtype, generator=torch.Generator().manual_seed(0))
+        fixed = torch.where(suspect.unsqueeze(-1), rows.unsqueeze(0).expand_as(pivots), pivots)
+        solution = torch.linalg.lu_solve(lu, fixed, probe.unsqueeze(-1)).squeeze(-1)
+        residual = relative_residual(lambda v: (matrices @ v.unsqueeze(-1)).squeeze(-1), solution, probe)
+        suspect = suspect | ~(residual <= SINGULAR_RESIDUAL)
+    if bool(suspect.any()):
+        for index in suspect.nonzero().squeeze(-1).tolist():
             lu[index], pivots[index], _ = torch.linalg.lu_factor_ex(matrices[index])
     return lu, pivots
 

@@ -68,9 +68,6 @@ class ExpScaling:
     V: torch.Tensor
     grad: torch.Tensor
 
-    def affine_rhs(self, s: torch.Tensor) -> torch.Tensor:
-        return -s
-
     def combined_rhs(self, sigma_mu: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor, s: torch.Tensor,
                      y: torch.Tensor) -> torch.Tensor:
         """-s - sigma mu grad f*(y) (the affine directions ds, dy and y are part of the interface

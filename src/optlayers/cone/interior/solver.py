@@ -304,6 +304,10 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
     solved in at most ``max_slices`` (default: torch's thread count) slices on parallel threads
     (threads.py), with the same result.
     """
+    if any(t.dtype != torch.float64 for t in (A, b, c)) or (P is not None and P.dtype != torch.float64):
+        raise TypeError("A, b, c and P must be float64 (solve_cone converts its inputs)")
+    if max_slices is not None and (not isinstance(max_slices, int) or max_slices < 1):
+        raise ValueError(f"max_slices must be an int >= 1 or None, got {max_slices!r}")
     if A.dim() != 3 or b.shape != A.shape[:2] or c.shape != (A.shape[0], A.shape[2]):
         raise ValueError(f"A must be (B, m, n), b (B, m) and c (B, n); got A {tuple(A.shape)}, b {tuple(b.shape)}, "
                          f"c {tuple(c.shape)}")
@@ -350,11 +354,11 @@ def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: list[_Part]) -> tu
     """Undo ``_setup``'s map on the dual exponential rows: y = T^T y', s = T^-1 s'."""
     if not any(part.dual for part in parts):
         return y, s
-    T = y.new_tensor(exp_module.DUAL_TO_PRIMAL)
+    T, T_inv = y.new_tensor(exp_module.DUAL_TO_PRIMAL), y.new_tensor(exp_module.PRIMAL_TO_DUAL)
     y, s = y.clone(), s.clone()
     for part in (part for part in parts if part.dual):
         y[:, part.start:part.stop] = (_piece(y, part) @ T).reshape(y.shape[0], -1)
-        s[:, part.start:part.stop] = (_piece(s, part) @ torch.linalg.inv(T).mT).reshape(s.shape[0], -1)
+        s[:, part.start:part.stop] = (_piece(s, part) @ T_inv.mT).reshape(s.shape[0], -1)
     return y, s
 
 

@@ -143,10 +143,6 @@ class NTScaling:
         """W^-T, with V^T V = (W^T W)^-1: scales the cone rows of the Newton system."""
         return self.W_inv.mT
 
-    def affine_rhs(self, s: torch.Tensor) -> torch.Tensor:
-        """q of ds + W^T W dy = q for the affine (predictor) direction: -s."""
-        return -s
-
     def combined_rhs(self, sigma_mu: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor, s: torch.Tensor,
                      y: torch.Tensor) -> torch.Tensor:
         """q for the Mehrotra corrector: W^T (lambda \\ (sigma mu e - lambda o lambda - (W^-T ds) o (W dy)))."""
@@ -193,9 +189,10 @@ def psd_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     product = chol_y.mT @ chol_s
     eye = torch.eye(product.shape[-1], dtype=s.dtype, device=s.device).expand_as(product)
     failed = ~product.isfinite().flatten(-2).all(-1)[..., None, None]
-    _, sing, vh = torch.linalg.svd(_finite(product, eye))
-    R = torch.where(failed, torch.nan, chol_s @ vh.mT * sing.rsqrt().unsqueeze(-2))
-    R_inv, _ = torch.linalg.inv_ex(R)
+    u, sing, vh = torch.linalg.svd(_finite(product, eye))
+    root = sing.rsqrt()
+    R = torch.where(failed, torch.nan, chol_s @ vh.mT * root.unsqueeze(-2))
+    R_inv = root.unsqueeze(-1) * u.mT @ chol_y.mT  # L_y^T L_s = U S V^T gives R = L_y^-T U S^1/2: no inverse
     k = s.shape[-1]
     basis = psd.vec_to_mat(torch.eye(k, dtype=s.dtype, device=s.device)).reshape(k, *([1] * (s.dim() - 1)),
                                                                                     *R.shape[-2:])
