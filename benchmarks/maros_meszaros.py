@@ -20,6 +20,7 @@ import scipy.io
 import torch
 
 from optlayers import QPStatus, solve_qp
+from optlayers.cone.qp import solve_qp_cone
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maros_meszaros_dense"
 # qpbenchmark writes "no bound" as ±1e20 (or ±inf); some files store it as 9.999…e19.
@@ -97,14 +98,21 @@ def residuals(qp: MarosMeszarosQP, x: np.ndarray, y: np.ndarray) -> tuple[float,
     return float(primal), dual, float(gap)
 
 
-def solve_one(path: Path, tol: float, max_iter: int) -> Outcome:
+def solve_one(path: Path, tol: float, max_iter: int, layer: str = "qp") -> Outcome:
+    """One problem through ``solve_qp`` (layer "qp") or as a cone program through ``solve_qp_cone``
+    ("cone-ipm": the batched interior point method with its Clarabel fallback; "cone-clarabel")."""
     qp = load(path)
     data = to_optlayers(qp)
     masks = data.pop("_masks")
     start = time.perf_counter()
-    sol = solve_qp(**data, tol=tol / 10, rel_tol=0.0, max_iter=max_iter, on_failure="ignore")
+    if layer == "qp":
+        sol = solve_qp(**data, tol=tol / 10, rel_tol=0.0, max_iter=max_iter, on_failure="ignore")
+        status, iterations = QPStatus(int(sol.status)), int(sol.iterations)
+    else:
+        sol = solve_qp_cone(data["Q"], data["p"], data["G"], data["h"], data["A"], data["b"],
+                            solver=layer.split("-")[1], on_failure="ignore")
+        status, iterations = (QPStatus.SOLVED if int(sol.status) == 0 else QPStatus.NUMERICAL_ERROR), 0
     seconds = time.perf_counter() - start
-    status = QPStatus(int(sol.status))
     if status == QPStatus.SOLVED:
         lam = sol.lam.numpy() if data["h"] is not None else np.zeros(0)
         nu = sol.nu.numpy() if data["b"] is not None else np.zeros(0)
@@ -112,7 +120,7 @@ def solve_one(path: Path, tol: float, max_iter: int) -> Outcome:
     else:
         primal = dual = gap = math.nan
     solved = status == QPStatus.SOLVED and max(primal, dual, gap) <= tol
-    return Outcome(qp.name, qp.P.shape[0], qp.A.shape[0], status.name.lower(), int(sol.iterations), primal, dual, gap, seconds, solved)
+    return Outcome(qp.name, qp.P.shape[0], qp.A.shape[0], status.name.lower(), iterations, primal, dual, gap, seconds, solved)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-iter", type=int, default=200)
     parser.add_argument("--only", nargs="*", help="problem names to run")
     parser.add_argument("--json", type=Path, help="write the outcomes here")
+    parser.add_argument("--layer", choices=("qp", "cone-ipm", "cone-clarabel"), default="qp",
+                        help="the QP layer, or the QP as a cone program (solve_qp_cone) with that forward solver")
     args = parser.parse_args(argv)
     paths = sorted(args.data.glob("*.mat"))
     if args.only:
@@ -132,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = []
     print(f"{'problem':<10} {'n':>5} {'rows':>5} {'status':<18} {'iter':>4} {'primal':>9} {'dual':>9} {'gap':>9} {'time s':>7}  ok")
     for path in paths:
-        o = solve_one(path, args.tol, args.max_iter)
+        o = solve_one(path, args.tol, args.max_iter, args.layer)
         outcomes.append(o)
         print(f"{o.name:<10} {o.n:>5} {o.rows:>5} {o.status:<18} {o.iterations:>4} {o.primal:9.1e} {o.dual:9.1e} {o.gap:9.1e} {o.seconds:7.2f}  {'yes' if o.solved else 'NO'}", flush=True)
     solved = sum(o.solved for o in outcomes)

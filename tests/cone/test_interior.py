@@ -633,3 +633,16 @@ def test_solver_checks_shapes_and_takes_a_shared_P():
     for got, want in zip(together, expanded):
         assert torch.equal(got, want)
 
+
+
+def test_equality_constrained_program_without_cones():
+    """Zero-cone rows only (an equality-constrained QP): no cone parts at all."""
+    g = gen(11)
+    A, b, c = torch.randn(2, 3, 5, generator=g), torch.randn(2, 3, generator=g), torch.randn(2, 5, generator=g)
+    P = torch.eye(5).expand(2, 5, 5)
+    spec = ConeSpec(zero=3)
+    x, y, s, status = solver.solve(A, b, c, P, spec)
+    assert (status == ConeStatus.SOLVED).all() and torch.equal(s, torch.zeros_like(s))
+    kkt = torch.linalg.solve(torch.cat([torch.cat([P, A.mT], -1), torch.cat([A, torch.zeros(2, 3, 3)], -1)], -2),
+                             torch.cat([-c, b], -1))
+    assert torch.allclose(x, kkt[:, :5], atol=1e-8) and torch.allclose(y, kkt[:, 5:], atol=1e-8)

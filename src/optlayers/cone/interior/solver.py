@@ -125,8 +125,11 @@ def _piece(v: torch.Tensor, part: _Part) -> torch.Tensor:
     return v[:, part.start:part.stop].reshape(v.shape[0], part.count, part.size, *v.shape[2:])
 
 
-def _join(pieces: list[torch.Tensor], batch: int) -> torch.Tensor:
-    """The inverse of ``_piece`` over all parts: (B, count, size, ...) pieces -> (B, m_K, ...)."""
+def _join(pieces: list[torch.Tensor], batch: int, empty: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of ``_piece`` over all parts: (B, count, size, ...) pieces -> (B, m_K, ...);
+    ``empty`` (B, 0, ...) when there are no parts (a program of zero-cone rows only)."""
+    if not pieces:
+        return empty
     return torch.cat([p.reshape(batch, -1, *p.shape[3:]) for p in pieces], 1)
 
 
@@ -141,7 +144,7 @@ def _central_point(parts: list[_Part], batch: int, like: torch.Tensor) -> torch.
             algebra = {"nonneg": symmetric.NONNEG, "soc": symmetric.SOC, "psd": symmetric.PSD}[part.kind]
             piece = algebra.unit(like.new_zeros(shape))
         pieces.append(piece)
-    return _join(pieces, batch) if pieces else like.new_zeros(batch, 0)
+    return _join(pieces, batch, like.new_zeros(batch, 0))
 
 
 def _scaling(part: _Part, s: torch.Tensor, y: torch.Tensor,
@@ -165,7 +168,7 @@ def _times(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 def _apply_blocks(mats: list[torch.Tensor], v: torch.Tensor, parts: list[_Part], transpose: bool) -> torch.Tensor:
     """Block-diagonal (B, m_K, m_K) matrix (one (B, count, k, k) tensor per part) times v (B, m_K)."""
     pieces = [_times(M.mT if transpose else M, _piece(v, part).unsqueeze(-1)).squeeze(-1) for M, part in zip(mats, parts)]
-    return _join(pieces, v.shape[0])
+    return _join(pieces, v.shape[0], v[:, :0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +259,7 @@ def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ..
     scalings = [_scaling(part, s, y, mu.unsqueeze(-1).expand(batch, part.count))
                 for part, s, y in zip(parts, s_parts, y_parts)]
     V = [sc.V for sc in scalings]
-    G = _join([_times(v, _piece(prob.A_k, part)) for v, part in zip(V, parts)], batch)
+    G = _join([_times(v, _piece(prob.A_k, part)) for v, part in zip(V, parts)], batch, prob.A_k)
     reg = torch.full((batch,), settings.reg, dtype=it.x.dtype, device=it.x.device)
     factor = factor_kkt(prob.P, prob.A_z, G, torch.ones_like(it.s), reg, reg, unit_weights=True)
 
@@ -283,7 +286,7 @@ def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ..
     sigma_mu = ((1 - alpha) ** 3 * mu)[:, None, None]
     dx, dnu, ds, dy = direction(_join([
         sc.combined_rhs(sigma_mu, _piece(affine[2], part), _piece(affine[3], part), s, y)
-        for sc, part, s, y in zip(scalings, parts, s_parts, y_parts)], batch))
+        for sc, part, s, y in zip(scalings, parts, s_parts, y_parts)], batch, it.s))
     finite = factor.ok & torch.stack([t.isfinite().all(-1) for t in (dx, ds, dy)]).all(0)
     if dnu.shape[-1]:
         finite = finite & dnu.isfinite().all(-1)
