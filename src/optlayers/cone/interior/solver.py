@@ -26,6 +26,7 @@ from optlayers.cone.interior import exponential, symmetric
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.linalg import mtv, mv
+from optlayers.qp.batch import put, take
 from optlayers.qp.kkt import factor_kkt, solve_reduced
 
 
@@ -182,9 +183,6 @@ class _Problem:
     c: torch.Tensor
     P: torch.Tensor
 
-    def take(self, index: torch.Tensor) -> _Problem:
-        return _Problem(*(t[index] for t in dataclasses.astuple(self)))
-
 
 @dataclasses.dataclass(frozen=True)
 class _Iterate:
@@ -194,9 +192,6 @@ class _Iterate:
     nu: torch.Tensor
     s: torch.Tensor
     y: torch.Tensor
-
-    def take(self, index: torch.Tensor) -> _Iterate:
-        return _Iterate(*(t[index] for t in dataclasses.astuple(self)))
 
 
 def _inf_norm(v: torch.Tensor) -> torch.Tensor:
@@ -381,27 +376,18 @@ def _iterate(prob: _Problem, parts: list[_Part], settings: IPMSettings) -> tuple
         close = error <= settings.inaccurate_tol
         if iteration == settings.max_iter:
             running = torch.where(done, int(ConeStatus.SOLVED), torch.where(close, int(ConeStatus.INACCURATE), running))
-            result, status = _put(result, status, working, it, running)
+            result, status = put(result, working, it), status.index_copy(0, working, running)
             break
         step, ok = _newton_step(prob, it, residuals, parts, degree, settings)
         running = torch.where(done, int(ConeStatus.SOLVED), torch.where(
             ok, running, torch.where(close, int(ConeStatus.INACCURATE), int(ConeStatus.NUMERICAL_ERROR))))
         keep = ~done & ok
         if not bool(keep.all()):  # finished elements leave: record them, shrink the working batch
-            result, status = _put(result, status, working, it, running)
+            result, status = put(result, working, it), status.index_copy(0, working, running)
             index = keep.nonzero().squeeze(-1)
-            working, prob, it, running = working[index], prob.take(index), step.take(index), running[index]
+            working, prob, it, running = working[index], take(prob, index), take(step, index), running[index]
             if working.numel() == 0:
                 break
         else:
             it = step
     return result, status
-
-
-def _put(result: _Iterate, status: torch.Tensor, index: torch.Tensor, it: _Iterate,
-         running: torch.Tensor) -> tuple[_Iterate, torch.Tensor]:
-    """``result`` and ``status`` with the working batch (``index`` into the whole batch) written in."""
-    out = []
-    for whole, part in zip(dataclasses.astuple(result), dataclasses.astuple(it)):
-        out.append(whole.index_copy(0, index, part))
-    return _Iterate(*out), status.index_copy(0, index, running)
