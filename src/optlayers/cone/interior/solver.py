@@ -4,8 +4,8 @@
 
 with K of zero, nonnegative, second-order, PSD and exponential cones (spec.py). Zero-cone rows
 are equality constraints; the others are eliminated through a per-cone scaling: Nesterov–Todd
-for the symmetric cones (symmetric.py), the dual barrier's Hessian for the exponential cones
-(exponential.py, whose dual cones are first mapped to primal ones). The reduced system is the
+for the symmetric cones (symmetric.py), the dual barrier's Hessian with a BFGS correction for
+the exponential cones (exponential.py, whose dual cones are first mapped to primal ones). The reduced system is the
 QP solver's (qp/kkt.py) with the scaled cone rows V A as its inequality rows.
 
 The method starts from x = 0 and the cones' central points without a feasibility phase and
@@ -371,23 +371,30 @@ def _iterate(prob: _Problem, parts: list[_Part], settings: IPMSettings) -> tuple
     working = torch.arange(batch, device=prob.c.device)
     running = torch.full_like(status, int(ConeStatus.MAX_ITER))
     for iteration in range(settings.max_iter + 1):
-        *residuals, error = _residuals(prob, it)
+        r_d, r_z, r_p, error = _residuals(prob, it)
         done = error <= settings.tol
-        close = error <= settings.inaccurate_tol
         if iteration == settings.max_iter:
+            close = error <= settings.inaccurate_tol
             running = torch.where(done, int(ConeStatus.SOLVED), torch.where(close, int(ConeStatus.INACCURATE), running))
             result, status = put(result, working, it), status.index_copy(0, working, running)
             break
-        step, ok = _newton_step(prob, it, residuals, parts, degree, settings)
-        running = torch.where(done, int(ConeStatus.SOLVED), torch.where(
-            ok, running, torch.where(close, int(ConeStatus.INACCURATE), int(ConeStatus.NUMERICAL_ERROR))))
-        keep = ~done & ok
-        if not bool(keep.all()):  # finished elements leave: record them, shrink the working batch
+        if bool(done.any()):  # converged elements leave before the step: record them, shrink the batch
+            running = torch.where(done, int(ConeStatus.SOLVED), running)
             result, status = put(result, working, it), status.index_copy(0, working, running)
-            index = keep.nonzero().squeeze(-1)
-            working, prob, it, running = working[index], take(prob, index), take(step, index), running[index]
+            index = (~done).nonzero().squeeze(-1)
+            working, prob, it, running = working[index], take(prob, index), take(it, index), running[index]
+            r_d, r_z, r_p, error = r_d[index], r_z[index], r_p[index], error[index]
             if working.numel() == 0:
                 break
-        else:
-            it = step
+        step, ok = _newton_step(prob, it, (r_d, r_z, r_p), parts, degree, settings)
+        if not bool(ok.all()):  # failed elements keep their last iterate: INACCURATE if close, else failed
+            failed = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE),
+                                 int(ConeStatus.NUMERICAL_ERROR))
+            running = torch.where(ok, running, failed)
+            result, status = put(result, working, it), status.index_copy(0, working, running)
+            index = ok.nonzero().squeeze(-1)
+            working, prob, step, running = working[index], take(prob, index), take(step, index), running[index]
+            if working.numel() == 0:
+                break
+        it = step
     return result, status
