@@ -45,9 +45,8 @@ class Jordan:
     divide: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     unit: Callable[[torch.Tensor], torch.Tensor]
     max_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # largest alpha with x + alpha dx in K
-    # for any x in int K (inf if none), (...,)
-    scaled_step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # the same from x = lambda, the
-    # NT-scaled point (diagonal on the PSD cone, where it needs no factorisation); what the solver uses
+    # (inf if none), (...,), for x an NT-scaled point lambda: any interior point of the nonnegative
+    # and second-order cones, a diagonal positive definite matrix on the PSD cone (no factorisation)
 
 
 def _nonneg_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
@@ -56,7 +55,7 @@ def _nonneg_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
 
 
 NONNEG = Jordan(product=lambda a, b: a * b, divide=lambda lam, d: d / lam, unit=torch.ones_like,
-                max_step=_nonneg_step, scaled_step=_nonneg_step)
+                max_step=_nonneg_step)
 
 
 def _soc_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -89,7 +88,7 @@ def _soc_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     return torch.where(hits, root, torch.full_like(root, torch.inf))
 
 
-SOC = Jordan(product=_soc_product, divide=_soc_divide, unit=_soc_unit, max_step=_soc_step, scaled_step=_soc_step)
+SOC = Jordan(product=_soc_product, divide=_soc_divide, unit=_soc_unit, max_step=_soc_step)
 
 
 def _psd_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -108,25 +107,16 @@ def _psd_unit(v: torch.Tensor) -> torch.Tensor:
     return psd.mat_to_vec(torch.eye(d, dtype=v.dtype, device=v.device).expand(*v.shape[:-1], d, d))
 
 
-def _psd_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """Largest alpha with X + alpha dX PSD, for X positive definite."""
-    chol = cholesky_or_nan(psd.vec_to_mat(x))
-    inner = torch.linalg.solve_triangular(chol, psd.vec_to_mat(dx), upper=False)
-    inner = torch.linalg.solve_triangular(chol, inner.mT, upper=False)
-    inner = _finite((inner + inner.mT) / 2, torch.zeros_like(inner))
-    least = torch.linalg.eigvalsh(inner)[..., 0]
-    return torch.where(least < 0, -1 / least.clamp(max=-torch.finfo(x.dtype).tiny), torch.full_like(least, torch.inf))
-
-
-def _psd_scaled_step(lam: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
-    """``_psd_step`` from a diagonal L = mat(lam): the least eigenvalue of L^-1/2 dX L^-1/2."""
+def _psd_step(lam: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """Largest alpha with L + alpha dX PSD for a diagonal positive definite L = mat(lam): from the
+    least eigenvalue of L^-1/2 dX L^-1/2."""
     root = psd.vec_to_mat(lam).diagonal(dim1=-2, dim2=-1).sqrt()
     inner = psd.vec_to_mat(dx) / (root.unsqueeze(-1) * root.unsqueeze(-2))
     least = torch.linalg.eigvalsh(_finite(inner, torch.zeros_like(inner)))[..., 0]
     return torch.where(least < 0, -1 / least.clamp(max=-torch.finfo(lam.dtype).tiny), torch.full_like(least, torch.inf))
 
 
-PSD = Jordan(product=_psd_product, divide=_psd_divide, unit=_psd_unit, max_step=_psd_step, scaled_step=_psd_scaled_step)
+PSD = Jordan(product=_psd_product, divide=_psd_divide, unit=_psd_unit, max_step=_psd_step)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,7 +145,7 @@ class NTScaling:
         at once (W and V are automorphisms of the cone, so s and y themselves are not needed;
         they are arguments for the interface shared with ``ExpScaling``)."""
         both = torch.stack([_mv(self.V, ds), _mv(self.W, dy)])
-        return self.algebra.scaled_step(self.lam, both).amin(0)
+        return self.algebra.max_step(self.lam, both).amin(0)
 
 
 def nonneg_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
