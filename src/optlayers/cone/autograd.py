@@ -60,10 +60,10 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
     if settings.solver == "ipm":
         dense = A.detach().to_dense() if A.layout != torch.strided else A.detach()
         batch = b.shape[0]
-        P_sym = _sym(P)
+        P_sym = _sym(P)  # shared (n, n) or (B, n, n): interior_solver.solve takes either
         x, y, s, status = interior_solver.solve(
             dense.expand(batch, *dense.shape[-2:]), b.detach(), c.detach(),
-            None if P_sym is None else P_sym.detach().expand(batch, *P_sym.shape[-2:]), settings.spec,
+            None if P_sym is None else P_sym.detach(), settings.spec,
             interior_solver.IPMSettings(**settings.options), max_slices=settings.max_workers)
         return x, y, s, status
     results = backends.solve_batch(_problems(A, b, c, P), settings.spec, settings.solver, settings.options,
