@@ -18,7 +18,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_JSON = "metrics.json"
 METRICS_CSV = "metrics.csv"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 """Bumped when the checkpoint layout changes, so that an old file is refused with a clear message."""
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -243,6 +243,9 @@ class TrainConfig:
     progress: bool = True
     eval_batch_size: int = 1000
     name: str = ""
+    options: Mapping[str, Any] = field(default_factory=dict)
+    """Every other setting that changes the run's results (learning rate, dtype, model options, ...): a checkpoint
+    is resumed only by a run with the same values. Values must be plain ``str``/``int``/``float``/``bool``/``None``."""
 
 
 def _rng_state(shuffle: torch.Generator, device: torch.device) -> dict[str, Any]:
@@ -261,7 +264,39 @@ def _set_rng_state(state: Mapping[str, Any], shuffle: torch.Generator, device: t
 
 def _fingerprint(cfg: TrainConfig, n_train: int) -> dict[str, Any]:
     """What must match between a checkpoint and the run that resumes it."""
-    return {"seed": cfg.seed, "batch_size": cfg.batch_size, "n_train": n_train, "name": cfg.name}
+    return {"seed": cfg.seed, "batch_size": cfg.batch_size, "n_train": n_train, "name": cfg.name, **cfg.options}
+
+
+def _check_fingerprint(path: Path, saved: Mapping[str, Any], current: Mapping[str, Any]) -> None:
+    """Stop with the names (and both values) of the options in which ``saved`` and ``current`` differ."""
+    missing = object()
+    differ = [k for k in sorted({*saved, *current}) if saved.get(k, missing) != current.get(k, missing)]
+    if differ:
+        shown = lambda d, k: repr(d[k]) if k in d else "(not set)"  # noqa: E731
+        detail = "; ".join(f"{k}: checkpoint {shown(saved, k)}, this run {shown(current, k)}" for k in differ)
+        raise UsageError(f"{path} was written with other options ({detail}); resume with the same options "
+                         "or choose another --out")
+
+
+def run_options(args: argparse.Namespace, **resolved: Any) -> dict[str, Any]:
+    """The command-line options of ``args`` that change results, for :attr:`TrainConfig.options`.
+
+    Options that only say where or how long to run (``--out``, ``--resume``, ``--no-progress``, ``--epochs``,
+    ``--device``) are left out, as are the sizes the fingerprint already holds; ``resolved`` adds or overrides
+    values a model resolves from its defaults (e.g. its learning rate when ``--lr`` is not given).
+    """
+    skip = {"out", "resume", "no_progress", "epochs", "device", "batch_size", "n_train", "seed",
+            "command", "name", "module", "subparser", "models", "methods"}
+    options = {}
+    for key, value in sorted(vars(args).items()):
+        if key in skip:
+            continue
+        if isinstance(value, Path):
+            value = str(value)
+        elif isinstance(value, (list, tuple)):
+            value = ",".join(map(str, value))
+        options[key] = value
+    return {**options, **resolved}
 
 
 @torch.no_grad()
@@ -326,9 +361,7 @@ def fit(
         if not cfg.resume:
             raise UsageError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
         state = load_checkpoint(ckpt_path)
-        if state["fingerprint"] != fingerprint:
-            raise UsageError(f"{ckpt_path} was written by a run with {state['fingerprint']}, this run has {fingerprint}; "
-                             "resume with the same options or choose another --out")
+        _check_fingerprint(ckpt_path, state["fingerprint"], fingerprint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"], shuffle, device)

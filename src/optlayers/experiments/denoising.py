@@ -26,7 +26,7 @@ MAX_SEGMENTS = 9
 HEIGHT_RANGE = (10, 99)
 NOISE_STD = 10.0
 """The paper's data: piecewise-constant signals with 1–9 segments of integer heights 10–99, noise σ = 10."""
-FULL = {"epochs": 50, "batch_size": 100, "lr": None, "n_train": 9000, "n_test": 1000}
+FULL = {"epochs": 50, "batch_size": 150, "lr": None, "n_train": 9000, "n_test": 1000}
 QUICK = {"epochs": 2, "batch_size": 25, "lr": None, "n_train": 100, "n_test": 100}
 METHODS = ("tv", "fc", "optnet-learn-d", "optnet-tv-init")
 TRAINED = METHODS[1:]
@@ -49,11 +49,33 @@ SOLVER_OPTIONS = {"tol": 1e-8, "max_iter": 300}
 """QP settings of every denoising layer: signals are O(100), so 1e-8 is far below the noise (σ = 10); with a random D
 the default 1e-10 sometimes needs over 100 iterations on a signal, and max_iter leaves room for such stragglers."""
 EXAMPLES_PLOTTED = 2
+TINY_NOISE = 1e-6
+D_PENALTY = 0.1
+"""Weight of the L1 penalty ``‖D‖₁`` added to the batch MSE of the learn-D model (the original code's default,
+``--Dpenalty 0.1``): it drives the entries of D that the denoising does not need to zero."""
+INIT_NOISE = 1e-3
+"""Standard deviation of the random perturbation of the fine-tuned model's input layer at init (the original code's
+``1e-3·randn``); z₀ and s₀ get a 1e-6 perturbation, as there."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_common_arguments(parser, "runs/denoising")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default: all four)")
+    parser.add_argument("--d-penalty", type=_nonnegative_float, default=D_PENALTY,
+                        help=f"weight of the L1 penalty on D for optnet-learn-d (default {D_PENALTY}, as the original code; 0: none)")
+    parser.add_argument("--init-noise", type=_nonnegative_float, default=INIT_NOISE,
+                        help=f"std of the random perturbation of optnet-tv-init's input layer at init (default {INIT_NOISE}; 0: exact TV)")
+
+
+def _nonnegative_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not np.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
 
 
 def make_signals(n: int, rng: np.random.Generator, length: int = SIGNAL_LENGTH) -> tuple[np.ndarray, np.ndarray]:
@@ -90,10 +112,12 @@ class TVInitOptNet(nn.Module):
     """``Linear → OptNet(2n−1 variables, 2n−2 inequalities)``, initialised so that it computes TV denoising with ``lam``.
 
     At init ``p = (−y, λ1)``, ``Q = diag(I, εI)``, ``G = [[D, −I], [−D, −I]]``, ``h = G z₀ + s₀ = 0``
-    (``z₀ = (0, 1)``, ``s₀ = 1``): exactly :class:`~optlayers.OptNetTV`. Every piece is then trained.
+    (``z₀ = (0, 1)``, ``s₀ = 1``): exactly :class:`~optlayers.OptNetTV`. Every piece is then trained. With
+    ``init_noise > 0`` the input layer's weight gets ``init_noise·randn`` added and ``z₀``, ``s₀`` a
+    ``1e-6·randn`` (the original code's symmetry-breaking perturbation; h stays ≈ 0).
     """
 
-    def __init__(self, n: int, lam: float, *, device=None, dtype=None):
+    def __init__(self, n: int, lam: float, init_noise: float = 0.0, *, device=None, dtype=None):
         super().__init__()
         m = n - 1
         factory = {"device": device, "dtype": dtype}
@@ -109,6 +133,13 @@ class TVInitOptNet(nn.Module):
             self.qp.L.copy_(torch.block_diag(torch.eye(n, **factory), torch.zeros(m, m, **factory)))
             self.qp.G.copy_(torch.cat([torch.cat([D, -eye], 1), torch.cat([-D, -eye], 1)]))
             self.qp.z0_raw.copy_(torch.cat([torch.zeros(n, **factory), torch.ones(m, **factory)]))
+            if init_noise > 0:
+                self.input.weight.add_(init_noise * torch.randn_like(self.input.weight))
+                s0 = 1.0 + TINY_NOISE * torch.randn(2 * m, **factory)
+                self.qp.s0_raw.copy_(torch.log(torch.expm1(s0)))
+                # z₀ = (0, t₀) with t₀ the mean of the two slacks of each |Dx| row: G z₀ ≈ −s₀, h ≈ 0
+                self.qp.z0_raw[n:].copy_((s0[:m] + s0[m:]) / 2)
+                self.qp.z0_raw.add_(TINY_NOISE * torch.randn_like(self.qp.z0_raw))
 
     def forward(self, y: Tensor) -> Tensor:
         return self.qp(self.input(y))[..., : self.n]
@@ -116,7 +147,17 @@ class TVInitOptNet(nn.Module):
 
 def _mse(model: nn.Module, batch: list[Tensor]) -> dict[str, Tensor]:
     noisy, clean = batch
-    return {"loss": ((model(noisy) - clean) ** 2).mean(-1)}
+    mse = ((model(noisy) - clean) ** 2).mean(-1)
+    return {"loss": mse, "mse": mse.detach()}
+
+
+def _mse_with_d_penalty(weight: float):
+    """Per-sample ``MSE + weight·‖D‖₁``: averaged over a batch, the original code's ``MSE + Dpenalty·‖D‖₁``."""
+    def per_sample(model: nn.Module, batch: list[Tensor]) -> dict[str, Tensor]:
+        out = _mse(model, batch)
+        module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        return {**out, "loss": out["loss"] + weight * module.D.abs().sum()}
+    return per_sample
 
 
 def tv_search(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], device: torch.device,
@@ -135,22 +176,52 @@ def tv_search(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], device:
             "search": [{"lambda": k, "train_mse": v} for k, v in train_mse.items()]}
 
 
-def build(method: str, lam: float, device: torch.device, dtype: torch.dtype) -> nn.Module:
+def build(method: str, lam: float, device: torch.device, dtype: torch.dtype, init_noise: float = 0.0) -> nn.Module:
     if method == "fc":
         return FCDenoiser(SIGNAL_LENGTH, device=device, dtype=dtype)
     if method == "optnet-learn-d":
         return OptNetTV(SIGNAL_LENGTH, LEARN_D_LAMBDA, init="random", **SOLVER_OPTIONS, device=device, dtype=dtype)
-    return TVInitOptNet(SIGNAL_LENGTH, lam, device=device, dtype=dtype)
+    return TVInitOptNet(SIGNAL_LENGTH, lam, init_noise, device=device, dtype=dtype)
 
 
-def plot_examples(models: dict[str, nn.Module], test: tuple[Tensor, Tensor], path) -> None:
+def method_options(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The options that change ``method``'s training (for the checkpoint fingerprint and results)."""
+    options = {"lr": args.lr or LEARNING_RATES[method], "dtype": args.dtype, "quick": args.quick}
+    if method == "optnet-learn-d":
+        options["d_penalty"] = args.d_penalty
+    if method == "optnet-tv-init":
+        options["init_noise"] = args.init_noise
+    return options
+
+
+def plot_d(initial: Tensor, learned: Tensor, path) -> None:
+    """The learn-D model's D at its random initialisation and after training, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    noisy, clean = (t[:EXAMPLES_PLOTTED] for t in test)
-    fig, axes = plt.subplots(EXAMPLES_PLOTTED, 1, figsize=(9, 3 * EXAMPLES_PLOTTED), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax, (title, D) in zip(axes, (("initial D (random)", initial), ("learned D", learned))):
+        limit = float(D.abs().max())
+        image = ax.imshow(D.cpu(), cmap="RdBu", vmin=-limit, vmax=limit)
+        ax.set_title(title)
+        ax.set_xlabel("signal index")
+        ax.set_ylabel("row of D")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    common.save_figure(fig, path)
+
+
+def plot_examples(models: dict[str, nn.Module], test: tuple[Tensor, Tensor], path, count: int = EXAMPLES_PLOTTED) -> None:
+    """The first ``count`` test signals: noisy, clean and each model's output."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    noisy, clean = (t[:count] for t in test)
+    fig, axes = plt.subplots(count, 1, figsize=(9, 3.4 * count), squeeze=False)
     with torch.no_grad():
         outputs = {name: model(noisy).cpu() for name, model in models.items()}
     for i, ax in enumerate(axes[:, 0]):
@@ -185,22 +256,32 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
             common.write_json(tv_file, results["tv"])
     lam = results["tv"]["lambda"] if needs_tv else None
 
-    histories, models = {}, {}
+    histories, models, initial_d = {}, {}, None
     for method in (m for m in args.methods if m in TRAINED):
+        options = method_options(method, args)
         torch.manual_seed(args.seed)
-        model = build(method, lam, device, dtype)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr or LEARNING_RATES[method])
+        model = build(method, lam, device, dtype, args.init_noise)
+        if method == "optnet-learn-d":
+            initial_d = model.D.detach().clone()
+        optimizer = torch.optim.Adam(model.parameters(), lr=options["lr"])
         cfg = common.TrainConfig(args.out / method, epochs, batch_size, args.seed, args.resume, not args.no_progress,
-                                 eval_batch_size=EVAL_BATCH_SIZE, name=method)
-        histories[method] = common.fit(model, optimizer, train, test, _mse, cfg, device=device, ctx=ctx)
+                                 eval_batch_size=EVAL_BATCH_SIZE, name=method, options=options)
+        per_sample = _mse_with_d_penalty(args.d_penalty) if method == "optnet-learn-d" and args.d_penalty else _mse
+        histories[method] = common.fit(model, optimizer, train, test, per_sample, cfg, device=device, ctx=ctx)
         models[method] = model
-        results[method] = {"test_mse": histories[method][-1]["test_loss"], "train_mse": histories[method][-1]["train_loss"]}
+        last = histories[method][-1]
+        results[method] = {"test_mse": last["test_mse"], "train_mse": last["train_mse"], "epochs": last["epoch"],
+                           "best_test_mse": min(r["test_mse"] for r in histories[method]), **options}
     if ctx.is_main:
         hlines = {f"TV (λ={lam:g}) test": results["tv"]["test_mse"]} if needs_tv else None
         if histories:
-            common.plot_curves(histories, [("loss", "MSE")], args.out / "curves.png", logy=True, hlines=hlines)
+            common.plot_curves(histories, [("mse", "MSE")], args.out / "curves.png", logy=True, hlines=hlines)
+        if initial_d is not None:
+            plot_d(initial_d, models["optnet-learn-d"].D.detach(), args.out / "learned-d.png")
         if needs_tv:
             models = {"tv": OptNetTV(SIGNAL_LENGTH, lam, learn_d=False, **SOLVER_OPTIONS, device=device, dtype=dtype), **models}
-        plot_examples(models, [t.to(device) for t in test], args.out / "examples.png")
+        test_on_device = [t.to(device) for t in test]
+        plot_examples(models, test_on_device, args.out / "examples.png")
+        plot_examples(models, test_on_device, args.out / "example.png", count=1)
         common.write_json(args.out / "results.json", results)
     return results

@@ -129,7 +129,8 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
         z, unsolved = common.mask_unsolved(model(p), z_true)
         return {"loss": ((z - z_true) ** 2).mean(-1), "unsolved": unsolved}
 
-    cfg = common.TrainConfig(args.out / "optnet", epochs, batch_size, args.seed, args.resume, not args.no_progress, name="optnet")
+    cfg = common.TrainConfig(args.out / "optnet", epochs, batch_size, args.seed, args.resume, not args.no_progress, name="optnet",
+                             options=common.run_options(args, lr=lr))
     history = common.fit(layer, optimizer, train, test, per_sample, cfg, device=device, ctx=ctx, snapshot=_snapshot)
     last = history[-1]
     results = {

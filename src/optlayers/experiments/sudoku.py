@@ -104,8 +104,11 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
             model: nn.Module = OptNetSudoku(args.box, device=device, dtype=dtype)
         else:
             model = ConvSudoku(args.box, conv_width, device=device, dtype=dtype)
-        optimizer = torch.optim.Adam(model.parameters(), lr=args.lr or PAPER_LR[name])
-        cfg = common.TrainConfig(args.out / name, epochs, batch_size, args.seed, args.resume, not args.no_progress, name=name)
+        lr = args.lr or PAPER_LR[name]
+        optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        options = common.run_options(args, lr=lr, conv_width=conv_width if name == "conv" else None)
+        cfg = common.TrainConfig(args.out / name, epochs, batch_size, args.seed, args.resume, not args.no_progress,
+                                 name=name, options=options)
         histories[name] = common.fit(model, optimizer, train, test, per_sample, cfg, device=device, ctx=ctx)
 
     results: dict[str, Any] = {"experiment": "sudoku", "quick": args.quick, "board": f"{args.box**2}x{args.box**2}",
