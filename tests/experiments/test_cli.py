@@ -104,6 +104,10 @@ def test_cli_run_writes_outputs_and_resumes(capsys, tmp_path):
     history = json.loads((tmp_path / "optnet" / common.METRICS_JSON).read_text())
     assert [row["epoch"] for row in history] == [0, 1, 2]
     assert second["initial_test_mse"] == first["initial_test_mse"] and second["epochs"] == 2
+    err = _usage_error(capsys, [*argv, "--epochs", "3", "--resume", "--lr", "0.01"])
+    assert "lr: checkpoint 0.05, this run 0.01" in err
+    err = _usage_error(capsys, [*argv, "--epochs", "3", "--resume", "--dtype", "float32"])
+    assert "dtype: checkpoint 'float64', this run 'float32'" in err
 
 
 def test_mnist_from_idx_files_the_test_writes(capsys, tmp_path):

@@ -1,4 +1,12 @@
+import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,8 +50,70 @@ def test_existing_checkpoint_needs_resume_and_same_options(tmp_path):
     train_tiny(tmp_path, epochs=1)
     with pytest.raises(common.UsageError, match="pass --resume"):
         train_tiny(tmp_path, epochs=2)
-    with pytest.raises(common.UsageError, match="resume with the same options"):
+    with pytest.raises(common.UsageError, match="batch_size: checkpoint 16, this run 8"):
         train_tiny(tmp_path, epochs=2, resume=True, batch_size=8)
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("lr", 0.01, "lr: checkpoint 0.05, this run 0.01"),
+    ("fixed_q", 2.0, "fixed_q: checkpoint 1.0, this run 2.0"),
+])
+def test_resume_refuses_a_changed_option_and_names_it(tmp_path, option, value, message):
+    train_tiny(tmp_path, epochs=1)
+    with pytest.raises(common.UsageError, match=message):
+        train_tiny(tmp_path, epochs=2, resume=True, **{option: value})
+
+
+def test_run_options_keep_what_changes_results():
+    args = argparse.Namespace(out=Path("x"), resume=True, no_progress=True, epochs=3, device="cpu", batch_size=5,
+                              n_train=10, seed=0, lr=None, dtype="float32", conv_width=64, models=["a"], quick=False)
+    assert common.run_options(args, lr=0.1) == {"conv_width": 64, "dtype": "float32", "lr": 0.1, "quick": False}
+
+
+_KILLED_CHILD = textwrap.dedent("""
+    import sys, time
+    import torch
+    sys.path.insert(0, {tests!r})
+    import tiny_training
+
+    steps = 0
+
+    def per_sample(model, batch):
+        global steps
+        steps += torch.is_grad_enabled()  # count training steps, not evaluations
+        if steps == {kill_at} and torch.is_grad_enabled():  # in the middle of epoch 2: say so, then wait to be killed
+            open({marker!r}, "w").close()
+            time.sleep(120)
+        return tiny_training.per_sample(model, batch)
+
+    tiny_training.train_tiny({out!r}, epochs=3, loss_fn=per_sample)
+""")
+
+
+def test_resume_after_sigkill_mid_epoch_ends_as_an_uninterrupted_run(tmp_path):
+    straight, straight_history = train_tiny(tmp_path / "straight", epochs=3)
+    out, marker = tmp_path / "killed", tmp_path / "mid-epoch-2"
+    batches_per_epoch = 3  # 48 training examples in batches of 16
+    code = _KILLED_CHILD.format(tests=str(Path(__file__).parent), out=str(out), marker=str(marker),
+                                kill_at=batches_per_epoch + 2)
+    child = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None, f"the child run ended early with status {child.returncode}"
+            assert time.monotonic() < deadline, "the child run never reached epoch 2"
+            time.sleep(0.05)
+        child.send_signal(signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert torch.load(out / common.CHECKPOINT_FILE, weights_only=True)["epoch"] == 1
+    resumed, resumed_history = train_tiny(out, epochs=3, resume=True)
+    for key, value in _params(straight).items():
+        torch.testing.assert_close(_params(resumed)[key], value, rtol=0, atol=0)
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert drop(resumed_history) == drop(straight_history)
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):

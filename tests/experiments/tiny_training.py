@@ -24,11 +24,13 @@ def per_sample(model: nn.Module, batch: list[Tensor]) -> dict[str, Tensor]:
 
 
 def train_tiny(out, epochs: int, *, resume: bool = False, seed: int = 0, batch_size: int = 16,
-               ctx: common.DistContext = common.DistContext(), lr: float = 0.05) -> tuple[nn.Module, list[dict]]:
+               ctx: common.DistContext = common.DistContext(), lr: float = 0.05, fixed_q: float = 1.0,
+               loss_fn=per_sample) -> tuple[nn.Module, list[dict]]:
     train, test = tiny_problem(seed)
     torch.manual_seed(seed)
-    model = OptNet(2, n_ineq=5, fixed_q=1.0, dtype=DTYPE)
+    model = OptNet(2, n_ineq=5, fixed_q=fixed_q, dtype=DTYPE)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    cfg = common.TrainConfig(out, epochs, batch_size, seed, resume=resume, progress=False, name="tiny")
-    history = common.fit(model, optimizer, train, test, per_sample, cfg, device=torch.device("cpu"), ctx=ctx)
+    options = {"lr": lr, "fixed_q": fixed_q, "dtype": str(DTYPE)}
+    cfg = common.TrainConfig(out, epochs, batch_size, seed, resume=resume, progress=False, name="tiny", options=options)
+    history = common.fit(model, optimizer, train, test, loss_fn, cfg, device=torch.device("cpu"), ctx=ctx)
     return model, history
