@@ -4,7 +4,8 @@
                                                      [--threads N] [--solvers a,b] [--out DIR]
 
 Settings follow the OptNet paper: Figure 1 (batch 128, n ∈ {10, 50, 100, 500}, QP layer vs a linear layer),
-Figure 2 (n = 100, batch ∈ {1, 64, 128}, QP layer vs Gurobi and CPLEX), a set with equalities and, on a GPU,
+Figure 2 (n = 100, batch ∈ {1, 64, 128}, QP layer batched and serialized — one problem at a time — vs Gurobi,
+CPLEX and OSQP), a set with equalities and, on a GPU,
 batches up to 2048. Writes a table to stdout, ``results.json``, ``table.md`` and PNG figures under ``--out``.
 """
 from __future__ import annotations
@@ -52,6 +53,8 @@ class Setting:
     solvers: tuple[str, ...] | None = None
 
 
+SERIAL_SOLVER = "optlayers-serial"
+"""Our solver called once per batch element: the paper's "serialized" line, drawn in Figure 2 only."""
 FIGURE1_SOLVERS = ("optlayers", "linear", "qpth", "qplayer", "qpax")
 GPU_SOLVERS = ("optlayers", "linear", "qpth", "qpax")
 
@@ -80,7 +83,8 @@ def quick_settings(dtypes: list[str], cuda: bool) -> list[Setting]:
 def runs_in(solver: Solver, setting: Setting) -> bool:
     """Whether ``setting`` lists ``solver``; the float64-only solvers (looping over the batch in numpy) skip float32."""
     listed = setting.solvers is None or solver.name in setting.solvers
-    return listed and (solver.differentiable or setting.dtype == "float64")
+    serial_elsewhere = solver.name == SERIAL_SOLVER and setting.figure != "fig2"
+    return listed and not serial_elsewhere and (solver.differentiable or setting.dtype == "float64")
 
 
 class ProblemCache:

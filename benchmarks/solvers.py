@@ -62,6 +62,19 @@ def _optlayers() -> Solver:
                   max_n=SLOW_MAX_N, cap_reason=SLOW_CAP)
 
 
+def _optlayers_serial() -> Solver:
+    """Our solver on one problem at a time (the paper's "serialized" line in Figure 2): a Python loop of batch-1 calls."""
+    from optlayers import QPFunction
+
+    layer = QPFunction(on_failure="ignore")
+
+    def solve(qp: QPBatch) -> torch.Tensor:
+        return torch.cat([layer(*qp.map(lambda t, i=i: t[i : i + 1]).tensors()) for i in range(qp.batch)])
+
+    return Solver("optlayers-serial", solve, True, "QPFunction defaults, one batch-1 call per element",
+                  max_n=SLOW_MAX_N, cap_reason=SLOW_CAP)
+
+
 class _LinearBaseline:
     """A torch.nn.Linear(n, n) applied to p: the paper's reference for the cost of an ordinary layer."""
 
@@ -247,6 +260,7 @@ def available_solvers(names: list[str] | None, threads: int) -> tuple[list[Solve
     """The requested solvers (all when ``names`` is None) that import, and a line for each that does not."""
     factories: dict[str, Callable[[], Solver]] = {
         "optlayers": _optlayers,
+        "optlayers-serial": _optlayers_serial,
         "linear": _linear,
         "qpth": _qpth,
         "qplayer": _qplayer,
