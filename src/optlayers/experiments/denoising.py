@@ -242,7 +242,7 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
                    for split, n in enumerate((n_train, n_test)))
 
     results: dict[str, Any] = {"experiment": "denoising", "quick": args.quick, "n_train": n_train, "n_test": n_test,
-                               "epochs": epochs, "noisy_test_mse": float(((test[0] - test[1]) ** 2).mean())}
+                               "epochs": epochs, "batch_size": batch_size, "noisy_test_mse": float(((test[0] - test[1]) ** 2).mean())}
     tv_file = args.out / "tv" / "results.json"
     needs_tv = "tv" in args.methods or "optnet-tv-init" in args.methods
     grid = QUICK_LAMBDA_GRID if args.quick else LAMBDA_GRID

