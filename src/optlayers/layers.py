@@ -12,8 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from optlayers.qp.solve import solve_qp
-from optlayers.qp.status import ON_FAILURE_CHOICES
+from optlayers.options import check_int, check_number
+from optlayers.qp.relax import Relaxation
+from optlayers.qp.solve import QPSolution, check_qp_options, solve_qp
 
 DEFAULT_EPS = 1e-4
 """Added to Q = LLᵀ so that Q is positive definite (the paper's ε); small enough not to bias z."""
@@ -25,26 +26,24 @@ TV_RANDOM_D_SCALE = 0.3
 """Standard deviation of a randomly initialised differencing operator D (the paper's OptNet-learn-D)."""
 
 
-def _check_int(name: str, value: int, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def _solver_options(tol: float | None, max_iter: int | None, on_failure: str, failed_value: float,
+                    relaxation: Relaxation | None) -> dict:
+    check_qp_options(tol, None, max_iter, on_failure, failed_value, relaxation)
+    return {"tol": tol, "max_iter": max_iter, "on_failure": on_failure, "failed_value": float(failed_value),
+            "relaxation": relaxation}
 
 
-def _check_float(name: str, value: float, *, positive: bool) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or (value <= 0 if positive else value < 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number {bound}, got {value!r}")
-
-
-def _check_on_failure(on_failure: str) -> None:
-    if on_failure not in ON_FAILURE_CHOICES:
-        raise ValueError(f"on_failure must be one of {ON_FAILURE_CHOICES}, got {on_failure!r}")
+def _record(layer: nn.Module, sol: QPSolution) -> QPSolution:
+    """Keep the statuses of the last forward on the layer (not inside ``torch.func`` transforms,
+    whose tensors must not escape them)."""
+    if not torch._C._are_functorch_transforms_active():
+        layer.last_status = sol.status.detach()
+    return sol
 
 
 def first_difference(n: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """The (n-1, n) first-difference operator: ``(D x)_i = x_{i+1} - x_i``."""
-    _check_int("n", n, 2)
+    check_int("n", n, 2)
     eye = torch.eye(n, device=device, dtype=dtype)
     return eye[1:] - eye[:-1]
 
@@ -66,7 +65,14 @@ class OptNet(nn.Module):
         eps: the ε of ``Q = LLᵀ + εI``; ignored when ``fixed_q`` is given.
         fixed_q: if given, ``Q = fixed_q·I`` is a constant (``0`` allowed: a linear program).
         nonnegative: add the fixed constraints ``z ≥ 0``; ``z₀`` is then kept positive (softplus).
-        tol, max_iter, on_failure: passed to :func:`optlayers.solve_qp`.
+        tol, max_iter: passed to :func:`optlayers.solve_qp`.
+        on_failure: what happens to QPs that are not solved. "warn" (default): a warning names
+            them, their output is ``failed_value`` (0.0, finite) and their gradient zero, so
+            training goes on; "ignore": the same, silently; "raise": ``SolveError``; "relax":
+            primal infeasible QPs hold the solution of their always-feasible elastic relaxation
+            (``optlayers.qp.relax``, weights ``relaxation``) with its exact gradients, and are
+            warned about. ``last_status`` holds the ``Status`` codes of the last forward.
+        failed_value, relaxation: see ``on_failure``.
         device, dtype: factory kwargs for the parameters.
 
     Shape:
@@ -92,26 +98,30 @@ class OptNet(nn.Module):
         nonnegative: bool = False,
         tol: float | None = None,
         max_iter: int | None = None,
-        on_failure: str = "raise",
+        on_failure: str = "warn",
+        failed_value: float = 0.0,
+        relaxation: Relaxation | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_int("n", n, 1)
-        _check_int("n_ineq", n_ineq, 0)
-        _check_int("n_eq", n_eq, 0)
+        check_int("n", n, 1)
+        check_int("n_ineq", n_ineq, 0)
+        check_int("n_eq", n_eq, 0)
         if n_eq >= n:
             raise ValueError(f"n_eq must be < n (= {n}) or the equalities alone fix z = z0, got n_eq={n_eq}")
-        _check_float("eps", eps, positive=False)
+        check_number("eps", eps, positive=False)
         if fixed_q is not None:
-            _check_float("fixed_q", fixed_q, positive=False)
+            check_number("fixed_q", fixed_q, positive=False)
         if fixed_q is None and eps == 0:
             raise ValueError("eps must be > 0 when Q = LLᵀ + εI is learned (LLᵀ alone may be singular), got eps=0")
-        _check_on_failure(on_failure)
+        if not isinstance(nonnegative, bool):
+            raise ValueError(f"nonnegative must be True or False, got {nonnegative!r}")
         factory = {"device": device, "dtype": dtype}
         self.n, self.n_ineq, self.n_eq = n, n_ineq, n_eq
         self.eps, self.fixed_q, self.nonnegative = eps, fixed_q, nonnegative
-        self.solver_options = {"tol": tol, "max_iter": max_iter, "on_failure": on_failure}
+        self.solver_options = _solver_options(tol, max_iter, on_failure, failed_value, relaxation)
+        self.last_status: Tensor | None = None
 
         if fixed_q is None:
             self.L = nn.Parameter(torch.tril(torch.rand(n, n, **factory)))
@@ -163,7 +173,7 @@ class OptNet(nn.Module):
         if p.shape[-1:] != (self.n,):
             raise ValueError(f"p must have shape (*, {self.n}), got {tuple(p.shape)}")
         Q, G, h, A, b = self.qp_data()
-        return solve_qp(Q, p, G, h, A, b, **self.solver_options)
+        return _record(self, solve_qp(Q, p, G, h, A, b, **self.solver_options))
 
     def forward(self, p: Tensor) -> Tensor:
         return self.solve(p).z
@@ -189,7 +199,8 @@ class OptNetTV(nn.Module):
         init: ``"difference"`` (classical TV) or ``"random"`` (N(0, 0.3²) entries, as in the paper).
         learn_d: whether ``D`` is an ``nn.Parameter`` (else a buffer).
         eps: the ε on ``t`` that makes the QP strictly convex.
-        tol, max_iter, on_failure: passed to :func:`optlayers.solve_qp`.
+        tol, max_iter, on_failure, failed_value, relaxation: as in :class:`OptNet` (failed
+            signals come out as ``failed_value``, 0.0, with zero gradient and a warning).
         device, dtype: factory kwargs.
 
     Shape:
@@ -213,17 +224,20 @@ class OptNetTV(nn.Module):
         eps: float = DEFAULT_EPS,
         tol: float | None = None,
         max_iter: int | None = None,
-        on_failure: str = "raise",
+        on_failure: str = "warn",
+        failed_value: float = 0.0,
+        relaxation: Relaxation | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_int("n", n, 2)
-        _check_float("lam", lam, positive=True)
-        _check_float("eps", eps, positive=True)
+        check_int("n", n, 2)
+        check_number("lam", lam, positive=True)
+        check_number("eps", eps, positive=True)
         n_diff = n - 1 if n_diff is None else n_diff
-        _check_int("n_diff", n_diff, 1)
-        _check_on_failure(on_failure)
+        check_int("n_diff", n_diff, 1)
+        if not isinstance(learn_d, bool):
+            raise ValueError(f"learn_d must be True or False, got {learn_d!r}")
         factory = {"device": device, "dtype": dtype}
         if init == "difference":
             if n_diff != n - 1:
@@ -238,7 +252,8 @@ class OptNetTV(nn.Module):
         else:
             self.register_buffer("D", D)
         self.n, self.n_diff, self.lam, self.eps, self.init = n, n_diff, float(lam), eps, init
-        self.solver_options = {"tol": tol, "max_iter": max_iter, "on_failure": on_failure}
+        self.solver_options = _solver_options(tol, max_iter, on_failure, failed_value, relaxation)
+        self.last_status: Tensor | None = None
 
     def qp_data(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(Q, G, h)`` over the stacked variable ``(x, t)`` of size ``n + n_diff``."""
@@ -253,7 +268,7 @@ class OptNetTV(nn.Module):
             raise ValueError(f"y must have shape (*, {self.n}), got {tuple(y.shape)}")
         Q, G, h = self.qp_data()
         p = torch.cat([-y, torch.full((*y.shape[:-1], self.n_diff), self.lam, device=y.device, dtype=y.dtype)], -1)
-        return solve_qp(Q, p, G, h, **self.solver_options).z[..., : self.n]
+        return _record(self, solve_qp(Q, p, G, h, **self.solver_options)).z[..., : self.n]
 
     def extra_repr(self) -> str:
         learn = isinstance(self.D, nn.Parameter)

@@ -122,8 +122,8 @@ class _WrongWarm:
     (dict(solver="ipm", solver_options={"eps": 1e-3}), ValueError, r"solver_options for solver='ipm' must be IPMSettings fields .*got \['eps'\]"),
     (dict(mode="qr"), ValueError, "mode must be one of"),
     (dict(on_failure="explode"), ValueError, "on_failure must be one of"),
-    (dict(refine_steps=-1), ValueError, "refine_steps must be an int >= 0, got -1"),
-    (dict(max_workers=0), ValueError, "max_workers must be an int >= 1 or None, got 0"),
+    (dict(refine_steps=-1), ValueError, "refine_steps must be an integer >= 0, got -1"),
+    (dict(max_workers=0), ValueError, "max_workers must be an integer >= 1 or None, got 0"),
     (dict(warm_start=_WrongWarm()), ValueError, "warm_start must be a solution of the same shapes"),
 ])
 def test_bad_input_messages(args, error, message):

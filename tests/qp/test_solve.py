@@ -109,7 +109,7 @@ def test_qpfunction_accepts_qpth_style_empty_tensors():
     empty = torch.empty(0)
     z = QPFunction()(data["Q"], data["p"], data["G"], data["h"], empty, empty)
     np.testing.assert_allclose(z.numpy(), solve_qp(**data).z.numpy(), atol=1e-12)
-    assert "on_failure='raise'" in repr(QPFunction())
+    assert "on_failure='warn'" in repr(QPFunction())
 
 
 def test_slacks_and_complementarity():

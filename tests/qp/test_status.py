@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from optlayers import QPSolveError, QPStatus, solve_qp
+from optlayers import ConeSolveError, ConeStatus, QPSolveError, QPStatus, SolveError, Status, solve_qp
+from optlayers.cone.qp import solve_qp_cone
+from optlayers.status import describe_failures
 
 
 def _mixed_batch():
@@ -47,7 +49,7 @@ def test_inconsistent_equalities_are_primal_infeasible():
 
 def test_raise_names_failed_elements():
     Q, p, G, h = _mixed_batch()
-    with pytest.raises(QPSolveError, match=r"1 of 3 QPs were not solved: element 1: primal_infeasible") as info:
+    with pytest.raises(QPSolveError, match=r"1 of 3 QPs were not solved: primal_infeasible \(elements 1\)") as info:
         solve_qp(Q, p, G, h)
     assert info.value.status.tolist()[1] == QPStatus.PRIMAL_INFEASIBLE
 
@@ -76,3 +78,38 @@ def test_gradients_of_failed_elements_are_zero_not_nan():
     sol.z[solved].sum().backward()
     assert torch.isfinite(p.grad).all()
     assert (p.grad[1] == 0).all() and (p.grad[0] != 0).any()
+
+
+def test_one_status_vocabulary_for_qp_and_cone():
+    assert QPStatus is Status and ConeStatus is Status
+    assert QPSolveError is SolveError and ConeSolveError is SolveError
+    codes = {code.name: int(code) for code in Status}
+    assert len(set(codes.values())) == len(codes)
+    # the QP layer's codes are unchanged
+    assert codes["SOLVED"] == 0 and codes["MAX_ITER"] == 1 and codes["PRIMAL_INFEASIBLE"] == 2
+    assert codes["DUAL_INFEASIBLE"] == 3 and codes["NUMERICAL_ERROR"] == 4
+    for code in Status:
+        assert code.message and code.name.lower() not in ("", None)
+
+
+@pytest.mark.parametrize("solver", ["clarabel", "scs"])
+def test_qp_through_the_cone_path_reports_the_same_codes(solver):
+    pytest.importorskip(solver)
+    Q, p, G, h = (t.double() for t in _mixed_batch())
+    qp = solve_qp(Q, p, G, h, on_failure="ignore")
+    cone = solve_qp_cone(Q, p, G, h, solver=solver, on_failure="ignore")
+    assert cone.status.tolist() == qp.status.tolist() == [Status.SOLVED, Status.PRIMAL_INFEASIBLE, Status.SOLVED]
+
+
+def test_failures_are_named_by_multi_index_and_grouped_by_reason():
+    status = torch.tensor([[0, 2], [4, 2]])
+    text = describe_failures(status, "QPs")
+    assert text.startswith("3 of 4 QPs were not solved: ")
+    assert "primal_infeasible (elements (0, 1), (1, 1))" in text and "numerical_error (elements (1, 0))" in text
+    assert Status.PRIMAL_INFEASIBLE.message in text and "solved to the requested tolerance" not in text
+
+
+def test_failure_of_a_batched_qp_names_its_multi_index():
+    Q, p, G, h = _mixed_batch()
+    with pytest.raises(SolveError, match=r"primal_infeasible \(elements \(0, 1\)\)"):
+        solve_qp(Q, p.reshape(1, 3, 2), G, h.reshape(1, 3, 2))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from optlayers import QPFunction, solve_qp
+from optlayers import ConeLayer, ConeSpec, OptNet, OptNetTV, QPFunction, Relaxation, Status, solve_cone, solve_qp
 
 
 def good():
@@ -35,21 +35,88 @@ def test_bad_data(change, error, pattern):
         solve_qp(**{**good(), **change()})
 
 
-@pytest.mark.parametrize(
-    "options, pattern",
-    [
-        (dict(tol=-1.0), r"tol must be a non-negative number"),
-        (dict(tol=0.0, rel_tol=0.0), r"tol and rel_tol cannot both be 0"),
-        (dict(max_iter=0), r"max_iter must be a positive integer"),
-        (dict(max_iter=2.5), r"max_iter must be a positive integer"),
-        (dict(on_failure="explode"), r"on_failure must be one of \('raise', 'warn', 'ignore'\), got 'explode'"),
-    ],
-)
+BAD_QP_OPTIONS = [
+    (dict(tol=-1.0), r"tol must be a finite number >= 0 or None, got -1.0"),
+    (dict(tol=float("nan")), r"tol must be a finite number >= 0 or None, got nan"),
+    (dict(rel_tol=float("inf")), r"rel_tol must be a finite number >= 0 or None, got inf"),
+    (dict(tol=True), r"tol must be a finite number >= 0 or None, got True"),
+    (dict(tol="1e-6"), r"tol must be a finite number"),
+    (dict(tol=0.0), r"tol=0.0 with rel_tol=None \(rel_tol defaults to tol\) asks for residuals below float64's"),
+    (dict(tol=0.0, rel_tol=0.0), r"below float64's resolution"),
+    (dict(tol=1e-300), r"below float64's resolution"),
+    (dict(max_iter=0), r"max_iter must be an integer >= 1 or None, got 0"),
+    (dict(max_iter=2.5), r"max_iter must be an integer >= 1 or None, got 2.5"),
+    (dict(max_iter=True), r"max_iter must be an integer >= 1 or None, got True"),
+    (dict(on_failure="explode"), r"on_failure must be one of \('raise', 'warn', 'ignore', 'relax'\), got 'explode'"),
+    (dict(failed_value="zero"), r"failed_value must be a float"),
+]
+
+
+@pytest.mark.parametrize("options, pattern", BAD_QP_OPTIONS)
 def test_bad_options(options, pattern):
     with pytest.raises(ValueError, match=pattern):
         solve_qp(**good(), **options)
 
 
-def test_qpfunction_validates_options_at_construction():
-    with pytest.raises(ValueError, match=r"on_failure must be one of"):
-        QPFunction(on_failure="nope")
+@pytest.mark.parametrize("options, pattern", BAD_QP_OPTIONS)
+def test_qpfunction_refuses_the_same_options_at_construction(options, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        QPFunction(**options)
+
+
+@pytest.mark.parametrize("layer", ["optnet", "tv"])
+@pytest.mark.parametrize("options, pattern", [o for o in BAD_QP_OPTIONS if "rel_tol" not in o[0]])
+def test_optnet_layers_refuse_the_same_options(layer, options, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        OptNet(3, n_ineq=2, **options) if layer == "optnet" else OptNetTV(5, lam=1.0, **options)
+
+
+def test_layer_flags_must_be_bools():
+    with pytest.raises(ValueError, match="nonnegative must be True or False, got 'yes'"):
+        OptNet(3, nonnegative="yes")
+    with pytest.raises(ValueError, match="learn_d must be True or False, got 1"):
+        OptNetTV(5, lam=1.0, learn_d=1)
+    with pytest.raises(TypeError, match="relaxation must be an optlayers.qp.relax.Relaxation"):
+        OptNet(3, relaxation={"penalty": 1.0})
+    with pytest.raises(ValueError, match=r"Relaxation.penalty must be a finite number > 0, got 0"):
+        Relaxation(penalty=0)
+
+
+def test_zero_absolute_tolerance_with_a_relative_one_solves():
+    sol = solve_qp(**good(), tol=0.0, rel_tol=1e-12)
+    assert int(sol.status) == Status.SOLVED and int(sol.iterations) < 100
+
+
+CONE_ARGS = dict(A=torch.tensor([[-1.0, 0.0], [0.0, -1.0], [1.0, 1.0]]), b=torch.tensor([0.0, 0.0, 1.0]),
+                 c=torch.tensor([-1.0, -2.0]), cones=ConeSpec(nonneg=3))
+
+
+@pytest.mark.parametrize("solver, options, pattern", [
+    ("ipm", {"max_iter": 0}, r"solver_options\['max_iter'\] must be an integer >= 1, got 0"),
+    ("ipm", {"tol": 0.0}, r"IPMSettings.tol must be a number in \(0.0, 1.0\), got 0.0"),
+    ("ipm", {"tol": float("nan")}, r"IPMSettings.tol must be a number"),
+    ("clarabel", {"max_iter": 0}, r"solver_options\['max_iter'\] must be an integer >= 1, got 0"),
+    ("clarabel", {"max_iter": True}, r"solver_options\['max_iter'\] must be of the type of Clarabel's default"),
+    ("clarabel", {"tol_gap_abs": -1.0}, r"solver_options\['tol_gap_abs'\] must be a finite number >= 0"),
+    ("clarabel", {"tol_feas": float("nan")}, r"solver_options\['tol_feas'\] must be a finite number > 0"),
+    ("clarabel", {"tol_gap_abs": 0.0, "tol_gap_rel": 0.0}, r"tol_gap_abs and tol_gap_rel cannot both be 0"),
+    ("clarabel", {"tolerance": 1e-8}, r"must be clarabel.DefaultSettings attributes, got \['tolerance'\]"),
+    ("clarabel", {"time_limit": 0.0}, r"time_limit'\] must be > 0 seconds"),
+    ("scs", {"max_iters": 0}, r"solver_options\['max_iters'\] must be an integer >= 1, got 0"),
+    ("scs", {"eps_abs": -1.0}, r"solver_options\['eps_abs'\] must be a finite number >= 0"),
+    ("scs", {"eps_abs": 0.0, "eps_rel": 0.0}, r"eps_abs and eps_rel cannot both be 0"),
+])
+def test_cone_solver_options_refused_at_the_door(solver, options, pattern):
+    if solver != "ipm":
+        pytest.importorskip(solver)
+    with pytest.raises(ValueError, match=pattern):
+        solve_cone(**CONE_ARGS, solver=solver, solver_options=options)
+    with pytest.raises(ValueError, match=pattern):
+        ConeLayer(CONE_ARGS["cones"], solver=solver, solver_options=options)
+
+
+def test_cone_layer_refuses_bad_policy_at_construction():
+    with pytest.raises(ValueError, match=r"on_failure must be one of \('raise', 'warn', 'ignore'\), got 'relax'"):
+        ConeLayer(CONE_ARGS["cones"], on_failure="relax")
+    with pytest.raises(ValueError, match=r"refine_steps must be an integer >= 0, got True"):
+        ConeLayer(CONE_ARGS["cones"], refine_steps=True)

@@ -16,7 +16,7 @@ from optlayers.cone.spec import ConeSpec
 
 @dataclasses.dataclass(frozen=True)
 class ConeQPSolution:
-    """z (B, n), lam (B, k) >= 0, nu (B, m), s = h - G z (B, k), status (B,) ``ConeStatus`` codes."""
+    """z (B, n), lam (B, k) >= 0, nu (B, m), s = h - G z (B, k), status (B,) ``Status`` codes (the vocabulary of ``solve_qp``)."""
 
     z: torch.Tensor
     lam: torch.Tensor

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import numpy as np
 import torch
@@ -12,8 +13,9 @@ from optlayers.cone.interior.solver import IPMSettings
 from optlayers.cone.linsolve import MODES
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
-from optlayers.cone.status import ON_FAILURE_CHOICES, apply_failure_policy
-from optlayers.cone.validation import check_choice, validate
+from optlayers.cone.validation import validate
+from optlayers.options import check_choice, check_int, check_number
+from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status
 
 
 SOLVERS = ("ipm",) + backends.SOLVERS
@@ -21,9 +23,11 @@ SOLVERS = ("ipm",) + backends.SOLVERS
 
 @dataclasses.dataclass(frozen=True)
 class ConeSolution:
-    """Primal x (B, n), dual y (B, m), slack s (B, m) and per-element ``status`` (B,) int64 ConeStatus.
+    """Primal x (B, n), dual y (B, m), slack s (B, m) and per-element ``status`` (B,) int64 ``Status``
+    codes (``optlayers.Status``, also named ``ConeStatus``).
 
-    Unbatched inputs give unbatched outputs. Failed elements are NaN in x, y, s.
+    Unbatched inputs give unbatched outputs. Failed elements hold ``failed_value`` (NaN by
+    default) in x, y, s.
     """
 
     x: torch.Tensor
@@ -32,10 +36,76 @@ class ConeSolution:
     status: torch.Tensor
 
 
+def check_cone_options(solver: object, mode: object, on_failure: object, solver_options: object,
+                       max_workers: object, refine_steps: object, failed_value: object = math.nan) -> None:
+    """``solve_cone``'s options, refused at the door when unknown or impossible."""
+    check_choice("solver", solver, SOLVERS)
+    check_choice("mode", mode, MODES)
+    check_choice("on_failure", on_failure, ON_FAILURE_CHOICES)
+    check_int("refine_steps", refine_steps, 0)
+    check_int("max_workers", max_workers, 1, optional=True)
+    if not (isinstance(failed_value, (int, float)) and not isinstance(failed_value, bool)):
+        raise ValueError(f"failed_value must be a float (NaN, or a finite value such as 0.0), got {failed_value!r}")
+    if solver_options is not None and not isinstance(solver_options, dict):
+        raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
+    _SOLVER_OPTION_CHECKS[solver](dict(solver_options or {}))
+
+
+def _check_ipm_options(options: dict) -> None:
+    known = {field.name for field in dataclasses.fields(IPMSettings)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"solver_options for solver='ipm' must be IPMSettings fields {sorted(known)}, got {unknown}")
+    IPMSettings(**options)  # checks each value
+    check_int("solver_options['max_iter']", options.get("max_iter", 1), 1)
+
+
+def _check_clarabel_options(options: dict) -> None:
+    if not options:
+        return
+    import clarabel
+
+    defaults = clarabel.DefaultSettings()
+    unknown = sorted(name for name in options if not hasattr(defaults, name))
+    if unknown:
+        raise ValueError(f"solver_options for solver='clarabel' must be clarabel.DefaultSettings attributes, "
+                         f"got {unknown}")
+    for name, value in options.items():
+        if isinstance(value, bool) != isinstance(getattr(defaults, name), bool):
+            raise ValueError(f"solver_options[{name!r}] must be of the type of Clarabel's default "
+                             f"{getattr(defaults, name)!r}, got {value!r}")
+        try:
+            setattr(defaults, name, value)
+        except TypeError as error:
+            raise ValueError(f"solver_options[{name!r}]: {error}") from None
+        if "max_iter" in name:
+            check_int(f"solver_options[{name!r}]", value, 1 if name == "max_iter" else 0)
+        elif "tol" in name:
+            check_number(f"solver_options[{name!r}]", value, positive=name in ("tol_feas", "tol_ktratio"))
+        elif name == "time_limit" and not (value > 0):
+            raise ValueError(f"solver_options['time_limit'] must be > 0 seconds (inf for none), got {value!r}")
+    if defaults.tol_gap_abs == 0 and defaults.tol_gap_rel == 0:
+        raise ValueError("solver_options tol_gap_abs and tol_gap_rel cannot both be 0: Clarabel would only run to "
+                         "max_iter")
+
+
+def _check_scs_options(options: dict) -> None:
+    for name in ("eps_abs", "eps_rel", "eps_infeas", "time_limit_secs"):
+        if name in options:
+            check_number(f"solver_options[{name!r}]", options[name], positive=False)
+    if "max_iters" in options:
+        check_int("solver_options['max_iters']", options["max_iters"], 1)
+    if options.get("eps_abs", 1.0) == 0 and options.get("eps_rel", 1.0) == 0:
+        raise ValueError("solver_options eps_abs and eps_rel cannot both be 0: SCS would only run to max_iters")
+
+
+_SOLVER_OPTION_CHECKS = {"ipm": _check_ipm_options, "clarabel": _check_clarabel_options, "scs": _check_scs_options}
+
+
 def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mode: str = "dense",
                on_failure: str = "raise", solver_options: dict | None = None,
                warm_start: ConeSolution | None = None, max_workers: int | None = None,
-               refine_steps: int = REFINE_STEPS) -> ConeSolution:
+               refine_steps: int = REFINE_STEPS, failed_value: float = math.nan) -> ConeSolution:
     """Solve min c^T x + 1/2 x^T P x  s.t.  A x + s = b, s in K, differentiably in A, b, c, P.
 
     Args:
@@ -54,28 +124,20 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
             forward mode, torch.func.jvp, always uses the dense solve).
         on_failure: "raise", "warn" or "ignore" when an element is not solved.
         solver_options: passed to the solver (IPMSettings fields for "ipm", Clarabel settings
-            attributes, SCS keyword arguments).
+            attributes, SCS keyword arguments); names and values are checked first (unknown
+            names, iteration limits below 1, negative or non-finite tolerances, or all-zero
+            tolerances that would only run to the limit are refused).
         warm_start: a previous solution of the same shapes (used by SCS).
         max_workers: threads for the batch (default: all cores).
         refine_steps: Newton steps on the residual map after the solver (0 to skip), see refine.py.
+        failed_value: what failed elements hold in x, y, s (NaN; ``ConeLayer`` uses 0.0); their
+            gradients are zero either way.
 
     Returns:
         ConeSolution with x (B, n), y (B, m), s (B, m), status (B,); x, y, s differentiable
         (reverse mode and torch.func.jvp). Shared A and P receive the sum of per-element gradients.
     """
-    check_choice("solver", solver, SOLVERS)
-    check_choice("mode", mode, MODES)
-    check_choice("on_failure", on_failure, ON_FAILURE_CHOICES)
-    for name, value, least in (("refine_steps", refine_steps, 0), ("max_workers", max_workers, 1)):
-        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
-            raise ValueError(f"{name} must be an int >= {least}{' or None' if name == 'max_workers' else ''}, "
-                             f"got {value!r}")
-    if solver == "ipm":
-        known = {field.name for field in dataclasses.fields(IPMSettings)}
-        unknown = sorted(set(solver_options or {}) - known)
-        if unknown:
-            raise ValueError(f"solver_options for solver='ipm' must be IPMSettings fields {sorted(known)}, "
-                             f"got {unknown}")
+    check_cone_options(solver, mode, on_failure, solver_options, max_workers, refine_steps, failed_value)
     data = validate(A, b, c, P, cones)
     warm = None
     if warm_start is not None:
@@ -92,7 +154,10 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
     wide = [None if t is None else t.to(torch.float64) for t in (data.A, data.b, data.c, data.P)]
     x, y, s, status, _, _ = ConeProgram.apply(*wide, settings)
     x, y, s = (t.to(data.b.dtype) for t in (x, y, s))
-    apply_failure_policy(status, on_failure)
+    FailurePolicy(on_failure, failed_value, "cone programs").apply(status)
+    if not math.isnan(failed_value):
+        solved = (status == Status.SOLVED).unsqueeze(-1)
+        x, y, s = (torch.where(solved, t, failed_value) for t in (x, y, s))
     if data.batch is None:
         x, y, s, status = x[0], y[0], s[0], status[0]
     return ConeSolution(x, y, s, status)
@@ -101,9 +166,15 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
 class ConeLayer(torch.nn.Module):
     """A thin ``nn.Module`` around ``solve_cone`` for a fixed cone and fixed solver settings.
 
+    Failed elements never end a training run unless asked to: by default (``on_failure="warn"``,
+    ``failed_value=0.0``) a warning names them, their x, y, s are 0 and their gradients zero;
+    ``last_status`` holds the ``Status`` codes of the last forward (also in the returned
+    solution's ``status``).
+
     Args:
         cones: the cone K.
-        **options: keyword arguments of ``solve_cone`` (solver, mode, on_failure, solver_options, ...).
+        **options: keyword arguments of ``solve_cone`` (solver, mode, on_failure, solver_options,
+            failed_value, ...), checked here.
 
     Shape:
         forward(A, b, c, P=None) with the shapes of ``solve_cone``; returns a ``ConeSolution``.
@@ -120,13 +191,21 @@ class ConeLayer(torch.nn.Module):
         for name in options:
             if name not in _LAYER_OPTIONS:
                 raise TypeError(f"unknown option {name!r}; expected one of {_LAYER_OPTIONS}")
+        options = {"on_failure": "warn", "failed_value": 0.0, **options}
+        check_cone_options(options.get("solver", "clarabel"), options.get("mode", "dense"), options["on_failure"],
+                           options.get("solver_options"), options.get("max_workers"),
+                           options.get("refine_steps", REFINE_STEPS), options["failed_value"])
         self.cones, self.options = cones, options
+        self.last_status: torch.Tensor | None = None
 
     def forward(self, A, b, c, P=None) -> ConeSolution:
-        return solve_cone(A, b, c, self.cones, P, **self.options)
+        sol = solve_cone(A, b, c, self.cones, P, **self.options)
+        if not torch._C._are_functorch_transforms_active():
+            self.last_status = sol.status.detach()
+        return sol
 
     def extra_repr(self) -> str:
         return f"cones={self.cones}" + "".join(f", {k}={v!r}" for k, v in self.options.items())
 
 
-_LAYER_OPTIONS = ("solver", "mode", "on_failure", "solver_options", "max_workers", "refine_steps")
+_LAYER_OPTIONS = ("solver", "mode", "on_failure", "solver_options", "max_workers", "refine_steps", "failed_value")

@@ -24,11 +24,6 @@ class ConeData:
     batch: int | None
 
 
-def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
-
-
 def _to_tensor(name: str, value, allow_sparse: bool) -> torch.Tensor:
     if sp.issparse(value):
         if not allow_sparse:

@@ -121,7 +121,8 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
 
     torch.manual_seed(args.seed)
     fixed_q = None if args.learn_q else 1.0
-    layer = OptNet(2, n_ineq=args.n_learned, fixed_q=fixed_q, on_failure="ignore", device=device, dtype=dtype)
+    layer = OptNet(2, n_ineq=args.n_learned, fixed_q=fixed_q, on_failure="ignore", failed_value=float("nan"),
+                   device=device, dtype=dtype)
     optimizer = torch.optim.Adam(layer.parameters(), lr=lr)
 
     def per_sample(model: nn.Module, batch: list[Tensor]) -> dict[str, Tensor]:

@@ -1,15 +1,26 @@
 """Public entry points of the QP layer: ``solve_qp`` and the qpth-compatible ``QPFunction``."""
 from __future__ import annotations
 
+import dataclasses
+import enum
+import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from optlayers.options import check_choice, check_int, check_number, check_tolerances
 from optlayers.qp.autograd import QPSolveFn
-from optlayers.qp.ipm import default_settings
+from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
-from optlayers.qp.status import ON_FAILURE_CHOICES
+from optlayers.qp.relax import Relaxation, elastic_data, original_parts
+from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status
+
+SOLVE_QP_FAILURE_CHOICES = (*ON_FAILURE_CHOICES, "relax")
+"""``on_failure`` values: the common policy, plus "relax" (see ``optlayers.qp.relax``)."""
+
+_FLOAT64_DEFAULT_TOL = 1e-12  # the default of ``default_settings`` for float64 data, the tighter one
 
 
 @dataclass(frozen=True)
@@ -21,10 +32,15 @@ class QPSolution:
         lam: (..., k) inequality multipliers, ≥ 0 (differentiable).
         nu: (..., m) equality multipliers (differentiable).
         s: (..., k) slacks h − Gz ≥ 0 (differentiable).
-        status: (...,) ``QPStatus`` codes; elements not ``SOLVED`` hold NaN in z, lam, nu, s.
+        status: (...,) ``Status`` codes (``optlayers.Status``, also named ``QPStatus``); elements
+            not ``SOLVED`` hold ``failed_value`` (NaN by default) in z, lam, nu, s and get zero
+            gradient — except relaxed ones.
         iterations: (...,) interior point iterations taken.
         primal_residual, dual_residual, gap: (...,) final residuals of the original problem
             (infinity norms; gap = |zᵀQz + pᵀz + bᵀν + hᵀλ|, at least sᵀλ).
+        relaxed: (...,) bool: elements that were PRIMAL_INFEASIBLE and hold the solution of their
+            elastic relaxation (``on_failure="relax"``): its z, the multipliers of Gz ≤ h + t and
+            Az = b + u − v, and the slacks h + t − Gz, all differentiable. All False otherwise.
     """
 
     z: Tensor
@@ -36,18 +52,19 @@ class QPSolution:
     primal_residual: Tensor
     dual_residual: Tensor
     gap: Tensor
+    relaxed: Tensor
 
 
-def _check_options(tol: float | None, rel_tol: float | None, max_iter: int | None, on_failure: str) -> None:
-    for name, value in (("tol", tol), ("rel_tol", rel_tol)):
-        if value is not None and not (isinstance(value, (int, float)) and value >= 0):
-            raise ValueError(f"{name} must be a non-negative number or None, got {value!r}")
-    if tol is not None and rel_tol is not None and tol == 0 and rel_tol == 0:
-        raise ValueError("tol and rel_tol cannot both be 0")
-    if max_iter is not None and not (isinstance(max_iter, int) and not isinstance(max_iter, bool) and max_iter >= 1):
-        raise ValueError(f"max_iter must be a positive integer or None, got {max_iter!r}")
-    if on_failure not in ON_FAILURE_CHOICES:
-        raise ValueError(f"on_failure must be one of {ON_FAILURE_CHOICES}, got {on_failure!r}")
+def check_qp_options(tol: object, rel_tol: object, max_iter: object, on_failure: object,
+                     failed_value: object = math.nan, relaxation: object = None, *, tol_name: str = "tol") -> None:
+    """Options of ``solve_qp`` (and of the layers built on it), refused at the door when impossible."""
+    check_tolerances(tol, rel_tol, _FLOAT64_DEFAULT_TOL, tol_name)
+    check_int("max_iter", max_iter, 1, optional=True)
+    check_choice("on_failure", on_failure, SOLVE_QP_FAILURE_CHOICES)
+    if not (isinstance(failed_value, (int, float)) and not isinstance(failed_value, bool)):
+        raise ValueError(f"failed_value must be a float (NaN, or a finite value such as 0.0), got {failed_value!r}")
+    if relaxation is not None and not isinstance(relaxation, Relaxation):
+        raise TypeError(f"relaxation must be an optlayers.qp.relax.Relaxation or None, got {type(relaxation).__name__}")
 
 
 def solve_qp(
@@ -62,6 +79,8 @@ def solve_qp(
     rel_tol: float | None = None,
     max_iter: int | None = None,
     on_failure: str = "raise",
+    failed_value: float = math.nan,
+    relaxation: Relaxation | None = None,
 ) -> QPSolution:
     """Solve minimize ½zᵀQz + pᵀz subject to Az = b, Gz ≤ h, batched and differentiably.
 
@@ -72,10 +91,17 @@ def solve_qp(
         A, b: (..., m, n) and (..., m) equality constraints, or None.
         tol: absolute tolerance on the primal residual, dual residual and gap (default 1e-12 for
             float64 data, 1e-10 for float32; the iteration itself always runs in float64).
-        rel_tol: relative tolerance (default: ``tol``).
+        rel_tol: relative tolerance (default: ``tol``). Settings float64 cannot meet (both
+            below 2.2e-16, e.g. ``tol=0`` with ``rel_tol`` unset) are refused.
         max_iter: iteration limit (default 100).
-        on_failure: "raise" (``QPSolveError`` naming the failed elements), "warn" or "ignore";
-            failed elements hold NaN, the others are unaffected.
+        on_failure: what to do about elements that are not SOLVED: "raise" (``SolveError``
+            naming them), "warn", "ignore"; or "relax": primal infeasible elements are re-solved
+            as their always-feasible elastic relaxation (``optlayers.qp.relax``) and hold its
+            solution, differentiable; a warning names them. Other failures are then warned about.
+            "relax" selects elements by their status, which ``torch.func.vmap`` cannot trace.
+        failed_value: what failed elements hold in z, lam, nu, s (NaN; the layers use 0.0).
+            Their gradients are zero either way.
+        relaxation: the weights of the relaxation for "relax" (default ``Relaxation()``).
 
     Each argument has its own batch dimensions or none; they broadcast like torch. Gradients of
     a shared argument are summed over the batch. Device and dtype follow the inputs.
@@ -85,38 +111,189 @@ def solve_qp(
         >>> sol.z
         tensor([-1.,  0.])
     """
-    _check_options(tol, rel_tol, max_iter, on_failure)
+    check_qp_options(tol, rel_tol, max_iter, on_failure, failed_value, relaxation)
     flat, batch = prepare_qp(Q, p, G, h, A, b)
     settings = default_settings(flat[1].dtype, tol, rel_tol, max_iter)
+    return solve_prepared(flat, batch, settings, on_failure, failed_value, relaxation)
+
+
+def solve_prepared(flat: tuple[Tensor, ...], batch: torch.Size, settings: IPMSettings, on_failure: str,
+                   failed_value: float = math.nan, relaxation: Relaxation | None = None) -> QPSolution:
+    """``solve_qp`` on data already checked and flattened by ``prepare_qp``."""
+    relax = on_failure == "relax"
+    policy = FailurePolicy("ignore" if relax else on_failure, failed_value, "QPs")
+    out = _solve_flat(flat, settings, policy, batch)
+    z, lam, nu, s, status = out[:5]
+    relaxed = torch.zeros_like(status, dtype=torch.bool)
+    if relax:
+        z, lam, nu, s, relaxed = _relax(flat, settings, out, relaxation or Relaxation())
+        _warn_relaxed(status.reshape(batch), relaxed.reshape(batch), failed_value)
+    if not math.isnan(failed_value):
+        keep = (status == Status.SOLVED) | relaxed
+        z, lam, nu, s = (torch.where(keep.unsqueeze(-1), t, failed_value) for t in (z, lam, nu, s))
+    z, lam, nu, s, status, iterations, primal, dual, gap, relaxed = (
+        t.reshape((*batch, *t.shape[1:])) for t in (z, lam, nu, s, *out[4:9], relaxed))
+    return QPSolution(z, lam, nu, s, status, iterations, primal, dual, gap, relaxed)
+
+
+def _solve_flat(flat: tuple[Tensor, ...], settings: IPMSettings, policy: FailurePolicy,
+                batch: tuple[int, ...]) -> tuple[Tensor, ...]:
     keep_factor = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
-    out = QPSolveFn.apply(*flat, settings, keep_factor, on_failure, tuple(batch))
-    z, lam, nu, s, status, iterations, primal, dual, gap = (t.reshape((*batch, *t.shape[1:])) for t in out[:9])
-    return QPSolution(z, lam, nu, s, status, iterations, primal, dual, gap)
+    return QPSolveFn.apply(*flat, settings, keep_factor, policy, tuple(batch))
+
+
+def _relax(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, ...],
+           relaxation: Relaxation) -> tuple[Tensor, ...]:
+    """Replace the primal infeasible elements of ``out`` by their relaxation's solution."""
+    z, lam, nu, s, status = out[:5]
+    index = (status == Status.PRIMAL_INFEASIBLE).nonzero().squeeze(-1)
+    relaxed = torch.zeros_like(status, dtype=torch.bool)
+    if index.numel() == 0:
+        return z, lam, nu, s, relaxed
+    data = elastic_data(*(t[index] for t in flat), relaxation)
+    sub = _solve_flat(data, settings, FailurePolicy("ignore"), (index.numel(),))
+    ok = sub[4] == Status.SOLVED
+    n, k = flat[1].shape[-1], flat[2].shape[-2]
+    parts = original_parts(n, k, *sub[:4])
+    index = index[ok]
+    relaxed[index] = True
+    merged = tuple(whole.index_put((index,), part[ok]) for whole, part in zip((z, lam, nu, s), parts))
+    return (*merged, relaxed)
+
+
+def _warn_relaxed(status: Tensor, relaxed: Tensor, failed_value: float) -> None:
+    """One warning naming the relaxed elements, and one for failures that were not relaxed."""
+    if bool(relaxed.any()):
+        where = ", ".join(str(i[0]) if len(i) == 1 else str(tuple(i)) for i in relaxed.nonzero().tolist()[:10])
+        more = f" and {int(relaxed.sum()) - 10} more" if int(relaxed.sum()) > 10 else ""
+        warnings.warn(f"{int(relaxed.sum())} of {status.numel()} QPs were primal infeasible and hold the solution "
+                      f"of their elastic relaxation (elements {where}{more})", RuntimeWarning, stacklevel=4)
+    rest = torch.where(relaxed, int(Status.SOLVED), status)
+    FailurePolicy("warn", failed_value, "QPs").apply(rest)
+
+
+class QPSolvers(enum.Enum):
+    """qpth's solver choice, for ``QPFunction(solver=...)``; only ``PDIPM_BATCHED`` (the batched
+    primal-dual interior point method, ours) is supported."""
+
+    PDIPM_BATCHED = 1
+    CVXPY = 2
+
+
+def _check_solver(solver: object) -> None:
+    name = getattr(solver, "name", solver)  # our QPSolvers, qpth's, or the member's name
+    if name == "PDIPM_BATCHED":
+        return
+    if name == "CVXPY":
+        raise ValueError("QPFunction(solver=QPSolvers.CVXPY) is not supported: optlayers solves with its own batched "
+                         "interior point method (solver=QPSolvers.PDIPM_BATCHED, the default). To compare with an "
+                         "independent solver use optlayers.cone.qp.solve_qp_cone(..., solver='clarabel') or cvxpy")
+    raise ValueError(f"solver must be QPSolvers.PDIPM_BATCHED, got {solver!r}")
 
 
 class QPFunction(nn.Module):
     """Drop-in replacement for ``qpth.qp.QPFunction``: ``QPFunction()(Q, p, G, h, A, b)`` returns z.
 
+    qpth's arguments, in qpth's order and with its meanings:
+
     Args:
-        tol, max_iter, on_failure: as in ``solve_qp``.
+        eps: tolerance on the residuals (qpth's ``eps``; here ``tol``, absolute and relative, on
+            each of the primal residual, dual residual and gap in the infinity norm). Default:
+            ``solve_qp``'s (1e-12 for float64 data). Give ``eps`` or ``tol``, not both.
+        verbose: -1 silent (failed elements are not warned about), 0 (default) a warning naming
+            failed elements, 1 also a one-line summary of every solve (iterations, largest
+            residuals, statuses) printed to stdout; qpth's per-iteration log is not available.
+        notImprovedLim: consecutive iterations without progress after which an element stops
+            (here: with status NUMERICAL_ERROR; default 5).
+        maxIter: iteration limit (default 100; qpth's 20 is not imposed: the solver stops on
+            its tolerance). Give ``maxIter`` or ``max_iter``, not both.
+        solver: ``QPSolvers.PDIPM_BATCHED`` (qpth's own enum members are accepted too);
+            ``QPSolvers.CVXPY`` is refused.
+        check_Q_spd: raise ``ValueError`` if some Q is not positive definite (qpth's default is
+            True because its solver needs it; ours accepts positive semidefinite Q, so False).
+
+    The package's own keywords: ``tol``, ``rel_tol``, ``max_iter`` as in ``solve_qp``;
+    ``on_failure`` "warn" / "ignore" (default from ``verbose``), "raise", or "relax" (infeasible
+    elements hold their elastic relaxation's solution, see ``solve_qp``); ``relaxation`` its
+    weights. Failed elements never end a training run unless ``on_failure="raise"``: their z is
+    ``failed_value`` (0.0) with zero gradient, and ``last_status`` holds the statuses of the last
+    forward (outside ``torch.func`` transforms); ``solve`` returns the whole ``QPSolution``.
 
     Shape:
         Q (..., n, n), p (..., n), G (..., k, n), h (..., k), A (..., m, n), b (..., m); absent
         constraints as None or empty tensors. Output z (..., n).
 
     Example:
-        >>> layer = QPFunction()
-        >>> z = layer(Q, p, G, h, None, None)
+        >>> layer = QPFunction(verbose=-1)
+        >>> z = layer(Q, p, G, h, torch.Tensor(), torch.Tensor())
     """
 
-    def __init__(self, tol: float | None = None, max_iter: int | None = None, on_failure: str = "raise"):
+    def __init__(self, eps: float | None = None, verbose: int = 0, notImprovedLim: int | None = None,
+                 maxIter: int | None = None, solver: object = QPSolvers.PDIPM_BATCHED, check_Q_spd: bool = False,
+                 *, tol: float | None = None, rel_tol: float | None = None, max_iter: int | None = None,
+                 on_failure: str | None = None, failed_value: float = 0.0, relaxation: Relaxation | None = None):
         super().__init__()
-        _check_options(tol, None, max_iter, on_failure)
-        self.tol, self.max_iter, self.on_failure = tol, max_iter, on_failure
+        for qpth_name, value, name, ours in (("eps", eps, "tol", tol), ("maxIter", maxIter, "max_iter", max_iter)):
+            if value is not None and ours is not None:
+                raise ValueError(f"give {qpth_name} (qpth's name) or {name}, not both; got {qpth_name}={value!r}, "
+                                 f"{name}={ours!r}")
+        if not isinstance(verbose, int):
+            raise ValueError(f"verbose must be an integer (-1 silent, 0 warnings, 1 a summary per solve), got {verbose!r}")
+        check_int("notImprovedLim", notImprovedLim, 1, optional=True)
+        _check_solver(solver)
+        if not isinstance(check_Q_spd, bool):
+            raise ValueError(f"check_Q_spd must be True or False, got {check_Q_spd!r}")
+        tol = eps if tol is None else tol
+        max_iter = maxIter if max_iter is None else max_iter
+        on_failure = ("ignore" if verbose < 0 else "warn") if on_failure is None else on_failure
+        check_qp_options(tol, rel_tol, max_iter, on_failure, failed_value, relaxation,
+                         tol_name="eps" if eps is not None else "tol")
+        self.tol, self.rel_tol, self.max_iter, self.on_failure = tol, rel_tol, max_iter, on_failure
+        self.verbose, self.not_improved_lim, self.check_Q_spd = int(verbose), notImprovedLim, check_Q_spd
+        self.failed_value, self.relaxation = float(failed_value), relaxation
+        self.last_status: Tensor | None = None
+
+    def solve(self, Q: Tensor, p: Tensor, G: Tensor | None = None, h: Tensor | None = None,
+              A: Tensor | None = None, b: Tensor | None = None) -> QPSolution:
+        """The whole solution (z, multipliers, slacks, status, residuals) for this layer's options."""
+        flat, batch = prepare_qp(Q, p, G, h, A, b)
+        if self.check_Q_spd:
+            _check_positive_definite(flat[0], batch)
+        settings = default_settings(flat[1].dtype, self.tol, self.rel_tol, self.max_iter)
+        if self.not_improved_lim is not None:
+            settings = dataclasses.replace(settings, stall_limit=self.not_improved_lim)
+        sol = solve_prepared(flat, batch, settings, self.on_failure, self.failed_value, self.relaxation)
+        if not torch._C._are_functorch_transforms_active():
+            self.last_status = sol.status.detach()
+            if self.verbose >= 1:
+                print(_summary(sol))
+        return sol
 
     def forward(self, Q: Tensor, p: Tensor, G: Tensor | None = None, h: Tensor | None = None,
                 A: Tensor | None = None, b: Tensor | None = None) -> Tensor:
-        return solve_qp(Q, p, G, h, A, b, tol=self.tol, max_iter=self.max_iter, on_failure=self.on_failure).z
+        return self.solve(Q, p, G, h, A, b).z
 
     def extra_repr(self) -> str:
-        return f"tol={self.tol}, max_iter={self.max_iter}, on_failure={self.on_failure!r}"
+        return (f"tol={self.tol}, rel_tol={self.rel_tol}, max_iter={self.max_iter}, on_failure={self.on_failure!r}, "
+                f"verbose={self.verbose}")
+
+
+def _check_positive_definite(Q: Tensor, batch: torch.Size) -> None:
+    info = torch.linalg.cholesky_ex(Q.detach()).info
+    if bool((info != 0).any()):
+        bad = (info.reshape(batch) != 0).nonzero().tolist()[:10]
+        raise ValueError(f"Q is not positive definite (check_Q_spd=True) at elements {bad}; this solver accepts "
+                         "positive semidefinite Q: pass check_Q_spd=False")
+
+
+def _summary(sol: QPSolution) -> str:
+    counts = {code.name: int((sol.status == code).sum()) for code in Status if bool((sol.status == code).any())}
+    if sol.status.numel() == 0:
+        return "QPFunction: empty batch"
+    return (f"QPFunction: {sol.status.numel()} QPs, {counts}; iterations {int(sol.iterations.min())}-"
+            f"{int(sol.iterations.max())}; largest primal residual {float(sol.primal_residual.max()):.2e}, "
+            f"dual {float(sol.dual_residual.max()):.2e}, gap {float(sol.gap.max()):.2e}")
+
+
+__all__ = ["QPFunction", "QPSolution", "QPSolvers", "SOLVE_QP_FAILURE_CHOICES", "check_qp_options", "solve_prepared",
+           "solve_qp"]

@@ -1,0 +1,118 @@
+"""One status vocabulary for every solver in the package (QP and cone), and the failure policy
+applied at the public boundary: raise, warn, or stay silent about elements that were not solved.
+
+``QPStatus`` (``optlayers.qp.status``) and ``ConeStatus`` (``optlayers.cone.status``) are this
+``Status``; ``QPSolveError`` and ``ConeSolveError`` are this ``SolveError``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+import warnings
+
+import torch
+
+__all__ = ["FailurePolicy", "ON_FAILURE_CHOICES", "SolveError", "Status", "apply_failure_policy", "describe_failures"]
+
+
+class Status(enum.IntEnum):
+    """Outcome of one problem in a batch; solutions hold these as integers in ``status``."""
+
+    SOLVED = 0
+    MAX_ITER = 1
+    PRIMAL_INFEASIBLE = 2
+    DUAL_INFEASIBLE = 3
+    NUMERICAL_ERROR = 4
+    INACCURATE = 5
+
+    @property
+    def message(self) -> str:
+        return _MESSAGES[self]
+
+
+_MESSAGES = {
+    Status.SOLVED: "solved to the requested tolerance",
+    Status.MAX_ITER: "reached the iteration (or time) limit before the tolerance was met; increase `max_iter` "
+    "(solve_qp, QPFunction, the OptNet layers) or the solver's limit in `solver_options` (solve_cone), "
+    "or loosen the tolerance",
+    Status.PRIMAL_INFEASIBLE: "primal infeasible: no point satisfies the constraints (a certificate was found)",
+    Status.DUAL_INFEASIBLE: "dual infeasible: the objective is unbounded below on the feasible set",
+    Status.NUMERICAL_ERROR: "numerical error: a linear system could not be factorised or the iterates stopped "
+    "progressing; check the scaling of the data, solve in float64, or (solve_cone) try another solver",
+    Status.INACCURATE: "solved only to reduced accuracy (the relative KKT residual after refinement is above "
+    "1e-6, or the solver said AlmostSolved); rescale the data, tighten the solver's tolerance in "
+    "solver_options, or try another solver",
+}
+
+ON_FAILURE_CHOICES = ("raise", "warn", "ignore")
+"""What a solver entry point does about elements that were not SOLVED."""
+
+
+class SolveError(RuntimeError):
+    """Raised by ``on_failure="raise"`` when some batch elements were not solved; ``status`` holds
+    every element's ``Status`` code."""
+
+    def __init__(self, message: str, status: torch.Tensor):
+        super().__init__(message)
+        self.status = status
+
+
+def _index(index: list[int]) -> str:
+    return str(index[0]) if len(index) == 1 else str(tuple(index))
+
+
+def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: int = 10) -> str:
+    """A sentence naming the failed batch elements (multi-indices for batch shapes of several
+    dimensions), grouped by reason, each reason with what to do about it."""
+    status = status.detach().cpu()
+    parts = []
+    for code in Status:
+        if code == Status.SOLVED:
+            continue
+        where = (status == code).nonzero().tolist()
+        if not where:
+            continue
+        listed = ", ".join(_index(i) for i in where[:max_listed])
+        more = f" and {len(where) - max_listed} more" if len(where) > max_listed else ""
+        parts.append(f"{code.name.lower()} (elements {listed}{more}): {code.message}")
+    unknown = int((~torch.isin(status, torch.tensor([int(c) for c in Status]))).sum())
+    if unknown:
+        parts.append(f"{unknown} elements with codes outside Status")
+    failed = int((status != Status.SOLVED).sum())
+    return f"{failed} of {status.numel()} {noun} were not solved: " + "; ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class FailurePolicy:
+    """``action`` ("raise", "warn" or "ignore") about failed elements, whose outputs hold ``fill``
+    (NaN for ``solve_qp``/``solve_cone``, 0 for the layers); ``noun`` names the problems in messages."""
+
+    action: str
+    fill: float = math.nan
+    noun: str = "problems"
+
+    def __post_init__(self) -> None:
+        if self.action not in ON_FAILURE_CHOICES:
+            raise ValueError(f"on_failure must be one of {ON_FAILURE_CHOICES}, got {self.action!r}")
+
+    def outcome(self) -> str:
+        """What happened to the failed elements' outputs and gradients, for messages."""
+        value = "NaN" if math.isnan(self.fill) else f"{self.fill:g}"
+        return f"Their outputs are {value} and their gradients zero."
+
+    def apply(self, status: torch.Tensor) -> None:
+        """Raise, warn or stay silent about failed elements (one host sync when some failed)."""
+        if self.action == "ignore" or not bool((status != Status.SOLVED).any()):
+            return
+        message = describe_failures(status, self.noun)
+        if self.action == "raise":
+            raise SolveError(message, status)
+        warnings.warn(f"{message}. {self.outcome()}", RuntimeWarning, stacklevel=4)
+
+
+def apply_failure_policy(status: torch.Tensor, on_failure: str | FailurePolicy, noun: str = "problems") -> None:
+    """Raise, warn or stay silent about failed elements, as ``on_failure`` (a policy or its
+    action, with NaN outputs) asks."""
+    policy = on_failure if isinstance(on_failure, FailurePolicy) else FailurePolicy(on_failure, noun=noun)
+    policy.apply(status)
