@@ -195,3 +195,9 @@ def test_training_continues_when_a_learned_h_makes_the_constraints_contradictory
         fd[j] = (reference_loss(h_now.detach().numpy() + e) - reference_loss(h_now.detach().numpy() - e)) / (2 * step)
     assert np.abs(fd).max() > 1e-3  # the relaxed gradient is informative, not zero
     np.testing.assert_allclose(h_now.grad.numpy(), fd, rtol=1e-4, atol=1e-6)
+
+
+def test_relax_under_vmap_says_why_it_cannot_run():
+    Q, p, G, h = mixed_batch()
+    with pytest.raises(ValueError, match="on_failure='relax' selects the primal infeasible elements.*vmap"):
+        torch.func.vmap(lambda q, hh: solve_qp(Q, q, G, hh, torch.ones(1, 2), torch.ones(1), on_failure="relax").z)(p, h)

@@ -146,7 +146,14 @@ def _relax(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, .
            relaxation: Relaxation) -> tuple[Tensor, ...]:
     """Replace the primal infeasible elements of ``out`` by their relaxation's solution."""
     z, lam, nu, s, status = out[:5]
-    index = (status == Status.PRIMAL_INFEASIBLE).nonzero().squeeze(-1)
+    try:
+        index = (status == Status.PRIMAL_INFEASIBLE).nonzero().squeeze(-1)
+    except RuntimeError as error:
+        if "vmap" not in str(error):
+            raise
+        raise ValueError("on_failure='relax' selects the primal infeasible elements by their status, which "
+                         "torch.func.vmap cannot trace; batch the data instead of vmapping, or use "
+                         "on_failure='warn' under vmap") from None
     relaxed = torch.zeros_like(status, dtype=torch.bool)
     if index.numel() == 0:
         return z, lam, nu, s, relaxed
