@@ -88,6 +88,9 @@ def test_qpth_call_with_empty_tensors_runs_unchanged():
     for i in range(3):
         expected = clarabel_solve(data["Q"], p[i], data["G"], data["h"])[0]
         np.testing.assert_allclose(z[i].numpy(), expected, atol=1e-8)
+    # qpth code often makes its empty tensor with the default dtype, whatever the data's
+    e32 = torch.empty(0, dtype=torch.float32)
+    torch.testing.assert_close(QPFunction(verbose=-1)(data["Q"], p, data["G"], data["h"], e32, e32), z)
 
 
 def test_unsupported_solver_is_refused_with_the_alternative():
