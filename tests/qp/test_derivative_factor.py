@@ -3,7 +3,7 @@ possible, and rebuilt on demand otherwise — with the same derivatives either w
 import torch
 
 from optlayers import solve_qp
-from optlayers.qp import autograd, ipm
+from optlayers.qp import derivatives, ipm
 from tests.qp.qp_problems import random_qp
 
 
@@ -12,7 +12,7 @@ def _count_factorisations(monkeypatch) -> list[int]:
     original = ipm.derivative_factor
     counting = lambda *a, **k: calls.append(1) or original(*a, **k)  # noqa: E731
     monkeypatch.setattr(ipm, "derivative_factor", counting)
-    monkeypatch.setattr(autograd, "derivative_factor", counting)
+    monkeypatch.setattr(derivatives, "derivative_factor", counting)
     return calls
 
 

@@ -4,6 +4,12 @@ built by the forward when gradients were possible, otherwise on demand.
 
 Inputs are flat batches (B, ·) as produced by ``problem.prepare_qp``; broadcasting of shared
 arguments happens before, with ``expand``, so autograd sums their gradients over the batch.
+
+The derivative rules are written in differentiable operations (``derivatives.KKTSolve``), so
+that second and higher derivatives are exact: when a rule runs under a graph (double backward,
+``torch.func.hessian``, ``jacrev`` of ``jacfwd``), the solution it uses is connected to this
+Function's outputs, and the data to its inputs. Forward over forward mode is refused (see
+``derivatives.refuse_nested_forward_mode``).
 """
 from __future__ import annotations
 
@@ -12,9 +18,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from optlayers.qp.derivatives import solution_jvp, solution_vjp
-from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings, derivative_factor
-from optlayers.qp.kkt import KKTFactor
+from optlayers.qp.derivatives import (
+    KKTPoint,
+    factor_tensors,
+    flat_vmap,
+    refuse_nested_forward_mode,
+    solution_jvp,
+    solution_vjp,
+)
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
 from optlayers.qp.parallel import solve_scaled_parallel
 from optlayers.qp.problem import check_values, qp_data
 from optlayers.qp.scaling import (
@@ -32,9 +44,9 @@ _N_PUBLIC = 9  # z, lam, nu, s, status, iterations, primal, dual, gap
 
 
 class _Saved(NamedTuple):
-    """What the derivatives need, in the scaled space; the trailing outputs of ``forward``. The
-    KKT factorisation at the solution is kept from the forward pass when gradients were possible
-    then; otherwise its fields are empty and ``factor`` rebuilds it (a ``jvp`` asked later)."""
+    """What the derivatives need, in the scaled space: the trailing outputs of ``forward``, then
+    the tensors of the KKT factorisation at the solution when the forward built it (gradients
+    were possible then); without them ``KKTSolve`` builds it (a ``jvp`` asked later)."""
 
     Q: Tensor
     A: Tensor
@@ -47,36 +59,6 @@ class _Saved(NamedTuple):
     e: Tensor
     f: Tensor
     c: Tensor
-    C: Tensor
-    d0: Tensor
-    H: Tensor
-    w_inv: Tensor
-    w_inv_soft: Tensor
-    chol_h: Tensor
-    chol_s: Tensor
-    status: Tensor
-
-    def factor(self, settings: IPMSettings) -> KKTFactor:
-        if self.chol_h.dim() != 3:
-            return derivative_factor(self.Q, self.A, self.G, self.lam, self.s, settings)
-        return KKTFactor(self.H, self.G, self.C, self.d0, self.w_inv, self.w_inv_soft, self.chol_h, self.chol_s,
-                         self.solved(), self.nu.shape[-1])
-
-    def scaling(self) -> Scaling:
-        return Scaling(self.d, self.e, self.f, self.c)
-
-    def solved(self) -> Tensor:
-        return self.status == int(QPStatus.SOLVED)
-
-
-_FACTOR_FIELDS = ("C", "d0", "H", "w_inv", "w_inv_soft", "chol_h", "chol_s")  # as in _Saved
-
-
-def _factor_fields(fac: KKTFactor | None, like: Tensor) -> tuple[Tensor, ...]:
-    """The factorisation's tensors for ``_Saved``, or empty placeholders without one."""
-    if fac is None:
-        return tuple(like.new_empty(0) for _ in _FACTOR_FIELDS)
-    return tuple(getattr(fac, name) for name in _FACTOR_FIELDS)
 
 
 def _rows(mask: Tensor, t: Tensor) -> Tensor:
@@ -85,6 +67,39 @@ def _rows(mask: Tensor, t: Tensor) -> Tensor:
 
 def _keep_solved(mask: Tensor, t: Tensor, fill: float) -> Tensor:
     return torch.where(_rows(mask, t), t, torch.tensor(fill, dtype=t.dtype, device=t.device))
+
+
+def _attach(value: Tensor, t: Tensor) -> Tensor:
+    """``value``, with the derivatives of ``t`` (whose value it is, up to rounding)."""
+    return value + (t - t.detach())
+
+
+def _point(ctx: Any, differentiable: bool) -> tuple[KKTPoint, Scaling, Tensor, torch.dtype]:
+    """The scaled solution and data at which to differentiate, the scaling, the solved mask and
+    the data's dtype. Under a graph (higher derivatives) the point is differentiable: its values
+    are the saved float64 ones, its derivatives those of the outputs and inputs of ``forward``.
+    Failed elements read x = ν = 0, λ = s = 1 (their derivatives are zero; no NaN can leak)."""
+    Qi, Ai, Gi, z, lam, nu, s, status, *rest = ctx.saved_tensors
+    sv = _Saved(*rest[: len(_Saved._fields)])
+    factor = tuple(rest[len(_Saved._fields):])
+    solved = status == int(QPStatus.SOLVED)
+    sc = Scaling(sv.d, sv.e, sv.f, sv.c)
+    fill = lambda t, v: _keep_solved(solved, t, v)  # noqa: E731
+    x, nu_s, lam_s, s_s = fill(sv.x, 0.0), fill(sv.nu, 0.0), fill(sv.lam, 1.0), fill(sv.s, 1.0)
+    Q, A, G = sv.Q, sv.A, sv.G
+    if differentiable:
+        c = sc.c.unsqueeze(-1)
+        wide = lambda t, v: fill(t, v).to(COMPUTE_DTYPE)  # noqa: E731
+        x = _attach(x, wide(z, 0.0) / sc.d)
+        nu_s = _attach(nu_s, wide(nu, 0.0) * c / sc.e)
+        lam_s = _attach(lam_s, wide(lam, 1.0) * c / sc.f)
+        s_s = _attach(s_s, wide(s, 1.0) * sc.f)
+        dQ, dA, dG = (t.to(COMPUTE_DTYPE) - t.detach().to(COMPUTE_DTYPE) for t in (Qi, Ai, Gi))
+        col = sc.d.unsqueeze(-2)
+        Q = Q + (c * sc.d).unsqueeze(-1) * (0.5 * (dQ + dQ.mT)) * col
+        A = A + sc.e.unsqueeze(-1) * dA * col
+        G = G + sc.f.unsqueeze(-1) * dG * col
+    return KKTPoint(Q, A, G, x, nu_s, lam_s, s_s, solved, factor), sc, solved, Qi.dtype
 
 
 class QPSolveFn(torch.autograd.Function):
@@ -104,51 +119,48 @@ class QPSolveFn(torch.autograd.Function):
         solved = st.status == int(QPStatus.SOLVED)
         x, nu, lam, s = (_keep_solved(solved, v, float("nan")).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
         apply_failure_policy(st.status.reshape(batch_shape), on_failure)
-        saved = _Saved(scaled.Q, scaled.A, scaled.G, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c,
-                       *_factor_fields(result.factor, st.x), st.status)
-        return (x, lam, nu, s, st.status, st.iterations, res.primal.to(dtype), res.dual.to(dtype), res.gap.to(dtype), *saved[:-1])
+        saved = _Saved(scaled.Q, scaled.A, scaled.G, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c)
+        factor = () if result.factor is None else factor_tensors(result.factor)
+        return (x, lam, nu, s, st.status, st.iterations, res.primal.to(dtype), res.dual.to(dtype), res.gap.to(dtype),
+                *saved, *factor)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        ctx.settings = inputs[6]
-        saved = (*output[_N_PUBLIC:], output[4])
+        ctx.settings, ctx.n_outputs = inputs[6], len(output)
+        Q, _, G, _, A, _ = inputs[:6]
+        saved = (Q, A, G, *output[:5], *output[_N_PUBLIC:])  # data, (z, λ, ν, s, status), _Saved, factor
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
         ctx.mark_non_differentiable(*output[4:])
 
     @staticmethod
     def backward(ctx: Any, gz: Tensor | None, glam: Tensor | None, gnu: Tensor | None, gs: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        sv = _Saved(*ctx.saved_tensors)
-        solved, sc = sv.solved(), sv.scaling()
-        dtype = next(g.dtype for g in (gz, glam, gnu, gs) if g is not None)
-        cot = [torch.zeros_like(ref) if g is None else _keep_solved(solved, g.to(COMPUTE_DTYPE), 0.0) for g, ref in ((gz, sv.x), (gnu, sv.nu), (glam, sv.lam), (gs, sv.s))]
-        gx, gnu_s, glam_s, gs_s = scale_solution_cotangent(sc, *cot)
-        ct = unscale_data_cotangent(sc, solution_vjp(sv.factor(ctx.settings), sv.x, sv.nu, sv.lam, sv.s, gx, gnu_s, glam_s, gs_s, ctx.settings.derivative_refine_steps))
+        pt, sc, solved, dtype = _point(ctx, differentiable=torch.is_grad_enabled())
+        cot = [torch.zeros_like(ref) if g is None else _keep_solved(solved, g.to(COMPUTE_DTYPE), 0.0)
+               for g, ref in ((gz, pt.x), (gnu, pt.nu), (glam, pt.lam), (gs, pt.s))]
+        ct = unscale_data_cotangent(sc, solution_vjp(pt, *scale_solution_cotangent(sc, *cot), ctx.settings))
         grads = [_keep_solved(solved, t, 0.0).to(dtype) for t in (ct.Q, ct.p, ct.G, ct.h, ct.A, ct.b)]
         return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])), None, None, None, None)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         """``torch.func.vmap`` rule: the vmapped dimension joins the batch the solver already has."""
-        tensors, (settings, keep_factor, on_failure, _) = args[:6], args[6:]
-        size = info.batch_size
-        moved = [t.movedim(d, 0) if d is not None else t.expand(size, *t.shape) for t, d in zip(tensors, in_dims)]
-        flat = [t.reshape(-1, *t.shape[2:]) for t in moved]
-        out = QPSolveFn.apply(*flat, settings, keep_factor, on_failure, (flat[0].shape[0],))
-        return tuple(o.reshape(size, -1, *o.shape[1:]) for o in out), (0,) * len(out)
+        def apply(*flat: Any) -> tuple[Tensor, ...]:
+            return QPSolveFn.apply(*flat[:9], (flat[1].shape[0],))
+        return flat_vmap(apply, info.batch_size, in_dims, args)
 
     @staticmethod
     def jvp(ctx: Any, dQ: Tensor | None, dp: Tensor | None, dG: Tensor | None, dh: Tensor | None,
             dA: Tensor | None, db: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        sv = _Saved(*ctx.saved_tensors)
-        solved, sc = sv.solved(), sv.scaling()
+        refuse_nested_forward_mode("QP layer")
+        pt, sc, solved, _ = _point(ctx, differentiable=True)
         dtype = next(t.dtype for t in (dQ, dp, dG, dh, dA, db) if t is not None)
 
         def tangent(t: Tensor | None, like: Tensor) -> Tensor:
             return torch.zeros_like(like) if t is None else t.to(COMPUTE_DTYPE)
-        dQ = tangent(dQ, sv.Q)
-        t = QPData(Q=0.5 * (dQ + dQ.transpose(-1, -2)), p=tangent(dp, sv.x), A=tangent(dA, sv.A),
-                   b=tangent(db, sv.nu), G=tangent(dG, sv.G), h=tangent(dh, sv.lam))
-        dx, dnu, dlam, ds = solution_jvp(sv.factor(ctx.settings), sv.x, sv.nu, sv.lam, sv.s, scale_data_tangent(sc, t), ctx.settings.derivative_refine_steps)
+        dQ = tangent(dQ, pt.Q)
+        t = QPData(Q=0.5 * (dQ + dQ.transpose(-1, -2)), p=tangent(dp, pt.x), A=tangent(dA, pt.A),
+                   b=tangent(db, pt.nu), G=tangent(dG, pt.G), h=tangent(dh, pt.lam))
+        dx, dnu, dlam, ds = solution_jvp(pt, scale_data_tangent(sc, t), ctx.settings)
         dz, dnu, dlam, ds = (_keep_solved(solved, v, float("nan")).to(dtype) for v in unscale_solution(sc, dx, dnu, dlam, ds))
-        return (dz, dlam, dnu, ds, *([None] * (_N_PUBLIC - 4 + len(_Saved._fields) - 1)))
+        return (dz, dlam, dnu, ds, *([None] * (ctx.n_outputs - 4)))

@@ -1,19 +1,77 @@
 """Implicit differentiation of the QP solution map through its KKT conditions.
 
-At a solution, F(x, ν, λ, s; θ) = (Qx + p + Aᵀν + Gᵀλ, Ax − b, Gx + s − h, λ∘s) = 0. The forward
-(JVP) and reverse (VJP) derivatives solve J d = −∂F/∂θ·t and Jᵀ w = g with the Jacobian J
-of F; both reduce to the same reduced KKT system that the interior point method factorised at
-its last iterate, so a derivative costs one more solve. Everything here acts on the scaled
-problem (see ``scaling``).
+At a solution, F(x, ν, λ, s; θ) = (Qx + p + Aᵀν + Gᵀλ, Ax − b, Gx + s − h, λ∘s) = 0. Its Jacobian
+in (x, ν, λ, s) is
+
+    J = [[Q, Aᵀ, Gᵀ, 0], [A, 0, 0, 0], [G, 0, 0, I], [0, 0, diag(s), diag(λ)]];
+
+forward mode (JVP) solves J d = −∂F/∂θ·t, reverse mode (VJP) Jᵀ w = g. Both reduce to the reduced
+KKT system that the interior point method factorised at its last iterate, so a derivative costs
+one more solve. Everything here acts on the scaled problem (see ``scaling``).
+
+``KKTSolve`` is that solve as a ``torch.autograd.Function`` whose own derivatives — reverse,
+forward and ``torch.func.vmap`` — are again solves with J or Jᵀ through the same factorisation.
+``solution_vjp`` and ``solution_jvp`` are ordinary tensor operations around it, so the QP layer's
+derivative rules are themselves differentiable, to any order (double backward,
+``torch.func.hessian``, ``jacfwd`` of ``jacrev``), and exact to the accuracy of the first derivative.
 """
 from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from optlayers.linalg import mtv, mv
+from optlayers.qp.ipm import IPMSettings, derivative_factor
 from optlayers.qp.kkt import KKTFactor, solve_reduced
 from optlayers.qp.scaling import QPData
+
+# The tensor fields of ``KKTFactor``, in order; its other fields (the equality count m) are
+# read again from the data when the factor is rebuilt from these.
+FACTOR_FIELDS = tuple(f.name for f in dataclasses.fields(KKTFactor) if f.type in ("Tensor", Tensor))
+
+
+def factor_tensors(f: KKTFactor) -> tuple[Tensor, ...]:
+    return tuple(getattr(f, name) for name in FACTOR_FIELDS)
+
+
+def _factor_from(tensors: Sequence[Tensor], m: int) -> KKTFactor:
+    return KKTFactor(**dict(zip(FACTOR_FIELDS, tensors)), m=m)
+
+
+def flat_vmap(apply: Callable[..., tuple[Tensor, ...]], size: int, in_dims: Sequence[int | None],
+              args: Sequence[Any]) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+    """A ``torch.func.vmap`` rule for Functions over flat batches (B, ·): the vmapped dimension
+    (of ``size``) joins the batch dimension, ``apply`` runs once on (size·B, ·) tensors, and its
+    outputs are split again. Non-tensor arguments pass through; unbatched tensors are expanded."""
+    def flat(t: Any, d: int | None) -> Any:
+        if not isinstance(t, Tensor):
+            return t
+        t = t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
+        return t.reshape(size * t.shape[1], *t.shape[2:])  # explicit sizes: the tensor may be empty
+
+    out = apply(*(flat(t, d) for t, d in zip(args, in_dims)))
+    return tuple(o.reshape(size, o.shape[0] // size, *o.shape[1:]) for o in out), (0,) * len(out)
+
+
+def refuse_nested_forward_mode(layer: str) -> None:
+    """Raise under forward mode over forward mode (``jacfwd(jacfwd(...))``, nested ``jvp``):
+    torch.func runs a Function's jvp rule with the outer levels' forward mode switched off, so
+    the outer tangent would silently miss the rule's dependence on the solution. (Read from
+    torch.func's transform stack: more than one forward-mode level is active.)"""
+    stack = torch._C._functorch.get_interpreter_stack() or []
+    if sum(i.key() == torch._C._functorch.TransformType.Jvp for i in stack) > 1:
+        raise NotImplementedError(
+            f"forward mode over forward mode (jacfwd of jacfwd, nested torch.func.jvp) through the {layer} is "
+            "not supported: torch.func does not differentiate a custom Function's jvp rule at outer forward "
+            "levels. Take second derivatives with torch.func.hessian (forward over reverse), jacrev(jacrev(f)) "
+            "or jacrev(jacfwd(f)).")
+
+
+def _outer(u: Tensor, v: Tensor) -> Tensor:
+    return u.unsqueeze(-1) * v.unsqueeze(-2)
 
 
 def _outer_sum(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor) -> Tensor:
@@ -21,14 +79,127 @@ def _outer_sum(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor) -> Tensor:
     return torch.stack([u1, u2], dim=-1) @ torch.stack([v1, v2], dim=-2)
 
 
-def solution_vjp(
-    f: KKTFactor, x: Tensor, nu: Tensor, lam: Tensor, s: Tensor,
-    gx: Tensor, gnu: Tensor, glam: Tensor, gs: Tensor, refine_steps: int,
-) -> QPData:
-    """Cotangent of the data from cotangents of (x, ν, λ, s); all (B, ·)."""
-    wx, wnu, wlam = solve_reduced(f, gx, gnu, (s / lam) * gs - glam, refine_steps)
+def _masked(ok: Tensor, ts: Sequence[Tensor]) -> list[Tensor]:
+    return [torch.where(ok.unsqueeze(-1), t, torch.zeros_like(t)) for t in ts]
+
+
+def _solve(f: KKTFactor, G: Tensor, lam: Tensor, s: Tensor, r: Sequence[Tensor], transpose: bool,
+           refine_steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """y = J⁻¹ r (or J⁻ᵀ r) by the reduced system. The last block comes from the complementarity
+    row where λ ≥ s and from the primal row elsewhere, so that it never divides by a vanishing
+    multiplier or slack."""
+    r1, r2, r3, r4 = r
+    primal = lam >= s
+    if transpose:  # rows: … ; G y1 + s∘y4 = r3 ; y3 + λ∘y4 = r4
+        y1, y2, y3 = solve_reduced(f, r1, r2, (s / lam) * r4 - r3, refine_steps)
+        y4 = torch.where(primal, (r4 - y3) / lam, (r3 - mv(G, y1)) / s)
+    else:  # rows: … ; G y1 + y4 = r3 ; s∘y3 + λ∘y4 = r4
+        y1, y2, y3 = solve_reduced(f, r1, r2, r4 / lam - r3, refine_steps)
+        y4 = torch.where(primal, (r4 - s * y3) / lam, r3 - mv(G, y1))
+    return y1, y2, y3, y4
+
+
+def _bilinear_grad(u: Sequence[Tensor], v: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradient of uᵀ J v in (Q, A, G, λ, s)."""
+    u1, u2, u3, u4 = u
+    v1, v2, v3, v4 = v
+    return _outer(u1, v1), _outer_sum(v2, u1, u2, v1), _outer_sum(v3, u1, u3, v1), u4 * v4, u4 * v3
+
+
+def _apply_dJ(dQ: Tensor, dA: Tensor, dG: Tensor, dlam: Tensor, ds: Tensor, y: Sequence[Tensor],
+              transpose: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """dJ y (or dJᵀ y) for a tangent (dQ, dA, dG, dλ, ds) of J."""
+    y1, y2, y3, y4 = y
+    first = (mtv(dQ, y1) if transpose else mv(dQ, y1)) + mtv(dA, y2) + mtv(dG, y3)
+    if transpose:
+        return first, mv(dA, y1), mv(dG, y1) + ds * y4, dlam * y4
+    return first, mv(dA, y1), mv(dG, y1), ds * y3 + dlam * y4
+
+
+class KKTSolve(torch.autograd.Function):
+    """(transpose, settings, Q, A, G, λ, s, ok, r1, r2, r3, r4, *factor) -> (y1, y2, y3, y4, *factor):
+    y = J⁻¹ r, or J⁻ᵀ r with ``transpose``, for the J of the module docstring at (Q, A, G, λ, s).
+
+    ``factor``: the tensors (``FACTOR_FIELDS``) of the reduced system's factorisation at this
+    point, or nothing, and it is built here; either way it is returned (not differentiable) for
+    the next solve. Elements with ``ok`` False (B,) get zeros.
+    """
+
+    @staticmethod
+    def forward(transpose: bool, settings: IPMSettings, Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor,
+                ok: Tensor, r1: Tensor, r2: Tensor, r3: Tensor, r4: Tensor, *factor: Tensor) -> tuple[Tensor, ...]:
+        f = _factor_from(factor, A.shape[-2]) if factor else derivative_factor(Q, A, G, lam, s, settings)
+        y = _solve(f, G, lam, s, (r1, r2, r3, r4), transpose, settings.derivative_refine_steps)
+        # views: the factor may hold inputs (G, or A as C), and autograd wants no input returned as-is
+        return (*_masked(ok, y), *(t.view_as(t) for t in factor_tensors(f)))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        ctx.transpose, ctx.settings = inputs[:2]
+        ctx.factor_inputs = len(inputs) - 12
+        ctx.mark_non_differentiable(*output[4:])
+        saved = (*inputs[2:8], *output)  # Q, A, G, λ, s, ok, y1..y4, factor
+        ctx.save_for_backward(*saved)
+        ctx.save_for_forward(*saved)
+
+    @staticmethod
+    def _again(ctx: Any, transpose: bool, r: Sequence[Tensor]) -> list[Tensor]:
+        Q, A, G, lam, s, ok, *rest = ctx.saved_tensors
+        out = KKTSolve.apply(transpose, ctx.settings, Q, A, G, lam, s, ok, *r, *rest[4:])
+        return list(out[:4])
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        Q, A, G, lam, s, ok, *rest = ctx.saved_tensors
+        y = rest[:4]
+        ybar = [torch.zeros_like(t) if g is None else g for g, t in zip(grads[:4], y)]
+        rbar = KKTSolve._again(ctx, not ctx.transpose, ybar)
+        u, v = (y, rbar) if ctx.transpose else (rbar, y)
+        gQ, gA, gG, glam, gs = (-t for t in _bilinear_grad(u, v))
+        return (None, None, gQ, gA, gG, glam, gs, None, *rbar, *([None] * ctx.factor_inputs))
+
+    @staticmethod
+    def jvp(ctx: Any, _transpose: Any, _settings: Any, dQ: Tensor | None, dA: Tensor | None, dG: Tensor | None,
+            dlam: Tensor | None, ds: Tensor | None, _ok: Any, *dr: Tensor | None) -> tuple[Tensor | None, ...]:
+        refuse_nested_forward_mode("QP layer")
+        Q, A, G, lam, s, ok, *rest = ctx.saved_tensors
+        y = rest[:4]
+        zero = lambda t, like: torch.zeros_like(like) if t is None else t  # noqa: E731
+        dJy = _apply_dJ(zero(dQ, Q), zero(dA, A), zero(dG, G), zero(dlam, lam), zero(ds, s), y, ctx.transpose)
+        rhs = [zero(d, t) - j for d, t, j in zip(dr[:4], y, dJy)]
+        return (*KKTSolve._again(ctx, ctx.transpose, rhs), *([None] * (len(rest) - 4)))
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
+        return flat_vmap(KKTSolve.apply, info.batch_size, in_dims, args)
+
+
+@dataclasses.dataclass(frozen=True)
+class KKTPoint:
+    """A solution of the scaled problem and the data of J there, all (B, ·); ``ok`` (B,) marks
+    the elements whose derivatives are wanted; ``factor`` as in ``KKTSolve``."""
+
+    Q: Tensor
+    A: Tensor
+    G: Tensor
+    x: Tensor
+    nu: Tensor
+    lam: Tensor
+    s: Tensor
+    ok: Tensor
+    factor: tuple[Tensor, ...]
+
+
+def _kkt_solve(pt: KKTPoint, r: Sequence[Tensor], transpose: bool, settings: IPMSettings) -> tuple[Tensor, ...]:
+    return KKTSolve.apply(transpose, settings, pt.Q, pt.A, pt.G, pt.lam, pt.s, pt.ok, *r, *pt.factor)[:4]
+
+
+def solution_vjp(pt: KKTPoint, gx: Tensor, gnu: Tensor, glam: Tensor, gs: Tensor, settings: IPMSettings) -> QPData:
+    """Cotangent of the data −(∂F/∂θ)ᵀ w, Jᵀ w = g, from cotangents g of (x, ν, λ, s); all (B, ·)."""
+    wx, wnu, wlam, _ = _kkt_solve(pt, (gx, gnu, glam, gs), True, settings)
+    x, nu, lam = pt.x, pt.nu, pt.lam
     return QPData(
-        Q=_outer_sum(-0.5 * wx, x, -0.5 * x, wx),
+        Q=_outer_sum(-0.5 * wx, x, -0.5 * x, wx),  # Q enters symmetrised
         p=-wx,
         A=_outer_sum(-nu, wx, -wnu, x),
         b=wnu,
@@ -37,16 +208,10 @@ def solution_vjp(
     )
 
 
-def solution_jvp(
-    f: KKTFactor, x: Tensor, nu: Tensor, lam: Tensor, s: Tensor, t: QPData, refine_steps: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Tangents (dx, dν, dλ, ds) of the solution from a tangent ``t`` of the data."""
-    r1 = mv(t.Q, x) + t.p + mtv(t.A, nu) + mtv(t.G, lam)
-    r2 = mv(t.A, x) - t.b
-    r3 = mv(t.G, x) - t.h
-    dx, dnu, dlam = solve_reduced(f, -r1, -r2, r3, refine_steps)
-    return dx, dnu, dlam, -(s / lam) * dlam
-
-
-def zero_tangent_like(data: QPData) -> QPData:
-    return QPData(*(torch.zeros_like(t) for t in (data.Q, data.p, data.A, data.b, data.G, data.h)))
+def solution_jvp(pt: KKTPoint, t: QPData, settings: IPMSettings) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Tangents (dx, dν, dλ, ds) of the solution, −J⁻¹ ∂F/∂θ·t, from a tangent ``t`` of the data."""
+    r1 = mv(t.Q, pt.x) + t.p + mtv(t.A, pt.nu) + mtv(t.G, pt.lam)
+    r2 = mv(t.A, pt.x) - t.b
+    r3 = mv(t.G, pt.x) - t.h
+    dx, dnu, dlam, ds = _kkt_solve(pt, (-r1, -r2, -r3, torch.zeros_like(pt.lam)), False, settings)
+    return dx, dnu, dlam, ds
