@@ -177,6 +177,8 @@ def test_second_derivatives_of_a_batch_with_a_failed_element_stay_finite_and_exa
     torch.testing.assert_close(torch.einsum("ijkl,kl->ij", H, direction), want, atol=1e-6, rtol=1e-6)
 
 
-def test_forward_over_forward_is_refused():
+@pytest.mark.parametrize("transform", [lambda f: jacfwd(jacfwd(f)), lambda f: jacfwd(hessian(f)),
+                                       lambda f: lambda q: torch.func.jvp(lambda q: torch.func.jvp(f, (q,), (q,))[1], (q,), (q,))[1]])
+def test_forward_over_forward_is_refused(transform):
     with pytest.raises(NotImplementedError, match="forward mode over forward mode"):
-        jacfwd(jacfwd(_diag_problem))(torch.tensor([1.0, 2.0]))
+        transform(_diag_problem)(torch.tensor([1.0, 2.0]))

@@ -8,8 +8,8 @@ arguments happens before, with ``expand``, so autograd sums their gradients over
 The derivative rules are written in differentiable operations (``derivatives.KKTSolve``), so
 that second and higher derivatives are exact: when a rule runs under a graph (double backward,
 ``torch.func.hessian``, ``jacrev`` of ``jacfwd``), the solution it uses is connected to this
-Function's outputs, and the data to its inputs. Forward over forward mode is refused (see
-``derivatives.refuse_nested_forward_mode``).
+Function's outputs, and the data to its inputs. Forward over forward mode, which torch.func
+cannot differentiate through a jvp rule, raises (``higher_order.no_forward_over_forward``).
 """
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ from optlayers.qp.derivatives import (
     KKTPoint,
     factor_tensors,
     flat_vmap,
-    refuse_nested_forward_mode,
+    FORWARD_OVER_FORWARD,
     solution_jvp,
     solution_vjp,
 )
+from optlayers.higher_order import no_forward_over_forward
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
 from optlayers.qp.parallel import solve_scaled_parallel
 from optlayers.qp.problem import check_values, qp_data
@@ -152,7 +153,6 @@ class QPSolveFn(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, dQ: Tensor | None, dp: Tensor | None, dG: Tensor | None, dh: Tensor | None,
             dA: Tensor | None, db: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        refuse_nested_forward_mode("QP layer")
         pt, sc, solved, _ = _point(ctx, differentiable=True)
         dtype = next(t.dtype for t in (dQ, dp, dG, dh, dA, db) if t is not None)
 
@@ -162,5 +162,7 @@ class QPSolveFn(torch.autograd.Function):
         t = QPData(Q=0.5 * (dQ + dQ.transpose(-1, -2)), p=tangent(dp, pt.x), A=tangent(dA, pt.A),
                    b=tangent(db, pt.nu), G=tangent(dG, pt.G), h=tangent(dh, pt.lam))
         dx, dnu, dlam, ds = solution_jvp(pt, scale_data_tangent(sc, t), ctx.settings)
-        dz, dnu, dlam, ds = (_keep_solved(solved, v, float("nan")).to(dtype) for v in unscale_solution(sc, dx, dnu, dlam, ds))
+        point = ctx.saved_tensors[:7]  # the data and solution as saved (not computed here: see no_forward_over_forward)
+        dz, dnu, dlam, ds = (no_forward_over_forward(FORWARD_OVER_FORWARD, _keep_solved(solved, v, float("nan")).to(dtype), *point)
+                             for v in unscale_solution(sc, dx, dnu, dlam, ds))
         return (dz, dlam, dnu, ds, *([None] * (ctx.n_outputs - 4)))

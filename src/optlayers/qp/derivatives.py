@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from optlayers.higher_order import no_forward_over_forward
 from optlayers.linalg import mtv, mv
 from optlayers.qp.ipm import IPMSettings, derivative_factor
 from optlayers.qp.kkt import KKTFactor, solve_reduced
@@ -56,18 +57,10 @@ def flat_vmap(apply: Callable[..., tuple[Tensor, ...]], size: int, in_dims: Sequ
     return tuple(o.reshape(size, o.shape[0] // size, *o.shape[1:]) for o in out), (0,) * len(out)
 
 
-def refuse_nested_forward_mode(layer: str) -> None:
-    """Raise under forward mode over forward mode (``jacfwd(jacfwd(...))``, nested ``jvp``):
-    torch.func runs a Function's jvp rule with the outer levels' forward mode switched off, so
-    the outer tangent would silently miss the rule's dependence on the solution. (Read from
-    torch.func's transform stack: more than one forward-mode level is active.)"""
-    stack = torch._C._functorch.get_interpreter_stack() or []
-    if sum(i.key() == torch._C._functorch.TransformType.Jvp for i in stack) > 1:
-        raise NotImplementedError(
-            f"forward mode over forward mode (jacfwd of jacfwd, nested torch.func.jvp) through the {layer} is "
-            "not supported: torch.func does not differentiate a custom Function's jvp rule at outer forward "
-            "levels. Take second derivatives with torch.func.hessian (forward over reverse), jacrev(jacrev(f)) "
-            "or jacrev(jacfwd(f)).")
+FORWARD_OVER_FORWARD = (
+    "forward mode over forward mode (jacfwd of jacfwd, nested torch.func.jvp) through the QP layer is not "
+    "supported: torch.func does not differentiate a custom Function's jvp rule at outer forward levels. Take "
+    "second derivatives with torch.func.hessian (forward over reverse), jacrev(jacrev(f)) or jacrev(jacfwd(f)).")
 
 
 def _outer(u: Tensor, v: Tensor) -> Tensor:
@@ -161,13 +154,13 @@ class KKTSolve(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, _transpose: Any, _settings: Any, dQ: Tensor | None, dA: Tensor | None, dG: Tensor | None,
             dlam: Tensor | None, ds: Tensor | None, _ok: Any, *dr: Tensor | None) -> tuple[Tensor | None, ...]:
-        refuse_nested_forward_mode("QP layer")
         Q, A, G, lam, s, ok, *rest = ctx.saved_tensors
         y = rest[:4]
         zero = lambda t, like: torch.zeros_like(like) if t is None else t  # noqa: E731
         dJy = _apply_dJ(zero(dQ, Q), zero(dA, A), zero(dG, G), zero(dlam, lam), zero(ds, s), y, ctx.transpose)
         rhs = [zero(d, t) - j for d, t, j in zip(dr[:4], y, dJy)]
-        return (*KKTSolve._again(ctx, ctx.transpose, rhs), *([None] * (len(rest) - 4)))
+        dy = [no_forward_over_forward(FORWARD_OVER_FORWARD, t, Q, A, G, lam, s) for t in KKTSolve._again(ctx, ctx.transpose, rhs)]
+        return (*dy, *([None] * (len(rest) - 4)))
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
