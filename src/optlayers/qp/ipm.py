@@ -13,7 +13,7 @@ from torch import Tensor
 
 from optlayers.linalg import mtv, mv
 from optlayers.qp.batch import put, take
-from optlayers.qp.kkt import KKTFactor, factor_kkt, solve_newton, solve_reduced
+from optlayers.qp.kkt import _REG_GROWTH, MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, solve_newton, solve_reduced
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
 
@@ -80,27 +80,70 @@ def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | Non
 
 @dataclass(frozen=True)
 class IPMState:
-    """Iterate and per-problem bookkeeping; all tensors have leading batch dimension B."""
+    """Iterate and per-problem bookkeeping; all tensors have leading batch dimension B.
 
-    x: Tensor
-    nu: Tensor
-    lam: Tensor
-    s: Tensor
+    The primal-dual point lives in one tensor ``v`` = [x, ν, λ, s] (B, n + m + 2k), so that a
+    step updates all of it with one operation; ``x``, ``nu``, ``lam``, ``s`` are views of it.
+    ``counters`` holds the consecutive-iteration counts (stalls, primal and dual infeasibility
+    certificates) side by side, and ``reg`` each problem's primal/equality regularisation
+    (raised where a factorisation fails; see ``_REG_GROWTH``).
+    """
+
+    v: Tensor
     status: Tensor
     iterations: Tensor
-    stalls: Tensor
-    primal_infeasible_count: Tensor
-    dual_infeasible_count: Tensor
+    counters: Tensor
+    reg: Tensor
+    n: int
+    m: int
+    k: int
+
+    @property
+    def x(self) -> Tensor:
+        return self.v[:, : self.n]
+
+    @property
+    def nu(self) -> Tensor:
+        return self.v[:, self.n : self.n + self.m]
+
+    @property
+    def lam(self) -> Tensor:
+        return self.v[:, self.n + self.m : self.n + self.m + self.k]
+
+    @property
+    def s(self) -> Tensor:
+        return self.v[:, self.n + self.m + self.k :]
+
+    @property
+    def lam_s(self) -> Tensor:
+        """(B, 2, k) view of λ and s: the pair that must stay positive."""
+        return self.v[:, self.n + self.m :].unflatten(-1, (2, self.k))
+
+
+@dataclass(frozen=True)
+class Units:
+    """Per-problem factors that carry the scaled residuals back to the original problem's units."""
+
+    dual: Tensor  # (B, n): 1 / (d c)
+    eq: Tensor  # (B, m): 1 / e
+    ineq: Tensor  # (B, k): 1 / f
+    cost: Tensor  # (B,): 1 / c
+
+    @staticmethod
+    def of(sc: Scaling) -> Units:
+        return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), eq=1.0 / sc.e, ineq=1.0 / sc.f, cost=1.0 / sc.c)
 
 
 @dataclass(frozen=True)
 class Residuals:
-    """Residuals of the scaled problem and their unscaled infinity norms, (B, ...) and (B,)."""
+    """Residuals of the scaled problem (B, ·), their largest scaled entry ``scaled`` (B,), and
+    the unscaled infinity norms with the convergence test (B,)."""
 
     r_d: Tensor
     r_e: Tensor
     r_i: Tensor
     mu: Tensor
+    scaled: Tensor
     primal: Tensor
     dual: Tensor
     gap: Tensor
@@ -117,19 +160,59 @@ class IPMResult:
     factor: KKTFactor | None
 
 
-def inf_norm(v: Tensor) -> Tensor:
-    """Infinity norm over the last dimension, 0 for empty vectors."""
-    return v.abs().amax(-1) if v.shape[-1] else v.new_zeros(v.shape[:-1])
+def _norms(parts: list[Tensor], unit: Tensor | None = None) -> Tensor:
+    """Infinity norms (len(parts), B) of same-shape (B, r) tensors, each multiplied by ``unit``
+    first; zeros when r = 0. One stack, one product and one reduction for all of them."""
+    stacked = torch.stack(parts)
+    if stacked.shape[-1] == 0:
+        return stacked.new_zeros(stacked.shape[:2])
+    if unit is not None:
+        stacked = stacked * unit
+    return stacked.abs().amax(-1)
 
 
-def dot(u: Tensor, v: Tensor) -> Tensor:
+def _pair_dots(u: Tensor, v: Tensor) -> Tensor:
+    """Row-wise dot products of stacked (j, B, r) tensors: (j, B)."""
     return (u * v).sum(-1)
 
 
-def _max_step(v: Tensor, dv: Tensor) -> Tensor:
-    """Largest α ≤ 1 with v + α dv ≥ 0, per problem."""
-    ratio = torch.where(dv < 0, -v / dv, torch.ones_like(v))
-    return ratio.amin(-1).clamp(max=1.0) if v.shape[-1] else v.new_ones(v.shape[0])
+def residuals(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> Residuals:
+    """KKT residuals and the convergence test, measured in the original problem's units."""
+    x, nu, lam, s = st.x, st.nu, st.lam, st.s
+    qx, gx, gtlam = mv(data.Q, x), mv(data.G, x), mtv(data.G, lam)
+    dual_parts = [qx, data.p, gtlam]
+    r_d = qx + data.p + gtlam
+    if st.m:
+        atnu, ax = mtv(data.A, nu), mv(data.A, x)
+        r_d = r_d + atnu
+        dual_parts.append(atnu)
+    else:
+        ax = nu
+    r_e = ax - data.b
+    r_i = gx + s - data.h
+    dual_norms = _norms([r_d, *dual_parts], units.dual)
+    eq_norms, ineq_norms = _norms([r_e, ax, data.b], units.eq), _norms([r_i, gx, data.h], units.ineq)
+    primal = torch.maximum(eq_norms[0], ineq_norms[0])
+    primal_size = torch.maximum(eq_norms[1:].amax(0), ineq_norms[1:].amax(0))
+    # xᵀQx, pᵀx, hᵀλ, sᵀλ, bᵀν
+    dots = _pair_dots(torch.stack([x, data.p]), torch.stack([qx, x]))
+    lam_dots = _pair_dots(torch.stack([data.h, s]), lam)
+    terms = torch.cat([dots, lam_dots[:1], _pair_dots(data.b, nu).unsqueeze(0)])
+    complementarity = lam_dots[1]
+    gap = torch.maximum(terms.sum(0).abs(), complementarity) * units.cost
+    gap_size = terms.abs().amax(0) * units.cost
+    measured = torch.stack([primal, dual_norms[0], gap])
+    sizes = torch.stack([primal_size, dual_norms[1:].amax(0), gap_size])
+    converged = (measured <= settings.tol + settings.rel_tol * sizes).all(0)
+    scaled = torch.cat([r_d, r_e, r_i], dim=-1).abs().amax(-1)
+    mu = complementarity / max(st.k, 1)
+    return Residuals(r_d, r_e, r_i, mu, scaled, primal, dual_norms[0], gap, converged)
+
+
+def _max_step(w: Tensor, dw: Tensor) -> Tensor:
+    """Largest α ≤ 1 with w + α dw ≥ 0 over the last two dimensions of (B, 2, k), per problem."""
+    ratio = torch.where(dw < 0, -w / dw, 1.0)
+    return ratio.flatten(1).amin(-1).clamp(max=1.0)
 
 
 # Along a step the residuals shrink like (1 − α), but for a QP the mean complementarity
@@ -142,67 +225,38 @@ _BACKTRACK = 0.7
 _BACKTRACK_STEPS = 12
 
 
-def _merit_step(s: Tensor, lam: Tensor, ds: Tensor, dlam: Tensor, alpha: Tensor, res: Residuals) -> Tensor:
+def _merit_step(w: Tensor, dw: Tensor, alpha: Tensor, res: Residuals) -> Tensor:
     """The longest candidate step ≤ ``alpha`` (B,) with sufficient merit decrease (see above);
-    ``alpha`` itself where none has it (shorter steps would only crawl). ‖r‖ is the largest
-    entry of the scaled residuals r_d, r_e, r_i."""
-    infeasibility = torch.stack([inf_norm(res.r_d), inf_norm(res.r_e), inf_norm(res.r_i)]).amax(0)
-    factors = _BACKTRACK ** torch.arange(_BACKTRACK_STEPS, dtype=s.dtype, device=s.device)
+    ``alpha`` itself where none has it (shorter steps would only crawl). ``w``, ``dw``: (B, 2, k)
+    of (λ, s) and their direction; ‖r‖ is the largest entry of the scaled residuals."""
+    factors = _BACKTRACK ** torch.arange(_BACKTRACK_STEPS, dtype=w.dtype, device=w.device)
     a = alpha.unsqueeze(-1) * factors
-    k = s.shape[-1]
+    k = w.shape[-1]
     # μ(a) = mean((s + a ds)(λ + a dλ)) = μ + a·(sᵀdλ + λᵀds)/k + a²·dsᵀdλ/k
-    linear, quadratic = ((dot(s, dlam) + dot(lam, ds)) / k).unsqueeze(-1), (dot(ds, dlam) / k).unsqueeze(-1)
-    mu_a = res.mu.unsqueeze(-1) + a * (linear + a * quadratic)
-    merit0 = res.mu + infeasibility
-    merit = mu_a + (1 - a) * infeasibility.unsqueeze(-1)
-    ok = merit <= (1 - _MERIT_DECREASE * a) * merit0.unsqueeze(-1)
+    linear = (w.flip(-2) * dw).sum((-2, -1)).unsqueeze(-1) / k
+    quadratic = dw.prod(-2).sum(-1).unsqueeze(-1) / k
+    infeasibility = res.scaled.unsqueeze(-1)
+    merit = torch.addcmul(res.mu.unsqueeze(-1), a, linear + a * quadratic) + (1 - a) * infeasibility
+    ok = merit <= (1 - _MERIT_DECREASE * a) * (res.mu.unsqueeze(-1) + infeasibility)
     first = torch.where(ok.any(-1), ok.to(torch.int64).argmax(-1), 0)
     return a.gather(-1, first.unsqueeze(-1)).squeeze(-1)
 
 
-def residuals(data: QPData, sc: Scaling, st: IPMState, settings: IPMSettings) -> Residuals:
-    """KKT residuals and the convergence test, measured in the original problem's units."""
-    c = sc.c
-    qx, gtlam, gx = mv(data.Q, st.x), mtv(data.G, st.lam), mv(data.G, st.x)
-    if data.A.shape[-2]:
-        atnu, ax = mtv(data.A, st.nu), mv(data.A, st.x)
-    else:
-        atnu, ax = torch.zeros_like(st.x), st.nu
-    r_d = qx + data.p + atnu + gtlam
-    r_e = ax - data.b
-    r_i = gx + st.s - data.h
-    dual_unscale = 1.0 / (sc.d * c.unsqueeze(-1))
-    dual = inf_norm(r_d * dual_unscale)
-    dual_size = torch.stack([inf_norm(v * dual_unscale) for v in (qx, data.p, atnu, gtlam)]).amax(0)
-    primal = torch.maximum(inf_norm(r_e / sc.e), inf_norm(r_i / sc.f))
-    primal_size = torch.stack([inf_norm(ax / sc.e), inf_norm(data.b / sc.e), inf_norm(gx / sc.f), inf_norm(data.h / sc.f)]).amax(0)
-    terms = torch.stack([dot(st.x, qx), dot(data.p, st.x), dot(data.b, st.nu), dot(data.h, st.lam)])
-    complementarity = dot(st.s, st.lam)
-    gap = torch.maximum(terms.sum(0).abs(), complementarity) / c
-    gap_size = terms.abs().amax(0) / c
-    k = data.h.shape[-1]
-    mu = complementarity / max(k, 1)
-    converged = (
-        (primal <= settings.tol + settings.rel_tol * primal_size)
-        & (dual <= settings.tol + settings.rel_tol * dual_size)
-        & (gap <= settings.tol + settings.rel_tol * gap_size)
-    )
-    return Residuals(r_d=r_d, r_e=r_e, r_i=r_i, mu=mu, primal=primal, dual=dual, gap=gap, converged=converged)
-
-
-def _factor_at(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings, stiff: bool = False) -> KKTFactor:
-    reg = lam.new_full(lam.shape[:1], settings.reg)
+def _factor_at(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tensor, settings: IPMSettings,
+               stiff: bool = False, retries: int = MAX_FACTOR_RETRIES) -> KKTFactor:
     w_inv = lam / (s + settings.ineq_reg * lam)
-    return factor_kkt(Q, A, G, w_inv, reg, reg.clone(), stiff=w_inv > _STIFF_W_INV if stiff else None)
+    return factor_kkt(Q, A, G, w_inv, reg, reg, stiff=w_inv > _STIFF_W_INV if stiff else None, retries=retries)
 
 
 def initial_point(data: QPData, settings: IPMSettings) -> IPMState:
-    """Mehrotra/CVXOPT start: least-squares x with W = I, then s and λ shifted into the interior."""
+    """Mehrotra/CVXOPT start: least-squares x with W = I, then s and λ shifted into the interior.
+    Its factorisation retries failed problems at once (one host synchronisation); a problem that
+    still fails is a numerical failure."""
     B, n = data.p.shape
-    k = data.h.shape[-1]
+    m, k = data.b.shape[-1], data.h.shape[-1]
     ones = data.h.new_ones(B, k)
     reg = data.p.new_full((B,), settings.reg)
-    f = factor_kkt(data.Q, data.A, data.G, ones, reg, reg.clone())
+    f = factor_kkt(data.Q, data.A, data.G, ones, reg, reg)
     x, nu, z = solve_reduced(f, -data.p, data.b, -data.h, settings.refine_steps)
     if k:
         shift_s = z.amax(-1, keepdim=True)
@@ -211,19 +265,17 @@ def initial_point(data: QPData, settings: IPMSettings) -> IPMState:
         lam = torch.where(shift_l >= 0, z + 1 + shift_l, z).clamp(min=_INTERIOR_FLOOR)
     else:
         s, lam = ones, ones
-    status = torch.where(f.ok, RUNNING, int(QPStatus.NUMERICAL_ERROR)).to(torch.int64)
+    status = torch.where(f.ok, RUNNING, int(QPStatus.NUMERICAL_ERROR))
     zeros = torch.zeros(B, dtype=torch.int64, device=x.device)
-    return IPMState(x, nu, lam, s, status, zeros, zeros, zeros, zeros)
+    return IPMState(torch.cat([x, nu, lam, s], dim=-1), status, zeros, zeros.new_zeros(B, 3), reg, n, m, k)
 
 
 @dataclass(frozen=True)
 class Step:
-    """A Newton direction (B, ·), Q dx, the step length α (B,) and factorisation health (B,)."""
+    """A Newton direction dv = [dx, dν, dλ, ds] (B, ·), Q dx, the step length α (B,) and the
+    factorisation's health (B,)."""
 
-    dx: Tensor
-    dnu: Tensor
-    dlam: Tensor
-    ds: Tensor
+    dv: Tensor
     q_dx: Tensor
     alpha: Tensor
     factor_ok: Tensor
@@ -231,47 +283,46 @@ class Step:
 
 def newton_iteration(data: QPData, st: IPMState, res: Residuals, settings: IPMSettings) -> Step:
     """One predictor-corrector direction and step length for every problem."""
-    f = _factor_at(data.Q, data.A, data.G, st.lam, st.s, settings)
-    k = data.h.shape[-1]
-    refine = settings.refine_steps
-    dx, dnu, dlam, ds = solve_newton(f, st.s, st.lam, -res.r_d, -res.r_e, -res.r_i, -st.s * st.lam, refine)
-    if k:
-        alpha = torch.minimum(_max_step(st.s, ds), _max_step(st.lam, dlam)).unsqueeze(-1)
-        mu_aff = dot(st.s + alpha * ds, st.lam + alpha * dlam) / k
-        sigma = (mu_aff / res.mu.clamp(min=torch.finfo(st.s.dtype).tiny)).clamp(0.0, 1.0) ** 3
-        b4 = -st.s * st.lam - ds * dlam + (sigma * res.mu).unsqueeze(-1)
-        dx, dnu, dlam, ds = solve_newton(f, st.s, st.lam, -res.r_d, -res.r_e, -res.r_i, b4, refine)
-        alpha = (settings.step_fraction * torch.minimum(_max_step(st.s, ds), _max_step(st.lam, dlam))).clamp(max=1.0)
-        alpha = _merit_step(st.s, st.lam, ds, dlam, alpha, res)
+    f = _factor_at(data.Q, data.A, data.G, st.lam, st.s, st.reg, settings, retries=0)
+    lam, s, w = st.lam, st.s, st.lam_s
+    dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, -s * lam, settings.refine_steps)
+    if st.k:
+        dw = dv[:, st.n + st.m :].unflatten(-1, (2, st.k))
+        w_aff = torch.addcmul(w, _max_step(w, dw)[:, None, None], dw)
+        mu_aff = w_aff.prod(-2).sum(-1) / st.k
+        sigma = (mu_aff / res.mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
+        b4 = (sigma * res.mu).unsqueeze(-1) - s * lam - dw.prod(-2)
+        dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, b4, settings.refine_steps)
+        dw = dv[:, st.n + st.m :].unflatten(-1, (2, st.k))
+        alpha = (settings.step_fraction * _max_step(w, dw)).clamp(max=1.0)
+        alpha = _merit_step(w, dw, alpha, res)
     else:
-        alpha = st.x.new_ones(st.x.shape[0])
-    return Step(dx, dnu, dlam, ds, mv(data.Q, dx), alpha, f.ok)
+        alpha = st.v.new_ones(st.v.shape[0])
+    return Step(dv, mv(data.Q, dv[:, : st.n]), alpha, f.ok)
 
 
-def _certificates(data: QPData, res: Residuals, step: Step, eps: float) -> tuple[Tensor, Tensor]:
-    """Whether the direction looks like a primal (Farkas) or a dual infeasibility certificate.
+def _certificates(data: QPData, st: IPMState, res: Residuals, step: Step, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Whether the direction looks like a primal (Farkas) or a dual infeasibility certificate,
+    and whether it is finite.
 
     The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx, A dx = −r_e and G dx = −r_i − ds, so the
     tests need no products with A and G.
     """
-    dnu, dlam, dx = step.dnu, step.dlam, step.dx
-    ny = torch.maximum(inf_norm(dnu), inf_norm(dlam))
-    farkas = (
-        (inf_norm(res.r_d + step.q_dx) <= eps * ny)
-        & (dot(data.b, dnu) + dot(data.h, dlam) < -eps * ny)
-        & ((dlam.amin(-1) if dlam.shape[-1] else ny) >= -eps * ny)
-        & (ny > 0)
-    )
-    nx = inf_norm(dx)
-    gdx = -res.r_i - step.ds
-    recession = (
-        (inf_norm(step.q_dx) <= eps * nx)
-        & (inf_norm(res.r_e) <= eps * nx)
-        & ((gdx.amax(-1) if gdx.shape[-1] else -nx) <= eps * nx)
-        & (dot(data.p, dx) < -eps * nx)
-        & (nx > 0)
-    )
-    return farkas, recession
+    n, m, k = st.n, st.m, st.k
+    dx, dnu, dlam, ds = step.dv[:, :n], step.dv[:, n : n + m], step.dv[:, n + m : n + m + k], step.dv[:, n + m + k :]
+    x_norms = _norms([res.r_d + step.q_dx, step.q_dx, dx])  # dual residual of (dν, dλ), ‖Q dx‖, ‖dx‖
+    gdx = -res.r_i - ds
+    ineq = torch.stack([dlam, -dlam, gdx]).amax(-1) if k else dx.new_full((3, dx.shape[0]), -float("inf"))
+    eq = _norms([dnu, res.r_e])
+    nx = x_norms[2]
+    ny = torch.maximum(eq[0], torch.maximum(ineq[0], ineq[1]))
+    directions = _pair_dots(data.p, dx)
+    farkas_value = _pair_dots(data.b, dnu) + _pair_dots(data.h, dlam)
+    bound_y, bound_x = eps * ny, eps * nx
+    farkas = (x_norms[0] <= bound_y) & (farkas_value < -bound_y) & (ineq[1] <= bound_y) & (ny > 0)
+    recession = (x_norms[1] <= bound_x) & (eq[1] <= bound_x) & (ineq[2] <= bound_x) & (directions < -bound_x) & (nx > 0)
+    finite = torch.isfinite(nx + ny + ineq[2].clamp(min=0) + step.alpha)
+    return farkas, recession, finite
 
 
 # For the derivatives, inequalities with W⁻¹ = λ/s above this (scaled units) are kept out of H
@@ -284,71 +335,78 @@ _CERTIFICATE_PERSISTENCE = 3
 _NEGLIGIBLE_STEP = 1e-10
 
 
-def assess(data: QPData, old: IPMState, res: Residuals, step: Step, settings: IPMSettings) -> IPMState:
-    """Take the step where the problem is running and sound; update statuses and counters."""
-    a = step.alpha.unsqueeze(-1)
-    new = replace(old, x=old.x + a * step.dx, nu=old.nu + a * step.dnu, lam=old.lam + a * step.dlam, s=old.s + a * step.ds)
-    alpha = step.alpha
-    running = old.status == RUNNING
-    finite = torch.stack([torch.isfinite(t).all(-1) for t in (new.x, new.nu, new.lam, new.s)]).all(0)
+def assess(data: QPData, st: IPMState, res: Residuals, step: Step, settings: IPMSettings) -> IPMState:
+    """Take the step where the problem is running and sound; update statuses and counters.
+
+    A problem whose factorisation failed keeps its iterate and has its regularisation raised
+    (``_REG_GROWTH``); once that has happened ``MAX_FACTOR_RETRIES`` times in a row it is a
+    numerical failure."""
+    running = st.status == RUNNING
+    farkas, recession, finite = _certificates(data, st, res, step, settings.infeasibility_tol)
     sound = running & step.factor_ok & finite
-    farkas, recession = _certificates(data, res, step, settings.infeasibility_tol)
-    one = torch.ones_like(old.iterations)
-    p_count = torch.where(farkas, old.primal_infeasible_count + one, 0)
-    d_count = torch.where(recession, old.dual_infeasible_count + one, 0)
-    stalls = torch.where(alpha < _NEGLIGIBLE_STEP, old.stalls + one, 0)
-    status = old.status
-    status = torch.where(running & ~sound, int(QPStatus.NUMERICAL_ERROR), status)
-    status = torch.where(sound & (stalls >= settings.stall_limit), int(QPStatus.NUMERICAL_ERROR), status)
-    status = torch.where(sound & (p_count >= _CERTIFICATE_PERSISTENCE), int(QPStatus.PRIMAL_INFEASIBLE), status)
-    status = torch.where(sound & (d_count >= _CERTIFICATE_PERSISTENCE), int(QPStatus.DUAL_INFEASIBLE), status)
-
-    def pick(a: Tensor, b: Tensor) -> Tensor:
-        return torch.where(sound.view(-1, *([1] * (a.dim() - 1))), a, b)
-
-    return IPMState(
-        x=pick(new.x, old.x),
-        nu=pick(new.nu, old.nu),
-        lam=pick(new.lam, old.lam),
-        s=pick(new.s, old.s),
-        status=status,
-        iterations=old.iterations + sound.to(old.iterations.dtype),
-        stalls=pick(stalls, old.stalls),
-        primal_infeasible_count=pick(p_count, old.primal_infeasible_count),
-        dual_infeasible_count=pick(d_count, old.dual_infeasible_count),
-    )
+    retry = running & ~step.factor_ok & (1.5 * st.reg < settings.reg * _REG_GROWTH ** MAX_FACTOR_RETRIES)
+    alpha = torch.where(sound, step.alpha, 0.0)
+    v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, alpha.unsqueeze(-1), step.dv), st.v)
+    events = torch.stack([step.alpha < _NEGLIGIBLE_STEP, farkas, recession], dim=-1)
+    counters = torch.where(sound.unsqueeze(-1), torch.where(events, st.counters + 1, 0), st.counters)
+    limits = torch.tensor([settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE], device=v.device)
+    reached = sound.unsqueeze(-1) & (counters >= limits)
+    status = torch.where(running & ~sound & ~retry, int(QPStatus.NUMERICAL_ERROR), st.status)
+    # later assignments win: dual over primal infeasibility over a stall, as they are tested
+    codes = torch.tensor([int(QPStatus.NUMERICAL_ERROR), int(QPStatus.PRIMAL_INFEASIBLE), int(QPStatus.DUAL_INFEASIBLE)], device=v.device)
+    last = torch.where(reached, torch.arange(3, device=v.device), -1).amax(-1)
+    status = torch.where(last >= 0, codes[last.clamp(min=0)], status)
+    reg = torch.where(retry, st.reg * _REG_GROWTH, torch.where(sound, (st.reg / _REG_GROWTH).clamp(min=settings.reg), st.reg))
+    return replace(st, v=v, status=status, iterations=st.iterations + sound.to(st.iterations.dtype), counters=counters, reg=reg)
 
 
+def step(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> tuple[IPMState, Residuals]:
+    """One iteration for every problem, with no host synchronisation: the convergence test at
+    the current point, then a predictor-corrector step where the problem is still running.
+    Returns the new state and the residuals at the old point."""
+    res = residuals(data, units, st, settings)
+    st = replace(st, status=torch.where((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED), st.status))
+    return assess(data, st, res, newton_iteration(data, st, res, settings), settings), res
+
+
+# The host looks at the statuses (one synchronisation) only after these iterations: at the
+# first, then every few; most problems take 10-17 iterations.
+_FIRST_CHECK = 8
+_CHECK_EVERY = 3
 # Once no more than this fraction of the working batch is still running, the finished problems
 # are dropped from it, so that the iterations of the slowest problems cost only their own work.
 _COMPACT_FRACTION = 0.75
 
 
+def _is_check(iteration: int) -> bool:
+    return iteration >= _FIRST_CHECK and (iteration - _FIRST_CHECK) % _CHECK_EVERY == 0
+
+
 def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
     """Run the interior point method on a scaled batch until every problem has a status; with
-    ``with_factor``, also factorise the KKT system at the solution for the derivatives."""
+    ``with_factor``, also factorise the KKT system at the solution for the derivatives.
+
+    The iterations run without host synchronisation; every ``_CHECK_EVERY`` iterations (after
+    ``_FIRST_CHECK``) the host reads which problems still run, stops when none does and drops
+    the finished ones from the working batch once few remain."""
+    units = Units.of(sc)
     full = initial_point(data, settings)
     index = None  # the working batch's elements in the full batch; None while they are all
-    work_data, work_sc, st = data, sc, full
-    for iteration in range(settings.max_iter + 1):
-        res = residuals(work_data, work_sc, st, settings)
-        st = replace(st, status=torch.where((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED), st.status))
-        running = st.status == RUNNING
-        count = int(running.sum())
-        if iteration == settings.max_iter or count == 0:
-            break
-        if count <= _COMPACT_FRACTION * running.shape[0]:
-            full = st if index is None else put(full, index, st)
-            keep = running.nonzero().squeeze(-1)
-            index = keep if index is None else index[keep]
-            work_data, work_sc, st, res = take(data, index), take(sc, index), take(st, keep), take(res, keep)
-        st = assess(work_data, st, res, newton_iteration(work_data, st, res, settings), settings)
-    if index is not None:
-        full = put(full, index, st)
-        res = residuals(data, sc, full, settings)
-    else:
-        full = st
-    full = replace(full, status=torch.where(full.status == RUNNING, int(QPStatus.MAX_ITER), full.status))
+    work_data, work_units, st = data, units, full
+    for iteration in range(settings.max_iter):
+        if _is_check(iteration):
+            keep = (st.status == RUNNING).nonzero().squeeze(-1)
+            if keep.numel() == 0:
+                break
+            if keep.numel() <= _COMPACT_FRACTION * st.status.shape[0]:
+                full = st if index is None else put(full, index, st)
+                index = keep if index is None else index[keep]
+                work_data, work_units, st = take(data, index), take(units, index), take(st, keep)
+        st, _ = step(work_data, work_units, st, settings)
+    full = st if index is None else put(full, index, st)
+    res = residuals(data, units, full, settings)
+    status = torch.where((full.status == RUNNING) & res.converged, int(QPStatus.SOLVED), full.status)
+    full = replace(full, status=torch.where(status == RUNNING, int(QPStatus.MAX_ITER), status))
     factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings) if with_factor else None
     return IPMResult(state=full, residuals=res, factor=factor)
 
@@ -356,4 +414,4 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
 def derivative_factor(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings) -> KKTFactor:
     """The KKT factorisation that the derivatives solve with, at a final iterate (λ, s) of the
     scaled problem (Q, A, G): near-active inequalities are kept out of H (see ``_STIFF_W_INV``)."""
-    return _factor_at(Q, A, G, lam, s, settings, stiff=True)
+    return _factor_at(Q, A, G, lam, s, lam.new_full(lam.shape[:1], settings.reg), settings, stiff=True)

@@ -28,7 +28,7 @@ from optlayers.linalg import mtv, mv
 
 # Each failed Cholesky factorisation is retried with its regularisation multiplied by this.
 _REG_GROWTH = 100.0
-_MAX_FACTOR_RETRIES = 4
+MAX_FACTOR_RETRIES = 4
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def _cholesky(M: Tensor) -> tuple[Tensor, Tensor]:
 
 def factor_kkt(
     Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delta: Tensor, stiff: Tensor | None = None,
-    unit_weights: bool = False,
+    unit_weights: bool = False, retries: int = MAX_FACTOR_RETRIES,
 ) -> KKTFactor:
     """Factorise H and S for every problem of the batch.
 
@@ -80,8 +80,9 @@ def factor_kkt(
         Q, A, G: (B, n, n), (B, m, n), (B, k, n).
         w_inv: (B, k) positive diagonal of W⁻¹.
         rho, delta: (B,) primal and equality regularisation. Where a factorisation fails, both
-            are raised (by ``_REG_GROWTH``, at most ``_MAX_FACTOR_RETRIES`` times) for that
-            problem alone; problems that still fail are marked in ``ok``.
+            are raised (by ``_REG_GROWTH``, at most ``retries`` times) for that problem alone;
+            problems that still fail are marked in ``ok``. Each retry costs the host a look at
+            ``ok`` (a synchronisation); with ``retries=0`` there is none, and the caller retries.
         stiff: optional (B, k) mask of inequalities to keep out of H (see ``KKTFactor``).
         unit_weights: the caller promises w_inv == 1 and no stiff rows (the cone solver scales G
             itself), so that H = Q + GᵀG skips the (B, n, k) weighting.
@@ -101,7 +102,7 @@ def factor_kkt(
     ok = torch.zeros(Q.shape[0], dtype=torch.bool, device=Q.device)
     chol_h, chol_s = H, H.new_zeros(Q.shape[0], C.shape[-2], C.shape[-2])
     added = torch.zeros_like(rho)  # the regularisation now on H's diagonal, removed at the end
-    for attempt in range(_MAX_FACTOR_RETRIES + 1):
+    for attempt in range(retries + 1):
         H.diagonal(dim1=-2, dim2=-1).add_((rho - added).unsqueeze(-1))
         added = rho
         lh, ok_h = _cholesky(H)
@@ -118,7 +119,7 @@ def factor_kkt(
             chol_h = torch.where(new[:, None, None], lh, chol_h)
             chol_s = torch.where(new[:, None, None], ls, chol_s)
         ok = ok | new
-        if bool(ok.all()):
+        if attempt == retries or bool(ok.all()):
             break
         rho = torch.where(ok, rho, rho * _REG_GROWTH)
         delta = torch.where(ok, delta, delta * _REG_GROWTH)
@@ -179,9 +180,10 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor, v: Tensor, refine_steps:
 
 
 def solve_newton(
-    f: KKTFactor, s: Tensor, lam: Tensor, b1: Tensor, b2: Tensor, b3: Tensor, b4: Tensor, refine_steps: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Solve the full Newton system of the module docstring; returns dx, dν, dλ, ds."""
-    dx, dnu, dlam = solve_reduced(f, b1, b2, b4 / lam - b3, refine_steps)
+    f: KKTFactor, s: Tensor, lam: Tensor, r_d: Tensor, r_e: Tensor, r_i: Tensor, b4: Tensor, refine_steps: int
+) -> Tensor:
+    """Solve the full Newton system of the module docstring with b1 = −r_d, b2 = −r_e, b3 = −r_i;
+    returns [dx, dν, dλ, ds] side by side, (B, n + m + 2k)."""
+    dx, dnu, dlam = solve_reduced(f, -r_d, -r_e, b4 / lam + r_i, refine_steps)
     ds = (b4 - s * dlam) / lam
-    return dx, dnu, dlam, ds
+    return torch.cat([dx, dnu, dlam, ds], dim=-1)

@@ -1,0 +1,131 @@
+"""Count the compute kernels and host synchronisations of a QP solve (and of its backward).
+
+Every aten operation that is not a view is one kernel launch on a GPU; an operation that
+reads a tensor's value on the host (``item``, ``bool(tensor)``, ``nonzero``, boolean-mask
+indexing) is a synchronisation that stalls the device. Both are machine-independent, so they
+are counted on the CPU with a ``TorchDispatchMode``, with one intra-op thread so that the batch
+is not sliced across threads.
+
+Kernels per interior point iteration are measured as the difference between two forward
+solves that run for different numbers of iterations (tol = 1e-300, so that none converges):
+(kernels(max_iter = 2K) − kernels(max_iter = K)) / K. Set-up and the final factorisation cancel.
+
+    python benchmarks/kernels.py [--batch 128] [--n 100] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.problems import random_qp  # noqa: E402
+from optlayers import solve_qp  # noqa: E402
+
+# Operations that read a device value on the host.
+_SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "nonzero_static", "unique", "_unique2"}
+# Operations that only relabel memory: no kernel.
+_VIEW_OPS = {"detach", "alias", "_unsafe_view", "lift_fresh"}
+
+
+class KernelCounter(TorchDispatchMode):
+    """Counts non-view aten operations (kernels) and host synchronisations, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kernels: Counter[str] = Counter()
+        self.syncs: Counter[str] = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        name = func.overloadpacket.__name__
+        if torch.Tag.view_copy not in func.tags and not func.is_view and name not in _VIEW_OPS:
+            self.kernels[name] += 1
+        if name in _SYNC_OPS or (name in ("index", "index_put", "index_put_") and _has_bool_index(args)):
+            self.syncs[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def kernel_count(self) -> int:
+        return sum(self.kernels.values())
+
+    @property
+    def sync_count(self) -> int:
+        return sum(self.syncs.values())
+
+
+def _has_bool_index(args: tuple) -> bool:
+    indices = args[1] if len(args) > 1 else ()
+    return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (indices or ()))
+
+
+def count(fn: Callable[[], object]) -> KernelCounter:
+    """Run ``fn`` once under a fresh counter and return the counter. Call it with one intra-op
+    thread (``main`` sets it) so that a batch is not sliced across threads."""
+    with KernelCounter() as counter:
+        fn()
+    return counter
+
+
+@dataclass(frozen=True)
+class QPCounts:
+    batch: int
+    n: int
+    n_ineq: int
+    n_eq: int
+    iterations: int
+    kernels_per_iteration: float
+    forward_kernels: int
+    forward_syncs: int
+    backward_kernels: int
+    backward_syncs: int
+
+
+def qp_counts(batch: int, n: int, n_ineq: int, n_eq: int, window: int = 4) -> QPCounts:
+    """Kernels per iteration, and kernels and syncs of one converging forward and its backward."""
+    qp = random_qp(batch, n, n_ineq, n_eq, seed=0)
+
+    def capped(iterations: int) -> int:
+        return count(lambda: solve_qp(*qp.tensors(), tol=1e-300, max_iter=iterations, on_failure="ignore")).kernel_count
+
+    per_iteration = (capped(2 * window) - capped(window)) / window
+    p = qp.p.clone().requires_grad_(True)
+    Q, _, G, h, A, b = qp.tensors()
+    holder = {}
+
+    def forward() -> None:
+        holder["sol"] = solve_qp(Q, p, G, h, A, b)
+
+    fwd = count(forward)
+    sol = holder["sol"]
+    bwd = count(lambda: sol.z.sum().backward())
+    return QPCounts(batch, n, n_ineq, n_eq, int(sol.iterations.max()), per_iteration,
+                    fwd.kernel_count, fwd.sync_count, bwd.kernel_count, bwd.sync_count)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--json", type=Path, help="write the counts here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # one slice: the counts of the whole batch (1 is the safe setting, see README)
+    rows = [qp_counts(args.batch, args.n, args.n, 0), qp_counts(args.batch, args.n, args.n, args.n // 2)]
+    header = "| batch | n | k | m | iterations | kernels / iteration | forward kernels | forward syncs | backward kernels | backward syncs |"
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for r in rows:
+        print(f"| {r.batch} | {r.n} | {r.n_ineq} | {r.n_eq} | {r.iterations} | {r.kernels_per_iteration:.0f} | "
+              f"{r.forward_kernels} | {r.forward_syncs} | {r.backward_kernels} | {r.backward_syncs} |")
+    if args.json:
+        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
