@@ -47,7 +47,7 @@ class KernelCounter(TorchDispatchMode):
         name = func.overloadpacket.__name__
         if torch.Tag.view_copy not in func.tags and not func.is_view and name not in _VIEW_OPS:
             self.kernels[name] += 1
-        if name in _SYNC_OPS or (name in ("index", "index_put", "index_put_") and _has_bool_index(args)):
+        if name in _SYNC_OPS or (name in ("index", "index_put", "index_put_") and _has_bool_index(args)) or _to_host(name, kwargs):
             self.syncs[name] += 1
         return func(*args, **(kwargs or {}))
 
@@ -58,6 +58,12 @@ class KernelCounter(TorchDispatchMode):
     @property
     def sync_count(self) -> int:
         return sum(self.syncs.values())
+
+
+def _to_host(name: str, kwargs: dict | None) -> bool:
+    """A copy to the CPU (on the CPU itself a plain copy, on a GPU a device-to-host transfer)."""
+    device = (kwargs or {}).get("device")
+    return name == "_to_copy" and device is not None and torch.device(device).type == "cpu"
 
 
 def _has_bool_index(args: tuple) -> bool:

@@ -119,7 +119,8 @@ class QPSolveFn(torch.autograd.Function):
         st, res = result.state, result.residuals
         solved = st.status == int(QPStatus.SOLVED)
         x, nu, lam, s = (_keep_solved(solved, v, float("nan")).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
-        apply_failure_policy(st.status.reshape(batch_shape), on_failure)
+        if not result.all_solved:
+            apply_failure_policy(st.status.reshape(batch_shape), on_failure)
         saved = _Saved(scaled.Q, scaled.A, scaled.G, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c)
         factor = () if result.factor is None else factor_tensors(result.factor)
         return (x, lam, nu, s, st.status, st.iterations, res.primal.to(dtype), res.dual.to(dtype), res.gap.to(dtype),

@@ -152,12 +152,14 @@ class Residuals:
 
 @dataclass(frozen=True)
 class IPMResult:
-    """Final scaled iterate, per-problem outcome, and the derivatives' KKT factorisation at the
-    solution when it was asked for (``derivative_factor``)."""
+    """Final scaled iterate, per-problem outcome, the derivatives' KKT factorisation at the
+    solution when it was asked for (``derivative_factor``), and whether every problem was
+    solved (known on the host, so that the failure policy needs no synchronisation)."""
 
     state: IPMState
     residuals: Residuals
     factor: KKTFactor | None
+    all_solved: bool
 
 
 def _norms(parts: list[Tensor], unit: Tensor | None = None) -> Tensor:
@@ -372,7 +374,7 @@ def step(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> tup
 # The host looks at the statuses (one synchronisation) only after these iterations: at the
 # first, then every few; most problems take 10-17 iterations.
 _FIRST_CHECK = 8
-_CHECK_EVERY = 3
+_CHECK_EVERY = 4
 # Once no more than this fraction of the working batch is still running, the finished problems
 # are dropped from it, so that the iterations of the slowest problems cost only their own work.
 _COMPACT_FRACTION = 0.75
@@ -382,23 +384,32 @@ def _is_check(iteration: int) -> bool:
     return iteration >= _FIRST_CHECK and (iteration - _FIRST_CHECK) % _CHECK_EVERY == 0
 
 
+def host_read(t: Tensor) -> list:
+    """A small tensor's values on the host: the solver's one kind of synchronisation (a
+    device-to-host copy; ``benchmarks/kernels.py`` counts these)."""
+    return t.to("cpu", copy=True).tolist()
+
+
 def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
     """Run the interior point method on a scaled batch until every problem has a status; with
     ``with_factor``, also factorise the KKT system at the solution for the derivatives.
 
-    The iterations run without host synchronisation; every ``_CHECK_EVERY`` iterations (after
-    ``_FIRST_CHECK``) the host reads which problems still run, stops when none does and drops
-    the finished ones from the working batch once few remain."""
+    The iterations run without host synchronisation. After ``_FIRST_CHECK`` iterations and every
+    ``_CHECK_EVERY`` after that, the host reads the statuses once: it stops when no problem runs,
+    and drops the finished ones from the working batch once few remain. One more read at the end
+    tells which problems failed and whether the derivatives' factorisation needs a retry."""
     units = Units.of(sc)
     full = initial_point(data, settings)
     index = None  # the working batch's elements in the full batch; None while they are all
     work_data, work_units, st = data, units, full
     for iteration in range(settings.max_iter):
         if _is_check(iteration):
-            keep = (st.status == RUNNING).nonzero().squeeze(-1)
-            if keep.numel() == 0:
+            running = st.status == RUNNING
+            count = sum(host_read(running.sum(0, keepdim=True)))
+            if count == 0:
                 break
-            if keep.numel() <= _COMPACT_FRACTION * st.status.shape[0]:
+            if count <= _COMPACT_FRACTION * running.shape[0]:
+                keep = torch.argsort(~running, stable=True)[:count]  # the running elements, in order
                 full = st if index is None else put(full, index, st)
                 index = keep if index is None else index[keep]
                 work_data, work_units, st = take(data, index), take(units, index), take(st, keep)
@@ -407,11 +418,16 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     res = residuals(data, units, full, settings)
     status = torch.where((full.status == RUNNING) & res.converged, int(QPStatus.SOLVED), full.status)
     full = replace(full, status=torch.where(status == RUNNING, int(QPStatus.MAX_ITER), status))
-    factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings) if with_factor else None
-    return IPMResult(state=full, residuals=res, factor=factor)
+    factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings, retries=0) if with_factor else None
+    unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
+                                                  full.status != full.status if factor is None else ~factor.ok]).any(-1))
+    if unfactored:
+        factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings)
+    return IPMResult(state=full, residuals=res, factor=factor, all_solved=not unsolved)
 
 
-def derivative_factor(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings) -> KKTFactor:
+def derivative_factor(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings,
+                      retries: int = MAX_FACTOR_RETRIES) -> KKTFactor:
     """The KKT factorisation that the derivatives solve with, at a final iterate (λ, s) of the
     scaled problem (Q, A, G): near-active inequalities are kept out of H (see ``_STIFF_W_INV``)."""
-    return _factor_at(Q, A, G, lam, s, lam.new_full(lam.shape[:1], settings.reg), settings, stiff=True)
+    return _factor_at(Q, A, G, lam, s, lam.new_full(lam.shape[:1], settings.reg), settings, stiff=True, retries=retries)

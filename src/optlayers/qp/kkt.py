@@ -64,10 +64,15 @@ class KKTFactor:
     m: int
 
 
+def _finite(t: Tensor) -> Tensor:
+    """Elementwise: t is neither NaN nor ±inf (t − t is NaN exactly then); two kernels."""
+    return (t - t) == 0
+
+
 def _cholesky(M: Tensor) -> tuple[Tensor, Tensor]:
     """Lower Cholesky factor and whether it succeeded (NaN reaches the diagonal)."""
     chol, info = torch.linalg.cholesky_ex(M)
-    return chol, (info == 0) & torch.isfinite(chol.diagonal(dim1=-2, dim2=-1)).all(-1)
+    return chol, (info == 0) & _finite(chol.diagonal(dim1=-2, dim2=-1).sum(-1))
 
 
 def factor_kkt(
@@ -91,39 +96,39 @@ def factor_kkt(
     if unit_weights and stiff is not None:
         raise ValueError("factor_kkt: unit_weights=True needs stiff=None (stiff rows carry their own weights)")
     if stiff is None:
-        C, d0, w_inv_soft = A, A.new_zeros(A.shape[:-1]), w_inv
+        C, d0, w_inv_soft, eq_rows = A, A.new_zeros(A.shape[:-1]), w_inv, None
     else:
         C = torch.cat([A, G * stiff.unsqueeze(-1)], dim=-2)
         d0 = torch.cat([A.new_zeros(A.shape[:-1]), torch.where(stiff, 1.0 / w_inv, torch.ones_like(w_inv))], dim=-1)
         w_inv_soft = torch.where(stiff, torch.zeros_like(w_inv), w_inv)
-    eq_rows = torch.arange(C.shape[-2], device=Q.device) < m
+        eq_rows = (torch.arange(C.shape[-2], device=Q.device) < m).to(Q.dtype)
     weighted = G.mT if unit_weights else G.mT * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
     H = torch.baddbmm(Q, weighted, G)
-    ok = torch.zeros(Q.shape[0], dtype=torch.bool, device=Q.device)
-    chol_h, chol_s = H, H.new_zeros(Q.shape[0], C.shape[-2], C.shape[-2])
-    added = torch.zeros_like(rho)  # the regularisation now on H's diagonal, removed at the end
-    for attempt in range(retries + 1):
-        H.diagonal(dim1=-2, dim2=-1).add_((rho - added).unsqueeze(-1))
-        added = rho
-        lh, ok_h = _cholesky(H)
-        ls, ok_s = chol_s, ok_h
-        if C.shape[-2]:
-            y = torch.linalg.solve_triangular(lh, C.transpose(-1, -2), upper=False)
-            S = y.transpose(-1, -2) @ y
-            S.diagonal(dim1=-2, dim2=-1).add_(d0 + torch.where(eq_rows, delta.unsqueeze(-1), torch.zeros_like(d0)))
-            ls, ok_s = _cholesky(S)
-        new = ok_h & ok_s & ~ok
-        if attempt == 0:
-            chol_h, chol_s = lh, ls
-        else:
-            chol_h = torch.where(new[:, None, None], lh, chol_h)
-            chol_s = torch.where(new[:, None, None], ls, chol_s)
-        ok = ok | new
-        if attempt == retries or bool(ok.all()):
+    H_diagonal = H.diagonal(dim1=-2, dim2=-1)
+    rows = C.shape[-2]
+
+    def attempt(rho: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        H_diagonal.add_(rho.unsqueeze(-1))
+        chol_h, ok = _cholesky(H)
+        chol_s = H.new_zeros(H.shape[0], 0, 0)
+        if rows:
+            y = torch.linalg.solve_triangular(chol_h, C.mT, upper=False)
+            S = y.mT @ y
+            shift = delta.unsqueeze(-1) if eq_rows is None else torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
+            S.diagonal(dim1=-2, dim2=-1).add_(shift)
+            chol_s, ok_s = _cholesky(S)
+            ok = ok & ok_s
+        H_diagonal.sub_(rho.unsqueeze(-1))
+        return chol_h, chol_s, ok
+
+    chol_h, chol_s, ok = attempt(rho, delta)
+    for _ in range(retries):
+        if bool(ok.all()):
             break
-        rho = torch.where(ok, rho, rho * _REG_GROWTH)
-        delta = torch.where(ok, delta, delta * _REG_GROWTH)
-    H.diagonal(dim1=-2, dim2=-1).sub_(added.unsqueeze(-1))
+        rho, delta = torch.where(ok, rho, rho * _REG_GROWTH), torch.where(ok, delta, delta * _REG_GROWTH)
+        retry_h, retry_s, retry_ok = attempt(rho, delta)
+        new = (retry_ok & ~ok)[:, None, None]
+        chol_h, chol_s, ok = torch.where(new, retry_h, chol_h), torch.where(new, retry_s, chol_s), ok | retry_ok
     return KKTFactor(H=H, G=G, C=C, d0=d0, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s, ok=ok, m=m)
 
 
@@ -134,22 +139,31 @@ def _chol_solve(chol: Tensor, r: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(-1)
 
 
+def _minus_mv(r: Tensor, M: Tensor, v: Tensor) -> Tensor:
+    """r − M v for (B, r) r, (B, r, c) M and (B, c) v, in one kernel."""
+    return torch.baddbmm(r.unsqueeze(-2), v.unsqueeze(-2), M.mT, alpha=-1).squeeze(-2)
+
+
+def _minus_mtv(r: Tensor, M: Tensor, v: Tensor) -> Tensor:
+    """r − Mᵀ v for (B, c) r, (B, r, c) M and (B, r) v, in one kernel."""
+    return torch.baddbmm(r.unsqueeze(-2), v.unsqueeze(-2), M, alpha=-1).squeeze(-2)
+
+
 def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor) -> tuple[Tensor, Tensor]:
     """Solve H dx + Cᵀ ω = rx, C dx − (d0 + δₑ) ω = rc with the regularised factors."""
     t = _chol_solve(f.chol_h, rx)
     if f.C.shape[-2] == 0:
         return t, rc
-    omega = _chol_solve(f.chol_s, mv(f.C, t) - rc)
-    dx = _chol_solve(f.chol_h, rx - mtv(f.C, omega))
-    return dx, omega
+    omega = _chol_solve(f.chol_s, -_minus_mv(rc, f.C, t))
+    return _chol_solve(f.chol_h, _minus_mtv(rx, f.C, omega)), omega
 
 
-def _apply_extended(f: KKTFactor, dx: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
-    """The unregularised extended operator: (Q + G_softᵀ W_soft⁻¹ G_soft) dx + Cᵀ ω, C dx − d0 ω."""
-    hx = mv(f.H, dx)
+def _extended_residual(f: KKTFactor, rx: Tensor, rc: Tensor, dx: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
+    """Residual of the unregularised extended system, rx − (H dx + Cᵀ ω) and rc − (C dx − d0 ω)."""
+    ex = _minus_mv(rx, f.H, dx)
     if f.C.shape[-2] == 0:
-        return hx, omega
-    return hx + mtv(f.C, omega), mv(f.C, dx) - f.d0 * omega
+        return ex, rc
+    return _minus_mtv(ex, f.C, omega), _minus_mv(torch.addcmul(rc, f.d0, omega), f.C, dx)
 
 
 def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor, v: Tensor, refine_steps: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -165,15 +179,15 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor, v: Tensor, refine_steps:
         dx (B, n), dν (B, m), dλ (B, k).
     """
     stiff_rows = f.C.shape[-2] > f.m
-    v_stiff = v[..., : 0] if not stiff_rows else torch.where(f.w_inv_soft > 0, torch.zeros_like(v), -v)
-    rx = rx - mtv(f.G, f.w_inv_soft * v)
-    rc = torch.cat([re, v_stiff], dim=-1)
+    rx = _minus_mtv(rx, f.G, f.w_inv_soft * v)
+    rc = torch.cat([re, torch.where(f.w_inv_soft > 0, 0.0, -v)], dim=-1) if stiff_rows else re
     dx, omega = _solve_regularised(f, rx, rc)
     for _ in range(refine_steps):
-        hx, cx = _apply_extended(f, dx, omega)
-        ex, eo = _solve_regularised(f, rx - hx, rc - cx)
-        dx, omega = dx + ex, omega + eo
-    dlam = f.w_inv_soft * (mv(f.G, dx) + v)
+        ex, eo = _solve_regularised(f, *_extended_residual(f, rx, rc, dx, omega))
+        dx = dx + ex
+        if rc.shape[-1]:
+            omega = omega + eo
+    dlam = f.w_inv_soft * torch.baddbmm(v.unsqueeze(-2), dx.unsqueeze(-2), f.G.mT).squeeze(-2)
     if stiff_rows:
         dlam = torch.where(f.w_inv_soft > 0, dlam, omega[:, f.m :])
     return dx, omega[:, : f.m], dlam

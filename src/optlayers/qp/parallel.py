@@ -4,6 +4,8 @@ The slices give the same iterates as the whole batch.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from optlayers import threads
@@ -28,5 +30,5 @@ def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings, with
     count = slice_count(batch, n, data.p.device)
     if count == 1:
         return solve_scaled(data, sc, settings, with_factor)
-    return concat(threads.map_slices(lambda part: solve_scaled(take(data, part), take(sc, part), settings, with_factor),
-                                     batch, count))
+    parts = threads.map_slices(lambda part: solve_scaled(take(data, part), take(sc, part), settings, with_factor), batch, count)
+    return replace(concat(parts), all_solved=all(part.all_solved for part in parts))

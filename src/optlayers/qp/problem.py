@@ -51,15 +51,10 @@ def _check_pair(mat_name: str, vec_name: str, M: Tensor | None, v: Tensor | None
     return M, v
 
 
-def _check_symmetric(Q: Tensor) -> None:
+def _asymmetry(Q: Tensor) -> tuple[Tensor, Tensor, float]:
+    """max |Q − Qᵀ|, its bound tol·max(1, max|Q|) and tol, as tensors that stay on the device."""
     tol = math.sqrt(torch.finfo(Q.dtype).eps)
-    asym = (Q - Q.transpose(-1, -2)).abs().amax()
-    size = Q.abs().amax().clamp(min=1.0)
-    if bool(asym > tol * size):
-        raise ValueError(
-            f"Q must be symmetric (positive semidefinite); max |Q - Qᵀ| = {float(asym):.3g} exceeds {tol:.1e}·max|Q|; "
-            "pass (Q + Q.transpose(-1, -2)) / 2"
-        )
+    return (Q - Q.mT).abs().amax(), tol * Q.abs().amax().clamp(min=1.0), tol
 
 
 def prepare_qp(
@@ -96,11 +91,21 @@ def prepare_qp(
 
 def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> None:
     """Value checks (finite, Q symmetric); run on plain tensors, inside the solve, so that
-    ``torch.func.vmap`` can trace ``prepare_qp``."""
-    for name, t in zip(("Q", "p", "G", "h", "A", "b"), (Q, p, G, h, A, b)):
+    ``torch.func.vmap`` can trace ``prepare_qp``. The data is read by the host once (one
+    synchronisation); only on failure is it read again to name the culprit."""
+    data = {"Q": Q, "p": p, "G": G, "h": h, "A": A, "b": b}
+    sums = torch.stack([t.sum() for t in data.values()])  # NaN or ±inf exactly where an entry is (or overflow)
+    asym, bound, tol = _asymmetry(Q)
+    if bool(((sums - sums) == 0).all() & (asym <= bound)):
+        return
+    for name, t in data.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf; QP data must be finite")
-    _check_symmetric(Q)
+    if bool(asym > bound):
+        raise ValueError(
+            f"Q must be symmetric (positive semidefinite); max |Q - Qᵀ| = {float(asym):.3g} exceeds {tol:.1e}·max(1, max|Q|); "
+            "pass (Q + Q.transpose(-1, -2)) / 2"
+        )
 
 
 def qp_data(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> QPData:
