@@ -39,6 +39,12 @@ def check_number(name: str, value: object, *, positive: bool, optional: bool = F
         raise ValueError(f"{name} must be a finite number {bound}{extra}, got {value!r}")
 
 
+def check_bool(name: str, value: object) -> None:
+    """``value`` is True or False (not a truthy number or string)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

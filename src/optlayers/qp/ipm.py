@@ -6,7 +6,9 @@ was found infeasible or failed numerically is frozen while the others go on.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -48,6 +50,11 @@ class IPMSettings:
         infeasibility_tol: tolerance of the infeasibility certificates (scaled problem).
         stall_limit: consecutive iterations with a negligible step after which a problem is
             declared a numerical failure.
+        compiled: run each iteration as one ``torch.compile``d step (``fullgraph=True``; on
+            CUDA in "reduce-overhead" mode, i.e. captured in a CUDA graph) on a batch of fixed
+            shape: finished problems stay in it, frozen, instead of leaving it. The first call
+            for each new shape pays the compilation (tens of seconds); it pays off for many
+            calls on small problems, where an iteration's cost is its kernel launches.
     """
 
     tol: float
@@ -60,15 +67,18 @@ class IPMSettings:
     step_fraction: float = 0.99
     infeasibility_tol: float = 1e-7
     stall_limit: int = 5
+    compiled: bool = False
 
 
-def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | None, max_iter: int | None) -> IPMSettings:
+def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | None, max_iter: int | None,
+                     compiled: bool = False) -> IPMSettings:
     """Settings for data of ``dtype``. The iteration itself always runs in float64 (see
     ``COMPUTE_DTYPE``), so float32 data is solved nearly as tightly: a looser gap tolerance
     lets the multipliers of inactive constraints stay large enough to move z by (gap / smallest
     eigenvalue of Q), far beyond float32's resolution."""
     tight = dtype == torch.float64
-    base = IPMSettings(tol=1e-12 if tight else 1e-10, rel_tol=1e-12 if tight else 1e-10, max_iter=100, reg=1e-9, ineq_reg=1e-10)
+    base = IPMSettings(tol=1e-12 if tight else 1e-10, rel_tol=1e-12 if tight else 1e-10, max_iter=100, reg=1e-9, ineq_reg=1e-10,
+                       compiled=compiled)
     if tol is not None:
         base = replace(base, tol=tol, rel_tol=tol if rel_tol is None else rel_tol)
     elif rel_tol is not None:
@@ -384,6 +394,13 @@ def _is_check(iteration: int) -> bool:
     return iteration >= _FIRST_CHECK and (iteration - _FIRST_CHECK) % _CHECK_EVERY == 0
 
 
+@functools.cache
+def compiled_step(device_type: str) -> Callable[..., tuple[IPMState, Residuals]]:
+    """``step`` compiled whole (no graph breaks); on CUDA captured in a CUDA graph."""
+    mode = "reduce-overhead" if device_type == "cuda" else "default"
+    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+
+
 def host_read(t: Tensor) -> list:
     """A small tensor's values on the host: the solver's one kind of synchronisation (a
     device-to-host copy; ``benchmarks/kernels.py`` counts these)."""
@@ -394,7 +411,8 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     """Run the interior point method on a scaled batch until every problem has a status; with
     ``with_factor``, also factorise the KKT system at the solution for the derivatives.
 
-    The iterations run without host synchronisation. After ``_FIRST_CHECK`` iterations and every
+    The iterations run without host synchronisation (compiled into one graph with
+    ``settings.compiled``). After ``_FIRST_CHECK`` iterations and every
     ``_CHECK_EVERY`` after that, the host reads the statuses once: it stops when no problem runs,
     and drops the finished ones from the working batch once few remain. One more read at the end
     tells which problems failed and whether the derivatives' factorisation needs a retry."""
@@ -402,18 +420,19 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     full = initial_point(data, settings)
     index = None  # the working batch's elements in the full batch; None while they are all
     work_data, work_units, st = data, units, full
+    step_fn = compiled_step(data.p.device.type) if settings.compiled else step
     for iteration in range(settings.max_iter):
         if _is_check(iteration):
             running = st.status == RUNNING
             count = sum(host_read(running.sum(0, keepdim=True)))
             if count == 0:
                 break
-            if count <= _COMPACT_FRACTION * running.shape[0]:
+            if count <= _COMPACT_FRACTION * running.shape[0] and not settings.compiled:
                 keep = torch.argsort(~running, stable=True)[:count]  # the running elements, in order
                 full = st if index is None else put(full, index, st)
                 index = keep if index is None else index[keep]
                 work_data, work_units, st = take(data, index), take(units, index), take(st, keep)
-        st, _ = step(work_data, work_units, st, settings)
+        st, _ = step_fn(work_data, work_units, st, settings)
     full = st if index is None else put(full, index, st)
     res = residuals(data, units, full, settings)
     status = torch.where((full.status == RUNNING) & res.converged, int(QPStatus.SOLVED), full.status)

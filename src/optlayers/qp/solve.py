@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from optlayers.options import check_choice, check_int, check_number, check_tolerances
+from optlayers.options import check_bool, check_choice, check_int, check_number, check_tolerances
 from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
@@ -81,6 +81,7 @@ def solve_qp(
     on_failure: str = "raise",
     failed_value: float = math.nan,
     relaxation: Relaxation | None = None,
+    compile: bool = False,
 ) -> QPSolution:
     """Solve minimize ½zᵀQz + pᵀz subject to Az = b, Gz ≤ h, batched and differentiably.
 
@@ -102,6 +103,10 @@ def solve_qp(
         failed_value: what failed elements hold in z, lam, nu, s (NaN; the layers use 0.0).
             Their gradients are zero either way.
         relaxation: the weights of the relaxation for "relax" (default ``Relaxation()``).
+        compile: run each interior point iteration as one ``torch.compile``d graph (on CUDA
+            captured in a CUDA graph) over a batch of fixed shape. Opt-in: each new problem
+            shape costs a compilation (tens of seconds on a CPU); it pays off for many calls
+            on small problems. The answers are those of the eager solver.
 
     Each argument has its own batch dimensions or none; they broadcast like torch. Gradients of
     a shared argument are summed over the batch. Device and dtype follow the inputs.
@@ -112,8 +117,9 @@ def solve_qp(
         tensor([-1.,  0.])
     """
     check_qp_options(tol, rel_tol, max_iter, on_failure, failed_value, relaxation)
+    check_bool("compile", compile)
     flat, batch = prepare_qp(Q, p, G, h, A, b)
-    settings = default_settings(flat[1].dtype, tol, rel_tol, max_iter)
+    settings = default_settings(flat[1].dtype, tol, rel_tol, max_iter, compile)
     return solve_prepared(flat, batch, settings, on_failure, failed_value, relaxation)
 
 
@@ -222,7 +228,7 @@ class QPFunction(nn.Module):
     The package's own keywords: ``tol``, ``rel_tol``, ``max_iter`` as in ``solve_qp``;
     ``on_failure`` "warn" / "ignore" (default from ``verbose``), "raise", or "relax" (infeasible
     elements hold their elastic relaxation's solution, see ``solve_qp``); ``relaxation`` its
-    weights. Failed elements never end a training run unless ``on_failure="raise"``: their z is
+    weights; ``compile`` as in ``solve_qp``. Failed elements never end a training run unless ``on_failure="raise"``: their z is
     ``failed_value`` (0.0) with zero gradient, and ``last_status`` holds the statuses of the last
     forward (outside ``torch.func`` transforms); ``solve`` returns the whole ``QPSolution``.
 
@@ -238,7 +244,8 @@ class QPFunction(nn.Module):
     def __init__(self, eps: float | None = None, verbose: int = 0, notImprovedLim: int | None = None,
                  maxIter: int | None = None, solver: object = QPSolvers.PDIPM_BATCHED, check_Q_spd: bool = False,
                  *, tol: float | None = None, rel_tol: float | None = None, max_iter: int | None = None,
-                 on_failure: str | None = None, failed_value: float = 0.0, relaxation: Relaxation | None = None):
+                 on_failure: str | None = None, failed_value: float = 0.0, relaxation: Relaxation | None = None,
+                 compile: bool = False):
         super().__init__()
         for qpth_name, value, name, ours in (("eps", eps, "tol", tol), ("maxIter", maxIter, "max_iter", max_iter)):
             if value is not None and ours is not None:
@@ -257,7 +264,8 @@ class QPFunction(nn.Module):
                          tol_name="eps" if eps is not None else "tol")
         self.tol, self.rel_tol, self.max_iter, self.on_failure = tol, rel_tol, max_iter, on_failure
         self.verbose, self.not_improved_lim, self.check_Q_spd = int(verbose), notImprovedLim, check_Q_spd
-        self.failed_value, self.relaxation = float(failed_value), relaxation
+        check_bool("compile", compile)
+        self.failed_value, self.relaxation, self.compile = float(failed_value), relaxation, compile
         self.last_status: Tensor | None = None
 
     def solve(self, Q: Tensor, p: Tensor, G: Tensor | None = None, h: Tensor | None = None,
@@ -266,7 +274,7 @@ class QPFunction(nn.Module):
         flat, batch = prepare_qp(Q, p, G, h, A, b)
         if self.check_Q_spd:
             _check_positive_definite(flat[0], batch)
-        settings = default_settings(flat[1].dtype, self.tol, self.rel_tol, self.max_iter)
+        settings = default_settings(flat[1].dtype, self.tol, self.rel_tol, self.max_iter, self.compile)
         if self.not_improved_lim is not None:
             settings = dataclasses.replace(settings, stall_limit=self.not_improved_lim)
         sol = solve_prepared(flat, batch, settings, self.on_failure, self.failed_value, self.relaxation)
@@ -282,7 +290,7 @@ class QPFunction(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"tol={self.tol}, rel_tol={self.rel_tol}, max_iter={self.max_iter}, on_failure={self.on_failure!r}, "
-                f"verbose={self.verbose}")
+                f"verbose={self.verbose}, compile={self.compile}")
 
 
 def _check_positive_definite(Q: Tensor, batch: torch.Size) -> None:
