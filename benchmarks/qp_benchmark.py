@@ -1,6 +1,6 @@
 """Peer benchmark of the batched QP layer: one run, the same problems, every installed solver.
 
-    PYTHONPATH=src python -m benchmarks.qp_benchmark [--quick] [--device cpu|cuda] [--dtype float64|float32|both]
+    PYTHONPATH=src python -m benchmarks.qp_benchmark [--quick | --sweep] [--device cpu|cuda] [--dtype float64|float32|both]
                                                      [--threads N] [--solvers a,b] [--out DIR]
 
 Settings follow the OptNet paper: Figure 1 (batch 128, n ∈ {10, 50, 100, 500}, QP layer vs a linear layer),
@@ -53,6 +53,8 @@ class Setting:
     solvers: tuple[str, ...] | None = None
 
 
+COMPILED_SOLVER = "optlayers-compiled"
+"""Compiled per problem shape (tens of seconds each): run only where a setting lists it (the sweep)."""
 SERIAL_SOLVER = "optlayers-serial"
 """Our solver called once per batch element: the paper's "serialized" line, drawn in Figure 2 only."""
 FIGURE1_SOLVERS = ("optlayers", "linear", "qpth", "qplayer", "qpax")
@@ -70,6 +72,16 @@ def full_settings(dtypes: list[str], large_batches: bool) -> list[Setting]:
     return settings
 
 
+SWEEP_SOLVERS = ("optlayers", "optlayers-compiled", "qplayer", "qpth", "qpax")
+SWEEP_SHAPES = ((128, 10), (128, 50), (128, 100), (64, 100), (1, 100), (1, 10))
+"""(batch, n) of the small-to-large sweep: float64, n inequalities, no equalities, fwd + bwd w.r.t. every input."""
+
+
+def sweep_settings() -> list[Setting]:
+    """Our solver (eager and compiled) against the differentiable peers from batch 1, n = 10 to batch 128, n = 100."""
+    return [Setting("sweep", batch, n, n, 0, "float64", SWEEP_SOLVERS) for batch, n in SWEEP_SHAPES]
+
+
 def quick_settings(dtypes: list[str], cuda: bool) -> list[Setting]:
     """A seconds-long run on tiny problems, for smoke tests."""
     settings = [Setting("fig1", 8, n, n, 0, dtype) for dtype in dtypes for n in (5, 10)]
@@ -82,7 +94,7 @@ def quick_settings(dtypes: list[str], cuda: bool) -> list[Setting]:
 
 def runs_in(solver: Solver, setting: Setting) -> bool:
     """Whether ``setting`` lists ``solver``; the float64-only solvers (looping over the batch in numpy) skip float32."""
-    listed = setting.solvers is None or solver.name in setting.solvers
+    listed = solver.name in setting.solvers if setting.solvers is not None else solver.name != COMPILED_SOLVER
     serial_elsewhere = solver.name == SERIAL_SOLVER and setting.figure != "fig2"
     return listed and not serial_elsewhere and (solver.differentiable or setting.dtype == "float64")
 
@@ -250,6 +262,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--dtype", default="both", choices=[*DTYPES, "both"])
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch and solver threads (default: all cores)")
     parser.add_argument("--no-caps", action="store_true", help="run every solver at every size (can take hours)")
+    parser.add_argument("--sweep", action="store_true", help="only the small-to-large sweep (SWEEP_SHAPES) against the "
+                        "differentiable peers, our compiled path included")
     parser.add_argument("--solvers", default=None, help="comma-separated subset, e.g. optlayers,linear (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder (default: runs/benchmark)")
     return parser.parse_args(argv)
@@ -266,7 +280,10 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)  # one thread on MKL builds (pytorch/pytorch#142815): only when asked
     dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
     cuda = device.type == "cuda"
-    settings = quick_settings(dtypes, cuda) if args.quick else full_settings(dtypes, cuda or args.no_caps)
+    if args.sweep:
+        settings = sweep_settings()
+    else:
+        settings = quick_settings(dtypes, cuda) if args.quick else full_settings(dtypes, cuda or args.no_caps)
     solvers, missing = available_solvers(args.solvers.split(",") if args.solvers else None, args.threads)
     for line in missing:
         print(line, flush=True)

@@ -62,6 +62,15 @@ def _optlayers() -> Solver:
                   max_n=SLOW_MAX_N, cap_reason=SLOW_CAP)
 
 
+def _optlayers_compiled() -> Solver:
+    """Our solver with ``compile=True``: each iteration one ``torch.compile`` graph (compiled at the warm-up call)."""
+    from optlayers import QPFunction
+
+    layer = QPFunction(on_failure="ignore", compile=True)
+    return Solver("optlayers-compiled", lambda qp: layer(*qp.tensors()), True,
+                  "QPFunction(compile=True); compilation in the untimed warm-up", max_n=SLOW_MAX_N, cap_reason=SLOW_CAP)
+
+
 def _optlayers_serial() -> Solver:
     """Our solver on one problem at a time (the paper's "serialized" line in Figure 2): a Python loop of batch-1 calls."""
     from optlayers import QPFunction
@@ -261,6 +270,7 @@ def available_solvers(names: list[str] | None, threads: int) -> tuple[list[Solve
     factories: dict[str, Callable[[], Solver]] = {
         "optlayers": _optlayers,
         "optlayers-serial": _optlayers_serial,
+        "optlayers-compiled": _optlayers_compiled,
         "linear": _linear,
         "qpth": _qpth,
         "qplayer": _qplayer,
