@@ -18,15 +18,15 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from optlayers.higher_order import no_forward_over_forward
 from optlayers.qp.derivatives import (
+    FORWARD_OVER_FORWARD,
     KKTPoint,
     factor_tensors,
     flat_vmap,
-    FORWARD_OVER_FORWARD,
     solution_jvp,
     solution_vjp,
 )
-from optlayers.higher_order import no_forward_over_forward
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
 from optlayers.qp.parallel import solve_scaled_parallel
 from optlayers.qp.problem import check_values, qp_data
