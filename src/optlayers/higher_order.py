@@ -1,11 +1,11 @@
-"""Guards that turn a derivative the layers cannot give exactly into an error.
+"""A guard that turns a derivative the QP layer cannot give exactly into an error.
 
-A derivative rule (a Function's ``backward`` or ``jvp``) that is not itself differentiable would
-give a silently wrong second derivative. Passing the rule's result through one of these
-identities, with the tensors it depends on as ``anchors``, makes the second derivative raise
-instead: under double backward, ``torch.func.hessian`` and the like, autograd and torch.func
-differentiate the identity with respect to the anchors, and that is where the error is raised.
-A first derivative never reaches them (nothing differentiates the rule's result).
+torch.func runs a Function's jvp rule with forward mode switched off, so forward mode over
+forward mode (``jacfwd(jacfwd(f))``, nested ``jvp``) would miss the rule's dependence on the
+solution and be silently wrong. Passing the rule's result through ``no_forward_over_forward``,
+with the tensors it depends on as ``anchors``, makes that derivative raise instead: the outer
+forward level differentiates the identity with respect to the anchors, and that is where the
+error is raised. A first derivative never reaches it.
 """
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ import torch
 from torch import Tensor
 
 
-class _RefuseSecondOrder(torch.autograd.Function):
-    """(message, value, *anchors) -> value; backward and jvp raise ``NotImplementedError(message)``."""
+class _RefuseForwardOverForward(torch.autograd.Function):
+    """(message, value, *anchors) -> value. Reverse mode passes the gradient to ``value`` (the
+    rule's own operations carry its dependence on the anchors exactly); forward mode raises
+    ``NotImplementedError(message)``."""
 
     generate_vmap_rule = True
 
@@ -26,41 +28,20 @@ class _RefuseSecondOrder(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.message = inputs[0]
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, ...]:
-        raise NotImplementedError(ctx.message)
-
-    @staticmethod
-    def jvp(ctx: Any, *tangents: Any) -> Tensor:
-        raise NotImplementedError(ctx.message)
-
-
-class _RefuseForwardOverForward(_RefuseSecondOrder):
-    """As ``_RefuseSecondOrder``, but reverse mode passes the gradient to ``value`` (the rule's own
-    operations carry its dependence on the anchors exactly); only forward mode raises."""
+        ctx.message, ctx.anchors = inputs[0], len(inputs) - 2
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         return (None, grad, *([None] * ctx.anchors))
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        ctx.message, ctx.anchors = inputs[0], len(inputs) - 2
-
-
-def first_order_only(message: str, value: Tensor, *anchors: Tensor | None) -> Tensor:
-    """``value``; any derivative of it with respect to ``anchors`` raises with ``message``."""
-    return _RefuseSecondOrder.apply(message, value, *anchors)
+    def jvp(ctx: Any, *tangents: Any) -> Tensor:
+        raise NotImplementedError(ctx.message)
 
 
 def no_forward_over_forward(message: str, value: Tensor, *anchors: Tensor | None) -> Tensor:
     """``value``; a forward-mode derivative of it with respect to ``anchors`` raises with ``message``.
 
-    For jvp rules that are exact under reverse mode: torch.func runs a Function's jvp rule with
-    forward mode switched off at its own level, so forward mode over forward mode
-    (``jacfwd(jacfwd(f))``, nested ``jvp``) would miss the rule's dependence on the solution.
     The anchors must be tensors the rule received (saved tensors), not ones it computed: inside
     the rule, forward mode is off for every level, so a computed tensor carries no tangent.
     """

@@ -1,4 +1,13 @@
-"""The cone program as a torch.autograd.Function: forward solves, backward/jvp differentiate."""
+"""The cone program as a torch.autograd.Function: forward solves, backward/jvp differentiate.
+
+First derivatives are exact in every form (backward, jvp, torch.func.vjp/jvp/jacrev/jacfwd, and
+under torch.func.vmap). The derivative rules are not themselves differentiable (they solve
+with a factorisation of the residual map's derivative whose own derivative is not formed), so
+they are Functions of their own (``_VJP``, ``_JVP``) whose derivatives raise: second
+derivatives — double backward, torch.func.hessian, a jacobian of a jacobian — fail with a
+message instead of returning a wrong answer. Being Functions also lets them run on plain
+tensors under ``torch.func.vmap`` (their linear solves take data-dependent branches).
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -13,6 +22,13 @@ from optlayers.cone import backends, derivative, embedding, linsolve, refine
 from optlayers.cone.interior import solver as interior_solver
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
+from optlayers.cone.validation import check_finite
+from optlayers.status import FailurePolicy
+
+SECOND_ORDER = (
+    "second derivatives of the cone program (double backward, torch.func.hessian, jacrev or jacfwd of a "
+    "derivative) are not supported: its derivative rules are exact but not themselves differentiable. First "
+    "derivatives (backward, jvp, torch.func.vjp, jvp, jacrev, jacfwd, vmap) are available.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,6 +42,7 @@ class Settings:
     warm_starts: tuple | None
     max_workers: int | None
     refine_steps: int = refine.MAX_STEPS
+    policy: FailurePolicy | None = None  # applied by the forward, on plain tensors (so also under vmap)
 
 
 def _scipy(A: torch.Tensor) -> sp.csc_matrix:
@@ -136,6 +153,7 @@ class ConeProgram(torch.autograd.Function):
     @staticmethod
     def forward(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
                 settings: Settings) -> tuple[torch.Tensor, ...]:
+        check_finite({"A": A, "b": b, "c": c, "P": P})
         point, status = _solve_and_refine(A, b, c, P, settings)
         if settings.solver == "ipm" and not bool((status == ConeStatus.SOLVED).all()):
             point, status = _fall_back(A, b, c, P, settings, point, status)
@@ -146,6 +164,8 @@ class ConeProgram(torch.autograd.Function):
             lu, pivots = x.new_empty(0), torch.empty(0, dtype=torch.int32, device=x.device)
         else:
             lu, pivots = point.factorization.lu, point.factorization.pivots
+        if settings.policy is not None:
+            settings.policy.apply(status)
         return nan(point.x), nan(point.y), nan(point.s), status, lu, pivots
 
     @staticmethod
@@ -158,38 +178,173 @@ class ConeProgram(torch.autograd.Function):
         ctx.save_for_forward(A, P, x, y, s, status, lu, pivots)
 
     @staticmethod
-    def _point(ctx: Any) -> derivative.Point:
-        A, P, x, y, s, status, lu, pivots = ctx.saved_tensors
-        factorization = linsolve.DenseFactorization(lu, pivots) if lu.numel() else None
-        point = derivative.Point(ctx.settings.spec, A.detach(), _sym(P if P is None else P.detach()),
-                                 x, y, s, status == ConeStatus.SOLVED, factorization)
-        return point.cleaned()  # a failed element's NaN x, y must not reach the A and P cotangents
-
-    @staticmethod
     def backward(ctx: Any, vx: torch.Tensor | None, vy: torch.Tensor | None, vs: torch.Tensor | None,
                  *_non_differentiable: Any) -> tuple:
-        point = ConeProgram._point(ctx)
+        A, P, x, y, s, status, lu, pivots = ctx.saved_tensors
         zeros = lambda v, like: torch.zeros_like(like) if v is None else v  # noqa: E731
-        r = derivative.vjp(point, ctx.settings.mode, zeros(vx, point.x), zeros(vy, point.y), zeros(vs, point.s))
-        A, P = point.A, point.P
-        need_A, need_b, need_c, need_P = ctx.needs_input_grad[:4]
-        n = point.x.shape[-1]
-        grad_A = grad_P = None
-        if need_A and A.layout != torch.strided:
-            grad_A = _grad_sparse(A, point, r)
-        elif need_A:
-            grad_A = embedding.perturbation_adjoint(point.x, point.y, r, shared=A.dim() == 2)[0]
-        if need_P:
-            grad_P = embedding.perturbation_adjoint(point.x, point.y, r, shared=P.dim() == 2)[3]
-        return grad_A, -r[:, n:] if need_b else None, -r[:, :n] if need_c else None, grad_P, None
+        needs = tuple(ctx.needs_input_grad[:4])
+        grads = _VJP.apply(ctx.settings, needs, True, A, P, x, y, s, status, lu, pivots,
+                           zeros(vx, x), zeros(vy, y), zeros(vs, s))
+        return (*(g if need else None for g, need in zip(grads, needs)), None)
 
     @staticmethod
     def jvp(ctx: Any, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
             dP: torch.Tensor | None, _settings: Any) -> tuple:
-        point = ConeProgram._point(ctx)
-        # torch.func hands jvp wrapped tensors that scipy's LSQR cannot read: forward mode is dense
-        dx, dy, ds = derivative.jvp(point, "dense", dA, db, dc, _sym(dP))
+        dx, dy, ds = _JVP.apply(ctx.settings, *ctx.saved_tensors, dA, db, dc, dP)
         return dx, dy, ds, None, None, None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+             P: torch.Tensor | None, settings: Settings) -> tuple[tuple[torch.Tensor, ...], tuple[int, ...]]:
+        """``torch.func.vmap`` rule: the vmapped dimension (V) joins the batch (B) of b and c, and
+        the solver runs once on V·B programs; an unbatched shared A or P stays shared."""
+        flat = _Flat(info.batch_size, b, in_dims[1])
+        if settings.warm_starts is not None:
+            settings = dataclasses.replace(settings, warm_starts=tuple(settings.warm_starts) * flat.size)
+        out = ConeProgram.apply(flat.matrix(A, in_dims[0]), flat.rows(b, in_dims[1]), flat.rows(c, in_dims[2]),
+                                flat.matrix(P, in_dims[3]), settings)
+        return tuple(o.reshape(flat.size, o.shape[0] // flat.size, *o.shape[1:]) for o in out), (0,) * len(out)
+
+
+def _point(settings: Settings, A: torch.Tensor, P: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
+           s: torch.Tensor, status: torch.Tensor, lu: torch.Tensor, pivots: torch.Tensor) -> derivative.Point:
+    factorization = linsolve.DenseFactorization(lu, pivots) if lu.numel() else None
+    point = derivative.Point(settings.spec, A, _sym(P), x, y, s, status == ConeStatus.SOLVED, factorization)
+    return point.cleaned()  # a failed element's NaN x, y must not reach the A and P cotangents
+
+
+class _Flat:
+    """Moves a ``torch.func.vmap`` dimension of size V into the batch (B) of per-element tensors;
+    ``reference`` is a (B, ·) tensor and ``dim`` its vmapped dimension."""
+
+    def __init__(self, size: int, reference: torch.Tensor, dim: int | None):
+        self.size = size
+        self.batch = self.leading(reference, dim).shape[1]
+
+    def leading(self, t: torch.Tensor, dim: int | None) -> torch.Tensor:
+        return t.movedim(dim, 0) if dim is not None else t.expand(self.size, *t.shape)
+
+    def rows(self, t: torch.Tensor | None, dim: int | None) -> torch.Tensor | None:
+        """A (B, ·) tensor as (V·B, ·)."""
+        if t is None:
+            return None
+        t = self.leading(t, dim)
+        return t.reshape(self.size * self.batch, *t.shape[2:])
+
+    def matrix(self, t: torch.Tensor | None, dim: int | None) -> torch.Tensor | None:
+        """A shared (·, ·) or batched (B, ·, ·) matrix as (V·B, ·, ·); an unbatched shared one
+        (dense or sparse) stays as it is."""
+        if t is None or (dim is None and t.dim() == 2):
+            return t
+        t = self.leading(t, dim)
+        if t.dim() == 3:  # one matrix per vmapped element, shared by its batch
+            t = t.unsqueeze(1).expand(self.size, self.batch, *t.shape[1:])
+        return t.reshape(self.size * self.batch, *t.shape[2:])
+
+    def split(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.reshape(self.size, self.batch, *t.shape[1:])
+
+
+def _flat_point(flat: _Flat, in_dims: tuple, A: torch.Tensor, P: torch.Tensor | None, x: torch.Tensor,
+                y: torch.Tensor, s: torch.Tensor, status: torch.Tensor, lu: torch.Tensor,
+                pivots: torch.Tensor) -> tuple:
+    """The saved point of ``ConeProgram`` (A, P, x, y, s, status, lu, pivots) as V·B elements."""
+    rows = [flat.rows(t, d) for t, d in zip((x, y, s, status), in_dims[2:6])]
+    if lu.numel() == 0:  # lsqr/lsmr: no factorization
+        factor = [lu.new_empty(0), pivots.new_empty(0)]
+    else:
+        factor = [flat.rows(t, d) for t, d in zip((lu, pivots), in_dims[6:8])]
+    return (flat.matrix(A, in_dims[0]), flat.matrix(P, in_dims[1]), *rows, *factor)
+
+
+class _VJP(torch.autograd.Function):
+    """(settings, needs, sum_shared, A, P, x, y, s, status, lu, pivots, vx, vy, vs) -> the cotangents
+    of (A, b, c, P), None where ``needs`` says so; a shared A's or P's summed over the batch when
+    ``sum_shared``. ``ConeProgram``'s backward, as a Function of its own so that it runs on plain
+    tensors (its linear solves take data-dependent branches) and so that differentiating it raises."""
+
+    @staticmethod
+    def forward(settings: Settings, needs: tuple[bool, ...], sum_shared: bool, A: torch.Tensor,
+                P: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, status: torch.Tensor,
+                lu: torch.Tensor, pivots: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
+                vs: torch.Tensor) -> tuple:
+        point = _point(settings, A, P, x, y, s, status, lu, pivots)
+        r = derivative.vjp(point, settings.mode, vx, vy, vs)
+        need_A, need_b, need_c, need_P = needs
+        n = x.shape[-1]
+        grad_A = grad_P = None
+        if need_A and A.layout != torch.strided:
+            grad_A = _grad_sparse(A, point, r)
+        elif need_A:
+            grad_A = embedding.perturbation_adjoint(point.x, point.y, r, shared=sum_shared and A.dim() == 2)[0]
+        if need_P:
+            grad_P = embedding.perturbation_adjoint(point.x, point.y, r, shared=sum_shared and P.dim() == 2)[3]
+        return grad_A, -r[:, n:] if need_b else None, -r[:, :n] if need_c else None, grad_P
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple:
+        raise NotImplementedError(SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple:
+        raise NotImplementedError(SECOND_ORDER)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, settings: Settings, needs: tuple[bool, ...], sum_shared: bool,
+             A: torch.Tensor, P: torch.Tensor | None, *rest: torch.Tensor) -> tuple:
+        flat = _Flat(info.batch_size, rest[0], in_dims[5])
+        if needs[0] and A.layout != torch.strided:
+            raise NotImplementedError("the gradient of a sparse A under torch.func.vmap (or jacrev) is not "
+                                      "supported; pass A as a dense tensor")
+        point = _flat_point(flat, in_dims[3:11], A, P, *rest[:6])
+        vectors = [flat.rows(t, d) for t, d in zip(rest[6:], in_dims[11:])]
+        out = [flat.split(g) for g in _VJP.apply(settings, needs, False, *point, *vectors)]
+        for index, matrix, dim in ((0, A, in_dims[3]), (3, P, in_dims[4])):
+            shared = matrix is not None and matrix.dim() - (dim is not None) == 2
+            if out[index] is not None and shared and sum_shared:  # its gradient is the sum over the batch
+                out[index] = out[index].sum(1)
+        return tuple(out), tuple(None if g is None else 0 for g in out)
+
+
+class _JVP(torch.autograd.Function):
+    """(settings, A, P, x, y, s, status, lu, pivots, dA, db, dc, dP) -> (dx, dy, ds): ``ConeProgram``'s
+    jvp, a Function of its own for the reasons of ``_VJP``."""
+
+    @staticmethod
+    def forward(settings: Settings, A: torch.Tensor, P: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
+                s: torch.Tensor, status: torch.Tensor, lu: torch.Tensor, pivots: torch.Tensor,
+                dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
+                dP: torch.Tensor | None) -> tuple:
+        point = _point(settings, A, P, x, y, s, status, lu, pivots)
+        # scipy's LSQR cannot read the tensors torch.func hands a jvp rule: forward mode is dense
+        return derivative.jvp(point, "dense", dA, db, dc, _sym(dP))
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple:
+        raise NotImplementedError(SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple:
+        raise NotImplementedError(SECOND_ORDER)
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple, settings: Settings, A: torch.Tensor, P: torch.Tensor | None,
+             *rest: torch.Tensor | None) -> tuple:
+        flat = _Flat(info.batch_size, rest[0], in_dims[3])
+        point = _flat_point(flat, in_dims[1:9], A, P, *rest[:6])
+        dA, db, dc, dP = rest[6:]
+        dims = in_dims[9:]
+        tangents = (flat.matrix(dA, dims[0]), flat.rows(db, dims[1]), flat.rows(dc, dims[2]), flat.matrix(dP, dims[3]))
+        out = _JVP.apply(settings, *point, *tangents)
+        return tuple(flat.split(t) for t in out), (0, 0, 0)
 
 
 def _grad_sparse(A: torch.Tensor, point: derivative.Point, r: torch.Tensor) -> torch.Tensor:

@@ -149,12 +149,12 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
         x0, y0, s0 = (t.detach().cpu().double().reshape(data.b.shape[0], -1).numpy()
                       for t in (warm_start.x, warm_start.y, warm_start.s))
         warm = tuple(None if not np.isfinite(x0[i]).all() else (x0[i], y0[i], s0[i]) for i in range(len(x0)))
-    settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps)
+    policy = FailurePolicy(on_failure, failed_value, "cone programs")  # applied inside, so also under vmap
+    settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps, policy)
     # The solvers, the refinement and the derivative all work in float64; outputs follow the inputs' dtype.
     wide = [None if t is None else t.to(torch.float64) for t in (data.A, data.b, data.c, data.P)]
     x, y, s, status, _, _ = ConeProgram.apply(*wide, settings)
     x, y, s = (t.to(data.b.dtype) for t in (x, y, s))
-    FailurePolicy(on_failure, failed_value, "cone programs").apply(status)
     if not math.isnan(failed_value):
         solved = (status == Status.SOLVED).unsqueeze(-1)
         x, y, s = (torch.where(solved, t, failed_value) for t in (x, y, s))

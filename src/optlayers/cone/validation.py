@@ -60,8 +60,17 @@ def _check_dims(name: str, t: torch.Tensor, allowed: tuple[int, ...], meaning: s
                          f"got shape {tuple(t.shape)}")
 
 
+def check_finite(tensors: dict[str, torch.Tensor | None]) -> None:
+    """Refuse NaN or Inf. Run on plain tensors inside the solve (``ConeProgram.forward``), so that
+    ``torch.func.vmap`` can trace ``validate``."""
+    for name, t in tensors.items():
+        if t is not None and not bool(torch.isfinite(_values(t)).all()):
+            raise ValueError(f"{name} contains NaN or Inf; all data must be finite")
+
+
 def validate(A, b, c, P, cones: ConeSpec) -> ConeData:
-    """Check types, dtypes, devices, shapes, finiteness and the cone sizes; return canonical data."""
+    """Check types, dtypes, devices, shapes and the cone sizes (finiteness: ``check_finite``);
+    return canonical data."""
     if not isinstance(cones, ConeSpec):
         raise TypeError(f"cones must be a ConeSpec, got {type(cones).__name__}")
     tensors = {"A": _to_tensor("A", A, True), "b": _to_tensor("b", b, False), "c": _to_tensor("c", c, False)}
@@ -91,9 +100,6 @@ def validate(A, b, c, P, cones: ConeSpec) -> ConeData:
     batches = {name: t.shape[0] for name, t in tensors.items() if t.dim() == (3 if name in ("A", "P") else 2)}
     if len(set(batches.values())) > 1:
         raise ValueError(f"batched inputs must share one batch size, got {batches}")
-    for name, t in tensors.items():
-        if not bool(torch.isfinite(_values(t)).all()):
-            raise ValueError(f"{name} contains NaN or Inf; all data must be finite")
     batch = next(iter(batches.values())) if batches else None
     size = batch or 1
     cast = {name: t.to(dtype) for name, t in tensors.items()}
