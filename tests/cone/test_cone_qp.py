@@ -40,13 +40,15 @@ def test_matches_core_qp_solver(solver):
 
 def test_only_inequalities_and_shared_Q():
     Q, p, G, h, _, _ = random_qp(2, 5, 0, 6, seed=1)
-    Q = Q[0].clone().requires_grad_()
-    got = solve_qp_cone(Q, p, G, h)
-    ref = solve_qp(Q, p, G, h)
+    Q_cone, Q_qp = Q[0].clone().requires_grad_(), Q[0].clone().requires_grad_()
+    got = solve_qp_cone(Q_cone, p, G, h)
+    ref = solve_qp(Q_qp, p, G, h)
     assert torch.allclose(got.z, ref.z, atol=1e-7)
     assert got.nu.shape == (2, 0)
-    got.z.sum().backward()
-    assert Q.grad.shape == (5, 5)
+    weights = torch.randn(2, 5)
+    (got.z * weights).sum().backward()
+    (ref.z * weights).sum().backward()
+    assert torch.allclose(Q_cone.grad, Q_qp.grad, atol=1e-6)  # the shared Q's gradient, summed over the batch
 
 
 def test_needs_a_constraint():

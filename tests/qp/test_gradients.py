@@ -97,17 +97,24 @@ def test_jacfwd_and_jacrev_agree():
     np.testing.assert_allclose(torch.func.jacfwd(f)(data["p"]).numpy(), torch.func.jacrev(f)(data["p"]).numpy(), atol=1e-9)
 
 
-def test_float32_gradients_close_to_float64():
-    data = random_qp((3,), 8, 10, 2, active=True)
-    grads = {}
-    for dtype in (torch.float32, torch.float64):
-        h = data["h"].to(dtype).requires_grad_()
-        p = data["p"].to(dtype).requires_grad_()
-        solve_qp(data["Q"].to(dtype), p, data["G"].to(dtype), h, data["A"].to(dtype), data["b"].to(dtype)).z.square().sum().backward()
-        grads[dtype] = (h.grad, p.grad)
-        assert h.grad.dtype == dtype
-    for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
-        np.testing.assert_allclose(g32.double().numpy(), g64.numpy(), atol=1e-3, rtol=1e-3)
+def test_float32_gradients_match_finite_differences():
+    data = {k: v.float() for k, v in random_qp((3,), 8, 10, 2, active=True).items()}
+    leaves = {k: data[k].clone().requires_grad_() for k in ("p", "h")}
+    solve_qp(**{**data, **leaves}).z.square().sum().backward()
+    assert all(t.grad.dtype == torch.float32 for t in leaves.values())
+
+    def loss(p, h):  # in float64, at the float32 data
+        wide = {k: v.double() for k, v in data.items()}
+        return solve_qp(**{**wide, "p": p, "h": h}, tol=1e-13).z.square().sum()
+
+    eps = 1e-6
+    for name in ("p", "h"):
+        direction = torch.randn(data[name].shape, dtype=torch.float64)
+        base = {k: data[k].double() for k in ("p", "h")}
+        shifted = [loss(**{**base, name: base[name] + sign * eps * direction}) for sign in (1, -1)]
+        fd = float((shifted[0] - shifted[1]) / (2 * eps))
+        got = float((leaves[name].grad.double() * direction).sum())
+        assert got == pytest.approx(fd, rel=1e-5, abs=1e-6), name
 
 
 def test_vmap_matches_batched_solve():
