@@ -123,3 +123,24 @@ def test_mnist_from_idx_files_the_test_writes(capsys, tmp_path):
     results = json.loads(capsys.readouterr().out)
     assert results["source"] == "idx" and results["n_train"] == 30 and results["n_test"] == 10
     assert 0.0 <= results["optnet"]["test_accuracy"] <= 1.0 and (tmp_path / "out" / "curves.png").is_file()
+
+
+def test_denoising_methods_from_separate_commands_make_one_record_and_figures(capsys, tmp_path):
+    """Two commands sharing --out with their own batch sizes: the report reads each method's own settings."""
+    from optlayers.experiments import report
+
+    out = tmp_path / "run"
+    argv = ["experiment", "denoising", "--quick", "--n-train", "6", "--n-test", "3", "--epochs", "1", "--no-progress",
+            "--out", str(out)]
+    assert cli.main([*argv, "--methods", "tv", "fc", "optnet-tv-init", "--batch-size", "3"]) == 0
+    assert cli.main([*argv, "--methods", "optnet-learn-d", "--batch-size", "2", "--d-penalty", "0.01"]) == 0
+    capsys.readouterr()
+    record = report.results_record("denoising", out, "two commands", "abc")
+    assert record["settings"]["optnet_learn_d"]["batch_size"] == 2 and record["settings"]["fc"]["batch_size"] == 3
+    assert record["settings"]["optnet_learn_d"]["d_penalty"] == 0.01
+    history = json.loads((out / "optnet-tv-init" / common.METRICS_JSON).read_text())
+    assert record["measured"]["optnet_fine_tuned"] == history[-1]["test_mse"]
+    written = report.main(["figures", str(out), "--out", str(tmp_path / "figures")])
+    assert written == 0
+    for name in ("denoising-example.png", "denoising-learned-d.png", "denoising-curves.png"):
+        assert (tmp_path / "figures" / name).stat().st_size > 0

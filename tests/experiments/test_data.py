@@ -88,3 +88,26 @@ def test_idx_reads_a_hand_written_mnist_header(tmp_path):
     (tmp_path / "short").write_bytes(raw[:-1])
     with pytest.raises(ValueError, match=r"header says shape \(3,\)"):
         read_idx(tmp_path / "short")
+
+
+def test_tv_init_perturbation_keeps_h_zero_and_perturbs_the_input_layer():
+    torch.manual_seed(0)
+    model = denoising.TVInitOptNet(12, 15.0, init_noise=1e-3, dtype=torch.float64)
+    _, _, h, _, _ = model.qp.qp_data()
+    assert float(h.abs().max()) < 1e-5
+    deviation = model.input.weight.detach() - torch.cat([-torch.eye(12), torch.zeros(11, 12)]).double()
+    assert 0.5e-3 < float(deviation.std()) < 2e-3
+
+
+def test_learn_d_loss_adds_the_l1_penalty_on_d_with_its_gradient():
+    torch.manual_seed(0)
+    clean, noisy = denoising.make_signals(4, np.random.default_rng(0), length=8)
+    batch = [torch.tensor(noisy), torch.tensor(clean)]
+    model = denoising.OptNetTV(8, 13.0, init="random", dtype=torch.float64)
+    plain = denoising._mse(model, batch)
+    penalised = denoising._mse_with_d_penalty(0.1)(model, batch)
+    torch.testing.assert_close(penalised["loss"] - plain["loss"], 0.1 * model.D.abs().sum().expand(4))
+    torch.testing.assert_close(penalised["mse"], plain["mse"])
+    (g_plain,) = torch.autograd.grad(plain["loss"].mean(), model.D)
+    (g_pen,) = torch.autograd.grad(penalised["loss"].mean(), model.D)
+    torch.testing.assert_close(g_pen - g_plain, 0.1 * torch.sign(model.D.detach()))

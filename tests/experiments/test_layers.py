@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -88,3 +89,24 @@ def test_tv_layer_validates():
     with pytest.raises(ValueError, match="init must be 'difference' or 'random', got 'x'"):
         OptNetTV(10, lam=1.0, init="x")
     torch.testing.assert_close(first_difference(3), torch.tensor([[-1.0, 1.0, 0.0], [0.0, -1.0, 1.0]]))
+
+
+def test_mnist_feature_optnet_head_solves_its_qp():
+    """The head's z against cvxpy's solution of the same QP, whose z₀(x), s₀(x) come from the features."""
+    cp = pytest.importorskip("cvxpy")
+    from optlayers.experiments.mnist import FeatureOptNetHead
+
+    torch.manual_seed(0)
+    head = FeatureOptNetHead(10, 10, dtype=torch.float64)
+    with torch.no_grad():
+        head.L.add_(0.3 * torch.tril(torch.rand(10, 10, dtype=torch.float64)))
+    x = torch.relu(torch.randn(3, 10, dtype=torch.float64))
+    z = head(x).detach().numpy()
+    L = (head.L * head.tril_mask).detach().numpy()
+    Q = L @ L.T + 1e-4 * np.eye(10)
+    G = head.G.detach().numpy()
+    h = (head.z0(x) @ head.G.T + torch.nn.functional.softplus(head.s0(x))).detach().numpy()
+    for i in range(3):
+        v = cp.Variable(10)
+        cp.Problem(cp.Minimize(0.5 * cp.quad_form(v, cp.psd_wrap(Q)) + x[i].numpy() @ v), [G @ v <= h[i]]).solve()
+        np.testing.assert_allclose(z[i], v.value, atol=1e-5)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from optlayers.experiments import report
+from optlayers.experiments import common, report
 
 
 def _write(run_dir, results):
@@ -11,18 +11,33 @@ def _write(run_dir, results):
     (run_dir / "results.json").write_text(json.dumps(results))
 
 
-DENOISING = {"experiment": "denoising", "n_train": 90, "n_test": 10, "batch_size": 15, "noisy_test_mse": 100.0,
-             "tv": {"lambda": 20.0, "test_mse": 16.2},
-             "fc": {"test_mse": 30.5, "epochs": 50, "lr": 1e-3},
-             "optnet-learn-d": {"test_mse": 54.0, "epochs": 9, "lr": 1e-2, "d_penalty": 0.1},
-             "optnet-tv-init": {"test_mse": 14.1, "epochs": 7, "lr": 1e-4, "init_noise": 1e-3}}
+DENOISING = {"fc": (30.5, {"lr": 1e-3, "batch_size": 150}),
+             "optnet-learn-d": (54.0, {"lr": 1e-2, "batch_size": 25, "d_penalty": 0.1}),
+             "optnet-tv-init": (14.1, {"lr": 1e-4, "batch_size": 150, "init_noise": 1e-3})}
+
+
+def _denoising_run(run_dir, methods=tuple(DENOISING)):
+    """The files a denoising run leaves: tv/results.json, results.json, and per method metrics + checkpoint."""
+    _write(run_dir, {"experiment": "denoising", "noisy_test_mse": 100.4})
+    _write(run_dir / "tv", {"lambda": 20.0, "test_mse": 16.2, "data": {"seed": 0, "n_train": 90, "n_test": 10}})
+    for method in methods:
+        test_mse, options = DENOISING[method]
+        history = [{"epoch": 0, "test_mse": 900.0}, {"epoch": 1, "test_mse": test_mse, "train_mse": test_mse - 1}]
+        (run_dir / method).mkdir()
+        (run_dir / method / common.METRICS_JSON).write_text(json.dumps(history))
+        fingerprint = {"seed": 0, "n_train": 90, "name": method, "dtype": "float64", **options}
+        common.save_checkpoint(run_dir / method / common.CHECKPOINT_FILE,
+                               {"format": common.CHECKPOINT_FORMAT, "fingerprint": fingerprint})
 
 
 def test_denoising_record_maps_each_method_to_its_key(tmp_path):
-    _write(tmp_path / "run", DENOISING)
+    _denoising_run(tmp_path / "run")
     record = report.results_record("denoising", tmp_path / "run", "optlayers experiment denoising", "abc1234")
     assert record["measured"] == {"tv": 16.2, "fc": 30.5, "optnet_learn_d": 54.0, "optnet_fine_tuned": 14.1}
-    assert record["settings"]["n_train"] == 90 and record["settings"]["optnet_learn_d"]["d_penalty"] == 0.1
+    settings = record["settings"]
+    assert settings["n_train"] == 90 and settings["n_test"] == 10 and settings["tv_lambda"] == 20.0
+    assert settings["optnet_learn_d"]["d_penalty"] == 0.1 and settings["optnet_learn_d"]["batch_size"] == 25
+    assert settings["optnet_fine_tuned"]["epochs"] == 1 and settings["fc"]["best_test_mse"] == 30.5
     assert record["paper"]["optnet_fine_tuned"] == 14.4 and record["commit"] == "abc1234"
     assert set(record) == {"command", "commit", "date", "settings", "measured", "paper"}
 
@@ -43,13 +58,13 @@ def test_sudoku_and_mnist_records(tmp_path):
 
 
 def test_a_run_without_every_model_is_refused(tmp_path):
-    _write(tmp_path / "run", {k: v for k, v in DENOISING.items() if k != "fc"})
+    _denoising_run(tmp_path / "run", methods=("optnet-learn-d", "optnet-tv-init"))
     with pytest.raises(ValueError, match=r"lacks \['fc'\]"):
         report.results_record("denoising", tmp_path / "run", "c", "h")
 
 
 def test_wrong_experiment_and_missing_file(tmp_path):
-    _write(tmp_path / "run", DENOISING)
+    _denoising_run(tmp_path / "run")
     with pytest.raises(ValueError, match="is a 'denoising' run, expected 'mnist'"):
         report.results_record("mnist", tmp_path / "run", "c", "h")
     with pytest.raises(ValueError, match="without it"):

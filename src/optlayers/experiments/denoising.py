@@ -204,7 +204,7 @@ def plot_d(initial: Tensor, learned: Tensor, path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
     for ax, (title, D) in zip(axes, (("initial D (random)", initial), ("learned D", learned))):
         limit = float(D.abs().max())
-        image = ax.imshow(D.cpu(), cmap="RdBu", vmin=-limit, vmax=limit)
+        image = ax.imshow(D.cpu().numpy(), cmap="RdBu", vmin=-limit, vmax=limit)
         ax.set_title(title)
         ax.set_xlabel("signal index")
         ax.set_ylabel("row of D")
@@ -223,10 +223,10 @@ def plot_examples(models: dict[str, nn.Module], test: tuple[Tensor, Tensor], pat
     noisy, clean = (t[:count] for t in test)
     fig, axes = plt.subplots(count, 1, figsize=(9, 3.4 * count), squeeze=False)
     with torch.no_grad():
-        outputs = {name: model(noisy).cpu() for name, model in models.items()}
+        outputs = {name: model(noisy).cpu().numpy() for name, model in models.items()}
     for i, ax in enumerate(axes[:, 0]):
-        ax.plot(noisy[i].cpu(), color="0.7", label="noisy")
-        ax.plot(clean[i].cpu(), color="k", label="clean")
+        ax.plot(noisy[i].cpu().numpy(), color="0.7", label="noisy")
+        ax.plot(clean[i].cpu().numpy(), color="k", label="clean")
         for j, (name, out) in enumerate(outputs.items()):
             ax.plot(out[i], color=f"C{j}", label=name)
         ax.legend(fontsize=7, ncol=3)
@@ -285,3 +285,41 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
         plot_examples(models, test_on_device, args.out / "example.png", count=1)
         common.write_json(args.out / "results.json", results)
     return results
+
+
+def plot_run(run_dir, out_dir) -> list:
+    """Figures of a finished (or checkpointed) run in ``run_dir``, whose methods may come from separate commands:
+    ``denoising-example.png`` (the first test signal: noisy, clean and every method's output),
+    ``denoising-learned-d.png`` (learn-D's D at init and trained) and ``denoising-curves.png``; returns the paths."""
+    from pathlib import Path
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    tv = json.loads((run_dir / "tv" / "results.json").read_text())
+    lam, seed, device = tv["lambda"], tv["data"]["seed"], torch.device("cpu")
+    models: dict[str, nn.Module] = {f"TV (λ={lam:g})": OptNetTV(SIGNAL_LENGTH, lam, learn_d=False, **SOLVER_OPTIONS,
+                                                                  dtype=torch.float64)}
+    histories, initial_d, written = {}, None, []
+    for method in TRAINED:
+        if not (run_dir / method / common.CHECKPOINT_FILE).is_file():
+            continue
+        state = common.load_checkpoint(run_dir / method / common.CHECKPOINT_FILE)
+        options = state["fingerprint"]
+        torch.manual_seed(seed)
+        model = build(method, lam, device, common.DTYPES[options["dtype"]], options.get("init_noise", 0.0))
+        if method == "optnet-learn-d":
+            initial_d = model.D.detach().clone()
+        model.load_state_dict(state["model"])
+        models[f"{method} (epoch {state['epoch']})"] = model.double()
+        histories[method] = state["history"]
+    test = _signal_tensors(tv["data"]["n_test"], np.random.default_rng([seed, 1]), torch.float64)
+    plot_examples(models, test, out_dir / "denoising-example.png", count=1)
+    written.append(out_dir / "denoising-example.png")
+    if initial_d is not None:
+        plot_d(initial_d, models[next(k for k in models if k.startswith("optnet-learn-d"))].D.detach(),
+               out_dir / "denoising-learned-d.png")
+        written.append(out_dir / "denoising-learned-d.png")
+    if histories:
+        common.plot_curves(histories, [("mse", "test / train MSE")], out_dir / "denoising-curves.png", logy=True,
+                           hlines={f"TV (λ={lam:g}) test": tv["test_mse"]})
+        written.append(out_dir / "denoising-curves.png")
+    return written

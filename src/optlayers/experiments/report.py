@@ -2,10 +2,13 @@
 
     python -m optlayers.experiments.report write denoising RUN_DIR --command "..." --commit HASH [--out FILE]
     python -m optlayers.experiments.report table [--results-dir docs/results]
+    python -m optlayers.experiments.report figures RUN_DIR [--out docs/figures]    (denoising)
 
 Each file is ``{"command", "commit", "date", "settings": {...}, "measured": {...}, "paper": {...}}``;
 ``measured`` holds the final-epoch numbers under fixed keys (see ``MEASURED``), ``paper`` the OptNet paper's
-values where it reports one.
+values where it reports one. A denoising run is read from its per-method folders (``tv/results.json``,
+``<method>/metrics.json`` and the checkpoint's option fingerprint), so its methods may come from separate commands
+sharing one ``--out``.
 """
 from __future__ import annotations
 
@@ -29,15 +32,25 @@ PAPER = {
 DENOISING_METHODS = {"fc": "fc", "optnet-learn-d": "optnet_learn_d", "optnet-tv-init": "optnet_fine_tuned"}
 
 
-def _denoising(results: Mapping[str, Any]) -> tuple[dict, dict]:
-    settings = {"n_train": results["n_train"], "n_test": results["n_test"], "batch_size": results.get("batch_size"),
-                "noisy_test_mse": results["noisy_test_mse"], "tv_lambda": results["tv"]["lambda"]}
-    measured = {"tv": results["tv"]["test_mse"]}
+def _denoising(run_dir: Path) -> tuple[dict, dict]:
+    """From the per-method folders of ``run_dir``: the methods may have been trained by separate commands (in
+    parallel, with their own batch size), so each one's settings come from its checkpoint's fingerprint."""
+    from optlayers.experiments import common
+
+    tv = json.loads((run_dir / "tv" / "results.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    settings = {"n_train": tv["data"]["n_train"], "n_test": tv["data"]["n_test"],
+                "noisy_test_mse": results["noisy_test_mse"], "tv_lambda": tv["lambda"]}
+    measured = {"tv": tv["test_mse"]}
     for method, key in DENOISING_METHODS.items():
-        if method in results:
-            row = results[method]
-            measured[key] = row["test_mse"]
-            settings[key] = {k: v for k, v in row.items() if k not in ("test_mse",)}
+        if not (run_dir / method / common.METRICS_JSON).is_file():
+            continue
+        history = json.loads((run_dir / method / common.METRICS_JSON).read_text())
+        fingerprint = common.load_checkpoint(run_dir / method / common.CHECKPOINT_FILE)["fingerprint"]
+        measured[key] = history[-1]["test_mse"]
+        settings[key] = {**{k: v for k, v in fingerprint.items() if k not in ("name", "n_train")},
+                         "epochs": history[-1]["epoch"], "train_mse": history[-1]["train_mse"],
+                         "best_test_mse": min(row["test_mse"] for row in history)}
     return settings, measured
 
 
@@ -61,7 +74,7 @@ def _mnist(results: Mapping[str, Any]) -> tuple[dict, dict]:
     return settings, measured
 
 
-EXTRACT: dict[str, Callable[[Mapping[str, Any]], tuple[dict, dict]]] = {
+EXTRACT: dict[str, Callable[[Any], tuple[dict, dict]]] = {
     "denoising": _denoising, "sudoku": _sudoku, "mnist": _mnist,
 }
 MEASURED = {
@@ -82,11 +95,12 @@ def results_record(experiment: str, run_dir: Path, command: str, commit: str) ->
     results = json.loads(path.read_text())
     if results.get("experiment") != experiment:
         raise ValueError(f"{path} is a {results.get('experiment')!r} run, expected {experiment!r}")
-    settings, measured = EXTRACT[experiment](results)
+    settings, measured = EXTRACT[experiment](Path(run_dir) if experiment == "denoising" else results)
     missing = [k for k in MEASURED[experiment] if k not in measured]
     if missing:
         raise ValueError(f"{path} lacks {missing}: run every model of the experiment into the same --out")
-    date = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).date().isoformat()
+    newest = max(f.stat().st_mtime for f in Path(run_dir).rglob("*.json"))
+    date = datetime.datetime.fromtimestamp(newest, datetime.timezone.utc).date().isoformat()
     return {"command": command, "commit": commit, "date": date, "settings": settings, "measured": measured,
             "paper": PAPER[experiment]}
 
@@ -119,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     write.add_argument("--command", dest="run_command", required=True, help="the command(s) that produced the run")
     write.add_argument("--commit", required=True, help="the commit whose code produced the run")
     write.add_argument("--out", type=Path, default=None, help="default: docs/results/<experiment>.json")
+    figures = commands.add_parser("figures", help="denoising figures (one test signal, learned D) from a run's checkpoints")
+    figures.add_argument("run_dir", type=Path)
+    figures.add_argument("--out", type=Path, default=Path("docs/figures"))
     table = commands.add_parser("table", help="Markdown table rows from the results files")
     table.add_argument("--results-dir", type=Path, default=Path("docs/results"))
     args = parser.parse_args(argv)
@@ -131,6 +148,11 @@ def main(argv: list[str] | None = None) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(record, indent=2) + "\n")
         print(f"wrote {out}")
+    elif args.command == "figures":
+        from optlayers.experiments import denoising
+
+        for path in denoising.plot_run(args.run_dir, args.out):
+            print(f"wrote {path}")
     else:
         records = {name: json.loads((args.results_dir / f"{name}.json").read_text())
                    for name in EXTRACT if (args.results_dir / f"{name}.json").is_file()}
