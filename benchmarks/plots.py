@@ -10,6 +10,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
 BAR_WIDTH = 0.8
+LABELS = {"optlayers": "optlayers (batched)", "optlayers-serial": "optlayers (serialized: one problem per call)"}
+"""Legend names where the solver's short name does not say enough (the paper's Figure 2 has both of ours)."""
+HATCHES = {"optlayers-serial": "//"}
 PHASE_STYLES = {"forward": "-", "backward": "--"}
 
 
@@ -61,7 +64,8 @@ def figure2(rows: list[dict], path: Path) -> None:
         by_batch = {row["batch"]: row["timings"]["forward"] for row in rows if row["solver"] == solver}
         xs = [i + (k - (len(solvers) - 1) / 2) * width for i, b in enumerate(batches) if b in by_batch]
         stats = [by_batch[b] for b in batches if b in by_batch]
-        ax.bar(xs, [s["median"] for s in stats], width, yerr=_error_bars(stats), capsize=2, label=solver)
+        ax.bar(xs, [s["median"] for s in stats], width, yerr=_error_bars(stats), capsize=2,
+               label=LABELS.get(solver, solver), hatch=HATCHES.get(solver))
     ax.set_xticks(range(len(batches)), [str(b) for b in batches])
     ax.set_xlabel("batch size")
     ax.set_yscale("log")
