@@ -85,6 +85,14 @@ MEASURED = {
 """The keys every results file must have in ``measured``."""
 
 
+def _model_options(run_dir: Path) -> dict[str, Any]:
+    """Each model's options (batch size, learning rate, dtype, ...) from its checkpoint's fingerprint."""
+    from optlayers.experiments import common
+
+    return {path.parent.name: {k: v for k, v in common.load_checkpoint(path)["fingerprint"].items() if k != "name"}
+            for path in sorted(run_dir.glob(f"*/{common.CHECKPOINT_FILE}"))}
+
+
 def results_record(experiment: str, run_dir: Path, command: str, commit: str) -> dict[str, Any]:
     """The record of ``run_dir/results.json`` (written by ``optlayers experiment``), dated by that file."""
     if experiment not in EXTRACT:
@@ -96,6 +104,8 @@ def results_record(experiment: str, run_dir: Path, command: str, commit: str) ->
     if results.get("experiment") != experiment:
         raise ValueError(f"{path} is a {results.get('experiment')!r} run, expected {experiment!r}")
     settings, measured = EXTRACT[experiment](Path(run_dir) if experiment == "denoising" else results)
+    if experiment != "denoising":
+        settings["models"] = _model_options(Path(run_dir))
     missing = [k for k in MEASURED[experiment] if k not in measured]
     if missing:
         raise ValueError(f"{path} lacks {missing}: run every model of the experiment into the same --out")
