@@ -132,16 +132,20 @@ class IPMState:
 
 @dataclass(frozen=True)
 class Units:
-    """Per-problem factors that carry the scaled residuals back to the original problem's units."""
+    """Per-problem constants of one solve: the factors that carry the scaled residuals back to
+    the original problem's units, and the merit step's candidate factors."""
 
     dual: Tensor  # (B, n): 1 / (d c)
     eq: Tensor  # (B, m): 1 / e
     ineq: Tensor  # (B, k): 1 / f
     cost: Tensor  # (B,): 1 / c
+    backtrack: Tensor  # (B, j): the merit step's candidate factors βʲ (the same for every problem)
 
     @staticmethod
     def of(sc: Scaling) -> Units:
-        return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), eq=1.0 / sc.e, ineq=1.0 / sc.f, cost=1.0 / sc.c)
+        factors = _BACKTRACK ** torch.arange(_BACKTRACK_STEPS, dtype=sc.c.dtype, device=sc.c.device)
+        return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), eq=1.0 / sc.e, ineq=1.0 / sc.f, cost=1.0 / sc.c,
+                     backtrack=factors.expand(sc.c.shape[0], -1))
 
 
 @dataclass(frozen=True)
@@ -184,41 +188,56 @@ def _norms(parts: list[Tensor], unit: Tensor | None = None) -> Tensor:
 
 
 def _pair_dots(u: Tensor, v: Tensor) -> Tensor:
-    """Row-wise dot products of stacked (j, B, r) tensors: (j, B)."""
+    """Row-wise dot products of (..., B, r) tensors: (..., B)."""
     return (u * v).sum(-1)
+
+
+def _dots(u: Tensor, vs: list[Tensor]) -> Tensor:
+    """uᵀv for each v of ``vs`` (all (B, r)): (len(vs), B). A product and a sum, not a batched
+    matrix product: torch's sum adds in a cascade, more accurately than BLAS's dot, and the duality
+    gap of hard problems (large terms that cancel) depends on those digits."""
+    return (u * torch.stack(vs)).sum(-1)
 
 
 def residuals(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> Residuals:
     """KKT residuals and the convergence test, measured in the original problem's units."""
     x, nu, lam, s = st.x, st.nu, st.lam, st.s
     qx, gx, gtlam = mv(data.Q, x), mv(data.G, x), mtv(data.G, lam)
-    dual_parts = [qx, data.p, gtlam]
     r_d = qx + data.p + gtlam
+    r_i = gx + s - data.h
+    dual_parts, primal_norms, terms = [qx, data.p, gtlam], [], [_dots(x, [qx, data.p])]  # xᵀQx, pᵀx, then hᵀλ, bᵀν
     if st.m:
         atnu, ax = mtv(data.A, nu), mv(data.A, x)
         r_d = r_d + atnu
+        r_e = ax - data.b
         dual_parts.append(atnu)
+        primal_norms.append(_norms([r_e, ax, data.b], units.eq))
     else:
-        ax = nu
-    r_e = ax - data.b
-    r_i = gx + s - data.h
+        r_e = nu
+    if st.k:
+        primal_norms.append(_norms([r_i, gx, data.h], units.ineq))
+        lam_dots = _dots(lam, [data.h, s])  # hᵀλ, sᵀλ
+        terms.append(lam_dots[:1])
+        complementarity = lam_dots[1]
+    else:
+        complementarity = torch.zeros_like(units.cost)
+    if st.m:
+        terms.append(_dots(nu, [data.b]))
     dual_norms = _norms([r_d, *dual_parts], units.dual)
-    eq_norms, ineq_norms = _norms([r_e, ax, data.b], units.eq), _norms([r_i, gx, data.h], units.ineq)
-    primal = torch.maximum(eq_norms[0], ineq_norms[0])
-    primal_size = torch.maximum(eq_norms[1:].amax(0), ineq_norms[1:].amax(0))
-    # xᵀQx, pᵀx, hᵀλ, sᵀλ, bᵀν
-    dots = _pair_dots(torch.stack([x, data.p]), torch.stack([qx, x]))
-    lam_dots = _pair_dots(torch.stack([data.h, s]), lam)
-    terms = torch.cat([dots, lam_dots[:1], _pair_dots(data.b, nu).unsqueeze(0)])
-    complementarity = lam_dots[1]
-    gap = torch.maximum(terms.sum(0).abs(), complementarity) * units.cost
-    gap_size = terms.abs().amax(0) * units.cost
-    measured = torch.stack([primal, dual_norms[0], gap])
-    sizes = torch.stack([primal_size, dual_norms[1:].amax(0), gap_size])
-    converged = (measured <= settings.tol + settings.rel_tol * sizes).all(0)
+    if primal_norms:
+        primal_norms = primal_norms[0] if len(primal_norms) == 1 else torch.maximum(*primal_norms)
+        primal, primal_size = primal_norms[0], primal_norms[1:].amax(0)
+    else:
+        primal = primal_size = torch.zeros_like(complementarity)
+    terms = torch.cat(terms)
+    measured = torch.stack([primal, dual_norms[0], torch.maximum(terms.sum(0).abs(), complementarity)])
+    sizes = torch.stack([primal_size, dual_norms[1:].amax(0), terms.abs().amax(0)])
+    measured[2].mul_(units.cost)  # the gap in the original problem's units
+    sizes[2].mul_(units.cost)
+    converged = (measured <= sizes.mul(settings.rel_tol).add_(settings.tol)).all(0)
     scaled = torch.cat([r_d, r_e, r_i], dim=-1).abs().amax(-1)
     mu = complementarity / max(st.k, 1)
-    return Residuals(r_d, r_e, r_i, mu, scaled, primal, dual_norms[0], gap, converged)
+    return Residuals(r_d, r_e, r_i, mu, scaled, primal, dual_norms[0], measured[2], converged)
 
 
 def _max_step(w: Tensor, dw: Tensor) -> Tensor:
@@ -237,21 +256,21 @@ _BACKTRACK = 0.7
 _BACKTRACK_STEPS = 12
 
 
-def _merit_step(w: Tensor, dw: Tensor, alpha: Tensor, res: Residuals) -> Tensor:
-    """The longest candidate step ≤ ``alpha`` (B,) with sufficient merit decrease (see above);
-    ``alpha`` itself where none has it (shorter steps would only crawl). ``w``, ``dw``: (B, 2, k)
-    of (λ, s) and their direction; ‖r‖ is the largest entry of the scaled residuals."""
-    factors = _BACKTRACK ** torch.arange(_BACKTRACK_STEPS, dtype=w.dtype, device=w.device)
+def _merit_step(dw: Tensor, complementarity_change: Tensor, alpha: Tensor, res: Residuals, factors: Tensor) -> Tensor:
+    """The longest candidate step α·βʲ (``factors`` (B, j) holds βʲ) with sufficient merit
+    decrease (see above); ``alpha`` itself where none has it (shorter steps would only crawl).
+    ``dw`` (B, 2, k) is the direction of (λ, s), ``complementarity_change`` (B,) = sᵀdλ + λᵀds;
+    ‖r‖ is the largest entry of the scaled residuals.
+
+    With μ(a) = μ + a·c₁ + a²·c₂ (c₁ = (sᵀdλ + λᵀds)/k, c₂ = dsᵀdλ/k) the test
+    μ(a) + (1 − a)‖r‖ ≤ (1 − δa)(μ + ‖r‖) reads, divided by a > 0, c₁ + a·c₂ ≤ (1 − δ)‖r‖ − δμ."""
     a = alpha.unsqueeze(-1) * factors
-    k = w.shape[-1]
-    # μ(a) = mean((s + a ds)(λ + a dλ)) = μ + a·(sᵀdλ + λᵀds)/k + a²·dsᵀdλ/k
-    linear = (w.flip(-2) * dw).sum((-2, -1)).unsqueeze(-1) / k
-    quadratic = dw.prod(-2).sum(-1).unsqueeze(-1) / k
-    infeasibility = res.scaled.unsqueeze(-1)
-    merit = torch.addcmul(res.mu.unsqueeze(-1), a, linear + a * quadratic) + (1 - a) * infeasibility
-    ok = merit <= (1 - _MERIT_DECREASE * a) * (res.mu.unsqueeze(-1) + infeasibility)
-    first = torch.where(ok.any(-1), ok.to(torch.int64).argmax(-1), 0)
-    return a.gather(-1, first.unsqueeze(-1)).squeeze(-1)
+    k = dw.shape[-1]
+    linear = (complementarity_change / k).unsqueeze(-1)
+    quadratic = dw.prod(-2).sum(-1, keepdim=True) / k
+    bound = ((1 - _MERIT_DECREASE) * res.scaled - _MERIT_DECREASE * res.mu).unsqueeze(-1)
+    longest = (a * (torch.addcmul(linear, a, quadratic) <= bound)).amax(-1)
+    return torch.where(longest > 0, longest, alpha)
 
 
 def _factor_at(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tensor, settings: IPMSettings,
@@ -293,21 +312,22 @@ class Step:
     factor_ok: Tensor
 
 
-def newton_iteration(data: QPData, st: IPMState, res: Residuals, settings: IPMSettings) -> Step:
+def newton_iteration(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings) -> Step:
     """One predictor-corrector direction and step length for every problem."""
     f = _factor_at(data.Q, data.A, data.G, st.lam, st.s, st.reg, settings, retries=0)
     lam, s, w = st.lam, st.s, st.lam_s
-    dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, -s * lam, settings.refine_steps)
+    s_lam = w.prod(-2)
+    dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, -s_lam, settings.refine_steps)
     if st.k:
         dw = dv[:, st.n + st.m :].unflatten(-1, (2, st.k))
         w_aff = torch.addcmul(w, _max_step(w, dw)[:, None, None], dw)
         mu_aff = w_aff.prod(-2).sum(-1) / st.k
         sigma = (mu_aff / res.mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
-        b4 = (sigma * res.mu).unsqueeze(-1) - s * lam - dw.prod(-2)
+        b4 = (sigma * res.mu).unsqueeze(-1) - s_lam - dw.prod(-2)
         dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, b4, settings.refine_steps)
         dw = dv[:, st.n + st.m :].unflatten(-1, (2, st.k))
         alpha = (settings.step_fraction * _max_step(w, dw)).clamp(max=1.0)
-        alpha = _merit_step(w, dw, alpha, res)
+        alpha = _merit_step(dw, b4.sum(-1), alpha, res, units.backtrack)
     else:
         alpha = st.v.new_ones(st.v.shape[0])
     return Step(dv, mv(data.Q, dv[:, : st.n]), alpha, f.ok)
@@ -317,24 +337,30 @@ def _certificates(data: QPData, st: IPMState, res: Residuals, step: Step, eps: f
     """Whether the direction looks like a primal (Farkas) or a dual infeasibility certificate,
     and whether it is finite.
 
+    Primal infeasibility (dν, dλ): ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ < −ε‖dy‖, dλ ≥ −ε‖dy‖.
+    Dual infeasibility dx: ‖Q dx‖ ≤ ε‖dx‖, ‖A dx‖ ≤ ε‖dx‖, G dx ≤ ε‖dx‖, pᵀdx < −ε‖dx‖.
     The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx, A dx = −r_e and G dx = −r_i − ds, so the
-    tests need no products with A and G.
+    tests need no products with A and G. Each family of comparisons is one stacked operation.
     """
     n, m, k = st.n, st.m, st.k
-    dx, dnu, dlam, ds = step.dv[:, :n], step.dv[:, n : n + m], step.dv[:, n + m : n + m + k], step.dv[:, n + m + k :]
-    x_norms = _norms([res.r_d + step.q_dx, step.q_dx, dx])  # dual residual of (dν, dλ), ‖Q dx‖, ‖dx‖
-    gdx = -res.r_i - ds
-    ineq = torch.stack([dlam, -dlam, gdx]).amax(-1) if k else dx.new_full((3, dx.shape[0]), -float("inf"))
-    eq = _norms([dnu, res.r_e])
-    nx = x_norms[2]
-    ny = torch.maximum(eq[0], torch.maximum(ineq[0], ineq[1]))
-    directions = _pair_dots(data.p, dx)
-    farkas_value = _pair_dots(data.b, dnu) + _pair_dots(data.h, dlam)
-    bound_y, bound_x = eps * ny, eps * nx
-    farkas = (x_norms[0] <= bound_y) & (farkas_value < -bound_y) & (ineq[1] <= bound_y) & (ny > 0)
-    recession = (x_norms[1] <= bound_x) & (eq[1] <= bound_x) & (ineq[2] <= bound_x) & (directions < -bound_x) & (nx > 0)
-    finite = torch.isfinite(nx + ny + ineq[2].clamp(min=0) + step.alpha)
-    return farkas, recession, finite
+    dv = step.dv
+    dx, dnu, dlam, ds = dv[:, :n], dv[:, n : n + m], dv[:, n + m : n + m + k], dv[:, n + m + k :]
+    residual_y, norm_qdx, nx = _norms([res.r_d + step.q_dx, step.q_dx, dx])
+    ny = dv[:, n : n + m + k].abs().amax(-1) if m + k else torch.zeros_like(nx)
+    zero = torch.zeros_like(nx)
+    norm_adx = res.r_e.abs().amax(-1) if m else zero
+    lowest_dlam = dlam.amin(-1) if k else zero
+    highest_gdx = -(res.r_i + ds).amin(-1) if k else zero
+    farkas_value = _pair_dots(data.h, dlam) + (_pair_dots(data.b, dnu) if m else 0.0)
+    sizes = torch.stack([ny, nx])
+    bounds = eps * sizes
+    small = torch.stack([residual_y, -lowest_dlam, norm_qdx, norm_adx, highest_gdx]) <= bounds[[0, 0, 1, 1, 1]]
+    descent = torch.stack([farkas_value, _pair_dots(data.p, dx)]) < -bounds
+    tests = torch.cat([small, descent, sizes > 0])  # rows: 0-1 y-small, 2-4 x-small, 5-6 descent, 7-8 nonzero
+    farkas = tests[[0, 1, 5, 7]].all(0)
+    recession = tests[[2, 3, 4, 6, 8]].all(0)
+    total = residual_y + ny + highest_gdx + step.alpha  # NaN or ±inf if any part of the step is
+    return farkas, recession, (total - total) == 0
 
 
 # For the derivatives, inequalities with W⁻¹ = λ/s above this (scaled units) are kept out of H
@@ -352,24 +378,22 @@ def assess(data: QPData, st: IPMState, res: Residuals, step: Step, settings: IPM
 
     A problem whose factorisation failed keeps its iterate and has its regularisation raised
     (``_REG_GROWTH``); once that has happened ``MAX_FACTOR_RETRIES`` times in a row it is a
-    numerical failure."""
+    numerical failure. After a sound step a raised regularisation is lowered again."""
     running = st.status == RUNNING
     farkas, recession, finite = _certificates(data, st, res, step, settings.infeasibility_tol)
     sound = running & step.factor_ok & finite
-    retry = running & ~step.factor_ok & (1.5 * st.reg < settings.reg * _REG_GROWTH ** MAX_FACTOR_RETRIES)
-    alpha = torch.where(sound, step.alpha, 0.0)
-    v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, alpha.unsqueeze(-1), step.dv), st.v)
+    retry = running & ~step.factor_ok & (st.reg < settings.reg * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5)
+    v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
     events = torch.stack([step.alpha < _NEGLIGIBLE_STEP, farkas, recession], dim=-1)
-    counters = torch.where(sound.unsqueeze(-1), torch.where(events, st.counters + 1, 0), st.counters)
-    limits = torch.tensor([settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE], device=v.device)
-    reached = sound.unsqueeze(-1) & (counters >= limits)
-    status = torch.where(running & ~sound & ~retry, int(QPStatus.NUMERICAL_ERROR), st.status)
-    # later assignments win: dual over primal infeasibility over a stall, as they are tested
-    codes = torch.tensor([int(QPStatus.NUMERICAL_ERROR), int(QPStatus.PRIMAL_INFEASIBLE), int(QPStatus.DUAL_INFEASIBLE)], device=v.device)
-    last = torch.where(reached, torch.arange(3, device=v.device), -1).amax(-1)
-    status = torch.where(last >= 0, codes[last.clamp(min=0)], status)
-    reg = torch.where(retry, st.reg * _REG_GROWTH, torch.where(sound, (st.reg / _REG_GROWTH).clamp(min=settings.reg), st.reg))
-    return replace(st, v=v, status=status, iterations=st.iterations + sound.to(st.iterations.dtype), counters=counters, reg=reg)
+    counters = torch.where(sound.unsqueeze(-1), (st.counters + 1) * events, st.counters)
+    stalled, certified = counters[:, 0] >= settings.stall_limit, counters[:, 1:] >= _CERTIFICATE_PERSISTENCE
+    # a stall, then primal, then dual infeasibility: the later test wins
+    status = st.status.masked_fill(running & ~(sound | retry) | stalled, int(QPStatus.NUMERICAL_ERROR))
+    status = status.masked_fill(certified[:, 0], int(QPStatus.PRIMAL_INFEASIBLE))
+    status = status.masked_fill(certified[:, 1], int(QPStatus.DUAL_INFEASIBLE))
+    change = torch.ones_like(st.reg).masked_fill_(sound, 1 / _REG_GROWTH).masked_fill_(retry, _REG_GROWTH)
+    reg = (st.reg * change).clamp_(min=settings.reg)
+    return replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg)
 
 
 def step(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> tuple[IPMState, Residuals]:
@@ -377,8 +401,8 @@ def step(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> tup
     the current point, then a predictor-corrector step where the problem is still running.
     Returns the new state and the residuals at the old point."""
     res = residuals(data, units, st, settings)
-    st = replace(st, status=torch.where((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED), st.status))
-    return assess(data, st, res, newton_iteration(data, st, res, settings), settings), res
+    st = replace(st, status=st.status.masked_fill((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED)))
+    return assess(data, st, res, newton_iteration(data, units, st, res, settings), settings), res
 
 
 # The host looks at the statuses (one synchronisation) only after these iterations: at the

@@ -110,7 +110,7 @@ def factor_kkt(
     def attempt(rho: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         H_diagonal.add_(rho.unsqueeze(-1))
         chol_h, ok = _cholesky(H)
-        chol_s = H.new_zeros(H.shape[0], 0, 0)
+        chol_s = H[:, :0, :0]  # empty: there is no Schur complement
         if rows:
             y = torch.linalg.solve_triangular(chol_h, C.mT, upper=False)
             S = y.mT @ y
