@@ -139,14 +139,14 @@ def test_second_derivatives_match_finite_differences_of_the_gradient(wrt):
 
 
 def test_gradgradcheck_all_inputs():
-    data = random_qp((2,), 3, 3, 1, active=True)
+    data = random_qp((), 3, 2, 1, active=True)
     leaves = [data[k].clone().requires_grad_() for k in NAMES]
 
     def f(M, p, G, h, A, b):
         sol = solve_qp(0.5 * (M + M.mT), p, G, h, A, b, tol=1e-13)
         return sol.z, sol.lam, sol.nu
 
-    assert torch.autograd.gradgradcheck(f, leaves, eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradgradcheck(f, leaves, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
 
 
 def test_third_derivative_matches_finite_differences_of_the_hessian():
@@ -182,3 +182,24 @@ def test_second_derivatives_of_a_batch_with_a_failed_element_stay_finite_and_exa
 def test_forward_over_forward_is_refused(transform):
     with pytest.raises(NotImplementedError, match="forward mode over forward mode"):
         transform(_diag_problem)(torch.tensor([1.0, 2.0]))
+
+
+def test_optnet_per_sample_parameter_gradients():
+    from optlayers import OptNet
+
+    layer = OptNet(3, n_ineq=4, n_eq=1)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    x = torch.randn(4, 3)
+
+    def loss(params, xi):
+        return torch.func.functional_call(layer, params, (xi.unsqueeze(0),)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(4):
+        alone = grad(loss)(params, x[i])
+        for name, g in alone.items():
+            torch.testing.assert_close(per_sample[name][i], g, atol=1e-9, rtol=1e-7, msg=name)
+    leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+    total = torch.autograd.grad(sum(loss(leaves, xi) for xi in x), list(leaves.values()))
+    for (name, g_sum) in zip(leaves, total):
+        torch.testing.assert_close(per_sample[name].sum(0), g_sum, atol=1e-9, rtol=1e-7, msg=name)
