@@ -28,7 +28,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.problems import random_qp  # noqa: E402
-from optlayers import solve_qp  # noqa: E402
+from optlayers import ConeSpec, solve_cone, solve_qp  # noqa: E402
+from optlayers.cone.testing import random_program  # noqa: E402
 
 # Operations that read a device value on the host.
 _SYNC_OPS = {"_local_scalar_dense", "nonzero", "masked_select", "nonzero_static", "unique", "_unique2"}
@@ -116,6 +117,42 @@ def qp_counts(batch: int, n: int, n_ineq: int, n_eq: int, window: int = 3) -> QP
                     fwd.kernel_count, fwd.sync_count, bwd.kernel_count, bwd.sync_count)
 
 
+@dataclass(frozen=True)
+class ConeCounts:
+    batch: int
+    m: int
+    n: int
+    kernels_per_iteration: float
+    forward_kernels: int
+    forward_syncs: int
+    backward_kernels: int
+    backward_syncs: int
+
+
+CONE_SPEC = ConeSpec(zero=14, nonneg=30, soc=[10, 10, 10], psd=[4], exp=4)
+"""The cone benchmark's programs (``bench_cone.py``): all five cone types, m = 96, with n = 48."""
+
+
+def cone_counts(batch: int, n: int = 48, spec: ConeSpec = CONE_SPEC, window: int = 3) -> ConeCounts:
+    """The same counts for ``solve_cone(solver="ipm")`` (its interior point method, then its
+    Newton refinement) and its adjoint, on the cone benchmark's programs."""
+    A, b, c, *_ = random_program(spec, n, batch=batch, seed=0)
+
+    def capped(iterations: int) -> int:
+        options = {"max_iter": iterations}
+        return count(lambda: solve_cone(A, b, c, spec, solver="ipm", solver_options=options, on_failure="ignore",
+                                        refine_steps=0)).kernel_count
+
+    per_iteration = (capped(2 * window) - capped(window)) / window
+    A_ = A.clone().requires_grad_(True)
+    holder = {}
+    fwd = count(lambda: holder.setdefault("sol", solve_cone(A_, b, c, spec, solver="ipm")))
+    sol = holder["sol"]
+    bwd = count(lambda: sol.x.sum().backward())
+    return ConeCounts(batch, spec.size, n, per_iteration, fwd.kernel_count, fwd.sync_count,
+                      bwd.kernel_count, bwd.sync_count)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -130,8 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"| {r.batch} | {r.n} | {r.n_ineq} | {r.n_eq} | {r.iterations} | {r.kernels_per_iteration:.0f} | "
               f"{r.forward_kernels} | {r.forward_syncs} | {r.backward_kernels} | {r.backward_syncs} |")
+    cone = cone_counts(args.batch)
+    print(f"\ncone programs (solver='ipm', all five cones), batch {cone.batch}, m = {cone.m}, n = {cone.n}: "
+          f"{cone.kernels_per_iteration:.0f} kernels per iteration; forward {cone.forward_kernels} kernels, "
+          f"{cone.forward_syncs} syncs; adjoint {cone.backward_kernels} kernels, {cone.backward_syncs} syncs")
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=1) + "\n")
+        args.json.write_text(json.dumps({"qp": [asdict(r) for r in rows], "cone": asdict(cone)}, indent=1) + "\n")
 
 
 if __name__ == "__main__":
