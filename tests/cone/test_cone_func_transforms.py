@@ -118,3 +118,10 @@ def test_double_backward_is_refused():
     g, = torch.autograd.grad(_scalar(leaf), leaf, create_graph=True)
     with pytest.raises(NotImplementedError, match="second derivatives of the cone program"):
         torch.autograd.grad(g.sum(), leaf)
+
+
+def test_forward_mode_around_a_plain_backward_is_refused():
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(B1.clone().requires_grad_(), torch.ones_like(B1))
+        with pytest.raises(NotImplementedError, match="second derivatives of the cone program"):
+            torch.autograd.grad(_scalar(dual), dual)

@@ -115,6 +115,10 @@ def test_hessian_with_an_active_constraint_is_exact():
     g, = torch.autograd.grad(_diag_problem(leaf), leaf, create_graph=True)
     rows = torch.stack([torch.autograd.grad(g[i], leaf, retain_graph=True)[0] for i in range(2)])
     torch.testing.assert_close(rows, expected, atol=1e-8, rtol=0)
+    with torch.autograd.forward_ad.dual_level():  # forward AD around a plain (create_graph=False) backward
+        dual = torch.autograd.forward_ad.make_dual(q.clone().requires_grad_(), torch.tensor([0.0, 1.0]))
+        g, = torch.autograd.grad(_diag_problem(dual), dual)
+        torch.testing.assert_close(torch.autograd.forward_ad.unpack_dual(g).tangent, expected[1], atol=1e-8, rtol=0)
 
 
 @pytest.mark.parametrize("wrt", NAMES)

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from optlayers.higher_order import no_forward_over_forward
 from optlayers.qp.derivatives import (
@@ -75,11 +76,18 @@ def _attach(value: Tensor, t: Tensor) -> Tensor:
     return value + (t - t.detach())
 
 
-def _point(ctx: Any, differentiable: bool) -> tuple[KKTPoint, Scaling, Tensor, torch.dtype]:
+def _differentiated(saved: tuple[Tensor, ...]) -> bool:
+    """Whether a derivative rule's result may itself be differentiated: under a graph (create_graph,
+    torch.func), or with forward AD around it (a saved tensor carries a tangent)."""
+    return torch.is_grad_enabled() or any(forward_ad.unpack_dual(t).tangent is not None for t in saved)
+
+
+def _point(ctx: Any) -> tuple[KKTPoint, Scaling, Tensor, torch.dtype]:
     """The scaled solution and data at which to differentiate, the scaling, the solved mask and
-    the data's dtype. Under a graph (higher derivatives) the point is differentiable: its values
-    are the saved float64 ones, its derivatives those of the outputs and inputs of ``forward``.
-    Failed elements read x = ν = 0, λ = s = 1 (their derivatives are zero; no NaN can leak)."""
+    the data's dtype. When the rule may be differentiated (``_differentiated``) the point is
+    differentiable: its values are the saved float64 ones, its derivatives those of the outputs
+    and inputs of ``forward``. Failed elements read x = ν = 0, λ = s = 1 (their derivatives are
+    zero; no NaN can leak)."""
     Qi, Ai, Gi, z, lam, nu, s, status, *rest = ctx.saved_tensors
     sv = _Saved(*rest[: len(_Saved._fields)])
     factor = tuple(rest[len(_Saved._fields):])
@@ -88,7 +96,7 @@ def _point(ctx: Any, differentiable: bool) -> tuple[KKTPoint, Scaling, Tensor, t
     fill = lambda t, v: _keep_solved(solved, t, v)  # noqa: E731
     x, nu_s, lam_s, s_s = fill(sv.x, 0.0), fill(sv.nu, 0.0), fill(sv.lam, 1.0), fill(sv.s, 1.0)
     Q, A, G = sv.Q, sv.A, sv.G
-    if differentiable:
+    if _differentiated((Qi, Ai, Gi, z, lam, nu, s)):
         c = sc.c.unsqueeze(-1)
         wide = lambda t, v: fill(t, v).to(COMPUTE_DTYPE)  # noqa: E731
         x = _attach(x, wide(z, 0.0) / sc.d)
@@ -137,7 +145,7 @@ class QPSolveFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gz: Tensor | None, glam: Tensor | None, gnu: Tensor | None, gs: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        pt, sc, solved, dtype = _point(ctx, differentiable=torch.is_grad_enabled())
+        pt, sc, solved, dtype = _point(ctx)
         cot = [torch.zeros_like(ref) if g is None else _keep_solved(solved, g.to(COMPUTE_DTYPE), 0.0)
                for g, ref in ((gz, pt.x), (gnu, pt.nu), (glam, pt.lam), (gs, pt.s))]
         ct = unscale_data_cotangent(sc, solution_vjp(pt, *scale_solution_cotangent(sc, *cot), ctx.settings))
@@ -154,7 +162,7 @@ class QPSolveFn(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, dQ: Tensor | None, dp: Tensor | None, dG: Tensor | None, dh: Tensor | None,
             dA: Tensor | None, db: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        pt, sc, solved, _ = _point(ctx, differentiable=True)
+        pt, sc, solved, _ = _point(ctx)
         dtype = next(t.dtype for t in (dQ, dp, dG, dh, dA, db) if t is not None)
 
         def tangent(t: Tensor | None, like: Tensor) -> Tensor:
