@@ -1,0 +1,125 @@
+"""Property-based fuzzing of solve_qp: random batches whose right outcome is known by construction
+(tests/fuzz_qp_cases.py). Every element must be SOLVED with small KKT residuals (measured here,
+not taken from the solver) or carry the right failure status, whatever else is in its batch.
+
+The default suite runs a few hundred derandomised cases; ``-m slow`` runs 10,000 and, with
+``FUZZ_SUMMARY=path.json`` in the environment, writes the tally and every failing case there.
+"""
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import os
+import subprocess
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fuzz_qp_cases import build_case, describe, draw_case, outcomes, worst_residual
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@st.composite
+def cases(draw):
+    return draw_case(draw)
+
+
+_SETTINGS = dict(deadline=None, derandomize=True, database=None,
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+
+
+def _acceptable(outcome: dict) -> bool:
+    """Right answers, and MAX_ITER / NUMERICAL_ERROR on an infeasible or unbounded element: an
+    honest failure status that misses the certificate (known cases below, marked xfail). Never a
+    wrong claim: SOLVED with large residuals, a wrong certificate, a solvable element left
+    unsolved, or an element whose answer depends on the rest of its batch."""
+    return outcome["verdict"] == "ok" or (outcome["verdict"] == "gave_up" and outcome["expected"] != "SOLVED")
+
+
+@settings(max_examples=400, **_SETTINGS)
+@given(case=cases())
+def test_every_element_is_solved_or_correctly_refused(case):
+    for outcome in outcomes(case):
+        assert _acceptable(outcome), f"{outcome} in case {describe(case)}"
+
+
+# Found by the fuzzing: infeasible and unbounded elements whose iterates diverge (gap 1e11-1e23)
+# without the certificate test firing; they end at MAX_ITER (or NUMERICAL_ERROR with a larger
+# max_iter) instead of PRIMAL_INFEASIBLE / DUAL_INFEASIBLE. Element ``index`` of each batch.
+_MISSED_CERTIFICATES = [
+    ({"seed": 1881, "n": 3, "k": 7, "m": 3, "objective_decades": -0.051846580988950564,
+      "row_decades": 0.39459114905530746, "column_decades": 0.2284775047490149,
+      "elements": [{"kind": "solvable", "rank": 3, "duplicate_rows": True, "redundant_eq": False},
+                   {"kind": "infeasible_ineq", "rank": 0, "duplicate_rows": True, "redundant_eq": True},
+                   {"kind": "infeasible_eq", "rank": 2, "duplicate_rows": True, "redundant_eq": False},
+                   {"kind": "solvable", "rank": 1, "duplicate_rows": False, "redundant_eq": False}]}, 1),
+    ({"seed": 1, "n": 5, "k": 8, "m": 4, "objective_decades": 5.217857785179273, "row_decades": 2.0,
+      "column_decades": 1.45264925822242,
+      "elements": [{"kind": "infeasible_ineq", "rank": 5, "duplicate_rows": False, "redundant_eq": False}]}, 0),
+    ({"seed": 81271, "n": 4, "k": 7, "m": 3, "objective_decades": -5.0, "row_decades": 2.3615445048989656,
+      "column_decades": 0.0,
+      "elements": [{"kind": "unbounded", "rank": 3, "duplicate_rows": False, "redundant_eq": True},
+                   {"kind": "unbounded", "rank": 0, "duplicate_rows": True, "redundant_eq": True},
+                   {"kind": "unbounded", "rank": 4, "duplicate_rows": True, "redundant_eq": True}]}, 1),
+]
+
+
+@pytest.mark.xfail(strict=True, reason="the IPM's infeasibility certificates miss these elements: MAX_ITER instead of "
+                                       "PRIMAL_INFEASIBLE / DUAL_INFEASIBLE (qp/ipm.py)")
+@pytest.mark.parametrize("case, index", _MISSED_CERTIFICATES, ids=["infeasible-unscaled", "infeasible-scaled", "unbounded"])
+def test_missed_infeasibility_certificates(case, index):
+    outcome = outcomes(case, compare_alone=False)[index]
+    assert outcome["verdict"] == "ok", outcome
+
+
+def test_the_check_is_independent_and_can_fail():
+    """A correct answer passes the residual check, a perturbed one fails it; a wrong status is caught."""
+    case = {"seed": 3, "n": 4, "k": 5, "m": 2, "objective_decades": 0.0, "row_decades": 0.0, "column_decades": 0.0,
+            "elements": [{"kind": "solvable", "rank": 4, "duplicate_rows": False, "redundant_eq": False}]}
+    from tests.fuzz_qp_cases import kkt_residuals, solve
+
+    batch = build_case(case)
+    sol = solve(batch)
+    z, lam, nu, s = (getattr(sol, name)[0].numpy() for name in ("z", "lam", "nu", "s"))
+    assert max(kkt_residuals(batch, 0, z, lam, nu, s).values()) < 1e-9
+    assert max(kkt_residuals(batch, 0, z + 1e-4, lam, nu, s).values()) > 1e-6
+    assert max(kkt_residuals(batch, 0, z, lam + 1e-3, nu, s).values()) > 1e-6
+    infeasible = dict(case, elements=[dict(case["elements"][0], kind="infeasible_ineq")])
+    assert build_case(infeasible).expected == ["PRIMAL_INFEASIBLE"]
+    assert outcomes(infeasible)[0]["verdict"] == "ok"
+
+
+@pytest.mark.slow
+def test_ten_thousand_cases():
+    """10,000 cases; every element judged (no early stop), the tally and failures summarised."""
+    tally = collections.Counter()
+    kinds = collections.Counter()
+    failures = []
+
+    @settings(max_examples=10_000, **_SETTINGS)
+    @given(case=cases())
+    def run(case):
+        for outcome in outcomes(case):
+            tally[outcome["verdict"]] += 1
+            kinds[(outcome["expected"], outcome["got"])] += 1
+            if outcome["verdict"] != "ok":
+                failures.append({"case": case, "outcome": outcome, "worst_residual": worst_residual(outcome)})
+
+    run()
+    summary = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                 text=True).stdout.strip(),
+        "elements": sum(tally.values()), "verdicts": dict(tally),
+        "expected_vs_got": {f"{e} -> {g}": c for (e, g), c in sorted(kinds.items())},
+        "failures": failures,
+    }
+    path = os.environ.get("FUZZ_SUMMARY")
+    if path:
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+    wrong = [f for f in failures if not _acceptable(f["outcome"])]
+    assert not wrong, f"{len(wrong)} wrong answers, first: {wrong[0]}"
