@@ -1,12 +1,19 @@
-"""threads.py: slices cover the batch exactly once and the caller's thread count survives."""
+"""threads.py: slices cover the batch exactly once, run in one long-lived pool whose threads keep
+one OpenMP and one MKL thread each, and give the single-threaded answer from several user threads
+and from DataLoader workers."""
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
+from torch.utils.data import DataLoader, Dataset
 
-from optlayers import threads
+from optlayers import solve_qp, threads
+from optlayers.cone.interior import solver as cone_solver
+from optlayers.qp import parallel
+from tests.qp.qp_problems import random_qp
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
@@ -66,16 +73,153 @@ _WORKERS_AFTER_SET = """
 import torch
 from optlayers import threads
 torch.set_num_threads(2)
-assert threads.map_slices(lambda part: torch.get_num_threads(), 4, 2) == [1, 1]
+caller = threads.thread_limits()
+assert caller["openmp"] == 2, caller
+inside = threads.map_slices(lambda part: threads.thread_limits(), 4, 2)
+assert inside == [{"openmp": 1, "mkl": 1 if caller["mkl"] is not None else None}] * 2, inside
+assert threads.thread_limits() == caller, threads.thread_limits()
+assert torch.get_num_threads() == 2
 """
 
 
 @needs_openmp
-def test_workers_stay_single_threaded_after_the_caller_set_a_count():
-    """torch's per-thread start-up resets a new thread's team to the process count once one was set."""
+def test_workers_keep_one_openmp_and_one_mkl_thread_after_the_caller_set_a_count():
+    """torch starts each new thread with the count given to torch.set_num_threads, in OpenMP and in
+    MKL (mkl_set_num_threads_local); a slice must run with one of each, read back from the
+    runtimes themselves, and leave the caller's counts alone. A fresh interpreter, since
+    torch.set_num_threads must not run in the test process."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", _WORKERS_AFTER_SET], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_mkl_is_found_where_torch_uses_it():
+    if torch.backends.mkl.is_available():
+        assert threads._mkl_set_num_threads_local() is not None
+        assert threads.thread_limits()["mkl"] >= 1
+
+
+@needs_openmp
+def test_one_pool_serves_every_solve():
+    """The slices of successive calls run on the same, long-lived threads: no pool (and no thread)
+    is created per solve."""
+    def idents():
+        barrier = threading.Barrier(2, timeout=30)  # both slices at once: two distinct threads
+        return set(threads.map_slices(lambda part: barrier.wait() is None or threading.get_ident(), 4, 2))
+
+    def slice_threads():
+        return {t.ident for t in threading.enumerate() if t.name.startswith("optlayers-slice")}
+
+    first = idents()
+    assert len(first) == 2 and threading.get_ident() not in first
+    executor, live = threads._POOL.executor, slice_threads()
+    assert first <= live
+    for _ in range(5):
+        assert idents() <= live
+    assert threads._POOL.executor is executor and slice_threads() == live
+
+
+def test_slices_asked_for_inside_a_slice_run_in_that_thread():
+    """A solve called from inside a slice must not wait for the pool it occupies."""
+    inner = threads.map_slices(lambda part: (threading.get_ident(), threads.map_slices(
+        lambda inner_part: threading.get_ident(), 4, 2)), 4, 2)
+    for outer, inner_idents in inner:
+        assert inner_idents == [outer, outer]
+
+
+def _qp_batch(seed: int) -> dict:
+    torch.manual_seed(seed)
+    return random_qp((12,), 8, 10, 3, active=True)
+
+
+def _sliced(monkeypatch, count: int) -> None:
+    """Make every batch slice into ``count`` (no torch.set_num_threads: see the module notes)."""
+    monkeypatch.setattr(parallel, "_MIN_SLICE_ENTRIES", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: count)
+
+
+def _assert_same_solution(got, want) -> None:
+    for name in ("z", "lam", "nu", "s", "status", "iterations"):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=0, atol=0, equal_nan=True, msg=name)
+
+
+@needs_openmp
+def test_several_user_threads_solving_at_once_get_the_single_threaded_answers(monkeypatch):
+    data = [_qp_batch(seed) for seed in range(6)]
+    _sliced(monkeypatch, 1)
+    alone = [solve_qp(**d) for d in data]
+    _sliced(monkeypatch, 2)
+    assert parallel.slice_count(12, 8, torch.device("cpu")) == 2
+    results, errors = [None] * len(data), []
+    start = threading.Barrier(len(data), timeout=60)
+
+    def user(i):
+        try:
+            start.wait()
+            for _ in range(3):
+                results[i] = solve_qp(**data[i])
+        except BaseException as error:  # reported below, in the test's thread
+            errors.append(error)
+
+    users = [threading.Thread(target=user, args=(i,)) for i in range(len(data))]
+    for t in users:
+        t.start()
+    for t in users:
+        t.join(timeout=300)
+    assert not errors, errors
+    for got, want in zip(results, alone):
+        _assert_same_solution(got, want)
+
+
+class _QPs(Dataset):
+    """Each item solves one batch of QPs in the worker (sliced: two pool threads in the worker)."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __getitem__(self, i):
+        sol = solve_qp(**self.data[i])
+        return sol.z, sol.lam, sol.nu, sol.status
+
+
+@needs_openmp
+def test_dataloader_workers_get_the_single_threaded_answers(monkeypatch):
+    """Two forked DataLoader workers solve sliced batches after the parent's pool was started (a
+    child must start its own: the parent's threads do not exist there)."""
+    data = [_qp_batch(seed) for seed in range(4)]
+    _sliced(monkeypatch, 1)
+    alone = [solve_qp(**d) for d in data]
+    _sliced(monkeypatch, 2)
+    solve_qp(**data[0])  # the parent's pool exists before the fork
+    loader = DataLoader(_QPs(data), batch_size=None, num_workers=2, timeout=240,
+                        multiprocessing_context="fork" if sys.platform.startswith("linux") else None)
+    for (z, lam, nu, status), want in zip(loader, alone):
+        for got, name in ((z, "z"), (lam, "lam"), (nu, "nu"), (status, "status")):
+            torch.testing.assert_close(got, getattr(want, name), rtol=0, atol=0, msg=name)
+
+
+@needs_openmp
+def test_cone_ipm_slices_through_the_same_pool(monkeypatch):
+    """The cone interior point method's slices run on the shared pool too, with the same answer."""
+    from optlayers.cone import ConeSpec
+    from optlayers.cone.testing import random_program
+
+    spec = ConeSpec(zero=2, nonneg=10, soc=[4])
+    A, b, c, _, x, _, _ = random_program(spec, 6, batch=6, seed=1)
+    monkeypatch.setattr(cone_solver, "_MIN_SLICE_ENTRIES", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    whole = cone_solver.solve(A, b, c, None, spec, max_slices=1)
+    used = []
+    original = threads._single_threaded
+    monkeypatch.setattr(threads, "_single_threaded", lambda fn, part: used.append(threading.current_thread().name)
+                        or original(fn, part))
+    sliced = cone_solver.solve(A, b, c, None, spec)
+    assert len(used) == 2 and all(name.startswith("optlayers-slice") for name in used)
+    for got, want in zip(sliced, whole):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("count", [0, -1, 5])

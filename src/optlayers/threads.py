@@ -6,30 +6,67 @@ The problems of a batch are independent, so the interior point methods (QP and c
 large batch into as many slices as torch has intra-op threads and solve them at once: torch
 releases the GIL inside its kernels.
 
-Each slice's thread limits its own OpenMP team to one thread (``omp_set_num_threads`` of the
-OpenMP runtime torch is linked against, a per-thread setting) so that the cores are not
-oversubscribed.
+The slices run in one long-lived pool of threads, shared by every solve in the process (and by
+several user threads solving at once: their slices queue for the same threads, so the cores are
+never oversubscribed). Before each slice its thread limits both of its thread teams to one
+thread, so that the cores are not oversubscribed either:
+
+- OpenMP (torch's intra-op kernels): ``omp_set_num_threads(1)``, a per-thread setting, of the
+  OpenMP runtime torch is linked against;
+- MKL (torch's LAPACK and BLAS on MKL builds): ``mkl_set_num_threads_local(1)``, MKL's
+  per-thread setting. torch starts every new thread with the count the user gave
+  ``torch.set_num_threads``, in MKL as well as in OpenMP, so OpenMP alone is not enough.
+
 It does not call ``torch.set_num_threads``: that also switches MKL's dynamic threading off for
 the whole process, after which torch's batched LU (``linalg.lu_factor``, ``solve``, ``inv``)
 runs MKL's ``getrf`` concurrently from several threads and returns invalid pivots or wrong
-factors (pytorch/pytorch#142815, #141358; seen here with torch 2.13 on two cores). Where that
+factors (pytorch/pytorch#142815, #141358; seen with torch 2.13 on two cores). Where the OpenMP
 runtime cannot be found, batches are not sliced.
+
+A slice that itself asks for slices (a solve called from inside a slice) runs them one after
+another in its own thread, so the pool never waits on itself. A process forked while the pool
+exists (DataLoader workers) starts a pool of its own on first use.
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import os
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, TypeVar
 
 import torch
 
 Result = TypeVar("Result")
 
-# torch's CPU library, through whose handle ``omp_set_num_threads`` resolves to the OpenMP runtime
-# torch itself is linked against (never a second copy).
+# torch's CPU library, through whose handle ``omp_set_num_threads`` and MKL's service functions
+# resolve to the OpenMP runtime and MKL torch itself is linked against (never a second copy).
 _TORCH_CPU_LIBRARIES = ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll")
+# torch's own thread query, kept before anyone (tests) replaces ``torch.get_num_threads``: a pool
+# thread must run torch's per-thread start-up before it sets its limits, or torch would reset them.
+_torch_thread_start_up = torch.get_num_threads
+
+
+@functools.lru_cache(maxsize=1)
+def _torch_cpu_library() -> ctypes.CDLL | None:
+    folder = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for name in _TORCH_CPU_LIBRARIES:
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                continue
+    return None
+
+
+def _function(name: str, argtypes: list, restype) -> Callable | None:
+    library = _torch_cpu_library()
+    function = getattr(library, name, None) if library is not None else None
+    if function is not None:
+        function.argtypes, function.restype = argtypes, restype
+    return function
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,17 +74,23 @@ def _omp_set_num_threads() -> Callable[[int], None] | None:
     """``omp_set_num_threads`` of the OpenMP runtime torch uses, or None if it cannot be found."""
     if not torch.backends.openmp.is_available():
         return None
-    folder = os.path.join(os.path.dirname(torch.__file__), "lib")
-    for name in _TORCH_CPU_LIBRARIES:
-        path = os.path.join(folder, name)
-        if os.path.exists(path):
-            try:
-                function = ctypes.CDLL(path).omp_set_num_threads
-            except (OSError, AttributeError):
-                continue
-            function.argtypes = [ctypes.c_int]
-            return function
-    return None
+    return _function("omp_set_num_threads", [ctypes.c_int], None)
+
+
+@functools.lru_cache(maxsize=1)
+def _mkl_set_num_threads_local() -> Callable[[int], int] | None:
+    """MKL's per-thread count setter (its C interface, by value), or None without MKL."""
+    if not torch.backends.mkl.is_available():
+        return None
+    return _function("MKL_Set_Num_Threads_Local", [ctypes.c_int], ctypes.c_int)
+
+
+def thread_limits() -> dict[str, int | None]:
+    """The calling thread's OpenMP and MKL thread counts (None where the runtime is not found);
+    MKL's answer comes from MKL itself (``mkl_get_max_threads``)."""
+    omp = _function("omp_get_max_threads", [], ctypes.c_int) if torch.backends.openmp.is_available() else None
+    mkl = _function("MKL_Get_Max_Threads", [], ctypes.c_int) if torch.backends.mkl.is_available() else None
+    return {"openmp": omp() if omp else None, "mkl": mkl() if mkl else None}
 
 
 def slice_count(batch: int, entries_per_problem: int, device: torch.device, min_entries: int) -> int:
@@ -61,25 +104,66 @@ def slice_count(batch: int, entries_per_problem: int, device: torch.device, min_
     return max(1, min(torch.get_num_threads(), batch, batch * max(entries_per_problem, 1) // min_entries))
 
 
+class _Pool:
+    """The process's slice threads: created on first use, grown when more slices are asked for,
+    started anew in a forked child."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.executor: ThreadPoolExecutor | None = None
+        self.size = 0
+        self.pid = os.getpid()
+
+    def submit(self, fn: Callable, parts: list[slice]) -> list[Future]:
+        """Submit fn(part) for each part, growing the pool to len(parts) threads if needed."""
+        with self.lock:
+            if self.executor is None or self.pid != os.getpid() or len(parts) > self.size:
+                old = self.executor if self.pid == os.getpid() else None
+                self.size = max(len(parts), self.size if old is not None else 0)
+                self.executor = ThreadPoolExecutor(max_workers=self.size, thread_name_prefix="optlayers-slice")
+                self.pid = os.getpid()
+                if old is not None:
+                    old.shutdown(wait=False)  # its threads end after the slices they hold
+            return [self.executor.submit(fn, part) for part in parts]
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: the parent's threads do not exist here, and its lock may be held."""
+        self.lock = threading.Lock()
+        self.executor, self.size, self.pid = None, 0, os.getpid()
+
+
+_POOL = _Pool()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOL.reset_after_fork)
+_IN_SLICE = threading.local()
+
+
 def _single_threaded(fn: Callable[[slice], Result], part: slice) -> Result:
-    """fn(part) in a pool thread whose OpenMP team (torch's intra-op threads and MKL's) is one thread
-    (where the runtime is not found, ``slice_count`` does not slice; a direct caller gets plain threads)."""
-    torch.get_num_threads()  # torch's per-thread start-up, which would reset the team size set below
-    setter = _omp_set_num_threads()
-    if setter is not None:
-        setter(1)
-    with torch.no_grad():
-        return fn(part)
+    """fn(part) in a pool thread whose OpenMP and MKL teams are one thread, under no_grad."""
+    _torch_thread_start_up()  # torch's per-thread start-up, which would reset the limits set below
+    for setter in (_omp_set_num_threads(), _mkl_set_num_threads_local()):
+        if setter is not None:
+            setter(1)
+    _IN_SLICE.active = True
+    try:
+        with torch.no_grad():
+            return fn(part)
+    finally:
+        _IN_SLICE.active = False
 
 
 def map_slices(fn: Callable[[slice], Result], batch: int, count: int) -> list[Result]:
     """[fn(slice) for each of ``count`` contiguous slices of range(batch)], the slices in parallel
-    threads under ``torch.no_grad()`` (with ``count`` 1, fn runs in the caller's thread and grad mode)."""
-    if not isinstance(count, int) or not 1 <= count <= max(batch, 1):
+    threads of the shared pool under ``torch.no_grad()`` (with ``count`` 1, or when called from
+    inside a slice, fn runs in the caller's thread; with ``count`` 1 also in its grad mode)."""
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= max(batch, 1):
         raise ValueError(f"count must be an int in [1, batch = {batch}], got {count!r}")
     if count == 1:
         return [fn(slice(0, batch))]
     bounds = [index * batch // count for index in range(count + 1)]
     slices = [slice(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    with ThreadPoolExecutor(max_workers=count) as pool:
-        return list(pool.map(lambda part: _single_threaded(fn, part), slices))
+    if getattr(_IN_SLICE, "active", False):
+        with torch.no_grad():
+            return [fn(part) for part in slices]
+    futures = _POOL.submit(functools.partial(_single_threaded, fn), slices)
+    return [future.result() for future in futures]
