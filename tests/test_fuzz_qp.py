@@ -119,6 +119,7 @@ def test_the_check_is_independent_and_can_fail():
 @pytest.mark.slow
 def test_ten_thousand_cases():
     """10,000 cases; every element judged (no early stop), the tally and failures summarised."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     tally = collections.Counter()
     kinds = collections.Counter()
     failures = []
@@ -135,8 +136,7 @@ def test_ten_thousand_cases():
     run()
     summary = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip(),
+        "commit": commit,
         "elements": sum(tally.values()), "verdicts": dict(tally),
         "expected_vs_got": {f"{e} -> {g}": c for (e, g), c in sorted(kinds.items())},
         "failures": failures,
