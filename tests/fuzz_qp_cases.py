@@ -204,7 +204,7 @@ def outcomes(case: dict, compare_alone: bool = True) -> list[dict]:
     - ``ok``: SOLVED as expected, residuals within KKT_TOL; or the expected failure status;
     - ``bad_residual``: reported SOLVED but some residual exceeds KKT_TOL (or not finite);
     - ``wrong_status``: a definite status (SOLVED or an infeasibility) other than the expected one;
-    - ``gave_up``: MAX_ITER or NUMERICAL_ERROR where another outcome was expected;
+    - ``gave_up``: MAX_ITER, NUMERICAL_ERROR or INACCURATE where another outcome was expected;
     - ``leak``: the element's status (or solution) in the batch differs from its own solved alone.
     """
     batch = build_case(case)
@@ -231,7 +231,7 @@ def outcomes(case: dict, compare_alone: bool = True) -> list[dict]:
                 outcome["verdict"] = "ok"
         elif got == expected:
             outcome["verdict"] = "ok"
-        elif got in ("MAX_ITER", "NUMERICAL_ERROR"):
+        elif got in ("MAX_ITER", "NUMERICAL_ERROR", "INACCURATE"):
             outcome["verdict"] = "gave_up"
         else:
             outcome["verdict"] = "wrong_status"
