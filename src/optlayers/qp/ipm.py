@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from optlayers.host import COMPACT_FRACTION, host_read, is_check, running_count
 from optlayers.linalg import mtv, mv
 from optlayers.qp.batch import put, take
 from optlayers.qp.kkt import _REG_GROWTH, MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, solve_newton, solve_reduced
@@ -405,19 +406,6 @@ def step(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> tup
     return assess(data, st, res, newton_iteration(data, units, st, res, settings), settings), res
 
 
-# The host looks at the statuses (one synchronisation) only after these iterations: at the
-# first, then every few; most problems take 10-17 iterations.
-_FIRST_CHECK = 8
-_CHECK_EVERY = 4
-# Once no more than this fraction of the working batch is still running, the finished problems
-# are dropped from it, so that the iterations of the slowest problems cost only their own work.
-_COMPACT_FRACTION = 0.75
-
-
-def _is_check(iteration: int) -> bool:
-    return iteration >= _FIRST_CHECK and (iteration - _FIRST_CHECK) % _CHECK_EVERY == 0
-
-
 @functools.cache
 def compiled_step(device_type: str) -> Callable[..., tuple[IPMState, Residuals]]:
     """``step`` compiled whole (no graph breaks); on CUDA captured in a CUDA graph."""
@@ -425,33 +413,27 @@ def compiled_step(device_type: str) -> Callable[..., tuple[IPMState, Residuals]]
     return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
 
 
-def host_read(t: Tensor) -> list:
-    """A small tensor's values on the host: the solver's one kind of synchronisation (a
-    device-to-host copy; ``benchmarks/kernels.py`` counts these)."""
-    return t.to("cpu", copy=True).tolist()
-
-
 def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
     """Run the interior point method on a scaled batch until every problem has a status; with
     ``with_factor``, also factorise the KKT system at the solution for the derivatives.
 
     The iterations run without host synchronisation (compiled into one graph with
-    ``settings.compiled``). After ``_FIRST_CHECK`` iterations and every
-    ``_CHECK_EVERY`` after that, the host reads the statuses once: it stops when no problem runs,
-    and drops the finished ones from the working batch once few remain. One more read at the end
-    tells which problems failed and whether the derivatives' factorisation needs a retry."""
+    ``settings.compiled``). At the iterations ``host.is_check`` names the host reads the
+    statuses once: it stops when no problem runs, and drops the finished ones from the working
+    batch once few remain. One more read at the end tells which problems failed and whether the
+    derivatives' factorisation needs a retry."""
     units = Units.of(sc)
     full = initial_point(data, settings)
     index = None  # the working batch's elements in the full batch; None while they are all
     work_data, work_units, st = data, units, full
     step_fn = compiled_step(data.p.device.type) if settings.compiled else step
     for iteration in range(settings.max_iter):
-        if _is_check(iteration):
+        if is_check(iteration):
             running = st.status == RUNNING
-            count = sum(host_read(running.sum(0, keepdim=True)))
+            count = running_count(running)
             if count == 0:
                 break
-            if count <= _COMPACT_FRACTION * running.shape[0] and not settings.compiled:
+            if count <= COMPACT_FRACTION * running.shape[0] and not settings.compiled:
                 keep = torch.argsort(~running, stable=True)[:count]  # the running elements, in order
                 full = st if index is None else put(full, index, st)
                 index = keep if index is None else index[keep]

@@ -11,7 +11,8 @@ QP solver's (qp/kkt.py) with the scaled cone rows V A as its inequality rows.
 The method starts from x = 0 and the cones' central points without a feasibility phase and
 has no infeasibility certificates: an element that does not converge within ``max_iter`` is
 reported MAX_ITER (NUMERICAL_ERROR if its linear algebra broke down), so that the caller can
-hand it to Clarabel. Converged elements stop and leave the working batch.
+hand it to Clarabel. Converged elements are frozen, and leave the working batch when the host
+looks (host.py); the iterations themselves make no host synchronisation.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from optlayers.cone import nonneg, psd, soc
 from optlayers.cone.interior import exponential, symmetric
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
+from optlayers.host import COMPACT_FRACTION, is_check, running_count
 from optlayers.linalg import mtv, mv
 from optlayers.qp.batch import put, take
 from optlayers.qp.kkt import factor_kkt, solve_reduced
@@ -219,28 +221,18 @@ def _exp_rows(v: torch.Tensor, parts: list[_Part]) -> torch.Tensor:
     return torch.cat(pieces, -2)
 
 
-_TRIAL_CHUNK = 8  # exponential-cone step lengths tried at once (most steps are found in the first 8)
-
-
 def _exp_step(parts: list[_Part], s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor,
               alpha: torch.Tensor, fraction: float, settings: IPMSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """The longest of alpha * backtrack^k (k < max_backtracks) for which the step divided by
     ``fraction`` keeps every exponential cone's s and y strictly inside (the feasible steps along
-    a ray form an interval), tried a chunk of k at a time; and whether one was found (B,)."""
+    a ray form an interval), all k tried at once (no look from the host); and whether one was
+    found (B,)."""
     s_e, y_e, ds_e, dy_e = (_exp_rows(t, parts) for t in (s, y, ds, dy))
-    step, found = torch.zeros_like(alpha), torch.zeros_like(alpha, dtype=torch.bool)
-    for first in range(0, settings.max_backtracks, _TRIAL_CHUNK):
-        powers = torch.arange(first, min(first + _TRIAL_CHUNK, settings.max_backtracks), dtype=s.dtype, device=s.device)
-        factors = settings.backtrack ** powers
-        trials = alpha.unsqueeze(0) * factors.unsqueeze(-1)  # (K, B)
-        reach = (trials / fraction)[..., None, None]
-        inside = (exponential.in_primal(s_e + reach * ds_e) & exponential.in_dual(y_e + reach * dy_e)).all(-1)
-        hit = inside.any(0) & ~found
-        step = torch.where(hit, trials.gather(0, inside.to(torch.int8).argmax(0, keepdim=True)).squeeze(0), step)
-        found = found | hit
-        if bool(found.all()):
-            break
-    return step, found
+    powers = torch.arange(settings.max_backtracks, dtype=s.dtype, device=s.device)
+    trials = alpha.unsqueeze(0) * (settings.backtrack ** powers).unsqueeze(-1)  # (K, B), longest first
+    reach = (trials / fraction)[..., None, None]
+    inside = (exponential.in_primal(s_e + reach * ds_e) & exponential.in_dual(y_e + reach * dy_e)).all(-1)
+    return (trials * inside).amax(0), inside.any(0)
 
 
 def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ...], parts: list[_Part], degree: int,
@@ -256,7 +248,7 @@ def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ..
     V = [sc.V for sc in scalings]
     G = _join([_times(v, _piece(prob.A_k, part)) for v, part in zip(V, parts)], batch, prob.A_k)
     reg = torch.full((batch,), settings.reg, dtype=it.x.dtype, device=it.x.device)
-    factor = factor_kkt(prob.P, prob.A_z, G, torch.ones_like(it.s), reg, reg, unit_weights=True)
+    factor = factor_kkt(prob.P, prob.A_z, G, torch.ones_like(it.s), reg, reg, unit_weights=True, retries=0)
 
     def direction(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(dx, dnu, ds, dy) of the Newton system with ds + H dy = q on the cone rows."""
@@ -361,40 +353,53 @@ def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: list[_Part]) -> tu
 
 
 def _iterate(prob: _Problem, parts: list[_Part], settings: IPMSettings) -> tuple[_Iterate, torch.Tensor]:
-    """The interior point loop over a shrinking working batch: the last iterate and status of every element."""
+    """The interior point loop: the last iterate and status of every element.
+
+    Converged and failed elements are frozen by masks on the device; the host looks at the
+    statuses only at the iterations ``host.is_check`` names, to stop when none runs and to drop
+    the finished ones from the working batch once few remain."""
     batch, n = prob.c.shape
     degree = max(sum(part.count * part.degree for part in parts), 1)
     start = _central_point(parts, batch, prob.c)
     it = _Iterate(prob.c.new_zeros(batch, n), prob.c.new_zeros(batch, prob.b_z.shape[-1]), start, start.clone())
-    result = it
-    status = torch.full((batch,), int(ConeStatus.MAX_ITER), dtype=torch.int64, device=prob.c.device)
-    working = torch.arange(batch, device=prob.c.device)
-    running = torch.full_like(status, int(ConeStatus.MAX_ITER))
+    status = torch.full((batch,), _RUNNING, dtype=torch.int64, device=prob.c.device)
+    full, full_status, index = it, status, None  # index: the working batch's elements; None while all
     for iteration in range(settings.max_iter + 1):
+        if is_check(iteration):
+            running = status == _RUNNING
+            count = running_count(running)
+            if count == 0:
+                break
+            if count <= COMPACT_FRACTION * running.shape[0]:
+                keep = torch.argsort(~running, stable=True)[:count]  # the running elements, in order
+                full, full_status = _put_back(full, full_status, index, it, status)
+                index = keep if index is None else index[keep]
+                prob, it, status = take(prob, keep), take(it, keep), status[keep]
         r_d, r_z, r_p, error = _residuals(prob, it)
-        done = error <= settings.tol
+        running = status == _RUNNING
         if iteration == settings.max_iter:
-            close = error <= settings.inaccurate_tol
-            running = torch.where(done, int(ConeStatus.SOLVED), torch.where(close, int(ConeStatus.INACCURATE), running))
-            result, status = put(result, working, it), status.index_copy(0, working, running)
+            close = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.MAX_ITER))
+            status = torch.where(running, torch.where(error <= settings.tol, int(ConeStatus.SOLVED), close), status)
             break
-        if bool(done.any()):  # converged elements leave before the step: record them, shrink the batch
-            running = torch.where(done, int(ConeStatus.SOLVED), running)
-            result, status = put(result, working, it), status.index_copy(0, working, running)
-            index = (~done).nonzero().squeeze(-1)
-            working, prob, it, running = working[index], take(prob, index), take(it, index), running[index]
-            r_d, r_z, r_p, error = r_d[index], r_z[index], r_p[index], error[index]
-            if working.numel() == 0:
-                break
+        status = status.masked_fill(running & (error <= settings.tol), int(ConeStatus.SOLVED))
         step, ok = _newton_step(prob, it, (r_d, r_z, r_p), parts, degree, settings)
-        if not bool(ok.all()):  # failed elements keep their last iterate: INACCURATE if close, else failed
-            failed = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE),
-                                 int(ConeStatus.NUMERICAL_ERROR))
-            running = torch.where(ok, running, failed)
-            result, status = put(result, working, it), status.index_copy(0, working, running)
-            index = ok.nonzero().squeeze(-1)
-            working, prob, step, running = working[index], take(prob, index), take(step, index), running[index]
-            if working.numel() == 0:
-                break
-        it = step
-    return result, status
+        running = status == _RUNNING
+        # failed elements keep their last iterate: INACCURATE if close, else failed
+        failed = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.NUMERICAL_ERROR))
+        status = torch.where(running & ~ok, failed, status)
+        advance = (running & ok).unsqueeze(-1)
+        it = _Iterate(*(torch.where(advance, getattr(step, name), getattr(it, name)) for name in ("x", "nu", "s", "y")))
+    full, full_status = _put_back(full, full_status, index, it, status)
+    return full, full_status.masked_fill(full_status == _RUNNING, int(ConeStatus.MAX_ITER))
+
+
+# Status of an element that is still iterating (not a ConeStatus).
+_RUNNING = -1
+
+
+def _put_back(full: _Iterate, full_status: torch.Tensor, index: torch.Tensor | None, it: _Iterate,
+              status: torch.Tensor) -> tuple[_Iterate, torch.Tensor]:
+    """The whole batch's iterate and statuses with the working batch's written back."""
+    if index is None:
+        return it, status
+    return put(full, index, it), full_status.index_copy(0, index, status)
