@@ -125,3 +125,17 @@ def test_forward_mode_around_a_plain_backward_is_refused():
         dual = torch.autograd.forward_ad.make_dual(B1.clone().requires_grad_(), torch.ones_like(B1))
         with pytest.raises(NotImplementedError, match="second derivatives of the cone program"):
             torch.autograd.grad(_scalar(dual), dual)
+
+
+def test_per_sample_gradients_of_a_shared_P():
+    A, b, c, P, *_ = random_program(SPEC, N, batch=3, quadratic=True, shared_A=True, seed=3)
+
+    def loss(P, b, c):
+        sol = solve_cone(A, b, c, SPEC, P)
+        return (sol.x * torch.arange(1.0, N + 1)).sum() + sol.s.square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(P[0], b, c)
+    for i in range(3):
+        leaf = P[0].clone().requires_grad_()
+        want, = torch.autograd.grad(loss(leaf, b[i], c[i]), leaf)
+        torch.testing.assert_close(per_sample[i], want, atol=1e-7, rtol=1e-6)
