@@ -112,3 +112,14 @@ def test_compile_must_be_a_bool():
     data = random_qp((2,), 3, 2, 0)
     with pytest.raises(ValueError, match="compile must be True or False, got 1"):
         solve_qp(**data, compile=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_solve_on_cuda_matches_the_cpu():
+    """The compiled path on CUDA (captured in CUDA graphs) gives the CPU's answers."""
+    data = random_qp((16,), 8, 10, 3, active=True)
+    cpu = solve_qp(**data)
+    gpu = solve_qp(**{k: v.cuda() for k, v in data.items()}, compile=True)
+    assert torch.equal(gpu.status.cpu(), cpu.status)
+    torch.testing.assert_close(gpu.z.cpu(), cpu.z, rtol=1e-9, atol=1e-10)

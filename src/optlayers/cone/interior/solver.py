@@ -29,7 +29,7 @@ from optlayers.cone.status import ConeStatus
 from optlayers.host import COMPACT_FRACTION, is_check, running_count
 from optlayers.linalg import mtv, mv
 from optlayers.qp.batch import put, take
-from optlayers.qp.kkt import factor_kkt, solve_reduced
+from optlayers.qp.kkt import _REG_GROWTH, MAX_FACTOR_RETRIES, factor_kkt, solve_reduced
 
 
 # A CPU batch is cut into slices on parallel threads only above this many matrix entries
@@ -62,6 +62,9 @@ class IPMSettings:
             (0.8^40 ~ 1e-4).
         reg: regularisation of the reduced KKT system, small enough (1e-10) to move the steps
             far less than the tolerance; ``kkt_refine_steps`` of iterative refinement remove it.
+            Where a factorisation fails, that element retries in the next iteration with its
+            regularisation multiplied by 100 (at most four times in a row); it falls back
+            towards ``reg`` after each sound step.
         kkt_refine_steps: iterative refinement steps per Newton solve (0: none were needed).
     """
 
@@ -236,9 +239,10 @@ def _exp_step(parts: list[_Part], s: torch.Tensor, y: torch.Tensor, ds: torch.Te
 
 
 def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ...], parts: list[_Part], degree: int,
-                 settings: IPMSettings) -> tuple[_Iterate, torch.Tensor]:
-    """One predictor-corrector step from ``it`` with its residuals (r_d, r_z, r_p); returns the
-    new iterate and whether its linear algebra held (B,)."""
+                 settings: IPMSettings, reg: torch.Tensor) -> tuple[_Iterate, torch.Tensor, torch.Tensor]:
+    """One predictor-corrector step from ``it`` with its residuals (r_d, r_z, r_p) and each
+    element's KKT regularisation ``reg`` (B,); returns the new iterate, whether the step is sound
+    (B,) and whether the KKT factorisation succeeded (B,)."""
     batch = it.x.shape[0]
     r_d, r_z, r_p = residuals
     mu = (it.s * it.y).sum(-1) / degree
@@ -247,7 +251,6 @@ def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ..
                 for part, s, y in zip(parts, s_parts, y_parts)]
     V = [sc.V for sc in scalings]
     G = _join([_times(v, _piece(prob.A_k, part)) for v, part in zip(V, parts)], batch, prob.A_k)
-    reg = torch.full((batch,), settings.reg, dtype=it.x.dtype, device=it.x.device)
     factor = factor_kkt(prob.P, prob.A_z, G, torch.ones_like(it.s), reg, reg, unit_weights=True, retries=0)
 
     def direction(q: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -281,7 +284,7 @@ def _newton_step(prob: _Problem, it: _Iterate, residuals: tuple[torch.Tensor, ..
     alpha, inside = step_length(ds, dy, settings.step_fraction)
     finite = finite & inside
     a = alpha.unsqueeze(-1)
-    return _Iterate(it.x + a * dx, it.nu + a * dnu, it.s + a * ds, it.y + a * dy), finite
+    return _Iterate(it.x + a * dx, it.nu + a * dnu, it.s + a * ds, it.y + a * dy), finite, factor.ok
 
 
 def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
@@ -363,6 +366,7 @@ def _iterate(prob: _Problem, parts: list[_Part], settings: IPMSettings) -> tuple
     start = _central_point(parts, batch, prob.c)
     it = _Iterate(prob.c.new_zeros(batch, n), prob.c.new_zeros(batch, prob.b_z.shape[-1]), start, start.clone())
     status = torch.full((batch,), _RUNNING, dtype=torch.int64, device=prob.c.device)
+    reg = torch.full((batch,), settings.reg, dtype=prob.c.dtype, device=prob.c.device)
     full, full_status, index = it, status, None  # index: the working batch's elements; None while all
     for iteration in range(settings.max_iter + 1):
         if is_check(iteration):
@@ -374,7 +378,7 @@ def _iterate(prob: _Problem, parts: list[_Part], settings: IPMSettings) -> tuple
                 keep = torch.argsort(~running, stable=True)[:count]  # the running elements, in order
                 full, full_status = _put_back(full, full_status, index, it, status)
                 index = keep if index is None else index[keep]
-                prob, it, status = take(prob, keep), take(it, keep), status[keep]
+                prob, it, status, reg = take(prob, keep), take(it, keep), status[keep], reg[keep]
         r_d, r_z, r_p, error = _residuals(prob, it)
         running = status == _RUNNING
         if iteration == settings.max_iter:
@@ -382,13 +386,18 @@ def _iterate(prob: _Problem, parts: list[_Part], settings: IPMSettings) -> tuple
             status = torch.where(running, torch.where(error <= settings.tol, int(ConeStatus.SOLVED), close), status)
             break
         status = status.masked_fill(running & (error <= settings.tol), int(ConeStatus.SOLVED))
-        step, ok = _newton_step(prob, it, (r_d, r_z, r_p), parts, degree, settings)
+        step, ok, factored = _newton_step(prob, it, (r_d, r_z, r_p), parts, degree, settings, reg)
         running = status == _RUNNING
-        # failed elements keep their last iterate: INACCURATE if close, else failed
+        # a failed factorisation is retried in the next iteration with more regularisation
+        retry = running & ~factored & (reg < settings.reg * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5)
+        # other failures keep their last iterate: INACCURATE if close, else failed
         failed = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.NUMERICAL_ERROR))
-        status = torch.where(running & ~ok, failed, status)
-        advance = (running & ok).unsqueeze(-1)
-        it = _Iterate(*(torch.where(advance, getattr(step, name), getattr(it, name)) for name in ("x", "nu", "s", "y")))
+        status = torch.where(running & ~ok & ~retry, failed, status)
+        advance = running & ok
+        change = torch.ones_like(reg).masked_fill_(advance, 1 / _REG_GROWTH).masked_fill_(retry, _REG_GROWTH)
+        reg = (reg * change).clamp_(min=settings.reg)
+        it = _Iterate(*(torch.where(advance.unsqueeze(-1), getattr(step, name), getattr(it, name))
+                        for name in ("x", "nu", "s", "y")))
     full, full_status = _put_back(full, full_status, index, it, status)
     return full, full_status.masked_fill(full_status == _RUNNING, int(ConeStatus.MAX_ITER))
 
