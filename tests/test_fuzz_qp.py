@@ -133,11 +133,29 @@ def test_the_check_is_independent_and_can_fail():
 
 @pytest.mark.slow
 def test_ten_thousand_cases():
-    """10,000 cases; every element judged (no early stop), the tally and failures summarised."""
+    """10,000 cases; every element judged (no early stop), the tally and failures summarised (and,
+    with FUZZ_SUMMARY set, written every 100 cases, so a cut run leaves its figures)."""
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     tally = collections.Counter()
     kinds = collections.Counter()
     failures = []
+    cases_run = [0]
+    path = os.environ.get("FUZZ_SUMMARY")
+
+    def summary(done: bool) -> dict:
+        return {
+            "started": started, "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "finished": done, "commit": commit, "cases": cases_run[0], "elements": sum(tally.values()),
+            "verdicts": dict(tally), "expected_vs_got": {f"{e} -> {g}": c for (e, g), c in sorted(kinds.items())},
+            "failures": failures,
+        }
+
+    def write(done: bool) -> None:
+        if path:
+            with open(path + ".tmp", "w") as f:
+                json.dump(summary(done), f, indent=1, default=str)
+            os.replace(path + ".tmp", path)
 
     @settings(max_examples=10_000, **_SETTINGS)
     @given(case=cases())
@@ -147,18 +165,11 @@ def test_ten_thousand_cases():
             kinds[(outcome["expected"], outcome["got"])] += 1
             if outcome["verdict"] != "ok":
                 failures.append({"case": case, "outcome": outcome, "worst_residual": worst_residual(outcome)})
+        cases_run[0] += 1
+        if cases_run[0] % 100 == 0:
+            write(False)
 
     run()
-    summary = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "elements": sum(tally.values()), "verdicts": dict(tally),
-        "expected_vs_got": {f"{e} -> {g}": c for (e, g), c in sorted(kinds.items())},
-        "failures": failures,
-    }
-    path = os.environ.get("FUZZ_SUMMARY")
-    if path:
-        with open(path, "w") as f:
-            json.dump(summary, f, indent=1, default=str)
+    write(True)
     wrong = [f for f in failures if not _acceptable(f["outcome"])]
     assert not wrong, f"{len(wrong)} wrong answers, first: {wrong[0]}"
