@@ -137,6 +137,7 @@ class QPSolveFn(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         ctx.settings, ctx.n_outputs = inputs[6], len(output)
+        ctx.set_materialize_grads(False)  # no zero tensors for the outputs nobody differentiates
         Q, _, G, _, A, _ = inputs[:6]
         saved = (Q, A, G, *output[:5], *output[_N_PUBLIC:])  # data, (z, λ, ν, s, status), _Saved, factor
         ctx.save_for_backward(*saved)

@@ -130,6 +130,7 @@ class KKTSolve(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         ctx.transpose, ctx.settings = inputs[:2]
         ctx.factor_inputs = len(inputs) - 12
+        ctx.set_materialize_grads(False)  # no zero tensors for the factor outputs
         ctx.mark_non_differentiable(*output[4:])
         saved = (*inputs[2:8], *output)  # Q, A, G, λ, s, ok, y1..y4, factor
         ctx.save_for_backward(*saved)
