@@ -117,6 +117,30 @@ def qp_counts(batch: int, n: int, n_ineq: int, n_eq: int, window: int = 3) -> QP
                     fwd.kernel_count, fwd.sync_count, bwd.kernel_count, bwd.sync_count)
 
 
+def compiled_launches(batch: int, n: int, n_ineq: int, n_eq: int) -> dict[str, int]:
+    """Kernel launches of one iteration of the compiled path (``solve_qp(compile=True)``): the
+    fused kernels and the library calls (batched products, Cholesky, triangular solves) in the
+    code inductor generates for ``ipm.step``. Compiles once (tens of seconds)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from optlayers.qp import ipm
+    from optlayers.qp.problem import prepare_qp, qp_data
+    from optlayers.qp.scaling import equilibrate
+
+    flat, _ = prepare_qp(*random_qp(batch, n, n_ineq, n_eq, seed=0).tensors())
+    data, scaling = equilibrate(qp_data(*flat))
+    settings = ipm.default_settings(torch.float64, None, None, None)
+    state = ipm.initial_point(data, settings)
+    step = torch.compile(ipm.step, fullgraph=True, dynamic=False)
+    _, code = run_and_get_code(step, data, ipm.Units.of(scaling), state, settings)
+    body = code[-1][code[-1].index("def call("):]
+    fused = len(re.findall(r"^\s+cpp_fused_\w+\(", body, re.M)) + len(re.findall(r"\.run\(", body))
+    library = len(re.findall(r"(?:extern_kernels|torch\.ops\.aten)\.\w+", body))
+    return {"fused": fused, "library": library, "total": fused + library}
+
+
 @dataclass(frozen=True)
 class ConeCounts:
     batch: int
@@ -158,6 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--json", type=Path, help="write the counts here")
+    parser.add_argument("--compiled", action="store_true", help="also count the compiled path's launches (compiles)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one slice: the counts of the whole batch (1 is the safe setting, see README)
     rows = [qp_counts(args.batch, args.n, args.n, 0), qp_counts(args.batch, args.n, args.n, args.n // 2)]
@@ -171,8 +196,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\ncone programs (solver='ipm', all five cones), batch {cone.batch}, m = {cone.m}, n = {cone.n}: "
           f"{cone.kernels_per_iteration:.0f} kernels per iteration; forward {cone.forward_kernels} kernels, "
           f"{cone.forward_syncs} syncs; adjoint {cone.backward_kernels} kernels, {cone.backward_syncs} syncs")
+    result = {"qp": [asdict(r) for r in rows], "cone": asdict(cone)}
+    if args.compiled:
+        result["qp_compiled"] = [compiled_launches(r.batch, r.n, r.n_ineq, r.n_eq) for r in rows]
+        for r, launches in zip(rows, result["qp_compiled"]):
+            print(f"compiled QP iteration (k = {r.n_ineq}, m = {r.n_eq}): {launches['total']} launches "
+                  f"({launches['fused']} fused kernels, {launches['library']} library calls)")
     if args.json:
-        args.json.write_text(json.dumps({"qp": [asdict(r) for r in rows], "cone": asdict(cone)}, indent=1) + "\n")
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -122,7 +122,11 @@ def test_mnist_from_idx_files_the_test_writes(capsys, tmp_path):
     assert cli.main(argv) == 0
     results = json.loads(capsys.readouterr().out)
     assert results["source"] == "idx" and results["n_train"] == 30 and results["n_test"] == 10
-    assert 0.0 <= results["optnet"]["test_accuracy"] <= 1.0 and (tmp_path / "out" / "curves.png").is_file()
+    # an accuracy over the 10 test digits, the last epoch's row of the run's own metrics
+    accuracy = results["optnet"]["test_accuracy"]
+    assert round(accuracy * 10) == pytest.approx(accuracy * 10) and (tmp_path / "out" / "curves.png").is_file()
+    history = json.loads((tmp_path / "out" / "optnet" / "metrics.json").read_text())
+    assert accuracy == pytest.approx(1.0 - history[-1]["test_error"])
 
 
 def test_denoising_methods_from_separate_commands_make_one_record_and_figures(capsys, tmp_path):

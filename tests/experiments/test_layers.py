@@ -36,12 +36,27 @@ def test_optnet_is_feasible_by_construction(n_ineq, n_eq, nonnegative):
 
 
 def test_optnet_gradients_reach_every_parameter():
+    """Every parameter's gradient against a central difference of the loss along a random direction."""
     torch.manual_seed(0)
     layer = OptNet(4, n_ineq=6, n_eq=1, dtype=DTYPE)
-    layer(torch.randn(3, 4, dtype=DTYPE)).square().sum().backward()
+    p = torch.randn(3, 4, dtype=DTYPE)
+
+    def loss() -> torch.Tensor:
+        return layer(p).square().sum()
+
+    loss().backward()
+    eps = 1e-6
     for name, param in layer.named_parameters():
-        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        direction = torch.randn_like(param)
+        with torch.no_grad():
+            param.add_(eps * direction)
+            up = loss()
+            param.sub_(2 * eps * direction)
+            down = loss()
+            param.add_(eps * direction)
         assert param.grad.abs().sum() > 0, name
+        torch.testing.assert_close((param.grad * direction).sum(), (up - down) / (2 * eps), rtol=1e-5, atol=1e-7,
+                                   msg=name)
 
 
 def test_optnet_unconstrained_matches_closed_form():
