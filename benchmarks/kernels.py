@@ -137,7 +137,7 @@ def compiled_launches(batch: int, n: int, n_ineq: int, n_eq: int) -> dict[str, i
     _, code = run_and_get_code(step, data, ipm.Units.of(scaling), state, settings)
     body = code[-1][code[-1].index("def call("):]
     fused = len(re.findall(r"^\s+cpp_fused_\w+\(", body, re.M)) + len(re.findall(r"\.run\(", body))
-    library = len(re.findall(r"(?:extern_kernels|torch\.ops\.aten)\.\w+", body))
+    library = len(re.findall(r"(?:extern_kernels\.\w+|torch\.ops\.aten\.\w+\.\w+)\(", body))  # calls, not checks
     return {"fused": fused, "library": library, "total": fused + library}
 
 

@@ -406,11 +406,23 @@ def step(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> tup
     return assess(data, st, res, newton_iteration(data, units, st, res, settings), settings), res
 
 
+# The compiled step is specialised to each problem shape (and batch size) it meets; torch's
+# default of 8 specialisations per function would turn the ninth shape into an error.
+COMPILED_SHAPES = 64
+
+
 @functools.cache
 def compiled_step(device_type: str) -> Callable[..., tuple[IPMState, Residuals]]:
     """``step`` compiled whole (no graph breaks); on CUDA captured in a CUDA graph."""
     mode = "reduce-overhead" if device_type == "cuda" else "default"
-    return torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+
+    @functools.wraps(step)
+    def run(*args: object) -> tuple[IPMState, Residuals]:
+        with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
+            return compiled(*args)
+
+    return run
 
 
 def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
