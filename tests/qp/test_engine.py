@@ -21,7 +21,7 @@ from tests.qp.qp_problems import random_qp
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import kernels  # noqa: E402
 
-# Measured 221 and 327 (B = 128, n = 100 gives the same counts); at most 7 synchronisations; a
+# Measured 226 and 333 (B = 128, n = 100 gives the same counts); at most 7 synchronisations; a
 # backward of 133 kernels.
 MAX_KERNELS_PER_ITERATION = {0: 230, 5: 335}
 MAX_FORWARD_SYNCS = 7

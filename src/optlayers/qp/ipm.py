@@ -152,7 +152,8 @@ class Units:
 @dataclass(frozen=True)
 class Residuals:
     """Residuals of the scaled problem (B, ·), their largest scaled entry ``scaled`` (B,), and
-    the unscaled infinity norms with the convergence test (B,)."""
+    the unscaled infinity norms with the convergence test (B,): whether the primal and the dual
+    residual are within tolerance, and whether all three (gap too) are."""
 
     r_d: Tensor
     r_e: Tensor
@@ -163,6 +164,8 @@ class Residuals:
     dual: Tensor
     gap: Tensor
     converged: Tensor
+    primal_feasible: Tensor
+    dual_feasible: Tensor
 
 
 @dataclass(frozen=True)
@@ -235,10 +238,11 @@ def residuals(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -
     sizes = torch.stack([primal_size, dual_norms[1:].amax(0), terms.abs().amax(0)])
     measured[2].mul_(units.cost)  # the gap in the original problem's units
     sizes[2].mul_(units.cost)
-    converged = (measured <= sizes.mul(settings.rel_tol).add_(settings.tol)).all(0)
+    met = measured <= sizes.mul(settings.rel_tol).add_(settings.tol)  # (3, B): primal, dual, gap
+    converged = met.all(0)
     scaled = torch.cat([r_d, r_e, r_i], dim=-1).abs().amax(-1)
     mu = complementarity / max(st.k, 1)
-    return Residuals(r_d, r_e, r_i, mu, scaled, primal, dual_norms[0], measured[2], converged)
+    return Residuals(r_d, r_e, r_i, mu, scaled, primal, dual_norms[0], measured[2], converged, met[0], met[1])
 
 
 def _max_step(w: Tensor, dw: Tensor) -> Tensor:
@@ -340,8 +344,9 @@ def _certificates(data: QPData, st: IPMState, res: Residuals, step: Step, eps: f
 
     Primal infeasibility (dν, dλ): ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ < −ε‖dy‖, dλ ≥ −ε‖dy‖.
     Dual infeasibility dx: ‖Q dx‖ ≤ ε‖dx‖, ‖A dx‖ ≤ ε‖dx‖, G dx ≤ ε‖dx‖, pᵀdx < −ε‖dx‖.
-    The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx, A dx = −r_e and G dx = −r_i − ds, so the
-    tests need no products with A and G. Each family of comparisons is one stacked operation.
+    The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx; A dx and G dx are measured (the
+    regularised step need not satisfy A dx = −r_e, G dx = −r_i − ds where A is rank deficient).
+    Each family of comparisons is one stacked operation.
     """
     n, m, k = st.n, st.m, st.k
     dv = step.dv
@@ -349,18 +354,20 @@ def _certificates(data: QPData, st: IPMState, res: Residuals, step: Step, eps: f
     residual_y, norm_qdx, nx = _norms([res.r_d + step.q_dx, step.q_dx, dx])
     ny = dv[:, n : n + m + k].abs().amax(-1) if m + k else torch.zeros_like(nx)
     zero = torch.zeros_like(nx)
-    norm_adx = res.r_e.abs().amax(-1) if m else zero
+    norm_adx = mv(data.A, dx).abs().amax(-1) if m else zero
     lowest_dlam = dlam.amin(-1) if k else zero
-    highest_gdx = -(res.r_i + ds).amin(-1) if k else zero
+    highest_gdx = mv(data.G, dx).amax(-1) if k else zero
     farkas_value = _pair_dots(data.h, dlam) + (_pair_dots(data.b, dnu) if m else 0.0)
     sizes = torch.stack([ny, nx])
     bounds = eps * sizes
     small = torch.stack([residual_y, -lowest_dlam, norm_qdx, norm_adx, highest_gdx]) <= bounds[[0, 0, 1, 1, 1]]
     descent = torch.stack([farkas_value, _pair_dots(data.p, dx)]) < -bounds
     tests = torch.cat([small, descent, sizes > 0])  # rows: 0-1 y-small, 2-4 x-small, 5-6 descent, 7-8 nonzero
-    farkas = tests[[0, 1, 5, 7]].all(0)
-    recession = tests[[2, 3, 4, 6, 8]].all(0)
-    total = residual_y + ny + highest_gdx + step.alpha  # NaN or ±inf if any part of the step is
+    # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
+    # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
+    farkas = tests[[0, 1, 5, 7]].all(0) & ~res.primal_feasible
+    recession = tests[[2, 3, 4, 6, 8]].all(0) & ~res.dual_feasible
+    total = residual_y + ny + (res.r_i + ds).sum(-1) + step.alpha  # NaN or ±inf if any part of the step is
     return farkas, recession, (total - total) == 0
 
 
