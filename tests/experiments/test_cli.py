@@ -146,5 +146,5 @@ def test_denoising_methods_from_separate_commands_make_one_record_and_figures(ca
     assert record["measured"]["optnet_fine_tuned"] == history[-1]["test_mse"]
     written = report.main(["figures", str(out), "--out", str(tmp_path / "figures")])
     assert written == 0
-    for name in ("denoising-example.png", "denoising-learned-d.png", "denoising-curves.png"):
+    for name in ("denoising-example.png", "denoising-learned-d.png", "denoising-curves.png", "denoising-fine-tuned.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 0

@@ -290,7 +290,8 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
 def plot_run(run_dir, out_dir) -> list:
     """Figures of a finished (or checkpointed) run in ``run_dir``, whose methods may come from separate commands:
     ``denoising-example.png`` (the first test signal: noisy, clean and every method's output),
-    ``denoising-learned-d.png`` (learn-D's D at init and trained) and ``denoising-curves.png``; returns the paths."""
+    ``denoising-learned-d.png`` (learn-D's D at init and trained), ``denoising-curves.png`` and
+    ``denoising-fine-tuned.png`` (the fine-tuned model's curves beside TV's test MSE); returns the paths."""
     from pathlib import Path
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -322,4 +323,8 @@ def plot_run(run_dir, out_dir) -> list:
         common.plot_curves(histories, [("mse", "test / train MSE")], out_dir / "denoising-curves.png", logy=True,
                            hlines={f"TV (λ={lam:g}) test": tv["test_mse"]})
         written.append(out_dir / "denoising-curves.png")
+    if "optnet-tv-init" in histories:
+        common.plot_curves({"optnet-tv-init": histories["optnet-tv-init"]}, [("mse", "test / train MSE")],
+                           out_dir / "denoising-fine-tuned.png", hlines={f"TV (λ={lam:g}) test": tv["test_mse"]})
+        written.append(out_dir / "denoising-fine-tuned.png")
     return written
