@@ -257,7 +257,24 @@ def _flat_point(flat: _Flat, in_dims: tuple, A: torch.Tensor, P: torch.Tensor | 
     return (flat.matrix(A, in_dims[0]), flat.matrix(P, in_dims[1]), *rows, *factor)
 
 
-class _VJP(torch.autograd.Function):
+class _FirstOrderOnly(torch.autograd.Function):
+    """A derivative rule of ``ConeProgram`` (its vjp or jvp) as a Function of its own: its linear
+    solves then run on plain tensors under torch.func, and differentiating it again is refused."""
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple:
+        raise NotImplementedError(SECOND_ORDER)
+
+    @staticmethod
+    def jvp(ctx: Any, *tangents: Any) -> tuple:
+        raise NotImplementedError(SECOND_ORDER)
+
+
+class _VJP(_FirstOrderOnly):
     """(settings, needs, sum_shared, A, P, x, y, s, status, lu, pivots, vx, vy, vs) -> the cotangents
     of (A, b, c, P), None where ``needs`` says so; a shared A's or P's summed over the batch when
     ``sum_shared``. ``ConeProgram``'s backward, as a Function of its own so that it runs on plain
@@ -282,18 +299,6 @@ class _VJP(torch.autograd.Function):
         return grad_A, -r[:, n:] if need_b else None, -r[:, :n] if need_c else None, grad_P
 
     @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> tuple:
-        raise NotImplementedError(SECOND_ORDER)
-
-    @staticmethod
-    def jvp(ctx: Any, *tangents: Any) -> tuple:
-        raise NotImplementedError(SECOND_ORDER)
-
-    @staticmethod
     def vmap(info: Any, in_dims: tuple, settings: Settings, needs: tuple[bool, ...], sum_shared: bool,
              A: torch.Tensor, P: torch.Tensor | None, *rest: torch.Tensor) -> tuple:
         flat = _Flat(info.batch_size, rest[0], in_dims[5])
@@ -310,7 +315,7 @@ class _VJP(torch.autograd.Function):
         return tuple(out), tuple(None if g is None else 0 for g in out)
 
 
-class _JVP(torch.autograd.Function):
+class _JVP(_FirstOrderOnly):
     """(settings, A, P, x, y, s, status, lu, pivots, dA, db, dc, dP) -> (dx, dy, ds): ``ConeProgram``'s
     jvp, a Function of its own for the reasons of ``_VJP``."""
 
@@ -322,18 +327,6 @@ class _JVP(torch.autograd.Function):
         point = _point(settings, A, P, x, y, s, status, lu, pivots)
         # scipy's LSQR cannot read the tensors torch.func hands a jvp rule: forward mode is dense
         return derivative.jvp(point, "dense", dA, db, dc, _sym(dP))
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> tuple:
-        raise NotImplementedError(SECOND_ORDER)
-
-    @staticmethod
-    def jvp(ctx: Any, *tangents: Any) -> tuple:
-        raise NotImplementedError(SECOND_ORDER)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, settings: Settings, A: torch.Tensor, P: torch.Tensor | None,
