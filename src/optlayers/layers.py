@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from optlayers.options import check_int, check_number
+from optlayers.options import check_bool, check_int, check_number
 from optlayers.qp.relax import Relaxation
 from optlayers.qp.solve import QPSolution, check_qp_options, solve_qp
 
@@ -115,8 +115,7 @@ class OptNet(nn.Module):
             check_number("fixed_q", fixed_q, positive=False)
         if fixed_q is None and eps == 0:
             raise ValueError("eps must be > 0 when Q = LLᵀ + εI is learned (LLᵀ alone may be singular), got eps=0")
-        if not isinstance(nonnegative, bool):
-            raise ValueError(f"nonnegative must be True or False, got {nonnegative!r}")
+        check_bool("nonnegative", nonnegative)
         factory = {"device": device, "dtype": dtype}
         self.n, self.n_ineq, self.n_eq = n, n_ineq, n_eq
         self.eps, self.fixed_q, self.nonnegative = eps, fixed_q, nonnegative
@@ -236,8 +235,7 @@ class OptNetTV(nn.Module):
         check_number("eps", eps, positive=True)
         n_diff = n - 1 if n_diff is None else n_diff
         check_int("n_diff", n_diff, 1)
-        if not isinstance(learn_d, bool):
-            raise ValueError(f"learn_d must be True or False, got {learn_d!r}")
+        check_bool("learn_d", learn_d)
         factory = {"device": device, "dtype": dtype}
         if init == "difference":
             if n_diff != n - 1:
