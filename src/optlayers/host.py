@@ -7,8 +7,11 @@ to drop finished problems from the working batch.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
+# The status of a problem that is still iterating (no ``Status`` member: it never leaves a solver).
+RUNNING = -1
 # The first look comes after this many iterations, then every ``CHECK_EVERY``: most problems
 # take 10-17 iterations, and each look stalls a GPU's queue.
 FIRST_CHECK = 8
@@ -29,6 +32,11 @@ def host_read(t: Tensor) -> list:
     return t.to("cpu", copy=True).tolist()
 
 
-def running_count(running: Tensor) -> int:
-    """How many problems of the (B,) mask still run, read with one synchronisation."""
-    return int(host_read(running.sum(0, keepdim=True))[0])
+def look(running: Tensor) -> tuple[int, Tensor | None]:
+    """How many problems of the (B,) mask still run, read with one synchronisation; and, once
+    no more than ``COMPACT_FRACTION`` of the batch does, the indices of those that do (in order,
+    found without a further read), for the caller to keep as its working batch."""
+    count = int(host_read(running.sum(0, keepdim=True))[0])
+    if 0 < count <= COMPACT_FRACTION * running.shape[0]:
+        return count, torch.argsort(~running, stable=True)[:count]
+    return count, None

@@ -13,14 +13,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from optlayers.host import COMPACT_FRACTION, host_read, is_check, running_count
+from optlayers.host import RUNNING, host_read, is_check, look
 from optlayers.linalg import mtv, mv
 from optlayers.qp.batch import put, take
-from optlayers.qp.kkt import _REG_GROWTH, MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, solve_newton, solve_reduced
+from optlayers.qp.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, next_regularisation, solve_newton, solve_reduced
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
 
-RUNNING = -1
 # The interior point iteration runs in float64 whatever the data's dtype: its KKT systems grow
 # as ill-conditioned as 1/tol, beyond float32's reach, and GPUs of the H100 class run float64
 # at their float32 (non-tensor-core) rate. Results are returned in the data's dtype.
@@ -97,7 +96,7 @@ class IPMState:
     step updates all of it with one operation; ``x``, ``nu``, ``lam``, ``s`` are views of it.
     ``counters`` holds the consecutive-iteration counts (stalls, primal and dual infeasibility
     certificates) side by side, and ``reg`` each problem's primal/equality regularisation
-    (raised where a factorisation fails; see ``_REG_GROWTH``).
+    (raised where a factorisation fails; see ``kkt.next_regularisation``).
     """
 
     v: Tensor
@@ -200,7 +199,7 @@ def _dots(u: Tensor, vs: list[Tensor]) -> Tensor:
     """uᵀv for each v of ``vs`` (all (B, r)): (len(vs), B). A product and a sum, not a batched
     matrix product: torch's sum adds in a cascade, more accurately than BLAS's dot, and the duality
     gap of hard problems (large terms that cancel) depends on those digits."""
-    return (u * torch.stack(vs)).sum(-1)
+    return _pair_dots(u, torch.stack(vs))
 
 
 def residuals(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> Residuals:
@@ -384,13 +383,13 @@ _NEGLIGIBLE_STEP = 1e-10
 def assess(data: QPData, st: IPMState, res: Residuals, step: Step, settings: IPMSettings) -> IPMState:
     """Take the step where the problem is running and sound; update statuses and counters.
 
-    A problem whose factorisation failed keeps its iterate and has its regularisation raised
-    (``_REG_GROWTH``); once that has happened ``MAX_FACTOR_RETRIES`` times in a row it is a
-    numerical failure. After a sound step a raised regularisation is lowered again."""
+    A problem whose factorisation failed keeps its iterate and retries with more regularisation
+    (``kkt.next_regularisation``); once that has happened ``MAX_FACTOR_RETRIES`` times in a row it
+    is a numerical failure."""
     running = st.status == RUNNING
     farkas, recession, finite = _certificates(data, st, res, step, settings.infeasibility_tol)
     sound = running & step.factor_ok & finite
-    retry = running & ~step.factor_ok & (st.reg < settings.reg * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5)
+    retry, reg = next_regularisation(st.reg, settings.reg, running, step.factor_ok, sound)
     v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
     events = torch.stack([step.alpha < _NEGLIGIBLE_STEP, farkas, recession], dim=-1)
     counters = torch.where(sound.unsqueeze(-1), (st.counters + 1) * events, st.counters)
@@ -399,18 +398,15 @@ def assess(data: QPData, st: IPMState, res: Residuals, step: Step, settings: IPM
     status = st.status.masked_fill(running & ~(sound | retry) | stalled, int(QPStatus.NUMERICAL_ERROR))
     status = status.masked_fill(certified[:, 0], int(QPStatus.PRIMAL_INFEASIBLE))
     status = status.masked_fill(certified[:, 1], int(QPStatus.DUAL_INFEASIBLE))
-    change = torch.ones_like(st.reg).masked_fill_(sound, 1 / _REG_GROWTH).masked_fill_(retry, _REG_GROWTH)
-    reg = (st.reg * change).clamp_(min=settings.reg)
     return replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg)
 
 
-def step(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> tuple[IPMState, Residuals]:
+def step(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> IPMState:
     """One iteration for every problem, with no host synchronisation: the convergence test at
-    the current point, then a predictor-corrector step where the problem is still running.
-    Returns the new state and the residuals at the old point."""
+    the current point, then a predictor-corrector step where the problem is still running."""
     res = residuals(data, units, st, settings)
     st = replace(st, status=st.status.masked_fill((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED)))
-    return assess(data, st, res, newton_iteration(data, units, st, res, settings), settings), res
+    return assess(data, st, res, newton_iteration(data, units, st, res, settings), settings)
 
 
 # The compiled step is specialised to each problem shape (and batch size) it meets; torch's
@@ -419,13 +415,13 @@ COMPILED_SHAPES = 64
 
 
 @functools.cache
-def compiled_step(device_type: str) -> Callable[..., tuple[IPMState, Residuals]]:
+def compiled_step(device_type: str) -> Callable[..., IPMState]:
     """``step`` compiled whole (no graph breaks); on CUDA captured in a CUDA graph."""
     mode = "reduce-overhead" if device_type == "cuda" else "default"
     compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
 
     @functools.wraps(step)
-    def run(*args: object) -> tuple[IPMState, Residuals]:
+    def run(*args: object) -> IPMState:
         with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
             return compiled(*args)
 
@@ -448,16 +444,14 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     step_fn = compiled_step(data.p.device.type) if settings.compiled else step
     for iteration in range(settings.max_iter):
         if is_check(iteration):
-            running = st.status == RUNNING
-            count = running_count(running)
+            count, keep = look(st.status == RUNNING)
             if count == 0:
                 break
-            if count <= COMPACT_FRACTION * running.shape[0] and not settings.compiled:
-                keep = torch.argsort(~running, stable=True)[:count]  # the running elements, in order
+            if keep is not None and not settings.compiled:
                 full = st if index is None else put(full, index, st)
                 index = keep if index is None else index[keep]
                 work_data, work_units, st = take(data, index), take(units, index), take(st, keep)
-        st, _ = step_fn(work_data, work_units, st, settings)
+        st = step_fn(work_data, work_units, st, settings)
     full = st if index is None else put(full, index, st)
     res = residuals(data, units, full, settings)
     status = torch.where((full.status == RUNNING) & res.converged, int(QPStatus.SOLVED), full.status)

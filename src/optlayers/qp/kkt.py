@@ -24,7 +24,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from optlayers.linalg import mtv, mv
 
 # Each failed Cholesky factorisation is retried with its regularisation multiplied by this.
 _REG_GROWTH = 100.0
@@ -130,6 +129,22 @@ def factor_kkt(
         new = (retry_ok & ~ok)[:, None, None]
         chol_h, chol_s, ok = torch.where(new, retry_h, chol_h), torch.where(new, retry_s, chol_s), ok | retry_ok
     return KKTFactor(H=H, G=G, C=C, d0=d0, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s, ok=ok, m=m)
+
+
+def next_regularisation(reg: Tensor, base: float, running: Tensor, factored: Tensor,
+                        advanced: Tensor) -> tuple[Tensor, Tensor]:
+    """The regularisation each problem's next factorisation gets, when the loop retries failed
+    factorisations itself (``factor_kkt(..., retries=0)``) rather than behind a host look.
+
+    A running problem whose factorisation failed retries in its next iteration with ``reg``
+    multiplied by ``_REG_GROWTH``, at most ``MAX_FACTOR_RETRIES`` times in a row; after each
+    step it took (``advanced``) a raised ``reg`` falls back by the same factor, down to ``base``.
+
+    Returns whether the problem retries (B,) (it is a numerical failure where it failed and
+    does not), and the new ``reg`` (B,)."""
+    retry = running & ~factored & (reg < base * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5)
+    change = torch.ones_like(reg).masked_fill_(advanced, 1 / _REG_GROWTH).masked_fill_(retry, _REG_GROWTH)
+    return retry, (reg * change).clamp_(min=base)
 
 
 def _chol_solve(chol: Tensor, r: Tensor) -> Tensor:

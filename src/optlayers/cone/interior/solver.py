@@ -26,10 +26,10 @@ from optlayers.cone import nonneg, psd, soc
 from optlayers.cone.interior import exponential, symmetric
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
-from optlayers.host import COMPACT_FRACTION, is_check, running_count
+from optlayers.host import RUNNING, is_check, look
 from optlayers.linalg import mtv, mv
 from optlayers.qp.batch import put, take
-from optlayers.qp.kkt import _REG_GROWTH, MAX_FACTOR_RETRIES, factor_kkt, solve_reduced
+from optlayers.qp.kkt import factor_kkt, next_regularisation, solve_reduced
 
 
 # A CPU batch is cut into slices on parallel threads only above this many matrix entries
@@ -365,45 +365,37 @@ def _iterate(prob: _Problem, parts: list[_Part], settings: IPMSettings) -> tuple
     degree = max(sum(part.count * part.degree for part in parts), 1)
     start = _central_point(parts, batch, prob.c)
     it = _Iterate(prob.c.new_zeros(batch, n), prob.c.new_zeros(batch, prob.b_z.shape[-1]), start, start.clone())
-    status = torch.full((batch,), _RUNNING, dtype=torch.int64, device=prob.c.device)
+    status = torch.full((batch,), RUNNING, dtype=torch.int64, device=prob.c.device)
     reg = torch.full((batch,), settings.reg, dtype=prob.c.dtype, device=prob.c.device)
     full, full_status, index = it, status, None  # index: the working batch's elements; None while all
     for iteration in range(settings.max_iter + 1):
         if is_check(iteration):
-            running = status == _RUNNING
-            count = running_count(running)
+            count, keep = look(status == RUNNING)
             if count == 0:
                 break
-            if count <= COMPACT_FRACTION * running.shape[0]:
-                keep = torch.argsort(~running, stable=True)[:count]  # the running elements, in order
+            if keep is not None:
                 full, full_status = _put_back(full, full_status, index, it, status)
                 index = keep if index is None else index[keep]
                 prob, it, status, reg = take(prob, keep), take(it, keep), status[keep], reg[keep]
         r_d, r_z, r_p, error = _residuals(prob, it)
-        running = status == _RUNNING
+        running = status == RUNNING
         if iteration == settings.max_iter:
             close = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.MAX_ITER))
             status = torch.where(running, torch.where(error <= settings.tol, int(ConeStatus.SOLVED), close), status)
             break
         status = status.masked_fill(running & (error <= settings.tol), int(ConeStatus.SOLVED))
         step, ok, factored = _newton_step(prob, it, (r_d, r_z, r_p), parts, degree, settings, reg)
-        running = status == _RUNNING
+        running = status == RUNNING
+        advance = running & ok
         # a failed factorisation is retried in the next iteration with more regularisation
-        retry = running & ~factored & (reg < settings.reg * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5)
+        retry, reg = next_regularisation(reg, settings.reg, running, factored, advance)
         # other failures keep their last iterate: INACCURATE if close, else failed
         failed = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.NUMERICAL_ERROR))
         status = torch.where(running & ~ok & ~retry, failed, status)
-        advance = running & ok
-        change = torch.ones_like(reg).masked_fill_(advance, 1 / _REG_GROWTH).masked_fill_(retry, _REG_GROWTH)
-        reg = (reg * change).clamp_(min=settings.reg)
         it = _Iterate(*(torch.where(advance.unsqueeze(-1), getattr(step, name), getattr(it, name))
                         for name in ("x", "nu", "s", "y")))
     full, full_status = _put_back(full, full_status, index, it, status)
-    return full, full_status.masked_fill(full_status == _RUNNING, int(ConeStatus.MAX_ITER))
-
-
-# Status of an element that is still iterating (not a ConeStatus).
-_RUNNING = -1
+    return full, full_status.masked_fill(full_status == RUNNING, int(ConeStatus.MAX_ITER))
 
 
 def _put_back(full: _Iterate, full_status: torch.Tensor, index: torch.Tensor | None, it: _Iterate,
