@@ -132,9 +132,10 @@ def compiled_launches(batch: int, n: int, n_ineq: int, n_eq: int) -> dict[str, i
     flat, _ = prepare_qp(*random_qp(batch, n, n_ineq, n_eq, seed=0).tensors())
     data, scaling = equilibrate(qp_data(*flat))
     settings = ipm.default_settings(torch.float64, None, None, None)
-    state = ipm.initial_point(data, settings)
+    units = ipm.Units.of(scaling)
+    state, res = ipm.start(data, units, settings)
     step = torch.compile(ipm.step, fullgraph=True, dynamic=False)
-    _, code = run_and_get_code(step, data, ipm.Units.of(scaling), state, settings)
+    _, code = run_and_get_code(step, data, units, state, res, settings)
     body = code[-1][code[-1].index("def call("):]
     fused = len(re.findall(r"^\s+cpp_fused_\w+\(", body, re.M)) + len(re.findall(r"\.run\(", body))
     library = len(re.findall(r"(?:extern_kernels\.\w+|torch\.ops\.aten\.\w+\.\w+)\(", body))  # calls, not checks

@@ -401,12 +401,24 @@ def assess(data: QPData, st: IPMState, res: Residuals, step: Step, settings: IPM
     return replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg)
 
 
-def step(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> IPMState:
-    """One iteration for every problem, with no host synchronisation: the convergence test at
-    the current point, then a predictor-corrector step where the problem is still running."""
+def _mark_converged(st: IPMState, res: Residuals) -> IPMState:
+    return replace(st, status=st.status.masked_fill((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED)))
+
+
+def start(data: QPData, units: Units, settings: IPMSettings) -> tuple[IPMState, Residuals]:
+    """The initial point, its residuals and its convergence test (a start may already be optimal)."""
+    st = initial_point(data, settings)
     res = residuals(data, units, st, settings)
-    st = replace(st, status=st.status.masked_fill((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED)))
-    return assess(data, st, res, newton_iteration(data, units, st, res, settings), settings)
+    return _mark_converged(st, res), res
+
+
+def step(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings) -> tuple[IPMState, Residuals]:
+    """One iteration for every problem, with no host synchronisation: a predictor-corrector step
+    where the problem is still running, then the residuals and the convergence test at the new
+    point. The test ends the step, so that a host look right after it sees the convergence."""
+    st = assess(data, st, res, newton_iteration(data, units, st, res, settings), settings)
+    res = residuals(data, units, st, settings)
+    return _mark_converged(st, res), res
 
 
 # The compiled step is specialised to each problem shape (and batch size) it meets; torch's
@@ -415,13 +427,13 @@ COMPILED_SHAPES = 64
 
 
 @functools.cache
-def compiled_step(device_type: str) -> Callable[..., IPMState]:
+def compiled_step(device_type: str) -> Callable[..., tuple[IPMState, Residuals]]:
     """``step`` compiled whole (no graph breaks); on CUDA captured in a CUDA graph."""
     mode = "reduce-overhead" if device_type == "cuda" else "default"
     compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
 
     @functools.wraps(step)
-    def run(*args: object) -> IPMState:
+    def run(*args: object) -> tuple[IPMState, Residuals]:
         with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
             return compiled(*args)
 
@@ -438,7 +450,7 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     batch once few remain. One more read at the end tells which problems failed and whether the
     derivatives' factorisation needs a retry."""
     units = Units.of(sc)
-    full = initial_point(data, settings)
+    full, res = start(data, units, settings)
     index = None  # the working batch's elements in the full batch; None while they are all
     work_data, work_units, st = data, units, full
     step_fn = compiled_step(data.p.device.type) if settings.compiled else step
@@ -450,12 +462,14 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
             if keep is not None and not settings.compiled:
                 full = st if index is None else put(full, index, st)
                 index = keep if index is None else index[keep]
-                work_data, work_units, st = take(data, index), take(units, index), take(st, keep)
-        st = step_fn(work_data, work_units, st, settings)
-    full = st if index is None else put(full, index, st)
-    res = residuals(data, units, full, settings)
-    status = torch.where((full.status == RUNNING) & res.converged, int(QPStatus.SOLVED), full.status)
-    full = replace(full, status=torch.where(status == RUNNING, int(QPStatus.MAX_ITER), status))
+                work_data, work_units, st, res = take(data, index), take(units, index), take(st, keep), take(res, keep)
+        st, res = step_fn(work_data, work_units, st, res, settings)
+    if index is not None:
+        full = put(full, index, st)
+        res = residuals(data, units, full, settings)
+    else:
+        full = st
+    full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))
     factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings, retries=0) if with_factor else None
     unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
                                                   full.status != full.status if factor is None else ~factor.ok]).any(-1))
