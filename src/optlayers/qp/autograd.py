@@ -23,6 +23,7 @@ from optlayers.higher_order import no_forward_over_forward
 from optlayers.qp.derivatives import (
     FORWARD_OVER_FORWARD,
     KKTPoint,
+    data_cotangent,
     factor_tensors,
     flat_vmap,
     solution_jvp,
@@ -37,7 +38,7 @@ from optlayers.qp.scaling import (
     equilibrate,
     scale_data_tangent,
     scale_solution_cotangent,
-    unscale_data_cotangent,
+    unscale_adjoint,
     unscale_solution,
 )
 from optlayers.qp.status import QPStatus, apply_failure_policy
@@ -86,17 +87,21 @@ def _point(ctx: Any) -> tuple[KKTPoint, Scaling, Tensor, torch.dtype]:
     """The scaled solution and data at which to differentiate, the scaling, the solved mask and
     the data's dtype. When the rule may be differentiated (``_differentiated``) the point is
     differentiable: its values are the saved float64 ones, its derivatives those of the outputs
-    and inputs of ``forward``. Failed elements read x = ν = 0, λ = s = 1 (their derivatives are
-    zero; no NaN can leak)."""
+    and inputs of ``forward``. Then, and when the factorisation is still to be built there,
+    failed elements read x = ν = 0, λ = s = 1 (their derivatives are zero; no NaN can leak);
+    otherwise they keep whatever the solver left (``KKTSolve`` gives them zero solutions)."""
     Qi, Ai, Gi, z, lam, nu, s, status, *rest = ctx.saved_tensors
     sv = _Saved(*rest[: len(_Saved._fields)])
     factor = tuple(rest[len(_Saved._fields):])
     solved = status == int(QPStatus.SOLVED)
     sc = Scaling(sv.d, sv.e, sv.f, sv.c)
     fill = lambda t, v: _keep_solved(solved, t, v)  # noqa: E731
+    differentiated = _differentiated((Qi, Ai, Gi, z, lam, nu, s))
+    if factor and not differentiated:  # the raw point: nothing differentiates or factorises at it
+        return KKTPoint(sv.Q, sv.A, sv.G, sv.x, sv.nu, sv.lam, sv.s, solved, factor), sc, solved, Qi.dtype
     x, nu_s, lam_s, s_s = fill(sv.x, 0.0), fill(sv.nu, 0.0), fill(sv.lam, 1.0), fill(sv.s, 1.0)
     Q, A, G = sv.Q, sv.A, sv.G
-    if _differentiated((Qi, Ai, Gi, z, lam, nu, s)):
+    if differentiated:
         c = sc.c.unsqueeze(-1)
         wide = lambda t, v: fill(t, v).to(COMPUTE_DTYPE)  # noqa: E731
         x = _attach(x, wide(z, 0.0) / sc.d)
@@ -147,11 +152,20 @@ class QPSolveFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, gz: Tensor | None, glam: Tensor | None, gnu: Tensor | None, gs: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         pt, sc, solved, dtype = _point(ctx)
-        cot = [torch.zeros_like(ref) if g is None else _keep_solved(solved, g.to(COMPUTE_DTYPE), 0.0)
-               for g, ref in ((gz, pt.x), (gnu, pt.nu), (glam, pt.lam), (gs, pt.s))]
-        ct = unscale_data_cotangent(sc, solution_vjp(pt, *scale_solution_cotangent(sc, *cot), ctx.settings))
-        grads = [_keep_solved(solved, t, 0.0).to(dtype) for t in (ct.Q, ct.p, ct.G, ct.h, ct.A, ct.b)]
-        return (*(g if need else None for g, need in zip(grads, ctx.needs_input_grad[:6])), None, None, None, None)
+        # a failed element's cotangent may be anything (NaN): the solve gives it a zero adjoint
+        g = scale_solution_cotangent(sc, *(None if t is None else t.to(COMPUTE_DTYPE) for t in (gz, gnu, glam, gs)))
+        w = solution_vjp(pt, *g, ctx.settings)
+        # The data's cotangent is formed in the original problem from the adjoint and the solution
+        # mapped back, so that vectors are scaled rather than matrices; and only the factors of
+        # the cotangents wanted. The solution's failed elements are zeroed (times w = 0 there).
+        needs = Q, p, G, h, A, b = ctx.needs_input_grad[:6]
+        primal = Q or G or A
+        wx, wnu, wlam = unscale_adjoint(sc, *(t if need else None for t, need in zip(w, (primal or p, A or b, G or h))))
+        failed = ~solved.unsqueeze(-1) if primal else None
+        x, nu, lam, _ = (None if t is None else t.masked_fill_(failed, 0.0) for t in unscale_solution(
+            sc, pt.x if primal else None, pt.nu if A else None, pt.lam if G else None, None))
+        ct = data_cotangent(needs, wx=wx, wnu=wnu, wlam=wlam, x=x, nu=nu, lam=lam)
+        return (*(None if t is None else t.to(dtype) for t in ct), None, None, None, None)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:

@@ -67,28 +67,37 @@ def _outer(u: Tensor, v: Tensor) -> Tensor:
     return u.unsqueeze(-1) * v.unsqueeze(-2)
 
 
-def _outer_sum(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor) -> Tensor:
-    """u1 v1ᵀ + u2 v2ᵀ for (B, r) u's and (B, c) v's, as one (B, r, 2) @ (B, 2, c) product."""
-    return torch.stack([u1, u2], dim=-1) @ torch.stack([v1, v2], dim=-2)
+def _outer_sum(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor, scale: float = 1.0) -> Tensor:
+    """scale·(u1 v1ᵀ + u2 v2ᵀ) for (B, r) u's and (B, c) v's, in two kernels."""
+    return torch.baddbmm(_outer(u1, v1), u2.unsqueeze(-1), v2.unsqueeze(-2), beta=scale, alpha=scale)
 
 
 def _masked(ok: Tensor, ts: Sequence[Tensor]) -> list[Tensor]:
-    return [torch.where(ok.unsqueeze(-1), t, torch.zeros_like(t)) for t in ts]
+    failed = ~ok.unsqueeze(-1)
+    return [t.masked_fill(failed, 0.0) for t in ts]
 
 
-def _solve(f: KKTFactor, G: Tensor, lam: Tensor, s: Tensor, r: Sequence[Tensor], transpose: bool,
+def _minus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+    """a − b, where None stands for zero (and both None gives None)."""
+    if b is None:
+        return a
+    return -b if a is None else a - b
+
+
+def _solve(f: KKTFactor, G: Tensor, lam: Tensor, s: Tensor, r: Sequence[Tensor | None], transpose: bool,
            refine_steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y = J⁻¹ r (or J⁻ᵀ r) by the reduced system. The last block comes from the complementarity
-    row where λ ≥ s and from the primal row elsewhere, so that it never divides by a vanishing
-    multiplier or slack."""
+    """y = J⁻¹ r (or J⁻ᵀ r) by the reduced system; a block of r given as None is zero. The last
+    block comes from the complementarity row where λ ≥ s and from the primal row elsewhere, so
+    that it never divides by a vanishing multiplier or slack."""
     r1, r2, r3, r4 = r
+    r1 = G.new_zeros(G.shape[0], G.shape[-1]) if r1 is None else r1
     primal = lam >= s
     if transpose:  # rows: … ; G y1 + s∘y4 = r3 ; y3 + λ∘y4 = r4
-        y1, y2, y3 = solve_reduced(f, r1, r2, (s / lam) * r4 - r3, refine_steps)
-        y4 = torch.where(primal, (r4 - y3) / lam, (r3 - mv(G, y1)) / s)
+        y1, y2, y3 = solve_reduced(f, r1, r2, _minus(None if r4 is None else (s / lam) * r4, r3), refine_steps)
+        y4 = torch.where(primal, _minus(r4, y3) / lam, _minus(r3, mv(G, y1)) / s)
     else:  # rows: … ; G y1 + y4 = r3 ; s∘y3 + λ∘y4 = r4
-        y1, y2, y3 = solve_reduced(f, r1, r2, r4 / lam - r3, refine_steps)
-        y4 = torch.where(primal, (r4 - s * y3) / lam, r3 - mv(G, y1))
+        y1, y2, y3 = solve_reduced(f, r1, r2, _minus(None if r4 is None else r4 / lam, r3), refine_steps)
+        y4 = torch.where(primal, _minus(r4, s * y3) / lam, _minus(r3, mv(G, y1)))
     return y1, y2, y3, y4
 
 
@@ -115,7 +124,8 @@ class KKTSolve(torch.autograd.Function):
 
     ``factor``: the tensors (``FACTOR_FIELDS``) of the reduced system's factorisation at this
     point, or nothing, and it is built here; either way it is returned (not differentiable) for
-    the next solve. Elements with ``ok`` False (B,) get zeros.
+    the next solve. Elements with ``ok`` False (B,) get zeros, whatever their data (NaN
+    included). A block of r may be None: zero, at no cost.
     """
 
     @staticmethod
@@ -144,12 +154,11 @@ class KKTSolve(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        Q, A, G, lam, s, ok, *rest = ctx.saved_tensors
-        y = rest[:4]
-        ybar = [torch.zeros_like(t) if g is None else g for g, t in zip(grads[:4], y)]
-        rbar = KKTSolve._again(ctx, not ctx.transpose, ybar)
+        y = ctx.saved_tensors[6:10]
+        rbar = KKTSolve._again(ctx, not ctx.transpose, grads[:4])
         u, v = (y, rbar) if ctx.transpose else (rbar, y)
         gQ, gA, gG, glam, gs = (-t for t in _bilinear_grad(u, v))
+        rbar = (g if need else None for g, need in zip(rbar, ctx.needs_input_grad[8:12]))  # None for a None block
         return (None, None, gQ, gA, gG, glam, gs, None, *rbar, *([None] * ctx.factor_inputs))
 
     @staticmethod
@@ -159,7 +168,7 @@ class KKTSolve(torch.autograd.Function):
         y = rest[:4]
         zero = lambda t, like: torch.zeros_like(like) if t is None else t  # noqa: E731
         dJy = _apply_dJ(zero(dQ, Q), zero(dA, A), zero(dG, G), zero(dlam, lam), zero(ds, s), y, ctx.transpose)
-        rhs = [zero(d, t) - j for d, t, j in zip(dr[:4], y, dJy)]
+        rhs = [_minus(d, j) for d, j in zip(dr[:4], dJy)]
         dy = [no_forward_over_forward(FORWARD_OVER_FORWARD, t, Q, A, G, lam, s) for t in KKTSolve._again(ctx, ctx.transpose, rhs)]
         return (*dy, *([None] * (len(rest) - 4)))
 
@@ -171,7 +180,8 @@ class KKTSolve(torch.autograd.Function):
 @dataclasses.dataclass(frozen=True)
 class KKTPoint:
     """A solution of the scaled problem and the data of J there, all (B, ·); ``ok`` (B,) marks
-    the elements whose derivatives are wanted; ``factor`` as in ``KKTSolve``."""
+    the elements whose derivatives are wanted (the others may hold anything, NaN included);
+    ``factor`` as in ``KKTSolve``."""
 
     Q: Tensor
     A: Tensor
@@ -188,17 +198,31 @@ def _kkt_solve(pt: KKTPoint, r: Sequence[Tensor], transpose: bool, settings: IPM
     return KKTSolve.apply(transpose, settings, pt.Q, pt.A, pt.G, pt.lam, pt.s, pt.ok, *r, *pt.factor)[:4]
 
 
-def solution_vjp(pt: KKTPoint, gx: Tensor, gnu: Tensor, glam: Tensor, gs: Tensor, settings: IPMSettings) -> QPData:
-    """Cotangent of the data −(∂F/∂θ)ᵀ w, Jᵀ w = g, from cotangents g of (x, ν, λ, s); all (B, ·)."""
-    wx, wnu, wlam, _ = _kkt_solve(pt, (gx, gnu, glam, gs), True, settings)
-    x, nu, lam = pt.x, pt.nu, pt.lam
-    return QPData(
-        Q=_outer_sum(-0.5 * wx, x, -0.5 * x, wx),  # Q enters symmetrised
-        p=-wx,
-        A=_outer_sum(-nu, wx, -wnu, x),
-        b=wnu,
-        G=_outer_sum(-lam, wx, -wlam, x),
-        h=wlam,
+def solution_vjp(pt: KKTPoint, gx: Tensor | None, gnu: Tensor | None, glam: Tensor | None, gs: Tensor | None,
+                 settings: IPMSettings) -> tuple[Tensor, Tensor, Tensor]:
+    """The adjoint (w_x, w_ν, w_λ) of Jᵀ w = g for cotangents g of (x, ν, λ, s), all (B, ·); a
+    cotangent given as None is zero. ``data_cotangent`` turns it into the data's cotangent (w's
+    last block does not enter there)."""
+    return _kkt_solve(pt, (gx, gnu, glam, gs), True, settings)[:3]
+
+
+def data_cotangent(needs: Sequence[bool], wx: Tensor | None = None, wnu: Tensor | None = None,
+                   wlam: Tensor | None = None, x: Tensor | None = None, nu: Tensor | None = None,
+                   lam: Tensor | None = None) -> tuple[Tensor | None, ...]:
+    """Cotangents −(∂F/∂θ)ᵀ w of the data θ = (Q, p, G, h, A, b), from the adjoint w of
+    ``solution_vjp`` at the solution (x, ν, λ), all (B, ·). Only the cotangents ``needs`` names
+    are formed (the others are None), and only their factors must be given: Q from (w_x, x), p
+    from w_x, G from (w_x, w_λ, x, λ), h from w_λ, A from (w_x, w_ν, x, ν), b from w_ν. The
+    formula is the same in every consistent scaling of the problem, so the factors may be those
+    of the scaled or of the original one. Q enters symmetrised."""
+    Q, p, G, h, A, b = needs
+    return (
+        _outer_sum(wx, x, x, wx, -0.5) if Q else None,
+        -wx if p else None,
+        _outer_sum(lam, wx, wlam, x, -1.0) if G else None,
+        wlam if h else None,
+        _outer_sum(nu, wx, wnu, x, -1.0) if A else None,
+        wnu if b else None,
     )
 
 
@@ -207,5 +231,5 @@ def solution_jvp(pt: KKTPoint, t: QPData, settings: IPMSettings) -> tuple[Tensor
     r1 = mv(t.Q, pt.x) + t.p + mtv(t.A, pt.nu) + mtv(t.G, pt.lam)
     r2 = mv(t.A, pt.x) - t.b
     r3 = mv(t.G, pt.x) - t.h
-    dx, dnu, dlam, ds = _kkt_solve(pt, (-r1, -r2, -r3, torch.zeros_like(pt.lam)), False, settings)
+    dx, dnu, dlam, ds = _kkt_solve(pt, (-r1, -r2, -r3, None), False, settings)
     return dx, dnu, dlam, ds

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optlayers.linalg import mv
+
 
 # Each failed Cholesky factorisation is retried with its regularisation multiplied by this.
 _REG_GROWTH = 100.0
@@ -164,45 +166,56 @@ def _minus_mtv(r: Tensor, M: Tensor, v: Tensor) -> Tensor:
     return torch.baddbmm(r.unsqueeze(-2), v.unsqueeze(-2), M, alpha=-1).squeeze(-2)
 
 
-def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor) -> tuple[Tensor, Tensor]:
-    """Solve H dx + Cᵀ ω = rx, C dx − (d0 + δₑ) ω = rc with the regularised factors."""
+def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Solve H dx + Cᵀ ω = rx, C dx − (d0 + δₑ) ω = rc with the regularised factors (rc None: zero)."""
     t = _chol_solve(f.chol_h, rx)
     if f.C.shape[-2] == 0:
-        return t, rc
-    omega = _chol_solve(f.chol_s, -_minus_mv(rc, f.C, t))
+        return t, rx[..., :0] if rc is None else rc  # (B, 0): no rows, nothing to solve
+    Ct = mv(f.C, t) if rc is None else -_minus_mv(rc, f.C, t)
+    omega = _chol_solve(f.chol_s, Ct)
     return _chol_solve(f.chol_h, _minus_mtv(rx, f.C, omega)), omega
 
 
-def _extended_residual(f: KKTFactor, rx: Tensor, rc: Tensor, dx: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
+def _extended_residual(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
     """Residual of the unregularised extended system, rx − (H dx + Cᵀ ω) and rc − (C dx − d0 ω)."""
     ex = _minus_mv(rx, f.H, dx)
     if f.C.shape[-2] == 0:
-        return ex, rc
-    return _minus_mtv(ex, f.C, omega), _minus_mv(torch.addcmul(rc, f.d0, omega), f.C, dx)
+        return ex, omega
+    d0_omega = f.d0 * omega if rc is None else torch.addcmul(rc, f.d0, omega)
+    return _minus_mtv(ex, f.C, omega), _minus_mv(d0_omega, f.C, dx)
 
 
-def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor, v: Tensor, refine_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
+                  refine_steps: int) -> tuple[Tensor, Tensor, Tensor]:
     """Solve Q dx + Aᵀ dν + Gᵀ dλ = rx, A dx = re, G dx − W dλ = −v, refining away ρ and δₑ.
 
     Soft rows are eliminated, dλ = W⁻¹(G dx + v); stiff rows stay in the Schur complement, so
     that dλ is never a vanishing G dx + v multiplied by a huge W⁻¹.
 
     Args:
-        rx: (B, n); re: (B, m); v: (B, k).
+        rx: (B, n); re: (B, m) or None (zero); v: (B, k) or None (zero). A zero block given as
+            None costs no arithmetic (the derivatives' right-hand sides often have them).
         refine_steps: iterative refinement steps against the unregularised system.
     Returns:
         dx (B, n), dν (B, m), dλ (B, k).
     """
     stiff_rows = f.C.shape[-2] > f.m
-    rx = _minus_mtv(rx, f.G, f.w_inv_soft * v)
-    rc = torch.cat([re, torch.where(f.w_inv_soft > 0, 0.0, -v)], dim=-1) if stiff_rows else re
+    if v is not None:
+        rx = _minus_mtv(rx, f.G, f.w_inv_soft * v)
+    rc = re
+    if stiff_rows and v is not None:
+        re = rx.new_zeros(rx.shape[:-1] + (f.m,)) if re is None else re
+        rc = torch.cat([re, torch.where(f.w_inv_soft > 0, 0.0, -v)], dim=-1)
+    elif stiff_rows and re is not None:
+        rc = torch.cat([re, re.new_zeros(re.shape[:-1] + (f.C.shape[-2] - f.m,))], dim=-1)
     dx, omega = _solve_regularised(f, rx, rc)
     for _ in range(refine_steps):
         ex, eo = _solve_regularised(f, *_extended_residual(f, rx, rc, dx, omega))
         dx = dx + ex
-        if rc.shape[-1]:
+        if omega.shape[-1]:
             omega = omega + eo
-    dlam = f.w_inv_soft * torch.baddbmm(v.unsqueeze(-2), dx.unsqueeze(-2), f.G.mT).squeeze(-2)
+    dlam = mv(f.G, dx) if v is None else torch.baddbmm(v.unsqueeze(-2), dx.unsqueeze(-2), f.G.mT).squeeze(-2)
+    dlam = f.w_inv_soft * dlam
     if stiff_rows:
         dlam = torch.where(f.w_inv_soft > 0, dlam, omega[:, f.m :])
     return dx, omega[:, : f.m], dlam

@@ -89,24 +89,36 @@ def equilibrate(data: QPData, iterations: int = RUIZ_ITERATIONS) -> tuple[QPData
     return scaled, Scaling(d=d, e=e, f=f, c=c)
 
 
-def unscale_solution(sc: Scaling, x: Tensor, nu: Tensor, lam: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Map a scaled primal-dual point (or a tangent of one) to the original problem."""
+def unscale_solution(sc: Scaling, x: Tensor | None, nu: Tensor | None, lam: Tensor | None,
+                     s: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Map a scaled primal-dual point (or a tangent of one) to the original problem; a part
+    given as None stays None."""
     c = sc.c.unsqueeze(-1)
-    return sc.d * x, sc.e * nu / c, sc.f * lam / c, s / sc.f
+    return (None if x is None else sc.d * x, None if nu is None else sc.e * nu / c,
+            None if lam is None else sc.f * lam / c, None if s is None else s / sc.f)
 
 
-def scale_solution_cotangent(
-    sc: Scaling, gx: Tensor, gnu: Tensor, glam: Tensor, gs: Tensor
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Adjoint of ``unscale_solution``: cotangents of (x, ν, λ, s) to the scaled variables."""
+def scale_solution_cotangent(sc: Scaling, gx: Tensor | None, gnu: Tensor | None, glam: Tensor | None,
+                             gs: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Adjoint of ``unscale_solution``: cotangents of (x, ν, λ, s) to the scaled variables; a
+    cotangent given as None (zero) stays None."""
     c = sc.c.unsqueeze(-1)
-    return sc.d * gx, sc.e * gnu / c, sc.f * glam / c, gs / sc.f
+    return (None if gx is None else sc.d * gx, None if gnu is None else sc.e * gnu / c,
+            None if glam is None else sc.f * glam / c, None if gs is None else gs / sc.f)
+
+
+def unscale_adjoint(sc: Scaling, wx: Tensor | None, wnu: Tensor | None, wlam: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Map multipliers of the scaled problem's KKT residuals (stationarity, equalities,
+    inequalities) to the original problem's: the scaled residuals are the original ones times
+    c·D, E and F, so w = (c·D ŵ_x, E ŵ_ν, F ŵ_λ). A part given as None stays None."""
+    return (None if wx is None else sc.c.unsqueeze(-1) * sc.d * wx, None if wnu is None else sc.e * wnu,
+            None if wlam is None else sc.f * wlam)
 
 
 def scale_data_tangent(sc: Scaling, t: QPData) -> QPData:
     """Map a tangent of the original data to the scaled data (the scaling is held fixed)."""
     c, col = sc.c, sc.d.unsqueeze(-2)
-    # one new (B, ·, ·) tensor per matrix, scaled in place: these run on every backward pass
+    # one new (B, ·, ·) tensor per matrix, scaled in place
     return QPData(
         Q=(t.Q * col).mul_((c.unsqueeze(-1) * sc.d).unsqueeze(-1)),
         p=c[:, None] * sc.d * t.p,
@@ -115,8 +127,3 @@ def scale_data_tangent(sc: Scaling, t: QPData) -> QPData:
         G=(t.G * col).mul_(sc.f.unsqueeze(-1)),
         h=sc.f * t.h,
     )
-
-
-def unscale_data_cotangent(sc: Scaling, g: QPData) -> QPData:
-    """Adjoint of ``scale_data_tangent``: cotangents of the scaled data to the original data."""
-    return scale_data_tangent(sc, g)
