@@ -122,3 +122,24 @@ def test_vmap_matches_batched_solve():
     keys = [k for k in NAMES if data[k] is not None]
     vmapped = torch.func.vmap(lambda *a: solve_qp(*a).z)(*(data[k] for k in keys))
     np.testing.assert_allclose(vmapped.numpy(), solve_qp(**data).z.numpy(), atol=1e-12)
+
+
+@pytest.mark.parametrize("wrt", NAMES)
+def test_gradient_of_one_input_from_one_output_matches_finite_differences(wrt):
+    """The backward forms only what the inputs that need a gradient use, from the cotangents
+    given (the others arrive as None): each input alone, from each output alone."""
+    data = random_qp((3,), 5, 7, 2, active=True)
+    direction = torch.randn_like(data[wrt])
+    if wrt == "Q":
+        direction = direction + direction.transpose(-1, -2)
+    eps = 1e-6
+    for out in ("z", "lam", "nu", "s"):
+        weights = torch.randn_like(getattr(solve_qp(**data), out))
+
+        def value(v):
+            return (getattr(solve_qp(**{**data, wrt: v}, tol=1e-13), out) * weights).sum()
+
+        leaf = data[wrt].clone().requires_grad_()
+        grad, = torch.autograd.grad(value(leaf), leaf)
+        fd = (value(data[wrt] + eps * direction) - value(data[wrt] - eps * direction)) / (2 * eps)
+        assert float((grad * direction).sum()) == pytest.approx(float(fd), rel=1e-5, abs=1e-7), out
