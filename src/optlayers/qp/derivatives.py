@@ -93,10 +93,10 @@ def _solve(f: KKTFactor, G: Tensor, lam: Tensor, s: Tensor, r: Sequence[Tensor |
     r1 = G.new_zeros(G.shape[0], G.shape[-1]) if r1 is None else r1
     primal = lam >= s
     if transpose:  # rows: … ; G y1 + s∘y4 = r3 ; y3 + λ∘y4 = r4
-        y1, y2, y3 = solve_reduced(f, r1, r2, _minus(None if r4 is None else (s / lam) * r4, r3), refine_steps)
+        y1, y2, y3 = solve_reduced(f, r1, r2, _minus(None if r4 is None else (s / lam) * r4, r3), refine_steps, use_y=True)
         y4 = torch.where(primal, _minus(r4, y3) / lam, _minus(r3, mv(G, y1)) / s)
     else:  # rows: … ; G y1 + y4 = r3 ; s∘y3 + λ∘y4 = r4
-        y1, y2, y3 = solve_reduced(f, r1, r2, _minus(None if r4 is None else r4 / lam, r3), refine_steps)
+        y1, y2, y3 = solve_reduced(f, r1, r2, _minus(None if r4 is None else r4 / lam, r3), refine_steps, use_y=True)
         y4 = torch.where(primal, _minus(r4, s * y3) / lam, _minus(r3, mv(G, y1)))
     return y1, y2, y3, y4
 
