@@ -11,6 +11,8 @@ one more solve. Everything here acts on the scaled problem (see ``scaling``).
 
 ``KKTSolve`` is that solve as a ``torch.autograd.Function`` whose own derivatives — reverse,
 forward and ``torch.func.vmap`` — are again solves with J or Jᵀ through the same factorisation.
+It returns the first three blocks of the solution; ``solve`` adds the fourth by ordinary tensor
+operations, which the VJP, not needing it, leaves out.
 ``solution_vjp`` and ``solution_jvp`` are ordinary tensor operations around it, so the QP layer's
 derivative rules are themselves differentiable, to any order (double backward,
 ``torch.func.hessian``, ``jacfwd`` of ``jacrev``), and exact to the accuracy of the first derivative.
@@ -84,21 +86,28 @@ def _minus(a: Tensor | None, b: Tensor | None) -> Tensor | None:
     return -b if a is None else a - b
 
 
-def _solve(f: KKTFactor, G: Tensor, lam: Tensor, s: Tensor, r: Sequence[Tensor | None], transpose: bool,
-           refine_steps: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """y = J⁻¹ r (or J⁻ᵀ r) by the reduced system; a block of r given as None is zero. The last
-    block comes from the complementarity row where λ ≥ s and from the primal row elsewhere, so
-    that it never divides by a vanishing multiplier or slack."""
+def _solve(f: KKTFactor, lam: Tensor, s: Tensor, r: Sequence[Tensor | None], transpose: bool,
+           refine_steps: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The first three blocks of y = J⁻¹ r (or J⁻ᵀ r), by the reduced system; a block of r given
+    as None is zero. ``_last_block`` gives the fourth."""
     r1, r2, r3, r4 = r
-    r1 = G.new_zeros(G.shape[0], G.shape[-1]) if r1 is None else r1
+    r1 = f.G.new_zeros(f.G.shape[0], f.G.shape[-1]) if r1 is None else r1
+    scaled_r4 = None if r4 is None else (s / lam) * r4 if transpose else r4 / lam
+    return solve_reduced(f, r1, r2, _minus(scaled_r4, r3), refine_steps, use_y=True)
+
+
+def _last_block(G: Tensor, lam: Tensor, s: Tensor, ok: Tensor, y1: Tensor, y3: Tensor, r3: Tensor | None,
+                r4: Tensor | None, transpose: bool) -> Tensor:
+    """The fourth block of y = J⁻¹ r (or J⁻ᵀ r) from its first and third: from the
+    complementarity row where λ ≥ s and from the primal row elsewhere, so that it never divides
+    by a vanishing multiplier or slack; zero where ``ok`` is False. Ordinary tensor operations:
+    differentiated as such."""
     primal = lam >= s
     if transpose:  # rows: … ; G y1 + s∘y4 = r3 ; y3 + λ∘y4 = r4
-        y1, y2, y3 = solve_reduced(f, r1, r2, _minus(None if r4 is None else (s / lam) * r4, r3), refine_steps, use_y=True)
         y4 = torch.where(primal, _minus(r4, y3) / lam, _minus(r3, mv(G, y1)) / s)
     else:  # rows: … ; G y1 + y4 = r3 ; s∘y3 + λ∘y4 = r4
-        y1, y2, y3 = solve_reduced(f, r1, r2, _minus(None if r4 is None else r4 / lam, r3), refine_steps, use_y=True)
         y4 = torch.where(primal, _minus(r4, s * y3) / lam, _minus(r3, mv(G, y1)))
-    return y1, y2, y3, y4
+    return y4.masked_fill(~ok.unsqueeze(-1), 0.0)
 
 
 def _bilinear_grad(u: Sequence[Tensor], v: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -119,8 +128,10 @@ def _apply_dJ(dQ: Tensor, dA: Tensor, dG: Tensor, dlam: Tensor, ds: Tensor, y: S
 
 
 class KKTSolve(torch.autograd.Function):
-    """(transpose, settings, Q, A, G, λ, s, ok, r1, r2, r3, r4, *factor) -> (y1, y2, y3, y4, *factor):
-    y = J⁻¹ r, or J⁻ᵀ r with ``transpose``, for the J of the module docstring at (Q, A, G, λ, s).
+    """(transpose, settings, Q, A, G, λ, s, ok, r1, r2, r3, r4, *factor) -> (y1, y2, y3, *factor):
+    the first three blocks of y = J⁻¹ r, or J⁻ᵀ r with ``transpose``, for the J of the module
+    docstring at (Q, A, G, λ, s); ``solve`` adds the fourth, which a reverse-mode derivative of
+    the data does not need.
 
     ``factor``: the tensors (``FACTOR_FIELDS``) of the reduced system's factorisation at this
     point, or nothing, and it is built here; either way it is returned (not differentiable) for
@@ -130,9 +141,10 @@ class KKTSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(transpose: bool, settings: IPMSettings, Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor,
-                ok: Tensor, r1: Tensor, r2: Tensor, r3: Tensor, r4: Tensor, *factor: Tensor) -> tuple[Tensor, ...]:
+                ok: Tensor, r1: Tensor | None, r2: Tensor | None, r3: Tensor | None, r4: Tensor | None,
+                *factor: Tensor) -> tuple[Tensor, ...]:
         f = _factor_from(factor, A.shape[-2]) if factor else derivative_factor(Q, A, G, lam, s, settings)
-        y = _solve(f, G, lam, s, (r1, r2, r3, r4), transpose, settings.derivative_refine_steps)
+        y = _solve(f, lam, s, (r1, r2, r3, r4), transpose, settings.derivative_refine_steps)
         # views: the factor may hold inputs (G, or A as C), and autograd wants no input returned as-is
         return (*_masked(ok, y), *(t.view_as(t) for t in factor_tensors(f)))
 
@@ -141,21 +153,23 @@ class KKTSolve(torch.autograd.Function):
         ctx.transpose, ctx.settings = inputs[:2]
         ctx.factor_inputs = len(inputs) - 12
         ctx.set_materialize_grads(False)  # no zero tensors for the factor outputs
-        ctx.mark_non_differentiable(*output[4:])
-        saved = (*inputs[2:8], *output)  # Q, A, G, λ, s, ok, y1..y4, factor
+        ctx.mark_non_differentiable(*output[3:])
+        saved = (*inputs[2:8], *inputs[10:12], *output)  # Q, A, G, λ, s, ok, r3, r4, y1..y3, factor
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
 
     @staticmethod
-    def _again(ctx: Any, transpose: bool, r: Sequence[Tensor]) -> list[Tensor]:
-        Q, A, G, lam, s, ok, *rest = ctx.saved_tensors
-        out = KKTSolve.apply(transpose, ctx.settings, Q, A, G, lam, s, ok, *r, *rest[4:])
-        return list(out[:4])
+    def _unpack(ctx: Any) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """The point (Q, A, G, λ, s, ok), the whole solution y (its last block recomputed) and the factor."""
+        saved = ctx.saved_tensors
+        point, (r3, r4), (y1, y2, y3), factor = saved[:6], saved[6:8], saved[8:11], saved[11:]
+        _, _, G, lam, s, ok = point
+        return point, (y1, y2, y3, _last_block(G, lam, s, ok, y1, y3, r3, r4, ctx.transpose)), factor
 
     @staticmethod
     def backward(ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
-        y = ctx.saved_tensors[6:10]
-        rbar = KKTSolve._again(ctx, not ctx.transpose, grads[:4])
+        point, y, factor = KKTSolve._unpack(ctx)
+        rbar = solve(not ctx.transpose, ctx.settings, point, (*grads[:3], None), factor)
         u, v = (y, rbar) if ctx.transpose else (rbar, y)
         gQ, gA, gG, glam, gs = (-t for t in _bilinear_grad(u, v))
         rbar = (g if need else None for g, need in zip(rbar, ctx.needs_input_grad[8:12]))  # None for a None block
@@ -164,17 +178,26 @@ class KKTSolve(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, _transpose: Any, _settings: Any, dQ: Tensor | None, dA: Tensor | None, dG: Tensor | None,
             dlam: Tensor | None, ds: Tensor | None, _ok: Any, *dr: Tensor | None) -> tuple[Tensor | None, ...]:
-        Q, A, G, lam, s, ok, *rest = ctx.saved_tensors
-        y = rest[:4]
+        point, y, factor = KKTSolve._unpack(ctx)
+        Q, A, G, lam, s, ok = point
         zero = lambda t, like: torch.zeros_like(like) if t is None else t  # noqa: E731
         dJy = _apply_dJ(zero(dQ, Q), zero(dA, A), zero(dG, G), zero(dlam, lam), zero(ds, s), y, ctx.transpose)
         rhs = [_minus(d, j) for d, j in zip(dr[:4], dJy)]
-        dy = [no_forward_over_forward(FORWARD_OVER_FORWARD, t, Q, A, G, lam, s) for t in KKTSolve._again(ctx, ctx.transpose, rhs)]
-        return (*dy, *([None] * (len(rest) - 4)))
+        dy = KKTSolve.apply(ctx.transpose, ctx.settings, *point, *rhs, *factor)[:3]
+        return (*(no_forward_over_forward(FORWARD_OVER_FORWARD, t, Q, A, G, lam, s) for t in dy), *([None] * len(factor)))
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         return flat_vmap(KKTSolve.apply, info.batch_size, in_dims, args)
+
+
+def solve(transpose: bool, settings: IPMSettings, point: Sequence[Tensor], r: Sequence[Tensor | None],
+          factor: Sequence[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The whole y = J⁻¹ r (or J⁻ᵀ r) at ``point`` = (Q, A, G, λ, s, ok): ``KKTSolve``'s three
+    blocks and ``_last_block``; differentiable to any order."""
+    y1, y2, y3 = KKTSolve.apply(transpose, settings, *point, *r, *factor)[:3]
+    _, _, G, lam, s, ok = point
+    return y1, y2, y3, _last_block(G, lam, s, ok, y1, y3, r[2], r[3], transpose)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,16 +217,12 @@ class KKTPoint:
     factor: tuple[Tensor, ...]
 
 
-def _kkt_solve(pt: KKTPoint, r: Sequence[Tensor], transpose: bool, settings: IPMSettings) -> tuple[Tensor, ...]:
-    return KKTSolve.apply(transpose, settings, pt.Q, pt.A, pt.G, pt.lam, pt.s, pt.ok, *r, *pt.factor)[:4]
-
-
 def solution_vjp(pt: KKTPoint, gx: Tensor | None, gnu: Tensor | None, glam: Tensor | None, gs: Tensor | None,
                  settings: IPMSettings) -> tuple[Tensor, Tensor, Tensor]:
     """The adjoint (w_x, w_ν, w_λ) of Jᵀ w = g for cotangents g of (x, ν, λ, s), all (B, ·); a
     cotangent given as None is zero. ``data_cotangent`` turns it into the data's cotangent (w's
     last block does not enter there)."""
-    return _kkt_solve(pt, (gx, gnu, glam, gs), True, settings)[:3]
+    return KKTSolve.apply(True, settings, pt.Q, pt.A, pt.G, pt.lam, pt.s, pt.ok, gx, gnu, glam, gs, *pt.factor)[:3]
 
 
 def data_cotangent(needs: Sequence[bool], wx: Tensor | None = None, wnu: Tensor | None = None,
@@ -231,5 +250,5 @@ def solution_jvp(pt: KKTPoint, t: QPData, settings: IPMSettings) -> tuple[Tensor
     r1 = mv(t.Q, pt.x) + t.p + mtv(t.A, pt.nu) + mtv(t.G, pt.lam)
     r2 = mv(t.A, pt.x) - t.b
     r3 = mv(t.G, pt.x) - t.h
-    dx, dnu, dlam, ds = _kkt_solve(pt, (-r1, -r2, -r3, None), False, settings)
+    dx, dnu, dlam, ds = solve(False, settings, (pt.Q, pt.A, pt.G, pt.lam, pt.s, pt.ok), (-r1, -r2, -r3, None), pt.factor)
     return dx, dnu, dlam, ds
