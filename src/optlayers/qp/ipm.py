@@ -43,8 +43,10 @@ class IPMSettings:
         ineq_reg: inequality regularisation δᵢ: bounds W = S/Λ + δᵢ away from zero so that
             H = Q + Gᵀ W⁻¹ G stays representable as constraints become active (1e-10 solves
             QCAPRI and QISRAEL of Maros–Meszaros, which stall with 1e-12).
-        refine_steps: iterative refinement steps per Newton solve (with one, 57 of the 62
+        refine_steps: iterative refinement steps per corrector solve (with one, 57 of the 62
             Maros–Meszaros problems solve; with three, 61).
+        predictor_refine_steps: refinement steps of the predictor (affine) solve, which only
+            sets the centring σ and the second-order term of the corrector.
         derivative_refine_steps: refinement steps per derivative solve (these must be exact).
         step_fraction: fraction of the step to the boundary of s ≥ 0, λ ≥ 0 that is taken.
         infeasibility_tol: tolerance of the infeasibility certificates (scaled problem).
@@ -63,6 +65,7 @@ class IPMSettings:
     reg: float
     ineq_reg: float
     refine_steps: int = 3
+    predictor_refine_steps: int = 0
     derivative_refine_steps: int = 3
     step_fraction: float = 0.99
     infeasibility_tol: float = 1e-7
@@ -321,19 +324,19 @@ def newton_iteration(data: QPData, units: Units, st: IPMState, res: Residuals, s
     f = _factor_at(data.Q, data.A, data.G, st.lam, st.s, st.reg, settings, retries=0)
     lam, s, w = st.lam, st.s, st.lam_s
     s_lam = w.prod(-2)
-    dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, -s_lam, settings.refine_steps)
-    if st.k:
-        dw = dv[:, st.n + st.m :].unflatten(-1, (2, st.k))
-        w_aff = torch.addcmul(w, _max_step(w, dw)[:, None, None], dw)
-        mu_aff = w_aff.prod(-2).sum(-1) / st.k
-        sigma = (mu_aff / res.mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
-        b4 = (sigma * res.mu).unsqueeze(-1) - s_lam - dw.prod(-2)
-        dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, b4, settings.refine_steps)
-        dw = dv[:, st.n + st.m :].unflatten(-1, (2, st.k))
-        alpha = (settings.step_fraction * _max_step(w, dw)).clamp(max=1.0)
-        alpha = _merit_step(dw, b4.sum(-1), alpha, res, units.backtrack)
-    else:
-        alpha = st.v.new_ones(st.v.shape[0])
+    if not st.k:  # no inequalities: the Newton step solves the problem
+        dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, -s_lam, settings.refine_steps)
+        return Step(dv, mv(data.Q, dv[:, : st.n]), st.v.new_ones(st.v.shape[0]), f.ok)
+    dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, -s_lam, settings.predictor_refine_steps)
+    dw = dv[:, st.n + st.m :].unflatten(-1, (2, st.k))
+    w_aff = torch.addcmul(w, _max_step(w, dw)[:, None, None], dw)
+    mu_aff = w_aff.prod(-2).sum(-1) / st.k
+    sigma = (mu_aff / res.mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
+    b4 = (sigma * res.mu).unsqueeze(-1) - s_lam - dw.prod(-2)
+    dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, b4, settings.refine_steps)
+    dw = dv[:, st.n + st.m :].unflatten(-1, (2, st.k))
+    alpha = (settings.step_fraction * _max_step(w, dw)).clamp(max=1.0)
+    alpha = _merit_step(dw, b4.sum(-1), alpha, res, units.backtrack)
     return Step(dv, mv(data.Q, dv[:, : st.n]), alpha, f.ok)
 
 
