@@ -16,9 +16,11 @@ from optlayers.cone.operator import LinearMap
 MAX_BRACKET_DOUBLINGS = 12  # widens an open side of the bracket by up to 2**12; h is scaled, never overflows
 MAX_ROOT_ITERS = 100  # safeguarded Newton on an interval: bisection alone needs < 100 steps in float64
 MULTISECTION_POINTS = 31  # grid points per multisection round: the bracket shrinks 32-fold per round
-MAX_MULTISECTION_ROUNDS = 4  # 32**4 ~ 1e6: a 4096-wide bracket gets below NEWTON_WIDTH
+MULTISECTION_ROUNDS = 4  # 32**4 ~ 1e6: a 4096-wide bracket gets below 0.01, from which Newton converges fast
 ROOT_TOL_ULPS = 16  # Newton steps below 16 ulps of rho are rounding noise in h: converged
-NEWTON_WIDTH = 0.01  # bracket width from which Newton on h converges in a few steps
+NEWTON_UNCHECKED = 4  # Newton steps before the host first looks whether all rows converged
+NEWTON_CHECK_EVERY = 4  # then it looks after every this many steps (each look is a host sync)
+STAND_IN = (1.0, 1.0, 0.0)  # a point of the root region (bracket (0, 1)) computed in place of the other rows
 REGION_INSIDE, REGION_POLAR, REGION_ANALYTIC, REGION_ROOT = 0, 1, 2, 3
 # s in K_exp^* iff DUAL_TO_PRIMAL s in K_exp: (u, v, w) -> (u - v, -u, w).
 DUAL_TO_PRIMAL = ((1.0, -1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
@@ -47,6 +49,13 @@ def _h(w: torch.Tensor, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return f, df
 
 
+def _h_value(w: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+    """h(rho) times exp(-|rho|) alone (its sign is what the bracket searches look at)."""
+    r, s, t = w.unbind(-1)
+    ep, en, poly = _scaled_exps(rho)
+    return ((rho - 1) * r + s) * ep - (r - rho * s) * en - (rho * (rho - 1) + 1) * t * poly
+
+
 def _scaled_exps(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """exp(rho), exp(-rho) and 1, each times exp(-|rho|)."""
     size = rho.abs()
@@ -60,33 +69,32 @@ def _first_true(mask: torch.Tensor) -> torch.Tensor:
 
 
 def _bracket(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An interval (lo, hi) with h(lo) < 0 <= h(hi); an open side is found among anchor +- 2^k."""
+    """An interval (lo, hi) with h(lo) < 0 <= h(hi); an open side is found among anchor +- 2^k.
+
+    A point of the root region has r > 0 or s > 0, so at most one side is open: both searches
+    are one evaluation of h."""
     r, s, _ = w.unbind(-1)
     lo = 1 - s / torch.where(r > 0, r, torch.ones_like(r))
     hi = r / torch.where(s > 0, s, torch.ones_like(s))
     open_lo, open_hi = r <= 0, s <= 0
     offsets = 2.0 ** torch.arange(MAX_BRACKET_DOUBLINGS + 1, dtype=w.dtype, device=w.device).unsqueeze(-1)
-    down = hi - offsets  # candidates for an open lower side, (K, N)
-    k = _first_true(_h(w, down)[0] < 0)
-    new_lo = down.gather(0, k.unsqueeze(0)).squeeze(0)
-    new_hi = torch.where(k > 0, down.gather(0, (k - 1).clamp_min(0).unsqueeze(0)).squeeze(0), hi)
-    lo, hi = torch.where(open_lo, new_lo, lo), torch.where(open_lo, new_hi, hi)
-    up = lo + offsets  # candidates for an open upper side
-    k = _first_true(_h(w, up)[0] >= 0)
-    new_hi = up.gather(0, k.unsqueeze(0)).squeeze(0)
-    new_lo = torch.where(k > 0, up.gather(0, (k - 1).clamp_min(0).unsqueeze(0)).squeeze(0), lo)
-    return torch.where(open_hi, new_lo, lo), torch.where(open_hi, new_hi, hi)
+    anchor = torch.where(open_lo, hi, lo)
+    candidates = anchor + torch.where(open_lo, -offsets, offsets)  # (K, N), moving away from the anchor
+    f = _h_value(w, candidates)
+    k = _first_true(torch.where(open_lo, f < 0, f >= 0))
+    found = candidates.gather(0, k.unsqueeze(0)).squeeze(0)
+    previous = torch.where(k > 0, candidates.gather(0, (k - 1).clamp_min(0).unsqueeze(0)).squeeze(0), anchor)
+    return (torch.where(open_lo, found, torch.where(open_hi, previous, lo)),
+            torch.where(open_lo, previous, torch.where(open_hi, found, hi)))
 
 
 def _multisection(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Shrink (lo, hi) by MULTISECTION_POINTS + 1 per round, evaluating h on a grid at once."""
     fractions = torch.arange(1, MULTISECTION_POINTS + 1, dtype=w.dtype, device=w.device).unsqueeze(-1)
     fractions = fractions / (MULTISECTION_POINTS + 1)
-    for _ in range(MAX_MULTISECTION_ROUNDS):
-        if bool(((hi - lo) <= NEWTON_WIDTH).all()):
-            break
+    for _ in range(MULTISECTION_ROUNDS):  # a fixed number of rounds: no look from the host
         grid = lo + (hi - lo) * fractions
-        positive = _h(w, grid)[0] >= 0
+        positive = _h_value(w, grid) >= 0
         k, above = _first_true(positive), positive.any(0)
         new_hi = torch.where(above, grid.gather(0, k.unsqueeze(0)).squeeze(0), hi)
         new_lo = torch.where(k > 0, grid.gather(0, (k - 1).clamp_min(0).unsqueeze(0)).squeeze(0), lo)
@@ -100,13 +108,15 @@ def _root(w: torch.Tensor) -> torch.Tensor:
 
     Multisection narrows the bracket, then safeguarded Newton: a Newton step is taken only when
     it stays inside the bracket and at least halves the previous step, otherwise bisection.
+    Converged rows are frozen on the device; the host looks after NEWTON_UNCHECKED steps and
+    then every NEWTON_CHECK_EVERY steps (after multisection most rows converge in a few steps).
     """
     lo, hi = _multisection(w, *_bracket(w))
     rho = (lo + hi) / 2
     last_step = hi - lo
     tol = ROOT_TOL_ULPS * torch.finfo(w.dtype).eps
     done = torch.zeros_like(rho, dtype=torch.bool)
-    for _ in range(MAX_ROOT_ITERS):
+    for iteration in range(1, MAX_ROOT_ITERS + 1):
         f, df = _h(w, rho)
         lo = torch.where(f < 0, rho, lo)
         hi = torch.where(f >= 0, rho, hi)
@@ -117,7 +127,8 @@ def _root(w: torch.Tensor) -> torch.Tensor:
         last_step = (new - rho).abs()
         done = done | (last_step <= tol * torch.clamp(new.abs(), min=1))
         rho = new
-        if bool(done.all()):
+        looks = iteration >= NEWTON_UNCHECKED and (iteration - NEWTON_UNCHECKED) % NEWTON_CHECK_EVERY == 0
+        if looks and bool(done.all()):
             break
     return rho
 
@@ -155,22 +166,27 @@ def _heuristics(v: torch.Tensor) -> list[torch.Tensor]:
     return [on_face, torch.where((s > 0).unsqueeze(-1), lifted, on_face)]
 
 
+def _root_points(v: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """v (N, 3) with the rows outside the root region (``root`` False) replaced by STAND_IN, its
+    norm (N, 1) and the normalized points: every row has a root, so no row needs to be picked out."""
+    v = torch.where(root.unsqueeze(-1), v, v.new_tensor(STAND_IN))
+    norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    return v, norm, v / norm
+
+
 def _primal(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projection onto K of v (N, 3); also the region codes and the root (NaN off the root region)."""
+    """Projection onto K of v (N, 3); also the region codes and the root (the stand-in's off the
+    root region). Every row is computed and the regions merged by masks (no host sync)."""
     code = regions(v)
     r, s, t = v.unbind(-1)
     analytic = torch.stack([r, torch.zeros_like(s), t.clamp_min(0)], dim=-1)
     out = torch.where((code == REGION_INSIDE).unsqueeze(-1), v, torch.zeros_like(v))
     out = torch.where((code == REGION_ANALYTIC).unsqueeze(-1), analytic, out)
-    rho = torch.full_like(r, torch.nan)
     root = code == REGION_ROOT
-    if bool(root.any()):
-        norm = torch.linalg.vector_norm(v[root], dim=-1, keepdim=True)
-        w = v[root] / norm
-        rho_root = _root(w)
-        rho[root] = rho_root
-        out[root] = _nearest(v[root], [_boundary_point(w, rho_root) * norm, *_heuristics(v[root])])
-    return out, code, rho
+    v_root, norm, w = _root_points(v, root)
+    rho = _root(w)
+    nearest = _nearest(v_root, [_boundary_point(w, rho) * norm, *_heuristics(v_root)])
+    return torch.where(root.unsqueeze(-1), nearest, out), code, rho
 
 
 def project(v: torch.Tensor, dual: bool = False) -> torch.Tensor:
@@ -208,10 +224,8 @@ def _primal_jacobian(v: torch.Tensor) -> torch.Tensor:
         [torch.ones_like(rho), torch.zeros_like(rho), (v[:, 2] > 0).to(v.dtype)], dim=-1))
     jac = torch.where((code == REGION_ANALYTIC)[:, None, None], analytic, jac)
     root = code == REGION_ROOT
-    if bool(root.any()):
-        w = v[root] / torch.linalg.vector_norm(v[root], dim=-1, keepdim=True)
-        jac[root] = _root_jacobian(w, rho[root])
-    return jac
+    _, _, w = _root_points(v, root)
+    return torch.where(root[:, None, None], _root_jacobian(w, rho), jac)
 
 
 def derivative(v: torch.Tensor, dual: bool = False) -> LinearMap:
