@@ -28,7 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.problems import random_qp  # noqa: E402
-from optlayers import ConeSpec, solve_cone, solve_qp  # noqa: E402
+from optlayers import ConeSpec, host, solve_cone, solve_qp  # noqa: E402
 from optlayers.cone.testing import random_program  # noqa: E402
 
 # Operations that read a device value on the host.
@@ -75,8 +75,10 @@ def _has_bool_index(args: tuple) -> bool:
 
 def count(fn: Callable[[], object]) -> KernelCounter:
     """Run ``fn`` once under a fresh counter and return the counter. Call it with one intra-op
-    thread (``main`` sets it) so that a batch is not sliced across threads."""
-    with KernelCounter() as counter:
+    thread (``main`` sets it) so that a batch is not sliced across threads. The solvers look at
+    the statuses on the accelerators' schedule (``host.accelerator_schedule``; on the CPU they
+    would look after every iteration), so the counts are a GPU's."""
+    with host.accelerator_schedule(), KernelCounter() as counter:
         fn()
     return counter
 

@@ -4,8 +4,17 @@ Both solvers (QP and cone) run their iterations without synchronisation: converg
 problems are frozen by masks on the device. The host reads the statuses only at the iterations
 ``is_check`` names, with ``host_read`` (one device-to-host copy), to stop when nothing runs and
 to drop finished problems from the working batch.
+
+On an accelerator each read stalls the device's queue, so the host looks rarely (after
+``FIRST_CHECK`` iterations, then every ``CHECK_EVERY``). On the CPU a read costs nothing, while
+every iteration run after the last problem converged is wasted: there the host looks after every
+iteration. ``accelerator_schedule`` makes the CPU follow the accelerator's schedule, so that
+``benchmarks/kernels.py`` counts on the CPU what a GPU does.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Iterator
 
 import torch
 from torch import Tensor
@@ -21,8 +30,25 @@ CHECK_EVERY = 4
 COMPACT_FRACTION = 0.75
 
 
-def is_check(iteration: int) -> bool:
-    """Whether the host looks at the statuses before iteration ``iteration`` (0-based)."""
+_cpu_looks_every_iteration = True
+
+
+@contextlib.contextmanager
+def accelerator_schedule() -> Iterator[None]:
+    """Within the block, solves on the CPU look at the statuses on the accelerators' schedule."""
+    global _cpu_looks_every_iteration
+    saved, _cpu_looks_every_iteration = _cpu_looks_every_iteration, False
+    try:
+        yield
+    finally:
+        _cpu_looks_every_iteration = saved
+
+
+def is_check(iteration: int, device: torch.device | None = None) -> bool:
+    """Whether the host looks at the statuses before iteration ``iteration`` (0-based) of a solve
+    on ``device`` (None: the accelerators' schedule)."""
+    if device is not None and device.type == "cpu" and _cpu_looks_every_iteration:
+        return True
     return iteration >= FIRST_CHECK and (iteration - FIRST_CHECK) % CHECK_EVERY == 0
 
 

@@ -139,3 +139,22 @@ def test_compiled_path_takes_more_shapes_than_torchs_default_limit(monkeypatch):
             assert (solve_qp(**data, compile=True).status == 0).all()
     finally:
         ipm.compiled_step.cache_clear()
+
+
+def test_on_the_cpu_the_loop_stops_right_after_the_last_problem_converges(monkeypatch):
+    """A read of the statuses costs nothing on the CPU: no step runs after every problem has a
+    status. Under ``host.accelerator_schedule`` the host looks only after iterations 8, 12, ..."""
+    from optlayers import host, solve_qp
+
+    data = random_qp((3,), 5, 6, 2, active=True)
+    steps = []
+    real_step = ipm.step
+    monkeypatch.setattr(ipm, "step", lambda *args: steps.append(1) or real_step(*args))
+    sol = solve_qp(*(data[k] for k in ("Q", "p", "G", "h", "A", "b")))
+    assert (sol.status == Status.SOLVED).all()
+    assert len(steps) == int(sol.iterations.max())
+    steps.clear()
+    with host.accelerator_schedule():
+        solve_qp(*(data[k] for k in ("Q", "p", "G", "h", "A", "b")))
+    looks = [i for i in range(100) if host.is_check(i)]
+    assert len(steps) == next(i for i in looks if i >= int(sol.iterations.max()))

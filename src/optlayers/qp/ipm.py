@@ -458,7 +458,7 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     work_data, work_units, st = data, units, full
     step_fn = compiled_step(data.p.device.type) if settings.compiled else step
     for iteration in range(settings.max_iter):
-        if is_check(iteration):
+        if is_check(iteration, data.p.device):
             count, keep = look(st.status == RUNNING)
             if count == 0:
                 break

@@ -61,24 +61,24 @@ def _row_max(M: Tensor) -> Tensor:
 
 
 def _inv_sqrt(norm: Tensor) -> Tensor:
-    return torch.where(norm > 0, norm.clamp(_MIN_NORM, _MAX_NORM).rsqrt(), torch.ones_like(norm))
+    return torch.where(norm > 0, norm.clamp(_MIN_NORM, _MAX_NORM).rsqrt(), 1.0)
 
 
 def equilibrate(data: QPData, iterations: int = RUIZ_ITERATIONS) -> tuple[QPData, Scaling]:
-    """Scale rows and columns of the KKT matrix [[Q, Aᵀ, Gᵀ], [A, 0, 0], [G, 0, 0]] to unit norm."""
-    absQ, absA, absG = data.Q.abs(), data.A.abs(), data.G.abs()
-    d = torch.ones_like(data.p)
-    e = torch.ones_like(data.b)
-    f = torch.ones_like(data.h)
+    """Scale rows and columns of the KKT matrix [[Q, Aᵀ, Gᵀ], [A, 0, 0], [G, 0, 0]] to unit norm.
+
+    The constraint rows [A; G] are scaled together and the scalings [d, e, f] live in one
+    tensor, so that an iteration is a few operations whatever blocks the problem has."""
+    n = data.p.shape[-1]
+    absQ, absC = data.Q.abs(), torch.cat([data.A, data.G], dim=-2).abs()
+    scales = torch.ones(data.p.shape[0], n + absC.shape[-2], dtype=data.p.dtype, device=data.p.device)  # [d, e, f]
     for _ in range(iterations):
         # Norms of the currently scaled matrices, without forming them: |d_i M_ij d_j| etc.
-        col = torch.maximum(
-            torch.maximum(_col_max(absQ * d.unsqueeze(-1)), _col_max(absA * e.unsqueeze(-1))),
-            _col_max(absG * f.unsqueeze(-1)),
-        ) * d
-        rows_a = _row_max(absA * d.unsqueeze(-2)) * e
-        rows_g = _row_max(absG * d.unsqueeze(-2)) * f
-        d, e, f = d * _inv_sqrt(col), e * _inv_sqrt(rows_a), f * _inv_sqrt(rows_g)
+        d, ef = scales[:, :n], scales[:, n:]
+        col = torch.maximum(_col_max(absQ * d.unsqueeze(-1)), _col_max(absC * ef.unsqueeze(-1))) * d
+        rows = _row_max(absC * d.unsqueeze(-2)) * ef
+        scales = scales * _inv_sqrt(torch.cat([col, rows], dim=-1))
+    d, e, f = scales.split([n, data.b.shape[-1], data.h.shape[-1]], dim=-1)
     Q = d.unsqueeze(-1) * data.Q * d.unsqueeze(-2)
     A = e.unsqueeze(-1) * data.A * d.unsqueeze(-2)
     G = f.unsqueeze(-1) * data.G * d.unsqueeze(-2)
