@@ -155,8 +155,10 @@ class ConeProgram(torch.autograd.Function):
                 settings: Settings) -> tuple[torch.Tensor, ...]:
         check_finite({"A": A, "b": b, "c": c, "P": P})
         point, status = _solve_and_refine(A, b, c, P, settings)
-        if settings.solver == "ipm" and not bool((status == ConeStatus.SOLVED).all()):
+        all_solved = bool((status == ConeStatus.SOLVED).all())  # one host sync, also spares the policy's
+        if settings.solver == "ipm" and not all_solved:
             point, status = _fall_back(A, b, c, P, settings, point, status)
+            all_solved = False  # the fallback's statuses are the policy's to read
         x = point.x
         solved = (status == ConeStatus.SOLVED).unsqueeze(-1)
         nan = lambda t: torch.where(solved, t, torch.full_like(t, torch.nan))  # noqa: E731
@@ -164,7 +166,7 @@ class ConeProgram(torch.autograd.Function):
             lu, pivots = x.new_empty(0), torch.empty(0, dtype=torch.int32, device=x.device)
         else:
             lu, pivots = point.factorization.lu, point.factorization.pivots
-        if settings.policy is not None:
+        if settings.policy is not None and not all_solved:
             settings.policy.apply(status)
         return nan(point.x), nan(point.y), nan(point.s), status, lu, pivots
 

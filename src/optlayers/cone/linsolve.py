@@ -12,6 +12,7 @@ import scipy.sparse.linalg as spla
 import torch
 
 from optlayers.cone.embedding import ResidualDerivative
+from optlayers.host import host_read
 
 MODES = ("dense", "lsqr", "lsmr")
 ITERATIVE_TOL = 1e-12  # LSQR/LSMR atol = btol: near float64 accuracy, derivatives feed gradients
@@ -29,6 +30,7 @@ class SolveResult:
     solution: torch.Tensor
     residual: torch.Tensor
     factorization: DenseFactorization | None = None
+    bound: float | None = None  # every residual is known (on the host, without a sync) to be <= this; None: unknown
 
 
 def relative_residual(apply: Callable[[torch.Tensor], torch.Tensor], sol: torch.Tensor,
@@ -61,19 +63,33 @@ def lu_factor(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Each element is checked (pivot i lies in [i, N], and a solve with a random right-hand side
     has a small residual) and a failing one is factorised again on its own.
     """
+    lu, pivots, suspect = _lu_factor_unchecked(matrices)
+    return _refactorise(matrices, lu, pivots, suspect)
+
+
+def _lu_factor_unchecked(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lu_factor`` without the host's look: (lu, pivots) and the suspect elements (B,), which
+    ``_refactorise`` factorises again. Invalid pivots are replaced by the identity's, so that
+    solving with them is safe (and wrong only for the suspect elements)."""
     if matrices.dim() != 3 or matrices.shape[-1] != matrices.shape[-2]:
         raise ValueError(f"lu_factor expects (B, N, N) matrices, got {tuple(matrices.shape)}")
     lu, pivots, _ = torch.linalg.lu_factor_ex(matrices)
     size = matrices.shape[-1]
     rows = torch.arange(1, size + 1, device=pivots.device, dtype=pivots.dtype)
     suspect = ((pivots < rows) | (pivots > size)).any(-1)
+    pivots = torch.where(suspect.unsqueeze(-1), rows.unsqueeze(0).expand_as(pivots), pivots)
     if matrices.device.type == "cpu" and size:
         probe = torch.randn(matrices.shape[:-1], dtype=matrices.dtype, generator=torch.Generator().manual_seed(0))
-        fixed = torch.where(suspect.unsqueeze(-1), rows.unsqueeze(0).expand_as(pivots), pivots)
-        solution = torch.linalg.lu_solve(lu, fixed, probe.unsqueeze(-1)).squeeze(-1)
+        solution = torch.linalg.lu_solve(lu, pivots, probe.unsqueeze(-1)).squeeze(-1)
         residual = relative_residual(lambda v: (matrices @ v.unsqueeze(-1)).squeeze(-1), solution, probe)
         suspect = suspect | ~(residual <= SINGULAR_RESIDUAL)
-    if bool(suspect.any()):
+    return lu, pivots, suspect
+
+
+def _refactorise(matrices: torch.Tensor, lu: torch.Tensor, pivots: torch.Tensor, suspect: torch.Tensor,
+                 known_none: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The suspect elements factorised again one by one (``known_none``: the host knows there are none)."""
+    if not known_none and bool(suspect.any()):
         for index in suspect.nonzero().squeeze(-1).tolist():
             lu[index], pivots[index], _ = torch.linalg.lu_factor_ex(matrices[index])
     return lu, pivots
@@ -87,16 +103,26 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
     preconditioner for iterative refinement against the exact operator M; the elements where
     refinement does not reach ``tol`` within MAX_REFINEMENT_STEPS are refactorised. Where
     the LU solve is not accurate (M singular), minimum-norm least squares is used instead.
+    The host looks once per refinement step after the first, and once more only where some
+    element did not reach ``tol``.
     """
     apply = M.rmatvec if transpose else M.matvec
+    enough = max(tol, SINGULAR_RESIDUAL)
     if factorization is None:
-        factorization = DenseFactorization.of(M, rhs.shape[0])
-        sol = factorization.solve(rhs, transpose)
+        matrices = M.dense(rhs.shape[0])
+        lu, pivots, suspect = _lu_factor_unchecked(matrices)
+        sol = torch.linalg.lu_solve(lu, pivots, rhs.unsqueeze(-1), adjoint=transpose).squeeze(-1)
         residual = relative_residual(apply, sol, rhs)
+        any_suspect, any_singular = host_read(torch.stack([suspect.any(), (~(residual <= enough)).any()]))
+        factorization = DenseFactorization(*_refactorise(matrices, lu, pivots, suspect, known_none=not any_suspect))
+        if any_suspect:  # rare (see lu_factor): solve again with the repaired factors
+            sol = factorization.solve(rhs, transpose)
+            residual = relative_residual(apply, sol, rhs)
+            any_singular = bool((~(residual <= enough)).any())
     else:
-        sol, residual = _refined(apply, factorization, rhs, transpose, tol)
+        sol, residual, converged = _refined(apply, factorization, rhs, transpose, tol)
         stalled = ~(residual <= tol)
-        if bool(stalled.any()):  # refactorise only the elements where the old factorization no longer helps
+        if not converged and bool(stalled.any()):  # refactorise only where the old factorization no longer helps
             dense = M.dense(rhs.shape[0], stalled)
             lu, pivots = lu_factor(dense)
             factorization = DenseFactorization(factorization.lu.clone(), factorization.pivots.clone())
@@ -104,26 +130,31 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
             sol, residual = sol.clone(), residual.clone()
             sol[stalled] = torch.linalg.lu_solve(lu, pivots, rhs[stalled].unsqueeze(-1), adjoint=transpose).squeeze(-1)
             residual[stalled] = relative_residual(apply, sol, rhs)[stalled]
-    singular = ~(residual <= max(tol, SINGULAR_RESIDUAL))
-    if bool(singular.any()):
-        sol, residual = sol.clone(), residual.clone()
-        sol[singular] = _least_squares(M.dense(rhs.shape[0], singular), rhs[singular], transpose)
-        residual[singular] = relative_residual(apply, sol, rhs)[singular]
+            any_singular = bool((~(residual <= enough)).any())
+        else:  # every residual <= tol <= enough
+            any_singular = False
+    if not any_singular:
+        return SolveResult(sol, residual, factorization, enough)
+    singular = ~(residual <= enough)
+    sol, residual = sol.clone(), residual.clone()
+    sol[singular] = _least_squares(M.dense(rhs.shape[0], singular), rhs[singular], transpose)
+    residual[singular] = relative_residual(apply, sol, rhs)[singular]
     return SolveResult(sol, residual, factorization)
 
 
 def _refined(apply, factorization: DenseFactorization, rhs: torch.Tensor, transpose: bool,
-             tol: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Iterative refinement of the solution against ``apply``, preconditioned by ``factorization``."""
+             tol: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Iterative refinement of the solution against ``apply``, preconditioned by ``factorization``;
+    and whether every residual is known to be <= ``tol``. The first refinement step is always
+    taken (the factorization is of another M, so the plain solve is rarely accurate enough), then
+    the host looks after each."""
     sol = factorization.solve(rhs, transpose)
     for _ in range(MAX_REFINEMENT_STEPS):
-        residual = relative_residual(apply, sol, rhs)
-        if bool((~(residual > tol)).all()):
-            break
         sol = sol + factorization.solve(rhs - apply(sol), transpose)
-    else:
         residual = relative_residual(apply, sol, rhs)
-    return sol, residual
+        if bool((residual <= tol).all()):
+            return sol, residual, True
+    return sol, residual, False
 
 
 def _least_squares(matrices: torch.Tensor, rhs: torch.Tensor, transpose: bool) -> torch.Tensor:

@@ -17,6 +17,7 @@ import torch
 
 from optlayers.cone import embedding, linsolve, product
 from optlayers.cone.derivative import Point, solve_system
+from optlayers.host import host_read
 
 MAX_STEPS = 6  # Newton steps; from a 1e-4 accurate start two or three reach TARGET
 TARGET = 1e-13  # relative residual below which an element needs no more steps (float64 round-off level)
@@ -66,9 +67,11 @@ def _derivative(point: Point, w: torch.Tensor) -> embedding.ResidualDerivative:
 
 
 def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, step: torch.Tensor,
-               norm: torch.Tensor, active: torch.Tensor) -> tuple[torch.Tensor, ...]:
+               norm: torch.Tensor, active: torch.Tensor, target: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
     """(x, w, y, R, ||R||) at the first of the step lengths 1, 1/2, 1/4, ... that lowers ||R||, per
-    element (the best tried if none does); stops once every ``active`` element has improved."""
+    element (the best tried if none does), stopping once every ``active`` element has improved;
+    and whether an element will still be active (its kept ||R|| above ``target``) after it. The
+    host reads both facts at once, one synchronisation per step length tried."""
     n = point.x.shape[-1]
     best = None
     length = 1.0
@@ -81,10 +84,13 @@ def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, 
         else:
             take = ~(best[4] < norm) & (trial[4] < best[4])
             best = tuple(torch.where(take.unsqueeze(-1) if t.dim() > 1 else take, t, u) for t, u in zip(trial, best))
-        if bool(((best[4] < norm) | ~active).all()):
+        improved = best[4] < norm
+        kept = torch.where(improved, best[4], norm)
+        done, left = host_read(torch.stack([(improved | ~active).all(), (active & (kept > target)).any()]))
+        if done:
             break
         length /= 2
-    return best
+    return best, left
 
 
 def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps: int = MAX_STEPS) -> Point:
@@ -92,26 +98,27 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
 
     In dense mode the returned point carries the last factorization of M, for the backward pass.
     """
-    if max_steps == 0 or not bool(point.ok.any()):
+    if max_steps == 0:
         return point
     current = point.cleaned()
     n = point.x.shape[-1]
     w = current.y - current.s
     res = residual(current, b, c, w)
     norm = res.norm(dim=-1)
-    scale = _scale(b, c)
+    target = TARGET * _scale(b, c)
+    active = current.ok & (norm > target)
+    if not bool(active.any()):  # also when no element was solved
+        return point
     factorization = None
     improved = torch.zeros_like(point.ok)
     for _ in range(max_steps):
-        active = current.ok & (norm > TARGET * scale)
-        if not bool(active.any()):
-            break
         if mode == "dense":
             solved = linsolve.solve_dense(_derivative(current, w), res, False, factorization, NEWTON_FORCING)
             step, factorization = solved.solution, solved.factorization
         else:
             step = solve_system(current, res, transpose=False, mode=mode, check=False)
-        trial_x, w_trial, y_trial, res_trial, norm_trial = _backtrack(current, b, c, w, step, norm, active)
+        (trial_x, w_trial, y_trial, res_trial, norm_trial), left = _backtrack(current, b, c, w, step, norm, active,
+                                                                              target)
         better = active & (norm_trial < norm)
         improved = improved | better
         keep = better.unsqueeze(-1)
@@ -120,6 +127,9 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
         current = dataclasses.replace(current, x=torch.where(keep, trial_x, current.x), y=y, s=y - w)
         res = torch.where(keep, res_trial, res)
         norm = torch.where(better, norm_trial, norm)
+        active = current.ok & (norm > target)
+        if not left:
+            break
     keep = (point.ok & improved).unsqueeze(-1)  # never improved: the solver's own (unprojected) answer
     return dataclasses.replace(point, x=torch.where(keep, current.x, point.x), y=torch.where(keep, current.y, point.y),
                                s=torch.where(keep, current.s, point.s), factorization=factorization)

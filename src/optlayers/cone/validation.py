@@ -63,8 +63,12 @@ def _check_dims(name: str, t: torch.Tensor, allowed: tuple[int, ...], meaning: s
 def check_finite(tensors: dict[str, torch.Tensor | None]) -> None:
     """Refuse NaN or Inf. Run on plain tensors inside the solve (``ConeProgram.forward``), so that
     ``torch.func.vmap`` can trace ``validate``."""
-    for name, t in tensors.items():
-        if t is not None and not bool(torch.isfinite(_values(t)).all()):
+    given = {name: t for name, t in tensors.items() if t is not None}
+    finite = torch.stack([torch.isfinite(_values(t)).all() for t in given.values()])
+    if bool(finite.all()):  # one host sync for all of them
+        return
+    for name, ok in zip(given, finite.tolist()):
+        if not ok:
             raise ValueError(f"{name} contains NaN or Inf; all data must be finite")
 
 
