@@ -197,7 +197,8 @@ def kkt_residuals(batch: Batch, i: int, z: np.ndarray, lam: np.ndarray, nu: np.n
     inequality = _relative(G @ z + s - h, aG @ az, np.abs(s), np.abs(h), rowwise=rowwise)
     equality = _relative(A @ z - b, aA @ az, np.abs(b), rowwise=rowwise)
     # sign conditions: s, λ ≥ 0 up to the size of their terms; complementarity per pair and the
-    # gap relative to the products that make up the objective
+    # gap relative to the products that make up the objective, each measured before it cancels
+    # (pᵀz as |p|ᵀ|z|: an LP whose optimal value is 0 sums terms of 1e5 to 1e-11)
     if G.shape[0]:
         row_size = np.maximum(np.maximum(aG @ az, np.abs(h)), ABS_FLOOR)
         row_size = row_size if rowwise else np.full_like(row_size, row_size.max())
@@ -205,7 +206,7 @@ def kkt_residuals(batch: Batch, i: int, z: np.ndarray, lam: np.ndarray, nu: np.n
         row_size = np.zeros(0)
     lam_size = max(float(alam.max(initial=0.0)), ABS_FLOOR)
     sign = max(float(np.max(-s / row_size, initial=0.0)), float(np.max(-lam / lam_size, initial=0.0)))
-    objective_size = max(abs(z @ Q @ z), abs(p @ z), abs(b @ nu), abs(h @ lam), ABS_FLOOR)
+    objective_size = max(az @ aQ @ az, np.abs(p) @ az, np.abs(b) @ anu, np.abs(h) @ alam, ABS_FLOOR)
     complementarity = float(np.max(np.abs(s * lam), initial=0.0)) / objective_size
     gap = abs(z @ Q @ z + p @ z + b @ nu + h @ lam) / objective_size
     return {"stationarity": stationarity, "inequality": inequality, "equality": equality, "sign": sign,
