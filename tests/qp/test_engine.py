@@ -130,11 +130,12 @@ def test_compiled_solve_on_cuda_matches_the_cpu():
 
 def test_compiled_path_takes_more_shapes_than_torchs_default_limit(monkeypatch):
     """Each new batch size is a new specialisation of the compiled step; torch's default limit
-    (8) must not turn the ninth into an error. Traced with the eager backend (fast)."""
+    (8) must not turn the ninth into an error, nor a second call with a shape met before (which
+    runs without raising the limit). Traced with the eager backend (fast)."""
     ipm.compiled_step.cache_clear()
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
     try:
-        for batch in range(1, 11):
+        for batch in [*range(1, 11), *range(1, 11)]:
             data = random_qp((batch,), 3, 2, 0)
             assert (solve_qp(**data, compile=True).status == 0).all()
     finally:

@@ -431,14 +431,27 @@ COMPILED_SHAPES = 64
 
 @functools.cache
 def compiled_step(device_type: str) -> Callable[..., tuple[IPMState, Residuals]]:
-    """``step`` compiled whole (no graph breaks); on CUDA captured in a CUDA graph."""
+    """``step`` compiled whole (no graph breaks); on CUDA captured in a CUDA graph.
+
+    Only a call that may compile (a shape not met before, or torch's limit hit) raises the
+    recompile limit to ``COMPILED_SHAPES``: patching torch's configuration costs more host time
+    than a compiled step of a small problem."""
     mode = "reduce-overhead" if device_type == "cuda" else "default"
     compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+    seen: set[tuple] = set()
 
     @functools.wraps(step)
-    def run(*args: object) -> tuple[IPMState, Residuals]:
+    def run(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings) -> tuple[IPMState, Residuals]:
+        shape = (data.p.shape, data.b.shape, data.h.shape, data.p.dtype, data.p.device, settings)
+        if shape in seen:
+            try:
+                return compiled(data, units, st, res, settings)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                pass  # a recompilation for another reason than the shape
         with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
-            return compiled(*args)
+            out = compiled(data, units, st, res, settings)
+        seen.add(shape)
+        return out
 
     return run
 
