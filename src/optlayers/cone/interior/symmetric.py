@@ -183,10 +183,16 @@ def psd_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     root = sing.rsqrt()
     R = torch.where(failed, torch.nan, chol_s @ vh.mT * root.unsqueeze(-2))
     R_inv = root.unsqueeze(-1) * u.mT @ chol_y.mT  # L_y^T L_s = U S V^T gives R = L_y^-T U S^1/2: no inverse
-    k = s.shape[-1]
-    basis = psd.vec_to_mat(torch.eye(k, dtype=s.dtype, device=s.device)).reshape(k, *([1] * (s.dim() - 1)),
-                                                                                    *R.shape[-2:])
-    W = psd.mat_to_vec(R.mT @ basis @ R).movedim(0, -1)
-    W_inv = psd.mat_to_vec(R_inv.mT @ basis @ R_inv).movedim(0, -1)
+    k, d = s.shape[-1], R.shape[-1]
+    basis = psd.vec_to_mat(torch.eye(k, dtype=s.dtype, device=s.device)).reshape(k, d * d)  # rows vec(E_i)
     lam = psd.mat_to_vec(torch.diag_embed(sing))
-    return NTScaling(W, W_inv, lam, PSD)
+    return NTScaling(_congruence(R, basis), _congruence(R_inv, basis), lam, PSD)
+
+
+def _congruence(R: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """The (..., k, k) matrix of X -> R^T X R on svec: basis (R^T kron R^T) basis^T, basis (k, d^2)
+    holding the svec basis matrices E_i row by row (vec(R^T X R) = (R^T kron R^T) vec(X), row-major)."""
+    d = R.shape[-1]
+    Rt = R.mT
+    kron = (Rt[..., :, None, :, None] * Rt[..., None, :, None, :]).reshape(*R.shape[:-2], d * d, d * d)
+    return basis @ kron @ basis.mT
