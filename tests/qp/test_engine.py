@@ -132,14 +132,14 @@ def test_compiled_path_takes_more_shapes_than_torchs_default_limit(monkeypatch):
     """Each new batch size is a new specialisation of the compiled step; torch's default limit
     (8) must not turn the ninth into an error, nor a second call with a shape met before (which
     runs without raising the limit). Traced with the eager backend (fast)."""
-    ipm.compiled_step.cache_clear()
+    ipm.compiled.cache_clear()
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
     try:
         for batch in [*range(1, 11), *range(1, 11)]:
             data = random_qp((batch,), 3, 2, 0)
             assert (solve_qp(**data, compile=True).status == 0).all()
     finally:
-        ipm.compiled_step.cache_clear()
+        ipm.compiled.cache_clear()
 
 
 def test_on_the_cpu_the_loop_stops_right_after_the_last_problem_converges(monkeypatch):
@@ -159,3 +159,22 @@ def test_on_the_cpu_the_loop_stops_right_after_the_last_problem_converges(monkey
         solve_qp(*(data[k] for k in ("Q", "p", "G", "h", "A", "b")))
     looks = [i for i in range(100) if host.is_check(i)]
     assert len(steps) == next(i for i in looks if i >= int(sol.iterations.max()))
+
+
+def test_compiled_start_whose_factorisation_failed_is_retried(monkeypatch):
+    """The compiled start factorises without retries (a retry needs a host look); where it failed,
+    the start is redone with the retries, so the compiled path is as robust as the eager one."""
+    ipm.compiled.cache_clear()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
+    real = ipm._start_unretried
+
+    def failed_start(data, units, settings):
+        st, res = real(data, units, settings)
+        return dataclasses.replace(st, status=torch.full_like(st.status, int(Status.NUMERICAL_ERROR))), res
+
+    monkeypatch.setattr(ipm, "_start_unretried", failed_start)
+    try:
+        data = random_qp((3,), 4, 5, 1, active=True)
+        assert (solve_qp(**data, compile=True).status == Status.SOLVED).all()
+    finally:
+        ipm.compiled.cache_clear()

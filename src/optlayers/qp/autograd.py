@@ -29,7 +29,7 @@ from optlayers.qp.derivatives import (
     solution_jvp,
     solution_vjp,
 )
-from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings, compiled
 from optlayers.qp.parallel import solve_scaled_parallel
 from optlayers.qp.problem import check_values, qp_data
 from optlayers.qp.scaling import (
@@ -127,7 +127,8 @@ class QPSolveFn(torch.autograd.Function):
                 keep_factor: bool, on_failure: str, batch_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
         check_values(Q, p, G, h, A, b)
         dtype = p.dtype
-        scaled, sc = equilibrate(qp_data(*(t.to(COMPUTE_DTYPE) for t in (Q, p, G, h, A, b))))
+        scale = compiled(equilibrate, p.device.type) if settings.compiled else equilibrate
+        scaled, sc = scale(qp_data(*(t.to(COMPUTE_DTYPE) for t in (Q, p, G, h, A, b))))
         result = solve_scaled_parallel(scaled, sc, settings, with_factor=keep_factor)
         st, res = result.state, result.residuals
         solved = st.status == int(QPStatus.SOLVED)

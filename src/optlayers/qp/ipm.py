@@ -7,7 +7,7 @@ was found infeasible or failed numerically is frozen while the others go on.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Callable
 
 import torch
@@ -286,15 +286,15 @@ def _factor_at(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Ten
     return factor_kkt(Q, A, G, w_inv, reg, reg, stiff=w_inv > _STIFF_W_INV if stiff else None, retries=retries)
 
 
-def initial_point(data: QPData, settings: IPMSettings) -> IPMState:
+def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> IPMState:
     """Mehrotra/CVXOPT start: least-squares x with W = I, then s and λ shifted into the interior.
-    Its factorisation retries failed problems at once (one host synchronisation); a problem that
-    still fails is a numerical failure."""
+    Its factorisation retries failed problems at once (one host synchronisation; none with
+    ``retries=0``); a problem that still fails is a numerical failure."""
     B, n = data.p.shape
     m, k = data.b.shape[-1], data.h.shape[-1]
     ones = data.h.new_ones(B, k)
     reg = data.p.new_full((B,), settings.reg)
-    f = factor_kkt(data.Q, data.A, data.G, ones, reg, reg)
+    f = factor_kkt(data.Q, data.A, data.G, ones, reg, reg, retries=retries)
     x, nu, z = solve_reduced(f, -data.p, data.b, -data.h, settings.refine_steps)
     if k:
         shift_s = z.amax(-1, keepdim=True)
@@ -408,9 +408,11 @@ def _mark_converged(st: IPMState, res: Residuals) -> IPMState:
     return replace(st, status=st.status.masked_fill((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED)))
 
 
-def start(data: QPData, units: Units, settings: IPMSettings) -> tuple[IPMState, Residuals]:
-    """The initial point, its residuals and its convergence test (a start may already be optimal)."""
-    st = initial_point(data, settings)
+def start(data: QPData, units: Units, settings: IPMSettings,
+          retries: int = MAX_FACTOR_RETRIES) -> tuple[IPMState, Residuals]:
+    """The initial point, its residuals and its convergence test (a start may already be optimal);
+    ``retries`` as in ``kkt.factor_kkt``."""
+    st = initial_point(data, settings, retries)
     res = residuals(data, units, st, settings)
     return _mark_converged(st, res), res
 
@@ -424,36 +426,60 @@ def step(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPM
     return _mark_converged(st, res), res
 
 
-# The compiled step is specialised to each problem shape (and batch size) it meets; torch's
+# A compiled function is specialised to each problem shape (and batch size) it meets; torch's
 # default of 8 specialisations per function would turn the ninth shape into an error.
 COMPILED_SHAPES = 64
 
 
-@functools.cache
-def compiled_step(device_type: str) -> Callable[..., tuple[IPMState, Residuals]]:
-    """``step`` compiled whole (no graph breaks); on CUDA captured in a CUDA graph.
+def _shape_key(args: tuple) -> tuple:
+    """What a compiled function is specialised on: the shapes, dtypes and devices of the tensors
+    among ``args`` (also inside dataclasses) and the other arguments themselves."""
+    key = []
+    for arg in args:
+        if isinstance(arg, Tensor):
+            key.append((arg.shape, arg.dtype, arg.device))
+        elif is_dataclass(arg) and not isinstance(arg, IPMSettings):
+            key.append(tuple((t.shape, t.dtype, t.device) for f in fields(arg) if isinstance(t := getattr(arg, f.name), Tensor)))
+        else:
+            key.append(arg)
+    return tuple(key)
 
-    Only a call that may compile (a shape not met before, or torch's limit hit) raises the
+
+@functools.cache
+def compiled(fn: Callable, device_type: str) -> Callable:
+    """``fn`` (free of host synchronisations) compiled whole, no graph breaks; on CUDA captured in
+    CUDA graphs. Used by ``settings.compiled`` for the step, the start, the equilibration and the
+    derivatives' factorisation.
+
+    Only a call that may compile (shapes not met before, or torch's limit hit) raises the
     recompile limit to ``COMPILED_SHAPES``: patching torch's configuration costs more host time
     than a compiled step of a small problem."""
     mode = "reduce-overhead" if device_type == "cuda" else "default"
-    compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+    graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
     seen: set[tuple] = set()
 
-    @functools.wraps(step)
-    def run(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings) -> tuple[IPMState, Residuals]:
-        shape = (data.p.shape, data.b.shape, data.h.shape, data.p.dtype, data.p.device, settings)
-        if shape in seen:
+    @functools.wraps(fn)
+    def run(*args: object) -> object:
+        key = _shape_key(args)
+        if key in seen:
             try:
-                return compiled(data, units, st, res, settings)
+                return graph(*args)
             except torch._dynamo.exc.FailOnRecompileLimitHit:
-                pass  # a recompilation for another reason than the shape
+                pass  # a recompilation for another reason than the shapes
         with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
-            out = compiled(data, units, st, res, settings)
-        seen.add(shape)
+            out = graph(*args)
+        seen.add(key)
         return out
 
     return run
+
+
+def _start_unretried(data: QPData, units: Units, settings: IPMSettings) -> tuple[IPMState, Residuals]:
+    return start(data, units, settings, retries=0)
+
+
+def _derivative_factor_unretried(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings) -> KKTFactor:
+    return derivative_factor(Q, A, G, lam, s, settings, retries=0)
 
 
 def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
@@ -466,10 +492,16 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     batch once few remain. One more read at the end tells which problems failed and whether the
     derivatives' factorisation needs a retry."""
     units = Units.of(sc)
-    full, res = start(data, units, settings)
+    device = data.p.device.type
+    if settings.compiled:
+        full, res = compiled(_start_unretried, device)(data, units, settings)
+        if host_read((full.status == int(QPStatus.NUMERICAL_ERROR)).any(0, keepdim=True))[0]:
+            full, res = start(data, units, settings)  # the start's factorisation retried with more regularisation
+    else:
+        full, res = start(data, units, settings)
     index = None  # the working batch's elements in the full batch; None while they are all
     work_data, work_units, st = data, units, full
-    step_fn = compiled_step(data.p.device.type) if settings.compiled else step
+    step_fn = compiled(step, device) if settings.compiled else step
     for iteration in range(settings.max_iter):
         if is_check(iteration, data.p.device):
             count, keep = look(st.status == RUNNING)
@@ -486,7 +518,8 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     else:
         full = st
     full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))
-    factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings, retries=0) if with_factor else None
+    factor_fn = compiled(_derivative_factor_unretried, device) if settings.compiled else _derivative_factor_unretried
+    factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings) if with_factor else None
     unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
                                                   full.status != full.status if factor is None else ~factor.ok]).any(-1))
     if unfactored:
