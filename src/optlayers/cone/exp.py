@@ -20,7 +20,6 @@ MULTISECTION_ROUNDS = 4  # 32**4 ~ 1e6: a 4096-wide bracket gets below 0.01, fro
 ROOT_TOL_ULPS = 16  # Newton steps below 16 ulps of rho are rounding noise in h: converged
 NEWTON_UNCHECKED = 4  # Newton steps before the host first looks whether all rows converged
 NEWTON_CHECK_EVERY = 4  # then it looks after every this many steps (each look is a host sync)
-STAND_IN = (1.0, 1.0, 0.0)  # a point of the root region (bracket (0, 1)) computed in place of the other rows
 REGION_INSIDE, REGION_POLAR, REGION_ANALYTIC, REGION_ROOT = 0, 1, 2, 3
 # s in K_exp^* iff DUAL_TO_PRIMAL s in K_exp: (u, v, w) -> (u - v, -u, w).
 DUAL_TO_PRIMAL = ((1.0, -1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, 1.0))
@@ -167,9 +166,11 @@ def _heuristics(v: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _root_points(v: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """v (N, 3) with the rows outside the root region (``root`` False) replaced by STAND_IN, its
-    norm (N, 1) and the normalized points: every row has a root, so no row needs to be picked out."""
-    v = torch.where(root.unsqueeze(-1), v, v.new_tensor(STAND_IN))
+    """v (N, 3) with the rows outside the root region (``root`` False) replaced by (1, 1, 1), a
+    point of it (bracket (0, 1)), its norm (N, 1) and the normalized points: every row has a root,
+    so no row needs to be picked out. (The stand-in is made on the device: a tensor from Python
+    numbers would be a blocking host-to-device copy on a GPU.)"""
+    v = torch.where(root.unsqueeze(-1), v, torch.ones_like(v))
     norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
     return v, norm, v / norm
 

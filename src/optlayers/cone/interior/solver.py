@@ -146,13 +146,23 @@ def _join(pieces: list[torch.Tensor], batch: int, empty: torch.Tensor | None = N
     return torch.cat([p.reshape(batch, -1, *p.shape[3:]) for p in pieces], 1)
 
 
+def _device_constant(values: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A (nested) tuple of numbers as a tensor of ``like``'s dtype, filled on its device entry by
+    entry: a tensor made from Python numbers would be a blocking host-to-device copy on a GPU."""
+    shape = torch.tensor(values).shape  # on the host, for the shape only
+    out = like.new_empty(shape.numel())
+    for index, value in enumerate(torch.tensor(values, dtype=torch.float64).flatten().tolist()):
+        out[index].fill_(value)
+    return out.reshape(shape)
+
+
 def _central_point(parts: list[_Part], batch: int, like: torch.Tensor) -> torch.Tensor:
     """The start s = y (B, m_K): the unit of each symmetric cone, the exponential cone's central point."""
     pieces = []
     for part in parts:
         shape = (batch, part.count, part.size)
         if part.kind == "exp":
-            piece = like.new_tensor(exponential.CENTRAL_POINT).expand(shape)
+            piece = _device_constant(exponential.CENTRAL_POINT, like).expand(shape)
         else:
             algebra = {"nonneg": symmetric.NONNEG, "soc": symmetric.SOC, "psd": symmetric.PSD}[part.kind]
             piece = algebra.unit(like.new_zeros(shape))
@@ -343,7 +353,7 @@ def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
     batch, _, n = A.shape
     A_k, b_k = A[:, spec.zero:], b[:, spec.zero:]
     if any(part.dual for part in parts):
-        T = A.new_tensor(exp_module.DUAL_TO_PRIMAL)
+        T = _device_constant(exp_module.DUAL_TO_PRIMAL, A)
         A_k, b_k = A_k.clone(), b_k.clone()
         for part in (part for part in parts if part.dual):
             A_k[:, part.start:part.stop] = (T @ _piece(A_k, part)).reshape(batch, -1, n)
@@ -356,7 +366,7 @@ def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: list[_Part]) -> tu
     """Undo ``_setup``'s map on the dual exponential rows: y = T^T y', s = T^-1 s'."""
     if not any(part.dual for part in parts):
         return y, s
-    T, T_inv = y.new_tensor(exp_module.DUAL_TO_PRIMAL), y.new_tensor(exp_module.PRIMAL_TO_DUAL)
+    T, T_inv = _device_constant(exp_module.DUAL_TO_PRIMAL, y), _device_constant(exp_module.PRIMAL_TO_DUAL, y)
     y, s = y.clone(), s.clone()
     for part in (part for part in parts if part.dual):
         y[:, part.start:part.stop] = (_piece(y, part) @ T).reshape(y.shape[0], -1)
