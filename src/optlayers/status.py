@@ -76,7 +76,7 @@ def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: 
         listed = ", ".join(_index(i) for i in where[:max_listed])
         more = f" and {len(where) - max_listed} more" if len(where) > max_listed else ""
         parts.append(f"{code.name.lower()} (elements {listed}{more}): {code.message}")
-    unknown = int((~torch.isin(status, torch.tensor([int(c) for c in Status]))).sum())
+    unknown = int((~torch.isin(status, torch.tensor([int(c) for c in Status], device=status.device))).sum())
     if unknown:
         parts.append(f"{unknown} elements with codes outside Status")
     failed = int((status != Status.SOLVED).sum())

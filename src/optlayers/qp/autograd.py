@@ -69,7 +69,7 @@ def _rows(mask: Tensor, t: Tensor) -> Tensor:
 
 
 def _keep_solved(mask: Tensor, t: Tensor, fill: float) -> Tensor:
-    return torch.where(_rows(mask, t), t, torch.tensor(fill, dtype=t.dtype, device=t.device))
+    return torch.where(_rows(mask, t), t, fill)
 
 
 def _attach(value: Tensor, t: Tensor) -> Tensor:
