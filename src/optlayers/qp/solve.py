@@ -105,8 +105,9 @@ def solve_qp(
         relaxation: the weights of the relaxation for "relax" (default ``Relaxation()``).
         compile: run each interior point iteration as one ``torch.compile``d graph (on CUDA
             captured in a CUDA graph) over a batch of fixed shape. Opt-in: each new problem
-            shape costs a compilation (tens of seconds on a CPU); it pays off for many calls
-            on small problems. The answers are those of the eager solver.
+            shape costs a compilation (about a minute on a CPU); it pays off for thousands of
+            calls on small problems (docs/qp.md, "The compiled path"). The answers are those of
+            the eager solver.
 
     Each argument has its own batch dimensions or none; they broadcast like torch. Gradients of
     a shared argument are summed over the batch. Device and dtype follow the inputs.
