@@ -52,10 +52,11 @@ class IPMSettings:
         infeasibility_tol: tolerance of the infeasibility certificates (scaled problem).
         stall_limit: consecutive iterations with a negligible step after which a problem is
             declared a numerical failure.
-        compiled: run each iteration as one ``torch.compile``d step (``fullgraph=True``; on
-            CUDA in "reduce-overhead" mode, i.e. captured in a CUDA graph) on a batch of fixed
-            shape: finished problems stay in it, frozen, instead of leaving it. The first call
-            for each new shape pays the compilation (tens of seconds); it pays off for many
+        compiled: run the start, each iteration and the derivatives' factorisation as
+            ``torch.compile``d graphs (``fullgraph=True``; on CUDA in "reduce-overhead" mode,
+            i.e. captured in CUDA graphs; see ``compiled``) on a batch of fixed shape: finished
+            problems stay in it, frozen, instead of leaving it. The first call for each new
+            shape pays the compilation (about a minute on a CPU); it pays off for thousands of
             calls on small problems, where an iteration's cost is its kernel launches.
     """
 
