@@ -112,8 +112,8 @@ def test_no_false_infeasibility_certificate():
 
 
 def test_no_false_unboundedness_certificate_on_a_scaled_bounded_element():
-    """The one false recession certificate of the 10,000-case run (a bounded element scaled by up
-    to 1e6), solved since the predictor solve skips iterative refinement."""
+    """A bounded element scaled by up to 1e6 that is solved (it once got a false recession
+    certificate; whether it does depends on the rounding of the iteration)."""
     case = {"seed": 9508, "n": 6, "k": 1, "m": 0, "objective_decades": 5.851210697323356,
             "row_decades": 4.682839697954082, "column_decades": 5.851210697323356,
             "elements": [{"kind": "unbounded", "rank": 5, "duplicate_rows": False, "redundant_eq": True},
@@ -166,7 +166,7 @@ def test_missed_infeasibility_certificates(case, index):
 
 
 def test_unboundedness_certificate_of_a_degenerate_unbounded_element():
-    """Once missed (MAX_ITER), certified since the predictor solve skips iterative refinement."""
+    """A degenerate unbounded element (duplicated rows, redundant equalities) that is certified."""
     case = {"seed": 81271, "n": 4, "k": 7, "m": 3, "objective_decades": -5.0, "row_decades": 2.3615445048989656,
             "column_decades": 0.0,
             "elements": [{"kind": "unbounded", "rank": 3, "duplicate_rows": False, "redundant_eq": True},

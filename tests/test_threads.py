@@ -214,8 +214,8 @@ def test_cone_ipm_slices_through_the_same_pool(monkeypatch):
     whole = cone_solver.solve(A, b, c, None, spec, max_slices=1)
     used = []
     original = threads._single_threaded
-    monkeypatch.setattr(threads, "_single_threaded", lambda fn, part: used.append(threading.current_thread().name)
-                        or original(fn, part))
+    monkeypatch.setattr(threads, "_single_threaded", lambda fn, caller, part: used.append(threading.current_thread().name)
+                        or original(fn, caller, part))
     sliced = cone_solver.solve(A, b, c, None, spec)
     assert len(used) == 2 and all(name.startswith("optlayers-slice") for name in used)
     for got, want in zip(sliced, whole):

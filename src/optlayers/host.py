@@ -14,6 +14,7 @@ iteration. ``accelerator_schedule`` makes the CPU follow the accelerator's sched
 from __future__ import annotations
 
 import contextlib
+import contextvars
 from typing import Iterator
 
 import torch
@@ -30,24 +31,24 @@ CHECK_EVERY = 4
 COMPACT_FRACTION = 0.75
 
 
-_cpu_looks_every_iteration = True
+_CPU_LOOKS_EVERY_ITERATION: contextvars.ContextVar[bool] = contextvars.ContextVar("cpu_looks_every_iteration", default=True)
 
 
 @contextlib.contextmanager
 def accelerator_schedule() -> Iterator[None]:
-    """Within the block, solves on the CPU look at the statuses on the accelerators' schedule."""
-    global _cpu_looks_every_iteration
-    saved, _cpu_looks_every_iteration = _cpu_looks_every_iteration, False
+    """Within the block (in this thread or context only), solves on the CPU look at the statuses
+    on the accelerators' schedule."""
+    token = _CPU_LOOKS_EVERY_ITERATION.set(False)
     try:
         yield
     finally:
-        _cpu_looks_every_iteration = saved
+        _CPU_LOOKS_EVERY_ITERATION.reset(token)
 
 
 def is_check(iteration: int, device: torch.device | None = None) -> bool:
     """Whether the host looks at the statuses before iteration ``iteration`` (0-based) of a solve
     on ``device`` (None: the accelerators' schedule)."""
-    if device is not None and device.type == "cpu" and _cpu_looks_every_iteration:
+    if device is not None and device.type == "cpu" and _CPU_LOOKS_EVERY_ITERATION.get():
         return True
     return iteration >= FIRST_CHECK and (iteration - FIRST_CHECK) % CHECK_EVERY == 0
 

@@ -30,6 +30,7 @@ exists (DataLoader workers) starts a pool of its own on first use.
 from __future__ import annotations
 
 import ctypes
+import contextvars
 import functools
 import os
 import threading
@@ -138,8 +139,11 @@ if hasattr(os, "register_at_fork"):
 _IN_SLICE = threading.local()
 
 
-def _single_threaded(fn: Callable[[slice], Result], part: slice) -> Result:
-    """fn(part) in a pool thread whose OpenMP and MKL teams are one thread, under no_grad."""
+def _single_threaded(fn: Callable[[slice], Result], caller: contextvars.Context, part: slice) -> Result:
+    """fn(part) in a pool thread whose OpenMP and MKL teams are one thread, under no_grad, with
+    the caller's context variables (e.g. ``host.accelerator_schedule``)."""
+    for var, value in caller.items():
+        var.set(value)
     _torch_thread_start_up()  # torch's per-thread start-up, which would reset the limits set below
     for setter in (_omp_set_num_threads(), _mkl_set_num_threads_local()):
         if setter is not None:
@@ -165,5 +169,5 @@ def map_slices(fn: Callable[[slice], Result], batch: int, count: int) -> list[Re
     if getattr(_IN_SLICE, "active", False):
         with torch.no_grad():
             return [fn(part) for part in slices]
-    futures = _POOL.submit(functools.partial(_single_threaded, fn), slices)
+    futures = _POOL.submit(functools.partial(_single_threaded, fn, contextvars.copy_context()), slices)
     return [future.result() for future in futures]

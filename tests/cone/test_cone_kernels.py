@@ -15,13 +15,12 @@ from benchmarks import kernels  # noqa: E402
 
 # The exponential cone's projection computes every row (regions merged by masks) and looks once,
 # after exp.NEWTON_UNCHECKED Newton steps, whether every root has converged (measured: 1 on these
-# points; before, 14 for the projection and 19 for the derivative).
+# points, where boolean indexing of the root rows made 14 for the projection and 19 for the derivative).
 MAX_EXP_SYNCS = 1
 # solve_cone(solver="ipm") on the cone benchmark's programs (all five cones), batch 8 (128 gives the
 # same counts): 17 forward syncs (validation 1, the interior point method's looks 5, the
 # refinement's 3 and its linear solves' 2, the exponential projections' Newton looks 5, the
-# status 1), 3 in the adjoint (the exponential derivative's look, iterative refinement's 2). Before
-# these were pinned: 107 and 46.
+# status 1), 3 in the adjoint (the exponential derivative's look, iterative refinement's 2).
 MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 17, 3
 
 

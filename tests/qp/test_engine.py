@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optlayers import host, solve_qp
+from optlayers import compiling, host, solve_qp
 from optlayers.qp import ipm
 from optlayers.qp.kkt import MAX_FACTOR_RETRIES
 from optlayers.qp.problem import prepare_qp, qp_data
@@ -120,26 +120,34 @@ def test_compile_must_be_a_bool():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compiled_solve_on_cuda_matches_the_cpu():
-    """The compiled path on CUDA (captured in CUDA graphs) gives the CPU's answers."""
+    """The compiled path on CUDA (its step captured in CUDA graphs) gives the CPU's answers and
+    gradients, also when a second solve replays the graphs before the first one's backward."""
     data = random_qp((16,), 8, 10, 3, active=True)
-    cpu = solve_qp(**data)
-    gpu = solve_qp(**{k: v.cuda() for k, v in data.items()}, compile=True)
-    assert torch.equal(gpu.status.cpu(), cpu.status)
-    torch.testing.assert_close(gpu.z.cpu(), cpu.z, rtol=1e-9, atol=1e-10)
+    expected = []
+    for shift in (0.0, 1.0):
+        p = (data["p"] + shift).requires_grad_(True)
+        sol = solve_qp(p=p, **{k: v for k, v in data.items() if k != "p"})
+        expected.append((sol.z.detach(), torch.autograd.grad((sol.z ** 2).sum(), p)[0]))
+    cuda = {k: v.cuda() for k, v in data.items() if k != "p"}
+    ps = [(data["p"] + shift).cuda().requires_grad_(True) for shift in (0.0, 1.0)]
+    sols = [solve_qp(p=p, **cuda, compile=True) for p in ps]  # both forwards first
+    for p, sol, (z, grad) in zip(ps, sols, expected):
+        torch.testing.assert_close(sol.z.detach().cpu(), z, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(torch.autograd.grad((sol.z ** 2).sum(), p)[0].cpu(), grad, rtol=1e-8, atol=1e-9)
 
 
 def test_compiled_path_takes_more_shapes_than_torchs_default_limit(monkeypatch):
     """Each new batch size is a new specialisation of the compiled step; torch's default limit
     (8) must not turn the ninth into an error, nor a second call with a shape met before (which
     runs without raising the limit). Traced with the eager backend (fast)."""
-    ipm.compiled.cache_clear()
+    compiling.compiled.cache_clear()
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
     try:
         for batch in [*range(1, 11), *range(1, 11)]:
             data = random_qp((batch,), 3, 2, 0)
             assert (solve_qp(**data, compile=True).status == 0).all()
     finally:
-        ipm.compiled.cache_clear()
+        compiling.compiled.cache_clear()
 
 
 def test_on_the_cpu_the_loop_stops_right_after_the_last_problem_converges(monkeypatch):
@@ -164,7 +172,7 @@ def test_on_the_cpu_the_loop_stops_right_after_the_last_problem_converges(monkey
 def test_compiled_start_whose_factorisation_failed_is_retried(monkeypatch):
     """The compiled start factorises without retries (a retry needs a host look); where it failed,
     the start is redone with the retries, so the compiled path is as robust as the eager one."""
-    ipm.compiled.cache_clear()
+    compiling.compiled.cache_clear()
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
     real = ipm._start_unretried
 
@@ -177,4 +185,21 @@ def test_compiled_start_whose_factorisation_failed_is_retried(monkeypatch):
         data = random_qp((3,), 4, 5, 1, active=True)
         assert (solve_qp(**data, compile=True).status == Status.SOLVED).all()
     finally:
-        ipm.compiled.cache_clear()
+        compiling.compiled.cache_clear()
+
+
+def test_the_accelerator_schedule_holds_in_its_own_context_and_reaches_the_slices():
+    """``host.accelerator_schedule`` is a context variable: another thread keeps the CPU schedule,
+    and the pool threads that solve the slices of a batch follow the caller's."""
+    import threading
+
+    from optlayers import threads
+
+    seen = {}
+    with host.accelerator_schedule():
+        other = threading.Thread(target=lambda: seen.setdefault("other", host.is_check(1, torch.device("cpu"))))
+        other.start()
+        other.join()
+        seen["slices"] = threads.map_slices(lambda part: host.is_check(1, torch.device("cpu")), 4, 2)
+    assert seen["other"] is True  # the CPU schedule: a look after every iteration
+    assert seen["slices"] == [False, False]

@@ -64,7 +64,7 @@ class ResidualDerivative:
         """M as a (B, n + m, n + m) tensor, or only the elements selected by the boolean ``index`` (B,).
 
         A^T D is one batched product with the dense D (m^2 n flops, less than the (n + m)^3 of
-        the factorization that follows; applying D's blocks to A's n columns was 5x slower at
+        the factorization that follows; applying D's blocks to A's n columns is 5x slower at
         m = 96, n = 48).
         """
         A = self.A.to_dense() if self.A.layout != torch.strided else self.A

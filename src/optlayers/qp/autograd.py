@@ -29,7 +29,8 @@ from optlayers.qp.derivatives import (
     solution_jvp,
     solution_vjp,
 )
-from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings, compiled
+from optlayers.compiling import compiled
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
 from optlayers.qp.parallel import solve_scaled_parallel
 from optlayers.qp.problem import check_values, qp_data
 from optlayers.qp.scaling import (

@@ -6,13 +6,13 @@ was found infeasible or failed numerically is frozen while the others go on.
 """
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import Tensor
 
+from optlayers.compiling import compiled, owned
 from optlayers.host import RUNNING, host_read, is_check, look
 from optlayers.linalg import mtv, mv
 from optlayers.qp.batch import put, take
@@ -52,9 +52,9 @@ class IPMSettings:
         infeasibility_tol: tolerance of the infeasibility certificates (scaled problem).
         stall_limit: consecutive iterations with a negligible step after which a problem is
             declared a numerical failure.
-        compiled: run the start, each iteration and the derivatives' factorisation as
-            ``torch.compile``d graphs (``fullgraph=True``; on CUDA in "reduce-overhead" mode,
-            i.e. captured in CUDA graphs; see ``compiled``) on a batch of fixed shape: finished
+        compiled: run the equilibration, the start, each iteration and the derivatives'
+            factorisation as ``torch.compile``d graphs (``fullgraph=True``; on CUDA the
+            iteration captured in CUDA graphs; see ``optlayers.compiling``) on a batch of fixed shape: finished
             problems stay in it, frozen, instead of leaving it. The first call for each new
             shape pays the compilation (about a minute on a CPU); it pays off for thousands of
             calls on small problems, where an iteration's cost is its kernel launches.
@@ -427,54 +427,6 @@ def step(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPM
     return _mark_converged(st, res), res
 
 
-# A compiled function is specialised to each problem shape (and batch size) it meets; torch's
-# default of 8 specialisations per function would turn the ninth shape into an error.
-COMPILED_SHAPES = 64
-
-
-def _shape_key(args: tuple) -> tuple:
-    """What a compiled function is specialised on: the shapes, dtypes and devices of the tensors
-    among ``args`` (also inside dataclasses) and the other arguments themselves."""
-    key = []
-    for arg in args:
-        if isinstance(arg, Tensor):
-            key.append((arg.shape, arg.dtype, arg.device))
-        elif is_dataclass(arg) and not isinstance(arg, IPMSettings):
-            key.append(tuple((t.shape, t.dtype, t.device) for f in fields(arg) if isinstance(t := getattr(arg, f.name), Tensor)))
-        else:
-            key.append(arg)
-    return tuple(key)
-
-
-@functools.cache
-def compiled(fn: Callable, device_type: str) -> Callable:
-    """``fn`` (free of host synchronisations) compiled whole, no graph breaks; on CUDA captured in
-    CUDA graphs. Used by ``settings.compiled`` for the step, the start, the equilibration and the
-    derivatives' factorisation.
-
-    Only a call that may compile (shapes not met before, or torch's limit hit) raises the
-    recompile limit to ``COMPILED_SHAPES``: patching torch's configuration costs more host time
-    than a compiled step of a small problem."""
-    mode = "reduce-overhead" if device_type == "cuda" else "default"
-    graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-    seen: set[tuple] = set()
-
-    @functools.wraps(fn)
-    def run(*args: object) -> object:
-        key = _shape_key(args)
-        if key in seen:
-            try:
-                return graph(*args)
-            except torch._dynamo.exc.FailOnRecompileLimitHit:
-                pass  # a recompilation for another reason than the shapes
-        with torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
-            out = graph(*args)
-        seen.add(key)
-        return out
-
-    return run
-
-
 def _start_unretried(data: QPData, units: Units, settings: IPMSettings) -> tuple[IPMState, Residuals]:
     return start(data, units, settings, retries=0)
 
@@ -502,7 +454,7 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
         full, res = start(data, units, settings)
     index = None  # the working batch's elements in the full batch; None while they are all
     work_data, work_units, st = data, units, full
-    step_fn = compiled(step, device) if settings.compiled else step
+    step_fn = compiled(step, device, graphs=True) if settings.compiled else step
     for iteration in range(settings.max_iter):
         if is_check(iteration, data.p.device):
             count, keep = look(st.status == RUNNING)
@@ -516,6 +468,8 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     if index is not None:
         full = put(full, index, st)
         res = residuals(data, units, full, settings)
+    elif settings.compiled:
+        full, res = owned(st), owned(res)  # out of the step's CUDA-graph memory, which its next replay overwrites
     else:
         full = st
     full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))

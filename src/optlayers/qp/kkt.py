@@ -213,7 +213,7 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
         refine_steps: iterative refinement steps against the unregularised system.
         use_y: solve through the factor's Y = L⁻¹Cᵀ (four triangular solves per solve instead
             of six; the same answer up to rounding). The derivatives use it; the interior point
-            iterations do not yet (it would change their rounding).
+            iterations do not (their rounding decides some Maros–Meszaros problems).
     Returns:
         dx (B, n), dν (B, m), dλ (B, k).
     """

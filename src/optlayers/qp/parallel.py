@@ -27,7 +27,8 @@ def slice_count(batch: int, n: int, device: torch.device) -> int:
 def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
     """``ipm.solve_scaled`` on ``slice_count`` slices of the batch at once; same result."""
     batch, n = data.p.shape
-    count = slice_count(batch, n, data.p.device)
+    # compiled functions are specialised to the batch's shape: one slice, the batch whole
+    count = 1 if settings.compiled else slice_count(batch, n, data.p.device)
     if count == 1:
         return solve_scaled(data, sc, settings, with_factor)
     parts = threads.map_slices(lambda part: solve_scaled(take(data, part), take(sc, part), settings, with_factor), batch, count)

@@ -105,7 +105,7 @@ def solve_qp(
         relaxation: the weights of the relaxation for "relax" (default ``Relaxation()``).
         compile: run each interior point iteration as one ``torch.compile``d graph (on CUDA
             captured in a CUDA graph) over a batch of fixed shape. Opt-in: each new problem
-            shape costs a compilation (about a minute on a CPU); it pays off for thousands of
+            shape costs a compilation (about a minute on a CPU); it is repaid after thousands of
             calls on small problems (docs/qp.md, "The compiled path"). The answers are those of
             the eager solver.
 

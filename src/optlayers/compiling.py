@@ -1,0 +1,86 @@
+"""The opt-in compiled path (``compile=True``): functions free of host synchronisations compiled
+whole with ``torch.compile(fullgraph=True)``, one specialisation per shape of their arguments.
+
+Only the interior point step is captured in CUDA graphs (mode "reduce-overhead" on CUDA): its
+outputs are the next call's inputs, while the outputs of the other compiled functions (the
+equilibration, the start, the derivatives' factorisation) outlive later calls, which a CUDA
+graph's replay would overwrite. The caller copies the step's last outputs out of the graph's
+memory (``owned``) before they are kept.
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+from dataclasses import fields, is_dataclass, replace
+from typing import Callable, TypeVar
+
+import torch
+from torch import Tensor
+
+T = TypeVar("T")
+
+COMPILED_SHAPES = 64
+"""Specialisations per compiled function: torch's default of 8 would turn the ninth problem shape
+into an error. Past this many, calls run eagerly (with a warning)."""
+
+# Compilation raises torch's (process-wide) recompile limit for its duration: one thread at a time.
+_COMPILING = threading.Lock()
+
+
+def _tensor_key(t: Tensor) -> tuple:
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def _shape_key(args: tuple) -> tuple:
+    """What a compiled function is specialised on: the shapes, strides, dtypes and devices of the
+    tensors among ``args`` (also inside dataclasses) and the other arguments themselves (the
+    solver settings, tolerances included, are part of the specialisation)."""
+    key = []
+    for arg in args:
+        if isinstance(arg, Tensor):
+            key.append(_tensor_key(arg))
+        elif is_dataclass(arg) and any(isinstance(getattr(arg, f.name), Tensor) for f in fields(arg)):
+            key.append(tuple(_tensor_key(t) for f in fields(arg) if isinstance(t := getattr(arg, f.name), Tensor)))
+        else:
+            key.append(arg)
+    return tuple(key)
+
+
+@functools.cache
+def compiled(fn: Callable, device_type: str, graphs: bool = False) -> Callable:
+    """``fn`` compiled whole (no graph breaks) for devices of ``device_type``; with ``graphs``, on
+    CUDA captured in CUDA graphs (see the module docstring).
+
+    Only a call that may compile (arguments of a shape not met before, or torch's limit hit)
+    raises the recompile limit to ``COMPILED_SHAPES``: patching torch's configuration costs more
+    host time than a compiled step of a small problem. Past the limit ``fn`` runs eagerly."""
+    mode = "reduce-overhead" if graphs and device_type == "cuda" else "default"
+    graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    seen: set[tuple] = set()
+    name = getattr(fn, "__qualname__", repr(fn))
+
+    @functools.wraps(fn)
+    def run(*args: object) -> object:
+        key = _shape_key(args)
+        if key in seen:
+            try:
+                return graph(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                pass  # a recompilation for a reason the key does not see
+        with _COMPILING, torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
+            try:
+                out = graph(*args)
+            except torch._dynamo.exc.FailOnRecompileLimitHit:
+                warnings.warn(f"compile=True: {name} has {COMPILED_SHAPES} compiled specialisations (problem shapes, "
+                              "tolerances); this call runs eagerly", RuntimeWarning, stacklevel=2)
+                return fn(*args)
+        seen.add(key)
+        return out
+
+    return run
+
+
+def owned(obj: T) -> T:
+    """``obj`` (a dataclass of tensors) with every tensor copied into memory of its own."""
+    return replace(obj, **{f.name: t.clone() for f in fields(obj) if isinstance(t := getattr(obj, f.name), Tensor)})

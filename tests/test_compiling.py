@@ -1,0 +1,52 @@
+"""The compiled path's wrapper (``optlayers.compiling``): specialisations beyond torch's default
+limit, recompilations its shape key does not see, and the eager fallback past its own limit.
+Traced with dynamo's eager backend (no inductor compilation: fast)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optlayers import compiling
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    compiling.compiled.cache_clear()
+    torch._dynamo.reset()  # dynamo keeps its specialisations per code object across tests
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
+    yield
+    compiling.compiled.cache_clear()
+    torch._dynamo.reset()
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def test_more_shapes_than_torchs_limit_and_a_recompilation_the_key_does_not_see(eager_backend):
+    run = compiling.compiled(_double, "cpu")
+    for n in range(1, 11):  # 10 specialisations: torch's default limit is 8
+        assert torch.equal(run(torch.ones(n)), torch.full((n,), 2.0))
+    # a shape met before, now requiring grad: dynamo recompiles although the key is known
+    x = torch.ones(3, requires_grad=True)
+    y = run(x)
+    assert torch.equal(y.detach(), torch.full((3,), 2.0)) and y.requires_grad
+
+
+def test_past_the_limit_calls_run_eagerly_with_a_warning(eager_backend, monkeypatch):
+    monkeypatch.setattr(compiling, "COMPILED_SHAPES", 2)
+    run = compiling.compiled(_double, "cpu")
+    run(torch.ones(1))
+    run(torch.ones(2))
+    with pytest.warns(RuntimeWarning, match="2 compiled specialisations"):
+        assert torch.equal(run(torch.ones(3)), torch.full((3,), 2.0))
+
+
+def test_owned_copies_every_tensor():
+    from optlayers.qp.scaling import Scaling
+
+    sc = Scaling(d=torch.ones(2, 3), e=torch.ones(2, 0), f=torch.ones(2, 1), c=torch.ones(2))
+    copy = compiling.owned(sc)
+    for name in "defc":
+        assert torch.equal(getattr(copy, name), getattr(sc, name))
+        assert getattr(copy, name).data_ptr() != getattr(sc, name).data_ptr() or getattr(sc, name).numel() == 0
