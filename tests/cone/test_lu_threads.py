@@ -69,3 +69,34 @@ def test_lu_factor_refactorises_corrupted_elements(monkeypatch):
     assert torch.allclose(P @ L @ U, matrices, atol=1e-12)
     with pytest.raises(ValueError, match=r"lu_factor expects \(B, N, N\)"):
         linsolve.lu_factor(matrices[0])
+
+
+def test_a_suspect_lu_factor_is_repaired_before_it_is_used(monkeypatch):
+    """Where the batched LU is suspect (see lu_factor), solve_dense factorises those elements again
+    and solves with the repaired factors: a corrupted, flagged factor changes nothing."""
+    from optlayers import ConeSpec, solve_cone
+    from optlayers.cone import linsolve
+    from optlayers.cone.testing import random_program
+
+    spec = ConeSpec(zero=1, nonneg=4, soc=[3])
+    A, b, c, *_ = random_program(spec, 4, batch=3, seed=1)
+
+    def gradient() -> torch.Tensor:
+        A_ = A.clone().requires_grad_(True)
+        solve_cone(A_, b, c, spec, solver="ipm").x.sum().backward()
+        return A_.grad
+
+    expected = gradient()
+    real, flagged = linsolve._lu_factor_unchecked, []
+
+    def corrupted(matrices):
+        lu, pivots, suspect = real(matrices)
+        lu = lu.clone()
+        lu[1] = torch.nan  # a wrong factor, flagged as suspect
+        flagged.append(1)
+        return lu, pivots, suspect | (torch.arange(len(suspect)) == 1)
+
+    monkeypatch.setattr(linsolve, "_lu_factor_unchecked", corrupted)
+    got = gradient()
+    assert flagged, "the fresh-factorisation path was not taken"
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
