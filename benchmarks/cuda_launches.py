@@ -1,0 +1,69 @@
+"""Count the CUDA kernel launches of a QP solve on a GPU (torch.profiler), eager and compiled.
+
+``benchmarks/kernels.py`` counts aten operations on the CPU, a machine-independent stand-in for
+launches; this script measures the launches themselves on a CUDA device (CUDA graph replays
+count as one launch each in the profiler's runtime events, their kernels as device events).
+
+    python benchmarks/cuda_launches.py [--batch 128] [--n 100] [--json FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.problems import random_qp  # noqa: E402
+from optlayers import solve_qp  # noqa: E402
+
+
+def launches(fn) -> dict[str, int]:
+    """Kernels run on the device and launch calls made by the host during ``fn()``."""
+    fn()  # warm-up (and compilation)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.events()
+    device = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    host = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLaunchKernelExC"))
+    return {"device_kernels": device, "host_launch_calls": host}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--json", type=Path, help="write the counts here")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("cuda_launches.py needs a CUDA device (none is available)", file=sys.stderr)
+        return 2
+    Q, p, G, h, A, b = (t.cuda() if t is not None else None for t in random_qp(args.batch, args.n, args.n, 0, seed=0).tensors())
+    rows = {}
+    for compiled in (False, True):
+        p_ = p.clone().requires_grad_(True)
+        holder = {}
+
+        def forward() -> None:
+            holder["sol"] = solve_qp(Q, p_, G, h, A, b, compile=compiled)
+
+        counts = launches(forward)
+        iterations = int(holder["sol"].iterations.max())
+        rows["compiled" if compiled else "eager"] = {**counts, "iterations": iterations,
+                                                     "device_kernels_per_iteration": counts["device_kernels"] / iterations}
+    for name, row in rows.items():
+        print(f"{name}: {row['device_kernels']} device kernels and {row['host_launch_calls']} host launch calls per forward "
+              f"({row['iterations']} iterations; {row['device_kernels_per_iteration']:.0f} kernels per iteration, set-up included)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"batch": args.batch, "n": args.n, "device": torch.cuda.get_device_name(), **rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
