@@ -50,3 +50,14 @@ def test_owned_copies_every_tensor():
     for name in "defc":
         assert torch.equal(getattr(copy, name), getattr(sc, name))
         assert getattr(copy, name).data_ptr() != getattr(sc, name).data_ptr() or getattr(sc, name).numel() == 0
+
+
+def test_arguments_are_checked():
+    with pytest.raises(TypeError, match="fn must be callable, got int"):
+        compiling.compiled(3, "cpu")
+    with pytest.raises(ValueError, match="device_type must be a device type"):
+        compiling.compiled(_double, "")
+    with pytest.raises(TypeError, match="graphs must be True or False, got 1"):
+        compiling.compiled(_double, "cpu", 1)
+    with pytest.raises(TypeError, match="obj must be a dataclass instance, got Tensor"):
+        compiling.owned(torch.ones(2))

@@ -55,6 +55,12 @@ def compiled(fn: Callable, device_type: str, graphs: bool = False) -> Callable:
     Only a call that may compile (arguments of a shape not met before, or torch's limit hit)
     raises the recompile limit to ``COMPILED_SHAPES``: patching torch's configuration costs more
     host time than a compiled step of a small problem. Past the limit ``fn`` runs eagerly."""
+    if not callable(fn):
+        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    if not isinstance(device_type, str) or not device_type:
+        raise ValueError(f"device_type must be a device type such as 'cpu' or 'cuda', got {device_type!r}")
+    if not isinstance(graphs, bool):
+        raise TypeError(f"graphs must be True or False, got {graphs!r}")
     mode = "reduce-overhead" if graphs and device_type == "cuda" else "default"
     graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
     seen: set[tuple] = set()
@@ -83,4 +89,6 @@ def compiled(fn: Callable, device_type: str, graphs: bool = False) -> Callable:
 
 def owned(obj: T) -> T:
     """``obj`` (a dataclass of tensors) with every tensor copied into memory of its own."""
+    if not is_dataclass(obj) or isinstance(obj, type):
+        raise TypeError(f"obj must be a dataclass instance, got {type(obj).__name__}")
     return replace(obj, **{f.name: t.clone() for f in fields(obj) if isinstance(t := getattr(obj, f.name), Tensor)})
