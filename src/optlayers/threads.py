@@ -140,10 +140,13 @@ _IN_SLICE = threading.local()
 
 
 def _single_threaded(fn: Callable[[slice], Result], caller: contextvars.Context, part: slice) -> Result:
-    """fn(part) in a pool thread whose OpenMP and MKL teams are one thread, under no_grad, with
-    the caller's context variables (e.g. ``host.accelerator_schedule``)."""
-    for var, value in caller.items():
-        var.set(value)
+    """fn(part) in a pool thread whose OpenMP and MKL teams are one thread, under no_grad, in a
+    copy of the caller's context (its context variables, e.g. ``host.accelerator_schedule``, and
+    nothing a previous caller of the same pool thread set)."""
+    return caller.copy().run(_run_slice, fn, part)
+
+
+def _run_slice(fn: Callable[[slice], Result], part: slice) -> Result:
     _torch_thread_start_up()  # torch's per-thread start-up, which would reset the limits set below
     for setter in (_omp_set_num_threads(), _mkl_set_num_threads_local()):
         if setter is not None:

@@ -201,5 +201,7 @@ def test_the_accelerator_schedule_holds_in_its_own_context_and_reaches_the_slice
         other.start()
         other.join()
         seen["slices"] = threads.map_slices(lambda part: host.is_check(1, torch.device("cpu")), 4, 2)
+    seen["slices after"] = threads.map_slices(lambda part: host.is_check(1, torch.device("cpu")), 4, 2)
     assert seen["other"] is True  # the CPU schedule: a look after every iteration
     assert seen["slices"] == [False, False]
+    assert seen["slices after"] == [True, True]  # the pool threads do not keep an earlier caller's schedule
