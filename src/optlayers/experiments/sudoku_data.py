@@ -32,50 +32,103 @@ def equality_rank(box: int) -> int:
     return int(np.linalg.matrix_rank(constraint_matrix(box)))
 
 
-def _candidates(grid: np.ndarray, box: int, r: int, c: int) -> list[int]:
-    n = box * box
-    br, bc = r - r % box, c - c % box
-    used = set(grid[r].tolist()) | set(grid[:, c].tolist()) | set(grid[br : br + box, bc : bc + box].ravel().tolist())
-    return [d for d in range(1, n + 1) if d not in used]
+class _Masks:
+    """Digits used in each row, column and box of a grid, as bit masks (bit d−1 for digit d)."""
+
+    def __init__(self, grid: np.ndarray, box: int):
+        n = box * box
+        self.box, self.full = box, (1 << n) - 1
+        self.rows, self.cols, self.boxes = [0] * n, [0] * n, [0] * n
+        self.consistent = True
+        for (r, c), d in np.ndenumerate(grid):
+            if d:
+                self.consistent &= self.place(r, c, 1 << (int(d) - 1))
+
+    def unit(self, r: int, c: int) -> int:
+        return (r // self.box) * self.box + c // self.box
+
+    def free(self, r: int, c: int) -> int:
+        """Bit mask of the digits that cell (r, c) can still take."""
+        return self.full & ~(self.rows[r] | self.cols[c] | self.boxes[self.unit(r, c)])
+
+    def place(self, r: int, c: int, bit: int) -> bool:
+        """Mark ``bit`` used around (r, c); False if it already was (the grid breaks a rule)."""
+        b = self.unit(r, c)
+        clash = (self.rows[r] | self.cols[c] | self.boxes[b]) & bit
+        self.rows[r] |= bit
+        self.cols[c] |= bit
+        self.boxes[b] |= bit
+        return not clash
+
+    def remove(self, r: int, c: int, bit: int) -> None:
+        b = self.unit(r, c)
+        self.rows[r] &= ~bit
+        self.cols[c] &= ~bit
+        self.boxes[b] &= ~bit
+
+
+def _bits(mask: int) -> list[int]:
+    """The set bits of ``mask``, lowest first."""
+    out = []
+    while mask:
+        bit = mask & -mask
+        out.append(bit)
+        mask ^= bit
+    return out
 
 
 def count_solutions(puzzle: np.ndarray, box: int, limit: int = 2) -> int:
     """Number of completions of ``puzzle`` (0 = blank), counting no further than ``limit``."""
-    grid = np.array(puzzle, dtype=np.int64)
-    blanks = list(zip(*np.nonzero(grid == 0)))
+    if limit < 1:
+        raise ValueError(f"count_solutions: limit must be >= 1, got {limit}")
+    masks = _Masks(np.asarray(puzzle), box)
+    if not masks.consistent:
+        return 0
+    blanks = [(int(r), int(c)) for r, c in zip(*np.nonzero(np.asarray(puzzle) == 0))]
 
-    def search(k: int) -> int:
-        if k == len(blanks):
+    def search(remaining: list[tuple[int, int]]) -> int:
+        if not remaining:
             return 1
         # Most constrained blank first keeps the search small.
-        best = min(range(k, len(blanks)), key=lambda j: len(_candidates(grid, box, *blanks[j])))
-        blanks[k], blanks[best] = blanks[best], blanks[k]
-        r, c = blanks[k]
+        best, best_free, best_count = 0, 0, box * box + 1
+        for k, (r, c) in enumerate(remaining):
+            free = masks.free(r, c)
+            count = free.bit_count()
+            if count < best_count:
+                best, best_free, best_count = k, free, count
+                if count <= 1:
+                    break
+        r, c = remaining[best]
+        rest = remaining[:best] + remaining[best + 1 :]
         found = 0
-        for d in _candidates(grid, box, r, c):
-            grid[r, c] = d
-            found += search(k + 1)
+        for bit in _bits(best_free):
+            masks.place(r, c, bit)
+            found += search(rest)
+            masks.remove(r, c, bit)
             if found >= limit:
                 break
-        grid[r, c] = 0
         return found
 
-    return search(0)
+    return min(search(blanks), limit)
 
 
 def random_grid(box: int, rng: np.random.Generator) -> np.ndarray:
     """A uniformly shuffled valid full grid, by randomised backtracking."""
     n = box * box
     grid = np.zeros((n, n), dtype=np.int64)
+    masks = _Masks(grid, box)
 
     def fill(k: int) -> bool:
         if k == n * n:
             return True
         r, c = divmod(k, n)
-        for d in rng.permutation(_candidates(grid, box, r, c)):
+        for d in rng.permutation([d for d in range(1, n + 1) if masks.free(r, c) >> (d - 1) & 1]):
+            bit = 1 << (int(d) - 1)
+            masks.place(r, c, bit)
             grid[r, c] = d
             if fill(k + 1):
                 return True
+            masks.remove(r, c, bit)
         grid[r, c] = 0
         return False
 
@@ -90,15 +143,18 @@ def all_grids(box: int) -> np.ndarray:
     n = box * box
     grid = np.zeros((n, n), dtype=np.int64)
     grids: list[np.ndarray] = []
+    masks = _Masks(grid, box)
 
     def fill(k: int) -> None:
         if k == n * n:
             grids.append(grid.copy())
             return
         r, c = divmod(k, n)
-        for d in _candidates(grid, box, r, c):
-            grid[r, c] = d
+        for bit in _bits(masks.free(r, c)):
+            masks.place(r, c, bit)
+            grid[r, c] = bit.bit_length()
             fill(k + 1)
+            masks.remove(r, c, bit)
         grid[r, c] = 0
 
     fill(0)
