@@ -39,6 +39,20 @@ def test_9x9_generator_gives_unique_puzzle():
     assert sudoku_data.count_solutions(puzzle, 3) == 1 and (puzzle == 0).sum() > 40
 
 
+def test_count_solutions_counts_completions_and_refuses_bad_limit():
+    empty = np.zeros((4, 4), dtype=np.int64)
+    # every completion of the empty board is one of the enumerated grids
+    assert sudoku_data.count_solutions(empty, 2, limit=10_000) == len(sudoku_data.all_grids(2))
+    assert sudoku_data.count_solutions(empty, 2, limit=5) == 5
+    clash = empty.copy()
+    clash[0, :2] = 1  # the same digit twice in a row: no completion
+    assert sudoku_data.count_solutions(clash, 2) == 0
+    grid = sudoku_data.all_grids(2)[7]
+    assert sudoku_data.count_solutions(grid, 2) == 1
+    with pytest.raises(ValueError, match="limit must be >= 1, got 0"):
+        sudoku_data.count_solutions(empty, 2, limit=0)
+
+
 def test_board_metrics_distinguish_exact_and_valid():
     grids = sudoku_data.all_grids(2)[:2]
     truth = torch.tensor(sudoku_data.one_hot(grids, 2))
