@@ -4,9 +4,13 @@ For each cone kind, ``--count`` random feasible programs (``cone.testing.random_
 test suite's generator, each with zero-cone rows as well) are solved by
 ``solve_cone(solver="ipm")``. Counted: the elements the interior point method itself does not
 return SOLVED (most are INACCURATE stalls near a cone's boundary, which the Newton refinement
-then finishes), and those still unsolved after the refinement, which go to Clarabel.
+then finishes), and those still unsolved after the refinement, which go to Clarabel; the
+interior point iterations of each batch of ``BATCH`` (the loop runs until its slowest element
+stops); and the largest distance max|x - x_clarabel| / (1 + max|x_clarabel|) to Clarabel's
+solution (clarabel alone, refined) over the elements the interior point method itself returned
+SOLVED (before the refinement) and over all elements after the whole ``solve_cone``.
 
-    PYTHONPATH=src python benchmarks/cone_fallbacks.py [--count 1000] [--json FILE]
+    PYTHONPATH=src python benchmarks/cone_fallbacks.py [--count 1000] [--kinds exp exp_dual] [--json FILE]
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pathlib import Path
 import torch
 
 from optlayers.cone import autograd, solve_cone
+from optlayers.cone.interior import solver as interior_solver
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.testing import random_program
 from optlayers.cone.status import ConeStatus
@@ -38,6 +43,7 @@ BATCH = 250
 def fallbacks(spec: ConeSpec, count: int) -> dict:
     """Outcomes of ``count`` programs of ``spec`` solved in batches of ``BATCH`` (seeds 0, 1, ...)."""
     statuses, to_clarabel, final = collections.Counter(), [0], collections.Counter()
+    raw, steps = [], [0]
     original = autograd._fall_back
 
     def spy(*args):  # the statuses after the interior point method and the refinement
@@ -50,33 +56,61 @@ def fallbacks(spec: ConeSpec, count: int) -> dict:
         out = original_solve(A, b, c, P, settings)
         if settings.solver == "ipm":
             statuses.update(ConeStatus(int(code)).name for code in out[-1])
+            raw.append((out[0], out[-1]))
         return out
 
+    original_step = interior_solver._newton_step
+
+    def step_spy(*args):  # counts the loop's iterations
+        steps[0] += 1
+        return original_step(*args)
+
+    iterations, raw_error, final_error = [], 0.0, 0.0
     start = time.perf_counter()
-    autograd._fall_back, autograd._solve = spy, solve_spy
+    autograd._fall_back, autograd._solve, interior_solver._newton_step = spy, solve_spy, step_spy
     try:
         for seed in range(0, -(-count // BATCH)):
             size = min(BATCH, count - seed * BATCH)
             A, b, c, *_ = random_program(spec, N, batch=size, seed=seed)
-            final.update(ConeStatus(int(code)).name for code in solve_cone(A, b, c, spec, solver="ipm").status)
+            steps[0] = 0
+            solution = solve_cone(A, b, c, spec, solver="ipm")
+            iterations.append(steps[0])
+            final.update(ConeStatus(int(code)).name for code in solution.status)
+            reference = solve_cone(A, b, c, spec, solver="clarabel").x
+            x_raw, status_raw = raw[-1]
+            solved = status_raw == ConeStatus.SOLVED
+            raw_error = max(raw_error, float(torch.cat([_distance(x_raw[solved], reference[solved]), x_raw.new_zeros(1)]).amax()))
+            final_error = max(final_error, float(_distance(solution.x, reference).amax()))
     finally:
-        autograd._fall_back, autograd._solve = original, original_solve
+        autograd._fall_back, autograd._solve, interior_solver._newton_step = original, original_solve, original_step
     return {"programs": count, "ipm_unsolved": count - statuses["SOLVED"], "ipm_statuses": dict(statuses),
             "to_clarabel": to_clarabel[0], "per_1000": 1000 * to_clarabel[0] / count, "final": dict(final),
-            "seconds": time.perf_counter() - start}
+            "batch_iterations": iterations, "ipm_solved_distance_to_clarabel": raw_error,
+            "final_distance_to_clarabel": final_error, "seconds": time.perf_counter() - start}
+
+
+def _distance(x: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """max|x - reference| / (1 + max|reference|) per row."""
+    return (x - reference).abs().amax(-1) / (1 + reference.abs().amax(-1))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=1000)
+    parser.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=list(KINDS),
+                        help="cone kinds to run (default: all)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    rows = {kind: fallbacks(spec, args.count) for kind, spec in KINDS.items()}
-    print("| cone | programs | not SOLVED by the IPM | to Clarabel after refinement | per 1,000 | final statuses |")
-    print("|---|---|---|---|---|---|")
+    if args.count < 1:
+        parser.error(f"--count must be >= 1, got {args.count}")
+    rows = {kind: fallbacks(KINDS[kind], args.count) for kind in args.kinds}
+    print("| cone | programs | not SOLVED by the IPM | to Clarabel after refinement | per 1,000 | final statuses "
+          "| iterations per batch | distance to Clarabel: IPM SOLVED, final |")
+    print("|---|---|---|---|---|---|---|---|")
     for kind, row in rows.items():
         print(f"| {kind} | {row['programs']} | {row['ipm_unsolved']} | {row['to_clarabel']} | {row['per_1000']:.1f} | "
-              f"{row['final']} |")
+              f"{row['final']} | {row['batch_iterations']} | {row['ipm_solved_distance_to_clarabel']:.1e}, "
+              f"{row['final_distance_to_clarabel']:.1e} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
 
