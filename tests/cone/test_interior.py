@@ -2,6 +2,7 @@
 against their defining identities, the exponential barrier against autodiff of an independent
 formula, the solver against programs with known solutions and against Clarabel, the Clarabel
 fallback, and gradients through solve_cone(solver="ipm")."""
+import collections
 import dataclasses
 import math
 
@@ -337,21 +338,132 @@ def test_exp_dual_to_primal_map_and_central_point():
     assert torch.allclose(-grad, center, atol=1e-9)  # on the central path with mu = 1 and s = y
 
 
-def test_exp_scaling_is_the_bfgs_corrected_dual_hessian():
+def bfgs_dual_scaling(s: torch.Tensor, y: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """mu hess f*(y) + s s^T / <s, y> - mu g g^T / 3, g = grad f*(y), from the barrier's reference autodiff."""
+    grad = torch.vmap(torch.func.grad(reference_dual_barrier))(y)
+    hess = torch.vmap(torch.func.hessian(reference_dual_barrier))(y)
+    m = mu[:, None, None]
+    return (m * hess + s.unsqueeze(-1) * s.unsqueeze(-2) / (s * y).sum(-1)[:, None, None]
+            - m * grad.unsqueeze(-1) * grad.unsqueeze(-2) / exponential.DEGREE)
+
+
+def test_exp_dual_scaling_is_the_bfgs_corrected_dual_hessian():
     g = gen(83)
     s, y = random_exp_primal(50, g), random_exp_dual(50, g)
     mu = torch.cat([(s * y).sum(-1)[:25] / exponential.DEGREE, torch.exp(torch.randn(25, generator=g))])
-    sc = exponential.exp_scaling(s, y, mu)
-    grad, hess = exponential.dual_barrier(y)
+    sc = exponential.exp_scaling(s, y, mu, dual_only=torch.ones(50, dtype=torch.bool))
+    assert not sc.primal_dual.any()
+    grad, _ = exponential.dual_barrier(y)
     assert torch.allclose(sc.grad, grad, atol=IDENTITY_TOL)
     H = torch.linalg.inv(sc.V.mT @ sc.V)
-    m = mu[:, None, None]
-    want = m * hess + s.unsqueeze(-1) * s.unsqueeze(-2) / (s * y).sum(-1)[:, None, None] \
-        - m * grad.unsqueeze(-1) * grad.unsqueeze(-2) / exponential.DEGREE
+    want = bfgs_dual_scaling(s, y, mu)
     scale = want.abs().amax((-2, -1), keepdim=True)
     assert ((H - want).abs() <= 1e-8 * scale).all()
     assert torch.allclose(mv(H, y), s, rtol=1e-8, atol=1e-8 * float(s.abs().max()))
     assert (torch.linalg.eigvalsh((H + H.mT) / 2) > 0).all()
+
+
+def test_wright_omega_against_scipy():
+    scipy_special = pytest.importorskip("scipy.special")
+    e = torch.cat([torch.logspace(-14, 12, 400), torch.rand(200, generator=gen(84)) * 5])
+    want = torch.as_tensor(scipy_special.wrightomega((1 + e).numpy()).real) - 1
+    got = exponential._omega_minus_one(e)
+    assert ((got - want).abs() <= 1e-13 * want.abs() + 1e-15).all()
+    assert ((got + torch.log1p(got) - e).abs() <= 1e-15 * e.clamp_min(1)).all()  # the defining equation, also where
+    # scipy's omega(1 + e) - 1 has lost the digits of a small e
+
+
+def test_exp_primal_gradient_inverts_the_dual_gradient():
+    """f is the conjugate of f*: s = -grad f*(z) exactly when z = -grad f(s), on points deep inside and
+    within 1e-8 of the boundary; and <s, grad f(s)> = -3 (logarithmic homogeneity)."""
+    g = gen(85)
+    z = random_exp_dual(200, g)
+    a, w, gap = torch.exp(0.5 * torch.randn(3, 100, generator=g))
+    u = -a
+    near = torch.stack([u, u - u * torch.log(-u / w) + 1e-8 * gap, w], -1)  # u log(-u / w) - u + v = 1e-8 gap
+    z = torch.cat([z, near])
+    assert exponential.in_dual(z).all()
+    s = -exponential.dual_barrier(z)[0]
+    assert exponential.in_primal(s).all()
+    back = -exponential.primal_gradient(s)
+    # s is computed from z with a relative error of ~eps / margin, hence 1e-6 near the boundary (measured
+    # <= 1.5e-7 on 1,000 such points) and 1e-11 inside
+    assert ((back - z).abs().amax(-1) <= 1e-6 * z.abs().amax(-1)).all()
+    assert ((back - z).abs().amax(-1)[:200] <= 1e-11 * z.abs().amax(-1)[:200]).all()
+    assert torch.allclose((s * exponential.primal_gradient(s)).sum(-1), torch.full((300,), -3.0), atol=1e-8)
+
+
+def test_exp_third_derivative_matches_autodiff():
+    g = gen(86)
+    y = random_exp_dual(64, g)
+    a, b = torch.randn(2, 64, 3, generator=g)
+
+    def hess_times(z, d):
+        return torch.func.jvp(torch.func.grad(reference_dual_barrier), (z,), (d,))[1]
+
+    want = torch.vmap(lambda z, u, v: torch.func.jvp(lambda w: hess_times(w, v), (z,), (u,))[1])(y, a, b)
+    got = exponential.third_derivative(y, a, b)
+    assert ((got - want).abs() <= 1e-9 * (1 + want.abs())).all()
+    assert torch.allclose(exponential.third_derivative(y, b, a), got, rtol=1e-10, atol=1e-10)  # symmetric
+
+
+def test_exp_primal_dual_scaling_identities():
+    """Off the central path: H y = s and H z~ = s~ for the shadow iterates s~ = -grad f*(y),
+    z~ = -grad f(s); H is the written rank-three form and positive definite. On the central path
+    (and where ``dual_only``) the dual scaling is used."""
+    g = gen(87)
+    s, y = random_exp_primal(100, g), random_exp_dual(100, g)
+    mu = (s * y).sum(-1) / exponential.DEGREE
+    sc = exponential.exp_scaling(s, y, mu)
+    assert sc.primal_dual.all()
+    H = torch.linalg.inv(sc.V.mT @ sc.V)
+    s_shadow, z_shadow = -exponential.dual_barrier(y)[0], -exponential.primal_gradient(s)
+    scale = float(s.abs().max())
+    assert torch.allclose(mv(H, y), s, rtol=1e-8, atol=1e-8 * scale)
+    assert torch.allclose(mv(H, z_shadow), s_shadow, rtol=1e-8, atol=1e-8 * float(s_shadow.abs().max()))
+    assert (torch.linalg.eigvalsh((H + H.mT) / 2) > 0).all()
+    # the rank-three form written out from its definition (Dahl-Andersen's conditions, Clarabel's t)
+    hess = torch.vmap(torch.func.hessian(reference_dual_barrier))(y)
+    m = mu.unsqueeze(-1)
+    mu_shadow = (s_shadow * z_shadow).sum(-1) / 3
+    d_s, d_z = s - m * s_shadow, y - m * z_shadow
+    q = mu_shadow.unsqueeze(-1) * s_shadow - mv(hess, z_shadow)
+    curvature = (z_shadow * mv(hess, z_shadow)).sum(-1) - 3 * mu_shadow ** 2
+    rest = hess - s_shadow.unsqueeze(-1) * s_shadow.unsqueeze(-2) / 3 - q.unsqueeze(-1) * q.unsqueeze(-2) / curvature[:, None, None]
+    t = mu * torch.linalg.matrix_norm(rest)
+    axis = torch.linalg.cross(y, z_shadow)
+    axis = axis / axis.norm(dim=-1, keepdim=True)
+
+    def outer(v):
+        return v.unsqueeze(-1) * v.unsqueeze(-2)
+
+    want = (outer(s) / (s * y).sum(-1)[:, None, None] + outer(d_s) / (d_s * d_z).sum(-1)[:, None, None]
+            + t[:, None, None] * outer(axis))
+    assert ((H - want).abs() <= 1e-7 * want.abs().amax((-2, -1), keepdim=True)).all()
+
+    central = exponential.exp_scaling(-2.0 * exponential.dual_barrier(y)[0], y, torch.full((100,), 2.0))
+    assert not central.primal_dual.any()
+    masked = exponential.exp_scaling(s, y, mu, dual_only=torch.arange(100) % 2 == 0)
+    assert torch.equal(masked.primal_dual, torch.arange(100) % 2 == 1)
+    assert torch.equal(masked.V[1::2], sc.V[1::2])
+    dual_H = torch.linalg.inv(masked.V[::2].mT @ masked.V[::2])
+    assert torch.allclose(dual_H, bfgs_dual_scaling(s[::2], y[::2], mu[::2]), rtol=1e-7, atol=1e-7 * scale)
+
+
+def test_exp_corrector_adds_the_third_order_term():
+    """combined_rhs = -s - sigma mu grad f*(y) + 1/2 D^3 f*(y)[dy, hess^-1 ds], the Hessian inverse
+    from the reference autodiff; without a Cholesky factor (NaN) the term is left out, never NaN."""
+    g = gen(88)
+    s, y = random_exp_primal(40, g), random_exp_dual(40, g)
+    ds, dy = 0.1 * torch.randn(2, 40, 3, generator=g)
+    sigma_mu = torch.rand(40, 1, generator=g)
+    sc = exponential.exp_scaling(s, y, (s * y).sum(-1) / 3)
+    hess = torch.vmap(torch.func.hessian(reference_dual_barrier))(y)
+    eta = exponential.third_derivative(y, dy, torch.linalg.solve(hess, ds)) / 2
+    want = -s - sigma_mu * sc.grad + eta
+    assert torch.allclose(sc.combined_rhs(sigma_mu, ds, dy, s, y), want, rtol=1e-9, atol=1e-9)
+    broken = dataclasses.replace(sc, chol=torch.full_like(sc.chol, torch.nan))
+    assert torch.allclose(broken.combined_rhs(sigma_mu, ds, dy, s, y), -s - sigma_mu * sc.grad, atol=1e-12)
 
 
 # --- 4. the solver on programs with known solutions ---------------------------------------------
@@ -405,6 +517,28 @@ def test_ipm_recovers_known_solution_all_cones(quadratic):
     A, b, c, P, x, y, s = random_program(ALL_CONES, 15, batch=4, quadratic=quadratic, seed=100)
     check_ipm_solution(ALL_CONES, A, b, c, P, x, y, s, "curved")
     check_refined_solution(ALL_CONES, A, b, c, P, x, y, s)
+
+
+# The interior point method alone (no refinement, no fallback) on 200 random programs of three
+# exponential (or dual exponential) cones, two zero-cone rows, n = 6 (the generator of
+# benchmarks/cone_fallbacks.py, seed 120): with the primal-dual scaling and the third-order
+# correction 200 and 200 SOLVED, the raw x within 9.2e-5 and 7.1e-5 of Clarabel's (relative to
+# 1 + |x|); with the dual scaling alone and no correction (the method before) 115 and 113 SOLVED,
+# 84 and 78 stalled near the tolerance (INACCURATE), 1 and 9 failed (NUMERICAL_ERROR).
+EXP_PROGRAMS, EXP_MIN_SOLVED, EXP_CLARABEL_TOL = 200, 190, 1e-3
+
+
+@pytest.mark.parametrize("kind", ["exp", "exp_dual"])
+def test_ipm_alone_solves_random_exponential_programs(kind):
+    spec = ConeSpec(zero=2, **{kind: 3})
+    A, b, c, *_ = random_program(spec, 6, batch=EXP_PROGRAMS, seed=120)
+    X, _, _, status = solver.solve(A, b, c, None, spec)
+    ref = solve_cone(A, b, c, spec, solver="clarabel")
+    assert (ref.status == ConeStatus.SOLVED).all()
+    solved = status == ConeStatus.SOLVED
+    assert int(solved.sum()) >= EXP_MIN_SOLVED, collections.Counter(ConeStatus(v).name for v in status.tolist())
+    distance = (X - ref.x).abs().amax(-1) / (1 + ref.x.abs().amax(-1))
+    assert float(distance[solved].max()) <= EXP_CLARABEL_TOL
 
 
 @pytest.mark.parametrize("kind", [*KINDS, "all"])
