@@ -34,14 +34,15 @@ def _tensor_key(t: Tensor) -> tuple:
 
 def _shape_key(args: tuple) -> tuple:
     """What a compiled function is specialised on: the shapes, strides, dtypes and devices of the
-    tensors among ``args`` (also inside dataclasses) and the other arguments themselves (the
-    solver settings, tolerances included, are part of the specialisation)."""
+    tensors among ``args`` (also inside dataclasses, beside their other fields, such as
+    ``QPData.diagonal``) and the other arguments themselves (the solver settings, tolerances
+    included, are part of the specialisation)."""
     key = []
     for arg in args:
         if isinstance(arg, Tensor):
             key.append(_tensor_key(arg))
         elif is_dataclass(arg) and any(isinstance(getattr(arg, f.name), Tensor) for f in fields(arg)):
-            key.append(tuple(_tensor_key(t) for f in fields(arg) if isinstance(t := getattr(arg, f.name), Tensor)))
+            key.append(tuple(_tensor_key(v) if isinstance(v := getattr(arg, f.name), Tensor) else v for f in fields(arg)))
         else:
             key.append(arg)
     return tuple(key)

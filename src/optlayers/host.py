@@ -45,10 +45,16 @@ def accelerator_schedule() -> Iterator[None]:
         _CPU_LOOKS_EVERY_ITERATION.reset(token)
 
 
+def reads_are_free(device: torch.device | None) -> bool:
+    """Whether reading state of ``device`` on the host costs nothing: on the CPU, outside
+    ``accelerator_schedule`` (None: an accelerator)."""
+    return device is not None and device.type == "cpu" and _CPU_LOOKS_EVERY_ITERATION.get()
+
+
 def is_check(iteration: int, device: torch.device | None = None) -> bool:
     """Whether the host looks at the statuses before iteration ``iteration`` (0-based) of a solve
     on ``device`` (None: the accelerators' schedule)."""
-    if device is not None and device.type == "cpu" and _CPU_LOOKS_EVERY_ITERATION.get():
+    if reads_are_free(device):
         return True
     return iteration >= FIRST_CHECK and (iteration - FIRST_CHECK) % CHECK_EVERY == 0
 

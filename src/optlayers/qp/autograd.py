@@ -13,6 +13,7 @@ cannot differentiate through a jvp rule, raises (``higher_order.no_forward_over_
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, NamedTuple
 
 import torch
@@ -30,7 +31,9 @@ from optlayers.qp.derivatives import (
     solution_vjp,
 )
 from optlayers.compiling import compiled
+from optlayers.host import host_read, reads_are_free
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
+from optlayers.qp.kkt import diagonal_h
 from optlayers.qp.parallel import solve_scaled_parallel
 from optlayers.qp.problem import check_values, qp_data
 from optlayers.qp.scaling import (
@@ -45,6 +48,20 @@ from optlayers.qp.scaling import (
 from optlayers.qp.status import QPStatus, apply_failure_policy
 
 _N_PUBLIC = 9  # z, lam, nu, s, status, iterations, primal, dual, gap
+# From this many variables on, a batch whose H = Q + GᵀWG is diagonal (diagonal Q, bounds such as
+# z ≥ 0: ``kkt.diagonal_h``) is recognised and solved with elementwise H solves; below, the dense
+# factorisation costs little. Where a host read is not free (an accelerator) the check is a
+# synchronisation, so it is made only where the dense factorisation it may save is large.
+DIAGONAL_MIN_N = 32
+DIAGONAL_MIN_N_ACCELERATOR = 256
+
+
+def _with_structure(data: QPData) -> QPData:
+    """``data`` with ``diagonal`` set where H is diagonal and that pays (see ``DIAGONAL_MIN_N``)."""
+    n = data.p.shape[-1]
+    if n < (DIAGONAL_MIN_N if reads_are_free(data.p.device) else DIAGONAL_MIN_N_ACCELERATOR):
+        return data
+    return replace(data, diagonal=bool(host_read(diagonal_h(data.Q, data.G).reshape(1))[0]))
 
 
 class _Saved(NamedTuple):
@@ -130,6 +147,7 @@ class QPSolveFn(torch.autograd.Function):
         dtype = p.dtype
         scale = compiled(equilibrate, p.device.type) if settings.compiled else equilibrate
         scaled, sc = scale(qp_data(*(t.to(COMPUTE_DTYPE) for t in (Q, p, G, h, A, b))))
+        scaled = _with_structure(scaled)
         result = solve_scaled_parallel(scaled, sc, settings, with_factor=keep_factor)
         st, res = result.state, result.residuals
         solved = st.status == int(QPStatus.SOLVED)

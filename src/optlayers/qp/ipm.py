@@ -282,9 +282,10 @@ def _merit_step(dw: Tensor, complementarity_change: Tensor, alpha: Tensor, res: 
 
 
 def _factor_at(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tensor, settings: IPMSettings,
-               stiff: bool = False, retries: int = MAX_FACTOR_RETRIES) -> KKTFactor:
+               stiff: bool = False, retries: int = MAX_FACTOR_RETRIES, diagonal: bool = False) -> KKTFactor:
     w_inv = lam / (s + settings.ineq_reg * lam)
-    return factor_kkt(Q, A, G, w_inv, reg, reg, stiff=w_inv > _STIFF_W_INV if stiff else None, retries=retries)
+    return factor_kkt(Q, A, G, w_inv, reg, reg, stiff=w_inv > _STIFF_W_INV if stiff else None, retries=retries,
+                      diagonal=diagonal)
 
 
 def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> IPMState:
@@ -295,7 +296,7 @@ def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR
     m, k = data.b.shape[-1], data.h.shape[-1]
     ones = data.h.new_ones(B, k)
     reg = data.p.new_full((B,), settings.reg)
-    f = factor_kkt(data.Q, data.A, data.G, ones, reg, reg, retries=retries)
+    f = factor_kkt(data.Q, data.A, data.G, ones, reg, reg, retries=retries, diagonal=data.diagonal)
     x, nu, z = solve_reduced(f, -data.p, data.b, -data.h, settings.refine_steps)
     if k:
         shift_s = z.amax(-1, keepdim=True)
@@ -322,7 +323,7 @@ class Step:
 
 def newton_iteration(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings) -> Step:
     """One predictor-corrector direction and step length for every problem."""
-    f = _factor_at(data.Q, data.A, data.G, st.lam, st.s, st.reg, settings, retries=0)
+    f = _factor_at(data.Q, data.A, data.G, st.lam, st.s, st.reg, settings, retries=0, diagonal=data.diagonal)
     lam, s, w = st.lam, st.s, st.lam_s
     s_lam = w.prod(-2)
     if not st.k:  # no inequalities: the Newton step solves the problem
@@ -431,8 +432,9 @@ def _start_unretried(data: QPData, units: Units, settings: IPMSettings) -> tuple
     return start(data, units, settings, retries=0)
 
 
-def _derivative_factor_unretried(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings) -> KKTFactor:
-    return derivative_factor(Q, A, G, lam, s, settings, retries=0)
+def _derivative_factor_unretried(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings,
+                                 diagonal: bool = False) -> KKTFactor:
+    return derivative_factor(Q, A, G, lam, s, settings, retries=0, diagonal=diagonal)
 
 
 def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
@@ -474,16 +476,18 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
         full = st
     full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))
     factor_fn = compiled(_derivative_factor_unretried, device) if settings.compiled else _derivative_factor_unretried
-    factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings) if with_factor else None
+    factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings, diagonal=data.diagonal) if with_factor else None
     unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
                                                   full.status != full.status if factor is None else ~factor.ok]).any(-1))
     if unfactored:
-        factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings)
+        factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings, diagonal=data.diagonal)
     return IPMResult(state=full, residuals=res, factor=factor, all_solved=not unsolved)
 
 
 def derivative_factor(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings,
-                      retries: int = MAX_FACTOR_RETRIES) -> KKTFactor:
+                      retries: int = MAX_FACTOR_RETRIES, diagonal: bool = False) -> KKTFactor:
     """The KKT factorisation that the derivatives solve with, at a final iterate (λ, s) of the
-    scaled problem (Q, A, G): near-active inequalities are kept out of H (see ``_STIFF_W_INV``)."""
-    return _factor_at(Q, A, G, lam, s, lam.new_full(lam.shape[:1], settings.reg), settings, stiff=True, retries=retries)
+    scaled problem (Q, A, G): near-active inequalities are kept out of H (see ``_STIFF_W_INV``).
+    ``diagonal``: H is diagonal (``QPData.diagonal``)."""
+    return _factor_at(Q, A, G, lam, s, lam.new_full(lam.shape[:1], settings.reg), settings, stiff=True, retries=retries,
+                      diagonal=diagonal)

@@ -16,6 +16,10 @@ definite H = Q + ρI + Gᵀ W⁻¹ G, and a Schur complement S = A H⁻¹ Aᵀ +
 Both are factorised by Cholesky. The primal and equality regularisations ρ and δₑ are removed
 again by iterative refinement against the unregularised reduced system, so they perturb
 neither the step nor the derivatives.
+
+Where Q is diagonal and every row of G has at most one nonzero (bounds, z ≥ 0: ``diagonal_h``),
+H is diagonal too: it is kept as its (B, n) diagonal, and its "factorisation" and solves are
+elementwise, so that only the equality rows' Schur complement is factorised densely.
 """
 from __future__ import annotations
 
@@ -46,12 +50,15 @@ class KKTFactor:
         zero with d0 = 1, so they decouple).
 
     Attributes:
-        H: (B, n, n) the unregularised Q + G_softᵀ W_soft⁻¹ G_soft.
+        H: (B, n, n) the unregularised Q + G_softᵀ W_soft⁻¹ G_soft; (B, n), its diagonal, where H
+            is diagonal (``diagonal``).
         G: (B, k, n). C: (B, r, n). d0: (B, r) unregularised diagonal block.
         Y: (B, n, r) L⁻¹ Cᵀ for the factor L of H + ρI, so that S = YᵀY + diag(…).
         w_inv: (B, k) W⁻¹ of every inequality; w_inv_soft: (B, k) the part folded into H.
         m: number of equality rows, the leading rows of C.
         ok: (B,) whether both factorisations succeeded with finite entries.
+        chol_h: (B, n, n) the lower Cholesky factor of H + ρI; (B, n), its diagonal √(H + ρ), where
+            H is diagonal.
     """
 
     H: Tensor
@@ -66,6 +73,11 @@ class KKTFactor:
     ok: Tensor
     m: int
 
+    @property
+    def diagonal(self) -> bool:
+        """Whether H is diagonal and held as its diagonal (see ``diagonal_h``)."""
+        return self.chol_h.dim() == 2
+
 
 def _finite(t: Tensor) -> Tensor:
     """Elementwise: t is neither NaN nor ±inf (t − t is NaN exactly then); two kernels."""
@@ -78,9 +90,17 @@ def _cholesky(M: Tensor) -> tuple[Tensor, Tensor]:
     return chol, (info == 0) & _finite(chol.diagonal(dim1=-2, dim2=-1).sum(-1))
 
 
+def diagonal_h(Q: Tensor, G: Tensor) -> Tensor:
+    """Whether every H = Q + Gᵀ W G of the batch is diagonal: Q is diagonal and no row of G has two
+    nonzeros (so that no two variables share a constraint); one 0-d bool tensor for the batch."""
+    n = Q.shape[-1]
+    off_diagonal = Q.masked_fill(torch.eye(n, dtype=torch.bool, device=Q.device), 0.0)
+    return (off_diagonal == 0).all() & ((G != 0).sum(-1) <= 1).all()
+
+
 def factor_kkt(
     Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delta: Tensor, stiff: Tensor | None = None,
-    unit_weights: bool = False, retries: int = MAX_FACTOR_RETRIES,
+    unit_weights: bool = False, retries: int = MAX_FACTOR_RETRIES, diagonal: bool = False,
 ) -> KKTFactor:
     """Factorise H and S for every problem of the batch.
 
@@ -94,6 +114,8 @@ def factor_kkt(
         stiff: optional (B, k) mask of inequalities to keep out of H (see ``KKTFactor``).
         unit_weights: the caller promises w_inv == 1 and no stiff rows (the cone solver scales G
             itself), so that H = Q + GᵀG skips the (B, n, k) weighting.
+        diagonal: the caller promises that H is diagonal (``diagonal_h(Q, G)``): H and its factor
+            are kept as (B, n) diagonals.
     """
     m = A.shape[-2]
     if unit_weights and stiff is not None:
@@ -105,23 +127,32 @@ def factor_kkt(
         d0 = torch.cat([A.new_zeros(A.shape[:-1]), torch.where(stiff, 1.0 / w_inv, torch.ones_like(w_inv))], dim=-1)
         w_inv_soft = torch.where(stiff, torch.zeros_like(w_inv), w_inv)
         eq_rows = (torch.arange(C.shape[-2], device=Q.device) < m).to(Q.dtype)
-    weighted = G.mT if unit_weights else G.mT * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
-    H = torch.baddbmm(Q, weighted, G)
-    H_diagonal = H.diagonal(dim1=-2, dim2=-1)
+    if diagonal:
+        H = torch.diagonal(Q, dim1=-2, dim2=-1) + mtv(G * G, w_inv_soft)
+        H_diagonal = H
+    else:
+        weighted = G.mT if unit_weights else G.mT * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
+        H = torch.baddbmm(Q, weighted, G)
+        H_diagonal = H.diagonal(dim1=-2, dim2=-1)
     rows = C.shape[-2]
 
     def attempt(rho: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        H_diagonal.add_(rho.unsqueeze(-1))
-        chol_h, ok = _cholesky(H)
-        y, chol_s = C.mT, H[:, :0, :0]  # empty: there is no Schur complement
+        if diagonal:
+            chol_h = (H + rho.unsqueeze(-1)).sqrt()
+            ok = _finite(chol_h.sum(-1)) & (chol_h.amin(-1) > 0)
+        else:
+            H_diagonal.add_(rho.unsqueeze(-1))
+            chol_h, ok = _cholesky(H)
+        y, chol_s = C.mT, (H.unsqueeze(-1) if diagonal else H)[:, :0, :0]  # empty: there is no Schur complement
         if rows:
-            y = torch.linalg.solve_triangular(chol_h, C.mT, upper=False)
+            y = C.mT / chol_h.unsqueeze(-1) if diagonal else torch.linalg.solve_triangular(chol_h, C.mT, upper=False)
             S = y.mT @ y
             shift = delta.unsqueeze(-1) if eq_rows is None else torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
             S.diagonal(dim1=-2, dim2=-1).add_(shift)
             chol_s, ok_s = _cholesky(S)
             ok = ok & ok_s
-        H_diagonal.sub_(rho.unsqueeze(-1))
+        if not diagonal:
+            H_diagonal.sub_(rho.unsqueeze(-1))
         return chol_h, chol_s, y, ok
 
     chol_h, chol_s, y, ok = attempt(rho, delta)
@@ -131,7 +162,8 @@ def factor_kkt(
         rho, delta = torch.where(ok, rho, rho * _REG_GROWTH), torch.where(ok, delta, delta * _REG_GROWTH)
         retry_h, retry_s, retry_y, retry_ok = attempt(rho, delta)
         new = (retry_ok & ~ok)[:, None, None]
-        chol_h, chol_s, ok = torch.where(new, retry_h, chol_h), torch.where(new, retry_s, chol_s), ok | retry_ok
+        new_h = new[:, :, 0] if diagonal else new
+        chol_h, chol_s, ok = torch.where(new_h, retry_h, chol_h), torch.where(new, retry_s, chol_s), ok | retry_ok
         y = torch.where(new, retry_y, y)
     return KKTFactor(H=H, G=G, C=C, d0=d0, Y=y, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s,
                      ok=ok, m=m)
@@ -160,6 +192,27 @@ def _chol_solve(chol: Tensor, r: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(-1)
 
 
+def _l_solve(f: KKTFactor, r: Tensor) -> Tensor:
+    """L⁻¹ r for the factor L of H + ρI and (B, n) r."""
+    if f.diagonal:
+        return r / f.chol_h
+    return torch.linalg.solve_triangular(f.chol_h, r.unsqueeze(-1), upper=False).squeeze(-1)
+
+
+def _lt_solve(f: KKTFactor, r: Tensor) -> Tensor:
+    """L⁻ᵀ r for the factor L of H + ρI and (B, n) r."""
+    if f.diagonal:
+        return r / f.chol_h
+    return torch.linalg.solve_triangular(f.chol_h.mT, r.unsqueeze(-1), upper=True).squeeze(-1)
+
+
+def _h_solve(f: KKTFactor, r: Tensor) -> Tensor:
+    """(H + ρI)⁻¹ r for (B, n) r."""
+    if f.diagonal:
+        return r / f.chol_h.square()
+    return _chol_solve(f.chol_h, r)
+
+
 def _minus_mv(r: Tensor, M: Tensor, v: Tensor) -> Tensor:
     """r − M v for (B, r) r, (B, r, c) M and (B, c) v, in one kernel."""
     return torch.baddbmm(r.unsqueeze(-2), v.unsqueeze(-2), M.mT, alpha=-1).squeeze(-2)
@@ -174,7 +227,7 @@ def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor | None, use_y: bool)
     """Solve H dx + Cᵀ ω = rx, C dx − (d0 + δₑ) ω = rc with the regularised factors (rc None: zero).
     With ``use_y``: through the stored Y = L⁻¹Cᵀ, four triangular solves instead of six."""
     if use_y:
-        t = torch.linalg.solve_triangular(f.chol_h, rx.unsqueeze(-1), upper=False).squeeze(-1)  # L⁻¹ rx
+        t = _l_solve(f, rx)
         if f.C.shape[-2]:
             # ω = S⁻¹(Yᵀt − rc), dx = L⁻ᵀ(t − Y ω)
             Yt = mtv(f.Y, t) if rc is None else torch.baddbmm(rc.unsqueeze(-2), t.unsqueeze(-2), f.Y, beta=-1).squeeze(-2)
@@ -182,18 +235,18 @@ def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor | None, use_y: bool)
             t = _minus_mv(t, f.Y, omega)
         else:
             omega = rx[..., :0] if rc is None else rc  # (B, 0): no rows, nothing to solve
-        return torch.linalg.solve_triangular(f.chol_h.mT, t.unsqueeze(-1), upper=True).squeeze(-1), omega
-    t = _chol_solve(f.chol_h, rx)
+        return _lt_solve(f, t), omega
+    t = _h_solve(f, rx)
     if f.C.shape[-2] == 0:
         return t, rx[..., :0] if rc is None else rc
     Ct = mv(f.C, t) if rc is None else -_minus_mv(rc, f.C, t)
     omega = _chol_solve(f.chol_s, Ct)
-    return _chol_solve(f.chol_h, _minus_mtv(rx, f.C, omega)), omega
+    return _h_solve(f, _minus_mtv(rx, f.C, omega)), omega
 
 
 def _extended_residual(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor) -> tuple[Tensor, Tensor]:
     """Residual of the unregularised extended system, rx − (H dx + Cᵀ ω) and rc − (C dx − d0 ω)."""
-    ex = _minus_mv(rx, f.H, dx)
+    ex = rx - f.H * dx if f.diagonal else _minus_mv(rx, f.H, dx)
     if f.C.shape[-2] == 0:
         return ex, omega
     d0_omega = f.d0 * omega if rc is None else torch.addcmul(rc, f.d0, omega)

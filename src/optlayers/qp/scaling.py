@@ -26,6 +26,8 @@ class QPData:
     """A batch of B QPs, minimize ½xᵀQx + pᵀx s.t. Ax = b, Gx ≤ h.
 
     Shapes: Q (B, n, n), p (B, n), A (B, m, n), b (B, m), G (B, k, n), h (B, k).
+    ``diagonal``: every Q is diagonal and no row of G has two nonzeros, so that the interior point
+    method's H = Q + Gᵀ W G is diagonal (``kkt.diagonal_h``; False: not known).
     """
 
     Q: Tensor
@@ -34,6 +36,7 @@ class QPData:
     b: Tensor
     G: Tensor
     h: Tensor
+    diagonal: bool = False
 
 
 @dataclass(frozen=True)
