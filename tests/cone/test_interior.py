@@ -391,6 +391,8 @@ def test_exp_primal_gradient_inverts_the_dual_gradient():
     assert ((back - z).abs().amax(-1) <= 1e-6 * z.abs().amax(-1)).all()
     assert ((back - z).abs().amax(-1)[:200] <= 1e-11 * z.abs().amax(-1)[:200]).all()
     assert torch.allclose((s * exponential.primal_gradient(s)).sum(-1), torch.full((300,), -3.0), atol=1e-8)
+    on_boundary = torch.tensor([[0.0, 1.0, 1.0], [1.0, 1.0, math.e]])  # y log(z / y) = x
+    assert exponential.primal_gradient(on_boundary).isnan().all()
 
 
 def test_exp_third_derivative_matches_autodiff():
@@ -443,6 +445,9 @@ def test_exp_primal_dual_scaling_identities():
 
     central = exponential.exp_scaling(-2.0 * exponential.dual_barrier(y)[0], y, torch.full((100,), 2.0))
     assert not central.primal_dual.any()
+    edge = torch.tensor([[1.0, 1.0, math.e]])  # s on the boundary in floating point: no primal gradient
+    at_edge = exponential.exp_scaling(edge, y[:1], mu[:1])
+    assert not at_edge.primal_dual.any() and at_edge.V.isfinite().all()
     masked = exponential.exp_scaling(s, y, mu, dual_only=torch.arange(100) % 2 == 0)
     assert torch.equal(masked.primal_dual, torch.arange(100) % 2 == 1)
     assert torch.equal(masked.V[1::2], sc.V[1::2])

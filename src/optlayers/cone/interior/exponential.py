@@ -84,9 +84,11 @@ def primal_gradient(s: torch.Tensor) -> torch.Tensor:
     """Gradient (..., 3) at s in int K_exp of the primal barrier f, the conjugate of f*: the z in
     int K_exp^* with -grad f*(z) = s is -grad f(s). With d = omega - 1 from
     e = log(s3 / s2) - s1 / s2 > 0 (the scaled margin of s):
-    z = (-1 / (s2 d), 1 / s2 + z1 (1 - log(s3 / (s2 omega))), omega / (s3 d))."""
+    z = (-1 / (s2 d), 1 / s2 + z1 (1 - log(s3 / (s2 omega))), omega / (s3 d)). NaN where e <= 0
+    in floating point (s within round-off of the boundary), for the caller's finiteness check."""
     x, y, z = s.unbind(-1)
-    d = _omega_minus_one(torch.log(z / y) - x / y)
+    e = torch.log(z / y) - x / y
+    d = torch.where(e > 0, _omega_minus_one(e.clamp_min(0)), torch.nan)
     first = -1 / (y * d)
     second = 1 / y + first * (1 - torch.log(z / (y * (1 + d))))
     return -torch.stack([first, second, (1 + d) / (z * d)], -1)
