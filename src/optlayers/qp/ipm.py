@@ -476,7 +476,7 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
         full = st
     full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))
     factor_fn = compiled(_derivative_factor_unretried, device) if settings.compiled else _derivative_factor_unretried
-    factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings, diagonal=data.diagonal) if with_factor else None
+    factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal) if with_factor else None
     unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
                                                   full.status != full.status if factor is None else ~factor.ok]).any(-1))
     if unfactored:
