@@ -72,6 +72,8 @@ def full_settings(dtypes: list[str], large_batches: bool) -> list[Setting]:
     return settings
 
 
+FIGURES = ("fig1", "fig2", "equality", "batch", "sweep")
+"""The figures a setting belongs to (``Setting.figure``); ``--figures`` selects among them."""
 SWEEP_SOLVERS = ("optlayers", "optlayers-compiled", "qplayer", "qpth", "qpax")
 SWEEP_SHAPES = ((128, 10), (128, 50), (128, 100), (64, 100), (1, 100), (1, 10))
 """(batch, n) of the small-to-large sweep: float64, n inequalities, no equalities, fwd + bwd w.r.t. every input."""
@@ -265,8 +267,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true", help="only the small-to-large sweep (SWEEP_SHAPES) against the "
                         "differentiable peers, our compiled path included")
     parser.add_argument("--solvers", default=None, help="comma-separated subset, e.g. optlayers,linear (default: all)")
+    parser.add_argument("--figures", default=None,
+                        help=f"comma-separated subset of the settings' figures, of {', '.join(FIGURES)} (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder (default: runs/benchmark)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.figures is not None:
+        args.figures = args.figures.split(",")
+        unknown = sorted(set(args.figures) - set(FIGURES))
+        if unknown:
+            parser.error(f"--figures: unknown {unknown}; choose from {', '.join(FIGURES)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -284,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
         settings = sweep_settings()
     else:
         settings = quick_settings(dtypes, cuda) if args.quick else full_settings(dtypes, cuda or args.no_caps)
+    if args.figures:
+        settings = [s for s in settings if s.figure in args.figures]
     solvers, missing = available_solvers(args.solvers.split(",") if args.solvers else None, args.threads)
     for line in missing:
         print(line, flush=True)

@@ -53,3 +53,13 @@ def test_optlayers_is_accurate_and_linear_is_not_judged(run):
         accuracy = row["accuracy"]
         assert accuracy["failed"] == 0
         assert accuracy["kkt"] < FLOAT64_ACCURACY and accuracy["distance"] < FLOAT64_ACCURACY
+
+
+def test_figures_option_selects_settings_and_refuses_unknown(tmp_path, capsys):
+    argv = ["--quick", "--threads", "1", "--dtype", "float64", "--solvers", "linear", "--figures", "fig2",
+            "--out", str(tmp_path)]
+    rows = qp_benchmark.main(argv)["results"]
+    assert rows and {r["figure"] for r in rows} == {"fig2"}
+    with pytest.raises(SystemExit):
+        qp_benchmark.main(["--quick", "--figures", "fig2,fig9", "--out", str(tmp_path)])
+    assert "--figures: unknown ['fig9']" in capsys.readouterr().err
