@@ -3,7 +3,7 @@ agreement with the dense path and with finite differences."""
 import pytest
 import torch
 
-from optlayers import compiling, solve_qp
+from optlayers import QPStatus, compiling, solve_qp
 from optlayers.qp import autograd
 from optlayers.qp.kkt import diagonal_h
 
@@ -99,3 +99,22 @@ def test_compiled_solve_takes_the_diagonal_path(monkeypatch):
     (z, grad), (z_compiled, grad_compiled) = results
     torch.testing.assert_close(z_compiled, z, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(grad_compiled, grad, rtol=1e-8, atol=1e-9)
+
+
+def test_diagonal_path_certifies_infeasible_and_unbounded_elements(monkeypatch):
+    """Elements whose outcome is known by construction, on the diagonal path: bounds that contradict
+    (l > u), equalities the box excludes, and a free direction of a zero-Q variable with falling cost."""
+    monkeypatch.setattr(autograd, "DIAGONAL_MIN_N", 1)
+    data = box_qp(4, 8, 1)
+    Q, p, h, A, b = (data[k].clone() for k in ("Q", "p", "h", "A", "b"))
+    n = Q.shape[-1]
+    h[1, 2], h[1, n + 2] = -1.0, -1.0  # z_2 <= -1 and z_2 >= 1
+    A[2], b[2] = torch.ones(n), 10.0 * n  # sum(z) = 10 n, but every |z_j| < 2
+    G = data["G"].clone()
+    G[3, 0], p[3, 0], Q[3, 0, 0] = 0.0, 1.0, 0.0  # z_0 keeps its lower bound only; its cost falls without end
+    G[3, n, 0] = 0.0  # ... and loses that too: a row of zeros (0 <= h) stays
+    A[3, :, 0] = 0.0
+    assert bool(diagonal_h(Q, G))
+    sol = solve_qp(Q, p, G, h, A, b, on_failure="ignore")
+    expected = [QPStatus.SOLVED, QPStatus.PRIMAL_INFEASIBLE, QPStatus.PRIMAL_INFEASIBLE, QPStatus.DUAL_INFEASIBLE]
+    assert [QPStatus(int(v)) for v in sol.status] == expected
