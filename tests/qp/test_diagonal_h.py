@@ -6,21 +6,9 @@ import torch
 from optlayers import QPStatus, compiling, solve_qp
 from optlayers.qp import autograd
 from optlayers.qp.kkt import diagonal_h
+from qp_problems import box_qp
 
 NAMES = ("Q", "p", "G", "h", "A", "b")
-
-
-def box_qp(batch: int, n: int, m: int) -> dict[str, torch.Tensor]:
-    """min ½zᵀQz + pᵀz s.t. Az = b, l ≤ z ≤ u with a diagonal Q that is singular in places (an LP
-    in those variables), a feasible point strictly inside the box, and bounds active at the solution."""
-    q = torch.rand(batch, n) + 0.1
-    q[:, ::3] = 0.0
-    lower, upper = -torch.rand(batch, n) - 0.5, torch.rand(batch, n) + 0.5
-    inside = lower + (upper - lower) * (0.25 + 0.5 * torch.rand(batch, n))
-    A = torch.randn(batch, m, n)
-    eye = torch.eye(n).expand(batch, n, n)
-    return {"Q": torch.diag_embed(q), "p": 3 * torch.randn(batch, n), "G": torch.cat([eye, -eye], dim=-2),
-            "h": torch.cat([upper, -lower], dim=-1), "A": A, "b": (A @ inside.unsqueeze(-1)).squeeze(-1)}
 
 
 def test_diagonal_h_recognises_only_diagonal_structure():
