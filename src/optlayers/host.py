@@ -65,11 +65,13 @@ def host_read(t: Tensor) -> list:
     return t.to("cpu", copy=True).tolist()
 
 
-def look(running: Tensor) -> tuple[int, Tensor | None]:
+def look(running: Tensor, flagged: Tensor | None = None) -> tuple[int, Tensor | None] | tuple[int, Tensor | None, list[int]]:
     """How many problems of the (B,) mask still run, read with one synchronisation; and, once
     no more than ``COMPACT_FRACTION`` of the batch does, the indices of those that do (in order,
-    found without a further read), for the caller to keep as its working batch."""
-    count = int(host_read(running.sum(0, keepdim=True))[0])
-    if 0 < count <= COMPACT_FRACTION * running.shape[0]:
-        return count, torch.argsort(~running, stable=True)[:count]
-    return count, None
+    found without a further read), for the caller to keep as its working batch. Given (F, B)
+    masks ``flagged``, their F counts are read in the same synchronisation and returned third."""
+    sums = running.sum(0, keepdim=True) if flagged is None else torch.cat([running.sum(0, keepdim=True), flagged.sum(-1)])
+    counts = host_read(sums)
+    count = int(counts[0])
+    keep = torch.argsort(~running, stable=True)[:count] if 0 < count <= COMPACT_FRACTION * running.shape[0] else None
+    return (count, keep) if flagged is None else (count, keep, [int(c) for c in counts[1:]])

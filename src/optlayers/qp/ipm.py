@@ -99,8 +99,10 @@ class IPMState:
     The primal-dual point lives in one tensor ``v`` = [x, ν, λ, s] (B, n + m + 2k), so that a
     step updates all of it with one operation; ``x``, ``nu``, ``lam``, ``s`` are views of it.
     ``counters`` holds the consecutive-iteration counts (stalls, primal and dual infeasibility
-    certificates) side by side, and ``reg`` each problem's primal/equality regularisation
-    (raised where a factorisation fails; see ``kkt.next_regularisation``).
+    certificates) side by side, ``reg`` each problem's primal/equality regularisation
+    (raised where a factorisation fails; see ``kkt.next_regularisation``), ``stiff`` (B,) the
+    problems that keep their near-active inequalities out of H (see ``newton_iteration``), and
+    ``stiff_tried`` (B,) those that have been switched to that split once (``_switch_stiff``).
     """
 
     v: Tensor
@@ -108,6 +110,8 @@ class IPMState:
     iterations: Tensor
     counters: Tensor
     reg: Tensor
+    stiff: Tensor
+    stiff_tried: Tensor
     n: int
     m: int
     k: int
@@ -282,10 +286,17 @@ def _merit_step(dw: Tensor, complementarity_change: Tensor, alpha: Tensor, res: 
 
 
 def _factor_at(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tensor, settings: IPMSettings,
-               stiff: bool = False, retries: int = MAX_FACTOR_RETRIES, diagonal: bool = False) -> KKTFactor:
+               stiff: bool | Tensor = False, retries: int = MAX_FACTOR_RETRIES, diagonal: bool = False) -> KKTFactor:
+    """The KKT factorisation at (λ, s); ``stiff``: keep the near-active inequalities
+    (``_STIFF_W_INV``) out of H for every problem (True), for none (False), or for those of a (B,)
+    mask; ``diagonal``: H is diagonal (``QPData.diagonal``)."""
     w_inv = lam / (s + settings.ineq_reg * lam)
-    return factor_kkt(Q, A, G, w_inv, reg, reg, stiff=w_inv > _STIFF_W_INV if stiff else None, retries=retries,
-                      diagonal=diagonal)
+    mask = None
+    if isinstance(stiff, Tensor):
+        mask = (w_inv > _STIFF_W_INV) & stiff.unsqueeze(-1)
+    elif stiff:
+        mask = w_inv > _STIFF_W_INV
+    return factor_kkt(Q, A, G, w_inv, reg, reg, stiff=mask, retries=retries, diagonal=diagonal)
 
 
 def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> IPMState:
@@ -307,7 +318,8 @@ def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR
         s, lam = ones, ones
     status = torch.where(f.ok, RUNNING, int(QPStatus.NUMERICAL_ERROR))
     zeros = torch.zeros(B, dtype=torch.int64, device=x.device)
-    return IPMState(torch.cat([x, nu, lam, s], dim=-1), status, zeros, zeros.new_zeros(B, 3), reg, n, m, k)
+    no = torch.zeros(B, dtype=torch.bool, device=x.device)
+    return IPMState(torch.cat([x, nu, lam, s], dim=-1), status, zeros, zeros.new_zeros(B, 3), reg, no, no, n, m, k)
 
 
 @dataclass(frozen=True)
@@ -321,9 +333,27 @@ class Step:
     factor_ok: Tensor
 
 
-def newton_iteration(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings) -> Step:
-    """One predictor-corrector direction and step length for every problem."""
-    f = _factor_at(data.Q, data.A, data.G, st.lam, st.s, st.reg, settings, retries=0, diagonal=data.diagonal)
+def newton_iteration(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings,
+                     stiff: str = "none") -> Step:
+    """One predictor-corrector direction and step length for every problem.
+
+    ``stiff``: "none", or "all" (every running problem is marked in ``st.stiff``) or "mixed"
+    (some are): the marked problems factorise with their near-active inequalities beside the
+    equalities (``kkt.KKTFactor``'s stiff rows) instead of in H. Late in a solve,
+    H = Q + ρI + GᵀW⁻¹G has eigenvalues from ρ to |W⁻¹| ≈ 1/δᵢ, a condition beyond double
+    precision wherever Q is singular, and whether its Cholesky factorisation succeeds depends on
+    the rounding (on the thread count); the stiff split keeps H well-conditioned at the cost of a
+    Schur complement with k more rows, so only problems whose factorisation has failed pay it.
+    (Raising ρ instead also factorises, but its steps stall the duality gap.) "mixed" computes
+    both directions for every problem and keeps each problem's own, so that a problem's iterates
+    do not depend on the others of its batch."""
+    if stiff == "mixed":
+        plain, split = newton_iteration(data, units, st, res, settings), newton_iteration(data, units, st, res, settings, "all")
+        pick = st.stiff
+        return Step(torch.where(pick.unsqueeze(-1), split.dv, plain.dv), torch.where(pick.unsqueeze(-1), split.q_dx, plain.q_dx),
+                    torch.where(pick, split.alpha, plain.alpha), torch.where(pick, split.factor_ok, plain.factor_ok))
+    f = _factor_at(data.Q, data.A, data.G, st.lam, st.s, st.reg, settings, stiff=st.stiff if stiff == "all" else False,
+                   retries=0, diagonal=data.diagonal)
     lam, s, w = st.lam, st.s, st.lam_s
     s_lam = w.prod(-2)
     if not st.k:  # no inequalities: the Newton step solves the problem
@@ -390,7 +420,7 @@ def assess(data: QPData, st: IPMState, res: Residuals, step: Step, settings: IPM
 
     A problem whose factorisation failed keeps its iterate and retries with more regularisation
     (``kkt.next_regularisation``); once that has happened ``MAX_FACTOR_RETRIES`` times in a row it
-    is a numerical failure."""
+    is a numerical failure. (The host may then switch it to the stiff split: ``_switch_stiff``.)"""
     running = st.status == RUNNING
     farkas, recession, finite = _certificates(data, st, res, step, settings.infeasibility_tol)
     sound = running & step.factor_ok & finite
@@ -406,6 +436,87 @@ def assess(data: QPData, st: IPMState, res: Residuals, step: Step, settings: IPM
     return replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg)
 
 
+def _look_flags(st: IPMState, res: Residuals, units: Units, running: Tensor, iteration: int,
+                settings: IPMSettings) -> Tensor:
+    """(4, B) masks that the host's look before iteration ``iteration`` counts (``host.look``):
+
+    0. running problems to switch to the stiff split (``_switch_stiff``): a factorisation has
+       failed since the start (fewer steps than iterations), and they have not been switched yet;
+    1. stiff ones to switch back: their stiff factorisation failed too (the step raised ``reg``);
+    2. running stiff ones;
+    3. running problems whose gap alone fails the convergence test, with the complementarity sᵀλ
+       within tolerance: there the gap may be rounding (``_accept_accurate_gaps``)."""
+    switch = ((st.iterations < iteration) > st.stiff_tried) & running
+    stiff = running & st.stiff
+    gap_alone = (res.primal_feasible & res.dual_feasible & (res.mu * units.cost <= settings.tol / max(st.k, 1)))
+    return torch.stack([switch, stiff & (st.reg > settings.reg), stiff, (gap_alone > res.converged) & running])
+
+
+def _switch_stiff(st: IPMState, switch: Tensor, back: Tensor, settings: IPMSettings) -> IPMState:
+    """Switch problems to the stiff split, where they retry at the base regularisation, or back
+    (keeping the raised ``reg``, with the plain factorisation); each problem switches once."""
+    return replace(st, stiff=(st.stiff | switch) & ~back, stiff_tried=st.stiff_tried | switch,
+                   reg=st.reg.masked_fill(switch, settings.reg))
+
+
+# Veltkamp's splitting constant for float64 (2²⁷ + 1): a = hi + lo with 26-bit halves, whose
+# products are exact.
+_SPLITTER = 134217729.0
+
+
+def _two_product(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """a·b = p + e exactly (Dekker): p the rounded product, e its rounding error."""
+    p = a * b
+    t, u = a * _SPLITTER, b * _SPLITTER
+    a_hi, b_hi = t - (t - a), u - (u - b)
+    a_lo, b_lo = a - a_hi, b - b_hi
+    return p, a_lo * b_lo - (((p - a_hi * b_hi) - a_lo * b_hi) - a_hi * b_lo)
+
+
+def _compensated_sum(v: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum over the last dimension as s + c: s the pairwise sum, c the sum of the rounding errors
+    of its additions (Knuth's TwoSum at each level), so that s + c is off by ≈ ε² Σ|v|."""
+    width = 1 << max(v.shape[-1] - 1, 0).bit_length()
+    v = torch.nn.functional.pad(v, (0, width - v.shape[-1]))
+    c = v.new_zeros(v.shape[:-1])
+    while v.shape[-1] > 1:
+        a, b = v[..., 0::2], v[..., 1::2]
+        s = a + b
+        bb = s - a
+        c = c + ((a - (s - bb)) + (b - bb)).sum(-1)
+        v = s
+    return v[..., 0], c
+
+
+def accurate_gap(data: QPData, units: Units, st: IPMState) -> Tensor:
+    """|xᵀQx + pᵀx + hᵀλ + bᵀν| (B,) in the original problem's units, evaluated with error-free
+    products and sums: about as accurate as the iterate, where the plain evaluation of
+    ``residuals`` is off by ε times the largest term (terms of 1e8 that cancel to 1e-9 read as
+    1e-8 there: Maros–Meszaros QISRAEL). Costs a few dozen kernels on (B, n, n); run only when a
+    problem's gap is the one test it fails."""
+    q_hi, q_err = _two_product(data.Q, st.x.unsqueeze(-2))  # Q_ij x_j
+    qx, qx_err = _compensated_sum(q_hi)
+    qx_lo = qx_err + q_err.sum(-1)  # Qx = qx + qx_lo to about ε² |Q||x|
+    pairs = [(st.x, qx), (data.p, st.x), (data.h, st.lam), (data.b, st.nu)]
+    products = [_two_product(u, v) for u, v in pairs if u.shape[-1]]
+    total, err = _compensated_sum(torch.cat([p for p, _ in products], dim=-1))
+    err = err + torch.cat([e for _, e in products], dim=-1).sum(-1) + _pair_dots(st.x, qx_lo)
+    return (total + err).abs() * units.cost
+
+
+def _accept_accurate_gaps(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings,
+                          candidates: Tensor) -> Residuals:
+    """``res`` where the ``candidates`` (problems whose primal and dual residuals are within
+    tolerance) pass the convergence test with the gap of ``accurate_gap``: converged, with that gap."""
+    x, lam, nu = st.x, st.lam, st.nu
+    terms = torch.stack([_pair_dots(x, mv(data.Q, x)), _pair_dots(data.p, x), _pair_dots(data.h, lam),
+                         _pair_dots(data.b, nu)])
+    size = terms.abs().amax(0) * units.cost
+    gap = torch.maximum(accurate_gap(data, units, st), res.mu * max(st.k, 1) * units.cost)
+    passed = candidates & res.primal_feasible & res.dual_feasible & (gap <= settings.tol + settings.rel_tol * size)
+    return replace(res, gap=torch.where(passed, gap, res.gap), converged=res.converged | passed)
+
+
 def _mark_converged(st: IPMState, res: Residuals) -> IPMState:
     return replace(st, status=st.status.masked_fill((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED)))
 
@@ -419,11 +530,13 @@ def start(data: QPData, units: Units, settings: IPMSettings,
     return _mark_converged(st, res), res
 
 
-def step(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings) -> tuple[IPMState, Residuals]:
+def step(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings,
+         stiff: str = "none") -> tuple[IPMState, Residuals]:
     """One iteration for every problem, with no host synchronisation: a predictor-corrector step
     where the problem is still running, then the residuals and the convergence test at the new
-    point. The test ends the step, so that a host look right after it sees the convergence."""
-    st = assess(data, st, res, newton_iteration(data, units, st, res, settings), settings)
+    point. The test ends the step, so that a host look right after it sees the convergence.
+    ``stiff`` as in ``newton_iteration``."""
+    st = assess(data, st, res, newton_iteration(data, units, st, res, settings, stiff), settings)
     res = residuals(data, units, st, settings)
     return _mark_converged(st, res), res
 
@@ -443,8 +556,11 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
 
     The iterations run without host synchronisation (compiled into one graph with
     ``settings.compiled``). At the iterations ``host.is_check`` names the host reads the
-    statuses once: it stops when no problem runs, and drops the finished ones from the working
-    batch once few remain. One more read at the end tells which problems failed and whether the
+    statuses once: it stops when no problem runs and drops the finished ones from the working
+    batch once few remain. In eager mode the same read counts the flags of ``_look_flags``: a
+    problem whose factorisation has failed is switched to the stiff split (see
+    ``newton_iteration``), and one whose gap alone fails the convergence test is tested again
+    with ``accurate_gap``. One more read at the end tells which problems failed and whether the
     derivatives' factorisation needs a retry."""
     units = Units.of(sc)
     device = data.p.device.type
@@ -457,19 +573,38 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     index = None  # the working batch's elements in the full batch; None while they are all
     work_data, work_units, st = data, units, full
     step_fn = compiled(step, device, graphs=True) if settings.compiled else step
+    stiff = "none"  # which problems the step factorises with the stiff split (see newton_iteration)
+    accurate_gaps = False  # whether some problem was found converged by ``accurate_gap``
     for iteration in range(settings.max_iter):
         if is_check(iteration, data.p.device):
-            count, keep = look(st.status == RUNNING)
+            running = st.status == RUNNING
+            if settings.compiled:
+                count, keep = look(running)
+            else:
+                flags = _look_flags(st, res, work_units, running, iteration, settings)
+                count, keep, (switch, back, marked, gap_alone) = look(running, flags)
+                if switch or back:
+                    st = _switch_stiff(st, flags[0], flags[1], settings)
+                    marked += switch - back
+                stiff = "none" if marked == 0 else "all" if marked == count else "mixed"
+                if gap_alone:
+                    res = _accept_accurate_gaps(work_data, work_units, st, res, settings, flags[3])
+                    st, accurate_gaps = _mark_converged(st, res), True
             if count == 0:
                 break
             if keep is not None and not settings.compiled:
                 full = st if index is None else put(full, index, st)
                 index = keep if index is None else index[keep]
                 work_data, work_units, st, res = take(data, index), take(units, index), take(st, keep), take(res, keep)
-        st, res = step_fn(work_data, work_units, st, res, settings)
+        if stiff == "none":
+            st, res = step_fn(work_data, work_units, st, res, settings)
+        else:
+            st, res = step(work_data, work_units, st, res, settings, stiff)
     if index is not None:
         full = put(full, index, st)
         res = residuals(data, units, full, settings)
+        if accurate_gaps:  # the problems that converged by their accurate gap report it again
+            res = _accept_accurate_gaps(data, units, full, res, settings, (full.status == int(QPStatus.SOLVED)) & ~res.converged)
     elif settings.compiled:
         full, res = owned(st), owned(res)  # out of the step's CUDA-graph memory, which its next replay overwrites
     else:

@@ -1,0 +1,109 @@
+"""What the interior point loop does late in a solve, where double precision runs out: a KKT
+factorisation that fails (the stiff split takes over) and a duality gap whose plain evaluation
+is rounding (``ipm.accurate_gap`` decides)."""
+import dataclasses
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+from optlayers import solve_qp
+from optlayers.qp import ipm
+from optlayers.qp.problem import prepare_qp, qp_data
+from optlayers.qp.scaling import equilibrate
+from optlayers.status import Status
+from tests.qp.qp_problems import clarabel_solve, random_qp
+
+
+def _fail_plain_factorisations_after(monkeypatch, calls: int) -> dict:
+    """From the ``calls``-th iteration factorisation on, every factorisation without stiff rows
+    reports failure (as Cholesky does on an H whose condition exceeds 1/ε); stiff ones work."""
+    real = ipm.factor_kkt
+    seen = {"plain": 0, "stiff": 0}
+
+    def factor(*args, stiff=None, retries=0, **kwargs):
+        f = real(*args, stiff=stiff, retries=retries, **kwargs)
+        if retries == 0 and stiff is None:  # an iteration's factorisation (the start's retries)
+            seen["plain"] += 1
+            if seen["plain"] >= calls:
+                return dataclasses.replace(f, ok=torch.zeros_like(f.ok))
+        elif retries == 0:
+            seen["stiff"] += 1
+        return f
+
+    monkeypatch.setattr(ipm, "factor_kkt", factor)
+    return seen
+
+
+@pytest.mark.parametrize("m", [0, 3])
+def test_a_late_failed_factorisation_switches_to_the_stiff_split(monkeypatch, m):
+    torch.manual_seed(3)
+    data = random_qp((1,), 12, 16, m, active=True)
+    seen = _fail_plain_factorisations_after(monkeypatch, 6)
+    sol = solve_qp(**data, on_failure="ignore")
+    assert seen["stiff"] > 0
+    assert int(sol.status) == Status.SOLVED
+    z, lam, _ = clarabel_solve(*(data[key][0] if data[key] is not None else None for key in ("Q", "p", "G", "h", "A", "b")))
+    np.testing.assert_allclose(sol.z[0].numpy(), z, atol=1e-7)
+    np.testing.assert_allclose(sol.lam[0].numpy(), lam, atol=1e-7)
+
+
+def test_a_problem_whose_stiff_factorisation_fails_too_is_a_numerical_failure(monkeypatch):
+    torch.manual_seed(4)
+    data = random_qp((1,), 8, 10, 0, active=True)
+    real = ipm.factor_kkt
+    calls = {"count": 0}
+
+    def factor(*args, retries=0, **kwargs):
+        f = real(*args, retries=retries, **kwargs)
+        if retries == 0:
+            calls["count"] += 1
+            if calls["count"] >= 4:
+                return dataclasses.replace(f, ok=torch.zeros_like(f.ok))
+        return f
+
+    monkeypatch.setattr(ipm, "factor_kkt", factor)
+    sol = solve_qp(**data, on_failure="ignore")
+    assert int(sol.status) == Status.NUMERICAL_ERROR
+
+
+def _exact_gap(data, units, st) -> float:
+    to = lambda t: [Fraction(v) for v in t[0].tolist()]
+    x, lam, nu = to(st.x), to(st.lam), to(st.nu)
+    Q = [[Fraction(v) for v in row] for row in data.Q[0].tolist()]
+    qx = [sum(q * xi for q, xi in zip(row, x)) for row in Q]
+    total = sum(a * c for a, c in zip(x, qx)) + sum(a * c for a, c in zip(to(data.p), x))
+    total += sum(a * c for a, c in zip(to(data.h), lam)) + sum(a * c for a, c in zip(to(data.b), nu))
+    return abs(float(total)) * float(units.cost[0])
+
+
+def test_accurate_gap_matches_exact_arithmetic_where_the_plain_one_is_rounding():
+    """Terms of 1e8 that cancel: the plain evaluation is off by about ε·1e8, the accurate one is
+    exact to about ε times the result."""
+    torch.manual_seed(5)
+    n, k, m = 40, 30, 5
+    raw = random_qp((1,), n, k, m)
+    flat, _ = prepare_qp(*(raw[key] for key in ("Q", "p", "G", "h", "A", "b")))
+    data, sc = equilibrate(qp_data(*flat))
+    units = ipm.Units.of(sc)
+    settings = ipm.default_settings(torch.float64, None, None, None)
+    st = ipm.initial_point(data, settings)
+    # an iterate with huge x and multipliers whose terms nearly cancel
+    x = torch.randn(1, n, dtype=torch.float64) * 1e4
+    lam = torch.rand(1, k, dtype=torch.float64) * 1e4
+    nu = torch.randn(1, m, dtype=torch.float64) * 1e4
+    v = torch.cat([x, nu, lam, st.s], dim=-1)
+    st = dataclasses.replace(st, v=v)
+    # choose p so that xᵀQx + pᵀx + hᵀλ + bᵀν is 1e-6 of the largest term (about 1e8)
+    plain_terms = [x @ data.Q[0] @ x[0], data.h[0] @ lam[0], data.b[0] @ nu[0]]
+    target = -sum(float(t) for t in plain_terms)
+    p = data.p.clone()
+    p[0] = x[0] * (target / float(x[0] @ x[0]))
+    data = dataclasses.replace(data, p=p)
+    exact = _exact_gap(data, units, st)
+    accurate = float(ipm.accurate_gap(data, units, st)[0])
+    terms = ipm._dots(st.x, [ipm.mv(data.Q, st.x), data.p]).sum(0) + ipm._dots(st.lam, [data.h]).sum(0)
+    plain = float((terms + ipm._dots(st.nu, [data.b]).sum(0)).abs()[0] * units.cost[0])  # as ``residuals`` sums
+    assert abs(accurate - exact) <= 1e-12 * max(exact, 1.0)
+    assert abs(plain - exact) > 1e3 * abs(accurate - exact)  # the test problem does need it
