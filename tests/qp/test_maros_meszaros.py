@@ -1,4 +1,7 @@
-"""The dense Maros–Meszaros set: at least 60 of 62 solved to 1e-6 (slow; run with -m slow)."""
+"""The dense Maros–Meszaros set: at least 61 of 62 solved to 1e-7 (slow; run with -m slow)."""
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -20,8 +23,24 @@ def test_small_problems_solve(name):
     assert outcome.solved, outcome
 
 
-def test_at_least_60_of_62_solved():
-    outcomes = [maros_meszaros.solve_one(path, tol=1e-6, max_iter=200) for path in sorted(DATA.glob("*.mat"))]
+def test_at_least_61_of_62_solved():
+    outcomes = [maros_meszaros.solve_one(path, tol=1e-7, max_iter=200) for path in sorted(DATA.glob("*.mat"))]
     assert len(outcomes) == 62
     failed = [o.name for o in outcomes if not o.solved]
-    assert len(outcomes) - len(failed) >= 60, f"failed: {failed}"
+    assert len(outcomes) - len(failed) >= 61, f"failed: {failed}"
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name", ["QISRAEL", "QSHARE1B"])
+def test_edge_problems_solve_with_one_and_two_threads(name, threads, tmp_path):
+    """Problems that end where double precision runs out: QSHARE1B's factorisation fails near
+    μ = 3e-11 with two MKL threads (the stiff split takes over), QISRAEL's gap is 1e-9 made of
+    terms of 5e7 (``ipm.accurate_gap`` sees it). Each runs in a process of its own, whose thread
+    count is set before torch starts."""
+    out = tmp_path / "outcome.json"
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "maros_meszaros.py"), "--data", str(DATA), "--tol", "1e-7",
+                    "--only", name, "--json", str(out)], env=env, check=True, capture_output=True, timeout=600)
+    (outcome,) = json.loads(out.read_text())
+    assert outcome["solved"], outcome
