@@ -107,3 +107,30 @@ def test_accurate_gap_matches_exact_arithmetic_where_the_plain_one_is_rounding()
     plain = float((terms + ipm._dots(st.nu, [data.b]).sum(0)).abs()[0] * units.cost[0])  # as ``residuals`` sums
     assert abs(accurate - exact) <= 1e-12 * max(exact, 1.0)
     assert abs(plain - exact) > 1e3 * abs(accurate - exact)  # the test problem does need it
+
+
+def test_a_stiff_problem_leaves_the_others_of_its_batch_unchanged(monkeypatch):
+    """Element 0's plain factorisations fail from the sixth iteration on, element 1's never: the
+    batch runs both forms ("mixed"), and element 1 gets bit for bit what it gets alone."""
+    torch.manual_seed(6)
+    data = random_qp((2,), 10, 14, 2, active=True)
+    alone = solve_qp(**{key: None if t is None else t[1:] for key, t in data.items()})
+    real = ipm.factor_kkt
+    seen = {"plain": 0, "stiff": 0}
+
+    def factor(*args, stiff=None, retries=0, **kwargs):
+        f = real(*args, stiff=stiff, retries=retries, **kwargs)
+        if retries == 0 and stiff is None and f.ok.shape[0] == 2:
+            seen["plain"] += 1
+            if seen["plain"] >= 6:
+                return dataclasses.replace(f, ok=f.ok & torch.tensor([False, True]))
+        elif retries == 0:
+            seen["stiff"] += 1
+        return f
+
+    monkeypatch.setattr(ipm, "factor_kkt", factor)
+    sol = solve_qp(**data, on_failure="ignore")
+    assert seen["stiff"] > 0 and sol.status.tolist() == [Status.SOLVED, Status.SOLVED]
+    assert torch.equal(sol.z[1], alone.z[0]) and torch.equal(sol.lam[1], alone.lam[0])
+    z, _, _ = clarabel_solve(*(data[key][0] for key in ("Q", "p", "G", "h", "A", "b")))
+    np.testing.assert_allclose(sol.z[0].numpy(), z, atol=1e-7)
