@@ -123,5 +123,6 @@ def test_mnist_feature_optnet_head_solves_its_qp():
     h = (head.z0(x) @ head.G.T + torch.nn.functional.softplus(head.s0(x))).detach().numpy()
     for i in range(3):
         v = cp.Variable(10)
-        cp.Problem(cp.Minimize(0.5 * cp.quad_form(v, cp.psd_wrap(Q)) + x[i].numpy() @ v), [G @ v <= h[i]]).solve()
+        # Clarabel by name: with Gurobi or CPLEX installed cvxpy would pick them, at looser default tolerances
+        cp.Problem(cp.Minimize(0.5 * cp.quad_form(v, cp.psd_wrap(Q)) + x[i].numpy() @ v), [G @ v <= h[i]]).solve(solver=cp.CLARABEL)
         np.testing.assert_allclose(z[i], v.value, atol=1e-5)
