@@ -57,6 +57,26 @@ def test_sudoku_and_mnist_records(tmp_path):
                     "| mnist | `optnet_test_accuracy` | — | **94.0 %** | 9 / 1 |"]
 
 
+def test_sudoku_record_takes_a_model_trained_by_another_command(tmp_path):
+    """The conv net trained into the same --out by its own command (another dtype): results.json names
+    only OptNet, the conv net's final epoch comes from its metrics, each model's epochs from its own."""
+    run = tmp_path / "s"
+    _write(run, {"experiment": "sudoku", "n_train": 9, "n_test": 1, "epochs": 2, "board": "4x4",
+                 "optnet": {"test_error": 0.04, "train_error": 0.03}})
+    for model, rows, dtype in (("optnet", 2, "float64"), ("conv", 5, "float32")):
+        (run / model).mkdir()
+        history = [{"epoch": e, "test_error": 1.0 - 0.1 * e, "train_error": 1.0 - 0.15 * e} for e in range(rows + 1)]
+        (run / model / common.METRICS_JSON).write_text(json.dumps(history))
+        common.save_checkpoint(run / model / common.CHECKPOINT_FILE, {
+            "format": common.CHECKPOINT_FORMAT, "fingerprint": {"name": model, "dtype": dtype}})
+    record = report.results_record("sudoku", run, "c", "h")
+    assert record["measured"]["optnet_test_error"] == 0.04
+    assert record["measured"]["conv_test_error"] == pytest.approx(0.5)
+    assert record["measured"]["conv_train_error"] == pytest.approx(0.25)
+    assert record["settings"]["models"]["conv"] == {"dtype": "float32", "epochs": 5}
+    assert record["settings"]["models"]["optnet"]["epochs"] == 2
+
+
 def test_a_run_without_every_model_is_refused(tmp_path):
     _denoising_run(tmp_path / "run", methods=("optnet-learn-d", "optnet-tv-init"))
     with pytest.raises(ValueError, match=r"lacks \['fc'\]"):

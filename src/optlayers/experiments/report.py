@@ -86,11 +86,30 @@ MEASURED = {
 
 
 def _model_options(run_dir: Path) -> dict[str, Any]:
-    """Each model's options (batch size, learning rate, dtype, ...) from its checkpoint's fingerprint."""
+    """Each model's options (batch size, learning rate, dtype, ...) from its checkpoint's fingerprint,
+    and the epochs it was trained (from its metrics)."""
     from optlayers.experiments import common
 
-    return {path.parent.name: {k: v for k, v in common.load_checkpoint(path)["fingerprint"].items() if k != "name"}
-            for path in sorted(run_dir.glob(f"*/{common.CHECKPOINT_FILE}"))}
+    options = {}
+    for path in sorted(run_dir.glob(f"*/{common.CHECKPOINT_FILE}")):
+        model = {k: v for k, v in common.load_checkpoint(path)["fingerprint"].items() if k != "name"}
+        metrics = path.parent / common.METRICS_JSON
+        if metrics.is_file():
+            model["epochs"] = json.loads(metrics.read_text())[-1]["epoch"]
+        options[path.parent.name] = model
+    return options
+
+
+def _with_model_folders(results: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``results`` with the final epoch of every model folder of ``run_dir`` that it lacks: models may
+    be trained into the same --out by separate commands (with their own dtype or width), and
+    results.json names only those of the last command."""
+    from optlayers.experiments import common
+
+    merged = dict(results)
+    for path in sorted(run_dir.glob(f"*/{common.METRICS_JSON}")):
+        merged.setdefault(path.parent.name, json.loads(path.read_text())[-1])
+    return merged
 
 
 def results_record(experiment: str, run_dir: Path, command: str, commit: str) -> dict[str, Any]:
@@ -103,7 +122,8 @@ def results_record(experiment: str, run_dir: Path, command: str, commit: str) ->
     results = json.loads(path.read_text())
     if results.get("experiment") != experiment:
         raise ValueError(f"{path} is a {results.get('experiment')!r} run, expected {experiment!r}")
-    settings, measured = EXTRACT[experiment](Path(run_dir) if experiment == "denoising" else results)
+    settings, measured = EXTRACT[experiment](Path(run_dir) if experiment == "denoising"
+                                             else _with_model_folders(results, Path(run_dir)))
     if experiment != "denoising":
         settings["models"] = _model_options(Path(run_dir))
     missing = [k for k in MEASURED[experiment] if k not in measured]
