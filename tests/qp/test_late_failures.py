@@ -134,3 +134,35 @@ def test_a_stiff_problem_leaves_the_others_of_its_batch_unchanged(monkeypatch):
     assert torch.equal(sol.z[1], alone.z[0]) and torch.equal(sol.lam[1], alone.lam[0])
     z, _, _ = clarabel_solve(*(data[key][0] for key in ("Q", "p", "G", "h", "A", "b")))
     np.testing.assert_allclose(sol.z[0].numpy(), z, atol=1e-7)
+
+
+def test_the_compiled_path_switches_a_late_failure_to_the_stiff_split(monkeypatch):
+    """``compile=True`` (traced by dynamo's eager backend here: no inductor compilation) recovers
+    like the eager path: plain factorisations fail once a weight λ/s passes 1e3 (late in the
+    solve, as Cholesky does on an H too ill-conditioned for double precision), stiff ones work."""
+    from optlayers import compiling
+
+    real = ipm.factor_kkt
+
+    def factor(Q, A, G, w_inv, *args, stiff=None, retries=0, **kwargs):
+        f = real(Q, A, G, w_inv, *args, stiff=stiff, retries=retries, **kwargs)
+        if retries == 0 and stiff is None:
+            return dataclasses.replace(f, ok=f.ok & (w_inv.amax(-1) < 1e3))
+        return f
+
+    torch.manual_seed(3)
+    data = random_qp((2,), 12, 16, 2, active=True)
+    compiling.compiled.cache_clear()
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
+    monkeypatch.setattr(ipm, "factor_kkt", factor)
+    try:
+        sol = solve_qp(**data, compile=True, on_failure="ignore")
+    finally:
+        compiling.compiled.cache_clear()
+        torch._dynamo.reset()
+    assert (sol.status == Status.SOLVED).all(), sol.status
+    for i in range(2):
+        z, lam, _ = clarabel_solve(*(data[key][i] for key in ("Q", "p", "G", "h", "A", "b")))
+        np.testing.assert_allclose(sol.z[i].numpy(), z, atol=1e-7)
+        np.testing.assert_allclose(sol.lam[i].numpy(), lam, atol=1e-7)

@@ -557,10 +557,10 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     The iterations run without host synchronisation (compiled into one graph with
     ``settings.compiled``). At the iterations ``host.is_check`` names the host reads the
     statuses once: it stops when no problem runs and drops the finished ones from the working
-    batch once few remain. In eager mode the same read counts the flags of ``_look_flags``: a
-    problem whose factorisation has failed is switched to the stiff split (see
-    ``newton_iteration``), and one whose gap alone fails the convergence test is tested again
-    with ``accurate_gap``. One more read at the end tells which problems failed and whether the
+    batch once few remain (not in the compiled path, whose batch keeps its shape). The same read
+    counts the flags of ``_look_flags``: a problem whose factorisation has failed is switched to
+    the stiff split (see ``newton_iteration``; such steps run eagerly), and one whose gap alone
+    fails the convergence test is tested again with ``accurate_gap``. One more read at the end tells which problems failed and whether the
     derivatives' factorisation needs a retry."""
     units = Units.of(sc)
     device = data.p.device.type
@@ -578,18 +578,15 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     for iteration in range(settings.max_iter):
         if is_check(iteration, data.p.device):
             running = st.status == RUNNING
-            if settings.compiled:
-                count, keep = look(running)
-            else:
-                flags = _look_flags(st, res, work_units, running, iteration, settings)
-                count, keep, (switch, back, marked, gap_alone) = look(running, flags)
-                if switch or back:
-                    st = _switch_stiff(st, flags[0], flags[1], settings)
-                    marked += switch - back
-                stiff = "none" if marked == 0 else "all" if marked == count else "mixed"
-                if gap_alone:
-                    res = _accept_accurate_gaps(work_data, work_units, st, res, settings, flags[3])
-                    st, accurate_gaps = _mark_converged(st, res), True
+            flags = _look_flags(st, res, work_units, running, iteration, settings)
+            count, keep, (switch, back, marked, gap_alone) = look(running, flags)
+            if switch or back:
+                st = _switch_stiff(st, flags[0], flags[1], settings)
+                marked += switch - back
+            stiff = "none" if marked == 0 else "all" if marked == count else "mixed"
+            if gap_alone:
+                res = _accept_accurate_gaps(work_data, work_units, st, res, settings, flags[3])
+                st, accurate_gaps = _mark_converged(st, res), True
             if count == 0:
                 break
             if keep is not None and not settings.compiled:
@@ -603,12 +600,12 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     if index is not None:
         full = put(full, index, st)
         res = residuals(data, units, full, settings)
-        if accurate_gaps:  # the problems that converged by their accurate gap report it again
-            res = _accept_accurate_gaps(data, units, full, res, settings, (full.status == int(QPStatus.SOLVED)) & ~res.converged)
     elif settings.compiled:
         full, res = owned(st), owned(res)  # out of the step's CUDA-graph memory, which its next replay overwrites
     else:
         full = st
+    if accurate_gaps:  # the problems that converged by their accurate gap report it again (later steps re-evaluated it)
+        res = _accept_accurate_gaps(data, units, full, res, settings, (full.status == int(QPStatus.SOLVED)) & ~res.converged)
     full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))
     factor_fn = compiled(_derivative_factor_unretried, device) if settings.compiled else _derivative_factor_unretried
     factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal) if with_factor else None
