@@ -5,6 +5,7 @@ off-diagonal entries scaled by sqrt(2) so that <vec X, vec Y> = trace(X Y).
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -22,32 +23,41 @@ def order(size: int) -> int:
     return d
 
 
-def _indices(d: int, device: torch.device):
-    upper = torch.triu_indices(d, d, device=device)
+@functools.lru_cache(maxsize=None)
+def _maps(d: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For matrices of order d: (gather, unscale) taking vec to the d x d entries (each entry's
+    position in vec, and 1 or 1/sqrt(2)), and (pick, scale) taking the d x d entries to vec; made
+    once per order, device and dtype, so that each conversion is two operations (as normal
+    tensors even when first asked for under ``torch.inference_mode``)."""
+    with torch.inference_mode(False):
+        return _make_maps(d, device, dtype)
+
+
+def _make_maps(d: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    upper = torch.triu_indices(d, d)
     rows, cols = upper[1], upper[0]  # lower triangle, column by column
-    return rows, cols
-
-
-def _scale(rows: torch.Tensor, cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    one = torch.ones(rows.shape, dtype=dtype, device=rows.device)
-    return torch.where(rows == cols, one, one * math.sqrt(2))
+    position = torch.empty(d, d, dtype=torch.long)
+    position[rows, cols] = torch.arange(rows.numel())
+    position[cols, rows] = torch.arange(rows.numel())
+    diagonal = (rows == cols).to(torch.float64)
+    scale = diagonal + (1 - diagonal) * math.sqrt(2)
+    pick = rows * d + cols
+    unscale = (1 / scale)[position.flatten()]
+    return (position.flatten().to(device), unscale.to(device, dtype), pick.to(device), scale.to(device, dtype))
 
 
 def vec_to_mat(v: torch.Tensor) -> torch.Tensor:
     """(..., d(d+1)/2) -> symmetric (..., d, d)."""
     d = order(v.shape[-1])
-    rows, cols = _indices(d, v.device)
-    vals = v / _scale(rows, cols, v.dtype)
-    mat = v.new_zeros(*v.shape[:-1], d, d)
-    mat[..., rows, cols] = vals
-    mat[..., cols, rows] = vals
-    return mat
+    gather, unscale, _, _ = _maps(d, v.device, v.dtype)
+    return (v[..., gather] * unscale).reshape(*v.shape[:-1], d, d)
 
 
 def mat_to_vec(mat: torch.Tensor) -> torch.Tensor:
     """Symmetric (..., d, d) -> (..., d(d+1)/2)."""
-    rows, cols = _indices(mat.shape[-1], mat.device)
-    return mat[..., rows, cols] * _scale(rows, cols, mat.dtype)
+    d = mat.shape[-1]
+    _, _, pick, scale = _maps(d, mat.device, mat.dtype)
+    return mat.reshape(*mat.shape[:-2], d * d)[..., pick] * scale
 
 
 def project(v: torch.Tensor, dual: bool = False) -> torch.Tensor:

@@ -27,6 +27,7 @@ import dataclasses
 import torch
 
 from optlayers.cone.interior.symmetric import cholesky_or_nan
+from optlayers.host import reads_are_free
 
 DEGREE = 3
 # Newton steps for the Wright omega function: from the lower bound of ``_omega_minus_one`` the
@@ -209,12 +210,14 @@ def exp_scaling(s: torch.Tensor, y: torch.Tensor, mu: torch.Tensor,
                 dual_only: torch.Tensor | None = None) -> ExpScaling:
     """s in int K_exp, y in int K_exp^* (..., 3); mu (...,) the program's mu (for the dual scaling);
     ``dual_only`` (...,) bool: cones that take the dual scaling even where the primal-dual one
-    is defined (None: none). Both are formed for every cone and merged by ``torch.where``."""
+    is defined (None: none). Both are formed for every cone and merged by ``torch.where``; where
+    the host reads for free (the CPU), the dual one only when some cone needs it."""
     grad, hess = dual_barrier(y)
     chol = cholesky_or_nan(hess)
-    dual = _dual_v(s, y, chol, mu)
     primal_dual, ok = _primal_dual_v(s, y, grad, hess)
     if dual_only is not None:
         ok = ok & ~dual_only
-    V = torch.where(ok[..., None, None], torch.nan_to_num(primal_dual), dual)
+    if reads_are_free(s.device) and bool(ok.all()):
+        return ExpScaling(primal_dual, grad, chol, y, ok)
+    V = torch.where(ok[..., None, None], torch.nan_to_num(primal_dual), _dual_v(s, y, chol, mu))
     return ExpScaling(V, grad, chol, y, ok)

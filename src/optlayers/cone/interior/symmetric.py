@@ -141,11 +141,13 @@ class NTScaling:
         return _mv(self.W.mT, j.divide(lam, d))
 
     def max_step(self, s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-        """Largest step keeping s + a ds and y + a dy in the cone (...,), both measured from lambda
-        at once (W and V are automorphisms of the cone, so s and y themselves are not needed;
-        they are arguments for the interface shared with ``ExpScaling``)."""
-        both = torch.stack([_mv(self.V, ds), _mv(self.W, dy)])
-        return self.algebra.max_step(self.lam, both).amin(0)
+        """Largest step keeping s + a ds and y + a dy in the cone (...,). The nonnegative and
+        second-order cones' step tests take any interior point, and measure from s and y
+        themselves; the PSD cone's needs a diagonal point, and measures both from lambda (W and V
+        are automorphisms of the cone: lambda + a V ds = W^-T (s + a ds), lambda + a W dy = W (y + a dy))."""
+        if self.algebra is PSD:
+            return self.algebra.max_step(self.lam, torch.stack([_mv(self.V, ds), _mv(self.W, dy)])).amin(0)
+        return self.algebra.max_step(torch.stack([s, y]), torch.stack([ds, dy])).amin(0)
 
 
 def nonneg_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
