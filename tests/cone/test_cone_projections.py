@@ -1,4 +1,6 @@
 """Each cone: projection against a reference, derivative against finite differences of the projection."""
+import math
+
 import cvxpy as cp
 import numpy as np
 import pytest
@@ -236,3 +238,21 @@ def test_exp_projection_on_a_wide_grid():
     assert in_exp_cone(p / scale.unsqueeze(-1), 1e-12).all()
     assert float((exp.project(-q).norm(dim=-1) / scale).max()) < 1e-12
     assert float(((p * q).sum(-1).abs() / scale**2).max()) < 1e-12
+
+
+def test_psd_vectorisation_against_its_definition_and_after_inference_mode():
+    """svec: the lower triangle column by column, off-diagonal entries times sqrt(2); its index
+    maps are cached, and a first use under torch.inference_mode must not leave inference tensors
+    that a later differentiated use cannot save."""
+    psd._maps.cache_clear()
+    d = 4
+    with torch.inference_mode():
+        psd.vec_to_mat(torch.zeros(d * (d + 1) // 2, dtype=torch.float64))
+    M = torch.randn(3, d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    M = (M + M.mT).requires_grad_()
+    want = torch.stack([torch.stack([M[:, i, j] * (1 if i == j else math.sqrt(2)) for j in range(d) for i in range(j, d)], -1)])[0]
+    v = psd.mat_to_vec(M)
+    torch.testing.assert_close(v, want, rtol=0, atol=0)
+    torch.testing.assert_close(psd.vec_to_mat(v), M, rtol=1e-15, atol=1e-15)
+    v.sum().backward()  # the cached maps were saved for the backward
+    assert M.grad is not None and M.grad.isfinite().all()

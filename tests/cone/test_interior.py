@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from optlayers import host
 from optlayers.cone import ConeSolveError, ConeSpec, ConeStatus, solve_cone
 from optlayers.cone import exp as exp_cone
 from optlayers.cone.interior import exponential, solver, symmetric
@@ -796,3 +797,43 @@ def test_equality_constrained_program_without_cones():
     kkt = torch.linalg.solve(torch.cat([torch.cat([P, A.mT], -1), torch.cat([A, torch.zeros(2, 3, 3)], -1)], -2),
                              torch.cat([-c, b], -1))
     assert torch.allclose(x, kkt[:, :5], atol=1e-8) and torch.allclose(y, kkt[:, 5:], atol=1e-8)
+
+
+def test_exp_scaling_cpu_shortcut_equals_the_merged_scalings():
+    """On the CPU the dual scaling is formed only where some cone needs it: with every cone off
+    the central path the V is the primal-dual one, exactly as the merged form an accelerator
+    computes; with some on it, the merged form itself."""
+    g = gen(91)
+    s, y = random_exp_primal(60, g), random_exp_dual(60, g)
+    mu = (s * y).sum(-1) / exponential.DEGREE
+    on_path = torch.cat([s[:30], -2.0 * exponential.dual_barrier(y[30:])[0]])  # the last 30 central
+    for s_case in (s, on_path):
+        free = exponential.exp_scaling(s_case, y, mu)
+        with host.accelerator_schedule():
+            merged = exponential.exp_scaling(s_case, y, mu)
+        assert torch.equal(free.primal_dual, merged.primal_dual)
+        assert torch.equal(free.V, merged.V)
+    assert exponential.exp_scaling(s, y, mu).primal_dual.all()
+    assert not exponential.exp_scaling(on_path, y, mu).primal_dual[30:].any()
+
+
+def test_exp_step_search_cpu_shortcut_equals_the_full_search():
+    """On the CPU the step search tries its first trials before the others; the answer is the
+    full search's, also for elements that need the later (shorter) trials or find none."""
+    spec = ConeSpec(exp=2, exp_dual=1)
+    parts = solver._parts(spec)
+    g = gen(93)
+    s = torch.stack([random_exp_primal(3, g).flatten() for _ in range(6)])
+    y = torch.stack([random_exp_dual(3, g).flatten() for _ in range(6)])
+    ds, dy = torch.randn(6, 9, generator=g, dtype=s.dtype), torch.randn(6, 9, generator=g, dtype=s.dtype)
+    scale = torch.tensor([0.1, 1.0, 10.0, 100.0, 1e3, 1e6], dtype=s.dtype).unsqueeze(-1)  # long steps need backtracks
+    alpha = torch.ones(6, dtype=s.dtype)
+    settings = solver.IPMSettings(max_backtracks=20)
+    free = solver._exp_step(parts, s, y, ds * scale, dy * scale, alpha, 0.99, settings)
+    with host.accelerator_schedule():
+        full = solver._exp_step(parts, s, y, ds * scale, dy * scale, alpha, 0.99, settings)
+    assert torch.equal(free[0], full[0]) and torch.equal(free[1], full[1])
+    first = solver._EXP_FINE_FACTOR ** (solver._EXP_FINE_TRIALS - 1) * settings.backtrack ** (
+        solver._EXP_FIRST_TRIALS - solver._EXP_FINE_TRIALS)
+    assert bool((full[0][full[1]] < first).any()), "no element needed the later trials: the case is not tested"
+    assert not bool(full[1].all()), "every element found a step: the failure case is not tested"
