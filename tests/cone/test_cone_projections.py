@@ -250,7 +250,7 @@ def test_psd_vectorisation_against_its_definition_and_after_inference_mode():
         psd.vec_to_mat(torch.zeros(d * (d + 1) // 2, dtype=torch.float64))
     M = torch.randn(3, d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     M = (M + M.mT).requires_grad_()
-    want = torch.stack([torch.stack([M[:, i, j] * (1 if i == j else math.sqrt(2)) for j in range(d) for i in range(j, d)], -1)])[0]
+    want = torch.stack([M[:, i, j] * (1 if i == j else math.sqrt(2)) for j in range(d) for i in range(j, d)], -1)
     v = psd.mat_to_vec(M)
     torch.testing.assert_close(v, want, rtol=0, atol=0)
     torch.testing.assert_close(psd.vec_to_mat(v), M, rtol=1e-15, atol=1e-15)
