@@ -1,7 +1,8 @@
 """optlayers.solve_cone vs diffcp on the same batch of random cone programs (all five cone types).
 
 Times the forward solve and the adjoint (VJP) of the same loss on the CPU, and the batched dense
-derivative on CUDA when available. Prints a table and writes JSON.
+derivative on CUDA when available. Prints a table, the ratios of ``solver="ipm"`` and of the
+default (Clarabel) to diffcp's dense mode with a Clarabel forward, and writes JSON.
 
     PYTHONPATH=src python benchmarks/bench_cone.py --batch 128 --repeats 5 --out bench_cone.json
 """
@@ -68,6 +69,12 @@ def bench_optlayers(data, solver: str, mode: str, repeats: int, device: str = "c
     return {"forward_s": t_fwd[0], "adjoint_s": t_adj[0], "forward_cpu_s": t_fwd[1], "adjoint_cpu_s": t_adj[1],
             "solved": int((sol.status == 0).sum()),
             "grad_c": c_.grad.detach().cpu().numpy(), "x": sol.x.detach().cpu().numpy()}
+
+
+def ratios(row: dict, reference: dict) -> dict:
+    """Forward + adjoint time of ``row`` over that of ``reference``, in wall and in CPU time."""
+    return {"wall": (row["forward_s"] + row["adjoint_s"]) / (reference["forward_s"] + reference["adjoint_s"]),
+            "cpu": (row["forward_cpu_s"] + row["adjoint_cpu_s"]) / (reference["forward_cpu_s"] + reference["adjoint_cpu_s"])}
 
 
 def perturbed(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -166,6 +173,12 @@ def main() -> None:
         table.append({"method": name, "forward_s": row["forward_s"], "adjoint_s": row["adjoint_s"],
                       "forward_cpu_s": row["forward_cpu_s"], "adjoint_cpu_s": row["adjoint_cpu_s"],
                       "solved": row["solved"], "max_x_error": err_x, "max_grad_c_diff": err_g})
+    if "diffcp Clarabel dense" in rows:  # the issue's yardstick: diffcp's dense mode with a Clarabel forward
+        reference = rows["diffcp Clarabel dense"]
+        for name in ("optlayers ipm dense", "optlayers clarabel dense"):
+            ratio = ratios(rows[name], reference)
+            print(f"{name} / diffcp Clarabel dense: {ratio['wall']:.2f} (wall), {ratio['cpu']:.2f} (CPU)")
+            next(r for r in table if r["method"] == name)["ratio_to_diffcp_clarabel_dense"] = ratio
     scaling = batch_scaling(args.scaling, args.repeats, device)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
             "torch": torch.__version__, "threads": args.threads, "batch": args.batch, "m": SPEC.size, "n": N,
