@@ -117,8 +117,10 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
         solver: "ipm" (the batched interior point method of ``optlayers.cone.interior``, on the
             data's device, CPU or CUDA; elements it leaves unsolved go to Clarabel), "clarabel"
             (interior point, element by element in threads) or "scs" (splitting; uses ``warm_start``).
-            On two CPU cores "ipm" is level with "clarabel" at ~128 problems per batch, ahead from a
-            few hundred and 2-3x slower at 16 (BENCHMARKS.md); it is the path that stays on a GPU.
+            The default is "clarabel": on one CPU thread "ipm" takes half its time for 128
+            programs of m = 96, n = 48, about as long for 16 and 3x as long for one, and is slower
+            at every batch size on small programs (m = 20, n = 6; docs/cone.md, "Which forward
+            solver"); "ipm" is the path that stays on a GPU.
         mode: the derivative's linear solve: "dense" (batched LU, CPU or CUDA), or "lsqr"/"lsmr"
             (matrix-free, element by element, for large sparse problems; reverse mode only:
             forward mode, torch.func.jvp, always uses the dense solve).

@@ -6,8 +6,8 @@ with K of zero, nonnegative, second-order, PSD and exponential cones (spec.py). 
 are equality constraints; the others are eliminated through a per-cone scaling: Nesterov–Todd
 for the symmetric cones (symmetric.py), a primal-dual scaling (Dahl–Andersen) with a
 third-order correction for the exponential cones (exponential.py, whose dual cones are first
-mapped to primal ones). The reduced system is the QP solver's (qp/kkt.py) with the scaled cone
-rows V A as its inequality rows.
+mapped to primal ones). The reduced matrix P + (V A)^T (V A) of the scaled cone rows V A is
+factorised, with the equality rows' Schur complement, by the QP solver's qp/kkt.py.
 
 The method starts from x = 0 and the cones' central points without a feasibility phase and
 has no infeasibility certificates: an element that does not converge within ``max_iter`` is
@@ -34,7 +34,8 @@ from optlayers.qp.kkt import factor_kkt, next_regularisation, solve_reduced
 
 
 # A CPU batch is cut into slices on parallel threads only above this many matrix entries
-# (batch x (m + n) x n). The iteration is dispatch-bound (~1,300 small torch operations): on two
+# (batch x (m + n) x n). The iteration makes ~1,000 small torch operations (at this size mostly per-element
+# library calls and dispatch): on two
 # cores, m = 96, n = 48, two slices of 64 ran 15 % slower than one batch of 128 (the threads
 # queue on the GIL), two slices of 256 ran 15-20 % faster than one batch of 512.
 _MIN_SLICE_ENTRIES = 1_500_000
