@@ -100,3 +100,24 @@ def test_a_suspect_lu_factor_is_repaired_before_it_is_used(monkeypatch):
     got = gradient()
     assert flagged, "the fresh-factorisation path was not taken"
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_lu_factor_keeps_the_batched_factors_of_singular_matrices(monkeypatch):
+    """Correct factors of singular matrices (as the residual map's M at a program with a non-unique
+    dual solution) pass the check: no element is factorised again on its own, where factorising
+    again cannot make its solve more accurate."""
+    gen = torch.Generator().manual_seed(4)
+    left, right = torch.randn(2, 6, 20, 17, dtype=torch.float64, generator=gen)
+    matrices = left @ right.mT  # rank 17 of 20
+    real, single = torch.linalg.lu_factor_ex, []
+
+    def counting(M):
+        if M.dim() == 2:
+            single.append(1)
+        return real(M)
+
+    monkeypatch.setattr(torch.linalg, "lu_factor_ex", counting)
+    lu, pivots = linsolve.lu_factor(matrices)
+    P, L, U = torch.lu_unpack(lu, pivots)
+    assert torch.allclose(P @ L @ U, matrices, atol=1e-12)
+    assert not single, f"{len(single)} singular elements were factorised again one by one"

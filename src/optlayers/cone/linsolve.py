@@ -19,6 +19,7 @@ ITERATIVE_TOL = 1e-12  # LSQR/LSMR atol = btol: near float64 accuracy, derivativ
 ITERATIVE_MAX_ITER_FACTOR = 10  # iteration cap as a multiple of the system size n + m
 REFINEMENT_TOL = 1e-12  # relative residual that ends iterative refinement with a reused factorization
 SINGULAR_RESIDUAL = 1e-8  # an LU solve this inaccurate (or not finite) means M is singular: use least squares
+FACTOR_CHECK_TOL = 1e-10  # of LU's componentwise backward error bound: round-off is ~N * 1e-16 of it
 MAX_REFINEMENT_STEPS = 4  # each step gains ~ -log10 of the distance between the two points' M
 
 
@@ -60,8 +61,10 @@ def lu_factor(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     After ``torch.set_num_threads(k >= 2)`` torch's batched CPU LU can run MKL's getrf from
     several threads at once and return invalid pivots or wrong factors (pytorch/pytorch#142815).
-    Each element is checked (pivot i lies in [i, N], and a solve with a random right-hand side
-    has a small residual) and a failing one is factorised again on its own.
+    Each element is checked (pivot i lies in [i, N], and P L U applied to a random vector agrees
+    with the matrix's product to round-off) and a failing one is factorised again on its own. The
+    check tests the factors, not solvability: a singular matrix's correct factors pass it (its
+    solve is no more accurate when factorised again; solve_dense takes least squares there).
     """
     lu, pivots, suspect = _lu_factor_unchecked(matrices)
     return _refactorise(matrices, lu, pivots, suspect)
@@ -79,11 +82,22 @@ def _lu_factor_unchecked(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     suspect = ((pivots < rows) | (pivots > size)).any(-1)
     pivots = torch.where(suspect.unsqueeze(-1), rows.unsqueeze(0).expand_as(pivots), pivots)
     if matrices.device.type == "cpu" and size:
-        probe = torch.randn(matrices.shape[:-1], dtype=matrices.dtype, generator=torch.Generator().manual_seed(0))
-        solution = torch.linalg.lu_solve(lu, pivots, probe.unsqueeze(-1)).squeeze(-1)
-        residual = relative_residual(lambda v: (matrices @ v.unsqueeze(-1)).squeeze(-1), solution, probe)
-        suspect = suspect | ~(residual <= SINGULAR_RESIDUAL)
+        suspect = suspect | ~_factors_match(matrices, lu, pivots)
     return lu, pivots, suspect
+
+
+def _factors_match(matrices: torch.Tensor, lu: torch.Tensor, pivots: torch.Tensor) -> torch.Tensor:
+    """(B,) whether P L U p = M p for a random p, to FACTOR_CHECK_TOL of the componentwise bound
+    P |L| |U| |p| on LU's backward error (O(N^2) per element, no solve: singular M pass)."""
+    probe = torch.randn(matrices.shape[:-1], dtype=matrices.dtype, generator=torch.Generator().manual_seed(0))
+    probe = probe.to(matrices.device).unsqueeze(-1)
+    upper, lower = lu.triu(), lu.tril(-1)
+    perm, _, _ = torch.lu_unpack(lu, pivots, unpack_data=False)
+    u_p, abs_u_p = upper @ probe, upper.abs() @ probe.abs()
+    plu_p = perm @ (u_p + lower @ u_p)
+    bound = perm @ (abs_u_p + lower.abs() @ abs_u_p)
+    error = (plu_p - matrices @ probe).abs().squeeze(-1).amax(-1)
+    return error <= FACTOR_CHECK_TOL * bound.squeeze(-1).amax(-1)
 
 
 def _refactorise(matrices: torch.Tensor, lu: torch.Tensor, pivots: torch.Tensor, suspect: torch.Tensor,

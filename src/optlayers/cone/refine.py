@@ -6,8 +6,9 @@ R(x, w) = (P x + A^T Pi_K*(w) + c,  -A x + b - Pi_K*(w) + w) has the derivative 
 embedding.py. In dense mode each Newton step solves with the exact M by iterative refinement
 preconditioned with the previous factorization, refactorising only when that stalls (and falling
 back to least squares where M is singular); the last factorization is kept for the backward
-pass. A (backtracked) step is kept per element only if it lowers ||R||; elements never improved
-keep the solver's answer. y = Pi_K*(w) and s = y - w stay exactly in K*, K and complementary.
+pass. A (backtracked) step is kept per element only if it lowers ||R||; an element stops at its
+first step that does not (its next step, from the same point, would be the same), and elements
+never improved keep the solver's answer. y = Pi_K*(w) and s = y - w stay exactly in K*, K and complementary.
 """
 from __future__ import annotations
 
@@ -70,7 +71,8 @@ def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, 
                norm: torch.Tensor, active: torch.Tensor, target: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
     """(x, w, y, R, ||R||) at the first of the step lengths 1, 1/2, 1/4, ... that lowers ||R||, per
     element (the best tried if none does), stopping once every ``active`` element has improved;
-    and whether an element will still be active (its kept ||R|| above ``target``) after it. The
+    and whether an element will still be active (improved, and its ||R|| still above ``target``)
+    after it. The
     host reads both facts at once, one synchronisation per step length tried."""
     n = point.x.shape[-1]
     best = None
@@ -85,8 +87,7 @@ def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, 
             take = ~(best[4] < norm) & (trial[4] < best[4])
             best = tuple(torch.where(take.unsqueeze(-1) if t.dim() > 1 else take, t, u) for t, u in zip(trial, best))
         improved = best[4] < norm
-        kept = torch.where(improved, best[4], norm)
-        done, left = host_read(torch.stack([(improved | ~active).all(), (active & (kept > target)).any()]))
+        done, left = host_read(torch.stack([(improved | ~active).all(), (active & improved & (best[4] > target)).any()]))
         if done:
             break
         length /= 2
@@ -127,7 +128,9 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
         current = dataclasses.replace(current, x=torch.where(keep, trial_x, current.x), y=y, s=y - w)
         res = torch.where(keep, res_trial, res)
         norm = torch.where(better, norm_trial, norm)
-        active = current.ok & (norm > target)
+        # an element no step length improved stays where it is, so its next Newton step would be the
+        # same: it is done (round-off, or a singular M whose least-squares step does not help)
+        active = better & (norm > target)
         if not left:
             break
     keep = (point.ok & improved).unsqueeze(-1)  # never improved: the solver's own (unprojected) answer

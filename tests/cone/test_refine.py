@@ -1,0 +1,57 @@
+"""The Newton refinement on the residual map (refine.py): where it stops, and what it keeps."""
+import torch
+
+from optlayers import ConeSpec
+from optlayers.cone import autograd, linsolve, refine
+from optlayers.cone.derivative import Point
+from optlayers.cone.testing import n_range, random_program
+
+SPEC = ConeSpec(zero=2, nonneg=8, soc=[4, 3], exp=1)  # m = 20
+
+
+def ipm_point(n: int, batch: int, seed: int = 0):
+    A, b, c, _, x, y, s = random_program(SPEC, n, batch=batch, seed=seed)
+    settings = autograd.Settings(SPEC, "ipm", "dense", {}, None, 1, 0, "raise")
+    x0, y0, s0, status = autograd._solve(A, b, c, None, settings)
+    assert bool((status == 0).all()), status
+    return Point(SPEC, A, None, x0, y0, s0, torch.ones(batch, dtype=torch.bool)), b, c, x
+
+
+def test_an_element_no_step_improves_ends_its_refinement(monkeypatch):
+    """Element 0's Newton steps are replaced by a step that cannot lower ||R||: it keeps the
+    solver's answer, the others reach round-off, and refinement ends when they do (a step from
+    an unchanged point would be the same, so running to MAX_STEPS would only repeat it)."""
+    point, b, c, x_true = ipm_point(n_range(SPEC)[0] + 2, batch=4)
+    real, calls = linsolve.solve_dense, []
+
+    def spoiled(M, rhs, *args, **kwargs):
+        result = real(M, rhs, *args, **kwargs)
+        calls.append(1)
+        solution = result.solution.clone()
+        solution[0] = -1e3 * rhs[0]  # uphill at every step length tried
+        return linsolve.SolveResult(solution, result.residual, result.factorization)
+
+    monkeypatch.setattr(linsolve, "solve_dense", spoiled)
+    refined = refine.refine(point, b, c, "dense")
+    assert torch.equal(refined.x[0], point.x[0]) and torch.equal(refined.y[0], point.y[0])
+    norm = refine.residual(refined, b, c, refined.y - refined.s).norm(dim=-1)
+    assert bool((norm[1:] <= refine.TARGET * refine._scale(b, c)[1:]).all()), norm
+    assert torch.allclose(refined.x[1:], x_true[1:], atol=1e-10)
+    assert len(calls) < refine.MAX_STEPS, f"{len(calls)} Newton steps for 3 elements that converge"
+
+
+def test_programs_with_a_non_unique_dual_are_refined_in_few_steps(monkeypatch):
+    """Below n_range the dual solution is not unique and M is singular at every element (nullity
+    dim F_y - n); x is unique and refined to round-off; refinement stops where least squares
+    no longer lowers ||R|| instead of running all MAX_STEPS."""
+    face_y = n_range(SPEC)[0]
+    point, b, c, x_true = ipm_point(face_y - 3, batch=16)
+    M = refine._derivative(point.cleaned(), point.y - point.s).dense(16)
+    singular = torch.linalg.svdvals(M)
+    assert bool((singular[:, -3] < 1e-12 * singular[:, 0]).all()) and bool((singular[:, -4] > 1e-6).all())
+    real, calls = linsolve.solve_dense, []
+    monkeypatch.setattr(linsolve, "solve_dense", lambda *a, **k: calls.append(1) or real(*a, **k))
+    refined = refine.refine(point, b, c, "dense")
+    assert torch.allclose(refined.x, x_true, atol=1e-9)
+    assert bool((refine.kkt_residual(refined, b, c) <= refine.SOLVED_TOL).all())
+    assert len(calls) <= 3, f"{len(calls)} Newton steps"
