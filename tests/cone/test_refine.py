@@ -1,4 +1,6 @@
 """The Newton refinement on the residual map (refine.py): where it stops, and what it keeps."""
+import numpy as np
+import scipy.linalg
 import torch
 
 from optlayers import ConeSpec
@@ -52,6 +54,24 @@ def test_programs_with_a_non_unique_dual_are_refined_in_few_steps(monkeypatch):
     real, calls = linsolve.solve_dense, []
     monkeypatch.setattr(linsolve, "solve_dense", lambda *a, **k: calls.append(1) or real(*a, **k))
     refined = refine.refine(point, b, c, "dense")
-    assert torch.allclose(refined.x, x_true, atol=1e-9)
-    assert bool((refine.kkt_residual(refined, b, c) <= refine.SOLVED_TOL).all())
+    assert torch.allclose(refined.x, x_true, atol=1e-11)
+    norm = refine.residual(refined, b, c, refined.y - refined.s).norm(dim=-1)
+    assert bool((norm <= 1e-11 * refine._scale(b, c)).all()), f"||R|| stalled at {norm.max():.1e}"
     assert len(calls) <= 3, f"{len(calls)} Newton steps"
+
+
+def test_singular_systems_get_the_minimum_norm_solution():
+    """M singular (a non-unique dual) and a consistent right-hand side: the dense solve returns the
+    minimum-norm solution (LAPACK's least squares), with a fresh factorization and with one reused
+    from a nearby point, not an LU solution with a small residual and a huge null-space part."""
+    point, b, c, _ = ipm_point(n_range(SPEC)[0] - 3, batch=8)
+    point = point.cleaned()
+    M = refine._derivative(point, point.y - point.s)
+    dense = M.dense(8)
+    rhs = (dense @ torch.randn(8, dense.shape[-1], 1, dtype=dense.dtype, generator=torch.Generator().manual_seed(5))
+           ).squeeze(-1)
+    expected = torch.as_tensor(np.stack([scipy.linalg.lstsq(dense[i].numpy(), rhs[i].numpy())[0] for i in range(8)]))
+    fresh = linsolve.solve_dense(M, rhs, False, None, refine.NEWTON_FORCING)
+    reused = linsolve.solve_dense(M, rhs, False, fresh.factorization, refine.NEWTON_FORCING)
+    for result in (fresh, reused):
+        assert torch.allclose(result.solution, expected, atol=1e-9), float((result.solution - expected).abs().max())

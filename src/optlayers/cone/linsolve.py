@@ -19,6 +19,9 @@ ITERATIVE_TOL = 1e-12  # LSQR/LSMR atol = btol: near float64 accuracy, derivativ
 ITERATIVE_MAX_ITER_FACTOR = 10  # iteration cap as a multiple of the system size n + m
 REFINEMENT_TOL = 1e-12  # relative residual that ends iterative refinement with a reused factorization
 SINGULAR_RESIDUAL = 1e-8  # an LU solve this inaccurate (or not finite) means M is singular: use least squares
+SINGULAR_PIVOT = 1e-12  # smallest over largest |U_ii| below which M is singular to round-off (sigma_min(M) <=
+# ||L|| min |U_ii|): least squares, since an LU solve there can have a small residual and a huge component along
+# M's null space (a program with a non-unique dual: such Newton steps never lowered ||R||)
 FACTOR_CHECK_TOL = 1e-10  # of LU's componentwise backward error bound: round-off is ~N * 1e-16 of it
 MAX_REFINEMENT_STEPS = 4  # each step gains ~ -log10 of the distance between the two points' M
 
@@ -127,15 +130,18 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
         lu, pivots, suspect = _lu_factor_unchecked(matrices)
         sol = torch.linalg.lu_solve(lu, pivots, rhs.unsqueeze(-1), adjoint=transpose).squeeze(-1)
         residual = relative_residual(apply, sol, rhs)
-        any_suspect, any_singular = host_read(torch.stack([suspect.any(), (~(residual <= enough)).any()]))
+        singular = ~(residual <= enough) | _small_pivots(lu)
+        any_suspect, any_singular = host_read(torch.stack([suspect.any(), singular.any()]))
         factorization = DenseFactorization(*_refactorise(matrices, lu, pivots, suspect, known_none=not any_suspect))
         if any_suspect:  # rare (see lu_factor): solve again with the repaired factors
             sol = factorization.solve(rhs, transpose)
             residual = relative_residual(apply, sol, rhs)
-            any_singular = bool((~(residual <= enough)).any())
+            singular = ~(residual <= enough) | _small_pivots(factorization.lu)
+            any_singular = bool(singular.any())
     else:
-        sol, residual, converged = _refined(apply, factorization, rhs, transpose, tol)
-        stalled = ~(residual <= tol)
+        small = _small_pivots(factorization.lu)  # no use as a preconditioner: least squares below
+        sol, residual, converged, any_small = _refined(apply, factorization, rhs, transpose, tol, small)
+        stalled = ~(residual <= tol) & ~small
         if not converged and bool(stalled.any()):  # refactorise only where the old factorization no longer helps
             dense = M.dense(rhs.shape[0], stalled)
             lu, pivots = lu_factor(dense)
@@ -144,31 +150,41 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
             sol, residual = sol.clone(), residual.clone()
             sol[stalled] = torch.linalg.lu_solve(lu, pivots, rhs[stalled].unsqueeze(-1), adjoint=transpose).squeeze(-1)
             residual[stalled] = relative_residual(apply, sol, rhs)[stalled]
-            any_singular = bool((~(residual <= enough)).any())
-        else:  # every residual <= tol <= enough
-            any_singular = False
+            small = _small_pivots(factorization.lu)
+            singular = ~(residual <= enough) | small
+            any_singular = bool(singular.any())
+        else:  # every residual <= tol <= enough, except where the pivots are small
+            singular, any_singular = small, any_small
     if not any_singular:
         return SolveResult(sol, residual, factorization, enough)
-    singular = ~(residual <= enough)
     sol, residual = sol.clone(), residual.clone()
     sol[singular] = _least_squares(M.dense(rhs.shape[0], singular), rhs[singular], transpose)
     residual[singular] = relative_residual(apply, sol, rhs)[singular]
     return SolveResult(sol, residual, factorization)
 
 
-def _refined(apply, factorization: DenseFactorization, rhs: torch.Tensor, transpose: bool,
-             tol: float) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _small_pivots(lu: torch.Tensor) -> torch.Tensor:
+    """(B,) whether the LU factors' smallest |U_ii| is below SINGULAR_PIVOT of their largest (or not finite)."""
+    if lu.shape[-1] == 0:
+        return torch.zeros(lu.shape[0], dtype=torch.bool, device=lu.device)
+    diagonal = lu.diagonal(dim1=-2, dim2=-1).abs()
+    return ~(diagonal.amin(-1) > SINGULAR_PIVOT * diagonal.amax(-1))
+
+
+def _refined(apply, factorization: DenseFactorization, rhs: torch.Tensor, transpose: bool, tol: float,
+             skip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool, bool]:
     """Iterative refinement of the solution against ``apply``, preconditioned by ``factorization``;
-    and whether every residual is known to be <= ``tol``. The first refinement step is always
-    taken (the factorization is of another M, so the plain solve is rarely accurate enough), then
-    the host looks after each."""
+    whether every residual outside ``skip`` (B,) is known to be <= ``tol``, and whether any element
+    is skipped. The first refinement step is always taken (the factorization is of another M, so
+    the plain solve is rarely accurate enough), then the host looks after each."""
     sol = factorization.solve(rhs, transpose)
     for _ in range(MAX_REFINEMENT_STEPS):
         sol = sol + factorization.solve(rhs - apply(sol), transpose)
         residual = relative_residual(apply, sol, rhs)
-        if bool((residual <= tol).all()):
-            return sol, residual, True
-    return sol, residual, False
+        converged, any_skipped = host_read(torch.stack([((residual <= tol) | skip).all(), skip.any()]))
+        if converged:
+            return sol, residual, True, any_skipped
+    return sol, residual, False, any_skipped
 
 
 def _least_squares(matrices: torch.Tensor, rhs: torch.Tensor, transpose: bool) -> torch.Tensor:
