@@ -1,0 +1,71 @@
+"""Ruiz equilibration (``qp.scaling.equilibrate``) against a plain float64 Ruiz on the explicit KKT matrix."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from optlayers.qp.problem import prepare_qp, qp_data
+from optlayers.qp.scaling import QPData, equilibrate
+from tests.qp.qp_problems import random_qp
+
+
+def _data(seed: int, batch: int = 3, n: int = 8, k: int = 6, m: int = 2, spread: float = 0.0) -> QPData:
+    """Random QPs whose rows and columns are scaled by factors 10^u, u uniform in ±``spread``."""
+    torch.manual_seed(seed)
+    qp = random_qp((batch,), n, k, m)
+    flat, _ = prepare_qp(*(qp[key] for key in ("Q", "p", "G", "h", "A", "b")))
+    data = qp_data(*flat)
+    if spread:
+        d, e, f = (10.0 ** (spread * (2 * torch.rand(batch, size, dtype=torch.float64) - 1)) for size in (n, m, k))
+        data = dataclasses.replace(data, Q=d.unsqueeze(-1) * data.Q * d.unsqueeze(-2), A=e.unsqueeze(-1) * data.A,
+                                   G=f.unsqueeze(-1) * data.G, b=e * data.b, h=f * data.h)
+    return data
+
+
+def _kkt(data: QPData) -> torch.Tensor:
+    """|[[Q, Aᵀ, Gᵀ], [A, 0, 0], [G, 0, 0]]| (B, N, N) in float64."""
+    C = torch.cat([data.A, data.G], dim=-2)
+    zeros = C.new_zeros(C.shape[0], C.shape[1], C.shape[1])
+    return torch.cat([torch.cat([data.Q, C.mT], -1), torch.cat([C, zeros], -1)], -2).abs()
+
+
+def _reference_scales(data: QPData, iterations: int) -> torch.Tensor:
+    """[d, e, f] of plain Ruiz in float64, with the same guard on the norms."""
+    K = _kkt(data)
+    s = K.new_ones(K.shape[:-1])
+    for _ in range(iterations):
+        norms = (s.unsqueeze(-1) * K * s.unsqueeze(-2)).amax(-1)
+        s = s * torch.where(norms > 0, norms.clamp(1e-4, 1e4).rsqrt(), 1.0)
+    return s
+
+
+def test_the_scalings_are_plain_ruizs_on_the_explicit_kkt_matrix():
+    data = _data(0, spread=6.0)
+    _, sc = equilibrate(data)
+    ref = _reference_scales(data, 10)
+    ratio = torch.cat([sc.d, sc.e, sc.f], -1) / ref
+    assert (ratio - 1).abs().max() < 1e-12, ratio
+    assert (_reference_scales(data, 10) / _reference_scales(data, 1) - 1).abs().max() > 1e-2  # the iterations matter here
+
+
+def test_the_scaled_data_are_the_data_times_the_scalings():
+    data = _data(4, spread=2.0)
+    scaled, sc = equilibrate(data)
+    c, d = sc.c, sc.d
+    torch.testing.assert_close(scaled.Q, c[:, None, None] * d.unsqueeze(-1) * data.Q * d.unsqueeze(-2), rtol=1e-15, atol=0)
+    torch.testing.assert_close(scaled.G, sc.f.unsqueeze(-1) * data.G * d.unsqueeze(-2), rtol=1e-15, atol=0)
+    torch.testing.assert_close(scaled.A, sc.e.unsqueeze(-1) * data.A * d.unsqueeze(-2), rtol=1e-15, atol=0)
+    torch.testing.assert_close(scaled.p, c[:, None] * d * data.p, rtol=1e-15, atol=0)
+    assert scaled.Q.dtype == scaled.p.dtype == sc.d.dtype == torch.float64
+
+
+def test_huge_rows_are_clamped_by_the_norm_guard():
+    data = _data(5)
+    G = data.G.clone()
+    G[:, 0] *= 1e300  # a row of norm ~1e300: scaled as if its norm were 1e4 (each iteration)
+    data = dataclasses.replace(data, G=G, h=data.h * 1.0)
+    _, sc = equilibrate(data)
+    ref = _reference_scales(data, 10)
+    assert torch.isfinite(torch.cat([sc.d, sc.e, sc.f, sc.c[:, None]], -1)).all()
+    assert (torch.cat([sc.d, sc.e, sc.f], -1) / ref - 1).abs().max() < 1e-12
