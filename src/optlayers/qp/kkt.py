@@ -129,7 +129,6 @@ def factor_kkt(
         eq_rows = (torch.arange(C.shape[-2], device=Q.device) < m).to(Q.dtype)
     if diagonal:
         H = torch.diagonal(Q, dim1=-2, dim2=-1) + mtv(G * G, w_inv_soft)
-        H_diagonal = H
     else:
         weighted = G.mT if unit_weights else G.mT * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
         H = torch.baddbmm(Q, weighted, G)
@@ -192,18 +191,12 @@ def _chol_solve(chol: Tensor, r: Tensor) -> Tensor:
     return torch.linalg.solve_triangular(chol.mT, y, upper=True).squeeze(-1)
 
 
-def _l_solve(f: KKTFactor, r: Tensor) -> Tensor:
-    """L⁻¹ r for the factor L of H + ρI and (B, n) r."""
+def _l_solve(f: KKTFactor, r: Tensor, transposed: bool = False) -> Tensor:
+    """L⁻¹ r (``transposed``: L⁻ᵀ r) for the factor L of H + ρI and (B, n) r."""
     if f.diagonal:
         return r / f.chol_h
-    return torch.linalg.solve_triangular(f.chol_h, r.unsqueeze(-1), upper=False).squeeze(-1)
-
-
-def _lt_solve(f: KKTFactor, r: Tensor) -> Tensor:
-    """L⁻ᵀ r for the factor L of H + ρI and (B, n) r."""
-    if f.diagonal:
-        return r / f.chol_h
-    return torch.linalg.solve_triangular(f.chol_h.mT, r.unsqueeze(-1), upper=True).squeeze(-1)
+    L = f.chol_h.mT if transposed else f.chol_h
+    return torch.linalg.solve_triangular(L, r.unsqueeze(-1), upper=transposed).squeeze(-1)
 
 
 def _h_solve(f: KKTFactor, r: Tensor) -> Tensor:
@@ -235,7 +228,7 @@ def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor | None, use_y: bool)
             t = _minus_mv(t, f.Y, omega)
         else:
             omega = rx[..., :0] if rc is None else rc  # (B, 0): no rows, nothing to solve
-        return _lt_solve(f, t), omega
+        return _l_solve(f, t, transposed=True), omega
     t = _h_solve(f, rx)
     if f.C.shape[-2] == 0:
         return t, rx[..., :0] if rc is None else rc
