@@ -1,6 +1,8 @@
-"""Shared fixtures: float64 by default, seeded randomness."""
+"""Shared fixtures: float64 by default, seeded randomness; the compiled path traced by dynamo's eager backend."""
 import pytest
 import torch
+
+from optlayers import compiling
 
 
 @pytest.fixture(autouse=True)
@@ -10,3 +12,15 @@ def _seed_and_dtype():
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(previous)
+
+
+@pytest.fixture
+def eager_backend(monkeypatch):
+    """``torch.compile`` traced whole by dynamo but run by its eager backend (no inductor compilation:
+    fast), with the compiled wrappers and dynamo's specialisations cleared before and after."""
+    compiling.compiled.cache_clear()
+    torch._dynamo.reset()  # dynamo keeps its specialisations per code object across tests
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
+    yield
+    compiling.compiled.cache_clear()
+    torch._dynamo.reset()

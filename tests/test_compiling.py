@@ -9,16 +9,6 @@ import torch
 from optlayers import compiling
 
 
-@pytest.fixture
-def eager_backend(monkeypatch):
-    compiling.compiled.cache_clear()
-    torch._dynamo.reset()  # dynamo keeps its specialisations per code object across tests
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
-    yield
-    compiling.compiled.cache_clear()
-    torch._dynamo.reset()
-
-
 def _double(x: torch.Tensor) -> torch.Tensor:
     return x * 2
 

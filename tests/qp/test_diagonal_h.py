@@ -3,7 +3,7 @@ agreement with the dense path and with finite differences."""
 import pytest
 import torch
 
-from optlayers import QPStatus, compiling, solve_qp
+from optlayers import QPStatus, solve_qp
 from optlayers.qp import autograd
 from optlayers.qp.kkt import diagonal_h
 from qp_problems import box_qp
@@ -67,23 +67,16 @@ def test_diagonal_path_gradients_match_finite_differences(monkeypatch):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
-def test_compiled_solve_takes_the_diagonal_path(monkeypatch):
+def test_compiled_solve_takes_the_diagonal_path(monkeypatch, eager_backend):
     """``compile=True`` (traced whole by dynamo; its eager backend here, so no inductor compilation)
     gives the eager path's solution and gradients on a problem with a diagonal H."""
-    compiling.compiled.cache_clear()
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
     monkeypatch.setattr(autograd, "DIAGONAL_MIN_N", 1)
     data = box_qp(2, 6, 1)
     results = []
-    try:
-        for compile in (False, True):
-            p = data["p"].clone().requires_grad_()
-            sol = solve_qp(data["Q"], p, data["G"], data["h"], data["A"], data["b"], compile=compile)
-            results.append((sol.z, torch.autograd.grad((sol.z ** 2).sum(), p)[0]))
-    finally:
-        compiling.compiled.cache_clear()
-        torch._dynamo.reset()
+    for compile in (False, True):
+        p = data["p"].clone().requires_grad_()
+        sol = solve_qp(data["Q"], p, data["G"], data["h"], data["A"], data["b"], compile=compile)
+        results.append((sol.z, torch.autograd.grad((sol.z ** 2).sum(), p)[0]))
     (z, grad), (z_compiled, grad_compiled) = results
     torch.testing.assert_close(z_compiled, z, rtol=1e-9, atol=1e-10)
     torch.testing.assert_close(grad_compiled, grad, rtol=1e-8, atol=1e-9)

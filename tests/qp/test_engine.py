@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optlayers import compiling, host, solve_qp
+from optlayers import host, solve_qp
 from optlayers.qp import ipm
 from optlayers.qp.kkt import MAX_FACTOR_RETRIES
 from optlayers.qp.problem import prepare_qp, qp_data
@@ -136,18 +136,13 @@ def test_compiled_solve_on_cuda_matches_the_cpu():
         torch.testing.assert_close(torch.autograd.grad((sol.z ** 2).sum(), p)[0].cpu(), grad, rtol=1e-8, atol=1e-9)
 
 
-def test_compiled_path_takes_more_shapes_than_torchs_default_limit(monkeypatch):
+def test_compiled_path_takes_more_shapes_than_torchs_default_limit(eager_backend):
     """Each new batch size is a new specialisation of the compiled step; torch's default limit
     (8) must not turn the ninth into an error, nor a second call with a shape met before (which
     runs without raising the limit). Traced with the eager backend (fast)."""
-    compiling.compiled.cache_clear()
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
-    try:
-        for batch in [*range(1, 11), *range(1, 11)]:
-            data = random_qp((batch,), 3, 2, 0)
-            assert (solve_qp(**data, compile=True).status == 0).all()
-    finally:
-        compiling.compiled.cache_clear()
+    for batch in [*range(1, 11), *range(1, 11)]:
+        data = random_qp((batch,), 3, 2, 0)
+        assert (solve_qp(**data, compile=True).status == 0).all()
 
 
 def test_on_the_cpu_the_loop_stops_right_after_the_last_problem_converges(monkeypatch):
@@ -169,11 +164,9 @@ def test_on_the_cpu_the_loop_stops_right_after_the_last_problem_converges(monkey
     assert len(steps) == next(i for i in looks if i >= int(sol.iterations.max()))
 
 
-def test_compiled_start_whose_factorisation_failed_is_retried(monkeypatch):
+def test_compiled_start_whose_factorisation_failed_is_retried(monkeypatch, eager_backend):
     """The compiled start factorises without retries (a retry needs a host look); where it failed,
     the start is redone with the retries, so the compiled path is as robust as the eager one."""
-    compiling.compiled.cache_clear()
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
     real = ipm._start_unretried
 
     def failed_start(data, units, settings):
@@ -181,11 +174,8 @@ def test_compiled_start_whose_factorisation_failed_is_retried(monkeypatch):
         return dataclasses.replace(st, status=torch.full_like(st.status, int(Status.NUMERICAL_ERROR))), res
 
     monkeypatch.setattr(ipm, "_start_unretried", failed_start)
-    try:
-        data = random_qp((3,), 4, 5, 1, active=True)
-        assert (solve_qp(**data, compile=True).status == Status.SOLVED).all()
-    finally:
-        compiling.compiled.cache_clear()
+    data = random_qp((3,), 4, 5, 1, active=True)
+    assert (solve_qp(**data, compile=True).status == Status.SOLVED).all()
 
 
 def test_the_accelerator_schedule_holds_in_its_own_context_and_reaches_the_slices():

@@ -136,12 +136,10 @@ def test_a_stiff_problem_leaves_the_others_of_its_batch_unchanged(monkeypatch):
     np.testing.assert_allclose(sol.z[0].numpy(), z, atol=1e-7)
 
 
-def test_the_compiled_path_switches_a_late_failure_to_the_stiff_split(monkeypatch):
+def test_the_compiled_path_switches_a_late_failure_to_the_stiff_split(monkeypatch, eager_backend):
     """``compile=True`` (traced by dynamo's eager backend here: no inductor compilation) recovers
     like the eager path: plain factorisations fail once a weight λ/s passes 1e3 (late in the
     solve, as Cholesky does on an H too ill-conditioned for double precision), stiff ones work."""
-    from optlayers import compiling
-
     real = ipm.factor_kkt
 
     def factor(Q, A, G, w_inv, *args, stiff=None, retries=0, **kwargs):
@@ -152,15 +150,8 @@ def test_the_compiled_path_switches_a_late_failure_to_the_stiff_split(monkeypatc
 
     torch.manual_seed(3)
     data = random_qp((2,), 12, 16, 2, active=True)
-    compiling.compiled.cache_clear()
-    torch._dynamo.reset()
-    monkeypatch.setattr(torch, "compile", lambda fn, **kw: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
     monkeypatch.setattr(ipm, "factor_kkt", factor)
-    try:
-        sol = solve_qp(**data, compile=True, on_failure="ignore")
-    finally:
-        compiling.compiled.cache_clear()
-        torch._dynamo.reset()
+    sol = solve_qp(**data, compile=True, on_failure="ignore")
     assert (sol.status == Status.SOLVED).all(), sol.status
     for i in range(2):
         z, lam, _ = clarabel_solve(*(data[key][i] for key in ("Q", "p", "G", "h", "A", "b")))
