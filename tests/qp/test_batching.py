@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from optlayers import QPStatus, solve_qp, threads
-from optlayers.qp import ipm, parallel
+from optlayers.qp import parallel
+from optlayers.engine import loop
 from tests.qp.qp_problems import random_qp
 
 
@@ -66,8 +67,8 @@ def test_finished_problems_leave_the_working_batch(monkeypatch):
     data["G"][5, 1] = -data["G"][5, 0]
     data["h"][5, :2] = -1.0  # infeasible
     compactions = []
-    original_take = ipm.take
-    monkeypatch.setattr(ipm, "take", lambda obj, index: compactions.append(len(index)) or original_take(obj, index))
+    original_take = loop.take
+    monkeypatch.setattr(loop, "take", lambda obj, index: compactions.append(len(index)) or original_take(obj, index))
     batch = solve_qp(**data, on_failure="ignore")
     assert compactions, "the working batch was never compacted"
     assert len(set(batch.iterations.tolist())) > 2

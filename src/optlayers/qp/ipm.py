@@ -1,7 +1,7 @@
 """Batched primal-dual interior point method (Mehrotra predictor-corrector) on scaled QPs.
 
-One loop drives ``initial_point`` / ``newton_iteration`` / ``assess`` over an explicit
-``IPMState``. Every problem of the batch keeps its own status: a problem that converged,
+The engine's loop (``engine.loop.run``) drives ``start`` / ``step`` (``newton_iteration``,
+``assess``) over an explicit ``IPMState``. Every problem of the batch keeps its own status: a problem that converged,
 was found infeasible or failed numerically is frozen while the others go on.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from optlayers.compiling import compiled, owned
-from optlayers.host import RUNNING, host_read, is_check, look
+from optlayers.engine import loop
+from optlayers.host import RUNNING, host_read
 from optlayers.linalg import mtv, mv
-from optlayers.qp.batch import put, take
 from optlayers.qp.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, next_regularisation, solve_newton, solve_reduced
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
@@ -550,64 +550,66 @@ def _derivative_factor_unretried(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s
     return derivative_factor(Q, A, G, lam, s, settings, retries=0, diagonal=diagonal)
 
 
+class _StiffAndGapLook:
+    """The QP's part in the host's look (``engine.loop.Look``): it counts the flags of
+    ``_look_flags``, switches problems whose factorisation has failed to the stiff split (see
+    ``newton_iteration``; such steps run eagerly) and tests problems whose gap alone fails the
+    convergence test again with ``accurate_gap``. ``accurate_gaps`` records on the host whether
+    some problem was found converged that way (the end of the solve reports their gap again)."""
+
+    def __init__(self, settings: IPMSettings, plain_step: Callable) -> None:
+        self.settings, self.plain_step, self.accurate_gaps = settings, plain_step, False
+
+    def flags(self, data: tuple, st: IPMState, res: Residuals, running: Tensor, iteration: int) -> Tensor:
+        return _look_flags(st, res, data[1], running, iteration, self.settings)
+
+    def react(self, data: tuple, st: IPMState, res: Residuals, flags: Tensor, counts: list[int], running: int,
+              step_now: Callable) -> tuple[IPMState, Residuals, Callable]:
+        switch, back, marked, gap_alone = counts
+        settings = self.settings
+        if switch or back:
+            st = _switch_stiff(st, flags[0], flags[1], settings)
+            marked += switch - back
+        if gap_alone:
+            res = _accept_accurate_gaps(*data, st, res, settings, flags[3])
+            st, self.accurate_gaps = _mark_converged(st, res), True
+        if marked == 0:
+            return st, res, self.plain_step
+        stiff = "all" if marked == running else "mixed"
+        return st, res, lambda data, units, st, res: step(data, units, st, res, settings, stiff)
+
+
 def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
     """Run the interior point method on a scaled batch until every problem has a status; with
     ``with_factor``, also factorise the KKT system at the solution for the derivatives.
 
-    The iterations run without host synchronisation (compiled into one graph with
-    ``settings.compiled``). At the iterations ``host.is_check`` names the host reads the
-    statuses once: it stops when no problem runs and drops the finished ones from the working
-    batch once few remain (not in the compiled path, whose batch keeps its shape). The same read
-    counts the flags of ``_look_flags``: a problem whose factorisation has failed is switched to
-    the stiff split (see ``newton_iteration``; such steps run eagerly), and one whose gap alone
-    fails the convergence test is tested again with ``accurate_gap``. One more read at the end tells which problems failed and whether the
+    The iterations run in the engine's loop (``engine.loop.run``) without host synchronisation
+    (compiled into one graph with ``settings.compiled``, whose batch keeps its shape: finished
+    problems stay in it, frozen). The loop's looks also count the flags of ``_look_flags``
+    (``_StiffAndGapLook``). One more read at the end tells which problems failed and whether the
     derivatives' factorisation needs a retry."""
     units = Units.of(sc)
-    device = data.p.device.type
+    device = data.p.device
     if settings.compiled:
-        full, res = compiled(_start_unretried, device)(data, units, settings)
+        full, res = compiled(_start_unretried, device.type)(data, units, settings)
         if host_read((full.status == int(QPStatus.NUMERICAL_ERROR)).any(0, keepdim=True))[0]:
             full, res = start(data, units, settings)  # the start's factorisation retried with more regularisation
     else:
         full, res = start(data, units, settings)
-    index = None  # the working batch's elements in the full batch; None while they are all
-    work_data, work_units, st = data, units, full
-    step_fn = compiled(step, device, graphs=True) if settings.compiled else step
-    stiff = "none"  # which problems the step factorises with the stiff split (see newton_iteration)
-    accurate_gaps = False  # whether some problem was found converged by ``accurate_gap``
-    for iteration in range(settings.max_iter):
-        if is_check(iteration, data.p.device):
-            running = st.status == RUNNING
-            flags = _look_flags(st, res, work_units, running, iteration, settings)
-            count, keep, (switch, back, marked, gap_alone) = look(running, flags)
-            if switch or back:
-                st = _switch_stiff(st, flags[0], flags[1], settings)
-                marked += switch - back
-            stiff = "none" if marked == 0 else "all" if marked == count else "mixed"
-            if gap_alone:
-                res = _accept_accurate_gaps(work_data, work_units, st, res, settings, flags[3])
-                st, accurate_gaps = _mark_converged(st, res), True
-            if count == 0:
-                break
-            if keep is not None and not settings.compiled:
-                full = st if index is None else put(full, index, st)
-                index = keep if index is None else index[keep]
-                work_data, work_units, st, res = take(data, index), take(units, index), take(st, keep), take(res, keep)
-        if stiff == "none":
-            st, res = step_fn(work_data, work_units, st, res, settings)
-        else:
-            st, res = step(work_data, work_units, st, res, settings, stiff)
-    if index is not None:
-        full = put(full, index, st)
+    step_fn = compiled(step, device.type, graphs=True) if settings.compiled else step
+    plain_step = lambda data, units, st, res: step_fn(data, units, st, res, settings)  # noqa: E731
+    hook = _StiffAndGapLook(settings, plain_step)
+    outcome = loop.run((data, units), full, res, plain_step, settings.max_iter, device, hook,
+                       compact=not settings.compiled)
+    full, res = outcome.state, outcome.working_res
+    if outcome.index is not None:
         res = residuals(data, units, full, settings)
     elif settings.compiled:
-        full, res = owned(st), owned(res)  # out of the step's CUDA-graph memory, which its next replay overwrites
-    else:
-        full = st
-    if accurate_gaps:  # the problems that converged by their accurate gap report it again (later steps re-evaluated it)
+        full, res = owned(full), owned(res)  # out of the step's CUDA-graph memory, which its next replay overwrites
+    if hook.accurate_gaps:  # the problems that converged by their accurate gap report it again (later steps re-evaluated it)
         res = _accept_accurate_gaps(data, units, full, res, settings, (full.status == int(QPStatus.SOLVED)) & ~res.converged)
     full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))
-    factor_fn = compiled(_derivative_factor_unretried, device) if settings.compiled else _derivative_factor_unretried
+    factor_fn = compiled(_derivative_factor_unretried, device.type) if settings.compiled else _derivative_factor_unretried
     factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal) if with_factor else None
     unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
                                                   full.status != full.status if factor is None else ~factor.ok]).any(-1))

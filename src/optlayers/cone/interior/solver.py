@@ -12,8 +12,9 @@ factorised, with the equality rows' Schur complement, by the QP solver's qp/kkt.
 The method starts from x = 0 and the cones' central points without a feasibility phase and
 has no infeasibility certificates: an element that does not converge within ``max_iter`` is
 reported MAX_ITER (NUMERICAL_ERROR if its linear algebra broke down), so that the caller can
-hand it to Clarabel. Converged elements are frozen, and leave the working batch when the host
-looks (host.py); the iterations themselves make no host synchronisation.
+hand it to Clarabel. The iterations run on the engine's loop (engine/loop.py): converged
+elements are frozen, and leave the working batch when the host looks (host.py); the
+iterations themselves make no host synchronisation.
 """
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ from optlayers.cone import nonneg, psd, soc
 from optlayers.cone.interior import exponential, symmetric
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
-from optlayers.host import RUNNING, is_check, look, reads_are_free
+from optlayers.engine import loop
+from optlayers.host import RUNNING, reads_are_free
 from optlayers.linalg import mtv, mv
-from optlayers.qp.batch import put, take
 from optlayers.qp.kkt import factor_kkt, next_regularisation, solve_reduced
 
 
@@ -410,52 +411,74 @@ def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: list[_Part]) -> tu
     return y, s
 
 
-def _iterate(prob: _Problem, parts: list[_Part], settings: IPMSettings) -> tuple[_Iterate, torch.Tensor]:
-    """The interior point loop: the last iterate and status of every element.
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """The iterate, each element's status and KKT regularisation (B,)."""
 
-    Converged and failed elements are frozen by masks on the device; the host looks at the
-    statuses only at the iterations ``host.is_check`` names, to stop when none runs and to drop
-    the finished ones from the working batch once few remain."""
+    x: torch.Tensor
+    nu: torch.Tensor
+    s: torch.Tensor
+    y: torch.Tensor
+    status: torch.Tensor
+    reg: torch.Tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class _Residuals:
+    """r_d (B, n), r_z (B, z), r_p (B, m_K) and the relative error (B,) of ``_residuals``."""
+
+    r_d: torch.Tensor
+    r_z: torch.Tensor
+    r_p: torch.Tensor
+    error: torch.Tensor
+
+
+def _converged(st: _State, res: _Residuals, settings: IPMSettings) -> _State:
+    """``st`` with the running elements whose error is within ``settings.tol`` SOLVED."""
+    return dataclasses.replace(st, status=st.status.masked_fill((st.status == RUNNING) & (res.error <= settings.tol),
+                                                                int(ConeStatus.SOLVED)))
+
+
+def _start(prob: _Problem, parts: list[_Part], settings: IPMSettings) -> tuple[_State, _Residuals]:
+    """x = 0, nu = 0 and s = y at the cones' central points; its residuals and convergence test."""
     batch, n = prob.c.shape
-    degree = max(sum(part.count * part.degree for part in parts), 1)
     start = _central_point(parts, batch, prob.c)
-    it = _Iterate(prob.c.new_zeros(batch, n), prob.c.new_zeros(batch, prob.b_z.shape[-1]), start, start.clone())
-    status = torch.full((batch,), RUNNING, dtype=torch.int64, device=prob.c.device)
-    reg = torch.full((batch,), settings.reg, dtype=prob.c.dtype, device=prob.c.device)
-    full, full_status, index = it, status, None  # index: the working batch's elements; None while all
-    for iteration in range(settings.max_iter + 1):
-        if is_check(iteration, prob.c.device):
-            count, keep = look(status == RUNNING)
-            if count == 0:
-                break
-            if keep is not None:
-                full, full_status = _put_back(full, full_status, index, it, status)
-                index = keep if index is None else index[keep]
-                prob, it, status, reg = take(prob, keep), take(it, keep), status[keep], reg[keep]
-        r_d, r_z, r_p, error = _residuals(prob, it)
-        running = status == RUNNING
-        if iteration == settings.max_iter:
-            close = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.MAX_ITER))
-            status = torch.where(running, torch.where(error <= settings.tol, int(ConeStatus.SOLVED), close), status)
-            break
-        status = status.masked_fill(running & (error <= settings.tol), int(ConeStatus.SOLVED))
-        step, ok, factored = _newton_step(prob, it, (r_d, r_z, r_p), parts, degree, settings, reg)
-        running = status == RUNNING
-        advance = running & ok
-        # a failed factorisation is retried in the next iteration with more regularisation
-        retry, reg = next_regularisation(reg, settings.reg, running, factored, advance)
-        # other failures keep their last iterate: INACCURATE if close, else failed
-        failed = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.NUMERICAL_ERROR))
-        status = torch.where(running & ~ok & ~retry, failed, status)
-        it = _Iterate(*(torch.where(advance.unsqueeze(-1), getattr(step, name), getattr(it, name))
-                        for name in ("x", "nu", "s", "y")))
-    full, full_status = _put_back(full, full_status, index, it, status)
-    return full, full_status.masked_fill(full_status == RUNNING, int(ConeStatus.MAX_ITER))
+    st = _State(prob.c.new_zeros(batch, n), prob.c.new_zeros(batch, prob.b_z.shape[-1]), start, start.clone(),
+                torch.full((batch,), RUNNING, dtype=torch.int64, device=prob.c.device),
+                torch.full((batch,), settings.reg, dtype=prob.c.dtype, device=prob.c.device))
+    res = _Residuals(*_residuals(prob, _Iterate(st.x, st.nu, st.s, st.y)))
+    return _converged(st, res, settings), res
 
 
-def _put_back(full: _Iterate, full_status: torch.Tensor, index: torch.Tensor | None, it: _Iterate,
-              status: torch.Tensor) -> tuple[_Iterate, torch.Tensor]:
-    """The whole batch's iterate and statuses with the working batch's written back."""
-    if index is None:
-        return it, status
-    return put(full, index, it), full_status.index_copy(0, index, status)
+def _step(prob: _Problem, st: _State, res: _Residuals, parts: list[_Part], degree: int,
+          settings: IPMSettings) -> tuple[_State, _Residuals]:
+    """One predictor-corrector step where an element runs and the step is sound, then the
+    residuals and the convergence test at the new point. A failed factorisation is retried in
+    the next iteration with more regularisation; other failures keep their last iterate:
+    INACCURATE if close, else NUMERICAL_ERROR."""
+    it = _Iterate(st.x, st.nu, st.s, st.y)
+    new, ok, factored = _newton_step(prob, it, (res.r_d, res.r_z, res.r_p), parts, degree, settings, st.reg)
+    running = st.status == RUNNING
+    advance = running & ok
+    retry, reg = next_regularisation(st.reg, settings.reg, running, factored, advance)
+    failed = torch.where(res.error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.NUMERICAL_ERROR))
+    status = torch.where(running & ~ok & ~retry, failed, st.status)
+    it = _Iterate(*(torch.where(advance.unsqueeze(-1), getattr(new, name), getattr(it, name))
+                    for name in ("x", "nu", "s", "y")))
+    res = _Residuals(*_residuals(prob, it))
+    return _converged(_State(it.x, it.nu, it.s, it.y, status, reg), res, settings), res
+
+
+def _iterate(prob: _Problem, parts: list[_Part], settings: IPMSettings) -> tuple[_Iterate, torch.Tensor]:
+    """The interior point method on the engine's loop (``engine.loop.run``): the last iterate and
+    status of every element. Elements still running after ``max_iter`` steps are INACCURATE if
+    their error is within ``inaccurate_tol``, else MAX_ITER."""
+    degree = max(sum(part.count * part.degree for part in parts), 1)
+    st, res = _start(prob, parts, settings)
+    out = loop.run((prob,), st, res, lambda prob, st, res: _step(prob, st, res, parts, degree, settings),
+                   settings.max_iter, prob.c.device)
+    full, error = out.state, out.working_res.error
+    if out.index is not None:  # the elements outside the working batch have finished
+        error = error.new_full(full.status.shape, float("inf")).index_copy(0, out.index, error)
+    close = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.MAX_ITER))
+    return _Iterate(full.x, full.nu, full.s, full.y), torch.where(full.status == RUNNING, close, full.status)

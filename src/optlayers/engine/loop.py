@@ -1,0 +1,69 @@
+"""The one interior point loop, shared by the QP (``qp/ipm.py``) and the cone method
+(``cone/interior/solver.py``): start → [host look → step] × ``max_iter`` → finish.
+
+A method hands the loop its working data (a tuple of dataclasses of (B, ...) tensors), a state
+with a ``status`` field (``host.RUNNING`` while an element iterates) and the residuals at that
+state, and a step ``(*data, state, residuals) -> (state, residuals)`` that makes no host
+synchronisation and freezes finished elements by masks. The loop owns the host's looks
+(``host.is_check``, ``host.look``): it stops when nothing runs, and drops finished elements from
+the working batch (``qp/batch.py``) once few run. A method with flags of its own to count at a
+look (the QP's stiff split and accurate gap) passes a ``Look``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+import torch
+from torch import Tensor
+
+from optlayers.host import RUNNING, is_check, look
+from optlayers.qp.batch import put, take
+
+Step = Callable[..., tuple[Any, Any]]
+
+
+class Look(Protocol):
+    """A method's part in the host's look: ``flags`` (F, B) masks (or None) whose counts are read
+    in the look's one synchronisation; ``react`` acts on those counts and returns the state, the
+    residuals and the step to run until the next look."""
+
+    def flags(self, data: tuple, state: Any, res: Any, running: Tensor, iteration: int) -> Tensor | None: ...
+
+    def react(self, data: tuple, state: Any, res: Any, flags: Tensor, counts: list[int], running: int,
+              step: Step) -> tuple[Any, Any, Step]: ...
+
+
+@dataclass(frozen=True)
+class Run:
+    """The loop's outcome: the whole batch's last ``state``, the residuals ``working_res`` of the
+    working batch's elements and their indices ``index`` in the whole batch (None: all of them)."""
+
+    state: Any
+    working_res: Any
+    index: Tensor | None
+
+
+def run(data: tuple, state: Any, res: Any, step: Step, max_iter: int, device: torch.device,
+        hook: Look | None = None, compact: bool = True) -> Run:
+    """At most ``max_iter`` steps from ``state`` (with residuals ``res``) on the batch ``data``.
+
+    Before each iteration that ``host.is_check`` names, the host reads how many elements still
+    run (with ``hook``'s flags, in the same read): it stops when none does, and with ``compact``
+    keeps only the running ones in the working batch once few remain (``host.COMPACT_FRACTION``)."""
+    full, work, index = state, data, None
+    for iteration in range(max_iter):
+        if is_check(iteration, device):
+            running = state.status == RUNNING
+            flags = None if hook is None else hook.flags(work, state, res, running, iteration)
+            count, keep, *counts = look(running, flags)
+            if flags is not None:
+                state, res, step = hook.react(work, state, res, flags, counts[0], count, step)
+            if count == 0:
+                break
+            if keep is not None and compact:
+                full = state if index is None else put(full, index, state)
+                index = keep if index is None else index[keep]
+                work, state, res = tuple(take(d, index) for d in data), take(state, keep), take(res, keep)
+        state, res = step(*work, state, res)
+    return Run(state if index is None else put(full, index, state), res, index)
