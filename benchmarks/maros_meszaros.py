@@ -94,7 +94,15 @@ def residuals(qp: MarosMeszarosQP, x: np.ndarray, y: np.ndarray) -> tuple[float,
     primal = max(0.0, np.max(np.where(finite_u, ax - qp.u, 0.0), initial=0.0), np.max(np.where(finite_l, qp.l - ax, 0.0), initial=0.0))
     dual = float(np.abs(qp.P @ x + qp.q + qp.A.T @ y).max())
     yp, ym = np.maximum(y, 0.0), np.minimum(y, 0.0)
-    gap = abs(x @ qp.P @ x + qp.q @ x + np.sum(np.where(finite_u, qp.u * yp, 0.0)) + np.sum(np.where(finite_l, qp.l * ym, 0.0)))
+    # The gap's terms reach 1e8 and cancel to 1e-8 (QSCAGR25), so in float64 their sum carries
+    # rounding of the tolerance's size, and a solution passed or failed by chance. It is summed
+    # in extended precision: the measurement of the same (float64) solution, not a new criterion.
+    wide = np.longdouble
+    xw = x.astype(wide)
+    terms = [xw @ (qp.P.astype(wide) @ xw), qp.q.astype(wide) @ xw,
+             np.sum(np.where(finite_u, qp.u, 0.0).astype(wide) * yp.astype(wide)),
+             np.sum(np.where(finite_l, qp.l, 0.0).astype(wide) * ym.astype(wide))]
+    gap = abs(sum(terms, wide(0)))
     return float(primal), dual, float(gap)
 
 
