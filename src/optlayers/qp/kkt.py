@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optlayers.host import host_read, reads_are_free
 from optlayers.linalg import mtv, mv
 
 
@@ -246,6 +247,53 @@ def _extended_residual(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, 
     return _minus_mtv(ex, f.C, omega), _minus_mv(d0_omega, f.C, dx)
 
 
+# Iterative refinement stops early (where ``adaptive_refinement``) once the residual of every
+# equation is within this many units of roundoff of the equation's terms: a componentwise backward
+# error at the level of the arithmetic, below which further steps only move the solution by the
+# rounding of the residual itself (LAPACK's ``xPORFS`` stops at one unit).
+_REFINED_ROUNDOFFS = 1.0
+# ... and only for factors with at least this many entries (B·n² + B·r²): a step costs a pass over
+# H and two over its factor, the test about ten small kernels, which is more below this size.
+_ADAPTIVE_MIN_ENTRIES = 100_000
+
+
+def adaptive_refinement(f: KKTFactor) -> bool:
+    """Whether ``solve_reduced`` stops refining with ``f`` once the residual is negligible (see
+    ``_REFINED_ROUNDOFFS``): where reading a flag on the host is free (``host.reads_are_free``),
+    the solve is not being traced for compilation and the factor is large enough
+    (``_ADAPTIVE_MIN_ENTRIES``). Elsewhere it takes every step it is given, with no host
+    synchronisation."""
+    return (f.chol_h.numel() + f.chol_s.numel() >= _ADAPTIVE_MIN_ENTRIES and reads_are_free(f.chol_h.device)
+            and not torch.compiler.is_compiling())
+
+
+def _root_diagonal(f: KKTFactor) -> Tensor | None:
+    """√hᵢ for the diagonal h of H (None where H is diagonal): for positive semidefinite H,
+    |Hᵢⱼ| ≤ √(hᵢhⱼ), so that |H||dx| ≤ √h (√hᵀ|dx|), a bound that costs no pass over H."""
+    return None if f.diagonal else f.H.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
+
+
+def _refined(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor,
+             ex: Tensor, eo: Tensor) -> bool:
+    """Whether the residuals (ex, eo) of the extended system at (dx, ω) are negligible in every
+    equation of every problem: |ex| ≤ ``_REFINED_ROUNDOFFS``·ε·(|rx| + |H||dx| + |Cᵀ||ω|) and
+    |eo| ≤ ``_REFINED_ROUNDOFFS``·ε·(|rc| + |C||dx| + |d0 ω|), with |H||dx| bounded as in
+    ``_root_diagonal`` (``root``). One host read."""
+    tol = _REFINED_ROUNDOFFS * torch.finfo(dx.dtype).eps
+    abs_dx = dx.abs()
+    h_dx = (f.H * dx).abs() if root is None else root * (root * abs_dx).sum(-1, keepdim=True)
+    terms_x = h_dx + rx.abs()
+    if f.C.shape[-2] == 0:
+        return bool(host_read((ex.abs() <= tol * terms_x).all().reshape(1))[0])
+    abs_c = f.C.abs()
+    terms_x = terms_x + mtv(abs_c, omega.abs())
+    terms_c = mv(abs_c, abs_dx) + (f.d0 * omega).abs()
+    if rc is not None:
+        terms_c = terms_c + rc.abs()
+    ok = torch.cat([ex.abs() <= tol * terms_x, eo.abs() <= tol * terms_c], dim=-1)
+    return bool(host_read(ok.all().reshape(1))[0])
+
+
 def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
                   refine_steps: int, use_y: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Solve Q dx + Aᵀ dν + Gᵀ dλ = rx, A dx = re, G dx − W dλ = −v, refining away ρ and δₑ.
@@ -256,7 +304,8 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
     Args:
         rx: (B, n); re: (B, m) or None (zero); v: (B, k) or None (zero). A zero block given as
             None costs no arithmetic (the derivatives' right-hand sides often have them).
-        refine_steps: iterative refinement steps against the unregularised system.
+        refine_steps: iterative refinement steps against the unregularised system, at most: where
+            ``adaptive_refinement``, they stop once the residual is at the level of roundoff.
         use_y: solve through the factor's Y = L⁻¹Cᵀ (four triangular solves per solve instead
             of six; the same answer up to rounding). The derivatives use it; the interior point
             iterations do not (their rounding decides some Maros–Meszaros problems).
@@ -273,8 +322,13 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
     elif stiff_rows and re is not None:
         rc = torch.cat([re, re.new_zeros(re.shape[:-1] + (f.C.shape[-2] - f.m,))], dim=-1)
     dx, omega = _solve_regularised(f, rx, rc, use_y)
+    adaptive = refine_steps > 0 and adaptive_refinement(f)
+    root = _root_diagonal(f) if adaptive else None
     for _ in range(refine_steps):
-        ex, eo = _solve_regularised(f, *_extended_residual(f, rx, rc, dx, omega), use_y)
+        residual = _extended_residual(f, rx, rc, dx, omega)
+        if adaptive and _refined(f, root, rx, rc, dx, omega, *residual):
+            break
+        ex, eo = _solve_regularised(f, *residual, use_y)
         dx = dx + ex
         if omega.shape[-1]:
             omega = omega + eo

@@ -1,0 +1,127 @@
+"""Iterative refinement of the KKT solves stops early where the host reads for free (the CPU),
+once the residual is at the level of roundoff, and reaches the accuracy of the fixed count."""
+import pytest
+import torch
+
+from optlayers import host, solve_qp
+from optlayers.qp import kkt
+from tests.qp.qp_problems import random_qp
+
+EPS = torch.finfo(torch.float64).eps
+
+
+def _ill_conditioned_system(seed: int):
+    """A batch of reduced KKT systems whose H spans ~16 orders of magnitude: Q with eigenvalues
+    1e-10…1 and W⁻¹ from 1e-8 to 1e8 (an interior point iterate near its solution)."""
+    gen = torch.Generator().manual_seed(seed)
+    B, n, m, k = 3, 25, 4, 35
+    U = torch.linalg.qr(torch.randn(B, n, n, generator=gen, dtype=torch.float64))[0]
+    Q = U @ torch.diag_embed(torch.logspace(-10, 0, n, dtype=torch.float64).expand(B, n)) @ U.mT
+    Q = (Q + Q.mT) / 2
+    A = torch.randn(B, m, n, generator=gen, dtype=torch.float64)
+    G = torch.randn(B, k, n, generator=gen, dtype=torch.float64)
+    w_inv = 10.0 ** (16 * torch.rand(B, k, generator=gen, dtype=torch.float64) - 8)
+    rhs = [torch.randn(B, size, generator=gen, dtype=torch.float64) for size in (n, m, k)]
+    return Q, A, G, w_inv, rhs
+
+
+def _backward_error(Q, A, G, w_inv, rhs, solution):
+    """Componentwise backward error of Q dx + Aᵀdν + Gᵀdλ = rx, A dx = re, G dx − W dλ = −v."""
+    rx, re, v = rhs
+    dx, dnu, dlam = solution
+    mv = lambda M, x: (M @ x.unsqueeze(-1)).squeeze(-1)  # noqa: E731
+    parts = [
+        (rx - mv(Q, dx) - mv(A.mT, dnu) - mv(G.mT, dlam),
+         rx.abs() + mv(Q.abs(), dx.abs()) + mv(A.mT.abs(), dnu.abs()) + mv(G.mT.abs(), dlam.abs())),
+        (re - mv(A, dx), re.abs() + mv(A.abs(), dx.abs())),
+        (-v - mv(G, dx) + dlam / w_inv, v.abs() + mv(G.abs(), dx.abs()) + (dlam / w_inv).abs()),
+    ]
+    return max((r.abs() / t).max().item() for r, t in parts)
+
+
+def _count_residuals(monkeypatch) -> list[int]:
+    calls = []
+    original = kkt._extended_residual
+    monkeypatch.setattr(kkt, "_extended_residual", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("stiff", [False, True])
+def test_adaptive_refinement_reaches_the_fixed_count_accuracy(monkeypatch, stiff):
+    monkeypatch.setattr(kkt, "_ADAPTIVE_MIN_ENTRIES", 0)
+    calls = _count_residuals(monkeypatch)
+    for seed in range(3):
+        Q, A, G, w_inv, rhs = _ill_conditioned_system(seed)
+        reg = torch.full((Q.shape[0],), 1e-9, dtype=torch.float64)
+        f = kkt.factor_kkt(Q, A, G, w_inv, reg, reg, stiff=(w_inv > 1.0) if stiff else None)
+        assert bool(f.ok.all())
+        calls.clear()
+        adaptive = kkt.solve_reduced(f, *rhs, refine_steps=3)
+        adaptive_steps = len(calls)
+        with host.accelerator_schedule():  # no free host reads: every step is taken
+            calls.clear()
+            fixed = kkt.solve_reduced(f, *rhs, refine_steps=3)
+            assert len(calls) == 3
+        error_adaptive = _backward_error(Q, A, G, w_inv, rhs, adaptive)
+        error_fixed = _backward_error(Q, A, G, w_inv, rhs, fixed)
+        assert error_adaptive <= max(4 * error_fixed, 64 * EPS), (seed, adaptive_steps, error_adaptive, error_fixed)
+
+
+def test_refinement_stops_once_the_residual_is_roundoff(monkeypatch):
+    """A well-conditioned system needs one step to remove the regularisation; a second residual
+    shows it is roundoff, and no further step is taken."""
+    monkeypatch.setattr(kkt, "_ADAPTIVE_MIN_ENTRIES", 0)
+    calls = _count_residuals(monkeypatch)
+    gen = torch.Generator().manual_seed(0)
+    B, n, k = 4, 12, 9
+    L = torch.randn(B, n, n, generator=gen, dtype=torch.float64)
+    Q = L @ L.mT / n + torch.eye(n, dtype=torch.float64)
+    G = torch.randn(B, k, n, generator=gen, dtype=torch.float64)
+    w_inv = torch.rand(B, k, generator=gen, dtype=torch.float64) + 0.5
+    reg = torch.full((B,), 1e-9, dtype=torch.float64)
+    f = kkt.factor_kkt(Q, Q.new_zeros(B, 0, n), G, w_inv, reg, reg)
+    rx, v = torch.randn(B, n, generator=gen, dtype=torch.float64), torch.randn(B, k, generator=gen, dtype=torch.float64)
+    dx, _, dlam = kkt.solve_reduced(f, rx, None, v, refine_steps=3)
+    assert len(calls) == 2
+    exact = torch.linalg.solve(Q + G.mT @ (w_inv.unsqueeze(-1) * G), rx - (G.mT @ (w_inv * v).unsqueeze(-1)).squeeze(-1))
+    assert torch.allclose(dx, exact, rtol=1e-13, atol=1e-13)
+
+
+def test_small_factors_and_the_accelerator_schedule_take_every_step(monkeypatch):
+    calls = _count_residuals(monkeypatch)
+    Q, A, G, w_inv, rhs = _ill_conditioned_system(0)
+    reg = torch.full((Q.shape[0],), 1e-9, dtype=torch.float64)
+    f = kkt.factor_kkt(Q, A, G, w_inv, reg, reg)
+    assert f.chol_h.numel() + f.chol_s.numel() < kkt._ADAPTIVE_MIN_ENTRIES
+    kkt.solve_reduced(f, *rhs, refine_steps=3)
+    assert len(calls) == 3
+    monkeypatch.setattr(kkt, "_ADAPTIVE_MIN_ENTRIES", 0)
+    with host.accelerator_schedule():
+        calls.clear()
+        kkt.solve_reduced(f, *rhs, refine_steps=3)
+        assert len(calls) == 3
+
+
+def test_adaptive_refinement_keeps_solutions_and_gradients(monkeypatch):
+    """Whole solves with and without early stopping agree to the solver's accuracy."""
+    torch.manual_seed(3)
+    data = random_qp((6,), 15, 12, 3, active=True)
+
+    def solve():
+        leaves = {key: value.clone().requires_grad_() for key, value in data.items()}
+        sol = solve_qp(**leaves)
+        (sol.z.square().sum() + sol.lam.sum()).backward()
+        return sol, {key: leaf.grad for key, leaf in leaves.items()}
+
+    calls = _count_residuals(monkeypatch)
+    with host.accelerator_schedule():
+        fixed, fixed_grads = solve()
+    fixed_count = len(calls)
+    monkeypatch.setattr(kkt, "_ADAPTIVE_MIN_ENTRIES", 0)
+    calls.clear()
+    adaptive, adaptive_grads = solve()
+    assert len(calls) < fixed_count
+    assert bool((adaptive.status == 0).all()) and bool((fixed.status == 0).all())
+    torch.testing.assert_close(adaptive.z, fixed.z, rtol=0, atol=1e-8)
+    for key in data:
+        torch.testing.assert_close(adaptive_grads[key], fixed_grads[key], rtol=1e-6, atol=1e-7)
