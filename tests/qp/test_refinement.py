@@ -125,3 +125,24 @@ def test_adaptive_refinement_keeps_solutions_and_gradients(monkeypatch):
     torch.testing.assert_close(adaptive.z, fixed.z, rtol=0, atol=1e-8)
     for key in data:
         torch.testing.assert_close(adaptive_grads[key], fixed_grads[key], rtol=1e-6, atol=1e-7)
+
+
+def test_schur_complement_over_the_coupled_rows_only_matches_the_full_one():
+    """Where the host reads for free, S is factorised over the equalities and stiff rows alone
+    (``kkt._coupled_rows``); the factor, expanded, is the full factorisation's."""
+    Q, A, G, w_inv, rhs = _ill_conditioned_system(1)
+    stiff = w_inv > 1.0
+    stiff[0] = False  # an element with no stiff row: its part of S is the identity
+    assert int(stiff.sum(-1).max()) + A.shape[-2] <= kkt._COMPACT_S_FRACTION * (A.shape[-2] + G.shape[-2])
+    reg = torch.full((Q.shape[0],), 1e-9, dtype=torch.float64)
+    compact = kkt.factor_kkt(Q, A, G, w_inv, reg, reg, stiff=stiff)
+    with host.accelerator_schedule():
+        full = kkt.factor_kkt(Q, A, G, w_inv, reg, reg, stiff=stiff)
+    assert bool(compact.ok.all()) and bool(full.ok.all())
+    torch.testing.assert_close(compact.Y, full.Y, rtol=1e-12, atol=1e-12)
+    scale = full.chol_s.abs().amax()  # S spans 16 orders of magnitude: compare at the factor's scale
+    torch.testing.assert_close(compact.chol_s, full.chol_s, rtol=0, atol=1e-12 * float(scale))
+    assert torch.equal(compact.chol_s, compact.chol_s.tril())
+    with host.accelerator_schedule():
+        for a, b in zip(kkt.solve_reduced(compact, *rhs, refine_steps=3), kkt.solve_reduced(full, *rhs, refine_steps=3)):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)

@@ -135,6 +135,7 @@ def factor_kkt(
         H = torch.baddbmm(Q, weighted, G)
         H_diagonal = H.diagonal(dim1=-2, dim2=-1)
     rows = C.shape[-2]
+    order = None if stiff is None else _coupled_rows(stiff, m)
 
     def attempt(rho: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if diagonal:
@@ -145,12 +146,15 @@ def factor_kkt(
             chol_h, ok = _cholesky(H)
         y, chol_s = C.mT, (H.unsqueeze(-1) if diagonal else H)[:, :0, :0]  # empty: there is no Schur complement
         if rows:
-            y = C.mT / chol_h.unsqueeze(-1) if diagonal else torch.linalg.solve_triangular(chol_h, C.mT, upper=False)
+            kept = C if order is None else C.gather(-2, order.unsqueeze(-1).expand(-1, -1, C.shape[-1]))
+            y = kept.mT / chol_h.unsqueeze(-1) if diagonal else torch.linalg.solve_triangular(chol_h, kept.mT, upper=False)
             S = y.mT @ y
             shift = delta.unsqueeze(-1) if eq_rows is None else torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
-            S.diagonal(dim1=-2, dim2=-1).add_(shift)
+            S.diagonal(dim1=-2, dim2=-1).add_(shift if order is None else shift.gather(-1, order))
             chol_s, ok_s = _cholesky(S)
             ok = ok & ok_s
+            if order is not None:
+                y, chol_s = _expand_rows(y, chol_s, order, rows)
         if not diagonal:
             H_diagonal.sub_(rho.unsqueeze(-1))
         return chol_h, chol_s, y, ok
@@ -167,6 +171,39 @@ def factor_kkt(
         y = torch.where(new, retry_y, y)
     return KKTFactor(H=H, G=G, C=C, d0=d0, Y=y, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s,
                      ok=ok, m=m)
+
+
+# Where the host reads for free, S is factorised over its coupled rows only (the equalities and
+# the stiff inequalities) when they are at most this fraction of its rows.
+_COMPACT_S_FRACTION = 0.9
+
+
+def _coupled_rows(stiff: Tensor, m: int) -> Tensor | None:
+    """The rows of C that S couples, (B, r): the m equalities, then each problem's stiff rows in
+    their order, padded with its first uncoupled ones (rows of C that are zero, with d0 = 1, so
+    that S is the identity there); r = m + the largest stiff count of the batch (one host read).
+    None (factorise all rows) where the host read is not free, under compilation, or where the
+    coupled rows are more than ``_COMPACT_S_FRACTION`` of all."""
+    k = stiff.shape[-1]
+    if torch.compiler.is_compiling() or not reads_are_free(stiff.device):
+        return None
+    coupled = m + int(host_read(stiff.sum(-1).amax().reshape(1))[0]) if stiff.shape[0] else m
+    if coupled > _COMPACT_S_FRACTION * (m + k):
+        return None
+    inequalities = torch.argsort((~stiff).to(torch.uint8), dim=-1, stable=True)[:, : coupled - m] + m
+    return torch.cat([torch.arange(m, device=stiff.device).expand(stiff.shape[0], -1), inequalities], dim=-1)
+
+
+def _expand_rows(y: Tensor, chol: Tensor, order: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """Y (B, n, rows) and the factor of S (B, rows, rows) from those over the coupled rows ``order``
+    (B, r) (see ``_coupled_rows``): zero columns of Y and identity rows of the factor elsewhere.
+    The coupled rows keep their order, so the factor stays lower triangular."""
+    B, r = order.shape
+    full_y = y.new_zeros(B, y.shape[-2], rows).scatter_(-1, order.unsqueeze(-2).expand(-1, y.shape[-2], -1), y)
+    full = torch.eye(rows, dtype=chol.dtype, device=chol.device).repeat(B, 1, 1)
+    flat = (order.unsqueeze(-1) * rows + order.unsqueeze(-2)).reshape(B, r * r)
+    full.view(B, rows * rows).scatter_(-1, flat, chol.reshape(B, r * r))
+    return full_y, full
 
 
 def next_regularisation(reg: Tensor, base: float, running: Tensor, factored: Tensor,
@@ -263,8 +300,8 @@ def adaptive_refinement(f: KKTFactor) -> bool:
     the solve is not being traced for compilation and the factor is large enough
     (``_ADAPTIVE_MIN_ENTRIES``). Elsewhere it takes every step it is given, with no host
     synchronisation."""
-    return (f.chol_h.numel() + f.chol_s.numel() >= _ADAPTIVE_MIN_ENTRIES and reads_are_free(f.chol_h.device)
-            and not torch.compiler.is_compiling())
+    return (not torch.compiler.is_compiling() and f.chol_h.numel() + f.chol_s.numel() >= _ADAPTIVE_MIN_ENTRIES
+            and reads_are_free(f.chol_h.device))
 
 
 def _root_diagonal(f: KKTFactor) -> Tensor | None:
