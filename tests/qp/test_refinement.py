@@ -48,7 +48,7 @@ def _count_residuals(monkeypatch) -> list[int]:
 
 @pytest.mark.parametrize("stiff", [False, True])
 def test_adaptive_refinement_reaches_the_fixed_count_accuracy(monkeypatch, stiff):
-    monkeypatch.setattr(kkt, "_ADAPTIVE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(kkt, "_LOOK_MIN_ENTRIES", 0)
     calls = _count_residuals(monkeypatch)
     for seed in range(3):
         Q, A, G, w_inv, rhs = _ill_conditioned_system(seed)
@@ -70,7 +70,7 @@ def test_adaptive_refinement_reaches_the_fixed_count_accuracy(monkeypatch, stiff
 def test_refinement_stops_once_the_residual_is_roundoff(monkeypatch):
     """A well-conditioned system needs one step to remove the regularisation; a second residual
     shows it is roundoff, and no further step is taken."""
-    monkeypatch.setattr(kkt, "_ADAPTIVE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(kkt, "_LOOK_MIN_ENTRIES", 0)
     calls = _count_residuals(monkeypatch)
     gen = torch.Generator().manual_seed(0)
     B, n, k = 4, 12, 9
@@ -92,10 +92,10 @@ def test_small_factors_and_the_accelerator_schedule_take_every_step(monkeypatch)
     Q, A, G, w_inv, rhs = _ill_conditioned_system(0)
     reg = torch.full((Q.shape[0],), 1e-9, dtype=torch.float64)
     f = kkt.factor_kkt(Q, A, G, w_inv, reg, reg)
-    assert f.chol_h.numel() + f.chol_s.numel() < kkt._ADAPTIVE_MIN_ENTRIES
+    assert f.chol_h.numel() + f.chol_s.numel() < kkt._LOOK_MIN_ENTRIES
     kkt.solve_reduced(f, *rhs, refine_steps=3)
     assert len(calls) == 3
-    monkeypatch.setattr(kkt, "_ADAPTIVE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(kkt, "_LOOK_MIN_ENTRIES", 0)
     with host.accelerator_schedule():
         calls.clear()
         kkt.solve_reduced(f, *rhs, refine_steps=3)
@@ -117,7 +117,7 @@ def test_adaptive_refinement_keeps_solutions_and_gradients(monkeypatch):
     with host.accelerator_schedule():
         fixed, fixed_grads = solve()
     fixed_count = len(calls)
-    monkeypatch.setattr(kkt, "_ADAPTIVE_MIN_ENTRIES", 0)
+    monkeypatch.setattr(kkt, "_LOOK_MIN_ENTRIES", 0)
     calls.clear()
     adaptive, adaptive_grads = solve()
     assert len(calls) < fixed_count
@@ -127,16 +127,19 @@ def test_adaptive_refinement_keeps_solutions_and_gradients(monkeypatch):
         torch.testing.assert_close(adaptive_grads[key], fixed_grads[key], rtol=1e-6, atol=1e-7)
 
 
-def test_schur_complement_over_the_coupled_rows_only_matches_the_full_one():
+def test_schur_complement_over_the_coupled_rows_only_matches_the_full_one(monkeypatch):
     """Where the host reads for free, S is factorised over the equalities and stiff rows alone
     (``kkt._coupled_rows``); the factor, expanded, is the full factorisation's."""
+    monkeypatch.setattr(kkt, "_LOOK_MIN_ENTRIES", 0)
     Q, A, G, w_inv, rhs = _ill_conditioned_system(1)
     stiff = w_inv > 1.0
     stiff[0] = False  # an element with no stiff row: its part of S is the identity
     assert int(stiff.sum(-1).max()) + A.shape[-2] <= kkt._COMPACT_S_FRACTION * (A.shape[-2] + G.shape[-2])
     reg = torch.full((Q.shape[0],), 1e-9, dtype=torch.float64)
     compact = kkt.factor_kkt(Q, A, G, w_inv, reg, reg, stiff=stiff)
+    assert kkt._coupled_rows(stiff, A.shape[-2]) is not None
     with host.accelerator_schedule():
+        assert kkt._coupled_rows(stiff, A.shape[-2]) is None
         full = kkt.factor_kkt(Q, A, G, w_inv, reg, reg, stiff=stiff)
     assert bool(compact.ok.all()) and bool(full.ok.all())
     torch.testing.assert_close(compact.Y, full.Y, rtol=1e-12, atol=1e-12)

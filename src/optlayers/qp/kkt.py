@@ -173,6 +173,11 @@ def factor_kkt(
                      ok=ok, m=m)
 
 
+# A host look that saves arithmetic (the early stop of refinement, the Schur complement over its
+# coupled rows) is made only for factors of at least this many entries (B·n² + B·r²): below, the
+# look's ten or so small kernels cost more than the arithmetic it saves (a refinement step is a
+# pass over H and two over its factor).
+_LOOK_MIN_ENTRIES = 100_000
 # Where the host reads for free, S is factorised over its coupled rows only (the equalities and
 # the stiff inequalities) when they are at most this fraction of its rows.
 _COMPACT_S_FRACTION = 0.9
@@ -182,12 +187,13 @@ def _coupled_rows(stiff: Tensor, m: int) -> Tensor | None:
     """The rows of C that S couples, (B, r): the m equalities, then each problem's stiff rows in
     their order, padded with its first uncoupled ones (rows of C that are zero, with d0 = 1, so
     that S is the identity there); r = m + the largest stiff count of the batch (one host read).
-    None (factorise all rows) where the host read is not free, under compilation, or where the
-    coupled rows are more than ``_COMPACT_S_FRACTION`` of all."""
+    None (factorise all rows) where the host read is not free, under compilation, for S of fewer
+    than ``_LOOK_MIN_ENTRIES`` entries, or where the coupled rows are more than
+    ``_COMPACT_S_FRACTION`` of all."""
     k = stiff.shape[-1]
-    if torch.compiler.is_compiling() or not reads_are_free(stiff.device):
+    if torch.compiler.is_compiling() or stiff.shape[0] * (m + k) ** 2 < _LOOK_MIN_ENTRIES or not reads_are_free(stiff.device):
         return None
-    coupled = m + int(host_read(stiff.sum(-1).amax().reshape(1))[0]) if stiff.shape[0] else m
+    coupled = m + int(host_read(stiff.sum(-1).amax().reshape(1))[0])
     if coupled > _COMPACT_S_FRACTION * (m + k):
         return None
     inequalities = torch.argsort((~stiff).to(torch.uint8), dim=-1, stable=True)[:, : coupled - m] + m
@@ -289,18 +295,15 @@ def _extended_residual(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, 
 # error at the level of the arithmetic, below which further steps only move the solution by the
 # rounding of the residual itself (LAPACK's ``xPORFS`` stops at one unit).
 _REFINED_ROUNDOFFS = 1.0
-# ... and only for factors with at least this many entries (B·n² + B·r²): a step costs a pass over
-# H and two over its factor, the test about ten small kernels, which is more below this size.
-_ADAPTIVE_MIN_ENTRIES = 100_000
 
 
 def adaptive_refinement(f: KKTFactor) -> bool:
     """Whether ``solve_reduced`` stops refining with ``f`` once the residual is negligible (see
     ``_REFINED_ROUNDOFFS``): where reading a flag on the host is free (``host.reads_are_free``),
     the solve is not being traced for compilation and the factor is large enough
-    (``_ADAPTIVE_MIN_ENTRIES``). Elsewhere it takes every step it is given, with no host
+    (``_LOOK_MIN_ENTRIES``). Elsewhere it takes every step it is given, with no host
     synchronisation."""
-    return (not torch.compiler.is_compiling() and f.chol_h.numel() + f.chol_s.numel() >= _ADAPTIVE_MIN_ENTRIES
+    return (not torch.compiler.is_compiling() and f.chol_h.numel() + f.chol_s.numel() >= _LOOK_MIN_ENTRIES
             and reads_are_free(f.chol_h.device))
 
 
