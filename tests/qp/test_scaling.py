@@ -69,3 +69,23 @@ def test_huge_rows_are_clamped_by_the_norm_guard():
     ref = _reference_scales(data, 10)
     assert torch.isfinite(torch.cat([sc.d, sc.e, sc.f, sc.c[:, None]], -1)).all()
     assert (torch.cat([sc.d, sc.e, sc.f], -1) / ref - 1).abs().max() < 1e-12
+
+
+def test_a_batch_equilibrated_in_slices_is_scaled_as_a_whole(monkeypatch):
+    """On the CPU large batches are equilibrated in cache-sized slices: each problem's scaling and
+    scaled data are bit for bit those of the whole batch."""
+    from optlayers.qp import scaling
+
+    data = _data(5, batch=7, spread=3.0)
+    whole_data, whole = equilibrate(data)
+    per_problem = (8 + 2 + 6) * 8 * 8  # bytes of |Q| and |[A; G]| of one problem
+    monkeypatch.setattr(scaling, "_SLICE_BYTES", 3 * per_problem)  # slices of 3, 3 and 1
+    calls = []
+    original = scaling._equilibrate
+    monkeypatch.setattr(scaling, "_equilibrate", lambda d, it: calls.append(d.p.shape[0]) or original(d, it))
+    sliced_data, sliced = equilibrate(data)
+    assert calls == [3, 3, 1]
+    for name in ("d", "e", "f", "c"):
+        assert torch.equal(getattr(sliced, name), getattr(whole, name)), name
+    for name in ("Q", "p", "A", "b", "G", "h"):
+        assert torch.equal(getattr(sliced_data, name), getattr(whole_data, name)), name

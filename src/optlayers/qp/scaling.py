@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optlayers.qp.batch import concat, take
+
 # Ruiz iterations: each halves the log-spread of row/column norms; ten is the usual choice
 # (OSQP, PIQP) and equilibrates to within a few percent.
 RUIZ_ITERATIONS = 10
@@ -67,11 +69,30 @@ def _inv_sqrt(norm: Tensor) -> Tensor:
     return torch.where(norm > 0, norm.clamp(_MIN_NORM, _MAX_NORM).rsqrt(), 1.0)
 
 
+# On the CPU a large batch is equilibrated in slices whose |Q| and |[A; G]| take about this many
+# bytes, so that the passes of the Ruiz iterations (three each) and of the scaling read them from a
+# core's cache rather than from memory (at batch 128, n = 100 the batch's matrices are 20 MB).
+_SLICE_BYTES = 1 << 20
+
+
 def equilibrate(data: QPData, iterations: int = RUIZ_ITERATIONS) -> tuple[QPData, Scaling]:
     """Scale rows and columns of the KKT matrix [[Q, Aᵀ, Gᵀ], [A, 0, 0], [G, 0, 0]] to unit norm.
 
     The constraint rows [A; G] are scaled together and the scalings [d, e, f] live in one
-    tensor, so that an iteration is a few operations whatever blocks the problem has."""
+    tensor, so that an iteration is a few operations whatever blocks the problem has. On the CPU
+    (not under compilation) large batches are equilibrated in slices (``_SLICE_BYTES``); each
+    problem's scaling is the same either way."""
+    batch, n = data.p.shape
+    size = batch
+    if data.p.device.type == "cpu" and not torch.compiler.is_compiling():
+        size = max(1, _SLICE_BYTES // max((n + data.b.shape[-1] + data.h.shape[-1]) * n * data.Q.element_size(), 1))
+    if size >= batch:
+        return _equilibrate(data, iterations)
+    parts = [_equilibrate(take(data, slice(i, i + size)), iterations) for i in range(0, batch, size)]
+    return concat([scaled for scaled, _ in parts]), concat([sc for _, sc in parts])
+
+
+def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
     n = data.p.shape[-1]
     absQ, absC = data.Q.abs(), torch.cat([data.A, data.G], dim=-2).abs()
     scales = torch.ones(data.p.shape[0], n + absC.shape[-2], dtype=data.p.dtype, device=data.p.device)  # [d, e, f]
