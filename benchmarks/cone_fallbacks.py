@@ -59,7 +59,7 @@ def fallbacks(spec: ConeSpec, count: int) -> dict:
             raw.append((out[0], out[-1]))
         return out
 
-    original_step = interior_solver._newton_step
+    original_step = interior_solver._step
 
     def step_spy(*args):  # counts the loop's iterations
         steps[0] += 1
@@ -67,7 +67,7 @@ def fallbacks(spec: ConeSpec, count: int) -> dict:
 
     iterations, raw_error, final_error = [], 0.0, 0.0
     start = time.perf_counter()
-    autograd._fall_back, autograd._solve, interior_solver._newton_step = spy, solve_spy, step_spy
+    autograd._fall_back, autograd._solve, interior_solver._step = spy, solve_spy, step_spy
     try:
         for seed in range(0, -(-count // BATCH)):
             size = min(BATCH, count - seed * BATCH)
@@ -82,7 +82,7 @@ def fallbacks(spec: ConeSpec, count: int) -> dict:
             raw_error = max(raw_error, float(torch.cat([_distance(x_raw[solved], reference[solved]), x_raw.new_zeros(1)]).amax()))
             final_error = max(final_error, float(_distance(solution.x, reference).amax()))
     finally:
-        autograd._fall_back, autograd._solve, interior_solver._newton_step = original, original_solve, original_step
+        autograd._fall_back, autograd._solve, interior_solver._step = original, original_solve, original_step
     return {"programs": count, "ipm_unsolved": count - statuses["SOLVED"], "ipm_statuses": dict(statuses),
             "to_clarabel": to_clarabel[0], "per_1000": 1000 * to_clarabel[0] / count, "final": dict(final),
             "batch_iterations": iterations, "ipm_solved_distance_to_clarabel": raw_error,

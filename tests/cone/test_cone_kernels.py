@@ -24,9 +24,10 @@ MAX_EXP_SYNCS = 1
 MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 17, 3
 # Kernels per iteration of the cone interior point method on those programs, on the accelerators'
 # schedule (every exponential cone's dual scaling and every step trial formed: the count a GPU
-# launches): 1,007 measured (1,109 before the directions passed over A_K twice instead of over G
-# and A_K three times and the nonnegative and second-order step tests measured from s and y).
-MAX_CONE_KERNELS_PER_ITERATION = 1010
+# launches): 980 measured with the nonnegative rows as the KKT system's diagonal rows (1,007 with
+# them among the scaled cone rows; 1,109 before the directions passed over A_K twice instead of
+# over G and A_K three times and the nonnegative and second-order step tests measured from s and y).
+MAX_CONE_KERNELS_PER_ITERATION = 985
 
 
 def _points(count: int) -> torch.Tensor:

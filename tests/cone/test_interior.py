@@ -12,7 +12,9 @@ import torch
 from optlayers import host
 from optlayers.cone import ConeSolveError, ConeSpec, ConeStatus, solve_cone
 from optlayers.cone import exp as exp_cone
-from optlayers.cone.interior import exponential, solver, symmetric
+from optlayers.cone.interior import solver
+from optlayers.engine.cones import exponential, symmetric
+from optlayers.engine import cones as cone_parts
 from optlayers.cone.testing import ALL_CONES, n_range, random_program
 
 IDENTITY_TOL = 1e-10  # algebraic identities on well-conditioned random points hold to round-off
@@ -821,7 +823,7 @@ def test_exp_step_search_cpu_shortcut_equals_the_full_search():
     """On the CPU the step search tries its first trials before the others; the answer is the
     full search's, also for elements that need the later (shorter) trials or find none."""
     spec = ConeSpec(exp=2, exp_dual=1)
-    parts = solver._parts(spec)
+    parts = cone_parts.parts_of(spec)
     g = gen(93)
     s = torch.stack([random_exp_primal(3, g).flatten() for _ in range(6)])
     y = torch.stack([random_exp_dual(3, g).flatten() for _ in range(6)])
@@ -829,11 +831,12 @@ def test_exp_step_search_cpu_shortcut_equals_the_full_search():
     scale = torch.tensor([0.1, 1.0, 10.0, 100.0, 1e3, 1e6], dtype=s.dtype).unsqueeze(-1)  # long steps need backtracks
     alpha = torch.ones(6, dtype=s.dtype)
     settings = solver.IPMSettings(max_backtracks=20)
-    free = solver._exp_step(parts, s, y, ds * scale, dy * scale, alpha, 0.99, settings)
+    free = cone_parts.exp_step(parts, s, y, ds * scale, dy * scale, alpha, 0.99, settings.backtrack, settings.max_backtracks)
     with host.accelerator_schedule():
-        full = solver._exp_step(parts, s, y, ds * scale, dy * scale, alpha, 0.99, settings)
+        full = cone_parts.exp_step(parts, s, y, ds * scale, dy * scale, alpha, 0.99, settings.backtrack,
+                                   settings.max_backtracks)
     assert torch.equal(free[0], full[0]) and torch.equal(free[1], full[1])
-    first = solver._EXP_FINE_FACTOR ** (solver._EXP_FINE_TRIALS - 1) * settings.backtrack ** (
-        solver._EXP_FIRST_TRIALS - solver._EXP_FINE_TRIALS)
+    first = cone_parts._EXP_FINE_FACTOR ** (cone_parts._EXP_FINE_TRIALS - 1) * settings.backtrack ** (
+        cone_parts._EXP_FIRST_TRIALS - cone_parts._EXP_FINE_TRIALS)
     assert bool((full[0][full[1]] < first).any()), "no element needed the later trials: the case is not tested"
     assert not bool(full[1].all()), "every element found a step: the failure case is not tested"

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from optlayers import solve_qp
+from optlayers.engine import step as engine_step
 from optlayers.qp import ipm
 from optlayers.qp.problem import prepare_qp, qp_data
 from optlayers.qp.scaling import equilibrate
@@ -33,6 +34,8 @@ def _fail_plain_factorisations_after(monkeypatch, calls: int) -> dict:
         return f
 
     monkeypatch.setattr(ipm, "factor_kkt", factor)
+
+    monkeypatch.setattr(engine_step, "factor_kkt", factor)  # the iterations' factorisations
     return seen
 
 
@@ -64,6 +67,8 @@ def test_a_problem_whose_stiff_factorisation_fails_too_is_a_numerical_failure(mo
         return f
 
     monkeypatch.setattr(ipm, "factor_kkt", factor)
+
+    monkeypatch.setattr(engine_step, "factor_kkt", factor)  # the iterations' factorisations
     sol = solve_qp(**data, on_failure="ignore")
     assert int(sol.status) == Status.NUMERICAL_ERROR
 
@@ -129,6 +134,8 @@ def test_a_stiff_problem_leaves_the_others_of_its_batch_unchanged(monkeypatch):
         return f
 
     monkeypatch.setattr(ipm, "factor_kkt", factor)
+
+    monkeypatch.setattr(engine_step, "factor_kkt", factor)  # the iterations' factorisations
     sol = solve_qp(**data, on_failure="ignore")
     assert seen["stiff"] > 0 and sol.status.tolist() == [Status.SOLVED, Status.SOLVED]
     assert torch.equal(sol.z[1], alone.z[0]) and torch.equal(sol.lam[1], alone.lam[0])
@@ -151,6 +158,7 @@ def test_the_compiled_path_switches_a_late_failure_to_the_stiff_split(monkeypatc
     torch.manual_seed(3)
     data = random_qp((2,), 12, 16, 2, active=True)
     monkeypatch.setattr(ipm, "factor_kkt", factor)
+    monkeypatch.setattr(engine_step, "factor_kkt", factor)  # the iterations' factorisations
     sol = solve_qp(**data, compile=True, on_failure="ignore")
     assert (sol.status == Status.SOLVED).all(), sol.status
     for i in range(2):

@@ -1,22 +1,25 @@
 """Batched primal-dual interior point method (Mehrotra predictor-corrector) on scaled QPs.
 
-The engine's loop (``engine.loop.run``) drives ``start`` / ``step`` (``newton_iteration``,
-``assess``) over an explicit ``IPMState``. Every problem of the batch keeps its own status: a problem that converged,
+The QP method on the engine: its loop (``engine.loop.run``) drives ``start`` / ``step`` over
+the engine's explicit ``State``; a step is the engine's predictor-corrector direction
+(``engine.step.newton_step``, the inequalities as its nonnegative rows) and this method's
+``assess`` (statuses, infeasibility certificates). Every problem of the batch keeps its own status: a problem that converged,
 was found infeasible or failed numerically is frozen while the others go on.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import Tensor
 
 from optlayers.compiling import compiled, owned
 from optlayers.engine import loop
+from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, State, Step, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
 from optlayers.linalg import mtv, mv
-from optlayers.qp.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, next_regularisation, solve_newton, solve_reduced
+from optlayers.qp.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, next_regularisation, solve_reduced
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
 
@@ -73,6 +76,14 @@ class IPMSettings:
     stall_limit: int = 5
     compiled: bool = False
 
+    # The step's rules (``engine.step``): Mehrotra's centring σ = (μ_aff / μ)³, the merit search,
+    # at most 0.99 of the step to the boundary, solves without kkt's Y (their rounding decides
+    # some Maros–Meszaros problems).
+    centring: ClassVar[str] = "mehrotra"
+    merit: ClassVar[bool] = True
+    full_steps: ClassVar[bool] = False
+    solve_through_y: ClassVar[bool] = False
+
 
 def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | None, max_iter: int | None,
                      compiled: bool = False) -> IPMSettings:
@@ -93,52 +104,6 @@ def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | Non
 
 
 @dataclass(frozen=True)
-class IPMState:
-    """Iterate and per-problem bookkeeping; all tensors have leading batch dimension B.
-
-    The primal-dual point lives in one tensor ``v`` = [x, ν, λ, s] (B, n + m + 2k), so that a
-    step updates all of it with one operation; ``x``, ``nu``, ``lam``, ``s`` are views of it.
-    ``counters`` holds the consecutive-iteration counts (stalls, primal and dual infeasibility
-    certificates) side by side, ``reg`` each problem's primal/equality regularisation
-    (raised where a factorisation fails; see ``kkt.next_regularisation``), ``stiff`` (B,) the
-    problems that keep their near-active inequalities out of H (see ``newton_iteration``), and
-    ``stiff_tried`` (B,) those that have been switched to that split once (``_switch_stiff``).
-    """
-
-    v: Tensor
-    status: Tensor
-    iterations: Tensor
-    counters: Tensor
-    reg: Tensor
-    stiff: Tensor
-    stiff_tried: Tensor
-    n: int
-    m: int
-    k: int
-
-    @property
-    def x(self) -> Tensor:
-        return self.v[:, : self.n]
-
-    @property
-    def nu(self) -> Tensor:
-        return self.v[:, self.n : self.n + self.m]
-
-    @property
-    def lam(self) -> Tensor:
-        return self.v[:, self.n + self.m : self.n + self.m + self.k]
-
-    @property
-    def s(self) -> Tensor:
-        return self.v[:, self.n + self.m + self.k :]
-
-    @property
-    def lam_s(self) -> Tensor:
-        """(B, 2, k) view of λ and s: the pair that must stay positive."""
-        return self.v[:, self.n + self.m :].unflatten(-1, (2, self.k))
-
-
-@dataclass(frozen=True)
 class Units:
     """Per-problem constants of one solve: the factors that carry the scaled residuals back to
     the original problem's units, and the merit step's candidate factors."""
@@ -151,7 +116,7 @@ class Units:
 
     @staticmethod
     def of(sc: Scaling) -> Units:
-        factors = _BACKTRACK ** torch.arange(_BACKTRACK_STEPS, dtype=sc.c.dtype, device=sc.c.device)
+        factors = BACKTRACK ** torch.arange(BACKTRACK_STEPS, dtype=sc.c.dtype, device=sc.c.device)
         return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), eq=1.0 / sc.e, ineq=1.0 / sc.f, cost=1.0 / sc.c,
                      backtrack=factors.expand(sc.c.shape[0], -1))
 
@@ -181,7 +146,7 @@ class IPMResult:
     solution when it was asked for (``derivative_factor``), and whether every problem was
     solved (known on the host, so that the failure policy needs no synchronisation)."""
 
-    state: IPMState
+    state: State
     residuals: Residuals
     factor: KKTFactor | None
     all_solved: bool
@@ -210,7 +175,7 @@ def _dots(u: Tensor, vs: list[Tensor]) -> Tensor:
     return _pair_dots(u, torch.stack(vs))
 
 
-def residuals(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -> Residuals:
+def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> Residuals:
     """KKT residuals and the convergence test, measured in the original problem's units."""
     x, nu, lam, s = st.x, st.nu, st.lam, st.s
     qx, gx, gtlam = mv(data.Q, x), mv(data.G, x), mtv(data.G, lam)
@@ -252,54 +217,7 @@ def residuals(data: QPData, units: Units, st: IPMState, settings: IPMSettings) -
     return Residuals(r_d, r_e, r_i, mu, scaled, primal, dual_norms[0], measured[2], converged, met[0], met[1])
 
 
-def _max_step(w: Tensor, dw: Tensor) -> Tensor:
-    """Largest α ≤ 1 with w + α dw ≥ 0 over the last two dimensions of (B, 2, k), per problem."""
-    ratio = torch.where(dw < 0, -w / dw, 1.0)
-    return ratio.flatten(1).amin(-1).clamp(max=1.0)
-
-
-# Along a step the residuals shrink like (1 − α), but for a QP the mean complementarity
-# μ(α) = μ + α(σ − 1)μ + α² dsᵀdλ / k has a positive quadratic term (dsᵀdλ = dxᵀQ dx on a
-# feasible iterate), so a long step can raise it; predictor-corrector iterates can then cycle
-# (seen on a 2-variable QP whose solution is interior). Steps are shortened until the merit
-# μ(α) + (1 − α)·‖r‖ falls by at least this fraction of α, trying α, αβ, αβ², ...
-_MERIT_DECREASE = 0.01
-_BACKTRACK = 0.7
-_BACKTRACK_STEPS = 12
-
-
-def _merit_step(dw: Tensor, complementarity_change: Tensor, alpha: Tensor, res: Residuals, factors: Tensor) -> Tensor:
-    """The longest candidate step α·βʲ (``factors`` (B, j) holds βʲ) with sufficient merit
-    decrease (see above); ``alpha`` itself where none has it (shorter steps would only crawl).
-    ``dw`` (B, 2, k) is the direction of (λ, s), ``complementarity_change`` (B,) = sᵀdλ + λᵀds;
-    ‖r‖ is the largest entry of the scaled residuals.
-
-    With μ(a) = μ + a·c₁ + a²·c₂ (c₁ = (sᵀdλ + λᵀds)/k, c₂ = dsᵀdλ/k) the test
-    μ(a) + (1 − a)‖r‖ ≤ (1 − δa)(μ + ‖r‖) reads, divided by a > 0, c₁ + a·c₂ ≤ (1 − δ)‖r‖ − δμ."""
-    a = alpha.unsqueeze(-1) * factors
-    k = dw.shape[-1]
-    linear = (complementarity_change / k).unsqueeze(-1)
-    quadratic = dw.prod(-2).sum(-1, keepdim=True) / k
-    bound = ((1 - _MERIT_DECREASE) * res.scaled - _MERIT_DECREASE * res.mu).unsqueeze(-1)
-    longest = (a * (torch.addcmul(linear, a, quadratic) <= bound)).amax(-1)
-    return torch.where(longest > 0, longest, alpha)
-
-
-def _factor_at(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tensor, settings: IPMSettings,
-               stiff: bool | Tensor = False, retries: int = MAX_FACTOR_RETRIES, diagonal: bool = False) -> KKTFactor:
-    """The KKT factorisation at (λ, s); ``stiff``: keep the near-active inequalities
-    (``_STIFF_W_INV``) out of H for every problem (True), for none (False), or for those of a (B,)
-    mask; ``diagonal``: H is diagonal (``QPData.diagonal``)."""
-    w_inv = lam / (s + settings.ineq_reg * lam)
-    mask = None
-    if isinstance(stiff, Tensor):
-        mask = (w_inv > _STIFF_W_INV) & stiff.unsqueeze(-1)
-    elif stiff:
-        mask = w_inv > _STIFF_W_INV
-    return factor_kkt(Q, A, G, w_inv, reg, reg, stiff=mask, retries=retries, diagonal=diagonal)
-
-
-def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> IPMState:
+def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> State:
     """Mehrotra/CVXOPT start: least-squares x with W = I, then s and λ shifted into the interior.
     Its factorisation retries failed problems at once (one host synchronisation; none with
     ``retries=0``); a problem that still fails is a numerical failure."""
@@ -319,60 +237,17 @@ def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR
     status = torch.where(f.ok, RUNNING, int(QPStatus.NUMERICAL_ERROR))
     zeros = torch.zeros(B, dtype=torch.int64, device=x.device)
     no = torch.zeros(B, dtype=torch.bool, device=x.device)
-    return IPMState(torch.cat([x, nu, lam, s], dim=-1), status, zeros, zeros.new_zeros(B, 3), reg, no, no, n, m, k)
+    return State(torch.cat([x, nu, lam, s], dim=-1), status, zeros, zeros.new_zeros(B, 3), reg, no, no, n, m, k)
 
 
-@dataclass(frozen=True)
-class Step:
-    """A Newton direction dv = [dx, dν, dλ, ds] (B, ·), Q dx, the step length α (B,) and the
-    factorisation's health (B,)."""
-
-    dv: Tensor
-    q_dx: Tensor
-    alpha: Tensor
-    factor_ok: Tensor
-
-
-def newton_iteration(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings,
+def newton_iteration(data: QPData, units: Units, st: State, res: Residuals, settings: IPMSettings,
                      stiff: str = "none") -> Step:
-    """One predictor-corrector direction and step length for every problem.
-
-    ``stiff``: "none", or "all" (every running problem is marked in ``st.stiff``) or "mixed"
-    (some are): the marked problems factorise with their near-active inequalities beside the
-    equalities (``kkt.KKTFactor``'s stiff rows) instead of in H. Late in a solve,
-    H = Q + ρI + GᵀW⁻¹G has eigenvalues from ρ to |W⁻¹| ≈ 1/δᵢ, a condition beyond double
-    precision wherever Q is singular, and whether its Cholesky factorisation succeeds depends on
-    the rounding (on the thread count); the stiff split keeps H well-conditioned at the cost of a
-    Schur complement with k more rows, so only problems whose factorisation has failed pay it.
-    (Raising ρ instead also factorises, but its steps stall the duality gap.) "mixed" computes
-    both directions for every problem and keeps each problem's own, so that a problem's iterates
-    do not depend on the others of its batch."""
-    if stiff == "mixed":
-        plain, split = newton_iteration(data, units, st, res, settings), newton_iteration(data, units, st, res, settings, "all")
-        pick = st.stiff
-        return Step(torch.where(pick.unsqueeze(-1), split.dv, plain.dv), torch.where(pick.unsqueeze(-1), split.q_dx, plain.q_dx),
-                    torch.where(pick, split.alpha, plain.alpha), torch.where(pick, split.factor_ok, plain.factor_ok))
-    f = _factor_at(data.Q, data.A, data.G, st.lam, st.s, st.reg, settings, stiff=st.stiff if stiff == "all" else False,
-                   retries=0, diagonal=data.diagonal)
-    lam, s, w = st.lam, st.s, st.lam_s
-    s_lam = w.prod(-2)
-    if not st.k:  # no inequalities: the Newton step solves the problem
-        dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, -s_lam, settings.refine_steps)
-        return Step(dv, mv(data.Q, dv[:, : st.n]), st.v.new_ones(st.v.shape[0]), f.ok)
-    dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, -s_lam, settings.predictor_refine_steps)
-    dw = dv[:, st.n + st.m :].unflatten(-1, (2, st.k))
-    w_aff = torch.addcmul(w, _max_step(w, dw)[:, None, None], dw)
-    mu_aff = w_aff.prod(-2).sum(-1) / st.k
-    sigma = (mu_aff / res.mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
-    b4 = (sigma * res.mu).unsqueeze(-1) - s_lam - dw.prod(-2)
-    dv = solve_newton(f, s, lam, res.r_d, res.r_e, res.r_i, b4, settings.refine_steps)
-    dw = dv[:, st.n + st.m :].unflatten(-1, (2, st.k))
-    alpha = (settings.step_fraction * _max_step(w, dw)).clamp(max=1.0)
-    alpha = _merit_step(dw, b4.sum(-1), alpha, res, units.backtrack)
-    return Step(dv, mv(data.Q, dv[:, : st.n]), alpha, f.ok)
+    """The engine's predictor-corrector step (``engine.step.newton_step``) on the QP's rows: the
+    inequalities are its nonnegative rows, there are no other cones; ``stiff`` as there."""
+    return newton_step(data, None, (), st, res, units.backtrack, settings, stiff)
 
 
-def _certificates(data: QPData, st: IPMState, res: Residuals, step: Step, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: float) -> tuple[Tensor, Tensor, Tensor]:
     """Whether the direction looks like a primal (Farkas) or a dual infeasibility certificate,
     and whether it is finite.
 
@@ -405,17 +280,13 @@ def _certificates(data: QPData, st: IPMState, res: Residuals, step: Step, eps: f
     return farkas, recession, (total - total) == 0
 
 
-# For the derivatives, inequalities with W⁻¹ = λ/s above this (scaled units) are kept out of H
-# and handled like equalities (see ``kkt.KKTFactor``): near-active rows would otherwise make H
-# as ill-conditioned as 1/tol and cost the derivatives digits.
-_STIFF_W_INV = 1.0
 # A certificate must hold for this many consecutive iterations before it is believed.
 _CERTIFICATE_PERSISTENCE = 3
 # A step shorter than this is negligible progress.
 _NEGLIGIBLE_STEP = 1e-10
 
 
-def assess(data: QPData, st: IPMState, res: Residuals, step: Step, settings: IPMSettings) -> IPMState:
+def assess(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSettings) -> State:
     """Take the step where the problem is running and sound; update statuses and counters.
 
     A problem whose factorisation failed keeps its iterate and retries with more regularisation
@@ -436,7 +307,7 @@ def assess(data: QPData, st: IPMState, res: Residuals, step: Step, settings: IPM
     return replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg)
 
 
-def _look_flags(st: IPMState, res: Residuals, units: Units, running: Tensor, iteration: int,
+def _look_flags(st: State, res: Residuals, units: Units, running: Tensor, iteration: int,
                 settings: IPMSettings) -> Tensor:
     """(4, B) masks that the host's look before iteration ``iteration`` counts (``host.look``):
 
@@ -452,7 +323,7 @@ def _look_flags(st: IPMState, res: Residuals, units: Units, running: Tensor, ite
     return torch.stack([switch, stiff & (st.reg > settings.reg), stiff, (gap_alone > res.converged) & running])
 
 
-def _switch_stiff(st: IPMState, switch: Tensor, back: Tensor, settings: IPMSettings) -> IPMState:
+def _switch_stiff(st: State, switch: Tensor, back: Tensor, settings: IPMSettings) -> State:
     """Switch problems to the stiff split, where they retry at the base regularisation, or back
     (keeping the raised ``reg``, with the plain factorisation); each problem switches once."""
     return replace(st, stiff=(st.stiff | switch) & ~back, stiff_tried=st.stiff_tried | switch,
@@ -488,7 +359,7 @@ def _compensated_sum(v: Tensor) -> tuple[Tensor, Tensor]:
     return v[..., 0], c
 
 
-def accurate_gap(data: QPData, units: Units, st: IPMState) -> Tensor:
+def accurate_gap(data: QPData, units: Units, st: State) -> Tensor:
     """|xᵀQx + pᵀx + hᵀλ + bᵀν| (B,) in the original problem's units, evaluated with error-free
     products and sums: about as accurate as the iterate, where the plain evaluation of
     ``residuals`` is off by ε times the largest term (terms of 1e8 that cancel to 1e-9 read as
@@ -504,7 +375,7 @@ def accurate_gap(data: QPData, units: Units, st: IPMState) -> Tensor:
     return (total + err).abs() * units.cost
 
 
-def _accept_accurate_gaps(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings,
+def _accept_accurate_gaps(data: QPData, units: Units, st: State, res: Residuals, settings: IPMSettings,
                           candidates: Tensor) -> Residuals:
     """``res`` where the ``candidates`` (problems whose primal and dual residuals are within
     tolerance) pass the convergence test with the gap of ``accurate_gap``: converged, with that gap."""
@@ -517,12 +388,12 @@ def _accept_accurate_gaps(data: QPData, units: Units, st: IPMState, res: Residua
     return replace(res, gap=torch.where(passed, gap, res.gap), converged=res.converged | passed)
 
 
-def _mark_converged(st: IPMState, res: Residuals) -> IPMState:
+def _mark_converged(st: State, res: Residuals) -> State:
     return replace(st, status=st.status.masked_fill((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED)))
 
 
 def start(data: QPData, units: Units, settings: IPMSettings,
-          retries: int = MAX_FACTOR_RETRIES) -> tuple[IPMState, Residuals]:
+          retries: int = MAX_FACTOR_RETRIES) -> tuple[State, Residuals]:
     """The initial point, its residuals and its convergence test (a start may already be optimal);
     ``retries`` as in ``kkt.factor_kkt``."""
     st = initial_point(data, settings, retries)
@@ -530,8 +401,8 @@ def start(data: QPData, units: Units, settings: IPMSettings,
     return _mark_converged(st, res), res
 
 
-def step(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPMSettings,
-         stiff: str = "none") -> tuple[IPMState, Residuals]:
+def step(data: QPData, units: Units, st: State, res: Residuals, settings: IPMSettings,
+         stiff: str = "none") -> tuple[State, Residuals]:
     """One iteration for every problem, with no host synchronisation: a predictor-corrector step
     where the problem is still running, then the residuals and the convergence test at the new
     point. The test ends the step, so that a host look right after it sees the convergence.
@@ -541,7 +412,7 @@ def step(data: QPData, units: Units, st: IPMState, res: Residuals, settings: IPM
     return _mark_converged(st, res), res
 
 
-def _start_unretried(data: QPData, units: Units, settings: IPMSettings) -> tuple[IPMState, Residuals]:
+def _start_unretried(data: QPData, units: Units, settings: IPMSettings) -> tuple[State, Residuals]:
     return start(data, units, settings, retries=0)
 
 
@@ -560,11 +431,11 @@ class _StiffAndGapLook:
     def __init__(self, settings: IPMSettings, plain_step: Callable) -> None:
         self.settings, self.plain_step, self.accurate_gaps = settings, plain_step, False
 
-    def flags(self, data: tuple, st: IPMState, res: Residuals, running: Tensor, iteration: int) -> Tensor:
+    def flags(self, data: tuple, st: State, res: Residuals, running: Tensor, iteration: int) -> Tensor:
         return _look_flags(st, res, data[1], running, iteration, self.settings)
 
-    def react(self, data: tuple, st: IPMState, res: Residuals, flags: Tensor, counts: list[int], running: int,
-              step_now: Callable) -> tuple[IPMState, Residuals, Callable]:
+    def react(self, data: tuple, st: State, res: Residuals, flags: Tensor, counts: list[int], running: int,
+              step_now: Callable) -> tuple[State, Residuals, Callable]:
         switch, back, marked, gap_alone = counts
         settings = self.settings
         if switch or back:
@@ -621,7 +492,7 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
 def derivative_factor(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings,
                       retries: int = MAX_FACTOR_RETRIES, diagonal: bool = False) -> KKTFactor:
     """The KKT factorisation that the derivatives solve with, at a final iterate (λ, s) of the
-    scaled problem (Q, A, G): near-active inequalities are kept out of H (see ``_STIFF_W_INV``).
+    scaled problem (Q, A, G): near-active inequalities are kept out of H (see ``engine.step.STIFF_W_INV``).
     ``diagonal``: H is diagonal (``QPData.diagonal``)."""
-    return _factor_at(Q, A, G, lam, s, lam.new_full(lam.shape[:1], settings.reg), settings, stiff=True, retries=retries,
+    return factor_at(Q, A, G, lam, s, lam.new_full(lam.shape[:1], settings.reg), settings, stiff=True, retries=retries,
                       diagonal=diagonal)

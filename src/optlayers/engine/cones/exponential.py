@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 
-from optlayers.cone.interior.symmetric import cholesky_or_nan
+from optlayers.engine.cones.symmetric import cholesky_or_nan
 from optlayers.host import reads_are_free
 
 DEGREE = 3

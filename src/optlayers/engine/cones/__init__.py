@@ -1,0 +1,172 @@
+"""The cone plug-ins of the interior point step, beside its nonnegative rows: second-order, PSD
+and exponential cones (and nonnegative ones where a method keeps them among the cone rows).
+
+Each plug-in supplies, for its ``count`` cones of ``size`` rows, a scaling V (``scaling``;
+VᵀV = (WᵀW)⁻¹: Nesterov–Todd for the symmetric cones, ``symmetric.py``; the
+primal-dual scaling of Dahl and Andersen for the exponential cone, ``exponential.py``),
+whose VᵀV the step folds into H (``normal_matrix``); the affine right-hand side −s and the
+combined one (``combined_rhs``); the longest step to its boundary (``max_step``; the exponential
+cone has none in closed form and is searched, ``exp_step``); and its central point.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from optlayers.cone import exp as exp_module
+from optlayers.cone import nonneg, psd, soc
+from optlayers.engine.cones import exponential, symmetric
+from optlayers.cone.spec import ConeSpec
+from optlayers.host import reads_are_free
+
+# The exponential cones' step search first tries _EXP_FINE_FACTOR^k (k < _EXP_FINE_TRIALS) of the
+# symmetric cones' step, then backtrack^k: near the solution the full step often ends just outside
+# an exponential cone, and 0.8 of the step there (the first backtrack) made the last iterations
+# converge only linearly (the residual / 5 per iteration); with 1, 0.97, 0.94, 0.91 first, the
+# elements of the cone benchmark (m = 96, n = 48, B = 128) finish 1-2 iterations earlier (with
+# the primal-dual scaling too: batches of 200 random three-cone programs took 13-15 iterations
+# with the fine trials, 17-18 without).
+_EXP_FINE_FACTOR, _EXP_FINE_TRIALS = 0.97, 4
+# Where the host reads for free, the step search tries this many of its trials first (the fine
+# ones and the first backtracks: enough for nearly every element of the cone benchmark), and the
+# rest only when an element needs them.
+_EXP_FIRST_TRIALS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class Part:
+    """``count`` cones of one kind, ``size`` rows each, at ``start`` among the cone rows."""
+
+    kind: str
+    start: int
+    count: int
+    size: int
+    degree: int
+    dual: bool = False  # dual exponential cones, mapped to primal ones by exp_module.DUAL_TO_PRIMAL
+
+    @property
+    def stop(self) -> int:
+        return self.start + self.count * self.size
+
+
+def parts_of(spec: ConeSpec) -> list[Part]:
+    """The non-zero cones of ``spec`` as parts, offsets counted from the first non-zero row."""
+    parts = []
+    for block in spec.blocks():
+        if block.module is nonneg:
+            kind, degree = "nonneg", 1
+        elif block.module is soc:
+            kind, degree = "soc", 1
+        elif block.module is psd:
+            kind, degree = "psd", psd.order(block.size)
+        elif block.module is exp_module:
+            kind, degree = "exp", exponential.DEGREE
+        else:
+            continue
+        parts.append(Part(kind, block.start - spec.zero, block.count, block.size, degree, block.dual))
+    return parts
+
+
+def degree(parts: list[Part] | tuple[Part, ...]) -> int:
+    """The barrier degree of the parts' cones (the divisor of the mean complementarity μ)."""
+    return sum(part.count * part.degree for part in parts)
+
+
+def piece(v: torch.Tensor, part: Part) -> torch.Tensor:
+    """The rows of ``part`` of v (B, m_K, ...) as (B, count, size, ...)."""
+    return v[:, part.start:part.stop].reshape(v.shape[0], part.count, part.size, *v.shape[2:])
+
+
+def join(pieces: list[torch.Tensor], batch: int, empty: torch.Tensor | None = None) -> torch.Tensor:
+    """The inverse of ``piece`` over all parts: (B, count, size, ...) pieces -> (B, m_K, ...);
+    ``empty`` (B, 0, ...) when there are no parts."""
+    if not pieces:
+        return empty
+    return torch.cat([p.reshape(batch, -1, *p.shape[3:]) for p in pieces], 1)
+
+
+def device_constant(values: tuple, like: torch.Tensor) -> torch.Tensor:
+    """A (nested) tuple of numbers as a tensor of ``like``'s dtype, filled on its device entry by
+    entry: a tensor made from Python numbers would be a blocking host-to-device copy on a GPU."""
+    shape = torch.tensor(values).shape  # on the host, for the shape only
+    out = like.new_empty(shape.numel())
+    for index, value in enumerate(torch.tensor(values, dtype=torch.float64).flatten().tolist()):
+        out[index].fill_(value)
+    return out.reshape(shape)
+
+
+def central_point(parts: list[Part], batch: int, like: torch.Tensor) -> torch.Tensor:
+    """The start s = y (B, m_K): the unit of each symmetric cone, the exponential cone's central point."""
+    pieces = []
+    for part in parts:
+        shape = (batch, part.count, part.size)
+        if part.kind == "exp":
+            value = device_constant(exponential.CENTRAL_POINT, like).expand(shape)
+        else:
+            algebra = {"nonneg": symmetric.NONNEG, "soc": symmetric.SOC, "psd": symmetric.PSD}[part.kind]
+            value = algebra.unit(like.new_zeros(shape))
+        pieces.append(value)
+    return join(pieces, batch, like.new_zeros(batch, 0))
+
+
+def scaling(part: Part, s: torch.Tensor, y: torch.Tensor, mu: torch.Tensor) -> symmetric.NTScaling | exponential.ExpScaling:
+    """The scaling of one part's cones at s, y (B, count, size); mu (B, count)."""
+    if part.kind == "nonneg":
+        return symmetric.nonneg_scaling(s, y)
+    if part.kind == "soc":
+        return symmetric.soc_scaling(s, y)
+    if part.kind == "psd":
+        return symmetric.psd_scaling(s, y)
+    return exponential.exp_scaling(s, y, mu)
+
+
+def _times(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """M (B, count, k, k) @ X (B, count, k, c); for k = 1 a broadcast product (far cheaper than
+    B * count one-by-one matrix products)."""
+    return M * X if M.shape[-1] == 1 else M @ X
+
+
+def apply_blocks(mats: list[torch.Tensor], v: torch.Tensor, parts: list[Part]) -> torch.Tensor:
+    """Block-diagonal (B, m_K, m_K) matrix (one (B, count, k, k) tensor per part) times v (B, m_K)."""
+    pieces = [_times(M, piece(v, part).unsqueeze(-1)).squeeze(-1) for M, part in zip(mats, parts)]
+    return join(pieces, v.shape[0], v[:, :0])
+
+
+def normal_matrix(Q: torch.Tensor | None, A: torch.Tensor, V: list[torch.Tensor], parts: list[Part]) -> torch.Tensor:
+    """Q + Aᵀ VᵀV A (B, n, n), as Q + GᵀG for the scaled cone rows G = V A (one product over all
+    rows: summing a product per part took 1.6 times as long); Q None: zero."""
+    G = join([_times(v, piece(A, part)) for v, part in zip(V, parts)], A.shape[0], A)
+    return G.mT @ G if Q is None else torch.baddbmm(Q, G.mT, G)
+
+
+def _exp_rows(v: torch.Tensor, parts: list[Part]) -> torch.Tensor:
+    """The exponential cones' rows of v (..., m_K) as (..., cones, 3)."""
+    pieces = [v[..., part.start:part.stop].reshape(*v.shape[:-1], part.count, 3) for part in parts if part.kind == "exp"]
+    return torch.cat(pieces, -2)
+
+
+def exp_step(parts: list[Part], s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor,
+             alpha: torch.Tensor, fraction: float, backtrack: float, max_backtracks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The longest of alpha * t, t = _EXP_FINE_FACTOR^k (k < _EXP_FINE_TRIALS) then backtrack^k
+    (0 < k < max_backtracks), for which the step divided by ``fraction`` keeps every exponential
+    cone's s and y strictly inside (the feasible steps along a ray form an interval), all tried at
+    once (no look from the host); and whether one was found (B,). Where the host's reads are
+    free (the CPU), the first _EXP_FIRST_TRIALS are tried first, and the others only if some
+    element found none of them inside (the answer is the same: later trials are shorter)."""
+    s_e, y_e, ds_e, dy_e = (_exp_rows(t, parts) for t in (s, y, ds, dy))
+    powers = torch.arange(max_backtracks + _EXP_FINE_TRIALS - 1, dtype=s.dtype, device=s.device)
+    factors = torch.where(powers < _EXP_FINE_TRIALS, _EXP_FINE_FACTOR ** powers,
+                          backtrack ** (powers - _EXP_FINE_TRIALS + 1))
+    trials = alpha.unsqueeze(0) * factors.unsqueeze(-1)  # (K, B), longest first
+
+    def tried(trials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        reach = (trials / fraction)[..., None, None]
+        inside = (exponential.in_primal(s_e + reach * ds_e) & exponential.in_dual(y_e + reach * dy_e)).all(-1)
+        return (trials * inside).amax(0), inside.any(0)
+
+    if reads_are_free(s.device):
+        step, found = tried(trials[:_EXP_FIRST_TRIALS])
+        if bool(found.all()):
+            return step, found
+    return tried(trials)

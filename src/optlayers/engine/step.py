@@ -1,0 +1,301 @@
+"""The interior point step shared by the QP and the cone methods: one Mehrotra
+predictor-corrector direction and its step length, with no host synchronisation.
+
+The program is
+
+    minimize ½xᵀQx + pᵀx   subject to   A x = b,   G x + s = h, s ≥ 0,   A_K x + s_K = b_K, s_K ∈ K
+
+with equality rows (A, b), nonnegative rows (G, h) and the rows of the other cones (``ConeRows``,
+described by ``cones.Part``s: second-order, PSD, exponential). The nonnegative rows enter the KKT
+system as its diagonal W⁻¹ = λ/(s + δᵢλ) rows (``qp/kkt.py``: the stiff split and the diagonal
+path apply to them); each other cone's scaling V (VᵀV = (WᵀW)⁻¹, ``engine/cones.py``) is folded
+into the H handed to ``kkt.factor_kkt``: H = Q + A_Kᵀ VᵀV A_K. The iterate is one tensor
+v = [x, ν, λ, s, y_K, s_K] (``State``).
+
+One step (``newton_step``):
+
+1. factorise the KKT system at the current point;
+2. predictor: the affine direction (complementarity right-hand side −s∘λ, and −s_K on the cone
+   rows) and its longest step to the boundary α_aff;
+3. centring σμ: ``settings.centring`` "mehrotra", σ = (μ_aff / μ)³ (μ_aff the mean complementarity
+   after the affine step; the QP's), or "affine_step", σ = (1 − α_aff)³ (the cone method's, as
+   Clarabel);
+4. corrector: the combined right-hand side (σμ − s∘λ − ds∘dλ on the nonnegative rows, each
+   cone's ``combined_rhs`` on its own), the same factorisation;
+5. step length: ``step_fraction`` of the step to the boundary (at most 1, or with
+   ``full_steps`` a full step where it stays that fraction inside), shortened until the
+   exponential cones hold it (``cones.exp_step``), and with ``merit`` the merit search below.
+
+Each method passes its own settings object with the attributes of ``StepRules`` (the QP's and
+the cone method's ``IPMSettings``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from optlayers.engine import cones as cone_parts
+from optlayers.linalg import mtv, mv
+from optlayers.qp.kkt import KKTFactor, factor_kkt, solve_reduced
+
+# For the derivatives, inequalities with W⁻¹ = λ/s above this (scaled units) are kept out of H
+# and handled like equalities (see ``kkt.KKTFactor``): near-active rows would otherwise make H
+# as ill-conditioned as 1/tol and cost the derivatives digits.
+STIFF_W_INV = 1.0
+
+# Along a step the residuals shrink like (1 − α), but for a QP the mean complementarity
+# μ(α) = μ + α(σ − 1)μ + α² dsᵀdλ / k has a positive quadratic term (dsᵀdλ = dxᵀQ dx on a
+# feasible iterate), so a long step can raise it; predictor-corrector iterates can then cycle
+# (seen on a 2-variable QP whose solution is interior). Steps are shortened until the merit
+# μ(α) + (1 − α)·‖r‖ falls by at least this fraction of α, trying α, αβ, αβ², ...
+_MERIT_DECREASE = 0.01
+BACKTRACK = 0.7
+BACKTRACK_STEPS = 12
+
+
+class StepRules(Protocol):
+    """What ``newton_step`` reads from a method's settings."""
+
+    step_fraction: float  # fraction of the step to the boundary that is taken
+    ineq_reg: float  # δᵢ of W⁻¹ = λ/(s + δᵢλ) on the nonnegative rows
+    refine_steps: int  # iterative refinement steps of the corrector's solve
+    predictor_refine_steps: int  # ... and of the predictor's
+    centring: str  # "mehrotra" or "affine_step" (see the module docstring)
+    merit: bool  # shorten steps by the merit search (nonnegative rows only)
+    full_steps: bool  # a full step where it stays ``step_fraction`` inside; else at most ``step_fraction``
+    solve_through_y: bool  # solve through kkt's Y = L⁻¹Cᵀ (``kkt.solve_reduced``'s ``use_y``)
+    backtrack: float  # exponential cones' step search (``cones.exp_step``)
+    max_backtracks: int
+
+
+@dataclass(frozen=True)
+class ConeRows:
+    """The rows of the cones other than the nonnegative one: A_K (B, m_K, n), b_K (B, m_K)."""
+
+    A: Tensor
+    b: Tensor
+
+
+@dataclass(frozen=True)
+class State:
+    """Iterate and per-problem bookkeeping; all tensors have leading batch dimension B.
+
+    The primal-dual point lives in one tensor ``v`` = [x, ν, λ, s, y_K, s_K] (B, n + m + 2k + 2m_K),
+    so that a step updates all of it with one operation; ``x``, ``nu``, ``lam``, ``s``, ``y_k``,
+    ``s_k`` are views of it. ``counters`` holds the consecutive-iteration counts (stalls, primal
+    and dual infeasibility certificates) side by side, ``reg`` each problem's primal/equality
+    regularisation (raised where a factorisation fails; see ``kkt.next_regularisation``),
+    ``stiff`` (B,) the problems that keep their near-active inequalities out of H (see
+    ``newton_step``), and ``stiff_tried`` (B,) those that have been switched to that split once.
+    """
+
+    v: Tensor
+    status: Tensor
+    iterations: Tensor
+    counters: Tensor
+    reg: Tensor
+    stiff: Tensor
+    stiff_tried: Tensor
+    n: int
+    m: int
+    k: int
+    mk: int = 0
+
+    @property
+    def x(self) -> Tensor:
+        return self.v[:, : self.n]
+
+    @property
+    def nu(self) -> Tensor:
+        return self.v[:, self.n : self.n + self.m]
+
+    @property
+    def lam(self) -> Tensor:
+        return self.v[:, self.n + self.m : self.n + self.m + self.k]
+
+    @property
+    def s(self) -> Tensor:
+        return self.v[:, self.n + self.m + self.k : self.n + self.m + 2 * self.k]
+
+    @property
+    def lam_s(self) -> Tensor:
+        """(B, 2, k) view of λ and s: the pair that must stay positive."""
+        return self.v[:, self.n + self.m : self.n + self.m + 2 * self.k].unflatten(-1, (2, self.k))
+
+    @property
+    def y_k(self) -> Tensor:
+        start = self.n + self.m + 2 * self.k
+        return self.v[:, start : start + self.mk]
+
+    @property
+    def s_k(self) -> Tensor:
+        return self.v[:, self.n + self.m + 2 * self.k + self.mk :]
+
+
+@dataclass(frozen=True)
+class Step:
+    """A Newton direction dv (B, ·) laid out as ``State.v``, Q dx, the step length α (B,), the
+    factorisation's health (B,) and, where exponential cones were searched, whether a step
+    inside them was found (B,; None: no search)."""
+
+    dv: Tensor
+    q_dx: Tensor
+    alpha: Tensor
+    factor_ok: Tensor
+    inside: Tensor | None = None
+
+
+def max_step(w: Tensor, dw: Tensor, cap: float = 1.0) -> Tensor:
+    """Largest α ≤ ``cap`` with w + α dw ≥ 0 over the last two dimensions of (B, 2, k), per problem."""
+    ratio = torch.where(dw < 0, -w / dw, cap)
+    return ratio.flatten(1).amin(-1).clamp(max=cap)
+
+
+def _merit_step(dw: Tensor, complementarity_change: Tensor, alpha: Tensor, res, factors: Tensor) -> Tensor:
+    """The longest candidate step α·βʲ (``factors`` (B, j) holds βʲ) with sufficient merit
+    decrease (see above); ``alpha`` itself where none has it (shorter steps would only crawl).
+    ``dw`` (B, 2, k) is the direction of (λ, s), ``complementarity_change`` (B,) = sᵀdλ + λᵀds;
+    ‖r‖ is the largest entry of the scaled residuals (``res.scaled``).
+
+    With μ(a) = μ + a·c₁ + a²·c₂ (c₁ = (sᵀdλ + λᵀds)/k, c₂ = dsᵀdλ/k) the test
+    μ(a) + (1 − a)‖r‖ ≤ (1 − δa)(μ + ‖r‖) reads, divided by a > 0, c₁ + a·c₂ ≤ (1 − δ)‖r‖ − δμ."""
+    a = alpha.unsqueeze(-1) * factors
+    k = dw.shape[-1]
+    linear = (complementarity_change / k).unsqueeze(-1)
+    quadratic = dw.prod(-2).sum(-1, keepdim=True) / k
+    bound = ((1 - _MERIT_DECREASE) * res.scaled - _MERIT_DECREASE * res.mu).unsqueeze(-1)
+    longest = (a * (torch.addcmul(linear, a, quadratic) <= bound)).amax(-1)
+    return torch.where(longest > 0, longest, alpha)
+
+
+def factor_at(H: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tensor, settings: StepRules,
+              stiff: bool | Tensor = False, retries: int = 0, diagonal: bool = False) -> KKTFactor:
+    """The KKT factorisation at (λ, s) of the nonnegative rows G, with H = Q (plus the other
+    cones' folded scalings); ``stiff``: keep the near-active inequalities (``STIFF_W_INV``) out
+    of H for every problem (True), for none (False), or for those of a (B,) mask; ``diagonal``:
+    H is diagonal (``QPData.diagonal``)."""
+    w_inv = lam / (s + settings.ineq_reg * lam)
+    mask = None
+    if isinstance(stiff, Tensor):
+        mask = (w_inv > STIFF_W_INV) & stiff.unsqueeze(-1)
+    elif stiff:
+        mask = w_inv > STIFF_W_INV
+    return factor_kkt(H, A, G, w_inv, reg, reg, stiff=mask, retries=retries, diagonal=diagonal)
+
+
+def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backtrack: Tensor | None, settings: StepRules,
+                stiff: str = "none") -> Step:
+    """One predictor-corrector direction and step length for every problem (see the module
+    docstring). ``data`` holds Q, p, A, b, G, h (``qp.scaling.QPData``), ``rows`` and ``parts``
+    the other cones' rows (None and () for none), ``res`` the residuals r_d, r_e, r_i (and r_k
+    on the cone rows), μ and, for the merit search, the largest scaled residual; ``backtrack``
+    (B, j) the merit search's candidate factors.
+
+    ``stiff``: "none", or "all" (every running problem is marked in ``st.stiff``) or "mixed"
+    (some are): the marked problems factorise with their near-active inequalities beside the
+    equalities (``kkt.KKTFactor``'s stiff rows) instead of in H. Late in a solve,
+    H = Q + ρI + GᵀW⁻¹G has eigenvalues from ρ to |W⁻¹| ≈ 1/δᵢ, a condition beyond double
+    precision wherever Q is singular, and whether its Cholesky factorisation succeeds depends on
+    the rounding (on the thread count); the stiff split keeps H well-conditioned at the cost of a
+    Schur complement with k more rows, so only problems whose factorisation has failed pay it.
+    (Raising ρ instead also factorises, but its steps stall the duality gap.) "mixed" computes
+    both directions for every problem and keeps each problem's own, so that a problem's iterates
+    do not depend on the others of its batch."""
+    if stiff == "mixed":
+        plain = newton_step(data, rows, parts, st, res, backtrack, settings)
+        split = newton_step(data, rows, parts, st, res, backtrack, settings, "all")
+        pick = st.stiff
+        return Step(torch.where(pick.unsqueeze(-1), split.dv, plain.dv), torch.where(pick.unsqueeze(-1), split.q_dx, plain.q_dx),
+                    torch.where(pick, split.alpha, plain.alpha), torch.where(pick, split.factor_ok, plain.factor_ok),
+                    None if plain.inside is None else torch.where(pick, split.inside, plain.inside))
+    n, m, k, mk = st.n, st.m, st.k, st.mk
+    batch, parts = st.v.shape[0], parts
+
+    def on_cones(dv: Tensor) -> tuple[Tensor, Tensor]:
+        """(dy_K, ds_K) of a direction laid out as ``State.v``."""
+        return dv[:, n + m + 2 * k : n + m + 2 * k + mk], dv[:, n + m + 2 * k + mk :]
+
+    H, V, Vt, scalings, s_parts, y_parts = data.Q, [], [], [], [], []
+    if parts:
+        mu = res.mu.unsqueeze(-1)
+        s_parts, y_parts = [cone_parts.piece(st.s_k, part) for part in parts], [cone_parts.piece(st.y_k, part) for part in parts]
+        scalings = [cone_parts.scaling(part, s, y, mu.expand(batch, part.count)) for part, s, y in zip(parts, s_parts, y_parts)]
+        V = [sc.V for sc in scalings]
+        Vt = [v.mT for v in V]
+        H = cone_parts.normal_matrix(data.Q, rows.A, V, parts)
+    f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, settings, stiff=st.stiff if stiff == "all" else False,
+                  diagonal=data.diagonal)
+    lam, s, w = st.lam, st.s, st.lam_s
+    s_lam = w.prod(-2)
+
+    def direction(b4: Tensor, q: Tensor | None, refine_steps: int) -> Tensor:
+        """dv of the Newton system with λ∘ds + s∘dλ = b4 on the nonnegative rows and
+        ds_K + (VᵀV)⁻¹ dy_K = q on the cone rows: the cone rows are eliminated,
+        dy_K = VᵀV (A_K dx + r_k + q), and ds_K = −r_k − A_K dx."""
+        r_d = res.r_d
+        if parts:
+            u = cone_parts.apply_blocks(V, res.r_k + q, parts)
+            r_d = -torch.baddbmm((-r_d).unsqueeze(-2), cone_parts.apply_blocks(Vt, u, parts).unsqueeze(-2),
+                                 rows.A, alpha=-1).squeeze(-2)
+        dx, dnu, dlam = solve_reduced(f, -r_d, -res.r_e, b4 / lam + res.r_i, refine_steps, settings.solve_through_y)
+        pieces = [dx, dnu, dlam, (b4 - s * dlam) / lam]
+        if parts:
+            a_dx = mv(rows.A, dx)
+            pieces += [cone_parts.apply_blocks(Vt, cone_parts.apply_blocks(V, a_dx, parts) + u, parts),
+                       -res.r_k - a_dx]
+        return torch.cat(pieces, dim=-1)
+
+    def boundary(dv: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+        """The direction of (λ, s) as (B, 2, k), and the longest step (at most ``cap``) that keeps
+        the nonnegative rows and the cones with a closed-form step inside."""
+        dw = dv[:, n + m : n + m + 2 * k].unflatten(-1, (2, k))
+        step = max_step(w, dw, cap) if k else st.v.new_full((batch,), cap)
+        for sc, part, s_, y_ in zip(scalings, parts, s_parts, y_parts):
+            dy_, ds_ = (cone_parts.piece(d, part) for d in on_cones(dv))
+            step = torch.minimum(step, sc.max_step(s_, y_, ds_, dy_).amin(-1))
+        return dw, step
+
+    def searched(dv: Tensor, alpha: Tensor, fraction: float) -> tuple[Tensor, Tensor | None]:
+        """``alpha`` shortened until ``alpha / fraction`` keeps the exponential cones inside, and
+        whether that succeeded (None: there are none)."""
+        if not any(part.kind == "exp" for part in parts):
+            return alpha, None
+        dy_k, ds_k = on_cones(dv)
+        return cone_parts.exp_step(parts, st.s_k, st.y_k, ds_k, dy_k, alpha, fraction, settings.backtrack,
+                                   settings.max_backtracks)
+
+    if not k and not parts:  # no inequalities: the Newton step solves the problem
+        dv = direction(-s_lam, None, settings.refine_steps)
+        return Step(dv, mv(data.Q, dv[:, :n]), st.v.new_ones(batch), f.ok)
+    dv = direction(-s_lam, -st.s_k if parts else None, settings.predictor_refine_steps)
+    dw, alpha_aff = boundary(dv, 1.0)
+    alpha_aff, _ = searched(dv, alpha_aff, 1.0)
+    if settings.centring == "mehrotra":
+        w_aff = torch.addcmul(w, alpha_aff[:, None, None], dw)
+        mu_aff = w_aff.prod(-2).sum(-1)
+        if parts:
+            (dy_k, ds_k), a = on_cones(dv), alpha_aff.unsqueeze(-1)
+            mu_aff = mu_aff + ((st.s_k + a * ds_k) * (st.y_k + a * dy_k)).sum(-1)
+        mu_aff = mu_aff / (k + cone_parts.degree(parts))
+        sigma = (mu_aff / res.mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
+        sigma_mu = sigma * res.mu
+    else:
+        sigma_mu = (1 - alpha_aff) ** 3 * res.mu
+    b4 = sigma_mu.unsqueeze(-1) - s_lam - dw.prod(-2)
+    q = None
+    if parts:
+        dy_aff, ds_aff = on_cones(dv)
+        q = cone_parts.join([sc.combined_rhs(sigma_mu[:, None, None], cone_parts.piece(ds_aff, part),
+                                             cone_parts.piece(dy_aff, part), s_, y_)
+                             for sc, part, s_, y_ in zip(scalings, parts, s_parts, y_parts)], batch, st.s_k)
+    dv = direction(b4, q, settings.refine_steps)
+    fraction = settings.step_fraction
+    dw, step = boundary(dv, 1 / fraction if settings.full_steps else 1.0)
+    alpha = (fraction * step).clamp(max=1.0)
+    alpha, inside = searched(dv, alpha, fraction)
+    if settings.merit:
+        alpha = _merit_step(dw, b4.sum(-1), alpha, res, backtrack)
+    return Step(dv, mv(data.Q, dv[:, :n]), alpha, f.ok, inside)
