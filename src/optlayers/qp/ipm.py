@@ -3,8 +3,9 @@
 The QP method on the engine: its loop (``engine.loop.run``) drives ``start`` / ``step`` over
 the engine's explicit ``State``; a step is the engine's predictor-corrector direction
 (``engine.step.newton_step``, the inequalities as its nonnegative rows) and this method's
-``assess`` (statuses, infeasibility certificates). Every problem of the batch keeps its own status: a problem that converged,
-was found infeasible or failed numerically is frozen while the others go on.
+``assess`` (statuses, infeasibility certificates). Every problem of the batch keeps its own
+status: a problem that converged, was found infeasible or failed numerically is frozen while
+the others go on.
 """
 from __future__ import annotations
 
