@@ -5,7 +5,7 @@ import torch
 
 from optlayers import QPStatus, solve_qp
 from optlayers.qp import autograd
-from optlayers.qp.kkt import diagonal_h
+from optlayers.qp.kkt import diagonal_h, factor_kkt
 from qp_problems import box_qp
 
 NAMES = ("Q", "p", "G", "h", "A", "b")
@@ -20,6 +20,26 @@ def test_diagonal_h_recognises_only_diagonal_structure():
     coupled_g = data["G"].clone()
     coupled_g[2, 4, 5] = 1.0  # one row of one element constrains two variables
     assert not bool(diagonal_h(data["Q"], coupled_g))
+
+
+def test_diagonal_factor_holds_the_diagonal_of_the_dense_h():
+    """H = Q + GᵀW⁻¹G of the diagonal path (from Gᵀ(W⁻¹·G1), no G∘G) is the dense H's diagonal:
+    rows with one nonzero of either sign, empty rows, several rows on one variable; stiff rows out."""
+    torch.manual_seed(0)
+    B, n = 3, 7
+    Q = torch.diag_embed(torch.rand(B, n, dtype=torch.float64))
+    columns = torch.tensor([0, 3, 3, 6, 2, 0, 5, 1])
+    G = torch.zeros(B, len(columns), n, dtype=torch.float64)
+    G[:, torch.arange(len(columns)), columns] = 4 * torch.rand(B, len(columns), dtype=torch.float64) - 2
+    G[1, 4] = 0.0  # an empty row
+    assert bool(diagonal_h(Q, G))
+    w_inv = 10.0 ** (6 * torch.rand(B, len(columns), dtype=torch.float64) - 3)
+    reg = torch.full((B,), 1e-9, dtype=torch.float64)
+    for stiff in (None, w_inv > 1.0):
+        f = factor_kkt(Q, Q.new_zeros(B, 0, n), G, w_inv, reg, reg, stiff=stiff, diagonal=True)
+        dense = Q + G.mT @ (f.w_inv_soft.unsqueeze(-1) * G)
+        torch.testing.assert_close(f.H, dense.diagonal(dim1=-2, dim2=-1), rtol=1e-15, atol=0)
+        assert torch.equal(f.chol_h, (f.H + 1e-9).sqrt())
 
 
 def _solve_and_differentiate(data, monkeypatch, diagonal: bool):

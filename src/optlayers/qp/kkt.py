@@ -129,7 +129,9 @@ def factor_kkt(
         w_inv_soft = torch.where(stiff, torch.zeros_like(w_inv), w_inv)
         eq_rows = (torch.arange(C.shape[-2], device=Q.device) < m).to(Q.dtype)
     if diagonal:
-        H = torch.diagonal(Q, dim1=-2, dim2=-1) + mtv(G * G, w_inv_soft)
+        # a row of G has at most one nonzero, gₖ = (G1)ₖ (a sum of zeros and one term: exact), so
+        # diag(GᵀW⁻¹G) = Gᵀ(W⁻¹g): two reading passes over G, where G∘G would write one more
+        H = torch.diagonal(Q, dim1=-2, dim2=-1) + mtv(G, w_inv_soft * G.sum(-1))
     else:
         weighted = G.mT if unit_weights else G.mT * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
         H = torch.baddbmm(Q, weighted, G)
