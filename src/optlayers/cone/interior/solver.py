@@ -44,6 +44,8 @@ from optlayers.qp.scaling import QPData
 # cores, m = 96, n = 48, two slices of 64 ran 15 % slower than one batch of 128 (the threads
 # queue on the GIL), two slices of 256 ran 15-20 % faster than one batch of 512.
 _MIN_SLICE_ENTRIES = 1_500_000
+
+
 @dataclasses.dataclass(frozen=True)
 class IPMSettings:
     """Hyperparameters (immutable); ``solve_cone(solver="ipm", solver_options={...})`` sets them.
@@ -62,8 +64,8 @@ class IPMSettings:
             Clarabel's max_step_fraction); on exponential cones the step must stay inside when
             divided by it, so that every cone keeps the same margin.
         backtrack: factor by which a step that leaves an exponential cone is shortened, after
-            the fine first trials (``engine.cones._EXP_FINE_FACTOR``) (0.8: finer factors changed the iteration
-            count by < 3 % and failed more often).
+            the fine first trials (``engine.cones._EXP_FINE_FACTOR``) (0.8: finer factors changed
+            the iteration count by < 3 % and failed more often).
         max_backtracks: shortenings before an element is declared a numerical failure
             (0.8^40 ~ 1e-4).
         reg: regularisation of the reduced KKT system, small enough (1e-10) to move the steps
