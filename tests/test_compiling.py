@@ -1,5 +1,6 @@
 """The compiled path's wrapper (``optlayers.compiling``): specialisations beyond torch's default
-limit, recompilations its shape key does not see, and the eager fallback past its own limit.
+limit, recompilations for other reasons than a shape (requires_grad), keyword arguments, and the
+eager fallback past its own limit.
 Traced with dynamo's eager backend (no inductor compilation: fast)."""
 from __future__ import annotations
 
@@ -13,17 +14,18 @@ def _double(x: torch.Tensor) -> torch.Tensor:
     return x * 2
 
 
-def test_more_shapes_than_torchs_limit_and_a_recompilation_the_key_does_not_see(eager_backend):
+def test_more_shapes_than_torchs_limit_and_a_recompilation_for_requires_grad(eager_backend):
     run = compiling.compiled(_double, "cpu")
     for n in range(1, 11):  # 10 specialisations: torch's default limit is 8
         assert torch.equal(run(torch.ones(n)), torch.full((n,), 2.0))
-    # a shape met before, now requiring grad: dynamo recompiles although the key is known
+    # a shape met before, now requiring grad: dynamo recompiles, past its limit
     x = torch.ones(3, requires_grad=True)
     y = run(x)
     assert torch.equal(y.detach(), torch.full((3,), 2.0)) and y.requires_grad
 
 
 def test_past_the_limit_calls_run_eagerly_with_a_warning(eager_backend, monkeypatch):
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)  # torch's limit, which a call meets first
     monkeypatch.setattr(compiling, "COMPILED_SHAPES", 2)
     run = compiling.compiled(_double, "cpu")
     run(torch.ones(1))
@@ -51,3 +53,16 @@ def test_arguments_are_checked():
         compiling.compiled(_double, "cpu", 1)
     with pytest.raises(TypeError, match="obj must be a dataclass instance, got Tensor"):
         compiling.owned(torch.ones(2))
+
+
+def _affine(x: torch.Tensor, scale: float = 1.0, shift: torch.Tensor | None = None) -> torch.Tensor:
+    return x * scale + (0.0 if shift is None else shift)
+
+
+def test_keyword_arguments_reach_the_compiled_function(eager_backend):
+    run = compiling.compiled(_affine, "cpu")
+    x = torch.ones(3)
+    assert torch.equal(run(x, scale=3.0), torch.full((3,), 3.0))
+    assert torch.equal(run(x, shift=torch.ones(3), scale=2.0), torch.full((3,), 3.0))
+    assert torch.equal(run(x, scale=2.0, shift=torch.ones(3)), torch.full((3,), 3.0))  # another order, the same call
+    assert torch.equal(run(x, scale=3.0), torch.full((3,), 3.0))

@@ -22,40 +22,23 @@ T = TypeVar("T")
 
 COMPILED_SHAPES = 64
 """Specialisations per compiled function: torch's default of 8 would turn the ninth problem shape
-into an error. Past this many, calls run eagerly (with a warning)."""
+into an error. Past this many (or torch's limit, if that is higher), calls run eagerly (with a
+warning)."""
 
 # Compilation raises torch's (process-wide) recompile limit for its duration: one thread at a time.
 _COMPILING = threading.Lock()
 
 
-def _tensor_key(t: Tensor) -> tuple:
-    return t.shape, t.stride(), t.dtype, t.device
-
-
-def _shape_key(args: tuple) -> tuple:
-    """What a compiled function is specialised on: the shapes, strides, dtypes and devices of the
-    tensors among ``args`` (also inside dataclasses, beside their other fields, such as
-    ``QPData.diagonal``) and the other arguments themselves (the solver settings, tolerances
-    included, are part of the specialisation)."""
-    key = []
-    for arg in args:
-        if isinstance(arg, Tensor):
-            key.append(_tensor_key(arg))
-        elif is_dataclass(arg) and any(isinstance(getattr(arg, f.name), Tensor) for f in fields(arg)):
-            key.append(tuple(_tensor_key(v) if isinstance(v := getattr(arg, f.name), Tensor) else v for f in fields(arg)))
-        else:
-            key.append(arg)
-    return tuple(key)
-
-
 @functools.cache
 def compiled(fn: Callable, device_type: str, graphs: bool = False) -> Callable:
     """``fn`` compiled whole (no graph breaks) for devices of ``device_type``; with ``graphs``, on
-    CUDA captured in CUDA graphs (see the module docstring).
+    CUDA captured in CUDA graphs (see the module docstring). Positional and keyword arguments
+    pass through.
 
-    Only a call that may compile (arguments of a shape not met before, or torch's limit hit)
-    raises the recompile limit to ``COMPILED_SHAPES``: patching torch's configuration costs more
-    host time than a compiled step of a small problem. Past the limit ``fn`` runs eagerly."""
+    A call runs under torch's own recompile limit; only one that hits it (a new specialisation
+    past torch's default of 8) compiles again under ``COMPILED_SHAPES``: patching torch's
+    configuration, or keying the arguments' shapes here, costs more host time than a compiled
+    step of a small problem. Past that limit ``fn`` runs eagerly."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if not isinstance(device_type, str) or not device_type:
@@ -64,26 +47,21 @@ def compiled(fn: Callable, device_type: str, graphs: bool = False) -> Callable:
         raise TypeError(f"graphs must be True or False, got {graphs!r}")
     mode = "reduce-overhead" if graphs and device_type == "cuda" else "default"
     graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
-    seen: set[tuple] = set()
     name = getattr(fn, "__qualname__", repr(fn))
 
     @functools.wraps(fn)
-    def run(*args: object) -> object:
-        key = _shape_key(args)
-        if key in seen:
-            try:
-                return graph(*args)
-            except torch._dynamo.exc.FailOnRecompileLimitHit:
-                pass  # a recompilation for a reason the key does not see
+    def run(*args: object, **kwargs: object) -> object:
+        try:
+            return graph(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            pass  # a new specialisation past torch's limit: compile it under ours
         with _COMPILING, torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
             try:
-                out = graph(*args)
+                return graph(*args, **kwargs)
             except torch._dynamo.exc.FailOnRecompileLimitHit:
                 warnings.warn(f"compile=True: {name} has {COMPILED_SHAPES} compiled specialisations (problem shapes, "
                               "tolerances); this call runs eagerly", RuntimeWarning, stacklevel=2)
-                return fn(*args)
-        seen.add(key)
-        return out
+                return fn(*args, **kwargs)
 
     return run
 
