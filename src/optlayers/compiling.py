@@ -25,6 +25,11 @@ COMPILED_SHAPES = 64
 into an error. Past this many (or torch's limit, if that is higher), calls run eagerly (with a
 warning)."""
 
+CPU_OPTIONS = {"cpp_wrapper": True}
+"""Inductor's options on the CPU: the generated code calls its kernels and library functions
+(Cholesky, triangular solves, batched products) from C++ rather than Python, which at batch 1,
+n = 10 takes a third off a compiled iteration's host time at the same compilation time."""
+
 # Compilation raises torch's (process-wide) recompile limit for its duration: one thread at a time.
 _COMPILING = threading.Lock()
 
@@ -45,8 +50,11 @@ def compiled(fn: Callable, device_type: str, graphs: bool = False) -> Callable:
         raise ValueError(f"device_type must be a device type such as 'cpu' or 'cuda', got {device_type!r}")
     if not isinstance(graphs, bool):
         raise TypeError(f"graphs must be True or False, got {graphs!r}")
-    mode = "reduce-overhead" if graphs and device_type == "cuda" else "default"
-    graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+    if device_type == "cpu":
+        graph = torch.compile(fn, fullgraph=True, dynamic=False, options=CPU_OPTIONS)
+    else:
+        mode = "reduce-overhead" if graphs and device_type == "cuda" else "default"
+        graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
     name = getattr(fn, "__qualname__", repr(fn))
 
     @functools.wraps(fn)
