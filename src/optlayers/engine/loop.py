@@ -4,9 +4,9 @@
 A method hands the loop its working data (a tuple of dataclasses of (B, ...) tensors), a state
 with a ``status`` field (``host.RUNNING`` while an element iterates) and the residuals at that
 state, and a step ``(*data, state, residuals) -> (state, residuals)`` that makes no host
-synchronisation and freezes finished elements by masks. The loop owns the host's looks
-(``host.is_check``, ``host.look``): it stops when nothing runs, and drops finished elements from
-the working batch (``qp/batch.py``) once few run. A method with flags of its own to count at a
+synchronisation and freezes finished elements by masks (or ``Steps``: several iterations per
+call). The loop owns the host's looks (``host.is_check``, ``host.look``): it stops when nothing
+runs, and drops finished elements from the working batch (``qp/batch.py``) once few run. A method with flags of its own to count at a
 look (the QP's stiff split and accurate gap) passes a ``Look``.
 """
 from __future__ import annotations
@@ -17,10 +17,19 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
-from optlayers.host import RUNNING, is_check, look
+from optlayers.host import RUNNING, host_read, is_check, look
 from optlayers.qp.batch import put, take
 
 Step = Callable[..., tuple[Any, Any]]
+
+
+@dataclass(frozen=True)
+class Steps:
+    """A step that runs several iterations per call (``qp/fused.py``): ``fn(*data, state, res,
+    iteration)``, with ``iteration`` the first one's index as a 0-d tensor, returns the state, its
+    residuals and how many iterations it ran (0-d), which the host reads to count them."""
+
+    fn: Callable[..., tuple[Any, Any, Tensor]]
 
 
 class Look(Protocol):
@@ -52,7 +61,8 @@ def run(data: tuple, state: Any, res: Any, step: Step, max_iter: int, device: to
     run (with ``hook``'s flags, in the same read): it stops when none does, and with ``compact``
     keeps only the running ones in the working batch once few remain (``host.COMPACT_FRACTION``)."""
     full, work, index = state, data, None
-    for iteration in range(max_iter):
+    iteration = 0
+    while iteration < max_iter:
         if is_check(iteration, device):
             running = state.status == RUNNING
             flags = None if hook is None else hook.flags(work, state, res, running, iteration)
@@ -65,5 +75,10 @@ def run(data: tuple, state: Any, res: Any, step: Step, max_iter: int, device: to
                 full = state if index is None else put(full, index, state)
                 index = keep if index is None else index[keep]
                 work, state, res = tuple(take(d, index) for d in data), take(state, keep), take(res, keep)
-        state, res = step(*work, state, res)
+        if isinstance(step, Steps):
+            state, res, taken = step.fn(*work, state, res, torch.tensor(iteration, device=device))
+            iteration += host_read(taken)
+        else:
+            state, res = step(*work, state, res)
+            iteration += 1
     return Run(state if index is None else put(full, index, state), res, index)

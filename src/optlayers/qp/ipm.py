@@ -470,6 +470,10 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
         full, res = start(data, units, settings)
     step_fn = compiled(step, device.type, graphs=True) if settings.compiled else step
     plain_step = lambda data, units, st, res: step_fn(data, units, st, res, settings)  # noqa: E731
+    from optlayers.qp import fused  # late: it imports this module
+    if settings.compiled and fused.pays(data):  # several iterations per compiled call
+        steps_fn = compiled(fused.steps, device.type)
+        plain_step = loop.Steps(lambda data, units, st, res, iteration: steps_fn(data, units, st, res, settings, iteration))
     hook = _StiffAndGapLook(settings, plain_step)
     outcome = loop.run((data, units), full, res, plain_step, settings.max_iter, device, hook,
                        compact=not settings.compiled)

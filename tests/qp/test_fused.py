@@ -1,0 +1,43 @@
+"""Several interior point iterations per compiled call (``optlayers.qp.fused``): the iterates of
+one call per iteration, and the host's looks only where a call stopped. Traced by dynamo's eager
+backend (no inductor compilation: fast)."""
+import pytest
+import torch
+
+from optlayers import solve_qp
+from optlayers.engine import loop
+from optlayers.qp import fused
+from optlayers.status import Status
+from tests.qp.qp_problems import random_qp
+
+
+@pytest.mark.parametrize("m, max_iter", [(0, None), (3, None), (3, 6)])
+def test_fused_calls_give_the_iterates_of_one_call_per_iteration(eager_backend, m, max_iter):
+    data = random_qp((5,), 8, 12, m, active=True)
+    p = data.pop("p").requires_grad_(True)
+    sols = []
+    for compile in (False, True):
+        sol = solve_qp(p=p, **data, compile=compile, max_iter=max_iter, on_failure="ignore")
+        (grad,) = torch.autograd.grad(sol.z.sum(), p)
+        sols.append((sol, grad))
+    (eager, grad), (compiled, grad_compiled) = sols
+    assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.iterations, eager.iterations)
+    if max_iter is not None:
+        assert (eager.status == Status.MAX_ITER).any() and int(eager.iterations.max()) == max_iter
+    torch.testing.assert_close(compiled.z, eager.z, rtol=1e-12, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(grad_compiled, grad, rtol=1e-10, atol=1e-12)
+
+
+def test_the_host_looks_only_between_fused_calls(eager_backend, monkeypatch):
+    """On the CPU the host looks before every iteration of the eager path; the compiled path looks
+    once per ``STEPS_PER_CALL`` iterations, and after the last."""
+    looks = []
+    real = loop.look
+    monkeypatch.setattr(loop, "look", lambda *args: looks.append(1) or real(*args))
+    data = random_qp((1,), 10, 10, 0)
+    iterations = int(solve_qp(**data).iterations)
+    assert len(looks) == iterations + 1
+    looks.clear()
+    sol = solve_qp(**data, compile=True)
+    assert int(sol.iterations) == iterations and sol.status.item() == Status.SOLVED
+    assert len(looks) <= -(-iterations // fused.STEPS_PER_CALL) + 1, (len(looks), iterations)
