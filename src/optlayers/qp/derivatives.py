@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from optlayers.compiling import compiled
 from optlayers.higher_order import no_forward_over_forward
 from optlayers.linalg import mtv, mv
 from optlayers.qp.ipm import IPMSettings, derivative_factor
@@ -144,7 +145,10 @@ class KKTSolve(torch.autograd.Function):
                 ok: Tensor, r1: Tensor | None, r2: Tensor | None, r3: Tensor | None, r4: Tensor | None,
                 *factor: Tensor) -> tuple[Tensor, ...]:
         f = _factor_from(factor, A.shape[-2]) if factor else derivative_factor(Q, A, G, lam, s, settings)
-        y = _solve(f, lam, s, (r1, r2, r3, r4), transpose, settings.derivative_refine_steps)
+        solve_fn = _solve
+        if settings.compiled and not torch._C._are_functorch_transforms_active():
+            solve_fn = compiled(_solve, Q.device.type)  # its input tensors are plain here (no graph, no transform)
+        y = solve_fn(f, lam, s, (r1, r2, r3, r4), transpose, settings.derivative_refine_steps)
         # views: the factor may hold inputs (G, or A as C), and autograd wants no input returned as-is
         return (*_masked(ok, y), *(t.view_as(t) for t in factor_tensors(f)))
 
