@@ -66,3 +66,14 @@ def test_keyword_arguments_reach_the_compiled_function(eager_backend):
     assert torch.equal(run(x, shift=torch.ones(3), scale=2.0), torch.full((3,), 3.0))
     assert torch.equal(run(x, scale=2.0, shift=torch.ones(3)), torch.full((3,), 3.0))  # another order, the same call
     assert torch.equal(run(x, scale=3.0), torch.full((3,), 3.0))
+
+
+def test_only_inductors_c_shim_notices_are_dropped():
+    import logging
+
+    notice = logging.LogRecord("torch._inductor.ir", logging.WARNING, "ir.py", 1,
+                               "%s is missing a c-shim implementation, using proxy executor as fallback",
+                               ("aten.linalg_cholesky_ex.default",), None)
+    other = logging.LogRecord("torch._inductor.ir", logging.WARNING, "ir.py", 1, "something else", (), None)
+    shim_filter = compiling._NoShimNotices()
+    assert not shim_filter.filter(notice) and shim_filter.filter(other)
