@@ -1,0 +1,91 @@
+"""Time the QP layer of two source trees against each other on one machine, alternating them.
+
+Timings on a shared machine drift by tens of percent between runs; what two versions of the code
+cost relative to each other is measured by timing them in turn, many times, and keeping each
+one's best. One warm worker process per tree (its ``src`` first on the path, one intra-op
+thread) times rounds of ``QPFunction()(Q, p, G, h)`` forward + backward w.r.t. every input on
+the paper's random QPs (``benchmarks/problems.py``, n inequalities, float64); the workers take
+turns, each round in the opposite order to the last.
+
+    python benchmarks/ab_trees.py OLD_TREE NEW_TREE --cases 1,10 1,10,compiled 128,10 --rounds 15
+
+Each case is "batch,n" or "batch,n,compiled" (``QPFunction(compile=True)``, compiled in the
+untimed warm-up). Prints each tree's best time in milliseconds and their ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+_WORKER = r'''
+import json, sys, time
+tree = sys.argv[1]
+sys.path[:0] = [tree + "/src", tree]
+import torch
+from benchmarks.problems import random_qp
+from optlayers import QPFunction
+
+runs = {}
+for line in sys.stdin:
+    case = json.loads(line)
+    key = (case["batch"], case["n"], case["compiled"])
+    if key not in runs:
+        data = [t.clone().requires_grad_(True) for t in random_qp(case["batch"], case["n"], case["n"], seed=0).tensors()[:4]]
+        layer = QPFunction(verbose=-1, compile=case["compiled"])
+
+        def run(layer=layer, data=data):
+            layer(*data).sum().backward()
+
+        for _ in range(3):
+            run()
+        runs[key] = run
+    times = []
+    for _ in range(case["reps"]):
+        start = time.perf_counter()
+        runs[key]()
+        times.append(time.perf_counter() - start)
+    print(json.dumps(min(times)), flush=True)
+'''
+
+
+def _case(text: str) -> dict:
+    parts = text.split(",")
+    if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "compiled"):
+        raise argparse.ArgumentTypeError(f"a case is 'batch,n' or 'batch,n,compiled', got {text!r}")
+    return {"batch": int(parts[0]), "n": int(parts[1]), "compiled": len(parts) == 3}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("old", type=Path, help="the reference tree (a checkout of the repository)")
+    parser.add_argument("new", type=Path, help="the tree to compare with it")
+    parser.add_argument("--cases", type=_case, nargs="+", required=True)
+    parser.add_argument("--rounds", type=int, default=15, help="rounds per tree (each keeps its best)")
+    parser.add_argument("--reps", type=int, default=5, help="timed calls per round")
+    args = parser.parse_args(argv)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    workers = {tree: subprocess.Popen([sys.executable, "-c", _WORKER, str(tree.resolve())], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, text=True, env=env) for tree in (args.old, args.new)}
+    try:
+        for case in args.cases:
+            best = {tree: float("inf") for tree in workers}
+            for round_ in range(args.rounds):
+                for tree in (args.old, args.new) if round_ % 2 == 0 else (args.new, args.old):
+                    workers[tree].stdin.write(json.dumps({**case, "reps": args.reps}) + "\n")
+                    workers[tree].stdin.flush()
+                    best[tree] = min(best[tree], json.loads(workers[tree].stdout.readline()))
+            name = f"({case['batch']}, {case['n']}){' compiled' if case['compiled'] else ''}"
+            print(f"{name}: {1e3 * best[args.old]:.2f} ms -> {1e3 * best[args.new]:.2f} ms "
+                  f"(ratio {best[args.new] / best[args.old]:.2f})", flush=True)
+    finally:
+        for worker in workers.values():
+            worker.stdin.close()
+            worker.wait()
+
+
+if __name__ == "__main__":
+    main()
