@@ -1,8 +1,8 @@
 """optlayers.solve_cone vs diffcp on the same batch of random cone programs (all five cone types).
 
 Times the forward solve and the adjoint (VJP) of the same loss on the CPU, and the batched dense
-derivative on CUDA when available. Prints a table, the ratios of ``solver="ipm"`` and of the
-default (Clarabel) to diffcp's dense mode with a Clarabel forward, and writes JSON.
+derivative on CUDA when available. Prints a table, the ratios of the default (``solver="auto"``), of
+``solver="ipm"`` and of ``solver="clarabel"`` to diffcp's dense mode with a Clarabel forward, and writes JSON.
 
     PYTHONPATH=src python benchmarks/bench_cone.py --batch 128 --repeats 5 --out bench_cone.json
 """
@@ -142,7 +142,7 @@ def main() -> None:
     v = torch.randn(args.batch, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     data = (A, b, c, v)
     rows = {}
-    for solver in ("scs", "ipm", "clarabel"):
+    for solver in ("scs", "auto", "ipm", "clarabel"):
         rows[f"optlayers {solver} dense"] = bench_optlayers(data, solver, "dense", args.repeats)
     rows["optlayers scs dense, warm start"] = bench_optlayers(data, "scs", "dense", args.repeats, warm=True)
     try:
@@ -175,7 +175,7 @@ def main() -> None:
                       "solved": row["solved"], "max_x_error": err_x, "max_grad_c_diff": err_g})
     if "diffcp Clarabel dense" in rows:  # the issue's yardstick: diffcp's dense mode with a Clarabel forward
         reference = rows["diffcp Clarabel dense"]
-        for name in ("optlayers ipm dense", "optlayers clarabel dense"):
+        for name in ("optlayers auto dense", "optlayers ipm dense", "optlayers clarabel dense"):
             ratio = ratios(rows[name], reference)
             print(f"{name} / diffcp Clarabel dense: {ratio['wall']:.2f} (wall), {ratio['cpu']:.2f} (CPU)")
             next(r for r in table if r["method"] == name)["ratio_to_diffcp_clarabel_dense"] = ratio

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from optlayers.cone.autograd import ConeProgram, Settings
-from optlayers.cone import backends
+from optlayers.cone import autograd, backends
 from optlayers.cone.interior.solver import IPMSettings
 from optlayers.cone.linsolve import MODES
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
@@ -18,7 +18,20 @@ from optlayers.options import check_choice, check_int, check_number
 from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status
 
 
-SOLVERS = ("ipm",) + backends.SOLVERS
+SOLVERS = ("auto", "ipm") + backends.SOLVERS
+
+# solver="auto" (the default) runs the batched interior point method ("ipm") on the CPU where
+#     batch * m ** AUTO_CPU_POWER >= AUTO_CPU_WORK   (m: the programs' rows),
+# Clarabel elsewhere. Why: ipm pays a fixed cost per iteration (~1,000 torch dispatches, ~75 ms
+# forward + adjoint for one program) that a batch shares, Clarabel a cost per program that grows
+# faster with m than ipm's per-program share. Forward + adjoint (backward of x . v) of
+# testing.random_program batches mixing all cone kinds, ipm with one torch thread against Clarabel's
+# default thread pool, alternating in one process, best of 3-5, on the loaded 2-core Xeon VM
+# (2026-12-01), crossed over (ipm / clarabel time = 1) at batch ~700-1000 for m = 20, ~128 for m = 44,
+# ~16 for m = 96, ~3 for m = 192 and below 1 for m = 384 (0.56 at batch 1): batch * m^2.5 ~ 1.5e6 at
+# each (docs/cone.md, "Which forward solver", has the table).
+AUTO_CPU_POWER = 2.5
+AUTO_CPU_WORK = 1.5e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +62,25 @@ def check_cone_options(solver: object, mode: object, on_failure: object, solver_
     if solver_options is not None and not isinstance(solver_options, dict):
         raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
     _SOLVER_OPTION_CHECKS[solver](dict(solver_options or {}))
+
+
+def choose_solver(rows: int, batch: int, device: torch.device | str) -> str:
+    """The solver ``solver="auto"`` runs for ``batch`` programs of ``rows`` constraint rows (m) on
+    ``device``: "ipm" on any device but the CPU (Clarabel would copy every program to the host and
+    solve it there), for CPU batches with batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK (where it
+    was measured to be faster, see the constants' note), and wherever the clarabel package is
+    missing; "clarabel" otherwise."""
+    check_int("rows", rows, 1)
+    check_int("batch", batch, 1)
+    if torch.device(device).type != "cpu" or not autograd._clarabel_available():
+        return "ipm"
+    return "ipm" if batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK else "clarabel"
+
+
+def _check_auto_options(options: dict) -> None:
+    if options:
+        raise ValueError(f"solver_options belong to one solver, and solver='auto' picks one by the batch: pass "
+                         f"solver='clarabel' or solver='ipm' (or 'scs') with them, got {sorted(options)}")
 
 
 def _check_ipm_options(options: dict) -> None:
@@ -99,10 +131,11 @@ def _check_scs_options(options: dict) -> None:
         raise ValueError("solver_options eps_abs and eps_rel cannot both be 0: SCS would only run to max_iters")
 
 
-_SOLVER_OPTION_CHECKS = {"ipm": _check_ipm_options, "clarabel": _check_clarabel_options, "scs": _check_scs_options}
+_SOLVER_OPTION_CHECKS = {"auto": _check_auto_options, "ipm": _check_ipm_options, "clarabel": _check_clarabel_options,
+                         "scs": _check_scs_options}
 
 
-def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mode: str = "dense",
+def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: str = "dense",
                on_failure: str = "raise", solver_options: dict | None = None,
                warm_start: ConeSolution | None = None, max_workers: int | None = None,
                refine_steps: int = REFINE_STEPS, failed_value: float = math.nan) -> ConeSolution:
@@ -114,19 +147,21 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
         c: (n,) or (B, n).
         cones: the cone K (SCS order and conventions), covering the m rows.
         P: optional (n, n) or (B, n, n) PSD matrix; its symmetric part is used.
-        solver: "ipm" (the batched interior point method of ``optlayers.cone.interior``, on the
-            data's device, CPU or CUDA; elements it leaves unsolved go to Clarabel), "clarabel"
-            (interior point, element by element in threads) or "scs" (splitting; uses ``warm_start``).
-            The default is "clarabel": on one CPU thread "ipm" takes half its time for 128
-            programs of m = 96, n = 48, about as long for 16 and 3x as long for one, and is slower
-            at every batch size on small programs (m = 20, n = 6; docs/cone.md, "Which forward
-            solver"); "ipm" is the path that stays on a GPU.
+        solver: "auto" (the default: "ipm" where it is measured to be faster, "clarabel"
+            otherwise, see ``choose_solver``), "ipm" (the batched interior point method of
+            ``optlayers.cone.interior``, on the data's device, CPU or CUDA; elements it leaves
+            unsolved go to Clarabel), "clarabel" (interior point, element by element in threads) or
+            "scs" (splitting; uses ``warm_start``). "auto" runs "ipm" on CUDA and for CPU batches
+            that are large for their programs' size (from 17 programs of m = 96 rows, 117 of
+            m = 44, 839 of m = 20), where it takes down to half of Clarabel's time
+            (docs/cone.md, "Which forward solver").
         mode: the derivative's linear solve: "dense" (batched LU, CPU or CUDA), or "lsqr"/"lsmr"
             (matrix-free, element by element, for large sparse problems; reverse mode only:
             forward mode, torch.func.jvp, always uses the dense solve).
         on_failure: "raise", "warn" or "ignore" when an element is not solved.
-        solver_options: passed to the solver (IPMSettings fields for "ipm", Clarabel settings
-            attributes, SCS keyword arguments); names and values are checked first (unknown
+        solver_options: passed to the solver named by ``solver`` (IPMSettings fields for "ipm",
+            Clarabel settings attributes, SCS keyword arguments; refused with "auto", which may run
+            either: name the solver they are for); names and values are checked first (unknown
             names, iteration limits below 1, negative or non-finite tolerances, or all-zero
             tolerances that would only run to the limit are refused).
         warm_start: a previous solution of the same shapes (used by SCS).
@@ -141,6 +176,8 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "clarabel", mo
     """
     check_cone_options(solver, mode, on_failure, solver_options, max_workers, refine_steps, failed_value)
     data = validate(A, b, c, P, cones)
+    if solver == "auto":
+        solver = choose_solver(cones.size, data.b.shape[0], data.b.device)
     warm = None
     if warm_start is not None:
         expected = (data.b.shape[0] * data.c.shape[-1], data.b.numel(), data.b.numel())
@@ -194,7 +231,7 @@ class ConeLayer(torch.nn.Module):
             if name not in _LAYER_OPTIONS:
                 raise TypeError(f"unknown option {name!r}; expected one of {_LAYER_OPTIONS}")
         options = {"on_failure": "warn", "failed_value": 0.0, **options}
-        check_cone_options(options.get("solver", "clarabel"), options.get("mode", "dense"), options["on_failure"],
+        check_cone_options(options.get("solver", "auto"), options.get("mode", "dense"), options["on_failure"],
                            options.get("solver_options"), options.get("max_workers"),
                            options.get("refine_steps", REFINE_STEPS), options["failed_value"])
         self.cones, self.options = cones, options
