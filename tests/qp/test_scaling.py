@@ -72,8 +72,8 @@ def test_huge_rows_are_clamped_by_the_norm_guard():
 
 
 def test_a_batch_equilibrated_in_slices_is_scaled_as_a_whole(monkeypatch):
-    """On the CPU large batches are equilibrated in cache-sized slices: each problem's scaling and
-    scaled data are bit for bit those of the whole batch."""
+    """On the CPU with one thread large batches are equilibrated in cache-sized slices: each
+    problem's scaling and scaled data are bit for bit those of the whole batch."""
     from optlayers.qp import scaling
 
     data = _data(5, batch=7, spread=3.0)
@@ -83,6 +83,11 @@ def test_a_batch_equilibrated_in_slices_is_scaled_as_a_whole(monkeypatch):
     calls = []
     original = scaling._equilibrate
     monkeypatch.setattr(scaling, "_equilibrate", lambda d, it: calls.append(d.p.shape[0]) or original(d, it))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    equilibrate(data)
+    assert calls == [7]  # with several threads the batch is equilibrated whole
+    calls.clear()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     sliced_data, sliced = equilibrate(data)
     assert calls == [3, 3, 1]
     for name in ("d", "e", "f", "c"):

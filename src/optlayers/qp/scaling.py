@@ -69,9 +69,12 @@ def _inv_sqrt(norm: Tensor) -> Tensor:
     return torch.where(norm > 0, norm.clamp(_MIN_NORM, _MAX_NORM).rsqrt(), 1.0)
 
 
-# On the CPU a large batch is equilibrated in slices whose |Q| and |[A; G]| take about this many
-# bytes, so that the passes of the Ruiz iterations (three each) and of the scaling read them from a
-# core's cache rather than from memory (at batch 128, n = 100 the batch's matrices are 20 MB).
+# On the CPU with one intra-op thread a large batch is equilibrated in slices whose |Q| and
+# |[A; G]| take about this many bytes, so that the passes of the Ruiz iterations (three each) and of
+# the scaling read them from the core's cache rather than from memory (at batch 128, n = 100 the
+# batch's matrices are 20 MB; 60-68 -> 47-51 ms). With more threads every small kernel of a slice
+# would fork and join the thread team, which a loaded machine turned into a loss (214-224 -> 287-299
+# ms with two threads at load 4.4), so there the batch is equilibrated whole.
 _SLICE_BYTES = 1 << 20
 
 
@@ -80,11 +83,11 @@ def equilibrate(data: QPData, iterations: int = RUIZ_ITERATIONS) -> tuple[QPData
 
     The constraint rows [A; G] are scaled together and the scalings [d, e, f] live in one
     tensor, so that an iteration is a few operations whatever blocks the problem has. On the CPU
-    (not under compilation) large batches are equilibrated in slices (``_SLICE_BYTES``); each
-    problem's scaling is the same either way."""
+    with one thread (not under compilation) large batches are equilibrated in slices
+    (``_SLICE_BYTES``); each problem's scaling is the same either way."""
     batch, n = data.p.shape
     size = batch
-    if data.p.device.type == "cpu" and not torch.compiler.is_compiling():
+    if data.p.device.type == "cpu" and not torch.compiler.is_compiling() and torch.get_num_threads() == 1:
         size = max(1, _SLICE_BYTES // max((n + data.b.shape[-1] + data.h.shape[-1]) * n * data.Q.element_size(), 1))
     if size >= batch:
         return _equilibrate(data, iterations)
