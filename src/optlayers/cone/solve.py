@@ -21,15 +21,18 @@ from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status
 SOLVERS = ("auto", "ipm") + backends.SOLVERS
 
 # solver="auto" (the default) runs the batched interior point method ("ipm") on the CPU where
-#     batch * m ** AUTO_CPU_POWER >= AUTO_CPU_WORK   (m: the programs' rows),
-# Clarabel elsewhere. Why: ipm pays a fixed cost per iteration (~1,000 torch dispatches, ~75 ms
-# forward + adjoint for one program) that a batch shares, Clarabel a cost per program that grows
-# faster with m than ipm's per-program share. Forward + adjoint (backward of x . v) of
-# testing.random_program batches mixing all cone kinds, ipm with one torch thread against Clarabel's
-# default thread pool, alternating in one process, best of 3-5, on the loaded 2-core Xeon VM
-# (2026-12-01), crossed over (ipm / clarabel time = 1) at batch ~700-1000 for m = 20, ~128 for m = 44,
-# ~16 for m = 96, ~3 for m = 192 and below 1 for m = 384 (0.56 at batch 1): batch * m^2.5 ~ 1.5e6 at
-# each (docs/cone.md, "Which forward solver", has the table).
+#     torch runs one intra-op thread and batch * m ** AUTO_CPU_POWER >= AUTO_CPU_WORK
+# (m: the programs' rows), Clarabel elsewhere on the CPU. Why: ipm pays a fixed cost per iteration
+# (~1,000 torch dispatches, ~75 ms forward + adjoint for one program) that a batch shares, Clarabel
+# a cost per program that grows faster with m than ipm's per-program share. Forward + adjoint
+# (backward of x . v) of testing.random_program batches mixing all cone kinds, ipm with one torch
+# thread against Clarabel's default thread pool, alternating in one process, best of 3-5, on the
+# loaded 2-core Xeon VM (2026-12-01), crossed over (ipm / clarabel time = 1) at batch ~700-1000 for
+# m = 20, ~128 for m = 44, ~16 for m = 96, ~3 for m = 192 and below 1 for m = 384 (0.56 at batch 1):
+# batch * m^2.5 ~ 1.5e6 at each. With torch's default two threads on the same machine ipm's loop
+# took 6-9x its one-thread time (batch 64, m = 96: 1.2-2.1 s against 0.22 s; Clarabel with its
+# refinement 0.8-1.2 s), so with more than one thread "auto" keeps Clarabel on the CPU
+# (docs/cone.md, "Which forward solver", has the tables).
 AUTO_CPU_POWER = 2.5
 AUTO_CPU_WORK = 1.5e6
 
@@ -64,17 +67,20 @@ def check_cone_options(solver: object, mode: object, on_failure: object, solver_
     _SOLVER_OPTION_CHECKS[solver](dict(solver_options or {}))
 
 
-def choose_solver(rows: int, batch: int, device: torch.device | str) -> str:
+def choose_solver(rows: int, batch: int, device: torch.device | str, threads: int | None = None) -> str:
     """The solver ``solver="auto"`` runs for ``batch`` programs of ``rows`` constraint rows (m) on
-    ``device``: "ipm" on any device but the CPU (Clarabel would copy every program to the host and
-    solve it there), for CPU batches with batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK (where it
-    was measured to be faster, see the constants' note), and wherever the clarabel package is
+    ``device`` with ``threads`` torch intra-op threads (default: ``torch.get_num_threads()``):
+    "ipm" on any device but the CPU (Clarabel would copy every program to the host and solve it
+    there), on the CPU with one thread where batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK (where
+    it was measured to be faster, see the constants' note), and wherever the clarabel package is
     missing; "clarabel" otherwise."""
     check_int("rows", rows, 1)
     check_int("batch", batch, 1)
+    check_int("threads", threads, 1, optional=True)
     if torch.device(device).type != "cpu" or not autograd._clarabel_available():
         return "ipm"
-    return "ipm" if batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK else "clarabel"
+    threads = torch.get_num_threads() if threads is None else threads
+    return "ipm" if threads == 1 and batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK else "clarabel"
 
 
 def _check_auto_options(options: dict) -> None:
@@ -151,10 +157,10 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
             otherwise, see ``choose_solver``), "ipm" (the batched interior point method of
             ``optlayers.cone.interior``, on the data's device, CPU or CUDA; elements it leaves
             unsolved go to Clarabel), "clarabel" (interior point, element by element in threads) or
-            "scs" (splitting; uses ``warm_start``). "auto" runs "ipm" on CUDA and for CPU batches
-            that are large for their programs' size (from 17 programs of m = 96 rows, 117 of
-            m = 44, 839 of m = 20), where it takes down to half of Clarabel's time
-            (docs/cone.md, "Which forward solver").
+            "scs" (splitting; uses ``warm_start``). "auto" runs "ipm" on CUDA and, with one torch
+            thread, for CPU batches that are large for their programs' size (from 17 programs of
+            m = 96 rows, 117 of m = 44, 839 of m = 20), where it takes down to half of Clarabel's
+            time (docs/cone.md, "Which forward solver").
         mode: the derivative's linear solve: "dense" (batched LU, CPU or CUDA), or "lsqr"/"lsmr"
             (matrix-free, element by element, for large sparse problems; reverse mode only:
             forward mode, torch.func.jvp, always uses the dense solve).
