@@ -253,7 +253,12 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     and whether it is finite.
 
     Primal infeasibility (dν, dλ): ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ < −ε‖dy‖, dλ ≥ −ε‖dy‖.
-    Dual infeasibility dx: ‖Q dx‖ ≤ ε‖dx‖, ‖A dx‖ ≤ ε‖dx‖, G dx ≤ ε‖dx‖, pᵀdx < −ε‖dx‖.
+    Dual infeasibility dx: ‖Q dx‖ ≤ ε‖dx‖, ‖A dx‖ ≤ ε‖dx‖, G dx ≤ ε‖dx‖, pᵀdx < −ε‖dx‖, and the
+    objective still descends at the far point x + T dx, T = ‖x‖/‖dx‖: (Q(x + T dx) + p)ᵀdx < −ε‖dx‖.
+    The last test keeps a bounded problem whose Q is singular to working precision along dx
+    (‖Q dx‖ ≤ ε‖dx‖, yet dxᵀQ dx > 0: scalings of 1e5 leave such directions) from passing: along a
+    true recession direction the objective falls on every scale, while there its curvature stops
+    the descent within the iterate's reach (the slope at x is about −pᵀdx when x is near an optimum).
     The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx; A dx and G dx are measured (the
     regularised step need not satisfy A dx = −r_e, G dx = −r_i − ds where A is rank deficient).
     Each family of comparisons is one stacked operation.
@@ -261,22 +266,26 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     n, m, k = st.n, st.m, st.k
     dv = step.dv
     dx, dnu, dlam, ds = dv[:, :n], dv[:, n : n + m], dv[:, n + m : n + m + k], dv[:, n + m + k :]
-    residual_y, norm_qdx, nx = _norms([res.r_d + step.q_dx, step.q_dx, dx])
+    residual_y, norm_qdx, nx, norm_x = _norms([res.r_d + step.q_dx, step.q_dx, dx, st.x])
     ny = dv[:, n : n + m + k].abs().amax(-1) if m + k else torch.zeros_like(nx)
     zero = torch.zeros_like(nx)
-    norm_adx = mv(data.A, dx).abs().amax(-1) if m else zero
+    adx = mv(data.A, dx) if m else None
+    gdx = mv(data.G, dx) if k else None
+    norm_adx = adx.abs().amax(-1) if m else zero
     lowest_dlam = dlam.amin(-1) if k else zero
-    highest_gdx = mv(data.G, dx).amax(-1) if k else zero
+    highest_gdx = gdx.amax(-1) if k else zero
     farkas_value = _pair_dots(data.h, dlam) + (_pair_dots(data.b, dnu) if m else 0.0)
-    sizes = torch.stack([ny, nx])
+    sizes = torch.stack([ny, nx, nx])  # the Farkas, pᵀdx and slope tests' sizes
     bounds = eps * sizes
     small = torch.stack([residual_y, -lowest_dlam, norm_qdx, norm_adx, highest_gdx]) <= bounds[[0, 0, 1, 1, 1]]
-    descent = torch.stack([farkas_value, _pair_dots(data.p, dx)]) < -bounds
-    tests = torch.cat([small, descent, sizes > 0])  # rows: 0-1 y-small, 2-4 x-small, 5-6 descent, 7-8 nonzero
+    # pᵀdx, and the objective's slope along dx at x + T dx, T = ‖x‖ / ‖dx‖: (Q(x + T dx) + p)ᵀdx
+    products = torch.cat([data.p, st.x, dx * (norm_x / nx).unsqueeze(-1)], -1) * torch.cat([dx, step.q_dx, step.q_dx], -1)
+    descent = torch.stack([farkas_value, products[:, :n].sum(-1), products.sum(-1)]) < -bounds
+    tests = torch.cat([small, descent, sizes > 0])  # rows: 0-1 y-small, 2-4 x-small, 5-7 descent, 8-10 nonzero
     # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
     # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
-    farkas = tests[[0, 1, 5, 7]].all(0) & ~res.primal_feasible
-    recession = tests[[2, 3, 4, 6, 8]].all(0) & ~res.dual_feasible
+    farkas = tests[[0, 1, 5, 8]].all(0) & ~res.primal_feasible
+    recession = tests[[2, 3, 4, 6, 7, 9]].all(0) & ~res.dual_feasible
     total = residual_y + ny + (res.r_i + ds).sum(-1) + step.alpha  # NaN or ±inf if any part of the step is
     return farkas, recession, (total - total) == 0
 
