@@ -259,6 +259,7 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     (‖Q dx‖ ≤ ε‖dx‖, yet dxᵀQ dx > 0: scalings of 1e5 leave such directions) from passing: along a
     true recession direction the objective falls on every scale, while there its curvature stops
     the descent within the iterate's reach (the slope at x is about −pᵀdx when x is near an optimum).
+    It is waived where x has diverged (``_DIVERGED``).
     The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx; A dx and G dx are measured (the
     regularised step need not satisfy A dx = −r_e, G dx = −r_i − ds where A is rank deficient).
     Each family of comparisons is one stacked operation.
@@ -268,19 +269,18 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     dx, dnu, dlam, ds = dv[:, :n], dv[:, n : n + m], dv[:, n + m : n + m + k], dv[:, n + m + k :]
     residual_y, norm_qdx, nx, norm_x = _norms([res.r_d + step.q_dx, step.q_dx, dx, st.x])
     ny = dv[:, n : n + m + k].abs().amax(-1) if m + k else torch.zeros_like(nx)
-    zero = torch.zeros_like(nx)
-    adx = mv(data.A, dx) if m else None
-    gdx = mv(data.G, dx) if k else None
-    norm_adx = adx.abs().amax(-1) if m else zero
-    lowest_dlam = dlam.amin(-1) if k else zero
-    highest_gdx = gdx.amax(-1) if k else zero
+    # without equality (inequality) rows their tests are taken by another test of the same certificate
+    norm_adx = mv(data.A, dx).abs().amax(-1) if m else norm_qdx
+    minus_lowest_dlam = -dlam.amin(-1) if k else residual_y
+    highest_gdx = mv(data.G, dx).amax(-1) if k else norm_qdx
     farkas_value = _pair_dots(data.h, dlam) + (_pair_dots(data.b, dnu) if m else 0.0)
     sizes = torch.stack([ny, nx, nx])  # the Farkas, pᵀdx and slope tests' sizes
     bounds = eps * sizes
-    small = torch.stack([residual_y, -lowest_dlam, norm_qdx, norm_adx, highest_gdx]) <= bounds[[0, 0, 1, 1, 1]]
+    small = torch.stack([residual_y, minus_lowest_dlam, norm_qdx, norm_adx, highest_gdx]) <= bounds[[0, 0, 1, 1, 1]]
     # pᵀdx, and the objective's slope along dx at x + T dx, T = ‖x‖ / ‖dx‖: (Q(x + T dx) + p)ᵀdx
     products = torch.cat([data.p, st.x, dx * (norm_x / nx).unsqueeze(-1)], -1) * torch.cat([dx, step.q_dx, step.q_dx], -1)
-    descent = torch.stack([farkas_value, products[:, :n].sum(-1), products.sum(-1)]) < -bounds
+    far_slope = products.sum(-1).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
+    descent = torch.stack([farkas_value, products[:, :n].sum(-1), far_slope]) < -bounds
     tests = torch.cat([small, descent, sizes > 0])  # rows: 0-1 y-small, 2-4 x-small, 5-7 descent, 8-10 nonzero
     # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
     # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
@@ -290,6 +290,11 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     return farkas, recession, (total - total) == 0
 
 
+# The far-point slope test of a recession direction is waived where ‖x‖ (scaled) exceeds this
+# (≈ 1/√ε of float64): an unbounded problem's iterate has diverged there, and x's rounding-level
+# components times a Q dx at the solve's accuracy outweigh pᵀdx; the bounded problems this test
+# keeps from being certified have iterates of 1e3–1e6.
+_DIVERGED = 1e8
 # A certificate must hold for this many consecutive iterations before it is believed.
 _CERTIFICATE_PERSISTENCE = 3
 # A step shorter than this is negligible progress.
