@@ -40,10 +40,7 @@ _SETTINGS = dict(deadline=None, derandomize=True, database=None,
 # that case passes, tested plainly), and the entry goes when the 10,000-case run no longer finds it.
 _UNSOLVED = ("a solvable element left at MAX_ITER or NUMERICAL_ERROR (degenerate: duplicated active rows; or "
              "scaled by 1e6), its residuals stalling at 1e-9 to 1e-7")
-_FALSE_RECESSION = ("false recession certificate on a bounded element scaled by up to 1e6 (seeds 178, 4421, 29507 in "
-                    "the 10,000-case runs; fixed, tested below)")
 KNOWN_BUGS = {
-    ("SOLVED", "DUAL_INFEASIBLE"): _FALSE_RECESSION,
     ("SOLVED", "MAX_ITER"): _UNSOLVED,
     ("SOLVED", "NUMERICAL_ERROR"): _UNSOLVED,
 }
