@@ -171,6 +171,19 @@ def test_no_false_unboundedness_certificate_on_a_slowly_converging_scaled_bounde
     assert max(kkt_residuals(batch, element, z, lam, nu, s).values()) <= KKT_TOL
 
 
+def test_no_false_infeasibility_certificate_from_a_step_at_rounding_level():
+    """A linear program (rows scaled by up to 1e0.9, a duplicated inequality) whose duals had
+    converged: its steps dy of 1e-17 (λ ≈ 0.5) passed the relative Farkas tests by rounding
+    (bᵀdν + hᵀdλ = -2e-16 < -ε‖dy‖ = -4e-24) and it was certified PRIMAL_INFEASIBLE (the
+    10,000-case run at dd895a0, and at b40d458)."""
+    case = {"seed": 2042226988, "n": 3, "k": 2, "m": 1, "objective_decades": 0.6300511117834071,
+            "row_decades": 0.9161148129444376, "column_decades": 0.9161148129444376,
+            "elements": [{"kind": "solvable", "rank": 0, "duplicate_rows": True, "redundant_eq": False},
+                         {"kind": "solvable", "rank": 2, "duplicate_rows": False, "redundant_eq": True}]}
+    outcome = outcomes(case, compare_alone=False)[0]
+    assert outcome["verdict"] == "ok", outcome
+
+
 def test_a_solution_is_judged_against_its_terms_before_they_cancel():
     """An LP with optimal value 0: pᵀz sums terms of 1e5 to 6e-11. Judged against |pᵀz| itself the
     (rounding-level) gap looked like 6e-7; against |p|ᵀ|z| it is 1e-16."""

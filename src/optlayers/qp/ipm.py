@@ -252,7 +252,10 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     """Whether the direction looks like a primal (Farkas) or a dual infeasibility certificate,
     and whether it is finite.
 
-    Primal infeasibility (dν, dλ): ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ < −ε‖dy‖, dλ ≥ −ε‖dy‖.
+    Primal infeasibility (dν, dλ): ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ < −ε‖dy‖, dλ ≥ −ε‖dy‖,
+    and ‖dy‖ > 64 ε₆₄ ‖y‖ (``_ROUNDING``): where the duals have converged, a step dy at their
+    rounding passes the relative tests by rounding (‖dy‖ = 1e-16 ‖y‖ certified a feasible LP;
+    right certificates were seen to fire with ‖dy‖ down to 1.8e-12 ‖y‖).
     Dual infeasibility dx: ‖Q dx‖ ≤ ε‖dx‖, ‖A dx‖ ≤ ε‖dx‖, G dx ≤ ε‖dx‖, pᵀdx < −ε‖dx‖, and the
     objective still descends at the far point x + T dx, T = ‖x‖/‖dx‖: (Q(x + T dx) + p)ᵀdx < −ε‖dx‖.
     The last test keeps a bounded problem whose Q is singular to working precision along dx
@@ -281,10 +284,12 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     products = torch.cat([data.p, st.x, dx * (norm_x / nx).unsqueeze(-1)], -1) * torch.cat([dx, step.q_dx, step.q_dx], -1)
     far_slope = products.sum(-1).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
     descent = torch.stack([farkas_value, products[:, :n].sum(-1), far_slope]) < -bounds
-    tests = torch.cat([small, descent, sizes > 0])  # rows: 0-1 y-small, 2-4 x-small, 5-7 descent, 8-10 nonzero
+    # dy must move y: a step of dy at y's rounding (an optimum's dual, converged) passes the relative tests by rounding
+    moves = (ny > _ROUNDING * st.v[:, n : n + m + k].abs().amax(-1)).unsqueeze(0) if m + k else (sizes[:1] > 0)
+    tests = torch.cat([small, descent, sizes > 0, moves])  # rows: 0-1 y-small, 2-4 x-small, 5-7 descent, 8-10 nonzero, 11 dy moves y
     # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
     # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
-    farkas = tests[[0, 1, 5, 8]].all(0) & ~res.primal_feasible
+    farkas = tests[[0, 1, 5, 8, 11]].all(0) & ~res.primal_feasible
     recession = tests[[2, 3, 4, 6, 7, 9]].all(0) & ~res.dual_feasible
     total = residual_y + ny + (res.r_i + ds).sum(-1) + step.alpha  # NaN or ±inf if any part of the step is
     return farkas, recession, (total - total) == 0
@@ -295,6 +300,8 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
 # components times a Q dx at the solve's accuracy outweigh pᵀdx; the bounded problems this test
 # keeps from being certified have iterates of 1e3–1e6.
 _DIVERGED = 1e8
+# A dual step below this fraction of the duals (64 ulps) is their rounding, no Farkas direction.
+_ROUNDING = 64 * torch.finfo(torch.float64).eps
 # A certificate must hold for this many consecutive iterations before it is believed.
 _CERTIFICATE_PERSISTENCE = 3
 # A step shorter than this is negligible progress.
