@@ -1,6 +1,8 @@
 """solve_cone's default forward solver, solver="auto": which solver it runs (choose_solver's rule,
 and the backend that actually ran), its answers and gradients against Clarabel's on a batch of each
 cone kind, and its options."""
+import math
+
 import pytest
 import torch
 
@@ -20,34 +22,31 @@ GRAD_TOL = 1e-7  # and share the backward pass
 
 
 def test_rule_picks_ipm_for_large_cpu_batches_of_larger_programs():
-    """The measured points of docs/cone.md ("Which forward solver") on either side of the rule."""
-    for rows, ipm_faster, ipm_slower in ((20, 1024, 512), (96, 24, 8), (192, 4, 2)):
-        assert solve_module.choose_solver(rows, ipm_faster, "cpu", threads=1) == "ipm"
-        assert solve_module.choose_solver(rows, ipm_slower, "cpu", threads=1) == "clarabel"
-    assert solve_module.choose_solver(384, 1, "cpu", threads=1) == "ipm"
-    assert solve_module.choose_solver(96, 128, "cpu", threads=1) == "ipm"  # the cone benchmark's batch
-    # with several torch threads ipm's loop was measured slower than Clarabel on the CPU
-    assert solve_module.choose_solver(96, 128, "cpu", threads=2) == "clarabel"
-    assert solve_module.choose_solver(384, 1024, "cpu", threads=16) == "clarabel"
+    """On either side of the rule's threshold, for small and large programs."""
+    for rows in (20, 96, 192):
+        least = math.ceil(solve_module.AUTO_CPU_WORK / rows ** solve_module.AUTO_CPU_POWER)
+        assert solve_module.choose_solver(rows, least, "cpu") == "ipm"
+        assert solve_module.choose_solver(rows, max(least - 1, 1), "cpu") == ("ipm" if least == 1 else "clarabel")
+    assert solve_module.choose_solver(96, 128, "cpu") == "ipm"  # the cone benchmark's batch
+    assert solve_module.choose_solver(96, 16, "cpu") == "clarabel"
+    assert solve_module.choose_solver(20, 1, "cpu") == "clarabel"
 
 
-def test_rule_reads_torch_thread_count(monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert solve_module.choose_solver(96, 128, "cpu") == "ipm"
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert solve_module.choose_solver(96, 128, "cpu") == "clarabel"
+def test_rule_does_not_depend_on_the_thread_count(monkeypatch):
+    for threads in (1, 2):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+        assert solve_module.choose_solver(96, 128, "cpu") == "ipm"
 
 
 def test_rule_picks_ipm_on_cuda_and_without_clarabel(monkeypatch):
-    assert solve_module.choose_solver(1, 1, torch.device("cuda"), threads=4) == "ipm"
+    assert solve_module.choose_solver(1, 1, torch.device("cuda")) == "ipm"
     monkeypatch.setattr(autograd, "_clarabel_available", lambda: False)
-    assert solve_module.choose_solver(1, 1, "cpu", threads=4) == "ipm"
+    assert solve_module.choose_solver(1, 1, "cpu") == "ipm"
 
 
 @pytest.mark.parametrize("args, message", [
     (dict(rows=0, batch=1, device="cpu"), "rows must be an integer >= 1, got 0"),
     (dict(rows=3, batch=1.5, device="cpu"), "batch must be an integer >= 1, got 1.5"),
-    (dict(rows=3, batch=1, device="cpu", threads=0), "threads must be an integer >= 1 or None, got 0"),
 ])
 def test_rule_input_messages(args, message):
     with pytest.raises(ValueError, match=message):
@@ -76,8 +75,7 @@ def test_default_runs_the_solver_of_the_rule(monkeypatch):
     spec = KINDS["soc"]
     n = sum(n_range(spec)) // 2
     ran = _record_backends(monkeypatch)
-    # the rule's threshold moved to this small program: ipm from batch 3 on (with one torch thread)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    # the rule's threshold moved to this small program: ipm from batch 3 on
     monkeypatch.setattr(solve_module, "AUTO_CPU_WORK", 3 * spec.size ** solve_module.AUTO_CPU_POWER)
     for batch, expected in ((2, "clarabel"), (3, "ipm")):
         ran.clear()
@@ -97,7 +95,6 @@ def test_auto_agrees_with_clarabel(kind, monkeypatch):
     lo, hi = n_range(spec)
     n, batch = (lo + hi) // 2, 6
     monkeypatch.setattr(solve_module, "AUTO_CPU_WORK", batch)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     ran = _record_backends(monkeypatch)
     A, b, c, _, x_true, _, _ = random_program(spec, n, batch=batch, seed=len(kind))
     g = torch.Generator().manual_seed(5)

@@ -21,20 +21,20 @@ from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status
 SOLVERS = ("auto", "ipm") + backends.SOLVERS
 
 # solver="auto" (the default) runs the batched interior point method ("ipm") on the CPU where
-#     torch runs one intra-op thread and batch * m ** AUTO_CPU_POWER >= AUTO_CPU_WORK
+#     batch * m ** AUTO_CPU_POWER >= AUTO_CPU_WORK
 # (m: the programs' rows), Clarabel elsewhere on the CPU. Why: ipm pays a fixed cost per iteration
 # (~1,000 torch dispatches, ~75 ms forward + adjoint for one program) that a batch shares, Clarabel
 # a cost per program that grows faster with m than ipm's per-program share. Forward + adjoint
-# (backward of x . v) of testing.random_program batches mixing all cone kinds, ipm with one torch
-# thread against Clarabel's default thread pool, alternating in one process, best of 3-5, on the
-# loaded 2-core Xeon VM (2026-12-01), crossed over (ipm / clarabel time = 1) at batch ~700-1000 for
-# m = 20, ~128 for m = 44, ~16 for m = 96, ~3 for m = 192 and below 1 for m = 384 (0.56 at batch 1):
-# batch * m^2.5 ~ 1.5e6 at each. With torch's default two threads on the same machine ipm's loop
-# took 6-9x its one-thread time (batch 64, m = 96: 1.2-2.1 s against 0.22 s; Clarabel with its
-# refinement 0.8-1.2 s), so with more than one thread "auto" keeps Clarabel on the CPU
-# (docs/cone.md, "Which forward solver", has the tables).
+# (backward of x . v) of testing.random_program batches mixing all cone kinds, alternating in one
+# process, best of 3, on the 2-core Xeon VM (2026-12-01): the crossover (ipm / clarabel wall time
+# = 1) lies at batch * m^2.5 of the same size for m = 20, 44, 96, 192 and 384 (measured under load,
+# which fixed the exponent), and on the quiet machine at batch ~48 for m = 96 with one torch thread
+# and with two (Clarabel with its default thread pool; ipm 0.15 s, Clarabel 0.16 s forward at 48;
+# ipm 0.27-0.30 s against 0.40-0.42 s at 128 with two threads): 48 * 96^2.5 ~ 4e6. Measured under
+# load (other jobs on both cores), the crossover moved to a third of that and ipm with two threads
+# looked many times slower than with one: both were the load, not the solvers.
 AUTO_CPU_POWER = 2.5
-AUTO_CPU_WORK = 1.5e6
+AUTO_CPU_WORK = 4e6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,20 +67,17 @@ def check_cone_options(solver: object, mode: object, on_failure: object, solver_
     _SOLVER_OPTION_CHECKS[solver](dict(solver_options or {}))
 
 
-def choose_solver(rows: int, batch: int, device: torch.device | str, threads: int | None = None) -> str:
+def choose_solver(rows: int, batch: int, device: torch.device | str) -> str:
     """The solver ``solver="auto"`` runs for ``batch`` programs of ``rows`` constraint rows (m) on
-    ``device`` with ``threads`` torch intra-op threads (default: ``torch.get_num_threads()``):
-    "ipm" on any device but the CPU (Clarabel would copy every program to the host and solve it
-    there), on the CPU with one thread where batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK (where
-    it was measured to be faster, see the constants' note), and wherever the clarabel package is
-    missing; "clarabel" otherwise."""
+    ``device``: "ipm" on any device but the CPU (Clarabel would copy every program to the host and
+    solve it there), on the CPU where batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK (where it was
+    measured to be faster, see the constants' note), and wherever the clarabel package is missing;
+    "clarabel" otherwise."""
     check_int("rows", rows, 1)
     check_int("batch", batch, 1)
-    check_int("threads", threads, 1, optional=True)
     if torch.device(device).type != "cpu" or not autograd._clarabel_available():
         return "ipm"
-    threads = torch.get_num_threads() if threads is None else threads
-    return "ipm" if threads == 1 and batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK else "clarabel"
+    return "ipm" if batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK else "clarabel"
 
 
 def _check_auto_options(options: dict) -> None:
