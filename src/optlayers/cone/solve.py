@@ -23,18 +23,18 @@ SOLVERS = ("auto", "ipm") + backends.SOLVERS
 # solver="auto" (the default) runs the batched interior point method ("ipm") on the CPU where
 #     batch * m ** AUTO_CPU_POWER >= AUTO_CPU_WORK
 # (m: the programs' rows), Clarabel elsewhere on the CPU. Why: ipm pays a fixed cost per iteration
-# (~1,000 torch dispatches, ~75 ms forward + adjoint for one program) that a batch shares, Clarabel
-# a cost per program that grows faster with m than ipm's per-program share. Forward + adjoint
-# (backward of x . v) of testing.random_program batches mixing all cone kinds, alternating in one
-# process, best of 3, on the 2-core Xeon VM (2026-12-01): the crossover (ipm / clarabel wall time
-# = 1) lies at batch * m^2.5 of the same size for m = 20, 44, 96, 192 and 384 (measured under load,
-# which fixed the exponent), and on the quiet machine at batch ~48 for m = 96 with one torch thread
-# and with two (Clarabel with its default thread pool; ipm 0.15 s, Clarabel 0.16 s forward at 48;
-# ipm 0.27-0.30 s against 0.40-0.42 s at 128 with two threads): 48 * 96^2.5 ~ 4e6. Measured under
-# load (other jobs on both cores), the crossover moved to a third of that and ipm with two threads
-# looked many times slower than with one: both were the load, not the solvers.
-AUTO_CPU_POWER = 2.5
-AUTO_CPU_WORK = 4e6
+# (~1,000 torch dispatches) that a batch shares, Clarabel a cost per program that grows faster with
+# m than ipm's per-program share. Forward + adjoint (backward of x . v) of testing.random_program
+# batches mixing all cone kinds, Clarabel with its default thread pool, alternating in one process,
+# best of 3, on the quiet 2-core Xeon VM (2026-12-01 20:36 UTC, torch's two threads): ipm / clarabel
+# time crossed 1 at batch ~400 for m = 20, ~200 for m = 44, 48 for m = 96, ~12 for m = 192, ~3 for
+# m = 288 and below 1 for m = 384 (docs/cone.md has the table). batch * m^2 ~ 4e5 fits the first
+# five within a factor of 1.3 in the time lost either side; programs of m >= 384 alone would take
+# ipm from batch 1 (it is then up to 2.4x faster at batch 1-2). Thread count: under load (other jobs
+# on both cores) ipm with two threads looked many times slower than with one and the crossover moved;
+# on the quiet machine two threads made ipm faster, so the rule does not look at it.
+AUTO_CPU_POWER = 2
+AUTO_CPU_WORK = 4e5
 
 
 @dataclasses.dataclass(frozen=True)
