@@ -154,10 +154,10 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
             otherwise, see ``choose_solver``), "ipm" (the batched interior point method of
             ``optlayers.cone.interior``, on the data's device, CPU or CUDA; elements it leaves
             unsolved go to Clarabel), "clarabel" (interior point, element by element in threads) or
-            "scs" (splitting; uses ``warm_start``). "auto" runs "ipm" on CUDA and, with one torch
-            thread, for CPU batches that are large for their programs' size (from 17 programs of
-            m = 96 rows, 117 of m = 44, 839 of m = 20), where it takes down to half of Clarabel's
-            time (docs/cone.md, "Which forward solver").
+            "scs" (splitting; uses ``warm_start``). "auto" runs "ipm" on CUDA and for CPU batches
+            that are large for their programs' size (from 44 programs of m = 96 rows, 207 of
+            m = 44, 1,000 of m = 20), where it takes down to half of Clarabel's time
+            (docs/cone.md, "Which forward solver").
         mode: the derivative's linear solve: "dense" (batched LU, CPU or CUDA), or "lsqr"/"lsmr"
             (matrix-free, element by element, for large sparse problems; reverse mode only:
             forward mode, torch.func.jvp, always uses the dense solve).
