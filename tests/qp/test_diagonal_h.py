@@ -1,6 +1,5 @@
 """The diagonal-H path (diagonal Q; at most one nonzero per row of G, as bounds): recognised, and in
 agreement with the dense path and with finite differences."""
-import pytest
 import torch
 
 from optlayers import QPStatus, solve_qp

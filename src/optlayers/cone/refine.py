@@ -102,7 +102,6 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
     if max_steps == 0:
         return point
     current = point.cleaned()
-    n = point.x.shape[-1]
     w = current.y - current.s
     res = residual(current, b, c, w)
     norm = res.norm(dim=-1)

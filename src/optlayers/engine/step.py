@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from optlayers.engine import cones as cone_parts
-from optlayers.linalg import mtv, mv
+from optlayers.linalg import mv
 from optlayers.qp.kkt import KKTFactor, factor_kkt, solve_reduced
 
 # For the derivatives, inequalities with W⁻¹ = λ/s above this (scaled units) are kept out of H

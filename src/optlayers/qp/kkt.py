@@ -325,14 +325,13 @@ def _refined(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None, d
     abs_dx = dx.abs()
     h_dx = (f.H * dx).abs() if root is None else root * (root * abs_dx).sum(-1, keepdim=True)
     terms_x = h_dx + rx.abs()
-    if f.C.shape[-2] == 0:
-        return bool(host_read((ex.abs() <= tol * terms_x).all().reshape(1))[0])
-    abs_c = f.C.abs()
-    terms_x = terms_x + mtv(abs_c, omega.abs())
-    terms_c = mv(abs_c, abs_dx) + (f.d0 * omega).abs()
-    if rc is not None:
-        terms_c = terms_c + rc.abs()
-    ok = torch.cat([ex.abs() <= tol * terms_x, eo.abs() <= tol * terms_c], dim=-1)
+    checks = []
+    if f.C.shape[-2]:
+        abs_c = f.C.abs()
+        terms_x = terms_x + mtv(abs_c, omega.abs())
+        terms_c = mv(abs_c, abs_dx) + (f.d0 * omega).abs()
+        checks.append(eo.abs() <= tol * (terms_c if rc is None else terms_c + rc.abs()))
+    ok = torch.cat([ex.abs() <= tol * terms_x, *checks], dim=-1)
     return bool(host_read(ok.all().reshape(1))[0])
 
 
