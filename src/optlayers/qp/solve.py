@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from optlayers.options import check_bool, check_choice, check_int, check_number, check_tolerances
+from optlayers.options import check_bool, check_choice, check_int, check_tolerances
 from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
