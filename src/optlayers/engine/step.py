@@ -148,46 +148,48 @@ class Step:
     inside: Tensor | None = None
 
 
-def max_step(w: Tensor, dw: Tensor, cap: float = 1.0) -> Tensor:
-    """Largest α ≤ ``cap`` with w + α dw ≥ 0 over the last two dimensions of (B, 2, k), per problem."""
-    ratio = torch.where(dw < 0, -w / dw, cap)
-    return ratio.flatten(1).amin(-1).clamp(max=cap)
+def max_step(w: Tensor, dw: Tensor, cap: float = 1.0, scale: float = 1.0) -> Tensor:
+    """``scale`` times the largest α ≤ ``cap`` with w + α dw ≥ 0 over the last two dimensions of
+    (B, 2, k), per problem, for w > 0: α = 1 / max(1/cap, maxᵢ −dwᵢ/wᵢ), in five kernels."""
+    lowest = (dw / w).flatten(1).amin(-1).clamp(max=-1.0 / cap)  # −1/α
+    return lowest.reciprocal().mul(-scale)
 
 
-def _merit_step(dw: Tensor, complementarity_change: Tensor, alpha: Tensor, res, factors: Tensor) -> Tensor:
-    """The longest candidate step α·βʲ (``factors`` (B, j) holds βʲ) with sufficient merit
-    decrease (see above); ``alpha`` itself where none has it (shorter steps would only crawl).
-    ``dw`` (B, 2, k) is the direction of (λ, s), ``complementarity_change`` (B,) = sᵀdλ + λᵀds;
-    ‖r‖ is the largest entry of the scaled residuals (``res.scaled``).
+def _merit_step(dw: Tensor, b4: Tensor, alpha: Tensor, res, factors: Tensor) -> Tensor:
+    """The longest candidate step α·βʲ (``factors`` (B, j) holds βʲ, β = ``BACKTRACK``) with
+    sufficient merit decrease (see above); ``alpha`` itself where none has it (shorter steps would
+    only crawl). ``dw`` (B, 2, k) is the direction of (λ, s), ``b4`` (B, k) = s∘dλ + λ∘ds; ‖r‖ is
+    the largest entry of the scaled residuals (``res.scaled``).
 
-    With μ(a) = μ + a·c₁ + a²·c₂ (c₁ = (sᵀdλ + λᵀds)/k, c₂ = dsᵀdλ/k) the test
-    μ(a) + (1 − a)‖r‖ ≤ (1 − δa)(μ + ‖r‖) reads, divided by a > 0, c₁ + a·c₂ ≤ (1 − δ)‖r‖ − δμ."""
-    a = alpha.unsqueeze(-1) * factors
+    With μ(a) = μ + a·c₁ + a²·c₂ (c₁ = Σb4/k, c₂ = dsᵀdλ/k) the test
+    μ(a) + (1 − a)‖r‖ ≤ (1 − δa)(μ + ‖r‖) reads, multiplied by k/a > 0,
+    k·c₁ + a·k·c₂ ≤ k((1 − δ)‖r‖ − δμ). The first candidate that passes is the longest (argmax
+    takes the first maximum; none passing gives j = 0, α itself)."""
     k = dw.shape[-1]
-    linear = (complementarity_change / k).unsqueeze(-1)
-    quadratic = dw.prod(-2).sum(-1, keepdim=True) / k
-    bound = ((1 - _MERIT_DECREASE) * res.scaled - _MERIT_DECREASE * res.mu).unsqueeze(-1)
-    longest = (a * (torch.addcmul(linear, a, quadratic) <= bound)).amax(-1)
-    return torch.where(longest > 0, longest, alpha)
+    sums = torch.stack([b4, dw[:, 0] * dw[:, 1]], dim=1).sum(-1)  # (B, 2): k·c₁, k·c₂
+    bound = torch.add(res.scaled, res.mu, alpha=-_MERIT_DECREASE / (1 - _MERIT_DECREASE)) * ((1 - _MERIT_DECREASE) * k)
+    a = alpha.unsqueeze(-1) * factors
+    passed = torch.addcmul(sums[:, :1], a, sums[:, 1:]) <= bound.unsqueeze(-1)
+    return a.gather(-1, passed.max(-1, keepdim=True).indices).squeeze(-1)
 
 
 def factor_at(H: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tensor, settings: StepRules,
-              stiff: bool | Tensor = False, retries: int = 0, diagonal: bool = False) -> KKTFactor:
+              stiff: bool | Tensor = False, retries: int = 0, diagonal: bool = False, check_finite: bool = True) -> KKTFactor:
     """The KKT factorisation at (λ, s) of the nonnegative rows G, with H = Q (plus the other
     cones' folded scalings); ``stiff``: keep the near-active inequalities (``STIFF_W_INV``) out
     of H for every problem (True), for none (False), or for those of a (B,) mask; ``diagonal``:
-    H is diagonal (``QPData.diagonal``)."""
-    w_inv = lam / (s + settings.ineq_reg * lam)
+    H is diagonal (``QPData.diagonal``); ``check_finite`` as in ``kkt.factor_kkt``."""
+    w_inv = lam / torch.add(s, lam, alpha=settings.ineq_reg)
     mask = None
     if isinstance(stiff, Tensor):
         mask = (w_inv > STIFF_W_INV) & stiff.unsqueeze(-1)
     elif stiff:
         mask = w_inv > STIFF_W_INV
-    return factor_kkt(H, A, G, w_inv, reg, reg, stiff=mask, retries=retries, diagonal=diagonal)
+    return factor_kkt(H, A, G, w_inv, reg, reg, stiff=mask, retries=retries, diagonal=diagonal, check_finite=check_finite)
 
 
 def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backtrack: Tensor | None, settings: StepRules,
-                stiff: str = "none") -> Step:
+                stiff: str = "none", check_finite: bool = True) -> Step:
     """One predictor-corrector direction and step length for every problem (see the module
     docstring). ``data`` holds Q, p, A, b, G, h (``qp.scaling.QPData``), ``rows`` and ``parts``
     the other cones' rows (None and () for none), ``res`` the residuals r_d, r_e, r_i (and r_k
@@ -203,10 +205,14 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
     Schur complement with k more rows, so only problems whose factorisation has failed pay it.
     (Raising ρ instead also factorises, but its steps stall the duality gap.) "mixed" computes
     both directions for every problem and keeps each problem's own, so that a problem's iterates
-    do not depend on the others of its batch."""
+    do not depend on the others of its batch.
+
+    ``check_finite``: the factorisation's health (``Step.factor_ok``) includes the finiteness of
+    its factors (``kkt.factor_kkt``); a method that tests the step's finiteness itself and treats
+    a non-finite step as a failed factorisation (the QP's) passes False."""
     if stiff == "mixed":
-        plain = newton_step(data, rows, parts, st, res, backtrack, settings)
-        split = newton_step(data, rows, parts, st, res, backtrack, settings, "all")
+        plain = newton_step(data, rows, parts, st, res, backtrack, settings, check_finite=check_finite)
+        split = newton_step(data, rows, parts, st, res, backtrack, settings, "all", check_finite)
         pick = st.stiff
         return Step(torch.where(pick.unsqueeze(-1), split.dv, plain.dv), torch.where(pick.unsqueeze(-1), split.q_dx, plain.q_dx),
                     torch.where(pick, split.alpha, plain.alpha), torch.where(pick, split.factor_ok, plain.factor_ok),
@@ -227,36 +233,39 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         Vt = [v.mT for v in V]
         H = cone_parts.normal_matrix(data.Q, rows.A, V, parts)
     f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, settings, stiff=st.stiff if stiff == "all" else False,
-                  diagonal=data.diagonal)
+                  diagonal=data.diagonal, check_finite=check_finite)
     lam, s, w = st.lam, st.s, st.lam_s
-    s_lam = w.prod(-2)
+    minus_s_lam = w.prod(-2).neg()  # the predictor's b4
+    minus_r_d, minus_r_e = res.r_d.neg(), (res.r_e.neg() if m else None)  # (None: no rows, no arithmetic)
 
-    def direction(b4: Tensor, q: Tensor | None, refine_steps: int) -> Tensor:
-        """dv of the Newton system with λ∘ds + s∘dλ = b4 on the nonnegative rows and
-        ds_K + (VᵀV)⁻¹ dy_K = q on the cone rows: the cone rows are eliminated,
+    def direction(b4: Tensor, v: Tensor, q: Tensor | None, refine_steps: int) -> Tensor:
+        """dv of the Newton system with λ∘ds + s∘dλ = b4 on the nonnegative rows (``v`` = b4/λ + r_i)
+        and ds_K + (VᵀV)⁻¹ dy_K = q on the cone rows: the cone rows are eliminated,
         dy_K = VᵀV (A_K dx + r_k + q), and ds_K = −r_k − A_K dx."""
-        r_d = res.r_d
+        rx = minus_r_d
         if parts:
             u = cone_parts.apply_blocks(V, res.r_k + q, parts)
-            r_d = -torch.baddbmm((-r_d).unsqueeze(-2), cone_parts.apply_blocks(Vt, u, parts).unsqueeze(-2),
-                                 rows.A, alpha=-1).squeeze(-2)
-        dx, dnu, dlam = solve_reduced(f, -r_d, -res.r_e, b4 / lam + res.r_i, refine_steps, settings.solve_through_y)
-        pieces = [dx, dnu, dlam, (b4 - s * dlam) / lam]
+            rx = torch.baddbmm(rx.unsqueeze(-2), cone_parts.apply_blocks(Vt, u, parts).unsqueeze(-2), rows.A,
+                               alpha=-1).squeeze(-2)
+        dx, dnu, dlam = solve_reduced(f, rx, minus_r_e, v if k else None, refine_steps, settings.solve_through_y)
+        pieces = [dx, dnu, dlam, torch.addcmul(b4, s, dlam, value=-1).div(lam)] if k else [dx, dnu]
         if parts:
             a_dx = mv(rows.A, dx)
             pieces += [cone_parts.apply_blocks(Vt, cone_parts.apply_blocks(V, a_dx, parts) + u, parts),
                        -res.r_k - a_dx]
         return torch.cat(pieces, dim=-1)
 
-    def boundary(dv: Tensor, cap: float) -> tuple[Tensor, Tensor]:
-        """The direction of (λ, s) as (B, 2, k), and the longest step (at most ``cap``) that keeps
-        the nonnegative rows and the cones with a closed-form step inside."""
+    def boundary(dv: Tensor, cap: float, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """The direction of (λ, s) as (B, 2, k), and ``scale`` times the longest step (at most
+        ``cap``) that keeps the nonnegative rows and the cones with a closed-form step inside."""
         dw = dv[:, n + m : n + m + 2 * k].unflatten(-1, (2, k))
+        if not parts:
+            return dw, max_step(w, dw, cap, scale)
         step = max_step(w, dw, cap) if k else st.v.new_full((batch,), cap)
         for sc, part, s_, y_ in zip(scalings, parts, s_parts, y_parts):
             dy_, ds_ = (cone_parts.piece(d, part) for d in on_cones(dv))
             step = torch.minimum(step, sc.max_step(s_, y_, ds_, dy_).amin(-1))
-        return dw, step
+        return dw, step if scale == 1.0 else scale * step
 
     def searched(dv: Tensor, alpha: Tensor, fraction: float) -> tuple[Tensor, Tensor | None]:
         """``alpha`` shortened until ``alpha / fraction`` keeps the exponential cones inside, and
@@ -268,34 +277,36 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
                                    settings.max_backtracks)
 
     if not k and not parts:  # no inequalities: the Newton step solves the problem
-        dv = direction(-s_lam, None, settings.refine_steps)
+        dv = direction(minus_s_lam, minus_s_lam, None, settings.refine_steps)
         return Step(dv, mv(data.Q, dv[:, :n]), st.v.new_ones(batch), f.ok)
-    dv = direction(-s_lam, -st.s_k if parts else None, settings.predictor_refine_steps)
+    # the predictor: b4 = −s∘λ, so b4/λ + r_i = r_i − s
+    dv = direction(minus_s_lam, res.r_i - s if k else None, -st.s_k if parts else None, settings.predictor_refine_steps)
     dw, alpha_aff = boundary(dv, 1.0)
     alpha_aff, _ = searched(dv, alpha_aff, 1.0)
     if settings.centring == "mehrotra":
         w_aff = torch.addcmul(w, alpha_aff[:, None, None], dw)
-        mu_aff = w_aff.prod(-2).sum(-1)
         if parts:
             (dy_k, ds_k), a = on_cones(dv), alpha_aff.unsqueeze(-1)
-            mu_aff = mu_aff + ((st.s_k + a * ds_k) * (st.y_k + a * dy_k)).sum(-1)
-        mu_aff = mu_aff / (k + cone_parts.degree(parts))
+            mu_aff = w_aff.prod(-2).sum(-1) + ((st.s_k + a * ds_k) * (st.y_k + a * dy_k)).sum(-1)
+            mu_aff = mu_aff / (k + cone_parts.degree(parts))
+        else:
+            mu_aff = w_aff.prod(-2).mean(-1)
         sigma = (mu_aff / res.mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
         sigma_mu = sigma * res.mu
     else:
         sigma_mu = (1 - alpha_aff) ** 3 * res.mu
-    b4 = sigma_mu.unsqueeze(-1) - s_lam - dw.prod(-2)
+    b4 = torch.addcmul(minus_s_lam + sigma_mu.unsqueeze(-1), dw[:, 0], dw[:, 1], value=-1)
     q = None
     if parts:
         dy_aff, ds_aff = on_cones(dv)
         q = cone_parts.join([sc.combined_rhs(sigma_mu[:, None, None], cone_parts.piece(ds_aff, part),
                                              cone_parts.piece(dy_aff, part), s_, y_)
                              for sc, part, s_, y_ in zip(scalings, parts, s_parts, y_parts)], batch, st.s_k)
-    dv = direction(b4, q, settings.refine_steps)
+    dv = direction(b4, torch.addcdiv(res.r_i, b4, lam) if k else None, q, settings.refine_steps)
     fraction = settings.step_fraction
-    dw, step = boundary(dv, 1 / fraction if settings.full_steps else 1.0)
-    alpha = (fraction * step).clamp(max=1.0)
+    # fraction · step ≤ 1: the step is at most 1/fraction (full steps) or 1
+    dw, alpha = boundary(dv, 1 / fraction if settings.full_steps else 1.0, fraction)
     alpha, inside = searched(dv, alpha, fraction)
     if settings.merit:
-        alpha = _merit_step(dw, b4.sum(-1), alpha, res, backtrack)
+        alpha = _merit_step(dw, b4, alpha, res, backtrack)
     return Step(dv, mv(data.Q, dv[:, :n]), alpha, f.ok, inside)

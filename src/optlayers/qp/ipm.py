@@ -114,19 +114,25 @@ class Units:
     ineq: Tensor  # (B, k): 1 / f
     cost: Tensor  # (B,): 1 / c
     backtrack: Tensor  # (B, j): the merit step's candidate factors βʲ (the same for every problem)
+    primal: Tensor  # (B, m + k): [1 / e, 1 / f]
+    gauge: Tensor  # (B, 3): [1, 1, 1 / c], the factors of the primal and dual norms (already in units) and of the gap
 
     @staticmethod
     def of(sc: Scaling) -> Units:
         factors = BACKTRACK ** torch.arange(BACKTRACK_STEPS, dtype=sc.c.dtype, device=sc.c.device)
-        return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), eq=1.0 / sc.e, ineq=1.0 / sc.f, cost=1.0 / sc.c,
-                     backtrack=factors.expand(sc.c.shape[0], -1))
+        eq, ineq, cost = 1.0 / sc.e, 1.0 / sc.f, 1.0 / sc.c
+        return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), eq=eq, ineq=ineq, cost=cost,
+                     backtrack=factors.expand(sc.c.shape[0], -1), primal=torch.cat([eq, ineq], -1),
+                     gauge=torch.stack([torch.ones_like(cost), torch.ones_like(cost), cost], -1))
 
 
 @dataclass(frozen=True)
 class Residuals:
     """Residuals of the scaled problem (B, ·), their largest scaled entry ``scaled`` (B,), and
     the unscaled infinity norms with the convergence test (B,): whether the primal and the dual
-    residual are within tolerance, and whether all three (gap too) are."""
+    residual are within tolerance, and whether all three (gap too) are. ``measured`` (B, 3) holds
+    the primal residual, the dual residual and the gap as the test measured them, ``limit`` (B, 3)
+    their tolerances (tol + rel_tol · size)."""
 
     r_d: Tensor
     r_e: Tensor
@@ -139,6 +145,8 @@ class Residuals:
     converged: Tensor
     primal_feasible: Tensor
     dual_feasible: Tensor
+    measured: Tensor
+    limit: Tensor
 
 
 @dataclass(frozen=True)
@@ -151,17 +159,6 @@ class IPMResult:
     residuals: Residuals
     factor: KKTFactor | None
     all_solved: bool
-
-
-def _norms(parts: list[Tensor], unit: Tensor | None = None) -> Tensor:
-    """Infinity norms (len(parts), B) of same-shape (B, r) tensors, each multiplied by ``unit``
-    first; zeros when r = 0. One stack, one product and one reduction for all of them."""
-    stacked = torch.stack(parts)
-    if stacked.shape[-1] == 0:
-        return stacked.new_zeros(stacked.shape[:2])
-    if unit is not None:
-        stacked = stacked * unit
-    return stacked.abs().amax(-1)
 
 
 def _pair_dots(u: Tensor, v: Tensor) -> Tensor:
@@ -179,43 +176,44 @@ def _dots(u: Tensor, vs: list[Tensor]) -> Tensor:
 def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> Residuals:
     """KKT residuals and the convergence test, measured in the original problem's units."""
     x, nu, lam, s = st.x, st.nu, st.lam, st.s
-    qx, gx, gtlam = mv(data.Q, x), mv(data.G, x), mtv(data.G, lam)
-    r_d = qx + data.p + gtlam
-    r_i = gx + s - data.h
-    dual_parts, primal_norms, terms = [qx, data.p, gtlam], [], [_dots(x, [qx, data.p])]  # xᵀQx, pᵀx, then hᵀλ, bᵀν
-    if st.m:
-        atnu, ax = mtv(data.A, nu), mv(data.A, x)
-        r_d = r_d + atnu
-        r_e = ax - data.b
-        dual_parts.append(atnu)
-        primal_norms.append(_norms([r_e, ax, data.b], units.eq))
-    else:
-        r_e = nu
-    if st.k:
-        primal_norms.append(_norms([r_i, gx, data.h], units.ineq))
+    n, m, k = st.n, st.m, st.k
+    qx, gtlam = mv(data.Q, x), mtv(data.G, lam)
+    dual_parts = torch.stack([qx, data.p, gtlam, mtv(data.A, nu)] if m else [qx, data.p, gtlam])
+    r_d = dual_parts.sum(0)
+    dual_norms = (torch.cat([r_d.unsqueeze(0), dual_parts]) * units.dual).abs().amax(-1)
+    terms = [_dots(x, [qx, data.p])]  # xᵀQx, pᵀx, then hᵀλ, bᵀν
+    r_e = r_i = x[:, :0]
+    if k:
+        gx = mv(data.G, x)
+        r_i = (gx + s) - data.h
         lam_dots = _dots(lam, [data.h, s])  # hᵀλ, sᵀλ
         terms.append(lam_dots[:1])
         complementarity = lam_dots[1]
     else:
         complementarity = torch.zeros_like(units.cost)
-    if st.m:
+    if m:
+        ax = mv(data.A, x)
+        r_e = ax - data.b
         terms.append(_dots(nu, [data.b]))
-    dual_norms = _norms([r_d, *dual_parts], units.dual)
-    if primal_norms:
-        primal_norms = primal_norms[0] if len(primal_norms) == 1 else torch.maximum(*primal_norms)
-        primal, primal_size = primal_norms[0], primal_norms[1:].amax(0)
+    stacked = torch.cat([r_d, r_e, r_i], dim=-1)
+    scaled = stacked.abs().amax(-1)
+    if m and k:  # [r_e, r_i], [Ax, Gx], [b, h] in units
+        primal_norms = (torch.stack([stacked[:, n:], torch.cat([ax, gx], -1), torch.cat([data.b, data.h], -1)])
+                        * units.primal).abs().amax(-1)
+    elif m or k:
+        primal_norms = (torch.stack([r_e, ax, data.b] if m else [r_i, gx, data.h]) * units.primal).abs().amax(-1)
     else:
-        primal = primal_size = torch.zeros_like(complementarity)
+        primal_norms = units.gauge.new_zeros(3, units.gauge.shape[0])
     terms = torch.cat(terms)
-    measured = torch.stack([primal, dual_norms[0], torch.maximum(terms.sum(0).abs(), complementarity)])
-    sizes = torch.stack([primal_size, dual_norms[1:].amax(0), terms.abs().amax(0)])
-    measured[2].mul_(units.cost)  # the gap in the original problem's units
-    sizes[2].mul_(units.cost)
-    met = measured <= sizes.mul(settings.rel_tol).add_(settings.tol)  # (3, B): primal, dual, gap
-    converged = met.all(0)
-    scaled = torch.cat([r_d, r_e, r_i], dim=-1).abs().amax(-1)
-    mu = complementarity / max(st.k, 1)
-    return Residuals(r_d, r_e, r_i, mu, scaled, primal, dual_norms[0], measured[2], converged, met[0], met[1])
+    # (B, 2, 3): the primal residual, the dual residual and the gap; then their sizes; the gap in the original units
+    gap = torch.maximum(terms.sum(0).abs(), complementarity)
+    tested = torch.stack([primal_norms[0], dual_norms[0], gap, primal_norms[1:].amax(0), dual_norms[1:].amax(0),
+                          terms.abs().amax(0)], -1).unflatten(-1, (2, 3)) * units.gauge.unsqueeze(-2)
+    measured, limit = tested[:, 0], tested[:, 1].mul(settings.rel_tol).add_(settings.tol)
+    met = measured <= limit  # (B, 3): primal, dual, gap
+    mu = complementarity / max(k, 1)
+    return Residuals(r_d, r_e if m else nu, r_i, mu, scaled, measured[:, 0], measured[:, 1], measured[:, 2], met.all(-1),
+                     met[:, 0], met[:, 1], measured, limit)
 
 
 def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> State:
@@ -244,8 +242,10 @@ def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR
 def newton_iteration(data: QPData, units: Units, st: State, res: Residuals, settings: IPMSettings,
                      stiff: str = "none") -> Step:
     """The engine's predictor-corrector step (``engine.step.newton_step``) on the QP's rows: the
-    inequalities are its nonnegative rows, there are no other cones; ``stiff`` as there."""
-    return newton_step(data, None, (), st, res, units.backtrack, settings, stiff)
+    inequalities are its nonnegative rows, there are no other cones; ``stiff`` as there. Its
+    factorisation's health leaves out the finiteness of the factors: ``assess`` treats a
+    non-finite step as a failed factorisation."""
+    return newton_step(data, None, (), st, res, units.backtrack, settings, stiff, check_finite=False)
 
 
 def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -269,29 +269,38 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     """
     n, m, k = st.n, st.m, st.k
     dv = step.dv
-    dx, dnu, dlam, ds = dv[:, :n], dv[:, n : n + m], dv[:, n + m : n + m + k], dv[:, n + m + k :]
-    residual_y, norm_qdx, nx, norm_x = _norms([res.r_d + step.q_dx, step.q_dx, dx, st.x])
-    ny = dv[:, n : n + m + k].abs().amax(-1) if m + k else torch.zeros_like(nx)
+    dx, dy, dlam = dv[:, :n], dv[:, n : n + m + k], dv[:, n + m : n + m + k]
+    # ‖r_d + Q dx‖ (= ‖Aᵀdν + Gᵀdλ‖), ‖Q dx‖, ‖dx‖, ‖x‖; [Q dx, dx] is reused below
+    on_x = torch.stack([res.r_d + step.q_dx, step.q_dx, dx, st.x])
+    residual_y, norm_qdx, nx, norm_x = on_x.abs().amax(-1)
+    if m + k:
+        ny, norm_y = torch.stack([dy, st.v[:, n : n + m + k]]).abs().amax(-1)
+        by = torch.cat([data.b, data.h], -1) if m and k else (data.b if m else data.h)
+        farkas_value = (dy * by).sum(-1)  # bᵀdν + hᵀdλ
+    else:
+        ny = norm_y = farkas_value = torch.zeros_like(nx)
+    # pᵀdx, and the objective's slope along dx at x + T dx, T = ‖x‖ / ‖dx‖: pᵀdx + (x + T dx)ᵀQ dx
+    far_point = torch.addcmul(st.x, (norm_x / nx).unsqueeze(-1), dx)
+    slopes = (torch.stack([far_point, data.p]) * on_x[1:3]).sum(-1)
+    far_slope = (slopes[0] + slopes[1]).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
+    eps_y, eps_x = eps * torch.stack([ny, nx])
+    minus_eps_y, minus_eps_x = -eps_y, -eps_x
     # without equality (inequality) rows their tests are taken by another test of the same certificate
-    norm_adx = mv(data.A, dx).abs().amax(-1) if m else norm_qdx
-    minus_lowest_dlam = -dlam.amin(-1) if k else residual_y
-    highest_gdx = mv(data.G, dx).amax(-1) if k else norm_qdx
-    farkas_value = _pair_dots(data.h, dlam) + (_pair_dots(data.b, dnu) if m else 0.0)
-    sizes = torch.stack([ny, nx, nx])  # the Farkas, pᵀdx and slope tests' sizes
-    bounds = eps * sizes
-    small = torch.stack([residual_y, minus_lowest_dlam, norm_qdx, norm_adx, highest_gdx]) <= bounds[[0, 0, 1, 1, 1]]
-    # pᵀdx, and the objective's slope along dx at x + T dx, T = ‖x‖ / ‖dx‖: (Q(x + T dx) + p)ᵀdx
-    products = torch.cat([data.p, st.x, dx * (norm_x / nx).unsqueeze(-1)], -1) * torch.cat([dx, step.q_dx, step.q_dx], -1)
-    far_slope = products.sum(-1).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
-    descent = torch.stack([farkas_value, products[:, :n].sum(-1), far_slope]) < -bounds
-    # dy must move y: a step of dy at y's rounding (an optimum's dual, converged) passes the relative tests by rounding
-    moves = (ny > _ROUNDING * st.v[:, n : n + m + k].abs().amax(-1)).unsqueeze(0) if m + k else (sizes[:1] > 0)
-    tests = torch.cat([small, descent, sizes > 0, moves])  # rows: 0-1 y-small, 2-4 x-small, 5-7 descent, 8-10 nonzero, 11 dy moves y
-    # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
-    # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
-    farkas = tests[[0, 1, 5, 8, 11]].all(0) & ~res.primal_feasible
-    recession = tests[[2, 3, 4, 6, 7, 9]].all(0) & ~res.dual_feasible
-    total = residual_y + ny + (res.r_i + ds).sum(-1) + step.alpha  # NaN or ±inf if any part of the step is
+    farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y),
+                   # dy must move y: a step of dy at y's rounding (an optimum's dual, converged) passes the relative tests by rounding
+                   (_ROUNDING * norm_y, ny),
+                   # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
+                   # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
+                   (res.limit[:, 0], res.measured[:, 0]),
+                   (minus_eps_y, dlam.amin(-1)) if k else (residual_y, eps_y)]
+    recession_rows = [(norm_qdx, eps_x), (mv(data.A, dx).abs().amax(-1) if m else norm_qdx, eps_x),
+                      (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (slopes[1], minus_eps_x),
+                      (far_slope, minus_eps_x), (res.limit[:, 1], res.measured[:, 1])]
+    farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
+    # every test strict: ‖·‖ < ε·size also says size > 0
+    lower, upper = (torch.stack(side) for side in zip(*farkas_rows, *recession_rows))
+    farkas, recession = (lower < upper).unflatten(0, (2, -1)).all(1)
+    total = dv.sum(-1) + step.alpha  # NaN or ±inf if any part of the step is
     return farkas, recession, (total - total) == 0
 
 
@@ -311,19 +320,22 @@ _NEGLIGIBLE_STEP = 1e-10
 def assess(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSettings) -> State:
     """Take the step where the problem is running and sound; update statuses and counters.
 
-    A problem whose factorisation failed keeps its iterate and retries with more regularisation
+    A problem whose factorisation failed (or whose step is not finite: a factor with NaN) keeps
+    its iterate and retries with more regularisation
     (``kkt.next_regularisation``); once that has happened ``MAX_FACTOR_RETRIES`` times in a row it
     is a numerical failure. (The host may then switch it to the stiff split: ``_switch_stiff``.)"""
     running = st.status == RUNNING
     farkas, recession, finite = _certificates(data, st, res, step, settings.infeasibility_tol)
-    sound = running & step.factor_ok & finite
-    retry, reg = next_regularisation(st.reg, settings.reg, running, step.factor_ok, sound)
+    factored = step.factor_ok & finite  # a factor with NaN gives a NaN step
+    sound = running & factored
+    retry, reg = next_regularisation(st.reg, settings.reg, running, factored, sound)
     v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
     events = torch.stack([step.alpha < _NEGLIGIBLE_STEP, farkas, recession], dim=-1)
     counters = torch.where(sound.unsqueeze(-1), (st.counters + 1) * events, st.counters)
-    stalled, certified = counters[:, 0] >= settings.stall_limit, counters[:, 1:] >= _CERTIFICATE_PERSISTENCE
-    # a stall, then primal, then dual infeasibility: the later test wins
-    status = st.status.masked_fill(running & ~(sound | retry) | stalled, int(QPStatus.NUMERICAL_ERROR))
+    # a failure or a stall, then primal, then dual infeasibility: the later test wins
+    failed = (running > (sound | retry)) | (counters[:, 0] >= settings.stall_limit)
+    certified = counters[:, 1:] >= _CERTIFICATE_PERSISTENCE
+    status = st.status.masked_fill(failed, int(QPStatus.NUMERICAL_ERROR))
     status = status.masked_fill(certified[:, 0], int(QPStatus.PRIMAL_INFEASIBLE))
     status = status.masked_fill(certified[:, 1], int(QPStatus.DUAL_INFEASIBLE))
     return replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg)

@@ -85,9 +85,12 @@ def _finite(t: Tensor) -> Tensor:
     return (t - t) == 0
 
 
-def _cholesky(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Lower Cholesky factor and whether it succeeded (NaN reaches the diagonal)."""
+def _cholesky(M: Tensor, check_finite: bool = True) -> tuple[Tensor, Tensor]:
+    """Lower Cholesky factor and whether it succeeded: LAPACK's report and, with ``check_finite``,
+    whether the diagonal is finite (some GPU libraries let NaN through)."""
     chol, info = torch.linalg.cholesky_ex(M)
+    if not check_finite:
+        return chol, info == 0
     return chol, (info == 0) & _finite(chol.diagonal(dim1=-2, dim2=-1).sum(-1))
 
 
@@ -101,7 +104,7 @@ def diagonal_h(Q: Tensor, G: Tensor) -> Tensor:
 
 def factor_kkt(
     Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delta: Tensor, stiff: Tensor | None = None,
-    unit_weights: bool = False, retries: int = MAX_FACTOR_RETRIES, diagonal: bool = False,
+    unit_weights: bool = False, retries: int = MAX_FACTOR_RETRIES, diagonal: bool = False, check_finite: bool = True,
 ) -> KKTFactor:
     """Factorise H and S for every problem of the batch.
 
@@ -117,6 +120,9 @@ def factor_kkt(
             itself), so that H = Q + GᵀG skips the (B, n, k) weighting.
         diagonal: the caller promises that H is diagonal (``diagonal_h(Q, G)``): H and its factor
             are kept as (B, n) diagonals.
+        check_finite: ``ok`` also requires finite factors (four kernels per factor). Without it a
+            factor with NaN can be reported ok; a caller that tests its solutions' finiteness
+            anyway (the QP's iteration) saves the kernels.
     """
     m = A.shape[-2]
     if unit_weights and stiff is not None:
@@ -145,7 +151,7 @@ def factor_kkt(
             ok = _finite(chol_h.sum(-1)) & (chol_h.amin(-1) > 0)
         else:
             H_diagonal.add_(rho.unsqueeze(-1))
-            chol_h, ok = _cholesky(H)
+            chol_h, ok = _cholesky(H, check_finite)
         y, chol_s = C.mT, (H.unsqueeze(-1) if diagonal else H)[:, :0, :0]  # empty: there is no Schur complement
         if rows:
             kept = C if order is None else C.gather(-2, order.unsqueeze(-1).expand(-1, -1, C.shape[-1]))
@@ -153,7 +159,7 @@ def factor_kkt(
             S = y.mT @ y
             shift = delta.unsqueeze(-1) if eq_rows is None else torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
             S.diagonal(dim1=-2, dim2=-1).add_(shift if order is None else shift.gather(-1, order))
-            chol_s, ok_s = _cholesky(S)
+            chol_s, ok_s = _cholesky(S, check_finite)
             ok = ok & ok_s
             if order is not None:
                 y, chol_s = _expand_rows(y, chol_s, order, rows)
@@ -225,7 +231,8 @@ def next_regularisation(reg: Tensor, base: float, running: Tensor, factored: Ten
 
     Returns whether the problem retries (B,) (it is a numerical failure where it failed and
     does not), and the new ``reg`` (B,)."""
-    retry = running & ~factored & (reg < base * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5)
+    retry = running & ((reg < base * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5) > factored)  # running, failed, raisable
+    # a retry multiplies by _REG_GROWTH, a step divides by it (the two exclude each other: a step needs its factorisation)
     change = torch.ones_like(reg).masked_fill_(advanced, 1 / _REG_GROWTH).masked_fill_(retry, _REG_GROWTH)
     return retry, (reg * change).clamp_(min=base)
 
@@ -278,7 +285,7 @@ def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor | None, use_y: bool)
     t = _h_solve(f, rx)
     if f.C.shape[-2] == 0:
         return t, rx[..., :0] if rc is None else rc
-    Ct = mv(f.C, t) if rc is None else -_minus_mv(rc, f.C, t)
+    Ct = mv(f.C, t) if rc is None else torch.baddbmm(rc.unsqueeze(-2), t.unsqueeze(-2), f.C.mT, beta=-1).squeeze(-2)
     omega = _chol_solve(f.chol_s, Ct)
     return _h_solve(f, _minus_mtv(rx, f.C, omega)), omega
 
