@@ -1,12 +1,12 @@
-"""Several interior point iterations per compiled call (``optlayers.qp.fused``): the iterates of
-one call per iteration, and the host's looks only where a call stopped. Traced by dynamo's eager
+"""A solve's interior point iterations in one compiled call (``optlayers.qp.fused``): the iterates
+of one call per iteration, and the host's looks only where a call stopped. Traced by dynamo's eager
 backend (no inductor compilation: fast)."""
 import pytest
 import torch
 
 from optlayers import solve_qp
 from optlayers.engine import loop
-from optlayers.qp import fused
+from optlayers.qp import fused, ipm
 from optlayers.status import Status
 from tests.qp.qp_problems import random_qp
 
@@ -28,9 +28,9 @@ def test_fused_calls_give_the_iterates_of_one_call_per_iteration(eager_backend, 
     torch.testing.assert_close(grad_compiled, grad, rtol=1e-10, atol=1e-12)
 
 
-def test_the_host_looks_only_between_fused_calls(eager_backend, monkeypatch):
-    """On the CPU the host looks before every iteration of the eager path; the compiled path looks
-    once per ``STEPS_PER_CALL`` iterations, and after the last."""
+def test_the_host_looks_once_after_a_solve_without_reactions(eager_backend, monkeypatch):
+    """On the CPU the host looks before every iteration of the eager path; the compiled path runs
+    the start, every iteration and the derivatives' factorisation in one call and looks once, after it."""
     looks = []
     real = loop.look
     monkeypatch.setattr(loop, "look", lambda *args: looks.append(1) or real(*args))
@@ -40,4 +40,33 @@ def test_the_host_looks_only_between_fused_calls(eager_backend, monkeypatch):
     looks.clear()
     sol = solve_qp(**data, compile=True)
     assert int(sol.iterations) == iterations and sol.status.item() == Status.SOLVED
-    assert len(looks) <= -(-iterations // fused.STEPS_PER_CALL) + 1, (len(looks), iterations)
+    assert len(looks) == 1
+
+
+def test_the_loop_goes_on_after_the_host_reacts(eager_backend, monkeypatch):
+    """Where the host's look would act (here: a gap to test accurately, flagged at iterations 3
+    and 6), the compiled call stops there, the host reacts and the next call goes on: the iterates
+    and the looks are those of the eager path, which reacts at the same iterations."""
+    real_flags = ipm._look_flags
+
+    def flags(st, res, units, running, iteration, settings):
+        found = real_flags(st, res, units, running, iteration, settings)
+        return torch.stack([*found[:3], found[3] | (((iteration == 3) | (iteration == 6)) & running)])
+
+    monkeypatch.setattr(ipm, "_look_flags", flags)
+    reactions = []
+    real_accept = ipm._accept_accurate_gaps
+    monkeypatch.setattr(ipm, "_accept_accurate_gaps", lambda *args: reactions.append(1) or real_accept(*args))
+    data = random_qp((3,), 8, 10, 2)
+    p = data.pop("p").requires_grad_(True)
+    sols = []
+    for compile in (False, True):
+        reactions.clear()
+        sol = solve_qp(p=p, **data, compile=compile)
+        (grad,) = torch.autograd.grad(sol.z.sum(), p)
+        sols.append((sol, grad, len(reactions)))
+    (eager, grad, eager_reactions), (compiled, grad_compiled, compiled_reactions) = sols
+    assert eager_reactions == compiled_reactions >= 2
+    assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.iterations, eager.iterations)
+    torch.testing.assert_close(compiled.z, eager.z, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_compiled, grad, rtol=1e-10, atol=1e-12)

@@ -54,14 +54,15 @@ class Run:
 
 
 def run(data: tuple, state: Any, res: Any, step: Step, max_iter: int, device: torch.device,
-        hook: Look | None = None, compact: bool = True) -> Run:
-    """At most ``max_iter`` steps from ``state`` (with residuals ``res``) on the batch ``data``.
+        hook: Look | None = None, compact: bool = True, first: int = 0) -> Run:
+    """Steps ``first``, ``first`` + 1, ... (at most ``max_iter`` in all) from ``state`` (with
+    residuals ``res``) on the batch ``data``.
 
     Before each iteration that ``host.is_check`` names, the host reads how many elements still
     run (with ``hook``'s flags, in the same read): it stops when none does, and with ``compact``
     keeps only the running ones in the working batch once few remain (``host.COMPACT_FRACTION``)."""
     full, work, index = state, data, None
-    iteration = 0
+    iteration = first
     while iteration < max_iter:
         if is_check(iteration, device):
             running = state.status == RUNNING

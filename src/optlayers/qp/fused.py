@@ -1,70 +1,155 @@
-"""Several interior point iterations in one compiled call, with the host's look in between
-evaluated on the device (the compiled path on the CPU, ``IPMSettings.compiled``).
+"""A solve's interior point iterations in one compiled call, with the host's look evaluated on the
+device (the compiled path on the CPU, ``IPMSettings.compiled``).
 
 On the CPU the host looks at the statuses before every iteration (``host.is_check``); with one
 compiled call per iteration, each call's fixed cost (the guards, the call, the look's own
-operations and read) is a large part of an iteration of a small problem. ``steps`` runs up to ``STEPS_PER_CALL``
-iterations of ``ipm.step``: before each but the first it evaluates what the host's look would
-decide, and once the look would act (no problem running, a problem to switch to the stiff split
-or back, a gap to test accurately: ``ipm._look_flags``; or the iteration limit) the remaining
-iterations leave the state as it is. The host then looks as before, at the iteration where the
-call stopped: the iterates are those of one call per iteration.
+operations and read) is most of an iteration of a small problem. ``steps`` runs ``ipm.step`` in a
+``torch._higher_order_ops.while_loop`` whose condition is what the host's look would decide: it
+returns as soon as the look would act (no problem running, a problem to switch to the stiff split
+or back, a gap to test accurately: ``ipm._look_flags``) or at the iteration limit. The host then
+looks as before, at the iteration where the call stopped: the iterates are those of one call per
+iteration. ``solve_scaled`` compiles the start, ``steps`` and the derivatives' factorisation as one
+function (``_whole``): a solve that needs no reaction of the host is one compiled call and one look.
+
+The state crosses the calls packed in three fresh tensors (``Packed``): a higher-order operator
+refuses carried tensors that alias each other or an input, and inductor's loop assumes carried
+buffers of its own (a view at an offset, such as a residual's flag row, failed its alignment
+check, and crashed its C++ wrapper). Packed, the compiled function also sees inputs of one layout
+whatever produced the state (the start or an earlier call), so it is compiled once per shape.
 """
 from __future__ import annotations
 
-from dataclasses import fields, replace
-from typing import TypeVar
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
+from torch._higher_order_ops.while_loop import while_loop
 
+from optlayers.compiling import compiled
+from optlayers.engine import loop
 from optlayers.engine.step import State
-from optlayers.host import RUNNING, reads_are_free
+from optlayers.host import RUNNING, host_read, reads_are_free
 from optlayers.qp import ipm
-from optlayers.qp.ipm import IPMSettings, Residuals, Units
-from optlayers.qp.scaling import QPData
-
-T = TypeVar("T")
-
-STEPS_PER_CALL = 4
-"""Iterations per compiled call: enough that the calls' fixed cost is paid a few times per solve
-(most problems take 10-17 iterations), few enough that a call that stops early wastes little
-(and that its compilation, about twice the single step's, stays short)."""
-MAX_ENTRIES = 50_000
-"""Batches of at most this many matrix entries (batch × n × n) take several iterations per call;
-in larger ones an iteration's arithmetic outweighs a call's fixed cost, and the iterations a
-call runs after it stopped (leaving the state as it is) would cost as much as real ones."""
-
+from optlayers.qp.ipm import IPMResult, IPMSettings, Residuals, Units
+from optlayers.qp.kkt import KKTFactor
+from optlayers.qp.scaling import QPData, Scaling
+from optlayers.qp.status import QPStatus
 
 def pays(data: QPData) -> bool:
-    """Whether ``steps`` runs the iterations of this batch (see ``MAX_ENTRIES``): on the CPU, where
-    the host would look before every iteration (``host.reads_are_free``), and for small batches."""
-    batch, n = data.p.shape
-    return reads_are_free(data.p.device) and batch * n * n <= MAX_ENTRIES
+    """Whether ``solve_scaled`` runs the compiled solve of this batch: on the CPU, where the host
+    would look before every iteration (``host.reads_are_free``). (On an accelerator the host looks
+    every few iterations, and a loop's condition is a read of the device every iteration.)"""
+    return reads_are_free(data.p.device)
 
 
-def _keep(stop: Tensor, old: T, new: T) -> T:
-    """``new`` (a dataclass of tensors), or ``old`` everywhere if ``stop`` (a 0-d bool tensor).
-    Tensors the step passed through and empty ones stay ``new``'s as they are, so that their
-    aliasing and strides, which the compiled function is specialised on, are those of one step."""
-    return replace(new, **{f.name: torch.where(stop, o, t) for f in fields(new)
-                           if isinstance(t := getattr(new, f.name), Tensor) and t is not (o := getattr(old, f.name))
-                           and t.numel()})
+@dataclass(frozen=True)
+class Packed:
+    """A ``State`` and its ``Residuals`` in three (B, ·) tensors of their own: ``real`` (float64:
+    v, reg, r_d, r_e, r_i, mu, scaled, primal, dual, gap), ``counts`` (int64: status, iterations,
+    counters) and ``flags`` (bool: stiff, stiff_tried, converged, primal_feasible, dual_feasible)."""
+
+    real: Tensor
+    counts: Tensor
+    flags: Tensor
 
 
-def steps(data: QPData, units: Units, st: State, res: Residuals, settings: IPMSettings,
-          iteration: Tensor) -> tuple[State, Residuals, Tensor]:
-    """Iterations ``iteration``, ``iteration`` + 1, ... (a 0-d int64 tensor) of ``ipm.step``, up to
-    ``STEPS_PER_CALL``, until the host's look would act (see the module docstring; the host has
-    looked before the first). Returns the state, its residuals and how many iterations ran (0-d)."""
-    st, res = ipm.step(data, units, st, res, settings)
-    stopped = torch.zeros((), dtype=torch.bool, device=iteration.device)
-    taken = torch.ones_like(iteration)
-    for j in range(1, STEPS_PER_CALL):
+_REAL_VECTORS = ("r_d", "r_e", "r_i")
+_REAL_SCALARS = ("mu", "scaled", "primal", "dual", "gap")
+_STATE_FLAGS = ("stiff", "stiff_tried")
+_RES_FLAGS = ("converged", "primal_feasible", "dual_feasible")
+
+
+def pack(st: State, res: Residuals) -> Packed:
+    """``st`` and ``res`` packed (see ``Packed``)."""
+    real = torch.cat([st.v, st.reg.unsqueeze(-1), *(getattr(res, f) for f in _REAL_VECTORS),
+                      torch.stack([getattr(res, f) for f in _REAL_SCALARS], -1)], -1)
+    counts = torch.cat([st.status.unsqueeze(-1), st.iterations.unsqueeze(-1), st.counters], -1)
+    flags = torch.stack([*(getattr(st, f) for f in _STATE_FLAGS), *(getattr(res, f) for f in _RES_FLAGS)], -1)
+    return Packed(real, counts, flags)
+
+
+def unpack(packed: Packed, n: int, m: int, k: int) -> tuple[State, Residuals]:
+    """The ``State`` (of n variables, m equalities, k inequalities) and ``Residuals`` of ``packed``,
+    as views of its tensors."""
+    real, counts, flags = packed.real, packed.counts, packed.flags
+    width = n + m + 2 * k
+    vectors = real[:, width + 1 : width + 1 + n + m + k].split([n, m, k], -1)
+    scalars = real[:, width + 1 + n + m + k :].unbind(-1)
+    st = State(real[:, :width], counts[:, 0], counts[:, 1], counts[:, 2:], real[:, width], flags[:, 0], flags[:, 1],
+               n, m, k)
+    res = Residuals(**dict(zip(_REAL_VECTORS, vectors)), **dict(zip(_REAL_SCALARS, scalars)),
+                    **dict(zip(_RES_FLAGS, flags[:, 2:].unbind(-1))))
+    return st, res
+
+
+def _own(obj):
+    """``obj`` (a dataclass of tensors) with its tensors copied: tensors the loop's body reads from
+    the enclosing function enter it as inputs, and a view of one (``.mT``) would enter as a second
+    input aliasing the first, which higher-order operators refuse; copied in the body, the views are
+    the body's own."""
+    return replace(obj, **{f.name: t.clone() for f in fields(obj) if isinstance(t := getattr(obj, f.name), Tensor)})
+
+
+def steps(data: QPData, units: Units, packed: Packed, settings: IPMSettings, iteration: Tensor,
+          looked: bool = True) -> tuple[Packed, Tensor]:
+    """Iterations ``iteration``, ``iteration`` + 1, ... (a 0-d int64 tensor) of ``ipm.step`` from the
+    packed state, until the host's look would act (see the module docstring); ``looked``: the host
+    has looked before the first, which runs whatever the look would say. Returns the packed state
+    and how many iterations ran (0-d)."""
+    n, m, k = data.p.shape[-1], data.b.shape[-1], data.h.shape[-1]
+
+    def go_on(j: Tensor, real: Tensor, counts: Tensor, flags: Tensor) -> Tensor:
+        st, res = unpack(Packed(real, counts, flags), n, m, k)
         running = st.status == RUNNING
-        flags = ipm._look_flags(st, res, units, running, iteration + j, settings)
-        stopped = stopped | ~running.any() | flags[[0, 1, 3]].any() | (iteration + j >= settings.max_iter)
-        new_st, new_res = ipm.step(data, units, st, res, settings)
-        st, res = _keep(stopped, st, new_st), _keep(stopped, res, new_res)
-        taken = taken + (~stopped).long()
-    return st, res, taken
+        look = ipm._look_flags(st, res, units, running, iteration + j, settings)
+        stop = ~running.any() | look[[0, 1, 3]].any() | (iteration + j >= settings.max_iter)
+        return ((j == 0) | ~stop) if looked else ~stop
+
+    def iterate(j: Tensor, real: Tensor, counts: Tensor, flags: Tensor) -> tuple[Tensor, ...]:
+        st, res = unpack(Packed(real, counts, flags), n, m, k)
+        st, res = ipm.step(_own(data), _own(units), st, res, settings)
+        out = pack(st, res)
+        return j + 1, out.real, out.counts, out.flags
+
+    taken, real, counts, flags = while_loop(go_on, iterate, (torch.zeros_like(iteration), packed.real.clone(),
+                                                            packed.counts.clone(), packed.flags.clone()))
+    return Packed(real, counts, flags), taken
+
+
+def _whole(data: QPData, units: Units, settings: IPMSettings, with_factor: bool) -> tuple[Packed, Tensor, KKTFactor | None]:
+    """The start (unretried), ``steps`` from it, and with ``with_factor`` the derivatives'
+    factorisation at the last iterate (unretried), in one function to compile. Returns the packed
+    state, (2,) int64: the iterations run and whether some start failed, and the factorisation."""
+    st, res = ipm._start_unretried(data, units, settings)
+    start_failed = (st.status == int(QPStatus.NUMERICAL_ERROR)).any()
+    packed, taken = steps(data, units, pack(st, res), settings, torch.zeros((), dtype=torch.int64, device=st.v.device),
+                          looked=False)
+    factor = None
+    if with_factor:
+        st, _ = unpack(packed, st.n, st.m, st.k)
+        factor = ipm.derivative_factor(data.Q, data.A, data.G, st.lam, st.s, settings, retries=0, diagonal=data.diagonal)
+    return packed, torch.stack([taken, start_failed.long()]), factor
+
+
+def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
+    """``ipm.solve_scaled`` with the start, the iterations up to the host's first reaction and the
+    derivatives' factorisation in one compiled call (``_whole``); where the look reacts, the
+    engine's loop goes on from there with ``steps``, one call up to each reaction. Where the start
+    failed (its factorisation is retried behind a host look) it is ``ipm.solve_scaled`` with
+    ``steps``."""
+    units = Units.of(sc)
+    n, m, k = data.p.shape[-1], data.b.shape[-1], data.h.shape[-1]
+    device = data.p.device
+    steps_fn = compiled(steps, device.type)
+
+    def run_steps(data: QPData, units: Units, st: State, res: Residuals, iteration: Tensor) -> tuple[State, Residuals, Tensor]:
+        packed, taken = steps_fn(data, units, pack(st, res), settings, iteration)
+        return (*unpack(packed, n, m, k), taken)
+
+    packed, info, factor = compiled(_whole, device.type)(data, units, settings, with_factor)
+    taken, start_failed = host_read(info)
+    if start_failed:
+        st, res = ipm.start(data, units, settings)  # the start's factorisation retried with more regularisation
+        return ipm.iterate(data, units, st, res, loop.Steps(run_steps), settings, with_factor)
+    st, res = unpack(packed, n, m, k)
+    return ipm.iterate(data, units, st, res, loop.Steps(run_steps), settings, with_factor, first=taken, factor=factor)

@@ -57,8 +57,9 @@ class IPMSettings:
         stall_limit: consecutive iterations with a negligible step after which a problem is
             declared a numerical failure.
         compiled: run the equilibration, the start, each iteration and the derivatives'
-            factorisation as ``torch.compile``d graphs (``fullgraph=True``; on CUDA the
-            iteration captured in CUDA graphs; see ``optlayers.compiling``) on a batch of fixed shape: finished
+            factorisation as ``torch.compile``d graphs (``fullgraph=True``; on the CPU the start,
+            the iterations and the factorisation as one, ``qp.fused``; on CUDA the iteration
+            captured in CUDA graphs; see ``optlayers.compiling``) on a batch of fixed shape: finished
             problems stay in it, frozen, instead of leaving it. The first call for each new
             shape pays the compilation (about a minute on a CPU); it pays off for thousands of
             calls on small problems, where an iteration's cost is its kernel launches.
@@ -490,9 +491,9 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
 
     The iterations run in the engine's loop (``engine.loop.run``) without host synchronisation
     (compiled into one graph with ``settings.compiled``, whose batch keeps its shape: finished
-    problems stay in it, frozen). The loop's looks also count the flags of ``_look_flags``
-    (``_StiffAndGapLook``). One more read at the end tells which problems failed and whether the
-    derivatives' factorisation needs a retry."""
+    problems stay in it, frozen; on the CPU small batches take ``qp.fused.solve_scaled``). The
+    loop's looks also count the flags of ``_look_flags`` (``_StiffAndGapLook``). One more read at
+    the end tells which problems failed and whether the derivatives' factorisation needs a retry."""
     units = Units.of(sc)
     device = data.p.device
     if settings.compiled:
@@ -503,23 +504,34 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
         full, res = start(data, units, settings)
     step_fn = compiled(step, device.type, graphs=True) if settings.compiled else step
     plain_step = lambda data, units, st, res: step_fn(data, units, st, res, settings)  # noqa: E731
-    from optlayers.qp import fused  # late: it imports this module
-    if settings.compiled and fused.pays(data):  # several iterations per compiled call
-        steps_fn = compiled(fused.steps, device.type)
-        plain_step = loop.Steps(lambda data, units, st, res, iteration: steps_fn(data, units, st, res, settings, iteration))
+    return iterate(data, units, full, res, plain_step, settings, with_factor)
+
+
+def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step: loop.Step | loop.Steps,
+            settings: IPMSettings, with_factor: bool, first: int = 0, factor: KKTFactor | None = None) -> IPMResult:
+    """``solve_scaled`` from iteration ``first`` at ``full`` (with residuals ``res``): the engine's
+    loop with ``plain_step`` (unless the host's look reacts), then the statuses, the residuals and
+    the derivatives' factorisation; ``factor``, where given, is that factorisation at ``full``,
+    used if the loop takes no step."""
+    device = data.p.device
     hook = _StiffAndGapLook(settings, plain_step)
     outcome = loop.run((data, units), full, res, plain_step, settings.max_iter, device, hook,
-                       compact=not settings.compiled)
+                       compact=not settings.compiled, first=first)
+    if outcome.state.v is not full.v:
+        factor = None
     full, res = outcome.state, outcome.working_res
     if outcome.index is not None:
         res = residuals(data, units, full, settings)
-    elif settings.compiled:
+    elif settings.compiled and device.type == "cuda":
         full, res = owned(full), owned(res)  # out of the step's CUDA-graph memory, which its next replay overwrites
     if hook.accurate_gaps:  # the problems that converged by their accurate gap report it again (later steps re-evaluated it)
         res = _accept_accurate_gaps(data, units, full, res, settings, (full.status == int(QPStatus.SOLVED)) & ~res.converged)
     full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))
-    factor_fn = compiled(_derivative_factor_unretried, device.type) if settings.compiled else _derivative_factor_unretried
-    factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal) if with_factor else None
+    if with_factor and factor is None:
+        factor_fn = compiled(_derivative_factor_unretried, device.type) if settings.compiled else _derivative_factor_unretried
+        factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal)
+    elif not with_factor:
+        factor = None
     unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
                                                   full.status != full.status if factor is None else ~factor.ok]).any(-1))
     if unfactored:

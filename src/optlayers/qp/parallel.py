@@ -9,6 +9,7 @@ from dataclasses import replace
 import torch
 
 from optlayers import threads
+from optlayers.qp import fused
 from optlayers.qp.batch import concat, take
 from optlayers.qp.ipm import IPMResult, IPMSettings, solve_scaled
 from optlayers.qp.scaling import QPData, Scaling
@@ -30,6 +31,7 @@ def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings, with
     # compiled functions are specialised to the batch's shape: one slice, the batch whole
     count = 1 if settings.compiled else slice_count(batch, n, data.p.device)
     if count == 1:
-        return solve_scaled(data, sc, settings, with_factor)
+        whole = settings.compiled and fused.pays(data)  # the compiled path's iterations in one call
+        return (fused.solve_scaled if whole else solve_scaled)(data, sc, settings, with_factor)
     parts = threads.map_slices(lambda part: solve_scaled(take(data, part), take(sc, part), settings, with_factor), batch, count)
     return replace(concat(parts), all_solved=all(part.all_solved for part in parts))
