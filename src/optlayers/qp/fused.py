@@ -11,14 +11,16 @@ looks as before, at the iteration where the call stopped: the iterates are those
 iteration. ``solve_scaled`` compiles the start, ``steps`` and the derivatives' factorisation as one
 function (``_whole``): a solve that needs no reaction of the host is one compiled call and one look.
 
-The state crosses the calls packed in three fresh tensors (``Packed``): a higher-order operator
+The loop carries the state packed in three fresh tensors (``Packed``): a higher-order operator
 refuses carried tensors that alias each other or an input, and inductor's loop assumes carried
 buffers of its own (a view at an offset, such as a residual's flag row, failed its alignment
-check, and crashed its C++ wrapper). Packed, the compiled function also sees inputs of one layout
-whatever produced the state (the start or an earlier call), so it is compiled once per shape.
+check, and crashed its C++ wrapper). ``steps`` takes and returns the state packed, so that it sees
+inputs of one layout whatever produced the state (the start or an earlier call) and is compiled
+once per shape.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -44,42 +46,64 @@ def pays(data: QPData) -> bool:
 
 @dataclass(frozen=True)
 class Packed:
-    """A ``State`` and its ``Residuals`` in three (B, ·) tensors of their own: ``real`` (float64:
-    v, reg, r_d, r_e, r_i, mu, scaled, primal, dual, gap), ``counts`` (int64: status, iterations,
-    counters) and ``flags`` (bool: stiff, stiff_tried, converged, primal_feasible, dual_feasible)."""
+    """A ``State`` and its ``Residuals`` in three (B, ·) tensors of their own, their fields side by
+    side in the order of a ``layout``: ``real`` (the floating-point ones), ``counts`` (the integer
+    ones) and ``flags`` (the boolean ones)."""
 
     real: Tensor
     counts: Tensor
     flags: Tensor
 
 
-_REAL_VECTORS = ("r_d", "r_e", "r_i")
-_REAL_SCALARS = ("mu", "scaled", "primal", "dual", "gap")
-_STATE_FLAGS = ("stiff", "stiff_tried")
-_RES_FLAGS = ("converged", "primal_feasible", "dual_feasible")
+Layout = tuple
+"""Where ``pack`` put each field of a ``State`` and its ``Residuals``: one entry per field, in
+their order, (0 for the state or 1 for the residuals, name, group (0 real, 1 counts, 2 flags),
+first column, last column + 1, shape after the batch) for a tensor, (0 or 1, name, -1, value)
+for another field (the state's sizes). Plain Python values: a compiled function is specialised
+on them like on constants."""
+
+
+def _group(t: Tensor) -> int:
+    return 0 if t.is_floating_point() else 2 if t.dtype == torch.bool else 1
+
+
+def layout(st: State, res: Residuals) -> Layout:
+    """The ``Layout`` of ``pack(st, res)``."""
+    entries, widths = [], [0, 0, 0]
+    for which, obj in enumerate((st, res)):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if isinstance(value, Tensor):
+                group, shape = _group(value), tuple(int(d) for d in value.shape[1:])
+                width = math.prod(shape)
+                entries.append((which, f.name, group, widths[group], widths[group] + width, shape))
+                widths[group] += width
+            else:
+                entries.append((which, f.name, -1, value))
+    return tuple(entries)
 
 
 def pack(st: State, res: Residuals) -> Packed:
-    """``st`` and ``res`` packed (see ``Packed``)."""
-    real = torch.cat([st.v, st.reg.unsqueeze(-1), *(getattr(res, f) for f in _REAL_VECTORS),
-                      torch.stack([getattr(res, f) for f in _REAL_SCALARS], -1)], -1)
-    counts = torch.cat([st.status.unsqueeze(-1), st.iterations.unsqueeze(-1), st.counters], -1)
-    flags = torch.stack([*(getattr(st, f) for f in _STATE_FLAGS), *(getattr(res, f) for f in _RES_FLAGS)], -1)
-    return Packed(real, counts, flags)
+    """``st`` and ``res`` packed (see ``Packed``), in the order of ``layout(st, res)``."""
+    parts: list[list[Tensor]] = [[], [], []]
+    for obj in (st, res):
+        for f in fields(obj):
+            if isinstance(t := getattr(obj, f.name), Tensor):
+                parts[_group(t)].append(t.reshape(t.shape[0], -1))
+    return Packed(*(torch.cat(group, -1) for group in parts))
 
 
-def unpack(packed: Packed, n: int, m: int, k: int) -> tuple[State, Residuals]:
-    """The ``State`` (of n variables, m equalities, k inequalities) and ``Residuals`` of ``packed``,
-    as views of its tensors."""
-    real, counts, flags = packed.real, packed.counts, packed.flags
-    width = n + m + 2 * k
-    vectors = real[:, width + 1 : width + 1 + n + m + k].split([n, m, k], -1)
-    scalars = real[:, width + 1 + n + m + k :].unbind(-1)
-    st = State(real[:, :width], counts[:, 0], counts[:, 1], counts[:, 2:], real[:, width], flags[:, 0], flags[:, 1],
-               n, m, k)
-    res = Residuals(**dict(zip(_REAL_VECTORS, vectors)), **dict(zip(_REAL_SCALARS, scalars)),
-                    **dict(zip(_RES_FLAGS, flags[:, 2:].unbind(-1))))
-    return st, res
+def unpack(packed: Packed, where: Layout) -> tuple[State, Residuals]:
+    """The ``State`` and ``Residuals`` of ``packed`` laid out as ``where``, as views of its tensors."""
+    groups, kwargs = (packed.real, packed.counts, packed.flags), ({}, {})
+    for which, name, group, *rest in where:
+        if group < 0:
+            kwargs[which][name] = rest[0]
+            continue
+        first, stop, shape = rest
+        t = groups[group]
+        kwargs[which][name] = t[:, first] if shape == () else t[:, first:stop].unflatten(-1, shape)
+    return State(**kwargs[0]), Residuals(**kwargs[1])
 
 
 def _own(obj):
@@ -90,23 +114,22 @@ def _own(obj):
     return replace(obj, **{f.name: t.clone() for f in fields(obj) if isinstance(t := getattr(obj, f.name), Tensor)})
 
 
-def steps(data: QPData, units: Units, packed: Packed, settings: IPMSettings, iteration: Tensor,
+def steps(data: QPData, units: Units, packed: Packed, where: Layout, settings: IPMSettings, iteration: Tensor,
           looked: bool = True) -> tuple[Packed, Tensor]:
     """Iterations ``iteration``, ``iteration`` + 1, ... (a 0-d int64 tensor) of ``ipm.step`` from the
-    packed state, until the host's look would act (see the module docstring); ``looked``: the host
-    has looked before the first, which runs whatever the look would say. Returns the packed state
-    and how many iterations ran (0-d)."""
-    n, m, k = data.p.shape[-1], data.b.shape[-1], data.h.shape[-1]
+    state packed as ``where``, until the host's look would act (see the module docstring);
+    ``looked``: the host has looked before the first, which runs whatever the look would say.
+    Returns the packed state and how many iterations ran (0-d)."""
 
     def go_on(j: Tensor, real: Tensor, counts: Tensor, flags: Tensor) -> Tensor:
-        st, res = unpack(Packed(real, counts, flags), n, m, k)
+        st, res = unpack(Packed(real, counts, flags), where)
         running = st.status == RUNNING
         look = ipm._look_flags(st, res, units, running, iteration + j, settings)
         stop = ~running.any() | look[[0, 1, 3]].any() | (iteration + j >= settings.max_iter)
         return ((j == 0) | ~stop) if looked else ~stop
 
     def iterate(j: Tensor, real: Tensor, counts: Tensor, flags: Tensor) -> tuple[Tensor, ...]:
-        st, res = unpack(Packed(real, counts, flags), n, m, k)
+        st, res = unpack(Packed(real, counts, flags), where)
         st, res = ipm.step(_own(data), _own(units), st, res, settings)
         out = pack(st, res)
         return j + 1, out.real, out.counts, out.flags
@@ -116,19 +139,22 @@ def steps(data: QPData, units: Units, packed: Packed, settings: IPMSettings, ite
     return Packed(real, counts, flags), taken
 
 
-def _whole(data: QPData, units: Units, settings: IPMSettings, with_factor: bool) -> tuple[Packed, Tensor, KKTFactor | None]:
+def _whole(data: QPData, units: Units, settings: IPMSettings,
+           with_factor: bool) -> tuple[State, Residuals, Tensor, KKTFactor | None]:
     """The start (unretried), ``steps`` from it, and with ``with_factor`` the derivatives'
-    factorisation at the last iterate (unretried), in one function to compile. Returns the packed
-    state, (2,) int64: the iterations run and whether some start failed, and the factorisation."""
+    factorisation at the last iterate (unretried), in one function to compile. Returns the state
+    and its residuals (each tensor in memory of its own), (2,) int64: the iterations run and
+    whether some start failed, and the factorisation."""
     st, res = ipm._start_unretried(data, units, settings)
     start_failed = (st.status == int(QPStatus.NUMERICAL_ERROR)).any()
-    packed, taken = steps(data, units, pack(st, res), settings, torch.zeros((), dtype=torch.int64, device=st.v.device),
-                          looked=False)
+    where = layout(st, res)
+    packed, taken = steps(data, units, pack(st, res), where, settings,
+                          torch.zeros((), dtype=torch.int64, device=st.v.device), looked=False)
+    st, res = (_own(obj) for obj in unpack(packed, where))
     factor = None
     if with_factor:
-        st, _ = unpack(packed, st.n, st.m, st.k)
         factor = ipm.derivative_factor(data.Q, data.A, data.G, st.lam, st.s, settings, retries=0, diagonal=data.diagonal)
-    return packed, torch.stack([taken, start_failed.long()]), factor
+    return st, res, torch.stack([taken, start_failed.long()]), factor
 
 
 def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
@@ -138,18 +164,17 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     failed (its factorisation is retried behind a host look) it is ``ipm.solve_scaled`` with
     ``steps``."""
     units = Units.of(sc)
-    n, m, k = data.p.shape[-1], data.b.shape[-1], data.h.shape[-1]
     device = data.p.device
     steps_fn = compiled(steps, device.type)
 
     def run_steps(data: QPData, units: Units, st: State, res: Residuals, iteration: Tensor) -> tuple[State, Residuals, Tensor]:
-        packed, taken = steps_fn(data, units, pack(st, res), settings, iteration)
-        return (*unpack(packed, n, m, k), taken)
+        where = layout(st, res)
+        packed, taken = steps_fn(data, units, pack(st, res), where, settings, iteration)
+        return (*unpack(packed, where), taken)
 
-    packed, info, factor = compiled(_whole, device.type)(data, units, settings, with_factor)
+    st, res, info, factor = compiled(_whole, device.type)(data, units, settings, with_factor)
     taken, start_failed = host_read(info)
     if start_failed:
         st, res = ipm.start(data, units, settings)  # the start's factorisation retried with more regularisation
         return ipm.iterate(data, units, st, res, loop.Steps(run_steps), settings, with_factor)
-    st, res = unpack(packed, n, m, k)
     return ipm.iterate(data, units, st, res, loop.Steps(run_steps), settings, with_factor, first=taken, factor=factor)
