@@ -284,8 +284,8 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     far_point = torch.addcmul(st.x, (norm_x / nx).unsqueeze(-1), dx)
     slopes = (torch.stack([far_point, data.p]) * on_x[1:3]).sum(-1)
     far_slope = (slopes[0] + slopes[1]).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
-    eps_y, eps_x = eps * torch.stack([ny, nx])
-    minus_eps_y, minus_eps_x = -eps_y, -eps_x
+    eps_sizes = eps * torch.stack([ny, nx])
+    (eps_y, eps_x), (minus_eps_y, minus_eps_x) = eps_sizes, -eps_sizes
     # without equality (inequality) rows their tests are taken by another test of the same certificate
     farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y),
                    # dy must move y: a step of dy at y's rounding (an optimum's dual, converged) passes the relative tests by rounding
