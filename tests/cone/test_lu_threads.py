@@ -71,9 +71,11 @@ def test_lu_factor_refactorises_corrupted_elements(monkeypatch):
         linsolve.lu_factor(matrices[0])
 
 
-def test_a_suspect_lu_factor_is_repaired_before_it_is_used(monkeypatch):
+@pytest.mark.parametrize("flagged", [True, False])
+def test_a_suspect_lu_factor_is_repaired_before_it_is_used(monkeypatch, flagged):
     """Where the batched LU is suspect (see lu_factor), solve_dense factorises those elements again
-    and solves with the repaired factors: a corrupted, flagged factor changes nothing."""
+    and solves with the repaired factors: a corrupted factor changes nothing, whether its pivots
+    flag it (``flagged``) or only the residual of the solve against the exact M shows it."""
     from optlayers import ConeSpec, solve_cone
     from optlayers.cone import linsolve
     from optlayers.cone.testing import random_program
@@ -87,18 +89,31 @@ def test_a_suspect_lu_factor_is_repaired_before_it_is_used(monkeypatch):
         return A_.grad
 
     expected = gradient()
-    real, flagged = linsolve._lu_factor_unchecked, []
+    real, calls = linsolve._lu_factor_unchecked, []
 
-    def corrupted(matrices):
-        lu, pivots, suspect = real(matrices)
+    def corrupted(matrices, check=True):
+        lu, pivots, suspect = real(matrices, check)
         lu = lu.clone()
-        lu[1] = torch.nan  # a wrong factor, flagged as suspect
-        flagged.append(1)
-        return lu, pivots, suspect | (torch.arange(len(suspect)) == 1)
+        if flagged:
+            lu[1] = torch.nan  # a wrong factor, flagged as suspect
+            suspect = suspect | (torch.arange(len(suspect)) == 1)
+        else:
+            lu[1].triu_().diagonal().mul_(1.5)  # wrong factors with valid pivots, as the racing getrf returns
+        calls.append(1)
+        return lu, pivots, suspect
+
+    real_lu, single = torch.linalg.lu_factor_ex, []
+
+    def counting(M):
+        if M.dim() == 2:
+            single.append(1)
+        return real_lu(M)
 
     monkeypatch.setattr(linsolve, "_lu_factor_unchecked", corrupted)
+    monkeypatch.setattr(torch.linalg, "lu_factor_ex", counting)
     got = gradient()
-    assert flagged, "the fresh-factorisation path was not taken"
+    assert calls, "the fresh-factorisation path was not taken"
+    assert single, "the corrupted element was not factorised again on its own"
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
