@@ -149,30 +149,41 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
            settings: IPMSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``solve`` for one slice: set up, iterate, map back."""
     parts = cone_parts.parts_of(spec)
-    data, rows, step_parts = _setup(A, b, c, P, spec, parts)
-    st, status = _iterate(data, rows, step_parts, settings)
+    data, rows, whole, step_parts = _setup(A, b, c, P, spec, parts)
+    st, status = _iterate(data, rows, whole, step_parts, settings)
     y_k, s_k = _from_primal_exp(torch.cat([st.lam, st.y_k], -1), torch.cat([st.s, st.s_k], -1), parts)
     return st.x, torch.cat([st.nu, y_k], -1), torch.cat([torch.zeros_like(st.nu), s_k], -1), status
 
 
+@dataclasses.dataclass(frozen=True)
+class _Whole:
+    """All rows at once, as the residuals read them: A (B, m, n) and b (B, m) with the dual
+    exponential rows mapped to primal ones (the engine's rows are slices of them), and whether
+    the program has a P (``quadratic``; without one, QPData's Q is zero and not multiplied)."""
+
+    A: torch.Tensor
+    b: torch.Tensor
+    quadratic: bool
+
+
 def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
-           parts: list[cone_parts.Part]) -> tuple[QPData, ConeRows, tuple[cone_parts.Part, ...]]:
+           parts: list[cone_parts.Part]) -> tuple[QPData, ConeRows, _Whole, tuple[cone_parts.Part, ...]]:
     """The engine's form: zero-cone rows as equalities, nonnegative rows (the first cone rows, in
     SCS order) as its diagonal rows, the others as cone rows with dual exponential rows mapped to
-    primal ones; and the parts of those cone rows, counted from the first of them."""
+    primal ones; all rows together; and the parts of the cone rows, counted from the first of them."""
     batch, _, n = A.shape
-    A_k, b_k = A[:, spec.zero:], b[:, spec.zero:]
     if any(part.dual for part in parts):
         T = cone_parts.device_constant(exp_module.DUAL_TO_PRIMAL, A)
-        A_k, b_k = A_k.clone(), b_k.clone()
+        A, b = A.clone(), b.clone()
         for part in (part for part in parts if part.dual):
-            A_k[:, part.start:part.stop] = (T @ cone_parts.piece(A_k, part)).reshape(batch, -1, n)
-            b_k[:, part.start:part.stop] = (cone_parts.piece(b_k, part) @ T.mT).reshape(batch, -1)
-    k = spec.nonneg
+            rows = slice(spec.zero + part.start, spec.zero + part.stop)
+            A[:, rows] = (T @ cone_parts.piece(A[:, spec.zero:], part)).reshape(batch, -1, n)
+            b[:, rows] = (cone_parts.piece(b[:, spec.zero:], part) @ T.mT).reshape(batch, -1)
+    z, k = spec.zero, spec.zero + spec.nonneg
     Q = A.new_zeros(batch, n, n) if P is None else P
-    data = QPData(Q, c, A[:, :spec.zero], b[:, :spec.zero], A_k[:, :k], b_k[:, :k])
-    step_parts = tuple(dataclasses.replace(part, start=part.start - k) for part in parts if part.kind != "nonneg")
-    return data, ConeRows(A_k[:, k:], b_k[:, k:]), step_parts
+    data = QPData(Q, c, A[:, :z], b[:, :z], A[:, z:k], b[:, z:k])
+    step_parts = tuple(dataclasses.replace(part, start=part.start - spec.nonneg) for part in parts if part.kind != "nonneg")
+    return data, ConeRows(A[:, k:], b[:, k:]), _Whole(A, b, P is not None), step_parts
 
 
 def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: list[cone_parts.Part]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,21 +222,28 @@ def _largest(*parts: torch.Tensor) -> torch.Tensor:
     return torch.stack([_inf_norm(p) for p in parts]).amax(0)
 
 
-def _residuals(data: QPData, rows: ConeRows, st: State, degree: int) -> _Residuals:
+def _residuals(data: QPData, whole: _Whole, st: State, degree: int) -> _Residuals:
     """r_d = P x + A^T y + c, r_e = A_z x - b_z, r_i and r_k = A x + s - b on the cone rows, and
     the relative error: the largest of the primal and dual residuals and the gap s^T y, each
-    divided by 1 + the size of its terms."""
-    x, nu, lam, s, y, s_k = st.x, st.nu, st.lam, st.s, st.y_k, st.s_k
-    px = mv(data.Q, x)
-    aty = mtv(data.A, nu) + mtv(data.G, lam) + mtv(rows.A, y)
-    ax_z, gx, ax_k = mv(data.A, x), mv(data.G, x), mv(rows.A, x)
-    r_d, r_e, r_i, r_k = px + aty + data.p, ax_z - data.b, gx + s - data.h, ax_k + s_k - rows.b
-    primal = _largest(r_e, r_i, r_k) / (1 + _largest(data.b, data.h, rows.b, ax_z, gx, ax_k, s, s_k))
-    dual = _inf_norm(r_d) / (1 + _largest(data.p, aty, px))
-    complementarity = (s * lam).sum(-1) + (s_k * y).sum(-1)
-    cx, by = (data.p * x).sum(-1), (data.b * nu).sum(-1) + (data.h * lam).sum(-1) + (rows.b * y).sum(-1)
-    gap = complementarity / (1 + torch.maximum((cx + (x * px).sum(-1)).abs(), by.abs()))
-    return _Residuals(r_d, r_e, r_i, r_k, complementarity / degree, torch.stack([primal, dual, gap.abs()]).amax(0))
+    divided by 1 + the size of its terms. One pass over all rows of A for A x and one for A^T y."""
+    x, z, k = st.x, st.m, st.k
+    y = torch.cat([st.nu, st.lam, st.y_k], -1)
+    s = torch.cat([torch.zeros_like(st.nu), st.s, st.s_k], -1)
+    ax, aty = mv(whole.A, x), mtv(whole.A, y)
+    r_p = ax + s - whole.b
+    if whole.quadratic:
+        px = mv(data.Q, x)
+        r_d, dual_size = px + aty + data.p, _largest(data.p, aty, px)
+        quadratic = (x * px).sum(-1)
+    else:
+        r_d, dual_size, quadratic = aty + data.p, _largest(data.p, aty), 0
+    primal = _inf_norm(r_p) / (1 + _largest(whole.b, ax, s))
+    dual = _inf_norm(r_d) / (1 + dual_size)
+    complementarity = (s * y).sum(-1)
+    cx, by = (data.p * x).sum(-1), (whole.b * y).sum(-1)
+    gap = complementarity / (1 + torch.maximum((cx + quadratic).abs(), by.abs()))
+    return _Residuals(r_d, r_p[:, :z], r_p[:, z:z + k], r_p[:, z + k:], complementarity / degree,
+                      torch.stack([primal, dual, gap.abs()]).amax(0))
 
 
 def _converged(st: State, res: _Residuals, settings: IPMSettings) -> State:
@@ -234,7 +252,7 @@ def _converged(st: State, res: _Residuals, settings: IPMSettings) -> State:
                                                                 int(ConeStatus.SOLVED)))
 
 
-def _start(data: QPData, rows: ConeRows, parts: tuple[cone_parts.Part, ...], degree: int,
+def _start(data: QPData, rows: ConeRows, whole: _Whole, parts: tuple[cone_parts.Part, ...], degree: int,
            settings: IPMSettings) -> tuple[State, _Residuals]:
     """x = 0, nu = 0 and s = y at the cones' central points; its residuals and convergence test."""
     batch, n = data.p.shape
@@ -245,12 +263,12 @@ def _start(data: QPData, rows: ConeRows, parts: tuple[cone_parts.Part, ...], deg
     no = torch.zeros(batch, dtype=torch.bool, device=v.device)
     st = State(v, torch.full_like(zeros, RUNNING), zeros, zeros.new_zeros(batch, 3),
                v.new_full((batch,), settings.reg), no, no, n, z, k, mk)
-    res = _residuals(data, rows, st, degree)
+    res = _residuals(data, whole, st, degree)
     return _converged(st, res, settings), res
 
 
-def _step(data: QPData, rows: ConeRows, st: State, res: _Residuals, parts: tuple[cone_parts.Part, ...], degree: int,
-          settings: IPMSettings) -> tuple[State, _Residuals]:
+def _step(data: QPData, rows: ConeRows, whole: _Whole, st: State, res: _Residuals, parts: tuple[cone_parts.Part, ...],
+          degree: int, settings: IPMSettings) -> tuple[State, _Residuals]:
     """The engine's step where an element runs and the step is sound (its factorisation
     succeeded, it is finite, it stays inside the exponential cones), then the residuals and the
     convergence test at the new point. A failed factorisation is retried in the next iteration
@@ -266,18 +284,19 @@ def _step(data: QPData, rows: ConeRows, st: State, res: _Residuals, parts: tuple
     v = torch.where(advance.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
     st = dataclasses.replace(st, v=v, status=torch.where(running & ~ok & ~retry, failed, st.status),
                              iterations=st.iterations + advance, reg=reg)
-    res = _residuals(data, rows, st, degree)
+    res = _residuals(data, whole, st, degree)
     return _converged(st, res, settings), res
 
 
-def _iterate(data: QPData, rows: ConeRows, parts: tuple[cone_parts.Part, ...],
+def _iterate(data: QPData, rows: ConeRows, whole: _Whole, parts: tuple[cone_parts.Part, ...],
              settings: IPMSettings) -> tuple[State, torch.Tensor]:
     """The interior point method on the engine's loop (``engine.loop.run``): the last state and
     status of every element. Elements still running after ``max_iter`` steps are INACCURATE if
     their error is within ``inaccurate_tol``, else MAX_ITER."""
     degree = max(data.h.shape[-1] + cone_parts.degree(parts), 1)
-    st, res = _start(data, rows, parts, degree, settings)
-    out = loop.run((data, rows), st, res, lambda data, rows, st, res: _step(data, rows, st, res, parts, degree, settings),
+    st, res = _start(data, rows, whole, parts, degree, settings)
+    out = loop.run((data, rows, whole), st, res,
+                   lambda data, rows, whole, st, res: _step(data, rows, whole, st, res, parts, degree, settings),
                    settings.max_iter, data.p.device)
     full, error = out.state, out.working_res.error
     if out.index is not None:  # the elements outside the working batch have finished
