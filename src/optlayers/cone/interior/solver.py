@@ -180,7 +180,7 @@ def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
             A[:, rows] = (T @ cone_parts.piece(A[:, spec.zero:], part)).reshape(batch, -1, n)
             b[:, rows] = (cone_parts.piece(b[:, spec.zero:], part) @ T.mT).reshape(batch, -1)
     z, k = spec.zero, spec.zero + spec.nonneg
-    Q = A.new_zeros(batch, n, n) if P is None else P
+    Q = A.new_zeros(1, n, n).expand(batch, n, n) if P is None else P  # one zero matrix read B times: less traffic
     data = QPData(Q, c, A[:, :z], b[:, :z], A[:, z:k], b[:, z:k])
     step_parts = tuple(dataclasses.replace(part, start=part.start - spec.nonneg) for part in parts if part.kind != "nonneg")
     return data, ConeRows(A[:, k:], b[:, k:]), _Whole(A, b, P is not None), step_parts

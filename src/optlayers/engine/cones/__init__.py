@@ -133,10 +133,14 @@ def apply_blocks(mats: list[torch.Tensor], v: torch.Tensor, parts: list[Part]) -
     return join(pieces, v.shape[0], v[:, :0])
 
 
-def normal_matrix(Q: torch.Tensor | None, A: torch.Tensor, V: list[torch.Tensor], parts: list[Part]) -> torch.Tensor:
-    """Q + Aᵀ VᵀV A (B, n, n), as Q + GᵀG for the scaled cone rows G = V A (one product over all
-    rows: summing a product per part took 1.6 times as long); Q None: zero."""
-    G = join([_times(v, piece(A, part)) for v, part in zip(V, parts)], A.shape[0], A)
+def scaled_rows(A: torch.Tensor, V: list[torch.Tensor], parts: list[Part]) -> torch.Tensor:
+    """The scaled cone rows G = V A (B, m_K, n) (V block diagonal, one (B, count, k, k) tensor per part)."""
+    return join([_times(v, piece(A, part)) for v, part in zip(V, parts)], A.shape[0], A)
+
+
+def normal_matrix(Q: torch.Tensor | None, G: torch.Tensor) -> torch.Tensor:
+    """Q + Aᵀ VᵀV A (B, n, n) as Q + GᵀG for the scaled cone rows G = V A (``scaled_rows``; one
+    product over all rows: summing a product per part took 1.6 times as long); Q None: zero."""
     return G.mT @ G if Q is None else torch.baddbmm(Q, G.mT, G)
 
 
