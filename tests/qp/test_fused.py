@@ -28,9 +28,10 @@ def test_fused_calls_give_the_iterates_of_one_call_per_iteration(eager_backend, 
     torch.testing.assert_close(grad_compiled, grad, rtol=1e-10, atol=1e-12)
 
 
-def test_the_host_looks_once_after_a_solve_without_reactions(eager_backend, monkeypatch):
+def test_a_solve_without_reactions_is_one_call_and_one_read(eager_backend, monkeypatch):
     """On the CPU the host looks before every iteration of the eager path; the compiled path runs
-    the start, every iteration and the derivatives' factorisation in one call and looks once, after it."""
+    the start, every iteration and the derivatives' factorisation in one call, and where the solve
+    ends there the host reads once and does not look."""
     looks = []
     real = loop.look
     monkeypatch.setattr(loop, "look", lambda *args: looks.append(1) or real(*args))
@@ -38,9 +39,12 @@ def test_the_host_looks_once_after_a_solve_without_reactions(eager_backend, monk
     iterations = int(solve_qp(**data).iterations)
     assert len(looks) == iterations + 1
     looks.clear()
+    reads = []
+    for module in (fused, ipm):
+        monkeypatch.setattr(module, "host_read", lambda t, real=module.host_read: reads.append(1) or real(t))
     sol = solve_qp(**data, compile=True)
     assert int(sol.iterations) == iterations and sol.status.item() == Status.SOLVED
-    assert len(looks) == 1
+    assert len(looks) == 0 and len(reads) == 1
 
 
 def test_the_loop_goes_on_after_the_host_reacts(eager_backend, monkeypatch):

@@ -139,32 +139,45 @@ def steps(data: QPData, units: Units, packed: Packed, where: Layout, settings: I
     return Packed(real, counts, flags), taken
 
 
-def _whole(data: QPData, units: Units, settings: IPMSettings,
-           with_factor: bool) -> tuple[State, Residuals, Tensor, KKTFactor | None]:
+def _whole(data: QPData, sc: Scaling, settings: IPMSettings,
+           with_factor: bool) -> tuple[State, Residuals, Tensor, KKTFactor | None, Tensor]:
     """The start (unretried), ``steps`` from it, and with ``with_factor`` the derivatives'
     factorisation at the last iterate (unretried), in one function to compile. Returns the state
-    and its residuals (each tensor in memory of its own), (2,) int64: the iterations run and
-    whether some start failed, and the factorisation."""
+    and its residuals (each tensor in memory of its own), the statuses as the solve ends there
+    (``RUNNING`` as ``MAX_ITER``), the factorisation, and (5,) int64 for the host: the iterations
+    run, whether some start failed, whether the solve ends there (nothing runs, or the iteration
+    limit), whether some problem is not solved, whether some factorisation failed."""
+    units = Units.of(sc)
     st, res = ipm._start_unretried(data, units, settings)
     start_failed = (st.status == int(QPStatus.NUMERICAL_ERROR)).any()
     where = layout(st, res)
     packed, taken = steps(data, units, pack(st, res), where, settings,
                           torch.zeros((), dtype=torch.int64, device=st.v.device), looked=False)
     st, res = (_own(obj) for obj in unpack(packed, where))
-    factor = None
+    running = st.status == RUNNING
+    status = st.status.masked_fill(running, int(QPStatus.MAX_ITER))
+    factor, unfactored = None, torch.zeros((), dtype=torch.bool, device=st.v.device)
     if with_factor:
         factor = ipm.derivative_factor(data.Q, data.A, data.G, st.lam, st.s, settings, retries=0, diagonal=data.diagonal)
-    return st, res, torch.stack([taken, start_failed.long()]), factor
+        unfactored = ~factor.ok.all()
+    ends = ~running.any() | (taken >= settings.max_iter)
+    info = torch.stack([taken, start_failed, ends, (status != int(QPStatus.SOLVED)).any(), unfactored])
+    return st, res, status, factor, info
 
 
 def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
     """``ipm.solve_scaled`` with the start, the iterations up to the host's first reaction and the
-    derivatives' factorisation in one compiled call (``_whole``); where the look reacts, the
-    engine's loop goes on from there with ``steps``, one call up to each reaction. Where the start
-    failed (its factorisation is retried behind a host look) it is ``ipm.solve_scaled`` with
-    ``steps``."""
-    units = Units.of(sc)
+    derivatives' factorisation in one compiled call (``_whole``), read once. Where the solve ends
+    there (nothing runs or the iteration limit) and the factorisation succeeded, that is the
+    result. Otherwise, where the look reacts, the engine's loop goes on from there with ``steps``,
+    one call up to each reaction (and ``ipm.iterate`` ends the solve); where the start failed (its
+    factorisation is retried behind a host look), it is ``ipm.solve_scaled`` with ``steps``."""
     device = data.p.device
+    st, res, status, factor, info = compiled(_whole, device.type)(data, sc, settings, with_factor)
+    taken, start_failed, ends, unsolved, unfactored = host_read(info)
+    if ends and not (start_failed or unfactored):
+        return IPMResult(state=replace(st, status=status), residuals=res, factor=factor, all_solved=not unsolved)
+    units = Units.of(sc)
     steps_fn = compiled(steps, device.type)
 
     def run_steps(data: QPData, units: Units, st: State, res: Residuals, iteration: Tensor) -> tuple[State, Residuals, Tensor]:
@@ -172,8 +185,6 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
         packed, taken = steps_fn(data, units, pack(st, res), where, settings, iteration)
         return (*unpack(packed, where), taken)
 
-    st, res, info, factor = compiled(_whole, device.type)(data, units, settings, with_factor)
-    taken, start_failed = host_read(info)
     if start_failed:
         st, res = ipm.start(data, units, settings)  # the start's factorisation retried with more regularisation
         return ipm.iterate(data, units, st, res, loop.Steps(run_steps), settings, with_factor)
