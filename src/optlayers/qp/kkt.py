@@ -295,7 +295,10 @@ def _extended_residual(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, 
     ex = rx - f.H * dx if f.diagonal else _minus_mv(rx, f.H, dx)
     if f.C.shape[-2] == 0:
         return ex, omega
-    d0_omega = f.d0 * omega if rc is None else torch.addcmul(rc, f.d0, omega)
+    if f.C.shape[-2] == f.m and rc is not None:  # no stiff rows: d0 = 0
+        d0_omega = rc
+    else:
+        d0_omega = f.d0 * omega if rc is None else torch.addcmul(rc, f.d0, omega)
     return _minus_mtv(ex, f.C, omega), _minus_mv(d0_omega, f.C, dx)
 
 
