@@ -295,9 +295,9 @@ class _VJP(_FirstOrderOnly):
         if need_A and A.layout != torch.strided:
             grad_A = _grad_sparse(A, point, r)
         elif need_A:
-            grad_A = embedding.perturbation_adjoint(point.x, point.y, r, shared=sum_shared and A.dim() == 2)[0]
+            grad_A = embedding.adjoint_A(point.x, point.y, r, shared=sum_shared and A.dim() == 2)
         if need_P:
-            grad_P = embedding.perturbation_adjoint(point.x, point.y, r, shared=sum_shared and P.dim() == 2)[3]
+            grad_P = embedding.adjoint_P(point.x, r, shared=sum_shared and P.dim() == 2)
         return grad_A, -r[:, n:] if need_b else None, -r[:, :n] if need_c else None, grad_P
 
     @staticmethod

@@ -109,11 +109,24 @@ def perturbation_adjoint(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, shar
     the A and P cotangents are summed over the batch (a shared parameter's gradient is the sum).
     """
     n = x.shape[-1]
-    rx, ry = r[..., :n], r[..., n:]
-    pattern = "bi,bj->ij" if shared else "bi,bj->bij"
-    grad_A = torch.einsum(pattern, ry, x) - torch.einsum(pattern, y, rx)
-    outer = torch.einsum(pattern, rx, x)
-    return grad_A, -ry, -rx, -(outer + outer.transpose(-1, -2)) / 2
+    return adjoint_A(x, y, r, shared), -r[..., n:], -r[..., :n], adjoint_P(x, r, shared)
+
+
+def adjoint_A(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    """The A cotangent of ``perturbation_adjoint``, r_y x^T - y r_x^T = [r_y, y] [x, -r_x]^T: one
+    product of rank two, written once (two outer products and their difference passed over it three times)."""
+    n = x.shape[-1]
+    left, right = torch.stack([r[..., n:], y], -1), torch.stack([x, -r[..., :n]], -1)  # (B, m, 2), (B, n, 2)
+    if shared:
+        return left.transpose(0, 1).flatten(1) @ right.transpose(0, 1).flatten(1).T
+    return left @ right.mT
+
+
+def adjoint_P(x: torch.Tensor, r: torch.Tensor, shared: bool = False) -> torch.Tensor:
+    """The P cotangent of ``perturbation_adjoint``, the symmetric part of -r_x x^T."""
+    rx = r[..., :x.shape[-1]]
+    outer = torch.einsum("bi,bj->ij" if shared else "bi,bj->bij", rx, x)
+    return -(outer + outer.transpose(-1, -2)) / 2
 
 
 def output_map(D: LinearMap, dz: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
