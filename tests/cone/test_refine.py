@@ -92,5 +92,7 @@ def test_a_batch_refined_in_slices_on_threads_is_refined_as_a_whole(monkeypatch)
                           (sliced.factorization.lu, whole.factorization.lu)):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
     assert torch.equal(sliced.factorization.pivots, whole.factorization.pivots)
+    # in LAPACK's column-major layout, as lu_factor_ex returns it (lu_solve would copy a row-major one)
+    assert sliced.factorization.lu.stride() == whole.factorization.lu.stride()
     assert torch.allclose(sliced.x, x_true, atol=1e-10)
     assert refine.refine(point, b, c, "dense", max_slices=1) is not None and slices == [2, 2, 3, 7]

@@ -118,9 +118,16 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
     parts = threads.map_slices(lambda part: _refine(_take(point, part), b[part], c[part], mode, max_steps), batch, count)
     factorizations = [p.factorization for p in parts]
     factorization = None if any(f is None for f in factorizations) else linsolve.DenseFactorization(
-        torch.cat([f.lu for f in factorizations]), torch.cat([f.pivots for f in factorizations]))
+        _join_columns([f.lu for f in factorizations]), torch.cat([f.pivots for f in factorizations]))
     return dataclasses.replace(point, x=torch.cat([p.x for p in parts]), y=torch.cat([p.y for p in parts]),
                                s=torch.cat([p.s for p in parts]), factorization=factorization)
+
+
+def _join_columns(factors: list[torch.Tensor]) -> torch.Tensor:
+    """The batches of (·, N, N) LU factors joined in LAPACK's column-major layout, in which
+    ``torch.linalg.lu_factor_ex`` returns them (a row-major join would be copied back to it by
+    every later ``lu_solve``: three passes over the whole factor in each adjoint)."""
+    return torch.cat([lu.mT for lu in factors]).mT
 
 
 def _take(point: Point, part: slice) -> Point:
