@@ -87,8 +87,18 @@ def _finite(t: Tensor) -> Tensor:
 
 def _cholesky(M: Tensor, check_finite: bool = True) -> tuple[Tensor, Tensor]:
     """Lower Cholesky factor and whether it succeeded: LAPACK's report and, with ``check_finite``,
-    whether the diagonal is finite (some GPU libraries let NaN through)."""
-    chol, info = torch.linalg.cholesky_ex(M)
+    whether the diagonal is finite (some GPU libraries let NaN through).
+
+    On the CPU the factor is taken as the transpose of the upper one, U = Lᵀ of M's upper
+    triangle (M is symmetric): torch copies a row-major M's upper triangle into LAPACK's
+    column-major layout faster than its lower one (B = 64, n = 100, float64, one thread: 1.5-1.6
+    against 1.85-1.95 ms), and L = Uᵀ is then a row-major matrix, which the triangular solves
+    read as fast."""
+    if M.device.type == "cpu":
+        chol, info = torch.linalg.cholesky_ex(M, upper=True)
+        chol = chol.mT
+    else:
+        chol, info = torch.linalg.cholesky_ex(M)
     if not check_finite:
         return chol, info == 0
     return chol, (info == 0) & _finite(chol.diagonal(dim1=-2, dim2=-1).sum(-1))
