@@ -3,7 +3,7 @@
 Timings on a shared machine drift by tens of percent between runs; what two versions of the code
 cost relative to each other is measured by timing them in turn, many times, and keeping each
 one's best. One warm worker process per tree (its ``src`` first on the path, one intra-op
-thread) times rounds of ``QPFunction()(Q, p, G, h)`` forward + backward w.r.t. every input on
+thread unless ``--threads`` says otherwise) times rounds of ``QPFunction()(Q, p, G, h)`` forward + backward w.r.t. every input on
 the paper's random QPs (``benchmarks/problems.py``, n inequalities, float64); the workers take
 turns, each round in the opposite order to the last.
 
@@ -66,8 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", type=_case, nargs="+", required=True)
     parser.add_argument("--rounds", type=int, default=15, help="rounds per tree (each keeps its best)")
     parser.add_argument("--reps", type=int, default=5, help="timed calls per round")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each worker (default 1)")
     args = parser.parse_args(argv)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    if args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     workers = {tree: subprocess.Popen([sys.executable, "-c", _WORKER, str(tree.resolve())], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, env=env) for tree in (args.old, args.new)}
     try:
