@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import pytest
 import torch
 
 from optlayers.qp.problem import prepare_qp, qp_data
@@ -95,29 +94,3 @@ def test_a_batch_equilibrated_in_slices_is_scaled_as_a_whole(monkeypatch):
         assert torch.equal(getattr(sliced, name), getattr(whole, name)), name
     for name in ("Q", "p", "A", "b", "G", "h"):
         assert torch.equal(getattr(sliced_data, name), getattr(whole_data, name)), name
-
-
-def test_a_batch_equilibrated_in_parallel_parts_is_scaled_as_a_whole(monkeypatch):
-    """With several threads a large batch is cut into one part per thread, each equilibrated
-    single-threaded in its own pool thread (in cache-sized slices): each problem's scaling and
-    scaled data are bit for bit those of the whole batch."""
-    from optlayers import threads
-    from optlayers.qp import scaling
-
-    if threads._omp_set_num_threads() is None:
-        pytest.skip("no per-thread OpenMP setting: batches are not cut into parts")
-    data = _data(5, batch=7, spread=3.0)
-    whole_data, whole = equilibrate(data)
-    per_problem = (8 + 2 + 6) * 8 * 8
-    monkeypatch.setattr(scaling, "_SLICE_BYTES", 3 * per_problem)
-    monkeypatch.setattr(scaling, "_MIN_PART_ENTRIES", 1)
-    calls = []
-    original = scaling._equilibrate
-    monkeypatch.setattr(scaling, "_equilibrate", lambda d, it: calls.append(d.p.shape[0]) or original(d, it))
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    parted_data, parted = equilibrate(data)
-    assert sorted(calls) == [1, 3, 3]  # parts of 3 and 4 problems, the second in slices of 3 and 1
-    for name in ("d", "e", "f", "c"):
-        assert torch.equal(getattr(parted, name), getattr(whole, name)), name
-    for name in ("Q", "p", "A", "b", "G", "h"):
-        assert torch.equal(getattr(parted_data, name), getattr(whole_data, name)), name

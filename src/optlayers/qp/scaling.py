@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from optlayers import threads
 from optlayers.qp.batch import concat, take
 
 # Ruiz iterations: each halves the log-spread of row/column norms; ten is the usual choice
@@ -70,17 +69,13 @@ def _inv_sqrt(norm: Tensor) -> Tensor:
     return torch.where(norm > 0, norm.clamp(_MIN_NORM, _MAX_NORM).rsqrt(), 1.0)
 
 
-# On the CPU a large batch is equilibrated in slices whose |Q| and |[A; G]| take about this many
-# bytes, so that the passes of the Ruiz iterations (three each) and of the scaling read them from
-# the core's cache rather than from memory (at batch 128, n = 100 the batch's matrices are 20 MB;
-# 60-68 -> 47-51 ms with one thread).
+# On the CPU with one intra-op thread a large batch is equilibrated in slices whose |Q| and
+# |[A; G]| take about this many bytes, so that the passes of the Ruiz iterations (three each) and of
+# the scaling read them from the core's cache rather than from memory (at batch 128, n = 100 the
+# batch's matrices are 20 MB; 60-68 -> 47-51 ms). With more threads every small kernel of a slice
+# would fork and join the thread team, which a loaded machine turned into a loss (214-224 -> 287-299
+# ms with two threads at load 4.4), so there the batch is equilibrated whole.
 _SLICE_BYTES = 1 << 20
-# With more intra-op threads the batch is cut into one part per thread (threads.py), each at least
-# this many matrix entries, and each part is equilibrated single-threaded in its own pool thread
-# (in cache-sized slices as above). Equilibrated whole with two OpenMP threads, every one of its
-# small kernels forks and joins the thread team: 300-550 ms at batch 64-128, n = 100 on two
-# loaded cores, against 30-66 ms with one thread.
-_MIN_PART_ENTRIES = 300_000
 
 
 def equilibrate(data: QPData, iterations: int = RUIZ_ITERATIONS) -> tuple[QPData, Scaling]:
@@ -88,28 +83,15 @@ def equilibrate(data: QPData, iterations: int = RUIZ_ITERATIONS) -> tuple[QPData
 
     The constraint rows [A; G] are scaled together and the scalings [d, e, f] live in one
     tensor, so that an iteration is a few operations whatever blocks the problem has. On the CPU
-    (not under compilation) large batches are equilibrated in cache-sized slices
-    (``_SLICE_BYTES``), in parallel threads where torch has several (``_MIN_PART_ENTRIES``);
-    each problem's scaling is the same either way."""
+    with one thread (not under compilation) large batches are equilibrated in slices
+    (``_SLICE_BYTES``); each problem's scaling is the same either way."""
     batch, n = data.p.shape
-    if data.p.device.type != "cpu" or torch.compiler.is_compiling():
+    size = batch
+    if data.p.device.type == "cpu" and not torch.compiler.is_compiling() and torch.get_num_threads() == 1:
+        size = max(1, _SLICE_BYTES // max((n + data.b.shape[-1] + data.h.shape[-1]) * n * data.Q.element_size(), 1))
+    if size >= batch:
         return _equilibrate(data, iterations)
-    rows = n + data.b.shape[-1] + data.h.shape[-1]
-    size = max(1, _SLICE_BYTES // max(rows * n * data.Q.element_size(), 1))
-    count = threads.slice_count(batch, rows * n, data.p.device, _MIN_PART_ENTRIES) if torch.get_num_threads() > 1 else 1
-    if count == 1 and (size >= batch or torch.get_num_threads() > 1):
-        return _equilibrate(data, iterations)
-
-    def part(rows_of: slice) -> tuple[QPData, Scaling]:
-        piece, length = take(data, rows_of), rows_of.stop - rows_of.start
-        if size >= length:
-            return _equilibrate(piece, iterations)
-        pieces = [_equilibrate(take(piece, slice(i, i + size)), iterations) for i in range(0, length, size)]
-        return concat([scaled for scaled, _ in pieces]), concat([sc for _, sc in pieces])
-
-    parts = threads.map_slices(part, batch, count)
-    if len(parts) == 1:
-        return parts[0]
+    parts = [_equilibrate(take(data, slice(i, i + size)), iterations) for i in range(0, batch, size)]
     return concat([scaled for scaled, _ in parts]), concat([sc for _, sc in parts])
 
 
