@@ -37,6 +37,7 @@ from optlayers.qp.kkt import KKTFactor
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
 
+
 def pays(data: QPData) -> bool:
     """Whether ``solve_scaled`` runs the compiled solve of this batch: on the CPU, where the host
     would look before every iteration (``host.reads_are_free``). (On an accelerator the host looks
