@@ -12,7 +12,7 @@ DTYPE = torch.float64
 
 
 def tiny_problem(seed: int = 0, n_train: int = 48, n_test: int = 16) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
-    G, h = hidden = hard_constraints.hidden_polytope(4, np.random.default_rng(seed))
+    G, h = hard_constraints.hidden_polytope(4, np.random.default_rng(seed))
     G_t, h_t = torch.tensor(G, dtype=DTYPE), torch.tensor(h, dtype=DTYPE)
     gen = torch.Generator().manual_seed(seed)
     return hard_constraints.make_data(G_t, h_t, n_train, gen), hard_constraints.make_data(G_t, h_t, n_test, gen)
