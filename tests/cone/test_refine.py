@@ -75,24 +75,3 @@ def test_singular_systems_get_the_minimum_norm_solution():
     reused = linsolve.solve_dense(M, rhs, False, fresh.factorization, refine.NEWTON_FORCING)
     for result in (fresh, reused):
         assert torch.allclose(result.solution, expected, atol=1e-9), float((result.solution - expected).abs().max())
-
-
-def test_a_batch_refined_in_slices_on_threads_is_refined_as_a_whole(monkeypatch):
-    """Large CPU batches are refined in slices on parallel threads (refine.MIN_SLICE_ENTRIES):
-    the elements, and the factorization the backward reuses, are those of the whole batch."""
-    point, b, c, x_true = ipm_point(n_range(SPEC)[0] + 2, batch=7, seed=3)
-    whole = refine.refine(point, b, c, "dense")
-    monkeypatch.setattr(refine, "MIN_SLICE_ENTRIES", 1)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    real, slices = refine._refine, []
-    monkeypatch.setattr(refine, "_refine", lambda p, *a: slices.append(p.x.shape[0]) or real(p, *a))
-    sliced = refine.refine(point, b, c, "dense")
-    assert slices == [2, 2, 3], slices
-    for got, expected in ((sliced.x, whole.x), (sliced.y, whole.y), (sliced.s, whole.s),
-                          (sliced.factorization.lu, whole.factorization.lu)):
-        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-13)
-    assert torch.equal(sliced.factorization.pivots, whole.factorization.pivots)
-    # in LAPACK's column-major layout, as lu_factor_ex returns it (lu_solve would copy a row-major one)
-    assert sliced.factorization.lu.stride() == whole.factorization.lu.stride()
-    assert torch.allclose(sliced.x, x_true, atol=1e-10)
-    assert refine.refine(point, b, c, "dense", max_slices=1) is not None and slices == [2, 2, 3, 7]

@@ -16,7 +16,6 @@ import dataclasses
 
 import torch
 
-from optlayers import threads
 from optlayers.cone import embedding, linsolve, product
 from optlayers.cone.derivative import Point, solve_system
 from optlayers.host import host_read
@@ -29,11 +28,6 @@ SOLVED_TOL = 1e-6  # relative KKT residual for SOLVED: refined answers reach ~1e
 NEWTON_FORCING = 1e-6  # relative accuracy of each Newton step's linear solve (inexact Newton: enough for
 # superlinear convergence; the stopping test is on R itself)
 MAX_BACKTRACKS = 4  # halvings of a Newton step that does not lower ||R|| (semismooth Newton can overshoot)
-# In dense mode a CPU batch is refined in slices on parallel threads (threads.py, one per intra-op
-# thread) when each slice holds at least this many entries of M (batch x (n + m)^2): the batched LU
-# of M and its assembly, most of the refinement's time, release the GIL. At batch 128, m = 96,
-# n = 48 (2.7e6 entries) two slices; elements are refined independently, so the result is the same.
-MIN_SLICE_ENTRIES = 1_000_000  # refactorise when a chord step shrinks the residual by less than this factor
 
 
 def residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -100,48 +94,11 @@ def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, 
     return best, left
 
 
-def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps: int = MAX_STEPS,
-           max_slices: int | None = None) -> Point:
+def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps: int = MAX_STEPS) -> Point:
     """``point`` after up to ``max_steps`` Newton steps on R (failed elements untouched).
 
-    In dense mode the returned point carries the last factorization of M, for the backward pass;
-    a large CPU batch is refined in at most ``max_slices`` (default: torch's thread count) slices
-    on parallel threads (``MIN_SLICE_ENTRIES``).
+    In dense mode the returned point carries the last factorization of M, for the backward pass.
     """
-    batch, n = point.x.shape
-    count = 1
-    if mode == "dense" and max_steps > 0:
-        count = threads.slice_count(batch, (n + point.y.shape[-1]) ** 2, point.x.device, MIN_SLICE_ENTRIES)
-        count = min(count, max_slices or count)
-    if count == 1:
-        return _refine(point, b, c, mode, max_steps)
-    parts = threads.map_slices(lambda part: _refine(_take(point, part), b[part], c[part], mode, max_steps), batch, count)
-    factorizations = [p.factorization for p in parts]
-    factorization = None if any(f is None for f in factorizations) else linsolve.DenseFactorization(
-        _join_columns([f.lu for f in factorizations]), torch.cat([f.pivots for f in factorizations]))
-    return dataclasses.replace(point, x=torch.cat([p.x for p in parts]), y=torch.cat([p.y for p in parts]),
-                               s=torch.cat([p.s for p in parts]), factorization=factorization)
-
-
-def _join_columns(factors: list[torch.Tensor]) -> torch.Tensor:
-    """The batches of (·, N, N) LU factors joined in LAPACK's column-major layout, in which
-    ``torch.linalg.lu_factor_ex`` returns them (a row-major join would be copied back to it by
-    every later ``lu_solve``: three passes over the whole factor in each adjoint)."""
-    return torch.cat([lu.mT for lu in factors]).mT
-
-
-def _take(point: Point, part: slice) -> Point:
-    """The elements ``part`` of ``point`` (a shared A or P stays whole)."""
-    def batched(t: torch.Tensor | None) -> bool:
-        return t is not None and t.layout == torch.strided and t.dim() == 3
-
-    return dataclasses.replace(point, A=point.A[part] if batched(point.A) else point.A,
-                               P=point.P[part] if batched(point.P) else point.P, x=point.x[part], y=point.y[part],
-                               s=point.s[part], ok=point.ok[part], factorization=None)
-
-
-def _refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps: int) -> Point:
-    """``refine`` for one slice."""
     if max_steps == 0:
         return point
     current = point.cleaned()
