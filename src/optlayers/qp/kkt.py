@@ -23,7 +23,6 @@ elementwise, so that only the equality rows' Schur complement is factorised dens
 """
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -105,25 +104,6 @@ def _cholesky(M: Tensor, check_finite: bool = True) -> tuple[Tensor, Tensor]:
     return chol, (info == 0) & _finite(chol.diagonal(dim1=-2, dim2=-1).sum(-1))
 
 
-_WORKSPACES = threading.local()
-
-
-def _workspace(G: Tensor, w: Tensor) -> Tensor | None:
-    """A (B, n, k) buffer laid out as Gᵀ for Gᵀ W⁻¹, reused by the calls of one thread, or None
-    (a new tensor) off the CPU, under compilation, autograd or functorch transforms. On the CPU a
-    fresh tensor of megabytes is new memory from the system each time, and its page faults took
-    as long as the product it holds (B = 64, n = k = 100, float64)."""
-    if (G.device.type != "cpu" or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-            or (torch.is_grad_enabled() and (G.requires_grad or w.requires_grad)) or G.numel() < _LOOK_MIN_ENTRIES):
-        return None
-    dtype = torch.promote_types(G.dtype, w.dtype)
-    buffer = getattr(_WORKSPACES, "weighted", None)
-    if buffer is None or buffer.shape != G.shape or buffer.dtype != dtype:
-        buffer = torch.empty(G.shape, dtype=dtype)
-        _WORKSPACES.weighted = buffer
-    return buffer.mT
-
-
 def diagonal_h(Q: Tensor, G: Tensor) -> Tensor:
     """Whether every H = Q + Gᵀ W G of the batch is diagonal: Q is diagonal and no row of G has two
     nonzeros (so that no two variables share a constraint); one 0-d bool tensor for the batch."""
@@ -169,8 +149,7 @@ def factor_kkt(
         # diag(GᵀW⁻¹G) = Gᵀ(W⁻¹g): two reading passes over G, where G∘G would write one more
         H = torch.diagonal(Q, dim1=-2, dim2=-1) + mtv(G, w_inv_soft * G.sum(-1))
     else:
-        # scaling Gᵀ's columns: the faster broadcast
-        weighted = G.mT if unit_weights else torch.mul(G.mT, w_inv_soft.unsqueeze(-2), out=_workspace(G, w_inv_soft))
+        weighted = G.mT if unit_weights else G.mT * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
         H = torch.baddbmm(Q, weighted, G)
         H_diagonal = H.diagonal(dim1=-2, dim2=-1)
     rows = C.shape[-2]
