@@ -83,7 +83,7 @@ def jvp(point: Point, mode: str, dA: torch.Tensor | None, db: torch.Tensor | Non
 
 
 def vjp(point: Point, mode: str, vx: torch.Tensor, vy: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-    """r (B, n + m) solving M^T r = (output map)^T v; ``embedding.perturbation_adjoint`` maps it to the data."""
+    """r (B, n + m) solving M^T r = (output map)^T v; ``embedding.adjoint_A`` and ``adjoint_P`` map it to the data."""
     point = point.cleaned()
     D = product.derivative(point.spec, point.y - point.s, dual=True)
     rhs = embedding.output_adjoint(D, vx, vy, vs)

@@ -101,20 +101,11 @@ def perturbation(x: torch.Tensor, y: torch.Tensor, dA: torch.Tensor | None, db: 
     return torch.cat([gx, gy], dim=-1)
 
 
-def perturbation_adjoint(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, shared: bool = False
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The data cotangents (A, b, c, P) of -<r, g(dA, db, dc, dP)> for r (B, n + m).
-
-    A: r_y x^T - y r_x^T; b: -r_y; c: -r_x; P: the symmetric part of -r_x x^T. With ``shared``
-    the A and P cotangents are summed over the batch (a shared parameter's gradient is the sum).
-    """
-    n = x.shape[-1]
-    return adjoint_A(x, y, r, shared), -r[..., n:], -r[..., :n], adjoint_P(x, r, shared)
-
-
 def adjoint_A(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, shared: bool = False) -> torch.Tensor:
-    """The A cotangent of ``perturbation_adjoint``, r_y x^T - y r_x^T = [r_y, y] [x, -r_x]^T: one
-    product of rank two, written once (two outer products and their difference passed over it three times)."""
+    """The A cotangent of -<r, g(dA, db, dc, dP)> for r (B, n + m) (those of b and c are -r_y and -r_x),
+    r_y x^T - y r_x^T = [r_y, y] [x, -r_x]^T: one product of rank two, written once (two outer products
+    and their difference passed over it three times). With ``shared`` it is summed over the batch (a
+    shared parameter's gradient is the sum)."""
     n = x.shape[-1]
     left, right = torch.stack([r[..., n:], y], -1), torch.stack([x, -r[..., :n]], -1)  # (B, m, 2), (B, n, 2)
     if shared:
@@ -123,7 +114,8 @@ def adjoint_A(x: torch.Tensor, y: torch.Tensor, r: torch.Tensor, shared: bool = 
 
 
 def adjoint_P(x: torch.Tensor, r: torch.Tensor, shared: bool = False) -> torch.Tensor:
-    """The P cotangent of ``perturbation_adjoint``, the symmetric part of -r_x x^T."""
+    """The P cotangent of -<r, g(dA, db, dc, dP)>, the symmetric part of -r_x x^T (summed over the
+    batch with ``shared``)."""
     rx = r[..., :x.shape[-1]]
     outer = torch.einsum("bi,bj->ij" if shared else "bi,bj->bij", rx, x)
     return -(outer + outer.transpose(-1, -2)) / 2

@@ -213,7 +213,7 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     measured, limit = tested[:, 0], tested[:, 1].mul(settings.rel_tol).add_(settings.tol)
     met = measured <= limit  # (B, 3): primal, dual, gap
     mu = complementarity / max(k, 1)
-    return Residuals(r_d, r_e if m else nu, r_i, mu, scaled, measured[:, 0], measured[:, 1], measured[:, 2], met.all(-1),
+    return Residuals(r_d, r_e, r_i, mu, scaled, measured[:, 0], measured[:, 1], measured[:, 2], met.all(-1),
                      met[:, 0], met[:, 1], measured, limit)
 
 
@@ -491,7 +491,8 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
 
     The iterations run in the engine's loop (``engine.loop.run``) without host synchronisation
     (compiled into one graph with ``settings.compiled``, whose batch keeps its shape: finished
-    problems stay in it, frozen; on the CPU small batches take ``qp.fused.solve_scaled``). The
+    problems stay in it, frozen; on the CPU ``qp.parallel`` sends compiled solves to
+    ``qp.fused.solve_scaled`` instead). The
     loop's looks also count the flags of ``_look_flags`` (``_StiffAndGapLook``). One more read at
     the end tells which problems failed and whether the derivatives' factorisation needs a retry."""
     units = Units.of(sc)
@@ -530,8 +531,6 @@ def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step:
     if with_factor and factor is None:
         factor_fn = compiled(_derivative_factor_unretried, device.type) if settings.compiled else _derivative_factor_unretried
         factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal)
-    elif not with_factor:
-        factor = None
     unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
                                                   full.status != full.status if factor is None else ~factor.ok]).any(-1))
     if unfactored:
