@@ -9,7 +9,7 @@
 # the whole script fits one device call (10 minutes); the steps run in order of importance.
 set -uo pipefail
 out=runs/gpu
-mkdir -p "$out/qp"
+rm -rf "$out" && mkdir -p "$out/qp"  # this run's results only (the folder outlives a device call)
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
@@ -28,7 +28,7 @@ step 100 python3 -m pytest -q -m cuda tests/qp/test_cuda.py tests/qp/test_engine
 step 40 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"
 step 180 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"
 step 60 python3 benchmarks/bench_cone.py --repeats 5 --out "$out/bench_cone.json"
-step 150 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --solvers optlayers,linear,qpth,qpax --out "$out/qp"
+step 110 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --solvers optlayers,linear,qpth,qpax --out "$out/qp"
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/gpu_results.tar.gz" -C "$out" . && cp "$log" "$OUT/" || failed=1
 fi
