@@ -148,3 +148,16 @@ def test_many_small_feasible_qps_all_solve_quickly():
     sol = solve_qp(Q, p, G, h)
     assert (sol.status == QPStatus.SOLVED).all()
     assert sol.iterations.max().item() <= 30
+
+
+def test_a_solve_under_inference_mode_leaves_later_solves_unaffected():
+    """A solve inside ``torch.inference_mode`` (large enough for every CPU fast path) keeps no
+    inference tensors that a later ordinary solve, with gradients, would have to write."""
+    data = random_qp((64,), 40, 50, 0)
+    with torch.inference_mode():
+        z_inference = solve_qp(**data).z
+    p = data["p"].clone().requires_grad_(True)
+    z = solve_qp(**{**data, "p": p}).z
+    torch.testing.assert_close(z.detach(), z_inference, rtol=0, atol=1e-10)
+    z.sum().backward()
+    assert torch.isfinite(p.grad).all()
