@@ -159,7 +159,7 @@ def _whole(data: QPData, sc: Scaling, settings: IPMSettings,
     status = st.status.masked_fill(running, int(QPStatus.MAX_ITER))
     factor, unfactored = None, torch.zeros((), dtype=torch.bool, device=st.v.device)
     if with_factor:
-        factor = ipm.derivative_factor(data.Q, data.A, data.G, st.lam, st.s, settings, retries=0, diagonal=data.diagonal)
+        factor = ipm._derivative_factor_unretried(data.Q, data.A, data.G, st.lam, st.s, settings, data.diagonal)
         unfactored = ~factor.ok.all()
     ends = ~running.any() | (taken >= settings.max_iter)
     info = torch.stack([taken, start_failed, ends, (status != int(QPStatus.SOLVED)).any(), unfactored])

@@ -111,8 +111,6 @@ class Units:
     the original problem's units, and the merit step's candidate factors."""
 
     dual: Tensor  # (B, n): 1 / (d c)
-    eq: Tensor  # (B, m): 1 / e
-    ineq: Tensor  # (B, k): 1 / f
     cost: Tensor  # (B,): 1 / c
     backtrack: Tensor  # (B, j): the merit step's candidate factors βʲ (the same for every problem)
     primal: Tensor  # (B, m + k): [1 / e, 1 / f]
@@ -121,9 +119,9 @@ class Units:
     @staticmethod
     def of(sc: Scaling) -> Units:
         factors = BACKTRACK ** torch.arange(BACKTRACK_STEPS, dtype=sc.c.dtype, device=sc.c.device)
-        eq, ineq, cost = 1.0 / sc.e, 1.0 / sc.f, 1.0 / sc.c
-        return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), eq=eq, ineq=ineq, cost=cost,
-                     backtrack=factors.expand(sc.c.shape[0], -1), primal=torch.cat([eq, ineq], -1),
+        cost = 1.0 / sc.c
+        return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), cost=cost,
+                     backtrack=factors.expand(sc.c.shape[0], -1), primal=torch.cat([1.0 / sc.e, 1.0 / sc.f], -1),
                      gauge=torch.stack([torch.ones_like(cost), torch.ones_like(cost), cost], -1))
 
 
