@@ -63,6 +63,14 @@ def test_every_element_is_solved_or_correctly_refused(case):
         assert _acceptable(outcome), f"{outcome} in case {describe(case)}"
 
 
+def _judged_ok(case: dict, element: int) -> dict:
+    """The outcome of element ``element`` of the regression ``case`` (solved in its batch), asserted
+    to be judged "ok": solved to the KKT tolerance, or certified as what it is."""
+    outcome = outcomes(case, compare_alone=False)[element]
+    assert outcome["verdict"] == "ok", outcome
+    return outcome
+
+
 # Found by the fuzzing: infeasible and unbounded elements whose iterates diverge (gap 1e11-1e23)
 # without the certificate test firing; they end at MAX_ITER (or NUMERICAL_ERROR with a larger
 # max_iter) instead of PRIMAL_INFEASIBLE / DUAL_INFEASIBLE. Element ``index`` of each batch.
@@ -87,8 +95,7 @@ def test_no_false_unboundedness_certificate_on_an_infeasible_element():
             "elements": [{"kind": "solvable", "rank": 0, "duplicate_rows": False, "redundant_eq": False},
                          {"kind": "infeasible_ineq", "rank": 0, "duplicate_rows": True, "redundant_eq": False},
                          {"kind": "solvable", "rank": 0, "duplicate_rows": False, "redundant_eq": False}]}
-    outcome = outcomes(case, compare_alone=False)[1]
-    assert outcome["verdict"] == "ok", outcome
+    _judged_ok(case, 1)
 
 
 def test_no_false_unboundedness_certificate():
@@ -98,8 +105,7 @@ def test_no_false_unboundedness_certificate():
             "elements": [{"kind": "solvable", "rank": 0, "duplicate_rows": False, "redundant_eq": False},
                          {"kind": "solvable", "rank": 1, "duplicate_rows": False, "redundant_eq": False},
                          {"kind": "solvable", "rank": 0, "duplicate_rows": False, "redundant_eq": False}]}
-    outcome = outcomes(case, compare_alone=False)[2]
-    assert outcome["verdict"] == "ok", outcome
+    _judged_ok(case, 2)
 
 
 def test_no_false_infeasibility_certificate():
@@ -107,8 +113,7 @@ def test_no_false_infeasibility_certificate():
             "column_decades": 0.9266029504216198,
             "elements": [{"kind": "infeasible_eq", "rank": 4, "duplicate_rows": False, "redundant_eq": False},
                          {"kind": "unbounded", "rank": 8, "duplicate_rows": True, "redundant_eq": True}]}
-    outcome = outcomes(case, compare_alone=False)[1]
-    assert outcome["verdict"] == "ok", outcome
+    _judged_ok(case, 1)
 
 
 def test_no_false_unboundedness_certificate_on_a_scaled_bounded_element():
@@ -118,8 +123,7 @@ def test_no_false_unboundedness_certificate_on_a_scaled_bounded_element():
             "row_decades": 4.682839697954082, "column_decades": 5.851210697323356,
             "elements": [{"kind": "unbounded", "rank": 5, "duplicate_rows": False, "redundant_eq": True},
                          {"kind": "solvable", "rank": 3, "duplicate_rows": False, "redundant_eq": True}]}
-    outcome = outcomes(case, compare_alone=False)[1]
-    assert outcome["verdict"] == "ok", outcome
+    _judged_ok(case, 1)
 
 
 def test_no_false_unboundedness_certificate_on_a_degenerate_scaled_bounded_element():
@@ -128,8 +132,7 @@ def test_no_false_unboundedness_certificate_on_a_degenerate_scaled_bounded_eleme
             "elements": [{"kind": "solvable", "rank": 3, "duplicate_rows": False, "redundant_eq": True},
                          {"kind": "infeasible_eq", "rank": 7, "duplicate_rows": False, "redundant_eq": False},
                          {"kind": "solvable", "rank": 5, "duplicate_rows": True, "redundant_eq": True}]}
-    outcome = outcomes(case, compare_alone=False)[2]
-    assert outcome["verdict"] == "ok", outcome
+    _judged_ok(case, 2)
 
 
 # Bounded elements with rows scaled by up to 1e4.6-1e5.8 that got a false recession certificate in the
@@ -152,8 +155,7 @@ _SCALED_BOUNDED = {
 
 def test_no_false_unboundedness_certificate_on_a_scaled_bounded_element_that_is_solved():
     case, element = _SCALED_BOUNDED["seed-4421"]
-    outcome = outcomes(case, compare_alone=False)[element]
-    assert outcome["verdict"] == "ok", outcome
+    _judged_ok(case, element)
 
 
 def test_no_false_unboundedness_certificate_on_a_slowly_converging_scaled_bounded_element():
@@ -180,8 +182,7 @@ def test_no_false_infeasibility_certificate_from_a_step_at_rounding_level():
             "row_decades": 0.9161148129444376, "column_decades": 0.9161148129444376,
             "elements": [{"kind": "solvable", "rank": 0, "duplicate_rows": True, "redundant_eq": False},
                          {"kind": "solvable", "rank": 2, "duplicate_rows": False, "redundant_eq": True}]}
-    outcome = outcomes(case, compare_alone=False)[0]
-    assert outcome["verdict"] == "ok", outcome
+    _judged_ok(case, 0)
 
 
 def test_a_solution_is_judged_against_its_terms_before_they_cancel():
@@ -191,8 +192,7 @@ def test_a_solution_is_judged_against_its_terms_before_they_cancel():
             "row_decades": 0.0, "column_decades": 4.365125496284071,
             "elements": [{"kind": "solvable", "rank": 0, "duplicate_rows": True, "redundant_eq": True},
                          {"kind": "solvable", "rank": 1, "duplicate_rows": False, "redundant_eq": True}]}
-    outcome = outcomes(case, compare_alone=False)[0]
-    assert outcome["verdict"] == "ok", outcome
+    outcome = _judged_ok(case, 0)
     assert outcome["residuals"]["gap"] < 1e-12, outcome
 
 
@@ -204,16 +204,14 @@ def test_a_degenerate_solvable_element_is_solved():
             "elements": [{"kind": "solvable", "rank": 6, "duplicate_rows": False, "redundant_eq": True},
                          {"kind": "solvable", "rank": 4, "duplicate_rows": True, "redundant_eq": False},
                          {"kind": "solvable", "rank": 6, "duplicate_rows": False, "redundant_eq": False}]}
-    outcome = outcomes(case, compare_alone=False)[2]
-    assert outcome["verdict"] == "ok", outcome
+    _judged_ok(case, 2)
 
 
 @pytest.mark.xfail(strict=True, reason="the IPM's infeasibility certificates miss these elements: MAX_ITER instead of "
                                        "PRIMAL_INFEASIBLE / DUAL_INFEASIBLE (qp/ipm.py)")
 @pytest.mark.parametrize("case, index", _MISSED_CERTIFICATES, ids=["infeasible-unscaled", "infeasible-scaled"])
 def test_missed_infeasibility_certificates(case, index):
-    outcome = outcomes(case, compare_alone=False)[index]
-    assert outcome["verdict"] == "ok", outcome
+    _judged_ok(case, index)
 
 
 def test_unboundedness_certificate_of_a_degenerate_unbounded_element():
@@ -223,8 +221,7 @@ def test_unboundedness_certificate_of_a_degenerate_unbounded_element():
             "elements": [{"kind": "unbounded", "rank": 3, "duplicate_rows": False, "redundant_eq": True},
                          {"kind": "unbounded", "rank": 0, "duplicate_rows": True, "redundant_eq": True},
                          {"kind": "unbounded", "rank": 4, "duplicate_rows": True, "redundant_eq": True}]}
-    outcome = outcomes(case, compare_alone=False)[1]
-    assert outcome["verdict"] == "ok", outcome
+    _judged_ok(case, 1)
 
 
 def test_the_check_is_independent_and_can_fail():
