@@ -24,12 +24,12 @@ MAX_EXP_SYNCS = 1
 MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 17, 3
 # Kernels per iteration of the cone interior point method on those programs, on the accelerators'
 # schedule (every exponential cone's dual scaling and every step trial formed: the count a GPU
-# launches): 903 measured with the residuals' one pass over all rows for A x and one for Aᵀy and
-# the Newton directions' A_Kᵀ Vᵀ u and V A_K dx from the scaled rows G = V A_K that H is formed from
-# (962 before those, with the QP step's fusions; 980 with the nonnegative rows as the KKT system's
-# diagonal rows, 1,007 with them among the scaled cone rows; 1,109 before the directions passed over
-# A_K twice instead of over G and A_K three times and the nonnegative and second-order step tests
-# measured from s and y).
+# launches): 905 measured (903 before the step lengths ignored 0/0, one kernel each) with the
+# residuals' one pass over all rows for A x and one for Aᵀy and the Newton directions' A_Kᵀ Vᵀ u and
+# V A_K dx from the scaled rows G = V A_K that H is formed from (962 before those, with the QP
+# step's fusions; 980 with the nonnegative rows as the KKT system's diagonal rows, 1,007 with them
+# among the scaled cone rows; 1,109 before the directions passed over A_K twice instead of over G
+# and A_K three times and the nonnegative and second-order step tests measured from s and y).
 MAX_CONE_KERNELS_PER_ITERATION = 910
 
 

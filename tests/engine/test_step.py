@@ -7,7 +7,7 @@ import torch
 
 from optlayers.cone.interior.solver import IPMSettings
 from optlayers.engine import cones
-from optlayers.engine.step import ConeRows, State, newton_step
+from optlayers.engine.step import ConeRows, State, max_step, newton_step
 from optlayers.qp.scaling import QPData
 
 
@@ -58,3 +58,41 @@ def test_nonnegative_rows_as_diagonal_rows_and_as_a_cone_plug_in_give_one_step()
     torch.testing.assert_close(diagonal.dv, folded.dv, rtol=1e-9, atol=1e-9)  # the same layout [x, ν, λ/y, s]
     torch.testing.assert_close(diagonal.alpha, folded.alpha, rtol=1e-9, atol=1e-12)
     assert (diagonal.alpha > 0).all() and (diagonal.alpha <= 1).all()
+
+
+def test_an_entry_and_its_direction_both_zero_do_not_limit_the_step():
+    """max_step over (λ, s) with an entry 0 whose direction is 0 (0/0): the step the other
+    entries allow; an entry 0 with a negative direction allows none."""
+    w = torch.tensor([[[1.0, 2.0], [0.0, 4.0]]], dtype=torch.float64)
+    dw = torch.tensor([[[-0.5, 1.0], [0.0, -8.0]]], dtype=torch.float64)  # limits: 2 and 0.5
+    torch.testing.assert_close(max_step(w, dw, scale=0.99), torch.tensor([0.495], dtype=torch.float64))
+    torch.testing.assert_close(max_step(w, torch.zeros_like(dw), cap=3.0), torch.tensor([3.0], dtype=torch.float64))
+    assert max_step(w, torch.tensor([[[-0.5, 1.0], [-1.0, 0.0]]], dtype=torch.float64)).item() == 0.0
+
+
+def test_a_qp_iterate_with_a_slack_exactly_zero_solves():
+    """A slack s exactly 0 has ds = 0 in the predictor (b4 = −s∘λ = 0): its step must still be
+    taken (it was NaN: a failed factorisation, then a numerical failure), and the solve reaches
+    the solution of the untouched start."""
+    from optlayers.qp import ipm
+    from optlayers.qp.problem import prepare_qp, qp_data
+    from optlayers.qp.scaling import equilibrate
+    from optlayers.status import Status
+    from tests.qp.qp_problems import random_qp
+
+    data = random_qp((2,), 6, 8, 2, active=True)
+    flat, _ = prepare_qp(*(data[key] for key in ("Q", "p", "G", "h", "A", "b")))
+    scaled, sc = equilibrate(qp_data(*flat))
+    settings = ipm.default_settings(torch.float64, None, None, None)
+    units = ipm.Units.of(sc)
+
+    def solve(st):
+        res = ipm.residuals(scaled, units, st, settings)
+        return ipm.iterate(scaled, units, st, res, lambda *args: ipm.step(*args, settings), settings, False).state
+
+    st, _ = ipm.start(scaled, units, settings)
+    v = st.v.clone()
+    v[0, st.n + st.m + st.k + 3] = 0.0  # s₃ of the first problem
+    reference, touched = solve(st), solve(dataclasses.replace(st, v=v))
+    assert (touched.status == Status.SOLVED).all() and (touched.iterations > 0).all()
+    torch.testing.assert_close(touched.x, reference.x, rtol=1e-8, atol=1e-8)

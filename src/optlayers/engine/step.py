@@ -31,6 +31,7 @@ the cone method's ``IPMSettings``).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -150,8 +151,11 @@ class Step:
 
 def max_step(w: Tensor, dw: Tensor, cap: float = 1.0, scale: float = 1.0) -> Tensor:
     """``scale`` times the largest α ≤ ``cap`` with w + α dw ≥ 0 over the last two dimensions of
-    (B, 2, k), per problem, for w > 0: α = 1 / max(1/cap, maxᵢ −dwᵢ/wᵢ), in five kernels."""
-    lowest = (dw / w).flatten(1).amin(-1).clamp(max=-1.0 / cap)  # −1/α
+    (B, 2, k), per problem, for w ≥ 0: α = 1 / max(1/cap, maxᵢ −dwᵢ/wᵢ), in six kernels. An entry
+    with wᵢ = dwᵢ = 0 (0/0) does not limit the step (an s that is exactly 0 has ds = 0 in the
+    predictor); one with wᵢ = 0 > dwᵢ allows no step."""
+    ratios = torch.nan_to_num(dw / w, nan=0.0, neginf=-math.inf)
+    lowest = ratios.flatten(1).amin(-1).clamp(max=-1.0 / cap)  # −1/α
     return lowest.reciprocal().mul(-scale)
 
 
