@@ -1,6 +1,8 @@
 """A solve's interior point iterations in one compiled call (``optlayers.qp.fused``): the iterates
 of one call per iteration, and the host's looks only where a call stopped. Traced by dynamo's eager
 backend (no inductor compilation: fast)."""
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -99,3 +101,26 @@ def test_packing_keeps_every_field_of_the_state_and_residuals():
                     assert a.dtype == b.dtype and torch.equal(a, b), f.name
                 else:
                     assert a == b, f.name
+
+
+def test_a_failed_start_runs_no_compiled_iterations(eager_backend, monkeypatch):
+    """Where the compiled start's (unretried) factorisation fails for some problem, the host
+    starts again with retries (``ipm.start``) and iterates from there: the compiled call runs no
+    iterations from the failed start, and the solve is the eager path's."""
+    real_start = ipm._start_unretried
+
+    def failing_start(data, units, settings):  # the first problem's factorisation "failed"
+        st, res = real_start(data, units, settings)
+        first = torch.arange(st.status.shape[0], device=st.status.device) == 0
+        return replace(st, status=st.status.masked_fill(first, int(Status.NUMERICAL_ERROR))), res
+
+    monkeypatch.setattr(ipm, "_start_unretried", failing_start)
+    reads = []
+    monkeypatch.setattr(fused, "host_read", lambda t: reads.append(ipm.host_read(t)) or reads[-1])
+    data = random_qp((3,), 8, 10, 2)
+    eager = solve_qp(**data)
+    compiled = solve_qp(**data, compile=True)
+    taken, start_failed = reads[0][:2]
+    assert start_failed and taken == 0
+    assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.iterations, eager.iterations)
+    torch.testing.assert_close(compiled.z, eager.z, rtol=1e-12, atol=1e-12)

@@ -116,17 +116,19 @@ def _own(obj):
 
 
 def steps(data: QPData, units: Units, packed: Packed, where: Layout, settings: IPMSettings, iteration: Tensor,
-          looked: bool = True) -> tuple[Packed, Tensor]:
+          looked: bool = True, halt: Tensor | None = None) -> tuple[Packed, Tensor]:
     """Iterations ``iteration``, ``iteration`` + 1, ... (a 0-d int64 tensor) of ``ipm.step`` from the
     state packed as ``where``, until the host's look would act (see the module docstring);
-    ``looked``: the host has looked before the first, which runs whatever the look would say.
-    Returns the packed state and how many iterations ran (0-d)."""
+    ``looked``: the host has looked before the first, which runs whatever the look would say;
+    ``halt`` (0-d bool): where it holds, none runs. Returns the packed state and how many
+    iterations ran (0-d)."""
 
     def go_on(j: Tensor, real: Tensor, counts: Tensor, flags: Tensor) -> Tensor:
         st, res = unpack(Packed(real, counts, flags), where)
         running = st.status == RUNNING
         look = ipm._look_flags(st, res, units, running, iteration + j, settings)
         stop = ~running.any() | look[[0, 1, 3]].any() | (iteration + j >= settings.max_iter)
+        stop = stop if halt is None else stop | halt
         return ((j == 0) | ~stop) if looked else ~stop
 
     def iterate(j: Tensor, real: Tensor, counts: Tensor, flags: Tensor) -> tuple[Tensor, ...]:
@@ -142,8 +144,9 @@ def steps(data: QPData, units: Units, packed: Packed, where: Layout, settings: I
 
 def _whole(data: QPData, sc: Scaling, settings: IPMSettings,
            with_factor: bool) -> tuple[State, Residuals, Tensor, KKTFactor | None, Tensor]:
-    """The start (unretried), ``steps`` from it, and with ``with_factor`` the derivatives'
-    factorisation at the last iterate (unretried), in one function to compile. Returns the state
+    """The start (unretried), ``steps`` from it (none where a start failed: the host starts again),
+    and with ``with_factor`` the derivatives' factorisation at the last iterate (unretried), in one
+    function to compile. Returns the state
     and its residuals (each tensor in memory of its own), the statuses as the solve ends there
     (``RUNNING`` as ``MAX_ITER``), the factorisation, and (5,) int64 for the host: the iterations
     run, whether some start failed, whether the solve ends there (nothing runs, or the iteration
@@ -153,7 +156,7 @@ def _whole(data: QPData, sc: Scaling, settings: IPMSettings,
     start_failed = (st.status == int(QPStatus.NUMERICAL_ERROR)).any()
     where = layout(st, res)
     packed, taken = steps(data, units, pack(st, res), where, settings,
-                          torch.zeros((), dtype=torch.int64, device=st.v.device), looked=False)
+                          torch.zeros((), dtype=torch.int64, device=st.v.device), looked=False, halt=start_failed)
     st, res = (_own(obj) for obj in unpack(packed, where))
     running = st.status == RUNNING
     status = st.status.masked_fill(running, int(QPStatus.MAX_ITER))
