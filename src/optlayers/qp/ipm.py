@@ -127,25 +127,45 @@ class Units:
 
 @dataclass(frozen=True)
 class Residuals:
-    """Residuals of the scaled problem (B, ·), their largest scaled entry ``scaled`` (B,), and
-    the unscaled infinity norms with the convergence test (B,): whether the primal and the dual
-    residual are within tolerance, and whether all three (gap too) are. ``measured`` (B, 3) holds
-    the primal residual, the dual residual and the gap as the test measured them, ``limit`` (B, 3)
-    their tolerances (tol + rel_tol · size)."""
+    """Residuals of the scaled problem (B, ·), their largest scaled entry ``scaled`` (B,), and the
+    convergence test in the original problem's units: ``measured`` (B, 3) holds the primal
+    residual, the dual residual and the gap (infinity norms) as the test measured them, ``limit``
+    (B, 3) their tolerances (tol + rel_tol · size). Everything the test says is read from these
+    two (the properties below), so that a measurement replaced later (``_accept_accurate_gaps``)
+    cannot disagree with the verdict."""
 
     r_d: Tensor
     r_e: Tensor
     r_i: Tensor
     mu: Tensor
     scaled: Tensor
-    primal: Tensor
-    dual: Tensor
-    gap: Tensor
-    converged: Tensor
-    primal_feasible: Tensor
-    dual_feasible: Tensor
     measured: Tensor
     limit: Tensor
+
+    @property
+    def primal(self) -> Tensor:
+        """(B,) the primal residual."""
+        return self.measured[:, 0]
+
+    @property
+    def dual(self) -> Tensor:
+        """(B,) the dual residual."""
+        return self.measured[:, 1]
+
+    @property
+    def gap(self) -> Tensor:
+        """(B,) the duality gap."""
+        return self.measured[:, 2]
+
+    @property
+    def met(self) -> Tensor:
+        """(B, 3) which of the primal residual, the dual residual and the gap are within tolerance."""
+        return self.measured <= self.limit
+
+    @property
+    def converged(self) -> Tensor:
+        """(B,) all three are within tolerance."""
+        return self.met.all(-1)
 
 
 @dataclass(frozen=True)
@@ -208,11 +228,8 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     gap = torch.maximum(terms.sum(0).abs(), complementarity)
     tested = torch.stack([primal_norms[0], dual_norms[0], gap, primal_norms[1:].amax(0), dual_norms[1:].amax(0),
                           terms.abs().amax(0)], -1).unflatten(-1, (2, 3)) * units.gauge.unsqueeze(-2)
-    measured, limit = tested[:, 0], tested[:, 1].mul(settings.rel_tol).add_(settings.tol)
-    met = measured <= limit  # (B, 3): primal, dual, gap
     mu = complementarity / max(k, 1)
-    return Residuals(r_d, r_e, r_i, mu, scaled, measured[:, 0], measured[:, 1], measured[:, 2], met.all(-1),
-                     met[:, 0], met[:, 1], measured, limit)
+    return Residuals(r_d, r_e, r_i, mu, scaled, tested[:, 0], tested[:, 1].mul(settings.rel_tol).add_(settings.tol))
 
 
 def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> State:
@@ -352,8 +369,9 @@ def _look_flags(st: State, res: Residuals, units: Units, running: Tensor, iterat
        within tolerance: there the gap may be rounding (``_accept_accurate_gaps``)."""
     switch = ((st.iterations < iteration) > st.stiff_tried) & running
     stiff = running & st.stiff
-    gap_alone = (res.primal_feasible & res.dual_feasible & (res.mu * units.cost <= settings.tol / max(st.k, 1)))
-    return torch.stack([switch, stiff & (st.reg > settings.reg), stiff, (gap_alone > res.converged) & running])
+    met = res.met
+    gap_alone = (met[:, :2].all(-1) > met[:, 2]) & (res.mu * units.cost <= settings.tol / max(st.k, 1))
+    return torch.stack([switch, stiff & (st.reg > settings.reg), stiff, gap_alone & running])
 
 
 def _switch_stiff(st: State, switch: Tensor, back: Tensor, settings: IPMSettings) -> State:
@@ -408,17 +426,14 @@ def accurate_gap(data: QPData, units: Units, st: State) -> Tensor:
     return (total + err).abs() * units.cost
 
 
-def _accept_accurate_gaps(data: QPData, units: Units, st: State, res: Residuals, settings: IPMSettings,
-                          candidates: Tensor) -> Residuals:
+def _accept_accurate_gaps(data: QPData, units: Units, st: State, res: Residuals, candidates: Tensor) -> Residuals:
     """``res`` where the ``candidates`` (problems whose primal and dual residuals are within
-    tolerance) pass the convergence test with the gap of ``accurate_gap``: converged, with that gap."""
-    x, lam, nu = st.x, st.lam, st.nu
-    terms = torch.stack([_pair_dots(x, mv(data.Q, x)), _pair_dots(data.p, x), _pair_dots(data.h, lam),
-                         _pair_dots(data.b, nu)])
-    size = terms.abs().amax(0) * units.cost
+    tolerance) pass the convergence test with the gap of ``accurate_gap`` (against the gap's limit
+    that ``residuals`` set): their measured gap replaced by that one, so that they read converged."""
     gap = torch.maximum(accurate_gap(data, units, st), res.mu * max(st.k, 1) * units.cost)
-    passed = candidates & res.primal_feasible & res.dual_feasible & (gap <= settings.tol + settings.rel_tol * size)
-    return replace(res, gap=torch.where(passed, gap, res.gap), converged=res.converged | passed)
+    passed = candidates & res.met[:, :2].all(-1) & (gap <= res.limit[:, 2])
+    measured = res.measured
+    return replace(res, measured=torch.stack([measured[:, 0], measured[:, 1], torch.where(passed, gap, measured[:, 2])], -1))
 
 
 def _mark_converged(st: State, res: Residuals) -> State:
@@ -475,7 +490,7 @@ class _StiffAndGapLook:
             st = _switch_stiff(st, flags[0], flags[1], settings)
             marked += switch - back
         if gap_alone:
-            res = _accept_accurate_gaps(*data, st, res, settings, flags[3])
+            res = _accept_accurate_gaps(*data, st, res, flags[3])
             st, self.accurate_gaps = _mark_converged(st, res), True
         if marked == 0:
             return st, res, self.plain_step
@@ -524,7 +539,7 @@ def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step:
     elif settings.compiled and device.type == "cuda":
         full, res = owned(full), owned(res)  # out of the step's CUDA-graph memory, which its next replay overwrites
     if hook.accurate_gaps:  # the problems that converged by their accurate gap report it again (later steps re-evaluated it)
-        res = _accept_accurate_gaps(data, units, full, res, settings, (full.status == int(QPStatus.SOLVED)) & ~res.converged)
+        res = _accept_accurate_gaps(data, units, full, res, (full.status == int(QPStatus.SOLVED)) & ~res.converged)
     full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))
     if with_factor and factor is None:
         factor_fn = compiled(_derivative_factor_unretried, device.type) if settings.compiled else _derivative_factor_unretried
