@@ -165,3 +165,26 @@ def test_the_compiled_path_switches_a_late_failure_to_the_stiff_split(monkeypatc
         z, lam, _ = clarabel_solve(*(data[key][i] for key in ("Q", "p", "G", "h", "A", "b")))
         np.testing.assert_allclose(sol.z[i].numpy(), z, atol=1e-7)
         np.testing.assert_allclose(sol.lam[i].numpy(), lam, atol=1e-7)
+
+
+def test_an_accepted_accurate_gap_is_what_the_residuals_report_and_judge():
+    """``_accept_accurate_gaps`` replaces the measured gap where the accurate one passes, and the
+    reported gap and the verdict read that measurement: they cannot disagree. Element 0's primal and
+    dual residuals are within tolerance and its exact gap is 0 (x = λ = ν = 0); element 1's primal
+    residual is not, so it stays unconverged with its plain gap."""
+    raw = random_qp((2,), 6, 5, 2)
+    flat, _ = prepare_qp(*(raw[key] for key in ("Q", "p", "G", "h", "A", "b")))
+    data, sc = equilibrate(qp_data(*flat))
+    units = ipm.Units.of(sc)
+    st = ipm.initial_point(data, ipm.default_settings(torch.float64, None, None, None))
+    n, m, k = st.n, st.m, st.k
+    st = dataclasses.replace(st, v=torch.cat([st.v[:, : n + m + k].mul(0.0), st.v[:, n + m + k :]], -1))
+    measured = torch.tensor([[1e-10, 1e-10, 1.0], [1.0, 1e-10, 1.0]], dtype=torch.float64)
+    limit = torch.full((2, 3), 1e-8, dtype=torch.float64)
+    zeros = torch.zeros(2, dtype=torch.float64)
+    res = ipm.Residuals(st.x, st.nu, st.lam, zeros, zeros, measured, limit)
+    assert not res.converged.any()
+    accepted = ipm._accept_accurate_gaps(data, units, st, res, torch.tensor([True, True]))
+    assert accepted.converged.tolist() == [True, False]
+    assert accepted.gap.tolist() == [0.0, 1.0] and torch.equal(accepted.gap, accepted.measured[:, 2])
+    assert torch.equal(accepted.converged, (accepted.measured <= accepted.limit).all(-1))
