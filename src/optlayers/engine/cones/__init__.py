@@ -11,6 +11,7 @@ cone has none in closed form and is searched, ``exp_step``); and its central poi
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -145,9 +146,20 @@ def normal_matrix(Q: torch.Tensor | None, G: torch.Tensor) -> torch.Tensor:
 
 
 def _exp_rows(v: torch.Tensor, parts: list[Part]) -> torch.Tensor:
-    """The exponential cones' rows of v (..., m_K) as (..., cones, 3)."""
+    """The exponential cones' rows of v (..., m_K) as (..., cones, 3) (a view where they are one part)."""
     pieces = [v[..., part.start:part.stop].reshape(*v.shape[:-1], part.count, 3) for part in parts if part.kind == "exp"]
-    return torch.cat(pieces, -2)
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -2)
+
+
+@functools.lru_cache(maxsize=None)
+def _trial_factors(backtrack: float, max_backtracks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The step search's factors _EXP_FINE_FACTOR^k (k < _EXP_FINE_TRIALS), then backtrack^k
+    (0 < k < max_backtracks), longest first (K,); made once per setting, device and dtype (as a
+    normal tensor even when first asked for under ``torch.inference_mode``)."""
+    with torch.inference_mode(False):
+        factors = [_EXP_FINE_FACTOR ** k for k in range(_EXP_FINE_TRIALS)]
+        factors += [backtrack ** k for k in range(1, max_backtracks)]
+        return torch.tensor(factors, dtype=torch.float64).to(device, dtype)
 
 
 def exp_step(parts: list[Part], s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor,
@@ -155,22 +167,22 @@ def exp_step(parts: list[Part], s: torch.Tensor, y: torch.Tensor, ds: torch.Tens
     """The longest of alpha * t, t = _EXP_FINE_FACTOR^k (k < _EXP_FINE_TRIALS) then backtrack^k
     (0 < k < max_backtracks), for which the step divided by ``fraction`` keeps every exponential
     cone's s and y strictly inside (the feasible steps along a ray form an interval), all tried at
-    once (no look from the host); and whether one was found (B,). Where the host's reads are
-    free (the CPU), the first _EXP_FIRST_TRIALS are tried first, and the others only if some
-    element found none of them inside (the answer is the same: later trials are shorter)."""
-    s_e, y_e, ds_e, dy_e = (_exp_rows(t, parts) for t in (s, y, ds, dy))
-    powers = torch.arange(max_backtracks + _EXP_FINE_TRIALS - 1, dtype=s.dtype, device=s.device)
-    factors = torch.where(powers < _EXP_FINE_TRIALS, _EXP_FINE_FACTOR ** powers,
-                          backtrack ** (powers - _EXP_FINE_TRIALS + 1))
-    trials = alpha.unsqueeze(0) * factors.unsqueeze(-1)  # (K, B), longest first
+    once (no look from the host); and whether one was found (B,). The dual points are mapped to
+    primal ones (``exponential.to_primal``, linear: the same map takes their steps), so that one
+    membership test covers both. Where the host's reads are free (the CPU), the first
+    _EXP_FIRST_TRIALS are tried first, and the others only if some element found none of them
+    inside (the answer is the same: later trials are shorter)."""
+    point = torch.cat([_exp_rows(s, parts), exponential.to_primal(_exp_rows(y, parts))], -2)
+    step = torch.cat([_exp_rows(ds, parts), exponential.to_primal(_exp_rows(dy, parts))], -2)
+    trials = alpha.unsqueeze(0) * _trial_factors(backtrack, max_backtracks, s.device, s.dtype).unsqueeze(-1)  # (K, B)
 
     def tried(trials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         reach = (trials / fraction)[..., None, None]
-        inside = (exponential.in_primal(s_e + reach * ds_e) & exponential.in_dual(y_e + reach * dy_e)).all(-1)
+        inside = exponential.primal_margin(torch.addcmul(point, reach, step)).amin(-1) > 0
         return (trials * inside).amax(0), inside.any(0)
 
     if reads_are_free(s.device):
-        step, found = tried(trials[:_EXP_FIRST_TRIALS])
+        step_length, found = tried(trials[:_EXP_FIRST_TRIALS])
         if bool(found.all()):
-            return step, found
+            return step_length, found
     return tried(trials)

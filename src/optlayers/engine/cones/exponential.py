@@ -40,96 +40,147 @@ _CENTRAL_TOL = 1.49e-8
 CENTRAL_POINT = (-1.051383945322714, 0.556409619469370, 1.258967884768947)
 
 
+def primal_margin(s: torch.Tensor) -> torch.Tensor:
+    """min(y, y log(z / y) - x) (...,) for s = (x, y, z) (..., 3): positive exactly where s is in
+    the interior of K_exp (y > 0 and, through the logarithm, z > 0: where z <= 0 < y the margin is
+    NaN or -inf, where y <= 0 it is not positive), so that a step search compares it with 0 (NaN
+    compares false)."""
+    x, y, z = s.unbind(-1)
+    return torch.minimum(y, y * torch.log(z / y) - x)
+
+
 def in_primal(s: torch.Tensor) -> torch.Tensor:
     """Whether s (..., 3) is in the interior of K_exp = cl{(x, y, z): y > 0, y exp(x / y) <= z}."""
-    x, y, z = s.unbind(-1)
-    inside = (y > 0) & (z > 0)
-    safe_y, safe_z = torch.where(inside, y, torch.ones_like(y)), torch.where(inside, z, torch.ones_like(z))
-    return inside & (safe_y * torch.log(safe_z / safe_y) - x > 0)
+    return primal_margin(s) > 0
+
+
+def to_primal(y: torch.Tensor) -> torch.Tensor:
+    """(u, v, w) -> (u - v, -u, w) (..., 3): maps K_exp^* onto K_exp (``exp.DUAL_TO_PRIMAL``)."""
+    u, v, w = y.unbind(-1)
+    return torch.stack([u - v, -u, w], -1)
 
 
 def in_dual(y: torch.Tensor) -> torch.Tensor:
-    """Whether y (..., 3) is in the interior of K_exp^*."""
+    """Whether y (..., 3) is in the interior of K_exp^* = cl{(u, v, w): u < 0, -u exp(v / u) <= e w}."""
+    return in_primal(to_primal(y))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Barrier:
+    """The dual barrier's derivatives at y in int K_exp^*, in factored form.
+
+    With psi = u log(-u / w) - u + v, its gradient g = (log(-u / w), 1, -u / w), its Hessian
+    e e^T / u (e = (1, 0, -u / w)) and q = (1 / u, 0, 1 / w):
+
+    * grad f*(y) = -(g~ + q) with g~ = g / psi;
+    * hess f*(y) = F F^T + diag(q)^2 with F = [g~, e~] (..., 3, 2), e~ = e / sqrt(-u psi);
+    * D^3 f*(y)[a, b] = S[a, b] - (e~'a e~'b + 2 g~'a g~'b) g~ - (e~'a g~'b + g~'a e~'b) e~, where
+      S holds the sparse third derivatives of -log psi - log(-u) - log w that are not outer
+      products: S[a, b] = (c1 a1 b1 + c2 a3 b3, 0, c2 (a1 b3 + a3 b1) + c3 a3 b3) with
+      c1 = (1 / psi - 2 / u) / u^2, c2 = -1 / (psi w^2), c3 = 2 (u / psi - 1) / w^3. ``third`` is
+      the (..., 3, 5) matrix [S's coefficients | -F] that maps (a1 b1, a1 b3 + a3 b1, a3 b3,
+      e~'a e~'b + 2 g~'a g~'b, e~'a g~'b + g~'a e~'b) to D^3 f*(y)[a, b].
+    """
+
+    shadow: torch.Tensor  # -grad f*(y) (..., 3)
+    hess: torch.Tensor  # (..., 3, 3)
+    F: torch.Tensor  # (..., 3, 2)
+    third: torch.Tensor  # (..., 3, 5)
+
+
+def _flat(M: torch.Tensor) -> torch.Tensor:
+    """(..., r, c) as (N, r, c), for the batched matrix products that take three dimensions."""
+    return M.reshape(-1, *M.shape[-2:])
+
+
+def _barrier(y: torch.Tensor) -> _Barrier:
     u, v, w = y.unbind(-1)
-    inside = (u < 0) & (w > 0)
-    safe_u, safe_w = torch.where(inside, u, -torch.ones_like(u)), torch.where(inside, w, torch.ones_like(w))
-    return inside & (safe_u * torch.log(-safe_u / safe_w) - safe_u + v > 0)
+    ratio = torch.div(u, w).neg()  # -u / w
+    log_ratio = torch.log(ratio)
+    psi = torch.addcmul(v - u, u, log_ratio)
+    one, zero = torch.ones_like(u), torch.zeros_like(u)
+    inv_psi = psi.reciprocal()
+    inv_u, inv_w = torch.stack([u, w]).reciprocal().unbind(0)
+    g = torch.stack([log_ratio, one, ratio], -1) * inv_psi.unsqueeze(-1)
+    e = torch.stack([one, zero, ratio], -1) * torch.rsqrt(-(u * psi)).unsqueeze(-1)
+    q = torch.stack([inv_u, zero, inv_w], -1)
+    F = torch.stack([g, e], -1)
+    flat = _flat(F)
+    hess = torch.baddbmm(_flat(torch.diag_embed(q * q)), flat, flat.mT).view(*F.shape[:-1], 3)
+    inv_w2 = inv_w * inv_w
+    c1 = torch.add(inv_psi, inv_u, alpha=-2) * (inv_u * inv_u)
+    c2 = -(inv_psi * inv_w2)
+    c3 = (u * inv_psi - 1) * (2 * inv_w2 * inv_w)
+    sparse = torch.stack([c1, zero, c2, zero, zero, zero, zero, c2, c3], -1).unflatten(-1, (3, 3))
+    return _Barrier(g + q, hess, F, torch.cat([sparse, F.neg()], -1))
+
+
+def _third(barrier: _Barrier, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """D^3 f*(y)[a, b] (..., 3) from the barrier's factored form (``_Barrier``)."""
+    R = barrier.F.mT @ torch.stack([a, b], -1)  # [[g~'a, g~'b], [e~'a, e~'b]]
+    products = R.prod(-1)  # (g~'a g~'b, e~'a e~'b)
+    ga, gb, ea, eb = R.flatten(-2).unbind(-1)
+    ab = a * b
+    terms = torch.stack([ab[..., 0], torch.addcmul(a[..., 0] * b[..., 2], a[..., 2], b[..., 0]), ab[..., 2],
+                         torch.add(products[..., 1], products[..., 0], alpha=2), torch.addcmul(ga * eb, gb, ea)], -1)
+    return (barrier.third @ terms.unsqueeze(-1)).squeeze(-1)
 
 
 def dual_barrier(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradient (..., 3) and Hessian (..., 3, 3) of f* at y in int K_exp^*."""
-    u, v, w = y.unbind(-1)
-    psi = u * torch.log(-u / w) - u + v
-    dpsi = torch.stack([torch.log(-u / w), torch.ones_like(u), -u / w], -1)
-    zero = torch.zeros_like(u)
-    d2psi = torch.stack([torch.stack([1 / u, zero, -1 / w], -1), torch.stack([zero, zero, zero], -1),
-                         torch.stack([-1 / w, zero, u / (w * w)], -1)], -2)
-    grad = -dpsi / psi.unsqueeze(-1) + torch.stack([-1 / u, zero, -1 / w], -1)
-    hess = (dpsi.unsqueeze(-1) * dpsi.unsqueeze(-2) / (psi * psi)[..., None, None] - d2psi / psi[..., None, None]
-            + torch.diag_embed(torch.stack([1 / (u * u), zero, 1 / (w * w)], -1)))
-    return grad, hess
+    barrier = _barrier(y)
+    return barrier.shadow.neg(), barrier.hess
 
 
 def _omega_minus_one(e: torch.Tensor) -> torch.Tensor:
     """d = omega(1 + e) - 1 for e > 0, with omega the Wright omega function (omega + log omega = x):
     the root of d + log(1 + d) = e, solved for d itself so that no digits are lost near the
     cone's boundary (e -> 0). The start max(e / 2, e - log(1 + e)) is below the root, from where
-    Newton's method on the concave, increasing left side rises monotonically."""
+    Newton's method on the concave, increasing left side rises monotonically: each step
+    d -= (d + log(1 + d) - e) (1 + d) / (2 + d). NaN stays NaN."""
     d = torch.maximum(e / 2, e - torch.log1p(e))
     for _ in range(_OMEGA_STEPS):  # a fixed number of steps: no look from the host
-        d = d - (d + torch.log1p(d) - e) / (1 + 1 / (1 + d))
+        omega = d + 1
+        d = torch.addcdiv(d, (d - e + torch.log1p(d)) * omega, omega + 1, value=-1)
     return d
 
 
-def primal_gradient(s: torch.Tensor) -> torch.Tensor:
-    """Gradient (..., 3) at s in int K_exp of the primal barrier f, the conjugate of f*: the z in
-    int K_exp^* with -grad f*(z) = s is -grad f(s). With d = omega - 1 from
-    e = log(s3 / s2) - s1 / s2 > 0 (the scaled margin of s):
-    z = (-1 / (s2 d), 1 / s2 + z1 (1 - log(s3 / (s2 omega))), omega / (s3 d)). NaN where e <= 0
-    in floating point (s within round-off of the boundary), for the caller's finiteness check."""
+def _primal_shadow(s: torch.Tensor) -> torch.Tensor:
+    """-grad f(s) (..., 3) at s in int K_exp, f the primal barrier (the conjugate of f*): the z in
+    int K_exp^* with -grad f*(z) = s. With d = omega - 1 from e = log(s3 / s2) - s1 / s2 > 0 (the
+    scaled margin of s): z = (-1 / (s2 d), 1 / s2 + z1 (1 - log(s3 / (s2 omega))), omega / (s3 d)). NaN where e <= 0 in floating point (s within round-off of the boundary), for
+    the caller's finiteness check."""
     x, y, z = s.unbind(-1)
-    e = torch.log(z / y) - x / y
-    d = torch.where(e > 0, _omega_minus_one(e.clamp_min(0)), torch.nan)
-    first = -1 / (y * d)
-    second = 1 / y + first * (1 - torch.log(z / (y * (1 + d))))
-    return -torch.stack([first, second, (1 + d) / (z * d)], -1)
+    t = x / y
+    e = torch.log(z / y) - t
+    d = _omega_minus_one(torch.where(e > 0, e, torch.nan))
+    omega = d + 1
+    first = (y * d).reciprocal().neg()
+    second = torch.addcmul(y.reciprocal(), first, 1 - torch.log(z / (y * omega)))
+    return torch.stack([first, second, omega / (z * d)], -1)
+
+
+def primal_gradient(s: torch.Tensor) -> torch.Tensor:
+    """Gradient (..., 3) at s in int K_exp of the primal barrier f, the conjugate of f* (see
+    ``_primal_shadow``; NaN where s is within round-off of the boundary)."""
+    return _primal_shadow(s).neg()
 
 
 def third_derivative(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """D^3 f*(y)[a, b] (..., 3) for y in int K_exp^* and directions a, b (..., 3).
-
-    With psi = u log(-u / w) - u + v, g = grad psi and M = hess psi (closed forms),
-    f* = -log psi - log(-u) - log w gives ((a'Mb) psi - 2 (g'a)(g'b)) / psi^3 g
-    + ((g'b) M a + (g'a) M b) / psi^2 - grad(a'Mb) / psi - 2 (a1 b1 / u^3, 0, a3 b3 / w^3)."""
-    u, v, w = y.unbind(-1)
-    psi = u * torch.log(-u / w) - u + v
-    g = torch.stack([torch.log(-u / w), torch.ones_like(u), -u / w], -1)
-    zero = torch.zeros_like(u)
-
-    def m_times(d: torch.Tensor) -> torch.Tensor:
-        return torch.stack([d[..., 0] / u - d[..., 2] / w, zero, (u * d[..., 2] / w - d[..., 0]) / w], -1)
-
-    a1, a3, b1, b3 = a[..., 0], a[..., 2], b[..., 0], b[..., 2]
-    ga, gb = (g * a).sum(-1), (g * b).sum(-1)
-    amb = (a * m_times(b)).sum(-1)
-    grad_amb = torch.stack([a3 * b3 / (w * w) - a1 * b1 / (u * u), zero,
-                            ((a1 * b3 + a3 * b1) - 2 * u * a3 * b3 / w) / (w * w)], -1)
-    logs = -2 * torch.stack([a1 * b1 / (u * u * u), zero, a3 * b3 / (w * w * w)], -1)
-    psi_ = psi.unsqueeze(-1)
-    return (((amb * psi - 2 * ga * gb) / (psi * psi * psi)).unsqueeze(-1) * g
-            + (gb.unsqueeze(-1) * m_times(a) + ga.unsqueeze(-1) * m_times(b)) / (psi_ * psi_)
-            - grad_amb / psi_ + logs)
+    """D^3 f*(y)[a, b] (..., 3) for y in int K_exp^* and directions a, b (..., 3) (``_Barrier``)."""
+    return _third(_barrier(y), a, b)
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpScaling:
     """H through V (..., 3, 3) with V^T V = H^-1; grad f*(y), the lower Cholesky factor of
-    hess f*(y) and y (for the corrector); and where H is the primal-dual scaling (...,) bool."""
+    hess f*(y) and the barrier's derivatives at y (for the corrector); and where H is the
+    primal-dual scaling (...,) bool."""
 
     V: torch.Tensor
     grad: torch.Tensor
     chol: torch.Tensor
-    y: torch.Tensor
+    barrier: _Barrier
     primal_dual: torch.Tensor
 
     def combined_rhs(self, sigma_mu: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor, s: torch.Tensor,
@@ -141,68 +192,65 @@ class ExpScaling:
         round-off of the boundary) or the term is not finite, it is left out (as Clarabel does):
         the primal-dual scaling does not need that factor, and the step can still be taken."""
         inverse_ds = torch.cholesky_solve(ds.unsqueeze(-1), torch.nan_to_num(self.chol)).squeeze(-1)
-        eta = third_derivative(self.y, dy, inverse_ds) / 2
+        eta = _third(self.barrier, dy, inverse_ds) / 2
         usable = self.chol.isfinite().flatten(-2).all(-1, keepdim=True) & eta.isfinite().all(-1, keepdim=True)
-        return -s - sigma_mu * self.grad + torch.where(usable, eta, torch.zeros_like(eta))
+        return torch.where(usable, eta, 0.0) - torch.addcmul(s, sigma_mu, self.grad)
 
     def max_step(self, s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         """No closed form: the caller backtracks on ``in_primal`` / ``in_dual``."""
         return torch.full(s.shape[:-1], torch.inf, dtype=s.dtype, device=s.device)
 
 
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-
-
-def _dual_v(s: torch.Tensor, y: torch.Tensor, chol: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
-    """V of the dual scaling H = mu hess + s s^T / <s, y> - mu g g^T / 3 (g = grad f*(y)), the
-    BFGS update of mu hess f*(y) that makes H y = s hold off the central path too (mu hess y =
+def _dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, chol: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+    """V of the dual scaling H = mu hess + s s^T / <s, y> - mu g g^T / 3 (g = grad f*(y), sy = <s, y>),
+    the BFGS update of mu hess f*(y) that makes H y = s hold off the central path too (mu hess y =
     -mu g by logarithmic homogeneity): H^-1 = (I - r y s^T) (mu hess)^-1 (I - r s y^T) + r y y^T
     with r = 1 / <s, y> (the inverse BFGS formula, a congruence plus a positive rank-one term,
     stays positive definite in floating point), written as F F^T with
-    F = [(I - r y s^T) C, sqrt(r) y], C C^T = (mu hess)^-1; V is the R of F^T = Q R."""
-    eye = torch.eye(3, dtype=s.dtype, device=s.device).expand_as(chol)
-    C = torch.linalg.solve_triangular(chol, eye, upper=False).mT / mu.sqrt()[..., None, None]
-    r = 1 / (s * y).sum(-1, keepdim=True)
-    MC = C - (r * y).unsqueeze(-1) * (s.unsqueeze(-2) @ C)
-    F = torch.cat([MC, (r.sqrt() * y).unsqueeze(-1)], -1)
-    return torch.linalg.qr(F.mT).R
+    F^T = [L^-1 (I - r s y^T) / sqrt(mu); sqrt(r) y^T], L L^T = hess; V is the R of F^T = Q R."""
+    r = sy.reciprocal().unsqueeze(-1)
+    eye = torch.eye(3, dtype=s.dtype, device=s.device)
+    lower = torch.linalg.solve_triangular(chol, eye - (r * s).unsqueeze(-1) * y.unsqueeze(-2), upper=False)
+    Ft = torch.cat([lower / mu.sqrt()[..., None, None], (r.sqrt() * y).unsqueeze(-2)], -2)
+    return torch.linalg.qr(Ft).R
 
 
-def _primal_dual_v(s: torch.Tensor, y: torch.Tensor, grad: torch.Tensor,
-                   hess: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _primal_dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor,
+                   barrier: _Barrier) -> tuple[torch.Tensor, torch.Tensor]:
     """V of the primal-dual scaling and where it is well defined (...,).
 
-    With the shadow iterates s~ = -grad f*(y), z~ = -grad f(s), mu = <s, y> / 3 (this cone's own)
-    and mu~ = <s~, z~> / 3 (mu mu~ >= 1, equal on the central path), the differences
+    With the shadow iterates s~ = -grad f*(y), z~ = -grad f(s), mu = <s, y> / 3 (this cone's own;
+    sy = <s, y>) and mu~ = <s~, z~> / 3 (mu mu~ >= 1, equal on the central path), the differences
     ds = s - mu s~ and dz = y - mu z~ satisfy <ds, y> = <s, dz> = 0, and
     H = s s^T / <s, y> + ds ds^T / <ds, dz> + t a a^T, a the unit vector along y x z~,
     maps y to s and z~ to s~; t = mu |hess - s~ s~^T / 3 - q q^T / (z~' hess z~ - 3 mu~^2)|_F with
     q = mu~ s~ - hess z~ (the scale of mu hess f*(y) on what remains). H = M M^T for
     M = [s / sqrt(<s, y>), ds / sqrt(<ds, dz>), sqrt(t) a], whose inverse has the rows
-    y / sqrt(<s, y>), dz / sqrt(<ds, dz>) and b / (sqrt(t) <b, a>), b the unit vector along
-    s x s~ (each row is orthogonal to the other two columns): V = M^-1, V^T V = H^-1, no
-    factorisation. Since <s x s~, y x z~> = 9 (mu mu~ - 1), V exists exactly off the central path."""
-    s_shadow, z_shadow = -grad, -primal_gradient(s)
-    sy = (s * y).sum(-1)
-    mu = sy / DEGREE
-    mu_shadow = (s_shadow * z_shadow).sum(-1) / DEGREE
-    d_s = s - mu.unsqueeze(-1) * s_shadow
-    d_z = y - mu.unsqueeze(-1) * z_shadow
+    y / sqrt(<s, y>), dz / sqrt(<ds, dz>) and b / (sqrt(t) <b, a>), b along s x s~ (each row is
+    orthogonal to the other two columns; with c = y x z~, b / <b, a> = (s x s~) |c| / <s x s~, c>):
+    V = M^-1, V^T V = H^-1, no factorisation. Since <s x s~, y x z~> = 9 (mu mu~ - 1), V exists
+    exactly off the central path."""
+    s_shadow, z_shadow, hess = barrier.shadow, _primal_shadow(s), barrier.hess
+    mu = (sy / DEGREE).unsqueeze(-1)
+    mu_shadow = (s_shadow * z_shadow).sum(-1, keepdim=True) / DEGREE
+    d_s = torch.addcmul(s, mu, s_shadow, value=-1)
+    d_z = torch.addcmul(y, mu, z_shadow, value=-1)
     dd = (d_s * d_z).sum(-1)
     h_z = (hess @ z_shadow.unsqueeze(-1)).squeeze(-1)
-    curvature = (z_shadow * h_z).sum(-1) - DEGREE * mu_shadow * mu_shadow
-    q = mu_shadow.unsqueeze(-1) * s_shadow - h_z
-    rest = (hess - s_shadow.unsqueeze(-1) * s_shadow.unsqueeze(-2) / DEGREE
-            - q.unsqueeze(-1) * q.unsqueeze(-2) / curvature[..., None, None])
-    t = mu * torch.linalg.matrix_norm(rest)
-    a, b = _unit(torch.linalg.cross(y, z_shadow)), _unit(torch.linalg.cross(s, s_shadow))
-    ba = (a * b).sum(-1)
-    V = torch.stack([y / sy.sqrt().unsqueeze(-1), d_z / dd.sqrt().unsqueeze(-1),
-                     b / (t.sqrt() * ba).unsqueeze(-1)], -2)
+    curvature = torch.addcmul((z_shadow * h_z).sum(-1, keepdim=True), mu_shadow, mu_shadow, value=-DEGREE)
+    minus_q = torch.addcmul(h_z, mu_shadow, s_shadow, value=-1)
+    left = torch.stack([s_shadow, minus_q], -1)
+    right = torch.stack([s_shadow / DEGREE, minus_q / curvature], -1)
+    rest = torch.baddbmm(_flat(hess), _flat(left), _flat(right).mT, alpha=-1)
+    t = mu.squeeze(-1) * torch.linalg.matrix_norm(rest).view(mu.shape[:-1])
+    c, b = torch.linalg.cross(torch.stack([y, s]), torch.stack([z_shadow, s_shadow])).unbind(0)
+    cb = (c * b).sum(-1)
+    third = b * (torch.linalg.vector_norm(c, dim=-1) / (t.sqrt() * cb)).unsqueeze(-1)
+    V = torch.stack([y * sy.rsqrt().unsqueeze(-1), d_z * dd.rsqrt().unsqueeze(-1), third], -2)
     tiny = torch.finfo(s.dtype).eps
-    ok = ((mu * mu_shadow - 1 > _CENTRAL_TOL) & (curvature.abs() > tiny) & (sy > 0) & (dd > 0) & (t > 0)
-          & (ba > 0) & V.isfinite().flatten(-2).all(-1))
+    margins = torch.stack([mu.squeeze(-1) * mu_shadow.squeeze(-1) - 1 - _CENTRAL_TOL, curvature.squeeze(-1).abs() - tiny,
+                           sy, dd, t, cb], -1)
+    ok = (margins.amin(-1) > 0) & V.isfinite().flatten(-2).all(-1)
     return V, ok
 
 
@@ -212,12 +260,14 @@ def exp_scaling(s: torch.Tensor, y: torch.Tensor, mu: torch.Tensor,
     ``dual_only`` (...,) bool: cones that take the dual scaling even where the primal-dual one
     is defined (None: none). Both are formed for every cone and merged by ``torch.where``; where
     the host reads for free (the CPU), the dual one only when some cone needs it."""
-    grad, hess = dual_barrier(y)
-    chol = cholesky_or_nan(hess)
-    primal_dual, ok = _primal_dual_v(s, y, grad, hess)
+    barrier = _barrier(y)
+    grad = barrier.shadow.neg()
+    chol = cholesky_or_nan(barrier.hess)
+    sy = (s * y).sum(-1)
+    primal_dual, ok = _primal_dual_v(s, y, sy, barrier)
     if dual_only is not None:
         ok = ok & ~dual_only
     if reads_are_free(s.device) and bool(ok.all()):
-        return ExpScaling(primal_dual, grad, chol, y, ok)
-    V = torch.where(ok[..., None, None], torch.nan_to_num(primal_dual), _dual_v(s, y, chol, mu))
-    return ExpScaling(V, grad, chol, y, ok)
+        return ExpScaling(primal_dual, grad, chol, barrier, ok)
+    V = torch.where(ok[..., None, None], torch.nan_to_num(primal_dual), _dual_v(s, y, sy, chol, mu))
+    return ExpScaling(V, grad, chol, barrier, ok)
