@@ -9,6 +9,7 @@ algebra; see Vandenberghe, "The CVXOPT linear and quadratic cone program solvers
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import torch
@@ -23,18 +24,36 @@ def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     return (M @ v.unsqueeze(-1)).squeeze(-1)
 
 
+def all_finite(x: torch.Tensor, dims: int | tuple[int, ...] = -1, keepdim: bool = False) -> torch.Tensor:
+    """Whether all entries of x over ``dims`` are finite: x - x is 0 exactly where x is finite
+    and NaN elsewhere (three kernels, where ``isfinite`` and ``all`` take five)."""
+    return (x - x).sum(dims, keepdim=keepdim) == 0
+
+
 def _finite(M: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """M where all its entries are finite, else ``fallback``: LAPACK's eigen and singular value
     routines raise on NaN, and an element that failed must not stop the batch."""
-    ok = M.isfinite().flatten(-2).all(-1)[..., None, None]
-    return torch.where(ok, M, fallback)
+    return torch.where(all_finite(M, (-2, -1), keepdim=True), M, fallback)
 
 
 def cholesky_or_nan(M: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factor, NaN where M is not (numerically) positive definite, so that the
     failure reaches the Newton system's finiteness check instead of raising."""
     chol, info = torch.linalg.cholesky_ex(M)
-    return torch.where((info == 0)[..., None, None], chol, torch.full_like(chol, torch.nan))
+    return chol.masked_fill((info != 0)[..., None, None], torch.nan)
+
+
+@functools.lru_cache(maxsize=None)
+def _soc_signs(k: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For second-order cones of k rows: the diagonal j = (1, -1, ..., -1) of J, the unit
+    e = (1, 0, ..., 0) and the signs j j^T (k, k); made once per size, device and dtype (as
+    normal tensors even when first asked for under ``torch.inference_mode``)."""
+    with torch.inference_mode(False):
+        j = -torch.ones(k, dtype=torch.float64)
+        j[0] = 1
+        e = torch.zeros(k, dtype=torch.float64)
+        e[0] = 1
+        return j.to(device, dtype), e.to(device, dtype), torch.outer(j, j).to(device, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,33 +78,41 @@ NONNEG = Jordan(product=lambda a, b: a * b, divide=lambda lam, d: d / lam, unit=
 
 
 def _soc_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a o b = (a^T b, a0 b1 + b0 a1)."""
     head = (a * b).sum(-1, keepdim=True)
     return torch.cat([head, a[..., :1] * b[..., 1:] + b[..., :1] * a[..., 1:]], -1)
 
 
 def _soc_divide(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """u with lam o u = d: the inverse of the arrow matrix of lam."""
-    l0, l1, d0, d1 = lam[..., :1], lam[..., 1:], d[..., :1], d[..., 1:]
-    det = l0 * l0 - (l1 * l1).sum(-1, keepdim=True)
-    u0 = (l0 * d0 - (l1 * d1).sum(-1, keepdim=True)) / det
-    return torch.cat([u0, (d1 - u0 * l1) / l0], -1)
+    """u with lam o u = d: the inverse of the arrow matrix of lam: u0 = (J lam)^T d / (lam^T J lam),
+    u1 = (d1 - u0 lam1) / lam0."""
+    j_lam = lam * _soc_signs(lam.shape[-1], lam.device, lam.dtype)[0]
+    u0 = (j_lam * d).sum(-1, keepdim=True) / (j_lam * lam).sum(-1, keepdim=True)
+    l0 = lam[..., :1]
+    return torch.cat([u0, (d[..., 1:] - u0 * lam[..., 1:]) / l0], -1)
 
 
 def _soc_unit(v: torch.Tensor) -> torch.Tensor:
-    e = torch.zeros_like(v)
-    e[..., 0] = 1
-    return e
+    return _soc_signs(v.shape[-1], v.device, v.dtype)[1].expand(v.shape)
 
 
 def _soc_step(x: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """The smallest alpha > 0 with (x0 + a dx0)^2 = ||x1 + a dx1||^2, from x inside the cone."""
-    a = dx[..., 0] ** 2 - (dx[..., 1:] ** 2).sum(-1)
-    half_b = x[..., 0] * dx[..., 0] - (x[..., 1:] * dx[..., 1:]).sum(-1)
-    c = x[..., 0] ** 2 - (x[..., 1:] ** 2).sum(-1)
-    disc = half_b * half_b - a * c
-    hits = (a < 0) | ((half_b < 0) & (disc >= 0))
-    root = c / (torch.sqrt(disc.clamp_min(0)) - half_b)
-    return torch.where(hits, root, torch.full_like(root, torch.inf))
+    j = _soc_signs(x.shape[-1], x.device, x.dtype)[0]
+    return _soc_step_from(x, ((x * j) * x).sum(-1), dx)
+
+
+def _soc_step_from(x: torch.Tensor, quad: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """``_soc_step`` with x's x^T J x = ``quad`` given: the smallest positive root of
+    a alpha^2 + 2 b alpha + quad, a = dx^T J dx, b = x^T J dx, is quad / (sqrt(b^2 - a quad) - b)
+    where that is positive; where it is not (NaN: no real root; negative or -0: both roots
+    negative) the step is unbounded. (From an interior point, quad > 0: a < 0 gives a positive
+    discriminant and root; a >= 0 gives one only where b < 0.)"""
+    j = _soc_signs(x.shape[-1], x.device, x.dtype)[0]
+    a_b = (torch.stack([dx, x], -2) @ (dx * j).unsqueeze(-1)).squeeze(-1)  # (..., 2): a, b
+    a, half_b = a_b.unbind(-1)
+    root = quad / (torch.sqrt(torch.addcmul(half_b * half_b, a, quad, value=-1)) - half_b)
+    return torch.where(root > 0, root, torch.inf)
 
 
 SOC = Jordan(product=_soc_product, divide=_soc_divide, unit=_soc_unit, max_step=_soc_step)
@@ -127,6 +154,7 @@ class NTScaling:
     W_inv: torch.Tensor
     lam: torch.Tensor
     algebra: Jordan
+    step_from: tuple = ()  # second-order cones: (s, y) stacked and their x^T J x, for ``max_step``
 
     @property
     def V(self) -> torch.Tensor:
@@ -147,6 +175,8 @@ class NTScaling:
         are automorphisms of the cone: lambda + a V ds = W^-T (s + a ds), lambda + a W dy = W (y + a dy))."""
         if self.algebra is PSD:
             return self.algebra.max_step(self.lam, torch.stack([_mv(self.V, ds), _mv(self.W, dy)])).amin(0)
+        if self.step_from:
+            return _soc_step_from(*self.step_from, torch.stack([ds, dy])).amin(0)
         return self.algebra.max_step(torch.stack([s, y]), torch.stack([ds, dy])).amin(0)
 
 
@@ -157,22 +187,19 @@ def nonneg_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
 
 
 def soc_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
-    """s, y (..., k) inside the second-order cone: W = eta (2 v v^T - J), J = diag(1, -I)."""
-    def j_norm(v: torch.Tensor) -> torch.Tensor:
-        return torch.sqrt((v[..., :1] ** 2 - (v[..., 1:] ** 2).sum(-1, keepdim=True)).clamp_min(0))
-
-    ns, ny = j_norm(s), j_norm(y)
-    s_bar, y_bar = s / ns, y / ny
+    """s, y (..., k) inside the second-order cone: W = eta (2 v v^T - J), J = diag(1, -I), and
+    W^-1 = (2 J v v^T J - J) / eta = J W J / eta^2."""
+    j, e, signs = _soc_signs(s.shape[-1], s.device, s.dtype)
+    point = torch.stack([s, y])
+    quad = ((point * j) * point).sum(-1)  # s^T J s, y^T J y
+    norms = quad.clamp_min(0).sqrt().unsqueeze(-1)
+    s_bar, y_bar = (point / norms).unbind(0)
     gamma = torch.sqrt((1 + (s_bar * y_bar).sum(-1, keepdim=True)) / 2)
-    j_y = torch.cat([y_bar[..., :1], -y_bar[..., 1:]], -1)
-    w = (s_bar + j_y) / (2 * gamma)  # the scaling point: eta^2 P(w) y = s, P the quadratic representation
-    v = (w + _soc_unit(w)) / torch.sqrt(2 * (w[..., :1] + 1))  # its Jordan square root: W = eta P(v)
-    eta = torch.sqrt(ns / ny).unsqueeze(-1)
-    J = torch.diag_embed(_soc_unit(s) * 2 - 1)
-    jv = _mv(J, v)
-    W = eta * (2 * v.unsqueeze(-1) * v.unsqueeze(-2) - J)
-    W_inv = (2 * jv.unsqueeze(-1) * jv.unsqueeze(-2) - J) / eta
-    return NTScaling(W, W_inv, _mv(W, y), SOC)
+    w = (s_bar + y_bar * j) / (2 * gamma)  # the scaling point: eta^2 P(w) y = s, P the quadratic representation
+    v = (w + e) / torch.sqrt(2 * (w[..., :1] + 1))  # its Jordan square root: W = eta P(v)
+    ratio = (norms[0] / norms[1]).unsqueeze(-1)  # eta^2
+    W = ratio.sqrt() * (2 * v.unsqueeze(-1) * v.unsqueeze(-2) - torch.diag_embed(j))
+    return NTScaling(W, W * (signs / ratio), _mv(W, y), SOC, (point, quad))
 
 
 def psd_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
