@@ -137,10 +137,16 @@ def _psd_unit(v: torch.Tensor) -> torch.Tensor:
 def _psd_step(lam: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """Largest alpha with L + alpha dX PSD for a diagonal positive definite L = mat(lam): from the
     least eigenvalue of L^-1/2 dX L^-1/2."""
-    root = psd.vec_to_mat(lam).diagonal(dim1=-2, dim2=-1).sqrt()
-    inner = psd.vec_to_mat(dx) / (root.unsqueeze(-1) * root.unsqueeze(-2))
-    least = torch.linalg.eigvalsh(_finite(inner, torch.zeros_like(inner)))[..., 0]
-    return torch.where(least < 0, -1 / least.clamp(max=-torch.finfo(lam.dtype).tiny), torch.full_like(least, torch.inf))
+    root = psd.vec_to_mat(lam).diagonal(dim1=-2, dim2=-1).rsqrt()
+    return _psd_step_from(root.unsqueeze(-1) * root.unsqueeze(-2), dx)
+
+
+def _psd_step_from(scale: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
+    """``_psd_step`` with the entries l_i^-1/2 l_j^-1/2 of L^-1/2 (.) L^-1/2 given (``scale``): -1 / the
+    least eigenvalue where that is positive, else unbounded."""
+    inner = psd.vec_to_mat(dx) * scale
+    step = torch.linalg.eigvalsh(_finite(inner, torch.zeros_like(inner)))[..., 0].reciprocal().neg()
+    return torch.where(step > 0, step, torch.inf)
 
 
 PSD = Jordan(product=_psd_product, divide=_psd_divide, unit=_psd_unit, max_step=_psd_step)
@@ -154,7 +160,8 @@ class NTScaling:
     W_inv: torch.Tensor
     lam: torch.Tensor
     algebra: Jordan
-    step_from: tuple = ()  # second-order cones: (s, y) stacked and their x^T J x, for ``max_step``
+    step_from: tuple = ()  # for ``max_step``: second-order cones (s, y) stacked and their x^T J x,
+    # PSD cones the scale of L^-1/2 (.) L^-1/2 (``_psd_step_from``)
 
     @property
     def V(self) -> torch.Tensor:
@@ -174,7 +181,10 @@ class NTScaling:
         themselves; the PSD cone's needs a diagonal point, and measures both from lambda (W and V
         are automorphisms of the cone: lambda + a V ds = W^-T (s + a ds), lambda + a W dy = W (y + a dy))."""
         if self.algebra is PSD:
-            return self.algebra.max_step(self.lam, torch.stack([_mv(self.V, ds), _mv(self.W, dy)])).amin(0)
+            along = torch.stack([_mv(self.V, ds), _mv(self.W, dy)])
+            if self.step_from:
+                return _psd_step_from(*self.step_from, along).amin(0)
+            return self.algebra.max_step(self.lam, along).amin(0)
         if self.step_from:
             return _soc_step_from(*self.step_from, torch.stack([ds, dy])).amin(0)
         return self.algebra.max_step(torch.stack([s, y]), torch.stack([ds, dy])).amin(0)
@@ -202,20 +212,29 @@ def soc_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     return NTScaling(W, W * (signs / ratio), _mv(W, y), SOC, (point, quad))
 
 
+@functools.lru_cache(maxsize=None)
+def _svec_basis(k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The svec basis matrices E_i of PSD cones of k rows, row by row as vec(E_i) (k, d^2); made
+    once per size, device and dtype (as a normal tensor even under ``torch.inference_mode``)."""
+    with torch.inference_mode(False):
+        basis = psd.vec_to_mat(torch.eye(k, dtype=dtype, device=device))
+        return basis.reshape(k, -1).clone()
+
+
 def psd_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     """s, y (..., d(d+1)/2) positive definite: W(Y) = R^T Y R with R R^T Y R R^T = S, as (k, k) matrices on svec."""
-    chol_s, chol_y = cholesky_or_nan(psd.vec_to_mat(s)), cholesky_or_nan(psd.vec_to_mat(y))
+    chol_s, chol_y = cholesky_or_nan(psd.vec_to_mat(torch.stack([s, y]))).unbind(0)
     product = chol_y.mT @ chol_s
-    eye = torch.eye(product.shape[-1], dtype=s.dtype, device=s.device).expand_as(product)
-    failed = ~product.isfinite().flatten(-2).all(-1)[..., None, None]
-    u, sing, vh = torch.linalg.svd(_finite(product, eye))
+    eye = torch.eye(product.shape[-1], dtype=s.dtype, device=s.device)
+    ok = all_finite(product, (-2, -1), keepdim=True)
+    u, sing, vh = torch.linalg.svd(torch.where(ok, product, eye))
     root = sing.rsqrt()
-    R = torch.where(failed, torch.nan, chol_s @ vh.mT * root.unsqueeze(-2))
+    R = torch.where(ok, chol_s @ vh.mT * root.unsqueeze(-2), torch.nan)
     R_inv = root.unsqueeze(-1) * u.mT @ chol_y.mT  # L_y^T L_s = U S V^T gives R = L_y^-T U S^1/2: no inverse
-    k, d = s.shape[-1], R.shape[-1]
-    basis = psd.vec_to_mat(torch.eye(k, dtype=s.dtype, device=s.device)).reshape(k, d * d)  # rows vec(E_i)
+    basis = _svec_basis(s.shape[-1], s.device, s.dtype)  # rows vec(E_i)
     lam = psd.mat_to_vec(torch.diag_embed(sing))
-    return NTScaling(_congruence(R, basis), _congruence(R_inv, basis), lam, PSD)
+    return NTScaling(_congruence(R, basis), _congruence(R_inv, basis), lam, PSD,
+                     (root.unsqueeze(-1) * root.unsqueeze(-2),))
 
 
 def _congruence(R: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
