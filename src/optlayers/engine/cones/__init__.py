@@ -172,8 +172,9 @@ def exp_step(parts: list[Part], s: torch.Tensor, y: torch.Tensor, ds: torch.Tens
     membership test covers both. Where the host's reads are free (the CPU), the first
     _EXP_FIRST_TRIALS are tried first, and the others only if some element found none of them
     inside (the answer is the same: later trials are shorter)."""
-    point = torch.cat([_exp_rows(s, parts), exponential.to_primal(_exp_rows(y, parts))], -2)
-    step = torch.cat([_exp_rows(ds, parts), exponential.to_primal(_exp_rows(dy, parts))], -2)
+    dual_point, dual_step = exponential.to_primal(torch.stack([_exp_rows(y, parts), _exp_rows(dy, parts)])).unbind(0)
+    point = torch.cat([_exp_rows(s, parts), dual_point], -2)
+    step = torch.cat([_exp_rows(ds, parts), dual_step], -2)
     trials = alpha.unsqueeze(0) * _trial_factors(backtrack, max_backtracks, s.device, s.dtype).unsqueeze(-1)  # (K, B)
 
     def tried(trials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

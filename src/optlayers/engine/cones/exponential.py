@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 
-from optlayers.engine.cones.symmetric import cholesky_or_nan
+from optlayers.engine.cones.symmetric import all_finite, cholesky_or_nan
 from optlayers.host import reads_are_free
 
 DEGREE = 3
@@ -193,7 +193,7 @@ class ExpScaling:
         the primal-dual scaling does not need that factor, and the step can still be taken."""
         inverse_ds = torch.cholesky_solve(ds.unsqueeze(-1), torch.nan_to_num(self.chol)).squeeze(-1)
         eta = _third(self.barrier, dy, inverse_ds) / 2
-        usable = self.chol.isfinite().flatten(-2).all(-1, keepdim=True) & eta.isfinite().all(-1, keepdim=True)
+        usable = all_finite(self.chol, (-2, -1)).unsqueeze(-1) & all_finite(eta, -1, keepdim=True)
         return torch.where(usable, eta, 0.0) - torch.addcmul(s, sigma_mu, self.grad)
 
     def max_step(self, s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
@@ -250,7 +250,7 @@ def _primal_dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor,
     tiny = torch.finfo(s.dtype).eps
     margins = torch.stack([mu.squeeze(-1) * mu_shadow.squeeze(-1) - 1 - _CENTRAL_TOL, curvature.squeeze(-1).abs() - tiny,
                            sy, dd, t, cb], -1)
-    ok = (margins.amin(-1) > 0) & V.isfinite().flatten(-2).all(-1)
+    ok = (margins.amin(-1) > 0) & all_finite(V, (-2, -1))
     return V, ok
 
 
