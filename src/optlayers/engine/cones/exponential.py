@@ -153,7 +153,7 @@ def _primal_shadow(s: torch.Tensor) -> torch.Tensor:
     x, y, z = s.unbind(-1)
     t = x / y
     e = torch.log(z / y) - t
-    d = _omega_minus_one(torch.where(e > 0, e, torch.nan))
+    d = _omega_minus_one(e.masked_fill(e <= 0, torch.nan))
     omega = d + 1
     first = (y * d).reciprocal().neg()
     second = torch.addcmul(y.reciprocal(), first, 1 - torch.log(z / (y * omega)))
@@ -193,8 +193,8 @@ class ExpScaling:
         the primal-dual scaling does not need that factor, and the step can still be taken."""
         inverse_ds = torch.cholesky_solve(ds.unsqueeze(-1), torch.nan_to_num(self.chol)).squeeze(-1)
         eta = _third(self.barrier, dy, inverse_ds) / 2
-        usable = all_finite(self.chol, (-2, -1)).unsqueeze(-1) & all_finite(eta, -1, keepdim=True)
-        return torch.where(usable, eta, 0.0) - torch.addcmul(s, sigma_mu, self.grad)
+        unusable = ((self.chol - self.chol).sum((-2, -1)).unsqueeze(-1) != 0) | ((eta - eta).sum(-1, keepdim=True) != 0)
+        return eta.masked_fill(unusable, 0) - torch.addcmul(s, sigma_mu, self.grad)
 
     def max_step(self, s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         """No closed form: the caller backtracks on ``in_primal`` / ``in_dual``."""

@@ -30,6 +30,14 @@ def all_finite(x: torch.Tensor, dims: int | tuple[int, ...] = -1, keepdim: bool 
     return (x - x).sum(dims, keepdim=keepdim) == 0
 
 
+@functools.lru_cache(maxsize=None)
+def _infinity(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """inf as a 0-dimensional tensor, made once per device and dtype (``torch.where`` with a Python
+    number makes a tensor of it on every call)."""
+    with torch.inference_mode(False):
+        return torch.tensor(torch.inf, dtype=dtype, device=device)
+
+
 def _finite(M: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
     """M where all its entries are finite, else ``fallback``: LAPACK's eigen and singular value
     routines raise on NaN, and an element that failed must not stop the batch."""
@@ -83,6 +91,13 @@ def _soc_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([head, a[..., :1] * b[..., 1:] + b[..., :1] * a[..., 1:]], -1)
 
 
+@functools.lru_cache(maxsize=None)
+def _soc_j(k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """J = diag(1, -1, ..., -1) (k, k), made once per size, device and dtype."""
+    with torch.inference_mode(False):
+        return torch.diag(_soc_signs(k, device, dtype)[0])
+
+
 def _soc_divide(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """u with lam o u = d: the inverse of the arrow matrix of lam: u0 = (J lam)^T d / (lam^T J lam),
     u1 = (d1 - u0 lam1) / lam0."""
@@ -112,7 +127,7 @@ def _soc_step_from(x: torch.Tensor, quad: torch.Tensor, dx: torch.Tensor) -> tor
     a_b = (torch.stack([dx, x], -2) @ (dx * j).unsqueeze(-1)).squeeze(-1)  # (..., 2): a, b
     a, half_b = a_b.unbind(-1)
     root = quad / (torch.sqrt(torch.addcmul(half_b * half_b, a, quad, value=-1)) - half_b)
-    return torch.where(root > 0, root, torch.inf)
+    return torch.where(root > 0, root, _infinity(root.device, root.dtype))
 
 
 SOC = Jordan(product=_soc_product, divide=_soc_divide, unit=_soc_unit, max_step=_soc_step)
@@ -146,7 +161,7 @@ def _psd_step_from(scale: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     least eigenvalue where that is positive, else unbounded."""
     inner = psd.vec_to_mat(dx) * scale
     step = torch.linalg.eigvalsh(_finite(inner, torch.zeros_like(inner)))[..., 0].reciprocal().neg()
-    return torch.where(step > 0, step, torch.inf)
+    return torch.where(step > 0, step, _infinity(step.device, step.dtype))
 
 
 PSD = Jordan(product=_psd_product, divide=_psd_divide, unit=_psd_unit, max_step=_psd_step)
@@ -172,8 +187,8 @@ class NTScaling:
                      y: torch.Tensor) -> torch.Tensor:
         """q for the Mehrotra corrector: W^T (lambda \\ (sigma mu e - lambda o lambda - (W^-T ds) o (W dy)))."""
         lam, j = self.lam, self.algebra
-        d = sigma_mu * j.unit(lam) - j.product(lam, lam) - j.product(_mv(self.V, ds), _mv(self.W, dy))
-        return _mv(self.W.mT, j.divide(lam, d))
+        products = j.product(torch.stack([lam, _mv(self.V, ds)]), torch.stack([lam, _mv(self.W, dy)])).sum(0)
+        return _mv(self.W.mT, j.divide(lam, sigma_mu * j.unit(lam) - products))
 
     def max_step(self, s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
         """Largest step keeping s + a ds and y + a dy in the cone (...,). The nonnegative and
@@ -200,15 +215,17 @@ def soc_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     """s, y (..., k) inside the second-order cone: W = eta (2 v v^T - J), J = diag(1, -I), and
     W^-1 = (2 J v v^T J - J) / eta = J W J / eta^2."""
     j, e, signs = _soc_signs(s.shape[-1], s.device, s.dtype)
+    J = _soc_j(s.shape[-1], s.device, s.dtype)
     point = torch.stack([s, y])
     quad = ((point * j) * point).sum(-1)  # s^T J s, y^T J y
     norms = quad.clamp_min(0).sqrt().unsqueeze(-1)
     s_bar, y_bar = (point / norms).unbind(0)
-    gamma = torch.sqrt((1 + (s_bar * y_bar).sum(-1, keepdim=True)) / 2)
-    w = (s_bar + y_bar * j) / (2 * gamma)  # the scaling point: eta^2 P(w) y = s, P the quadratic representation
+    two_gamma = torch.sqrt(2 * (1 + (s_bar * y_bar).sum(-1, keepdim=True)))  # 2 gamma
+    w = torch.addcmul(s_bar, y_bar, j) / two_gamma  # the scaling point: eta^2 P(w) y = s, P the quadratic representation
     v = (w + e) / torch.sqrt(2 * (w[..., :1] + 1))  # its Jordan square root: W = eta P(v)
     ratio = (norms[0] / norms[1]).unsqueeze(-1)  # eta^2
-    W = ratio.sqrt() * (2 * v.unsqueeze(-1) * v.unsqueeze(-2) - torch.diag_embed(j))
+    flat = v.reshape(-1, v.shape[-1], 1)
+    W = ratio.sqrt() * torch.baddbmm(-J, flat, flat.mT, alpha=2).view(*v.shape, v.shape[-1])
     return NTScaling(W, W * (signs / ratio), _mv(W, y), SOC, (point, quad))
 
 
@@ -226,10 +243,10 @@ def psd_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     chol_s, chol_y = cholesky_or_nan(psd.vec_to_mat(torch.stack([s, y]))).unbind(0)
     product = chol_y.mT @ chol_s
     eye = torch.eye(product.shape[-1], dtype=s.dtype, device=s.device)
-    ok = all_finite(product, (-2, -1), keepdim=True)
-    u, sing, vh = torch.linalg.svd(torch.where(ok, product, eye))
+    failed = (product - product).sum((-2, -1), keepdim=True) != 0  # not all finite
+    u, sing, vh = torch.linalg.svd(torch.where(failed, eye, product))
     root = sing.rsqrt()
-    R = torch.where(ok, chol_s @ vh.mT * root.unsqueeze(-2), torch.nan)
+    R = (chol_s @ vh.mT * root.unsqueeze(-2)).masked_fill(failed, torch.nan)
     R_inv = root.unsqueeze(-1) * u.mT @ chol_y.mT  # L_y^T L_s = U S V^T gives R = L_y^-T U S^1/2: no inverse
     basis = _svec_basis(s.shape[-1], s.device, s.dtype)  # rows vec(E_i)
     lam = psd.mat_to_vec(torch.diag_embed(sing))
