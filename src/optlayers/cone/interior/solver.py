@@ -218,8 +218,8 @@ def _inf_norm(v: torch.Tensor) -> torch.Tensor:
 
 
 def _largest(*parts: torch.Tensor) -> torch.Tensor:
-    """The largest infinity norm of the (B, ·) tensors ``parts``, (B,)."""
-    return torch.stack([_inf_norm(p) for p in parts]).amax(0)
+    """The largest infinity norm of the (B, ·) tensors ``parts`` of one shape, (B,)."""
+    return torch.stack(parts).abs().amax((0, -1)) if parts[0].shape[-1] else parts[0].new_zeros(parts[0].shape[0])
 
 
 def _residuals(data: QPData, whole: _Whole, st: State, degree: int) -> _Residuals:
