@@ -20,17 +20,21 @@ MAX_EXP_SYNCS = 1
 # solve_cone(solver="ipm") on the cone benchmark's programs (all five cones), batch 8 (128 gives the
 # same counts): 17 forward syncs (validation 1, the interior point method's looks 5, the
 # refinement's 3 and its linear solves' 2, the exponential projections' Newton looks 5, the
-# status 1), 3 in the adjoint (the exponential derivative's look, iterative refinement's 2).
+# status 1; 15 measured), 3 in the adjoint (the exponential derivative's look, iterative refinement's 2).
 MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 17, 3
 # Kernels per iteration of the cone interior point method on those programs, on the accelerators'
 # schedule (every exponential cone's dual scaling and every step trial formed: the count a GPU
-# launches): 905 measured (903 before the step lengths ignored 0/0, one kernel each) with the
-# residuals' one pass over all rows for A x and one for Aᵀy and the Newton directions' A_Kᵀ Vᵀ u and
-# V A_K dx from the scaled rows G = V A_K that H is formed from (962 before those, with the QP
-# step's fusions; 980 with the nonnegative rows as the KKT system's diagonal rows, 1,007 with them
-# among the scaled cone rows; 1,109 before the directions passed over A_K twice instead of over G
-# and A_K three times and the nonnegative and second-order step tests measured from s and y).
-MAX_CONE_KERNELS_PER_ITERATION = 910
+# launches), counted after a warm-up solve (the cones' cached constants): 595 measured with the
+# exponential cone's barrier derivatives from shared factored terms and its step search testing the
+# mapped dual points with the primal margin, the second-order and PSD cones' constants made once and
+# their step tests' terms kept from the scaling, and the Jordan products of the corrector stacked
+# (905 before those; 903 before the step lengths ignored 0/0, one kernel each; with the residuals'
+# one pass over all rows for A x and one for Aᵀy and the Newton directions' A_Kᵀ Vᵀ u and V A_K dx
+# from the scaled rows G = V A_K that H is formed from (962 before those, with the QP step's
+# fusions; 980 with the nonnegative rows as the KKT system's diagonal rows, 1,007 with them among
+# the scaled cone rows; 1,109 before the directions passed over A_K twice instead of over G and A_K
+# three times and the nonnegative and second-order step tests measured from s and y)).
+MAX_CONE_KERNELS_PER_ITERATION = 600
 
 
 def _points(count: int) -> torch.Tensor:
