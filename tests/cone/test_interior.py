@@ -840,3 +840,28 @@ def test_exp_step_search_cpu_shortcut_equals_the_full_search():
         cone_parts._EXP_FIRST_TRIALS - cone_parts._EXP_FINE_TRIALS)
     assert bool((full[0][full[1]] < first).any()), "no element needed the later trials: the case is not tested"
     assert not bool(full[1].all()), "every element found a step: the failure case is not tested"
+
+
+def test_dropping_finished_elements_copies_the_program_once(monkeypatch):
+    """When the loop drops finished elements from its working batch, the program's data is copied
+    once: A (B', m, n), b, c and Q for the B' kept elements; the engine's rows are views of A and
+    b, not copies beside them."""
+    from optlayers.engine import loop
+
+    copied, drops, real_take = [], [], loop.take
+
+    def take(obj, index):
+        out = real_take(obj, index)
+        if isinstance(obj, solver.State):
+            drops.append(len(index))
+        elif not isinstance(obj, solver._Residuals):  # the loop's data: entries copied per kept element
+            copied.append(sum(t.numel() for t in vars(out).values() if isinstance(t, torch.Tensor)) / len(index))
+        return out
+
+    monkeypatch.setattr(loop, "take", take)
+    spec = ALL_CONES
+    m, n = spec.size, middle_n(spec)
+    A, b, c, P, *_ = random_program(spec, n, batch=8, quadratic=True, seed=102)
+    solver.solve(A, b, c, P, spec)
+    assert drops, "no element was dropped: the case is not tested"
+    assert sum(copied) == len(drops) * (m * n + m + n + n * n)  # A, b, c, Q

@@ -149,28 +149,40 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
            settings: IPMSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``solve`` for one slice: set up, iterate, map back."""
     parts = cone_parts.parts_of(spec)
-    data, rows, whole, step_parts = _setup(A, b, c, P, spec, parts)
-    st, status = _iterate(data, rows, whole, step_parts, settings)
+    program, step_parts = _setup(A, b, c, P, spec, parts)
+    st, status = _iterate(program, step_parts, settings)
     y_k, s_k = _from_primal_exp(torch.cat([st.lam, st.y_k], -1), torch.cat([st.s, st.s_k], -1), parts)
     return st.x, torch.cat([st.nu, y_k], -1), torch.cat([torch.zeros_like(st.nu), s_k], -1), status
 
 
 @dataclasses.dataclass(frozen=True)
-class _Whole:
-    """All rows at once, as the residuals read them: A (B, m, n) and b (B, m) with the dual
-    exponential rows mapped to primal ones (the engine's rows are slices of them), and whether
-    the program has a P (``quadratic``; without one, QPData's Q is zero and not multiplied)."""
+class _Program:
+    """The program as the loop carries it: Q (B, n, n) (P, or zeros), c (B, n), and all rows at
+    once, A (B, m, n) and b (B, m), with the dual exponential rows mapped to primal ones, as the
+    residuals read them; the engine's rows are views of them (``split``), so that dropping
+    finished elements from the working batch copies A once. ``zero`` and ``nonneg`` count the
+    zero-cone and nonnegative rows (the first rows, in SCS order); ``quadratic``: the program has
+    a P (without one, Q is zero and not multiplied)."""
 
+    Q: torch.Tensor
+    c: torch.Tensor
     A: torch.Tensor
     b: torch.Tensor
+    zero: int
+    nonneg: int
     quadratic: bool
+
+    def split(self) -> tuple[QPData, ConeRows]:
+        """The engine's form: zero-cone rows as equalities, nonnegative rows as its diagonal rows,
+        the others as cone rows."""
+        A, b, z, k = self.A, self.b, self.zero, self.zero + self.nonneg
+        return QPData(self.Q, self.c, A[:, :z], b[:, :z], A[:, z:k], b[:, z:k]), ConeRows(A[:, k:], b[:, k:])
 
 
 def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
-           parts: list[cone_parts.Part]) -> tuple[QPData, ConeRows, _Whole, tuple[cone_parts.Part, ...]]:
-    """The engine's form: zero-cone rows as equalities, nonnegative rows (the first cone rows, in
-    SCS order) as its diagonal rows, the others as cone rows with dual exponential rows mapped to
-    primal ones; all rows together; and the parts of the cone rows, counted from the first of them."""
+           parts: list[cone_parts.Part]) -> tuple[_Program, tuple[cone_parts.Part, ...]]:
+    """The program with the dual exponential rows mapped to primal ones, and the parts of the cone
+    rows other than the nonnegative ones, counted from the first of them."""
     batch, _, n = A.shape
     if any(part.dual for part in parts):
         T = cone_parts.device_constant(exp_module.DUAL_TO_PRIMAL, A)
@@ -179,11 +191,9 @@ def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
             rows = slice(spec.zero + part.start, spec.zero + part.stop)
             A[:, rows] = (T @ cone_parts.piece(A[:, spec.zero:], part)).reshape(batch, -1, n)
             b[:, rows] = (cone_parts.piece(b[:, spec.zero:], part) @ T.mT).reshape(batch, -1)
-    z, k = spec.zero, spec.zero + spec.nonneg
     Q = A.new_zeros(1, n, n).expand(batch, n, n) if P is None else P  # one zero matrix read B times: less traffic
-    data = QPData(Q, c, A[:, :z], b[:, :z], A[:, z:k], b[:, z:k])
     step_parts = tuple(dataclasses.replace(part, start=part.start - spec.nonneg) for part in parts if part.kind != "nonneg")
-    return data, ConeRows(A[:, k:], b[:, k:]), _Whole(A, b, P is not None), step_parts
+    return _Program(Q, c, A, b, spec.zero, spec.nonneg, P is not None), step_parts
 
 
 def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: list[cone_parts.Part]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,25 +232,25 @@ def _largest(*parts: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts).abs().amax((0, -1)) if parts[0].shape[-1] else parts[0].new_zeros(parts[0].shape[0])
 
 
-def _residuals(data: QPData, whole: _Whole, st: State, degree: int) -> _Residuals:
+def _residuals(program: _Program, st: State, degree: int) -> _Residuals:
     """r_d = P x + A^T y + c, r_e = A_z x - b_z, r_i and r_k = A x + s - b on the cone rows, and
     the relative error: the largest of the primal and dual residuals and the gap s^T y, each
     divided by 1 + the size of its terms. One pass over all rows of A for A x and one for A^T y."""
     x, z, k = st.x, st.m, st.k
     y = torch.cat([st.nu, st.lam, st.y_k], -1)
     s = torch.cat([torch.zeros_like(st.nu), st.s, st.s_k], -1)
-    ax, aty = mv(whole.A, x), mtv(whole.A, y)
-    r_p = ax + s - whole.b
-    if whole.quadratic:
-        px = mv(data.Q, x)
-        r_d, dual_size = px + aty + data.p, _largest(data.p, aty, px)
+    ax, aty = mv(program.A, x), mtv(program.A, y)
+    r_p = ax + s - program.b
+    if program.quadratic:
+        px = mv(program.Q, x)
+        r_d, dual_size = px + aty + program.c, _largest(program.c, aty, px)
         quadratic = (x * px).sum(-1)
     else:
-        r_d, dual_size, quadratic = aty + data.p, _largest(data.p, aty), 0
-    primal = _inf_norm(r_p) / (1 + _largest(whole.b, ax, s))
+        r_d, dual_size, quadratic = aty + program.c, _largest(program.c, aty), 0
+    primal = _inf_norm(r_p) / (1 + _largest(program.b, ax, s))
     dual = _inf_norm(r_d) / (1 + dual_size)
     complementarity = (s * y).sum(-1)
-    cx, by = (data.p * x).sum(-1), (whole.b * y).sum(-1)
+    cx, by = (program.c * x).sum(-1), (program.b * y).sum(-1)
     gap = complementarity / (1 + torch.maximum((cx + quadratic).abs(), by.abs()))
     return _Residuals(r_d, r_p[:, :z], r_p[:, z:z + k], r_p[:, z + k:], complementarity / degree,
                       torch.stack([primal, dual, gap.abs()]).amax(0))
@@ -252,29 +262,30 @@ def _converged(st: State, res: _Residuals, settings: IPMSettings) -> State:
                                                                 int(ConeStatus.SOLVED)))
 
 
-def _start(data: QPData, rows: ConeRows, whole: _Whole, parts: tuple[cone_parts.Part, ...], degree: int,
+def _start(program: _Program, parts: tuple[cone_parts.Part, ...], degree: int,
            settings: IPMSettings) -> tuple[State, _Residuals]:
     """x = 0, nu = 0 and s = y at the cones' central points; its residuals and convergence test."""
-    batch, n = data.p.shape
-    z, k, mk = data.b.shape[-1], data.h.shape[-1], rows.b.shape[-1]
-    centre, ones = cone_parts.central_point(list(parts), batch, data.p), data.p.new_ones(batch, 2 * k)
-    v = torch.cat([data.p.new_zeros(batch, n + z), ones, centre, centre], -1)
+    c = program.c
+    (batch, n), z, k = c.shape, program.zero, program.nonneg
+    mk = program.b.shape[-1] - z - k
+    centre, ones = cone_parts.central_point(list(parts), batch, c), c.new_ones(batch, 2 * k)
+    v = torch.cat([c.new_zeros(batch, n + z), ones, centre, centre], -1)
     zeros = torch.zeros(batch, dtype=torch.int64, device=v.device)
     no = torch.zeros(batch, dtype=torch.bool, device=v.device)
     st = State(v, torch.full_like(zeros, RUNNING), zeros, zeros.new_zeros(batch, 3),
                v.new_full((batch,), settings.reg), no, no, n, z, k, mk)
-    res = _residuals(data, whole, st, degree)
+    res = _residuals(program, st, degree)
     return _converged(st, res, settings), res
 
 
-def _step(data: QPData, rows: ConeRows, whole: _Whole, st: State, res: _Residuals, parts: tuple[cone_parts.Part, ...],
-          degree: int, settings: IPMSettings) -> tuple[State, _Residuals]:
+def _step(program: _Program, st: State, res: _Residuals, parts: tuple[cone_parts.Part, ...], degree: int,
+          settings: IPMSettings) -> tuple[State, _Residuals]:
     """The engine's step where an element runs and the step is sound (its factorisation
     succeeded, it is finite, it stays inside the exponential cones), then the residuals and the
     convergence test at the new point. A failed factorisation is retried in the next iteration
     with more regularisation; other failures keep their last iterate: INACCURATE if close, else
     NUMERICAL_ERROR."""
-    step = newton_step(data, rows, parts, st, res, None, settings)
+    step = newton_step(*program.split(), parts, st, res, None, settings)
     finite = ((step.dv - step.dv) == 0).all(-1) & ((step.alpha - step.alpha) == 0)
     ok = step.factor_ok & finite if step.inside is None else step.factor_ok & finite & step.inside
     running = st.status == RUNNING
@@ -284,20 +295,19 @@ def _step(data: QPData, rows: ConeRows, whole: _Whole, st: State, res: _Residual
     v = torch.where(advance.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
     st = dataclasses.replace(st, v=v, status=torch.where(running & ~ok & ~retry, failed, st.status),
                              iterations=st.iterations + advance, reg=reg)
-    res = _residuals(data, whole, st, degree)
+    res = _residuals(program, st, degree)
     return _converged(st, res, settings), res
 
 
-def _iterate(data: QPData, rows: ConeRows, whole: _Whole, parts: tuple[cone_parts.Part, ...],
+def _iterate(program: _Program, parts: tuple[cone_parts.Part, ...],
              settings: IPMSettings) -> tuple[State, torch.Tensor]:
     """The interior point method on the engine's loop (``engine.loop.run``): the last state and
     status of every element. Elements still running after ``max_iter`` steps are INACCURATE if
     their error is within ``inaccurate_tol``, else MAX_ITER."""
-    degree = max(data.h.shape[-1] + cone_parts.degree(parts), 1)
-    st, res = _start(data, rows, whole, parts, degree, settings)
-    out = loop.run((data, rows, whole), st, res,
-                   lambda data, rows, whole, st, res: _step(data, rows, whole, st, res, parts, degree, settings),
-                   settings.max_iter, data.p.device)
+    degree = max(program.nonneg + cone_parts.degree(parts), 1)
+    st, res = _start(program, parts, degree, settings)
+    out = loop.run((program,), st, res, lambda program, st, res: _step(program, st, res, parts, degree, settings),
+                   settings.max_iter, program.c.device)
     full, error = out.state, out.working_res.error
     if out.index is not None:  # the elements outside the working batch have finished
         error = error.new_full(full.status.shape, float("inf")).index_copy(0, out.index, error)
