@@ -123,7 +123,7 @@ class _WrongWarm:
     (dict(A=torch.zeros(3)), ValueError, r"A must have 2 or 3 dimensions .* got shape \(3,\)"),
     (dict(cones=(1, 2)), TypeError, "cones must be a ConeSpec, got tuple"),
     (dict(solver="ecos"), ValueError, r"solver must be one of \('auto', 'ipm', 'clarabel', 'scs'\), got 'ecos'"),
-    (dict(solver="ipm", solver_options={"eps": 1e-3}), ValueError, r"solver_options for solver='ipm' must be IPMSettings fields .*got \['eps'\]"),
+    (dict(solver="ipm", solver_options={"eps": 1e-3}), ValueError, r"solver_options for solver='ipm' must be ConeIPMSettings fields .*got \['eps'\]"),
     (dict(mode="qr"), ValueError, "mode must be one of"),
     (dict(on_failure="explode"), ValueError, "on_failure must be one of"),
     (dict(refine_steps=-1), ValueError, "refine_steps must be an integer >= 0, got -1"),

@@ -5,9 +5,9 @@ import dataclasses
 
 import torch
 
-from optlayers.cone.interior.solver import IPMSettings
+from optlayers.cone.interior.solver import ConeIPMSettings
 from optlayers.engine import cones
-from optlayers.engine.step import ConeRows, State, max_step, newton_step
+from optlayers.engine.step import ConeRows, State, StepRules, max_step, newton_step
 from optlayers.qp.scaling import QPData
 
 
@@ -44,16 +44,16 @@ def test_nonnegative_rows_as_diagonal_rows_and_as_a_cone_plug_in_give_one_step()
     r_e = (A @ x.unsqueeze(-1)).squeeze(-1) - b
     r_p = (G @ x.unsqueeze(-1)).squeeze(-1) + s - h
     mu = (s * lam).sum(-1) / k
-    settings = IPMSettings()
+    rules = ConeIPMSettings().rules
     empty = r_p[:, :0]
     # as diagonal rows of the KKT system
     diagonal = newton_step(QPData(Q, p, A, b, G, h), None, (), _state(torch.cat([x, nu, lam, s], -1), n, z, k, 0, batch),
-                           Residuals(r_d, r_e, r_p, empty, mu), None, settings)
+                           Residuals(r_d, r_e, r_p, empty, mu), None, rules)
     # as a cone plug-in: k nonnegative cones of one row among the cone rows
     part = cones.Part("nonneg", 0, k, 1, 1)
     folded = newton_step(QPData(Q, p, A, b, G[:, :0], h[:, :0]), ConeRows(G, h), (part,),
                          _state(torch.cat([x, nu, lam, s], -1), n, z, 0, k, batch),
-                         Residuals(r_d, r_e, empty, r_p, mu), None, settings)
+                         Residuals(r_d, r_e, empty, r_p, mu), None, rules)
     assert diagonal.factor_ok.all() and folded.factor_ok.all()
     torch.testing.assert_close(diagonal.dv, folded.dv, rtol=1e-9, atol=1e-9)  # the same layout [x, ν, λ/y, s]
     torch.testing.assert_close(diagonal.alpha, folded.alpha, rtol=1e-9, atol=1e-12)
@@ -96,3 +96,20 @@ def test_a_qp_iterate_with_a_slack_exactly_zero_solves():
     reference, touched = solve(st), solve(dataclasses.replace(st, v=v))
     assert (touched.status == Status.SOLVED).all() and (touched.iterations > 0).all()
     torch.testing.assert_close(touched.x, reference.x, rtol=1e-8, atol=1e-8)
+
+
+def test_each_method_departs_from_the_shared_step_rules_only_where_it_says():
+    """The QP's and the cone method's settings hold ``StepRules`` built from their options: the
+    shared defaults, but for each method's own choices."""
+    from optlayers.qp import ipm
+
+    shared = dataclasses.asdict(StepRules())
+
+    def departures(rules):
+        return {name: value for name, value in dataclasses.asdict(rules).items() if shared[name] != value}
+
+    qp = ipm.default_settings(torch.float64, None, None, None)
+    assert departures(qp.rules) == {"merit": True, "ineq_reg": qp.ineq_reg, "refine_steps": qp.refine_steps}
+    assert departures(ConeIPMSettings().rules) == {"centring": "affine_step", "full_steps": True, "solve_through_y": True}
+    custom = ConeIPMSettings(step_fraction=0.9, backtrack=0.5, max_backtracks=7, kkt_refine_steps=2).rules
+    assert (custom.step_fraction, custom.backtrack, custom.max_backtracks, custom.refine_steps) == (0.9, 0.5, 7, 2)

@@ -81,7 +81,7 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
         x, y, s, status = interior_solver.solve(
             dense.expand(batch, *dense.shape[-2:]), b.detach(), c.detach(),
             None if P_sym is None else P_sym.detach(), settings.spec,
-            interior_solver.IPMSettings(**settings.options), max_slices=settings.max_workers)
+            interior_solver.ConeIPMSettings(**settings.options), max_slices=settings.max_workers)
         return x, y, s, status
     results = backends.solve_batch(_problems(A, b, c, P), settings.spec, settings.solver, settings.options,
                                    settings.warm_starts, settings.max_workers)

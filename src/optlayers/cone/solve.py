@@ -9,7 +9,7 @@ import torch
 
 from optlayers.cone.autograd import ConeProgram, Settings
 from optlayers.cone import autograd, backends
-from optlayers.cone.interior.solver import IPMSettings
+from optlayers.cone.interior.solver import ConeIPMSettings
 from optlayers.cone.linsolve import MODES
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
@@ -87,11 +87,11 @@ def _check_auto_options(options: dict) -> None:
 
 
 def _check_ipm_options(options: dict) -> None:
-    known = {field.name for field in dataclasses.fields(IPMSettings)}
+    known = {field.name for field in dataclasses.fields(ConeIPMSettings)}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"solver_options for solver='ipm' must be IPMSettings fields {sorted(known)}, got {unknown}")
-    IPMSettings(**options)  # checks each value
+        raise ValueError(f"solver_options for solver='ipm' must be ConeIPMSettings fields {sorted(known)}, got {unknown}")
+    ConeIPMSettings(**options)  # checks each value
     check_int("solver_options['max_iter']", options.get("max_iter", 1), 1)
 
 
@@ -162,7 +162,7 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
             (matrix-free, element by element, for large sparse problems; reverse mode only:
             forward mode, torch.func.jvp, always uses the dense solve).
         on_failure: "raise", "warn" or "ignore" when an element is not solved.
-        solver_options: passed to the solver named by ``solver`` (IPMSettings fields for "ipm",
+        solver_options: passed to the solver named by ``solver`` (ConeIPMSettings fields for "ipm",
             Clarabel settings attributes, SCS keyword arguments; refused with "auto", which may run
             either: name the solver they are for); names and values are checked first (unknown
             names, iteration limits below 1, negative or non-finite tolerances, or all-zero

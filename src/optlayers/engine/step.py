@@ -17,7 +17,7 @@ One step (``newton_step``):
 1. factorise the KKT system at the current point;
 2. predictor: the affine direction (complementarity right-hand side −s∘λ, and −s_K on the cone
    rows) and its longest step to the boundary α_aff;
-3. centring σμ: ``settings.centring`` "mehrotra", σ = (μ_aff / μ)³ (μ_aff the mean complementarity
+3. centring σμ: ``rules.centring`` "mehrotra", σ = (μ_aff / μ)³ (μ_aff the mean complementarity
    after the affine step; the QP's), or "affine_step", σ = (1 − α_aff)³ (the cone method's, as
    Clarabel);
 4. corrector: the combined right-hand side (σμ − s∘λ − ds∘dλ on the nonnegative rows, each
@@ -26,14 +26,13 @@ One step (``newton_step``):
    ``full_steps`` a full step where it stays that fraction inside), shortened until the
    exponential cones hold it (``cones.exp_step``), and with ``merit`` the merit search below.
 
-Each method passes its own settings object with the attributes of ``StepRules`` (the QP's and
-the cone method's ``IPMSettings``).
+Each method passes its rules (``StepRules``), held by its settings (``qp.ipm.IPMSettings``,
+``cone.interior.solver.ConeIPMSettings``).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -57,19 +56,41 @@ BACKTRACK = 0.7
 BACKTRACK_STEPS = 12
 
 
-class StepRules(Protocol):
-    """What ``newton_step`` reads from a method's settings."""
+@dataclass(frozen=True)
+class StepRules:
+    """How ``newton_step`` steps. Each method's settings hold theirs (``rules``), built from their
+    own options; the defaults here are the ones both methods share.
 
-    step_fraction: float  # fraction of the step to the boundary that is taken
-    ineq_reg: float  # δᵢ of W⁻¹ = λ/(s + δᵢλ) on the nonnegative rows
-    refine_steps: int  # iterative refinement steps of the corrector's solve
-    predictor_refine_steps: int  # ... and of the predictor's
-    centring: str  # "mehrotra" or "affine_step" (see the module docstring)
-    merit: bool  # shorten steps by the merit search (nonnegative rows only)
-    full_steps: bool  # a full step where it stays ``step_fraction`` inside; else at most ``step_fraction``
-    solve_through_y: bool  # solve through kkt's Y = L⁻¹Cᵀ (``kkt.solve_reduced``'s ``use_y``)
-    backtrack: float  # exponential cones' step search (``cones.exp_step``)
-    max_backtracks: int
+    Attributes:
+        centring: "mehrotra" or "affine_step" (see the module docstring).
+        merit: shorten steps by the merit search (nonnegative rows only).
+        full_steps: a full step where it stays ``step_fraction`` inside; else at most
+            ``step_fraction``.
+        step_fraction: fraction of the step to the boundary that is taken (0.99, as Clarabel's
+            max_step_fraction); on exponential cones the step must stay inside when divided by
+            it, so that every cone keeps the same margin.
+        ineq_reg: δᵢ of W⁻¹ = λ/(s + δᵢλ) on the nonnegative rows.
+        refine_steps: iterative refinement steps of the corrector's solve.
+        predictor_refine_steps: ... and of the predictor's, which only sets the centring and
+            the corrector's second-order term.
+        solve_through_y: solve through kkt's Y = L⁻¹Cᵀ (``kkt.solve_reduced``'s ``use_y``).
+        backtrack: factor by which a step that leaves an exponential cone is shortened, after
+            the fine first trials (``cones._EXP_FINE_FACTOR``) (0.8: finer factors changed the
+            iteration count by < 3 % and failed more often).
+        max_backtracks: shortenings before an element is declared a numerical failure
+            (0.8^40 ≈ 1e-4).
+    """
+
+    centring: str = "mehrotra"
+    merit: bool = False
+    full_steps: bool = False
+    step_fraction: float = 0.99
+    ineq_reg: float = 0.0
+    refine_steps: int = 0
+    predictor_refine_steps: int = 0
+    solve_through_y: bool = False
+    backtrack: float = 0.8
+    max_backtracks: int = 40
 
 
 @dataclass(frozen=True)
@@ -177,13 +198,13 @@ def _merit_step(dw: Tensor, b4: Tensor, alpha: Tensor, res, factors: Tensor) -> 
     return a.gather(-1, passed.max(-1, keepdim=True).indices).squeeze(-1)
 
 
-def factor_at(H: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tensor, settings: StepRules,
+def factor_at(H: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tensor, rules: StepRules,
               stiff: bool | Tensor = False, retries: int = 0, diagonal: bool = False, check_finite: bool = True) -> KKTFactor:
     """The KKT factorisation at (λ, s) of the nonnegative rows G, with H = Q (plus the other
     cones' folded scalings); ``stiff``: keep the near-active inequalities (``STIFF_W_INV``) out
     of H for every problem (True), for none (False), or for those of a (B,) mask; ``diagonal``:
     H is diagonal (``QPData.diagonal``); ``check_finite`` as in ``kkt.factor_kkt``."""
-    w_inv = lam / torch.add(s, lam, alpha=settings.ineq_reg)
+    w_inv = lam / torch.add(s, lam, alpha=rules.ineq_reg)
     mask = None
     if isinstance(stiff, Tensor):
         mask = (w_inv > STIFF_W_INV) & stiff.unsqueeze(-1)
@@ -192,7 +213,7 @@ def factor_at(H: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tens
     return factor_kkt(H, A, G, w_inv, reg, reg, stiff=mask, retries=retries, diagonal=diagonal, check_finite=check_finite)
 
 
-def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backtrack: Tensor | None, settings: StepRules,
+def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backtrack: Tensor | None, rules: StepRules,
                 stiff: str = "none", check_finite: bool = True) -> Step:
     """One predictor-corrector direction and step length for every problem (see the module
     docstring). ``data`` holds Q, p, A, b, G, h (``qp.scaling.QPData``), ``rows`` and ``parts``
@@ -215,8 +236,8 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
     its factors (``kkt.factor_kkt``); a method that tests the step's finiteness itself and treats
     a non-finite step as a failed factorisation (the QP's) passes False."""
     if stiff == "mixed":
-        plain = newton_step(data, rows, parts, st, res, backtrack, settings, check_finite=check_finite)
-        split = newton_step(data, rows, parts, st, res, backtrack, settings, "all", check_finite)
+        plain = newton_step(data, rows, parts, st, res, backtrack, rules, check_finite=check_finite)
+        split = newton_step(data, rows, parts, st, res, backtrack, rules, "all", check_finite)
         pick = st.stiff
         return Step(torch.where(pick.unsqueeze(-1), split.dv, plain.dv), torch.where(pick.unsqueeze(-1), split.q_dx, plain.q_dx),
                     torch.where(pick, split.alpha, plain.alpha), torch.where(pick, split.factor_ok, plain.factor_ok),
@@ -237,7 +258,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         Vt = [v.mT for v in V]
         G_k = cone_parts.scaled_rows(rows.A, V, parts)
         H = cone_parts.normal_matrix(data.Q, G_k)
-    f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, settings, stiff=st.stiff if stiff == "all" else False,
+    f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
                   diagonal=data.diagonal, check_finite=check_finite)
     lam, s, w = st.lam, st.s, st.lam_s
     minus_s_lam = w.prod(-2).neg()  # the predictor's b4
@@ -251,7 +272,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         if parts:
             u = cone_parts.apply_blocks(V, res.r_k + q, parts)
             rx = torch.baddbmm(rx.unsqueeze(-2), u.unsqueeze(-2), G_k, alpha=-1).squeeze(-2)  # −r_d − A_Kᵀ Vᵀ u, G_k = V A_K
-        dx, dnu, dlam = solve_reduced(f, rx, minus_r_e, v if k else None, refine_steps, settings.solve_through_y)
+        dx, dnu, dlam = solve_reduced(f, rx, minus_r_e, v if k else None, refine_steps, rules.solve_through_y)
         pieces = [dx, dnu, dlam, torch.addcmul(b4, s, dlam, value=-1).div(lam)] if k else [dx, dnu]
         if parts:
             a_dx = mv(rows.A, dx)
@@ -277,17 +298,17 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         if not any(part.kind == "exp" for part in parts):
             return alpha, None
         dy_k, ds_k = on_cones(dv)
-        return cone_parts.exp_step(parts, st.s_k, st.y_k, ds_k, dy_k, alpha, fraction, settings.backtrack,
-                                   settings.max_backtracks)
+        return cone_parts.exp_step(parts, st.s_k, st.y_k, ds_k, dy_k, alpha, fraction, rules.backtrack,
+                                   rules.max_backtracks)
 
     if not k and not parts:  # no inequalities: the Newton step solves the problem
-        dv = direction(minus_s_lam, minus_s_lam, None, settings.refine_steps)
+        dv = direction(minus_s_lam, minus_s_lam, None, rules.refine_steps)
         return Step(dv, mv(data.Q, dv[:, :n]), st.v.new_ones(batch), f.ok)
     # the predictor: b4 = −s∘λ, so b4/λ + r_i = r_i − s
-    dv = direction(minus_s_lam, res.r_i - s if k else None, -st.s_k if parts else None, settings.predictor_refine_steps)
+    dv = direction(minus_s_lam, res.r_i - s if k else None, -st.s_k if parts else None, rules.predictor_refine_steps)
     dw, alpha_aff = boundary(dv, 1.0)
     alpha_aff, _ = searched(dv, alpha_aff, 1.0)
-    if settings.centring == "mehrotra":
+    if rules.centring == "mehrotra":
         w_aff = torch.addcmul(w, alpha_aff[:, None, None], dw)
         if parts:
             (dy_k, ds_k), a = on_cones(dv), alpha_aff.unsqueeze(-1)
@@ -306,11 +327,11 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         q = cone_parts.join([sc.combined_rhs(sigma_mu[:, None, None], cone_parts.piece(ds_aff, part),
                                              cone_parts.piece(dy_aff, part), s_, y_)
                              for sc, part, s_, y_ in zip(scalings, parts, s_parts, y_parts)], batch, st.s_k)
-    dv = direction(b4, torch.addcdiv(res.r_i, b4, lam) if k else None, q, settings.refine_steps)
-    fraction = settings.step_fraction
+    dv = direction(b4, torch.addcdiv(res.r_i, b4, lam) if k else None, q, rules.refine_steps)
+    fraction = rules.step_fraction
     # fraction · step ≤ 1: the step is at most 1/fraction (full steps) or 1
-    dw, alpha = boundary(dv, 1 / fraction if settings.full_steps else 1.0, fraction)
+    dw, alpha = boundary(dv, 1 / fraction if rules.full_steps else 1.0, fraction)
     alpha, inside = searched(dv, alpha, fraction)
-    if settings.merit:
+    if rules.merit:
         alpha = _merit_step(dw, b4, alpha, res, backtrack)
     return Step(dv, mv(data.Q, dv[:, :n]), alpha, f.ok, inside)

@@ -10,14 +10,14 @@ the others go on.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, ClassVar
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from optlayers.compiling import compiled, owned
 from optlayers.engine import loop
-from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, State, Step, factor_at, newton_step
+from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
 from optlayers.linalg import mtv, mv
 from optlayers.qp.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, next_regularisation, solve_reduced
@@ -71,20 +71,20 @@ class IPMSettings:
     reg: float
     ineq_reg: float
     refine_steps: int = 3
-    predictor_refine_steps: int = 0
+    predictor_refine_steps: int = StepRules.predictor_refine_steps
     derivative_refine_steps: int = 3
-    step_fraction: float = 0.99
+    step_fraction: float = StepRules.step_fraction
     infeasibility_tol: float = 1e-7
     stall_limit: int = 5
     compiled: bool = False
 
-    # The step's rules (``engine.step``): Mehrotra's centring σ = (μ_aff / μ)³, the merit search,
-    # at most 0.99 of the step to the boundary, solves without kkt's Y (their rounding decides
-    # some Maros–Meszaros problems).
-    centring: ClassVar[str] = "mehrotra"
-    merit: ClassVar[bool] = True
-    full_steps: ClassVar[bool] = False
-    solve_through_y: ClassVar[bool] = False
+    @property
+    def rules(self) -> StepRules:
+        """The step's rules (``engine.step``): Mehrotra's centring σ = (μ_aff / μ)³, the merit search,
+        at most ``step_fraction`` of the step to the boundary, solves without kkt's Y (their
+        rounding decides some Maros–Meszaros problems)."""
+        return StepRules(merit=True, step_fraction=self.step_fraction, ineq_reg=self.ineq_reg,
+                         refine_steps=self.refine_steps, predictor_refine_steps=self.predictor_refine_steps)
 
 
 def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | None, max_iter: int | None,
@@ -261,7 +261,7 @@ def newton_iteration(data: QPData, units: Units, st: State, res: Residuals, sett
     inequalities are its nonnegative rows, there are no other cones; ``stiff`` as there. Its
     factorisation's health leaves out the finiteness of the factors: ``assess`` treats a
     non-finite step as a failed factorisation."""
-    return newton_step(data, None, (), st, res, units.backtrack, settings, stiff, check_finite=False)
+    return newton_step(data, None, (), st, res, units.backtrack, settings.rules, stiff, check_finite=False)
 
 
 def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -556,5 +556,5 @@ def derivative_factor(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, s
     """The KKT factorisation that the derivatives solve with, at a final iterate (λ, s) of the
     scaled problem (Q, A, G): near-active inequalities are kept out of H (see ``engine.step.STIFF_W_INV``).
     ``diagonal``: H is diagonal (``QPData.diagonal``)."""
-    return factor_at(Q, A, G, lam, s, lam.new_full(lam.shape[:1], settings.reg), settings, stiff=True, retries=retries,
+    return factor_at(Q, A, G, lam, s, lam.new_full(lam.shape[:1], settings.reg), settings.rules, stiff=True, retries=retries,
                       diagonal=diagonal)

@@ -9,7 +9,7 @@ rows (the diagonal rows of the KKT system) and the other cones' rows, whose plug
 (Dahl–Andersen) with a third-order correction for the exponential cones (dual exponential cones
 are first mapped to primal ones). This module keeps what is the cone method's own: the start
 (x = 0 and the cones' central points, without a feasibility phase), the relative convergence
-test, the statuses, and the step's rules (``IPMSettings``).
+test, the statuses, and the step's rules (``ConeIPMSettings.rules``).
 
 There are no infeasibility certificates (the QP method's, on the nonnegative rows, are its own
 ``assess``; cone programs have none, whatever their cones): an element that does not converge
@@ -21,7 +21,6 @@ iterations themselves make no host synchronisation.
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import torch
 
@@ -31,7 +30,7 @@ from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.engine import cones as cone_parts
 from optlayers.engine import loop
-from optlayers.engine.step import ConeRows, State, newton_step
+from optlayers.engine.step import ConeRows, State, StepRules, newton_step
 from optlayers.host import RUNNING
 from optlayers.linalg import mtv, mv
 from optlayers.qp.kkt import next_regularisation
@@ -47,7 +46,7 @@ _MIN_SLICE_ENTRIES = 1_500_000
 
 
 @dataclasses.dataclass(frozen=True)
-class IPMSettings:
+class ConeIPMSettings:
     """Hyperparameters (immutable); ``solve_cone(solver="ipm", solver_options={...})`` sets them.
 
     Attributes:
@@ -60,14 +59,8 @@ class IPMSettings:
             this is returned INACCURATE, for the refinement to finish; above, it has failed.
         max_iter: iteration limit (elements of the test problems take 13-17; 60 leaves room
             for badly scaled ones before Clarabel takes over).
-        step_fraction: fraction of the step to the cone boundary that is taken (0.99, as
-            Clarabel's max_step_fraction); on exponential cones the step must stay inside when
-            divided by it, so that every cone keeps the same margin.
-        backtrack: factor by which a step that leaves an exponential cone is shortened, after
-            the fine first trials (``engine.cones._EXP_FINE_FACTOR``) (0.8: finer factors changed
-            the iteration count by < 3 % and failed more often).
-        max_backtracks: shortenings before an element is declared a numerical failure
-            (0.8^40 ~ 1e-4).
+        step_fraction, backtrack, max_backtracks: the step's rules of these names
+            (``engine.step.StepRules``, whose defaults they take).
         reg: regularisation of the reduced KKT system, small enough (1e-10) to move the steps
             far less than the tolerance; ``kkt_refine_steps`` of iterative refinement remove it.
             Where a factorisation fails, that element retries in the next iteration with its
@@ -79,43 +72,41 @@ class IPMSettings:
     tol: float = 1e-8
     inaccurate_tol: float = 1e-5
     max_iter: int = 60
-    step_fraction: float = 0.99
-    backtrack: float = 0.8
-    max_backtracks: int = 40
+    step_fraction: float = StepRules.step_fraction
+    backtrack: float = StepRules.backtrack
+    max_backtracks: int = StepRules.max_backtracks
     reg: float = 1e-10
     kkt_refine_steps: int = 0
 
-    # The step's rules (``engine.step``): the centring σ = (1 − α_aff)³ (as Clarabel), no merit
-    # search, a full step where it stays ``step_fraction`` inside the cones, the nonnegative rows'
-    # W⁻¹ = λ/s unregularised, no refinement of the predictor, solves through kkt's Y = L⁻¹Cᵀ.
-    centring: ClassVar[str] = "affine_step"
-    merit: ClassVar[bool] = False
-    full_steps: ClassVar[bool] = True
-    ineq_reg: ClassVar[float] = 0.0
-    predictor_refine_steps: ClassVar[int] = 0
-    solve_through_y: ClassVar[bool] = True
-
     @property
-    def refine_steps(self) -> int:
-        return self.kkt_refine_steps
+    def rules(self) -> StepRules:
+        """The step's rules (``engine.step``): the centring σ = (1 − α_aff)³ (as Clarabel), no merit
+        search, a full step where it stays ``step_fraction`` inside the cones, the nonnegative
+        rows' W⁻¹ = λ/s unregularised, no refinement of the predictor, solves through kkt's
+        Y = L⁻¹Cᵀ."""
+        return StepRules(centring="affine_step", full_steps=True, solve_through_y=True, step_fraction=self.step_fraction,
+                         refine_steps=self.kkt_refine_steps, backtrack=self.backtrack, max_backtracks=self.max_backtracks)
 
     def __post_init__(self) -> None:
         for name in ("max_iter", "max_backtracks", "kkt_refine_steps"):
             value = getattr(self, name)
             least = 1 if name == "max_backtracks" else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ValueError(f"IPMSettings.{name} must be an int >= {least}, got {value!r}")
+                raise ValueError(f"ConeIPMSettings.{name} must be an int >= {least}, got {value!r}")
         for name, lo, hi in (("tol", 0.0, 1.0), ("inaccurate_tol", 0.0, 1.0), ("step_fraction", 0.0, 1.0),
                              ("backtrack", 0.0, 1.0), ("reg", 0.0, 1.0)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo < value < hi:
-                raise ValueError(f"IPMSettings.{name} must be a number in ({lo}, {hi}), got {value!r}")
+                raise ValueError(f"ConeIPMSettings.{name} must be a number in ({lo}, {hi}), got {value!r}")
         if self.inaccurate_tol < self.tol:
-            raise ValueError(f"IPMSettings.inaccurate_tol ({self.inaccurate_tol}) must be >= tol ({self.tol})")
+            raise ValueError(f"ConeIPMSettings.inaccurate_tol ({self.inaccurate_tol}) must be >= tol ({self.tol})")
+
+
+IPMSettings = ConeIPMSettings  # kept for callers of this name (qp.ipm.IPMSettings is the QP method's)
 
 
 def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
-          settings: IPMSettings = IPMSettings(), max_slices: int | None = None
+          settings: ConeIPMSettings = ConeIPMSettings(), max_slices: int | None = None
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve a batch: A (B, m, n), b (B, m), c (B, n), P (B, n, n), shared (n, n) or None; float64.
 
@@ -146,7 +137,7 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
 
 
 def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
-           settings: IPMSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+           settings: ConeIPMSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``solve`` for one slice: set up, iterate, map back."""
     parts = cone_parts.parts_of(spec)
     program, step_parts = _setup(A, b, c, P, spec, parts)
@@ -256,14 +247,14 @@ def _residuals(program: _Program, st: State, degree: int) -> _Residuals:
                       torch.stack([primal, dual, gap.abs()]).amax(0))
 
 
-def _converged(st: State, res: _Residuals, settings: IPMSettings) -> State:
+def _converged(st: State, res: _Residuals, settings: ConeIPMSettings) -> State:
     """``st`` with the running elements whose error is within ``settings.tol`` SOLVED."""
     return dataclasses.replace(st, status=st.status.masked_fill((st.status == RUNNING) & (res.error <= settings.tol),
                                                                 int(ConeStatus.SOLVED)))
 
 
 def _start(program: _Program, parts: tuple[cone_parts.Part, ...], degree: int,
-           settings: IPMSettings) -> tuple[State, _Residuals]:
+           settings: ConeIPMSettings) -> tuple[State, _Residuals]:
     """x = 0, nu = 0 and s = y at the cones' central points; its residuals and convergence test."""
     c = program.c
     (batch, n), z, k = c.shape, program.zero, program.nonneg
@@ -279,13 +270,13 @@ def _start(program: _Program, parts: tuple[cone_parts.Part, ...], degree: int,
 
 
 def _step(program: _Program, st: State, res: _Residuals, parts: tuple[cone_parts.Part, ...], degree: int,
-          settings: IPMSettings) -> tuple[State, _Residuals]:
+          settings: ConeIPMSettings) -> tuple[State, _Residuals]:
     """The engine's step where an element runs and the step is sound (its factorisation
     succeeded, it is finite, it stays inside the exponential cones), then the residuals and the
     convergence test at the new point. A failed factorisation is retried in the next iteration
     with more regularisation; other failures keep their last iterate: INACCURATE if close, else
     NUMERICAL_ERROR."""
-    step = newton_step(*program.split(), parts, st, res, None, settings)
+    step = newton_step(*program.split(), parts, st, res, None, settings.rules)
     finite = ((step.dv - step.dv) == 0).all(-1) & ((step.alpha - step.alpha) == 0)
     ok = step.factor_ok & finite if step.inside is None else step.factor_ok & finite & step.inside
     running = st.status == RUNNING
@@ -300,7 +291,7 @@ def _step(program: _Program, st: State, res: _Residuals, parts: tuple[cone_parts
 
 
 def _iterate(program: _Program, parts: tuple[cone_parts.Part, ...],
-             settings: IPMSettings) -> tuple[State, torch.Tensor]:
+             settings: ConeIPMSettings) -> tuple[State, torch.Tensor]:
     """The interior point method on the engine's loop (``engine.loop.run``): the last state and
     status of every element. Elements still running after ``max_iter`` steps are INACCURATE if
     their error is within ``inaccurate_tol``, else MAX_ITER."""
