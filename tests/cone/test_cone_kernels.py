@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from optlayers.cone import exp
+from optlayers.cone import exp, product
+from optlayers.cone.spec import ConeSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import kernels  # noqa: E402
@@ -18,10 +19,11 @@ from benchmarks import kernels  # noqa: E402
 # points, where boolean indexing of the root rows made 14 for the projection and 19 for the derivative).
 MAX_EXP_SYNCS = 1
 # solve_cone(solver="ipm") on the cone benchmark's programs (all five cones), batch 8 (128 gives the
-# same counts): 17 forward syncs (validation 1, the interior point method's looks 5, the
-# refinement's 3 and its linear solves' 2, the exponential projections' Newton looks 5, the
-# status 1; 15 measured), 3 in the adjoint (the exponential derivative's look, iterative refinement's 2).
-MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 17, 3
+# same counts): 13 forward syncs (validation 1, the interior point method's looks 3, the
+# refinement's 3 and its linear solves' 2, the exponential projections' root looks 3 (their
+# derivatives take the projections' roots: 2 looks fewer), the status 1), 3 in the adjoint (the
+# exponential derivative's look, iterative refinement's 2).
+MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 3
 # Kernels per iteration of the cone interior point method on those programs, on the accelerators'
 # schedule (every exponential cone's dual scaling and every step trial formed: the count a GPU
 # launches), counted after a warm-up solve (the cones' cached constants): 595 measured with the
@@ -75,3 +77,25 @@ def test_exp_projection_of_no_rows_and_no_root_rows():
     inside = torch.tensor([[-1.0, 1.0, 1.0], [0.5, 2.0, 3.0], [0.0, 0.0, 0.0]])
     assert torch.equal(exp.project(inside), inside)
     assert torch.equal(exp.derivative(inside).dense(), torch.eye(3).expand(3, 3, 3))
+
+
+def test_exp_derivative_with_the_projections_roots_equals_a_fresh_one_and_does_not_look():
+    """The refinement hands the roots its projection solved for to the derivative at the same
+    point: the same Jacobian as solving again (bitwise), without the root iteration's look."""
+    v = torch.cat([_points(256), torch.tensor([[1e-4, -1.5, 1.0], [-0.4, 1e-4, -0.5]])]).reshape(-1, 2, 3)
+    for dual in (False, True):
+        projected, roots = exp.project_with_roots(v, dual)
+        assert torch.equal(projected, exp.project(v, dual)) and roots.shape == v.shape[:-1]
+        shared = kernels.count(lambda: exp.derivative(v, dual, roots).dense())
+        assert shared.sync_count == 0, shared.syncs
+        assert torch.equal(exp.derivative(v, dual, roots).dense(), exp.derivative(v, dual).dense())
+
+
+def test_product_derivative_with_roots_equals_a_fresh_one():
+    spec = ConeSpec(zero=1, nonneg=2, soc=[3], psd=[3], exp=2, exp_dual=1)
+    v = torch.randn(5, spec.size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for dual in (False, True):
+        projected, roots = product.project_with_roots(spec, v, dual)
+        assert torch.equal(projected, product.project(spec, v, dual))
+        assert sum(r is not None for r in roots) == 2
+        assert torch.equal(product.derivative(spec, v, dual, roots).dense(), product.derivative(spec, v, dual).dense())

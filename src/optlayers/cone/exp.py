@@ -192,10 +192,18 @@ def _primal(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 def project(v: torch.Tensor, dual: bool = False) -> torch.Tensor:
     """Projection of v (..., 3) onto K, or onto K* if ``dual``."""
+    return project_with_roots(v, dual)[0]
+
+
+def project_with_roots(v: torch.Tensor, dual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``project`` and the roots (...,) it solved for (one per row; a stand-in's where the row is
+    not in the root region), which ``derivative`` at the same v takes instead of solving again."""
     flat = v.reshape(-1, 3)
     if dual:
-        return (flat + _primal(-flat)[0]).reshape(v.shape)
-    return _primal(flat)[0].reshape(v.shape)
+        out, _, rho = _primal(-flat)
+        return (flat + out).reshape(v.shape), rho.reshape(v.shape[:-1])
+    out, _, rho = _primal(flat)
+    return out.reshape(v.shape), rho.reshape(v.shape[:-1])
 
 
 def _root_jacobian(w: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
@@ -216,9 +224,13 @@ def _root_jacobian(w: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     return u.unsqueeze(-1) * u.unsqueeze(-2) + dp_drho.unsqueeze(-1) * drho_dw.unsqueeze(-2)
 
 
-def _primal_jacobian(v: torch.Tensor) -> torch.Tensor:
-    """Jacobian (N, 3, 3) of the projection onto K at v (N, 3); the inside piece on K's boundary."""
-    _, code, rho = _primal(v)
+def _primal_jacobian(v: torch.Tensor, rho: torch.Tensor | None = None) -> torch.Tensor:
+    """Jacobian (N, 3, 3) of the projection onto K at v (N, 3); the inside piece on K's boundary.
+    ``rho`` (N,): the roots ``_primal`` solved for at this v (None: solve for them)."""
+    if rho is None:
+        _, code, rho = _primal(v)
+    else:
+        code = regions(v)
     eye = torch.eye(3, dtype=v.dtype, device=v.device).expand(v.shape[0], 3, 3)
     jac = torch.where((code == REGION_INSIDE)[:, None, None], eye, torch.zeros_like(eye))
     analytic = torch.diag_embed(torch.stack(
@@ -229,13 +241,15 @@ def _primal_jacobian(v: torch.Tensor) -> torch.Tensor:
     return torch.where(root[:, None, None], _root_jacobian(w, rho), jac)
 
 
-def derivative(v: torch.Tensor, dual: bool = False) -> LinearMap:
-    """Derivative of ``project`` at v (..., 3), as a map with a (..., 3, 3) symmetric matrix."""
+def derivative(v: torch.Tensor, dual: bool = False, roots: torch.Tensor | None = None) -> LinearMap:
+    """Derivative of ``project`` at v (..., 3), as a map with a (..., 3, 3) symmetric matrix;
+    ``roots`` (...,): those ``project_with_roots`` returned at this v and ``dual`` (None: solve)."""
     flat = v.reshape(-1, 3)
+    rho = None if roots is None else roots.reshape(-1)
     if dual:
-        jac = torch.eye(3, dtype=v.dtype, device=v.device) - _primal_jacobian(-flat)
+        jac = torch.eye(3, dtype=v.dtype, device=v.device) - _primal_jacobian(-flat, rho)
     else:
-        jac = _primal_jacobian(flat)
+        jac = _primal_jacobian(flat, rho)
     jac = jac.reshape(*v.shape, 3)
     apply = lambda d: (jac @ d.unsqueeze(-1)).squeeze(-1)  # noqa: E731
     return LinearMap(apply, apply, lambda: jac)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from optlayers.cone import exp
 from optlayers.cone.operator import LinearMap
 from optlayers.cone.spec import Block, ConeSpec
 
@@ -18,15 +19,31 @@ def _wants_dual(block: Block, dual: bool) -> bool:
 
 def project(spec: ConeSpec, v: torch.Tensor, dual: bool = False) -> torch.Tensor:
     """Projection of v (..., m) onto K, or onto its dual K* if ``dual``."""
-    pieces = [block.module.project(_piece(v, block), _wants_dual(block, dual)).flatten(-2)
-              for block in spec.blocks()]
-    return torch.cat(pieces, dim=-1) if pieces else v.clone()
+    return project_with_roots(spec, v, dual)[0]
 
 
-def derivative(spec: ConeSpec, v: torch.Tensor, dual: bool = False) -> LinearMap:
-    """Derivative of ``project`` at v (..., m): block diagonal, one block per cone."""
+def project_with_roots(spec: ConeSpec, v: torch.Tensor, dual: bool = False) -> tuple[torch.Tensor, list]:
+    """``project`` and, per block, the exponential cones' roots (..., count) (None for the other
+    blocks), for ``derivative`` at the same v: an exponential projection's root is solved by an
+    iteration that the host looks at, and the derivative needs the same root."""
+    pieces, roots = [], []
+    for block in spec.blocks():
+        if block.module is exp:
+            out, rho = exp.project_with_roots(_piece(v, block), _wants_dual(block, dual))
+        else:
+            out, rho = block.module.project(_piece(v, block), _wants_dual(block, dual)), None
+        pieces.append(out.flatten(-2))
+        roots.append(rho)
+    return (torch.cat(pieces, dim=-1) if pieces else v.clone()), roots
+
+
+def derivative(spec: ConeSpec, v: torch.Tensor, dual: bool = False, roots: list | None = None) -> LinearMap:
+    """Derivative of ``project`` at v (..., m): block diagonal, one block per cone. ``roots``: those
+    ``project_with_roots`` returned at this v and ``dual`` (None: solved again)."""
     blocks = list(spec.blocks())
-    maps = [block.module.derivative(_piece(v, block), _wants_dual(block, dual)) for block in blocks]
+    roots = roots if roots is not None else [None] * len(blocks)
+    maps = [block.module.derivative(_piece(v, block), _wants_dual(block, dual), rho) if rho is not None
+            else block.module.derivative(_piece(v, block), _wants_dual(block, dual)) for block, rho in zip(blocks, roots)]
 
     def apply(d: torch.Tensor, transpose: bool) -> torch.Tensor:
         outs = [(op.rmatvec if transpose else op.matvec)(_piece(d, block)).flatten(-2)

@@ -35,12 +35,17 @@ def residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) ->
     return _residual(point, b, c, w)[0]
 
 
-def _residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """R(x, w) and y = Pi_K*(w)."""
-    y = product.project(point.spec, w, dual=True)
+def _residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """R(x, w), y = Pi_K*(w) and the exponential cones' roots of that projection (``product.project_with_roots``)."""
+    y, roots = product.project_with_roots(point.spec, w, dual=True)
     px = torch.zeros_like(point.x) if point.P is None else embedding.matvec(point.P, point.x)
     res = torch.cat([px + embedding.rmatvec(point.A, y) + c, -embedding.matvec(point.A, point.x) + b - y + w], -1)
-    return res, y
+    return res, y, roots
+
+
+def _merge_roots(take: torch.Tensor, new: list, old: list) -> list:
+    """Per block, the roots of ``new`` where ``take`` (B,), else those of ``old``."""
+    return [None if a is None else torch.where(take.unsqueeze(-1), a, b) for a, b in zip(new, old)]
 
 
 def _scale(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -63,14 +68,16 @@ def kkt_residual(point: Point, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor
     return torch.stack([primal, dual, gap]).amax(0)
 
 
-def _derivative(point: Point, w: torch.Tensor) -> embedding.ResidualDerivative:
-    return embedding.ResidualDerivative(point.A, point.P, product.derivative(point.spec, w, dual=True))
+def _derivative(point: Point, w: torch.Tensor, roots: list | None = None) -> embedding.ResidualDerivative:
+    """M at w; ``roots``: the exponential cones' roots of the projection at w (None: solved again)."""
+    return embedding.ResidualDerivative(point.A, point.P, product.derivative(point.spec, w, dual=True, roots=roots))
 
 
 def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, step: torch.Tensor,
-               norm: torch.Tensor, active: torch.Tensor, target: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], bool]:
+               norm: torch.Tensor, active: torch.Tensor, target: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list, bool]:
     """(x, w, y, R, ||R||) at the first of the step lengths 1, 1/2, 1/4, ... that lowers ||R||, per
-    element (the best tried if none does), stopping once every ``active`` element has improved;
+    element (the best tried if none does), and the roots of its projection, stopping once every
+    ``active`` element has improved;
     and whether an element will still be active (improved, and its ||R|| still above ``target``)
     after it. The
     host reads both facts at once, one synchronisation per step length tried."""
@@ -79,19 +86,20 @@ def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, 
     length = 1.0
     for _ in range(MAX_BACKTRACKS + 1):
         x_try, w_try = point.x - length * step[:, :n], w - length * step[:, n:]
-        res_try, y_try = _residual(dataclasses.replace(point, x=x_try), b, c, w_try)
+        res_try, y_try, roots_try = _residual(dataclasses.replace(point, x=x_try), b, c, w_try)
         trial = (x_try, w_try, y_try, res_try, res_try.norm(dim=-1))
         if best is None:
-            best = trial
+            best, best_roots = trial, roots_try
         else:
             take = ~(best[4] < norm) & (trial[4] < best[4])
             best = tuple(torch.where(take.unsqueeze(-1) if t.dim() > 1 else take, t, u) for t, u in zip(trial, best))
+            best_roots = _merge_roots(take, roots_try, best_roots)
         improved = best[4] < norm
         done, left = host_read(torch.stack([(improved | ~active).all(), (active & improved & (best[4] > target)).any()]))
         if done:
             break
         length /= 2
-    return best, left
+    return best, best_roots, left
 
 
 def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps: int = MAX_STEPS) -> Point:
@@ -103,7 +111,7 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
         return point
     current = point.cleaned()
     w = current.y - current.s
-    res = residual(current, b, c, w)
+    res, _, roots = _residual(current, b, c, w)
     norm = res.norm(dim=-1)
     target = TARGET * _scale(b, c)
     active = current.ok & (norm > target)
@@ -113,16 +121,17 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
     improved = torch.zeros_like(point.ok)
     for _ in range(max_steps):
         if mode == "dense":
-            solved = linsolve.solve_dense(_derivative(current, w), res, False, factorization, NEWTON_FORCING)
+            solved = linsolve.solve_dense(_derivative(current, w, roots), res, False, factorization, NEWTON_FORCING)
             step, factorization = solved.solution, solved.factorization
         else:
             step = solve_system(current, res, transpose=False, mode=mode, check=False)
-        (trial_x, w_trial, y_trial, res_trial, norm_trial), left = _backtrack(current, b, c, w, step, norm, active,
-                                                                              target)
+        (trial_x, w_trial, y_trial, res_trial, norm_trial), roots_trial, left = _backtrack(current, b, c, w, step, norm,
+                                                                                           active, target)
         better = active & (norm_trial < norm)
         improved = improved | better
         keep = better.unsqueeze(-1)
         w = torch.where(keep, w_trial, w)
+        roots = _merge_roots(better, roots_trial, roots)
         y = torch.where(keep, y_trial, current.y)
         current = dataclasses.replace(current, x=torch.where(keep, trial_x, current.x), y=y, s=y - w)
         res = torch.where(keep, res_trial, res)
