@@ -188,3 +188,26 @@ def test_inaccurate_derivative_solve_warns_unless_known_accurate(monkeypatch, bo
         sol.x.sum().backward()
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert any("derivative's linear system" in m for m in messages) == warns, messages
+
+
+def test_derivatives_at_the_refined_w_match_those_at_y_minus_s():
+    """The refinement hands the derivatives its last w (whose projection is y) and the exponential
+    cones' roots there; they agree with the derivatives taken at y - s (round-off apart), and the
+    adjoint then makes no look of the root iteration."""
+    import dataclasses
+
+    from optlayers.cone import autograd, derivative
+
+    A, b, c, *_ = random_program(ALL_CONES, 14, batch=4, seed=11)
+    settings = autograd.Settings(ALL_CONES, "ipm", "dense", {}, None, None)
+    point, status = autograd._solve_and_refine(A, b, c, None, settings)
+    assert point.w is not None and sum(r is not None for r in point.roots) >= 1
+    assert torch.allclose(point.w, point.y - point.s, atol=1e-12)
+    plain = dataclasses.replace(point, w=None, roots=None)
+    g = torch.Generator().manual_seed(12)
+    vx, vy, vs = (torch.randn(4, k, generator=g, dtype=torch.float64) for k in (14, ALL_CONES.size, ALL_CONES.size))
+    torch.testing.assert_close(derivative.vjp(point, "dense", vx, vy, vs), derivative.vjp(plain, "dense", vx, vy, vs),
+                               rtol=1e-9, atol=1e-9)
+    dA, db, dc = (torch.randn(t.shape, generator=g, dtype=torch.float64) for t in (A, b, c))
+    for got, want in zip(derivative.jvp(point, "dense", dA, db, dc, None), derivative.jvp(plain, "dense", dA, db, dc, None)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from optlayers.cone import backends, derivative, embedding, linsolve, refine
+from optlayers.cone import backends, derivative, embedding, exp, linsolve, refine
 from optlayers.cone.interior import solver as interior_solver
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
@@ -135,7 +135,9 @@ def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tenso
         lu, pivots = point.factorization.lu.clone(), point.factorization.pivots.clone()
         lu[index], pivots[index] = sub.factorization.lu[better], sub.factorization.pivots[better]
         factorization = linsolve.DenseFactorization(lu, pivots)
-    point = dataclasses.replace(point, x=merged[0], y=merged[1], s=merged[2], factorization=factorization)
+    # the merged elements' w is not known here: the derivatives go back to y - s (fallbacks are rare)
+    point = dataclasses.replace(point, x=merged[0], y=merged[1], s=merged[2], factorization=factorization, w=None,
+                                roots=None)
     return point, status
 
 
@@ -144,10 +146,12 @@ def _sym(P: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class ConeProgram(torch.autograd.Function):
-    """(A, b, c, P) -> (x, y, s, status, lu, pivots); A (B, m, n) or shared (m, n), b (B, m), c (B, n).
+    """(A, b, c, P) -> (x, y, s, status, lu, pivots, w); A (B, m, n) or shared (m, n), b (B, m), c (B, n).
 
     lu, pivots: the factorization of the residual map's derivative made while refining (empty in
-    lsqr/lsmr mode), reused by backward and jvp.
+    lsqr/lsmr mode), reused by backward and jvp; w: the refined point's w with the exponential
+    cones' roots of its projection (``_pack_w``; empty where not known), at which backward and jvp
+    take the projection's derivative without solving for those roots again.
     """
 
     @staticmethod
@@ -168,24 +172,24 @@ class ConeProgram(torch.autograd.Function):
             lu, pivots = point.factorization.lu, point.factorization.pivots
         if settings.policy is not None and not all_solved:
             settings.policy.apply(status)
-        return nan(point.x), nan(point.y), nan(point.s), status, lu, pivots
+        return nan(point.x), nan(point.y), nan(point.s), status, lu, pivots, _pack_w(point)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
         A, _, _, P, settings = inputs
-        x, y, s, status, lu, pivots = output
-        ctx.mark_non_differentiable(status, lu, pivots)
+        x, y, s, status, lu, pivots, w = output
+        ctx.mark_non_differentiable(status, lu, pivots, w)
         ctx.settings = settings
-        ctx.save_for_backward(A, P, x, y, s, status, lu, pivots)
-        ctx.save_for_forward(A, P, x, y, s, status, lu, pivots)
+        ctx.save_for_backward(A, P, x, y, s, status, lu, pivots, w)
+        ctx.save_for_forward(A, P, x, y, s, status, lu, pivots, w)
 
     @staticmethod
     def backward(ctx: Any, vx: torch.Tensor | None, vy: torch.Tensor | None, vs: torch.Tensor | None,
                  *_non_differentiable: Any) -> tuple:
-        A, P, x, y, s, status, lu, pivots = ctx.saved_tensors
+        A, P, x, y, s, status, lu, pivots, w = ctx.saved_tensors
         zeros = lambda v, like: torch.zeros_like(like) if v is None else v  # noqa: E731
         needs = tuple(ctx.needs_input_grad[:4])
-        grads = _VJP.apply(ctx.settings, needs, True, A, P, x, y, s, status, lu, pivots,
+        grads = _VJP.apply(ctx.settings, needs, True, A, P, x, y, s, status, lu, pivots, w,
                            zeros(vx, x), zeros(vy, y), zeros(vs, s))
         return (*(g if need else None for g, need in zip(grads, needs)), None)
 
@@ -193,7 +197,7 @@ class ConeProgram(torch.autograd.Function):
     def jvp(ctx: Any, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
             dP: torch.Tensor | None, _settings: Any) -> tuple:
         dx, dy, ds = _JVP.apply(ctx.settings, *ctx.saved_tensors, dA, db, dc, dP)
-        return dx, dy, ds, None, None, None
+        return dx, dy, ds, None, None, None, None
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
@@ -208,10 +212,34 @@ class ConeProgram(torch.autograd.Function):
         return tuple(o.reshape(flat.size, o.shape[0] // flat.size, *o.shape[1:]) for o in out), (0,) * len(out)
 
 
+def _pack_w(point: derivative.Point) -> torch.Tensor:
+    """The point's w and its exponential roots side by side, (B, m + exponential cones), for the
+    derivatives (``derivative.Point.w``); an empty tensor where they are not known."""
+    if point.w is None:
+        return point.x.new_empty(0)
+    return torch.cat([point.w, *(r for r in point.roots if r is not None)], -1)
+
+
+def _unpack_w(spec: ConeSpec, packed: torch.Tensor) -> tuple[torch.Tensor | None, list | None]:
+    """``_pack_w``'s w and roots (one entry per block of spec, None for the non-exponential ones)."""
+    if packed.numel() == 0:
+        return None, None
+    roots, start = [], spec.size
+    for block in spec.blocks():
+        if block.module is exp:
+            roots.append(packed[:, start:start + block.count])
+            start += block.count
+        else:
+            roots.append(None)
+    return packed[:, :spec.size], roots
+
+
 def _point(settings: Settings, A: torch.Tensor, P: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
-           s: torch.Tensor, status: torch.Tensor, lu: torch.Tensor, pivots: torch.Tensor) -> derivative.Point:
+           s: torch.Tensor, status: torch.Tensor, lu: torch.Tensor, pivots: torch.Tensor,
+           packed_w: torch.Tensor) -> derivative.Point:
     factorization = linsolve.DenseFactorization(lu, pivots) if lu.numel() else None
-    point = derivative.Point(settings.spec, A, _sym(P), x, y, s, status == ConeStatus.SOLVED, factorization)
+    w, roots = _unpack_w(settings.spec, packed_w)
+    point = derivative.Point(settings.spec, A, _sym(P), x, y, s, status == ConeStatus.SOLVED, factorization, w, roots)
     return point.cleaned()  # a failed element's NaN x, y must not reach the A and P cotangents
 
 
@@ -249,14 +277,15 @@ class _Flat:
 
 def _flat_point(flat: _Flat, in_dims: tuple, A: torch.Tensor, P: torch.Tensor | None, x: torch.Tensor,
                 y: torch.Tensor, s: torch.Tensor, status: torch.Tensor, lu: torch.Tensor,
-                pivots: torch.Tensor) -> tuple:
-    """The saved point of ``ConeProgram`` (A, P, x, y, s, status, lu, pivots) as V·B elements."""
+                pivots: torch.Tensor, w: torch.Tensor) -> tuple:
+    """The saved point of ``ConeProgram`` (A, P, x, y, s, status, lu, pivots, w) as V·B elements."""
     rows = [flat.rows(t, d) for t, d in zip((x, y, s, status), in_dims[2:6])]
     if lu.numel() == 0:  # lsqr/lsmr: no factorization
         factor = [lu.new_empty(0), pivots.new_empty(0)]
     else:
         factor = [flat.rows(t, d) for t, d in zip((lu, pivots), in_dims[6:8])]
-    return (flat.matrix(A, in_dims[0]), flat.matrix(P, in_dims[1]), *rows, *factor)
+    w = w.new_empty(0) if w.numel() == 0 else flat.rows(w, in_dims[8])  # empty: not known
+    return (flat.matrix(A, in_dims[0]), flat.matrix(P, in_dims[1]), *rows, *factor, w)
 
 
 class _FirstOrderOnly(torch.autograd.Function):
@@ -277,7 +306,7 @@ class _FirstOrderOnly(torch.autograd.Function):
 
 
 class _VJP(_FirstOrderOnly):
-    """(settings, needs, sum_shared, A, P, x, y, s, status, lu, pivots, vx, vy, vs) -> the cotangents
+    """(settings, needs, sum_shared, A, P, x, y, s, status, lu, pivots, w, vx, vy, vs) -> the cotangents
     of (A, b, c, P), None where ``needs`` says so; a shared A's or P's summed over the batch when
     ``sum_shared``. ``ConeProgram``'s backward, as a Function of its own so that it runs on plain
     tensors (its linear solves take data-dependent branches) and so that differentiating it raises."""
@@ -285,9 +314,9 @@ class _VJP(_FirstOrderOnly):
     @staticmethod
     def forward(settings: Settings, needs: tuple[bool, ...], sum_shared: bool, A: torch.Tensor,
                 P: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, status: torch.Tensor,
-                lu: torch.Tensor, pivots: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
+                lu: torch.Tensor, pivots: torch.Tensor, w: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
                 vs: torch.Tensor) -> tuple:
-        point = _point(settings, A, P, x, y, s, status, lu, pivots)
+        point = _point(settings, A, P, x, y, s, status, lu, pivots, w)
         r = derivative.vjp(point, settings.mode, vx, vy, vs)
         need_A, need_b, need_c, need_P = needs
         n = x.shape[-1]
@@ -307,8 +336,8 @@ class _VJP(_FirstOrderOnly):
         if needs[0] and A.layout != torch.strided:
             raise NotImplementedError("the gradient of a sparse A under torch.func.vmap (or jacrev) is not "
                                       "supported; pass A as a dense tensor")
-        point = _flat_point(flat, in_dims[3:11], A, P, *rest[:6])
-        vectors = [flat.rows(t, d) for t, d in zip(rest[6:], in_dims[11:])]
+        point = _flat_point(flat, in_dims[3:12], A, P, *rest[:7])
+        vectors = [flat.rows(t, d) for t, d in zip(rest[7:], in_dims[12:])]
         out = [flat.split(g) for g in _VJP.apply(settings, needs, False, *point, *vectors)]
         for index, matrix, dim in ((0, A, in_dims[3]), (3, P, in_dims[4])):
             shared = matrix is not None and matrix.dim() - (dim is not None) == 2
@@ -318,15 +347,15 @@ class _VJP(_FirstOrderOnly):
 
 
 class _JVP(_FirstOrderOnly):
-    """(settings, A, P, x, y, s, status, lu, pivots, dA, db, dc, dP) -> (dx, dy, ds): ``ConeProgram``'s
+    """(settings, A, P, x, y, s, status, lu, pivots, w, dA, db, dc, dP) -> (dx, dy, ds): ``ConeProgram``'s
     jvp, a Function of its own for the reasons of ``_VJP``."""
 
     @staticmethod
     def forward(settings: Settings, A: torch.Tensor, P: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor,
-                s: torch.Tensor, status: torch.Tensor, lu: torch.Tensor, pivots: torch.Tensor,
+                s: torch.Tensor, status: torch.Tensor, lu: torch.Tensor, pivots: torch.Tensor, w: torch.Tensor,
                 dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
                 dP: torch.Tensor | None) -> tuple:
-        point = _point(settings, A, P, x, y, s, status, lu, pivots)
+        point = _point(settings, A, P, x, y, s, status, lu, pivots, w)
         # scipy's LSQR cannot read the tensors torch.func hands a jvp rule: forward mode is dense
         return derivative.jvp(point, "dense", dA, db, dc, _sym(dP))
 
@@ -334,9 +363,9 @@ class _JVP(_FirstOrderOnly):
     def vmap(info: Any, in_dims: tuple, settings: Settings, A: torch.Tensor, P: torch.Tensor | None,
              *rest: torch.Tensor | None) -> tuple:
         flat = _Flat(info.batch_size, rest[0], in_dims[3])
-        point = _flat_point(flat, in_dims[1:9], A, P, *rest[:6])
-        dA, db, dc, dP = rest[6:]
-        dims = in_dims[9:]
+        point = _flat_point(flat, in_dims[1:10], A, P, *rest[:7])
+        dA, db, dc, dP = rest[7:]
+        dims = in_dims[10:]
         tangents = (flat.matrix(dA, dims[0]), flat.rows(db, dims[1]), flat.rows(dc, dims[2]), flat.matrix(dP, dims[3]))
         out = _JVP.apply(settings, *point, *tangents)
         return tuple(flat.split(t) for t in out), (0, 0, 0)

@@ -29,12 +29,24 @@ class Point:
     s: torch.Tensor
     ok: torch.Tensor
     factorization: linsolve.DenseFactorization | None = None  # of M at (or near) this point
+    # The vector w (B, m) whose projection onto K* is y (y - s up to round-off) and, per block of
+    # spec, the exponential cones' roots of that projection (None for the other blocks), where the
+    # refinement knows them: the derivatives are then taken at w without solving for the roots.
+    w: torch.Tensor | None = None
+    roots: list | None = None
 
     def cleaned(self) -> Point:
         """Failed elements' NaNs replaced by zeros, so that they cannot leak into the batch."""
         keep = self.ok.unsqueeze(-1)
         zero = lambda t: torch.where(keep, t, torch.zeros_like(t))  # noqa: E731
-        return dataclasses.replace(self, x=zero(self.x), y=zero(self.y), s=zero(self.s))
+        w = None if self.w is None else zero(self.w)
+        return dataclasses.replace(self, x=zero(self.x), y=zero(self.y), s=zero(self.s), w=w)
+
+    def projection_derivative(self) -> LinearMap:
+        """D = the derivative of the projection onto K* at w (or at y - s where w is not known)."""
+        if self.w is None:
+            return product.derivative(self.spec, self.y - self.s, dual=True)
+        return product.derivative(self.spec, self.w, dual=True, roots=self.roots)
 
 
 def _element(A: torch.Tensor | None, index: int) -> torch.Tensor | None:
@@ -77,7 +89,7 @@ def jvp(point: Point, mode: str, dA: torch.Tensor | None, db: torch.Tensor | Non
     """(dx, dy, ds), each (B, .), for data tangents shaped like the data (None: zero)."""
     point = point.cleaned()
     g = embedding.perturbation(point.x, point.y, dA, db, dc, dP)
-    D = product.derivative(point.spec, point.y - point.s, dual=True)
+    D = point.projection_derivative()
     dz = -solve_system(point, g, transpose=False, mode=mode, D=D)
     return embedding.output_map(D, dz, point.x.shape[-1])
 
@@ -85,7 +97,7 @@ def jvp(point: Point, mode: str, dA: torch.Tensor | None, db: torch.Tensor | Non
 def vjp(point: Point, mode: str, vx: torch.Tensor, vy: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
     """r (B, n + m) solving M^T r = (output map)^T v; ``embedding.adjoint_A`` and ``adjoint_P`` map it to the data."""
     point = point.cleaned()
-    D = product.derivative(point.spec, point.y - point.s, dual=True)
+    D = point.projection_derivative()
     rhs = embedding.output_adjoint(D, vx, vy, vs)
     rhs = torch.where(point.ok.unsqueeze(-1), rhs, torch.zeros_like(rhs))
     return solve_system(point, rhs, transpose=True, mode=mode, D=D)

@@ -142,5 +142,7 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
         if not left:
             break
     keep = (point.ok & improved).unsqueeze(-1)  # never improved: the solver's own (unprojected) answer
+    # w and its roots: the refined elements' last accepted w, the others' first one (y - s of the
+    # cleaned point, whose y and s they keep)
     return dataclasses.replace(point, x=torch.where(keep, current.x, point.x), y=torch.where(keep, current.y, point.y),
-                               s=torch.where(keep, current.s, point.s), factorization=factorization)
+                               s=torch.where(keep, current.s, point.s), factorization=factorization, w=w, roots=roots)

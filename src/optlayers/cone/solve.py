@@ -195,7 +195,7 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps, policy)
     # The solvers, the refinement and the derivative all work in float64; outputs follow the inputs' dtype.
     wide = [None if t is None else t.to(torch.float64) for t in (data.A, data.b, data.c, data.P)]
-    x, y, s, status, _, _ = ConeProgram.apply(*wide, settings)
+    x, y, s, status, *_ = ConeProgram.apply(*wide, settings)
     x, y, s = (t.to(data.b.dtype) for t in (x, y, s))
     if not math.isnan(failed_value):
         solved = (status == Status.SOLVED).unsqueeze(-1)
