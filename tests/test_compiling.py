@@ -77,3 +77,24 @@ def test_only_inductors_c_shim_notices_are_dropped():
     other = logging.LogRecord("torch._inductor.ir", logging.WARNING, "ir.py", 1, "something else", (), None)
     shim_filter = compiling._NoShimNotices()
     assert not shim_filter.filter(notice) and shim_filter.filter(other)
+
+
+def test_recompile_limit_warnings_are_dropped_for_this_packages_functions_only(eager_backend):
+    import logging
+
+    from optlayers import linalg
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("torch._dynamo.convert_frame")
+    logger.addHandler(handler)
+    try:
+        own, other = compiling.compiled(linalg.mv, "cpu"), compiling.compiled(_double, "cpu")
+        for n in range(1, 11):  # past torch's limit of 8
+            own(torch.ones(n, n), torch.ones(n))
+            other(torch.ones(n))
+    finally:
+        logger.removeHandler(handler)
+    hits = [r.getMessage() for r in records if "hit config.recompile_limit" in r.getMessage()]
+    assert hits and all("_double" in m for m in hits), hits

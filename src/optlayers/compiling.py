@@ -14,6 +14,7 @@ import logging
 import threading
 import warnings
 from dataclasses import fields, is_dataclass, replace
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import torch
@@ -50,9 +51,24 @@ class _NoShimNotices(logging.Filter):
         return "is missing a c-shim implementation" not in record.getMessage()
 
 
+_PACKAGE = str(Path(__file__).resolve().parent)
+
+
+class _OwnRecompileLimitNotices(logging.Filter):
+    """Drops dynamo's warning that one of this package's compiled functions hit torch's recompile
+    limit: ``compiled`` expects that on every new specialisation past torch's eighth, and compiles
+    it again under ``COMPILED_SHAPES`` (warning itself past that). The same warning about any other
+    function passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("hit config.recompile_limit" in message and _PACKAGE in message)
+
+
 @functools.cache
-def _quiet_shim_notices() -> None:
+def _quiet_expected_notices() -> None:
     logging.getLogger("torch._inductor.ir").addFilter(_NoShimNotices())
+    logging.getLogger("torch._dynamo.convert_frame").addFilter(_OwnRecompileLimitNotices())
 
 
 # Compilation raises torch's (process-wide) recompile limit for its duration: one thread at a time.
@@ -76,7 +92,7 @@ def compiled(fn: Callable, device_type: str, graphs: bool = False) -> Callable:
     if not isinstance(graphs, bool):
         raise TypeError(f"graphs must be True or False, got {graphs!r}")
     if device_type == "cpu":
-        _quiet_shim_notices()
+        _quiet_expected_notices()
         graph = torch.compile(fn, fullgraph=True, dynamic=False, options=CPU_OPTIONS)
     else:
         mode = "reduce-overhead" if graphs and device_type == "cuda" else "default"
