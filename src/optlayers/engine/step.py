@@ -249,14 +249,14 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         """(dy_K, ds_K) of a direction laid out as ``State.v``."""
         return dv[:, n + m + 2 * k : n + m + 2 * k + mk], dv[:, n + m + 2 * k + mk :]
 
-    H, V, Vt, G_k, scalings, s_parts, y_parts = data.Q, [], [], None, [], [], []
+    H, V, G_k, scalings, s_parts, y_parts = data.Q, None, None, [], [], []
     if parts:
         mu = res.mu.unsqueeze(-1)
         s_parts, y_parts = [cone_parts.piece(st.s_k, part) for part in parts], [cone_parts.piece(st.y_k, part) for part in parts]
         scalings = [cone_parts.scaling(part, s, y, mu.expand(batch, part.count)) for part, s, y in zip(parts, s_parts, y_parts)]
-        V = [sc.V for sc in scalings]
-        Vt = [v.mT for v in V]
-        G_k = cone_parts.scaled_rows(rows.A, V, parts)
+        blocks = [sc.V for sc in scalings]
+        V = cone_parts.block_diagonal(blocks, parts)
+        G_k = cone_parts.scaled_rows(rows.A, blocks, parts)
         H = cone_parts.normal_matrix(data.Q, G_k)
     f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
                   diagonal=data.diagonal, check_finite=check_finite)
@@ -270,13 +270,13 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         dy_K = VᵀV (A_K dx + r_k + q), and ds_K = −r_k − A_K dx."""
         rx = minus_r_d
         if parts:
-            u = cone_parts.apply_blocks(V, res.r_k + q, parts)
+            u = cone_parts.apply_blocks(V, res.r_k + q)
             rx = torch.baddbmm(rx.unsqueeze(-2), u.unsqueeze(-2), G_k, alpha=-1).squeeze(-2)  # −r_d − A_Kᵀ Vᵀ u, G_k = V A_K
         dx, dnu, dlam = solve_reduced(f, rx, minus_r_e, v if k else None, refine_steps, rules.solve_through_y)
         pieces = [dx, dnu, dlam, torch.addcmul(b4, s, dlam, value=-1).div(lam)] if k else [dx, dnu]
         if parts:
             a_dx = mv(rows.A, dx)
-            pieces += [cone_parts.apply_blocks(Vt, mv(G_k, dx) + u, parts),
+            pieces += [cone_parts.apply_blocks(V, mv(G_k, dx) + u, transpose=True),
                        -res.r_k - a_dx]
         return torch.cat(pieces, dim=-1)
 

@@ -20,6 +20,7 @@ from optlayers.cone import nonneg, psd, soc
 from optlayers.engine.cones import exponential, symmetric
 from optlayers.cone.spec import ConeSpec
 from optlayers.host import reads_are_free
+from optlayers.linalg import mtv, mv
 
 # The exponential cones' step search first tries _EXP_FINE_FACTOR^k (k < _EXP_FINE_TRIALS) of the
 # symmetric cones' step, then backtrack^k: near the solution the full step often ends just outside
@@ -128,10 +129,24 @@ def _times(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return M * X if M.shape[-1] == 1 else M @ X
 
 
-def apply_blocks(mats: list[torch.Tensor], v: torch.Tensor, parts: list[Part]) -> torch.Tensor:
-    """Block-diagonal (B, m_K, m_K) matrix (one (B, count, k, k) tensor per part) times v (B, m_K)."""
-    pieces = [_times(M, piece(v, part).unsqueeze(-1)).squeeze(-1) for M, part in zip(mats, parts)]
-    return join(pieces, v.shape[0], v[:, :0])
+def block_diagonal(mats: list[torch.Tensor], parts: list[Part]) -> torch.Tensor:
+    """The block-diagonal (B, m_K, m_K) matrix of one (B, count, k, k) tensor per part: one copy
+    per part into its diagonal blocks (a view of the part's square as (B, k, k, count)), so that
+    each product with it is one matrix-vector product (per part, the rows of a vector are not one
+    batch and each product copied them first)."""
+    first = mats[0]
+    size = parts[-1].stop
+    full = first.new_zeros(first.shape[0], size, size)
+    for M, part in zip(mats, parts):
+        square = full[:, part.start:part.stop, part.start:part.stop]
+        blocks = square.unflatten(1, (part.count, part.size)).unflatten(-1, (part.count, part.size))
+        blocks.diagonal(dim1=1, dim2=3).copy_(M.permute(0, 2, 3, 1))
+    return full
+
+
+def apply_blocks(full: torch.Tensor, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """A block-diagonal matrix (B, m_K, m_K) (``block_diagonal``), or its transpose, times v (B, m_K)."""
+    return mtv(full, v) if transpose else mv(full, v)
 
 
 def scaled_rows(A: torch.Tensor, V: list[torch.Tensor], parts: list[Part]) -> torch.Tensor:
