@@ -21,6 +21,7 @@ iterations themselves make no host synchronisation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -30,6 +31,7 @@ from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.engine import cones as cone_parts
 from optlayers.engine import loop
+from optlayers.engine.cones.symmetric import all_finite
 from optlayers.engine.step import ConeRows, State, StepRules, newton_step
 from optlayers.host import RUNNING
 from optlayers.linalg import mtv, mv
@@ -213,20 +215,24 @@ class _Residuals:
     error: torch.Tensor
 
 
-def _inf_norm(v: torch.Tensor) -> torch.Tensor:
-    """Infinity norm over the last dimension, (B,); zeros for an empty one."""
-    return v.abs().amax(-1) if v.shape[-1] else v.new_zeros(v.shape[0])
+def _norms(*parts: torch.Tensor) -> torch.Tensor:
+    """The infinity norms of the (B, ·) tensors ``parts`` of one shape, (len(parts), B); zeros
+    where they are empty."""
+    if not parts[0].shape[-1]:
+        return parts[0].new_zeros(len(parts), parts[0].shape[0])
+    return torch.stack(parts).abs().amax(-1)
 
 
-def _largest(*parts: torch.Tensor) -> torch.Tensor:
-    """The largest infinity norm of the (B, ·) tensors ``parts`` of one shape, (B,)."""
-    return torch.stack(parts).abs().amax((0, -1)) if parts[0].shape[-1] else parts[0].new_zeros(parts[0].shape[0])
+def _relative(norms: torch.Tensor) -> torch.Tensor:
+    """The first of ``norms`` (``_norms``) divided by 1 + the largest of the others, (B,)."""
+    return norms[0] / (1 + norms[1:].amax(0))
 
 
 def _residuals(program: _Program, st: State, degree: int) -> _Residuals:
     """r_d = P x + A^T y + c, r_e = A_z x - b_z, r_i and r_k = A x + s - b on the cone rows, and
     the relative error: the largest of the primal and dual residuals and the gap s^T y, each
-    divided by 1 + the size of its terms. One pass over all rows of A for A x and one for A^T y."""
+    divided by 1 + the size of its terms. One pass over all rows of A for A x and one for A^T y;
+    the norms of each residual and its terms stacked, and s^T y, b^T y as one product."""
     x, z, k = st.x, st.m, st.k
     y = torch.cat([st.nu, st.lam, st.y_k], -1)
     s = torch.cat([torch.zeros_like(st.nu), st.s, st.s_k], -1)
@@ -234,17 +240,19 @@ def _residuals(program: _Program, st: State, degree: int) -> _Residuals:
     r_p = ax + s - program.b
     if program.quadratic:
         px = mv(program.Q, x)
-        r_d, dual_size = px + aty + program.c, _largest(program.c, aty, px)
-        quadratic = (x * px).sum(-1)
+        r_d = px + aty + program.c
+        dual = _relative(_norms(r_d, program.c, aty, px))
+        cx = ((program.c + px) * x).sum(-1, keepdim=True)  # c^T x + x^T P x
     else:
-        r_d, dual_size, quadratic = aty + program.c, _largest(program.c, aty), 0
-    primal = _inf_norm(r_p) / (1 + _largest(program.b, ax, s))
-    dual = _inf_norm(r_d) / (1 + dual_size)
-    complementarity = (s * y).sum(-1)
-    cx, by = (program.c * x).sum(-1), (program.b * y).sum(-1)
-    gap = complementarity / (1 + torch.maximum((cx + quadratic).abs(), by.abs()))
+        r_d = aty + program.c
+        dual = _relative(_norms(r_d, program.c, aty))
+        cx = (program.c * x).sum(-1, keepdim=True)
+    primal = _relative(_norms(r_p, program.b, ax, s))
+    sy_by = mv(torch.stack([s, program.b], -2), y)  # (B, 2): s^T y, b^T y
+    complementarity = sy_by[:, 0]
+    gap = complementarity / (1 + torch.cat([cx, sy_by[:, 1:]], -1).abs().amax(-1))
     return _Residuals(r_d, r_p[:, :z], r_p[:, z:z + k], r_p[:, z + k:], complementarity / degree,
-                      torch.stack([primal, dual, gap.abs()]).amax(0))
+                      torch.stack([primal, dual, gap]).abs().amax(0))
 
 
 def _converged(st: State, res: _Residuals, settings: ConeIPMSettings) -> State:
@@ -269,6 +277,14 @@ def _start(program: _Program, parts: tuple[cone_parts.Part, ...], degree: int,
     return _converged(st, res, settings), res
 
 
+@functools.lru_cache(maxsize=None)
+def _failure_statuses(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """INACCURATE and NUMERICAL_ERROR as 0-dimensional int64 tensors, made once per device
+    (``torch.where`` with a Python number makes a tensor of it on every call)."""
+    with torch.inference_mode(False):
+        return tuple(torch.tensor(int(status), device=device) for status in (ConeStatus.INACCURATE, ConeStatus.NUMERICAL_ERROR))
+
+
 def _step(program: _Program, st: State, res: _Residuals, parts: tuple[cone_parts.Part, ...], degree: int,
           settings: ConeIPMSettings) -> tuple[State, _Residuals]:
     """The engine's step where an element runs and the step is sound (its factorisation
@@ -277,13 +293,15 @@ def _step(program: _Program, st: State, res: _Residuals, parts: tuple[cone_parts
     with more regularisation; other failures keep their last iterate: INACCURATE if close, else
     NUMERICAL_ERROR."""
     step = newton_step(*program.split(), parts, st, res, None, settings.rules)
-    finite = ((step.dv - step.dv) == 0).all(-1) & ((step.alpha - step.alpha) == 0)
+    moved = torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv)
+    finite = all_finite(moved)  # the step and its length finite (and no overflow)
     ok = step.factor_ok & finite if step.inside is None else step.factor_ok & finite & step.inside
     running = st.status == RUNNING
     advance = running & ok
     retry, reg = next_regularisation(st.reg, settings.reg, running, step.factor_ok, advance)
-    failed = torch.where(res.error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.NUMERICAL_ERROR))
-    v = torch.where(advance.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
+    inaccurate, numerical_error = _failure_statuses(st.status.device)
+    failed = torch.where(res.error <= settings.inaccurate_tol, inaccurate, numerical_error)
+    v = torch.where(advance.unsqueeze(-1), moved, st.v)
     st = dataclasses.replace(st, v=v, status=torch.where(running & ~ok & ~retry, failed, st.status),
                              iterations=st.iterations + advance, reg=reg)
     res = _residuals(program, st, degree)
