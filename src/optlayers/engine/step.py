@@ -288,6 +288,8 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
             return dw, max_step(w, dw, cap, scale)
         step = max_step(w, dw, cap) if k else st.v.new_full((batch,), cap)
         for sc, part, s_, y_ in zip(scalings, parts, s_parts, y_parts):
+            if part.kind == "exp":  # no closed form: searched (``searched``)
+                continue
             dy_, ds_ = (cone_parts.piece(d, part) for d in on_cones(dv))
             step = torch.minimum(step, sc.max_step(s_, y_, ds_, dy_).amin(-1))
         return dw, step if scale == 1.0 else scale * step

@@ -177,24 +177,36 @@ def _trial_factors(backtrack: float, max_backtracks: int, device: torch.device, 
         return torch.tensor(factors, dtype=torch.float64).to(device, dtype)
 
 
+@functools.lru_cache(maxsize=None)
+def _to_primal_maps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(4, 3, 3): the identity for s and ds, ``exponential.to_primal``'s matrix (acting on rows)
+    for y and dy, so that one batched product maps the four (the map is linear); made once per
+    device and dtype (as a normal tensor even under ``torch.inference_mode``)."""
+    with torch.inference_mode(False):
+        eye = torch.eye(3, dtype=torch.float64)
+        to_primal = exponential.to_primal(eye)  # row i: the image of the i-th unit vector
+        return torch.stack([eye, to_primal, eye, to_primal]).to(device, dtype)
+
+
 def exp_step(parts: list[Part], s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor,
              alpha: torch.Tensor, fraction: float, backtrack: float, max_backtracks: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The longest of alpha * t, t = _EXP_FINE_FACTOR^k (k < _EXP_FINE_TRIALS) then backtrack^k
     (0 < k < max_backtracks), for which the step divided by ``fraction`` keeps every exponential
     cone's s and y strictly inside (the feasible steps along a ray form an interval), all tried at
     once (no look from the host); and whether one was found (B,). The dual points are mapped to
-    primal ones (``exponential.to_primal``, linear: the same map takes their steps), so that one
-    membership test covers both. Where the host's reads are free (the CPU), the first
-    _EXP_FIRST_TRIALS are tried first, and the others only if some element found none of them
-    inside (the answer is the same: later trials are shorter)."""
-    dual_point, dual_step = exponential.to_primal(torch.stack([_exp_rows(y, parts), _exp_rows(dy, parts)])).unbind(0)
-    point = torch.cat([_exp_rows(s, parts), dual_point], -2)
-    step = torch.cat([_exp_rows(ds, parts), dual_step], -2)
+    primal ones (``exponential.to_primal``, linear: the same map takes their steps; s, y, ds and
+    dy stacked and mapped by one batched product), so that one membership test covers both.
+    Where the host's reads are free (the CPU), the first _EXP_FIRST_TRIALS are tried first, and
+    the others only if some element found none of them inside (the answer is the same: later
+    trials are shorter)."""
+    rows = torch.stack([_exp_rows(v, parts) for v in (s, y, ds, dy)])  # (4, B, cones, 3)
+    mapped = torch.bmm(rows.flatten(1, 2), _to_primal_maps(s.device, s.dtype)).view(2, 2, *rows.shape[1:])
+    point, step = mapped.unbind(0)  # (2, B, cones, 3) each: s and y mapped, their steps
     trials = alpha.unsqueeze(0) * _trial_factors(backtrack, max_backtracks, s.device, s.dtype).unsqueeze(-1)  # (K, B)
 
     def tried(trials: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        reach = (trials / fraction)[..., None, None]
-        inside = exponential.primal_margin(torch.addcmul(point, reach, step)).amin(-1) > 0
+        reach = (trials / fraction)[:, None, :, None, None]
+        inside = exponential.primal_margin(torch.addcmul(point, reach, step)).amin((1, -1)) > 0
         return (trials * inside).amax(0), inside.any(0)
 
     if reads_are_free(s.device):

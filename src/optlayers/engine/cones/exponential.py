@@ -23,6 +23,7 @@ ds + H dy = -s - sigma mu grad f*(y) + eta with
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 
@@ -93,22 +94,32 @@ def _flat(M: torch.Tensor) -> torch.Tensor:
     return M.reshape(-1, *M.shape[-2:])
 
 
+@functools.lru_cache(maxsize=None)
+def _constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """0 and 1 as 0-dimensional tensors, made once per device and dtype, to be expanded into
+    stacks (``ones_like`` and ``zeros_like`` would fill a tensor on every call)."""
+    with torch.inference_mode(False):
+        return torch.zeros((), dtype=dtype, device=device), torch.ones((), dtype=dtype, device=device)
+
+
 def _barrier(y: torch.Tensor) -> _Barrier:
     u, v, w = y.unbind(-1)
     ratio = torch.div(u, w).neg()  # -u / w
     log_ratio = torch.log(ratio)
     psi = torch.addcmul(v - u, u, log_ratio)
-    one, zero = torch.ones_like(u), torch.zeros_like(u)
+    zero, one = (constant.expand(u.shape) for constant in _constants(y.device, y.dtype))
     inv_psi = psi.reciprocal()
     inv_u, inv_w = torch.stack([u, w]).reciprocal().unbind(0)
-    g = torch.stack([log_ratio, one, ratio], -1) * inv_psi.unsqueeze(-1)
-    e = torch.stack([one, zero, ratio], -1) * torch.rsqrt(-(u * psi)).unsqueeze(-1)
+    # F = [g~, e~] = [(log_ratio, 1, ratio) / psi, (1, 0, ratio) / sqrt(-u psi)], row by row, in one product
+    unscaled = torch.stack([log_ratio, one, one, zero, ratio, ratio], -1).unflatten(-1, (3, 2))
+    F = unscaled * torch.stack([inv_psi, torch.rsqrt(-(u * psi))], -1).unsqueeze(-2)
+    g = F[..., 0]
     q = torch.stack([inv_u, zero, inv_w], -1)
-    F = torch.stack([g, e], -1)
     flat = _flat(F)
-    hess = torch.baddbmm(_flat(torch.diag_embed(q * q)), flat, flat.mT).view(*F.shape[:-1], 3)
-    inv_w2 = inv_w * inv_w
-    c1 = torch.add(inv_psi, inv_u, alpha=-2) * (inv_u * inv_u)
+    q2 = q * q
+    hess = torch.baddbmm(_flat(torch.diag_embed(q2)), flat, flat.mT).view(*F.shape[:-1], 3)
+    inv_u2, inv_w2 = q2[..., 0], q2[..., 2]
+    c1 = torch.add(inv_psi, inv_u, alpha=-2) * inv_u2
     c2 = -(inv_psi * inv_w2)
     c3 = (u * inv_psi - 1) * (2 * inv_w2 * inv_w)
     sparse = torch.stack([c1, zero, c2, zero, zero, zero, zero, c2, c3], -1).unflatten(-1, (3, 3))
@@ -176,7 +187,8 @@ def third_derivative(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch
 class ExpScaling:
     """H through V (..., 3, 3) with V^T V = H^-1; grad f*(y), the lower Cholesky factor of
     hess f*(y) and the barrier's derivatives at y (for the corrector); and where H is the
-    primal-dual scaling (...,) bool."""
+    primal-dual scaling (...,) bool. It has no ``max_step``: the step's longest length has no
+    closed form, and the step searches it (``engine.cones.exp_step``)."""
 
     V: torch.Tensor
     grad: torch.Tensor
@@ -196,10 +208,6 @@ class ExpScaling:
         eta = _third(self.barrier, dy, inverse_ds) / 2
         unusable = ((self.chol - self.chol).sum((-2, -1)).unsqueeze(-1) != 0) | ((eta - eta).sum(-1, keepdim=True) != 0)
         return eta.masked_fill(unusable, 0) - torch.addcmul(s, sigma_mu, self.grad)
-
-    def max_step(self, s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-        """No closed form: the caller backtracks on ``in_primal`` / ``in_dual``."""
-        return torch.full(s.shape[:-1], torch.inf, dtype=s.dtype, device=s.device)
 
 
 def _dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, chol: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:

@@ -144,9 +144,16 @@ def _psd_divide(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return psd.mat_to_vec(2 * psd.vec_to_mat(d) / (diag.unsqueeze(-1) + diag.unsqueeze(-2)))
 
 
+@functools.lru_cache(maxsize=None)
+def _psd_identity(k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """svec of the identity of order d (k = d(d+1)/2 rows), made once per size, device and dtype
+    (as a normal tensor even under ``torch.inference_mode``)."""
+    with torch.inference_mode(False):
+        return psd.mat_to_vec(torch.eye(psd.order(k), dtype=dtype, device=device))
+
+
 def _psd_unit(v: torch.Tensor) -> torch.Tensor:
-    d = psd.order(v.shape[-1])
-    return psd.mat_to_vec(torch.eye(d, dtype=v.dtype, device=v.device).expand(*v.shape[:-1], d, d))
+    return _psd_identity(v.shape[-1], v.device, v.dtype).expand(v.shape)
 
 
 def _psd_step(lam: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
