@@ -134,14 +134,35 @@ SOC = Jordan(product=_soc_product, divide=_soc_divide, unit=_soc_unit, max_step=
 
 
 def _psd_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    A, B = psd.vec_to_mat(a), psd.vec_to_mat(b)
-    return psd.mat_to_vec((A @ B + B @ A) / 2)
+    """svec((A B + B A) / 2), B A = (A B)^T for symmetric A, B."""
+    product = psd.vec_to_mat(a) @ psd.vec_to_mat(b)
+    return psd.mat_to_vec((product + product.mT) / 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _svec_diagonal(k: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For PSD cones of k = d(d+1)/2 rows: the positions (d,) of the diagonal entries in svec, the
+    (d, k) matrix that takes a diagonal to its svec (ones at those positions), and the (d, k)
+    matrix that takes a diagonal l to the sums l_i + l_j of each svec entry's row and column;
+    made once per size, device and dtype (as normal tensors even under ``torch.inference_mode``)."""
+    with torch.inference_mode(False):
+        d = psd.order(k)
+        lower = torch.triu_indices(d, d)  # column by column: (row, column) = (lower[1], lower[0])
+        rows, cols = lower[1], lower[0]
+        positions = (rows == cols).nonzero().flatten()
+        to_svec = torch.zeros(d, k, dtype=torch.float64)
+        to_svec[torch.arange(d), positions] = 1
+        sums = torch.zeros(d, k, dtype=torch.float64)
+        sums[rows, torch.arange(k)] += 1
+        sums[cols, torch.arange(k)] += 1
+        return positions.to(device), to_svec.to(device, dtype), sums.to(device, dtype)
 
 
 def _psd_divide(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """U with (L U + U L) / 2 = D for a diagonal L = mat(lam) (the scaled point is diagonal)."""
-    diag = psd.vec_to_mat(lam).diagonal(dim1=-2, dim2=-1)
-    return psd.mat_to_vec(2 * psd.vec_to_mat(d) / (diag.unsqueeze(-1) + diag.unsqueeze(-2)))
+    """U with (L U + U L) / 2 = D for a diagonal L = mat(lam) (the scaled point is diagonal):
+    U_ij = 2 D_ij / (l_i + l_j), entry by entry of svec (the svec scaling cancels)."""
+    positions, _, sums = _svec_diagonal(lam.shape[-1], lam.device, lam.dtype)
+    return 2 * d / (lam[..., positions] @ sums)
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,7 +253,7 @@ def soc_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     v = (w + e) / torch.sqrt(2 * (w[..., :1] + 1))  # its Jordan square root: W = eta P(v)
     ratio = (norms[0] / norms[1]).unsqueeze(-1)  # eta^2
     flat = v.reshape(-1, v.shape[-1], 1)
-    W = ratio.sqrt() * torch.baddbmm(-J, flat, flat.mT, alpha=2).view(*v.shape, v.shape[-1])
+    W = ratio.sqrt() * torch.baddbmm(J, flat, flat.mT, alpha=2, beta=-1).view(*v.shape, v.shape[-1])
     return NTScaling(W, W * (signs / ratio), _mv(W, y), SOC, (point, quad))
 
 
@@ -256,7 +277,7 @@ def psd_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     R = (chol_s @ vh.mT * root.unsqueeze(-2)).masked_fill(failed, torch.nan)
     R_inv = root.unsqueeze(-1) * u.mT @ chol_y.mT  # L_y^T L_s = U S V^T gives R = L_y^-T U S^1/2: no inverse
     basis = _svec_basis(s.shape[-1], s.device, s.dtype)  # rows vec(E_i)
-    lam = psd.mat_to_vec(torch.diag_embed(sing))
+    lam = sing @ _svec_diagonal(s.shape[-1], s.device, s.dtype)[1]  # svec of diag(sing)
     return NTScaling(_congruence(R, basis), _congruence(R_inv, basis), lam, PSD,
                      (root.unsqueeze(-1) * root.unsqueeze(-2),))
 
