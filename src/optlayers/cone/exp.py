@@ -9,6 +9,9 @@ handled by Moreau: proj_K*(v) = v + proj_K(-v).
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+
 import torch
 
 from optlayers.cone.operator import LinearMap
@@ -39,26 +42,63 @@ def regions(v: torch.Tensor) -> torch.Tensor:
     return torch.where(in_cone, REGION_INSIDE, code)
 
 
-def _h(w: torch.Tensor, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Friberg's h(rho) and h'(rho), both times exp(-|rho|) so that they never overflow."""
-    r, s, t = w.unbind(-1)
-    ep, en, poly = _scaled_exps(rho)
-    f = ((rho - 1) * r + s) * ep - (r - rho * s) * en - (rho * (rho - 1) + 1) * t * poly
-    df = (rho * r + s) * ep + (r - (rho - 1) * s) * en - (2 * rho - 1) * t * poly
-    return f, df
+@dataclasses.dataclass(frozen=True)
+class _Terms:
+    """The coefficients of Friberg's h that depend on the point w = (r, s, t) (N, 3) alone, made
+    once per root solve: h's terms are then one fused product each."""
+
+    r: torch.Tensor
+    s: torch.Tensor
+    t: torch.Tensor
+    s_minus_r: torch.Tensor
+    minus_r: torch.Tensor
+    r_plus_s: torch.Tensor
+    minus_t: torch.Tensor
+    minus_2t: torch.Tensor
+
+    @classmethod
+    def of(cls, w: torch.Tensor) -> "_Terms":
+        r, s, t = w.unbind(-1)
+        minus_r, minus_t = torch.stack([r, t]).neg().unbind(0)
+        return cls(r, s, t, s + minus_r, minus_r, r + s, minus_t, 2 * minus_t)
 
 
-def _h_value(w: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
+@functools.lru_cache(maxsize=None)
+def _constant(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` as a 0-dimensional tensor, made once per device and dtype (to be expanded into a
+    stack; a tensor made from a Python number on every call would be a kernel, on a GPU a copy)."""
+    with torch.inference_mode(False):
+        return torch.full((), value, dtype=dtype, device=device)
+
+
+def _scaled_exps(rho: torch.Tensor) -> torch.Tensor:
+    """(exp(rho), exp(-rho), 1) (..., 3), each times exp(-|rho|)."""
+    exponents = torch.stack([rho, -rho, _constant(0.0, rho.device, rho.dtype).expand(rho.shape)], -1)
+    return torch.exp(exponents - rho.abs().unsqueeze(-1))
+
+
+def _h(terms: _Terms, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Friberg's h(rho) and h'(rho), both times exp(-|rho|) so that they never overflow:
+
+    h = ((rho - 1) r + s) e^rho - (r - rho s) e^-rho - (rho^2 - rho + 1) t,
+    h' = (rho r + s) e^rho + (r - (rho - 1) s) e^-rho - (2 rho - 1) t,
+
+    as one product of the scaled exponentials (``_scaled_exps``) with their coefficients."""
+    r, s, t = terms.r, terms.s, terms.t
+    coefficients = torch.stack([
+        torch.addcmul(terms.s_minus_r, rho, r), torch.addcmul(s, rho, r),  # of e^rho
+        torch.addcmul(terms.minus_r, rho, s), torch.addcmul(terms.r_plus_s, rho, s, value=-1),  # of e^-rho
+        torch.addcmul(terms.minus_t, rho, torch.addcmul(t, t, rho, value=-1)), torch.addcmul(t, terms.minus_2t, rho),
+    ], -1).unflatten(-1, (3, 2))
+    return (_scaled_exps(rho).unsqueeze(-2) @ coefficients).squeeze(-2).unbind(-1)
+
+
+def _h_value(terms: _Terms, rho: torch.Tensor) -> torch.Tensor:
     """h(rho) times exp(-|rho|) alone (its sign is what the bracket searches look at)."""
-    r, s, t = w.unbind(-1)
-    ep, en, poly = _scaled_exps(rho)
-    return ((rho - 1) * r + s) * ep - (r - rho * s) * en - (rho * (rho - 1) + 1) * t * poly
-
-
-def _scaled_exps(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """exp(rho), exp(-rho) and 1, each times exp(-|rho|)."""
-    size = rho.abs()
-    return torch.exp(rho - size), torch.exp(-rho - size), torch.exp(-size)
+    r, s, t = terms.r, terms.s, terms.t
+    coefficients = torch.stack([torch.addcmul(terms.s_minus_r, rho, r), torch.addcmul(terms.minus_r, rho, s),
+                                torch.addcmul(terms.minus_t, rho, torch.addcmul(t, t, rho, value=-1))], -1)
+    return (_scaled_exps(rho).unsqueeze(-2) @ coefficients.unsqueeze(-1)).flatten(-3)
 
 
 def _first_true(mask: torch.Tensor) -> torch.Tensor:
@@ -67,7 +107,7 @@ def _first_true(mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask.any(0), mask.to(torch.int8).argmax(0), last)
 
 
-def _bracket(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _bracket(w: torch.Tensor, terms: _Terms) -> tuple[torch.Tensor, torch.Tensor]:
     """An interval (lo, hi) with h(lo) < 0 <= h(hi); an open side is found among anchor +- 2^k.
 
     A point of the root region has r > 0 or s > 0, so at most one side is open: both searches
@@ -79,7 +119,7 @@ def _bracket(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     offsets = 2.0 ** torch.arange(MAX_BRACKET_DOUBLINGS + 1, dtype=w.dtype, device=w.device).unsqueeze(-1)
     anchor = torch.where(open_lo, hi, lo)
     candidates = anchor + torch.where(open_lo, -offsets, offsets)  # (K, N), moving away from the anchor
-    f = _h_value(w, candidates)
+    f = _h_value(terms, candidates)
     k = _first_true(torch.where(open_lo, f < 0, f >= 0))
     found = candidates.gather(0, k.unsqueeze(0)).squeeze(0)
     previous = torch.where(k > 0, candidates.gather(0, (k - 1).clamp_min(0).unsqueeze(0)).squeeze(0), anchor)
@@ -87,18 +127,20 @@ def _bracket(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             torch.where(open_lo, previous, torch.where(open_hi, found, hi)))
 
 
-def _multisection(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shrink (lo, hi) by MULTISECTION_POINTS + 1 per round, evaluating h on a grid at once."""
+def _multisection(w: torch.Tensor, terms: _Terms, lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shrink (lo, hi) by MULTISECTION_POINTS + 1 per round, evaluating h on a grid at once. The
+    new bracket is the first grid point with h >= 0 and the point before it, among lo, the grid
+    and hi (hi where no grid point has it): one index into both, from the h values between a
+    negative and a positive stand-in (lo's and hi's signs)."""
     fractions = torch.arange(1, MULTISECTION_POINTS + 1, dtype=w.dtype, device=w.device).unsqueeze(-1)
     fractions = fractions / (MULTISECTION_POINTS + 1)
+    minus_one, one = (_constant(value, w.device, w.dtype).expand(1, w.shape[0]) for value in (-1.0, 1.0))
     for _ in range(MULTISECTION_ROUNDS):  # a fixed number of rounds: no look from the host
-        grid = lo + (hi - lo) * fractions
-        positive = _h_value(w, grid) >= 0
-        k, above = _first_true(positive), positive.any(0)
-        new_hi = torch.where(above, grid.gather(0, k.unsqueeze(0)).squeeze(0), hi)
-        new_lo = torch.where(k > 0, grid.gather(0, (k - 1).clamp_min(0).unsqueeze(0)).squeeze(0), lo)
-        new_lo = torch.where(above, new_lo, grid[-1])
-        lo, hi = new_lo, new_hi
+        grid = torch.addcmul(lo, hi - lo, fractions)
+        signs = torch.cat([minus_one, _h_value(terms, grid), one]) >= 0
+        first = signs.to(torch.int8).argmax(0, keepdim=True)  # 1 ... MULTISECTION_POINTS + 1
+        points = torch.cat([lo.unsqueeze(0), grid, hi.unsqueeze(0)])
+        lo, hi = points.gather(0, torch.cat([first - 1, first])).unbind(0)
     return lo, hi
 
 
@@ -110,18 +152,19 @@ def _root(w: torch.Tensor) -> torch.Tensor:
     Converged rows are frozen on the device; the host looks after NEWTON_UNCHECKED steps and
     then every NEWTON_CHECK_EVERY steps (after multisection most rows converge in a few steps).
     """
-    lo, hi = _multisection(w, *_bracket(w))
+    terms = _Terms.of(w)
+    lo, hi = _multisection(w, terms, *_bracket(w, terms))
     rho = (lo + hi) / 2
     last_step = hi - lo
     tol = ROOT_TOL_ULPS * torch.finfo(w.dtype).eps
     done = torch.zeros_like(rho, dtype=torch.bool)
     for iteration in range(1, MAX_ROOT_ITERS + 1):
-        f, df = _h(w, rho)
-        lo = torch.where(f < 0, rho, lo)
-        hi = torch.where(f >= 0, rho, hi)
+        f, df = _h(terms, rho)
+        negative = f < 0
+        lo, hi = torch.where(negative, rho, lo), torch.where(negative, hi, rho)
         step = f / df
         newton = rho - step
-        fast = newton.isfinite() & (newton >= lo) & (newton <= hi) & (2 * step.abs() <= last_step)
+        fast = ((newton - newton) == 0) & (newton >= lo) & (newton <= hi) & (2 * step.abs() <= last_step)  # finite, inside
         new = torch.where(done, rho, torch.where(fast, newton, (lo + hi) / 2))
         last_step = (new - rho).abs()
         done = done | (last_step <= tol * torch.clamp(new.abs(), min=1))
@@ -217,9 +260,9 @@ def _root_jacobian(w: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
     u, du = a / norm, da / norm
     du = du - u * (u * du).sum(-1, keepdim=True)
     dp_drho = du * (u * w).sum(-1, keepdim=True) + u * (du * w).sum(-1, keepdim=True)
-    ep, en, poly = _scaled_exps(rho)
+    ep, en, poly = _scaled_exps(rho).unbind(-1)
     dh_dw = torch.stack([(rho - 1) * ep - en, ep + rho * en, -(rho * (rho - 1) + 1) * poly], dim=-1)
-    _, dh_drho = _h(w, rho)
+    _, dh_drho = _h(_Terms.of(w), rho)
     drho_dw = -dh_dw / dh_drho.unsqueeze(-1)
     return u.unsqueeze(-1) * u.unsqueeze(-2) + dp_drho.unsqueeze(-1) * drho_dw.unsqueeze(-2)
 
