@@ -235,7 +235,7 @@ def _residuals(program: _Program, st: State, degree: int) -> _Residuals:
     the norms of each residual and its terms stacked, and s^T y, b^T y as one product."""
     x, z, k = st.x, st.m, st.k
     y = torch.cat([st.nu, st.lam, st.y_k], -1)
-    s = torch.cat([torch.zeros_like(st.nu), st.s, st.s_k], -1)
+    s = torch.cat([_zero(st.v.device, st.v.dtype).expand_as(st.nu), st.s, st.s_k], -1)
     ax, aty = mv(program.A, x), mtv(program.A, y)
     r_p = ax + s - program.b
     if program.quadratic:
@@ -275,6 +275,13 @@ def _start(program: _Program, parts: tuple[cone_parts.Part, ...], degree: int,
                v.new_full((batch,), settings.reg), no, no, n, z, k, mk)
     res = _residuals(program, st, degree)
     return _converged(st, res, settings), res
+
+
+@functools.lru_cache(maxsize=None)
+def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """0 as a 0-dimensional tensor, made once per device and dtype (expanded: no kernel per use)."""
+    with torch.inference_mode(False):
+        return torch.zeros((), dtype=dtype, device=device)
 
 
 @functools.lru_cache(maxsize=None)

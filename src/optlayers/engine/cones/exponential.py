@@ -95,11 +95,11 @@ def _flat(M: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """0 and 1 as 0-dimensional tensors, made once per device and dtype, to be expanded into
-    stacks (``ones_like`` and ``zeros_like`` would fill a tensor on every call)."""
+def _constant(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` as a 0-dimensional tensor, made once per value, device and dtype, to be expanded
+    (``ones_like``, ``zeros_like`` or a Python number in ``torch.where`` fill a tensor on every call)."""
     with torch.inference_mode(False):
-        return torch.zeros((), dtype=dtype, device=device), torch.ones((), dtype=dtype, device=device)
+        return torch.full((), value, dtype=dtype, device=device)
 
 
 def _barrier(y: torch.Tensor) -> _Barrier:
@@ -107,7 +107,7 @@ def _barrier(y: torch.Tensor) -> _Barrier:
     ratio = torch.div(u, w).neg()  # -u / w
     log_ratio = torch.log(ratio)
     psi = torch.addcmul(v - u, u, log_ratio)
-    zero, one = (constant.expand(u.shape) for constant in _constants(y.device, y.dtype))
+    zero, one = (_constant(value, y.device, y.dtype).expand(u.shape) for value in (0.0, 1.0))
     inv_psi = psi.reciprocal()
     inv_u, inv_w = torch.stack([u, w]).reciprocal().unbind(0)
     # F = [g~, e~] = [(log_ratio, 1, ratio) / psi, (1, 0, ratio) / sqrt(-u psi)], row by row, in one product
@@ -205,8 +205,9 @@ class ExpScaling:
         round-off of the boundary) or the term is not finite, it is left out (as Clarabel does):
         the primal-dual scaling does not need that factor, and the step can still be taken."""
         inverse_ds = torch.cholesky_solve(ds.unsqueeze(-1), torch.nan_to_num(self.chol)).squeeze(-1)
-        eta = _third(self.barrier, dy, inverse_ds) / 2
-        unusable = ((self.chol - self.chol).sum((-2, -1)).unsqueeze(-1) != 0) | ((eta - eta).sum(-1, keepdim=True) != 0)
+        no_factor = (self.chol - self.chol).sum((-2, -1)).unsqueeze(-1)  # 0, or NaN where hess has no factor
+        eta = torch.add(no_factor, _third(self.barrier, dy, inverse_ds), alpha=0.5)  # so that one test covers both
+        unusable = (eta - eta).sum(-1, keepdim=True) != 0
         return eta.masked_fill(unusable, 0) - torch.addcmul(s, sigma_mu, self.grad)
 
 
@@ -241,11 +242,10 @@ def _primal_dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor,
     exactly off the central path."""
     s_shadow, z_shadow, hess = barrier.shadow, _primal_shadow(s), barrier.hess
     mu = (sy / DEGREE).unsqueeze(-1)
-    mu_shadow = (s_shadow * z_shadow).sum(-1, keepdim=True) / DEGREE
+    h_z, s_z = (torch.cat([hess, s_shadow.unsqueeze(-2)], -2) @ z_shadow.unsqueeze(-1)).squeeze(-1).split([3, 1], -1)
+    mu_shadow = s_z / DEGREE
     d_s = torch.addcmul(s, mu, s_shadow, value=-1)
     d_z = torch.addcmul(y, mu, z_shadow, value=-1)
-    dd = (d_s * d_z).sum(-1)
-    h_z = (hess @ z_shadow.unsqueeze(-1)).squeeze(-1)
     curvature = torch.addcmul((z_shadow * h_z).sum(-1, keepdim=True), mu_shadow, mu_shadow, value=-DEGREE)
     minus_q = torch.addcmul(h_z, mu_shadow, s_shadow, value=-1)
     left = torch.stack([s_shadow, minus_q], -1)
@@ -253,11 +253,12 @@ def _primal_dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor,
     rest = torch.baddbmm(_flat(hess), _flat(left), _flat(right).mT, alpha=-1)
     t = mu.squeeze(-1) * torch.linalg.matrix_norm(rest).view(mu.shape[:-1])
     c, b = torch.linalg.cross(torch.stack([y, s]), torch.stack([z_shadow, s_shadow])).unbind(0)
-    cb = (c * b).sum(-1)
+    dd, cb = (torch.stack([d_s, c]) * torch.stack([d_z, b])).sum(-1).unbind(0)
     third = b * (torch.linalg.vector_norm(c, dim=-1) / (t.sqrt() * cb)).unsqueeze(-1)
     V = torch.stack([y * sy.rsqrt().unsqueeze(-1), d_z * dd.rsqrt().unsqueeze(-1), third], -2)
     tiny = torch.finfo(s.dtype).eps
-    margins = torch.stack([mu.squeeze(-1) * mu_shadow.squeeze(-1) - 1 - _CENTRAL_TOL, curvature.squeeze(-1).abs() - tiny,
+    off_path = torch.addcmul(_constant(-1 - _CENTRAL_TOL, s.device, s.dtype), mu, mu_shadow).squeeze(-1)
+    margins = torch.stack([off_path, curvature.squeeze(-1).abs() - tiny,
                            sy, dd, t, cb], -1)
     ok = (margins.amin(-1) > 0) & all_finite(V, (-2, -1))
     return V, ok

@@ -38,12 +38,6 @@ def _infinity(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(torch.inf, dtype=dtype, device=device)
 
 
-def _finite(M: torch.Tensor, fallback: torch.Tensor) -> torch.Tensor:
-    """M where all its entries are finite, else ``fallback``: LAPACK's eigen and singular value
-    routines raise on NaN, and an element that failed must not stop the batch."""
-    return torch.where(all_finite(M, (-2, -1), keepdim=True), M, fallback)
-
-
 def cholesky_or_nan(M: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factor, NaN where M is not (numerically) positive definite, so that the
     failure reaches the Newton system's finiteness check instead of raising."""
@@ -188,7 +182,9 @@ def _psd_step_from(scale: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """``_psd_step`` with the entries l_i^-1/2 l_j^-1/2 of L^-1/2 (.) L^-1/2 given (``scale``): -1 / the
     least eigenvalue where that is positive, else unbounded."""
     inner = psd.vec_to_mat(dx) * scale
-    step = torch.linalg.eigvalsh(_finite(inner, torch.zeros_like(inner)))[..., 0].reciprocal().neg()
+    # LAPACK raises on NaN: non-finite entries (of an element whose step is not finite, which fails) as 0
+    finite = torch.nan_to_num(inner, nan=0.0, posinf=0.0, neginf=0.0)
+    step = torch.linalg.eigvalsh(finite)[..., 0].reciprocal().neg()
     return torch.where(step > 0, step, _infinity(step.device, step.dtype))
 
 
@@ -250,7 +246,8 @@ def soc_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     s_bar, y_bar = (point / norms).unbind(0)
     two_gamma = torch.sqrt(2 * (1 + (s_bar * y_bar).sum(-1, keepdim=True)))  # 2 gamma
     w = torch.addcmul(s_bar, y_bar, j) / two_gamma  # the scaling point: eta^2 P(w) y = s, P the quadratic representation
-    v = (w + e) / torch.sqrt(2 * (w[..., :1] + 1))  # its Jordan square root: W = eta P(v)
+    w_e = w + e
+    v = w_e / torch.sqrt(2 * w_e[..., :1])  # its Jordan square root: W = eta P(v)
     ratio = (norms[0] / norms[1]).unsqueeze(-1)  # eta^2
     flat = v.reshape(-1, v.shape[-1], 1)
     W = ratio.sqrt() * torch.baddbmm(J, flat, flat.mT, alpha=2, beta=-1).view(*v.shape, v.shape[-1])
