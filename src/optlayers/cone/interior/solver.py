@@ -223,11 +223,6 @@ def _norms(*parts: torch.Tensor) -> torch.Tensor:
     return torch.stack(parts).abs().amax(-1)
 
 
-def _relative(norms: torch.Tensor) -> torch.Tensor:
-    """The first of ``norms`` (``_norms``) divided by 1 + the largest of the others, (B,)."""
-    return norms[0] / (1 + norms[1:].amax(0))
-
-
 def _residuals(program: _Program, st: State, degree: int) -> _Residuals:
     """r_d = P x + A^T y + c, r_e = A_z x - b_z, r_i and r_k = A x + s - b on the cone rows, and
     the relative error: the largest of the primal and dual residuals and the gap s^T y, each
@@ -241,18 +236,19 @@ def _residuals(program: _Program, st: State, degree: int) -> _Residuals:
     if program.quadratic:
         px = mv(program.Q, x)
         r_d = px + aty + program.c
-        dual = _relative(_norms(r_d, program.c, aty, px))
+        dual_norms = _norms(r_d, program.c, aty, px)
         cx = ((program.c + px) * x).sum(-1, keepdim=True)  # c^T x + x^T P x
     else:
         r_d = aty + program.c
-        dual = _relative(_norms(r_d, program.c, aty))
+        dual_norms = _norms(r_d, program.c, aty, aty)  # aty twice: as many terms as the primal's
         cx = (program.c * x).sum(-1, keepdim=True)
-    primal = _relative(_norms(r_p, program.b, ax, s))
+    norms = torch.stack([_norms(r_p, program.b, ax, s), dual_norms])  # (2, 4, B): residual, then its terms
+    relative = norms[:, 0] / (1 + norms[:, 1:].amax(1))  # primal, dual (2, B)
     sy_by = mv(torch.stack([s, program.b], -2), y)  # (B, 2): s^T y, b^T y
     complementarity = sy_by[:, 0]
     gap = complementarity / (1 + torch.cat([cx, sy_by[:, 1:]], -1).abs().amax(-1))
     return _Residuals(r_d, r_p[:, :z], r_p[:, z:z + k], r_p[:, z + k:], complementarity / degree,
-                      torch.stack([primal, dual, gap]).abs().amax(0))
+                      torch.cat([relative, gap.abs().unsqueeze(0)]).amax(0))
 
 
 def _converged(st: State, res: _Residuals, settings: ConeIPMSettings) -> State:
@@ -309,7 +305,8 @@ def _step(program: _Program, st: State, res: _Residuals, parts: tuple[cone_parts
     inaccurate, numerical_error = _failure_statuses(st.status.device)
     failed = torch.where(res.error <= settings.inaccurate_tol, inaccurate, numerical_error)
     v = torch.where(advance.unsqueeze(-1), moved, st.v)
-    st = dataclasses.replace(st, v=v, status=torch.where(running & ~ok & ~retry, failed, st.status),
+    fails = running > (ok | retry)  # running, and neither stepping nor retrying
+    st = dataclasses.replace(st, v=v, status=torch.where(fails, failed, st.status),
                              iterations=st.iterations + advance, reg=reg)
     res = _residuals(program, st, degree)
     return _converged(st, res, settings), res
