@@ -82,7 +82,7 @@ NONNEG = Jordan(product=lambda a, b: a * b, divide=lambda lam, d: d / lam, unit=
 def _soc_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a o b = (a^T b, a0 b1 + b0 a1)."""
     head = (a * b).sum(-1, keepdim=True)
-    return torch.cat([head, a[..., :1] * b[..., 1:] + b[..., :1] * a[..., 1:]], -1)
+    return torch.cat([head, torch.addcmul(a[..., :1] * b[..., 1:], b[..., :1], a[..., 1:])], -1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -96,9 +96,9 @@ def _soc_divide(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """u with lam o u = d: the inverse of the arrow matrix of lam: u0 = (J lam)^T d / (lam^T J lam),
     u1 = (d1 - u0 lam1) / lam0."""
     j_lam = lam * _soc_signs(lam.shape[-1], lam.device, lam.dtype)[0]
-    u0 = (j_lam * d).sum(-1, keepdim=True) / (j_lam * lam).sum(-1, keepdim=True)
-    l0 = lam[..., :1]
-    return torch.cat([u0, (d[..., 1:] - u0 * lam[..., 1:]) / l0], -1)
+    dots = (j_lam.unsqueeze(-2) @ torch.stack([d, lam], -1)).squeeze(-2)  # (J lam)^T d, lam^T J lam
+    u0 = dots[..., :1] / dots[..., 1:]
+    return torch.cat([u0, torch.addcmul(d[..., 1:], u0, lam[..., 1:], value=-1) / lam[..., :1]], -1)
 
 
 def _soc_unit(v: torch.Tensor) -> torch.Tensor:
