@@ -211,6 +211,13 @@ class ExpScaling:
         return eta.masked_fill(unusable, 0) - torch.addcmul(s, sigma_mu, self.grad)
 
 
+@functools.lru_cache(maxsize=None)
+def _eye(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The 3 x 3 identity, made once per device and dtype."""
+    with torch.inference_mode(False):
+        return torch.eye(3, dtype=dtype, device=device)
+
+
 def _dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, chol: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     """V of the dual scaling H = mu hess + s s^T / <s, y> - mu g g^T / 3 (g = grad f*(y), sy = <s, y>),
     the BFGS update of mu hess f*(y) that makes H y = s hold off the central path too (mu hess y =
@@ -219,7 +226,7 @@ def _dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, chol: torch.Tens
     stays positive definite in floating point), written as F F^T with
     F^T = [L^-1 (I - r s y^T) / sqrt(mu); sqrt(r) y^T], L L^T = hess; V is the R of F^T = Q R."""
     r = sy.reciprocal().unsqueeze(-1)
-    eye = torch.eye(3, dtype=s.dtype, device=s.device)
+    eye = _eye(s.device, s.dtype)
     lower = torch.linalg.solve_triangular(chol, eye - (r * s).unsqueeze(-1) * y.unsqueeze(-2), upper=False)
     Ft = torch.cat([lower / mu.sqrt()[..., None, None], (r.sqrt() * y).unsqueeze(-2)], -2)
     return torch.linalg.qr(Ft).R
@@ -279,5 +286,5 @@ def exp_scaling(s: torch.Tensor, y: torch.Tensor, mu: torch.Tensor,
         ok = ok & ~dual_only
     if reads_are_free(s.device) and bool(ok.all()):
         return ExpScaling(primal_dual, grad, chol, barrier, ok)
-    V = torch.where(ok[..., None, None], torch.nan_to_num(primal_dual), _dual_v(s, y, sy, chol, mu))
+    V = torch.where(ok[..., None, None], primal_dual, _dual_v(s, y, sy, chol, mu))  # primal_dual finite where ok
     return ExpScaling(V, grad, chol, barrier, ok)
