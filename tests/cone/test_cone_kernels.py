@@ -27,11 +27,12 @@ MAX_EXP_SYNCS = 1
 MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # Kernels per iteration of the cone interior point method on those programs, on the accelerators'
 # schedule (every exponential cone's dual scaling and every step trial formed: the count a GPU
-# launches), counted after a warm-up solve (the cones' cached constants): 532 measured with the cone
+# launches), counted after a warm-up solve (the cones' cached constants): 498 measured with the cone
 # rows' scalings as one block-diagonal matrix (one product per V u or V^T u), the Wright omega solve in 3
 # Newton steps of 5 kernels, the residuals' norms and dot products stacked, the exponential step
 # search's points mapped by one product and the exponential parts out of the closed-form step
-# tests (595 before those, with the
+# tests, the PSD Jordan division entry by entry of svec, the exponential scaling's dot products
+# paired and its two corrector tests merged (595 before those, with the
 # exponential cone's barrier derivatives from shared factored terms and its step search testing the
 # mapped dual points with the primal margin, the second-order and PSD cones' constants made once and
 # their step tests' terms kept from the scaling, and the Jordan products of the corrector stacked
@@ -41,7 +42,7 @@ MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # fusions; 980 with the nonnegative rows as the KKT system's diagonal rows, 1,007 with them among
 # the scaled cone rows; 1,109 before the directions passed over A_K twice instead of over G and A_K
 # three times and the nonnegative and second-order step tests measured from s and y))).
-MAX_CONE_KERNELS_PER_ITERATION = 535
+MAX_CONE_KERNELS_PER_ITERATION = 500
 
 
 def _points(count: int) -> torch.Tensor:
