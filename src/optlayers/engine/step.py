@@ -31,13 +31,13 @@ Each method passes its rules (``StepRules``), held by its settings (``qp.ipm.IPM
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from optlayers.engine import cones as cone_parts
+from optlayers.engine.constants import constant
 from optlayers.linalg import mv
 from optlayers.qp.kkt import KKTFactor, factor_kkt, solve_reduced
 
@@ -172,12 +172,11 @@ class Step:
 
 def max_step(w: Tensor, dw: Tensor, cap: float = 1.0, scale: float = 1.0) -> Tensor:
     """``scale`` times the largest α ≤ ``cap`` with w + α dw ≥ 0 over the last two dimensions of
-    (B, 2, k), per problem, for w ≥ 0: α = 1 / max(1/cap, maxᵢ −dwᵢ/wᵢ), in six kernels. An entry
+    (B, 2, k), per problem, for w ≥ 0: α = 1 / max(1/cap, maxᵢ −dwᵢ/wᵢ), in five kernels. An entry
     with wᵢ = dwᵢ = 0 (0/0) does not limit the step (an s that is exactly 0 has ds = 0 in the
-    predictor); one with wᵢ = 0 > dwᵢ allows no step."""
-    ratios = torch.nan_to_num(dw / w, nan=0.0, neginf=-math.inf)
-    lowest = ratios.flatten(1).amin(-1).clamp(max=-1.0 / cap)  # −1/α
-    return lowest.reciprocal().mul(-scale)
+    predictor; ``fmin`` ignores its NaN); one with wᵢ = 0 > dwᵢ allows no step."""
+    ratios = torch.fmin(dw / w, constant(-1.0 / cap, w))
+    return ratios.flatten(1).amin(-1).reciprocal().mul(-scale)  # amin: −1/α
 
 
 def _merit_step(dw: Tensor, b4: Tensor, alpha: Tensor, res, factors: Tensor) -> Tensor:
@@ -262,17 +261,20 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
                   diagonal=data.diagonal, check_finite=check_finite)
     lam, s, w = st.lam, st.s, st.lam_s
     minus_s_lam = w.prod(-2).neg()  # the predictor's b4
-    minus_r_d, minus_r_e = res.r_d.neg(), (res.r_e.neg() if m else None)  # (None: no rows, no arithmetic)
+    # −r_d, or r_d where the nonnegative rows' solve folds the negation in (``negated_rx``); −r_e (None: no rows, no arithmetic)
+    fold_negation = k > 0 and not parts
+    r_x, minus_r_e = (res.r_d if fold_negation else res.r_d.neg()), (res.r_e.neg() if m else None)
 
     def direction(b4: Tensor, v: Tensor, q: Tensor | None, refine_steps: int) -> Tensor:
         """dv of the Newton system with λ∘ds + s∘dλ = b4 on the nonnegative rows (``v`` = b4/λ + r_i)
         and ds_K + (VᵀV)⁻¹ dy_K = q on the cone rows: the cone rows are eliminated,
         dy_K = VᵀV (A_K dx + r_k + q), and ds_K = −r_k − A_K dx."""
-        rx = minus_r_d
+        rx = r_x
         if parts:
             u = cone_parts.apply_blocks(V, res.r_k + q)
             rx = torch.baddbmm(rx.unsqueeze(-2), u.unsqueeze(-2), G_k, alpha=-1).squeeze(-2)  # −r_d − A_Kᵀ Vᵀ u, G_k = V A_K
-        dx, dnu, dlam = solve_reduced(f, rx, minus_r_e, v if k else None, refine_steps, rules.solve_through_y)
+        dx, dnu, dlam = solve_reduced(f, rx, minus_r_e, v if k else None, refine_steps, rules.solve_through_y,
+                                      negated_rx=fold_negation)
         pieces = [dx, dnu, dlam, torch.addcmul(b4, s, dlam, value=-1).div(lam)] if k else [dx, dnu]
         if parts:
             a_dx = mv(rows.A, dx)

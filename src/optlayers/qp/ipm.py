@@ -17,10 +17,11 @@ from torch import Tensor
 
 from optlayers.compiling import compiled, owned
 from optlayers.engine import loop
+from optlayers.engine.constants import constant
 from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
 from optlayers.linalg import mtv, mv
-from optlayers.qp.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, next_regularisation, solve_reduced
+from optlayers.qp.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, raisable, regularisation_after, solve_reduced
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
 
@@ -264,9 +265,10 @@ def newton_iteration(data: QPData, units: Units, st: State, res: Residuals, sett
     return newton_step(data, None, (), st, res, units.backtrack, settings.rules, stiff, check_finite=False)
 
 
-def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Whether the direction looks like a primal (Farkas) or a dual infeasibility certificate,
-    and whether it is finite.
+def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: float) -> tuple[Tensor, Tensor]:
+    """Whether the step is negligible (α < ``_NEGLIGIBLE_STEP``), whether the direction looks like
+    a primal (Farkas) or a dual infeasibility certificate, as (B, 3) (the order of
+    ``State.counters``), and whether it is finite (B,).
 
     Primal infeasibility (dν, dλ): ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ < −ε‖dy‖, dλ ≥ −ε‖dy‖,
     and ‖dy‖ > 64 ε₆₄ ‖y‖ (``_ROUNDING``): where the duals have converged, a step dy at their
@@ -299,8 +301,7 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     far_point = torch.addcmul(st.x, (norm_x / nx).unsqueeze(-1), dx)
     slopes = (torch.stack([far_point, data.p]) * on_x[1:3]).sum(-1)
     far_slope = (slopes[0] + slopes[1]).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
-    eps_sizes = eps * torch.stack([ny, nx])
-    (eps_y, eps_x), (minus_eps_y, minus_eps_x) = eps_sizes, -eps_sizes
+    (eps_y, eps_x), (minus_eps_y, minus_eps_x) = torch.stack([ny, nx]) * constant((eps, -eps), nx).view(2, 1, 1)
     # without equality (inequality) rows their tests are taken by another test of the same certificate
     farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y),
                    # dy must move y: a step of dy at y's rounding (an optimum's dual, converged) passes the relative tests by rounding
@@ -313,11 +314,18 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
                       (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (slopes[1], minus_eps_x),
                       (far_slope, minus_eps_x), (res.limit[:, 1], res.measured[:, 1])]
     farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
-    # every test strict: ‖·‖ < ε·size also says size > 0
-    lower, upper = (torch.stack(side) for side in zip(*farkas_rows, *recession_rows))
-    farkas, recession = (lower < upper).unflatten(0, (2, -1)).all(1)
-    total = dv.sum(-1) + step.alpha  # NaN or ±inf if any part of the step is
-    return farkas, recession, (total - total) == 0
+    def const(value: float) -> Tensor:
+        return constant(value, nx).expand_as(nx)
+
+    stall_rows = [(step.alpha, const(_NEGLIGIBLE_STEP))] * len(farkas_rows)
+    total = dv.sum(-1)  # NaN or ±inf if any part of the direction is
+    finite_rows = [(const(-torch.inf), total), (total, const(torch.inf)), (const(-torch.inf), step.alpha),
+                   (step.alpha, const(torch.inf))] * (len(farkas_rows) // 2)
+    finite_rows = finite_rows[: len(farkas_rows)]
+    # every test strict: ‖·‖ < ε·size also says size > 0; all four families in one comparison
+    lower, upper = (torch.stack(side) for side in zip(*stall_rows, *farkas_rows, *recession_rows, *finite_rows))
+    passed = (lower < upper).unflatten(0, (4, -1)).all(1)
+    return passed[:3].T, passed[3]
 
 
 # The far-point slope test of a recession direction is waived where ‖x‖ (scaled) exceeds this
@@ -341,19 +349,19 @@ def assess(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSet
     (``kkt.next_regularisation``); once that has happened ``MAX_FACTOR_RETRIES`` times in a row it
     is a numerical failure. (The host may then switch it to the stiff split: ``_switch_stiff``.)"""
     running = st.status == RUNNING
-    farkas, recession, finite = _certificates(data, st, res, step, settings.infeasibility_tol)
+    events, finite = _certificates(data, st, res, step, settings.infeasibility_tol)
     factored = step.factor_ok & finite  # a factor with NaN gives a NaN step
-    sound = running & factored
-    retry, reg = next_regularisation(st.reg, settings.reg, running, factored, sound)
+    sound, unsound, can_raise = running & factored, running > factored, raisable(st.reg, settings.reg)
+    retry, gave_up = unsound & can_raise, unsound > can_raise  # as kkt.next_regularisation
+    reg = regularisation_after(st.reg, settings.reg, retry, sound)
     v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
-    events = torch.stack([step.alpha < _NEGLIGIBLE_STEP, farkas, recession], dim=-1)
     counters = torch.where(sound.unsqueeze(-1), (st.counters + 1) * events, st.counters)
+    # a stall, a primal and a dual infeasibility certificate held long enough
+    held = counters >= constant((settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE), counters)
     # a failure or a stall, then primal, then dual infeasibility: the later test wins
-    failed = (running > (sound | retry)) | (counters[:, 0] >= settings.stall_limit)
-    certified = counters[:, 1:] >= _CERTIFICATE_PERSISTENCE
-    status = st.status.masked_fill(failed, int(QPStatus.NUMERICAL_ERROR))
-    status = status.masked_fill(certified[:, 0], int(QPStatus.PRIMAL_INFEASIBLE))
-    status = status.masked_fill(certified[:, 1], int(QPStatus.DUAL_INFEASIBLE))
+    status = st.status.masked_fill(gave_up | held[:, 0], int(QPStatus.NUMERICAL_ERROR))
+    status = status.masked_fill(held[:, 1], int(QPStatus.PRIMAL_INFEASIBLE))
+    status = status.masked_fill(held[:, 2], int(QPStatus.DUAL_INFEASIBLE))
     return replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg)
 
 

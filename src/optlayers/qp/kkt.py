@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optlayers.engine.constants import constant
 from optlayers.host import host_read, reads_are_free
 from optlayers.linalg import mtv, mv
 
@@ -138,7 +139,8 @@ def factor_kkt(
     if unit_weights and stiff is not None:
         raise ValueError("factor_kkt: unit_weights=True needs stiff=None (stiff rows carry their own weights)")
     if stiff is None:
-        C, d0, w_inv_soft, eq_rows = A, A.new_zeros(A.shape[:-1]), w_inv, None
+        d0 = w_inv[..., :0] if m == 0 else A.new_zeros(A.shape[:-1])  # (B, 0): nothing to make
+        C, w_inv_soft, eq_rows = A, w_inv, None
     else:
         C = torch.cat([A, G * stiff.unsqueeze(-1)], dim=-2)
         d0 = torch.cat([A.new_zeros(A.shape[:-1]), torch.where(stiff, 1.0 / w_inv, torch.ones_like(w_inv))], dim=-1)
@@ -241,10 +243,20 @@ def next_regularisation(reg: Tensor, base: float, running: Tensor, factored: Ten
 
     Returns whether the problem retries (B,) (it is a numerical failure where it failed and
     does not), and the new ``reg`` (B,)."""
-    retry = running & ((reg < base * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5) > factored)  # running, failed, raisable
+    retry = running & (raisable(reg, base) > factored)  # running, failed, raisable
+    return retry, regularisation_after(reg, base, retry, advanced)
+
+
+def raisable(reg: Tensor, base: float) -> Tensor:
+    """(B,) whether a failed factorisation at ``reg`` may retry with more (``next_regularisation``)."""
+    return reg < base * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5
+
+
+def regularisation_after(reg: Tensor, base: float, retry: Tensor, advanced: Tensor) -> Tensor:
+    """``next_regularisation``'s new ``reg``, given which problems retry and which took a step."""
     # a retry multiplies by _REG_GROWTH, a step divides by it (the two exclude each other: a step needs its factorisation)
-    change = torch.ones_like(reg).masked_fill_(advanced, 1 / _REG_GROWTH).masked_fill_(retry, _REG_GROWTH)
-    return retry, (reg * change).clamp_(min=base)
+    one, up, down = constant(1.0, reg), constant(_REG_GROWTH, reg), constant(1 / _REG_GROWTH, reg)
+    return (reg * torch.where(retry, up, torch.where(advanced, down, one))).clamp_(min=base)
 
 
 def _chol_solve(chol: Tensor, r: Tensor) -> Tensor:
@@ -356,7 +368,7 @@ def _refined(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None, d
 
 
 def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
-                  refine_steps: int, use_y: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+                  refine_steps: int, use_y: bool = False, negated_rx: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Solve Q dx + Aᵀ dν + Gᵀ dλ = rx, A dx = re, G dx − W dλ = −v, refining away ρ and δₑ.
 
     Soft rows are eliminated, dλ = W⁻¹(G dx + v); stiff rows stay in the Schur complement, so
@@ -370,12 +382,17 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
         use_y: solve through the factor's Y = L⁻¹Cᵀ (four triangular solves per solve instead
             of six; the same answer up to rounding). The derivatives use it; the interior point
             iterations do not (their rounding decides some Maros–Meszaros problems).
+        negated_rx: ``rx`` is given as −rx (the Newton step's −r_d): the negation is folded into
+            the first product with G (the same values; one kernel fewer where v is given).
     Returns:
         dx (B, n), dν (B, m), dλ (B, k).
     """
     stiff_rows = f.C.shape[-2] > f.m
     if v is not None:
-        rx = _minus_mtv(rx, f.G, f.w_inv_soft * v)
+        rx = torch.baddbmm(rx.unsqueeze(-2), (f.w_inv_soft * v).unsqueeze(-2), f.G, beta=-1 if negated_rx else 1,
+                           alpha=-1).squeeze(-2)  # (−)rx − Gᵀ(W⁻¹v)
+    elif negated_rx:
+        rx = rx.neg()
     rc = re
     if stiff_rows and v is not None:
         re = rx.new_zeros(rx.shape[:-1] + (f.m,)) if re is None else re

@@ -1,0 +1,25 @@
+"""Constant tensors of the interior point iterations, made once per value, device and dtype: a
+Python number where an operation expects a tensor (``torch.where``, ``torch.fmin``, a stacked
+row) would make a tensor on every call, which on an accelerator is a launch."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+
+@functools.lru_cache(maxsize=None)
+def _cached(value: float | tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    with torch.inference_mode(False):  # a normal tensor even when first asked for under inference mode
+        return torch.tensor(value, dtype=dtype, device=device)
+
+
+def constant(value: float | tuple[float, ...], like: Tensor) -> Tensor:
+    """``value`` (a number: 0-d; a tuple: 1-d) as a tensor on ``like``'s device and of its dtype,
+    made once; under compilation it is made in the graph (where inductor folds it)."""
+    if not isinstance(like, Tensor):
+        raise TypeError(f"constant: like must be a Tensor, got {type(like).__name__}")
+    if torch.compiler.is_compiling():
+        return torch.tensor(value, dtype=like.dtype, device=like.device)
+    return _cached(value, like.device, like.dtype)
