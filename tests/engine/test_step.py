@@ -2,13 +2,21 @@
 cone plug-in (Nesterov–Todd scaling folded into H) are two eliminations of one Newton system, so
 they must give the same direction and step (up to rounding)."""
 import dataclasses
+import math
+import sys
+from pathlib import Path
 
+import pytest
 import torch
 
 from optlayers.cone.interior.solver import ConeIPMSettings
 from optlayers.engine import cones
+from optlayers.engine.constants import constant
 from optlayers.engine.step import ConeRows, State, StepRules, max_step, newton_step
 from optlayers.qp.scaling import QPData
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks import kernels  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,3 +121,39 @@ def test_each_method_departs_from_the_shared_step_rules_only_where_it_says():
     assert departures(ConeIPMSettings().rules) == {"centring": "affine_step", "full_steps": True, "solve_through_y": True}
     custom = ConeIPMSettings(step_fraction=0.9, backtrack=0.5, max_backtracks=7, kkt_refine_steps=2).rules
     assert (custom.step_fraction, custom.backtrack, custom.max_backtracks, custom.refine_steps) == (0.9, 0.5, 7, 2)
+
+
+def _reference_max_step(w, dw, cap=1.0, scale=1.0):
+    """The step length as first written (nan_to_num, clamp, reciprocal, scale): an independent form."""
+    ratios = torch.nan_to_num(dw / w, nan=0.0, neginf=-math.inf)
+    return ratios.flatten(1).amin(-1).clamp(max=-1.0 / cap).reciprocal().mul(-scale)
+
+
+@pytest.mark.parametrize("cap, scale", [(1.0, 1.0), (1.0, 0.99), (1 / 0.99, 0.99), (3.0, 1.0)])
+def test_max_step_equals_its_reference_form_bitwise(cap, scale):
+    """Random (λ, s) and directions with exact zeros (0/0, 0 with a negative direction) and huge
+    and tiny ratios: the same step lengths, bit for bit, as the reference form."""
+    gen = torch.Generator().manual_seed(3)
+    w = torch.rand(64, 2, 9, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-12, 3, (64, 2, 9), generator=gen)
+    dw = torch.randn(64, 2, 9, generator=gen, dtype=torch.float64) * 10.0 ** torch.randint(-3, 12, (64, 2, 9), generator=gen)
+    w[:8, 0, 0], dw[:8, 0, 0] = 0.0, 0.0  # 0/0
+    w[8:12, 1, 3], dw[8:12, 1, 3] = 0.0, -1.0  # no step
+    w[12:16, 1, 4], dw[12:16, 1, 4] = 0.0, 2.0  # +inf ratio
+    dw[16:24] = dw[16:24].abs()  # nothing limits the step: the cap
+    got, expected = max_step(w, dw, cap, scale), _reference_max_step(w, dw, cap, scale)
+    assert torch.equal(got, expected), (got - expected).abs().max()
+    assert (got[8:12] == 0).all() and (got[16:24] == cap * scale).all()
+
+
+def test_constants_are_made_once_per_value_device_and_dtype():
+    like = torch.zeros(3, dtype=torch.float64)
+    first = constant(0.25, like)
+    assert first is constant(0.25, like) and first.dtype == torch.float64 and first.shape == ()
+    assert constant(0.25, like.float()).dtype == torch.float32 and constant((1, 2), like.long()).tolist() == [1, 2]
+    with torch.inference_mode():
+        inside = constant(0.125, like)
+    assert not inside.is_inference() and (inside + like).tolist() == [0.125] * 3  # usable outside inference mode
+    counter = kernels.count(lambda: constant(0.25, like))
+    assert counter.kernel_count == 0
+    with pytest.raises(TypeError, match="like must be a Tensor"):
+        constant(1.0, 1.0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from optlayers import host, solve_qp
-from optlayers.qp import ipm
+from optlayers.qp import ipm, kkt
 from optlayers.qp.kkt import MAX_FACTOR_RETRIES
 from optlayers.qp.problem import prepare_qp, qp_data
 from optlayers.qp.scaling import equilibrate
@@ -200,3 +200,49 @@ def test_the_accelerator_schedule_holds_in_its_own_context_and_reaches_the_slice
     assert seen["other"] is True  # the CPU schedule: a look after every iteration
     assert seen["slices"] == [False, False]
     assert seen["slices after"] == [True, True]  # the pool threads do not keep an earlier caller's schedule
+
+
+def test_solve_with_negated_rx_gives_the_same_bits():
+    """solve_reduced(−rx given as rx, negated_rx=True) folds the negation into its first product:
+    the same dx, dν, dλ bit for bit as negating first, with equalities and without, with v and without."""
+    gen = torch.Generator().manual_seed(5)
+    for m, with_v in [(0, True), (3, True), (3, False), (0, False)]:
+        B, n, k = 6, 7, 9
+        M = torch.randn(B, n, n, generator=gen, dtype=torch.float64)
+        Q, G = M @ M.mT, torch.randn(B, k, n, generator=gen, dtype=torch.float64)
+        A = torch.randn(B, m, n, generator=gen, dtype=torch.float64)
+        w_inv = torch.rand(B, k, generator=gen, dtype=torch.float64) + 0.1
+        reg = torch.full((B,), 1e-9, dtype=torch.float64)
+        f = kkt.factor_kkt(Q, A, G, w_inv, reg, reg, retries=0)
+        r_d, re = torch.randn(B, n, generator=gen, dtype=torch.float64), torch.randn(B, m, generator=gen, dtype=torch.float64)
+        v = torch.randn(B, k, generator=gen, dtype=torch.float64) if with_v else None
+        plain = kkt.solve_reduced(f, -r_d, re, v, 3)
+        folded = kkt.solve_reduced(f, r_d, re, v, 3, negated_rx=True)
+        assert all(torch.equal(a, b) for a, b in zip(plain, folded)), (m, with_v)
+
+
+def test_inf_norm_is_the_largest_magnitude_nan_included():
+    t = torch.tensor([[1.0, -3.0, 2.0], [float("nan"), 0.0, 1.0], [-float("inf"), 1.0, 0.0], [-0.0, 0.0, 5e-324]],
+                     dtype=torch.float64)
+    got = ipm._inf_norm(t)
+    assert torch.equal(got[[0, 2, 3]], t.abs().amax(-1)[[0, 2, 3]]) and got[1].isnan()
+    assert torch.equal(ipm._inf_norm(t[[0, 2]], 0), t[[0, 2]].abs().amax(0))
+
+
+def test_the_failure_test_agrees_with_next_regularisation():
+    """assess derives retry and give-up from running > factored and kkt.raisable: on every
+    combination the same retry and reg as kkt.next_regularisation, and a failure exactly where a
+    running problem neither stepped nor retries."""
+    base = 1e-9
+    flags = torch.tensor([[r, f] for r in (False, True) for f in (False, True)] * 2)
+    running, factored = flags[:, 0], flags[:, 1]
+    reg = torch.tensor([base] * 4 + [base * 1e8] * 4, dtype=torch.float64)  # raisable, then not
+    sound = running & factored
+    retry, new_reg = kkt.next_regularisation(reg, base, running, factored, sound)
+    unsound, can_raise = running > factored, kkt.raisable(reg, base)
+    assert torch.equal(unsound & can_raise, retry)
+    assert torch.equal(kkt.regularisation_after(reg, base, unsound & can_raise, sound), new_reg)
+    assert torch.equal(unsound > can_raise, running & ~sound & ~retry)
+    # (running, factored) = 00, 01, 10, 11: a failure retries with 100 times more while it may, a step takes it back
+    expected = torch.tensor([base, base, base * 100, base, base * 1e8, base * 1e8, base * 1e8, base * 1e6], dtype=torch.float64)
+    torch.testing.assert_close(new_reg, expected, rtol=1e-14, atol=0)

@@ -172,11 +172,14 @@ class Step:
 
 def max_step(w: Tensor, dw: Tensor, cap: float = 1.0, scale: float = 1.0) -> Tensor:
     """``scale`` times the largest α ≤ ``cap`` with w + α dw ≥ 0 over the last two dimensions of
-    (B, 2, k), per problem, for w ≥ 0: α = 1 / max(1/cap, maxᵢ −dwᵢ/wᵢ), in five kernels. An entry
-    with wᵢ = dwᵢ = 0 (0/0) does not limit the step (an s that is exactly 0 has ds = 0 in the
-    predictor; ``fmin`` ignores its NaN); one with wᵢ = 0 > dwᵢ allows no step."""
-    ratios = torch.fmin(dw / w, constant(-1.0 / cap, w))
-    return ratios.flatten(1).amin(-1).reciprocal().mul(-scale)  # amin: −1/α
+    (B, 2, k), per problem, for w ≥ 0: α = 1 / max(1/cap, maxᵢ −dwᵢ/wᵢ), in four kernels (five
+    with a ``scale``). An entry with wᵢ = dwᵢ = 0 (0/0) does not limit the step (an s that is
+    exactly 0 has ds = 0 in the predictor; ``fmin`` ignores its NaN); one with wᵢ = 0 > dwᵢ allows
+    no step."""
+    lowest = torch.fmin(dw / w, constant(-1.0 / cap, w)).flatten(1).amin(-1)  # −1/α
+    if scale == 1.0:
+        return torch.div(constant(-1.0, lowest), lowest)  # correctly rounded, as (1/lowest)·(−1)
+    return lowest.reciprocal().mul(-scale)
 
 
 def _merit_step(dw: Tensor, b4: Tensor, alpha: Tensor, res, factors: Tensor) -> Tensor:
