@@ -275,7 +275,8 @@ def newton_iteration(data: QPData, units: Units, st: State, res: Residuals, sett
 def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: float) -> tuple[Tensor, Tensor]:
     """Whether the step is negligible (α < ``_NEGLIGIBLE_STEP``), whether the direction looks like
     a primal (Farkas) or a dual infeasibility certificate, as (B, 3) (the order of
-    ``State.counters``), and whether it is finite (B,).
+    ``State.counters``); and whether the step is sound (B,): the problem runs, its factorisation
+    succeeded and the step is finite.
 
     Primal infeasibility (dν, dλ): ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ < −ε‖dy‖, dλ ≥ −ε‖dy‖,
     and ‖dy‖ > 64 ε₆₄ ‖y‖ (``_ROUNDING``): where the duals have converged, a step dy at their
@@ -321,16 +322,18 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
                       (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (slopes[1], minus_eps_x),
                       (far_slope, minus_eps_x), (res.limit[:, 1], res.measured[:, 1])]
     farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
+
     def const(value: float) -> Tensor:
         return constant(value, nx).expand_as(nx)
 
     stall_rows = [(step.alpha, const(_NEGLIGIBLE_STEP))] * len(farkas_rows)
-    total = dv.sum(-1)  # NaN or ±inf if any part of the direction is
-    finite_rows = [(const(-torch.inf), total), (total, const(torch.inf)), (const(-torch.inf), step.alpha),
-                   (step.alpha, const(torch.inf))] * (len(farkas_rows) // 2)
-    finite_rows = finite_rows[: len(farkas_rows)]
-    # every test strict: ‖·‖ < ε·size also says size > 0; all four families in one comparison
-    lower, upper = (torch.stack(side) for side in zip(*stall_rows, *farkas_rows, *recession_rows, *finite_rows))
+    total = dv.sum(-1)  # NaN or ±inf if any part of the direction is (α is finite: max_step ignores NaN)
+    # the status (an integer) is RUNNING, the factorisation succeeded (bool), the direction and α are finite
+    sound_rows = [(const(RUNNING - 0.5), st.status), (st.status, const(RUNNING + 0.5)), (const(0.5), step.factor_ok),
+                  (const(-torch.inf), total), (total, const(torch.inf)), (step.alpha, const(torch.inf))]
+    # every test strict: ‖·‖ < ε·size also says size > 0; all four families in one comparison (stack promotes
+    # the status and the flags to floats exactly)
+    lower, upper = (torch.stack(side) for side in zip(*stall_rows, *farkas_rows, *recession_rows, *sound_rows))
     passed = (lower < upper).unflatten(0, (4, -1)).all(1)
     return passed[:3].T, passed[3]
 
@@ -356,9 +359,8 @@ def assess(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSet
     (``kkt.next_regularisation``); once that has happened ``MAX_FACTOR_RETRIES`` times in a row it
     is a numerical failure. (The host may then switch it to the stiff split: ``_switch_stiff``.)"""
     running = st.status == RUNNING
-    events, finite = _certificates(data, st, res, step, settings.infeasibility_tol)
-    factored = step.factor_ok & finite  # a factor with NaN gives a NaN step
-    sound, unsound, can_raise = running & factored, running > factored, raisable(st.reg, settings.reg)
+    events, sound = _certificates(data, st, res, step, settings.infeasibility_tol)  # sound: running, factored, finite
+    unsound, can_raise = running > sound, raisable(st.reg, settings.reg)  # a factor with NaN gives a NaN step
     retry, gave_up = unsound & can_raise, unsound > can_raise  # as kkt.next_regularisation
     reg = regularisation_after(st.reg, settings.reg, retry, sound)
     v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
@@ -451,8 +453,14 @@ def _accept_accurate_gaps(data: QPData, units: Units, st: State, res: Residuals,
     return replace(res, measured=torch.stack([measured[:, 0], measured[:, 1], torch.where(passed, gap, measured[:, 2])], -1))
 
 
+# RUNNING is the one status below SOLVED, so that raising a status to at least SOLVED marks a running
+# problem solved and leaves a finished one as it is.
+assert RUNNING < int(QPStatus.SOLVED) == min(int(s) for s in QPStatus)
+
+
 def _mark_converged(st: State, res: Residuals) -> State:
-    return replace(st, status=st.status.masked_fill((st.status == RUNNING) & res.converged, int(QPStatus.SOLVED)))
+    """Running problems that pass the convergence test are solved (two kernels)."""
+    return replace(st, status=torch.where(res.converged, st.status.clamp(min=int(QPStatus.SOLVED)), st.status))
 
 
 def start(data: QPData, units: Units, settings: IPMSettings,
