@@ -57,6 +57,8 @@ class Outcome:
     gap: float
     seconds: float
     solved: bool
+    reported_gap: float = math.nan
+    exact_gap: float = math.nan
 
 
 def load(path: Path) -> MarosMeszarosQP:
@@ -111,6 +113,32 @@ def residuals(qp: MarosMeszarosQP, x: np.ndarray, y: np.ndarray) -> tuple[float,
     return float(primal), dual, float(gap)
 
 
+_SPLITTER = 134217729.0  # Veltkamp's constant for float64, 2**27 + 1
+
+
+def _two_product(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """a * b = p + e exactly (Dekker), elementwise."""
+    p = a * b
+    t, u = a * _SPLITTER, b * _SPLITTER
+    a_hi, b_hi = t - (t - a), u - (u - b)
+    a_lo, b_lo = a - a_hi, b - b_hi
+    return p, a_lo * b_lo - (((p - a_hi * b_hi) - a_lo * b_hi) - a_hi * b_lo)
+
+
+def exact_gap(data: dict, z: np.ndarray, lam: np.ndarray, nu: np.ndarray) -> float:
+    """The solver's own gap |zᵀQz + pᵀz + hᵀλ + bᵀν| (``QPSolution.gap``) at the returned point, in
+    exact arithmetic (error-free products, ``math.fsum``) and rounded once: what the reported gap
+    claims to measure."""
+    Q, p = data["Q"].numpy(), data["p"].numpy()
+    hi, lo = _two_product(z[:, None], Q)  # z_i Q_ij = hi + lo
+    parts = [*_two_product(hi, z[None, :]), *_two_product(lo, z[None, :])]
+    parts += list(_two_product(p, z))
+    for key, y in (("h", lam), ("b", nu)):
+        if data[key] is not None:
+            parts += list(_two_product(data[key].numpy(), y))
+    return abs(math.fsum(np.concatenate([part.ravel() for part in parts]).tolist()))
+
+
 def solve_one(path: Path, tol: float, max_iter: int, layer: str = "qp") -> Outcome:
     """One problem through ``solve_qp`` (layer "qp") or as a cone program through ``solve_qp_cone``
     ("cone-ipm": the batched interior point method with its Clarabel fallback; "cone-clarabel")."""
@@ -130,10 +158,12 @@ def solve_one(path: Path, tol: float, max_iter: int, layer: str = "qp") -> Outco
         lam = sol.lam.numpy() if data["h"] is not None else np.zeros(0)
         nu = sol.nu.numpy() if data["b"] is not None else np.zeros(0)
         primal, dual, gap = residuals(qp, sol.z.numpy(), multipliers(qp, masks, nu, lam))
+        exact = exact_gap(data, sol.z.numpy(), lam, nu)
     else:
-        primal = dual = gap = math.nan
+        primal = dual = gap = exact = math.nan
     solved = status == QPStatus.SOLVED and max(primal, dual, gap) <= tol
-    return Outcome(qp.name, qp.P.shape[0], qp.A.shape[0], status.name.lower(), iterations, primal, dual, gap, seconds, solved)
+    return Outcome(qp.name, qp.P.shape[0], qp.A.shape[0], status.name.lower(), iterations, primal, dual, gap, seconds, solved,
+                   float(sol.gap), exact)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,11 +183,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no .mat files found in {args.data}", file=sys.stderr)
         return 2
     outcomes = []
-    print(f"{'problem':<10} {'n':>5} {'rows':>5} {'status':<18} {'iter':>4} {'primal':>9} {'dual':>9} {'gap':>9} {'time s':>7}  ok")
+    print(f"{'problem':<10} {'n':>5} {'rows':>5} {'status':<18} {'iter':>4} {'primal':>9} {'dual':>9} {'gap':>9} {'time s':>7}  ok  {'own gap':>9} {'exact':>9}")
     for path in paths:
         o = solve_one(path, args.tol, args.max_iter, args.layer)
         outcomes.append(o)
-        print(f"{o.name:<10} {o.n:>5} {o.rows:>5} {o.status:<18} {o.iterations:>4} {o.primal:9.1e} {o.dual:9.1e} {o.gap:9.1e} {o.seconds:7.2f}  {'yes' if o.solved else 'NO'}", flush=True)
+        print(f"{o.name:<10} {o.n:>5} {o.rows:>5} {o.status:<18} {o.iterations:>4} {o.primal:9.1e} {o.dual:9.1e} {o.gap:9.1e} {o.seconds:7.2f}  {'yes' if o.solved else 'NO':>3} {o.reported_gap:9.1e} {o.exact_gap:9.1e}", flush=True)
     solved = sum(o.solved for o in outcomes)
     print(f"\nsolved {solved} of {len(outcomes)} to {args.tol:g}; failed: {', '.join(o.name for o in outcomes if not o.solved) or 'none'}")
     if args.json:

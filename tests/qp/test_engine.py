@@ -21,11 +21,12 @@ from tests.qp.qp_problems import random_qp
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import kernels  # noqa: E402
 
-# Measured 154 and 212 (B = 128, n = 100 gives the same counts; 178 and 236 before the step's
-# constants were cached and its tests shared one stacked comparison); 6 synchronisations (validation,
+# Measured 155 and 213 (B = 128, n = 100 gives the same counts; 178 and 236 before the step's
+# constants were cached and its tests shared one stacked comparison; one kernel since the plain
+# gap's rounding bound comes off its limit, ``ipm._GAP_ROUNDING``); 6 synchronisations (validation,
 # the start's factorisation, the looks after iterations 8, 12 and 16, the final read); a backward
 # of 57 kernels (with the loss's sum and its ones: z.sum().backward()).
-MAX_KERNELS_PER_ITERATION = {0: 154, 5: 212}
+MAX_KERNELS_PER_ITERATION = {0: 155, 5: 213}
 MAX_FORWARD_SYNCS = 6
 MAX_BACKWARD_KERNELS = 57
 

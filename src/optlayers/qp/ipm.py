@@ -132,9 +132,13 @@ class Residuals:
     """Residuals of the scaled problem (B, ·), their largest scaled entry ``scaled`` (B,), and the
     convergence test in the original problem's units: ``measured`` (B, 3) holds the primal
     residual, the dual residual and the gap (infinity norms) as the test measured them, ``limit``
-    (B, 3) their tolerances (tol + rel_tol · size). Everything the test says is read from these
-    two (the properties below), so that a measurement replaced later (``_accept_accurate_gaps``)
-    cannot disagree with the verdict."""
+    (B, 3) the bounds they must meet: their tolerances (tol + rel_tol · size), the gap's less the
+    rounding bound of its plain measurement (``_GAP_ROUNDING`` times ``gap_size``, the largest of
+    its terms, (B,)), so that a plain gap within its limit is within tolerance whatever its
+    rounding. Where that bound reaches the tolerance (rel_tol = 0 and terms of 1e8 or more), only
+    an accurate measurement (``_accept_accurate_gaps``) can pass the gap. Everything the test says is
+    read from ``measured`` and ``limit`` (the properties below), so that a measurement replaced
+    later cannot disagree with the verdict."""
 
     r_d: Tensor
     r_e: Tensor
@@ -143,6 +147,7 @@ class Residuals:
     scaled: Tensor
     measured: Tensor
     limit: Tensor
+    gap_size: Tensor
 
     @property
     def primal(self) -> Tensor:
@@ -200,6 +205,13 @@ def _dots(u: Tensor, vs: list[Tensor]) -> Tensor:
     return _pair_dots(u, torch.stack(vs))
 
 
+# The rounding of the plain gap of ``residuals`` (sums of products whose largest term is T) is
+# taken as at most this times T: 64 ulps of T, for the sums' lengths and the rounding of Qx.
+# Where rel_tol is above it (the defaults: 1e-12 for float64 data), the plain gap can always pass;
+# with rel_tol = 0 and terms of T ≥ tol / this (1e8 at tol = 1e-8), only the accurate gap can.
+_GAP_ROUNDING = 64 * torch.finfo(torch.float64).eps
+
+
 def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> Residuals:
     """KKT residuals and the convergence test, measured in the original problem's units."""
     x, nu, lam, s = st.x, st.nu, st.lam, st.s
@@ -237,7 +249,9 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     tested = torch.stack([primal_norms[0], dual_norms[0], gap, primal_norms[1:].amax(0), dual_norms[1:].amax(0),
                           _inf_norm(terms, 0)], -1).unflatten(-1, (2, 3)) * units.gauge.unsqueeze(-2)
     mu = complementarity / max(k, 1)
-    return Residuals(r_d, r_e, r_i, mu, scaled, tested[:, 0], tested[:, 1].mul(settings.rel_tol).add_(settings.tol))
+    limit = tested[:, 1].mul(settings.rel_tol).add_(settings.tol)
+    limit[:, 2].sub_(tested[:, 1, 2], alpha=_GAP_ROUNDING)  # the plain gap's rounding comes off its limit
+    return Residuals(r_d, r_e, r_i, mu, scaled, tested[:, 0], limit, tested[:, 1, 2])
 
 
 def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> State:
@@ -445,12 +459,16 @@ def accurate_gap(data: QPData, units: Units, st: State) -> Tensor:
 
 def _accept_accurate_gaps(data: QPData, units: Units, st: State, res: Residuals, candidates: Tensor) -> Residuals:
     """``res`` where the ``candidates`` (problems whose primal and dual residuals are within
-    tolerance) pass the convergence test with the gap of ``accurate_gap`` (against the gap's limit
-    that ``residuals`` set): their measured gap replaced by that one, so that they read converged."""
+    tolerance) pass the convergence test with the gap of ``accurate_gap`` against the gap's
+    tolerance (the limit that ``residuals`` set, with the plain measurement's rounding bound given
+    back: ``accurate_gap`` is exact to about ε times the gap): their measured gap and its limit
+    replaced by those, so that they read converged."""
     gap = torch.maximum(accurate_gap(data, units, st), res.mu * max(st.k, 1) * units.cost)
-    passed = candidates & res.met[:, :2].all(-1) & (gap <= res.limit[:, 2])
-    measured = res.measured
-    return replace(res, measured=torch.stack([measured[:, 0], measured[:, 1], torch.where(passed, gap, measured[:, 2])], -1))
+    tolerance = res.limit[:, 2] + _GAP_ROUNDING * res.gap_size
+    passed = candidates & res.met[:, :2].all(-1) & (gap <= tolerance)
+    measured, limit = res.measured, res.limit
+    return replace(res, measured=torch.stack([measured[:, 0], measured[:, 1], torch.where(passed, gap, measured[:, 2])], -1),
+                   limit=torch.stack([limit[:, 0], limit[:, 1], torch.where(passed, tolerance, limit[:, 2])], -1))
 
 
 # RUNNING is the one status below SOLVED, so that raising a status to at least SOLVED marks a running

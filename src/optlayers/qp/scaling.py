@@ -95,6 +95,13 @@ def equilibrate(data: QPData, iterations: int = RUIZ_ITERATIONS) -> tuple[QPData
     return concat([scaled for scaled, _ in parts]), concat([sc for _, sc in parts])
 
 
+def _power_of_two(t: Tensor) -> Tensor:
+    """The nearest powers of two of positive ``t``: scalings by them are exact in floating point, so
+    that the scaled problem is the original one and the solution maps back without rounding (a gap
+    whose terms of 1e8 cancel to 1e-8 is then the returned point's gap, not a perturbed one)."""
+    return torch.exp2(torch.round(torch.log2(t)))
+
+
 def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
     n = data.p.shape[-1]
     absQ, absC = data.Q.abs(), torch.cat([data.A, data.G], dim=-2).abs()
@@ -105,13 +112,14 @@ def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
         col = torch.maximum(_col_max(absQ * d.unsqueeze(-1)), _col_max(absC * ef.unsqueeze(-1))) * d
         rows = _row_max(absC * d.unsqueeze(-2)) * ef
         scales = scales * _inv_sqrt(torch.cat([col, rows], dim=-1))
+    scales = _power_of_two(scales)  # exact scaling: the scaled problem is the original one (see ``_power_of_two``)
     d, e, f = scales.split([n, data.b.shape[-1], data.h.shape[-1]], dim=-1)
     Q = d.unsqueeze(-1) * data.Q * d.unsqueeze(-2)
     A = e.unsqueeze(-1) * data.A * d.unsqueeze(-2)
     G = f.unsqueeze(-1) * data.G * d.unsqueeze(-2)
     p = d * data.p
     cost_norm = torch.maximum(_col_max(Q.abs()).mean(-1), p.abs().amax(-1) if p.shape[-1] else p.new_zeros(p.shape[0]))
-    c = torch.where(cost_norm > 0, 1.0 / cost_norm.clamp(_MIN_NORM, _MAX_NORM), torch.ones_like(cost_norm))
+    c = _power_of_two(torch.where(cost_norm > 0, 1.0 / cost_norm.clamp(_MIN_NORM, _MAX_NORM), torch.ones_like(cost_norm)))
     scaled = QPData(Q=c[:, None, None] * Q, p=c[:, None] * p, A=A, b=e * data.b, G=G, h=f * data.h)
     return scaled, Scaling(d=d, e=e, f=f, c=c)
 
