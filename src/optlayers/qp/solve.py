@@ -37,11 +37,12 @@ class QPSolution:
             gradient — except relaxed ones.
         iterations: (...,) interior point iterations taken.
         primal_residual, dual_residual, gap: (...,) final residuals of the original problem
-            (infinity norms; gap = |zᵀQz + pᵀz + bᵀν + hᵀλ|, at least sᵀλ). A SOLVED element's gap
-            meets the tolerance at the returned point itself: where float64's plain sum of its
-            terms cannot tell (rel_tol = 0 and terms far above tol), it is evaluated with
-            error-free products and sums, and the problem is scaled by powers of two, so that the
-            returned point is the solver's iterate without rounding.
+            (infinity norms; gap = |zᵀQz + pᵀz + bᵀν + hᵀλ|, at least sᵀλ). For float64 data a
+            SOLVED element's gap meets the tolerance at the returned point itself: where float64's
+            plain sum of its terms cannot tell (rel_tol = 0 and terms far above tol), it is
+            evaluated with error-free products and sums, and the problem is scaled by powers of
+            two, so that the returned point is the solver's iterate without rounding. (Float32 data
+            are solved in float64; rounding the point to float32 moves the gap again.)
         relaxed: (...,) bool: elements that were PRIMAL_INFEASIBLE and hold the solution of their
             elastic relaxation (``on_failure="relax"``): its z, the multipliers of Gz ≤ h + t and
             Az = b + u − v, and the slacks h + t − Gz, all differentiable. All False otherwise.
