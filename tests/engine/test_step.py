@@ -157,3 +157,15 @@ def test_constants_are_made_once_per_value_device_and_dtype():
     assert counter.kernel_count == 0
     with pytest.raises(TypeError, match="like must be a Tensor"):
         constant(1.0, 1.0)
+
+
+def test_constants_keep_the_sign_of_zero_and_nan_is_one_constant():
+    """0.0 and −0.0 compare equal, but a cache keyed by ``==`` must not hand one for the other:
+    max_step with an unbounded cap takes −1/cap = −0.0, and after a +0.0 had been cached its
+    unblocked step read −inf. A NaN (never equal to itself) is made once, not once per call."""
+    like = torch.zeros(2, dtype=torch.float64)
+    assert not constant(0.0, like).signbit() and constant(-0.0, like).signbit()
+    assert constant((0.0, -0.0), like).signbit().tolist() == [False, True]
+    w = torch.ones(1, 2, 2, dtype=torch.float64)
+    assert max_step(w, torch.ones_like(w), cap=math.inf).item() == math.inf
+    assert constant(float("nan"), like) is constant(float("nan"), like)

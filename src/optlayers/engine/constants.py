@@ -9,8 +9,17 @@ import torch
 from torch import Tensor
 
 
+def _key(value: float | tuple) -> str | tuple:
+    """``value`` as a cache key that tells what ``==`` does not: 0.0 from −0.0 (−1/cap of an
+    unbounded cap is −0.0), and every NaN the same (a NaN is not equal to itself)."""
+    if isinstance(value, tuple):
+        return tuple(_key(v) for v in value)
+    return float(value).hex()
+
+
 @functools.lru_cache(maxsize=None)
-def _cached(value: float | tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+def _cached(key: str | tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
+    value = tuple(float.fromhex(k) for k in key) if isinstance(key, tuple) else float.fromhex(key)
     with torch.inference_mode(False):  # a normal tensor even when first asked for under inference mode
         return torch.tensor(value, dtype=dtype, device=device)
 
@@ -22,4 +31,4 @@ def constant(value: float | tuple[float, ...], like: Tensor) -> Tensor:
         raise TypeError(f"constant: like must be a Tensor, got {type(like).__name__}")
     if torch.compiler.is_compiling():
         return torch.tensor(value, dtype=like.dtype, device=like.device)
-    return _cached(value, like.device, like.dtype)
+    return _cached(_key(value), like.device, like.dtype)
