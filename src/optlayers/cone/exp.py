@@ -10,11 +10,11 @@ handled by Moreau: proj_K*(v) = v + proj_K(-v).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
 from optlayers.cone.operator import LinearMap
+from optlayers.engine.constants import constant
 
 MAX_BRACKET_DOUBLINGS = 12  # widens an open side of the bracket by up to 2**12; h is scaled, never overflows
 MAX_ROOT_ITERS = 100  # safeguarded Newton on an interval: bisection alone needs < 100 steps in float64
@@ -63,17 +63,9 @@ class _Terms:
         return cls(r, s, t, s + minus_r, minus_r, r + s, minus_t, 2 * minus_t)
 
 
-@functools.lru_cache(maxsize=None)
-def _constant(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``value`` as a 0-dimensional tensor, made once per device and dtype (to be expanded into a
-    stack; a tensor made from a Python number on every call would be a kernel, on a GPU a copy)."""
-    with torch.inference_mode(False):
-        return torch.full((), value, dtype=dtype, device=device)
-
-
 def _scaled_exps(rho: torch.Tensor) -> torch.Tensor:
     """(exp(rho), exp(-rho), 1) (..., 3), each times exp(-|rho|)."""
-    exponents = torch.stack([rho, -rho, _constant(0.0, rho.device, rho.dtype).expand(rho.shape)], -1)
+    exponents = torch.stack([rho, -rho, constant(0.0, rho).expand(rho.shape)], -1)
     return torch.exp(exponents - rho.abs().unsqueeze(-1))
 
 
@@ -134,7 +126,7 @@ def _multisection(w: torch.Tensor, terms: _Terms, lo: torch.Tensor, hi: torch.Te
     negative and a positive stand-in (lo's and hi's signs)."""
     fractions = torch.arange(1, MULTISECTION_POINTS + 1, dtype=w.dtype, device=w.device).unsqueeze(-1)
     fractions = fractions / (MULTISECTION_POINTS + 1)
-    minus_one, one = (_constant(value, w.device, w.dtype).expand(1, w.shape[0]) for value in (-1.0, 1.0))
+    minus_one, one = (constant(value, w).expand(1, w.shape[0]) for value in (-1.0, 1.0))
     for _ in range(MULTISECTION_ROUNDS):  # a fixed number of rounds: no look from the host
         grid = torch.addcmul(lo, hi - lo, fractions)
         signs = torch.cat([minus_one, _h_value(terms, grid), one]) >= 0

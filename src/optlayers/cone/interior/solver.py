@@ -21,7 +21,6 @@ iterations themselves make no host synchronisation.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
@@ -31,6 +30,7 @@ from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.engine import cones as cone_parts
 from optlayers.engine import loop
+from optlayers.engine.constants import constant
 from optlayers.engine.cones.symmetric import all_finite
 from optlayers.engine.step import ConeRows, State, StepRules, newton_step
 from optlayers.host import RUNNING
@@ -230,7 +230,7 @@ def _residuals(program: _Program, st: State, degree: int) -> _Residuals:
     the norms of each residual and its terms stacked, and s^T y, b^T y as one product."""
     x, z, k = st.x, st.m, st.k
     y = torch.cat([st.nu, st.lam, st.y_k], -1)
-    s = torch.cat([_zero(st.v.device, st.v.dtype).expand_as(st.nu), st.s, st.s_k], -1)
+    s = torch.cat([constant(0.0, st.v).expand_as(st.nu), st.s, st.s_k], -1)
     ax, aty = mv(program.A, x), mtv(program.A, y)
     r_p = ax + s - program.b
     if program.quadratic:
@@ -273,21 +273,6 @@ def _start(program: _Program, parts: tuple[cone_parts.Part, ...], degree: int,
     return _converged(st, res, settings), res
 
 
-@functools.lru_cache(maxsize=None)
-def _zero(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """0 as a 0-dimensional tensor, made once per device and dtype (expanded: no kernel per use)."""
-    with torch.inference_mode(False):
-        return torch.zeros((), dtype=dtype, device=device)
-
-
-@functools.lru_cache(maxsize=None)
-def _failure_statuses(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """INACCURATE and NUMERICAL_ERROR as 0-dimensional int64 tensors, made once per device
-    (``torch.where`` with a Python number makes a tensor of it on every call)."""
-    with torch.inference_mode(False):
-        return tuple(torch.tensor(int(status), device=device) for status in (ConeStatus.INACCURATE, ConeStatus.NUMERICAL_ERROR))
-
-
 def _step(program: _Program, st: State, res: _Residuals, parts: tuple[cone_parts.Part, ...], degree: int,
           settings: ConeIPMSettings) -> tuple[State, _Residuals]:
     """The engine's step where an element runs and the step is sound (its factorisation
@@ -302,7 +287,8 @@ def _step(program: _Program, st: State, res: _Residuals, parts: tuple[cone_parts
     running = st.status == RUNNING
     advance = running & ok
     retry, reg = next_regularisation(st.reg, settings.reg, running, step.factor_ok, advance)
-    inaccurate, numerical_error = _failure_statuses(st.status.device)
+    # INACCURATE and NUMERICAL_ERROR as cached 0-d int64 tensors (a Python number in torch.where is a tensor per call)
+    inaccurate, numerical_error = (constant(int(status), st.status) for status in (ConeStatus.INACCURATE, ConeStatus.NUMERICAL_ERROR))
     failed = torch.where(res.error <= settings.inaccurate_tol, inaccurate, numerical_error)
     v = torch.where(advance.unsqueeze(-1), moved, st.v)
     fails = running > (ok | retry)  # running, and neither stepping nor retrying

@@ -27,6 +27,7 @@ import functools
 
 import torch
 
+from optlayers.engine.constants import constant
 from optlayers.engine.cones.symmetric import all_finite, cholesky_or_nan
 from optlayers.host import reads_are_free
 
@@ -94,20 +95,12 @@ def _flat(M: torch.Tensor) -> torch.Tensor:
     return M.reshape(-1, *M.shape[-2:])
 
 
-@functools.lru_cache(maxsize=None)
-def _constant(value: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``value`` as a 0-dimensional tensor, made once per value, device and dtype, to be expanded
-    (``ones_like``, ``zeros_like`` or a Python number in ``torch.where`` fill a tensor on every call)."""
-    with torch.inference_mode(False):
-        return torch.full((), value, dtype=dtype, device=device)
-
-
 def _barrier(y: torch.Tensor) -> _Barrier:
     u, v, w = y.unbind(-1)
     ratio = torch.div(u, w).neg()  # -u / w
     log_ratio = torch.log(ratio)
     psi = torch.addcmul(v - u, u, log_ratio)
-    zero, one = (_constant(value, y.device, y.dtype).expand(u.shape) for value in (0.0, 1.0))
+    zero, one = (constant(value, y).expand(u.shape) for value in (0.0, 1.0))
     inv_psi = psi.reciprocal()
     inv_u, inv_w = torch.stack([u, w]).reciprocal().unbind(0)
     # F = [g~, e~] = [(log_ratio, 1, ratio) / psi, (1, 0, ratio) / sqrt(-u psi)], row by row, in one product
@@ -264,7 +257,7 @@ def _primal_dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor,
     third = b * (torch.linalg.vector_norm(c, dim=-1) / (t.sqrt() * cb)).unsqueeze(-1)
     V = torch.stack([y * sy.rsqrt().unsqueeze(-1), d_z * dd.rsqrt().unsqueeze(-1), third], -2)
     tiny = torch.finfo(s.dtype).eps
-    off_path = torch.addcmul(_constant(-1 - _CENTRAL_TOL, s.device, s.dtype), mu, mu_shadow).squeeze(-1)
+    off_path = torch.addcmul(constant(-1 - _CENTRAL_TOL, s), mu, mu_shadow).squeeze(-1)
     margins = torch.stack([off_path, curvature.squeeze(-1).abs() - tiny,
                            sy, dd, t, cb], -1)
     ok = (margins.amin(-1) > 0) & all_finite(V, (-2, -1))

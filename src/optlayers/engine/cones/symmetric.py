@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from optlayers.cone import psd
+from optlayers.engine.constants import constant
 
 
 def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -28,14 +29,6 @@ def all_finite(x: torch.Tensor, dims: int | tuple[int, ...] = -1, keepdim: bool 
     """Whether all entries of x over ``dims`` are finite: x - x is 0 exactly where x is finite
     and NaN elsewhere (three kernels, where ``isfinite`` and ``all`` take five)."""
     return (x - x).sum(dims, keepdim=keepdim) == 0
-
-
-@functools.lru_cache(maxsize=None)
-def _infinity(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """inf as a 0-dimensional tensor, made once per device and dtype (``torch.where`` with a Python
-    number makes a tensor of it on every call)."""
-    with torch.inference_mode(False):
-        return torch.tensor(torch.inf, dtype=dtype, device=device)
 
 
 def cholesky_or_nan(M: torch.Tensor) -> torch.Tensor:
@@ -121,7 +114,7 @@ def _soc_step_from(x: torch.Tensor, quad: torch.Tensor, dx: torch.Tensor) -> tor
     a_b = (torch.stack([dx, x], -2) @ (dx * j).unsqueeze(-1)).squeeze(-1)  # (..., 2): a, b
     a, half_b = a_b.unbind(-1)
     root = quad / (torch.sqrt(torch.addcmul(half_b * half_b, a, quad, value=-1)) - half_b)
-    return torch.where(root > 0, root, _infinity(root.device, root.dtype))
+    return torch.where(root > 0, root, constant(torch.inf, root))
 
 
 SOC = Jordan(product=_soc_product, divide=_soc_divide, unit=_soc_unit, max_step=_soc_step)
@@ -185,7 +178,7 @@ def _psd_step_from(scale: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     # LAPACK raises on NaN: non-finite entries (of an element whose step is not finite, which fails) as 0
     finite = torch.nan_to_num(inner, nan=0.0, posinf=0.0, neginf=0.0)
     step = torch.linalg.eigvalsh(finite)[..., 0].reciprocal().neg()
-    return torch.where(step > 0, step, _infinity(step.device, step.dtype))
+    return torch.where(step > 0, step, constant(torch.inf, step))
 
 
 PSD = Jordan(product=_psd_product, divide=_psd_divide, unit=_psd_unit, max_step=_psd_step)
