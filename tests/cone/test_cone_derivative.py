@@ -192,8 +192,8 @@ def test_inaccurate_derivative_solve_warns_unless_known_accurate(monkeypatch, bo
 
 def test_derivatives_at_the_refined_w_match_those_at_y_minus_s():
     """The refinement hands the derivatives its last w (whose projection is y) and the exponential
-    cones' roots there; they agree with the derivatives taken at y - s (round-off apart), and the
-    adjoint then makes no look of the root iteration."""
+    cones' roots there; they agree with the derivatives taken at y - s (round-off apart). (That the
+    adjoint then makes no look of the root iteration is pinned by test_cone_kernels' sync bounds.)"""
     import dataclasses
 
     from optlayers.cone import autograd, derivative

@@ -8,7 +8,7 @@ The program is
 with equality rows (A, b), nonnegative rows (G, h) and the rows of the other cones (``ConeRows``,
 described by ``cones.Part``s: second-order, PSD, exponential). The nonnegative rows enter the KKT
 system as its diagonal W⁻¹ = λ/(s + δᵢλ) rows (``qp/kkt.py``: the stiff split and the diagonal
-path apply to them); each other cone's scaling V (VᵀV = (WᵀW)⁻¹, ``engine/cones.py``) is folded
+path apply to them); each other cone's scaling V (VᵀV = (WᵀW)⁻¹, ``engine/cones/``) is folded
 into the H handed to ``kkt.factor_kkt``: H = Q + A_Kᵀ VᵀV A_K. The iterate is one tensor
 v = [x, ν, λ, s, y_K, s_K] (``State``).
 
