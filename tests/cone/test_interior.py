@@ -527,6 +527,15 @@ def test_ipm_recovers_known_solution_all_cones(quadratic):
     check_refined_solution(ALL_CONES, A, b, c, P, x, y, s)
 
 
+def test_ipm_recovers_known_solution_with_scalings_applied_part_by_part(monkeypatch):
+    """Many cones beside few variables apply the scalings part by part (no dense (B, m_K, m_K)
+    block-diagonal matrix, engine.cones.block_diagonal): the same solution."""
+    monkeypatch.setattr(cone_parts, "_DENSE_ROWS_PER_VARIABLE", 0)
+    monkeypatch.setattr(cone_parts, "_DENSE_MAX_ROWS", 0)
+    A, b, c, P, x, y, s = random_program(ALL_CONES, 15, batch=4, quadratic=True, seed=100)
+    check_ipm_solution(ALL_CONES, A, b, c, P, x, y, s, "curved")
+
+
 # The interior point method alone (no refinement, no fallback) on 200 random programs of three
 # exponential (or dual exponential) cones, two zero-cone rows, n = 6 (the generator of
 # benchmarks/cone_fallbacks.py, seed 120): with the primal-dual scaling and the third-order

@@ -169,3 +169,27 @@ def test_constants_keep_the_sign_of_zero_and_nan_is_one_constant():
     w = torch.ones(1, 2, 2, dtype=torch.float64)
     assert max_step(w, torch.ones_like(w), cap=math.inf).item() == math.inf
     assert constant(float("nan"), like) is constant(float("nan"), like)
+
+
+def test_block_diagonal_scalings_dense_only_where_small_and_both_forms_agree():
+    """The cone rows' scalings as one dense matrix where it is small beside V A (m_K ≤ 4 n or
+    ≤ 128 rows), part by part otherwise (a thousand exponential cones would be (B, 3000, 3000));
+    both forms give the same products."""
+    from optlayers.engine import cones as cone_parts
+
+    g = torch.Generator().manual_seed(0)
+    parts = [cone_parts.Part("soc", 0, 3, 4, 1), cone_parts.Part("exp", 12, 50, 3, 3)]  # m_K = 162
+    blocks = [torch.randn(2, p.count, p.size, p.size, dtype=torch.float64, generator=g) for p in parts]
+    v = torch.randn(2, 162, dtype=torch.float64, generator=g)
+    dense = torch.zeros(2, 162, 162, dtype=torch.float64)
+    for M, p in zip(blocks, parts):
+        for c in range(p.count):
+            rows = slice(p.start + c * p.size, p.start + (c + 1) * p.size)
+            dense[:, rows, rows] = M[:, c]
+    small, large = cone_parts.block_diagonal(blocks, parts, n=41), cone_parts.block_diagonal(blocks, parts, n=40)
+    assert small.dense is not None and large.dense is None
+    torch.testing.assert_close(small.dense, dense, rtol=0, atol=0)
+    for transpose in (False, True):
+        want = (dense.mT if transpose else dense) @ v.unsqueeze(-1)
+        for V in (small, large):
+            torch.testing.assert_close(cone_parts.apply_blocks(V, v, transpose), want.squeeze(-1), rtol=1e-13, atol=1e-13)

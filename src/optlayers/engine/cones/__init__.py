@@ -129,24 +129,48 @@ def _times(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return M * X if M.shape[-1] == 1 else M @ X
 
 
-def block_diagonal(mats: list[torch.Tensor], parts: list[Part]) -> torch.Tensor:
-    """The block-diagonal (B, m_K, m_K) matrix of one (B, count, k, k) tensor per part: one copy
-    per part into its diagonal blocks (a view of the part's square as (B, k, k, count)), so that
-    each product with it is one matrix-vector product (per part, the rows of a vector are not one
-    batch and each product copied them first)."""
-    first = mats[0]
+# The cone rows' scalings are applied as one dense block-diagonal (B, m_K, m_K) matrix where that
+# is small beside the scaled rows G = V A_K (B, m_K, n) the step forms anyway: m_K at most this
+# many times n, or at most _DENSE_MAX_ROWS rows. Otherwise (many cones, few variables: a thousand
+# exponential cones would be a (B, 3000, 3000) matrix) they are applied part by part.
+_DENSE_ROWS_PER_VARIABLE = 4
+_DENSE_MAX_ROWS = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockDiagonal:
+    """A block-diagonal (B, m_K, m_K) matrix: one (B, count, k, k) tensor per part (``blocks``), and
+    where it is small enough (see ``_DENSE_ROWS_PER_VARIABLE``) the same as one dense matrix
+    (``dense``), so that each product with it is one matrix-vector product (part by part, the rows
+    of a vector are not one batch and each product copies them first)."""
+
+    blocks: list[torch.Tensor]
+    parts: list[Part]
+    dense: torch.Tensor | None
+
+
+def block_diagonal(mats: list[torch.Tensor], parts: list[Part], n: int) -> BlockDiagonal:
+    """The ``BlockDiagonal`` of one (B, count, k, k) tensor per part, for cone rows over n
+    variables; the dense form by one copy per part into its diagonal blocks (a view of the part's
+    square as (B, k, k, count))."""
     size = parts[-1].stop
+    if size > max(_DENSE_ROWS_PER_VARIABLE * n, _DENSE_MAX_ROWS):
+        return BlockDiagonal(mats, parts, None)
+    first = mats[0]
     full = first.new_zeros(first.shape[0], size, size)
     for M, part in zip(mats, parts):
         square = full[:, part.start:part.stop, part.start:part.stop]
         blocks = square.unflatten(1, (part.count, part.size)).unflatten(-1, (part.count, part.size))
         blocks.diagonal(dim1=1, dim2=3).copy_(M.permute(0, 2, 3, 1))
-    return full
+    return BlockDiagonal(mats, parts, full)
 
 
-def apply_blocks(full: torch.Tensor, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-    """A block-diagonal matrix (B, m_K, m_K) (``block_diagonal``), or its transpose, times v (B, m_K)."""
-    return mtv(full, v) if transpose else mv(full, v)
+def apply_blocks(V: BlockDiagonal, v: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    """The block-diagonal matrix ``V``, or its transpose, times v (B, m_K)."""
+    if V.dense is not None:
+        return mtv(V.dense, v) if transpose else mv(V.dense, v)
+    pieces = [_times(M.mT if transpose else M, piece(v, part).unsqueeze(-1)).squeeze(-1) for M, part in zip(V.blocks, V.parts)]
+    return join(pieces, v.shape[0], v[:, :0])
 
 
 def scaled_rows(A: torch.Tensor, V: list[torch.Tensor], parts: list[Part]) -> torch.Tensor:
