@@ -473,7 +473,9 @@ def _accept_accurate_gaps(data: QPData, units: Units, st: State, res: Residuals,
 
 # RUNNING is the one status below SOLVED, so that raising a status to at least SOLVED marks a running
 # problem solved and leaves a finished one as it is.
-assert RUNNING < int(QPStatus.SOLVED) == min(int(s) for s in QPStatus)
+if not RUNNING < int(QPStatus.SOLVED) == min(int(s) for s in QPStatus):  # checked under python -O too
+    raise ImportError(f"_mark_converged needs RUNNING ({RUNNING}) to be the one status below SOLVED "
+                      f"({int(QPStatus.SOLVED)}), got statuses {sorted(int(s) for s in QPStatus)}")
 
 
 def _mark_converged(st: State, res: Residuals) -> State:
