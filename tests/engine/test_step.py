@@ -159,6 +159,24 @@ def test_constants_are_made_once_per_value_device_and_dtype():
         constant(1.0, 1.0)
 
 
+def test_made_once_keeps_one_normal_tensor_per_arguments():
+    """The cached tables of the cones (``engine.constants.made_once``): made once per arguments,
+    and a normal tensor even when first asked for under inference mode."""
+    from optlayers.engine.constants import made_once
+
+    calls = []
+
+    @made_once
+    def table(k: int, dtype: torch.dtype) -> torch.Tensor:
+        calls.append(k)
+        return torch.arange(k, dtype=dtype)
+
+    with torch.inference_mode():
+        first = table(3, torch.float64)
+    assert not first.is_inference() and first is table(3, torch.float64) and calls == [3]
+    assert table(4, torch.float64).tolist() == [0, 1, 2, 3] and calls == [3, 4]
+
+
 def test_constants_keep_the_sign_of_zero_and_nan_is_one_constant():
     """0.0 and −0.0 compare equal, but a cache keyed by ``==`` must not hand one for the other:
     max_step with an unbounded cap takes −1/cap = −0.0, and after a +0.0 had been cached its

@@ -5,12 +5,12 @@ off-diagonal entries scaled by sqrt(2) so that <vec X, vec Y> = trace(X Y).
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
 from optlayers.cone.operator import LinearMap
+from optlayers.engine.constants import made_once
 
 ZERO_EIG_ULPS = 64  # eigenvalues within 64 ulps of the spectral radius of zero count as zero (on the boundary)
 
@@ -23,14 +23,13 @@ def order(size: int) -> int:
     return d
 
 
-@functools.lru_cache(maxsize=None)
+@made_once
 def _maps(d: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """For matrices of order d: (gather, unscale) taking vec to the d x d entries (each entry's
     position in vec, and 1 or 1/sqrt(2)), and (pick, scale) taking the d x d entries to vec; made
     once per order, device and dtype, so that each conversion is two operations (as normal
     tensors even when first asked for under ``torch.inference_mode``)."""
-    with torch.inference_mode(False):
-        return _make_maps(d, device, dtype)
+    return _make_maps(d, device, dtype)
 
 
 def _make_maps(d: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:

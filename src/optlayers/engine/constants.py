@@ -4,6 +4,7 @@ row) would make a tensor on every call, which on an accelerator is a launch."""
 from __future__ import annotations
 
 import functools
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
@@ -17,11 +18,26 @@ def _key(value: float | tuple) -> str | tuple:
     return float(value).hex()
 
 
-@functools.lru_cache(maxsize=None)
+F = TypeVar("F", bound=Callable)
+
+
+def made_once(make: F) -> F:
+    """``make`` (a function of hashable arguments returning tensors: sizes, device, dtype) called
+    once per arguments and its result kept, made as normal tensors even when first asked for under
+    ``torch.inference_mode`` (an inference tensor kept would fail every later use that records
+    gradients)."""
+    @functools.lru_cache(maxsize=None)
+    @functools.wraps(make)
+    def cached(*args: object) -> object:
+        with torch.inference_mode(False):
+            return make(*args)
+    return cached  # type: ignore[return-value]
+
+
+@made_once
 def _cached(key: str | tuple, device: torch.device, dtype: torch.dtype) -> Tensor:
     value = tuple(float.fromhex(k) for k in key) if isinstance(key, tuple) else float.fromhex(key)
-    with torch.inference_mode(False):  # a normal tensor even when first asked for under inference mode
-        return torch.tensor(value, dtype=dtype, device=device)
+    return torch.tensor(value, dtype=dtype, device=device)
 
 
 def constant(value: float | tuple[float, ...], like: Tensor) -> Tensor:

@@ -11,7 +11,6 @@ cone has none in closed form and is searched, ``exp_step``); and its central poi
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
@@ -19,6 +18,7 @@ from optlayers.cone import exp as exp_module
 from optlayers.cone import nonneg, psd, soc
 from optlayers.engine.cones import exponential, symmetric
 from optlayers.cone.spec import ConeSpec
+from optlayers.engine.constants import made_once
 from optlayers.host import reads_are_free
 from optlayers.linalg import mtv, mv
 
@@ -190,26 +190,24 @@ def _exp_rows(v: torch.Tensor, parts: list[Part]) -> torch.Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -2)
 
 
-@functools.lru_cache(maxsize=None)
+@made_once
 def _trial_factors(backtrack: float, max_backtracks: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The step search's factors _EXP_FINE_FACTOR^k (k < _EXP_FINE_TRIALS), then backtrack^k
     (0 < k < max_backtracks), longest first (K,); made once per setting, device and dtype (as a
     normal tensor even when first asked for under ``torch.inference_mode``)."""
-    with torch.inference_mode(False):
-        factors = [_EXP_FINE_FACTOR ** k for k in range(_EXP_FINE_TRIALS)]
-        factors += [backtrack ** k for k in range(1, max_backtracks)]
-        return torch.tensor(factors, dtype=torch.float64).to(device, dtype)
+    factors = [_EXP_FINE_FACTOR ** k for k in range(_EXP_FINE_TRIALS)]
+    factors += [backtrack ** k for k in range(1, max_backtracks)]
+    return torch.tensor(factors, dtype=torch.float64).to(device, dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@made_once
 def _to_primal_maps(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(4, 3, 3): the identity for s and ds, ``exponential.to_primal``'s matrix (acting on rows)
     for y and dy, so that one batched product maps the four (the map is linear); made once per
     device and dtype (as a normal tensor even under ``torch.inference_mode``)."""
-    with torch.inference_mode(False):
-        eye = torch.eye(3, dtype=torch.float64)
-        to_primal = exponential.to_primal(eye)  # row i: the image of the i-th unit vector
-        return torch.stack([eye, to_primal, eye, to_primal]).to(device, dtype)
+    eye = torch.eye(3, dtype=torch.float64)
+    to_primal = exponential.to_primal(eye)  # row i: the image of the i-th unit vector
+    return torch.stack([eye, to_primal, eye, to_primal]).to(device, dtype)
 
 
 def exp_step(parts: list[Part], s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor,

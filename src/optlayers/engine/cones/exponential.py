@@ -23,11 +23,10 @@ ds + H dy = -s - sigma mu grad f*(y) + eta with
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 
-from optlayers.engine.constants import constant
+from optlayers.engine.constants import constant, made_once
 from optlayers.engine.cones.symmetric import all_finite, cholesky_or_nan
 from optlayers.host import reads_are_free
 
@@ -204,11 +203,10 @@ class ExpScaling:
         return eta.masked_fill(unusable, 0) - torch.addcmul(s, sigma_mu, self.grad)
 
 
-@functools.lru_cache(maxsize=None)
+@made_once
 def _eye(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The 3 x 3 identity, made once per device and dtype."""
-    with torch.inference_mode(False):
-        return torch.eye(3, dtype=dtype, device=device)
+    return torch.eye(3, dtype=dtype, device=device)
 
 
 def _dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, chol: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:

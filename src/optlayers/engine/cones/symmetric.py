@@ -9,13 +9,12 @@ algebra; see Vandenberghe, "The CVXOPT linear and quadratic cone program solvers
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import torch
 
 from optlayers.cone import psd
-from optlayers.engine.constants import constant
+from optlayers.engine.constants import constant, made_once
 
 
 def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -38,17 +37,16 @@ def cholesky_or_nan(M: torch.Tensor) -> torch.Tensor:
     return chol.masked_fill((info != 0)[..., None, None], torch.nan)
 
 
-@functools.lru_cache(maxsize=None)
+@made_once
 def _soc_signs(k: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For second-order cones of k rows: the diagonal j = (1, -1, ..., -1) of J, the unit
     e = (1, 0, ..., 0) and the signs j j^T (k, k); made once per size, device and dtype (as
     normal tensors even when first asked for under ``torch.inference_mode``)."""
-    with torch.inference_mode(False):
-        j = -torch.ones(k, dtype=torch.float64)
-        j[0] = 1
-        e = torch.zeros(k, dtype=torch.float64)
-        e[0] = 1
-        return j.to(device, dtype), e.to(device, dtype), torch.outer(j, j).to(device, dtype)
+    j = -torch.ones(k, dtype=torch.float64)
+    j[0] = 1
+    e = torch.zeros(k, dtype=torch.float64)
+    e[0] = 1
+    return j.to(device, dtype), e.to(device, dtype), torch.outer(j, j).to(device, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,11 +76,10 @@ def _soc_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat([head, torch.addcmul(a[..., :1] * b[..., 1:], b[..., :1], a[..., 1:])], -1)
 
 
-@functools.lru_cache(maxsize=None)
+@made_once
 def _soc_j(k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """J = diag(1, -1, ..., -1) (k, k), made once per size, device and dtype."""
-    with torch.inference_mode(False):
-        return torch.diag(_soc_signs(k, device, dtype)[0])
+    return torch.diag(_soc_signs(k, device, dtype)[0])
 
 
 def _soc_divide(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -126,23 +123,22 @@ def _psd_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return psd.mat_to_vec((product + product.mT) / 2)
 
 
-@functools.lru_cache(maxsize=None)
+@made_once
 def _svec_diagonal(k: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """For PSD cones of k = d(d+1)/2 rows: the positions (d,) of the diagonal entries in svec, the
     (d, k) matrix that takes a diagonal to its svec (ones at those positions), and the (d, k)
     matrix that takes a diagonal l to the sums l_i + l_j of each svec entry's row and column;
     made once per size, device and dtype (as normal tensors even under ``torch.inference_mode``)."""
-    with torch.inference_mode(False):
-        d = psd.order(k)
-        lower = torch.triu_indices(d, d)  # column by column: (row, column) = (lower[1], lower[0])
-        rows, cols = lower[1], lower[0]
-        positions = (rows == cols).nonzero().flatten()
-        to_svec = torch.zeros(d, k, dtype=torch.float64)
-        to_svec[torch.arange(d), positions] = 1
-        sums = torch.zeros(d, k, dtype=torch.float64)
-        sums[rows, torch.arange(k)] += 1
-        sums[cols, torch.arange(k)] += 1
-        return positions.to(device), to_svec.to(device, dtype), sums.to(device, dtype)
+    d = psd.order(k)
+    lower = torch.triu_indices(d, d)  # column by column: (row, column) = (lower[1], lower[0])
+    rows, cols = lower[1], lower[0]
+    positions = (rows == cols).nonzero().flatten()
+    to_svec = torch.zeros(d, k, dtype=torch.float64)
+    to_svec[torch.arange(d), positions] = 1
+    sums = torch.zeros(d, k, dtype=torch.float64)
+    sums[rows, torch.arange(k)] += 1
+    sums[cols, torch.arange(k)] += 1
+    return positions.to(device), to_svec.to(device, dtype), sums.to(device, dtype)
 
 
 def _psd_divide(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
@@ -152,12 +148,11 @@ def _psd_divide(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return 2 * d / (lam[..., positions] @ sums)
 
 
-@functools.lru_cache(maxsize=None)
+@made_once
 def _psd_identity(k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """svec of the identity of order d (k = d(d+1)/2 rows), made once per size, device and dtype
     (as a normal tensor even under ``torch.inference_mode``)."""
-    with torch.inference_mode(False):
-        return psd.mat_to_vec(torch.eye(psd.order(k), dtype=dtype, device=device))
+    return psd.mat_to_vec(torch.eye(psd.order(k), dtype=dtype, device=device))
 
 
 def _psd_unit(v: torch.Tensor) -> torch.Tensor:
@@ -247,13 +242,12 @@ def soc_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     return NTScaling(W, W * (signs / ratio), _mv(W, y), SOC, (point, quad))
 
 
-@functools.lru_cache(maxsize=None)
+@made_once
 def _svec_basis(k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The svec basis matrices E_i of PSD cones of k rows, row by row as vec(E_i) (k, d^2); made
     once per size, device and dtype (as a normal tensor even under ``torch.inference_mode``)."""
-    with torch.inference_mode(False):
-        basis = psd.vec_to_mat(torch.eye(k, dtype=dtype, device=device))
-        return basis.reshape(k, -1).clone()
+    basis = psd.vec_to_mat(torch.eye(k, dtype=dtype, device=device))
+    return basis.reshape(k, -1).clone()
 
 
 def psd_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
