@@ -179,6 +179,9 @@ class ConeProgram(torch.autograd.Function):
         A, _, _, P, settings = inputs
         x, y, s, status, lu, pivots, w = output
         ctx.mark_non_differentiable(status, lu, pivots, w)
+        # the outputs without a cotangent reach backward as None, not as zeros: the factorization's
+        # zero cotangent alone would be a (B, n + m, n + m) tensor written on every backward
+        ctx.set_materialize_grads(False)
         ctx.settings = settings
         ctx.save_for_backward(A, P, x, y, s, status, lu, pivots, w)
         ctx.save_for_forward(A, P, x, y, s, status, lu, pivots, w)
