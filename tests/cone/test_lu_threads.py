@@ -91,8 +91,8 @@ def test_a_suspect_lu_factor_is_repaired_before_it_is_used(monkeypatch, flagged)
     expected = gradient()
     real, calls = linsolve._lu_factor_unchecked, []
 
-    def corrupted(matrices, check=True):
-        lu, pivots, suspect = real(matrices, check)
+    def corrupted(matrices, check=True, overwrite=False):
+        lu, pivots, suspect = real(matrices, check, overwrite)
         lu = lu.clone()
         if flagged:
             lu[1] = torch.nan  # a wrong factor, flagged as suspect
@@ -104,10 +104,10 @@ def test_a_suspect_lu_factor_is_repaired_before_it_is_used(monkeypatch, flagged)
 
     real_lu, single = torch.linalg.lu_factor_ex, []
 
-    def counting(M):
+    def counting(M, **kwargs):
         if M.dim() == 2:
             single.append(1)
-        return real_lu(M)
+        return real_lu(M, **kwargs)
 
     monkeypatch.setattr(linsolve, "_lu_factor_unchecked", corrupted)
     monkeypatch.setattr(torch.linalg, "lu_factor_ex", counting)

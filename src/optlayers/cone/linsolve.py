@@ -73,15 +73,23 @@ def lu_factor(matrices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _refactorise(matrices, lu, pivots, suspect)
 
 
-def _lu_factor_unchecked(matrices: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lu_factor_unchecked(matrices: torch.Tensor, check: bool = True,
+                         overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``lu_factor`` without the host's look: (lu, pivots) and the suspect elements (B,), which
     ``_refactorise`` factorises again. Invalid pivots are replaced by the identity's, so that
     solving with them is safe (and wrong only for the suspect elements). Without ``check`` only
-    the pivots are tested (the caller tests the factors by the residual of its solve)."""
+    the pivots are tested (the caller tests the factors by the residual of its solve). With
+    ``overwrite`` the factors are written over ``matrices`` where they are laid out column by
+    column (LAPACK's layout; else a column-major copy is factorised, as without)."""
     if matrices.dim() != 3 or matrices.shape[-1] != matrices.shape[-2]:
         raise ValueError(f"lu_factor expects (B, N, N) matrices, got {tuple(matrices.shape)}")
-    lu, pivots, _ = torch.linalg.lu_factor_ex(matrices)
     size = matrices.shape[-1]
+    if overwrite and matrices.mT.is_contiguous():
+        pivots = torch.empty(matrices.shape[:-1], dtype=torch.int32, device=matrices.device)
+        info = torch.empty(matrices.shape[:-2], dtype=torch.int32, device=matrices.device)
+        lu, pivots, _ = torch.linalg.lu_factor_ex(matrices, out=(matrices, pivots, info))
+    else:
+        lu, pivots, _ = torch.linalg.lu_factor_ex(matrices)
     rows = torch.arange(1, size + 1, device=pivots.device, dtype=pivots.dtype)
     suspect = ((pivots < rows) | (pivots > size)).any(-1)
     pivots = torch.where(suspect.unsqueeze(-1), rows.unsqueeze(0).expand_as(pivots), pivots)
@@ -127,8 +135,8 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
     apply = M.rmatvec if transpose else M.matvec
     enough = max(tol, SINGULAR_RESIDUAL)
     if factorization is None:
-        matrices = M.dense(rhs.shape[0])
-        lu, pivots, suspect = _lu_factor_unchecked(matrices, check=False)
+        # M's one dense copy is factorised in place: the rare suspect elements are formed again
+        lu, pivots, suspect = _lu_factor_unchecked(M.dense(rhs.shape[0]), check=False, overwrite=True)
         sol = torch.linalg.lu_solve(lu, pivots, rhs.unsqueeze(-1), adjoint=transpose).squeeze(-1)
         residual = relative_residual(apply, sol, rhs)
         small = _small_pivots(lu)
@@ -140,7 +148,9 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
         suspect = suspect | (~(residual <= enough) & ~small)
         singular = ~(residual <= enough) | small
         any_suspect, any_singular = host_read(torch.stack([suspect.any(), singular.any()]))
-        factorization = DenseFactorization(*_refactorise(matrices, lu, pivots, suspect, known_none=not any_suspect))
+        if any_suspect:
+            lu, pivots = _refactorise(M.dense(rhs.shape[0]), lu, pivots, suspect)
+        factorization = DenseFactorization(lu, pivots)
         if any_suspect:  # rare (see lu_factor): solve again with the repaired factors
             sol = factorization.solve(rhs, transpose)
             residual = relative_residual(apply, sol, rhs)
@@ -184,11 +194,15 @@ def _refined(apply, factorization: DenseFactorization, rhs: torch.Tensor, transp
     """Iterative refinement of the solution against ``apply``, preconditioned by ``factorization``;
     whether every residual outside ``skip`` (B,) is known to be <= ``tol``, and whether any element
     is skipped. The first refinement step is always taken (the factorization is of another M, so
-    the plain solve is rarely accurate enough), then the host looks after each."""
+    the plain solve is rarely accurate enough), then the host looks after each. Each step applies
+    M once: the residual rhs - M sol that measures a step is the next step's right-hand side."""
     sol = factorization.solve(rhs, transpose)
+    left = rhs - apply(sol)
+    scale = torch.linalg.vector_norm(rhs, dim=-1).clamp_min(torch.finfo(rhs.dtype).tiny)
     for _ in range(MAX_REFINEMENT_STEPS):
-        sol = sol + factorization.solve(rhs - apply(sol), transpose)
-        residual = relative_residual(apply, sol, rhs)
+        sol = sol + factorization.solve(left, transpose)
+        left = rhs - apply(sol)
+        residual = torch.linalg.vector_norm(left, dim=-1) / scale
         converged, any_skipped = host_read(torch.stack([((residual <= tol) | skip).all(), skip.any()]))
         if converged:
             return sol, residual, True, any_skipped
