@@ -192,7 +192,7 @@ def test_constants_keep_the_sign_of_zero_and_nan_is_one_constant():
 def test_block_diagonal_scalings_dense_only_where_small_and_both_forms_agree():
     """The cone rows' scalings as one dense matrix where it is small beside V A (m_K ≤ 4 n or
     ≤ 128 rows), part by part otherwise (a thousand exponential cones would be (B, 3000, 3000));
-    both forms give the same products."""
+    both forms give the same products (with vectors, and the scaled rows V A)."""
     from optlayers.engine import cones as cone_parts
 
     g = torch.Generator().manual_seed(0)
@@ -211,3 +211,6 @@ def test_block_diagonal_scalings_dense_only_where_small_and_both_forms_agree():
         want = (dense.mT if transpose else dense) @ v.unsqueeze(-1)
         for V in (small, large):
             torch.testing.assert_close(cone_parts.apply_blocks(V, v, transpose), want.squeeze(-1), rtol=1e-13, atol=1e-13)
+    A = torch.randn(2, 162, 5, dtype=torch.float64, generator=g)
+    for V in (small, large):
+        torch.testing.assert_close(cone_parts.scaled_rows(A, V), dense @ A, rtol=1e-13, atol=1e-13)

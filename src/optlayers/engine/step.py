@@ -258,7 +258,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         scalings = [cone_parts.scaling(part, s, y, mu.expand(batch, part.count)) for part, s, y in zip(parts, s_parts, y_parts)]
         blocks = [sc.V for sc in scalings]
         V = cone_parts.block_diagonal(blocks, parts, rows.A.shape[-1])
-        G_k = cone_parts.scaled_rows(rows.A, blocks, parts)
+        G_k = cone_parts.scaled_rows(rows.A, V)
         H = cone_parts.normal_matrix(data.Q, G_k)
     f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
                   diagonal=data.diagonal, check_finite=check_finite)

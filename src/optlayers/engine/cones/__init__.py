@@ -173,9 +173,14 @@ def apply_blocks(V: BlockDiagonal, v: torch.Tensor, transpose: bool = False) -> 
     return join(pieces, v.shape[0], v[:, :0])
 
 
-def scaled_rows(A: torch.Tensor, V: list[torch.Tensor], parts: list[Part]) -> torch.Tensor:
-    """The scaled cone rows G = V A (B, m_K, n) (V block diagonal, one (B, count, k, k) tensor per part)."""
-    return join([_times(v, piece(A, part)) for v, part in zip(V, parts)], A.shape[0], A)
+def scaled_rows(A: torch.Tensor, V: BlockDiagonal) -> torch.Tensor:
+    """The scaled cone rows G = V A (B, m_K, n) for the block-diagonal ``V``: one product with its
+    dense form where it has one (part by part, each part's rows of A are copied into a batch of
+    blocks first and the products joined after: three times the bytes written, for fewer flops),
+    else part by part."""
+    if V.dense is not None:
+        return V.dense @ A
+    return join([_times(v, piece(A, part)) for v, part in zip(V.blocks, V.parts)], A.shape[0], A)
 
 
 def normal_matrix(Q: torch.Tensor | None, G: torch.Tensor) -> torch.Tensor:
