@@ -66,20 +66,24 @@ class ResidualDerivative:
 
         A^T D is one batched product with the dense D (m^2 n flops, less than the (n + m)^3 of
         the factorization that follows; applying D's blocks to A's n columns is 5x slower at
-        m = 96, n = 48). Each block is written once, by the operation that computes it, into
-        one buffer laid out column by column (its transpose is contiguous), the layout in which
-        LAPACK's LU factorises it in place (``linsolve.lu_factor_``).
+        m = 96, n = 48). The blocks are written by the operations that compute them into one
+        buffer laid out column by column (its transpose is contiguous), the layout in which
+        LAPACK's LU factorises it in place (``linsolve.solve_dense``); D is written into the
+        block that then becomes I - D (where D has ``write_dense``), not into a tensor of its own.
         """
         A = self.A.to_dense() if self.A.layout != torch.strided else self.A
         A = A.expand(batch, *A.shape[-2:])
         n, m = self.n, A.shape[-2]
-        d_dense = self.D.dense().expand(batch, m, m)
         P = None if self.P is None else self.P.expand(batch, n, n)
         if index is not None:
-            A, d_dense = A[index], d_dense[index]
-            P = None if P is None else P[index]
+            A, P = A[index], None if P is None else P[index]
         out = A.new_empty(A.shape[0], n + m, n + m).mT  # column-major
         top, bottom = out[:, :n], out[:, n:]
+        if index is None and self.D.write_dense is not None:  # D in the block that becomes I - D below
+            d_dense = self.D.write_dense(bottom[:, :, n:])
+        else:
+            d_dense = self.D.dense().expand(batch, m, m)
+            d_dense = d_dense if index is None else d_dense[index]
         if P is None:
             top[:, :, :n].zero_()
         else:

@@ -11,11 +11,15 @@ Apply = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclasses.dataclass(frozen=True)
 class LinearMap:
-    """Batched linear map v (..., n) -> (..., m); ``dense()`` builds the (..., m, n) matrix on request."""
+    """Batched linear map v (..., n) -> (..., m); ``dense()`` builds the (..., m, n) matrix on request
+    (``write_dense(out)``, where there is one, writes it into ``out``)."""
 
     matvec: Apply
     rmatvec: Apply
     dense: Callable[[], torch.Tensor]
+    # Where given: writes the (..., m, n) matrix into a tensor of that shape (or one its batch
+    # broadcasts to), such as a block of a larger matrix, and returns it (no tensor of its own).
+    write_dense: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 def identity(v: torch.Tensor) -> LinearMap:

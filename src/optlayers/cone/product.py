@@ -6,6 +6,7 @@ import torch
 from optlayers.cone import exp
 from optlayers.cone.operator import LinearMap
 from optlayers.cone.spec import Block, ConeSpec
+from optlayers.engine.constants import made_once
 
 
 def _piece(v: torch.Tensor, block: Block) -> torch.Tensor:
@@ -50,12 +51,20 @@ def derivative(spec: ConeSpec, v: torch.Tensor, dual: bool = False, roots: list 
                 for block, op in zip(blocks, maps)]
         return torch.cat(outs, dim=-1)
 
-    def dense() -> torch.Tensor:
-        out = v.new_zeros(*v.shape, v.shape[-1])
+    def write(out: torch.Tensor) -> torch.Tensor:
         for block, op in zip(blocks, maps):
-            index = (block.start + torch.arange(block.count, device=v.device).unsqueeze(-1) * block.size
-                     + torch.arange(block.size, device=v.device))
+            index = _block_rows(block.start, block.count, block.size, v.device)
             out[..., index.unsqueeze(-1), index.unsqueeze(-2)] = op.dense()
         return out
 
-    return LinearMap(lambda d: apply(d, False), lambda d: apply(d, True), dense)
+    def write_dense(out: torch.Tensor) -> torch.Tensor:
+        return write(out.zero_())
+
+    return LinearMap(lambda d: apply(d, False), lambda d: apply(d, True),
+                     lambda: write(v.new_zeros(*v.shape, v.shape[-1])), write_dense)
+
+
+@made_once
+def _block_rows(start: int, count: int, size: int, device: torch.device) -> torch.Tensor:
+    """The rows (count, size) of a block's cones, made once per block and device."""
+    return start + torch.arange(count * size, device=device).view(count, size)
