@@ -874,3 +874,35 @@ def test_dropping_finished_elements_copies_the_program_once(monkeypatch):
     solver.solve(A, b, c, P, spec)
     assert drops, "no element was dropped: the case is not tested"
     assert sum(copied) == len(drops) * (m * n + m + n + n * n)  # A, b, c, Q
+
+
+def test_a_fallback_keeps_the_refined_w_of_the_other_elements(monkeypatch):
+    """Where one element falls back to Clarabel, the forward still hands the derivatives a w
+    (and exponential roots) for every element: the others' own, the fallback's from its
+    refinement; each w projects onto K* to its y, and the gradients are those of the batch
+    solved without a fallback."""
+    from optlayers.cone import autograd, product
+
+    A, b, c, P, _, _, _ = random_program(ALL_CONES, 15, batch=3, quadratic=True, seed=95)
+    A = A.clone().requires_grad_(True)
+    solve_cone(A, b, c, ALL_CONES, P, solver="ipm").x.sum().backward()
+    expected, A.grad = A.grad, None
+    real = solver.solve
+
+    def one_unsolved(*args, **kwargs):
+        x, y, s, status = real(*args, **kwargs)
+        return x, y, s, torch.where(torch.arange(len(status)) == 1, int(ConeStatus.MAX_ITER), status)
+
+    monkeypatch.setattr(autograd.interior_solver, "solve", one_unsolved)
+    settings = autograd.Settings(ALL_CONES, "ipm", "dense", {}, None, None)
+    x, y, s, status, _, _, packed = autograd.ConeProgram.apply(A.detach(), b, c, P, settings)
+    assert (status == ConeStatus.SOLVED).all() and packed.numel()
+    w, roots = autograd._unpack_w(ALL_CONES, packed)
+    projected, want_roots = product.project_with_roots(ALL_CONES, w, dual=True)
+    torch.testing.assert_close(projected, y, rtol=0, atol=1e-12)
+    for got, want in zip(roots, want_roots):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    solve_cone(A, b, c, ALL_CONES, P, solver="ipm").x.sum().backward()
+    torch.testing.assert_close(A.grad, expected, rtol=1e-6, atol=1e-7)

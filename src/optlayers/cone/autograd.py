@@ -18,7 +18,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from optlayers.cone import backends, derivative, embedding, exp, linsolve, refine
+from optlayers.cone import backends, derivative, embedding, exp, linsolve, product, refine
 from optlayers.cone.interior import solver as interior_solver
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
@@ -131,14 +131,37 @@ def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tenso
     status = status.clone()
     status[index] = sub_status
     factorization = None
-    if point.factorization is not None and sub.factorization is not None:
-        lu, pivots = point.factorization.lu.clone(), point.factorization.pivots.clone()
-        lu[index], pivots[index] = sub.factorization.lu[better], sub.factorization.pivots[better]
-        factorization = linsolve.DenseFactorization(lu, pivots)
-    # the merged elements' w is not known here: the derivatives go back to y - s (fallbacks are rare)
-    point = dataclasses.replace(point, x=merged[0], y=merged[1], s=merged[2], factorization=factorization, w=None,
-                                roots=None)
+    if point.factorization is not None and sub.factorization is not None:  # written over: this forward's own
+        factorization = point.factorization
+        factorization.lu[index], factorization.pivots[index] = sub.factorization.lu[better], sub.factorization.pivots[better]
+    w, roots = _merged_w(settings.spec, point, sub, index, better)
+    point = dataclasses.replace(point, x=merged[0], y=merged[1], s=merged[2], factorization=factorization, w=w,
+                                roots=roots)
     return point, status
+
+
+def _merged_w(spec: ConeSpec, point: derivative.Point, sub: derivative.Point, index: torch.Tensor,
+              better: torch.Tensor) -> tuple[torch.Tensor | None, list | None]:
+    """``point``'s w and exponential roots (``derivative.Point``) with the elements ``index`` taken
+    from ``sub``'s elements ``better``: the fallback's refined w and roots, or where its refinement
+    did not keep them, its y - s and the roots of that projection (solved for those elements
+    alone). None where ``point`` has none (the derivatives then take y - s for every element)."""
+    if point.w is None:
+        return None, None
+    if sub.w is None:
+        sub_w = sub.y - sub.s
+        sub_roots = product.project_with_roots(spec, sub_w, dual=True)[1]
+    else:
+        sub_w, sub_roots = sub.w, sub.roots
+    w = point.w.clone()
+    w[index] = sub_w[better]
+    roots = []
+    for whole, part in zip(point.roots, sub_roots):
+        if whole is not None:
+            whole = whole.clone()
+            whole[index] = part[better]
+        roots.append(whole)
+    return w, roots
 
 
 def _sym(P: torch.Tensor | None) -> torch.Tensor | None:
