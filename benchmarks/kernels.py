@@ -119,15 +119,25 @@ def qp_counts(batch: int, n: int, n_ineq: int, n_eq: int, window: int = 3) -> QP
                     fwd.kernel_count, fwd.sync_count, bwd.kernel_count, bwd.sync_count)
 
 
+def _launches(code: str) -> dict[str, int]:
+    """The fused kernels and library calls that inductor's generated ``code`` launches per call."""
+    import re
+
+    body = code[code.index("def call("):]
+    fused = len(re.findall(r"^\s+cpp_fused_\w+\(", body, re.M)) + len(re.findall(r"\.run\(", body))
+    library = len(re.findall(r"(?:extern_kernels\.\w+|torch\.ops\.aten\.\w+\.\w+)\(", body))  # calls, not checks
+    return {"fused": fused, "library": library, "total": fused + library}
+
+
 def compiled_launches(batch: int, n: int, n_ineq: int, n_eq: int) -> dict[str, int]:
     """Kernel launches of one iteration of the compiled path (``solve_qp(compile=True)``): the
     fused kernels and the library calls (batched products, Cholesky, triangular solves) in the
-    code inductor generates for ``ipm.step``. Compiles once (tens of seconds)."""
-    import re
-
+    code inductor generates for ``ipm.step``; and (``backward_*``) of its first-order backward
+    (``qp.autograd._compiled_vjp``) for the cotangent of z and gradients of all six data.
+    Compiles twice (tens of seconds each)."""
     from torch._inductor.utils import run_and_get_code
 
-    from optlayers.qp import ipm
+    from optlayers.qp import autograd, ipm
     from optlayers.qp.problem import prepare_qp, qp_data
     from optlayers.qp.scaling import equilibrate
 
@@ -138,10 +148,14 @@ def compiled_launches(batch: int, n: int, n_ineq: int, n_eq: int) -> dict[str, i
     state, res = ipm.start(data, units, settings)
     step = torch.compile(ipm.step, fullgraph=True, dynamic=False)
     _, code = run_and_get_code(step, data, units, state, res, settings)
-    body = code[-1][code[-1].index("def call("):]
-    fused = len(re.findall(r"^\s+cpp_fused_\w+\(", body, re.M)) + len(re.findall(r"\.run\(", body))
-    library = len(re.findall(r"(?:extern_kernels\.\w+|torch\.ops\.aten\.\w+\.\w+)\(", body))  # calls, not checks
-    return {"fused": fused, "library": library, "total": fused + library}
+    launches = _launches(code[-1])
+    leaves = [t.clone().requires_grad_(True) for t in flat]
+    with torch.enable_grad():  # the saved tensors of a forward that kept its factor (eager: no compilation)
+        z = autograd.QPSolveFn.apply(*leaves, settings, True, "ignore", (batch,))[0]
+    vjp = torch.compile(autograd._compiled_vjp, fullgraph=True, dynamic=False)
+    _, code = run_and_get_code(vjp, z.grad_fn.saved_tensors, (torch.ones_like(z), None, None, None), (True,) * 6,
+                               settings)
+    return {**launches, **{f"backward_{key}": value for key, value in _launches(code[-1]).items()}}
 
 
 @dataclass(frozen=True)
@@ -205,7 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         result["qp_compiled"] = [compiled_launches(r.batch, r.n, r.n_ineq, r.n_eq) for r in rows]
         for r, launches in zip(rows, result["qp_compiled"]):
             print(f"compiled QP iteration (k = {r.n_ineq}, m = {r.n_eq}): {launches['total']} launches "
-                  f"({launches['fused']} fused kernels, {launches['library']} library calls)")
+                  f"({launches['fused']} fused kernels, {launches['library']} library calls); backward "
+                  f"{launches['backward_total']} ({launches['backward_fused']} fused, {launches['backward_library']} library)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

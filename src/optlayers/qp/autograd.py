@@ -14,7 +14,7 @@ cannot differentiate through a jvp rule, raises (``higher_order.no_forward_over_
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -27,6 +27,7 @@ from optlayers.qp.derivatives import (
     data_cotangent,
     factor_tensors,
     flat_vmap,
+    plain_solution_vjp,
     solution_jvp,
     solution_vjp,
 )
@@ -82,6 +83,9 @@ class _Saved(NamedTuple):
     c: Tensor
 
 
+_FACTOR_AT = 8 + len(_Saved._fields)  # where the factor's tensors begin among the saved ones (``setup_context``)
+
+
 def _rows(mask: Tensor, t: Tensor) -> Tensor:
     return mask.view(-1, *([1] * (t.dim() - 1)))
 
@@ -134,6 +138,48 @@ def _point(ctx: Any) -> tuple[KKTPoint, Scaling, Tensor, torch.dtype]:
     return KKTPoint(Q, A, G, x, nu_s, lam_s, s_s, solved, factor), sc, solved, Qi.dtype
 
 
+def _vjp(pt: KKTPoint, sc: Scaling, solved: Tensor, dtype: torch.dtype, grads: tuple[Tensor | None, ...],
+         needs: tuple[bool, ...], settings: IPMSettings, adjoint: Callable[..., tuple[Tensor, Tensor, Tensor]]
+         ) -> tuple[Tensor | None, ...]:
+    """The data's cotangents (Q, p, G, h, A, b; None where ``needs`` is False) from the cotangents
+    ``grads`` of (z, ν, λ, s) (None: zero), at the point of ``_point``; ``adjoint`` solves for the
+    adjoint (``solution_vjp``, or ``plain_solution_vjp`` in a compiled first-order backward)."""
+    # a failed element's cotangent may be anything (NaN): the solve gives it a zero adjoint
+    g = scale_solution_cotangent(sc, *(None if t is None else t.to(COMPUTE_DTYPE) for t in grads))
+    w = adjoint(pt, *g, settings)
+    # The data's cotangent is formed in the original problem from the adjoint and the solution
+    # mapped back, so that vectors are scaled rather than matrices; and only the factors of
+    # the cotangents wanted. The solution's failed elements are zeroed (times w = 0 there).
+    Q, p, G, h, A, b = needs
+    primal = Q or G or A
+    wx, wnu, wlam = unscale_adjoint(sc, *(t if need else None for t, need in zip(w, (primal or p, A or b, G or h))))
+    failed = ~solved.unsqueeze(-1) if primal else None
+    x, nu, lam, _ = (None if t is None else t.masked_fill_(failed, 0.0) for t in unscale_solution(
+        sc, pt.x if primal else None, pt.nu if A else None, pt.lam if G else None, None))
+    ct = data_cotangent(needs, wx=wx, wnu=wnu, wlam=wlam, x=x, nu=nu, lam=lam)
+    return tuple(None if t is None else t.to(dtype) for t in ct)
+
+
+def _first_order(saved: tuple[Tensor, ...]) -> bool:
+    """Whether a backward with these saved tensors (``setup_context``'s) is a first-order one at a
+    factorised point: the factor was saved, no graph is recorded (``_differentiated``) and no
+    ``torch.func`` transform is active. Then ``_compiled_vjp`` may run it."""
+    return (len(saved) > _FACTOR_AT and not torch._C._are_functorch_transforms_active()
+            and not _differentiated(saved[:7]))
+
+
+def _compiled_vjp(saved: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: tuple[bool, ...],
+                  settings: IPMSettings) -> tuple[Tensor | None, ...]:
+    """A first-order backward (``_first_order``) as one function of plain tensors, to compile:
+    ``_vjp`` at ``_point``'s raw point, its adjoint solved by ``plain_solution_vjp`` (the solve
+    that ``KKTSolve`` runs)."""
+    Qi, _, _, _, _, _, _, status, *rest = saved
+    sv = _Saved(*rest[: len(_Saved._fields)])
+    solved = status == int(QPStatus.SOLVED)
+    pt = KKTPoint(sv.Q, sv.A, sv.G, sv.x, sv.nu, sv.lam, sv.s, solved, tuple(rest[len(_Saved._fields):]))
+    return _vjp(pt, Scaling(sv.d, sv.e, sv.f, sv.c), solved, Qi.dtype, grads, needs, settings, plain_solution_vjp)
+
+
 class QPSolveFn(torch.autograd.Function):
     """(Q, p, G, h, A, b, settings, keep_factor, on_failure, batch_shape) -> (z, λ, ν, s, status,
     iterations, residuals..., saved...). The failure policy is applied here, on plain tensors, so
@@ -171,21 +217,14 @@ class QPSolveFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gz: Tensor | None, glam: Tensor | None, gnu: Tensor | None, gs: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        pt, sc, solved, dtype = _point(ctx)
-        # a failed element's cotangent may be anything (NaN): the solve gives it a zero adjoint
-        g = scale_solution_cotangent(sc, *(None if t is None else t.to(COMPUTE_DTYPE) for t in (gz, gnu, glam, gs)))
-        w = solution_vjp(pt, *g, ctx.settings)
-        # The data's cotangent is formed in the original problem from the adjoint and the solution
-        # mapped back, so that vectors are scaled rather than matrices; and only the factors of
-        # the cotangents wanted. The solution's failed elements are zeroed (times w = 0 there).
-        needs = Q, p, G, h, A, b = ctx.needs_input_grad[:6]
-        primal = Q or G or A
-        wx, wnu, wlam = unscale_adjoint(sc, *(t if need else None for t, need in zip(w, (primal or p, A or b, G or h))))
-        failed = ~solved.unsqueeze(-1) if primal else None
-        x, nu, lam, _ = (None if t is None else t.masked_fill_(failed, 0.0) for t in unscale_solution(
-            sc, pt.x if primal else None, pt.nu if A else None, pt.lam if G else None, None))
-        ct = data_cotangent(needs, wx=wx, wnu=wnu, wlam=wlam, x=x, nu=nu, lam=lam)
-        return (*(None if t is None else t.to(dtype) for t in ct), None, None, None, None)
+        needs, grads = tuple(ctx.needs_input_grad[:6]), (gz, gnu, glam, gs)
+        saved = ctx.saved_tensors
+        if ctx.settings.compiled and _first_order(saved):
+            ct = compiled(_compiled_vjp, saved[0].device.type)(saved, grads, needs, ctx.settings)
+        else:
+            pt, sc, solved, dtype = _point(ctx)
+            ct = _vjp(pt, sc, solved, dtype, grads, needs, ctx.settings, solution_vjp)
+        return (*ct, None, None, None, None)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:

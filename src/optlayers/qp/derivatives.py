@@ -71,7 +71,11 @@ def _outer(u: Tensor, v: Tensor) -> Tensor:
 
 
 def _outer_sum(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor, scale: float = 1.0) -> Tensor:
-    """scale·(u1 v1ᵀ + u2 v2ᵀ) for (B, r) u's and (B, c) v's, in two kernels."""
+    """scale·(u1 v1ᵀ + u2 v2ᵀ) for (B, r) u's and (B, c) v's, in two kernels; under compilation
+    elementwise, which inductor fuses with the operations around it (a batched product would be
+    a library call of its own)."""
+    if torch.compiler.is_compiling():
+        return scale * (_outer(u1, v1) + _outer(u2, v2))
     return torch.baddbmm(_outer(u1, v1), u2.unsqueeze(-1), v2.unsqueeze(-2), beta=scale, alpha=scale)
 
 
@@ -227,6 +231,16 @@ def solution_vjp(pt: KKTPoint, gx: Tensor | None, gnu: Tensor | None, glam: Tens
     cotangent given as None is zero. ``data_cotangent`` turns it into the data's cotangent (w's
     last block does not enter there)."""
     return KKTSolve.apply(True, settings, pt.Q, pt.A, pt.G, pt.lam, pt.s, pt.ok, gx, gnu, glam, gs, *pt.factor)[:3]
+
+
+def plain_solution_vjp(pt: KKTPoint, gx: Tensor | None, gnu: Tensor | None, glam: Tensor | None, gs: Tensor | None,
+                       settings: IPMSettings) -> tuple[Tensor, Tensor, Tensor]:
+    """``solution_vjp``'s value at a point whose factor is given, by the same solve without
+    ``KKTSolve``: plain tensor operations, not differentiable, for a first-order backward traced
+    whole for compilation (``autograd.QPSolveFn.backward`` with ``compile=True``)."""
+    f = _factor_from(pt.factor, pt.A.shape[-2])
+    wx, wnu, wlam = _masked(pt.ok, _solve(f, pt.lam, pt.s, (gx, gnu, glam, gs), True, settings.derivative_refine_steps))
+    return wx, wnu, wlam
 
 
 def data_cotangent(needs: Sequence[bool], wx: Tensor | None = None, wnu: Tensor | None = None,

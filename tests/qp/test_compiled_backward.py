@@ -1,0 +1,103 @@
+"""The compiled first-order backward (``compile=True``: ``qp.autograd._compiled_vjp``): the eager
+backward's gradients for every datum, failed elements included; higher-order derivatives keep the
+eager rules. Traced by dynamo's eager backend (no inductor compilation: fast), except the slow
+test, which compiles with inductor."""
+import pytest
+import torch
+
+from optlayers import solve_qp
+from optlayers.qp import autograd
+from optlayers.status import Status
+from tests.qp.qp_problems import random_qp
+
+
+def _calls(monkeypatch) -> list[int]:
+    """Counts the compiled backward's calls (the wrapper is traced like the function)."""
+    calls: list[int] = []
+    real = autograd._compiled_vjp
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(autograd, "_compiled_vjp", counted)
+    return calls
+
+
+def _gradients(data: dict, max_iter: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Statuses and the gradients of every datum given of a loss on z, λ, ν and s, with ``compile=True``."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in data.items() if v is not None}
+    sol = solve_qp(**leaves, compile=True, max_iter=max_iter, on_failure="ignore", failed_value=0.0)
+    loss = (sol.z ** 2).sum() + (sol.lam * torch.arange(sol.lam.shape[-1])).sum() + sol.nu.sum() + sol.s.pow(2).sum()
+    return sol.status, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
+
+
+def _eager_rule(monkeypatch) -> None:
+    monkeypatch.setattr(autograd, "_first_order", lambda saved: False)
+
+
+def _compare(data: dict, max_iter: int | None, monkeypatch, rtol: float) -> torch.Tensor:
+    calls = _calls(monkeypatch)
+    status, compiled_grads = _gradients(data, max_iter)
+    assert calls, "the compiled backward did not run"
+    with monkeypatch.context() as patch:
+        _eager_rule(patch)
+        eager_status, eager_grads = _gradients(data, max_iter)
+    assert torch.equal(status, eager_status)
+    assert set(compiled_grads) == {"Q", "p", "G", "h", *(("A", "b") if data["A"] is not None else ())}
+    for name, got in compiled_grads.items():
+        want = eager_grads[name]
+        assert torch.isfinite(got).all(), name
+        torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()), msg=name)
+    return status
+
+
+def _with_infeasible_element(data: dict) -> dict:
+    """``data`` whose element 0 is primal infeasible: g z ≤ −1 and −g z ≤ −1."""
+    G, h = data["G"].clone(), data["h"].clone()
+    G[0, 1] = -G[0, 0]
+    h[0, :2] = -1.0
+    return {**data, "G": G, "h": h}
+
+
+@pytest.mark.parametrize("m, failed", [(0, False), (2, True)])
+def test_compiled_backward_gives_the_eager_gradients(eager_backend, monkeypatch, m, failed):
+    data = random_qp((4,), 6, 8, m, active=True)
+    status = _compare(_with_infeasible_element(data) if failed else data, None, monkeypatch, 1e-12)
+    assert (status != Status.SOLVED).any() == failed and (status == Status.SOLVED).any()
+
+
+def test_higher_order_derivatives_keep_the_eager_rules(eager_backend, monkeypatch):
+    """A backward that records a graph (create_graph) runs the differentiable rules, not the
+    compiled one; the backward of that graph, first-order again where it reaches the solve's
+    outputs, may run it. The second derivative is the eager path's."""
+    data = random_qp((3,), 5, 6, 2, active=True)
+    calls = _calls(monkeypatch)
+    hessians = []
+    for compile in (False, True):
+        p = data["p"].clone().requires_grad_(True)
+        sol = solve_qp(data["Q"], p, data["G"], data["h"], data["A"], data["b"], compile=compile)
+        (grad,) = torch.autograd.grad((sol.z ** 3).sum(), p, create_graph=True)
+        assert not calls
+        hessians.append((grad, torch.autograd.grad((grad * torch.linspace(1, 2, 5)).sum(), p)[0]))
+    (grad, hessian), (grad_compiled, hessian_compiled) = hessians
+    torch.testing.assert_close(grad_compiled, grad, rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(hessian_compiled, hessian, rtol=1e-8, atol=1e-9)
+
+
+def test_compile_false_never_runs_the_compiled_backward(monkeypatch):
+    calls = _calls(monkeypatch)
+    data = random_qp((2,), 4, 4, 1)
+    p = data.pop("p").requires_grad_(True)
+    solve_qp(p=p, **data).z.sum().backward()
+    assert not calls and p.grad is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("m", [0, 2])
+def test_inductor_compiled_backward_gives_the_eager_gradients(monkeypatch, m):
+    """With inductor (compiles; tens of seconds): the fused kernels give the eager backward's
+    gradients to 1e-12, a failed element's zero included."""
+    data = random_qp((4,), 6, 8, m, active=True)
+    status = _compare(_with_infeasible_element(data) if m else data, None, monkeypatch, 1e-12)
+    assert (status != Status.SOLVED).any() == bool(m)
