@@ -35,6 +35,17 @@ def test_bad_data(change, error, pattern):
         solve_qp(**{**good(), **change()})
 
 
+@pytest.mark.parametrize("change, pattern", [
+    (lambda: dict(Q=torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])), r"Q must be symmetric"),
+    (lambda: dict(p=torch.tensor([1.0, float("nan"), 0.0])), r"p contains NaN or Inf"),
+    (lambda: dict(b=torch.tensor([float("inf")])), r"b contains NaN or Inf"),
+])
+def test_compiled_path_checks_values_alike(eager_backend, change, pattern):
+    """compile=True tests the values in its compiled scaling call, then names the culprit alike."""
+    with pytest.raises(ValueError, match=pattern):
+        solve_qp(**{**good(), **change()}, compile=True)
+
+
 BAD_QP_OPTIONS = [
     (dict(tol=-1.0), r"tol must be a finite number >= 0 or None, got -1.0"),
     (dict(tol=float("nan")), r"tol must be a finite number >= 0 or None, got nan"),

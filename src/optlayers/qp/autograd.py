@@ -13,6 +13,8 @@ cannot differentiate through a jvp rule, raises (``higher_order.no_forward_over_
 """
 from __future__ import annotations
 
+import inspect
+import math
 from dataclasses import replace
 from typing import Any, Callable, NamedTuple
 
@@ -36,7 +38,7 @@ from optlayers.host import host_read, reads_are_free
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
 from optlayers.qp.kkt import diagonal_h
 from optlayers.qp.parallel import solve_scaled_parallel
-from optlayers.qp.problem import check_values, qp_data
+from optlayers.qp.problem import check_values, qp_data, values_pass
 from optlayers.qp.scaling import (
     QPData,
     Scaling,
@@ -46,7 +48,7 @@ from optlayers.qp.scaling import (
     unscale_adjoint,
     unscale_solution,
 )
-from optlayers.qp.status import QPStatus, apply_failure_policy
+from optlayers.qp.status import FailurePolicy, QPStatus, apply_failure_policy
 
 _N_PUBLIC = 9  # z, lam, nu, s, status, iterations, primal, dual, gap
 # From this many variables on, a batch whose H = Q + GᵀWG is diagonal (diagonal Q, bounds such as
@@ -55,6 +57,17 @@ _N_PUBLIC = 9  # z, lam, nu, s, status, iterations, primal, dual, gap
 # synchronisation, so it is made only where the dense factorisation it may save is large.
 DIAGONAL_MIN_N = 32
 DIAGONAL_MIN_N_ACCELERATOR = 256
+
+
+def _scaling(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> tuple[QPData, Scaling]:
+    """The flat data in ``COMPUTE_DTYPE``, Q symmetrised, equilibrated: the scaled problem and its scaling."""
+    return equilibrate(qp_data(*(t.to(COMPUTE_DTYPE) for t in (Q, p, G, h, A, b))))
+
+
+def _checked_scaling(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> tuple[QPData, Scaling, Tensor]:
+    """``_scaling`` and ``values_pass`` in one function to compile: the data's value checks and
+    their scaling in one call (the scaling of data that fail the checks is discarded)."""
+    return (*_scaling(Q, p, G, h, A, b), values_pass(Q, p, G, h, A, b))
 
 
 def _with_structure(data: QPData) -> QPData:
@@ -92,6 +105,11 @@ def _rows(mask: Tensor, t: Tensor) -> Tensor:
 
 def _keep_solved(mask: Tensor, t: Tensor, fill: float) -> Tensor:
     return torch.where(_rows(mask, t), t, fill)
+
+
+def _fill(on_failure: str | FailurePolicy) -> float:
+    """What failed elements hold: the policy's fill (NaN where only an action is given)."""
+    return on_failure.fill if isinstance(on_failure, FailurePolicy) else math.nan
 
 
 def _attach(value: Tensor, t: Tensor) -> Tensor:
@@ -183,21 +201,26 @@ def _compiled_vjp(saved: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], n
 class QPSolveFn(torch.autograd.Function):
     """(Q, p, G, h, A, b, settings, keep_factor, on_failure, batch_shape) -> (z, λ, ν, s, status,
     iterations, residuals..., saved...). The failure policy is applied here, on plain tensors, so
-    that it also holds under ``torch.func`` transforms; ``batch_shape`` names failed elements.
+    that it also holds under ``torch.func`` transforms; failed elements of z, λ, ν, s hold its fill
+    (NaN for an action alone; their tangents too); ``batch_shape`` names failed elements.
     ``keep_factor``: factorise for the derivatives now (gradients are possible) rather than later."""
 
     @staticmethod
     def forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
-                keep_factor: bool, on_failure: str, batch_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
-        check_values(Q, p, G, h, A, b)
+                keep_factor: bool, on_failure: str | FailurePolicy, batch_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
         dtype = p.dtype
-        scale = compiled(equilibrate, p.device.type) if settings.compiled else equilibrate
-        scaled, sc = scale(qp_data(*(t.to(COMPUTE_DTYPE) for t in (Q, p, G, h, A, b))))
+        if settings.compiled:
+            scaled, sc, passed = compiled(_checked_scaling, p.device.type)(Q, p, G, h, A, b)
+            check_values(Q, p, G, h, A, b, passed)
+        else:
+            check_values(Q, p, G, h, A, b)
+            scaled, sc = _scaling(Q, p, G, h, A, b)
         scaled = _with_structure(scaled)
         result = solve_scaled_parallel(scaled, sc, settings, with_factor=keep_factor)
         st, res = result.state, result.residuals
         solved = st.status == int(QPStatus.SOLVED)
-        x, nu, lam, s = (_keep_solved(solved, v, float("nan")).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
+        fill = _fill(on_failure)
+        x, nu, lam, s = (_keep_solved(solved, v, fill).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
         if not result.all_solved:
             apply_failure_policy(st.status.reshape(batch_shape), on_failure)
         saved = _Saved(scaled.Q, scaled.A, scaled.G, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c)
@@ -207,7 +230,7 @@ class QPSolveFn(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        ctx.settings, ctx.n_outputs = inputs[6], len(output)
+        ctx.settings, ctx.fill, ctx.n_outputs = inputs[6], _fill(inputs[8]), len(output)
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs nobody differentiates
         Q, _, G, _, A, _ = inputs[:6]
         saved = (Q, A, G, *output[:5], *output[_N_PUBLIC:])  # data, (z, λ, ν, s, status), _Saved, factor
@@ -246,6 +269,12 @@ class QPSolveFn(torch.autograd.Function):
                    b=tangent(db, pt.nu), G=tangent(dG, pt.G), h=tangent(dh, pt.lam))
         dx, dnu, dlam, ds = solution_jvp(pt, scale_data_tangent(sc, t), ctx.settings)
         point = ctx.saved_tensors[:7]  # the data and solution as saved (not computed here: see no_forward_over_forward)
-        dz, dnu, dlam, ds = (no_forward_over_forward(FORWARD_OVER_FORWARD, _keep_solved(solved, v, float("nan")).to(dtype), *point)
+        dz, dnu, dlam, ds = (no_forward_over_forward(FORWARD_OVER_FORWARD, _keep_solved(solved, v, ctx.fill).to(dtype), *point)
                              for v in unscale_solution(sc, dx, dnu, dlam, ds))
         return (dz, dlam, dnu, ds, *([None] * (ctx.n_outputs - 4)))
+
+
+# ``Function.apply`` binds its arguments to ``forward``'s signature on every call
+# (``inspect.signature``, which builds it anew each time); a signature held by the function is
+# taken as it is.
+QPSolveFn.forward.__signature__ = inspect.signature(QPSolveFn.forward)

@@ -20,6 +20,7 @@ derivative rules are themselves differentiable, to any order (double backward,
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, Callable, Sequence
 
 import torch
@@ -197,6 +198,12 @@ class KKTSolve(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         return flat_vmap(KKTSolve.apply, info.batch_size, in_dims, args)
+
+
+# ``Function.apply`` binds its arguments to ``forward``'s signature on every call
+# (``inspect.signature``, which builds it anew each time); a signature held by the function is
+# taken as it is.
+KKTSolve.forward.__signature__ = inspect.signature(KKTSolve.forward)
 
 
 def solve(transpose: bool, settings: IPMSettings, point: Sequence[Tensor], r: Sequence[Tensor | None],

@@ -76,28 +76,37 @@ def prepare_qp(
     G, h = _check_pair("G", "h", G, h, p, n)
     A, b = _check_pair("A", "b", A, b, p, n)
     parts = {"Q": Q.shape[:-2], "p": p.shape[:-1], "G": G.shape[:-2], "h": h.shape[:-1], "A": A.shape[:-2], "b": b.shape[:-1]}
+    given = {shape for shape in parts.values() if shape}  # () broadcasts to any batch shape
     try:
-        batch = torch.broadcast_shapes(*parts.values())
+        batch = given.pop() if len(given) == 1 else torch.broadcast_shapes(*parts.values())  # one shape: itself
     except RuntimeError:
         listed = ", ".join(f"{k}: {tuple(v)}" for k, v in parts.items())
         raise ValueError(f"the batch dimensions of the QP data do not broadcast together ({listed})") from None
     size = math.prod(batch)
     flat = tuple(
-        t.expand(*batch, *t.shape[t.dim() - tail :]).reshape(size, *t.shape[t.dim() - tail :])
+        t if len(batch) == 1 and t.shape[:-tail] == batch  # already (B, ·)
+        else t.expand(*batch, *t.shape[t.dim() - tail :]).reshape(size, *t.shape[t.dim() - tail :])
         for t, tail in ((Q, 2), (p, 1), (G, 2), (h, 1), (A, 2), (b, 1))
     )
     return flat, batch
 
 
-def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> None:
+def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:
+    """``check_values``'s test as a 0-d bool tensor on the data's device, not read."""
+    sums = torch.stack([t.sum() for t in (Q, p, G, h, A, b)])  # NaN or ±inf exactly where an entry is (or overflow)
+    asym, bound, _ = _asymmetry(Q)
+    return ((sums - sums) == 0).all() & (asym <= bound)
+
+
+def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, passed: Tensor | None = None) -> None:
     """Value checks (finite, Q symmetric); run on plain tensors, inside the solve, so that
     ``torch.func.vmap`` can trace ``prepare_qp``. The data is read by the host once (one
-    synchronisation); only on failure is it read again to name the culprit."""
-    data = {"Q": Q, "p": p, "G": G, "h": h, "A": A, "b": b}
-    sums = torch.stack([t.sum() for t in data.values()])  # NaN or ±inf exactly where an entry is (or overflow)
-    asym, bound, tol = _asymmetry(Q)
-    if bool(((sums - sums) == 0).all() & (asym <= bound)):
+    synchronisation): ``values_pass``, or ``passed`` where the caller computed it; only on failure
+    is it read again to name the culprit."""
+    if bool(values_pass(Q, p, G, h, A, b) if passed is None else passed):
         return
+    data = {"Q": Q, "p": p, "G": G, "h": h, "A": A, "b": b}
+    asym, bound, tol = _asymmetry(Q)
     for name, t in data.items():
         if not bool(torch.isfinite(t).all()):
             raise ValueError(f"{name} contains NaN or Inf; QP data must be finite")

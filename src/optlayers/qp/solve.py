@@ -134,18 +134,17 @@ def solve_prepared(flat: tuple[Tensor, ...], batch: torch.Size, settings: IPMSet
     """``solve_qp`` on data already checked and flattened by ``prepare_qp``."""
     relax = on_failure == "relax"
     policy = FailurePolicy("ignore" if relax else on_failure, failed_value, "QPs")
-    out = _solve_flat(flat, settings, policy, batch)
+    out = _solve_flat(flat, settings, policy, batch)  # failed elements hold failed_value
     z, lam, nu, s, status = out[:5]
-    relaxed = torch.zeros_like(status, dtype=torch.bool)
-    if relax:
+    if relax:  # the relaxed elements' solutions replace failed_value
         z, lam, nu, s, relaxed = _relax(flat, settings, out, relaxation or Relaxation())
         _warn_relaxed(status.reshape(batch), relaxed.reshape(batch), failed_value)
-    if not math.isnan(failed_value):
-        keep = (status == Status.SOLVED) | relaxed
-        z, lam, nu, s = (torch.where(keep.unsqueeze(-1), t, failed_value) for t in (z, lam, nu, s))
-    z, lam, nu, s, status, iterations, primal, dual, gap, relaxed = (
-        t.reshape((*batch, *t.shape[1:])) for t in (z, lam, nu, s, *out[4:9], relaxed))
-    return QPSolution(z, lam, nu, s, status, iterations, primal, dual, gap, relaxed)
+    else:
+        relaxed = torch.zeros_like(status, dtype=torch.bool)
+    outputs = (z, lam, nu, s, *out[4:9], relaxed)
+    if tuple(batch) != tuple(status.shape):  # not already the batch's shape (B,)
+        outputs = tuple(t.reshape((*batch, *t.shape[1:])) for t in outputs)
+    return QPSolution(*outputs)
 
 
 def _solve_flat(flat: tuple[Tensor, ...], settings: IPMSettings, policy: FailurePolicy,
