@@ -24,11 +24,13 @@ def _calls(monkeypatch) -> list[int]:
     return calls
 
 
-def _gradients(data: dict, max_iter: int | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Statuses and the gradients of every datum given of a loss on z, λ, ν and s, with ``compile=True``."""
-    leaves = {k: v.clone().requires_grad_(True) for k, v in data.items() if v is not None}
-    sol = solve_qp(**leaves, compile=True, max_iter=max_iter, on_failure="ignore", failed_value=0.0)
+def _gradients(data: dict, which: tuple[str, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Statuses and the gradients of the data named in ``which`` (those given) of a loss on z, λ,
+    ν and s, with ``compile=True``."""
+    data = {k: v.clone().requires_grad_(k in which) for k, v in data.items() if v is not None}
+    sol = solve_qp(**data, compile=True, on_failure="ignore", failed_value=0.0)
     loss = (sol.z ** 2).sum() + (sol.lam * torch.arange(sol.lam.shape[-1])).sum() + sol.nu.sum() + sol.s.pow(2).sum()
+    leaves = {k: v for k, v in data.items() if v.requires_grad}
     return sol.status, dict(zip(leaves, torch.autograd.grad(loss, list(leaves.values()))))
 
 
@@ -36,15 +38,15 @@ def _eager_rule(monkeypatch) -> None:
     monkeypatch.setattr(autograd, "_first_order", lambda saved: False)
 
 
-def _compare(data: dict, max_iter: int | None, monkeypatch, rtol: float) -> torch.Tensor:
+def _compare(data: dict, monkeypatch, rtol: float, which: tuple[str, ...] = ("Q", "p", "G", "h", "A", "b")) -> torch.Tensor:
     calls = _calls(monkeypatch)
-    status, compiled_grads = _gradients(data, max_iter)
+    status, compiled_grads = _gradients(data, which)
     assert calls, "the compiled backward did not run"
     with monkeypatch.context() as patch:
         _eager_rule(patch)
-        eager_status, eager_grads = _gradients(data, max_iter)
+        eager_status, eager_grads = _gradients(data, which)
     assert torch.equal(status, eager_status)
-    assert set(compiled_grads) == {"Q", "p", "G", "h", *(("A", "b") if data["A"] is not None else ())}
+    assert set(compiled_grads) == {k for k in which if data[k] is not None}
     for name, got in compiled_grads.items():
         want = eager_grads[name]
         assert torch.isfinite(got).all(), name
@@ -63,8 +65,15 @@ def _with_infeasible_element(data: dict) -> dict:
 @pytest.mark.parametrize("m, failed", [(0, False), (2, True)])
 def test_compiled_backward_gives_the_eager_gradients(eager_backend, monkeypatch, m, failed):
     data = random_qp((4,), 6, 8, m, active=True)
-    status = _compare(_with_infeasible_element(data) if failed else data, None, monkeypatch, 1e-12)
+    status = _compare(_with_infeasible_element(data) if failed else data, monkeypatch, 1e-12)
     assert (status != Status.SOLVED).any() == failed and (status == Status.SOLVED).any()
+
+
+def test_compiled_backward_of_float32_data_and_one_datum(eager_backend, monkeypatch):
+    """float32 data (solved and differentiated in float64, the gradient cast back), and the
+    cotangent of p alone (the others not formed)."""
+    data = {k: None if v is None else v.float() for k, v in random_qp((3,), 5, 6, 2, active=True).items()}
+    _compare(data, monkeypatch, 1e-6, which=("p",))
 
 
 def test_higher_order_derivatives_keep_the_eager_rules(eager_backend, monkeypatch):
@@ -99,5 +108,18 @@ def test_inductor_compiled_backward_gives_the_eager_gradients(monkeypatch, m):
     """With inductor (compiles; tens of seconds): the fused kernels give the eager backward's
     gradients to 1e-12, a failed element's zero included."""
     data = random_qp((4,), 6, 8, m, active=True)
-    status = _compare(_with_infeasible_element(data) if m else data, None, monkeypatch, 1e-12)
+    status = _compare(_with_infeasible_element(data) if m else data, monkeypatch, 1e-12)
     assert (status != Status.SOLVED).any() == bool(m)
+
+
+def test_one_compilation_serves_expanded_and_dense_cotangents(eager_backend):
+    """z.sum() hands the backward an expanded cotangent, z.square().sum() a dense one: the
+    compiled backward sees both contiguous, so the second loss compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    data = random_qp((3,), 5, 6, 0)
+    p = data.pop("p").requires_grad_(True)
+    solve_qp(p=p, **data, compile=True).z.sum().backward()
+    graphs = counters["stats"]["unique_graphs"]
+    solve_qp(p=p, **data, compile=True).z.square().sum().backward()
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -243,6 +243,9 @@ class QPSolveFn(torch.autograd.Function):
         needs, grads = tuple(ctx.needs_input_grad[:6]), (gz, gnu, glam, gs)
         saved = ctx.saved_tensors
         if ctx.settings.compiled and _first_order(saved):
+            # contiguous: the compiled function is specialised to its inputs' strides, and a loss's
+            # cotangent may come expanded (z.sum()) or not (z.square().sum()): one compilation for both
+            grads = tuple(None if g is None else g.contiguous() for g in grads)
             ct = compiled(_compiled_vjp, saved[0].device.type)(saved, grads, needs, ctx.settings)
         else:
             pt, sc, solved, dtype = _point(ctx)
