@@ -21,6 +21,7 @@ iterations themselves make no host synchronisation.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -30,7 +31,7 @@ from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.engine import cones as cone_parts
 from optlayers.engine import loop
-from optlayers.engine.constants import constant
+from optlayers.engine.constants import constant, made_once
 from optlayers.engine.cones.symmetric import all_finite
 from optlayers.engine.step import ConeRows, State, StepRules, newton_step
 from optlayers.host import RUNNING
@@ -150,26 +151,43 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
 
 @dataclasses.dataclass(frozen=True)
 class _Program:
-    """The program as the loop carries it: Q (B, n, n) (P, or zeros), c (B, n), and all rows at
-    once, A (B, m, n) and b (B, m), with the dual exponential rows mapped to primal ones, as the
-    residuals read them; the engine's rows are views of them (``split``), so that dropping
-    finished elements from the working batch copies A once. ``zero`` and ``nonneg`` count the
-    zero-cone and nonnegative rows (the first rows, in SCS order); ``quadratic``: the program has
-    a P (without one, Q is zero and not multiplied)."""
+    """The program as the loop carries it: P (B, n, n) or None (no quadratic term), c (B, n), and
+    all rows at once, A (B, m, n) and b (B, m), with the dual exponential rows mapped to primal
+    ones, as the residuals read them; the engine's rows are views of them (``split``), so that
+    dropping finished elements from the working batch copies A once (and no zero P: ``Q`` is
+    one zero matrix read B times). ``zero`` and ``nonneg`` count the zero-cone and nonnegative
+    rows (the first rows, in SCS order)."""
 
-    Q: torch.Tensor
+    P: torch.Tensor | None
     c: torch.Tensor
     A: torch.Tensor
     b: torch.Tensor
     zero: int
     nonneg: int
-    quadratic: bool
+
+    @property
+    def quadratic(self) -> bool:
+        return self.P is not None
+
+    @property
+    def Q(self) -> torch.Tensor:
+        """P, or zeros (B, n, n)."""
+        if self.P is not None:
+            return self.P
+        batch, n = self.c.shape
+        return _zero_matrix(n, self.c.device, self.c.dtype).expand(batch, n, n)
 
     def split(self) -> tuple[QPData, ConeRows]:
         """The engine's form: zero-cone rows as equalities, nonnegative rows as its diagonal rows,
         the others as cone rows."""
         A, b, z, k = self.A, self.b, self.zero, self.zero + self.nonneg
         return QPData(self.Q, self.c, A[:, :z], b[:, :z], A[:, z:k], b[:, z:k]), ConeRows(A[:, k:], b[:, k:])
+
+
+@made_once
+def _zero_matrix(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A (1, n, n) zero matrix, made once per size, device and dtype."""
+    return torch.zeros(1, n, n, device=device, dtype=dtype)
 
 
 def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
@@ -184,9 +202,8 @@ def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
             rows = slice(spec.zero + part.start, spec.zero + part.stop)
             A[:, rows] = (T @ cone_parts.piece(A[:, spec.zero:], part)).reshape(batch, -1, n)
             b[:, rows] = (cone_parts.piece(b[:, spec.zero:], part) @ T.mT).reshape(batch, -1)
-    Q = A.new_zeros(1, n, n).expand(batch, n, n) if P is None else P  # one zero matrix read B times: less traffic
     step_parts = tuple(dataclasses.replace(part, start=part.start - spec.nonneg) for part in parts if part.kind != "nonneg")
-    return _Program(Q, c, A, b, spec.zero, spec.nonneg, P is not None), step_parts
+    return _Program(P, c, A, b, spec.zero, spec.nonneg), step_parts
 
 
 def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: list[cone_parts.Part]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -220,7 +237,7 @@ def _norms(*parts: torch.Tensor) -> torch.Tensor:
     where they are empty."""
     if not parts[0].shape[-1]:
         return parts[0].new_zeros(len(parts), parts[0].shape[0])
-    return torch.stack(parts).abs().amax(-1)
+    return torch.linalg.vector_norm(torch.stack(parts), math.inf, -1)  # one reduction, no |parts| written
 
 
 def _residuals(program: _Program, st: State, degree: int) -> _Residuals:
