@@ -214,3 +214,10 @@ def test_block_diagonal_scalings_dense_only_where_small_and_both_forms_agree():
     A = torch.randn(2, 162, 5, dtype=torch.float64, generator=g)
     for V in (small, large):
         torch.testing.assert_close(cone_parts.scaled_rows(A, V), dense @ A, rtol=1e-13, atol=1e-13)
+    # a workspace kept over iterations: each writes its blocks over the last one's, and its zeros stay
+    workspace = cone_parts.scaling_workspace(parts, 2, 41, v)
+    assert cone_parts.scaling_workspace(parts, 2, 40, v) is None and cone_parts.scaling_workspace((), 2, 41, v) is None
+    cone_parts.block_diagonal([torch.randn_like(M) for M in blocks], parts, 41, workspace)
+    kept = cone_parts.block_diagonal(blocks, parts, 41, workspace)
+    assert kept.dense is workspace
+    torch.testing.assert_close(kept.dense, dense, rtol=0, atol=0)

@@ -95,10 +95,13 @@ class StepRules:
 
 @dataclass(frozen=True)
 class ConeRows:
-    """The rows of the cones other than the nonnegative one: A_K (B, m_K, n), b_K (B, m_K)."""
+    """The rows of the cones other than the nonnegative one: A_K (B, m_K, n), b_K (B, m_K), and
+    optionally a workspace (``cones.scaling_workspace``) that each step writes its scalings'
+    block-diagonal matrix into (None: a fresh one per step)."""
 
     A: Tensor
     b: Tensor
+    workspace: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -257,7 +260,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         s_parts, y_parts = [cone_parts.piece(st.s_k, part) for part in parts], [cone_parts.piece(st.y_k, part) for part in parts]
         scalings = [cone_parts.scaling(part, s, y, mu.expand(batch, part.count)) for part, s, y in zip(parts, s_parts, y_parts)]
         blocks = [sc.V for sc in scalings]
-        V = cone_parts.block_diagonal(blocks, parts, rows.A.shape[-1])
+        V = cone_parts.block_diagonal(blocks, parts, rows.A.shape[-1], rows.workspace)
         G_k = cone_parts.scaled_rows(rows.A, V)
         H = cone_parts.normal_matrix(data.Q, G_k)
     f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,

@@ -156,12 +156,18 @@ class _Program:
     ones, as the residuals read them; the engine's rows are views of them (``split``), so that
     dropping finished elements from the working batch copies A once (and no zero P: ``Q`` is
     one zero matrix read B times). ``zero`` and ``nonneg`` count the zero-cone and nonnegative
-    rows (the first rows, in SCS order)."""
+    rows (the first rows, in SCS order). ``workspace``: () or the step's block-diagonal scaling
+    matrix for the whole batch (``cone_parts.scaling_workspace``), zero outside its blocks, kept
+    over the iterations so that each writes only its blocks (a fresh zero-filled one per
+    iteration was the most written tensor of the step); a tuple, so that the loop's ``take``
+    (which indexes tensor fields) leaves it whole: a working batch of B' elements takes its
+    first B' matrices."""
 
     P: torch.Tensor | None
     c: torch.Tensor
     A: torch.Tensor
     b: torch.Tensor
+    workspace: tuple[torch.Tensor, ...]
     zero: int
     nonneg: int
 
@@ -181,7 +187,7 @@ class _Program:
         """The engine's form: zero-cone rows as equalities, nonnegative rows as its diagonal rows,
         the others as cone rows."""
         A, b, z, k = self.A, self.b, self.zero, self.zero + self.nonneg
-        return QPData(self.Q, self.c, A[:, :z], b[:, :z], A[:, z:k], b[:, z:k]), ConeRows(A[:, k:], b[:, k:])
+        return QPData(self.Q, self.c, A[:, :z], b[:, :z], A[:, z:k], b[:, z:k]), ConeRows(A[:, k:], b[:, k:], self.workspace[0][:len(A)] if self.workspace else None)
 
 
 @made_once
@@ -203,7 +209,8 @@ def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
             A[:, rows] = (T @ cone_parts.piece(A[:, spec.zero:], part)).reshape(batch, -1, n)
             b[:, rows] = (cone_parts.piece(b[:, spec.zero:], part) @ T.mT).reshape(batch, -1)
     step_parts = tuple(dataclasses.replace(part, start=part.start - spec.nonneg) for part in parts if part.kind != "nonneg")
-    return _Program(P, c, A, b, spec.zero, spec.nonneg), step_parts
+    workspace = cone_parts.scaling_workspace(step_parts, batch, n, A)
+    return _Program(P, c, A, b, () if workspace is None else (workspace,), spec.zero, spec.nonneg), step_parts
 
 
 def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: list[cone_parts.Part]) -> tuple[torch.Tensor, torch.Tensor]:

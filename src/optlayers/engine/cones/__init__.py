@@ -149,15 +149,31 @@ class BlockDiagonal:
     dense: torch.Tensor | None
 
 
-def block_diagonal(mats: list[torch.Tensor], parts: list[Part], n: int) -> BlockDiagonal:
+def _dense_size(parts: list[Part] | tuple[Part, ...], n: int) -> int | None:
+    """The rows m_K of the cone rows' dense block-diagonal scaling matrix, None where they are
+    applied part by part (see ``_DENSE_ROWS_PER_VARIABLE``)."""
+    size = parts[-1].stop
+    return None if size > max(_DENSE_ROWS_PER_VARIABLE * n, _DENSE_MAX_ROWS) else size
+
+
+def scaling_workspace(parts: list[Part] | tuple[Part, ...], batch: int, n: int, like: torch.Tensor) -> torch.Tensor | None:
+    """A zero (B, m_K, m_K) matrix for ``block_diagonal``'s ``out`` over the iterations of one
+    solve (None where there is no dense form, or no parts): each iteration writes only its
+    diagonal blocks, and the zeros outside them stay."""
+    size = _dense_size(parts, n) if parts else None
+    return None if size is None else like.new_zeros(batch, size, size)
+
+
+def block_diagonal(mats: list[torch.Tensor], parts: list[Part], n: int, out: torch.Tensor | None = None) -> BlockDiagonal:
     """The ``BlockDiagonal`` of one (B, count, k, k) tensor per part, for cone rows over n
     variables; the dense form by one copy per part into its diagonal blocks (a view of the part's
-    square as (B, k, k, count))."""
-    size = parts[-1].stop
-    if size > max(_DENSE_ROWS_PER_VARIABLE * n, _DENSE_MAX_ROWS):
+    square as (B, k, k, count)), of a fresh zero matrix or of ``out`` (``scaling_workspace``: zero
+    outside these blocks, and overwritten)."""
+    size = _dense_size(parts, n)
+    if size is None:
         return BlockDiagonal(mats, parts, None)
     first = mats[0]
-    full = first.new_zeros(first.shape[0], size, size)
+    full = first.new_zeros(first.shape[0], size, size) if out is None else out
     for M, part in zip(mats, parts):
         square = full[:, part.start:part.stop, part.start:part.stop]
         blocks = square.unflatten(1, (part.count, part.size)).unflatten(-1, (part.count, part.size))
