@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from optlayers.cone.interior import solver as interior_solver
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.cone.validation import check_finite
+from optlayers.engine.constants import constant
 from optlayers.status import FailurePolicy
 
 SECOND_ORDER = (
@@ -188,7 +190,7 @@ class ConeProgram(torch.autograd.Function):
             all_solved = False  # the fallback's statuses are the policy's to read
         x = point.x
         solved = (status == ConeStatus.SOLVED).unsqueeze(-1)
-        nan = lambda t: torch.where(solved, t, torch.full_like(t, torch.nan))  # noqa: E731
+        nan = lambda t: torch.where(solved, t, constant(math.nan, t))  # noqa: E731
         if point.factorization is None:  # lsqr/lsmr: nothing to reuse; empty tensors keep the outputs uniform
             lu, pivots = x.new_empty(0), torch.empty(0, dtype=torch.int32, device=x.device)
         else:
@@ -213,10 +215,9 @@ class ConeProgram(torch.autograd.Function):
     def backward(ctx: Any, vx: torch.Tensor | None, vy: torch.Tensor | None, vs: torch.Tensor | None,
                  *_non_differentiable: Any) -> tuple:
         A, P, x, y, s, status, lu, pivots, w = ctx.saved_tensors
-        zeros = lambda v, like: torch.zeros_like(like) if v is None else v  # noqa: E731
         needs = tuple(ctx.needs_input_grad[:4])
-        grads = _VJP.apply(ctx.settings, needs, True, A, P, x, y, s, status, lu, pivots, w,
-                           zeros(vx, x), zeros(vy, y), zeros(vs, s))
+        # an output without a cotangent passes None (zero): with none for y and s, D^T is not applied
+        grads = _VJP.apply(ctx.settings, needs, True, A, P, x, y, s, status, lu, pivots, w, vx, vy, vs)
         return (*(g if need else None for g, need in zip(grads, needs)), None)
 
     @staticmethod
@@ -333,15 +334,15 @@ class _FirstOrderOnly(torch.autograd.Function):
 
 class _VJP(_FirstOrderOnly):
     """(settings, needs, sum_shared, A, P, x, y, s, status, lu, pivots, w, vx, vy, vs) -> the cotangents
-    of (A, b, c, P), None where ``needs`` says so; a shared A's or P's summed over the batch when
+    of (A, b, c, P), None where ``needs`` says so (vx, vy, vs: None is zero); a shared A's or P's summed over the batch when
     ``sum_shared``. ``ConeProgram``'s backward, as a Function of its own so that it runs on plain
     tensors (its linear solves take data-dependent branches) and so that differentiating it raises."""
 
     @staticmethod
     def forward(settings: Settings, needs: tuple[bool, ...], sum_shared: bool, A: torch.Tensor,
                 P: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor, s: torch.Tensor, status: torch.Tensor,
-                lu: torch.Tensor, pivots: torch.Tensor, w: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor,
-                vs: torch.Tensor) -> tuple:
+                lu: torch.Tensor, pivots: torch.Tensor, w: torch.Tensor, vx: torch.Tensor | None,
+                vy: torch.Tensor | None, vs: torch.Tensor | None) -> tuple:
         point = _point(settings, A, P, x, y, s, status, lu, pivots, w)
         r = derivative.vjp(point, settings.mode, vx, vy, vs)
         need_A, need_b, need_c, need_P = needs

@@ -13,6 +13,7 @@ import torch
 from optlayers.cone import embedding, linsolve, product
 from optlayers.cone.operator import LinearMap
 from optlayers.cone.spec import ConeSpec
+from optlayers.engine.constants import constant
 
 RESIDUAL_WARN = 1e-6  # relative residual of the derivative's linear solve above which we warn
 
@@ -34,13 +35,16 @@ class Point:
     # refinement knows them: the derivatives are then taken at w without solving for the roots.
     w: torch.Tensor | None = None
     roots: list | None = None
+    clean: bool = False  # failed elements' x, y, s and w are zeros already (``cleaned``)
 
     def cleaned(self) -> Point:
         """Failed elements' NaNs replaced by zeros, so that they cannot leak into the batch."""
-        keep = self.ok.unsqueeze(-1)
-        zero = lambda t: torch.where(keep, t, torch.zeros_like(t))  # noqa: E731
-        w = None if self.w is None else zero(self.w)
-        return dataclasses.replace(self, x=zero(self.x), y=zero(self.y), s=zero(self.s), w=w)
+        if self.clean:
+            return self
+        keep, zero = self.ok.unsqueeze(-1), constant(0.0, self.x)
+        w = None if self.w is None else torch.where(keep, self.w, zero)
+        return dataclasses.replace(self, x=torch.where(keep, self.x, zero), y=torch.where(keep, self.y, zero),
+                                   s=torch.where(keep, self.s, zero), w=w, clean=True)
 
     def projection_derivative(self) -> LinearMap:
         """D = the derivative of the projection onto K* at w (or at y - s where w is not known)."""
@@ -71,7 +75,7 @@ def solve_system(point: Point, rhs: torch.Tensor, transpose: bool, mode: str, ch
         result = linsolve.solve_iterative(make, rhs, transpose, mode)
     if check and not (result.bound is not None and result.bound <= RESIDUAL_WARN):  # else known fine, no sync
         _check_residual(result.residual, point.ok, mode)
-    return torch.where(point.ok.unsqueeze(-1), result.solution, torch.zeros_like(result.solution))
+    return torch.where(point.ok.unsqueeze(-1), result.solution, constant(0.0, result.solution))
 
 
 def _check_residual(residual: torch.Tensor, ok: torch.Tensor, mode: str) -> None:
@@ -94,10 +98,17 @@ def jvp(point: Point, mode: str, dA: torch.Tensor | None, db: torch.Tensor | Non
     return embedding.output_map(D, dz, point.x.shape[-1])
 
 
-def vjp(point: Point, mode: str, vx: torch.Tensor, vy: torch.Tensor, vs: torch.Tensor) -> torch.Tensor:
-    """r (B, n + m) solving M^T r = (output map)^T v; ``embedding.adjoint_A`` and ``adjoint_P`` map it to the data."""
+def vjp(point: Point, mode: str, vx: torch.Tensor | None, vy: torch.Tensor | None,
+        vs: torch.Tensor | None) -> torch.Tensor:
+    """r (B, n + m) solving M^T r = (output map)^T v (a None cotangent is zero); ``embedding.adjoint_A``
+    and ``adjoint_P`` map it to the data."""
     point = point.cleaned()
     D = point.projection_derivative()
-    rhs = embedding.output_adjoint(D, vx, vy, vs)
-    rhs = torch.where(point.ok.unsqueeze(-1), rhs, torch.zeros_like(rhs))
+    vx = torch.zeros_like(point.x) if vx is None else vx
+    if vy is None and vs is None:  # (vx, 0): no product with D^T
+        rhs = torch.nn.functional.pad(vx, (0, point.y.shape[-1]))
+    else:
+        rhs = embedding.output_adjoint(D, vx, torch.zeros_like(point.y) if vy is None else vy,
+                                       torch.zeros_like(point.s) if vs is None else vs)
+    rhs = torch.where(point.ok.unsqueeze(-1), rhs, constant(0.0, rhs))
     return solve_system(point, rhs, transpose=True, mode=mode, D=D)

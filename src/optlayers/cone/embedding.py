@@ -49,17 +49,18 @@ class ResidualDerivative:
     def n(self) -> int:
         return self.A.shape[-1]
 
-    def _p(self, v: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(v) if self.P is None else matvec(self.P, v)
+    def _plus_p(self, v: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """P v + u (u alone without a P)."""
+        return u if self.P is None else matvec(self.P, v) + u
 
     def matvec(self, dz: torch.Tensor) -> torch.Tensor:
         dx, dw = dz[..., :self.n], dz[..., self.n:]
         d_dw = self.D.matvec(dw)
-        return torch.cat([self._p(dx) + rmatvec(self.A, d_dw), -matvec(self.A, dx) + dw - d_dw], dim=-1)
+        return torch.cat([self._plus_p(dx, rmatvec(self.A, d_dw)), -matvec(self.A, dx) + dw - d_dw], dim=-1)
 
     def rmatvec(self, r: torch.Tensor) -> torch.Tensor:
         rx, ry = r[..., :self.n], r[..., self.n:]
-        return torch.cat([self._p(rx) - rmatvec(self.A, ry), self.D.rmatvec(matvec(self.A, rx) - ry) + ry], dim=-1)
+        return torch.cat([self._plus_p(rx, -rmatvec(self.A, ry)), self.D.rmatvec(matvec(self.A, rx) - ry) + ry], dim=-1)
 
     def dense(self, batch: int, index: torch.Tensor | None = None) -> torch.Tensor:
         """M as a (B, n + m, n + m) tensor, or only the elements selected by the boolean ``index`` (B,).
