@@ -105,3 +105,37 @@ def test_product_derivative_with_roots_equals_a_fresh_one():
         assert torch.equal(projected, product.project(spec, v, dual))
         assert sum(r is not None for r in roots) == 2
         assert torch.equal(product.derivative(spec, v, dual, roots).dense(), product.derivative(spec, v, dual).dense())
+
+
+class _LargestOutput(kernels.TorchDispatchMode):
+    """The most entries of any tensor an operation writes (views and in-place ops' whole inputs aside)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func.overloadpacket.__name__.endswith("_"):
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_the_adjoint_writes_no_matrix_of_the_derivative_s_size():
+    """The backward reuses the forward's factorization of the (B, N, N) residual map derivative
+    (N = n + m): it writes nothing of that size (no zero cotangent for the factorization, no
+    dense matrix), for a loss on x alone and on x, y and s, on the cone benchmark's programs."""
+    from optlayers import solve_cone
+    from optlayers.cone.testing import random_program
+
+    A, b, c, *_ = random_program(kernels.CONE_SPEC, 48, batch=8, seed=0)
+    batch, m, n = A.shape
+    for outputs in (("x",), ("x", "y", "s")):
+        A_ = A.clone().requires_grad_(True)
+        sol = solve_cone(A_, b, c, kernels.CONE_SPEC, solver="ipm")
+        loss = sum(getattr(sol, name).sum() for name in outputs)
+        with _LargestOutput() as mode:
+            loss.backward()
+        assert A_.grad is not None and mode.largest < batch * (n + m) ** 2 / 2, (outputs, mode.largest)
