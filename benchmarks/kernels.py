@@ -153,8 +153,8 @@ def compiled_launches(batch: int, n: int, n_ineq: int, n_eq: int) -> dict[str, i
     with torch.enable_grad():  # the saved tensors of a forward that kept its factor (eager: no compilation)
         z = autograd.QPSolveFn.apply(*leaves, settings, True, "ignore", (batch,))[0]
     vjp = torch.compile(autograd._compiled_vjp, fullgraph=True, dynamic=False)
-    _, code = run_and_get_code(vjp, z.grad_fn.saved_tensors, (torch.ones_like(z), None, None, None), (True,) * 6,
-                               settings)
+    _, code = run_and_get_code(vjp, z.grad_fn.saved_tensors[autograd._STATUS_AT:], (torch.ones_like(z), None, None, None),
+                               (True,) * 6, settings, torch.float64)
     return {**launches, **{f"backward_{key}": value for key, value in _launches(code[-1]).items()}}
 
 

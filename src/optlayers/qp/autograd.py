@@ -96,7 +96,8 @@ class _Saved(NamedTuple):
     c: Tensor
 
 
-_FACTOR_AT = 8 + len(_Saved._fields)  # where the factor's tensors begin among the saved ones (``setup_context``)
+_STATUS_AT = 7  # where the status is among the saved tensors (``setup_context``), after the data and solution
+_FACTOR_AT = _STATUS_AT + 1 + len(_Saved._fields)  # where the factor's tensors begin
 
 
 def _rows(mask: Tensor, t: Tensor) -> Tensor:
@@ -183,19 +184,20 @@ def _first_order(saved: tuple[Tensor, ...]) -> bool:
     factorised point: the factor was saved, no graph is recorded (``_differentiated``) and no
     ``torch.func`` transform is active. Then ``_compiled_vjp`` may run it."""
     return (len(saved) > _FACTOR_AT and not torch._C._are_functorch_transforms_active()
-            and not _differentiated(saved[:7]))
+            and not _differentiated(saved[:_STATUS_AT]))
 
 
-def _compiled_vjp(saved: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: tuple[bool, ...],
-                  settings: IPMSettings) -> tuple[Tensor | None, ...]:
+def _compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: tuple[bool, ...],
+                  settings: IPMSettings, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
     """A first-order backward (``_first_order``) as one function of plain tensors, to compile:
     ``_vjp`` at ``_point``'s raw point, its adjoint solved by ``plain_solution_vjp`` (the solve
-    that ``KKTSolve`` runs)."""
-    Qi, _, _, _, _, _, _, status, *rest = saved
+    that ``KKTSolve`` runs). ``point``: the saved tensors from the status on (``setup_context``;
+    the data and solution before it are not read); ``dtype``: the data's."""
+    status, *rest = point
     sv = _Saved(*rest[: len(_Saved._fields)])
     solved = status == int(QPStatus.SOLVED)
     pt = KKTPoint(sv.Q, sv.A, sv.G, sv.x, sv.nu, sv.lam, sv.s, solved, tuple(rest[len(_Saved._fields):]))
-    return _vjp(pt, Scaling(sv.d, sv.e, sv.f, sv.c), solved, Qi.dtype, grads, needs, settings, plain_solution_vjp)
+    return _vjp(pt, Scaling(sv.d, sv.e, sv.f, sv.c), solved, dtype, grads, needs, settings, plain_solution_vjp)
 
 
 class QPSolveFn(torch.autograd.Function):
@@ -246,7 +248,8 @@ class QPSolveFn(torch.autograd.Function):
             # contiguous: the compiled function is specialised to its inputs' strides, and a loss's
             # cotangent may come expanded (z.sum()) or not (z.square().sum()): one compilation for both
             grads = tuple(None if g is None else g.contiguous() for g in grads)
-            ct = compiled(_compiled_vjp, saved[0].device.type)(saved, grads, needs, ctx.settings)
+            vjp = compiled(_compiled_vjp, saved[0].device.type)
+            ct = vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
         else:
             pt, sc, solved, dtype = _point(ctx)
             ct = _vjp(pt, sc, solved, dtype, grads, needs, ctx.settings, solution_vjp)
