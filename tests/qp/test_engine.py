@@ -77,7 +77,7 @@ def test_failed_factorisation_is_retried_with_more_regularisation_then_given_up(
     good = ipm.newton_iteration(data, units, st, res, settings)
     failed = dataclasses.replace(good, factor_ok=torch.tensor([True, False, True, True]))
     for attempt in range(MAX_FACTOR_RETRIES + 1):
-        new = ipm.assess(data, st, res, failed, settings)
+        new, _ = ipm.assess(data, units, st, res, failed, settings)
         assert torch.equal(new.v[1], st.v[1]) and not torch.equal(new.v[0], st.v[0])
         if attempt < MAX_FACTOR_RETRIES:
             assert new.status[1] == ipm.RUNNING
@@ -87,7 +87,7 @@ def test_failed_factorisation_is_retried_with_more_regularisation_then_given_up(
         st = dataclasses.replace(new, v=st.v)
     # a successful factorisation lowers a raised regularisation again, down to its floor
     raised = dataclasses.replace(st, reg=st.reg * 1e4, status=torch.full_like(st.status, ipm.RUNNING))
-    assert torch.allclose(ipm.assess(data, raised, res, good, settings).reg, raised.reg / 100)
+    assert torch.allclose(ipm.assess(data, units, raised, res, good, settings)[0].reg, raised.reg / 100)
 
 
 def test_no_synchronisation_inside_the_iteration():
