@@ -110,8 +110,10 @@ class State:
 
     The primal-dual point lives in one tensor ``v`` = [x, ν, λ, s, y_K, s_K] (B, n + m + 2k + 2m_K),
     so that a step updates all of it with one operation; ``x``, ``nu``, ``lam``, ``s``, ``y_k``,
-    ``s_k`` are views of it. ``counters`` holds the consecutive-iteration counts (stalls, primal
-    and dual infeasibility certificates) side by side, ``reg`` each problem's primal/equality
+    ``s_k`` are views of it. ``counts`` (B, 1 + c) holds the iterations each problem has taken
+    (``iterations``), then a method's own consecutive-iteration counts side by side (``counters``:
+    the QP's stalls, primal and dual infeasibility certificates; the cone method has none), so that
+    one operation updates them all; ``reg`` each problem's primal/equality
     regularisation (raised where a factorisation fails; see ``kkt.next_regularisation``),
     ``stiff`` (B,) the problems that keep their near-active inequalities out of H (see
     ``newton_step``), and ``stiff_tried`` (B,) those that have been switched to that split once.
@@ -119,8 +121,7 @@ class State:
 
     v: Tensor
     status: Tensor
-    iterations: Tensor
-    counters: Tensor
+    counts: Tensor
     reg: Tensor
     stiff: Tensor
     stiff_tried: Tensor
@@ -128,6 +129,16 @@ class State:
     m: int
     k: int
     mk: int = 0
+
+    @property
+    def iterations(self) -> Tensor:
+        """(B,) the iterations each problem has taken (its steps)."""
+        return self.counts[:, 0]
+
+    @property
+    def counters(self) -> Tensor:
+        """(B, c) the method's consecutive-iteration counts."""
+        return self.counts[:, 1:]
 
     @property
     def x(self) -> Tensor:

@@ -359,7 +359,7 @@ def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR
     status = torch.where(f.ok, RUNNING, int(QPStatus.NUMERICAL_ERROR))
     zeros = torch.zeros(B, dtype=torch.int64, device=x.device)
     no = torch.zeros(B, dtype=torch.bool, device=x.device)
-    return State(torch.cat([x, nu, lam, s], dim=-1), status, zeros, zeros.new_zeros(B, 3), reg, no, no, n, m, k)
+    return State(torch.cat([x, nu, lam, s], dim=-1), status, zeros.new_zeros(B, 4), reg, no, no, n, m, k)
 
 
 def newton_iteration(data: QPData, units: Units, st: State, res: Residuals, settings: IPMSettings,
@@ -371,12 +371,14 @@ def newton_iteration(data: QPData, units: Units, st: State, res: Residuals, sett
     return newton_step(data, None, (), st, res, units.backtrack, settings.rules, stiff, check_finite=False)
 
 
-def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSettings, probe: _Probe) -> Tensor:
-    """(5, B): whether the step is negligible (α < ``_NEGLIGIBLE_STEP``), whether the direction looks
-    like a primal (Farkas) or a dual infeasibility certificate (the order of ``State.counters``);
-    whether the problem runs with a regularisation that a failed factorisation may raise
-    (``kkt.raisable``), and whether it runs with one that may not. ``probe`` holds the step's
-    measures (``_measure``).
+def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSettings, probe: _Probe,
+                  new: Residuals) -> Tensor:
+    """The step's tests, (7, B): true (the iterations' column of ``State.counts``), whether the step
+    is negligible (α < ``_NEGLIGIBLE_STEP``), whether the direction looks like a primal (Farkas) or
+    a dual infeasibility certificate (the order of ``State.counts``); whether the problem runs with
+    a regularisation that a failed factorisation may raise (``kkt.raisable``), whether it runs with
+    one that may not, and whether it runs and passes the convergence test at the new point
+    (``new``: ``Residuals.converged``). ``probe`` holds the step's measures (``_measure``).
 
     Primal infeasibility (dν, dλ): ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ < −ε‖dy‖, dλ ≥ −ε‖dy‖,
     and ‖dy‖ > 64 ε₆₄ ‖y‖ (``_ROUNDING``): where the duals have converged, a step dy at their
@@ -418,15 +420,19 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings:
                       (far_slope, p.nx, -eps), (res.limit[:, 1], res.measured[:, 1], 1.0)]
     farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
     stall_rows = [(step.alpha, const(_NEGLIGIBLE_STEP), 1.0)] * len(farkas_rows)
+    always = [(const(-torch.inf), const(0.0), 1.0)] * len(farkas_rows)
     # running (RUNNING is the one status below SOLVED) with a raisable regularisation, or with one that is not
     running, limit = (st.status, const(RUNNING + 0.5), 1.0), regularisation_limit(settings.reg)
     raisable_rows = [running, (st.reg, const(limit), 1.0)] * 3
     exhausted_rows = [running, (const(limit), st.reg, 1.0)] * 3
-    rows = [*stall_rows, *farkas_rows, *recession_rows, *raisable_rows, *exhausted_rows]
+    # measured ≤ limit as measured < the next float above limit (both false for NaN)
+    above = torch.nextafter(new.limit, constant(torch.inf, new.limit))
+    converged_rows = [running, *((new.measured[:, j], above[:, j], 1.0) for j in (0, 1, 2, 0, 1))]
+    rows = [*always, *stall_rows, *farkas_rows, *recession_rows, *raisable_rows, *exhausted_rows, *converged_rows]
     lower, upper = torch.stack([row[0] for row in rows]), torch.stack([row[1] for row in rows])
     # every test strict: ‖·‖ < ε·size also says size > 0 (stack promotes the status to floats exactly)
     factors = constant(tuple(row[2] for row in rows), upper).unsqueeze(-1)
-    return (lower < upper * factors).unflatten(0, (5, -1)).all(1)
+    return (lower < upper * factors).unflatten(0, (7, -1)).all(1)
 
 
 # The far-point slope test of a recession direction is waived where ‖x‖ (scaled) exceeds this
@@ -462,19 +468,21 @@ def assess(data: QPData, units: Units, st: State, res: Residuals, step: Step,
     sound = _sound(st, step)
     v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
     new_res, probe = _measure(data, units, replace(st, v=v), settings, (st, res, step))
-    passed = _certificates(data, st, res, step, settings, probe)
+    passed = _certificates(data, st, res, step, settings, probe, new_res)
     # a running problem whose step is not sound retries where its regularisation can rise, and has failed where it cannot
-    retry, gave_up = passed[3] > sound, passed[4] > sound  # as kkt.next_regularisation
+    retry, gave_up = passed[4:6] > sound  # as kkt.next_regularisation
     reg = regularisation_after(st.reg, settings.reg, retry, sound)
-    counters = torch.where(sound.unsqueeze(-1), (st.counters + 1) * passed[:3].T, st.counters)
+    # the iterations (a family that always passes) and the consecutive stalls and certificates, each + 1 or 0 where sound
+    counts = torch.where(sound.unsqueeze(-1), (st.counts + 1) * passed[:4].T, st.counts)
     # a stall, a primal and a dual infeasibility certificate held long enough
-    held = counters >= constant((settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE), counters)
-    # a failure or a stall, then primal, then dual infeasibility: the later test wins
-    status = st.status.masked_fill(gave_up | held[:, 0], int(QPStatus.NUMERICAL_ERROR))
+    held = counts[:, 1:] >= constant((settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE), counts)
+    # converged, then a failure or a stall, then primal, then dual infeasibility: the later test wins (a problem
+    # that has stopped keeps its status: its counts no longer change, and a failure needs it to run)
+    status = st.status.masked_fill(passed[6], int(QPStatus.SOLVED))
+    status = status.masked_fill(gave_up | held[:, 0], int(QPStatus.NUMERICAL_ERROR))
     status = status.masked_fill(held[:, 1], int(QPStatus.PRIMAL_INFEASIBLE))
     status = status.masked_fill(held[:, 2], int(QPStatus.DUAL_INFEASIBLE))
-    st = replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg)
-    return _mark_converged(st, new_res), new_res
+    return replace(st, v=v, status=status, counts=counts, reg=reg), new_res
 
 
 def _look_flags(st: State, res: Residuals, units: Units, running: Tensor, iteration: int,
