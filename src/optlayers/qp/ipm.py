@@ -117,10 +117,11 @@ def _x_rows(m: int) -> str:
 
 
 def _y_rows(m: int, k: int) -> str:
-    """As ``_x_rows`` ("d": ``Units.primal``) for the rows of width m + k: dy and y at the step's start
-    point, [r_e, r_i] unscaled and in units, [Ax, Gx] and [b, h] (their sizes), and without equality
-    rows h and s (for the dot products hᵀdλ, hᵀλ and sᵀλ)."""
-    return "" if m + k == 0 else "111ddd" + ("" if m else "11")
+    """As ``_x_rows`` ("d": ``Units.primal``) for the rows of width m + k: y and dy at the step's start
+    point, without equality rows λ twice (the left factors of the dot products hᵀdλ, hᵀλ and sᵀλ),
+    [r_e, r_i] unscaled and in units, [Ax, Gx] and [b, h] (their sizes), and without equality rows
+    h and s (with the [b, h] before them, the dot products' right factors)."""
+    return "" if m + k == 0 else ("1111" + "1ddd" + "11" if m == 0 else "111ddd")
 
 
 @dataclass(frozen=True)
@@ -303,16 +304,16 @@ def _measure(data: QPData, units: Units, st: State, settings: IPMSettings,
 
         r_p = joined(r_e, r_i)
         dy, y = (r_p, r_p) if step is None else (step.dv[:, n : n + m + k], before.v[:, n : n + m + k])
-        # the rows of ``_y_rows``: without equality rows, the last three are hᵀdλ's, hᵀλ's and sᵀλ's right factors
-        on_y = torch.stack([dy, y, r_p, r_p, joined(ax if m else None, gx if k else None), joined(data.b, data.h),
-                            *([] if m else [data.h, s])])
+        # the rows of ``_y_rows`` (o: the two rows of λ, without equality rows)
+        o = 0 if m else 2
+        on_y = torch.stack([y, dy, *([] if m else [lam, lam]), r_p, r_p, joined(ax if m else None, gx if k else None),
+                            joined(data.b, data.h), *([] if m else [data.h, s])])
         norms_y = _inf_norm(on_y * units.on_y.transpose(0, 1))
-        ny, norm_y, primal, primal_size = norms_y[0], norms_y[1], norms_y[3], norms_y[4:6].amax(0)
-        scaled = torch.maximum(norms_x[2], norms_y[2])
-        if not m:
-            dots_y = (torch.stack([lam, lam] if step is None else [dy, lam, lam]) * on_y[8 - (2 if step is None else 3) :]).sum(-1)
-            terms.append(dots_y[-2:-1])
-            complementarity, farkas_value = dots_y[-1], (None if step is None else dots_y[0])
+        norm_y, ny, raw, primal, primal_sizes = norms_y[0], norms_y[1], [norms_y[2 + o]], norms_y[3 + o], [norms_y[4 + o], norms_y[5 + o]]
+        if not m:  # [dy, λ, λ] · [h, h, s]: hᵀdλ, hᵀλ, sᵀλ
+            dots_y = (on_y[1:4] * on_y[7:]).sum(-1)
+            terms.append(dots_y[1:2])
+            complementarity, farkas_value = dots_y[2], dots_y[0]
         else:
             if k:
                 lam_dots = _dots(lam, [data.h, s])  # hᵀλ, sᵀλ
@@ -322,13 +323,19 @@ def _measure(data: QPData, units: Units, st: State, settings: IPMSettings,
             if step is not None:
                 farkas_value = _pair_dots(dy, on_y[5])  # bᵀdν + hᵀdλ
     else:
-        ny = norm_y = primal = primal_size = zero
-        scaled = norms_x[2]
+        ny = norm_y = primal = zero
+        raw, primal_sizes = [], [zero]
     terms = torch.cat(terms)
-    # (B, 2, 3): the primal residual, the dual residual and the gap; then their sizes; the gap in the original units
-    gap = torch.maximum(terms.sum(0).abs(), complementarity)
-    tested = torch.stack([primal, norms_x[3], gap, primal_size, norms_x[4 : r - 2].amax(0), _inf_norm(terms, 0)],
-                         -1).unflatten(-1, (2, 3)) * units.gauge.unsqueeze(-2)
+    # (B, 2, 3): the primal residual, the dual residual and the gap max(|Σ terms|, sᵀλ); then their sizes (the largest
+    # of their terms); the gap in the original units. Each the largest |·| of a group of (B,) values: one ∞-norm over
+    # the groups side by side, each padded with its first value
+    # the groups side by side, each padded with its first value; the seventh: the largest unscaled residual (``scaled``)
+    groups = [[primal], [norms_x[3]], [terms.sum(0), complementarity], primal_sizes, list(norms_x[4 : r - 2]), list(terms),
+              [norms_x[2], *raw]]
+    width = max(len(group) for group in groups)
+    side_by_side = torch.stack([group[i if i < len(group) else 0] for group in groups for i in range(width)], -1)
+    largest = _inf_norm(side_by_side.unflatten(-1, (len(groups), width)))
+    tested, scaled = largest[:, :6].unflatten(-1, (2, 3)) * units.gauge.unsqueeze(-2), largest[:, 6]
     mu = complementarity / max(k, 1)
     # tol + rel_tol · size, the gap's less the plain gap's rounding bound (one fused multiply-add: exact where rel_tol = 0)
     tol, rel = settings.tol, settings.rel_tol
@@ -399,7 +406,7 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings:
     dx, dlam = step.dv[:, :n], step.dv[:, n + m : n + m + k]
     p = probe
     slopes = p.slopes
-    far_slope = (slopes[0] + slopes[1]).masked_fill(p.norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
+    far_slope = slopes[0] + slopes[1]
 
     def const(value: float) -> Tensor:
         return constant(value, p.nx).expand_as(p.nx)
@@ -418,6 +425,8 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings:
     recession_rows = [(p.norm_qdx, p.nx, eps), (_inf_norm(mv(data.A, dx)) if m else p.norm_qdx, p.nx, eps),
                       (mv(data.G, dx).amax(-1) if k else p.norm_qdx, p.nx, eps), (slopes[1], p.nx, -eps),
                       (far_slope, p.nx, -eps), (res.limit[:, 1], res.measured[:, 1], 1.0)]
+    # the far point's test is waived where x has diverged (an iterate beyond reach): the family again with that instead
+    diverged_rows = [*recession_rows[:4], (const(_DIVERGED), p.norm_x, 1.0), recession_rows[5]]
     farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
     stall_rows = [(step.alpha, const(_NEGLIGIBLE_STEP), 1.0)] * len(farkas_rows)
     always = [(const(-torch.inf), const(0.0), 1.0)] * len(farkas_rows)
@@ -428,11 +437,14 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings:
     # measured ≤ limit as measured < the next float above limit (both false for NaN)
     above = torch.nextafter(new.limit, constant(torch.inf, new.limit))
     converged_rows = [running, *((new.measured[:, j], above[:, j], 1.0) for j in (0, 1, 2, 0, 1))]
-    rows = [*always, *stall_rows, *farkas_rows, *recession_rows, *raisable_rows, *exhausted_rows, *converged_rows]
-    lower, upper = torch.stack([row[0] for row in rows]), torch.stack([row[1] for row in rows])
+    rows = [*always, *stall_rows, *farkas_rows, *recession_rows, *raisable_rows, *exhausted_rows, *converged_rows,
+            *diverged_rows]
+    lower, upper = torch.stack([row[0] for row in rows] + [row[1] for row in rows]).unflatten(0, (2, -1))
     # every test strict: ‖·‖ < ε·size also says size > 0 (stack promotes the status to floats exactly)
     factors = constant(tuple(row[2] for row in rows), upper).unsqueeze(-1)
-    return (lower < upper * factors).unflatten(0, (7, -1)).all(1)
+    passed = (lower < upper * factors).unflatten(0, (8, -1)).all(1)
+    passed[3].logical_or_(passed[7])  # a recession direction: its far point descends, or x has diverged
+    return passed[:7]
 
 
 # The far-point slope test of a recession direction is waived where ‖x‖ (scaled) exceeds this
