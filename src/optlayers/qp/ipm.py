@@ -485,7 +485,8 @@ def assess(data: QPData, units: Units, st: State, res: Residuals, step: Step,
     retry, gave_up = passed[4:6] > sound  # as kkt.next_regularisation
     reg = regularisation_after(st.reg, settings.reg, retry, sound)
     # the iterations (a family that always passes) and the consecutive stalls and certificates, each + 1 or 0 where sound
-    counts = torch.where(sound.unsqueeze(-1), (st.counts + 1) * passed[:4].T, st.counts)
+    events = passed[:4].T
+    counts = torch.where(sound.unsqueeze(-1), torch.addcmul(events, st.counts, events), st.counts)  # (c + 1)·e
     # a stall, a primal and a dual infeasibility certificate held long enough
     held = counts[:, 1:] >= constant((settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE), counts)
     # converged, then a failure or a stall, then primal, then dual infeasibility: the later test wins (a problem
