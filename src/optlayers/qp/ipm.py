@@ -441,7 +441,7 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings:
             *diverged_rows]
     lower, upper = torch.stack([row[0] for row in rows] + [row[1] for row in rows]).unflatten(0, (2, -1))
     # every test strict: ‖·‖ < ε·size also says size > 0 (stack promotes the status to floats exactly)
-    factors = constant(tuple(row[2] for row in rows), upper).unsqueeze(-1)
+    factors = _row_factors(tuple(row[2] for row in rows), upper).unsqueeze(-1)
     passed = (lower < upper * factors).unflatten(0, (8, -1)).all(1)
     passed[3].logical_or_(passed[7])  # a recession direction: its far point descends, or x has diverged
     return passed[:7]
@@ -458,6 +458,15 @@ _ROUNDING = 64 * torch.finfo(torch.float64).eps
 _CERTIFICATE_PERSISTENCE = 3
 # A step shorter than this is negligible progress.
 _NEGLIGIBLE_STEP = 1e-10
+
+
+def _row_factors(values: tuple[float, ...], like: Tensor) -> Tensor:
+    """``values`` as a 1-d tensor (``constant``); under compilation stacked from 0-d ones, which inductor
+    writes into its kernels (a tensor literal of many values it keeps as a constant that its C++
+    wrapper does not declare inside a ``while_loop`` body: ``qp/fused.py``)."""
+    if torch.compiler.is_compiling():
+        return torch.stack([constant(value, like) for value in values])
+    return constant(values, like)
 
 
 def _sound(st: State, step: Step) -> Tensor:
