@@ -337,7 +337,9 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
             mu_aff = mu_aff / (k + cone_parts.degree(parts))
         else:
             mu_aff = w_aff.prod(-2).mean(-1)
-        sigma = (mu_aff / res.mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
+        # μ > 0 where a problem runs (s, λ > 0; a μ that underflows to 0 would make σ NaN and the step unsound, a
+        # failed factorisation's retry): the quotient needs no guard
+        sigma = (mu_aff / res.mu).clamp(0.0, 1.0) ** 3
         sigma_mu = sigma * res.mu
     else:
         sigma_mu = (1 - alpha_aff) ** 3 * res.mu
