@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from optlayers.cone.operator import LinearMap
-from optlayers.engine.constants import constant
+from optlayers.engine.constants import constant, made_once
 
 MAX_BRACKET_DOUBLINGS = 12  # widens an open side of the bracket by up to 2**12; h is scaled, never overflows
 MAX_ROOT_ITERS = 100  # safeguarded Newton on an interval: bisection alone needs < 100 steps in float64
@@ -32,14 +32,21 @@ PRIMAL_TO_DUAL = ((0.0, -1.0, 0.0), (-1.0, -1.0, 0.0), (0.0, 0.0, 1.0))  # its i
 def regions(v: torch.Tensor) -> torch.Tensor:
     """Which of the four cases each point v (..., 3) falls in (REGION_* codes)."""
     r, s, t = v.unbind(-1)
-    safe_s = torch.where(s > 0, s, torch.ones_like(s))
-    safe_r = torch.where(r > 0, r, torch.ones_like(r))
+    one = constant(1.0, v)
+    safe_s = torch.where(s > 0, s, one)
+    safe_r = torch.where(r > 0, r, one)
     in_cone = ((s > 0) & (safe_s * torch.exp(r / safe_s) <= t)) | ((r <= 0) & (s == 0) & (t >= 0))
     in_polar = ((r > 0) & (safe_r * torch.exp(s / safe_r) <= -torch.e * t)) | ((r == 0) & (s <= 0) & (t <= 0))
-    code = torch.full_like(r, REGION_ROOT, dtype=torch.long)
-    code = torch.where((r <= 0) & (s <= 0), REGION_ANALYTIC, code)
-    code = torch.where(in_polar, REGION_POLAR, code)
-    return torch.where(in_cone, REGION_INSIDE, code)
+    codes = _region_codes(v.device)
+    code = torch.where((r <= 0) & (s <= 0), codes[REGION_ANALYTIC], codes[REGION_ROOT])
+    code = torch.where(in_polar, codes[REGION_POLAR], code)
+    return torch.where(in_cone, codes[REGION_INSIDE], code)
+
+
+@made_once
+def _region_codes(device: torch.device) -> torch.Tensor:
+    """The REGION_* codes (4,) int64, entry i holding code i (made once per device)."""
+    return torch.arange(4, device=device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +112,9 @@ def _bracket(w: torch.Tensor, terms: _Terms) -> tuple[torch.Tensor, torch.Tensor
     A point of the root region has r > 0 or s > 0, so at most one side is open: both searches
     are one evaluation of h."""
     r, s, _ = w.unbind(-1)
-    lo = 1 - s / torch.where(r > 0, r, torch.ones_like(r))
-    hi = r / torch.where(s > 0, s, torch.ones_like(s))
+    one = constant(1.0, w)
+    lo = 1 - s / torch.where(r > 0, r, one)
+    hi = r / torch.where(s > 0, s, one)
     open_lo, open_hi = r <= 0, s <= 0
     offsets = 2.0 ** torch.arange(MAX_BRACKET_DOUBLINGS + 1, dtype=w.dtype, device=w.device).unsqueeze(-1)
     anchor = torch.where(open_lo, hi, lo)
@@ -172,7 +180,7 @@ def _ray(rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = torch.exp(-rho.clamp_min(0))
     grow = torch.exp(rho - rho.clamp_min(0))
     a = torch.stack([rho * scale, scale, grow], dim=-1)
-    da = torch.stack([scale, torch.zeros_like(rho), grow], dim=-1)
+    da = torch.stack([scale, constant(0.0, rho).expand(rho.shape), grow], dim=-1)
     return a, da
 
 
@@ -194,8 +202,8 @@ def _nearest(v: torch.Tensor, candidates: list[torch.Tensor]) -> torch.Tensor:
 def _heuristics(v: torch.Tensor) -> list[torch.Tensor]:
     """Points of K near v (N, 3) that guard the root solution against cancellation (Friberg)."""
     r, s, t = v.unbind(-1)
-    on_face = torch.stack([r.clamp_max(0), torch.zeros_like(s), t.clamp_min(0)], dim=-1)
-    safe_s = torch.where(s > 0, s, torch.ones_like(s))
+    on_face = torch.stack([r.clamp_max(0), constant(0.0, s).expand(s.shape), t.clamp_min(0)], dim=-1)
+    safe_s = torch.where(s > 0, s, constant(1.0, s))
     lifted = torch.stack([r, s, torch.maximum(t, safe_s * torch.exp(r / safe_s))], dim=-1)
     return [on_face, torch.where((s > 0).unsqueeze(-1), lifted, on_face)]
 
@@ -205,7 +213,7 @@ def _root_points(v: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, tor
     point of it (bracket (0, 1)), its norm (N, 1) and the normalized points: every row has a root,
     so no row needs to be picked out. (The stand-in is made on the device: a tensor from Python
     numbers would be a blocking host-to-device copy on a GPU.)"""
-    v = torch.where(root.unsqueeze(-1), v, torch.ones_like(v))
+    v = torch.where(root.unsqueeze(-1), v, constant(1.0, v))
     norm = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
     return v, norm, v / norm
 
@@ -215,8 +223,9 @@ def _primal(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     root region). Every row is computed and the regions merged by masks (no host sync)."""
     code = regions(v)
     r, s, t = v.unbind(-1)
-    analytic = torch.stack([r, torch.zeros_like(s), t.clamp_min(0)], dim=-1)
-    out = torch.where((code == REGION_INSIDE).unsqueeze(-1), v, torch.zeros_like(v))
+    zero = constant(0.0, v)
+    analytic = torch.stack([r, zero.expand(s.shape), t.clamp_min(0)], dim=-1)
+    out = torch.where((code == REGION_INSIDE).unsqueeze(-1), v, zero)
     out = torch.where((code == REGION_ANALYTIC).unsqueeze(-1), analytic, out)
     root = code == REGION_ROOT
     v_root, norm, w = _root_points(v, root)
@@ -266,10 +275,9 @@ def _primal_jacobian(v: torch.Tensor, rho: torch.Tensor | None = None) -> torch.
         _, code, rho = _primal(v)
     else:
         code = regions(v)
-    eye = torch.eye(3, dtype=v.dtype, device=v.device).expand(v.shape[0], 3, 3)
-    jac = torch.where((code == REGION_INSIDE)[:, None, None], eye, torch.zeros_like(eye))
-    analytic = torch.diag_embed(torch.stack(
-        [torch.ones_like(rho), torch.zeros_like(rho), (v[:, 2] > 0).to(v.dtype)], dim=-1))
+    jac = torch.where((code == REGION_INSIDE)[:, None, None], _identity(v.device, v.dtype), constant(0.0, v))
+    one, zero = constant(1.0, v).expand(rho.shape), constant(0.0, v).expand(rho.shape)
+    analytic = torch.diag_embed(torch.stack([one, zero, (v[:, 2] > 0).to(v.dtype)], dim=-1))
     jac = torch.where((code == REGION_ANALYTIC)[:, None, None], analytic, jac)
     root = code == REGION_ROOT
     _, _, w = _root_points(v, root)
@@ -282,9 +290,15 @@ def derivative(v: torch.Tensor, dual: bool = False, roots: torch.Tensor | None =
     flat = v.reshape(-1, 3)
     rho = None if roots is None else roots.reshape(-1)
     if dual:
-        jac = torch.eye(3, dtype=v.dtype, device=v.device) - _primal_jacobian(-flat, rho)
+        jac = _identity(v.device, v.dtype) - _primal_jacobian(-flat, rho)
     else:
         jac = _primal_jacobian(flat, rho)
     jac = jac.reshape(*v.shape, 3)
     apply = lambda d: (jac @ d.unsqueeze(-1)).squeeze(-1)  # noqa: E731
     return LinearMap(apply, apply, lambda: jac)
+
+
+@made_once
+def _identity(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The (3, 3) identity, made once per device and dtype."""
+    return torch.eye(3, device=device, dtype=dtype)

@@ -10,7 +10,7 @@ import math
 import torch
 
 from optlayers.cone.operator import LinearMap
-from optlayers.engine.constants import made_once
+from optlayers.engine.constants import constant, made_once
 
 ZERO_EIG_ULPS = 64  # eigenvalues within 64 ulps of the spectral radius of zero count as zero (on the boundary)
 
@@ -77,7 +77,7 @@ def derivative(v: torch.Tensor, dual: bool = False) -> LinearMap:
     li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)
     pi, pj = pos.unsqueeze(-1), pos.unsqueeze(-2)
     mixed = pi != pj
-    denom = torch.where(mixed, li - lj, torch.ones_like(li - lj))
+    denom = torch.where(mixed, li - lj, constant(1.0, li))
     ratio = (li.clamp_min(0) - lj.clamp_min(0)) / denom
     gamma = torch.where(mixed, ratio, (pi & pj).to(v.dtype))
     vecs_t = vecs.transpose(-1, -2)

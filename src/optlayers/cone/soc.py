@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from optlayers.cone.operator import LinearMap
+from optlayers.engine.constants import constant
 
 
 def _split(v: torch.Tensor):
@@ -18,10 +19,10 @@ def project(v: torch.Tensor, dual: bool = False) -> torch.Tensor:
     """Projection of v (..., k) onto the second-order cone of size k."""
     t, x, norm, inside, polar = _split(v)
     outside = ~(inside | polar)
-    safe = torch.where(outside, norm, torch.ones_like(norm))
+    safe = torch.where(outside, norm, constant(1.0, norm))
     half = (t + norm) / 2
     cone_point = torch.cat([half.unsqueeze(-1), (half / safe).unsqueeze(-1) * x], dim=-1)
-    out = torch.where(outside.unsqueeze(-1), cone_point, torch.zeros_like(v))
+    out = torch.where(outside.unsqueeze(-1), cone_point, constant(0.0, v))
     return torch.where(inside.unsqueeze(-1), v, out)
 
 
@@ -33,9 +34,9 @@ def derivative(v: torch.Tensor, dual: bool = False) -> LinearMap:
     boundary the identity (the piece inside the cone) is used.
     """
     t, x, norm, inside, polar = _split(v)
-    outside = (~(inside | polar)).to(v.dtype)
-    keep = inside.to(v.dtype)
-    safe = torch.where(outside.bool(), norm, torch.ones_like(norm))
+    outside_mask = ~(inside | polar)
+    outside, keep = outside_mask.to(v.dtype), inside.to(v.dtype)
+    safe = torch.where(outside_mask, norm, constant(1.0, norm))
     u = x / safe.unsqueeze(-1)
     ratio = t / safe
 
