@@ -94,6 +94,21 @@ def test_higher_order_derivatives_keep_the_eager_rules(eager_backend, monkeypatc
     torch.testing.assert_close(hessian_compiled, hessian, rtol=1e-8, atol=1e-9)
 
 
+def test_torch_func_keeps_the_eager_rules(eager_backend, monkeypatch):
+    """Under torch.func transforms (here grad and jacrev, whose vmap batches the backward) the
+    backward runs the eager rules, with compile=False's results."""
+    data = random_qp((3,), 5, 6, 2, active=True)
+    p = data.pop("p")
+    calls = _calls(monkeypatch)
+    results = []
+    for compile in (False, True):
+        grad = torch.func.grad(lambda q: solve_qp(p=q, **data, compile=compile).z.square().sum())(p)
+        results.append((grad, torch.func.jacrev(lambda q: solve_qp(p=q, **data, compile=compile).z)(p)))
+    assert not calls
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
 def test_compile_false_never_runs_the_compiled_backward(monkeypatch):
     calls = _calls(monkeypatch)
     data = random_qp((2,), 4, 4, 1)
