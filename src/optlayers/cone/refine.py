@@ -38,8 +38,9 @@ def residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) ->
 def _residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
     """R(x, w), y = Pi_K*(w) and the exponential cones' roots of that projection (``product.project_with_roots``)."""
     y, roots = product.project_with_roots(point.spec, w, dual=True)
-    px = torch.zeros_like(point.x) if point.P is None else embedding.matvec(point.P, point.x)
-    res = torch.cat([px + embedding.rmatvec(point.A, y) + c, -embedding.matvec(point.A, point.x) + b - y + w], -1)
+    dual = embedding.rmatvec(point.A, y)  # P x + A^T y + c (no zeros added without a P)
+    dual = (dual if point.P is None else embedding.matvec(point.P, point.x) + dual) + c
+    res = torch.cat([dual, -embedding.matvec(point.A, point.x) + b - y + w], -1)
     return res, y, roots
 
 
