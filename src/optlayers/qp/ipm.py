@@ -411,8 +411,8 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings:
     def const(value: float) -> Tensor:
         return constant(value, p.nx).expand_as(p.nx)
 
-    # each row is (lower, upper, factor): the test lower < factor · upper, the factor taken in one product of the
-    # stacked uppers (ε‖dy‖, −ε‖dx‖, ...: the products themselves; 2⁴⁶ = 1/_ROUNDING scales exactly)
+    # each row is (lower, upper, factor[, lower's factor]): the test lower < factor · upper (ε‖dy‖, −ε‖dx‖, ...: the
+    # products themselves; 2⁴⁶ = 1/_ROUNDING scales exactly), the factors taken in one product of both stacked sides
     eps = settings.infeasibility_tol
     # without equality (inequality) rows their tests are taken by another test of the same certificate
     farkas_rows = [(p.residual_y, p.ny, eps), (p.farkas_value, p.ny, -eps),
@@ -421,7 +421,7 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings:
                    # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
                    # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
                    (res.limit[:, 0], res.measured[:, 0], 1.0),
-                   (dlam.amin(-1).neg(), p.ny, eps) if k else (p.residual_y, p.ny, eps)]  # −ε‖dy‖ < min dλ
+                   (dlam.amin(-1), p.ny, eps, -1.0) if k else (p.residual_y, p.ny, eps)]  # −min dλ < ε‖dy‖
     recession_rows = [(p.norm_qdx, p.nx, eps), (_inf_norm(mv(data.A, dx)) if m else p.norm_qdx, p.nx, eps),
                       (mv(data.G, dx).amax(-1) if k else p.norm_qdx, p.nx, eps), (slopes[1], p.nx, -eps),
                       (far_slope, p.nx, -eps), (res.limit[:, 1], res.measured[:, 1], 1.0)]
@@ -439,10 +439,11 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings:
     converged_rows = [running, *((new.measured[:, j], above[:, j], 1.0) for j in (0, 1, 2, 0, 1))]
     rows = [*always, *stall_rows, *farkas_rows, *recession_rows, *raisable_rows, *exhausted_rows, *converged_rows,
             *diverged_rows]
-    lower, upper = torch.stack([row[0] for row in rows] + [row[1] for row in rows]).unflatten(0, (2, -1))
+    sides = torch.stack([row[0] for row in rows] + [row[1] for row in rows])
+    factors = _row_factors(tuple(row[3] if len(row) > 3 else 1.0 for row in rows) + tuple(row[2] for row in rows), sides)
+    lower, upper = (sides * factors.unsqueeze(-1)).unflatten(0, (2, -1))
     # every test strict: ‖·‖ < ε·size also says size > 0 (stack promotes the status to floats exactly)
-    factors = _row_factors(tuple(row[2] for row in rows), upper).unsqueeze(-1)
-    passed = (lower < upper * factors).unflatten(0, (8, -1)).all(1)
+    passed = (lower < upper).unflatten(0, (8, -1)).all(1)
     passed[3].logical_or_(passed[7])  # a recession direction: its far point descends, or x has diverged
     return passed[:7]
 
