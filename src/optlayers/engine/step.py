@@ -51,7 +51,7 @@ STIFF_W_INV = 1.0
 # feasible iterate), so a long step can raise it; predictor-corrector iterates can then cycle
 # (seen on a 2-variable QP whose solution is interior). Steps are shortened until the merit
 # μ(α) + (1 − α)·‖r‖ falls by at least this fraction of α, trying α, αβ, αβ², ...
-_MERIT_DECREASE = 0.01
+MERIT_DECREASE = 0.01
 BACKTRACK = 0.7
 BACKTRACK_STEPS = 12
 
@@ -200,7 +200,7 @@ def _merit_step(dw: Tensor, b4: Tensor, alpha: Tensor, res, factors: Tensor) -> 
     """The longest candidate step α·βʲ (``factors`` (B, j) holds βʲ, β = ``BACKTRACK``) with
     sufficient merit decrease (see above); ``alpha`` itself where none has it (shorter steps would
     only crawl). ``dw`` (B, 2, k) is the direction of (λ, s), ``b4`` (B, k) = s∘dλ + λ∘ds; ‖r‖ is
-    the largest entry of the scaled residuals (``res.scaled``).
+    the largest entry of the scaled residuals, given as (1 − δ)k‖r‖ (``res.merit_scale``).
 
     With μ(a) = μ + a·c₁ + a²·c₂ (c₁ = Σb4/k, c₂ = dsᵀdλ/k) the test
     μ(a) + (1 − a)‖r‖ ≤ (1 − δa)(μ + ‖r‖) reads, multiplied by k/a > 0,
@@ -208,7 +208,7 @@ def _merit_step(dw: Tensor, b4: Tensor, alpha: Tensor, res, factors: Tensor) -> 
     takes the first maximum; none passing gives j = 0, α itself)."""
     k = dw.shape[-1]
     sums = torch.stack([b4, dw[:, 0] * dw[:, 1]], dim=1).sum(-1)  # (B, 2): k·c₁, k·c₂
-    bound = torch.add(res.scaled, res.mu, alpha=-_MERIT_DECREASE / (1 - _MERIT_DECREASE)) * ((1 - _MERIT_DECREASE) * k)
+    bound = torch.addcmul(res.merit_scale, res.mu, constant(-MERIT_DECREASE * k, res.mu))  # k((1 − δ)‖r‖ − δμ)
     a = alpha.unsqueeze(-1) * factors
     passed = torch.addcmul(sums[:, :1], a, sums[:, 1:]) <= bound.unsqueeze(-1)
     return a.gather(-1, passed.max(-1, keepdim=True).indices).squeeze(-1)

@@ -19,7 +19,8 @@ from torch import Tensor
 from optlayers.compiling import compiled, owned
 from optlayers.engine import loop
 from optlayers.engine.constants import constant
-from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, State, Step, StepRules, factor_at, newton_step
+from optlayers.engine.step import (BACKTRACK, BACKTRACK_STEPS, MERIT_DECREASE, State, Step, StepRules, factor_at,
+                                   newton_step)
 from optlayers.host import RUNNING, host_read
 from optlayers.linalg import mtv, mv
 from optlayers.qp.kkt import (MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, regularisation_after, regularisation_limit,
@@ -111,7 +112,7 @@ def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | Non
 def _x_rows(m: int) -> str:
     """The factor of each row of ``_measure``'s rows of width n: "1" none, "d" ``Units.dual``. The rows
     are r_d + Q dx and x at the step's start point (for the certificates), r_d unscaled (for
-    ``Residuals.scaled``) and in units (the dual residual), the dual residual's terms Aᵀν (with
+    ``Residuals.merit_scale``) and in units (the dual residual), the dual residual's terms Aᵀν (with
     equality rows), Gᵀλ, Qx and p (their sizes), then Q dx and dx (for the certificates)."""
     return "111d" + "d" * (4 if m else 3) + "11"
 
@@ -133,7 +134,9 @@ class Units:
     cost: Tensor  # (B,): 1 / c
     backtrack: Tensor  # (B, j): the merit step's candidate factors βʲ (the same for every problem)
     primal: Tensor  # (B, m + k): [1 / e, 1 / f]
-    gauge: Tensor  # (B, 3): [1, 1, 1 / c], the factors of the primal and dual norms (already in units) and of the gap
+    # (B, 7): the factors of ``_measure``'s seven maxima: [1, 1, 1 / c] for the primal and dual residuals (already in
+    # units) and the gap, again for their sizes, and (1 − δ)k for the largest unscaled residual (``Residuals.merit_scale``)
+    gauge: Tensor
     on_x: Tensor  # (B, R, n): the factors of ``_measure``'s R rows of width n (``_x_rows``)
     on_y: Tensor  # (B, R', m + k): ... and of its rows of width m + k (``_y_rows``)
 
@@ -149,13 +152,15 @@ class Units:
             return torch.stack([units if c == "d" else ones for c in layout], 1) if layout else units[:, None, :0]
 
         return Units(dual=dual, cost=cost, backtrack=factors.expand(sc.c.shape[0], -1), primal=primal,
-                     gauge=torch.stack([torch.ones_like(cost), torch.ones_like(cost), cost], -1),
+                     gauge=torch.stack([torch.ones_like(cost), torch.ones_like(cost), cost] * 2
+                                       + [torch.full_like(cost, (1 - MERIT_DECREASE) * k)], -1),
                      on_x=rows(_x_rows(m), dual), on_y=rows(_y_rows(m, k), primal))
 
 
 @dataclass(frozen=True)
 class Residuals:
-    """Residuals of the scaled problem (B, ·), their largest scaled entry ``scaled`` (B,), and the
+    """Residuals of the scaled problem (B, ·), (1 − δ)k times their largest entry ``merit_scale`` (B,; the
+    merit search's, ``engine.step._merit_step``), and the
     convergence test in the original problem's units: ``measured`` (B, 3) holds the primal
     residual, the dual residual and the gap (infinity norms) as the test measured them, ``limit``
     (B, 3) the bounds they must meet: their tolerances (tol + rel_tol · size), the gap's less the
@@ -170,7 +175,7 @@ class Residuals:
     r_e: Tensor
     r_i: Tensor
     mu: Tensor
-    scaled: Tensor
+    merit_scale: Tensor
     measured: Tensor
     limit: Tensor
     gap_size: Tensor
@@ -335,12 +340,13 @@ def _measure(data: QPData, units: Units, st: State, settings: IPMSettings,
     width = max(len(group) for group in groups)
     side_by_side = torch.stack([group[i if i < len(group) else 0] for group in groups for i in range(width)], -1)
     largest = _inf_norm(side_by_side.unflatten(-1, (len(groups), width)))
-    tested, scaled = largest[:, :6].unflatten(-1, (2, 3)) * units.gauge.unsqueeze(-2), largest[:, 6]
+    in_units = largest * units.gauge
+    tested, merit_scale = in_units[:, :6].unflatten(-1, (2, 3)), in_units[:, 6]
     mu = complementarity / max(k, 1)
     # tol + rel_tol · size, the gap's less the plain gap's rounding bound (one fused multiply-add: exact where rel_tol = 0)
     tol, rel = settings.tol, settings.rel_tol
     limit = torch.addcmul(constant((tol, tol, tol), tested), tested[:, 1], constant((rel, rel, rel - _GAP_ROUNDING), tested))
-    res = Residuals(r_d, r_e, r_i, mu, scaled, tested[:, 0], limit, tested[:, 1, 2])
+    res = Residuals(r_d, r_e, r_i, mu, merit_scale, tested[:, 0], limit, tested[:, 1, 2])
     if step is None:
         return res, None
     return res, _Probe(norms_x[0], norms_x[r - 2], nx, norm_x, ny, norm_y, farkas_value, dots_x[2:])
