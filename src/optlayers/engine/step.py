@@ -234,7 +234,8 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
     """One predictor-corrector direction and step length for every problem (see the module
     docstring). ``data`` holds Q, p, A, b, G, h (``qp.scaling.QPData``), ``rows`` and ``parts``
     the other cones' rows (None and () for none), ``res`` the residuals r_d, r_e, r_i (and r_k
-    on the cone rows), μ and, for the merit search, the largest scaled residual; ``backtrack``
+    on the cone rows), μ, where the residuals made it −s∘λ (``minus_s_lam``), and, for the merit
+    search, the largest scaled residual (``merit_scale``); ``backtrack``
     (B, j) the merit search's candidate factors.
 
     ``stiff``: "none", or "all" (every running problem is marked in ``st.stiff``) or "mixed"
@@ -277,7 +278,9 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
     f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
                   diagonal=data.diagonal, check_finite=check_finite)
     lam, s, w = st.lam, st.s, st.lam_s
-    minus_s_lam = torch.addcmul(constant(0.0, s), lam, s, value=-1)  # the predictor's b4 −s∘λ, in one kernel
+    minus_s_lam = getattr(res, "minus_s_lam", None)  # the predictor's b4 −s∘λ, where the residuals made it
+    if minus_s_lam is None:
+        minus_s_lam = torch.addcmul(constant(0.0, s), lam, s, value=-1)  # in one kernel
     # −r_d, or r_d where the nonnegative rows' solve folds the negation in (``negated_rx``); −r_e (None: no rows, no arithmetic)
     fold_negation = k > 0 and not parts
     r_x, minus_r_e = (res.r_d if fold_negation else res.r_d.neg()), (res.r_e.neg() if m else None)

@@ -121,8 +121,9 @@ def _y_rows(m: int, k: int) -> str:
     """As ``_x_rows`` ("d": ``Units.primal``) for the rows of width m + k: y and dy at the step's start
     point, without equality rows λ twice (the left factors of the dot products hᵀdλ, hᵀλ and sᵀλ),
     [r_e, r_i] unscaled and in units, [Ax, Gx] and [b, h] (their sizes), and without equality rows
-    h and s (with the [b, h] before them, the dot products' right factors)."""
-    return "" if m + k == 0 else ("1111" + "1ddd" + "11" if m == 0 else "111ddd")
+    h twice and −s ("n": the factor −1), the dot products' right factors (so that their products
+    hold −s∘λ, the next step's: ``Residuals.minus_s_lam``)."""
+    return "" if m + k == 0 else ("1111" + "1ddd" + "11n" if m == 0 else "111ddd")
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,8 @@ class Units:
 
         def rows(layout: str, units: Tensor) -> Tensor:
             ones = torch.ones_like(units)
-            return torch.stack([units if c == "d" else ones for c in layout], 1) if layout else units[:, None, :0]
+            kinds = {"d": units, "1": ones, "n": -ones}
+            return torch.stack([kinds[c] for c in layout], 1) if layout else units[:, None, :0]
 
         return Units(dual=dual, cost=cost, backtrack=factors.expand(sc.c.shape[0], -1), primal=primal,
                      gauge=torch.stack([torch.ones_like(cost), torch.ones_like(cost), cost] * 2
@@ -179,6 +181,7 @@ class Residuals:
     measured: Tensor
     limit: Tensor
     gap_size: Tensor
+    minus_s_lam: Tensor | None = None  # (B, k) −s∘λ (the step's predictor right-hand side), where the residuals make it
 
     @property
     def primal(self) -> Tensor:
@@ -296,6 +299,7 @@ def _measure(data: QPData, units: Units, st: State, settings: IPMSettings,
     r_e = r_i = x[:, :0]
     terms = [dots_x[:2]]  # xᵀQx, pᵀx, then hᵀλ, bᵀν
     zero = torch.zeros_like(units.cost) if m + k == 0 or k == 0 else None
+    minus_s_lam = None
     complementarity, farkas_value = zero, zero
     if k:
         gx = mv(data.G, x)
@@ -312,13 +316,15 @@ def _measure(data: QPData, units: Units, st: State, settings: IPMSettings,
         # the rows of ``_y_rows`` (o: the two rows of λ, without equality rows)
         o = 0 if m else 2
         on_y = torch.stack([y, dy, *([] if m else [lam, lam]), r_p, r_p, joined(ax if m else None, gx if k else None),
-                            joined(data.b, data.h), *([] if m else [data.h, s])])
-        norms_y = _inf_norm(on_y * units.on_y.transpose(0, 1))
+                            joined(data.b, data.h), *([] if m else [data.h, data.h, s])])
+        in_units_y = on_y * units.on_y.transpose(0, 1)
+        norms_y = _inf_norm(in_units_y)
         norm_y, ny, raw, primal, primal_sizes = norms_y[0], norms_y[1], [norms_y[2 + o]], norms_y[3 + o], [norms_y[4 + o], norms_y[5 + o]]
-        if not m:  # [dy, λ, λ] · [h, h, s]: hᵀdλ, hᵀλ, sᵀλ
-            dots_y = (on_y[1:4] * on_y[7:]).sum(-1)
+        if not m:  # [dy, λ, λ] · [h, h, −s]: hᵀdλ, hᵀλ, −sᵀλ (the gap takes |−sᵀλ|, μ is −sᵀλ / −k)
+            products = in_units_y[1:4] * in_units_y[8:]
+            dots_y = products.sum(-1)
             terms.append(dots_y[1:2])
-            complementarity, farkas_value = dots_y[2], dots_y[0]
+            complementarity, farkas_value, minus_s_lam = dots_y[2], dots_y[0], products[2]
         else:
             if k:
                 lam_dots = _dots(lam, [data.h, s])  # hᵀλ, sᵀλ
@@ -342,11 +348,11 @@ def _measure(data: QPData, units: Units, st: State, settings: IPMSettings,
     largest = _inf_norm(side_by_side.unflatten(-1, (len(groups), width)))
     in_units = largest * units.gauge
     tested, merit_scale = in_units[:, :6].unflatten(-1, (2, 3)), in_units[:, 6]
-    mu = complementarity / max(k, 1)
+    mu = complementarity / (-k if minus_s_lam is not None else max(k, 1))
     # tol + rel_tol · size, the gap's less the plain gap's rounding bound (one fused multiply-add: exact where rel_tol = 0)
     tol, rel = settings.tol, settings.rel_tol
     limit = torch.addcmul(constant((tol, tol, tol), tested), tested[:, 1], constant((rel, rel, rel - _GAP_ROUNDING), tested))
-    res = Residuals(r_d, r_e, r_i, mu, merit_scale, tested[:, 0], limit, tested[:, 1, 2])
+    res = Residuals(r_d, r_e, r_i, mu, merit_scale, tested[:, 0], limit, tested[:, 1, 2], minus_s_lam)
     if step is None:
         return res, None
     return res, _Probe(norms_x[0], norms_x[r - 2], nx, norm_x, ny, norm_y, farkas_value, dots_x[2:])
