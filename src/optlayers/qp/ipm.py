@@ -140,9 +140,12 @@ class Units:
     gauge: Tensor
     on_x: Tensor  # (B, R, n): the factors of ``_measure``'s R rows of width n (``_x_rows``)
     on_y: Tensor  # (B, R', m + k): ... and of its rows of width m + k (``_y_rows``)
+    bh: Tensor | None = None  # (B, m + k): [b, h] of the scaled data, where ``of`` was given it
+
 
     @staticmethod
-    def of(sc: Scaling) -> Units:
+    def of(sc: Scaling, data: QPData | None = None) -> Units:
+        """The units of the scaling ``sc``; with the scaled ``data``, also its [b, h] (``bh``)."""
         factors = BACKTRACK ** torch.arange(BACKTRACK_STEPS, dtype=sc.c.dtype, device=sc.c.device)
         cost = 1.0 / sc.c
         dual, primal = 1.0 / (sc.d * sc.c.unsqueeze(-1)), torch.cat([1.0 / sc.e, 1.0 / sc.f], -1)
@@ -156,7 +159,8 @@ class Units:
         return Units(dual=dual, cost=cost, backtrack=factors.expand(sc.c.shape[0], -1), primal=primal,
                      gauge=torch.stack([torch.ones_like(cost), torch.ones_like(cost), cost] * 2
                                        + [torch.full_like(cost, (1 - MERIT_DECREASE) * k)], -1),
-                     on_x=rows(_x_rows(m), dual), on_y=rows(_y_rows(m, k), primal))
+                     on_x=rows(_x_rows(m), dual), on_y=rows(_y_rows(m, k), primal),
+                     bh=None if data is None or not (m and k) else torch.cat([data.b, data.h], -1))
 
 
 @dataclass(frozen=True)
@@ -303,20 +307,21 @@ def _measure(data: QPData, units: Units, st: State, settings: IPMSettings,
     complementarity, farkas_value = zero, zero
     if k:
         gx = mv(data.G, x)
-        r_i = (gx + s) - data.h
     if m:
         ax = mv(data.A, x)
-        r_e = ax - data.b
     if m + k:
         def joined(e: Tensor, i: Tensor) -> Tensor:
             return torch.cat([e, i], -1) if m and k else (e if m else i)
 
-        r_p = joined(r_e, r_i)
+        bh = units.bh if units.bh is not None else joined(data.b, data.h)
+        # [r_e, r_i] = [Ax − b, (Gx + s) − h], by one subtraction where there are both
+        r_p = joined(ax if m else None, gx + s if k else None) - bh
+        r_e, r_i = r_p[:, :m], r_p[:, m:]
         dy, y = (r_p, r_p) if step is None else (step.dv[:, n : n + m + k], before.v[:, n : n + m + k])
         # the rows of ``_y_rows`` (o: the two rows of λ, without equality rows)
         o = 0 if m else 2
         on_y = torch.stack([y, dy, *([] if m else [lam, lam]), r_p, r_p, joined(ax if m else None, gx if k else None),
-                            joined(data.b, data.h), *([] if m else [data.h, data.h, s])])
+                            bh, *([] if m else [data.h, data.h, s])])
         in_units_y = on_y * units.on_y.transpose(0, 1)
         norms_y = _inf_norm(in_units_y)
         norm_y, ny, raw, primal, primal_sizes = norms_y[0], norms_y[1], [norms_y[2 + o]], norms_y[3 + o], [norms_y[4 + o], norms_y[5 + o]]
@@ -339,8 +344,7 @@ def _measure(data: QPData, units: Units, st: State, settings: IPMSettings,
     terms = torch.cat(terms)
     # (B, 2, 3): the primal residual, the dual residual and the gap max(|Σ terms|, sᵀλ); then their sizes (the largest
     # of their terms); the gap in the original units. Each the largest |·| of a group of (B,) values: one ∞-norm over
-    # the groups side by side, each padded with its first value
-    # the groups side by side, each padded with its first value; the seventh: the largest unscaled residual (``scaled``)
+    # the groups side by side, each padded with its first value; the seventh: the largest unscaled residual (``merit_scale``)
     groups = [[primal], [norms_x[3]], [terms.sum(0), complementarity], primal_sizes, list(norms_x[4 : r - 2]), list(terms),
               [norms_x[2], *raw]]
     width = max(len(group) for group in groups)
@@ -681,7 +685,7 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     ``qp.fused.solve_scaled`` instead). The
     loop's looks also count the flags of ``_look_flags`` (``_StiffAndGapLook``). One more read at
     the end tells which problems failed and whether the derivatives' factorisation needs a retry."""
-    units = Units.of(sc)
+    units = Units.of(sc, data)
     device = data.p.device
     if settings.compiled:
         full, res = compiled(_start_unretried, device.type)(data, units, settings)
