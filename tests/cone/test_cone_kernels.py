@@ -27,7 +27,9 @@ MAX_EXP_SYNCS = 1
 MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # Kernels per iteration of the cone interior point method on those programs, on the accelerators'
 # schedule (every exponential cone's dual scaling and every step trial formed: the count a GPU
-# launches), counted after a warm-up solve (the cones' cached constants): 498 measured with the cone
+# launches), counted after a warm-up solve (the cones' cached constants): 484 measured with the scaled rows
+# G = V A_K by one product with the scalings' block-diagonal matrix and the residuals' norms by one
+# reduction (498 before those, with the cone
 # rows' scalings as one block-diagonal matrix (one product per V u or V^T u), the Wright omega solve in 3
 # Newton steps of 5 kernels, the residuals' norms and dot products stacked, the exponential step
 # search's points mapped by one product and the exponential parts out of the closed-form step
@@ -42,7 +44,7 @@ MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # fusions; 980 with the nonnegative rows as the KKT system's diagonal rows, 1,007 with them among
 # the scaled cone rows; 1,109 before the directions passed over A_K twice instead of over G and A_K
 # three times and the nonnegative and second-order step tests measured from s and y))).
-MAX_CONE_KERNELS_PER_ITERATION = 500
+MAX_CONE_KERNELS_PER_ITERATION = 490
 
 
 def _points(count: int) -> torch.Tensor:
