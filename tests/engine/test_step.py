@@ -40,7 +40,7 @@ def _program(batch=3, n=5, z=2, k=7, seed=0):
 def _state(v, n, z, k, mk, batch):
     zeros = torch.zeros(batch, dtype=torch.int64)
     no = torch.zeros(batch, dtype=torch.bool)
-    return State(v, zeros - 1, zeros.new_zeros(batch, 4), torch.full((batch,), 1e-10, dtype=torch.float64),
+    return State(v, zeros - 1, zeros, zeros.new_zeros(batch, 3), torch.full((batch,), 1e-10, dtype=torch.float64),
                  no, no, n, z, k, mk)
 
 

@@ -51,7 +51,7 @@ STIFF_W_INV = 1.0
 # feasible iterate), so a long step can raise it; predictor-corrector iterates can then cycle
 # (seen on a 2-variable QP whose solution is interior). Steps are shortened until the merit
 # μ(α) + (1 − α)·‖r‖ falls by at least this fraction of α, trying α, αβ, αβ², ...
-MERIT_DECREASE = 0.01
+_MERIT_DECREASE = 0.01
 BACKTRACK = 0.7
 BACKTRACK_STEPS = 12
 
@@ -110,10 +110,8 @@ class State:
 
     The primal-dual point lives in one tensor ``v`` = [x, ν, λ, s, y_K, s_K] (B, n + m + 2k + 2m_K),
     so that a step updates all of it with one operation; ``x``, ``nu``, ``lam``, ``s``, ``y_k``,
-    ``s_k`` are views of it. ``counts`` (B, 1 + c) holds the iterations each problem has taken
-    (``iterations``), then a method's own consecutive-iteration counts side by side (``counters``:
-    the QP's stalls, primal and dual infeasibility certificates; the cone method has none), so that
-    one operation updates them all; ``reg`` each problem's primal/equality
+    ``s_k`` are views of it. ``counters`` holds the consecutive-iteration counts (stalls, primal
+    and dual infeasibility certificates) side by side, ``reg`` each problem's primal/equality
     regularisation (raised where a factorisation fails; see ``kkt.next_regularisation``),
     ``stiff`` (B,) the problems that keep their near-active inequalities out of H (see
     ``newton_step``), and ``stiff_tried`` (B,) those that have been switched to that split once.
@@ -121,7 +119,8 @@ class State:
 
     v: Tensor
     status: Tensor
-    counts: Tensor
+    iterations: Tensor
+    counters: Tensor
     reg: Tensor
     stiff: Tensor
     stiff_tried: Tensor
@@ -129,16 +128,6 @@ class State:
     m: int
     k: int
     mk: int = 0
-
-    @property
-    def iterations(self) -> Tensor:
-        """(B,) the iterations each problem has taken (its steps)."""
-        return self.counts[:, 0]
-
-    @property
-    def counters(self) -> Tensor:
-        """(B, c) the method's consecutive-iteration counts."""
-        return self.counts[:, 1:]
 
     @property
     def x(self) -> Tensor:
@@ -200,7 +189,7 @@ def _merit_step(dw: Tensor, b4: Tensor, alpha: Tensor, res, factors: Tensor) -> 
     """The longest candidate step α·βʲ (``factors`` (B, j) holds βʲ, β = ``BACKTRACK``) with
     sufficient merit decrease (see above); ``alpha`` itself where none has it (shorter steps would
     only crawl). ``dw`` (B, 2, k) is the direction of (λ, s), ``b4`` (B, k) = s∘dλ + λ∘ds; ‖r‖ is
-    the largest entry of the scaled residuals, given as (1 − δ)k‖r‖ (``res.merit_scale``).
+    the largest entry of the scaled residuals (``res.scaled``).
 
     With μ(a) = μ + a·c₁ + a²·c₂ (c₁ = Σb4/k, c₂ = dsᵀdλ/k) the test
     μ(a) + (1 − a)‖r‖ ≤ (1 − δa)(μ + ‖r‖) reads, multiplied by k/a > 0,
@@ -208,7 +197,7 @@ def _merit_step(dw: Tensor, b4: Tensor, alpha: Tensor, res, factors: Tensor) -> 
     takes the first maximum; none passing gives j = 0, α itself)."""
     k = dw.shape[-1]
     sums = torch.stack([b4, dw[:, 0] * dw[:, 1]], dim=1).sum(-1)  # (B, 2): k·c₁, k·c₂
-    bound = torch.addcmul(res.merit_scale, res.mu, constant(-MERIT_DECREASE * k, res.mu))  # k((1 − δ)‖r‖ − δμ)
+    bound = torch.add(res.scaled, res.mu, alpha=-_MERIT_DECREASE / (1 - _MERIT_DECREASE)) * ((1 - _MERIT_DECREASE) * k)
     a = alpha.unsqueeze(-1) * factors
     passed = torch.addcmul(sums[:, :1], a, sums[:, 1:]) <= bound.unsqueeze(-1)
     return a.gather(-1, passed.max(-1, keepdim=True).indices).squeeze(-1)
@@ -234,8 +223,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
     """One predictor-corrector direction and step length for every problem (see the module
     docstring). ``data`` holds Q, p, A, b, G, h (``qp.scaling.QPData``), ``rows`` and ``parts``
     the other cones' rows (None and () for none), ``res`` the residuals r_d, r_e, r_i (and r_k
-    on the cone rows), μ, where the residuals made it −s∘λ (``minus_s_lam``), and, for the merit
-    search, the largest scaled residual (``merit_scale``); ``backtrack``
+    on the cone rows), μ and, for the merit search, the largest scaled residual; ``backtrack``
     (B, j) the merit search's candidate factors.
 
     ``stiff``: "none", or "all" (every running problem is marked in ``st.stiff``) or "mixed"
@@ -278,9 +266,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
     f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
                   diagonal=data.diagonal, check_finite=check_finite)
     lam, s, w = st.lam, st.s, st.lam_s
-    minus_s_lam = getattr(res, "minus_s_lam", None)  # the predictor's b4 −s∘λ, where the residuals made it
-    if minus_s_lam is None:
-        minus_s_lam = torch.addcmul(constant(0.0, s), lam, s, value=-1)  # in one kernel
+    minus_s_lam = torch.addcmul(constant(0.0, s), lam, s, value=-1)  # the predictor's b4 −s∘λ, in one kernel
     # −r_d, or r_d where the nonnegative rows' solve folds the negation in (``negated_rx``); −r_e (None: no rows, no arithmetic)
     fold_negation = k > 0 and not parts
     r_x, minus_r_e = (res.r_d if fold_negation else res.r_d.neg()), (res.r_e.neg() if m else None)
@@ -340,9 +326,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
             mu_aff = mu_aff / (k + cone_parts.degree(parts))
         else:
             mu_aff = w_aff.prod(-2).mean(-1)
-        # μ > 0 where a problem runs (s, λ > 0; a μ that underflows to 0 would make σ NaN and the step unsound, a
-        # failed factorisation's retry): the quotient needs no guard
-        sigma = (mu_aff / res.mu).clamp(0.0, 1.0) ** 3
+        sigma = (mu_aff / res.mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
         sigma_mu = sigma * res.mu
     else:
         sigma_mu = (1 - alpha_aff) ** 3 * res.mu

@@ -151,7 +151,7 @@ def _whole(data: QPData, sc: Scaling, settings: IPMSettings,
     (``RUNNING`` as ``MAX_ITER``), the factorisation, and (5,) int64 for the host: the iterations
     run, whether some start failed, whether the solve ends there (nothing runs, or the iteration
     limit), whether some problem is not solved, whether some factorisation failed."""
-    units = Units.of(sc, data)
+    units = Units.of(sc)
     st, res = ipm._start_unretried(data, units, settings)
     start_failed = (st.status == int(QPStatus.NUMERICAL_ERROR)).any()
     where = layout(st, res)
@@ -181,7 +181,7 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     taken, start_failed, ends, unsolved, unfactored = host_read(info)
     if ends and not (start_failed or unfactored):
         return IPMResult(state=replace(st, status=status), residuals=res, factor=factor, all_solved=not unsolved)
-    units = Units.of(sc, data)
+    units = Units.of(sc)
     steps_fn = compiled(steps, device.type)
 
     def run_steps(data: QPData, units: Units, st: State, res: Residuals, iteration: Tensor) -> tuple[State, Residuals, Tensor]:

@@ -19,12 +19,10 @@ from torch import Tensor
 from optlayers.compiling import compiled, owned
 from optlayers.engine import loop
 from optlayers.engine.constants import constant
-from optlayers.engine.step import (BACKTRACK, BACKTRACK_STEPS, MERIT_DECREASE, State, Step, StepRules, factor_at,
-                                   newton_step)
+from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
 from optlayers.linalg import mtv, mv
-from optlayers.qp.kkt import (MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, regularisation_after, regularisation_limit,
-                             solve_reduced)
+from optlayers.qp.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, raisable, regularisation_after, solve_reduced
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
 
@@ -109,23 +107,6 @@ def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | Non
     return base
 
 
-def _x_rows(m: int) -> str:
-    """The factor of each row of ``_measure``'s rows of width n: "1" none, "d" ``Units.dual``. The rows
-    are r_d + Q dx and x at the step's start point (for the certificates), r_d unscaled (for
-    ``Residuals.merit_scale``) and in units (the dual residual), the dual residual's terms Aᵀν (with
-    equality rows), Gᵀλ, Qx and p (their sizes), then Q dx and dx (for the certificates)."""
-    return "111d" + "d" * (4 if m else 3) + "11"
-
-
-def _y_rows(m: int, k: int) -> str:
-    """As ``_x_rows`` ("d": ``Units.primal``) for the rows of width m + k: y and dy at the step's start
-    point, without equality rows λ twice (the left factors of the dot products hᵀdλ, hᵀλ and sᵀλ),
-    [r_e, r_i] unscaled and in units, [Ax, Gx] and [b, h] (their sizes), and without equality rows
-    h twice and −s ("n": the factor −1), the dot products' right factors (so that their products
-    hold −s∘λ, the next step's: ``Residuals.minus_s_lam``)."""
-    return "" if m + k == 0 else ("1111" + "1ddd" + "11n" if m == 0 else "111ddd")
-
-
 @dataclass(frozen=True)
 class Units:
     """Per-problem constants of one solve: the factors that carry the scaled residuals back to
@@ -135,38 +116,20 @@ class Units:
     cost: Tensor  # (B,): 1 / c
     backtrack: Tensor  # (B, j): the merit step's candidate factors βʲ (the same for every problem)
     primal: Tensor  # (B, m + k): [1 / e, 1 / f]
-    # (B, 7): the factors of ``_measure``'s seven maxima: [1, 1, 1 / c] for the primal and dual residuals (already in
-    # units) and the gap, again for their sizes, and (1 − δ)k for the largest unscaled residual (``Residuals.merit_scale``)
-    gauge: Tensor
-    on_x: Tensor  # (B, R, n): the factors of ``_measure``'s R rows of width n (``_x_rows``)
-    on_y: Tensor  # (B, R', m + k): ... and of its rows of width m + k (``_y_rows``)
-    bh: Tensor | None = None  # (B, m + k): [b, h] of the scaled data, where ``of`` was given it
-
+    gauge: Tensor  # (B, 3): [1, 1, 1 / c], the factors of the primal and dual norms (already in units) and of the gap
 
     @staticmethod
-    def of(sc: Scaling, data: QPData | None = None) -> Units:
-        """The units of the scaling ``sc``; with the scaled ``data``, also its [b, h] (``bh``)."""
+    def of(sc: Scaling) -> Units:
         factors = BACKTRACK ** torch.arange(BACKTRACK_STEPS, dtype=sc.c.dtype, device=sc.c.device)
         cost = 1.0 / sc.c
-        dual, primal = 1.0 / (sc.d * sc.c.unsqueeze(-1)), torch.cat([1.0 / sc.e, 1.0 / sc.f], -1)
-        m, k = sc.e.shape[-1], sc.f.shape[-1]
-
-        def rows(layout: str, units: Tensor) -> Tensor:
-            ones = torch.ones_like(units)
-            kinds = {"d": units, "1": ones, "n": -ones}
-            return torch.stack([kinds[c] for c in layout], 1) if layout else units[:, None, :0]
-
-        return Units(dual=dual, cost=cost, backtrack=factors.expand(sc.c.shape[0], -1), primal=primal,
-                     gauge=torch.stack([torch.ones_like(cost), torch.ones_like(cost), cost] * 2
-                                       + [torch.full_like(cost, (1 - MERIT_DECREASE) * k)], -1),
-                     on_x=rows(_x_rows(m), dual), on_y=rows(_y_rows(m, k), primal),
-                     bh=None if data is None or not (m and k) else torch.cat([data.b, data.h], -1))
+        return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), cost=cost,
+                     backtrack=factors.expand(sc.c.shape[0], -1), primal=torch.cat([1.0 / sc.e, 1.0 / sc.f], -1),
+                     gauge=torch.stack([torch.ones_like(cost), torch.ones_like(cost), cost], -1))
 
 
 @dataclass(frozen=True)
 class Residuals:
-    """Residuals of the scaled problem (B, ·), (1 − δ)k times their largest entry ``merit_scale`` (B,; the
-    merit search's, ``engine.step._merit_step``), and the
+    """Residuals of the scaled problem (B, ·), their largest scaled entry ``scaled`` (B,), and the
     convergence test in the original problem's units: ``measured`` (B, 3) holds the primal
     residual, the dual residual and the gap (infinity norms) as the test measured them, ``limit``
     (B, 3) the bounds they must meet: their tolerances (tol + rel_tol · size), the gap's less the
@@ -181,11 +144,10 @@ class Residuals:
     r_e: Tensor
     r_i: Tensor
     mu: Tensor
-    merit_scale: Tensor
+    scaled: Tensor
     measured: Tensor
     limit: Tensor
     gap_size: Tensor
-    minus_s_lam: Tensor | None = None  # (B, k) −s∘λ (the step's predictor right-hand side), where the residuals make it
 
     @property
     def primal(self) -> Tensor:
@@ -250,116 +212,46 @@ def _dots(u: Tensor, vs: list[Tensor]) -> Tensor:
 _GAP_ROUNDING = 64 * torch.finfo(torch.float64).eps
 
 
-@dataclass(frozen=True)
-class _Probe:
-    """The certificates' measures of a step (``_certificates``), taken in ``_measure``'s reductions:
-    ‖r_d + Q dx‖, ‖Q dx‖, ‖dx‖, ‖x‖, ‖dy‖, ‖y‖ (at the step's start point), bᵀdν + hᵀdλ, and
-    (2, B) (x + T dx)ᵀQ dx, pᵀdx with T = ‖x‖/‖dx‖."""
-
-    residual_y: Tensor
-    norm_qdx: Tensor
-    nx: Tensor
-    norm_x: Tensor
-    ny: Tensor
-    norm_y: Tensor
-    farkas_value: Tensor
-    slopes: Tensor
-
-
 def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> Residuals:
     """KKT residuals and the convergence test, measured in the original problem's units."""
-    return _measure(data, units, st, settings)[0]
-
-
-def _measure(data: QPData, units: Units, st: State, settings: IPMSettings,
-             taken: tuple[State, Residuals, Step] | None = None) -> tuple[Residuals, _Probe | None]:
-    """``residuals`` at ``st``; given the step ``taken`` = (start point, its residuals, step) that led
-    there, also the certificates' measures of that step (``_Probe``), in the same reductions: every
-    ∞-norm of rows of width n is one kernel over their stack (``_x_rows``), those of width m + k
-    another (``_y_rows``), and the dot products of each width one product and one sum. (Each value
-    is the one a reduction of its own gives: a maximum does not round, and each dot product is
-    summed over its own contiguous row.)"""
     x, nu, lam, s = st.x, st.nu, st.lam, st.s
     n, m, k = st.n, st.m, st.k
     qx, gtlam = mv(data.Q, x), mtv(data.G, lam)
-    dual_parts = [qx, data.p, gtlam, mtv(data.A, nu)] if m else [qx, data.p, gtlam]
-    r_d = torch.stack(dual_parts).sum(0)
-    if taken is None:  # no step: its rows hold tensors at hand, measured and unused
-        before, step, prev_r, q_dx, dx = st, None, r_d, qx, x
-    else:
-        before, before_res, step = taken
-        q_dx, dx = step.q_dx, step.dv[:, :n]
-        prev_r = before_res.r_d + q_dx  # = −(Aᵀdν + Gᵀdλ) by the Newton equations
-    # the rows of ``_x_rows``: the sizes are rows 4 to r − 2, the dot products' right factors the last four
-    on_x = torch.stack([prev_r, before.x, r_d, r_d, *dual_parts[:1:-1], qx, data.p, q_dx, dx])
-    r = on_x.shape[0]
-    norms_x = _inf_norm(on_x * units.on_x.transpose(0, 1))
-    norm_x, nx = norms_x[1], norms_x[r - 1]
-    if step is None:
-        dots_x = (torch.stack([x, x]) * on_x[r - 4 : r - 2]).sum(-1)  # xᵀQx, pᵀx
-    else:  # also (x + T dx)ᵀQ dx and pᵀdx at the far point x + T dx, T = ‖x‖ / ‖dx‖ (of the start point)
-        far_point = torch.addcmul(before.x, (norm_x / nx).unsqueeze(-1), dx)
-        dots_x = (torch.stack([x, x, far_point, data.p]) * on_x[r - 4 :]).sum(-1)
+    dual_parts = torch.stack([qx, data.p, gtlam, mtv(data.A, nu)] if m else [qx, data.p, gtlam])
+    r_d = dual_parts.sum(0)
+    dual_norms = _inf_norm(torch.cat([r_d.unsqueeze(0), dual_parts]) * units.dual)
+    terms = [_dots(x, [qx, data.p])]  # xᵀQx, pᵀx, then hᵀλ, bᵀν
     r_e = r_i = x[:, :0]
-    terms = [dots_x[:2]]  # xᵀQx, pᵀx, then hᵀλ, bᵀν
-    zero = torch.zeros_like(units.cost) if m + k == 0 or k == 0 else None
-    minus_s_lam = None
-    complementarity, farkas_value = zero, zero
     if k:
         gx = mv(data.G, x)
+        r_i = (gx + s) - data.h
+        lam_dots = _dots(lam, [data.h, s])  # hᵀλ, sᵀλ
+        terms.append(lam_dots[:1])
+        complementarity = lam_dots[1]
+    else:
+        complementarity = torch.zeros_like(units.cost)
     if m:
         ax = mv(data.A, x)
-    if m + k:
-        def joined(e: Tensor, i: Tensor) -> Tensor:
-            return torch.cat([e, i], -1) if m and k else (e if m else i)
-
-        bh = units.bh if units.bh is not None else joined(data.b, data.h)
-        # [r_e, r_i] = [Ax − b, (Gx + s) − h], by one subtraction where there are both
-        r_p = joined(ax if m else None, gx + s if k else None) - bh
-        r_e, r_i = r_p[:, :m], r_p[:, m:]
-        dy, y = (r_p, r_p) if step is None else (step.dv[:, n : n + m + k], before.v[:, n : n + m + k])
-        # the rows of ``_y_rows`` (o: the two rows of λ, without equality rows)
-        o = 0 if m else 2
-        on_y = torch.stack([y, dy, *([] if m else [lam, lam]), r_p, r_p, joined(ax if m else None, gx if k else None),
-                            bh, *([] if m else [data.h, data.h, s])])
-        in_units_y = on_y * units.on_y.transpose(0, 1)
-        norms_y = _inf_norm(in_units_y)
-        norm_y, ny, raw, primal, primal_sizes = norms_y[0], norms_y[1], [norms_y[2 + o]], norms_y[3 + o], [norms_y[4 + o], norms_y[5 + o]]
-        if not m:  # [dy, λ, λ] · [h, h, −s]: hᵀdλ, hᵀλ, −sᵀλ (the gap takes |−sᵀλ|, μ is −sᵀλ / −k)
-            products = in_units_y[1:4] * in_units_y[8:]
-            dots_y = products.sum(-1)
-            terms.append(dots_y[1:2])
-            complementarity, farkas_value, minus_s_lam = dots_y[2], dots_y[0], products[2]
-        else:
-            if k:
-                lam_dots = _dots(lam, [data.h, s])  # hᵀλ, sᵀλ
-                terms.append(lam_dots[:1])
-                complementarity = lam_dots[1]
-            terms.append(_pair_dots(nu, data.b).unsqueeze(0))
-            if step is not None:
-                farkas_value = _pair_dots(dy, on_y[5])  # bᵀdν + hᵀdλ
+        r_e = ax - data.b
+        terms.append(_dots(nu, [data.b]))
+    stacked = torch.cat([r_d, r_e, r_i], dim=-1)
+    scaled = _inf_norm(stacked)
+    if m and k:  # [r_e, r_i], [Ax, Gx], [b, h] in units
+        primal_norms = _inf_norm(torch.stack([stacked[:, n:], torch.cat([ax, gx], -1), torch.cat([data.b, data.h], -1)])
+                                 * units.primal)
+    elif m or k:
+        primal_norms = _inf_norm(torch.stack([r_e, ax, data.b] if m else [r_i, gx, data.h]) * units.primal)
     else:
-        ny = norm_y = primal = zero
-        raw, primal_sizes = [], [zero]
+        primal_norms = units.gauge.new_zeros(3, units.gauge.shape[0])
     terms = torch.cat(terms)
-    # (B, 2, 3): the primal residual, the dual residual and the gap max(|Σ terms|, sᵀλ); then their sizes (the largest
-    # of their terms); the gap in the original units. Each the largest |·| of a group of (B,) values: one ∞-norm over
-    # the groups side by side, each padded with its first value; the seventh: the largest unscaled residual (``merit_scale``)
-    groups = [[primal], [norms_x[3]], [terms.sum(0), complementarity], primal_sizes, list(norms_x[4 : r - 2]), list(terms),
-              [norms_x[2], *raw]]
-    width = max(len(group) for group in groups)
-    side_by_side = torch.stack([group[i if i < len(group) else 0] for group in groups for i in range(width)], -1)
-    largest = _inf_norm(side_by_side.unflatten(-1, (len(groups), width)))
-    in_units = largest * units.gauge
-    tested, merit_scale = in_units[:, :6].unflatten(-1, (2, 3)), in_units[:, 6]
-    mu = complementarity / (-k if minus_s_lam is not None else max(k, 1))
-    # tol + rel_tol · size, the gap's less the plain gap's rounding bound (one fused multiply-add: exact where rel_tol = 0)
-    tol, rel = settings.tol, settings.rel_tol
-    limit = torch.addcmul(constant((tol, tol, tol), tested), tested[:, 1], constant((rel, rel, rel - _GAP_ROUNDING), tested))
-    res = Residuals(r_d, r_e, r_i, mu, merit_scale, tested[:, 0], limit, tested[:, 1, 2], minus_s_lam)
-    if step is None:
-        return res, None
-    return res, _Probe(norms_x[0], norms_x[r - 2], nx, norm_x, ny, norm_y, farkas_value, dots_x[2:])
+    # (B, 2, 3): the primal residual, the dual residual and the gap; then their sizes; the gap in the original units
+    gap = torch.maximum(terms.sum(0).abs(), complementarity)
+    tested = torch.stack([primal_norms[0], dual_norms[0], gap, primal_norms[1:].amax(0), dual_norms[1:].amax(0),
+                          _inf_norm(terms, 0)], -1).unflatten(-1, (2, 3)) * units.gauge.unsqueeze(-2)
+    mu = complementarity / max(k, 1)
+    limit = tested[:, 1].mul(settings.rel_tol).add_(settings.tol)
+    limit[:, 2].sub_(tested[:, 1, 2], alpha=_GAP_ROUNDING)  # the plain gap's rounding comes off its limit
+    return Residuals(r_d, r_e, r_i, mu, scaled, tested[:, 0], limit, tested[:, 1, 2])
 
 
 def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> State:
@@ -382,7 +274,7 @@ def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR
     status = torch.where(f.ok, RUNNING, int(QPStatus.NUMERICAL_ERROR))
     zeros = torch.zeros(B, dtype=torch.int64, device=x.device)
     no = torch.zeros(B, dtype=torch.bool, device=x.device)
-    return State(torch.cat([x, nu, lam, s], dim=-1), status, zeros.new_zeros(B, 4), reg, no, no, n, m, k)
+    return State(torch.cat([x, nu, lam, s], dim=-1), status, zeros, zeros.new_zeros(B, 3), reg, no, no, n, m, k)
 
 
 def newton_iteration(data: QPData, units: Units, st: State, res: Residuals, settings: IPMSettings,
@@ -394,14 +286,11 @@ def newton_iteration(data: QPData, units: Units, st: State, res: Residuals, sett
     return newton_step(data, None, (), st, res, units.backtrack, settings.rules, stiff, check_finite=False)
 
 
-def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSettings, probe: _Probe,
-                  new: Residuals) -> Tensor:
-    """The step's tests, (7, B): true (the iterations' column of ``State.counts``), whether the step
-    is negligible (α < ``_NEGLIGIBLE_STEP``), whether the direction looks like a primal (Farkas) or
-    a dual infeasibility certificate (the order of ``State.counts``); whether the problem runs with
-    a regularisation that a failed factorisation may raise (``kkt.raisable``), whether it runs with
-    one that may not, and whether it runs and passes the convergence test at the new point
-    (``new``: ``Residuals.converged``). ``probe`` holds the step's measures (``_measure``).
+def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: float) -> tuple[Tensor, Tensor]:
+    """Whether the step is negligible (α < ``_NEGLIGIBLE_STEP``), whether the direction looks like
+    a primal (Farkas) or a dual infeasibility certificate, as (B, 3) (the order of
+    ``State.counters``); and whether the step is sound (B,): the problem runs, its factorisation
+    succeeded and the step is finite.
 
     Primal infeasibility (dν, dλ): ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ < −ε‖dy‖, dλ ≥ −ε‖dy‖,
     and ‖dy‖ > 64 ε₆₄ ‖y‖ (``_ROUNDING``): where the duals have converged, a step dy at their
@@ -416,52 +305,51 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, settings:
     It is waived where x has diverged (``_DIVERGED``).
     The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx; A dx and G dx are measured (the
     regularised step need not satisfy A dx = −r_e, G dx = −r_i − ds where A is rank deficient).
-    All five families are one stacked comparison.
+    Each family of comparisons is one stacked operation.
     """
     n, m, k = st.n, st.m, st.k
-    dx, dlam = step.dv[:, :n], step.dv[:, n + m : n + m + k]
-    p = probe
-    slopes = p.slopes
-    far_slope = slopes[0] + slopes[1]
-
-    def const(value: float) -> Tensor:
-        return constant(value, p.nx).expand_as(p.nx)
-
-    # each row is (lower, upper, factor[, lower's factor]): the test lower < factor · upper (ε‖dy‖, −ε‖dx‖, ...: the
-    # products themselves; 2⁴⁶ = 1/_ROUNDING scales exactly), the factors taken in one product of both stacked sides
-    eps = settings.infeasibility_tol
+    dv = step.dv
+    dx, dy, dlam = dv[:, :n], dv[:, n : n + m + k], dv[:, n + m : n + m + k]
+    # ‖r_d + Q dx‖ (= ‖Aᵀdν + Gᵀdλ‖), ‖Q dx‖, ‖dx‖, ‖x‖; [Q dx, dx] is reused below
+    on_x = torch.stack([res.r_d + step.q_dx, step.q_dx, dx, st.x])
+    residual_y, norm_qdx, nx, norm_x = _inf_norm(on_x)
+    if m + k:
+        ny, norm_y = _inf_norm(torch.stack([dy, st.v[:, n : n + m + k]]))
+        by = torch.cat([data.b, data.h], -1) if m and k else (data.b if m else data.h)
+        farkas_value = (dy * by).sum(-1)  # bᵀdν + hᵀdλ
+    else:
+        ny = norm_y = farkas_value = torch.zeros_like(nx)
+    # pᵀdx, and the objective's slope along dx at x + T dx, T = ‖x‖ / ‖dx‖: pᵀdx + (x + T dx)ᵀQ dx
+    far_point = torch.addcmul(st.x, (norm_x / nx).unsqueeze(-1), dx)
+    slopes = (torch.stack([far_point, data.p]) * on_x[1:3]).sum(-1)
+    far_slope = (slopes[0] + slopes[1]).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
+    (eps_y, eps_x), (minus_eps_y, minus_eps_x) = torch.stack([ny, nx]) * constant((eps, -eps), nx).view(2, 1, 1)
     # without equality (inequality) rows their tests are taken by another test of the same certificate
-    farkas_rows = [(p.residual_y, p.ny, eps), (p.farkas_value, p.ny, -eps),
+    farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y),
                    # dy must move y: a step of dy at y's rounding (an optimum's dual, converged) passes the relative tests by rounding
-                   (p.norm_y, p.ny, 1 / _ROUNDING),
+                   (_ROUNDING * norm_y, ny),
                    # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
                    # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
-                   (res.limit[:, 0], res.measured[:, 0], 1.0),
-                   (dlam.amin(-1), p.ny, eps, -1.0) if k else (p.residual_y, p.ny, eps)]  # −min dλ < ε‖dy‖
-    recession_rows = [(p.norm_qdx, p.nx, eps), (_inf_norm(mv(data.A, dx)) if m else p.norm_qdx, p.nx, eps),
-                      (mv(data.G, dx).amax(-1) if k else p.norm_qdx, p.nx, eps), (slopes[1], p.nx, -eps),
-                      (far_slope, p.nx, -eps), (res.limit[:, 1], res.measured[:, 1], 1.0)]
-    # the far point's test is waived where x has diverged (an iterate beyond reach): the family again with that instead
-    diverged_rows = [*recession_rows[:4], (const(_DIVERGED), p.norm_x, 1.0), recession_rows[5]]
+                   (res.limit[:, 0], res.measured[:, 0]),
+                   (minus_eps_y, dlam.amin(-1)) if k else (residual_y, eps_y)]
+    recession_rows = [(norm_qdx, eps_x), (_inf_norm(mv(data.A, dx)) if m else norm_qdx, eps_x),
+                      (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (slopes[1], minus_eps_x),
+                      (far_slope, minus_eps_x), (res.limit[:, 1], res.measured[:, 1])]
     farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
-    stall_rows = [(step.alpha, const(_NEGLIGIBLE_STEP), 1.0)] * len(farkas_rows)
-    always = [(const(-torch.inf), const(0.0), 1.0)] * len(farkas_rows)
-    # running (RUNNING is the one status below SOLVED) with a raisable regularisation, or with one that is not
-    running, limit = (st.status, const(RUNNING + 0.5), 1.0), regularisation_limit(settings.reg)
-    raisable_rows = [running, (st.reg, const(limit), 1.0)] * 3
-    exhausted_rows = [running, (const(limit), st.reg, 1.0)] * 3
-    # measured ≤ limit as measured < the next float above limit (both false for NaN)
-    above = torch.nextafter(new.limit, constant(torch.inf, new.limit))
-    converged_rows = [running, *((new.measured[:, j], above[:, j], 1.0) for j in (0, 1, 2, 0, 1))]
-    rows = [*always, *stall_rows, *farkas_rows, *recession_rows, *raisable_rows, *exhausted_rows, *converged_rows,
-            *diverged_rows]
-    sides = torch.stack([row[0] for row in rows] + [row[1] for row in rows])
-    factors = _row_factors(tuple(row[3] if len(row) > 3 else 1.0 for row in rows) + tuple(row[2] for row in rows), sides)
-    lower, upper = (sides * factors.unsqueeze(-1)).unflatten(0, (2, -1))
-    # every test strict: ‖·‖ < ε·size also says size > 0 (stack promotes the status to floats exactly)
-    passed = (lower < upper).unflatten(0, (8, -1)).all(1)
-    passed[3].logical_or_(passed[7])  # a recession direction: its far point descends, or x has diverged
-    return passed[:7]
+
+    def const(value: float) -> Tensor:
+        return constant(value, nx).expand_as(nx)
+
+    stall_rows = [(step.alpha, const(_NEGLIGIBLE_STEP))] * len(farkas_rows)
+    total = dv.sum(-1)  # NaN or ±inf if any part of the direction is (α is finite: max_step ignores NaN)
+    # the status (an integer) is RUNNING, the factorisation succeeded (bool), the direction and α are finite
+    sound_rows = [(const(RUNNING - 0.5), st.status), (st.status, const(RUNNING + 0.5)), (const(0.5), step.factor_ok),
+                  (const(-torch.inf), total), (total, const(torch.inf)), (step.alpha, const(torch.inf))]
+    # every test strict: ‖·‖ < ε·size also says size > 0; all four families in one comparison (stack promotes
+    # the status and the flags to floats exactly)
+    lower, upper = (torch.stack(side) for side in zip(*stall_rows, *farkas_rows, *recession_rows, *sound_rows))
+    passed = (lower < upper).unflatten(0, (4, -1)).all(1)
+    return passed[:3].T, passed[3]
 
 
 # The far-point slope test of a recession direction is waived where ‖x‖ (scaled) exceeds this
@@ -477,51 +365,27 @@ _CERTIFICATE_PERSISTENCE = 3
 _NEGLIGIBLE_STEP = 1e-10
 
 
-def _row_factors(values: tuple[float, ...], like: Tensor) -> Tensor:
-    """``values`` as a 1-d tensor (``constant``); under compilation stacked from 0-d ones, which inductor
-    writes into its kernels (a tensor literal of many values it keeps as a constant that its C++
-    wrapper does not declare inside a ``while_loop`` body: ``qp/fused.py``)."""
-    if torch.compiler.is_compiling():
-        return torch.stack([constant(value, like) for value in values])
-    return constant(values, like)
-
-
-def _sound(st: State, step: Step) -> Tensor:
-    """(B,) whether the problem runs, its factorisation succeeded and its direction is finite:
-    status + 0·Σdv is RUNNING exactly then (NaN where some entry of the direction is not finite).
-    (α is finite: ``max_step`` ignores NaN.)"""
-    total = step.dv.sum(-1)
-    return (torch.addcmul(st.status, total, constant(0.0, total)) == RUNNING) & step.factor_ok
-
-
-def assess(data: QPData, units: Units, st: State, res: Residuals, step: Step,
-           settings: IPMSettings) -> tuple[State, Residuals]:
-    """Take the step where the problem is running and sound; update statuses and counters; the
-    residuals at the new point and the convergence test (running problems that pass are solved).
+def assess(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSettings) -> State:
+    """Take the step where the problem is running and sound; update statuses and counters.
 
     A problem whose factorisation failed (or whose step is not finite: a factor with NaN) keeps
     its iterate and retries with more regularisation
     (``kkt.next_regularisation``); once that has happened ``MAX_FACTOR_RETRIES`` times in a row it
     is a numerical failure. (The host may then switch it to the stiff split: ``_switch_stiff``.)"""
-    sound = _sound(st, step)
-    v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
-    new_res, probe = _measure(data, units, replace(st, v=v), settings, (st, res, step))
-    passed = _certificates(data, st, res, step, settings, probe, new_res)
-    # a running problem whose step is not sound retries where its regularisation can rise, and has failed where it cannot
-    retry, gave_up = passed[4:6] > sound  # as kkt.next_regularisation
+    running = st.status == RUNNING
+    events, sound = _certificates(data, st, res, step, settings.infeasibility_tol)  # sound: running, factored, finite
+    unsound, can_raise = running > sound, raisable(st.reg, settings.reg)  # a factor with NaN gives a NaN step
+    retry, gave_up = unsound & can_raise, unsound > can_raise  # as kkt.next_regularisation
     reg = regularisation_after(st.reg, settings.reg, retry, sound)
-    # the iterations (a family that always passes) and the consecutive stalls and certificates, each + 1 or 0 where sound
-    events = passed[:4].T
-    counts = torch.where(sound.unsqueeze(-1), torch.addcmul(events, st.counts, events), st.counts)  # (c + 1)·e
+    v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
+    counters = torch.where(sound.unsqueeze(-1), (st.counters + 1) * events, st.counters)
     # a stall, a primal and a dual infeasibility certificate held long enough
-    held = counts[:, 1:] >= constant((settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE), counts)
-    # converged, then a failure or a stall, then primal, then dual infeasibility: the later test wins (a problem
-    # that has stopped keeps its status: its counts no longer change, and a failure needs it to run)
-    status = st.status.masked_fill(passed[6], int(QPStatus.SOLVED))
-    status = status.masked_fill(gave_up | held[:, 0], int(QPStatus.NUMERICAL_ERROR))
+    held = counters >= constant((settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE), counters)
+    # a failure or a stall, then primal, then dual infeasibility: the later test wins
+    status = st.status.masked_fill(gave_up | held[:, 0], int(QPStatus.NUMERICAL_ERROR))
     status = status.masked_fill(held[:, 1], int(QPStatus.PRIMAL_INFEASIBLE))
     status = status.masked_fill(held[:, 2], int(QPStatus.DUAL_INFEASIBLE))
-    return replace(st, v=v, status=status, counts=counts, reg=reg), new_res
+    return replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg)
 
 
 def _look_flags(st: State, res: Residuals, units: Units, running: Tensor, iteration: int,
@@ -634,7 +498,9 @@ def step(data: QPData, units: Units, st: State, res: Residuals, settings: IPMSet
     where the problem is still running, then the residuals and the convergence test at the new
     point. The test ends the step, so that a host look right after it sees the convergence.
     ``stiff`` as in ``newton_iteration``."""
-    return assess(data, units, st, res, newton_iteration(data, units, st, res, settings, stiff), settings)
+    st = assess(data, st, res, newton_iteration(data, units, st, res, settings, stiff), settings)
+    res = residuals(data, units, st, settings)
+    return _mark_converged(st, res), res
 
 
 def _start_unretried(data: QPData, units: Units, settings: IPMSettings) -> tuple[State, Residuals]:
@@ -685,7 +551,7 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     ``qp.fused.solve_scaled`` instead). The
     loop's looks also count the flags of ``_look_flags`` (``_StiffAndGapLook``). One more read at
     the end tells which problems failed and whether the derivatives' factorisation needs a retry."""
-    units = Units.of(sc, data)
+    units = Units.of(sc)
     device = data.p.device
     if settings.compiled:
         full, res = compiled(_start_unretried, device.type)(data, units, settings)

@@ -247,15 +247,9 @@ def next_regularisation(reg: Tensor, base: float, running: Tensor, factored: Ten
     return retry, regularisation_after(reg, base, retry, advanced)
 
 
-def regularisation_limit(base: float) -> float:
-    """The ``reg`` (from the ``base`` regularisation) from which a failed factorisation no longer
-    retries (``raisable``)."""
-    return base * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5
-
-
 def raisable(reg: Tensor, base: float) -> Tensor:
     """(B,) whether a failed factorisation at ``reg`` may retry with more (``next_regularisation``)."""
-    return reg < regularisation_limit(base)
+    return reg < base * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5
 
 
 def regularisation_after(reg: Tensor, base: float, retry: Tensor, advanced: Tensor) -> Tensor:

@@ -291,7 +291,7 @@ def _start(program: _Program, parts: tuple[cone_parts.Part, ...], degree: int,
     v = torch.cat([c.new_zeros(batch, n + z), ones, centre, centre], -1)
     zeros = torch.zeros(batch, dtype=torch.int64, device=v.device)
     no = torch.zeros(batch, dtype=torch.bool, device=v.device)
-    st = State(v, torch.full_like(zeros, RUNNING), zeros.new_zeros(batch, 1),
+    st = State(v, torch.full_like(zeros, RUNNING), zeros, zeros.new_zeros(batch, 3),
                v.new_full((batch,), settings.reg), no, no, n, z, k, mk)
     res = _residuals(program, st, degree)
     return _converged(st, res, settings), res
@@ -317,7 +317,7 @@ def _step(program: _Program, st: State, res: _Residuals, parts: tuple[cone_parts
     v = torch.where(advance.unsqueeze(-1), moved, st.v)
     fails = running > (ok | retry)  # running, and neither stepping nor retrying
     st = dataclasses.replace(st, v=v, status=torch.where(fails, failed, st.status),
-                             counts=st.counts + advance.unsqueeze(-1), reg=reg)
+                             iterations=st.iterations + advance, reg=reg)
     res = _residuals(program, st, degree)
     return _converged(st, res, settings), res
 
