@@ -3,6 +3,7 @@
 Counted with ``benchmarks/kernels.py`` (a ``TorchDispatchMode``): an ``item``, ``bool(tensor)``,
 ``nonzero`` or boolean-mask index makes the host wait for a GPU.
 """
+import math
 import sys
 from pathlib import Path
 
@@ -141,3 +142,30 @@ def test_the_adjoint_writes_no_matrix_of_the_derivative_s_size():
         with _LargestOutput() as mode:
             loss.backward()
         assert A_.grad is not None and mode.largest < batch * (n + m) ** 2 / 2, (outputs, mode.largest)
+
+
+def test_exp_roots_from_a_guess_equal_the_robust_ones_and_fall_back_where_the_guess_is_bad():
+    """Started from guesses (a nearby point's roots, or ``root_guess`` of the projection), the root
+    solve takes a few plain Newton steps and one look, far fewer kernels than the bracket,
+    multisection and safeguarded Newton; a guess that does not converge inside the bracket (NaN,
+    or far off) falls back to that robust solve for its row, with the same answer."""
+    v = torch.cat([_points(512), torch.tensor([[1e-4, -1.5, 1.0], [-0.4, 1e-4, -0.5]])])
+    for dual in (False, True):
+        projected, roots = exp.project_with_roots(v, dual)
+        nearby = v * (1 + 1e-6 * torch.randn(v.shape, generator=torch.Generator().manual_seed(2)))
+        cold = kernels.count(lambda: exp.project_with_roots(nearby, dual))
+        warm = kernels.count(lambda: exp.project_with_roots(nearby, dual, roots))
+        assert warm.sync_count <= MAX_EXP_SYNCS and warm.kernel_count < 0.6 * cold.kernel_count, (warm.kernel_count, cold.kernel_count)
+        expected, expected_roots = exp.project_with_roots(nearby, dual)
+        got, got_roots = exp.project_with_roots(nearby, dual, roots)
+        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+        root_rows = exp.regions(-nearby if dual else nearby) == exp.REGION_ROOT
+        torch.testing.assert_close(got_roots[root_rows], expected_roots[root_rows], rtol=1e-13, atol=1e-13)
+        guess = exp.root_guess(v, projected, dual)  # from the projection itself: its own roots (NaN: no guess)
+        rows = (exp.regions(-v if dual else v) == exp.REGION_ROOT) & ~guess.isnan()
+        assert rows.sum() > 0.3 * len(v)
+        torch.testing.assert_close(guess[rows], roots[rows], rtol=1e-3, atol=1e-3)  # the heuristic points: not on the ray
+        bad = roots.clone()
+        bad[::3], bad[1::3] = math.nan, 1e3
+        got, _ = exp.project_with_roots(nearby, dual, bad)
+        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)

@@ -23,14 +23,21 @@ def project(spec: ConeSpec, v: torch.Tensor, dual: bool = False) -> torch.Tensor
     return project_with_roots(spec, v, dual)[0]
 
 
-def project_with_roots(spec: ConeSpec, v: torch.Tensor, dual: bool = False) -> tuple[torch.Tensor, list]:
+def project_with_roots(spec: ConeSpec, v: torch.Tensor, dual: bool = False, guesses: list | None = None,
+                       near: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
     """``project`` and, per block, the exponential cones' roots (..., count) (None for the other
     blocks), for ``derivative`` at the same v: an exponential projection's root is solved by an
-    iteration that the host looks at, and the derivative needs the same root."""
+    iteration that the host looks at, and the derivative needs the same root. The exponential
+    cones' Newton iterations start from ``guesses`` (per block, as the roots returned; those of a
+    nearby v) or, without them, from the roots of ``near`` (..., m), a point near the projection
+    (``exp.root_guess``); the answer does not depend on them (up to the roots' last few ulps)."""
     pieces, roots = [], []
-    for block in spec.blocks():
+    for index, block in enumerate(spec.blocks()):
         if block.module is exp:
-            out, rho = exp.project_with_roots(_piece(v, block), _wants_dual(block, dual))
+            guess = None if guesses is None else guesses[index]
+            if guess is None and near is not None:
+                guess = exp.root_guess(_piece(v, block), _piece(near, block), _wants_dual(block, dual))
+            out, rho = exp.project_with_roots(_piece(v, block), _wants_dual(block, dual), guess)
         else:
             out, rho = block.module.project(_piece(v, block), _wants_dual(block, dual)), None
         pieces.append(out.flatten(-2))

@@ -35,9 +35,11 @@ def residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) ->
     return _residual(point, b, c, w)[0]
 
 
-def _residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """R(x, w), y = Pi_K*(w) and the exponential cones' roots of that projection (``product.project_with_roots``)."""
-    y, roots = product.project_with_roots(point.spec, w, dual=True)
+def _residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, guesses: list | None = None,
+              near: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """R(x, w), y = Pi_K*(w) and the exponential cones' roots of that projection
+    (``product.project_with_roots``, whose root solves start from ``guesses`` or ``near``)."""
+    y, roots = product.project_with_roots(point.spec, w, dual=True, guesses=guesses, near=near)
     dual = embedding.rmatvec(point.A, y)  # P x + A^T y + c (no zeros added without a P)
     dual = (dual if point.P is None else embedding.matvec(point.P, point.x) + dual) + c
     res = torch.cat([dual, -embedding.matvec(point.A, point.x) + b - y + w], -1)
@@ -75,10 +77,11 @@ def _derivative(point: Point, w: torch.Tensor, roots: list | None = None) -> emb
 
 
 def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, step: torch.Tensor,
-               norm: torch.Tensor, active: torch.Tensor, target: torch.Tensor) -> tuple[tuple[torch.Tensor, ...], list, bool]:
+               norm: torch.Tensor, active: torch.Tensor, target: torch.Tensor,
+               roots: list) -> tuple[tuple[torch.Tensor, ...], list, bool]:
     """(x, w, y, R, ||R||) at the first of the step lengths 1, 1/2, 1/4, ... that lowers ||R||, per
-    element (the best tried if none does), and the roots of its projection, stopping once every
-    ``active`` element has improved;
+    element (the best tried if none does), and the roots of its projection (solved from ``roots``,
+    those at w), stopping once every ``active`` element has improved;
     and whether an element will still be active (improved, and its ||R|| still above ``target``)
     after it. The
     host reads both facts at once, one synchronisation per step length tried."""
@@ -87,7 +90,7 @@ def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, 
     length = 1.0
     for _ in range(MAX_BACKTRACKS + 1):
         x_try, w_try = point.x - length * step[:, :n], w - length * step[:, n:]
-        res_try, y_try, roots_try = _residual(dataclasses.replace(point, x=x_try), b, c, w_try)
+        res_try, y_try, roots_try = _residual(dataclasses.replace(point, x=x_try), b, c, w_try, roots)
         trial = (x_try, w_try, y_try, res_try, res_try.norm(dim=-1))
         if best is None:
             best, best_roots = trial, roots_try
@@ -112,7 +115,7 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
         return point
     current = point.cleaned()
     w = current.y - current.s
-    res, _, roots = _residual(current, b, c, w)
+    res, _, roots = _residual(current, b, c, w, near=current.y)  # the roots' Newton iterations start at y's
     norm = res.norm(dim=-1)
     target = TARGET * _scale(b, c)
     active = current.ok & (norm > target)
@@ -127,7 +130,7 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
         else:
             step = solve_system(current, res, transpose=False, mode=mode, check=False)
         (trial_x, w_trial, y_trial, res_trial, norm_trial), roots_trial, left = _backtrack(current, b, c, w, step, norm,
-                                                                                           active, target)
+                                                                                           active, target, roots)
         better = active & (norm_trial < norm)
         improved = improved | better
         keep = better.unsqueeze(-1)
