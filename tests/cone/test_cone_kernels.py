@@ -19,6 +19,9 @@ from benchmarks import kernels  # noqa: E402
 # after exp.NEWTON_UNCHECKED Newton steps, whether every root has converged (measured: 1 on these
 # points, where boolean indexing of the root rows made 14 for the projection and 19 for the derivative).
 MAX_EXP_SYNCS = 1
+# The exponential cone's derivative at a point whose projection's roots it is given (which also tell
+# the rows' regions): 77 kernels measured (112 when it classified the rows again).
+MAX_EXP_DERIVATIVE_KERNELS = 80
 # solve_cone(solver="ipm") on the cone benchmark's programs (all five cones), batch 8 (128 gives the
 # same counts): 13 forward syncs (validation 1, the interior point method's looks 3, the
 # refinement's 3 and its linear solves' 2, the exponential projections' root looks 3 (their
@@ -169,3 +172,20 @@ def test_exp_roots_from_a_guess_equal_the_robust_ones_and_fall_back_where_the_gu
         bad[::3], bad[1::3] = math.nan, 1e3
         got, _ = exp.project_with_roots(nearby, dual, bad)
         torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+
+
+def test_exp_roots_tell_the_regions():
+    """Off the root region ``project_with_roots`` returns the row's region (+inf inside the cone
+    projected on, -inf in its polar, NaN on the analytic face), so that the derivative at the same
+    point need not classify the rows again (``regions``: three exponentials and a dozen tests)."""
+    v = torch.cat([_points(512), torch.tensor([[-1.0, 1.0, 1.0], [0.0, 0.0, 0.0], [-1.0, -2.0, 3.0]])])
+    for dual in (False, True):
+        _, roots = exp.project_with_roots(v, dual)
+        code = exp.regions(-v if dual else v)
+        assert set(code.tolist()) == {exp.REGION_INSIDE, exp.REGION_POLAR, exp.REGION_ANALYTIC, exp.REGION_ROOT}
+        expected = {exp.REGION_INSIDE: math.inf, exp.REGION_POLAR: -math.inf}
+        for region, value in expected.items():
+            assert (roots[code == region] == value).all()
+        assert roots[code == exp.REGION_ANALYTIC].isnan().all() and roots[code == exp.REGION_ROOT].isfinite().all()
+        shared = kernels.count(lambda: exp.derivative(v, dual, roots).dense())
+        assert shared.kernel_count <= MAX_EXP_DERIVATIVE_KERNELS, shared.kernels

@@ -180,7 +180,7 @@ def _warm_root(w: torch.Tensor, terms: _Terms, guess: torch.Tensor) -> tuple[tor
     lo = torch.where(r > 0, 1 - s / torch.where(r > 0, r, one), -inf)
     hi = torch.where(s > 0, r / torch.where(s > 0, s, one), inf)
     tol = ROOT_TOL_ULPS * torch.finfo(w.dtype).eps
-    rho = guess
+    rho = torch.nan_to_num(guess, nan=0.0, posinf=0.0, neginf=0.0)  # no guess: from 0
     done = torch.zeros_like(rho, dtype=torch.bool)
     for _ in range(WARM_NEWTON_STEPS):
         f, df = _h(terms, rho)
@@ -262,10 +262,10 @@ def _root_points(v: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, tor
     return v, norm, v / norm
 
 
-def _primal(v: torch.Tensor, guess: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Projection onto K of v (N, 3); also the region codes and the root (the stand-in's off the
-    root region). Every row is computed and the regions merged by masks. ``guess`` (N,): roots
-    to start Newton's method from (``_root``)."""
+def _primal(v: torch.Tensor, guess: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projection onto K of v (N, 3) and its roots (``project_with_roots``: the root in the root
+    region, the region's code elsewhere). Every row is computed and the regions merged by masks.
+    ``guess`` (N,): roots to start Newton's method from (``_root``)."""
     code = regions(v)
     r, s, t = v.unbind(-1)
     zero = constant(0.0, v)
@@ -276,7 +276,14 @@ def _primal(v: torch.Tensor, guess: torch.Tensor | None = None) -> tuple[torch.T
     v_root, norm, w = _root_points(v, root)
     rho = _root(w, guess, root)
     nearest = _nearest(v_root, [_boundary_point(w, rho) * norm, *_heuristics(v_root)])
-    return torch.where(root.unsqueeze(-1), nearest, out), code, rho
+    return torch.where(root.unsqueeze(-1), nearest, out), torch.where(root, rho, _region_roots(v.device, v.dtype)[code])
+
+
+@made_once
+def _region_roots(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """What ``project_with_roots`` returns for a row of each region off the root region (4,):
+    +inf inside K, -inf in the polar cone, NaN on the analytic face (the root region's entry unused)."""
+    return torch.tensor([math.inf, -math.inf, math.nan, 0.0], dtype=dtype).to(device)
 
 
 def project(v: torch.Tensor, dual: bool = False) -> torch.Tensor:
@@ -286,16 +293,18 @@ def project(v: torch.Tensor, dual: bool = False) -> torch.Tensor:
 
 def project_with_roots(v: torch.Tensor, dual: bool = False, guess: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``project`` and the roots (...,) it solved for (one per row; a stand-in's where the row is
-    not in the root region), which ``derivative`` at the same v takes instead of solving again.
-    ``guess`` (...,): roots to start from (those of a nearby v, or ``root_guess``'s), or None; the
-    answer is the same either way (up to the root's last few ulps)."""
+    """``project`` and the roots (...,) it solved for, which ``derivative`` at the same v takes
+    instead of solving again: one per row, the root where the row is in the root region, and
+    where not its region (+inf inside the cone projected on, -inf in its polar, NaN on the
+    analytic face), so that the derivative need not classify the rows again. ``guess`` (...,):
+    roots to start from (those of a nearby v, or ``root_guess``'s; non-finite entries: none), or
+    None; the answer is the same either way (up to the root's last few ulps)."""
     flat = v.reshape(-1, 3)
     guess = None if guess is None else guess.reshape(-1)
     if dual:
-        out, _, rho = _primal(-flat, guess)
+        out, rho = _primal(-flat, guess)
         return (flat + out).reshape(v.shape), rho.reshape(v.shape[:-1])
-    out, _, rho = _primal(flat, guess)
+    out, rho = _primal(flat, guess)
     return out.reshape(v.shape), rho.reshape(v.shape[:-1])
 
 
@@ -329,16 +338,15 @@ def _root_jacobian(w: torch.Tensor, rho: torch.Tensor) -> torch.Tensor:
 
 def _primal_jacobian(v: torch.Tensor, rho: torch.Tensor | None = None) -> torch.Tensor:
     """Jacobian (N, 3, 3) of the projection onto K at v (N, 3); the inside piece on K's boundary.
-    ``rho`` (N,): the roots ``_primal`` solved for at this v (None: solve for them)."""
+    ``rho`` (N,): the roots ``_primal`` returned at this v, which also tell the rows' regions
+    (None: project first); the polar region's rows get the zero matrix."""
     if rho is None:
-        _, code, rho = _primal(v)
-    else:
-        code = regions(v)
-    jac = torch.where((code == REGION_INSIDE)[:, None, None], _identity(v.device, v.dtype), constant(0.0, v))
+        _, rho = _primal(v)
+    jac = torch.where((rho == math.inf)[:, None, None], _identity(v.device, v.dtype), constant(0.0, v))
     one, zero = constant(1.0, v).expand(rho.shape), constant(0.0, v).expand(rho.shape)
     analytic = torch.diag_embed(torch.stack([one, zero, (v[:, 2] > 0).to(v.dtype)], dim=-1))
-    jac = torch.where((code == REGION_ANALYTIC)[:, None, None], analytic, jac)
-    root = code == REGION_ROOT
+    jac = torch.where(rho.isnan()[:, None, None], analytic, jac)
+    root = rho.abs() < math.inf
     _, _, w = _root_points(v, root)
     return torch.where(root[:, None, None], _root_jacobian(w, rho), jac)
 
