@@ -189,3 +189,20 @@ def test_exp_roots_tell_the_regions():
         assert roots[code == exp.REGION_ANALYTIC].isnan().all() and roots[code == exp.REGION_ROOT].isfinite().all()
         shared = kernels.count(lambda: exp.derivative(v, dual, roots).dense())
         assert shared.kernel_count <= MAX_EXP_DERIVATIVE_KERNELS, shared.kernels
+
+
+def test_product_derivative_applies_the_matrix_a_dense_solve_built():
+    """Once its matrix is built (the refinement's dense solve), the product cone's derivative applies
+    the second-order and PSD blocks by one product each instead of their formulas: same values."""
+    spec = ConeSpec(zero=1, nonneg=2, soc=[3, 4], psd=[3], exp=2)
+    g = torch.Generator().manual_seed(3)
+    v, d = (torch.randn(6, spec.size, generator=g, dtype=torch.float64) for _ in range(2))
+    D = product.derivative(spec, v, dual=True)
+    before = kernels.count(lambda: (D.matvec(d), D.rmatvec(d)))
+    formula = D.matvec(d), D.rmatvec(d)
+    dense = D.dense()
+    after = kernels.count(lambda: (D.matvec(d), D.rmatvec(d)))
+    assert after.kernel_count < before.kernel_count, (after.kernel_count, before.kernel_count)
+    for got, want in zip((D.matvec(d), D.rmatvec(d)), formula):
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(D.matvec(d), (dense @ d.unsqueeze(-1)).squeeze(-1), rtol=1e-13, atol=1e-13)

@@ -37,3 +37,23 @@ def symmetric_from_matrix(jac: torch.Tensor) -> LinearMap:
     """A map given by a batched matrix ``jac`` (..., k, k) that is symmetric."""
     apply = lambda d: (jac @ d.unsqueeze(-1)).squeeze(-1)  # noqa: E731
     return LinearMap(apply, apply, lambda: jac)
+
+
+def keeping_matrix(op: LinearMap) -> LinearMap:
+    """``op`` whose matrix, once asked for (``dense()``), is kept and applied by one batched product
+    instead of ``op``'s own action: for maps whose action is a formula of many kernels (the
+    second-order and PSD cones' derivatives) and whose matrix a dense solve builds anyway. Until
+    then ``op``'s action (a matrix of k columns writes k times the bytes of one action)."""
+    kept: list[torch.Tensor] = []
+
+    def matrix() -> torch.Tensor:
+        if not kept:
+            kept.append(op.dense())
+        return kept[0]
+
+    def apply(d: torch.Tensor, transpose: bool) -> torch.Tensor:
+        if not kept:
+            return op.rmatvec(d) if transpose else op.matvec(d)
+        return ((kept[0].mT if transpose else kept[0]) @ d.unsqueeze(-1)).squeeze(-1)
+
+    return LinearMap(lambda d: apply(d, False), lambda d: apply(d, True), matrix)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from optlayers.cone import exp
-from optlayers.cone.operator import LinearMap
+from optlayers.cone import exp, psd, soc
+from optlayers.cone.operator import LinearMap, keeping_matrix
 from optlayers.cone.spec import Block, ConeSpec
 from optlayers.engine.constants import made_once
 
@@ -52,6 +52,9 @@ def derivative(spec: ConeSpec, v: torch.Tensor, dual: bool = False, roots: list 
     roots = roots if roots is not None else [None] * len(blocks)
     maps = [block.module.derivative(_piece(v, block), _wants_dual(block, dual), rho) if rho is not None
             else block.module.derivative(_piece(v, block), _wants_dual(block, dual)) for block, rho in zip(blocks, roots)]
+    # the second-order and PSD cones' maps by their matrices once a dense solve has built them (one
+    # product instead of a formula of 10-15 kernels per action: the refinement's residual checks)
+    maps = [keeping_matrix(op) if block.module in (soc, psd) else op for block, op in zip(blocks, maps)]
 
     def apply(d: torch.Tensor, transpose: bool) -> torch.Tensor:
         outs = [(op.rmatvec if transpose else op.matvec)(_piece(d, block)).flatten(-2)
