@@ -171,9 +171,10 @@ def _root(w: torch.Tensor, guess: torch.Tensor | None = None, root: torch.Tensor
 
 
 def _warm_root(w: torch.Tensor, terms: _Terms, guess: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """WARM_NEWTON_STEPS Newton steps on h from ``guess`` (N,), converged rows frozen; the roots and
-    whether each converged (its last step below ROOT_TOL_ULPS of it) inside the bracket
-    1 - s/r <= rho <= r/s (a side open where r <= 0 or s <= 0), on which h increases: the root."""
+    """WARM_NEWTON_STEPS Newton steps on h from ``guess`` (N,); the roots and whether each converged
+    (its last step below ROOT_TOL_ULPS of it: a converged row's further steps stay within rounding
+    noise, so no row is frozen) inside the bracket 1 - s/r <= rho <= r/s (a side open where
+    r <= 0 or s <= 0), on which h increases: the root."""
     r, s, _ = w.unbind(-1)
     one = constant(1.0, w)
     inf = constant(math.inf, w)
@@ -181,12 +182,11 @@ def _warm_root(w: torch.Tensor, terms: _Terms, guess: torch.Tensor) -> tuple[tor
     hi = torch.where(s > 0, r / torch.where(s > 0, s, one), inf)
     tol = ROOT_TOL_ULPS * torch.finfo(w.dtype).eps
     rho = torch.nan_to_num(guess, nan=0.0, posinf=0.0, neginf=0.0)  # no guess: from 0
-    done = torch.zeros_like(rho, dtype=torch.bool)
     for _ in range(WARM_NEWTON_STEPS):
         f, df = _h(terms, rho)
-        new = torch.where(done, rho, rho - f / df)
-        done = done | ((new - rho).abs() <= tol * torch.clamp(new.abs(), min=1))
-        rho = new
+        step = f / df
+        rho = rho - step
+    done = step.abs() <= tol * rho.abs().clamp_min(1)  # NaN: not done
     # inside the bracket, closed by ROOT_TOL_ULPS: a root at its edge may round to just beyond it
     return rho, done & (rho >= lo - tol * lo.abs().clamp_min(1)) & (rho <= hi + tol * hi.abs().clamp_min(1))
 
