@@ -8,7 +8,7 @@ import torch
 
 from optlayers import solve_qp
 from optlayers.engine import loop
-from optlayers.qp import fused, ipm
+from optlayers.qp import autograd, fused, ipm
 from optlayers.status import Status
 from tests.qp.qp_problems import random_qp
 
@@ -32,8 +32,9 @@ def test_fused_calls_give_the_iterates_of_one_call_per_iteration(eager_backend, 
 
 def test_a_solve_without_reactions_is_one_call_and_one_read(eager_backend, monkeypatch):
     """On the CPU the host looks before every iteration of the eager path; the compiled path runs
-    the start, every iteration and the derivatives' factorisation in one call, and where the solve
-    ends there the host reads once and does not look."""
+    the data's checks and equilibration, the start, every iteration, the derivatives'
+    factorisation and the solution's unscaling in one call, and where the solve ends there the
+    host reads once and does not look."""
     looks = []
     real = loop.look
     monkeypatch.setattr(loop, "look", lambda *args: looks.append(1) or real(*args))
@@ -41,12 +42,15 @@ def test_a_solve_without_reactions_is_one_call_and_one_read(eager_backend, monke
     iterations = int(solve_qp(**data).iterations)
     assert len(looks) == iterations + 1
     looks.clear()
-    reads = []
-    for module in (fused, ipm):
-        monkeypatch.setattr(module, "host_read", lambda t, real=module.host_read: reads.append(1) or real(t))
+    reads, calls = [], []
+    for module in (autograd, fused, ipm):
+        if hasattr(module, "host_read"):
+            monkeypatch.setattr(module, "host_read", lambda t, real=module.host_read: reads.append(1) or real(t))
+        monkeypatch.setattr(module, "compiled", lambda fn, *args, real=module.compiled: (
+            lambda *a, **kw: calls.append(fn.__name__) or real(fn, *args)(*a, **kw)))
     sol = solve_qp(**data, compile=True)
     assert int(sol.iterations) == iterations and sol.status.item() == Status.SOLVED
-    assert len(looks) == 0 and len(reads) == 1
+    assert len(looks) == 0 and len(reads) == 1 and calls == ["_checked_solved"]
 
 
 def test_the_loop_goes_on_after_the_host_reacts(eager_backend, monkeypatch):
@@ -116,7 +120,7 @@ def test_a_failed_start_runs_no_compiled_iterations(eager_backend, monkeypatch):
 
     monkeypatch.setattr(ipm, "_start_unretried", failing_start)
     reads = []
-    monkeypatch.setattr(fused, "host_read", lambda t: reads.append(ipm.host_read(t)) or reads[-1])
+    monkeypatch.setattr(autograd, "host_read", lambda t: reads.append(ipm.host_read(t)) or reads[-1])
     data = random_qp((3,), 8, 10, 2)
     eager = solve_qp(**data)
     compiled = solve_qp(**data, compile=True)

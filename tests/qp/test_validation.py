@@ -41,7 +41,7 @@ def test_bad_data(change, error, pattern):
     (lambda: dict(b=torch.tensor([float("inf")])), r"b contains NaN or Inf"),
 ])
 def test_compiled_path_checks_values_alike(eager_backend, change, pattern):
-    """compile=True tests the values in its compiled scaling call, then names the culprit alike."""
+    """compile=True tests the values in its compiled call, then names the culprit alike."""
     with pytest.raises(ValueError, match=pattern):
         solve_qp(**{**good(), **change()}, compile=True)
 

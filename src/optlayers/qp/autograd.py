@@ -34,8 +34,11 @@ from optlayers.qp.derivatives import (
     solution_vjp,
 )
 from optlayers.compiling import compiled
+from optlayers.engine.constants import constant
+from optlayers.engine.step import State
 from optlayers.host import host_read, reads_are_free
-from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
+from optlayers.qp import fused
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals
 from optlayers.qp.kkt import diagonal_h
 from optlayers.qp.parallel import solve_scaled_parallel
 from optlayers.qp.problem import check_values, qp_data, values_pass
@@ -70,10 +73,14 @@ def _checked_scaling(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: T
     return (*_scaling(Q, p, G, h, A, b), values_pass(Q, p, G, h, A, b))
 
 
+def _looks_at_structure(n: int, device: torch.device) -> bool:
+    """Whether ``_with_structure`` looks at a batch of ``n`` variables on ``device`` (see ``DIAGONAL_MIN_N``)."""
+    return n >= (DIAGONAL_MIN_N if reads_are_free(device) else DIAGONAL_MIN_N_ACCELERATOR)
+
+
 def _with_structure(data: QPData) -> QPData:
     """``data`` with ``diagonal`` set where H is diagonal and that pays (see ``DIAGONAL_MIN_N``)."""
-    n = data.p.shape[-1]
-    if n < (DIAGONAL_MIN_N if reads_are_free(data.p.device) else DIAGONAL_MIN_N_ACCELERATOR):
+    if not _looks_at_structure(data.p.shape[-1], data.p.device):
         return data
     return replace(data, diagonal=bool(host_read(diagonal_h(data.Q, data.G).reshape(1))[0]))
 
@@ -116,6 +123,78 @@ def _fill(on_failure: str | FailurePolicy) -> float:
 def _attach(value: Tensor, t: Tensor) -> Tensor:
     """``value``, with the derivatives of ``t`` (whose value it is, up to rounding)."""
     return value + (t - t.detach())
+
+
+def _public(sc: Scaling, status: Tensor, st: State, res: Residuals, fill: Tensor) -> tuple[Tensor, ...]:
+    """The forward's first outputs (z, λ, ν, s, status, iterations, primal, dual, gap) at the final
+    scaled iterate ``st`` (with statuses ``status``) and its residuals: mapped back to the original
+    problem, in the dtype of ``fill`` (0-d, the data's dtype), which the failed elements of z, λ, ν,
+    s hold."""
+    solved, dtype = status == int(QPStatus.SOLVED), fill.dtype
+    x, nu, lam, s = (_keep_solved(solved, v, fill).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
+    return x, lam, nu, s, status, st.iterations, res.primal.to(dtype), res.dual.to(dtype), res.gap.to(dtype)
+
+
+def _outputs(scaled: QPData, sc: Scaling, result: IPMResult, fill: Tensor) -> tuple[Tensor, ...]:
+    """``QPSolveFn.forward``'s outputs from the solver's ``result``: ``_public``, ``_Saved``, the factor's tensors."""
+    st = result.state
+    factor = () if result.factor is None else factor_tensors(result.factor)
+    return (*_public(sc, st.status, st, result.residuals, fill),
+            *_Saved(scaled.Q, scaled.A, scaled.G, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c), *factor)
+
+
+def _solved(scaled: QPData, sc: Scaling, fill: Tensor, settings: IPMSettings, with_factor: bool,
+            halt: Tensor | None = None) -> tuple:
+    """``fused.whole`` and the outputs of a forward that ends with it, in one function to compile:
+    its info (5,), the packed state (three tensors) and its layout, ``_public`` with ``fill`` (see
+    there), the scaled solution (x, ν, λ, s) and the factor's tensors, each in memory of its own;
+    ``halt`` as in ``fused.whole``."""
+    packed, where, status, factor, info = fused.whole(scaled, sc, settings, with_factor, halt)
+    st, res = fused.unpack(packed, where)
+    public = _public(sc, status, st, res, fill)
+    own = tuple(t.clone() for t in (*public[5:], st.x, st.nu, st.lam, st.s))  # views of the packed state
+    return info, (packed.real, packed.counts, packed.flags), where, (*public[:5], *own[:4]), own[4:], factor
+
+
+def _checked_solved(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, fill: Tensor,
+                    settings: IPMSettings, with_factor: bool) -> tuple:
+    """``_checked_scaling`` and ``_solved`` in one function to compile, for a batch whose structure
+    is not looked at (``_with_structure``): the scaled data (the tensors of ``QPData``, in its order)
+    and the scaling's (``Scaling``'s), each in memory of its own, then ``_solved``'s outputs, whose
+    info has a sixth entry: whether the data passed the checks (where not, no iteration runs)."""
+    scaled, sc, passed = _checked_scaling(Q, p, G, h, A, b)
+    info, *rest = _solved(scaled, sc, fill, settings, with_factor, halt=~passed)
+    return ((scaled.Q, scaled.p, scaled.A, scaled.b, scaled.G, scaled.h), (sc.d.clone(), sc.e.clone(), sc.f.clone(), sc.c),
+            torch.cat([info, passed.reshape(1)]), *rest)
+
+
+def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
+                      keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], bool]:
+    """``QPSolveFn.forward``'s outputs and whether every problem was solved, on the compiled path
+    whose iterations run in one call (``fused.pays``): a solve that needs no reaction of the host is
+    one compiled call (``_checked_solved``) and one read; where the batch's structure is looked at
+    (``_with_structure``), the equilibration is a compiled call of its own before it (``_solved``).
+    Otherwise the solve goes on from there (``fused.go_on``)."""
+    device = p.device.type
+    raw = tuple(t.detach() for t in (Q, p, G, h, A, b))  # one specialisation whichever data require gradients
+    if not _looks_at_structure(p.shape[-1], p.device):
+        data, scaling, info, packed, where, public, point, factor = compiled(_checked_solved, device)(
+            *raw, fill, settings, keep_factor)
+        info = host_read(info)
+        check_values(*raw, bool(info[5]))  # raises where the data failed the checks
+        if fused.finished(info):
+            return (*public, data[0], data[2], data[4], *point, *scaling, *factor), not info[3]
+        scaled, sc = QPData(*data), Scaling(*scaling)
+    else:
+        scaled, sc, passed = compiled(_checked_scaling, device)(*raw)
+        check_values(*raw, passed)
+        scaled = _with_structure(scaled)
+        info, packed, where, public, point, factor = compiled(_solved, device)(scaled, sc, fill, settings, keep_factor)
+        info = host_read(info)
+        if fused.finished(info):
+            return (*public, scaled.Q, scaled.A, scaled.G, *point, sc.d, sc.e, sc.f, sc.c, *factor), not info[3]
+    result = fused.go_on(scaled, sc, fused.Packed(*packed), where, factor, info, settings, keep_factor)
+    return _outputs(scaled, sc, result, fill), result.all_solved
 
 
 def _differentiated(saved: tuple[Tensor, ...]) -> bool:
@@ -210,25 +289,22 @@ class QPSolveFn(torch.autograd.Function):
     @staticmethod
     def forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
                 keep_factor: bool, on_failure: str | FailurePolicy, batch_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
-        dtype = p.dtype
-        if settings.compiled:
-            scaled, sc, passed = compiled(_checked_scaling, p.device.type)(Q, p, G, h, A, b)
-            check_values(Q, p, G, h, A, b, passed)
+        fill = constant(_fill(on_failure), p)
+        if settings.compiled and fused.pays(p.device):
+            outputs, all_solved = _compiled_forward(Q, p, G, h, A, b, settings, keep_factor, fill)
         else:
-            check_values(Q, p, G, h, A, b)
-            scaled, sc = _scaling(Q, p, G, h, A, b)
-        scaled = _with_structure(scaled)
-        result = solve_scaled_parallel(scaled, sc, settings, with_factor=keep_factor)
-        st, res = result.state, result.residuals
-        solved = st.status == int(QPStatus.SOLVED)
-        fill = _fill(on_failure)
-        x, nu, lam, s = (_keep_solved(solved, v, fill).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
-        if not result.all_solved:
-            apply_failure_policy(st.status.reshape(batch_shape), on_failure)
-        saved = _Saved(scaled.Q, scaled.A, scaled.G, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c)
-        factor = () if result.factor is None else factor_tensors(result.factor)
-        return (x, lam, nu, s, st.status, st.iterations, res.primal.to(dtype), res.dual.to(dtype), res.gap.to(dtype),
-                *saved, *factor)
+            if settings.compiled:
+                scaled, sc, passed = compiled(_checked_scaling, p.device.type)(Q, p, G, h, A, b)
+                check_values(Q, p, G, h, A, b, passed)
+            else:
+                check_values(Q, p, G, h, A, b)
+                scaled, sc = _scaling(Q, p, G, h, A, b)
+            scaled = _with_structure(scaled)
+            result = solve_scaled_parallel(scaled, sc, settings, with_factor=keep_factor)
+            outputs, all_solved = _outputs(scaled, sc, result, fill), result.all_solved
+        if not all_solved:
+            apply_failure_policy(outputs[4].reshape(batch_shape), on_failure)
+        return outputs
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:

@@ -39,10 +39,12 @@ FACTOR_FIELDS = tuple(f.name for f in dataclasses.fields(KKTFactor) if f.type in
 
 
 def factor_tensors(f: KKTFactor) -> tuple[Tensor, ...]:
+    """The tensors of ``f``, in the order of ``FACTOR_FIELDS``."""
     return tuple(getattr(f, name) for name in FACTOR_FIELDS)
 
 
-def _factor_from(tensors: Sequence[Tensor], m: int) -> KKTFactor:
+def factor_from(tensors: Sequence[Tensor], m: int) -> KKTFactor:
+    """The ``KKTFactor`` of ``factor_tensors`` ``tensors``, with ``m`` equality rows."""
     return KKTFactor(**dict(zip(FACTOR_FIELDS, tensors)), m=m)
 
 
@@ -149,7 +151,7 @@ class KKTSolve(torch.autograd.Function):
     def forward(transpose: bool, settings: IPMSettings, Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor,
                 ok: Tensor, r1: Tensor | None, r2: Tensor | None, r3: Tensor | None, r4: Tensor | None,
                 *factor: Tensor) -> tuple[Tensor, ...]:
-        f = _factor_from(factor, A.shape[-2]) if factor else derivative_factor(Q, A, G, lam, s, settings)
+        f = factor_from(factor, A.shape[-2]) if factor else derivative_factor(Q, A, G, lam, s, settings)
         solve_fn = _solve
         if settings.compiled and not torch._C._are_functorch_transforms_active():
             solve_fn = compiled(_solve, Q.device.type)  # its input tensors are plain here (no graph, no transform)
@@ -245,7 +247,7 @@ def plain_solution_vjp(pt: KKTPoint, gx: Tensor | None, gnu: Tensor | None, glam
     """``solution_vjp``'s value at a point whose factor is given, by the same solve without
     ``KKTSolve``: plain tensor operations, not differentiable, for a first-order backward traced
     whole for compilation (``autograd.QPSolveFn.backward`` with ``compile=True``)."""
-    f = _factor_from(pt.factor, pt.A.shape[-2])
+    f = factor_from(pt.factor, pt.A.shape[-2])
     wx, wnu, wlam = _masked(pt.ok, _solve(f, pt.lam, pt.s, (gx, gnu, glam, gs), True, settings.derivative_refine_steps))
     return wx, wnu, wlam
 

@@ -8,8 +8,10 @@ operations and read) is most of an iteration of a small problem. ``steps`` runs 
 returns as soon as the look would act (no problem running, a problem to switch to the stiff split
 or back, a gap to test accurately: ``ipm._look_flags``) or at the iteration limit. The host then
 looks as before, at the iteration where the call stopped: the iterates are those of one call per
-iteration. ``solve_scaled`` compiles the start, ``steps`` and the derivatives' factorisation as one
-function (``_whole``): a solve that needs no reaction of the host is one compiled call and one look.
+iteration. ``whole`` is the start, ``steps`` and the derivatives' factorisation as one function,
+which the QP's forward compiles together with what comes before it (the data's checks and
+equilibration) and after it (the solution mapped back: ``qp.autograd``): a solve that needs no
+reaction of the host is one compiled call and one read; ``go_on`` goes on where it does.
 
 The loop carries the state packed in three fresh tensors (``Packed``): a higher-order operator
 refuses carried tensors that alias each other or an input, and inductor's loop assumes carried
@@ -30,19 +32,20 @@ from torch._higher_order_ops.while_loop import while_loop
 from optlayers.compiling import compiled
 from optlayers.engine import loop
 from optlayers.engine.step import State
-from optlayers.host import RUNNING, host_read, reads_are_free
+from optlayers.host import RUNNING, reads_are_free
 from optlayers.qp import ipm
+from optlayers.qp.derivatives import factor_from, factor_tensors
 from optlayers.qp.ipm import IPMResult, IPMSettings, Residuals, Units
-from optlayers.qp.kkt import KKTFactor
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
 
 
-def pays(data: QPData) -> bool:
-    """Whether ``solve_scaled`` runs the compiled solve of this batch: on the CPU, where the host
-    would look before every iteration (``host.reads_are_free``). (On an accelerator the host looks
-    every few iterations, and a loop's condition is a read of the device every iteration.)"""
-    return reads_are_free(data.p.device)
+def pays(device: torch.device) -> bool:
+    """Whether a compiled solve on ``device`` runs its iterations in one call (``whole``): on the
+    CPU, where the host would look before every iteration (``host.reads_are_free``). (On an
+    accelerator the host looks every few iterations, and a loop's condition is a read of the device
+    every iteration.)"""
+    return reads_are_free(device)
 
 
 @dataclass(frozen=True)
@@ -142,47 +145,54 @@ def steps(data: QPData, units: Units, packed: Packed, where: Layout, settings: I
     return Packed(real, counts, flags), taken
 
 
-def _whole(data: QPData, sc: Scaling, settings: IPMSettings,
-           with_factor: bool) -> tuple[State, Residuals, Tensor, KKTFactor | None, Tensor]:
-    """The start (unretried), ``steps`` from it (none where a start failed: the host starts again),
-    and with ``with_factor`` the derivatives' factorisation at the last iterate (unretried), in one
-    function to compile. Returns the state
-    and its residuals (each tensor in memory of its own), the statuses as the solve ends there
-    (``RUNNING`` as ``MAX_ITER``), the factorisation, and (5,) int64 for the host: the iterations
-    run, whether some start failed, whether the solve ends there (nothing runs, or the iteration
-    limit), whether some problem is not solved, whether some factorisation failed."""
+def whole(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool,
+          halt: Tensor | None = None) -> tuple[Packed, Layout, Tensor, tuple[Tensor, ...], Tensor]:
+    """The start (unretried), ``steps`` from it (none where a start failed: the host starts again;
+    none where ``halt``, 0-d bool, holds), and with ``with_factor`` the derivatives' factorisation at
+    the last iterate (unretried): the part of a solve that its caller compiles as one function (with
+    what it makes of the result). Returns the state and its residuals packed as the layout returned
+    second (the loop's own tensors), the statuses as the solve ends there (``RUNNING`` as
+    ``MAX_ITER``), the factorisation's tensors (``derivatives.factor_tensors``; none without
+    ``with_factor``), and (5,) int64 for the host: the iterations run, whether some start failed,
+    whether the solve ends there (nothing runs, or the iteration limit), whether some problem is not
+    solved, whether some factorisation failed. ``finished`` reads it; ``go_on`` goes on from there."""
     units = Units.of(sc)
     st, res = ipm._start_unretried(data, units, settings)
     start_failed = (st.status == int(QPStatus.NUMERICAL_ERROR)).any()
     where = layout(st, res)
     packed, taken = steps(data, units, pack(st, res), where, settings,
-                          torch.zeros((), dtype=torch.int64, device=st.v.device), looked=False, halt=start_failed)
-    st, res = (_own(obj) for obj in unpack(packed, where))
+                          torch.zeros((), dtype=torch.int64, device=st.v.device), looked=False,
+                          halt=start_failed if halt is None else start_failed | halt)
+    st, res = unpack(packed, where)
     running = st.status == RUNNING
     status = st.status.masked_fill(running, int(QPStatus.MAX_ITER))
-    factor, unfactored = None, torch.zeros((), dtype=torch.bool, device=st.v.device)
+    factor, unfactored = (), torch.zeros((), dtype=torch.bool, device=st.v.device)
     if with_factor:
-        factor = ipm._derivative_factor_unretried(data.Q, data.A, data.G, st.lam, st.s, settings, data.diagonal)
-        unfactored = ~factor.ok.all()
+        f = ipm._derivative_factor_unretried(data.Q, data.A, data.G, st.lam, st.s, settings, data.diagonal)
+        factor, unfactored = factor_tensors(f), ~f.ok.all()
     ends = ~running.any() | (taken >= settings.max_iter)
     info = torch.stack([taken, start_failed, ends, (status != int(QPStatus.SOLVED)).any(), unfactored])
-    return st, res, status, factor, info
+    return packed, where, status, factor, info
 
 
-def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
-    """``ipm.solve_scaled`` with the start, the iterations up to the host's first reaction and the
-    derivatives' factorisation in one compiled call (``_whole``), read once. Where the solve ends
-    there (nothing runs or the iteration limit) and the factorisation succeeded, that is the
-    result. Otherwise, where the look reacts, the engine's loop goes on from there with ``steps``,
-    one call up to each reaction (and ``ipm.iterate`` ends the solve); where the start failed (its
-    factorisation is retried behind a host look), it is ``ipm.solve_scaled`` with ``steps``."""
-    device = data.p.device
-    st, res, status, factor, info = compiled(_whole, device.type)(data, sc, settings, with_factor)
-    taken, start_failed, ends, unsolved, unfactored = host_read(info)
-    if ends and not (start_failed or unfactored):
-        return IPMResult(state=replace(st, status=status), residuals=res, factor=factor, all_solved=not unsolved)
+def finished(info: list[int]) -> bool:
+    """Whether the solve ends with ``whole``'s call, its ``info`` read: nothing runs or the iteration
+    limit is reached, no start failed and the factorisation (if any) succeeded. Its outputs are
+    then the result."""
+    _, start_failed, ends, _, unfactored = info[:5]
+    return bool(ends and not (start_failed or unfactored))
+
+
+def go_on(data: QPData, sc: Scaling, packed: Packed, where: Layout, factor: tuple[Tensor, ...], info: list[int],
+          settings: IPMSettings, with_factor: bool) -> IPMResult:
+    """The solve from where ``whole``'s call ended (``packed`` as ``where``, the factorisation
+    ``factor`` at that state, ``info`` read), where it did not finish it (``finished``): where the
+    host's look reacts, the engine's loop goes on with ``steps``, one compiled call up to each
+    reaction (and ``ipm.iterate`` ends the solve); where the start failed (its factorisation is
+    retried behind a host look), it is ``ipm.solve_scaled`` with ``steps``."""
+    taken, start_failed = info[:2]
     units = Units.of(sc)
-    steps_fn = compiled(steps, device.type)
+    steps_fn = compiled(steps, data.p.device.type)
 
     def run_steps(data: QPData, units: Units, st: State, res: Residuals, iteration: Tensor) -> tuple[State, Residuals, Tensor]:
         where = layout(st, res)
@@ -192,4 +202,6 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     if start_failed:
         st, res = ipm.start(data, units, settings)  # the start's factorisation retried with more regularisation
         return ipm.iterate(data, units, st, res, loop.Steps(run_steps), settings, with_factor)
-    return ipm.iterate(data, units, st, res, loop.Steps(run_steps), settings, with_factor, first=taken, factor=factor)
+    st, res = unpack(packed, where)
+    f = factor_from(factor, data.A.shape[-2]) if factor else None
+    return ipm.iterate(data, units, st, res, loop.Steps(run_steps), settings, with_factor, first=taken, factor=f)

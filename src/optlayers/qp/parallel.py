@@ -9,7 +9,6 @@ from dataclasses import replace
 import torch
 
 from optlayers import threads
-from optlayers.qp import fused
 from optlayers.qp.batch import concat, take
 from optlayers.qp.ipm import IPMResult, IPMSettings, solve_scaled
 from optlayers.qp.scaling import QPData, Scaling
@@ -26,12 +25,13 @@ def slice_count(batch: int, n: int, device: torch.device) -> int:
 
 
 def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
-    """``ipm.solve_scaled`` on ``slice_count`` slices of the batch at once; same result."""
+    """``ipm.solve_scaled`` on ``slice_count`` slices of the batch at once; same result. (A compiled
+    solve whose iterations run in one call, ``fused.pays``, is compiled with the forward's own work
+    instead: ``qp.autograd``.)"""
     batch, n = data.p.shape
     # compiled functions are specialised to the batch's shape: one slice, the batch whole
     count = 1 if settings.compiled else slice_count(batch, n, data.p.device)
     if count == 1:
-        whole = settings.compiled and fused.pays(data)  # the compiled path's iterations in one call
-        return (fused.solve_scaled if whole else solve_scaled)(data, sc, settings, with_factor)
+        return solve_scaled(data, sc, settings, with_factor)
     parts = threads.map_slices(lambda part: solve_scaled(take(data, part), take(sc, part), settings, with_factor), batch, count)
     return replace(concat(parts), all_solved=all(part.all_solved for part in parts))

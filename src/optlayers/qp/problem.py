@@ -98,7 +98,7 @@ def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor
     return ((sums - sums) == 0).all() & (asym <= bound)
 
 
-def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, passed: Tensor | None = None) -> None:
+def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, passed: Tensor | bool | None = None) -> None:
     """Value checks (finite, Q symmetric); run on plain tensors, inside the solve, so that
     ``torch.func.vmap`` can trace ``prepare_qp``. The data is read by the host once (one
     synchronisation): ``values_pass``, or ``passed`` where the caller computed it; only on failure
