@@ -14,7 +14,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from optlayers.functions import applied_as_given
 
+
+@applied_as_given
 class _RefuseForwardOverForward(torch.autograd.Function):
     """(message, value, *anchors) -> value. Reverse mode passes the gradient to ``value`` (the
     rule's own operations carry its dependence on the anchors exactly); forward mode raises

@@ -25,6 +25,7 @@ from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.cone.validation import check_finite
 from optlayers.engine.constants import constant
+from optlayers.functions import applied_as_given
 from optlayers.status import FailurePolicy
 
 SECOND_ORDER = (
@@ -170,6 +171,7 @@ def _sym(P: torch.Tensor | None) -> torch.Tensor | None:
     return None if P is None else (P + P.transpose(-1, -2)) / 2
 
 
+@applied_as_given
 class ConeProgram(torch.autograd.Function):
     """(A, b, c, P) -> (x, y, s, status, lu, pivots, w); A (B, m, n) or shared (m, n), b (B, m), c (B, n).
 
@@ -332,6 +334,7 @@ class _FirstOrderOnly(torch.autograd.Function):
         raise NotImplementedError(SECOND_ORDER)
 
 
+@applied_as_given
 class _VJP(_FirstOrderOnly):
     """(settings, needs, sum_shared, A, P, x, y, s, status, lu, pivots, w, vx, vy, vs) -> the cotangents
     of (A, b, c, P), None where ``needs`` says so (vx, vy, vs: None is zero); a shared A's or P's summed over the batch when
@@ -373,6 +376,7 @@ class _VJP(_FirstOrderOnly):
         return tuple(out), tuple(None if g is None else 0 for g in out)
 
 
+@applied_as_given
 class _JVP(_FirstOrderOnly):
     """(settings, A, P, x, y, s, status, lu, pivots, w, dA, db, dc, dP) -> (dx, dy, ds): ``ConeProgram``'s
     jvp, a Function of its own for the reasons of ``_VJP``."""

@@ -13,7 +13,6 @@ cannot differentiate through a jvp rule, raises (``higher_order.no_forward_over_
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import replace
 from typing import Any, Callable, NamedTuple
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
 from optlayers.qp.derivatives import (
     FORWARD_OVER_FORWARD,
@@ -279,6 +279,7 @@ def _compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], n
     return _vjp(pt, Scaling(sv.d, sv.e, sv.f, sv.c), solved, dtype, grads, needs, settings, plain_solution_vjp)
 
 
+@applied_as_given
 class QPSolveFn(torch.autograd.Function):
     """(Q, p, G, h, A, b, settings, keep_factor, on_failure, batch_shape) -> (z, λ, ν, s, status,
     iterations, residuals..., saved...). The failure policy is applied here, on plain tensors, so
@@ -354,9 +355,3 @@ class QPSolveFn(torch.autograd.Function):
         dz, dnu, dlam, ds = (no_forward_over_forward(FORWARD_OVER_FORWARD, _keep_solved(solved, v, ctx.fill).to(dtype), *point)
                              for v in unscale_solution(sc, dx, dnu, dlam, ds))
         return (dz, dlam, dnu, ds, *([None] * (ctx.n_outputs - 4)))
-
-
-# ``Function.apply`` binds its arguments to ``forward``'s signature on every call
-# (``inspect.signature``, which builds it anew each time); a signature held by the function is
-# taken as it is.
-QPSolveFn.forward.__signature__ = inspect.signature(QPSolveFn.forward)

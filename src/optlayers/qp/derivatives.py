@@ -20,13 +20,13 @@ derivative rules are themselves differentiable, to any order (double backward,
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from optlayers.compiling import compiled
+from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
 from optlayers.linalg import mtv, mv
 from optlayers.qp.ipm import IPMSettings, derivative_factor
@@ -135,6 +135,7 @@ def _apply_dJ(dQ: Tensor, dA: Tensor, dG: Tensor, dlam: Tensor, ds: Tensor, y: S
     return first, mv(dA, y1), mv(dG, y1), ds * y3 + dlam * y4
 
 
+@applied_as_given
 class KKTSolve(torch.autograd.Function):
     """(transpose, settings, Q, A, G, λ, s, ok, r1, r2, r3, r4, *factor) -> (y1, y2, y3, *factor):
     the first three blocks of y = J⁻¹ r, or J⁻ᵀ r with ``transpose``, for the J of the module
@@ -200,12 +201,6 @@ class KKTSolve(torch.autograd.Function):
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         return flat_vmap(KKTSolve.apply, info.batch_size, in_dims, args)
-
-
-# ``Function.apply`` binds its arguments to ``forward``'s signature on every call
-# (``inspect.signature``, which builds it anew each time); a signature held by the function is
-# taken as it is.
-KKTSolve.forward.__signature__ = inspect.signature(KKTSolve.forward)
 
 
 def solve(transpose: bool, settings: IPMSettings, point: Sequence[Tensor], r: Sequence[Tensor | None],
