@@ -9,7 +9,9 @@ from pathlib import Path
 
 import torch
 
-from optlayers.cone import exp, product
+from optlayers import solve_cone
+from optlayers.cone import exp, product, refine
+from optlayers.cone.testing import random_program
 from optlayers.cone.spec import ConeSpec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -49,6 +51,10 @@ MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # the scaled cone rows; 1,109 before the directions passed over A_K twice instead of over G and A_K
 # three times and the nonnegative and second-order step tests measured from s and y))).
 MAX_CONE_KERNELS_PER_ITERATION = 490
+# The Newton refinement (and the KKT check after it) on those programs at batch 8, counted as the forward's
+# kernels with refine_steps=6 less those with 0: 1,170 measured (1,844 before its exponential root solves
+# started from guesses and the derivatives took the projections' regions with their roots); adjoint 271 (305).
+MAX_REFINE_KERNELS, MAX_ADJOINT_KERNELS = 1_250, 280
 
 
 def _points(count: int) -> torch.Tensor:
@@ -70,6 +76,16 @@ def test_solve_and_adjoint_syncs_stay_bounded():
     assert counts.forward_syncs <= MAX_SOLVE_SYNCS, counts
     assert counts.backward_syncs <= MAX_ADJOINT_SYNCS, counts
     assert counts.kernels_per_iteration <= MAX_CONE_KERNELS_PER_ITERATION, counts
+    assert counts.backward_kernels <= MAX_ADJOINT_KERNELS, counts
+
+
+def test_refinement_kernels_stay_bounded():
+    A, b, c, *_ = random_program(kernels.CONE_SPEC, 48, batch=8, seed=0)
+    forward = lambda steps: kernels.count(lambda: solve_cone(A, b, c, kernels.CONE_SPEC, solver="ipm",  # noqa: E731
+                                                               refine_steps=steps))
+    forward(0)  # a warm-up: the cached constants
+    refinement = forward(refine.MAX_STEPS).kernel_count - forward(0).kernel_count
+    assert refinement <= MAX_REFINE_KERNELS, refinement
 
 
 def test_exp_projection_of_a_row_does_not_depend_on_the_others():
