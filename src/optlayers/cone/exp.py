@@ -59,22 +59,30 @@ def _region_codes(device: torch.device) -> torch.Tensor:
 @dataclasses.dataclass(frozen=True)
 class _Terms:
     """The coefficients of Friberg's h that depend on the point w = (r, s, t) (N, 3) alone, made
-    once per root solve: h's terms are then one fused product each."""
+    once per root solve by one product of w with a constant matrix (``_TERMS``): those of h and h'
+    (``_h``; h alone: every other entry) as the (N, 6) parts of c0 + rho (c1 + rho c2)."""
 
-    r: torch.Tensor
-    s: torch.Tensor
-    t: torch.Tensor
-    s_minus_r: torch.Tensor
-    minus_r: torch.Tensor
-    r_plus_s: torch.Tensor
-    minus_t: torch.Tensor
-    minus_2t: torch.Tensor
+    c0: torch.Tensor
+    c1: torch.Tensor
+    c2: torch.Tensor
 
     @classmethod
     def of(cls, w: torch.Tensor) -> "_Terms":
-        r, s, t = w.unbind(-1)
-        minus_r, minus_t = torch.stack([r, t]).neg().unbind(0)
-        return cls(r, s, t, s + minus_r, minus_r, r + s, minus_t, 2 * minus_t)
+        return cls(*(w @ _terms_matrix(w.device, w.dtype)).unflatten(-1, (3, 6)).unbind(-2))
+
+
+# Rows r, s, t of the map from w to (c0, c1, c2) (``_Terms``), each the coefficients of
+# (e^rho in h, e^rho in h', e^-rho in h, e^-rho in h', 1 in h, 1 in h'), exact small integers:
+# c0 = (s - r, s, -r, r + s, -t, t), c1 = (r, r, s, -s, t, -2t), c2 = (0, 0, 0, 0, -t, 0).
+_TERMS = ((-1, 0, -1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+          (1, 1, 0, 1, 0, 0, 0, 0, 1, -1, 0, 0, 0, 0, 0, 0, 0, 0),
+          (0, 0, 0, 0, -1, 1, 0, 0, 0, 0, 1, -2, 0, 0, 0, 0, -1, 0))
+
+
+@made_once
+def _terms_matrix(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``_TERMS`` as a (3, 18) tensor, made once per device and dtype."""
+    return torch.tensor(_TERMS, dtype=dtype).to(device)
 
 
 def _scaled_exps(rho: torch.Tensor) -> torch.Tensor:
@@ -89,21 +97,17 @@ def _h(terms: _Terms, rho: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     h = ((rho - 1) r + s) e^rho - (r - rho s) e^-rho - (rho^2 - rho + 1) t,
     h' = (rho r + s) e^rho + (r - (rho - 1) s) e^-rho - (2 rho - 1) t,
 
-    as one product of the scaled exponentials (``_scaled_exps``) with their coefficients."""
-    r, s, t = terms.r, terms.s, terms.t
-    coefficients = torch.stack([
-        torch.addcmul(terms.s_minus_r, rho, r), torch.addcmul(s, rho, r),  # of e^rho
-        torch.addcmul(terms.minus_r, rho, s), torch.addcmul(terms.r_plus_s, rho, s, value=-1),  # of e^-rho
-        torch.addcmul(terms.minus_t, rho, torch.addcmul(t, t, rho, value=-1)), torch.addcmul(t, terms.minus_2t, rho),
-    ], -1).unflatten(-1, (3, 2))
+    as one product of the scaled exponentials (``_scaled_exps``) with their coefficients
+    c0 + rho (c1 + rho c2) (two fused products for all six)."""
+    rho_ = rho.unsqueeze(-1)
+    coefficients = torch.addcmul(terms.c0, rho_, torch.addcmul(terms.c1, rho_, terms.c2)).unflatten(-1, (3, 2))
     return (_scaled_exps(rho).unsqueeze(-2) @ coefficients).squeeze(-2).unbind(-1)
 
 
 def _h_value(terms: _Terms, rho: torch.Tensor) -> torch.Tensor:
-    """h(rho) times exp(-|rho|) alone (its sign is what the bracket searches look at)."""
-    r, s, t = terms.r, terms.s, terms.t
-    coefficients = torch.stack([torch.addcmul(terms.s_minus_r, rho, r), torch.addcmul(terms.minus_r, rho, s),
-                                torch.addcmul(terms.minus_t, rho, torch.addcmul(t, t, rho, value=-1))], -1)
+    """h(rho) times exp(-|rho|) alone (its sign is what the bracket searches look at); rho (..., N)."""
+    rho_ = rho.unsqueeze(-1)
+    coefficients = torch.addcmul(terms.c0[..., ::2], rho_, torch.addcmul(terms.c1[..., ::2], rho_, terms.c2[..., ::2]))
     return (_scaled_exps(rho).unsqueeze(-2) @ coefficients.unsqueeze(-1)).flatten(-3)
 
 
