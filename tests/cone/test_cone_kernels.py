@@ -22,8 +22,8 @@ from benchmarks import kernels  # noqa: E402
 # points, where boolean indexing of the root rows made 14 for the projection and 19 for the derivative).
 MAX_EXP_SYNCS = 1
 # The exponential cone's derivative at a point whose projection's roots it is given (which also tell
-# the rows' regions): 77 kernels measured (112 when it classified the rows again).
-MAX_EXP_DERIVATIVE_KERNELS = 80
+# the rows' regions): 67 kernels measured (112 when it classified the rows again and formed h' term by term).
+MAX_EXP_DERIVATIVE_KERNELS = 70
 # solve_cone(solver="ipm") on the cone benchmark's programs (all five cones), batch 8 (128 gives the
 # same counts): 13 forward syncs (validation 1, the interior point method's looks 3, the
 # refinement's 3 and its linear solves' 2, the exponential projections' root looks 3 (their
@@ -52,9 +52,10 @@ MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # three times and the nonnegative and second-order step tests measured from s and y))).
 MAX_CONE_KERNELS_PER_ITERATION = 490
 # The Newton refinement (and the KKT check after it) on those programs at batch 8, counted as the forward's
-# kernels with refine_steps=6 less those with 0: 1,170 measured (1,844 before its exponential root solves
-# started from guesses and the derivatives took the projections' regions with their roots); adjoint 271 (305).
-MAX_REFINE_KERNELS, MAX_ADJOINT_KERNELS = 1_250, 280
+# kernels with refine_steps=6 less those with 0: 1,066 measured (1,844 before its exponential root solves
+# started from guesses, the derivatives took the projections' regions with their roots and h's coefficients
+# became two fused products); adjoint 261 (305).
+MAX_REFINE_KERNELS, MAX_ADJOINT_KERNELS = 1_120, 270
 
 
 def _points(count: int) -> torch.Tensor:
