@@ -40,12 +40,13 @@ def regions(v: torch.Tensor) -> torch.Tensor:
     """Which of the four cases each point v (..., 3) falls in (REGION_* codes)."""
     r, s, t = v.unbind(-1)
     one = constant(1.0, v)
-    safe_s = torch.where(s > 0, s, one)
-    safe_r = torch.where(r > 0, r, one)
-    in_cone = ((s > 0) & (safe_s * torch.exp(r / safe_s) <= t)) | ((r <= 0) & (s == 0) & (t >= 0))
-    in_polar = ((r > 0) & (safe_r * torch.exp(s / safe_r) <= -torch.e * t)) | ((r == 0) & (s <= 0) & (t <= 0))
+    r_positive, s_positive, r_not_positive, s_not_positive = r > 0, s > 0, r <= 0, s <= 0  # each test once
+    safe_s = torch.where(s_positive, s, one)
+    safe_r = torch.where(r_positive, r, one)
+    in_cone = (s_positive & (safe_s * torch.exp(r / safe_s) <= t)) | (r_not_positive & (s == 0) & (t >= 0))
+    in_polar = (r_positive & (safe_r * torch.exp(s / safe_r) <= -torch.e * t)) | ((r == 0) & s_not_positive & (t <= 0))
     codes = _region_codes(v.device)
-    code = torch.where((r <= 0) & (s <= 0), codes[REGION_ANALYTIC], codes[REGION_ROOT])
+    code = torch.where(r_not_positive & s_not_positive, codes[REGION_ANALYTIC], codes[REGION_ROOT])
     code = torch.where(in_polar, codes[REGION_POLAR], code)
     return torch.where(in_cone, codes[REGION_INSIDE], code)
 
