@@ -1,7 +1,7 @@
 """Peer benchmark of the batched QP layer: one run, the same problems, every installed solver.
 
     PYTHONPATH=src python -m benchmarks.qp_benchmark [--quick | --sweep] [--device cpu|cuda] [--dtype float64|float32|both]
-                                                     [--threads N] [--solvers a,b] [--out DIR]
+                                                     [--threads N] [--solvers a,b] [--isolate] [--out DIR]
 
 Settings follow the OptNet paper: Figure 1 (batch 128, n ∈ {10, 50, 100, 500}, QP layer vs a linear layer),
 Figure 2 (n = 100, batch ∈ {1, 64, 128}, QP layer batched and serialized — one problem at a time — vs Gurobi,
@@ -27,7 +27,7 @@ import torch
 from benchmarks.accuracy import Accuracy, kkt_accuracy, reference_solutions
 from benchmarks.plots import save_figures
 from benchmarks.problems import QPBatch, random_qp
-from benchmarks.solvers import Solver, available_solvers
+from benchmarks.solvers import SOLVER_NAMES, Solver, available_solvers
 from benchmarks.timing import Budget, Clock, Stats, forward_backward_phases, forward_phase, repeat
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -267,16 +267,62 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sweep", action="store_true", help="only the small-to-large sweep (SWEEP_SHAPES) against the "
                         "differentiable peers, our compiled path included")
     parser.add_argument("--solvers", default=None, help="comma-separated subset, e.g. optlayers,linear (default: all)")
+    parser.add_argument("--isolate", action="store_true", help="each solver in a Python process of its own, one after "
+                        "another (no solver beside another's threads, compiled code or heap)")
     parser.add_argument("--figures", default=None,
                         help=f"comma-separated subset of the settings' figures, of {', '.join(FIGURES)} (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder (default: runs/benchmark)")
     args = parser.parse_args(argv)
+    if args.solvers is not None:
+        unknown = sorted(set(args.solvers.split(",")) - set(SOLVER_NAMES))
+        if unknown:
+            parser.error(f"--solvers: unknown {unknown}; choose from {', '.join(SOLVER_NAMES)}")
     if args.figures is not None:
         args.figures = args.figures.split(",")
         unknown = sorted(set(args.figures) - set(FIGURES))
         if unknown:
             parser.error(f"--figures: unknown {unknown}; choose from {', '.join(FIGURES)}")
     return args
+
+
+def measured_rows(args: argparse.Namespace, settings: list[Setting], solvers: list[Solver], device: torch.device) -> list[dict]:
+    """Every solver in every setting it runs in, in this process."""
+    problems, rows, measured = ProblemCache(), [], {}
+    budget = QUICK_BUDGET if args.quick else FULL_BUDGET
+    capped = not (args.quick or args.no_caps)
+    for setting in settings:
+        for solver in solvers:
+            if not runs_in(solver, setting):
+                continue
+            key = (solver.name, setting.batch, setting.n, setting.n_ineq, setting.n_eq, setting.dtype)
+            if key not in measured:
+                measured[key] = run_one(solver, setting, problems, device, budget, capped)
+            rows.append({**measured[key], "figure": setting.figure})
+            print(text_table(rows[-1:]).splitlines()[1], flush=True)
+    return rows
+
+
+def isolated_rows(args: argparse.Namespace, settings: list[Setting]) -> tuple[list[dict], list[str]]:
+    """``--isolate``: each solver measured by a Python process of its own (this module with
+    ``--solvers NAME``), one after another, so that none runs beside another's threads (JAX's
+    pool), compiled code or heap. Returns the rows in the order of a run in one process, and the
+    lines of the solvers that did not import."""
+    names = args.solvers.split(",") if args.solvers else list(SOLVER_NAMES)
+    flags = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+    flags += ["--quick"] * args.quick + ["--sweep"] * args.sweep + ["--no-caps"] * args.no_caps
+    flags += ["--figures", ",".join(args.figures)] if args.figures else []
+    rows, missing = [], []
+    for name in names:
+        out = args.out / "isolated" / name
+        subprocess.run([sys.executable, "-m", "benchmarks.qp_benchmark", *flags, "--solvers", name, "--out", str(out)],
+                       check=True)
+        child = json.loads((out / "results.json").read_text())
+        rows += child["results"]
+        missing += child["meta"]["missing"]
+    place = {(s.figure, s.batch, s.n, s.n_ineq, s.n_eq, s.dtype): i for i, s in enumerate(settings)}
+    rank = {name: i for i, name in enumerate(names)}
+    rows.sort(key=lambda r: (place[r["figure"], r["batch"], r["n"], r["n_ineq"], r["n_eq"], r["dtype"]], rank[r["solver"]]))
+    return rows, missing
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -296,22 +342,15 @@ def main(argv: list[str] | None = None) -> dict:
         settings = quick_settings(dtypes, cuda) if args.quick else full_settings(dtypes, cuda or args.no_caps)
     if args.figures:
         settings = [s for s in settings if s.figure in args.figures]
-    solvers, missing = available_solvers(args.solvers.split(",") if args.solvers else None, args.threads)
-    for line in missing:
-        print(line, flush=True)
-    problems, rows, measured = ProblemCache(), [], {}
-    budget = QUICK_BUDGET if args.quick else FULL_BUDGET
-    capped = not (args.quick or args.no_caps)
-    meta = metadata(args, argv, missing)
-    for setting in settings:
-        for solver in solvers:
-            if not runs_in(solver, setting):
-                continue
-            key = (solver.name, setting.batch, setting.n, setting.n_ineq, setting.n_eq, setting.dtype)
-            if key not in measured:
-                measured[key] = run_one(solver, setting, problems, device, budget, capped)
-            rows.append({**measured[key], "figure": setting.figure})
-            print(text_table(rows[-1:]).splitlines()[1], flush=True)
+    if args.isolate:
+        meta = metadata(args, argv, [])
+        rows, meta["missing"] = isolated_rows(args, settings)
+    else:
+        solvers, missing = available_solvers(args.solvers.split(",") if args.solvers else None, args.threads)
+        for line in missing:
+            print(line, flush=True)
+        meta = metadata(args, argv, missing)
+        rows = measured_rows(args, settings, solvers, device)
     meta["load_average_at_end"] = os.getloadavg()
     results = {"meta": meta, "results": rows}
     args.out.mkdir(parents=True, exist_ok=True)

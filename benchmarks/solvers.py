@@ -265,9 +265,9 @@ def _osqp() -> Solver:
     return Solver("osqp", _loop(solve_one), False, f"eps_abs = eps_rel = {OSQP_TOL:g}, polishing, single thread")
 
 
-def available_solvers(names: list[str] | None, threads: int) -> tuple[list[Solver], list[str]]:
-    """The requested solvers (all when ``names`` is None) that import, and a line for each that does not."""
-    factories: dict[str, Callable[[], Solver]] = {
+def _factories(threads: int) -> dict[str, Callable[[], Solver]]:
+    """Each solver's name and the function that makes it (importing its package)."""
+    return {
         "optlayers": _optlayers,
         "optlayers-serial": _optlayers_serial,
         "optlayers-compiled": _optlayers_compiled,
@@ -280,6 +280,15 @@ def available_solvers(names: list[str] | None, threads: int) -> tuple[list[Solve
         "cplex": lambda: _cplex(threads),
         "osqp": _osqp,
     }
+
+
+SOLVER_NAMES = tuple(_factories(1))
+"""Every solver's name, in the order of a run (nothing imported)."""
+
+
+def available_solvers(names: list[str] | None, threads: int) -> tuple[list[Solver], list[str]]:
+    """The requested solvers (all when ``names`` is None) that import, and a line for each that does not."""
+    factories = _factories(threads)
     unknown = set(names or ()) - factories.keys()
     if unknown:
         raise ValueError(f"unknown solvers {sorted(unknown)}; choose from {sorted(factories)}")

@@ -63,3 +63,22 @@ def test_figures_option_selects_settings_and_refuses_unknown(tmp_path, capsys):
     with pytest.raises(SystemExit):
         qp_benchmark.main(["--quick", "--figures", "fig2,fig9", "--out", str(tmp_path)])
     assert "--figures: unknown ['fig9']" in capsys.readouterr().err
+
+
+def test_isolate_measures_each_solver_in_its_own_process_in_the_usual_order(tmp_path):
+    argv = ["--quick", "--threads", "1", "--dtype", "float64", "--solvers", "optlayers,linear", "--figures", "fig1"]
+    together = qp_benchmark.main([*argv, "--out", str(tmp_path / "together")])
+    isolated = qp_benchmark.main([*argv, "--isolate", "--out", str(tmp_path / "isolated")])
+    key = lambda row: (row["figure"], row["batch"], row["n"], row["n_eq"], row["solver"])  # noqa: E731
+    assert [key(r) for r in isolated["results"]] == [key(r) for r in together["results"]]
+    assert {r["solver"] for r in isolated["results"]} == {"optlayers", "linear"}
+    assert all(r["status"] == "ok" for r in isolated["results"])
+    for name in ("optlayers", "linear"):  # each child measured its solver alone
+        child = json.loads((tmp_path / "isolated" / "isolated" / name / "results.json").read_text())
+        assert {r["solver"] for r in child["results"]} == {name}
+
+
+def test_unknown_solver_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        qp_benchmark.main(["--quick", "--solvers", "linear,nosuch", "--out", str(tmp_path)])
+    assert "nosuch" in capsys.readouterr().err
