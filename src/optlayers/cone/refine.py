@@ -13,6 +13,7 @@ never improved keep the solver's answer. y = Pi_K*(w) and s = y - w stay exactly
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 
@@ -57,18 +58,29 @@ def _scale(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 def kkt_residual(point: Point, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     """Worst relative KKT residual per element (B,): primal ||Ax + s - b||, dual ||Px + A^T y + c||
-    and gap |x^T P x + c^T x + b^T y|, each over 1 + the largest of its terms (inf norms, as SCS)."""
-    def rel(terms: list[torch.Tensor]) -> torch.Tensor:
-        size = torch.stack([t.abs().flatten(1).amax(-1) if t.dim() > 1 else t.abs() for t in terms]).amax(0)
-        total = sum(terms)
-        return (total.abs().flatten(1).amax(-1) if total.dim() > 1 else total.abs()) / (1 + size)
-
+    and gap |x^T P x + c^T x + b^T y|, each over 1 + the largest of its terms (inf norms, as SCS);
+    without a P its terms are left out (they are zero)."""
     x, y, s = point.x, point.y, point.s
-    px = torch.zeros_like(x) if point.P is None else embedding.matvec(point.P, x)
-    primal = rel([embedding.matvec(point.A, x), s, -b])
-    dual = rel([px, embedding.rmatvec(point.A, y), c])
-    gap = rel([(x * px).sum(-1), (c * x).sum(-1), (b * y).sum(-1)])
+    ax, aty = embedding.matvec(point.A, x), embedding.rmatvec(point.A, y)
+    if point.P is None:
+        dual, dual_terms = aty + c, [aty, c]
+        gap_terms = [(c * x).sum(-1), (b * y).sum(-1)]
+    else:
+        px = embedding.matvec(point.P, x)
+        dual, dual_terms = px + aty + c, [px, aty, c]
+        gap_terms = [(x * px).sum(-1), (c * x).sum(-1), (b * y).sum(-1)]
+    primal = _relative(ax + s - b, [ax, s, b])
+    dual = _relative(dual, dual_terms)
+    gap = _relative(sum(gap_terms), gap_terms)
     return torch.stack([primal, dual, gap]).amax(0)
+
+
+def _relative(total: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
+    """|total| over 1 + the largest |term| (B,), inf norms over the last dimension of (B, k)
+    tensors (or absolute values of (B,) ones): one reduction of them stacked."""
+    stacked = torch.stack([total, *terms])
+    norms = torch.linalg.vector_norm(stacked, math.inf, -1) if stacked.dim() > 2 else stacked.abs()
+    return norms[0] / (1 + norms[1:].amax(0))
 
 
 def _derivative(point: Point, w: torch.Tensor, roots: list | None = None) -> embedding.ResidualDerivative:
