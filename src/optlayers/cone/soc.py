@@ -31,27 +31,35 @@ def derivative(v: torch.Tensor, dual: bool = False) -> LinearMap:
 
     Outside both the cone and its polar it is
     1/2 [[1, u^T], [u, (1 + t/||x||) I - (t/||x||) u u^T]] with u = x / ||x||; on the cone's
-    boundary the identity (the piece inside the cone) is used.
+    boundary the identity (the piece inside the cone) is used. Held as a diagonal plus a rank-two
+    term, diag(g) + E e^T - H e~^T with e = (1, u), e~ = (0, u), E = e / 2, H = (1 + t/||x||) e~ / 2
+    and g = (0, 1, ..., 1) (1 + t/||x||) / 2 outside (g = 1, E = H = 0 inside, all zero in the
+    polar): an action is two small products and one fused product.
     """
     t, x, norm, inside, polar = _split(v)
     outside_mask = ~(inside | polar)
-    outside, keep = outside_mask.to(v.dtype), inside.to(v.dtype)
+    half = torch.where(outside_mask, constant(0.5, v), constant(0.0, v))  # 1/2 outside, else 0
     safe = torch.where(outside_mask, norm, constant(1.0, norm))
     u = x / safe.unsqueeze(-1)
-    ratio = t / safe
+    scale = torch.addcmul(half, half, t / safe)  # (1 + t/||x||) / 2 outside, else 0
+    left = torch.nn.functional.pad(u, (1, 0), value=1.0)  # e
+    tilde = torch.nn.functional.pad(u, (1, 0))  # e~
+    right = torch.stack([left, tilde], -2)  # (..., 2, k): e^T, e~^T
+    factors = torch.stack([half.unsqueeze(-1) * left, -scale.unsqueeze(-1) * tilde], -1)  # (..., k, 2): E, -H
+    diagonal = torch.addcmul(inside.to(v.dtype).unsqueeze(-1), scale.unsqueeze(-1), _tail_mask(v))
 
     def apply(d: torch.Tensor) -> torch.Tensor:
-        dt, dx = d[..., 0], d[..., 1:]
-        udx = (u * dx).sum(-1)
-        out_t = (dt + udx) / 2
-        out_x = (u * dt.unsqueeze(-1) + (1 + ratio).unsqueeze(-1) * dx - (ratio * udx).unsqueeze(-1) * u) / 2
-        out = torch.cat([out_t.unsqueeze(-1), out_x], dim=-1)
-        return keep.unsqueeze(-1) * d + outside.unsqueeze(-1) * out
+        low_rank = (factors @ (right @ d.unsqueeze(-1))).squeeze(-1)
+        return torch.addcmul(low_rank, diagonal, d)
 
     def dense() -> torch.Tensor:
-        k = v.shape[-1]
-        eye = torch.eye(k, dtype=v.dtype, device=v.device)
-        basis = eye.reshape(k, *([1] * (v.dim() - 1)), k)
-        return apply(basis).movedim(0, -1)
+        out = factors @ right
+        out.diagonal(dim1=-2, dim2=-1).add_(diagonal)
+        return out
 
     return LinearMap(apply, apply, dense)
+
+
+def _tail_mask(v: torch.Tensor) -> torch.Tensor:
+    """(0, 1, ..., 1) (k,) for v (..., k), made once per size, device and dtype."""
+    return constant((0.0,) + (1.0,) * (v.shape[-1] - 1), v)
