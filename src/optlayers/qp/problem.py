@@ -36,10 +36,11 @@ def _check_matrix(name: str, M: Tensor, rows: int | None, n: int) -> None:
         raise ValueError(f"{name} must have shape {want} (n = {n} from p), got {tuple(M.shape)}")
 
 
-def _check_pair(mat_name: str, vec_name: str, M: Tensor | None, v: Tensor | None, ref: Tensor, n: int) -> tuple[Tensor, Tensor]:
-    """Validate a constraint pair (G, h) or (A, b); absent pairs become empty shared tensors."""
+def _check_pair(mat_name: str, vec_name: str, M: Tensor | None, v: Tensor | None, ref: Tensor,
+                n: int) -> tuple[Tensor, Tensor] | tuple[None, None]:
+    """Validate a constraint pair (G, h) or (A, b); an absent pair is (None, None)."""
     if is_absent(M) and is_absent(v):
-        return ref.new_zeros(0, n), ref.new_zeros(0)
+        return None, None
     if is_absent(M) or is_absent(v):
         given, missing = (vec_name, mat_name) if is_absent(M) else (mat_name, vec_name)
         raise ValueError(f"{given} was given without {missing}; pass both or neither")
@@ -75,7 +76,8 @@ def prepare_qp(
     _check_matrix("Q", Q, n, n)
     G, h = _check_pair("G", "h", G, h, p, n)
     A, b = _check_pair("A", "b", A, b, p, n)
-    parts = {"Q": Q.shape[:-2], "p": p.shape[:-1], "G": G.shape[:-2], "h": h.shape[:-1], "A": A.shape[:-2], "b": b.shape[:-1]}
+    data = {"Q": (Q, 2), "p": (p, 1), "G": (G, 2), "h": (h, 1), "A": (A, 2), "b": (b, 1)}
+    parts = {name: () if t is None else t.shape[: t.dim() - tail] for name, (t, tail) in data.items()}
     given = {shape for shape in parts.values() if shape}  # () broadcasts to any batch shape
     try:
         batch = given.pop() if len(given) == 1 else torch.broadcast_shapes(*parts.values())  # one shape: itself
@@ -84,9 +86,10 @@ def prepare_qp(
         raise ValueError(f"the batch dimensions of the QP data do not broadcast together ({listed})") from None
     size = math.prod(batch)
     flat = tuple(
-        t if len(batch) == 1 and t.shape[:-tail] == batch  # already (B, ·)
+        p.new_zeros(size, *((0, n) if tail == 2 else (0,))) if t is None  # an absent pair: empty, made once
+        else t if len(batch) == 1 and t.shape[:-tail] == batch  # already (B, ·)
         else t.expand(*batch, *t.shape[t.dim() - tail :]).reshape(size, *t.shape[t.dim() - tail :])
-        for t, tail in ((Q, 2), (p, 1), (G, 2), (h, 1), (A, 2), (b, 1))
+        for t, tail in data.values()
     )
     return flat, batch
 
