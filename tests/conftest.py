@@ -17,10 +17,12 @@ def _seed_and_dtype():
 @pytest.fixture
 def eager_backend(monkeypatch):
     """``torch.compile`` traced whole by dynamo but run by its eager backend (no inductor compilation:
-    fast), with the compiled wrappers and dynamo's specialisations cleared before and after."""
+    fast; the guards kept as asked), with the compiled wrappers and dynamo's specialisations cleared
+    before and after."""
     compiling.compiled.cache_clear()
     torch._dynamo.reset()  # dynamo keeps its specialisations per code object across tests
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize("eager", nopython=True, dynamic=False)(fn))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize(
+        "eager", nopython=True, dynamic=False, guard_filter_fn=kwargs.get("options", {}).get("guard_filter_fn"))(fn))
     yield
     compiling.compiled.cache_clear()
     torch._dynamo.reset()

@@ -4,6 +4,8 @@ eager fallback past its own limit.
 Traced with dynamo's eager backend (no inductor compilation: fast)."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -98,3 +100,34 @@ def test_recompile_limit_warnings_are_dropped_for_this_packages_functions_only(e
         logger.removeHandler(handler)
     hits = [r.getMessage() for r in records if "hit config.recompile_limit" in r.getMessage()]
     assert hits and all("_double" in m for m in hits), hits
+
+
+_SCALE = 2.0
+
+
+def _scaled(x: torch.Tensor) -> torch.Tensor:
+    return x * _SCALE + _double(x)
+
+
+def test_module_constants_stay_guarded(eager_backend, monkeypatch):
+    """The guards on the code a compiled function reaches through globals are dropped, those on
+    the modules' numbers are kept: a changed constant recompiles."""
+    run = compiling.compiled(_scaled, "cpu")
+    assert torch.equal(run(torch.ones(2)), torch.full((2,), 4.0))
+    monkeypatch.setattr(sys.modules[__name__], "_SCALE", 3.0)
+    assert torch.equal(run(torch.ones(2)), torch.full((2,), 5.0))
+
+
+def test_which_guards_are_kept():
+    from torch._dynamo.types import GuardFilterEntry
+
+    def entry(value, guard_type="ID_MATCH", is_global=True):
+        return GuardFilterEntry(name="x", has_value=True, value=value, guard_type=guard_type, derived_guard_types=(),
+                                is_global=is_global, orig_guard=None)
+
+    for kept in (entry(torch.ones(1), "TENSOR_MATCH"), entry(2.0, "EQUALS_MATCH"), entry(-1, "CONSTANT_MATCH"),
+                 entry(None, "CONSTANT_MATCH"), entry(_double, "CLOSURE_MATCH", is_global=False)):
+        assert compiling.keeps_guard(kept), kept
+    for dropped in (entry(_double.__code__), entry(_double, "CLOSURE_MATCH"), entry(torch, "MODULE_MATCH"),
+                    entry(len, "BUILTIN_MATCH"), entry("dual", "CONSTANT_MATCH")):
+        assert not compiling.keeps_guard(dropped), dropped

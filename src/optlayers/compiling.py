@@ -6,6 +6,9 @@ outputs are the next call's inputs, while the outputs of the other compiled func
 equilibration, the start, the derivatives' factorisation) outlive later calls, which a CUDA
 graph's replay would overwrite. The caller copies the step's last outputs out of the graph's
 memory (``owned``) before they are kept.
+
+On the CPU, where a small problem's solve is a few compiled calls, each call's guards are cut to
+those that can change without editing the code (``keeps_guard``).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
+from torch._dynamo.types import GuardFilterEntry
 
 T = TypeVar("T")
 
@@ -71,6 +75,27 @@ def _quiet_expected_notices() -> None:
     logging.getLogger("torch._dynamo.convert_frame").addFilter(_OwnRecompileLimitNotices())
 
 
+_GUARDED_GLOBALS = (int, float, bool, type(None))
+
+
+def keeps_guard(entry: GuardFilterEntry) -> bool:
+    """Whether a compiled function keeps a guard that dynamo built for it (``guard_filter_fn``):
+    every guard on its arguments, on the global state (grad mode, default device) and on tensors,
+    and of the guards on what it reaches through module globals only those on values (numbers,
+    booleans, None: the modules' constants, which a test may change). The others guard the code it
+    traced (functions, classes, modules, enum members, builtins, dataclass fields): about two thirds
+    of the QP solve's guards. Code changes only when it is monkeypatched, after which the compiled
+    specialisations must be cleared (``torch._dynamo.reset()``, as the tests' ``eager_backend``
+    fixture does)."""
+    if not entry.is_global or entry.guard_type == "TENSOR_MATCH":
+        return True
+    return entry.has_value and type(entry.value) in _GUARDED_GLOBALS
+
+
+def _keep_guards(entries: list[GuardFilterEntry]) -> list[bool]:
+    return [keeps_guard(entry) for entry in entries]
+
+
 # Compilation raises torch's (process-wide) recompile limit for its duration: one thread at a time.
 _COMPILING = threading.Lock()
 
@@ -93,10 +118,10 @@ def compiled(fn: Callable, device_type: str, graphs: bool = False) -> Callable:
         raise TypeError(f"graphs must be True or False, got {graphs!r}")
     if device_type == "cpu":
         _quiet_expected_notices()
-        graph = torch.compile(fn, fullgraph=True, dynamic=False, options=CPU_OPTIONS)
+        graph = torch.compile(fn, fullgraph=True, dynamic=False, options={**CPU_OPTIONS, "guard_filter_fn": _keep_guards})
     else:
         mode = "reduce-overhead" if graphs and device_type == "cuda" else "default"
-        graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)
+        graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)  # torch takes a mode or options, not both
     name = getattr(fn, "__qualname__", repr(fn))
 
     @functools.wraps(fn)
