@@ -547,8 +547,8 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
 
     The iterations run in the engine's loop (``engine.loop.run``) without host synchronisation
     (compiled into one graph with ``settings.compiled``, whose batch keeps its shape: finished
-    problems stay in it, frozen; on the CPU ``qp.parallel`` sends compiled solves to
-    ``qp.fused.solve_scaled`` instead). The
+    problems stay in it, frozen; on the CPU the QP's forward compiles its solves with
+    ``qp.fused.whole`` instead). The
     loop's looks also count the flags of ``_look_flags`` (``_StiffAndGapLook``). One more read at
     the end tells which problems failed and whether the derivatives' factorisation needs a retry."""
     units = Units.of(sc)
