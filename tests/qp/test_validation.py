@@ -40,8 +40,13 @@ def test_bad_data(change, error, pattern):
     (lambda: dict(p=torch.tensor([1.0, float("nan"), 0.0])), r"p contains NaN or Inf"),
     (lambda: dict(b=torch.tensor([float("inf")])), r"b contains NaN or Inf"),
 ])
-def test_compiled_path_checks_values_alike(eager_backend, change, pattern):
-    """compile=True tests the values in its compiled call, then names the culprit alike."""
+@pytest.mark.parametrize("structure", [False, True])
+def test_compiled_path_checks_values_alike(eager_backend, monkeypatch, change, pattern, structure):
+    """compile=True tests the values in its compiled call (with the solve, or with the structure's
+    test where that is looked at), then names the culprit alike."""
+    from optlayers.qp import autograd
+
+    monkeypatch.setattr(autograd, "DIAGONAL_MIN_N", 1 if structure else 10**9)
     with pytest.raises(ValueError, match=pattern):
         solve_qp(**{**good(), **change()}, compile=True)
 

@@ -73,6 +73,15 @@ def _checked_scaling(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: T
     return (*_scaling(Q, p, G, h, A, b), values_pass(Q, p, G, h, A, b))
 
 
+def _checked_scaling_and_structure(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor,
+                                   b: Tensor) -> tuple[QPData, Scaling, Tensor]:
+    """``_checked_scaling`` and the structure that ``_with_structure`` reads (``kkt.diagonal_h`` of
+    the scaled data) in one function to compile: the scaled data, the scaling, and (2,) bool
+    (whether the data passed the checks, whether H is diagonal) for one read."""
+    scaled, sc, passed = _checked_scaling(Q, p, G, h, A, b)
+    return scaled, sc, torch.stack([passed, diagonal_h(scaled.Q, scaled.G)])
+
+
 def _looks_at_structure(n: int, device: torch.device) -> bool:
     """Whether ``_with_structure`` looks at a batch of ``n`` variables on ``device`` (see ``DIAGONAL_MIN_N``)."""
     return n >= (DIAGONAL_MIN_N if reads_are_free(device) else DIAGONAL_MIN_N_ACCELERATOR)
@@ -173,7 +182,8 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     """``QPSolveFn.forward``'s outputs and whether every problem was solved, on the compiled path
     whose iterations run in one call (``fused.pays``): a solve that needs no reaction of the host is
     one compiled call (``_checked_solved``) and one read; where the batch's structure is looked at
-    (``_with_structure``), the equilibration is a compiled call of its own before it (``_solved``).
+    (``_with_structure``), the equilibration and that structure are a compiled call and a read of
+    their own before it (``_checked_scaling_and_structure``, then ``_solved``).
     Otherwise the solve goes on from there (``fused.go_on``)."""
     device = p.device.type
     raw = tuple(t.detach() for t in (Q, p, G, h, A, b))  # one specialisation whichever data require gradients
@@ -186,9 +196,10 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
             return (*public, data[0], data[2], data[4], *point, *scaling, *factor), not info[3]
         scaled, sc = QPData(*data), Scaling(*scaling)
     else:
-        scaled, sc, passed = compiled(_checked_scaling, device)(*raw)
-        check_values(*raw, passed)
-        scaled = _with_structure(scaled)
+        scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device)(*raw)
+        passed, diagonal = host_read(verdicts)
+        check_values(*raw, bool(passed))
+        scaled = replace(scaled, diagonal=bool(diagonal))  # as _with_structure, in the same read
         info, packed, where, public, point, factor = compiled(_solved, device)(scaled, sc, fill, settings, keep_factor)
         info = host_read(info)
         if fused.finished(info):
