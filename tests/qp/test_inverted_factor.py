@@ -10,7 +10,7 @@ import torch
 
 from optlayers import QPStatus, host, solve_qp
 from optlayers.qp import kkt
-from tests.qp.test_refinement import EPS, _backward_error
+from tests.qp.test_refinement import EPS, _backward_error, _ill_conditioned_system
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -21,19 +21,9 @@ def _traced(fn):
     return torch.compile(fn, backend="eager", fullgraph=True, dynamic=False)
 
 
-def _graded_system(seed: int, n: int, m: int = 3, k: int = 20):
-    """Reduced KKT systems whose H spans ~16 orders of magnitude (Q's eigenvalues 1e-10…1, W⁻¹ from
-    1e-8 to 1e8), like an interior point iterate near its solution."""
-    gen = torch.Generator().manual_seed(seed)
-    B = 3
-    U = torch.linalg.qr(torch.randn(B, n, n, generator=gen, dtype=torch.float64))[0]
-    Q = U @ torch.diag_embed(torch.logspace(-10, 0, n, dtype=torch.float64).expand(B, n)) @ U.mT
-    Q = (Q + Q.mT) / 2
-    A = torch.randn(B, m, n, generator=gen, dtype=torch.float64)
-    G = torch.randn(B, k, n, generator=gen, dtype=torch.float64)
-    w_inv = 10.0 ** (16 * torch.rand(B, k, generator=gen, dtype=torch.float64) - 8)
-    rhs = [torch.randn(B, size, generator=gen, dtype=torch.float64) for size in (n, m, k)]
-    return Q, A, G, w_inv, rhs
+def _graded_system(seed: int, n: int):
+    """``_ill_conditioned_system`` of order n, with 3 equalities and 20 inequalities."""
+    return _ill_conditioned_system(seed, n, m=3, k=20)
 
 
 @pytest.mark.parametrize("n, inverted", [(kkt.INVERTED_MAX_N, True), (kkt.INVERTED_MAX_N + 1, False)])

@@ -10,11 +10,12 @@ from tests.qp.qp_problems import random_qp
 EPS = torch.finfo(torch.float64).eps
 
 
-def _ill_conditioned_system(seed: int):
-    """A batch of reduced KKT systems whose H spans ~16 orders of magnitude: Q with eigenvalues
-    1e-10…1 and W⁻¹ from 1e-8 to 1e8 (an interior point iterate near its solution)."""
+def _ill_conditioned_system(seed: int, n: int = 25, m: int = 4, k: int = 35):
+    """A batch of 3 reduced KKT systems (n variables, m equalities, k inequalities) whose H spans
+    ~16 orders of magnitude: Q with eigenvalues 1e-10…1 and W⁻¹ from 1e-8 to 1e8 (an interior
+    point iterate near its solution)."""
     gen = torch.Generator().manual_seed(seed)
-    B, n, m, k = 3, 25, 4, 35
+    B = 3
     U = torch.linalg.qr(torch.randn(B, n, n, generator=gen, dtype=torch.float64))[0]
     Q = U @ torch.diag_embed(torch.logspace(-10, 0, n, dtype=torch.float64).expand(B, n)) @ U.mT
     Q = (Q + Q.mT) / 2
