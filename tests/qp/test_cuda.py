@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optlayers import QPStatus, solve_qp
-from optlayers.qp import autograd
+from optlayers.qp import forward
 from qp_problems import box_qp, random_qp
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
@@ -35,7 +35,7 @@ def test_cuda_mixed_devices_is_an_error():
 def test_cuda_diagonal_h_path_matches_cpu():
     """Bounds with a diagonal Q at n = DIAGONAL_MIN_N_ACCELERATOR: CUDA takes the diagonal-H path
     (recognised with one synchronisation) and agrees with the CPU."""
-    data = box_qp(4, autograd.DIAGONAL_MIN_N_ACCELERATOR, 5)
+    data = box_qp(4, forward.DIAGONAL_MIN_N_ACCELERATOR, 5)
     results = {}
     for device in ("cpu", "cuda"):
         inputs = {k: v.to(device).clone().requires_grad_() for k, v in data.items()}

@@ -3,7 +3,7 @@ agreement with the dense path and with finite differences."""
 import torch
 
 from optlayers import QPStatus, solve_qp
-from optlayers.qp import autograd
+from optlayers.qp import forward
 from optlayers.qp.kkt import diagonal_h, factor_kkt
 from qp_problems import box_qp
 
@@ -42,16 +42,16 @@ def test_diagonal_factor_holds_the_diagonal_of_the_dense_h():
 
 
 def _solve_and_differentiate(data, monkeypatch, diagonal: bool):
-    monkeypatch.setattr(autograd, "DIAGONAL_MIN_N", 1 if diagonal else 10**9)
+    monkeypatch.setattr(forward, "DIAGONAL_MIN_N", 1 if diagonal else 10**9)
     seen = []
-    recognise = autograd._with_structure
+    recognise = forward._with_structure
 
     def spy(scaled):
         out = recognise(scaled)
         seen.append(out.diagonal)
         return out
 
-    monkeypatch.setattr(autograd, "_with_structure", spy)
+    monkeypatch.setattr(forward, "_with_structure", spy)
     inputs = {k: v.clone().requires_grad_() for k, v in data.items()}
     sol = solve_qp(*(inputs[k] for k in NAMES), tol=1e-12)
     weights = torch.linspace(-1.0, 1.0, sol.z.shape[-1])
@@ -74,7 +74,7 @@ def test_diagonal_path_matches_dense_path(monkeypatch):
 
 
 def test_diagonal_path_gradients_match_finite_differences(monkeypatch):
-    monkeypatch.setattr(autograd, "DIAGONAL_MIN_N", 1)
+    monkeypatch.setattr(forward, "DIAGONAL_MIN_N", 1)
     data = box_qp(2, 5, 1)
     q_diagonal = torch.diagonal(data["Q"], dim1=-2, dim2=-1).clone().requires_grad_()
     inputs = [q_diagonal] + [data[k].clone().requires_grad_() for k in ("p", "h", "A", "b")]
@@ -89,7 +89,7 @@ def test_diagonal_path_gradients_match_finite_differences(monkeypatch):
 def test_compiled_solve_takes_the_diagonal_path(monkeypatch, eager_backend):
     """``compile=True`` (traced whole by dynamo; its eager backend here, so no inductor compilation)
     gives the eager path's solution and gradients on a problem with a diagonal H."""
-    monkeypatch.setattr(autograd, "DIAGONAL_MIN_N", 1)
+    monkeypatch.setattr(forward, "DIAGONAL_MIN_N", 1)
     data = box_qp(2, 6, 1)
     results = []
     for compile in (False, True):
@@ -104,7 +104,7 @@ def test_compiled_solve_takes_the_diagonal_path(monkeypatch, eager_backend):
 def test_diagonal_path_certifies_infeasible_and_unbounded_elements(monkeypatch):
     """Elements whose outcome is known by construction, on the diagonal path: bounds that contradict
     (l > u), equalities the box excludes, and a free direction of a zero-Q variable with falling cost."""
-    monkeypatch.setattr(autograd, "DIAGONAL_MIN_N", 1)
+    monkeypatch.setattr(forward, "DIAGONAL_MIN_N", 1)
     data = box_qp(4, 8, 1)
     Q, p, h, A, b = (data[k].clone() for k in ("Q", "p", "h", "A", "b"))
     n = Q.shape[-1]

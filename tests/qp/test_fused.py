@@ -8,7 +8,7 @@ import torch
 
 from optlayers import solve_qp
 from optlayers.engine import loop
-from optlayers.qp import autograd, fused, ipm
+from optlayers.qp import autograd, forward, fused, ipm
 from optlayers.status import Status
 from tests.qp.qp_problems import random_qp
 
@@ -43,7 +43,7 @@ def test_a_solve_without_reactions_is_one_call_and_one_read(eager_backend, monke
     assert len(looks) == iterations + 1
     looks.clear()
     reads, calls = [], []
-    for module in (autograd, fused, ipm):
+    for module in (autograd, forward, fused, ipm):
         if hasattr(module, "host_read"):
             monkeypatch.setattr(module, "host_read", lambda t, real=module.host_read: reads.append(1) or real(t))
         monkeypatch.setattr(module, "compiled", lambda fn, *args, real=module.compiled: (
@@ -120,7 +120,7 @@ def test_a_failed_start_runs_no_compiled_iterations(eager_backend, monkeypatch):
 
     monkeypatch.setattr(ipm, "_start_unretried", failing_start)
     reads = []
-    monkeypatch.setattr(autograd, "host_read", lambda t: reads.append(ipm.host_read(t)) or reads[-1])
+    monkeypatch.setattr(forward, "host_read", lambda t: reads.append(ipm.host_read(t)) or reads[-1])
     data = random_qp((3,), 8, 10, 2)
     eager = solve_qp(**data)
     compiled = solve_qp(**data, compile=True)

@@ -44,9 +44,9 @@ def test_bad_data(change, error, pattern):
 def test_compiled_path_checks_values_alike(eager_backend, monkeypatch, change, pattern, structure):
     """compile=True tests the values in its compiled call (with the solve, or with the structure's
     test where that is looked at), then names the culprit alike."""
-    from optlayers.qp import autograd
+    from optlayers.qp import forward
 
-    monkeypatch.setattr(autograd, "DIAGONAL_MIN_N", 1 if structure else 10**9)
+    monkeypatch.setattr(forward, "DIAGONAL_MIN_N", 1 if structure else 10**9)
     with pytest.raises(ValueError, match=pattern):
         solve_qp(**{**good(), **change()}, compile=True)
 

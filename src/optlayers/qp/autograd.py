@@ -1,5 +1,5 @@
-"""The QP solve as a ``torch.autograd.Function``: forward runs the interior point method,
-backward (VJP) and jvp differentiate the KKT conditions with the factorisation at the solution —
+"""The QP solve as a ``torch.autograd.Function``: forward runs the interior point method
+(``qp/forward.py``), backward (VJP) and jvp differentiate the KKT conditions with the factorisation at the solution —
 built by the forward when gradients were possible, otherwise on demand.
 
 Inputs are flat batches (B, ·) as produced by ``problem.prepare_qp``; broadcasting of shared
@@ -14,38 +14,31 @@ cannot differentiate through a jvp rule, raises (``higher_order.no_forward_over_
 from __future__ import annotations
 
 import math
-from dataclasses import replace
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from optlayers.compiling import compiled
+from optlayers.engine.constants import constant
 from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
 from optlayers.qp.derivatives import (
     FORWARD_OVER_FORWARD,
     KKTPoint,
     data_cotangent,
-    factor_tensors,
     flat_vmap,
     plain_solution_vjp,
     solution_jvp,
     solution_vjp,
 )
-from optlayers.compiling import compiled
-from optlayers.engine.constants import constant
-from optlayers.engine.step import State
-from optlayers.host import host_read, reads_are_free
-from optlayers.qp import fused
-from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals
-from optlayers.qp.kkt import diagonal_h
-from optlayers.qp.parallel import solve_scaled_parallel
-from optlayers.qp.problem import check_values, qp_data, values_pass
+from optlayers.qp.forward import N_PUBLIC, Saved, keep_solved
+from optlayers.qp.forward import outputs as forward_outputs
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
 from optlayers.qp.scaling import (
     QPData,
     Scaling,
-    equilibrate,
     scale_data_tangent,
     scale_solution_cotangent,
     unscale_adjoint,
@@ -53,75 +46,8 @@ from optlayers.qp.scaling import (
 )
 from optlayers.qp.status import FailurePolicy, QPStatus, apply_failure_policy
 
-_N_PUBLIC = 9  # z, lam, nu, s, status, iterations, primal, dual, gap
-# From this many variables on, a batch whose H = Q + GᵀWG is diagonal (diagonal Q, bounds such as
-# z ≥ 0: ``kkt.diagonal_h``) is recognised and solved with elementwise H solves; below, the dense
-# factorisation costs little. Where a host read is not free (an accelerator) the check is a
-# synchronisation, so it is made only where the dense factorisation it may save is large.
-DIAGONAL_MIN_N = 32
-DIAGONAL_MIN_N_ACCELERATOR = 256
-
-
-def _scaling(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> tuple[QPData, Scaling]:
-    """The flat data in ``COMPUTE_DTYPE``, Q symmetrised, equilibrated: the scaled problem and its scaling."""
-    return equilibrate(qp_data(*(t.to(COMPUTE_DTYPE) for t in (Q, p, G, h, A, b))))
-
-
-def _checked_scaling(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> tuple[QPData, Scaling, Tensor]:
-    """``_scaling`` and ``values_pass`` in one function to compile: the data's value checks and
-    their scaling in one call (the scaling of data that fail the checks is discarded)."""
-    return (*_scaling(Q, p, G, h, A, b), values_pass(Q, p, G, h, A, b))
-
-
-def _checked_scaling_and_structure(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor,
-                                   b: Tensor) -> tuple[QPData, Scaling, Tensor]:
-    """``_checked_scaling`` and the structure that ``_with_structure`` reads (``kkt.diagonal_h`` of
-    the scaled data) in one function to compile: the scaled data, the scaling, and (2,) bool
-    (whether the data passed the checks, whether H is diagonal) for one read."""
-    scaled, sc, passed = _checked_scaling(Q, p, G, h, A, b)
-    return scaled, sc, torch.stack([passed, diagonal_h(scaled.Q, scaled.G)])
-
-
-def _looks_at_structure(n: int, device: torch.device) -> bool:
-    """Whether ``_with_structure`` looks at a batch of ``n`` variables on ``device`` (see ``DIAGONAL_MIN_N``)."""
-    return n >= (DIAGONAL_MIN_N if reads_are_free(device) else DIAGONAL_MIN_N_ACCELERATOR)
-
-
-def _with_structure(data: QPData) -> QPData:
-    """``data`` with ``diagonal`` set where H is diagonal and that pays (see ``DIAGONAL_MIN_N``)."""
-    if not _looks_at_structure(data.p.shape[-1], data.p.device):
-        return data
-    return replace(data, diagonal=bool(host_read(diagonal_h(data.Q, data.G).reshape(1))[0]))
-
-
-class _Saved(NamedTuple):
-    """What the derivatives need, in the scaled space: the trailing outputs of ``forward``, then
-    the tensors of the KKT factorisation at the solution when the forward built it (gradients
-    were possible then); without them ``KKTSolve`` builds it (a ``jvp`` asked later)."""
-
-    Q: Tensor
-    A: Tensor
-    G: Tensor
-    x: Tensor
-    nu: Tensor
-    lam: Tensor
-    s: Tensor
-    d: Tensor
-    e: Tensor
-    f: Tensor
-    c: Tensor
-
-
 _STATUS_AT = 7  # where the status is among the saved tensors (``setup_context``), after the data and solution
-_FACTOR_AT = _STATUS_AT + 1 + len(_Saved._fields)  # where the factor's tensors begin
-
-
-def _rows(mask: Tensor, t: Tensor) -> Tensor:
-    return mask.view(-1, *([1] * (t.dim() - 1)))
-
-
-def _keep_solved(mask: Tensor, t: Tensor, fill: float) -> Tensor:
-    return torch.where(_rows(mask, t), t, fill)
+_FACTOR_AT = _STATUS_AT + 1 + len(Saved._fields)  # where the factor's tensors begin
 
 
 def _fill(on_failure: str | FailurePolicy) -> float:
@@ -132,80 +58,6 @@ def _fill(on_failure: str | FailurePolicy) -> float:
 def _attach(value: Tensor, t: Tensor) -> Tensor:
     """``value``, with the derivatives of ``t`` (whose value it is, up to rounding)."""
     return value + (t - t.detach())
-
-
-def _public(sc: Scaling, status: Tensor, st: State, res: Residuals, fill: Tensor) -> tuple[Tensor, ...]:
-    """The forward's first outputs (z, λ, ν, s, status, iterations, primal, dual, gap) at the final
-    scaled iterate ``st`` (with statuses ``status``) and its residuals: mapped back to the original
-    problem, in the dtype of ``fill`` (0-d, the data's dtype), which the failed elements of z, λ, ν,
-    s hold."""
-    solved, dtype = status == int(QPStatus.SOLVED), fill.dtype
-    x, nu, lam, s = (_keep_solved(solved, v, fill).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
-    return x, lam, nu, s, status, st.iterations, res.primal.to(dtype), res.dual.to(dtype), res.gap.to(dtype)
-
-
-def _outputs(scaled: QPData, sc: Scaling, result: IPMResult, fill: Tensor) -> tuple[Tensor, ...]:
-    """``QPSolveFn.forward``'s outputs from the solver's ``result``: ``_public``, ``_Saved``, the factor's tensors."""
-    st = result.state
-    factor = () if result.factor is None else factor_tensors(result.factor)
-    return (*_public(sc, st.status, st, result.residuals, fill),
-            *_Saved(scaled.Q, scaled.A, scaled.G, st.x, st.nu, st.lam, st.s, sc.d, sc.e, sc.f, sc.c), *factor)
-
-
-def _solved(scaled: QPData, sc: Scaling, fill: Tensor, settings: IPMSettings, with_factor: bool,
-            halt: Tensor | None = None) -> tuple:
-    """``fused.whole`` and the outputs of a forward that ends with it, in one function to compile:
-    its info (5,), the packed state (three tensors) and its layout, ``_public`` with ``fill`` (see
-    there), the scaled solution (x, ν, λ, s) and the factor's tensors, each in memory of its own;
-    ``halt`` as in ``fused.whole``."""
-    packed, where, status, factor, info = fused.whole(scaled, sc, settings, with_factor, halt)
-    st, res = fused.unpack(packed, where)
-    public = _public(sc, status, st, res, fill)
-    own = tuple(t.clone() for t in (*public[5:], st.x, st.nu, st.lam, st.s))  # views of the packed state
-    return info, (packed.real, packed.counts, packed.flags), where, (*public[:5], *own[:4]), own[4:], factor
-
-
-def _checked_solved(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, fill: Tensor,
-                    settings: IPMSettings, with_factor: bool) -> tuple:
-    """``_checked_scaling`` and ``_solved`` in one function to compile, for a batch whose structure
-    is not looked at (``_with_structure``): the scaled data (the tensors of ``QPData``, in its order)
-    and the scaling's (``Scaling``'s), each in memory of its own, then ``_solved``'s outputs, whose
-    info has a sixth entry: whether the data passed the checks (where not, no iteration runs)."""
-    scaled, sc, passed = _checked_scaling(Q, p, G, h, A, b)
-    info, *rest = _solved(scaled, sc, fill, settings, with_factor, halt=~passed)
-    return ((scaled.Q, scaled.p, scaled.A, scaled.b, scaled.G, scaled.h), (sc.d.clone(), sc.e.clone(), sc.f.clone(), sc.c),
-            torch.cat([info, passed.reshape(1)]), *rest)
-
-
-def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
-                      keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], bool]:
-    """``QPSolveFn.forward``'s outputs and whether every problem was solved, on the compiled path
-    whose iterations run in one call (``fused.pays``): a solve that needs no reaction of the host is
-    one compiled call (``_checked_solved``) and one read; where the batch's structure is looked at
-    (``_with_structure``), the equilibration and that structure are a compiled call and a read of
-    their own before it (``_checked_scaling_and_structure``, then ``_solved``).
-    Otherwise the solve goes on from there (``fused.go_on``)."""
-    device = p.device.type
-    raw = tuple(t.detach() for t in (Q, p, G, h, A, b))  # one specialisation whichever data require gradients
-    if not _looks_at_structure(p.shape[-1], p.device):
-        data, scaling, info, packed, where, public, point, factor = compiled(_checked_solved, device)(
-            *raw, fill, settings, keep_factor)
-        info = host_read(info)
-        check_values(*raw, bool(info[5]))  # raises where the data failed the checks
-        if fused.finished(info):
-            return (*public, data[0], data[2], data[4], *point, *scaling, *factor), not info[3]
-        scaled, sc = QPData(*data), Scaling(*scaling)
-    else:
-        scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device)(*raw)
-        passed, diagonal = host_read(verdicts)
-        check_values(*raw, bool(passed))
-        scaled = replace(scaled, diagonal=bool(diagonal))  # as _with_structure, in the same read
-        info, packed, where, public, point, factor = compiled(_solved, device)(scaled, sc, fill, settings, keep_factor)
-        info = host_read(info)
-        if fused.finished(info):
-            return (*public, scaled.Q, scaled.A, scaled.G, *point, sc.d, sc.e, sc.f, sc.c, *factor), not info[3]
-    result = fused.go_on(scaled, sc, fused.Packed(*packed), where, factor, info, settings, keep_factor)
-    return _outputs(scaled, sc, result, fill), result.all_solved
 
 
 def _differentiated(saved: tuple[Tensor, ...]) -> bool:
@@ -222,11 +74,11 @@ def _point(ctx: Any) -> tuple[KKTPoint, Scaling, Tensor, torch.dtype]:
     failed elements read x = ν = 0, λ = s = 1 (their derivatives are zero; no NaN can leak);
     otherwise they keep whatever the solver left (``KKTSolve`` gives them zero solutions)."""
     Qi, Ai, Gi, z, lam, nu, s, status, *rest = ctx.saved_tensors
-    sv = _Saved(*rest[: len(_Saved._fields)])
-    factor = tuple(rest[len(_Saved._fields):])
+    sv = Saved(*rest[: len(Saved._fields)])
+    factor = tuple(rest[len(Saved._fields):])
     solved = status == int(QPStatus.SOLVED)
     sc = Scaling(sv.d, sv.e, sv.f, sv.c)
-    fill = lambda t, v: _keep_solved(solved, t, v)  # noqa: E731
+    fill = lambda t, v: keep_solved(solved, t, v)  # noqa: E731
     differentiated = _differentiated((Qi, Ai, Gi, z, lam, nu, s))
     if factor and not differentiated:  # the raw point: nothing differentiates or factorises at it
         return KKTPoint(sv.Q, sv.A, sv.G, sv.x, sv.nu, sv.lam, sv.s, solved, factor), sc, solved, Qi.dtype
@@ -284,9 +136,9 @@ def _compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], n
     that ``KKTSolve`` runs). ``point``: the saved tensors from the status on (``setup_context``;
     the data and solution before it are not read); ``dtype``: the data's."""
     status, *rest = point
-    sv = _Saved(*rest[: len(_Saved._fields)])
+    sv = Saved(*rest[: len(Saved._fields)])
     solved = status == int(QPStatus.SOLVED)
-    pt = KKTPoint(sv.Q, sv.A, sv.G, sv.x, sv.nu, sv.lam, sv.s, solved, tuple(rest[len(_Saved._fields):]))
+    pt = KKTPoint(sv.Q, sv.A, sv.G, sv.x, sv.nu, sv.lam, sv.s, solved, tuple(rest[len(Saved._fields):]))
     return _vjp(pt, Scaling(sv.d, sv.e, sv.f, sv.c), solved, dtype, grads, needs, settings, plain_solution_vjp)
 
 
@@ -301,19 +153,7 @@ class QPSolveFn(torch.autograd.Function):
     @staticmethod
     def forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
                 keep_factor: bool, on_failure: str | FailurePolicy, batch_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
-        fill = constant(_fill(on_failure), p)
-        if settings.compiled and fused.pays(p.device):
-            outputs, all_solved = _compiled_forward(Q, p, G, h, A, b, settings, keep_factor, fill)
-        else:
-            if settings.compiled:
-                scaled, sc, passed = compiled(_checked_scaling, p.device.type)(Q, p, G, h, A, b)
-                check_values(Q, p, G, h, A, b, passed)
-            else:
-                check_values(Q, p, G, h, A, b)
-                scaled, sc = _scaling(Q, p, G, h, A, b)
-            scaled = _with_structure(scaled)
-            result = solve_scaled_parallel(scaled, sc, settings, with_factor=keep_factor)
-            outputs, all_solved = _outputs(scaled, sc, result, fill), result.all_solved
+        outputs, all_solved = forward_outputs(Q, p, G, h, A, b, settings, keep_factor, constant(_fill(on_failure), p))
         if not all_solved:
             apply_failure_policy(outputs[4].reshape(batch_shape), on_failure)
         return outputs
@@ -323,7 +163,7 @@ class QPSolveFn(torch.autograd.Function):
         ctx.settings, ctx.fill, ctx.n_outputs = inputs[6], _fill(inputs[8]), len(output)
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs nobody differentiates
         Q, _, G, _, A, _ = inputs[:6]
-        saved = (Q, A, G, *output[:5], *output[_N_PUBLIC:])  # data, (z, λ, ν, s, status), _Saved, factor
+        saved = (Q, A, G, *output[:5], *output[N_PUBLIC:])  # data, (z, λ, ν, s, status), _Saved, factor
         ctx.save_for_backward(*saved)
         ctx.save_for_forward(*saved)
         ctx.mark_non_differentiable(*output[4:])
@@ -363,6 +203,6 @@ class QPSolveFn(torch.autograd.Function):
                    b=tangent(db, pt.nu), G=tangent(dG, pt.G), h=tangent(dh, pt.lam))
         dx, dnu, dlam, ds = solution_jvp(pt, scale_data_tangent(sc, t), ctx.settings)
         point = ctx.saved_tensors[:7]  # the data and solution as saved (not computed here: see no_forward_over_forward)
-        dz, dnu, dlam, ds = (no_forward_over_forward(FORWARD_OVER_FORWARD, _keep_solved(solved, v, ctx.fill).to(dtype), *point)
+        dz, dnu, dlam, ds = (no_forward_over_forward(FORWARD_OVER_FORWARD, keep_solved(solved, v, ctx.fill).to(dtype), *point)
                              for v in unscale_solution(sc, dx, dnu, dlam, ds))
         return (dz, dlam, dnu, ds, *([None] * (ctx.n_outputs - 4)))

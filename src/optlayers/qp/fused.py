@@ -10,7 +10,7 @@ or back, a gap to test accurately: ``ipm._look_flags``) or at the iteration limi
 looks as before, at the iteration where the call stopped: the iterates are those of one call per
 iteration. ``whole`` is the start, ``steps`` and the derivatives' factorisation as one function,
 which the QP's forward compiles together with what comes before it (the data's checks and
-equilibration) and after it (the solution mapped back: ``qp.autograd``): a solve that needs no
+equilibration) and after it (the solution mapped back: ``qp.forward``): a solve that needs no
 reaction of the host is one compiled call and one read; ``go_on`` goes on where it does.
 
 The loop carries the state packed in three fresh tensors (``Packed``): a higher-order operator

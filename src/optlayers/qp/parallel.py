@@ -27,7 +27,7 @@ def slice_count(batch: int, n: int, device: torch.device) -> int:
 def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
     """``ipm.solve_scaled`` on ``slice_count`` slices of the batch at once; same result. (A compiled
     solve whose iterations run in one call, ``fused.pays``, is compiled with the forward's own work
-    instead: ``qp.autograd``.)"""
+    instead: ``qp.forward``.)"""
     batch, n = data.p.shape
     # compiled functions are specialised to the batch's shape: one slice, the batch whole
     count = 1 if settings.compiled else slice_count(batch, n, data.p.device)
