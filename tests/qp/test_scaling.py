@@ -96,3 +96,27 @@ def test_a_batch_equilibrated_in_slices_is_scaled_as_a_whole(monkeypatch):
         assert torch.equal(getattr(sliced, name), getattr(whole, name)), name
     for name in ("Q", "p", "A", "b", "G", "h"):
         assert torch.equal(getattr(sliced_data, name), getattr(whole_data, name)), name
+
+
+def test_compiled_equilibration_loops_over_the_iterations_with_the_eager_result(monkeypatch):
+    """Under compilation on the CPU the Ruiz iterations are one ``while_loop`` (``scaling._looped``)
+    rather than written out, and give the eager scalings and scaled data bit for bit (inductor)."""
+    from optlayers.compiling import CPU_OPTIONS
+    from optlayers.qp import scaling
+
+    data = _data(6, batch=2, n=4, k=3, m=1, spread=3.0)
+    turns = []
+    original = scaling._looped
+    monkeypatch.setattr(scaling, "_looped", lambda step, x, iterations: turns.append(iterations) or original(step, x, iterations))
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(equilibrate, fullgraph=True, dynamic=False, options=CPU_OPTIONS)
+        got_data, got = compiled(data)
+    finally:
+        torch._dynamo.reset()
+    assert turns == [scaling.RUIZ_ITERATIONS]
+    want_data, want = equilibrate(data)
+    for name in ("d", "e", "f", "c"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for name in ("Q", "p", "A", "b", "G", "h"):
+        assert torch.equal(getattr(got_data, name), getattr(want_data, name)), name
