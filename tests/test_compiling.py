@@ -131,3 +131,41 @@ def test_which_guards_are_kept():
     for dropped in (entry(_double.__code__), entry(_double, "CLOSURE_MATCH"), entry(torch, "MODULE_MATCH"),
                     entry(len, "BUILTIN_MATCH"), entry("dual", "CONSTANT_MATCH")):
         assert not compiling.keeps_guard(dropped), dropped
+
+
+def _loop_doubling_plus(step: float):
+    """x ↦ three turns of y ↦ 2y + ``step``, as a ``while_loop``."""
+    from torch._higher_order_ops.while_loop import while_loop
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        start = (torch.zeros((), dtype=torch.int64), x.clone())
+        return while_loop(lambda i, y: i < 3, lambda i, y: (i + 1, 2 * y + step), start)[1]
+    return fn
+
+
+def test_compiled_loops_are_cached_each_under_its_own_body(tmp_path, monkeypatch):
+    """With ``CPU_OPTIONS`` a graph with a ``while_loop`` is stored in inductor's FX graph cache (torch
+    bypasses it for such graphs by default), found again after dynamo forgets it, and a loop that
+    differs only in its body is compiled anew, with its own result (inductor, a fresh cache)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x = torch.arange(4, dtype=torch.float64)
+
+    def run(step: float) -> torch.Tensor:
+        torch._dynamo.reset()
+        fn = torch.compile(_loop_doubling_plus(step), fullgraph=True, dynamic=False, options=compiling.CPU_OPTIONS)
+        return fn(x)
+
+    counters.clear()
+    try:
+        first = run(1.0)
+        assert counters["inductor"]["fxgraph_cache_miss"] == 1 and not counters["inductor"]["fxgraph_cache_bypass"]
+        again = run(1.0)
+        assert counters["inductor"]["fxgraph_cache_hit"] == 1
+        other = run(5.0)
+        assert counters["inductor"]["fxgraph_cache_miss"] == 2
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(first, 8 * x + 7) and torch.equal(again, first)
+    assert torch.equal(other, 8 * x + 35)

@@ -31,7 +31,8 @@ COMPILED_SHAPES = 64
 into an error. Past this many (or torch's limit, if that is higher), calls run eagerly (with a
 warning)."""
 
-CPU_OPTIONS = {"cpp_wrapper": True, "unroll_reductions_threshold": 16}
+CPU_OPTIONS = {"cpp_wrapper": True, "unroll_reductions_threshold": 16,
+               "unsafe_marked_cacheable_functions": {"torch.ops.higher_order.while_loop": f"optlayers, torch {torch.__version__}"}}
 """Inductor's options on the CPU:
 
 - ``cpp_wrapper``: the generated code calls its kernels and library functions (Cholesky,
@@ -43,7 +44,14 @@ CPU_OPTIONS = {"cpp_wrapper": True, "unroll_reductions_threshold": 16}
   a small matrix-vector product that inductor writes elementwise, a norm over a problem's 10
   variables) is a masked vector load and a horizontal reduction: at batch 128, n = 10 those took a
   third of the compiled solve's time (``perf``), and a forward + backward took 17.3 ms of CPU time
-  against 10.5 ms with them unrolled (one thread)."""
+  against 10.5 ms with them unrolled (one thread).
+- ``unsafe_marked_cacheable_functions``: graphs with a ``while_loop`` (the QP's iterations, the
+  equilibration) are kept in inductor's FX graph cache like any other. torch bypasses that cache
+  for higher-order operators it has not marked cacheable, so that each new process lowered and
+  generated the whole solve again (only the C++ compilation was cached): a (1, 10) solve's first
+  call in a new process took 38-60 s with a warm cache, 11 s with this. The cache key holds the
+  loop's condition and body graphs (as for ``invoke_subgraph``, which torch marks cacheable), so
+  another loop body is another entry (tested)."""
 
 
 class _NoShimNotices(logging.Filter):
