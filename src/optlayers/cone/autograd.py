@@ -46,6 +46,7 @@ class Settings:
     max_workers: int | None
     refine_steps: int = refine.MAX_STEPS
     policy: FailurePolicy | None = None  # applied by the forward, on plain tensors (so also under vmap)
+    compile: bool = False  # the interior point method compiled (ConeIPMSettings.compiled)
 
 
 def _scipy(A: torch.Tensor) -> sp.csc_matrix:
@@ -84,7 +85,7 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
         x, y, s, status = interior_solver.solve(
             dense.expand(batch, *dense.shape[-2:]), b.detach(), c.detach(),
             None if P_sym is None else P_sym.detach(), settings.spec,
-            interior_solver.ConeIPMSettings(**settings.options), max_slices=settings.max_workers)
+            interior_solver.ConeIPMSettings(**settings.options, compiled=settings.compile), max_slices=settings.max_workers)
         return x, y, s, status
     results = backends.solve_batch(_problems(A, b, c, P), settings.spec, settings.solver, settings.options,
                                    settings.warm_starts, settings.max_workers)

@@ -14,7 +14,7 @@ from optlayers.cone.linsolve import MODES
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.validation import validate
-from optlayers.options import check_choice, check_int, check_number
+from optlayers.options import check_bool, check_choice, check_int, check_number
 from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status
 
 
@@ -53,9 +53,14 @@ class ConeSolution:
 
 
 def check_cone_options(solver: object, mode: object, on_failure: object, solver_options: object,
-                       max_workers: object, refine_steps: object, failed_value: object = math.nan) -> None:
+                       max_workers: object, refine_steps: object, failed_value: object = math.nan,
+                       compile: object = False) -> None:
     """``solve_cone``'s options, refused at the door when unknown or impossible."""
     check_choice("solver", solver, SOLVERS)
+    check_bool("compile", compile)
+    if compile and solver not in ("auto", "ipm"):
+        raise ValueError(f"compile=True compiles the batched interior point method: it needs solver='ipm' or 'auto', "
+                         f"got solver={solver!r}")
     check_choice("mode", mode, MODES)
     check_choice("on_failure", on_failure, ON_FAILURE_CHOICES)
     check_int("refine_steps", refine_steps, 0)
@@ -87,7 +92,9 @@ def _check_auto_options(options: dict) -> None:
 
 
 def _check_ipm_options(options: dict) -> None:
-    known = {field.name for field in dataclasses.fields(ConeIPMSettings)}
+    if "compiled" in options:
+        raise ValueError("solver_options for solver='ipm' cannot set 'compiled': pass solve_cone's compile=True")
+    known = {field.name for field in dataclasses.fields(ConeIPMSettings)} - {"compiled"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"solver_options for solver='ipm' must be ConeIPMSettings fields {sorted(known)}, got {unknown}")
@@ -141,7 +148,7 @@ _SOLVER_OPTION_CHECKS = {"auto": _check_auto_options, "ipm": _check_ipm_options,
 def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: str = "dense",
                on_failure: str = "raise", solver_options: dict | None = None,
                warm_start: ConeSolution | None = None, max_workers: int | None = None,
-               refine_steps: int = REFINE_STEPS, failed_value: float = math.nan) -> ConeSolution:
+               refine_steps: int = REFINE_STEPS, failed_value: float = math.nan, compile: bool = False) -> ConeSolution:
     """Solve min c^T x + 1/2 x^T P x  s.t.  A x + s = b, s in K, differentiably in A, b, c, P.
 
     Args:
@@ -172,12 +179,18 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
         refine_steps: Newton steps on the residual map after the solver (0 to skip), see refine.py.
         failed_value: what failed elements hold in x, y, s (NaN; ``ConeLayer`` uses 0.0); their
             gradients are zero either way.
+        compile: run the batched interior point method ("ipm", or "auto" where it picks "ipm") as
+            one ``torch.compile``d call (``fullgraph=True``): its start and all its iterations, in a
+            loop on the device, over a batch of fixed shape (not sliced over threads). Opt-in: each
+            new program shape costs a compilation of minutes (docs/cone.md, "The compiled
+            path"). The refinement and the derivatives run as without it; the answers are the
+            eager method's to rounding. Refused with "clarabel" and "scs".
 
     Returns:
         ConeSolution with x (B, n), y (B, m), s (B, m), status (B,); x, y, s differentiable
         (reverse mode and torch.func.jvp). Shared A and P receive the sum of per-element gradients.
     """
-    check_cone_options(solver, mode, on_failure, solver_options, max_workers, refine_steps, failed_value)
+    check_cone_options(solver, mode, on_failure, solver_options, max_workers, refine_steps, failed_value, compile)
     data = validate(A, b, c, P, cones)
     if solver == "auto":
         solver = choose_solver(cones.size, data.b.shape[0], data.b.device)
@@ -192,7 +205,7 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
                       for t in (warm_start.x, warm_start.y, warm_start.s))
         warm = tuple(None if not np.isfinite(x0[i]).all() else (x0[i], y0[i], s0[i]) for i in range(len(x0)))
     policy = FailurePolicy(on_failure, failed_value, "cone programs")  # applied inside, so also under vmap
-    settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps, policy)
+    settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps, policy, compile)
     # The solvers, the refinement and the derivative all work in float64; outputs follow the inputs' dtype.
     wide = [None if t is None else t.to(torch.float64) for t in (data.A, data.b, data.c, data.P)]
     x, y, s, status, *_ = ConeProgram.apply(*wide, settings)
@@ -236,7 +249,8 @@ class ConeLayer(torch.nn.Module):
         options = {"on_failure": "warn", "failed_value": 0.0, **options}
         check_cone_options(options.get("solver", "auto"), options.get("mode", "dense"), options["on_failure"],
                            options.get("solver_options"), options.get("max_workers"),
-                           options.get("refine_steps", REFINE_STEPS), options["failed_value"])
+                           options.get("refine_steps", REFINE_STEPS), options["failed_value"],
+                           options.get("compile", False))
         self.cones, self.options = cones, options
         self.last_status: torch.Tensor | None = None
 
@@ -250,4 +264,5 @@ class ConeLayer(torch.nn.Module):
         return f"cones={self.cones}" + "".join(f", {k}={v!r}" for k, v in self.options.items())
 
 
-_LAYER_OPTIONS = ("solver", "mode", "on_failure", "solver_options", "max_workers", "refine_steps", "failed_value")
+_LAYER_OPTIONS = ("solver", "mode", "on_failure", "solver_options", "max_workers", "refine_steps", "failed_value",
+                  "compile")

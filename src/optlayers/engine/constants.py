@@ -28,13 +28,21 @@ def made_once(make: F) -> F:
     """``make`` (a function of hashable arguments returning tensors: sizes, device, dtype) called
     once per arguments and its result kept, made as normal tensors even when first asked for under
     ``torch.inference_mode`` (an inference tensor kept would fail every later use that records
-    gradients)."""
+    gradients). Under compilation ``make`` is traced into the graph (where inductor folds it), as
+    ``constant`` does: tensors kept outside would enter a compiled loop's body as inputs."""
     @functools.lru_cache(maxsize=None)
     @functools.wraps(make)
     def cached(*args: object) -> object:
         with torch.inference_mode(False):
             return make(*args)
-    return cached  # type: ignore[return-value]
+
+    @functools.wraps(make)
+    def once(*args: object) -> object:
+        if torch.compiler.is_compiling():  # not through the cache, which dynamo would trace through with a warning
+            return make(*args)
+        return cached(*args)
+    once.cache_clear = cached.cache_clear
+    return once  # type: ignore[return-value]
 
 
 @made_once

@@ -268,7 +268,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
     lam, s, w = st.lam, st.s, st.lam_s
     minus_s_lam = torch.addcmul(constant(0.0, s), lam, s, value=-1)  # the predictor's b4 −s∘λ, in one kernel
     # −r_d, or r_d where the nonnegative rows' solve folds the negation in (``negated_rx``); −r_e (None: no rows, no arithmetic)
-    fold_negation = k > 0 and not parts
+    fold_negation = k > 0 and len(parts) == 0
     r_x, minus_r_e = (res.r_d if fold_negation else res.r_d.neg()), (res.r_e.neg() if m else None)
 
     def direction(b4: Tensor, v: Tensor, q: Tensor | None, refine_steps: int) -> Tensor:

@@ -97,8 +97,9 @@ def pack(st: State, res: Residuals) -> Packed:
     return Packed(*(torch.cat(group, -1) for group in parts))
 
 
-def unpack(packed: Packed, where: Layout) -> tuple[State, Residuals]:
-    """The ``State`` and ``Residuals`` of ``packed`` laid out as ``where``, as views of its tensors."""
+def unpack(packed: Packed, where: Layout, kinds: tuple[type, type] = (State, Residuals)) -> tuple:
+    """The ``State`` and ``Residuals`` of ``packed`` laid out as ``where``, as views of its tensors
+    (``kinds``: the classes of the state and the residuals, for a method with residuals of its own)."""
     groups, kwargs = (packed.real, packed.counts, packed.flags), ({}, {})
     for which, name, group, *rest in where:
         if group < 0:
@@ -107,7 +108,7 @@ def unpack(packed: Packed, where: Layout) -> tuple[State, Residuals]:
         first, stop, shape = rest
         t = groups[group]
         kwargs[which][name] = t[:, first] if shape == () else t[:, first:stop].unflatten(-1, shape)
-    return State(**kwargs[0]), Residuals(**kwargs[1])
+    return kinds[0](**kwargs[0]), kinds[1](**kwargs[1])
 
 
 def _own(obj):

@@ -24,8 +24,10 @@ import dataclasses
 import math
 
 import torch
+from torch._higher_order_ops.while_loop import while_loop
 
 from optlayers import threads
+from optlayers.compiling import compiled
 from optlayers.cone import exp as exp_module
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
@@ -36,6 +38,7 @@ from optlayers.engine.cones.symmetric import all_finite
 from optlayers.engine.step import ConeRows, State, StepRules, newton_step
 from optlayers.host import RUNNING
 from optlayers.linalg import mtv, mv
+from optlayers.qp import fused
 from optlayers.qp.kkt import next_regularisation
 from optlayers.qp.scaling import QPData
 
@@ -70,6 +73,12 @@ class ConeIPMSettings:
             regularisation multiplied by 100 (at most four times in a row); it falls back
             towards ``reg`` after each sound step.
         kkt_refine_steps: iterative refinement steps per Newton solve (0: none were needed).
+        compiled: run the start and every iteration as one ``torch.compile``d call
+            (``fullgraph=True``; ``solve_cone(compile=True)``): the iterations in a
+            ``while_loop`` on the device until no element runs or ``max_iter``, the same
+            ``_start`` and ``_step`` as the eager path. The batch keeps its shape (finished
+            elements stay in it, frozen, as on an accelerator between the host's looks) and is
+            not sliced over threads; one compilation per program shape and cone list.
     """
 
     tol: float = 1e-8
@@ -80,6 +89,7 @@ class ConeIPMSettings:
     max_backtracks: int = StepRules.max_backtracks
     reg: float = 1e-10
     kkt_refine_steps: int = 0
+    compiled: bool = False
 
     @property
     def rules(self) -> StepRules:
@@ -101,6 +111,8 @@ class ConeIPMSettings:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo < value < hi:
                 raise ValueError(f"ConeIPMSettings.{name} must be a number in ({lo}, {hi}), got {value!r}")
+        if not isinstance(self.compiled, bool):
+            raise ValueError(f"ConeIPMSettings.compiled must be True or False, got {self.compiled!r}")
         if self.inaccurate_tol < self.tol:
             raise ValueError(f"ConeIPMSettings.inaccurate_tol ({self.inaccurate_tol}) must be >= tol ({self.tol})")
 
@@ -116,7 +128,7 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
     Returns x (B, n), y (B, m), s (B, m) and status (B,) int64 (ConeStatus: SOLVED, INACCURATE,
     MAX_ITER or NUMERICAL_ERROR); every element holds its last iterate. A large CPU batch is
     solved in at most ``max_slices`` (default: torch's thread count) slices on parallel threads
-    (threads.py), with the same result.
+    (threads.py), with the same result; ``settings.compiled`` solves it whole.
     """
     if any(t.dtype != torch.float64 for t in (A, b, c)) or (P is not None and P.dtype != torch.float64):
         raise TypeError("A, b, c and P must be float64 (solve_cone converts its inputs)")
@@ -133,7 +145,7 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
     if spec.size != m:
         raise ValueError(f"spec covers {spec.size} rows but A has m = {m}")
     count = threads.slice_count(batch, (m + n) * n, A.device, _MIN_SLICE_ENTRIES)
-    count = min(count, max_slices or count)
+    count = 1 if settings.compiled else min(count, max_slices or count)
     parts = threads.map_slices(
         lambda part: _solve(A[part], b[part], c[part], None if P is None else P[part], spec, settings), batch, count)
     return tuple(torch.cat(outputs) for outputs in zip(*parts))
@@ -141,9 +153,17 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
 
 def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
            settings: ConeIPMSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``solve`` for one slice: set up, iterate, map back."""
-    parts = cone_parts.parts_of(spec)
-    program, step_parts = _setup(A, b, c, P, spec, parts)
+    """``solve`` for one slice: set up, then iterate and map back (``_solved``; one compiled call
+    with ``settings.compiled``)."""
+    parts = tuple(cone_parts.parts_of(spec))
+    program, step_parts = _setup(A, b, c, P, spec, parts, workspace=not settings.compiled)
+    solved = compiled(_solved, A.device.type) if settings.compiled else _solved
+    return solved(program, step_parts, parts, settings)
+
+
+def _solved(program: _Program, step_parts: tuple[cone_parts.Part, ...], parts: tuple[cone_parts.Part, ...],
+            settings: ConeIPMSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, y, s and the statuses of the program set up by ``_setup``: iterate, map back."""
     st, status = _iterate(program, step_parts, settings)
     y_k, s_k = _from_primal_exp(torch.cat([st.lam, st.y_k], -1), torch.cat([st.s, st.s_k], -1), parts)
     return st.x, torch.cat([st.nu, y_k], -1), torch.cat([torch.zeros_like(st.nu), s_k], -1), status
@@ -197,9 +217,11 @@ def _zero_matrix(n: int, device: torch.device, dtype: torch.dtype) -> torch.Tens
 
 
 def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
-           parts: list[cone_parts.Part]) -> tuple[_Program, tuple[cone_parts.Part, ...]]:
+           parts: tuple[cone_parts.Part, ...], workspace: bool = True) -> tuple[_Program, tuple[cone_parts.Part, ...]]:
     """The program with the dual exponential rows mapped to primal ones, and the parts of the cone
-    rows other than the nonnegative ones, counted from the first of them."""
+    rows other than the nonnegative ones, counted from the first of them; with ``workspace``, the
+    step's scaling matrix kept over the iterations (``_Program``; a compiled loop's body may not
+    write into its inputs, and makes it in each step instead)."""
     batch, _, n = A.shape
     if any(part.dual for part in parts):
         T = cone_parts.device_constant(exp_module.DUAL_TO_PRIMAL, A)
@@ -209,11 +231,11 @@ def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
             A[:, rows] = (T @ cone_parts.piece(A[:, spec.zero:], part)).reshape(batch, -1, n)
             b[:, rows] = (cone_parts.piece(b[:, spec.zero:], part) @ T.mT).reshape(batch, -1)
     step_parts = tuple(dataclasses.replace(part, start=part.start - spec.nonneg) for part in parts if part.kind != "nonneg")
-    workspace = cone_parts.scaling_workspace(step_parts, batch, n, A)
-    return _Program(P, c, A, b, () if workspace is None else (workspace,), spec.zero, spec.nonneg), step_parts
+    kept = cone_parts.scaling_workspace(step_parts, batch, n, A) if workspace else None
+    return _Program(P, c, A, b, () if kept is None else (kept,), spec.zero, spec.nonneg), step_parts
 
 
-def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: list[cone_parts.Part]) -> tuple[torch.Tensor, torch.Tensor]:
+def _from_primal_exp(y: torch.Tensor, s: torch.Tensor, parts: tuple[cone_parts.Part, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     """Undo ``_setup``'s map on the dual exponential rows: y = T^T y', s = T^-1 s'."""
     if not any(part.dual for part in parts):
         return y, s
@@ -324,15 +346,51 @@ def _step(program: _Program, st: State, res: _Residuals, parts: tuple[cone_parts
 
 def _iterate(program: _Program, parts: tuple[cone_parts.Part, ...],
              settings: ConeIPMSettings) -> tuple[State, torch.Tensor]:
-    """The interior point method on the engine's loop (``engine.loop.run``): the last state and
-    status of every element. Elements still running after ``max_iter`` steps are INACCURATE if
-    their error is within ``inaccurate_tol``, else MAX_ITER."""
+    """The interior point method on the engine's loop (``engine.loop.run``; with
+    ``settings.compiled`` on the device, ``_on_device``): the last state and status of every
+    element. Elements still running after ``max_iter`` steps are INACCURATE if their error is
+    within ``inaccurate_tol``, else MAX_ITER."""
     degree = max(program.nonneg + cone_parts.degree(parts), 1)
     st, res = _start(program, parts, degree, settings)
-    out = loop.run((program,), st, res, lambda program, st, res: _step(program, st, res, parts, degree, settings),
-                   settings.max_iter, program.c.device)
-    full, error = out.state, out.working_res.error
-    if out.index is not None:  # the elements outside the working batch have finished
-        error = error.new_full(full.status.shape, float("inf")).index_copy(0, out.index, error)
+    step = lambda program, st, res: _step(program, st, res, parts, degree, settings)  # noqa: E731
+    if settings.compiled:
+        full, res = _on_device(program, st, res, step, settings.max_iter)
+        error = res.error
+    else:
+        out = loop.run((program,), st, res, step, settings.max_iter, program.c.device)
+        full, error = out.state, out.working_res.error
+        if out.index is not None:  # the elements outside the working batch have finished
+            error = error.new_full(full.status.shape, float("inf")).index_copy(0, out.index, error)
     close = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.MAX_ITER))
     return full, torch.where(full.status == RUNNING, close, full.status)
+
+
+def _on_device(program: _Program, st: State, res: _Residuals, step: loop.Step, max_iter: int) -> tuple[State, _Residuals]:
+    """``step`` from ``st`` (with residuals ``res``) until no element runs or after ``max_iter``
+    steps, in a ``while_loop`` (no host look: the loop of a compiled solve). The state and its
+    residuals travel packed in three tensors of their own (``qp.fused.Packed``: a loop's carried
+    tensors may not alias each other or its inputs). Finished elements stay in the batch, frozen
+    by the step's masks."""
+    where = fused.layout(st, res)
+
+    def go_on(j: torch.Tensor, real: torch.Tensor, counts: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+        st, _ = fused.unpack(fused.Packed(real, counts, flags), where, (State, _Residuals))
+        return (st.status == RUNNING).any() & (j < max_iter)
+
+    def iterate(j: torch.Tensor, real: torch.Tensor, counts: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        st, res = fused.unpack(fused.Packed(real, counts, flags), where, (State, _Residuals))
+        out = fused.pack(*step(_viewed(program), st, res))
+        return j + 1, out.real, out.counts, out.flags
+
+    packed = fused.pack(st, res)
+    start = torch.zeros((), dtype=torch.int64, device=st.v.device)
+    _, *carried = while_loop(go_on, iterate, (start, packed.real, packed.counts, packed.flags))
+    return fused.unpack(fused.Packed(*carried), where, (State, _Residuals))
+
+
+def _viewed(program: _Program) -> _Program:
+    """``program`` with each tensor as a view of itself made here: in a loop's body, the transpose
+    (``.mT``) of a tensor read from the enclosing function would enter the body as a second input
+    aliasing the first, which the loop refuses; of a view made in the body it is the body's own."""
+    return dataclasses.replace(program, **{f.name: t[:] for f in dataclasses.fields(program)
+                                           if isinstance(t := getattr(program, f.name), torch.Tensor)})

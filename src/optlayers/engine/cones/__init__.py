@@ -90,7 +90,10 @@ def join(pieces: list[torch.Tensor], batch: int, empty: torch.Tensor | None = No
 
 def device_constant(values: tuple, like: torch.Tensor) -> torch.Tensor:
     """A (nested) tuple of numbers as a tensor of ``like``'s dtype, filled on its device entry by
-    entry: a tensor made from Python numbers would be a blocking host-to-device copy on a GPU."""
+    entry: a tensor made from Python numbers would be a blocking host-to-device copy on a GPU.
+    Under compilation it is made in the graph (where inductor folds it)."""
+    if torch.compiler.is_compiling():
+        return torch.tensor(values, dtype=like.dtype, device=like.device)
     shape = torch.tensor(values).shape  # on the host, for the shape only
     out = like.new_empty(shape.numel())
     for index, value in enumerate(torch.tensor(values, dtype=torch.float64).flatten().tolist()):
@@ -218,6 +221,9 @@ def _trial_factors(backtrack: float, max_backtracks: int, device: torch.device, 
     normal tensor even when first asked for under ``torch.inference_mode``)."""
     factors = [_EXP_FINE_FACTOR ** k for k in range(_EXP_FINE_TRIALS)]
     factors += [backtrack ** k for k in range(1, max_backtracks)]
+    if torch.compiler.is_compiling():  # the same numbers, not as a constant tensor: inductor's C++ wrapper
+        # does not declare a compiled loop body's constant tensors
+        return torch.stack([torch.full((), factor, dtype=dtype, device=device) for factor in factors])
     return torch.tensor(factors, dtype=torch.float64).to(device, dtype)
 
 
@@ -252,7 +258,7 @@ def exp_step(parts: list[Part], s: torch.Tensor, y: torch.Tensor, ds: torch.Tens
         inside = exponential.primal_margin(torch.addcmul(point, reach, step)).amin((1, -1)) > 0
         return (trials * inside).amax(0), inside.any(0)
 
-    if reads_are_free(s.device):
+    if not torch.compiler.is_compiling() and reads_are_free(s.device):
         step_length, found = tried(trials[:_EXP_FIRST_TRIALS])
         if bool(found.all()):
             return step_length, found

@@ -275,7 +275,7 @@ def exp_scaling(s: torch.Tensor, y: torch.Tensor, mu: torch.Tensor,
     primal_dual, ok = _primal_dual_v(s, y, sy, barrier)
     if dual_only is not None:
         ok = ok & ~dual_only
-    if reads_are_free(s.device) and bool(ok.all()):
+    if not torch.compiler.is_compiling() and reads_are_free(s.device) and bool(ok.all()):
         return ExpScaling(primal_dual, grad, chol, barrier, ok)
     V = torch.where(ok[..., None, None], primal_dual, _dual_v(s, y, sy, chol, mu))  # primal_dual finite where ok
     return ExpScaling(V, grad, chol, barrier, ok)

@@ -132,7 +132,7 @@ def _svec_diagonal(k: int, device: torch.device, dtype: torch.dtype) -> tuple[to
     d = psd.order(k)
     lower = torch.triu_indices(d, d)  # column by column: (row, column) = (lower[1], lower[0])
     rows, cols = lower[1], lower[0]
-    positions = (rows == cols).nonzero().flatten()
+    positions = torch.tensor([j * d - j * (j - 1) // 2 for j in range(d)])  # column j starts after d + (d - 1) + ... + (d - j + 1)
     to_svec = torch.zeros(d, k, dtype=torch.float64)
     to_svec[torch.arange(d), positions] = 1
     sums = torch.zeros(d, k, dtype=torch.float64)
