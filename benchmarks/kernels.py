@@ -195,6 +195,55 @@ def cone_counts(batch: int, n: int = 48, spec: ConeSpec = CONE_SPEC, window: int
                       bwd.kernel_count, bwd.sync_count)
 
 
+def compiled_cone_counts(batch: int, n: int = 48, spec: ConeSpec = CONE_SPEC) -> dict[str, object]:
+    """The compiled path of the cone method (``solve_cone(solver="ipm", compile=True)``) on the cone
+    benchmark's programs: the fused kernels and library calls of one iteration (the body of the
+    ``while_loop`` in the code inductor generates for ``interior.solver._solved``, its Python
+    wrapper), and per forward (without and with the refinement) the compiled calls and the aten
+    operations and host synchronisations outside them (counted as ``count`` does, with the counter
+    off inside the compiled calls). Compiles twice (minutes each)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    from optlayers.cone.interior import solver
+    from optlayers.engine import cones as cone_parts
+
+    A, b, c, *_ = random_program(spec, n, batch=batch, seed=0)
+    parts = tuple(cone_parts.parts_of(spec))
+    program, step_parts = solver._setup(A, b, c, None, spec, parts, workspace=False)
+    traced = torch.compile(solver._solved, fullgraph=True, dynamic=False)
+    _, code = run_and_get_code(traced, program, step_parts, parts, solver.ConeIPMSettings(compiled=True))
+    body = re.search(r"^def while_loop_body_graph_0\(.*?(?=^def |^class )", code[-1], re.M | re.S).group(0)
+    launches = _launches("def call(" + body)
+    calls: list[str] = []
+    real = solver.compiled
+
+    def counted(fn: Callable, device_type: str, graphs: bool = False) -> Callable:
+        compiled_fn = real(fn, device_type, graphs)
+
+        def run(*args: object, **kwargs: object) -> object:
+            calls.append(fn.__qualname__)
+            with _disable_current_modes():  # what the compiled call runs is not counted
+                return compiled_fn(*args, **kwargs)
+        return run
+
+    result: dict[str, object] = {f"iteration_{key}": value for key, value in launches.items()}
+    solver.compiled = counted
+    try:
+        for name, options in (("method", {"refine_steps": 0}), ("forward", {})):
+            solve = lambda: solve_cone(A, b, c, spec, solver="ipm", compile=True, on_failure="ignore", **options)  # noqa: E731
+            solve()  # compiles (the refinement's own constants are made once, as in ``cone_counts``)
+            calls.clear()
+            counter = count(solve)
+            result.update({f"{name}_compiled_calls": len(calls), f"{name}_outside_kernels": counter.kernel_count,
+                           f"{name}_outside_syncs": counter.sync_count})
+    finally:
+        solver.compiled = real
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
@@ -221,6 +270,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"compiled QP iteration (k = {r.n_ineq}, m = {r.n_eq}): {launches['total']} launches "
                   f"({launches['fused']} fused kernels, {launches['library']} library calls); backward "
                   f"{launches['backward_total']} ({launches['backward_fused']} fused, {launches['backward_library']} library)")
+        result["cone_compiled"] = cone = compiled_cone_counts(args.batch)
+        print(f"compiled cone iteration: {cone['iteration_total']} launches ({cone['iteration_fused']} fused kernels, "
+              f"{cone['iteration_library']} library calls); forward without / with the refinement: "
+              f"{cone['method_compiled_calls']} / {cone['forward_compiled_calls']} compiled calls, "
+              f"{cone['method_outside_kernels']} / {cone['forward_outside_kernels']} aten operations and "
+              f"{cone['method_outside_syncs']} / {cone['forward_outside_syncs']} syncs outside them")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

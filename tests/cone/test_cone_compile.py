@@ -63,7 +63,8 @@ def test_compiled_is_set_by_the_compile_argument_only():
         solver.ConeIPMSettings(compiled="no")
 
 
-@pytest.mark.parametrize("quadratic", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("quadratic", [False, True])
 def test_the_device_loop_takes_the_host_loops_iterates(quadratic):
     """``_on_device`` (outside compilation ``while_loop`` traces its body with dynamo's eager
     backend, the same operations) against the engine's loop, which drops finished elements from
@@ -105,5 +106,5 @@ def test_compiled_solve_equals_the_eager_one():
     """Compiled by inductor (minutes with a cold cache): the eager solve's statuses, and its
     solutions and gradients to ``AGREE``, on programs of every cone kind (with and without P)."""
     compiling.compiled.cache_clear()
-    for spec, n, quadratic in PROGRAMS:
+    for spec, n, quadratic in PROGRAMS[:2]:  # every cone kind, without and with P
         _assert_agree(_solved(spec, n, quadratic, compile=True), _solved(spec, n, quadratic), AGREE)
