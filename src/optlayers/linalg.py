@@ -1,19 +1,67 @@
-"""Batched dense matrix-vector products shared by the QP and cone solvers.
+"""Batched dense matrix products shared by the QP and cone solvers.
 
-Both are written as a row vector times a matrix: on the CPU, torch's batched product of a
-(B, r, c) matrix with (B, c, 1) columns runs about four times slower than the same product
-taken as (B, 1, c) rows times the transposed matrix.
+Matrix-vector products are written as a row vector times a matrix: on the CPU, torch's batched
+product of a (B, r, c) matrix with (B, c, 1) columns runs about four times slower than the same
+product taken as (B, 1, c) rows times the transposed matrix.
+
+Under compilation, a small product (every one of its sizes at most ``SMALL_PRODUCT_MAX``, or an
+inner size of 1: an outer product) is written as a broadcast multiply and a sum over the inner
+size (``elementwise``), which inductor fuses with the operations around it and, with
+``compiling.CPU_OPTIONS``, unrolls. On the CPU inductor otherwise calls the library for every
+batched product whose rows and columns both exceed 1 (a call, a buffer and a pass each; at n = 10
+they cost their calls, not their arithmetic). Eagerly, torch's products are used.
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
+
+SMALL_PRODUCT_MAX = 16
+"""The largest size (rows, inner, columns) of a product written elementwise under compilation:
+inductor unrolls sums of at most 16 terms (``compiling.CPU_OPTIONS``), and the factors inverted
+under compilation are of order at most ``qp.kkt.INVERTED_MAX_N`` = 12."""
+
+
+def elementwise(a: Tensor, b: Tensor) -> bool:
+    """Whether ``product(a, b)`` is written as a broadcast multiply and a sum: under compilation,
+    where the inner size is 1 or no size of the product exceeds ``SMALL_PRODUCT_MAX``."""
+    inner = a.shape[-1]
+    return torch.compiler.is_compiling() and (inner == 1 or max(a.shape[-2], inner, b.shape[-1]) <= SMALL_PRODUCT_MAX)
+
+
+def product(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for (..., r, c) a and (..., c, d) b (batch dimensions broadcast), elementwise where
+    ``elementwise`` says so."""
+    if not elementwise(a, b):
+        return a @ b
+    if a.shape[-1] == 1:
+        return a * b
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+
+
+def add_product(c: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """beta·c + alpha·(a @ b) for (B, r, d) c, (B, r, k) a and (B, k, d) b: ``torch.baddbmm``, or
+    elementwise where ``elementwise`` says so."""
+    if not elementwise(a, b):
+        return torch.baddbmm(c, a, b, beta=beta, alpha=alpha)
+    return torch.add(c if beta == 1 else c * beta, product(a, b), alpha=alpha)
 
 
 def mv(M: Tensor, v: Tensor) -> Tensor:
     """Batched matrix-vector product M v: (B, r, c) or shared (r, c), with (B, c) -> (B, r)."""
-    return (v.unsqueeze(-2) @ M.mT).squeeze(-2)
+    return product(v.unsqueeze(-2), M.mT).squeeze(-2)
 
 
 def mtv(M: Tensor, v: Tensor) -> Tensor:
     """Batched transposed product Mᵀ v: (B, r, c) or shared (r, c), with (B, r) -> (B, c)."""
-    return (v.unsqueeze(-2) @ M).squeeze(-2)
+    return product(v.unsqueeze(-2), M).squeeze(-2)
+
+
+def add_mv(r: Tensor, M: Tensor, v: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """beta·r + alpha·M v for (B, r) r, (B, r, c) M and (B, c) v, in one kernel."""
+    return add_product(r.unsqueeze(-2), v.unsqueeze(-2), M.mT, beta, alpha).squeeze(-2)
+
+
+def add_mtv(r: Tensor, M: Tensor, v: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """beta·r + alpha·Mᵀ v for (B, c) r, (B, r, c) M and (B, r) v, in one kernel."""
+    return add_product(r.unsqueeze(-2), v.unsqueeze(-2), M, beta, alpha).squeeze(-2)

@@ -28,7 +28,7 @@ from torch import Tensor
 from optlayers.compiling import compiled
 from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
-from optlayers.linalg import mtv, mv
+from optlayers.linalg import add_product, mtv, mv
 from optlayers.qp.ipm import IPMSettings, derivative_factor
 from optlayers.qp.kkt import KKTFactor, solve_reduced
 from optlayers.qp.scaling import QPData
@@ -74,12 +74,9 @@ def _outer(u: Tensor, v: Tensor) -> Tensor:
 
 
 def _outer_sum(u1: Tensor, v1: Tensor, u2: Tensor, v2: Tensor, scale: float = 1.0) -> Tensor:
-    """scale·(u1 v1ᵀ + u2 v2ᵀ) for (B, r) u's and (B, c) v's, in two kernels; under compilation
-    elementwise, which inductor fuses with the operations around it (a batched product would be
-    a library call of its own)."""
-    if torch.compiler.is_compiling():
-        return scale * (_outer(u1, v1) + _outer(u2, v2))
-    return torch.baddbmm(_outer(u1, v1), u2.unsqueeze(-1), v2.unsqueeze(-2), beta=scale, alpha=scale)
+    """scale·(u1 v1ᵀ + u2 v2ᵀ) for (B, r) u's and (B, c) v's, in two kernels (under compilation
+    elementwise: ``linalg.add_product``)."""
+    return add_product(_outer(u1, v1), u2.unsqueeze(-1), v2.unsqueeze(-2), beta=scale, alpha=scale)
 
 
 def _masked(ok: Tensor, ts: Sequence[Tensor]) -> list[Tensor]:

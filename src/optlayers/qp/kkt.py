@@ -41,7 +41,7 @@ from torch import Tensor
 
 from optlayers.engine.constants import constant
 from optlayers.host import host_read, reads_are_free
-from optlayers.linalg import mtv, mv
+from optlayers.linalg import add_mtv, add_mv, add_product, mtv, mv, product
 
 
 INVERTED_MAX_N = 12
@@ -143,7 +143,7 @@ def _lower_solve(L: Tensor, inverse: Tensor, R: Tensor, transposed: bool = False
     (B, 0, 0) where it has none, and (B, n, c) R: with the inverse, a batched product."""
     if inverse.shape[-1] == 0:
         return torch.linalg.solve_triangular(L.mT if transposed else L, R, upper=transposed)
-    return (inverse.mT if transposed else inverse) @ R
+    return product(inverse.mT if transposed else inverse, R)
 
 
 def diagonal_h(Q: Tensor, G: Tensor) -> Tensor:
@@ -193,7 +193,7 @@ def factor_kkt(
         H = torch.diagonal(Q, dim1=-2, dim2=-1) + mtv(G, w_inv_soft * G.sum(-1))
     else:
         weighted = G.mT if unit_weights else G.mT * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
-        H = torch.baddbmm(Q, weighted, G)
+        H = add_product(Q, weighted, G)
         H_diagonal = H.diagonal(dim1=-2, dim2=-1)
     rows = C.shape[-2]
     order = None if stiff is None else _coupled_rows(stiff, m)
@@ -211,7 +211,7 @@ def factor_kkt(
         if rows:
             kept = C if order is None else C.gather(-2, order.unsqueeze(-1).expand(-1, -1, C.shape[-1]))
             y = kept.mT / chol_h.unsqueeze(-1) if diagonal else _lower_solve(chol_h, inv_h, kept.mT)
-            S = y.mT @ y
+            S = product(y.mT, y)
             shift = delta.unsqueeze(-1) if eq_rows is None else torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
             S.diagonal(dim1=-2, dim2=-1).add_(shift if order is None else shift.gather(-1, order))
             chol_s, ok_s = _cholesky(S, check_finite)
@@ -326,12 +326,12 @@ def _h_solve(f: KKTFactor, r: Tensor) -> Tensor:
 
 def _minus_mv(r: Tensor, M: Tensor, v: Tensor) -> Tensor:
     """r − M v for (B, r) r, (B, r, c) M and (B, c) v, in one kernel."""
-    return torch.baddbmm(r.unsqueeze(-2), v.unsqueeze(-2), M.mT, alpha=-1).squeeze(-2)
+    return add_mv(r, M, v, alpha=-1)
 
 
 def _minus_mtv(r: Tensor, M: Tensor, v: Tensor) -> Tensor:
     """r − Mᵀ v for (B, c) r, (B, r, c) M and (B, r) v, in one kernel."""
-    return torch.baddbmm(r.unsqueeze(-2), v.unsqueeze(-2), M, alpha=-1).squeeze(-2)
+    return add_mtv(r, M, v, alpha=-1)
 
 
 def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor | None, use_y: bool) -> tuple[Tensor, Tensor]:
@@ -341,7 +341,7 @@ def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor | None, use_y: bool)
         t = _l_solve(f, rx)
         if f.C.shape[-2]:
             # ω = S⁻¹(Yᵀt − rc), dx = L⁻ᵀ(t − Y ω)
-            Yt = mtv(f.Y, t) if rc is None else torch.baddbmm(rc.unsqueeze(-2), t.unsqueeze(-2), f.Y, beta=-1).squeeze(-2)
+            Yt = mtv(f.Y, t) if rc is None else add_mtv(rc, f.Y, t, beta=-1)
             omega = _chol_solve(f.chol_s, f.inv_s, Yt)
             t = _minus_mv(t, f.Y, omega)
         else:
@@ -350,7 +350,7 @@ def _solve_regularised(f: KKTFactor, rx: Tensor, rc: Tensor | None, use_y: bool)
     t = _h_solve(f, rx)
     if f.C.shape[-2] == 0:
         return t, rx[..., :0] if rc is None else rc
-    Ct = mv(f.C, t) if rc is None else torch.baddbmm(rc.unsqueeze(-2), t.unsqueeze(-2), f.C.mT, beta=-1).squeeze(-2)
+    Ct = mv(f.C, t) if rc is None else add_mv(rc, f.C, t, beta=-1)
     omega = _chol_solve(f.chol_s, f.inv_s, Ct)
     return _h_solve(f, _minus_mtv(rx, f.C, omega)), omega
 
@@ -432,8 +432,7 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
     """
     stiff_rows = f.C.shape[-2] > f.m
     if v is not None:
-        rx = torch.baddbmm(rx.unsqueeze(-2), (f.w_inv_soft * v).unsqueeze(-2), f.G, beta=-1 if negated_rx else 1,
-                           alpha=-1).squeeze(-2)  # (−)rx − Gᵀ(W⁻¹v)
+        rx = add_mtv(rx, f.G, f.w_inv_soft * v, beta=-1 if negated_rx else 1, alpha=-1)  # (−)rx − Gᵀ(W⁻¹v)
     elif negated_rx:
         rx = rx.neg()
     rc = re
@@ -453,7 +452,7 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
         dx = dx + ex
         if omega.shape[-1]:
             omega = omega + eo
-    dlam = mv(f.G, dx) if v is None else torch.baddbmm(v.unsqueeze(-2), dx.unsqueeze(-2), f.G.mT).squeeze(-2)
+    dlam = mv(f.G, dx) if v is None else add_mv(v, f.G, dx)
     dlam = f.w_inv_soft * dlam
     if stiff_rows:
         dlam = torch.where(f.w_inv_soft > 0, dlam, omega[:, f.m :])
