@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from optlayers import host, solve_qp
+from optlayers import host, linalg, solve_qp
 from optlayers.qp import ipm, kkt
 from optlayers.qp.kkt import MAX_FACTOR_RETRIES
 from optlayers.qp.problem import prepare_qp, qp_data
@@ -57,10 +57,12 @@ def _scaled_problem(m: int = 2):
 @pytest.mark.parametrize("inverted", [False, True])
 def test_step_compiles_into_one_graph_with_the_eager_result(monkeypatch, inverted):
     """``fullgraph=True`` fails on any graph break; the traced step computes what eager does:
-    bit for bit with the library's triangular solves, and to rounding where the traced step
-    solves with the inverted factors (``kkt.INVERTED_MAX_N``; n = 8 here)."""
+    bit for bit with the library's triangular solves and products, and to rounding where the
+    traced step solves with the inverted factors (``kkt.INVERTED_MAX_N``; n = 8 here) and writes
+    its small products elementwise (``linalg.SMALL_PRODUCT_MAX``)."""
     if not inverted:
         monkeypatch.setattr(kkt, "INVERTED_MAX_N", 0)
+        monkeypatch.setattr(linalg, "SMALL_PRODUCT_MAX", 0)
     tol = 1e-12 if inverted else 0.0
     data, units, settings = _scaled_problem()
     st, res = ipm.start(data, units, settings)

@@ -23,7 +23,8 @@ elementwise, so that only the equality rows' Schur complement is factorised dens
 
 Under compilation, the Cholesky factors of order at most ``INVERTED_MAX_N`` are also inverted
 once (one triangular solve with the identity), and every solve with them is a batched product with
-the inverse. Compiled, a triangular solve is a library call without a C entry point of its own
+the inverse (at these orders written elementwise, ``linalg.elementwise``, and fused with the
+operations around it). Compiled, a triangular solve is a library call without a C entry point of its own
 (on the CPU, a dispatch through the operator registry, copies into LAPACK's layout and a LAPACK
 call per matrix of the batch), where a batched product is one direct call: at n = 10 each solve
 costs its calls, not its arithmetic. The inverse of a triangular factor is computed as
