@@ -631,6 +631,17 @@ def test_infeasible_program_falls_back_to_clarabel_certificate():
         solve_cone(A, b, c, spec, solver="ipm")
 
 
+def test_infeasible_elements_of_a_batch_with_psd_cones_fall_back_beside_solved_ones():
+    """Element 0 keeps its own b and c, elements 1 and 2 take another element's with A of element 0
+    (infeasible): Clarabel certifies them with NaN y and s, which the merged projection of y - s
+    (its PSD part by eigh) must not be handed (it raised); the statuses are Clarabel's own."""
+    A, b, c, *_ = random_program(ALL_CONES, 16, batch=3, seed=1)
+    sol = solve_cone(A[0], b, c, ALL_CONES, solver="ipm", on_failure="ignore")
+    ref = solve_cone(A[0], b, c, ALL_CONES, solver="clarabel", on_failure="ignore")
+    assert sol.status.tolist() == ref.status.tolist() == [0, 2, 2]
+    assert torch.allclose(sol.x[0], ref.x[0], atol=REFINED_TOL)
+
+
 def test_iteration_limit_falls_back_to_clarabel():
     A, b, c, P, x, _, _ = random_program(ALL_CONES, 15, batch=3, quadratic=True, seed=95)
     _, _, _, status = solver.solve(A, b, c, P, ALL_CONES, solver.IPMSettings(max_iter=2))

@@ -153,7 +153,8 @@ def _merged_w(spec: ConeSpec, point: derivative.Point, sub: derivative.Point, in
     if point.w is None:
         return None, None
     if sub.w is None:
-        sub_w = sub.y - sub.s
+        cleaned = sub.cleaned()  # Clarabel's infeasible elements hold NaN, which the projection's eigh refuses
+        sub_w = cleaned.y - cleaned.s
         sub_roots = product.project_with_roots(spec, sub_w, dual=True)[1]
     else:
         sub_w, sub_roots = sub.w, sub.roots
