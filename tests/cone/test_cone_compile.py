@@ -2,8 +2,6 @@
 refused where wrong, its device loop against the engine's host loop, and the compiled solve (traced
 whole by dynamo; and, marked slow, compiled by inductor) against the eager one on programs of every
 cone kind: statuses, solutions and gradients."""
-import dataclasses
-
 import pytest
 import torch
 
