@@ -82,3 +82,12 @@ def test_unknown_solver_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         qp_benchmark.main(["--quick", "--solvers", "linear,nosuch", "--out", str(tmp_path)])
     assert "nosuch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--batch", "0"], ["--n", "-1"], ["--calls", "0"]])
+def test_compile_time_refuses_sizes_below_one(argv, capsys):
+    from benchmarks import compile_time
+
+    with pytest.raises(SystemExit):
+        compile_time.main(argv)
+    assert "must be positive" in capsys.readouterr().err
