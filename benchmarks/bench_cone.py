@@ -3,6 +3,7 @@
 Times the forward solve and the adjoint (VJP) of the same loss on the CPU, and the batched dense
 derivative on CUDA when available. Prints a table, the ratios of the default (``solver="auto"``), of
 ``solver="ipm"`` and of ``solver="clarabel"`` to diffcp's dense mode with a Clarabel forward, and writes JSON.
+With ``--compiled``, also ``solver="ipm"`` with ``compile=True`` (its compilation in an untimed first call).
 
     PYTHONPATH=src python benchmarks/bench_cone.py --batch 128 --repeats 5 --out bench_cone.json
 """
@@ -49,14 +50,19 @@ def timed(fn, repeats: int) -> tuple[tuple[float, float], object]:
     return (min(walls), sorted(cpus)[len(cpus) // 2]), out
 
 
-def bench_optlayers(data, solver: str, mode: str, repeats: int, device: str = "cpu", warm: bool = False) -> dict:
+def bench_optlayers(data, solver: str, mode: str, repeats: int, device: str = "cpu", warm: bool = False,
+                    compile: bool = False) -> dict:
+    """``compile``: ``solve_cone(compile=True)``, compiled in an untimed first call."""
     A, b, c, v = (t.to(device) for t in data)
     previous = solve_cone(*perturbed(A, b, c), SPEC, solver=solver) if warm else None
 
     def forward():
         A_ = A.detach().requires_grad_()
         b_, c_ = b.detach().requires_grad_(), c.detach().requires_grad_()
-        return A_, b_, c_, solve_cone(A_, b_, c_, SPEC, solver=solver, mode=mode, warm_start=previous)
+        return A_, b_, c_, solve_cone(A_, b_, c_, SPEC, solver=solver, mode=mode, warm_start=previous, compile=compile)
+
+    if compile:
+        (forward()[-1].x * v).sum().backward()  # the compilation, untimed
 
     t_fwd, (A_, b_, c_, sol) = timed(forward, repeats)
 
@@ -132,6 +138,9 @@ def main() -> None:
                         help="torch intra-op threads (default: torch's, one per core; the batched interior point "
                              "method solves that many slices of the batch in parallel threads)")
     parser.add_argument("--out", default="bench_cone.json")
+    parser.add_argument("--compiled", action="store_true",
+                        help="add a row for solver='ipm' with compile=True (compiled in an untimed first call: "
+                             "about a minute and a half with a cold inductor cache)")
     parser.add_argument("--scaling", type=lambda s: [int(v) for v in s.split(",") if v], default=[16, 128, 512],
                         help="batch sizes of the forward-only scaling table (comma separated; empty to skip)")
     args = parser.parse_args()
@@ -144,6 +153,8 @@ def main() -> None:
     rows = {}
     for solver in ("scs", "auto", "ipm", "clarabel"):
         rows[f"optlayers {solver} dense"] = bench_optlayers(data, solver, "dense", args.repeats)
+    if args.compiled:
+        rows["optlayers ipm dense, compiled"] = bench_optlayers(data, "ipm", "dense", args.repeats, compile=True)
     rows["optlayers scs dense, warm start"] = bench_optlayers(data, "scs", "dense", args.repeats, warm=True)
     try:
         for mode in ("dense", "lsqr"):
@@ -175,14 +186,16 @@ def main() -> None:
                       "solved": row["solved"], "max_x_error": err_x, "max_grad_c_diff": err_g})
     if "diffcp Clarabel dense" in rows:  # the issue's yardstick: diffcp's dense mode with a Clarabel forward
         reference = rows["diffcp Clarabel dense"]
-        for name in ("optlayers auto dense", "optlayers ipm dense", "optlayers clarabel dense"):
+        for name in ("optlayers auto dense", "optlayers ipm dense", "optlayers ipm dense, compiled", "optlayers clarabel dense"):
+            if name not in rows:
+                continue
             ratio = ratios(rows[name], reference)
             print(f"{name} / diffcp Clarabel dense: {ratio['wall']:.2f} (wall), {ratio['cpu']:.2f} (CPU)")
             next(r for r in table if r["method"] == name)["ratio_to_diffcp_clarabel_dense"] = ratio
     scaling = batch_scaling(args.scaling, args.repeats, device)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
             "torch": torch.__version__, "threads": args.threads, "batch": args.batch, "m": SPEC.size, "n": N,
-            "cones": str(SPEC), "repeats": args.repeats}
+            "cones": str(SPEC), "repeats": args.repeats, "compiled_row": args.compiled}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": table, "batch_scaling": scaling}, f, indent=2)
     print(json.dumps(meta))
