@@ -2,7 +2,7 @@
 and then a call, for QPFunction(compile=True), forward + backward w.r.t. Q, p, G, h, on the
 benchmarks' random QPs (n inequalities), one thread.
 
-    TORCHINDUCTOR_CACHE_DIR=/tmp/empty PYTHONPATH=src python benchmarks/compile_time.py --batch 1 --n 10
+    TORCHINDUCTOR_CACHE_DIR=/tmp/empty PYTHONPATH=src python -m benchmarks.compile_time --batch 1 --n 10
 
 Run it twice with the same ``TORCHINDUCTOR_CACHE_DIR``: the first run compiles with a cold cache,
 the second shows what a new process pays with the cache filled.
