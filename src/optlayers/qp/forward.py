@@ -152,8 +152,6 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
             *raw, fill, settings, keep_factor)
         info = host_read(info)
         check_values(*raw, bool(info[5]))  # raises where the data failed the checks
-        if fused.finished(info):
-            return (*public, data[0], data[2], data[4], *point, *scaling, *factor), not info[3]
         scaled, sc = QPData(*data), Scaling(*scaling)
     else:
         scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device)(*raw)
@@ -162,12 +160,10 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
         scaled = replace(scaled, diagonal=bool(diagonal))  # as _with_structure, in the same read
         info, packed, where, public, point, factor = compiled(_solved, device)(scaled, sc, fill, settings, keep_factor)
         info = host_read(info)
-        if fused.finished(info):
-            return (*public, scaled.Q, scaled.A, scaled.G, *point, sc.d, sc.e, sc.f, sc.c, *factor), not info[3]
+    if fused.finished(info):
+        return (*public, *Saved(scaled.Q, scaled.A, scaled.G, *point, sc.d, sc.e, sc.f, sc.c), *factor), not info[3]
     result = fused.go_on(scaled, sc, fused.Packed(*packed), where, factor, info, settings, keep_factor)
     return _outputs(scaled, sc, result, fill), result.all_solved
-
-
 
 
 def outputs(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
