@@ -11,13 +11,19 @@ solves capped at different numbers of iterations, both before the host's first l
 statuses (until then every iteration runs the whole batch, converged or not):
 (kernels(max_iter = 2K) − kernels(max_iter = K)) / K. Set-up and the final factorisation cancel.
 
-    python benchmarks/kernels.py [--batch 128] [--n 100] [--json FILE]
+With ``--phases`` it also prints where those kernels go: each kernel is charged to the phase of
+the solver's code that dispatched it (``PhaseCounter``: the Python call stack at the kernel), per
+iteration (the same difference of two capped solves) and for one whole forward.
+
+    python -m benchmarks.kernels [--batch 128] [--n 100] [--json FILE] [--phases] [--compiled]
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import sys
+import types
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -77,10 +83,140 @@ def count(fn: Callable[[], object]) -> KernelCounter:
     """Run ``fn`` once under a fresh counter and return the counter. Call it with one intra-op
     thread (``main`` sets it) so that a batch is not sliced across threads. The solvers look at
     the statuses on the accelerators' schedule (``host.accelerator_schedule``; on the CPU they
-    would look after every iteration), so the counts are a GPU's."""
+    would look after every iteration) and run their steps as a GPU does (``host.cpu_schedule``: the
+    equilibration of the whole batch at once, not in the CPU's cache-sized slices), so the counts
+    are a GPU's."""
     with host.accelerator_schedule(), KernelCounter() as counter:
         fn()
     return counter
+
+
+# Where a kernel of the QP solver is charged: the functions below, found on the Python call stack
+# at the kernel, each name a part of its phase ("" adds nothing). A function with markers is split
+# further by the statement its frame is executing: the region from the first line that starts
+# with a marker (in its source) to the next marker's line takes that marker's label, the lines
+# before the first marker the function's own label.
+Rule = tuple[str, tuple[tuple[str, str], ...]]
+ITERATION_PHASES: dict[tuple[str, str], Rule] = {
+    ("engine/loop.py", "run"): ("loop: host looks, working batch", (("if isinstance(step, Steps)", ""),)),
+    ("qp/ipm.py", "step"): ("", ()),
+    ("engine/step.py", "newton_step"): ("newton_step: set-up", (
+        ("f = factor_at(", "newton_step: factorisation"),
+        ("lam, s, w = st.lam", "newton_step: set-up"),
+        ("dv = direction(minus_s_lam, res.r_i", "newton_step: predictor"),
+        ("dw, alpha_aff = boundary(", "newton_step: predictor's step length"),
+        ("if rules.centring", "newton_step: centring σμ"),
+        ("b4 = torch.addcmul(", "newton_step: corrector's right-hand side"),
+        ("dv = direction(b4,", "newton_step: corrector"),
+        ("fraction = rules.step_fraction", "newton_step: step length"),
+        ("if rules.merit", "newton_step: merit search"),
+        ("return Step(dv, mv(data.Q, dv[:, :n]), alpha", "newton_step: Q dx"))),
+    ("engine/step.py", "direction"): ("right-hand side", (
+        ("dx, dnu, dlam = solve_reduced(", ""), ("pieces = ", "dλ, ds, joined"))),
+    ("qp/kkt.py", "solve_reduced"): ("right-hand side", (
+        ("dx, omega = _solve_regularised(", "first solve"), ("adaptive = ", "refinement"),
+        ("dlam = mv(f.G", "dλ"))),
+    ("qp/ipm.py", "assess"): ("assess: update", (("events, sound = _certificates(", ""), ("unsound, can_raise = ", "assess: update"))),
+    ("qp/ipm.py", "_certificates"): ("assess: certificates", ()),
+    ("qp/ipm.py", "residuals"): ("residuals", ()),
+    ("qp/ipm.py", "_mark_converged"): ("mark converged", ()),
+}
+"""The phases of one QP interior point iteration (``qp.ipm.step`` in ``engine.loop.run``)."""
+
+FORWARD_PHASES: dict[tuple[str, str], Rule] = {
+    ("qp/solve.py", "solve_qp"): ("entry: checks, shapes", ()),
+    ("qp/forward.py", "outputs"): ("value checks, structure", ()),
+    ("qp/forward.py", "_scaling"): ("equilibration", ()),
+    ("qp/ipm.py", "start"): ("start", ()),
+    ("engine/loop.py", "run"): ("iterations", ()),
+    ("qp/ipm.py", "iterate"): ("end of the solve", ()),
+    ("qp/ipm.py", "derivative_factor"): ("derivatives' factorisation", ()),
+    ("qp/forward.py", "_outputs"): ("outputs mapped back", ()),
+}
+"""The phases of one QP forward (``solve_qp``), one level deep (the innermost one on the stack)."""
+
+
+class PhaseCounter(KernelCounter):
+    """A ``KernelCounter`` that also charges each kernel to a phase of the solver's code (see
+    ``ITERATION_PHASES``): ``phases`` counts kernels by phase, a phase being the labels of the
+    ruled functions on the call stack, outermost first, joined by " / " (the innermost one only,
+    with ``innermost``); "other" where none is on it."""
+
+    def __init__(self, rules: dict[tuple[str, str], Rule], innermost: bool = False) -> None:
+        super().__init__()
+        self.rules, self.innermost = rules, innermost
+        self.phases: Counter[str] = Counter()
+        self._root = str(Path(inspect.getfile(solve_qp)).parents[1])  # .../src/optlayers/.. : the package's folder
+        self._regions: dict[types.CodeType, tuple[str, list[tuple[int, str]]] | None] = {}
+
+    def __torch_dispatch__(self, func, types_, args=(), kwargs=None):  # noqa: ANN001
+        before = self.kernel_count
+        out = super().__torch_dispatch__(func, types_, args, kwargs)
+        if self.kernel_count > before:
+            self.phases[self._phase(sys._getframe(1))] += 1
+        return out
+
+    def _region(self, code: types.CodeType) -> tuple[str, list[tuple[int, str]]] | None:
+        """The label and the marked regions (first line, label) of a ruled function; None for others."""
+        if code not in self._regions:
+            key = next((k for k in self.rules if code.co_filename.endswith(k[0]) and code.co_name == k[1]), None)
+            if key is None or not code.co_filename.startswith(self._root):
+                self._regions[code] = None
+            else:
+                label, markers = self.rules[key]
+                lines, first = inspect.getsourcelines(code)
+                regions = []
+                for marker, region in markers:
+                    at = next((first + i for i, line in enumerate(lines) if line.strip().startswith(marker)), None)
+                    if at is None:
+                        raise ValueError(f"PhaseCounter: no line of {key[1]} ({key[0]}) starts with {marker!r}")
+                    regions.append((at, region))
+                self._regions[code] = (label, sorted(regions))
+        return self._regions[code]
+
+    def _phase(self, frame: types.FrameType | None) -> str:
+        labels = []
+        while frame is not None:
+            region = self._region(frame.f_code)
+            if region is not None:
+                label, marked = region
+                for line, name in marked:
+                    if frame.f_lineno >= line:
+                        label = name
+                if label:
+                    labels.append(label)
+                    if self.innermost:
+                        break
+            frame = frame.f_back
+        return " / ".join(reversed(labels)) or "other"
+
+
+def qp_phases(batch: int, n: int, n_ineq: int, n_eq: int, window: int = 3) -> tuple[dict[str, float], dict[str, int]]:
+    """Kernels per iteration by phase (``ITERATION_PHASES``, measured as ``qp_counts`` measures
+    their total), and the kernels of one converging forward by phase (``FORWARD_PHASES``)."""
+    qp = random_qp(batch, n, n_ineq, n_eq, seed=0)
+
+    def capped(iterations: int) -> Counter[str]:
+        with host.accelerator_schedule(), PhaseCounter(ITERATION_PHASES) as counter:
+            solve_qp(*qp.tensors(), max_iter=iterations, on_failure="ignore")
+        return counter.phases
+
+    low, high = capped(window), capped(2 * window)
+    steps = ("newton_step", "assess", "residuals", "mark converged")  # in the order of ``ipm.step``
+    phases = sorted(high | low, key=lambda phase: next((i for i, s in enumerate(steps) if phase.startswith(s)), len(steps)))
+    per_iteration = {phase: (high[phase] - low[phase]) / window for phase in phases if high[phase] != low[phase]}
+    Q, p, G, h, A, b = qp.tensors()
+    p = p.clone().requires_grad_(True)  # as ``qp_counts``'s forward
+    with host.accelerator_schedule(), PhaseCounter(FORWARD_PHASES, innermost=True) as counter:
+        solve_qp(Q, p, G, h, A, b)
+    return per_iteration, dict(counter.phases)
+
+
+def _phase_table(title: str, counts: dict[str, float], places: int = 0) -> None:
+    print(f"\n| {title} | kernels |\n|---|---|")
+    for phase, kernels in counts.items():
+        print(f"| {phase} | {kernels:.{places}f} |")
+    print(f"| total | {sum(counts.values()):.{places}f} |")
 
 
 @dataclass(frozen=True)
@@ -250,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--json", type=Path, help="write the counts here")
     parser.add_argument("--compiled", action="store_true", help="also count the compiled path's launches (compiles)")
+    parser.add_argument("--phases", action="store_true", help="also print where the QP's kernels go, by phase")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one slice: the counts of the whole batch (1 is the safe setting, see README)
     rows = [qp_counts(args.batch, args.n, args.n, 0), qp_counts(args.batch, args.n, args.n, args.n // 2)]
@@ -259,6 +396,11 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"| {r.batch} | {r.n} | {r.n_ineq} | {r.n_eq} | {r.iterations} | {r.kernels_per_iteration:.0f} | "
               f"{r.forward_kernels} | {r.forward_syncs} | {r.backward_kernels} | {r.backward_syncs} |")
+    if args.phases:
+        for r in rows:
+            per_iteration, forward = qp_phases(r.batch, r.n, r.n_ineq, r.n_eq)
+            _phase_table(f"phase of an iteration (k = {r.n_ineq}, m = {r.n_eq})", per_iteration, 1)
+            _phase_table(f"phase of a forward (k = {r.n_ineq}, m = {r.n_eq})", forward)
     cone = cone_counts(args.batch)
     print(f"\ncone programs (solver='ipm', all five cones), batch {cone.batch}, m = {cone.m}, n = {cone.n}: "
           f"{cone.kernels_per_iteration:.0f} kernels per iteration; forward {cone.forward_kernels} kernels, "

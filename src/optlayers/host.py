@@ -37,7 +37,7 @@ _CPU_LOOKS_EVERY_ITERATION: contextvars.ContextVar[bool] = contextvars.ContextVa
 @contextlib.contextmanager
 def accelerator_schedule() -> Iterator[None]:
     """Within the block (in this thread or context only), solves on the CPU look at the statuses
-    on the accelerators' schedule."""
+    on the accelerators' schedule, and run their steps as an accelerator does (``cpu_schedule``)."""
     token = _CPU_LOOKS_EVERY_ITERATION.set(False)
     try:
         yield
@@ -45,10 +45,18 @@ def accelerator_schedule() -> Iterator[None]:
         _CPU_LOOKS_EVERY_ITERATION.reset(token)
 
 
-def reads_are_free(device: torch.device | None) -> bool:
-    """Whether reading state of ``device`` on the host costs nothing: on the CPU, outside
-    ``accelerator_schedule`` (None: an accelerator)."""
+def cpu_schedule(device: torch.device | None) -> bool:
+    """Whether work on ``device`` follows the CPU's own schedule: on the CPU, outside
+    ``accelerator_schedule`` (None: an accelerator). Besides the host's looks (``reads_are_free``)
+    that schedule may split a step for the CPU's caches (``qp.scaling.equilibrate``'s slices),
+    which an accelerator would run as one kernel each."""
     return device is not None and device.type == "cpu" and _CPU_LOOKS_EVERY_ITERATION.get()
+
+
+def reads_are_free(device: torch.device | None) -> bool:
+    """Whether reading state of ``device`` on the host costs nothing: on the CPU's own schedule
+    (``cpu_schedule``)."""
+    return cpu_schedule(device)
 
 
 def is_check(iteration: int, device: torch.device | None = None) -> bool:

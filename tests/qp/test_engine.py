@@ -39,6 +39,16 @@ def test_kernels_per_iteration_and_syncs_stay_bounded(m):
     assert counts.backward_kernels <= MAX_BACKWARD_KERNELS and counts.backward_syncs == 0, counts
 
 
+def test_the_phases_of_the_kernels_add_up_to_their_counts():
+    """``benchmarks/kernels.py --phases`` charges every kernel of an iteration and of a forward to a
+    phase of the solver's code (its markers are looked up in the source: a renamed statement fails here)."""
+    per_iteration, forward = kernels.qp_phases(batch=8, n=10, n_ineq=10, n_eq=5)
+    counts = kernels.qp_counts(batch=8, n=10, n_ineq=10, n_eq=5)
+    assert sum(per_iteration.values()) == counts.kernels_per_iteration and sum(forward.values()) == counts.forward_kernels
+    assert "other" not in per_iteration and "other" not in forward, (per_iteration, forward)
+    assert per_iteration["newton_step: corrector / refinement"] > 0 and forward["equilibration"] > 0
+
+
 def test_counter_sees_syncs_and_ignores_views():
     t = torch.arange(6.0)
     counter = kernels.count(lambda: (t.view(2, 3).T, bool(t.sum() > 0), t[t > 2], host.host_read(t[:1])))

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch._higher_order_ops.while_loop import while_loop
 
+from optlayers.host import cpu_schedule
 from optlayers.qp.batch import concat, take
 
 # Ruiz iterations: each halves the log-spread of row/column norms; ten is the usual choice
@@ -85,11 +86,12 @@ def equilibrate(data: QPData, iterations: int = RUIZ_ITERATIONS) -> tuple[QPData
 
     The constraint rows [A; G] are scaled together and the scalings [d, e, f] live in one
     tensor, so that an iteration is a few operations whatever blocks the problem has. On the CPU
-    with one thread (not under compilation) large batches are equilibrated in slices
-    (``_SLICE_BYTES``); each problem's scaling is the same either way."""
+    with one thread (on its own schedule, ``host.cpu_schedule``, and not under compilation) large
+    batches are equilibrated in slices (``_SLICE_BYTES``); each problem's scaling is the same
+    either way."""
     batch, n = data.p.shape
     size = batch
-    if data.p.device.type == "cpu" and not torch.compiler.is_compiling() and torch.get_num_threads() == 1:
+    if not torch.compiler.is_compiling() and cpu_schedule(data.p.device) and torch.get_num_threads() == 1:
         size = max(1, _SLICE_BYTES // max((n + data.b.shape[-1] + data.h.shape[-1]) * n * data.Q.element_size(), 1))
     if size >= batch:
         return _equilibrate(data, iterations)
