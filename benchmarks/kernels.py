@@ -116,7 +116,8 @@ ITERATION_PHASES: dict[tuple[str, str], Rule] = {
     ("qp/kkt.py", "solve_reduced"): ("right-hand side", (
         ("dx, omega = _solve_regularised(", "first solve"), ("adaptive = ", "refinement"),
         ("dlam = mv(f.G", "dλ"))),
-    ("qp/ipm.py", "assess"): ("assess: update", (("events, sound = _certificates(", ""), ("unsound, can_raise = ", "assess: update"))),
+    ("qp/ipm.py", "assess"): ("assess: update", (("events, sound, running, can_raise = _certificates(", ""),
+                                                ("unsound = running > sound", "assess: update"))),
     ("qp/ipm.py", "_certificates"): ("assess: certificates", ()),
     ("qp/ipm.py", "residuals"): ("residuals", ()),
     ("qp/ipm.py", "_mark_converged"): ("mark converged", ()),

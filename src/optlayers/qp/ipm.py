@@ -22,7 +22,7 @@ from optlayers.engine.constants import constant
 from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
 from optlayers.linalg import mtv, mv
-from optlayers.qp.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, raisable, regularisation_after, solve_reduced
+from optlayers.qp.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, raise_limit, regularisation_after, solve_reduced
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
 
@@ -217,10 +217,11 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     x, nu, lam, s = st.x, st.nu, st.lam, st.s
     n, m, k = st.n, st.m, st.k
     qx, gtlam = mv(data.Q, x), mtv(data.G, lam)
-    dual_parts = torch.stack([qx, data.p, gtlam, mtv(data.A, nu)] if m else [qx, data.p, gtlam])
-    r_d = dual_parts.sum(0)
-    dual_norms = _inf_norm(torch.cat([r_d.unsqueeze(0), dual_parts]) * units.dual)
-    terms = [_dots(x, [qx, data.p])]  # xᵀQx, pᵀx, then hᵀλ, bᵀν
+    # [r_d, Qx, p, Gᵀλ, Aᵀν]: the terms stacked behind a first row that their sum then fills
+    dual = torch.stack([qx, qx, data.p, gtlam, mtv(data.A, nu)] if m else [qx, qx, data.p, gtlam])
+    r_d = torch.sum(dual[1:], 0, out=dual[0])
+    dual_norms = _inf_norm(dual * units.dual)
+    terms = [_pair_dots(x, dual[1:3])]  # xᵀQx, pᵀx, then hᵀλ, bᵀν
     r_e = r_i = x[:, :0]
     if k:
         gx = mv(data.G, x)
@@ -233,7 +234,7 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     if m:
         ax = mv(data.A, x)
         r_e = ax - data.b
-        terms.append(_dots(nu, [data.b]))
+        terms.append(_pair_dots(nu, data.b).unsqueeze(0))
     stacked = torch.cat([r_d, r_e, r_i], dim=-1)
     scaled = _inf_norm(stacked)
     if m and k:  # [r_e, r_i], [Ax, Gx], [b, h] in units
@@ -286,11 +287,13 @@ def newton_iteration(data: QPData, units: Units, st: State, res: Residuals, sett
     return newton_step(data, None, (), st, res, units.backtrack, settings.rules, stiff, check_finite=False)
 
 
-def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: float) -> tuple[Tensor, Tensor]:
+def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: float,
+                  reg_limit: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Whether the step is negligible (α < ``_NEGLIGIBLE_STEP``), whether the direction looks like
     a primal (Farkas) or a dual infeasibility certificate, as (B, 3) (the order of
-    ``State.counters``); and whether the step is sound (B,): the problem runs, its factorisation
-    succeeded and the step is finite.
+    ``State.counters``); whether the step is sound (B,): the problem runs, its factorisation
+    succeeded and the step is finite; and, for ``assess``, whether the problem runs (B,) and whether
+    its regularisation is below ``reg_limit`` (B,: ``kkt.raisable``), in the same comparison.
 
     Primal infeasibility (dν, dλ): ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ < −ε‖dy‖, dλ ≥ −ε‖dy‖,
     and ‖dy‖ > 64 ε₆₄ ‖y‖ (``_ROUNDING``): where the duals have converged, a step dy at their
@@ -305,7 +308,7 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     It is waived where x has diverged (``_DIVERGED``).
     The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx; A dx and G dx are measured (the
     regularised step need not satisfy A dx = −r_e, G dx = −r_i − ds where A is rank deficient).
-    Each family of comparisons is one stacked operation.
+    All families of comparisons are one stacked operation.
     """
     n, m, k = st.n, st.m, st.k
     dv = step.dv
@@ -323,11 +326,13 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     far_point = torch.addcmul(st.x, (norm_x / nx).unsqueeze(-1), dx)
     slopes = (torch.stack([far_point, data.p]) * on_x[1:3]).sum(-1)
     far_slope = (slopes[0] + slopes[1]).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
-    (eps_y, eps_x), (minus_eps_y, minus_eps_x) = torch.stack([ny, nx]) * constant((eps, -eps), nx).view(2, 1, 1)
+    # ε‖dy‖, ε‖dx‖, −ε‖dy‖, −ε‖dx‖ and 64 ε₆₄ ‖y‖ (``_ROUNDING``) in one product
+    (eps_y, eps_x, rounding_y), (minus_eps_y, minus_eps_x, _) = (
+        torch.stack([ny, nx, norm_y]) * constant((eps, eps, _ROUNDING, -eps, -eps, _ROUNDING), nx).view(2, 3, 1))
     # without equality (inequality) rows their tests are taken by another test of the same certificate
     farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y),
                    # dy must move y: a step of dy at y's rounding (an optimum's dual, converged) passes the relative tests by rounding
-                   (_ROUNDING * norm_y, ny),
+                   (rounding_y, ny),
                    # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
                    # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
                    (res.limit[:, 0], res.measured[:, 0]),
@@ -343,13 +348,16 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     stall_rows = [(step.alpha, const(_NEGLIGIBLE_STEP))] * len(farkas_rows)
     total = dv.sum(-1)  # NaN or ±inf if any part of the direction is (α is finite: max_step ignores NaN)
     # the status (an integer) is RUNNING, the factorisation succeeded (bool), the direction and α are finite
-    sound_rows = [(const(RUNNING - 0.5), st.status), (st.status, const(RUNNING + 0.5)), (const(0.5), step.factor_ok),
+    running_rows = [(const(RUNNING - 0.5), st.status), (st.status, const(RUNNING + 0.5))]
+    sound_rows = [*running_rows, (const(0.5), step.factor_ok),
                   (const(-torch.inf), total), (total, const(torch.inf)), (step.alpha, const(torch.inf))]
-    # every test strict: ‖·‖ < ε·size also says size > 0; all four families in one comparison (stack promotes
-    # the status and the flags to floats exactly)
-    lower, upper = (torch.stack(side) for side in zip(*stall_rows, *farkas_rows, *recession_rows, *sound_rows))
-    passed = (lower < upper).unflatten(0, (4, -1)).all(1)
-    return passed[:3].T, passed[3]
+    raisable_rows = [(st.reg, const(reg_limit))] * len(farkas_rows)
+    # every test strict: ‖·‖ < ε·size also says size > 0; all six families in one comparison (stack promotes
+    # the status and the flags to floats exactly; a family of fewer tests repeats them)
+    families = (stall_rows, farkas_rows, recession_rows, sound_rows, running_rows * 3, raisable_rows)
+    lower, upper = (torch.stack(side) for side in zip(*(row for family in families for row in family)))
+    passed = (lower < upper).unflatten(0, (len(families), -1)).all(1)
+    return passed[:3].T, passed[3], passed[4], passed[5]
 
 
 # The far-point slope test of a recession direction is waived where ‖x‖ (scaled) exceeds this
@@ -372,13 +380,14 @@ def assess(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSet
     its iterate and retries with more regularisation
     (``kkt.next_regularisation``); once that has happened ``MAX_FACTOR_RETRIES`` times in a row it
     is a numerical failure. (The host may then switch it to the stiff split: ``_switch_stiff``.)"""
-    running = st.status == RUNNING
-    events, sound = _certificates(data, st, res, step, settings.infeasibility_tol)  # sound: running, factored, finite
-    unsound, can_raise = running > sound, raisable(st.reg, settings.reg)  # a factor with NaN gives a NaN step
+    # sound: running, factored, finite; can_raise: kkt.raisable
+    events, sound, running, can_raise = _certificates(data, st, res, step, settings.infeasibility_tol,
+                                                      raise_limit(settings.reg))
+    unsound = running > sound  # a factor with NaN gives a NaN step
     retry, gave_up = unsound & can_raise, unsound > can_raise  # as kkt.next_regularisation
     reg = regularisation_after(st.reg, settings.reg, retry, sound)
     v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
-    counters = torch.where(sound.unsqueeze(-1), (st.counters + 1) * events, st.counters)
+    counters = torch.where(sound.unsqueeze(-1), torch.addcmul(events, st.counters, events), st.counters)  # (c + 1)·e
     # a stall, a primal and a dual infeasibility certificate held long enough
     held = counters >= constant((settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE), counters)
     # a failure or a stall, then primal, then dual infeasibility: the later test wins

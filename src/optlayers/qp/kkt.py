@@ -181,7 +181,8 @@ def factor_kkt(
     if unit_weights and stiff is not None:
         raise ValueError("factor_kkt: unit_weights=True needs stiff=None (stiff rows carry their own weights)")
     if stiff is None:
-        d0 = w_inv[..., :0] if m == 0 else A.new_zeros(A.shape[:-1])  # (B, 0): nothing to make
+        # zeros (B, m): one made once and expanded, not a new tensor at every factorisation ((B, 0): nothing to make)
+        d0 = w_inv[..., :0] if m == 0 else constant(0.0, A).expand(A.shape[:-1])
         C, w_inv_soft, eq_rows = A, w_inv, None
     else:
         C = torch.cat([A, G * stiff.unsqueeze(-1)], dim=-2)
@@ -292,9 +293,14 @@ def next_regularisation(reg: Tensor, base: float, running: Tensor, factored: Ten
     return retry, regularisation_after(reg, base, retry, advanced)
 
 
+def raise_limit(base: float) -> float:
+    """The regularisation below which a failed factorisation may retry with more (``raisable``)."""
+    return base * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5
+
+
 def raisable(reg: Tensor, base: float) -> Tensor:
     """(B,) whether a failed factorisation at ``reg`` may retry with more (``next_regularisation``)."""
-    return reg < base * _REG_GROWTH ** MAX_FACTOR_RETRIES / 1.5
+    return reg < raise_limit(base)
 
 
 def regularisation_after(reg: Tensor, base: float, retry: Tensor, advanced: Tensor) -> Tensor:
