@@ -18,7 +18,7 @@ from torch import Tensor
 
 from optlayers.compiling import compiled, owned
 from optlayers.engine import loop
-from optlayers.engine.constants import constant
+from optlayers.engine.constants import constant, made_once
 from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
 from optlayers.linalg import mtv, mv
@@ -120,11 +120,17 @@ class Units:
 
     @staticmethod
     def of(sc: Scaling) -> Units:
-        factors = BACKTRACK ** torch.arange(BACKTRACK_STEPS, dtype=sc.c.dtype, device=sc.c.device)
-        cost = 1.0 / sc.c
+        batch, cost = sc.c.shape[0], 1.0 / sc.c
         return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), cost=cost,
-                     backtrack=factors.expand(sc.c.shape[0], -1), primal=torch.cat([1.0 / sc.e, 1.0 / sc.f], -1),
-                     gauge=torch.stack([torch.ones_like(cost), torch.ones_like(cost), cost], -1))
+                     backtrack=_backtrack_factors(sc.c.dtype, sc.c.device).expand(batch, -1),
+                     primal=torch.cat([1.0 / sc.e, 1.0 / sc.f], -1),
+                     gauge=torch.cat([constant((1.0, 1.0), cost).expand(batch, 2), cost.unsqueeze(-1)], -1))
+
+
+@made_once
+def _backtrack_factors(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The merit step's candidate factors βʲ, j < ``BACKTRACK_STEPS`` (``Units.backtrack``)."""
+    return BACKTRACK ** torch.arange(BACKTRACK_STEPS, dtype=dtype, device=device)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch._higher_order_ops.while_loop import while_loop
 
+from optlayers.engine.constants import constant
 from optlayers.host import cpu_schedule
 from optlayers.qp.batch import concat, take
 
@@ -69,7 +70,7 @@ def _row_max(M: Tensor) -> Tensor:
 
 
 def _inv_sqrt(norm: Tensor) -> Tensor:
-    return torch.where(norm > 0, norm.clamp(_MIN_NORM, _MAX_NORM).rsqrt(), 1.0)
+    return torch.where(norm > 0, norm.clamp(_MIN_NORM, _MAX_NORM).rsqrt(), constant(1.0, norm))  # 1.0: a tensor per call
 
 
 # On the CPU with one intra-op thread a large batch is equilibrated in slices whose |Q| and
@@ -145,7 +146,7 @@ def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
     G = f.unsqueeze(-1) * data.G * d.unsqueeze(-2)
     p = d * data.p
     cost_norm = torch.maximum(_col_max(Q.abs()).mean(-1), p.abs().amax(-1) if p.shape[-1] else p.new_zeros(p.shape[0]))
-    c = _power_of_two(torch.where(cost_norm > 0, 1.0 / cost_norm.clamp(_MIN_NORM, _MAX_NORM), torch.ones_like(cost_norm)))
+    c = _power_of_two(torch.where(cost_norm > 0, 1.0 / cost_norm.clamp(_MIN_NORM, _MAX_NORM), constant(1.0, cost_norm)))
     scaled = QPData(Q=c[:, None, None] * Q, p=c[:, None] * p, A=A, b=e * data.b, G=G, h=f * data.h)
     return scaled, Scaling(d=d, e=e, f=f, c=c)
 
