@@ -128,6 +128,7 @@ FORWARD_PHASES: dict[tuple[str, str], Rule] = {
     ("qp/solve.py", "solve_qp"): ("entry: checks, shapes", ()),
     ("qp/forward.py", "outputs"): ("value checks, structure", ()),
     ("qp/forward.py", "_scaling"): ("equilibration", ()),
+    ("qp/ipm.py", "solve_scaled"): ("start", ()),
     ("qp/ipm.py", "start"): ("start", ()),
     ("engine/loop.py", "run"): ("iterations", ()),
     ("qp/ipm.py", "iterate"): ("end of the solve", ()),
