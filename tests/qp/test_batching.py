@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optlayers import QPStatus, solve_qp, threads
-from optlayers.qp import parallel
+from optlayers.qp import forward, parallel
 from optlayers.engine import loop
 from tests.qp.qp_problems import random_qp
 
@@ -77,3 +77,71 @@ def test_finished_problems_leave_the_working_batch(monkeypatch):
         assert alone.status == batch.status[i] and alone.iterations == batch.iterations[i], i
         for name in ("z", "lam", "nu", "gap"):
             torch.testing.assert_close(getattr(batch, name)[i], getattr(alone, name), rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
+def test_compiled_slices_reproduce_the_whole_batch(eager_backend, monkeypatch):
+    """A compiled solve cut into equal slices on parallel threads gives every element the answer
+    (statuses, iterations, solution, gradients) of the compiled solve of the whole batch."""
+    torch.manual_seed(2)
+    data = random_qp((6,), 5, 6, 2, active=True)
+    data["G"][4, 1] = -data["G"][4, 0]
+    data["h"][4, :2] = -1.0  # infeasible
+    monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE", 1)
+    sliced_calls = []
+    original = threads.map_slices
+    monkeypatch.setattr(threads, "map_slices", lambda fn, batch, count: sliced_calls.append(count) or original(fn, batch, count))
+    results = []
+    for count in (1, 3):
+        _with_threads(monkeypatch, count)
+        assert parallel.compiled_slice_count(6, torch.device("cpu")) == count
+        leaves = {k: v.clone().requires_grad_() for k, v in data.items() if v is not None}
+        sol = solve_qp(**leaves, on_failure="ignore", compile=True)
+        (torch.nan_to_num(sol.z).square().sum() + torch.nan_to_num(sol.lam).sum()).backward()
+        results.append((sol, {k: v.grad for k, v in leaves.items()}))
+    (whole, whole_grads), (sliced, sliced_grads) = results
+    assert sliced_calls == [3]
+    assert whole.status[4] != QPStatus.SOLVED and (whole.status != QPStatus.SOLVED).sum() == 1
+    for name in ("z", "lam", "nu", "s", "status", "iterations", "primal_residual", "dual_residual", "gap"):
+        torch.testing.assert_close(getattr(sliced, name), getattr(whole, name), rtol=0, atol=0, equal_nan=True, msg=name)
+    for name, g in whole_grads.items():
+        torch.testing.assert_close(sliced_grads[name], g, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
+def test_compiled_slices_are_equal_and_not_too_small(monkeypatch):
+    _with_threads(monkeypatch, 2)
+    cpu = torch.device("cpu")
+    assert parallel.compiled_slice_count(128, cpu) == 2
+    assert parallel.compiled_slice_count(127, cpu) == 1  # unequal slices would be two compiled shapes
+    assert parallel.compiled_slice_count(2 * parallel._MIN_COMPILED_SLICE - 2, cpu) == 1
+    assert parallel.compiled_slice_count(128, torch.device("meta")) == 1
+    _with_threads(monkeypatch, 3)
+    assert parallel.compiled_slice_count(96, cpu) == 3 and parallel.compiled_slice_count(64, cpu) == 2
+    _with_threads(monkeypatch, 1)
+    assert parallel.compiled_slice_count(128, cpu) == 1
+
+
+@pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
+def test_a_bad_value_in_a_compiled_slice_is_named(eager_backend, monkeypatch):
+    monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE", 1)
+    _with_threads(monkeypatch, 2)
+    data = random_qp((4,), 3, 4, 0)
+    data["h"][3, 0] = float("nan")  # in the second slice
+    with pytest.raises(ValueError, match="h contains NaN"):
+        solve_qp(**data, compile=True)
+
+
+def test_joined_slices_drop_inverses_only_where_the_slices_disagree():
+    """A slice whose derivatives' factorisation was retried eagerly has no inverses ((b, 0, 0));
+    the joined batch then has none, and every other output is the slices' outputs end to end."""
+    count = max(forward._INVERSES) + 2
+    first = [torch.full((2, 3, 3), float(i)) for i in range(count)]
+    second = [torch.full((1, 3, 3), -float(i)) for i in range(count)]
+    second[forward._INVERSES[0]] = torch.empty(1, 0, 0)
+    joined = forward._joined([tuple(first), tuple(second)])
+    for i, out in enumerate(joined):
+        if i == forward._INVERSES[0]:
+            assert out.shape == (3, 0, 0)
+        else:
+            assert torch.equal(out, torch.cat([first[i], second[i]]))

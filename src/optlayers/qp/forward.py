@@ -14,14 +14,16 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from optlayers import threads
 from optlayers.compiling import compiled
 from optlayers.engine.step import State
 from optlayers.host import host_read, reads_are_free
 from optlayers.qp import fused
-from optlayers.qp.derivatives import factor_tensors
+from optlayers.qp.derivatives import FACTOR_FIELDS, factor_tensors
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals
 from optlayers.qp.kkt import diagonal_h
-from optlayers.qp.parallel import solve_scaled_parallel
+from optlayers.qp.batch import take
+from optlayers.qp.parallel import compiled_slice_count, solve_scaled_parallel
 from optlayers.qp.problem import check_values, qp_data, values_pass
 from optlayers.qp.scaling import QPData, Scaling, equilibrate, unscale_solution
 from optlayers.qp.status import QPStatus
@@ -143,23 +145,61 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     whose iterations run in one call (``fused.pays``): a solve that needs no reaction of the host is
     one compiled call (``_checked_solved``) and one read; where the batch's structure is looked at
     (``_with_structure``), the equilibration and that structure are a compiled call and a read of
-    their own before it (``_checked_scaling_and_structure``, then ``_solved``).
-    Otherwise the solve goes on from there (``fused.go_on``)."""
+    their own before it, for the whole batch (``_checked_scaling_and_structure``, then ``_solved``).
+    Otherwise the solve goes on from there (``fused.go_on``). The solves run in
+    ``compiled_slice_count`` equal slices side by side (``threads.map_slices``), their outputs joined."""
     device = p.device.type
     raw = tuple(t.detach() for t in (Q, p, G, h, A, b))  # one specialisation whichever data require gradients
+    batch = p.shape[0]
+    count = compiled_slice_count(batch, p.device)
     if not _looks_at_structure(p.shape[-1], p.device):
-        data, scaling, info, packed, where, public, point, factor = compiled(_checked_solved, device)(
-            *raw, fill, settings, keep_factor)
-        info = host_read(info)
-        check_values(*raw, bool(info[5]))  # raises where the data failed the checks
-        scaled, sc = QPData(*data), Scaling(*scaling)
+        def solve(data: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], bool]:
+            scaled, scaling, info, *rest = compiled(_checked_solved, device)(*data, fill, settings, keep_factor)
+            info = host_read(info)
+            check_values(*data, bool(info[5]))  # raises where the data failed the checks
+            return _finished(QPData(*scaled), Scaling(*scaling), info, *rest, settings, keep_factor, fill)
+
+        parts = [solve(raw)] if count == 1 else threads.map_slices(lambda part: solve(tuple(t[part] for t in raw)), batch, count)
     else:
         scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device)(*raw)
         passed, diagonal = host_read(verdicts)
         check_values(*raw, bool(passed))
         scaled = replace(scaled, diagonal=bool(diagonal))  # as _with_structure, in the same read
-        info, packed, where, public, point, factor = compiled(_solved, device)(scaled, sc, fill, settings, keep_factor)
-        info = host_read(info)
+
+        def solve_scaled(scaled: QPData, sc: Scaling) -> tuple[tuple[Tensor, ...], bool]:
+            info, *rest = compiled(_solved, device)(scaled, sc, fill, settings, keep_factor)
+            return _finished(scaled, sc, host_read(info), *rest, settings, keep_factor, fill)
+
+        parts = [solve_scaled(scaled, sc)] if count == 1 else threads.map_slices(
+            lambda part: solve_scaled(take(scaled, part), take(sc, part)), batch, count)
+    return _joined([outs for outs, _ in parts]), all(solved for _, solved in parts)
+
+
+# Where the factor's inverses (``KKTFactor.inv_h``, ``inv_s``) sit among the forward's outputs.
+_INVERSES = tuple(N_PUBLIC + len(Saved._fields) + FACTOR_FIELDS.index(name) for name in ("inv_h", "inv_s"))
+
+
+def _joined(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    """The forward's outputs of consecutive batch slices, joined. The factor's inverses only speed
+    up its solves: where the slices disagree on having them (a slice's factorisation retried
+    eagerly has none), the batch has none ((B, 0, 0), the factor's solves then triangular)."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = []
+    for index, outs in enumerate(zip(*parts)):
+        if index in _INVERSES and len({out.shape[1:] for out in outs}) > 1:
+            joined.append(outs[0].new_empty(sum(out.shape[0] for out in outs), 0, 0))
+        else:
+            joined.append(torch.cat(outs))
+    return tuple(joined)
+
+
+def _finished(scaled: QPData, sc: Scaling, info: list[int], packed: tuple[Tensor, ...], where: fused.Layout,
+              public: tuple[Tensor, ...], point: tuple[Tensor, ...], factor: tuple[Tensor, ...], settings: IPMSettings,
+              keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], bool]:
+    """The outputs of a compiled solve whose call returned ``info`` (read) and ``_solved``'s other
+    outputs, and whether every problem was solved: its own where the solve ended there, else those
+    of the solve gone on from there (``fused.go_on``)."""
     if fused.finished(info):
         return (*public, *Saved(scaled.Q, scaled.A, scaled.G, *point, sc.d, sc.e, sc.f, sc.c), *factor), not info[3]
     result = fused.go_on(scaled, sc, fused.Packed(*packed), where, factor, info, settings, keep_factor)

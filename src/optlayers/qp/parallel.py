@@ -1,6 +1,8 @@
 """Run the QP interior point method on slices of a CPU batch in parallel threads (threads.py).
 
-The slices give the same iterates as the whole batch.
+The slices give the same iterates as the whole batch. The eager method is sliced here
+(``solve_scaled_parallel``); a compiled solve whose iterations run in one call is sliced by the
+forward (``qp.forward.outputs``) in ``compiled_slice_count`` slices.
 """
 from __future__ import annotations
 
@@ -17,11 +19,24 @@ from optlayers.qp.scaling import QPData, Scaling
 # batch 128 × n = 50 (320 000 entries) ran as fast whole as in two slices, 64 × 100 (640 000)
 # ~15 % faster in two, 128 × 100 ~20 %.
 _MIN_SLICE_ENTRIES = 300_000
+# A compiled solve (``fused.pays``: its iterations in one call, which releases the GIL) is cut into
+# slices of at least this many problems.
+_MIN_COMPILED_SLICE = 8
 
 
 def slice_count(batch: int, n: int, device: torch.device) -> int:
     """How many slices a batch of ``batch`` problems with ``n`` variables is solved in."""
     return threads.slice_count(batch, n * n, device, _MIN_SLICE_ENTRIES)
+
+
+def compiled_slice_count(batch: int, device: torch.device) -> int:
+    """How many slices a compiled solve of ``batch`` problems is cut into: one per intra-op thread,
+    each of at least ``_MIN_COMPILED_SLICE`` problems, and all of one size, so that the slices share
+    one compiled specialisation (a batch that does not divide evenly is solved whole)."""
+    count = threads.slice_count(batch, 1, device, _MIN_COMPILED_SLICE)
+    while batch % count:
+        count -= 1
+    return count
 
 
 def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:
