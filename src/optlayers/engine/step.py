@@ -97,11 +97,14 @@ class StepRules:
 class ConeRows:
     """The rows of the cones other than the nonnegative one: A_K (B, m_K, n), b_K (B, m_K), and
     optionally a workspace (``cones.scaling_workspace``) that each step writes its scalings'
-    block-diagonal matrix into (None: a fresh one per step)."""
+    block-diagonal matrix into (None: a fresh one per step). ``quadratic`` False: the program's
+    Q is zero, and is neither added to H (H = A_Kᵀ VᵀV A_K is formed by one product instead of
+    added to a zero matrix) nor multiplied by the step (``Step.q_dx`` is None)."""
 
     A: Tensor
     b: Tensor
     workspace: Tensor | None = None
+    quadratic: bool = True
 
 
 @dataclass(frozen=True)
@@ -162,12 +165,12 @@ class State:
 
 @dataclass(frozen=True)
 class Step:
-    """A Newton direction dv (B, ·) laid out as ``State.v``, Q dx, the step length α (B,), the
-    factorisation's health (B,) and, where exponential cones were searched, whether a step
-    inside them was found (B,; None: no search)."""
+    """A Newton direction dv (B, ·) laid out as ``State.v``, Q dx (None where the cone rows say
+    Q is zero), the step length α (B,), the factorisation's health (B,) and, where exponential
+    cones were searched, whether a step inside them was found (B,; None: no search)."""
 
     dv: Tensor
-    q_dx: Tensor
+    q_dx: Tensor | None
     alpha: Tensor
     factor_ok: Tensor
     inside: Tensor | None = None
@@ -262,7 +265,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         blocks = [sc.V for sc in scalings]
         V = cone_parts.block_diagonal(blocks, parts, rows.A.shape[-1], rows.workspace)
         G_k = cone_parts.scaled_rows(rows.A, V)
-        H = cone_parts.normal_matrix(data.Q, G_k)
+        H = cone_parts.normal_matrix(data.Q if rows.quadratic else None, G_k)
     f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
                   diagonal=data.diagonal, check_finite=check_finite)
     lam, s, w = st.lam, st.s, st.lam_s
@@ -344,4 +347,6 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
     alpha, inside = searched(dv, alpha, fraction)
     if rules.merit:
         alpha = _merit_step(dw, b4, alpha, res, backtrack)
+    if rows is not None and not rows.quadratic:  # Q is zero: no Q dx
+        return Step(dv, None, alpha, f.ok, inside)
     return Step(dv, mv(data.Q, dv[:, :n]), alpha, f.ok, inside)

@@ -207,7 +207,9 @@ class _Program:
         """The engine's form: zero-cone rows as equalities, nonnegative rows as its diagonal rows,
         the others as cone rows."""
         A, b, z, k = self.A, self.b, self.zero, self.zero + self.nonneg
-        return QPData(self.Q, self.c, A[:, :z], b[:, :z], A[:, z:k], b[:, z:k]), ConeRows(A[:, k:], b[:, k:], self.workspace[0][:len(A)] if self.workspace else None)
+        workspace = self.workspace[0][:len(A)] if self.workspace else None
+        return (QPData(self.Q, self.c, A[:, :z], b[:, :z], A[:, z:k], b[:, z:k]),
+                ConeRows(A[:, k:], b[:, k:], workspace, self.quadratic))
 
 
 @made_once
