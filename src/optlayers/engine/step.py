@@ -298,11 +298,13 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         if not parts:
             return dw, max_step(w, dw, cap, scale)
         step = max_step(w, dw, cap) if k else st.v.new_full((batch,), cap)
-        for sc, part, s_, y_ in zip(scalings, parts, s_parts, y_parts):
+        # the PSD cones last: their test takes the step so far, and solves for their own step
+        # only where it is shorter (``NTScaling.max_step``'s bound)
+        for sc, part, s_, y_ in sorted(zip(scalings, parts, s_parts, y_parts), key=lambda each: each[1].kind == "psd"):
             if part.kind == "exp":  # no closed form: searched (``searched``)
                 continue
             dy_, ds_ = (cone_parts.piece(d, part) for d in on_cones(dv))
-            step = torch.minimum(step, sc.max_step(s_, y_, ds_, dy_).amin(-1))
+            step = torch.minimum(step, sc.max_step(s_, y_, ds_, dy_, step).amin(-1))
         return dw, step if scale == 1.0 else scale * step
 
     def searched(dv: Tensor, alpha: Tensor, fraction: float) -> tuple[Tensor, Tensor | None]:

@@ -15,6 +15,7 @@ import torch
 
 from optlayers.cone import psd
 from optlayers.engine.constants import constant, made_once
+from optlayers.host import reads_are_free
 
 
 def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -176,6 +177,28 @@ def _psd_step_from(scale: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     return torch.where(step > 0, step, constant(torch.inf, step))
 
 
+def _psd_step_within(scale: torch.Tensor, dx: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """``_psd_step_from`` where only steps shorter than ``bound`` (B,) matter, for dx (j, B, count,
+    k): ``bound`` where I + bound L^-1/2 dX L^-1/2 is positive definite for every j (a Cholesky
+    factorisation, a tenth of a symmetric eigenvalue solve's cost per small matrix: the step
+    there is at least ``bound``), the step itself for the other elements (B, count). Reads on
+    the host which elements those are (where that is free)."""
+    inner = psd.vec_to_mat(dx) * scale
+    shifted = torch.addcmul(_psd_eye(inner.shape[-1], inner.device, inner.dtype), bound[:, None, None, None], inner)
+    beyond = torch.linalg.cholesky_ex(shifted)[1] == 0
+    short = (~beyond.all(-1).all(0)).nonzero().squeeze(-1)  # the elements whose step may be shorter
+    steps = bound.unsqueeze(-1).expand(dx.shape[1:3])
+    if short.numel() == 0:
+        return steps
+    return steps.index_put((short,), _psd_step_from(scale[short], dx[:, short]).amin(0))
+
+
+@made_once
+def _psd_eye(d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The identity of order d, made once per order, device and dtype."""
+    return torch.eye(d, dtype=dtype, device=device)
+
+
 PSD = Jordan(product=_psd_product, divide=_psd_divide, unit=_psd_unit, max_step=_psd_step)
 
 
@@ -202,13 +225,19 @@ class NTScaling:
         products = j.product(torch.stack([lam, _mv(self.V, ds)]), torch.stack([lam, _mv(self.W, dy)])).sum(0)
         return _mv(self.W.mT, j.divide(lam, sigma_mu * j.unit(lam) - products))
 
-    def max_step(self, s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+    def max_step(self, s: torch.Tensor, y: torch.Tensor, ds: torch.Tensor, dy: torch.Tensor,
+                 bound: torch.Tensor | None = None) -> torch.Tensor:
         """Largest step keeping s + a ds and y + a dy in the cone (...,). The nonnegative and
         second-order cones' step tests take any interior point, and measure from s and y
         themselves; the PSD cone's needs a diagonal point, and measures both from lambda (W and V
-        are automorphisms of the cone: lambda + a V ds = W^-T (s + a ds), lambda + a W dy = W (y + a dy))."""
+        are automorphisms of the cone: lambda + a V ds = W^-T (s + a ds), lambda + a W dy = W (y + a dy)).
+        ``bound`` (B,) for (B, count, k) points: the caller takes the least of this step and
+        ``bound``, and the PSD cone's step is ``bound`` itself where it is no shorter (tested by
+        ``_psd_step_within`` where the host's reads are free)."""
         if self.algebra is PSD:
             along = torch.stack([_mv(self.V, ds), _mv(self.W, dy)])
+            if self.step_from and bound is not None and not torch.compiler.is_compiling() and reads_are_free(s.device):
+                return _psd_step_within(*self.step_from, along, bound)
             if self.step_from:
                 return _psd_step_from(*self.step_from, along).amin(0)
             return self.algebra.max_step(self.lam, along).amin(0)
