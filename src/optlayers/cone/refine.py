@@ -13,13 +13,13 @@ never improved keep the solver's answer. y = Pi_K*(w) and s = y - w stay exactly
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
 from optlayers.cone import embedding, linsolve, product
 from optlayers.cone.derivative import Point, solve_system
 from optlayers.host import host_read
+from optlayers.linalg import inf_norm
 
 MAX_STEPS = 6  # Newton steps; from a 1e-4 accurate start two or three reach TARGET
 TARGET = 1e-13  # relative residual below which an element needs no more steps (float64 round-off level)
@@ -79,7 +79,7 @@ def _relative(total: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
     """|total| over 1 + the largest |term| (B,), inf norms over the last dimension of (B, k)
     tensors (or absolute values of (B,) ones): one reduction of them stacked."""
     stacked = torch.stack([total, *terms])
-    norms = torch.linalg.vector_norm(stacked, math.inf, -1) if stacked.dim() > 2 else stacked.abs()
+    norms = inf_norm(stacked) if stacked.dim() > 2 else stacked.abs()
     return norms[0] / (1 + norms[1:].amax(0))
 
 
