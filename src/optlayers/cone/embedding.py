@@ -69,8 +69,9 @@ class ResidualDerivative:
         the factorization that follows; applying D's blocks to A's n columns is 5x slower at
         m = 96, n = 48). The blocks are written by the operations that compute them into one
         buffer laid out column by column (its transpose is contiguous), the layout in which
-        LAPACK's LU factorises it in place (``linsolve.solve_dense``); D is written into the
-        block that then becomes I - D (where D has ``write_dense``), not into a tensor of its own.
+        LAPACK's LU factorises it in place (``linsolve.solve_dense``); where D has ``write_dense``,
+        -D is written into the block that becomes I - D by adding 1 to its diagonal (no pass over
+        the (B, m, m) block), and A^T D is taken as -(A^T (-D)) (exactly the same numbers).
         """
         A = self.A.to_dense() if self.A.layout != torch.strided else self.A
         A = A.expand(batch, *A.shape[-2:])
@@ -80,17 +81,19 @@ class ResidualDerivative:
             A, P = A[index], None if P is None else P[index]
         out = A.new_empty(A.shape[0], n + m, n + m).mT  # column-major
         top, bottom = out[:, :n], out[:, n:]
-        if index is None and self.D.write_dense is not None:  # D in the block that becomes I - D below
-            d_dense = self.D.write_dense(bottom[:, :, n:])
-        else:
-            d_dense = self.D.dense().expand(batch, m, m)
-            d_dense = d_dense if index is None else d_dense[index]
         if P is None:
             top[:, :, :n].zero_()
         else:
             top[:, :, :n].copy_(P)
-        torch.bmm(A.mT, d_dense, out=top[:, :, n:])
         torch.neg(A, out=bottom[:, :, :n])
+        if index is None and self.D.write_dense is not None:
+            minus_d = self.D.write_dense(bottom[:, :, n:], negated=True)
+            torch.baddbmm(top[:, :, n:], A.mT, minus_d, beta=0, alpha=-1, out=top[:, :, n:])  # beta=0: top unread
+            minus_d.diagonal(dim1=-2, dim2=-1).add_(1)
+            return out
+        d_dense = self.D.dense().expand(batch, m, m)
+        d_dense = d_dense if index is None else d_dense[index]
+        torch.bmm(A.mT, d_dense, out=top[:, :, n:])
         torch.sub(_identity(m, A.device, A.dtype), d_dense, out=bottom[:, :, n:])
         return out
 

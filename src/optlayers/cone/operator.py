@@ -17,9 +17,10 @@ class LinearMap:
     matvec: Apply
     rmatvec: Apply
     dense: Callable[[], torch.Tensor]
-    # Where given: writes the (..., m, n) matrix into a tensor of that shape (or one its batch
-    # broadcasts to), such as a block of a larger matrix, and returns it (no tensor of its own).
-    write_dense: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # Where given: writes the (..., m, n) matrix (with ``negated=True`` its negative) into a tensor
+    # of that shape (or one its batch broadcasts to), such as a block of a larger matrix, and
+    # returns it (no tensor of its own).
+    write_dense: Callable[..., torch.Tensor] | None = None
 
 
 def identity(v: torch.Tensor) -> LinearMap:

@@ -61,14 +61,14 @@ def derivative(spec: ConeSpec, v: torch.Tensor, dual: bool = False, roots: list 
                 for block, op in zip(blocks, maps)]
         return torch.cat(outs, dim=-1)
 
-    def write(out: torch.Tensor) -> torch.Tensor:
+    def write(out: torch.Tensor, negated: bool = False) -> torch.Tensor:
         for block, op in zip(blocks, maps):
             index = _block_rows(block.start, block.count, block.size, v.device)
-            out[..., index.unsqueeze(-1), index.unsqueeze(-2)] = op.dense()
+            out[..., index.unsqueeze(-1), index.unsqueeze(-2)] = op.dense().neg() if negated else op.dense()
         return out
 
-    def write_dense(out: torch.Tensor) -> torch.Tensor:
-        return write(out.zero_())
+    def write_dense(out: torch.Tensor, negated: bool = False) -> torch.Tensor:
+        return write(out.zero_(), negated)
 
     return LinearMap(lambda d: apply(d, False), lambda d: apply(d, True),
                      lambda: write(v.new_zeros(*v.shape, v.shape[-1])), write_dense)
