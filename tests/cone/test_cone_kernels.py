@@ -33,7 +33,8 @@ MAX_EXP_DERIVATIVE_KERNELS = 70
 MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # Kernels per iteration of the cone interior point method on those programs, on the accelerators'
 # schedule (every exponential cone's dual scaling and every step trial formed: the count a GPU
-# launches), counted after a warm-up solve (the cones' cached constants): 484 measured with the scaled rows
+# launches), counted after a warm-up solve (the cones' cached constants): 483 measured with the zero Q of a
+# program without P left out of H and of Q dx (484 before that, with the scaled rows
 # G = V A_K by one product with the scalings' block-diagonal matrix and the residuals' norms by one
 # reduction (498 before those, with the cone
 # rows' scalings as one block-diagonal matrix (one product per V u or V^T u), the Wright omega solve in 3
@@ -49,8 +50,8 @@ MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # from the scaled rows G = V A_K that H is formed from (962 before those, with the QP step's
 # fusions; 980 with the nonnegative rows as the KKT system's diagonal rows, 1,007 with them among
 # the scaled cone rows; 1,109 before the directions passed over A_K twice instead of over G and A_K
-# three times and the nonnegative and second-order step tests measured from s and y))).
-MAX_CONE_KERNELS_PER_ITERATION = 490
+# three times and the nonnegative and second-order step tests measured from s and y)))).
+MAX_CONE_KERNELS_PER_ITERATION = 489
 # The Newton refinement (and the KKT check after it) on those programs at batch 8, counted as the forward's
 # kernels with refine_steps=6 less those with 0: 1,033 measured (1,844 before its exponential root solves
 # started from guesses, the derivatives took the projections' regions with their roots, h's coefficients
