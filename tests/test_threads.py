@@ -227,3 +227,14 @@ def test_map_slices_refuses_bad_counts(count):
     with pytest.raises(ValueError, match="count must be an int in"):
         threads.map_slices(lambda part: part, 4, count)
 
+
+
+@needs_openmp
+def test_equal_slices_divide_the_batch(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    cpu = torch.device("cpu")
+    assert threads.equal_slice_count(64, cpu, 8) == 4
+    assert threads.equal_slice_count(24, cpu, 8) == 3  # at least 8 each, then as many as divide evenly
+    assert threads.equal_slice_count(63, cpu, 8) == 3 and threads.equal_slice_count(61, cpu, 8) == 1
+    assert threads.equal_slice_count(64, cpu, 8, max_slices=3) == 2
+    assert threads.equal_slice_count(64, torch.device("meta"), 8) == 1

@@ -105,6 +105,19 @@ def slice_count(batch: int, entries_per_problem: int, device: torch.device, min_
     return max(1, min(torch.get_num_threads(), batch, batch * max(entries_per_problem, 1) // min_entries))
 
 
+def equal_slice_count(batch: int, device: torch.device, min_problems: int, max_slices: int | None = None) -> int:
+    """How many slices a compiled solve of ``batch`` problems runs in: one per intra-op thread (at
+    most ``max_slices``), each of at least ``min_problems`` problems, and all of one size, so that
+    the slices share one compiled specialisation (a batch that does not divide evenly into two or
+    more such slices is solved whole). A compiled call releases the GIL for all of its work, so
+    small slices pay where eager ones would queue on it."""
+    count = slice_count(batch, 1, device, min_problems)
+    count = min(count, max_slices or count)
+    while batch % count:
+        count -= 1
+    return count
+
+
 class _Pool:
     """The process's slice threads: created on first use, grown when more slices are asked for,
     started anew in a forked child."""

@@ -5,7 +5,7 @@ cone kind: statuses, solutions and gradients."""
 import pytest
 import torch
 
-from optlayers import compiling
+from optlayers import compiling, threads
 from optlayers.cone import ConeLayer, ConeSpec, solve_cone
 from optlayers.cone.interior import solver
 from optlayers.cone.testing import ALL_CONES, random_program
@@ -106,3 +106,19 @@ def test_compiled_solve_equals_the_eager_one():
     compiling.compiled.cache_clear()
     for spec, n, quadratic in PROGRAMS[:2]:  # every cone kind, without and with P
         _assert_agree(_solved(spec, n, quadratic, compile=True), _solved(spec, n, quadratic), AGREE)
+
+
+@pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
+def test_compiled_slices_give_the_whole_batchs_answers(eager_backend, monkeypatch):
+    """A compiled solve cut into equal slices on the pool's threads (each one compiled call) gives
+    every program the statuses, solutions and gradients of the compiled solve of the whole batch."""
+    monkeypatch.setattr(solver, "_MIN_COMPILED_SLICE", 1)
+    spec, n, quadratic = PROGRAMS[1]
+    runs, counts = [], []
+    original = threads.map_slices
+    monkeypatch.setattr(threads, "map_slices", lambda fn, batch, count: counts.append(count) or original(fn, batch, count))
+    for workers in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda workers=workers: workers)
+        runs.append(_solved(spec, n, quadratic, compile=True))
+    assert counts == [1, 3]
+    _assert_agree(runs[1], runs[0], 0.0)

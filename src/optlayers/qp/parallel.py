@@ -30,13 +30,9 @@ def slice_count(batch: int, n: int, device: torch.device) -> int:
 
 
 def compiled_slice_count(batch: int, device: torch.device) -> int:
-    """How many slices a compiled solve of ``batch`` problems is cut into: one per intra-op thread,
-    each of at least ``_MIN_COMPILED_SLICE`` problems, and all of one size, so that the slices share
-    one compiled specialisation (a batch that does not divide evenly is solved whole)."""
-    count = threads.slice_count(batch, 1, device, _MIN_COMPILED_SLICE)
-    while batch % count:
-        count -= 1
-    return count
+    """How many slices a compiled solve of ``batch`` problems is cut into (``threads.equal_slice_count``,
+    slices of at least ``_MIN_COMPILED_SLICE`` problems)."""
+    return threads.equal_slice_count(batch, device, _MIN_COMPILED_SLICE)
 
 
 def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool = True) -> IPMResult:

@@ -48,6 +48,9 @@ from optlayers.qp.scaling import QPData
 # cores, m = 96, n = 48, two slices of 64 ran 15 % slower than one batch of 128 (the threads
 # queue on the GIL), two slices of 256 ran 15-20 % faster than one batch of 512.
 _MIN_SLICE_ENTRIES = 1_500_000
+# A compiled solve (``ConeIPMSettings.compiled``), one call that releases the GIL, is cut into
+# slices of at least this many programs.
+_MIN_COMPILED_SLICE = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +130,8 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
     Returns x (B, n), y (B, m), s (B, m) and status (B,) int64 (ConeStatus: SOLVED, INACCURATE,
     MAX_ITER or NUMERICAL_ERROR); every element holds its last iterate. A large CPU batch is
     solved in at most ``max_slices`` (default: torch's thread count) slices on parallel threads
-    (threads.py), with the same result; ``settings.compiled`` solves it whole.
+    (threads.py), with the same result; with ``settings.compiled`` in equal slices
+    (``threads.equal_slice_count``), each one compiled call.
     """
     if any(t.dtype != torch.float64 for t in (A, b, c)) or (P is not None and P.dtype != torch.float64):
         raise TypeError("A, b, c and P must be float64 (solve_cone converts its inputs)")
@@ -143,8 +147,11 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
         P = P.expand(batch, n, n)
     if spec.size != m:
         raise ValueError(f"spec covers {spec.size} rows but A has m = {m}")
-    count = threads.slice_count(batch, (m + n) * n, A.device, _MIN_SLICE_ENTRIES)
-    count = 1 if settings.compiled else min(count, max_slices or count)
+    if settings.compiled:
+        count = threads.equal_slice_count(batch, A.device, _MIN_COMPILED_SLICE, max_slices)
+    else:
+        count = threads.slice_count(batch, (m + n) * n, A.device, _MIN_SLICE_ENTRIES)
+        count = min(count, max_slices or count)
     parts = threads.map_slices(
         lambda part: _solve(A[part], b[part], c[part], None if P is None else P[part], spec, settings), batch, count)
     return tuple(torch.cat(outputs) for outputs in zip(*parts))
