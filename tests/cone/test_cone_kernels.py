@@ -33,8 +33,9 @@ MAX_EXP_DERIVATIVE_KERNELS = 70
 MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # Kernels per iteration of the cone interior point method on those programs, on the accelerators'
 # schedule (every exponential cone's dual scaling and every step trial formed: the count a GPU
-# launches), counted after a warm-up solve (the cones' cached constants): 483 measured with the zero Q of a
-# program without P left out of H and of Q dx (484 before that, with the scaled rows
+# launches), counted after a warm-up solve (the cones' cached constants): 482 measured with the zero Q of a
+# program without P left out of H and of Q dx (483 before that, 484 counted before kernels.py warmed
+# the constants up, with the scaled rows
 # G = V A_K by one product with the scalings' block-diagonal matrix and the residuals' norms by one
 # reduction (498 before those, with the cone
 # rows' scalings as one block-diagonal matrix (one product per V u or V^T u), the Wright omega solve in 3
