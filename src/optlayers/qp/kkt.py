@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from optlayers.engine.constants import constant
+from optlayers.engine.constants import constant, made_once
 from optlayers.host import host_read, reads_are_free
 from optlayers.linalg import add_mtv, add_mv, add_product, mtv, mv, product
 
@@ -181,14 +181,13 @@ def factor_kkt(
     if unit_weights and stiff is not None:
         raise ValueError("factor_kkt: unit_weights=True needs stiff=None (stiff rows carry their own weights)")
     if stiff is None:
-        # zeros (B, m): one made once and expanded, not a new tensor at every factorisation ((B, 0): nothing to make)
-        d0 = w_inv[..., :0] if m == 0 else constant(0.0, A).expand(A.shape[:-1])
+        d0 = _zeros(A.shape[:-1], A)
         C, w_inv_soft, eq_rows = A, w_inv, None
     else:
         C = torch.cat([A, G * stiff.unsqueeze(-1)], dim=-2)
-        d0 = torch.cat([A.new_zeros(A.shape[:-1]), torch.where(stiff, 1.0 / w_inv, torch.ones_like(w_inv))], dim=-1)
-        w_inv_soft = torch.where(stiff, torch.zeros_like(w_inv), w_inv)
-        eq_rows = (torch.arange(C.shape[-2], device=Q.device) < m).to(Q.dtype)
+        d0 = torch.cat([_zeros(A.shape[:-1], A), torch.where(stiff, 1.0 / w_inv, constant(1.0, w_inv))], dim=-1)
+        w_inv_soft = w_inv.masked_fill(stiff, 0.0)
+        eq_rows = _equality_rows(C.shape[-2], m, Q.dtype, Q.device)
     if diagonal:
         # a row of G has at most one nonzero, gₖ = (G1)ₖ (a sum of zeros and one term: exact), so
         # diag(GᵀW⁻¹G) = Gᵀ(W⁻¹g): two reading passes over G, where G∘G would write one more
@@ -237,6 +236,18 @@ def factor_kkt(
         y, inv_h, inv_s = torch.where(new, retry_y, y), torch.where(new, retry_inv_h, inv_h), torch.where(new, retry_inv_s, inv_s)
     return KKTFactor(H=H, G=G, C=C, d0=d0, Y=y, w_inv=w_inv, w_inv_soft=w_inv_soft, chol_h=chol_h, chol_s=chol_s,
                      ok=ok, inv_h=inv_h, inv_s=inv_s, m=m)
+
+
+def _zeros(shape: torch.Size, like: Tensor) -> Tensor:
+    """Zeros of ``shape`` as one constant expanded, not a tensor filled at every call (the
+    iterations factorise and solve at every step)."""
+    return constant(0.0, like).expand(shape)
+
+
+@made_once
+def _equality_rows(rows: int, m: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(rows,) 1 on the first ``m`` rows of C (the equalities), 0 on its stiff inequalities."""
+    return (torch.arange(rows, device=device) < m).to(dtype)
 
 
 # A host look that saves arithmetic (the early stop of refinement, the Schur complement over its
@@ -444,10 +455,10 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
         rx = rx.neg()
     rc = re
     if stiff_rows and v is not None:
-        re = rx.new_zeros(rx.shape[:-1] + (f.m,)) if re is None else re
-        rc = torch.cat([re, torch.where(f.w_inv_soft > 0, 0.0, -v)], dim=-1)
+        re = _zeros(rx.shape[:-1] + (f.m,), rx) if re is None else re
+        rc = torch.cat([re, v.neg().masked_fill(f.w_inv_soft > 0, 0.0)], dim=-1)
     elif stiff_rows and re is not None:
-        rc = torch.cat([re, re.new_zeros(re.shape[:-1] + (f.C.shape[-2] - f.m,))], dim=-1)
+        rc = torch.cat([re, _zeros(re.shape[:-1] + (f.C.shape[-2] - f.m,), re)], dim=-1)
     dx, omega = _solve_regularised(f, rx, rc, use_y)
     adaptive = refine_steps > 0 and adaptive_refinement(f)
     root = _root_diagonal(f) if adaptive else None
