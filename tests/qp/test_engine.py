@@ -3,6 +3,7 @@
 Kernel and synchronisation counts are machine-independent (``benchmarks/kernels.py`` counts
 them with a ``TorchDispatchMode``); the bounds below are pinned so that they cannot creep back.
 """
+import contextlib
 import dataclasses
 import sys
 from pathlib import Path
@@ -242,12 +243,16 @@ def test_solve_with_negated_rx_gives_the_same_bits():
         assert all(torch.equal(a, b) for a, b in zip(plain, folded)), (m, with_v)
 
 
-def test_inf_norm_is_the_largest_magnitude_nan_included():
+@pytest.mark.parametrize("accelerator", [False, True])
+def test_inf_norm_is_the_largest_magnitude_nan_included(accelerator):
+    """``linalg.inf_norm`` (the residuals' and certificates' norms): abs().amax() on the CPU's own
+    schedule, one vector_norm on the accelerators'; the same values either way."""
     t = torch.tensor([[1.0, -3.0, 2.0], [float("nan"), 0.0, 1.0], [-float("inf"), 1.0, 0.0], [-0.0, 0.0, 5e-324]],
                      dtype=torch.float64)
-    got = ipm._inf_norm(t)
+    with host.accelerator_schedule() if accelerator else contextlib.nullcontext():
+        got, along_0 = linalg.inf_norm(t), linalg.inf_norm(t[[0, 2]], 0)
     assert torch.equal(got[[0, 2, 3]], t.abs().amax(-1)[[0, 2, 3]]) and got[1].isnan()
-    assert torch.equal(ipm._inf_norm(t[[0, 2]], 0), t[[0, 2]].abs().amax(0))
+    assert torch.equal(along_0, t[[0, 2]].abs().amax(0))
 
 
 def test_the_failure_test_agrees_with_next_regularisation():

@@ -9,7 +9,6 @@ the others go on.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -21,7 +20,7 @@ from optlayers.engine import loop
 from optlayers.engine.constants import constant, made_once
 from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
-from optlayers.linalg import mtv, mv
+from optlayers.linalg import inf_norm, mtv, mv
 from optlayers.qp.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, raise_limit, regularisation_after, solve_reduced
 from optlayers.qp.scaling import QPData, Scaling
 from optlayers.qp.status import QPStatus
@@ -193,12 +192,6 @@ class IPMResult:
     all_solved: bool
 
 
-def _inf_norm(t: Tensor, dim: int = -1) -> Tensor:
-    """max |t| over ``dim``, in one kernel (the ∞-norm: no rounding, NaN propagates; the same as
-    ``t.abs().amax(dim)``, which takes two)."""
-    return torch.linalg.vector_norm(t, math.inf, dim=dim)
-
-
 def _pair_dots(u: Tensor, v: Tensor) -> Tensor:
     """Row-wise dot products of (..., B, r) tensors: (..., B)."""
     return (u * v).sum(-1)
@@ -226,7 +219,7 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     # [r_d, Qx, p, Gᵀλ, Aᵀν]: the terms stacked behind a first row that their sum then fills
     dual = torch.stack([qx, qx, data.p, gtlam, mtv(data.A, nu)] if m else [qx, qx, data.p, gtlam])
     r_d = torch.sum(dual[1:], 0, out=dual[0])
-    dual_norms = _inf_norm(dual * units.dual)
+    dual_norms = inf_norm(dual * units.dual)
     terms = [_pair_dots(x, dual[1:3])]  # xᵀQx, pᵀx, then hᵀλ, bᵀν
     r_e = r_i = x[:, :0]
     if k:
@@ -242,19 +235,19 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
         r_e = ax - data.b
         terms.append(_pair_dots(nu, data.b).unsqueeze(0))
     stacked = torch.cat([r_d, r_e, r_i], dim=-1)
-    scaled = _inf_norm(stacked)
+    scaled = inf_norm(stacked)
     if m and k:  # [r_e, r_i], [Ax, Gx], [b, h] in units
-        primal_norms = _inf_norm(torch.stack([stacked[:, n:], torch.cat([ax, gx], -1), torch.cat([data.b, data.h], -1)])
+        primal_norms = inf_norm(torch.stack([stacked[:, n:], torch.cat([ax, gx], -1), torch.cat([data.b, data.h], -1)])
                                  * units.primal)
     elif m or k:
-        primal_norms = _inf_norm(torch.stack([r_e, ax, data.b] if m else [r_i, gx, data.h]) * units.primal)
+        primal_norms = inf_norm(torch.stack([r_e, ax, data.b] if m else [r_i, gx, data.h]) * units.primal)
     else:
         primal_norms = units.gauge.new_zeros(3, units.gauge.shape[0])
     terms = torch.cat(terms)
     # (B, 2, 3): the primal residual, the dual residual and the gap; then their sizes; the gap in the original units
     gap = torch.maximum(terms.sum(0).abs(), complementarity)
     tested = torch.stack([primal_norms[0], dual_norms[0], gap, primal_norms[1:].amax(0), dual_norms[1:].amax(0),
-                          _inf_norm(terms, 0)], -1).unflatten(-1, (2, 3)) * units.gauge.unsqueeze(-2)
+                          inf_norm(terms, 0)], -1).unflatten(-1, (2, 3)) * units.gauge.unsqueeze(-2)
     mu = complementarity / max(k, 1)
     limit = tested[:, 1].mul(settings.rel_tol).add_(settings.tol)
     limit[:, 2].sub_(tested[:, 1, 2], alpha=_GAP_ROUNDING)  # the plain gap's rounding comes off its limit
@@ -321,9 +314,9 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     dx, dy, dlam = dv[:, :n], dv[:, n : n + m + k], dv[:, n + m : n + m + k]
     # ‖r_d + Q dx‖ (= ‖Aᵀdν + Gᵀdλ‖), ‖Q dx‖, ‖dx‖, ‖x‖; [Q dx, dx] is reused below
     on_x = torch.stack([res.r_d + step.q_dx, step.q_dx, dx, st.x])
-    residual_y, norm_qdx, nx, norm_x = _inf_norm(on_x)
+    residual_y, norm_qdx, nx, norm_x = inf_norm(on_x)
     if m + k:
-        ny, norm_y = _inf_norm(torch.stack([dy, st.v[:, n : n + m + k]]))
+        ny, norm_y = inf_norm(torch.stack([dy, st.v[:, n : n + m + k]]))
         by = torch.cat([data.b, data.h], -1) if m and k else (data.b if m else data.h)
         farkas_value = (dy * by).sum(-1)  # bᵀdν + hᵀdλ
     else:
@@ -343,7 +336,7 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
                    # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
                    (res.limit[:, 0], res.measured[:, 0]),
                    (minus_eps_y, dlam.amin(-1)) if k else (residual_y, eps_y)]
-    recession_rows = [(norm_qdx, eps_x), (_inf_norm(mv(data.A, dx)) if m else norm_qdx, eps_x),
+    recession_rows = [(norm_qdx, eps_x), (inf_norm(mv(data.A, dx)) if m else norm_qdx, eps_x),
                       (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (slopes[1], minus_eps_x),
                       (far_slope, minus_eps_x), (res.limit[:, 1], res.measured[:, 1])]
     farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
