@@ -233,8 +233,9 @@ def test_map_slices_refuses_bad_counts(count):
 def test_equal_slices_divide_the_batch(monkeypatch):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     cpu = torch.device("cpu")
-    assert threads.equal_slice_count(64, cpu, 8) == 4
-    assert threads.equal_slice_count(24, cpu, 8) == 3  # at least 8 each, then as many as divide evenly
-    assert threads.equal_slice_count(63, cpu, 8) == 3 and threads.equal_slice_count(61, cpu, 8) == 1
-    assert threads.equal_slice_count(64, cpu, 8, max_slices=3) == 2
-    assert threads.equal_slice_count(64, torch.device("meta"), 8) == 1
+    assert threads.equal_slice_count(64, 1, cpu, 8) == 4
+    assert threads.equal_slice_count(24, 1, cpu, 8) == 3  # at least 8 each, then as many as divide evenly
+    assert threads.equal_slice_count(63, 1, cpu, 8) == 3 and threads.equal_slice_count(61, 1, cpu, 8) == 1
+    assert threads.equal_slice_count(64, 1, cpu, 8, max_slices=3) == 2
+    assert threads.equal_slice_count(64, 100, cpu, 1600) == 4 and threads.equal_slice_count(64, 100, cpu, 3200) == 2
+    assert threads.equal_slice_count(64, 1, torch.device("meta"), 8) == 1

@@ -105,13 +105,14 @@ def slice_count(batch: int, entries_per_problem: int, device: torch.device, min_
     return max(1, min(torch.get_num_threads(), batch, batch * max(entries_per_problem, 1) // min_entries))
 
 
-def equal_slice_count(batch: int, device: torch.device, min_problems: int, max_slices: int | None = None) -> int:
-    """How many slices a compiled solve of ``batch`` problems runs in: one per intra-op thread (at
-    most ``max_slices``), each of at least ``min_problems`` problems, and all of one size, so that
-    the slices share one compiled specialisation (a batch that does not divide evenly into two or
-    more such slices is solved whole). A compiled call releases the GIL for all of its work, so
-    small slices pay where eager ones would queue on it."""
-    count = slice_count(batch, 1, device, min_problems)
+def equal_slice_count(batch: int, entries_per_problem: int, device: torch.device, min_entries: int,
+                      max_slices: int | None = None) -> int:
+    """How many slices a compiled solve of ``batch`` problems runs in: as ``slice_count`` (one per
+    intra-op thread, at most ``max_slices``, each of at least ``min_entries`` matrix entries), and
+    all of one size, so that the slices share one compiled specialisation (a batch that does not
+    divide evenly into two or more such slices is solved whole). A compiled call releases the GIL
+    for all of its work, so smaller slices pay than where eager ones would queue on it."""
+    count = slice_count(batch, entries_per_problem, device, min_entries)
     count = min(count, max_slices or count)
     while batch % count:
         count -= 1

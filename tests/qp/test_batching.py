@@ -87,14 +87,14 @@ def test_compiled_slices_reproduce_the_whole_batch(eager_backend, monkeypatch):
     data = random_qp((6,), 5, 6, 2, active=True)
     data["G"][4, 1] = -data["G"][4, 0]
     data["h"][4, :2] = -1.0  # infeasible
-    monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE", 1)
+    monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE_ENTRIES", 1)
     sliced_calls = []
     original = threads.map_slices
     monkeypatch.setattr(threads, "map_slices", lambda fn, batch, count: sliced_calls.append(count) or original(fn, batch, count))
     results = []
     for count in (1, 3):
         _with_threads(monkeypatch, count)
-        assert parallel.compiled_slice_count(6, torch.device("cpu")) == count
+        assert parallel.compiled_slice_count(6, 5, torch.device("cpu")) == count
         leaves = {k: v.clone().requires_grad_() for k, v in data.items() if v is not None}
         sol = solve_qp(**leaves, on_failure="ignore", compile=True)
         (torch.nan_to_num(sol.z).square().sum() + torch.nan_to_num(sol.lam).sum()).backward()
@@ -112,19 +112,20 @@ def test_compiled_slices_reproduce_the_whole_batch(eager_backend, monkeypatch):
 def test_compiled_slices_are_equal_and_not_too_small(monkeypatch):
     _with_threads(monkeypatch, 2)
     cpu = torch.device("cpu")
-    assert parallel.compiled_slice_count(128, cpu) == 2
-    assert parallel.compiled_slice_count(127, cpu) == 1  # unequal slices would be two compiled shapes
-    assert parallel.compiled_slice_count(2 * parallel._MIN_COMPILED_SLICE - 2, cpu) == 1
-    assert parallel.compiled_slice_count(128, torch.device("meta")) == 1
+    assert parallel.compiled_slice_count(128, 10, cpu) == 2
+    assert parallel.compiled_slice_count(127, 10, cpu) == 1  # unequal slices would be two compiled shapes
+    assert parallel.compiled_slice_count(16, 10, cpu) == 1  # slices of 8 × 10²: the call's fixed cost dominates
+    assert parallel.compiled_slice_count(8, 100, cpu) == 2
+    assert parallel.compiled_slice_count(128, 10, torch.device("meta")) == 1
     _with_threads(monkeypatch, 3)
-    assert parallel.compiled_slice_count(96, cpu) == 3 and parallel.compiled_slice_count(64, cpu) == 2
+    assert parallel.compiled_slice_count(96, 30, cpu) == 3 and parallel.compiled_slice_count(64, 30, cpu) == 2
     _with_threads(monkeypatch, 1)
-    assert parallel.compiled_slice_count(128, cpu) == 1
+    assert parallel.compiled_slice_count(128, 100, cpu) == 1
 
 
 @pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
 def test_a_bad_value_in_a_compiled_slice_is_named(eager_backend, monkeypatch):
-    monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE", 1)
+    monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE_ENTRIES", 1)
     _with_threads(monkeypatch, 2)
     data = random_qp((4,), 3, 4, 0)
     data["h"][3, 0] = float("nan")  # in the second slice

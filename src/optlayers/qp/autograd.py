@@ -150,7 +150,8 @@ def _sliced_compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, 
     the slices' gradients joined."""
     vjp = compiled(_compiled_vjp, point[0].device.type)
     batch = point[0].shape[0]
-    count = compiled_slice_count(batch, point[0].device)
+    n = Saved(*point[1: 1 + len(Saved._fields)]).x.shape[-1]
+    count = compiled_slice_count(batch, n, point[0].device)
     if count == 1:
         return vjp(point, grads, needs, settings, dtype)
     parts = threads.map_slices(lambda part: vjp(tuple(t[part] for t in point), tuple(None if g is None else g[part] for g in grads),

@@ -151,7 +151,7 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     device = p.device.type
     raw = tuple(t.detach() for t in (Q, p, G, h, A, b))  # one specialisation whichever data require gradients
     batch = p.shape[0]
-    count = compiled_slice_count(batch, p.device)
+    count = compiled_slice_count(batch, p.shape[-1], p.device)
     if not _looks_at_structure(p.shape[-1], p.device):
         def solve(data: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], bool]:
             scaled, scaling, info, *rest = compiled(_checked_solved, device)(*data, fill, settings, keep_factor)

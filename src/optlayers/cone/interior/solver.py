@@ -148,7 +148,7 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
     if spec.size != m:
         raise ValueError(f"spec covers {spec.size} rows but A has m = {m}")
     if settings.compiled:
-        count = threads.equal_slice_count(batch, A.device, _MIN_COMPILED_SLICE, max_slices)
+        count = threads.equal_slice_count(batch, 1, A.device, _MIN_COMPILED_SLICE, max_slices)
     else:
         count = threads.slice_count(batch, (m + n) * n, A.device, _MIN_SLICE_ENTRIES)
         count = min(count, max_slices or count)
