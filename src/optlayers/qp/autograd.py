@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from optlayers import threads
 from optlayers.compiling import compiled
 from optlayers.engine.constants import constant
 from optlayers.functions import applied_as_given
@@ -36,6 +37,7 @@ from optlayers.qp.derivatives import (
 from optlayers.qp.forward import N_PUBLIC, Saved, keep_solved
 from optlayers.qp.forward import outputs as forward_outputs
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
+from optlayers.qp.parallel import compiled_slice_count
 from optlayers.qp.scaling import (
     QPData,
     Scaling,
@@ -142,6 +144,21 @@ def _compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], n
     return _vjp(pt, Scaling(sv.d, sv.e, sv.f, sv.c), solved, dtype, grads, needs, settings, plain_solution_vjp)
 
 
+def _sliced_compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: tuple[bool, ...],
+                         settings: IPMSettings, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+    """``_compiled_vjp`` compiled, in the forward's slices (``compiled_slice_count``) side by side,
+    the slices' gradients joined."""
+    vjp = compiled(_compiled_vjp, point[0].device.type)
+    batch = point[0].shape[0]
+    n = Saved(*point[1: 1 + len(Saved._fields)]).x.shape[-1]
+    count = compiled_slice_count(batch, n, point[0].device)
+    if count == 1:
+        return vjp(point, grads, needs, settings, dtype)
+    parts = threads.map_slices(lambda part: vjp(tuple(t[part] for t in point), tuple(None if g is None else g[part] for g in grads),
+                                                needs, settings, dtype), batch, count)
+    return tuple(None if cts[0] is None else torch.cat(cts) for cts in zip(*parts))
+
+
 @applied_as_given
 class QPSolveFn(torch.autograd.Function):
     """(Q, p, G, h, A, b, settings, keep_factor, on_failure, batch_shape) -> (z, λ, ν, s, status,
@@ -176,10 +193,7 @@ class QPSolveFn(torch.autograd.Function):
             # contiguous: the compiled function is specialised to its inputs' strides, and a loss's
             # cotangent may come expanded (z.sum()) or not (z.square().sum()): one compilation for both
             grads = tuple(None if g is None else g.contiguous() for g in grads)
-            # the whole batch in one call, also where the forward ran in slices: the backward in slices
-            # was slower at every size of the benchmarks' sweep (at (128, 10) 1.20 against 0.45 ms)
-            vjp = compiled(_compiled_vjp, saved[0].device.type)
-            ct = vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
+            ct = _sliced_compiled_vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
         else:
             pt, sc, solved, dtype = _point(ctx)
             ct = _vjp(pt, sc, solved, dtype, grads, needs, ctx.settings, solution_vjp)

@@ -1,8 +1,9 @@
 """Run the QP interior point method on slices of a CPU batch in parallel threads (threads.py).
 
 The slices give the same iterates as the whole batch. The eager method is sliced here
-(``solve_scaled_parallel``); a compiled solve whose iterations run in one call is sliced where it
-is called (``qp.forward._compiled_forward``) in ``compiled_slice_count`` slices.
+(``solve_scaled_parallel``); a compiled solve whose iterations run in one call, and its compiled
+backward, are sliced where they are called (``qp.forward._compiled_forward``,
+``qp.autograd._sliced_compiled_vjp``) in ``compiled_slice_count`` slices.
 """
 from __future__ import annotations
 
