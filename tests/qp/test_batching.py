@@ -112,13 +112,13 @@ def test_compiled_slices_reproduce_the_whole_batch(eager_backend, monkeypatch):
 def test_compiled_slices_are_equal_and_not_too_small(monkeypatch):
     _with_threads(monkeypatch, 2)
     cpu = torch.device("cpu")
-    assert parallel.compiled_slice_count(128, 10, cpu) == 2
-    assert parallel.compiled_slice_count(127, 10, cpu) == 1  # unequal slices would be two compiled shapes
-    assert parallel.compiled_slice_count(16, 10, cpu) == 1  # slices of 8 × 10²: the call's fixed cost dominates
-    assert parallel.compiled_slice_count(8, 100, cpu) == 2
-    assert parallel.compiled_slice_count(128, 10, torch.device("meta")) == 1
+    assert parallel.compiled_slice_count(128, 50, cpu) == 2
+    assert parallel.compiled_slice_count(127, 50, cpu) == 1  # unequal slices would be two compiled shapes
+    assert parallel.compiled_slice_count(128, 10, cpu) == 1  # slices of 64 × 10²: too little work each
+    assert parallel.compiled_slice_count(16, 100, cpu) == 2
+    assert parallel.compiled_slice_count(128, 50, torch.device("meta")) == 1
     _with_threads(monkeypatch, 3)
-    assert parallel.compiled_slice_count(96, 30, cpu) == 3 and parallel.compiled_slice_count(64, 30, cpu) == 2
+    assert parallel.compiled_slice_count(96, 50, cpu) == 3 and parallel.compiled_slice_count(64, 50, cpu) == 2
     _with_threads(monkeypatch, 1)
     assert parallel.compiled_slice_count(128, 100, cpu) == 1
 

@@ -22,10 +22,13 @@ from optlayers.qp.scaling import QPData, Scaling
 _MIN_SLICE_ENTRIES = 300_000
 # A compiled solve (``fused.pays``: its iterations in one call, which releases the GIL) is cut into
 # slices of at least this many matrix entries (problems × n²). Measured on two cores, quiet, two
-# threads, compiled forward + backward against the whole batch: 128 × n = 10 in two slices of 6,400
-# entries 0.93 of the time, 64 × n = 100 in two of 320,000 0.84, but 16 × n = 10 in two of 800 1.38
-# (each slice pays the call's fixed cost, part of it under the GIL).
-_MIN_COMPILED_SLICE_ENTRIES = 6_000
+# threads, compiled forward + backward against the whole batch (ab_trees): 64 × n = 100 in two
+# slices 0.84 of the time, 128 × n = 10 in two slices of 6,400 entries 0.93, 16 × n = 10 in two of
+# 800 1.38 (each slice pays the call's fixed cost, part of it under the GIL); and in the sweep's
+# harness, where eager work runs between the calls, the sliced (128, 10) forward spread over
+# 4.7-8.1 ms between runs (whole: 5.8 ms), its slices competing with the caller's OpenMP threads.
+# Slices pay where each holds tens of milliseconds of work.
+_MIN_COMPILED_SLICE_ENTRIES = 50_000
 
 
 def slice_count(batch: int, n: int, device: torch.device) -> int:
