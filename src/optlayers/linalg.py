@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor
 
-from optlayers.host import reads_are_free
+from optlayers.host import cpu_schedule
 
 SMALL_PRODUCT_MAX = 16
 """The largest size (rows, inner, columns) of a product written elementwise under compilation:
@@ -72,11 +72,11 @@ def add_mtv(r: Tensor, M: Tensor, v: Tensor, beta: float = 1.0, alpha: float = 1
 
 
 def inf_norm(x: Tensor, dim: int = -1) -> Tensor:
-    """The largest |entry| of x over ``dim`` (the infinity norm): one reduction, except on the CPU
-    where the host reads for free (``host.reads_are_free``; outside the accelerators' schedule that
-    the kernel counts follow), where torch's ``vector_norm(x, inf)`` is about nine times slower than
+    """The largest |entry| of x over ``dim`` (the infinity norm): one reduction, except on the CPU's
+    own schedule (``host.cpu_schedule``; not the accelerators' schedule that the kernel counts
+    follow), where torch's ``vector_norm(x, inf)`` is about nine times slower than
     ``x.abs().amax()`` (one thread, (4, 128, 96) float64: 178 against 20 µs). The same value (NaN
     where x has one)."""
-    if not torch.compiler.is_compiling() and reads_are_free(x.device):
+    if not torch.compiler.is_compiling() and cpu_schedule(x.device):
         return x.abs().amax(dim)
     return torch.linalg.vector_norm(x, math.inf, dim)
