@@ -19,7 +19,7 @@ import dataclasses
 import torch
 
 from optlayers.cone.operator import LinearMap
-from optlayers.engine.constants import made_once
+from optlayers.engine.constants import identity
 from optlayers.linalg import mtv, mv
 
 
@@ -94,14 +94,10 @@ class ResidualDerivative:
         d_dense = self.D.dense().expand(batch, m, m)
         d_dense = d_dense if index is None else d_dense[index]
         torch.bmm(A.mT, d_dense, out=top[:, :, n:])
-        torch.sub(_identity(m, A.device, A.dtype), d_dense, out=bottom[:, :, n:])
+        torch.sub(identity(m, A.device, A.dtype), d_dense, out=bottom[:, :, n:])
         return out
 
 
-@made_once
-def _identity(size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The (size, size) identity, made once per size, device and dtype."""
-    return torch.eye(size, device=device, dtype=dtype)
 
 
 def perturbation(x: torch.Tensor, y: torch.Tensor, dA: torch.Tensor | None, db: torch.Tensor | None,

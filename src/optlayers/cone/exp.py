@@ -15,7 +15,7 @@ import math
 import torch
 
 from optlayers.cone.operator import LinearMap
-from optlayers.engine.constants import constant, made_once
+from optlayers.engine.constants import constant, identity, made_once
 from optlayers.host import host_read
 
 MAX_BRACKET_DOUBLINGS = 12  # widens an open side of the bracket by up to 2**12; h is scaled, never overflows
@@ -347,7 +347,7 @@ def _primal_jacobian(v: torch.Tensor, rho: torch.Tensor | None = None) -> torch.
     (None: project first); the polar region's rows get the zero matrix."""
     if rho is None:
         _, rho = _primal(v)
-    jac = torch.where((rho == math.inf)[:, None, None], _identity(v.device, v.dtype), constant(0.0, v))
+    jac = torch.where((rho == math.inf)[:, None, None], identity(3, v.device, v.dtype), constant(0.0, v))
     one, zero = constant(1.0, v).expand(rho.shape), constant(0.0, v).expand(rho.shape)
     analytic = torch.diag_embed(torch.stack([one, zero, (v[:, 2] > 0).to(v.dtype)], dim=-1))
     jac = torch.where(rho.isnan()[:, None, None], analytic, jac)
@@ -362,7 +362,7 @@ def derivative(v: torch.Tensor, dual: bool = False, roots: torch.Tensor | None =
     flat = v.reshape(-1, 3)
     rho = None if roots is None else roots.reshape(-1)
     if dual:
-        jac = _identity(v.device, v.dtype) - _primal_jacobian(-flat, rho)
+        jac = identity(3, v.device, v.dtype) - _primal_jacobian(-flat, rho)
     else:
         jac = _primal_jacobian(flat, rho)
     jac = jac.reshape(*v.shape, 3)
@@ -370,7 +370,3 @@ def derivative(v: torch.Tensor, dual: bool = False, roots: torch.Tensor | None =
     return LinearMap(apply, apply, lambda: jac)
 
 
-@made_once
-def _identity(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The (3, 3) identity, made once per device and dtype."""
-    return torch.eye(3, device=device, dtype=dtype)

@@ -51,6 +51,12 @@ def _cached(key: bytes, device: torch.device, dtype: torch.dtype) -> Tensor:
     return torch.tensor(values if key[:1] == b"t" else values[0], dtype=dtype, device=device)
 
 
+@made_once
+def identity(size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The (size, size) identity, made once per size, device and dtype."""
+    return torch.eye(size, dtype=dtype, device=device)
+
+
 def constant(value: float | tuple[float, ...], like: Tensor) -> Tensor:
     """``value`` (a number: 0-d; a tuple: 1-d) as a tensor on ``like``'s device and of its dtype,
     made once; under compilation it is made in the graph (where inductor folds it)."""

@@ -26,7 +26,7 @@ import dataclasses
 
 import torch
 
-from optlayers.engine.constants import constant, made_once
+from optlayers.engine.constants import constant, identity
 from optlayers.engine.cones.symmetric import all_finite, cholesky_or_nan
 from optlayers.host import reads_are_free
 
@@ -203,12 +203,6 @@ class ExpScaling:
         return eta.masked_fill(unusable, 0) - torch.addcmul(s, sigma_mu, self.grad)
 
 
-@made_once
-def _eye(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The 3 x 3 identity, made once per device and dtype."""
-    return torch.eye(3, dtype=dtype, device=device)
-
-
 def _dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, chol: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
     """V of the dual scaling H = mu hess + s s^T / <s, y> - mu g g^T / 3 (g = grad f*(y), sy = <s, y>),
     the BFGS update of mu hess f*(y) that makes H y = s hold off the central path too (mu hess y =
@@ -217,7 +211,7 @@ def _dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, chol: torch.Tens
     stays positive definite in floating point), written as F F^T with
     F^T = [L^-1 (I - r s y^T) / sqrt(mu); sqrt(r) y^T], L L^T = hess; V is the R of F^T = Q R."""
     r = sy.reciprocal().unsqueeze(-1)
-    eye = _eye(s.device, s.dtype)
+    eye = identity(3, s.device, s.dtype)
     lower = torch.linalg.solve_triangular(chol, eye - (r * s).unsqueeze(-1) * y.unsqueeze(-2), upper=False)
     Ft = torch.cat([lower / mu.sqrt()[..., None, None], (r.sqrt() * y).unsqueeze(-2)], -2)
     return torch.linalg.qr(Ft).R

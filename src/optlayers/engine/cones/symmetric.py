@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from optlayers.cone import psd
-from optlayers.engine.constants import constant, made_once
+from optlayers.engine.constants import constant, identity, made_once
 from optlayers.host import reads_are_free
 
 
@@ -184,19 +184,13 @@ def _psd_step_within(scale: torch.Tensor, dx: torch.Tensor, bound: torch.Tensor)
     there is at least ``bound``), the step itself for the other elements (B, count). Reads on
     the host which elements those are (where that is free)."""
     inner = psd.vec_to_mat(dx) * scale
-    shifted = torch.addcmul(_psd_eye(inner.shape[-1], inner.device, inner.dtype), bound[:, None, None, None], inner)
+    shifted = torch.addcmul(identity(inner.shape[-1], inner.device, inner.dtype), bound[:, None, None, None], inner)
     beyond = torch.linalg.cholesky_ex(shifted)[1] == 0
     short = (~beyond.all(-1).all(0)).nonzero().squeeze(-1)  # the elements whose step may be shorter
     steps = bound.unsqueeze(-1).expand(dx.shape[1:3])
     if short.numel() == 0:
         return steps
     return steps.index_put((short,), _psd_step_from(scale[short], dx[:, short]).amin(0))
-
-
-@made_once
-def _psd_eye(d: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The identity of order d, made once per order, device and dtype."""
-    return torch.eye(d, dtype=dtype, device=device)
 
 
 PSD = Jordan(product=_psd_product, divide=_psd_divide, unit=_psd_unit, max_step=_psd_step)
