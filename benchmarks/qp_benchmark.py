@@ -1,12 +1,17 @@
 """Peer benchmark of the batched QP layer: one run, the same problems, every installed solver.
 
     PYTHONPATH=src python -m benchmarks.qp_benchmark [--quick | --sweep] [--device cpu|cuda] [--dtype float64|float32|both]
-                                                     [--threads N] [--solvers a,b] [--isolate] [--out DIR]
+                                                     [--threads N] [--solvers a,b] [--isolate [--rounds R]] [--out DIR]
 
 Settings follow the OptNet paper: Figure 1 (batch 128, n ∈ {10, 50, 100, 500}, QP layer vs a linear layer),
 Figure 2 (n = 100, batch ∈ {1, 64, 128}, QP layer batched and serialized — one problem at a time — vs Gurobi,
 CPLEX and OSQP), a set with equalities and, on a GPU,
 batches up to 2048. Writes a table to stdout, ``results.json``, ``table.md`` and PNG figures under ``--out``.
+
+``--isolate`` measures each solver in a Python process of its own, one solver after another; with
+``--rounds R`` the processes stay warm and take turns (``benchmarks/interleaved.py``): R rounds per
+setting, each round every solver a few calls (``ROUND_BUDGET``), so that the machine's drift
+over the run falls on every solver alike rather than between them.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import interleaved
 from benchmarks.accuracy import Accuracy, kkt_accuracy, reference_solutions
 from benchmarks.plots import save_figures
 from benchmarks.problems import QPBatch, random_qp
@@ -35,6 +41,8 @@ ACCURACY_SAMPLE = 32
 """Accuracy is checked on the first 32 elements of each batch: the reference solver is sequential."""
 FULL_BUDGET = Budget(warmup=1, min_repeats=3, max_repeats=10, seconds=3.0)
 QUICK_BUDGET = Budget(warmup=1, min_repeats=2, max_repeats=3, seconds=0.5)
+ROUND_BUDGET = Budget(warmup=0, min_repeats=1, max_repeats=5, seconds=0.3)
+"""One solver's turn in a round of ``--rounds``: its calls are warm (the first round is preceded by one untimed call)."""
 SEED = 0
 PEER_PACKAGES = ("torch", "numpy", "qpth", "proxsuite", "qpax", "jax", "cvxpylayers", "cvxpy", "diffcp", "scs", "gurobipy", "cplex",
                  "osqp", "clarabel")
@@ -96,9 +104,14 @@ def quick_settings(dtypes: list[str], cuda: bool) -> list[Setting]:
 
 def runs_in(solver: Solver, setting: Setting) -> bool:
     """Whether ``setting`` lists ``solver``; the float64-only solvers (looping over the batch in numpy) skip float32."""
-    listed = solver.name in setting.solvers if setting.solvers is not None else solver.name != COMPILED_SOLVER
-    serial_elsewhere = solver.name == SERIAL_SOLVER and setting.figure != "fig2"
-    return listed and not serial_elsewhere and (solver.differentiable or setting.dtype == "float64")
+    return listed_in(solver.name, solver.differentiable, setting)
+
+
+def listed_in(name: str, differentiable: bool, setting: Setting) -> bool:
+    """``runs_in`` for the solver of this name (differentiable or not)."""
+    listed = name in setting.solvers if setting.solvers is not None else name != COMPILED_SOLVER
+    serial_elsewhere = name == SERIAL_SOLVER and setting.figure != "fig2"
+    return listed and not serial_elsewhere and (differentiable or setting.dtype == "float64")
 
 
 class ProblemCache:
@@ -119,21 +132,25 @@ def _leaves(qp: QPBatch) -> QPBatch:
     return qp.map(lambda t: t.clone().requires_grad_())
 
 
-def measure(solver: Solver, qp: QPBatch, budget: Budget, clock: Clock) -> dict[str, Stats]:
-    """Forward (and for layers backward and their sum) seconds per call."""
+def measure(solver: Solver, qp: QPBatch, budget: Budget, clock: Clock) -> dict[str, list[float]]:
+    """Forward (and for layers backward and their sum) seconds of each call."""
     if not solver.differentiable:
-        return {"forward": Stats.of(repeat(forward_phase(lambda: solver.solve(qp)), clock, budget)[0])}
+        return {"forward": repeat(forward_phase(lambda: solver.solve(qp)), clock, budget)[0]}
     weights = torch.randn(qp.batch, qp.n, dtype=qp.p.dtype, device=qp.p.device)
     if solver.value_and_grad is not None:  # outside torch's autograd: backward = (forward + backward) − forward
         forward = repeat(forward_phase(lambda: solver.solve(qp)), clock, budget)[0]
         total = repeat(forward_phase(lambda: solver.value_and_grad(qp, weights)), clock, budget)[0]
         backward = [max(t - statistics.median(forward), 0.0) for t in total]
-        return {"forward": Stats.of(forward), "backward": Stats.of(backward), "total": Stats.of(total)}
+        return {"forward": forward, "backward": backward, "total": total}
     leaves = _leaves(qp)
     inputs = [t for t in leaves.tensors() if t is not None]
     forward, backward = repeat(forward_backward_phases(lambda: solver.solve(leaves), inputs, weights), clock, budget)
     total = [f + b for f, b in zip(forward, backward)]
-    return {"forward": Stats.of(forward), "backward": Stats.of(backward), "total": Stats.of(total)}
+    return {"forward": forward, "backward": backward, "total": total}
+
+
+def _stats(samples: dict[str, list[float]]) -> dict[str, dict]:
+    return {phase: asdict(Stats.of(times)) for phase, times in samples.items()}
 
 
 def check(solver: Solver, qp: QPBatch, reference) -> Accuracy | None:
@@ -146,10 +163,16 @@ def check(solver: Solver, qp: QPBatch, reference) -> Accuracy | None:
     return kkt_accuracy(sample.to(torch.float64, "cpu"), z, reference)
 
 
-def run_one(solver: Solver, setting: Setting, problems: ProblemCache, device: torch.device, budget: Budget,
+def _error_note(error: Exception) -> str:
+    return f"{type(error).__name__}: {error}"[:300]
+
+
+def run_one(solver: Solver, setting: Setting, problems: ProblemCache, device: torch.device, budget: Budget | None,
             capped: bool) -> dict:
     """One row of the results: timings and accuracy, or the reason there are none (the same problems appear
-    in several figures; ``main`` measures each solver once per problem set and reuses the row)."""
+    in several figures; ``main`` measures each solver once per problem set and reuses the row). With
+    ``budget`` None the row has no timings: the solver is checked and warmed by one untimed call, for
+    ``--rounds`` to time it."""
     row = {**asdict(setting), "solver": solver.name, "device": str(device), "differentiable": solver.differentiable,
            "settings": solver.settings}
     del row["solvers"]
@@ -160,11 +183,12 @@ def run_one(solver: Solver, setting: Setting, problems: ProblemCache, device: to
     qp = qp64.to(DTYPES[setting.dtype], device)
     try:
         accuracy = check(solver, qp, reference)
-        timings = measure(solver, qp, budget, Clock(device))
+        warm = Budget(warmup=1, min_repeats=1, max_repeats=1, seconds=0.0)
+        samples = measure(solver, qp, warm if budget is None else budget, Clock(device))
     except Exception as error:  # a peer that fails is reported in its row, and the run goes on
-        return {**row, "status": "error", "note": f"{type(error).__name__}: {error}"[:300]}
-    return {**row, "status": "ok", "note": "", "timings": {k: asdict(v) for k, v in timings.items()},
-            "accuracy": None if accuracy is None else accuracy.as_dict()}
+        return {**row, "status": "error", "note": _error_note(error)}
+    timings = {} if budget is None else {"timings": _stats(samples)}
+    return {**row, "status": "ok", "note": "", **timings, "accuracy": None if accuracy is None else accuracy.as_dict()}
 
 
 def _cpu_model() -> str:
@@ -206,7 +230,8 @@ def metadata(args: argparse.Namespace, argv: list[str], missing: list[str]) -> d
         "versions": {name: _version(name) for name in PEER_PACKAGES},
         "missing": missing,
         "accuracy_sample": ACCURACY_SAMPLE,
-        "budget": asdict(QUICK_BUDGET if args.quick else FULL_BUDGET),
+        "budget": asdict(ROUND_BUDGET if args.rounds else QUICK_BUDGET if args.quick else FULL_BUDGET),
+        "rounds": args.rounds,
     }
 
 
@@ -269,6 +294,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--solvers", default=None, help="comma-separated subset, e.g. optlayers,linear (default: all)")
     parser.add_argument("--isolate", action="store_true", help="each solver in a Python process of its own, one after "
                         "another (no solver beside another's threads, compiled code or heap)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="with --isolate: keep every solver's process warm and time them in turn, R rounds per "
+                        "setting in a rotating order (benchmarks/interleaved.py)")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a --rounds worker (one solver)
     parser.add_argument("--figures", default=None,
                         help=f"comma-separated subset of the settings' figures, of {', '.join(FIGURES)} (default: all)")
     parser.add_argument("--out", type=Path, default=Path("runs/benchmark"), help="output folder (default: runs/benchmark)")
@@ -277,6 +306,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         unknown = sorted(set(args.solvers.split(",")) - set(SOLVER_NAMES))
         if unknown:
             parser.error(f"--solvers: unknown {unknown}; choose from {', '.join(SOLVER_NAMES)}")
+    if args.rounds is not None and (args.rounds < 1 or not args.isolate):
+        parser.error(f"--rounds: needs --isolate and a count of at least 1, got {args.rounds}"
+                     + ("" if args.isolate else " without --isolate"))
+    if args.serve and (args.solvers is None or "," in args.solvers):
+        parser.error("--serve: a worker serves exactly one solver (--solvers NAME)")
     if args.figures is not None:
         args.figures = args.figures.split(",")
         unknown = sorted(set(args.figures) - set(FIGURES))
@@ -302,27 +336,109 @@ def measured_rows(args: argparse.Namespace, settings: list[Setting], solvers: li
     return rows
 
 
+def _child_flags(args: argparse.Namespace) -> list[str]:
+    """The flags a child process of ``--isolate`` is started with (its solver and output added by the caller)."""
+    flags = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+    flags += ["--quick"] * args.quick + ["--sweep"] * args.sweep + ["--no-caps"] * args.no_caps
+    return flags + (["--figures", ",".join(args.figures)] if args.figures else [])
+
+
+def _in_order(rows: list[dict], settings: list[Setting], names: list[str]) -> list[dict]:
+    """``rows`` in the order of a run in one process: by setting, then by solver."""
+    place = {(s.figure, s.batch, s.n, s.n_ineq, s.n_eq, s.dtype): i for i, s in enumerate(settings)}
+    rank = {name: i for i, name in enumerate(names)}
+    return sorted(rows, key=lambda r: (place[r["figure"], r["batch"], r["n"], r["n_ineq"], r["n_eq"], r["dtype"]],
+                                       rank[r["solver"]]))
+
+
+class _Server:
+    """A ``--serve`` worker's answers (``benchmarks/interleaved.py``): its one solver, checked and
+    warmed per setting ("prepare"), then timed for one round at a time ("round")."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        solvers, self.missing = available_solvers(args.solvers.split(","), args.threads)
+        self.solver = solvers[0] if solvers else None
+        self.device = torch.device(args.device)
+        self.capped = not (args.quick or args.no_caps)
+        self.problems = ProblemCache()
+
+    def __call__(self, request: dict) -> dict:
+        if request["ask"] == "hello":
+            return {"missing": self.missing, "differentiable": None if self.solver is None else self.solver.differentiable}
+        setting = Setting(**{**request["setting"], "solvers": tuple(request["setting"]["solvers"] or ()) or None})
+        if request["ask"] == "prepare":
+            return run_one(self.solver, setting, self.problems, self.device, None, self.capped)
+        qp = self.problems.get(setting)[0].to(DTYPES[setting.dtype], self.device)
+        try:
+            return {"samples": measure(self.solver, qp, ROUND_BUDGET, Clock(self.device))}
+        except Exception as error:  # reported in the solver's row; the run goes on
+            return {"error": _error_note(error)}
+
+
+def interleaved_rows(args: argparse.Namespace, settings: list[Setting]) -> tuple[list[dict], list[str]]:
+    """``--isolate --rounds R``: one warm worker process per solver (this module with ``--serve``);
+    per setting, each solver checked and warmed, then timed in R rounds whose order rotates
+    (``interleaved.rotations``). Returns the rows in the order of a run in one process (their
+    ``repeats``: all the round's calls together), and the lines of the solvers that did not import."""
+    names = args.solvers.split(",") if args.solvers else list(SOLVER_NAMES)
+    workers, missing, kinds = {}, [], {}
+    for name in names:
+        worker = interleaved.Worker(name, ["-m", "benchmarks.qp_benchmark", *_child_flags(args), "--solvers", name,
+                                           "--serve"])
+        hello = worker.ask({"ask": "hello"})
+        missing += hello["missing"]
+        if hello["differentiable"] is None:
+            worker.close()
+            continue
+        workers[name] = worker
+        kinds[name] = hello["differentiable"]
+    rows, measured = [], {}
+    try:
+        for setting in settings:
+            key = (setting.batch, setting.n, setting.n_ineq, setting.n_eq, setting.dtype)
+            here = [name for name in workers if listed_in(name, kinds[name], setting)]
+            for name in here:
+                if (name, key) not in measured:
+                    measured[name, key] = workers[name].ask({"ask": "prepare", "setting": asdict(setting)})
+            timed = [name for name in here if measured[name, key]["status"] == "ok" and "timings" not in measured[name, key]]
+            samples: dict[str, dict[str, list[float]]] = {name: {} for name in timed}
+            for _, order in interleaved.rotations(timed, args.rounds):
+                for name in order:
+                    if measured[name, key]["status"] != "ok":
+                        continue
+                    answer = workers[name].ask({"ask": "round", "setting": asdict(setting)})
+                    if "error" in answer:
+                        measured[name, key] = {**measured[name, key], "status": "error", "note": answer["error"]}
+                        continue
+                    for phase, times in answer["samples"].items():
+                        samples[name].setdefault(phase, []).extend(times)
+            for name in timed:
+                if measured[name, key]["status"] == "ok":
+                    measured[name, key] = {**measured[name, key], "timings": _stats(samples[name]), "rounds": args.rounds}
+            for name in here:
+                rows.append({**measured[name, key], "figure": setting.figure})
+                print(text_table(rows[-1:]).splitlines()[1], flush=True)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return _in_order(rows, settings, names), missing
+
+
 def isolated_rows(args: argparse.Namespace, settings: list[Setting]) -> tuple[list[dict], list[str]]:
     """``--isolate``: each solver measured by a Python process of its own (this module with
     ``--solvers NAME``), one after another, so that none runs beside another's threads (JAX's
     pool), compiled code or heap. Returns the rows in the order of a run in one process, and the
     lines of the solvers that did not import."""
     names = args.solvers.split(",") if args.solvers else list(SOLVER_NAMES)
-    flags = ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
-    flags += ["--quick"] * args.quick + ["--sweep"] * args.sweep + ["--no-caps"] * args.no_caps
-    flags += ["--figures", ",".join(args.figures)] if args.figures else []
     rows, missing = [], []
     for name in names:
         out = args.out / "isolated" / name
-        subprocess.run([sys.executable, "-m", "benchmarks.qp_benchmark", *flags, "--solvers", name, "--out", str(out)],
-                       check=True)
+        subprocess.run([sys.executable, "-m", "benchmarks.qp_benchmark", *_child_flags(args), "--solvers", name,
+                        "--out", str(out)], check=True)
         child = json.loads((out / "results.json").read_text())
         rows += child["results"]
         missing += child["meta"]["missing"]
-    place = {(s.figure, s.batch, s.n, s.n_ineq, s.n_eq, s.dtype): i for i, s in enumerate(settings)}
-    rank = {name: i for i, name in enumerate(names)}
-    rows.sort(key=lambda r: (place[r["figure"], r["batch"], r["n"], r["n_ineq"], r["n_eq"], r["dtype"]], rank[r["solver"]]))
-    return rows, missing
+    return _in_order(rows, settings, names), missing
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -334,6 +450,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
     if args.threads != torch.get_num_threads():  # torch.set_num_threads also breaks batched LU with more than
         torch.set_num_threads(args.threads)  # one thread on MKL builds (pytorch/pytorch#142815): only when asked
+    if args.serve:
+        interleaved.serve(_Server(args))
+        return {}
     dtypes = list(DTYPES) if args.dtype == "both" else [args.dtype]
     cuda = device.type == "cuda"
     if args.sweep:
@@ -344,7 +463,7 @@ def main(argv: list[str] | None = None) -> dict:
         settings = [s for s in settings if s.figure in args.figures]
     if args.isolate:
         meta = metadata(args, argv, [])
-        rows, meta["missing"] = isolated_rows(args, settings)
+        rows, meta["missing"] = (interleaved_rows if args.rounds else isolated_rows)(args, settings)
     else:
         solvers, missing = available_solvers(args.solvers.split(",") if args.solvers else None, args.threads)
         for line in missing:

@@ -1,12 +1,15 @@
 """The peer benchmark runs end to end on tiny problems (optlayers and the linear layer only)."""
 from __future__ import annotations
 
+import io
 import json
+from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from benchmarks import qp_benchmark
+from benchmarks import interleaved, qp_benchmark
 
 FLOAT64_ACCURACY = 1e-6
 PHASES = ("forward", "backward", "total")
@@ -76,6 +79,57 @@ def test_isolate_measures_each_solver_in_its_own_process_in_the_usual_order(tmp_
     for name in ("optlayers", "linear"):  # each child measured its solver alone
         child = json.loads((tmp_path / "isolated" / "isolated" / name / "results.json").read_text())
         assert {r["solver"] for r in child["results"]} == {name}
+
+
+def test_rounds_time_every_solver_in_turns_in_warm_processes(tmp_path):
+    argv = ["--quick", "--threads", "1", "--dtype", "float64", "--solvers", "optlayers,linear", "--figures", "fig1"]
+    together = qp_benchmark.main([*argv, "--out", str(tmp_path / "together")])
+    rounds = qp_benchmark.main([*argv, "--isolate", "--rounds", "2", "--out", str(tmp_path / "rounds")])
+    key = lambda row: (row["figure"], row["batch"], row["n"], row["n_eq"], row["solver"])  # noqa: E731
+    assert [key(r) for r in rounds["results"]] == [key(r) for r in together["results"]]
+    assert rounds["meta"]["rounds"] == 2 and rounds["meta"]["budget"] == asdict(qp_benchmark.ROUND_BUDGET)
+    for row in rounds["results"]:
+        assert row["status"] == "ok" and row["rounds"] == 2
+        timings = row["timings"]
+        assert set(timings) == set(PHASES)
+        assert 2 <= timings["total"]["repeats"] <= 2 * qp_benchmark.ROUND_BUDGET.max_repeats
+        assert 0 < timings["total"]["min"] <= timings["total"]["median"] <= timings["total"]["max"]
+        if row["solver"] == "optlayers":
+            assert row["accuracy"]["distance"] < FLOAT64_ACCURACY
+
+
+@pytest.mark.parametrize("argv", [["--rounds", "2"], ["--isolate", "--rounds", "0"]])
+def test_rounds_need_isolate_and_a_positive_count(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        qp_benchmark.main(["--quick", *argv, "--out", str(tmp_path)])
+    assert "--rounds: needs --isolate" in capsys.readouterr().err
+
+
+def test_rotations_put_every_solver_in_every_place_equally_often():
+    names = ["a", "b", "c"]
+    orders = [order for _, order in interleaved.rotations(names, 6)]
+    assert all(sorted(order) == names for order in orders)
+    for place in range(3):
+        assert Counter(order[place] for order in orders) == {"a": 2, "b": 2, "c": 2}
+    with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
+        list(interleaved.rotations(names, 0))
+
+
+def test_serve_answers_each_line_and_keeps_prints_off_the_protocol(capsys):
+    def answer(request):
+        print("chatter")
+        return {"twice": 2 * request["x"]}
+
+    stdin, protocol = io.StringIO('{"x": 1}\n\n{"x": 4}\n'), io.StringIO()
+    interleaved.serve(answer, stdin, protocol)
+    assert [json.loads(line) for line in protocol.getvalue().splitlines()] == [{"twice": 2}, {"twice": 8}]
+    assert capsys.readouterr().err.count("chatter") == 2
+
+
+def test_a_worker_that_dies_is_named():
+    worker = interleaved.Worker("quitter", ["-c", "import sys; sys.exit(3)"])
+    with pytest.raises(RuntimeError, match="worker 'quitter' exited \\(status 3\\)"):
+        worker.ask({"ask": "hello"})
 
 
 def test_unknown_solver_is_refused(tmp_path, capsys):

@@ -1,0 +1,77 @@
+"""Solvers measured in turn, each in a warm process of its own.
+
+A machine shared with other work drifts by tens of percent over minutes. A benchmark that
+measures one solver after another lets that drift fall between the solvers, and so into their
+ratio. Here every solver keeps a worker process (no solver beside another's threads, compiled
+code or heap), and the measurements are taken in rounds: in each round every worker measures
+every setting briefly, one worker at a time, in an order that rotates from round to round, so
+that each solver samples the same stretch of the machine's time. A waiting worker blocks on its
+pipe.
+
+The protocol is one JSON object per line: the parent writes a request to a worker's stdin, the
+worker answers with one line on its stdout (anything else it prints goes to stderr).
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+
+
+def rotations(names: Sequence[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
+    """(round, the names in that round's order): round r starts at name r mod len(names), so each
+    solver goes first, second, ... equally often over len(names) rounds."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    for r in range(rounds):
+        shift = r % len(names) if names else 0
+        yield r, list(names[shift:]) + list(names[:shift])
+
+
+class Worker:
+    """A child process that answers one JSON line for each JSON line it is sent."""
+
+    def __init__(self, name: str, argv: list[str]) -> None:
+        self.name = name
+        self._process = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         text=True, bufsize=1)
+
+    def ask(self, request: dict) -> dict:
+        """Send ``request`` and wait for the answer; a worker that dies or answers garbage fails loudly."""
+        assert self._process.stdin is not None and self._process.stdout is not None
+        try:
+            self._process.stdin.write(json.dumps(request) + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:  # it has already exited: said below
+            pass
+        line = self._process.stdout.readline()
+        if not line:
+            code = self._process.wait()
+            raise RuntimeError(f"benchmark worker {self.name!r} exited (status {code}) before answering {request}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        """End the worker (end of its input) and wait for it."""
+        if self._process.stdin is not None:
+            self._process.stdin.close()
+        code = self._process.wait()
+        if code != 0:
+            raise RuntimeError(f"benchmark worker {self.name!r} ended with status {code}")
+
+
+def serve(answer: Callable[[dict], dict], stdin=None, stdout=None) -> None:
+    """The worker's side: answer each JSON line of ``stdin`` (default sys.stdin) with ``answer``'s
+    JSON line on ``stdout``. Everything else the worker prints is sent to stderr, so that the
+    protocol's stream carries answers only."""
+    stdin = sys.stdin if stdin is None else stdin
+    printed = sys.stdout
+    protocol = printed if stdout is None else stdout
+    sys.stdout = sys.stderr
+    try:
+        for line in stdin:
+            if line.strip():
+                protocol.write(json.dumps(answer(json.loads(line))) + "\n")
+                protocol.flush()
+    finally:
+        sys.stdout = printed
