@@ -14,6 +14,7 @@ worker answers with one line on its stdout (anything else it prints goes to stde
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -62,11 +63,17 @@ class Worker:
 
 def serve(answer: Callable[[dict], dict], stdin=None, stdout=None) -> None:
     """The worker's side: answer each JSON line of ``stdin`` (default sys.stdin) with ``answer``'s
-    JSON line on ``stdout``. Everything else the worker prints is sent to stderr, so that the
-    protocol's stream carries answers only."""
+    JSON line on ``stdout`` (default: the process's standard output). Everything else the worker
+    prints goes to stderr, so that the protocol's stream carries answers only; with the default
+    stream that holds for libraries writing to file descriptor 1 from C as well."""
     stdin = sys.stdin if stdin is None else stdin
     printed = sys.stdout
-    protocol = printed if stdout is None else stdout
+    if stdout is None:
+        sys.stdout.flush()
+        protocol = os.fdopen(os.dup(1), "w")
+        os.dup2(2, 1)
+    else:
+        protocol = stdout
     sys.stdout = sys.stderr
     try:
         for line in stdin:
