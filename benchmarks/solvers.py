@@ -5,6 +5,8 @@ line for each that does not.
 """
 from __future__ import annotations
 
+import importlib
+
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -159,7 +161,7 @@ class _CvxpyLayers:
 
 
 def _cvxpylayers() -> Solver:
-    import cvxpylayers.torch  # noqa: F401  (fail here, not at the first call, when missing)
+    importlib.import_module("cvxpylayers.torch")  # fail here, not at the first call, when missing
 
     return Solver("cvxpylayers", _CvxpyLayers(), True, "CvxpyLayer defaults (diffcp + SCS), Q through its Cholesky factor",
                   max_batch=CVXPYLAYERS_MAX_BATCH, cap_reason=f"batch ≤ {CVXPYLAYERS_MAX_BATCH} in the default run")
