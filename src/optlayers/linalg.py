@@ -51,6 +51,15 @@ def add_product(c: Tensor, a: Tensor, b: Tensor, beta: float = 1.0, alpha: float
     return torch.add(c if beta == 1 else c * beta, product(a, b), alpha=alpha)
 
 
+def add_product_(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """c += a @ b in place, for (B, r, d) c, (B, r, k) a and (B, k, d) b, and c returned: the same
+    values as ``add_product(c, a, b)`` (the same product, accumulated into the same sum) without
+    copying c into a fresh tensor first; elementwise where ``elementwise`` says so."""
+    if not elementwise(a, b):
+        return c.baddbmm_(a, b)
+    return c.add_(product(a, b))
+
+
 def mv(M: Tensor, v: Tensor) -> Tensor:
     """Batched matrix-vector product M v: (B, r, c) or shared (r, c), with (B, c) -> (B, r)."""
     return product(v.unsqueeze(-2), M.mT).squeeze(-2)

@@ -243,6 +243,32 @@ def test_solve_with_negated_rx_gives_the_same_bits():
         assert all(torch.equal(a, b) for a, b in zip(plain, folded)), (m, with_v)
 
 
+
+@pytest.mark.parametrize("traced", [False, True])
+def test_factorising_into_a_handed_over_q_gives_the_same_bits_and_leaves_a_kept_q_alone(traced):
+    """factor_kkt(overwrite_q=True) accumulates H = Q + GᵀW⁻¹G into Q itself: the same factor bit
+    for bit as into a copy (eagerly torch's product, traced at n = 7 the elementwise one); without
+    it Q is left as it was."""
+    gen = torch.Generator().manual_seed(6)
+    B, n, m, k = 5, 7, 2, 9
+    M = torch.randn(B, n, n, generator=gen, dtype=torch.float64)
+    Q, G = M @ M.mT, torch.randn(B, k, n, generator=gen, dtype=torch.float64)
+    A = torch.randn(B, m, n, generator=gen, dtype=torch.float64)
+    w_inv = torch.rand(B, k, generator=gen, dtype=torch.float64) + 0.1
+    reg = torch.full((B,), 1e-9, dtype=torch.float64)
+
+    def factors(Q, overwrite_q):
+        f = kkt.factor_kkt(Q, A, G, w_inv, reg, reg, retries=0, overwrite_q=overwrite_q)
+        return f.H, f.chol_h, f.chol_s, f.Y
+
+    run = torch.compile(factors, backend="eager", fullgraph=True, dynamic=False) if traced else factors
+    kept = Q.clone()
+    plain = run(kept, False)
+    assert torch.equal(kept, Q)
+    handed = Q.clone()
+    overwritten = run(handed, True)
+    assert all(torch.equal(a, b) for a, b in zip(plain, overwritten))
+    assert torch.equal(handed, plain[0])  # H was formed in Q's storage
 @pytest.mark.parametrize("accelerator", [False, True])
 def test_inf_norm_is_the_largest_magnitude_nan_included(accelerator):
     """``linalg.inf_norm`` (the residuals' and certificates' norms): abs().amax() on the CPU's own

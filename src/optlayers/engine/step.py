@@ -207,18 +207,22 @@ def _merit_step(dw: Tensor, b4: Tensor, alpha: Tensor, res, factors: Tensor) -> 
 
 
 def factor_at(H: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tensor, rules: StepRules,
-              stiff: bool | Tensor = False, retries: int = 0, diagonal: bool = False, check_finite: bool = True) -> KKTFactor:
+              stiff: bool | Tensor = False, retries: int = 0, diagonal: bool = False, check_finite: bool = True,
+              overwrite_h: bool = False) -> KKTFactor:
     """The KKT factorisation at (λ, s) of the nonnegative rows G, with H = Q (plus the other
     cones' folded scalings); ``stiff``: keep the near-active inequalities (``STIFF_W_INV``) out
     of H for every problem (True), for none (False), or for those of a (B,) mask; ``diagonal``:
-    H is diagonal (``QPData.diagonal``); ``check_finite`` as in ``kkt.factor_kkt``."""
+    H is diagonal (``QPData.diagonal``); ``check_finite`` as in ``kkt.factor_kkt``;
+    ``overwrite_h``: H is the caller's own scratch, which the factorisation may overwrite
+    (``kkt.factor_kkt``'s ``overwrite_q``)."""
     w_inv = lam / torch.add(s, lam, alpha=rules.ineq_reg)
     mask = None
     if isinstance(stiff, Tensor):
         mask = (w_inv > STIFF_W_INV) & stiff.unsqueeze(-1)
     elif stiff:
         mask = w_inv > STIFF_W_INV
-    return factor_kkt(H, A, G, w_inv, reg, reg, stiff=mask, retries=retries, diagonal=diagonal, check_finite=check_finite)
+    return factor_kkt(H, A, G, w_inv, reg, reg, stiff=mask, retries=retries, diagonal=diagonal, check_finite=check_finite,
+                      overwrite_q=overwrite_h)
 
 
 def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backtrack: Tensor | None, rules: StepRules,
@@ -266,8 +270,9 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         V = cone_parts.block_diagonal(blocks, parts, rows.A.shape[-1], rows.workspace)
         G_k = cone_parts.scaled_rows(rows.A, V)
         H = cone_parts.normal_matrix(data.Q if rows.quadratic else None, G_k)
+    # with cone rows H is the step's own (``normal_matrix``), and the nonnegative rows are added into it in place
     f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
-                  diagonal=data.diagonal, check_finite=check_finite)
+                  diagonal=data.diagonal, check_finite=check_finite, overwrite_h=bool(parts))
     lam, s, w = st.lam, st.s, st.lam_s
     minus_s_lam = torch.addcmul(constant(0.0, s), lam, s, value=-1)  # the predictor's b4 −s∘λ, in one kernel
     # −r_d, or r_d where the nonnegative rows' solve folds the negation in (``negated_rx``); −r_e (None: no rows, no arithmetic)

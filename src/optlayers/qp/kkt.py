@@ -42,7 +42,7 @@ from torch import Tensor
 
 from optlayers.engine.constants import constant, made_once
 from optlayers.host import host_read, reads_are_free
-from optlayers.linalg import add_mtv, add_mv, add_product, mtv, mv, product
+from optlayers.linalg import add_mtv, add_mv, add_product, add_product_, mtv, mv, product
 
 
 INVERTED_MAX_N = 12
@@ -158,6 +158,7 @@ def diagonal_h(Q: Tensor, G: Tensor) -> Tensor:
 def factor_kkt(
     Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delta: Tensor, stiff: Tensor | None = None,
     unit_weights: bool = False, retries: int = MAX_FACTOR_RETRIES, diagonal: bool = False, check_finite: bool = True,
+    overwrite_q: bool = False,
 ) -> KKTFactor:
     """Factorise H and S for every problem of the batch.
 
@@ -176,6 +177,9 @@ def factor_kkt(
         check_finite: ``ok`` also requires finite factors (four kernels per factor). Without it a
             factor with NaN can be reported ok; a caller that tests its solutions' finiteness
             anyway (the QP's iteration) saves the kernels.
+        overwrite_q: the caller hands Q over (a matrix it made for this factorisation and reads no
+            more, as the cone step's H): H is accumulated into it in place instead of into a copy
+            (the same values). Never for a Q the caller keeps, such as a program's own.
     """
     m = A.shape[-2]
     if unit_weights and stiff is not None:
@@ -194,7 +198,7 @@ def factor_kkt(
         H = torch.diagonal(Q, dim1=-2, dim2=-1) + mtv(G, w_inv_soft * G.sum(-1))
     else:
         weighted = G.mT if unit_weights else G.mT * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
-        H = add_product(Q, weighted, G)
+        H = add_product_(Q, weighted, G) if overwrite_q else add_product(Q, weighted, G)
         H_diagonal = H.diagonal(dim1=-2, dim2=-1)
     rows = C.shape[-2]
     order = None if stiff is None else _coupled_rows(stiff, m)
