@@ -221,3 +221,28 @@ def test_block_diagonal_scalings_dense_only_where_small_and_both_forms_agree():
     kept = cone_parts.block_diagonal(blocks, parts, 41, workspace)
     assert kept.dense is workspace
     torch.testing.assert_close(kept.dense, dense, rtol=0, atol=0)
+
+
+def test_the_steps_workspace_takes_its_products_with_the_same_bits():
+    """The step's kept buffers (``StepWorkspace``): V A and Q + (V A)ᵀ(V A) written into them are
+    the fresh products bit for bit, for a working batch of the first elements too; none where V
+    has no dense form."""
+    from optlayers.engine import cones as cone_parts
+
+    g = torch.Generator().manual_seed(1)
+    parts = [cone_parts.Part("soc", 0, 2, 5, 1), cone_parts.Part("exp", 10, 3, 3, 3)]  # m_K = 19
+    like = torch.zeros((), dtype=torch.float64)
+    many = [cone_parts.Part("exp", 0, 54, 3, 3)]  # m_K = 162 > 4 n and > 128: no dense form
+    assert cone_parts.step_workspace(many, 4, 40, like) is None and cone_parts.step_workspace((), 4, 9, like) is None
+    kept = cone_parts.step_workspace(parts, 4, 9, like).first(3)
+    assert (kept.V.shape, kept.G.shape, kept.H.shape) == ((3, 19, 19), (3, 19, 9), (3, 9, 9))
+    blocks = [torch.randn(3, p.count, p.size, p.size, dtype=torch.float64, generator=g) for p in parts]
+    A = torch.randn(3, 19, 9, dtype=torch.float64, generator=g)
+    Q = torch.randn(3, 9, 9, dtype=torch.float64, generator=g)
+    fresh = cone_parts.block_diagonal(blocks, parts, 9)
+    V = cone_parts.block_diagonal(blocks, parts, 9, kept.V)
+    G = cone_parts.scaled_rows(A, V, kept.G)
+    assert G.data_ptr() == kept.G.data_ptr() and torch.equal(G, cone_parts.scaled_rows(A, fresh))
+    for P in (None, Q):
+        H = cone_parts.normal_matrix(P, G, kept.H)
+        assert H.data_ptr() == kept.H.data_ptr() and torch.equal(H, cone_parts.normal_matrix(P, G))

@@ -96,14 +96,14 @@ class StepRules:
 @dataclass(frozen=True)
 class ConeRows:
     """The rows of the cones other than the nonnegative one: A_K (B, m_K, n), b_K (B, m_K), and
-    optionally a workspace (``cones.scaling_workspace``) that each step writes its scalings'
-    block-diagonal matrix into (None: a fresh one per step). ``quadratic`` False: the program's
+    optionally a workspace (``cones.StepWorkspace``) that each step writes its scalings'
+    block-diagonal matrix, the scaled rows and H into (None: fresh ones per step). ``quadratic`` False: the program's
     Q is zero, and is neither added to H (H = A_Kᵀ VᵀV A_K is formed by one product instead of
     added to a zero matrix) nor multiplied by the step (``Step.q_dx`` is None)."""
 
     A: Tensor
     b: Tensor
-    workspace: Tensor | None = None
+    workspace: cone_parts.StepWorkspace | None = None
     quadratic: bool = True
 
 
@@ -267,9 +267,10 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         s_parts, y_parts = [cone_parts.piece(st.s_k, part) for part in parts], [cone_parts.piece(st.y_k, part) for part in parts]
         scalings = [cone_parts.scaling(part, s, y, mu.expand(batch, part.count)) for part, s, y in zip(parts, s_parts, y_parts)]
         blocks = [sc.V for sc in scalings]
-        V = cone_parts.block_diagonal(blocks, parts, rows.A.shape[-1], rows.workspace)
-        G_k = cone_parts.scaled_rows(rows.A, V)
-        H = cone_parts.normal_matrix(data.Q if rows.quadratic else None, G_k)
+        kept = rows.workspace
+        V = cone_parts.block_diagonal(blocks, parts, rows.A.shape[-1], kept and kept.V)
+        G_k = cone_parts.scaled_rows(rows.A, V, kept and kept.G)
+        H = cone_parts.normal_matrix(data.Q if rows.quadratic else None, G_k, kept and kept.H)
     # with cone rows H is the step's own (``normal_matrix``), and the nonnegative rows are added into it in place
     f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
                   diagonal=data.diagonal, check_finite=check_finite, overwrite_h=bool(parts))

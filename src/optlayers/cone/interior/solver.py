@@ -182,18 +182,19 @@ class _Program:
     ones, as the residuals read them; the engine's rows are views of them (``split``), so that
     dropping finished elements from the working batch copies A once (and no zero P: ``Q`` is
     one zero matrix read B times). ``zero`` and ``nonneg`` count the zero-cone and nonnegative
-    rows (the first rows, in SCS order). ``workspace``: () or the step's block-diagonal scaling
-    matrix for the whole batch (``cone_parts.scaling_workspace``), zero outside its blocks, kept
-    over the iterations so that each writes only its blocks (a fresh zero-filled one per
-    iteration was the most written tensor of the step); a tuple, so that the loop's ``take``
-    (which indexes tensor fields) leaves it whole: a working batch of B' elements takes its
-    first B' matrices."""
+    rows (the first rows, in SCS order). ``workspace``: () or the step's buffers for the whole
+    batch (``cone_parts.StepWorkspace``: the block-diagonal scaling matrix, zero outside its
+    blocks, so that each iteration writes only its blocks, where a fresh zero-filled one per
+    iteration was the most written tensor of the step; the scaled rows and H, so that their pages
+    are not handed back and faulted in again), kept over the iterations; a tuple, so that the
+    loop's ``take`` (which indexes tensor fields) leaves it whole: a working batch of B' elements
+    takes its first B' matrices."""
 
     P: torch.Tensor | None
     c: torch.Tensor
     A: torch.Tensor
     b: torch.Tensor
-    workspace: tuple[torch.Tensor, ...]
+    workspace: tuple[cone_parts.StepWorkspace, ...]
     zero: int
     nonneg: int
 
@@ -213,7 +214,7 @@ class _Program:
         """The engine's form: zero-cone rows as equalities, nonnegative rows as its diagonal rows,
         the others as cone rows."""
         A, b, z, k = self.A, self.b, self.zero, self.zero + self.nonneg
-        workspace = self.workspace[0][:len(A)] if self.workspace else None
+        workspace = self.workspace[0].first(len(A)) if self.workspace else None
         return (QPData(self.Q, self.c, A[:, :z], b[:, :z], A[:, z:k], b[:, z:k]),
                 ConeRows(A[:, k:], b[:, k:], workspace, self.quadratic))
 
@@ -228,8 +229,8 @@ def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
            parts: tuple[cone_parts.Part, ...], workspace: bool = True) -> tuple[_Program, tuple[cone_parts.Part, ...]]:
     """The program with the dual exponential rows mapped to primal ones, and the parts of the cone
     rows other than the nonnegative ones, counted from the first of them; with ``workspace``, the
-    step's scaling matrix kept over the iterations (``_Program``; a compiled loop's body may not
-    write into its inputs, and makes it in each step instead)."""
+    step's buffers kept over the iterations (``_Program``; a compiled loop's body may not write
+    into its inputs, and makes them in each step instead)."""
     batch, _, n = A.shape
     if any(part.dual for part in parts):
         T = cone_parts.device_constant(exp_module.DUAL_TO_PRIMAL, A)
@@ -239,7 +240,7 @@ def _setup(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
             A[:, rows] = (T @ cone_parts.piece(A[:, spec.zero:], part)).reshape(batch, -1, n)
             b[:, rows] = (cone_parts.piece(b[:, spec.zero:], part) @ T.mT).reshape(batch, -1)
     step_parts = tuple(dataclasses.replace(part, start=part.start - spec.nonneg) for part in parts if part.kind != "nonneg")
-    kept = cone_parts.scaling_workspace(step_parts, batch, n, A) if workspace else None
+    kept = cone_parts.step_workspace(step_parts, batch, n, A) if workspace else None
     return _Program(P, c, A, b, () if kept is None else (kept,), spec.zero, spec.nonneg), step_parts
 
 
