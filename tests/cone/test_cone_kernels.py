@@ -33,7 +33,8 @@ MAX_EXP_DERIVATIVE_KERNELS = 70
 MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # Kernels per iteration of the cone interior point method on those programs, on the accelerators'
 # schedule (every exponential cone's dual scaling and every step trial formed: the count a GPU
-# launches), counted after a warm-up solve (the cones' cached constants): 482 measured with the zero Q of a
+# launches), counted after a warm-up solve (the cones' cached constants): 480 measured with the PSD scaling's
+# W and W⁻¹ by one congruence product each way (482 before that), with the zero Q of a
 # program without P left out of H and of Q dx (483 before that, 484 counted before kernels.py warmed
 # the constants up, with the scaled rows
 # G = V A_K by one product with the scalings' block-diagonal matrix and the residuals' norms by one
@@ -52,7 +53,7 @@ MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # fusions; 980 with the nonnegative rows as the KKT system's diagonal rows, 1,007 with them among
 # the scaled cone rows; 1,109 before the directions passed over A_K twice instead of over G and A_K
 # three times and the nonnegative and second-order step tests measured from s and y)))).
-MAX_CONE_KERNELS_PER_ITERATION = 489
+MAX_CONE_KERNELS_PER_ITERATION = 487
 # The Newton refinement (and the KKT check after it) on those programs at batch 8, counted as the forward's
 # kernels with refine_steps=6 less those with 0: 1,033 measured (1,844 before its exponential root solves
 # started from guesses, the derivatives took the projections' regions with their roots, h's coefficients

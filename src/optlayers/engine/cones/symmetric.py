@@ -285,8 +285,8 @@ def psd_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     R_inv = root.unsqueeze(-1) * u.mT @ chol_y.mT  # L_y^T L_s = U S V^T gives R = L_y^-T U S^1/2: no inverse
     basis = _svec_basis(s.shape[-1], s.device, s.dtype)  # rows vec(E_i)
     lam = sing @ _svec_diagonal(s.shape[-1], s.device, s.dtype)[1]  # svec of diag(sing)
-    return NTScaling(_congruence(R, basis), _congruence(R_inv, basis), lam, PSD,
-                     (root.unsqueeze(-1) * root.unsqueeze(-2),))
+    W, W_inv = _congruence(torch.stack([R, R_inv]), basis).unbind(0)  # both by one product each way
+    return NTScaling(W, W_inv, lam, PSD, (root.unsqueeze(-1) * root.unsqueeze(-2),))
 
 
 def _congruence(R: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
