@@ -214,22 +214,24 @@ def test_derivatives_at_the_refined_w_match_those_at_y_minus_s():
 
 
 @pytest.mark.parametrize("quadratic", [False, True])
-def test_dense_residual_derivative_matches_its_products(quadratic):
-    """M's dense form (written block by block into one column-major buffer, D in place) is the
-    matrix of its matvec and rmatvec, for a batch-shared and a batched A, and for the elements
-    picked by an index; the product cone's D written into a block of a larger tensor, or broadcast
-    over a batch, is its dense()."""
+@pytest.mark.parametrize("spec", [ALL_CONES, ConeSpec(zero=2, nonneg=4), ConeSpec(soc=[3], exp=1, psd=[2])],
+                         ids=["all", "diagonal", "no-diagonal-lead"])
+def test_dense_residual_derivative_matches_its_products(quadratic, spec):
+    """M's dense form (written block by block into one column-major buffer, D in place, A^T D on
+    D's diagonal lead as scaled columns) is the matrix of its matvec and rmatvec, for a
+    batch-shared and a batched A, and for the elements picked by an index; the product cone's D
+    written into a block of a larger tensor, or broadcast over a batch, is its dense()."""
     from optlayers.cone import embedding, product
 
     gen = torch.Generator().manual_seed(3)
-    m, n, batch = ALL_CONES.size, 5, 3
+    m, n, batch = spec.size, 5, 3
     A = torch.randn(batch, m, n, dtype=torch.float64, generator=gen)
     P = None
     if quadratic:
         root = torch.randn(batch, n, n, dtype=torch.float64, generator=gen)
         P = root @ root.mT
     v = torch.randn(batch, m, dtype=torch.float64, generator=gen)
-    D = product.derivative(ALL_CONES, v, dual=True)
+    D = product.derivative(spec, v, dual=True)
     eye = torch.eye(n + m, dtype=torch.float64).expand(batch, n + m, n + m)
     for shared in (False, True):
         M = embedding.ResidualDerivative(A[0] if shared else A, P, D)
@@ -242,6 +244,6 @@ def test_dense_residual_derivative_matches_its_products(quadratic):
     big = torch.full((batch, m + 2, m + 2), 7.0, dtype=torch.float64).mT
     D.write_dense(big[:, 1:-1, 1:-1])
     assert torch.equal(big[:, 1:-1, 1:-1], D.dense()) and (big[:, 0] == 7).all() and (big[:, -1] == 7).all()
-    one = product.derivative(ALL_CONES, v[:1], dual=True)
+    one = product.derivative(spec, v[:1], dual=True)
     torch.testing.assert_close(one.write_dense(torch.empty(batch, m, m, dtype=torch.float64)),
                                one.dense().expand(batch, m, m), rtol=0, atol=0)

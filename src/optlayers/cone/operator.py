@@ -21,6 +21,9 @@ class LinearMap:
     # of that shape (or one its batch broadcasts to), such as a block of a larger matrix, and
     # returns it (no tensor of its own).
     write_dense: Callable[..., torch.Tensor] | None = None
+    # The map is diagonal on its first ``diagonal_lead`` coordinates: its matrix is block diagonal
+    # with a diagonal leading block of that order (a product cone's leading cones of size 1).
+    diagonal_lead: int = 0
 
 
 def identity(v: torch.Tensor) -> LinearMap:

@@ -71,7 +71,18 @@ def derivative(spec: ConeSpec, v: torch.Tensor, dual: bool = False, roots: list 
         return write(out.zero_(), negated)
 
     return LinearMap(lambda d: apply(d, False), lambda d: apply(d, True),
-                     lambda: write(v.new_zeros(*v.shape, v.shape[-1])), write_dense)
+                     lambda: write(v.new_zeros(*v.shape, v.shape[-1])), write_dense, _diagonal_lead(blocks))
+
+
+def _diagonal_lead(blocks: list[Block]) -> int:
+    """The rows of the leading blocks whose cones have size 1 (the zero and nonnegative cones,
+    SCS order's first), where the derivative is diagonal."""
+    lead = 0
+    for block in blocks:
+        if block.size != 1:
+            break
+        lead = block.stop
+    return lead
 
 
 @made_once
