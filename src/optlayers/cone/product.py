@@ -6,7 +6,6 @@ import torch
 from optlayers.cone import exp, psd, soc
 from optlayers.cone.operator import LinearMap, keeping_matrix
 from optlayers.cone.spec import Block, ConeSpec
-from optlayers.engine.constants import made_once
 
 
 def _piece(v: torch.Tensor, block: Block) -> torch.Tensor:
@@ -63,8 +62,11 @@ def derivative(spec: ConeSpec, v: torch.Tensor, dual: bool = False, roots: list 
 
     def write(out: torch.Tensor, negated: bool = False) -> torch.Tensor:
         for block, op in zip(blocks, maps):
-            index = _block_rows(block.start, block.count, block.size, v.device)
-            out[..., index.unsqueeze(-1), index.unsqueeze(-2)] = op.dense().neg() if negated else op.dense()
+            view, dense = _diagonal_blocks(out, block), op.dense()
+            if negated and dense.shape == view.shape:
+                torch.neg(dense, out=view)
+            else:
+                view.copy_(dense.neg() if negated else dense)
         return out
 
     def write_dense(out: torch.Tensor, negated: bool = False) -> torch.Tensor:
@@ -85,7 +87,9 @@ def _diagonal_lead(blocks: list[Block]) -> int:
     return lead
 
 
-@made_once
-def _block_rows(start: int, count: int, size: int, device: torch.device) -> torch.Tensor:
-    """The rows (count, size) of a block's cones, made once per block and device."""
-    return start + torch.arange(count * size, device=device).view(count, size)
+def _diagonal_blocks(out: torch.Tensor, block: Block) -> torch.Tensor:
+    """The diagonal blocks of ``block``'s cones in ``out`` (..., m, m), as a view (..., count, size, size)
+    (written through it: no index tensors, one strided copy per block)."""
+    square = out[..., block.start:block.stop, block.start:block.stop]
+    square = square.unflatten(-2, (block.count, block.size)).unflatten(-1, (block.count, block.size))
+    return square.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
