@@ -136,8 +136,9 @@ def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tenso
     status[index] = sub_status
     factorization = None
     if point.factorization is not None and sub.factorization is not None:  # written over: this forward's own
-        factorization = point.factorization
-        factorization.lu[index], factorization.pivots[index] = sub.factorization.lu[better], sub.factorization.pivots[better]
+        lu, pivots = point.factorization.lu, point.factorization.pivots
+        lu[index], pivots[index] = sub.factorization.lu[better], sub.factorization.pivots[better]
+        factorization = linsolve.DenseFactorization(lu, pivots)  # its small pivots no longer known
     w, roots = _merged_w(settings.spec, point, sub, index, better)
     point = dataclasses.replace(point, x=merged[0], y=merged[1], s=merged[2], factorization=factorization, w=w,
                                 roots=roots)

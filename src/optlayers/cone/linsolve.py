@@ -46,10 +46,17 @@ def relative_residual(apply: Callable[[torch.Tensor], torch.Tensor], sol: torch.
 
 @dataclasses.dataclass(frozen=True)
 class DenseFactorization:
-    """Batched LU with partial pivoting of a dense M (B, N, N): factorise once, solve M or M^T many times."""
+    """Batched LU with partial pivoting of a dense M (B, N, N): factorise once, solve M or M^T many times.
+    ``small``: ``_small_pivots`` of these factors where the factorising solve found it (a later solve
+    with them reads U's diagonal again otherwise, one strided pass over the factors)."""
 
     lu: torch.Tensor
     pivots: torch.Tensor
+    small: torch.Tensor | None = None
+
+    def small_pivots(self) -> torch.Tensor:
+        """(B,) whether an element's factors have a pivot too small to solve with (``_small_pivots``)."""
+        return _small_pivots(self.lu) if self.small is None else self.small
 
     @staticmethod
     def of(M: ResidualDerivative, batch: int) -> DenseFactorization:
@@ -154,10 +161,12 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
         if any_suspect:  # rare (see lu_factor): solve again with the repaired factors
             sol = factorization.solve(rhs, transpose)
             residual = relative_residual(apply, sol, rhs)
-            singular = ~(residual <= enough) | _small_pivots(factorization.lu)
+            small = _small_pivots(factorization.lu)
+            singular = ~(residual <= enough) | small
             any_singular = bool(singular.any())
+        factorization = DenseFactorization(lu, pivots, small)
     else:
-        small = _small_pivots(factorization.lu)  # no use as a preconditioner: least squares below
+        small = factorization.small_pivots()  # no use as a preconditioner: least squares below
         sol, residual, converged, any_small = _refined(apply, factorization, rhs, transpose, tol, small)
         stalled = ~(residual <= tol) & ~small
         if not converged and bool(stalled.any()):  # refactorise only where the old factorization no longer helps
@@ -169,6 +178,7 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
             sol[stalled] = torch.linalg.lu_solve(lu, pivots, rhs[stalled].unsqueeze(-1), adjoint=transpose).squeeze(-1)
             residual[stalled] = relative_residual(apply, sol, rhs)[stalled]
             small = _small_pivots(factorization.lu)
+            factorization = dataclasses.replace(factorization, small=small)
             singular = ~(residual <= enough) | small
             any_singular = bool(singular.any())
         else:  # every residual <= tol <= enough, except where the pivots are small
