@@ -55,10 +55,13 @@ MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # three times and the nonnegative and second-order step tests measured from s and y)))).
 MAX_CONE_KERNELS_PER_ITERATION = 487
 # The Newton refinement (and the KKT check after it) on those programs at batch 8, counted as the forward's
-# kernels with refine_steps=6 less those with 0: 1,033 measured (1,844 before its exponential root solves
-# started from guesses, the derivatives took the projections' regions with their roots, h's coefficients
-# became two fused products and the second-order derivative a diagonal plus rank two); adjoint 234 (305).
-MAX_REFINE_KERNELS, MAX_ADJOINT_KERNELS = 1_090, 250
+# kernels with refine_steps=6 less those with 0: 1,019 measured with -D written through strided views of
+# its diagonal blocks, the small-pivot test carried with the factorization and the KKT check taking the
+# refinement's products with A (1,033-1,036 before those, counting -D's made-once row indices; 1,844 before
+# its exponential root solves started from guesses, the derivatives took the projections' regions with
+# their roots, h's coefficients became two fused products and the second-order derivative a diagonal plus
+# rank two); adjoint 234 (305).
+MAX_REFINE_KERNELS, MAX_ADJOINT_KERNELS = 1_075, 250
 
 
 def _points(count: int) -> torch.Tensor:

@@ -75,3 +75,18 @@ def test_singular_systems_get_the_minimum_norm_solution():
     reused = linsolve.solve_dense(M, rhs, False, fresh.factorization, refine.NEWTON_FORCING)
     for result in (fresh, reused):
         assert torch.allclose(result.solution, expected, atol=1e-9), float((result.solution - expected).abs().max())
+
+
+def test_the_kkt_check_after_refinement_takes_the_refinements_products():
+    """``refine_and_check`` measures the refined point with the products with A (and P) of the
+    refinement's last residual: the same residuals, bit for bit, as measuring it afresh, also for
+    an element no step improves (it keeps the solver's answer) and one that failed (zeros)."""
+    point, b, c, _ = ipm_point(n_range(SPEC)[0] + 2, batch=6)
+    ok = torch.tensor([True, True, True, True, False, True])
+    point = Point(SPEC, point.A, None, point.x, point.y, point.s, ok)
+    for P in (None, torch.eye(point.x.shape[-1], dtype=torch.float64).expand(6, -1, -1) / 3):
+        with_p = Point(SPEC, point.A, P, point.x, point.y, point.s, ok)
+        for steps in (0, 1, refine.MAX_STEPS):
+            refined, kkt = refine.refine_and_check(with_p, b, c, "dense", steps)
+            assert torch.equal(kkt, refine.kkt_residual(refined.cleaned(), b, c))
+            assert torch.equal(refined.x, refine.refine(with_p, b, c, "dense", steps).x)

@@ -37,14 +37,17 @@ def residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) ->
 
 
 def _residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, guesses: list | None = None,
-              near: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """R(x, w), y = Pi_K*(w) and the exponential cones' roots of that projection
-    (``product.project_with_roots``, whose root solves start from ``guesses`` or ``near``)."""
+              near: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list, tuple[torch.Tensor, ...]]:
+    """R(x, w), y = Pi_K*(w), the exponential cones' roots of that projection
+    (``product.project_with_roots``, whose root solves start from ``guesses`` or ``near``), and the
+    products (A x, A^T y[, P x]) it took, which ``kkt_residual`` at (x, y) takes too."""
     y, roots = product.project_with_roots(point.spec, w, dual=True, guesses=guesses, near=near)
-    dual = embedding.rmatvec(point.A, y)  # P x + A^T y + c (no zeros added without a P)
-    dual = (dual if point.P is None else embedding.matvec(point.P, point.x) + dual) + c
-    res = torch.cat([dual, -embedding.matvec(point.A, point.x) + b - y + w], -1)
-    return res, y, roots
+    aty = embedding.rmatvec(point.A, y)  # P x + A^T y + c (no zeros added without a P)
+    px = None if point.P is None else embedding.matvec(point.P, point.x)
+    dual = (aty if px is None else px + aty) + c
+    ax = embedding.matvec(point.A, point.x)
+    res = torch.cat([dual, -ax + b - y + w], -1)
+    return res, y, roots, (ax, aty) if px is None else (ax, aty, px)
 
 
 def _merge_roots(take: torch.Tensor, new: list, old: list) -> list:
@@ -56,17 +59,22 @@ def _scale(b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return 1 + b.norm(dim=-1) + c.norm(dim=-1)
 
 
-def kkt_residual(point: Point, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+def kkt_residual(point: Point, b: torch.Tensor, c: torch.Tensor,
+                 products: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """Worst relative KKT residual per element (B,): primal ||Ax + s - b||, dual ||Px + A^T y + c||
     and gap |x^T P x + c^T x + b^T y|, each over 1 + the largest of its terms (inf norms, as SCS);
-    without a P its terms are left out (they are zero)."""
+    without a P its terms are left out (they are zero). ``products``: (A x, A^T y[, P x]) at this
+    x and y where known (``_residual``'s; None: taken here)."""
     x, y, s = point.x, point.y, point.s
-    ax, aty = embedding.matvec(point.A, x), embedding.rmatvec(point.A, y)
+    if products is None:
+        products = (embedding.matvec(point.A, x), embedding.rmatvec(point.A, y))
+        products += () if point.P is None else (embedding.matvec(point.P, x),)
+    ax, aty = products[:2]
     if point.P is None:
         dual, dual_terms = aty + c, [aty, c]
         gap_terms = [(c * x).sum(-1), (b * y).sum(-1)]
     else:
-        px = embedding.matvec(point.P, x)
+        px = products[2]
         dual, dual_terms = px + aty + c, [px, aty, c]
         gap_terms = [(x * px).sum(-1), (c * x).sum(-1), (b * y).sum(-1)]
     primal = _relative(ax + s - b, [ax, s, b])
@@ -91,9 +99,9 @@ def _derivative(point: Point, w: torch.Tensor, roots: list | None = None) -> emb
 def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, step: torch.Tensor,
                norm: torch.Tensor, active: torch.Tensor, target: torch.Tensor,
                roots: list) -> tuple[tuple[torch.Tensor, ...], list, bool]:
-    """(x, w, y, R, ||R||) at the first of the step lengths 1, 1/2, 1/4, ... that lowers ||R||, per
-    element (the best tried if none does), and the roots of its projection (solved from ``roots``,
-    those at w), stopping once every ``active`` element has improved;
+    """(x, w, y, R, ||R||, *products) at the first of the step lengths 1, 1/2, 1/4, ... that lowers
+    ||R||, per element (the best tried if none does; products: ``_residual``'s), and the roots of
+    its projection (solved from ``roots``, those at w), stopping once every ``active`` element has improved;
     and whether an element will still be active (improved, and its ||R|| still above ``target``)
     after it. The
     host reads both facts at once, one synchronisation per step length tried."""
@@ -102,8 +110,8 @@ def _backtrack(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, 
     length = 1.0
     for _ in range(MAX_BACKTRACKS + 1):
         x_try, w_try = point.x - length * step[:, :n], w - length * step[:, n:]
-        res_try, y_try, roots_try = _residual(dataclasses.replace(point, x=x_try), b, c, w_try, roots)
-        trial = (x_try, w_try, y_try, res_try, res_try.norm(dim=-1))
+        res_try, y_try, roots_try, products = _residual(dataclasses.replace(point, x=x_try), b, c, w_try, roots)
+        trial = (x_try, w_try, y_try, res_try, res_try.norm(dim=-1), *products)
         if best is None:
             best, best_roots = trial, roots_try
         else:
@@ -123,16 +131,31 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
 
     In dense mode the returned point carries the last factorization of M, for the backward pass.
     """
+    return _refine(point, b, c, mode, max_steps)[0]
+
+
+def refine_and_check(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
+                     max_steps: int = MAX_STEPS) -> tuple[Point, torch.Tensor]:
+    """``refine``'s point and the ``kkt_residual`` of its cleaned form, which takes the products
+    with A (and P) from the refinement's last residual at the same x and y (no pass over A again)."""
+    refined, products = _refine(point, b, c, mode, max_steps)
+    return refined, kkt_residual(refined.cleaned(), b, c, products)
+
+
+def _refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
+            max_steps: int) -> tuple[Point, tuple[torch.Tensor, ...] | None]:
+    """``refine``, and (A x, A^T y[, P x]) at the returned point's cleaned x and y (None: not taken)."""
     if max_steps == 0:
-        return point
+        return point, None
     current = point.cleaned()
     w = current.y - current.s
-    res, _, roots = _residual(current, b, c, w, near=current.y)  # the roots' Newton iterations start at y's
+    # the roots' Newton iterations start at y's
+    res, _, roots, products = _residual(current, b, c, w, near=current.y)
     norm = res.norm(dim=-1)
     target = TARGET * _scale(b, c)
     active = current.ok & (norm > target)
     if not bool(active.any()):  # also when no element was solved
-        return point
+        return point, products  # its cleaned form is current
     factorization = None
     improved = torch.zeros_like(point.ok)
     for _ in range(max_steps):
@@ -141,8 +164,8 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
             step, factorization = solved.solution, solved.factorization
         else:
             step = solve_system(current, res, transpose=False, mode=mode, check=False)
-        (trial_x, w_trial, y_trial, res_trial, norm_trial), roots_trial, left = _backtrack(current, b, c, w, step, norm,
-                                                                                           active, target, roots)
+        (trial_x, w_trial, y_trial, res_trial, norm_trial, *products_trial), roots_trial, left = _backtrack(
+            current, b, c, w, step, norm, active, target, roots)
         better = active & (norm_trial < norm)
         improved = improved | better
         keep = better.unsqueeze(-1)
@@ -151,6 +174,7 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
         y = torch.where(keep, y_trial, current.y)
         current = dataclasses.replace(current, x=torch.where(keep, trial_x, current.x), y=y, s=y - w)
         res = torch.where(keep, res_trial, res)
+        products = tuple(torch.where(keep, new, old) for new, old in zip(products_trial, products))
         norm = torch.where(better, norm_trial, norm)
         # an element no step length improved stays where it is, so its next Newton step would be the
         # same: it is done (round-off, or a singular M whose least-squares step does not help)
@@ -160,5 +184,8 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
     keep = (point.ok & improved).unsqueeze(-1)  # never improved: the solver's own (unprojected) answer
     # w and its roots: the refined elements' last accepted w, the others' first one (y - s of the
     # cleaned point, whose y and s they keep)
-    return dataclasses.replace(point, x=torch.where(keep, current.x, point.x), y=torch.where(keep, current.y, point.y),
-                               s=torch.where(keep, current.s, point.s), factorization=factorization, w=w, roots=roots)
+    # the cleaned form of this point has current's x and y (elements never improved kept theirs), so
+    # the products at current are its
+    refined = dataclasses.replace(point, x=torch.where(keep, current.x, point.x), y=torch.where(keep, current.y, point.y),
+                                  s=torch.where(keep, current.s, point.s), factorization=factorization, w=w, roots=roots)
+    return refined, products
