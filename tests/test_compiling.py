@@ -169,3 +169,42 @@ def test_compiled_loops_are_cached_each_under_its_own_body(tmp_path, monkeypatch
         torch._dynamo.reset()
     assert torch.equal(first, 8 * x + 7) and torch.equal(again, first)
     assert torch.equal(other, 8 * x + 35)
+
+
+def _stacked_tests(x: torch.Tensor) -> torch.Tensor:
+    """Comparisons of a batch's norms stacked into one (as ``qp.ipm._certificates`` does), in a loop's
+    body: each stacked row is a slice of the stack."""
+    from torch._higher_order_ops.while_loop import while_loop
+
+    def body(i: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.stack([y.abs().amax(-1), y.sum(-1), y.amin(-1), (y * y).sum(-1)])
+        return i + 1, y + (rows < 1.0).all(0, keepdim=True).T.to(y.dtype) * y.roll(1, -1)
+    return while_loop(lambda i, y: i < 3, body, (torch.zeros((), dtype=torch.int64), x.clone()))[1]
+
+
+def test_pointwise_cats_leave_no_slice_handles_and_the_same_results(tmp_path, monkeypatch):
+    """``POINTWISE_CAT_OPTIONS``: the C++ wrapper makes no tensor handle for the slices of a stack
+    (``reinterpret_tensor``), which ``CPU_OPTIONS`` makes for each of its rows at every iteration of
+    the loop; the results are the same to the bit (inductor, a fresh cache)."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    x = torch.linspace(-0.3, 0.2, 10, dtype=torch.float64).reshape(2, 5)
+    outputs, handles = [], []
+    for options in (compiling.CPU_OPTIONS, compiling.POINTWISE_CAT_OPTIONS):
+        torch._dynamo.reset()
+        try:
+            fn = torch.compile(_stacked_tests, fullgraph=True, dynamic=False, options=options)
+            out, code = run_and_get_code(fn, x)
+        finally:
+            torch._dynamo.reset()
+        outputs.append(out)
+        handles.append(sum(source.count("reinterpret_tensor") for source in code))
+    assert handles[0] >= 4 and handles[1] == 0
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], _stacked_tests(x))
+
+
+def test_pointwise_cats_only_for_small_batches_on_the_cpu():
+    cpu, limit = torch.device("cpu"), compiling.POINTWISE_CAT_MAX_ENTRIES
+    assert compiling.pointwise_cats(1, limit, cpu) and compiling.pointwise_cats(limit // 10, 10, cpu)
+    assert not compiling.pointwise_cats(limit + 1, 1, cpu) and not compiling.pointwise_cats(1, 10, torch.device("meta"))

@@ -46,8 +46,8 @@ def test_a_solve_without_reactions_is_one_call_and_one_read(eager_backend, monke
     for module in (autograd, forward, fused, ipm):
         if hasattr(module, "host_read"):
             monkeypatch.setattr(module, "host_read", lambda t, real=module.host_read: reads.append(1) or real(t))
-        monkeypatch.setattr(module, "compiled", lambda fn, *args, real=module.compiled: (
-            lambda *a, **kw: calls.append(fn.__name__) or real(fn, *args)(*a, **kw)))
+        monkeypatch.setattr(module, "compiled", lambda fn, *args, real=module.compiled, **options: (
+            lambda *a, **kw: calls.append(fn.__name__) or real(fn, *args, **options)(*a, **kw)))
     sol = solve_qp(**data, compile=True)
     assert int(sol.iterations) == iterations and sol.status.item() == Status.SOLVED
     assert len(looks) == 0 and len(reads) == 1 and calls == ["_checked_solved"]

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from optlayers import threads
-from optlayers.compiling import compiled
+from optlayers.compiling import compiled, pointwise_cats
 from optlayers.engine.step import State
 from optlayers.host import host_read, reads_are_free
 from optlayers.qp import fused
@@ -152,22 +152,23 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     raw = tuple(t.detach() for t in (Q, p, G, h, A, b))  # one specialisation whichever data require gradients
     batch = p.shape[0]
     count = compiled_slice_count(batch, p.shape[-1], p.device)
+    pointwise = pointwise_cats(batch // count, p.shape[-1], p.device)
     if not _looks_at_structure(p.shape[-1], p.device):
         def solve(data: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], bool]:
-            scaled, scaling, info, *rest = compiled(_checked_solved, device)(*data, fill, settings, keep_factor)
+            scaled, scaling, info, *rest = compiled(_checked_solved, device, pointwise_cat=pointwise)(*data, fill, settings, keep_factor)
             info = host_read(info)
             check_values(*data, bool(info[5]))  # raises where the data failed the checks
             return _finished(QPData(*scaled), Scaling(*scaling), info, *rest, settings, keep_factor, fill)
 
         parts = [solve(raw)] if count == 1 else threads.map_slices(lambda part: solve(tuple(t[part] for t in raw)), batch, count)
     else:
-        scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device)(*raw)
+        scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device, pointwise_cat=pointwise)(*raw)
         passed, diagonal = host_read(verdicts)
         check_values(*raw, bool(passed))
         scaled = replace(scaled, diagonal=bool(diagonal))  # as _with_structure, in the same read
 
         def solve_scaled(scaled: QPData, sc: Scaling) -> tuple[tuple[Tensor, ...], bool]:
-            info, *rest = compiled(_solved, device)(scaled, sc, fill, settings, keep_factor)
+            info, *rest = compiled(_solved, device, pointwise_cat=pointwise)(scaled, sc, fill, settings, keep_factor)
             return _finished(scaled, sc, host_read(info), *rest, settings, keep_factor, fill)
 
         parts = [solve_scaled(scaled, sc)] if count == 1 else threads.map_slices(

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 from torch._higher_order_ops.while_loop import while_loop
 
-from optlayers.compiling import compiled
+from optlayers.compiling import compiled, pointwise_cats
 from optlayers.engine import loop
 from optlayers.engine.step import State
 from optlayers.host import RUNNING, reads_are_free
@@ -193,7 +193,7 @@ def go_on(data: QPData, sc: Scaling, packed: Packed, where: Layout, factor: tupl
     retried behind a host look), it is ``ipm.solve_scaled`` with ``steps``."""
     taken, start_failed = info[:2]
     units = Units.of(sc)
-    steps_fn = compiled(steps, data.p.device.type)
+    steps_fn = compiled(steps, data.p.device.type, pointwise_cat=pointwise_cats(*data.p.shape, data.p.device))
 
     def run_steps(data: QPData, units: Units, st: State, res: Residuals, iteration: Tensor) -> tuple[State, Residuals, Tensor]:
         where = layout(st, res)
