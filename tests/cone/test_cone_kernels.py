@@ -55,13 +55,15 @@ MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # three times and the nonnegative and second-order step tests measured from s and y)))).
 MAX_CONE_KERNELS_PER_ITERATION = 487
 # The Newton refinement (and the KKT check after it) on those programs at batch 8, counted as the forward's
-# kernels with refine_steps=6 less those with 0: 1,019 measured with -D written through strided views of
+# kernels with refine_steps=6 less those with 0: 1,018 measured with the PSD derivatives taking their
+# projections' eigendecompositions (1,019 before), -D written through strided views of
 # its diagonal blocks, the small-pivot test carried with the factorization and the KKT check taking the
 # refinement's products with A (1,033-1,036 before those, counting -D's made-once row indices; 1,844 before
 # its exponential root solves started from guesses, the derivatives took the projections' regions with
 # their roots, h's coefficients became two fused products and the second-order derivative a diagonal plus
-# rank two); adjoint 234 (305).
-MAX_REFINE_KERNELS, MAX_ADJOINT_KERNELS = 1_075, 250
+# rank two); adjoint 231 with the PSD derivative taking the projection's eigendecomposition (234 before
+# that, 305 before the exponential derivatives took their projections' roots).
+MAX_REFINE_KERNELS, MAX_ADJOINT_KERNELS = 1_075, 245
 
 
 def _points(count: int) -> torch.Tensor:
@@ -132,7 +134,9 @@ def test_product_derivative_with_roots_equals_a_fresh_one():
     for dual in (False, True):
         projected, roots = product.project_with_roots(spec, v, dual)
         assert torch.equal(projected, product.project(spec, v, dual))
-        assert sum(r is not None for r in roots) == 2
+        # the exponential blocks' roots and the PSD block's eigendecomposition, of their widths
+        assert [0 if r is None else r.shape[-1] for r in roots] == [product.state_width(block) for block in spec.blocks()]
+        assert sum(r is not None for r in roots) == 3
         assert torch.equal(product.derivative(spec, v, dual, roots).dense(), product.derivative(spec, v, dual).dense())
 
 

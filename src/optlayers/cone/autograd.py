@@ -19,7 +19,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from optlayers.cone import backends, derivative, embedding, exp, linsolve, product, refine
+from optlayers.cone import backends, derivative, embedding, linsolve, product, refine
 from optlayers.cone.interior import solver as interior_solver
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
@@ -147,7 +147,7 @@ def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tenso
 
 def _merged_w(spec: ConeSpec, point: derivative.Point, sub: derivative.Point, index: torch.Tensor,
               better: torch.Tensor) -> tuple[torch.Tensor | None, list | None]:
-    """``point``'s w and exponential roots (``derivative.Point``) with the elements ``index`` taken
+    """``point``'s w and its projection's roots (``derivative.Point``) with the elements ``index`` taken
     from ``sub``'s elements ``better``: the fallback's refined w and roots, or where its refinement
     did not keep them, its y - s and the roots of that projection (solved for those elements
     alone). None where ``point`` has none (the derivatives then take y - s for every element)."""
@@ -180,8 +180,8 @@ class ConeProgram(torch.autograd.Function):
 
     lu, pivots: the factorization of the residual map's derivative made while refining (empty in
     lsqr/lsmr mode), reused by backward and jvp; w: the refined point's w with the exponential
-    cones' roots of its projection (``_pack_w``; empty where not known), at which backward and jvp
-    take the projection's derivative without solving for those roots again.
+    cones' roots and the PSD cones' eigendecompositions of its projection (``_pack_w``; empty where
+    not known), at which backward and jvp take the projection's derivative without solving for them again.
     """
 
     @staticmethod
@@ -245,24 +245,23 @@ class ConeProgram(torch.autograd.Function):
 
 
 def _pack_w(point: derivative.Point) -> torch.Tensor:
-    """The point's w and its exponential roots side by side, (B, m + exponential cones), for the
-    derivatives (``derivative.Point.w``); an empty tensor where they are not known."""
+    """The point's w and its projection's exponential roots and PSD eigendecompositions side by side,
+    (B, m + the blocks' ``product.state_width``), for the derivatives (``derivative.Point.w``); an
+    empty tensor where they are not known."""
     if point.w is None:
         return point.x.new_empty(0)
     return torch.cat([point.w, *(r for r in point.roots if r is not None)], -1)
 
 
 def _unpack_w(spec: ConeSpec, packed: torch.Tensor) -> tuple[torch.Tensor | None, list | None]:
-    """``_pack_w``'s w and roots (one entry per block of spec, None for the non-exponential ones)."""
+    """``_pack_w``'s w and roots (one entry per block of spec, None for the blocks without any)."""
     if packed.numel() == 0:
         return None, None
     roots, start = [], spec.size
     for block in spec.blocks():
-        if block.module is exp:
-            roots.append(packed[:, start:start + block.count])
-            start += block.count
-        else:
-            roots.append(None)
+        width = product.state_width(block)
+        roots.append(packed[:, start:start + width] if width else None)
+        start += width
     return packed[:, :spec.size], roots
 
 

@@ -31,8 +31,9 @@ class Point:
     ok: torch.Tensor
     factorization: linsolve.DenseFactorization | None = None  # of M at (or near) this point
     # The vector w (B, m) whose projection onto K* is y (y - s up to round-off) and, per block of
-    # spec, the exponential cones' roots of that projection (None for the other blocks), where the
-    # refinement knows them: the derivatives are then taken at w without solving for the roots.
+    # spec, the exponential cones' roots and the PSD cones' eigendecompositions of that projection
+    # (``product.project_with_roots``; None for the other blocks), where the refinement knows them:
+    # the derivatives are then taken at w without solving for them again.
     w: torch.Tensor | None = None
     roots: list | None = None
     clean: bool = False  # failed elements' x, y, s and w are zeros already (``cleaned``)

@@ -24,9 +24,11 @@ def project(spec: ConeSpec, v: torch.Tensor, dual: bool = False) -> torch.Tensor
 
 def project_with_roots(spec: ConeSpec, v: torch.Tensor, dual: bool = False, guesses: list | None = None,
                        near: torch.Tensor | None = None) -> tuple[torch.Tensor, list]:
-    """``project`` and, per block, the exponential cones' roots (..., count) (None for the other
-    blocks), for ``derivative`` at the same v: an exponential projection's root is solved by an
-    iteration that the host looks at, and the derivative needs the same root. The exponential
+    """``project`` and, per block, the exponential cones' roots (..., count) and the PSD cones'
+    eigendecompositions (..., count (d + d^2), ``psd.project_with_eig``) (None for the other
+    blocks; ``state_width`` gives the widths), for ``derivative`` at the same v: an exponential
+    projection's root is solved by an iteration that the host looks at, a PSD projection's
+    eigenvalue problem by LAPACK matrix by matrix, and the derivative needs the same. The exponential
     cones' Newton iterations start from ``guesses`` (per block, as the roots returned; those of a
     nearby v) or, without them, from the roots of ``near`` (..., m), a point near the projection
     (``exp.root_guess``); the answer does not depend on them (up to the roots' last few ulps)."""
@@ -37,11 +39,24 @@ def project_with_roots(spec: ConeSpec, v: torch.Tensor, dual: bool = False, gues
             if guess is None and near is not None:
                 guess = exp.root_guess(_piece(v, block), _piece(near, block), _wants_dual(block, dual))
             out, rho = exp.project_with_roots(_piece(v, block), _wants_dual(block, dual), guess)
+        elif block.module is psd:
+            out, rho = psd.project_with_eig(_piece(v, block), _wants_dual(block, dual))
+            rho = rho.flatten(-2)
         else:
             out, rho = block.module.project(_piece(v, block), _wants_dual(block, dual)), None
         pieces.append(out.flatten(-2))
         roots.append(rho)
     return (torch.cat(pieces, dim=-1) if pieces else v.clone()), roots
+
+
+def state_width(block: Block) -> int:
+    """The width of ``project_with_roots``' entry for ``block`` (0: None)."""
+    if block.module is exp:
+        return block.count
+    if block.module is psd:
+        d = psd.order(block.size)
+        return block.count * (d + d * d)
+    return 0
 
 
 def derivative(spec: ConeSpec, v: torch.Tensor, dual: bool = False, roots: list | None = None) -> LinearMap:

@@ -61,17 +61,31 @@ def mat_to_vec(mat: torch.Tensor) -> torch.Tensor:
 
 def project(v: torch.Tensor, dual: bool = False) -> torch.Tensor:
     """Projection of v (..., d(d+1)/2) onto the PSD cone: clip the eigenvalues at zero."""
+    return project_with_eig(v, dual)[0]
+
+
+def project_with_eig(v: torch.Tensor, dual: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``project`` and the eigendecomposition it took, (..., d + d^2): the eigenvalues, then the
+    eigenvectors one after another (the matrix by columns, LAPACK's layout: no copy), which
+    ``derivative`` at the same v takes instead of solving the same eigenvalue problem again."""
     lam, vecs = torch.linalg.eigh(vec_to_mat(v))
-    return mat_to_vec((vecs * lam.clamp_min(0).unsqueeze(-2)) @ vecs.transpose(-1, -2))
+    out = mat_to_vec((vecs * lam.clamp_min(0).unsqueeze(-2)) @ vecs.transpose(-1, -2))
+    return out, torch.cat([lam, vecs.mT.flatten(-2)], -1)
 
 
-def derivative(v: torch.Tensor, dual: bool = False) -> LinearMap:
-    """Derivative of ``project`` at v: dX -> V (G o (V^T dX V)) V^T (symmetric).
+def derivative(v: torch.Tensor, dual: bool = False, eig: torch.Tensor | None = None) -> LinearMap:
+    """Derivative of ``project`` at v: dX -> V (G o (V^T dX V)) V^T (symmetric). ``eig``: the
+    eigendecomposition ``project_with_eig`` returned at this v (None: solved here).
 
     G_ij = (max(l_i,0) - max(l_j,0)) / (l_i - l_j) for eigenvalues of opposite signs, 1 when
     both are >= 0 up to round-off (the piece inside the cone on its boundary) and 0 when both are negative.
     """
-    lam, vecs = torch.linalg.eigh(vec_to_mat(v))
+    if eig is None:
+        lam, vecs = torch.linalg.eigh(vec_to_mat(v))
+    else:
+        d = order(v.shape[-1])
+        eig = eig.reshape(*v.shape[:-1], d + d * d)
+        lam, vecs = eig[..., :d], eig[..., d:].unflatten(-1, (d, d)).mT
     round_off = ZERO_EIG_ULPS * torch.finfo(v.dtype).eps * lam.abs().amax(-1, keepdim=True)
     pos = lam >= -round_off
     li, lj = lam.unsqueeze(-1), lam.unsqueeze(-2)

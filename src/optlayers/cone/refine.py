@@ -38,8 +38,8 @@ def residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor) ->
 
 def _residual(point: Point, b: torch.Tensor, c: torch.Tensor, w: torch.Tensor, guesses: list | None = None,
               near: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, list, tuple[torch.Tensor, ...]]:
-    """R(x, w), y = Pi_K*(w), the exponential cones' roots of that projection
-    (``product.project_with_roots``, whose root solves start from ``guesses`` or ``near``), and the
+    """R(x, w), y = Pi_K*(w), the exponential cones' roots and PSD cones' eigendecompositions of that
+    projection (``product.project_with_roots``, whose root solves start from ``guesses`` or ``near``), and the
     products (A x, A^T y[, P x]) it took, which ``kkt_residual`` at (x, y) takes too."""
     y, roots = product.project_with_roots(point.spec, w, dual=True, guesses=guesses, near=near)
     aty = embedding.rmatvec(point.A, y)  # P x + A^T y + c (no zeros added without a P)
@@ -92,7 +92,7 @@ def _relative(total: torch.Tensor, terms: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _derivative(point: Point, w: torch.Tensor, roots: list | None = None) -> embedding.ResidualDerivative:
-    """M at w; ``roots``: the exponential cones' roots of the projection at w (None: solved again)."""
+    """M at w; ``roots``: those of the projection at w (``_residual``; None: solved again)."""
     return embedding.ResidualDerivative(point.A, point.P, product.derivative(point.spec, w, dual=True, roots=roots))
 
 
