@@ -81,6 +81,20 @@ def test_only_inductors_c_shim_notices_are_dropped():
     assert not shim_filter.filter(notice) and shim_filter.filter(other)
 
 
+def test_only_torchs_own_deprecation_notice_from_its_lowering_is_hidden():
+    import warnings
+
+    text = ("`torch._prims_common.check` is deprecated and will be removed in the future. "
+            "Please use `torch._check*` functions instead.")
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compiling._hide_torch_own_deprecation()
+        warnings.warn_explicit(text, FutureWarning, "lowering.py", 1, module="torch._inductor.lowering")
+        warnings.warn_explicit(text, FutureWarning, "mine.py", 1, module="my_code")
+        warnings.warn_explicit("another notice", FutureWarning, "lowering.py", 2, module="torch._inductor.lowering")
+    assert [(str(w.message)[:12], w.filename) for w in seen] == [(text[:12], "mine.py"), ("another noti", "lowering.py")]
+
+
 def test_recompile_limit_warnings_are_dropped_for_this_packages_functions_only(eager_backend):
     import logging
 

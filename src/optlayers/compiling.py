@@ -100,10 +100,23 @@ class _OwnRecompileLimitNotices(logging.Filter):
         return not ("hit config.recompile_limit" in message and _PACKAGE in message)
 
 
+TORCH_OWN_DEPRECATION = r"`torch\._prims_common\.check` is deprecated"
+"""The start of a FutureWarning that torch 2.13's inductor raises against its own code while it
+lowers one of our graphs (``torch._inductor.lowering`` calls the deprecated ``check``): nothing
+a user of this package can act on."""
+
+
+def _hide_torch_own_deprecation() -> None:
+    """Ignore ``TORCH_OWN_DEPRECATION``, and only where inductor's lowering raises it."""
+    warnings.filterwarnings("ignore", message=TORCH_OWN_DEPRECATION, category=FutureWarning,
+                            module=r"torch\._inductor\.lowering")
+
+
 @functools.cache
 def _quiet_expected_notices() -> None:
     logging.getLogger("torch._inductor.ir").addFilter(_NoShimNotices())
     logging.getLogger("torch._dynamo.convert_frame").addFilter(_OwnRecompileLimitNotices())
+    _hide_torch_own_deprecation()
 
 
 _GUARDED_GLOBALS = (int, float, bool, type(None))
