@@ -128,3 +128,22 @@ def test_a_failed_start_runs_no_compiled_iterations(eager_backend, monkeypatch):
     assert start_failed and taken == 0
     assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.iterations, eager.iterations)
     torch.testing.assert_close(compiled.z, eager.z, rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_certificates_give_the_eager_statuses(eager_backend):
+    """Under compilation the certificates' comparisons are joined by ``&`` rather than stacked
+    (``ipm._certificates``): the statuses, iterations and solutions of a batch with a solved, a
+    primal infeasible and a dual infeasible element are the eager ones."""
+    n = 3
+    Q = torch.eye(n, dtype=torch.float64).repeat(3, 1, 1)
+    Q[2] = 0.0  # a linear program ...
+    p = torch.tensor([[1.0, -2.0, 0.5], [1.0, 1.0, 1.0], [-1.0, -1.0, -1.0]], dtype=torch.float64)
+    G = torch.cat([torch.eye(n), -torch.eye(n)]).to(torch.float64).repeat(3, 1, 1)
+    h = torch.ones(3, 2 * n, dtype=torch.float64)
+    h[1, 0] = h[1, n] = -1.0  # z₀ ≤ −1 and z₀ ≥ 1
+    G[2, :n] = 0.0  # ... bounded below only, descending without end
+    sols = [solve_qp(Q, p, G, h, compile=compile, on_failure="ignore") for compile in (False, True)]
+    eager, compiled = sols
+    assert eager.status.tolist() == [Status.SOLVED, Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE]
+    assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.iterations, eager.iterations)
+    torch.testing.assert_close(compiled.z, eager.z, rtol=0, atol=0, equal_nan=True)

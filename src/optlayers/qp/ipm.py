@@ -9,6 +9,8 @@ the others go on.
 """
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -354,6 +356,12 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     # every test strict: ‖·‖ < ε·size also says size > 0; all six families in one comparison (stack promotes
     # the status and the flags to floats exactly; a family of fewer tests repeats them)
     families = (stall_rows, farkas_rows, recession_rows, sound_rows, running_rows * 3, raisable_rows)
+    if torch.compiler.is_compiling():
+        # the same comparisons, joined by ``&``: inductor fuses them either way, and on the CPU it
+        # writes each input of a stack into a slice of its output, which its C++ wrapper names by
+        # a tensor handle of its own at every iteration (72 here; see ``compiling.POINTWISE_CAT_OPTIONS``)
+        tests = [functools.reduce(operator.and_, (lower < upper for lower, upper in family)) for family in families]
+        return torch.stack(tests[:3], -1), tests[3], tests[4], tests[5]
     lower, upper = (torch.stack(side) for side in zip(*(row for family in families for row in family)))
     passed = (lower < upper).unflatten(0, (len(families), -1)).all(1)
     return passed[:3].T, passed[3], passed[4], passed[5]
