@@ -90,3 +90,22 @@ def test_the_kkt_check_after_refinement_takes_the_refinements_products():
             refined, kkt = refine.refine_and_check(with_p, b, c, "dense", steps)
             assert torch.equal(kkt, refine.kkt_residual(refined.cleaned(), b, c))
             assert torch.equal(refined.x, refine.refine(with_p, b, c, "dense", steps).x)
+
+
+def test_the_kkt_check_of_an_element_no_step_improves_is_at_its_own_y(monkeypatch):
+    """An element whose Newton steps never lower ||R|| keeps the solver's y, which is not the
+    projection Pi_K*(y - s) that the residual map takes (they differ by the solver's
+    complementarity): ``refine_and_check`` measures it at y, as a fresh check does."""
+    point, b, c, _ = ipm_point(n_range(SPEC)[0] + 2, batch=4)
+    real = linsolve.solve_dense
+
+    def spoiled(M, rhs, *args, **kwargs):
+        result = real(M, rhs, *args, **kwargs)
+        solution = result.solution.clone()
+        solution[0] = -1e3 * solution[0] - 1.0  # element 0: a step that only raises ||R||
+        return linsolve.SolveResult(solution, result.residual, result.factorization, result.bound)
+
+    monkeypatch.setattr(linsolve, "solve_dense", spoiled)
+    refined, kkt = refine.refine_and_check(point, b, c, "dense", refine.MAX_STEPS)
+    assert torch.equal(refined.y[0], point.y[0])  # kept the solver's answer
+    assert torch.equal(kkt, refine.kkt_residual(refined.cleaned(), b, c))

@@ -137,7 +137,8 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
 def refine_and_check(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
                      max_steps: int = MAX_STEPS) -> tuple[Point, torch.Tensor]:
     """``refine``'s point and the ``kkt_residual`` of its cleaned form, which takes the products
-    with A (and P) from the refinement's last residual at the same x and y (no pass over A again)."""
+    with A (and P) from the refinement's last residual where a step was taken (the same x and y),
+    and those at the solver's own x and y elsewhere (no pass over A again)."""
     refined, products = _refine(point, b, c, mode, max_steps)
     return refined, kkt_residual(refined.cleaned(), b, c, products)
 
@@ -150,7 +151,10 @@ def _refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
     current = point.cleaned()
     w = current.y - current.s
     # the roots' Newton iterations start at y's
-    res, _, roots, products = _residual(current, b, c, w, near=current.y)
+    res, _, roots, (ax, _, *px) = _residual(current, b, c, w, near=current.y)
+    # R's A^T takes Pi_K*(w), which is the solver's y only up to its complementarity (1e-5 apart on
+    # an interior point method's answer): an element that keeps its y is checked with A^T y itself
+    products = (ax, embedding.rmatvec(current.A, current.y), *px)
     norm = res.norm(dim=-1)
     target = TARGET * _scale(b, c)
     active = current.ok & (norm > target)
