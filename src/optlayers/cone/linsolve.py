@@ -155,13 +155,11 @@ def solve_dense(M: ResidualDerivative, rhs: torch.Tensor, transpose: bool,
         suspect = suspect | (~(residual <= enough) & ~small)
         singular = ~(residual <= enough) | small
         any_suspect, any_singular = host_read(torch.stack([suspect.any(), singular.any()]))
-        if any_suspect:
-            lu, pivots = _refactorise(M.dense(rhs.shape[0]), lu, pivots, suspect)
-        factorization = DenseFactorization(lu, pivots)
         if any_suspect:  # rare (see lu_factor): solve again with the repaired factors
-            sol = factorization.solve(rhs, transpose)
+            lu, pivots = _refactorise(M.dense(rhs.shape[0]), lu, pivots, suspect)
+            sol = DenseFactorization(lu, pivots).solve(rhs, transpose)
             residual = relative_residual(apply, sol, rhs)
-            small = _small_pivots(factorization.lu)
+            small = _small_pivots(lu)
             singular = ~(residual <= enough) | small
             any_singular = bool(singular.any())
         factorization = DenseFactorization(lu, pivots, small)
