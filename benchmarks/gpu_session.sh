@@ -28,7 +28,7 @@ step 100 python3 -m pytest -q -m cuda tests/qp/test_cuda.py tests/qp/test_engine
 step 40 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"
 step 180 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"
 step 60 python3 benchmarks/bench_cone.py --repeats 5 --out "$out/bench_cone.json"
-step 110 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --solvers optlayers,linear,qpth,qpax --out "$out/qp"
+step 110 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --solvers optlayers,linear,qpth,qpax,qpax-1e-8 --out "$out/qp"
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/gpu_results.tar.gz" -C "$out" . && cp "$log" "$OUT/" || failed=1
 fi

@@ -24,13 +24,14 @@ import platform
 import statistics
 import subprocess
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks import interleaved
-from benchmarks.accuracy import Accuracy, kkt_accuracy, reference_solutions
+from benchmarks.accuracy import Accuracy, gradient_error, kkt_accuracy, reference_gradients, reference_solutions
 from benchmarks.plots import save_figures
 from benchmarks.problems import QPBatch, random_qp
 from benchmarks.solvers import SOLVER_NAMES, Solver, available_solvers
@@ -44,6 +45,8 @@ QUICK_BUDGET = Budget(warmup=1, min_repeats=2, max_repeats=3, seconds=0.5)
 ROUND_BUDGET = Budget(warmup=0, min_repeats=1, max_repeats=5, seconds=0.3)
 """One solver's turn in a round of ``--rounds``: its calls are warm (the first round is preceded by one untimed call)."""
 SEED = 0
+GRADIENT_SEED = 1
+"""Seed of the weights w of the accuracy check's loss ⟨w, z⟩."""
 PEER_PACKAGES = ("torch", "numpy", "qpth", "proxsuite", "qpax", "jax", "cvxpylayers", "cvxpy", "diffcp", "scs", "gurobipy", "cplex",
                  "osqp", "clarabel")
 
@@ -65,8 +68,8 @@ COMPILED_SOLVER = "optlayers-compiled"
 """Compiled per problem shape (tens of seconds each): run only where a setting lists it (the sweep)."""
 SERIAL_SOLVER = "optlayers-serial"
 """Our solver called once per batch element: the paper's "serialized" line, drawn in Figure 2 only."""
-FIGURE1_SOLVERS = ("optlayers", "linear", "qpth", "qplayer", "qpax")
-GPU_SOLVERS = ("optlayers", "linear", "qpth", "qpax")
+FIGURE1_SOLVERS = ("optlayers", "linear", "qpth", "qplayer", "qpax", "qpax-1e-8")
+GPU_SOLVERS = ("optlayers", "linear", "qpth", "qpax", "qpax-1e-8")
 
 
 def full_settings(dtypes: list[str], large_batches: bool) -> list[Setting]:
@@ -82,7 +85,7 @@ def full_settings(dtypes: list[str], large_batches: bool) -> list[Setting]:
 
 FIGURES = ("fig1", "fig2", "equality", "batch", "sweep")
 """The figures a setting belongs to (``Setting.figure``); ``--figures`` selects among them."""
-SWEEP_SOLVERS = ("optlayers", "optlayers-compiled", "qplayer", "qpth", "qpax")
+SWEEP_SOLVERS = ("optlayers", "optlayers-compiled", "qplayer", "qpth", "qpax", "qpax-1e-8")
 SWEEP_SHAPES = ((128, 10), (128, 50), (128, 100), (64, 100), (1, 100), (1, 10))
 """(batch, n) of the small-to-large sweep: float64, n inequalities, no equalities, fwd + bwd w.r.t. every input."""
 
@@ -154,13 +157,34 @@ def _stats(samples: dict[str, list[float]]) -> dict[str, dict]:
 
 
 def check(solver: Solver, qp: QPBatch, reference) -> Accuracy | None:
-    """Accuracy of the solver on the first batch elements; None for the linear baseline, which solves nothing."""
+    """Accuracy of the solver on the first batch elements; None for the linear baseline, which solves nothing.
+    For a differentiable solver also the error of its gradients of ⟨w, z⟩ w.r.t. p and h (w seeded)
+    against the reference's own derivative (``accuracy.reference_gradients``)."""
     if solver.name == "linear":
         return None
     sample = qp.subset(ACCURACY_SAMPLE)
     with torch.no_grad():
         z = solver.solve(sample).double().cpu().numpy()
-    return kkt_accuracy(sample.to(torch.float64, "cpu"), z, reference)
+    sample64 = sample.to(torch.float64, "cpu")
+    accuracy = kkt_accuracy(sample64, z, reference)
+    if not solver.differentiable:
+        return accuracy
+    weights = torch.randn(sample.batch, sample.n, generator=torch.Generator().manual_seed(GRADIENT_SEED),
+                          dtype=torch.float64).to(sample.p.dtype).to(sample.p.device)
+    error, count = gradient_error(solver_gradients(solver, sample, weights),
+                                  reference_gradients(sample64, reference, weights.double().cpu().numpy()))
+    return replace(accuracy, gradient=error, gradient_checked=count)
+
+
+def solver_gradients(solver: Solver, qp: QPBatch, weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The solver's gradients of ⟨weights, z⟩ w.r.t. p and h, as float64 arrays."""
+    if solver.value_and_grad is not None:  # JAX: gradients w.r.t. (Q, p, A, b, G, h)
+        grads = solver.value_and_grad(qp, weights)[1]
+        return np.asarray(grads[1], dtype=np.float64), np.asarray(grads[5], dtype=np.float64)
+    p, h = qp.p.detach().clone().requires_grad_(), qp.h.detach().clone().requires_grad_()
+    z = solver.solve(replace(qp, p=p, h=h))
+    grad_p, grad_h = torch.autograd.grad((z * weights).sum(), (p, h), allow_unused=True)
+    return tuple(np.full(t.shape, np.nan) if g is None else g.double().cpu().numpy() for g, t in ((grad_p, p), (grad_h, h)))
 
 
 def _error_note(error: Exception) -> str:
@@ -243,8 +267,8 @@ def _seconds(row: dict, phase: str) -> str:
 
 
 def _accuracy(row: dict, key: str) -> str:
-    accuracy = row.get("accuracy")
-    return "—" if accuracy is None else f"{accuracy[key]:.1e}"
+    value = (row.get("accuracy") or {}).get(key)
+    return "—" if value is None else f"{value:.1e}"
 
 
 def _note(row: dict) -> str:
@@ -254,7 +278,7 @@ def _note(row: dict) -> str:
 
 
 TABLE_HEADER = ("figure", "n", "m", "p", "batch", "dtype", "solver", "forward s [IQR]", "backward s [IQR]",
-                "fwd+bwd s [IQR]", "reps", "max KKT", "‖z−z*‖∞", "note")
+                "fwd+bwd s [IQR]", "reps", "max KKT", "‖z−z*‖∞", "‖∇−∇*‖∞", "note")
 
 
 def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
@@ -265,7 +289,7 @@ def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
         lines.append((row["figure"], str(row["n"]), str(row["n_ineq"]), str(row["n_eq"]), str(row["batch"]),
                       row["dtype"], row["solver"], _seconds(row, "forward"), _seconds(row, "backward"),
                       _seconds(row, "total"), str(reps), _accuracy(row, "kkt"), _accuracy(row, "distance"),
-                      _note(row)))
+                      _accuracy(row, "gradient"), _note(row)))
     return lines
 
 

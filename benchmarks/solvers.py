@@ -167,14 +167,21 @@ def _cvxpylayers() -> Solver:
                   max_batch=CVXPYLAYERS_MAX_BATCH, cap_reason=f"batch ≤ {CVXPYLAYERS_MAX_BATCH} in the default run")
 
 
-def _qpax() -> Solver:
+QPAX_ACCURATE_TOL = 1e-8
+"""qpax at the accuracy of the other layers: ``solver_tol`` 1e-8 (its default 1e-5 leaves z 1e-4–1e-3 from the
+solution here) and ``target_kappa`` 1e-8 (its default 1e-3 differentiates a relaxed QP, whose gradients differ
+from the QP's by up to O(1))."""
+
+
+def _qpax(name: str = "qpax", **options: float) -> Solver:
+    """qpax's ``solve_qp_primal`` under ``jit`` and ``vmap``, with ``options`` (solver_tol, target_kappa) or its defaults."""
     import jax
     import qpax
 
     jax.config.update("jax_enable_x64", True)  # float64 problems stay float64 (a process-wide JAX setting)
 
     def batched(Q, p, A, b, G, h):
-        return jax.vmap(qpax.solve_qp_primal)(Q, p, A, b, G, h)
+        return jax.vmap(lambda *data: qpax.solve_qp_primal(*data, **options))(Q, p, A, b, G, h)
 
     forward = jax.jit(batched)
     loss_and_grads = jax.jit(jax.value_and_grad(lambda args, w: (batched(*args) * w).sum()))
@@ -191,8 +198,14 @@ def _qpax() -> Solver:
     def value_and_grad(qp: QPBatch, weights: torch.Tensor):
         return jax.block_until_ready(loss_and_grads(arrays(qp), jax.dlpack.from_dlpack(weights.contiguous())))
 
-    return Solver("qpax", solve, True, "solve_qp_primal defaults (solver_tol 1e-5, relaxed gradients), jit + vmap",
-                  max_n=SLOW_MAX_N, cap_reason=SLOW_CAP, value_and_grad=value_and_grad)
+    settings = ", ".join(f"{key} {value:g}" for key, value in options.items()) or \
+        "solve_qp_primal defaults (solver_tol 1e-5, relaxed gradients: target_kappa 1e-3)"
+    return Solver(name, solve, True, f"{settings}, jit + vmap", max_n=SLOW_MAX_N, cap_reason=SLOW_CAP,
+                  value_and_grad=value_and_grad)
+
+
+def _qpax_accurate() -> Solver:
+    return _qpax("qpax-1e-8", solver_tol=QPAX_ACCURATE_TOL, target_kappa=QPAX_ACCURATE_TOL)
 
 
 def _loop(solve_one: Callable[..., np.ndarray]) -> Callable[[QPBatch], torch.Tensor]:
@@ -277,6 +290,7 @@ def _factories(threads: int) -> dict[str, Callable[[], Solver]]:
         "qpth": _qpth,
         "qplayer": _qplayer,
         "qpax": _qpax,
+        "qpax-1e-8": _qpax_accurate,
         "cvxpylayers": _cvxpylayers,
         "gurobi": lambda: _gurobi(threads),
         "cplex": lambda: _cplex(threads),

@@ -56,6 +56,7 @@ def test_optlayers_is_accurate_and_linear_is_not_judged(run):
         accuracy = row["accuracy"]
         assert accuracy["failed"] == 0
         assert accuracy["kkt"] < FLOAT64_ACCURACY and accuracy["distance"] < FLOAT64_ACCURACY
+        assert accuracy["gradient_checked"] > 0 and accuracy["gradient"] < FLOAT64_ACCURACY
 
 
 def test_figures_option_selects_settings_and_refuses_unknown(tmp_path, capsys):
