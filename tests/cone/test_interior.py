@@ -917,3 +917,27 @@ def test_a_fallback_keeps_the_refined_w_of_the_other_elements(monkeypatch):
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     solve_cone(A, b, c, ALL_CONES, P, solver="ipm").x.sum().backward()
     torch.testing.assert_close(A.grad, expected, rtol=1e-6, atol=1e-7)
+
+
+def _iteration_counts(spec: ConeSpec, n: int, batch: int, seed: int, **options) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each element's iterations, statuses and distance max|x - x*| / (1 + max|x*|) to the known
+    solution, from the interior point method alone (no refinement, no fallback)."""
+    A, b, c, _, x_star, *_ = random_program(spec, n, batch=batch, seed=seed)
+    parts = tuple(cone_parts.parts_of(spec))
+    program, step_parts = solver._setup(A, b, c, None, spec, parts)
+    st, status = solver._iterate(program, step_parts, solver.ConeIPMSettings(**options))
+    return st.iterations, status, (st.x - x_star).abs().amax(-1) / (1 + x_star.abs().amax(-1))
+
+
+def test_second_order_step_fraction_saves_iterations():
+    """Steps that stop 0.98 of the way to the second-order cones' boundary (the other cones 0.99)
+    keep the iterates off that boundary, where the next steps are cut short: on a fixed batch of
+    programs with four second-order cones, 631 iterations in all and at most 13 per element,
+    against 746 and 19 at 0.99; every element solved, as close to the known solution."""
+    spec = ConeSpec(zero=3, nonneg=4, soc=[5, 5, 2, 8])
+    iterations, status, distance = _iteration_counts(spec, 10, 64, 0)
+    uniform, uniform_status, uniform_distance = _iteration_counts(spec, 10, 64, 0, soc_step_fraction=0.99)
+    assert (status == ConeStatus.SOLVED).all() and (uniform_status == ConeStatus.SOLVED).all()
+    assert int(iterations.sum()) <= 640 and int(iterations.max()) <= 13
+    assert int(iterations.sum()) < 0.9 * int(uniform.sum())
+    assert distance.max() <= 1e-4 and uniform_distance.max() <= 1e-4

@@ -79,6 +79,8 @@ class StepRules:
             iteration count by < 3 % and failed more often).
         max_backtracks: shortenings before an element is declared a numerical failure
             (0.8^40 ≈ 1e-4).
+        soc_step_fraction: the fraction of the step to the second-order cones' boundary that
+            the step may take (None: ``step_fraction``); the other cones keep ``step_fraction``.
     """
 
     centring: str = "mehrotra"
@@ -91,6 +93,7 @@ class StepRules:
     solve_through_y: bool = False
     backtrack: float = 0.8
     max_backtracks: int = 40
+    soc_step_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -297,9 +300,10 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
                        -res.r_k - a_dx]
         return torch.cat(pieces, dim=-1)
 
-    def boundary(dv: Tensor, cap: float, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    def boundary(dv: Tensor, cap: float, scale: float = 1.0, soc_scale: float = 1.0) -> tuple[Tensor, Tensor]:
         """The direction of (λ, s) as (B, 2, k), and ``scale`` times the longest step (at most
-        ``cap``) that keeps the nonnegative rows and the cones with a closed-form step inside."""
+        ``cap``) that keeps the nonnegative rows and the cones with a closed-form step inside,
+        the second-order cones' step counted ``soc_scale`` times."""
         dw = dv[:, n + m : n + m + 2 * k].unflatten(-1, (2, k))
         if not parts:
             return dw, max_step(w, dw, cap, scale)
@@ -310,7 +314,8 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
             if part.kind == "exp":  # no closed form: searched (``searched``)
                 continue
             dy_, ds_ = (cone_parts.piece(d, part) for d in on_cones(dv))
-            step = torch.minimum(step, sc.max_step(s_, y_, ds_, dy_, step).amin(-1))
+            limit = sc.max_step(s_, y_, ds_, dy_, step).amin(-1)
+            step = torch.minimum(step, limit * soc_scale if part.kind == "soc" and soc_scale != 1.0 else limit)
         return dw, step if scale == 1.0 else scale * step
 
     def searched(dv: Tensor, alpha: Tensor, fraction: float) -> tuple[Tensor, Tensor | None]:
@@ -351,7 +356,8 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
     dv = direction(b4, torch.addcdiv(res.r_i, b4, lam) if k else None, q, rules.refine_steps)
     fraction = rules.step_fraction
     # fraction · step ≤ 1: the step is at most 1/fraction (full steps) or 1
-    dw, alpha = boundary(dv, 1 / fraction if rules.full_steps else 1.0, fraction)
+    soc_scale = 1.0 if rules.soc_step_fraction is None else rules.soc_step_fraction / fraction
+    dw, alpha = boundary(dv, 1 / fraction if rules.full_steps else 1.0, fraction, soc_scale)
     alpha, inside = searched(dv, alpha, fraction)
     if rules.merit:
         alpha = _merit_step(dw, b4, alpha, res, backtrack)
