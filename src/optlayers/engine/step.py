@@ -18,8 +18,8 @@ One step (``newton_step``):
 2. predictor: the affine direction (complementarity right-hand side −s∘λ, and −s_K on the cone
    rows) and its longest step to the boundary α_aff;
 3. centring σμ: ``rules.centring`` "mehrotra", σ = (μ_aff / μ)³ (μ_aff the mean complementarity
-   after the affine step; the QP's), or "affine_step", σ = (1 − α_aff)³ (the cone method's, as
-   Clarabel);
+   after the affine step; the QP's), or "affine_step", σ = (1 − α_aff)ᵖ (the cone method's, as
+   Clarabel, whose p is 3; ``rules.centring_power``);
 4. corrector: the combined right-hand side (σμ − s∘λ − ds∘dλ on the nonnegative rows, each
    cone's ``combined_rhs`` on its own), the same factorisation;
 5. step length: ``step_fraction`` of the step to the boundary (at most 1, or with
@@ -63,6 +63,7 @@ class StepRules:
 
     Attributes:
         centring: "mehrotra" or "affine_step" (see the module docstring).
+        centring_power: the exponent p of the "affine_step" centring σ = (1 − α_aff)ᵖ.
         merit: shorten steps by the merit search (nonnegative rows only).
         full_steps: a full step where it stays ``step_fraction`` inside; else at most
             ``step_fraction``.
@@ -84,6 +85,7 @@ class StepRules:
     """
 
     centring: str = "mehrotra"
+    centring_power: int = 3
     merit: bool = False
     full_steps: bool = False
     step_fraction: float = 0.99
@@ -345,7 +347,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         sigma = (mu_aff / res.mu.clamp(min=torch.finfo(s.dtype).tiny)).clamp(0.0, 1.0) ** 3
         sigma_mu = sigma * res.mu
     else:
-        sigma_mu = (1 - alpha_aff) ** 3 * res.mu
+        sigma_mu = (1 - alpha_aff) ** rules.centring_power * res.mu
     b4 = torch.addcmul(minus_s_lam + sigma_mu.unsqueeze(-1), dw[:, 0], dw[:, 1], value=-1)
     q = None
     if parts:
