@@ -102,7 +102,7 @@ ITERATION_PHASES: dict[tuple[str, str], Rule] = {
     ("qp/ipm.py", "step"): ("", ()),
     ("engine/step.py", "newton_step"): ("newton_step: set-up", (
         ("f = factor_at(", "newton_step: factorisation"),
-        ("lam, s, w = st.lam", "newton_step: set-up"),
+        ("minus_s_lam = torch.addcmul(", "newton_step: set-up"),
         ("dv = direction(minus_s_lam, res.r_i", "newton_step: predictor"),
         ("dw, alpha_aff = boundary(", "newton_step: predictor's step length"),
         ("if rules.centring", "newton_step: centring σμ"),

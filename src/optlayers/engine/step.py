@@ -167,6 +167,11 @@ class State:
     def s_k(self) -> Tensor:
         return self.v[:, self.n + self.m + 2 * self.k + self.mk :]
 
+    def split(self) -> tuple[Tensor, ...]:
+        """(x, ν, λ, s, y_K, s_K), the same views as the properties, taken in one operation where
+        several are read at once (each property is a slicing of its own)."""
+        return self.v.split([self.n, self.m, self.k, self.k, self.mk, self.mk], -1)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -187,7 +192,7 @@ def max_step(w: Tensor, dw: Tensor, cap: float = 1.0, scale: float = 1.0) -> Ten
     with a ``scale``). An entry with wᵢ = dwᵢ = 0 (0/0) does not limit the step (an s that is
     exactly 0 has ds = 0 in the predictor; ``fmin`` ignores its NaN); one with wᵢ = 0 > dwᵢ allows
     no step."""
-    lowest = torch.fmin(dw / w, constant(-1.0 / cap, w)).flatten(1).amin(-1)  # −1/α
+    lowest = torch.fmin(dw / w, constant(-1.0 / cap, w)).amin((-2, -1))  # −1/α
     if scale == 1.0:
         return torch.div(constant(-1.0, lowest), lowest)  # correctly rounded, as (1/lowest)·(−1)
     return lowest.reciprocal().mul(-scale)
@@ -204,10 +209,11 @@ def _merit_step(dw: Tensor, b4: Tensor, alpha: Tensor, res, factors: Tensor) -> 
     k·c₁ + a·k·c₂ ≤ k((1 − δ)‖r‖ − δμ). The first candidate that passes is the longest (argmax
     takes the first maximum; none passing gives j = 0, α itself)."""
     k = dw.shape[-1]
-    sums = torch.stack([b4, dw[:, 0] * dw[:, 1]], dim=1).sum(-1)  # (B, 2): k·c₁, k·c₂
+    dlam, ds = dw.unbind(1)
+    linear, quadratic = torch.stack([b4, dlam * ds], dim=1).sum(-1).split(1, -1)  # (B, 1) each: k·c₁, k·c₂
     bound = torch.add(res.scaled, res.mu, alpha=-_MERIT_DECREASE / (1 - _MERIT_DECREASE)) * ((1 - _MERIT_DECREASE) * k)
     a = alpha.unsqueeze(-1) * factors
-    passed = torch.addcmul(sums[:, :1], a, sums[:, 1:]) <= bound.unsqueeze(-1)
+    passed = torch.addcmul(linear, a, quadratic) <= bound.unsqueeze(-1)
     return a.gather(-1, passed.max(-1, keepdim=True).indices).squeeze(-1)
 
 
@@ -276,10 +282,10 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         V = cone_parts.block_diagonal(blocks, parts, rows.A.shape[-1], kept and kept.V)
         G_k = cone_parts.scaled_rows(rows.A, V, kept and kept.G)
         H = cone_parts.normal_matrix(data.Q if rows.quadratic else None, G_k, kept and kept.H)
-    # with cone rows H is the step's own (``normal_matrix``), and the nonnegative rows are added into it in place
-    f = factor_at(H, data.A, data.G, st.lam, st.s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
-                  diagonal=data.diagonal, check_finite=check_finite, overwrite_h=bool(parts))
     lam, s, w = st.lam, st.s, st.lam_s
+    # with cone rows H is the step's own (``normal_matrix``), and the nonnegative rows are added into it in place
+    f = factor_at(H, data.A, data.G, lam, s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
+                  diagonal=data.diagonal, check_finite=check_finite, overwrite_h=bool(parts))
     minus_s_lam = torch.addcmul(constant(0.0, s), lam, s, value=-1)  # the predictor's b4 −s∘λ, in one kernel
     # −r_d, or r_d where the nonnegative rows' solve folds the negation in (``negated_rx``); −r_e (None: no rows, no arithmetic)
     fold_negation = k > 0 and len(parts) == 0
@@ -337,7 +343,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
     dw, alpha_aff = boundary(dv, 1.0)
     alpha_aff, _ = searched(dv, alpha_aff, 1.0)
     if rules.centring == "mehrotra":
-        w_aff = torch.addcmul(w, alpha_aff[:, None, None], dw)
+        w_aff = torch.addcmul(w, alpha_aff.view(-1, 1, 1), dw)
         if parts:
             (dy_k, ds_k), a = on_cones(dv), alpha_aff.unsqueeze(-1)
             mu_aff = w_aff.prod(-2).sum(-1) + ((st.s_k + a * ds_k) * (st.y_k + a * dy_k)).sum(-1)
@@ -348,7 +354,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         sigma_mu = sigma * res.mu
     else:
         sigma_mu = (1 - alpha_aff) ** rules.centring_power * res.mu
-    b4 = torch.addcmul(minus_s_lam + sigma_mu.unsqueeze(-1), dw[:, 0], dw[:, 1], value=-1)
+    b4 = torch.addcmul(minus_s_lam + sigma_mu.unsqueeze(-1), *dw.unbind(1), value=-1)  # σμ − s∘λ − dλ∘ds
     q = None
     if parts:
         dy_aff, ds_aff = on_cones(dv)

@@ -117,7 +117,7 @@ class Units:
     cost: Tensor  # (B,): 1 / c
     backtrack: Tensor  # (B, j): the merit step's candidate factors βʲ (the same for every problem)
     primal: Tensor  # (B, m + k): [1 / e, 1 / f]
-    gauge: Tensor  # (B, 3): [1, 1, 1 / c], the factors of the primal and dual norms (already in units) and of the gap
+    gauge: Tensor  # (B, 1, 3): [1, 1, 1 / c], the factors of the primal and dual norms (already in units) and of the gap
 
     @staticmethod
     def of(sc: Scaling) -> Units:
@@ -125,7 +125,7 @@ class Units:
         return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), cost=cost,
                      backtrack=_backtrack_factors(sc.c.dtype, sc.c.device).expand(batch, -1),
                      primal=torch.cat([1.0 / sc.e, 1.0 / sc.f], -1),
-                     gauge=torch.cat([constant((1.0, 1.0), cost).expand(batch, 2), cost.unsqueeze(-1)], -1))
+                     gauge=torch.cat([constant((1.0, 1.0), cost).expand(batch, 2), cost.unsqueeze(-1)], -1).unsqueeze(-2))
 
 
 @made_once
@@ -215,7 +215,7 @@ _GAP_ROUNDING = 64 * torch.finfo(torch.float64).eps
 
 def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> Residuals:
     """KKT residuals and the convergence test, measured in the original problem's units."""
-    x, nu, lam, s = st.x, st.nu, st.lam, st.s
+    x, nu, lam, s, _, _ = st.split()
     n, m, k = st.n, st.m, st.k
     qx, gtlam = mv(data.Q, x), mtv(data.G, lam)
     # [r_d, Qx, p, Gᵀλ, Aᵀν]: the terms stacked behind a first row that their sum then fills
@@ -249,11 +249,13 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     # (B, 2, 3): the primal residual, the dual residual and the gap; then their sizes; the gap in the original units
     gap = torch.maximum(terms.sum(0).abs(), complementarity)
     tested = torch.stack([primal_norms[0], dual_norms[0], gap, primal_norms[1:].amax(0), dual_norms[1:].amax(0),
-                          inf_norm(terms, 0)], -1).unflatten(-1, (2, 3)) * units.gauge.unsqueeze(-2)
+                          inf_norm(terms, 0)], -1).unflatten(-1, (2, 3)) * units.gauge
+    measured, sizes = tested.unbind(1)
+    gap_size = sizes[:, 2]
     mu = complementarity / max(k, 1)
-    limit = tested[:, 1].mul(settings.rel_tol).add_(settings.tol)
-    limit[:, 2].sub_(tested[:, 1, 2], alpha=_GAP_ROUNDING)  # the plain gap's rounding comes off its limit
-    return Residuals(r_d, r_e, r_i, mu, scaled, tested[:, 0], limit, tested[:, 1, 2])
+    limit = sizes.mul(settings.rel_tol).add_(settings.tol)
+    limit[:, 2].sub_(gap_size, alpha=_GAP_ROUNDING)  # the plain gap's rounding comes off its limit
+    return Residuals(r_d, r_e, r_i, mu, scaled, measured, limit, gap_size)
 
 
 def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> State:
@@ -312,10 +314,10 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     All families of comparisons are one stacked operation.
     """
     n, m, k = st.n, st.m, st.k
-    dv = step.dv
+    dv, x = step.dv, st.x
     dx, dy, dlam = dv[:, :n], dv[:, n : n + m + k], dv[:, n + m : n + m + k]
     # ‖r_d + Q dx‖ (= ‖Aᵀdν + Gᵀdλ‖), ‖Q dx‖, ‖dx‖, ‖x‖; [Q dx, dx] is reused below
-    on_x = torch.stack([res.r_d + step.q_dx, step.q_dx, dx, st.x])
+    on_x = torch.stack([res.r_d + step.q_dx, step.q_dx, dx, x])
     residual_y, norm_qdx, nx, norm_x = inf_norm(on_x)
     if m + k:
         ny, norm_y = inf_norm(torch.stack([dy, st.v[:, n : n + m + k]]))
@@ -324,9 +326,9 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     else:
         ny = norm_y = farkas_value = torch.zeros_like(nx)
     # pᵀdx, and the objective's slope along dx at x + T dx, T = ‖x‖ / ‖dx‖: pᵀdx + (x + T dx)ᵀQ dx
-    far_point = torch.addcmul(st.x, (norm_x / nx).unsqueeze(-1), dx)
-    slopes = (torch.stack([far_point, data.p]) * on_x[1:3]).sum(-1)
-    far_slope = (slopes[0] + slopes[1]).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
+    far_point = torch.addcmul(x, (norm_x / nx).unsqueeze(-1), dx)
+    far_q_slope, p_slope = (torch.stack([far_point, data.p]) * on_x[1:3]).sum(-1).unbind(0)
+    far_slope = (far_q_slope + p_slope).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
     # ε‖dy‖, ε‖dx‖, −ε‖dy‖, −ε‖dx‖ and 64 ε₆₄ ‖y‖ (``_ROUNDING``) in one product
     (eps_y, eps_x, rounding_y), (minus_eps_y, minus_eps_x, _) = (
         torch.stack([ny, nx, norm_y]) * constant((eps, eps, _ROUNDING, -eps, -eps, _ROUNDING), nx).view(2, 3, 1))
@@ -339,7 +341,7 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
                    (res.limit[:, 0], res.measured[:, 0]),
                    (minus_eps_y, dlam.amin(-1)) if k else (residual_y, eps_y)]
     recession_rows = [(norm_qdx, eps_x), (inf_norm(mv(data.A, dx)) if m else norm_qdx, eps_x),
-                      (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (slopes[1], minus_eps_x),
+                      (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (p_slope, minus_eps_x),
                       (far_slope, minus_eps_x), (res.limit[:, 1], res.measured[:, 1])]
     farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
 
@@ -363,8 +365,8 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
         tests = [functools.reduce(operator.and_, (lower < upper for lower, upper in family)) for family in families]
         return torch.stack(tests[:3], -1), tests[3], tests[4], tests[5]
     lower, upper = (torch.stack(side) for side in zip(*(row for family in families for row in family)))
-    passed = (lower < upper).unflatten(0, (len(families), -1)).all(1)
-    return passed[:3].T, passed[3], passed[4], passed[5]
+    events, others = (lower < upper).unflatten(0, (len(families), -1)).all(1).split([3, 3])
+    return events.T, *others.unbind(0)
 
 
 # The far-point slope test of a recession direction is waived where ‖x‖ (scaled) exceeds this
@@ -393,14 +395,16 @@ def assess(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSet
     unsound = running > sound  # a factor with NaN gives a NaN step
     retry, gave_up = unsound & can_raise, unsound > can_raise  # as kkt.next_regularisation
     reg = regularisation_after(st.reg, settings.reg, retry, sound)
-    v = torch.where(sound.unsqueeze(-1), torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
-    counters = torch.where(sound.unsqueeze(-1), torch.addcmul(events, st.counters, events), st.counters)  # (c + 1)·e
+    taken = sound.unsqueeze(-1)
+    v = torch.where(taken, torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
+    counters = torch.where(taken, torch.addcmul(events, st.counters, events), st.counters)  # (c + 1)·e
     # a stall, a primal and a dual infeasibility certificate held long enough
-    held = counters >= constant((settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE), counters)
+    stalled, primal_infeasible, dual_infeasible = (
+        counters >= constant((settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE), counters)).unbind(-1)
     # a failure or a stall, then primal, then dual infeasibility: the later test wins
-    status = st.status.masked_fill(gave_up | held[:, 0], int(QPStatus.NUMERICAL_ERROR))
-    status = status.masked_fill(held[:, 1], int(QPStatus.PRIMAL_INFEASIBLE))
-    status = status.masked_fill(held[:, 2], int(QPStatus.DUAL_INFEASIBLE))
+    status = st.status.masked_fill(gave_up | stalled, int(QPStatus.NUMERICAL_ERROR))
+    status = status.masked_fill(primal_infeasible, int(QPStatus.PRIMAL_INFEASIBLE))
+    status = status.masked_fill(dual_infeasible, int(QPStatus.DUAL_INFEASIBLE))
     return replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg)
 
 
