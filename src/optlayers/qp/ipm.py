@@ -345,16 +345,16 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
                       (far_slope, minus_eps_x), (res.limit[:, 1], res.measured[:, 1])]
     farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
 
-    def const(value: float) -> Tensor:
-        return constant(value, nx).expand_as(nx)
-
-    stall_rows = [(step.alpha, const(_NEGLIGIBLE_STEP))] * len(farkas_rows)
+    # the tests' constant sides, (B,) each, as rows of one constant
+    negligible, below_running, above_running, half, minus_inf, inf, reg_cap = constant(
+        (_NEGLIGIBLE_STEP, RUNNING - 0.5, RUNNING + 0.5, 0.5, -torch.inf, torch.inf, reg_limit), nx
+    ).unsqueeze(-1).expand(-1, nx.shape[0]).unbind(0)
+    stall_rows = [(step.alpha, negligible)] * len(farkas_rows)
     total = dv.sum(-1)  # NaN or ±inf if any part of the direction is (α is finite: max_step ignores NaN)
     # the status (an integer) is RUNNING, the factorisation succeeded (bool), the direction and α are finite
-    running_rows = [(const(RUNNING - 0.5), st.status), (st.status, const(RUNNING + 0.5))]
-    sound_rows = [*running_rows, (const(0.5), step.factor_ok),
-                  (const(-torch.inf), total), (total, const(torch.inf)), (step.alpha, const(torch.inf))]
-    raisable_rows = [(st.reg, const(reg_limit))] * len(farkas_rows)
+    running_rows = [(below_running, st.status), (st.status, above_running)]
+    sound_rows = [*running_rows, (half, step.factor_ok), (minus_inf, total), (total, inf), (step.alpha, inf)]
+    raisable_rows = [(st.reg, reg_cap)] * len(farkas_rows)
     # every test strict: ‖·‖ < ε·size also says size > 0; all six families in one comparison (stack promotes
     # the status and the flags to floats exactly; a family of fewer tests repeats them)
     families = (stall_rows, farkas_rows, recession_rows, sound_rows, running_rows * 3, raisable_rows)

@@ -129,12 +129,12 @@ def _cholesky(M: Tensor, check_finite: bool = True) -> tuple[Tensor, Tensor]:
     return chol, (info == 0) & _finite(chol.diagonal(dim1=-2, dim2=-1).sum(-1))
 
 
-def _inverse(chol: Tensor) -> Tensor:
+def _inverse(chol: Tensor, empty: Tensor) -> Tensor:
     """L⁻¹ for a (B, n, n) lower triangular factor L where it pays to invert it (under compilation,
-    0 < n ≤ ``INVERTED_MAX_N``); (B, 0, 0) elsewhere."""
+    0 < n ≤ ``INVERTED_MAX_N``); elsewhere ``empty``, a (B, 0, 0) tensor."""
     n = chol.shape[-1]
     if not (torch.compiler.is_compiling() and 0 < n <= INVERTED_MAX_N):
-        return chol[:, :0, :0]
+        return empty
     eye = torch.eye(n, dtype=chol.dtype, device=chol.device).expand(chol.shape)
     return torch.linalg.solve_triangular(chol, eye, upper=False)
 
@@ -205,13 +205,14 @@ def factor_kkt(
 
     def attempt(rho: Tensor, delta: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
         empty = (H.unsqueeze(-1) if diagonal else H)[:, :0, :0]
+        shift_h = rho.unsqueeze(-1)
         if diagonal:
-            chol_h, inv_h = (H + rho.unsqueeze(-1)).sqrt(), empty
+            chol_h, inv_h = (H + shift_h).sqrt(), empty
             ok = _finite(chol_h.sum(-1)) & (chol_h.amin(-1) > 0)
         else:
-            H_diagonal.add_(rho.unsqueeze(-1))
+            H_diagonal.add_(shift_h)
             chol_h, ok = _cholesky(H, check_finite)
-            inv_h = _inverse(chol_h)
+            inv_h = _inverse(chol_h, empty)
         y, chol_s, inv_s = C.mT, empty, empty  # empty: there is no Schur complement
         if rows:
             kept = C if order is None else C.gather(-2, order.unsqueeze(-1).expand(-1, -1, C.shape[-1]))
@@ -223,9 +224,9 @@ def factor_kkt(
             ok = ok & ok_s
             if order is not None:
                 y, chol_s = _expand_rows(y, chol_s, order, rows)
-            inv_s = _inverse(chol_s)
+            inv_s = _inverse(chol_s, empty)
         if not diagonal:
-            H_diagonal.sub_(rho.unsqueeze(-1))
+            H_diagonal.sub_(shift_h)
         return chol_h, chol_s, y, ok, inv_h, inv_s
 
     chol_h, chol_s, y, ok, inv_h, inv_s = attempt(rho, delta)
