@@ -29,7 +29,8 @@ def made_once(make: F) -> F:
     once per arguments and its result kept, made as normal tensors even when first asked for under
     ``torch.inference_mode`` (an inference tensor kept would fail every later use that records
     gradients). Under compilation ``make`` is traced into the graph (where inductor folds it), as
-    ``constant`` does: tensors kept outside would enter a compiled loop's body as inputs."""
+    ``constant`` does: tensors kept outside would enter a compiled loop's body as inputs. ``kept``
+    is the cache itself, for a caller that has already checked that it is not being compiled."""
     @functools.lru_cache(maxsize=None)
     @functools.wraps(make)
     def cached(*args: object) -> object:
@@ -41,7 +42,7 @@ def made_once(make: F) -> F:
         if torch.compiler.is_compiling():  # not through the cache, which dynamo would trace through with a warning
             return make(*args)
         return cached(*args)
-    once.cache_clear = cached.cache_clear
+    once.cache_clear, once.kept = cached.cache_clear, cached
     return once  # type: ignore[return-value]
 
 
@@ -64,4 +65,4 @@ def constant(value: float | tuple[float, ...], like: Tensor) -> Tensor:
         raise TypeError(f"constant: like must be a Tensor, got {type(like).__name__}")
     if torch.compiler.is_compiling():
         return torch.tensor(value, dtype=like.dtype, device=like.device)
-    return _cached(_key(value), like.device, like.dtype)
+    return _cached.kept(_key(value), like.device, like.dtype)
