@@ -282,7 +282,8 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         V = cone_parts.block_diagonal(blocks, parts, rows.A.shape[-1], kept and kept.V)
         G_k = cone_parts.scaled_rows(rows.A, V, kept and kept.G)
         H = cone_parts.normal_matrix(data.Q if rows.quadratic else None, G_k, kept and kept.H)
-    lam, s, w = st.lam, st.s, st.lam_s
+    w = st.lam_s
+    lam, s = w.unbind(1)
     # with cone rows H is the step's own (``normal_matrix``), and the nonnegative rows are added into it in place
     f = factor_at(H, data.A, data.G, lam, s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
                   diagonal=data.diagonal, check_finite=check_finite, overwrite_h=bool(parts))

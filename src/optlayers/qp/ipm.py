@@ -332,17 +332,18 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     # ε‖dy‖, ε‖dx‖, −ε‖dy‖, −ε‖dx‖ and 64 ε₆₄ ‖y‖ (``_ROUNDING``) in one product
     (eps_y, eps_x, rounding_y), (minus_eps_y, minus_eps_x, _) = (
         torch.stack([ny, nx, norm_y]) * constant((eps, eps, _ROUNDING, -eps, -eps, _ROUNDING), nx).view(2, 3, 1))
+    (primal_limit, dual_limit, _), (primal, dual, _) = res.limit.unbind(-1), res.measured.unbind(-1)
     # without equality (inequality) rows their tests are taken by another test of the same certificate
     farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y),
                    # dy must move y: a step of dy at y's rounding (an optimum's dual, converged) passes the relative tests by rounding
                    (rounding_y, ny),
                    # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
                    # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
-                   (res.limit[:, 0], res.measured[:, 0]),
+                   (primal_limit, primal),
                    (minus_eps_y, dlam.amin(-1)) if k else (residual_y, eps_y)]
     recession_rows = [(norm_qdx, eps_x), (inf_norm(mv(data.A, dx)) if m else norm_qdx, eps_x),
                       (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (p_slope, minus_eps_x),
-                      (far_slope, minus_eps_x), (res.limit[:, 1], res.measured[:, 1])]
+                      (far_slope, minus_eps_x), (dual_limit, dual)]
     farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
 
     # the tests' constant sides, (B,) each, as rows of one constant
