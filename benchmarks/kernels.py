@@ -4,7 +4,9 @@ Every aten operation that is not a view is one kernel launch on a GPU; an operat
 reads a tensor's value on the host (``item``, ``bool(tensor)``, ``nonzero``, boolean-mask
 indexing) is a synchronisation that stalls the device. Both are machine-independent, so they
 are counted on the CPU with a ``TorchDispatchMode``, with one intra-op thread so that the batch
-is not sliced across threads.
+is not sliced across threads. Views (unsqueeze, slice, transpose, ...) launch nothing, but each
+is a dispatch like a kernel's, which an eager iteration on small problems pays on the host: they
+are counted too (``views``).
 
 Kernels per interior point iteration are measured as the difference between two forward
 solves capped at different numbers of iterations, both before the host's first look at the
@@ -44,17 +46,20 @@ _VIEW_OPS = {"detach", "alias", "_unsafe_view", "lift_fresh"}
 
 
 class KernelCounter(TorchDispatchMode):
-    """Counts non-view aten operations (kernels) and host synchronisations, by name."""
+    """Counts non-view aten operations (kernels), view operations and host synchronisations, by name."""
 
     def __init__(self) -> None:
         super().__init__()
         self.kernels: Counter[str] = Counter()
+        self.views: Counter[str] = Counter()
         self.syncs: Counter[str] = Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         name = func.overloadpacket.__name__
         if torch.Tag.view_copy not in func.tags and not func.is_view and name not in _VIEW_OPS:
             self.kernels[name] += 1
+        else:
+            self.views[name] += 1
         if name in _SYNC_OPS or (name in ("index", "index_put", "index_put_") and _has_bool_index(args)) or _to_host(name, kwargs):
             self.syncs[name] += 1
         return func(*args, **(kwargs or {}))
@@ -62,6 +67,10 @@ class KernelCounter(TorchDispatchMode):
     @property
     def kernel_count(self) -> int:
         return sum(self.kernels.values())
+
+    @property
+    def view_count(self) -> int:
+        return sum(self.views.values())
 
     @property
     def sync_count(self) -> int:
@@ -230,6 +239,7 @@ class QPCounts:
     n_eq: int
     iterations: int
     kernels_per_iteration: float
+    views_per_iteration: float
     forward_kernels: int
     forward_syncs: int
     backward_kernels: int
@@ -244,14 +254,15 @@ def _warm_up(qp) -> None:  # noqa: ANN001
 
 
 def qp_counts(batch: int, n: int, n_ineq: int, n_eq: int, window: int = 3) -> QPCounts:
-    """Kernels per iteration, and kernels and syncs of one converging forward and its backward."""
+    """Kernels and views per iteration, and kernels and syncs of one converging forward and its backward."""
     qp = random_qp(batch, n, n_ineq, n_eq, seed=0)
 
-    def capped(iterations: int) -> int:
-        return count(lambda: solve_qp(*qp.tensors(), max_iter=iterations, on_failure="ignore")).kernel_count
+    def capped(iterations: int) -> tuple[int, int]:
+        counter = count(lambda: solve_qp(*qp.tensors(), max_iter=iterations, on_failure="ignore"))
+        return counter.kernel_count, counter.view_count
 
     _warm_up(qp)
-    per_iteration = (capped(2 * window) - capped(window)) / window
+    (low_kernels, low_views), (high_kernels, high_views) = capped(window), capped(2 * window)
     p = qp.p.clone().requires_grad_(True)
     Q, _, G, h, A, b = qp.tensors()
     holder = {}
@@ -262,8 +273,8 @@ def qp_counts(batch: int, n: int, n_ineq: int, n_eq: int, window: int = 3) -> QP
     fwd = count(forward)
     sol = holder["sol"]
     bwd = count(lambda: sol.z.sum().backward())
-    return QPCounts(batch, n, n_ineq, n_eq, int(sol.iterations.max()), per_iteration,
-                    fwd.kernel_count, fwd.sync_count, bwd.kernel_count, bwd.sync_count)
+    return QPCounts(batch, n, n_ineq, n_eq, int(sol.iterations.max()), (high_kernels - low_kernels) / window,
+                    (high_views - low_views) / window, fwd.kernel_count, fwd.sync_count, bwd.kernel_count, bwd.sync_count)
 
 
 def _launches(code: str) -> dict[str, int]:
@@ -401,11 +412,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one slice: the counts of the whole batch (1 is the safe setting, see README)
     rows = [qp_counts(args.batch, args.n, args.n, 0), qp_counts(args.batch, args.n, args.n, args.n // 2)]
-    header = "| batch | n | k | m | iterations | kernels / iteration | forward kernels | forward syncs | backward kernels | backward syncs |"
+    header = ("| batch | n | k | m | iterations | kernels / iteration | views / iteration | forward kernels | forward syncs "
+              "| backward kernels | backward syncs |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for r in rows:
         print(f"| {r.batch} | {r.n} | {r.n_ineq} | {r.n_eq} | {r.iterations} | {r.kernels_per_iteration:.0f} | "
+              f"{r.views_per_iteration:.0f} | "
               f"{r.forward_kernels} | {r.forward_syncs} | {r.backward_kernels} | {r.backward_syncs} |")
     if args.phases:
         for r in rows:
