@@ -129,7 +129,7 @@ def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
 
     def ruiz(scales: Tensor) -> Tensor:
         # Norms of the currently scaled matrices, without forming them: |d_i M_ij d_j| etc.
-        d, ef = scales[:, :n], scales[:, n:]
+        d, ef = scales.split([n, absC.shape[-2]], -1)
         col = torch.maximum(_col_max(absQ * d.unsqueeze(-1)), _col_max(absC * ef.unsqueeze(-1))) * d
         rows = _row_max(absC * d.unsqueeze(-2)) * ef
         return scales * _inv_sqrt(torch.cat([col, rows], dim=-1))
