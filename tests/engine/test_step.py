@@ -119,7 +119,8 @@ def test_each_method_departs_from_the_shared_step_rules_only_where_it_says():
     qp = ipm.default_settings(torch.float64, None, None, None)
     assert departures(qp.rules) == {"merit": True, "ineq_reg": qp.ineq_reg, "refine_steps": qp.refine_steps}
     assert departures(ConeIPMSettings().rules) == {"centring": "affine_step", "full_steps": True, "solve_through_y": True,
-                                                   "soc_step_fraction": 0.98, "centring_power": 2}
+                                                   "soc_step_fraction": 0.98, "centring_power": 2,
+                                                   "nonneg_step_fraction": 0.999}
     custom = ConeIPMSettings(step_fraction=0.9, backtrack=0.5, max_backtracks=7, kkt_refine_steps=2).rules
     assert (custom.step_fraction, custom.backtrack, custom.max_backtracks, custom.refine_steps) == (0.9, 0.5, 7, 2)
 

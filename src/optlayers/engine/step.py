@@ -80,8 +80,9 @@ class StepRules:
             iteration count by < 3 % and failed more often).
         max_backtracks: shortenings before an element is declared a numerical failure
             (0.8^40 ≈ 1e-4).
-        soc_step_fraction: the fraction of the step to the second-order cones' boundary that
-            the step may take (None: ``step_fraction``); the other cones keep ``step_fraction``.
+        soc_step_fraction, nonneg_step_fraction: the fraction of the step to the second-order
+            cones' boundary, and to the nonnegative rows', that the step may take (None:
+            ``step_fraction``); the other cones keep ``step_fraction``.
     """
 
     centring: str = "mehrotra"
@@ -96,6 +97,7 @@ class StepRules:
     backtrack: float = 0.8
     max_backtracks: int = 40
     soc_step_fraction: float | None = None
+    nonneg_step_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -309,14 +311,21 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
                        -res.r_k - a_dx]
         return torch.cat(pieces, dim=-1)
 
-    def boundary(dv: Tensor, cap: float, scale: float = 1.0, soc_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    def boundary(dv: Tensor, cap: float, scale: float = 1.0, soc_scale: float = 1.0,
+                 nonneg_scale: float = 1.0) -> tuple[Tensor, Tensor]:
         """The direction of (λ, s) as (B, 2, k), and ``scale`` times the longest step (at most
         ``cap``) that keeps the nonnegative rows and the cones with a closed-form step inside,
-        the second-order cones' step counted ``soc_scale`` times."""
+        the second-order cones' step counted ``soc_scale`` times and the nonnegative rows' (and
+        nonnegative cones') ``nonneg_scale`` times (min(cap, rα) = r·min(cap/r, α))."""
         dw = dv[:, n + m : n + m + 2 * k].unflatten(-1, (2, k))
         if not parts:
+            if nonneg_scale != 1.0:
+                return dw, max_step(w, dw, cap / nonneg_scale, scale * nonneg_scale)
             return dw, max_step(w, dw, cap, scale)
-        step = max_step(w, dw, cap) if k else st.v.new_full((batch,), cap)
+        if k and nonneg_scale != 1.0:
+            step = max_step(w, dw, cap / nonneg_scale, nonneg_scale)
+        else:
+            step = max_step(w, dw, cap) if k else st.v.new_full((batch,), cap)
         # the PSD cones last: their test takes the step so far, and solves for their own step
         # only where it is shorter (``NTScaling.max_step``'s bound)
         for sc, part, s_, y_ in sorted(zip(scalings, parts, s_parts, y_parts), key=lambda each: each[1].kind == "psd"):
@@ -324,7 +333,8 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
                 continue
             dy_, ds_ = (cone_parts.piece(d, part) for d in on_cones(dv))
             limit = sc.max_step(s_, y_, ds_, dy_, step).amin(-1)
-            step = torch.minimum(step, limit * soc_scale if part.kind == "soc" and soc_scale != 1.0 else limit)
+            own = {"soc": soc_scale, "nonneg": nonneg_scale}.get(part.kind, 1.0)
+            step = torch.minimum(step, limit * own if own != 1.0 else limit)
         return dw, step if scale == 1.0 else scale * step
 
     def searched(dv: Tensor, alpha: Tensor, fraction: float) -> tuple[Tensor, Tensor | None]:
@@ -365,8 +375,9 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
     dv = direction(b4, torch.addcdiv(res.r_i, b4, lam) if k else None, q, rules.refine_steps)
     fraction = rules.step_fraction
     # fraction · step ≤ 1: the step is at most 1/fraction (full steps) or 1
-    soc_scale = 1.0 if rules.soc_step_fraction is None else rules.soc_step_fraction / fraction
-    dw, alpha = boundary(dv, 1 / fraction if rules.full_steps else 1.0, fraction, soc_scale)
+    soc_scale, nonneg_scale = (1.0 if own is None else own / fraction
+                               for own in (rules.soc_step_fraction, rules.nonneg_step_fraction))
+    dw, alpha = boundary(dv, 1 / fraction if rules.full_steps else 1.0, fraction, soc_scale, nonneg_scale)
     alpha, inside = searched(dv, alpha, fraction)
     if rules.merit:
         alpha = _merit_step(dw, b4, alpha, res, backtrack)

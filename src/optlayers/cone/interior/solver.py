@@ -80,6 +80,13 @@ class ConeIPMSettings:
             affine step than Clarabel's 3; on the cone benchmark's programs 4-5 % fewer
             iterations, on the second-order and exponential kinds of
             ``benchmarks/cone_fallbacks.py`` 4 %, on the nonnegative and PSD kinds 4 % more.
+        nonneg_step_fraction: the fraction of the step to the nonnegative rows' boundary that
+            is taken. 0.999, as linear programming's interior point codes (0.995-0.99995):
+            near the solution the step to that boundary is just above 1, and 0.99 of it leaves
+            1 % of the residuals for another iteration; 12-13 % fewer iterations on programs of
+            nonnegative rows alone, the cone benchmark's unchanged (with the cube centring, QPs
+            whose nonnegative rows are not strictly complementary failed twice as often; with
+            the square as often as at 0.99).
         reg: regularisation of the reduced KKT system, small enough (1e-10) to move the steps
             far less than the tolerance; ``kkt_refine_steps`` of iterative refinement remove it.
             Where a factorisation fails, that element retries in the next iteration with its
@@ -104,6 +111,7 @@ class ConeIPMSettings:
     kkt_refine_steps: int = 0
     compiled: bool = False
     soc_step_fraction: float = 0.98
+    nonneg_step_fraction: float = 0.999
     centring_power: int = 2
 
     @property
@@ -114,7 +122,8 @@ class ConeIPMSettings:
         Y = L⁻¹Cᵀ."""
         return StepRules(centring="affine_step", full_steps=True, solve_through_y=True, step_fraction=self.step_fraction,
                          refine_steps=self.kkt_refine_steps, backtrack=self.backtrack, max_backtracks=self.max_backtracks,
-                         soc_step_fraction=self.soc_step_fraction, centring_power=self.centring_power)
+                         soc_step_fraction=self.soc_step_fraction, centring_power=self.centring_power,
+                         nonneg_step_fraction=self.nonneg_step_fraction)
 
     def __post_init__(self) -> None:
         for name in ("max_iter", "max_backtracks", "kkt_refine_steps", "centring_power"):
@@ -122,7 +131,7 @@ class ConeIPMSettings:
             least = 1 if name in ("max_backtracks", "centring_power") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"ConeIPMSettings.{name} must be an int >= {least}, got {value!r}")
-        for name, lo, hi in (("tol", 0.0, 1.0), ("inaccurate_tol", 0.0, 1.0), ("step_fraction", 0.0, 1.0), ("soc_step_fraction", 0.0, 1.0),
+        for name, lo, hi in (("tol", 0.0, 1.0), ("inaccurate_tol", 0.0, 1.0), ("step_fraction", 0.0, 1.0), ("soc_step_fraction", 0.0, 1.0), ("nonneg_step_fraction", 0.0, 1.0),
                              ("backtrack", 0.0, 1.0), ("reg", 0.0, 1.0)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo < value < hi:
