@@ -3,13 +3,22 @@ its arguments to ``forward``'s signature on every call."""
 from __future__ import annotations
 
 import inspect
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
+from torch._functorch.utils import unwrap_dead_wrappers
 
 F = TypeVar("F", bound=type)
 
-_AS_GIVEN = inspect.Signature([inspect.Parameter("args", inspect.Parameter.VAR_POSITIONAL)])
+
+def _apply_as_given(cls: type, *args: Any) -> Any:
+    """``Function.apply`` for a ``forward`` whose arguments need no binding: outside ``torch.func``
+    transforms torch's own route without the binding (tensors of a finished transform unwrapped,
+    then the C++ apply); under them torch's ``apply``, which binds and hands the call to the
+    transforms."""
+    if torch._C._are_functorch_transforms_active():
+        return torch.autograd.Function.apply.__func__(cls, *args)
+    return super(torch.autograd.Function, cls).apply(*unwrap_dead_wrappers(args))
 
 
 def applied_as_given(function: F) -> F:
@@ -19,9 +28,9 @@ def applied_as_given(function: F) -> F:
     ``Function.apply`` of a Function with ``setup_context`` binds its arguments to ``forward``'s
     signature on every call, to fill in defaults (``inspect.signature(forward).bind``: about eight
     Python calls per parameter, 80 for ten). A ``forward`` whose parameters have no defaults and
-    are passed by position needs no binding, so its signature is held as ``(*args)``, which takes
-    them as they come: ``apply`` must then be called with positional arguments (a wrong number of
-    them fails in ``forward``'s own call)."""
+    are passed by position needs no binding, so ``apply`` skips it outside ``torch.func``
+    transforms (``_apply_as_given``): it must then be called with positional arguments (a wrong
+    number of them fails in ``forward``'s own call)."""
     if not (isinstance(function, type) and issubclass(function, torch.autograd.Function)):
         raise TypeError(f"function must be a torch.autograd.Function subclass, got {function!r}")
     parameters = inspect.signature(function.forward).parameters.values()
@@ -30,5 +39,5 @@ def applied_as_given(function: F) -> F:
     if refused:
         raise TypeError(f"{function.__name__}.forward must take positional parameters without defaults; "
                         f"{', '.join(refused)} are not")
-    function.forward.__signature__ = _AS_GIVEN
+    function.apply = classmethod(_apply_as_given)
     return function
