@@ -22,7 +22,7 @@ def eager_backend(monkeypatch):
     compiling.compiled.cache_clear()
     torch._dynamo.reset()  # dynamo keeps its specialisations per code object across tests
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize(
-        "eager", nopython=True, dynamic=False, guard_filter_fn=kwargs.get("options", {}).get("guard_filter_fn"))(fn))
+        "eager", nopython=True, dynamic=kwargs.get("dynamic"), guard_filter_fn=kwargs.get("options", {}).get("guard_filter_fn"))(fn))
     yield
     compiling.compiled.cache_clear()
     torch._dynamo.reset()

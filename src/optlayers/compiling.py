@@ -140,6 +140,15 @@ def _keep_guards(entries: list[GuardFilterEntry]) -> list[bool]:
     return [keeps_guard(entry) for entry in entries]
 
 
+_STATIC_UNRECORDED = torch._dynamo.config._make_closure_patcher(
+    automatic_dynamic_shapes=False, assume_static_by_default=True, record_runtime_overhead=False)
+"""Dynamo's settings for the duration of each compiled call (a patch entered and reverted per call,
+as the one ``torch.compile(dynamic=False)`` enters, which this replaces): every specialisation
+static (no dynamic shapes on a recompilation), and none of the profiler ranges that dynamo would
+otherwise generate around the call of each graph (``record_runtime_overhead``, read when it
+generates the code that calls the graph: two more ``torch._dynamo.disable`` wrappers entered per
+call, 25 Python calls, whether a profiler runs or not)."""
+
 # Compilation raises torch's (process-wide) recompile limit for its duration: one thread at a time.
 _COMPILING = threading.Lock()
 
@@ -151,10 +160,11 @@ def compiled(fn: Callable, device_type: str, graphs: bool = False, pointwise_cat
     with ``POINTWISE_CAT_OPTIONS`` (see ``pointwise_cats``). Positional and keyword arguments
     pass through.
 
-    A call runs under torch's own recompile limit; only one that hits it (a new specialisation
-    past torch's default of 8) compiles again under ``COMPILED_SHAPES``: patching torch's
-    configuration, or keying the arguments' shapes here, costs more host time than a compiled
-    step of a small problem. Past that limit ``fn`` runs eagerly."""
+    Each call runs under ``_STATIC_UNRECORDED`` and torch's own recompile limit; only one that
+    hits it (a new specialisation past torch's default of 8) compiles again under
+    ``COMPILED_SHAPES``, one thread at a time (``_past_torchs_limit``): keying the arguments'
+    shapes here costs more host time than a compiled step of a small problem. Past that limit
+    ``fn`` runs eagerly."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if not isinstance(device_type, str) or not device_type:
@@ -166,27 +176,35 @@ def compiled(fn: Callable, device_type: str, graphs: bool = False, pointwise_cat
     if device_type == "cpu":
         _quiet_expected_notices()
         options = POINTWISE_CAT_OPTIONS if pointwise_cat else CPU_OPTIONS
-        graph = torch.compile(fn, fullgraph=True, dynamic=False, options={**options, "guard_filter_fn": _keep_guards})
+        graph = torch.compile(fn, fullgraph=True, options={**options, "guard_filter_fn": _keep_guards})
     else:
         mode = "reduce-overhead" if graphs and device_type == "cuda" else "default"
-        graph = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode)  # torch takes a mode or options, not both
+        graph = torch.compile(fn, fullgraph=True, mode=mode)  # torch takes a mode or options, not both
     name = getattr(fn, "__qualname__", repr(fn))
 
     @functools.wraps(fn)
     def run(*args: object, **kwargs: object) -> object:
+        revert = _STATIC_UNRECORDED()
         try:
             return graph(*args, **kwargs)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
-            pass  # a new specialisation past torch's limit: compile it under ours
-        with _COMPILING, torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
-            try:
-                return graph(*args, **kwargs)
-            except torch._dynamo.exc.FailOnRecompileLimitHit:
-                warnings.warn(f"compile=True: {name} has {COMPILED_SHAPES} compiled specialisations (problem shapes, "
-                              "tolerances); this call runs eagerly", RuntimeWarning, stacklevel=2)
-                return fn(*args, **kwargs)
+            return _past_torchs_limit(graph, fn, name, *args, **kwargs)
+        finally:
+            revert()
 
     return run
+
+
+def _past_torchs_limit(graph: Callable, fn: Callable, name: str, *args: object, **kwargs: object) -> object:
+    """A call of ``graph`` (``fn`` compiled) that met torch's recompile limit, again under
+    ``COMPILED_SHAPES``; past that, ``fn`` run eagerly, with a warning."""
+    with _COMPILING, torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
+        try:
+            return graph(*args, **kwargs)
+        except torch._dynamo.exc.FailOnRecompileLimitHit:
+            warnings.warn(f"compile=True: {name} has {COMPILED_SHAPES} compiled specialisations (problem shapes, "
+                          "tolerances); this call runs eagerly", RuntimeWarning, stacklevel=3)
+            return fn(*args, **kwargs)
 
 
 def owned(obj: T) -> T:
