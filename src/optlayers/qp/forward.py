@@ -149,7 +149,7 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     Otherwise the solve goes on from there (``fused.go_on``). The solves run in
     ``compiled_slice_count`` equal slices side by side (``threads.map_slices``), their outputs joined."""
     device = p.device.type
-    raw = tuple(t.detach() for t in (Q, p, G, h, A, b))  # one specialisation whichever data require gradients
+    raw = tuple(t.detach() if t.requires_grad else t for t in (Q, p, G, h, A, b))  # one specialisation whichever require gradients
     batch = p.shape[0]
     count = compiled_slice_count(batch, p.shape[-1], p.device)
     pointwise = pointwise_cats(batch // count, p.shape[-1], p.device)

@@ -1,0 +1,95 @@
+"""What a compiled QP layer call (``compile=True``) does outside its compiled functions, counted
+for one forward + backward at batch 1: ``torch._dynamo.disable`` wrappers entered (the dynamo
+code that calls each graph, ``compiling._STATIC_UNRECORDED``), dynamo configuration patches
+entered, argument bindings of the autograd Function's ``apply`` (``functions.applied_as_given``),
+and aten operations dispatched outside the compiled calls. Upper bounds, as measured; traced by
+dynamo's eager backend (no inductor compilation: fast), whose calls enter the same wrappers."""
+import collections
+import inspect
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from optlayers import QPFunction
+from optlayers.qp import autograd, forward
+from tests.qp.qp_problems import random_qp
+
+# the compiled calls of a forward + backward that ends in one call: the solve and the backward
+COMPILED_CALLS = 2
+# aten operations outside them: the layer's (the gradient-requiring datum detached, the absent
+# equalities made, the information read, the relaxed mask, the statuses kept, the cotangent made
+# contiguous; autograd's own detaches of saved and returned tensors) and the loss's (sum, its
+# backward's ones and expand, the gradient's accumulation)
+ATEN_OUTSIDE = 19
+
+
+def _layer_call() -> tuple:
+    """A (1, 10) problem and a forward + backward of ``QPFunction(compile=True)`` through p."""
+    data = random_qp((1,), 10, 10, 0)
+    Q, p, G, h = (data[k] for k in ("Q", "p", "G", "h"))
+    p = p.clone().requires_grad_()
+    layer, absent = QPFunction(compile=True), torch.empty(0)
+
+    def call() -> None:
+        layer(Q, p, G, h, absent, absent).sum().backward()
+    return call
+
+
+def _python_calls(call) -> collections.Counter:
+    """Python function calls made by ``call()``, by (file name, function name)."""
+    calls: collections.Counter = collections.Counter()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            calls[(frame.f_code.co_filename.rsplit("/", 1)[-1], frame.f_code.co_name)] += 1
+    sys.setprofile(profile)
+    try:
+        call()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
+def test_dynamo_wrappers_and_patches_entered_per_call(eager_backend, monkeypatch):
+    call = _layer_call()
+    call()  # compiles
+    binds = []
+    real_bind = inspect.Signature.bind
+    monkeypatch.setattr(inspect.Signature, "bind", lambda self, *a, **k: binds.append(str(self)) or real_bind(self, *a, **k))
+    calls = _python_calls(call)
+    assert calls[("eval_frame.py", "compile_wrapper")] == COMPILED_CALLS  # one call of each compiled function
+    assert calls[("eval_frame.py", "_fn")] <= COMPILED_CALLS  # the graph's call only, no profiler ranges around it
+    assert calls[("_config_module.py", "change")] <= COMPILED_CALLS  # one patch of dynamo's settings per call
+    assert binds == []
+
+
+class _AtenCount(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_aten_operations_outside_the_compiled_calls(eager_backend, monkeypatch):
+    call = _layer_call()
+    call()  # compiles
+    real = forward.compiled
+
+    def without_counting(fn, *args, **kwargs):
+        run = real(fn, *args, **kwargs)
+
+        def uncounted(*a, **k):
+            with _disable_current_modes():  # the compiled call's own operations are not counted
+                return run(*a, **k)
+        return uncounted
+
+    monkeypatch.setattr(forward, "compiled", without_counting)
+    monkeypatch.setattr(autograd, "compiled", without_counting)
+    with _AtenCount() as counted:
+        call()
+    assert sum(counted.ops.values()) <= ATEN_OUTSIDE, dict(counted.ops)
+    assert counted.ops["aten.detach.default"] <= 10, dict(counted.ops)  # of the data, only p (requires grad)
