@@ -135,8 +135,8 @@ def test_module_constants_stay_guarded(eager_backend, monkeypatch):
 def test_which_guards_are_kept():
     from torch._dynamo.types import GuardFilterEntry
 
-    def entry(value, guard_type="ID_MATCH", is_global=True):
-        return GuardFilterEntry(name="x", has_value=True, value=value, guard_type=guard_type, derived_guard_types=(),
+    def entry(value, guard_type="ID_MATCH", is_global=True, name="x"):
+        return GuardFilterEntry(name=name, has_value=True, value=value, guard_type=guard_type, derived_guard_types=(),
                                 is_global=is_global, orig_guard=None)
 
     for kept in (entry(torch.ones(1), "TENSOR_MATCH"), entry(2.0, "EQUALS_MATCH"), entry(-1, "CONSTANT_MATCH"),
@@ -145,6 +145,11 @@ def test_which_guards_are_kept():
     for dropped in (entry(_double.__code__), entry(_double, "CLOSURE_MATCH"), entry(torch, "MODULE_MATCH"),
                     entry(len, "BUILTIN_MATCH"), entry("dual", "CONSTANT_MATCH")):
         assert not compiling.keeps_guard(dropped), dropped
+    # values reached through module globals: a module constant is kept, values that describe code are not
+    assert compiling.keeps_guard(entry(3, "EQUALS_MATCH", name="G['__import_optlayers_dot_qp_dot_ipm']._CERTIFICATE_PERSISTENCE"))
+    for code in ("G['__import_optlayers_dot_qp_dot_ipm'].State.__dataclass_fields__['v'].init",
+                 "G['equilibrate'].__defaults__[0]", "G['__import_torch_dot_utils_dot__pytree']._LEAF_SPEC.num_nodes"):
+        assert not compiling.keeps_guard(entry(True, "CONSTANT_MATCH", name=code)), code
 
 
 def _loop_doubling_plus(step: float):

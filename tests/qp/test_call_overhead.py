@@ -1,9 +1,10 @@
 """What a compiled QP layer call (``compile=True``) does outside its compiled functions, counted
 for one forward + backward at batch 1: ``torch._dynamo.disable`` wrappers entered (the dynamo
 code that calls each graph, ``compiling._STATIC_UNRECORDED``), dynamo configuration patches
-entered, argument bindings of the autograd Function's ``apply`` (``functions.applied_as_given``),
-and aten operations dispatched outside the compiled calls. Upper bounds, as measured; traced by
-dynamo's eager backend (no inductor compilation: fast), whose calls enter the same wrappers."""
+entered, guards evaluated (``compiling.keeps_guard``), argument bindings of the autograd
+Function's ``apply`` (``functions.applied_as_given``), and aten operations dispatched outside the
+compiled calls. Upper bounds, as measured; traced by dynamo's eager backend (no inductor
+compilation: fast), whose calls enter the same wrappers and keep the same guards."""
 import collections
 import inspect
 import sys
@@ -22,6 +23,9 @@ COMPILED_CALLS = 2
 # contiguous; autograd's own detaches of saved and returned tensors) and the loss's (sum, its
 # backward's ones and expand, the gradient's accumulation)
 ATEN_OUTSIDE = 19
+# guards evaluated by a call of each compiled function (``compiling.keeps_guard``)
+SOLVE_GUARDS = 73
+BACKWARD_GUARDS = 96
 
 
 def _layer_call() -> tuple:
@@ -93,3 +97,24 @@ def test_aten_operations_outside_the_compiled_calls(eager_backend, monkeypatch):
         call()
     assert sum(counted.ops.values()) <= ATEN_OUTSIDE, dict(counted.ops)
     assert counted.ops["aten.detach.default"] <= 10, dict(counted.ops)  # of the data, only p (requires grad)
+
+
+def _guards(manager) -> int:
+    """The leaf guards under a guard manager (dynamo's tree: leaves, child managers, a dict's keys and values)."""
+    count = len(manager.get_leaf_guards()) + sum(_guards(child) for child in manager.get_child_managers())
+    if hasattr(manager, "get_key_value_managers"):
+        count += sum(_guards(m) for pair in manager.get_key_value_managers().values() for m in pair if m is not None)
+    return count
+
+
+def test_guards_per_compiled_function(eager_backend):
+    """The guards each call of the compiled solve and backward evaluates: those on their arguments,
+    the global state and the package's module constants (``compiling.keeps_guard``), not those on
+    the traced code's dataclass fields and defaults."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    _layer_call()()
+    for fn, most in ((forward._checked_solved, SOLVE_GUARDS), (autograd._compiled_vjp, BACKWARD_GUARDS)):
+        (entry,) = _debug_get_cache_entry_list(fn.__code__)
+        root = entry.guard_manager.root
+        assert _guards(root) + len(root.get_epilogue_lambda_guards()) <= most, fn.__name__
