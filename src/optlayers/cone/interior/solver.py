@@ -65,7 +65,7 @@ class ConeIPMSettings:
         inaccurate_tol: an element that stalls (on an exponential cone the membership test
             loses its digits near the boundary) or runs out of iterations with a residual below
             this is returned INACCURATE, for the refinement to finish; above, it has failed.
-        max_iter: iteration limit (elements of the test problems take 13-17; 60 leaves room
+        max_iter: iteration limit (elements of the cone benchmark's programs take 9-13; 60 leaves room
             for badly scaled ones before Clarabel takes over).
         step_fraction, backtrack, max_backtracks: the step's rules of these names
             (``engine.step.StepRules``, whose defaults they take).
