@@ -318,14 +318,16 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
         the second-order cones' step counted ``soc_scale`` times and the nonnegative rows' (and
         nonnegative cones') ``nonneg_scale`` times (min(cap, rα) = r·min(cap/r, α))."""
         dw = dv[:, n + m : n + m + 2 * k].unflatten(-1, (2, k))
+
+        def rows_step(times: float) -> Tensor:  # ``times`` the nonnegative rows' step, counted ``nonneg_scale`` times
+            if nonneg_scale == 1.0:
+                return max_step(w, dw, cap, times)
+            return max_step(w, dw, cap / nonneg_scale, times * nonneg_scale)
+
         if not parts:
-            if nonneg_scale != 1.0:
-                return dw, max_step(w, dw, cap / nonneg_scale, scale * nonneg_scale)
-            return dw, max_step(w, dw, cap, scale)
-        if k and nonneg_scale != 1.0:
-            step = max_step(w, dw, cap / nonneg_scale, nonneg_scale)
-        else:
-            step = max_step(w, dw, cap) if k else st.v.new_full((batch,), cap)
+            return dw, rows_step(scale)
+        step = rows_step(1.0) if k else st.v.new_full((batch,), cap)
+        own_scales = {"soc": soc_scale, "nonneg": nonneg_scale}
         # the PSD cones last: their test takes the step so far, and solves for their own step
         # only where it is shorter (``NTScaling.max_step``'s bound)
         for sc, part, s_, y_ in sorted(zip(scalings, parts, s_parts, y_parts), key=lambda each: each[1].kind == "psd"):
@@ -333,7 +335,7 @@ def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backt
                 continue
             dy_, ds_ = (cone_parts.piece(d, part) for d in on_cones(dv))
             limit = sc.max_step(s_, y_, ds_, dy_, step).amin(-1)
-            own = {"soc": soc_scale, "nonneg": nonneg_scale}.get(part.kind, 1.0)
+            own = own_scales.get(part.kind, 1.0)
             step = torch.minimum(step, limit * own if own != 1.0 else limit)
         return dw, step if scale == 1.0 else scale * step
 

@@ -131,7 +131,8 @@ class ConeIPMSettings:
             least = 1 if name in ("max_backtracks", "centring_power") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"ConeIPMSettings.{name} must be an int >= {least}, got {value!r}")
-        for name, lo, hi in (("tol", 0.0, 1.0), ("inaccurate_tol", 0.0, 1.0), ("step_fraction", 0.0, 1.0), ("soc_step_fraction", 0.0, 1.0), ("nonneg_step_fraction", 0.0, 1.0),
+        for name, lo, hi in (("tol", 0.0, 1.0), ("inaccurate_tol", 0.0, 1.0), ("step_fraction", 0.0, 1.0),
+                             ("soc_step_fraction", 0.0, 1.0), ("nonneg_step_fraction", 0.0, 1.0),
                              ("backtrack", 0.0, 1.0), ("reg", 0.0, 1.0)):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo < value < hi:
