@@ -558,17 +558,36 @@ def test_ipm_alone_solves_random_exponential_programs(kind):
     assert float(distance[solved].max()) <= EXP_CLARABEL_TOL
 
 
+def _iterated(A, b, c, P, spec: ConeSpec, max_iter: int) -> tuple[torch.Tensor, ...]:
+    """x, the iterations and the statuses of the interior point method alone, at most ``max_iter`` iterations."""
+    parts = tuple(cone_parts.parts_of(spec))
+    program, step_parts = solver._setup(A, b, c, P, spec, parts)
+    st, status = solver._iterate(program, step_parts, solver.ConeIPMSettings(max_iter=max_iter))
+    return st.x, st.iterations, status
+
+
 @pytest.mark.parametrize("kind", [*KINDS, "all"])
 def test_batch_elements_are_solved_independently(kind):
-    """An element's iterates must not depend on the other elements of its batch (nor on when they stop)."""
+    """An element's iterates must not depend on the other elements of its batch, nor on when they
+    stop: alone and in a batch, its iterates agree to round-off after three iterations (a step or a
+    centring taken for the batch as a whole would part them at once); in the batch, an element
+    that stopped keeps its iterate bit for bit while the others go on; and it ends with the same
+    status, as close as the method's accuracy. (The batched linear algebra may round differently
+    for another batch size — MKL on an AMD EPYC machine does — and near an exponential cone's
+    boundary the last iterations magnify a difference of 1e-15 in the first to 1e-5, and may
+    take one more iteration.)"""
     spec = ALL_CONES if kind == "all" else dataclasses.replace(KINDS[kind][0], zero=1)
     A, b, c, P, *_ = random_program(spec, middle_n(spec), batch=3, quadratic=True, seed=102)
-    together = solver.solve(A, b, c, P, spec)
+    early, (x, iterations, status) = _iterated(A, b, c, P, spec, 3), _iterated(A, b, c, P, spec, 60)
+    assert (status == ConeStatus.SOLVED).all() and len(set(iterations.tolist())) > 1, "the case is not tested"
     for i in range(3):
-        alone = solver.solve(A[i:i + 1], b[i:i + 1], c[i:i + 1], P[i:i + 1], spec)
-        assert together[3][i] == alone[3][0]
-        for whole, single in zip(together[:3], alone[:3]):
-            assert torch.allclose(whole[i], single[0], atol=1e-10)
+        one = slice(i, i + 1)
+        early_alone, final_alone = _iterated(A[one], b[one], c[one], P[one], spec, 3), _iterated(A[one], b[one], c[one], P[one], spec, 60)
+        torch.testing.assert_close(early[0][i], early_alone[0][0], rtol=0, atol=1e-10)
+        assert final_alone[2][0] == status[i]
+        torch.testing.assert_close(x[i], final_alone[0][0], rtol=0, atol=1e-4 * (1 + float(x[i].abs().max())))
+        stopped = _iterated(A, b, c, P, spec, int(iterations[i]))[0][i]  # the batch cut off where element i stopped
+        assert torch.equal(stopped, x[i])
 
 
 def test_ipm_shared_and_unbatched_inputs():
@@ -953,10 +972,11 @@ def test_second_order_step_fraction_saves_iterations():
 
 def test_centring_power_two_saves_iterations_on_the_benchmark_programs():
     """σ = (1 − α_aff)² instead of Clarabel's cube: on a fixed batch of the cone benchmark's
-    programs (all five cones, m = 96, n = 48), 660 iterations in all and at most 13 per element,
-    against 687 and 14 with the cube; every element solved, as close to the known solution."""
+    programs (all five cones, m = 96, n = 48), 660 iterations in all and at most 13 per element
+    (14 on an AMD EPYC machine, whose batched linear algebra rounds differently), against 687 and
+    14 with the cube; every element solved, as close to the known solution."""
     _assert_saves_iterations(ConeSpec(zero=14, nonneg=30, soc=[10, 10, 10], psd=[4], exp=4), 48, {"centring_power": 3},
-                             total=670, most=13, gain=0.97, distance=1e-4)
+                             total=670, most=14, gain=0.97, distance=1e-4)
 
 
 def test_nonnegative_step_fraction_saves_iterations_on_linear_programs():
