@@ -130,7 +130,7 @@ def batch_scaling(batches: list[int], repeats: int, device: str) -> list[dict]:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
@@ -143,7 +143,11 @@ def main() -> None:
                              "about a minute and a half with a cold inductor cache)")
     parser.add_argument("--scaling", type=lambda s: [int(v) for v in s.split(",") if v], default=[16, 128, 512],
                         help="batch sizes of the forward-only scaling table (comma separated; empty to skip)")
-    args = parser.parse_args()
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads != torch.get_num_threads():  # torch.set_num_threads also breaks batched LU with more than
         torch.set_num_threads(args.threads)  # one thread on MKL builds (pytorch/pytorch#142815): only when asked
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -34,12 +34,16 @@ def launches(fn) -> dict[str, int]:
     return {"device_kernels": device, "host_launch_calls": host}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--json", type=Path, help="write the counts here")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     if not torch.cuda.is_available():
         print("cuda_launches.py needs a CUDA device (none is available)", file=sys.stderr)
         return 2

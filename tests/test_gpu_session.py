@@ -1,0 +1,64 @@
+"""``benchmarks/gpu_session.sh`` takes every GPU figure in one device call, on a machine this
+project is lent rarely and briefly: each of its commands must at least parse its arguments and
+name files that exist, which is checked here without a GPU."""
+from __future__ import annotations
+
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_cone, cuda_launches, qp_benchmark
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
+PARSERS = {"benchmarks.qp_benchmark": qp_benchmark.parse_args, "benchmarks/cuda_launches.py": cuda_launches.parse_args,
+           "benchmarks/bench_cone.py": bench_cone.parse_args}
+
+
+def python_steps(tmp_path: Path) -> list[list[str]]:
+    """The script's ``step SECONDS python3 ...`` commands, split as the shell would, its ``$out``
+    folder replaced by ``tmp_path``; each without ``step SECONDS python3``."""
+    steps = []
+    for line in SCRIPT.read_text().splitlines():
+        words = shlex.split(line.replace('"$out', f'"{tmp_path}'), comments=True)
+        if len(words) > 2 and words[0] == "step" and words[2] == "python3":
+            assert words[1].isdigit(), f"a step's first word must be its time limit in seconds: {line!r}"
+            steps.append(words[3:])
+    return steps
+
+
+def test_every_python_step_is_known_here(tmp_path):
+    steps = python_steps(tmp_path)
+    assert len(steps) >= 5, f"expected the tests, the launches and three benchmarks, got {steps}"
+    for words in steps:
+        target = words[1] if words[0] == "-m" else words[0]
+        assert target == "pytest" or target in PARSERS, f"a step this test does not check: {words}"
+
+
+def test_every_benchmark_step_parses_its_arguments(tmp_path):
+    for words in python_steps(tmp_path):
+        target, argv = (words[1], words[2:]) if words[0] == "-m" else (words[0], words[1:])
+        if target == "pytest":
+            continue
+        args = PARSERS[target](argv)  # argparse exits (SystemExit) on an unknown or malformed option
+        assert args is not None
+
+
+def test_the_test_step_names_existing_files_and_a_registered_marker(tmp_path):
+    (words,) = [w for w in python_steps(tmp_path) if w[:2] == ["-m", "pytest"]]
+    markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
+    registered = {marker.split(":")[0] for marker in markers}
+    marker = words[words.index("-m", 2) + 1]
+    assert marker in registered
+    files = [w for w in words[2:] if w.endswith(".py")]
+    assert files, words
+    for name in files:
+        assert (ROOT / name).is_file(), f"gpu_session.sh runs {name}, which does not exist"
+
+
+@pytest.mark.parametrize("argv", [["--device", "cuda", "--sweep", "--no-such-option"], ["--solvers", "no-such-solver"]])
+def test_a_wrong_option_is_caught_by_the_check(argv, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        qp_benchmark.parse_args(argv + ["--out", str(tmp_path)])
