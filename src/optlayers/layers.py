@@ -41,6 +41,20 @@ def _record(layer: nn.Module, sol: QPSolution) -> QPSolution:
     return sol
 
 
+def _check_input(name: str, x: object, n: int, layer: nn.Module) -> None:
+    """The layer's input ``x`` is a (*, n) tensor of the layer's dtype (that of its parameters and
+    buffers, where it has floating-point ones)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (*, {n}), got {type(x).__name__}")
+    if x.shape[-1:] != (n,):
+        raise ValueError(f"{name} must have shape (*, {n}), got {tuple(x.shape)}")
+    dtypes = {t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()}
+    if len(dtypes) == 1 and x.dtype not in dtypes:
+        (dtype,) = dtypes
+        raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {dtype}; convert the input "
+                        f"({name}.to({dtype})) or the layer (layer.to({x.dtype}))")
+
+
 def first_difference(n: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
     """The (n-1, n) first-difference operator: ``(D x)_i = x_{i+1} - x_i``."""
     check_int("n", n, 2)
@@ -169,8 +183,7 @@ class OptNet(nn.Module):
 
     def solve(self, p: Tensor):
         """The full :func:`optlayers.solve_qp` solution (``z``, duals, slacks, status) for input ``p``."""
-        if p.shape[-1:] != (self.n,):
-            raise ValueError(f"p must have shape (*, {self.n}), got {tuple(p.shape)}")
+        _check_input("p", p, self.n, self)
         Q, G, h, A, b = self.qp_data()
         return _record(self, solve_qp(Q, p, G, h, A, b, **self.solver_options))
 
@@ -262,8 +275,7 @@ class OptNetTV(nn.Module):
         return Q, G, torch.zeros(2 * self.n_diff, device=D.device, dtype=D.dtype)
 
     def forward(self, y: Tensor) -> Tensor:
-        if y.shape[-1:] != (self.n,):
-            raise ValueError(f"y must have shape (*, {self.n}), got {tuple(y.shape)}")
+        _check_input("y", y, self.n, self)
         Q, G, h = self.qp_data()
         p = torch.cat([-y, torch.full((*y.shape[:-1], self.n_diff), self.lam, device=y.device, dtype=y.dtype)], -1)
         return _record(self, solve_qp(Q, p, G, h, **self.solver_options)).z[..., : self.n]

@@ -45,6 +45,12 @@ def check_bool(name: str, value: object) -> None:
         raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
+def check_fill(name: str, value: object) -> None:
+    """``value`` fills failed elements: NaN, or a finite number (not a bool, not ±inf)."""
+    if not (_is_number(value) and (math.isnan(value) or math.isfinite(value))):
+        raise ValueError(f"{name} must be a float (NaN, or a finite value such as 0.0), got {value!r}")
+
+
 def check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")

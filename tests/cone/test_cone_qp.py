@@ -51,8 +51,22 @@ def test_only_inequalities_and_shared_Q():
     assert torch.allclose(Q_cone.grad, Q_qp.grad, atol=1e-6)  # the shared Q's gradient, summed over the batch
 
 
+def test_checks_and_broadcasts_as_solve_qp():
+    """qpth's empty placeholders for absent constraints, shared data broadcast to the batch, and
+    the data refused with solve_qp's messages."""
+    Q, G, h = torch.eye(2), torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([-1.0, 0.5])
+    p = torch.tensor([[1.0, -1.0], [0.5, 0.5], [-2.0, 0.0]])
+    sol = solve_qp_cone(Q, p, G, h, torch.Tensor(), torch.Tensor())
+    torch.testing.assert_close(sol.z, solve_qp(Q, p, G, h).z, rtol=0, atol=1e-5)
+    assert sol.z.shape == (3, 2) and sol.lam.shape == (3, 2) and sol.nu.shape == (3, 0)
+    with pytest.raises(TypeError, match="p must be a torch.Tensor, got list"):
+        solve_qp_cone(Q, [1.0, -1.0], G, h)
+    with pytest.raises(ValueError, match=r"G must have shape \(\.\.\., k, 2\)"):
+        solve_qp_cone(Q, p, torch.zeros(2, 3), h)
+
+
 def test_needs_a_constraint():
     with pytest.raises(ValueError, match="at least one constraint"):
         solve_qp_cone(torch.eye(2), torch.ones(2))
-    with pytest.raises(ValueError, match="given together"):
+    with pytest.raises(ValueError, match="G was given without h"):
         solve_qp_cone(torch.eye(2), torch.ones(2), G=torch.eye(2))

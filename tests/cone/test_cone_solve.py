@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from optlayers import ConeSolveError, ConeSpec, ConeStatus, solve_cone
+from optlayers import ConeSolution, ConeSolveError, ConeSpec, ConeStatus, solve_cone
 from optlayers.cone.testing import ALL_CONES, n_range, random_program
 
 SOLUTION_TOL = 1e-8  # refined solutions are accurate to ~1e-12; this leaves room for conditioning
@@ -105,8 +105,7 @@ def test_failed_element_gets_zero_gradient_and_others_finite():
 SPEC = ConeSpec(zero=1, nonneg=2)
 
 
-class _WrongWarm:
-    x, y, s = torch.zeros(5), torch.zeros(3), torch.zeros(3)
+_WRONG_WARM = ConeSolution(torch.zeros(5), torch.zeros(3), torch.zeros(3), torch.zeros((), dtype=torch.int64))
 
 
 @pytest.mark.parametrize("args, error, message", [
@@ -119,7 +118,9 @@ class _WrongWarm:
     (dict(A=torch.tensor([[0.0, 1.0], [-float("inf"), 0.0], [0.0, 0.0]])), ValueError, "A contains NaN or Inf"),
     (dict(A=torch.sparse_coo_tensor([[0, 2], [1, 0]], [1.0, float("nan")], (3, 2))), ValueError, "A contains NaN or Inf"),
     (dict(P=torch.tensor([[1.0, 0.0], [0.0, float("inf")]])), ValueError, "P contains NaN or Inf"),
-    (dict(A=torch.zeros(3, 2, dtype=torch.int64)), TypeError, "A must be a floating-point tensor .* got torch.int64"),
+    (dict(A=torch.zeros(3, 2, dtype=torch.int64)), TypeError, "A must be a float32 or float64 tensor, got torch.int64"),
+    (dict(A=torch.zeros(3, 2, dtype=torch.float16)), TypeError, "A must be a float32 or float64 tensor, got torch.float16"),
+    (dict(b=torch.zeros(3, dtype=torch.float64)), TypeError, "all inputs must have one dtype, got .*'b': torch.float64"),
     (dict(A=[[0.0]]), TypeError, "A must be a torch.Tensor, numpy array or scipy sparse matrix, got list"),
     (dict(b=torch.zeros(3, device="meta")), ValueError, "all inputs must be on one device"),
     (dict(A=torch.zeros(2, 3, 2), b=torch.zeros(5, 3)), ValueError, "batched inputs must share one batch size"),
@@ -131,10 +132,14 @@ class _WrongWarm:
     (dict(on_failure="explode"), ValueError, "on_failure must be one of"),
     (dict(refine_steps=-1), ValueError, "refine_steps must be an integer >= 0, got -1"),
     (dict(max_workers=0), ValueError, "max_workers must be an integer >= 1 or None, got 0"),
-    (dict(warm_start=_WrongWarm()), ValueError, "warm_start must be a solution of the same shapes"),
+    (dict(warm_start=_WRONG_WARM), ValueError, "warm_start must be a solution of the same shapes"),
+    (dict(warm_start=3), TypeError, "warm_start must be a ConeSolution .* got int"),
+    (dict(solver="scs", solver_options={"eps": 1e-3}), ValueError, r"solver_options for solver='scs' must be SCS settings .*got \['eps'\]"),
+    (dict(A=torch.zeros(0, 2), b=torch.zeros(0), cones=ConeSpec()), ValueError, "cones cover no rows"),
 ])
 def test_bad_input_messages(args, error, message):
-    kwargs = dict(A=torch.zeros(3, 2), b=torch.zeros(3), c=torch.zeros(2), cones=SPEC)
+    kwargs = dict(A=torch.zeros(3, 2, dtype=torch.float32), b=torch.zeros(3, dtype=torch.float32),
+                  c=torch.zeros(2, dtype=torch.float32), cones=SPEC)  # the dtype of the table's tensors
     kwargs.update(args)
     with pytest.raises(error, match=message):
         solve_cone(**kwargs)
@@ -145,6 +150,8 @@ def test_bad_cone_spec():
         ConeSpec(nonneg=-1)
     with pytest.raises(ValueError, match="ConeSpec.soc entries must be positive ints"):
         ConeSpec(soc=[3, 0])
+    with pytest.raises(TypeError, match=r"ConeSpec.psd must be a list or tuple of sizes .* got 3; e.g. psd=\[3\]"):
+        ConeSpec(psd=3)
 
 
 def test_cone_spec_sizes_and_scs_dict():

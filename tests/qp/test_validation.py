@@ -65,6 +65,7 @@ BAD_QP_OPTIONS = [
     (dict(max_iter=True), r"max_iter must be an integer >= 1 or None, got True"),
     (dict(on_failure="explode"), r"on_failure must be one of \('raise', 'warn', 'ignore', 'relax'\), got 'explode'"),
     (dict(failed_value="zero"), r"failed_value must be a float"),
+    (dict(failed_value=float("inf")), r"failed_value must be a float \(NaN, or a finite value such as 0.0\), got inf"),
 ]
 
 
@@ -85,6 +86,23 @@ def test_qpfunction_refuses_the_same_options_at_construction(options, pattern):
 def test_optnet_layers_refuse_the_same_options(layer, options, pattern):
     with pytest.raises(ValueError, match=pattern):
         OptNet(3, n_ineq=2, **options) if layer == "optnet" else OptNetTV(5, lam=1.0, **options)
+
+
+def test_qpfunction_verbose_must_be_an_int_not_a_bool():
+    with pytest.raises(ValueError, match="verbose must be an integer .* got True"):
+        QPFunction(verbose=True)
+
+
+@pytest.mark.parametrize("layer", ["optnet", "tv"])
+def test_layer_inputs_are_checked(layer):
+    module = (OptNet(3, n_ineq=2) if layer == "optnet" else OptNetTV(3, lam=1.0)).double()
+    name = "p" if layer == "optnet" else "y"
+    with pytest.raises(TypeError, match=f"{name} must be a torch.Tensor of shape \\(\\*, 3\\), got list"):
+        module([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=f"{name} must have shape \\(\\*, 3\\), got \\(2, 4\\)"):
+        module(torch.zeros(2, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match=f"{name} has dtype torch.float32 but the layer's parameters are torch.float64"):
+        module(torch.zeros(2, 3, dtype=torch.float32))
 
 
 def test_layer_flags_must_be_bools():

@@ -93,7 +93,10 @@ def _scs_solve(cone: dict, options: dict, problem: Problem, warm: WarmStart | No
     data = {"A": problem.A, "b": problem.b, "c": problem.c}
     if problem.P is not None:
         data["P"] = problem.P
-    solver = scs.SCS(data, cone, **settings)
+    try:
+        solver = scs.SCS(data, cone, **settings)
+    except ValueError:  # SCS could not set up the problem (its KKT factorisation failed: P not PSD, say)
+        return _failed(problem, ConeStatus.NUMERICAL_ERROR)
     if warm is None:
         out = solver.solve(warm_start=False)
     else:

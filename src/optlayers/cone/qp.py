@@ -12,6 +12,7 @@ import torch
 
 from optlayers.cone.solve import solve_cone
 from optlayers.cone.spec import ConeSpec
+from optlayers.qp.problem import check_values, prepare_qp
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,16 +26,10 @@ class ConeQPSolution:
     status: torch.Tensor
 
 
-def _batch(*tensors: torch.Tensor | None, batched_dim: tuple[int, ...]) -> int | None:
-    sizes = {t.shape[0] for t, dim in zip(tensors, batched_dim) if t is not None and t.dim() == dim}
-    if len(sizes) > 1:
-        raise ValueError(f"batched QP inputs must share one batch size, got sizes {sorted(sizes)}")
-    return sizes.pop() if sizes else None
-
-
 def solve_qp_cone(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None, h: torch.Tensor | None = None,
                   A: torch.Tensor | None = None, b: torch.Tensor | None = None, **cone_options) -> ConeQPSolution:
-    """Solve the QP with ``solve_cone`` (Clarabel or SCS forward, the HSDE derivative backward).
+    """Solve the QP with ``solve_cone`` (its forward solver, the HSDE derivative backward), its data checked
+    and broadcast as by ``solve_qp``.
 
     Args:
         Q: (n, n) or (B, n, n) positive semidefinite.
@@ -46,22 +41,12 @@ def solve_qp_cone(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = Non
     Returns:
         ConeQPSolution, unbatched when every input is.
     """
-    if (G is None) != (h is None) or (A is None) != (b is None):
-        raise ValueError("G and h (and A and b) must be given together")
-    if G is None and A is None:
+    (Q, p, G, h, A, b), batch = prepare_qp(Q, p, G, h, A, b)  # the checks and broadcasting of solve_qp
+    check_values(Q, p, G, h, A, b)
+    m, k = A.shape[-2], G.shape[-2]
+    if m + k == 0:
         raise ValueError("solve_qp_cone needs at least one constraint; an unconstrained QP is the linear solve Q z = -p")
-    batch = _batch(Q, p, G, h, A, b, batched_dim=(3, 2, 3, 2, 3, 2))
-    n = p.shape[-1]
-    like = p.new_zeros(0, n)
-    rows = [like.expand(*([batch] if batch else []), 0, n)]
-    offsets = [like.new_zeros(*([batch] if batch else []), 0)]
-    if A is not None:
-        rows.append(A.expand(batch, *A.shape[-2:]) if batch else A)
-        offsets.append(b.expand(batch, b.shape[-1]) if batch else b)
-    if G is not None:
-        rows.append(G.expand(batch, *G.shape[-2:]) if batch else G)
-        offsets.append(h.expand(batch, h.shape[-1]) if batch else h)
-    m = 0 if A is None else A.shape[-2]
-    k = 0 if G is None else G.shape[-2]
-    sol = solve_cone(torch.cat(rows, -2), torch.cat(offsets, -1), p, ConeSpec(zero=m, nonneg=k), Q, **cone_options)
-    return ConeQPSolution(z=sol.x, lam=sol.y[..., m:], nu=sol.y[..., :m], s=sol.s[..., m:], status=sol.status)
+    sol = solve_cone(torch.cat([A, G], -2), torch.cat([b, h], -1), p, ConeSpec(zero=m, nonneg=k), Q, **cone_options)
+    parts = (sol.x, sol.y[..., m:], sol.y[..., :m], sol.s[..., m:], sol.status)
+    z, lam, nu, s, status = (t.reshape((*batch, *t.shape[1:])) for t in parts)
+    return ConeQPSolution(z=z, lam=lam, nu=nu, s=s, status=status)

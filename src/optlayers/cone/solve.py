@@ -14,7 +14,7 @@ from optlayers.cone.linsolve import MODES
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.validation import validate
-from optlayers.options import check_bool, check_choice, check_int, check_number
+from optlayers.options import check_bool, check_choice, check_fill, check_int, check_number
 from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status
 
 
@@ -65,8 +65,7 @@ def check_cone_options(solver: object, mode: object, on_failure: object, solver_
     check_choice("on_failure", on_failure, ON_FAILURE_CHOICES)
     check_int("refine_steps", refine_steps, 0)
     check_int("max_workers", max_workers, 1, optional=True)
-    if not (isinstance(failed_value, (int, float)) and not isinstance(failed_value, bool)):
-        raise ValueError(f"failed_value must be a float (NaN, or a finite value such as 0.0), got {failed_value!r}")
+    check_fill("failed_value", failed_value)
     if solver_options is not None and not isinstance(solver_options, dict):
         raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
     _SOLVER_OPTION_CHECKS[solver](dict(solver_options or {}))
@@ -131,7 +130,16 @@ def _check_clarabel_options(options: dict) -> None:
                          "max_iter")
 
 
+# SCS's settings (scs.SCS keyword arguments, SCS 3.x)
+_SCS_SETTINGS = ("verbose", "normalize", "scale", "adaptive_scale", "rho_x", "max_iters", "eps_abs", "eps_rel", "eps_infeas",
+                 "alpha", "time_limit_secs", "write_data_filename", "log_csv_filename", "acceleration_lookback",
+                 "acceleration_interval", "use_indirect", "mkl", "gpu")
+
+
 def _check_scs_options(options: dict) -> None:
+    unknown = sorted(set(options) - set(_SCS_SETTINGS))
+    if unknown:
+        raise ValueError(f"solver_options for solver='scs' must be SCS settings ({', '.join(_SCS_SETTINGS)}), got {unknown}")
     for name in ("eps_abs", "eps_rel", "eps_infeas", "time_limit_secs"):
         if name in options:
             check_number(f"solver_options[{name!r}]", options[name], positive=False)
@@ -192,10 +200,15 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     """
     check_cone_options(solver, mode, on_failure, solver_options, max_workers, refine_steps, failed_value, compile)
     data = validate(A, b, c, P, cones)
+    if data.b.shape[0] == 0:
+        return _empty_solution(data)
     if solver == "auto":
         solver = choose_solver(cones.size, data.b.shape[0], data.b.device)
     warm = None
     if warm_start is not None:
+        if not isinstance(warm_start, ConeSolution):
+            raise TypeError(f"warm_start must be a ConeSolution (an earlier solve_cone's result) or None, "
+                            f"got {type(warm_start).__name__}")
         expected = (data.b.shape[0] * data.c.shape[-1], data.b.numel(), data.b.numel())
         given = tuple(t.numel() for t in (warm_start.x, warm_start.y, warm_start.s))
         if given != expected:
@@ -216,6 +229,14 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     if data.batch is None:
         x, y, s, status = x[0], y[0], s[0], status[0]
     return ConeSolution(x, y, s, status)
+
+
+def _empty_solution(data) -> ConeSolution:
+    """The solution of an empty batch: x (0, n), y and s (0, m), joined to the inputs (through a
+    zero) so that their gradients are zero, as for any batch whose outputs do not use them."""
+    zero = sum(t.sum() for t in (data.A, data.b, data.c, data.P) if t is not None and t.layout == torch.strided) * 0
+    x, y = data.c * 0 + zero, data.b * 0 + zero
+    return ConeSolution(x, y, y.clone(), torch.zeros(0, dtype=torch.int64, device=data.b.device))
 
 
 class ConeLayer(torch.nn.Module):

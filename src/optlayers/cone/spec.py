@@ -56,8 +56,12 @@ class ConeSpec:
     exp_dual: int = 0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "soc", tuple(self.soc))
-        object.__setattr__(self, "psd", tuple(self.psd))
+        for name in ("soc", "psd"):
+            sizes = getattr(self, name)
+            if not isinstance(sizes, (tuple, list)):
+                raise TypeError(f"ConeSpec.{name} must be a list or tuple of sizes (one per cone), got {sizes!r}; "
+                                f"e.g. {name}=[{sizes!r}] for one cone")
+            object.__setattr__(self, name, tuple(sizes))
         for name in ("zero", "nonneg", "exp", "exp_dual"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:

@@ -40,9 +40,8 @@ def _to_tensor(name: str, value, allow_sparse: bool) -> torch.Tensor:
                         f"got {type(value).__name__}")
     if value.layout != torch.strided and not allow_sparse:
         raise TypeError(f"{name} must be dense, got layout {value.layout}; call {name}.to_dense()")
-    if not value.dtype.is_floating_point:
-        raise TypeError(f"{name} must be a floating-point tensor (float32 or float64), got {value.dtype}; "
-                        f"convert with {name}.double()")
+    if value.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{name} must be a float32 or float64 tensor, got {value.dtype}; convert with {name}.double()")
     return value
 
 
@@ -90,9 +89,10 @@ def validate(A, b, c, P, cones: ConeSpec) -> ConeData:
     devices = {name: t.device for name, t in tensors.items()}
     if len(set(devices.values())) > 1:
         raise ValueError(f"all inputs must be on one device, got {devices}; move them with .to(device)")
-    dtype = torch.promote_types(*[t.dtype for t in tensors.values()][:2])
-    for t in tensors.values():
-        dtype = torch.promote_types(dtype, t.dtype)
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(f"all inputs must have one dtype, got {dtypes}; convert them with .double() (or .float())")
+    dtype = tensors["A"].dtype
     A_t = tensors["A"]
     _check_dims("A", A_t, (2,) if A_t.layout != torch.strided else (2, 3), "(m, n), or (B, m, n) batched; sparse A is 2-D")
     m, n = A_t.shape[-2:]
@@ -105,6 +105,9 @@ def validate(A, b, c, P, cones: ConeSpec) -> ConeData:
                              f"got {tuple(tensors[name].shape)}")
     if "P" in tensors:
         _check_dims("P", tensors["P"], (2, 3), f"(n, n) = ({n}, {n}) or (B, n, n)")
+    if cones.size == 0:
+        raise ValueError(f"cones cover no rows ({cones}): a program without constraints has no cone to differentiate "
+                         "through; give at least one row")
     if cones.size != m:
         raise ValueError(f"cones cover {cones.size} rows ({cones}) but A has m = {m} rows; "
                          "the cone sizes must add up to the number of rows of A")
@@ -112,7 +115,7 @@ def validate(A, b, c, P, cones: ConeSpec) -> ConeData:
     if len(set(batches.values())) > 1:
         raise ValueError(f"batched inputs must share one batch size, got {batches}")
     batch = next(iter(batches.values())) if batches else None
-    size = batch or 1
+    size = 1 if batch is None else batch
     cast = {name: t.to(dtype) for name, t in tensors.items()}
     return ConeData(A=cast["A"], b=cast["b"].expand(size, m), c=cast["c"].expand(size, n),
                     P=cast.get("P"), batch=batch)

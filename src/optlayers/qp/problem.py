@@ -55,6 +55,9 @@ def _check_pair(mat_name: str, vec_name: str, M: Tensor | None, v: Tensor | None
 def _asymmetry(Q: Tensor) -> tuple[Tensor, Tensor, float]:
     """max |Q − Qᵀ|, its bound tol·max(1, max|Q|) and tol, as tensors that stay on the device."""
     tol = math.sqrt(torch.finfo(Q.dtype).eps)
+    if Q.numel() == 0:  # an empty batch: nothing to test (amax has no identity)
+        zero = Q.new_zeros(())
+        return zero, zero + tol, tol
     return (Q - Q.mT).abs().amax(), tol * Q.abs().amax().clamp(min=1.0), tol
 
 

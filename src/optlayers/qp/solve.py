@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from optlayers.options import check_bool, check_choice, check_int, check_tolerances
+from optlayers.options import check_bool, check_choice, check_fill, check_int, check_tolerances
 from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
@@ -66,8 +66,7 @@ def check_qp_options(tol: object, rel_tol: object, max_iter: object, on_failure:
     check_tolerances(tol, rel_tol, _FLOAT64_DEFAULT_TOL, tol_name)
     check_int("max_iter", max_iter, 1, optional=True)
     check_choice("on_failure", on_failure, SOLVE_QP_FAILURE_CHOICES)
-    if not (isinstance(failed_value, (int, float)) and not isinstance(failed_value, bool)):
-        raise ValueError(f"failed_value must be a float (NaN, or a finite value such as 0.0), got {failed_value!r}")
+    check_fill("failed_value", failed_value)
     if relaxation is not None and not isinstance(relaxation, Relaxation):
         raise TypeError(f"relaxation must be an optlayers.qp.relax.Relaxation or None, got {type(relaxation).__name__}")
 
@@ -256,7 +255,7 @@ class QPFunction(nn.Module):
             if value is not None and ours is not None:
                 raise ValueError(f"give {qpth_name} (qpth's name) or {name}, not both; got {qpth_name}={value!r}, "
                                  f"{name}={ours!r}")
-        if not isinstance(verbose, int):
+        if not isinstance(verbose, int) or isinstance(verbose, bool):
             raise ValueError(f"verbose must be an integer (-1 silent, 0 warnings, 1 a summary per solve), got {verbose!r}")
         check_int("notImprovedLim", notImprovedLim, 1, optional=True)
         _check_solver(solver)

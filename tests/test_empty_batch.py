@@ -1,0 +1,55 @@
+"""A batch of zero problems (the last, empty slice of a data loader, a filtered minibatch) is solved
+like any other: outputs of batch size 0, gradients zero for shared data and empty for batched data."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optlayers import OptNet, QPFunction, solve_qp
+from optlayers.cone import ConeSpec, solve_cone
+
+
+def _empty_qp() -> tuple[torch.Tensor, ...]:
+    """Batched Q and p with no elements; shared G and h that require gradients."""
+    Q = torch.eye(2, dtype=torch.float64).expand(0, 2, 2).clone().requires_grad_(True)
+    p = torch.ones(0, 2, dtype=torch.float64, requires_grad=True)
+    G = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, -1.0]], dtype=torch.float64, requires_grad=True)
+    h = torch.ones(3, dtype=torch.float64, requires_grad=True)
+    return Q, p, G, h
+
+
+def test_solve_qp_returns_an_empty_solution():
+    Q, p, G, h = _empty_qp()
+    sol = solve_qp(Q, p, G, h)
+    assert sol.z.shape == (0, 2) and sol.lam.shape == (0, 3) and sol.status.shape == (0,)
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_qp_function_differentiates_an_empty_batch(compile):
+    Q, p, G, h = _empty_qp()
+    z = QPFunction(compile=compile)(Q, p, G, h)
+    assert z.shape == (0, 2)
+    z.sum().backward()
+    assert Q.grad.shape == (0, 2, 2) and p.grad.shape == (0, 2)
+    assert torch.equal(G.grad, torch.zeros_like(G)) and torch.equal(h.grad, torch.zeros_like(h))
+
+
+def test_optnet_layer_takes_an_empty_minibatch():
+    layer = OptNet(3, n_ineq=4, n_eq=1).double()
+    out = layer(torch.zeros(0, 3, dtype=torch.float64))
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert all(torch.equal(t.grad, torch.zeros_like(t)) for t in layer.parameters() if t.grad is not None)
+
+
+@pytest.mark.parametrize("solver", ["auto", "ipm", "clarabel", "scs"])
+def test_solve_cone_returns_an_empty_solution(solver):
+    pytest.importorskip("clarabel" if solver == "clarabel" else "scs" if solver == "scs" else "torch")
+    spec = ConeSpec(zero=1, nonneg=2)
+    A = torch.randn(0, 3, 2, dtype=torch.float64, requires_grad=True)
+    b = torch.ones(0, 3, dtype=torch.float64)
+    c = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    sol = solve_cone(A, b, c, spec, solver=solver)
+    assert sol.x.shape == (0, 2) and sol.y.shape == (0, 3) and sol.s.shape == (0, 3) and sol.status.shape == (0,)
+    sol.x.sum().backward()
+    assert A.grad.shape == (0, 3, 2) and torch.equal(c.grad, torch.zeros_like(c))
