@@ -4,7 +4,6 @@ name files that exist, which is checked here without a GPU."""
 from __future__ import annotations
 
 import shlex
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -47,6 +46,7 @@ def test_every_benchmark_step_parses_its_arguments(tmp_path):
 
 
 def test_the_test_step_names_existing_files_and_a_registered_marker(tmp_path):
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     (words,) = [w for w in python_steps(tmp_path) if w[:2] == ["-m", "pytest"]]
     markers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]["markers"]
     registered = {marker.split(":")[0] for marker in markers}

@@ -18,11 +18,13 @@ import threading
 import warnings
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, TypeVar
 
 import torch
 from torch import Tensor
-from torch._dynamo.types import GuardFilterEntry
+
+if TYPE_CHECKING:  # a type only: the module is torch's private one
+    from torch._dynamo.types import GuardFilterEntry
 
 T = TypeVar("T")
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import os
+import sys
 import warnings
 
 import torch
@@ -58,6 +60,19 @@ class SolveError(RuntimeError):
         self.status = status
 
 
+_LIBRARY_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel, for a warning raised by the caller of this function, that
+    names the first frame outside optlayers and torch: the user's line that called the solver
+    (however many of the package's and torch's autograd frames lie between)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _index(index: list[int]) -> str:
     return str(index[0]) if len(index) == 1 else str(tuple(index))
 
@@ -66,6 +81,10 @@ def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: 
     """A sentence naming the failed batch elements (multi-indices for batch shapes of several
     dimensions), grouped by reason, each reason with what to do about it."""
     status = status.detach().cpu()
+    if status.dim() == 0:  # one problem, not a batch: no elements to name
+        code = int(status)
+        reason = Status(code).message if code in set(map(int, Status)) else f"its code {code} is outside Status"
+        return f"the problem was not solved: {reason}"
     parts = []
     for code in Status:
         if code == Status.SOLVED:
@@ -108,7 +127,7 @@ class FailurePolicy:
         message = describe_failures(status, self.noun)
         if self.action == "raise":
             raise SolveError(message, status)
-        warnings.warn(f"{message}. {self.outcome()}", RuntimeWarning, stacklevel=4)
+        warnings.warn(f"{message}. {self.outcome()}", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def apply_failure_policy(status: torch.Tensor, on_failure: str | FailurePolicy, noun: str = "problems") -> None:

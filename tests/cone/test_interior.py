@@ -798,7 +798,7 @@ def test_ipm_on_cuda_matches_cpu():
 
 @pytest.mark.parametrize("options, message", [
     ({"max_backtracks": 0}, r"IPMSettings.max_backtracks must be an int >= 1, got 0"),
-    ({"max_iter": 2.5}, r"IPMSettings.max_iter must be an int >= 0, got 2.5"),
+    ({"max_iter": 2.5}, r"IPMSettings.max_iter must be an int >= 1, got 2.5"),
     ({"step_fraction": 0.0}, r"IPMSettings.step_fraction must be a number in \(0.0, 1.0\), got 0.0"),
     ({"tol": 1e-3, "inaccurate_tol": 1e-4}, r"inaccurate_tol \(0.0001\) must be >= tol \(0.001\)"),
 ])

@@ -2,6 +2,7 @@
 gradient, a warning that names them and a status; ``on_failure="relax"`` gives infeasible QPs the
 solution of their elastic relaxation, whose gradients are checked against finite differences of
 the relaxation solved independently (written out in numpy, solved by Clarabel)."""
+import math
 import warnings
 
 import numpy as np
@@ -70,10 +71,14 @@ def test_solve_qp_keeps_nan_by_default_and_fills_when_asked():
     assert (filled.z[1] == 0).all() and (filled.lam[1] == 0).all() and torch.isfinite(filled.z).all()
 
 
-def test_forward_mode_through_a_filled_failure_is_zero_not_nan():
+@pytest.mark.parametrize("failed_value", [0.0, math.nan])
+def test_forward_mode_through_a_failure_is_zero_as_reverse_mode(failed_value):
+    """A failed element's outputs are the constant ``failed_value`` (NaN by default): their tangent
+    is zero, as their gradient is in reverse mode."""
     Q, p, G, h = mixed_batch()
     tangent = torch.ones_like(p)
-    _, dz = torch.func.jvp(lambda q: solve_qp(Q, q, G, h, on_failure="ignore", failed_value=0.0).z, (p,), (tangent,))
+    z, dz = torch.func.jvp(lambda q: solve_qp(Q, q, G, h, on_failure="ignore", failed_value=failed_value).z, (p,), (tangent,))
+    assert torch.equal(torch.isnan(z[1]), torch.full_like(z[1], math.isnan(failed_value), dtype=torch.bool))
     assert (dz[1] == 0).all() and torch.isfinite(dz).all() and (dz[[0, 2]] != 0).any()
 
 

@@ -126,7 +126,7 @@ CONE_ARGS = dict(A=torch.tensor([[-1.0, 0.0], [0.0, -1.0], [1.0, 1.0]]), b=torch
 
 
 @pytest.mark.parametrize("solver, options, pattern", [
-    ("ipm", {"max_iter": 0}, r"solver_options\['max_iter'\] must be an integer >= 1, got 0"),
+    ("ipm", {"max_iter": 0}, r"ConeIPMSettings.max_iter must be an int >= 1, got 0"),
     ("ipm", {"tol": 0.0}, r"IPMSettings.tol must be a number in \(0.0, 1.0\), got 0.0"),
     ("ipm", {"tol": float("nan")}, r"IPMSettings.tol must be a number"),
     ("clarabel", {"max_iter": 0}, r"solver_options\['max_iter'\] must be an integer >= 1, got 0"),
@@ -154,3 +154,10 @@ def test_cone_layer_refuses_bad_policy_at_construction():
         ConeLayer(CONE_ARGS["cones"], on_failure="relax")
     with pytest.raises(ValueError, match=r"refine_steps must be an integer >= 0, got True"):
         ConeLayer(CONE_ARGS["cones"], refine_steps=True)
+
+
+def test_check_q_spd_refuses_torch_func_transforms_with_a_reason():
+    Q, p = torch.eye(2, dtype=torch.float64).expand(3, 2, 2), torch.ones(3, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="check_Q_spd=True reads Q's Cholesky factorisation on the host"):
+        torch.func.vmap(lambda q, v: QPFunction(check_Q_spd=True)(q, v))(Q, p)
+    torch.testing.assert_close(torch.func.vmap(lambda q, v: QPFunction()(q, v))(Q, p), -p)

@@ -14,6 +14,7 @@ from optlayers.cone import embedding, linsolve, product
 from optlayers.cone.operator import LinearMap
 from optlayers.cone.spec import ConeSpec
 from optlayers.engine.constants import constant
+from optlayers.status import user_stacklevel
 
 RESIDUAL_WARN = 1e-6  # relative residual of the derivative's linear solve above which we warn
 
@@ -86,7 +87,7 @@ def _check_residual(residual: torch.Tensor, ok: torch.Tensor, mode: str) -> None
         warnings.warn(f"the derivative's linear system (mode={mode!r}) was solved only to relative residual "
                       f"{worst:.1e} for batch elements {bad.nonzero().flatten().tolist()[:10]}: the solution may "
                       "be degenerate (not strictly complementary) or inaccurate; try mode='dense' or tighter "
-                      "solver tolerances", RuntimeWarning, stacklevel=4)
+                      "solver tolerances", RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def jvp(point: Point, mode: str, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,

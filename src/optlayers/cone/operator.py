@@ -37,12 +37,6 @@ def zero_map(v: torch.Tensor) -> LinearMap:
     return LinearMap(torch.zeros_like, torch.zeros_like, lambda: v.new_zeros(*v.shape, v.shape[-1]))
 
 
-def symmetric_from_matrix(jac: torch.Tensor) -> LinearMap:
-    """A map given by a batched matrix ``jac`` (..., k, k) that is symmetric."""
-    apply = lambda d: (jac @ d.unsqueeze(-1)).squeeze(-1)  # noqa: E731
-    return LinearMap(apply, apply, lambda: jac)
-
-
 def keeping_matrix(op: LinearMap) -> LinearMap:
     """``op`` whose matrix, once asked for (``dense()``), is kept and applied by one batched product
     instead of ``op``'s own action: for maps whose action is a formula of many kernels (the

@@ -98,7 +98,6 @@ def _check_ipm_options(options: dict) -> None:
     if unknown:
         raise ValueError(f"solver_options for solver='ipm' must be ConeIPMSettings fields {sorted(known)}, got {unknown}")
     ConeIPMSettings(**options)  # checks each value
-    check_int("solver_options['max_iter']", options.get("max_iter", 1), 1)
 
 
 def _check_clarabel_options(options: dict) -> None:
@@ -189,7 +188,8 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
             gradients are zero either way.
         compile: run the batched interior point method ("ipm", or "auto" where it picks "ipm") as
             one ``torch.compile``d call (``fullgraph=True``): its start and all its iterations, in a
-            loop on the device, over a batch of fixed shape (not sliced over threads). Opt-in: each
+            loop on the device, over a batch of fixed shape (on the CPU, equal slices of at least 8
+            programs side by side, one compiled call per thread). Opt-in: each
             new program shape costs a compilation of minutes (docs/cone.md, "The compiled
             path"). The refinement and the derivatives run as without it; the answers are the
             eager method's to rounding. Refused with "clarabel" and "scs".

@@ -4,7 +4,7 @@ device (the compiled path on the CPU, ``IPMSettings.compiled``).
 On the CPU the host looks at the statuses before every iteration (``host.is_check``); with one
 compiled call per iteration, each call's fixed cost (the guards, the call, the look's own
 operations and read) is most of an iteration of a small problem. ``steps`` runs ``ipm.step`` in a
-``torch._higher_order_ops.while_loop`` whose condition is what the host's look would decide: it
+``torch.while_loop`` whose condition is what the host's look would decide: it
 returns as soon as the look would act (no problem running, a problem to switch to the stiff split
 or back, a gap to test accurately: ``ipm._look_flags``) or at the iteration limit. The host then
 looks as before, at the iteration where the call stopped: the iterates are those of one call per
@@ -27,7 +27,7 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
-from torch._higher_order_ops.while_loop import while_loop
+from torch import while_loop
 
 from optlayers.compiling import compiled, pointwise_cats
 from optlayers.engine import loop

@@ -480,13 +480,3 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
     if stiff_rows:
         dlam = torch.where(f.w_inv_soft > 0, dlam, omega[:, f.m :])
     return dx, omega[:, : f.m], dlam
-
-
-def solve_newton(
-    f: KKTFactor, s: Tensor, lam: Tensor, r_d: Tensor, r_e: Tensor, r_i: Tensor, b4: Tensor, refine_steps: int
-) -> Tensor:
-    """Solve the full Newton system of the module docstring with b1 = −r_d, b2 = −r_e, b3 = −r_i;
-    returns [dx, dν, dλ, ds] side by side, (B, n + m + 2k)."""
-    dx, dnu, dlam = solve_reduced(f, -r_d, -r_e, b4 / lam + r_i, refine_steps)
-    ds = (b4 - s * dlam) / lam
-    return torch.cat([dx, dnu, dlam, ds], dim=-1)

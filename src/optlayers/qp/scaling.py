@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 from torch import Tensor
-from torch._higher_order_ops.while_loop import while_loop
+from torch import while_loop
 
 from optlayers.engine.constants import constant
 from optlayers.host import cpu_schedule

@@ -15,7 +15,7 @@ from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
 from optlayers.qp.relax import Relaxation, elastic_data, original_parts
-from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status
+from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status, user_stacklevel
 
 SOLVE_QP_FAILURE_CHOICES = (*ON_FAILURE_CHOICES, "relax")
 """``on_failure`` values: the common policy, plus "relax" (see ``optlayers.qp.relax``)."""
@@ -117,9 +117,9 @@ def solve_qp(
     a shared argument are summed over the batch. Device and dtype follow the inputs.
 
     Example:
-        >>> sol = solve_qp(torch.eye(2), torch.tensor([1.0, -1.0]), G=torch.eye(2), h=torch.zeros(2))
-        >>> sol.z
-        tensor([-1.,  0.])
+        >>> sol = solve_qp(torch.eye(2), torch.tensor([1.0, -1.0]), G=torch.eye(2), h=torch.tensor([0.5, 0.5]))
+        >>> sol.z  # z₂ ≤ 0.5 holds with equality
+        tensor([-1.0000,  0.5000])
     """
     check_qp_options(tol, rel_tol, max_iter, on_failure, failed_value, relaxation)
     check_bool("compile", compile)
@@ -184,7 +184,7 @@ def _warn_relaxed(status: Tensor, relaxed: Tensor, failed_value: float) -> None:
         where = ", ".join(str(i[0]) if len(i) == 1 else str(tuple(i)) for i in relaxed.nonzero().tolist()[:10])
         more = f" and {int(relaxed.sum()) - 10} more" if int(relaxed.sum()) > 10 else ""
         warnings.warn(f"{int(relaxed.sum())} of {status.numel()} QPs were primal infeasible and hold the solution "
-                      f"of their elastic relaxation (elements {where}{more})", RuntimeWarning, stacklevel=4)
+                      f"of their elastic relaxation (elements {where}{more})", RuntimeWarning, stacklevel=user_stacklevel())
     rest = torch.where(relaxed, int(Status.SOLVED), status)
     FailurePolicy("warn", failed_value, "QPs").apply(rest)
 
@@ -298,6 +298,10 @@ class QPFunction(nn.Module):
 
 
 def _check_positive_definite(Q: Tensor, batch: torch.Size) -> None:
+    if torch._C._are_functorch_transforms_active():
+        raise ValueError("check_Q_spd=True reads Q's Cholesky factorisation on the host, which torch.func transforms "
+                         "(vmap, grad, jacrev) cannot trace; pass check_Q_spd=False (a Q that is not positive definite "
+                         "is then reported by the solution's status)")
     info = torch.linalg.cholesky_ex(Q.detach()).info
     if bool((info != 0).any()):
         bad = (info.reshape(batch) != 0).nonzero().tolist()[:10]

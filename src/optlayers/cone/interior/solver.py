@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch._higher_order_ops.while_loop import while_loop
+from torch import while_loop
 
 from optlayers import threads
 from optlayers.compiling import compiled
@@ -97,8 +97,10 @@ class ConeIPMSettings:
             (``fullgraph=True``; ``solve_cone(compile=True)``): the iterations in a
             ``while_loop`` on the device until no element runs or ``max_iter``, the same
             ``_start`` and ``_step`` as the eager path. The batch keeps its shape (finished
-            elements stay in it, frozen, as on an accelerator between the host's looks) and is
-            not sliced over threads; one compilation per program shape and cone list.
+            elements stay in it, frozen, as on an accelerator between the host's looks); on the CPU
+            the batch is cut into equal slices of at least ``_MIN_COMPILED_SLICE`` programs, one
+            compiled call each on parallel threads (``solve``); one compilation per slice shape and
+            cone list.
     """
 
     tol: float = 1e-8
@@ -128,7 +130,7 @@ class ConeIPMSettings:
     def __post_init__(self) -> None:
         for name in ("max_iter", "max_backtracks", "kkt_refine_steps", "centring_power"):
             value = getattr(self, name)
-            least = 1 if name in ("max_backtracks", "centring_power") else 0
+            least = 1 if name in ("max_iter", "max_backtracks", "centring_power") else 0
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"ConeIPMSettings.{name} must be an int >= {least}, got {value!r}")
         for name, lo, hi in (("tol", 0.0, 1.0), ("inaccurate_tol", 0.0, 1.0), ("step_fraction", 0.0, 1.0),
