@@ -161,3 +161,10 @@ def test_check_q_spd_refuses_torch_func_transforms_with_a_reason():
     with pytest.raises(ValueError, match="check_Q_spd=True reads Q's Cholesky factorisation on the host"):
         torch.func.vmap(lambda q, v: QPFunction(check_Q_spd=True)(q, v))(Q, p)
     torch.testing.assert_close(torch.func.vmap(lambda q, v: QPFunction()(q, v))(Q, p), -p)
+
+
+def test_non_finite_data_names_the_batch_elements():
+    p = torch.ones(4, 2, dtype=torch.float64)
+    p[1, 0], p[3, 1] = float("nan"), float("inf")
+    with pytest.raises(ValueError, match=r"p contains NaN or Inf at batch elements 1, 3 \(flattened\)"):
+        QPFunction()(torch.eye(2, dtype=torch.float64), p)

@@ -115,7 +115,11 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
     asym, bound, tol = _asymmetry(Q)
     for name, t in data.items():
         if not bool(torch.isfinite(t).all()):
-            raise ValueError(f"{name} contains NaN or Inf; QP data must be finite")
+            bad = (~torch.isfinite(t)).flatten(1).any(-1).nonzero().squeeze(-1).tolist()
+            listed = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            raise ValueError(f"{name} contains NaN or Inf at batch elements {listed} (flattened); QP data must be finite "
+                             "whatever on_failure says: drop those elements, and write an absent bound as a large finite "
+                             "one or leave its row out")
     if bool(asym > bound):
         raise ValueError(
             f"Q must be symmetric (positive semidefinite); max |Q - Qᵀ| = {float(asym):.3g} exceeds {tol:.1e}·max(1, max|Q|); "
