@@ -83,9 +83,9 @@ class OptNet(nn.Module):
         on_failure: what happens to QPs that are not solved. "warn" (default): a warning names
             them, their output is ``failed_value`` (0.0, finite) and their gradient zero, so
             training goes on; "ignore": the same, silently; "raise": ``SolveError``; "relax":
-            primal infeasible QPs hold the solution of their always-feasible elastic relaxation
-            (``optlayers.qp.relax``, weights ``relaxation``) with its exact gradients, and are
-            warned about. ``last_status`` holds the ``Status`` codes of the last forward.
+            primal infeasible QPs (and those stopped with the primal residual above tolerance)
+            hold the solution of their always-feasible elastic relaxation (``optlayers.qp.relax``,
+            weights ``relaxation``) with its exact gradients, and are warned about. ``last_status`` holds the ``Status`` codes of the last forward.
         failed_value, relaxation: see ``on_failure``.
         device, dtype: factory kwargs for the parameters.
 

@@ -2,6 +2,7 @@
 gradient, a warning that names them and a status; ``on_failure="relax"`` gives infeasible QPs the
 solution of their elastic relaxation, whose gradients are checked against finite differences of
 the relaxation solved independently (written out in numpy, solved by Clarabel)."""
+import dataclasses
 import math
 import warnings
 
@@ -200,6 +201,134 @@ def test_training_continues_when_a_learned_h_makes_the_constraints_contradictory
         fd[j] = (reference_loss(h_now.detach().numpy() + e) - reference_loss(h_now.detach().numpy() - e)) / (2 * step)
     assert np.abs(fd).max() > 1e-3  # the relaxed gradient is informative, not zero
     np.testing.assert_allclose(h_now.grad.numpy(), fd, rtol=1e-4, atol=1e-6)
+
+
+def uncertified_batch():
+    """Two infeasible problems in float64 that fuzzing found the certificate to miss: a 1-D LP
+    (z ≤ −2.84 from the first row, z ≥ −1.83 from the third) and, element 1, a 3-variable QP with an
+    equality (with ``max_iter=100`` it ended MAX_ITER)."""
+    d = torch.float64
+    lp = (torch.zeros(1, 1, dtype=d), torch.tensor([-0.1], dtype=d), torch.tensor([[2.5], [0.7], [-0.3], [-1.3]], dtype=d),
+          torch.tensor([-7.1, -1.5, 0.55, 2.4], dtype=d), None, None)
+    qp = (torch.tensor([[1.3504498399215186, 0.028643842024417693, -0.15659971047237045],
+                        [0.028643842024417693, 0.007275809409710365, 0.01286723870417087],
+                        [-0.15659971047237045, 0.01286723870417087, 0.06718826661167589]], dtype=d),
+          torch.tensor([-0.07760010782718937, 1.8712949571402568, 0.6546438876618429], dtype=d),
+          torch.tensor([[-0.7853935449962534, -1.4258229557637552, -0.06606952904007542],
+                        [-0.8863863420265747, -2.47292100561565, -1.0843268490465838],
+                        [-0.1930908877730821, 1.2393124833917384, -0.949502974744384],
+                        [0.992186196676654, -0.15964563475331758, 0.5756124267856332],
+                        [-0.8615261985677211, 0.5056529199509903, -0.14489842017632287],
+                        [-1.2985904224036569, 1.7709376128084515, 0.23677686499241177],
+                        [-1.1302543795254474, -0.16426531204970665, -0.3571727311610039],
+                        [-0.5589407399353263, -1.703810792935872, 0.7215315505830605],
+                        [-0.8138384165735475, -0.5591459381088011, -0.8364159721866883],
+                        [0.41385289163058575, -1.18082758521727, -0.17847176545399335]], dtype=d),
+          torch.tensor([1.125820866348606, -0.2524340465724646, -0.15610696036306732, 1.1535439319165555,
+                        -0.21003539783367822, -0.741778014975391, 0.36117169040037694, -2.037222417208104,
+                        0.08453627609720528, -0.41929556692724546], dtype=d),
+          torch.tensor([[1.5960143295690055, -0.5938703696335703, 1.9757411681311077]], dtype=d),
+          torch.tensor([1.0858935113911918], dtype=d))
+    return lp, qp
+
+
+@pytest.mark.parametrize("which", ["lp", "qp"])
+def test_relax_reaches_infeasible_elements_whatever_their_status(which):
+    """Whether or not the certificate is found, an infeasible element is relaxed (checked against the
+    relaxation solved by Clarabel)."""
+    problem = dict(zip(("lp", "qp"), uncertified_batch()))[which]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sol = solve_qp(*problem, on_failure="relax")
+    assert bool(sol.relaxed) and int(sol.status) in (Status.PRIMAL_INFEASIBLE, Status.MAX_ITER, Status.NUMERICAL_ERROR)
+    np.testing.assert_allclose(sol.z.numpy(), relaxed_reference(*problem[:4], Relaxation(), *problem[4:]), atol=1e-5)
+
+
+@pytest.mark.parametrize("which", ["lp", "qp"])
+def test_relax_reaches_infeasible_elements_without_a_certificate(monkeypatch, which):
+    """With the certificate never believed (its persistence out of reach), an infeasible element
+    stops MAX_ITER or NUMERICAL_ERROR with its primal residual far above tolerance: it is relaxed,
+    keeps its status, and the warning says it has no certificate."""
+    from optlayers.qp import ipm
+
+    monkeypatch.setattr(ipm, "_CERTIFICATE_PERSISTENCE", 10**9)
+    problem = dict(zip(("lp", "qp"), uncertified_batch()))[which]
+    plain = solve_qp(*problem, on_failure="ignore")
+    assert int(plain.status) in (Status.MAX_ITER, Status.NUMERICAL_ERROR) and float(plain.primal_residual) > 1e-3
+    with pytest.warns(RuntimeWarning, match=r"1 of 1 QPs were primal infeasible, or stopped with the primal residual "
+                                            r"above tolerance, and hold .* elements \(\) have no infeasibility certificate"):
+        sol = solve_qp(*problem, on_failure="relax")
+    assert bool(sol.relaxed) and int(sol.status) == int(plain.status)
+    assert int(sol.iterations) == int(plain.iterations) and torch.isnan(plain.z).all()
+    np.testing.assert_allclose(sol.z.numpy(), relaxed_reference(*problem[:4], Relaxation(), *problem[4:]), atol=1e-5)
+    assert (sol.s >= 0).all() and (sol.lam >= 0).all()
+
+
+def feasible_batch(batch=12, n=4, k=8):
+    """Feasible QPs with an equality (z₀ strictly inside the inequalities); their multipliers are far below 1e3."""
+    g = torch.Generator().manual_seed(1)
+    d = torch.float64
+    L = torch.randn(batch, n, n, generator=g, dtype=d)
+    Q, p, G = L @ L.mT / n, torch.randn(batch, n, generator=g, dtype=d), torch.randn(batch, k, n, generator=g, dtype=d)
+    z0 = torch.randn(batch, n, generator=g, dtype=d)
+    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + torch.rand(batch, k, generator=g, dtype=d)
+    A = torch.randn(batch, 1, n, generator=g, dtype=d)
+    return Q, p, G, h, A, (A @ z0.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("max_iter", [3, 6, 8])
+def test_relax_leaves_feasible_elements_stopped_by_max_iter_no_worse(max_iter):
+    """Feasible elements stopped by ``max_iter``: statuses and iterations are those of
+    on_failure="ignore", solved elements are untouched, and an element is either left as it was
+    (NaN) or relaxed and then holds its own solution (Clarabel's), its multipliers being below ρ.
+    (With the same ``max_iter`` the larger relaxation rarely converges where the original did not:
+    here every stopped element is left as it was; the relaxed case is the next test's.)"""
+    data = feasible_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plain = solve_qp(*data, max_iter=max_iter, on_failure="ignore")
+        sol = solve_qp(*data, max_iter=max_iter, on_failure="relax")
+    assert (plain.status == Status.MAX_ITER).any()
+    assert torch.equal(sol.status, plain.status) and torch.equal(sol.iterations, plain.iterations)
+    for i in range(len(sol.status)):
+        if sol.relaxed[i]:
+            np.testing.assert_allclose(sol.z[i].numpy(), clarabel_solve(*(t[i] for t in data))[0], atol=1e-6)
+        else:
+            torch.testing.assert_close(sol.z[i], plain.z[i], equal_nan=True, rtol=0, atol=0)
+
+
+def test_relaxed_feasible_element_holds_its_own_solution(monkeypatch):
+    """The exact penalty: a feasible element stopped with its primal residual above tolerance, whose
+    relaxation is solved (here given the iterations the first solve was denied), holds the original
+    problem's solution (Clarabel's) and multipliers, with zero relaxation slacks; an element whose
+    multipliers exceed a small penalty holds the relaxation's own minimiser instead."""
+    from optlayers.qp import solve as qp_solve
+
+    calls, solve_flat = [], qp_solve._solve_flat
+
+    def first_call_short(flat, settings, policy, batch):
+        calls.append(settings.max_iter)
+        return solve_flat(flat, dataclasses.replace(settings, max_iter=2) if len(calls) == 1 else settings, policy, batch)
+
+    monkeypatch.setattr(qp_solve, "_solve_flat", first_call_short)
+    data = feasible_batch(batch=4)
+    with pytest.warns(RuntimeWarning, match="have no infeasibility certificate"):
+        sol = solve_qp(*data, on_failure="relax")
+    assert len(calls) == 2 and sol.relaxed.all() and (sol.status == Status.MAX_ITER).all()
+    for i in range(4):
+        z, lam, nu = clarabel_solve(*(t[i] for t in data))
+        assert float(np.abs(lam).max()) < Relaxation().penalty
+        np.testing.assert_allclose(sol.z[i].numpy(), z, atol=1e-7)
+        np.testing.assert_allclose(sol.lam[i].numpy(), lam, atol=1e-7)
+        np.testing.assert_allclose(sol.nu[i].numpy(), nu, atol=1e-7)
+    calls.clear()
+    small = Relaxation(penalty=1e-3, quadratic=1e-3)
+    with pytest.warns(RuntimeWarning, match="elastic relaxation"):
+        weak = solve_qp(*data, on_failure="relax", relaxation=small)
+    for i in range(4):
+        reference = relaxed_reference(*(t[i] for t in data[:4]), small, *(t[i] for t in data[4:]))
+        np.testing.assert_allclose(weak.z[i].numpy(), reference, atol=1e-6)
+        assert np.abs(reference - clarabel_solve(*(t[i] for t in data))[0]).max() > 1e-3
 
 
 def test_relax_under_vmap_says_why_it_cannot_run():

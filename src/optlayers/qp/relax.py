@@ -3,11 +3,29 @@
     min  ½zᵀQz + pᵀz + ρ·1ᵀ(t + u + v) + ½ε‖(t, u, v)‖²
     s.t. Gz ≤ h + t,   Az = b + u − v,   t, u, v ≥ 0
 
-over x = (z, t, u, v). Any z is feasible with large enough slacks, and the ε term makes the
-slacks unique; with ρ above the largest multiplier of a feasible problem the ℓ1 penalty is exact
-(z solves the original QP), and for an infeasible one z trades the objective against the total
-violation ρ·‖(Gz − h)₊‖₁ + ρ·‖Az − b‖₁. Built from differentiable tensor operations: solving it
-with the QP layer gives its exact derivatives with respect to the original data.
+over x = (z, t, u, v). Any z is feasible with large enough slacks. For a fixed z the best slacks
+are t = (Gz − h)₊, u − v = Az − b with u, v the positive and negative parts, so the relaxation is
+
+    min_z  f(z) + ρ‖(Gz − h)₊‖₁ + ρ‖Az − b‖₁ + ½ε(‖(Gz − h)₊‖² + ‖Az − b‖²),   f(z) = ½zᵀQz + pᵀz,
+
+a trade of the objective against the violation, with unique slacks (its z is unique where Q ≻ 0).
+
+What is guaranteed where the original QP is feasible: if it has an optimal solution with
+multipliers (λ*, ν*) (a QP with a finite optimum always has them; its constraints are linear)
+such that ``‖λ*‖∞ ≤ ρ`` and ``‖ν*‖∞ ≤ ρ``, then the relaxation's minimisers are exactly (z*, 0, 0, 0)
+for the original's minimisers z*, and its multipliers of Gz ≤ h + t and Az = b + u − v are
+multipliers of the original (entries at most ρ). Proof: the Lagrangian bound
+f(z) ≥ f* − λ*ᵀ(Gz − h) − ν*ᵀ(Az − b) ≥ f* − ρ1ᵀ(t + u + v) makes the relaxed objective at least
+f* + ½ε‖(t, u, v)‖², which (z*, 0, 0, 0) attains; so a minimiser has zero slacks and is feasible
+with f(z) ≤ f*. Where moreover ρ exceeds the multipliers strictly and the original's solution is
+unique and strictly complementary, the slacks stay at zero under small changes of the data and the
+relaxation's derivatives are the original's. Solved to the solver's tolerance, the relaxed z is
+the original's solution to about that accuracy (the slacks are within tolerance of zero). If some
+multiplier exceeds ρ (no bound on them holds in general: they grow as the constraints approach
+infeasibility), the relaxed z is the minimiser above instead: feasible problems with large
+multipliers need a larger ``Relaxation.penalty`` to keep their solution. Built from
+differentiable tensor operations: solving it with the QP layer gives its exact derivatives with
+respect to the original data.
 """
 from __future__ import annotations
 

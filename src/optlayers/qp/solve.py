@@ -10,11 +10,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from optlayers.linalg import mv
 from optlayers.options import check_bool, check_choice, check_fill, check_int, check_tolerances
 from optlayers.qp.autograd import QPSolveFn
+from optlayers.qp.forward import N_PUBLIC, Saved
 from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
 from optlayers.qp.relax import Relaxation, elastic_data, original_parts
+from optlayers.qp.scaling import Scaling, unscale_solution
 from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status, user_stacklevel
 
 SOLVE_QP_FAILURE_CHOICES = (*ON_FAILURE_CHOICES, "relax")
@@ -100,10 +103,12 @@ def solve_qp(
             below 2.2e-16, e.g. ``tol=0`` with ``rel_tol`` unset) are refused.
         max_iter: iteration limit (default 100).
         on_failure: what to do about elements that are not SOLVED: "raise" (``SolveError``
-            naming them), "warn", "ignore"; or "relax": primal infeasible elements are re-solved
-            as their always-feasible elastic relaxation (``optlayers.qp.relax``) and hold its
-            solution, differentiable; a warning names them. Other failures are then warned about.
-            "relax" selects elements by their status, which ``torch.func.vmap`` cannot trace.
+            naming them), "warn", "ignore"; or "relax": primal infeasible elements, and those
+            that stopped (MAX_ITER, NUMERICAL_ERROR) with their primal residual above tolerance,
+            are re-solved as their always-feasible elastic relaxation (``optlayers.qp.relax``) and
+            hold its solution, differentiable (``relaxed`` marks them; ``status`` is unchanged); a
+            warning names them. Other failures are then warned about. "relax" selects elements by
+            their status, which ``torch.func.vmap`` cannot trace.
         failed_value: what failed elements hold in z, lam, nu, s (NaN; the layers use 0.0).
             Their gradients are zero either way.
         relaxation: the weights of the relaxation for "relax" (default ``Relaxation()``).
@@ -152,12 +157,37 @@ def _solve_flat(flat: tuple[Tensor, ...], settings: IPMSettings, policy: Failure
     return QPSolveFn.apply(*flat, settings, keep_factor, policy, tuple(batch))
 
 
+def _primal_unmet(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, ...]) -> Tensor:
+    """(B,) bool: the primal residual of each element's final iterate is above its tolerance
+    (``ipm.residuals``' test: ``tol + rel_tol · max(‖Az‖, ‖Gz‖, ‖b‖, ‖h‖)``, infinity norms, in the
+    original units), read from ``out``'s reported residual and the iterate the solver left
+    (``forward.Saved``: z holds ``failed_value`` for failed elements). A NaN residual is not above."""
+    _, _, G, h, A, b = (t.detach() for t in flat)
+    saved = Saved(*out[N_PUBLIC: N_PUBLIC + len(Saved._fields)])
+    z = unscale_solution(Scaling(saved.d, saved.e, saved.f, saved.c), saved.x, None, None, None)[0].to(h.dtype)
+    sizes = [t.abs().amax(-1) for t in (mv(A, z), mv(G, z), b, h) if t.shape[-1]]
+    size = torch.stack(sizes).amax(0) if sizes else torch.zeros_like(z[:, 0])
+    return out[6].detach() > settings.tol + settings.rel_tol * size
+
+
+def _relaxable(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, ...]) -> Tensor:
+    """(B,) bool: the elements ``on_failure="relax"`` re-solves: PRIMAL_INFEASIBLE ones, and those
+    that stopped MAX_ITER or NUMERICAL_ERROR with their primal residual above tolerance
+    (``_primal_unmet``): infeasible problems whose Farkas certificate was not found look like that."""
+    status = out[4]
+    stopped = (status == Status.MAX_ITER) | (status == Status.NUMERICAL_ERROR)
+    if not bool(stopped.any()):
+        return status == Status.PRIMAL_INFEASIBLE
+    return (status == Status.PRIMAL_INFEASIBLE) | (stopped & _primal_unmet(flat, settings, out))
+
+
 def _relax(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, ...],
            relaxation: Relaxation) -> tuple[Tensor, ...]:
-    """Replace the primal infeasible elements of ``out`` by their relaxation's solution."""
+    """Replace the ``_relaxable`` elements of ``out`` by their relaxation's solution, where it was
+    SOLVED (an element whose relaxation fails keeps its ``failed_value``)."""
     z, lam, nu, s, status = out[:5]
     try:
-        index = (status == Status.PRIMAL_INFEASIBLE).nonzero().squeeze(-1)
+        index = _relaxable(flat, settings, out).nonzero().squeeze(-1)
     except RuntimeError as error:
         if "vmap" not in str(error):
             raise
@@ -179,14 +209,26 @@ def _relax(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, .
 
 
 def _warn_relaxed(status: Tensor, relaxed: Tensor, failed_value: float) -> None:
-    """One warning naming the relaxed elements, and one for failures that were not relaxed."""
+    """One warning naming the relaxed elements (and those among them that were not certified
+    infeasible), and one for failures that were not relaxed."""
     if bool(relaxed.any()):
-        where = ", ".join(str(i[0]) if len(i) == 1 else str(tuple(i)) for i in relaxed.nonzero().tolist()[:10])
-        more = f" and {int(relaxed.sum()) - 10} more" if int(relaxed.sum()) > 10 else ""
-        warnings.warn(f"{int(relaxed.sum())} of {status.numel()} QPs were primal infeasible and hold the solution "
-                      f"of their elastic relaxation (elements {where}{more})", RuntimeWarning, stacklevel=user_stacklevel())
+        uncertified = relaxed & (status != Status.PRIMAL_INFEASIBLE)
+        what, note = "were primal infeasible", ""
+        if bool(uncertified.any()):
+            what = "were primal infeasible, or stopped with the primal residual above tolerance,"
+            note = (f"; elements {_listed(uncertified)} have no infeasibility certificate (their status: max_iter or "
+                    "numerical_error)")
+        warnings.warn(f"{int(relaxed.sum())} of {status.numel()} QPs {what} and hold the solution of their elastic "
+                      f"relaxation (elements {_listed(relaxed)}){note}", RuntimeWarning, stacklevel=user_stacklevel())
     rest = torch.where(relaxed, int(Status.SOLVED), status)
     FailurePolicy("warn", failed_value, "QPs").apply(rest)
+
+
+def _listed(mask: Tensor, most: int = 10) -> str:
+    """The elements where ``mask`` holds, at most ``most`` of them, then how many more."""
+    where = mask.nonzero().tolist()
+    listed = ", ".join(str(i[0]) if len(i) == 1 else str(tuple(i)) for i in where[:most])
+    return listed + (f" and {len(where) - most} more" if len(where) > most else "")
 
 
 class QPSolvers(enum.Enum):
@@ -231,7 +273,8 @@ class QPFunction(nn.Module):
 
     The package's own keywords: ``tol``, ``rel_tol``, ``max_iter`` as in ``solve_qp``;
     ``on_failure`` "warn" / "ignore" (default from ``verbose``), "raise", or "relax" (infeasible
-    elements hold their elastic relaxation's solution, see ``solve_qp``); ``relaxation`` its
+    elements, and those stopped with the primal residual above tolerance, hold their elastic
+    relaxation's solution, see ``solve_qp``); ``relaxation`` its
     weights; ``compile`` as in ``solve_qp``. Failed elements never end a training run unless ``on_failure="raise"``: their z is
     ``failed_value`` (0.0) with zero gradient, and ``last_status`` holds the statuses of the last
     forward (outside ``torch.func`` transforms); ``solve`` returns the whole ``QPSolution``.
