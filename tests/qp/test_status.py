@@ -113,3 +113,52 @@ def test_failure_of_a_batched_qp_names_its_multi_index():
     Q, p, G, h = _mixed_batch()
     with pytest.raises(SolveError, match=r"primal_infeasible \(elements \(0, 1\)\)"):
         solve_qp(Q, p.reshape(1, 3, 2), G, h.reshape(1, 3, 2))
+
+
+def _clarabel_feasible(G, h, A, b):
+    """Whether Clarabel finds {Gz ≤ h, Az = b} feasible (an independent verdict)."""
+    import clarabel
+    import scipy.sparse as sp
+
+    n = G.shape[1]
+    settings = clarabel.DefaultSettings()
+    settings.verbose = False
+    result = clarabel.DefaultSolver(sp.csc_matrix((n, n)), np.zeros(n), sp.csc_matrix(np.vstack([A, G])),
+                                    np.concatenate([b, h]), [clarabel.ZeroConeT(len(b)), clarabel.NonnegativeConeT(len(h))],
+                                    settings).solve()
+    assert str(result.status) in ("Solved", "PrimalInfeasible"), result.status
+    return str(result.status) == "Solved"
+
+
+def test_infeasible_lp_whose_direction_keeps_a_negative_multiplier_step_is_certified():
+    """A 1-D LP (z ≤ −2.84 and z ≥ −1.83) whose Newton direction keeps dλ_min ≈ −0.035‖dy‖ while λ
+    grows along a Farkas direction: the iterate's own Farkas test certifies it (it ended
+    NUMERICAL_ERROR after 88 iterations when only the direction was tested)."""
+    d = torch.float64
+    G, h = torch.tensor([[2.5], [0.7], [-0.3], [-1.3]], dtype=d), torch.tensor([-7.1, -1.5, 0.55, 2.4], dtype=d)
+    for q in (0.0, 1.0):
+        sol = solve_qp(torch.full((1, 1), q, dtype=d), torch.tensor([-0.1], dtype=d), G, h, on_failure="ignore")
+        assert int(sol.status) == QPStatus.PRIMAL_INFEASIBLE and int(sol.iterations) < 20, (q, sol)
+
+
+@pytest.mark.parametrize("n, k, m, lp", [(1, 6, 0, True), (2, 8, 0, True), (3, 10, 1, False), (10, 30, 3, True)])
+def test_random_infeasible_batches_are_certified_and_feasible_ones_are_not(n, k, m, lp):
+    """Random data (mostly infeasible; LPs kept bounded by a box): every element Clarabel finds
+    infeasible is PRIMAL_INFEASIBLE, none it finds feasible is (before the iterate's Farkas test,
+    7-20 % of the infeasible ones ended MAX_ITER or NUMERICAL_ERROR here)."""
+    pytest.importorskip("clarabel")
+    d, batch = torch.float64, 100
+    g = torch.Generator().manual_seed(0)
+    Q = torch.zeros(batch, n, n, dtype=d) if lp else (lambda L: L @ L.mT / n)(torch.randn(batch, n, n, generator=g, dtype=d))
+    p = torch.randn(batch, n, generator=g, dtype=d)
+    G, h = torch.randn(batch, k, n, generator=g, dtype=d), torch.randn(batch, k, generator=g, dtype=d)
+    A, b = torch.randn(batch, m, n, generator=g, dtype=d), torch.randn(batch, m, generator=g, dtype=d)
+    if lp:
+        eye = torch.eye(n, dtype=d).expand(batch, n, n)
+        G, h = torch.cat([G, eye, -eye], 1), torch.cat([h, torch.full((batch, 2 * n), 10.0, dtype=d)], 1)
+    sol = solve_qp(Q, p, G, h, A if m else None, b if m else None, on_failure="ignore")
+    feasible = torch.tensor([_clarabel_feasible(G[i].numpy(), h[i].numpy(), A[i].numpy(), b[i].numpy())
+                             for i in range(batch)])
+    assert (~feasible).sum() > batch // 2
+    assert (sol.status[~feasible] == QPStatus.PRIMAL_INFEASIBLE).all(), sol.status[~feasible]
+    assert (sol.status[feasible] == QPStatus.SOLVED).all(), sol.status[feasible]

@@ -145,7 +145,8 @@ class Residuals:
     rounding. Where that bound reaches the tolerance (rel_tol = 0 and terms of 1e8 or more), only
     an accurate measurement (``_accept_accurate_gaps``) can pass the gap. Everything the test says is
     read from ``measured`` and ``limit`` (the properties below), so that a measurement replaced
-    later cannot disagree with the verdict."""
+    later cannot disagree with the verdict. ``y_terms`` (B, 1 or 2, n): Gᵀλ and Aᵀν (where m > 0),
+    the terms of r_d that the iterate's Farkas test (``_certificates``) adds up."""
 
     r_d: Tensor
     r_e: Tensor
@@ -155,6 +156,7 @@ class Residuals:
     measured: Tensor
     limit: Tensor
     gap_size: Tensor
+    y_terms: Tensor
 
     @property
     def primal(self) -> Tensor:
@@ -255,7 +257,7 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     mu = complementarity / max(k, 1)
     limit = sizes.mul(settings.rel_tol).add_(settings.tol)
     limit[:, 2].sub_(gap_size, alpha=_GAP_ROUNDING)  # the plain gap's rounding comes off its limit
-    return Residuals(r_d, r_e, r_i, mu, scaled, measured, limit, gap_size)
+    return Residuals(r_d, r_e, r_i, mu, scaled, measured, limit, gap_size, dual[3:].movedim(0, 1))
 
 
 def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> State:
@@ -302,6 +304,14 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     and ‖dy‖ > 64 ε₆₄ ‖y‖ (``_ROUNDING``): where the duals have converged, a step dy at their
     rounding passes the relative tests by rounding (‖dy‖ = 1e-16 ‖y‖ certified a feasible LP;
     right certificates were seen to fire with ‖dy‖ down to 1.8e-12 ‖y‖).
+    Or the iterate y = (ν, λ) itself (λ > 0 always, so no sign test):
+    ‖Aᵀν + Gᵀλ‖ < ε(−bᵀν − hᵀλ), bᵀν + hᵀλ < −ε‖y‖, with the primal residual unmet. Every
+    feasible x then has ‖x‖₁ > 1/ε (0 ≥ yᵀ(Gx − h, Ax − b) ≥ −‖Aᵀν + Gᵀλ‖‖x‖₁ − bᵀν − hᵀλ): the
+    test proves that no point within 1/ε of the origin (scaled problem) is feasible. It catches
+    infeasible LPs whose direction fails the sign test for good: once s → 0 and λ → ∞ the
+    inequality regularisation δᵢ outweighs W = S/Λ and dλ follows the residual rows of either sign
+    (1-D LPs with G = (2.5, 0.7, −0.3, −1.3): dλ_min = −0.035‖dy‖ for 70 iterations), while λ
+    grows along a Farkas direction. Either test's iterations count towards the persistence.
     Dual infeasibility dx: ‖Q dx‖ ≤ ε‖dx‖, ‖A dx‖ ≤ ε‖dx‖, G dx ≤ ε‖dx‖, pᵀdx < −ε‖dx‖, and the
     objective still descends at the far point x + T dx, T = ‖x‖/‖dx‖: (Q(x + T dx) + p)ᵀdx < −ε‖dx‖.
     The last test keeps a bounded problem whose Q is singular to working precision along dx
@@ -317,21 +327,24 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     dv, x = step.dv, st.x
     dx, dy, dlam = dv[:, :n], dv[:, n : n + m + k], dv[:, n + m : n + m + k]
     # ‖r_d + Q dx‖ (= ‖Aᵀdν + Gᵀdλ‖), ‖Q dx‖, ‖dx‖, ‖x‖; [Q dx, dx] is reused below
-    on_x = torch.stack([res.r_d + step.q_dx, step.q_dx, dx, x])
-    residual_y, norm_qdx, nx, norm_x = inf_norm(on_x)
+    # and ‖Aᵀν + Gᵀλ‖ at the iterate
+    on_x = torch.stack([res.r_d + step.q_dx, step.q_dx, dx, x, res.y_terms.sum(1) if m else res.y_terms[:, 0]])
+    residual_y, norm_qdx, nx, norm_x, norm_aty = inf_norm(on_x)
     if m + k:
-        ny, norm_y = inf_norm(torch.stack([dy, st.v[:, n : n + m + k]]))
+        dy_y = torch.stack([dy, st.v[:, n : n + m + k]])
+        ny, norm_y = inf_norm(dy_y)
         by = torch.cat([data.b, data.h], -1) if m and k else (data.b if m else data.h)
-        farkas_value = (dy * by).sum(-1)  # bᵀdν + hᵀdλ
+        farkas_value, farkas_iterate = (dy_y * by).sum(-1)  # bᵀdν + hᵀdλ, bᵀν + hᵀλ
     else:
-        ny = norm_y = farkas_value = torch.zeros_like(nx)
+        ny = norm_y = farkas_value = farkas_iterate = torch.zeros_like(nx)
     # pᵀdx, and the objective's slope along dx at x + T dx, T = ‖x‖ / ‖dx‖: pᵀdx + (x + T dx)ᵀQ dx
     far_point = torch.addcmul(x, (norm_x / nx).unsqueeze(-1), dx)
     far_q_slope, p_slope = (torch.stack([far_point, data.p]) * on_x[1:3]).sum(-1).unbind(0)
     far_slope = (far_q_slope + p_slope).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
-    # ε‖dy‖, ε‖dx‖, −ε‖dy‖, −ε‖dx‖ and 64 ε₆₄ ‖y‖ (``_ROUNDING``) in one product
-    (eps_y, eps_x, rounding_y), (minus_eps_y, minus_eps_x, _) = (
-        torch.stack([ny, nx, norm_y]) * constant((eps, eps, _ROUNDING, -eps, -eps, _ROUNDING), nx).view(2, 3, 1))
+    # ε‖dy‖, ε‖dx‖, 64 ε₆₄ ‖y‖ (``_ROUNDING``), −ε(bᵀν + hᵀλ); −ε‖dy‖, −ε‖dx‖, −ε‖y‖ in one product
+    (eps_y, eps_x, rounding_y, eps_farkas), (minus_eps_y, minus_eps_x, minus_eps_norm_y, _) = (
+        torch.stack([ny, nx, norm_y, farkas_iterate])
+        * constant((eps, eps, _ROUNDING, -eps, -eps, -eps, -eps, 0.0), nx).view(2, 4, 1))
     (primal_limit, dual_limit, _), (primal, dual, _) = res.limit.unbind(-1), res.measured.unbind(-1)
     # without equality (inequality) rows their tests are taken by another test of the same certificate
     farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y),
@@ -345,6 +358,8 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
                       (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (p_slope, minus_eps_x),
                       (far_slope, minus_eps_x), (dual_limit, dual)]
     farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
+    # the iterate's own Farkas test (λ > 0 always): ‖Aᵀν + Gᵀλ‖ < ε(−bᵀν − hᵀλ), bᵀν + hᵀλ < −ε‖y‖, primal unmet
+    iterate_rows = [(norm_aty, eps_farkas), (farkas_iterate, minus_eps_norm_y), (primal_limit, primal)] * 2
 
     # the tests' constant sides, (B,) each, as rows of one constant
     negligible, below_running, above_running, half, minus_inf, inf, reg_cap = constant(
@@ -358,16 +373,16 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     raisable_rows = [(st.reg, reg_cap)] * len(farkas_rows)
     # every test strict: ‖·‖ < ε·size also says size > 0; all six families in one comparison (stack promotes
     # the status and the flags to floats exactly; a family of fewer tests repeats them)
-    families = (stall_rows, farkas_rows, recession_rows, sound_rows, running_rows * 3, raisable_rows)
+    families = (stall_rows, farkas_rows, recession_rows, sound_rows, running_rows * 3, raisable_rows, iterate_rows)
     if torch.compiler.is_compiling():
         # the same comparisons, joined by ``&``: inductor fuses them either way, and on the CPU it
         # writes each input of a stack into a slice of its output, which its C++ wrapper names by
         # a tensor handle of its own at every iteration (72 here; see ``compiling.POINTWISE_CAT_OPTIONS``)
         tests = [functools.reduce(operator.and_, (lower < upper for lower, upper in family)) for family in families]
-        return torch.stack(tests[:3], -1), tests[3], tests[4], tests[5]
+        return torch.stack([tests[0], tests[1] | tests[6], tests[2]], -1), tests[3], tests[4], tests[5]
     lower, upper = (torch.stack(side) for side in zip(*(row for family in families for row in family)))
-    events, others = (lower < upper).unflatten(0, (len(families), -1)).all(1).split([3, 3])
-    return events.T, *others.unbind(0)
+    stall, farkas, recession, sound, running, raisable, iterate = (lower < upper).unflatten(0, (len(families), -1)).all(1)
+    return torch.stack([stall, farkas | iterate, recession], -1), sound, running, raisable
 
 
 # The far-point slope test of a recession direction is waived where ‖x‖ (scaled) exceeds this
