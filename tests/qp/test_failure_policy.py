@@ -204,9 +204,9 @@ def test_training_continues_when_a_learned_h_makes_the_constraints_contradictory
 
 
 def uncertified_batch():
-    """Two infeasible problems in float64 that fuzzing found the certificate to miss: a 1-D LP
-    (z ≤ −2.84 from the first row, z ≥ −1.83 from the third) and, element 1, a 3-variable QP with an
-    equality (with ``max_iter=100`` it ended MAX_ITER)."""
+    """Two infeasible problems in float64 whose certificate the direction test alone missed: a 1-D LP
+    (z ≤ −2.84 from the first row, z ≥ −1.83 from the third) and a 3-variable QP with an
+    equality (it ended MAX_ITER then)."""
     d = torch.float64
     lp = (torch.zeros(1, 1, dtype=d), torch.tensor([-0.1], dtype=d), torch.tensor([[2.5], [0.7], [-0.3], [-1.3]], dtype=d),
           torch.tensor([-7.1, -1.5, 0.55, 2.4], dtype=d), None, None)
