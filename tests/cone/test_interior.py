@@ -948,42 +948,48 @@ def _iteration_counts(spec: ConeSpec, n: int, batch: int, seed: int, **options) 
     return st.iterations, status, (st.x - x_star).abs().amax(-1) / (1 + x_star.abs().amax(-1))
 
 
-def _assert_saves_iterations(spec: ConeSpec, n: int, old: dict, total: int, most: int, gain: float, distance: float) -> None:
-    """On a fixed batch of 64 programs, the default settings solve every element within ``total``
-    iterations in all and ``most`` per element, fewer than ``gain`` times the total with the
-    ``old`` settings (which solve every element too), both within ``distance`` of the known
-    solution."""
+def _assert_saves_iterations(spec: ConeSpec, n: int, old: dict, gain: float, distance: float) -> None:
+    """On a fixed batch of 64 programs, in one run: the default settings and the ``old`` settings
+    both solve every element, both within ``distance`` of the known solution; the default settings
+    take fewer than ``gain`` times the ``old`` settings' iterations in all, and their slowest
+    element takes no more iterations than the ``old`` settings' slowest. Only counts from the same
+    run are compared (batched linear algebra rounds differently on different machines, which moves
+    single counts by one)."""
     iterations, status, error = _iteration_counts(spec, n, 64, 0)
     before, before_status, before_error = _iteration_counts(spec, n, 64, 0, **old)
     assert (status == ConeStatus.SOLVED).all() and (before_status == ConeStatus.SOLVED).all()
-    assert int(iterations.sum()) <= total and int(iterations.max()) <= most
     assert int(iterations.sum()) < gain * int(before.sum())
+    assert int(iterations.max()) <= int(before.max())
     assert error.max() <= distance and before_error.max() <= distance
 
 
 def test_second_order_step_fraction_saves_iterations():
     """Steps that stop 0.98 of the way to the second-order cones' boundary (the other cones 0.99)
-    keep the iterates off that boundary, where the next steps are cut short: on a fixed batch of
-    programs with four second-order cones, 624 iterations in all and at most 13 per element,
-    against 719 and 16 at 0.99; every element solved, as close to the known solution."""
+    keep the iterates off that boundary, where the next steps are cut short. On a fixed batch of
+    programs with four second-order cones: fewer than 0.9 times the iterations in all with 0.99,
+    the slowest element no slower; every element solved, as close to the known solution.
+    (Measured on an AMD EPYC machine at commit e015c51: 624 iterations in all and at most 13 per
+    element, against 719 and 16 at 0.99.)"""
     _assert_saves_iterations(ConeSpec(zero=3, nonneg=4, soc=[5, 5, 2, 8]), 10, {"soc_step_fraction": 0.99},
-                             total=630, most=13, gain=0.9, distance=1e-4)
+                             gain=0.9, distance=1e-4)
 
 
 def test_centring_power_two_saves_iterations_on_the_benchmark_programs():
-    """σ = (1 − α_aff)² instead of Clarabel's cube: on a fixed batch of the cone benchmark's
-    programs (all five cones, m = 96, n = 48), 660 iterations in all and at most 13 per element
-    (14 on an AMD EPYC machine, whose batched linear algebra rounds differently), against 687 and
-    14 with the cube; every element solved, as close to the known solution."""
+    """σ = (1 − α_aff)² instead of Clarabel's cube. On a fixed batch of the cone benchmark's
+    programs (all five cones, m = 96, n = 48): fewer than 0.97 times the iterations in all with
+    the cube, the slowest element no slower; every element solved, as close to the known solution.
+    (Measured on an AMD EPYC machine at commit e015c51: 660 iterations in all and at most 14 per
+    element, against 687 and 14 with the cube; an Intel machine gave at most 13.)"""
     _assert_saves_iterations(ConeSpec(zero=14, nonneg=30, soc=[10, 10, 10], psd=[4], exp=4), 48, {"centring_power": 3},
-                             total=670, most=14, gain=0.97, distance=1e-4)
+                             gain=0.97, distance=1e-4)
 
 
 def test_nonnegative_step_fraction_saves_iterations_on_linear_programs():
     """Steps that stop 0.999 of the way to the nonnegative rows' boundary (the other cones
     0.99 or less): near the solution that step is just above 1, and 0.99 of it leaves 1 % of the
-    residuals for another iteration. On a fixed batch of linear programs (m = 45, n = 20), 432
-    iterations in all and at most 8 per element, against 481 and 9 at 0.99; every element
-    solved, as close to the known solution."""
+    residuals for another iteration. On a fixed batch of linear programs (m = 45, n = 20): fewer
+    than 0.93 times the iterations in all at 0.99, the slowest element no slower; every element
+    solved, as close to the known solution. (Measured on an AMD EPYC machine at commit e015c51:
+    432 iterations in all and at most 8 per element, against 481 and 9 at 0.99.)"""
     _assert_saves_iterations(ConeSpec(zero=5, nonneg=40), 20, {"nonneg_step_fraction": 0.99},
-                             total=440, most=8, gain=0.93, distance=1e-6)
+                             gain=0.93, distance=1e-6)
