@@ -7,6 +7,8 @@ from optlayers import compiling
 
 @pytest.fixture(autouse=True)
 def _seed_and_dtype():
+    """Every test (tests/cone included) starts seeded, in float64. (No torch.set_num_threads here:
+    restoring a count of 2 or more leaves torch's batched LU broken on MKL builds, pytorch/pytorch#142815.)"""
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
