@@ -79,10 +79,14 @@ def test_finished_problems_leave_the_working_batch(monkeypatch):
             torch.testing.assert_close(getattr(batch, name)[i], getattr(alone, name), rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
 def test_compiled_slices_reproduce_the_whole_batch(eager_backend, monkeypatch):
     """A compiled solve and its compiled backward cut into equal slices on parallel threads give
-    every element the answer (statuses, iterations, solution, gradients) of the whole batch's."""
+    every element the answer (statuses, iterations, solution, gradients) of the whole batch's.
+    Slow: dynamo traces the whole fused solve once for the batch and once for a slice (two shapes
+    at several seconds each, whatever the problem size); the eager slices are checked by
+    test_slices_reproduce_the_whole_batch in the default suite."""
     torch.manual_seed(2)
     data = random_qp((6,), 5, 6, 2, active=True)
     data["G"][4, 1] = -data["G"][4, 0]

@@ -170,16 +170,23 @@ def test_compiled_solve_on_cuda_matches_the_cpu():
 
 
 def test_compiled_path_takes_more_shapes_than_torchs_default_limit(eager_backend, monkeypatch):
-    """Each new batch size is a new specialisation of the compiled step; torch's default limit
-    (8) must not turn the ninth into an error, nor a second call with a shape met before (which
-    runs without raising the limit). Traced with the eager backend (fast), one iteration per call
-    (not ``qp.fused``'s whole solve: the same wrapper, more tracing)."""
+    """Each new batch size is a new specialisation of the compiled step; torch's limit (8 by
+    default, 3 here, so that fewer shapes are traced) must not turn the next one into an error, nor
+    a second call with a shape met before (which runs without raising the limit): such calls go
+    through ``compiling._past_torchs_limit``. Traced with the eager backend (fast), one iteration
+    per call (not ``qp.fused``'s whole solve: the same wrapper, more tracing)."""
+    from optlayers import compiling
     from optlayers.qp import fused
 
     monkeypatch.setattr(fused, "pays", lambda data: False)
-    for batch in [*range(1, 11), *range(1, 11)]:
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 3)
+    past = []
+    real = compiling._past_torchs_limit
+    monkeypatch.setattr(compiling, "_past_torchs_limit", lambda *args, **kwargs: past.append(1) or real(*args, **kwargs))
+    for batch in [*range(1, 6), *range(1, 6)]:
         data = random_qp((batch,), 3, 2, 0)
         assert (solve_qp(**data, compile=True).status == 0).all()
+    assert past, "no call met torch's limit"
 
 
 def test_on_the_cpu_the_loop_stops_right_after_the_last_problem_converges(monkeypatch):
