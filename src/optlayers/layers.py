@@ -85,7 +85,8 @@ class OptNet(nn.Module):
             training goes on; "ignore": the same, silently; "raise": ``SolveError``; "relax":
             primal infeasible QPs (and those stopped with the primal residual above tolerance)
             hold the solution of their always-feasible elastic relaxation (``optlayers.qp.relax``,
-            weights ``relaxation``) with its exact gradients, and are warned about. ``last_status`` holds the ``Status`` codes of the last forward.
+            weights ``relaxation``) with its exact gradients, and are warned about.
+            ``last_status`` holds the ``Status`` codes of the last forward.
         failed_value, relaxation: see ``on_failure``.
         device, dtype: factory kwargs for the parameters.
 

@@ -73,8 +73,11 @@ def user_stacklevel() -> int:
     return level
 
 
-def _index(index: list[int]) -> str:
-    return str(index[0]) if len(index) == 1 else str(tuple(index))
+def listed_elements(where: list[list[int]], most: int = 10) -> str:
+    """Batch elements given by their (multi-)indices (``mask.nonzero().tolist()``) as text: at most
+    ``most`` of them, then how many more."""
+    listed = ", ".join(str(i[0]) if len(i) == 1 else str(tuple(i)) for i in where[:most])
+    return listed + (f" and {len(where) - most} more" if len(where) > most else "")
 
 
 def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: int = 10) -> str:
@@ -92,9 +95,7 @@ def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: 
         where = (status == code).nonzero().tolist()
         if not where:
             continue
-        listed = ", ".join(_index(i) for i in where[:max_listed])
-        more = f" and {len(where) - max_listed} more" if len(where) > max_listed else ""
-        parts.append(f"{code.name.lower()} (elements {listed}{more}): {code.message}")
+        parts.append(f"{code.name.lower()} (elements {listed_elements(where, max_listed)}): {code.message}")
     unknown = int((~torch.isin(status, torch.tensor([int(c) for c in Status], device=status.device))).sum())
     if unknown:
         parts.append(f"{unknown} elements with codes outside Status")

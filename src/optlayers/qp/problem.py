@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from optlayers.qp.scaling import QPData
+from optlayers.status import listed_elements
 
 _FLOAT_DTYPES = (torch.float32, torch.float64)
 
@@ -115,9 +116,8 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
     asym, bound, tol = _asymmetry(Q)
     for name, t in data.items():
         if not bool(torch.isfinite(t).all()):
-            bad = (~torch.isfinite(t)).flatten(1).any(-1).nonzero().squeeze(-1).tolist()
-            listed = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-            raise ValueError(f"{name} contains NaN or Inf at batch elements {listed} (flattened); QP data must be finite "
+            bad = (~torch.isfinite(t)).flatten(1).any(-1).nonzero().tolist()
+            raise ValueError(f"{name} contains NaN or Inf at batch elements {listed_elements(bad)} (flattened); QP data must be finite "
                              "whatever on_failure says: drop those elements, and write an absent bound as a large finite "
                              "one or leave its row out")
     if bool(asym > bound):

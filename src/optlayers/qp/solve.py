@@ -18,7 +18,7 @@ from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
 from optlayers.qp.relax import Relaxation, elastic_data, original_parts
 from optlayers.qp.scaling import Scaling, unscale_solution
-from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status, user_stacklevel
+from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status, listed_elements, user_stacklevel
 
 SOLVE_QP_FAILURE_CHOICES = (*ON_FAILURE_CHOICES, "relax")
 """``on_failure`` values: the common policy, plus "relax" (see ``optlayers.qp.relax``)."""
@@ -216,19 +216,12 @@ def _warn_relaxed(status: Tensor, relaxed: Tensor, failed_value: float) -> None:
         what, note = "were primal infeasible", ""
         if bool(uncertified.any()):
             what = "were primal infeasible, or stopped with the primal residual above tolerance,"
-            note = (f"; elements {_listed(uncertified)} have no infeasibility certificate (their status: max_iter or "
+            note = (f"; elements {listed_elements(uncertified.nonzero().tolist())} have no infeasibility certificate (their status: max_iter or "
                     "numerical_error)")
         warnings.warn(f"{int(relaxed.sum())} of {status.numel()} QPs {what} and hold the solution of their elastic "
-                      f"relaxation (elements {_listed(relaxed)}){note}", RuntimeWarning, stacklevel=user_stacklevel())
+                      f"relaxation (elements {listed_elements(relaxed.nonzero().tolist())}){note}", RuntimeWarning, stacklevel=user_stacklevel())
     rest = torch.where(relaxed, int(Status.SOLVED), status)
     FailurePolicy("warn", failed_value, "QPs").apply(rest)
-
-
-def _listed(mask: Tensor, most: int = 10) -> str:
-    """The elements where ``mask`` holds, at most ``most`` of them, then how many more."""
-    where = mask.nonzero().tolist()
-    listed = ", ".join(str(i[0]) if len(i) == 1 else str(tuple(i)) for i in where[:most])
-    return listed + (f" and {len(where) - most} more" if len(where) > most else "")
 
 
 class QPSolvers(enum.Enum):
