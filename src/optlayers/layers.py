@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from optlayers.options import check_bool, check_int, check_number
 from optlayers.qp.relax import Relaxation
-from optlayers.qp.solve import QPSolution, check_qp_options, solve_qp
+from optlayers.qp.solve import QPSolution, solve_qp
+from optlayers.validation.options import check_bool, check_int, check_number
+from optlayers.validation.qp import check_layer_input, check_qp_options
 
 DEFAULT_EPS = 1e-4
 """Added to Q = LLᵀ so that Q is positive definite (the paper's ε); small enough not to bias z."""
@@ -39,20 +40,6 @@ def _record(layer: nn.Module, sol: QPSolution) -> QPSolution:
     if not torch._C._are_functorch_transforms_active():
         layer.last_status = sol.status.detach()
     return sol
-
-
-def _check_input(name: str, x: object, n: int, layer: nn.Module) -> None:
-    """The layer's input ``x`` is a (*, n) tensor of the layer's dtype (that of its parameters and
-    buffers, where it has floating-point ones)."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape (*, {n}), got {type(x).__name__}")
-    if x.shape[-1:] != (n,):
-        raise ValueError(f"{name} must have shape (*, {n}), got {tuple(x.shape)}")
-    dtypes = {t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()}
-    if len(dtypes) == 1 and x.dtype not in dtypes:
-        (dtype,) = dtypes
-        raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {dtype}; convert the input "
-                        f"({name}.to({dtype})) or the layer (layer.to({x.dtype}))")
 
 
 def first_difference(n: int, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Tensor:
@@ -184,7 +171,7 @@ class OptNet(nn.Module):
 
     def solve(self, p: Tensor):
         """The full :func:`optlayers.solve_qp` solution (``z``, duals, slacks, status) for input ``p``."""
-        _check_input("p", p, self.n, self)
+        check_layer_input("p", p, self.n, self)
         Q, G, h, A, b = self.qp_data()
         return _record(self, solve_qp(Q, p, G, h, A, b, **self.solver_options))
 
@@ -276,7 +263,7 @@ class OptNetTV(nn.Module):
         return Q, G, torch.zeros(2 * self.n_diff, device=D.device, dtype=D.dtype)
 
     def forward(self, y: Tensor) -> Tensor:
-        _check_input("y", y, self.n, self)
+        check_layer_input("y", y, self.n, self)
         Q, G, h = self.qp_data()
         p = torch.cat([-y, torch.full((*y.shape[:-1], self.n_diff), self.lam, device=y.device, dtype=y.dtype)], -1)
         return _record(self, solve_qp(Q, p, G, h, **self.solver_options)).z[..., : self.n]

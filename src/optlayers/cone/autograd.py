@@ -23,10 +23,10 @@ from optlayers.cone import backends, derivative, embedding, linsolve, product, r
 from optlayers.cone.interior import solver as interior_solver
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
-from optlayers.cone.validation import check_finite
 from optlayers.engine.constants import constant
 from optlayers.functions import applied_as_given
 from optlayers.status import FailurePolicy
+from optlayers.validation.cone import check_finite
 
 SECOND_ORDER = (
     "second derivatives of the cone program (double backward, torch.func.hessian, jacrev or jacfwd of a "

@@ -12,7 +12,8 @@ import torch
 
 from optlayers.cone.solve import solve_cone
 from optlayers.cone.spec import ConeSpec
-from optlayers.qp.problem import check_values, prepare_qp
+from optlayers.qp.problem import prepare_qp
+from optlayers.validation.qp import check_values
 
 
 @dataclasses.dataclass(frozen=True)

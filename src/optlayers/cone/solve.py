@@ -8,17 +8,14 @@ import numpy as np
 import torch
 
 from optlayers.cone.autograd import ConeProgram, Settings
-from optlayers.cone import autograd, backends
-from optlayers.cone.interior.solver import ConeIPMSettings
-from optlayers.cone.linsolve import MODES
+from optlayers.cone import autograd
+from optlayers.cone.data import prepare_cone
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
-from optlayers.cone.validation import validate
-from optlayers.options import check_bool, check_choice, check_fill, check_int, check_number
-from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status
+from optlayers.status import FailurePolicy, Status
+from optlayers.validation.cone import check_cone_options, check_layer_options
+from optlayers.validation.options import check_int
 
-
-SOLVERS = ("auto", "ipm") + backends.SOLVERS
 
 # solver="auto" (the default) runs the batched interior point method ("ipm") on the CPU where
 #     batch * m ** AUTO_CPU_POWER >= AUTO_CPU_WORK
@@ -52,25 +49,6 @@ class ConeSolution:
     status: torch.Tensor
 
 
-def check_cone_options(solver: object, mode: object, on_failure: object, solver_options: object,
-                       max_workers: object, refine_steps: object, failed_value: object = math.nan,
-                       compile: object = False) -> None:
-    """``solve_cone``'s options, refused at the door when unknown or impossible."""
-    check_choice("solver", solver, SOLVERS)
-    check_bool("compile", compile)
-    if compile and solver not in ("auto", "ipm"):
-        raise ValueError(f"compile=True compiles the batched interior point method: it needs solver='ipm' or 'auto', "
-                         f"got solver={solver!r}")
-    check_choice("mode", mode, MODES)
-    check_choice("on_failure", on_failure, ON_FAILURE_CHOICES)
-    check_int("refine_steps", refine_steps, 0)
-    check_int("max_workers", max_workers, 1, optional=True)
-    check_fill("failed_value", failed_value)
-    if solver_options is not None and not isinstance(solver_options, dict):
-        raise TypeError(f"solver_options must be a dict or None, got {type(solver_options).__name__}")
-    _SOLVER_OPTION_CHECKS[solver](dict(solver_options or {}))
-
-
 def choose_solver(rows: int, batch: int, device: torch.device | str) -> str:
     """The solver ``solver="auto"`` runs for ``batch`` programs of ``rows`` constraint rows (m) on
     ``device``: "ipm" on any device but the CPU (Clarabel would copy every program to the host and
@@ -82,74 +60,6 @@ def choose_solver(rows: int, batch: int, device: torch.device | str) -> str:
     if torch.device(device).type != "cpu" or not autograd._clarabel_available():
         return "ipm"
     return "ipm" if batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK else "clarabel"
-
-
-def _check_auto_options(options: dict) -> None:
-    if options:
-        raise ValueError(f"solver_options belong to one solver, and solver='auto' picks one by the batch: pass "
-                         f"solver='clarabel' or solver='ipm' (or 'scs') with them, got {sorted(options)}")
-
-
-def _check_ipm_options(options: dict) -> None:
-    if "compiled" in options:
-        raise ValueError("solver_options for solver='ipm' cannot set 'compiled': pass solve_cone's compile=True")
-    known = {field.name for field in dataclasses.fields(ConeIPMSettings)} - {"compiled"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"solver_options for solver='ipm' must be ConeIPMSettings fields {sorted(known)}, got {unknown}")
-    ConeIPMSettings(**options)  # checks each value
-
-
-def _check_clarabel_options(options: dict) -> None:
-    if not options:
-        return
-    import clarabel
-
-    defaults = clarabel.DefaultSettings()
-    unknown = sorted(name for name in options if not hasattr(defaults, name))
-    if unknown:
-        raise ValueError(f"solver_options for solver='clarabel' must be clarabel.DefaultSettings attributes, "
-                         f"got {unknown}")
-    for name, value in options.items():
-        if isinstance(value, bool) != isinstance(getattr(defaults, name), bool):
-            raise ValueError(f"solver_options[{name!r}] must be of the type of Clarabel's default "
-                             f"{getattr(defaults, name)!r}, got {value!r}")
-        try:
-            setattr(defaults, name, value)
-        except TypeError as error:
-            raise ValueError(f"solver_options[{name!r}]: {error}") from None
-        if "max_iter" in name:
-            check_int(f"solver_options[{name!r}]", value, 1 if name == "max_iter" else 0)
-        elif "tol" in name:
-            check_number(f"solver_options[{name!r}]", value, positive=name in ("tol_feas", "tol_ktratio"))
-        elif name == "time_limit" and not (value > 0):
-            raise ValueError(f"solver_options['time_limit'] must be > 0 seconds (inf for none), got {value!r}")
-    if defaults.tol_gap_abs == 0 and defaults.tol_gap_rel == 0:
-        raise ValueError("solver_options tol_gap_abs and tol_gap_rel cannot both be 0: Clarabel would only run to "
-                         "max_iter")
-
-
-# SCS's settings (scs.SCS keyword arguments, SCS 3.x)
-_SCS_SETTINGS = ("verbose", "normalize", "scale", "adaptive_scale", "rho_x", "max_iters", "eps_abs", "eps_rel", "eps_infeas",
-                 "alpha", "time_limit_secs", "write_data_filename", "log_csv_filename", "acceleration_lookback",
-                 "acceleration_interval", "use_indirect", "mkl", "gpu")
-
-
-def _check_scs_options(options: dict) -> None:
-    unknown = sorted(set(options) - set(_SCS_SETTINGS))
-    if unknown:
-        raise ValueError(f"solver_options for solver='scs' must be SCS settings ({', '.join(_SCS_SETTINGS)}), got {unknown}")
-    for name in ("eps_abs", "eps_rel", "eps_infeas", "time_limit_secs"):
-        if name in options:
-            check_number(f"solver_options[{name!r}]", options[name], positive=False)
-    if "max_iters" in options:
-        check_int("solver_options['max_iters']", options["max_iters"], 1)
-    if options.get("eps_abs", 1.0) == 0 and options.get("eps_rel", 1.0) == 0:
-        raise ValueError("solver_options eps_abs and eps_rel cannot both be 0: SCS would only run to max_iters")
-
-
-_SOLVER_OPTION_CHECKS = {"auto": _check_auto_options, "ipm": _check_ipm_options, "clarabel": _check_clarabel_options,
-                         "scs": _check_scs_options}
 
 
 def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: str = "dense",
@@ -199,7 +109,7 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
         (reverse mode and torch.func.jvp). Shared A and P receive the sum of per-element gradients.
     """
     check_cone_options(solver, mode, on_failure, solver_options, max_workers, refine_steps, failed_value, compile)
-    data = validate(A, b, c, P, cones)
+    data = prepare_cone(A, b, c, P, cones)
     if data.b.shape[0] == 0:
         return _empty_solution(data)
     if solver == "auto":
@@ -262,16 +172,8 @@ class ConeLayer(torch.nn.Module):
 
     def __init__(self, cones: ConeSpec, **options):
         super().__init__()
-        if not isinstance(cones, ConeSpec):
-            raise TypeError(f"cones must be a ConeSpec, got {type(cones).__name__}")
-        for name in options:
-            if name not in _LAYER_OPTIONS:
-                raise TypeError(f"unknown option {name!r}; expected one of {_LAYER_OPTIONS}")
         options = {"on_failure": "warn", "failed_value": 0.0, **options}
-        check_cone_options(options.get("solver", "auto"), options.get("mode", "dense"), options["on_failure"],
-                           options.get("solver_options"), options.get("max_workers"),
-                           options.get("refine_steps", REFINE_STEPS), options["failed_value"],
-                           options.get("compile", False))
+        check_layer_options(cones, options)
         self.cones, self.options = cones, options
         self.last_status: torch.Tensor | None = None
 
@@ -284,6 +186,3 @@ class ConeLayer(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"cones={self.cones}" + "".join(f", {k}={v!r}" for k, v in self.options.items())
 
-
-_LAYER_OPTIONS = ("solver", "mode", "on_failure", "solver_options", "max_workers", "refine_steps", "failed_value",
-                  "compile")

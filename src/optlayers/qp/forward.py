@@ -24,9 +24,10 @@ from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals
 from optlayers.qp.kkt import diagonal_h
 from optlayers.qp.batch import take
 from optlayers.qp.parallel import compiled_slice_count, solve_scaled_parallel
-from optlayers.qp.problem import check_values, qp_data, values_pass
+from optlayers.qp.problem import qp_data
 from optlayers.qp.scaling import QPData, Scaling, equilibrate, unscale_solution
 from optlayers.qp.status import QPStatus
+from optlayers.validation.qp import check_values, values_pass
 
 N_PUBLIC = 9  # z, lam, nu, s, status, iterations, primal, dual, gap
 # From this many variables on, a batch whose H = Q + GᵀWG is diagonal (diagonal Q, bounds such as
@@ -212,7 +213,7 @@ def outputs(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, se
     """``QPSolveFn.forward``'s outputs for the flat data, and whether every problem was solved:
     ``N_PUBLIC`` public ones (z, λ, ν, s, status, iterations, primal, dual, gap; the failed elements
     of z, λ, ν, s hold ``fill``, 0-d in the data's dtype), then ``Saved``, then the factor's tensors
-    where ``keep_factor``. Data that fail the value checks raise (``problem.check_values``). An
+    where ``keep_factor``. Data that fail the value checks raise (``validation.qp.check_values``). An
     empty batch runs eagerly (nothing to compile for)."""
     if settings.compiled and p.shape[0] == 0:
         settings = replace(settings, compiled=False)

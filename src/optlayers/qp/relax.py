@@ -34,7 +34,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from optlayers.options import check_number
+from optlayers.validation.options import check_number
 
 DEFAULT_PENALTY = 1e3
 """ρ: above the multipliers of problems with data of order 1, so that a feasible problem's

@@ -11,19 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from optlayers.linalg import mv
-from optlayers.options import check_bool, check_choice, check_fill, check_int, check_tolerances
 from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.forward import N_PUBLIC, Saved
 from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
 from optlayers.qp.relax import Relaxation, elastic_data, original_parts
 from optlayers.qp.scaling import Scaling, unscale_solution
-from optlayers.status import ON_FAILURE_CHOICES, FailurePolicy, Status, listed_elements, user_stacklevel
-
-SOLVE_QP_FAILURE_CHOICES = (*ON_FAILURE_CHOICES, "relax")
-"""``on_failure`` values: the common policy, plus "relax" (see ``optlayers.qp.relax``)."""
-
-_FLOAT64_DEFAULT_TOL = 1e-12  # the default of ``default_settings`` for float64 data, the tighter one
+from optlayers.status import FailurePolicy, Status, listed_elements, user_stacklevel
+from optlayers.validation.options import check_bool
+from optlayers.validation.qp import check_positive_definite, check_qp_options, check_qpth_options
 
 
 @dataclass(frozen=True)
@@ -61,17 +57,6 @@ class QPSolution:
     dual_residual: Tensor
     gap: Tensor
     relaxed: Tensor
-
-
-def check_qp_options(tol: object, rel_tol: object, max_iter: object, on_failure: object,
-                     failed_value: object = math.nan, relaxation: object = None, *, tol_name: str = "tol") -> None:
-    """Options of ``solve_qp`` (and of the layers built on it), refused at the door when impossible."""
-    check_tolerances(tol, rel_tol, _FLOAT64_DEFAULT_TOL, tol_name)
-    check_int("max_iter", max_iter, 1, optional=True)
-    check_choice("on_failure", on_failure, SOLVE_QP_FAILURE_CHOICES)
-    check_fill("failed_value", failed_value)
-    if relaxation is not None and not isinstance(relaxation, Relaxation):
-        raise TypeError(f"relaxation must be an optlayers.qp.relax.Relaxation or None, got {type(relaxation).__name__}")
 
 
 def solve_qp(
@@ -232,17 +217,6 @@ class QPSolvers(enum.Enum):
     CVXPY = 2
 
 
-def _check_solver(solver: object) -> None:
-    name = getattr(solver, "name", solver)  # our QPSolvers, qpth's, or the member's name
-    if name == "PDIPM_BATCHED":
-        return
-    if name == "CVXPY":
-        raise ValueError("QPFunction(solver=QPSolvers.CVXPY) is not supported: optlayers solves with its own batched "
-                         "interior point method (solver=QPSolvers.PDIPM_BATCHED, the default). To compare with an "
-                         "independent solver use optlayers.cone.qp.solve_qp_cone(..., solver='clarabel') or cvxpy")
-    raise ValueError(f"solver must be QPSolvers.PDIPM_BATCHED, got {solver!r}")
-
-
 class QPFunction(nn.Module):
     """Drop-in replacement for ``qpth.qp.QPFunction``: ``QPFunction()(Q, p, G, h, A, b)`` returns z.
 
@@ -287,16 +261,7 @@ class QPFunction(nn.Module):
                  on_failure: str | None = None, failed_value: float = 0.0, relaxation: Relaxation | None = None,
                  compile: bool = False):
         super().__init__()
-        for qpth_name, value, name, ours in (("eps", eps, "tol", tol), ("maxIter", maxIter, "max_iter", max_iter)):
-            if value is not None and ours is not None:
-                raise ValueError(f"give {qpth_name} (qpth's name) or {name}, not both; got {qpth_name}={value!r}, "
-                                 f"{name}={ours!r}")
-        if not isinstance(verbose, int) or isinstance(verbose, bool):
-            raise ValueError(f"verbose must be an integer (-1 silent, 0 warnings, 1 a summary per solve), got {verbose!r}")
-        check_int("notImprovedLim", notImprovedLim, 1, optional=True)
-        _check_solver(solver)
-        if not isinstance(check_Q_spd, bool):
-            raise ValueError(f"check_Q_spd must be True or False, got {check_Q_spd!r}")
+        check_qpth_options(eps, tol, maxIter, max_iter, verbose, notImprovedLim, solver, check_Q_spd)
         tol = eps if tol is None else tol
         max_iter = maxIter if max_iter is None else max_iter
         on_failure = ("ignore" if verbose < 0 else "warn") if on_failure is None else on_failure
@@ -313,7 +278,7 @@ class QPFunction(nn.Module):
         """The whole solution (z, multipliers, slacks, status, residuals) for this layer's options."""
         flat, batch = prepare_qp(Q, p, G, h, A, b)
         if self.check_Q_spd:
-            _check_positive_definite(flat[0], batch)
+            check_positive_definite(flat[0], batch)
         settings = default_settings(flat[1].dtype, self.tol, self.rel_tol, self.max_iter, self.compile)
         if self.not_improved_lim is not None:
             settings = dataclasses.replace(settings, stall_limit=self.not_improved_lim)
@@ -333,18 +298,6 @@ class QPFunction(nn.Module):
                 f"verbose={self.verbose}, compile={self.compile}")
 
 
-def _check_positive_definite(Q: Tensor, batch: torch.Size) -> None:
-    if torch._C._are_functorch_transforms_active():
-        raise ValueError("check_Q_spd=True reads Q's Cholesky factorisation on the host, which torch.func transforms "
-                         "(vmap, grad, jacrev) cannot trace; pass check_Q_spd=False (a Q that is not positive definite "
-                         "is then reported by the solution's status)")
-    info = torch.linalg.cholesky_ex(Q.detach()).info
-    if bool((info != 0).any()):
-        bad = (info.reshape(batch) != 0).nonzero().tolist()[:10]
-        raise ValueError(f"Q is not positive definite (check_Q_spd=True) at elements {bad}; this solver accepts "
-                         "positive semidefinite Q: pass check_Q_spd=False")
-
-
 def _summary(sol: QPSolution) -> str:
     counts = {code.name: int((sol.status == code).sum()) for code in Status if bool((sol.status == code).any())}
     if sol.status.numel() == 0:
@@ -354,5 +307,4 @@ def _summary(sol: QPSolution) -> str:
             f"dual {float(sol.dual_residual.max()):.2e}, gap {float(sol.gap.max()):.2e}")
 
 
-__all__ = ["QPFunction", "QPSolution", "QPSolvers", "SOLVE_QP_FAILURE_CHOICES", "check_qp_options", "solve_prepared",
-           "solve_qp"]
+__all__ = ["QPFunction", "QPSolution", "QPSolvers", "solve_prepared", "solve_qp"]

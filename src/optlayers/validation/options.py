@@ -1,4 +1,6 @@
-"""Checks of user options at the door: each names the argument, what it must be, and what was given.
+"""The primitive checks of user options (integers, numbers, booleans, choices, fill values,
+tolerances), which the QP and cone checks and the settings' ``__post_init__`` use: each names the
+argument, what it must be, and what was given. They import nothing of the package.
 
 Booleans are refused where numbers are expected (``True`` is an ``int`` in Python, but
 ``max_iter=True`` is a mistake, not a request for one iteration).

@@ -1,0 +1,186 @@
+"""Checks of the QP layer's options (``solve_qp``, ``QPFunction``, the OptNet layers) and of its
+data; ``qp.problem.prepare_qp`` broadcasts what passes into one flat batch."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from optlayers.qp.relax import Relaxation
+from optlayers.status import ON_FAILURE_CHOICES, listed_elements
+from optlayers.validation.options import check_choice, check_fill, check_int, check_tolerances
+
+SOLVE_QP_FAILURE_CHOICES = (*ON_FAILURE_CHOICES, "relax")
+"""``on_failure`` values: the common policy, plus "relax" (see ``optlayers.qp.relax``)."""
+
+_FLOAT64_DEFAULT_TOL = 1e-12  # the default of ``qp.ipm.default_settings`` for float64 data, the tighter one
+
+_FLOAT_DTYPES = (torch.float32, torch.float64)
+
+
+# Options
+
+def check_qp_options(tol: object, rel_tol: object, max_iter: object, on_failure: object,
+                     failed_value: object = math.nan, relaxation: object = None, *, tol_name: str = "tol") -> None:
+    """Options of ``solve_qp`` (and of the layers built on it), refused at the door when impossible."""
+    check_tolerances(tol, rel_tol, _FLOAT64_DEFAULT_TOL, tol_name)
+    check_int("max_iter", max_iter, 1, optional=True)
+    check_choice("on_failure", on_failure, SOLVE_QP_FAILURE_CHOICES)
+    check_fill("failed_value", failed_value)
+    if relaxation is not None and not isinstance(relaxation, Relaxation):
+        raise TypeError(f"relaxation must be an optlayers.qp.relax.Relaxation or None, got {type(relaxation).__name__}")
+
+
+def check_qpth_options(eps: object, tol: object, maxIter: object, max_iter: object, verbose: object,
+                       notImprovedLim: object, solver: object, check_Q_spd: object) -> None:
+    """``QPFunction``'s qpth arguments: each given once (qpth's name or ours), ``verbose`` an
+    integer, ``notImprovedLim`` >= 1, the one supported solver, ``check_Q_spd`` a bool."""
+    for qpth_name, value, name, ours in (("eps", eps, "tol", tol), ("maxIter", maxIter, "max_iter", max_iter)):
+        if value is not None and ours is not None:
+            raise ValueError(f"give {qpth_name} (qpth's name) or {name}, not both; got {qpth_name}={value!r}, "
+                             f"{name}={ours!r}")
+    if not isinstance(verbose, int) or isinstance(verbose, bool):
+        raise ValueError(f"verbose must be an integer (-1 silent, 0 warnings, 1 a summary per solve), got {verbose!r}")
+    check_int("notImprovedLim", notImprovedLim, 1, optional=True)
+    check_solver(solver)
+    if not isinstance(check_Q_spd, bool):
+        raise ValueError(f"check_Q_spd must be True or False, got {check_Q_spd!r}")
+
+
+def check_solver(solver: object) -> None:
+    """``QPFunction(solver=...)``: ``QPSolvers.PDIPM_BATCHED`` (ours or qpth's member, or its name)."""
+    name = getattr(solver, "name", solver)  # our QPSolvers, qpth's, or the member's name
+    if name == "PDIPM_BATCHED":
+        return
+    if name == "CVXPY":
+        raise ValueError("QPFunction(solver=QPSolvers.CVXPY) is not supported: optlayers solves with its own batched "
+                         "interior point method (solver=QPSolvers.PDIPM_BATCHED, the default). To compare with an "
+                         "independent solver use optlayers.cone.qp.solve_qp_cone(..., solver='clarabel') or cvxpy")
+    raise ValueError(f"solver must be QPSolvers.PDIPM_BATCHED, got {solver!r}")
+
+
+def check_layer_input(name: str, x: object, n: int, layer: nn.Module) -> None:
+    """An OptNet layer's input ``x`` is a (*, n) tensor of the layer's dtype (that of its parameters
+    and buffers, where it has floating-point ones)."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (*, {n}), got {type(x).__name__}")
+    if x.shape[-1:] != (n,):
+        raise ValueError(f"{name} must have shape (*, {n}), got {tuple(x.shape)}")
+    dtypes = {t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()}
+    if len(dtypes) == 1 and x.dtype not in dtypes:
+        (dtype,) = dtypes
+        raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {dtype}; convert the input "
+                        f"({name}.to({dtype})) or the layer (layer.to({x.dtype}))")
+
+
+# Data: types, dtypes, devices and shapes (before broadcasting)
+
+def is_absent(t: Tensor | None) -> bool:
+    """None and empty tensors both mean "no such constraint" (qpth passes empty tensors)."""
+    return t is None or (isinstance(t, Tensor) and t.numel() == 0)
+
+
+def check_qp_data(Q: object, p: object, G: object, h: object, A: object,
+                  b: object) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Types, dtypes, devices and shapes of the QP data (p fixes n, dtype and device); returns
+    them with an absent constraint pair as (None, None)."""
+    p = _check_tensor("p", p, None)
+    if p.dim() < 1 or p.shape[-1] == 0:
+        raise ValueError(f"p must have shape (..., n) with n >= 1, got {tuple(p.shape)}")
+    n = p.shape[-1]
+    Q = _check_tensor("Q", Q, p)
+    _check_matrix("Q", Q, n, n)
+    G, h = _check_pair("G", "h", G, h, p, n)
+    A, b = _check_pair("A", "b", A, b, p, n)
+    return Q, p, G, h, A, b
+
+
+def _check_tensor(name: str, t: object, ref: Tensor | None) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {t.dtype}; convert it with {name}.double() or {name}.float()")
+    if t.is_sparse or t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense tensor, got layout {t.layout}; use {name}.to_dense()")
+    if ref is not None and t.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {t.dtype} but p has dtype {ref.dtype}; all QP data must share one dtype")
+    if ref is not None and t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but p is on {ref.device}; all QP data must be on one device")
+    return t
+
+
+def _check_matrix(name: str, M: Tensor, rows: int | None, n: int) -> None:
+    if M.dim() < 2 or M.shape[-1] != n or (rows is not None and M.shape[-2] != rows):
+        want = f"(..., {rows if rows is not None else 'k'}, {n})"
+        raise ValueError(f"{name} must have shape {want} (n = {n} from p), got {tuple(M.shape)}")
+
+
+def _check_pair(mat_name: str, vec_name: str, M: object, v: object, ref: Tensor,
+                n: int) -> tuple[Tensor, Tensor] | tuple[None, None]:
+    """Validate a constraint pair (G, h) or (A, b); an absent pair is (None, None)."""
+    if is_absent(M) and is_absent(v):
+        return None, None
+    if is_absent(M) or is_absent(v):
+        given, missing = (vec_name, mat_name) if is_absent(M) else (mat_name, vec_name)
+        raise ValueError(f"{given} was given without {missing}; pass both or neither")
+    M = _check_tensor(mat_name, M, ref)
+    v = _check_tensor(vec_name, v, ref)
+    _check_matrix(mat_name, M, None, n)
+    if v.dim() < 1 or v.shape[-1] != M.shape[-2]:
+        raise ValueError(f"{vec_name} must have shape (..., {M.shape[-2]}) to match {mat_name} of shape {tuple(M.shape)}, got {tuple(v.shape)}")
+    return M, v
+
+
+# Data: values (on the flat batch, inside the solve)
+
+def _asymmetry(Q: Tensor) -> tuple[Tensor, Tensor, float]:
+    """max |Q − Qᵀ|, its bound tol·max(1, max|Q|) and tol, as tensors that stay on the device."""
+    tol = math.sqrt(torch.finfo(Q.dtype).eps)
+    if Q.numel() == 0:  # an empty batch: nothing to test (amax has no identity)
+        zero = Q.new_zeros(())
+        return zero, zero + tol, tol
+    return (Q - Q.mT).abs().amax(), tol * Q.abs().amax().clamp(min=1.0), tol
+
+
+def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:
+    """``check_values``'s test as a 0-d bool tensor on the data's device, not read."""
+    sums = torch.stack([t.sum() for t in (Q, p, G, h, A, b)])  # NaN or ±inf exactly where an entry is (or overflow)
+    asym, bound, _ = _asymmetry(Q)
+    return ((sums - sums) == 0).all() & (asym <= bound)
+
+
+def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, passed: Tensor | bool | None = None) -> None:
+    """Value checks (finite, Q symmetric); run on plain tensors, inside the solve, so that
+    ``torch.func.vmap`` can trace ``prepare_qp``. The data is read by the host once (one
+    synchronisation): ``values_pass``, or ``passed`` where the caller computed it; only on failure
+    is it read again to name the culprit."""
+    if bool(values_pass(Q, p, G, h, A, b) if passed is None else passed):
+        return
+    data = {"Q": Q, "p": p, "G": G, "h": h, "A": A, "b": b}
+    asym, bound, tol = _asymmetry(Q)
+    for name, t in data.items():
+        if not bool(torch.isfinite(t).all()):
+            bad = (~torch.isfinite(t)).flatten(1).any(-1).nonzero().tolist()
+            raise ValueError(f"{name} contains NaN or Inf at batch elements {listed_elements(bad)} (flattened); QP data must be finite "
+                             "whatever on_failure says: drop those elements, and write an absent bound as a large finite "
+                             "one or leave its row out")
+    if bool(asym > bound):
+        raise ValueError(
+            f"Q must be symmetric (positive semidefinite); max |Q - Qᵀ| = {float(asym):.3g} exceeds {tol:.1e}·max(1, max|Q|); "
+            "pass (Q + Q.transpose(-1, -2)) / 2"
+        )
+
+
+def check_positive_definite(Q: Tensor, batch: torch.Size) -> None:
+    """``QPFunction(check_Q_spd=True)``: every Q of the flat batch (batch shape ``batch``) has a
+    Cholesky factorisation."""
+    if torch._C._are_functorch_transforms_active():
+        raise ValueError("check_Q_spd=True reads Q's Cholesky factorisation on the host, which torch.func transforms "
+                         "(vmap, grad, jacrev) cannot trace; pass check_Q_spd=False (a Q that is not positive definite "
+                         "is then reported by the solution's status)")
+    info = torch.linalg.cholesky_ex(Q.detach()).info
+    if bool((info != 0).any()):
+        bad = (info.reshape(batch) != 0).nonzero().tolist()[:10]
+        raise ValueError(f"Q is not positive definite (check_Q_spd=True) at elements {bad}; this solver accepts "
+                         "positive semidefinite Q: pass check_Q_spd=False")
