@@ -29,7 +29,7 @@ from optlayers.qp.scaling import QPData, Scaling, equilibrate, unscale_solution
 from optlayers.qp.status import QPStatus
 from optlayers.validation.qp import check_values, values_pass
 
-N_PUBLIC = 9  # z, lam, nu, s, status, iterations, primal, dual, gap
+N_PUBLIC = 10  # z, lam, nu, s, status, iterations, primal, dual, gap, primal_limit
 # From this many variables on, a batch whose H = Q + GᵀWG is diagonal (diagonal Q, bounds such as
 # z ≥ 0: ``kkt.diagonal_h``) is recognised and solved with elementwise H solves; below, the dense
 # factorisation costs little. Where a host read is not free (an accelerator) the check is a
@@ -98,13 +98,16 @@ def keep_solved(mask: Tensor, t: Tensor, fill: float) -> Tensor:
 
 
 def _public(sc: Scaling, status: Tensor, st: State, res: Residuals, fill: Tensor) -> tuple[Tensor, ...]:
-    """The forward's first outputs (z, λ, ν, s, status, iterations, primal, dual, gap) at the final
-    scaled iterate ``st`` (with statuses ``status``) and its residuals: mapped back to the original
-    problem, in the dtype of ``fill`` (0-d, the data's dtype), which the failed elements of z, λ, ν,
-    s hold."""
+    """The forward's first outputs (z, λ, ν, s, status, iterations, primal, dual, gap, primal_limit)
+    at the final scaled iterate ``st`` (with statuses ``status``) and its residuals: mapped back to
+    the original problem, in the dtype of ``fill`` (0-d, the data's dtype), which the failed
+    elements of z, λ, ν, s hold; ``primal_limit`` (float64) is the bound of the solver's test of the
+    primal residual (``ipm.Residuals.limit``): for float64 data, primal > primal_limit exactly where
+    that test failed."""
     solved, dtype = status == int(QPStatus.SOLVED), fill.dtype
     x, nu, lam, s = (keep_solved(solved, v, fill).to(dtype) for v in unscale_solution(sc, st.x, st.nu, st.lam, st.s))
-    return x, lam, nu, s, status, st.iterations, res.primal.to(dtype), res.dual.to(dtype), res.gap.to(dtype)
+    return (x, lam, nu, s, status, st.iterations, res.primal.to(dtype), res.dual.to(dtype), res.gap.to(dtype),
+            res.limit[:, 0])
 
 
 def _outputs(scaled: QPData, sc: Scaling, result: IPMResult, fill: Tensor) -> tuple[Tensor, ...]:
@@ -125,7 +128,8 @@ def _solved(scaled: QPData, sc: Scaling, fill: Tensor, settings: IPMSettings, wi
     st, res = fused.unpack(packed, where)
     public = _public(sc, status, st, res, fill)
     own = tuple(t.clone() for t in (*public[5:], st.x, st.nu, st.lam, st.s))  # views of the packed state
-    return info, (packed.real, packed.counts, packed.flags), where, (*public[:5], *own[:4]), own[4:], factor
+    split = N_PUBLIC - 5
+    return info, (packed.real, packed.counts, packed.flags), where, (*public[:5], *own[:split]), own[split:], factor
 
 
 def _checked_solved(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, fill: Tensor,
@@ -211,9 +215,9 @@ def _finished(scaled: QPData, sc: Scaling, info: list[int], packed: tuple[Tensor
 def outputs(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
             keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], bool]:
     """``QPSolveFn.forward``'s outputs for the flat data, and whether every problem was solved:
-    ``N_PUBLIC`` public ones (z, λ, ν, s, status, iterations, primal, dual, gap; the failed elements
-    of z, λ, ν, s hold ``fill``, 0-d in the data's dtype), then ``Saved``, then the factor's tensors
-    where ``keep_factor``. Data that fail the value checks raise (``validation.qp.check_values``). An
+    ``N_PUBLIC`` public ones (z, λ, ν, s, status, iterations, primal, dual, gap, primal_limit; see
+    ``_public``; the failed elements of z, λ, ν, s hold ``fill``, 0-d in the data's dtype), then
+    ``Saved``, then the factor's tensors where ``keep_factor``. Data that fail the value checks raise (``validation.qp.check_values``). An
     empty batch runs eagerly (nothing to compile for)."""
     if settings.compiled and p.shape[0] == 0:
         settings = replace(settings, compiled=False)

@@ -10,13 +10,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from optlayers.linalg import mv
 from optlayers.qp.autograd import QPSolveFn
-from optlayers.qp.forward import N_PUBLIC, Saved
 from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
 from optlayers.qp.relax import Relaxation, elastic_data, original_parts
-from optlayers.qp.scaling import Scaling, unscale_solution
 from optlayers.status import FailurePolicy, Status, listed_elements, user_stacklevel
 from optlayers.validation.options import check_bool
 from optlayers.validation.qp import check_positive_definite, check_qp_options, check_qpth_options
@@ -130,7 +127,7 @@ def solve_prepared(flat: tuple[Tensor, ...], batch: torch.Size, settings: IPMSet
         _warn_relaxed(status.reshape(batch), relaxed.reshape(batch), failed_value)
     else:
         relaxed = torch.zeros_like(status, dtype=torch.bool)
-    outputs = (z, lam, nu, s, *out[4:9], relaxed)
+    outputs = (z, lam, nu, s, *out[4:9], relaxed)  # out[9], the primal residual's bound, only serves _relaxable
     if tuple(batch) != tuple(status.shape):  # not already the batch's shape (B,)
         outputs = tuple(t.reshape((*batch, *t.shape[1:])) for t in outputs)
     return QPSolution(*outputs)
@@ -142,28 +139,18 @@ def _solve_flat(flat: tuple[Tensor, ...], settings: IPMSettings, policy: Failure
     return QPSolveFn.apply(*flat, settings, keep_factor, policy, tuple(batch))
 
 
-def _primal_unmet(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, ...]) -> Tensor:
-    """(B,) bool: the primal residual of each element's final iterate is above its tolerance
-    (``ipm.residuals``' test: ``tol + rel_tol · max(‖Az‖, ‖Gz‖, ‖b‖, ‖h‖)``, infinity norms, in the
-    original units), read from ``out``'s reported residual and the iterate the solver left
-    (``forward.Saved``: z holds ``failed_value`` for failed elements). A NaN residual is not above."""
-    _, _, G, h, A, b = (t.detach() for t in flat)
-    saved = Saved(*out[N_PUBLIC: N_PUBLIC + len(Saved._fields)])
-    z = unscale_solution(Scaling(saved.d, saved.e, saved.f, saved.c), saved.x, None, None, None)[0].to(h.dtype)
-    sizes = [t.abs().amax(-1) for t in (mv(A, z), mv(G, z), b, h) if t.shape[-1]]
-    size = torch.stack(sizes).amax(0) if sizes else torch.zeros_like(z[:, 0])
-    return out[6].detach() > settings.tol + settings.rel_tol * size
-
-
-def _relaxable(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, ...]) -> Tensor:
+def _relaxable(out: tuple[Tensor, ...]) -> Tensor:
     """(B,) bool: the elements ``on_failure="relax"`` re-solves: PRIMAL_INFEASIBLE ones, and those
-    that stopped MAX_ITER or NUMERICAL_ERROR with their primal residual above tolerance
-    (``_primal_unmet``): infeasible problems whose Farkas certificate was not found look like that."""
+    that stopped MAX_ITER or NUMERICAL_ERROR with their primal residual above tolerance (the
+    solver's test: the reported residual above its bound ``primal_limit``, ``forward._public``; a
+    NaN residual is not above): infeasible problems whose Farkas certificate was not found look
+    like that."""
     status = out[4]
     stopped = (status == Status.MAX_ITER) | (status == Status.NUMERICAL_ERROR)
     if not bool(stopped.any()):
         return status == Status.PRIMAL_INFEASIBLE
-    return (status == Status.PRIMAL_INFEASIBLE) | (stopped & _primal_unmet(flat, settings, out))
+    primal_unmet = out[6].detach().to(out[9].dtype) > out[9]
+    return (status == Status.PRIMAL_INFEASIBLE) | (stopped & primal_unmet)
 
 
 def _relax(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, ...],
@@ -172,7 +159,7 @@ def _relax(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, .
     SOLVED (an element whose relaxation fails keeps its ``failed_value``)."""
     z, lam, nu, s, status = out[:5]
     try:
-        index = _relaxable(flat, settings, out).nonzero().squeeze(-1)
+        index = _relaxable(out).nonzero().squeeze(-1)
     except RuntimeError as error:
         if "vmap" not in str(error):
             raise
