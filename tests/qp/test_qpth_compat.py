@@ -127,6 +127,26 @@ def test_check_Q_spd_refuses_singular_Q_and_its_default_accepts_it():
     np.testing.assert_allclose(z[0].numpy(), clarabel_solve(Q, data["p"][0], G, h)[0], atol=1e-8)
 
 
+def test_check_Q_spd_names_the_elements_as_the_failure_messages_do():
+    """The elements whose Q is not positive definite, listed as ``status.listed_elements`` lists
+    failed elements (indices, multi-indices, at most ten then how many more); none for unbatched data."""
+    G, h = torch.cat([torch.eye(3), -torch.eye(3)]), torch.ones(6)
+    fix = "; this solver accepts positive semidefinite Q: pass check_Q_spd=False"
+    singular = torch.diag(torch.tensor([1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError) as error:
+        QPFunction(check_Q_spd=True)(singular, torch.ones(3), G, h)
+    assert str(error.value) == "Q is not positive definite (check_Q_spd=True)" + fix
+    Q = torch.eye(3).repeat(4, 1, 1)
+    Q[2] = singular
+    with pytest.raises(ValueError) as error:
+        QPFunction(check_Q_spd=True)(Q, torch.ones(4, 3), G, h)
+    assert str(error.value) == "Q is not positive definite (check_Q_spd=True) at elements 2" + fix
+    with pytest.raises(ValueError) as error:
+        QPFunction(check_Q_spd=True)(singular, torch.ones(2, 6, 3), G, h)
+    assert str(error.value) == ("Q is not positive definite (check_Q_spd=True) at elements (0, 0), (0, 1), (0, 2), (0, 3), "
+                                "(0, 4), (0, 5), (1, 0), (1, 1), (1, 2), (1, 3) and 2 more" + fix)
+
+
 def test_maxIter_limits_the_iterations_and_verbose_sets_the_warnings():
     data = qpth_problem(neq=0, nineq=3)
     args = (data["Q"], data["p"], data["G"], data["h"])

@@ -174,13 +174,14 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
 
 def check_positive_definite(Q: Tensor, batch: torch.Size) -> None:
     """``QPFunction(check_Q_spd=True)``: every Q of the flat batch (batch shape ``batch``) has a
-    Cholesky factorisation."""
+    Cholesky factorisation; the message names the elements whose Q has none (as the failure
+    messages do, ``status.listed_elements``), unless the data is unbatched."""
     if torch._C._are_functorch_transforms_active():
         raise ValueError("check_Q_spd=True reads Q's Cholesky factorisation on the host, which torch.func transforms "
                          "(vmap, grad, jacrev) cannot trace; pass check_Q_spd=False (a Q that is not positive definite "
                          "is then reported by the solution's status)")
     info = torch.linalg.cholesky_ex(Q.detach()).info
     if bool((info != 0).any()):
-        bad = (info.reshape(batch) != 0).nonzero().tolist()[:10]
-        raise ValueError(f"Q is not positive definite (check_Q_spd=True) at elements {bad}; this solver accepts "
+        where = "" if len(batch) == 0 else f" at elements {listed_elements((info.reshape(batch) != 0).nonzero().tolist())}"
+        raise ValueError(f"Q is not positive definite (check_Q_spd=True){where}; this solver accepts "
                          "positive semidefinite Q: pass check_Q_spd=False")
