@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from optlayers import QPFunction, solve_qp
+from optlayers import QPFunction, Status, solve_qp
 from optlayers.cone import ConeSpec, solve_cone
 
 # x ≤ -1 and -x ≤ -1: no x satisfies both
@@ -42,3 +42,22 @@ def test_an_unbatched_failure_is_described_as_one_problem():
                                          on_failure="warn"))
     assert str(w.message).startswith("the problem was not solved: primal infeasible"), str(w.message)
     assert "elements" not in str(w.message)
+
+
+def test_max_iter_names_the_elements_whose_primal_residual_is_above_tolerance_as_possibly_infeasible():
+    """An infeasible QP stopped by max_iter before its certificate persisted has its primal residual
+    far above tolerance: the message says it may be infeasible. A feasible one stopped with only its
+    gap open is not named."""
+    Q, p = torch.eye(1, dtype=torch.float64).expand(2, 1, 1), torch.tensor([[1.0], [-30.0]], dtype=torch.float64)
+    h = torch.stack([H, torch.full((2,), 100.0, dtype=torch.float64)])  # element 0: no x; element 1: |x| ≤ 100
+    sol = solve_qp(Q, p, G, h, max_iter=3, on_failure="ignore")
+    assert sol.status.tolist() == [1, 1] and float(sol.primal_residual[0]) > 1.0 > 1e-10 > float(sol.primal_residual[1])
+    (w,) = _warnings_of(lambda: solve_qp(Q, p, G, h, max_iter=3, on_failure="warn"))
+    assert str(w.message) == (f"2 of 2 QPs were not solved: max_iter (elements 0, 1): {Status.MAX_ITER.message} (primal "
+                              "residual above tolerance at elements 0: those problems may be infeasible). Their outputs "
+                              "are NaN and their gradients zero.")
+    (w,) = _warnings_of(lambda: solve_qp(Q[0], p[0], G, h[0], max_iter=3, on_failure="warn"))
+    assert str(w.message) == (f"the problem was not solved: {Status.MAX_ITER.message} (the primal residual is above "
+                              "tolerance: the problem may be infeasible). Their outputs are NaN and their gradients zero.")
+    (w,) = _warnings_of(lambda: solve_qp(Q[1], p[1], G, h[1], max_iter=3, on_failure="warn"))
+    assert "infeasible" not in str(w.message)

@@ -80,13 +80,21 @@ def listed_elements(where: list[list[int]], most: int = 10) -> str:
     return listed + (f" and {len(where) - most} more" if len(where) > most else "")
 
 
-def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: int = 10) -> str:
+def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: int = 10,
+                      primal: tuple[torch.Tensor, torch.Tensor] | None = None) -> str:
     """A sentence naming the failed batch elements (multi-indices for batch shapes of several
-    dimensions), grouped by reason, each reason with what to do about it."""
+    dimensions), grouped by reason, each reason with what to do about it. ``primal``: each
+    element's primal residual and the bound of the solver's test of it (the shape of ``status``),
+    where the solver reports them: the MAX_ITER elements whose residual is above its bound are
+    named as possibly infeasible (a problem without a feasible point, whose certificate was not
+    found, stops like that; a NaN residual is not above)."""
     status = status.detach().cpu()
+    unmet = None if primal is None else primal[0].detach().cpu().double() > primal[1].detach().cpu().double()
     if status.dim() == 0:  # one problem, not a batch: no elements to name
         code = int(status)
         reason = Status(code).message if code in set(map(int, Status)) else f"its code {code} is outside Status"
+        if code == Status.MAX_ITER and unmet is not None and bool(unmet):
+            reason += " (the primal residual is above tolerance: the problem may be infeasible)"
         return f"the problem was not solved: {reason}"
     parts = []
     for code in Status:
@@ -95,7 +103,12 @@ def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: 
         where = (status == code).nonzero().tolist()
         if not where:
             continue
-        parts.append(f"{code.name.lower()} (elements {listed_elements(where, max_listed)}): {code.message}")
+        note = ""
+        if code == Status.MAX_ITER and unmet is not None and bool((unmet & (status == code)).any()):
+            infeasible = (unmet & (status == code)).nonzero().tolist()
+            note = (f" (primal residual above tolerance at elements {listed_elements(infeasible, max_listed)}: "
+                    "those problems may be infeasible)")
+        parts.append(f"{code.name.lower()} (elements {listed_elements(where, max_listed)}): {code.message}{note}")
     unknown = int((~torch.isin(status, torch.tensor([int(c) for c in Status], device=status.device))).sum())
     if unknown:
         parts.append(f"{unknown} elements with codes outside Status")
@@ -121,18 +134,20 @@ class FailurePolicy:
         value = "NaN" if math.isnan(self.fill) else f"{self.fill:g}"
         return f"Their outputs are {value} and their gradients zero."
 
-    def apply(self, status: torch.Tensor) -> None:
-        """Raise, warn or stay silent about failed elements (one host sync when some failed)."""
+    def apply(self, status: torch.Tensor, primal: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Raise, warn or stay silent about failed elements (one host sync when some failed);
+        ``primal`` as in ``describe_failures``."""
         if self.action == "ignore" or not bool((status != Status.SOLVED).any()):
             return
-        message = describe_failures(status, self.noun)
+        message = describe_failures(status, self.noun, primal=primal)
         if self.action == "raise":
             raise SolveError(message, status)
         warnings.warn(f"{message}. {self.outcome()}", RuntimeWarning, stacklevel=user_stacklevel())
 
 
-def apply_failure_policy(status: torch.Tensor, on_failure: str | FailurePolicy, noun: str = "problems") -> None:
+def apply_failure_policy(status: torch.Tensor, on_failure: str | FailurePolicy, noun: str = "problems",
+                         primal: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
     """Raise, warn or stay silent about failed elements, as ``on_failure`` (a policy or its
-    action, with NaN outputs) asks."""
+    action, with NaN outputs) asks; ``primal`` as in ``describe_failures``."""
     policy = on_failure if isinstance(on_failure, FailurePolicy) else FailurePolicy(on_failure, noun=noun)
-    policy.apply(status)
+    policy.apply(status, primal)

@@ -171,8 +171,9 @@ class QPSolveFn(torch.autograd.Function):
     def forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
                 keep_factor: bool, on_failure: str | FailurePolicy, batch_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
         outputs, all_solved = forward_outputs(Q, p, G, h, A, b, settings, keep_factor, constant(_fill(on_failure), p))
-        if not all_solved:
-            apply_failure_policy(outputs[4].reshape(batch_shape), on_failure)
+        if not all_solved:  # the primal residual and its bound name the possibly infeasible elements
+            apply_failure_policy(outputs[4].reshape(batch_shape), on_failure,
+                                 primal=(outputs[6].reshape(batch_shape), outputs[9].reshape(batch_shape)))
         return outputs
 
     @staticmethod
