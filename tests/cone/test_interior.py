@@ -663,7 +663,7 @@ def test_infeasible_elements_of_a_batch_with_psd_cones_fall_back_beside_solved_o
 
 def test_iteration_limit_falls_back_to_clarabel():
     A, b, c, P, x, _, _ = random_program(ALL_CONES, 15, batch=3, quadratic=True, seed=95)
-    _, _, _, status = solver.solve(A, b, c, P, ALL_CONES, solver.IPMSettings(max_iter=2))
+    _, _, _, status = solver.solve(A, b, c, P, ALL_CONES, solver.ConeIPMSettings(max_iter=2))
     assert (status == ConeStatus.MAX_ITER).all()
     sol = solve_cone(A, b, c, ALL_CONES, P, solver="ipm", solver_options={"max_iter": 2})
     ref = solve_cone(A, b, c, ALL_CONES, P, solver="clarabel")
@@ -797,9 +797,9 @@ def test_ipm_on_cuda_matches_cpu():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"max_backtracks": 0}, r"IPMSettings.max_backtracks must be an int >= 1, got 0"),
-    ({"max_iter": 2.5}, r"IPMSettings.max_iter must be an int >= 1, got 2.5"),
-    ({"step_fraction": 0.0}, r"IPMSettings.step_fraction must be a number in \(0.0, 1.0\), got 0.0"),
+    ({"max_backtracks": 0}, r"ConeIPMSettings.max_backtracks must be an int >= 1, got 0"),
+    ({"max_iter": 2.5}, r"ConeIPMSettings.max_iter must be an int >= 1, got 2.5"),
+    ({"step_fraction": 0.0}, r"ConeIPMSettings.step_fraction must be a number in \(0.0, 1.0\), got 0.0"),
     ({"tol": 1e-3, "inaccurate_tol": 1e-4}, r"inaccurate_tol \(0.0001\) must be >= tol \(0.001\)"),
 ])
 def test_ipm_settings_are_checked_at_the_door(options, message):
@@ -869,7 +869,7 @@ def test_exp_step_search_cpu_shortcut_equals_the_full_search():
     ds, dy = torch.randn(6, 9, generator=g, dtype=s.dtype), torch.randn(6, 9, generator=g, dtype=s.dtype)
     scale = torch.tensor([0.1, 1.0, 10.0, 100.0, 1e3, 1e6], dtype=s.dtype).unsqueeze(-1)  # long steps need backtracks
     alpha = torch.ones(6, dtype=s.dtype)
-    settings = solver.IPMSettings(max_backtracks=20)
+    settings = solver.ConeIPMSettings(max_backtracks=20)
     free = cone_parts.exp_step(parts, s, y, ds * scale, dy * scale, alpha, 0.99, settings.backtrack, settings.max_backtracks)
     with host.accelerator_schedule():
         full = cone_parts.exp_step(parts, s, y, ds * scale, dy * scale, alpha, 0.99, settings.backtrack,

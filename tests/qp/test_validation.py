@@ -127,8 +127,8 @@ CONE_ARGS = dict(A=torch.tensor([[-1.0, 0.0], [0.0, -1.0], [1.0, 1.0]]), b=torch
 
 @pytest.mark.parametrize("solver, options, pattern", [
     ("ipm", {"max_iter": 0}, r"ConeIPMSettings.max_iter must be an int >= 1, got 0"),
-    ("ipm", {"tol": 0.0}, r"IPMSettings.tol must be a number in \(0.0, 1.0\), got 0.0"),
-    ("ipm", {"tol": float("nan")}, r"IPMSettings.tol must be a number"),
+    ("ipm", {"tol": 0.0}, r"ConeIPMSettings.tol must be a number in \(0.0, 1.0\), got 0.0"),
+    ("ipm", {"tol": float("nan")}, r"ConeIPMSettings.tol must be a number"),
     ("clarabel", {"max_iter": 0}, r"solver_options\['max_iter'\] must be an integer >= 1, got 0"),
     ("clarabel", {"max_iter": True}, r"solver_options\['max_iter'\] must be of the type of Clarabel's default"),
     ("clarabel", {"tol_gap_abs": -1.0}, r"solver_options\['tol_gap_abs'\] must be a finite number >= 0"),

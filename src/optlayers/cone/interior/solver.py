@@ -145,9 +145,6 @@ class ConeIPMSettings:
             raise ValueError(f"ConeIPMSettings.inaccurate_tol ({self.inaccurate_tol}) must be >= tol ({self.tol})")
 
 
-IPMSettings = ConeIPMSettings  # kept for callers of this name (qp.ipm.IPMSettings is the QP method's)
-
-
 def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
           settings: ConeIPMSettings = ConeIPMSettings(), max_slices: int | None = None
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
