@@ -14,8 +14,8 @@ from torch import Tensor, nn
 
 from optlayers.qp.relax import Relaxation
 from optlayers.qp.solve import QPSolution, solve_qp
-from optlayers.validation.options import check_bool, check_int, check_number
-from optlayers.validation.qp import check_layer_input, check_qp_options
+from optlayers.validation.options import check_int
+from optlayers.validation.qp import check_layer_input, check_optnet_options, check_optnet_tv_options, check_qp_options
 
 DEFAULT_EPS = 1e-4
 """Added to Q = LLᵀ so that Q is positive definite (the paper's ε); small enough not to bias z."""
@@ -107,17 +107,7 @@ class OptNet(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_int("n", n, 1)
-        check_int("n_ineq", n_ineq, 0)
-        check_int("n_eq", n_eq, 0)
-        if n_eq >= n:
-            raise ValueError(f"n_eq must be < n (= {n}) or the equalities alone fix z = z0, got n_eq={n_eq}")
-        check_number("eps", eps, positive=False)
-        if fixed_q is not None:
-            check_number("fixed_q", fixed_q, positive=False)
-        if fixed_q is None and eps == 0:
-            raise ValueError("eps must be > 0 when Q = LLᵀ + εI is learned (LLᵀ alone may be singular), got eps=0")
-        check_bool("nonnegative", nonnegative)
+        check_optnet_options(n, n_ineq, n_eq, eps, fixed_q, nonnegative)
         factory = {"device": device, "dtype": dtype}
         self.n, self.n_ineq, self.n_eq = n, n_ineq, n_eq
         self.eps, self.fixed_q, self.nonnegative = eps, fixed_q, nonnegative
@@ -231,21 +221,13 @@ class OptNetTV(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        check_int("n", n, 2)
-        check_number("lam", lam, positive=True)
-        check_number("eps", eps, positive=True)
         n_diff = n - 1 if n_diff is None else n_diff
-        check_int("n_diff", n_diff, 1)
-        check_bool("learn_d", learn_d)
+        check_optnet_tv_options(n, lam, eps, n_diff, learn_d, init)
         factory = {"device": device, "dtype": dtype}
         if init == "difference":
-            if n_diff != n - 1:
-                raise ValueError(f"init='difference' needs n_diff = n - 1 = {n - 1}, got n_diff={n_diff}")
             D = first_difference(n, **factory)
-        elif init == "random":
-            D = TV_RANDOM_D_SCALE * torch.randn(n_diff, n, **factory)
         else:
-            raise ValueError(f"init must be 'difference' or 'random', got {init!r}")
+            D = TV_RANDOM_D_SCALE * torch.randn(n_diff, n, **factory)
         if learn_d:
             self.D = nn.Parameter(D)
         else:

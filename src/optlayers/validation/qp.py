@@ -1,5 +1,5 @@
-"""Checks of the QP layer's options (``solve_qp``, ``QPFunction``, the OptNet layers) and of its
-data; ``qp.problem.prepare_qp`` broadcasts what passes into one flat batch."""
+"""Checks of the QP layer's options (``solve_qp``, ``QPFunction``, the OptNet layers and their
+inputs) and of its data; ``qp.problem.prepare_qp`` broadcasts what passes into one flat batch."""
 from __future__ import annotations
 
 import math
@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from optlayers.qp.relax import Relaxation
 from optlayers.status import ON_FAILURE_CHOICES, listed_elements
-from optlayers.validation.options import check_choice, check_fill, check_int, check_tolerances
+from optlayers.validation.options import check_bool, check_choice, check_fill, check_int, check_number, check_tolerances
 
 SOLVE_QP_FAILURE_CHOICES = (*ON_FAILURE_CHOICES, "relax")
 """``on_failure`` values: the common policy, plus "relax" (see ``optlayers.qp.relax``)."""
@@ -58,6 +58,35 @@ def check_solver(solver: object) -> None:
                          "interior point method (solver=QPSolvers.PDIPM_BATCHED, the default). To compare with an "
                          "independent solver use optlayers.cone.qp.solve_qp_cone(..., solver='clarabel') or cvxpy")
     raise ValueError(f"solver must be QPSolvers.PDIPM_BATCHED, got {solver!r}")
+
+
+def check_optnet_options(n: object, n_ineq: object, n_eq: object, eps: object, fixed_q: object,
+                         nonnegative: object) -> None:
+    """``OptNet``'s sizes and its Q's parameters (the solver's options: ``check_qp_options``)."""
+    check_int("n", n, 1)
+    check_int("n_ineq", n_ineq, 0)
+    check_int("n_eq", n_eq, 0)
+    if n_eq >= n:
+        raise ValueError(f"n_eq must be < n (= {n}) or the equalities alone fix z = z0, got n_eq={n_eq}")
+    check_number("eps", eps, positive=False)
+    if fixed_q is not None:
+        check_number("fixed_q", fixed_q, positive=False)
+    if fixed_q is None and eps == 0:
+        raise ValueError("eps must be > 0 when Q = LLᵀ + εI is learned (LLᵀ alone may be singular), got eps=0")
+    check_bool("nonnegative", nonnegative)
+
+
+def check_optnet_tv_options(n: object, lam: object, eps: object, n_diff: object, learn_d: object, init: object) -> None:
+    """``OptNetTV``'s sizes, weights and initialisation of D (``n_diff`` with its default filled in)."""
+    check_int("n", n, 2)
+    check_number("lam", lam, positive=True)
+    check_number("eps", eps, positive=True)
+    check_int("n_diff", n_diff, 1)
+    check_bool("learn_d", learn_d)
+    if init == "difference" and n_diff != n - 1:
+        raise ValueError(f"init='difference' needs n_diff = n - 1 = {n - 1}, got n_diff={n_diff}")
+    if init not in ("difference", "random"):
+        raise ValueError(f"init must be 'difference' or 'random', got {init!r}")
 
 
 def check_layer_input(name: str, x: object, n: int, layer: nn.Module) -> None:
