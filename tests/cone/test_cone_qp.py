@@ -70,3 +70,9 @@ def test_needs_a_constraint():
         solve_qp_cone(torch.eye(2), torch.ones(2))
     with pytest.raises(ValueError, match="G was given without h"):
         solve_qp_cone(torch.eye(2), torch.ones(2), G=torch.eye(2))
+
+
+def test_an_unconstrained_qp_is_refused_with_its_fix():
+    with pytest.raises(ValueError, match=r"^solve_qp_cone needs at least one constraint; an unconstrained QP is the "
+                                         r"linear solve Q z = -p$"):
+        solve_qp_cone(torch.eye(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), torch.empty(0, 2), None)

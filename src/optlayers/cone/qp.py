@@ -13,7 +13,7 @@ import torch
 from optlayers.cone.solve import solve_cone
 from optlayers.cone.spec import ConeSpec
 from optlayers.qp.problem import prepare_qp
-from optlayers.validation.qp import check_values
+from optlayers.validation.qp import check_constrained, check_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,8 +45,7 @@ def solve_qp_cone(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = Non
     (Q, p, G, h, A, b), batch = prepare_qp(Q, p, G, h, A, b)  # the checks and broadcasting of solve_qp
     check_values(Q, p, G, h, A, b)
     m, k = A.shape[-2], G.shape[-2]
-    if m + k == 0:
-        raise ValueError("solve_qp_cone needs at least one constraint; an unconstrained QP is the linear solve Q z = -p")
+    check_constrained(m, k)
     sol = solve_cone(torch.cat([A, G], -2), torch.cat([b, h], -1), p, ConeSpec(zero=m, nonneg=k), Q, **cone_options)
     parts = (sol.x, sol.y[..., m:], sol.y[..., :m], sol.s[..., m:], sol.status)
     z, lam, nu, s, status = (t.reshape((*batch, *t.shape[1:])) for t in parts)

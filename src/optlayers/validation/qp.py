@@ -161,6 +161,13 @@ def _check_pair(mat_name: str, vec_name: str, M: object, v: object, ref: Tensor,
     return M, v
 
 
+def check_constrained(m: int, k: int) -> None:
+    """``solve_qp_cone``: the QP has some constraint (``m`` equalities, ``k`` inequalities), the rows
+    of its cone program."""
+    if m + k == 0:
+        raise ValueError("solve_qp_cone needs at least one constraint; an unconstrained QP is the linear solve Q z = -p")
+
+
 # Data: values (on the flat batch, inside the solve)
 
 def _asymmetry(Q: Tensor) -> tuple[Tensor, Tensor, float]:
