@@ -8,8 +8,10 @@ entry points prepare what passed (broadcasting, flattening, canonical cone data)
 - ``cone``: options of ``solve_cone`` and ``ConeLayer``, with each solver's ``solver_options``;
   the cone program's data (types, dtypes, devices, shapes, cone sizes, finite values).
 
-Three modules rather than one: together they are nearly 500 lines, and the primitives must import
-nothing of the package, since the settings that use them (``qp.relax.Relaxation``) are imported by
-the QP and cone checks. This ``__init__`` imports none of them, so that importing the primitives
-never imports a solver.
+Three modules rather than one: together they are over 500 lines, and the primitives must import
+nothing of the package, since a setting that uses them (``qp.relax.Relaxation``) is imported by
+the QP checks. This ``__init__`` imports none of them, so that importing the primitives never
+imports a solver. Outside, and why: ``ConeSpec`` and ``ConeIPMSettings`` check their fields in
+their own ``__post_init__`` (the cone checks import both); ``solve_cone`` checks ``warm_start``
+against ``ConeSolution``, which it defines.
 """
