@@ -103,11 +103,9 @@ def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: 
         where = (status == code).nonzero().tolist()
         if not where:
             continue
-        note = ""
-        if code == Status.MAX_ITER and unmet is not None and bool((unmet & (status == code)).any()):
-            infeasible = (unmet & (status == code)).nonzero().tolist()
-            note = (f" (primal residual above tolerance at elements {listed_elements(infeasible, max_listed)}: "
-                    "those problems may be infeasible)")
+        infeasible = [] if code != Status.MAX_ITER or unmet is None else (unmet & (status == code)).nonzero().tolist()
+        note = "" if not infeasible else (f" (primal residual above tolerance at elements "
+                                          f"{listed_elements(infeasible, max_listed)}: those problems may be infeasible)")
         parts.append(f"{code.name.lower()} (elements {listed_elements(where, max_listed)}): {code.message}{note}")
     unknown = int((~torch.isin(status, torch.tensor([int(c) for c in Status], device=status.device))).sum())
     if unknown:

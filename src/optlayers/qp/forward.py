@@ -217,8 +217,8 @@ def outputs(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, se
     """``QPSolveFn.forward``'s outputs for the flat data, and whether every problem was solved:
     ``N_PUBLIC`` public ones (z, λ, ν, s, status, iterations, primal, dual, gap, primal_limit; see
     ``_public``; the failed elements of z, λ, ν, s hold ``fill``, 0-d in the data's dtype), then
-    ``Saved``, then the factor's tensors where ``keep_factor``. Data that fail the value checks raise (``validation.qp.check_values``). An
-    empty batch runs eagerly (nothing to compile for)."""
+    ``Saved``, then the factor's tensors where ``keep_factor``. Data that fail the value checks
+    raise (``validation.qp.check_values``). An empty batch runs eagerly (nothing to compile for)."""
     if settings.compiled and p.shape[0] == 0:
         settings = replace(settings, compiled=False)
     if settings.compiled and fused.pays(p.device):
