@@ -122,7 +122,7 @@ ITERATION_PHASES: dict[tuple[str, str], Rule] = {
         ("return Step(dv, mv(data.Q, dv[:, :n]), alpha", "newton_step: Q dx"))),
     ("engine/step.py", "direction"): ("right-hand side", (
         ("dx, dnu, dlam = solve_reduced(", ""), ("pieces = ", "dλ, ds, joined"))),
-    ("qp/kkt.py", "solve_reduced"): ("right-hand side", (
+    ("engine/kkt.py", "solve_reduced"): ("right-hand side", (
         ("dx, omega = _solve_regularised(", "first solve"), ("adaptive = ", "refinement"),
         ("dlam = mv(f.G", "dλ"))),
     ("qp/ipm.py", "assess"): ("assess: update", (("events, sound, running, can_raise = _certificates(", ""),

@@ -23,7 +23,7 @@ from optlayers.host import cpu_schedule
 SMALL_PRODUCT_MAX = 16
 """The largest size (rows, inner, columns) of a product written elementwise under compilation:
 inductor unrolls sums of at most 16 terms (``compiling.CPU_OPTIONS``), and the factors inverted
-under compilation are of order at most ``qp.kkt.INVERTED_MAX_N`` = 12."""
+under compilation are of order at most ``engine.kkt.INVERTED_MAX_N`` = 12."""
 
 
 def elementwise(a: Tensor, b: Tensor) -> bool:

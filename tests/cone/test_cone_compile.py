@@ -13,7 +13,7 @@ from optlayers.engine import cones as cone_parts
 
 PROGRAMS = [(ALL_CONES, 16, False), (ALL_CONES, 14, True), (ConeSpec(nonneg=5, soc=[3], exp_dual=2), 8, False)]
 # Every cone kind with more than 12 equality rows and variables: under compilation the KKT solves invert
-# Cholesky factors of order <= 12 (``qp.kkt``), which rounds differently from the eager path
+# Cholesky factors of order <= 12 (``engine.kkt``), which rounds differently from the eager path
 WIDE = ConeSpec(zero=13, nonneg=6, soc=[4, 3], psd=[3], exp=2, exp_dual=1)
 AGREE = 1e-10  # compiled code rounds differently from eager kernels; the refinement takes both to round-off
 

@@ -4,7 +4,7 @@ import torch
 
 from optlayers import QPStatus, solve_qp
 from optlayers.qp import forward
-from optlayers.qp.kkt import diagonal_h, factor_kkt
+from optlayers.engine.kkt import diagonal_h, factor_kkt
 from qp_problems import box_qp
 
 NAMES = ("Q", "p", "G", "h", "A", "b")

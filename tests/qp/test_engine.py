@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from optlayers import host, linalg, solve_qp
-from optlayers.qp import ipm, kkt
-from optlayers.qp.kkt import MAX_FACTOR_RETRIES
+from optlayers.engine import kkt
+from optlayers.engine.kkt import MAX_FACTOR_RETRIES
+from optlayers.qp import ipm
 from optlayers.qp.problem import prepare_qp, qp_data
 from optlayers.qp.scaling import equilibrate
 from optlayers.status import Status

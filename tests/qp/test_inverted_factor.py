@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optlayers import QPStatus, host, solve_qp
-from optlayers.qp import kkt
+from optlayers.engine import kkt
 from tests.qp.test_refinement import EPS, _backward_error, _ill_conditioned_system
 
 ROOT = Path(__file__).resolve().parents[2]

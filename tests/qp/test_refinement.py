@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optlayers import host, solve_qp
-from optlayers.qp import kkt
+from optlayers.engine import kkt
 from tests.qp.qp_problems import random_qp
 
 EPS = torch.finfo(torch.float64).eps

@@ -6,7 +6,7 @@ with a ``status`` field (``host.RUNNING`` while an element iterates) and the res
 state, and a step ``(*data, state, residuals) -> (state, residuals)`` that makes no host
 synchronisation and freezes finished elements by masks (or ``Steps``: several iterations per
 call). The loop owns the host's looks (``host.is_check``, ``host.look``): it stops when nothing
-runs, and drops finished elements from the working batch (``qp/batch.py``) once few run. A method with flags of its own to count at a
+runs, and drops finished elements from the working batch (``engine/batch.py``) once few run. A method with flags of its own to count at a
 look (the QP's stiff split and accurate gap) passes a ``Look``.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from optlayers.host import RUNNING, host_read, is_check, look
-from optlayers.qp.batch import put, take
+from optlayers.engine.batch import put, take
 
 Step = Callable[..., tuple[Any, Any]]
 

@@ -7,7 +7,7 @@ The program is
 
 with equality rows (A, b), nonnegative rows (G, h) and the rows of the other cones (``ConeRows``,
 described by ``cones.Part``s: second-order, PSD, exponential). The nonnegative rows enter the KKT
-system as its diagonal W⁻¹ = λ/(s + δᵢλ) rows (``qp/kkt.py``: the stiff split and the diagonal
+system as its diagonal W⁻¹ = λ/(s + δᵢλ) rows (``engine/kkt.py``: the stiff split and the diagonal
 path apply to them); each other cone's scaling V (VᵀV = (WᵀW)⁻¹, ``engine/cones/``) is folded
 into the H handed to ``kkt.factor_kkt``: H = Q + A_Kᵀ VᵀV A_K. The iterate is one tensor
 v = [x, ν, λ, s, y_K, s_K] (``State``).
@@ -39,7 +39,7 @@ from torch import Tensor
 from optlayers.engine import cones as cone_parts
 from optlayers.engine.constants import constant
 from optlayers.linalg import mv
-from optlayers.qp.kkt import KKTFactor, factor_kkt, solve_reduced
+from optlayers.engine.kkt import KKTFactor, factor_kkt, solve_reduced
 
 # For the derivatives, inequalities with W⁻¹ = λ/s above this (scaled units) are kept out of H
 # and handled like equalities (see ``kkt.KKTFactor``): near-active rows would otherwise make H

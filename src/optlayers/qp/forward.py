@@ -21,8 +21,8 @@ from optlayers.host import host_read, reads_are_free
 from optlayers.qp import fused
 from optlayers.qp.derivatives import FACTOR_FIELDS, factor_tensors
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals
-from optlayers.qp.kkt import diagonal_h
-from optlayers.qp.batch import take
+from optlayers.engine.kkt import diagonal_h
+from optlayers.engine.batch import take
 from optlayers.qp.parallel import compiled_slice_count, solve_scaled_parallel
 from optlayers.qp.problem import qp_data
 from optlayers.qp.scaling import QPData, Scaling, equilibrate, unscale_solution

@@ -12,7 +12,7 @@ from dataclasses import replace
 import torch
 
 from optlayers import threads
-from optlayers.qp.batch import concat, take
+from optlayers.engine.batch import concat, take
 from optlayers.qp.ipm import IPMResult, IPMSettings, solve_scaled
 from optlayers.qp.scaling import QPData, Scaling
 

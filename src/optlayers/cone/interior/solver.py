@@ -38,7 +38,7 @@ from optlayers.engine.step import ConeRows, State, StepRules, newton_step
 from optlayers.host import RUNNING
 from optlayers.linalg import inf_norm, mtv, mv
 from optlayers.qp import fused
-from optlayers.qp.kkt import next_regularisation
+from optlayers.engine.kkt import next_regularisation
 from optlayers.qp.scaling import QPData
 
 
