@@ -3,8 +3,8 @@ agreement with the dense path and with finite differences."""
 import torch
 
 from optlayers import QPStatus, solve_qp
-from optlayers.qp import forward
 from optlayers.engine.kkt import diagonal_h, factor_kkt
+from optlayers.qp import forward
 from qp_problems import box_qp
 
 NAMES = ("Q", "p", "G", "h", "A", "b")

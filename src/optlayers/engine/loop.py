@@ -17,8 +17,8 @@ from typing import Any, Callable, Protocol
 import torch
 from torch import Tensor
 
-from optlayers.host import RUNNING, host_read, is_check, look
 from optlayers.engine.batch import put, take
+from optlayers.host import RUNNING, host_read, is_check, look
 
 Step = Callable[..., tuple[Any, Any]]
 

@@ -38,8 +38,8 @@ from torch import Tensor
 
 from optlayers.engine import cones as cone_parts
 from optlayers.engine.constants import constant
-from optlayers.linalg import mv
 from optlayers.engine.kkt import KKTFactor, factor_kkt, solve_reduced
+from optlayers.linalg import mv
 
 # For the derivatives, inequalities with W⁻¹ = λ/s above this (scaled units) are kept out of H
 # and handled like equalities (see ``kkt.KKTFactor``): near-active rows would otherwise make H

@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 from torch import while_loop
 
+from optlayers.engine.batch import concat, take
 from optlayers.engine.constants import constant
 from optlayers.host import cpu_schedule
-from optlayers.engine.batch import concat, take
 
 # Ruiz iterations: each halves the log-spread of row/column norms; ten is the usual choice
 # (OSQP, PIQP) and equilibrates to within a few percent.
