@@ -217,7 +217,9 @@ def _past_torchs_limit(graph: Callable, fn: Callable, name: str, *args: object, 
 
 
 def owned(obj: T) -> T:
-    """``obj`` (a dataclass of tensors) with every tensor copied into memory of its own."""
+    """``obj`` (a dataclass of tensors) with every tensor copied into memory of its own: the outputs
+    of a CUDA graph's replay before they are kept (see the module docstring), and the data that the
+    body of a ``while_loop`` reads (``engine.device_loop.run``)."""
     if not is_dataclass(obj) or isinstance(obj, type):
         raise TypeError(f"obj must be a dataclass instance, got {type(obj).__name__}")
     return replace(obj, **{f.name: t.clone() for f in fields(obj) if isinstance(t := getattr(obj, f.name), Tensor)})

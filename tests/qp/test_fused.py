@@ -82,31 +82,6 @@ def test_the_loop_goes_on_after_the_host_reacts(eager_backend, monkeypatch):
     torch.testing.assert_close(grad_compiled, grad, rtol=1e-10, atol=1e-12)
 
 
-def test_packing_keeps_every_field_of_the_state_and_residuals():
-    """``fused.pack`` and ``fused.unpack`` carry every field of ``State`` and ``Residuals``, whatever
-    they hold, with equalities and without."""
-    from dataclasses import fields
-
-    from optlayers.qp.problem import prepare_qp, qp_data
-    from optlayers.qp.scaling import equilibrate
-
-    for m in (0, 2):
-        data = random_qp((3,), 5, 6, m)
-        flat, _ = prepare_qp(*(data[key] for key in ("Q", "p", "G", "h", "A", "b")))
-        scaled, sc = equilibrate(qp_data(*flat))
-        settings = ipm.default_settings(torch.float64, None, None, None)
-        st, res = ipm.start(scaled, ipm.Units.of(sc), settings)
-        where = fused.layout(st, res)
-        back = fused.unpack(fused.pack(st, res), where)
-        for before, after in zip((st, res), back):
-            for f in fields(before):
-                a, b = getattr(before, f.name), getattr(after, f.name)
-                if isinstance(a, torch.Tensor):
-                    assert a.dtype == b.dtype and torch.equal(a, b), f.name
-                else:
-                    assert a == b, f.name
-
-
 def test_a_failed_start_runs_no_compiled_iterations(eager_backend, monkeypatch):
     """Where the compiled start's (unretried) factorisation fails for some problem, the host
     starts again with retries (``ipm.start``) and iterates from there: the compiled call runs no

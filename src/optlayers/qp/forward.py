@@ -16,13 +16,14 @@ from torch import Tensor
 
 from optlayers import threads
 from optlayers.compiling import compiled, pointwise_cats
+from optlayers.engine.batch import take
+from optlayers.engine.device_loop import Layout, Packed, unpack
+from optlayers.engine.kkt import diagonal_h
 from optlayers.engine.step import State
 from optlayers.host import host_read, reads_are_free
 from optlayers.qp import fused
 from optlayers.qp.derivatives import FACTOR_FIELDS, factor_tensors
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals
-from optlayers.engine.kkt import diagonal_h
-from optlayers.engine.batch import take
 from optlayers.qp.parallel import compiled_slice_count, solve_scaled_parallel
 from optlayers.qp.problem import qp_data
 from optlayers.qp.scaling import QPData, Scaling, equilibrate, unscale_solution
@@ -125,7 +126,7 @@ def _solved(scaled: QPData, sc: Scaling, fill: Tensor, settings: IPMSettings, wi
     there), the scaled solution (x, ν, λ, s) and the factor's tensors, each in memory of its own;
     ``halt`` as in ``fused.whole``."""
     packed, where, status, factor, info = fused.whole(scaled, sc, settings, with_factor, halt)
-    st, res = fused.unpack(packed, where)
+    st, res = unpack(packed, where, fused.KINDS)
     public = _public(sc, status, st, res, fill)
     own = tuple(t.clone() for t in (*public[5:], st.x, st.nu, st.lam, st.s))  # views of the packed state
     split = N_PUBLIC - 5
@@ -200,7 +201,7 @@ def _joined(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
     return tuple(joined)
 
 
-def _finished(scaled: QPData, sc: Scaling, info: list[int], packed: tuple[Tensor, ...], where: fused.Layout,
+def _finished(scaled: QPData, sc: Scaling, info: list[int], packed: tuple[Tensor, ...], where: Layout,
               public: tuple[Tensor, ...], point: tuple[Tensor, ...], factor: tuple[Tensor, ...], settings: IPMSettings,
               keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], bool]:
     """The outputs of a compiled solve whose call returned ``info`` (read) and ``_solved``'s other
@@ -208,7 +209,7 @@ def _finished(scaled: QPData, sc: Scaling, info: list[int], packed: tuple[Tensor
     of the solve gone on from there (``fused.go_on``)."""
     if fused.finished(info):
         return (*public, *Saved(scaled.Q, scaled.A, scaled.G, *point, sc.d, sc.e, sc.f, sc.c), *factor), not info[3]
-    result = fused.go_on(scaled, sc, fused.Packed(*packed), where, factor, info, settings, keep_factor)
+    result = fused.go_on(scaled, sc, Packed(*packed), where, factor, info, settings, keep_factor)
     return _outputs(scaled, sc, result, fill), result.all_solved
 
 

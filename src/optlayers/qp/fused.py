@@ -3,34 +3,29 @@ device (the compiled path on the CPU, ``IPMSettings.compiled``).
 
 On the CPU the host looks at the statuses before every iteration (``host.is_check``); with one
 compiled call per iteration, each call's fixed cost (the guards, the call, the look's own
-operations and read) is most of an iteration of a small problem. ``steps`` runs ``ipm.step`` in a
-``torch.while_loop`` whose condition is what the host's look would decide: it
-returns as soon as the look would act (no problem running, a problem to switch to the stiff split
-or back, a gap to test accurately: ``ipm._look_flags``) or at the iteration limit. The host then
-looks as before, at the iteration where the call stopped: the iterates are those of one call per
-iteration. ``whole`` is the start, ``steps`` and the derivatives' factorisation as one function,
-which the QP's forward compiles together with what comes before it (the data's checks and
-equilibration) and after it (the solution mapped back: ``qp.forward``): a solve that needs no
-reaction of the host is one compiled call and one read; ``go_on`` goes on where it does.
+operations and read) is most of an iteration of a small problem. ``steps`` runs ``ipm.step`` on
+the engine's device loop (``engine/device_loop.py``: a ``torch.while_loop``) whose condition is
+what the host's look would decide: it returns as soon as the look would act (no problem running,
+a problem to switch to the stiff split or back, a gap to test accurately: ``ipm._look_flags``) or
+at the iteration limit. The host then looks as before, at the iteration where the call stopped:
+the iterates are those of one call per iteration. ``whole`` is the start, ``steps`` and the
+derivatives' factorisation as one function, which the QP's forward compiles together with what
+comes before it (the data's checks and equilibration) and after it (the solution mapped back:
+``qp.forward``): a solve that needs no reaction of the host is one compiled call and one read;
+``go_on`` goes on where it does.
 
-The loop carries the state packed in three fresh tensors (``Packed``): a higher-order operator
-refuses carried tensors that alias each other or an input, and inductor's loop assumes carried
-buffers of its own (a view at an offset, such as a residual's flag row, failed its alignment
-check, and crashed its C++ wrapper). ``steps`` takes and returns the state packed, so that it sees
-inputs of one layout whatever produced the state (the start or an earlier call) and is compiled
-once per shape.
+The loop carries the state and its residuals packed (``device_loop.Packed``); ``steps`` takes
+and returns them packed, so that it sees inputs of one layout whatever produced the state (the
+start or an earlier call) and is compiled once per shape.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, fields, replace
-
 import torch
 from torch import Tensor
-from torch import while_loop
 
 from optlayers.compiling import compiled, pointwise_cats
-from optlayers.engine import loop
+from optlayers.engine import device_loop, loop
+from optlayers.engine.device_loop import Layout, Packed, layout, pack, unpack
 from optlayers.engine.step import State
 from optlayers.host import RUNNING, reads_are_free
 from optlayers.qp import ipm
@@ -48,102 +43,29 @@ def pays(device: torch.device) -> bool:
     return reads_are_free(device)
 
 
-@dataclass(frozen=True)
-class Packed:
-    """A ``State`` and its ``Residuals`` in three (B, ·) tensors of their own, their fields side by
-    side in the order of a ``layout``: ``real`` (the floating-point ones), ``counts`` (the integer
-    ones) and ``flags`` (the boolean ones)."""
-
-    real: Tensor
-    counts: Tensor
-    flags: Tensor
-
-
-Layout = tuple
-"""Where ``pack`` put each field of a ``State`` and its ``Residuals``: one entry per field, in
-their order, (0 for the state or 1 for the residuals, name, group (0 real, 1 counts, 2 flags),
-first column, last column + 1, shape after the batch) for a tensor, (0 or 1, name, -1, value)
-for another field (the state's sizes). Plain Python values: a compiled function is specialised
-on them like on constants."""
-
-
-def _group(t: Tensor) -> int:
-    return 0 if t.is_floating_point() else 2 if t.dtype == torch.bool else 1
-
-
-def layout(st: State, res: Residuals) -> Layout:
-    """The ``Layout`` of ``pack(st, res)``."""
-    entries, widths = [], [0, 0, 0]
-    for which, obj in enumerate((st, res)):
-        for f in fields(obj):
-            value = getattr(obj, f.name)
-            if isinstance(value, Tensor):
-                group, shape = _group(value), tuple(int(d) for d in value.shape[1:])
-                width = math.prod(shape)
-                entries.append((which, f.name, group, widths[group], widths[group] + width, shape))
-                widths[group] += width
-            else:
-                entries.append((which, f.name, -1, value))
-    return tuple(entries)
-
-
-def pack(st: State, res: Residuals) -> Packed:
-    """``st`` and ``res`` packed (see ``Packed``), in the order of ``layout(st, res)``."""
-    parts: list[list[Tensor]] = [[], [], []]
-    for obj in (st, res):
-        for f in fields(obj):
-            if isinstance(t := getattr(obj, f.name), Tensor):
-                parts[_group(t)].append(t.reshape(t.shape[0], -1))
-    return Packed(*(torch.cat(group, -1) for group in parts))
-
-
-def unpack(packed: Packed, where: Layout, kinds: tuple[type, type] = (State, Residuals)) -> tuple:
-    """The ``State`` and ``Residuals`` of ``packed`` laid out as ``where``, as views of its tensors
-    (``kinds``: the classes of the state and the residuals, for a method with residuals of its own)."""
-    groups, kwargs = (packed.real, packed.counts, packed.flags), ({}, {})
-    for which, name, group, *rest in where:
-        if group < 0:
-            kwargs[which][name] = rest[0]
-            continue
-        first, stop, shape = rest
-        t = groups[group]
-        kwargs[which][name] = t[:, first] if shape == () else t[:, first:stop].unflatten(-1, shape)
-    return kinds[0](**kwargs[0]), kinds[1](**kwargs[1])
-
-
-def _own(obj):
-    """``obj`` (a dataclass of tensors) with its tensors copied: tensors the loop's body reads from
-    the enclosing function enter it as inputs, and a view of one (``.mT``) would enter as a second
-    input aliasing the first, which higher-order operators refuse; copied in the body, the views are
-    the body's own."""
-    return replace(obj, **{f.name: t.clone() for f in fields(obj) if isinstance(t := getattr(obj, f.name), Tensor)})
+KINDS = (State, Residuals)
+"""The classes of the QP's state and residuals, as ``device_loop.unpack`` takes them."""
 
 
 def steps(data: QPData, units: Units, packed: Packed, where: Layout, settings: IPMSettings, iteration: Tensor,
           looked: bool = True, halt: Tensor | None = None) -> tuple[Packed, Tensor]:
     """Iterations ``iteration``, ``iteration`` + 1, ... (a 0-d int64 tensor) of ``ipm.step`` from the
-    state packed as ``where``, until the host's look would act (see the module docstring);
-    ``looked``: the host has looked before the first, which runs whatever the look would say;
-    ``halt`` (0-d bool): where it holds, none runs. Returns the packed state and how many
-    iterations ran (0-d)."""
+    state packed as ``where``, until the host's look would act (see the module docstring), on the
+    engine's device loop (``engine.device_loop.run``); ``looked``: the host has looked before the
+    first, which runs whatever the look would say; ``halt`` (0-d bool): where it holds, none runs.
+    Returns the packed state and how many iterations ran (0-d)."""
 
-    def go_on(j: Tensor, real: Tensor, counts: Tensor, flags: Tensor) -> Tensor:
-        st, res = unpack(Packed(real, counts, flags), where)
+    def proceeds(j: Tensor, st: State, res: Residuals) -> Tensor:
         running = st.status == RUNNING
         look = ipm._look_flags(st, res, units, running, iteration + j, settings)
         stop = ~running.any() | look[[0, 1, 3]].any() | (iteration + j >= settings.max_iter)
         stop = stop if halt is None else stop | halt
         return ((j == 0) | ~stop) if looked else ~stop
 
-    def iterate(j: Tensor, real: Tensor, counts: Tensor, flags: Tensor) -> tuple[Tensor, ...]:
-        st, res = unpack(Packed(real, counts, flags), where)
-        st, res = ipm.step(_own(data), _own(units), st, res, settings)
-        out = pack(st, res)
-        return j + 1, out.real, out.counts, out.flags
+    def step(data: QPData, units: Units, st: State, res: Residuals) -> tuple[State, Residuals]:
+        return ipm.step(data, units, st, res, settings)
 
-    taken, real, counts, flags = while_loop(go_on, iterate, (torch.zeros_like(iteration), packed.real.clone(),
-                                                            packed.counts.clone(), packed.flags.clone()))
-    return Packed(real, counts, flags), taken
+    return device_loop.run((data, units), packed, where, KINDS, step, proceeds)
 
 
 def whole(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool,
@@ -164,7 +86,7 @@ def whole(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool,
     packed, taken = steps(data, units, pack(st, res), where, settings,
                           torch.zeros((), dtype=torch.int64, device=st.v.device), looked=False,
                           halt=start_failed if halt is None else start_failed | halt)
-    st, res = unpack(packed, where)
+    st, res = unpack(packed, where, KINDS)
     running = st.status == RUNNING
     status = st.status.masked_fill(running, int(QPStatus.MAX_ITER))
     factor, unfactored = (), torch.zeros((), dtype=torch.bool, device=st.v.device)
@@ -198,11 +120,11 @@ def go_on(data: QPData, sc: Scaling, packed: Packed, where: Layout, factor: tupl
     def run_steps(data: QPData, units: Units, st: State, res: Residuals, iteration: Tensor) -> tuple[State, Residuals, Tensor]:
         where = layout(st, res)
         packed, taken = steps_fn(data, units, pack(st, res), where, settings, iteration)
-        return (*unpack(packed, where), taken)
+        return (*unpack(packed, where, KINDS), taken)
 
     if start_failed:
         st, res = ipm.start(data, units, settings)  # the start's factorisation retried with more regularisation
         return ipm.iterate(data, units, st, res, loop.Steps(run_steps), settings, with_factor)
-    st, res = unpack(packed, where)
+    st, res = unpack(packed, where, KINDS)
     f = factor_from(factor, data.A.shape[-2]) if factor else None
     return ipm.iterate(data, units, st, res, loop.Steps(run_steps), settings, with_factor, first=taken, factor=f)

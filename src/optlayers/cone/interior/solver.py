@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from torch import while_loop
 
 from optlayers import threads
 from optlayers.compiling import compiled
@@ -31,14 +30,13 @@ from optlayers.cone import exp as exp_module
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.engine import cones as cone_parts
-from optlayers.engine import loop
+from optlayers.engine import device_loop, loop
 from optlayers.engine.constants import constant, made_once
 from optlayers.engine.cones.symmetric import all_finite
+from optlayers.engine.kkt import next_regularisation
 from optlayers.engine.step import ConeRows, State, StepRules, newton_step
 from optlayers.host import RUNNING
 from optlayers.linalg import inf_norm, mtv, mv
-from optlayers.qp import fused
-from optlayers.engine.kkt import next_regularisation
 from optlayers.qp.scaling import QPData
 
 
@@ -399,30 +397,13 @@ def _iterate(program: _Program, parts: tuple[cone_parts.Part, ...],
 
 def _on_device(program: _Program, st: State, res: _Residuals, step: loop.Step, max_iter: int) -> tuple[State, _Residuals]:
     """``step`` from ``st`` (with residuals ``res``) until no element runs or after ``max_iter``
-    steps, in a ``while_loop`` (no host look: the loop of a compiled solve). The state and its
-    residuals travel packed in three tensors of their own (``qp.fused.Packed``: a loop's carried
-    tensors may not alias each other or its inputs). Finished elements stay in the batch, frozen
-    by the step's masks."""
-    where = fused.layout(st, res)
+    steps, on the engine's device loop (``engine.device_loop.run``: a ``while_loop``, no host look;
+    the loop of a compiled solve). Finished elements stay in the batch, frozen by the step's masks."""
+    kinds = (State, _Residuals)
+    where = device_loop.layout(st, res)
 
-    def go_on(j: torch.Tensor, real: torch.Tensor, counts: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
-        st, _ = fused.unpack(fused.Packed(real, counts, flags), where, (State, _Residuals))
+    def proceeds(j: torch.Tensor, st: State, res: _Residuals) -> torch.Tensor:
         return (st.status == RUNNING).any() & (j < max_iter)
 
-    def iterate(j: torch.Tensor, real: torch.Tensor, counts: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        st, res = fused.unpack(fused.Packed(real, counts, flags), where, (State, _Residuals))
-        out = fused.pack(*step(_viewed(program), st, res))
-        return j + 1, out.real, out.counts, out.flags
-
-    packed = fused.pack(st, res)
-    start = torch.zeros((), dtype=torch.int64, device=st.v.device)
-    _, *carried = while_loop(go_on, iterate, (start, packed.real, packed.counts, packed.flags))
-    return fused.unpack(fused.Packed(*carried), where, (State, _Residuals))
-
-
-def _viewed(program: _Program) -> _Program:
-    """``program`` with each tensor as a view of itself made here: in a loop's body, the transpose
-    (``.mT``) of a tensor read from the enclosing function would enter the body as a second input
-    aliasing the first, which the loop refuses; of a view made in the body it is the body's own."""
-    return dataclasses.replace(program, **{f.name: t[:] for f in dataclasses.fields(program)
-                                           if isinstance(t := getattr(program, f.name), torch.Tensor)})
+    packed, _ = device_loop.run((program,), device_loop.pack(st, res), where, kinds, step, proceeds)
+    return device_loop.unpack(packed, where, kinds)
