@@ -366,10 +366,9 @@ def compiled_cone_counts(batch: int, n: int = 48, spec: ConeSpec = CONE_SPEC) ->
     from torch.utils._python_dispatch import _disable_current_modes
 
     from optlayers.cone.interior import solver
-    from optlayers.engine import cones as cone_parts
 
     A, b, c, *_ = random_program(spec, n, batch=batch, seed=0)
-    parts = tuple(cone_parts.parts_of(spec))
+    parts = tuple(solver.parts_of(spec))
     program, step_parts = solver._setup(A, b, c, None, spec, parts, workspace=False)
     traced = torch.compile(solver._solved, fullgraph=True, dynamic=False)
     _, code = run_and_get_code(traced, program, step_parts, parts, solver.ConeIPMSettings(compiled=True))

@@ -9,7 +9,6 @@ from optlayers import compiling, threads
 from optlayers.cone import ConeLayer, ConeSpec, solve_cone
 from optlayers.cone.interior import solver
 from optlayers.cone.testing import ALL_CONES, random_program
-from optlayers.engine import cones as cone_parts
 
 PROGRAMS = [(ALL_CONES, 16, False), (ALL_CONES, 14, True), (ConeSpec(nonneg=5, soc=[3], exp_dual=2), 8, False)]
 # Every cone kind with more than 12 equality rows and variables: under compilation the KKT solves invert
@@ -70,7 +69,7 @@ def test_the_device_loop_takes_the_host_loops_iterates(quadratic):
     does not depend on the others)."""
     spec, n = WIDE, 24
     A, b, c, P, *_ = random_program(spec, n, batch=9, seed=3, quadratic=quadratic)
-    parts = tuple(cone_parts.parts_of(spec))
+    parts = tuple(solver.parts_of(spec))
     runs = []
     for compiled in (False, True):
         program, step_parts = solver._setup(A, b, c, P, spec, parts, workspace=not compiled)

@@ -560,7 +560,7 @@ def test_ipm_alone_solves_random_exponential_programs(kind):
 
 def _iterated(A, b, c, P, spec: ConeSpec, max_iter: int) -> tuple[torch.Tensor, ...]:
     """x, the iterations and the statuses of the interior point method alone, at most ``max_iter`` iterations."""
-    parts = tuple(cone_parts.parts_of(spec))
+    parts = tuple(solver.parts_of(spec))
     program, step_parts = solver._setup(A, b, c, P, spec, parts)
     st, status = solver._iterate(program, step_parts, solver.ConeIPMSettings(max_iter=max_iter))
     return st.x, st.iterations, status
@@ -862,7 +862,7 @@ def test_exp_step_search_cpu_shortcut_equals_the_full_search():
     """On the CPU the step search tries its first trials before the others; the answer is the
     full search's, also for elements that need the later (shorter) trials or find none."""
     spec = ConeSpec(exp=2, exp_dual=1)
-    parts = cone_parts.parts_of(spec)
+    parts = solver.parts_of(spec)
     g = gen(93)
     s = torch.stack([random_exp_primal(3, g).flatten() for _ in range(6)])
     y = torch.stack([random_exp_dual(3, g).flatten() for _ in range(6)])
@@ -942,7 +942,7 @@ def _iteration_counts(spec: ConeSpec, n: int, batch: int, seed: int, **options) 
     """Each element's iterations, statuses and distance max|x - x*| / (1 + max|x*|) to the known
     solution, from the interior point method alone (no refinement, no fallback)."""
     A, b, c, _, x_star, *_ = random_program(spec, n, batch=batch, seed=seed)
-    parts = tuple(cone_parts.parts_of(spec))
+    parts = tuple(solver.parts_of(spec))
     program, step_parts = solver._setup(A, b, c, None, spec, parts)
     st, status = solver._iterate(program, step_parts, solver.ConeIPMSettings(**options))
     return st.iterations, status, (st.x - x_star).abs().amax(-1) / (1 + x_star.abs().amax(-1))

@@ -27,11 +27,13 @@ import torch
 from optlayers import threads
 from optlayers.compiling import compiled
 from optlayers.cone import exp as exp_module
+from optlayers.cone import nonneg, psd, soc
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.engine import cones as cone_parts
 from optlayers.engine import device_loop, loop
 from optlayers.engine.constants import constant, made_once
+from optlayers.engine.cones.exponential import DEGREE as EXP_DEGREE
 from optlayers.engine.cones.symmetric import all_finite
 from optlayers.engine.kkt import next_regularisation
 from optlayers.engine.step import ConeRows, State, StepRules, newton_step
@@ -178,11 +180,30 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
     return tuple(torch.cat(outputs) for outputs in zip(*parts))
 
 
+def parts_of(spec: ConeSpec) -> list[cone_parts.Part]:
+    """The non-zero cones of ``spec`` as the engine's parts (``engine.cones.Part``), offsets counted
+    from the first non-zero row."""
+    parts = []
+    for block in spec.blocks():
+        if block.module is nonneg:
+            kind, degree = "nonneg", 1
+        elif block.module is soc:
+            kind, degree = "soc", 1
+        elif block.module is psd:
+            kind, degree = "psd", psd.order(block.size)
+        elif block.module is exp_module:
+            kind, degree = "exp", EXP_DEGREE
+        else:
+            continue
+        parts.append(cone_parts.Part(kind, block.start - spec.zero, block.count, block.size, degree, block.dual))
+    return parts
+
+
 def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
            settings: ConeIPMSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``solve`` for one slice: set up, then iterate and map back (``_solved``; one compiled call
     with ``settings.compiled``)."""
-    parts = tuple(cone_parts.parts_of(spec))
+    parts = tuple(parts_of(spec))
     program, step_parts = _setup(A, b, c, P, spec, parts, workspace=not settings.compiled)
     solved = compiled(_solved, A.device.type) if settings.compiled else _solved
     return solved(program, step_parts, parts, settings)

@@ -14,10 +14,7 @@ import dataclasses
 
 import torch
 
-from optlayers.cone import exp as exp_module
-from optlayers.cone import nonneg, psd, soc
 from optlayers.engine.cones import exponential, symmetric
-from optlayers.cone.spec import ConeSpec
 from optlayers.engine.constants import made_once
 from optlayers.host import reads_are_free
 from optlayers.linalg import mtv, mv
@@ -45,29 +42,11 @@ class Part:
     count: int
     size: int
     degree: int
-    dual: bool = False  # dual exponential cones, mapped to primal ones by exp_module.DUAL_TO_PRIMAL
+    dual: bool = False  # dual exponential cones, which the method maps to primal ones before the step
 
     @property
     def stop(self) -> int:
         return self.start + self.count * self.size
-
-
-def parts_of(spec: ConeSpec) -> list[Part]:
-    """The non-zero cones of ``spec`` as parts, offsets counted from the first non-zero row."""
-    parts = []
-    for block in spec.blocks():
-        if block.module is nonneg:
-            kind, degree = "nonneg", 1
-        elif block.module is soc:
-            kind, degree = "soc", 1
-        elif block.module is psd:
-            kind, degree = "psd", psd.order(block.size)
-        elif block.module is exp_module:
-            kind, degree = "exp", exponential.DEGREE
-        else:
-            continue
-        parts.append(Part(kind, block.start - spec.zero, block.count, block.size, degree, block.dual))
-    return parts
 
 
 def degree(parts: list[Part] | tuple[Part, ...]) -> int:
