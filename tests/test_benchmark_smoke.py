@@ -146,3 +146,29 @@ def test_compile_time_refuses_sizes_below_one(argv, capsys):
     with pytest.raises(SystemExit):
         compile_time.main(argv)
     assert "must be positive" in capsys.readouterr().err
+
+
+MM_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maros_meszaros_dense"
+
+
+@pytest.mark.skipif(not (MM_DATA / "HS21.mat").is_file(), reason=f"no data at {MM_DATA}")
+def test_maros_meszaros_solver_tolerance_is_passed_to_the_solver(tmp_path, capsys):
+    from benchmarks import maros_meszaros
+
+    path = MM_DATA / "HS21.mat"
+    tight = maros_meszaros.solve_one(path, tol=1e-6, max_iter=200)  # solver at 1e-7
+    loose = maros_meszaros.solve_one(path, tol=1e-6, max_iter=200, solver_tol=1e-2)
+    assert tight.solved and tight.exact_gap <= 1e-7
+    assert loose.iterations < tight.iterations  # stopped earlier, at its own looser tolerance
+    assert maros_meszaros.main(["--data", str(MM_DATA), "--only", "HS21", "--tol", "1e-6", "--solver-tol", "1e-7",
+                                "--json", str(tmp_path / "mm.json")]) == 0
+    assert "solved 1 of 1" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--solver-tol", "0"], ["--solver-tol", "1e-7", "--layer", "cone-ipm"]])
+def test_maros_meszaros_refuses_a_solver_tolerance_it_cannot_use(argv, capsys):
+    from benchmarks import maros_meszaros
+
+    with pytest.raises(SystemExit):
+        maros_meszaros.main(argv)
+    assert "--solver-tol must be > 0" in capsys.readouterr().err
