@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from optlayers.cone import exp, nonneg, psd, soc, zero
+from optlayers.engine.cones import svec
 
 FD_STEP = 1e-6
 FD_TOL = 1e-6  # central differences with step 1e-6 are accurate to ~1e-9 on smooth pieces
@@ -112,23 +113,23 @@ def psd_points(d: int, count: int, boundary: bool = False) -> torch.Tensor:
     if boundary:
         lam[:, 0] = 0
         lam[:, 1:] = lam[:, 1:].abs()
-    return psd.mat_to_vec((q * lam.unsqueeze(-2)) @ q.transpose(-1, -2))
+    return svec.mat_to_vec((q * lam.unsqueeze(-2)) @ q.transpose(-1, -2))
 
 
 def test_psd_vectorization_is_scs_convention():
     mat = torch.tensor([[1.0, 2.0, 3.0], [2.0, 4.0, 5.0], [3.0, 5.0, 6.0]])
     r2 = 2 ** 0.5
-    assert torch.allclose(psd.mat_to_vec(mat), torch.tensor([1.0, 2 * r2, 3 * r2, 4.0, 5 * r2, 6.0]))
-    assert torch.allclose(psd.vec_to_mat(psd.mat_to_vec(mat)), mat)
-    other = psd.vec_to_mat(torch.randn(6))
-    assert torch.allclose((psd.mat_to_vec(mat) * psd.mat_to_vec(other)).sum(), torch.trace(mat @ other))
+    assert torch.allclose(svec.mat_to_vec(mat), torch.tensor([1.0, 2 * r2, 3 * r2, 4.0, 5 * r2, 6.0]))
+    assert torch.allclose(svec.vec_to_mat(svec.mat_to_vec(mat)), mat)
+    other = svec.vec_to_mat(torch.randn(6))
+    assert torch.allclose((svec.mat_to_vec(mat) * svec.mat_to_vec(other)).sum(), torch.trace(mat @ other))
 
 
 @pytest.mark.parametrize("d", [2, 3])
 def test_psd_projection_against_cvxpy(d):
     v = psd_points(d, 4)
-    got = psd.vec_to_mat(psd.project(v))
-    for row, expected_in in zip(psd.vec_to_mat(v).numpy(), got.numpy()):
+    got = svec.vec_to_mat(psd.project(v))
+    for row, expected_in in zip(svec.vec_to_mat(v).numpy(), got.numpy()):
         X = cp.Variable((d, d), PSD=True)
         cp.Problem(cp.Minimize(cp.sum_squares(X - row))).solve(solver="CLARABEL")
         assert np.allclose(expected_in, X.value, atol=REF_TOL)
@@ -142,8 +143,8 @@ def test_psd_derivative(d):
 
 def test_psd_boundary_derivative_one_sided():
     v = psd_points(3, 5, boundary=True)
-    lam, vecs = torch.linalg.eigh(psd.vec_to_mat(v))
-    inward = psd.mat_to_vec(vecs[..., :, :1] @ vecs[..., :, :1].transpose(-1, -2))  # raises the zero eigenvalue
+    lam, vecs = torch.linalg.eigh(svec.vec_to_mat(v))
+    inward = svec.mat_to_vec(vecs[..., :, :1] @ vecs[..., :, :1].transpose(-1, -2))  # raises the zero eigenvalue
     one_sided = (psd.project(v + FD_STEP * inward) - psd.project(v)) / FD_STEP
     assert torch.allclose(psd.derivative(v).matvec(inward), one_sided, atol=1e-6)
 
@@ -246,15 +247,15 @@ def test_psd_vectorisation_against_its_definition_and_after_inference_mode():
     """svec: the lower triangle column by column, off-diagonal entries times sqrt(2); its index
     maps are cached, and a first use under torch.inference_mode must not leave inference tensors
     that a later differentiated use cannot save."""
-    psd._maps.cache_clear()
+    svec._maps.cache_clear()
     d = 4
     with torch.inference_mode():
-        psd.vec_to_mat(torch.zeros(d * (d + 1) // 2, dtype=torch.float64))
+        svec.vec_to_mat(torch.zeros(d * (d + 1) // 2, dtype=torch.float64))
     M = torch.randn(3, d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     M = (M + M.mT).requires_grad_()
     want = torch.stack([M[:, i, j] * (1 if i == j else math.sqrt(2)) for j in range(d) for i in range(j, d)], -1)
-    v = psd.mat_to_vec(M)
+    v = svec.mat_to_vec(M)
     torch.testing.assert_close(v, want, rtol=0, atol=0)
-    torch.testing.assert_close(psd.vec_to_mat(v), M, rtol=1e-15, atol=1e-15)
+    torch.testing.assert_close(svec.vec_to_mat(v), M, rtol=1e-15, atol=1e-15)
     v.sum().backward()  # the cached maps were saved for the backward
     assert M.grad is not None and M.grad.isfinite().all()

@@ -1,6 +1,6 @@
 """The engine is the layer the methods stand on: no module under ``optlayers/engine`` imports a
-method built on it (``optlayers.qp``), the experiments or the OptNet layers. Read from each
-module's imports (``ast``: those inside functions too), not by importing it."""
+method built on it (``optlayers.qp``, ``optlayers.cone``), the experiments or the OptNet
+layers. Read from each module's imports (``ast``: those inside functions too), not by importing it."""
 import ast
 from pathlib import Path
 
@@ -10,7 +10,7 @@ import optlayers
 
 PACKAGE = Path(optlayers.__file__).resolve().parent
 ENGINE = PACKAGE / "engine"
-ABOVE_THE_ENGINE = ("optlayers.qp", "optlayers.experiments", "optlayers.layers")
+ABOVE_THE_ENGINE = ("optlayers.qp", "optlayers.cone", "optlayers.experiments", "optlayers.layers")
 
 
 def _module_name(path: Path) -> str:
@@ -43,11 +43,13 @@ def _above(module: str) -> bool:
 def test_the_import_reader_sees_every_form_of_import(tmp_path):
     (tmp_path / "probe.py").write_text(
         "import optlayers.qp.ipm\nfrom optlayers import layers\nfrom optlayers.experiments.common import x\n"
-        "def f():\n    from optlayers.qp import fused\nfrom ..qp.ipm import step\nfrom . import kkt\n")
+        "def f():\n    from optlayers.qp import fused\nfrom ..qp.ipm import step\nfrom . import kkt\n"
+        "from ..cone import psd\n")
     modules = [module for _, module in _imported(tmp_path / "probe.py", "optlayers.engine.probe")]
     assert sorted(module for module in modules if _above(module)) == [
-        "optlayers.experiments.common", "optlayers.experiments.common.x", "optlayers.layers", "optlayers.qp",
-        "optlayers.qp.fused", "optlayers.qp.ipm", "optlayers.qp.ipm", "optlayers.qp.ipm.step"]
+        "optlayers.cone", "optlayers.cone.psd", "optlayers.experiments.common", "optlayers.experiments.common.x",
+        "optlayers.layers", "optlayers.qp", "optlayers.qp.fused", "optlayers.qp.ipm", "optlayers.qp.ipm",
+        "optlayers.qp.ipm.step"]
     assert "optlayers.engine.kkt" in modules
 
 

@@ -17,6 +17,7 @@ from optlayers.cone import nonneg, psd, soc, zero
 from optlayers.cone.exp import DUAL_TO_PRIMAL, PRIMAL_TO_DUAL
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
+from optlayers.engine.cones import svec
 
 SOLVERS = ("clarabel", "scs")
 SCS_DEFAULT_EPS = 1e-4  # SCS's own default; Newton refinement (refine.py) then takes the solution to ~1e-13
@@ -135,7 +136,7 @@ def _clarabel_prepare(spec: ConeSpec) -> _ClarabelCones:
         elif block.module is soc:
             cones += [clarabel.SecondOrderConeT(block.size)] * block.count
         elif block.module is psd:
-            cones += [clarabel.PSDTriangleConeT(psd.order(block.size))] * block.count
+            cones += [clarabel.PSDTriangleConeT(svec.order(block.size))] * block.count
             perm = _psd_permutation(block.size)
             forward = sp.block_diag([perm] * block.count, format="csr")
             inverse = forward.T.tocsr()
@@ -153,7 +154,7 @@ def _clarabel_prepare(spec: ConeSpec) -> _ClarabelCones:
 
 def _psd_permutation(size: int) -> sp.csr_matrix:
     """Rows taking SCS's lower-triangle-by-columns order to Clarabel's upper-triangle-by-columns."""
-    d = psd.order(size)
+    d = svec.order(size)
     scs_index = {pair: k for k, pair in enumerate((i, j) for j in range(d) for i in range(j, d))}
     order = [scs_index[(j, i)] for j in range(d) for i in range(j + 1)]
     return sp.identity(size, format="csr")[order]

@@ -6,6 +6,7 @@ import torch
 from optlayers.cone import exp, psd, soc
 from optlayers.cone.operator import LinearMap, keeping_matrix
 from optlayers.cone.spec import Block, ConeSpec
+from optlayers.engine.cones import svec
 
 
 def _piece(v: torch.Tensor, block: Block) -> torch.Tensor:
@@ -54,7 +55,7 @@ def state_width(block: Block) -> int:
     if block.module is exp:
         return block.count
     if block.module is psd:
-        d = psd.order(block.size)
+        d = svec.order(block.size)
         return block.count * (d + d * d)
     return 0
 

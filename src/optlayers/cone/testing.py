@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from optlayers.cone import product, psd
+from optlayers.cone import product
 from optlayers.cone.spec import ConeSpec
+from optlayers.engine.cones import svec
 
 ALL_CONES = ConeSpec(zero=3, nonneg=6, soc=[4, 3], psd=[3], exp=2, exp_dual=1)  # m = 31, n in [12, 20]
 
@@ -52,11 +53,11 @@ def random_z(spec: ConeSpec, batch: int, gen: torch.Generator, dtype: torch.dtyp
             t = (2 * torch.rand(batch, block.count, generator=gen, dtype=dtype) - 1) * 0.8 * x.norm(dim=-1)
             z = torch.cat([t.unsqueeze(-1), x], -1)
         elif name == "psd":
-            d = psd.order(block.size)
+            d = svec.order(block.size)
             q, _ = torch.linalg.qr(torch.randn(batch, block.count, d, d, generator=gen, dtype=dtype))
             lam = 0.5 + torch.rand(batch, block.count, d, generator=gen, dtype=dtype)
             lam[..., 0] = -lam[..., 0]
-            z = psd.mat_to_vec((q * lam.unsqueeze(-2)) @ q.transpose(-1, -2))
+            z = svec.mat_to_vec((q * lam.unsqueeze(-2)) @ q.transpose(-1, -2))
         elif name == "exp":
             primal, dual = _exp_pair(batch * block.count, gen, dtype)
             s, y = (dual, primal) if block.dual else (primal, dual)

@@ -32,6 +32,7 @@ from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.engine import cones as cone_parts
 from optlayers.engine import device_loop, loop
+from optlayers.engine.cones import svec
 from optlayers.engine.constants import constant, made_once
 from optlayers.engine.cones.exponential import DEGREE as EXP_DEGREE
 from optlayers.engine.cones.symmetric import all_finite
@@ -190,7 +191,7 @@ def parts_of(spec: ConeSpec) -> list[cone_parts.Part]:
         elif block.module is soc:
             kind, degree = "soc", 1
         elif block.module is psd:
-            kind, degree = "psd", psd.order(block.size)
+            kind, degree = "psd", svec.order(block.size)
         elif block.module is exp_module:
             kind, degree = "exp", EXP_DEGREE
         else:

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from optlayers.cone import psd
+from optlayers.engine.cones import svec
 from optlayers.engine.constants import constant, identity, made_once
 from optlayers.host import reads_are_free
 
@@ -120,8 +120,8 @@ SOC = Jordan(product=_soc_product, divide=_soc_divide, unit=_soc_unit, max_step=
 
 def _psd_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """svec((A B + B A) / 2), B A = (A B)^T for symmetric A, B."""
-    product = psd.vec_to_mat(a) @ psd.vec_to_mat(b)
-    return psd.mat_to_vec((product + product.mT) / 2)
+    product = svec.vec_to_mat(a) @ svec.vec_to_mat(b)
+    return svec.mat_to_vec((product + product.mT) / 2)
 
 
 @made_once
@@ -130,7 +130,7 @@ def _svec_diagonal(k: int, device: torch.device, dtype: torch.dtype) -> tuple[to
     (d, k) matrix that takes a diagonal to its svec (ones at those positions), and the (d, k)
     matrix that takes a diagonal l to the sums l_i + l_j of each svec entry's row and column;
     made once per size, device and dtype (as normal tensors even under ``torch.inference_mode``)."""
-    d = psd.order(k)
+    d = svec.order(k)
     lower = torch.triu_indices(d, d)  # column by column: (row, column) = (lower[1], lower[0])
     rows, cols = lower[1], lower[0]
     positions = torch.tensor([j * d - j * (j - 1) // 2 for j in range(d)])  # column j starts after d + (d - 1) + ... + (d - j + 1)
@@ -153,7 +153,7 @@ def _psd_divide(lam: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 def _psd_identity(k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """svec of the identity of order d (k = d(d+1)/2 rows), made once per size, device and dtype
     (as a normal tensor even under ``torch.inference_mode``)."""
-    return psd.mat_to_vec(torch.eye(psd.order(k), dtype=dtype, device=device))
+    return svec.mat_to_vec(torch.eye(svec.order(k), dtype=dtype, device=device))
 
 
 def _psd_unit(v: torch.Tensor) -> torch.Tensor:
@@ -163,14 +163,14 @@ def _psd_unit(v: torch.Tensor) -> torch.Tensor:
 def _psd_step(lam: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """Largest alpha with L + alpha dX PSD for a diagonal positive definite L = mat(lam): from the
     least eigenvalue of L^-1/2 dX L^-1/2."""
-    root = psd.vec_to_mat(lam).diagonal(dim1=-2, dim2=-1).rsqrt()
+    root = svec.vec_to_mat(lam).diagonal(dim1=-2, dim2=-1).rsqrt()
     return _psd_step_from(root.unsqueeze(-1) * root.unsqueeze(-2), dx)
 
 
 def _psd_step_from(scale: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     """``_psd_step`` with the entries l_i^-1/2 l_j^-1/2 of L^-1/2 (.) L^-1/2 given (``scale``): -1 / the
     least eigenvalue where that is positive, else unbounded."""
-    inner = psd.vec_to_mat(dx) * scale
+    inner = svec.vec_to_mat(dx) * scale
     # LAPACK raises on NaN: non-finite entries (of an element whose step is not finite, which fails) as 0
     finite = torch.nan_to_num(inner, nan=0.0, posinf=0.0, neginf=0.0)
     step = torch.linalg.eigvalsh(finite)[..., 0].reciprocal().neg()
@@ -183,7 +183,7 @@ def _psd_step_within(scale: torch.Tensor, dx: torch.Tensor, bound: torch.Tensor)
     factorisation, a tenth of a symmetric eigenvalue solve's cost per small matrix: the step
     there is at least ``bound``), the step itself for the other elements (B, count). Reads on
     the host which elements those are (where that is free)."""
-    inner = psd.vec_to_mat(dx) * scale
+    inner = svec.vec_to_mat(dx) * scale
     shifted = torch.addcmul(identity(inner.shape[-1], inner.device, inner.dtype), bound[:, None, None, None], inner)
     beyond = torch.linalg.cholesky_ex(shifted)[1] == 0
     short = (~beyond.all(-1).all(0)).nonzero().squeeze(-1)  # the elements whose step may be shorter
@@ -269,13 +269,13 @@ def soc_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
 def _svec_basis(k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """The svec basis matrices E_i of PSD cones of k rows, row by row as vec(E_i) (k, d^2); made
     once per size, device and dtype (as a normal tensor even under ``torch.inference_mode``)."""
-    basis = psd.vec_to_mat(torch.eye(k, dtype=dtype, device=device))
+    basis = svec.vec_to_mat(torch.eye(k, dtype=dtype, device=device))
     return basis.reshape(k, -1).clone()
 
 
 def psd_scaling(s: torch.Tensor, y: torch.Tensor) -> NTScaling:
     """s, y (..., d(d+1)/2) positive definite: W(Y) = R^T Y R with R R^T Y R R^T = S, as (k, k) matrices on svec."""
-    chol_s, chol_y = cholesky_or_nan(psd.vec_to_mat(torch.stack([s, y]))).unbind(0)
+    chol_s, chol_y = cholesky_or_nan(svec.vec_to_mat(torch.stack([s, y]))).unbind(0)
     product = chol_y.mT @ chol_s
     eye = torch.eye(product.shape[-1], dtype=s.dtype, device=s.device)
     failed = (product - product).sum((-2, -1), keepdim=True) != 0  # not all finite
