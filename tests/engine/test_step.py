@@ -12,8 +12,7 @@ import torch
 from optlayers.cone.interior.solver import ConeIPMSettings
 from optlayers.engine import cones
 from optlayers.engine.constants import constant
-from optlayers.engine.step import ConeRows, State, StepRules, max_step, newton_step
-from optlayers.qp.scaling import QPData
+from optlayers.engine.step import ConeRows, QPData, State, StepRules, max_step, newton_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import kernels  # noqa: E402

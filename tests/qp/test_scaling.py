@@ -6,8 +6,9 @@ import dataclasses
 import torch
 
 from optlayers import host
+from optlayers.engine.step import QPData
 from optlayers.qp.problem import prepare_qp, qp_data
-from optlayers.qp.scaling import QPData, equilibrate
+from optlayers.qp.scaling import equilibrate
 from tests.qp.qp_problems import random_qp
 
 

@@ -101,6 +101,25 @@ class StepRules:
 
 
 @dataclass(frozen=True)
+class QPData:
+    """The data of the step: a batch of B QPs, minimize ½xᵀQx + pᵀx s.t. Ax = b, Gx ≤ h (a cone
+    program's Q, c, its zero rows and its nonnegative rows; its other cones' rows are ``ConeRows``).
+
+    Shapes: Q (B, n, n), p (B, n), A (B, m, n), b (B, m), G (B, k, n), h (B, k).
+    ``diagonal``: every Q is diagonal and no row of G has two nonzeros, so that the interior point
+    method's H = Q + Gᵀ W G is diagonal (``kkt.diagonal_h``; False: not known).
+    """
+
+    Q: Tensor
+    p: Tensor
+    A: Tensor
+    b: Tensor
+    G: Tensor
+    h: Tensor
+    diagonal: bool = False
+
+
+@dataclass(frozen=True)
 class ConeRows:
     """The rows of the cones other than the nonnegative one: A_K (B, m_K, n), b_K (B, m_K), and
     optionally a workspace (``cones.StepWorkspace``) that each step writes its scalings'
@@ -238,10 +257,10 @@ def factor_at(H: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tens
                       overwrite_q=overwrite_h)
 
 
-def newton_step(data, rows: ConeRows | None, parts: tuple, st: State, res, backtrack: Tensor | None, rules: StepRules,
+def newton_step(data: QPData, rows: ConeRows | None, parts: tuple, st: State, res, backtrack: Tensor | None, rules: StepRules,
                 stiff: str = "none", check_finite: bool = True) -> Step:
     """One predictor-corrector direction and step length for every problem (see the module
-    docstring). ``data`` holds Q, p, A, b, G, h (``qp.scaling.QPData``), ``rows`` and ``parts``
+    docstring). ``data`` holds Q, p, A, b, G, h (``QPData``), ``rows`` and ``parts``
     the other cones' rows (None and () for none), ``res`` the residuals r_d, r_e, r_i (and r_k
     on the cone rows), μ and, for the merit search, the largest scaled residual; ``backtrack``
     (B, j) the merit search's candidate factors.

@@ -23,6 +23,7 @@ from torch.autograd import forward_ad
 from optlayers import threads
 from optlayers.compiling import compiled
 from optlayers.engine.constants import constant
+from optlayers.engine.step import QPData
 from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
 from optlayers.qp.derivatives import (
@@ -39,7 +40,6 @@ from optlayers.qp.forward import outputs as forward_outputs
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
 from optlayers.qp.parallel import compiled_slice_count
 from optlayers.qp.scaling import (
-    QPData,
     Scaling,
     scale_data_tangent,
     scale_solution_cotangent,

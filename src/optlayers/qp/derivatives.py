@@ -27,11 +27,11 @@ from torch import Tensor
 
 from optlayers.compiling import compiled
 from optlayers.engine.kkt import KKTFactor, solve_reduced
+from optlayers.engine.step import QPData
 from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
 from optlayers.linalg import add_product, mtv, mv
 from optlayers.qp.ipm import IPMSettings, derivative_factor
-from optlayers.qp.scaling import QPData
 
 # The tensor fields of ``KKTFactor``, in order; its other fields (the equality count m) are
 # read again from the data when the factor is rebuilt from these.

@@ -19,14 +19,14 @@ from optlayers.compiling import compiled, pointwise_cats
 from optlayers.engine.batch import take
 from optlayers.engine.device_loop import Layout, Packed, unpack
 from optlayers.engine.kkt import diagonal_h
-from optlayers.engine.step import State
+from optlayers.engine.step import QPData, State
 from optlayers.host import host_read, reads_are_free
 from optlayers.qp import fused
 from optlayers.qp.derivatives import FACTOR_FIELDS, factor_tensors
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals
 from optlayers.qp.parallel import compiled_slice_count, solve_scaled_parallel
 from optlayers.qp.problem import qp_data
-from optlayers.qp.scaling import QPData, Scaling, equilibrate, unscale_solution
+from optlayers.qp.scaling import Scaling, equilibrate, unscale_solution
 from optlayers.qp.status import QPStatus
 from optlayers.validation.qp import check_values, values_pass
 

@@ -26,12 +26,12 @@ from torch import Tensor
 from optlayers.compiling import compiled, pointwise_cats
 from optlayers.engine import device_loop, loop
 from optlayers.engine.device_loop import Layout, Packed, layout, pack, unpack
-from optlayers.engine.step import State
+from optlayers.engine.step import QPData, State
 from optlayers.host import RUNNING, reads_are_free
 from optlayers.qp import ipm
 from optlayers.qp.derivatives import factor_from, factor_tensors
 from optlayers.qp.ipm import IPMResult, IPMSettings, Residuals, Units
-from optlayers.qp.scaling import QPData, Scaling
+from optlayers.qp.scaling import Scaling
 from optlayers.qp.status import QPStatus
 
 

@@ -21,10 +21,10 @@ from optlayers.compiling import compiled, owned
 from optlayers.engine import loop
 from optlayers.engine.constants import constant, made_once
 from optlayers.engine.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, raise_limit, regularisation_after, solve_reduced
-from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, State, Step, StepRules, factor_at, newton_step
+from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, QPData, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
 from optlayers.linalg import inf_norm, mtv, mv
-from optlayers.qp.scaling import QPData, Scaling
+from optlayers.qp.scaling import Scaling
 from optlayers.qp.status import QPStatus
 
 # The interior point iteration runs in float64 whatever the data's dtype: its KKT systems grow

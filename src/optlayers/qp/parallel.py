@@ -13,8 +13,9 @@ import torch
 
 from optlayers import threads
 from optlayers.engine.batch import concat, take
+from optlayers.engine.step import QPData
 from optlayers.qp.ipm import IPMResult, IPMSettings, solve_scaled
-from optlayers.qp.scaling import QPData, Scaling
+from optlayers.qp.scaling import Scaling
 
 # A slice should hold at least this many matrix entries (batch × n × n). Measured on two cores:
 # batch 128 × n = 50 (320 000 entries) ran as fast whole as in two slices, 64 × 100 (640 000)

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import Tensor
 
-from optlayers.qp.scaling import QPData
+from optlayers.engine.step import QPData
 from optlayers.validation.qp import check_qp_data
 
 

@@ -16,6 +16,7 @@ from torch import while_loop
 
 from optlayers.engine.batch import concat, take
 from optlayers.engine.constants import constant
+from optlayers.engine.step import QPData
 from optlayers.host import cpu_schedule
 
 # Ruiz iterations: each halves the log-spread of row/column norms; ten is the usual choice
@@ -25,24 +26,6 @@ RUIZ_ITERATIONS = 10
 # not blown up (the same guard as OSQP's MIN_SCALING / MAX_SCALING).
 _MIN_NORM = 1e-4
 _MAX_NORM = 1e4
-
-
-@dataclass(frozen=True)
-class QPData:
-    """A batch of B QPs, minimize ½xᵀQx + pᵀx s.t. Ax = b, Gx ≤ h.
-
-    Shapes: Q (B, n, n), p (B, n), A (B, m, n), b (B, m), G (B, k, n), h (B, k).
-    ``diagonal``: every Q is diagonal and no row of G has two nonzeros, so that the interior point
-    method's H = Q + Gᵀ W G is diagonal (``kkt.diagonal_h``; False: not known).
-    """
-
-    Q: Tensor
-    p: Tensor
-    A: Tensor
-    b: Tensor
-    G: Tensor
-    h: Tensor
-    diagonal: bool = False
 
 
 @dataclass(frozen=True)

@@ -37,10 +37,9 @@ from optlayers.engine.constants import constant, made_once
 from optlayers.engine.cones.exponential import DEGREE as EXP_DEGREE
 from optlayers.engine.cones.symmetric import all_finite
 from optlayers.engine.kkt import next_regularisation
-from optlayers.engine.step import ConeRows, State, StepRules, newton_step
+from optlayers.engine.step import ConeRows, QPData, State, StepRules, newton_step
 from optlayers.host import RUNNING
 from optlayers.linalg import inf_norm, mtv, mv
-from optlayers.qp.scaling import QPData
 
 
 # A CPU batch is cut into slices on parallel threads only above this many matrix entries
