@@ -172,3 +172,23 @@ def test_maros_meszaros_refuses_a_solver_tolerance_it_cannot_use(argv, capsys):
     with pytest.raises(SystemExit):
         maros_meszaros.main(argv)
     assert "--solver-tol must be > 0" in capsys.readouterr().err
+
+
+def test_blas_backends_times_every_operation_with_both_libraries(capsys):
+    from benchmarks import blas_backends
+
+    times = blas_backends.measure(batch=2, n=4, repeats=1)
+    assert set(times) == {f"{op}_{lib}" for op, libs in (("cholesky", ("torch", "numpy")),
+                                                          ("triangular_solve", ("torch", "scipy")),
+                                                          ("product", ("torch", "numpy"))) for lib in libs}
+    assert all(t > 0 for t in times.values())
+    assert blas_backends.main(["--batch", "2", "--n", "4", "--repeats", "1"]) == 0
+    assert "torch / numpy" in capsys.readouterr().out
+
+
+def test_blas_backends_refuses_sizes_below_one(capsys):
+    from benchmarks import blas_backends
+
+    with pytest.raises(SystemExit):
+        blas_backends.main(["--n", "0"])
+    assert "--n must be >= 1" in capsys.readouterr().err
