@@ -80,6 +80,13 @@ def listed_elements(where: list[list[int]], most: int = 10) -> str:
     return listed + (f" and {len(where) - most} more" if len(where) > most else "")
 
 
+def primal_unmet(residual: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Elementwise: the reported primal residual is above the bound of the solver's test of it
+    (compared in float64; a NaN residual is not above). An element stopped that way without a
+    certificate may be infeasible."""
+    return residual.detach().double() > limit.detach().double()
+
+
 def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: int = 10,
                       primal: tuple[torch.Tensor, torch.Tensor] | None = None) -> str:
     """A sentence naming the failed batch elements (multi-indices for batch shapes of several
@@ -89,7 +96,7 @@ def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: 
     named as possibly infeasible (a problem without a feasible point, whose certificate was not
     found, stops like that; a NaN residual is not above)."""
     status = status.detach().cpu()
-    unmet = None if primal is None else primal[0].detach().cpu().double() > primal[1].detach().cpu().double()
+    unmet = None if primal is None else primal_unmet(*primal).cpu()
     if status.dim() == 0:  # one problem, not a batch: no elements to name
         code = int(status)
         reason = Status(code).message if code in set(map(int, Status)) else f"its code {code} is outside Status"

@@ -14,7 +14,7 @@ from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
 from optlayers.qp.relax import Relaxation, elastic_data, original_parts
-from optlayers.status import FailurePolicy, Status, listed_elements, user_stacklevel
+from optlayers.status import FailurePolicy, Status, listed_elements, primal_unmet, user_stacklevel
 from optlayers.validation.options import check_bool
 from optlayers.validation.qp import check_positive_definite, check_qp_options, check_qpth_options
 
@@ -149,8 +149,7 @@ def _relaxable(out: tuple[Tensor, ...]) -> Tensor:
     stopped = (status == Status.MAX_ITER) | (status == Status.NUMERICAL_ERROR)
     if not bool(stopped.any()):
         return status == Status.PRIMAL_INFEASIBLE
-    primal_unmet = out[6].detach().to(out[9].dtype) > out[9]
-    return (status == Status.PRIMAL_INFEASIBLE) | (stopped & primal_unmet)
+    return (status == Status.PRIMAL_INFEASIBLE) | (stopped & primal_unmet(out[6], out[9]))
 
 
 def _relax(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, ...],
