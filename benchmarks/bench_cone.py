@@ -12,27 +12,22 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
 import torch
 
-from optlayers.cone import ConeSpec, solve_cone
-from optlayers.cone.testing import random_program
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
+from benchmarks import machine  # noqa: E402
+from optlayers.cone import ConeSpec, solve_cone  # noqa: E402
+from optlayers.cone.testing import random_program  # noqa: E402
 
 SPEC = ConeSpec(zero=14, nonneg=30, soc=[10, 10, 10], psd=[4], exp=4)  # m = 96
 N = 48
 WARM_PERTURBATION = 1e-3  # warm-start rows: the previous call saw data perturbed by this relative amount
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def timed(fn, repeats: int) -> tuple[tuple[float, float], object]:
@@ -146,6 +141,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def metadata(args: argparse.Namespace) -> dict:
+    """The run's settings and machine, written as the JSON's ``meta`` and printed."""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "cpu": machine.cpu_model(), "torch": torch.__version__, "threads": args.threads, "batch": args.batch,
+            "m": SPEC.size, "n": N, "cones": str(SPEC), "repeats": args.repeats, "compiled_row": args.compiled}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.threads != torch.get_num_threads():  # torch.set_num_threads also breaks batched LU with more than
@@ -197,9 +199,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name} / diffcp Clarabel dense: {ratio['wall']:.2f} (wall), {ratio['cpu']:.2f} (CPU)")
             next(r for r in table if r["method"] == name)["ratio_to_diffcp_clarabel_dense"] = ratio
     scaling = batch_scaling(args.scaling, args.repeats, device)
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "cpu": cpu_model(),
-            "torch": torch.__version__, "threads": args.threads, "batch": args.batch, "m": SPEC.size, "n": N,
-            "cones": str(SPEC), "repeats": args.repeats, "compiled_row": args.compiled}
+    meta = metadata(args)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": table, "batch_scaling": scaling}, f, indent=2)
     print(json.dumps(meta))

@@ -10,14 +10,17 @@ five rounds; milliseconds per call on a batch of symmetric positive definite mat
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import scipy.linalg
 import torch
 
-from benchmarks.bench_cone import cpu_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
+from benchmarks import machine  # noqa: E402
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     torch.set_num_threads(1)  # numpy's and scipy's OpenBLAS: set OPENBLAS_NUM_THREADS=1 before starting Python
     times = measure(args.batch, args.n, args.repeats)
-    print(f"{cpu_model()}, torch {torch.__version__}, numpy {np.__version__}; "
+    print(f"{machine.cpu_model()}, torch {torch.__version__}, numpy {np.__version__}; "
           f"batch {args.batch}, n = {args.n}, float64, ms per call")
     for op in ("cholesky", "triangular_solve", "product"):
         other = "scipy" if op == "triangular_solve" else "numpy"

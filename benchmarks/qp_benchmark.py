@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from benchmarks import interleaved
+from benchmarks import interleaved, machine
 from benchmarks.accuracy import Accuracy, gradient_error, kkt_accuracy, reference_gradients, reference_solutions
 from benchmarks.plots import save_figures
 from benchmarks.problems import QPBatch, random_qp
@@ -215,15 +215,6 @@ def run_one(solver: Solver, setting: Setting, problems: ProblemCache, device: to
     return {**row, "status": "ok", "note": "", **timings, "accuracy": None if accuracy is None else accuracy.as_dict()}
 
 
-def _cpu_model() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor()
-    return next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")),
-                platform.processor())
-
-
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
@@ -245,7 +236,7 @@ def metadata(args: argparse.Namespace, argv: list[str], missing: list[str]) -> d
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "PYTHONPATH=src python -m benchmarks.qp_benchmark " + " ".join(argv),
         "commit": _git_commit(),
-        "cpu": _cpu_model(),
+        "cpu": machine.cpu_model(),
         "cpu_count": os.cpu_count(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),

@@ -1,15 +1,19 @@
 """The peer benchmark runs end to end on tiny problems (optlayers and the linear layer only)."""
 from __future__ import annotations
 
+import argparse
 import io
 import json
+import os
+import subprocess
+import sys
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 
-from benchmarks import interleaved, qp_benchmark
+from benchmarks import interleaved, machine, qp_benchmark
 
 FLOAT64_ACCURACY = 1e-6
 PHASES = ("forward", "backward", "total")
@@ -192,3 +196,63 @@ def test_blas_backends_refuses_sizes_below_one(capsys):
     with pytest.raises(SystemExit):
         blas_backends.main(["--n", "0"])
     assert "--n must be >= 1" in capsys.readouterr().err
+
+
+ROOT = Path(__file__).resolve().parents[1]
+FAKE_CPU = "Fake CPU 9000 (monkeypatched)"
+
+
+def test_machine_reader_names_this_cpu():
+    model = machine.cpu_model()
+    assert isinstance(model, str) and model and model == model.strip()
+
+
+def test_machine_reader_reads_cpuinfo_then_lscpu(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: Fake EPYC 7B13\n")
+    monkeypatch.setattr(machine, "CPUINFO", str(cpuinfo))
+    assert machine.cpu_model() == "Fake EPYC 7B13"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 50.00\nCPU part\t: 0xd0c\n")  # aarch64: no model name
+    lscpu = "Architecture: aarch64\nVendor ID: ARM\n  BIOS Model name: Not Specified\n  Model name: Neoverse-N1\n"
+    monkeypatch.setattr(machine, "LSCPU", (sys.executable, "-c", f"print({lscpu!r}, end='')"))
+    assert machine.cpu_model() == "Neoverse-N1"  # newer lscpu indents the field
+
+
+def test_machine_reader_falls_back_and_never_raises(tmp_path, monkeypatch):
+    monkeypatch.setattr(machine, "CPUINFO", str(tmp_path / "absent"))
+    monkeypatch.setattr(machine, "LSCPU", (str(tmp_path / "no-lscpu"),))
+    monkeypatch.setattr(machine.platform, "processor", lambda: "x86_64")
+    assert machine.cpu_model() == "x86_64"
+    monkeypatch.setattr(machine.platform, "processor", lambda: "")
+    assert machine.cpu_model() == "unknown cpu"
+    monkeypatch.setattr(machine, "CPUINFO", str(tmp_path))  # unreadable (a directory), and lscpu failing
+    monkeypatch.setattr(machine, "LSCPU", (sys.executable, "-c", "raise SystemExit(1)"))
+    assert machine.cpu_model() == "unknown cpu"
+
+
+def test_every_benchmark_that_records_the_machine_uses_the_shared_reader(monkeypatch, capsys):
+    from benchmarks import bench_cone, blas_backends
+
+    monkeypatch.setattr(machine, "cpu_model", lambda: FAKE_CPU)
+    args = argparse.Namespace(device="cpu", rounds=0, quick=True)
+    assert qp_benchmark.metadata(args, ["--quick"], [])["cpu"] == FAKE_CPU
+    meta = bench_cone.metadata(bench_cone.parse_args(["--threads", "1", "--batch", "2"]))
+    assert meta["cpu"] == FAKE_CPU and meta["threads"] == 1 and meta["batch"] == 2
+    ops = {"cholesky": "numpy", "triangular_solve": "scipy", "product": "numpy"}
+    monkeypatch.setattr(blas_backends, "measure", lambda batch, n, repeats: {
+        f"{op}_{lib}": 1.0 for op, other in ops.items() for lib in ("torch", other)})  # nothing timed
+    assert blas_backends.main(["--batch", "2", "--n", "4", "--repeats", "1"]) == 0
+    assert capsys.readouterr().out.startswith(f"{FAKE_CPU}, torch ")
+    for script in sorted((ROOT / "benchmarks").glob("*.py")):  # no script reads the CPU on its own
+        if script.name != "machine.py":
+            source = script.read_text()
+            assert not any(s in source for s in ("lscpu", "/proc/cpuinfo", "platform.processor")), script.name
+
+
+@pytest.mark.parametrize("script", ["bench_cone.py", "blas_backends.py"])
+def test_benchmark_scripts_find_the_shared_reader_when_run_by_path(script, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage:")

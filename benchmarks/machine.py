@@ -1,0 +1,54 @@
+"""The machine a benchmark ran on: one reader of the CPU model for every script that records it.
+
+``cpu_model()`` is what ``qp_benchmark`` and ``bench_cone`` write as ``meta["cpu"]`` and what
+``blas_backends`` prints: the ``model name`` of ``/proc/cpuinfo`` (x86 Linux), else the
+``Model name`` of ``lscpu`` (aarch64 Linux, whose ``/proc/cpuinfo`` has none), else
+``platform.processor()``, else ``"unknown cpu"``. It never raises: a missing file or command, or
+output it cannot read, moves on to the next source.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+
+CPUINFO = "/proc/cpuinfo"
+LSCPU = ("lscpu",)
+UNKNOWN = "unknown cpu"
+LSCPU_TIMEOUT_S = 10
+
+
+def _value(lines, key: str) -> str | None:
+    """The value of the first ``key: value`` line (leading blanks ignored: newer lscpu indents it)."""
+    for line in lines:
+        name, sep, value = line.strip().partition(":")
+        if sep and name.strip() == key and value.strip():
+            return value.strip()
+    return None
+
+
+def _from_cpuinfo() -> str | None:
+    with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+        return _value(f, "model name")
+
+
+def _from_lscpu() -> str | None:
+    env = {**os.environ, "LC_ALL": "C"}  # lscpu translates its field names
+    out = subprocess.run(list(LSCPU), capture_output=True, text=True, check=True, env=env,
+                         timeout=LSCPU_TIMEOUT_S).stdout
+    return _value(out.splitlines(), "Model name")
+
+
+def cpu_model() -> str:
+    """The CPU's model name, a non-empty string; ``"unknown cpu"`` when no source names it."""
+    for read in (_from_cpuinfo, _from_lscpu):
+        try:
+            model = read()
+        except (OSError, ValueError, subprocess.SubprocessError):
+            model = None
+        if model:
+            return model
+    try:
+        return platform.processor().strip() or UNKNOWN
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return UNKNOWN
