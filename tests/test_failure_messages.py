@@ -61,3 +61,17 @@ def test_max_iter_names_the_elements_whose_primal_residual_is_above_tolerance_as
                               "tolerance: the problem may be infeasible). Their outputs are NaN and their gradients zero.")
     (w,) = _warnings_of(lambda: solve_qp(Q[1], p[1], G, h[1], max_iter=3, on_failure="warn"))
     assert "infeasible" not in str(w.message)
+
+
+def test_a_numerical_error_with_the_primal_residual_above_tolerance_is_named_as_possibly_infeasible():
+    """Elements that stopped without a verdict on feasibility (``status.STOPPED``: MAX_ITER and
+    NUMERICAL_ERROR, which includes a problem that stopped progressing) are named as possibly
+    infeasible where their primal residual is above its bound; an INACCURATE one is not."""
+    from optlayers.status import describe_failures
+
+    status = torch.tensor([int(Status.NUMERICAL_ERROR), int(Status.NUMERICAL_ERROR), int(Status.INACCURATE)])
+    residual, limit = torch.tensor([1.0, 1e-12, 1e-7]), torch.full((3,), 1e-8)
+    message = describe_failures(status, "QPs", primal=(residual, limit))
+    assert message == (f"3 of 3 QPs were not solved: numerical_error (elements 0, 1): {Status.NUMERICAL_ERROR.message} "
+                       "(primal residual above tolerance at elements 0: those problems may be infeasible); "
+                       f"inaccurate (elements 2): {Status.INACCURATE.message}"), message

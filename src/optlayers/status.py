@@ -42,9 +42,10 @@ _MESSAGES = {
     Status.DUAL_INFEASIBLE: "dual infeasible: the objective is unbounded below on the feasible set",
     Status.NUMERICAL_ERROR: "numerical error: a linear system could not be factorised or the iterates stopped "
     "progressing; check the scaling of the data, solve in float64, or (solve_cone) try another solver",
-    Status.INACCURATE: "solved only to reduced accuracy (the relative KKT residual after refinement is above "
-    "1e-6, or the solver said AlmostSolved); rescale the data, tighten the solver's tolerance in "
-    "solver_options, or try another solver",
+    Status.INACCURATE: "solved only to reduced accuracy (solve_qp: the iterates stopped progressing with "
+    "residuals within 100 times the tolerance; solve_cone: the relative KKT residual after refinement is above "
+    "1e-6, or the solver said AlmostSolved); rescale the data, solve in float64, loosen `tol` (solve_qp) or "
+    "tighten the solver's tolerance in solver_options (solve_cone), or try another solver",
 }
 
 ON_FAILURE_CHOICES = ("raise", "warn", "ignore")
@@ -87,20 +88,25 @@ def primal_unmet(residual: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
     return residual.detach().double() > limit.detach().double()
 
 
+# Statuses of elements that stopped without a verdict on feasibility (the iteration limit, a failed
+# factorisation, no progress): an infeasible problem whose certificate was not found ends so.
+STOPPED = (Status.MAX_ITER, Status.NUMERICAL_ERROR)
+
+
 def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: int = 10,
                       primal: tuple[torch.Tensor, torch.Tensor] | None = None) -> str:
     """A sentence naming the failed batch elements (multi-indices for batch shapes of several
     dimensions), grouped by reason, each reason with what to do about it. ``primal``: each
     element's primal residual and the bound of the solver's test of it (the shape of ``status``),
-    where the solver reports them: the MAX_ITER elements whose residual is above its bound are
-    named as possibly infeasible (a problem without a feasible point, whose certificate was not
-    found, stops like that; a NaN residual is not above)."""
+    where the solver reports them: the ``STOPPED`` elements (MAX_ITER, NUMERICAL_ERROR) whose residual
+    is above its bound are named as possibly infeasible (a problem without a feasible point, whose
+    certificate was not found, stops like that; a NaN residual is not above)."""
     status = status.detach().cpu()
     unmet = None if primal is None else primal_unmet(*primal).cpu()
     if status.dim() == 0:  # one problem, not a batch: no elements to name
         code = int(status)
         reason = Status(code).message if code in set(map(int, Status)) else f"its code {code} is outside Status"
-        if code == Status.MAX_ITER and unmet is not None and bool(unmet):
+        if code in STOPPED and unmet is not None and bool(unmet):
             reason += " (the primal residual is above tolerance: the problem may be infeasible)"
         return f"the problem was not solved: {reason}"
     parts = []
@@ -110,7 +116,7 @@ def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: 
         where = (status == code).nonzero().tolist()
         if not where:
             continue
-        infeasible = [] if code != Status.MAX_ITER or unmet is None else (unmet & (status == code)).nonzero().tolist()
+        infeasible = [] if code not in STOPPED or unmet is None else (unmet & (status == code)).nonzero().tolist()
         note = "" if not infeasible else (f" (primal residual above tolerance at elements "
                                           f"{listed_elements(infeasible, max_listed)}: those problems may be infeasible)")
         parts.append(f"{code.name.lower()} (elements {listed_elements(where, max_listed)}): {code.message}{note}")

@@ -24,7 +24,7 @@ COMPILED_CALLS = 2
 # backward's ones and expand, the gradient's accumulation)
 ATEN_OUTSIDE = 19
 # guards evaluated by a call of each compiled function (``compiling.keeps_guard``)
-SOLVE_GUARDS = 73
+SOLVE_GUARDS = 76  # 3 of them the progress test's constants (ipm._PROGRESS, _REDUCED_ACCURACY, progress_limit)
 BACKWARD_GUARDS = 96
 
 

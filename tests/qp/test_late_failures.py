@@ -182,7 +182,7 @@ def test_an_accepted_accurate_gap_is_what_the_residuals_report_and_judge():
     measured = torch.tensor([[1e-10, 1e-10, 1.0], [1.0, 1e-10, 1.0]], dtype=torch.float64)
     limit = torch.full((2, 3), 1e-8, dtype=torch.float64)
     zeros = torch.zeros(2, dtype=torch.float64)
-    res = ipm.Residuals(st.x, st.nu, st.lam, zeros, zeros, measured, limit, zeros, st.x.unsqueeze(1))
+    res = ipm.Residuals(st.x, st.nu, st.lam, zeros, zeros, measured, limit, zeros, st.x.unsqueeze(1), measured[:, :2])
     assert not res.converged.any()
     accepted = ipm._accept_accurate_gaps(data, units, st, res, torch.tensor([True, True]))
     assert accepted.converged.tolist() == [True, False]
