@@ -65,7 +65,7 @@ def test_max_iter_names_the_elements_whose_primal_residual_is_above_tolerance_as
 
 def test_a_numerical_error_with_the_primal_residual_above_tolerance_is_named_as_possibly_infeasible():
     """Elements that stopped without a verdict on feasibility (``status.STOPPED``: MAX_ITER and
-    NUMERICAL_ERROR, which includes a problem that stopped progressing) are named as possibly
+    NUMERICAL_ERROR) are named as possibly
     infeasible where their primal residual is above its bound; an INACCURATE one is not."""
     from optlayers.status import describe_failures
 

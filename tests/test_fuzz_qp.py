@@ -42,9 +42,11 @@ _SETTINGS = dict(deadline=None, derandomize=True, database=None,
 KNOWN_BUGS = {
     ("SOLVED", "MAX_ITER"): "a solvable element scaled by 1e5 to 1e6 with duplicated rows left at MAX_ITER "
                             "(test_solvable_scaled_elements_left_at_max_iter)",
-    # the same elements, where their residuals stop within 100 times the tolerance (the progress test,
-    # ``IPMSettings.progress_limit``): seeds 829 and 939999 of the 10,000-case run
-    ("SOLVED", "INACCURATE"): "a solvable element scaled by 1e5 to 1e6 with duplicated rows stopped INACCURATE",
+    # the same elements where their residuals stop within 100 times the tolerance (the progress test,
+    # ``IPMSettings.progress_limit``): seeds 829 and 939999 of the 10,000-case run, and
+    # test_solvable_scaled_elements_left_at_max_iter's lp-seed-214011
+    ("SOLVED", "INACCURATE"): "a solvable element scaled by 1e5 to 1e6 with duplicated rows stopped INACCURATE "
+                              "(test_solvable_scaled_elements_left_at_max_iter)",
 }
 
 
@@ -209,10 +211,11 @@ def test_a_degenerate_solvable_element_is_solved():
     _judged_ok(case, 2)
 
 
-# Solvable elements the 10,000-case run at cbdde26 left at MAX_ITER that still end there (at the default
-# 100 iterations and at 1000): a linear program in one variable, minimise -32.5 z subject to ten
-# inequality rows (one duplicated) with coefficients 2^-24 to 2^-7; and a quadratic program with three
-# equalities (one redundant) and columns scaled by up to 1e5.3, in a batch with three unbounded elements.
+# Solvable elements the 10,000-case run at cbdde26 left at MAX_ITER that are still not solved (at the
+# default 100 iterations and at 1000): a linear program in one variable, minimise -32.5 z subject to ten
+# inequality rows (one duplicated) with coefficients 2^-24 to 2^-7 (its residuals stop within 100 times
+# the tolerance: INACCURATE after 35 iterations); and a quadratic program with three equalities (one
+# redundant) and columns scaled by up to 1e5.3, in a batch with three unbounded elements (MAX_ITER).
 _LEFT_AT_MAX_ITER = {
     "lp-seed-214011": ({"seed": 214011, "n": 1, "k": 10, "m": 0, "objective_decades": 5.573681729895656,
                         "row_decades": 3.01271444833188, "column_decades": 5.0,
@@ -226,7 +229,7 @@ _LEFT_AT_MAX_ITER = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="KNOWN_BUGS: a solvable scaled element left at MAX_ITER")
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="KNOWN_BUGS: a solvable scaled element left unsolved")
 @pytest.mark.parametrize("name", list(_LEFT_AT_MAX_ITER))
 def test_solvable_scaled_elements_left_at_max_iter(name):
     case, element = _LEFT_AT_MAX_ITER[name]

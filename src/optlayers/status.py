@@ -40,12 +40,12 @@ _MESSAGES = {
     "or loosen the tolerance",
     Status.PRIMAL_INFEASIBLE: "primal infeasible: no point satisfies the constraints (a certificate was found)",
     Status.DUAL_INFEASIBLE: "dual infeasible: the objective is unbounded below on the feasible set",
-    Status.NUMERICAL_ERROR: "numerical error: a linear system could not be factorised or the iterates stopped "
-    "progressing; check the scaling of the data, solve in float64, or (solve_cone) try another solver",
-    Status.INACCURATE: "solved only to reduced accuracy (solve_qp: the iterates stopped progressing with "
-    "residuals within 100 times the tolerance; solve_cone: the relative KKT residual after refinement is above "
-    "1e-6, or the solver said AlmostSolved); rescale the data, solve in float64, loosen `tol` (solve_qp) or "
-    "tighten the solver's tolerance in solver_options (solve_cone), or try another solver",
+    Status.NUMERICAL_ERROR: "numerical error: a linear system could not be factorised or the steps became "
+    "negligible; check the scaling of the data, solve in float64, or (solve_cone) try another solver",
+    Status.INACCURATE: "solved only to reduced accuracy (QPs: the residuals stopped falling within 100 times "
+    "the tolerance; cone programs: the relative KKT residual after refinement is above 1e-6, or the solver "
+    "said AlmostSolved); rescale the data, solve in float64, loosen the tolerance (QPs) or tighten the "
+    "solver's tolerance in solver_options (cone programs), or try another solver",
 }
 
 ON_FAILURE_CHOICES = ("raise", "warn", "ignore")
@@ -89,7 +89,7 @@ def primal_unmet(residual: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
 
 
 # Statuses of elements that stopped without a verdict on feasibility (the iteration limit, a failed
-# factorisation, no progress): an infeasible problem whose certificate was not found ends so.
+# factorisation, negligible steps): an infeasible problem whose certificate was not found ends so.
 STOPPED = (Status.MAX_ITER, Status.NUMERICAL_ERROR)
 
 

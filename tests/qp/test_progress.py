@@ -25,28 +25,25 @@ def _solve(d: dict, tol: float, **kwargs):
 
 
 def test_a_tolerance_at_float64s_floor_ends_early_inaccurate_with_residuals_near_it():
-    """Absolute tolerance 1e-15 on data of size 1-10 asks for residuals at their rounding: every
-    problem stops progressing there, and ends INACCURATE well before the iteration limit, reporting
-    residuals within 100 times the tolerance. The same problems at 1e-13 are SOLVED (the control:
-    the problems are not hard, only the tolerance is)."""
+    """Absolute tolerance 1e-15 on data of size 1-10 asks for residuals at their rounding: problems
+    stop progressing there and end INACCURATE well before the iteration limit, reporting residuals
+    within 100 times the tolerance (a problem may also be SOLVED, by its rounding). The same
+    problems at 1e-13 are SOLVED (the control: the problems are not hard, only the tolerance is)."""
     d = _problems()
     assert (_solve(d, 1e-13).status == QPStatus.SOLVED).all()
     sol = _solve(d, 1e-15, max_iter=200)
-    assert (sol.status == QPStatus.INACCURATE).all(), sol.status
-    assert (sol.iterations <= 100).all(), sol.iterations
+    inaccurate = sol.status == QPStatus.INACCURATE
+    assert inaccurate.any() and (inaccurate | (sol.status == QPStatus.SOLVED)).all(), sol.status
+    assert (sol.iterations < 200).all(), sol.iterations
     for residual in (sol.primal_residual, sol.dual_residual, sol.gap):
-        assert (residual <= 100 * 1e-15).all(), residual
+        assert (residual[inaccurate] <= 100 * 1e-15).all(), residual
 
 
-def test_a_problem_without_progress_ends_at_the_iterate_of_its_last_progress():
-    """One problem (no batch effects on the rounding), stepped by the method itself: the final
-    iterate's measures of progress are those recorded at its last progress (``State.best``; the
-    restored iterate's residuals, recomputed), and no iterate on the way measured below 0.9 of them
-    (``ipm._PROGRESS``: later ones made no progress, earlier ones were above it)."""
-    d = _problems(1)
+def _stepped(d: dict, tol: float, max_iter: int) -> tuple:
+    """The method run on ``d`` (eager), with the measures of progress after every step."""
     flat, _ = prepare_qp(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"])
     data, sc = equilibrate(qp_data(*flat))
-    settings = dataclasses.replace(ipm.default_settings(torch.float64, 2.5e-16, 0.0, 200), compiled=False)
+    settings = dataclasses.replace(ipm.default_settings(torch.float64, tol, 0.0, max_iter), compiled=False)
     seen = []
     step = ipm.step
 
@@ -60,13 +57,23 @@ def test_a_problem_without_progress_ends_at_the_iterate_of_its_last_progress():
         result = ipm.solve_scaled(data, sc, settings, with_factor=False)
     finally:
         ipm.step = step
+    return result, seen, settings
+
+
+def test_a_problem_without_progress_ends_at_the_iterate_of_its_last_progress():
+    """One problem (no batch effects on the rounding), stepped by the method itself: it ends
+    INACCURATE ``progress_limit`` iterations after its last progress, at that iterate: the final
+    residuals' measures equal those recorded then (``State.best``; the restored iterate's residuals,
+    recomputed), and none of the iterates after it measured below 0.9 of them (``ipm._PROGRESS``)."""
+    result, seen, settings = _stepped(_problems(1), 2.5e-16, 200)
     st, res = result.state, result.residuals
+    limit = settings.progress_limit
     assert int(st.status[0]) == QPStatus.INACCURATE and int(st.iterations[0]) < 200
-    assert int(st.counters[0, 3]) == settings.progress_limit
+    assert int(st.counters[0, 3]) == limit and len(seen) > limit + 1
     assert torch.equal(res.progress, st.best), (res.progress, st.best)
-    lowest = torch.cat(seen).amin(0)
-    assert (lowest >= ipm._PROGRESS * st.best[0]).all(), (lowest, st.best)
-    # the last step moved away from the best iterate: returning to it is what the test checks
+    assert torch.equal(seen[-limit - 2], st.best), (seen[-limit - 2], st.best)
+    assert (torch.cat(seen[-limit - 1 : -1]) >= ipm._PROGRESS * st.best).all(), (seen[-limit - 1 :], st.best)
+    # the last step had moved away from that iterate: returning to it is what is tested
     assert not torch.equal(seen[-2], st.best), seen[-2:]
 
 
@@ -74,9 +81,13 @@ def test_a_problem_far_from_tolerance_when_it_stops_progressing_goes_on():
     """A problem that stops progressing with residuals above 100 times the tolerance
     (``ipm._REDUCED_ACCURACY``) is not stopped by the test (an infeasible or unbounded problem's
     certificate may still come): the problems scaled by 1e3 have residuals at a rounding floor of
-    about 1e-12, against a tolerance of 1e-15, and run to the iteration limit."""
+    about 1e-12, against a tolerance of 1e-15; those that went ``progress_limit`` iterations without
+    progress, their measure above 100, run on to the iteration limit."""
     d = {key: value * 1e3 for key, value in _problems().items()}
+    result, _, settings = _stepped(d, 1e-15, 120)
+    st = result.state
+    past = (st.counters[:, 3] >= settings.progress_limit) & (st.best[:, 0] > ipm._REDUCED_ACCURACY)
+    assert past.sum() >= 2, (st.counters, st.best)
+    assert (st.status[past] == QPStatus.MAX_ITER).all() and (st.iterations[past] == 120).all(), (st.status, st.iterations)
     sol = _solve(d, 1e-15, max_iter=120)
-    worst = torch.stack([sol.primal_residual, sol.dual_residual, sol.gap]).amax(0)
     assert (sol.status == QPStatus.MAX_ITER).all() and (sol.iterations == 120).all(), (sol.status, sol.iterations)
-    assert (worst > 100 * 1e-15).all(), worst

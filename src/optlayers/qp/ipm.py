@@ -61,13 +61,13 @@ class IPMSettings:
             declared a numerical failure.
         progress_limit: consecutive iterations without progress (``_PROGRESS``: neither of
             ``Residuals.progress`` fell below 0.9 of its value at the last progress) after which a
-            problem whose best iterate (the one of its last progress) has residuals within
-            ``_REDUCED_ACCURACY`` times their tolerances stops there, INACCURATE. Farther from
+            problem whose iterate of its last progress has residuals within ``_REDUCED_ACCURACY``
+            times their tolerances returns to that iterate and stops, INACCURATE. Farther from
             tolerance it goes on: an infeasible or unbounded problem can go long without progress
             before its certificate holds. On the Maros–Meszaros set (tol 1e-8, rel_tol 0) the
             problems that are solved go at most 7 iterations without progress; QBEACONF at two
             threads on an AMD EPYC, whose dual residual sits at the rounding of its cancelling
-            terms (3e-8), goes 180 iterations to the limit without the test, its primal residual
+            terms (3e-8), runs without the test to the 200-iteration limit, its primal residual
             growing to 2e3.
         compiled: run the equilibration, the start, each iteration and the derivatives'
             factorisation as ``torch.compile``d graphs (``fullgraph=True``; on the CPU the start,
@@ -444,7 +444,9 @@ def assess(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSet
     retry, gave_up = unsound & can_raise, unsound > can_raise  # as kkt.next_regularisation
     reg = regularisation_after(st.reg, settings.reg, retry, sound)
     taken = sound.unsqueeze(-1)
-    # progress (the fourth event is its absence): the iterate and its measures become the best
+    # progress (the fourth event is its absence): the iterate and its measures become the reference
+    # (both measures, though one may have risen; a NaN measure reads as progress, so NaN residuals
+    # never trigger the test)
     progressed = taken > events[:, 3:]
     best, best_v = torch.where(progressed, res.progress, st.best), torch.where(progressed, st.v, st.best_v)
     v = torch.where(taken, torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
@@ -452,14 +454,14 @@ def assess(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSet
     # a stall, a primal and a dual infeasibility certificate, and no progress, held long enough
     stalled, primal_infeasible, dual_infeasible, stuck = (counters >= constant(
         (settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE, settings.progress_limit), counters)).unbind(-1)
-    # no progress near tolerance: back to the best iterate, INACCURATE
-    stuck = stuck & (best[:, 0] <= _REDUCED_ACCURACY)
-    v = torch.where(stuck.unsqueeze(-1), best_v, v)
-    status = st.status.masked_fill(stuck, int(QPStatus.INACCURATE))
-    # a failure or a stall, then primal, then dual infeasibility: the later test wins
+    # no progress near tolerance (INACCURATE), a failure or a stall, then primal, then dual infeasibility:
+    # the later test wins
+    status = st.status.masked_fill(stuck & (best[:, 0] <= _REDUCED_ACCURACY), int(QPStatus.INACCURATE))
     status = status.masked_fill(gave_up | stalled, int(QPStatus.NUMERICAL_ERROR))
     status = status.masked_fill(primal_infeasible, int(QPStatus.PRIMAL_INFEASIBLE))
     status = status.masked_fill(dual_infeasible, int(QPStatus.DUAL_INFEASIBLE))
+    # an INACCURATE problem holds the iterate of its last progress (frozen ones hold it already)
+    v = torch.where((status == int(QPStatus.INACCURATE)).unsqueeze(-1), best_v, v)
     return replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg,
                    best=best, best_v=best_v)
 

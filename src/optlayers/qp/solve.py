@@ -217,8 +217,11 @@ class QPFunction(nn.Module):
         verbose: -1 silent (failed elements are not warned about), 0 (default) a warning naming
             failed elements, 1 also a one-line summary of every solve (iterations, largest
             residuals, statuses) printed to stdout; qpth's per-iteration log is not available.
-        notImprovedLim: consecutive iterations without progress after which an element stops
-            (here: with status NUMERICAL_ERROR; default 5).
+        notImprovedLim: consecutive iterations with a negligible step after which an element stops
+            with status NUMERICAL_ERROR (default 5: ``IPMSettings.stall_limit``). qpth counts
+            iterations without a smaller residual instead; here that is ``progress_limit`` (20,
+            not set from this keyword: it ends INACCURATE those whose residuals stop within 100
+            times the tolerance).
         maxIter: iteration limit (default 100; qpth's 20 is not imposed: the solver stops on
             its tolerance). Give ``maxIter`` or ``max_iter``, not both.
         solver: ``QPSolvers.PDIPM_BATCHED`` (qpth's own enum members are accepted too);
