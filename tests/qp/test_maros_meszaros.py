@@ -47,3 +47,26 @@ def test_edge_problems_solve_with_one_and_two_threads(name, threads, tmp_path):
                     "--only", name, "--json", str(out)], env=env, check=True, capture_output=True, timeout=600)
     (outcome,) = json.loads(out.read_text())
     assert outcome["solved"], outcome
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="QBEACONF without its 25 redundant rows ends MAX_ITER (primal residual 3e3), where Clarabel solves it")
+def test_qbeaconf_without_its_redundant_inequalities_solves():
+    """25 of QBEACONF's inequality rows are a'x <= 0 beside an equality a'x = 0 (redundant). Without
+    them the problem is the same (Clarabel: the same optimum, multipliers of 6e5 against 1.3e7), but
+    the solver, which solves the whole problem with one thread, ends it at MAX_ITER with a primal
+    residual of 3e3 at one and at two threads."""
+    import torch
+
+    from optlayers import QPStatus, solve_qp
+
+    data = maros_meszaros.to_optlayers(maros_meszaros.load(DATA / "QBEACONF.mat"))
+    data.pop("_masks")
+    A, G = data["A"], data["G"]
+    cosines = (G / G.norm(dim=-1, keepdim=True)) @ (A / A.norm(dim=-1, keepdim=True)).T
+    parallel = (cosines.abs() > 1 - 1e-12).any(1)
+    assert int(parallel.sum()) == 25
+    sol = solve_qp(**dict(data, G=G[~parallel], h=data["h"][~parallel]), tol=1e-8, rel_tol=0.0, max_iter=200,
+                   on_failure="ignore")
+    assert int(sol.status) == QPStatus.SOLVED, (QPStatus(int(sol.status)), float(sol.primal_residual))
+    assert torch.isfinite(sol.z).all()
