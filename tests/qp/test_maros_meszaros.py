@@ -52,10 +52,13 @@ def test_edge_problems_solve_with_one_and_two_threads(name, threads, tmp_path):
 @pytest.mark.xfail(strict=True, raises=AssertionError,
                    reason="QBEACONF without its 25 redundant rows ends MAX_ITER (primal residual 3e3), where Clarabel solves it")
 def test_qbeaconf_without_its_redundant_inequalities_solves():
-    """25 of QBEACONF's inequality rows are a'x <= 0 beside an equality a'x = 0 (redundant). Without
-    them the problem is the same (Clarabel: the same optimum, multipliers of 6e5 against 1.3e7), but
-    the solver, which solves the whole problem with one thread, ends it at MAX_ITER with a primal
-    residual of 3e3 at one and at two threads."""
+    """25 of QBEACONF's inequality rows are bounds on single variables beside an equality fixing the
+    same variable (x_i = 0): redundant. Without them the problem is the same (Clarabel: the same
+    optimum, multipliers of 6e5 against 1.3e7), but 23 variables then have neither curvature in Q
+    nor an inequality row, so H = Q + GᵀW⁻¹G is singular in them but for the regularisation ρ: the
+    factorisation fails at every iteration from the sixth, its retry at ρ = 1e-7 leaves the dual
+    residual at 5e-4, and the solver, which solves the whole problem with one thread, ends it at
+    MAX_ITER with a primal residual of 3e3 at one and at two threads."""
     import torch
 
     from optlayers import QPStatus, solve_qp
