@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import math
+import operator
 import os
 import sys
 import warnings
@@ -81,16 +83,17 @@ def listed_elements(where: list[list[int]], most: int = 10) -> str:
     return listed + (f" and {len(where) - most} more" if len(where) > most else "")
 
 
-def primal_unmet(residual: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
-    """Elementwise: the reported primal residual is above the bound of the solver's test of it
-    (compared in float64; a NaN residual is not above). An element stopped that way without a
-    certificate may be infeasible."""
-    return residual.detach().double() > limit.detach().double()
-
-
 # Statuses of elements that stopped without a verdict on feasibility (the iteration limit, a failed
 # factorisation, negligible steps): an infeasible problem whose certificate was not found ends so.
 STOPPED = (Status.MAX_ITER, Status.NUMERICAL_ERROR)
+
+
+def possibly_infeasible(status: torch.Tensor, residual: torch.Tensor, limit: torch.Tensor) -> torch.Tensor:
+    """Elementwise: the element stopped without a verdict (``STOPPED``) with its reported primal
+    residual above the bound of the solver's test of it (compared in float64; a NaN residual is not
+    above): an infeasible problem whose certificate was not found ends so."""
+    stopped = functools.reduce(operator.or_, (status == code for code in STOPPED))
+    return stopped & (residual.detach().double() > limit.detach().double())
 
 
 def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: int = 10,
@@ -102,11 +105,11 @@ def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: 
     is above its bound are named as possibly infeasible (a problem without a feasible point, whose
     certificate was not found, stops like that; a NaN residual is not above)."""
     status = status.detach().cpu()
-    unmet = None if primal is None else primal_unmet(*primal).cpu()
+    unsure = None if primal is None else possibly_infeasible(status, *(t.cpu() for t in primal))
     if status.dim() == 0:  # one problem, not a batch: no elements to name
         code = int(status)
         reason = Status(code).message if code in set(map(int, Status)) else f"its code {code} is outside Status"
-        if code in STOPPED and unmet is not None and bool(unmet):
+        if unsure is not None and bool(unsure):
             reason += " (the primal residual is above tolerance: the problem may be infeasible)"
         return f"the problem was not solved: {reason}"
     parts = []
@@ -116,7 +119,7 @@ def describe_failures(status: torch.Tensor, noun: str = "problems", max_listed: 
         where = (status == code).nonzero().tolist()
         if not where:
             continue
-        infeasible = [] if code not in STOPPED or unmet is None else (unmet & (status == code)).nonzero().tolist()
+        infeasible = [] if unsure is None else (unsure & (status == code)).nonzero().tolist()
         note = "" if not infeasible else (f" (primal residual above tolerance at elements "
                                           f"{listed_elements(infeasible, max_listed)}: those problems may be infeasible)")
         parts.append(f"{code.name.lower()} (elements {listed_elements(where, max_listed)}): {code.message}{note}")

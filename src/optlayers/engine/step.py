@@ -141,8 +141,8 @@ class State:
     so that a step updates all of it with one operation; ``x``, ``nu``, ``lam``, ``s``, ``y_k``,
     ``s_k`` are views of it. ``counters`` holds the consecutive-iteration counts (stalls, primal
     and dual infeasibility certificates; for the QP also iterations without progress) side by side,
-    ``reg`` each problem's primal/equality regularisation (raised where a factorisation fails; see ``kkt.next_regularisation``),
-    ``stiff`` (B,) the problems that keep their near-active inequalities out of H (see
+    ``reg`` each problem's primal/equality regularisation (raised where a factorisation fails; see
+    ``kkt.next_regularisation``), ``stiff`` (B,) the problems that keep their near-active inequalities out of H (see
     ``newton_step``), and ``stiff_tried`` (B,) those that have been switched to that split once.
     ``best`` and ``best_v``, where a method tracks progress (the QP's ``ipm.assess``; None
     otherwise): the measures of progress at each problem's last progress (B, ·) and its iterate then

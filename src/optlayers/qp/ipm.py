@@ -425,8 +425,8 @@ _NEGLIGIBLE_STEP = 1e-10
 # Progress (``IPMSettings.progress_limit``): a measure of ``Residuals.progress`` below this times its
 # value at the last progress.
 _PROGRESS = 0.9
-# A problem that stops progressing ends INACCURATE where its best iterate's residuals are within this
-# many times their tolerances (its ``Residuals.progress``).
+# A problem that stops progressing ends INACCURATE where the residuals of the iterate of its last
+# progress are within this many times their tolerances (its ``Residuals.progress``).
 _REDUCED_ACCURACY = 100.0
 
 

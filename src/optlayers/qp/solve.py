@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import functools
 import math
-import operator
 import warnings
 from dataclasses import dataclass
 
@@ -16,7 +14,7 @@ from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
 from optlayers.qp.relax import Relaxation, elastic_data, original_parts
-from optlayers.status import STOPPED, FailurePolicy, Status, listed_elements, primal_unmet, user_stacklevel
+from optlayers.status import FailurePolicy, Status, listed_elements, possibly_infeasible, user_stacklevel
 from optlayers.validation.options import check_bool
 from optlayers.validation.qp import check_positive_definite, check_qp_options, check_qpth_options
 
@@ -143,15 +141,11 @@ def _solve_flat(flat: tuple[Tensor, ...], settings: IPMSettings, policy: Failure
 
 def _relaxable(out: tuple[Tensor, ...]) -> Tensor:
     """(B,) bool: the elements ``on_failure="relax"`` re-solves: PRIMAL_INFEASIBLE ones, and those
-    that stopped (``status.STOPPED``: MAX_ITER, NUMERICAL_ERROR) with their primal residual above tolerance (the
-    solver's test: the reported residual above its bound ``primal_limit``, ``forward._public``; a
-    NaN residual is not above): infeasible problems whose Farkas certificate was not found look
-    like that."""
+    that ``status.possibly_infeasible`` names: stopped (MAX_ITER, NUMERICAL_ERROR) with the reported
+    primal residual above its bound (``primal_limit``, ``forward._public``), as infeasible problems
+    whose Farkas certificate was not found end."""
     status = out[4]
-    stopped = functools.reduce(operator.or_, (status == code for code in STOPPED))
-    if not bool(stopped.any()):
-        return status == Status.PRIMAL_INFEASIBLE
-    return (status == Status.PRIMAL_INFEASIBLE) | (stopped & primal_unmet(out[6], out[9]))
+    return (status == Status.PRIMAL_INFEASIBLE) | possibly_infeasible(status, out[6], out[9])
 
 
 def _relax(flat: tuple[Tensor, ...], settings: IPMSettings, out: tuple[Tensor, ...],
