@@ -186,7 +186,8 @@ def kkt_residuals(batch: Batch, i: int, z: np.ndarray, lam: np.ndarray, nu: np.n
     """Relative KKT residuals of element i's answer, computed here in float64 from the data.
 
     Normwise (default): each residual vector's infinity norm relative to the largest of its terms,
-    the measure the solver's tolerance is stated in. ``rowwise``: each row relative to its own
+    the measure the solver's tolerance is stated in (the primal residual as one vector over the
+    inequality and the equality rows). ``rowwise``: each row relative to its own
     terms, a stricter measure that no scaling of the rows or variables can hide behind.
     """
     Q, p, G, h, A, b = batch.Q[i], batch.p[i], batch.G[i], batch.h[i], batch.A[i], batch.b[i]
@@ -194,8 +195,15 @@ def kkt_residuals(batch: Batch, i: int, z: np.ndarray, lam: np.ndarray, nu: np.n
     az, alam, anu = np.abs(z), np.abs(lam), np.abs(nu)
     stationarity = _relative(Q @ z + p + G.T @ lam + A.T @ nu, aQ @ az, np.abs(p), aG.T @ alam, aA.T @ anu,
                              rowwise=rowwise)
-    inequality = _relative(G @ z + s - h, aG @ az, np.abs(s), np.abs(h), rowwise=rowwise)
-    equality = _relative(A @ z - b, aA @ az, np.abs(b), rowwise=rowwise)
+    inequality_terms, equality_terms = (aG @ az, np.abs(s), np.abs(h)), (aA @ az, np.abs(b))
+    if not rowwise:
+        # the solver measures its primal residual as one vector, [Az − b; Gz + s − h], against the
+        # largest term of either block: each block here against that size (a slack of 1e-8 on a
+        # row 0·z ≤ 0 beside an equality whose right-hand side is 1e4 is within tolerance)
+        size = max((float(np.max(t)) for t in inequality_terms + equality_terms if t.size), default=0.0)
+        inequality_terms, equality_terms = inequality_terms + (np.array([size]),), equality_terms + (np.array([size]),)
+    inequality = _relative(G @ z + s - h, *inequality_terms, rowwise=rowwise)
+    equality = _relative(A @ z - b, *equality_terms, rowwise=rowwise)
     # sign conditions: s, λ ≥ 0 up to the size of their terms; complementarity per pair and the
     # gap relative to the products that make up the objective, each measured before it cancels
     # (pᵀz as |p|ᵀ|z|: an LP whose optimal value is 0 sums terms of 1e5 to 1e-11)

@@ -252,6 +252,23 @@ def test_unboundedness_certificate_of_a_degenerate_unbounded_element():
     _judged_ok(case, 1)
 
 
+def test_a_slack_within_the_absolute_tolerance_of_the_stacked_primal_residual_passes():
+    """n = 1: a zero row 0·z ≤ 0 beside an equality whose right-hand side is 1e4. The solver's primal
+    residual is one norm over both blocks (1e-8 against terms of 1e4: within tolerance); the check
+    measures it so too, where a measure of the inequality block alone would call the slack of 1e-8 on
+    a row with no terms a residual of 1e-4."""
+    case = {"seed": 1025402, "n": 1, "k": 1, "m": 1, "objective_decades": 5.048038044717596,
+            "row_decades": 5.048038044717596, "column_decades": 5.048038044717596,
+            "elements": [{"kind": "solvable", "rank": 1, "duplicate_rows": False, "redundant_eq": False}]}
+    from tests.fuzz_qp_cases import kkt_residuals, solve
+
+    _judged_ok(case, 0)
+    batch = build_case(case)
+    z, lam, nu, s = (getattr(solve(batch), name)[0].numpy() for name in ("z", "lam", "nu", "s"))
+    assert kkt_residuals(batch, 0, z, lam, nu, s)["inequality"] <= KKT_TOL
+    assert kkt_residuals(batch, 0, z, lam, nu, s + 1e-2)["inequality"] > KKT_TOL
+
+
 def test_the_check_is_independent_and_can_fail():
     """A correct answer passes the residual check, a perturbed one fails it; a wrong status is caught."""
     case = {"seed": 3, "n": 4, "k": 5, "m": 2, "objective_decades": 0.0, "row_decades": 0.0, "column_decades": 0.0,
