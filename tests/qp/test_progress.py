@@ -91,3 +91,33 @@ def test_a_problem_far_from_tolerance_when_it_stops_progressing_goes_on():
     assert (st.status[past] == QPStatus.MAX_ITER).all() and (st.iterations[past] == 120).all(), (st.status, st.iterations)
     sol = _solve(d, 1e-15, max_iter=120)
     assert (sol.status == QPStatus.MAX_ITER).all() and (sol.iterations == 120).all(), (sol.status, sol.iterations)
+
+
+def test_no_problem_ends_inaccurate_where_its_accurate_gap_would_pass(monkeypatch):
+    """On the accelerators' schedule the host looks every few iterations, and tests a gap that
+    alone fails accurately only then (``ipm._look_flags``): a problem may stop progressing at an
+    iterate that no look tested. The solve's end tests those gaps too, so that no problem ends
+    INACCURATE at an iterate whose primal and dual residuals are within tolerance and whose gap
+    passes with ``accurate_gap``. Compared with the same batch without that end test (more of it
+    ends INACCURATE; control that the case is exercised)."""
+    from optlayers.engine import loop
+    from optlayers.host import is_check
+
+    monkeypatch.setattr(loop, "is_check", lambda iteration, device=None: is_check(iteration, None))
+    torch.manual_seed(1)
+    d = random_qp((32,), 10, 10, 0)
+    flat, _ = prepare_qp(d["Q"], d["p"], d["G"], d["h"], None, None)
+    data, sc = equilibrate(qp_data(*flat))
+    settings = dataclasses.replace(ipm.default_settings(torch.float64, 1e-15, 0.0, 100), compiled=False)
+
+    def solved(result) -> tuple[torch.Tensor, torch.Tensor]:
+        st, res = result.state, result.residuals
+        inaccurate = st.status == QPStatus.INACCURATE
+        accurate = ipm._accept_accurate_gaps(data, ipm.Units.of(sc), st, res, inaccurate)
+        return st.status == QPStatus.SOLVED, inaccurate & accurate.converged
+
+    with_end_test, passing = solved(ipm.solve_scaled(data, sc, settings, with_factor=False))
+    assert not passing.any(), passing
+    monkeypatch.setattr(ipm, "_accurate_gaps_of_inaccurate", lambda data, units, st, res: (st, res))
+    without, passing_without = solved(ipm.solve_scaled(data, sc, settings, with_factor=False))
+    assert passing_without.any() and torch.equal(with_end_test, without | passing_without), (with_end_test, without)

@@ -667,9 +667,22 @@ def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step:
         factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal)
     unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
                                                   full.status != full.status if factor is None else ~factor.ok]).any(-1))
+    if unsolved:
+        full, res = _accurate_gaps_of_inaccurate(data, units, full, res)
     if unfactored:
         factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings, diagonal=data.diagonal)
     return IPMResult(state=full, residuals=res, factor=factor, all_solved=not unsolved)
+
+
+def _accurate_gaps_of_inaccurate(data: QPData, units: Units, st: State, res: Residuals) -> tuple[State, Residuals]:
+    """INACCURATE problems (their iterate that of their last progress) whose primal and dual
+    residuals are within tolerance and whose gap passes with ``accurate_gap``: SOLVED. The host
+    tests a gap accurately only at its looks (``_look_flags``), every few iterations where they
+    are spaced out, so a problem whose plain gap is stuck at its rounding may stop progressing
+    before a look has tested it."""
+    candidates = (st.status == int(QPStatus.INACCURATE)) & ~res.converged
+    res = _accept_accurate_gaps(data, units, st, res, candidates)
+    return replace(st, status=st.status.masked_fill(candidates & res.converged, int(QPStatus.SOLVED))), res
 
 
 def derivative_factor(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings,
