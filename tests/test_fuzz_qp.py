@@ -242,6 +242,46 @@ def test_once_missed_infeasibility_certificates(case, index):
     _judged_ok(case, index)
 
 
+# Unbounded elements whose iterates diverged with no Newton direction passing the recession test
+# three iterations in a row (MAX_ITER in the 10,000-case run on the AMD EPYC machine); the iterate's
+# own recession test certifies them. Element ``index`` of each batch.
+_MISSED_UNBOUNDEDNESS = [
+    ({"seed": 409, "n": 7, "k": 9, "m": 2, "objective_decades": 1.5,
+      "row_decades": 0.30426836833620163, "column_decades": 5.694353812974392,
+      "elements": [{"kind": "unbounded", "rank": 0, "duplicate_rows": True, "redundant_eq": True},
+                   {"kind": "infeasible_eq", "rank": 5, "duplicate_rows": False, "redundant_eq": False},
+                   {"kind": "solvable", "rank": 6, "duplicate_rows": False, "redundant_eq": False}]}, 0),
+    ({"seed": 99999, "n": 8, "k": 10, "m": 2, "objective_decades": -0.0,
+      "row_decades": 1e-12, "column_decades": 5.256379584536814,
+      "elements": [{"kind": "unbounded", "rank": 2, "duplicate_rows": True, "redundant_eq": True}]}, 0),
+    ({"seed": 0, "n": 4, "k": 6, "m": 0, "objective_decades": -3.3431041409497917,
+      "row_decades": 0.0, "column_decades": 0.0,
+      "elements": [{"kind": "unbounded", "rank": 0, "duplicate_rows": True, "redundant_eq": True}]}, 0),
+    ({"seed": 120176, "n": 8, "k": 6, "m": 2, "objective_decades": -8.011640564304698e-84,
+      "row_decades": 1.9, "column_decades": 4.960799898162997,
+      "elements": [{"kind": "unbounded", "rank": 2, "duplicate_rows": False, "redundant_eq": False}]}, 0),
+]
+
+
+@pytest.mark.parametrize("case, index", _MISSED_UNBOUNDEDNESS, ids=[f"seed-{c['seed']}" for c, _ in _MISSED_UNBOUNDEDNESS])
+def test_once_missed_unboundedness_certificates(case, index):
+    """Certified DUAL_INFEASIBLE by the iterate's recession test (MAX_ITER before)."""
+    assert _judged_ok(case, index)["got"] == "DUAL_INFEASIBLE"
+
+
+def test_no_false_unboundedness_certificate_from_a_large_iterate_of_an_infeasible_element():
+    """Inconsistent equalities (with a feasible dual, so not unbounded), scaled by 1e5.7: the
+    iterate stops at ‖x‖ = 1.5e6 (scaled) with ‖Ax‖ and Gx within 1e-7‖x‖ and a descent slope;
+    the iterate's recession test needs the iterate to have diverged, and the element is certified
+    PRIMAL_INFEASIBLE."""
+    case = {"seed": 967, "n": 6, "k": 5, "m": 3, "objective_decades": 5.656085100894902,
+            "row_decades": 5.656085100894902, "column_decades": 5.656085100894902,
+            "elements": [{"kind": "infeasible_eq", "rank": 4, "duplicate_rows": True, "redundant_eq": True},
+                         {"kind": "infeasible_eq", "rank": 0, "duplicate_rows": False, "redundant_eq": True},
+                         {"kind": "infeasible_eq", "rank": 2, "duplicate_rows": True, "redundant_eq": True}]}
+    assert _judged_ok(case, 1)["got"] == "PRIMAL_INFEASIBLE"
+
+
 def test_unboundedness_certificate_of_a_degenerate_unbounded_element():
     """A degenerate unbounded element (duplicated rows, redundant equalities) that is certified."""
     case = {"seed": 81271, "n": 4, "k": 7, "m": 3, "objective_decades": -5.0, "row_decades": 2.3615445048989656,

@@ -342,6 +342,17 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     true recession direction the objective falls on every scale, while there its curvature stops
     the descent within the iterate's reach (the slope at x is about −pᵀdx when x is near an optimum).
     It is waived where x has diverged (``_DIVERGED``).
+    Or the iterate x itself, once it has diverged (‖x‖ > ``_DIVERGED``): ‖Qx‖ ≤ ε‖x‖, ‖Ax‖ ≤ ε‖x‖,
+    Gx ≤ ε‖x‖, (Qx + p)ᵀx < −ε‖x‖, with the dual residual unmet (Qx, Ax and Gx read back from the
+    residuals: r_d − p − Aᵀν − Gᵀλ, r_e + b, r_i + h − s). Without the divergence a primal
+    infeasible element scaled by 1e5.7, its iterate stuck at ‖x‖ = 1.5e6 with Ax and Gx within
+    ε‖x‖ (inconsistent equalities hold ‖Ax‖ bounded), passed and was reported unbounded. Then x/‖x‖ passes the direction's tests, and every dual feasible point has
+    ‖(x, ν, λ)‖ > 1/ε roughly (pᵀx = −(Qw + Aᵀν + Gᵀλ)ᵀx for any such point), the dual counterpart
+    of the iterate's Farkas test. It catches unbounded problems whose iterate diverges along a
+    recession direction while the Newton directions pass their tests in fewer than
+    ``_CERTIFICATE_PERSISTENCE`` consecutive iterations (12 of the 14 unbounded elements that the
+    10,000 fuzzed batches of the AMD EPYC run left at ``MAX_ITER``); its iterations count towards
+    the persistence as the direction's do.
     The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx; A dx and G dx are measured (the
     regularised step need not satisfy A dx = −r_e, G dx = −r_i − ds where A is rank deficient).
     All families of comparisons are one stacked operation.
@@ -351,8 +362,11 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     dx, dy, dlam = dv[:, :n], dv[:, n : n + m + k], dv[:, n + m : n + m + k]
     # ‖r_d + Q dx‖ (= ‖Aᵀdν + Gᵀdλ‖), ‖Q dx‖, ‖dx‖, ‖x‖; [Q dx, dx] is reused below
     # and ‖Aᵀν + Gᵀλ‖ at the iterate
-    on_x = torch.stack([res.r_d + step.q_dx, step.q_dx, dx, x, res.y_terms.sum(1) if m else res.y_terms[:, 0]])
-    residual_y, norm_qdx, nx, norm_x, norm_aty = inf_norm(on_x)
+    # and, for the iterate's recession test, Qx + p = r_d − Aᵀν − Gᵀλ and Qx
+    aty = res.y_terms.sum(1) if m else res.y_terms[:, 0]
+    qx_p = res.r_d - aty
+    on_x = torch.stack([res.r_d + step.q_dx, step.q_dx, dx, qx_p, x, aty, qx_p - data.p])
+    residual_y, norm_qdx, nx, _, norm_x, norm_aty, norm_qx = inf_norm(on_x)
     if m + k:
         dy_y = torch.stack([dy, st.v[:, n : n + m + k]])
         ny, norm_y = inf_norm(dy_y)
@@ -361,13 +375,14 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     else:
         ny = norm_y = farkas_value = farkas_iterate = torch.zeros_like(nx)
     # pᵀdx, and the objective's slope along dx at x + T dx, T = ‖x‖ / ‖dx‖: pᵀdx + (x + T dx)ᵀQ dx
+    # and the objective's slope along x at x: (Qx + p)ᵀx
     far_point = torch.addcmul(x, (norm_x / nx).unsqueeze(-1), dx)
-    far_q_slope, p_slope = (torch.stack([far_point, data.p]) * on_x[1:3]).sum(-1).unbind(0)
+    far_q_slope, p_slope, x_slope = (torch.stack([far_point, data.p, x]) * on_x[1:4]).sum(-1).unbind(0)
     far_slope = (far_q_slope + p_slope).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
-    # ε‖dy‖, ε‖dx‖, 64 ε₆₄ ‖y‖ (``_ROUNDING``), −ε(bᵀν + hᵀλ); −ε‖dy‖, −ε‖dx‖, −ε‖y‖ in one product
-    (eps_y, eps_x, rounding_y, eps_farkas), (minus_eps_y, minus_eps_x, minus_eps_norm_y, _) = (
-        torch.stack([ny, nx, norm_y, farkas_iterate])
-        * constant((eps, eps, _ROUNDING, -eps, -eps, -eps, -eps, 0.0), nx).view(2, 4, 1))
+    # ε‖dy‖, ε‖dx‖, 64 ε₆₄ ‖y‖ (``_ROUNDING``), −ε(bᵀν + hᵀλ), ε‖x‖; −ε‖dy‖, −ε‖dx‖, −ε‖y‖, −ε‖x‖ in one product
+    (eps_y, eps_x, rounding_y, eps_farkas, eps_norm_x), (minus_eps_y, minus_eps_x, minus_eps_norm_y, _, minus_eps_norm_x) = (
+        torch.stack([ny, nx, norm_y, farkas_iterate, norm_x])
+        * constant((eps, eps, _ROUNDING, -eps, eps, -eps, -eps, -eps, 0.0, -eps), nx).view(2, 5, 1))
     (primal_limit, dual_limit, _), (primal, dual, _) = res.limit.unbind(-1), res.measured.unbind(-1)
     # without equality (inequality) rows their tests are taken by another test of the same certificate
     farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y),
@@ -385,9 +400,14 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     iterate_rows = [(norm_aty, eps_farkas), (farkas_iterate, minus_eps_norm_y), (primal_limit, primal)] * 2
 
     # the tests' constant sides, (B,) each, as rows of one constant
-    negligible, below_running, above_running, half, minus_inf, inf, reg_cap = constant(
-        (_NEGLIGIBLE_STEP, RUNNING - 0.5, RUNNING + 0.5, 0.5, -torch.inf, torch.inf, reg_limit), nx
+    negligible, below_running, above_running, half, minus_inf, inf, reg_cap, diverged = constant(
+        (_NEGLIGIBLE_STEP, RUNNING - 0.5, RUNNING + 0.5, 0.5, -torch.inf, torch.inf, reg_limit, _DIVERGED), nx
     ).unsqueeze(-1).expand(-1, nx.shape[0]).unbind(0)
+    # the iterate's own recession test: ‖Qx‖, ‖Ax‖ < ε‖x‖, Gx < ε‖x‖, (Qx + p)ᵀx < −ε‖x‖, dual unmet,
+    # with Ax and Gx read back from the residuals (r_e + b, r_i + h − s)
+    iterate_recession_rows = [(norm_qx, eps_norm_x), (inf_norm(res.r_e + data.b) if m else norm_qx, eps_norm_x),
+                              ((res.r_i + data.h - st.s).amax(-1) if k else norm_qx, eps_norm_x),
+                              (x_slope, minus_eps_norm_x), (dual_limit, dual), (diverged, norm_x)]
     stall_rows = [(step.alpha, negligible)] * len(farkas_rows)
     total = dv.sum(-1)  # NaN or ±inf if any part of the direction is (α is finite: max_step ignores NaN)
     # the status (an integer) is RUNNING, the factorisation succeeded (bool), the direction and α are finite
@@ -399,16 +419,17 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     # every test strict: ‖·‖ < ε·size also says size > 0; all eight families in one comparison (stack promotes
     # the status and the flags to floats exactly; a family of fewer tests repeats them)
     families = (stall_rows, farkas_rows, recession_rows, sound_rows, running_rows * 3, raisable_rows, iterate_rows,
-                progress_rows)
+                progress_rows, iterate_recession_rows)
     if torch.compiler.is_compiling():
         # the same comparisons, joined by ``&``: inductor fuses them either way, and on the CPU it
         # writes each input of a stack into a slice of its output, which its C++ wrapper names by
         # a tensor handle of its own at every iteration (72 here; see ``compiling.POINTWISE_CAT_OPTIONS``)
         tests = [functools.reduce(operator.and_, (lower < upper for lower, upper in family)) for family in families]
-        return torch.stack([tests[0], tests[1] | tests[6], tests[2], tests[7]], -1), tests[3], tests[4], tests[5]
+        return torch.stack([tests[0], tests[1] | tests[6], tests[2] | tests[8], tests[7]], -1), tests[3], tests[4], tests[5]
     lower, upper = (torch.stack(side) for side in zip(*(row for family in families for row in family)))
-    stall, farkas, recession, sound, running, raisable, iterate, stuck = (lower < upper).unflatten(0, (len(families), -1)).all(1)
-    return torch.stack([stall, farkas | iterate, recession, stuck], -1), sound, running, raisable
+    stall, farkas, recession, sound, running, raisable, iterate, stuck, iterate_recession = (
+        lower < upper).unflatten(0, (len(families), -1)).all(1)
+    return torch.stack([stall, farkas | iterate, recession | iterate_recession, stuck], -1), sound, running, raisable
 
 
 # The far-point slope test of a recession direction is waived where ‖x‖ (scaled) exceeds this
