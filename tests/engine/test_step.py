@@ -116,7 +116,7 @@ def test_each_method_departs_from_the_shared_step_rules_only_where_it_says():
         return {name: value for name, value in dataclasses.asdict(rules).items() if shared[name] != value}
 
     qp = ipm.default_settings(torch.float64, None, None, None)
-    assert departures(qp.rules) == {"merit": True, "ineq_reg": qp.ineq_reg, "refine_steps": qp.refine_steps}
+    assert departures(qp.rules) == {"merit": True, "ineq_reg": qp.ineq_reg, "refine_steps": qp.refine_steps, "augment": True}
     assert departures(ConeIPMSettings().rules) == {"centring": "affine_step", "full_steps": True, "solve_through_y": True,
                                                    "soc_step_fraction": 0.98, "centring_power": 2,
                                                    "nonneg_step_fraction": 0.999}

@@ -24,8 +24,9 @@ COMPILED_CALLS = 2
 # backward's ones and expand, the gradient's accumulation)
 ATEN_OUTSIDE = 19
 # guards evaluated by a call of each compiled function (``compiling.keeps_guard``)
-SOLVE_GUARDS = 76  # 3 of them the progress test's constants (ipm._PROGRESS, _REDUCED_ACCURACY, progress_limit)
-BACKWARD_GUARDS = 96
+SOLVE_GUARDS = 79  # 3 of them the progress test's constants (ipm._PROGRESS, _REDUCED_ACCURACY, progress_limit),
+# 3 the iterate's recession test's and the augmented factorisation's (ipm._STILL_DIVERGING, kkt.AUGMENT, augment)
+BACKWARD_GUARDS = 99  # 3 of them the factor's augment (KKTFactor.augment, kkt.AUGMENT)
 
 
 def _layer_call() -> tuple:

@@ -49,27 +49,40 @@ def test_edge_problems_solve_with_one_and_two_threads(name, threads, tmp_path):
     assert outcome["solved"], outcome
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="QBEACONF without its 25 redundant rows ends MAX_ITER (primal residual 3e3), where Clarabel solves it")
-def test_qbeaconf_without_its_redundant_inequalities_solves():
+_QBEACONF_WITHOUT_REDUNDANT_ROWS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import maros_meszaros
+from optlayers import solve_qp
+data = maros_meszaros.to_optlayers(maros_meszaros.load(maros_meszaros.DEFAULT_DATA / "QBEACONF.mat"))
+data.pop("_masks")
+A, G = data["A"], data["G"]
+parallel = (((G / G.norm(dim=-1, keepdim=True)) @ (A / A.norm(dim=-1, keepdim=True)).T).abs() > 1 - 1e-12).any(1)
+sol = solve_qp(**dict(data, G=G[~parallel], h=data["h"][~parallel]), tol=1e-8, rel_tol=0.0, max_iter=200,
+               on_failure="ignore")
+print(json.dumps({"parallel": int(parallel.sum()), "status": int(sol.status), "primal": float(sol.primal_residual),
+                  "dual": float(sol.dual_residual)}))
+"""
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_qbeaconf_without_its_redundant_inequalities(threads):
     """25 of QBEACONF's inequality rows are bounds on single variables beside an equality fixing the
     same variable (x_i = 0): redundant. Without them the problem is the same (Clarabel: the same
     optimum, multipliers of 6e5 against 1.3e7), but 23 variables then have neither curvature in Q
-    nor an inequality row, so H = Q + GᵀW⁻¹G is singular in them but for the regularisation ρ: the
-    factorisation fails at every iteration from the sixth, its retry at ρ = 1e-7 leaves the dual
-    residual at 5e-4, and the solver, which solves the whole problem with one thread, ends it at
-    MAX_ITER with a primal residual of 3e3 at one and at two threads."""
-    import torch
+    nor an inequality row, so H = Q + GᵀW⁻¹G is singular in them but for the regularisation ρ.
+    With H alone factorised the factorisation failed at every iteration from the sixth and the
+    solve ended MAX_ITER with a primal residual of 3e3 at one and at two threads; with H + σAᵀA
+    (``IPMSettings.augment``) it is SOLVED with one thread and, with two, ends INACCURATE at the
+    rounding floor of its multipliers (2.9e8 here; QBEACONF's own at two threads does the same).
+    Each thread count runs in a process of its own, whose thread count is set before torch starts."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-c", _QBEACONF_WITHOUT_REDUNDANT_ROWS, str(ROOT / "benchmarks")], env=env,
+                         check=True, capture_output=True, text=True, timeout=600)
+    outcome = json.loads(run.stdout.strip().splitlines()[-1])
+    assert outcome["parallel"] == 25
+    from optlayers import QPStatus
 
-    from optlayers import QPStatus, solve_qp
-
-    data = maros_meszaros.to_optlayers(maros_meszaros.load(DATA / "QBEACONF.mat"))
-    data.pop("_masks")
-    A, G = data["A"], data["G"]
-    cosines = (G / G.norm(dim=-1, keepdim=True)) @ (A / A.norm(dim=-1, keepdim=True)).T
-    parallel = (cosines.abs() > 1 - 1e-12).any(1)
-    assert int(parallel.sum()) == 25
-    sol = solve_qp(**dict(data, G=G[~parallel], h=data["h"][~parallel]), tol=1e-8, rel_tol=0.0, max_iter=200,
-                   on_failure="ignore")
-    assert int(sol.status) == QPStatus.SOLVED, (QPStatus(int(sol.status)), float(sol.primal_residual))
-    assert torch.isfinite(sol.z).all()
+    allowed = (QPStatus.SOLVED,) if threads == 1 else (QPStatus.SOLVED, QPStatus.INACCURATE)
+    assert outcome["status"] in allowed and outcome["primal"] <= 1e-6 and outcome["dual"] <= 1e-6, outcome

@@ -83,6 +83,7 @@ class StepRules:
         soc_step_fraction, nonneg_step_fraction: the fraction of the step to the second-order
             cones' boundary, and to the nonnegative rows', that the step may take (None:
             ``step_fraction``); the other cones keep ``step_fraction``.
+        augment: factorise H + σAᵀA in place of H (``kkt.factor_kkt``'s ``augment``).
     """
 
     centring: str = "mehrotra"
@@ -98,6 +99,7 @@ class StepRules:
     max_backtracks: int = 40
     soc_step_fraction: float | None = None
     nonneg_step_fraction: float | None = None
+    augment: bool = False
 
 
 @dataclass(frozen=True)
@@ -259,7 +261,7 @@ def factor_at(H: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tens
     elif stiff:
         mask = w_inv > STIFF_W_INV
     return factor_kkt(H, A, G, w_inv, reg, reg, stiff=mask, retries=retries, diagonal=diagonal, check_finite=check_finite,
-                      overwrite_q=overwrite_h)
+                      overwrite_q=overwrite_h, augment=rules.augment)
 
 
 def newton_step(data: QPData, rows: ConeRows | None, parts: tuple, st: State, res, backtrack: Tensor | None, rules: StepRules,

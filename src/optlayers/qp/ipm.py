@@ -69,6 +69,11 @@ class IPMSettings:
             threads on an AMD EPYC, whose dual residual sits at the rounding of its cancelling
             terms (3e-8), runs without the test to the 200-iteration limit, its primal residual
             growing to 2e3.
+        augment: factorise H + σAᵀA in place of H (``kkt.factor_kkt``'s ``augment``): the same
+            Newton steps, with H positive definite where a direction without curvature and
+            without an inequality row is held by equality rows alone (on Maros–Meszaros QCAPRI
+            35 iterations instead of 58; a fuzzed equality-constrained QP solved in 8 that ran to
+            ``max_iter``).
         compiled: run the equilibration, the start, each iteration and the derivatives'
             factorisation as ``torch.compile``d graphs (``fullgraph=True``; on the CPU the start,
             the iterations and the factorisation as one, ``qp.fused``; on CUDA the iteration
@@ -90,6 +95,7 @@ class IPMSettings:
     infeasibility_tol: float = 1e-7
     stall_limit: int = 5
     progress_limit: int = 20
+    augment: bool = True
     compiled: bool = False
 
     @property
@@ -98,7 +104,8 @@ class IPMSettings:
         at most ``step_fraction`` of the step to the boundary, solves without kkt's Y (their
         rounding decides some Maros–Meszaros problems)."""
         return StepRules(merit=True, step_fraction=self.step_fraction, ineq_reg=self.ineq_reg,
-                         refine_steps=self.refine_steps, predictor_refine_steps=self.predictor_refine_steps)
+                         refine_steps=self.refine_steps, predictor_refine_steps=self.predictor_refine_steps,
+                         augment=self.augment)
 
 
 def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | None, max_iter: int | None,
@@ -288,7 +295,8 @@ def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR
     m, k = data.b.shape[-1], data.h.shape[-1]
     ones = data.h.new_ones(B, k)
     reg = data.p.new_full((B,), settings.reg)
-    f = factor_kkt(data.Q, data.A, data.G, ones, reg, reg, retries=retries, diagonal=data.diagonal)
+    f = factor_kkt(data.Q, data.A, data.G, ones, reg, reg, retries=retries, diagonal=data.diagonal,
+                   augment=settings.augment)
     x, nu, z = solve_reduced(f, -data.p, data.b, -data.h, settings.refine_steps)
     if k:
         shift_s = z.amax(-1, keepdim=True)
@@ -342,17 +350,20 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     true recession direction the objective falls on every scale, while there its curvature stops
     the descent within the iterate's reach (the slope at x is about −pᵀdx when x is near an optimum).
     It is waived where x has diverged (``_DIVERGED``).
-    Or the iterate x itself, once it has diverged (‖x‖ > ``_DIVERGED``): ‖Qx‖ ≤ ε‖x‖, ‖Ax‖ ≤ ε‖x‖,
+    Or the iterate x itself, once it has diverged (‖x‖ > ``_DIVERGED``) and while it still moves (the
+    step about to be taken, α‖dx‖, is at least ``_STILL_DIVERGING``‖x‖): ‖Qx‖ ≤ ε‖x‖, ‖Ax‖ ≤ ε‖x‖,
     Gx ≤ ε‖x‖, (Qx + p)ᵀx < −ε‖x‖, with the dual residual unmet (Qx, Ax and Gx read back from the
     residuals: r_d − p − Aᵀν − Gᵀλ, r_e + b, r_i + h − s). Without the divergence a primal
     infeasible element scaled by 1e5.7, its iterate stuck at ‖x‖ = 1.5e6 with Ax and Gx within
-    ε‖x‖ (inconsistent equalities hold ‖Ax‖ bounded), passed and was reported unbounded. Then x/‖x‖ passes the direction's tests, and every dual feasible point has
+    ε‖x‖ (inconsistent equalities hold ‖Ax‖ bounded), passed and was reported unbounded; without
+    the movement, another, stuck at ‖x‖ = 1.3e14 (its dual feasible, but only with multipliers
+    beyond 1/ε). Then x/‖x‖ passes the direction's tests, and every dual feasible point has
     ‖(x, ν, λ)‖ > 1/ε roughly (pᵀx = −(Qw + Aᵀν + Gᵀλ)ᵀx for any such point), the dual counterpart
     of the iterate's Farkas test. It catches unbounded problems whose iterate diverges along a
     recession direction while the Newton directions pass their tests in fewer than
-    ``_CERTIFICATE_PERSISTENCE`` consecutive iterations (12 of the 14 unbounded elements that the
-    10,000 fuzzed batches of the AMD EPYC run left at ``MAX_ITER``); its iterations count towards
-    the persistence as the direction's do.
+    ``_CERTIFICATE_PERSISTENCE`` consecutive iterations (the 14 unbounded elements that the 10,000
+    fuzzed batches of the AMD EPYC run left at ``MAX_ITER``, with the factorisation of H + σAᵀA);
+    its iterations count towards the persistence as the direction's do.
     The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx; A dx and G dx are measured (the
     regularised step need not satisfy A dx = −r_e, G dx = −r_i − ds where A is rank deficient).
     All families of comparisons are one stacked operation.
@@ -379,10 +390,13 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     far_point = torch.addcmul(x, (norm_x / nx).unsqueeze(-1), dx)
     far_q_slope, p_slope, x_slope = (torch.stack([far_point, data.p, x]) * on_x[1:4]).sum(-1).unbind(0)
     far_slope = (far_q_slope + p_slope).masked_fill(norm_x > _DIVERGED, -torch.inf)  # an iterate beyond reach: test waived
-    # ε‖dy‖, ε‖dx‖, 64 ε₆₄ ‖y‖ (``_ROUNDING``), −ε(bᵀν + hᵀλ), ε‖x‖; −ε‖dy‖, −ε‖dx‖, −ε‖y‖, −ε‖x‖ in one product
-    (eps_y, eps_x, rounding_y, eps_farkas, eps_norm_x), (minus_eps_y, minus_eps_x, minus_eps_norm_y, _, minus_eps_norm_x) = (
-        torch.stack([ny, nx, norm_y, farkas_iterate, norm_x])
-        * constant((eps, eps, _ROUNDING, -eps, eps, -eps, -eps, -eps, 0.0, -eps), nx).view(2, 5, 1))
+    # ε‖dy‖, ε‖dx‖, 64 ε₆₄ ‖y‖ (``_ROUNDING``), −ε(bᵀν + hᵀλ); −ε‖dy‖, −ε‖dx‖, −ε‖y‖ in one product, and
+    # ε‖x‖, ``_STILL_DIVERGING``·‖x‖, −ε‖x‖ in another (constants of at most 8 entries: inductor writes larger
+    # ones as tensors of the graph, which its C++ wrapper leaves undeclared inside the compiled loop's body)
+    (eps_y, eps_x, rounding_y, eps_farkas), (minus_eps_y, minus_eps_x, minus_eps_norm_y, _) = (
+        torch.stack([ny, nx, norm_y, farkas_iterate])
+        * constant((eps, eps, _ROUNDING, -eps, -eps, -eps, -eps, 0.0), nx).view(2, 4, 1))
+    eps_norm_x, moving_x, minus_eps_norm_x = norm_x * constant((eps, _STILL_DIVERGING, -eps), nx).unsqueeze(-1)
     (primal_limit, dual_limit, _), (primal, dual, _) = res.limit.unbind(-1), res.measured.unbind(-1)
     # without equality (inequality) rows their tests are taken by another test of the same certificate
     farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y),
@@ -394,31 +408,33 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
                    (minus_eps_y, dlam.amin(-1)) if k else (residual_y, eps_y)]
     recession_rows = [(norm_qdx, eps_x), (inf_norm(mv(data.A, dx)) if m else norm_qdx, eps_x),
                       (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (p_slope, minus_eps_x),
-                      (far_slope, minus_eps_x), (dual_limit, dual)]
-    farkas_rows.append(farkas_rows[0])  # as many rows as the recession test's
+                      (far_slope, minus_eps_x), (dual_limit, dual), (dual_limit, dual)]
+    farkas_rows += [farkas_rows[0]] * 2  # as many rows as the iterate's recession test's
     # the iterate's own Farkas test (λ > 0 always): ‖Aᵀν + Gᵀλ‖ < ε(−bᵀν − hᵀλ), bᵀν + hᵀλ < −ε‖y‖, primal unmet
-    iterate_rows = [(norm_aty, eps_farkas), (farkas_iterate, minus_eps_norm_y), (primal_limit, primal)] * 2
+    iterate_rows = [(norm_aty, eps_farkas), (farkas_iterate, minus_eps_norm_y), (primal_limit, primal)] * 2 + [(primal_limit, primal)]
 
     # the tests' constant sides, (B,) each, as rows of one constant
-    negligible, below_running, above_running, half, minus_inf, inf, reg_cap, diverged = constant(
-        (_NEGLIGIBLE_STEP, RUNNING - 0.5, RUNNING + 0.5, 0.5, -torch.inf, torch.inf, reg_limit, _DIVERGED), nx
+    negligible, below_running, above_running, half, minus_inf, inf, reg_cap = constant(
+        (_NEGLIGIBLE_STEP, RUNNING - 0.5, RUNNING + 0.5, 0.5, -torch.inf, torch.inf, reg_limit), nx
     ).unsqueeze(-1).expand(-1, nx.shape[0]).unbind(0)
+    diverged = constant(_DIVERGED, nx).expand(nx.shape[0])
     # the iterate's own recession test: ‖Qx‖, ‖Ax‖ < ε‖x‖, Gx < ε‖x‖, (Qx + p)ᵀx < −ε‖x‖, dual unmet,
-    # with Ax and Gx read back from the residuals (r_e + b, r_i + h − s)
+    # with Ax and Gx read back from the residuals (r_e + b, r_i + h − s); diverged, and still moving
     iterate_recession_rows = [(norm_qx, eps_norm_x), (inf_norm(res.r_e + data.b) if m else norm_qx, eps_norm_x),
                               ((res.r_i + data.h - st.s).amax(-1) if k else norm_qx, eps_norm_x),
-                              (x_slope, minus_eps_norm_x), (dual_limit, dual), (diverged, norm_x)]
+                              (x_slope, minus_eps_norm_x), (dual_limit, dual), (diverged, norm_x),
+                              (moving_x, step.alpha * nx)]
     stall_rows = [(step.alpha, negligible)] * len(farkas_rows)
     total = dv.sum(-1)  # NaN or ±inf if any part of the direction is (α is finite: max_step ignores NaN)
     # the status (an integer) is RUNNING, the factorisation succeeded (bool), the direction and α are finite
     running_rows = [(below_running, st.status), (st.status, above_running)]
-    sound_rows = [*running_rows, (half, step.factor_ok), (minus_inf, total), (total, inf), (step.alpha, inf)]
+    sound_rows = [*running_rows, (half, step.factor_ok), (minus_inf, total), (total, inf), (step.alpha, inf), (step.alpha, inf)]
     raisable_rows = [(st.reg, reg_cap)] * len(farkas_rows)
     # no progress: neither measure of ``Residuals.progress`` fell below ``_PROGRESS`` times its value at the last progress
-    progress_rows = list(zip((st.best * _PROGRESS).unbind(-1), res.progress.unbind(-1))) * 3
+    progress_rows = list(zip((st.best * _PROGRESS).unbind(-1), res.progress.unbind(-1))) * 3 + [(st.best[:, 0] * _PROGRESS, res.progress[:, 0])]
     # every test strict: ‖·‖ < ε·size also says size > 0; all eight families in one comparison (stack promotes
     # the status and the flags to floats exactly; a family of fewer tests repeats them)
-    families = (stall_rows, farkas_rows, recession_rows, sound_rows, running_rows * 3, raisable_rows, iterate_rows,
+    families = (stall_rows, farkas_rows, recession_rows, sound_rows, running_rows * 3 + running_rows[:1], raisable_rows, iterate_rows,
                 progress_rows, iterate_recession_rows)
     if torch.compiler.is_compiling():
         # the same comparisons, joined by ``&``: inductor fuses them either way, and on the CPU it
@@ -441,6 +457,10 @@ _DIVERGED = 1e8
 _ROUNDING = 64 * torch.finfo(torch.float64).eps
 # A certificate must hold for this many consecutive iterations before it is believed.
 _CERTIFICATE_PERSISTENCE = 3
+# The iterate's own recession test counts where the step about to be taken moves x by at least this
+# fraction of ‖x‖ (infinity norms): an unbounded problem's iterate is still diverging there, where
+# a primal infeasible one's was seen stuck at ‖x‖ = 1.3e14 (scaled) with every relative test passed.
+_STILL_DIVERGING = 1e-2
 # A step shorter than this is negligible progress.
 _NEGLIGIBLE_STEP = 1e-10
 # Progress (``IPMSettings.progress_limit``): a measure of ``Residuals.progress`` below this times its
