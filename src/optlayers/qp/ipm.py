@@ -408,10 +408,9 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
                    (minus_eps_y, dlam.amin(-1)) if k else (residual_y, eps_y)]
     recession_rows = [(norm_qdx, eps_x), (inf_norm(mv(data.A, dx)) if m else norm_qdx, eps_x),
                       (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (p_slope, minus_eps_x),
-                      (far_slope, minus_eps_x), (dual_limit, dual), (dual_limit, dual)]
-    farkas_rows += [farkas_rows[0]] * 2  # as many rows as the iterate's recession test's
+                      (far_slope, minus_eps_x), (dual_limit, dual)]
     # the iterate's own Farkas test (λ > 0 always): ‖Aᵀν + Gᵀλ‖ < ε(−bᵀν − hᵀλ), bᵀν + hᵀλ < −ε‖y‖, primal unmet
-    iterate_rows = [(norm_aty, eps_farkas), (farkas_iterate, minus_eps_norm_y), (primal_limit, primal)] * 2 + [(primal_limit, primal)]
+    iterate_rows = [(norm_aty, eps_farkas), (farkas_iterate, minus_eps_norm_y), (primal_limit, primal)]
 
     # the tests' constant sides, (B,) each, as rows of one constant
     negligible, below_running, above_running, half, minus_inf, inf, reg_cap = constant(
@@ -424,17 +423,17 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
                               ((res.r_i + data.h - st.s).amax(-1) if k else norm_qx, eps_norm_x),
                               (x_slope, minus_eps_norm_x), (dual_limit, dual), (diverged, norm_x),
                               (moving_x, step.alpha * nx)]
-    stall_rows = [(step.alpha, negligible)] * len(farkas_rows)
+    stall_rows = [(step.alpha, negligible)]
     total = dv.sum(-1)  # NaN or ±inf if any part of the direction is (α is finite: max_step ignores NaN)
     # the status (an integer) is RUNNING, the factorisation succeeded (bool), the direction and α are finite
     running_rows = [(below_running, st.status), (st.status, above_running)]
-    sound_rows = [*running_rows, (half, step.factor_ok), (minus_inf, total), (total, inf), (step.alpha, inf), (step.alpha, inf)]
-    raisable_rows = [(st.reg, reg_cap)] * len(farkas_rows)
+    sound_rows = [*running_rows, (half, step.factor_ok), (minus_inf, total), (total, inf), (step.alpha, inf)]
+    raisable_rows = [(st.reg, reg_cap)]
     # no progress: neither measure of ``Residuals.progress`` fell below ``_PROGRESS`` times its value at the last progress
-    progress_rows = list(zip((st.best * _PROGRESS).unbind(-1), res.progress.unbind(-1))) * 3 + [(st.best[:, 0] * _PROGRESS, res.progress[:, 0])]
-    # every test strict: ‖·‖ < ε·size also says size > 0; all eight families in one comparison (stack promotes
-    # the status and the flags to floats exactly; a family of fewer tests repeats them)
-    families = (stall_rows, farkas_rows, recession_rows, sound_rows, running_rows * 3 + running_rows[:1], raisable_rows, iterate_rows,
+    progress_rows = list(zip((st.best * _PROGRESS).unbind(-1), res.progress.unbind(-1)))
+    # every test strict: ‖·‖ < ε·size also says size > 0; all nine families in one comparison (stack promotes
+    # the status and the flags to floats exactly)
+    families = (stall_rows, farkas_rows, recession_rows, sound_rows, running_rows, raisable_rows, iterate_rows,
                 progress_rows, iterate_recession_rows)
     if torch.compiler.is_compiling():
         # the same comparisons, joined by ``&``: inductor fuses them either way, and on the CPU it
@@ -442,7 +441,11 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
         # a tensor handle of its own at every iteration (72 here; see ``compiling.POINTWISE_CAT_OPTIONS``)
         tests = [functools.reduce(operator.and_, (lower < upper for lower, upper in family)) for family in families]
         return torch.stack([tests[0], tests[1] | tests[6], tests[2] | tests[8], tests[7]], -1), tests[3], tests[4], tests[5]
-    lower, upper = (torch.stack(side) for side in zip(*(row for family in families for row in family)))
+    # each family padded to the longest by repeating its first test (which leaves its verdict as it is),
+    # so that the verdicts are the rows of one (families, width) comparison
+    width = max(map(len, families))
+    padded = (row for family in families for row in family + family[:1] * (width - len(family)))
+    lower, upper = (torch.stack(side) for side in zip(*padded))
     stall, farkas, recession, sound, running, raisable, iterate, stuck, iterate_recession = (
         lower < upper).unflatten(0, (len(families), -1)).all(1)
     return torch.stack([stall, farkas | iterate, recession | iterate_recession, stuck], -1), sound, running, raisable
