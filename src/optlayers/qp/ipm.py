@@ -211,7 +211,10 @@ class Residuals:
 class IPMResult:
     """Final scaled iterate, per-problem outcome, the derivatives' KKT factorisation at the
     solution when it was asked for (``derivative_factor``), and whether every problem was
-    solved (known on the host, so that the failure policy needs no synchronisation)."""
+    solved when the host last read the statuses (known on the host, so that the failure policy
+    needs no synchronisation; where that read found unsolved problems and the end's accurate gap
+    test, ``_accurate_gaps_of_inaccurate``, then turned every one of them SOLVED, it stays False and
+    the policy reads the statuses itself)."""
 
     state: State
     residuals: Residuals
