@@ -41,13 +41,13 @@ _SETTINGS = dict(deadline=None, derandomize=True, database=None,
 # No 10,000-case run has left a solvable element at NUMERICAL_ERROR, so that pair is not tolerated.
 KNOWN_BUGS = {
     ("SOLVED", "MAX_ITER"): "a solvable element scaled by 1e5 to 1e6 with duplicated rows left at MAX_ITER "
-                            "(test_solvable_scaled_elements_left_at_max_iter)",
+                            "(test_solvable_scaled_elements_once_left_unsolved)",
     # the same elements where their residuals stop within 100 times the tolerance (the progress test,
-    # ``IPMSettings.progress_limit``): test_solvable_scaled_elements_left_at_max_iter's lp-seed-214011
-    # (seeds 829 and 939999 of the 10,000-case run on the AMD EPYC machine ended so until the
-    # factorisation of H + σAᵀA)
+    # ``IPMSettings.progress_limit``): test_solvable_scaled_elements_once_left_unsolved's lp-seed-214011
+    # until ``qp/multipliers.py`` (seeds 829 and 939999 of the 10,000-case run on the AMD EPYC machine
+    # ended so until the factorisation of H + σAᵀA)
     ("SOLVED", "INACCURATE"): "a solvable element scaled by 1e5 to 1e6 with duplicated rows stopped INACCURATE "
-                              "(test_solvable_scaled_elements_left_at_max_iter)",
+                              "(test_solvable_scaled_elements_once_left_unsolved)",
 }
 
 
@@ -212,11 +212,13 @@ def test_a_degenerate_solvable_element_is_solved():
     _judged_ok(case, 2)
 
 
-# Solvable elements the 10,000-case run at cbdde26 left at MAX_ITER that are still not solved (at the
-# default 100 iterations and at 1000): a linear program in one variable, minimise -32.5 z subject to ten
-# inequality rows (one duplicated) with coefficients 2^-24 to 2^-7 (its residuals stop within 100 times
-# the tolerance: INACCURATE after 35 iterations). (The run's other one, seed 223, is solved since the
-# factorisation of H + σAᵀA: test_an_equality_constrained_element_held_by_its_equalities_alone_is_solved.)
+# Solvable elements the 10,000-case run at cbdde26 left at MAX_ITER: a linear program in one variable,
+# minimise -32.5 z subject to ten inequality rows (one duplicated) with coefficients 2^-24 to 2^-7. Its
+# residuals stopped within 100 times the tolerance (INACCURATE after 35 iterations), the dual residual
+# held at 2e-10 by multipliers of 4e4 (scaled); it is solved since the end of the solve moves them to
+# the least-norm ones of the active rows (``qp/multipliers.py``: 0.36). (The run's other one, seed
+# 223, is solved since the factorisation of H + σAᵀA:
+# test_an_equality_constrained_element_held_by_its_equalities_alone_is_solved.)
 _LEFT_AT_MAX_ITER = {
     "lp-seed-214011": ({"seed": 214011, "n": 1, "k": 10, "m": 0, "objective_decades": 5.573681729895656,
                         "row_decades": 3.01271444833188, "column_decades": 5.0,
@@ -224,9 +226,8 @@ _LEFT_AT_MAX_ITER = {
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="KNOWN_BUGS: a solvable scaled element left unsolved")
 @pytest.mark.parametrize("name", list(_LEFT_AT_MAX_ITER))
-def test_solvable_scaled_elements_left_at_max_iter(name):
+def test_solvable_scaled_elements_once_left_unsolved(name):
     case, element = _LEFT_AT_MAX_ITER[name]
     _judged_ok(case, element)
 

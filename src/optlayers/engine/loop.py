@@ -46,11 +46,13 @@ class Look(Protocol):
 @dataclass(frozen=True)
 class Run:
     """The loop's outcome: the whole batch's last ``state``, the residuals ``working_res`` of the
-    working batch's elements and their indices ``index`` in the whole batch (None: all of them)."""
+    working batch's elements, their indices ``index`` in the whole batch (None: all of them), and
+    the index of the iteration the loop stopped before (``max_iter`` where it ran them all)."""
 
     state: Any
     working_res: Any
     index: Tensor | None
+    iteration: int
 
 
 def run(data: tuple, state: Any, res: Any, step: Step, max_iter: int, device: torch.device,
@@ -82,4 +84,4 @@ def run(data: tuple, state: Any, res: Any, step: Step, max_iter: int, device: to
         else:
             state, res = step(*work, state, res)
             iteration += 1
-    return Run(state if index is None else put(full, index, state), res, index)
+    return Run(state if index is None else put(full, index, state), res, index, iteration)

@@ -19,11 +19,13 @@ from torch import Tensor
 
 from optlayers.compiling import compiled, owned
 from optlayers.engine import loop
+from optlayers.engine.batch import put, take
 from optlayers.engine.constants import constant, made_once
 from optlayers.engine.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, raise_limit, regularisation_after, solve_reduced
 from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, QPData, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
 from optlayers.linalg import inf_norm, mtv, mv
+from optlayers.qp.multipliers import smaller_multipliers
 from optlayers.qp.scaling import Scaling
 from optlayers.qp.status import QPStatus
 
@@ -472,6 +474,9 @@ _NEGLIGIBLE_STEP = 1e-10
 # Progress (``IPMSettings.progress_limit``): a measure of ``Residuals.progress`` below this times its
 # value at the last progress.
 _PROGRESS = 0.9
+# The column of ``State.counters`` that counts iterations without progress (after stalls, primal and
+# dual infeasibility certificates).
+_PROGRESS_COUNTER = 3
 # A problem that stops progressing ends INACCURATE where the residuals of the iterate of its last
 # progress are within this many times their tolerances (its ``Residuals.progress``).
 _REDUCED_ACCURACY = 100.0
@@ -494,7 +499,7 @@ def assess(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSet
     # progress (the fourth event is its absence): the iterate and its measures become the reference
     # (both measures, though one may have risen; a NaN measure reads as progress, so NaN residuals
     # never trigger the test)
-    progressed = taken > events[:, 3:]
+    progressed = taken > events[:, _PROGRESS_COUNTER:]
     best, best_v = torch.where(progressed, res.progress, st.best), torch.where(progressed, st.v, st.best_v)
     v = torch.where(taken, torch.addcmul(st.v, step.alpha.unsqueeze(-1), step.dv), st.v)
     counters = torch.where(taken, torch.addcmul(events, st.counters, events), st.counters)  # (c + 1)·e
@@ -690,11 +695,14 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
 
 
 def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step: loop.Step | loop.Steps,
-            settings: IPMSettings, with_factor: bool, first: int = 0, factor: KKTFactor | None = None) -> IPMResult:
+            settings: IPMSettings, with_factor: bool, first: int = 0, factor: KKTFactor | None = None,
+            resume: bool = True) -> IPMResult:
     """``solve_scaled`` from iteration ``first`` at ``full`` (with residuals ``res``): the engine's
     loop with ``plain_step`` (unless the host's look reacts), then the statuses, the residuals and
     the derivatives' factorisation; ``factor``, where given, is that factorisation at ``full``,
-    used if the loop takes no step."""
+    used if the loop takes no step. Problems that stopped progressing with their dual residual
+    failing go on from smaller multipliers (``_smaller_multipliers_of_unsolved``); with ``resume``,
+    those that do not pass the test at once run again, once, in the iterations left."""
     device = data.p.device
     hook = _StiffAndGapLook(settings, plain_step)
     outcome = loop.run((data, units), full, res, plain_step, settings.max_iter, device, hook,
@@ -716,6 +724,11 @@ def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step:
                                                   full.status != full.status if factor is None else ~factor.ok]).any(-1))
     if unsolved:
         full, res = _accurate_gaps_of_inaccurate(data, units, full, res)
+        full, res, polished, again = _smaller_multipliers_of_unsolved(data, units, full, res, settings,
+                                                                      resume and outcome.iteration < settings.max_iter)
+        if again:
+            return iterate(data, units, full, res, plain_step, settings, with_factor, first=outcome.iteration, resume=False)
+        unfactored = unfactored or (polished and with_factor)
     if unfactored:
         factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings, diagonal=data.diagonal)
     return IPMResult(state=full, residuals=res, factor=factor, all_solved=not unsolved)
@@ -730,6 +743,38 @@ def _accurate_gaps_of_inaccurate(data: QPData, units: Units, st: State, res: Res
     candidates = (st.status == int(QPStatus.INACCURATE)) & ~res.converged
     res = _accept_accurate_gaps(data, units, st, res, candidates)
     return replace(st, status=st.status.masked_fill(candidates & res.converged, int(QPStatus.SOLVED))), res
+
+
+def _smaller_multipliers_of_unsolved(data: QPData, units: Units, st: State, res: Residuals, settings: IPMSettings,
+                                     resume: bool) -> tuple[State, Residuals, bool, bool]:
+    """INACCURATE and MAX_ITER problems whose primal residual is within tolerance and whose dual
+    residual is not, with the multipliers of ``multipliers.smaller_multipliers`` (see
+    ``qp/multipliers.py`` for the problems this finds): SOLVED where the convergence test then
+    passes (the gap accurately where it alone fails); with ``resume``, INACCURATE ones that do not
+    pass RUNNING again from there, their progress test restarted; the others unchanged. Also
+    returns whether some problem was SOLVED and whether some runs again (on the host: two
+    synchronisations, on this path of unsolved problems only)."""
+    unsolved = (st.status == int(QPStatus.INACCURATE)) | (st.status == int(QPStatus.MAX_ITER))
+    index = (unsolved & res.met[:, 0] & ~res.met[:, 1]).nonzero().squeeze(-1)
+    if index.numel() == 0:
+        return st, res, False, False
+    part_data, part_units, before = take(data, index), take(units, index), take(st, index)
+    part = smaller_multipliers(part_data, before)
+    part_res = residuals(part_data, part_units, part, settings)
+    part_res = _accept_accurate_gaps(part_data, part_units, part, part_res, ~part_res.converged)
+    passed = part_res.converged
+    again = ~passed & (before.status == int(QPStatus.INACCURATE)) & resume
+    changed = (passed | again).nonzero().squeeze(-1)
+    if changed.numel() == 0:
+        return st, res, False, False
+    progress_column = torch.arange(st.counters.shape[-1], device=again.device) == _PROGRESS_COUNTER
+    part = replace(part, status=torch.where(passed, int(QPStatus.SOLVED), torch.where(again, RUNNING, part.status)),
+                   counters=part.counters.masked_fill(again.unsqueeze(-1) & progress_column, 0),
+                   best=part.best.masked_fill(again.unsqueeze(-1), torch.inf),
+                   best_v=torch.where(again.unsqueeze(-1), part.v, part.best_v))
+    solved_some, again_some = host_read(torch.stack([passed.any(), again.any()]))
+    return (put(st, index[changed], take(part, changed)), put(res, index[changed], take(part_res, changed)),
+            solved_some, again_some)
 
 
 def derivative_factor(Q: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, settings: IPMSettings,
