@@ -188,3 +188,16 @@ def map_slices(fn: Callable[[slice], Result], batch: int, count: int) -> list[Re
             return [fn(part) for part in slices]
     futures = _POOL.submit(functools.partial(_single_threaded, fn, contextvars.copy_context()), slices)
     return [future.result() for future in futures]
+
+
+def map_chunks(fn: Callable[[slice], Result], batch: int, count: int, chunk: int) -> list[Result]:
+    """``map_slices`` with each of the ``count`` slices cut into consecutive chunks of ``chunk``
+    problems, which its thread runs one after another: [fn(chunk) for each chunk of range(batch)],
+    in order. ``chunk`` must divide the slices' size (batch / count, which ``count`` must divide)."""
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1 or batch % count:
+        raise ValueError(f"count must be an int >= 1 that divides batch = {batch}, got {count!r}")
+    size = batch // count
+    if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1 or size % chunk:
+        raise ValueError(f"chunk must be an int >= 1 that divides the slices' size {size} (batch {batch} in {count}), got {chunk!r}")
+    per_slice = map_slices(lambda part: [fn(slice(lo, lo + chunk)) for lo in range(part.start, part.stop, chunk)], batch, count)
+    return [result for results in per_slice for result in results]

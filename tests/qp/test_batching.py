@@ -127,6 +127,69 @@ def test_compiled_slices_are_equal_and_not_too_small(monkeypatch):
     assert parallel.compiled_slice_count(128, 100, cpu) == 1
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
+def test_compiled_chunks_reproduce_the_whole_batch(eager_backend, monkeypatch):
+    """A compiled solve and its compiled backward run in chunks one after another, in one slice and
+    in two side by side (``parallel.compiled_slices``, ``threads.map_chunks``; the chunks' size
+    lowered to these small problems), give every element the answer (statuses, iterations,
+    solution, gradients) of the whole batch's. Slow: a compiled specialisation per chunk size."""
+    torch.manual_seed(2)
+    data = random_qp((6,), 5, 6, 2, active=True)
+    data["G"][4, 1] = -data["G"][4, 0]
+    data["h"][4, :2] = -1.0  # infeasible
+    monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE_ENTRIES", 1)
+    monkeypatch.setattr(parallel, "_MIN_CHUNK_ENTRIES", 1)
+    chunked_calls = []
+    original = threads.map_chunks
+    monkeypatch.setattr(threads, "map_chunks", lambda fn, batch, count, chunk: chunked_calls.append((count, chunk))
+                        or original(fn, batch, count, chunk))
+    results = []
+    for count, chunk_entries in ((1, 80_000), (1, 50), (2, 25)):  # whole; chunks of 2; two slices in chunks of 1
+        _with_threads(monkeypatch, count)
+        monkeypatch.setattr(parallel, "_CHUNK_ENTRIES", chunk_entries)
+        leaves = {k: v.clone().requires_grad_() for k, v in data.items() if v is not None}
+        sol = solve_qp(**leaves, on_failure="ignore", compile=True)
+        (torch.nan_to_num(sol.z).square().sum() + torch.nan_to_num(sol.lam).sum()).backward()
+        results.append((sol, {k: v.grad for k, v in leaves.items()}))
+    assert chunked_calls == [(1, 2), (1, 2), (2, 1), (2, 1)]  # the forward, then the compiled backward
+    (whole, whole_grads), *chunked = results
+    assert whole.status[4] != QPStatus.SOLVED and (whole.status != QPStatus.SOLVED).sum() == 1
+    for sol, grads in chunked:
+        for name in ("z", "lam", "nu", "s", "status", "iterations", "primal_residual", "dual_residual", "gap"):
+            torch.testing.assert_close(getattr(sol, name), getattr(whole, name), rtol=0, atol=0, equal_nan=True, msg=name)
+        for name, g in whole_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
+def test_compiled_chunks_fit_the_cache_in_one_size(monkeypatch):
+    """Each slice of a compiled CPU solve runs in chunks of the largest divisor of its size within
+    ``_CHUNK_ENTRIES`` matrix entries, whole where it fits already or has no divisor of at least
+    ``_MIN_CHUNK_ENTRIES``, one problem at a time where n² alone is larger; off the CPU, whole."""
+    _with_threads(monkeypatch, 2)
+    cpu = torch.device("cpu")
+    assert parallel.compiled_slices(128, 100, cpu) == (2, 8)
+    assert parallel.compiled_slices(128, 50, cpu) == (2, 32)
+    assert parallel.compiled_slices(100, 100, cpu) == (2, 5)
+    assert parallel.compiled_slices(128, 10, cpu) == (1, 128)  # 128 × 10² entries fit whole
+    assert parallel.compiled_slices(127, 100, cpu) == (1, 127)  # prime: chunks of 1 problem pay their calls
+    assert parallel.compiled_slices(4, 300, cpu) == (2, 1)
+    assert parallel.compiled_slices(128, 100, torch.device("meta")) == (1, 128)
+    _with_threads(monkeypatch, 1)
+    assert parallel.compiled_slices(64, 100, cpu) == (1, 8)
+
+
+def test_map_chunks_runs_every_chunk_once_in_order_and_checks_its_sizes():
+    seen = []
+    out = threads.map_chunks(lambda part: seen.append(part) or (part.start, part.stop), 12, 2, 3)
+    assert out == [(0, 3), (3, 6), (6, 9), (9, 12)] and sorted(seen, key=lambda s: s.start) == [slice(a, a + 3) for a in (0, 3, 6, 9)]
+    with pytest.raises(ValueError, match="chunk must be an int >= 1 that divides the slices' size 6"):
+        threads.map_chunks(lambda part: part, 12, 2, 4)
+    with pytest.raises(ValueError, match="count must be an int >= 1 that divides batch = 12"):
+        threads.map_chunks(lambda part: part, 12, 5, 1)
+
+
 @pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
 def test_a_bad_value_in_a_compiled_slice_is_named(eager_backend, monkeypatch):
     monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE_ENTRIES", 1)

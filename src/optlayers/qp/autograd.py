@@ -38,7 +38,7 @@ from optlayers.qp.derivatives import (
 from optlayers.qp.forward import N_PUBLIC, Saved, keep_solved
 from optlayers.qp.forward import outputs as forward_outputs
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
-from optlayers.qp.parallel import compiled_slice_count
+from optlayers.qp.parallel import compiled_slices
 from optlayers.qp.scaling import (
     Scaling,
     scale_data_tangent,
@@ -146,16 +146,16 @@ def _compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], n
 
 def _sliced_compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: tuple[bool, ...],
                          settings: IPMSettings, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
-    """``_compiled_vjp`` compiled, in the forward's slices (``compiled_slice_count``) side by side,
-    the slices' gradients joined."""
+    """``_compiled_vjp`` compiled, in the forward's slices and chunks (``compiled_slices``), the
+    chunks' gradients joined."""
     vjp = compiled(_compiled_vjp, point[0].device.type)
     batch = point[0].shape[0]
     n = Saved(*point[1: 1 + len(Saved._fields)]).x.shape[-1]
-    count = compiled_slice_count(batch, n, point[0].device)
-    if count == 1:
+    count, chunk = compiled_slices(batch, n, point[0].device)
+    if chunk == batch:
         return vjp(point, grads, needs, settings, dtype)
-    parts = threads.map_slices(lambda part: vjp(tuple(t[part] for t in point), tuple(None if g is None else g[part] for g in grads),
-                                                needs, settings, dtype), batch, count)
+    parts = threads.map_chunks(lambda part: vjp(tuple(t[part] for t in point), tuple(None if g is None else g[part] for g in grads),
+                                                needs, settings, dtype), batch, count, chunk)
     return tuple(None if cts[0] is None else torch.cat(cts) for cts in zip(*parts))
 
 

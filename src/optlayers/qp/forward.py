@@ -24,7 +24,7 @@ from optlayers.host import host_read, reads_are_free
 from optlayers.qp import fused
 from optlayers.qp.derivatives import FACTOR_FIELDS, factor_tensors
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals
-from optlayers.qp.parallel import compiled_slice_count, solve_scaled_parallel
+from optlayers.qp.parallel import compiled_slices, solve_scaled_parallel
 from optlayers.qp.problem import qp_data
 from optlayers.qp.scaling import Scaling, equilibrate, unscale_solution
 from optlayers.qp.status import QPStatus
@@ -152,13 +152,14 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     one compiled call (``_checked_solved``) and one read; where the batch's structure is looked at
     (``_with_structure``), the equilibration and that structure are a compiled call and a read of
     their own before it, for the whole batch (``_checked_scaling_and_structure``, then ``_solved``).
-    Otherwise the solve goes on from there (``fused.go_on``). The solves run in
-    ``compiled_slice_count`` equal slices side by side (``threads.map_slices``), their outputs joined."""
+    Otherwise the solve goes on from there (``fused.go_on``). The solves run in equal slices side
+    by side, each in chunks one after another (``parallel.compiled_slices``, ``threads.map_chunks``),
+    their outputs joined."""
     device = p.device.type
     raw = tuple(t.detach() if t.requires_grad else t for t in (Q, p, G, h, A, b))  # one specialisation whichever require gradients
     batch = p.shape[0]
-    count = compiled_slice_count(batch, p.shape[-1], p.device)
-    pointwise = pointwise_cats(batch // count, p.shape[-1], p.device)
+    count, chunk = compiled_slices(batch, p.shape[-1], p.device)
+    pointwise = pointwise_cats(chunk, p.shape[-1], p.device)
     if not _looks_at_structure(p.shape[-1], p.device):
         def solve(data: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], bool]:
             scaled, scaling, info, *rest = compiled(_checked_solved, device, pointwise_cat=pointwise)(*data, fill, settings, keep_factor)
@@ -166,7 +167,8 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
             check_values(*data, bool(info[5]))  # raises where the data failed the checks
             return _finished(QPData(*scaled), Scaling(*scaling), info, *rest, settings, keep_factor, fill)
 
-        parts = [solve(raw)] if count == 1 else threads.map_slices(lambda part: solve(tuple(t[part] for t in raw)), batch, count)
+        parts = [solve(raw)] if chunk == batch else threads.map_chunks(lambda part: solve(tuple(t[part] for t in raw)), batch,
+                                                                        count, chunk)
     else:
         scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device, pointwise_cat=pointwise)(*raw)
         passed, diagonal = host_read(verdicts)
@@ -177,8 +179,8 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
             info, *rest = compiled(_solved, device, pointwise_cat=pointwise)(scaled, sc, fill, settings, keep_factor)
             return _finished(scaled, sc, host_read(info), *rest, settings, keep_factor, fill)
 
-        parts = [solve_scaled(scaled, sc)] if count == 1 else threads.map_slices(
-            lambda part: solve_scaled(take(scaled, part), take(sc, part)), batch, count)
+        parts = [solve_scaled(scaled, sc)] if chunk == batch else threads.map_chunks(
+            lambda part: solve_scaled(take(scaled, part), take(sc, part)), batch, count, chunk)
     return _joined([outs for outs, _ in parts]), all(solved for _, solved in parts)
 
 
