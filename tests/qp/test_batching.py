@@ -191,12 +191,16 @@ def test_map_chunks_runs_every_chunk_once_in_order_and_checks_its_sizes():
 
 
 @pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
-def test_a_bad_value_in_a_compiled_slice_is_named(eager_backend, monkeypatch):
+@pytest.mark.parametrize("n", [3, 32])  # the chunk's solve is one call; its structure is looked at first (DIAGONAL_MIN_N)
+def test_a_bad_value_in_a_compiled_chunk_is_named_by_its_place_in_the_batch(eager_backend, monkeypatch, n):
     monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE_ENTRIES", 1)
+    monkeypatch.setattr(parallel, "_CHUNK_ENTRIES", n * n)
+    monkeypatch.setattr(parallel, "_MIN_CHUNK_ENTRIES", 1)
     _with_threads(monkeypatch, 2)
-    data = random_qp((4,), 3, 4, 0)
-    data["h"][3, 0] = float("nan")  # in the second slice
-    with pytest.raises(ValueError, match="h contains NaN"):
+    assert parallel.compiled_slices(4, n, torch.device("cpu")) == (2, 1)
+    data = random_qp((4,), n, 4, 0)
+    data["h"][3, 0] = float("nan")  # in the second slice's second chunk
+    with pytest.raises(ValueError, match=r"h contains NaN or Inf at batch elements \[?3\b"):
         solve_qp(**data, compile=True)
 
 

@@ -16,7 +16,6 @@ from torch import Tensor
 
 from optlayers import threads
 from optlayers.compiling import compiled, pointwise_cats
-from optlayers.engine.batch import take
 from optlayers.engine.device_loop import Layout, Packed, unpack
 from optlayers.engine.kkt import diagonal_h
 from optlayers.engine.step import QPData, State
@@ -148,39 +147,37 @@ def _checked_solved(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Te
 def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
                       keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], bool]:
     """``QPSolveFn.forward``'s outputs and whether every problem was solved, on the compiled path
-    whose iterations run in one call (``fused.pays``): a solve that needs no reaction of the host is
-    one compiled call (``_checked_solved``) and one read; where the batch's structure is looked at
-    (``_with_structure``), the equilibration and that structure are a compiled call and a read of
-    their own before it, for the whole batch (``_checked_scaling_and_structure``, then ``_solved``).
-    Otherwise the solve goes on from there (``fused.go_on``). The solves run in equal slices side
-    by side, each in chunks one after another (``parallel.compiled_slices``, ``threads.map_chunks``),
-    their outputs joined."""
+    whose iterations run in one call (``fused.pays``), in equal slices side by side, each in chunks
+    one after another (``parallel.compiled_slices``, ``threads.map_chunks``), their outputs joined.
+    A chunk whose solve needs no reaction of the host is one compiled call (``_checked_solved``) and
+    one read; where the structure is looked at (``_with_structure``), the chunk's equilibration and
+    structure are a compiled call and a read of their own before it (``_checked_scaling_and_structure``,
+    then ``_solved``; each chunk has its own verdict). Otherwise the solve goes on from there
+    (``fused.go_on``). Data that fail the value checks raise, naming their elements in the whole batch."""
     device = p.device.type
     raw = tuple(t.detach() if t.requires_grad else t for t in (Q, p, G, h, A, b))  # one specialisation whichever require gradients
-    batch = p.shape[0]
-    count, chunk = compiled_slices(batch, p.shape[-1], p.device)
-    pointwise = pointwise_cats(chunk, p.shape[-1], p.device)
-    if not _looks_at_structure(p.shape[-1], p.device):
-        def solve(data: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], bool]:
+    batch, n = p.shape
+    count, chunk = compiled_slices(batch, n, p.device)
+    pointwise = pointwise_cats(chunk, n, p.device)
+    structure = _looks_at_structure(n, p.device)
+
+    def solve(part: slice) -> tuple[tuple[Tensor, ...], bool]:
+        data = raw if chunk == batch else tuple(t[part] for t in raw)
+        if not structure:
             scaled, scaling, info, *rest = compiled(_checked_solved, device, pointwise_cat=pointwise)(*data, fill, settings, keep_factor)
             info = host_read(info)
-            check_values(*data, bool(info[5]))  # raises where the data failed the checks
+            if not info[5]:
+                check_values(*raw, False)  # raises, naming the elements in the whole batch
             return _finished(QPData(*scaled), Scaling(*scaling), info, *rest, settings, keep_factor, fill)
-
-        parts = [solve(raw)] if chunk == batch else threads.map_chunks(lambda part: solve(tuple(t[part] for t in raw)), batch,
-                                                                        count, chunk)
-    else:
-        scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device, pointwise_cat=pointwise)(*raw)
+        scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device, pointwise_cat=pointwise)(*data)
         passed, diagonal = host_read(verdicts)
-        check_values(*raw, bool(passed))
+        if not passed:
+            check_values(*raw, False)
         scaled = replace(scaled, diagonal=bool(diagonal))  # as _with_structure, in the same read
+        info, *rest = compiled(_solved, device, pointwise_cat=pointwise)(scaled, sc, fill, settings, keep_factor)
+        return _finished(scaled, sc, host_read(info), *rest, settings, keep_factor, fill)
 
-        def solve_scaled(scaled: QPData, sc: Scaling) -> tuple[tuple[Tensor, ...], bool]:
-            info, *rest = compiled(_solved, device, pointwise_cat=pointwise)(scaled, sc, fill, settings, keep_factor)
-            return _finished(scaled, sc, host_read(info), *rest, settings, keep_factor, fill)
-
-        parts = [solve_scaled(scaled, sc)] if chunk == batch else threads.map_chunks(
-            lambda part: solve_scaled(take(scaled, part), take(sc, part)), batch, count, chunk)
+    parts = [solve(slice(0, batch))] if chunk == batch else threads.map_chunks(solve, batch, count, chunk)
     return _joined([outs for outs, _ in parts]), all(solved for _, solved in parts)
 
 
