@@ -16,7 +16,7 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from optlayers import QPStatus, solve_qp
@@ -372,6 +372,9 @@ def test_the_check_is_independent_and_can_fail():
     assert outcomes(infeasible)[0]["verdict"] == "ok"
 
 
+_TEN_THOUSAND_SEED = 20261203
+
+
 @pytest.mark.slow
 def test_ten_thousand_cases():
     """10,000 cases (``FUZZ_CASES`` in the environment: that many); every element judged (no early stop), the tally and failures summarised (and,
@@ -399,6 +402,10 @@ def test_ten_thousand_cases():
                 json.dump(summary(done), f, indent=1, default=str)
             os.replace(path + ".tmp", path)
 
+    # A fixed seed (it overrides ``derandomize``, whose seed is a digest of this function's source):
+    # the same cases in every run until the strategy ``cases()`` changes, so that runs before and
+    # after an edit of the check compare case by case.
+    @seed(_TEN_THOUSAND_SEED)
     @settings(max_examples=int(os.environ.get("FUZZ_CASES", 10_000)), **_SETTINGS)
     @given(case=cases())
     def run(case):
