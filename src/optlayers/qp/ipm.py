@@ -752,7 +752,7 @@ def _smaller_multipliers_of_unsolved(data: QPData, units: Units, st: State, res:
     ``qp/multipliers.py`` for the problems this finds): SOLVED where the convergence test then
     passes (the gap accurately where it alone fails); with ``resume``, INACCURATE ones that do not
     pass RUNNING again from there, their progress test restarted; the others unchanged. Also
-    returns whether some problem was SOLVED and whether some runs again (on the host: two
+    returns whether some problem was SOLVED and whether some runs again (on the host: up to three
     synchronisations, on this path of unsolved problems only)."""
     unsolved = (st.status == int(QPStatus.INACCURATE)) | (st.status == int(QPStatus.MAX_ITER))
     index = (unsolved & res.met[:, 0] & ~res.met[:, 1]).nonzero().squeeze(-1)
