@@ -79,6 +79,33 @@ def test_finished_problems_leave_the_working_batch(monkeypatch):
             torch.testing.assert_close(getattr(batch, name)[i], getattr(alone, name), rtol=1e-12, atol=1e-12, equal_nan=True)
 
 
+def _six_with_an_infeasible_one() -> dict:
+    """Six small QPs (n = 5, 6 inequalities, 2 equalities), the fifth infeasible."""
+    torch.manual_seed(2)
+    data = random_qp((6,), 5, 6, 2, active=True)
+    data["G"][4, 1] = -data["G"][4, 0]
+    data["h"][4, :2] = -1.0
+    return data
+
+
+def _compiled_answer(data: dict) -> tuple:
+    """The compiled solve of ``data`` and the gradients of a loss of its solution and multipliers
+    with respect to every input (failed elements' NaN outputs read as zero)."""
+    leaves = {k: v.clone().requires_grad_() for k, v in data.items() if v is not None}
+    sol = solve_qp(**leaves, on_failure="ignore", compile=True)
+    (torch.nan_to_num(sol.z).square().sum() + torch.nan_to_num(sol.lam).sum()).backward()
+    return sol, {k: v.grad for k, v in leaves.items()}
+
+
+def _assert_same_answer(answer: tuple, reference: tuple) -> None:
+    """Every element's statuses, iterations, solution and gradients equal, bit for bit."""
+    (sol, grads), (ref, ref_grads) = answer, reference
+    for name in ("z", "lam", "nu", "s", "status", "iterations", "primal_residual", "dual_residual", "gap"):
+        torch.testing.assert_close(getattr(sol, name), getattr(ref, name), rtol=0, atol=0, equal_nan=True, msg=name)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
 def test_compiled_slices_reproduce_the_whole_batch(eager_backend, monkeypatch):
@@ -87,10 +114,7 @@ def test_compiled_slices_reproduce_the_whole_batch(eager_backend, monkeypatch):
     Slow: dynamo traces the whole fused solve once for the batch and once for a slice (two shapes
     at several seconds each, whatever the problem size); the eager slices are checked by
     test_slices_reproduce_the_whole_batch in the default suite."""
-    torch.manual_seed(2)
-    data = random_qp((6,), 5, 6, 2, active=True)
-    data["G"][4, 1] = -data["G"][4, 0]
-    data["h"][4, :2] = -1.0  # infeasible
+    data = _six_with_an_infeasible_one()
     monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE_ENTRIES", 1)
     sliced_calls = []
     original = threads.map_slices
@@ -99,17 +123,11 @@ def test_compiled_slices_reproduce_the_whole_batch(eager_backend, monkeypatch):
     for count in (1, 3):
         _with_threads(monkeypatch, count)
         assert parallel.compiled_slice_count(6, 5, torch.device("cpu")) == count
-        leaves = {k: v.clone().requires_grad_() for k, v in data.items() if v is not None}
-        sol = solve_qp(**leaves, on_failure="ignore", compile=True)
-        (torch.nan_to_num(sol.z).square().sum() + torch.nan_to_num(sol.lam).sum()).backward()
-        results.append((sol, {k: v.grad for k, v in leaves.items()}))
-    (whole, whole_grads), (sliced, sliced_grads) = results
+        results.append(_compiled_answer(data))
+    whole, sliced = results
     assert sliced_calls == [3, 3]  # the forward, then the compiled backward
-    assert whole.status[4] != QPStatus.SOLVED and (whole.status != QPStatus.SOLVED).sum() == 1
-    for name in ("z", "lam", "nu", "s", "status", "iterations", "primal_residual", "dual_residual", "gap"):
-        torch.testing.assert_close(getattr(sliced, name), getattr(whole, name), rtol=0, atol=0, equal_nan=True, msg=name)
-    for name, g in whole_grads.items():
-        torch.testing.assert_close(sliced_grads[name], g, rtol=0, atol=0, msg=name)
+    assert whole[0].status[4] != QPStatus.SOLVED and (whole[0].status != QPStatus.SOLVED).sum() == 1
+    _assert_same_answer(sliced, whole)
 
 
 @pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
@@ -134,10 +152,7 @@ def test_compiled_chunks_reproduce_the_whole_batch(eager_backend, monkeypatch):
     in two side by side (``parallel.compiled_slices``, ``threads.map_chunks``; the chunks' size
     lowered to these small problems), give every element the answer (statuses, iterations,
     solution, gradients) of the whole batch's. Slow: a compiled specialisation per chunk size."""
-    torch.manual_seed(2)
-    data = random_qp((6,), 5, 6, 2, active=True)
-    data["G"][4, 1] = -data["G"][4, 0]
-    data["h"][4, :2] = -1.0  # infeasible
+    data = _six_with_an_infeasible_one()
     monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE_ENTRIES", 1)
     monkeypatch.setattr(parallel, "_MIN_CHUNK_ENTRIES", 1)
     chunked_calls = []
@@ -148,18 +163,12 @@ def test_compiled_chunks_reproduce_the_whole_batch(eager_backend, monkeypatch):
     for count, chunk_entries in ((1, 80_000), (1, 50), (2, 25)):  # whole; chunks of 2; two slices in chunks of 1
         _with_threads(monkeypatch, count)
         monkeypatch.setattr(parallel, "_CHUNK_ENTRIES", chunk_entries)
-        leaves = {k: v.clone().requires_grad_() for k, v in data.items() if v is not None}
-        sol = solve_qp(**leaves, on_failure="ignore", compile=True)
-        (torch.nan_to_num(sol.z).square().sum() + torch.nan_to_num(sol.lam).sum()).backward()
-        results.append((sol, {k: v.grad for k, v in leaves.items()}))
+        results.append(_compiled_answer(data))
     assert chunked_calls == [(1, 2), (1, 2), (2, 1), (2, 1)]  # the forward, then the compiled backward
-    (whole, whole_grads), *chunked = results
-    assert whole.status[4] != QPStatus.SOLVED and (whole.status != QPStatus.SOLVED).sum() == 1
-    for sol, grads in chunked:
-        for name in ("z", "lam", "nu", "s", "status", "iterations", "primal_residual", "dual_residual", "gap"):
-            torch.testing.assert_close(getattr(sol, name), getattr(whole, name), rtol=0, atol=0, equal_nan=True, msg=name)
-        for name, g in whole_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=0, atol=0, msg=name)
+    whole, *chunked = results
+    assert whole[0].status[4] != QPStatus.SOLVED and (whole[0].status != QPStatus.SOLVED).sum() == 1
+    for answer in chunked:
+        _assert_same_answer(answer, whole)
 
 
 @pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
