@@ -22,6 +22,7 @@ from torch.autograd import forward_ad
 
 from optlayers import threads
 from optlayers.compiling import compiled
+from optlayers.engine.batch import ChunkJoin
 from optlayers.engine.constants import constant
 from optlayers.engine.step import QPData
 from optlayers.functions import applied_as_given
@@ -147,16 +148,21 @@ def _compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], n
 def _sliced_compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: tuple[bool, ...],
                          settings: IPMSettings, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
     """``_compiled_vjp`` compiled, in the forward's slices and chunks (``compiled_slices``), the
-    chunks' gradients joined."""
+    chunks' gradients joined as they come (``batch.ChunkJoin``)."""
     vjp = compiled(_compiled_vjp, point[0].device.type)
     batch = point[0].shape[0]
     n = Saved(*point[1: 1 + len(Saved._fields)]).x.shape[-1]
     count, chunk = compiled_slices(batch, n, point[0].device)
     if chunk == batch:
         return vjp(point, grads, needs, settings, dtype)
-    parts = threads.map_chunks(lambda part: vjp(tuple(t[part] for t in point), tuple(None if g is None else g[part] for g in grads),
-                                                needs, settings, dtype), batch, count, chunk)
-    return tuple(None if cts[0] is None else torch.cat(cts) for cts in zip(*parts))
+    join = ChunkJoin(batch)
+
+    def vjp_into(part: slice) -> None:
+        join.place(part, vjp(tuple(t[part] for t in point), tuple(None if g is None else g[part] for g in grads),
+                             needs, settings, dtype))
+
+    threads.map_chunks(vjp_into, batch, count, chunk)
+    return join.joined()
 
 
 @applied_as_given

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from optlayers import threads
 from optlayers.compiling import compiled, pointwise_cats
+from optlayers.engine.batch import ChunkJoin
 from optlayers.engine.device_loop import Layout, Packed, unpack
 from optlayers.engine.kkt import diagonal_h
 from optlayers.engine.step import QPData, State
@@ -148,7 +149,8 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
                       keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], bool]:
     """``QPSolveFn.forward``'s outputs and whether every problem was solved, on the compiled path
     whose iterations run in one call (``fused.pays``), in equal slices side by side, each in chunks
-    one after another (``parallel.compiled_slices``, ``threads.map_chunks``), their outputs joined.
+    one after another (``parallel.compiled_slices``, ``threads.map_chunks``), their outputs joined
+    as they come (``batch.ChunkJoin``).
     A chunk whose solve needs no reaction of the host is one compiled call (``_checked_solved``) and
     one read; where the structure is looked at (``_with_structure``), the chunk's equilibration and
     structure are a compiled call and a read of their own before it (``_checked_scaling_and_structure``,
@@ -177,27 +179,30 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
         info, *rest = compiled(_solved, device, pointwise_cat=pointwise)(scaled, sc, fill, settings, keep_factor)
         return _finished(scaled, sc, host_read(info), *rest, settings, keep_factor, fill)
 
-    parts = [solve(slice(0, batch))] if chunk == batch else threads.map_chunks(solve, batch, count, chunk)
-    return _joined([outs for outs, _ in parts]), all(solved for _, solved in parts)
+    if chunk == batch:
+        return solve(slice(0, batch))
+    join = ChunkJoin(batch, ragged=_INVERSES)
+
+    def solve_into(part: slice) -> bool:
+        outs, solved = solve(part)
+        join.place(part, outs)
+        return solved
+
+    solved = threads.map_chunks(solve_into, batch, count, chunk)
+    return tuple(_inverses(out) if index in _INVERSES else out for index, out in enumerate(join.joined())), all(solved)
 
 
 # Where the factor's inverses (``KKTFactor.inv_h``, ``inv_s``) sit among the forward's outputs.
 _INVERSES = tuple(N_PUBLIC + len(Saved._fields) + FACTOR_FIELDS.index(name) for name in ("inv_h", "inv_s"))
 
 
-def _joined(parts: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
-    """The forward's outputs of consecutive batch slices, joined. The factor's inverses only speed
-    up its solves: where the slices disagree on having them (a slice's factorisation retried
-    eagerly has none), the batch has none ((B, 0, 0), the factor's solves then triangular)."""
-    if len(parts) == 1:
-        return parts[0]
-    joined = []
-    for index, outs in enumerate(zip(*parts)):
-        if index in _INVERSES and len({out.shape[1:] for out in outs}) > 1:
-            joined.append(outs[0].new_empty(sum(out.shape[0] for out in outs), 0, 0))
-        else:
-            joined.append(torch.cat(outs))
-    return tuple(joined)
+def _inverses(parts: list[Tensor]) -> Tensor:
+    """The factor's inverses of consecutive chunks, joined. They only speed up its solves: where the
+    chunks disagree on having them (a chunk's factorisation retried eagerly has none), the batch
+    has none ((B, 0, 0), the factor's solves then triangular)."""
+    if len({part.shape[1:] for part in parts}) > 1:
+        return parts[0].new_empty(sum(part.shape[0] for part in parts), 0, 0)
+    return torch.cat(parts)
 
 
 def _finished(scaled: QPData, sc: Scaling, info: list[int], packed: tuple[Tensor, ...], where: Layout,

@@ -1,0 +1,54 @@
+"""The joining of batch chunks' outputs as they come (``engine.batch.ChunkJoin``), against ``torch.cat``."""
+import threading
+
+import pytest
+import torch
+
+from optlayers.engine.batch import ChunkJoin
+
+
+def _chunk(start: int, size: int) -> tuple:
+    """A chunk's outputs: a matrix, the same matrix again (one tensor), a view of the same storage
+    that is other data, None, an empty tensor and a ragged output (rows of its own length)."""
+    matrix = torch.arange(start, start + size, dtype=torch.float64).reshape(size, 1, 1).expand(size, 2, 3).contiguous()
+    vector = matrix[:, 0, :]  # the same storage, other data than the matrix
+    ragged = torch.full((size, start % 2), float(start))
+    return matrix, matrix, vector, None, torch.empty(size, 0), ragged
+
+
+def test_chunks_placed_out_of_order_and_from_threads_join_as_torch_cat():
+    chunks = {start: _chunk(start, 2) for start in range(0, 8, 2)}
+    join = ChunkJoin(8, ragged=(5,))
+    threads = [threading.Thread(target=join.place, args=(slice(start, start + 2), outs)) for start, outs in reversed(chunks.items())]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    matrix, again, vector, none, empty, ragged = join.joined()
+    expected = [torch.cat([chunks[start][i] for start in sorted(chunks)]) for i in (0, 2, 4)]
+    assert torch.equal(matrix, expected[0]) and again is matrix  # the same data in every chunk: one tensor
+    assert torch.equal(vector, expected[1]) and vector.data_ptr() != matrix.data_ptr()
+    assert none is None and empty.shape == (8, 0)
+    assert [part.shape for part in ragged] == [(2, 0), (2, 0), (2, 0), (2, 0)]  # in batch order, as given
+    assert [part[0, 0].item() if part.numel() else start for start, part in zip(sorted(chunks), ragged)] == sorted(chunks)
+
+
+def test_outputs_that_stop_being_the_same_data_get_tensors_of_their_own():
+    join = ChunkJoin(4)
+    first = torch.ones(2, 3)
+    join.place(slice(0, 2), (first, first))
+    join.place(slice(2, 4), (torch.full((2, 3), 2.0), torch.full((2, 3), 3.0)))
+    one, other = join.joined()
+    assert torch.equal(one, torch.tensor([1.0, 1, 2, 2]).repeat_interleave(3).reshape(4, 3))
+    assert torch.equal(other, torch.tensor([1.0, 1, 3, 3]).repeat_interleave(3).reshape(4, 3))
+
+
+def test_misuse_is_refused():
+    with pytest.raises(ValueError, match=r"batch must be an int >= 1, got 0"):
+        ChunkJoin(0)
+    join = ChunkJoin(4)
+    with pytest.raises(RuntimeError, match="no chunk was placed"):
+        join.joined()
+    join.place(slice(0, 2), (torch.ones(2),))
+    with pytest.raises(RuntimeError, match="a chunk gave 2 outputs where the first gave 1"):
+        join.place(slice(2, 4), (torch.ones(2), torch.ones(2)))
