@@ -45,8 +45,8 @@ class ChunkJoin:
     """The outputs of consecutive batch chunks joined into whole-batch tensors, each chunk's copied
     into its place as soon as ``place`` is given it, by the thread that computed it, while they are
     still in that core's cache. (A ``torch.cat`` after the last chunk reads every chunk's outputs
-    back from memory, on one thread: at batch 128, n = 100 on two cores, 14 ms of a 380 ms solve
-    for its eight (B, n, n) outputs.) The copies are made one chunk at a time (a lock): they are
+    back from memory, on one thread: at batch 128, n = 100 on two cores, 14 ms of a 250 ms forward
+    and backward, for its eight (B, n, n) outputs.) The copies are made one chunk at a time (a lock): they are
     short beside a chunk's solve.
 
     Every chunk gives the same number of outputs, each a tensor (B_chunk, ...) or None (None in
