@@ -4,7 +4,7 @@ import threading
 import pytest
 import torch
 
-from optlayers.engine.batch import ChunkJoin
+from optlayers.engine.batch import ChunkJoin, map_chunks_joined
 
 
 def _chunk(start: int, size: int) -> tuple:
@@ -52,3 +52,10 @@ def test_misuse_is_refused():
     join.place(slice(0, 2), (torch.ones(2),))
     with pytest.raises(RuntimeError, match="a chunk gave 2 outputs where the first gave 1"):
         join.place(slice(2, 4), (torch.ones(2), torch.ones(2)))
+
+
+def test_chunks_mapped_and_joined_give_the_outputs_joined_and_the_other_results_in_batch_order():
+    data = torch.arange(12.0).reshape(6, 2)
+    outs, results = map_chunks_joined(lambda part: ((data[part] * 2, None), part.start), 6, 1, 2)
+    assert torch.equal(outs[0], data * 2) and outs[1] is None
+    assert results == [0, 2, 4]

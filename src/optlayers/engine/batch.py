@@ -1,15 +1,18 @@
 """Select, write back and join batch elements of the solver's dataclasses of (B, ...) tensors, and join
-the outputs of batch chunks as they come (``ChunkJoin``)."""
+the outputs of batch chunks as they come (``ChunkJoin``, ``map_chunks_joined``)."""
 from __future__ import annotations
 
 import threading
 from dataclasses import fields, is_dataclass, replace
-from typing import TypeVar
+from typing import Callable, TypeVar
 
 import torch
 from torch import Tensor
 
+from optlayers import threads
+
 T = TypeVar("T")
+Result = TypeVar("Result")
 
 
 def _tensor_fields(obj: object) -> list[str]:
@@ -103,6 +106,22 @@ class ChunkJoin:
             raise RuntimeError("ChunkJoin: no chunk was placed")
         return tuple([kept[start] for start in sorted(kept)] if (kept := self._kept.get(index)) is not None else whole
                      for index, whole in enumerate(self._full))
+
+
+def map_chunks_joined(fn: Callable[[slice], tuple[tuple[Tensor | None, ...], Result]], batch: int, count: int, chunk: int,
+                      ragged: tuple[int, ...] = ()) -> tuple[tuple[Tensor | list[Tensor] | None, ...], list[Result]]:
+    """``threads.map_chunks`` of ``fn``, which gives a chunk's outputs and one more result: the
+    outputs joined as they come (``ChunkJoin``, with its ``ragged`` indices), and the other results
+    in batch order."""
+    join = ChunkJoin(batch, ragged)
+
+    def placed(part: slice) -> Result:
+        outs, result = fn(part)
+        join.place(part, outs)
+        return result
+
+    results = threads.map_chunks(placed, batch, count, chunk)
+    return join.joined(), results
 
 
 def _data(t: Tensor | None) -> tuple | None:

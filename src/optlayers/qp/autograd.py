@@ -20,9 +20,8 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
-from optlayers import threads
 from optlayers.compiling import compiled
-from optlayers.engine.batch import ChunkJoin
+from optlayers.engine.batch import map_chunks_joined
 from optlayers.engine.constants import constant
 from optlayers.engine.step import QPData
 from optlayers.functions import applied_as_given
@@ -148,21 +147,15 @@ def _compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], n
 def _sliced_compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: tuple[bool, ...],
                          settings: IPMSettings, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
     """``_compiled_vjp`` compiled, in the forward's slices and chunks (``compiled_slices``), the
-    chunks' gradients joined as they come (``batch.ChunkJoin``)."""
+    chunks' gradients joined as they come (``batch.map_chunks_joined``)."""
     vjp = compiled(_compiled_vjp, point[0].device.type)
     batch = point[0].shape[0]
     n = Saved(*point[1: 1 + len(Saved._fields)]).x.shape[-1]
     count, chunk = compiled_slices(batch, n, point[0].device)
     if chunk == batch:
         return vjp(point, grads, needs, settings, dtype)
-    join = ChunkJoin(batch)
-
-    def vjp_into(part: slice) -> None:
-        join.place(part, vjp(tuple(t[part] for t in point), tuple(None if g is None else g[part] for g in grads),
-                             needs, settings, dtype))
-
-    threads.map_chunks(vjp_into, batch, count, chunk)
-    return join.joined()
+    return map_chunks_joined(lambda part: (vjp(tuple(t[part] for t in point), tuple(None if g is None else g[part] for g in grads),
+                                               needs, settings, dtype), None), batch, count, chunk)[0]
 
 
 @applied_as_given

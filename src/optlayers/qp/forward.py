@@ -14,9 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from optlayers import threads
 from optlayers.compiling import compiled, pointwise_cats
-from optlayers.engine.batch import ChunkJoin
+from optlayers.engine.batch import map_chunks_joined
 from optlayers.engine.device_loop import Layout, Packed, unpack
 from optlayers.engine.kkt import diagonal_h
 from optlayers.engine.step import QPData, State
@@ -150,7 +149,7 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     """``QPSolveFn.forward``'s outputs and whether every problem was solved, on the compiled path
     whose iterations run in one call (``fused.pays``), in equal slices side by side, each in chunks
     one after another (``parallel.compiled_slices``, ``threads.map_chunks``), their outputs joined
-    as they come (``batch.ChunkJoin``).
+    as they come (``batch.map_chunks_joined``).
     A chunk whose solve needs no reaction of the host is one compiled call (``_checked_solved``) and
     one read; where the structure is looked at (``_with_structure``), the chunk's equilibration and
     structure are a compiled call and a read of their own before it (``_checked_scaling_and_structure``,
@@ -181,15 +180,8 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
 
     if chunk == batch:
         return solve(slice(0, batch))
-    join = ChunkJoin(batch, ragged=_INVERSES)
-
-    def solve_into(part: slice) -> bool:
-        outs, solved = solve(part)
-        join.place(part, outs)
-        return solved
-
-    solved = threads.map_chunks(solve_into, batch, count, chunk)
-    return tuple(_inverses(out) if index in _INVERSES else out for index, out in enumerate(join.joined())), all(solved)
+    outs, solved = map_chunks_joined(solve, batch, count, chunk, ragged=_INVERSES)
+    return tuple(_inverses(out) if index in _INVERSES else out for index, out in enumerate(outs)), all(solved)
 
 
 # Where the factor's inverses (``KKTFactor.inv_h``, ``inv_s``) sit among the forward's outputs.
