@@ -239,3 +239,53 @@ def test_equal_slices_divide_the_batch(monkeypatch):
     assert threads.equal_slice_count(64, 1, cpu, 8, max_slices=3) == 2
     assert threads.equal_slice_count(64, 100, cpu, 1600) == 4 and threads.equal_slice_count(64, 100, cpu, 3200) == 2
     assert threads.equal_slice_count(64, 1, torch.device("meta"), 8) == 1
+
+
+_ALONE = """
+import torch
+from optlayers import solve_qp, threads
+from optlayers.qp import autograd
+torch.set_num_threads(2)
+caller = threads.thread_limits()
+one = {"openmp": 1, "mkl": 1 if caller["mkl"] is not None else None}
+with threads.calling_thread_alone():
+    assert threads.thread_limits() == one, threads.thread_limits()
+assert threads.thread_limits() == caller, threads.thread_limits()
+try:
+    with threads.calling_thread_alone():
+        raise KeyError("inside")
+except KeyError:
+    pass
+assert threads.thread_limits() == caller, threads.thread_limits()
+
+seen = []
+def recording(fn):
+    def wrapped(*args, **kwargs):
+        seen.append((fn.__name__, threads.thread_limits()))
+        return fn(*args, **kwargs)
+    return wrapped
+autograd.forward_outputs = recording(autograd.forward_outputs)
+autograd._vjp = recording(autograd._vjp)
+g = torch.Generator().manual_seed(0)
+for batch, n, alone in [(1, 10, True), (threads.ALONE_MAX_ENTRIES // 100 + 1, 10, False)]:
+    seen.clear()
+    M = torch.randn(batch, n, n, dtype=torch.float64, generator=g)
+    p = torch.randn(batch, n, dtype=torch.float64, generator=g, requires_grad=True)
+    z = solve_qp(M @ M.mT + torch.eye(n, dtype=torch.float64), p, G=torch.eye(n, dtype=torch.float64),
+                 h=torch.ones(n, dtype=torch.float64)).z
+    z.sum().backward()
+    assert [name for name, _ in seen] == ["outputs", "_vjp"], seen
+    assert all(limits == (one if alone else caller) for _, limits in seen), (batch, seen)
+    assert threads.thread_limits() == caller, threads.thread_limits()
+"""
+
+
+@needs_openmp
+def test_small_batches_run_on_the_calling_thread_alone():
+    """A QP batch of at most ``threads.ALONE_MAX_ENTRIES`` entries is solved and differentiated with
+    the calling thread's OpenMP and MKL teams at one thread, read back from the runtimes, and the
+    caller's counts are restored after it (and after an exception); a larger batch keeps them. A
+    fresh interpreter, since torch.set_num_threads must not run in the test process."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _ALONE], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -10,6 +10,7 @@ tensors under ``torch.func.vmap`` (their linear solves take data-dependent branc
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import math
@@ -19,6 +20,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from optlayers import threads
 from optlayers.cone import backends, derivative, embedding, linsolve, product, refine
 from optlayers.cone.interior import solver as interior_solver
 from optlayers.cone.spec import ConeSpec
@@ -174,6 +176,14 @@ def _sym(P: torch.Tensor | None) -> torch.Tensor | None:
     return None if P is None else (P + P.transpose(-1, -2)) / 2
 
 
+def _threads_for(A: torch.Tensor, rows: torch.Tensor) -> contextlib.AbstractContextManager:
+    """The threads a solve or derivative of programs with constraint matrix ``A`` ((B, m, n) or
+    shared (m, n)) and a (B, m) ``rows`` tensor runs with (``threads.small_work_threads``, counting
+    the (m + n)² entries of each program's residual map)."""
+    m, n = A.shape[-2:]
+    return threads.small_work_threads(rows.shape[0] * (m + n) ** 2, A.device)
+
+
 @applied_as_given
 class ConeProgram(torch.autograd.Function):
     """(A, b, c, P) -> (x, y, s, status, lu, pivots, w); A (B, m, n) or shared (m, n), b (B, m), c (B, n).
@@ -188,11 +198,12 @@ class ConeProgram(torch.autograd.Function):
     def forward(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
                 settings: Settings) -> tuple[torch.Tensor, ...]:
         check_finite({"A": A, "b": b, "c": c, "P": P})
-        point, status = _solve_and_refine(A, b, c, P, settings)
-        all_solved = bool((status == ConeStatus.SOLVED).all())  # one host sync, also spares the policy's
-        if settings.solver == "ipm" and not all_solved:
-            point, status = _fall_back(A, b, c, P, settings, point, status)
-            all_solved = False  # the fallback's statuses are the policy's to read
+        with _threads_for(A, b):
+            point, status = _solve_and_refine(A, b, c, P, settings)
+            all_solved = bool((status == ConeStatus.SOLVED).all())  # one host sync, also spares the policy's
+            if settings.solver == "ipm" and not all_solved:
+                point, status = _fall_back(A, b, c, P, settings, point, status)
+                all_solved = False  # the fallback's statuses are the policy's to read
         x = point.x
         solved = (status == ConeStatus.SOLVED).unsqueeze(-1)
         nan = lambda t: torch.where(solved, t, constant(math.nan, t))  # noqa: E731
@@ -222,7 +233,8 @@ class ConeProgram(torch.autograd.Function):
         A, P, x, y, s, status, lu, pivots, w = ctx.saved_tensors
         needs = tuple(ctx.needs_input_grad[:4])
         # an output without a cotangent passes None (zero): with none for y and s, D^T is not applied
-        grads = _VJP.apply(ctx.settings, needs, True, A, P, x, y, s, status, lu, pivots, w, vx, vy, vs)
+        with _threads_for(A, y):
+            grads = _VJP.apply(ctx.settings, needs, True, A, P, x, y, s, status, lu, pivots, w, vx, vy, vs)
         return (*(g if need else None for g, need in zip(grads, needs)), None)
 
     @staticmethod

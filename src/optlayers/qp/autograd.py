@@ -13,6 +13,7 @@ cannot differentiate through a jvp rule, raises (``higher_order.no_forward_over_
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable
 
@@ -38,6 +39,7 @@ from optlayers.qp.derivatives import (
 from optlayers.qp.forward import N_PUBLIC, Saved, keep_solved
 from optlayers.qp.forward import outputs as forward_outputs
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
+from optlayers import threads
 from optlayers.qp.parallel import compiled_slices
 from optlayers.qp.scaling import (
     Scaling,
@@ -158,6 +160,28 @@ def _sliced_compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, 
                                                needs, settings, dtype), None), batch, count, chunk)[0]
 
 
+def _threads_for(p: Tensor) -> contextlib.AbstractContextManager:
+    """The threads a solve or derivative of the flat batch whose p is ``p`` (B, n) runs with
+    (``threads.small_work_threads``)."""
+    batch, n = p.shape
+    return threads.small_work_threads(batch * n * n, p.device)
+
+
+def _backward(ctx: Any, saved: tuple[Tensor, ...], needs: tuple[bool, ...], grads: tuple[Tensor | None, ...]
+              ) -> tuple[Tensor | None, ...]:
+    """``QPSolveFn.backward`` for the cotangents ``grads`` of (z, ν, λ, s), the tensors ``saved`` by
+    ``setup_context`` and the inputs' ``needs``."""
+    if ctx.settings.compiled and _first_order(saved):
+        # contiguous: the compiled function is specialised to its inputs' strides, and a loss's
+        # cotangent may come expanded (z.sum()) or not (z.square().sum()): one compilation for both
+        grads = tuple(None if g is None else g.contiguous() for g in grads)
+        ct = _sliced_compiled_vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
+    else:
+        pt, sc, solved, dtype = _point(ctx)
+        ct = _vjp(pt, sc, solved, dtype, grads, needs, ctx.settings, solution_vjp)
+    return (*ct, None, None, None, None)
+
+
 @applied_as_given
 class QPSolveFn(torch.autograd.Function):
     """(Q, p, G, h, A, b, settings, keep_factor, on_failure, batch_shape) -> (z, λ, ν, s, status,
@@ -169,7 +193,8 @@ class QPSolveFn(torch.autograd.Function):
     @staticmethod
     def forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
                 keep_factor: bool, on_failure: str | FailurePolicy, batch_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
-        outputs, all_solved = forward_outputs(Q, p, G, h, A, b, settings, keep_factor, constant(_fill(on_failure), p))
+        with _threads_for(p):
+            outputs, all_solved = forward_outputs(Q, p, G, h, A, b, settings, keep_factor, constant(_fill(on_failure), p))
         if not all_solved:  # the primal residual and its bound name the possibly infeasible elements
             apply_failure_policy(outputs[4].reshape(batch_shape), on_failure,
                                  primal=(outputs[6].reshape(batch_shape), outputs[9].reshape(batch_shape)))
@@ -189,15 +214,8 @@ class QPSolveFn(torch.autograd.Function):
     def backward(ctx: Any, gz: Tensor | None, glam: Tensor | None, gnu: Tensor | None, gs: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         needs, grads = tuple(ctx.needs_input_grad[:6]), (gz, gnu, glam, gs)
         saved = ctx.saved_tensors
-        if ctx.settings.compiled and _first_order(saved):
-            # contiguous: the compiled function is specialised to its inputs' strides, and a loss's
-            # cotangent may come expanded (z.sum()) or not (z.square().sum()): one compilation for both
-            grads = tuple(None if g is None else g.contiguous() for g in grads)
-            ct = _sliced_compiled_vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
-        else:
-            pt, sc, solved, dtype = _point(ctx)
-            ct = _vjp(pt, sc, solved, dtype, grads, needs, ctx.settings, solution_vjp)
-        return (*ct, None, None, None, None)
+        with _threads_for(saved[3]):  # z, (B, n)
+            return _backward(ctx, saved, needs, grads)
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
