@@ -136,20 +136,24 @@ def _leaves(qp: QPBatch) -> QPBatch:
 
 
 def measure(solver: Solver, qp: QPBatch, budget: Budget, clock: Clock) -> dict[str, list[float]]:
-    """Forward (and for layers backward and their sum) seconds of each call."""
+    """Forward (and for layers backward and their sum) wall seconds of each call, and the process's
+    CPU seconds over the forward (``forward_cpu``, solvers without gradients) or over forward and
+    backward together (``total_cpu``): more than the wall time where the solver's other threads
+    work or spin beside the caller's."""
     if not solver.differentiable:
-        return {"forward": repeat(forward_phase(lambda: solver.solve(qp)), clock, budget)[0]}
+        forward, forward_cpu = repeat(forward_phase(lambda: solver.solve(qp)), clock, budget)
+        return {"forward": forward, "forward_cpu": forward_cpu}
     weights = torch.randn(qp.batch, qp.n, dtype=qp.p.dtype, device=qp.p.device)
     if solver.value_and_grad is not None:  # outside torch's autograd: backward = (forward + backward) − forward
-        forward = repeat(forward_phase(lambda: solver.solve(qp)), clock, budget)[0]
-        total = repeat(forward_phase(lambda: solver.value_and_grad(qp, weights)), clock, budget)[0]
+        forward, _ = repeat(forward_phase(lambda: solver.solve(qp)), clock, budget)
+        total, total_cpu = repeat(forward_phase(lambda: solver.value_and_grad(qp, weights)), clock, budget)
         backward = [max(t - statistics.median(forward), 0.0) for t in total]
-        return {"forward": forward, "backward": backward, "total": total}
+        return {"forward": forward, "backward": backward, "total": total, "total_cpu": total_cpu}
     leaves = _leaves(qp)
     inputs = [t for t in leaves.tensors() if t is not None]
-    forward, backward = repeat(forward_backward_phases(lambda: solver.solve(leaves), inputs, weights), clock, budget)
+    forward, backward, total_cpu = repeat(forward_backward_phases(lambda: solver.solve(leaves), inputs, weights), clock, budget)
     total = [f + b for f, b in zip(forward, backward)]
-    return {"forward": forward, "backward": backward, "total": total}
+    return {"forward": forward, "backward": backward, "total": total, "total_cpu": total_cpu}
 
 
 def _stats(samples: dict[str, list[float]]) -> dict[str, dict]:
@@ -257,6 +261,12 @@ def _seconds(row: dict, phase: str) -> str:
     return f"{stats['median']:.4g} [{stats['q25']:.3g}, {stats['q75']:.3g}]"
 
 
+def _cpu_seconds(row: dict) -> str:
+    timings = row.get("timings") or {}
+    stats = timings.get("total_cpu") or timings.get("forward_cpu")
+    return "—" if stats is None else f"{stats['median']:.4g}"
+
+
 def _accuracy(row: dict, key: str) -> str:
     value = (row.get("accuracy") or {}).get(key)
     return "—" if value is None else f"{value:.1e}"
@@ -269,7 +279,8 @@ def _note(row: dict) -> str:
 
 
 TABLE_HEADER = ("figure", "n", "m", "p", "batch", "dtype", "solver", "forward s [IQR]", "backward s [IQR]",
-                "fwd+bwd s [IQR]", "reps", "max KKT", "‖z−z*‖∞", "‖∇−∇*‖∞", "note")
+                "fwd+bwd s [IQR]", "CPU s", "reps", "max KKT", "‖z−z*‖∞", "‖∇−∇*‖∞", "note")
+"""``CPU s``: the median of the process's CPU seconds per call (forward + backward for layers)."""
 
 
 def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
@@ -279,7 +290,7 @@ def table_rows(rows: list[dict]) -> list[tuple[str, ...]]:
         reps = row.get("timings", {}).get("forward", {}).get("repeats", "—")
         lines.append((row["figure"], str(row["n"]), str(row["n_ineq"]), str(row["n_eq"]), str(row["batch"]),
                       row["dtype"], row["solver"], _seconds(row, "forward"), _seconds(row, "backward"),
-                      _seconds(row, "total"), str(reps), _accuracy(row, "kkt"), _accuracy(row, "distance"),
+                      _seconds(row, "total"), _cpu_seconds(row), str(reps), _accuracy(row, "kkt"), _accuracy(row, "distance"),
                       _accuracy(row, "gradient"), _note(row)))
     return lines
 

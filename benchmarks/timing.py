@@ -71,14 +71,17 @@ def repeat(phases: Callable[[Clock], list[float]], clock: Clock, budget: Budget)
 
 
 def forward_phase(fn: Callable[[], torch.Tensor]) -> Callable[[Clock], list[float]]:
-    """One timed forward call without autograd."""
+    """One timed forward call without autograd: its wall seconds, then the process's CPU seconds
+    over it (every thread of the process, those spinning between parallel regions included)."""
 
     def phases(clock: Clock) -> list[float]:
         with torch.no_grad():
+            cpu = time.process_time()
             stamps = [clock.stamp()]
             fn()
             stamps.append(clock.stamp())
-        return clock.seconds(stamps)
+            cpu = time.process_time() - cpu
+        return [*clock.seconds(stamps), cpu]
 
     return phases
 
@@ -86,16 +89,19 @@ def forward_phase(fn: Callable[[], torch.Tensor]) -> Callable[[Clock], list[floa
 def forward_backward_phases(
     fn: Callable[[], torch.Tensor], leaves: list[torch.Tensor], weights: torch.Tensor
 ) -> Callable[[Clock], list[float]]:
-    """A timed forward call with autograd, then a timed backward of the loss ⟨weights, output⟩."""
+    """A timed forward call with autograd, then a timed backward of the loss ⟨weights, output⟩:
+    the wall seconds of each, then the process's CPU seconds over both (as ``forward_phase``)."""
 
     def phases(clock: Clock) -> list[float]:
         for leaf in leaves:
             leaf.grad = None
+        cpu = time.process_time()
         stamps = [clock.stamp()]
         out = fn()
         stamps.append(clock.stamp())
         (out * weights).sum().backward()
         stamps.append(clock.stamp())
-        return clock.seconds(stamps)
+        cpu = time.process_time() - cpu
+        return [*clock.seconds(stamps), cpu]
 
     return phases
