@@ -4,7 +4,8 @@ On the CPU, torch runs batched factorisations and triangular solves one matrix a
 on a single core, and its element-wise kernels do not split small (B, n) tensors across cores.
 The problems of a batch are independent, so the interior point methods (QP and cone) cut a
 large batch into as many slices as torch has intra-op threads and solve them at once: torch
-releases the GIL inside its kernels.
+releases the GIL inside its kernels. A small batch runs in the caller's thread with that thread's
+teams cut to one thread for the call (``small_work_threads``): its work is too small to share.
 
 The slices run in one long-lived pool of threads, shared by every solve in the process (and by
 several user threads solving at once: their slices queue for the same threads, so the cores are
