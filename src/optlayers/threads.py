@@ -104,7 +104,7 @@ batch (its ``triu_`` shares the rows out, however few), after which the second t
 Measured on the AMD EPYC machine (two threads, forward + backward, process CPU time per call
 against wall time, 2 ms pauses between calls): QP batch 1, n = 10, compiled 5.3-5.9 ms of CPU
 against 1.5-1.8 ms alone, eager 43-47 against 22-24 ms; QP batch 1, n = 100, compiled 17 against
-8 ms; cone program batch 1 (m = 16, n = 6, ``solver="ipm"``) 100 against 50 ms; wall times within
+8 ms; cone program batch 1 (m = 16, n = 6, ``solver="ipm"``) 100-128 against 56-66 ms; wall times within
 the machine's noise either way. A compiled QP batch of 128 with n = 10 (12,800 entries) took 5-10 %
 longer alone: it keeps its threads."""
 

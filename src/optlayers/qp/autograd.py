@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad
 
+from optlayers import threads
 from optlayers.compiling import compiled
 from optlayers.engine.batch import map_chunks_joined
 from optlayers.engine.constants import constant
@@ -39,7 +40,6 @@ from optlayers.qp.derivatives import (
 from optlayers.qp.forward import N_PUBLIC, Saved, keep_solved
 from optlayers.qp.forward import outputs as forward_outputs
 from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
-from optlayers import threads
 from optlayers.qp.parallel import compiled_slices
 from optlayers.qp.scaling import (
     Scaling,
