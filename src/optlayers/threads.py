@@ -117,8 +117,9 @@ def small_work_threads(entries: int, device: torch.device) -> contextlib.Abstrac
 
 @contextlib.contextmanager
 def calling_thread_alone() -> Iterator[None]:
-    """Within: the calling thread's OpenMP and MKL teams are one thread (the per-thread settings
-    that the slices use, ``_run_slice``), restored after. For work too small to share: a batch of
+    """Within: the calling thread's OpenMP and MKL teams are one thread, restored after (each slice
+    of ``map_slices`` runs within, ``_run_slice``). torch's per-thread start-up runs first, since it
+    would reset the limits. Also for work too small to share: a batch of
     tiny factorisations still opens an OpenMP parallel region in torch's kernels (the Cholesky
     factorisation's ``triu_`` shares its rows among the threads however few there are), which
     wakes a second thread that then spins (``ALONE_MAX_ENTRIES`` has the measurement).
@@ -205,13 +206,9 @@ def _single_threaded(fn: Callable[[slice], Result], caller: contextvars.Context,
 
 
 def _run_slice(fn: Callable[[slice], Result], part: slice) -> Result:
-    _torch_thread_start_up()  # torch's per-thread start-up, which would reset the limits set below
-    for setter in (_omp_set_num_threads(), _mkl_set_num_threads_local()):
-        if setter is not None:
-            setter(1)
     _IN_SLICE.active = True
     try:
-        with torch.no_grad():
+        with calling_thread_alone(), torch.no_grad():
             return fn(part)
     finally:
         _IN_SLICE.active = False
