@@ -266,6 +266,7 @@ def recording(fn):
     return wrapped
 autograd.forward_outputs = recording(autograd.forward_outputs)
 autograd._vjp = recording(autograd._vjp)
+autograd.solution_jvp = recording(autograd.solution_jvp)
 g = torch.Generator().manual_seed(0)
 for batch, n, alone in [(1, 10, True), (threads.ALONE_MAX_ENTRIES // 100 + 1, 10, False)]:
     seen.clear()
@@ -274,7 +275,11 @@ for batch, n, alone in [(1, 10, True), (threads.ALONE_MAX_ENTRIES // 100 + 1, 10
     z = solve_qp(M @ M.mT + torch.eye(n, dtype=torch.float64), p, G=torch.eye(n, dtype=torch.float64),
                  h=torch.ones(n, dtype=torch.float64)).z
     z.sum().backward()
-    assert [name for name, _ in seen] == ["outputs", "_vjp"], seen
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(p.detach(), torch.ones_like(p))
+        solve_qp(M @ M.mT + torch.eye(n, dtype=torch.float64), dual, G=torch.eye(n, dtype=torch.float64),
+                 h=torch.ones(n, dtype=torch.float64))
+    assert [name for name, _ in seen] == ["outputs", "_vjp", "outputs", "solution_jvp"], seen
     assert all(limits == (one if alone else caller) for _, limits in seen), (batch, seen)
     assert threads.thread_limits() == caller, threads.thread_limits()
 """
@@ -282,7 +287,8 @@ for batch, n, alone in [(1, 10, True), (threads.ALONE_MAX_ENTRIES // 100 + 1, 10
 
 @needs_openmp
 def test_small_batches_run_on_the_calling_thread_alone():
-    """A QP batch of at most ``threads.ALONE_MAX_ENTRIES`` entries is solved and differentiated with
+    """A QP batch of at most ``threads.ALONE_MAX_ENTRIES`` entries is solved and differentiated (backward
+    and forward mode) with
     the calling thread's OpenMP and MKL teams at one thread, read back from the runtimes, and the
     caller's counts are restored after it (and after an exception); a larger batch keeps them. A
     fresh interpreter, since torch.set_num_threads must not run in the test process."""

@@ -240,7 +240,9 @@ class ConeProgram(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
             dP: torch.Tensor | None, _settings: Any) -> tuple:
-        dx, dy, ds = _JVP.apply(ctx.settings, *ctx.saved_tensors, dA, db, dc, dP)
+        saved = ctx.saved_tensors
+        with _threads_for(saved[0], saved[3]):  # A, y
+            dx, dy, ds = _JVP.apply(ctx.settings, *saved, dA, db, dc, dP)
         return dx, dy, ds, None, None, None, None
 
     @staticmethod

@@ -235,7 +235,8 @@ class QPSolveFn(torch.autograd.Function):
         dQ = tangent(dQ, pt.Q)
         t = QPData(Q=0.5 * (dQ + dQ.transpose(-1, -2)), p=tangent(dp, pt.x), A=tangent(dA, pt.A),
                    b=tangent(db, pt.nu), G=tangent(dG, pt.G), h=tangent(dh, pt.lam))
-        dx, dnu, dlam, ds = solution_jvp(pt, scale_data_tangent(sc, t), ctx.settings)
+        with _threads_for(pt.x):
+            dx, dnu, dlam, ds = solution_jvp(pt, scale_data_tangent(sc, t), ctx.settings)
         point = ctx.saved_tensors[:7]  # the data and solution as saved (not computed here: see no_forward_over_forward)
         dz, dnu, dlam, ds = (no_forward_over_forward(FORWARD_OVER_FORWARD, keep_solved(solved, v, 0.0).to(dtype), *point)
                              for v in unscale_solution(sc, dx, dnu, dlam, ds))
