@@ -295,3 +295,12 @@ def test_small_batches_run_on_the_calling_thread_alone():
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([SRC, os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, "-c", _ALONE], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_small_work_threads_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="entries must be an int >= 0, got -1"):
+        threads.small_work_threads(-1, torch.device("cpu"))
+    with pytest.raises(ValueError, match="entries must be an int >= 0, got 2.5"):
+        threads.small_work_threads(2.5, torch.device("cpu"))
+    with pytest.raises(TypeError, match="device must be a torch.device, got str"):
+        threads.small_work_threads(10, "cpu")
