@@ -144,7 +144,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def metadata(args: argparse.Namespace) -> dict:
     """The run's settings and machine, written as the JSON's ``meta`` and printed."""
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "cpu": machine.cpu_model(), "torch": torch.__version__, "threads": args.threads, "batch": args.batch,
+            "cpu": machine.cpu_model(), "preload": machine.preloaded(), "torch": torch.__version__, "threads": args.threads, "batch": args.batch,
             "m": SPEC.size, "n": N, "cones": str(SPEC), "repeats": args.repeats, "compiled_row": args.compiled}
 
 

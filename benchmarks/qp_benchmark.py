@@ -241,6 +241,7 @@ def metadata(args: argparse.Namespace, argv: list[str], missing: list[str]) -> d
         "command": "PYTHONPATH=src python -m benchmarks.qp_benchmark " + " ".join(argv),
         "commit": _git_commit(),
         "cpu": machine.cpu_model(),
+        "preload": machine.preloaded(),
         "cpu_count": os.cpu_count(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),

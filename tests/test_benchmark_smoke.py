@@ -232,6 +232,19 @@ def test_machine_reader_falls_back_and_never_raises(tmp_path, monkeypatch):
     assert machine.cpu_model() == "unknown cpu"
 
 
+def test_preloaded_libraries_are_read_from_ld_preload_and_recorded(monkeypatch):
+    from benchmarks import bench_cone
+
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert machine.preloaded() == []
+    monkeypatch.setenv("LD_PRELOAD", " /lib/libtcmalloc_minimal.so.4:libfoo.so  /opt/bar.so ")
+    expected = ["/lib/libtcmalloc_minimal.so.4", "libfoo.so", "/opt/bar.so"]
+    assert machine.preloaded() == expected
+    args = argparse.Namespace(device="cpu", rounds=0, quick=True)
+    assert qp_benchmark.metadata(args, ["--quick"], [])["preload"] == expected
+    assert bench_cone.metadata(bench_cone.parse_args(["--threads", "1"]))["preload"] == expected
+
+
 def test_every_benchmark_that_records_the_machine_uses_the_shared_reader(monkeypatch, capsys):
     from benchmarks import bench_cone, blas_backends
 
