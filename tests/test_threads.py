@@ -298,9 +298,9 @@ def test_small_batches_run_on_the_calling_thread_alone():
 
 
 def test_small_work_threads_refuses_bad_arguments():
-    with pytest.raises(ValueError, match="entries must be an int >= 0, got -1"):
+    with pytest.raises(ValueError, match="entries must be an integer >= 0, got -1"):
         threads.small_work_threads(-1, torch.device("cpu"))
-    with pytest.raises(ValueError, match="entries must be an int >= 0, got 2.5"):
+    with pytest.raises(ValueError, match="entries must be an integer >= 0, got 2.5"):
         threads.small_work_threads(2.5, torch.device("cpu"))
     with pytest.raises(TypeError, match="device must be a torch.device, got str"):
         threads.small_work_threads(10, "cpu")

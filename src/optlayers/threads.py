@@ -41,6 +41,8 @@ from typing import Callable, Iterator, TypeVar
 
 import torch
 
+from optlayers.validation.options import check_int
+
 Result = TypeVar("Result")
 
 # torch's CPU library, through whose handle ``omp_set_num_threads`` and MKL's service functions
@@ -112,8 +114,7 @@ longer alone: it keeps its threads."""
 def small_work_threads(entries: int, device: torch.device) -> contextlib.AbstractContextManager:
     """The threads a solve of ``entries`` matrix entries on ``device`` runs with: the calling thread
     alone (``calling_thread_alone``) on the CPU up to ``ALONE_MAX_ENTRIES``, else as torch is set."""
-    if not isinstance(entries, int) or isinstance(entries, bool) or entries < 0:
-        raise ValueError(f"entries must be an int >= 0, got {entries!r}")
+    check_int("entries", entries, 0)
     if not isinstance(device, torch.device):
         raise TypeError(f"device must be a torch.device, got {type(device).__name__}")
     return calling_thread_alone() if device.type == "cpu" and entries <= ALONE_MAX_ENTRIES else contextlib.nullcontext()
