@@ -240,9 +240,9 @@ class ConeProgram(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
             dP: torch.Tensor | None, _settings: Any) -> tuple:
-        saved = ctx.saved_tensors
-        with _threads_for(saved[0], saved[3]):  # A, y
-            dx, dy, ds = _JVP.apply(ctx.settings, *saved, dA, db, dc, dP)
+        A, P, x, y, s, status, lu, pivots, w = ctx.saved_tensors
+        with _threads_for(A, y):
+            dx, dy, ds = _JVP.apply(ctx.settings, A, P, x, y, s, status, lu, pivots, w, dA, db, dc, dP)
         return dx, dy, ds, None, None, None, None
 
     @staticmethod
