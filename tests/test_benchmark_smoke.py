@@ -271,3 +271,25 @@ def test_benchmark_scripts_find_the_shared_reader_when_run_by_path(script, tmp_p
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage:")
+
+
+def test_iteration_cost_splits_a_solve_into_its_iterations_and_the_rest(tmp_path):
+    from benchmarks import iteration_cost
+
+    out = tmp_path / "cost.json"
+    result = iteration_cost.main(["--batch", "2", "--n", "5", "--low", "1", "--high", "2", "--rounds", "1",
+                                  "--calls", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert result["iterations"] > 2 and result["per_iteration_us"] == pytest.approx(
+        result["capped_us"]["2"] - result["capped_us"]["1"])
+    assert result["forward_us"] > 0 and result["forward_backward_us"] > 0
+    assert result["meta"]["command"].startswith("PYTHONPATH=src python -m benchmarks.iteration_cost --batch 2")
+
+
+def test_iteration_cost_refuses_caps_the_solve_does_not_reach():
+    from benchmarks import iteration_cost
+
+    with pytest.raises(ValueError, match=r"low and high must satisfy 0 < low < high < \d+.*got low=1, high=500"):
+        iteration_cost.measure(2, 5, False, 1, 500, 1, 1)
+    with pytest.raises(SystemExit):
+        iteration_cost.parse_args(["--low", "4", "--high", "4"])

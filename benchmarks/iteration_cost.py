@@ -1,0 +1,137 @@
+"""What one QP solve costs per interior point iteration, and what it costs besides its iterations.
+
+A solve's time is split by the difference of two solves capped at ``--low`` and ``--high``
+iterations (``max_iter``; both below the iterations the uncapped solve takes, so that each runs
+every iteration it is given): the time per iteration is their difference over ``high - low``,
+the rest of a solve (entry, checks, equilibration, start, end, outputs) is the capped solve's time
+less its iterations. Without gradients, like the two capped solves, the uncapped forward is timed
+too, and with gradients the forward, and the forward with the backward (``(z · w).sum()``), so
+that the derivatives' share shows. The calls are alternated round by round in one process, and
+the fastest round of each is kept (a shared machine's load only slows a round down).
+
+    PYTHONPATH=src python -m benchmarks.iteration_cost [--batch 1] [--n 100] [--compiled]
+        [--threads 1] [--rounds 7] [--calls 30] [--json FILE]
+
+Each capped solve is a specialisation of its own under ``--compiled`` (compiled at the untimed
+first call). The problem is ``problems.random_qp(batch, n, n)``, float64, seed 0: the sweep's.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
+from benchmarks import machine  # noqa: E402
+from benchmarks.problems import random_qp  # noqa: E402
+from benchmarks.qp_benchmark import _git_commit  # noqa: E402
+from optlayers import solve_qp  # noqa: E402
+
+
+def fastest_round_us(calls: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, float]:
+    """Microseconds per call of each of ``calls``: the fastest of ``rounds`` rounds of ``per_round``
+    calls, the functions alternated round by round (each called once, untimed, first)."""
+    for fn in calls.values():
+        fn()
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(rounds):
+        for name, fn in calls.items():
+            start = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            best[name] = min(best[name], (time.perf_counter() - start) / per_round * 1e6)
+    return best
+
+
+def measure(batch: int, n: int, compiled: bool, low: int, high: int, rounds: int, per_round: int) -> dict:
+    """The split of one solve of ``random_qp(batch, n, n)`` (see the module docstring)."""
+    qp = random_qp(batch, n, n)
+    data = list(qp.tensors()[:4])  # Q, p, G, h
+    leaves = [t.detach().clone().requires_grad_() for t in data]
+    weights = torch.randn(batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def solve(tensors: list[torch.Tensor], max_iter: int | None = None):
+        return solve_qp(*tensors, on_failure="ignore", compile=compiled, max_iter=max_iter)
+
+    iterations = int(solve(data).iterations.max())
+    if not 0 < low < high < iterations:
+        raise ValueError(f"low and high must satisfy 0 < low < high < {iterations} (the uncapped solve's iterations), "
+                         f"got low={low}, high={high}")
+
+    def forward_backward() -> None:
+        (solve(leaves).z * weights).sum().backward()
+
+    calls = {
+        "capped_low": lambda: solve(data, low),
+        "capped_high": lambda: solve(data, high),
+        "forward": lambda: solve(data),
+        "forward_with_grad": lambda: solve(leaves),
+        "forward_backward": forward_backward,
+    }
+    us = fastest_round_us(calls, rounds, per_round)
+    per_iteration = (us["capped_high"] - us["capped_low"]) / (high - low)
+    return {
+        "iterations": iterations,
+        "per_iteration_us": per_iteration,
+        "besides_iterations_us": us["capped_low"] - low * per_iteration,
+        "forward_us": us["forward"],
+        "forward_with_grad_us": us["forward_with_grad"],
+        "forward_backward_us": us["forward_backward"],
+        "backward_us": us["forward_backward"] - us["forward_with_grad"],
+        "capped_us": {str(low): us["capped_low"], str(high): us["capped_high"]},
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--compiled", action="store_true", help="solve_qp(compile=True)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--low", type=int, default=3, help="iterations of the first capped solve")
+    parser.add_argument("--high", type=int, default=8, help="iterations of the second capped solve")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--calls", type=int, default=30, help="calls per round")
+    parser.add_argument("--json", type=Path, help="also write the result here")
+    args = parser.parse_args(argv)
+    for name in ("batch", "n", "threads", "low", "high", "rounds", "calls"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.high <= args.low:
+        parser.error(f"--high must be above --low, got --low {args.low} --high {args.high}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = measure(args.batch, args.n, args.compiled, args.low, args.high, args.rounds, args.calls)
+    result["meta"] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "PYTHONPATH=src python -m benchmarks.iteration_cost " + " ".join(sys.argv[1:] if argv is None else argv),
+        "commit": _git_commit(),
+        "cpu": machine.cpu_model(),
+        "preload": machine.preloaded(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "batch": args.batch, "n": args.n, "compiled": args.compiled,
+    }
+    print(f"{result['meta']['cpu']}, torch {torch.__version__}, {args.threads} thread(s); batch {args.batch}, "
+          f"n = {args.n}, {'compiled' if args.compiled else 'eager'}; microseconds, fastest of {args.rounds} rounds")
+    print(f"iterations {result['iterations']}; per iteration {result['per_iteration_us']:.1f}; "
+          f"besides the iterations {result['besides_iterations_us']:.1f}")
+    print(f"forward {result['forward_us']:.1f}; with grad {result['forward_with_grad_us']:.1f}; "
+          f"forward + backward {result['forward_backward_us']:.1f} (backward {result['backward_us']:.1f})")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
