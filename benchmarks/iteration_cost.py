@@ -10,7 +10,7 @@ that the derivatives' share shows. The calls are alternated round by round in on
 the fastest round of each is kept (a shared machine's load only slows a round down).
 
     PYTHONPATH=src python -m benchmarks.iteration_cost [--batch 1] [--n 100] [--compiled]
-        [--threads 1] [--rounds 7] [--calls 30] [--json FILE]
+        [--threads 1] [--tol TOL] [--rounds 7] [--calls 30] [--json FILE]
 
 Each capped solve is a specialisation of its own under ``--compiled`` (compiled at the untimed
 first call). The problem is ``problems.random_qp(batch, n, n)``, float64, seed 0: the sweep's.
@@ -49,15 +49,17 @@ def fastest_round_us(calls: dict[str, Callable[[], object]], rounds: int, per_ro
     return best
 
 
-def measure(batch: int, n: int, compiled: bool, low: int, high: int, rounds: int, per_round: int) -> dict:
-    """The split of one solve of ``random_qp(batch, n, n)`` (see the module docstring)."""
+def measure(batch: int, n: int, compiled: bool, low: int, high: int, rounds: int, per_round: int,
+            tol: float | None = None) -> dict:
+    """The split of one solve of ``random_qp(batch, n, n)`` (see the module docstring), at ``solve_qp``'s
+    ``tol`` (None: its default; ``rel_tol`` follows it)."""
     qp = random_qp(batch, n, n)
     data = list(qp.tensors()[:4])  # Q, p, G, h
     leaves = [t.detach().clone().requires_grad_() for t in data]
     weights = torch.randn(batch, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
     def solve(tensors: list[torch.Tensor], max_iter: int | None = None):
-        return solve_qp(*tensors, on_failure="ignore", compile=compiled, max_iter=max_iter)
+        return solve_qp(*tensors, on_failure="ignore", compile=compiled, max_iter=max_iter, tol=tol)
 
     iterations = int(solve(data).iterations.max())
     if not 0 < low < high < iterations:
@@ -94,6 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--compiled", action="store_true", help="solve_qp(compile=True)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--tol", type=float, help="solve_qp's tol (and rel_tol); its default if not given")
     parser.add_argument("--low", type=int, default=3, help="iterations of the first capped solve")
     parser.add_argument("--high", type=int, default=8, help="iterations of the second capped solve")
     parser.add_argument("--rounds", type=int, default=7)
@@ -111,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = measure(args.batch, args.n, args.compiled, args.low, args.high, args.rounds, args.calls)
+    result = measure(args.batch, args.n, args.compiled, args.low, args.high, args.rounds, args.calls, args.tol)
     result["meta"] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": "PYTHONPATH=src python -m benchmarks.iteration_cost " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -120,10 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
         "preload": machine.preloaded(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
-        "batch": args.batch, "n": args.n, "compiled": args.compiled,
+        "batch": args.batch, "n": args.n, "compiled": args.compiled, "tol": args.tol,
     }
     print(f"{result['meta']['cpu']}, torch {torch.__version__}, {args.threads} thread(s); batch {args.batch}, "
-          f"n = {args.n}, {'compiled' if args.compiled else 'eager'}; microseconds, fastest of {args.rounds} rounds")
+          f"n = {args.n}, {'compiled' if args.compiled else 'eager'}, tol {args.tol or 'default'}; microseconds, fastest of {args.rounds} rounds")
     print(f"iterations {result['iterations']}; per iteration {result['per_iteration_us']:.1f}; "
           f"besides the iterations {result['besides_iterations_us']:.1f}")
     print(f"forward {result['forward_us']:.1f}; with grad {result['forward_with_grad_us']:.1f}; "

@@ -284,6 +284,7 @@ def test_iteration_cost_splits_a_solve_into_its_iterations_and_the_rest(tmp_path
         result["capped_us"]["2"] - result["capped_us"]["1"])
     assert result["forward_us"] > 0 and result["forward_backward_us"] > 0
     assert result["meta"]["command"].startswith("PYTHONPATH=src python -m benchmarks.iteration_cost --batch 2")
+    assert result["meta"]["tol"] is None  # solve_qp's default
 
 
 def test_iteration_cost_refuses_caps_the_solve_does_not_reach():
