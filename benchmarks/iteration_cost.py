@@ -6,8 +6,9 @@ every iteration it is given): the time per iteration is their difference over ``
 the rest of a solve (entry, checks, equilibration, start, end, outputs) is the capped solve's time
 less its iterations. Without gradients, like the two capped solves, the uncapped forward is timed
 too, and with gradients the forward, and the forward with the backward (``(z · w).sum()``), so
-that the derivatives' share shows. The calls are alternated round by round in one process, and
-the fastest round of each is kept (a shared machine's load only slows a round down).
+that the derivatives' share shows. The calls are taken in turn in one process, in an order that
+rotates from round to round (``interleaved.rotations``), and the fastest round of each is kept (a
+shared machine's load only slows a round down).
 
     PYTHONPATH=src python -m benchmarks.iteration_cost [--batch 1] [--n 100] [--compiled]
         [--threads 1] [--tol TOL] [--rounds 7] [--calls 30] [--json FILE]
@@ -29,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
 from benchmarks import machine  # noqa: E402
+from benchmarks.interleaved import rotations  # noqa: E402
 from benchmarks.problems import random_qp  # noqa: E402
 from benchmarks.qp_benchmark import _git_commit  # noqa: E402
 from optlayers import solve_qp  # noqa: E402
@@ -36,12 +38,14 @@ from optlayers import solve_qp  # noqa: E402
 
 def fastest_round_us(calls: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, float]:
     """Microseconds per call of each of ``calls``: the fastest of ``rounds`` rounds of ``per_round``
-    calls, the functions alternated round by round (each called once, untimed, first)."""
+    calls, the functions taken in turn in an order that rotates from round to round
+    (``interleaved.rotations``; each called once, untimed, first)."""
     for fn in calls.values():
         fn()
     best = dict.fromkeys(calls, float("inf"))
-    for _ in range(rounds):
-        for name, fn in calls.items():
+    for _, order in rotations(list(calls), rounds):
+        for name in order:
+            fn = calls[name]
             start = time.perf_counter()
             for _ in range(per_round):
                 fn()
