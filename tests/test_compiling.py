@@ -162,10 +162,23 @@ def _loop_doubling_plus(step: float):
     return fn
 
 
-def test_compiled_loops_are_cached_each_under_its_own_body(tmp_path, monkeypatch):
-    """With ``CPU_OPTIONS`` a graph with a ``while_loop`` is stored in inductor's FX graph cache (torch
-    bypasses it for such graphs by default), found again after dynamo forgets it, and a loop that
-    differs only in its body is compiled anew, with its own result (inductor, a fresh cache)."""
+def _branch_doubling_plus(step: float):
+    """x ↦ three turns of y ↦ 2y + ``step`` where x sums to more than -1 (else x), as a ``cond``."""
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        def taken(y: torch.Tensor) -> torch.Tensor:
+            for _ in range(3):
+                y = 2 * y + step
+            return y
+        return torch.cond(x.sum() > -1, taken, lambda y: y.clone(), (x,))
+    return fn
+
+
+@pytest.mark.parametrize("make", [_loop_doubling_plus, _branch_doubling_plus], ids=["while_loop", "cond"])
+def test_compiled_loops_are_cached_each_under_its_own_body(tmp_path, monkeypatch, make):
+    """With ``CPU_OPTIONS`` a graph with a ``while_loop`` or a ``cond`` is stored in inductor's FX
+    graph cache (torch bypasses it for such graphs by default), found again after dynamo forgets
+    it, and a loop or branch that differs only in its body is compiled anew, with its own result
+    (inductor, a fresh cache)."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
@@ -173,7 +186,7 @@ def test_compiled_loops_are_cached_each_under_its_own_body(tmp_path, monkeypatch
 
     def run(step: float) -> torch.Tensor:
         torch._dynamo.reset()
-        fn = torch.compile(_loop_doubling_plus(step), fullgraph=True, dynamic=False, options=compiling.CPU_OPTIONS)
+        fn = torch.compile(make(step), fullgraph=True, dynamic=False, options=compiling.CPU_OPTIONS)
         return fn(x)
 
     counters.clear()

@@ -34,7 +34,8 @@ into an error. Past this many (or torch's limit, if that is higher), calls run e
 warning)."""
 
 CPU_OPTIONS = {"cpp_wrapper": True, "unroll_reductions_threshold": 16,
-               "unsafe_marked_cacheable_functions": {"torch.ops.higher_order.while_loop": f"optlayers, torch {torch.__version__}"}}
+               "unsafe_marked_cacheable_functions": {f"torch.ops.higher_order.{op}": f"optlayers, torch {torch.__version__}"
+                                                     for op in ("while_loop", "cond")}}
 """Inductor's options on the CPU:
 
 - ``cpp_wrapper``: the generated code calls its kernels and library functions (Cholesky,
@@ -48,12 +49,13 @@ CPU_OPTIONS = {"cpp_wrapper": True, "unroll_reductions_threshold": 16,
   third of the compiled solve's time (``perf``), and a forward + backward took 17.3 ms of CPU time
   against 10.5 ms with them unrolled (one thread).
 - ``unsafe_marked_cacheable_functions``: graphs with a ``while_loop`` (the QP's iterations, the
-  equilibration) are kept in inductor's FX graph cache like any other. torch bypasses that cache
+  equilibration) or a ``cond`` (the refinement steps, ``engine.kkt.refines_on_device``) are kept
+  in inductor's FX graph cache like any other. torch bypasses that cache
   for higher-order operators it has not marked cacheable, so that each new process lowered and
   generated the whole solve again (only the C++ compilation was cached): a (1, 10) solve's first
   call in a new process took 38-60 s with a warm cache, 11 s with this. The cache key holds the
-  loop's condition and body graphs (as for ``invoke_subgraph``, which torch marks cacheable), so
-  another loop body is another entry (tested)."""
+  loop's condition and body graphs, and a ``cond``'s branches (as for ``invoke_subgraph``, which
+  torch marks cacheable), so another loop body or branch is another entry (tested)."""
 
 POINTWISE_CAT_OPTIONS = {**CPU_OPTIONS, "force_pointwise_cat": True}
 """``CPU_OPTIONS`` for the calls of a small batch (``pointwise_cats``): each concatenation

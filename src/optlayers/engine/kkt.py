@@ -117,6 +117,10 @@ class KKTFactor:
         return self.chol_h.dim() == 2
 
 
+FACTOR_TENSORS = tuple(name for name in KKTFactor.__dataclass_fields__ if name != "m")
+"""The names of ``KKTFactor``'s tensors, in its order."""
+
+
 def _finite(t: Tensor) -> Tensor:
     """Elementwise: t is neither NaN nor ±inf (t − t is NaN exactly then); two kernels."""
     return (t - t) == 0
@@ -445,12 +449,12 @@ def _root_diagonal(f: KKTFactor) -> Tensor | None:
     return None if f.diagonal else f.H.diagonal(dim1=-2, dim2=-1).clamp(min=0).sqrt()
 
 
-def _refined(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor,
-             ex: Tensor, eo: Tensor) -> bool:
-    """Whether the residuals (ex, eo) of the extended system at (dx, ω) are negligible in every
-    equation of every problem: |ex| ≤ ``_REFINED_ROUNDOFFS``·ε·(|rx| + |H||dx| + |Cᵀ||ω|) and
+def _negligible(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor,
+                ex: Tensor, eo: Tensor) -> Tensor:
+    """0-d bool: whether the residuals (ex, eo) of the extended system at (dx, ω) are negligible in
+    every equation of every problem: |ex| ≤ ``_REFINED_ROUNDOFFS``·ε·(|rx| + |H||dx| + |Cᵀ||ω|) and
     |eo| ≤ ``_REFINED_ROUNDOFFS``·ε·(|rc| + |C||dx| + |d0 ω|), with |H||dx| bounded as in
-    ``_root_diagonal`` (``root``). One host read."""
+    ``_root_diagonal`` (``root``)."""
     tol = _REFINED_ROUNDOFFS * torch.finfo(dx.dtype).eps
     abs_dx = dx.abs()
     h_dx = (f.H * dx).abs() if root is None else root * (root * abs_dx).sum(-1, keepdim=True)
@@ -461,8 +465,90 @@ def _refined(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None, d
         terms_x = terms_x + mtv(abs_c, omega.abs())
         terms_c = mv(abs_c, abs_dx) + (f.d0 * omega).abs()
         checks.append(eo.abs() <= tol * (terms_c if rc is None else terms_c + rc.abs()))
-    ok = torch.cat([ex.abs() <= tol * terms_x, *checks], dim=-1)
-    return bool(host_read(ok.all().reshape(1))[0])
+    return torch.cat([ex.abs() <= tol * terms_x, *checks], dim=-1).all()
+
+
+def _refined(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor,
+             ex: Tensor, eo: Tensor) -> bool:
+    """``_negligible``, read on the host."""
+    return bool(host_read(_negligible(f, root, rx, rc, dx, omega, ex, eo).reshape(1))[0])
+
+
+def refines_on_device(f: KKTFactor, refine_steps: int) -> bool:
+    """Whether ``solve_reduced`` takes the refinement steps after its first one only where the
+    residual after that one is not negligible, decided on the device (``torch.cond``): where the
+    solve is being traced for compilation, more than one step is asked for and the factor is on the
+    CPU, whose compiled code reads the flag where it is (on an accelerator the condition would be
+    a synchronisation, and no CUDA graph could hold it). One step removes the regularisation from
+    the solves of a well-conditioned system to the level of roundoff (the residual of the
+    regularised solve is about ρ|dx|, and one step leaves about ρ² of it), so the others are mostly
+    skipped. One condition after the first step, not one before each: with one before each, a
+    compiled forward + backward at (1, 100) took 1.12-1.28 of the time of every step taken; with
+    this one, 0.96, and 0.93 at (128, 100) and (64, 100) (two threads; docs/qp.md)."""
+    return refine_steps > 1 and torch.compiler.is_compiling() and f.chol_h.device.type == "cpu"
+
+
+_REFINEMENT_READS = ("H", "C", "d0", "Y", "chol_h", "chol_s", "inv_h", "inv_s", "augment")
+"""The tensors of a ``KKTFactor`` that a refinement step reads (``_extended_residual``, ``_solve_regularised``)."""
+
+
+def _corrected(f: KKTFactor, dx: Tensor, omega: Tensor, ex: Tensor, eo: Tensor, use_y: bool) -> tuple[Tensor, Tensor]:
+    """(dx, ω) plus the regularised solve of the residual (ex, eo): one refinement step."""
+    cx, co = _solve_regularised(f, ex, eo, use_y)
+    return dx + cx, (omega + co if omega.shape[-1] else omega)
+
+
+def _refined_on_device(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor, refine_steps: int,
+                       use_y: bool) -> tuple[Tensor, Tensor]:
+    """``refine_steps`` refinement steps of (dx, ω) (see ``refines_on_device``): the first, then the
+    others in the branch of a ``torch.cond`` taken only where the residual after the first is not
+    negligible (``_negligible``).
+
+    A branch may read no two tensors that share memory (``torch.cond`` refuses them), and the factor's
+    tensors do (C is A where there are no stiff rows, the empty ones are views of one tensor): the
+    branch reads the factor's nonempty tensors, each once, as operands of its own, and makes its
+    empty ones afresh."""
+    def steps(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor, ex: Tensor, eo: Tensor,
+              count: int) -> tuple[Tensor, Tensor]:
+        """``count`` steps from (dx, ω), whose residual is (ex, eo)."""
+        for step in range(count):
+            dx, omega = _corrected(f, dx, omega, *((ex, eo) if step == 0 else _extended_residual(f, rx, rc, dx, omega)), use_y)
+        return dx, omega
+
+    dx, omega = steps(f, rx, rc, dx, omega, *_extended_residual(f, rx, rc, dx, omega), 1)
+    ex, eo = _extended_residual(f, rx, rc, dx, omega)
+    negligible = _negligible(f, _root_diagonal(f), rx, rc, dx, omega, ex, eo)
+    fields = [name for name in _REFINEMENT_READS if getattr(f, name).numel()]
+    held: list[Tensor] = []  # each tensor once (one may be two fields); by identity, which tracing decides without a guard on ids
+    where = []
+    for name in fields:
+        tensor = getattr(f, name)
+        index = next((i for i, t in enumerate(held) if t is tensor), len(held))
+        held += [tensor][: index == len(held)]
+        where.append(index)
+    empty = {name: (tuple(getattr(f, name).shape), getattr(f, name).dtype) for name in FACTOR_TENSORS if name not in fields}
+    unread = {name: getattr(f, name) for name in FACTOR_TENSORS if name not in _REFINEMENT_READS}
+    rows = omega.shape[-1] > 0  # without rows of C, ω (B, 0), and eo with it, is no branch's operand or output
+    rc_given = rc is not None and rc.numel() > 0  # an empty rc is made afresh in the branch too
+    rc_shape = None if rc is None else tuple(rc.shape)
+    given = (dx, ex, *((omega, eo) if rows else ()), *((rc,) if rc_given else ()), rx)
+
+    def rest(*operands: Tensor) -> tuple[Tensor, ...]:
+        dx, ex, *more = operands[: len(given)]
+        tensors = [t.view(t.shape) for t in operands[len(given):]]  # views made here: their .mT too (else traced outside)
+        g = KKTFactor(**{name: tensors[index] for name, index in zip(fields, where)},
+                      **{name: torch.empty(shape, dtype=dtype, device=dx.device) for name, (shape, dtype) in empty.items()
+                         if name not in unread}, **unread, m=f.m)
+        omega, eo = (more[0], more[1]) if rows else (dx.new_empty(dx.shape[0], 0),) * 2
+        rc = more[-2] if rc_given else None if rc_shape is None else dx.new_empty(rc_shape)
+        out = steps(g, more[-1], rc, dx, omega, ex, eo, refine_steps - 1)
+        return out if rows else out[:1]
+
+    def kept(*operands: Tensor) -> tuple[Tensor, ...]:
+        return (operands[0].clone(), operands[2].clone()) if rows else (operands[0].clone(),)
+
+    out = torch.cond(negligible, kept, rest, (*given, *held))
+    return (out[0], out[1]) if rows else (out[0], omega)
 
 
 def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
@@ -476,7 +562,8 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
         rx: (B, n); re: (B, m) or None (zero); v: (B, k) or None (zero). A zero block given as
             None costs no arithmetic (the derivatives' right-hand sides often have them).
         refine_steps: iterative refinement steps against the unregularised system, at most: where
-            ``adaptive_refinement``, they stop once the residual is at the level of roundoff.
+            ``adaptive_refinement``, they stop once the residual is at the level of roundoff; where
+            ``refines_on_device``, those after the first are skipped where it is after the first.
         use_y: solve through the factor's Y = L⁻¹Cᵀ (four triangular solves per solve instead
             of six; the same answer up to rounding). The derivatives use it; the interior point
             iterations do not (their rounding decides some Maros–Meszaros problems).
@@ -499,6 +586,9 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
     dx, omega = _solve_regularised(f, rx, rc, use_y)
     adaptive = refine_steps > 0 and adaptive_refinement(f)
     root = _root_diagonal(f) if adaptive else None
+    if refines_on_device(f, refine_steps):
+        dx, omega = _refined_on_device(f, rx, rc, dx, omega, refine_steps, use_y)
+        refine_steps = 0
     for _ in range(refine_steps):
         residual = _extended_residual(f, rx, rc, dx, omega)
         if adaptive and _refined(f, root, rx, rc, dx, omega, *residual):
