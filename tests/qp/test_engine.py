@@ -90,6 +90,9 @@ def test_step_compiles_into_one_graph_with_the_eager_result(monkeypatch, inverte
     if not inverted:
         monkeypatch.setattr(kkt, "INVERTED_MAX_N", 0)
         monkeypatch.setattr(linalg, "SMALL_PRODUCT_MAX", 0)
+        # every refinement step, as eagerly at this size (the early stop on the device is
+        # test_refinement's)
+        monkeypatch.setattr(kkt, "refines_on_device", lambda f, refine_steps: False)
     tol = 1e-12 if inverted else 0.0
     data, units, settings = _scaled_problem()
     st, res = ipm.start(data, units, settings)
