@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import itertools
 import json
 import sys
 import types
@@ -277,14 +278,36 @@ def qp_counts(batch: int, n: int, n_ineq: int, n_eq: int, window: int = 3) -> QP
                     (high_views - low_views) / window, fwd.kernel_count, fwd.sync_count, bwd.kernel_count, bwd.sync_count)
 
 
-def _launches(code: str) -> dict[str, int]:
-    """The fused kernels and library calls that inductor's generated ``code`` launches per call."""
+def _launch_count(code: str) -> tuple[int, int]:
+    """(fused kernels, library calls) that a piece of inductor's generated code launches."""
     import re
 
-    body = code[code.index("def call("):]
-    fused = len(re.findall(r"^\s+cpp_fused_\w+\(", body, re.M)) + len(re.findall(r"\.run\(", body))
-    library = len(re.findall(r"(?:extern_kernels\.\w+|torch\.ops\.aten\.\w+\.\w+)\(", body))  # calls, not checks
-    return {"fused": fused, "library": library, "total": fused + library}
+    fused = len(re.findall(r"^\s+cpp_fused_\w+\(", code, re.M)) + len(re.findall(r"\.run\(", code))
+    library = len(re.findall(r"(?:extern_kernels\.\w+|torch\.ops\.aten\.\w+\.\w+)\(", code))  # calls, not checks
+    return fused, library
+
+
+def _launches(code: str) -> dict[str, int]:
+    """The fused kernels and library calls that inductor's generated ``code`` launches per call.
+
+    A ``torch.cond`` (the refinement's further steps, ``engine.kkt.refines_on_device``) is two
+    functions of the generated code, ``true_graph_i`` and ``false_graph_i``, of which a call runs
+    one: ``fused``, ``library`` and ``total`` count the dearer of each pair, ``total_skipped`` the
+    cheaper."""
+    import re
+
+    def function(name: str) -> str:
+        """The text of the generated function ``name`` (its indented lines)."""
+        lines = code[code.index(f"\ndef {name}(") + 1:].split("\n")
+        return "\n".join([lines[0], *itertools.takewhile(lambda line: not line or line[0].isspace(), lines[1:])])
+
+    fused, library = _launch_count(code[code.index("def call("):])
+    skipped = fused + library
+    for index in range(len(re.findall(r"^def true_graph_\d+\(", code, re.M))):
+        branches = [_launch_count(function(f"{side}_graph_{index}")) for side in ("true", "false")]
+        dearer = max(branches, key=sum)
+        fused, library, skipped = fused + dearer[0], library + dearer[1], skipped + min(map(sum, branches))
+    return {"fused": fused, "library": library, "total": fused + library, "total_skipped": skipped}
 
 
 def compiled_launches(batch: int, n: int, n_ineq: int, n_eq: int) -> dict[str, int]:
@@ -433,8 +456,10 @@ def main(argv: list[str] | None = None) -> None:
         result["qp_compiled"] = [compiled_launches(r.batch, r.n, r.n_ineq, r.n_eq) for r in rows]
         for r, launches in zip(rows, result["qp_compiled"]):
             print(f"compiled QP iteration (k = {r.n_ineq}, m = {r.n_eq}): {launches['total']} launches "
-                  f"({launches['fused']} fused kernels, {launches['library']} library calls); backward "
-                  f"{launches['backward_total']} ({launches['backward_fused']} fused, {launches['backward_library']} library)")
+                  f"({launches['fused']} fused kernels, {launches['library']} library calls; "
+                  f"{launches['total_skipped']} where the refinement's further steps are skipped); backward "
+                  f"{launches['backward_total']} ({launches['backward_fused']} fused, {launches['backward_library']} library; "
+                  f"{launches['backward_total_skipped']} skipped)")
         result["cone_compiled"] = cone = compiled_cone_counts(args.batch)
         print(f"compiled cone iteration: {cone['iteration_total']} launches ({cone['iteration_fused']} fused kernels, "
               f"{cone['iteration_library']} library calls); forward without / with the refinement: "

@@ -294,3 +294,33 @@ def test_iteration_cost_refuses_caps_the_solve_does_not_reach():
         iteration_cost.measure(2, 5, False, 1, 500, 1, 1)
     with pytest.raises(SystemExit):
         iteration_cost.parse_args(["--low", "4", "--high", "4"])
+
+
+def test_compiled_launches_count_a_conds_dearer_branch_and_its_cheaper_one(tmp_path, monkeypatch):
+    """``kernels._launches`` on inductor's code for a ``torch.cond`` whose branches are a triangular
+    solve and an exponential (a library call and a fused kernel) and a copy (one fused kernel): the
+    total counts the first, ``total_skipped`` the second (inductor, a fresh cache)."""
+    import torch
+    from torch._inductor.utils import run_and_get_code
+
+    from benchmarks import kernels
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    L = torch.eye(3, dtype=torch.float64).expand(2, 3, 3).contiguous()
+    x = torch.ones(2, 3, 1, dtype=torch.float64)
+
+    def fn(L: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        def solved(L: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return torch.linalg.solve_triangular(L, y, upper=False).exp()
+        return torch.cond(x.sum() > 0, solved, lambda L, y: y.clone(), (L, x))
+
+    torch._dynamo.reset()
+    try:
+        _, code = run_and_get_code(torch.compile(fn, fullgraph=True, dynamic=False), L, x)
+    finally:
+        torch._dynamo.reset()
+    launches = kernels._launches(code[-1])
+    outside = kernels._launch_count(code[-1][code[-1].index("def call("):])
+    assert launches["library"] == outside[1] + 1
+    assert launches["total"] == launches["fused"] + launches["library"] == sum(outside) + 2
+    assert launches["total_skipped"] == sum(outside) + 1
