@@ -172,7 +172,8 @@ def test_compiled_refinement_skips_steps_on_the_device_at_the_fixed_count_accura
     not negligible (``kkt.refines_on_device``, a ``torch.cond``). With a regularisation of 1e-4 one
     step leaves a residual of about 1e-8 and the others are needed; with 1e-9 it leaves roundoff on
     a well-conditioned system; the ill-conditioned one needs them again. In each the solve is as
-    accurate as every step taken eagerly (inductor)."""
+    accurate as every step taken eagerly, and each problem's answer is the same in a batch with
+    problems that need the steps (inductor)."""
     from optlayers.compiling import CPU_OPTIONS
 
     def solve(Q, A, G, w_inv, reg, rx, re, v):
@@ -182,9 +183,11 @@ def test_compiled_refinement_skips_steps_on_the_device_at_the_fixed_count_accura
 
     torch._dynamo.reset()
     compiled = torch.compile(solve, fullgraph=True, dynamic=False, options=CPU_OPTIONS)
+    solutions = []
     try:
         for make, rho in ((_well_conditioned_system, 1e-4), (_well_conditioned_system, 1e-9), (_ill_conditioned_system, 1e-9)):
-            Q, A, G, w_inv, rhs = make(0)
+            # the well-conditioned systems at sizes where MKL's batched solves do not depend on the batch (below)
+            Q, A, G, w_inv, rhs = make(0, n=16, m=2, k=16) if make is _well_conditioned_system else make(0)
             if not equalities:
                 A, rhs = A[:, :0], [rhs[0], rhs[1][:, :0], rhs[2]]
             reg = torch.full((Q.shape[0],), rho, dtype=torch.float64)
@@ -195,5 +198,12 @@ def test_compiled_refinement_skips_steps_on_the_device_at_the_fixed_count_accura
             assert not bool(eager_on_device)
             error, error_fixed = _backward_error(Q, A, G, w_inv, rhs, solution), _backward_error(Q, A, G, w_inv, rhs, fixed)
             assert error <= max(4 * error_fixed, 64 * EPS), (make.__name__, rho, error, error_fixed)
+            solutions.append(((Q, A, G, w_inv, reg, *rhs), solution))
+        # a problem takes the steps its own residual asks for: in one batch with a problem that needs
+        # them (the first system) the second's answers are the same to the bit
+        (data_needs, solution_needs), (data_skips, solution_skips) = solutions[:2]
+        both = compiled(*(torch.cat(pair) for pair in zip(data_needs, data_skips)))[1]
+        for together, alone in zip(both, (torch.cat(pair) for pair in zip(solution_needs, solution_skips))):
+            assert torch.equal(together, alone)
     finally:
         torch._dynamo.reset()

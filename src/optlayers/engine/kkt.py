@@ -451,8 +451,8 @@ def _root_diagonal(f: KKTFactor) -> Tensor | None:
 
 def _negligible(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor,
                 ex: Tensor, eo: Tensor) -> Tensor:
-    """0-d bool: whether the residuals (ex, eo) of the extended system at (dx, ω) are negligible in
-    every equation of every problem: |ex| ≤ ``_REFINED_ROUNDOFFS``·ε·(|rx| + |H||dx| + |Cᵀ||ω|) and
+    """(B,) bool: whether the residuals (ex, eo) of the extended system at (dx, ω) are negligible in
+    every equation of each problem: |ex| ≤ ``_REFINED_ROUNDOFFS``·ε·(|rx| + |H||dx| + |Cᵀ||ω|) and
     |eo| ≤ ``_REFINED_ROUNDOFFS``·ε·(|rc| + |C||dx| + |d0 ω|), with |H||dx| bounded as in
     ``_root_diagonal`` (``root``)."""
     tol = _REFINED_ROUNDOFFS * torch.finfo(dx.dtype).eps
@@ -465,18 +465,19 @@ def _negligible(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None
         terms_x = terms_x + mtv(abs_c, omega.abs())
         terms_c = mv(abs_c, abs_dx) + (f.d0 * omega).abs()
         checks.append(eo.abs() <= tol * (terms_c if rc is None else terms_c + rc.abs()))
-    return torch.cat([ex.abs() <= tol * terms_x, *checks], dim=-1).all()
+    return torch.cat([ex.abs() <= tol * terms_x, *checks], dim=-1).all(-1)
 
 
 def _refined(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor,
              ex: Tensor, eo: Tensor) -> bool:
-    """``_negligible``, read on the host."""
-    return bool(host_read(_negligible(f, root, rx, rc, dx, omega, ex, eo).reshape(1))[0])
+    """``_negligible`` in every problem, read on the host."""
+    return bool(host_read(_negligible(f, root, rx, rc, dx, omega, ex, eo).all().reshape(1))[0])
 
 
 def refines_on_device(f: KKTFactor, refine_steps: int) -> bool:
-    """Whether ``solve_reduced`` takes the refinement steps after its first one only where the
-    residual after that one is not negligible, decided on the device (``torch.cond``): where the
+    """Whether ``solve_reduced`` takes the refinement steps after its first one only for the
+    problems whose residual after that one is not negligible, and computes them only where there
+    is such a problem, decided on the device (``torch.cond``): where the
     solve is being traced for compilation, more than one step is asked for and the factor is on the
     CPU, whose compiled code reads the flag where it is (on an accelerator the condition would be
     a synchronisation, and no CUDA graph could hold it). One step removes the regularisation from
@@ -501,8 +502,10 @@ def _corrected(f: KKTFactor, dx: Tensor, omega: Tensor, ex: Tensor, eo: Tensor, 
 def _refined_on_device(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor, refine_steps: int,
                        use_y: bool) -> tuple[Tensor, Tensor]:
     """``refine_steps`` refinement steps of (dx, ω) (see ``refines_on_device``): the first, then the
-    others in the branch of a ``torch.cond`` taken only where the residual after the first is not
-    negligible (``_negligible``).
+    others for the problems whose residual after the first is not negligible (``_negligible``), in
+    the branch of a ``torch.cond`` taken only where there is one. Which steps a problem takes
+    depends on its own residual alone: a batch, its slices and its chunks give it the same answer
+    to the bit.
 
     A branch may read no two tensors that share memory (``torch.cond`` refuses them), and the factor's
     tensors do (C is A where there are no stiff rows, the empty ones are views of one tensor): the
@@ -531,23 +534,24 @@ def _refined_on_device(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, 
     rows = omega.shape[-1] > 0  # without rows of C, ω (B, 0), and eo with it, is no branch's operand or output
     rc_given = rc is not None and rc.numel() > 0  # an empty rc is made afresh in the branch too
     rc_shape = None if rc is None else tuple(rc.shape)
-    given = (dx, ex, *((omega, eo) if rows else ()), *((rc,) if rc_given else ()), rx)
+    given = (negligible, dx, ex, rx, *((omega, eo) if rows else ()), *((rc,) if rc_given else ()))
 
     def rest(*operands: Tensor) -> tuple[Tensor, ...]:
-        dx, ex, *more = operands[: len(given)]
+        negligible, dx, ex, rx, *more = operands[: len(given)]
         tensors = [t.view(t.shape) for t in operands[len(given):]]  # views made here: their .mT too (else traced outside)
         g = KKTFactor(**{name: tensors[index] for name, index in zip(fields, where)},
                       **{name: torch.empty(shape, dtype=dtype, device=dx.device) for name, (shape, dtype) in empty.items()
                          if name not in unread}, **unread, m=f.m)
         omega, eo = (more[0], more[1]) if rows else (dx.new_empty(dx.shape[0], 0),) * 2
-        rc = more[-2] if rc_given else None if rc_shape is None else dx.new_empty(rc_shape)
-        out = steps(g, more[-1], rc, dx, omega, ex, eo, refine_steps - 1)
+        rc = more[-1] if rc_given else None if rc_shape is None else dx.new_empty(rc_shape)
+        refined = steps(g, rx, rc, dx, omega, ex, eo, refine_steps - 1)
+        out = tuple(torch.where(negligible.unsqueeze(-1), first, later) for first, later in zip((dx, omega), refined))
         return out if rows else out[:1]
 
     def kept(*operands: Tensor) -> tuple[Tensor, ...]:
-        return (operands[0].clone(), operands[2].clone()) if rows else (operands[0].clone(),)
+        return (operands[1].clone(), operands[4].clone()) if rows else (operands[1].clone(),)
 
-    out = torch.cond(negligible, kept, rest, (*given, *held))
+    out = torch.cond(negligible.all(), kept, rest, (*given, *held))
     return (out[0], out[1]) if rows else (out[0], omega)
 
 
