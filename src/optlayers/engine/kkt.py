@@ -485,7 +485,7 @@ def refines_on_device(f: KKTFactor, refine_steps: int) -> bool:
     regularised solve is about ρ|dx|, and one step leaves about ρ² of it), so the others are mostly
     skipped. One condition after the first step, not one before each: with one before each, a
     compiled forward + backward at (1, 100) took 1.12-1.28 of the time of every step taken; with
-    this one, 0.96, and 0.93 at (128, 100) and (64, 100) (two threads; docs/qp.md)."""
+    this one, 0.96-0.98, and 0.84-1.00 at (128, 100) and (64, 100) (two threads; docs/qp.md)."""
     return refine_steps > 1 and torch.compiler.is_compiling() and f.chol_h.device.type == "cpu"
 
 
