@@ -477,10 +477,10 @@ def _refined(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None, d
 def refines_on_device(f: KKTFactor, refine_steps: int) -> bool:
     """Whether ``solve_reduced`` takes the refinement steps after its first one only for the
     problems whose residual after that one is not negligible, and computes them only where there
-    is such a problem, decided on the device (``torch.cond``): where the
-    solve is being traced for compilation, more than one step is asked for and the factor is on the
-    CPU, whose compiled code reads the flag where it is (on an accelerator the condition would be
-    a synchronisation, and no CUDA graph could hold it). One step removes the regularisation from
+    is such a problem, decided on the device (``torch.cond``): where the solve is being traced for
+    compilation, more than one step is asked for and the factor is on the CPU, whose compiled code
+    reads the flag where it is (on an accelerator the condition would be a synchronisation, and no
+    CUDA graph could hold it). One step removes the regularisation from
     the solves of a well-conditioned system to the level of roundoff (the residual of the
     regularised solve is about ρ|dx|, and one step leaves about ρ² of it), so the others are mostly
     skipped. One condition after the first step, not one before each: with one before each, a
@@ -529,7 +529,7 @@ def _refined_on_device(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, 
         index = next((i for i, t in enumerate(held) if t is tensor), len(held))
         held += [tensor][: index == len(held)]
         where.append(index)
-    empty = {name: (tuple(getattr(f, name).shape), getattr(f, name).dtype) for name in FACTOR_TENSORS if name not in fields}
+    empty = {name: (tuple(getattr(f, name).shape), getattr(f, name).dtype) for name in _REFINEMENT_READS if name not in fields}
     unread = {name: getattr(f, name) for name in FACTOR_TENSORS if name not in _REFINEMENT_READS}
     rows = omega.shape[-1] > 0  # without rows of C, ω (B, 0), and eo with it, is no branch's operand or output
     rc_given = rc is not None and rc.numel() > 0  # an empty rc is made afresh in the branch too
@@ -540,8 +540,8 @@ def _refined_on_device(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, 
         negligible, dx, ex, rx, *more = operands[: len(given)]
         tensors = [t.view(t.shape) for t in operands[len(given):]]  # views made here: their .mT too (else traced outside)
         g = KKTFactor(**{name: tensors[index] for name, index in zip(fields, where)},
-                      **{name: torch.empty(shape, dtype=dtype, device=dx.device) for name, (shape, dtype) in empty.items()
-                         if name not in unread}, **unread, m=f.m)
+                      **{name: torch.empty(shape, dtype=dtype, device=dx.device) for name, (shape, dtype) in empty.items()},
+                      **unread, m=f.m)
         omega, eo = (more[0], more[1]) if rows else (dx.new_empty(dx.shape[0], 0),) * 2
         rc = more[-1] if rc_given else None if rc_shape is None else dx.new_empty(rc_shape)
         refined = steps(g, rx, rc, dx, omega, ex, eo, refine_steps - 1)
@@ -567,7 +567,8 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
             None costs no arithmetic (the derivatives' right-hand sides often have them).
         refine_steps: iterative refinement steps against the unregularised system, at most: where
             ``adaptive_refinement``, they stop once the residual is at the level of roundoff; where
-            ``refines_on_device``, those after the first are skipped where it is after the first.
+            ``refines_on_device``, those after the first are taken only for the problems whose
+            residual after the first is not at that level.
         use_y: solve through the factor's Y = L⁻¹Cᵀ (four triangular solves per solve instead
             of six; the same answer up to rounding). The derivatives use it; the interior point
             iterations do not (their rounding decides some Maros–Meszaros problems).
