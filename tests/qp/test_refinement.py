@@ -207,3 +207,29 @@ def test_compiled_refinement_skips_steps_on_the_device_at_the_fixed_count_accura
             assert torch.equal(together, alone)
     finally:
         torch._dynamo.reset()
+
+
+def test_adaptive_refinement_takes_each_problems_own_steps(monkeypatch):
+    """Eagerly, where the host reads for free, a problem whose residual is at roundoff keeps its
+    solution while the others take further steps: in one batch with problems that need them (a
+    regularisation of 1e-4), those that need one step (1e-9) get their answers alone to the bit,
+    so that a batch's slices give the whole batch's answers (at sizes where MKL's batched solves do
+    not depend on the batch)."""
+    monkeypatch.setattr(kkt, "_LOOK_MIN_ENTRIES", 0)
+    calls = _count_residuals(monkeypatch)
+
+    def solve(rho: float, Q, A, G, w_inv, rhs):
+        reg = torch.full((Q.shape[0],), rho, dtype=torch.float64)
+        return kkt.solve_reduced(kkt.factor_kkt(Q, A, G, w_inv, reg, reg), *rhs, refine_steps=3)
+
+    (Q1, A1, G1, w1, rhs1), (Q2, A2, G2, w2, rhs2) = (_well_conditioned_system(seed, n=16, m=2, k=16) for seed in (0, 1))
+    alone = solve(1e-9, Q2, A2, G2, w2, rhs2)
+    assert len(calls) == 2  # one step, and the residual that shows it was enough
+    cat = lambda a, b: torch.cat([a, b])  # noqa: E731
+    reg = cat(torch.full((3,), 1e-4, dtype=torch.float64), torch.full((3,), 1e-9, dtype=torch.float64))
+    calls.clear()
+    together = kkt.solve_reduced(kkt.factor_kkt(cat(Q1, Q2), cat(A1, A2), cat(G1, G2), cat(w1, w2), reg, reg),
+                                 *map(cat, rhs1, rhs2), refine_steps=3)
+    assert len(calls) == 3  # every step, for the problems that need them
+    for mixed, own in zip(together, alone):
+        assert torch.equal(mixed[3:], own)

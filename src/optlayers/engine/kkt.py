@@ -435,7 +435,8 @@ _REFINED_ROUNDOFFS = 1.0
 
 def adaptive_refinement(f: KKTFactor) -> bool:
     """Whether ``solve_reduced`` stops refining with ``f`` once the residual is negligible (see
-    ``_REFINED_ROUNDOFFS``): where reading a flag on the host is free (``host.reads_are_free``),
+    ``_REFINED_ROUNDOFFS``) in every problem, a problem whose residual is negligible keeping its
+    solution in the steps that the others take: where reading a flag on the host is free (``host.reads_are_free``),
     the solve is not being traced for compilation and the factor is large enough
     (``_LOOK_MIN_ENTRIES``). Elsewhere it takes every step it is given, with no host
     synchronisation."""
@@ -466,12 +467,6 @@ def _negligible(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None
         terms_c = mv(abs_c, abs_dx) + (f.d0 * omega).abs()
         checks.append(eo.abs() <= tol * (terms_c if rc is None else terms_c + rc.abs()))
     return torch.cat([ex.abs() <= tol * terms_x, *checks], dim=-1).all(-1)
-
-
-def _refined(f: KKTFactor, root: Tensor | None, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor,
-             ex: Tensor, eo: Tensor) -> bool:
-    """``_negligible`` in every problem, read on the host."""
-    return bool(host_read(_negligible(f, root, rx, rc, dx, omega, ex, eo).all().reshape(1))[0])
 
 
 def refines_on_device(f: KKTFactor, refine_steps: int) -> bool:
@@ -566,7 +561,8 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
         rx: (B, n); re: (B, m) or None (zero); v: (B, k) or None (zero). A zero block given as
             None costs no arithmetic (the derivatives' right-hand sides often have them).
         refine_steps: iterative refinement steps against the unregularised system, at most: where
-            ``adaptive_refinement``, they stop once the residual is at the level of roundoff; where
+            ``adaptive_refinement``, a problem stops once its residual is at the level of roundoff
+            (and the steps once every problem's is); where
             ``refines_on_device``, those after the first are taken only for the problems whose
             residual after the first is not at that level.
         use_y: solve through the factor's Y = L⁻¹Cᵀ (four triangular solves per solve instead
@@ -596,12 +592,14 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
         refine_steps = 0
     for _ in range(refine_steps):
         residual = _extended_residual(f, rx, rc, dx, omega)
-        if adaptive and _refined(f, root, rx, rc, dx, omega, *residual):
+        negligible = _negligible(f, root, rx, rc, dx, omega, *residual) if adaptive else None
+        if negligible is not None and bool(host_read(negligible.all().reshape(1))[0]):
             break
-        ex, eo = _solve_regularised(f, *residual, use_y)
-        dx = dx + ex
-        if omega.shape[-1]:
-            omega = omega + eo
+        stepped = _corrected(f, dx, omega, *residual, use_y)
+        if negligible is None:
+            dx, omega = stepped
+        else:  # a problem whose residual is at roundoff keeps its solution: its steps are its own
+            dx, omega = (torch.where(negligible.unsqueeze(-1), kept, new) for kept, new in zip((dx, omega), stepped))
     dlam = mv(f.G, dx) if v is None else add_mv(v, f.G, dx)
     dlam = f.w_inv_soft * dlam
     if stiff_rows:
