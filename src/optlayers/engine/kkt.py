@@ -506,14 +506,7 @@ def _refined_on_device(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, 
     tensors do (C is A where there are no stiff rows, the empty ones are views of one tensor): the
     branch reads the factor's nonempty tensors, each once, as operands of its own, and makes its
     empty ones afresh."""
-    def steps(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, omega: Tensor, ex: Tensor, eo: Tensor,
-              count: int) -> tuple[Tensor, Tensor]:
-        """``count`` steps from (dx, ω), whose residual is (ex, eo)."""
-        for step in range(count):
-            dx, omega = _corrected(f, dx, omega, *((ex, eo) if step == 0 else _extended_residual(f, rx, rc, dx, omega)), use_y)
-        return dx, omega
-
-    dx, omega = steps(f, rx, rc, dx, omega, *_extended_residual(f, rx, rc, dx, omega), 1)
+    dx, omega = _corrected(f, dx, omega, *_extended_residual(f, rx, rc, dx, omega), use_y)
     ex, eo = _extended_residual(f, rx, rc, dx, omega)
     negligible = _negligible(f, _root_diagonal(f), rx, rc, dx, omega, ex, eo)
     fields = [name for name in _REFINEMENT_READS if getattr(f, name).numel()]
@@ -522,7 +515,8 @@ def _refined_on_device(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, 
     for name in fields:
         tensor = getattr(f, name)
         index = next((i for i, t in enumerate(held) if t is tensor), len(held))
-        held += [tensor][: index == len(held)]
+        if index == len(held):
+            held.append(tensor)
         where.append(index)
     empty = {name: (tuple(getattr(f, name).shape), getattr(f, name).dtype) for name in _REFINEMENT_READS if name not in fields}
     unread = {name: getattr(f, name) for name in FACTOR_TENSORS if name not in _REFINEMENT_READS}
@@ -539,7 +533,9 @@ def _refined_on_device(f: KKTFactor, rx: Tensor, rc: Tensor | None, dx: Tensor, 
                       **unread, m=f.m)
         omega, eo = (more[0], more[1]) if rows else (dx.new_empty(dx.shape[0], 0),) * 2
         rc = more[-1] if rc_given else None if rc_shape is None else dx.new_empty(rc_shape)
-        refined = steps(g, rx, rc, dx, omega, ex, eo, refine_steps - 1)
+        refined = dx, omega
+        for step in range(refine_steps - 1):  # the first from the residual (ex, eo) already at hand
+            refined = _corrected(g, *refined, *((ex, eo) if step == 0 else _extended_residual(g, rx, rc, *refined)), use_y)
         out = tuple(torch.where(negligible.unsqueeze(-1), first, later) for first, later in zip((dx, omega), refined))
         return out if rows else out[:1]
 
