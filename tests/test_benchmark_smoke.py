@@ -75,6 +75,43 @@ def test_figures_option_selects_settings_and_refuses_unknown(tmp_path, capsys):
     assert "--figures: unknown ['fig9']" in capsys.readouterr().err
 
 
+def test_shapes_option_keeps_only_those_shapes_and_refuses_malformed(tmp_path, capsys):
+    argv = ["--quick", "--threads", "1", "--dtype", "float64", "--solvers", "linear", "--shapes", "8x10,1x10",
+            "--out", str(tmp_path)]
+    rows = qp_benchmark.main(argv)["results"]
+    assert {(r["batch"], r["n"]) for r in rows} == {(8, 10), (1, 10)}
+    for shapes in ("8by10", "8x0", "8x10x2"):
+        with pytest.raises(SystemExit):
+            qp_benchmark.main(["--quick", "--shapes", shapes, "--out", str(tmp_path)])
+        assert "--shapes: expected comma-separated BATCHxN" in capsys.readouterr().err
+
+
+def test_prepare_checks_and_warms_every_solver_and_times_nothing(tmp_path, capsys):
+    argv = ["--quick", "--threads", "1", "--dtype", "float64", "--solvers", "optlayers,linear", "--figures", "fig2",
+            "--prepare", "--out", str(tmp_path)]
+    result = qp_benchmark.main(argv)
+    assert result["meta"]["prepare"] is True
+    rows = result["results"]
+    assert {r["solver"] for r in rows} == {"optlayers", "linear"}
+    for row in rows:
+        assert row["status"] == "ok" and "timings" not in row
+        if row["solver"] == "optlayers":
+            assert row["accuracy"]["distance"] < FLOAT64_ACCURACY
+    assert not list(tmp_path.glob("*.png"))
+    with pytest.raises(SystemExit):
+        qp_benchmark.main([*argv, "--isolate"])
+    assert "--prepare: warms the solvers in this process; not with --isolate" in capsys.readouterr().err
+
+
+def test_target_row_runs_on_a_gpu_or_without_caps_only():
+    cpu = qp_benchmark.full_settings(["float64"], large_batches=False)
+    gpu = qp_benchmark.full_settings(["float32", "float64"], large_batches=True)
+    assert not [s for s in cpu if s.figure == "target"]
+    target = [s for s in gpu if s.figure == "target"]
+    assert [(s.batch, s.n, s.dtype) for s in target] == [(128, 100, "float32"), (128, 100, "float64")]
+    assert all("optlayers-compiled" in s.solvers for s in target)
+
+
 def test_isolate_measures_each_solver_in_its_own_process_in_the_usual_order(tmp_path):
     argv = ["--quick", "--threads", "1", "--dtype", "float64", "--solvers", "optlayers,linear", "--figures", "fig1"]
     together = qp_benchmark.main([*argv, "--out", str(tmp_path / "together")])
@@ -240,7 +277,7 @@ def test_preloaded_libraries_are_read_from_ld_preload_and_recorded(monkeypatch):
     monkeypatch.setenv("LD_PRELOAD", " /lib/libtcmalloc_minimal.so.4:libfoo.so  /opt/bar.so ")
     expected = ["/lib/libtcmalloc_minimal.so.4", "libfoo.so", "/opt/bar.so"]
     assert machine.preloaded() == expected
-    args = argparse.Namespace(device="cpu", rounds=0, quick=True)
+    args = argparse.Namespace(device="cpu", rounds=0, quick=True, prepare=False)
     assert qp_benchmark.metadata(args, ["--quick"], [])["preload"] == expected
     assert bench_cone.metadata(bench_cone.parse_args(["--threads", "1"]))["preload"] == expected
 
@@ -249,7 +286,7 @@ def test_every_benchmark_that_records_the_machine_uses_the_shared_reader(monkeyp
     from benchmarks import bench_cone, blas_backends
 
     monkeypatch.setattr(machine, "cpu_model", lambda: FAKE_CPU)
-    args = argparse.Namespace(device="cpu", rounds=0, quick=True)
+    args = argparse.Namespace(device="cpu", rounds=0, quick=True, prepare=False)
     assert qp_benchmark.metadata(args, ["--quick"], [])["cpu"] == FAKE_CPU
     meta = bench_cone.metadata(bench_cone.parse_args(["--threads", "1", "--batch", "2"]))
     assert meta["cpu"] == FAKE_CPU and meta["threads"] == 1 and meta["batch"] == 2

@@ -32,12 +32,17 @@ def test_every_python_step_is_known_here(tmp_path):
     steps = python_steps(tmp_path)
     assert len(steps) >= 5, f"expected the tests, the launches and three benchmarks, got {steps}"
     for words in steps:
+        if words[0] == "-c":  # inline code: it must compile
+            compile(words[1], "gpu_session.sh", "exec")
+            continue
         target = words[1] if words[0] == "-m" else words[0]
         assert target == "pytest" or target in PARSERS, f"a step this test does not check: {words}"
 
 
 def test_every_benchmark_step_parses_its_arguments(tmp_path):
     for words in python_steps(tmp_path):
+        if words[0] == "-c":
+            continue
         target, argv = (words[1], words[2:]) if words[0] == "-m" else (words[0], words[1:])
         if target == "pytest":
             continue
@@ -56,6 +61,30 @@ def test_the_test_step_names_existing_files_and_a_registered_marker(tmp_path):
     assert files, words
     for name in files:
         assert (ROOT / name).is_file(), f"gpu_session.sh runs {name}, which does not exist"
+
+
+def test_every_background_compilation_parses_its_arguments(tmp_path):
+    """The ``prepare NAME ARGS...`` lines: ``qp_benchmark --prepare`` with the function's own arguments
+    (``local args=(...)``, its ``"${@:2}"`` replaced by the line's ARGS)."""
+    lines = SCRIPT.read_text().splitlines()
+    (template,) = [shlex.split(line.strip()[len("local args=("):-1]) for line in lines if line.strip().startswith("local args=(")]
+    calls = []
+    for line in lines:
+        words = shlex.split(line, comments=True)
+        if words and words[0] == "for" and "prepare" in words:  # for shape in A B C; do prepare NAME ARGS; done
+            shapes = words[words.index("in") + 1 : words.index("do")]
+            body = words[words.index("prepare") + 2 : words.index("done")]
+            calls += [[word.replace("$shape", shape) for word in body] for shape in (s.rstrip(";") for s in shapes)]
+        elif words and words[0] == "prepare":
+            calls.append(words[2:])
+    assert len(calls) >= 2, calls
+    for call in calls:
+        call = [word.rstrip(";") for word in call]
+        argv = [word for part in template for word in (call if part == "${@:2}" else [part])]
+        argv = [str(tmp_path) if "$out" in word else word for word in argv]
+        args = qp_benchmark.parse_args(argv)
+        assert args.prepare and args.solvers == "optlayers-compiled"
+        assert args.sweep or args.figures == ["target"]
 
 
 @pytest.mark.parametrize("argv", [["--device", "cuda", "--sweep", "--no-such-option"], ["--solvers", "no-such-solver"]])
