@@ -16,7 +16,7 @@ out=runs/gpu
 rm -rf "$out" && mkdir -p "$out/qp" "$out/prepare"  # this run's results only (the folder outlives a device call)
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH=/tmp/site:/tmp/site/cmeel.prefix/lib/python3.12/site-packages  # proxsuite's files sit in cmeel's prefix
 fi
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX (qpax) would otherwise take 75 % of the GPU from torch

@@ -51,7 +51,7 @@ def test_arguments_are_checked():
         compiling.compiled(3, "cpu")
     with pytest.raises(ValueError, match="device_type must be a device type"):
         compiling.compiled(_double, "")
-    with pytest.raises(TypeError, match="graphs must be True or False, got 1"):
+    with pytest.raises(TypeError, match="pointwise_cat must be True or False, got 1"):
         compiling.compiled(_double, "cpu", 1)
     with pytest.raises(TypeError, match="obj must be a dataclass instance, got Tensor"):
         compiling.owned(torch.ones(2))

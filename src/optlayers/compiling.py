@@ -1,11 +1,13 @@
 """The opt-in compiled path (``compile=True``): functions free of host synchronisations compiled
 whole with ``torch.compile(fullgraph=True)``, one specialisation per shape of their arguments.
 
-Only the interior point step is captured in CUDA graphs (mode "reduce-overhead" on CUDA): its
-outputs are the next call's inputs, while the outputs of the other compiled functions (the
-equilibration, the start, the derivatives' factorisation) outlive later calls, which a CUDA
-graph's replay would overwrite. The caller copies the step's last outputs out of the graph's
-memory (``owned``) before they are kept.
+On CUDA the interior point step is replayed from a CUDA graph of its own (``engine.graphed``):
+its outputs are the next call's inputs, written back into the buffers it reads, while the outputs
+of the other compiled functions (the equilibration, the start, the derivatives' factorisation)
+outlive later calls, which a replay would overwrite. The caller copies the step's last outputs out
+of the graph's buffers (``owned``) before they are kept. torch's own CUDA graphs (mode
+"reduce-overhead") are not used: they take each call for a new iteration of a training loop and
+free the previous call's outputs, which the step's next call reads.
 
 On the CPU, where a small problem's solve is a few compiled calls, each call's guards are cut to
 those that can change without editing the code (``keeps_guard``).
@@ -165,9 +167,8 @@ _COMPILING = threading.Lock()
 
 
 @functools.cache
-def compiled(fn: Callable, device_type: str, graphs: bool = False, pointwise_cat: bool = False) -> Callable:
-    """``fn`` compiled whole (no graph breaks) for devices of ``device_type``; with ``graphs``, on
-    CUDA captured in CUDA graphs (see the module docstring); with ``pointwise_cat``, on the CPU
+def compiled(fn: Callable, device_type: str, pointwise_cat: bool = False) -> Callable:
+    """``fn`` compiled whole (no graph breaks) for devices of ``device_type``; with ``pointwise_cat``, on the CPU
     with ``POINTWISE_CAT_OPTIONS`` (see ``pointwise_cats``). Positional and keyword arguments
     pass through.
 
@@ -180,8 +181,6 @@ def compiled(fn: Callable, device_type: str, graphs: bool = False, pointwise_cat
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if not isinstance(device_type, str) or not device_type:
         raise ValueError(f"device_type must be a device type such as 'cpu' or 'cuda', got {device_type!r}")
-    if not isinstance(graphs, bool):
-        raise TypeError(f"graphs must be True or False, got {graphs!r}")
     if not isinstance(pointwise_cat, bool):
         raise TypeError(f"pointwise_cat must be True or False, got {pointwise_cat!r}")
     if device_type == "cpu":
@@ -189,8 +188,7 @@ def compiled(fn: Callable, device_type: str, graphs: bool = False, pointwise_cat
         options = POINTWISE_CAT_OPTIONS if pointwise_cat else CPU_OPTIONS
         graph = torch.compile(fn, fullgraph=True, options={**options, "guard_filter_fn": _keep_guards})
     else:
-        mode = "reduce-overhead" if graphs and device_type == "cuda" else "default"
-        graph = torch.compile(fn, fullgraph=True, mode=mode)  # torch takes a mode or options, not both
+        graph = torch.compile(fn, fullgraph=True)
     name = getattr(fn, "__qualname__", repr(fn))
 
     @functools.wraps(fn)
@@ -219,8 +217,8 @@ def _past_torchs_limit(graph: Callable, fn: Callable, name: str, *args: object, 
 
 
 def owned(obj: T) -> T:
-    """``obj`` (a dataclass of tensors) with every tensor copied into memory of its own: the outputs
-    of a CUDA graph's replay before they are kept (see the module docstring), and the data that the
+    """``obj`` (a dataclass of tensors) with every tensor copied into memory of its own: the state
+    replayed in a CUDA graph's buffers before it is kept (see the module docstring), and the data that the
     body of a ``while_loop`` reads (``engine.device_loop.run``)."""
     if not is_dataclass(obj) or isinstance(obj, type):
         raise TypeError(f"obj must be a dataclass instance, got {type(obj).__name__}")

@@ -13,7 +13,8 @@ def test_cuda_matches_cpu():
     grads = {}
     for device in ("cpu", "cuda"):
         leaves = [t.to(device).requires_grad_() for t in (A, b, c, P)]
-        sol = solve_cone(*leaves, ALL_CONES)
+        A_, b_, c_, P_ = leaves
+        sol = solve_cone(A_, b_, c_, ALL_CONES, P_)
         assert sol.x.device.type == device
         (sol.x.sum() + sol.y.square().sum()).backward()
         grads[device] = [t.grad.cpu() for t in leaves]

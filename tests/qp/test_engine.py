@@ -159,9 +159,10 @@ def test_compile_must_be_a_bool():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.filterwarnings("error:compile=True on CUDA:RuntimeWarning")  # the step must be captured, not run uncaptured
 def test_compiled_solve_on_cuda_matches_the_cpu():
-    """The compiled path on CUDA (its step captured in CUDA graphs) gives the CPU's answers and
-    gradients, also when a second solve replays the graphs before the first one's backward."""
+    """The compiled path on CUDA (its step replayed from a CUDA graph, ``engine.graphed``) gives the
+    CPU's answers and gradients, also when a second solve replays the graph before the first one's backward."""
     data = random_qp((16,), 8, 10, 3, active=True)
     expected = []
     for shift in (0.0, 1.0):
@@ -322,3 +323,39 @@ def test_the_failure_test_agrees_with_next_regularisation():
     # (running, factored) = 00, 01, 10, 11: a failure retries with 100 times more while it may, a step takes it back
     expected = torch.tensor([base, base, base * 100, base, base * 1e8, base * 1e8, base * 1e8, base * 1e6], dtype=torch.float64)
     torch.testing.assert_close(new_reg, expected, rtol=1e-14, atol=0)
+
+
+def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next_solve(monkeypatch):
+    """``engine.graphed.GraphedStep`` in the real loop (its host looks, retries and the copy out of
+    its buffers), run on the CPU with a stand-in graph whose replay runs the captured body: three
+    solves of one shape give, to the bit, the plain step's answers and gradients, the first one's
+    still intact after the later solves have replayed the same buffers."""
+    from optlayers.engine import graphed
+
+    problems = [random_qp((6,), 7, 9, 2, active=True) for _ in range(3)]
+
+    def solved(data):
+        p = data["p"].clone().requires_grad_(True)
+        sol = solve_qp(p=p, **{k: v for k, v in data.items() if k != "p"})
+        return sol, p
+
+    expected = []
+    for data in problems:
+        sol, p = solved(data)
+        expected.append((sol.z.detach().clone(), torch.autograd.grad((sol.z ** 2).sum(), p)[0]))
+
+    class Replayed:
+        def __init__(self, body):
+            self.body = body
+
+        def replay(self):
+            self.body()
+
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "capture", lambda warm, body: (warm(), Replayed(body))[1])
+    monkeypatch.setattr(ipm, "replays_graphs", lambda device, compiled: True)
+    kept = [solved(data) for data in problems]
+    assert len(graphed._GRAPHS.captured) >= 1
+    for (sol, p), (z, grad) in zip(kept, expected):
+        assert torch.equal(sol.z.detach(), z)
+        assert torch.equal(torch.autograd.grad((sol.z ** 2).sum(), p)[0], grad)

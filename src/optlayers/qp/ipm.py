@@ -21,6 +21,7 @@ from optlayers.compiling import compiled, owned
 from optlayers.engine import loop
 from optlayers.engine.batch import put, take
 from optlayers.engine.constants import constant, made_once
+from optlayers.engine.graphed import GraphedStep, replays_graphs
 from optlayers.engine.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, raise_limit, regularisation_after, solve_reduced
 from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, QPData, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
@@ -79,7 +80,7 @@ class IPMSettings:
         compiled: run the equilibration, the start, each iteration and the derivatives'
             factorisation as ``torch.compile``d graphs (``fullgraph=True``; on the CPU the start,
             the iterations and the factorisation as one, ``qp.fused``; on CUDA the iteration
-            captured in CUDA graphs; see ``optlayers.compiling``) on a batch of fixed shape: finished
+            replayed from one CUDA graph, ``engine.graphed``) on a batch of fixed shape: finished
             problems stay in it, frozen, instead of leaving it. The first call for each new
             shape pays the compilation (about a minute on a CPU); it pays off for thousands of
             calls on small problems, where an iteration's cost is its kernel launches.
@@ -689,8 +690,10 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
             full, res = start(data, units, settings)  # the start's factorisation retried with more regularisation
     else:
         full, res = start(data, units, settings)
-    step_fn = compiled(step, device.type, graphs=True) if settings.compiled else step
+    step_fn = compiled(step, device.type) if settings.compiled else step
     plain_step = lambda data, units, st, res: step_fn(data, units, st, res, settings)  # noqa: E731
+    if replays_graphs(device, settings.compiled):
+        plain_step = GraphedStep(plain_step, settings)  # one CUDA graph launch per iteration
     return iterate(data, units, full, res, plain_step, settings, with_factor)
 
 
@@ -712,8 +715,8 @@ def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step:
     full, res = outcome.state, outcome.working_res
     if outcome.index is not None:
         res = residuals(data, units, full, settings)
-    elif settings.compiled and device.type == "cuda":
-        full, res = owned(full), owned(res)  # out of the step's CUDA-graph memory, which its next replay overwrites
+    elif isinstance(plain_step, GraphedStep):
+        full, res = owned(full), owned(res)  # out of the step's CUDA-graph buffers, which its next replay overwrites
     if hook.accurate_gaps:  # the problems that converged by their accurate gap report it again (later steps re-evaluated it)
         res = _accept_accurate_gaps(data, units, full, res, (full.status == int(QPStatus.SOLVED)) & ~res.converged)
     full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))

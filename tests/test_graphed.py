@@ -1,0 +1,169 @@
+"""``engine.graphed.GraphedStep``: the step's buffers, copies and fallbacks, checked on the CPU
+with a stand-in for the CUDA graph (one whose replay runs the captured body); the capture itself
+on CUDA in ``tests/qp/test_engine.py`` (skipped without a GPU)."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+from torch import Tensor
+
+from optlayers.engine import graphed
+
+
+@dataclass(frozen=True)
+class Data:
+    a: Tensor
+    diagonal: bool
+
+
+@dataclass(frozen=True)
+class Units:
+    u: Tensor
+
+
+@dataclass(frozen=True)
+class State:
+    x: Tensor
+    status: Tensor
+    n: int
+
+
+@dataclass(frozen=True)
+class Res:
+    r: Tensor
+
+
+def toy_step(data: Data, units: Units, st: State, res: Res) -> tuple[State, Res]:
+    x = st.x / 2 + data.a * units.u + res.r.sum(-1, keepdim=True)
+    return replace(st, x=x, status=st.status + 1), Res(r=x - st.x)
+
+
+class FakeGraph:
+    """A captured graph whose replay runs the body (what a CUDA graph's replay does on the device)."""
+
+    def __init__(self, body) -> None:
+        self.body = body
+
+    def replay(self) -> None:
+        self.body()
+
+
+@pytest.fixture
+def captures(monkeypatch):
+    """Fresh per-thread graphs, and a capture that counts its calls and warms as torch's would."""
+    made = []
+
+    def fake_capture(warm, body):
+        for _ in range(graphed.WARM_UP_CALLS):
+            warm()
+        made.append(body)
+        return FakeGraph(body)
+
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "capture", fake_capture)
+    return made
+
+
+def problem(batch=3, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    data = Data(a=torch.randn(batch, n, generator=g, dtype=torch.float64), diagonal=False)
+    units = Units(u=torch.rand(batch, n, generator=g, dtype=torch.float64))
+    st = State(x=torch.randn(batch, n, generator=g, dtype=torch.float64), status=torch.zeros(batch, dtype=torch.int64), n=n)
+    res = Res(r=torch.randn(batch, n, generator=g, dtype=torch.float64))
+    return data, units, st, res
+
+
+def iterate(step, data, units, st, res, times):
+    for _ in range(times):
+        st, res = step(data, units, st, res)
+    return st, res
+
+
+def test_replays_give_the_steps_own_iterates_and_capture_once(captures):
+    data, units, st, res = problem()
+    expected = iterate(toy_step, data, units, st, res, 6)
+    step = graphed.GraphedStep(toy_step, key="settings")
+    got = iterate(step, data, units, st, res, 6)
+    assert torch.equal(got[0].x, expected[0].x) and torch.equal(got[0].status, expected[0].status)
+    assert torch.equal(got[1].r, expected[1].r)
+    assert len(captures) == 1
+    again = step(data, units, *got)
+    assert again[0] is got[0] and again[1] is got[1]  # the state lives in the graph's buffers
+    assert torch.equal(st.x, problem()[2].x)  # the caller's tensors are never written
+
+
+def test_a_state_replaced_between_calls_is_copied_in(captures):
+    data, units, st, res = problem()
+    step = graphed.GraphedStep(toy_step, key=None)
+    st1, res1 = iterate(step, data, units, st, res, 2)
+    changed = replace(st1, x=st1.x.clone().fill_(0.5))  # as the host's look replaces a field
+    expected = toy_step(data, units, replace(changed, status=changed.status.clone()), Res(r=res1.r.clone()))
+    got = step(data, units, changed, res1)  # overwrites st1 and res1, the graph's buffers
+    assert torch.equal(got[0].x, expected[0].x) and torch.equal(got[1].r, expected[1].r)
+
+
+def test_a_later_solve_of_the_same_layout_replays_with_its_own_data(captures):
+    first, second = problem(seed=0), problem(seed=1)
+    iterate(graphed.GraphedStep(toy_step, key="k"), *first, 3)
+    got = iterate(graphed.GraphedStep(toy_step, key="k"), *second, 3)
+    expected = iterate(toy_step, *second, 3)
+    assert torch.equal(got[0].x, expected[0].x)
+    assert len(captures) == 1
+
+
+def test_another_shape_key_or_field_value_is_another_capture(captures):
+    iterate(graphed.GraphedStep(toy_step, key="k"), *problem(), 2)
+    iterate(graphed.GraphedStep(toy_step, key="k"), *problem(batch=5), 2)
+    iterate(graphed.GraphedStep(toy_step, key="other"), *problem(), 2)
+    data, units, st, res = problem()
+    iterate(graphed.GraphedStep(toy_step, key="k"), replace(data, diagonal=True), units, st, res, 2)
+    assert len(captures) == 4
+
+
+def test_at_most_max_graphs_are_kept(captures, monkeypatch):
+    monkeypatch.setattr(graphed, "MAX_GRAPHS", 2)
+    for key in ("a", "b", "c", "a"):
+        iterate(graphed.GraphedStep(toy_step, key=key), *problem(), 1)
+    assert len(captures) == 4 and len(graphed._GRAPHS.captured) == 2  # "a" was dropped before its second use
+
+
+def test_an_output_of_another_layout_runs_uncaptured_with_a_warning(captures):
+    def counting_step(data, units, st, res):
+        new, res = toy_step(data, units, st, res)
+        return replace(new, n=st.n + 1), res  # a field the next call's buffers cannot hold
+
+    data, units, st, res = problem()
+    with pytest.warns(RuntimeWarning, match="could not be captured in a CUDA graph .*ValueError: the step's output layout"):
+        got = graphed.GraphedStep(counting_step, key=None)(data, units, st, res)
+    assert got[0].n == st.n + 1 and torch.equal(got[0].x, toy_step(data, units, st, res)[0].x)
+    assert not captures
+
+
+def test_a_failed_capture_runs_uncaptured_with_a_warning(monkeypatch):
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+
+    def failing(warm, body):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed, "capture", failing)
+    data, units, st, res = problem()
+    step = graphed.GraphedStep(toy_step, key=None)
+    with pytest.warns(RuntimeWarning, match="RuntimeError: operation not permitted"):
+        got = iterate(step, data, units, st, res, 3)
+    assert torch.equal(got[0].x, iterate(toy_step, data, units, st, res, 3)[0].x)
+
+
+def test_each_thread_keeps_its_own_graphs(captures):
+    iterate(graphed.GraphedStep(toy_step, key="k"), *problem(), 2)
+    other = threading.Thread(target=lambda: iterate(graphed.GraphedStep(toy_step, key="k"), *problem(), 2))
+    other.start()
+    other.join()
+    assert len(captures) == 2
+
+
+def test_fn_must_be_callable():
+    with pytest.raises(TypeError, match="fn must be callable, got int"):
+        graphed.GraphedStep(3, key=None)
