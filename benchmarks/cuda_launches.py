@@ -1,4 +1,5 @@
-"""Count the CUDA kernel launches of a QP solve on a GPU (torch.profiler), eager and compiled.
+"""Count the CUDA kernel launches of a QP solve on a GPU (torch.profiler), eager and compiled, and list
+the kernels that take its device time.
 
 ``benchmarks/kernels.py`` counts aten operations on the CPU, a machine-independent stand-in for
 launches; this script measures the launches themselves on a CUDA device (CUDA graph replays
@@ -21,6 +22,11 @@ from benchmarks.problems import random_qp  # noqa: E402
 from optlayers import solve_qp  # noqa: E402
 
 
+TOP_KERNELS = 10
+"""Kernels listed by device time: where a forward's device time goes (the Cholesky, the triangular
+solves, inductor's fused kernels)."""
+
+
 def launches(fn) -> dict[str, int]:
     """Kernels run on the device and launch calls made by the host during ``fn()``."""
     fn()  # warm-up (and compilation)
@@ -29,9 +35,21 @@ def launches(fn) -> dict[str, int]:
         fn()
         torch.cuda.synchronize()
     events = prof.events()
-    device = sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
     host = sum(1 for e in events if e.name in ("cudaLaunchKernel", "cuLaunchKernel", "cudaGraphLaunch", "cudaLaunchKernelExC"))
-    return {"device_kernels": device, "host_launch_calls": host}
+    return {"device_kernels": len(kernels), "host_launch_calls": host,
+            "device_busy_us": sum(e.time_range.elapsed_us() for e in kernels), "top_kernels": top_kernels(kernels)}
+
+
+def top_kernels(kernels: list, count: int = TOP_KERNELS) -> list[dict]:
+    """The ``count`` kernels (by name) that took the most device time, with their calls and microseconds."""
+    totals: dict[str, list[float]] = {}
+    for e in kernels:
+        total = totals.setdefault(e.name, [0, 0.0])
+        total[0] += 1
+        total[1] += e.time_range.elapsed_us()
+    ranked = sorted(totals.items(), key=lambda item: -item[1][1])[:count]
+    return [{"name": name[:120], "calls": calls, "device_us": round(us, 1)} for name, (calls, us) in ranked]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -62,7 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                                                      "device_kernels_per_iteration": counts["device_kernels"] / iterations}
     for name, row in rows.items():
         print(f"{name}: {row['device_kernels']} device kernels and {row['host_launch_calls']} host launch calls per forward "
-              f"({row['iterations']} iterations; {row['device_kernels_per_iteration']:.0f} kernels per iteration, set-up included)")
+              f"({row['iterations']} iterations; {row['device_kernels_per_iteration']:.0f} kernels per iteration, set-up included); "
+              f"device busy {row['device_busy_us'] / 1e3:.2f} ms")
+        for kernel in row["top_kernels"]:
+            print(f"  {kernel['device_us'] / 1e3:8.3f} ms  {kernel['calls']:5d} calls  {kernel['name']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"batch": args.batch, "n": args.n, "device": torch.cuda.get_device_name(), **rows}, indent=1))

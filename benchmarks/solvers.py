@@ -123,12 +123,14 @@ def _qplayer() -> Solver:
     layer = QPFunction()
 
     def solve(qp: QPBatch) -> torch.Tensor:
+        device = qp.p.device
+        qp = qp.map(lambda t: t.cpu())  # a CPU solver: on a GPU its inputs go to the host and its answer back (timed)
         empty = _empty_like(qp)
         A = empty if qp.A is None else qp.A
         b = empty if qp.b is None else qp.b
-        return layer(qp.Q, qp.p, A, b, qp.G, torch.full_like(qp.h, NO_LOWER_BOUND), qp.h)[0]
+        return layer(qp.Q, qp.p, A, b, qp.G, torch.full_like(qp.h, NO_LOWER_BOUND), qp.h)[0].to(device)
 
-    return Solver("qplayer", solve, True, "proxsuite QPFunction defaults (eps 1e-9, serial)", max_n=SLOW_MAX_N,
+    return Solver("qplayer", solve, True, "proxsuite QPFunction defaults (eps 1e-9, serial; on a GPU through the host)", max_n=SLOW_MAX_N,
                   cap_reason=SLOW_CAP)
 
 

@@ -7,6 +7,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import bench_cone, cuda_launches, qp_benchmark
 
@@ -91,3 +92,22 @@ def test_every_background_compilation_parses_its_arguments(tmp_path):
 def test_a_wrong_option_is_caught_by_the_check(argv, tmp_path, capsys):
     with pytest.raises(SystemExit):
         qp_benchmark.parse_args(argv + ["--out", str(tmp_path)])
+
+
+def test_top_kernels_rank_names_by_their_total_time():
+    """``cuda_launches.top_kernels`` on profiler events (CPU ones here: the same fields)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a = torch.randn(200, 200)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            a @ a
+        torch.ones(2) + 1
+    events = list(prof.events())
+    top = cuda_launches.top_kernels(events, count=3)
+    assert len(top) == 3
+    assert [k["device_us"] for k in top] == sorted((k["device_us"] for k in top), reverse=True)
+    by_name = {k["name"]: k for k in cuda_launches.top_kernels(events, count=len(events))}
+    assert by_name["aten::mm"]["calls"] == 3
+    expected = sum(e.time_range.elapsed_us() for e in events if e.name == "aten::mm")
+    assert by_name["aten::mm"]["device_us"] == pytest.approx(expected, abs=0.1)
