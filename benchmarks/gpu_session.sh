@@ -33,6 +33,7 @@ step() {  # step SECONDS COMMAND...: run COMMAND for at most SECONDS, and never 
   echo "== $* (limit ${limit} s, ${SECONDS} s into the session)" | tee -a "$log"
   timeout -k 5 "$limit" "$@" 2>&1 | tee -a "$log" || failed=1
 }
+step 10 git describe --always --dirty --abbrev=7
 step 20 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv
 step 30 python3 -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 step 30 python3 -c "import importlib.util; [print(name, 'imports' if importlib.util.find_spec(name) else 'MISSING') for name in ('qpth', 'cvxpy', 'proxsuite', 'qpax', 'diffcp', 'clarabel')]"
