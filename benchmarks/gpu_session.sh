@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Every GPU check and figure in one device call (10 minutes at most): the CUDA-vs-CPU tests (QP
-# and cone, the compiled QP path included), the QP solve's measured kernel launches, the target row
-# (batch 128, n = 100, float32 and float64, our eager and compiled paths against qpth, qpax and a
-# linear layer), the small-to-large sweep against the peers, the cone benchmark with its CUDA
-# derivative row and the QP peer benchmark on CUDA (batch up to 2048). Peers missing on the machine
-# are skipped by the benchmarks; wheels placed in .whl/ are installed first (BENCHMARKS.md, "Taking
-# the GPU figures"). While the tests run, one background process per shape compiles our compiled
-# path (`qp_benchmark --prepare`) into inductor's on-disk caches, so that the timed runs after it
-# find the compiled code ready; nothing is timed while they work. Every step has a time limit and
-# the whole script a deadline (DEADLINE seconds, default 560) that cuts the last steps short rather
-# than let the device call be killed. Results go to runs/gpu and, packed in one archive with the
-# log beside it, to $OUT (the device tool's folder, which returns at most 8 files).
+# and cone, the compiled QP path included), the QP solve's kernel launches and the kernels that
+# take its device time, the target row (batch 128, n = 100, float32 and float64, our eager and
+# compiled paths against qpth, qpax and a linear layer), the small-to-large sweep against the
+# peers, the A/B of inverted KKT factors on CUDA (benchmarks/cuda_inversion.py), the cone
+# benchmark with its CUDA rows and the QP peer benchmark on CUDA (batch up to 2048). Peers missing
+# on the machine are skipped by the benchmarks; wheels placed in .whl/ are installed first
+# (BENCHMARKS.md, GPU section). While the tests run, background processes compile our compiled
+# path for each shape (`qp_benchmark --prepare`, at most four at once) into inductor's on-disk
+# cache, so that the timed runs after them find the compiled code ready; nothing is timed while
+# they work. Every step has a time limit and the whole script a deadline (DEADLINE seconds, default
+# 560) that cuts the last steps short rather than let the device call be killed. Results go to
+# runs/gpu and, packed in one archive with the log beside it, to $OUT (the device tool's folder,
+# which returns at most 8 files).
 set -uo pipefail
 out=runs/gpu
 rm -rf "$out" && mkdir -p "$out/qp" "$out/prepare"  # this run's results only (the folder outlives a device call)
@@ -62,6 +64,7 @@ grep -h "optlayers-compiled\|Error" "$out"/prepare/*.log | cut -c1-300 | tee -a 
 
 step 120 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures target --out "$out/target"
 step 150 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"
+step 150 python3 benchmarks/cuda_inversion.py --dtypes float64 --json "$out/cuda_inversion.json"
 step 60 python3 benchmarks/bench_cone.py --repeats 5 --out "$out/bench_cone.json"
 step 110 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures fig1,fig2,equality,batch --solvers optlayers,linear,qpth,qpax,qpax-1e-8 --out "$out/qp"
 echo "== done in ${SECONDS} s" | tee -a "$log"

@@ -80,3 +80,15 @@ def test_small_maros_meszaros_problems_compiled_as_eagerly(eager_backend):
         assert all(int(s.status) == QPStatus.SOLVED for s in sols), name
         assert int(sols[0].iterations) == int(sols[1].iterations), name
         torch.testing.assert_close(sols[1].z, sols[0].z, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_cuda_inverts_up_to_its_own_limit_and_nothing_outside_compilation(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")  # device objects only: no GPU needed
+    assert not kkt.inverts(4, cpu) and not kkt.inverts(4, cuda)  # eager: never
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    monkeypatch.setattr(kkt, "CUDA_INVERTED_MAX_N", 0)
+    assert kkt.inverts(kkt.INVERTED_MAX_N, cuda) and not kkt.inverts(kkt.INVERTED_MAX_N + 1, cuda)
+    assert not kkt.inverts(0, cuda)
+    monkeypatch.setattr(kkt, "CUDA_INVERTED_MAX_N", 128)
+    assert kkt.inverts(128, cuda) and not kkt.inverts(129, cuda)
+    assert not kkt.inverts(kkt.INVERTED_MAX_N + 1, cpu)  # the CPU keeps its own limit

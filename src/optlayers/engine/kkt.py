@@ -52,6 +52,14 @@ against triangular solves: batch 128, n = 10: 257 against 461 µs; n = 12: 282 a
 n = 16: 900 against 601 µs (the batched product of order 16 is slower than of order 12); batch 1,
 n = 10: 92 against 116 µs."""
 
+CUDA_INVERTED_MAX_N = 0
+"""On CUDA, under compilation, factors of order up to this are inverted as well (0: only those of
+``INVERTED_MAX_N``). A GPU's batched triangular solve of a small system is latency-bound where a
+batched product is not; whether inverting pays there is measured by ``benchmarks/cuda_inversion.py``
+(not yet on a GPU: off until it is). Accuracy does not stand in the way: the Maros–Meszaros set with
+every factor inverted at every order (CPU, eager, tol 1e-7, one thread, 2026-12-04) solved the
+same 61 of 62 in 1,195 iterations against 1,168, five problems' counts changed (QBEACONF 21 → 42)."""
+
 AUGMENT = 1.0
 """σ of the factorisation of H + σAᵀA in place of H (``factor_kkt``'s ``augment``), for the
 scaled (equilibrated) problem, whose rows of A and whose H have entries of about one: large enough
@@ -145,11 +153,18 @@ def _cholesky(M: Tensor, check_finite: bool = True) -> tuple[Tensor, Tensor]:
     return chol, (info == 0) & _finite(chol.diagonal(dim1=-2, dim2=-1).sum(-1))
 
 
+def inverts(n: int, device: torch.device) -> bool:
+    """Whether a factor of order ``n`` on ``device`` is inverted: under compilation, 0 < n ≤
+    ``INVERTED_MAX_N``, on CUDA also n ≤ ``CUDA_INVERTED_MAX_N``."""
+    limit = max(INVERTED_MAX_N, CUDA_INVERTED_MAX_N) if device.type == "cuda" else INVERTED_MAX_N
+    return torch.compiler.is_compiling() and 0 < n <= limit
+
+
 def _inverse(chol: Tensor, empty: Tensor) -> Tensor:
-    """L⁻¹ for a (B, n, n) lower triangular factor L where it pays to invert it (under compilation,
-    0 < n ≤ ``INVERTED_MAX_N``); elsewhere ``empty``, a (B, 0, 0) tensor."""
+    """L⁻¹ for a (B, n, n) lower triangular factor L where it pays to invert it (``inverts``);
+    elsewhere ``empty``, a (B, 0, 0) tensor."""
     n = chol.shape[-1]
-    if not (torch.compiler.is_compiling() and 0 < n <= INVERTED_MAX_N):
+    if not inverts(n, chol.device):
         return empty
     eye = torch.eye(n, dtype=chol.dtype, device=chol.device).expand(chol.shape)
     return torch.linalg.solve_triangular(chol, eye, upper=False)

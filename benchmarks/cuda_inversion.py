@@ -1,0 +1,120 @@
+"""A/B of the compiled QP solve with the KKT factors inverted (every solve with them a batched
+product) against triangular solves (``engine.kkt.CUDA_INVERTED_MAX_N``), in one process: forward +
+backward milliseconds (median), iterations, and the distance of the solution and of the gradient
+of ⟨w, z⟩ w.r.t. p to the eager solve's.
+
+    python benchmarks/cuda_inversion.py [--batch 128] [--n 100] [--dtypes float64,float32] [--repeats 10]
+                                        [--device cuda] [--json FILE]
+
+On the CPU (``--device cpu``, for checking the script) the variant raises ``INVERTED_MAX_N``
+instead, the CPU's own limit.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.problems import random_qp  # noqa: E402
+from optlayers import solve_qp  # noqa: E402
+from optlayers.engine import graphed, kkt  # noqa: E402
+
+DTYPES = {"float64": torch.float64, "float32": torch.float32}
+VARIANTS = ("triangular solves", "inverted factors")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--n", type=int, default=100)
+    parser.add_argument("--dtypes", default="float64,float32", help="comma-separated, of float64 and float32")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--json", type=Path, help="write the rows here")
+    args = parser.parse_args(argv)
+    args.dtypes = args.dtypes.split(",")
+    unknown = sorted(set(args.dtypes) - set(DTYPES))
+    if unknown:
+        parser.error(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
+    if min(args.batch, args.n, args.repeats) < 1:
+        parser.error(f"--batch, --n and --repeats must be positive, got {args.batch}, {args.n}, {args.repeats}")
+    return args
+
+
+def _limit_name(device: torch.device) -> str:
+    return "CUDA_INVERTED_MAX_N" if device.type == "cuda" else "INVERTED_MAX_N"
+
+
+def _set_variant(variant: str, device: torch.device, n: int, default: int) -> None:
+    """Sets the inversion limit for ``variant`` and drops what was compiled and captured under the other."""
+    setattr(kkt, _limit_name(device), n if variant == "inverted factors" else default)
+    torch._dynamo.reset()
+    graphed._GRAPHS.captured.clear()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def forward_backward(tensors, weights, compile: bool):
+    Q, p, G, h, A, b = tensors
+    p = p.detach().clone().requires_grad_(True)
+    sol = solve_qp(Q, p, G, h, A, b, compile=compile)
+    (grad,) = torch.autograd.grad((sol.z * weights).sum(), p)
+    return sol, grad
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
+    name = _limit_name(device)
+    default = getattr(kkt, name)
+    problem = random_qp(args.batch, args.n, args.n, 0, seed=0).tensors()
+    rows = []
+    try:
+        for dtype_name in args.dtypes:
+            dtype = DTYPES[dtype_name]
+            tensors = [None if t is None else t.to(dtype=dtype, device=device) for t in problem]
+            weights = torch.randn(args.batch, args.n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+            weights = weights.to(dtype=dtype, device=device)
+            reference, reference_grad = forward_backward(tensors, weights, compile=False)
+            for variant in VARIANTS:
+                _set_variant(variant, device, args.n, default)
+                for _ in range(2):  # compilation and capture
+                    sol, grad = forward_backward(tensors, weights, compile=True)
+                times = []
+                for _ in range(args.repeats):
+                    _sync(device)
+                    start = time.perf_counter()
+                    sol, grad = forward_backward(tensors, weights, compile=True)
+                    _sync(device)
+                    times.append(time.perf_counter() - start)
+                rows.append({"variant": variant, "dtype": dtype_name, "batch": args.batch, "n": args.n,
+                             "fwd_bwd_ms": 1e3 * statistics.median(times), "iterations": int(sol.iterations.max()),
+                             "z_vs_eager": float((sol.z - reference.z).detach().abs().max()),
+                             "grad_vs_eager": float((grad - reference_grad).abs().max())})
+                row = rows[-1]
+                print(f"{row['dtype']}  {row['variant']:18s}  {row['fwd_bwd_ms']:8.2f} ms  {row['iterations']:3d} iterations  "
+                      f"|z - z_eager| {row['z_vs_eager']:.1e}  |grad - grad_eager| {row['grad_vs_eager']:.1e}", flush=True)
+    finally:
+        setattr(kkt, name, default)
+        torch._dynamo.reset()
+        graphed._GRAPHS.captured.clear()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rows": rows}, indent=1))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
