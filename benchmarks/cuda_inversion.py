@@ -1,13 +1,15 @@
 """A/B of the compiled QP solve with the KKT factors inverted (every solve with them a batched
-product) against triangular solves (``engine.kkt.CUDA_INVERTED_MAX_N``), in one process: forward +
-backward milliseconds (median), iterations, and the distance of the solution and of the gradient
-of ⟨w, z⟩ w.r.t. p to the eager solve's.
+product) against triangular solves (``engine.kkt.CUDA_INVERTED_MAX_N``), each with torch's default
+linear algebra library on CUDA (cuSOLVER's batched Cholesky) and with MAGMA's
+(``torch.backends.cuda.preferred_linalg_library``), in one process: forward + backward
+milliseconds (median), iterations, and the distance of the solution and of the gradient of ⟨w, z⟩
+w.r.t. p to the eager solve's.
 
     python benchmarks/cuda_inversion.py [--batch 128] [--n 100] [--dtypes float64,float32] [--repeats 10]
                                         [--device cuda] [--json FILE]
 
-On the CPU (``--device cpu``, for checking the script) the variant raises ``INVERTED_MAX_N``
-instead, the CPU's own limit.
+On the CPU (``--device cpu``, for checking the script) the inverted variant raises
+``INVERTED_MAX_N`` instead, the CPU's own limit, and there is no library to choose.
 """
 from __future__ import annotations
 
@@ -26,7 +28,9 @@ from optlayers import solve_qp  # noqa: E402
 from optlayers.engine import graphed, kkt  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-VARIANTS = ("triangular solves", "inverted factors")
+VARIANTS = (("triangular solves", False, "default"), ("triangular solves", False, "magma"),
+            ("inverted factors", True, "default"), ("inverted factors", True, "magma"))
+"""(name, inverted, CUDA linear algebra library)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,10 +55,12 @@ def _limit_name(device: torch.device) -> str:
     return "CUDA_INVERTED_MAX_N" if device.type == "cuda" else "INVERTED_MAX_N"
 
 
-def _set_variant(variant: str, device: torch.device, n: int, default: int) -> None:
-    """Sets the inversion limit for ``variant`` and drops what was compiled and captured under the other."""
-    setattr(kkt, _limit_name(device), n if variant == "inverted factors" else default)
-    torch._dynamo.reset()
+def _set_variant(inverted: bool, library: str, device: torch.device, n: int, default: int) -> None:
+    """Sets the inversion limit and the library, and drops the CUDA graphs captured under others
+    (a changed limit recompiles: the compiled code guards on it)."""
+    setattr(kkt, _limit_name(device), n if inverted else default)
+    if device.type == "cuda":
+        torch.backends.cuda.preferred_linalg_library(library)
     graphed._GRAPHS.captured.clear()
 
 
@@ -87,8 +93,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             weights = torch.randn(args.batch, args.n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
             weights = weights.to(dtype=dtype, device=device)
             reference, reference_grad = forward_backward(tensors, weights, compile=False)
-            for variant in VARIANTS:
-                _set_variant(variant, device, args.n, default)
+            for variant, inverted, library in VARIANTS:
+                if library != "default" and device.type != "cuda":
+                    continue
+                _set_variant(inverted, library, device, args.n, default)
                 for _ in range(2):  # compilation and capture
                     sol, grad = forward_backward(tensors, weights, compile=True)
                 times = []
@@ -98,16 +106,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     sol, grad = forward_backward(tensors, weights, compile=True)
                     _sync(device)
                     times.append(time.perf_counter() - start)
-                rows.append({"variant": variant, "dtype": dtype_name, "batch": args.batch, "n": args.n,
+                rows.append({"variant": variant, "library": library, "dtype": dtype_name, "batch": args.batch, "n": args.n,
                              "fwd_bwd_ms": 1e3 * statistics.median(times), "iterations": int(sol.iterations.max()),
                              "z_vs_eager": float((sol.z - reference.z).detach().abs().max()),
                              "grad_vs_eager": float((grad - reference_grad).abs().max())})
                 row = rows[-1]
-                print(f"{row['dtype']}  {row['variant']:18s}  {row['fwd_bwd_ms']:8.2f} ms  {row['iterations']:3d} iterations  "
+                print(f"{row['dtype']}  {row['variant']:18s}  {library:7s}  {row['fwd_bwd_ms']:8.2f} ms  {row['iterations']:3d} iterations  "
                       f"|z - z_eager| {row['z_vs_eager']:.1e}  |grad - grad_eager| {row['grad_vs_eager']:.1e}", flush=True)
     finally:
         setattr(kkt, name, default)
-        torch._dynamo.reset()
+        if device.type == "cuda":
+            torch.backends.cuda.preferred_linalg_library("default")
         graphed._GRAPHS.captured.clear()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
