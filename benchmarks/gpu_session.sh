@@ -3,7 +3,7 @@
 # and cone, the compiled QP path included), the QP solve's kernel launches and the kernels that
 # take its device time, the target row (batch 128, n = 100, float32 and float64, our eager and
 # compiled paths against qpth, qpax and a linear layer), the small-to-large sweep against the
-# peers, the A/B of inverted KKT factors on CUDA (benchmarks/cuda_inversion.py), the cone
+# peers, the A/B of the CUDA variants (eager graphs, inverted factors, MAGMA: cuda_variants.py), the cone
 # benchmark with its CUDA rows and the QP peer benchmark on CUDA (batch up to 2048). Peers missing
 # on the machine are skipped by the benchmarks; wheels placed in .whl/ are installed first
 # (BENCHMARKS.md, GPU section). While the tests run, background processes compile our compiled
@@ -64,7 +64,8 @@ grep -h "optlayers-compiled\|Error" "$out"/prepare/*.log | cut -c1-300 | tee -a 
 
 step 120 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures target --out "$out/target"
 step 150 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"
-step 150 python3 benchmarks/cuda_inversion.py --dtypes float64 --json "$out/cuda_inversion.json"
+step 60 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager,eager-graphs --json "$out/cuda_variants_1x10.json"
+step 150 python3 benchmarks/cuda_variants.py --dtypes float64 --json "$out/cuda_variants.json"
 step 60 python3 benchmarks/bench_cone.py --repeats 5 --out "$out/bench_cone.json"
 step 110 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures fig1,fig2,equality,batch --solvers optlayers,linear,qpth,qpax,qpax-1e-8 --out "$out/qp"
 echo "== done in ${SECONDS} s" | tee -a "$log"

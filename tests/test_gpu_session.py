@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import bench_cone, cuda_inversion, cuda_launches, qp_benchmark
+from benchmarks import bench_cone, cuda_launches, cuda_variants, qp_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_session.sh"
 PARSERS = {"benchmarks.qp_benchmark": qp_benchmark.parse_args, "benchmarks/cuda_launches.py": cuda_launches.parse_args,
-           "benchmarks/bench_cone.py": bench_cone.parse_args, "benchmarks/cuda_inversion.py": cuda_inversion.parse_args}
+           "benchmarks/bench_cone.py": bench_cone.parse_args, "benchmarks/cuda_variants.py": cuda_variants.parse_args}
 
 
 def python_steps(tmp_path: Path) -> list[list[str]]:

@@ -328,11 +328,19 @@ def test_the_failure_test_agrees_with_next_regularisation():
 def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next_solve(monkeypatch):
     """``engine.graphed.GraphedStep`` in the real loop (its host looks, retries and the copy out of
     its buffers), run on the CPU with a stand-in graph whose replay runs the captured body: three
-    solves of one shape give, to the bit, the plain step's answers and gradients, the first one's
-    still intact after the later solves have replayed the same buffers."""
+    solves of one shape give, to the bit, the plain step's answers and gradients (on a batch that
+    keeps its shape, as a graphed one does), the first one's still intact after the later solves
+    have replayed the same buffers."""
     from optlayers.engine import graphed
 
     problems = [random_qp((6,), 7, 9, 2, active=True) for _ in range(3)]
+    run, compacts = ipm.loop.run, []
+
+    def uncompacted(*args, **kwargs):  # the plain solves keep the batch's shape too, as the graphed ones do
+        compacts.append(kwargs["compact"])
+        return run(*args, **{**kwargs, "compact": False})
+
+    monkeypatch.setattr(ipm.loop, "run", uncompacted)
 
     def solved(data):
         p = data["p"].clone().requires_grad_(True)
@@ -354,8 +362,11 @@ def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
     monkeypatch.setattr(graphed, "capture", lambda warm, body: (warm(), Replayed(body))[1])
     monkeypatch.setattr(ipm, "replays_graphs", lambda device, compiled: True)
+    assert compacts and all(compacts)  # the plain CPU loop would compact
+    compacts.clear()
     kept = [solved(data) for data in problems]
     assert len(graphed._GRAPHS.captured) >= 1
+    assert compacts and not any(compacts)  # a graphed loop never does
     for (sol, p), (z, grad) in zip(kept, expected):
         assert torch.equal(sol.z.detach(), z)
         assert torch.equal(torch.autograd.grad((sol.z ** 2).sum(), p)[0], grad)

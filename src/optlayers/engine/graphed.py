@@ -34,9 +34,17 @@ WARM_UP_CALLS = 2
 are made there, as torch's CUDA-graph guide asks)."""
 
 
+EAGER_GRAPHS = False
+"""Whether the eager step (``compile=False``) on CUDA is replayed from a CUDA graph too: it makes
+no host synchronisation, so it can be captured, and one replay would replace its ~220 launches per
+iteration (the eager forward is host-bound on a GPU: 70-125 ms at every size on an H200). Off
+until ``benchmarks/cuda_variants.py`` has measured it on a GPU."""
+
+
 def replays_graphs(device: torch.device, compiled: bool) -> bool:
-    """Whether the interior point step on ``device`` runs as a ``GraphedStep``: compiled, on CUDA."""
-    return compiled and device.type == "cuda"
+    """Whether the interior point step on ``device`` runs as a ``GraphedStep``: on CUDA, compiled
+    (or eager, with ``EAGER_GRAPHS``)."""
+    return device.type == "cuda" and (compiled or EAGER_GRAPHS)
 
 
 def _layout(obj: Any) -> tuple[list[Tensor], tuple]:

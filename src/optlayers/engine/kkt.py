@@ -55,7 +55,7 @@ n = 10: 92 against 116 µs."""
 CUDA_INVERTED_MAX_N = 0
 """On CUDA, under compilation, factors of order up to this are inverted as well (0: only those of
 ``INVERTED_MAX_N``). A GPU's batched triangular solve of a small system is latency-bound where a
-batched product is not; whether inverting pays there is measured by ``benchmarks/cuda_inversion.py``
+batched product is not; whether inverting pays there is measured by ``benchmarks/cuda_variants.py``
 (not yet on a GPU: off until it is). Accuracy does not stand in the way: the Maros–Meszaros set with
 every factor inverted at every order (CPU, eager, tol 1e-7, one thread, 2026-12-04) solved the
 same 61 of 62 in 1,195 iterations against 1,168, five problems' counts changed (QBEACONF 21 → 42)."""

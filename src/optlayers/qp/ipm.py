@@ -708,14 +708,15 @@ def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step:
     those that do not pass the test at once run again, once, in the iterations left."""
     device = data.p.device
     hook = _StiffAndGapLook(settings, plain_step)
+    graphed = isinstance(plain_step, GraphedStep)  # a fixed batch: each smaller one would be another capture
     outcome = loop.run((data, units), full, res, plain_step, settings.max_iter, device, hook,
-                       compact=not settings.compiled, first=first)
+                       compact=not (settings.compiled or graphed), first=first)
     if outcome.state.v is not full.v:
         factor = None
     full, res = outcome.state, outcome.working_res
     if outcome.index is not None:
         res = residuals(data, units, full, settings)
-    elif isinstance(plain_step, GraphedStep):
+    elif graphed:
         full, res = owned(full), owned(res)  # out of the step's CUDA-graph buffers, which its next replay overwrites
     if hook.accurate_gaps:  # the problems that converged by their accurate gap report it again (later steps re-evaluated it)
         res = _accept_accurate_gaps(data, units, full, res, (full.status == int(QPStatus.SOLVED)) & ~res.converged)

@@ -1,15 +1,20 @@
-"""A/B of the compiled QP solve with the KKT factors inverted (every solve with them a batched
-product) against triangular solves (``engine.kkt.CUDA_INVERTED_MAX_N``), each with torch's default
-linear algebra library on CUDA (cuSOLVER's batched Cholesky) and with MAGMA's
-(``torch.backends.cuda.preferred_linalg_library``), in one process: forward + backward
-milliseconds (median), iterations, and the distance of the solution and of the gradient of ⟨w, z⟩
-w.r.t. p to the eager solve's.
+"""A/B of the QP solve's variants on CUDA, in one process: forward + backward milliseconds
+(median), iterations, and the distance of the solution and of the gradient of ⟨w, z⟩ w.r.t. p to
+the plain eager solve's. The variants:
 
-    python benchmarks/cuda_inversion.py [--batch 128] [--n 100] [--dtypes float64,float32] [--repeats 10]
-                                        [--device cuda] [--json FILE]
+- ``eager``, ``eager-graphs``: the eager step, and the same replayed from a CUDA graph
+  (``engine.graphed.EAGER_GRAPHS``): no compilation at all;
+- ``compiled``, ``compiled-magma``: ``compile=True`` (the step one CUDA graph replay), with
+  torch's default batched Cholesky on CUDA (cuSOLVER) and with MAGMA's
+  (``torch.backends.cuda.preferred_linalg_library``);
+- ``inverted``, ``inverted-magma``: the same with every KKT factor inverted
+  (``engine.kkt.CUDA_INVERTED_MAX_N``), so that every solve with it is a batched product.
 
-On the CPU (``--device cpu``, for checking the script) the inverted variant raises
-``INVERTED_MAX_N`` instead, the CPU's own limit, and there is no library to choose.
+    python benchmarks/cuda_variants.py [--batch 128] [--n 100] [--dtypes float64,float32] [--repeats 10]
+                                       [--variants eager,eager-graphs,...] [--device cuda] [--json FILE]
+
+On the CPU (``--device cpu``, for checking the script) ``inverted`` raises ``INVERTED_MAX_N``
+instead, the CPU's own limit, and the variants that need CUDA (graphs, MAGMA) are skipped.
 """
 from __future__ import annotations
 
@@ -28,9 +33,11 @@ from optlayers import solve_qp  # noqa: E402
 from optlayers.engine import graphed, kkt  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-VARIANTS = (("triangular solves", False, "default"), ("triangular solves", False, "magma"),
-            ("inverted factors", True, "default"), ("inverted factors", True, "magma"))
-"""(name, inverted, CUDA linear algebra library)."""
+VARIANTS = {"eager": (False, False, False, "default"), "eager-graphs": (False, True, False, "default"),
+            "compiled": (True, False, False, "default"), "compiled-magma": (True, False, False, "magma"),
+            "inverted": (True, False, True, "default"), "inverted-magma": (True, False, True, "magma")}
+"""name: (compile, eager graphs, inverted factors, CUDA linear algebra library)."""
+CUDA_ONLY = ("eager-graphs", "compiled-magma", "inverted-magma")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -39,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--dtypes", default="float64,float32", help="comma-separated, of float64 and float32")
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
@@ -46,6 +54,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.dtypes) - set(DTYPES))
     if unknown:
         parser.error(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
+    args.variants = args.variants.split(",")
+    unknown = sorted(set(args.variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if min(args.batch, args.n, args.repeats) < 1:
         parser.error(f"--batch, --n and --repeats must be positive, got {args.batch}, {args.n}, {args.repeats}")
     return args
@@ -55,9 +67,10 @@ def _limit_name(device: torch.device) -> str:
     return "CUDA_INVERTED_MAX_N" if device.type == "cuda" else "INVERTED_MAX_N"
 
 
-def _set_variant(inverted: bool, library: str, device: torch.device, n: int, default: int) -> None:
-    """Sets the inversion limit and the library, and drops the CUDA graphs captured under others
-    (a changed limit recompiles: the compiled code guards on it)."""
+def _set_variant(eager_graphs: bool, inverted: bool, library: str, device: torch.device, n: int, default: int) -> None:
+    """Sets the switches of a variant, and drops the CUDA graphs captured under others (a changed
+    inversion limit recompiles: the compiled code guards on it)."""
+    graphed.EAGER_GRAPHS = eager_graphs
     setattr(kkt, _limit_name(device), n if inverted else default)
     if device.type == "cuda":
         torch.backends.cuda.preferred_linalg_library(library)
@@ -93,27 +106,29 @@ def main(argv: list[str] | None = None) -> list[dict]:
             weights = torch.randn(args.batch, args.n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
             weights = weights.to(dtype=dtype, device=device)
             reference, reference_grad = forward_backward(tensors, weights, compile=False)
-            for variant, inverted, library in VARIANTS:
-                if library != "default" and device.type != "cuda":
+            for variant in args.variants:
+                compile, eager_graphs, inverted, library = VARIANTS[variant]
+                if variant in CUDA_ONLY and device.type != "cuda":
                     continue
-                _set_variant(inverted, library, device, args.n, default)
+                _set_variant(eager_graphs, inverted, library, device, args.n, default)
                 for _ in range(2):  # compilation and capture
-                    sol, grad = forward_backward(tensors, weights, compile=True)
+                    sol, grad = forward_backward(tensors, weights, compile=compile)
                 times = []
                 for _ in range(args.repeats):
                     _sync(device)
                     start = time.perf_counter()
-                    sol, grad = forward_backward(tensors, weights, compile=True)
+                    sol, grad = forward_backward(tensors, weights, compile=compile)
                     _sync(device)
                     times.append(time.perf_counter() - start)
-                rows.append({"variant": variant, "library": library, "dtype": dtype_name, "batch": args.batch, "n": args.n,
+                rows.append({"variant": variant, "dtype": dtype_name, "batch": args.batch, "n": args.n,
                              "fwd_bwd_ms": 1e3 * statistics.median(times), "iterations": int(sol.iterations.max()),
                              "z_vs_eager": float((sol.z - reference.z).detach().abs().max()),
                              "grad_vs_eager": float((grad - reference_grad).abs().max())})
                 row = rows[-1]
-                print(f"{row['dtype']}  {row['variant']:18s}  {library:7s}  {row['fwd_bwd_ms']:8.2f} ms  {row['iterations']:3d} iterations  "
+                print(f"{row['dtype']}  {row['batch']:4d} x {row['n']:<4d} {row['variant']:15s}  {row['fwd_bwd_ms']:8.2f} ms  {row['iterations']:3d} iterations  "
                       f"|z - z_eager| {row['z_vs_eager']:.1e}  |grad - grad_eager| {row['grad_vs_eager']:.1e}", flush=True)
     finally:
+        graphed.EAGER_GRAPHS = False
         setattr(kkt, name, default)
         if device.type == "cuda":
             torch.backends.cuda.preferred_linalg_library("default")
