@@ -2,15 +2,16 @@
 # Every GPU check and figure in one device call (10 minutes at most): the CUDA-vs-CPU tests (QP
 # and cone, the compiled QP path included), the QP solve's kernel launches and the kernels that
 # take its device time, the target row (batch 128, n = 100, float32 and float64, our eager and
-# compiled paths against qpth, qpax and a linear layer), the small-to-large sweep against the
-# peers, the A/B of the CUDA variants (eager graphs, inverted factors, MAGMA: cuda_variants.py), the cone
-# benchmark with its CUDA rows and the QP peer benchmark on CUDA (batch up to 2048). Peers missing
+# compiled paths against qpth, qpax and a linear layer), the A/B of the CUDA variants (eager
+# graphs, inverted factors, MAGMA: cuda_variants.py), the small-to-large sweep against the peers,
+# the cone benchmark with its CUDA rows and the QP peer benchmark on CUDA (batch up to 2048),
+# in that order of importance. Peers missing
 # on the machine are skipped by the benchmarks; wheels placed in .whl/ are installed first
 # (BENCHMARKS.md, GPU section). While the tests run, background processes compile our compiled
 # path for each shape (`qp_benchmark --prepare`, at most four at once) into inductor's on-disk
 # cache, so that the timed runs after them find the compiled code ready; nothing is timed while
 # they work. Every step has a time limit and the whole script a deadline (DEADLINE seconds, default
-# 560) that cuts the last steps short rather than let the device call be killed. Results go to
+# 580) that cuts the last steps short rather than let the device call be killed. Results go to
 # runs/gpu and, packed in one archive with the log beside it, to $OUT (the device tool's folder,
 # which returns at most 8 files).
 set -uo pipefail
@@ -23,7 +24,7 @@ fi
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX (qpax) would otherwise take 75 % of the GPU from torch
 log="$out/gpu_session.log"
-deadline=${DEADLINE:-560}
+deadline=${DEADLINE:-580}
 failed=0
 step() {  # step SECONDS COMMAND...: run COMMAND for at most SECONDS, and never past the deadline
   local limit=$1; shift
@@ -41,7 +42,8 @@ step 30 python3 -c "import sys, torch; print('python', sys.version.split()[0], '
 step 30 python3 -c "import importlib.util; [print(name, 'imports' if importlib.util.find_spec(name) else 'MISSING') for name in ('qpth', 'cvxpy', 'proxsuite', 'qpax', 'diffcp', 'clarabel')]"
 
 # Compile ahead, beside the tests: at most 4 compilations at once (4 compiler threads each; seven at
-# once took over 4 minutes for batch 128, n = 100 on an H200's 16 cores), the target row first.
+# once took over 4 minutes for batch 128, n = 100 on an H200's 16 cores), the target row first;
+# those unfinished at 240 s are stopped (a timed step compiles what it lacks in its warm-up).
 prepare() {  # prepare NAME ARGS...: one background compilation, its log under $out/prepare
   while [ "$(jobs -rp | wc -l)" -ge 4 ]; do sleep 1; done
   local args=(--device cuda --prepare --solvers optlayers-compiled "${@:2}" --out "$out/prepare/$1")
@@ -55,17 +57,17 @@ compile_ahead() {
 }
 compile_ahead &
 compiling=$!
-step 180 python3 -m pytest -q -p no:cacheprovider -m cuda tests/qp/test_cuda.py tests/qp/test_engine.py tests/cone/test_cone_cuda.py tests/cone/test_interior.py tests/cone/test_auto_solver.py tests/experiments/test_cli.py
+step 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/qp/test_cuda.py tests/qp/test_engine.py tests/cone/test_cone_cuda.py tests/cone/test_interior.py tests/cone/test_auto_solver.py tests/experiments/test_cli.py
 step 60 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"
 echo "== waiting for the compilations (${SECONDS} s into the session)" | tee -a "$log"
-while kill -0 "$compiling" 2>/dev/null && [ "$SECONDS" -lt 270 ]; do sleep 2; done
+while kill -0 "$compiling" 2>/dev/null && [ "$SECONDS" -lt 240 ]; do sleep 2; done
 pkill -f -- "--prepare --solvers optlayers-compiled" && echo "== compilations stopped unfinished at ${SECONDS} s" | tee -a "$log"
 grep -h "optlayers-compiled\|Error" "$out"/prepare/*.log | cut -c1-300 | tee -a "$log"
 
-step 120 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures target --out "$out/target"
-step 150 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"
-step 60 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager,eager-graphs --json "$out/cuda_variants_1x10.json"
+step 100 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures target --out "$out/target"
+step 40 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager,eager-graphs --json "$out/cuda_variants_1x10.json"
 step 150 python3 benchmarks/cuda_variants.py --dtypes float64 --json "$out/cuda_variants.json"
+step 150 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"
 step 60 python3 benchmarks/bench_cone.py --repeats 5 --out "$out/bench_cone.json"
 step 110 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures fig1,fig2,equality,batch --solvers optlayers,linear,qpth,qpax,qpax-1e-8 --out "$out/qp"
 echo "== done in ${SECONDS} s" | tee -a "$log"
