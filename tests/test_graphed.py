@@ -56,13 +56,12 @@ def captures(monkeypatch):
     """Fresh per-thread graphs, and a capture that counts its calls and warms as torch's would."""
     made = []
 
-    def fake_capture(warm, body):
-        for _ in range(graphed.WARM_UP_CALLS):
-            warm()
+    def fake_capture(body):
         made.append(body)
         return FakeGraph(body)
 
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm: [warm() for _ in range(graphed.WARM_UP_CALLS)])
     monkeypatch.setattr(graphed, "capture", fake_capture)
     return made
 
@@ -145,9 +144,10 @@ def test_an_output_of_another_layout_runs_uncaptured_with_a_warning(captures):
 def test_a_failed_capture_runs_uncaptured_with_a_warning(monkeypatch):
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
 
-    def failing(warm, body):
+    def failing(body):
         raise RuntimeError("operation not permitted when stream is capturing")
 
+    monkeypatch.setattr(graphed, "warm_up", lambda warm: warm())
     monkeypatch.setattr(graphed, "capture", failing)
     data, units, st, res = problem()
     step = graphed.GraphedStep(toy_step, key=None)
@@ -167,3 +167,25 @@ def test_each_thread_keeps_its_own_graphs(captures):
 def test_fn_must_be_callable():
     with pytest.raises(TypeError, match="fn must be callable, got int"):
         graphed.GraphedStep(3, key=None)
+
+
+def test_a_constant_first_made_during_the_capture_is_forgotten_and_the_step_runs_uncaptured(monkeypatch):
+    """A cached constant tensor made while a graph is captured would hold its values only in the
+    graph's replays: the capture is refused and the caches emptied."""
+    from optlayers.engine import constants
+
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm: warm())
+
+    def capture_making_a_constant(body):
+        constants.identity(97, torch.device("cpu"), torch.float64)  # as a step whose path changed at the capture
+        return FakeGraph(body)
+
+    monkeypatch.setattr(graphed, "capture", capture_making_a_constant)
+    constants.identity(3, torch.device("cpu"), torch.float64)
+    assert constants.made_count() >= 1
+    data, units, st, res = problem()
+    with pytest.warns(RuntimeWarning, match="made a cached constant tensor while it was captured"):
+        got = graphed.GraphedStep(toy_step, key=None)(data, units, st, res)
+    assert constants.made_count() == 0
+    assert torch.equal(got[0].x, toy_step(data, units, st, res)[0].x)

@@ -159,7 +159,7 @@ def test_compile_must_be_a_bool():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.filterwarnings("error:compile=True on CUDA:RuntimeWarning")  # the step must be captured, not run uncaptured
+@pytest.mark.filterwarnings("error:optlayers on CUDA:RuntimeWarning")  # the step must be captured, not run uncaptured
 def test_compiled_solve_on_cuda_matches_the_cpu():
     """The compiled path on CUDA (its step replayed from a CUDA graph, ``engine.graphed``) gives the
     CPU's answers and gradients, also when a second solve replays the graph before the first one's backward."""
@@ -360,7 +360,8 @@ def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next
             self.body()
 
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
-    monkeypatch.setattr(graphed, "capture", lambda warm, body: (warm(), Replayed(body))[1])
+    monkeypatch.setattr(graphed, "warm_up", lambda warm: warm())
+    monkeypatch.setattr(graphed, "capture", Replayed)
     monkeypatch.setattr(ipm, "replays_graphs", lambda device, compiled: True)
     assert compacts and all(compacts)  # the plain CPU loop would compact
     compacts.clear()

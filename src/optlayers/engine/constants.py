@@ -23,6 +23,22 @@ def _key(value: float | tuple) -> bytes:
 
 F = TypeVar("F", bound=Callable)
 
+_CACHES: list = []
+"""Every ``made_once`` cache (``made_count``, ``forget_made``)."""
+
+
+def made_count() -> int:
+    """How many results the ``made_once`` caches hold, all together: a CUDA graph's capture checks
+    that it made none (``engine.graphed``: a tensor first made while a graph is captured holds its
+    values only in the graph's replays)."""
+    return sum(cache.cache_info().currsize for cache in _CACHES)
+
+
+def forget_made() -> None:
+    """Empties every ``made_once`` cache."""
+    for cache in _CACHES:
+        cache.cache_clear()
+
 
 def made_once(make: F) -> F:
     """``make`` (a function of hashable arguments returning tensors: sizes, device, dtype) called
@@ -43,6 +59,7 @@ def made_once(make: F) -> F:
             return make(*args)
         return cached(*args)
     once.cache_clear, once.kept = cached.cache_clear, cached
+    _CACHES.append(cached)
     return once  # type: ignore[return-value]
 
 

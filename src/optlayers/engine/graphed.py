@@ -25,13 +25,15 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import Tensor
 
+from optlayers.engine.constants import forget_made, made_count
+
 MAX_GRAPHS = 16
 """Captured layouts kept per thread (the oldest is dropped past this); each holds its buffers and
 the graph's memory pool."""
 
 WARM_UP_CALLS = 2
-"""Uncaptured calls on a side stream before a capture (compilation, library handles and workspaces
-are made there, as torch's CUDA-graph guide asks)."""
+"""Uncaptured calls on a side stream before a capture (compilation, library handles, workspaces
+and the step's cached constants are made there, as torch's CUDA-graph guide asks)."""
 
 
 EAGER_GRAPHS = False
@@ -128,24 +130,33 @@ class GraphedStep:
                     target.copy_(tensor)
 
         try:
-            graph = capture(warm, body)
+            warm_up(warm)
+            made = made_count()
+            graph = capture(body)
+            if made_count() != made:  # such a tensor holds its values only in the graph's replays: made again
+                forget_made()
+                raise RuntimeError("the step made a cached constant tensor while it was captured")
         except Exception as error:  # noqa: BLE001 — any failure to capture leaves the step uncaptured, with a warning
-            warnings.warn(f"compile=True on CUDA: the interior point step could not be captured in a CUDA graph "
-                          f"({type(error).__name__}: {error}); it runs compiled, one launch per kernel",
+            warnings.warn(f"optlayers on CUDA: the interior point step could not be captured in a CUDA graph "
+                          f"({type(error).__name__}: {error}); it runs uncaptured, one launch per kernel",
                           RuntimeWarning, stacklevel=3)
             graph = None
         return _Captured(graph, buffers, (static[2], static[3]))
 
 
-def capture(warm: Callable[[], None], body: Callable[[], None]) -> Any:
-    """``body`` captured in a ``torch.cuda.CUDAGraph`` (returned; ``replay()`` runs it), after
-    ``WARM_UP_CALLS`` calls of ``warm`` on a side stream."""
+def warm_up(warm: Callable[[], None]) -> None:
+    """``WARM_UP_CALLS`` calls of ``warm`` on a side stream, before a capture (torch's CUDA graphs
+    guide: the library handles, workspaces and compiled code are made there)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(WARM_UP_CALLS):
             warm()
     torch.cuda.current_stream().wait_stream(side)
+
+
+def capture(body: Callable[[], None]) -> Any:
+    """``body`` captured in a ``torch.cuda.CUDAGraph`` (returned; its ``replay()`` runs it)."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         body()
