@@ -56,12 +56,12 @@ def captures(monkeypatch):
     """Fresh per-thread graphs, and a capture that counts its calls and warms as torch's would."""
     made = []
 
-    def fake_capture(body):
+    def fake_capture(body, device):
         made.append(body)
         return FakeGraph(body)
 
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
-    monkeypatch.setattr(graphed, "warm_up", lambda warm: [warm() for _ in range(graphed.WARM_UP_CALLS)])
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: [warm() for _ in range(graphed.WARM_UP_CALLS)])
     monkeypatch.setattr(graphed, "capture", fake_capture)
     return made
 
@@ -144,10 +144,10 @@ def test_an_output_of_another_layout_runs_uncaptured_with_a_warning(captures):
 def test_a_failed_capture_runs_uncaptured_with_a_warning(monkeypatch):
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
 
-    def failing(body):
+    def failing(body, device):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(graphed, "warm_up", lambda warm: warm())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
     monkeypatch.setattr(graphed, "capture", failing)
     data, units, st, res = problem()
     step = graphed.GraphedStep(toy_step, key=None)
@@ -171,21 +171,51 @@ def test_fn_must_be_callable():
 
 def test_a_constant_first_made_during_the_capture_is_forgotten_and_the_step_runs_uncaptured(monkeypatch):
     """A cached constant tensor made while a graph is captured would hold its values only in the
-    graph's replays: the capture is refused and the caches emptied."""
+    graph's replays: the capture is refused and that constant forgotten, the ones made before kept
+    (graphs captured earlier read them)."""
     from optlayers.engine import constants
 
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
-    monkeypatch.setattr(graphed, "warm_up", lambda warm: warm())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
 
-    def capture_making_a_constant(body):
+    def capture_making_a_constant(body, device):
         constants.identity(97, torch.device("cpu"), torch.float64)  # as a step whose path changed at the capture
         return FakeGraph(body)
 
     monkeypatch.setattr(graphed, "capture", capture_making_a_constant)
-    constants.identity(3, torch.device("cpu"), torch.float64)
-    assert constants.made_count() >= 1
+    before = constants.identity(3, torch.device("cpu"), torch.float64)
     data, units, st, res = problem()
     with pytest.warns(RuntimeWarning, match="made a cached constant tensor while it was captured"):
         got = graphed.GraphedStep(toy_step, key=None)(data, units, st, res)
-    assert constants.made_count() == 0
     assert torch.equal(got[0].x, toy_step(data, units, st, res)[0].x)
+    assert constants.identity(3, torch.device("cpu"), torch.float64) is before
+    assert (97, torch.device("cpu"), torch.float64) not in constants.identity.kept.results
+
+
+def test_a_solves_data_is_copied_at_its_first_step_and_again_only_after_a_change(captures):
+    data, units, st, res = problem()
+    step = graphed.GraphedStep(toy_step, key="k")
+    st1, res1 = step(data, units, st, res)
+    (entry,) = graphed._GRAPHS.captured.values()
+    entry.buffers[0][0].fill_(7.0)  # were data.a copied again, the buffer would hold data.a
+    expected = toy_step(replace(data, a=torch.full_like(data.a, 7.0)), units, *(replace(x) for x in (st1, res1)))
+    expected = (expected[0].x.clone(), None)
+    got = step(data, units, st1, res1)
+    assert torch.equal(got[0].x, expected[0])
+    data.a.mul_(2.0)  # an in-place change (its version moves): copied again
+    before = (got[0].x.clone(), got[0].status.clone(), got[1].r.clone())
+    got = step(data, units, got[0], got[1])
+    state = State(x=before[0], status=before[1], n=st.n)
+    assert torch.equal(got[0].x, toy_step(data, units, state, Res(r=before[2]))[0].x)
+
+
+def test_a_first_capture_under_inference_mode_serves_later_calls_that_record_gradients(captures):
+    data, units, st, res = problem()
+    with torch.inference_mode():
+        inference = [t.clone() for t in (data.a, units.u, st.x, st.status, res.r)]
+        args = (Data(a=inference[0], diagonal=False), Units(u=inference[1]),
+                State(x=inference[2], status=inference[3], n=st.n), Res(r=inference[4]))
+        graphed.GraphedStep(toy_step, key="k")(*args)
+    got = graphed.GraphedStep(toy_step, key="k")(data, units, st, res)  # the same layout's buffers, outside
+    assert torch.equal(got[0].x, toy_step(data, units, st, res)[0].x)
+    assert len(captures) == 1

@@ -360,8 +360,8 @@ def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next
             self.body()
 
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
-    monkeypatch.setattr(graphed, "warm_up", lambda warm: warm())
-    monkeypatch.setattr(graphed, "capture", Replayed)
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
+    monkeypatch.setattr(graphed, "capture", lambda body, device: Replayed(body))
     monkeypatch.setattr(ipm, "replays_graphs", lambda device, compiled: True)
     assert compacts and all(compacts)  # the plain CPU loop would compact
     compacts.clear()

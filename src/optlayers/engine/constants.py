@@ -23,21 +23,45 @@ def _key(value: float | tuple) -> bytes:
 
 F = TypeVar("F", bound=Callable)
 
-_CACHES: list = []
-"""Every ``made_once`` cache (``made_count``, ``forget_made``)."""
+class _Made:
+    """One ``made_once`` function's results, by their arguments."""
+
+    def __init__(self, make: Callable) -> None:
+        self.make, self.results = make, {}
+
+    def __call__(self, *args: object) -> object:
+        try:
+            return self.results[args]
+        except KeyError:
+            pass
+        with torch.inference_mode(False):
+            made = self.make(*args)
+        return self.results.setdefault(args, made)  # a thread that made it first wins
+
+    def cache_clear(self) -> None:
+        self.results.clear()
 
 
-def made_count() -> int:
-    """How many results the ``made_once`` caches hold, all together: a CUDA graph's capture checks
+_CACHES: list[_Made] = []
+"""Every ``made_once`` cache (``made_keys``, ``forget_made_since``)."""
+
+
+def made_keys() -> list[set]:
+    """The arguments that each ``made_once`` cache holds results for: a CUDA graph's capture checks
     that it made none (``engine.graphed``: a tensor first made while a graph is captured holds its
     values only in the graph's replays)."""
-    return sum(cache.cache_info().currsize for cache in _CACHES)
+    return [set(cache.results) for cache in _CACHES]
 
 
-def forget_made() -> None:
-    """Empties every ``made_once`` cache."""
-    for cache in _CACHES:
-        cache.cache_clear()
+def forget_made_since(keys: list[set]) -> int:
+    """Drops the results made since ``made_keys`` returned ``keys``, and returns how many: the
+    results made before stay (graphs captured earlier read them)."""
+    dropped = 0
+    for cache, before in zip(_CACHES, keys):
+        for args in [args for args in cache.results if args not in before]:
+            cache.results.pop(args, None)
+            dropped += 1
+    return dropped
 
 
 def made_once(make: F) -> F:
@@ -47,11 +71,8 @@ def made_once(make: F) -> F:
     gradients). Under compilation ``make`` is traced into the graph (where inductor folds it), as
     ``constant`` does: tensors kept outside would enter a compiled loop's body as inputs. ``kept``
     is the cache itself, for a caller that has already checked that it is not being compiled."""
-    @functools.lru_cache(maxsize=None)
-    @functools.wraps(make)
-    def cached(*args: object) -> object:
-        with torch.inference_mode(False):
-            return make(*args)
+    cached = _Made(make)
+    _CACHES.append(cached)
 
     @functools.wraps(make)
     def once(*args: object) -> object:
@@ -59,7 +80,6 @@ def made_once(make: F) -> F:
             return make(*args)
         return cached(*args)
     once.cache_clear, once.kept = cached.cache_clear, cached
-    _CACHES.append(cached)
     return once  # type: ignore[return-value]
 
 

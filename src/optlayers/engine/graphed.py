@@ -10,14 +10,17 @@ replay overwrites them, so that whoever keeps them past the loop copies them out
 (``compiling.owned``, as ``qp.ipm.iterate`` does).
 
 Each thread keeps its own graphs (two threads solving problems of one layout would otherwise share
-buffers), at most ``MAX_GRAPHS`` of them. A step that cannot be captured (an operation that
-synchronises with the host, or an output whose layout differs from its input's) runs uncaptured
-for that layout, with a warning.
+buffers), at most ``MAX_GRAPHS`` of them; captures are made one at a time in the process (torch
+allows no more), each on a stream of its own on the data's device, the caller's stream restored
+after it. A step that cannot be captured (an operation that synchronises with the host, an output
+whose layout differs from its input's, an empty graph, a cached constant made during the capture)
+runs uncaptured for that layout, with a warning.
 """
 from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Hashable
@@ -25,7 +28,7 @@ from typing import Any, Callable, Hashable
 import torch
 from torch import Tensor
 
-from optlayers.engine.constants import forget_made, made_count
+from optlayers.engine.constants import forget_made_since, made_keys
 
 MAX_GRAPHS = 16
 """Captured layouts kept per thread (the oldest is dropped past this); each holds its buffers and
@@ -74,6 +77,7 @@ class _Captured:
     graph: Any  # a torch.cuda.CUDAGraph (``capture``); None: the layout could not be captured
     buffers: list[list[Tensor]]  # per argument, its static tensors
     outputs: tuple[Any, Any]  # the state and residuals built on their buffers
+    sources: list[list[tuple[weakref.ref, int] | None]]  # per buffer: the tensor it holds a copy of, and its version
 
 
 class _Graphs(threading.local):
@@ -82,6 +86,15 @@ class _Graphs(threading.local):
 
 
 _GRAPHS = _Graphs()
+_CAPTURING = threading.Lock()
+
+
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter (bumped by every in-place change); None for an inference tensor, which has none."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
 
 
 class GraphedStep:
@@ -108,16 +121,26 @@ class GraphedStep:
             _GRAPHS.captured.move_to_end(key)
         if entry.graph is None:
             return self.fn(*args)
-        for (tensors, _), buffers in zip(parts, entry.buffers):
-            for tensor, buffer in zip(tensors, buffers):
-                if tensor is not buffer:
-                    buffer.copy_(tensor)
+        for (tensors, _), buffers, sources in zip(parts, entry.buffers, entry.sources):
+            for i, (tensor, buffer) in enumerate(zip(tensors, buffers)):
+                if tensor is buffer:
+                    continue
+                version, last = _version(tensor), sources[i]
+                if last is not None and version is not None and last[0]() is tensor and last[1] == version:
+                    continue  # a solve's data: copied at its first step
+                buffer.copy_(tensor)
+                sources[i] = None if version is None else (weakref.ref(tensor), version)
         entry.graph.replay()
+        for sources in entry.sources[2:]:  # the state and residuals' buffers now hold the new ones
+            sources[:] = [None] * len(sources)
         return entry.outputs
 
     def _capture(self, args: tuple, parts: list[tuple[list[Tensor], tuple]]) -> _Captured:
-        buffers = [[t.clone() for t in tensors] for tensors, _ in parts]
-        static = [_rebuilt(arg, b) for arg, b in zip(args, buffers)]
+        device = next(t.device for tensors, _ in parts for t in tensors)
+        with torch.inference_mode(False):  # kept for later calls, which may record gradients
+            buffers = [[t.clone() for t in tensors] for tensors, _ in parts]
+        sources: list[list] = [[None] * len(b) for b in buffers]
+        static: list = []
 
         def warm() -> None:  # the next call's state and residuals must fit their buffers
             for arg, new in zip(static[2:], self.fn(*static)):
@@ -129,35 +152,51 @@ class GraphedStep:
                 for tensor, target in zip(_layout(new)[0], targets):
                     target.copy_(tensor)
 
+        graph = None
         try:
-            warm_up(warm)
-            made = made_count()
-            graph = capture(body)
-            if made_count() != made:  # such a tensor holds its values only in the graph's replays: made again
-                forget_made()
-                raise RuntimeError("the step made a cached constant tensor while it was captured")
+            static.extend(_rebuilt(arg, b) for arg, b in zip(args, buffers))
+            with _CAPTURING:
+                warm_up(warm, device)
+                made = made_keys()
+                graph = capture(body, device)
+                if forget_made_since(made):  # such a tensor holds its values only in the graph's replays
+                    raise RuntimeError("the step made a cached constant tensor while it was captured")
         except Exception as error:  # noqa: BLE001 — any failure to capture leaves the step uncaptured, with a warning
             warnings.warn(f"optlayers on CUDA: the interior point step could not be captured in a CUDA graph "
                           f"({type(error).__name__}: {error}); it runs uncaptured, one launch per kernel",
                           RuntimeWarning, stacklevel=3)
             graph = None
-        return _Captured(graph, buffers, (static[2], static[3]))
+        outputs = (static[2], static[3]) if len(static) == 4 else (args[2], args[3])
+        return _Captured(graph, buffers, outputs, sources)
 
 
-def warm_up(warm: Callable[[], None]) -> None:
-    """``WARM_UP_CALLS`` calls of ``warm`` on a side stream, before a capture (torch's CUDA graphs
-    guide: the library handles, workspaces and compiled code are made there)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(WARM_UP_CALLS):
-            warm()
-    torch.cuda.current_stream().wait_stream(side)
+def warm_up(warm: Callable[[], None], device: torch.device) -> None:
+    """``WARM_UP_CALLS`` calls of ``warm`` on a side stream of ``device``, before a capture (torch's
+    CUDA graphs guide: the library handles, workspaces and compiled code are made there)."""
+    with torch.cuda.device(device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(WARM_UP_CALLS):
+                warm()
+        torch.cuda.current_stream(device).wait_stream(side)
 
 
-def capture(body: Callable[[], None]) -> Any:
-    """``body`` captured in a ``torch.cuda.CUDAGraph`` (returned; its ``replay()`` runs it)."""
+def capture(body: Callable[[], None], device: torch.device) -> Any:
+    """``body`` captured in a ``torch.cuda.CUDAGraph`` (returned; its ``replay()`` runs it) on a
+    stream of its own on ``device``; the caller's stream is restored also where the capture fails
+    (torch leaves it on the capture stream then). An empty graph (work that ran on another device
+    than the capture's) is a failure."""
+    previous = torch.cuda.current_stream(device)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        body()
+    try:
+        with torch.cuda.device(device), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+                body()
+    finally:
+        torch.cuda.set_stream(previous)
+    empty = [str(w.message) for w in caught if "empty" in str(w.message).lower()]
+    if empty:
+        raise RuntimeError(f"the captured graph is empty ({empty[0]})")
     return graph
