@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from optlayers.compiling import compiled, owned
-from optlayers.engine import loop
+from optlayers.engine import kkt, loop
 from optlayers.engine.batch import put, take
 from optlayers.engine.constants import constant, made_once
 from optlayers.engine.graphed import GraphedStep, replays_graphs
@@ -692,8 +692,8 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
         full, res = start(data, units, settings)
     step_fn = compiled(step, device.type) if settings.compiled else step
     plain_step = lambda data, units, st, res: step_fn(data, units, st, res, settings)  # noqa: E731
-    if replays_graphs(device, settings.compiled):
-        plain_step = GraphedStep(plain_step, settings)  # one CUDA graph launch per iteration
+    if replays_graphs(device, settings.compiled):  # one CUDA graph launch per iteration; a graph per setting of what the step reads
+        plain_step = GraphedStep(plain_step, (settings, kkt.CUDA_INVERTED_MAX_N, torch.backends.cuda.preferred_linalg_library()))
     return iterate(data, units, full, res, plain_step, settings, with_factor)
 
 
