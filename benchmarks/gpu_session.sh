@@ -6,8 +6,8 @@
 # graphs, inverted factors, MAGMA: cuda_variants.py), the small-to-large sweep against the peers,
 # the cone benchmark with its CUDA rows and the QP peer benchmark on CUDA (batch up to 2048),
 # in that order of importance. Peers missing
-# on the machine are skipped by the benchmarks; wheels placed in .whl/ are installed first
-# (BENCHMARKS.md, GPU section). While the tests run, background processes compile our compiled
+# on the machine are skipped by the benchmarks; wheels placed in .whl/ (benchmarks/gpu_wheels.sh)
+# are installed first (BENCHMARKS.md, GPU section). While the tests run, background processes compile our compiled
 # path for each shape (`qp_benchmark --prepare`, at most four at once) into inductor's on-disk
 # cache, so that the timed runs after them find the compiled code ready; nothing is timed while
 # they work. Every step has a time limit and the whole script a deadline (DEADLINE seconds, default
