@@ -219,3 +219,15 @@ def test_a_first_capture_under_inference_mode_serves_later_calls_that_record_gra
     got = graphed.GraphedStep(toy_step, key="k")(data, units, st, res)  # the same layout's buffers, outside
     assert torch.equal(got[0].x, toy_step(data, units, st, res)[0].x)
     assert len(captures) == 1
+
+
+def test_an_output_that_views_another_fields_buffer_runs_uncaptured_with_a_warning(captures):
+    def swapping_step(data, units, st, res):  # the new x is the old residual itself: written back after r would clobber it
+        new, _ = toy_step(data, units, st, res)
+        return replace(new, x=res.r), Res(r=new.x)
+
+    data, units, st, res = problem()
+    with pytest.warns(RuntimeWarning, match="views the buffer of another field"):
+        got = graphed.GraphedStep(swapping_step, key=None)(data, units, st, res)
+    assert torch.equal(got[0].x, res.r)
+    assert not captures

@@ -143,9 +143,17 @@ class GraphedStep:
         static: list = []
 
         def warm() -> None:  # the next call's state and residuals must fit their buffers
-            for arg, new in zip(static[2:], self.fn(*static)):
+            outputs = self.fn(*static)
+            written = {b.untyped_storage().data_ptr(): (i, j) for i, targets in enumerate(buffers[2:])
+                       for j, b in enumerate(targets) if b.numel()}
+            for i, (arg, new) in enumerate(zip(static[2:], outputs)):
                 if _layout(new)[1] != _layout(arg)[1]:
                     raise ValueError(f"the step's output layout {_layout(new)[1]} differs from its input's {_layout(arg)[1]}")
+                for j, tensor in enumerate(_layout(new)[0]):  # the body writes the buffers back one by one
+                    owner = written.get(tensor.untyped_storage().data_ptr()) if tensor.numel() else None
+                    if owner not in (None, (i, j)):
+                        raise ValueError("an output of the step views the buffer of another field, which the "
+                                         "graph writes before it reads the output")
 
         def body() -> None:  # one step, its state and residuals written back into the buffers they were read from
             for new, targets in zip(self.fn(*static), buffers[2:]):
