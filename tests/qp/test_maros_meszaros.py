@@ -87,3 +87,44 @@ def test_qbeaconf_without_its_redundant_inequalities(threads):
     from optlayers import QPStatus
 
     assert outcome["status"] == QPStatus.SOLVED and outcome["primal"] <= 1e-8 and outcome["dual"] <= 1e-8, outcome
+
+
+def test_a_graphed_step_solves_every_problem_to_the_plain_steps_bits(monkeypatch):
+    """``engine.graphed.GraphedStep`` in the real loop on every problem of the set (its host looks,
+    stiff switches, retries and resumed solves), on the CPU with a stand-in graph whose replay runs
+    the captured body: the same statuses, iterations and solutions, to the bit, as the plain step
+    on a batch that keeps its shape (as a graphed one does)."""
+    import torch
+
+    from optlayers import solve_qp
+    from optlayers.engine import graphed
+    from optlayers.qp import ipm
+
+    run = ipm.loop.run
+    monkeypatch.setattr(ipm.loop, "run", lambda *args, **kwargs: run(*args, **{**kwargs, "compact": False}))
+
+    class Replayed:
+        def __init__(self, body):
+            self.body = body
+
+        def replay(self):
+            self.body()
+
+    def solved(data):
+        sol = solve_qp(**data, tol=1e-8, rel_tol=0.0, max_iter=200, on_failure="ignore")
+        return sol.z.clone(), int(sol.status), int(sol.iterations)
+
+    problems = []
+    for path in sorted(DATA.glob("*.mat")):
+        data = maros_meszaros.to_optlayers(maros_meszaros.load(path))
+        data.pop("_masks")
+        problems.append((path.stem, data, solved(data)))
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
+    monkeypatch.setattr(graphed, "capture", lambda body, device: Replayed(body))
+    monkeypatch.setattr(ipm, "replays_graphs", lambda device, compiled: True)
+    for name, data, (z, status, iterations) in problems:
+        got_z, got_status, got_iterations = solved(data)
+        assert (got_status, got_iterations) == (status, iterations), name
+        torch.testing.assert_close(got_z, z, rtol=0, atol=0, equal_nan=True, msg=name)
+    assert len(problems) == 62 and len(graphed._GRAPHS.captured) > 0
