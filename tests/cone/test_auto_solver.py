@@ -38,10 +38,16 @@ def test_rule_does_not_depend_on_the_thread_count(monkeypatch):
         assert solve_module.choose_solver(96, 128, "cpu") == "ipm"
 
 
-def test_rule_picks_ipm_on_cuda_and_without_clarabel(monkeypatch):
-    assert solve_module.choose_solver(1, 1, torch.device("cuda")) == "ipm"
+def test_rule_on_a_gpu_takes_ipm_from_a_larger_batch_and_ipm_without_clarabel(monkeypatch):
+    cuda = torch.device("cuda")  # a device object only: no GPU needed
+    assert solve_module.choose_solver(96, 512, cuda) == "ipm"
+    assert solve_module.choose_solver(96, 511, cuda) == "clarabel"
+    assert solve_module.choose_solver(96, 128, cuda) == "clarabel"  # the cone benchmark's batch (ipm 1.9x slower on an H200)
+    assert solve_module.choose_solver(96, 128, "cpu") == "ipm"  # where the CPU's rule takes ipm
+    assert solve_module.choose_solver(1, 1, cuda) == "clarabel"
     monkeypatch.setattr(autograd, "_clarabel_available", lambda: False)
     assert solve_module.choose_solver(1, 1, "cpu") == "ipm"
+    assert solve_module.choose_solver(1, 1, cuda) == "ipm"
 
 
 @pytest.mark.parametrize("args, message", [

@@ -32,6 +32,14 @@ from optlayers.validation.options import check_int
 # on the quiet machine two threads made ipm faster, so the rule does not look at it.
 AUTO_CPU_POWER = 2
 AUTO_CPU_WORK = 4e5
+# On a GPU (any device but the CPU) the same rule with AUTO_GPU_WORK: ipm on the device below it
+# paid its per-iteration launches on too few programs. Forward only, per program, all five cone
+# kinds, m = 96 (benchmarks/bench_cone.py, NVIDIA H200 with 16 Xeon cores beside it, torch 2.11,
+# 2026-12-04, BENCHMARKS.md's GPU section): ipm on CUDA 11.5 / 4.9 / 2.9 ms at batch 16 / 128 / 512,
+# Clarabel on the host's threads 3.5 / 2.6 ms at batch 16 / 128 (512 not reached); forward + adjoint
+# at batch 128: ipm 0.633 s, Clarabel with the derivative on CUDA 0.330 s. The limit is batch 512 at
+# m = 96, about where the two meet; a host with fewer cores would move it down.
+AUTO_GPU_WORK = 512 * 96 ** AUTO_CPU_POWER
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,15 +59,16 @@ class ConeSolution:
 
 def choose_solver(rows: int, batch: int, device: torch.device | str) -> str:
     """The solver ``solver="auto"`` runs for ``batch`` programs of ``rows`` constraint rows (m) on
-    ``device``: "ipm" on any device but the CPU (Clarabel would copy every program to the host and
-    solve it there), on the CPU where batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK (where it was
-    measured to be faster, see the constants' note), and wherever the clarabel package is missing;
-    "clarabel" otherwise."""
+    ``device``: "ipm" where batch * rows ** AUTO_CPU_POWER reaches AUTO_CPU_WORK on the CPU or
+    AUTO_GPU_WORK on any other device (where it was measured to be faster, see the constants'
+    notes; below, Clarabel solves on the host's threads, the derivative stays on the device), and
+    wherever the clarabel package is missing; "clarabel" otherwise."""
     check_int("rows", rows, 1)
     check_int("batch", batch, 1)
-    if torch.device(device).type != "cpu" or not autograd._clarabel_available():
+    if not autograd._clarabel_available():
         return "ipm"
-    return "ipm" if batch * rows ** AUTO_CPU_POWER >= AUTO_CPU_WORK else "clarabel"
+    limit = AUTO_CPU_WORK if torch.device(device).type == "cpu" else AUTO_GPU_WORK
+    return "ipm" if batch * rows ** AUTO_CPU_POWER >= limit else "clarabel"
 
 
 def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: str = "dense",
@@ -78,10 +87,10 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
             otherwise, see ``choose_solver``), "ipm" (the batched interior point method of
             ``optlayers.cone.interior``, on the data's device, CPU or CUDA; elements it leaves
             unsolved go to Clarabel), "clarabel" (interior point, element by element in threads) or
-            "scs" (splitting; uses ``warm_start``). "auto" runs "ipm" on CUDA and for CPU batches
-            that are large for their programs' size (from 44 programs of m = 96 rows, 207 of
-            m = 44, 1,000 of m = 20), where it takes down to half of Clarabel's time
-            (docs/cone.md, "Which forward solver").
+            "scs" (splitting; uses ``warm_start``). "auto" runs "ipm" for batches that are large for
+            their programs' size (on the CPU from 44 programs of m = 96 rows, 207 of m = 44,
+            1,000 of m = 20, where it takes down to half of Clarabel's time; on a GPU from 512
+            programs of m = 96) (docs/cone.md, "Which forward solver").
         mode: the derivative's linear solve: "dense" (batched LU, CPU or CUDA), or "lsqr"/"lsmr"
             (matrix-free, element by element, for large sparse problems; reverse mode only:
             forward mode, torch.func.jvp, always uses the dense solve).
