@@ -68,7 +68,7 @@ step 100 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures
 step 40 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager,eager-graphs --json "$out/cuda_variants_1x10.json"
 step 150 python3 benchmarks/cuda_variants.py --dtypes float64 --json "$out/cuda_variants.json"
 step 150 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"
-step 60 python3 benchmarks/bench_cone.py --repeats 5 --out "$out/bench_cone.json"
+step 90 python3 benchmarks/bench_cone.py --repeats 5 --out "$out/bench_cone.json"
 step 110 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures fig1,fig2,equality,batch --solvers optlayers,linear,qpth,qpax,qpax-1e-8 --out "$out/qp"
 echo "== done in ${SECONDS} s" | tee -a "$log"
 if [ -n "${OUT:-}" ]; then
