@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             tensors = [None if t is None else t.to(dtype=dtype, device=device) for t in problem]
             weights = torch.randn(args.batch, args.n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
             weights = weights.to(dtype=dtype, device=device)
+            _set_variant(False, False, "default", device, args.n, default)  # the plain eager solve
             reference, reference_grad = forward_backward(tensors, weights, compile=False)
             for variant in args.variants:
                 compile, eager_graphs, inverted, library = VARIANTS[variant]
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row = rows[-1]
                 print(f"{row['dtype']}  {row['batch']:4d} x {row['n']:<4d} {row['variant']:15s}  {row['fwd_bwd_ms']:8.2f} ms  {row['iterations']:3d} iterations  "
                       f"|z - z_eager| {row['z_vs_eager']:.1e}  |grad - grad_eager| {row['grad_vs_eager']:.1e}", flush=True)
+                if args.json:  # after every row: a step cut by its time limit keeps what it measured
+                    _write(args.json, device, rows)
     finally:
         graphed.EAGER_GRAPHS = False
         setattr(kkt, name, default)
@@ -134,10 +137,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             torch.backends.cuda.preferred_linalg_library("default")
         graphed._GRAPHS.captured.clear()
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-        args.json.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rows": rows}, indent=1))
+        _write(args.json, device, rows)
     return rows
+
+
+def _write(path: Path, device: torch.device, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    path.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

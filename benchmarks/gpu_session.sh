@@ -46,6 +46,7 @@ step 30 python3 -c "import importlib.util; [print(name, 'imports' if importlib.u
 # those unfinished at 240 s are stopped (a timed step compiles what it lacks in its warm-up).
 prepare() {  # prepare NAME ARGS...: one background compilation, its log under $out/prepare
   while [ "$(jobs -rp | wc -l)" -ge 4 ]; do sleep 1; done
+  [ "$SECONDS" -ge 240 ] && return  # past the wait below: none started any more
   local args=(--device cuda --prepare --solvers optlayers-compiled "${@:2}" --out "$out/prepare/$1")
   TORCHINDUCTOR_COMPILE_THREADS=4 timeout -k 5 240 python3 -m benchmarks.qp_benchmark "${args[@]}" >"$out/prepare/$1.log" 2>&1 &
 }
@@ -61,6 +62,7 @@ step 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/qp/test_cuda.py 
 step 60 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"
 echo "== waiting for the compilations (${SECONDS} s into the session)" | tee -a "$log"
 while kill -0 "$compiling" 2>/dev/null && [ "$SECONDS" -lt 240 ]; do sleep 2; done
+kill "$compiling" 2>/dev/null
 pkill -f -- "--prepare --solvers optlayers-compiled" && echo "== compilations stopped unfinished at ${SECONDS} s" | tee -a "$log"
 grep -h "optlayers-compiled\|Error" "$out"/prepare/*.log | cut -c1-300 | tee -a "$log"
 

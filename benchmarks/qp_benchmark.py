@@ -231,8 +231,8 @@ def run_one(solver: Solver, setting: Setting, problems: ProblemCache, device: to
 def _git_commit() -> str | None:
     try:
         # "-dirty" where the tree differs from the commit (a device machine's copy can carry an older commit's metadata)
-        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude=*"], capture_output=True,
+                              text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 

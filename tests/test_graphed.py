@@ -231,3 +231,20 @@ def test_an_output_that_views_another_fields_buffer_runs_uncaptured_with_a_warni
         got = graphed.GraphedStep(swapping_step, key=None)(data, units, st, res)
     assert torch.equal(got[0].x, res.r)
     assert not captures
+
+
+def test_a_capture_that_fails_after_making_a_constant_leaves_none_behind(monkeypatch):
+    from optlayers.engine import constants
+
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
+
+    def capture_then_fail(body, device):
+        constants.identity(98, torch.device("cpu"), torch.float64)
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed, "capture", capture_then_fail)
+    data, units, st, res = problem()
+    with pytest.warns(RuntimeWarning, match="operation not permitted"):
+        graphed.GraphedStep(toy_step, key=None)(data, units, st, res)
+    assert (98, torch.device("cpu"), torch.float64) not in constants.identity.kept.results

@@ -160,7 +160,7 @@ class GraphedStep:
                 for tensor, target in zip(_layout(new)[0], targets):
                     target.copy_(tensor)
 
-        graph = None
+        graph, made = None, None
         try:
             static.extend(_rebuilt(arg, b) for arg, b in zip(args, buffers))
             with _CAPTURING:
@@ -170,6 +170,8 @@ class GraphedStep:
                 if forget_made_since(made):  # such a tensor holds its values only in the graph's replays
                     raise RuntimeError("the step made a cached constant tensor while it was captured")
         except Exception as error:  # noqa: BLE001 — any failure to capture leaves the step uncaptured, with a warning
+            if made is not None:  # a capture that failed after making a constant leaves none behind either
+                forget_made_since(made)
             warnings.warn(f"optlayers on CUDA: the interior point step could not be captured in a CUDA graph "
                           f"({type(error).__name__}: {error}); it runs uncaptured, one launch per kernel",
                           RuntimeWarning, stacklevel=3)
