@@ -50,14 +50,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", type=Path, help="write the rows here")
     args = parser.parse_args(argv)
-    args.dtypes = args.dtypes.split(",")
-    unknown = sorted(set(args.dtypes) - set(DTYPES))
-    if unknown:
-        parser.error(f"--dtypes: unknown {unknown}; choose from {', '.join(DTYPES)}")
-    args.variants = args.variants.split(",")
-    unknown = sorted(set(args.variants) - set(VARIANTS))
-    if unknown:
-        parser.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    for flag, choices in (("dtypes", DTYPES), ("variants", VARIANTS)):
+        names = getattr(args, flag).split(",")
+        unknown = sorted(set(names) - set(choices))
+        if unknown:
+            parser.error(f"--{flag}: unknown {unknown}; choose from {', '.join(choices)}")
+        setattr(args, flag, names)
     if min(args.batch, args.n, args.repeats) < 1:
         parser.error(f"--batch, --n and --repeats must be positive, got {args.batch}, {args.n}, {args.repeats}")
     return args
@@ -95,8 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
-    name = _limit_name(device)
-    default = getattr(kkt, name)
+    default = getattr(kkt, _limit_name(device))
     problem = random_qp(args.batch, args.n, args.n, 0, seed=0).tensors()
     rows = []
     try:
@@ -131,11 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if args.json:  # after every row: a step cut by its time limit keeps what it measured
                     _write(args.json, device, rows)
     finally:
-        graphed.EAGER_GRAPHS = False
-        setattr(kkt, name, default)
-        if device.type == "cuda":
-            torch.backends.cuda.preferred_linalg_library("default")
-        graphed._GRAPHS.captured.clear()
+        _set_variant(False, False, "default", device, args.n, default)
     if args.json:
         _write(args.json, device, rows)
     return rows

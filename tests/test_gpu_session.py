@@ -111,3 +111,15 @@ def test_top_kernels_rank_names_by_their_total_time():
     assert by_name["aten::mm"]["calls"] == 3
     expected = sum(e.time_range.elapsed_us() for e in events if e.name == "aten::mm")
     assert by_name["aten::mm"]["device_us"] == pytest.approx(expected, abs=0.1)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dtypes", "float16"], "--dtypes: unknown ['float16']"),
+    (["--variants", "eager,nope"], "--variants: unknown ['nope']"),
+    (["--batch", "0"], "--batch, --n and --repeats must be positive"),
+])
+def test_cuda_variants_refuses_unknown_names_and_sizes(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        cuda_variants.parse_args(argv)
+    assert message in capsys.readouterr().err
+    assert cuda_variants.parse_args(["--dtypes", "float32", "--variants", "eager"]).variants == ["eager"]

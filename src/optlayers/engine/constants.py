@@ -23,6 +23,7 @@ def _key(value: float | tuple) -> bytes:
 
 F = TypeVar("F", bound=Callable)
 
+
 class _Made:
     """One ``made_once`` function's results, by their arguments."""
 

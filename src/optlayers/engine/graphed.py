@@ -1,4 +1,5 @@
-"""The compiled interior point step on CUDA, replayed from a CUDA graph: one launch per iteration.
+"""The interior point step on CUDA (compiled; eager with ``EAGER_GRAPHS``), replayed from a CUDA
+graph: one launch per iteration.
 
 A step ``fn(data, units, state, res) -> (state, res)`` (each a dataclass of tensors) is captured
 once per layout (every tensor's shape, dtype and device, every other field's value, and a key such
@@ -147,9 +148,10 @@ class GraphedStep:
             written = {b.untyped_storage().data_ptr(): (i, j) for i, targets in enumerate(buffers[2:])
                        for j, b in enumerate(targets) if b.numel()}
             for i, (arg, new) in enumerate(zip(static[2:], outputs)):
-                if _layout(new)[1] != _layout(arg)[1]:
-                    raise ValueError(f"the step's output layout {_layout(new)[1]} differs from its input's {_layout(arg)[1]}")
-                for j, tensor in enumerate(_layout(new)[0]):  # the body writes the buffers back one by one
+                (tensors, layout), expected = _layout(new), _layout(arg)[1]
+                if layout != expected:
+                    raise ValueError(f"the step's output layout {layout} differs from its input's {expected}")
+                for j, tensor in enumerate(tensors):  # the body writes the buffers back one by one
                     owner = written.get(tensor.untyped_storage().data_ptr()) if tensor.numel() else None
                     if owner not in (None, (i, j)):
                         raise ValueError("an output of the step views the buffer of another field, which the "
