@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     Q, p, G, h, A, b = (t.cuda() if t is not None else None for t in random_qp(args.batch, args.n, args.n, 0, seed=0).tensors())
     rows = {}
-    for compiled in (False, True):
+    for compiled in (False, True):  # each row printed and written as soon as it is measured
         p_ = p.clone().requires_grad_(True)
         holder = {}
 
@@ -76,17 +76,17 @@ def main(argv: list[str] | None = None) -> int:
 
         counts = launches(forward)
         iterations = int(holder["sol"].iterations.max())
-        rows["compiled" if compiled else "eager"] = {**counts, "iterations": iterations,
-                                                     "device_kernels_per_iteration": counts["device_kernels"] / iterations}
-    for name, row in rows.items():
+        name = "compiled" if compiled else "eager"
+        row = rows[name] = {**counts, "iterations": iterations,
+                            "device_kernels_per_iteration": counts["device_kernels"] / iterations}
         print(f"{name}: {row['device_kernels']} device kernels and {row['host_launch_calls']} host launch calls per forward "
               f"({row['iterations']} iterations; {row['device_kernels_per_iteration']:.0f} kernels per iteration, set-up included); "
-              f"device busy {row['device_busy_us'] / 1e3:.2f} ms")
+              f"device busy {row['device_busy_us'] / 1e3:.2f} ms", flush=True)
         for kernel in row["top_kernels"]:
-            print(f"  {kernel['device_us'] / 1e3:8.3f} ms  {kernel['calls']:5d} calls  {kernel['name']}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"batch": args.batch, "n": args.n, "device": torch.cuda.get_device_name(), **rows}, indent=1))
+            print(f"  {kernel['device_us'] / 1e3:8.3f} ms  {kernel['calls']:5d} calls  {kernel['name']}", flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps({"batch": args.batch, "n": args.n, "device": torch.cuda.get_device_name(), **rows}, indent=1))
     return 0
 
 

@@ -14,8 +14,14 @@
 # 580) that cuts the last steps short rather than let the device call be killed. Results go to
 # runs/gpu and, packed in one archive with the log beside it, to $OUT (the device tool's folder,
 # which returns at most 8 files).
+#
+# PART=1 runs the checks and A/Bs up to the CUDA variants (a full device call), PART=2 the rest (the
+# sweep, the cones, the QP figures: a second, shorter call on the still-warm machine, which keeps
+# inductor's cache); the default, PART=all, runs both in one call.
 set -uo pipefail
-out=runs/gpu
+part=${PART:-all}
+case "$part" in all|1|2) ;; *) echo "PART must be all, 1 or 2, not $part" >&2; exit 2;; esac
+out=runs/gpu/part_$part
 rm -rf "$out" && mkdir -p "$out/qp" "$out/prepare"  # this run's results only (the folder outlives a device call)
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
@@ -56,22 +62,26 @@ compile_ahead() {
   for shape in 128x10 1x10 1x100 64x100 128x50; do prepare "sweep_$shape" --sweep --shapes "$shape"; done
   wait
 }
-compile_ahead &
-compiling=$!
-step 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/qp/test_cuda.py tests/qp/test_engine.py tests/cone/test_cone_cuda.py tests/cone/test_interior.py tests/cone/test_auto_solver.py tests/experiments/test_cli.py
-step 60 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"
-echo "== waiting for the compilations (${SECONDS} s into the session)" | tee -a "$log"
-while kill -0 "$compiling" 2>/dev/null && [ "$SECONDS" -lt 240 ]; do sleep 2; done
-kill "$compiling" 2>/dev/null
-pkill -f -- "--prepare --solvers optlayers-compiled" && echo "== compilations stopped unfinished at ${SECONDS} s" | tee -a "$log"
-grep -h "optlayers-compiled\|Error" "$out"/prepare/*.log | cut -c1-300 | tee -a "$log"
+if [ "$part" != 2 ]; then
+  compile_ahead &
+  compiling=$!
+  step 150 python3 -m pytest -q -p no:cacheprovider -m cuda tests/qp/test_cuda.py tests/qp/test_engine.py tests/cone/test_cone_cuda.py tests/cone/test_interior.py tests/cone/test_auto_solver.py tests/experiments/test_cli.py
+  echo "== waiting for the compilations (${SECONDS} s into the session)" | tee -a "$log"
+  while kill -0 "$compiling" 2>/dev/null && [ "$SECONDS" -lt 240 ]; do sleep 2; done
+  kill "$compiling" 2>/dev/null
+  pkill -f -- "--prepare --solvers optlayers-compiled" && echo "== compilations stopped unfinished at ${SECONDS} s" | tee -a "$log"
+  grep -h "optlayers-compiled\|Error" "$out"/prepare/*.log | cut -c1-300 | tee -a "$log"
+  step 60 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"  # after the compilations: its compiled row finds the cache
 
-step 100 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures target --out "$out/target"
-step 40 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager,eager-graphs --json "$out/cuda_variants_1x10.json"
-step 150 python3 benchmarks/cuda_variants.py --dtypes float64 --json "$out/cuda_variants.json"
-step 150 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"
-step 90 python3 benchmarks/bench_cone.py --repeats 5 --out "$out/bench_cone.json"
-step 110 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures fig1,fig2,equality,batch --solvers optlayers,linear,qpth,qpax,qpax-1e-8 --out "$out/qp"
+  step 100 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures target --out "$out/target"
+  step 40 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager,eager-graphs --json "$out/cuda_variants_1x10.json"
+  step 150 python3 benchmarks/cuda_variants.py --dtypes float64 --json "$out/cuda_variants.json"
+fi
+if [ "$part" != 1 ]; then
+  step 150 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"
+  step 90 python3 benchmarks/bench_cone.py --repeats 5 --out "$out/bench_cone.json"
+  step 110 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures fig1,fig2,equality,batch --solvers optlayers,linear,qpth,qpax,qpax-1e-8 --out "$out/qp"
+fi
 echo "== done in ${SECONDS} s" | tee -a "$log"
 if [ -n "${OUT:-}" ]; then
   tar -czf "$OUT/gpu_results.tar.gz" -C "$out" . && cp "$log" "$OUT/" || failed=1
