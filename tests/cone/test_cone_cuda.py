@@ -12,7 +12,7 @@ def test_cuda_matches_cpu():
     A, b, c, P, *_ = random_program(ALL_CONES, 15, batch=4, quadratic=True, seed=30)
     grads = {}
     for device in ("cpu", "cuda"):
-        leaves = [t.to(device).requires_grad_() for t in (A, b, c, P)]
+        leaves = [t.detach().to(device).requires_grad_() for t in (A, b, c, P)]  # fresh leaves on each device
         A_, b_, c_, P_ = leaves
         sol = solve_cone(A_, b_, c_, ALL_CONES, P_)
         assert sol.x.device.type == device
