@@ -2,13 +2,16 @@
 (median), iterations, and the distance of the solution and of the gradient of ⟨w, z⟩ w.r.t. p to
 the plain eager solve's. The variants:
 
-- ``eager``, ``eager-graphs``: the eager step, and the same replayed from a CUDA graph
-  (``engine.graphed.EAGER_GRAPHS``): no compilation at all;
-- ``compiled``, ``compiled-magma``: ``compile=True`` (the step one CUDA graph replay), with
-  torch's default batched Cholesky on CUDA (cuSOLVER) and with MAGMA's
+- ``eager``, ``eager-graphs``: the eager step launched operation by operation, and the same
+  replayed from a CUDA graph (``engine.graphed.EAGER_GRAPHS``): no compilation at all;
+- ``compiled``, ``compiled-magma``: ``compile=True`` (the step one CUDA graph replay) with no
+  factor inverted, with torch's default batched Cholesky on CUDA (cuSOLVER) and with MAGMA's
   (``torch.backends.cuda.preferred_linalg_library``);
-- ``inverted``, ``inverted-magma``: the same with every KKT factor inverted
+- ``inverted``, ``inverted-magma``: the same with every KKT factor up to order ``--n`` inverted
   (``engine.kkt.CUDA_INVERTED_MAX_N``), so that every solve with it is a batched product.
+
+Each variant sets its switches explicitly (whatever the package's defaults are); they are
+restored at the end.
 
     python benchmarks/cuda_variants.py [--batch 128] [--n 100] [--dtypes float64,float32] [--repeats 10]
                                        [--variants eager,eager-graphs,...] [--device cuda] [--json FILE]
@@ -65,11 +68,12 @@ def _limit_name(device: torch.device) -> str:
     return "CUDA_INVERTED_MAX_N" if device.type == "cuda" else "INVERTED_MAX_N"
 
 
-def _set_variant(eager_graphs: bool, inverted: bool, library: str, device: torch.device, n: int, default: int) -> None:
-    """Sets the switches of a variant, and drops the CUDA graphs captured under others (a changed
-    inversion limit recompiles: the compiled code guards on it)."""
+def _set_variant(eager_graphs: bool, limit: int, library: str, device: torch.device) -> None:
+    """Sets the switches of a variant (``limit``: the inversion limit of ``device``), and drops the
+    CUDA graphs captured under others (a changed inversion limit recompiles: the compiled code
+    guards on it)."""
     graphed.EAGER_GRAPHS = eager_graphs
-    setattr(kkt, _limit_name(device), n if inverted else default)
+    setattr(kkt, _limit_name(device), limit)
     if device.type == "cuda":
         torch.backends.cuda.preferred_linalg_library(library)
     graphed._GRAPHS.captured.clear()
@@ -93,7 +97,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
-    default = getattr(kkt, _limit_name(device))
+    as_found = (graphed.EAGER_GRAPHS, getattr(kkt, _limit_name(device)))  # the defaults, restored at the end
+    uninverted = 0 if device.type == "cuda" else kkt.INVERTED_MAX_N  # CUDA: no factor inverted; the CPU: its own limit
     problem = random_qp(args.batch, args.n, args.n, 0, seed=0).tensors()
     rows = []
     try:
@@ -102,13 +107,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             tensors = [None if t is None else t.to(dtype=dtype, device=device) for t in problem]
             weights = torch.randn(args.batch, args.n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
             weights = weights.to(dtype=dtype, device=device)
-            _set_variant(False, False, "default", device, args.n, default)  # the plain eager solve
+            _set_variant(False, uninverted, "default", device)  # the plain eager solve
             reference, reference_grad = forward_backward(tensors, weights, compile=False)
             for variant in args.variants:
                 compile, eager_graphs, inverted, library = VARIANTS[variant]
                 if variant in CUDA_ONLY and device.type != "cuda":
                     continue
-                _set_variant(eager_graphs, inverted, library, device, args.n, default)
+                _set_variant(eager_graphs, max(args.n, uninverted) if inverted else uninverted, library, device)
                 for _ in range(2):  # compilation and capture
                     sol, grad = forward_backward(tensors, weights, compile=compile)
                 times = []
@@ -128,7 +133,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if args.json:  # after every row: a step cut by its time limit keeps what it measured
                     _write(args.json, device, rows)
     finally:
-        _set_variant(False, False, "default", device, args.n, default)
+        _set_variant(*as_found, "default", device)
     if args.json:
         _write(args.json, device, rows)
     return rows

@@ -52,13 +52,18 @@ against triangular solves: batch 128, n = 10: 257 against 461 µs; n = 12: 282 a
 n = 16: 900 against 601 µs (the batched product of order 16 is slower than of order 12); batch 1,
 n = 10: 92 against 116 µs."""
 
-CUDA_INVERTED_MAX_N = 0
-"""On CUDA, under compilation, factors of order up to this are inverted as well (0: only those of
-``INVERTED_MAX_N``). A GPU's batched triangular solve of a small system is latency-bound where a
-batched product is not; whether inverting pays there is measured by ``benchmarks/cuda_variants.py``
-(not yet on a GPU: off until it is). Accuracy does not stand in the way: the Maros–Meszaros set with
-every factor inverted at every order (CPU, eager, tol 1e-7, one thread, 2026-12-04) solved the
-same 61 of 62 in 1,195 iterations against 1,168, five problems' counts changed (QBEACONF 21 → 42)."""
+CUDA_INVERTED_MAX_N = 128
+"""On CUDA, under compilation, factors of order up to this are inverted as well. A GPU's batched
+triangular solve of a small system is latency-bound where a batched product is not: on an H200
+(``benchmarks/cuda_variants.py``, float64, batch 128, n = 100, compiled, forward + backward,
+2026-12-04, 420e505) inverting took 18.0 ms against 28.4 with cuSOLVER's batched triangular solves,
+whose ~340 calls per forward had taken 9.7 of its 16.4 ms of device time
+(``benchmarks/cuda_launches.py``), with the same iterations and solutions (5e-10 from the eager
+solve's either way). Orders between 12 and 100 and above 100 were not measured on a GPU. Accuracy
+does not stand in the way: the Maros–Meszaros set with every factor inverted at every order (CPU,
+eager, tol 1e-7, one thread, 2026-12-04) solved the same 61 of 62 in 1,195 iterations against
+1,168, five problems' counts changed (QBEACONF 21 → 42). 0 inverts only up to
+``INVERTED_MAX_N``."""
 
 AUGMENT = 1.0
 """σ of the factorisation of H + σAᵀA in place of H (``factor_kkt``'s ``augment``), for the
