@@ -37,8 +37,9 @@ AUTO_CPU_WORK = 4e5
 # kinds, m = 96 (benchmarks/bench_cone.py, NVIDIA H200 with 16 Xeon cores beside it, torch 2.11,
 # 2026-12-04, BENCHMARKS.md's GPU section): ipm on CUDA 11.5 / 4.9 / 2.9 ms at batch 16 / 128 / 512,
 # Clarabel on the host's threads 3.5 / 2.6 ms at batch 16 / 128 (512 not reached); forward + adjoint
-# at batch 128: ipm 0.633 s, Clarabel with the derivative on CUDA 0.330 s. The limit is batch 512 at
-# m = 96, about where the two meet; a host with fewer cores would move it down.
+# at batch 128: ipm 0.633 s, Clarabel with the derivative on CUDA 0.330 s. A later run the same day
+# (tree 420e505) reached batch 512: ipm 14.7 / 5.6 / 2.57 ms, Clarabel 4.1 / 2.5 / 2.40 ms. The limit
+# is batch 512 at m = 96, where the two meet (within 7 %); a host with fewer cores would move it down.
 AUTO_GPU_WORK = 512 * 96 ** AUTO_CPU_POWER
 
 
