@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Every GPU check and figure in one device call (10 minutes at most): the CUDA-vs-CPU tests (QP
-# and cone, the compiled QP path included), the QP solve's kernel launches and the kernels that
-# take its device time, the target row (batch 128, n = 100, float32 and float64, our eager and
-# compiled paths against qpth, qpax and a linear layer), the A/B of the CUDA variants (eager
-# graphs, inverted factors, MAGMA: cuda_variants.py), the small-to-large sweep against the peers,
+# and cone, the compiled QP path included), the QP solve's kernel launches, the kernels that take
+# its device time and where the host's time goes (forward and backward, at batch 128, n = 100 and
+# at batch 1, n = 10), the target row (batch 128, n = 100, float32 and float64, our eager and
+# compiled paths against qpth, qpax and a linear layer), the A/B of the CUDA variants in float32 (eager
+# graphs, inverted factors: cuda_variants.py; float64's were measured), the small-to-large sweep against the peers,
 # the cone benchmark with its CUDA rows and the QP peer benchmark on CUDA (batch up to 2048),
 # in that order of importance. Peers missing
 # on the machine are skipped by the benchmarks; wheels placed in .whl/ (benchmarks/gpu_wheels.sh)
@@ -71,11 +72,12 @@ if [ "$part" != 2 ]; then
   kill "$compiling" 2>/dev/null
   pkill -f -- "--prepare --solvers optlayers-compiled" && echo "== compilations stopped unfinished at ${SECONDS} s" | tee -a "$log"
   grep -h "optlayers-compiled\|Error" "$out"/prepare/*.log | cut -c1-300 | tee -a "$log"
-  step 60 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"  # after the compilations: its compiled row finds the cache
+  # after the compilations, so that the compiled rows find the cache
+  step 75 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"
+  step 45 python3 benchmarks/cuda_launches.py --batch 1 --n 10 --json "$out/cuda_launches_1x10.json"
 
   step 100 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures target --out "$out/target"
-  step 40 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager,eager-graphs --json "$out/cuda_variants_1x10.json"
-  step 150 python3 benchmarks/cuda_variants.py --dtypes float64 --json "$out/cuda_variants.json"
+  step 80 python3 benchmarks/cuda_variants.py --dtypes float32 --variants eager,eager-graphs,compiled,inverted --json "$out/cuda_variants.json"
 fi
 if [ "$part" != 1 ]; then
   step 150 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"

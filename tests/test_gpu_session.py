@@ -123,3 +123,19 @@ def test_cuda_variants_refuses_unknown_names_and_sizes(argv, message, capsys):
         cuda_variants.parse_args(argv)
     assert message in capsys.readouterr().err
     assert cuda_variants.parse_args(["--dtypes", "float32", "--variants", "eager"]).variants == ["eager"]
+
+
+def test_cuda_launches_host_profile_ranks_functions_by_cumulative_time():
+    """``cuda_launches.host_profile`` on a CPU function: the outer function first, per-call figures."""
+    def inner() -> None:
+        sum(range(2000))
+
+    def outer() -> None:
+        for _ in range(3):
+            inner()
+
+    rows = cuda_launches.host_profile(outer, calls=4, count=40)
+    by_name = {row["function"].split(" (")[0]: row for row in rows}
+    assert rows[0]["cumulative_ms"] >= rows[-1]["cumulative_ms"]
+    assert by_name["outer"]["calls_per_call"] == 1 and by_name["inner"]["calls_per_call"] == 3
+    assert by_name["outer"]["cumulative_ms"] >= by_name["inner"]["cumulative_ms"] > 0

@@ -153,16 +153,15 @@ class GraphedStep:
                 (tensors, layout), expected = _layout(new), _layout(arg)[1]
                 if layout != expected:
                     raise ValueError(f"the step's output layout {layout} differs from its input's {expected}")
-                for j, tensor in enumerate(tensors):  # the body writes the buffers back one by one
+                for j, tensor in enumerate(tensors):  # the body writes all buffers back at once
                     owner = written.get(tensor.untyped_storage().data_ptr()) if tensor.numel() else None
                     if owner not in (None, (i, j)):
                         raise ValueError("an output of the step views the buffer of another field, which the "
                                          "graph writes before it reads the output")
 
         def body() -> None:  # one step, its state and residuals written back into the buffers they were read from
-            for new, targets in zip(self.fn(*static), buffers[2:]):
-                for tensor, target in zip(_layout(new)[0], targets):
-                    target.copy_(tensor)
+            news = [tensor for new in self.fn(*static) for tensor in _layout(new)[0]]
+            torch._foreach_copy_([target for targets in buffers[2:] for target in targets], news)  # a kernel per dtype, not per tensor
 
         graph, made = None, None
         try:
