@@ -8,7 +8,10 @@ the plain eager solve's. The variants:
   factor inverted, with torch's default batched Cholesky on CUDA (cuSOLVER) and with MAGMA's
   (``torch.backends.cuda.preferred_linalg_library``);
 - ``inverted``, ``inverted-magma``: the same with every KKT factor up to order ``--n`` inverted
-  (``engine.kkt.CUDA_INVERTED_MAX_N``), so that every solve with it is a batched product.
+  (``engine.kkt.CUDA_INVERTED_MAX_N``), so that every solve with it is a batched product;
+- ``eager-graphs-calls``, ``inverted-calls``: ``eager-graphs`` and ``inverted`` with the solve's
+  parts outside the iterations (equilibration, start, derivatives' factorisation, backward)
+  replayed from CUDA graphs too (``engine.graphed.GRAPHED_CALLS``).
 
 Each variant sets its switches explicitly (whatever the package's defaults are); they are
 restored at the end.
@@ -36,11 +39,13 @@ from optlayers import solve_qp  # noqa: E402
 from optlayers.engine import graphed, kkt  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
-VARIANTS = {"eager": (False, False, False, "default"), "eager-graphs": (False, True, False, "default"),
-            "compiled": (True, False, False, "default"), "compiled-magma": (True, False, False, "magma"),
-            "inverted": (True, False, True, "default"), "inverted-magma": (True, False, True, "magma")}
-"""name: (compile, eager graphs, inverted factors, CUDA linear algebra library)."""
-CUDA_ONLY = ("eager-graphs", "compiled-magma", "inverted-magma")
+VARIANTS = {"eager": (False, False, False, "default", False), "eager-graphs": (False, True, False, "default", False),
+            "eager-graphs-calls": (False, True, False, "default", True),
+            "compiled": (True, False, False, "default", False), "compiled-magma": (True, False, False, "magma", False),
+            "inverted": (True, False, True, "default", False), "inverted-magma": (True, False, True, "magma", False),
+            "inverted-calls": (True, False, True, "default", True)}
+"""name: (compile, eager graphs, inverted factors, CUDA linear algebra library, graphed calls)."""
+CUDA_ONLY = ("eager-graphs", "eager-graphs-calls", "compiled-magma", "inverted-magma", "inverted-calls")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,11 +73,11 @@ def _limit_name(device: torch.device) -> str:
     return "CUDA_INVERTED_MAX_N" if device.type == "cuda" else "INVERTED_MAX_N"
 
 
-def _set_variant(eager_graphs: bool, limit: int, library: str, device: torch.device) -> None:
-    """Sets the switches of a variant (``limit``: the inversion limit of ``device``), and drops the
-    CUDA graphs captured under others (a changed inversion limit recompiles: the compiled code
-    guards on it)."""
-    graphed.EAGER_GRAPHS = eager_graphs
+def _set_variant(eager_graphs: bool, limit: int, library: str, device: torch.device, calls: bool = False) -> None:
+    """Sets the switches of a variant (``limit``: the inversion limit of ``device``; ``calls``: the
+    solve's parts outside the iterations graphed too), and drops the CUDA graphs captured under
+    others (a changed inversion limit recompiles: the compiled code guards on it)."""
+    graphed.EAGER_GRAPHS, graphed.GRAPHED_CALLS = eager_graphs, calls
     setattr(kkt, _limit_name(device), limit)
     if device.type == "cuda":
         torch.backends.cuda.preferred_linalg_library(library)
@@ -97,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
-    as_found = (graphed.EAGER_GRAPHS, getattr(kkt, _limit_name(device)))  # the defaults, restored at the end
+    as_found = (graphed.EAGER_GRAPHS, getattr(kkt, _limit_name(device)), "default", device, graphed.GRAPHED_CALLS)  # restored at the end
     uninverted = 0 if device.type == "cuda" else kkt.INVERTED_MAX_N  # CUDA: no factor inverted; the CPU: its own limit
     problem = random_qp(args.batch, args.n, args.n, 0, seed=0).tensors()
     rows = []
@@ -110,10 +115,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             _set_variant(False, uninverted, "default", device)  # the plain eager solve
             reference, reference_grad = forward_backward(tensors, weights, compile=False)
             for variant in args.variants:
-                compile, eager_graphs, inverted, library = VARIANTS[variant]
+                compile, eager_graphs, inverted, library, calls = VARIANTS[variant]
                 if variant in CUDA_ONLY and device.type != "cuda":
                     continue
-                _set_variant(eager_graphs, max(args.n, uninverted) if inverted else uninverted, library, device)
+                _set_variant(eager_graphs, max(args.n, uninverted) if inverted else uninverted, library, device, calls)
                 for _ in range(2):  # compilation and capture
                     sol, grad = forward_backward(tensors, weights, compile=compile)
                 times = []
@@ -133,7 +138,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if args.json:  # after every row: a step cut by its time limit keeps what it measured
                     _write(args.json, device, rows)
     finally:
-        _set_variant(*as_found, "default", device)
+        _set_variant(*as_found)
     if args.json:
         _write(args.json, device, rows)
     return rows

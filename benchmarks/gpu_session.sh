@@ -3,8 +3,8 @@
 # and cone, the compiled QP path included), the QP solve's kernel launches, the kernels that take
 # its device time and where the host's time goes (forward and backward, at batch 128, n = 100 and
 # at batch 1, n = 10), the target row (batch 128, n = 100, float32 and float64, our eager and
-# compiled paths against qpth, qpax and a linear layer), the A/B of the CUDA variants in float32 (eager
-# graphs, inverted factors: cuda_variants.py; float64's were measured), the small-to-large sweep against the peers,
+# compiled paths against qpth, qpax and a linear layer), the A/B of the CUDA variants (the solve's
+# parts outside the iterations graphed or not, eager and compiled: cuda_variants.py), the small-to-large sweep against the peers,
 # the cone benchmark with its CUDA rows and the QP peer benchmark on CUDA (batch up to 2048),
 # in that order of importance. Peers missing
 # on the machine are skipped by the benchmarks; wheels placed in .whl/ (benchmarks/gpu_wheels.sh)
@@ -76,8 +76,9 @@ if [ "$part" != 2 ]; then
   step 75 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"
   step 45 python3 benchmarks/cuda_launches.py --batch 1 --n 10 --json "$out/cuda_launches_1x10.json"
 
+  step 45 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager-graphs,eager-graphs-calls,inverted,inverted-calls --json "$out/cuda_variants_1x10.json"
+  step 90 python3 benchmarks/cuda_variants.py --dtypes float64,float32 --variants eager-graphs,eager-graphs-calls,inverted,inverted-calls --json "$out/cuda_variants.json"
   step 100 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures target --out "$out/target"
-  step 80 python3 benchmarks/cuda_variants.py --dtypes float32 --variants eager,eager-graphs,compiled,inverted --json "$out/cuda_variants.json"
 fi
 if [ "$part" != 1 ]; then
   step 150 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"

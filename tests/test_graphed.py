@@ -4,7 +4,9 @@ on CUDA in ``tests/qp/test_engine.py`` (skipped without a GPU)."""
 from __future__ import annotations
 
 import threading
+import warnings
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -248,3 +250,108 @@ def test_a_capture_that_fails_after_making_a_constant_leaves_none_behind(monkeyp
     with pytest.warns(RuntimeWarning, match="operation not permitted"):
         graphed.GraphedStep(toy_step, key=None)(data, units, st, res)
     assert (98, torch.device("cpu"), torch.float64) not in constants.identity.kept.results
+
+
+# ``GraphedCall``: a host-synchronisation-free function of nested arguments, its outputs copied out.
+
+class Pair(NamedTuple):
+    left: Tensor
+    right: Tensor | None
+
+
+@dataclass(frozen=True)
+class Factor:
+    chol: Tensor
+    m: int
+
+
+def toy_call(data: Data, pair: Pair, scale: float) -> tuple[Factor, Tensor]:
+    chol = data.a * scale + pair.left
+    return Factor(chol=chol, m=chol.shape[-1]), pair.left  # the second output: an argument, unchanged
+
+
+@pytest.fixture
+def call_captures(monkeypatch):
+    """Fresh per-thread graphs and a capture that runs the body once, as torch's does (a replay
+    runs it again: what the graph's kernels do on the device)."""
+    made = []
+
+    def fake_capture(body, device):
+        made.append(body)
+        body()
+        return FakeGraph(body)
+
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: [warm() for _ in range(graphed.WARM_UP_CALLS)])
+    monkeypatch.setattr(graphed, "capture", fake_capture)
+    return made
+
+
+def call_args(seed):
+    g = torch.Generator().manual_seed(seed)
+    data = Data(a=torch.randn(3, 4, generator=g, dtype=torch.float64), diagonal=False)
+    return data, Pair(left=torch.randn(3, 4, generator=g, dtype=torch.float64), right=None)
+
+
+def test_a_graphed_call_returns_the_functions_outputs_as_copies_that_outlive_later_calls(call_captures):
+    call = graphed.GraphedCall(toy_call, "toy")
+    first_args, second_args = call_args(0), call_args(1)
+    first = call(*first_args, 2.0)
+    second = call(*second_args, 2.0)
+    assert len(call_captures) == 1  # one layout, one capture
+    for got, args in ((first, first_args), (second, second_args)):
+        want = toy_call(*args, 2.0)
+        assert torch.equal(got[0].chol, want[0].chol) and got[0].m == want[0].m == 4
+        assert torch.equal(got[1], want[1]) and got[1] is not args[1].left  # a copy, not the argument
+    first[0].chol.zero_()  # the caller's to change
+    assert torch.equal(call(*second_args, 2.0)[0].chol, toy_call(*second_args, 2.0)[0].chol)
+    assert len(call_captures) == 1
+
+
+def test_a_graphed_call_copies_in_only_what_changed(call_captures):
+    call = graphed.GraphedCall(toy_call, "toy")
+    data, pair = call_args(0)
+    call(data, pair, 1.0)
+    (entry,) = graphed._GRAPHS.captured.values()
+    first = list(entry.sources)  # per buffer: (the tensor copied in, its version) when copied
+    call(data, pair, 1.0)
+    assert all(a is b for a, b in zip(entry.sources, first))  # the same tensors, unchanged: nothing copied in
+    pair.left.add_(1.0)  # in place: its version moves, so it alone is copied in again
+    got = call(data, pair, 1.0)
+    assert entry.sources[0] is first[0] and entry.sources[1] is not first[1]
+    assert entry.sources[1][1] == pair.left._version
+    assert torch.equal(got[0].chol, toy_call(data, pair, 1.0)[0].chol)
+
+
+def test_another_value_or_shape_is_another_capture_and_an_unhashable_one_runs_uncaptured(call_captures):
+    call = graphed.GraphedCall(toy_call, "toy")
+    data, pair = call_args(0)
+    call(data, pair, 1.0)
+    call(data, pair, 3.0)  # a value is part of the layout
+    call(Data(a=data.a[:2], diagonal=False), Pair(pair.left[:2], None), 1.0)
+    assert len(call_captures) == 3
+    got = call(data, Pair(pair.left, {"unhashable": 1}), 1.0)  # a dict: no layout, no graph
+    assert len(call_captures) == 3 and torch.equal(got[0].chol, toy_call(data, pair, 1.0)[0].chol)
+
+
+def test_a_graphed_call_that_cannot_be_captured_runs_uncaptured_with_a_warning(monkeypatch):
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
+
+    def failing_capture(body, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed, "capture", failing_capture)
+    call = graphed.GraphedCall(toy_call, "toy")
+    data, pair = call_args(0)
+    with pytest.warns(RuntimeWarning, match="toy_call could not be captured"):
+        got = call(data, pair, 1.0)
+    assert torch.equal(got[0].chol, toy_call(data, pair, 1.0)[0].chol)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once per layout
+        call(data, pair, 1.0)
+
+
+def test_graphed_call_fn_must_be_callable():
+    with pytest.raises(TypeError, match="fn must be callable, got int"):
+        graphed.GraphedCall(3, "key")

@@ -160,9 +160,17 @@ def test_compile_must_be_a_bool():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.filterwarnings("error:optlayers on CUDA:RuntimeWarning")  # the step must be captured, not run uncaptured
-def test_compiled_solve_on_cuda_matches_the_cpu():
-    """The compiled path on CUDA (its step replayed from a CUDA graph, ``engine.graphed``) gives the
-    CPU's answers and gradients, also when a second solve replays the graph before the first one's backward."""
+@pytest.mark.parametrize("compile,calls", [(True, False), (False, True), (True, True)],
+                         ids=["compiled", "eager-graphed-calls", "compiled-graphed-calls"])
+def test_graphed_solve_on_cuda_matches_the_cpu(monkeypatch, compile, calls):
+    """The solve on CUDA with its step replayed from a CUDA graph (``engine.graphed``; compiled, or
+    eager with ``EAGER_GRAPHS``), and with ``calls`` the parts outside the iterations too
+    (``GRAPHED_CALLS``), gives the CPU's answers and gradients, also when a second solve replays the
+    graphs before the first one's backward."""
+    from optlayers.engine import graphed
+
+    monkeypatch.setattr(graphed, "EAGER_GRAPHS", True)
+    monkeypatch.setattr(graphed, "GRAPHED_CALLS", calls)
     data = random_qp((16,), 8, 10, 3, active=True)
     expected = []
     for shift in (0.0, 1.0):
@@ -171,7 +179,7 @@ def test_compiled_solve_on_cuda_matches_the_cpu():
         expected.append((sol.z.detach(), torch.autograd.grad((sol.z ** 2).sum(), p)[0]))
     cuda = {k: v.cuda() for k, v in data.items() if k != "p"}
     ps = [(data["p"] + shift).cuda().requires_grad_(True) for shift in (0.0, 1.0)]
-    sols = [solve_qp(p=p, **cuda, compile=True) for p in ps]  # both forwards first
+    sols = [solve_qp(p=p, **cuda, compile=compile) for p in ps]  # both forwards first
     for p, sol, (z, grad) in zip(ps, sols, expected):
         torch.testing.assert_close(sol.z.detach().cpu(), z, rtol=1e-9, atol=1e-10)
         torch.testing.assert_close(torch.autograd.grad((sol.z ** 2).sum(), p)[0].cpu(), grad, rtol=1e-8, atol=1e-9)
@@ -325,12 +333,14 @@ def test_the_failure_test_agrees_with_next_regularisation():
     torch.testing.assert_close(new_reg, expected, rtol=1e-14, atol=0)
 
 
-def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next_solve(monkeypatch):
+@pytest.mark.parametrize("calls", [False, True], ids=["step", "step-and-calls"])
+def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next_solve(monkeypatch, calls):
     """``engine.graphed.GraphedStep`` in the real loop (its host looks, retries and the copy out of
     its buffers), run on the CPU with a stand-in graph whose replay runs the captured body: three
     solves of one shape give, to the bit, the plain step's answers and gradients (on a batch that
     keeps its shape, as a graphed one does), the first one's still intact after the later solves
-    have replayed the same buffers."""
+    have replayed the same buffers. With ``calls`` the equilibration, the start and the
+    derivatives' factorisation are ``GraphedCall``s too (``graphed.GRAPHED_CALLS``)."""
     from optlayers.engine import graphed
 
     problems = [random_qp((6,), 7, 9, 2, active=True) for _ in range(3)]
@@ -361,13 +371,19 @@ def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next
 
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
     monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
-    monkeypatch.setattr(graphed, "capture", lambda body, device: Replayed(body))
+    monkeypatch.setattr(graphed, "capture", lambda body, device: (body(), Replayed(body))[1])  # a capture runs the body once
     monkeypatch.setattr(ipm, "replays_graphs", lambda device, compiled: True)
+    if calls:
+        monkeypatch.setattr(graphed, "replays_graphs", lambda device, compiled: True)
+        monkeypatch.setattr(graphed, "GRAPHED_CALLS", True)
     assert compacts and all(compacts)  # the plain CPU loop would compact
     compacts.clear()
     kept = [solved(data) for data in problems]
-    assert len(graphed._GRAPHS.captured) >= 1
     assert compacts and not any(compacts)  # a graphed loop never does
     for (sol, p), (z, grad) in zip(kept, expected):
         assert torch.equal(sol.z.detach(), z)
         assert torch.equal(torch.autograd.grad((sol.z ** 2).sum(), p)[0], grad)
+    captured_calls = [key[1][0].__name__ for key in graphed._GRAPHS.captured if key[0] == "call"]
+    assert sorted(captured_calls) == (["_checked_scaling", "_compiled_vjp", "_derivative_factor_unretried", "_start_unretried"]
+                                      if calls else [])
+    assert all(entry.graph is not None for entry in graphed._GRAPHS.captured.values())  # none fell back

@@ -93,7 +93,8 @@ def test_a_graphed_step_solves_every_problem_to_the_plain_steps_bits(monkeypatch
     """``engine.graphed.GraphedStep`` in the real loop on every problem of the set (its host looks,
     stiff switches, retries and resumed solves), on the CPU with a stand-in graph whose replay runs
     the captured body: the same statuses, iterations and solutions, to the bit, as the plain step
-    on a batch that keeps its shape (as a graphed one does)."""
+    on a batch that keeps its shape (as a graphed one does). The equilibration, the start and the
+    derivatives' factorisation are ``GraphedCall``s too (``graphed.GRAPHED_CALLS``)."""
     import torch
 
     from optlayers import solve_qp
@@ -121,10 +122,13 @@ def test_a_graphed_step_solves_every_problem_to_the_plain_steps_bits(monkeypatch
         problems.append((path.stem, data, solved(data)))
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
     monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
-    monkeypatch.setattr(graphed, "capture", lambda body, device: Replayed(body))
+    monkeypatch.setattr(graphed, "capture", lambda body, device: (body(), Replayed(body))[1])  # a capture runs the body once
     monkeypatch.setattr(ipm, "replays_graphs", lambda device, compiled: True)
+    monkeypatch.setattr(graphed, "replays_graphs", lambda device, compiled: True)  # and the calls around the loop
+    monkeypatch.setattr(graphed, "GRAPHED_CALLS", True)
     for name, data, (z, status, iterations) in problems:
         got_z, got_status, got_iterations = solved(data)
         assert (got_status, got_iterations) == (status, iterations), name
         torch.testing.assert_close(got_z, z, rtol=0, atol=0, equal_nan=True, msg=name)
     assert len(problems) == 62 and len(graphed._GRAPHS.captured) > 0
+    assert {key[1][0].__name__ for key in graphed._GRAPHS.captured if key[0] == "call"} >= {"_checked_scaling", "_start_unretried"}

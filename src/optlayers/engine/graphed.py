@@ -23,8 +23,8 @@ import threading
 import warnings
 import weakref
 from collections import OrderedDict
-from dataclasses import dataclass, fields, replace
-from typing import Any, Callable, Hashable
+from dataclasses import dataclass, fields, is_dataclass, replace
+from typing import Any, Callable, Hashable, Iterator
 
 import torch
 from torch import Tensor
@@ -49,10 +49,23 @@ iteration. On an H200 (``benchmarks/cuda_variants.py``, float64, forward + backw
 batch 1). False launches the eager step operation by operation."""
 
 
+GRAPHED_CALLS = False
+"""Whether, where the step is replayed from a CUDA graph (``replays_graphs``), the solve's other
+host-synchronisation-free parts are too (``GraphedCall``: the equilibration, the start, the
+derivatives' factorisation): outside the iterations an eager solve at batch 1, n = 10 runs about
+420 operations (``benchmarks/kernels.py --phases``), each a launch, where the H200 took ~24 µs per
+eager launch. Off until ``benchmarks/cuda_variants.py`` has measured it on a GPU."""
+
+
 def replays_graphs(device: torch.device, compiled: bool) -> bool:
     """Whether the interior point step on ``device`` runs as a ``GraphedStep``: on CUDA, compiled
     (or eager, with ``EAGER_GRAPHS``)."""
     return device.type == "cuda" and (compiled or EAGER_GRAPHS)
+
+
+def graphs_calls(device: torch.device, compiled: bool) -> bool:
+    """Whether the solve's parts outside the iterations run as ``GraphedCall``s on ``device``."""
+    return GRAPHED_CALLS and replays_graphs(device, compiled)
 
 
 def _layout(obj: Any) -> tuple[list[Tensor], tuple]:
@@ -213,3 +226,131 @@ def capture(body: Callable[[], None], device: torch.device) -> Any:
     if empty:
         raise RuntimeError(f"the captured graph is empty ({empty[0]})")
     return graph
+
+
+def _flatten(obj: Any, tensors: list[Tensor]) -> Hashable:
+    """The layout of ``obj`` (tensors, tuples, named tuples, lists, dataclasses and hashable values
+    nested), its tensors appended to ``tensors`` in order."""
+    if isinstance(obj, Tensor):
+        tensors.append(obj)
+        return (Tensor, tuple(obj.shape), obj.dtype, obj.device)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return (type(obj), tuple((f.name, _flatten(getattr(obj, f.name), tensors)) for f in fields(obj)))
+    if isinstance(obj, (tuple, list)):
+        return (type(obj), tuple(_flatten(item, tensors) for item in obj))
+    hash(obj)  # a value in the layout must be hashable (TypeError where not)
+    return ("value", obj)
+
+
+def _flat_tensors(obj: Any) -> list[Tensor]:
+    tensors: list[Tensor] = []
+    _flatten(obj, tensors)
+    return tensors
+
+
+def _unflatten(obj: Any, tensors: Iterator[Tensor]) -> Any:
+    """``obj`` with its tensors, in ``_flatten``'s order, replaced by ``tensors``' next ones."""
+    if isinstance(obj, Tensor):
+        return next(tensors)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(obj, **{f.name: _unflatten(getattr(obj, f.name), tensors) for f in fields(obj)})
+    if isinstance(obj, tuple):
+        items = [_unflatten(item, tensors) for item in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    if isinstance(obj, list):
+        return [_unflatten(item, tensors) for item in obj]
+    return obj
+
+
+@dataclass
+class _CapturedCall:
+    graph: Any  # a torch.cuda.CUDAGraph; None: the layout could not be captured
+    buffers: list[Tensor]  # the arguments' static tensors
+    sources: list[tuple[weakref.ref, int] | None]  # per buffer: the tensor it holds a copy of, and its version
+    outputs: Any  # what the captured call returned, on the graph's memory
+    output_tensors: list[Tensor]
+
+
+class GraphedCall:
+    """``fn(*args)``, a function that makes no host synchronisation, replayed from a CUDA graph per
+    layout of its arguments (tensors, tuples, dataclasses and hashable values, nested; the values
+    are part of the layout); ``key`` (hashable) names ``fn`` and what else it depends on. A call
+    copies its arguments' tensors into the graph's static buffers (those it copied at the last call
+    unchanged are skipped), replays the graph and returns the outputs copied out of its memory:
+    they are the caller's to keep. Non-tensor outputs are those of the capture (they may depend on
+    the layout only). A layout that cannot be captured runs uncaptured, with a warning, as a
+    ``GraphedStep`` does."""
+
+    def __init__(self, fn: Callable[..., Any], key: Hashable) -> None:
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        self.fn, self.key = fn, key
+
+    def __call__(self, *args: Any) -> Any:
+        tensors: list[Tensor] = []
+        try:
+            key = ("call", self.key, _flatten(args, tensors))
+        except TypeError:  # an argument that cannot be part of a layout: no graph
+            return self.fn(*args)
+        if len({t.device for t in tensors}) != 1:  # a graph runs on one device: none (or mixed) here
+            return self.fn(*args)
+        entry = _GRAPHS.captured.get(key)
+        if entry is None:
+            entry = self._capture(args, tensors)
+            _GRAPHS.captured[key] = entry
+            while len(_GRAPHS.captured) > MAX_GRAPHS:
+                _GRAPHS.captured.popitem(last=False)
+        else:
+            _GRAPHS.captured.move_to_end(key)
+        if entry.graph is None:
+            return self.fn(*args)
+        targets, changed = [], []
+        for i, (tensor, buffer) in enumerate(zip(tensors, entry.buffers)):
+            version, last = _version(tensor), entry.sources[i]
+            if last is not None and version is not None and last[0]() is tensor and last[1] == version:
+                continue
+            targets.append(buffer)
+            changed.append(tensor)
+            entry.sources[i] = None if version is None else (weakref.ref(tensor), version)
+        if changed:
+            torch._foreach_copy_(targets, changed)
+        entry.graph.replay()
+        fresh = [torch.empty_like(t) for t in entry.output_tensors]
+        if fresh:
+            torch._foreach_copy_(fresh, entry.output_tensors)
+        return _unflatten(entry.outputs, iter(fresh))
+
+    def _capture(self, args: tuple, tensors: list[Tensor]) -> _CapturedCall:
+        device = tensors[0].device
+        with torch.inference_mode(False):  # kept for later calls, which may record gradients
+            buffers = [t.clone() for t in tensors]
+        static = _unflatten(args, iter(buffers))
+        result: list = []
+
+        def body() -> None:  # a capture runs it once; a replay reruns its kernels, into the same outputs
+            outputs = self.fn(*static)
+            if not result:
+                result.append(outputs)
+                return
+            news: list[Tensor] = []  # run again (a stand-in graph's replay, on the CPU in tests): into the captured outputs
+            _flatten(outputs, news)
+            torch._foreach_copy_(_flat_tensors(result[0]), news)
+
+        graph, made, outputs, output_tensors = None, None, None, []
+        try:
+            with _CAPTURING:
+                warm_up(lambda: self.fn(*static), device)
+                made = made_keys()
+                graph = capture(body, device)
+                if forget_made_since(made):
+                    raise RuntimeError("the call made a cached constant tensor while it was captured")
+            outputs = result[0]
+            output_tensors = _flat_tensors(outputs)
+        except Exception as error:  # noqa: BLE001 — any failure to capture leaves the call uncaptured, with a warning
+            if made is not None:
+                forget_made_since(made)
+            warnings.warn(f"optlayers on CUDA: {getattr(self.fn, '__name__', 'a call')} could not be captured in a "
+                          f"CUDA graph ({type(error).__name__}: {error}); it runs uncaptured, one launch per kernel",
+                          RuntimeWarning, stacklevel=3)
+            graph, output_tensors = None, []
+        return _CapturedCall(graph, buffers, [None] * len(buffers), outputs, output_tensors)

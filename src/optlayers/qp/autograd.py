@@ -25,6 +25,7 @@ from optlayers import threads
 from optlayers.compiling import compiled
 from optlayers.engine.batch import map_chunks_joined
 from optlayers.engine.constants import constant
+from optlayers.engine.graphed import GraphedCall, graphs_calls
 from optlayers.engine.step import QPData
 from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
@@ -171,11 +172,16 @@ def _backward(ctx: Any, saved: tuple[Tensor, ...], needs: tuple[bool, ...], grad
               ) -> tuple[Tensor | None, ...]:
     """``QPSolveFn.backward`` for the cotangents ``grads`` of (z, ν, λ, s), the tensors ``saved`` by
     ``setup_context`` and the inputs' ``needs``."""
-    if ctx.settings.compiled and _first_order(saved):
+    graphs = graphs_calls(saved[0].device, ctx.settings.compiled)
+    if (ctx.settings.compiled or graphs) and _first_order(saved):
         # contiguous: the compiled function is specialised to its inputs' strides, and a loss's
         # cotangent may come expanded (z.sum()) or not (z.square().sum()): one compilation for both
         grads = tuple(None if g is None else g.contiguous() for g in grads)
-        ct = _sliced_compiled_vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
+        if graphs:  # one CUDA graph replay, compiled or not
+            vjp = compiled(_compiled_vjp, saved[0].device.type) if ctx.settings.compiled else _compiled_vjp
+            ct = GraphedCall(vjp, (_compiled_vjp, ctx.settings))(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
+        else:
+            ct = _sliced_compiled_vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
     else:
         pt, sc, solved, dtype = _point(ctx)
         ct = _vjp(pt, sc, solved, dtype, grads, needs, ctx.settings, solution_vjp)

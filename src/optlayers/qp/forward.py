@@ -17,6 +17,7 @@ from torch import Tensor
 from optlayers.compiling import compiled, pointwise_cats
 from optlayers.engine.batch import map_chunks_joined
 from optlayers.engine.device_loop import Layout, Packed, unpack
+from optlayers.engine.graphed import GraphedCall, graphs_calls
 from optlayers.engine.kkt import diagonal_h
 from optlayers.engine.step import QPData, State
 from optlayers.host import host_read, reads_are_free
@@ -220,8 +221,12 @@ def outputs(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, se
         settings = replace(settings, compiled=False)
     if settings.compiled and fused.pays(p.device):
         return _compiled_forward(Q, p, G, h, A, b, settings, keep_factor, fill)
-    if settings.compiled:
-        scaled, sc, passed = compiled(_checked_scaling, p.device.type)(Q, p, G, h, A, b)
+    graphs = graphs_calls(p.device, settings.compiled)
+    if settings.compiled or graphs:
+        scaling = compiled(_checked_scaling, p.device.type) if settings.compiled else _checked_scaling
+        if graphs:  # one CUDA graph replay
+            scaling = GraphedCall(scaling, (_checked_scaling, settings.compiled))
+        scaled, sc, passed = scaling(Q, p, G, h, A, b)
         check_values(Q, p, G, h, A, b, passed)
     else:
         check_values(Q, p, G, h, A, b)
