@@ -764,8 +764,44 @@ def test_gradcheck_through_ipm():
 
 # --- 7. CUDA -------------------------------------------------------------------------------------
 
+def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next_solve(monkeypatch):
+    """On CUDA the eager step is replayed from a CUDA graph (``engine.graphed.GraphedStep``, over a
+    batch that keeps its shape and no workspace). Run on the CPU with a stand-in graph whose replay
+    runs the captured body: two solves of one shape give, to the bit, the plain step's answers (on a
+    batch that keeps its shape too), the first one's still intact after the second has replayed the
+    same buffers."""
+    from optlayers.engine import graphed
+
+    run = solver.loop.run
+    monkeypatch.setattr(solver.loop, "run", lambda *args, **kwargs: run(*args, **{**kwargs, "compact": False}))
+    programs = [random_program(ALL_CONES, 15, batch=5, quadratic=True, seed=seed)[:4] for seed in (201, 202)]
+    settings = solver.ConeIPMSettings()
+    solve = lambda program: solver._solve(*program, ALL_CONES, settings)  # noqa: E731 — one slice: its outputs as the loop leaves them
+    expected = [[t.clone() for t in solve(program)] for program in programs]
+
+    class Replayed:
+        def __init__(self, body):
+            self.body = body
+
+        def replay(self):
+            self.body()
+
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
+    monkeypatch.setattr(graphed, "capture", lambda body, device: (body(), Replayed(body))[1])  # a capture runs the body once
+    monkeypatch.setattr(solver, "replays_graphs", lambda device, compiled: True)
+    got = [solve(program) for program in programs]  # the second solve replays the first one's graph
+    assert len(graphed._GRAPHS.captured) == 1
+    (entry,) = graphed._GRAPHS.captured.values()
+    assert entry.graph is not None
+    for outputs, want in zip(got, expected):
+        for t, w in zip(outputs, want):
+            assert torch.equal(t, w)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.filterwarnings("error:optlayers on CUDA:RuntimeWarning")  # the step must be captured, not run uncaptured
 def test_ipm_on_cuda_matches_cpu():
     A, b, c, P, x, _, _ = random_program(ALL_CONES, 15, batch=4, quadratic=True, seed=101)
     raw, refined, grads = {}, {}, {}

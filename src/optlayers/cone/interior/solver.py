@@ -25,7 +25,7 @@ import dataclasses
 import torch
 
 from optlayers import threads
-from optlayers.compiling import compiled
+from optlayers.compiling import compiled, owned
 from optlayers.cone import exp as exp_module
 from optlayers.cone import nonneg, psd, soc
 from optlayers.cone.spec import ConeSpec
@@ -34,6 +34,7 @@ from optlayers.engine import cones as cone_parts
 from optlayers.engine import device_loop, loop
 from optlayers.engine.cones import svec
 from optlayers.engine.constants import constant, made_once
+from optlayers.engine.graphed import GraphedStep, replays_graphs
 from optlayers.engine.cones.exponential import DEGREE as EXP_DEGREE
 from optlayers.engine.cones.symmetric import all_finite
 from optlayers.engine.kkt import next_regularisation
@@ -204,7 +205,7 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
     """``solve`` for one slice: set up, then iterate and map back (``_solved``; one compiled call
     with ``settings.compiled``)."""
     parts = tuple(parts_of(spec))
-    program, step_parts = _setup(A, b, c, P, spec, parts, workspace=not settings.compiled)
+    program, step_parts = _setup(A, b, c, P, spec, parts, workspace=not (settings.compiled or _graphed(A.device, settings)))
     solved = compiled(_solved, A.device.type) if settings.compiled else _solved
     return solved(program, step_parts, parts, settings)
 
@@ -404,16 +405,37 @@ def _iterate(program: _Program, parts: tuple[cone_parts.Part, ...],
     degree = max(program.nonneg + cone_parts.degree(parts), 1)
     st, res = _start(program, parts, degree, settings)
     step = lambda program, st, res: _step(program, st, res, parts, degree, settings)  # noqa: E731
+    graphed = _graphed(program.c.device, settings)
+    if graphed:  # one CUDA graph replay per iteration (``engine.graphed``), over a batch that keeps its shape
+        replayed = GraphedStep(lambda program, _, st, res: _step(program, st, res, parts, degree, settings),
+                               ("cone", parts, degree, settings))
+        step = lambda program, st, res: replayed(program, _NO_UNITS, st, res)  # noqa: E731
     if settings.compiled:
         full, res = _on_device(program, st, res, step, settings.max_iter)
         error = res.error
     else:
-        out = loop.run((program,), st, res, step, settings.max_iter, program.c.device)
+        out = loop.run((program,), st, res, step, settings.max_iter, program.c.device, compact=not graphed)
         full, error = out.state, out.working_res.error
+        if graphed:  # out of the graph's buffers, which the next solve's replays overwrite
+            full, error = owned(full), error.clone()
         if out.index is not None:  # the elements outside the working batch have finished
             error = error.new_full(full.status.shape, float("inf")).index_copy(0, out.index, error)
     close = torch.where(error <= settings.inaccurate_tol, int(ConeStatus.INACCURATE), int(ConeStatus.MAX_ITER))
     return full, torch.where(full.status == RUNNING, close, full.status)
+
+
+@dataclasses.dataclass(frozen=True)
+class _NoUnits:
+    """The units argument of ``GraphedStep``'s step signature, which the cone step does not take."""
+
+
+_NO_UNITS = _NoUnits()
+
+
+def _graphed(device: torch.device, settings: ConeIPMSettings) -> bool:
+    """Whether the eager step runs as a ``GraphedStep`` (on CUDA, ``engine.graphed.EAGER_GRAPHS``);
+    the compiled solve runs its loop on the device instead (``_on_device``)."""
+    return not settings.compiled and replays_graphs(device, False)
 
 
 def _on_device(program: _Program, st: State, res: _Residuals, step: loop.Step, max_iter: int) -> tuple[State, _Residuals]:
