@@ -3,15 +3,17 @@
 the plain eager solve's. The variants:
 
 - ``eager``, ``eager-graphs``: the eager step launched operation by operation, and the same
-  replayed from a CUDA graph (``engine.graphed.EAGER_GRAPHS``): no compilation at all;
+  replayed from a CUDA graph (``engine.graphed.EAGER_GRAPHS``), no factor inverted: no
+  compilation at all;
 - ``compiled``, ``compiled-magma``: ``compile=True`` (the step one CUDA graph replay) with no
   factor inverted, with torch's default batched Cholesky on CUDA (cuSOLVER) and with MAGMA's
   (``torch.backends.cuda.preferred_linalg_library``);
 - ``inverted``, ``inverted-magma``: the same with every KKT factor up to order ``--n`` inverted
   (``engine.kkt.CUDA_INVERTED_MAX_N``), so that every solve with it is a batched product;
-- ``eager-graphs-calls``, ``inverted-calls``: ``eager-graphs`` and ``inverted`` with the solve's
-  parts outside the iterations (equilibration, start, derivatives' factorisation, backward)
-  replayed from CUDA graphs too (``engine.graphed.GRAPHED_CALLS``).
+- ``eager-graphs-inverted``: ``eager-graphs`` with every factor up to order ``--n`` inverted;
+- ``eager-graphs-inverted-calls``, ``inverted-calls``: ``eager-graphs-inverted`` and ``inverted``
+  with the solve's parts outside the iterations (equilibration, start, derivatives'
+  factorisation, backward) replayed from CUDA graphs too (``engine.graphed.GRAPHED_CALLS``).
 
 Each variant sets its switches explicitly (whatever the package's defaults are); they are
 restored at the end.
@@ -40,12 +42,14 @@ from optlayers.engine import graphed, kkt  # noqa: E402
 
 DTYPES = {"float64": torch.float64, "float32": torch.float32}
 VARIANTS = {"eager": (False, False, False, "default", False), "eager-graphs": (False, True, False, "default", False),
-            "eager-graphs-calls": (False, True, False, "default", True),
+            "eager-graphs-inverted": (False, True, True, "default", False),
+            "eager-graphs-inverted-calls": (False, True, True, "default", True),
             "compiled": (True, False, False, "default", False), "compiled-magma": (True, False, False, "magma", False),
             "inverted": (True, False, True, "default", False), "inverted-magma": (True, False, True, "magma", False),
             "inverted-calls": (True, False, True, "default", True)}
 """name: (compile, eager graphs, inverted factors, CUDA linear algebra library, graphed calls)."""
-CUDA_ONLY = ("eager-graphs", "eager-graphs-calls", "compiled-magma", "inverted-magma", "inverted-calls")
+CUDA_ONLY = ("eager-graphs", "eager-graphs-inverted", "eager-graphs-inverted-calls", "compiled-magma", "inverted-magma",
+             "inverted-calls")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

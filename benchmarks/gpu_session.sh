@@ -76,8 +76,8 @@ if [ "$part" != 2 ]; then
   step 75 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"
   step 45 python3 benchmarks/cuda_launches.py --batch 1 --n 10 --json "$out/cuda_launches_1x10.json"
 
-  step 45 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager-graphs,eager-graphs-calls,inverted,inverted-calls --json "$out/cuda_variants_1x10.json"
-  step 90 python3 benchmarks/cuda_variants.py --dtypes float64,float32 --variants eager-graphs,eager-graphs-calls,inverted,inverted-calls --json "$out/cuda_variants.json"
+  step 45 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager-graphs,eager-graphs-inverted,eager-graphs-inverted-calls,inverted,inverted-calls --json "$out/cuda_variants_1x10.json"
+  step 90 python3 benchmarks/cuda_variants.py --dtypes float64,float32 --variants eager-graphs,eager-graphs-inverted,eager-graphs-inverted-calls,inverted,inverted-calls --json "$out/cuda_variants.json"
   step 100 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures target --out "$out/target"
 fi
 if [ "$part" != 1 ]; then

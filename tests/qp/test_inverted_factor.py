@@ -82,9 +82,13 @@ def test_small_maros_meszaros_problems_compiled_as_eagerly(eager_backend):
         torch.testing.assert_close(sols[1].z, sols[0].z, rtol=1e-6, atol=1e-6, msg=name)
 
 
-def test_cuda_inverts_up_to_its_own_limit_and_nothing_outside_compilation(monkeypatch):
+def test_cuda_inverts_up_to_its_own_limit_eager_or_compiled_and_the_cpu_only_compiled(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")  # device objects only: no GPU needed
-    assert not kkt.inverts(4, cpu) and not kkt.inverts(4, cuda)  # eager: never
+    assert not kkt.inverts(4, cpu)  # the CPU, eager: never
+    monkeypatch.setattr(kkt, "CUDA_INVERTED_MAX_N", 100)
+    assert kkt.inverts(100, cuda) and not kkt.inverts(101, cuda) and not kkt.inverts(0, cuda)  # CUDA, eager
+    monkeypatch.setattr(kkt, "CUDA_INVERTED_MAX_N", 0)
+    assert not kkt.inverts(4, cuda)  # 0: CUDA too only under compilation
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     monkeypatch.setattr(kkt, "CUDA_INVERTED_MAX_N", 0)
     assert kkt.inverts(kkt.INVERTED_MAX_N, cuda) and not kkt.inverts(kkt.INVERTED_MAX_N + 1, cuda)

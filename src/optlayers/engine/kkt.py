@@ -21,8 +21,8 @@ Where Q is diagonal and every row of G has at most one nonzero (bounds, z ≥ 0:
 H is diagonal too: it is kept as its (B, n) diagonal, and its "factorisation" and solves are
 elementwise, so that only the equality rows' Schur complement is factorised densely.
 
-Under compilation, the Cholesky factors of order at most ``INVERTED_MAX_N`` are also inverted
-once (one triangular solve with the identity), and every solve with them is a batched product with
+Under compilation, the Cholesky factors of order at most ``INVERTED_MAX_N`` (on CUDA, eager
+too, ``CUDA_INVERTED_MAX_N``) are also inverted once (one triangular solve with the identity), and every solve with them is a batched product with
 the inverse (at these orders written elementwise, ``linalg.elementwise``, and fused with the
 operations around it). Compiled, a triangular solve is a library call without a C entry point of its own
 (on the CPU, a dispatch through the operator registry, copies into LAPACK's layout and a LAPACK
@@ -53,17 +53,20 @@ n = 16: 900 against 601 µs (the batched product of order 16 is slower than of o
 n = 10: 92 against 116 µs."""
 
 CUDA_INVERTED_MAX_N = 128
-"""On CUDA, under compilation, factors of order up to this are inverted as well. A GPU's batched
+"""On CUDA, factors of order up to this are inverted, eager or compiled. A GPU's batched
 triangular solve of a small system is latency-bound where a batched product is not: on an H200
 (``benchmarks/cuda_variants.py``, float64, batch 128, n = 100, compiled, forward + backward,
-2026-12-04, 420e505) inverting took 18.0 ms against 28.4 with cuSOLVER's batched triangular solves,
+2026-12-04, 420e505) inverting took 18.0 ms against 28.4 with cuBLAS's batched triangular solves,
 whose ~340 calls per forward had taken 9.7 of its 16.4 ms of device time
 (``benchmarks/cuda_launches.py``), with the same iterations and solutions (5e-10 from the eager
-solve's either way). Orders between 12 and 100 and above 100 were not measured on a GPU. Accuracy
-does not stand in the way: the Maros–Meszaros set with every factor inverted at every order (CPU,
-eager, tol 1e-7, one thread, 2026-12-04) solved the same 61 of 62 in 1,195 iterations against
-1,168, five problems' counts changed (QBEACONF 21 → 42). 0 inverts only up to
-``INVERTED_MAX_N``."""
+solve's either way). The eager step, replayed from a CUDA graph (``engine.graphed.EAGER_GRAPHS``),
+runs the same library kernels (its forward's device time was 21.1 ms, the same 9.7 of it in the
+triangular solves), so it inverts too: not yet timed on a GPU (``cuda_variants.py``'s
+``eager-graphs`` against ``eager-graphs-inverted``). Orders between 12 and 100 and above 100 were
+not measured on a GPU. Accuracy does not stand in the way: the Maros–Meszaros set with every
+factor inverted at every order (CPU, eager, tol 1e-7, one thread, 2026-12-04) solved the same 61
+of 62 in 1,195 iterations against 1,168, five problems' counts changed (QBEACONF 21 → 42). 0
+inverts only under compilation, up to ``INVERTED_MAX_N``."""
 
 AUGMENT = 1.0
 """σ of the factorisation of H + σAᵀA in place of H (``factor_kkt``'s ``augment``), for the
@@ -159,10 +162,14 @@ def _cholesky(M: Tensor, check_finite: bool = True) -> tuple[Tensor, Tensor]:
 
 
 def inverts(n: int, device: torch.device) -> bool:
-    """Whether a factor of order ``n`` on ``device`` is inverted: under compilation, 0 < n ≤
-    ``INVERTED_MAX_N``, on CUDA also n ≤ ``CUDA_INVERTED_MAX_N``."""
-    limit = max(INVERTED_MAX_N, CUDA_INVERTED_MAX_N) if device.type == "cuda" else INVERTED_MAX_N
-    return torch.compiler.is_compiling() and 0 < n <= limit
+    """Whether a factor of order ``n`` on ``device`` is inverted: on CUDA 0 < n ≤
+    ``CUDA_INVERTED_MAX_N``, eager or compiled; elsewhere (and on CUDA too) under compilation 0 < n
+    ≤ ``INVERTED_MAX_N``."""
+    if n <= 0:
+        return False
+    if device.type == "cuda" and n <= CUDA_INVERTED_MAX_N:
+        return True
+    return n <= INVERTED_MAX_N and torch.compiler.is_compiling()
 
 
 def _inverse(chol: Tensor, empty: Tensor) -> Tensor:
