@@ -233,3 +233,21 @@ def test_product_derivative_applies_the_matrix_a_dense_solve_built():
     for got, want in zip((D.matvec(d), D.rmatvec(d)), formula):
         torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
     torch.testing.assert_close(D.matvec(d), (dense @ d.unsqueeze(-1)).squeeze(-1), rtol=1e-13, atol=1e-13)
+
+
+def test_the_interior_point_step_makes_no_synchronisation():
+    """On CUDA the eager step is captured in a CUDA graph (``engine.graphed.GraphedStep``), which a
+    host synchronisation would make fail: one step on the cone benchmark's programs makes none."""
+    from optlayers.cone.interior import solver
+
+    A, b, c, P, *_ = random_program(kernels.CONE_SPEC, 48, batch=8, quadratic=True, seed=0)
+    settings = solver.ConeIPMSettings()
+    parts = tuple(solver.parts_of(kernels.CONE_SPEC))
+    program, step_parts = solver._setup(A, b, c, P, kernels.CONE_SPEC, parts, workspace=False)  # as when graphed
+    degree = max(program.nonneg + solver.cone_parts.degree(step_parts), 1)
+    st, res = solver._start(program, step_parts, degree, settings)
+    for _ in range(3):  # a few iterations in: every part of the step active
+        counter = kernels.count(lambda: solver._step(program, st, res, step_parts, degree, settings))
+        assert counter.sync_count == 0, counter.syncs
+        assert counter.kernel_count > 100
+        st, res = solver._step(program, st, res, step_parts, degree, settings)

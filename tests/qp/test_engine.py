@@ -135,6 +135,34 @@ def test_no_synchronisation_inside_the_iteration():
     assert counter.sync_count == 0, counter.syncs
 
 
+def test_no_synchronisation_in_what_graphed_calls_run(monkeypatch):
+    """With ``graphed.GRAPHED_CALLS`` the equilibration, the start, the derivatives' factorisation and
+    the backward run as ``GraphedCall``s, whose CUDA capture fails on a host synchronisation: each
+    of them, called as a solve and its backward call it, makes none (counted on the CPU)."""
+    from optlayers.engine import graphed
+
+    called = []
+
+    def recorded(self, *args):
+        called.append((self.fn, args))
+        return self.fn(*args)
+
+    monkeypatch.setattr(graphed.GraphedCall, "__call__", recorded)
+    monkeypatch.setattr(graphed, "replays_graphs", lambda device, compiled: True)
+    monkeypatch.setattr(graphed, "GRAPHED_CALLS", True)
+    data = random_qp((4,), 7, 9, 2, active=True)
+    p = data.pop("p").requires_grad_(True)
+    with host.accelerator_schedule():
+        sol = solve_qp(p=p, **data)
+        (sol.z ** 2).sum().backward()
+    assert sorted(fn.__name__ for fn, _ in called) == ["_checked_scaling", "_compiled_vjp", "_derivative_factor_unretried",
+                                                      "_start_unretried"]
+    for fn, args in called:
+        counter = kernels.count(lambda: fn(*args))
+        assert counter.sync_count == 0, (fn.__name__, counter.syncs)
+        assert counter.kernel_count > 0, fn.__name__
+
+
 @pytest.mark.slow
 def test_compiled_solve_matches_eager_with_gradients():
     """The opt-in compiled path (inductor) gives the eager answers and derivatives."""
