@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from optlayers.engine import graphed
+from tests import stand_in_graph
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def captures(monkeypatch):
 
     def fake_capture(body, device):
         made.append(body)
-        return FakeGraph(body)
+        return stand_in_graph.capture(body, device)  # records, computing nothing, as torch's capture
 
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
     monkeypatch.setattr(graphed, "warm_up", lambda warm, device: [warm() for _ in range(graphed.WARM_UP_CALLS)])
@@ -271,20 +272,10 @@ def toy_call(data: Data, pair: Pair, scale: float) -> tuple[Factor, Tensor]:
 
 
 @pytest.fixture
-def call_captures(monkeypatch):
-    """Fresh per-thread graphs and a capture that runs the body once, as torch's does (a replay
-    runs it again: what the graph's kernels do on the device)."""
-    made = []
-
-    def fake_capture(body, device):
-        made.append(body)
-        body()
-        return FakeGraph(body)
-
-    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
-    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: [warm() for _ in range(graphed.WARM_UP_CALLS)])
-    monkeypatch.setattr(graphed, "capture", fake_capture)
-    return made
+def call_captures(captures):
+    """``captures``: the stand-in capture runs the body once computing nothing (its outputs
+    garbage), as torch's does; a replay runs it for real (what the graph's kernels do on the device)."""
+    return captures
 
 
 def call_args(seed):
@@ -308,19 +299,66 @@ def test_a_graphed_call_returns_the_functions_outputs_as_copies_that_outlive_lat
     assert len(call_captures) == 1
 
 
-def test_a_graphed_call_copies_in_only_what_changed(call_captures):
+def test_a_graphed_call_copies_in_every_argument_also_one_changed_through_data(call_captures):
+    """A caller's tensor may change without its version counter seeing it (``.data``): every call
+    copies every argument in."""
     call = graphed.GraphedCall(toy_call, "toy")
     data, pair = call_args(0)
     call(data, pair, 1.0)
+    pair.left.data.add_(1.0)  # no version bump
+    assert torch.equal(call(data, pair, 1.0)[0].chol, toy_call(data, pair, 1.0)[0].chol)
+    data.a.data = data.a + 2.0  # another tensor behind the same object
+    assert torch.equal(call(data, pair, 1.0)[0].chol, toy_call(data, pair, 1.0)[0].chol)
+    assert len(call_captures) == 1
+
+
+def test_values_of_equal_keys_but_other_types_or_signs_are_other_layouts(call_captures):
+    call = graphed.GraphedCall(lambda t, scale: t * scale, "scale")
+    t = torch.arange(4)
+    assert call(t, 2).dtype == torch.int64 and call(t, 2.0).dtype == torch.get_default_dtype()  # 2 == 2.0, not one layout
+    assert torch.equal(call(torch.ones(2), 0.0), torch.zeros(2)) and torch.equal(call(torch.ones(2), -0.0).sign(),
+                                                                                   torch.tensor([-0.0, -0.0]).sign())
+    assert str(call(torch.ones(2), -0.0)[0].item()) == "-0.0"
+    assert len(call_captures) == 4
+
+
+class Opaque:  # hashable, neither a dataclass nor a tuple: a replay would hand back the capture's object
+    def __init__(self, t):
+        self.t = t
+
+
+def test_a_call_returning_an_opaque_value_runs_uncaptured_with_a_warning(call_captures):
+    call = graphed.GraphedCall(lambda t: Opaque(t * 2), "opaque")
+    with pytest.warns(RuntimeWarning, match="neither a tensor nor a plain value"):
+        first = call(torch.ones(2))
+    second = call(torch.full((2,), 3.0))
+    assert torch.equal(first.t, torch.full((2,), 2.0)) and torch.equal(second.t, torch.full((2,), 6.0))
     (entry,) = graphed._GRAPHS.captured.values()
-    first = list(entry.sources)  # per buffer: (the tensor copied in, its version) when copied
-    call(data, pair, 1.0)
-    assert all(a is b for a, b in zip(entry.sources, first))  # the same tensors, unchanged: nothing copied in
-    pair.left.add_(1.0)  # in place: its version moves, so it alone is copied in again
-    got = call(data, pair, 1.0)
-    assert entry.sources[0] is first[0] and entry.sources[1] is not first[1]
-    assert entry.sources[1][1] == pair.left._version
-    assert torch.equal(got[0].chol, toy_call(data, pair, 1.0)[0].chol)
+    assert entry.graph is None and entry.buffers == []  # nothing kept for an uncaptured layout
+
+
+def test_clear_drops_the_threads_graphs(call_captures):
+    call = graphed.GraphedCall(toy_call, "toy")
+    call(*call_args(0), 1.0)
+    assert len(graphed._GRAPHS.captured) == 1
+    graphed.clear()
+    assert len(graphed._GRAPHS.captured) == 0
+    call(*call_args(0), 1.0)
+    assert len(call_captures) == 2
+
+
+def test_copy_all_copies_each_pair_one_foreach_per_dtype(monkeypatch):
+    sources = [torch.arange(3.0, dtype=torch.float32), torch.arange(2), torch.tensor([True, False]),
+               torch.ones(2, 2, dtype=torch.float32)]
+    targets = [torch.empty_like(t) for t in sources]
+    calls = []
+    real = torch._foreach_copy_
+    monkeypatch.setattr(torch, "_foreach_copy_", lambda dst, src: (calls.append({t.dtype for t in dst}), real(dst, src)))
+    graphed.copy_all(targets, sources)
+    assert all(torch.equal(t, s) for t, s in zip(targets, sources))
+    assert sorted(map(sorted, calls), key=str) == sorted([[torch.float32], [torch.int64], [torch.bool]], key=str)
+    with pytest.raises(ValueError):
+        graphed.copy_all(targets, sources[:2])
 
 
 def test_another_value_or_shape_is_another_capture_and_an_unhashable_one_runs_uncaptured(call_captures):

@@ -771,24 +771,19 @@ def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next
     batch that keeps its shape too), the first one's still intact after the second has replayed the
     same buffers."""
     from optlayers.engine import graphed
+    from tests import stand_in_graph
 
     run = solver.loop.run
     monkeypatch.setattr(solver.loop, "run", lambda *args, **kwargs: run(*args, **{**kwargs, "compact": False}))
-    programs = [random_program(ALL_CONES, 15, batch=5, quadratic=True, seed=seed)[:4] for seed in (201, 202)]
+    spec = ConeSpec(zero=3, nonneg=4, soc=[3, 4], exp=2)  # every cone but PSD, which is not graphed (``solver._graphed``)
+    programs = [random_program(spec, 15, batch=5, quadratic=True, seed=seed)[:4] for seed in (201, 202)]
     settings = solver.ConeIPMSettings()
-    solve = lambda program: solver._solve(*program, ALL_CONES, settings)  # noqa: E731 — one slice: its outputs as the loop leaves them
+    solve = lambda program: solver._solve(*program, spec, settings)  # noqa: E731 — one slice: its outputs as the loop leaves them
     expected = [[t.clone() for t in solve(program)] for program in programs]
 
-    class Replayed:
-        def __init__(self, body):
-            self.body = body
-
-        def replay(self):
-            self.body()
-
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
-    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
-    monkeypatch.setattr(graphed, "capture", lambda body, device: (body(), Replayed(body))[1])  # a capture runs the body once
+    monkeypatch.setattr(graphed, "warm_up", stand_in_graph.warm_up)
+    monkeypatch.setattr(graphed, "capture", stand_in_graph.capture)  # records, computing nothing; a replay computes
     monkeypatch.setattr(solver, "replays_graphs", lambda device, compiled: True)
     got = [solve(program) for program in programs]  # the second solve replays the first one's graph
     assert len(graphed._GRAPHS.captured) == 1
@@ -797,6 +792,8 @@ def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next
     for outputs, want in zip(got, expected):
         for t, w in zip(outputs, want):
             assert torch.equal(t, w)
+    assert solver._graphed(torch.device("cuda"), settings, tuple(solver.parts_of(spec)))
+    assert not solver._graphed(torch.device("cuda"), settings, tuple(solver.parts_of(ALL_CONES)))  # PSD cones: not graphed
 
 
 @pytest.mark.cuda

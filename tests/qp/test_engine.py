@@ -18,6 +18,7 @@ from optlayers.qp import ipm
 from optlayers.qp.problem import prepare_qp, qp_data
 from optlayers.qp.scaling import equilibrate
 from optlayers.status import Status
+from tests import stand_in_graph
 from tests.qp.qp_problems import random_qp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -364,7 +365,8 @@ def test_the_failure_test_agrees_with_next_regularisation():
 @pytest.mark.parametrize("calls", [False, True], ids=["step", "step-and-calls"])
 def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next_solve(monkeypatch, calls):
     """``engine.graphed.GraphedStep`` in the real loop (its host looks, retries and the copy out of
-    its buffers), run on the CPU with a stand-in graph whose replay runs the captured body: three
+    its buffers), run on the CPU with a stand-in graph (``tests/stand_in_graph.py``: its capture
+    computes nothing, its replay runs the captured body): three
     solves of one shape give, to the bit, the plain step's answers and gradients (on a batch that
     keeps its shape, as a graphed one does), the first one's still intact after the later solves
     have replayed the same buffers. With ``calls`` the equilibration, the start and the
@@ -390,16 +392,9 @@ def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next
         sol, p = solved(data)
         expected.append((sol.z.detach().clone(), torch.autograd.grad((sol.z ** 2).sum(), p)[0]))
 
-    class Replayed:
-        def __init__(self, body):
-            self.body = body
-
-        def replay(self):
-            self.body()
-
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
-    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
-    monkeypatch.setattr(graphed, "capture", lambda body, device: (body(), Replayed(body))[1])  # a capture runs the body once
+    monkeypatch.setattr(graphed, "warm_up", stand_in_graph.warm_up)
+    monkeypatch.setattr(graphed, "capture", stand_in_graph.capture)  # records, computing nothing; a replay computes
     monkeypatch.setattr(ipm, "replays_graphs", lambda device, compiled: True)
     if calls:
         monkeypatch.setattr(graphed, "replays_graphs", lambda device, compiled: True)

@@ -100,16 +100,10 @@ def test_a_graphed_step_solves_every_problem_to_the_plain_steps_bits(monkeypatch
     from optlayers import solve_qp
     from optlayers.engine import graphed
     from optlayers.qp import ipm
+    from tests import stand_in_graph
 
     run = ipm.loop.run
     monkeypatch.setattr(ipm.loop, "run", lambda *args, **kwargs: run(*args, **{**kwargs, "compact": False}))
-
-    class Replayed:
-        def __init__(self, body):
-            self.body = body
-
-        def replay(self):
-            self.body()
 
     def solved(data):
         sol = solve_qp(**data, tol=1e-8, rel_tol=0.0, max_iter=200, on_failure="ignore")
@@ -121,8 +115,8 @@ def test_a_graphed_step_solves_every_problem_to_the_plain_steps_bits(monkeypatch
         data.pop("_masks")
         problems.append((path.stem, data, solved(data)))
     monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
-    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
-    monkeypatch.setattr(graphed, "capture", lambda body, device: (body(), Replayed(body))[1])  # a capture runs the body once
+    monkeypatch.setattr(graphed, "warm_up", stand_in_graph.warm_up)
+    monkeypatch.setattr(graphed, "capture", stand_in_graph.capture)  # records, computing nothing; a replay computes
     monkeypatch.setattr(ipm, "replays_graphs", lambda device, compiled: True)
     monkeypatch.setattr(graphed, "replays_graphs", lambda device, compiled: True)  # and the calls around the loop
     monkeypatch.setattr(graphed, "GRAPHED_CALLS", True)
@@ -132,3 +126,4 @@ def test_a_graphed_step_solves_every_problem_to_the_plain_steps_bits(monkeypatch
         torch.testing.assert_close(got_z, z, rtol=0, atol=0, equal_nan=True, msg=name)
     assert len(problems) == 62 and len(graphed._GRAPHS.captured) > 0
     assert {key[1][0].__name__ for key in graphed._GRAPHS.captured if key[0] == "call"} >= {"_checked_scaling", "_start_unretried"}
+    assert all(entry.graph is not None for entry in graphed._GRAPHS.captured.values())  # none fell back

@@ -1,21 +1,25 @@
-"""The interior point step on CUDA (compiled; eager with ``EAGER_GRAPHS``), replayed from a CUDA
-graph: one launch per iteration.
+"""The interior point step on CUDA (compiled, or eager with ``EAGER_GRAPHS``), replayed from a CUDA
+graph: one launch per iteration; and, with ``GRAPHED_CALLS``, the solve's other parts.
 
-A step ``fn(data, units, state, res) -> (state, res)`` (each a dataclass of tensors) is captured
-once per layout (every tensor's shape, dtype and device, every other field's value, and a key such
-as the solver's settings) into a ``torch.cuda.CUDAGraph`` that reads static input buffers and, at
-its end, copies the new state and residuals into the buffers it read them from. A call copies in
-only the tensors that are not already those buffers (a solve's data once, a state the host's look
-replaced), replays the graph, and returns the state and residuals as views of the buffers: the next
-replay overwrites them, so that whoever keeps them past the loop copies them out
-(``compiling.owned``, as ``qp.ipm.iterate`` does).
+``GraphedStep``: a step ``fn(data, units, state, res) -> (state, res)`` (each a dataclass of
+tensors) is captured once per layout (every tensor's shape, dtype and device, every other field's
+value, and a key such as the solver's settings) into a ``torch.cuda.CUDAGraph`` that reads static
+input buffers and, at its end, copies the new state and residuals into the buffers it read them
+from. A call copies in only the tensors that are not already those buffers (a solve's data once,
+a state the host's look replaced), replays the graph, and returns the state and residuals as
+views of the buffers: the next replay overwrites them, so that whoever keeps them past the loop
+copies them out (``compiling.owned``, as ``qp.ipm.iterate`` does).
+
+``GraphedCall``: a function without host synchronisation of nested arguments, captured per layout
+likewise; a call copies every argument in and the outputs out (they are the caller's).
 
 Each thread keeps its own graphs (two threads solving problems of one layout would otherwise share
-buffers), at most ``MAX_GRAPHS`` of them; captures are made one at a time in the process (torch
-allows no more), each on a stream of its own on the data's device, the caller's stream restored
-after it. A step that cannot be captured (an operation that synchronises with the host, an output
-whose layout differs from its input's, an empty graph, a cached constant made during the capture)
-runs uncaptured for that layout, with a warning.
+buffers), at most ``MAX_GRAPHS`` of them (``clear()`` drops them); captures are made one at a time
+in the process (torch allows no more), each on a stream of its own on the data's device, the
+caller's stream restored after it, other threads' CUDA calls allowed meanwhile. A step or call
+that cannot be captured (an operation that synchronises with the host, an output whose layout
+differs from its input's, an empty graph, a cached constant made during the capture) runs
+uncaptured for that layout, with a warning.
 """
 from __future__ import annotations
 
@@ -31,9 +35,12 @@ from torch import Tensor
 
 from optlayers.engine.constants import forget_made_since, made_keys
 
-MAX_GRAPHS = 16
-"""Captured layouts kept per thread (the oldest is dropped past this); each holds its buffers and
-the graph's memory pool."""
+MAX_GRAPHS = 64
+"""Captured graphs kept per thread (the least recently used is dropped past this), steps' and
+calls' together: a problem layout takes one for its step and, with ``GRAPHED_CALLS``, four more
+(equilibration, start, derivatives' factorisation, backward), so 64 keep about 12 layouts in
+turn (a training loop's few batch shapes) without capturing again. Each holds copies of its
+inputs and the graph's memory pool; ``clear()`` drops them."""
 
 WARM_UP_CALLS = 2
 """Uncaptured calls on a side stream before a capture (compilation, library handles, workspaces
@@ -105,6 +112,12 @@ _GRAPHS = _Graphs()
 _CAPTURING = threading.Lock()
 
 
+def clear() -> None:
+    """Drops the calling thread's captured graphs, their buffers and memory pools (torch's caching
+    allocator keeps the freed memory until ``torch.cuda.empty_cache()``)."""
+    _GRAPHS.captured.clear()
+
+
 def _version(t: Tensor) -> int | None:
     """``t``'s version counter (bumped by every in-place change); None for an inference tensor, which has none."""
     try:
@@ -174,7 +187,7 @@ class GraphedStep:
 
         def body() -> None:  # one step, its state and residuals written back into the buffers they were read from
             news = [tensor for new in self.fn(*static) for tensor in _layout(new)[0]]
-            torch._foreach_copy_([target for targets in buffers[2:] for target in targets], news)  # a kernel per dtype, not per tensor
+            copy_all([target for targets in buffers[2:] for target in targets], news)
 
         graph, made = None, None
         try:
@@ -191,9 +204,20 @@ class GraphedStep:
             warnings.warn(f"optlayers on CUDA: the interior point step could not be captured in a CUDA graph "
                           f"({type(error).__name__}: {error}); it runs uncaptured, one launch per kernel",
                           RuntimeWarning, stacklevel=3)
-            graph = None
-        outputs = (static[2], static[3]) if len(static) == 4 else (args[2], args[3])
-        return _Captured(graph, buffers, outputs, sources)
+            return _Captured(None, [], (args[2], args[3]), [])  # nothing kept for a layout that runs uncaptured
+        return _Captured(graph, buffers, (static[2], static[3]), sources)
+
+
+def copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
+    """``target.copy_(source)`` for each pair, one ``torch._foreach_copy_`` per dtype (its fused
+    kernel takes lists of one dtype only, and falls back to one copy per tensor otherwise)."""
+    groups: dict[torch.dtype, tuple[list[Tensor], list[Tensor]]] = {}
+    for target, source in zip(targets, sources, strict=True):
+        group = groups.setdefault(target.dtype, ([], []))
+        group[0].append(target)
+        group[1].append(source)
+    for group_targets, group_sources in groups.values():
+        torch._foreach_copy_(group_targets, group_sources)
 
 
 def warm_up(warm: Callable[[], None], device: torch.device) -> None:
@@ -218,7 +242,9 @@ def capture(body: Callable[[], None], device: torch.device) -> Any:
     try:
         with torch.cuda.device(device), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device)):
+            # thread_local: CUDA calls of other threads (another solve, autograd's device thread) go on
+            # during the capture; only this thread's unsafe calls fail it
+            with torch.cuda.graph(graph, stream=torch.cuda.Stream(device), capture_error_mode="thread_local"):
                 body()
     finally:
         torch.cuda.set_stream(previous)
@@ -239,7 +265,8 @@ def _flatten(obj: Any, tensors: list[Tensor]) -> Hashable:
     if isinstance(obj, (tuple, list)):
         return (type(obj), tuple(_flatten(item, tensors) for item in obj))
     hash(obj)  # a value in the layout must be hashable (TypeError where not)
-    return ("value", obj)
+    # its type too (1, 1.0 and True are equal keys), a float by its bits (0.0 == -0.0)
+    return ("value", type(obj), obj.hex() if isinstance(obj, float) else obj)
 
 
 def _flat_tensors(obj: Any) -> list[Tensor]:
@@ -266,20 +293,37 @@ def _unflatten(obj: Any, tensors: Iterator[Tensor]) -> Any:
 class _CapturedCall:
     graph: Any  # a torch.cuda.CUDAGraph; None: the layout could not be captured
     buffers: list[Tensor]  # the arguments' static tensors
-    sources: list[tuple[weakref.ref, int] | None]  # per buffer: the tensor it holds a copy of, and its version
     outputs: Any  # what the captured call returned, on the graph's memory
     output_tensors: list[Tensor]
 
 
+_PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
+"""The non-tensor values a ``GraphedCall``'s outputs may hold (kept from the capture: they may
+depend on the layout only)."""
+
+
+def _plain_values_only(obj: Any) -> bool:
+    """Whether every non-tensor value in ``obj`` (``_flatten``'s nesting) is of ``_PLAIN_VALUES``."""
+    if isinstance(obj, Tensor):
+        return True
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return all(_plain_values_only(getattr(obj, f.name)) for f in fields(obj))
+    if isinstance(obj, (tuple, list)):
+        return all(_plain_values_only(item) for item in obj)
+    return isinstance(obj, _PLAIN_VALUES)
+
+
 class GraphedCall:
-    """``fn(*args)``, a function that makes no host synchronisation, replayed from a CUDA graph per
-    layout of its arguments (tensors, tuples, dataclasses and hashable values, nested; the values
-    are part of the layout); ``key`` (hashable) names ``fn`` and what else it depends on. A call
-    copies its arguments' tensors into the graph's static buffers (those it copied at the last call
-    unchanged are skipped), replays the graph and returns the outputs copied out of its memory:
-    they are the caller's to keep. Non-tensor outputs are those of the capture (they may depend on
-    the layout only). A layout that cannot be captured runs uncaptured, with a warning, as a
-    ``GraphedStep`` does."""
+    """``fn(*args)``, a function that makes no host synchronisation and changes none of its
+    arguments, replayed from a CUDA graph per layout of its arguments (tensors, tuples, lists,
+    dataclasses and hashable values, nested; the values, with their types, are part of the layout);
+    ``key`` (hashable) names ``fn`` and what else it depends on. A call copies its arguments'
+    tensors into the graph's static buffers (all of them, every call: a caller's tensor may change
+    in ways its version counter does not see, through ``.data``), replays the graph and returns the
+    outputs copied out of its memory: they are the caller's to keep. Non-tensor outputs are those
+    of the capture, so they must be plain values (``_PLAIN_VALUES``) that depend on the layout
+    only. A layout that cannot be captured runs uncaptured, with a warning, as a ``GraphedStep``
+    does."""
 
     def __init__(self, fn: Callable[..., Any], key: Hashable) -> None:
         if not callable(fn):
@@ -304,53 +348,43 @@ class GraphedCall:
             _GRAPHS.captured.move_to_end(key)
         if entry.graph is None:
             return self.fn(*args)
-        targets, changed = [], []
-        for i, (tensor, buffer) in enumerate(zip(tensors, entry.buffers)):
-            version, last = _version(tensor), entry.sources[i]
-            if last is not None and version is not None and last[0]() is tensor and last[1] == version:
-                continue
-            targets.append(buffer)
-            changed.append(tensor)
-            entry.sources[i] = None if version is None else (weakref.ref(tensor), version)
-        if changed:
-            torch._foreach_copy_(targets, changed)
+        copy_all(entry.buffers, tensors)
         entry.graph.replay()
         fresh = [torch.empty_like(t) for t in entry.output_tensors]
-        if fresh:
-            torch._foreach_copy_(fresh, entry.output_tensors)
+        copy_all(fresh, entry.output_tensors)
         return _unflatten(entry.outputs, iter(fresh))
 
     def _capture(self, args: tuple, tensors: list[Tensor]) -> _CapturedCall:
         device = tensors[0].device
-        with torch.inference_mode(False):  # kept for later calls, which may record gradients
-            buffers = [t.clone() for t in tensors]
-        static = _unflatten(args, iter(buffers))
         result: list = []
-
-        def body() -> None:  # a capture runs it once; a replay reruns its kernels, into the same outputs
-            outputs = self.fn(*static)
-            if not result:
-                result.append(outputs)
-                return
-            news: list[Tensor] = []  # run again (a stand-in graph's replay, on the CPU in tests): into the captured outputs
-            _flatten(outputs, news)
-            torch._foreach_copy_(_flat_tensors(result[0]), news)
-
-        graph, made, outputs, output_tensors = None, None, None, []
+        graph, made, buffers = None, None, []
         try:
+            with torch.inference_mode(False):  # kept for later calls, which may record gradients
+                buffers = [t.clone() for t in tensors]
+            static = _unflatten(args, iter(buffers))
+
+            def body() -> None:  # a capture runs it once; a replay reruns its kernels, into the same outputs
+                outputs = self.fn(*static)
+                if not result:
+                    result.append(outputs)
+                    return
+                copy_all(_flat_tensors(result[0]), _flat_tensors(outputs))  # run again (a stand-in graph's replay, in tests)
+
             with _CAPTURING:
                 warm_up(lambda: self.fn(*static), device)
                 made = made_keys()
                 graph = capture(body, device)
                 if forget_made_since(made):
                     raise RuntimeError("the call made a cached constant tensor while it was captured")
-            outputs = result[0]
-            output_tensors = _flat_tensors(outputs)
+            output_tensors = _flat_tensors(result[0])
+            if not _plain_values_only(result[0]):
+                raise TypeError("the call returned a value that is neither a tensor nor a plain value, which a replay would "
+                                "return unchanged")
         except Exception as error:  # noqa: BLE001 — any failure to capture leaves the call uncaptured, with a warning
             if made is not None:
                 forget_made_since(made)
             warnings.warn(f"optlayers on CUDA: {getattr(self.fn, '__name__', 'a call')} could not be captured in a "
                           f"CUDA graph ({type(error).__name__}: {error}); it runs uncaptured, one launch per kernel",
                           RuntimeWarning, stacklevel=3)
-            graph, output_tensors = None, []
-        return _CapturedCall(graph, buffers, [None] * len(buffers), outputs, output_tensors)
+            return _CapturedCall(None, [], None, [])  # nothing kept for a layout that runs uncaptured
+        return _CapturedCall(graph, buffers, result[0], output_tensors)

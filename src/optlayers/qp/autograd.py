@@ -40,7 +40,7 @@ from optlayers.qp.derivatives import (
 )
 from optlayers.qp.forward import N_PUBLIC, Saved, keep_solved
 from optlayers.qp.forward import outputs as forward_outputs
-from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings, graph_key
 from optlayers.qp.parallel import compiled_slices
 from optlayers.qp.scaling import (
     Scaling,
@@ -179,7 +179,7 @@ def _backward(ctx: Any, saved: tuple[Tensor, ...], needs: tuple[bool, ...], grad
         grads = tuple(None if g is None else g.contiguous() for g in grads)
         if graphs:  # one CUDA graph replay, compiled or not
             vjp = compiled(_compiled_vjp, saved[0].device.type) if ctx.settings.compiled else _compiled_vjp
-            ct = GraphedCall(vjp, (_compiled_vjp, ctx.settings))(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
+            ct = GraphedCall(vjp, (_compiled_vjp, *graph_key(ctx.settings)))(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
         else:
             ct = _sliced_compiled_vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
     else:

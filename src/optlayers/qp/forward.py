@@ -23,7 +23,7 @@ from optlayers.engine.step import QPData, State
 from optlayers.host import host_read, reads_are_free
 from optlayers.qp import fused
 from optlayers.qp.derivatives import FACTOR_FIELDS, factor_tensors
-from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals, graph_key
 from optlayers.qp.parallel import compiled_slices, solve_scaled_parallel
 from optlayers.qp.problem import qp_data
 from optlayers.qp.scaling import Scaling, equilibrate, unscale_solution
@@ -225,7 +225,7 @@ def outputs(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, se
     if settings.compiled or graphs:
         scaling = compiled(_checked_scaling, p.device.type) if settings.compiled else _checked_scaling
         if graphs:  # one CUDA graph replay
-            scaling = GraphedCall(scaling, (_checked_scaling, settings.compiled))
+            scaling = GraphedCall(scaling, (_checked_scaling, *graph_key(settings)))
         scaled, sc, passed = scaling(Q, p, G, h, A, b)
         check_values(Q, p, G, h, A, b, passed)
     else:

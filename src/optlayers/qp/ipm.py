@@ -688,7 +688,7 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     if settings.compiled or graphs:
         start_fn = compiled(_start_unretried, device.type) if settings.compiled else _start_unretried
         if graphs:
-            start_fn = GraphedCall(start_fn, (_start_unretried, *_graph_key(settings)))
+            start_fn = GraphedCall(start_fn, (_start_unretried, *graph_key(settings)))
         full, res = start_fn(data, units, settings)
         if host_read((full.status == int(QPStatus.NUMERICAL_ERROR)).any(0, keepdim=True))[0]:
             full, res = start(data, units, settings)  # the start's factorisation retried with more regularisation
@@ -697,11 +697,11 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     step_fn = compiled(step, device.type) if settings.compiled else step
     plain_step = lambda data, units, st, res: step_fn(data, units, st, res, settings)  # noqa: E731
     if replays_graphs(device, settings.compiled):  # one CUDA graph launch per iteration; a graph per setting of what the step reads
-        plain_step = GraphedStep(plain_step, _graph_key(settings))
+        plain_step = GraphedStep(plain_step, graph_key(settings))
     return iterate(data, units, full, res, plain_step, settings, with_factor)
 
 
-def _graph_key(settings: IPMSettings) -> tuple:
+def graph_key(settings: IPMSettings) -> tuple:
     """What a CUDA graph of the solve's parts depends on beyond its arguments' layout: the settings,
     the inversion limit and torch's CUDA linear algebra library (both read where it is captured)."""
     return (settings, kkt.CUDA_INVERTED_MAX_N, torch.backends.cuda.preferred_linalg_library())
@@ -734,7 +734,7 @@ def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step:
     if with_factor and factor is None:
         factor_fn = compiled(_derivative_factor_unretried, device.type) if settings.compiled else _derivative_factor_unretried
         if graphs_calls(device, settings.compiled):
-            factor_fn = GraphedCall(factor_fn, (_derivative_factor_unretried, *_graph_key(settings)))
+            factor_fn = GraphedCall(factor_fn, (_derivative_factor_unretried, *graph_key(settings)))
         factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal)
     unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
                                                   full.status != full.status if factor is None else ~factor.ok]).any(-1))

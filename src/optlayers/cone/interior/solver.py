@@ -205,7 +205,7 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
     """``solve`` for one slice: set up, then iterate and map back (``_solved``; one compiled call
     with ``settings.compiled``)."""
     parts = tuple(parts_of(spec))
-    program, step_parts = _setup(A, b, c, P, spec, parts, workspace=not (settings.compiled or _graphed(A.device, settings)))
+    program, step_parts = _setup(A, b, c, P, spec, parts, workspace=not (settings.compiled or _graphed(A.device, settings, parts)))
     solved = compiled(_solved, A.device.type) if settings.compiled else _solved
     return solved(program, step_parts, parts, settings)
 
@@ -405,7 +405,7 @@ def _iterate(program: _Program, parts: tuple[cone_parts.Part, ...],
     degree = max(program.nonneg + cone_parts.degree(parts), 1)
     st, res = _start(program, parts, degree, settings)
     step = lambda program, st, res: _step(program, st, res, parts, degree, settings)  # noqa: E731
-    graphed = _graphed(program.c.device, settings)
+    graphed = _graphed(program.c.device, settings, parts)
     if graphed:  # one CUDA graph replay per iteration (``engine.graphed``), over a batch that keeps its shape
         replayed = GraphedStep(lambda program, _, st, res: _step(program, st, res, parts, degree, settings),
                                ("cone", parts, degree, settings))
@@ -432,10 +432,12 @@ class _NoUnits:
 _NO_UNITS = _NoUnits()
 
 
-def _graphed(device: torch.device, settings: ConeIPMSettings) -> bool:
-    """Whether the eager step runs as a ``GraphedStep`` (on CUDA, ``engine.graphed.EAGER_GRAPHS``);
-    the compiled solve runs its loop on the device instead (``_on_device``)."""
-    return not settings.compiled and replays_graphs(device, False)
+def _graphed(device: torch.device, settings: ConeIPMSettings, parts: tuple[cone_parts.Part, ...]) -> bool:
+    """Whether the eager step runs as a ``GraphedStep`` (on CUDA, ``engine.graphed.EAGER_GRAPHS``),
+    where it has no PSD cone: their scalings and step lengths call ``torch.linalg.svd`` and
+    ``eigvalsh``, which on CUDA read their error codes on the host, and a capture fails on such a
+    read. (The compiled solve runs its loop on the device instead, ``_on_device``.)"""
+    return not settings.compiled and replays_graphs(device, False) and not any(part.kind == "psd" for part in parts)
 
 
 def _on_device(program: _Program, st: State, res: _Residuals, step: loop.Step, max_iter: int) -> tuple[State, _Residuals]:
