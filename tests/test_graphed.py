@@ -393,3 +393,26 @@ def test_a_graphed_call_that_cannot_be_captured_runs_uncaptured_with_a_warning(m
 def test_graphed_call_fn_must_be_callable():
     with pytest.raises(TypeError, match="fn must be callable, got int"):
         graphed.GraphedCall(3, "key")
+
+
+def test_the_loops_next_step_only_replays(captures, monkeypatch):
+    """A call with the last call's data and units and the state and residuals it returned replays
+    without looking at layouts or copying; a replaced state, or data changed in place, take the
+    full path again. (The stand-in replay runs the body, which looks at its outputs' layouts: only
+    looks at the data count here.)"""
+    data, units, st, res = problem()
+    step = graphed.GraphedStep(toy_step, key="k")
+    st, res = step(data, units, st, res)
+    looked_at_data = []
+    real = graphed._layout
+    monkeypatch.setattr(graphed, "_layout", lambda obj: (looked_at_data.append(obj is data), real(obj))[1])
+    expected = toy_step(data, units, *(replace(x) for x in (st, res)))
+    got = step(data, units, st, res)
+    assert not any(looked_at_data) and torch.equal(got[0].x, expected[0].x)
+    st, res = step(data, units, replace(got[0]), got[1])  # a state the host replaced
+    assert any(looked_at_data)
+    data.a.add_(1.0)  # in place: the next call copies it in again
+    before = (st.x.clone(), st.status.clone(), res.r.clone())
+    got = step(data, units, st, res)
+    want = toy_step(data, units, State(x=before[0], status=before[1], n=st.n), Res(r=before[2]))
+    assert torch.equal(got[0].x, want[0].x)
