@@ -577,9 +577,14 @@ def test_batch_elements_are_solved_independently(kind):
     boundary the last iterations magnify a difference of 1e-15 in the first to 1e-5, and may
     take one more iteration.)"""
     spec = ALL_CONES if kind == "all" else dataclasses.replace(KINDS[kind][0], zero=1)
-    A, b, c, P, *_ = random_program(spec, middle_n(spec), batch=3, quadratic=True, seed=102)
-    early, (x, iterations, status) = _iterated(A, b, c, P, spec, 3), _iterated(A, b, c, P, spec, 60)
-    assert (status == ConeStatus.SOLVED).all() and len(set(iterations.tolist())) > 1, "the case is not tested"
+    for seed in range(102, 110):  # the first batch whose elements stop at different iterations (what is tested)
+        A, b, c, P, *_ = random_program(spec, middle_n(spec), batch=3, quadratic=True, seed=seed)
+        x, iterations, status = _iterated(A, b, c, P, spec, 60)
+        if (status == ConeStatus.SOLVED).all() and len(set(iterations.tolist())) > 1:
+            break
+    else:
+        pytest.fail("no batch of seeds 102-109 has elements stopping at different iterations: the case is not tested")
+    early = _iterated(A, b, c, P, spec, 3)
     for i in range(3):
         one = slice(i, i + 1)
         early_alone, final_alone = _iterated(A[one], b[one], c[one], P[one], spec, 3), _iterated(A[one], b[one], c[one], P[one], spec, 60)
@@ -779,21 +784,45 @@ def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next
     programs = [random_program(spec, 15, batch=5, quadratic=True, seed=seed)[:4] for seed in (201, 202)]
     settings = solver.ConeIPMSettings()
     solve = lambda program: solver._solve(*program, spec, settings)  # noqa: E731 — one slice: its outputs as the loop leaves them
-    expected = [[t.clone() for t in solve(program)] for program in programs]
+    with host.accelerator_schedule():  # the branches a GPU takes (the stand-in capture refuses host reads)
+        expected = [[t.clone() for t in solve(program)] for program in programs]
 
-    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
-    monkeypatch.setattr(graphed, "warm_up", stand_in_graph.warm_up)
-    monkeypatch.setattr(graphed, "capture", stand_in_graph.capture)  # records, computing nothing; a replay computes
-    monkeypatch.setattr(solver, "replays_graphs", lambda device, compiled: True)
-    got = [solve(program) for program in programs]  # the second solve replays the first one's graph
-    assert len(graphed._GRAPHS.captured) == 1
-    (entry,) = graphed._GRAPHS.captured.values()
-    assert entry.graph is not None
-    for outputs, want in zip(got, expected):
-        for t, w in zip(outputs, want):
-            assert torch.equal(t, w)
-    assert solver._graphed(torch.device("cuda"), settings, tuple(solver.parts_of(spec)))
-    assert not solver._graphed(torch.device("cuda"), settings, tuple(solver.parts_of(ALL_CONES)))  # PSD cones: not graphed
+        monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+        monkeypatch.setattr(graphed, "warm_up", stand_in_graph.warm_up)
+        monkeypatch.setattr(graphed, "capture", stand_in_graph.capture)  # records, computing nothing; a replay computes
+        monkeypatch.setattr(solver, "replays_graphs", lambda device, compiled: True)
+        got = [solve(program) for program in programs]  # the second solve replays the first one's graph
+        assert len(graphed._GRAPHS.captured) == 1
+        (entry,) = graphed._GRAPHS.captured.values()
+        assert entry.graph is not None
+        for outputs, want in zip(got, expected):
+            for t, w in zip(outputs, want):
+                assert torch.equal(t, w)
+        assert solver._graphed(torch.device("cuda"), settings, tuple(solver.parts_of(spec)))
+        assert not solver._graphed(torch.device("cuda"), settings, tuple(solver.parts_of(ALL_CONES)))  # PSD cones: not graphed
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.filterwarnings("error:optlayers on CUDA:RuntimeWarning")  # the step must be captured, not run uncaptured
+def test_a_graphed_step_on_cuda_solves_as_the_cpu_without_psd_cones():
+    """Programs without PSD cones (every other kind) run their step on CUDA replayed from a CUDA
+    graph (``solver._graphed``): captured (a fallback's warning is an error here), with the CPU's
+    statuses and solutions to the method's accuracy, twice (the second solve replays the graph)."""
+    from optlayers.engine import graphed
+
+    spec = ConeSpec(zero=3, nonneg=4, soc=[3, 4], exp=2)
+    graphed.clear()
+    for seed in (301, 302):
+        A, b, c, P, x, _, _ = random_program(spec, 12, batch=4, quadratic=True, seed=seed)
+        X_cpu, _, _, status_cpu = solver.solve(A, b, c, P, spec)
+        X, _, _, status = solver.solve(*(t.cuda() for t in (A, b, c, P)), spec)
+        assert torch.equal(status.cpu(), status_cpu)
+        returned = torch.tensor([v in RETURNED for v in status_cpu.tolist()])
+        assert int(returned.sum()) >= 3
+        torch.testing.assert_close(X.cpu()[returned], X_cpu[returned], rtol=0, atol=IPM_TOL["curved"])
+    captured = list(graphed._GRAPHS.captured.values())
+    assert len(captured) == 1 and captured[0].graph is not None  # one layout, captured once
 
 
 @pytest.mark.cuda

@@ -387,26 +387,27 @@ def test_a_graphed_step_solves_as_the_plain_one_and_its_results_outlive_the_next
         sol = solve_qp(p=p, **{k: v for k, v in data.items() if k != "p"})
         return sol, p
 
-    expected = []
-    for data in problems:
-        sol, p = solved(data)
-        expected.append((sol.z.detach().clone(), torch.autograd.grad((sol.z ** 2).sum(), p)[0]))
+    with host.accelerator_schedule():  # the branches a GPU takes (the stand-in capture refuses host reads)
+        expected = []
+        for data in problems:
+            sol, p = solved(data)
+            expected.append((sol.z.detach().clone(), torch.autograd.grad((sol.z ** 2).sum(), p)[0]))
 
-    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
-    monkeypatch.setattr(graphed, "warm_up", stand_in_graph.warm_up)
-    monkeypatch.setattr(graphed, "capture", stand_in_graph.capture)  # records, computing nothing; a replay computes
-    monkeypatch.setattr(ipm, "replays_graphs", lambda device, compiled: True)
-    if calls:
-        monkeypatch.setattr(graphed, "replays_graphs", lambda device, compiled: True)
-        monkeypatch.setattr(graphed, "GRAPHED_CALLS", True)
-    assert compacts and all(compacts)  # the plain CPU loop would compact
-    compacts.clear()
-    kept = [solved(data) for data in problems]
-    assert compacts and not any(compacts)  # a graphed loop never does
-    for (sol, p), (z, grad) in zip(kept, expected):
-        assert torch.equal(sol.z.detach(), z)
-        assert torch.equal(torch.autograd.grad((sol.z ** 2).sum(), p)[0], grad)
-    captured_calls = [key[1][0].__name__ for key in graphed._GRAPHS.captured if key[0] == "call"]
-    assert sorted(captured_calls) == (["_checked_scaling", "_compiled_vjp", "_derivative_factor_unretried", "_start_unretried"]
-                                      if calls else [])
-    assert all(entry.graph is not None for entry in graphed._GRAPHS.captured.values())  # none fell back
+        monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+        monkeypatch.setattr(graphed, "warm_up", stand_in_graph.warm_up)
+        monkeypatch.setattr(graphed, "capture", stand_in_graph.capture)  # records, computing nothing; a replay computes
+        monkeypatch.setattr(ipm, "replays_graphs", lambda device, compiled: True)
+        if calls:
+            monkeypatch.setattr(graphed, "replays_graphs", lambda device, compiled: True)
+            monkeypatch.setattr(graphed, "GRAPHED_CALLS", True)
+        assert compacts and all(compacts)  # the plain CPU loop would compact
+        compacts.clear()
+        kept = [solved(data) for data in problems]
+        assert compacts and not any(compacts)  # a graphed loop never does
+        for (sol, p), (z, grad) in zip(kept, expected):
+            assert torch.equal(sol.z.detach(), z)
+            assert torch.equal(torch.autograd.grad((sol.z ** 2).sum(), p)[0], grad)
+        captured_calls = [key[1][0].__name__ for key in graphed._GRAPHS.captured if key[0] == "call"]
+        assert sorted(captured_calls) == (["_checked_scaling", "_compiled_vjp", "_derivative_factor_unretried", "_start_unretried"]
+                                          if calls else [])
+        assert all(entry.graph is not None for entry in graphed._GRAPHS.captured.values())  # none fell back

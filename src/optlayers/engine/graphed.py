@@ -33,6 +33,7 @@ from typing import Any, Callable, Hashable, Iterator
 import torch
 from torch import Tensor
 
+from optlayers.engine import kkt
 from optlayers.engine.constants import forget_made_since, made_keys
 
 MAX_GRAPHS = 64
@@ -70,6 +71,13 @@ def replays_graphs(device: torch.device, compiled: bool) -> bool:
     return device.type == "cuda" and (compiled or EAGER_GRAPHS)
 
 
+def linalg_key() -> tuple:
+    """What a captured step's or call's linear algebra reads where it is captured, beyond its
+    arguments: the inversion limit on CUDA (``kkt.CUDA_INVERTED_MAX_N``) and torch's CUDA linear
+    algebra library. Part of every graph's key."""
+    return (kkt.CUDA_INVERTED_MAX_N, torch.backends.cuda.preferred_linalg_library())
+
+
 def graphs_calls(device: torch.device, compiled: bool) -> bool:
     """Whether the solve's parts outside the iterations run as ``GraphedCall``s on ``device``."""
     return GRAPHED_CALLS and replays_graphs(device, compiled)
@@ -85,8 +93,14 @@ def _layout(obj: Any) -> tuple[list[Tensor], tuple]:
             tensors.append(value)
             layout.append((f.name, tuple(value.shape), value.dtype, value.device))
         else:
-            layout.append((f.name, value))
+            layout.append((f.name, _value_key(value)))
     return tensors, tuple(layout)
+
+
+def _value_key(value: Any) -> Hashable:
+    """A non-tensor value as part of a layout: with its type (1, 1.0 and True are equal keys), a
+    float by its bits (0.0 == -0.0)."""
+    return (type(value), value.hex() if isinstance(value, float) else value)
 
 
 def _rebuilt(obj: Any, tensors: list[Tensor]) -> Any:
@@ -101,6 +115,7 @@ class _Captured:
     buffers: list[list[Tensor]]  # per argument, its static tensors
     outputs: tuple[Any, Any]  # the state and residuals built on their buffers
     sources: list[list[tuple[weakref.ref, int] | None]]  # per buffer: the tensor it holds a copy of, and its version
+    replayed_by: Any = None  # the GraphedStep that replayed it last
 
 
 class _Graphs(threading.local):
@@ -142,7 +157,7 @@ class GraphedStep:
     def __call__(self, data: Any, units: Any, st: Any, res: Any) -> tuple[Any, Any]:
         last = self._last
         if (last is not None and last[0] is data and last[1] is units and last[2].outputs[0] is st and last[2].outputs[1] is res
-                and all(t._version == version for t, version in last[3])):
+                and last[2].replayed_by is self and all(t._version == version for t, version in last[3])):
             last[2].graph.replay()  # the next step of the loop: its inputs are the buffers already
             return st, res
         args = (data, units, st, res)
@@ -171,6 +186,7 @@ class GraphedStep:
         for sources in entry.sources[2:]:  # the state and residuals' buffers now hold the new ones
             sources[:] = [None] * len(sources)
         versioned = [(t, v) for tensors, _ in parts[:2] for t in tensors if (v := _version(t)) is not None]
+        entry.replayed_by = self  # another step replaying these buffers in between (same key, same thread) takes this off the fast path
         self._last = (data, units, entry, versioned)  # (an inference tensor has no version: nothing changes it in a loop)
         return entry.outputs
 
@@ -275,8 +291,7 @@ def _flatten(obj: Any, tensors: list[Tensor]) -> Hashable:
     if isinstance(obj, (tuple, list)):
         return (type(obj), tuple(_flatten(item, tensors) for item in obj))
     hash(obj)  # a value in the layout must be hashable (TypeError where not)
-    # its type too (1, 1.0 and True are equal keys), a float by its bits (0.0 == -0.0)
-    return ("value", type(obj), obj.hex() if isinstance(obj, float) else obj)
+    return ("value", *_value_key(obj))
 
 
 def _flat_tensors(obj: Any) -> list[Tensor]:

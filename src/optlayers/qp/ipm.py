@@ -18,10 +18,10 @@ import torch
 from torch import Tensor
 
 from optlayers.compiling import compiled, owned
-from optlayers.engine import kkt, loop
+from optlayers.engine import loop
 from optlayers.engine.batch import put, take
 from optlayers.engine.constants import constant, made_once
-from optlayers.engine.graphed import GraphedCall, GraphedStep, graphs_calls, replays_graphs
+from optlayers.engine.graphed import GraphedCall, GraphedStep, graphs_calls, linalg_key, replays_graphs
 from optlayers.engine.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, raise_limit, regularisation_after, solve_reduced
 from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, QPData, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
@@ -704,7 +704,7 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
 def graph_key(settings: IPMSettings) -> tuple:
     """What a CUDA graph of the solve's parts depends on beyond its arguments' layout: the settings,
     the inversion limit and torch's CUDA linear algebra library (both read where it is captured)."""
-    return (settings, kkt.CUDA_INVERTED_MAX_N, torch.backends.cuda.preferred_linalg_library())
+    return (settings, *linalg_key())
 
 
 def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step: loop.Step | loop.Steps,

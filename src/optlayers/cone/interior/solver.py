@@ -34,7 +34,7 @@ from optlayers.engine import cones as cone_parts
 from optlayers.engine import device_loop, loop
 from optlayers.engine.cones import svec
 from optlayers.engine.constants import constant, made_once
-from optlayers.engine.graphed import GraphedStep, replays_graphs
+from optlayers.engine.graphed import GraphedStep, linalg_key, replays_graphs
 from optlayers.engine.cones.exponential import DEGREE as EXP_DEGREE
 from optlayers.engine.cones.symmetric import all_finite
 from optlayers.engine.kkt import next_regularisation
@@ -408,7 +408,7 @@ def _iterate(program: _Program, parts: tuple[cone_parts.Part, ...],
     graphed = _graphed(program.c.device, settings, parts)
     if graphed:  # one CUDA graph replay per iteration (``engine.graphed``), over a batch that keeps its shape
         replayed = GraphedStep(lambda program, _, st, res: _step(program, st, res, parts, degree, settings),
-                               ("cone", parts, degree, settings))
+                               ("cone", parts, degree, settings, *linalg_key()))
         step = lambda program, st, res: replayed(program, _NO_UNITS, st, res)  # noqa: E731
     if settings.compiled:
         full, res = _on_device(program, st, res, step, settings.max_iter)
