@@ -2,7 +2,6 @@
 refused where wrong, its device loop against the engine's host loop, and the compiled solve (traced
 whole by dynamo; and, marked slow, compiled by inductor) against the eager one on programs of every
 cone kind: statuses, solutions and gradients."""
-import functools
 
 import pytest
 import torch
@@ -84,7 +83,8 @@ def test_the_device_loop_takes_the_host_loops_iterates(quadratic, monkeypatch):
     device, device_status = iterated(True)
     compacted, compacted_status = iterated(False)
     with monkeypatch.context() as patch:
-        patch.setattr(loop, "run", functools.partial(loop.run, compact=False))
+        run = loop.run
+        patch.setattr(loop, "run", lambda *args, **kwargs: run(*args, **{**kwargs, "compact": False}))  # whatever the caller asks
         host, host_status = iterated(False)
     assert torch.equal(device_status, host_status) and torch.equal(device.iterations, host.iterations)
     assert bool((host.iterations > 5).all())

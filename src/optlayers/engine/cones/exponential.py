@@ -196,11 +196,12 @@ class ExpScaling:
         with ``NTScaling``). Where hess f*(y) has no Cholesky factor in floating point (y within
         round-off of the boundary) or the term is not finite, it is left out (as Clarabel does):
         the primal-dual scaling does not need that factor, and the step can still be taken."""
-        # two triangular solves, not torch.cholesky_solve: on CUDA its batched MAGMA solve synchronises
-        # with the host (a CUDA graph capture of the step fails on it)
         chol = torch.nan_to_num(self.chol)
-        half = torch.linalg.solve_triangular(chol, ds.unsqueeze(-1), upper=False)
-        inverse_ds = torch.linalg.solve_triangular(chol.mT, half, upper=True).squeeze(-1)
+        if chol.device.type == "cpu":
+            inverse_ds = torch.cholesky_solve(ds.unsqueeze(-1), chol).squeeze(-1)
+        else:  # two triangular solves: torch.cholesky_solve's batched MAGMA solve on CUDA synchronises with the host
+            half = torch.linalg.solve_triangular(chol, ds.unsqueeze(-1), upper=False)
+            inverse_ds = torch.linalg.solve_triangular(chol.mT, half, upper=True).squeeze(-1)
         no_factor = (self.chol - self.chol).sum((-2, -1)).unsqueeze(-1)  # 0, or NaN where hess has no factor
         eta = torch.add(no_factor, _third(self.barrier, dy, inverse_ds), alpha=0.5)  # so that one test covers both
         unusable = (eta - eta).sum(-1, keepdim=True) != 0
@@ -218,7 +219,7 @@ def _dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, chol: torch.Tens
     eye = identity(3, s.device, s.dtype)
     lower = torch.linalg.solve_triangular(chol, eye - (r * s).unsqueeze(-1) * y.unsqueeze(-2), upper=False)
     Ft = torch.cat([lower / mu.sqrt()[..., None, None], (r.sqrt() * y).unsqueeze(-2)], -2)
-    return torch.linalg.qr(Ft, mode="r").R  # R only: Q is not formed
+    return torch.linalg.qr(Ft).R
 
 
 def _primal_dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor,
