@@ -10,6 +10,7 @@ With ``--compiled``, also ``solver="ipm"`` with ``compile=True`` (its compilatio
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import sys
@@ -138,6 +139,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              "about a minute and a half with a cold inductor cache)")
     parser.add_argument("--scaling", type=lambda s: [int(v) for v in s.split(",") if v], default=[16, 128, 512],
                         help="batch sizes of the forward-only scaling table (comma separated; empty to skip)")
+    parser.add_argument("--without-psd", action="store_true",
+                        help="the programs without their PSD cone (m = 86): on CUDA the interior point step of such "
+                             "programs is replayed from a CUDA graph (docs/cone.md)")
     return parser.parse_args(argv)
 
 
@@ -149,7 +153,10 @@ def metadata(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global SPEC
     args = parse_args(argv)
+    if args.without_psd:
+        SPEC = dataclasses.replace(SPEC, psd=[])
     if args.threads != torch.get_num_threads():  # torch.set_num_threads also breaks batched LU with more than
         torch.set_num_threads(args.threads)  # one thread on MKL builds (pytorch/pytorch#142815): only when asked
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -83,6 +83,7 @@ fi
 if [ "$part" != 1 ]; then
   step 150 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"
   step 90 python3 benchmarks/bench_cone.py --repeats 5 --out "$out/bench_cone.json"
+  step 60 python3 benchmarks/bench_cone.py --repeats 3 --without-psd --scaling 16,128 --out "$out/bench_cone_without_psd.json"
   step 110 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures fig1,fig2,equality,batch --solvers optlayers,linear,qpth,qpax,qpax-1e-8 --out "$out/qp"
 fi
 echo "== done in ${SECONDS} s" | tee -a "$log"
