@@ -16,7 +16,7 @@
 # runs/gpu and, packed in one archive with the log beside it, to $OUT (the device tool's folder,
 # which returns at most 8 files).
 #
-# PART=1 runs the checks and A/Bs up to the CUDA variants (a full device call), PART=2 the rest (the
+# PART=1 runs the checks, the A/Bs and the target row (a full device call), PART=2 the rest (the
 # sweep, the cones, the QP figures: a second, shorter call on the still-warm machine, which keeps
 # inductor's cache); the default, PART=all, runs both in one call.
 set -uo pipefail
@@ -73,17 +73,17 @@ if [ "$part" != 2 ]; then
   pkill -f -- "--prepare --solvers optlayers-compiled" && echo "== compilations stopped unfinished at ${SECONDS} s" | tee -a "$log"
   grep -h "optlayers-compiled\|Error" "$out"/prepare/*.log | cut -c1-300 | tee -a "$log"
   # after the compilations, so that the compiled rows find the cache
-  step 75 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"
-  step 45 python3 benchmarks/cuda_launches.py --batch 1 --n 10 --json "$out/cuda_launches_1x10.json"
+  step 60 python3 benchmarks/cuda_launches.py --json "$out/cuda_launches.json"
+  step 40 python3 benchmarks/cuda_launches.py --batch 1 --n 10 --json "$out/cuda_launches_1x10.json"
 
-  step 45 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager-graphs,eager-graphs-inverted,eager-graphs-inverted-calls,inverted,inverted-calls --json "$out/cuda_variants_1x10.json"
-  step 90 python3 benchmarks/cuda_variants.py --dtypes float64,float32 --variants eager-graphs,eager-graphs-inverted,eager-graphs-inverted-calls,inverted,inverted-calls --json "$out/cuda_variants.json"
-  step 100 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures target --out "$out/target"
+  step 60 python3 benchmarks/cuda_variants.py --batch 1 --n 10 --dtypes float64 --variants eager-graphs,eager-graphs-inverted,eager-graphs-inverted-calls,inverted,inverted-calls --json "$out/cuda_variants_1x10.json"
+  step 100 python3 benchmarks/cuda_variants.py --dtypes float64,float32 --variants eager-graphs,eager-graphs-inverted,eager-graphs-inverted-calls,inverted,inverted-calls --json "$out/cuda_variants.json"
+  step 70 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures target --out "$out/target"
 fi
 if [ "$part" != 1 ]; then
+  step 60 python3 benchmarks/bench_cone.py --repeats 3 --without-psd --scaling 16,128 --out "$out/bench_cone_without_psd.json"
   step 150 python3 -m benchmarks.qp_benchmark --device cuda --sweep --out "$out/sweep"
   step 90 python3 benchmarks/bench_cone.py --repeats 5 --out "$out/bench_cone.json"
-  step 60 python3 benchmarks/bench_cone.py --repeats 3 --without-psd --scaling 16,128 --out "$out/bench_cone_without_psd.json"
   step 110 python3 -m benchmarks.qp_benchmark --device cuda --dtype both --figures fig1,fig2,equality,batch --solvers optlayers,linear,qpth,qpax,qpax-1e-8 --out "$out/qp"
 fi
 echo "== done in ${SECONDS} s" | tee -a "$log"
