@@ -133,6 +133,19 @@ def clear() -> None:
     _GRAPHS.captured.clear()
 
 
+def _cached(key: Hashable, capture: Callable[[], Any]) -> Any:
+    """The calling thread's graph for ``key``, made by ``capture()`` where it has none (the least
+    recently used one dropped past ``MAX_GRAPHS``)."""
+    entry = _GRAPHS.captured.get(key)
+    if entry is None:
+        entry = _GRAPHS.captured[key] = capture()
+        while len(_GRAPHS.captured) > MAX_GRAPHS:
+            _GRAPHS.captured.popitem(last=False)
+    else:
+        _GRAPHS.captured.move_to_end(key)
+    return entry
+
+
 def _version(t: Tensor) -> int | None:
     """``t``'s version counter (bumped by every in-place change); None for an inference tensor, which has none."""
     try:
@@ -163,14 +176,7 @@ class GraphedStep:
         args = (data, units, st, res)
         parts = [_layout(arg) for arg in args]
         key = (self.key, *(layout for _, layout in parts))
-        entry = _GRAPHS.captured.get(key)
-        if entry is None:
-            entry = self._capture(args, parts)  # compiles fn where it is new
-            _GRAPHS.captured[key] = entry
-            while len(_GRAPHS.captured) > MAX_GRAPHS:
-                _GRAPHS.captured.popitem(last=False)
-        else:
-            _GRAPHS.captured.move_to_end(key)
+        entry = _cached(key, lambda: self._capture(args, parts))  # compiles fn where it is new
         if entry.graph is None:
             return self.fn(*args)
         for (tensors, _), buffers, sources in zip(parts, entry.buffers, entry.sources):
@@ -363,14 +369,7 @@ class GraphedCall:
             return self.fn(*args)
         if len({t.device for t in tensors}) != 1:  # a graph runs on one device: none (or mixed) here
             return self.fn(*args)
-        entry = _GRAPHS.captured.get(key)
-        if entry is None:
-            entry = self._capture(args, tensors)
-            _GRAPHS.captured[key] = entry
-            while len(_GRAPHS.captured) > MAX_GRAPHS:
-                _GRAPHS.captured.popitem(last=False)
-        else:
-            _GRAPHS.captured.move_to_end(key)
+        entry = _cached(key, lambda: self._capture(args, tensors))
         if entry.graph is None:
             return self.fn(*args)
         copy_all(entry.buffers, tensors)
