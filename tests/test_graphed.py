@@ -416,3 +416,20 @@ def test_the_loops_next_step_only_replays(captures, monkeypatch):
     got = step(data, units, st, res)
     want = toy_step(data, units, State(x=before[0], status=before[1], n=st.n), Res(r=before[2]))
     assert torch.equal(got[0].x, want[0].x)
+
+
+def test_two_steps_of_one_layout_interleaved_in_a_thread_each_keep_their_own_data(captures):
+    """Two solves of one layout in one thread, their steps interleaved (one graph, one set of
+    buffers): each step's replay reads its own data and state, not the other's left in the buffers."""
+    from optlayers.compiling import owned
+
+    (data_a, units_a, st_a, res_a), (data_b, units_b, st_b, res_b) = problem(seed=1), problem(seed=2)
+    step_a, step_b = graphed.GraphedStep(toy_step, key="k"), graphed.GraphedStep(toy_step, key="k")
+    want_a, want_b = (st_a, res_a), (st_b, res_b)
+    for _ in range(3):
+        want_a = tuple(replace(x) for x in toy_step(data_a, units_a, *want_a))
+        want_b = tuple(replace(x) for x in toy_step(data_b, units_b, *want_b))
+        st_a, res_a = (owned(x) for x in step_a(data_a, units_a, st_a, res_a))  # copied out: the buffers are shared
+        st_b, res_b = (owned(x) for x in step_b(data_b, units_b, st_b, res_b))
+        assert torch.equal(st_a.x, want_a[0].x) and torch.equal(st_b.x, want_b[0].x)
+    assert len(captures) == 1
