@@ -83,30 +83,16 @@ def graphs_calls(device: torch.device, compiled: bool) -> bool:
     return GRAPHED_CALLS and replays_graphs(device, compiled)
 
 
-def _layout(obj: Any) -> tuple[list[Tensor], tuple]:
-    """The tensors of the dataclass ``obj``, and its layout: its class, each tensor's shape, dtype
-    and device and each other field's value."""
-    tensors, layout = [], [type(obj)]
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, Tensor):
-            tensors.append(value)
-            layout.append((f.name, tuple(value.shape), value.dtype, value.device))
-        else:
-            layout.append((f.name, _value_key(value)))
-    return tensors, tuple(layout)
+def _layout(obj: Any) -> tuple[list[Tensor], Hashable]:
+    """The tensors of ``obj`` and its layout (``_flatten``)."""
+    tensors: list[Tensor] = []
+    return tensors, _flatten(obj, tensors)
 
 
 def _value_key(value: Any) -> Hashable:
     """A non-tensor value as part of a layout: with its type (1, 1.0 and True are equal keys), a
     float by its bits (0.0 == -0.0)."""
     return (type(value), value.hex() if isinstance(value, float) else value)
-
-
-def _rebuilt(obj: Any, tensors: list[Tensor]) -> Any:
-    """``obj`` with its tensors, in field order, replaced by ``tensors``."""
-    names = [f.name for f in fields(obj) if isinstance(getattr(obj, f.name), Tensor)]
-    return replace(obj, **dict(zip(names, tensors)))
 
 
 @dataclass
@@ -221,18 +207,10 @@ class GraphedStep:
             news = [tensor for new in self.fn(*static) for tensor in _layout(new)[0]]
             copy_all([target for targets in buffers[2:] for target in targets], news)
 
-        graph, made = None, None
         try:
-            static.extend(_rebuilt(arg, b) for arg, b in zip(args, buffers))
-            with _CAPTURING:
-                warm_up(warm, device)
-                made = made_keys()
-                graph = capture(body, device)
-                if forget_made_since(made):  # such a tensor holds its values only in the graph's replays
-                    raise RuntimeError("the step made a cached constant tensor while it was captured")
+            static.extend(_unflatten(arg, iter(b)) for arg, b in zip(args, buffers))
+            graph = _warmed_capture(warm, body, device)
         except Exception as error:  # noqa: BLE001 — any failure to capture leaves the step uncaptured, with a warning
-            if made is not None:  # a capture that failed after making a constant leaves none behind either
-                forget_made_since(made)
             warnings.warn(f"optlayers on CUDA: the interior point step could not be captured in a CUDA graph "
                           f"({type(error).__name__}: {error}); it runs uncaptured, one launch per kernel",
                           RuntimeWarning, stacklevel=3)
@@ -250,6 +228,22 @@ def copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
         group[1].append(source)
     for group_targets, group_sources in groups.values():
         torch._foreach_copy_(group_targets, group_sources)
+
+
+def _warmed_capture(warm: Callable[[], None], body: Callable[[], None], device: torch.device) -> Any:
+    """``warm_up(warm)``, then ``capture(body)``, one capture at a time in the process. A cached
+    constant first made during the capture holds its values only in the graph's replays: it is
+    forgotten, also where the capture fails, and the capture is refused."""
+    with _CAPTURING:
+        warm_up(warm, device)
+        made = made_keys()
+        try:
+            graph = capture(body, device)
+        finally:
+            dropped = forget_made_since(made)
+        if dropped:
+            raise RuntimeError("the code captured made a cached constant tensor while it was captured")
+        return graph
 
 
 def warm_up(warm: Callable[[], None], device: torch.device) -> None:
@@ -298,12 +292,6 @@ def _flatten(obj: Any, tensors: list[Tensor]) -> Hashable:
         return (type(obj), tuple(_flatten(item, tensors) for item in obj))
     hash(obj)  # a value in the layout must be hashable (TypeError where not)
     return ("value", *_value_key(obj))
-
-
-def _flat_tensors(obj: Any) -> list[Tensor]:
-    tensors: list[Tensor] = []
-    _flatten(obj, tensors)
-    return tensors
 
 
 def _unflatten(obj: Any, tensors: Iterator[Tensor]) -> Any:
@@ -381,7 +369,6 @@ class GraphedCall:
     def _capture(self, args: tuple, tensors: list[Tensor]) -> _CapturedCall:
         device = tensors[0].device
         result: list = []
-        graph, made, buffers = None, None, []
         try:
             with torch.inference_mode(False):  # kept for later calls, which may record gradients
                 buffers = [t.clone() for t in tensors]
@@ -392,21 +379,14 @@ class GraphedCall:
                 if not result:
                     result.append(outputs)
                     return
-                copy_all(_flat_tensors(result[0]), _flat_tensors(outputs))  # run again (a stand-in graph's replay, in tests)
+                copy_all(_layout(result[0])[0], _layout(outputs)[0])  # run again (a stand-in graph's replay, in tests)
 
-            with _CAPTURING:
-                warm_up(lambda: self.fn(*static), device)
-                made = made_keys()
-                graph = capture(body, device)
-                if forget_made_since(made):
-                    raise RuntimeError("the call made a cached constant tensor while it was captured")
-            output_tensors = _flat_tensors(result[0])
+            graph = _warmed_capture(lambda: self.fn(*static), body, device)
+            output_tensors = _layout(result[0])[0]
             if not _plain_values_only(result[0]):
                 raise TypeError("the call returned a value that is neither a tensor nor a plain value, which a replay would "
                                 "return unchanged")
         except Exception as error:  # noqa: BLE001 — any failure to capture leaves the call uncaptured, with a warning
-            if made is not None:
-                forget_made_since(made)
             warnings.warn(f"optlayers on CUDA: {getattr(self.fn, '__name__', 'a call')} could not be captured in a "
                           f"CUDA graph ({type(error).__name__}: {error}); it runs uncaptured, one launch per kernel",
                           RuntimeWarning, stacklevel=3)

@@ -25,7 +25,7 @@ from optlayers import threads
 from optlayers.compiling import compiled
 from optlayers.engine.batch import map_chunks_joined
 from optlayers.engine.constants import constant
-from optlayers.engine.graphed import GraphedCall, graphs_calls
+from optlayers.engine.graphed import graphs_calls
 from optlayers.engine.step import QPData
 from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
@@ -40,7 +40,7 @@ from optlayers.qp.derivatives import (
 )
 from optlayers.qp.forward import N_PUBLIC, Saved, keep_solved
 from optlayers.qp.forward import outputs as forward_outputs
-from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings, graph_key
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings, solve_part
 from optlayers.qp.parallel import compiled_slices
 from optlayers.qp.scaling import (
     Scaling,
@@ -178,8 +178,8 @@ def _backward(ctx: Any, saved: tuple[Tensor, ...], needs: tuple[bool, ...], grad
         # cotangent may come expanded (z.sum()) or not (z.square().sum()): one compilation for both
         grads = tuple(None if g is None else g.contiguous() for g in grads)
         if graphs:  # one CUDA graph replay, compiled or not
-            vjp = compiled(_compiled_vjp, saved[0].device.type) if ctx.settings.compiled else _compiled_vjp
-            ct = GraphedCall(vjp, (_compiled_vjp, *graph_key(ctx.settings)))(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
+            vjp = solve_part(_compiled_vjp, ctx.settings, saved[0].device)
+            ct = vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
         else:
             ct = _sliced_compiled_vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
     else:

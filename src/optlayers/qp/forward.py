@@ -17,13 +17,13 @@ from torch import Tensor
 from optlayers.compiling import compiled, pointwise_cats
 from optlayers.engine.batch import map_chunks_joined
 from optlayers.engine.device_loop import Layout, Packed, unpack
-from optlayers.engine.graphed import GraphedCall, graphs_calls
+from optlayers.engine.graphed import graphs_calls
 from optlayers.engine.kkt import diagonal_h
 from optlayers.engine.step import QPData, State
 from optlayers.host import host_read, reads_are_free
 from optlayers.qp import fused
 from optlayers.qp.derivatives import FACTOR_FIELDS, factor_tensors
-from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals, graph_key
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMResult, IPMSettings, Residuals, solve_part
 from optlayers.qp.parallel import compiled_slices, solve_scaled_parallel
 from optlayers.qp.problem import qp_data
 from optlayers.qp.scaling import Scaling, equilibrate, unscale_solution
@@ -221,12 +221,8 @@ def outputs(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, se
         settings = replace(settings, compiled=False)
     if settings.compiled and fused.pays(p.device):
         return _compiled_forward(Q, p, G, h, A, b, settings, keep_factor, fill)
-    graphs = graphs_calls(p.device, settings.compiled)
-    if settings.compiled or graphs:
-        scaling = compiled(_checked_scaling, p.device.type) if settings.compiled else _checked_scaling
-        if graphs:  # one CUDA graph replay
-            scaling = GraphedCall(scaling, (_checked_scaling, *graph_key(settings)))
-        scaled, sc, passed = scaling(Q, p, G, h, A, b)
+    if settings.compiled or graphs_calls(p.device, settings.compiled):
+        scaled, sc, passed = solve_part(_checked_scaling, settings, p.device)(Q, p, G, h, A, b)
         check_values(Q, p, G, h, A, b, passed)
     else:
         check_values(Q, p, G, h, A, b)

@@ -684,12 +684,8 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     the end tells which problems failed and whether the derivatives' factorisation needs a retry."""
     units = Units.of(sc)
     device = data.p.device
-    graphs = graphs_calls(device, settings.compiled)
-    if settings.compiled or graphs:
-        start_fn = compiled(_start_unretried, device.type) if settings.compiled else _start_unretried
-        if graphs:
-            start_fn = GraphedCall(start_fn, (_start_unretried, *graph_key(settings)))
-        full, res = start_fn(data, units, settings)
+    if settings.compiled or graphs_calls(device, settings.compiled):
+        full, res = solve_part(_start_unretried, settings, device)(data, units, settings)
         if host_read((full.status == int(QPStatus.NUMERICAL_ERROR)).any(0, keepdim=True))[0]:
             full, res = start(data, units, settings)  # the start's factorisation retried with more regularisation
     else:
@@ -705,6 +701,14 @@ def graph_key(settings: IPMSettings) -> tuple:
     """What a CUDA graph of the solve's parts depends on beyond its arguments' layout: the settings,
     the inversion limit and torch's CUDA linear algebra library (both read where it is captured)."""
     return (settings, *linalg_key())
+
+
+def solve_part(fn: Callable, settings: IPMSettings, device: torch.device) -> Callable:
+    """``fn``, a part of the solve without host synchronisation, as the solve runs it on
+    ``device``: compiled with ``settings.compiled``, replayed from a CUDA graph where
+    ``engine.graphed.graphs_calls`` says so."""
+    run = compiled(fn, device.type) if settings.compiled else fn
+    return GraphedCall(run, (fn, *graph_key(settings))) if graphs_calls(device, settings.compiled) else run
 
 
 def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step: loop.Step | loop.Steps,
@@ -732,10 +736,7 @@ def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step:
         res = _accept_accurate_gaps(data, units, full, res, (full.status == int(QPStatus.SOLVED)) & ~res.converged)
     full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))
     if with_factor and factor is None:
-        factor_fn = compiled(_derivative_factor_unretried, device.type) if settings.compiled else _derivative_factor_unretried
-        if graphs_calls(device, settings.compiled):
-            factor_fn = GraphedCall(factor_fn, (_derivative_factor_unretried, *graph_key(settings)))
-        factor = factor_fn(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal)
+        factor = solve_part(_derivative_factor_unretried, settings, device)(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal)
     unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
                                                   full.status != full.status if factor is None else ~factor.ok]).any(-1))
     if unsolved:

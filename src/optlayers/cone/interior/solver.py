@@ -407,8 +407,8 @@ def _iterate(program: _Program, parts: tuple[cone_parts.Part, ...],
     step = lambda program, st, res: _step(program, st, res, parts, degree, settings)  # noqa: E731
     graphed = _graphed(program.c.device, settings, parts)
     if graphed:  # one CUDA graph replay per iteration (``engine.graphed``), over a batch that keeps its shape
-        replayed = GraphedStep(lambda program, _, st, res: _step(program, st, res, parts, degree, settings),
-                               ("cone", parts, degree, settings, *linalg_key()))
+        plain = step
+        replayed = GraphedStep(lambda program, _, st, res: plain(program, st, res), ("cone", parts, degree, settings, *linalg_key()))
         step = lambda program, st, res: replayed(program, _NO_UNITS, st, res)  # noqa: E731
     if settings.compiled:
         full, res = _on_device(program, st, res, step, settings.max_iter)
