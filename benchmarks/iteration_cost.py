@@ -15,18 +15,26 @@ shared machine's load only slows a round down).
 
 Each capped solve is a specialisation of its own under ``--compiled`` (compiled at the untimed
 first call). The problem is ``problems.random_qp(batch, n, n)``, float64, seed 0: the sweep's.
+
+Under ``--compiled`` the forward + backward is also split into the time spent inside inductor's
+generated code (every call of a compiled graph, the solve's and the backward's) and the time
+around it: the package's Python, dynamo's entry to each compiled call (its guards), the
+``autograd.Function``, the autograd engine (``compiled_graph_split``; the fastest round, calls
+timed one by one, the solve and its backward apart).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
+from torch._inductor.output_code import CompiledFxGraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
 from benchmarks import machine  # noqa: E402
@@ -51,6 +59,54 @@ def fastest_round_us(calls: dict[str, Callable[[], object]], rounds: int, per_ro
                 fn()
             best[name] = min(best[name], (time.perf_counter() - start) / per_round * 1e6)
     return best
+
+
+@contextlib.contextmanager
+def _graph_clock(spent: list[float]) -> Iterator[None]:
+    """Adds to ``spent[0]`` the seconds each call of a compiled graph (inductor's generated code,
+    ``CompiledFxGraph.__call__``: torch's own class, not a public API) takes, while in effect."""
+    call = CompiledFxGraph.__call__
+
+    def timed(self: CompiledFxGraph, inputs: list) -> object:
+        start = time.perf_counter()
+        try:
+            return call(self, inputs)
+        finally:
+            spent[0] += time.perf_counter() - start
+
+    CompiledFxGraph.__call__ = timed
+    try:
+        yield
+    finally:
+        CompiledFxGraph.__call__ = call
+
+
+def compiled_graph_split(forward: Callable[[], torch.Tensor], backward: Callable[[torch.Tensor], None],
+                         rounds: int, per_round: int) -> dict[str, float]:
+    """Microseconds per call of ``forward`` (which returns a loss) and of ``backward`` (of that
+    loss), each whole and within it inside compiled graphs (``_graph_clock``): the round of
+    ``per_round`` calls whose forward + backward was fastest, of ``rounds`` (one untimed call first)."""
+    backward(forward())
+    best: dict[str, float] | None = None
+    spent = [0.0]
+    with _graph_clock(spent):
+        for _ in range(rounds):
+            totals = dict.fromkeys(("forward", "forward_graphs", "backward", "backward_graphs"), 0.0)
+            for _ in range(per_round):
+                spent[0], start = 0.0, time.perf_counter()
+                loss = forward()
+                middle, graphs = time.perf_counter(), spent[0]
+                backward(loss)
+                end = time.perf_counter()
+                totals["forward"] += middle - start
+                totals["forward_graphs"] += graphs
+                totals["backward"] += end - middle
+                totals["backward_graphs"] += spent[0] - graphs
+            if best is None or totals["forward"] + totals["backward"] < best["forward"] + best["backward"]:
+                best = totals
+    us = {name: value / per_round * 1e6 for name, value in best.items()}
+    us["outside_graphs"] = us["forward"] + us["backward"] - us["forward_graphs"] - us["backward_graphs"]
+    return us
 
 
 def measure(batch: int, n: int, compiled: bool, low: int, high: int, rounds: int, per_round: int,
@@ -82,6 +138,9 @@ def measure(batch: int, n: int, compiled: bool, low: int, high: int, rounds: int
     }
     us = fastest_round_us(calls, rounds, per_round)
     per_iteration = (us["capped_high"] - us["capped_low"]) / (high - low)
+    split = None
+    if compiled:
+        split = compiled_graph_split(lambda: (solve(leaves).z * weights).sum(), torch.Tensor.backward, rounds, per_round)
     return {
         "iterations": iterations,
         "per_iteration_us": per_iteration,
@@ -91,6 +150,7 @@ def measure(batch: int, n: int, compiled: bool, low: int, high: int, rounds: int
         "forward_backward_us": us["forward_backward"],
         "backward_us": us["forward_backward"] - us["forward_with_grad"],
         "capped_us": {str(low): us["capped_low"], str(high): us["capped_high"]},
+        "graph_split_us": split,
     }
 
 
@@ -135,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"besides the iterations {result['besides_iterations_us']:.1f}")
     print(f"forward {result['forward_us']:.1f}; with grad {result['forward_with_grad_us']:.1f}; "
           f"forward + backward {result['forward_backward_us']:.1f} (backward {result['backward_us']:.1f})")
+    split = result["graph_split_us"]
+    if split is not None:
+        print(f"forward + backward timed call by call: forward {split['forward']:.1f} ({split['forward_graphs']:.1f} inside "
+              f"compiled graphs), backward {split['backward']:.1f} ({split['backward_graphs']:.1f} inside); outside the "
+              f"graphs {split['outside_graphs']:.1f}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result

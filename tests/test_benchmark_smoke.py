@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from benchmarks import interleaved, machine, qp_benchmark
 
@@ -361,3 +362,21 @@ def test_compiled_launches_count_a_conds_dearer_branch_and_its_cheaper_one(tmp_p
     assert launches["library"] == outside[1] + 1
     assert launches["total"] == launches["fused"] + launches["library"] == sum(outside) + 2
     assert launches["total_skipped"] == sum(outside) + 1
+
+
+def test_compiled_graph_split_counts_the_time_inside_compiled_graphs_only():
+    from benchmarks import iteration_cost
+    from torch._inductor.output_code import CompiledFxGraph
+
+    call = CompiledFxGraph.__call__
+    x = torch.randn(4, 3, requires_grad=True)
+    eager = iteration_cost.compiled_graph_split(lambda: (x * 2).sum(), torch.Tensor.backward, rounds=2, per_round=3)
+    assert eager["forward_graphs"] == 0 and eager["backward_graphs"] == 0
+    assert eager["outside_graphs"] == pytest.approx(eager["forward"] + eager["backward"])
+
+    double = torch.compile(lambda t: (t * 2).sin().sum(), fullgraph=True)
+    split = iteration_cost.compiled_graph_split(lambda: double(x), torch.Tensor.backward, rounds=2, per_round=3)
+    assert 0 < split["forward_graphs"] < split["forward"] and 0 < split["backward_graphs"] < split["backward"]
+    assert split["outside_graphs"] == pytest.approx(
+        split["forward"] + split["backward"] - split["forward_graphs"] - split["backward_graphs"])
+    assert CompiledFxGraph.__call__ is call  # the clock is taken off again
