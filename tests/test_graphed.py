@@ -433,3 +433,135 @@ def test_two_steps_of_one_layout_interleaved_in_a_thread_each_keep_their_own_dat
         st_b, res_b = (owned(x) for x in step_b(data_b, units_b, st_b, res_b))
         assert torch.equal(st_a.x, want_a[0].x) and torch.equal(st_b.x, want_b[0].x)
     assert len(captures) == 1
+
+
+# Memory, threads and streams
+
+def test_a_finished_solve_leaves_nothing_alive_through_its_graph_without_the_cycle_collector(captures):
+    """A cached graph names the step that replayed it last by a token, not by the step: a solve's
+    step, data and state go when the solve drops them, with the cycle collector off."""
+    import gc
+    import weakref
+
+    data, units, st, res = problem()
+    step = graphed.GraphedStep(toy_step, key="k")
+    iterate(step, data, units, st, res, 3)
+    gone = [weakref.ref(obj) for obj in (step, data, data.a)]
+    gc.disable()
+    try:
+        del step, data
+        assert [ref() for ref in gone] == [None, None, None]
+    finally:
+        gc.enable()
+    assert len(captures) == 1 and len(graphed._GRAPHS.captured) == 1  # the graph itself stays cached
+
+
+def test_a_layout_that_runs_uncaptured_keeps_no_state(monkeypatch):
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
+
+    def failing(body, device):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed, "capture", failing)
+    with pytest.warns(RuntimeWarning, match="operation not permitted"):
+        graphed.GraphedStep(toy_step, key=None)(*problem())
+    (entry,) = graphed._GRAPHS.captured.values()
+    assert entry.graph is None and entry.buffers == [] and entry.outputs == (None, None)
+
+
+def test_a_state_overwritten_by_another_steps_replay_is_refused(captures):
+    """Two solves of one layout in one thread share the graph's buffers: a step handed back its own
+    buffers after another step replayed them would read that step's state, so it refuses."""
+    first, second = graphed.GraphedStep(toy_step, key="k"), graphed.GraphedStep(toy_step, key="k")
+    data, units, st, res = problem()
+    st1, res1 = first(data, units, st, res)
+    second(*problem(seed=1))  # overwrites the buffers that st1 and res1 view
+    with pytest.raises(RuntimeError, match="another step of the same layout has replayed since"):
+        first(data, units, st1, res1)
+    again = first(data, units, replace(st, x=st.x.clone()), Res(r=res.r.clone()))  # fresh tensors: copied in
+    assert torch.equal(again[0].x, toy_step(data, units, st, res)[0].x)
+
+
+def test_a_constant_another_thread_makes_during_a_capture_is_kept_and_the_capture_stands(monkeypatch):
+    from optlayers.engine import constants
+
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
+
+    def capture_while_another_thread_makes_a_constant(body, device):
+        other = threading.Thread(target=lambda: constants.identity(99, torch.device("cpu"), torch.float64))
+        other.start()
+        other.join()
+        return stand_in_graph.capture(body, device)
+
+    monkeypatch.setattr(graphed, "capture", capture_while_another_thread_makes_a_constant)
+    data, units, st, res = problem()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning
+        got = iterate(graphed.GraphedStep(toy_step, key=None), data, units, st, res, 2)
+    assert torch.equal(got[0].x, iterate(toy_step, data, units, st, res, 2)[0].x)
+    assert graphed._GRAPHS.captured[next(iter(graphed._GRAPHS.captured))].graph is not None
+    assert (99, torch.device("cpu"), torch.float64) in constants.identity.kept.results
+
+
+def test_clear_drops_the_graphs_of_every_thread(captures):
+    """``clear()`` reaches the graphs of other live threads (autograd runs CUDA backward passes on a
+    thread of its own per device)."""
+    made, cleared, done = threading.Event(), threading.Event(), []
+
+    def other_thread():
+        iterate(graphed.GraphedStep(toy_step, key="k"), *problem(), 2)
+        made.set()
+        cleared.wait(30)
+        done.append(len(graphed._GRAPHS.captured))
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    assert made.wait(30)
+    iterate(graphed.GraphedStep(toy_step, key="k"), *problem(), 2)
+    assert len(graphed._GRAPHS.captured) == 1
+    graphed.clear()
+    cleared.set()
+    thread.join(30)
+    assert done == [0] and len(graphed._GRAPHS.captured) == 0
+
+
+def test_each_stream_has_its_own_graphs(captures, monkeypatch):
+    """A replay on one stream would overwrite buffers another stream's replay still reads: the
+    calling thread's current stream is part of every key (``_stream_key``; None off CUDA)."""
+    stream = ["s1"]
+    monkeypatch.setattr(graphed, "_stream_key", lambda tensors: stream[0])
+    call = graphed.GraphedCall(toy_call, "toy")
+    iterate(graphed.GraphedStep(toy_step, key="k"), *problem(), 2)
+    call(*call_args(0), 1.0)
+    stream[0] = "s2"
+    iterate(graphed.GraphedStep(toy_step, key="k"), *problem(), 2)
+    call(*call_args(0), 1.0)
+    assert len(captures) == 4
+
+
+def test_the_stream_key_is_none_off_cuda():
+    assert graphed._stream_key([torch.zeros(2)]) is None and graphed._stream_key([]) is None
+
+
+_DOUBLE = [False]  # a setting that the step reads and its key leaves out
+
+
+def test_the_stand_in_replay_refuses_a_branch_the_capture_did_not_take(captures):
+    """A CUDA graph replays the kernels of its capture, whatever the Python around them would do
+    now; the stand-in reruns the Python, so it checks that the replay ran the capture's
+    operations: a setting missing from the graph's key shows as a diverged replay."""
+    def step(data, units, st, res):
+        new, res = toy_step(data, units, st, res)
+        return (replace(new, x=new.x * 2) if _DOUBLE[0] else new), res
+
+    data, units, st, res = problem()
+    graphed_step = graphed.GraphedStep(step, key=None)
+    st, res = graphed_step(data, units, st, res)
+    _DOUBLE[0] = True
+    try:
+        with pytest.raises(stand_in_graph.ReplayDiverged, match="other operations than the capture"):
+            graphed_step(data, units, st, res)
+    finally:
+        _DOUBLE[0] = False

@@ -3,9 +3,11 @@ Python number where an operation expects a tensor (``torch.where``, ``torch.fmin
 row) would make a tensor on every call, which on an accelerator is a launch."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import struct
-from typing import Callable, TypeVar
+import threading
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from torch import Tensor
@@ -37,32 +39,37 @@ class _Made:
             pass
         with torch.inference_mode(False):
             made = self.make(*args)
+        unkept = _UNKEPT.made
+        if unkept is not None:  # this thread is capturing a CUDA graph (``made_unkept``)
+            unkept.append(args)
+            return made
         return self.results.setdefault(args, made)  # a thread that made it first wins
 
     def cache_clear(self) -> None:
         self.results.clear()
 
 
-_CACHES: list[_Made] = []
-"""Every ``made_once`` cache (``made_keys``, ``forget_made_since``)."""
+class _Unkept(threading.local):
+    def __init__(self) -> None:
+        self.made: list | None = None  # a list while this thread's results are not kept (``made_unkept``)
 
 
-def made_keys() -> list[set]:
-    """The arguments that each ``made_once`` cache holds results for: a CUDA graph's capture checks
-    that it made none (``engine.graphed``: a tensor first made while a graph is captured holds its
-    values only in the graph's replays)."""
-    return [set(cache.results) for cache in _CACHES]
+_UNKEPT = _Unkept()
 
 
-def forget_made_since(keys: list[set]) -> int:
-    """Drops the results made since ``made_keys`` returned ``keys``, and returns how many: the
-    results made before stay (graphs captured earlier read them)."""
-    dropped = 0
-    for cache, before in zip(_CACHES, keys):
-        for args in cache.results.keys() - before:  # one C-level pass: safe beside other threads' inserts
-            cache.results.pop(args, None)
-            dropped += 1
-    return dropped
+@contextlib.contextmanager
+def made_unkept() -> Iterator[list]:
+    """Within: what the calling thread's ``made_once`` functions make afresh is returned but not
+    kept, and its arguments are appended to the list yielded. For a CUDA graph's capture
+    (``engine.graphed``), which must make none: a tensor first made while a graph is captured
+    holds its values only in the graph's replays. Other threads' results are kept as usual
+    meanwhile, and do not count."""
+    previous = _UNKEPT.made
+    _UNKEPT.made = made = []
+    try:
+        yield made
+    finally:
+        _UNKEPT.made = previous
 
 
 def made_once(make: F) -> F:
@@ -73,7 +80,6 @@ def made_once(make: F) -> F:
     ``constant`` does: tensors kept outside would enter a compiled loop's body as inputs. ``kept``
     is the cache itself, for a caller that has already checked that it is not being compiled."""
     cached = _Made(make)
-    _CACHES.append(cached)
 
     @functools.wraps(make)
     def once(*args: object) -> object:

@@ -14,7 +14,9 @@ copies them out (``compiling.owned``, as ``qp.ipm.iterate`` does).
 likewise; a call copies every argument in and the outputs out (they are the caller's).
 
 Each thread keeps its own graphs (two threads solving problems of one layout would otherwise share
-buffers), at most ``MAX_GRAPHS`` of them (``clear()`` drops them); captures are made one at a time
+buffers), and each stream its own (a replay on one stream would otherwise overwrite buffers that a
+replay on another is still reading), at most ``MAX_GRAPHS`` per thread (``clear()`` drops every
+thread's, the autograd engine's device threads', which run the backward, included); captures are made one at a time
 in the process (torch allows no more), each on a stream of its own on the data's device, the
 caller's stream restored after it, other threads' CUDA calls allowed meanwhile. A step or call
 that cannot be captured (an operation that synchronises with the host, an output whose layout
@@ -34,14 +36,15 @@ import torch
 from torch import Tensor
 
 from optlayers.engine import kkt
-from optlayers.engine.constants import forget_made_since, made_keys
+from optlayers.engine.constants import made_unkept
 
 MAX_GRAPHS = 64
 """Captured graphs kept per thread (the least recently used is dropped past this), steps' and
-calls' together: a problem layout takes one for its step and, with ``GRAPHED_CALLS``, four more
-(equilibration, start, derivatives' factorisation, backward), so 64 keep about 12 layouts in
-turn (a training loop's few batch shapes) without capturing again. Each holds copies of its
-inputs and the graph's memory pool; ``clear()`` drops them."""
+calls' together: a problem layout takes one for its step and, with ``GRAPHED_CALLS``, three more
+(equilibration, start, derivatives' factorisation) in the thread that solves, and one for the
+backward in the thread autograd runs it on (one per device), so 64 keep about 16 layouts in turn
+(a training loop's few batch shapes) without capturing again. Each holds copies of its inputs and
+the graph's memory pool; ``clear()`` drops them."""
 
 WARM_UP_CALLS = 2
 """Uncaptured calls on a side stream before a capture (compilation, library handles, workspaces
@@ -101,12 +104,23 @@ class _Captured:
     buffers: list[list[Tensor]]  # per argument, its static tensors
     outputs: tuple[Any, Any]  # the state and residuals built on their buffers
     sources: list[list[tuple[weakref.ref, int] | None]]  # per buffer: the tensor it holds a copy of, and its version
-    replayed_by: Any = None  # the GraphedStep that replayed it last
+    replayed_by: object = None  # the token of the GraphedStep that replayed it last (not the step: no reference cycle)
+
+
+class _Cache(OrderedDict):
+    """One thread's graphs by key (an ``OrderedDict`` that a weak reference can name)."""
+
+
+_EVERY_THREADS: dict[int, weakref.ref] = {}
+"""Each thread's ``_Cache`` (weakly: a thread's goes with it), for ``clear()``."""
+_EVERY_THREADS_LOCK = threading.Lock()
 
 
 class _Graphs(threading.local):
     def __init__(self) -> None:
-        self.captured: OrderedDict[Hashable, _Captured] = OrderedDict()
+        self.captured: _Cache = _Cache()
+        with _EVERY_THREADS_LOCK:
+            _EVERY_THREADS[id(self.captured)] = weakref.ref(self.captured)
 
 
 _GRAPHS = _Graphs()
@@ -114,9 +128,26 @@ _CAPTURING = threading.Lock()
 
 
 def clear() -> None:
-    """Drops the calling thread's captured graphs, their buffers and memory pools (torch's caching
-    allocator keeps the freed memory until ``torch.cuda.empty_cache()``)."""
-    _GRAPHS.captured.clear()
+    """Drops every thread's captured graphs, their buffers and memory pools (torch's caching
+    allocator keeps the freed memory until ``torch.cuda.empty_cache()``): the calling thread's,
+    and those of the threads autograd runs backward passes on. A solve that is running goes on
+    with the graphs it holds."""
+    with _EVERY_THREADS_LOCK:
+        caches = [ref() for ref in _EVERY_THREADS.values()]
+        for key in [key for key, ref in _EVERY_THREADS.items() if ref() is None]:
+            del _EVERY_THREADS[key]
+    for cache in caches:
+        if cache is not None:
+            cache.clear()
+
+
+def _stream_key(tensors: list[Tensor]) -> Hashable:
+    """The CUDA stream that the calling thread runs on, on the device of ``tensors`` (the first
+    one's), as part of a graph's key; None off CUDA."""
+    device = tensors[0].device if tensors else None
+    if device is None or device.type != "cuda":
+        return None
+    return torch.cuda.current_stream(device).cuda_stream
 
 
 def _cached(key: Hashable, capture: Callable[[], Any]) -> Any:
@@ -151,20 +182,26 @@ class GraphedStep:
         if not callable(fn):
             raise TypeError(f"fn must be callable, got {type(fn).__name__}")
         self.fn, self.key = fn, key
+        self._token = object()  # what a graph it replayed names it by (``_Captured.replayed_by``)
         self._last: tuple[Any, Any, _Captured, list] | None = None  # the last call's data, units, graph, data versions
 
     def __call__(self, data: Any, units: Any, st: Any, res: Any) -> tuple[Any, Any]:
         last = self._last
         if (last is not None and last[0] is data and last[1] is units and last[2].outputs[0] is st and last[2].outputs[1] is res
-                and last[2].replayed_by is self and all(t._version == version for t, version in last[3])):
+                and last[2].replayed_by is self._token and all(t._version == version for t, version in last[3])):
             last[2].graph.replay()  # the next step of the loop: its inputs are the buffers already
             return st, res
         args = (data, units, st, res)
         parts = [_layout(arg) for arg in args]
-        key = (self.key, *(layout for _, layout in parts))
+        key = (self.key, _stream_key(parts[0][0] or parts[2][0]), *(layout for _, layout in parts))
         entry = _cached(key, lambda: self._capture(args, parts))  # compiles fn where it is new
         if entry.graph is None:
             return self.fn(*args)
+        if (last is not None and last[2] is entry and entry.replayed_by is not self._token
+                and any(t is b for (tensors, _), buffers in zip(parts[2:], entry.buffers[2:]) for t, b in zip(tensors, buffers))):
+            raise RuntimeError("GraphedStep: the state passed is the buffers of this step's graph, which another step of "
+                               "the same layout has replayed since: they hold that step's state now. Copy a state out "
+                               "(compiling.owned) before another solve of the same layout runs in this thread.")
         for (tensors, _), buffers, sources in zip(parts, entry.buffers, entry.sources):
             for i, (tensor, buffer) in enumerate(zip(tensors, buffers)):
                 if tensor is buffer:
@@ -178,7 +215,7 @@ class GraphedStep:
         for sources in entry.sources[2:]:  # the state and residuals' buffers now hold the new ones
             sources[:] = [None] * len(sources)
         versioned = [(t, v) for tensors, _ in parts[:2] for t in tensors if (v := _version(t)) is not None]
-        entry.replayed_by = self  # another step replaying these buffers in between (same key, same thread) takes this off the fast path
+        entry.replayed_by = self._token  # another step replaying these buffers in between (same key, same thread) takes this off the fast path
         self._last = (data, units, entry, versioned)  # (an inference tensor has no version: nothing changes it in a loop)
         return entry.outputs
 
@@ -188,9 +225,10 @@ class GraphedStep:
             buffers = [[t.clone() for t in tensors] for tensors, _ in parts]
         sources: list[list] = [[None] * len(b) for b in buffers]
         static: list = []
+        fn = self.fn  # not the step: what the graph keeps must not keep the solve's step (and its data) alive
 
         def warm() -> None:  # the next call's state and residuals must fit their buffers
-            outputs = self.fn(*static)
+            outputs = fn(*static)
             written = {b.untyped_storage().data_ptr(): (i, j) for i, targets in enumerate(buffers[2:])
                        for j, b in enumerate(targets) if b.numel()}
             for i, (arg, new) in enumerate(zip(static[2:], outputs)):
@@ -204,7 +242,7 @@ class GraphedStep:
                                          "graph writes before it reads the output")
 
         def body() -> None:  # one step, its state and residuals written back into the buffers they were read from
-            news = [tensor for new in self.fn(*static) for tensor in _layout(new)[0]]
+            news = [tensor for new in fn(*static) for tensor in _layout(new)[0]]
             copy_all([target for targets in buffers[2:] for target in targets], news)
 
         try:
@@ -214,7 +252,7 @@ class GraphedStep:
             warnings.warn(f"optlayers on CUDA: the interior point step could not be captured in a CUDA graph "
                           f"({type(error).__name__}: {error}); it runs uncaptured, one launch per kernel",
                           RuntimeWarning, stacklevel=3)
-            return _Captured(None, [], (args[2], args[3]), [])  # nothing kept for a layout that runs uncaptured
+            return _Captured(None, [], (None, None), [])  # nothing kept for a layout that runs uncaptured
         return _Captured(graph, buffers, (static[2], static[3]), sources)
 
 
@@ -232,16 +270,14 @@ def copy_all(targets: list[Tensor], sources: list[Tensor]) -> None:
 
 def _warmed_capture(warm: Callable[[], None], body: Callable[[], None], device: torch.device) -> Any:
     """``warm_up(warm)``, then ``capture(body)``, one capture at a time in the process. A cached
-    constant first made during the capture holds its values only in the graph's replays: it is
-    forgotten, also where the capture fails, and the capture is refused."""
+    constant that the capturing thread first makes during the capture would hold its values only
+    in the graph's replays: it is not kept (``constants.made_unkept``), and the capture is refused.
+    Other threads' constants, made meanwhile, are theirs."""
     with _CAPTURING:
         warm_up(warm, device)
-        made = made_keys()
-        try:
+        with made_unkept() as made:
             graph = capture(body, device)
-        finally:
-            dropped = forget_made_since(made)
-        if dropped:
+        if made:
             raise RuntimeError("the code captured made a cached constant tensor while it was captured")
         return graph
 
@@ -262,7 +298,9 @@ def capture(body: Callable[[], None], device: torch.device) -> Any:
     """``body`` captured in a ``torch.cuda.CUDAGraph`` (returned; its ``replay()`` runs it) on a
     stream of its own on ``device``; the caller's stream is restored also where the capture fails
     (torch leaves it on the capture stream then). An empty graph (work that ran on another device
-    than the capture's) is a failure."""
+    than the capture's: torch's warning ``_EMPTY_GRAPH``) is a failure. The warnings caught meanwhile
+    (``warnings.catch_warnings`` is process-wide: other threads' too) are shown again, but torch's
+    about the empty graph."""
     previous = torch.cuda.current_stream(device)
     graph = torch.cuda.CUDAGraph()
     try:
@@ -274,10 +312,17 @@ def capture(body: Callable[[], None], device: torch.device) -> Any:
                 body()
     finally:
         torch.cuda.set_stream(previous)
-    empty = [str(w.message) for w in caught if "empty" in str(w.message).lower()]
+    empty = [str(w.message) for w in caught if _EMPTY_GRAPH in str(w.message)]
+    for w in caught:
+        if _EMPTY_GRAPH not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
     if empty:
         raise RuntimeError(f"the captured graph is empty ({empty[0]})")
     return graph
+
+
+_EMPTY_GRAPH = "CUDA Graph is empty"
+"""The start of torch's warning at the end of a capture that recorded no work (``CUDAGraph::capture_end``)."""
 
 
 def _flatten(obj: Any, tensors: list[Tensor]) -> Hashable:
@@ -352,11 +397,12 @@ class GraphedCall:
     def __call__(self, *args: Any) -> Any:
         tensors: list[Tensor] = []
         try:
-            key = ("call", self.key, _flatten(args, tensors))
+            layout = _flatten(args, tensors)
         except TypeError:  # an argument that cannot be part of a layout: no graph
             return self.fn(*args)
         if len({t.device for t in tensors}) != 1:  # a graph runs on one device: none (or mixed) here
             return self.fn(*args)
+        key = ("call", self.key, _stream_key(tensors), layout)
         entry = _cached(key, lambda: self._capture(args, tensors))
         if entry.graph is None:
             return self.fn(*args)
