@@ -565,3 +565,26 @@ def test_the_stand_in_replay_refuses_a_branch_the_capture_did_not_take(captures)
             graphed_step(data, units, st, res)
     finally:
         _DOUBLE[0] = False
+
+
+def test_a_capture_out_of_memory_is_tried_again_at_the_next_call(monkeypatch):
+    """Out of memory may pass (another solve freed its buffers): such a layout is not cached as
+    uncaptured, the next call tries to capture it again."""
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    monkeypatch.setattr(graphed, "warm_up", lambda warm, device: warm())
+    attempts = []
+
+    def out_of_memory_once(body, device):
+        attempts.append(body)
+        if len(attempts) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (stand-in)")
+        return stand_in_graph.capture(body, device)
+
+    monkeypatch.setattr(graphed, "capture", out_of_memory_once)
+    data, units, st, res = problem()
+    with pytest.warns(RuntimeWarning, match="OutOfMemoryError"):
+        first = graphed.GraphedStep(toy_step, key=None)(data, units, st, res)
+    assert not graphed._GRAPHS.captured
+    second = graphed.GraphedStep(toy_step, key=None)(data, units, st, res)
+    assert len(attempts) == 2 and graphed._GRAPHS.captured[next(iter(graphed._GRAPHS.captured))].graph is not None
+    assert torch.equal(first[0].x, second[0].x)

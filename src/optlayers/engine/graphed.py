@@ -105,6 +105,7 @@ class _Captured:
     outputs: tuple[Any, Any]  # the state and residuals built on their buffers
     sources: list[list[tuple[weakref.ref, int] | None]]  # per buffer: the tensor it holds a copy of, and its version
     replayed_by: object = None  # the token of the GraphedStep that replayed it last (not the step: no reference cycle)
+    transient: bool = False  # uncaptured for a reason that may pass (out of memory): not cached, tried again next call
 
 
 class _Cache(OrderedDict):
@@ -152,10 +153,14 @@ def _stream_key(tensors: list[Tensor]) -> Hashable:
 
 def _cached(key: Hashable, capture: Callable[[], Any]) -> Any:
     """The calling thread's graph for ``key``, made by ``capture()`` where it has none (the least
-    recently used one dropped past ``MAX_GRAPHS``)."""
+    recently used one dropped past ``MAX_GRAPHS``); one that failed for a reason that may pass
+    (``_Captured.transient``: out of memory) is not kept, and the next call tries again."""
     entry = _GRAPHS.captured.get(key)
     if entry is None:
-        entry = _GRAPHS.captured[key] = capture()
+        entry = capture()
+        if entry.transient:
+            return entry
+        _GRAPHS.captured[key] = entry
         while len(_GRAPHS.captured) > MAX_GRAPHS:
             _GRAPHS.captured.popitem(last=False)
     else:
@@ -252,7 +257,8 @@ class GraphedStep:
             warnings.warn(f"optlayers on CUDA: the interior point step could not be captured in a CUDA graph "
                           f"({type(error).__name__}: {error}); it runs uncaptured, one launch per kernel",
                           RuntimeWarning, stacklevel=3)
-            return _Captured(None, [], (None, None), [])  # nothing kept for a layout that runs uncaptured
+            # nothing kept for a layout that runs uncaptured; out of memory may pass: tried again next call
+            return _Captured(None, [], (None, None), [], transient=isinstance(error, torch.OutOfMemoryError))
         return _Captured(graph, buffers, (static[2], static[3]), sources)
 
 
@@ -359,6 +365,7 @@ class _CapturedCall:
     buffers: list[Tensor]  # the arguments' static tensors
     outputs: Any  # what the captured call returned, on the graph's memory
     output_tensors: list[Tensor]
+    transient: bool = False  # as ``_Captured.transient``
 
 
 _PLAIN_VALUES = (type(None), bool, int, float, str, torch.dtype, torch.device)
@@ -436,5 +443,5 @@ class GraphedCall:
             warnings.warn(f"optlayers on CUDA: {getattr(self.fn, '__name__', 'a call')} could not be captured in a "
                           f"CUDA graph ({type(error).__name__}: {error}); it runs uncaptured, one launch per kernel",
                           RuntimeWarning, stacklevel=3)
-            return _CapturedCall(None, [], None, [])  # nothing kept for a layout that runs uncaptured
+            return _CapturedCall(None, [], None, [], transient=isinstance(error, torch.OutOfMemoryError))
         return _CapturedCall(graph, buffers, result[0], output_tensors)
