@@ -214,6 +214,32 @@ def test_graphed_solve_on_cuda_matches_the_cpu(monkeypatch, compile, calls):
         torch.testing.assert_close(torch.autograd.grad((sol.z ** 2).sum(), p)[0].cpu(), grad, rtol=1e-8, atol=1e-9)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.filterwarnings("error:optlayers on CUDA:RuntimeWarning")
+def test_graphed_solves_on_two_streams_each_have_their_own_graphs(monkeypatch):
+    """Two eager solves of one layout, each on a stream of its own (``engine.graphed``: the stream
+    is part of a graph's key), give the CPU's answers: neither replays into the other's buffers."""
+    from optlayers.engine import graphed
+
+    monkeypatch.setattr(graphed, "EAGER_GRAPHS", True)
+    monkeypatch.setattr(graphed, "_GRAPHS", graphed._Graphs())
+    data = random_qp((16,), 8, 10, 3, active=True)
+    shifts = (0.0, 1.0)
+    expected = [solve_qp(**{**data, "p": data["p"] + shift}).z for shift in shifts]
+    cuda = {k: v.cuda() for k, v in data.items()}
+    streams = [torch.cuda.Stream() for _ in shifts]
+    got = []
+    for shift, stream in zip(shifts, streams):
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            got.append(solve_qp(**{**cuda, "p": cuda["p"] + shift}).z)
+    torch.cuda.synchronize()
+    for z, want in zip(got, expected):
+        torch.testing.assert_close(z.cpu(), want, rtol=1e-9, atol=1e-10)
+    assert len({key[1] for key in graphed._GRAPHS.captured if key[0] != "call"}) == 2  # one step graph per stream
+
+
 def test_compiled_path_takes_more_shapes_than_torchs_default_limit(eager_backend, monkeypatch):
     """Each new batch size is a new specialisation of the compiled step; torch's limit (8 by
     default, 3 here, so that fewer shapes are traced) must not turn the next one into an error, nor
