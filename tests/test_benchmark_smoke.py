@@ -302,7 +302,7 @@ def test_every_benchmark_that_records_the_machine_uses_the_shared_reader(monkeyp
             assert not any(s in source for s in ("lscpu", "/proc/cpuinfo", "platform.processor")), script.name
 
 
-@pytest.mark.parametrize("script", ["bench_cone.py", "blas_backends.py"])
+@pytest.mark.parametrize("script", ["bench_cone.py", "blas_backends.py", "cone_memory.py"])
 def test_benchmark_scripts_find_the_shared_reader_when_run_by_path(script, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], cwd=tmp_path, env=env,
@@ -380,3 +380,25 @@ def test_compiled_graph_split_counts_the_time_inside_compiled_graphs_only():
     assert split["outside_graphs"] == pytest.approx(
         split["forward"] + split["backward"] - split["forward_graphs"] - split["backward_graphs"])
     assert CompiledFxGraph.__call__ is call  # the clock is taken off again
+
+
+def test_cone_memory_times_the_solves_products_in_and_out_of_the_solve(tmp_path):
+    from benchmarks import cone_memory
+
+    out = tmp_path / "memory.json"
+    result = cone_memory.main(["--batch", "4", "--chunks", "2", "--top", "2", "--calls", "1", "--repeats", "1",
+                               "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert len(result["products"]) == 2 and all(row["product"] in ("bmm", "baddbmm") for row in result["products"])
+    first, second = result["products"]
+    assert first["in_solve_us"] * first["calls_in_solve"] >= second["in_solve_us"] * second["calls_in_solve"]  # longest first
+    assert all(row["repeated_us"] > 0 and row["repeated_after_flush_us"] > 0 for row in result["products"])
+    assert [row["programs_per_call"] for row in result["chunks"]] == [4, 2]
+    assert result["meta"]["command"].startswith("PYTHONPATH=src python -m benchmarks.cone_memory --batch 4")
+
+
+def test_cone_memory_refuses_chunks_larger_than_the_batch():
+    from benchmarks import cone_memory
+
+    with pytest.raises(SystemExit):
+        cone_memory.parse_args(["--batch", "4", "--chunks", "8"])
