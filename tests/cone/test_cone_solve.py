@@ -102,6 +102,30 @@ def test_failed_element_gets_zero_gradient_and_others_finite():
         assert torch.allclose(b.grad[i], alone.grad, atol=1e-9)
 
 
+def test_an_inaccurate_element_beside_exponential_cones_leaves_the_batchs_derivatives_intact():
+    """An element refined but left INACCURATE carries its own w and exponential roots; the backward
+    and the forward-mode derivative clean it to w = 0, whose roots must be those at 0 (a root kept
+    from its own w had made the projection's derivative NaN there and failed the whole batch). Its
+    gradient is zero, and every SOLVED element's is the one it gets solved without it."""
+    spec = ConeSpec(zero=1, nonneg=3, exp=2)
+    A, b, c, *_ = random_program(spec, 4, batch=8, seed=1)
+    options = dict(solver="scs", solver_options={"max_iters": 20}, on_failure="ignore", failed_value=0.0)
+    A = A.clone().requires_grad_()
+    sol = solve_cone(A, b, c, spec, **options)
+    failed = sol.status != ConeStatus.SOLVED
+    assert (sol.status[failed] == ConeStatus.INACCURATE).all() and 0 < int(failed.sum()) < 8
+    sol.x.sum().backward()
+    assert torch.isfinite(A.grad).all() and (A.grad[failed] == 0).all()
+    solved = (~failed).nonzero().squeeze(-1)
+    alone = A.detach()[solved].clone().requires_grad_()
+    again = solve_cone(alone, b[solved], c[solved], spec, **options)
+    assert (again.status == ConeStatus.SOLVED).all()
+    again.x.sum().backward()
+    torch.testing.assert_close(A.grad[solved], alone.grad, rtol=1e-9, atol=1e-12)
+    tangent = torch.func.jvp(lambda b_: solve_cone(A.detach(), b_, c, spec, **options).x, (b,), (torch.ones_like(b),))[1]
+    assert torch.isfinite(tangent).all() and (tangent[failed] == 0).all()
+
+
 SPEC = ConeSpec(zero=1, nonneg=2)
 
 

@@ -10,7 +10,7 @@ import warnings
 
 import torch
 
-from optlayers.cone import embedding, linsolve, product
+from optlayers.cone import embedding, exp, linsolve, product
 from optlayers.cone.operator import LinearMap
 from optlayers.cone.spec import ConeSpec
 from optlayers.engine.constants import constant
@@ -40,13 +40,23 @@ class Point:
     clean: bool = False  # failed elements' x, y, s and w are zeros already (``cleaned``)
 
     def cleaned(self) -> Point:
-        """Failed elements' NaNs replaced by zeros, so that they cannot leak into the batch."""
+        """Failed elements' NaNs replaced by zeros, so that they cannot leak into the batch; their
+        w too, and with it their exponential cones' roots: those of the projection at 0 (+inf,
+        inside the cone). A root kept from the failed element's own w (an element refined but left
+        INACCURATE) would put a root region at 0, where the projection's derivative divides by
+        ‖w‖ = 0 (NaN, which failed the whole batch's factorisation). Its PSD eigendecompositions
+        stay: finite, and the element's rows are masked."""
         if self.clean:
             return self
         keep, zero = self.ok.unsqueeze(-1), constant(0.0, self.x)
         w = None if self.w is None else torch.where(keep, self.w, zero)
+        roots = self.roots
+        if roots is not None:
+            inside = constant(float("inf"), self.x)
+            roots = [root if root is None or block.module is not exp else torch.where(keep, root, inside)
+                     for root, block in zip(roots, self.spec.blocks())]
         return dataclasses.replace(self, x=torch.where(keep, self.x, zero), y=torch.where(keep, self.y, zero),
-                                   s=torch.where(keep, self.s, zero), w=w, clean=True)
+                                   s=torch.where(keep, self.s, zero), w=w, roots=roots, clean=True)
 
     def projection_derivative(self) -> LinearMap:
         """D = the derivative of the projection onto K* at w (or at y - s where w is not known)."""
