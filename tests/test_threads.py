@@ -222,6 +222,26 @@ def test_cone_ipm_slices_through_the_same_pool(monkeypatch):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+def test_a_failing_slice_raises_only_once_the_others_have_ended():
+    """Where one slice raises, the others read the caller's tensors: the call returns (raising the
+    first slice's error in order) only once every slice has ended or was cancelled before it began."""
+    ended, started = [], threading.Event()
+
+    def fn(part):
+        if part.start == 0:
+            started.wait(30)  # the other slice runs meanwhile
+            raise ValueError("slice 0 failed")
+        started.set()
+        threading.Event().wait(0.3)
+        ended.append(part.start)
+        return part.start
+
+    with pytest.raises(ValueError, match="slice 0 failed"):
+        threads.map_slices(fn, 4, 2)
+    assert ended == [2]
+    assert threads.map_slices(lambda part: part.start, 4, 2) == [0, 2]  # the pool serves the next call
+
+
 @pytest.mark.parametrize("count", [0, -1, 5])
 def test_map_slices_refuses_bad_counts(count):
     with pytest.raises(ValueError, match="count must be an int in"):

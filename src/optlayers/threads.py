@@ -36,7 +36,7 @@ import contextvars
 import functools
 import os
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from typing import Callable, Iterator, TypeVar
 
 import torch
@@ -233,6 +233,27 @@ def map_slices(fn: Callable[[slice], Result], batch: int, count: int) -> list[Re
         with torch.no_grad():
             return [fn(part) for part in slices]
     futures = _POOL.submit(functools.partial(_single_threaded, fn, contextvars.copy_context()), slices)
+    return _results(futures)
+
+
+def _results(futures: list[Future]) -> list:
+    """The futures' results in order, once every one has ended: where one raises, those not yet
+    started are cancelled and the running ones waited for (they read the caller's tensors), then
+    the first exception in order is raised; so is an interrupt of the wait, after the same."""
+    try:
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        if pending and any(future.exception() is not None for future in done):
+            for future in pending:
+                future.cancel()
+        wait(futures)
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        wait(futures)
+        raise
+    failed = next((future for future in futures if not future.cancelled() and future.exception() is not None), None)
+    if failed is not None:
+        failed.result()  # raises its exception
     return [future.result() for future in futures]
 
 

@@ -54,6 +54,17 @@ def test_misuse_is_refused():
         join.place(slice(2, 4), (torch.ones(2), torch.ones(2)))
 
 
+
+def test_a_chunk_whose_output_has_another_shape_is_refused_not_broadcast():
+    """A (2, 3) output where the first chunk's was (2, 3, 3) (a diagonal factor beside a dense one)
+    would broadcast into its place without a word; a (1, 3) one along the batch likewise."""
+    join = ChunkJoin(4)
+    join.place(slice(0, 2), (torch.ones(2, 3, 3), torch.ones(2, 3)))
+    with pytest.raises(RuntimeError, match=r"output 0 of the chunk 2:4 has shape \(2, 3\) where the first chunk's had \(4, 3, 3\)"):
+        join.place(slice(2, 4), (torch.ones(2, 3), torch.ones(2, 3)))
+    with pytest.raises(RuntimeError, match=r"output 1 of the chunk 2:4 has shape \(1, 3\)"):
+        join.place(slice(2, 4), (torch.ones(2, 3, 3), torch.ones(1, 3)))
+
 def test_chunks_mapped_and_joined_give_the_outputs_joined_and_the_other_results_in_batch_order():
     data = torch.arange(12.0).reshape(6, 2)
     outs, results = map_chunks_joined(lambda part: ((data[part] * 2, None), part.start), 6, 1, 2)

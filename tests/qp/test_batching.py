@@ -213,6 +213,37 @@ def test_a_bad_value_in_a_compiled_chunk_is_named_by_its_place_in_the_batch(eage
         solve_qp(**data, compile=True)
 
 
+
+@pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
+@pytest.mark.parametrize("diagonal_first", [False, True])
+def test_compiled_chunks_of_diagonal_and_dense_h_take_the_whole_batchs_structure(eager_backend, monkeypatch, diagonal_first):
+    """Where the structure is looked at (n ≥ ``DIAGONAL_MIN_N``), chunks whose H is diagonal beside
+    chunks whose H is not must factorise alike (the whole batch's verdict): a diagonal chunk's factor
+    (B, n) beside a dense one's (B, n, n) could not be joined, or broadcast into it and gave wrong
+    gradients. Answers and gradients are the eager solve's."""
+    n = 32
+    monkeypatch.setattr(parallel, "_MIN_COMPILED_SLICE_ENTRIES", 1)
+    monkeypatch.setattr(parallel, "_CHUNK_ENTRIES", 2 * n * n)
+    monkeypatch.setattr(parallel, "_MIN_CHUNK_ENTRIES", 1)
+    _with_threads(monkeypatch, 1)
+    assert parallel.compiled_slices(4, n, torch.device("cpu")) == (1, 2)
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(4, n, n, generator=g, dtype=torch.float64)
+    dense = L @ L.mT / n + torch.eye(n, dtype=torch.float64)
+    diagonal = torch.diag_embed(1 + torch.rand(4, n, generator=g, dtype=torch.float64))
+    Q = torch.cat([diagonal[:2], dense[2:]]) if diagonal_first else torch.cat([dense[:2], diagonal[2:]])
+    p = torch.randn(4, n, generator=g, dtype=torch.float64)
+    G, h = torch.eye(n, dtype=torch.float64).expand(4, n, n), torch.ones(4, n, dtype=torch.float64)
+    w = torch.linspace(-1, 1, n, dtype=torch.float64)
+    answers = []
+    for compile in (False, True):
+        leaf = p.clone().requires_grad_()
+        z = solve_qp(Q, leaf, G, h, compile=compile).z
+        answers.append((z.detach(), torch.autograd.grad((z * w).sum(), leaf)[0]))
+    (z, grad), (z_compiled, grad_compiled) = answers
+    torch.testing.assert_close(z_compiled, z, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(grad_compiled, grad, rtol=1e-8, atol=1e-9)
+
 def test_joined_chunks_drop_inverses_only_where_the_chunks_disagree():
     """A chunk whose derivatives' factorisation was retried eagerly has no inverses ((b, 0, 0));
     the joined batch then has none; where every chunk has them, they are the chunks' end to end."""

@@ -98,6 +98,10 @@ class ChunkJoin:
                 if index in self._ragged:
                     self._kept[index][part.start] = out
                 elif whole is not None and index not in self._same_as:
+                    if out is None or (out.dim() > 0 and out.shape != whole[part].shape):
+                        raise RuntimeError(f"ChunkJoin: output {index} of the chunk {part.start}:{part.stop} has shape "
+                                           f"{None if out is None else tuple(out.shape)} where the first chunk's had "
+                                           f"{tuple(whole.shape)} for the whole batch (a copy would broadcast it)")
                     whole[part].copy_(out)
 
     def joined(self) -> tuple[Tensor | list[Tensor] | None, ...]:

@@ -154,7 +154,7 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     A chunk whose solve needs no reaction of the host is one compiled call (``_checked_solved``) and
     one read; where the structure is looked at (``_with_structure``), the chunk's equilibration and
     structure are a compiled call and a read of their own before it (``_checked_scaling_and_structure``,
-    then ``_solved``; each chunk has its own verdict). Otherwise the solve goes on from there
+    then ``_solved``; chunks take the whole batch's verdict on H's structure, found once before them). Otherwise the solve goes on from there
     (``fused.go_on``). Data that fail the value checks raise, naming their elements in the whole batch."""
     device = p.device.type
     raw = tuple(t.detach() if t.requires_grad else t for t in (Q, p, G, h, A, b))  # one specialisation whichever require gradients
@@ -162,6 +162,10 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     count, chunk = compiled_slices(batch, n, p.device)
     pointwise = pointwise_cats(chunk, n, p.device)
     structure = _looks_at_structure(n, p.device)
+    # chunks take one verdict on H's structure, the whole batch's: chunks that disagreed would give
+    # factors of different shapes (diagonal or dense), which no joined factor holds. The scaling
+    # multiplies by powers of two, so H is diagonal for the scaled data where it is for Q + Qᵀ and G
+    diagonal = None if not structure or chunk == batch else bool(host_read(diagonal_h(raw[0] + raw[0].mT, raw[2]).reshape(1))[0])
 
     def solve(part: slice) -> tuple[tuple[Tensor, ...], bool]:
         data = raw if chunk == batch else tuple(t[part] for t in raw)
@@ -172,10 +176,10 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
                 check_values(*raw, False)  # raises, naming the elements in the whole batch
             return _finished(QPData(*scaled), Scaling(*scaling), info, *rest, settings, keep_factor, fill)
         scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device, pointwise_cat=pointwise)(*data)
-        passed, diagonal = host_read(verdicts)
-        if not passed:
+        verdicts = host_read(verdicts)
+        if not verdicts[0]:
             check_values(*raw, False)
-        scaled = replace(scaled, diagonal=bool(diagonal))  # as _with_structure, in the same read
+        scaled = replace(scaled, diagonal=bool(verdicts[1]) if diagonal is None else diagonal)  # as _with_structure
         info, *rest = compiled(_solved, device, pointwise_cat=pointwise)(scaled, sc, fill, settings, keep_factor)
         return _finished(scaled, sc, host_read(info), *rest, settings, keep_factor, fill)
 
