@@ -157,9 +157,12 @@ _WRONG_WARM = ConeSolution(torch.zeros(5), torch.zeros(3), torch.zeros(3), torch
     (dict(refine_steps=-1), ValueError, "refine_steps must be an integer >= 0, got -1"),
     (dict(max_workers=0), ValueError, "max_workers must be an integer >= 1 or None, got 0"),
     (dict(warm_start=_WRONG_WARM), ValueError, "warm_start must be a solution of the same shapes"),
+    (dict(warm_start=ConeSolution(torch.zeros(2, 1), torch.zeros(3), torch.zeros(3), torch.zeros((), dtype=torch.int64))),
+     ValueError, r"warm_start must be a solution of the same shapes: x, y, s of \(\(1, 2\), \(1, 3\), \(1, 3\)\).*got \(\(2, 1\)"),
     (dict(warm_start=3), TypeError, "warm_start must be a ConeSolution .* got int"),
     (dict(solver="scs", solver_options={"eps": 1e-3}), ValueError, r"solver_options for solver='scs' must be SCS settings .*got \['eps'\]"),
     (dict(A=torch.zeros(0, 2), b=torch.zeros(0), cones=ConeSpec()), ValueError, "cones cover no rows"),
+    (dict(A=torch.zeros(3, 0), c=torch.zeros(0)), ValueError, r"A has no columns \(shape \(3, 0\)\)"),
 ])
 def test_bad_input_messages(args, error, message):
     kwargs = dict(A=torch.zeros(3, 2, dtype=torch.float32), b=torch.zeros(3, dtype=torch.float32),

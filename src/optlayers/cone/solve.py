@@ -129,11 +129,12 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
         if not isinstance(warm_start, ConeSolution):
             raise TypeError(f"warm_start must be a ConeSolution (an earlier solve_cone's result) or None, "
                             f"got {type(warm_start).__name__}")
-        expected = (data.b.shape[0] * data.c.shape[-1], data.b.numel(), data.b.numel())
-        given = tuple(t.numel() for t in (warm_start.x, warm_start.y, warm_start.s))
+        batch, (m, n) = data.b.shape[0], (data.b.shape[-1], data.c.shape[-1])
+        expected = ((batch, n), (batch, m), (batch, m))
+        given = tuple(tuple(t.reshape(-1, t.shape[-1]).shape) if t.dim() else () for t in (warm_start.x, warm_start.y, warm_start.s))
         if given != expected:
-            raise ValueError(f"warm_start must be a solution of the same shapes: x, y, s with {expected} "
-                             f"entries, got {given}")
+            raise ValueError(f"warm_start must be a solution of the same shapes: x, y, s of {expected} (batch "
+                             f"dimensions flattened), got {given}")
         x0, y0, s0 = (t.detach().cpu().double().reshape(data.b.shape[0], -1).numpy()
                       for t in (warm_start.x, warm_start.y, warm_start.s))
         warm = tuple(None if not np.isfinite(x0[i]).all() else (x0[i], y0[i], s0[i]) for i in range(len(x0)))

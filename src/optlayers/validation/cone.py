@@ -175,6 +175,9 @@ def check_cone_data(tensors: dict[str, torch.Tensor], cones: ConeSpec) -> tuple[
     if cones.size == 0:
         raise ValueError(f"cones cover no rows ({cones}): a program without constraints has no cone to differentiate "
                          "through; give at least one row")
+    if n == 0:
+        raise ValueError(f"A has no columns (shape {tuple(A_t.shape)}): a program without variables has nothing to "
+                         "solve for; give at least one variable")
     if cones.size != m:
         raise ValueError(f"cones cover {cones.size} rows ({cones}) but A has m = {m} rows; "
                          "the cone sizes must add up to the number of rows of A")
