@@ -122,3 +122,25 @@ def test_compiled_certificates_give_the_eager_statuses(eager_backend):
     assert eager.status.tolist() == [Status.SOLVED, Status.PRIMAL_INFEASIBLE, Status.DUAL_INFEASIBLE]
     assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.iterations, eager.iterations)
     torch.testing.assert_close(compiled.z, eager.z, rtol=0, atol=0, equal_nan=True)
+
+
+def test_an_unsolved_problem_goes_through_the_end_of_the_solve_as_on_the_eager_path(eager_backend, monkeypatch):
+    """A compiled call that ends with a problem unsolved (here MAX_ITER) must not return its outputs
+    as they are: the eager solve's end (``ipm.iterate``: INACCURATE problems' accurate gaps, unsolved
+    ones' smaller multipliers, which may solve them) runs on the compiled path too, and gives the
+    eager answer. (It had been skipped there: a QBEACONF solve with two threads ended INACCURATE
+    with NaN multipliers compiled, SOLVED eager.)"""
+    ends = []
+    real = ipm._smaller_multipliers_of_unsolved
+    monkeypatch.setattr(ipm, "_smaller_multipliers_of_unsolved", lambda *args: ends.append(args[2].status.clone()) or real(*args))
+    data = random_qp((5,), 8, 12, 3, active=True)
+    answers = []
+    for compile in (False, True):
+        ends.clear()
+        sol = solve_qp(**data, compile=compile, max_iter=6, on_failure="ignore")
+        answers.append((sol, list(ends)))
+    (eager, eager_ends), (compiled, compiled_ends) = answers
+    assert (eager.status == Status.MAX_ITER).any() and len(eager_ends) == 1
+    assert len(compiled_ends) == 1 and torch.equal(compiled_ends[0], eager_ends[0])
+    assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.iterations, eager.iterations)
+    torch.testing.assert_close(compiled.z, eager.z, rtol=1e-12, atol=1e-12, equal_nan=True)

@@ -100,10 +100,12 @@ def whole(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool,
 
 def finished(info: list[int]) -> bool:
     """Whether the solve ends with ``whole``'s call, its ``info`` read: nothing runs or the iteration
-    limit is reached, no start failed and the factorisation (if any) succeeded. Its outputs are
-    then the result."""
-    _, start_failed, ends, _, unfactored = info[:5]
-    return bool(ends and not (start_failed or unfactored))
+    limit is reached, every problem was solved, no start failed and the factorisation (if any)
+    succeeded. Its outputs are then the result. A problem left unsolved goes on (``go_on``) to the
+    end of ``ipm.iterate``, as on the eager path: an INACCURATE one's accurate gap, an unsolved
+    one's smaller multipliers (which may solve it, or run it again)."""
+    _, start_failed, ends, unsolved, unfactored = info[:5]
+    return bool(ends and not (start_failed or unsolved or unfactored))
 
 
 def go_on(data: QPData, sc: Scaling, packed: Packed, where: Layout, factor: tuple[Tensor, ...], info: list[int],
