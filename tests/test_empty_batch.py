@@ -24,6 +24,33 @@ def test_solve_qp_returns_an_empty_solution():
     assert sol.z.shape == (0, 2) and sol.lam.shape == (0, 3) and sol.status.shape == (0,)
 
 
+
+@pytest.mark.parametrize("batched", ["h", "G", "G and h", "everything"])
+def test_an_empty_batch_of_constraints_is_not_an_absent_constraint(batched):
+    """A (0, k) h or a (0, k, n) G is a batch of no problems with k rows each, not "no G" or "no h"
+    (which qpth's empty tensors and (k = 0) blocks mean): its multipliers have k columns."""
+    n, k = 3, 2
+    Q, p = torch.eye(n, dtype=torch.float64), torch.zeros(0, n, dtype=torch.float64)
+    G, h = torch.ones(k, n, dtype=torch.float64), torch.ones(k, dtype=torch.float64)
+    if "h" in batched or batched == "everything":
+        h = torch.ones(0, k, dtype=torch.float64)
+    if "G" in batched or batched == "everything":
+        G = torch.ones(0, k, n, dtype=torch.float64)
+    if batched == "everything":
+        Q = Q.expand(0, n, n)
+    sol = solve_qp(Q, p, G, h)
+    assert sol.z.shape == (0, n) and sol.lam.shape == (0, k) and sol.s.shape == (0, k)
+    assert QPFunction()(Q, p, G, h).shape == (0, n)
+
+
+def test_qpths_empty_tensors_still_mean_no_constraint():
+    empty = torch.empty(0, dtype=torch.float64)
+    sol = solve_qp(torch.eye(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64), empty, empty, empty, empty)
+    assert sol.lam.shape == (0,) and sol.nu.shape == (0,)
+    no_rows = solve_qp(torch.eye(2, dtype=torch.float64), torch.ones(2, dtype=torch.float64),
+                       torch.empty(0, 2, dtype=torch.float64), torch.empty(0, dtype=torch.float64))
+    assert no_rows.lam.shape == (0,)
+
 @pytest.mark.parametrize("compile", [False, True])
 def test_qp_function_differentiates_an_empty_batch(compile):
     Q, p, G, h = _empty_qp()

@@ -105,9 +105,16 @@ def check_layer_input(name: str, x: object, n: int, layer: nn.Module) -> None:
 
 # Data: types, dtypes, devices and shapes (before broadcasting)
 
-def is_absent(t: Tensor | None) -> bool:
-    """None and empty tensors both mean "no such constraint" (qpth passes empty tensors)."""
-    return t is None or (isinstance(t, Tensor) and t.numel() == 0)
+def is_absent(t: Tensor | None, rows_dim: int) -> bool:
+    """Whether ``t`` means "no such constraint": None, an empty tensor of fewer dimensions than a
+    batch of rows has (qpth passes ``torch.Tensor()``), or one with no rows (dimension ``rows_dim``:
+    -2 for G and A, -1 for h and b). A batch of no problems (a (0, k, n) G or a (0, k) h, the last
+    slice of a data loader) has its rows: it is not absent."""
+    if t is None:
+        return True
+    if not isinstance(t, Tensor) or t.numel() != 0:
+        return False
+    return t.dim() < -rows_dim or t.shape[rows_dim] == 0
 
 
 def check_qp_data(Q: object, p: object, G: object, h: object, A: object,
@@ -148,10 +155,11 @@ def _check_matrix(name: str, M: Tensor, rows: int | None, n: int) -> None:
 def _check_pair(mat_name: str, vec_name: str, M: object, v: object, ref: Tensor,
                 n: int) -> tuple[Tensor, Tensor] | tuple[None, None]:
     """Validate a constraint pair (G, h) or (A, b); an absent pair is (None, None)."""
-    if is_absent(M) and is_absent(v):
+    absent_M, absent_v = is_absent(M, -2), is_absent(v, -1)
+    if absent_M and absent_v:
         return None, None
-    if is_absent(M) or is_absent(v):
-        given, missing = (vec_name, mat_name) if is_absent(M) else (mat_name, vec_name)
+    if absent_M or absent_v:
+        given, missing = (vec_name, mat_name) if absent_M else (mat_name, vec_name)
         raise ValueError(f"{given} was given without {missing}; pass both or neither")
     M = _check_tensor(mat_name, M, ref)
     v = _check_tensor(vec_name, v, ref)
