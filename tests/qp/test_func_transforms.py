@@ -59,6 +59,16 @@ def _loss(Q, p, G=None, h=None, A=None, b=None):
     return (sol.z.sin() * torch.arange(1.0, sol.z.shape[-1] + 1)).sum() + sol.lam.square().sum()
 
 
+def test_vmap_over_an_empty_dimension_gives_empty_outputs_as_torch_does():
+    """vmap over a dimension of size 0 (torch's own operations allow it): empty solutions, and
+    per-sample gradients, of the inner batch's shape."""
+    eye = torch.eye(2, dtype=torch.float64)
+    assert vmap(lambda p: solve_qp(eye, p).z)(torch.zeros(0, 2, dtype=torch.float64)).shape == (0, 2)
+    assert vmap(lambda p: solve_qp(eye, p).z)(torch.zeros(0, 3, 2, dtype=torch.float64)).shape == (0, 3, 2)
+    per_sample = vmap(grad(lambda p: solve_qp(eye, p, eye, torch.ones(2, dtype=torch.float64)).z.sum()))(
+        torch.zeros(0, 2, dtype=torch.float64))
+    assert per_sample.shape == (0, 2)
+
 @pytest.mark.parametrize("eq", [False, True])
 def test_per_sample_gradients_vmap_of_grad(eq):
     data = _blocks(random_qp((5,), 4, 3, 1, active=True), True, eq)

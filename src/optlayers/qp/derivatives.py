@@ -53,14 +53,17 @@ def flat_vmap(apply: Callable[..., tuple[Tensor, ...]], size: int, in_dims: Sequ
     """A ``torch.func.vmap`` rule for Functions over flat batches (B, ·): the vmapped dimension
     (of ``size``) joins the batch dimension, ``apply`` runs once on (size·B, ·) tensors, and its
     outputs are split again. Non-tensor arguments pass through; unbatched tensors are expanded."""
+    inner = []  # the flat batch B inside, which the outputs split off again (size may be 0)
+
     def flat(t: Any, d: int | None) -> Any:
         if not isinstance(t, Tensor):
             return t
         t = t.movedim(d, 0) if d is not None else t.expand(size, *t.shape)
+        inner.append(t.shape[1])
         return t.reshape(size * t.shape[1], *t.shape[2:])  # explicit sizes: the tensor may be empty
 
     out = apply(*(flat(t, d) for t, d in zip(args, in_dims)))
-    return tuple(o.reshape(size, o.shape[0] // size, *o.shape[1:]) for o in out), (0,) * len(out)
+    return tuple(o.reshape(size, inner[0], *o.shape[1:]) for o in out), (0,) * len(out)
 
 
 FORWARD_OVER_FORWARD = (

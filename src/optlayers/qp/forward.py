@@ -90,7 +90,7 @@ class Saved(NamedTuple):
 
 
 def _rows(mask: Tensor, t: Tensor) -> Tensor:
-    return mask.view(-1, *([1] * (t.dim() - 1)))
+    return mask.view(mask.shape[0], *([1] * (t.dim() - 1)))  # explicit: the batch may be empty
 
 
 def keep_solved(mask: Tensor, t: Tensor, fill: float) -> Tensor:
