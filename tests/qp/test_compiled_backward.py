@@ -127,14 +127,19 @@ def test_inductor_compiled_backward_gives_the_eager_gradients(monkeypatch, m):
     assert (status != Status.SOLVED).any() == bool(m)
 
 
-def test_one_compilation_serves_expanded_and_dense_cotangents(eager_backend):
+def test_one_compilation_serves_expanded_and_dense_cotangents(eager_backend, monkeypatch):
     """z.sum() hands the backward an expanded cotangent, z.square().sum() a dense one: the
-    compiled backward sees both contiguous, so the second loss compiles nothing new."""
+    compiled backward sees both contiguous, so the second loss compiles nothing new (and both
+    backward passes ran compiled)."""
     from torch._dynamo.utils import counters
 
+    calls = []  # counted outside the compiled function (a count inside it would be guarded on)
+    real = autograd._sliced_compiled_vjp
+    monkeypatch.setattr(autograd, "_sliced_compiled_vjp", lambda *args: calls.append(1) or real(*args))
     data = random_qp((3,), 5, 6, 0)
     p = data.pop("p").requires_grad_(True)
     solve_qp(p=p, **data, compile=True).z.sum().backward()
     graphs = counters["stats"]["unique_graphs"]
     solve_qp(p=p, **data, compile=True).z.square().sum().backward()
     assert counters["stats"]["unique_graphs"] == graphs
+    assert len(calls) == 2

@@ -168,11 +168,18 @@ def test_verbose_one_prints_a_summary_of_each_solve(capsys):
     assert "QPFunction: 1 QPs, {'SOLVED': 1}" in out and "largest primal residual" in out
 
 
-def test_notImprovedLim_is_the_stall_limit():
+def test_notImprovedLim_is_the_stall_limit(monkeypatch):
+    from optlayers.qp import solve as solve_module
+
+    seen = []
+    real = solve_module.solve_prepared
+    monkeypatch.setattr(solve_module, "solve_prepared", lambda flat, batch, settings, *rest: (
+        seen.append(settings.stall_limit) or real(flat, batch, settings, *rest)))
     data = qpth_problem(neq=0, nineq=3)
     layer = QPFunction(notImprovedLim=1, verbose=-1)
     sol = layer.solve(data["Q"], data["p"], data["G"], data["h"])
     assert layer.not_improved_lim == 1 and int(sol.status[0]) == Status.SOLVED
+    assert seen == [1]  # the solve ran with it
 
 
 def test_against_qpth_itself_when_installed():

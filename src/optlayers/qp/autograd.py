@@ -193,7 +193,7 @@ class QPSolveFn(torch.autograd.Function):
     """(Q, p, G, h, A, b, settings, keep_factor, on_failure, batch_shape) -> (z, λ, ν, s, status,
     iterations, residuals..., saved...). The failure policy is applied here, on plain tensors, so
     that it also holds under ``torch.func`` transforms; failed elements of z, λ, ν, s hold its fill
-    (NaN for an action alone; their tangents too); ``batch_shape`` names failed elements.
+    (NaN for an action alone; their tangents and cotangents are zero); ``batch_shape`` names failed elements.
     ``keep_factor``: factorise for the derivatives now (gradients are possible) rather than later."""
 
     @staticmethod
