@@ -69,6 +69,27 @@ def test_vmap_over_an_empty_dimension_gives_empty_outputs_as_torch_does():
         torch.zeros(0, 2, dtype=torch.float64))
     assert per_sample.shape == (0, 2)
 
+def test_under_vmap_a_failure_is_named_as_in_the_batched_call():
+    """An infeasible element at (1, 2) of data vmapped over its first dimension (the inner call
+    batched over 3) is named (1, 2), as the batched call names it, not by its flattened index 5."""
+    import warnings
+
+    n = 2
+    Q = torch.eye(n, dtype=torch.float64)
+    G = torch.cat([torch.eye(n), -torch.eye(n)]).to(torch.float64)
+    h = torch.ones(2, 3, 2 * n, dtype=torch.float64)
+    h[1, 2, 0] = h[1, 2, n] = -1.0  # z₀ ≤ −1 and z₀ ≥ 1
+    p = torch.zeros(2, 3, n, dtype=torch.float64)
+    messages = []
+    for call in (lambda: vmap(lambda p_, h_: solve_qp(Q, p_, G, h_, on_failure="warn").z)(p, h),
+                 lambda: solve_qp(Q, p, G, h, on_failure="warn")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        messages.append([str(w.message) for w in caught])
+    assert len(messages[0]) == 1 and "primal_infeasible (elements (1, 2))" in messages[0][0]
+    assert messages[0] == messages[1]
+
 @pytest.mark.parametrize("eq", [False, True])
 def test_per_sample_gradients_vmap_of_grad(eq):
     data = _blocks(random_qp((5,), 4, 3, 1, active=True), True, eq)

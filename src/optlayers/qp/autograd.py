@@ -227,7 +227,7 @@ class QPSolveFn(torch.autograd.Function):
     def vmap(info: Any, in_dims: tuple[int | None, ...], *args: Any) -> tuple[tuple[Tensor, ...], tuple[int, ...]]:
         """``torch.func.vmap`` rule: the vmapped dimension joins the batch the solver already has."""
         def apply(*flat: Any) -> tuple[Tensor, ...]:
-            return QPSolveFn.apply(*flat[:9], (flat[1].shape[0],))
+            return QPSolveFn.apply(*flat[:9], (info.batch_size, *args[9]))  # failures named by (vmapped, inner) index
         return flat_vmap(apply, info.batch_size, in_dims, args)
 
     @staticmethod
