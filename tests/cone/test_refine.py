@@ -87,7 +87,7 @@ def test_the_kkt_check_after_refinement_takes_the_refinements_products():
     for P in (None, torch.eye(point.x.shape[-1], dtype=torch.float64).expand(6, -1, -1) / 3):
         with_p = Point(SPEC, point.A, P, point.x, point.y, point.s, ok)
         for steps in (0, 1, refine.MAX_STEPS):
-            refined, kkt = refine.refine_and_check(with_p, b, c, "dense", steps)
+            refined, kkt, _ = refine.refine_and_check(with_p, b, c, "dense", steps)
             assert torch.equal(kkt, refine.kkt_residual(refined.cleaned(), b, c))
             assert torch.equal(refined.x, refine.refine(with_p, b, c, "dense", steps).x)
 
@@ -106,6 +106,50 @@ def test_the_kkt_check_of_an_element_no_step_improves_is_at_its_own_y(monkeypatc
         return linsolve.SolveResult(solution, result.residual, result.factorization, result.bound)
 
     monkeypatch.setattr(linsolve, "solve_dense", spoiled)
-    refined, kkt = refine.refine_and_check(point, b, c, "dense", refine.MAX_STEPS)
+    refined, kkt, _ = refine.refine_and_check(point, b, c, "dense", refine.MAX_STEPS)
     assert torch.equal(refined.y[0], point.y[0])  # kept the solver's answer
     assert torch.equal(kkt, refine.kkt_residual(refined.cleaned(), b, c))
+
+
+def _scaled_lps(scale: float, batch: int = 20, m: int = 8, n: int = 3, seed: int = 0):
+    """Feasible, bounded LPs (x = x₀ + slack feasible, c = −Aᵀy₀ with y₀ > 0 dual feasible), their
+    data times ``scale``: x and y are those of the unscaled programs, s is ``scale`` times theirs."""
+    gen = torch.Generator().manual_seed(seed)
+    A = torch.randn(batch, m, n, generator=gen, dtype=torch.float64)
+    b = (A @ torch.randn(batch, n, 1, generator=gen, dtype=torch.float64)).squeeze(-1) + torch.rand(batch, m, generator=gen, dtype=torch.float64)
+    c = -(A.mT @ torch.rand(batch, m, 1, generator=gen, dtype=torch.float64)).squeeze(-1)
+    return A * scale, b * scale, c * scale
+
+
+def test_refinement_that_raises_the_kkt_residual_keeps_the_solvers_answer_and_reports_it():
+    """LPs whose data are of scale 1e-4: the interior point method's y is accurate to its absolute
+    tolerance only, and from there Newton's steps on R can lower ||R|| while raising the KKT
+    residual 1,000-fold. Those elements keep the solver's answer (its KKT residual, not the
+    refined one's) and are reported INACCURATE by the solve (the derivative at that answer is off
+    by 6-36 % there); the others are SOLVED, with the gradients of the unscaled programs."""
+    import optlayers
+    spec = ConeSpec(nonneg=8)
+    A, b, c = _scaled_lps(1e-4)
+    settings = autograd.Settings(spec, "ipm", "dense", {}, None, 1, 0, "ignore")
+    x0, y0, s0, status = autograd._solve(A, b, c, None, settings)
+    point = Point(spec, A, None, x0, y0, s0, status == 0)
+    before = refine.kkt_residual(point.cleaned(), b, c)
+    refined, kkt, astray = refine.refine_and_check(point, b, c, "dense")
+    assert bool(astray.any()) and not bool(astray.all())  # the test reaches both kinds
+    assert bool((kkt[astray] <= before[astray]).all())  # the solver's answer, not the worse refined one
+    assert torch.equal(refined.x[astray], x0[astray])
+    assert bool((kkt[~astray] <= torch.maximum(before[~astray], torch.tensor(refine.TARGET))).all())
+
+    weights = torch.randn(A.shape[0], A.shape[-1], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    def status_and_gradient(scale: float):  # the programs times ``scale``, and the gradient of x·weights w.r.t. their b
+        bb = (b * scale).requires_grad_()
+        sol = optlayers.solve_cone(A * scale, bb, c * scale, spec, solver="ipm", on_failure="ignore")
+        (torch.nan_to_num(sol.x) * weights).sum().backward()
+        return sol.status, bb.grad
+
+    status_small, grad_small = status_and_gradient(1.0)
+    status_unit, grad_unit = status_and_gradient(1e4)
+    assert bool((status_unit == 0).all())
+    assert torch.equal(status_small == int(optlayers.Status.INACCURATE), astray)
+    # x(b) at scale 1e-4 is x(1e4 b) at scale 1: its gradient is 1e4 times
+    torch.testing.assert_close(grad_small[~astray] * 1e-4, grad_unit[~astray], rtol=1e-7, atol=1e-9)

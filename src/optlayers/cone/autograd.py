@@ -105,8 +105,8 @@ def _solve_and_refine(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torc
     x, y, s, status = _solve(A, b, c, P, settings)
     returned = (status == ConeStatus.SOLVED) | (status == ConeStatus.INACCURATE)
     point = derivative.Point(settings.spec, A.detach(), _sym(P), x, y, s, returned)
-    point, kkt = refine.refine_and_check(point, b.detach(), c.detach(), settings.mode, settings.refine_steps)
-    accurate = kkt <= refine.SOLVED_TOL
+    point, kkt, astray = refine.refine_and_check(point, b.detach(), c.detach(), settings.mode, settings.refine_steps)
+    accurate = (kkt <= refine.SOLVED_TOL) & ~astray
     status = torch.where(returned & accurate, int(ConeStatus.SOLVED), status)
     return point, torch.where(returned & ~accurate, int(ConeStatus.INACCURATE), status)
 

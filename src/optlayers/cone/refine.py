@@ -7,8 +7,9 @@ embedding.py. In dense mode each Newton step solves with the exact M by iterativ
 preconditioned with the previous factorization, refactorising only when that stalls (and falling
 back to least squares where M is singular); the last factorization is kept for the backward
 pass. A (backtracked) step is kept per element only if it lowers ||R||; an element stops at its
-first step that does not (its next step, from the same point, would be the same), and elements
-never improved keep the solver's answer. y = Pi_K*(w) and s = y - w stay exactly in K*, K and complementary.
+first step that does not (its next step, from the same point, would be the same); elements
+never improved, and those whose refined point has a larger KKT residual (``kkt_residual``) than
+the solver's answer, keep the solver's answer. y = Pi_K*(w) and s = y - w stay exactly in K*, K and complementary.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 from optlayers.cone import embedding, linsolve, product
 from optlayers.cone.derivative import Point, solve_system
+from optlayers.engine.constants import constant
 from optlayers.host import host_read
 from optlayers.linalg import inf_norm
 
@@ -135,19 +137,22 @@ def refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str, max_steps:
 
 
 def refine_and_check(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
-                     max_steps: int = MAX_STEPS) -> tuple[Point, torch.Tensor]:
-    """``refine``'s point and the ``kkt_residual`` of its cleaned form, which takes the products
+                     max_steps: int = MAX_STEPS) -> tuple[Point, torch.Tensor, torch.Tensor]:
+    """``refine``'s point, the ``kkt_residual`` of its cleaned form, which takes the products
     with A (and P) from the refinement's last residual where a step was taken (the same x and y),
-    and those at the solver's own x and y elsewhere (no pass over A again)."""
-    refined, products = _refine(point, b, c, mode, max_steps)
-    return refined, kkt_residual(refined.cleaned(), b, c, products)
+    and those at the solver's own x and y elsewhere (no pass over A again), and the elements whose
+    refinement went astray (B,): its steps lowered ||R|| but raised the KKT residual, so that
+    they keep the solver's answer, at which the derivative is not to be trusted."""
+    refined, products, astray = _refine(point, b, c, mode, max_steps)
+    return refined, kkt_residual(refined.cleaned(), b, c, products), astray
 
 
 def _refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
-            max_steps: int) -> tuple[Point, tuple[torch.Tensor, ...] | None]:
-    """``refine``, and (A x, A^T y[, P x]) at the returned point's cleaned x and y (None: not taken)."""
+            max_steps: int) -> tuple[Point, tuple[torch.Tensor, ...] | None, torch.Tensor]:
+    """``refine``, (A x, A^T y[, P x]) at the returned point's cleaned x and y (None: not taken),
+    and the elements whose refinement went astray (``refine_and_check``)."""
     if max_steps == 0:
-        return point, None
+        return point, None, torch.zeros_like(point.ok)
     current = point.cleaned()
     w = current.y - current.s
     # the roots' Newton iterations start at y's
@@ -155,11 +160,12 @@ def _refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
     # R's A^T takes Pi_K*(w), which is the solver's y only up to its complementarity (1e-5 apart on
     # an interior point method's answer): an element that keeps its y is checked with A^T y itself
     products = (ax, embedding.rmatvec(current.A, current.y), *px)
+    start = (current, w, roots, products)  # the solver's own answer, measured below against the refined one
     norm = res.norm(dim=-1)
     target = TARGET * _scale(b, c)
     active = current.ok & (norm > target)
     if not bool(active.any()):  # also when no element was solved
-        return point, products  # its cleaned form is current
+        return point, products, torch.zeros_like(point.ok)  # its cleaned form is current
     factorization = None
     improved = torch.zeros_like(point.ok)
     for _ in range(max_steps):
@@ -185,11 +191,21 @@ def _refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
         active = better & (norm > target)
         if not left:
             break
+    # A lower ||R|| need not be a lower KKT residual: far from the solution (an answer whose y is
+    # accurate only to the solver's absolute tolerance, on data of scale 1e-4 or less) Newton's
+    # steps on R can leave the primal and dual residuals 1,000 times worse than the solver's own
+    # answer. Such an element (``astray``) keeps the solver's answer; its derivative is not to be
+    # trusted there either (0.06 to 0.36 relative error in the example above), so it is reported.
+    first, w_first, roots_first, products_first = start
+    astray = improved & (kkt_residual(current, b, c, products)
+                         > torch.maximum(kkt_residual(first, b, c, products_first), constant(TARGET, norm)))
+    improved = improved & ~astray
     keep = (point.ok & improved).unsqueeze(-1)  # never improved: the solver's own (unprojected) answer
     # w and its roots: the refined elements' last accepted w, the others' first one (y - s of the
-    # cleaned point, whose y and s they keep)
-    # the cleaned form of this point has current's x and y (elements never improved kept theirs), so
-    # the products at current are its
+    # cleaned point, whose y and s they keep); the products at the cleaned form of the point returned
+    w = torch.where(keep, w, w_first)
+    roots = _merge_roots(keep.squeeze(-1), roots, roots_first)
+    products = tuple(torch.where(keep, new, old) for new, old in zip(products, products_first))
     refined = dataclasses.replace(point, x=torch.where(keep, current.x, point.x), y=torch.where(keep, current.y, point.y),
                                   s=torch.where(keep, current.s, point.s), factorization=factorization, w=w, roots=roots)
-    return refined, products
+    return refined, products, astray
