@@ -163,7 +163,7 @@ _WRONG_WARM = ConeSolution(torch.zeros(5), torch.zeros(3), torch.zeros(3), torch
     (dict(warm_start=ConeSolution(torch.zeros(2, 1), torch.zeros(3), torch.zeros(3), torch.zeros((), dtype=torch.int64))),
      ValueError, r"warm_start must be a solution of the same shapes: x, y, s of \(\(1, 2\), \(1, 3\), \(1, 3\)\).*got \(\(2, 1\)"),
     (dict(warm_start=3), TypeError, "warm_start must be a ConeSolution .* got int"),
-    (dict(solver="scs", solver_options={"eps": 1e-3}), ValueError, r"solver_options for solver='scs' must be SCS settings .*got \['eps'\]"),
+    (dict(solver="scs", solver_options={"eps": 1e-3}), ValueError, r"solver_options\['eps'\] = 0.001 is refused by SCS \(TypeError: 'eps' is an invalid keyword"),
     (dict(A=torch.zeros(0, 2), b=torch.zeros(0), cones=ConeSpec()), ValueError, "cones cover no rows"),
     (dict(A=torch.zeros(3, 0), c=torch.zeros(0)), ValueError, r"A has no columns \(shape \(3, 0\)\)"),
 ])

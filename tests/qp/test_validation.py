@@ -139,6 +139,14 @@ CONE_ARGS = dict(A=torch.tensor([[-1.0, 0.0], [0.0, -1.0], [1.0, 1.0]]), b=torch
     ("scs", {"max_iters": 0}, r"solver_options\['max_iters'\] must be an integer >= 1, got 0"),
     ("scs", {"eps_abs": -1.0}, r"solver_options\['eps_abs'\] must be a finite number >= 0"),
     ("scs", {"eps_abs": 0.0, "eps_rel": 0.0}, r"eps_abs and eps_rel cannot both be 0"),
+    # values the solvers refuse themselves, which a solve would have read as a failed factorisation (SCS)
+    # or raised raw (Clarabel), and a value Clarabel takes and then fails every solve with
+    ("scs", {"alpha": 5.0}, r"solver_options\['alpha'\] = 5.0 is refused by SCS \(ValueError: alpha must be in"),
+    ("scs", {"normalize": "yes"}, r"solver_options\['normalize'\] = 'yes' is refused by SCS \(TypeError"),
+    ("scs", {"use_indirect": True}, r"solver_options\['use_indirect'\] = True is refused by SCS"),
+    ("clarabel", {"max_iter": -1}, r"solver_options\['max_iter'\] = -1 is refused by Clarabel \(OverflowError"),
+    ("clarabel", {"direct_solve_method": "bogus"}, r"solver_options\['direct_solve_method'\] = 'bogus' is refused by Clarabel"),
+    ("clarabel", {"max_step_fraction": 2.0}, r"solver_options\['max_step_fraction'\] must be in \(0.0, 1.0\], got 2.0"),
 ])
 def test_cone_solver_options_refused_at_the_door(solver, options, pattern):
     if solver != "ipm":

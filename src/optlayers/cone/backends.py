@@ -82,6 +82,34 @@ def solve_batch(problems: Sequence[Problem], spec: ConeSpec, solver: str, option
         return list(pool.map(run, problems, warm_starts))
 
 
+def refusal(solver: str, name: str, value: object) -> str | None:
+    """Why ``solver`` ("scs" or "clarabel") refuses the setting ``name`` = ``value`` (its own
+    message), or None where it accepts it: the setting is tried alone on a program of one variable
+    and one nonnegative row, so that a value the solver rejects is reported as the user's setting,
+    not as a failed solve (SCS raises on a bad value when the solver is built, which a solve reads
+    as a failed factorisation; Clarabel raises on a bad choice of method when it is built, and on an
+    integer out of range when it is set). Settings that write files are not tried."""
+    if name in ("write_data_filename", "log_csv_filename"):
+        return None
+    one = sp.csc_matrix(np.ones((1, 1)))
+    try:
+        if solver == "scs":
+            import scs
+
+            scs.SCS({"A": one, "b": np.ones(1), "c": np.zeros(1)}, {"l": 1}, **{"verbose": False, name: value})
+        else:
+            import clarabel
+
+            settings = clarabel.DefaultSettings()
+            settings.verbose = False
+            setattr(settings, name, value)
+            clarabel.DefaultSolver(sp.csc_matrix((1, 1)), np.zeros(1), one, np.ones(1), [clarabel.NonnegativeConeT(1)],
+                                   settings)
+    except Exception as error:  # noqa: BLE001 - Clarabel raises a bare Exception("Bad settings: ...")
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
 def _failed(problem: Problem, status: ConeStatus) -> Result:
     m, n = problem.A.shape
     return Result(np.full(n, np.nan), np.full(m, np.nan), np.full(m, np.nan), status)

@@ -93,10 +93,14 @@ def _check_clarabel_options(options: dict) -> None:
         if isinstance(value, bool) != isinstance(getattr(defaults, name), bool):
             raise ValueError(f"solver_options[{name!r}] must be of the type of Clarabel's default "
                              f"{getattr(defaults, name)!r}, got {value!r}")
-        try:
-            setattr(defaults, name, value)
-        except TypeError as error:
-            raise ValueError(f"solver_options[{name!r}]: {error}") from None
+        refused = backends.refusal("clarabel", name, value)
+        if refused:
+            raise ValueError(f"solver_options[{name!r}] = {value!r} is refused by Clarabel ({refused})")
+        setattr(defaults, name, value)
+        if name in _CLARABEL_RANGES:  # values Clarabel takes without a word and then fails every solve with
+            low, high = _CLARABEL_RANGES[name]
+            if not low < value <= high:
+                raise ValueError(f"solver_options[{name!r}] must be in ({low}, {high}], got {value!r}")
         if "max_iter" in name:
             check_int(f"solver_options[{name!r}]", value, 1 if name == "max_iter" else 0)
         elif "tol" in name:
@@ -108,16 +112,12 @@ def _check_clarabel_options(options: dict) -> None:
                          "max_iter")
 
 
-# SCS's settings (scs.SCS keyword arguments, SCS 3.x)
-_SCS_SETTINGS = ("verbose", "normalize", "scale", "adaptive_scale", "rho_x", "max_iters", "eps_abs", "eps_rel", "eps_infeas",
-                 "alpha", "time_limit_secs", "write_data_filename", "log_csv_filename", "acceleration_lookback",
-                 "acceleration_interval", "use_indirect", "mkl", "gpu")
+# Clarabel settings whose values out of (low, high] Clarabel takes without a word and then fails every
+# solve with (max_step_fraction 2: NumericalError)
+_CLARABEL_RANGES = {"max_step_fraction": (0.0, 1.0), "linesearch_backtrack_step": (0.0, 1.0)}
 
 
 def _check_scs_options(options: dict) -> None:
-    unknown = sorted(set(options) - set(_SCS_SETTINGS))
-    if unknown:
-        raise ValueError(f"solver_options for solver='scs' must be SCS settings ({', '.join(_SCS_SETTINGS)}), got {unknown}")
     for name in ("eps_abs", "eps_rel", "eps_infeas", "time_limit_secs"):
         if name in options:
             check_number(f"solver_options[{name!r}]", options[name], positive=False)
@@ -125,6 +125,10 @@ def _check_scs_options(options: dict) -> None:
         check_int("solver_options['max_iters']", options["max_iters"], 1)
     if options.get("eps_abs", 1.0) == 0 and options.get("eps_rel", 1.0) == 0:
         raise ValueError("solver_options eps_abs and eps_rel cannot both be 0: SCS would only run to max_iters")
+    for name, value in options.items():  # SCS's own checks of names and values (those of the installed version)
+        refused = backends.refusal("scs", name, value)
+        if refused:
+            raise ValueError(f"solver_options[{name!r}] = {value!r} is refused by SCS ({refused})")
 
 
 _SOLVER_OPTION_CHECKS = {"auto": _check_auto_options, "ipm": _check_ipm_options, "clarabel": _check_clarabel_options,
