@@ -210,3 +210,19 @@ def test_cone_layer_module():
     assert float((b.grad * direction).sum()) == pytest.approx(float(fd), rel=1e-5, abs=1e-7)
     with pytest.raises(TypeError, match="unknown option 'tol'"):
         ConeLayer(ALL_CONES, tol=1e-3)
+
+
+def test_a_p_that_is_not_semidefinite_is_refused_naming_its_elements():
+    """min −x²/2 + cx over −1 ≤ x ≤ 1 (P = −1) was taken and reported SOLVED at x = 0, the maximum, by
+    the interior point method and Clarabel. A P that is not positive semidefinite is refused, for every
+    solver, batched (its elements named) or shared; a semidefinite P is taken."""
+    A, b = torch.tensor([[1.0], [-1.0]], dtype=torch.float64), torch.ones(2, dtype=torch.float64)
+    c = torch.tensor([[0.1], [0.2], [0.3]], dtype=torch.float64)
+    P = torch.tensor([[[1.0]], [[-1.0]], [[0.0]]], dtype=torch.float64)
+    for solver in ("ipm", "clarabel", "scs"):
+        with pytest.raises(ValueError, match=r"P must be positive semidefinite .* at batch elements 1;"):
+            solve_cone(A, b, c, ConeSpec(nonneg=2), P, solver=solver)
+    with pytest.raises(ValueError, match=r"P must be positive semidefinite .* a P formed as L Lᵀ is$"):
+        solve_cone(A, b, c, ConeSpec(nonneg=2), -torch.eye(1, dtype=torch.float64))
+    sol = solve_cone(A, b, c[:2], ConeSpec(nonneg=2), P[[0, 2]])  # P = 1 and P = 0: min ½x² + cx, min cx
+    torch.testing.assert_close(sol.x, torch.tensor([[-0.1], [-1.0]], dtype=torch.float64), rtol=0, atol=1e-7)

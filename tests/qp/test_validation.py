@@ -39,6 +39,7 @@ def test_bad_data(change, error, pattern):
     (lambda: dict(Q=torch.tensor([[1.0, 2.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])), r"Q must be symmetric"),
     (lambda: dict(p=torch.tensor([1.0, float("nan"), 0.0])), r"p contains NaN or Inf"),
     (lambda: dict(b=torch.tensor([float("inf")])), r"b contains NaN or Inf"),
+    (lambda: dict(Q=torch.diag(torch.tensor([1.0, -1e-3, 1.0]))), r"Q must be positive semidefinite"),
 ])
 @pytest.mark.parametrize("structure", [False, True])
 def test_compiled_path_checks_values_alike(eager_backend, monkeypatch, change, pattern, structure):
@@ -49,6 +50,38 @@ def test_compiled_path_checks_values_alike(eager_backend, monkeypatch, change, p
     monkeypatch.setattr(forward, "DIAGONAL_MIN_N", 1 if structure else 10**9)
     with pytest.raises(ValueError, match=pattern):
         solve_qp(**{**good(), **change()}, compile=True)
+
+
+def test_a_q_that_is_not_semidefinite_is_refused_naming_its_elements():
+    """An indefinite Q (eigenvalues -1.76 and 1.29, a box -1 <= z <= 1) was taken and reported SOLVED
+    at z = (-1, -1), f = -1.497, where the vertex (1, 1) gives -1.802: the interior point method's
+    H = Q + GᵀWG + ρI can be positive definite all the same. It is refused as non-finite data is."""
+    box = dict(G=torch.cat([torch.eye(2), -torch.eye(2)]).double(), h=torch.ones(4, dtype=torch.float64))
+    Q = torch.stack([torch.eye(2), torch.tensor([[-1.0, 1.2], [1.2, 0.6]]), torch.eye(2)]).double()
+    assert torch.linalg.eigvalsh(Q[1]).amin() < -1.0
+    p = torch.tensor([0.1, -0.2], dtype=torch.float64).expand(3, 2)
+    with pytest.raises(ValueError, match=r"Q must be positive semidefinite .* at batch elements 1 \(flattened\)"):
+        solve_qp(Q, p, **box)
+    with pytest.raises(ValueError, match=r"Q must be positive semidefinite"):
+        QPFunction(verbose=-1)(Q, p, box["G"], box["h"], torch.Tensor(), torch.Tensor())
+
+
+def test_semidefinite_q_at_the_rounding_of_float32_is_taken():
+    """Q = L Lᵀ formed in float32 with L of rank 4 < n = 10 (eigenvalues down to -1e-7 of max|Q|, and
+    asymmetric by its rounding), then converted to float64, is taken (the test is to float32's √ε
+    whatever the dtype), as are zero and singular Q, and solved as (Q + Qᵀ)/2 would be."""
+    L = torch.randn(16, 10, 4, generator=torch.Generator().manual_seed(0))
+    Q = (L @ L.mT).double()
+    assert torch.linalg.eigvalsh(0.5 * (Q + Q.mT)).amin() < 0  # not semidefinite in float64 itself
+    p = torch.randn(16, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    G = torch.cat([torch.eye(10), -torch.eye(10)]).double()
+    h = torch.ones(20, dtype=torch.float64)
+    sol = solve_qp(Q, p, G, h)
+    assert bool((sol.status == Status.SOLVED).all())
+    torch.testing.assert_close(sol.z, solve_qp(0.5 * (Q + Q.mT), p, G, h).z, rtol=0, atol=1e-7)
+    lp = solve_qp(torch.zeros(16, 10, 10, dtype=torch.float64), p, G, h)
+    assert bool((lp.status == Status.SOLVED).all())
+    torch.testing.assert_close(lp.z, -p.sign(), rtol=0, atol=1e-6)  # min pᵀz over the box: a vertex
 
 
 BAD_QP_OPTIONS = [

@@ -28,7 +28,7 @@ from optlayers.cone.status import ConeStatus
 from optlayers.engine.constants import constant
 from optlayers.functions import applied_as_given
 from optlayers.status import FailurePolicy
-from optlayers.validation.cone import check_finite
+from optlayers.validation.cone import check_finite, check_semidefinite
 
 SECOND_ORDER = (
     "second derivatives of the cone program (double backward, torch.func.hessian, jacrev or jacfwd of a "
@@ -198,6 +198,7 @@ class ConeProgram(torch.autograd.Function):
     def forward(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
                 settings: Settings) -> tuple[torch.Tensor, ...]:
         check_finite({"A": A, "b": b, "c": c, "P": P})
+        check_semidefinite(P)
         with _threads_for(A, b):
             point, status = _solve_and_refine(A, b, c, P, settings)
             all_solved = bool((status == ConeStatus.SOLVED).all())  # one host sync, also spares the policy's

@@ -83,7 +83,8 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
         b: (m,) or (B, m).
         c: (n,) or (B, n).
         cones: the cone K (SCS order and conventions), covering the m rows.
-        P: optional (n, n) or (B, n, n) PSD matrix; its symmetric part is used.
+        P: optional (n, n) or (B, n, n) PSD matrix; its symmetric part is used. One that is not
+            semidefinite (an eigenvalue below about −3.5e-4·max|P|) is refused.
         solver: "auto" (the default: "ipm" where it is measured to be faster, "clarabel"
             otherwise, see ``choose_solver``), "ipm" (the batched interior point method of
             ``optlayers.cone.interior``, on the data's device, CPU or CUDA; elements it leaves

@@ -14,7 +14,9 @@ from optlayers.cone.linsolve import MODES
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
 from optlayers.status import ON_FAILURE_CHOICES
+from optlayers.status import listed_elements
 from optlayers.validation.options import check_bool, check_choice, check_fill, check_int, check_number
+from optlayers.validation.qp import DATA_TOL, semidefinite
 
 SOLVERS = ("auto", "ipm") + backends.SOLVERS
 """``solve_cone``'s ``solver`` values."""
@@ -216,3 +218,19 @@ def check_finite(tensors: dict[str, torch.Tensor | None]) -> None:
     for name, ok in zip(given, finite.tolist()):
         if not ok:
             raise ValueError(f"{name} contains NaN or Inf; all data must be finite")
+
+
+def check_semidefinite(P: torch.Tensor | None) -> None:
+    """Refuse a P (shared (n, n) or (B, n, n), dense) that is not positive semidefinite
+    (``validation.qp.semidefinite``, to the rounding of float32 data): a solver would take it and
+    could report SOLVED at a point that is no minimum (x = 0, the maximum of −x²/2 on [−1, 1], was).
+    Run inside the solve, after ``check_finite``."""
+    if P is None or P.numel() == 0:
+        return
+    ok = semidefinite(P.reshape(-1, *P.shape[-2:]))
+    if bool(ok.all()):
+        return
+    where = "" if P.dim() == 2 else f" at batch elements {listed_elements((~ok).nonzero().tolist())}"
+    raise ValueError(f"P must be positive semidefinite (a convex objective), got a P with an eigenvalue below "
+                     f"-{DATA_TOL:.1e}·max|P|{where}; a P formed as L Lᵀ is")
+

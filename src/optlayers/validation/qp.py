@@ -178,27 +178,48 @@ def check_constrained(m: int, k: int) -> None:
 
 # Data: values (on the flat batch, inside the solve)
 
+# Q must be symmetric, and positive semidefinite, to this relative tolerance, whatever its dtype: √ε
+# of float32, so that a Q formed in float32 (L Lᵀ: symmetric, and semidefinite, only to its rounding,
+# 1e-7 of its size) and then converted to float64 passes. The solver takes the symmetric part
+# (Q + Qᵀ)/2, which is all the objective sees.
+DATA_TOL = math.sqrt(torch.finfo(torch.float32).eps)
+
+
 def _asymmetry(Q: Tensor) -> tuple[Tensor, Tensor, float]:
     """max |Q − Qᵀ|, its bound tol·max(1, max|Q|) and tol, as tensors that stay on the device."""
-    tol = math.sqrt(torch.finfo(Q.dtype).eps)
+    tol = DATA_TOL
     if Q.numel() == 0:  # an empty batch: nothing to test (amax has no identity)
         zero = Q.new_zeros(())
         return zero, zero + tol, tol
     return (Q - Q.mT).abs().amax(), tol * Q.abs().amax().clamp(min=1.0), tol
 
 
+def semidefinite(Q: Tensor) -> Tensor:
+    """(B,) for (B, n, n) Q: whether its symmetric part S has a Cholesky factorisation once shifted by
+    δ = ``DATA_TOL``·max|Q| (δ = 1 where Q = 0): S is positive semidefinite up to the rounding of
+    float32 data (an eigenvalue below −δ, about, fails). One factorisation, on the device."""
+    if Q.shape[-1] == 0:
+        return Q.new_ones(Q.shape[0], dtype=torch.bool)
+    size = Q.abs().amax((-2, -1))
+    shift = torch.where(size > 0, size * DATA_TOL, 1.0)
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    return torch.linalg.cholesky_ex(torch.addcmul(0.5 * (Q + Q.mT), shift[:, None, None], eye)).info == 0
+
+
 def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:
     """``check_values``'s test as a 0-d bool tensor on the data's device, not read."""
     sums = torch.stack([t.sum() for t in (Q, p, G, h, A, b)])  # NaN or ±inf exactly where an entry is (or overflow)
     asym, bound, _ = _asymmetry(Q)
-    return ((sums - sums) == 0).all() & (asym <= bound)
+    return ((sums - sums) == 0).all() & (asym <= bound) & semidefinite(Q).all()
 
 
 def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, passed: Tensor | bool | None = None) -> None:
-    """Value checks (finite, Q symmetric); run on plain tensors, inside the solve, so that
-    ``torch.func.vmap`` can trace ``prepare_qp``. The data is read by the host once (one
-    synchronisation): ``values_pass``, or ``passed`` where the caller computed it; only on failure
-    is it read again to name the culprit."""
+    """Value checks (finite, Q symmetric and positive semidefinite: ``semidefinite``); run on plain
+    tensors, inside the solve, so that ``torch.func.vmap`` can trace ``prepare_qp``. The data is read
+    by the host once (one synchronisation): ``values_pass``, or ``passed`` where the caller computed
+    it; only on failure is it read again to name the culprit. A Q that is not semidefinite is refused
+    as non-finite data is: the interior point method would take it (the factorised H = Q + GᵀWG + ρI
+    can be positive definite all the same) and could report SOLVED at a point that is no minimum."""
     if bool(values_pass(Q, p, G, h, A, b) if passed is None else passed):
         return
     data = {"Q": Q, "p": p, "G": G, "h": h, "A": A, "b": b}
@@ -214,6 +235,10 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
             f"Q must be symmetric (positive semidefinite); max |Q - Qᵀ| = {float(asym):.3g} exceeds {tol:.1e}·max(1, max|Q|); "
             "pass (Q + Q.transpose(-1, -2)) / 2"
         )
+    bad = (~semidefinite(Q)).nonzero().tolist()
+    raise ValueError(f"Q must be positive semidefinite (a convex QP), got a Q with an eigenvalue below "
+                     f"-{DATA_TOL:.1e}·max|Q| at batch elements {listed_elements(bad)} "
+                     "(flattened); a Q formed as L Lᵀ (+ εI) is, as OptNet's layers form it")
 
 
 def check_positive_definite(Q: Tensor, batch: torch.Size) -> None:
