@@ -49,6 +49,24 @@ def first_difference(n: int, *, device: torch.device | str | None = None, dtype:
     return eye[1:] - eye[:-1]
 
 
+def _from_autocast(x: Tensor, layer: nn.Module) -> Tensor:
+    """The layers run with ``torch.autocast`` off, in their own dtype, as autocast runs its float32
+    operations (``linalg`` among them): under autocast an input of a lower precision (float16,
+    bfloat16: what a layer before produced) is cast to the layer's dtype. Otherwise Q = LLᵀ + εI and
+    the constraints' right-hand sides would be formed in bfloat16 (2 % off in z), or be refused."""
+    if isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
+        dtype = next((t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()),
+                     torch.get_default_dtype())
+        return x.to(dtype)
+    return x
+
+
+def _autocast_off(x: object) -> torch.autocast:
+    """``torch.autocast`` off on the device of the input ``x`` (the CPU's where ``x`` is no tensor:
+    ``check_layer_input`` refuses it inside)."""
+    return torch.autocast(x.device.type if isinstance(x, Tensor) else "cpu", enabled=False)
+
+
 class OptNet(nn.Module):
     r"""Solves ``z* = argmin_z ½ zᵀQz + pᵀz  s.t.  A z = b,  G z ≤ h`` for the input ``p``.
 
@@ -161,9 +179,11 @@ class OptNet(nn.Module):
 
     def solve(self, p: Tensor):
         """The full :func:`optlayers.solve_qp` solution (``z``, duals, slacks, status) for input ``p``."""
-        check_layer_input("p", p, self.n, self)
-        Q, G, h, A, b = self.qp_data()
-        return _record(self, solve_qp(Q, p, G, h, A, b, **self.solver_options))
+        p = _from_autocast(p, self)
+        with _autocast_off(p):
+            check_layer_input("p", p, self.n, self)
+            Q, G, h, A, b = self.qp_data()
+            return _record(self, solve_qp(Q, p, G, h, A, b, **self.solver_options))
 
     def forward(self, p: Tensor) -> Tensor:
         return self.solve(p).z
@@ -245,10 +265,12 @@ class OptNetTV(nn.Module):
         return Q, G, torch.zeros(2 * self.n_diff, device=D.device, dtype=D.dtype)
 
     def forward(self, y: Tensor) -> Tensor:
-        check_layer_input("y", y, self.n, self)
-        Q, G, h = self.qp_data()
-        p = torch.cat([-y, torch.full((*y.shape[:-1], self.n_diff), self.lam, device=y.device, dtype=y.dtype)], -1)
-        return _record(self, solve_qp(Q, p, G, h, **self.solver_options)).z[..., : self.n]
+        y = _from_autocast(y, self)
+        with _autocast_off(y):
+            check_layer_input("y", y, self.n, self)
+            Q, G, h = self.qp_data()
+            p = torch.cat([-y, torch.full((*y.shape[:-1], self.n_diff), self.lam, device=y.device, dtype=y.dtype)], -1)
+            return _record(self, solve_qp(Q, p, G, h, **self.solver_options)).z[..., : self.n]
 
     def extra_repr(self) -> str:
         learn = isinstance(self.D, nn.Parameter)

@@ -126,3 +126,23 @@ def test_mnist_feature_optnet_head_solves_its_qp():
         # Clarabel by name: with Gurobi or CPLEX installed cvxpy would pick them, at looser default tolerances
         cp.Problem(cp.Minimize(0.5 * cp.quad_form(v, cp.psd_wrap(Q)) + x[i].numpy() @ v), [G @ v <= h[i]]).solve(solver=cp.CLARABEL)
         np.testing.assert_allclose(z[i], v.value, atol=1e-5)
+
+
+def test_layers_run_outside_autocast_in_their_own_dtype():
+    """Under torch.autocast (bfloat16) OptNet formed Q = LLᵀ + εI and b = A z₀ in bfloat16: with
+    equalities the solve refused b ("b must be float32 or float64"), without them z was 2 % off. The
+    layers run with autocast off, in their dtype; a bfloat16 input (a layer before under autocast)
+    is cast to it."""
+    from optlayers import OptNet, OptNetTV
+
+    torch.manual_seed(0)
+    layer, tv = OptNet(6, n_ineq=4, n_eq=2, dtype=torch.float32), OptNetTV(8, lam=0.1, dtype=torch.float32)
+    p, y = torch.randn(5, 6, dtype=torch.float32), torch.randn(3, 8, dtype=torch.float32)
+    plain, plain_tv = layer(p), tv(y)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z, x = layer(p), tv(y)
+        z_low, x_low = layer(p.bfloat16()), tv(y.bfloat16())
+    assert z.dtype == x.dtype == z_low.dtype == x_low.dtype == torch.float32
+    assert torch.equal(z, plain) and torch.equal(x, plain_tv)
+    torch.testing.assert_close(z_low, layer(p.bfloat16().float()), rtol=0, atol=0)
+    torch.testing.assert_close(x_low, tv(y.bfloat16().float()), rtol=0, atol=0)
