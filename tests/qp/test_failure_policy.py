@@ -142,6 +142,14 @@ def test_relax_solves_the_elastic_relaxation_of_infeasible_elements_only():
     assert (sol.s[1] >= 0).all() and (sol.lam[1] >= 0).all()
 
 
+def test_relax_of_an_unbatched_qp_says_so_without_naming_elements():
+    """Unbatched data has no elements to name (the warning had read "elements ()")."""
+    Q, p, G, h = mixed_batch()
+    with pytest.warns(RuntimeWarning, match=r"^the QP was primal infeasible and holds the solution of its elastic relaxation$"):
+        sol = solve_qp(Q, p[1], G, h[1], on_failure="relax")
+    assert bool(sol.relaxed) and sol.z.shape == p[1].shape
+
+
 def test_relax_with_equalities_matches_the_independent_relaxation():
     Q, p = torch.eye(3), torch.tensor([1.0, -1.0, 0.5])
     A = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
@@ -255,8 +263,9 @@ def test_relax_reaches_infeasible_elements_without_a_certificate(monkeypatch, wh
     problem = dict(zip(("lp", "qp"), uncertified_batch()))[which]
     plain = solve_qp(*problem, on_failure="ignore")
     assert int(plain.status) in (Status.MAX_ITER, Status.NUMERICAL_ERROR) and float(plain.primal_residual) > 1e-3
-    with pytest.warns(RuntimeWarning, match=r"1 of 1 QPs were primal infeasible, or stopped with the primal residual "
-                                            r"above tolerance, and hold .* elements \(\) have no infeasibility certificate"):
+    with pytest.warns(RuntimeWarning, match=r"^the QP was primal infeasible, or stopped with the primal residual "
+                                            r"above tolerance \(it has no infeasibility certificate; its status: max_iter "
+                                            r"or numerical_error\), and holds the solution of its elastic relaxation$"):
         sol = solve_qp(*problem, on_failure="relax")
     assert bool(sol.relaxed) and int(sol.status) == int(plain.status)
     assert int(sol.iterations) == int(plain.iterations) and torch.isnan(plain.z).all()

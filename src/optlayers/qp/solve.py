@@ -75,7 +75,8 @@ def solve_qp(
     """Solve minimize ½zᵀQz + pᵀz subject to Az = b, Gz ≤ h, batched and differentiably.
 
     Args:
-        Q: (..., n, n) symmetric positive semidefinite (singular and zero allowed).
+        Q: (..., n, n) symmetric positive semidefinite (singular and zero allowed); checked, to
+            float32's rounding, with the data's finiteness (``validation.qp.check_values``).
         p: (..., n).
         G, h: (..., k, n) and (..., k) inequality constraints, or None.
         A, b: (..., m, n) and (..., m) equality constraints, or None.
@@ -181,12 +182,21 @@ def _warn_relaxed(status: Tensor, relaxed: Tensor, failed_value: float) -> None:
     if bool(relaxed.any()):
         uncertified = relaxed & (status != Status.PRIMAL_INFEASIBLE)
         what, note = "were primal infeasible", ""
-        if bool(uncertified.any()):
-            what = "were primal infeasible, or stopped with the primal residual above tolerance,"
-            note = (f"; elements {listed_elements(uncertified.nonzero().tolist())} have no infeasibility certificate (their status: max_iter or "
-                    "numerical_error)")
-        warnings.warn(f"{int(relaxed.sum())} of {status.numel()} QPs {what} and hold the solution of their elastic "
-                      f"relaxation (elements {listed_elements(relaxed.nonzero().tolist())}){note}", RuntimeWarning, stacklevel=user_stacklevel())
+        if status.dim() == 0:  # unbatched: no elements to name
+            what = "was primal infeasible"
+            if bool(uncertified):
+                what += (", or stopped with the primal residual above tolerance (it has no infeasibility certificate; "
+                         "its status: max_iter or numerical_error),")
+            warnings.warn(f"the QP {what} and holds the solution of its elastic relaxation", RuntimeWarning,
+                          stacklevel=user_stacklevel())
+        else:
+            if bool(uncertified.any()):
+                what = "were primal infeasible, or stopped with the primal residual above tolerance,"
+                note = (f"; elements {listed_elements(uncertified.nonzero().tolist())} have no infeasibility certificate (their status: "
+                        "max_iter or numerical_error)")
+            warnings.warn(f"{int(relaxed.sum())} of {status.numel()} QPs {what} and hold the solution of their elastic "
+                          f"relaxation (elements {listed_elements(relaxed.nonzero().tolist())}){note}", RuntimeWarning,
+                          stacklevel=user_stacklevel())
     rest = torch.where(relaxed, int(Status.SOLVED), status)
     FailurePolicy("warn", failed_value, "QPs").apply(rest)
 
