@@ -108,6 +108,11 @@ def test_cli_run_writes_outputs_and_resumes(capsys, tmp_path):
     assert "lr: checkpoint 0.05, this run 0.01" in err
     err = _usage_error(capsys, [*argv, "--epochs", "3", "--resume", "--dtype", "float32"])
     assert "dtype: checkpoint 'float64', this run 'float32'" in err
+    # fewer epochs than the checkpoint holds: refused (it had trained nothing and labelled the
+    # results with the smaller count)
+    err = _usage_error(capsys, [*argv, "--epochs", "1", "--resume"])
+    assert "holds 2 trained epochs, more than --epochs 1; resume with --epochs 2 or more" in err
+    assert json.loads((tmp_path / "results.json").read_text())["epochs"] == 2
 
 
 def test_mnist_from_idx_files_the_test_writes(capsys, tmp_path):

@@ -362,6 +362,9 @@ def fit(
             raise UsageError(f"{ckpt_path} exists; pass --resume to continue it, or choose another --out")
         state = load_checkpoint(ckpt_path)
         _check_fingerprint(ckpt_path, state["fingerprint"], fingerprint)
+        if state["epoch"] > cfg.epochs:  # nothing would train, and the results would be labelled with --epochs
+            raise UsageError(f"{ckpt_path} holds {state['epoch']} trained epochs, more than --epochs {cfg.epochs}; "
+                             f"resume with --epochs {state['epoch']} or more, or choose another --out")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         _set_rng_state(state["rng"], shuffle, device)
