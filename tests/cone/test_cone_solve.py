@@ -176,12 +176,34 @@ def test_bad_input_messages(args, error, message):
 
 
 def test_bad_cone_spec():
-    with pytest.raises(ValueError, match="ConeSpec.nonneg must be a nonnegative int, got -1"):
+    with pytest.raises(ValueError, match="ConeSpec.nonneg must be a nonnegative int, got int -1"):
         ConeSpec(nonneg=-1)
-    with pytest.raises(ValueError, match="ConeSpec.soc entries must be positive ints"):
+    with pytest.raises(ValueError, match="ConeSpec.soc entries must be positive ints, got int 0"):
         ConeSpec(soc=[3, 0])
-    with pytest.raises(TypeError, match=r"ConeSpec.psd must be a list or tuple of sizes .* got 3; e.g. psd=\[3\]"):
+    with pytest.raises(TypeError, match=r"ConeSpec.psd must be a list or tuple of sizes .* got int 3; e.g. psd=\[3\]"):
         ConeSpec(psd=3)
+    # the type is named: a float or a bool that prints like a size is not one
+    with pytest.raises(ValueError, match="ConeSpec.zero must be a nonnegative int, got float 2.0"):
+        ConeSpec(zero=2.0)
+    with pytest.raises(TypeError, match=r"ConeSpec.soc must be a list or tuple .* got ndarray array\(\[3, 4\]\); e.g. soc=\[3, 4\]"):
+        ConeSpec(soc=np.array([3, 4]))
+
+
+def test_cone_spec_takes_numpy_integers_as_sizes():
+    """Sizes computed with numpy (np.int64) were refused with "must be a nonnegative int, got 3"."""
+    spec = ConeSpec(zero=np.int64(2), nonneg=np.int32(3), soc=list(np.array([3, 4])), exp=np.int64(1))
+    assert spec == ConeSpec(zero=2, nonneg=3, soc=[3, 4], exp=1)
+    assert all(type(v) is int for v in (spec.zero, spec.nonneg, spec.exp, *spec.soc))
+
+
+def test_sparse_layouts_other_than_csr_and_coo_are_refused_at_the_door():
+    """A CSC (or BSR, BSC) A failed inside torch ("Only batched sparse compressed (non-block) tensors are
+    supported"); an integer scipy sparse A was refused as a dtype mismatch of all the inputs."""
+    A, b, c = torch.randn(3, 2, dtype=torch.float64), torch.ones(3, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"A must be dense, sparse CSR or sparse COO, got layout torch.sparse_csc"):
+        solve_cone(A.to_sparse_csc(), b, c, ConeSpec(nonneg=3))
+    with pytest.raises(TypeError, match=r"A must be a float32 or float64 tensor, got torch.int64"):
+        solve_cone(sp.csr_matrix(np.ones((3, 2), dtype=np.int64)), b, c, ConeSpec(nonneg=3))
 
 
 def test_cone_spec_sizes_and_scs_dict():

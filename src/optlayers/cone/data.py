@@ -33,9 +33,9 @@ def _to_tensor(name: str, value, allow_sparse: bool) -> torch.Tensor:
             value = value.toarray()
         else:
             csr = sp.csr_matrix(value)
-            return torch.sparse_csr_tensor(torch.as_tensor(csr.indptr, dtype=torch.int64),
-                                           torch.as_tensor(csr.indices, dtype=torch.int64),
-                                           torch.as_tensor(csr.data), size=csr.shape)
+            value = torch.sparse_csr_tensor(torch.as_tensor(csr.indptr, dtype=torch.int64),
+                                            torch.as_tensor(csr.indices, dtype=torch.int64),
+                                            torch.as_tensor(csr.data), size=csr.shape)
     if isinstance(value, np.ndarray):
         value = torch.as_tensor(value)
     check_cone_tensor(name, value, allow_sparse)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import operator
 from types import ModuleType
 from typing import Iterator
 
@@ -59,17 +60,12 @@ class ConeSpec:
         for name in ("soc", "psd"):
             sizes = getattr(self, name)
             if not isinstance(sizes, (tuple, list)):
-                raise TypeError(f"ConeSpec.{name} must be a list or tuple of sizes (one per cone), got {sizes!r}; "
-                                f"e.g. {name}=[{sizes!r}] for one cone")
-            object.__setattr__(self, name, tuple(sizes))
+                hint = f"{name}={list(sizes)!r}" if hasattr(sizes, "__iter__") else f"{name}=[{sizes!r}] for one cone"
+                raise TypeError(f"ConeSpec.{name} must be a list or tuple of sizes (one per cone), got "
+                                f"{type(sizes).__name__} {sizes!r}; e.g. {hint}")
+            object.__setattr__(self, name, tuple(_size(f"ConeSpec.{name} entries", value, 1) for value in sizes))
         for name in ("zero", "nonneg", "exp", "exp_dual"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"ConeSpec.{name} must be a nonnegative int, got {value!r}")
-        for name in ("soc", "psd"):
-            for value in getattr(self, name):
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ValueError(f"ConeSpec.{name} entries must be positive ints, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, _size(f"ConeSpec.{name}", getattr(self, name), 0))
 
     def blocks(self) -> Iterator[Block]:
         """The cones in SCS order, consecutive identical cones merged into one block."""
@@ -92,6 +88,20 @@ class ConeSpec:
         """The cone as SCS's ``cone`` dictionary."""
         return {"z": self.zero, "l": self.nonneg, "q": list(self.soc), "s": list(self.psd),
                 "ep": self.exp, "ed": self.exp_dual}
+
+
+def _size(what: str, value: object, least: int) -> int:
+    """``value`` as an int of at least ``least``: ints and integer scalars (numpy's) are taken, booleans
+    and everything else refused, naming the type given."""
+    try:
+        size = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        size = None
+    if size is None or size < least:
+        kind = "nonnegative" if least == 0 else "positive"
+        raise ValueError(f"{what} must be {kind} ints, got {type(value).__name__} {value!r}" if "entries" in what else
+                         f"{what} must be a {kind} int, got {type(value).__name__} {value!r}")
+    return int(size)
 
 
 def _runs(module: ModuleType, sizes: tuple[int, ...], vec_size) -> list[tuple[ModuleType, int, int, bool]]:

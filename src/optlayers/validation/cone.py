@@ -147,6 +147,9 @@ def check_cone_tensor(name: str, value: object, allow_sparse: bool) -> None:
                         f"got {type(value).__name__}")
     if value.layout != torch.strided and not allow_sparse:
         raise TypeError(f"{name} must be dense, got layout {value.layout}; call {name}.to_dense()")
+    if value.layout not in (torch.strided, torch.sparse_csr, torch.sparse_coo):
+        raise TypeError(f"{name} must be dense, sparse CSR or sparse COO, got layout {value.layout}; call "
+                        f"{name}.to_sparse_csr() or {name}.to_dense()")
     if value.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name} must be a float32 or float64 tensor, got {value.dtype}; convert with {name}.double()")
 
