@@ -143,8 +143,13 @@ def test_check_Q_spd_names_the_elements_as_the_failure_messages_do():
     assert str(error.value) == "Q is not positive definite (check_Q_spd=True) at elements 2" + fix
     with pytest.raises(ValueError) as error:
         QPFunction(check_Q_spd=True)(singular, torch.ones(2, 6, 3), G, h)
-    assert str(error.value) == ("Q is not positive definite (check_Q_spd=True) at elements (0, 0), (0, 1), (0, 2), (0, 3), "
-                                "(0, 4), (0, 5), (1, 0), (1, 1), (1, 2), (1, 3) and 2 more" + fix)
+    # one Q shared by the batch is tested once and blamed as such (it had been listed as every element)
+    assert str(error.value) == "Q is not positive definite (check_Q_spd=True) (the one Q shared by the batch)" + fix
+    Q = torch.eye(3).repeat(2, 6, 1, 1)
+    Q[1, 2] = singular
+    with pytest.raises(ValueError) as error:
+        QPFunction(check_Q_spd=True)(Q, torch.ones(2, 6, 3), G, h)
+    assert str(error.value) == "Q is not positive definite (check_Q_spd=True) at elements (1, 2)" + fix
 
 
 def test_maxIter_limits_the_iterations_and_verbose_sets_the_warnings():

@@ -249,8 +249,10 @@ def check_positive_definite(Q: Tensor, batch: torch.Size) -> None:
         raise ValueError("check_Q_spd=True reads Q's Cholesky factorisation on the host, which torch.func transforms "
                          "(vmap, grad, jacrev) cannot trace; pass check_Q_spd=False (a Q that is not positive definite "
                          "is then reported by the solution's status)")
-    info = torch.linalg.cholesky_ex(Q.detach()).info
+    shared = Q.dim() > 2 and Q.shape[0] > 1 and Q.stride(0) == 0  # one Q broadcast over the batch: test it once
+    info = torch.linalg.cholesky_ex(Q.detach()[:1] if shared else Q.detach()).info
     if bool((info != 0).any()):
-        where = "" if len(batch) == 0 else f" at elements {listed_elements((info.reshape(batch) != 0).nonzero().tolist())}"
+        where = ("" if len(batch) == 0 else " (the one Q shared by the batch)" if shared else
+                 f" at elements {listed_elements((info.reshape(batch) != 0).nonzero().tolist())}")
         raise ValueError(f"Q is not positive definite (check_Q_spd=True){where}; this solver accepts "
                          "positive semidefinite Q: pass check_Q_spd=False")
