@@ -136,6 +136,10 @@ def test_layer_inputs_are_checked(layer):
         module(torch.zeros(2, 4, dtype=torch.float64))
     with pytest.raises(TypeError, match=f"{name} has dtype torch.float32 but the layer's parameters are torch.float64"):
         module(torch.zeros(2, 3, dtype=torch.float32))
+    # another device than the layer's (the meta device stands in for a GPU): the input is named, not
+    # the Q the layer formed ("Q is on meta but p is on cpu")
+    with pytest.raises(ValueError, match=f"{name} is on cpu but the layer's parameters are on meta; move the input"):
+        module.to("meta")(torch.zeros(2, 3, dtype=torch.float64))
 
 
 def test_layer_flags_must_be_bools():

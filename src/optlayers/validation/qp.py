@@ -91,7 +91,7 @@ def check_optnet_tv_options(n: object, lam: object, eps: object, n_diff: object,
 
 def check_layer_input(name: str, x: object, n: int, layer: nn.Module) -> None:
     """An OptNet layer's input ``x`` is a (*, n) tensor of the layer's dtype (that of its parameters
-    and buffers, where it has floating-point ones)."""
+    and buffers, where it has floating-point ones), on the layer's device (where it has one)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of shape (*, {n}), got {type(x).__name__}")
     if x.shape[-1:] != (n,):
@@ -101,6 +101,11 @@ def check_layer_input(name: str, x: object, n: int, layer: nn.Module) -> None:
         (dtype,) = dtypes
         raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {dtype}; convert the input "
                         f"({name}.to({dtype})) or the layer (layer.to({x.dtype}))")
+    devices = {t.device for t in (*layer.parameters(), *layer.buffers())}
+    if len(devices) == 1 and x.device not in devices:
+        (device,) = devices
+        raise ValueError(f"{name} is on {x.device} but the layer's parameters are on {device}; move the input "
+                         f"({name}.to({str(device)!r})) or the layer (layer.to({str(x.device)!r}))")
 
 
 # Data: types, dtypes, devices and shapes (before broadcasting)
