@@ -155,3 +155,33 @@ def test_denoising_methods_from_separate_commands_make_one_record_and_figures(ca
     assert written == 0
     for name in ("denoising-example.png", "denoising-learned-d.png", "denoising-curves.png", "denoising-fine-tuned.png"):
         assert (tmp_path / "figures" / name).stat().st_size > 0
+
+
+def test_out_naming_a_file_is_refused_up_front(capsys, tmp_path):
+    """--out naming a file had failed with NotADirectoryError after the first evaluation."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    err = _usage_error(capsys, ["experiment", "hard-constraints", "--epochs", "1", "--out", str(afile)])
+    assert f"--out must be a folder (made if missing), got the file {afile}" in err
+
+
+def test_mnist_says_when_it_has_fewer_images_than_asked_for(capsys, tmp_path, monkeypatch):
+    """Without --data-dir the bundled digits hold 4,000 / 1,000 images: asking for more trained on
+    those without a word at the time (results.json recorded it)."""
+    rng = np.random.default_rng(0)
+    few = (rng.integers(0, 256, (20, 28, 28)), rng.integers(0, 10, 20), rng.integers(0, 256, (10, 28, 28)),
+           rng.integers(0, 10, 10))
+    monkeypatch.setattr(mnist, "load_data", lambda *args: few)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(common, "fit", stop)
+    with pytest.raises(Stop):
+        cli.main(["experiment", "mnist", "--n-train", "30", "--n-test", "5", "--no-progress", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert ("mnist: 30 training and 5 test images asked for, 20 and 10 there (the bundled digits; pass --data-dir "
+            "for the full set): using those") in err

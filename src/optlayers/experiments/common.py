@@ -216,7 +216,10 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def check_resume(out: Path, resume: bool) -> None:
-    """With ``--resume``, ``out`` must hold a checkpoint of an earlier run (any of its models)."""
+    """``out`` is a folder (or not there yet); with ``--resume`` it must hold a checkpoint of an earlier
+    run (any of its models)."""
+    if Path(out).exists() and not Path(out).is_dir():
+        raise UsageError(f"--out must be a folder (made if missing), got the file {out}")
     if resume and not any(Path(out).rglob(CHECKPOINT_FILE)):
         raise UsageError(f"--resume: no {CHECKPOINT_FILE} under --out {out}; pass the --out of the run to "
                          "continue, or drop --resume to start a new run")

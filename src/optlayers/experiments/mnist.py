@@ -13,6 +13,7 @@ files (``train-images-idx3-ubyte[.gz]`` …) of MNIST or Fashion-MNIST are read.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +130,10 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
     n_train, n_test = common.pick(args, "n_train", FULL, QUICK), common.pick(args, "n_test", FULL, QUICK)
     dtype = common.DTYPES[args.dtype]
     train_x, train_y, test_x, test_y = load_data(args.dataset, args.data_dir, np.random.default_rng(args.seed))
+    if ctx.is_main and (n_train > len(train_x) or n_test > len(test_x)):  # said now, not only in results.json
+        print(f"{args.dataset}: {n_train} training and {n_test} test images asked for, {len(train_x)} and {len(test_x)} "
+              f"there{'' if args.data_dir else ' (the bundled digits; pass --data-dir for the full set)'}: using those",
+              file=sys.stderr)
     train_x, train_y, test_x, test_y = train_x[:n_train], train_y[:n_train], test_x[:n_test], test_y[:n_test]
     mean, std = train_x.mean() / 255.0, train_x.std() / 255.0
     to_x = lambda a: (torch.tensor(a / 255.0, dtype=dtype) - mean) / std  # noqa: E731
