@@ -130,7 +130,8 @@ def run(args: argparse.Namespace, ctx: common.DistContext, device: torch.device)
     n_train, n_test = common.pick(args, "n_train", FULL, QUICK), common.pick(args, "n_test", FULL, QUICK)
     dtype = common.DTYPES[args.dtype]
     train_x, train_y, test_x, test_y = load_data(args.dataset, args.data_dir, np.random.default_rng(args.seed))
-    if ctx.is_main and (n_train > len(train_x) or n_test > len(test_x)):  # said now, not only in results.json
+    short = (n_train or 0) > len(train_x) or (n_test or 0) > len(test_x)  # None: every image there
+    if ctx.is_main and short:  # said now, not only in results.json
         print(f"{args.dataset}: {n_train} training and {n_test} test images asked for, {len(train_x)} and {len(test_x)} "
               f"there{'' if args.data_dir else ' (the bundled digits; pass --data-dir for the full set)'}: using those",
               file=sys.stderr)
