@@ -94,7 +94,7 @@ def full_settings(dtypes: list[str], large_batches: bool) -> list[Setting]:
 
 FIGURES = ("target", "fig1", "fig2", "equality", "batch", "sweep")
 """The figures a setting belongs to (``Setting.figure``); ``--figures`` selects among them."""
-SWEEP_SOLVERS = ("optlayers", "optlayers-compiled", "qplayer", "qpth", "qpax", "qpax-1e-8")
+SWEEP_SOLVERS = ("optlayers", "optlayers-compiled", "qplayer", "qplayer-parallel", "qpth", "qpax", "qpax-1e-8")
 SWEEP_SHAPES = ((128, 10), (128, 50), (128, 100), (64, 100), (1, 100), (1, 10))
 """(batch, n) of the small-to-large sweep: float64, n inequalities, no equalities, fwd + bwd w.r.t. every input."""
 

@@ -117,12 +117,24 @@ def _qpth() -> Solver:
                   cap_reason=SLOW_CAP)
 
 
-def _qplayer() -> Solver:
-    from proxsuite.torch.qplayer import QPFunction
+def _qplayer(parallel_threads: int | None = None) -> Solver:
+    """QPLayer at its defaults (serial), or in its OpenMP mode (``omp_parallel=True``) on
+    ``parallel_threads`` threads. That mode takes half of ``os.cpu_count()`` as its thread count
+    (it assumes two hardware threads per core: one thread on a 2-core machine), so its module is
+    shown a machine of twice ``parallel_threads`` CPUs. QPFunction keeps its mode in a module global
+    that the last one made sets, read again by its backward: each call sets it (and the CPU count)
+    for the forward and the backward that follows."""
+    import types
 
-    layer = QPFunction()
+    from proxsuite.torch import qplayer
+
+    parallel = parallel_threads is not None
+    layer = qplayer.QPFunction(omp_parallel=parallel)
+    real_os = qplayer.os
+    shown = types.SimpleNamespace(cpu_count=lambda: 2 * parallel_threads) if parallel else real_os
 
     def solve(qp: QPBatch) -> torch.Tensor:
+        qplayer.proxqp_parallel, qplayer.os = parallel, shown
         device = qp.p.device
         qp = qp.map(lambda t: t.cpu())  # a CPU solver: on a GPU its inputs go to the host and its answer back (timed)
         empty = _empty_like(qp)
@@ -130,6 +142,9 @@ def _qplayer() -> Solver:
         b = empty if qp.b is None else qp.b
         return layer(qp.Q, qp.p, A, b, qp.G, torch.full_like(qp.h, NO_LOWER_BOUND), qp.h)[0].to(device)
 
+    if parallel:
+        return Solver("qplayer-parallel", solve, True, f"proxsuite QPFunction(omp_parallel=True) on {parallel_threads} "
+                      "thread(s) (eps 1e-9; on a GPU through the host)", max_n=SLOW_MAX_N, cap_reason=SLOW_CAP)
     return Solver("qplayer", solve, True, "proxsuite QPFunction defaults (eps 1e-9, serial; on a GPU through the host)", max_n=SLOW_MAX_N,
                   cap_reason=SLOW_CAP)
 
@@ -291,6 +306,7 @@ def _factories(threads: int) -> dict[str, Callable[[], Solver]]:
         "linear": _linear,
         "qpth": _qpth,
         "qplayer": _qplayer,
+        "qplayer-parallel": lambda: _qplayer(threads),
         "qpax": _qpax,
         "qpax-1e-8": _qpax_accurate,
         "cvxpylayers": _cvxpylayers,
