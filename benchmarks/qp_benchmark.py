@@ -94,6 +94,9 @@ def full_settings(dtypes: list[str], large_batches: bool) -> list[Setting]:
 
 FIGURES = ("target", "fig1", "fig2", "equality", "batch", "sweep")
 """The figures a setting belongs to (``Setting.figure``); ``--figures`` selects among them."""
+XLA_ONE_THREAD = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+"""XLA's flags for one thread, set for qpax's workers under ``--threads 1`` (XLA's CPU backend otherwise
+runs its operations on every core, where the other solvers are held to one)."""
 SWEEP_SOLVERS = ("optlayers", "optlayers-compiled", "qplayer", "qplayer-parallel", "qpth", "qpax", "qpax-1e-8")
 SWEEP_SHAPES = ((128, 10), (128, 50), (128, 100), (64, 100), (1, 100), (1, 10))
 """(batch, n) of the small-to-large sweep: float64, n inequalities, no equalities, fwd + bwd w.r.t. every input."""
@@ -256,6 +259,7 @@ def metadata(args: argparse.Namespace, argv: list[str], missing: list[str]) -> d
         "cpu_count": os.cpu_count(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "xla_flags": os.environ.get("XLA_FLAGS"),
         "load_average_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in PEER_PACKAGES},
@@ -503,6 +507,8 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--device cuda was asked for, but torch sees no CUDA device")
     if args.threads != torch.get_num_threads():  # torch.set_num_threads also breaks batched LU with more than
         torch.set_num_threads(args.threads)  # one thread on MKL builds (pytorch/pytorch#142815): only when asked
+    if args.threads == 1 and "XLA_FLAGS" not in os.environ:  # qpax's XLA takes every core unless told (before jax loads)
+        os.environ["XLA_FLAGS"] = XLA_ONE_THREAD
     if args.serve:
         interleaved.serve(_Server(args))
         return {}

@@ -447,3 +447,18 @@ def test_qplayer_parallel_runs_on_the_threads_asked_for_and_leaves_the_serial_on
     calls.clear()
     torch.testing.assert_close(serial.solve(qp), z, rtol=0, atol=1e-12)
     assert calls == []
+
+
+def test_one_thread_holds_qpaxs_xla_to_one_thread_too(monkeypatch):
+    """Under --threads 1 the workers (``--serve``) set XLA's one-thread flags before jax loads: XLA's
+    CPU backend otherwise runs on every core while the other solvers are held to one."""
+    from benchmarks import interleaved
+
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(interleaved, "serve", lambda server: None)
+    threads = torch.get_num_threads()
+    try:
+        qp_benchmark.main(["--threads", "1", "--solvers", "linear", "--serve"])
+    finally:
+        torch.set_num_threads(threads)
+    assert os.environ["XLA_FLAGS"] == qp_benchmark.XLA_ONE_THREAD
