@@ -60,7 +60,8 @@ class ConeSpec:
         for name in ("soc", "psd"):
             sizes = getattr(self, name)
             if not isinstance(sizes, (tuple, list)):
-                hint = f"{name}={list(sizes)!r}" if hasattr(sizes, "__iter__") else f"{name}=[{sizes!r}] for one cone"
+                hint = (f"{name}={[_plain(value) for value in sizes]!r}" if hasattr(sizes, "__iter__")
+                        else f"{name}=[{sizes!r}] for one cone")
                 raise TypeError(f"ConeSpec.{name} must be a list or tuple of sizes (one per cone), got "
                                 f"{type(sizes).__name__} {sizes!r}; e.g. {hint}")
             object.__setattr__(self, name, tuple(_size(f"ConeSpec.{name} entries", value, 1) for value in sizes))
@@ -88,6 +89,14 @@ class ConeSpec:
         """The cone as SCS's ``cone`` dictionary."""
         return {"z": self.zero, "l": self.nonneg, "q": list(self.soc), "s": list(self.psd),
                 "ep": self.exp, "ed": self.exp_dual}
+
+
+def _plain(value: object) -> object:
+    """An integer scalar (numpy's too) as a Python int, for a message; anything else as it is."""
+    try:
+        return operator.index(value)
+    except TypeError:
+        return value
 
 
 def _size(what: str, value: object, least: int) -> int:
