@@ -55,7 +55,7 @@ MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # three times and the nonnegative and second-order step tests measured from s and y)))).
 MAX_CONE_KERNELS_PER_ITERATION = 487
 # The Newton refinement (and the KKT check after it) on those programs at batch 8, counted as the forward's
-# kernels with refine_steps=6 less those with 0: 1,081 measured with the refined answer's KKT residual
+# kernels with refine_steps=6 less those with 0: 1,082 measured with the refined answer's KKT residual
 # compared with the solver's answer's, which an element keeps where refinement went astray (1,020 before);
 # 1,018 with the PSD derivatives taking their
 # projections' eigendecompositions (1,019 before), -D written through strided views of
