@@ -82,7 +82,8 @@ class OptNet(nn.Module):
         n_eq: number of learned equality constraints ``A z = b``; must be < ``n`` (with ``n_eq = n``
             the constraints alone fix ``z = z₀``).
         eps: the ε of ``Q = LLᵀ + εI``; ignored when ``fixed_q`` is given.
-        fixed_q: if given, ``Q = fixed_q·I`` is a constant (``0`` allowed: a linear program).
+        fixed_q: if given, ``Q = fixed_q·I`` is a constant (``0`` allowed: a linear program; a
+            warning where its feasible set cannot be bounded, fewer than n − n_eq + 1 inequalities).
         nonnegative: add the fixed constraints ``z ≥ 0``; ``z₀`` is then kept positive (softplus).
         tol, max_iter: passed to :func:`optlayers.solve_qp`.
         on_failure: what happens to QPs that are not solved. "warn" (default): a warning names

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from optlayers import OptNet, OptNetTV
+from optlayers import OptNet, OptNetTV, Status
 from optlayers.layers import first_difference
 
 DTYPE = torch.float64
@@ -146,3 +146,28 @@ def test_layers_run_outside_autocast_in_their_own_dtype():
     assert torch.equal(z, plain) and torch.equal(x, plain_tv)
     torch.testing.assert_close(z_low, layer(p.bfloat16().float()), rtol=0, atol=0)
     torch.testing.assert_close(x_low, tv(y.bfloat16().float()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("sizes, warned", [
+    (dict(), True),  # no constraints at all
+    (dict(n_ineq=2, n_eq=2), True),  # 2 inequalities in the 3 dimensions the equalities leave
+    (dict(nonnegative=True), True),  # the orthant: 5 facets in 5 dimensions
+    (dict(n_ineq=6), False),
+    (dict(n_ineq=2, n_eq=2, nonnegative=True), False),
+])
+def test_optnet_lp_whose_feasible_set_cannot_be_bounded_warns(sizes, warned):
+    """OptNet(fixed_q=0) is an LP: with fewer inequalities than the dimensions the equalities leave
+    plus one, its feasible set is unbounded, and every p that decreases along it gave DUAL_INFEASIBLE
+    (z = 0, zero gradient, a warning per call) without a word at construction."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer = OptNet(5, fixed_q=0.0, dtype=torch.float64, **sizes)
+    said = [str(w.message) for w in caught if "cannot be bounded" in str(w.message)]
+    assert bool(said) == warned, said
+    if warned:  # and it is so: a p that decreases along the unbounded direction
+        p = -torch.ones(1, 5, dtype=torch.float64)
+        with pytest.warns(RuntimeWarning):
+            layer(p)
+        assert int(layer.last_status) == int(Status.DUAL_INFEASIBLE)

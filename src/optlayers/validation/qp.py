@@ -3,6 +3,7 @@ inputs) and of its data; ``qp.problem.prepare_qp`` broadcasts what passes into o
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -74,6 +75,14 @@ def check_optnet_options(n: object, n_ineq: object, n_eq: object, eps: object, f
     if fixed_q is None and eps == 0:
         raise ValueError("eps must be > 0 when Q = LLᵀ + εI is learned (LLᵀ alone may be singular), got eps=0")
     check_bool("nonnegative", nonnegative)
+    inequalities = n_ineq + (n if nonnegative else 0)
+    if fixed_q == 0 and inequalities <= n - n_eq:  # a polyhedron of dimension d is bounded only by d + 1 facets or more
+        warnings.warn(f"OptNet(fixed_q=0) is a linear program whose feasible set cannot be bounded: {inequalities} "
+                      f"inequalities in the {n - n_eq} dimensions the equalities leave (bounded needs at least "
+                      f"{n - n_eq + 1}), so the program is unbounded for every p that decreases along one of its unbounded "
+                      "directions (DUAL_INFEASIBLE: z = failed_value, zero gradient). Add inequalities (n_ineq), or give "
+                      "Q a positive fixed_q",
+                      UserWarning, stacklevel=3)
 
 
 def check_optnet_tv_options(n: object, lam: object, eps: object, n_diff: object, learn_d: object, init: object) -> None:
