@@ -64,6 +64,9 @@ def test_a_q_that_is_not_semidefinite_is_refused_naming_its_elements():
         solve_qp(Q, p, **box)
     with pytest.raises(ValueError, match=r"Q must be positive semidefinite"):
         QPFunction(verbose=-1)(Q, p, box["G"], box["h"], torch.Tensor(), torch.Tensor())
+    # one Q shared by the batch (an OptNet layer's) is factorised once, and blamed as such
+    with pytest.raises(ValueError, match=r"Q must be positive semidefinite .* \(the one Q shared by the batch\)"):
+        solve_qp(Q[1], p, **box)
 
 
 def test_semidefinite_q_at_the_rounding_of_float32_is_taken():

@@ -199,6 +199,13 @@ def check_constrained(m: int, k: int) -> None:
 DATA_TOL = math.sqrt(torch.finfo(torch.float32).eps)
 
 
+def _distinct(Q: Tensor) -> tuple[Tensor, bool]:
+    """The matrices of the flat batch Q (B, n, n) to test, and whether one Q is shared by the batch:
+    ``prepare_qp`` broadcasts a shared Q by ``expand`` (stride 0), and then Q[:1] alone is tested."""
+    shared = Q.dim() > 2 and Q.shape[0] > 1 and Q.stride(0) == 0
+    return (Q[:1] if shared else Q), shared
+
+
 def _asymmetry(Q: Tensor) -> tuple[Tensor, Tensor, float]:
     """max |Q − Qᵀ|, its bound tol·max(1, max|Q|) and tol, as tensors that stay on the device."""
     tol = DATA_TOL
@@ -223,8 +230,9 @@ def semidefinite(Q: Tensor) -> Tensor:
 def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:
     """``check_values``'s test as a 0-d bool tensor on the data's device, not read."""
     sums = torch.stack([t.sum() for t in (Q, p, G, h, A, b)])  # NaN or ±inf exactly where an entry is (or overflow)
-    asym, bound, _ = _asymmetry(Q)
-    return ((sums - sums) == 0).all() & (asym <= bound) & semidefinite(Q).all()
+    distinct, _ = _distinct(Q)  # a shared Q (an OptNet layer's) is factorised once, not once per element
+    asym, bound, _ = _asymmetry(distinct)
+    return ((sums - sums) == 0).all() & (asym <= bound) & semidefinite(distinct).all()
 
 
 def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, passed: Tensor | bool | None = None) -> None:
@@ -237,7 +245,8 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
     if bool(values_pass(Q, p, G, h, A, b) if passed is None else passed):
         return
     data = {"Q": Q, "p": p, "G": G, "h": h, "A": A, "b": b}
-    asym, bound, tol = _asymmetry(Q)
+    distinct, shared = _distinct(Q)
+    asym, bound, tol = _asymmetry(distinct)
     for name, t in data.items():
         if not bool(torch.isfinite(t).all()):
             bad = (~torch.isfinite(t)).flatten(1).any(-1).nonzero().tolist()
@@ -249,10 +258,10 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
             f"Q must be symmetric (positive semidefinite); max |Q - Qᵀ| = {float(asym):.3g} exceeds {tol:.1e}·max(1, max|Q|); "
             "pass (Q + Q.transpose(-1, -2)) / 2"
         )
-    bad = (~semidefinite(Q)).nonzero().tolist()
+    where = ("(the one Q shared by the batch)" if shared else
+             f"at batch elements {listed_elements((~semidefinite(Q)).nonzero().tolist())} (flattened)")
     raise ValueError(f"Q must be positive semidefinite (a convex QP), got a Q with an eigenvalue below "
-                     f"-{DATA_TOL:.1e}·max|Q| at batch elements {listed_elements(bad)} "
-                     "(flattened); a Q formed as L Lᵀ (+ εI) is, as OptNet's layers form it")
+                     f"-{DATA_TOL:.1e}·max|Q| {where}; a Q formed as L Lᵀ (+ εI) is, as OptNet's layers form it")
 
 
 def check_positive_definite(Q: Tensor, batch: torch.Size) -> None:
@@ -263,8 +272,8 @@ def check_positive_definite(Q: Tensor, batch: torch.Size) -> None:
         raise ValueError("check_Q_spd=True reads Q's Cholesky factorisation on the host, which torch.func transforms "
                          "(vmap, grad, jacrev) cannot trace; pass check_Q_spd=False (a Q that is not positive definite "
                          "is then reported by the solution's status)")
-    shared = Q.dim() > 2 and Q.shape[0] > 1 and Q.stride(0) == 0  # one Q broadcast over the batch: test it once
-    info = torch.linalg.cholesky_ex(Q.detach()[:1] if shared else Q.detach()).info
+    distinct, shared = _distinct(Q.detach())
+    info = torch.linalg.cholesky_ex(distinct).info
     if bool((info != 0).any()):
         where = ("" if len(batch) == 0 else " (the one Q shared by the batch)" if shared else
                  f" at elements {listed_elements((info.reshape(batch) != 0).nonzero().tolist())}")
