@@ -55,8 +55,9 @@ MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2
 # three times and the nonnegative and second-order step tests measured from s and y)))).
 MAX_CONE_KERNELS_PER_ITERATION = 487
 # The Newton refinement (and the KKT check after it) on those programs at batch 8, counted as the forward's
-# kernels with refine_steps=6 less those with 0: 1,082 measured with the refined answer's KKT residual
-# compared with the solver's answer's, which an element keeps where refinement went astray (1,020 before);
+# kernels with refine_steps=6 less those with 0: 1,050 measured with the refined answer's KKT residual
+# compared with the solver's answer's, which an element keeps where refinement went astray (1,020 before;
+# 1,082 while the returned point's residual was taken a third time);
 # 1,018 with the PSD derivatives taking their
 # projections' eigendecompositions (1,019 before), -D written through strided views of
 # its diagonal blocks, the small-pivot test carried with the factorization and the KKT check taking the
@@ -65,7 +66,7 @@ MAX_CONE_KERNELS_PER_ITERATION = 487
 # their roots, h's coefficients became two fused products and the second-order derivative a diagonal plus
 # rank two); adjoint 231 with the PSD derivative taking the projection's eigendecomposition (234 before
 # that, 305 before the exponential derivatives took their projections' roots).
-MAX_REFINE_KERNELS, MAX_ADJOINT_KERNELS = 1_135, 245
+MAX_REFINE_KERNELS, MAX_ADJOINT_KERNELS = 1_100, 245
 
 
 def _points(count: int) -> torch.Tensor:

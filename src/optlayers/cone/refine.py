@@ -143,16 +143,15 @@ def refine_and_check(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
     refinement went astray (B,): its steps lowered ||R|| but left a KKT residual above
     ``SOLVED_TOL`` and above the solver's answer's, so that they keep the solver's answer, at which
     the derivative is not to be trusted."""
-    refined, products, astray = _refine(point, b, c, mode, max_steps)
-    return refined, kkt_residual(refined.cleaned(), b, c, products), astray
+    return _refine(point, b, c, mode, max_steps)
 
 
 def _refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
-            max_steps: int) -> tuple[Point, tuple[torch.Tensor, ...] | None, torch.Tensor]:
-    """``refine``, (A x, A^T y[, P x]) at the returned point's cleaned x and y (None: not taken),
-    and the elements whose refinement went astray (``refine_and_check``)."""
+            max_steps: int) -> tuple[Point, torch.Tensor, torch.Tensor]:
+    """``refine``, the ``kkt_residual`` of the returned point's cleaned form and the elements whose
+    refinement went astray (``refine_and_check``)."""
     if max_steps == 0:
-        return point, None, torch.zeros_like(point.ok)
+        return point, kkt_residual(point.cleaned(), b, c), torch.zeros_like(point.ok)
     current = point.cleaned()
     w = current.y - current.s
     # the roots' Newton iterations start at y's
@@ -165,7 +164,7 @@ def _refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
     target = TARGET * _scale(b, c)
     active = current.ok & (norm > target)
     if not bool(active.any()):  # also when no element was solved
-        return point, products, torch.zeros_like(point.ok)  # its cleaned form is current
+        return point, kkt_residual(current, b, c, products), torch.zeros_like(point.ok)  # its cleaned form is current
     factorization = None
     improved = torch.zeros_like(point.ok)
     for _ in range(max_steps):
@@ -200,15 +199,15 @@ def _refine(point: Point, b: torch.Tensor, c: torch.Tensor, mode: str,
     # point that passes the test is kept, whatever the answer's residual: it has y = Pi_K*(w) and
     # s = y - w exactly, which the derivative assumes.
     first, w_first, roots_first, products_first = start
-    refined_kkt = kkt_residual(current, b, c, products)
-    astray = improved & (refined_kkt > SOLVED_TOL) & (refined_kkt > kkt_residual(first, b, c, products_first))
-    improved = improved & ~astray
-    keep = (point.ok & improved).unsqueeze(-1)  # never improved: the solver's own (unprojected) answer
+    refined_kkt, first_kkt = kkt_residual(current, b, c, products), kkt_residual(first, b, c, products_first)
+    astray = improved & (refined_kkt > SOLVED_TOL) & (refined_kkt > first_kkt)
+    keep = point.ok & improved & ~astray  # never improved: the solver's own (unprojected) answer
     # w and its roots: the refined elements' last accepted w, the others' first one (y - s of the
-    # cleaned point, whose y and s they keep); the products at the cleaned form of the point returned
-    w = torch.where(keep, w, w_first)
-    roots = _merge_roots(keep.squeeze(-1), roots, roots_first)
-    products = tuple(torch.where(keep, new, old) for new, old in zip(products, products_first))
+    # cleaned point, whose y and s they keep); the KKT residual of the point returned, cleaned
+    w = torch.where(keep.unsqueeze(-1), w, w_first)
+    roots = _merge_roots(keep, roots, roots_first)
+    kkt = torch.where(keep, refined_kkt, first_kkt)
+    keep = keep.unsqueeze(-1)
     refined = dataclasses.replace(point, x=torch.where(keep, current.x, point.x), y=torch.where(keep, current.y, point.y),
                                   s=torch.where(keep, current.s, point.s), factorization=factorization, w=w, roots=roots)
-    return refined, products, astray
+    return refined, kkt, astray
