@@ -13,8 +13,7 @@ from optlayers.cone.interior.solver import ConeIPMSettings
 from optlayers.cone.linsolve import MODES
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
-from optlayers.status import ON_FAILURE_CHOICES
-from optlayers.status import listed_elements
+from optlayers.status import ON_FAILURE_CHOICES, listed_elements
 from optlayers.validation.options import check_bool, check_choice, check_fill, check_int, check_number
 from optlayers.validation.qp import DATA_TOL, semidefinite
 
