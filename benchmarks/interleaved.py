@@ -4,9 +4,9 @@ A machine shared with other work drifts by tens of percent over minutes. A bench
 measures one solver after another lets that drift fall between the solvers, and so into their
 ratio. Here every solver keeps a worker process (no solver beside another's threads, compiled
 code or heap), and the measurements are taken in rounds: in each round every worker measures
-every setting briefly, one worker at a time, in an order that rotates from round to round, so
-that each solver samples the same stretch of the machine's time. A waiting worker blocks on its
-pipe.
+every setting briefly, one worker at a time, in an order that changes from round to round
+(``round_orders``), so that each solver samples the same stretch of the machine's time. A
+waiting worker blocks on its pipe.
 
 The protocol is one JSON object per line: the parent writes a request to a worker's stdin, the
 worker answers with one line on its stdout (anything else it prints goes to stderr).
@@ -20,14 +20,35 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 
-def rotations(names: Sequence[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
-    """(round, the names in that round's order): round r starts at name r mod len(names), so each
-    solver goes first, second, ... equally often over len(names) rounds."""
+def round_orders(names: Sequence[str], rounds: int) -> Iterator[tuple[int, list[str]]]:
+    """(round, the names in that round's order), the rounds following a Williams design: over a
+    cycle of len(names) rounds (twice that for an odd count; later rounds repeat the cycle) each
+    name takes each place equally often and follows each other name directly equally often, so
+    that no solver always runs after the same one (whose heap, threads or cache it would inherit
+    every round, as a cyclic rotation makes it do)."""
     if rounds < 1:
         raise ValueError(f"rounds must be at least 1, got {rounds}")
+    cycle = _williams(len(names))
     for r in range(rounds):
-        shift = r % len(names) if names else 0
-        yield r, list(names[shift:]) + list(names[:shift])
+        yield r, [names[i] for i in cycle[r % len(cycle)]] if names else []
+
+
+def _williams(k: int) -> list[list[int]]:
+    """A Williams design of k treatments: rows that are orders of range(k), each index in each
+    column equally often and each ordered pair of distinct indices adjacent equally often (k rows
+    for even k; 2k, the rows and their reverses, for odd k)."""
+    if k == 0:
+        return [[]]
+    first = [0]  # 0, 1, k−1, 2, k−2, ...: consecutive differences 1, −2, 3, −4, ... are distinct mod k
+    low, high = 1, k - 1
+    while len(first) < k:
+        first.append(low)
+        low += 1
+        if len(first) < k:
+            first.append(high)
+            high -= 1
+    rows = [[(i + r) % k for i in first] for r in range(k)]
+    return rows if k % 2 == 0 else rows + [row[::-1] for row in rows]
 
 
 class Worker:

@@ -7,7 +7,7 @@ the rest of a solve (entry, checks, equilibration, start, end, outputs) is the c
 less its iterations. Without gradients, like the two capped solves, the uncapped forward is timed
 too, and with gradients the forward, and the forward with the backward (``(z · w).sum()``), so
 that the derivatives' share shows. The calls are taken in turn in one process, in an order that
-rotates from round to round (``interleaved.rotations``), and the fastest round of each is kept (a
+changes from round to round (``interleaved.round_orders``), and the fastest round of each is kept (a
 shared machine's load only slows a round down).
 
     PYTHONPATH=src python -m benchmarks.iteration_cost [--batch 1] [--n 100] [--compiled]
@@ -38,7 +38,7 @@ from torch._inductor.output_code import CompiledFxGraph
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
 from benchmarks import machine  # noqa: E402
-from benchmarks.interleaved import rotations  # noqa: E402
+from benchmarks.interleaved import round_orders  # noqa: E402
 from benchmarks.problems import random_qp  # noqa: E402
 from benchmarks.qp_benchmark import _git_commit  # noqa: E402
 from optlayers import solve_qp  # noqa: E402
@@ -46,12 +46,12 @@ from optlayers import solve_qp  # noqa: E402
 
 def fastest_round_us(calls: dict[str, Callable[[], object]], rounds: int, per_round: int) -> dict[str, float]:
     """Microseconds per call of each of ``calls``: the fastest of ``rounds`` rounds of ``per_round``
-    calls, the functions taken in turn in an order that rotates from round to round
-    (``interleaved.rotations``; each called once, untimed, first)."""
+    calls, the functions taken in turn in an order that changes from round to round
+    (``interleaved.round_orders``; each called once, untimed, first)."""
     for fn in calls.values():
         fn()
     best = dict.fromkeys(calls, float("inf"))
-    for _, order in rotations(list(calls), rounds):
+    for _, order in round_orders(list(calls), rounds):
         for name in order:
             fn = calls[name]
             start = time.perf_counter()

@@ -339,7 +339,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "another (no solver beside another's threads, compiled code or heap)")
     parser.add_argument("--rounds", type=int, default=None,
                         help="with --isolate: keep every solver's process warm and time them in turn, R rounds per "
-                        "setting in a rotating order (benchmarks/interleaved.py)")
+                        "setting in an order that changes from round to round (benchmarks/interleaved.py)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a --rounds worker (one solver)
     parser.add_argument("--figures", default=None,
                         help=f"comma-separated subset of the settings' figures, of {', '.join(FIGURES)} (default: all)")
@@ -434,8 +434,8 @@ class _Server:
 
 def interleaved_rows(args: argparse.Namespace, settings: list[Setting]) -> tuple[list[dict], list[str]]:
     """``--isolate --rounds R``: one warm worker process per solver (this module with ``--serve``);
-    per setting, each solver checked and warmed, then timed in R rounds whose order rotates
-    (``interleaved.rotations``). Returns the rows in the order of a run in one process (their
+    per setting, each solver checked and warmed, then timed in R rounds whose order changes
+    (``interleaved.round_orders``). Returns the rows in the order of a run in one process (their
     ``repeats``: all the round's calls together), and the lines of the solvers that did not import."""
     names = args.solvers.split(",") if args.solvers else list(SOLVER_NAMES)
     workers, missing, kinds = {}, [], {}
@@ -459,7 +459,7 @@ def interleaved_rows(args: argparse.Namespace, settings: list[Setting]) -> tuple
                     measured[name, key] = workers[name].ask({"ask": "prepare", "setting": asdict(setting)})
             timed = [name for name in here if measured[name, key]["status"] == "ok" and "timings" not in measured[name, key]]
             samples: dict[str, dict[str, list[float]]] = {name: {} for name in timed}
-            for _, order in interleaved.rotations(timed, args.rounds):
+            for _, order in interleaved.round_orders(timed, args.rounds):
                 for name in order:
                     if measured[name, key]["status"] != "ok":
                         continue

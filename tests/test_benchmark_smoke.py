@@ -150,14 +150,25 @@ def test_rounds_need_isolate_and_a_positive_count(argv, tmp_path, capsys):
     assert "--rounds: needs --isolate" in capsys.readouterr().err
 
 
-def test_rotations_put_every_solver_in_every_place_equally_often():
-    names = ["a", "b", "c"]
-    orders = [order for _, order in interleaved.rotations(names, 6)]
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 5, 7, 8])
+def test_round_orders_balance_places_and_predecessors(count):
+    names = [chr(ord("a") + i) for i in range(count)]
+    cycle = count if count % 2 == 0 else 2 * count
+    orders = [order for _, order in interleaved.round_orders(names, cycle)]
     assert all(sorted(order) == names for order in orders)
-    for place in range(3):
-        assert Counter(order[place] for order in orders) == {"a": 2, "b": 2, "c": 2}
+    for place in range(count):  # each name in each place equally often
+        assert Counter(order[place] for order in orders) == dict.fromkeys(names, cycle // count)
+    pairs = Counter((a, b) for order in orders for a, b in zip(order, order[1:]))
+    if count > 1:  # each name directly after each other one equally often
+        assert set(pairs) == {(a, b) for a in names for b in names if a != b}
+        assert len(set(pairs.values())) == 1
+    # later rounds repeat the cycle
+    assert [order for _, order in interleaved.round_orders(names, 2 * cycle)][cycle:] == orders
+
+
+def test_round_orders_need_a_round():
     with pytest.raises(ValueError, match="rounds must be at least 1, got 0"):
-        list(interleaved.rotations(names, 0))
+        list(interleaved.round_orders(["a", "b", "c"], 0))
 
 
 def test_serve_answers_each_line_and_keeps_prints_off_the_protocol(capsys):
