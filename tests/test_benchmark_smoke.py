@@ -473,3 +473,23 @@ def test_one_thread_holds_qpaxs_xla_to_one_thread_too(monkeypatch):
     finally:
         torch.set_num_threads(threads)
     assert os.environ["XLA_FLAGS"] == qp_benchmark.XLA_ONE_THREAD
+
+
+def test_a_solver_differentiated_outside_torch_reports_no_backward():
+    """Its forward and gradient are one call (qpax: one jitted function), whose forward is not the
+    forward timed alone: a backward taken as their difference could read zero, so none is reported."""
+    from benchmarks.problems import random_qp
+    from benchmarks.solvers import Solver
+    from benchmarks.timing import Budget, Clock
+
+    calls = []
+    solver = Solver("fake-jax", solve=lambda qp: calls.append("solve") or qp.p, differentiable=True, settings="",
+                    value_and_grad=lambda qp, weights: calls.append("value_and_grad"))
+    samples = qp_benchmark.measure(solver, random_qp(2, 3, 3), Budget(warmup=0, min_repeats=2, max_repeats=2, seconds=0.0),
+                                   Clock(torch.device("cpu")))
+    assert set(samples) == {"forward", "total", "total_cpu"}
+    assert len(samples["forward"]) == len(samples["total"]) == 2
+    assert set(calls) == {"solve", "value_and_grad"}
+    row = {"figure": "f", "n": 3, "n_ineq": 3, "n_eq": 0, "batch": 2, "dtype": "float64", "solver": "fake-jax", "note": "",
+           "timings": qp_benchmark._stats(samples)}
+    assert qp_benchmark.table_rows([row])[0][8] == "—"  # the backward column
