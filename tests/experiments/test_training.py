@@ -152,3 +152,28 @@ def test_mnist_loss_masks_an_unsolved_qp():
     assert out["unsolved"].tolist() == [0.0, 0.0, 1.0, 0.0, 0.0] and out["loss"][2] == 0 and out["error"][2] == 1
     out["loss"].sum().backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_inexact_derivatives_are_counted_per_epoch_and_said_once(capsys):
+    """A training epoch's ``InexactDerivativeWarning``s (one per batch whose derivative is inexact)
+    become one line on stderr; other warnings are shown as they come."""
+    import warnings
+
+    from optlayers import InexactDerivativeWarning
+    from optlayers.experiments.common import counted_inexact_derivatives
+
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with counted_inexact_derivatives("demo epoch 1", 5) as counted:
+            for i in range(3):
+                warnings.warn(f"the derivative at elements {i} is inexact", InexactDerivativeWarning)
+            warnings.warn("something else", UserWarning)
+        with counted_inexact_derivatives("demo epoch 2", 5):
+            pass
+        warnings.warn("the derivative of the QP is inexact", InexactDerivativeWarning)  # outside: shown again
+    assert counted.count == 3
+    assert [str(w.message) for w in shown] == ["something else", "the derivative of the QP is inexact"]
+    err = capsys.readouterr().err
+    assert err.count("the derivative was inexact") == 1
+    assert "demo epoch 1: the derivative was inexact in 3 of 5 training batches" in err
+    assert "the first: the derivative at elements 0 is inexact" in err

@@ -15,8 +15,10 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +27,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from optlayers.status import InexactDerivativeWarning
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_JSON = "metrics.json"
@@ -405,23 +409,56 @@ def fit(
         count = torch.zeros((), dtype=torch.float64)
         batches = _batches(n_train, cfg.batch_size, ctx.world_size, shuffle)
         bar = tqdm(batches, desc=f"{cfg.name} epoch {epoch}/{cfg.epochs}", leave=False, disable=not (cfg.progress and ctx.is_main))
-        for idx in bar:
-            mine = idx[ctx.rank :: ctx.world_size]
-            out_b = per_sample(train_model, [t[mine].to(device) for t in train_data])
-            loss = out_b["loss"].sum() * (ctx.world_size / len(idx))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            for key, value in out_b.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().double().sum().cpu()
-            count += len(mine)
-            bar.set_postfix(loss=f"{float(out_b['loss'].detach().mean()):.4g}")
+        with counted_inexact_derivatives(f"{cfg.name} epoch {epoch}", len(batches), ctx.is_main):
+            for idx in bar:
+                mine = idx[ctx.rank :: ctx.world_size]
+                out_b = per_sample(train_model, [t[mine].to(device) for t in train_data])
+                loss = out_b["loss"].sum() * (ctx.world_size / len(idx))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for key, value in out_b.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().double().sum().cpu()
+                count += len(mine)
+                bar.set_postfix(loss=f"{float(out_b['loss'].detach().mean()):.4g}")
         keys = sorted(sums)
         totals = ctx.sum(torch.stack([*(torch.as_tensor(sums[k]) for k in keys), count]))
         train = {f"train_{k}": float(v / totals[-1]) for k, v in zip(keys, totals[:-1])}
         test = evaluate(model, test_data, per_sample, device, ctx, cfg.eval_batch_size)
         record({"epoch": epoch, **train, **{f"test_{k}": v for k, v in test.items()}, "seconds": time.perf_counter() - began})
     return history
+
+
+class counted_inexact_derivatives:
+    """A context in which the layers' ``InexactDerivativeWarning``s (one per batch whose derivative is
+    inexact somewhere; docs/qp.md) are counted rather than shown, and said in one line on stderr
+    at its end (``speak``: this process reports): how many of the ``batches`` had them, and the
+    first's message. Other warnings are shown as they come."""
+
+    def __init__(self, what: str, batches: int, speak: bool = True) -> None:
+        self.what, self.batches, self.speak = what, batches, speak
+        self.count, self.first = 0, None
+
+    def __enter__(self) -> counted_inexact_derivatives:
+        self._shown = warnings.showwarning
+        self._filters = warnings.catch_warnings()
+        self._filters.__enter__()
+        warnings.simplefilter("always", InexactDerivativeWarning)
+
+        def show(message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+            if issubclass(category, InexactDerivativeWarning):
+                self.count += 1
+                self.first = self.first or str(message)
+            else:
+                self._shown(message, category, filename, lineno, file, line)
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._filters.__exit__(*exc)  # restores the filters and showwarning
+        if self.count and self.speak:
+            print(f"{self.what}: the derivative was inexact in {self.count} of {self.batches} training batches "
+                  f"(optlayers.InexactDerivativeWarning; the first: {self.first})", file=sys.stderr)
 
 
 def mask_unsolved(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:

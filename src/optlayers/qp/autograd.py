@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from typing import Any, Callable
 
 import torch
@@ -29,6 +30,7 @@ from optlayers.engine.graphed import graphs_calls
 from optlayers.engine.step import QPData
 from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
+from optlayers.qp.derivative_checks import warn_inexact
 from optlayers.qp.derivatives import (
     FORWARD_OVER_FORWARD,
     KKTPoint,
@@ -53,6 +55,19 @@ from optlayers.qp.status import FailurePolicy, QPStatus, apply_failure_policy
 
 _STATUS_AT = 7  # where the status is among the saved tensors (``setup_context``), after the data and solution
 _FACTOR_AT = _STATUS_AT + 1 + len(Saved._fields)  # where the factor's tensors begin
+
+
+_FORWARD_OUTCOME = threading.local()
+"""``QPSolveFn.forward``'s word to the ``setup_context`` that follows it in the same thread: whether
+some solved element's derivative is inexact (``forward.Outcome.inexact``, read with the statuses)."""
+
+
+def _warn_inexact_at(saved: tuple[Tensor, ...], batch_shape: tuple[int, ...]) -> None:
+    """``derivative_checks.warn_inexact`` at the scaled solution among the tensors ``setup_context``
+    saved."""
+    status, *rest = saved[_STATUS_AT:_FACTOR_AT]
+    point = Saved(*rest)
+    warn_inexact(status, point.lam, point.s, batch_shape)
 
 
 def _fill(on_failure: str | FailurePolicy) -> float:
@@ -200,15 +215,17 @@ class QPSolveFn(torch.autograd.Function):
     def forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
                 keep_factor: bool, on_failure: str | FailurePolicy, batch_shape: tuple[int, ...]) -> tuple[Tensor, ...]:
         with _threads_for(p):
-            outputs, all_solved = forward_outputs(Q, p, G, h, A, b, settings, keep_factor, constant(_fill(on_failure), p))
-        if not all_solved:  # the primal residual and its bound name the possibly infeasible elements
+            outputs, outcome = forward_outputs(Q, p, G, h, A, b, settings, keep_factor, constant(_fill(on_failure), p))
+        if not outcome.all_solved:  # the primal residual and its bound name the possibly infeasible elements
             apply_failure_policy(outputs[4].reshape(batch_shape), on_failure,
                                  primal=(outputs[6].reshape(batch_shape), outputs[9].reshape(batch_shape)))
+        _FORWARD_OUTCOME.inexact = outcome.inexact  # for setup_context: the backward warns (warn_inexact)
         return outputs
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        ctx.settings, ctx.fill, ctx.n_outputs = inputs[6], _fill(inputs[8]), len(output)
+        ctx.settings, ctx.fill, ctx.n_outputs, ctx.batch_shape = inputs[6], _fill(inputs[8]), len(output), inputs[9]
+        ctx.inexact, _FORWARD_OUTCOME.inexact = getattr(_FORWARD_OUTCOME, "inexact", False), False
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs nobody differentiates
         Q, _, G, _, A, _ = inputs[:6]
         saved = (Q, A, G, *output[:5], *output[N_PUBLIC:])  # data, (z, λ, ν, s, status), _Saved, factor
@@ -220,6 +237,8 @@ class QPSolveFn(torch.autograd.Function):
     def backward(ctx: Any, gz: Tensor | None, glam: Tensor | None, gnu: Tensor | None, gs: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         needs, grads = tuple(ctx.needs_input_grad[:6]), (gz, gnu, glam, gs)
         saved = ctx.saved_tensors
+        if ctx.inexact:  # known to the forward without a read of its own; naming the elements reads
+            _warn_inexact_at(saved, ctx.batch_shape)
         with _threads_for(saved[3]):  # z, (B, n)
             return _backward(ctx, saved, needs, grads)
 
@@ -235,6 +254,8 @@ class QPSolveFn(torch.autograd.Function):
             dA: Tensor | None, db: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         pt, sc, solved, _ = _point(ctx)
         dtype = next(t.dtype for t in (dQ, dp, dG, dh, dA, db) if t is not None)
+        if ctx.inexact or len(ctx.saved_tensors) == _FACTOR_AT:  # without a factor kept the forward did not look
+            _warn_inexact_at(ctx.saved_tensors, ctx.batch_shape)
 
         def tangent(t: Tensor | None, like: Tensor) -> Tensor:
             return torch.zeros_like(like) if t is None else t.to(COMPUTE_DTYPE)

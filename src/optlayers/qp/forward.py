@@ -8,7 +8,7 @@ On the compiled path a solve that needs no reaction of the host is one compiled 
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -71,6 +71,25 @@ def _with_structure(data: QPData) -> QPData:
     return replace(data, diagonal=bool(host_read(diagonal_h(data.Q, data.G).reshape(1))[0]))
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What the host knows of a forward's solve when it ends, without a read of its own: whether
+    every problem was solved (``IPMResult.all_solved``), and whether some solved problem's derivative
+    is inexact (``IPMResult.inexact``; known where the derivatives' factorisation was made)."""
+
+    all_solved: bool
+    inexact: bool = False
+
+    @staticmethod
+    def of(result: IPMResult) -> Outcome:
+        return Outcome(result.all_solved, result.inexact)
+
+    @staticmethod
+    def joined(parts: list[Outcome]) -> Outcome:
+        """The outcome of a batch solved in ``parts`` (chunks)."""
+        return Outcome(all(part.all_solved for part in parts), any(part.inexact for part in parts))
+
+
 class Saved(NamedTuple):
     """What the derivatives need, in the scaled space: the trailing outputs of ``outputs``, then
     the tensors of the KKT factorisation at the solution when the forward built it (gradients
@@ -122,7 +141,7 @@ def _outputs(scaled: QPData, sc: Scaling, result: IPMResult, fill: Tensor) -> tu
 def _solved(scaled: QPData, sc: Scaling, fill: Tensor, settings: IPMSettings, with_factor: bool,
             halt: Tensor | None = None) -> tuple:
     """``fused.whole`` and the outputs of a forward that ends with it, in one function to compile:
-    its info (5,), the packed state (three tensors) and its layout, ``_public`` with ``fill`` (see
+    its info (6,), the packed state (three tensors) and its layout, ``_public`` with ``fill`` (see
     there), the scaled solution (x, ν, λ, s) and the factor's tensors, each in memory of its own;
     ``halt`` as in ``fused.whole``."""
     packed, where, status, factor, info = fused.whole(scaled, sc, settings, with_factor, halt)
@@ -138,7 +157,7 @@ def _checked_solved(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Te
     """``_checked_scaling`` and ``_solved`` in one function to compile, for a batch whose structure
     is not looked at (``_with_structure``): the scaled data (the tensors of ``QPData``, in its order)
     and the scaling's (``Scaling``'s), each in memory of its own, then ``_solved``'s outputs, whose
-    info has a sixth entry: whether the data passed the checks (where not, no iteration runs)."""
+    info has a seventh entry: whether the data passed the checks (where not, no iteration runs)."""
     scaled, sc, passed = _checked_scaling(Q, p, G, h, A, b)
     info, *rest = _solved(scaled, sc, fill, settings, with_factor, halt=~passed)
     return ((scaled.Q, scaled.p, scaled.A, scaled.b, scaled.G, scaled.h), (sc.d.clone(), sc.e.clone(), sc.f.clone(), sc.c),
@@ -146,8 +165,8 @@ def _checked_solved(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Te
 
 
 def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
-                      keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], bool]:
-    """``QPSolveFn.forward``'s outputs and whether every problem was solved, on the compiled path
+                      keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], Outcome]:
+    """``QPSolveFn.forward``'s outputs and the solve's ``Outcome``, on the compiled path
     whose iterations run in one call (``fused.pays``), in equal slices side by side, each in chunks
     one after another (``parallel.compiled_slices``, ``threads.map_chunks``), their outputs joined
     as they come (``batch.map_chunks_joined``).
@@ -167,12 +186,12 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     # multiplies by powers of two, so H is diagonal for the scaled data where it is for Q + Qᵀ and G
     diagonal = None if not structure or chunk == batch else bool(host_read(diagonal_h(raw[0] + raw[0].mT, raw[2]).reshape(1))[0])
 
-    def solve(part: slice) -> tuple[tuple[Tensor, ...], bool]:
+    def solve(part: slice) -> tuple[tuple[Tensor, ...], Outcome]:
         data = raw if chunk == batch else tuple(t[part] for t in raw)
         if not structure:
             scaled, scaling, info, *rest = compiled(_checked_solved, device, pointwise_cat=pointwise)(*data, fill, settings, keep_factor)
             info = host_read(info)
-            if not info[5]:
+            if not info[6]:
                 check_values(*raw, False)  # raises, naming the elements in the whole batch
             return _finished(QPData(*scaled), Scaling(*scaling), info, *rest, settings, keep_factor, fill)
         scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device, pointwise_cat=pointwise)(*data)
@@ -186,7 +205,7 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     if chunk == batch:
         return solve(slice(0, batch))
     outs, solved = map_chunks_joined(solve, batch, count, chunk, ragged=_INVERSES)
-    return tuple(_inverses(out) if index in _INVERSES else out for index, out in enumerate(outs)), all(solved)
+    return tuple(_inverses(out) if index in _INVERSES else out for index, out in enumerate(outs)), Outcome.joined(solved)
 
 
 # Where the factor's inverses (``KKTFactor.inv_h``, ``inv_s``) sit among the forward's outputs.
@@ -204,19 +223,20 @@ def _inverses(parts: list[Tensor]) -> Tensor:
 
 def _finished(scaled: QPData, sc: Scaling, info: list[int], packed: tuple[Tensor, ...], where: Layout,
               public: tuple[Tensor, ...], point: tuple[Tensor, ...], factor: tuple[Tensor, ...], settings: IPMSettings,
-              keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], bool]:
+              keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], Outcome]:
     """The outputs of a compiled solve whose call returned ``info`` (read) and ``_solved``'s other
-    outputs, and whether every problem was solved: its own where the solve ended there, else those
-    of the solve gone on from there (``fused.go_on``)."""
+    outputs, and its ``Outcome``: its own where the solve ended there, else those of the solve gone
+    on from there (``fused.go_on``)."""
     if fused.finished(info):
-        return (*public, *Saved(scaled.Q, scaled.A, scaled.G, *point, sc.d, sc.e, sc.f, sc.c), *factor), not info[3]
+        outputs = (*public, *Saved(scaled.Q, scaled.A, scaled.G, *point, sc.d, sc.e, sc.f, sc.c), *factor)
+        return outputs, Outcome(all_solved=not info[3], inexact=bool(info[5]))
     result = fused.go_on(scaled, sc, Packed(*packed), where, factor, info, settings, keep_factor)
-    return _outputs(scaled, sc, result, fill), result.all_solved
+    return _outputs(scaled, sc, result, fill), Outcome.of(result)
 
 
 def outputs(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, settings: IPMSettings,
-            keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], bool]:
-    """``QPSolveFn.forward``'s outputs for the flat data, and whether every problem was solved:
+            keep_factor: bool, fill: Tensor) -> tuple[tuple[Tensor, ...], Outcome]:
+    """``QPSolveFn.forward``'s outputs for the flat data, and the solve's ``Outcome``:
     ``N_PUBLIC`` public ones (z, λ, ν, s, status, iterations, primal, dual, gap, primal_limit; see
     ``_public``; the failed elements of z, λ, ν, s hold ``fill``, 0-d in the data's dtype), then
     ``Saved``, then the factor's tensors where ``keep_factor``. Data that fail the value checks
@@ -233,4 +253,4 @@ def outputs(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, se
         scaled, sc = _scaling(Q, p, G, h, A, b)
     scaled = _with_structure(scaled)
     result = solve_scaled_parallel(scaled, sc, settings, with_factor=keep_factor)
-    return _outputs(scaled, sc, result, fill), result.all_solved
+    return _outputs(scaled, sc, result, fill), Outcome.of(result)

@@ -29,6 +29,7 @@ from optlayers.engine.device_loop import Layout, Packed, layout, pack, unpack
 from optlayers.engine.step import QPData, State
 from optlayers.host import RUNNING, reads_are_free
 from optlayers.qp import ipm
+from optlayers.qp.derivative_checks import inexact_derivatives
 from optlayers.qp.derivatives import factor_from, factor_tensors
 from optlayers.qp.ipm import IPMResult, IPMSettings, Residuals, Units
 from optlayers.qp.scaling import Scaling
@@ -76,9 +77,11 @@ def whole(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool,
     what it makes of the result). Returns the state and its residuals packed as the layout returned
     second (the loop's own tensors), the statuses as the solve ends there (``RUNNING`` as
     ``MAX_ITER``), the factorisation's tensors (``derivatives.factor_tensors``; none without
-    ``with_factor``), and (5,) int64 for the host: the iterations run, whether some start failed,
+    ``with_factor``), and (6,) int64 for the host: the iterations run, whether some start failed,
     whether the solve ends there (nothing runs, or the iteration limit), whether some problem is not
-    solved, whether some factorisation failed. ``finished`` reads it; ``go_on`` goes on from there."""
+    solved, whether some factorisation failed, whether some solved problem's derivative is inexact
+    (``derivative_checks.inexact_derivatives``; only with ``with_factor``). ``finished`` reads it;
+    ``go_on`` goes on from there."""
     units = Units.of(sc)
     st, res = ipm._start_unretried(data, units, settings)
     start_failed = (st.status == int(QPStatus.NUMERICAL_ERROR)).any()
@@ -90,11 +93,13 @@ def whole(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool,
     running = st.status == RUNNING
     status = st.status.masked_fill(running, int(QPStatus.MAX_ITER))
     factor, unfactored = (), torch.zeros((), dtype=torch.bool, device=st.v.device)
+    inexact = unfactored
     if with_factor:
         f = ipm._derivative_factor_unretried(data.Q, data.A, data.G, st.lam, st.s, settings, data.diagonal)
         factor, unfactored = factor_tensors(f), ~f.ok.all()
+        inexact = inexact_derivatives(status, st.lam, st.s).any()
     ends = ~running.any() | (taken >= settings.max_iter)
-    info = torch.stack([taken, start_failed, ends, (status != int(QPStatus.SOLVED)).any(), unfactored])
+    info = torch.stack([taken, start_failed, ends, (status != int(QPStatus.SOLVED)).any(), unfactored, inexact])
     return packed, where, status, factor, info
 
 

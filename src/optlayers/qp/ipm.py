@@ -26,6 +26,7 @@ from optlayers.engine.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, rais
 from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, QPData, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, host_read
 from optlayers.linalg import inf_norm, mtv, mv
+from optlayers.qp.derivative_checks import inexact_derivatives
 from optlayers.qp.multipliers import smaller_multipliers
 from optlayers.qp.scaling import Scaling
 from optlayers.qp.status import QPStatus
@@ -223,6 +224,9 @@ class IPMResult:
     residuals: Residuals
     factor: KKTFactor | None
     all_solved: bool
+    inexact: bool = False
+    """With the derivatives' factorisation: some problem solved when the host last read the statuses
+    has an inexact derivative (``derivative_checks.inexact_derivatives``), read with them."""
 
 
 def _pair_dots(u: Tensor, v: Tensor) -> Tensor:
@@ -737,8 +741,9 @@ def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step:
     full = replace(full, status=full.status.masked_fill(full.status == RUNNING, int(QPStatus.MAX_ITER)))
     if with_factor and factor is None:
         factor = solve_part(_derivative_factor_unretried, settings, device)(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal)
-    unsolved, unfactored = host_read(torch.stack([full.status != int(QPStatus.SOLVED),
-                                                  full.status != full.status if factor is None else ~factor.ok]).any(-1))
+    unsolved, unfactored, inexact = host_read(torch.stack([
+        full.status != int(QPStatus.SOLVED), full.status != full.status if factor is None else ~factor.ok,
+        inexact_derivatives(full.status, full.lam, full.s) if with_factor else full.status != full.status]).any(-1))
     if unsolved:
         full, res = _accurate_gaps_of_inaccurate(data, units, full, res)
         full, res, polished, again = _smaller_multipliers_of_unsolved(data, units, full, res, settings,
@@ -748,7 +753,7 @@ def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step:
         unfactored = unfactored or (polished and with_factor)
     if unfactored:
         factor = derivative_factor(data.Q, data.A, data.G, full.lam, full.s, settings, diagonal=data.diagonal)
-    return IPMResult(state=full, residuals=res, factor=factor, all_solved=not unsolved)
+    return IPMResult(state=full, residuals=res, factor=factor, all_solved=not unsolved, inexact=bool(inexact))
 
 
 def _accurate_gaps_of_inaccurate(data: QPData, units: Units, st: State, res: Residuals) -> tuple[State, Residuals]:

@@ -85,4 +85,4 @@ def solve_scaled_parallel(data: QPData, sc: Scaling, settings: IPMSettings, with
     if count == 1:
         return solve_scaled(data, sc, settings, with_factor)
     parts = threads.map_slices(lambda part: solve_scaled(take(data, part), take(sc, part), settings, with_factor), batch, count)
-    return replace(concat(parts), all_solved=all(part.all_solved for part in parts))
+    return replace(concat(parts), all_solved=all(part.all_solved for part in parts), inexact=any(part.inexact for part in parts))
