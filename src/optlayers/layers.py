@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from optlayers.qp.relax import Relaxation
 from optlayers.qp.solve import QPSolution, solve_qp
-from optlayers.validation.options import check_int
+from optlayers.validation.options import check_bool, check_int
 from optlayers.validation.qp import check_layer_input, check_optnet_options, check_optnet_tv_options, check_qp_options
 
 DEFAULT_EPS = 1e-4
@@ -28,10 +28,11 @@ TV_RANDOM_D_SCALE = 0.3
 
 
 def _solver_options(tol: float | None, max_iter: int | None, on_failure: str, failed_value: float,
-                    relaxation: Relaxation | None) -> dict:
+                    relaxation: Relaxation | None, compile: bool) -> dict:
     check_qp_options(tol, None, max_iter, on_failure, failed_value, relaxation)
+    check_bool("compile", compile)
     return {"tol": tol, "max_iter": max_iter, "on_failure": on_failure, "failed_value": float(failed_value),
-            "relaxation": relaxation}
+            "relaxation": relaxation, "compile": compile}
 
 
 def _record(layer: nn.Module, sol: QPSolution) -> QPSolution:
@@ -85,7 +86,8 @@ class OptNet(nn.Module):
         fixed_q: if given, ``Q = fixed_q·I`` is a constant (``0`` allowed: a linear program; a
             warning where its feasible set cannot be bounded, fewer than n − n_eq + 1 inequalities).
         nonnegative: add the fixed constraints ``z ≥ 0``; ``z₀`` is then kept positive (softplus).
-        tol, max_iter: passed to :func:`optlayers.solve_qp`.
+        tol, max_iter, compile: passed to :func:`optlayers.solve_qp` (``compile=True``: its compiled
+            path, docs/qp.md).
         on_failure: what happens to QPs that are not solved. "warn" (default): a warning names
             them, their output is ``failed_value`` (0.0, finite) and their gradient zero, so
             training goes on; "ignore": the same, silently; "raise": ``SolveError``; "relax":
@@ -122,6 +124,7 @@ class OptNet(nn.Module):
         on_failure: str = "warn",
         failed_value: float = 0.0,
         relaxation: Relaxation | None = None,
+        compile: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -130,7 +133,7 @@ class OptNet(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.n, self.n_ineq, self.n_eq = n, n_ineq, n_eq
         self.eps, self.fixed_q, self.nonnegative = eps, fixed_q, nonnegative
-        self.solver_options = _solver_options(tol, max_iter, on_failure, failed_value, relaxation)
+        self.solver_options = _solver_options(tol, max_iter, on_failure, failed_value, relaxation, compile)
         self.last_status: Tensor | None = None
 
         if fixed_q is None:
@@ -210,7 +213,7 @@ class OptNetTV(nn.Module):
         init: ``"difference"`` (classical TV) or ``"random"`` (N(0, 0.3²) entries, as in the paper).
         learn_d: whether ``D`` is an ``nn.Parameter`` (else a buffer).
         eps: the ε on ``t`` that makes the QP strictly convex.
-        tol, max_iter, on_failure, failed_value, relaxation: as in :class:`OptNet` (failed
+        tol, max_iter, compile, on_failure, failed_value, relaxation: as in :class:`OptNet` (failed
             signals come out as ``failed_value``, 0.0, with zero gradient and a warning).
         device, dtype: factory kwargs.
 
@@ -238,6 +241,7 @@ class OptNetTV(nn.Module):
         on_failure: str = "warn",
         failed_value: float = 0.0,
         relaxation: Relaxation | None = None,
+        compile: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -254,7 +258,7 @@ class OptNetTV(nn.Module):
         else:
             self.register_buffer("D", D)
         self.n, self.n_diff, self.lam, self.eps, self.init = n, n_diff, float(lam), eps, init
-        self.solver_options = _solver_options(tol, max_iter, on_failure, failed_value, relaxation)
+        self.solver_options = _solver_options(tol, max_iter, on_failure, failed_value, relaxation, compile)
         self.last_status: Tensor | None = None
 
     def qp_data(self) -> tuple[Tensor, Tensor, Tensor]:

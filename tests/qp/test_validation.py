@@ -124,9 +124,24 @@ def test_optnet_layers_refuse_the_same_options(layer, options, pattern):
         OptNet(3, n_ineq=2, **options) if layer == "optnet" else OptNetTV(5, lam=1.0, **options)
 
 
-def test_qpfunction_verbose_must_be_an_int_not_a_bool():
-    with pytest.raises(ValueError, match="verbose must be an integer .* got True"):
-        QPFunction(verbose=True)
+@pytest.mark.parametrize("verbose, level", [(False, 0), (True, 1), (-1, -1), (2, 2)])
+def test_qpfunction_verbose_takes_qpths_bools(verbose, level):
+    """qpth's code passes verbose=False (and True); qpth reads them as 0 and 1."""
+    layer = QPFunction(verbose=verbose)
+    assert layer.verbose == level and type(layer.verbose) is int
+    assert layer.on_failure == ("ignore" if level < 0 else "warn")
+
+
+@pytest.mark.parametrize("verbose", [0.5, "1", None])
+def test_qpfunction_verbose_must_be_an_int_or_a_bool(verbose):
+    with pytest.raises(ValueError, match=f"verbose must be an integer .* or a bool, got {verbose!r}"):
+        QPFunction(verbose=verbose)
+
+
+@pytest.mark.parametrize("keyword", ["maxIter", "max_iter"])
+def test_qpfunction_names_the_iteration_limit_as_given(keyword):
+    with pytest.raises(ValueError, match=f"^{keyword} must be"):
+        QPFunction(**{keyword: 0})
 
 
 @pytest.mark.parametrize("layer", ["optnet", "tv"])
@@ -216,3 +231,40 @@ def test_non_finite_data_names_the_batch_elements():
     p[1, 0], p[3, 1] = float("nan"), float("inf")
     with pytest.raises(ValueError, match=r"p contains NaN or Inf at batch elements 1, 3 \(flattened\)"):
         QPFunction()(torch.eye(2, dtype=torch.float64), p)
+
+
+@pytest.mark.parametrize("layer", ["optnet", "tv"])
+def test_optnet_layers_take_the_compiled_path_switch(layer, monkeypatch):
+    """``compile=True`` reaches solve_qp (docs/qp.md tells a compiled model's layer to take it);
+    a non-bool is refused, naming it."""
+    import optlayers.layers as layers
+
+    seen = []
+    real = layers.solve_qp
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["compile"])
+        return real(*args, **{**kwargs, "compile": False})  # the compiled path itself: test_compiling.py
+    monkeypatch.setattr(layers, "solve_qp", spy)
+    make = (lambda **kw: OptNet(3, n_ineq=2, **kw)) if layer == "optnet" else (lambda **kw: OptNetTV(5, lam=1.0, **kw))
+    for flag in (True, False):
+        module = make(compile=flag).double()
+        module(torch.randn(2, module.n if layer == "optnet" else 5, dtype=torch.float64))
+    assert seen == [True, False]
+    with pytest.raises(ValueError, match="compile must be True or False, got 1"):
+        make(compile=1)
+
+
+def test_a_layer_input_of_an_unsolvable_dtype_is_not_answered_by_converting_the_layer_to_it():
+    layer = OptNet(3, n_ineq=2, dtype=torch.float32)
+    with pytest.raises(TypeError) as error:
+        layer(torch.randint(0, 3, (4, 3)))
+    assert "p has dtype torch.int64 but the layer's parameters are torch.float32; convert the input (p.to(torch.float32))" \
+        in str(error.value)
+    assert "layer.to" not in str(error.value)
+
+
+def test_a_layer_in_half_precision_is_named_as_such():
+    with pytest.raises(TypeError, match=r"the layer's parameters are torch.bfloat16, which the solver does not take "
+                                        r"\(float32 or float64\); convert the layer \(layer.to\(torch.float32\)\) and its input p"):
+        OptNet(3, n_ineq=2).to(torch.bfloat16)(torch.randn(4, 3, dtype=torch.bfloat16))

@@ -221,6 +221,7 @@ class QPFunction(nn.Module):
         verbose: -1 silent (failed elements are not warned about), 0 (default) a warning naming
             failed elements, 1 also a one-line summary of every solve (iterations, largest
             residuals, statuses) printed to stdout; qpth's per-iteration log is not available.
+            ``False`` and ``True`` are 0 and 1, as in qpth.
         notImprovedLim: consecutive iterations with a negligible step after which an element stops
             with status NUMERICAL_ERROR (default 5: ``IPMSettings.stall_limit``). qpth counts
             iterations without a smaller residual instead; here that is ``progress_limit`` (20,
@@ -261,7 +262,7 @@ class QPFunction(nn.Module):
         max_iter = maxIter if max_iter is None else max_iter
         on_failure = ("ignore" if verbose < 0 else "warn") if on_failure is None else on_failure
         check_qp_options(tol, rel_tol, max_iter, on_failure, failed_value, relaxation,
-                         tol_name="eps" if eps is not None else "tol")
+                         tol_name="eps" if eps is not None else "tol", max_iter_name="maxIter" if maxIter is not None else "max_iter")
         self.tol, self.rel_tol, self.max_iter, self.on_failure = tol, rel_tol, max_iter, on_failure
         self.verbose, self.not_improved_lim, self.check_Q_spd = int(verbose), notImprovedLim, check_Q_spd
         check_bool("compile", compile)

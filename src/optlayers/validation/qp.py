@@ -23,10 +23,12 @@ _FLOAT_DTYPES = (torch.float32, torch.float64)
 # Options
 
 def check_qp_options(tol: object, rel_tol: object, max_iter: object, on_failure: object,
-                     failed_value: object = math.nan, relaxation: object = None, *, tol_name: str = "tol") -> None:
-    """Options of ``solve_qp`` (and of the layers built on it), refused at the door when impossible."""
+                     failed_value: object = math.nan, relaxation: object = None, *, tol_name: str = "tol",
+                     max_iter_name: str = "max_iter") -> None:
+    """Options of ``solve_qp`` (and of the layers built on it), refused at the door when impossible;
+    ``tol_name``, ``max_iter_name``: the names the caller gave them (qpth's ``eps``, ``maxIter``)."""
     check_tolerances(tol, rel_tol, _FLOAT64_DEFAULT_TOL, tol_name)
-    check_int("max_iter", max_iter, 1, optional=True)
+    check_int(max_iter_name, max_iter, 1, optional=True)
     check_choice("on_failure", on_failure, SOLVE_QP_FAILURE_CHOICES)
     check_fill("failed_value", failed_value)
     if relaxation is not None and not isinstance(relaxation, Relaxation):
@@ -36,13 +38,15 @@ def check_qp_options(tol: object, rel_tol: object, max_iter: object, on_failure:
 def check_qpth_options(eps: object, tol: object, maxIter: object, max_iter: object, verbose: object,
                        notImprovedLim: object, solver: object, check_Q_spd: object) -> None:
     """``QPFunction``'s qpth arguments: each given once (qpth's name or ours), ``verbose`` an
-    integer, ``notImprovedLim`` >= 1, the one supported solver, ``check_Q_spd`` a bool."""
+    integer or a bool (qpth's code passes ``verbose=False``; a bool is the integer it equals, as
+    in qpth), ``notImprovedLim`` >= 1, the one supported solver, ``check_Q_spd`` a bool."""
     for qpth_name, value, name, ours in (("eps", eps, "tol", tol), ("maxIter", maxIter, "max_iter", max_iter)):
         if value is not None and ours is not None:
             raise ValueError(f"give {qpth_name} (qpth's name) or {name}, not both; got {qpth_name}={value!r}, "
                              f"{name}={ours!r}")
-    if not isinstance(verbose, int) or isinstance(verbose, bool):
-        raise ValueError(f"verbose must be an integer (-1 silent, 0 warnings, 1 a summary per solve), got {verbose!r}")
+    if not isinstance(verbose, int):  # a bool is an int: False 0, True 1, as qpth reads them
+        raise ValueError(f"verbose must be an integer (-1 silent, 0 warnings, 1 a summary per solve) or a bool, "
+                         f"got {verbose!r}")
     check_int("notImprovedLim", notImprovedLim, 1, optional=True)
     check_solver(solver)
     if not isinstance(check_Q_spd, bool):
@@ -106,10 +110,16 @@ def check_layer_input(name: str, x: object, n: int, layer: nn.Module) -> None:
     if x.shape[-1:] != (n,):
         raise ValueError(f"{name} must have shape (*, {n}), got {tuple(x.shape)}")
     dtypes = {t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()}
+    solvable = (torch.float32, torch.float64)
+    if len(dtypes) == 1 and next(iter(dtypes)) not in solvable:  # a layer converted to a half precision
+        (dtype,) = dtypes
+        raise TypeError(f"the layer's parameters are {dtype}, which the solver does not take (float32 or float64); "
+                        f"convert the layer (layer.to(torch.float32)) and its input {name} ({name} has dtype {x.dtype})")
     if len(dtypes) == 1 and x.dtype not in dtypes:
         (dtype,) = dtypes
+        layer_too = f" or the layer (layer.to({x.dtype}))" if x.dtype in solvable else ""
         raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {dtype}; convert the input "
-                        f"({name}.to({dtype})) or the layer (layer.to({x.dtype}))")
+                        f"({name}.to({dtype})){layer_too}")
     devices = {t.device for t in (*layer.parameters(), *layer.buffers())}
     if len(devices) == 1 and x.device not in devices:
         (device,) = devices
