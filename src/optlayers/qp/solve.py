@@ -102,7 +102,11 @@ def solve_qp(
             the eager solver.
 
     Each argument has its own batch dimensions or none; they broadcast like torch. Gradients of
-    a shared argument are summed over the batch. Device and dtype follow the inputs.
+    a shared argument are summed over the batch. Device and dtype follow the inputs. A derivative
+    taken where a solved element's solution has an inequality row neither clearly active nor
+    clearly inactive (weakly active) warns, naming the elements (``InexactDerivativeWarning``);
+    a solution that is not unique (a face of optima) is not detected (docs/qp.md, "Where the
+    derivative is inexact or does not exist").
 
     Example:
         >>> sol = solve_qp(torch.eye(2), torch.tensor([1.0, -1.0]), G=torch.eye(2), h=torch.tensor([0.5, 0.5]))
