@@ -89,3 +89,20 @@ def test_wrong_experiment_and_missing_file(tmp_path):
         report.results_record("mnist", tmp_path / "run", "c", "h")
     with pytest.raises(ValueError, match="without it"):
         report.results_record("mnist", tmp_path / "nothing", "c", "h")
+
+
+def test_table_without_results_says_so(tmp_path, capsys):
+    """Run from elsewhere than the repository's root, the default docs/results is not there: a
+    message, not a table of no rows."""
+    with pytest.raises(SystemExit):
+        report.main(["table", "--results-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert f"no results in {tmp_path}" in err and "give --results-dir" in err
+
+
+def test_table_reads_the_repositorys_results(capsys):
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parents[2] / "docs" / "results"
+    assert report.main(["table", "--results-dir", str(results)]) == 0
+    assert len(capsys.readouterr().out.splitlines()) > 2

@@ -186,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         records = {name: json.loads((args.results_dir / f"{name}.json").read_text())
                    for name in EXTRACT if (args.results_dir / f"{name}.json").is_file()}
+        if not records:  # a relative default read from elsewhere than the repository's root, say
+            parser.error(f"no results in {args.results_dir} (none of {', '.join(f'{name}.json' for name in sorted(EXTRACT))}); "
+                         "run from the repository's root or give --results-dir")
         print("\n".join(["| experiment | metric | paper | measured | training / test examples |",
                          "|---|---|---|---|---|", *markdown_rows(records)]))
     return 0
