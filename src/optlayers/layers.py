@@ -15,7 +15,13 @@ from torch import Tensor, nn
 from optlayers.qp.relax import Relaxation
 from optlayers.qp.solve import QPSolution, solve_qp
 from optlayers.validation.options import check_bool, check_int
-from optlayers.validation.qp import check_layer_input, check_optnet_options, check_optnet_tv_options, check_qp_options
+from optlayers.validation.qp import (
+    check_layer_input,
+    check_optnet_options,
+    check_optnet_tv_options,
+    check_qp_options,
+    layer_dtype,
+)
 
 DEFAULT_EPS = 1e-4
 """Added to Q = LLᵀ so that Q is positive definite (the paper's ε); small enough not to bias z."""
@@ -56,9 +62,7 @@ def _from_autocast(x: Tensor, layer: nn.Module) -> Tensor:
     bfloat16: what a layer before produced) is cast to the layer's dtype. Otherwise Q = LLᵀ + εI and
     the constraints' right-hand sides would be formed in bfloat16 (2 % off in z), or be refused."""
     if isinstance(x, Tensor) and x.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(x.device.type):
-        dtype = next((t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()),
-                     torch.get_default_dtype())
-        return x.to(dtype)
+        return x.to(layer_dtype(layer) or torch.get_default_dtype())
     return x
 
 

@@ -102,6 +102,13 @@ def check_optnet_tv_options(n: object, lam: object, eps: object, n_diff: object,
         raise ValueError(f"init must be 'difference' or 'random', got {init!r}")
 
 
+def layer_dtype(layer: nn.Module) -> torch.dtype | None:
+    """The dtype of a layer's floating-point parameters and buffers, where they have one (None
+    where it has none, or several)."""
+    dtypes = {t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()}
+    return next(iter(dtypes)) if len(dtypes) == 1 else None
+
+
 def check_layer_input(name: str, x: object, n: int, layer: nn.Module) -> None:
     """An OptNet layer's input ``x`` is a (*, n) tensor of the layer's dtype (that of its parameters
     and buffers, where it has floating-point ones), on the layer's device (where it has one)."""
@@ -109,14 +116,12 @@ def check_layer_input(name: str, x: object, n: int, layer: nn.Module) -> None:
         raise TypeError(f"{name} must be a torch.Tensor of shape (*, {n}), got {type(x).__name__}")
     if x.shape[-1:] != (n,):
         raise ValueError(f"{name} must have shape (*, {n}), got {tuple(x.shape)}")
-    dtypes = {t.dtype for t in (*layer.parameters(), *layer.buffers()) if t.is_floating_point()}
+    dtype = layer_dtype(layer)
     solvable = (torch.float32, torch.float64)
-    if len(dtypes) == 1 and next(iter(dtypes)) not in solvable:  # a layer converted to a half precision
-        (dtype,) = dtypes
+    if dtype is not None and dtype not in solvable:  # a layer converted to a half precision
         raise TypeError(f"the layer's parameters are {dtype}, which the solver does not take (float32 or float64); "
                         f"convert the layer (layer.to(torch.float32)) and its input {name} ({name} has dtype {x.dtype})")
-    if len(dtypes) == 1 and x.dtype not in dtypes:
-        (dtype,) = dtypes
+    if dtype is not None and x.dtype != dtype:
         layer_too = f" or the layer (layer.to({x.dtype}))" if x.dtype in solvable else ""
         raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {dtype}; convert the input "
                         f"({name}.to({dtype})){layer_too}")
