@@ -35,6 +35,7 @@ from optlayers.qp.derivatives import (
     FORWARD_OVER_FORWARD,
     KKTPoint,
     data_cotangent,
+    factor_from,
     flat_vmap,
     plain_solution_vjp,
     solution_jvp,
@@ -64,10 +65,12 @@ some solved element's derivative is inexact (``forward.Outcome.inexact``, read w
 
 def _warn_inexact_at(saved: tuple[Tensor, ...], batch_shape: tuple[int, ...]) -> None:
     """``derivative_checks.warn_inexact`` at the scaled solution among the tensors ``setup_context``
-    saved."""
+    saved, with the derivatives' factorisation where the forward kept it (else the amplification
+    is not tested)."""
     status, *rest = saved[_STATUS_AT:_FACTOR_AT]
     point = Saved(*rest)
-    warn_inexact(status, point.lam, point.s, batch_shape)
+    factor = factor_from(saved[_FACTOR_AT:], point.A.shape[-2]) if len(saved) > _FACTOR_AT else None
+    warn_inexact(status, point.lam, point.s, factor, batch_shape)
 
 
 def _fill(on_failure: str | FailurePolicy) -> float:

@@ -1,5 +1,6 @@
-"""Which solved problems' derivatives are inexact: those with an inequality row that the solve
-left neither clearly active nor clearly inactive.
+"""Which solved problems' derivatives are inexact or do not exist: those with an inequality row
+that the solve left neither clearly active nor clearly inactive, and those whose solution is not
+unique (or nearly so).
 
 The derivatives (``qp.derivatives``) differentiate the KKT conditions at the interior point
 method's last iterate, where λᵢsᵢ = μ > 0 rather than 0. Where every row has one of λᵢ, sᵢ far
@@ -15,11 +16,15 @@ ratio min(λᵢ, sᵢ)/max(λᵢ, sᵢ) over the rows (ratios from 1e-12 to 1, e
 ``tests/qp/test_inexact_derivatives.py`` checks that every element not reported is within
 25·``AMBIGUOUS_ROW_RATIO`` of it.
 
+Where the solution is not unique (an LP or a singular Q with a face of optima), the iterate is
+the face's centre and its derivative along the face about 4/tol, where the map has none: the
+derivative's amplification (``amplification``) tells it.
+
 This module finds such problems (``inexact_derivatives``: the forward computes it where gradients
-are possible and reads it with the final statuses, no host synchronisation of its own) and warns
-about them (``warn_inexact``: the backward does where the forward found some, and a forward-mode
-derivative does; ``qp.autograd``). It does not find a solution that is not unique (an LP or a
-singular Q with a face of optima), whose derivative does not exist either (docs/qp.md).
+are possible, with the derivatives' factorisation, and reads it with the final statuses, no host
+synchronisation of its own) and warns about them (``warn_inexact``: the backward does where the
+forward found some, and a forward-mode derivative does; ``qp.autograd``). It does not find
+dependent active rows (the multipliers' derivatives are then not defined; docs/qp.md).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from optlayers.engine.kkt import KKTFactor, solve_reduced
 from optlayers.qp.status import QPStatus
 from optlayers.status import InexactDerivativeWarning, listed_elements, user_stacklevel
 
@@ -39,6 +45,33 @@ tolerance the largest ratio was 1.6e-5 (batch 128, n = 50 with 25 equalities; 3.
 and 5.5e-4 at ``tol`` 1e-8 (n = 10)."""
 
 
+MAX_AMPLIFICATION = 1e6
+"""A solved problem's derivative is reported where dz/dp of the scaled problem amplifies some
+direction more than this (``amplification``): its solution is not unique (a face of optima, where
+the iterate's derivative along the face is about 4/tol, e.g. 4e9 at the default tol and 3.9e8 at
+tol 1e-8, where the map has none) or nearly so (curvature below about 1e-6 of the data's scale,
+whose derivative is as large and, near the tolerance, inexact). The benchmark's and the tests'
+random QPs amplified by at most 565 (batches of 64 with n = 10 and 32 with n = 50, with and without
+equalities); a Q with an eigenvalue of 1e-4 (OptNet's ε) by 5e3. A face of
+optima at a tolerance above about 1e-6 amplifies by less than this, and is not reported."""
+
+
+def amplification(f: KKTFactor) -> Tensor:
+    """(B,) an estimate of the largest amplification ‖dz‖/‖dp‖ of each problem's derivative (the
+    largest eigenvalue of the x-block of the KKT system's inverse): two steps of the power method
+    with the derivatives' factorisation ``f``, from a fixed vector, unrefined (the regularisation
+    caps it at about 1/ρ). A lower bound, close after two steps where one direction dominates."""
+    n = f.G.shape[-1]
+    v = torch.sin(torch.arange(1, n + 1, dtype=f.G.dtype, device=f.G.device)).expand(f.G.shape[0], n)
+    growth = v.new_zeros(v.shape[0])
+    for _ in range(2):
+        v = v / v.norm(dim=-1, keepdim=True)  # dx ≠ 0 where the factorisation succeeded (f.ok)
+        dx = solve_reduced(f, v, None, None, refine_steps=0, use_y=True)[0]
+        growth = dx.norm(dim=-1)
+        v = dx
+    return torch.where(f.ok, growth, 0.0)
+
+
 def row_ratios(lam: Tensor, s: Tensor) -> Tensor:
     """(B,) the largest min(λᵢ, sᵢ)/max(λᵢ, sᵢ) over each problem's inequality rows (0 without rows,
     and for a row where both are 0)."""
@@ -48,28 +81,43 @@ def row_ratios(lam: Tensor, s: Tensor) -> Tensor:
     return torch.where(high > 0, low / high, 0.0).amax(-1)
 
 
-def inexact_derivatives(status: Tensor, lam: Tensor, s: Tensor) -> Tensor:
-    """(B,) bool: the problem was solved and its derivative is inexact (``AMBIGUOUS_ROW_RATIO``), at
-    the scaled solution (λ, s) (B, k): ``row_ratios`` above the ratio, compared without dividing
-    (seven kernels)."""
+def inexact_derivatives(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor) -> Tensor:
+    """(B,) bool: the problem was solved and its derivative is inexact, at the scaled solution
+    (λ, s) (B, k) whose derivatives' factorisation is ``f``: ``row_ratios`` above
+    ``AMBIGUOUS_ROW_RATIO`` (compared without dividing), or ``amplification`` above
+    ``MAX_AMPLIFICATION``."""
     ambiguous = (torch.minimum(lam, s) > AMBIGUOUS_ROW_RATIO * torch.maximum(lam, s)).any(-1)
-    return ambiguous & (status == int(QPStatus.SOLVED))
+    return (ambiguous | (amplification(f) > MAX_AMPLIFICATION)) & (status == int(QPStatus.SOLVED))
 
 
-def warn_inexact(status: Tensor, lam: Tensor, s: Tensor, batch_shape: tuple[int, ...]) -> None:
-    """Warn (an ``InexactDerivativeWarning``) naming the solved problems whose derivative is inexact, where some
-    is: ``status`` (B,), the scaled solution's (λ, s) (B, k) and the batch's shape, whose indices
-    name them (one host read)."""
-    ratios, inexact = row_ratios(lam, s), inexact_derivatives(status, lam, s)
-    if not bool(inexact.any()):
+def warn_inexact(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor | None, batch_shape: tuple[int, ...]) -> None:
+    """Warn (an ``InexactDerivativeWarning``) naming the solved problems whose derivative is
+    inexact, where some is, by reason: ``status`` (B,), the scaled solution's (λ, s) (B, k), its
+    derivatives' factorisation ``f`` (None: the amplification is not tested) and the batch's shape,
+    whose indices name them (one host read)."""
+    solved = status == int(QPStatus.SOLVED)
+    ratios = row_ratios(lam, s)
+    ambiguous = solved & (ratios > AMBIGUOUS_ROW_RATIO)
+    growth = amplification(f) if f is not None else ratios.new_zeros(ratios.shape)
+    amplified = solved & (growth > MAX_AMPLIFICATION)
+    if not bool((ambiguous | amplified).any()):
         return
-    where = inexact.reshape(batch_shape).nonzero().tolist() if batch_shape else []
-    elements = f"at elements {listed_elements(where)}" if batch_shape else "of the QP"
-    warnings.warn(
-        f"the derivative {elements} is inexact: an inequality row is neither clearly active nor clearly "
-        f"inactive at the solution (its λ and s within a factor {1 / AMBIGUOUS_ROW_RATIO:g} of each other; largest "
-        f"min(λ, s)/max(λ, s) {float(ratios[inexact].max()):.1e}). The derivative computed is that of the interior "
-        "point method's last iterate, which blends the row's active and inactive derivatives; it may be off by up to "
-        "its own size. A constraint that is weakly active (λ = s = 0) has no derivative, only one-sided ones; one that "
-        "is only nearly so (λ or s below about √tol) is resolved by a smaller tol.",
-        InexactDerivativeWarning, stacklevel=user_stacklevel())
+
+    def named(mask: Tensor) -> str:
+        return f"at elements {listed_elements(mask.reshape(batch_shape).nonzero().tolist())}" if batch_shape else "of the QP"
+    reasons = []
+    if bool(ambiguous.any()):
+        reasons.append(
+            f"the derivative {named(ambiguous)} is inexact: an inequality row is neither clearly active nor clearly "
+            f"inactive at the solution (its λ and s within a factor {1 / AMBIGUOUS_ROW_RATIO:g} of each other; largest "
+            f"min(λ, s)/max(λ, s) {float(ratios[ambiguous].max()):.1e}). The derivative computed is that of the interior "
+            "point method's last iterate, which blends the row's active and inactive derivatives; it may be off by up to "
+            "its own size. A constraint that is weakly active (λ = s = 0) has no derivative, only one-sided ones; one "
+            "that is only nearly so (λ or s below about √tol) is resolved by a smaller tol")
+    if bool(amplified.any()):
+        reasons.append(
+            f"the derivative {named(amplified)} amplifies a change of p by up to {float(growth[amplified].max()):.1e} "
+            f"(above {MAX_AMPLIFICATION:g}, in the scaled problem): the solution is not unique (a face of optima, "
+            "which an LP or a singular Q can have, and where the derivative computed, about 4/tol along the face, "
+            "is not the solution map's: it has none) or nearly so (curvature below about 1e-6 of the data's scale)")
+    warnings.warn("; ".join(reasons) + ".", InexactDerivativeWarning, stacklevel=user_stacklevel())

@@ -97,7 +97,7 @@ def whole(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool,
     if with_factor:
         f = ipm._derivative_factor_unretried(data.Q, data.A, data.G, st.lam, st.s, settings, data.diagonal)
         factor, unfactored = factor_tensors(f), ~f.ok.all()
-        inexact = inexact_derivatives(status, st.lam, st.s).any()
+        inexact = inexact_derivatives(status, st.lam, st.s, f).any()
     ends = ~running.any() | (taken >= settings.max_iter)
     info = torch.stack([taken, start_failed, ends, (status != int(QPStatus.SOLVED)).any(), unfactored, inexact])
     return packed, where, status, factor, info

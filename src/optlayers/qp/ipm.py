@@ -743,7 +743,7 @@ def iterate(data: QPData, units: Units, full: State, res: Residuals, plain_step:
         factor = solve_part(_derivative_factor_unretried, settings, device)(data.Q, data.A, data.G, full.lam, full.s, settings, data.diagonal)
     unsolved, unfactored, inexact = host_read(torch.stack([
         full.status != int(QPStatus.SOLVED), full.status != full.status if factor is None else ~factor.ok,
-        inexact_derivatives(full.status, full.lam, full.s) if with_factor else full.status != full.status]).any(-1))
+        inexact_derivatives(full.status, full.lam, full.s, factor) if factor is not None else full.status != full.status]).any(-1))
     if unsolved:
         full, res = _accurate_gaps_of_inaccurate(data, units, full, res)
         full, res, polished, again = _smaller_multipliers_of_unsolved(data, units, full, res, settings,

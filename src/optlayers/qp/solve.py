@@ -104,9 +104,9 @@ def solve_qp(
     Each argument has its own batch dimensions or none; they broadcast like torch. Gradients of
     a shared argument are summed over the batch. Device and dtype follow the inputs. A derivative
     taken where a solved element's solution has an inequality row neither clearly active nor
-    clearly inactive (weakly active) warns, naming the elements (``InexactDerivativeWarning``);
-    a solution that is not unique (a face of optima) is not detected (docs/qp.md, "Where the
-    derivative is inexact or does not exist").
+    clearly inactive (weakly active), or is not unique (a face of optima), warns, naming the
+    elements (``InexactDerivativeWarning``; docs/qp.md, "Where the derivative is inexact or does
+    not exist").
 
     Example:
         >>> sol = solve_qp(torch.eye(2), torch.tensor([1.0, -1.0]), G=torch.eye(2), h=torch.tensor([0.5, 0.5]))
