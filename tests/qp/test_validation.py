@@ -60,7 +60,9 @@ def test_a_q_that_is_not_semidefinite_is_refused_naming_its_elements():
     Q = torch.stack([torch.eye(2), torch.tensor([[-1.0, 1.2], [1.2, 0.6]]), torch.eye(2)]).double()
     assert torch.linalg.eigvalsh(Q[1]).amin() < -1.0
     p = torch.tensor([0.1, -0.2], dtype=torch.float64).expand(3, 2)
-    with pytest.raises(ValueError, match=r"Q must be positive semidefinite .* at batch elements 1 \(flattened\)"):
+    lowest = torch.linalg.eigvalsh(Q[1]).amin() / Q[1].abs().max()  # the message says how far from semidefinite
+    with pytest.raises(ValueError, match=r"Q must be positive semidefinite .* at batch elements 1 \(flattened\): its "
+                                         rf"smallest eigenvalue is {float(lowest):.3g}·max\|Q\|"):
         solve_qp(Q, p, **box)
     with pytest.raises(ValueError, match=r"Q must be positive semidefinite"):
         QPFunction(verbose=-1)(Q, p, box["G"], box["h"], torch.Tensor(), torch.Tensor())

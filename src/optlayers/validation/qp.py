@@ -273,10 +273,14 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
             f"Q must be symmetric (positive semidefinite); max |Q - Qᵀ| = {float(asym):.3g} exceeds {tol:.1e}·max(1, max|Q|); "
             "pass (Q + Q.transpose(-1, -2)) / 2"
         )
+    failing = ~semidefinite(distinct)
     where = ("(the one Q shared by the batch)" if shared else
-             f"at batch elements {listed_elements((~semidefinite(Q)).nonzero().tolist())} (flattened)")
+             f"at batch elements {listed_elements(failing.nonzero().tolist())} (flattened)")
+    refused = distinct[failing].detach().double()  # the error path only: eigenvalues to say how far from semidefinite
+    lowest = torch.linalg.eigvalsh(0.5 * (refused + refused.mT)).amin(-1) / refused.abs().amax((-1, -2))
     raise ValueError(f"Q must be positive semidefinite (a convex QP), got a Q with an eigenvalue below "
-                     f"-{DATA_TOL:.1e}·max|Q| {where}; a Q formed as L Lᵀ (+ εI) is, as OptNet's layers form it")
+                     f"-{DATA_TOL:.1e}·max|Q| {where}: its smallest eigenvalue is {float(lowest.min()):.3g}·max|Q|. "
+                     "A Q formed as L Lᵀ (+ εI) is semidefinite; OptNet's layers form it so")
 
 
 def check_positive_definite(Q: Tensor, batch: torch.Size) -> None:
