@@ -66,9 +66,9 @@ class SolveError(RuntimeError):
 class InexactDerivativeWarning(RuntimeWarning):
     """Warned where a solved element's derivative is inexact or does not exist: a constraint row
     there is neither clearly active nor clearly inactive at the solution, or the solution is not
-    unique (``solve_qp``; see
-    docs/qp.md, "Where the derivative is inexact or does not exist"). A category of its own, so
-    that a caller can filter it (``warnings.filterwarnings("ignore", category=...)``) or count it."""
+    unique (``solve_qp``; see docs/qp.md, "Where the derivative is inexact or does not exist"). A
+    category of its own, so that a caller can filter it (``warnings.filterwarnings("ignore",
+    category=...)``) or count it."""
 
 
 _LIBRARY_DIRS = (os.path.dirname(os.path.abspath(__file__)) + os.sep, os.path.dirname(torch.__file__) + os.sep)

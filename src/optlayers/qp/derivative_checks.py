@@ -63,13 +63,10 @@ def amplification(f: KKTFactor) -> Tensor:
     caps it at about 1/ρ). A lower bound, close after two steps where one direction dominates."""
     n = f.G.shape[-1]
     v = torch.sin(torch.arange(1, n + 1, dtype=f.G.dtype, device=f.G.device)).expand(f.G.shape[0], n)
-    growth = v.new_zeros(v.shape[0])
     for _ in range(2):
         v = v / v.norm(dim=-1, keepdim=True)  # dx ≠ 0 where the factorisation succeeded (f.ok)
-        dx = solve_reduced(f, v, None, None, refine_steps=0, use_y=True)[0]
-        growth = dx.norm(dim=-1)
-        v = dx
-    return torch.where(f.ok, growth, 0.0)
+        v = solve_reduced(f, v, None, None, refine_steps=0, use_y=True)[0]
+    return torch.where(f.ok, v.norm(dim=-1), 0.0)
 
 
 def row_ratios(lam: Tensor, s: Tensor) -> Tensor:
@@ -81,13 +78,17 @@ def row_ratios(lam: Tensor, s: Tensor) -> Tensor:
     return torch.where(high > 0, low / high, 0.0).amax(-1)
 
 
+def ambiguous_rows(lam: Tensor, s: Tensor) -> Tensor:
+    """(B,) bool: some inequality row has ``row_ratios`` above ``AMBIGUOUS_ROW_RATIO``, compared
+    without dividing."""
+    return (torch.minimum(lam, s) > AMBIGUOUS_ROW_RATIO * torch.maximum(lam, s)).any(-1)
+
+
 def inexact_derivatives(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor) -> Tensor:
     """(B,) bool: the problem was solved and its derivative is inexact, at the scaled solution
-    (λ, s) (B, k) whose derivatives' factorisation is ``f``: ``row_ratios`` above
-    ``AMBIGUOUS_ROW_RATIO`` (compared without dividing), or ``amplification`` above
-    ``MAX_AMPLIFICATION``."""
-    ambiguous = (torch.minimum(lam, s) > AMBIGUOUS_ROW_RATIO * torch.maximum(lam, s)).any(-1)
-    return (ambiguous | (amplification(f) > MAX_AMPLIFICATION)) & (status == int(QPStatus.SOLVED))
+    (λ, s) (B, k) whose derivatives' factorisation is ``f``: ``ambiguous_rows``, or
+    ``amplification`` above ``MAX_AMPLIFICATION``."""
+    return (ambiguous_rows(lam, s) | (amplification(f) > MAX_AMPLIFICATION)) & (status == int(QPStatus.SOLVED))
 
 
 def warn_inexact(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor | None, batch_shape: tuple[int, ...]) -> None:
@@ -96,9 +97,8 @@ def warn_inexact(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor | None, ba
     derivatives' factorisation ``f`` (None: the amplification is not tested) and the batch's shape,
     whose indices name them (one host read)."""
     solved = status == int(QPStatus.SOLVED)
-    ratios = row_ratios(lam, s)
-    ambiguous = solved & (ratios > AMBIGUOUS_ROW_RATIO)
-    growth = amplification(f) if f is not None else ratios.new_zeros(ratios.shape)
+    ambiguous = solved & ambiguous_rows(lam, s)
+    growth = amplification(f) if f is not None else lam.new_zeros(lam.shape[:-1])
     amplified = solved & (growth > MAX_AMPLIFICATION)
     if not bool((ambiguous | amplified).any()):
         return
@@ -110,7 +110,7 @@ def warn_inexact(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor | None, ba
         reasons.append(
             f"the derivative {named(ambiguous)} is inexact: an inequality row is neither clearly active nor clearly "
             f"inactive at the solution (its λ and s within a factor {1 / AMBIGUOUS_ROW_RATIO:g} of each other; largest "
-            f"min(λ, s)/max(λ, s) {float(ratios[ambiguous].max()):.1e}). The derivative computed is that of the interior "
+            f"min(λ, s)/max(λ, s) {float(row_ratios(lam, s)[ambiguous].max()):.1e}). The derivative computed is that of the interior "
             "point method's last iterate, which blends the row's active and inactive derivatives; it may be off by up to "
             "its own size. A constraint that is weakly active (λ = s = 0) has no derivative, only one-sided ones; one "
             "that is only nearly so (λ or s below about √tol) is resolved by a smaller tol")

@@ -117,12 +117,11 @@ def check_layer_input(name: str, x: object, n: int, layer: nn.Module) -> None:
     if x.shape[-1:] != (n,):
         raise ValueError(f"{name} must have shape (*, {n}), got {tuple(x.shape)}")
     dtype = layer_dtype(layer)
-    solvable = (torch.float32, torch.float64)
-    if dtype is not None and dtype not in solvable:  # a layer converted to a half precision
+    if dtype is not None and dtype not in _FLOAT_DTYPES:  # a layer converted to a half precision
         raise TypeError(f"the layer's parameters are {dtype}, which the solver does not take (float32 or float64); "
                         f"convert the layer (layer.to(torch.float32)) and its input {name} ({name} has dtype {x.dtype})")
     if dtype is not None and x.dtype != dtype:
-        layer_too = f" or the layer (layer.to({x.dtype}))" if x.dtype in solvable else ""
+        layer_too = f" or the layer (layer.to({x.dtype}))" if x.dtype in _FLOAT_DTYPES else ""
         raise TypeError(f"{name} has dtype {x.dtype} but the layer's parameters are {dtype}; convert the input "
                         f"({name}.to({dtype})){layer_too}")
     devices = {t.device for t in (*layer.parameters(), *layer.buffers())}
