@@ -138,6 +138,9 @@ _WRONG_WARM = ConeSolution(torch.zeros(5), torch.zeros(3), torch.zeros(3), torch
 @pytest.mark.parametrize("args, error, message", [
     (dict(A=torch.zeros(4, 2), b=torch.zeros(4)), ValueError, "cones cover 3 rows .* A has m = 4 rows"),
     (dict(b=torch.zeros(4)), ValueError, r"b must end in shape \(3,\) to match A of shape \(3, 2\), got \(4,\)"),
+    (dict(A=torch.zeros(4, 2)), ValueError, r"A must have shape \(\.\.\., 3, n\) to match b of shape \(3,\) and the cones' 3 rows"),
+    (dict(A=torch.zeros(3, 3), P=torch.eye(2)), ValueError,
+     r"A must have shape \(\.\.\., m, 2\) to match c of shape \(2,\) and P of shape \(2, 2\), got \(3, 3\)"),
     (dict(c=torch.zeros(2, 3)), ValueError, r"c must end in shape \(2,\)"),
     (dict(P=torch.zeros(3, 3)), ValueError, r"P must end in shape \(2, 2\)"),
     (dict(c=torch.tensor([0.0, float("nan")])), ValueError, "c contains NaN or Inf"),

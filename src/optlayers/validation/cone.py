@@ -173,6 +173,7 @@ def check_cone_data(tensors: dict[str, torch.Tensor], cones: ConeSpec) -> tuple[
     m, n = A_t.shape[-2:]
     _check_dims("b", tensors["b"], (1, 2), f"(m,) = ({m},) or (B, m)")
     _check_dims("c", tensors["c"], (1, 2), f"(n,) = ({n},) or (B, n)")
+    _check_A_shape(tensors, cones, m, n)
     expected = {"b": (m,), "c": (n,), "P": (n, n)}
     for name, tail in expected.items():
         if name in tensors and tuple(tensors[name].shape[-len(tail):]) != tail:
@@ -193,6 +194,20 @@ def check_cone_data(tensors: dict[str, torch.Tensor], cones: ConeSpec) -> tuple[
     if len(set(batches.values())) > 1:
         raise ValueError(f"batched inputs must share one batch size, got {batches}")
     return m, n, next(iter(batches.values())) if batches else None
+
+
+def _check_A_shape(tensors: dict[str, torch.Tensor], cones: ConeSpec, m: int, n: int) -> None:
+    """Blame A, not b or c, where the others agree on a size that A's is not: b's length with the
+    cones' rows, or c's with P's order (m and n are taken from A, and without this a wrong A would be
+    reported as a wrong b or c)."""
+    A_shape, b_rows, c_cols = tuple(tensors["A"].shape), tensors["b"].shape[-1], tensors["c"].shape[-1]
+    if b_rows != m and b_rows == cones.size:
+        raise ValueError(f"A must have shape (..., {b_rows}, n) to match b of shape {tuple(tensors['b'].shape)} and the "
+                         f"cones' {cones.size} rows ({cones}), got {A_shape}")
+    P = tensors.get("P")
+    if c_cols != n and P is not None and P.dim() >= 2 and tuple(P.shape[-2:]) == (c_cols, c_cols):
+        raise ValueError(f"A must have shape (..., m, {c_cols}) to match c of shape {tuple(tensors['c'].shape)} and P of "
+                         f"shape {tuple(P.shape)}, got {A_shape}")
 
 
 def _values(t: torch.Tensor) -> torch.Tensor:

@@ -154,10 +154,26 @@ def check_qp_data(Q: object, p: object, G: object, h: object, A: object,
         raise ValueError(f"p must have shape (..., n) with n >= 1, got {tuple(p.shape)}")
     n = p.shape[-1]
     Q = _check_tensor("Q", Q, p)
-    _check_matrix("Q", Q, n, n)
+    _check_p_length(p, {"Q": Q, "G": G, "A": A})
+    _check_matrix("Q", Q, n, n, p)
     G, h = _check_pair("G", "h", G, h, p, n)
     A, b = _check_pair("A", "b", A, b, p, n)
     return Q, p, G, h, A, b
+
+
+def _check_p_length(p: Tensor, matrices: dict[str, object]) -> None:
+    """Blame p, not the matrices, where Q is square and Q, G and A (those given) all have one number of
+    columns that p's length is not: n is taken from p, and without this a short p would be reported
+    as a wrong Q."""
+    widths = {name: tuple(M.shape) for name, M in matrices.items()
+              if isinstance(M, Tensor) and M.dim() >= 2 and (name == "Q" or not is_absent(M, -2))}
+    Q_shape = widths.get("Q")
+    if Q_shape is None or Q_shape[-1] != Q_shape[-2] or len({shape[-1] for shape in widths.values()}) != 1:
+        return
+    n = Q_shape[-1]
+    if n != p.shape[-1]:
+        given = " and ".join(f"{name} of shape {shape}" for name, shape in widths.items())
+        raise ValueError(f"p must have shape (..., {n}) to match {given} (n = {n} variables), got {tuple(p.shape)}")
 
 
 def _check_tensor(name: str, t: object, ref: Tensor | None) -> Tensor:
@@ -174,10 +190,11 @@ def _check_tensor(name: str, t: object, ref: Tensor | None) -> Tensor:
     return t
 
 
-def _check_matrix(name: str, M: Tensor, rows: int | None, n: int) -> None:
+def _check_matrix(name: str, M: Tensor, rows: int | None, n: int, p: Tensor) -> None:
     if M.dim() < 2 or M.shape[-1] != n or (rows is not None and M.shape[-2] != rows):
         want = f"(..., {rows if rows is not None else 'k'}, {n})"
-        raise ValueError(f"{name} must have shape {want} (n = {n} from p), got {tuple(M.shape)}")
+        raise ValueError(f"{name} must have shape {want} to match p of shape {tuple(p.shape)} (n = {n} variables), "
+                         f"got {tuple(M.shape)}")
 
 
 def _check_pair(mat_name: str, vec_name: str, M: object, v: object, ref: Tensor,
@@ -191,7 +208,7 @@ def _check_pair(mat_name: str, vec_name: str, M: object, v: object, ref: Tensor,
         raise ValueError(f"{given} was given without {missing}; pass both or neither")
     M = _check_tensor(mat_name, M, ref)
     v = _check_tensor(vec_name, v, ref)
-    _check_matrix(mat_name, M, None, n)
+    _check_matrix(mat_name, M, None, n, ref)
     if v.dim() < 1 or v.shape[-1] != M.shape[-2]:
         raise ValueError(f"{vec_name} must have shape (..., {M.shape[-2]}) to match {mat_name} of shape {tuple(M.shape)}, got {tuple(v.shape)}")
     return M, v
