@@ -53,6 +53,8 @@ def test_arguments_are_checked():
         compiling.compiled(_double, "")
     with pytest.raises(TypeError, match="pointwise_cat must be True or False, got 1"):
         compiling.compiled(_double, "cpu", 1)
+    with pytest.raises(TypeError, match="batched must be True or False, got 'yes'"):
+        compiling.compiled(_double, "cpu", batched="yes")
     with pytest.raises(TypeError, match="obj must be a dataclass instance, got Tensor"):
         compiling.owned(torch.ones(2))
 
@@ -240,3 +242,34 @@ def test_pointwise_cats_only_for_small_batches_on_the_cpu():
     cpu, limit = torch.device("cpu"), compiling.POINTWISE_CAT_MAX_ENTRIES
     assert compiling.pointwise_cats(1, limit, cpu) and compiling.pointwise_cats(limit // 10, 10, cpu)
     assert not compiling.pointwise_cats(limit + 1, 1, cpu) and not compiling.pointwise_cats(1, 10, torch.device("meta"))
+
+
+def _frames_compiled() -> int:
+    """How many frames dynamo has compiled since its counters were cleared."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def test_batched_functions_compile_once_for_every_batch_of_two_or_more(eager_backend):
+    torch._dynamo.utils.counters.clear()
+    run = compiling.compiled(_double, "cpu", batched=True)
+    for batch in (4, 7, 2, 33):
+        assert torch.equal(run(torch.ones(batch, 3)), torch.full((batch, 3), 2.0))
+    assert _frames_compiled() == 1
+    run(torch.ones(1, 3))  # a batch of one is a specialisation of its own
+    assert _frames_compiled() == 2
+    run(torch.ones(5, 4))  # another shape after the batch is compiled again
+    assert _frames_compiled() == 3
+
+
+def test_unbatched_or_with_batch_dynamic_off_each_batch_is_compiled(eager_backend, monkeypatch):
+    monkeypatch.setattr(compiling, "BATCH_DYNAMIC", False)
+    torch._dynamo.utils.counters.clear()
+    run = compiling.compiled(_double, "cpu", batched=True)
+    run(torch.ones(4, 3))
+    run(torch.ones(7, 3))
+    assert _frames_compiled() == 2
+    monkeypatch.setattr(compiling, "BATCH_DYNAMIC", True)
+    plain = compiling.compiled(_affine, "cpu")  # not batched
+    plain(torch.ones(4, 3))
+    plain(torch.ones(7, 3))
+    assert _frames_compiled() == 4

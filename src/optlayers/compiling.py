@@ -162,15 +162,44 @@ otherwise generate around the call of each graph (``record_runtime_overhead``, r
 generates the code that calls the graph: two more ``torch._dynamo.disable`` wrappers entered per
 call, 25 Python calls, whether a profiler runs or not)."""
 
+BATCH_DYNAMIC = True
+"""Whether the QP's compiled functions on the CPU (those compiled ``batched``) take the batch size
+as a symbol: one specialisation serves every batch of at least 2 problems of a shape (n, the
+numbers of constraints), so that a data loader's smaller last batch, or a batch cut into chunks
+of another size, is not compiled again (a compilation takes 1-2 minutes on two cores). A batch of
+one problem is a specialisation of its own (dynamo specialises sizes 0 and 1), as is one whose
+size changes which options it is compiled with (``pointwise_cats``). False: each batch size is
+compiled."""
+
 # Compilation raises torch's (process-wide) recompile limit for its duration: one thread at a time.
 _COMPILING = threading.Lock()
 
 
+def _mark_batch_dynamic(args: tuple) -> None:
+    """Mark the first dimension of every tensor in ``args`` (and in their dataclasses, tuples and
+    lists, one level down) as dynamic for dynamo (``torch._dynamo.maybe_mark_dynamic``): a
+    specialisation compiled from them serves every batch size of at least 2. Nothing is marked
+    where the batch has one problem (dynamo specialises sizes 0 and 1 whatever their marks)."""
+    tensors = []
+    for arg in args:
+        if isinstance(arg, Tensor):
+            tensors.append(arg)
+        elif is_dataclass(arg) and not isinstance(arg, type):
+            tensors.extend(t for f in fields(arg) if isinstance(t := getattr(arg, f.name), Tensor))
+        elif isinstance(arg, (tuple, list)):
+            tensors.extend(t for t in arg if isinstance(t, Tensor))
+    batched = [t for t in tensors if t.dim() >= 1]
+    if batched and batched[0].shape[0] > 1:
+        for t in batched:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
 @functools.cache
-def compiled(fn: Callable, device_type: str, pointwise_cat: bool = False) -> Callable:
+def compiled(fn: Callable, device_type: str, pointwise_cat: bool = False, batched: bool = False) -> Callable:
     """``fn`` compiled whole (no graph breaks) for devices of ``device_type``; with ``pointwise_cat``, on the CPU
     with ``POINTWISE_CAT_OPTIONS`` (see ``pointwise_cats``). Positional and keyword arguments
-    pass through.
+    pass through. ``batched``: every tensor argument's first dimension is the batch (see
+    ``BATCH_DYNAMIC``).
 
     Each call runs under ``_STATIC_UNRECORDED`` and torch's own recompile limit; only one that
     hits it (a new specialisation past torch's default of 8) compiles again under
@@ -183,6 +212,9 @@ def compiled(fn: Callable, device_type: str, pointwise_cat: bool = False) -> Cal
         raise ValueError(f"device_type must be a device type such as 'cpu' or 'cuda', got {device_type!r}")
     if not isinstance(pointwise_cat, bool):
         raise TypeError(f"pointwise_cat must be True or False, got {pointwise_cat!r}")
+    if not isinstance(batched, bool):
+        raise TypeError(f"batched must be True or False, got {batched!r}")
+    marks = batched and BATCH_DYNAMIC and device_type == "cpu"
     if device_type == "cpu":
         _quiet_expected_notices()
         options = POINTWISE_CAT_OPTIONS if pointwise_cat else CPU_OPTIONS
@@ -193,6 +225,8 @@ def compiled(fn: Callable, device_type: str, pointwise_cat: bool = False) -> Cal
 
     @functools.wraps(fn)
     def run(*args: object, **kwargs: object) -> object:
+        if marks:
+            _mark_batch_dynamic(args)
         revert = _STATIC_UNRECORDED()
         try:
             return graph(*args, **kwargs)

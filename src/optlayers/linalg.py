@@ -10,6 +10,11 @@ size (``elementwise``), which inductor fuses with the operations around it and, 
 ``compiling.CPU_OPTIONS``, unrolls. On the CPU inductor otherwise calls the library for every
 batched product whose rows and columns both exceed 1 (a call, a buffer and a pass each; at n = 10
 they cost their calls, not their arithmetic). Eagerly, torch's products are used.
+
+Transposes are written ``M.transpose(-2, -1)``, here and in the solvers' traced code, not ``M.mT``:
+where dynamo traces with a symbolic batch size (``compiling.BATCH_DYNAMIC``), torch 2.13 wraps the
+``.mT`` of a compiled function's input as an input of its own, guarded anew at each access (a fresh
+view each time), and fails building the guards.
 """
 from __future__ import annotations
 
@@ -66,7 +71,7 @@ def add_product_(c: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 def mv(M: Tensor, v: Tensor) -> Tensor:
     """Batched matrix-vector product M v: (B, r, c) or shared (r, c), with (B, c) -> (B, r)."""
-    return product(v.unsqueeze(-2), M.mT).squeeze(-2)
+    return product(v.unsqueeze(-2), M.transpose(-2, -1)).squeeze(-2)
 
 
 def mtv(M: Tensor, v: Tensor) -> Tensor:
@@ -76,7 +81,7 @@ def mtv(M: Tensor, v: Tensor) -> Tensor:
 
 def add_mv(r: Tensor, M: Tensor, v: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
     """beta·r + alpha·M v for (B, r) r, (B, r, c) M and (B, c) v, in one kernel."""
-    return add_product(r.unsqueeze(-2), v.unsqueeze(-2), M.mT, beta, alpha).squeeze(-2)
+    return add_product(r.unsqueeze(-2), v.unsqueeze(-2), M.transpose(-2, -1), beta, alpha).squeeze(-2)
 
 
 def add_mtv(r: Tensor, M: Tensor, v: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:

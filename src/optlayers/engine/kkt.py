@@ -153,7 +153,7 @@ def _cholesky(M: Tensor, check_finite: bool = True) -> tuple[Tensor, Tensor]:
     read as fast."""
     if M.device.type == "cpu":
         chol, info = torch.linalg.cholesky_ex(M, upper=True)
-        chol = chol.mT
+        chol = chol.transpose(-2, -1)
     else:
         chol, info = torch.linalg.cholesky_ex(M)
     if not check_finite:
@@ -186,8 +186,8 @@ def _lower_solve(L: Tensor, inverse: Tensor, R: Tensor, transposed: bool = False
     """L⁻¹R (``transposed``: L⁻ᵀR) for a lower triangular (B, n, n) L, its ``inverse`` (B, n, n), or
     (B, 0, 0) where it has none, and (B, n, c) R: with the inverse, a batched product."""
     if inverse.shape[-1] == 0:
-        return torch.linalg.solve_triangular(L.mT if transposed else L, R, upper=transposed)
-    return product(inverse.mT if transposed else inverse, R)
+        return torch.linalg.solve_triangular(L.transpose(-2, -1) if transposed else L, R, upper=transposed)
+    return product(inverse.transpose(-2, -1) if transposed else inverse, R)
 
 
 def diagonal_h(Q: Tensor, G: Tensor) -> Tensor:
@@ -247,14 +247,15 @@ def factor_kkt(
         # diag(GᵀW⁻¹G) = Gᵀ(W⁻¹g): two reading passes over G, where G∘G would write one more
         H = torch.diagonal(Q, dim1=-2, dim2=-1) + mtv(G, w_inv_soft * G.sum(-1))
     else:
-        weighted = G.mT if unit_weights else G.mT * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
+        Gt = G.transpose(-2, -1)
+        weighted = Gt if unit_weights else Gt * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
         H = add_product_(Q, weighted, G) if overwrite_q else add_product(Q, weighted, G)
         H_diagonal = H.diagonal(dim1=-2, dim2=-1)
     rows = C.shape[-2]
     order = None if stiff is None else _coupled_rows(stiff, m)
     augmented = augment and m > 0 and not diagonal
     # the matrix factorised: H + σAᵀA (a copy; H stays for refinement), or H, shifted by ρ and back
-    H_factored = add_product(H, A.mT, A, alpha=AUGMENT) if augmented else H
+    H_factored = add_product(H, A.transpose(-2, -1), A, alpha=AUGMENT) if augmented else H
     if augmented:
         H_diagonal = H_factored.diagonal(dim1=-2, dim2=-1)
 
@@ -268,11 +269,12 @@ def factor_kkt(
             H_diagonal.add_(shift_h)
             chol_h, ok = _cholesky(H_factored, check_finite)
             inv_h = _inverse(chol_h, empty)
-        y, chol_s, inv_s = C.mT, empty, empty  # empty: there is no Schur complement
+        y, chol_s, inv_s = C.transpose(-2, -1), empty, empty  # empty: there is no Schur complement
         if rows:
             kept = C if order is None else C.gather(-2, order.unsqueeze(-1).expand(-1, -1, C.shape[-1]))
-            y = kept.mT / chol_h.unsqueeze(-1) if diagonal else _lower_solve(chol_h, inv_h, kept.mT)
-            S = product(y.mT, y)
+            kept_t = kept.transpose(-2, -1)
+            y = kept_t / chol_h.unsqueeze(-1) if diagonal else _lower_solve(chol_h, inv_h, kept_t)
+            S = product(y.transpose(-2, -1), y)
             shift = delta.unsqueeze(-1) if eq_rows is None else torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
             S.diagonal(dim1=-2, dim2=-1).add_(shift if order is None else shift.gather(-1, order))
             chol_s, ok_s = _cholesky(S, check_finite)

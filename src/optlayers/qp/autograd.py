@@ -116,7 +116,7 @@ def _point(ctx: Any) -> tuple[KKTPoint, Scaling, Tensor, torch.dtype]:
         s_s = _attach(s_s, wide(s, 1.0) * sc.f)
         dQ, dA, dG = (t.to(COMPUTE_DTYPE) - t.detach().to(COMPUTE_DTYPE) for t in (Qi, Ai, Gi))
         col = sc.d.unsqueeze(-2)
-        Q = Q + (c * sc.d).unsqueeze(-1) * (0.5 * (dQ + dQ.mT)) * col
+        Q = Q + (c * sc.d).unsqueeze(-1) * (0.5 * (dQ + dQ.transpose(-2, -1))) * col
         A = A + sc.e.unsqueeze(-1) * dA * col
         G = G + sc.f.unsqueeze(-1) * dG * col
     return KKTPoint(Q, A, G, x, nu_s, lam_s, s_s, solved, factor), sc, solved, Qi.dtype
@@ -169,7 +169,7 @@ def _sliced_compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, 
                          settings: IPMSettings, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
     """``_compiled_vjp`` compiled, in the forward's slices and chunks (``compiled_slices``), the
     chunks' gradients joined as they come (``batch.map_chunks_joined``)."""
-    vjp = compiled(_compiled_vjp, point[0].device.type)
+    vjp = compiled(_compiled_vjp, point[0].device.type, batched=True)
     batch = point[0].shape[0]
     n = Saved(*point[1: 1 + len(Saved._fields)]).x.shape[-1]
     count, chunk = compiled_slices(batch, n, point[0].device)

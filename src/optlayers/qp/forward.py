@@ -184,22 +184,26 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     # chunks take one verdict on H's structure, the whole batch's: chunks that disagreed would give
     # factors of different shapes (diagonal or dense), which no joined factor holds. The scaling
     # multiplies by powers of two, so H is diagonal for the scaled data where it is for Q + Qᵀ and G
-    diagonal = None if not structure or chunk == batch else bool(host_read(diagonal_h(raw[0] + raw[0].mT, raw[2]).reshape(1))[0])
+    diagonal = None if not structure or chunk == batch else bool(
+        host_read(diagonal_h(raw[0] + raw[0].transpose(-2, -1), raw[2]).reshape(1))[0])
+
+    def chunk_call(fn):  # compiled once for every batch of two or more (compiling.BATCH_DYNAMIC)
+        return compiled(fn, device, pointwise_cat=pointwise, batched=True)
 
     def solve(part: slice) -> tuple[tuple[Tensor, ...], Outcome]:
         data = raw if chunk == batch else tuple(t[part] for t in raw)
         if not structure:
-            scaled, scaling, info, *rest = compiled(_checked_solved, device, pointwise_cat=pointwise)(*data, fill, settings, keep_factor)
+            scaled, scaling, info, *rest = chunk_call(_checked_solved)(*data, fill, settings, keep_factor)
             info = host_read(info)
             if not info[6]:
                 check_values(*raw, False)  # raises, naming the elements in the whole batch
             return _finished(QPData(*scaled), Scaling(*scaling), info, *rest, settings, keep_factor, fill)
-        scaled, sc, verdicts = compiled(_checked_scaling_and_structure, device, pointwise_cat=pointwise)(*data)
+        scaled, sc, verdicts = chunk_call(_checked_scaling_and_structure)(*data)
         verdicts = host_read(verdicts)
         if not verdicts[0]:
             check_values(*raw, False)
         scaled = replace(scaled, diagonal=bool(verdicts[1]) if diagonal is None else diagonal)  # as _with_structure
-        info, *rest = compiled(_solved, device, pointwise_cat=pointwise)(scaled, sc, fill, settings, keep_factor)
+        info, *rest = chunk_call(_solved)(scaled, sc, fill, settings, keep_factor)
         return _finished(scaled, sc, host_read(info), *rest, settings, keep_factor, fill)
 
     if chunk == batch:

@@ -122,7 +122,8 @@ def go_on(data: QPData, sc: Scaling, packed: Packed, where: Layout, factor: tupl
     retried behind a host look), it is ``ipm.solve_scaled`` with ``steps``."""
     taken, start_failed = info[:2]
     units = Units.of(sc)
-    steps_fn = compiled(steps, data.p.device.type, pointwise_cat=pointwise_cats(*data.p.shape, data.p.device))
+    steps_fn = compiled(steps, data.p.device.type, pointwise_cat=pointwise_cats(*data.p.shape, data.p.device),
+                        batched=True)
 
     def run_steps(data: QPData, units: Units, st: State, res: Residuals, iteration: Tensor) -> tuple[State, Residuals, Tensor]:
         where = layout(st, res)

@@ -38,7 +38,7 @@ def least_norm_multipliers(data: QPData, st: State) -> tuple[Tensor, Tensor]:
     inactive_lam = st.lam * ~active
     rows = torch.cat([data.A, data.G * active.unsqueeze(-1)], dim=-2)  # (B, m + k, n)
     target = -(mv(data.Q, st.x) + data.p + mtv(data.G, inactive_lam))
-    y = mv(torch.linalg.pinv(rows.mT), target)
+    y = mv(torch.linalg.pinv(rows.transpose(-2, -1)), target)
     return y[:, : st.m], torch.where(active, y[:, st.m :], inactive_lam)
 
 

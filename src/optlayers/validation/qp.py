@@ -243,7 +243,7 @@ def _asymmetry(Q: Tensor) -> tuple[Tensor, Tensor, float]:
     if Q.numel() == 0:  # an empty batch: nothing to test (amax has no identity)
         zero = Q.new_zeros(())
         return zero, zero + tol, tol
-    return (Q - Q.mT).abs().amax(), tol * Q.abs().amax().clamp(min=1.0), tol
+    return (Q - Q.transpose(-2, -1)).abs().amax(), tol * Q.abs().amax().clamp(min=1.0), tol
 
 
 def semidefinite(Q: Tensor) -> Tensor:
@@ -255,7 +255,7 @@ def semidefinite(Q: Tensor) -> Tensor:
     size = Q.abs().amax((-2, -1))
     shift = torch.where(size > 0, size * DATA_TOL, 1.0)
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-    return torch.linalg.cholesky_ex(torch.addcmul(0.5 * (Q + Q.mT), shift[:, None, None], eye)).info == 0
+    return torch.linalg.cholesky_ex(torch.addcmul(0.5 * (Q + Q.transpose(-2, -1)), shift[:, None, None], eye)).info == 0
 
 
 def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:
@@ -293,7 +293,7 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
     where = ("(the one Q shared by the batch)" if shared else
              f"at batch elements {listed_elements(failing.nonzero().tolist())} (flattened)")
     refused = distinct[failing].detach().double()  # the error path only: eigenvalues to say how far from semidefinite
-    lowest = torch.linalg.eigvalsh(0.5 * (refused + refused.mT)).amin(-1) / refused.abs().amax((-1, -2))
+    lowest = torch.linalg.eigvalsh(0.5 * (refused + refused.transpose(-2, -1))).amin(-1) / refused.abs().amax((-1, -2))
     raise ValueError(f"Q must be positive semidefinite (a convex QP), got a Q with an eigenvalue below "
                      f"-{DATA_TOL:.1e}·max|Q| {where}: its smallest eigenvalue is {float(lowest.min()):.3g}·max|Q|. "
                      "A Q formed as L Lᵀ (+ εI) is semidefinite; OptNet's layers form it so")
