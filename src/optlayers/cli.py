@@ -8,6 +8,26 @@ import sys
 from collections.abc import Sequence
 
 
+class _DefaultsShown(argparse.HelpFormatter):
+    """Help that gives each option's default, where it has one and its help does not say it already."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if not action.option_strings or "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def _sizes_in_help(parser: argparse.ArgumentParser, full: dict, quick: dict) -> None:
+    """Append to the help of each option that an experiment sizes (left at None, then taken from
+    its ``FULL`` or ``QUICK``) both of its defaults; None there is the whole data set."""
+    for action in parser._actions:
+        if action.dest in full and action.default is None and "default" not in (action.help or ""):
+            shown = ["all" if v is None else v for v in (full[action.dest], quick[action.dest])]
+            action.help = f"{action.help} (default: {shown[0]}; with --quick: {shown[1]})"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The parser with one sub-parser per experiment (their modules are imported here, not their extras)."""
     from optlayers.experiments import EXPERIMENTS
@@ -19,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     names = experiment.add_subparsers(dest="name", required=True, metavar="NAME")
     for name, module_name in EXPERIMENTS.items():
         module = importlib.import_module(module_name)
-        sub = names.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION)
+        sub = names.add_parser(name, help=module.DESCRIPTION, description=module.DESCRIPTION, formatter_class=_DefaultsShown)
         module.add_arguments(sub)
+        _sizes_in_help(sub, module.FULL, module.QUICK)
         sub.set_defaults(module=module, subparser=sub)
     return parser
 

@@ -185,3 +185,20 @@ def test_mnist_says_when_it_has_fewer_images_than_asked_for(capsys, tmp_path, mo
     err = capsys.readouterr().err
     assert ("mnist: 30 training and 5 test images asked for, 20 and 10 there (the bundled digits; pass --data-dir "
             "for the full set): using those") in err
+
+
+@pytest.mark.parametrize("name", ["hard-constraints", "mnist", "denoising", "sudoku"])
+def test_help_gives_each_option_its_defaults(capsys, name):
+    """The sizes give the experiment's full and --quick defaults, the other options their own."""
+    import importlib
+
+    from optlayers.experiments import EXPERIMENTS
+
+    module = importlib.import_module(EXPERIMENTS[name])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["experiment", name, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert f"training epochs (default: {module.FULL['epochs']}; with --quick: {module.QUICK['epochs']})" in text
+    assert "(default: 0)" in text and "(default: float64)" in text
+    assert text.count("(default: runs/") == 1  # --out's own text, not doubled
