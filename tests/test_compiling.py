@@ -249,27 +249,29 @@ def _frames_compiled() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def test_batched_functions_compile_once_for_every_batch_of_two_or_more(eager_backend):
+def test_batched_functions_compile_the_first_batch_size_and_one_symbolic_batch_for_the_others(eager_backend):
     torch._dynamo.utils.counters.clear()
     run = compiling.compiled(_double, "cpu", batched=True)
-    for batch in (4, 7, 2, 33):
-        assert torch.equal(run(torch.ones(batch, 3)), torch.full((batch, 3), 2.0))
-    assert _frames_compiled() == 1
-    run(torch.ones(1, 3))  # a batch of one is a specialisation of its own
-    assert _frames_compiled() == 2
-    run(torch.ones(5, 4))  # another shape after the batch is compiled again
-    assert _frames_compiled() == 3
+    for batch, graphs in ((4, 1), (7, 2), (2, 2), (33, 2), (4, 2), (1, 3), (5, 3)):
+        x = torch.arange(3.0).expand(batch, 3)
+        assert torch.equal(run(x), 2 * x)
+        assert _frames_compiled() == graphs, batch
+    run(torch.ones(5, 4))  # another shape after the batch: its first batch size, static
+    run(torch.ones(6, 4))  # and its symbolic batch, which the first shape's does not serve
+    assert _frames_compiled() == 5
+    run(torch.ones(9, 4, dtype=torch.float32))  # another dtype (the tests run in float64): its first batch size
+    assert _frames_compiled() == 6
 
 
 def test_unbatched_or_with_batch_dynamic_off_each_batch_is_compiled(eager_backend, monkeypatch):
     monkeypatch.setattr(compiling, "BATCH_DYNAMIC", False)
     torch._dynamo.utils.counters.clear()
     run = compiling.compiled(_double, "cpu", batched=True)
-    run(torch.ones(4, 3))
-    run(torch.ones(7, 3))
-    assert _frames_compiled() == 2
+    for batch in (4, 7, 2):
+        run(torch.ones(batch, 3))
+    assert _frames_compiled() == 3
     monkeypatch.setattr(compiling, "BATCH_DYNAMIC", True)
     plain = compiling.compiled(_affine, "cpu")  # not batched
-    plain(torch.ones(4, 3))
-    plain(torch.ones(7, 3))
-    assert _frames_compiled() == 4
+    for batch in (4, 7, 2):
+        plain(torch.ones(batch, 3))
+    assert _frames_compiled() == 6

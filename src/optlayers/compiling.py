@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import types
 import warnings
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
@@ -163,23 +164,25 @@ generates the code that calls the graph: two more ``torch._dynamo.disable`` wrap
 call, 25 Python calls, whether a profiler runs or not)."""
 
 BATCH_DYNAMIC = True
-"""Whether the QP's compiled functions on the CPU (those compiled ``batched``) take the batch size
-as a symbol: one specialisation serves every batch of at least 2 problems of a shape (n, the
-numbers of constraints), so that a data loader's smaller last batch, or a batch cut into chunks
-of another size, is not compiled again (a compilation takes 1-2 minutes on two cores). A batch of
-one problem is a specialisation of its own (dynamo specialises sizes 0 and 1), as is one whose
-size changes which options it is compiled with (``pointwise_cats``). False: each batch size is
-compiled."""
+"""Whether the QP's compiled functions on the CPU (those compiled ``batched``) compile one
+specialisation for every batch size but the first: the first batch size of a signature (the
+shapes after the batch, the dtypes) is compiled as it is, static, and every other batch of at
+least 2 problems runs one more specialisation, compiled once with the batch size a symbol (on a
+copy of the function, whose specialisations dynamo keeps apart, so that the first size keeps its
+own). A data loader's smaller last batch, or any number of other batch sizes, is then one
+compilation more (1-2 minutes on two cores), not one per size. The symbolic batch costs: at
+(128, 100) and (37, 10) a compiled forward + backward took 1.09 and 1.08 times the static one's
+time (``docs/qp.md``). A batch of one problem is a specialisation of its own (dynamo specialises
+sizes 0 and 1), as is one whose size changes which options it is compiled with
+(``pointwise_cats``). False: each batch size is compiled."""
 
 # Compilation raises torch's (process-wide) recompile limit for its duration: one thread at a time.
 _COMPILING = threading.Lock()
 
 
-def _mark_batch_dynamic(args: tuple) -> None:
-    """Mark the first dimension of every tensor in ``args`` (and in their dataclasses, tuples and
-    lists, one level down) as dynamic for dynamo (``torch._dynamo.maybe_mark_dynamic``): a
-    specialisation compiled from them serves every batch size of at least 2. Nothing is marked
-    where the batch has one problem (dynamo specialises sizes 0 and 1 whatever their marks)."""
+def _batch_tensors(args: tuple) -> list[Tensor]:
+    """The tensors of ``args`` (and of their dataclasses, tuples and lists, one level down) that
+    have a first dimension: a ``batched`` function's batch."""
     tensors = []
     for arg in args:
         if isinstance(arg, Tensor):
@@ -188,10 +191,15 @@ def _mark_batch_dynamic(args: tuple) -> None:
             tensors.extend(t for f in fields(arg) if isinstance(t := getattr(arg, f.name), Tensor))
         elif isinstance(arg, (tuple, list)):
             tensors.extend(t for t in arg if isinstance(t, Tensor))
-    batched = [t for t in tensors if t.dim() >= 1]
-    if batched and batched[0].shape[0] > 1:
-        for t in batched:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+    return [t for t in tensors if t.dim() >= 1]
+
+
+def _copy(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own: dynamo keeps its specialisations per code object, so
+    that the copy's (a symbolic batch's) are looked up apart from ``fn``'s."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return copy
 
 
 @functools.cache
@@ -203,9 +211,10 @@ def compiled(fn: Callable, device_type: str, pointwise_cat: bool = False, batche
 
     Each call runs under ``_STATIC_UNRECORDED`` and torch's own recompile limit; only one that
     hits it (a new specialisation past torch's default of 8) compiles again under
-    ``COMPILED_SHAPES``, one thread at a time (``_past_torchs_limit``): keying the arguments'
-    shapes here costs more host time than a compiled step of a small problem. Past that limit
-    ``fn`` runs eagerly."""
+    ``COMPILED_SHAPES``, one thread at a time (``_past_torchs_limit``): keying every call's
+    arguments here would cost more host time than a compiled step of a small problem (a
+    ``batched`` function keys the shapes of a batch of two or more, to route it, but not of one).
+    Past that limit ``fn`` runs eagerly."""
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     if not isinstance(device_type, str) or not device_type:
@@ -214,7 +223,6 @@ def compiled(fn: Callable, device_type: str, pointwise_cat: bool = False, batche
         raise TypeError(f"pointwise_cat must be True or False, got {pointwise_cat!r}")
     if not isinstance(batched, bool):
         raise TypeError(f"batched must be True or False, got {batched!r}")
-    marks = batched and BATCH_DYNAMIC and device_type == "cpu"
     if device_type == "cpu":
         _quiet_expected_notices()
         options = POINTWISE_CAT_OPTIONS if pointwise_cat else CPU_OPTIONS
@@ -222,20 +230,37 @@ def compiled(fn: Callable, device_type: str, pointwise_cat: bool = False, batche
     else:
         graph = torch.compile(fn, fullgraph=True)
     name = getattr(fn, "__qualname__", repr(fn))
+    if not (batched and BATCH_DYNAMIC and device_type == "cpu"):
+        return functools.wraps(fn)(functools.partial(_call, graph, fn, name))
+    symbolic = torch.compile(_copy(fn), fullgraph=True, options={**options, "guard_filter_fn": _keep_guards})
+    first_batch: dict[tuple, int] = {}  # each signature's first batch size (of at least 2)
 
     @functools.wraps(fn)
     def run(*args: object, **kwargs: object) -> object:
-        if marks:
-            _mark_batch_dynamic(args)
-        revert = _STATIC_UNRECORDED()
-        try:
-            return graph(*args, **kwargs)
-        except torch._dynamo.exc.FailOnRecompileLimitHit:
-            return _past_torchs_limit(graph, fn, name, *args, **kwargs)
-        finally:
-            revert()
+        tensors = _batch_tensors(args)
+        batch = tensors[0].shape[0] if tensors else 1
+        if batch < 2:  # dynamo specialises sizes 0 and 1 whatever their marks
+            return _call(graph, fn, name, *args, **kwargs)
+        signature = tuple((t.shape[1:], t.dtype) for t in tensors)
+        if first_batch.setdefault(signature, batch) == batch:
+            return _call(graph, fn, name, *args, **kwargs)
+        for t in tensors:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+        return _call(symbolic, fn, name, *args, **kwargs)
 
     return run
+
+
+def _call(graph: Callable, fn: Callable, name: str, *args: object, **kwargs: object) -> object:
+    """``graph`` (``fn`` compiled) called under ``_STATIC_UNRECORDED`` and torch's own recompile
+    limit; past that, ``_past_torchs_limit``."""
+    revert = _STATIC_UNRECORDED()
+    try:
+        return graph(*args, **kwargs)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        return _past_torchs_limit(graph, fn, name, *args, **kwargs)
+    finally:
+        revert()
 
 
 def _past_torchs_limit(graph: Callable, fn: Callable, name: str, *args: object, **kwargs: object) -> object:

@@ -252,23 +252,25 @@ def test_joined_chunks_drop_inverses_only_where_the_chunks_disagree():
     assert torch.equal(forward._inverses([first, second]), torch.cat([first, second]))
 
 
-def test_a_compiled_solve_serves_every_batch_size_without_compiling_again(eager_backend):
-    """compile=True on the CPU takes the batch size as a symbol (``compiling.BATCH_DYNAMIC``): a
-    smaller last batch (here 4 after 6, with an infeasible element in each) runs the forward's and
-    the backward's specialisations compiled for the first, and each element's answer is the one
-    it gets from the eager solve."""
+def test_a_compiled_solve_compiles_once_more_for_every_other_batch_size(eager_backend):
+    """compile=True on the CPU (``compiling.BATCH_DYNAMIC``): the first batch size (6) is compiled
+    as it is, a second (4, a smaller last batch) once more with the batch size a symbol, and a
+    third (5) and the first again compile nothing. Each has an infeasible element, and each
+    element's answer is the one it gets from the eager solve."""
     data = _six_with_an_infeasible_one()
     _compiled_answer(data)
+    _compiled_answer({k: v[2:] for k, v in data.items()})
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    last = {k: v[2:] for k, v in data.items()}
-    sol, grads = _compiled_answer(last)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    assert sol.status[2] != QPStatus.SOLVED and (sol.status != QPStatus.SOLVED).sum() == 1
-    leaves = {k: v.clone().requires_grad_() for k, v in last.items()}
-    ref = solve_qp(**leaves, on_failure="ignore")
-    (torch.nan_to_num(ref.z).square().sum() + torch.nan_to_num(ref.lam).sum()).backward()
-    for name in ("z", "lam", "nu", "s"):
-        torch.testing.assert_close(getattr(sol, name), getattr(ref, name), rtol=1e-9, atol=1e-9, equal_nan=True, msg=name)
-    assert torch.equal(sol.status, ref.status)
-    for name, leaf in leaves.items():
-        torch.testing.assert_close(grads[name], leaf.grad, rtol=1e-7, atol=1e-8, msg=name)
+    for first in (1, 0):
+        part = {k: v[first:] for k, v in data.items()}
+        sol, grads = _compiled_answer(part)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+        assert sol.status[4 - first] != QPStatus.SOLVED and (sol.status != QPStatus.SOLVED).sum() == 1
+        leaves = {k: v.clone().requires_grad_() for k, v in part.items()}
+        ref = solve_qp(**leaves, on_failure="ignore")
+        (torch.nan_to_num(ref.z).square().sum() + torch.nan_to_num(ref.lam).sum()).backward()
+        for name in ("z", "lam", "nu", "s"):
+            torch.testing.assert_close(getattr(sol, name), getattr(ref, name), rtol=1e-9, atol=1e-9, equal_nan=True, msg=name)
+        assert torch.equal(sol.status, ref.status)
+        for name, leaf in leaves.items():
+            torch.testing.assert_close(grads[name], leaf.grad, rtol=1e-7, atol=1e-8, msg=name)
