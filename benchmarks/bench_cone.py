@@ -4,6 +4,9 @@ Times the forward solve and the adjoint (VJP) of the same loss on the CPU, and t
 derivative on CUDA when available. Prints a table, the ratios of the default (``solver="auto"``), of
 ``solver="ipm"`` and of ``solver="clarabel"`` to diffcp's dense mode with a Clarabel forward, and writes JSON.
 With ``--compiled``, also ``solver="ipm"`` with ``compile=True`` (its compilation in an untimed first call).
+The methods are timed in ``--repeats`` rounds, each method once a round (a forward, then the adjoint
+of its solution), in the rounds' orders of ``interleaved.round_orders``: a drift of the shared
+machine's speed falls on every method alike, not between them.
 
     PYTHONPATH=src python benchmarks/bench_cone.py --batch 128 --repeats 5 --out bench_cone.json
 """
@@ -23,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
 from benchmarks import machine  # noqa: E402
+from benchmarks.interleaved import round_orders  # noqa: E402
 from optlayers.cone import ConeSpec, refine, solve_cone  # noqa: E402
 from optlayers.cone.derivative import Point  # noqa: E402
 from optlayers.cone.testing import random_program  # noqa: E402
@@ -33,23 +37,65 @@ WARM_PERTURBATION = 1e-3  # warm-start rows: the previous call saw data perturbe
 
 
 def timed(fn, repeats: int) -> tuple[tuple[float, float], object]:
-    """(wall, CPU) seconds over ``repeats`` runs, and the last result.
-
-    The machine is shared, so the wall time is the minimum (least noisy); the CPU time (all
-    threads, ``time.process_time``) is the median and does not depend on the load.
-    """
+    """(wall, CPU) seconds over ``repeats`` runs, and the last result (see ``_summary``)."""
     walls, cpus, out = [], [], None
     for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        out = fn()
-        walls.append(time.perf_counter() - start)
-        cpus.append(time.process_time() - start_cpu)
-    return (min(walls), sorted(cpus)[len(cpus) // 2]), out
+        (wall, cpu), out = _once(fn)
+        walls.append(wall)
+        cpus.append(cpu)
+    return _summary(walls, cpus), out
 
 
-def bench_optlayers(data, solver: str, mode: str, repeats: int, device: str = "cpu", warm: bool = False,
-                    compile: bool = False) -> dict:
-    """``compile``: ``solve_cone(compile=True)``, compiled in an untimed first call."""
+def _once(fn) -> tuple[tuple[float, float], object]:
+    start, start_cpu = time.perf_counter(), time.process_time()
+    out = fn()
+    return (time.perf_counter() - start, time.process_time() - start_cpu), out
+
+
+def _summary(walls: list[float], cpus: list[float]) -> tuple[float, float]:
+    """The machine is shared, so the wall time is the minimum (least noisy); the CPU time (all
+    threads, ``time.process_time``) is the median and does not depend on the load."""
+    return min(walls), sorted(cpus)[len(cpus) // 2]
+
+
+@dataclasses.dataclass
+class Method:
+    """A row of the table: ``forward()`` solves (returning what ``adjoint`` takes), ``adjoint(out)``
+    differentiates the loss at that solution (returning what ``row`` takes), ``row(out, grads)``
+    gives the row's "solved", "x" and "grad_c"."""
+
+    forward: object
+    adjoint: object
+    row: object
+
+
+def time_in_rounds(methods: dict[str, Method], rounds: int) -> dict[str, dict]:
+    """Each method's row: its forward and adjoint timed once a round for ``rounds`` rounds, the
+    methods in the orders of ``round_orders`` (wall: the minimum, CPU: the median), with its
+    ``row`` of the last round."""
+    times = {name: ([], [], [], []) for name in methods}
+    last = {}
+    for _, order in round_orders(list(methods), rounds):
+        for name in order:
+            method, (fw, fc, aw, ac) = methods[name], times[name]
+            (wall, cpu), out = _once(method.forward)
+            fw.append(wall)
+            fc.append(cpu)
+            (wall, cpu), grads = _once(lambda: method.adjoint(out))
+            aw.append(wall)
+            ac.append(cpu)
+            last[name] = (out, grads)
+    rows = {}
+    for name, (fw, fc, aw, ac) in times.items():
+        (forward_s, forward_cpu_s), (adjoint_s, adjoint_cpu_s) = _summary(fw, fc), _summary(aw, ac)
+        rows[name] = {"forward_s": forward_s, "adjoint_s": adjoint_s, "forward_cpu_s": forward_cpu_s,
+                      "adjoint_cpu_s": adjoint_cpu_s, **methods[name].row(*last[name])}
+    return rows
+
+
+def optlayers_method(data, solver: str, mode: str, device: str = "cpu", warm: bool = False,
+                     compile: bool = False) -> Method:
+    """``compile``: ``solve_cone(compile=True)``, compiled here in an untimed first call."""
     A, b, c, v = (t.to(device) for t in data)
     previous = solve_cone(*perturbed(A, b, c), SPEC, solver=solver) if warm else None
 
@@ -58,20 +104,17 @@ def bench_optlayers(data, solver: str, mode: str, repeats: int, device: str = "c
         b_, c_ = b.detach().requires_grad_(), c.detach().requires_grad_()
         return A_, b_, c_, solve_cone(A_, b_, c_, SPEC, solver=solver, mode=mode, warm_start=previous, compile=compile)
 
+    def adjoint(out):
+        (out[-1].x * v).sum().backward()
+        return out[2].grad
+
+    def row(out, grad_c):
+        return {"solved": int((out[-1].status == 0).sum()), "grad_c": grad_c.detach().cpu().numpy(),
+                "x": out[-1].x.detach().cpu().numpy()}
+
     if compile:
-        (forward()[-1].x * v).sum().backward()  # the compilation, untimed
-
-    t_fwd, (A_, b_, c_, sol) = timed(forward, repeats)
-
-    def adjoint():
-        A_.grad = b_.grad = c_.grad = None
-        (sol.x * v).sum().backward(retain_graph=True)
-        return A_.grad
-
-    t_adj, _ = timed(adjoint, repeats)
-    return {"forward_s": t_fwd[0], "adjoint_s": t_adj[0], "forward_cpu_s": t_fwd[1], "adjoint_cpu_s": t_adj[1],
-            "solved": int((sol.status == 0).sum()),
-            "grad_c": c_.grad.detach().cpu().numpy(), "x": sol.x.detach().cpu().numpy()}
+        adjoint(forward())  # the compilation, untimed
+    return Method(forward, adjoint, row)
 
 
 def ratios(row: dict, reference: dict) -> dict:
@@ -87,8 +130,7 @@ def perturbed(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> tuple[torch.
                  for t in (A, b, c))
 
 
-def bench_diffcp(data, mode: str, repeats: int, solve_method: str, eps: float | None = None,
-                 warm: bool = False) -> dict:
+def diffcp_method(data, mode: str, solve_method: str, eps: float | None = None, warm: bool = False) -> Method:
     import diffcp
 
     A, b, c, v = (t.numpy() for t in data)
@@ -101,13 +143,20 @@ def bench_diffcp(data, mode: str, repeats: int, solve_method: str, eps: float | 
                                                        [cone] * len(As), mode=mode, solve_method=solve_method,
                                                        **kwargs)[:3]
         kwargs["warm_starts"] = list(zip(xs, ys, ss))
-    fwd = lambda: diffcp.solve_and_derivative_batch(As, list(b), list(c), [cone] * len(As), mode=mode,  # noqa: E731
-                                                    solve_method=solve_method, **kwargs)
-    t_fwd, (xs, ys, ss, _, DT) = timed(fwd, repeats)
     zeros_m = [np.zeros(A.shape[1]) for _ in As]
-    t_adj, (dAs, dbs, dcs) = timed(lambda: DT(list(v), zeros_m, zeros_m), repeats)
-    return {"forward_s": t_fwd[0], "adjoint_s": t_adj[0], "forward_cpu_s": t_fwd[1], "adjoint_cpu_s": t_adj[1],
-            "solved": kkt_solved(data[:3], xs, ys, ss), "grad_c": np.stack(dcs), "x": np.stack(xs)}
+
+    def forward():
+        return diffcp.solve_and_derivative_batch(As, list(b), list(c), [cone] * len(As), mode=mode,
+                                                 solve_method=solve_method, **kwargs)
+
+    def adjoint(out):
+        return out[4](list(v), zeros_m, zeros_m)[2]
+
+    def row(out, dcs):
+        xs, ys, ss = out[:3]
+        return {"solved": kkt_solved(data[:3], xs, ys, ss), "grad_c": np.stack(dcs), "x": np.stack(xs)}
+
+    return Method(forward, adjoint, row)
 
 
 def kkt_solved(data, xs, ys, ss) -> int:
@@ -140,7 +189,7 @@ def batch_scaling(batches: list[int], repeats: int, device: str) -> list[dict]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds, each method timed once a round")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="torch intra-op threads (default: torch's, one per core; the batched interior point "
                              "method solves that many slices of the batch in parallel threads)")
@@ -174,25 +223,24 @@ def main(argv: list[str] | None = None) -> None:
     A, b, c, _, x_true, _, _ = random_program(SPEC, N, batch=args.batch, seed=0)
     v = torch.randn(args.batch, N, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     data = (A, b, c, v)
-    rows = {}
-    for solver in ("scs", "auto", "ipm", "clarabel"):
-        rows[f"optlayers {solver} dense"] = bench_optlayers(data, solver, "dense", args.repeats)
+    methods = {f"optlayers {solver} dense": optlayers_method(data, solver, "dense") for solver in ("scs", "auto", "ipm", "clarabel")}
     if args.compiled:
-        rows["optlayers ipm dense, compiled"] = bench_optlayers(data, "ipm", "dense", args.repeats, compile=True)
-    rows["optlayers scs dense, warm start"] = bench_optlayers(data, "scs", "dense", args.repeats, warm=True)
+        methods["optlayers ipm dense, compiled"] = optlayers_method(data, "ipm", "dense", compile=True)
+    methods["optlayers scs dense, warm start"] = optlayers_method(data, "scs", "dense", warm=True)
     try:
         for mode in ("dense", "lsqr"):
-            rows[f"diffcp SCS eps=1e-4 (default) {mode}"] = bench_diffcp(data, mode, args.repeats, "SCS")
-        rows["diffcp SCS eps=1e-8 dense"] = bench_diffcp(data, "dense", args.repeats, "SCS", 1e-8)
-        rows["diffcp Clarabel dense"] = bench_diffcp(data, "dense", args.repeats, "Clarabel")
-        rows["diffcp SCS eps=1e-4 dense, warm start"] = bench_diffcp(data, "dense", args.repeats, "SCS", warm=True)
+            methods[f"diffcp SCS eps=1e-4 (default) {mode}"] = diffcp_method(data, mode, "SCS")
+        methods["diffcp SCS eps=1e-8 dense"] = diffcp_method(data, "dense", "SCS", 1e-8)
+        methods["diffcp Clarabel dense"] = diffcp_method(data, "dense", "Clarabel")
+        methods["diffcp SCS eps=1e-4 dense, warm start"] = diffcp_method(data, "dense", "SCS", warm=True)
     except ImportError as err:
         print(f"diffcp skipped: {err}")
     if torch.cuda.is_available():
-        rows["optlayers ipm dense (CUDA)"] = bench_optlayers(data, "ipm", "dense", args.repeats, "cuda")
-        rows["optlayers clarabel dense (CUDA derivative)"] = bench_optlayers(data, "clarabel", "dense", args.repeats, "cuda")
+        methods["optlayers ipm dense (CUDA)"] = optlayers_method(data, "ipm", "dense", "cuda")
+        methods["optlayers clarabel dense (CUDA derivative)"] = optlayers_method(data, "clarabel", "dense", "cuda")
     else:
         print("CUDA not available: the CUDA row is skipped")
+    rows = time_in_rounds(methods, args.repeats)
     reference = rows["optlayers scs dense"]["grad_c"]
     print(f"{'method':45s} {'forward s':>10s} {'adjoint s':>10s} {'total s':>9s} {'total CPU s':>12s} {'solved':>7s} "
           f"{'max |x - x*|':>13s} {'max |dc - dc_ref|':>18s}")

@@ -493,3 +493,29 @@ def test_a_solver_differentiated_outside_torch_reports_no_backward():
     row = {"figure": "f", "n": 3, "n_ineq": 3, "n_eq": 0, "batch": 2, "dtype": "float64", "solver": "fake-jax", "note": "",
            "timings": qp_benchmark._stats(samples)}
     assert qp_benchmark.table_rows([row])[0][8] == "—"  # the backward column
+
+
+def test_bench_cone_times_every_method_once_a_round_in_changing_orders():
+    from benchmarks import bench_cone
+
+    log = []
+
+    def method(name):
+        def forward():
+            log.append(name)
+            return name, len(log)
+
+        def adjoint(out):
+            assert out[0] == name  # the adjoint of this method's own forward, just solved
+            return out[1]
+
+        return bench_cone.Method(forward, adjoint, lambda out, grads: {"solved": grads, "x": None, "grad_c": None})
+
+    names = ["a", "b", "c"]
+    rows = bench_cone.time_in_rounds({name: method(name) for name in names}, rounds=6)
+    assert sorted(log) == sorted(names * 6)
+    rounds = [log[i:i + 3] for i in range(0, 18, 3)]
+    assert all(sorted(r) == names for r in rounds) and len({tuple(r) for r in rounds}) == 6
+    for name, row in rows.items():
+        assert row["solved"] == max(i + 1 for i, n in enumerate(log) if n == name)  # the last round's row
+        assert row["forward_s"] >= 0 and row["adjoint_cpu_s"] >= 0
