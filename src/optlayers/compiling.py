@@ -21,7 +21,7 @@ import types
 import warnings
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, TypeVar
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import Tensor
@@ -180,18 +180,19 @@ sizes 0 and 1), as is one whose size changes which options it is compiled with
 _COMPILING = threading.Lock()
 
 
-def _batch_tensors(args: tuple) -> list[Tensor]:
+def _batch_tensors(args: tuple) -> Iterator[Tensor]:
     """The tensors of ``args`` (and of their dataclasses, tuples and lists, one level down) that
-    have a first dimension: a ``batched`` function's batch."""
-    tensors = []
+    have a first dimension, in order: a ``batched`` function's batch."""
     for arg in args:
         if isinstance(arg, Tensor):
-            tensors.append(arg)
+            parts: Iterable = (arg,)
         elif is_dataclass(arg) and not isinstance(arg, type):
-            tensors.extend(t for f in fields(arg) if isinstance(t := getattr(arg, f.name), Tensor))
+            parts = (getattr(arg, f.name) for f in fields(arg))
         elif isinstance(arg, (tuple, list)):
-            tensors.extend(t for t in arg if isinstance(t, Tensor))
-    return [t for t in tensors if t.dim() >= 1]
+            parts = arg
+        else:
+            continue
+        yield from (t for t in parts if isinstance(t, Tensor) and t.dim() >= 1)
 
 
 def _copy(fn: Callable) -> Callable:
@@ -237,10 +238,11 @@ def compiled(fn: Callable, device_type: str, pointwise_cat: bool = False, batche
 
     @functools.wraps(fn)
     def run(*args: object, **kwargs: object) -> object:
-        tensors = _batch_tensors(args)
-        batch = tensors[0].shape[0] if tensors else 1
+        first = next(_batch_tensors(args), None)  # a batch of one is looked at no further
+        batch = 1 if first is None else first.shape[0]
         if batch < 2:  # dynamo specialises sizes 0 and 1 whatever their marks
             return _call(graph, fn, name, *args, **kwargs)
+        tensors = list(_batch_tensors(args))
         signature = tuple((t.shape[1:], t.dtype) for t in tensors)
         if first_batch.setdefault(signature, batch) == batch:
             return _call(graph, fn, name, *args, **kwargs)
