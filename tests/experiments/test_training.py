@@ -177,3 +177,22 @@ def test_inexact_derivatives_are_counted_per_epoch_and_said_once(capsys):
     assert err.count("the derivative was inexact") == 1
     assert "demo epoch 1: the derivative was inexact in 3 of 5 training batches" in err
     assert "the first: the derivative at elements 0 is inexact" in err
+
+
+def test_an_inexact_derivatives_explanation_is_said_once_per_run(capsys):
+    import warnings
+
+    from optlayers import InexactDerivativeWarning
+    from optlayers.experiments.common import counted_inexact_derivatives
+
+    explained: set[str] = set()
+    messages = ["the derivative at elements 0 is inexact: a row (ratio 0.5). Why it is so.",
+                "the derivative at elements 3 is inexact: a row (ratio 0.7). Why it is so.",
+                "the derivative at elements 1 is inexact: another reason (5e9). Why that one is so."]
+    for epoch, message in enumerate(messages, 1):
+        with counted_inexact_derivatives(f"epoch {epoch}", 4, explained=explained):
+            warnings.warn(message, InexactDerivativeWarning)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].endswith("the first: the derivative at elements 0 is inexact: a row (ratio 0.5). Why it is so.)")
+    assert lines[1].endswith("the first: the derivative at elements 3 is inexact: a row (ratio 0.7); explained above)")
+    assert lines[2].endswith("elements 1 is inexact: another reason (5e9). Why that one is so.)")  # another explanation

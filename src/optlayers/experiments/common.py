@@ -402,6 +402,7 @@ def fit(
         record({"epoch": 0, **{f"test_{k}": v for k, v in test.items()}})
     from tqdm.auto import tqdm
 
+    explained: set[str] = set()  # the inexact derivatives' explanations said in this run
     for epoch in range(start_epoch, cfg.epochs + 1):
         began = time.perf_counter()
         model.train()
@@ -409,7 +410,7 @@ def fit(
         count = torch.zeros((), dtype=torch.float64)
         batches = _batches(n_train, cfg.batch_size, ctx.world_size, shuffle)
         bar = tqdm(batches, desc=f"{cfg.name} epoch {epoch}/{cfg.epochs}", leave=False, disable=not (cfg.progress and ctx.is_main))
-        with counted_inexact_derivatives(f"{cfg.name} epoch {epoch}", len(batches), ctx.is_main):
+        with counted_inexact_derivatives(f"{cfg.name} epoch {epoch}", len(batches), ctx.is_main, explained):
             for idx in bar:
                 mine = idx[ctx.rank :: ctx.world_size]
                 out_b = per_sample(train_model, [t[mine].to(device) for t in train_data])
@@ -433,11 +434,15 @@ class counted_inexact_derivatives:
     """A context in which the layers' ``InexactDerivativeWarning``s (one per batch whose derivative is
     inexact somewhere; docs/qp.md) are counted rather than shown, and said in one line on stderr
     at its end (``speak``: this process reports): how many of the ``batches`` had them, and the
-    first's message. Other warnings are shown as they come."""
+    first's message. ``explained``: the explanations (a message's text after its first sentence)
+    already said in this run, shared by its epochs' contexts: a message whose explanation is among
+    them is said by its first sentence only (which names the elements and the measured ratio).
+    Other warnings are shown as they come."""
 
-    def __init__(self, what: str, batches: int, speak: bool = True) -> None:
+    def __init__(self, what: str, batches: int, speak: bool = True, explained: set[str] | None = None) -> None:
         self.what, self.batches, self.speak = what, batches, speak
         self.count, self.first = 0, None
+        self.explained = set() if explained is None else explained
 
     def __enter__(self) -> counted_inexact_derivatives:
         self._shown = warnings.showwarning
@@ -457,8 +462,12 @@ class counted_inexact_derivatives:
     def __exit__(self, *exc: object) -> None:
         self._filters.__exit__(*exc)  # restores the filters and showwarning
         if self.count and self.speak:
+            sentence, _, explanation = self.first.partition(". ")
+            said = explanation in self.explained
+            self.explained.add(explanation)
+            first = f"{sentence}; explained above" if said and explanation else self.first
             print(f"{self.what}: the derivative was inexact in {self.count} of {self.batches} training batches "
-                  f"(optlayers.InexactDerivativeWarning; the first: {self.first})", file=sys.stderr)
+                  f"(optlayers.InexactDerivativeWarning; the first: {first})", file=sys.stderr)
 
 
 def mask_unsolved(pred: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
