@@ -108,7 +108,7 @@ def count(fn: Callable[[], object]) -> KernelCounter:
 # before the first marker the function's own label.
 Rule = tuple[str, tuple[tuple[str, str], ...]]
 ITERATION_PHASES: dict[tuple[str, str], Rule] = {
-    ("engine/loop.py", "run"): ("loop: host looks, working batch", (("if isinstance(step, Steps)", ""),)),
+    ("engine/loop.py", "_run"): ("loop: host looks, working batch", (("if isinstance(step, Steps)", ""),)),
     ("qp/ipm.py", "step"): ("", ()),
     ("engine/step.py", "newton_step"): ("newton_step: set-up", (
         ("f = factor_at(", "newton_step: factorisation"),
@@ -132,7 +132,7 @@ ITERATION_PHASES: dict[tuple[str, str], Rule] = {
     ("qp/ipm.py", "residuals"): ("residuals", ()),
     ("qp/ipm.py", "_mark_converged"): ("mark converged", ()),
 }
-"""The phases of one QP interior point iteration (``qp.ipm.step`` in ``engine.loop.run``)."""
+"""The phases of one QP interior point iteration (``qp.ipm.step`` in ``engine.loop.run``, whose iterations ``engine.loop._run`` runs)."""
 
 FORWARD_PHASES: dict[tuple[str, str], Rule] = {
     ("qp/solve.py", "solve_qp"): ("entry: checks, shapes", ()),
@@ -140,7 +140,7 @@ FORWARD_PHASES: dict[tuple[str, str], Rule] = {
     ("qp/forward.py", "_scaling"): ("equilibration", ()),
     ("qp/ipm.py", "solve_scaled"): ("start", ()),
     ("qp/ipm.py", "start"): ("start", ()),
-    ("engine/loop.py", "run"): ("iterations", ()),
+    ("engine/loop.py", "_run"): ("iterations", ()),
     ("qp/ipm.py", "iterate"): ("end of the solve", ()),
     ("qp/ipm.py", "derivative_factor"): ("derivatives' factorisation", ()),
     ("qp/forward.py", "_outputs"): ("outputs mapped back", ()),

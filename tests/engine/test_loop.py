@@ -80,3 +80,42 @@ def test_a_look_hook_reads_its_flags_in_the_same_look(monkeypatch):
     out = loop.run((data,), st, st, _step, 50, torch.device("cpu"), hook)
     assert hook.seen[0] == 0 and len(reads) == len(hook.seen) == 4  # one read per look, flags included
     assert out.state.steps.tolist() == [4, 6] and (out.state.status == 0).all()  # 3 double steps
+
+
+def _modes_seen(seen: list):
+    def step(data: Data, st: Toy, res: Toy) -> tuple[Toy, Toy]:
+        seen.append(torch.is_inference_mode_enabled())
+        return _step(data, st, res)
+    return step
+
+
+def test_eager_steps_on_the_cpu_run_in_inference_mode_and_hand_back_normal_tensors():
+    data, st = _start([3, 1, 4])
+    seen = []
+    out = loop.run((data,), st, st, _modes_seen(seen), 50, torch.device("cpu"))
+    assert seen and all(seen)
+    assert out.state.steps.tolist() == [3, 1, 4]
+    kept = [t for obj in (out.state, out.working_res) for t in dataclasses.astuple(obj)] + [out.index]
+    assert not any(t.is_inference() for t in kept if t is not None)
+    # the state is usable where autograd records: saved for a backward
+    weight = torch.ones(3, requires_grad=True)
+    (weight * out.state.steps).sum().backward()
+    assert weight.grad.tolist() == [3.0, 1.0, 4.0]
+
+
+def test_counted_as_an_accelerator_and_with_several_iterations_per_call_steps_run_as_called():
+    data, st = _start([2, 2])
+    seen = []
+    with host.accelerator_schedule():
+        loop.run((data,), st, st, _modes_seen(seen), 50, torch.device("cpu"))
+    assert seen and not any(seen)
+
+    calls = []
+
+    def steps(data, st, res, iteration):
+        calls.append(torch.is_inference_mode_enabled())
+        st, res = _step(data, st, res)
+        return st, res, torch.tensor(1)
+
+    out = loop.run((data,), st, st, loop.Steps(steps), 50, torch.device("cpu"))
+    assert calls and not any(calls) and (out.state.status == 0).all()

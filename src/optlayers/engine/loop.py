@@ -11,14 +11,14 @@ look (the QP's stiff split and accurate gap) passes a ``Look``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from typing import Any, Callable, Protocol
 
 import torch
 from torch import Tensor
 
 from optlayers.engine.batch import put, take
-from optlayers.host import RUNNING, host_read, is_check, look
+from optlayers.host import RUNNING, cpu_schedule, host_read, is_check, look
 
 Step = Callable[..., tuple[Any, Any]]
 
@@ -62,7 +62,49 @@ def run(data: tuple, state: Any, res: Any, step: Step, max_iter: int, device: to
 
     Before each iteration that ``host.is_check`` names, the host reads how many elements still
     run (with ``hook``'s flags, in the same read): it stops when none does, and with ``compact``
-    keeps only the running ones in the working batch once few remain (``host.COMPACT_FRACTION``)."""
+    keeps only the running ones in the working batch once few remain (``host.COMPACT_FRACTION``).
+
+    An eager step on the CPU's own schedule (``_in_inference_mode``) runs under
+    ``torch.inference_mode``, and the run is handed back in normal tensors (``_normal``)."""
+    if not _in_inference_mode(step, device):
+        return _run(data, state, res, step, max_iter, device, hook, compact, first)
+    with torch.inference_mode():
+        out = _run(data, state, res, step, max_iter, device, hook, compact, first)
+    return _normal(out)
+
+
+def _in_inference_mode(step: Step, device: torch.device) -> bool:
+    """Whether the loop runs ``step`` under ``torch.inference_mode``: an eager step (a plain
+    function, not ``Steps``, outside compilation) on the CPU's own schedule
+    (``host.cpu_schedule``), where an iteration is hundreds of small operations whose autograd
+    bookkeeping (version counters, records of views) inference mode skips. The compiled steps
+    are left as they are (their guards would see the mode), and so is work on an accelerator
+    (its eager step is replayed from a CUDA graph) or counted as one (``host.accelerator_schedule``)."""
+    return cpu_schedule(device) and not isinstance(step, Steps) and not torch.compiler.is_compiling()
+
+
+def _normal(out: Run) -> Run:
+    """``out`` in normal tensors, copies of those made under ``torch.inference_mode``: callers
+    keep the state for the derivatives, whose tensors autograd must be able to save."""
+    return Run(_copied(out.state), _copied(out.working_res),
+               None if out.index is None else out.index.clone(), out.iteration)
+
+
+def _copied(obj: Any) -> Any:
+    """A dataclass of tensors with every inference tensor among its fields copied (nested
+    dataclasses too)."""
+    changed = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if isinstance(value, Tensor) and value.is_inference():
+            changed[f.name] = value.clone()
+        elif is_dataclass(value) and not isinstance(value, type):
+            changed[f.name] = _copied(value)
+    return replace(obj, **changed) if changed else obj
+
+
+def _run(data: tuple, state: Any, res: Any, step: Step, max_iter: int, device: torch.device,
+         hook: Look | None, compact: bool, first: int) -> Run:
     full, work, index = state, data, None
     iteration = first
     while iteration < max_iter:
