@@ -80,7 +80,7 @@ def _in_inference_mode(step: Step, device: torch.device) -> bool:
     bookkeeping (version counters, records of views) inference mode skips. The compiled steps
     are left as they are (their guards would see the mode), and so is work on an accelerator
     (its eager step is replayed from a CUDA graph) or counted as one (``host.accelerator_schedule``)."""
-    return cpu_schedule(device) and not isinstance(step, Steps) and not torch.compiler.is_compiling()
+    return not torch.compiler.is_compiling() and not isinstance(step, Steps) and cpu_schedule(device)
 
 
 def _normal(out: Run) -> Run:
