@@ -22,6 +22,7 @@ iteration (the same difference of two capped solves) and for one whole forward.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import itertools
 import json
@@ -89,6 +90,12 @@ def _has_bool_index(args: tuple) -> bool:
     return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in (indices or ()))
 
 
+CPU_SCHEDULE = False
+"""With ``--cpu-schedule``: count on the CPU's own schedule instead (``host.cpu_schedule``: the host
+looks after every iteration, the equilibration runs in cache-sized slices, the eager loop under
+``torch.inference_mode``), what a CPU dispatches."""
+
+
 def count(fn: Callable[[], object]) -> KernelCounter:
     """Run ``fn`` once under a fresh counter and return the counter. Call it with one intra-op
     thread (``main`` sets it) so that a batch is not sliced across threads. The solvers look at
@@ -96,7 +103,8 @@ def count(fn: Callable[[], object]) -> KernelCounter:
     would look after every iteration) and run their steps as a GPU does (``host.cpu_schedule``: the
     equilibration of the whole batch at once, not in the CPU's cache-sized slices), so the counts
     are a GPU's."""
-    with host.accelerator_schedule(), KernelCounter() as counter:
+    schedule = contextlib.nullcontext() if CPU_SCHEDULE else host.accelerator_schedule()
+    with schedule, KernelCounter() as counter:
         fn()
     return counter
 
@@ -431,7 +439,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="write the counts here")
     parser.add_argument("--compiled", action="store_true", help="also count the compiled path's launches (compiles)")
     parser.add_argument("--phases", action="store_true", help="also print where the QP's kernels go, by phase")
+    parser.add_argument("--cpu-schedule", action="store_true",
+                        help="count what the CPU dispatches on its own schedule, not a GPU's (see CPU_SCHEDULE)")
     args = parser.parse_args(argv)
+    global CPU_SCHEDULE
+    CPU_SCHEDULE = args.cpu_schedule
     torch.set_num_threads(1)  # one slice: the counts of the whole batch (1 is the safe setting, see README)
     rows = [qp_counts(args.batch, args.n, args.n, 0), qp_counts(args.batch, args.n, args.n, args.n // 2)]
     header = ("| batch | n | k | m | iterations | kernels / iteration | views / iteration | forward kernels | forward syncs "

@@ -52,6 +52,17 @@ def test_kernels_per_iteration_and_syncs_stay_bounded(m):
     assert counts.backward_kernels <= MAX_BACKWARD_KERNELS[m] and counts.backward_syncs == 0, counts
 
 
+def test_the_counts_on_the_cpus_own_schedule_see_what_the_cpu_runs(monkeypatch):
+    """``kernels.py --cpu-schedule``: the host looks after every iteration (a look's flags each time)
+    and the certificates cast two rows, so an iteration dispatches more than the accelerators' count."""
+    accelerator = kernels.qp_counts(batch=8, n=10, n_ineq=10, n_eq=0)
+    monkeypatch.setattr(kernels, "CPU_SCHEDULE", True)
+    cpu = kernels.qp_counts(batch=8, n=10, n_ineq=10, n_eq=0)
+    assert cpu.iterations == accelerator.iterations
+    assert cpu.kernels_per_iteration > accelerator.kernels_per_iteration, (cpu, accelerator)
+    assert cpu.backward_kernels == accelerator.backward_kernels
+
+
 @pytest.mark.parametrize("m", [0, 5])
 def test_dispatches_per_iteration_views_included_stay_bounded(m):
     counts = kernels.qp_counts(batch=8, n=10, n_ineq=10, n_eq=m)
