@@ -1,4 +1,4 @@
-"""Time the QP layer of two source trees against each other on one machine, alternating them.
+"""Time the QP layer (or the cone layer) of two source trees against each other on one machine, alternating them.
 
 Timings on a shared machine drift by tens of percent between runs; what two versions of the code
 cost relative to each other is measured by timing them in turn, many times, and keeping each
@@ -10,7 +10,10 @@ turns, each round in the opposite order to the last.
     python benchmarks/ab_trees.py OLD_TREE NEW_TREE --cases 1,10 1,10,compiled 128,10 --rounds 15
 
 Each case is "batch,n" or "batch,n,compiled" (``QPFunction(compile=True)``, compiled in the
-untimed warm-up). Prints each tree's best time in milliseconds and their ratio.
+untimed warm-up), or "cone,batch" or "cone,batch,compiled": ``solve_cone(A, b, c, SPEC,
+solver="ipm")`` (``compile=True``) on ``benchmarks/bench_cone.py``'s programs (its ``SPEC``, n =
+``N``, ``random_program(..., seed=0)`` of the tree), forward and the adjoint of x and y. Prints each
+tree's best time in milliseconds and their ratio.
 """
 from __future__ import annotations
 
@@ -29,10 +32,28 @@ import torch
 from benchmarks.problems import random_qp
 from optlayers import QPFunction
 
+
+
+def cone_run(batch, compiled):
+    from benchmarks.bench_cone import N, SPEC
+    from optlayers.cone import solve_cone
+    from optlayers.cone.testing import random_program
+    A, b, c = (t.clone().requires_grad_(True) for t in random_program(SPEC, N, batch=batch, seed=0)[:3])
+
+    def run():
+        sol = solve_cone(A, b, c, SPEC, solver="ipm", compile=compiled)
+        (sol.x.sum() + sol.y.sum()).backward()
+    return run
+
+
 runs = {}
 for line in sys.stdin:
     case = json.loads(line)
-    key = (case["batch"], case["n"], case["compiled"])
+    key = (case["cone"], case["batch"], case["n"], case["compiled"])
+    if key not in runs and case["cone"]:
+        runs[key] = cone_run(case["batch"], case["compiled"])
+        for _ in range(2):
+            runs[key]()
     if key not in runs:
         data = [t.clone().requires_grad_(True) for t in random_qp(case["batch"], case["n"], case["n"], seed=0).tensors()[:4]]
         layer = QPFunction(verbose=-1, compile=case["compiled"])
@@ -55,8 +76,21 @@ for line in sys.stdin:
 def _case(text: str) -> dict:
     parts = text.split(",")
     if len(parts) not in (2, 3) or (len(parts) == 3 and parts[2] != "compiled"):
-        raise argparse.ArgumentTypeError(f"a case is 'batch,n' or 'batch,n,compiled', got {text!r}")
-    return {"batch": int(parts[0]), "n": int(parts[1]), "compiled": len(parts) == 3}
+        raise argparse.ArgumentTypeError(f"a case is 'batch,n', 'batch,n,compiled', 'cone,batch' or "
+                                         f"'cone,batch,compiled', got {text!r}")
+    cone = parts[0] == "cone"
+    try:
+        batch, n = (int(parts[1]), 0) if cone else (int(parts[0]), int(parts[1]))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a case's batch and n are integers, got {text!r}") from None
+    if batch < 1 or (not cone and n < 1):
+        raise argparse.ArgumentTypeError(f"a case's batch and n are at least 1, got {text!r}")
+    return {"cone": cone, "batch": batch, "n": n, "compiled": len(parts) == 3}
+
+
+def _name(case: dict) -> str:
+    shape = f"cone, batch {case['batch']}" if case["cone"] else f"({case['batch']}, {case['n']})"
+    return f"{shape}{' compiled' if case['compiled'] else ''}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,8 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                     workers[tree].stdin.write(json.dumps({**case, "reps": args.reps}) + "\n")
                     workers[tree].stdin.flush()
                     best[tree] = min(best[tree], json.loads(workers[tree].stdout.readline()))
-            name = f"({case['batch']}, {case['n']}){' compiled' if case['compiled'] else ''}"
-            print(f"{name}: {1e3 * best[args.old]:.2f} ms -> {1e3 * best[args.new]:.2f} ms "
+            print(f"{_name(case)}: {1e3 * best[args.old]:.2f} ms -> {1e3 * best[args.new]:.2f} ms "
                   f"(ratio {best[args.new] / best[args.old]:.2f})", flush=True)
     finally:
         for worker in workers.values():

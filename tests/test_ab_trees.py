@@ -1,0 +1,38 @@
+"""``benchmarks/ab_trees.py``: its cases, and a QP and a cone case timed in two trees' workers."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import ab_trees
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("text, case", [
+    ("1,10", {"cone": False, "batch": 1, "n": 10, "compiled": False}),
+    ("128,100,compiled", {"cone": False, "batch": 128, "n": 100, "compiled": True}),
+    ("cone,16", {"cone": True, "batch": 16, "n": 0, "compiled": False}),
+    ("cone,128,compiled", {"cone": True, "batch": 128, "n": 0, "compiled": True}),
+])
+def test_cases_are_read_as_written(text, case):
+    assert ab_trees._case(text) == case
+
+
+@pytest.mark.parametrize("text", ["1", "1,10,eager", "cone", "cone,x", "0,10", "cone,0", "a,b"])
+def test_a_malformed_case_is_refused_with_the_forms_it_takes(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="case"):
+        ab_trees._case(text)
+
+
+def test_a_qp_and_a_cone_case_are_timed_in_each_tree(tmp_path, capsys):
+    other = tmp_path / "tree"
+    other.symlink_to(ROOT)  # a second path to the same tree: a worker of its own
+    ab_trees.main([str(ROOT), str(other), "--cases", "2,10", "cone,2", "--rounds", "2", "--reps", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    pattern = r"{}: [\d.]+ ms -> [\d.]+ ms \(ratio [\d.]+\)"
+    assert re.fullmatch(pattern.format(re.escape("(2, 10)")), lines[0]), lines
+    assert re.fullmatch(pattern.format("cone, batch 2"), lines[1]), lines
