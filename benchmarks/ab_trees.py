@@ -33,6 +33,14 @@ from benchmarks.problems import random_qp
 from optlayers import QPFunction
 
 
+def qp_run(batch, n, compiled):
+    data = [t.clone().requires_grad_(True) for t in random_qp(batch, n, n, seed=0).tensors()[:4]]
+    layer = QPFunction(verbose=-1, compile=compiled)
+
+    def run():
+        layer(*data).sum().backward()
+    return run
+
 
 def cone_run(batch, compiled):
     from benchmarks.bench_cone import N, SPEC
@@ -50,18 +58,9 @@ runs = {}
 for line in sys.stdin:
     case = json.loads(line)
     key = (case["cone"], case["batch"], case["n"], case["compiled"])
-    if key not in runs and case["cone"]:
-        runs[key] = cone_run(case["batch"], case["compiled"])
-        for _ in range(2):
-            runs[key]()
     if key not in runs:
-        data = [t.clone().requires_grad_(True) for t in random_qp(case["batch"], case["n"], case["n"], seed=0).tensors()[:4]]
-        layer = QPFunction(verbose=-1, compile=case["compiled"])
-
-        def run(layer=layer, data=data):
-            layer(*data).sum().backward()
-
-        for _ in range(3):
+        run = cone_run(case["batch"], case["compiled"]) if case["cone"] else qp_run(case["batch"], case["n"], case["compiled"])
+        for _ in range(3):  # warm-up (and a compiled case's compilation), untimed
             run()
         runs[key] = run
     times = []

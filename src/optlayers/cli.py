@@ -8,15 +8,15 @@ import sys
 from collections.abc import Sequence
 
 
-class _DefaultsShown(argparse.HelpFormatter):
-    """Help that gives each option's default, where it has one and its help does not say it already."""
+class _DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """argparse's help with defaults, for options only and where the default says something: not
+    None or False, and not already said in the help."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if not action.option_strings or "default" in text or action.default is None or action.default is False \
-                or action.default == argparse.SUPPRESS:
+        if not action.option_strings or "default" in text or action.default is None or action.default is False:
             return text
-        return f"{text} (default: %(default)s)"
+        return super()._get_help_string(action)
 
 
 def _sizes_in_help(parser: argparse.ArgumentParser, full: dict, quick: dict) -> None:

@@ -11,7 +11,7 @@ look (the QP's stiff split and accurate gap) passes a ``Look``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any, Callable, Protocol
 
 import torch
@@ -91,16 +91,10 @@ def _normal(out: Run) -> Run:
 
 
 def _copied(obj: Any) -> Any:
-    """A dataclass of tensors with every inference tensor among its fields copied (nested
-    dataclasses too)."""
-    changed = {}
-    for f in fields(obj):
-        value = getattr(obj, f.name)
-        if isinstance(value, Tensor) and value.is_inference():
-            changed[f.name] = value.clone()
-        elif is_dataclass(value) and not isinstance(value, type):
-            changed[f.name] = _copied(value)
-    return replace(obj, **changed) if changed else obj
+    """A dataclass of (B, ...) tensors (a method's state or residuals) with each of its inference
+    tensors copied."""
+    return replace(obj, **{f.name: t.clone() for f in fields(obj)
+                           if isinstance(t := getattr(obj, f.name), Tensor) and t.is_inference()})
 
 
 def _run(data: tuple, state: Any, res: Any, step: Step, max_iter: int, device: torch.device,
