@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from optlayers.engine import lapack
 from optlayers.engine.constants import constant, made_once
 from optlayers.host import host_read, reads_are_free
 from optlayers.linalg import add_mtv, add_mv, add_product, add_product_, mtv, mv, product
@@ -150,8 +151,11 @@ def _cholesky(M: Tensor, check_finite: bool = True) -> tuple[Tensor, Tensor]:
     triangle (M is symmetric): torch copies a row-major M's upper triangle into LAPACK's
     column-major layout faster than its lower one (B = 64, n = 100, float64, one thread: 1.5-1.6
     against 1.85-1.95 ms), and L = Uᵀ is then a row-major matrix, which the triangular solves
-    read as fast."""
-    if M.device.type == "cpu":
+    read as fast. Mid-sized CPU factors are LAPACK's ``potf2`` from scipy where torch's MKL is
+    slow (``lapack.used_for``), in the same layout."""
+    if lapack.used_for(M):
+        chol, info = lapack.factor_lower(M)
+    elif M.device.type == "cpu":
         chol, info = torch.linalg.cholesky_ex(M, upper=True)
         chol = chol.transpose(-2, -1)
     else:

@@ -1,0 +1,134 @@
+"""The CPU's Cholesky factorisation of mid-sized matrices by LAPACK's ``potf2`` from scipy.
+
+torch's CPU build factorises with MKL, and MKL runs its generic code on AMD processors: there
+its ``dpotrf`` of order 100 takes the unblocked path, a matrix-vector product per column, at
+about 7 GFLOP/s. scipy's LAPACK (OpenBLAS in scipy's wheels) has a ``potf2`` of its own,
+single-threaded by construction. Measured on the AMD EPYC machine (torch 2.13.0+cpu, scipy 1.17.1,
+float64, one thread, 2026-12-05; each call with its copy of the input and the zeroing of the other
+triangle), this route against ``torch.linalg.cholesky_ex``, in µs:
+
+| n | batch 1 | batch 2 | batch 4 | batch 16 |
+|---|---|---|---|---|
+| 40 | 18 / 9 | 23 / 15 | 33 / 27 | 95 / 103 |
+| 50 | 20 / 13 | 27 / 24 | 44 / 44 | 132 / 171 |
+| 64 | 24 / 20 | 36 / 38 | 60 / 76 | 203 / 303 |
+| 100 | 43 / 54 | 71 / 105 | 129 / 210 | 504 / 830 |
+| 150 | 106 / 115 | 202 / 223 | 398 / 444 | 1,554 / 1,829 |
+
+and at batch 128, n = 100, 4.8 against 8.9 ms; n = 30, 0.47 against 0.49 ms; n = 20, 0.28 against
+0.23 ms; batch 16, n = 200, 4.3 against 4.6 ms. The engine's eager solves on the CPU take it
+(``used_for``) where torch's LAPACK is MKL on an AMD processor, for orders from ``MIN_N`` to
+``MAX_N``, float32 and float64, whatever the batch: which route factorises a problem depends on
+its order only, never on the other problems of its batch, so that a problem's answer does not
+either (a few µs lost per call at batch 1 and n < 80). Everywhere else torch's own factorisation
+stands: on an Intel processor MKL is not in its generic code (and nothing was measured there);
+under compilation, a Python routine called from inductor's generated code cost 50–80 µs more per
+call than torch's (a forward + backward at batch 1, n = 100 took 1.23 times as long).
+
+The routine is reached through ``scipy.linalg.cython_lapack``'s table of C entry points and
+called with ``ctypes``, which releases the GIL during each call, so that the slices of a batch
+(``threads.map_slices``) factorise in parallel. A row-major symmetric matrix read as a
+column-major one is itself; LAPACK's upper factor U of that column-major matrix is, read row-major,
+the lower factor L = Uᵀ of the same matrix.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import platform
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from optlayers.host import cpu_schedule
+
+MIN_N = 40
+"""The smallest order factorised by ``potf2``: the measurements above, where it wins from n = 40 at
+batch 16 and from n = 30 at batch 128 (at batch 1 a call's fixed cost counts up to n = 80)."""
+
+MAX_N = 192
+"""The largest order factorised by ``potf2``: unblocked, it falls behind blocked factorisations
+above this (batch 16, n = 200: 4.3 against torch's 4.6 ms; n = 500: 1.3 times torch's time)."""
+
+_ROUTINES = {torch.float64: "dpotf2", torch.float32: "spotf2"}
+_UPPER = ctypes.create_string_buffer(b"U")
+_Routine = Callable[[int, int, int, int, int], None]
+
+
+def _vendor() -> str:
+    """The processor's vendor string ('AuthenticAMD', 'GenuineIntel', ...), or '' where unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            for line in info:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _mkl_in_generic_code() -> bool:
+    """Whether torch's LAPACK is MKL running on an AMD processor (see the module docstring)."""
+    return torch.backends.mkl.is_available() and "AuthenticAMD" in _vendor()
+
+
+@functools.lru_cache(maxsize=None)
+def _routine(dtype: torch.dtype) -> _Routine | None:
+    """LAPACK's ``potf2`` for ``dtype`` from scipy's table of C entry points, callable with five
+    addresses (uplo, n, a, lda, info), or None where scipy does not export it."""
+    try:
+        from scipy.linalg import cython_lapack
+    except ImportError:
+        return None
+    capsule = getattr(cython_lapack, "__pyx_capi__", {}).get(_ROUTINES[dtype])
+    if capsule is None:
+        return None
+    name = ctypes.pythonapi.PyCapsule_GetName
+    name.argtypes, name.restype = [ctypes.py_object], ctypes.c_char_p
+    pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    pointer.argtypes, pointer.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_void_p
+    address = pointer(capsule, name(capsule))
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5)(address)
+
+
+FACTORED_DTYPES = frozenset(dtype for dtype in _ROUTINES if _routine(dtype) is not None) if _mkl_in_generic_code() else frozenset()
+"""The dtypes that ``potf2`` factorises on this machine: float32 and float64 where torch's LAPACK is
+MKL on an AMD processor and scipy exports the routines; none elsewhere. Decided once, at import."""
+
+
+def used_for(M: Tensor) -> bool:
+    """Whether ``factor_lower`` factorises ``M`` by ``potf2`` rather than torch: a CPU matrix of a
+    dtype in ``FACTORED_DTYPES`` and of order ``MIN_N`` to ``MAX_N`` that no gradient flows
+    through, in an eager solve on the CPU's own schedule (``host.cpu_schedule``: the counts of
+    ``host.accelerator_schedule`` are of what an accelerator dispatches, which never takes it)."""
+    return (not torch.compiler.is_compiling() and M.device.type == "cpu" and M.dtype in FACTORED_DTYPES
+            and MIN_N <= M.shape[-1] <= MAX_N and not (M.requires_grad and torch.is_grad_enabled())
+            and cpu_schedule(M.device))
+
+
+_ORDERS: dict[int, ctypes.c_int] = {}
+
+
+def _order(n: int) -> int:
+    """The address of a C int holding ``n``, LAPACK's order and leading dimension (read only: one
+    for every call and thread)."""
+    return ctypes.addressof(_ORDERS.setdefault(n, ctypes.c_int(n)))
+
+
+def factor_lower(M: Tensor) -> tuple[Tensor, Tensor]:
+    """The lower Cholesky factors of a (..., n, n) symmetric CPU batch (a new row-major tensor, its
+    upper triangle zero) and LAPACK's int32 info per matrix (0, or the order of the first leading
+    minor that is not positive definite), by ``potf2``, as ``torch.linalg.cholesky_ex`` gives them
+    but for a NaN pivot: OpenBLAS's ``potf2`` tests a pivot for ≤ 0 only, so that a factor with NaN
+    is reported 0 (``kkt._cholesky``'s ``check_finite`` tests the factor's diagonal). For float32
+    and float64 matrices where scipy exports the routine (``_routine``); the engine calls it where
+    ``used_for(M)`` holds."""
+    factor = M.clone(memory_format=torch.contiguous_format)
+    n = M.shape[-1]
+    info = torch.zeros(M.shape[:-2], dtype=torch.int32)
+    routine, upper, order = _routine(M.dtype), ctypes.addressof(_UPPER), _order(n)
+    stride, first = n * n * factor.element_size(), factor.data_ptr()
+    for k, report in enumerate(range(info.data_ptr(), info.data_ptr() + 4 * info.numel(), 4)):
+        routine(upper, order, first + k * stride, order, report)
+    return factor.tril_(), info

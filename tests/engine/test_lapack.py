@@ -1,0 +1,127 @@
+"""LAPACK's potf2 from scipy as the CPU's Cholesky factorisation (``engine.lapack``): the factors
+and infos against torch's, its use from several threads, the rule that chooses it (never in
+compiled code), and a solve that takes it against one that does not."""
+import threading
+
+import pytest
+import torch
+
+from benchmarks.problems import random_qp
+from optlayers import host, solve_qp
+from optlayers.engine import kkt, lapack
+
+needs_potf2 = pytest.mark.skipif(lapack._routine(torch.float64) is None or lapack._routine(torch.float32) is None,
+                                 reason="scipy exports no potf2")
+
+
+def _spd(shape: tuple[int, ...], n: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(*shape, n, n, generator=g, dtype=torch.float64)
+    return (X @ X.transpose(-2, -1) + n * torch.eye(n, dtype=torch.float64)).to(dtype)
+
+
+@needs_potf2
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("shape, n", [((5,), 50), ((), 64), ((2, 3), 41)])
+def test_factors_and_infos_are_torchs(dtype, tol, shape, n):
+    M = _spd(shape, n, dtype)
+    before = M.clone()
+    L, info = lapack.factor_lower(M)
+    expected, expected_info = torch.linalg.cholesky_ex(M)
+    assert L.shape == M.shape and L.is_contiguous() and info.dtype == torch.int32 and info.shape == shape
+    assert torch.equal(info, expected_info)
+    assert (L - expected).abs().max() <= tol * expected.abs().max()
+    assert torch.equal(L.triu(1), torch.zeros_like(L))
+    assert torch.equal(M, before)  # the input is not overwritten
+
+
+@needs_potf2
+def test_a_failing_minor_is_reported_with_its_order_and_a_transposed_input_is_read_as_given():
+    M = _spd((3,), 45, torch.float64)
+    M[1, 6, 6] = -1.0  # the leading minor of order 7 is not positive definite
+    M[2] = M[2] + torch.triu(torch.ones(45, 45, dtype=torch.float64), 1)  # not symmetric: its transpose is another matrix
+    view = M.transpose(-2, -1)
+    L, info = lapack.factor_lower(view)
+    expected, expected_info = torch.linalg.cholesky_ex(view)
+    assert info.tolist() == [0, 7, 0] and torch.equal(info, expected_info)
+    for k in (0, 2):  # torch reads the lower triangle of the view; so must potf2
+        torch.testing.assert_close(L[k], expected[k], rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_code_keeps_torchs_factorisation(monkeypatch):
+    monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64}))
+    monkeypatch.setattr(lapack, "factor_lower", lambda M: pytest.fail("potf2 called from compiled code"))
+    M = _spd((4,), 60, torch.float64, seed=1)
+    compiled = torch.compile(lambda X: kkt._cholesky(2.0 * X)[0], fullgraph=True, options={"cpp_wrapper": True})
+    torch.testing.assert_close(compiled(M), torch.linalg.cholesky(2.0 * M), rtol=1e-12, atol=1e-12)
+
+
+@needs_potf2
+def test_threads_factorising_at_once_each_get_their_own_factors():
+    batches = [_spd((16,), 80, torch.float64, seed=s) for s in range(4)]
+    results = [None] * len(batches)
+
+    def work(k):
+        for _ in range(5):
+            results[k] = lapack.factor_lower(batches[k])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(len(batches))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for M, (L, info) in zip(batches, results):
+        assert torch.equal(info, torch.zeros_like(info))
+        torch.testing.assert_close(L @ L.transpose(-2, -1), M, rtol=1e-12, atol=1e-10)
+
+
+def test_the_rule_takes_mid_sized_cpu_matrices_without_gradients_on_the_cpus_schedule(monkeypatch):
+    monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64, torch.float32}))
+    M = torch.eye(lapack.MIN_N, dtype=torch.float64)
+    assert lapack.used_for(M) and lapack.used_for(torch.eye(lapack.MAX_N)) and lapack.used_for(M.expand(3, -1, -1))
+    assert not lapack.used_for(torch.eye(lapack.MIN_N - 1, dtype=torch.float64))
+    assert not lapack.used_for(torch.eye(lapack.MAX_N + 1, dtype=torch.float64))
+    assert not lapack.used_for(M.to(torch.float16))
+    assert not lapack.used_for(M.clone().requires_grad_(True))
+    with torch.no_grad():
+        assert lapack.used_for(M.clone().requires_grad_(True))
+    with host.accelerator_schedule():
+        assert not lapack.used_for(M)
+    monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset())
+    assert not lapack.used_for(M)
+
+
+def test_the_dtypes_are_decided_by_the_machine():
+    expected = lapack._mkl_in_generic_code() and lapack._routine(torch.float64) is not None
+    assert (torch.float64 in lapack.FACTORED_DTYPES) == expected
+
+
+@needs_potf2
+@pytest.mark.parametrize("equalities", [0, 10])
+def test_a_solve_with_potf2_agrees_with_one_with_torchs_factorisation(monkeypatch, equalities):
+    Q, p, G, h, A, b = random_qp(6, 50, 50, equalities, seed=3).tensors()
+    p = p.clone().requires_grad_(True)
+    seen = []
+    factor_lower = lapack.factor_lower
+    monkeypatch.setattr(lapack, "factor_lower", lambda M: seen.append(M.shape[-1]) or factor_lower(M))
+    solutions = {}
+    for route in ("potf2", "torch"):
+        monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64} if route == "potf2" else ()))
+        sol = solve_qp(Q, p, G, h, A, b)
+        grad, = torch.autograd.grad(sol.z.sum(), p)
+        solutions[route] = (sol.z.detach(), grad, sol.status)
+        assert (route == "potf2") == bool(seen)
+        seen.clear()
+    (z, grad, status), (z0, grad0, status0) = solutions["potf2"], solutions["torch"]
+    assert torch.equal(status, status0)
+    torch.testing.assert_close(z, z0, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(grad, grad0, rtol=1e-7, atol=1e-7)
+
+
+def test_the_kkt_factor_is_row_major_either_way(monkeypatch):
+    M = _spd((3,), 50, torch.float64)
+    for dtypes in (frozenset({torch.float64}) if lapack._routine(torch.float64) else frozenset(), frozenset()):
+        monkeypatch.setattr(lapack, "FACTORED_DTYPES", dtypes)
+        L, ok = kkt._cholesky(M)
+        assert L.stride()[-1] == 1 and bool(ok.all())
+        torch.testing.assert_close(L @ L.transpose(-2, -1), M, rtol=1e-12, atol=1e-10)
