@@ -2,6 +2,7 @@
 and infos against torch's, its use from several threads, the rule that chooses it (never in
 compiled code), and a solve that takes it against one that does not."""
 import threading
+import warnings
 
 import pytest
 import torch
@@ -48,12 +49,58 @@ def test_a_failing_minor_is_reported_with_its_order_and_a_transposed_input_is_re
         torch.testing.assert_close(L[k], expected[k], rtol=1e-12, atol=1e-12)
 
 
-def test_compiled_code_keeps_torchs_factorisation(monkeypatch):
+def test_compiled_code_without_the_operator_keeps_torchs_factorisation(monkeypatch):
     monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64}))
+    monkeypatch.setattr(lapack, "_operator_state", {"loaded": False, "tried": True})
     monkeypatch.setattr(lapack, "factor_lower", lambda M: pytest.fail("potf2 called from compiled code"))
     M = _spd((4,), 60, torch.float64, seed=1)
     compiled = torch.compile(lambda X: kkt._cholesky(2.0 * X)[0], fullgraph=True, options={"cpp_wrapper": True})
     torch.testing.assert_close(compiled(M), torch.linalg.cholesky(2.0 * M), rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def operator(monkeypatch):
+    """The C++ operator loaded (built on first use), on any machine whose scipy exports potf2."""
+    if lapack._routine(torch.float64) is None or lapack._routine(torch.float32) is None:
+        pytest.skip("scipy exports no potf2")
+    monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64, torch.float32}))
+    if not lapack._operator_state["loaded"]:
+        monkeypatch.setattr(lapack, "_operator_state", {"loaded": False, "tried": False})
+        if not lapack.load_operator():
+            pytest.skip("the potf2 operator could not be built here")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_compiled_code_factorises_with_the_operator_to_the_bit_of_the_eager_route(operator, dtype):
+    M = _spd((5,), 60, dtype, seed=2)
+    M[3, 9, 9] = -1.0
+    compiled = torch.compile(lambda X: kkt._cholesky(X, check_finite=False), fullgraph=True, options={"cpp_wrapper": True})
+    L, ok = compiled(M)
+    eager, info = lapack.factor_lower(M)
+    assert torch.equal(ok, info == 0) and ok.tolist() == [True, True, True, False, True]
+    assert torch.equal(L, eager)
+
+
+def test_the_operator_refuses_what_it_cannot_factorise(operator):
+    with pytest.raises(RuntimeError, match="square matrices"):
+        torch.ops.optlayers_potf2.potf2_lower(torch.zeros(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="no potf2 routine for dtype"):
+        torch.ops.optlayers_potf2.potf2_lower(torch.eye(50, dtype=torch.float16))
+
+
+def test_a_failed_build_warns_once_and_leaves_torchs_factorisation(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def fail(**kwargs):
+        raise RuntimeError("no compiler here")
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", fail)
+    monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64}))
+    monkeypatch.setattr(lapack, "_operator_state", {"loaded": False, "tried": False})
+    with pytest.warns(RuntimeWarning, match="could not build its potf2 operator.*no compiler here"):
+        assert not lapack.load_operator()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # not tried again: no second warning
+        assert not lapack.load_operator()
 
 
 @needs_potf2

@@ -24,11 +24,11 @@ COMPILED_CALLS = 2
 # backward's ones and expand, the gradient's accumulation)
 ATEN_OUTSIDE = 19
 # guards evaluated by a call of each compiled function (``compiling.keeps_guard``)
-SOLVE_GUARDS = 83  # 4 of them the progress test's constants (ipm._PROGRESS, _PROGRESS_COUNTER, _REDUCED_ACCURACY,
+SOLVE_GUARDS = 84  # 4 of them the progress test's constants (ipm._PROGRESS, _PROGRESS_COUNTER, _REDUCED_ACCURACY,
 # progress_limit), 3 the iterate's recession test's and the augmented factorisation's (ipm._STILL_DIVERGING,
 # kkt.AUGMENT, augment), 1 the refinement's early stop (kkt._REFINED_ROUNDOFFS), 2 the derivative checks'
 # bounds (derivative_checks.AMBIGUOUS_ROW_RATIO, MAX_AMPLIFICATION), 1 dynamo's own on the 0-d fill (an
-# epilogue guard)
+# epilogue guard), 1 the Cholesky route's smallest order (lapack.MIN_N, where lapack.FACTORED_DTYPES has the dtype)
 BACKWARD_GUARDS = 107  # 3 of them the factor's augment (KKTFactor.augment, kkt.AUGMENT), 8 the refinement's
 # early stop (kkt._REFINED_ROUNDOFFS, and 7 on torch's pytree registry, with which torch.cond flattens its operands)
 

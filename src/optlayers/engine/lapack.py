@@ -20,10 +20,15 @@ and at batch 128, n = 100, 4.8 against 8.9 ms; n = 30, 0.47 against 0.49 ms; n =
 (``used_for``) where torch's LAPACK is MKL on an AMD processor, for orders from ``MIN_N`` to
 ``MAX_N``, float32 and float64, whatever the batch: which route factorises a problem depends on
 its order only, never on the other problems of its batch, so that a problem's answer does not
-either (a few µs lost per call at batch 1 and n < 80). Everywhere else torch's own factorisation
-stands: on an Intel processor MKL is not in its generic code (and nothing was measured there);
-under compilation, a Python routine called from inductor's generated code cost 50–80 µs more per
-call than torch's (a forward + backward at batch 1, n = 100 took 1.23 times as long).
+either (a few µs lost per call at batch 1 and n < 80). On an Intel processor, where MKL is not in
+its generic code (and nothing was measured), torch's own factorisation stands.
+
+Compiled solves call it as the C++ operator ``optlayers_potf2::potf2_lower`` (``potf2.cpp``, built
+by torch's extension builder the first time a compiled solve runs on such a machine, about 40 s, and
+cached by torch across processes; ``load_operator``). A Python routine called from inductor's
+generated code cost 50–80 µs more per call than torch's factorisation (a compiled forward +
+backward at batch 1, n = 100 took 1.23 times as long); the C++ operator does not. Where it cannot
+be built (no compiler, no ``ninja``), compiled solves keep torch's factorisation, with a warning.
 
 The routine is reached through ``scipy.linalg.cython_lapack``'s table of C entry points and
 called with ``ctypes``, which releases the GIL during each call, so that the slices of a batch
@@ -35,7 +40,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import platform
+import threading
+import warnings
 from typing import Callable
 
 import torch
@@ -97,14 +105,51 @@ FACTORED_DTYPES = frozenset(dtype for dtype in _ROUTINES if _routine(dtype) is n
 MKL on an AMD processor and scipy exports the routines; none elsewhere. Decided once, at import."""
 
 
+_OPERATOR_SOURCE = os.path.join(os.path.dirname(__file__), "potf2.cpp")
+_OPERATOR_LOCK = threading.Lock()
+_operator_state = {"loaded": False, "tried": False}
+
+
+def load_operator() -> bool:
+    """Build (once per machine and source: torch's extension cache) and load the C++ operator that
+    compiled solves factorise with, where ``FACTORED_DTYPES`` has any dtype; whether it is loaded.
+    A failed build warns once and is not tried again in the process."""
+    with _OPERATOR_LOCK:
+        if _operator_state["tried"] or not FACTORED_DTYPES:
+            return _operator_state["loaded"]
+        _operator_state["tried"] = True
+        try:
+            from torch.utils.cpp_extension import load
+            load(name="optlayers_potf2", sources=[_OPERATOR_SOURCE], extra_cflags=["-O2"], is_python_module=False)
+        except Exception as err:  # a missing compiler or ninja, a failed build: torch's factorisation stands
+            warnings.warn(f"optlayers could not build its potf2 operator ({type(err).__name__}: {err}); compiled solves "
+                          "on this CPU keep torch's Cholesky factorisation, which is slower here", RuntimeWarning, stacklevel=2)
+            return False
+        addresses = [ctypes.cast(_routine(dtype), ctypes.c_void_p).value if dtype in FACTORED_DTYPES else 0
+                     for dtype in (torch.float64, torch.float32)]
+        torch.ops.optlayers_potf2.set_routines(*addresses)
+        torch.library.register_fake("optlayers_potf2::potf2_lower", _potf2_lower_shapes)
+        _operator_state["loaded"] = True
+        return True
+
+
+def _potf2_lower_shapes(M: Tensor) -> tuple[Tensor, Tensor]:
+    """The operator's outputs' shapes, dtypes and layout, for tracing."""
+    return torch.empty_like(M, memory_format=torch.contiguous_format), M.new_empty(M.shape[:-2], dtype=torch.int32)
+
+
 def used_for(M: Tensor) -> bool:
     """Whether ``factor_lower`` factorises ``M`` by ``potf2`` rather than torch: a CPU matrix of a
     dtype in ``FACTORED_DTYPES`` and of order ``MIN_N`` to ``MAX_N`` that no gradient flows
-    through, in an eager solve on the CPU's own schedule (``host.cpu_schedule``: the counts of
-    ``host.accelerator_schedule`` are of what an accelerator dispatches, which never takes it)."""
-    return (not torch.compiler.is_compiling() and M.device.type == "cpu" and M.dtype in FACTORED_DTYPES
-            and MIN_N <= M.shape[-1] <= MAX_N and not (M.requires_grad and torch.is_grad_enabled())
-            and cpu_schedule(M.device))
+    through: in an eager solve on the CPU's own schedule (``host.cpu_schedule``: the counts of
+    ``host.accelerator_schedule`` are of what an accelerator dispatches, which never takes it), and
+    in compiled code once the operator is loaded (``load_operator``)."""
+    if not (M.device.type == "cpu" and M.dtype in FACTORED_DTYPES and MIN_N <= M.shape[-1] <= MAX_N
+            and not (M.requires_grad and torch.is_grad_enabled())):
+        return False
+    if torch.compiler.is_compiling():
+        return _operator_state["loaded"]
+    return cpu_schedule(M.device)
 
 
 _ORDERS: dict[int, ctypes.c_int] = {}
@@ -123,7 +168,10 @@ def factor_lower(M: Tensor) -> tuple[Tensor, Tensor]:
     but for a NaN pivot: OpenBLAS's ``potf2`` tests a pivot for ≤ 0 only, so that a factor with NaN
     is reported 0 (``kkt._cholesky``'s ``check_finite`` tests the factor's diagonal). For float32
     and float64 matrices where scipy exports the routine (``_routine``); the engine calls it where
-    ``used_for(M)`` holds."""
+    ``used_for(M)`` holds; under compilation through the C++ operator (the same routine on the same
+    layout: the same bits)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.optlayers_potf2.potf2_lower(M)
     factor = M.clone(memory_format=torch.contiguous_format)
     n = M.shape[-1]
     info = torch.zeros(M.shape[:-2], dtype=torch.int32)
