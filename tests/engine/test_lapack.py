@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from benchmarks.problems import random_qp
-from optlayers import host, solve_qp
+from optlayers import host, solve_qp, threads
 from optlayers.engine import kkt, lapack
+from optlayers.qp import parallel
+from tests.qp import qp_problems
 
 needs_potf2 = pytest.mark.skipif(lapack._routine(torch.float64) is None or lapack._routine(torch.float32) is None,
                                  reason="scipy exports no potf2")
@@ -172,3 +174,50 @@ def test_the_kkt_factor_is_row_major_either_way(monkeypatch):
         L, ok = kkt._cholesky(M)
         assert L.stride()[-1] == 1 and bool(ok.all())
         torch.testing.assert_close(L @ L.transpose(-2, -1), M, rtol=1e-12, atol=1e-10)
+
+
+@needs_potf2
+@pytest.mark.parametrize("n", [45, 64])
+def test_a_matrix_gets_the_same_factor_in_any_place_of_its_batch(n):
+    """potf2's factor of a matrix is the same bits wherever the matrix sits in a batch (each is
+    factorised alone, in place in the batch's copy). torch's MKL factorisation on the AMD machine
+    is not: at n = 45 the matrices in the odd places of a batch of six, whose addresses are 8 bytes
+    off a multiple of 16, got other bits than alone (at n = 50, 64 and 100, all the same bits)."""
+    M = _spd((6,), n, torch.float64, seed=4)
+    batch, _ = lapack.factor_lower(M)
+    for k in range(6):
+        alone, _ = lapack.factor_lower(M[k:k + 1].clone())
+        assert torch.equal(batch[k], alone[0]), k
+
+
+@needs_potf2
+@pytest.mark.skipif(threads._omp_set_num_threads() is None, reason="no per-thread OpenMP setting: batches are not sliced")
+def test_with_potf2_slices_reproduce_the_whole_batch_and_a_problem_its_answer_alone(monkeypatch):
+    """With the route, slices on parallel threads (each factorising its own problems by potf2) give
+    the whole batch's answers, and a problem in a batch whose working batch shrinks gets its answer
+    alone, to the solver's accuracy. Not to the bit: at this size the eager solve's slices differ
+    from the whole batch by about 1e-13 with torch's factorisation as well (whose factors themselves
+    depend on a matrix's place in its batch, see the test above), and such differences can move a
+    problem's last iteration."""
+    monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64}))
+    torch.manual_seed(3)
+    data = qp_problems.random_qp((6,), 45, 50, 5, active=True)
+    data["Q"][:2] = torch.eye(45, dtype=torch.float64)  # easy: fewer iterations, so the working batch shrinks
+    seen = []
+    factor_lower = lapack.factor_lower
+    monkeypatch.setattr(lapack, "factor_lower", lambda M: seen.append(M.shape[0]) or factor_lower(M))
+    monkeypatch.setattr(parallel, "_MIN_SLICE_ENTRIES", 1)
+    answers = {}
+    for count in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda: count)  # not torch.set_num_threads (pytorch#142815)
+        answers[count] = solve_qp(**data)
+    assert 2 in seen and 6 in seen  # slices of two and the whole batch, both by potf2
+    assert torch.equal(answers[3].status, answers[1].status) and torch.equal(answers[3].iterations, answers[1].iterations)
+    for name in ("z", "lam", "nu"):
+        torch.testing.assert_close(getattr(answers[3], name), getattr(answers[1], name), rtol=1e-11, atol=1e-11, msg=name)
+    whole = answers[1]
+    assert len(set(whole.iterations.tolist())) > 1
+    for i in (0, 5):
+        alone = solve_qp(**{k: None if v is None else v[i] for k, v in data.items()})
+        assert alone.status == whole.status[i]
+        torch.testing.assert_close(alone.z, whole.z[i], rtol=1e-8, atol=1e-8)
