@@ -19,8 +19,10 @@ and at batch 128, n = 100, 4.8 against 8.9 ms; n = 30, 0.47 against 0.49 ms; n =
 0.23 ms; batch 16, n = 200, 4.3 against 4.6 ms. The engine's eager solves on the CPU take it
 (``used_for``) where torch's LAPACK is MKL on an AMD processor, for orders from ``MIN_N`` to
 ``MAX_N``, float32 and float64, whatever the batch: which route factorises a problem depends on
-its order only, never on the other problems of its batch, so that a problem's answer does not
-either (a few µs lost per call at batch 1 and n < 80). On an Intel processor, where MKL is not in
+its order only, never on the other problems of its batch, so that the route adds no dependence of
+a problem's answer on its batch as the working batch shrinks (a few µs lost per call at batch 1 and
+n < 80). A matrix's factor is the same bits wherever it sits in a batch, which torch's MKL
+factorisation did not give at n = 45. On an Intel processor, where MKL is not in
 its generic code (and nothing was measured), torch's own factorisation stands.
 
 Compiled solves call it as the C++ operator ``optlayers_potf2::potf2_lower`` (``potf2.cpp``, built
