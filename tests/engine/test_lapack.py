@@ -1,6 +1,7 @@
 """LAPACK's potf2 from scipy as the CPU's Cholesky factorisation (``engine.lapack``): the factors
 and infos against torch's, its use from several threads, the rule that chooses it (never in
 compiled code), and a solve that takes it against one that does not."""
+import ctypes
 import threading
 import warnings
 
@@ -221,3 +222,17 @@ def test_with_potf2_slices_reproduce_the_whole_batch_and_a_problem_its_answer_al
         alone = solve_qp(**{k: None if v is None else v[i] for k, v in data.items()})
         assert alone.status == whole.status[i]
         torch.testing.assert_close(alone.z, whole.z[i], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("signature, taken", [
+    (b"void (char *, int *, __pyx_t_5scipy_6linalg_13cython_lapack_d *, int *, int *)", True),
+    (b"void (char *, int64_t *, __pyx_t_5scipy_6linalg_13cython_lapack_d *, int64_t *, int64_t *)", False),
+    (b"void (char *, int *, double *, int *, int *, int *)", False),
+    (b"int (char *, int *, double *, int *, int *)", False),
+])
+def test_only_an_entry_point_with_potf2s_32_bit_signature_is_called(signature, taken):
+    new_capsule = ctypes.pythonapi.PyCapsule_New
+    new_capsule.argtypes, new_capsule.restype = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p], ctypes.py_object
+    name = ctypes.create_string_buffer(signature)  # the capsule keeps a pointer to its name: kept alive here
+    capsule = new_capsule(ctypes.addressof(name), name, None)  # any non-null pointer: never called here
+    assert (lapack._entry_point(capsule) is not None) == taken

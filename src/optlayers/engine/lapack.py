@@ -94,12 +94,23 @@ def _routine(dtype: torch.dtype) -> _Routine | None:
     capsule = getattr(cython_lapack, "__pyx_capi__", {}).get(_ROUTINES[dtype])
     if capsule is None:
         return None
+    return _entry_point(capsule)
+
+
+def _entry_point(capsule: object) -> _Routine | None:
+    """The function a ``cython_lapack`` capsule holds, callable with five addresses, where its C
+    signature (the capsule's name) is ``potf2``'s with 32-bit integers, as this module passes them:
+    ``void (char *, int *, <float type> *, int *, int *)``; else None (another build of scipy's
+    LAPACK, 64-bit integers say, is not called with them)."""
     name = ctypes.pythonapi.PyCapsule_GetName
     name.argtypes, name.restype = [ctypes.py_object], ctypes.c_char_p
+    signature = name(capsule) or b""
+    if not (signature.startswith(b"void (char *, int *, ") and signature.endswith(b" *, int *, int *)")
+            and signature.count(b",") == 4):
+        return None
     pointer = ctypes.pythonapi.PyCapsule_GetPointer
     pointer.argtypes, pointer.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_void_p
-    address = pointer(capsule, name(capsule))
-    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5)(address)
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5)(pointer(capsule, signature))
 
 
 FACTORED_DTYPES = frozenset(dtype for dtype in _ROUTINES if _routine(dtype) is not None) if _mkl_in_generic_code() else frozenset()
