@@ -26,8 +26,6 @@ from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 import torch
 from torch import Tensor
 
-from optlayers.engine import lapack
-
 if TYPE_CHECKING:  # a type only: the module is torch's private one
     from torch._dynamo.types import GuardFilterEntry
 
@@ -227,7 +225,6 @@ def compiled(fn: Callable, device_type: str, pointwise_cat: bool = False, batche
     if not isinstance(batched, bool):
         raise TypeError(f"batched must be True or False, got {batched!r}")
     if device_type == "cpu":
-        lapack.load_operator()  # before any tracing: the traced code reads whether it is loaded
         _quiet_expected_notices()
         options = POINTWISE_CAT_OPTIONS if pointwise_cat else CPU_OPTIONS
         graph = torch.compile(fn, fullgraph=True, options={**options, "guard_filter_fn": _keep_guards})

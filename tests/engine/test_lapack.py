@@ -61,6 +61,19 @@ def test_compiled_code_without_the_operator_keeps_torchs_factorisation(monkeypat
     torch.testing.assert_close(compiled(M), torch.linalg.cholesky(2.0 * M), rtol=1e-12, atol=1e-12)
 
 
+def test_compiled_code_asks_for_the_operator_only_where_it_would_factorise_with_it(monkeypatch):
+    """The operator is built where a compiled factorisation first needs it: tracing one of an order
+    below ``MIN_N`` never asks; one in range asks once per trace and, told no, keeps torch's."""
+    monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64}))
+    asked = []
+    monkeypatch.setattr(lapack, "load_operator", lambda: asked.append(True) and False)
+    for n, expected in ((lapack.MIN_N - 1, 0), (lapack.MIN_N, 1)):
+        M = _spd((2,), n, torch.float64, seed=n)
+        compiled = torch.compile(lambda X: kkt._cholesky(X)[0], fullgraph=True, options={"cpp_wrapper": True})
+        torch.testing.assert_close(compiled(M), torch.linalg.cholesky(M), rtol=1e-12, atol=1e-12)
+        assert len(asked) == expected, n
+
+
 @pytest.fixture
 def operator(monkeypatch):
     """The C++ operator loaded (built on first use), on any machine whose scipy exports potf2."""

@@ -26,8 +26,8 @@ factorisation did not give at n = 45. On an Intel processor, where MKL is not in
 its generic code (and nothing was measured), torch's own factorisation stands.
 
 Compiled solves call it as the C++ operator ``optlayers_potf2::potf2_lower`` (``potf2.cpp``, built
-by torch's extension builder the first time a compiled solve runs on such a machine, about 40 s, and
-cached by torch across processes; ``load_operator``). A Python routine called from inductor's
+by torch's extension builder the first time a compiled solve on such a machine factorises a matrix
+of those orders, about 40 s, and cached by torch across processes; ``load_operator``). A Python routine called from inductor's
 generated code cost 50–80 µs more per call than torch's factorisation (a compiled forward +
 backward at batch 1, n = 100 took 1.23 times as long); the C++ operator does not. Where it cannot
 be built (no compiler, no ``ninja``), compiled solves keep torch's factorisation, with a warning.
@@ -151,17 +151,25 @@ def _potf2_lower_shapes(M: Tensor) -> tuple[Tensor, Tensor]:
     return torch.empty_like(M, memory_format=torch.contiguous_format), M.new_empty(M.shape[:-2], dtype=torch.int32)
 
 
+@torch.compiler.assume_constant_result
+def _operator_loaded() -> bool:
+    """``load_operator()``, evaluated when dynamo traces a factorisation that ``potf2`` would take:
+    the operator is built where a compiled solve first needs it (never for one whose orders are
+    all outside ``MIN_N`` to ``MAX_N``), and the traced code holds the answer as a constant."""
+    return load_operator()
+
+
 def used_for(M: Tensor) -> bool:
     """Whether ``factor_lower`` factorises ``M`` by ``potf2`` rather than torch: a CPU matrix of a
     dtype in ``FACTORED_DTYPES`` and of order ``MIN_N`` to ``MAX_N`` that no gradient flows
     through: in an eager solve on the CPU's own schedule (``host.cpu_schedule``: the counts of
     ``host.accelerator_schedule`` are of what an accelerator dispatches, which never takes it), and
-    in compiled code once the operator is loaded (``load_operator``)."""
+    in compiled code where the operator loads (``_operator_loaded``)."""
     if not (M.device.type == "cpu" and M.dtype in FACTORED_DTYPES and MIN_N <= M.shape[-1] <= MAX_N
             and not (M.requires_grad and torch.is_grad_enabled())):
         return False
     if torch.compiler.is_compiling():
-        return _operator_state["loaded"]
+        return _operator_loaded()
     return cpu_schedule(M.device)
 
 
