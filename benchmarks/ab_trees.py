@@ -7,6 +7,14 @@ thread unless ``--threads`` says otherwise) times rounds of ``QPFunction()(Q, p,
 the paper's random QPs (``benchmarks/problems.py``, n inequalities, float64); the workers take
 turns, each round in the opposite order to the last.
 
+glibc's allocator makes a process's time depend on its history: at batch 128, n = 100 (compiled,
+one thread) a third of the processes trim the heap after the call's 10 MB tensors are freed and
+grow it again in the next call, 25,000–31,000 page faults a call against 1,000–2,500, and take
+about 1.2 times as long, whatever the code (BENCHMARKS.md, "The allocator's state"). Two workers,
+one in each state, would compare the allocator, not the trees. So the workers run with glibc's
+thresholds fixed (``--malloc steady``, the default: ``GLIBC_TUNABLES`` mmap_threshold 32 MiB,
+trim_threshold 256 MiB: ``machine.STEADY_MALLOC``), and each line reports the page faults per call of both workers.
+
     python benchmarks/ab_trees.py OLD_TREE NEW_TREE --cases 1,10 1,10,compiled 128,10 --rounds 15
 
 Each case is "batch,n" or "batch,n,compiled" (``QPFunction(compile=True)``, compiled in the
@@ -24,8 +32,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+try:
+    from benchmarks import machine
+except ImportError:  # run as a script: its own folder, not the repository, is on the path
+    import machine
+
 _WORKER = r'''
-import json, sys, time
+import json, resource, sys, time
 tree = sys.argv[1]
 sys.path[:0] = [tree + "/src", tree]
 import torch
@@ -63,12 +76,13 @@ for line in sys.stdin:
         for _ in range(3):  # warm-up (and a compiled case's compilation), untimed
             run()
         runs[key] = run
-    times = []
+    times, faults = [], resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(case["reps"]):
         start = time.perf_counter()
         runs[key]()
         times.append(time.perf_counter() - start)
-    print(json.dumps(min(times)), flush=True)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / case["reps"]
+    print(json.dumps([min(times), faults]), flush=True)
 '''
 
 
@@ -100,22 +114,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="rounds per tree (each keeps its best)")
     parser.add_argument("--reps", type=int, default=5, help="timed calls per round")
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads of each worker (default 1)")
+    parser.add_argument("--malloc", choices=("steady", "default"), default="steady",
+                        help="glibc's allocator thresholds in the workers: fixed (steady, the default) or glibc's own")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads must be at least 1, got {args.threads}")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    if args.malloc == "steady":
+        env = machine.with_steady_malloc(env)
+    print(f"workers: {args.threads} intra-op thread(s), GLIBC_TUNABLES={env.get('GLIBC_TUNABLES')}", flush=True)
     workers = {tree: subprocess.Popen([sys.executable, "-c", _WORKER, str(tree.resolve())], stdin=subprocess.PIPE,
                                       stdout=subprocess.PIPE, text=True, env=env) for tree in (args.old, args.new)}
     try:
         for case in args.cases:
             best = {tree: float("inf") for tree in workers}
+            faults = {tree: 0.0 for tree in workers}
             for round_ in range(args.rounds):
                 for tree in (args.old, args.new) if round_ % 2 == 0 else (args.new, args.old):
                     workers[tree].stdin.write(json.dumps({**case, "reps": args.reps}) + "\n")
                     workers[tree].stdin.flush()
-                    best[tree] = min(best[tree], json.loads(workers[tree].stdout.readline()))
+                    seconds, per_call = json.loads(workers[tree].stdout.readline())
+                    best[tree], faults[tree] = min(best[tree], seconds), max(faults[tree], per_call)
             print(f"{_name(case)}: {1e3 * best[args.old]:.2f} ms -> {1e3 * best[args.new]:.2f} ms "
-                  f"(ratio {best[args.new] / best[args.old]:.2f})", flush=True)
+                  f"(ratio {best[args.new] / best[args.old]:.2f}; page faults per call, most of a round: "
+                  f"{faults[args.old]:.0f} -> {faults[args.new]:.0f})", flush=True)
     finally:
         for worker in workers.values():
             worker.stdin.close()

@@ -12,7 +12,11 @@ float64, our eager and compiled paths against the peers and a linear layer) and 
 ``--isolate`` measures each solver in a Python process of its own, one solver after another; with
 ``--rounds R`` the processes stay warm and take turns (``benchmarks/interleaved.py``): R rounds per
 setting, each round every solver a few calls (``ROUND_BUDGET``), so that the machine's drift
-over the run falls on every solver alike rather than between them.
+over the run falls on every solver alike rather than between them. ``--malloc steady`` starts those
+processes with glibc's allocator thresholds fixed (``machine.STEADY_MALLOC``): a process whose heap
+is trimmed after each call's large tensors and grown again in the next took 1.2 times as long at
+batch 128, n = 100 (BENCHMARKS.md, "The allocator's state"); the default keeps glibc's own, which
+users run with. Every row records its process's page faults per call.
 
 ``--prepare`` checks and warms each solver with one untimed call per setting and times nothing: run
 beside other work (one process per ``--shapes``), it compiles our compiled path into inductor's
@@ -21,11 +25,13 @@ on-disk caches, so that a timed run started afterwards does not spend its time l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib.metadata
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 from dataclasses import asdict, dataclass, replace
@@ -152,7 +158,19 @@ def measure(solver: Solver, qp: QPBatch, budget: Budget, clock: Clock) -> dict[s
     ``value_and_grad``, only the sum) wall seconds of each call, and the process's
     CPU seconds over the forward (``forward_cpu``, solvers without gradients) or over forward and
     backward together (``total_cpu``): more than the wall time where the solver's other threads
-    work or spin beside the caller's."""
+    work or spin beside the caller's. ``page_faults``: one value, the process's minor page faults per
+    call over these calls (warm-up included), where glibc's allocator trims and grows its heap
+    between calls (``machine.STEADY_MALLOC``)."""
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    samples = _measured(solver, qp, budget, clock)
+    separate = "total" in samples and "backward" not in samples  # value_and_grad: two repeats, forward and total
+    calls = budget.warmup + len(samples["forward"]) + (budget.warmup + len(samples["total"]) if separate else 0)
+    samples["page_faults"] = [(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / max(calls, 1)]
+    return samples
+
+
+def _measured(solver: Solver, qp: QPBatch, budget: Budget, clock: Clock) -> dict[str, list[float]]:
+    """``measure``'s timings."""
     if not solver.differentiable:
         forward, forward_cpu = repeat(forward_phase(lambda: solver.solve(qp)), clock, budget)
         return {"forward": forward, "forward_cpu": forward_cpu}
@@ -274,6 +292,7 @@ def metadata(args: argparse.Namespace, argv: list[str], missing: list[str]) -> d
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(),
         "xla_flags": os.environ.get("XLA_FLAGS"),
+        "glibc_tunables": machine.malloc_tunables(),
         "load_average_at_start": os.getloadavg(),
         "python": platform.python_version(),
         "versions": {name: _version(name) for name in PEER_PACKAGES},
@@ -354,6 +373,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None,
                         help="with --isolate: keep every solver's process warm and time them in turn, R rounds per "
                         "setting in an order that changes from round to round (benchmarks/interleaved.py)")
+    parser.add_argument("--malloc", choices=("default", "steady"), default="default",
+                        help="with --isolate: glibc's allocator thresholds in the solvers' processes, glibc's own "
+                        "(default) or fixed (steady: no heap trimmed and grown again between calls)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)  # a --rounds worker (one solver)
     parser.add_argument("--figures", default=None,
                         help=f"comma-separated subset of the settings' figures, of {', '.join(FIGURES)} (default: all)")
@@ -384,6 +406,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
             args.shapes = None
         if args.shapes is None or any(len(shape) != 2 or min(shape) < 1 for shape in args.shapes):
             parser.error("--shapes: expected comma-separated BATCHxN with positive integers, e.g. 128x100,1x10")
+    if args.malloc == "steady" and not args.isolate:
+        parser.error("--malloc steady: sets the allocator of the solvers' own processes; needs --isolate")
     if args.prepare and args.isolate:
         parser.error("--prepare: warms the solvers in this process; not with --isolate")
     return args
@@ -537,8 +561,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.shapes:
         settings = [s for s in settings if (s.batch, s.n) in args.shapes]
     if args.isolate:
-        meta = metadata(args, argv, [])
-        rows, meta["missing"] = (interleaved_rows if args.rounds else isolated_rows)(args, settings)
+        steady = machine.steady_malloc_children() if args.malloc == "steady" else contextlib.nullcontext()
+        with steady:  # read by each solver's process at its start
+            meta = metadata(args, argv, [])
+            rows, meta["missing"] = (interleaved_rows if args.rounds else isolated_rows)(args, settings)
     else:
         solvers, missing = available_solvers(args.solvers.split(",") if args.solvers else None, args.threads)
         for line in missing:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ab_trees
+from benchmarks import ab_trees, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,23 @@ def test_a_qp_and_a_cone_case_are_timed_in_each_tree(tmp_path, capsys):
     other = tmp_path / "tree"
     other.symlink_to(ROOT)  # a second path to the same tree: a worker of its own
     ab_trees.main([str(ROOT), str(other), "--cases", "2,10", "cone,2", "--rounds", "2", "--reps", "1"])
-    lines = capsys.readouterr().out.splitlines()
-    pattern = r"{}: [\d.]+ ms -> [\d.]+ ms \(ratio [\d.]+\)"
+    header, *lines = capsys.readouterr().out.splitlines()
+    assert header.startswith("workers: 1 intra-op thread(s), GLIBC_TUNABLES=") and machine.STEADY_MALLOC in header
+    pattern = r"{}: [\d.]+ ms -> [\d.]+ ms \(ratio [\d.]+; page faults per call, most of a round: \d+ -> \d+\)"
     assert re.fullmatch(pattern.format(re.escape("(2, 10)")), lines[0]), lines
     assert re.fullmatch(pattern.format("cone, batch 2"), lines[1]), lines
+
+
+def test_glibcs_own_allocator_is_kept_when_asked(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    other = tmp_path / "tree"
+    other.symlink_to(ROOT)
+    ab_trees.main([str(ROOT), str(other), "--cases", "1,5", "--rounds", "1", "--reps", "1", "--malloc", "default"])
+    header, line = capsys.readouterr().out.splitlines()
+    assert header == "workers: 1 intra-op thread(s), GLIBC_TUNABLES=None" and line.startswith("(1, 5): ")
+
+
+def test_steady_malloc_keeps_tunables_already_set():
+    env = machine.with_steady_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"})
+    assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + machine.STEADY_MALLOC, "PATH": "/bin"}
+    assert machine.with_steady_malloc({})["GLIBC_TUNABLES"] == machine.STEADY_MALLOC

@@ -40,6 +40,7 @@ def test_metadata_records_the_machine(run):
     assert meta["torch_threads"] == 1
     assert meta["command"].startswith("PYTHONPATH=src python -m benchmarks.qp_benchmark --quick")
     assert meta["cpu"] and meta["date"] and meta["commit"] and meta["versions"]["torch"]
+    assert meta["glibc_tunables"] == machine.malloc_tunables()
 
 
 def test_every_setting_has_both_solvers_timed(run):
@@ -136,11 +137,35 @@ def test_rounds_time_every_solver_in_turns_in_warm_processes(tmp_path):
     for row in rounds["results"]:
         assert row["status"] == "ok" and row["rounds"] == 2
         timings = row["timings"]
-        assert set(timings) == set(PHASES)
+        assert set(timings) == {*PHASES, "page_faults"}
+        assert timings["page_faults"]["repeats"] == 2 and timings["page_faults"]["min"] >= 0  # one value a round
         assert 2 <= timings["total"]["repeats"] <= 2 * qp_benchmark.ROUND_BUDGET.max_repeats
         assert 0 < timings["total"]["min"] <= timings["total"]["median"] <= timings["total"]["max"]
         if row["solver"] == "optlayers":
             assert row["accuracy"]["distance"] < FLOAT64_ACCURACY
+
+
+def test_steady_malloc_starts_the_solvers_processes_with_fixed_thresholds(tmp_path, monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    argv = ["--quick", "--threads", "1", "--dtype", "float64", "--solvers", "linear", "--figures", "fig1",
+            "--shapes", "8x5", "--isolate", "--rounds", "1", "--malloc", "steady", "--out", str(tmp_path)]
+    result = qp_benchmark.main(argv)
+    assert result["meta"]["glibc_tunables"] == machine.STEADY_MALLOC
+    assert [row["status"] for row in result["results"]] == ["ok"]
+    assert "GLIBC_TUNABLES" not in os.environ  # this process's environment restored
+
+
+def test_steady_malloc_children_keep_tunables_and_restore_them(monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    with machine.steady_malloc_children():
+        assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + machine.STEADY_MALLOC
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+
+
+def test_steady_malloc_needs_the_solvers_own_processes(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        qp_benchmark.main(["--quick", "--malloc", "steady", "--out", str(tmp_path)])
+    assert "--malloc steady: sets the allocator of the solvers' own processes; needs --isolate" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--rounds", "2"], ["--isolate", "--rounds", "0"]])
@@ -487,8 +512,8 @@ def test_a_solver_differentiated_outside_torch_reports_no_backward():
                     value_and_grad=lambda qp, weights: calls.append("value_and_grad"))
     samples = qp_benchmark.measure(solver, random_qp(2, 3, 3), Budget(warmup=0, min_repeats=2, max_repeats=2, seconds=0.0),
                                    Clock(torch.device("cpu")))
-    assert set(samples) == {"forward", "total", "total_cpu"}
-    assert len(samples["forward"]) == len(samples["total"]) == 2
+    assert set(samples) == {"forward", "total", "total_cpu", "page_faults"}
+    assert len(samples["forward"]) == len(samples["total"]) == 2 and len(samples["page_faults"]) == 1
     assert set(calls) == {"solve", "value_and_grad"}
     row = {"figure": "f", "n": 3, "n_ineq": 3, "n_eq": 0, "batch": 2, "dtype": "float64", "solver": "fake-jax", "note": "",
            "timings": qp_benchmark._stats(samples)}
