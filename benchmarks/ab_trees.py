@@ -9,7 +9,7 @@ turns, each round in the opposite order to the last.
 
 glibc's allocator makes a process's time depend on its history: at batch 128, n = 100 (compiled,
 one thread) a third of the processes trim the heap after the call's 10 MB tensors are freed and
-grow it again in the next call, 25,000–31,000 page faults a call against 1,000–2,500, and take
+grow it again in the next call, about 31,000 page faults a call against 1,000–2,500, and take
 about 1.2 times as long, whatever the code (BENCHMARKS.md, "The allocator's state"). Two workers,
 one in each state, would compare the allocator, not the trees. So the workers run with glibc's
 thresholds fixed (``--malloc steady``, the default: ``GLIBC_TUNABLES`` mmap_threshold 32 MiB,

@@ -59,7 +59,10 @@ batch 16 and from n = 30 at batch 128 (at batch 1 a call's fixed cost counts up 
 
 MAX_N = 192
 """The largest order factorised by ``potf2``: unblocked, it falls behind blocked factorisations
-above this (batch 16, n = 200: 4.3 against torch's 4.6 ms; n = 500: 1.3 times torch's time)."""
+above this (batch 16, n = 200: 4.3 against torch's 4.6 ms; n = 500: 1.3 times torch's time). Up to
+it the routine stays on its caller's thread: two threads factorising 64 matrices each at once took
+0.99–1.21 times one thread's time at n = 100–192 (2026-12-05). scipy's BLAS ``syrk``, which does
+not stay there, was measured for H and not adopted (BENCHMARKS.md)."""
 
 _ROUTINES = {torch.float64: "dpotf2", torch.float32: "spotf2"}
 _UPPER = ctypes.create_string_buffer(b"U")
