@@ -8,12 +8,13 @@ the paper's random QPs (``benchmarks/problems.py``, n inequalities, float64); th
 turns, each round in the opposite order to the last.
 
 glibc's allocator makes a process's time depend on its history: at batch 128, n = 100 (compiled,
-one thread) a third of the processes trim the heap after the call's 10 MB tensors are freed and
-grow it again in the next call, about 31,000 page faults a call against 1,000–2,500, and take
-about 1.2 times as long, whatever the code (BENCHMARKS.md, "The allocator's state"). Two workers,
-one in each state, would compare the allocator, not the trees. So the workers run with glibc's
-thresholds fixed (``--malloc steady``, the default: ``GLIBC_TUNABLES`` mmap_threshold 32 MiB,
-trim_threshold 256 MiB: ``machine.STEADY_MALLOC``), and each line reports the page faults per call of both workers.
+one thread) 3 of 8 processes trimmed the heap after the call's 10 MB tensors were freed and grew it
+again in the next call, about 31,000 page faults a call against 1,000–2,500, and took about 1.2
+times as long, whatever the code (BENCHMARKS.md, "The allocator's state"). Two workers, one in each
+state, would compare the allocator, not the trees. So the workers run with glibc's thresholds fixed
+(``--malloc steady``, the default: ``GLIBC_TUNABLES`` mmap_threshold 32 MiB, trim_threshold 256
+MiB, ``machine.STEADY_MALLOC``; at two threads this steadies the time without removing the page
+faults), and each line reports the page faults per call of both workers.
 
     python benchmarks/ab_trees.py OLD_TREE NEW_TREE --cases 1,10 1,10,compiled 128,10 --rounds 15
 
