@@ -1,6 +1,7 @@
 """LAPACK's potf2 from scipy as the CPU's Cholesky factorisation (``engine.lapack``): the factors
-and infos against torch's, its use from several threads, the rule that chooses it (never in
-compiled code), and a solve that takes it against one that does not."""
+and infos against torch's, its use from several threads, the rule that chooses it, the C++
+operator that compiled code calls (built where a compiled factorisation first needs it, torch's
+factorisation where it cannot be), and solves that take it against solves that do not."""
 import ctypes
 import threading
 import warnings
