@@ -116,7 +116,8 @@ def test_each_method_departs_from_the_shared_step_rules_only_where_it_says():
         return {name: value for name, value in dataclasses.asdict(rules).items() if shared[name] != value}
 
     qp = ipm.default_settings(torch.float64, None, None, None)
-    assert departures(qp.rules) == {"merit": True, "ineq_reg": qp.ineq_reg, "refine_steps": qp.refine_steps, "augment": True}
+    assert departures(qp.rules) == {"merit": True, "ineq_reg": qp.ineq_reg, "refine_steps": qp.refine_steps, "augment": True,
+                                    "balanced_step_fraction": ipm.BALANCED_STEP_FRACTION}
     assert departures(ConeIPMSettings().rules) == {"centring": "affine_step", "full_steps": True, "solve_through_y": True,
                                                    "soc_step_fraction": 0.98, "centring_power": 2,
                                                    "nonneg_step_fraction": 0.999}
@@ -144,6 +145,24 @@ def test_max_step_equals_its_reference_form_bitwise(cap, scale):
     got, expected = max_step(w, dw, cap, scale), _reference_max_step(w, dw, cap, scale)
     assert torch.equal(got, expected), (got - expected).abs().max()
     assert (got[8:12] == 0).all() and (got[16:24] == cap * scale).all()
+
+
+def test_max_step_takes_each_problems_own_fraction():
+    """A (B,) ``scale`` (``StepRules.balanced_step_fraction``): each problem's step, bit for bit, is the
+    one its fraction gives as a number."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.rand(32, 2, 7, generator=gen, dtype=torch.float64) + 1e-3
+    dw = torch.randn(32, 2, 7, generator=gen, dtype=torch.float64)
+    fractions = torch.where(torch.arange(32) % 3 == 0, 0.999, 0.99).to(torch.float64)
+    got = max_step(w, dw, 1.0, fractions)
+    for fraction in (0.99, 0.999):
+        mask = fractions == fraction
+        assert torch.equal(got[mask], max_step(w, dw, 1.0, fraction)[mask])
+
+
+def test_balanced_step_fraction_is_refused_where_it_does_not_apply():
+    with pytest.raises(ValueError, match="balanced_step_fraction needs full_steps=False"):
+        StepRules(full_steps=True, balanced_step_fraction=0.999)
 
 
 def test_constants_are_made_once_per_value_device_and_dtype():

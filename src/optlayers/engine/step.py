@@ -84,6 +84,13 @@ class StepRules:
             cones' boundary, and to the nonnegative rows', that the step may take (None:
             ``step_fraction``); the other cones keep ``step_fraction``.
         augment: factorise H + σAᵀA in place of H (``kkt.factor_kkt``'s ``augment``).
+        balanced_step_fraction: where a problem's μ is at least ``balance`` times its largest
+            scaled residual (``res.scaled``), the fraction of the step to the boundary taken in
+            place of ``step_fraction`` (None: ``step_fraction`` everywhere). Where μ has fallen far
+            below the residuals, the iterate is nearing the boundary away from a solution, and a
+            step closer to the boundary only drives μ down faster (to underflow). Nonnegative rows
+            only (no other cones) and without ``full_steps``.
+        balance: see ``balanced_step_fraction``.
     """
 
     centring: str = "mehrotra"
@@ -100,6 +107,12 @@ class StepRules:
     soc_step_fraction: float | None = None
     nonneg_step_fraction: float | None = None
     augment: bool = False
+    balanced_step_fraction: float | None = None
+    balance: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.balanced_step_fraction is not None and self.full_steps:
+            raise ValueError("StepRules: balanced_step_fraction needs full_steps=False")
 
 
 @dataclass(frozen=True)
@@ -214,13 +227,15 @@ class Step:
     inside: Tensor | None = None
 
 
-def max_step(w: Tensor, dw: Tensor, cap: float = 1.0, scale: float = 1.0) -> Tensor:
-    """``scale`` times the largest α ≤ ``cap`` with w + α dw ≥ 0 over the last two dimensions of
-    (B, 2, k), per problem, for w ≥ 0: α = 1 / max(1/cap, maxᵢ −dwᵢ/wᵢ), in four kernels (five
-    with a ``scale``). An entry with wᵢ = dwᵢ = 0 (0/0) does not limit the step (an s that is
+def max_step(w: Tensor, dw: Tensor, cap: float = 1.0, scale: float | Tensor = 1.0) -> Tensor:
+    """``scale`` (a number, or (B,): each problem's) times the largest α ≤ ``cap`` with w + α dw ≥ 0
+    over the last two dimensions of (B, 2, k), per problem, for w ≥ 0: α = 1 / max(1/cap, maxᵢ −dwᵢ/wᵢ),
+    in four kernels (five with a ``scale``). An entry with wᵢ = dwᵢ = 0 (0/0) does not limit the step (an s that is
     exactly 0 has ds = 0 in the predictor; ``fmin`` ignores its NaN); one with wᵢ = 0 > dwᵢ allows
     no step."""
     lowest = torch.fmin(dw / w, constant(-1.0 / cap, w)).amin((-2, -1))  # −1/α
+    if isinstance(scale, Tensor):
+        return lowest.reciprocal().mul(scale).neg()
     if scale == 1.0:
         return torch.div(constant(-1.0, lowest), lowest)  # correctly rounded, as (1/lowest)·(−1)
     return lowest.reciprocal().mul(-scale)
@@ -402,6 +417,11 @@ def newton_step(data: QPData, rows: ConeRows | None, parts: tuple, st: State, re
                              for sc, part, s_, y_ in zip(scalings, parts, s_parts, y_parts)], batch, st.s_k)
     dv = direction(b4, torch.addcdiv(res.r_i, b4, lam) if k else None, q, rules.refine_steps)
     fraction = rules.step_fraction
+    if rules.balanced_step_fraction is not None:
+        if parts:
+            raise ValueError("newton_step: balanced_step_fraction applies to nonnegative rows only, got other cones")
+        balanced = res.mu >= rules.balance * res.scaled
+        fraction = torch.where(balanced, constant(rules.balanced_step_fraction, res.mu), constant(fraction, res.mu))
     # fraction · step ≤ 1: the step is at most 1/fraction (full steps) or 1
     soc_scale, nonneg_scale = (1.0 if own is None else own / fraction
                                for own in (rules.soc_step_fraction, rules.nonneg_step_fraction))
