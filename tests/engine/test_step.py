@@ -25,6 +25,7 @@ class Residuals:
     r_i: torch.Tensor
     r_k: torch.Tensor
     mu: torch.Tensor
+    scaled: torch.Tensor | None = None  # the largest scaled residual (the QP's merit search and balanced steps)
 
 
 def _program(batch=3, n=5, z=2, k=7, seed=0):
@@ -145,6 +146,31 @@ def test_max_step_equals_its_reference_form_bitwise(cap, scale):
     got, expected = max_step(w, dw, cap, scale), _reference_max_step(w, dw, cap, scale)
     assert torch.equal(got, expected), (got - expected).abs().max()
     assert (got[8:12] == 0).all() and (got[16:24] == cap * scale).all()
+
+
+def test_balanced_step_fraction_applies_where_mu_is_not_far_below_the_residuals():
+    """``StepRules.balanced_step_fraction``: a problem whose μ is at least ``balance`` times its largest
+    scaled residual steps as with that fraction, bit for bit; the others as with ``step_fraction``. On
+    programs with other cones it is refused."""
+    Q, p, A, b, G, h, x, nu, lam, s = _program(batch=4)
+    batch, n, z, k = x.shape[0], x.shape[1], nu.shape[1], lam.shape[1]
+    r_d, r_e, r_p = torch.randn(batch, n, dtype=torch.float64), torch.randn(batch, z, dtype=torch.float64), torch.randn(batch, k, dtype=torch.float64)
+    mu = (s * lam).sum(-1) / k
+    scaled = mu * torch.tensor([1.0, 999.0, 1001.0, 1e-9], dtype=torch.float64)  # balanced: 0, 1, 3 (balance 1e-3)
+    residuals = Residuals(r_d, r_e, r_p, r_p[:, :0], mu, scaled)
+    state = _state(torch.cat([x, nu, lam, s], -1), n, z, k, 0, batch)
+
+    def alpha(**rules):
+        return newton_step(QPData(Q, p, A, b, G, h), None, (), state, residuals, None, StepRules(**rules)).alpha
+
+    mixed, far, near = alpha(step_fraction=0.99, balanced_step_fraction=0.999), alpha(step_fraction=0.99), alpha(step_fraction=0.999)
+    balanced = torch.tensor([True, True, False, True])
+    assert (near[balanced] > far[balanced]).all()
+    assert torch.equal(mixed[balanced], near[balanced]) and torch.equal(mixed[~balanced], far[~balanced])
+    part = cones.Part("nonneg", 0, k, 1, 1)
+    with pytest.raises(ValueError, match="balanced_step_fraction applies to nonnegative rows only"):
+        newton_step(QPData(Q, p, A, b, G[:, :0], h[:, :0]), ConeRows(G, h), (part,), _state(state.v, n, z, 0, k, batch),
+                    Residuals(r_d, r_e, r_p[:, :0], r_p, mu, scaled), None, StepRules(balanced_step_fraction=0.999))
 
 
 def test_max_step_takes_each_problems_own_fraction():

@@ -419,7 +419,8 @@ def newton_step(data: QPData, rows: ConeRows | None, parts: tuple, st: State, re
     fraction = rules.step_fraction
     if rules.balanced_step_fraction is not None:
         if parts:
-            raise ValueError("newton_step: balanced_step_fraction applies to nonnegative rows only, got other cones")
+            raise ValueError(f"newton_step: rules.balanced_step_fraction applies to nonnegative rows only, got {len(parts)} "
+                             "parts of other cones")
         balanced = res.mu >= rules.balance * res.scaled
         fraction = torch.where(balanced, constant(rules.balanced_step_fraction, res.mu), constant(fraction, res.mu))
     # fraction · step ≤ 1: the step is at most 1/fraction (full steps) or 1
