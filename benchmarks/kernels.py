@@ -13,7 +13,7 @@ solves capped at different numbers of iterations, both before the host's first l
 statuses (until then every iteration runs the whole batch, converged or not):
 (kernels(max_iter = 2K) − kernels(max_iter = K)) / K. Set-up and the final factorisation cancel.
 For the QP K = 2: at a cap of 6 the benchmarks' n = 10 problems, whose steps go 0.999 of the way to
-the boundary (``qp.ipm.STEP_FRACTION``), come near enough to convergence that the end of the capped
+the boundary (``qp.ipm.BALANCED_STEP_FRACTION``), come near enough to convergence that the end of the capped
 solve does more (accurate gaps, smaller multipliers), which would be counted as the iterations'.
 
 With ``--phases`` it also prints where those kernels go: each kernel is charged to the phase of

@@ -230,13 +230,11 @@ class Step:
 def max_step(w: Tensor, dw: Tensor, cap: float = 1.0, scale: float | Tensor = 1.0) -> Tensor:
     """``scale`` (a number, or (B,): each problem's) times the largest α ≤ ``cap`` with w + α dw ≥ 0
     over the last two dimensions of (B, 2, k), per problem, for w ≥ 0: α = 1 / max(1/cap, maxᵢ −dwᵢ/wᵢ),
-    in four kernels (five with a ``scale``). An entry with wᵢ = dwᵢ = 0 (0/0) does not limit the step (an s that is
-    exactly 0 has ds = 0 in the predictor; ``fmin`` ignores its NaN); one with wᵢ = 0 > dwᵢ allows
-    no step."""
+    in four kernels (five with a number ``scale``, six with a (B,) one). An entry with wᵢ = dwᵢ = 0
+    (0/0) does not limit the step (an s that is exactly 0 has ds = 0 in the predictor; ``fmin``
+    ignores its NaN); one with wᵢ = 0 > dwᵢ allows no step."""
     lowest = torch.fmin(dw / w, constant(-1.0 / cap, w)).amin((-2, -1))  # −1/α
-    if isinstance(scale, Tensor):
-        return lowest.reciprocal().mul(scale).neg()
-    if scale == 1.0:
+    if not isinstance(scale, Tensor) and scale == 1.0:
         return torch.div(constant(-1.0, lowest), lowest)  # correctly rounded, as (1/lowest)·(−1)
     return lowest.reciprocal().mul(-scale)
 
