@@ -1,7 +1,9 @@
 """LAPACK's potf2 from scipy as the CPU's Cholesky factorisation (``engine.lapack``): the factors
 and infos against torch's, its use from several threads, the rule that chooses it, the C++
 operator that compiled code calls (built where a compiled factorisation first needs it, torch's
-factorisation where it cannot be), and solves that take it against solves that do not."""
+factorisation where it cannot be), and solves that take it against solves that do not; BLAS's trsv
+as the compiled code's solves with those factors (the second operator): against torch's triangular
+solves, the rule that chooses it, and a compiled solve with both operators against one without."""
 import ctypes
 import threading
 import warnings
@@ -100,9 +102,9 @@ def test_compiled_code_factorises_with_the_operator_to_the_bit_of_the_eager_rout
 
 def test_the_operator_refuses_what_it_cannot_factorise(operator):
     with pytest.raises(RuntimeError, match="square matrices"):
-        torch.ops.optlayers_potf2.potf2_lower(torch.zeros(2, 3, 4, dtype=torch.float64))
+        torch.ops.optlayers_lapack.potf2_lower(torch.zeros(2, 3, 4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="no potf2 routine for dtype"):
-        torch.ops.optlayers_potf2.potf2_lower(torch.eye(50, dtype=torch.float16))
+        torch.ops.optlayers_lapack.potf2_lower(torch.eye(50, dtype=torch.float16))
 
 
 def test_a_failed_build_warns_once_and_leaves_torchs_factorisation(monkeypatch):
@@ -250,3 +252,100 @@ def test_only_an_entry_point_with_potf2s_32_bit_signature_is_called(signature, t
     name = ctypes.create_string_buffer(signature)  # the capsule keeps a pointer to its name: kept alive here
     capsule = new_capsule(ctypes.addressof(name), name, None)  # any non-null pointer: never called here
     assert (lapack._entry_point(capsule) is not None) == taken
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+@pytest.mark.parametrize("forward, backward", [(True, False), (False, True), (True, True)])
+def test_the_solve_operator_solves_as_torchs_triangular_solves_do(operator, dtype, tol, forward, backward):
+    M = _spd((2, 3), 60, dtype, seed=5)
+    L, _ = torch.ops.optlayers_lapack.potf2_lower(M)
+    r = torch.randn(2, 3, 60, 1, generator=torch.Generator().manual_seed(6), dtype=dtype)
+    x = lapack.solve_lower(L, r, forward, backward)
+    expected = torch.linalg.solve_triangular(L, r, upper=False) if forward else r
+    expected = torch.linalg.solve_triangular(L.mT, expected, upper=True) if backward else expected
+    assert x.shape == r.shape and x.is_contiguous()
+    torch.testing.assert_close(x, expected, rtol=tol, atol=tol)
+    assert torch.equal(r, torch.randn(2, 3, 60, 1, generator=torch.Generator().manual_seed(6), dtype=dtype))  # r untouched
+
+
+def test_the_solve_operator_refuses_what_it_cannot_solve(operator):
+    L = torch.eye(50, dtype=torch.float64).expand(2, 50, 50)
+    with pytest.raises(RuntimeError, match=r"r must be a \(\.\.\., n\) batch of vectors matching L's"):
+        torch.ops.optlayers_lapack.trsv_lower(L, torch.ones(3, 50, dtype=torch.float64), True, False)
+    with pytest.raises(RuntimeError, match="L and r must have one dtype"):
+        torch.ops.optlayers_lapack.trsv_lower(L, torch.ones(2, 50, dtype=torch.float32), True, False)
+    with pytest.raises(RuntimeError, match="no trsv routine for dtype"):
+        torch.ops.optlayers_lapack.trsv_lower(L.half(), torch.ones(2, 50, dtype=torch.float16), True, False)
+
+
+def _compiled_targets(fn, *args):
+    """The operators in the graph that dynamo traces from ``fn(*args)``, and its result."""
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+    torch._dynamo.reset()
+    return targets, torch.compile(fn, backend=backend, fullgraph=True)(*args)
+
+
+@pytest.mark.parametrize("n, taken", [(lapack.MIN_N - 1, False), (lapack.MIN_N, True), (lapack.MAX_N + 1, False)])
+def test_compiled_solves_with_a_potf2_factor_take_the_operator_and_agree_with_torchs(operator, n, taken):
+    M = _spd((3,), n, torch.float64, seed=n)
+    r = torch.randn(3, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    empty = M.new_empty(3, 0, 0)
+
+    def solve(M, r):
+        L, _ = kkt._cholesky(M)
+        return kkt._chol_solve(L, empty, r), kkt._lower_solve(L, empty, r.unsqueeze(-1), transposed=True)
+    targets, (x, y) = _compiled_targets(solve, M, r)
+    assert any("trsv_lower" in t for t in targets) == taken, targets
+    assert any("solve_triangular" in t for t in targets) == (not taken), targets
+    L = torch.linalg.cholesky(M)
+    torch.testing.assert_close(x, torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(y, torch.linalg.solve_triangular(L.mT, r.unsqueeze(-1), upper=True), rtol=1e-12, atol=1e-12)
+
+
+def test_compiled_solves_keep_torchs_where_a_gradient_flows_or_the_factor_is_not_row_major(operator):
+    M = _spd((2,), 50, torch.float64)
+    L = torch.linalg.cholesky(M)
+    empty = M.new_empty(2, 0, 0)
+    r = torch.ones(2, 50, 1, dtype=torch.float64)
+    for factor, rhs in ((L, r.clone().requires_grad_(True)), (L.mT.contiguous().mT, r)):
+        targets, _ = _compiled_targets(lambda A, b: kkt._lower_solve(A, empty, b), factor, rhs)
+        assert not any("trsv_lower" in t for t in targets) and any("solve_triangular" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("signature, taken", [
+    (b"void (char *, char *, char *, int *, __pyx_t_5scipy_6linalg_11cython_blas_d *, int *, "
+     b"__pyx_t_5scipy_6linalg_11cython_blas_d *, int *)", True),
+    (b"void (char *, char *, char *, int64_t *, double *, int64_t *, double *, int64_t *)", False),
+    (b"void (char *, char *, int *, double *, int *, double *, int *)", False),
+])
+def test_only_an_entry_point_with_trsvs_32_bit_signature_is_called(signature, taken):
+    new_capsule = ctypes.pythonapi.PyCapsule_New
+    new_capsule.argtypes, new_capsule.restype = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p], ctypes.py_object
+    name = ctypes.create_string_buffer(signature)
+    capsule = new_capsule(ctypes.addressof(name), name, None)  # any non-null pointer: never called here
+    assert (lapack._trsv_entry(capsule) != 0) == taken
+
+
+@pytest.mark.parametrize("equalities", [0, 10])
+def test_a_compiled_solve_with_the_operators_agrees_with_one_without(operator, eager_backend, monkeypatch, equalities):
+    """A compiled forward + backward (traced whole by dynamo, run by its eager backend) whose
+    factorisations and vector solves take the operators (where ``FACTORED_DTYPES`` has float64: the
+    test above shows the route) gives the solution and gradient of one that takes torch's, to the
+    solver's accuracy."""
+    Q, p, G, h, A, b = random_qp(4, 50, 50, equalities, seed=8).tensors()
+    answers = {}
+    for route in ("operators", "torch"):
+        monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64} if route == "operators" else ()))
+        torch._dynamo.reset()
+        leaf = p.clone().requires_grad_(True)
+        sol = solve_qp(Q, leaf, G, h, A, b, compile=True)
+        grad, = torch.autograd.grad((sol.z * torch.arange(50)).sum(), leaf)
+        answers[route] = (sol.z.detach(), grad, sol.status)
+    (z, grad, status), (z0, grad0, status0) = answers["operators"], answers["torch"]
+    assert torch.equal(status, status0) and bool((status == 0).all())
+    torch.testing.assert_close(z, z0, rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(grad, grad0, rtol=1e-7, atol=1e-7)

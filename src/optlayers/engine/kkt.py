@@ -190,6 +190,8 @@ def _lower_solve(L: Tensor, inverse: Tensor, R: Tensor, transposed: bool = False
     """L⁻¹R (``transposed``: L⁻ᵀR) for a lower triangular (B, n, n) L, its ``inverse`` (B, n, n), or
     (B, 0, 0) where it has none, and (B, n, c) R: with the inverse, a batched product."""
     if inverse.shape[-1] == 0:
+        if lapack.solves_with(L, R):
+            return lapack.solve_lower(L, R, forward=not transposed, backward=transposed)
         return torch.linalg.solve_triangular(L.transpose(-2, -1) if transposed else L, R, upper=transposed)
     return product(inverse.transpose(-2, -1) if transposed else inverse, R)
 
@@ -394,7 +396,10 @@ def _chol_solve(chol: Tensor, inverse: Tensor, r: Tensor) -> Tensor:
     """M⁻¹ r for M = LLᵀ, by two triangular solves or products with L's ``inverse`` (see
     ``_lower_solve``; on the CPU, ``torch.cholesky_solve`` copies the factor on every call and
     costs three times as much)."""
-    return _lower_solve(chol, inverse, _lower_solve(chol, inverse, r.unsqueeze(-1)), transposed=True).squeeze(-1)
+    R = r.unsqueeze(-1)
+    if inverse.shape[-1] == 0 and lapack.solves_with(chol, R):
+        return lapack.solve_lower(chol, R, forward=True, backward=True).squeeze(-1)
+    return _lower_solve(chol, inverse, _lower_solve(chol, inverse, R), transposed=True).squeeze(-1)
 
 
 def _l_solve(f: KKTFactor, r: Tensor, transposed: bool = False) -> Tensor:

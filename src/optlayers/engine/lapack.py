@@ -1,4 +1,5 @@
-"""The CPU's Cholesky factorisation of mid-sized matrices by LAPACK's ``potf2`` from scipy.
+"""The CPU's Cholesky factorisation of mid-sized matrices by LAPACK's ``potf2`` from scipy, and, in
+compiled code, the solves of one vector per matrix with those factors by BLAS's ``trsv`` (``solves_with``).
 
 torch's CPU build factorises with MKL, and MKL runs its generic code on AMD processors: there
 its ``dpotrf`` of order 100 takes the unblocked path, a matrix-vector product per column, at
@@ -25,7 +26,7 @@ n < 80). A matrix's factor is the same bits wherever it sits in a batch, which t
 factorisation did not give at n = 45. On an Intel processor, where MKL is not in
 its generic code (and nothing was measured), torch's own factorisation stands.
 
-Compiled solves call it as the C++ operator ``optlayers_potf2::potf2_lower`` (``potf2.cpp``, built
+Compiled solves call it as the C++ operator ``optlayers_lapack::potf2_lower`` (``lapack.cpp``, built
 by torch's extension builder the first time a compiled solve on such a machine factorises a matrix
 of those orders, about 40 s, and cached by torch across processes; ``load_operator``). A Python routine called from inductor's
 generated code cost 50–80 µs more per call than torch's factorisation (a compiled forward +
@@ -65,6 +66,7 @@ it the routine stays on its caller's thread: two threads factorising 64 matrices
 not stay there, was measured for H and not adopted (BENCHMARKS.md)."""
 
 _ROUTINES = {torch.float64: "dpotf2", torch.float32: "spotf2"}
+_TRSV_ROUTINES = {torch.float64: "dtrsv", torch.float32: "strsv"}
 _UPPER = ctypes.create_string_buffer(b"U")
 _Routine = Callable[[int, int, int, int, int], None]
 
@@ -100,6 +102,33 @@ def _routine(dtype: torch.dtype) -> _Routine | None:
     return _entry_point(capsule)
 
 
+@functools.lru_cache(maxsize=None)
+def _trsv_address(dtype: torch.dtype) -> int:
+    """The address of BLAS's ``trsv`` for ``dtype`` in scipy's table of C entry points
+    (``_trsv_entry``), or 0 where scipy does not export it with the signature the operator calls."""
+    try:
+        from scipy.linalg import cython_blas
+    except ImportError:
+        return 0
+    capsule = getattr(cython_blas, "__pyx_capi__", {}).get(_TRSV_ROUTINES[dtype])
+    return 0 if capsule is None else _trsv_entry(capsule)
+
+
+def _trsv_entry(capsule: object) -> int:
+    """The address a ``cython_blas`` capsule holds, where its C signature (the capsule's name) is
+    ``trsv``'s with 32-bit integers, as the C++ operator passes them: ``void (char *, char *, char *,
+    int *, <float type> *, int *, <float type> *, int *)``; else 0."""
+    name = ctypes.pythonapi.PyCapsule_GetName
+    name.argtypes, name.restype = [ctypes.py_object], ctypes.c_char_p
+    signature = name(capsule) or b""
+    if not (signature.startswith(b"void (char *, char *, char *, int *, ") and signature.endswith(b" *, int *)")
+            and signature.count(b",") == 7 and signature.count(b"int *") == 3):
+        return 0
+    pointer = ctypes.pythonapi.PyCapsule_GetPointer
+    pointer.argtypes, pointer.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_void_p
+    return pointer(capsule, signature) or 0
+
+
 def _entry_point(capsule: object) -> _Routine | None:
     """The function a ``cython_lapack`` capsule holds, callable with five addresses, where its C
     signature (the capsule's name) is ``potf2``'s with 32-bit integers, as this module passes them:
@@ -121,7 +150,12 @@ FACTORED_DTYPES = frozenset(dtype for dtype in _ROUTINES if _routine(dtype) is n
 MKL on an AMD processor and scipy exports the routines; none elsewhere. Decided once, at import."""
 
 
-_OPERATOR_SOURCE = os.path.join(os.path.dirname(__file__), "potf2.cpp")
+SOLVED_DTYPES = frozenset(dtype for dtype in _TRSV_ROUTINES if _trsv_address(dtype))
+"""The dtypes for which scipy exports BLAS's ``trsv`` with the signature the operator calls (decided
+once, at import; ``solves_with`` takes it only for ``FACTORED_DTYPES`` too)."""
+
+
+_OPERATOR_SOURCE = os.path.join(os.path.dirname(__file__), "lapack.cpp")
 _OPERATOR_LOCK = threading.Lock()
 _operator_state = {"loaded": False, "tried": False}
 
@@ -136,15 +170,17 @@ def load_operator() -> bool:
         _operator_state["tried"] = True
         try:
             from torch.utils.cpp_extension import load
-            load(name="optlayers_potf2", sources=[_OPERATOR_SOURCE], extra_cflags=["-O2"], is_python_module=False)
+            load(name="optlayers_lapack", sources=[_OPERATOR_SOURCE], extra_cflags=["-O2"], is_python_module=False)
         except Exception as err:  # a missing compiler or ninja, a failed build: torch's factorisation stands
             warnings.warn(f"optlayers could not build its potf2 operator ({type(err).__name__}: {err}); compiled solves "
                           "on this CPU keep torch's Cholesky factorisation, which is slower here", RuntimeWarning, stacklevel=2)
             return False
-        addresses = [ctypes.cast(_routine(dtype), ctypes.c_void_p).value if dtype in FACTORED_DTYPES else 0
-                     for dtype in (torch.float64, torch.float32)]
-        torch.ops.optlayers_potf2.set_routines(*addresses)
-        torch.library.register_fake("optlayers_potf2::potf2_lower", _potf2_lower_shapes)
+        factors = [ctypes.cast(_routine(dtype), ctypes.c_void_p).value if dtype in FACTORED_DTYPES else 0
+                   for dtype in (torch.float64, torch.float32)]
+        solves = [_trsv_address(dtype) if dtype in FACTORED_DTYPES else 0 for dtype in (torch.float64, torch.float32)]
+        torch.ops.optlayers_lapack.set_routines(*factors, *solves)
+        torch.library.register_fake("optlayers_lapack::potf2_lower", _potf2_lower_shapes)
+        torch.library.register_fake("optlayers_lapack::trsv_lower", _trsv_lower_shapes)
         _operator_state["loaded"] = True
         return True
 
@@ -152,6 +188,11 @@ def load_operator() -> bool:
 def _potf2_lower_shapes(M: Tensor) -> tuple[Tensor, Tensor]:
     """The operator's outputs' shapes, dtypes and layout, for tracing."""
     return torch.empty_like(M, memory_format=torch.contiguous_format), M.new_empty(M.shape[:-2], dtype=torch.int32)
+
+
+def _trsv_lower_shapes(L: Tensor, r: Tensor, forward: bool, backward: bool) -> Tensor:
+    """The solve operator's output's shape, dtype and layout, for tracing."""
+    return torch.empty_like(r, memory_format=torch.contiguous_format)
 
 
 @torch.compiler.assume_constant_result
@@ -195,7 +236,7 @@ def factor_lower(M: Tensor) -> tuple[Tensor, Tensor]:
     ``used_for(M)`` holds; under compilation through the C++ operator (the same routine on the same
     layout: the same bits)."""
     if torch.compiler.is_compiling():
-        return torch.ops.optlayers_potf2.potf2_lower(M)
+        return torch.ops.optlayers_lapack.potf2_lower(M)
     factor = M.clone(memory_format=torch.contiguous_format)
     n = M.shape[-1]
     info = torch.zeros(M.shape[:-2], dtype=torch.int32)
@@ -204,3 +245,27 @@ def factor_lower(M: Tensor) -> tuple[Tensor, Tensor]:
     for k, report in enumerate(range(info.data_ptr(), info.data_ptr() + 4 * info.numel(), 4)):
         routine(upper, order, first + k * stride, order, report)
     return factor.tril_(), info
+
+
+def solves_with(L: Tensor, R: Tensor) -> bool:
+    """Whether ``solve_lower`` solves with the factor ``L`` for the right-hand sides ``R``, in place of
+    torch's triangular solves: in compiled code where the operator loads, for a row-major
+    (contiguous) lower factor that ``potf2`` would have given (``used_for``'s dtypes and orders, no
+    gradient through it) and one vector per matrix ((..., n, 1) ``R``, no gradient through it), where
+    scipy exports ``trsv`` for the dtype (``SOLVED_DTYPES``). Under compilation torch's solve is a
+    dispatch through the operator registry, a copy of the vector into and out of LAPACK's layout and
+    MKL's ``trsv``, which runs its generic code on an AMD processor: a pair of solves took 13.6 µs
+    at (1, 100) against the operator's 10.2, and a compiled forward + backward 0.95 of the time at
+    (1, 100), 0.93 at (1, 50), within the machine's noise at batch 128 (docs/qp.md, "The Cholesky
+    factorisation on an AMD processor"). The route depends on the factor's order and dtype only,
+    never on the rest of its batch, as the factorisation's does."""
+    if not (torch.compiler.is_compiling() and R.shape[-1] == 1 and R.dtype == L.dtype and L.is_contiguous()
+            and L.dtype in SOLVED_DTYPES and not (R.requires_grad and torch.is_grad_enabled())):
+        return False
+    return used_for(L)
+
+
+def solve_lower(L: Tensor, R: Tensor, forward: bool, backward: bool) -> Tensor:
+    """L⁻¹R (``forward``), then L⁻ᵀ of that (``backward``), for a (..., n, n) lower factor ``L`` and
+    (..., n, 1) ``R``, by BLAS's ``trsv`` matrix by matrix (the C++ operator; where ``solves_with``)."""
+    return torch.ops.optlayers_lapack.trsv_lower(L, R.squeeze(-1), forward, backward).unsqueeze(-1)
