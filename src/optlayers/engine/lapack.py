@@ -161,8 +161,8 @@ _operator_state = {"loaded": False, "tried": False}
 
 
 def load_operator() -> bool:
-    """Build (once per machine and source: torch's extension cache) and load the C++ operator that
-    compiled solves factorise with, where ``FACTORED_DTYPES`` has any dtype; whether it is loaded.
+    """Build (once per machine and source: torch's extension cache) and load the C++ operators that
+    compiled solves factorise and solve with, where ``FACTORED_DTYPES`` has any dtype; whether they are loaded.
     A failed build warns once and is not tried again in the process."""
     with _OPERATOR_LOCK:
         if _operator_state["tried"] or not FACTORED_DTYPES:
@@ -172,8 +172,9 @@ def load_operator() -> bool:
             from torch.utils.cpp_extension import load
             load(name="optlayers_lapack", sources=[_OPERATOR_SOURCE], extra_cflags=["-O2"], is_python_module=False)
         except Exception as err:  # a missing compiler or ninja, a failed build: torch's factorisation stands
-            warnings.warn(f"optlayers could not build its potf2 operator ({type(err).__name__}: {err}); compiled solves "
-                          "on this CPU keep torch's Cholesky factorisation, which is slower here", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"optlayers could not build its LAPACK operators, potf2 and trsv ({type(err).__name__}: {err}); "
+                          "compiled solves on this CPU keep torch's Cholesky factorisation and triangular solves, which are "
+                          "slower here", RuntimeWarning, stacklevel=2)
             return False
         factors = [ctypes.cast(_routine(dtype), ctypes.c_void_p).value if dtype in FACTORED_DTYPES else 0
                    for dtype in (torch.float64, torch.float32)]
