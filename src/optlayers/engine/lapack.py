@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib
 import os
 import platform
 import threading
@@ -88,61 +89,60 @@ def _mkl_in_generic_code() -> bool:
     return torch.backends.mkl.is_available() and "AuthenticAMD" in _vendor()
 
 
-@functools.lru_cache(maxsize=None)
-def _routine(dtype: torch.dtype) -> _Routine | None:
-    """LAPACK's ``potf2`` for ``dtype`` from scipy's table of C entry points, callable with five
-    addresses (uplo, n, a, lda, info), or None where scipy does not export it."""
+def _capsule(module: str, routine: str) -> object | None:
+    """The capsule of ``routine`` in scipy's table of C entry points ``scipy.linalg.<module>``
+    (``cython_lapack``, ``cython_blas``), or None where scipy or the routine is missing."""
     try:
-        from scipy.linalg import cython_lapack
+        table = getattr(importlib.import_module(f"scipy.linalg.{module}"), "__pyx_capi__", {})
     except ImportError:
         return None
-    capsule = getattr(cython_lapack, "__pyx_capi__", {}).get(_ROUTINES[dtype])
-    if capsule is None:
-        return None
-    return _entry_point(capsule)
+    return table.get(routine)
 
 
-@functools.lru_cache(maxsize=None)
-def _trsv_address(dtype: torch.dtype) -> int:
-    """The address of BLAS's ``trsv`` for ``dtype`` in scipy's table of C entry points
-    (``_trsv_entry``), or 0 where scipy does not export it with the signature the operator calls."""
-    try:
-        from scipy.linalg import cython_blas
-    except ImportError:
-        return 0
-    capsule = getattr(cython_blas, "__pyx_capi__", {}).get(_TRSV_ROUTINES[dtype])
-    return 0 if capsule is None else _trsv_entry(capsule)
-
-
-def _trsv_entry(capsule: object) -> int:
-    """The address a ``cython_blas`` capsule holds, where its C signature (the capsule's name) is
-    ``trsv``'s with 32-bit integers, as the C++ operator passes them: ``void (char *, char *, char *,
-    int *, <float type> *, int *, <float type> *, int *)``; else 0."""
+def _address(capsule: object, signed: Callable[[bytes], bool]) -> int:
+    """The address a capsule holds where its C signature (the capsule's name) passes ``signed``; else 0."""
     name = ctypes.pythonapi.PyCapsule_GetName
     name.argtypes, name.restype = [ctypes.py_object], ctypes.c_char_p
     signature = name(capsule) or b""
-    if not (signature.startswith(b"void (char *, char *, char *, int *, ") and signature.endswith(b" *, int *)")
-            and signature.count(b",") == 7 and signature.count(b"int *") == 3):
+    if not signed(signature):
         return 0
     pointer = ctypes.pythonapi.PyCapsule_GetPointer
     pointer.argtypes, pointer.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_void_p
     return pointer(capsule, signature) or 0
 
 
+@functools.lru_cache(maxsize=None)
+def _routine(dtype: torch.dtype) -> _Routine | None:
+    """LAPACK's ``potf2`` for ``dtype`` from scipy's table of C entry points, callable with five
+    addresses (uplo, n, a, lda, info), or None where scipy does not export it."""
+    capsule = _capsule("cython_lapack", _ROUTINES[dtype])
+    return None if capsule is None else _entry_point(capsule)
+
+
+@functools.lru_cache(maxsize=None)
+def _trsv_address(dtype: torch.dtype) -> int:
+    """The address of BLAS's ``trsv`` for ``dtype`` in scipy's table of C entry points
+    (``_trsv_entry``), or 0 where scipy does not export it with the signature the operator calls."""
+    capsule = _capsule("cython_blas", _TRSV_ROUTINES[dtype])
+    return 0 if capsule is None else _trsv_entry(capsule)
+
+
+def _trsv_entry(capsule: object) -> int:
+    """The address a ``cython_blas`` capsule holds, where its C signature is ``trsv``'s with 32-bit
+    integers, as the C++ operator passes them: ``void (char *, char *, char *, int *, <float type> *,
+    int *, <float type> *, int *)``; else 0."""
+    return _address(capsule, lambda signature: signature.startswith(b"void (char *, char *, char *, int *, ")
+                    and signature.endswith(b" *, int *)") and signature.count(b",") == 7 and signature.count(b"int *") == 3)
+
+
 def _entry_point(capsule: object) -> _Routine | None:
     """The function a ``cython_lapack`` capsule holds, callable with five addresses, where its C
-    signature (the capsule's name) is ``potf2``'s with 32-bit integers, as this module passes them:
-    ``void (char *, int *, <float type> *, int *, int *)``; else None (another build of scipy's
-    LAPACK, 64-bit integers say, is not called with them)."""
-    name = ctypes.pythonapi.PyCapsule_GetName
-    name.argtypes, name.restype = [ctypes.py_object], ctypes.c_char_p
-    signature = name(capsule) or b""
-    if not (signature.startswith(b"void (char *, int *, ") and signature.endswith(b" *, int *, int *)")
-            and signature.count(b",") == 4):
-        return None
-    pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    pointer.argtypes, pointer.restype = [ctypes.py_object, ctypes.c_char_p], ctypes.c_void_p
-    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5)(pointer(capsule, signature))
+    signature is ``potf2``'s with 32-bit integers, as this module passes them: ``void (char *, int *,
+    <float type> *, int *, int *)``; else None (another build of scipy's LAPACK, 64-bit integers say,
+    is not called with them)."""
+    address = _address(capsule, lambda signature: signature.startswith(b"void (char *, int *, ")
+                       and signature.endswith(b" *, int *, int *)") and signature.count(b",") == 4)
+    return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5)(address) if address else None
 
 
 FACTORED_DTYPES = frozenset(dtype for dtype in _ROUTINES if _routine(dtype) is not None) if _mkl_in_generic_code() else frozenset()
