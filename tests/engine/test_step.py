@@ -189,6 +189,8 @@ def test_max_step_takes_each_problems_own_fraction():
 def test_balanced_step_fraction_is_refused_where_it_does_not_apply():
     with pytest.raises(ValueError, match="balanced_step_fraction needs full_steps=False"):
         StepRules(full_steps=True, balanced_step_fraction=0.999)
+    with pytest.raises(ValueError, match=r"balanced_step_fraction and nonneg_step_fraction both set .* got 0.999 and 0.98"):
+        StepRules(balanced_step_fraction=0.999, nonneg_step_fraction=0.98)
 
 
 def test_constants_are_made_once_per_value_device_and_dtype():

@@ -89,7 +89,7 @@ class StepRules:
             place of ``step_fraction`` (None: ``step_fraction`` everywhere). Where μ has fallen far
             below the residuals, the iterate is nearing the boundary away from a solution, and a
             step closer to the boundary only drives μ down faster (to underflow). Nonnegative rows
-            only (no other cones) and without ``full_steps``.
+            only (no other cones), without ``full_steps`` and without ``nonneg_step_fraction``.
         balance: see ``balanced_step_fraction``.
     """
 
@@ -113,6 +113,9 @@ class StepRules:
     def __post_init__(self) -> None:
         if self.balanced_step_fraction is not None and self.full_steps:
             raise ValueError("StepRules: balanced_step_fraction needs full_steps=False")
+        if self.balanced_step_fraction is not None and self.nonneg_step_fraction is not None:
+            raise ValueError("StepRules: balanced_step_fraction and nonneg_step_fraction both set the nonnegative rows' "
+                             f"fraction; give one, got {self.balanced_step_fraction} and {self.nonneg_step_fraction}")
 
 
 @dataclass(frozen=True)
