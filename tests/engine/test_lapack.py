@@ -60,7 +60,7 @@ def test_compiled_code_without_the_operator_keeps_torchs_factorisation(monkeypat
     monkeypatch.setattr(lapack, "_operator_state", {"loaded": False, "tried": True})
     monkeypatch.setattr(lapack, "factor_lower", lambda M: pytest.fail("potf2 called from compiled code"))
     M = _spd((4,), 60, torch.float64, seed=1)
-    compiled = torch.compile(lambda X: kkt._cholesky(2.0 * X)[0], fullgraph=True, options={"cpp_wrapper": True})
+    compiled = torch.compile(lambda X: kkt.cholesky(2.0 * X)[0], fullgraph=True, options={"cpp_wrapper": True})
     torch.testing.assert_close(compiled(M), torch.linalg.cholesky(2.0 * M), rtol=1e-12, atol=1e-12)
 
 
@@ -72,7 +72,7 @@ def test_compiled_code_asks_for_the_operator_only_where_it_would_factorise_with_
     monkeypatch.setattr(lapack, "load_operator", lambda: asked.append(True) and False)
     for n, expected in ((lapack.MIN_N - 1, 0), (lapack.MIN_N, 1)):
         M = _spd((2,), n, torch.float64, seed=n)
-        compiled = torch.compile(lambda X: kkt._cholesky(X)[0], fullgraph=True, options={"cpp_wrapper": True})
+        compiled = torch.compile(lambda X: kkt.cholesky(X)[0], fullgraph=True, options={"cpp_wrapper": True})
         torch.testing.assert_close(compiled(M), torch.linalg.cholesky(M), rtol=1e-12, atol=1e-12)
         assert len(asked) == expected, n
 
@@ -93,7 +93,7 @@ def operator(monkeypatch):
 def test_compiled_code_factorises_with_the_operator_to_the_bit_of_the_eager_route(operator, dtype):
     M = _spd((5,), 60, dtype, seed=2)
     M[3, 9, 9] = -1.0
-    compiled = torch.compile(lambda X: kkt._cholesky(X, check_finite=False), fullgraph=True, options={"cpp_wrapper": True})
+    compiled = torch.compile(lambda X: kkt.cholesky(X, check_finite=False), fullgraph=True, options={"cpp_wrapper": True})
     L, ok = compiled(M)
     eager, info = lapack.factor_lower(M)
     assert torch.equal(ok, info == 0) and ok.tolist() == [True, True, True, False, True]
@@ -188,7 +188,7 @@ def test_the_kkt_factor_is_row_major_either_way(monkeypatch):
     M = _spd((3,), 50, torch.float64)
     for dtypes in (frozenset({torch.float64}) if lapack._routine(torch.float64) else frozenset(), frozenset()):
         monkeypatch.setattr(lapack, "FACTORED_DTYPES", dtypes)
-        L, ok = kkt._cholesky(M)
+        L, ok = kkt.cholesky(M)
         assert L.stride()[-1] == 1 and bool(ok.all())
         torch.testing.assert_close(L @ L.transpose(-2, -1), M, rtol=1e-12, atol=1e-10)
 
@@ -296,7 +296,7 @@ def test_compiled_solves_with_a_potf2_factor_take_the_operator_and_agree_with_to
     empty = M.new_empty(3, 0, 0)
 
     def solve(M, r):
-        L, _ = kkt._cholesky(M)
+        L, _ = kkt.cholesky(M)
         return kkt._chol_solve(L, empty, r), kkt._lower_solve(L, empty, r.unsqueeze(-1), transposed=True)
     targets, (x, y) = _compiled_targets(solve, M, r)
     assert any("trsv_lower" in t for t in targets) == taken, targets

@@ -21,6 +21,21 @@ def test_diagonal_h_recognises_only_diagonal_structure():
     assert not bool(diagonal_h(data["Q"], coupled_g))
 
 
+def test_diagonal_h_counts_off_diagonal_entries_whatever_the_diagonal_holds():
+    """Q's off-diagonal nonzeros are its nonzeros less its diagonal's: zeros on the diagonal (a
+    free variable without curvature) do not hide an off-diagonal entry, and a NaN counts as one."""
+    data = box_qp(2, 5, 1)
+    Q = data["Q"].clone()
+    Q[0].diagonal()[:2] = 0.0
+    assert bool(diagonal_h(Q, data["G"]))
+    for value in (1e-300, float("nan")):
+        coupled = Q.clone()
+        coupled[0, 3, 0] = value  # one entry off the diagonal, beside a zero diagonal entry
+        assert not bool(diagonal_h(coupled, data["G"]))
+        compiled = torch.compile(diagonal_h, fullgraph=True, backend="eager")
+        assert not bool(compiled(coupled, data["G"]))
+
+
 def test_diagonal_factor_holds_the_diagonal_of_the_dense_h():
     """H = Q + GᵀW⁻¹G of the diagonal path (from Gᵀ(W⁻¹·G1), no G∘G) is the dense H's diagonal:
     rows with one nonzero of either sign, empty rows, several rows on one variable; stiff rows out."""

@@ -92,6 +92,28 @@ def test_semidefinite_q_at_the_rounding_of_float32_is_taken():
     torch.testing.assert_close(lp.z, -p.sign(), rtol=0, atol=1e-6)  # min pᵀz over the box: a vertex
 
 
+@pytest.mark.parametrize("route", ["engine", "torch"])
+def test_semidefiniteness_at_the_orders_the_engine_factorises_itself(route, monkeypatch):
+    """At n = 60 (LAPACK's ``potf2`` on an AMD processor with torch's MKL, ``engine.lapack``; torch's
+    Cholesky elsewhere, and with ``route="torch"``) the test takes Q = LLᵀ of rank 20 formed in
+    float32 and refuses Q with one eigenvalue of -1e-2·max|Q|, eagerly and compiled (dynamo, eager
+    backend), element by element."""
+    from optlayers.engine import lapack
+    from optlayers.validation.qp import semidefinite
+    if route == "torch":
+        monkeypatch.setattr(lapack, "used_for", lambda M: False)
+    gen = torch.Generator().manual_seed(3)
+    L = torch.randn(2, 60, 20, generator=gen)
+    low_rank = (L @ L.mT).double()
+    V = torch.linalg.qr(torch.randn(60, 60, generator=gen, dtype=torch.float64))[0]
+    eigenvalues = torch.linspace(0.0, 1.0, 60, dtype=torch.float64)
+    eigenvalues[0] = -1e-2  # below -δ = -DATA_TOL·max|Q| (max|Q| <= 1)
+    mixed = torch.stack([low_rank[0], (V * eigenvalues) @ V.mT, low_rank[1]])
+    compiled = torch.compile(semidefinite, fullgraph=True, backend="eager")
+    for test in (semidefinite, compiled):
+        assert test(mixed).tolist() == [True, False, True]
+
+
 BAD_QP_OPTIONS = [
     (dict(tol=-1.0), r"tol must be a finite number >= 0 or None, got -1.0"),
     (dict(tol=float("nan")), r"tol must be a finite number >= 0 or None, got nan"),

@@ -232,7 +232,7 @@ def factor_lower(M: Tensor) -> tuple[Tensor, Tensor]:
     upper triangle zero) and LAPACK's int32 info per matrix (0, or the order of the first leading
     minor that is not positive definite), by ``potf2``, as ``torch.linalg.cholesky_ex`` gives them
     but for a NaN pivot: OpenBLAS's ``potf2`` tests a pivot for ≤ 0 only, so that a factor with NaN
-    is reported 0 (``kkt._cholesky``'s ``check_finite`` tests the factor's diagonal). For float32
+    is reported 0 (``kkt.cholesky``'s ``check_finite`` tests the factor's diagonal). For float32
     and float64 matrices where scipy exports the routine (``_routine``); the engine calls it where
     ``used_for(M)`` holds; under compilation through the C++ operator (the same routine on the same
     layout: the same bits)."""

@@ -8,6 +8,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
+from optlayers.engine.kkt import cholesky
 from optlayers.qp.relax import Relaxation
 from optlayers.status import ON_FAILURE_CHOICES, listed_elements
 from optlayers.validation.options import check_bool, check_choice, check_fill, check_int, check_number, check_tolerances
@@ -249,13 +250,18 @@ def _asymmetry(Q: Tensor) -> tuple[Tensor, Tensor, float]:
 def semidefinite(Q: Tensor) -> Tensor:
     """(B,) for (B, n, n) Q: whether its symmetric part S has a Cholesky factorisation once shifted by
     δ = ``DATA_TOL``·max|Q| (δ = 1 where Q = 0): S is positive semidefinite up to the rounding of
-    float32 data (an eigenvalue below −δ, about, fails). One factorisation, on the device."""
+    float32 data (an eigenvalue below −δ, about, fails). One factorisation, on the device, by the
+    engine's (``kkt.cholesky``: LAPACK's ``potf2`` where the engine takes it, a factor with a
+    non-finite diagonal refused). δ is added to S's diagonal alone: adding δ times an identity
+    matrix took 2.7 times as long compiled (batch 8, n = 100, one thread: 980 against 368 µs with
+    ``potf2``)."""
     if Q.shape[-1] == 0:
         return Q.new_ones(Q.shape[0], dtype=torch.bool)
     size = Q.abs().amax((-2, -1))
     shift = torch.where(size > 0, size * DATA_TOL, 1.0)
-    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-    return torch.linalg.cholesky_ex(torch.addcmul(0.5 * (Q + Q.transpose(-2, -1)), shift[:, None, None], eye)).info == 0
+    shifted = 0.5 * (Q + Q.transpose(-2, -1))
+    shifted.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1))
+    return cholesky(shifted)[1]
 
 
 def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:
