@@ -50,15 +50,6 @@ def _checked_scaling(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: T
     return (*_scaling(Q, p, G, h, A, b), values_pass(Q, p, G, h, A, b))
 
 
-def _checked_scaling_and_structure(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor,
-                                   b: Tensor) -> tuple[QPData, Scaling, Tensor]:
-    """``_checked_scaling`` and the structure that ``_with_structure`` reads (``kkt.diagonal_h`` of
-    the scaled data) in one function to compile: the scaled data, the scaling, and (2,) bool
-    (whether the data passed the checks, whether H is diagonal) for one read."""
-    scaled, sc, passed = _checked_scaling(Q, p, G, h, A, b)
-    return scaled, sc, torch.stack([passed, diagonal_h(scaled.Q, scaled.G)])
-
-
 def _looks_at_structure(n: int, device: torch.device) -> bool:
     """Whether ``_with_structure`` looks at a batch of ``n`` variables on ``device`` (see ``DIAGONAL_MIN_N``)."""
     return n >= (DIAGONAL_MIN_N if reads_are_free(device) else DIAGONAL_MIN_N_ACCELERATOR)
@@ -69,6 +60,17 @@ def _with_structure(data: QPData) -> QPData:
     if not _looks_at_structure(data.p.shape[-1], data.p.device):
         return data
     return replace(data, diagonal=bool(host_read(diagonal_h(data.Q, data.G).reshape(1))[0]))
+
+
+def _raw_structure(Q: Tensor, G: Tensor) -> bool:
+    """Whether H is diagonal for every problem of the unscaled batch (``kkt.diagonal_h`` of Q + Qᵀ
+    and G: the scaling multiplies by powers of two, so that the scaled data's verdict is the same):
+    the first problem's read first, which tells a dense batch at the cost of one problem, then the
+    whole batch's. Eager: a compiled call of its own cost more than it (batch 1, n = 100)."""
+    first = bool(host_read(diagonal_h(Q[:1] + Q[:1].transpose(-2, -1), G[:1]).reshape(1))[0])
+    if not first or Q.shape[0] == 1:
+        return first
+    return bool(host_read(diagonal_h(Q + Q.transpose(-2, -1), G).reshape(1))[0])
 
 
 @dataclass(frozen=True)
@@ -153,13 +155,14 @@ def _solved(scaled: QPData, sc: Scaling, fill: Tensor, settings: IPMSettings, wi
 
 
 def _checked_solved(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, fill: Tensor,
-                    settings: IPMSettings, with_factor: bool) -> tuple:
-    """``_checked_scaling`` and ``_solved`` in one function to compile, for a batch whose structure
-    is not looked at (``_with_structure``): the scaled data (the tensors of ``QPData``, in its order)
-    and the scaling's (``Scaling``'s), each in memory of its own, then ``_solved``'s outputs, whose
-    info has a seventh entry: whether the data passed the checks (where not, no iteration runs)."""
+                    settings: IPMSettings, with_factor: bool, diagonal: bool) -> tuple:
+    """``_checked_scaling`` and ``_solved`` in one function to compile, ``diagonal`` the batch's
+    structure (``QPData.diagonal``; found before, ``_raw_structure``): the scaled data (the tensors
+    of ``QPData``, in its order) and the scaling's (``Scaling``'s), each in memory of its own, then
+    ``_solved``'s outputs, whose info has a seventh entry: whether the data passed the checks (where
+    not, no iteration runs)."""
     scaled, sc, passed = _checked_scaling(Q, p, G, h, A, b)
-    info, *rest = _solved(scaled, sc, fill, settings, with_factor, halt=~passed)
+    info, *rest = _solved(replace(scaled, diagonal=diagonal), sc, fill, settings, with_factor, halt=~passed)
     return ((scaled.Q, scaled.p, scaled.A, scaled.b, scaled.G, scaled.h), (sc.d.clone(), sc.e.clone(), sc.f.clone(), sc.c),
             torch.cat([info, passed.reshape(1)]), *rest)
 
@@ -171,40 +174,29 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     one after another (``parallel.compiled_slices``, ``threads.map_chunks``), their outputs joined
     as they come (``batch.map_chunks_joined``).
     A chunk whose solve needs no reaction of the host is one compiled call (``_checked_solved``) and
-    one read; where the structure is looked at (``_with_structure``), the chunk's equilibration and
-    structure are a compiled call and a read of their own before it (``_checked_scaling_and_structure``,
-    then ``_solved``; chunks take the whole batch's verdict on H's structure, found once before them). Otherwise the solve goes on from there
-    (``fused.go_on``). Data that fail the value checks raise, naming their elements in the whole batch."""
+    one read. Where the structure is looked at (``_looks_at_structure``), the batch's is found once
+    before the chunks (``_raw_structure``: one read for a dense batch), and every chunk takes it:
+    chunks that disagreed would give factors of different shapes (diagonal or dense), which no
+    joined factor holds. (Found per chunk, in a compiled call of its own with the equilibration
+    before the solve's, it cost a call, a read and a pass over the data per chunk: at batch 1,
+    n = 100, the two calls took 0.45 + 3.78 ms against the one call's 3.9 ms.) Otherwise the solve goes
+    on from there (``fused.go_on``). Data that fail the value checks raise, naming their elements in
+    the whole batch."""
     device = p.device.type
     raw = tuple(t.detach() if t.requires_grad else t for t in (Q, p, G, h, A, b))  # one specialisation whichever require gradients
     batch, n = p.shape
     count, chunk = compiled_slices(batch, n, p.device)
     pointwise = pointwise_cats(chunk, n, p.device)
-    structure = _looks_at_structure(n, p.device)
-    # chunks take one verdict on H's structure, the whole batch's: chunks that disagreed would give
-    # factors of different shapes (diagonal or dense), which no joined factor holds. The scaling
-    # multiplies by powers of two, so H is diagonal for the scaled data where it is for Q + Qᵀ and G
-    diagonal = None if not structure or chunk == batch else bool(
-        host_read(diagonal_h(raw[0] + raw[0].transpose(-2, -1), raw[2]).reshape(1))[0])
-
-    def chunk_call(fn):  # compiled once for every batch of two or more (compiling.BATCH_DYNAMIC)
-        return compiled(fn, device, pointwise_cat=pointwise, batched=True)
+    diagonal = _looks_at_structure(n, p.device) and _raw_structure(raw[0], raw[2])
 
     def solve(part: slice) -> tuple[tuple[Tensor, ...], Outcome]:
         data = raw if chunk == batch else tuple(t[part] for t in raw)
-        if not structure:
-            scaled, scaling, info, *rest = chunk_call(_checked_solved)(*data, fill, settings, keep_factor)
-            info = host_read(info)
-            if not info[6]:
-                check_values(*raw, False)  # raises, naming the elements in the whole batch
-            return _finished(QPData(*scaled), Scaling(*scaling), info, *rest, settings, keep_factor, fill)
-        scaled, sc, verdicts = chunk_call(_checked_scaling_and_structure)(*data)
-        verdicts = host_read(verdicts)
-        if not verdicts[0]:
-            check_values(*raw, False)
-        scaled = replace(scaled, diagonal=bool(verdicts[1]) if diagonal is None else diagonal)  # as _with_structure
-        info, *rest = chunk_call(_solved)(scaled, sc, fill, settings, keep_factor)
-        return _finished(scaled, sc, host_read(info), *rest, settings, keep_factor, fill)
+        checked = compiled(_checked_solved, device, pointwise_cat=pointwise, batched=True)  # compiled once for every
+        scaled, scaling, info, *rest = checked(*data, fill, settings, keep_factor, diagonal)  # batch of two or more
+        info = host_read(info)
+        if not info[6]:
+            check_values(*raw, False)  # raises, naming the elements in the whole batch
+        return _finished(QPData(*scaled, diagonal=diagonal), Scaling(*scaling), info, *rest, settings, keep_factor, fill)
 
     if chunk == batch:
         return solve(slice(0, batch))
