@@ -64,13 +64,19 @@ def _with_structure(data: QPData) -> QPData:
 
 def _raw_structure(Q: Tensor, G: Tensor) -> bool:
     """Whether H is diagonal for every problem of the unscaled batch (``kkt.diagonal_h`` of Q + Qᵀ
-    and G: the scaling multiplies by powers of two, so that the scaled data's verdict is the same):
-    the first problem's read first, which tells a dense batch at the cost of one problem, then the
-    whole batch's. Eager: a compiled call of its own cost more than it (batch 1, n = 100)."""
-    first = bool(host_read(diagonal_h(Q[:1] + Q[:1].transpose(-2, -1), G[:1]).reshape(1))[0])
-    if not first or Q.shape[0] == 1:
-        return first
-    return bool(host_read(diagonal_h(Q + Q.transpose(-2, -1), G).reshape(1))[0])
+    and G: the scaling multiplies by powers of two, so that the scaled data's verdict is the same),
+    read by the host: the first problem's first, then the whole batch's, each G's rows before Q, so
+    that a dense batch is told by one problem's G: 42 µs at batch 1 and at batch 128 (n = 100, one
+    thread), where ``diagonal_h`` of the whole batch took 94 µs and 7.6 ms. Eager: a compiled call
+    of its own costs more at batch 1."""
+    def holds(test: Tensor) -> bool:
+        return bool(host_read(test.reshape(1))[0])
+
+    for part in (slice(0, 1),) if Q.shape[0] == 1 else (slice(0, 1), slice(None)):
+        q, g = Q[part], G[part]
+        if not holds(((g != 0).sum(-1) <= 1).all()) or not holds(diagonal_h(q + q.transpose(-2, -1), g)):
+            return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -177,10 +183,9 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     one read. Where the structure is looked at (``_looks_at_structure``), the batch's is found once
     before the chunks (``_raw_structure``: one read for a dense batch), and every chunk takes it:
     chunks that disagreed would give factors of different shapes (diagonal or dense), which no
-    joined factor holds. (Found per chunk, in a compiled call of its own with the equilibration
-    before the solve's, it cost a call, a read and a pass over the data per chunk: at batch 1,
-    n = 100, the two calls took 0.45 + 3.78 ms against the one call's 3.9 ms.) Otherwise the solve goes
-    on from there (``fused.go_on``). Data that fail the value checks raise, naming their elements in
+    joined factor holds. (It was found per chunk, in a compiled call of its own with the
+    equilibration, before the solve's call: a call, a read and a pass over the data more per chunk.)
+    Otherwise the solve goes on from there (``fused.go_on``). Data that fail the value checks raise, naming their elements in
     the whole batch."""
     device = p.device.type
     raw = tuple(t.detach() if t.requires_grad else t for t in (Q, p, G, h, A, b))  # one specialisation whichever require gradients
