@@ -117,7 +117,7 @@ def test_compiled_solve_takes_the_diagonal_path(monkeypatch, eager_backend):
 
 
 def test_compiled_batch_takes_one_structure_whichever_problem_breaks_it(monkeypatch, eager_backend):
-    """The compiled forward finds the batch's structure before its chunks (``forward._raw_structure``:
+    """The compiled forward finds the batch's structure before its chunks (``forward._structure``:
     the first problem, then the whole batch): diagonal where every problem is, dense where the first
     or only a later one is not, each solve as the eager path's."""
     monkeypatch.setattr(forward, "DIAGONAL_MIN_N", 1)
@@ -128,8 +128,8 @@ def test_compiled_batch_takes_one_structure_whichever_problem_breaks_it(monkeypa
             Q[coupled, 0, 0] += 1.0
             Q[coupled, 1, 1] += 1.0
             Q[coupled, 0, 1] = Q[coupled, 1, 0] = 0.5
-        assert forward._raw_structure(Q, data["G"]) == (coupled is None)
-        assert forward._raw_structure(Q[2:], data["G"][2:]) == (coupled != 2)  # a batch of one
+        assert forward._structure(Q, data["G"]) == (coupled is None)
+        assert forward._structure(Q[2:], data["G"][2:]) == (coupled != 2)  # a batch of one
         eager, compiled = (solve_qp(Q, data["p"], data["G"], data["h"], data["A"], data["b"], compile=c) for c in (False, True))
         assert bool((compiled.status == QPStatus.SOLVED).all())
         torch.testing.assert_close(compiled.z, eager.z, rtol=1e-9, atol=1e-10)

@@ -59,13 +59,13 @@ def _with_structure(data: QPData) -> QPData:
     """``data`` with ``diagonal`` set where H is diagonal and that pays (see ``DIAGONAL_MIN_N``)."""
     if not _looks_at_structure(data.p.shape[-1], data.p.device):
         return data
-    return replace(data, diagonal=bool(host_read(diagonal_h(data.Q, data.G).reshape(1))[0]))
+    return replace(data, diagonal=_structure(data.Q, data.G))
 
 
-def _raw_structure(Q: Tensor, G: Tensor) -> bool:
-    """Whether H is diagonal for every problem of the unscaled batch (``kkt.diagonal_h`` of Q + Qᵀ
-    and G: the scaling multiplies by powers of two, so that the scaled data's verdict is the same),
-    read by the host: the first problem's first, then the whole batch's, each G's rows before Q, so
+def _structure(Q: Tensor, G: Tensor) -> bool:
+    """Whether H is diagonal for every problem of the batch, scaled or not (``kkt.diagonal_h`` of
+    Q + Qᵀ and G: the scaling multiplies by powers of two, so that the verdict is the same either
+    way), read by the host: the first problem's first, then the whole batch's, each G's rows before Q, so
     that a dense batch is told by one problem's G: 42 µs at batch 1 and at batch 128 (n = 100, one
     thread), where ``diagonal_h`` of the whole batch took 94 µs and 7.6 ms. Eager: a compiled call
     of its own costs more at batch 1."""
@@ -163,7 +163,7 @@ def _solved(scaled: QPData, sc: Scaling, fill: Tensor, settings: IPMSettings, wi
 def _checked_solved(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor, fill: Tensor,
                     settings: IPMSettings, with_factor: bool, diagonal: bool) -> tuple:
     """``_checked_scaling`` and ``_solved`` in one function to compile, ``diagonal`` the batch's
-    structure (``QPData.diagonal``; found before, ``_raw_structure``): the scaled data (the tensors
+    structure (``QPData.diagonal``; found before, ``_structure``): the scaled data (the tensors
     of ``QPData``, in its order) and the scaling's (``Scaling``'s), each in memory of its own, then
     ``_solved``'s outputs, whose info has a seventh entry: whether the data passed the checks (where
     not, no iteration runs)."""
@@ -181,7 +181,7 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     as they come (``batch.map_chunks_joined``).
     A chunk whose solve needs no reaction of the host is one compiled call (``_checked_solved``) and
     one read. Where the structure is looked at (``_looks_at_structure``), the batch's is found once
-    before the chunks (``_raw_structure``: one read for a dense batch), and every chunk takes it:
+    before the chunks (``_structure``: one read for a dense batch), and every chunk takes it:
     chunks that disagreed would give factors of different shapes (diagonal or dense), which no
     joined factor holds. (It was found per chunk, in a compiled call of its own with the
     equilibration, before the solve's call: a call, a read and a pass over the data more per chunk.)
@@ -192,7 +192,7 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     batch, n = p.shape
     count, chunk = compiled_slices(batch, n, p.device)
     pointwise = pointwise_cats(chunk, n, p.device)
-    diagonal = _looks_at_structure(n, p.device) and _raw_structure(raw[0], raw[2])
+    diagonal = _looks_at_structure(n, p.device) and _structure(raw[0], raw[2])
 
     def solve(part: slice) -> tuple[tuple[Tensor, ...], Outcome]:
         data = raw if chunk == batch else tuple(t[part] for t in raw)
