@@ -197,13 +197,24 @@ def _lower_solve(L: Tensor, inverse: Tensor, R: Tensor, transposed: bool = False
 
 
 def diagonal_h(Q: Tensor, G: Tensor) -> Tensor:
-    """Whether every H = Q + Gᵀ W G of the batch is diagonal: Q is diagonal and no row of G has two
-    nonzeros (so that no two variables share a constraint); one 0-d bool tensor for the batch. Q's
-    nonzeros off the diagonal are counted as all its nonzeros less its diagonal's: one pass over Q
-    (NaN counts as nonzero), where masking the diagonal with a boolean identity took 6.8 times as
-    long compiled (batch 8, n = 100, one thread: 564 against 83 µs)."""
+    """Whether every H = Q + Gᵀ W G of the batch is diagonal: Q is diagonal (``diagonal_q``) and no
+    row of G has two nonzeros (``rows_touch_one_variable``); one 0-d bool tensor for the batch."""
+    return diagonal_q(Q) & rows_touch_one_variable(G)
+
+
+def diagonal_q(Q: Tensor) -> Tensor:
+    """Whether every Q of the batch is diagonal, one 0-d bool tensor. Q's nonzeros off the diagonal
+    are counted as all its nonzeros less its diagonal's: one pass over Q (NaN counts as nonzero),
+    where masking the diagonal with a boolean identity took 6.8 times as long compiled (batch 8,
+    n = 100, one thread, ``diagonal_h``: 564 against 83 µs)."""
     off_diagonal = (Q != 0).sum((-2, -1)) - (Q.diagonal(dim1=-2, dim2=-1) != 0).sum(-1)
-    return (off_diagonal == 0).all() & ((G != 0).sum(-1) <= 1).all()
+    return (off_diagonal == 0).all()
+
+
+def rows_touch_one_variable(G: Tensor) -> Tensor:
+    """Whether no row of any G of the batch has two nonzeros (no two variables share a constraint),
+    one 0-d bool tensor."""
+    return ((G != 0).sum(-1) <= 1).all()
 
 
 def factor_kkt(

@@ -18,7 +18,7 @@ from optlayers.compiling import compiled, pointwise_cats
 from optlayers.engine.batch import map_chunks_joined
 from optlayers.engine.device_loop import Layout, Packed, unpack
 from optlayers.engine.graphed import graphs_calls
-from optlayers.engine.kkt import diagonal_h
+from optlayers.engine.kkt import diagonal_q, rows_touch_one_variable
 from optlayers.engine.step import QPData, State
 from optlayers.host import host_read, reads_are_free
 from optlayers.qp import fused
@@ -63,9 +63,10 @@ def _with_structure(data: QPData) -> QPData:
 
 
 def _structure(Q: Tensor, G: Tensor) -> bool:
-    """Whether H is diagonal for every problem of the batch, scaled or not (``kkt.diagonal_h`` of
-    Q + Qᵀ and G: the scaling multiplies by powers of two, so that the verdict is the same either
-    way), read by the host: the first problem's first, then the whole batch's, each G's rows before Q, so
+    """Whether H is diagonal for every problem of the batch, scaled or not (``kkt.diagonal_h``'s two
+    tests, ``rows_touch_one_variable`` of G and ``diagonal_q`` of Q + Qᵀ: the scaling multiplies by
+    powers of two, so that the verdict is the same either way), read by the host: the first
+    problem's first, then the whole batch's, each G's rows before Q, so
     that a dense batch is told by one problem's G: 42 µs at batch 1 and at batch 128 (n = 100, one
     thread), where ``diagonal_h`` of the whole batch took 94 µs and 7.6 ms. Eager: a compiled call
     of its own costs more at batch 1."""
@@ -74,7 +75,7 @@ def _structure(Q: Tensor, G: Tensor) -> bool:
 
     for part in (slice(0, 1),) if Q.shape[0] == 1 else (slice(0, 1), slice(None)):
         q, g = Q[part], G[part]
-        if not holds(((g != 0).sum(-1) <= 1).all()) or not holds(diagonal_h(q + q.transpose(-2, -1), g)):
+        if not holds(rows_touch_one_variable(g)) or not holds(diagonal_q(q + q.transpose(-2, -1))):
             return False
     return True
 
@@ -193,11 +194,11 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     count, chunk = compiled_slices(batch, n, p.device)
     pointwise = pointwise_cats(chunk, n, p.device)
     diagonal = _looks_at_structure(n, p.device) and _structure(raw[0], raw[2])
+    checked = compiled(_checked_solved, device, pointwise_cat=pointwise, batched=True)  # once for every batch of two or more
 
     def solve(part: slice) -> tuple[tuple[Tensor, ...], Outcome]:
         data = raw if chunk == batch else tuple(t[part] for t in raw)
-        checked = compiled(_checked_solved, device, pointwise_cat=pointwise, batched=True)  # compiled once for every
-        scaled, scaling, info, *rest = checked(*data, fill, settings, keep_factor, diagonal)  # batch of two or more
+        scaled, scaling, info, *rest = checked(*data, fill, settings, keep_factor, diagonal)
         info = host_read(info)
         if not info[6]:
             check_values(*raw, False)  # raises, naming the elements in the whole batch
