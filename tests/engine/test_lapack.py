@@ -349,3 +349,87 @@ def test_a_compiled_solve_with_the_operators_agrees_with_one_without(operator, e
     assert torch.equal(status, status0) and bool((status == 0).all())
     torch.testing.assert_close(z, z0, rtol=1e-8, atol=1e-8)
     torch.testing.assert_close(grad, grad0, rtol=1e-7, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_operators_skip_the_matrices_a_mask_leaves_out_and_give_the_others_bits(operator, dtype):
+    """Factorisation: the marked matrices' factors and infos as without a mask (one not positive
+    definite among them), the others the identity with info 0, eagerly and through the operator.
+    Product: the marked matrices' C + A B as torch.baddbmm gives them, the others C."""
+    M = _spd((5,), 48, dtype, seed=4)
+    M[2, 7, 7] = -1.0
+    active = torch.tensor([True, False, True, True, False])
+    plain, plain_info = lapack.factor_lower(M)
+    for L, info in (torch.ops.optlayers_lapack.potf2_lower(M, active), lapack.factor_lower(M, active)):
+        assert torch.equal(info, plain_info * active) and info.tolist() == [0, 0, 8, 0, 0]
+        assert torch.equal(L[active], plain[active])
+        assert torch.equal(L[~active], torch.eye(48, dtype=dtype).expand(2, 48, 48))
+    g = torch.Generator().manual_seed(5)
+    A, B = torch.randn(5, 48, 30, generator=g, dtype=dtype), torch.randn(5, 30, 48, generator=g, dtype=dtype)
+    for A_ in (A, B.transpose(-2, -1)):  # a transposed operand, as the solver's Gᵀ diag(w) is
+        out = lapack.add_product_where(M, A_, A_.transpose(-2, -1) if A_ is A else B, active)
+        expected = torch.baddbmm(M, A_, A_.transpose(-2, -1) if A_ is A else B)
+        assert torch.equal(out[active], expected[active]) and torch.equal(out[~active], M[~active])
+        assert out.is_contiguous()
+
+
+def test_the_product_operator_refuses_what_it_cannot_multiply(operator):
+    C, A = torch.zeros(2, 4, 4, dtype=torch.float64), torch.zeros(2, 4, 3, dtype=torch.float64)
+    on = torch.ones(2, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match=r"C, A, B must be \(B, r, d\), \(B, r, k\), \(B, k, d\)"):
+        torch.ops.optlayers_lapack.add_product_where(C, A, A, on)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        torch.ops.optlayers_lapack.add_product_where(C, A, A.transpose(-2, -1).float(), on)
+    with pytest.raises(RuntimeError, match=r"active must be a CPU bool tensor of one flag per matrix \(2\)"):
+        torch.ops.optlayers_lapack.add_product_where(C, A, A.transpose(-2, -1), on[:1])
+    with pytest.raises(RuntimeError, match="active must be a CPU bool tensor"):
+        torch.ops.optlayers_lapack.potf2_lower(C + torch.eye(4, dtype=torch.float64), on.int())
+
+
+@pytest.mark.parametrize("stiff", [False, True])
+def test_a_compiled_factorisation_leaves_out_the_finished_problems_and_keeps_the_others_bits(operator, stiff):
+    """``kkt.factor_kkt`` with ``active`` under compilation (``lapack.skips_inactive``): the
+    running problems' factors are those of the factorisation without the mask, to the bit; the
+    others' H is Q and their factor of H the identity (finite); eagerly the mask is ignored."""
+    data = random_qp(6, 50, 60, 5, seed=3)
+    g = torch.Generator().manual_seed(6)
+    lam, s = torch.rand(6, 60, generator=g, dtype=torch.float64) + 0.1, torch.rand(6, 60, generator=g, dtype=torch.float64) + 0.1
+    if stiff:
+        s[:, :20] = 1e-9  # near-active rows: W⁻¹ = λ/s above STIFF_W_INV, kept out of H
+    w_inv, reg = lam / s, torch.full((6,), 1e-8, dtype=torch.float64)
+    mask = (w_inv > 1e6) if stiff else None
+    active = torch.tensor([True, False, True, False, False, True])
+
+    def factor(Q, A, G, w_inv, reg, active):
+        f = kkt.factor_kkt(Q, A, G, w_inv, reg, reg, stiff=mask, retries=0, active=active)
+        return f.H, f.chol_h, f.chol_s, f.Y, f.ok
+
+    compiled = torch.compile(factor, fullgraph=True, options={"cpp_wrapper": True})
+    args = (data.Q, data.A, data.G, w_inv, reg)
+    skipped, plain, eager = compiled(*args, active), compiled(*args, None), factor(*args, active)
+    for with_mask, without in zip(skipped, plain):
+        assert torch.equal(with_mask[active], without[active])
+    H, chol_h, chol_s, Y, ok = skipped
+    assert torch.equal(H[~active], data.Q[~active]) and ok.all()
+    assert torch.equal(chol_h[~active], torch.eye(50, dtype=torch.float64).expand(3, 50, 50))
+    assert all(torch.isfinite(t).all() for t in (chol_s, Y))
+    assert all(torch.equal(a, b) for a, b in zip(eager, factor(*args, None)))  # eagerly: no skipping
+
+
+def test_without_torchs_gemm_the_product_operator_multiplies_with_addmm_to_the_same_bits(operator):
+    """Where torch's library exports no gemm (``_gemm_address`` 0), the product is torch's addmm,
+    matrix by matrix: the same bits."""
+    dtypes = (torch.float64, torch.float32)
+    factors = [ctypes.cast(lapack._routine(dtype), ctypes.c_void_p).value for dtype in dtypes]
+    solves = [lapack._trsv_address(dtype) for dtype in dtypes]
+    g = torch.Generator().manual_seed(7)
+    C, A = torch.randn(3, 45, 45, generator=g, dtype=torch.float64), torch.randn(3, 45, 20, generator=g, dtype=torch.float64)
+    active = torch.tensor([True, False, True])
+    with_gemm = lapack.add_product_where(C, A, A.transpose(-2, -1), active)
+    torch.ops.optlayers_lapack.set_routines(*factors, *solves, 0, 0)
+    try:
+        without = lapack.add_product_where(C, A, A.transpose(-2, -1), active)
+    finally:
+        torch.ops.optlayers_lapack.set_routines(*factors, *solves, *(lapack._gemm_address(dtype) for dtype in dtypes))
+    assert torch.equal(without, with_gemm) and torch.equal(without[1], C[1])
+    assert lapack._gemm_address(torch.float64) != 0 or not torch.backends.mkl.is_available()  # MKL builds export it

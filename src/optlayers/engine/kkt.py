@@ -143,9 +143,11 @@ def _finite(t: Tensor) -> Tensor:
     return (t - t) == 0
 
 
-def cholesky(M: Tensor, check_finite: bool = True) -> tuple[Tensor, Tensor]:
+def cholesky(M: Tensor, check_finite: bool = True, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Lower Cholesky factor and whether it succeeded: LAPACK's report and, with ``check_finite``,
-    whether the diagonal is finite (some GPU libraries let NaN through).
+    whether the diagonal is finite (some GPU libraries let NaN through). ``active``: a (B,) mask
+    of the matrices to factorise, where ``lapack.skips_inactive(M)``; the others' factor is the
+    identity (succeeded).
 
     On the CPU the factor is taken as the transpose of the upper one, U = Lᵀ of M's upper
     triangle (M is symmetric): torch copies a row-major M's upper triangle into LAPACK's
@@ -154,7 +156,8 @@ def cholesky(M: Tensor, check_finite: bool = True) -> tuple[Tensor, Tensor]:
     read as fast. Mid-sized CPU factors are LAPACK's ``potf2`` from scipy where torch's MKL is
     slow (``lapack.used_for``), in the same layout."""
     if lapack.used_for(M):
-        chol, info = lapack.factor_lower(M)
+        skipping = active is not None and lapack.skips_inactive(M)
+        chol, info = lapack.factor_lower(M, active) if skipping else lapack.factor_lower(M)
     elif M.device.type == "cpu":
         chol, info = torch.linalg.cholesky_ex(M, upper=True)
         chol = chol.transpose(-2, -1)
@@ -220,7 +223,7 @@ def rows_touch_one_variable(G: Tensor) -> Tensor:
 def factor_kkt(
     Q: Tensor, A: Tensor, G: Tensor, w_inv: Tensor, rho: Tensor, delta: Tensor, stiff: Tensor | None = None,
     unit_weights: bool = False, retries: int = MAX_FACTOR_RETRIES, diagonal: bool = False, check_finite: bool = True,
-    overwrite_q: bool = False, augment: bool = False,
+    overwrite_q: bool = False, augment: bool = False, active: Tensor | None = None,
 ) -> KKTFactor:
     """Factorise H and S for every problem of the batch.
 
@@ -236,6 +239,11 @@ def factor_kkt(
             itself), so that H = Q + GᵀG skips the (B, n, k) weighting.
         diagonal: the caller promises that H is diagonal (``diagonal_h(Q, G)``): H and its factor
             are kept as (B, n) diagonals.
+        active: optional (B,) mask of the problems whose factors are read (the running ones of a
+            compiled solve, whose batch keeps its finished problems). Where ``lapack.skips_inactive``,
+            the others' H is Q (the product G_softᵀW⁻¹G_soft left out: ``lapack.add_product_where``)
+            and their factor of H the identity; their factors are then meaningless but finite, and
+            every factor that is read is the same bits as without the mask. Elsewhere ignored.
         check_finite: ``ok`` also requires finite factors (four kernels per factor). Without it a
             factor with NaN can be reported ok; a caller that tests its solutions' finiteness
             anyway (the QP's iteration) saves the kernels.
@@ -268,7 +276,12 @@ def factor_kkt(
     else:
         Gt = G.transpose(-2, -1)
         weighted = Gt if unit_weights else Gt * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
-        H = add_product_(Q, weighted, G) if overwrite_q else add_product(Q, weighted, G)
+        if overwrite_q:
+            H = add_product_(Q, weighted, G)
+        elif active is not None and lapack.skips_inactive(Q):
+            H = lapack.add_product_where(Q, weighted, G, active)
+        else:
+            H = add_product(Q, weighted, G)
         H_diagonal = H.diagonal(dim1=-2, dim2=-1)
     rows = C.shape[-2]
     order = None if stiff is None else _coupled_rows(stiff, m)
@@ -286,7 +299,7 @@ def factor_kkt(
             ok = _finite(chol_h.sum(-1)) & (chol_h.amin(-1) > 0)
         else:
             H_diagonal.add_(shift_h)
-            chol_h, ok = cholesky(H_factored, check_finite)
+            chol_h, ok = cholesky(H_factored, check_finite, active)
             inv_h = _inverse(chol_h, empty)
         y, chol_s, inv_s = C.transpose(-2, -1), empty, empty  # empty: there is no Schur complement
         if rows:

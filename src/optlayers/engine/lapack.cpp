@@ -1,12 +1,15 @@
-// The operators optlayers_lapack::potf2_lower and optlayers_lapack::trsv_lower, which compiled
-// solves call on the CPU where engine/lapack.py chooses scipy's LAPACK and BLAS (see that module):
-// the lower Cholesky factor of each matrix of a (..., n, n) symmetric batch, with LAPACK's info per
-// matrix, and the triangular solves with such factors of a (..., n) batch of vectors. The routines
-// are scipy's, whose addresses lapack.py hands over once (set_routines): this file links against
-// nothing but torch.
+// The operators optlayers_lapack::potf2_lower, optlayers_lapack::trsv_lower and
+// optlayers_lapack::add_product_where, which compiled solves call on the CPU where engine/lapack.py
+// chooses scipy's LAPACK and BLAS (see that module): the lower Cholesky factor of each matrix of a
+// (..., n, n) symmetric batch, with LAPACK's info per matrix, the triangular solves with such factors
+// of a (..., n) batch of vectors, and the batched product C + A B of the matrices that a mask marks.
+// The factorisation and the product skip the matrices the mask leaves out (problems that have
+// finished, whose factors nothing reads). The routines are scipy's, whose addresses lapack.py hands
+// over once (set_routines), and torch's own product: this file links against nothing but torch.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <tuple>
 
@@ -14,30 +17,46 @@ namespace {
 
 // LAPACK's xPOTF2(UPLO, N, A, LDA, INFO) and BLAS's xTRSV(UPLO, TRANS, DIAG, N, A, LDA, X, INCX),
 // for float and double alike (arrays by address).
+// BLAS's xGEMM(TRANSA, TRANSB, M, N, K, ALPHA, A, LDA, B, LDB, BETA, C, LDC) likewise: torch's own
+// (MKL's, where lapack.py finds it in torch's library), for the product operator.
 using Potf2 = void (*)(char*, int*, void*, int*, int*);
 using Trsv = void (*)(char*, char*, char*, int*, void*, int*, void*, int*);
+using Gemm = void (*)(char*, char*, int*, int*, int*, void*, void*, int*, void*, int*, void*, void*, int*);
 
 struct Routines {
   Potf2 potf2 = nullptr;
   Trsv trsv = nullptr;
+  Gemm gemm = nullptr;
 };
 
 Routines doubles;
 Routines floats;
 
-void set_routines(int64_t double_potf2, int64_t float_potf2, int64_t double_trsv, int64_t float_trsv) {
-  doubles = {reinterpret_cast<Potf2>(double_potf2), reinterpret_cast<Trsv>(double_trsv)};
-  floats = {reinterpret_cast<Potf2>(float_potf2), reinterpret_cast<Trsv>(float_trsv)};
+void set_routines(int64_t double_potf2, int64_t float_potf2, int64_t double_trsv, int64_t float_trsv, int64_t double_gemm,
+                  int64_t float_gemm) {
+  doubles = {reinterpret_cast<Potf2>(double_potf2), reinterpret_cast<Trsv>(double_trsv), reinterpret_cast<Gemm>(double_gemm)};
+  floats = {reinterpret_cast<Potf2>(float_potf2), reinterpret_cast<Trsv>(float_trsv), reinterpret_cast<Gemm>(float_gemm)};
 }
 
 const Routines* routines_for(const at::Tensor& t) {
   return t.scalar_type() == at::kDouble ? &doubles : t.scalar_type() == at::kFloat ? &floats : nullptr;
 }
 
+// The (B,) bool mask `active` (or none: every matrix) as a pointer to B flags, checked against the batch.
+const bool* active_flags(const c10::optional<at::Tensor>& active, int64_t count, at::Tensor& kept, const char* name) {
+  if (!active.has_value()) return nullptr;
+  TORCH_CHECK(active->scalar_type() == at::kBool && active->device().is_cpu() && active->numel() == count,
+              name, ": active must be a CPU bool tensor of one flag per matrix (", count, "), got ", active->scalar_type(),
+              " of shape ", active->sizes(), " on ", active->device());
+  kept = active->contiguous();
+  return kept.data_ptr<bool>();
+}
+
 // A row-major symmetric matrix read column-major is itself, and LAPACK's upper factor U of it,
 // read row-major, is the lower factor L = U^T: so 'U' on the row-major copy, then its upper
-// triangle zeroed.
-std::tuple<at::Tensor, at::Tensor> potf2_lower(const at::Tensor& M) {
+// triangle zeroed. A matrix that `active` leaves out is not factorised: its factor is the identity
+// (info 0), so that it stays finite wherever it is read.
+std::tuple<at::Tensor, at::Tensor> potf2_lower(const at::Tensor& M, const c10::optional<at::Tensor>& active) {
   TORCH_CHECK(M.dim() >= 2 && M.size(-1) == M.size(-2), "potf2_lower: M must be a batch of square matrices, got shape ",
               M.sizes());
   TORCH_CHECK(M.device().is_cpu(), "potf2_lower: M must be on the CPU, got ", M.device());
@@ -50,14 +69,81 @@ std::tuple<at::Tensor, at::Tensor> potf2_lower(const at::Tensor& M) {
   at::Tensor info = at::zeros(M.sizes().slice(0, M.dim() - 2), M.options().dtype(at::kInt));
   char upper = 'U';
   const int64_t count = info.numel();
+  at::Tensor kept;
+  const bool* on = active_flags(active, count, kept, "potf2_lower");
   const int64_t stride = static_cast<int64_t>(n) * n * factor.element_size();
   char* first = static_cast<char*>(factor.data_ptr());
   int* reports = info.data_ptr<int>();
   for (int64_t k = 0; k < count; ++k) {
-    routine(&upper, &n, first + k * stride, &n, reports + k);
+    if (on == nullptr || on[k]) {
+      routine(&upper, &n, first + k * stride, &n, reports + k);
+    } else {
+      factor.select(0, k).fill_(0).diagonal().fill_(1);
+    }
   }
   factor.tril_();
   return {factor, info};
+}
+
+// A (B, rows, cols) operand as BLAS reads it: its matrices with a unit stride along one of their two
+// dimensions (a copy where neither has one), the leading dimension, and whether BLAS reads it as
+// given ('N') or transposed ('T') when the row-major product is computed as its column-major
+// transpose, C^T = B^T A^T.
+struct Operand {
+  at::Tensor kept;
+  char trans;
+  int ld;
+};
+
+Operand operand(const at::Tensor& X) {
+  const int64_t rows = X.size(1), cols = X.size(2);
+  if (X.stride(2) == 1 && X.stride(1) >= std::max<int64_t>(cols, 1)) return {X, 'N', static_cast<int>(X.stride(1))};
+  if (X.stride(1) == 1 && X.stride(2) >= std::max<int64_t>(rows, 1)) return {X, 'T', static_cast<int>(X.stride(2))};
+  at::Tensor copy = X.contiguous();
+  return {copy, 'N', static_cast<int>(std::max<int64_t>(cols, 1))};
+}
+
+// C + A B for each matrix of a (B, r, d) batch C that `active` (B,) marks, with (B, r, k) A and
+// (B, k, d) B, and C itself for the others: BLAS's gemm matrix by matrix (torch's, which its
+// batched product calls for each matrix: the same bits), skipping those left out; torch's addmm
+// where no gemm routine was handed over.
+at::Tensor add_product_where(const at::Tensor& C, const at::Tensor& A, const at::Tensor& B, const at::Tensor& active) {
+  TORCH_CHECK(C.dim() == 3 && A.dim() == 3 && B.dim() == 3 && A.size(0) == C.size(0) && B.size(0) == C.size(0) &&
+                  A.size(1) == C.size(1) && B.size(2) == C.size(2) && A.size(2) == B.size(1),
+              "add_product_where: C, A, B must be (B, r, d), (B, r, k), (B, k, d), got ", C.sizes(), ", ", A.sizes(), ", ",
+              B.sizes());
+  TORCH_CHECK(C.device().is_cpu() && A.device().is_cpu() && B.device().is_cpu(), "add_product_where: the operands must be on the CPU");
+  TORCH_CHECK(C.scalar_type() == A.scalar_type() && C.scalar_type() == B.scalar_type(),
+              "add_product_where: the operands must have one dtype, got ", C.scalar_type(), ", ", A.scalar_type(), ", ",
+              B.scalar_type());
+  at::Tensor out = C.clone(at::MemoryFormat::Contiguous);
+  at::Tensor kept;
+  const bool* on = active_flags(active, C.size(0), kept, "add_product_where");
+  const Routines* found = routines_for(C);
+  Gemm gemm = found == nullptr ? nullptr : found->gemm;
+  int m = static_cast<int>(C.size(2)), n = static_cast<int>(C.size(1)), k = static_cast<int>(A.size(2));
+  if (gemm == nullptr || m == 0 || n == 0 || k == 0) {
+    for (int64_t b = 0; b < C.size(0); ++b) {
+      if (on[b]) out.select(0, b).addmm_(A.select(0, b), B.select(0, b));
+    }
+    return out;
+  }
+  Operand a = operand(A), bm = operand(B);
+  int ldc = m;
+  double one_d = 1.0;
+  float one_f = 1.0f;
+  void* one = C.scalar_type() == at::kDouble ? static_cast<void*>(&one_d) : static_cast<void*>(&one_f);
+  const int64_t size = C.element_size();
+  char* a_first = static_cast<char*>(a.kept.data_ptr());
+  char* b_first = static_cast<char*>(bm.kept.data_ptr());
+  char* c_first = static_cast<char*>(out.data_ptr());
+  for (int64_t b = 0; b < C.size(0); ++b) {
+    if (!on[b]) continue;
+    // C^T (m x n, column-major) = B^T (m x k) A^T (k x n)
+    gemm(&bm.trans, &a.trans, &m, &n, &k, one, b_first + b * bm.kept.stride(0) * size, &bm.ld,
+         a_first + b * a.kept.stride(0) * size, &a.ld, one, c_first + b * out.stride(0) * size, &ldc);
+  }
+  return out;
 }
 
 // x = L^-1 r (forward), then x = L^-T x (backward), for each row-major lower factor L of the batch.
@@ -100,12 +186,15 @@ at::Tensor trsv_lower(const at::Tensor& L, const at::Tensor& r, bool forward, bo
 }  // namespace
 
 TORCH_LIBRARY(optlayers_lapack, m) {
-  m.def("set_routines(int double_potf2, int float_potf2, int double_trsv, int float_trsv) -> ()", &set_routines);
-  m.def("potf2_lower(Tensor M) -> (Tensor, Tensor)");
+  m.def("set_routines(int double_potf2, int float_potf2, int double_trsv, int float_trsv, int double_gemm, int float_gemm) -> ()",
+        &set_routines);
+  m.def("potf2_lower(Tensor M, Tensor? active=None) -> (Tensor, Tensor)");
   m.def("trsv_lower(Tensor L, Tensor r, bool forward, bool backward) -> Tensor");
+  m.def("add_product_where(Tensor C, Tensor A, Tensor B, Tensor active) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(optlayers_lapack, CPU, m) {
   m.impl("potf2_lower", &potf2_lower);
   m.impl("trsv_lower", &trsv_lower);
+  m.impl("add_product_where", &add_product_where);
 }

@@ -263,13 +263,14 @@ def _merit_step(dw: Tensor, b4: Tensor, alpha: Tensor, res, factors: Tensor) -> 
 
 def factor_at(H: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tensor, rules: StepRules,
               stiff: bool | Tensor = False, retries: int = 0, diagonal: bool = False, check_finite: bool = True,
-              overwrite_h: bool = False) -> KKTFactor:
+              overwrite_h: bool = False, active: Tensor | None = None) -> KKTFactor:
     """The KKT factorisation at (λ, s) of the nonnegative rows G, with H = Q (plus the other
     cones' folded scalings); ``stiff``: keep the near-active inequalities (``STIFF_W_INV``) out
     of H for every problem (True), for none (False), or for those of a (B,) mask; ``diagonal``:
     H is diagonal (``QPData.diagonal``); ``check_finite`` as in ``kkt.factor_kkt``;
     ``overwrite_h``: H is the caller's own scratch, which the factorisation may overwrite
-    (``kkt.factor_kkt``'s ``overwrite_q``)."""
+    (``kkt.factor_kkt``'s ``overwrite_q``); ``active``: the problems whose factors are read
+    (``kkt.factor_kkt``)."""
     w_inv = lam / torch.add(s, lam, alpha=rules.ineq_reg)
     mask = None
     if isinstance(stiff, Tensor):
@@ -277,11 +278,11 @@ def factor_at(H: Tensor, A: Tensor, G: Tensor, lam: Tensor, s: Tensor, reg: Tens
     elif stiff:
         mask = w_inv > STIFF_W_INV
     return factor_kkt(H, A, G, w_inv, reg, reg, stiff=mask, retries=retries, diagonal=diagonal, check_finite=check_finite,
-                      overwrite_q=overwrite_h, augment=rules.augment)
+                      overwrite_q=overwrite_h, augment=rules.augment, active=active)
 
 
 def newton_step(data: QPData, rows: ConeRows | None, parts: tuple, st: State, res, backtrack: Tensor | None, rules: StepRules,
-                stiff: str = "none", check_finite: bool = True) -> Step:
+                stiff: str = "none", check_finite: bool = True, active: Tensor | None = None) -> Step:
     """One predictor-corrector direction and step length for every problem (see the module
     docstring). ``data`` holds Q, p, A, b, G, h (``QPData``), ``rows`` and ``parts``
     the other cones' rows (None and () for none), ``res`` the residuals r_d, r_e, r_i (and r_k
@@ -301,10 +302,14 @@ def newton_step(data: QPData, rows: ConeRows | None, parts: tuple, st: State, re
 
     ``check_finite``: the factorisation's health (``Step.factor_ok``) includes the finiteness of
     its factors (``kkt.factor_kkt``); a method that tests the step's finiteness itself and treats
-    a non-finite step as a failed factorisation (the QP's) passes False."""
+    a non-finite step as a failed factorisation (the QP's) passes False.
+
+    ``active``: optional (B,) mask of the problems whose step is taken (the running ones, where the
+    method discards the others' steps): the factorisation may leave the others out
+    (``kkt.factor_kkt``), so that their directions are meaningless but finite."""
     if stiff == "mixed":
-        plain = newton_step(data, rows, parts, st, res, backtrack, rules, check_finite=check_finite)
-        split = newton_step(data, rows, parts, st, res, backtrack, rules, "all", check_finite)
+        plain = newton_step(data, rows, parts, st, res, backtrack, rules, check_finite=check_finite, active=active)
+        split = newton_step(data, rows, parts, st, res, backtrack, rules, "all", check_finite, active)
         pick = st.stiff
         return Step(torch.where(pick.unsqueeze(-1), split.dv, plain.dv), torch.where(pick.unsqueeze(-1), split.q_dx, plain.q_dx),
                     torch.where(pick, split.alpha, plain.alpha), torch.where(pick, split.factor_ok, plain.factor_ok),
@@ -330,7 +335,7 @@ def newton_step(data: QPData, rows: ConeRows | None, parts: tuple, st: State, re
     lam, s = w.unbind(1)
     # with cone rows H is the step's own (``normal_matrix``), and the nonnegative rows are added into it in place
     f = factor_at(H, data.A, data.G, lam, s, st.reg, rules, stiff=st.stiff if stiff == "all" else False,
-                  diagonal=data.diagonal, check_finite=check_finite, overwrite_h=bool(parts))
+                  diagonal=data.diagonal, check_finite=check_finite, overwrite_h=bool(parts), active=active)
     minus_s_lam = torch.addcmul(constant(0.0, s), lam, s, value=-1)  # the predictor's b4 −s∘λ, in one kernel
     # −r_d, or r_d where the nonnegative rows' solve folds the negation in (``negated_rx``); −r_e (None: no rows, no arithmetic)
     fold_negation = k > 0 and len(parts) == 0

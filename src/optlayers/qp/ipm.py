@@ -351,8 +351,12 @@ def newton_iteration(data: QPData, units: Units, st: State, res: Residuals, sett
     """The engine's predictor-corrector step (``engine.step.newton_step``) on the QP's rows: the
     inequalities are its nonnegative rows, there are no other cones; ``stiff`` as there. Its
     factorisation's health leaves out the finiteness of the factors: ``assess`` treats a
-    non-finite step as a failed factorisation."""
-    return newton_step(data, None, (), st, res, units.backtrack, settings.rules, stiff, check_finite=False)
+    non-finite step as a failed factorisation. Only the running problems' steps are taken
+    (``assess``), so only theirs need be factorised (``newton_step``'s ``active``): under
+    compilation, where the batch keeps its finished problems (eagerly they are shed, and the mask
+    would be a kernel per iteration for nothing)."""
+    active = st.status == RUNNING if torch.compiler.is_compiling() else None
+    return newton_step(data, None, (), st, res, units.backtrack, settings.rules, stiff, check_finite=False, active=active)
 
 
 def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: float,
