@@ -115,7 +115,7 @@ def test_a_failed_build_warns_once_and_leaves_torchs_factorisation(monkeypatch):
     monkeypatch.setattr(torch.utils.cpp_extension, "load", fail)
     monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64}))
     monkeypatch.setattr(lapack, "_operator_state", {"loaded": False, "tried": False})
-    with pytest.warns(RuntimeWarning, match="could not build its LAPACK operators, potf2 and trsv.*no compiler here"):
+    with pytest.warns(RuntimeWarning, match="could not build its LAPACK operators, potf2, trsv and the masked product.*no compiler here"):
         assert not lapack.load_operator()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # not tried again: no second warning

@@ -1,5 +1,7 @@
 """The CPU's Cholesky factorisation of mid-sized matrices by LAPACK's ``potf2`` from scipy, and, in
-compiled code, the solves of one vector per matrix with those factors by BLAS's ``trsv`` (``solves_with``).
+compiled code, the solves of one vector per matrix with those factors by BLAS's ``trsv`` (``solves_with``)
+and the product that forms H for the running problems of a batch only (``skips_inactive``,
+``add_product_where``).
 
 torch's CPU build factorises with MKL, and MKL runs its generic code on AMD processors: there
 its ``dpotrf`` of order 100 takes the unblocked path, a matrix-vector product per column, at
@@ -185,9 +187,9 @@ def load_operator() -> bool:
             from torch.utils.cpp_extension import load
             load(name="optlayers_lapack", sources=[_OPERATOR_SOURCE], extra_cflags=["-O2"], is_python_module=False)
         except Exception as err:  # a missing compiler or ninja, a failed build: torch's factorisation stands
-            warnings.warn(f"optlayers could not build its LAPACK operators, potf2 and trsv ({type(err).__name__}: {err}); "
-                          "compiled solves on this CPU keep torch's Cholesky factorisation and triangular solves, which are "
-                          "slower here", RuntimeWarning, stacklevel=2)
+            warnings.warn(f"optlayers could not build its LAPACK operators, potf2, trsv and the masked product ({type(err).__name__}: "
+                          f"{err}); compiled solves on this CPU keep torch's Cholesky factorisation, triangular solves and "
+                          "products, which are slower here", RuntimeWarning, stacklevel=2)
             return False
         factors = [ctypes.cast(_routine(dtype), ctypes.c_void_p).value if dtype in FACTORED_DTYPES else 0
                    for dtype in (torch.float64, torch.float32)]
