@@ -15,6 +15,7 @@ from benchmarks.problems import random_qp
 from optlayers import host, solve_qp, threads
 from optlayers.engine import kkt, lapack
 from optlayers.qp import parallel
+from optlayers.status import Status
 from tests.qp import qp_problems
 
 needs_potf2 = pytest.mark.skipif(lapack._routine(torch.float64) is None or lapack._routine(torch.float32) is None,
@@ -433,3 +434,27 @@ def test_without_torchs_gemm_the_product_operator_multiplies_with_addmm_to_the_s
         torch.ops.optlayers_lapack.set_routines(*factors, *solves, *(lapack._gemm_address(dtype) for dtype in dtypes))
     assert torch.equal(without, with_gemm) and torch.equal(without[1], C[1])
     assert lapack._gemm_address(torch.float64) != 0 or not torch.backends.mkl.is_available()  # MKL builds export it
+
+
+def test_a_compiled_solve_that_leaves_finished_problems_out_gives_every_problem_its_bits(operator, eager_backend, monkeypatch):
+    """A compiled forward + backward (dynamo's eager backend) on ``potf2``'s route, whose batch holds
+    problems that finish at different iterations and a primal infeasible one that finishes early:
+    with the finished problems left out of the factorisation (``skips_inactive``) and without, the
+    same statuses, iterations, solutions and gradients, bit for bit."""
+    Q, p, G, h, A, b = random_qp(5, 45, 45, 0, seed=9).tensors()
+    G, h = G.clone(), h.clone()
+    G[3, 0], h[3, 0] = -G[3, 1], -h[3, 1] - 1.0  # −g z ≤ −h₁ − 1 beside g z ≤ h₁: infeasible
+    monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64}))
+    answers = {}
+    for skipping in (True, False):
+        monkeypatch.setattr(lapack, "skips_inactive", lambda M, skipping=skipping: skipping and torch.compiler.is_compiling()
+                            and M.dim() == 3 and lapack.used_for(M))
+        torch._dynamo.reset()
+        leaf = p.clone().requires_grad_(True)
+        sol = solve_qp(Q, leaf, G, h, compile=True, on_failure="ignore")
+        grad, = torch.autograd.grad((sol.z.nan_to_num() * torch.arange(45)).sum(), leaf)
+        answers[skipping] = (sol.status, sol.iterations, sol.z, grad)
+    skipped, plain = answers[True], answers[False]
+    assert skipped[0].tolist()[3] == Status.PRIMAL_INFEASIBLE and len(set(skipped[1].tolist())) > 1
+    for a, b in zip(skipped, plain):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num())
