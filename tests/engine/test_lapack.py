@@ -385,6 +385,10 @@ def test_the_product_operator_refuses_what_it_cannot_multiply(operator):
         torch.ops.optlayers_lapack.add_product_where(C, A, A.transpose(-2, -1), on[:1])
     with pytest.raises(RuntimeError, match="active must be a CPU bool tensor"):
         torch.ops.optlayers_lapack.potf2_lower(C + torch.eye(4, dtype=torch.float64), on.int())
+    with pytest.raises(RuntimeError, match=r"a mask needs a \(B, n, n\) batch"):
+        torch.ops.optlayers_lapack.potf2_lower(torch.eye(4, dtype=torch.float64).repeat(2, 1, 1, 1), on)
+    with pytest.raises(ValueError, match=r"active must be a \(2,\) bool mask of a \(B, n, n\) batch"):
+        lapack.factor_lower(C + torch.eye(4, dtype=torch.float64), on[:1])
 
 
 @pytest.mark.parametrize("stiff", [False, True])

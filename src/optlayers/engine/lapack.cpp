@@ -69,6 +69,7 @@ std::tuple<at::Tensor, at::Tensor> potf2_lower(const at::Tensor& M, const c10::o
   at::Tensor info = at::zeros(M.sizes().slice(0, M.dim() - 2), M.options().dtype(at::kInt));
   char upper = 'U';
   const int64_t count = info.numel();
+  TORCH_CHECK(!active.has_value() || M.dim() == 3, "potf2_lower: a mask needs a (B, n, n) batch, got shape ", M.sizes());
   at::Tensor kept;
   const bool* on = active_flags(active, count, kept, "potf2_lower");
   const int64_t stride = static_cast<int64_t>(n) * n * factor.element_size();

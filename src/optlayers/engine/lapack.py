@@ -259,6 +259,9 @@ def factor_lower(M: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tenso
     ``used_for(M)`` holds; under compilation through the C++ operator (the same routine on the same
     layout: the same bits). ``active``: a (B,) bool mask of a (B, n, n) batch's matrices to
     factorise (``skips_inactive``); the others are not, their factor the identity (info 0)."""
+    if active is not None and (M.dim() != 3 or active.shape != M.shape[:1] or active.dtype != torch.bool):
+        raise ValueError(f"factor_lower: active must be a ({M.shape[0] if M.dim() else 0},) bool mask of a (B, n, n) batch, "
+                         f"got {tuple(active.shape)} {active.dtype} for M of shape {tuple(M.shape)}")
     if torch.compiler.is_compiling():
         return torch.ops.optlayers_lapack.potf2_lower(M, active)
     factor = M.clone(memory_format=torch.contiguous_format)
