@@ -146,8 +146,8 @@ def _finite(t: Tensor) -> Tensor:
 def cholesky(M: Tensor, check_finite: bool = True, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Lower Cholesky factor and whether it succeeded: LAPACK's report and, with ``check_finite``,
     whether the diagonal is finite (some GPU libraries let NaN through). ``active``: a (B,) mask
-    of the matrices to factorise, where ``lapack.skips_inactive(M)``; the others' factor is the
-    identity (succeeded).
+    of the matrices to factorise, for a batch that ``lapack.skips_inactive`` (the caller decides:
+    ``factor_kkt``); the others' factor is the identity (succeeded).
 
     On the CPU the factor is taken as the transpose of the upper one, U = Lᵀ of M's upper
     triangle (M is symmetric): torch copies a row-major M's upper triangle into LAPACK's
@@ -156,8 +156,7 @@ def cholesky(M: Tensor, check_finite: bool = True, active: Tensor | None = None)
     read as fast. Mid-sized CPU factors are LAPACK's ``potf2`` from scipy where torch's MKL is
     slow (``lapack.used_for``), in the same layout."""
     if lapack.used_for(M):
-        skipping = active is not None and lapack.skips_inactive(M)
-        chol, info = lapack.factor_lower(M, active) if skipping else lapack.factor_lower(M)
+        chol, info = lapack.factor_lower(M) if active is None else lapack.factor_lower(M, active)
     elif M.device.type == "cpu":
         chol, info = torch.linalg.cholesky_ex(M, upper=True)
         chol = chol.transpose(-2, -1)
@@ -259,6 +258,8 @@ def factor_kkt(
             factorisation of H + ρI then leaves refinement too little to work with.
     """
     m = A.shape[-2]
+    # the mask is taken where H is a dense product of the step's own, factorised by potf2
+    skipped = active if active is not None and not (diagonal or overwrite_q) and lapack.skips_inactive(Q) else None
     if unit_weights and stiff is not None:
         raise ValueError("factor_kkt: unit_weights=True needs stiff=None (stiff rows carry their own weights)")
     if stiff is None:
@@ -278,8 +279,8 @@ def factor_kkt(
         weighted = Gt if unit_weights else Gt * w_inv_soft.unsqueeze(-2)  # scaling Gᵀ's columns: the faster broadcast
         if overwrite_q:
             H = add_product_(Q, weighted, G)
-        elif active is not None and lapack.skips_inactive(Q):
-            H = lapack.add_product_where(Q, weighted, G, active)
+        elif skipped is not None:
+            H = lapack.add_product_where(Q, weighted, G, skipped)
         else:
             H = add_product(Q, weighted, G)
         H_diagonal = H.diagonal(dim1=-2, dim2=-1)
@@ -299,7 +300,7 @@ def factor_kkt(
             ok = _finite(chol_h.sum(-1)) & (chol_h.amin(-1) > 0)
         else:
             H_diagonal.add_(shift_h)
-            chol_h, ok = cholesky(H_factored, check_finite, active)
+            chol_h, ok = cholesky(H_factored, check_finite, skipped)
             inv_h = _inverse(chol_h, empty)
         y, chol_s, inv_s = C.transpose(-2, -1), empty, empty  # empty: there is no Schur complement
         if rows:

@@ -184,9 +184,8 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     one read. Where the structure is looked at (``_looks_at_structure``), the batch's is found once
     before the chunks (``_structure``: one read for a dense batch), and every chunk takes it:
     chunks that disagreed would give factors of different shapes (diagonal or dense), which no
-    joined factor holds. (It was found per chunk, in a compiled call of its own with the
-    equilibration, before the solve's call: a call, a read and a pass over the data more per chunk.)
-    Otherwise the solve goes on from there (``fused.go_on``). Data that fail the value checks raise, naming their elements in
+    joined factor holds, and a verdict per chunk would cost each chunk a compiled call, a read and
+    a pass over its data more. Otherwise the solve goes on from there (``fused.go_on``). Data that fail the value checks raise, naming their elements in
     the whole batch."""
     device = p.device.type
     raw = tuple(t.detach() if t.requires_grad else t for t in (Q, p, G, h, A, b))  # one specialisation whichever require gradients
