@@ -431,11 +431,13 @@ def test_without_torchs_gemm_the_product_operator_multiplies_with_addmm_to_the_s
     C, A = torch.randn(3, 45, 45, generator=g, dtype=torch.float64), torch.randn(3, 45, 20, generator=g, dtype=torch.float64)
     active = torch.tensor([True, False, True])
     with_gemm = lapack.add_product_where(C, A, A.transpose(-2, -1), active)
-    torch.ops.optlayers_lapack.set_routines(*factors, *solves, 0, 0)
+    triangular = [lapack._trsm_address(dtype) for dtype in dtypes]
+    torch.ops.optlayers_lapack.set_routines(*factors, *solves, 0, 0, *triangular)
     try:
         without = lapack.add_product_where(C, A, A.transpose(-2, -1), active)
     finally:
-        torch.ops.optlayers_lapack.set_routines(*factors, *solves, *(lapack._gemm_address(dtype) for dtype in dtypes))
+        torch.ops.optlayers_lapack.set_routines(*factors, *solves, *(lapack._gemm_address(dtype) for dtype in dtypes),
+                                                *triangular)
     assert torch.equal(without, with_gemm) and torch.equal(without[1], C[1])
     assert lapack._gemm_address(torch.float64) != 0 or not torch.backends.mkl.is_available()  # MKL builds export it
 
@@ -462,3 +464,92 @@ def test_a_compiled_solve_that_leaves_finished_problems_out_gives_every_problem_
     assert skipped[0].tolist()[3] == Status.PRIMAL_INFEASIBLE and len(set(skipped[1].tolist())) > 1
     for a, b in zip(skipped, plain):
         assert torch.equal(a.nan_to_num(), b.nan_to_num())
+
+
+def _schur_case(dtype: torch.dtype, batch: int = 4, n: int = 50, m: int = 3, k: int = 40, seed: int = 9):
+    """H's factor L, the rows C = [A; G ⊙ stiff] (the stiff rows of G, the others zero), the mask of
+    the coupled rows (the equalities and the stiff rows) and S's diagonal shift, as ``kkt.factor_kkt``
+    hands them over; the second problem couples every row, the third none but its equalities."""
+    g = torch.Generator().manual_seed(seed)
+    L = torch.linalg.cholesky(_spd((batch,), n, torch.float64, seed=seed)).to(dtype)
+    stiff = torch.rand(batch, k, generator=g) < 0.5
+    stiff[1], stiff[2] = True, False
+    coupled = torch.cat([torch.ones(batch, m, dtype=torch.bool), stiff], dim=-1)
+    C = (torch.randn(batch, m + k, n, generator=g, dtype=torch.float64) * coupled.unsqueeze(-1)).to(dtype)
+    shift = torch.where(coupled, torch.rand(batch, m + k, generator=g, dtype=torch.float64) + 0.5, 1.0).to(dtype)
+    return L, C, coupled, shift
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-4)])
+def test_the_schur_operator_gives_the_whole_complements_y_and_factor(operator, dtype, tol):
+    """``coupled_schur`` over the coupled rows only against Y = L⁻¹Cᵀ and the Cholesky factor of
+    S = YᵀY + diag(shift) over every row (torch's, in float64): the uncoupled rows' columns of Y
+    are exactly zero and their factor's rows √shift on the diagonal; info 0."""
+    L, C, coupled, shift = _schur_case(dtype)
+    Y, chol, info = lapack.coupled_schur(L, C, coupled, shift)
+    wide = [t.double() for t in (L, C, shift)]
+    expected_y = torch.linalg.solve_triangular(wide[0], wide[1].mT, upper=False)
+    expected = torch.linalg.cholesky(expected_y.mT @ expected_y + torch.diag_embed(wide[2]))
+    assert Y.shape == expected_y.shape and chol.shape == expected.shape and Y.dtype == chol.dtype == dtype
+    assert info.dtype == torch.int32 and info.tolist() == [0, 0, 0, 0]
+    torch.testing.assert_close(Y.double(), expected_y, rtol=tol, atol=tol)
+    torch.testing.assert_close(chol.double(), expected, rtol=tol, atol=tol)
+    assert torch.equal(Y.mT[~coupled], torch.zeros_like(Y.mT[~coupled]))
+    off = chol.masked_fill(torch.eye(chol.shape[-1], dtype=torch.bool), 0.0)
+    assert torch.equal(off[~coupled], torch.zeros_like(off[~coupled]))
+    assert torch.equal(chol.diagonal(dim1=-2, dim2=-1)[~coupled], shift[~coupled].sqrt())
+
+
+def test_the_schur_operator_reports_the_first_row_that_is_not_positive_definite(operator):
+    """A coupled block that is not positive definite reports its failing row's position among all
+    rows (potf2's report mapped back); an uncoupled row whose shift is not positive reports its own."""
+    L, C, coupled, shift = _schur_case(torch.float64)
+    rows = coupled[0].nonzero().flatten()
+    shift[0, rows[4]] = -1e6  # the fifth coupled row of the first problem
+    uncoupled = (~coupled[3]).nonzero().flatten()
+    shift[3, uncoupled[1]] = 0.0
+    _, _, info = lapack.coupled_schur(L, C, coupled, shift)
+    assert info.tolist() == [int(rows[4]) + 1, 0, 0, int(uncoupled[1]) + 1]
+
+
+def test_the_schur_operator_refuses_what_it_cannot_factorise(operator):
+    L, C, coupled, shift = _schur_case(torch.float64, batch=3)
+    with pytest.raises(RuntimeError, match=r"L and C must be \(B, n, n\) and \(B, r, n\)"):
+        lapack.coupled_schur(L, C.mT, coupled, shift)
+    with pytest.raises(RuntimeError, match=r"coupled and shift must be \(B, r\)"):
+        lapack.coupled_schur(L, C, coupled[:, 1:], shift)
+    with pytest.raises(RuntimeError, match="coupled must be a bool mask"):
+        lapack.coupled_schur(L, C, coupled.int(), shift)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        lapack.coupled_schur(L, C.float(), coupled, shift)
+    with pytest.raises(RuntimeError, match="no potf2, gemm and trsm routines for dtype"):
+        lapack.coupled_schur(L.half(), C.half(), coupled, shift.half())
+
+
+@pytest.mark.parametrize("equalities", [0, 5])
+def test_a_compiled_factorisation_with_stiff_rows_takes_the_schur_operator_and_agrees_with_the_eager_one(operator, equalities):
+    """``kkt.factor_kkt`` with stiff rows under compilation forms S over the coupled rows alone
+    (``lapack.coupled_schur`` in the traced graph, in place of the triangular solve, the product and
+    the factorisation of the whole S): its H and H's factor are the eager ones to the bit, Y and S's factor to 1e-12, and the
+    factor solves the KKT system as the eager one does."""
+    data = random_qp(5, 50, 60, equalities, seed=11)
+    g = torch.Generator().manual_seed(12)
+    lam, s = torch.rand(5, 60, generator=g, dtype=torch.float64) + 0.1, torch.rand(5, 60, generator=g, dtype=torch.float64) + 0.1
+    s[:, ::3] = 1e-9  # near-active rows, kept out of H
+    s[3, :] = 1e-9  # every row of one problem
+    w_inv, reg = lam / s, torch.full((5,), 1e-8, dtype=torch.float64)
+    stiff = w_inv > 1e6
+
+    def factor(Q, A, G, w_inv, reg, stiff):
+        f = kkt.factor_kkt(Q, A, G, w_inv, reg, reg, stiff=stiff, retries=0)
+        return f.H, f.chol_h, f.Y, f.chol_s, f.ok
+
+    A = data.Q.new_zeros(5, 0, 50) if data.A is None else data.A
+    targets, compiled = _compiled_targets(factor, data.Q, A, data.G, w_inv, reg, stiff)
+    assert sum("coupled_schur" in t for t in targets) == 1 and sum("potf2_lower" in t for t in targets) == 1, targets
+    assert not any("solve_triangular" in t for t in targets), targets
+    eager = factor(data.Q, A, data.G, w_inv, reg, stiff)
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1]) and torch.equal(compiled[4], eager[4])
+    torch.testing.assert_close(compiled[2], eager[2], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled[3], eager[3], rtol=1e-12, atol=1e-12)
+    assert bool(compiled[4].all())

@@ -286,6 +286,11 @@ def factor_kkt(
         H_diagonal = H.diagonal(dim1=-2, dim2=-1)
     rows = C.shape[-2]
     order = None if stiff is None else _coupled_rows(stiff, m)
+    # under compilation every row of C stays (no host read counts the stiff ones): the operator
+    # leaves the uncoupled (zero) rows out where it takes the factorisation
+    coupled = None
+    if stiff is not None and order is None and not diagonal and lapack.factors_coupled_rows(Q, C):
+        coupled = torch.cat([torch.ones(stiff.shape[:-1] + (m,), dtype=torch.bool, device=stiff.device), stiff], dim=-1)
     augmented = augment and m > 0 and not diagonal
     # the matrix factorised: H + σAᵀA (a copy; H stays for refinement), or H, shifted by ρ and back
     H_factored = add_product(H, A.transpose(-2, -1), A, alpha=AUGMENT) if augmented else H
@@ -303,7 +308,13 @@ def factor_kkt(
             chol_h, ok = cholesky(H_factored, check_finite, skipped)
             inv_h = _inverse(chol_h, empty)
         y, chol_s, inv_s = C.transpose(-2, -1), empty, empty  # empty: there is no Schur complement
-        if rows:
+        if rows and coupled is not None:  # the coupled rows alone, in one operator (compiled, potf2's route)
+            shift = torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
+            y, chol_s, info = lapack.coupled_schur(chol_h, C, coupled, shift)
+            ok = ok & (info == 0)
+            if check_finite:
+                ok = ok & _finite(chol_s.diagonal(dim1=-2, dim2=-1).sum(-1))
+        elif rows:
             kept = C if order is None else C.gather(-2, order.unsqueeze(-1).expand(-1, -1, C.shape[-1]))
             kept_t = kept.transpose(-2, -1)
             y = kept_t / chol_h.unsqueeze(-1) if diagonal else _lower_solve(chol_h, inv_h, kept_t)

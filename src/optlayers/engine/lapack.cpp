@@ -1,17 +1,23 @@
-// The operators optlayers_lapack::potf2_lower, optlayers_lapack::trsv_lower and
-// optlayers_lapack::add_product_where, which compiled solves call on the CPU where engine/lapack.py
-// chooses scipy's LAPACK and BLAS (see that module): the lower Cholesky factor of each matrix of a
-// (..., n, n) symmetric batch, with LAPACK's info per matrix, the triangular solves with such factors
-// of a (..., n) batch of vectors, and the batched product C + A B of the matrices that a mask marks.
+// The operators optlayers_lapack::potf2_lower, optlayers_lapack::trsv_lower,
+// optlayers_lapack::add_product_where and optlayers_lapack::coupled_schur, which compiled solves call
+// on the CPU where engine/lapack.py chooses scipy's LAPACK and BLAS (see that module): the lower
+// Cholesky factor of each matrix of a (..., n, n) symmetric batch, with LAPACK's info per matrix, the
+// triangular solves with such factors of a (..., n) batch of vectors, the batched product C + A B of
+// the matrices that a mask marks, and the Schur complement of the rows a mask marks and its factor.
 // The factorisation and the product skip the matrices the mask leaves out (problems that have
 // finished, whose factors nothing reads). The routines are scipy's, whose addresses lapack.py hands
-// over once (set_routines), and torch's own product: this file links against nothing but torch.
+// over once (set_routines), and torch's own product and triangular solve: this file links against
+// nothing but torch. An operator whose outputs change (their shapes or strides) must change its name
+// or schema: inductor's graph cache knows a compiled graph by the operators it calls, not by their
+// fake kernels (lapack.py), so that a graph compiled against the old outputs would be reused.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -22,20 +28,25 @@ namespace {
 using Potf2 = void (*)(char*, int*, void*, int*, int*);
 using Trsv = void (*)(char*, char*, char*, int*, void*, int*, void*, int*);
 using Gemm = void (*)(char*, char*, int*, int*, int*, void*, void*, int*, void*, int*, void*, void*, int*);
+// BLAS's xTRSM(SIDE, UPLO, TRANSA, DIAG, M, N, ALPHA, A, LDA, B, LDB): torch's own, as the product's.
+using Trsm = void (*)(char*, char*, char*, char*, int*, int*, void*, void*, int*, void*, int*);
 
 struct Routines {
   Potf2 potf2 = nullptr;
   Trsv trsv = nullptr;
   Gemm gemm = nullptr;
+  Trsm trsm = nullptr;
 };
 
 Routines doubles;
 Routines floats;
 
 void set_routines(int64_t double_potf2, int64_t float_potf2, int64_t double_trsv, int64_t float_trsv, int64_t double_gemm,
-                  int64_t float_gemm) {
-  doubles = {reinterpret_cast<Potf2>(double_potf2), reinterpret_cast<Trsv>(double_trsv), reinterpret_cast<Gemm>(double_gemm)};
-  floats = {reinterpret_cast<Potf2>(float_potf2), reinterpret_cast<Trsv>(float_trsv), reinterpret_cast<Gemm>(float_gemm)};
+                  int64_t float_gemm, int64_t double_trsm, int64_t float_trsm) {
+  doubles = {reinterpret_cast<Potf2>(double_potf2), reinterpret_cast<Trsv>(double_trsv), reinterpret_cast<Gemm>(double_gemm),
+             reinterpret_cast<Trsm>(double_trsm)};
+  floats = {reinterpret_cast<Potf2>(float_potf2), reinterpret_cast<Trsv>(float_trsv), reinterpret_cast<Gemm>(float_gemm),
+            reinterpret_cast<Trsm>(float_trsm)};
 }
 
 const Routines* routines_for(const at::Tensor& t) {
@@ -184,18 +195,115 @@ at::Tensor trsv_lower(const at::Tensor& L, const at::Tensor& r, bool forward, bo
   return x;
 }
 
+
+// The coupled rows' Schur complement of each problem of a batch, and its factor: for a (B, n, n)
+// row-major lower factor L of H, the (B, r, n) rows C and the (B, r) mask `coupled` of the rows that
+// S couples, Y = L^-1 C^T over the coupled rows (zero columns elsewhere), the lower factor of
+// S = Y^T Y + diag(shift) over the coupled rows, with sqrt(shift) on the diagonal of the others
+// (rows of C that are zero: S is diagonal there), and LAPACK's info per matrix (an uncoupled row
+// with shift <= 0 or NaN reports its position, as potf2 reports a pivot). The coupled rows keep
+// their order, so the factor is lower triangular. Per matrix, in a work buffer of the coupled
+// rows only: their c rows of C, row-major c x n, read column-major are C_c^T (n x c); trsm with
+// U = L^T read column-major solves L Y_c = C_c^T in place; gemm forms Y_c^T Y_c (c x c), the
+// shift is added, and potf2 factorises it as potf2_lower does.
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coupled_schur_typed(const at::Tensor& factor, const at::Tensor& C,
+                                                                   const at::Tensor& mask, const at::Tensor& diag,
+                                                                   const Routines& found) {
+  const int64_t batch = C.size(0), r = C.size(1);
+  int n = static_cast<int>(C.size(2));
+  at::Tensor Yt = at::zeros({batch, r, n}, C.options());  // Y column-major, as torch's triangular solve gives it
+  at::Tensor chol = at::zeros({batch, r, r}, C.options());
+  at::Tensor info = at::zeros({batch}, C.options().dtype(at::kInt));
+  std::vector<T> work(static_cast<size_t>(r) * n), schur(static_cast<size_t>(r) * r);
+  std::vector<int64_t> rows(r);
+  const T* l_first = factor.data_ptr<T>();
+  const T* c_first = C.data_ptr<T>();
+  const bool* on_first = mask.data_ptr<bool>();
+  const T* shift_first = diag.data_ptr<T>();
+  T* y_first = Yt.data_ptr<T>();
+  T* s_first = chol.data_ptr<T>();
+  int* reports = info.data_ptr<int>();
+  char left = 'L', upper = 'U', transposed = 'T', plain = 'N', non_unit = 'N';
+  T one = 1, zero = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const bool* on = on_first + b * r;
+    const T* shift = shift_first + b * r;
+    const T* c_rows = c_first + b * r * n;
+    T* y = y_first + b * r * static_cast<int64_t>(n);
+    T* s = s_first + b * r * r;
+    int count = 0;
+    int first_bad = 0;
+    for (int64_t j = 0; j < r; ++j) {
+      if (on[j]) {
+        rows[count] = j;
+        std::copy(c_rows + j * n, c_rows + (j + 1) * n, work.data() + static_cast<int64_t>(count) * n);
+        ++count;
+      } else if (shift[j] > 0) {
+        s[j * r + j] = std::sqrt(shift[j]);
+      } else if (first_bad == 0) {
+        first_bad = static_cast<int>(j) + 1;
+        s[j * r + j] = std::sqrt(shift[j]);
+      }
+    }
+    if (count > 0) {
+      found.trsm(&left, &upper, &transposed, &non_unit, &n, &count, &one, const_cast<T*>(l_first + b * static_cast<int64_t>(n) * n),
+                 &n, work.data(), &n);
+      found.gemm(&transposed, &plain, &count, &count, &n, &one, work.data(), &n, work.data(), &n, &zero, schur.data(), &count);
+      for (int a = 0; a < count; ++a) schur[static_cast<int64_t>(a) * count + a] += shift[rows[a]];
+      int reported = 0;
+      found.potf2(&upper, &count, schur.data(), &count, &reported);
+      if (reported != 0 && first_bad == 0) first_bad = static_cast<int>(rows[reported - 1]) + 1;
+      // Y_c column-major n x c, its column a Y's column rows[a]; the factor, read row-major, is lower
+      for (int a = 0; a < count; ++a) {
+        const T* column = work.data() + static_cast<int64_t>(a) * n;
+        std::copy(column, column + n, y + rows[a] * n);
+        for (int e = 0; e <= a; ++e) s[rows[a] * r + rows[e]] = schur[static_cast<int64_t>(a) * count + e];
+      }
+    }
+    reports[b] = first_bad;
+  }
+  return {Yt.transpose(1, 2), chol, info};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> coupled_schur(const at::Tensor& L, const at::Tensor& C, const at::Tensor& coupled,
+                                                             const at::Tensor& shift) {
+  TORCH_CHECK(L.dim() == 3 && C.dim() == 3 && L.size(1) == L.size(2) && C.size(0) == L.size(0) && C.size(2) == L.size(1),
+              "coupled_schur: L and C must be (B, n, n) and (B, r, n), got ", L.sizes(), " and ", C.sizes());
+  TORCH_CHECK(coupled.dim() == 2 && shift.dim() == 2 && coupled.size(0) == C.size(0) && coupled.size(1) == C.size(1) &&
+                  shift.sizes() == coupled.sizes(),
+              "coupled_schur: coupled and shift must be (B, r) for C of shape ", C.sizes(), ", got ", coupled.sizes(), " and ",
+              shift.sizes());
+  TORCH_CHECK(coupled.scalar_type() == at::kBool, "coupled_schur: coupled must be a bool mask, got ", coupled.scalar_type());
+  TORCH_CHECK(L.device().is_cpu() && C.device().is_cpu() && coupled.device().is_cpu() && shift.device().is_cpu(),
+              "coupled_schur: the operands must be on the CPU");
+  TORCH_CHECK(L.scalar_type() == C.scalar_type() && L.scalar_type() == shift.scalar_type(),
+              "coupled_schur: L, C and shift must have one dtype, got ", L.scalar_type(), ", ", C.scalar_type(), ", ",
+              shift.scalar_type());
+  const Routines* found = routines_for(L);
+  TORCH_CHECK(found != nullptr && found->potf2 != nullptr && found->gemm != nullptr && found->trsm != nullptr,
+              "coupled_schur: no potf2, gemm and trsm routines for dtype ", L.scalar_type(),
+              " (float32 and float64, after set_routines)");
+  at::Tensor factor = L.contiguous(), rows = C.contiguous(), mask = coupled.contiguous(), diag = shift.contiguous();
+  if (L.scalar_type() == at::kDouble) return coupled_schur_typed<double>(factor, rows, mask, diag, *found);
+  return coupled_schur_typed<float>(factor, rows, mask, diag, *found);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(optlayers_lapack, m) {
-  m.def("set_routines(int double_potf2, int float_potf2, int double_trsv, int float_trsv, int double_gemm, int float_gemm) -> ()",
+  m.def("set_routines(int double_potf2, int float_potf2, int double_trsv, int float_trsv, int double_gemm, int float_gemm, "
+        "int double_trsm, int float_trsm) -> ()",
         &set_routines);
   m.def("potf2_lower(Tensor M, Tensor? active=None) -> (Tensor, Tensor)");
   m.def("trsv_lower(Tensor L, Tensor r, bool forward, bool backward) -> Tensor");
   m.def("add_product_where(Tensor C, Tensor A, Tensor B, Tensor active) -> Tensor");
+  m.def("coupled_schur(Tensor L, Tensor C, Tensor coupled, Tensor shift) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(optlayers_lapack, CPU, m) {
   m.impl("potf2_lower", &potf2_lower);
   m.impl("trsv_lower", &trsv_lower);
   m.impl("add_product_where", &add_product_where);
+  m.impl("coupled_schur", &coupled_schur);
 }

@@ -1,7 +1,8 @@
 """The CPU's Cholesky factorisation of mid-sized matrices by LAPACK's ``potf2`` from scipy, and, in
-compiled code, the solves of one vector per matrix with those factors by BLAS's ``trsv`` (``solves_with``)
-and the product that forms H for the running problems of a batch only (``skips_inactive``,
-``add_product_where``).
+compiled code, the solves of one vector per matrix with those factors by BLAS's ``trsv`` (``solves_with``),
+the product that forms H for the running problems of a batch only (``skips_inactive``,
+``add_product_where``) and the Schur complement of the rows that S couples, and its factor, over
+those rows only (``factors_coupled_rows``, ``coupled_schur``).
 
 torch's CPU build factorises with MKL, and MKL runs its generic code on AMD processors: there
 its ``dpotrf`` of order 100 takes the unblocked path, a matrix-vector product per column, at
@@ -71,6 +72,7 @@ not stay there, was measured for H and not adopted (BENCHMARKS.md)."""
 _ROUTINES = {torch.float64: "dpotf2", torch.float32: "spotf2"}
 _TRSV_ROUTINES = {torch.float64: "dtrsv", torch.float32: "strsv"}
 _GEMM_ROUTINES = {torch.float64: "dgemm_", torch.float32: "sgemm_"}
+_TRSM_ROUTINES = {torch.float64: "dtrsm_", torch.float32: "strsm_"}
 _UPPER = ctypes.create_string_buffer(b"U")
 _Routine = Callable[[int, int, int, int, int], None]
 
@@ -130,16 +132,29 @@ def _trsv_address(dtype: torch.dtype) -> int:
     return 0 if capsule is None else _trsv_entry(capsule)
 
 
+def _torch_blas_address(routine: str) -> int:
+    """The address of BLAS's ``routine`` in torch's own library (MKL's, where torch's CPU build
+    links it), or 0 where the library does not export it."""
+    try:
+        library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return ctypes.cast(getattr(library, routine), ctypes.c_void_p).value or 0
+    except (OSError, AttributeError):
+        return 0
+
+
 @functools.lru_cache(maxsize=None)
 def _gemm_address(dtype: torch.dtype) -> int:
     """The address of torch's own BLAS ``gemm`` for ``dtype`` (``dgemm_``, ``sgemm_``: MKL's, which
     torch's batched product calls matrix by matrix), or 0 where torch's library does not export it
     (``add_product_where`` then multiplies with torch's ``addmm``, matrix by matrix)."""
-    try:
-        library = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-        return ctypes.cast(getattr(library, _GEMM_ROUTINES[dtype]), ctypes.c_void_p).value or 0
-    except (OSError, AttributeError):
-        return 0
+    return _torch_blas_address(_GEMM_ROUTINES[dtype])
+
+
+@functools.lru_cache(maxsize=None)
+def _trsm_address(dtype: torch.dtype) -> int:
+    """The address of torch's own BLAS ``trsm`` for ``dtype`` (``dtrsm_``, ``strsm_``, MKL's), or 0
+    where torch's library does not export it (``coupled_schur`` is then not taken)."""
+    return _torch_blas_address(_TRSM_ROUTINES[dtype])
 
 
 def _trsv_entry(capsule: object) -> int:
@@ -170,6 +185,11 @@ SOLVED_DTYPES = frozenset(dtype for dtype in _TRSV_ROUTINES if _trsv_address(dty
 once, at import; ``solves_with`` takes it only for ``FACTORED_DTYPES`` too)."""
 
 
+SCHUR_DTYPES = frozenset(dtype for dtype in _TRSM_ROUTINES if _trsm_address(dtype))
+"""The dtypes for which torch's library exports BLAS's ``trsm`` (decided once, at import; ``coupled_schur``
+takes it only for ``FACTORED_DTYPES`` too)."""
+
+
 _OPERATOR_SOURCE = os.path.join(os.path.dirname(__file__), "lapack.cpp")
 _OPERATOR_LOCK = threading.Lock()
 _operator_state = {"loaded": False, "tried": False}
@@ -195,10 +215,12 @@ def load_operator() -> bool:
                    for dtype in (torch.float64, torch.float32)]
         solves = [_trsv_address(dtype) if dtype in FACTORED_DTYPES else 0 for dtype in (torch.float64, torch.float32)]
         products = [_gemm_address(dtype) for dtype in (torch.float64, torch.float32)]
-        torch.ops.optlayers_lapack.set_routines(*factors, *solves, *products)
+        triangular = [_trsm_address(dtype) if dtype in FACTORED_DTYPES else 0 for dtype in (torch.float64, torch.float32)]
+        torch.ops.optlayers_lapack.set_routines(*factors, *solves, *products, *triangular)
         torch.library.register_fake("optlayers_lapack::potf2_lower", _potf2_lower_shapes)
         torch.library.register_fake("optlayers_lapack::trsv_lower", _trsv_lower_shapes)
         torch.library.register_fake("optlayers_lapack::add_product_where", _add_product_where_shapes)
+        torch.library.register_fake("optlayers_lapack::coupled_schur", _coupled_schur_shapes)
         _operator_state["loaded"] = True
         return True
 
@@ -216,6 +238,12 @@ def _trsv_lower_shapes(L: Tensor, r: Tensor, forward: bool, backward: bool) -> T
 def _add_product_where_shapes(C: Tensor, A: Tensor, B: Tensor, active: Tensor) -> Tensor:
     """The product operator's output's shape, dtype and layout, for tracing."""
     return torch.empty_like(C, memory_format=torch.contiguous_format)
+
+
+def _coupled_schur_shapes(L: Tensor, C: Tensor, coupled: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The Schur complement operator's outputs' shapes, dtypes and layout, for tracing."""
+    batch, rows, n = C.shape
+    return C.new_empty(batch, rows, n).transpose(-2, -1), C.new_empty(batch, rows, rows), C.new_empty(batch, dtype=torch.int32)
 
 
 @torch.compiler.assume_constant_result
@@ -318,3 +346,24 @@ def solve_lower(L: Tensor, R: Tensor, forward: bool, backward: bool) -> Tensor:
     """L⁻¹R (``forward``), then L⁻ᵀ of that (``backward``), for a (..., n, n) lower factor ``L`` and
     (..., n, 1) ``R``, by BLAS's ``trsv`` matrix by matrix (the C++ operator; where ``solves_with``)."""
     return torch.ops.optlayers_lapack.trsv_lower(L, R.squeeze(-1), forward, backward).unsqueeze(-1)
+
+
+def factors_coupled_rows(H: Tensor, C: Tensor) -> bool:
+    """Whether ``coupled_schur`` forms and factorises the Schur complement of the rows ``C``
+    (B, r, n) with the factor of ``H`` (B, n, n): in compiled code, on ``potf2``'s route for both
+    orders (``used_for``), where torch's library exports ``trsm`` for the dtype (``SCHUR_DTYPES``). There the batch keeps
+    every row of C (no host read says how many are coupled), and the rows that S does not couple are
+    zero: the operator leaves them out of the solve, the product and the factorisation."""
+    if not (torch.compiler.is_compiling() and H.dim() == 3 and C.dim() == 3 and H.dtype in SCHUR_DTYPES and used_for(H)):
+        return False
+    return used_for(C.new_empty(0, C.shape[-2], C.shape[-2]))
+
+
+def coupled_schur(L: Tensor, C: Tensor, coupled: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Y = L⁻¹Cᵀ (B, n, r; column-major, as torch's triangular solve gives it) and the lower factor of S = YᵀY + diag(``shift``) (B, r, r) over the rows
+    that the (B, r) bool ``coupled`` marks, for the lower factor ``L`` (B, n, n) of H and the rows
+    ``C`` (B, r, n), whose uncoupled rows are zero: Y's columns there are zero and the factor's
+    diagonal √shift (S is diagonal there), and LAPACK's int32 info per matrix (0, or the position
+    of the first row that is not positive definite). The C++ operator, matrix by matrix: torch's
+    ``trsm`` and ``gemm`` and scipy's ``potf2`` over the coupled rows only (``factors_coupled_rows``)."""
+    return torch.ops.optlayers_lapack.coupled_schur(L, C, coupled, shift)
