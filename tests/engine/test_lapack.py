@@ -431,7 +431,7 @@ def test_without_torchs_gemm_the_product_operator_multiplies_with_addmm_to_the_s
     C, A = torch.randn(3, 45, 45, generator=g, dtype=torch.float64), torch.randn(3, 45, 20, generator=g, dtype=torch.float64)
     active = torch.tensor([True, False, True])
     with_gemm = lapack.add_product_where(C, A, A.transpose(-2, -1), active)
-    triangular = [lapack._trsm_address(dtype) for dtype in dtypes]
+    triangular = [lapack._trsm_address(dtype) for dtype in dtypes] + [lapack._trti2_address(dtype) for dtype in dtypes]
     torch.ops.optlayers_lapack.set_routines(*factors, *solves, 0, 0, *triangular)
     try:
         without = lapack.add_product_where(C, A, A.transpose(-2, -1), active)
@@ -553,3 +553,60 @@ def test_a_compiled_factorisation_with_stiff_rows_takes_the_schur_operator_and_a
     torch.testing.assert_close(compiled[2], eager[2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(compiled[3], eager[3], rtol=1e-12, atol=1e-12)
     assert bool(compiled[4].all())
+
+
+@pytest.mark.parametrize("dtype, bound", [(torch.float64, 64 * torch.finfo(torch.float64).eps),
+                                          (torch.float32, 64 * torch.finfo(torch.float32).eps)])
+@pytest.mark.parametrize("shape, n", [((5,), 10), ((2, 3), 7), ((1,), 12)])
+def test_the_factor_and_inverse_operator_gives_potf2s_factor_and_its_inverse(operator, dtype, bound, shape, n):
+    """``factor_inverse_lower``: the factor is ``factor_lower``'s (the same ``potf2``, to the bit), the
+    inverse as accurate as a substitution (|L⁻¹L − I| within a few units of roundoff of |L⁻¹||L|), a
+    matrix that is not positive definite reported with its minor's order and given the identity."""
+    M = _spd(shape, n, dtype, seed=n)
+    M.view(-1, n, n)[0, 2, 2] = -1.0
+    L, inverse, info = lapack.factor_inverse_lower(M)
+    expected, expected_info = lapack.factor_lower(M)
+    assert torch.equal(L, expected) and torch.equal(info, expected_info) and info.view(-1)[0] == 3
+    assert L.is_contiguous() and inverse.is_contiguous() and inverse.dtype == dtype
+    eye = torch.eye(n, dtype=dtype)
+    assert torch.equal(inverse.view(-1, n, n)[0], eye)
+    good, good_inverse = L.view(-1, n, n)[1:], inverse.view(-1, n, n)[1:]
+    if good.shape[0]:
+        residual = (good_inverse @ good - eye).abs()
+        assert bool((residual <= bound * (good_inverse.abs() @ good.abs())).all()), residual.max()
+        assert torch.equal(good_inverse, good_inverse.tril())
+
+
+def test_the_factor_and_inverse_operator_refuses_what_it_cannot_factorise(operator):
+    with pytest.raises(RuntimeError, match="square matrices"):
+        torch.ops.optlayers_lapack.potf2_inverse_lower(torch.zeros(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="no potf2 and trti2 routines for dtype"):
+        torch.ops.optlayers_lapack.potf2_inverse_lower(torch.eye(5, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("equalities", [0, 3])
+def test_a_compiled_factorisation_of_small_order_factorises_and_inverts_in_one_operator_call(operator, equalities):
+    """``kkt.factor_kkt`` under compilation at orders up to ``kkt.INVERTED_MAX_N``: H and S are
+    factorised and their factors inverted by ``potf2_inverse_lower`` (no torch factorisation or
+    triangular solve in the traced graph); the factors agree with the eager ones to 1e-12 and the
+    inverses invert them."""
+    data = random_qp(4, 10, 10, equalities, seed=13)
+    g = torch.Generator().manual_seed(14)
+    w_inv = torch.rand(4, 10, generator=g, dtype=torch.float64) + 0.1
+    reg = torch.full((4,), 1e-8, dtype=torch.float64)
+    A = data.Q.new_zeros(4, 0, 10) if data.A is None else data.A
+
+    def factor(Q, A, G, w_inv, reg):
+        f = kkt.factor_kkt(Q, A, G, w_inv, reg, reg, retries=0)
+        return f.chol_h, f.inv_h, f.chol_s, f.inv_s, f.ok
+
+    targets, (chol_h, inv_h, chol_s, inv_s, ok) = _compiled_targets(factor, data.Q, A, data.G, w_inv, reg)
+    assert sum("potf2_inverse_lower" in t for t in targets) == (2 if equalities else 1), targets
+    assert not any("cholesky" in t or "solve_triangular" in t for t in targets), targets
+    eager = factor(data.Q, A, data.G, w_inv, reg)
+    assert bool(ok.all()) and torch.equal(ok, eager[4])
+    torch.testing.assert_close(chol_h, eager[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(inv_h @ chol_h, torch.eye(10, dtype=torch.float64).expand(4, 10, 10), rtol=0, atol=1e-12)
+    if equalities:
+        torch.testing.assert_close(chol_s, eager[2], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(inv_s @ chol_s, torch.eye(equalities, dtype=torch.float64).expand(4, 3, 3), rtol=0, atol=1e-12)

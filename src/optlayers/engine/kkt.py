@@ -22,7 +22,9 @@ H is diagonal too: it is kept as its (B, n) diagonal, and its "factorisation" an
 elementwise, so that only the equality rows' Schur complement is factorised densely.
 
 Under compilation, the Cholesky factors of order at most ``INVERTED_MAX_N`` (on CUDA, eager
-too, ``CUDA_INVERTED_MAX_N``) are also inverted once (one triangular solve with the identity), and every solve with them is a batched product with
+too, ``CUDA_INVERTED_MAX_N``) are also inverted once (one triangular solve with the identity; on the
+CPU's route of ``engine.lapack``, LAPACK's ``potf2`` and ``trti2`` in one operator call, which
+factorises and inverts: ``_factor_inverted``), and every solve with them is a batched product with
 the inverse (at these orders written elementwise, ``linalg.elementwise``, and fused with the
 operations around it). Compiled, a triangular solve is a library call without a C entry point of its own
 (on the CPU, a dispatch through the operator registry, copies into LAPACK's layout and a LAPACK
@@ -162,9 +164,26 @@ def cholesky(M: Tensor, check_finite: bool = True, active: Tensor | None = None)
         chol = chol.transpose(-2, -1)
     else:
         chol, info = torch.linalg.cholesky_ex(M)
+    return chol, _factored(chol, info, check_finite)
+
+
+def _factored(chol: Tensor, info: Tensor, check_finite: bool) -> Tensor:
+    """Whether each factorisation succeeded: LAPACK's report ``info`` and, with ``check_finite``,
+    whether the factor's diagonal is finite (see ``cholesky``)."""
     if not check_finite:
-        return chol, info == 0
-    return chol, (info == 0) & _finite(chol.diagonal(dim1=-2, dim2=-1).sum(-1))
+        return info == 0
+    return (info == 0) & _finite(chol.diagonal(dim1=-2, dim2=-1).sum(-1))
+
+
+def _factor_inverted(M: Tensor, check_finite: bool, empty: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``cholesky`` of ``M``, whether it succeeded, and ``_inverse`` of its factor (``empty`` where it
+    is not inverted); where the factor is inverted on the CPU's compiled route
+    (``lapack.factors_inverted``), the factorisation and the inversion in one operator call."""
+    if active is None and inverts(M.shape[-1], M.device) and lapack.factors_inverted(M):
+        chol, inverse, info = lapack.factor_inverse_lower(M)
+        return chol, _factored(chol, info, check_finite), inverse
+    chol, ok = cholesky(M, check_finite, active)
+    return chol, ok, _inverse(chol, empty)
 
 
 def inverts(n: int, device: torch.device) -> bool:
@@ -305,8 +324,7 @@ def factor_kkt(
             ok = _finite(chol_h.sum(-1)) & (chol_h.amin(-1) > 0)
         else:
             H_diagonal.add_(shift_h)
-            chol_h, ok = cholesky(H_factored, check_finite, skipped)
-            inv_h = _inverse(chol_h, empty)
+            chol_h, ok, inv_h = _factor_inverted(H_factored, check_finite, empty, skipped)
         y, chol_s, inv_s = C.transpose(-2, -1), empty, empty  # empty: there is no Schur complement
         if rows and coupled is not None:  # the coupled rows alone, in one operator (compiled, potf2's route)
             shift = torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
@@ -321,11 +339,13 @@ def factor_kkt(
             S = product(y.transpose(-2, -1), y)
             shift = delta.unsqueeze(-1) if eq_rows is None else torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
             S.diagonal(dim1=-2, dim2=-1).add_(shift if order is None else shift.gather(-1, order))
-            chol_s, ok_s = cholesky(S, check_finite)
-            ok = ok & ok_s
-            if order is not None:
+            if order is None:
+                chol_s, ok_s, inv_s = _factor_inverted(S, check_finite, empty)
+            else:  # the eager solve: no inverse (``inverts``)
+                chol_s, ok_s = cholesky(S, check_finite)
                 y, chol_s = _expand_rows(y, chol_s, order, rows)
-            inv_s = _inverse(chol_s, empty)
+                inv_s = _inverse(chol_s, empty)
+            ok = ok & ok_s
         if not diagonal:
             H_diagonal.sub_(shift_h)
         return chol_h, chol_s, y, ok, inv_h, inv_s

@@ -1,9 +1,10 @@
 // The operators optlayers_lapack::potf2_lower, optlayers_lapack::trsv_lower,
-// optlayers_lapack::add_product_where and optlayers_lapack::coupled_schur, which compiled solves call
-// on the CPU where engine/lapack.py chooses scipy's LAPACK and BLAS (see that module): the lower
-// Cholesky factor of each matrix of a (..., n, n) symmetric batch, with LAPACK's info per matrix, the
-// triangular solves with such factors of a (..., n) batch of vectors, the batched product C + A B of
-// the matrices that a mask marks, and the Schur complement of the rows a mask marks and its factor.
+// optlayers_lapack::add_product_where, optlayers_lapack::coupled_schur and
+// optlayers_lapack::potf2_inverse_lower, which compiled solves call on the CPU where engine/lapack.py
+// chooses scipy's LAPACK and BLAS (see that module): the lower Cholesky factor of each matrix of a
+// (..., n, n) symmetric batch, with LAPACK's info per matrix, the triangular solves with such factors
+// of a (..., n) batch of vectors, the batched product C + A B of the matrices that a mask marks, the
+// Schur complement of the rows a mask marks and its factor, and a factor with its inverse.
 // The factorisation and the product skip the matrices the mask leaves out (problems that have
 // finished, whose factors nothing reads). The routines are scipy's, whose addresses lapack.py hands
 // over once (set_routines), and torch's own product and triangular solve: this file links against
@@ -30,23 +31,26 @@ using Trsv = void (*)(char*, char*, char*, int*, void*, int*, void*, int*);
 using Gemm = void (*)(char*, char*, int*, int*, int*, void*, void*, int*, void*, int*, void*, void*, int*);
 // BLAS's xTRSM(SIDE, UPLO, TRANSA, DIAG, M, N, ALPHA, A, LDA, B, LDB): torch's own, as the product's.
 using Trsm = void (*)(char*, char*, char*, char*, int*, int*, void*, void*, int*, void*, int*);
+// LAPACK's xTRTI2(UPLO, DIAG, N, A, LDA, INFO), the inverse of a triangular matrix in place: scipy's.
+using Trti2 = void (*)(char*, char*, int*, void*, int*, int*);
 
 struct Routines {
   Potf2 potf2 = nullptr;
   Trsv trsv = nullptr;
   Gemm gemm = nullptr;
   Trsm trsm = nullptr;
+  Trti2 trti2 = nullptr;
 };
 
 Routines doubles;
 Routines floats;
 
 void set_routines(int64_t double_potf2, int64_t float_potf2, int64_t double_trsv, int64_t float_trsv, int64_t double_gemm,
-                  int64_t float_gemm, int64_t double_trsm, int64_t float_trsm) {
+                  int64_t float_gemm, int64_t double_trsm, int64_t float_trsm, int64_t double_trti2, int64_t float_trti2) {
   doubles = {reinterpret_cast<Potf2>(double_potf2), reinterpret_cast<Trsv>(double_trsv), reinterpret_cast<Gemm>(double_gemm),
-             reinterpret_cast<Trsm>(double_trsm)};
+             reinterpret_cast<Trsm>(double_trsm), reinterpret_cast<Trti2>(double_trti2)};
   floats = {reinterpret_cast<Potf2>(float_potf2), reinterpret_cast<Trsv>(float_trsv), reinterpret_cast<Gemm>(float_gemm),
-            reinterpret_cast<Trsm>(float_trsm)};
+            reinterpret_cast<Trsm>(float_trsm), reinterpret_cast<Trti2>(float_trti2)};
 }
 
 const Routines* routines_for(const at::Tensor& t) {
@@ -289,16 +293,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupled_schur(const at::Tensor& L
   return coupled_schur_typed<float>(factor, rows, mask, diag, *found);
 }
 
+// The lower Cholesky factor L of each matrix of a (..., n, n) symmetric batch, as potf2_lower gives
+// it, its inverse L^-1 (lower) and LAPACK's info per matrix: potf2 as there, then trti2 on a copy of
+// the factor ('U' read column-major, as the factor's U = L^T: the inverse of U is (L^-1)^T, which
+// read row-major is L^-1). A matrix whose factorisation failed gets the identity for an inverse
+// (finite wherever it is read; its info reports the failure).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> potf2_inverse_lower(const at::Tensor& M) {
+  TORCH_CHECK(M.dim() >= 2 && M.size(-1) == M.size(-2), "potf2_inverse_lower: M must be a batch of square matrices, got shape ",
+              M.sizes());
+  TORCH_CHECK(M.device().is_cpu(), "potf2_inverse_lower: M must be on the CPU, got ", M.device());
+  const Routines* found = routines_for(M);
+  TORCH_CHECK(found != nullptr && found->potf2 != nullptr && found->trti2 != nullptr,
+              "potf2_inverse_lower: no potf2 and trti2 routines for dtype ", M.scalar_type(),
+              " (float32 and float64, after set_routines)");
+  at::Tensor factor = M.clone(at::MemoryFormat::Contiguous);
+  int n = static_cast<int>(M.size(-1));
+  at::Tensor info = at::zeros(M.sizes().slice(0, M.dim() - 2), M.options().dtype(at::kInt));
+  const int64_t count = info.numel();
+  const int64_t stride = static_cast<int64_t>(n) * n * factor.element_size();
+  int* reports = info.data_ptr<int>();
+  char upper = 'U', non_unit = 'N';
+  char* first = static_cast<char*>(factor.data_ptr());
+  for (int64_t k = 0; k < count; ++k) found->potf2(&upper, &n, first + k * stride, &n, reports + k);
+  factor.tril_();
+  at::Tensor inverse = factor.clone();
+  char* inverses = static_cast<char*>(inverse.data_ptr());
+  for (int64_t k = 0; k < count; ++k) {
+    if (reports[k] != 0) {
+      inverse.view({count, n, n}).select(0, k).fill_(0).diagonal().fill_(1);
+      continue;
+    }
+    int reported = 0;
+    found->trti2(&upper, &non_unit, &n, inverses + k * stride, &n, &reported);
+  }
+  return {factor, inverse, info};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(optlayers_lapack, m) {
   m.def("set_routines(int double_potf2, int float_potf2, int double_trsv, int float_trsv, int double_gemm, int float_gemm, "
-        "int double_trsm, int float_trsm) -> ()",
+        "int double_trsm, int float_trsm, int double_trti2, int float_trti2) -> ()",
         &set_routines);
   m.def("potf2_lower(Tensor M, Tensor? active=None) -> (Tensor, Tensor)");
   m.def("trsv_lower(Tensor L, Tensor r, bool forward, bool backward) -> Tensor");
   m.def("add_product_where(Tensor C, Tensor A, Tensor B, Tensor active) -> Tensor");
   m.def("coupled_schur(Tensor L, Tensor C, Tensor coupled, Tensor shift) -> (Tensor, Tensor, Tensor)");
+  m.def("potf2_inverse_lower(Tensor M) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(optlayers_lapack, CPU, m) {
@@ -306,4 +347,5 @@ TORCH_LIBRARY_IMPL(optlayers_lapack, CPU, m) {
   m.impl("trsv_lower", &trsv_lower);
   m.impl("add_product_where", &add_product_where);
   m.impl("coupled_schur", &coupled_schur);
+  m.impl("potf2_inverse_lower", &potf2_inverse_lower);
 }

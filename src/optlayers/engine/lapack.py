@@ -1,8 +1,9 @@
 """The CPU's Cholesky factorisation of mid-sized matrices by LAPACK's ``potf2`` from scipy, and, in
 compiled code, the solves of one vector per matrix with those factors by BLAS's ``trsv`` (``solves_with``),
 the product that forms H for the running problems of a batch only (``skips_inactive``,
-``add_product_where``) and the Schur complement of the rows that S couples, and its factor, over
-those rows only (``factors_coupled_rows``, ``coupled_schur``).
+``add_product_where``), the Schur complement of the rows that S couples, and its factor, over
+those rows only (``factors_coupled_rows``, ``coupled_schur``), and the factorisation and inversion
+of the small factors that compiled solves invert (``factors_inverted``, ``factor_inverse_lower``).
 
 torch's CPU build factorises with MKL, and MKL runs its generic code on AMD processors: there
 its ``dpotrf`` of order 100 takes the unblocked path, a matrix-vector product per column, at
@@ -71,6 +72,7 @@ not stay there, was measured for H and not adopted (BENCHMARKS.md)."""
 
 _ROUTINES = {torch.float64: "dpotf2", torch.float32: "spotf2"}
 _TRSV_ROUTINES = {torch.float64: "dtrsv", torch.float32: "strsv"}
+_TRTI2_ROUTINES = {torch.float64: "dtrti2", torch.float32: "strti2"}
 _GEMM_ROUTINES = {torch.float64: "dgemm_", torch.float32: "sgemm_"}
 _TRSM_ROUTINES = {torch.float64: "dtrsm_", torch.float32: "strsm_"}
 _UPPER = ctypes.create_string_buffer(b"U")
@@ -157,6 +159,16 @@ def _trsm_address(dtype: torch.dtype) -> int:
     return _torch_blas_address(_TRSM_ROUTINES[dtype])
 
 
+@functools.lru_cache(maxsize=None)
+def _trti2_address(dtype: torch.dtype) -> int:
+    """The address of LAPACK's ``trti2`` for ``dtype`` in scipy's table of C entry points, where its C
+    signature is ``void (char *, char *, int *, <float type> *, int *, int *)`` (32-bit integers, as
+    the operator passes them); else 0."""
+    capsule = _capsule("cython_lapack", _TRTI2_ROUTINES[dtype])
+    return 0 if capsule is None else _address(capsule, lambda signature: signature.startswith(b"void (char *, char *, int *, ")
+                                               and signature.endswith(b" *, int *, int *)") and signature.count(b",") == 5)
+
+
 def _trsv_entry(capsule: object) -> int:
     """The address a ``cython_blas`` capsule holds, where its C signature is ``trsv``'s with 32-bit
     integers, as the C++ operator passes them: ``void (char *, char *, char *, int *, <float type> *,
@@ -183,6 +195,11 @@ MKL on an AMD processor and scipy exports the routines; none elsewhere. Decided 
 SOLVED_DTYPES = frozenset(dtype for dtype in _TRSV_ROUTINES if _trsv_address(dtype))
 """The dtypes for which scipy exports BLAS's ``trsv`` with the signature the operator calls (decided
 once, at import; ``solves_with`` takes it only for ``FACTORED_DTYPES`` too)."""
+
+
+INVERTED_DTYPES = frozenset(dtype for dtype in _TRTI2_ROUTINES if _trti2_address(dtype))
+"""The dtypes for which scipy exports LAPACK's ``trti2`` with the signature the operator calls (decided
+once, at import; ``factors_inverted`` takes it only for ``FACTORED_DTYPES`` too)."""
 
 
 SCHUR_DTYPES = frozenset(dtype for dtype in _TRSM_ROUTINES if _trsm_address(dtype))
@@ -216,11 +233,13 @@ def load_operator() -> bool:
         solves = [_trsv_address(dtype) if dtype in FACTORED_DTYPES else 0 for dtype in (torch.float64, torch.float32)]
         products = [_gemm_address(dtype) for dtype in (torch.float64, torch.float32)]
         triangular = [_trsm_address(dtype) if dtype in FACTORED_DTYPES else 0 for dtype in (torch.float64, torch.float32)]
-        torch.ops.optlayers_lapack.set_routines(*factors, *solves, *products, *triangular)
+        inverses = [_trti2_address(dtype) if dtype in FACTORED_DTYPES else 0 for dtype in (torch.float64, torch.float32)]
+        torch.ops.optlayers_lapack.set_routines(*factors, *solves, *products, *triangular, *inverses)
         torch.library.register_fake("optlayers_lapack::potf2_lower", _potf2_lower_shapes)
         torch.library.register_fake("optlayers_lapack::trsv_lower", _trsv_lower_shapes)
         torch.library.register_fake("optlayers_lapack::add_product_where", _add_product_where_shapes)
         torch.library.register_fake("optlayers_lapack::coupled_schur", _coupled_schur_shapes)
+        torch.library.register_fake("optlayers_lapack::potf2_inverse_lower", _potf2_inverse_lower_shapes)
         _operator_state["loaded"] = True
         return True
 
@@ -238,6 +257,12 @@ def _trsv_lower_shapes(L: Tensor, r: Tensor, forward: bool, backward: bool) -> T
 def _add_product_where_shapes(C: Tensor, A: Tensor, B: Tensor, active: Tensor) -> Tensor:
     """The product operator's output's shape, dtype and layout, for tracing."""
     return torch.empty_like(C, memory_format=torch.contiguous_format)
+
+
+def _potf2_inverse_lower_shapes(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The factor-and-inverse operator's outputs' shapes, dtypes and layout, for tracing."""
+    factor = torch.empty_like(M, memory_format=torch.contiguous_format)
+    return factor, torch.empty_like(factor), M.new_empty(M.shape[:-2], dtype=torch.int32)
 
 
 def _coupled_schur_shapes(L: Tensor, C: Tensor, coupled: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -367,3 +392,23 @@ def coupled_schur(L: Tensor, C: Tensor, coupled: Tensor, shift: Tensor) -> tuple
     of the first row that is not positive definite). The C++ operator, matrix by matrix: torch's
     ``trsm`` and ``gemm`` and scipy's ``potf2`` over the coupled rows only (``factors_coupled_rows``)."""
     return torch.ops.optlayers_lapack.coupled_schur(L, C, coupled, shift)
+
+
+def factors_inverted(M: Tensor) -> bool:
+    """Whether ``factor_inverse_lower`` factorises the (..., n, n) batch ``M`` and inverts its factor,
+    for a caller that inverts the factor anyway (``kkt.inverts``: compiled, orders up to
+    ``kkt.INVERTED_MAX_N``): in compiled code on the CPU where the operator loads, for the dtypes of
+    ``FACTORED_DTYPES`` and ``INVERTED_DTYPES``, no gradient through ``M``. torch's factorisation and its
+    triangular solve with the identity are two calls through the operator registry, each with copies
+    into and out of LAPACK's layout; the operator is one call, ``potf2`` and ``trti2`` matrix by matrix."""
+    if not (torch.compiler.is_compiling() and M.device.type == "cpu" and M.dtype in FACTORED_DTYPES
+            and M.dtype in INVERTED_DTYPES and not (M.requires_grad and torch.is_grad_enabled())):
+        return False
+    return _operator_loaded()
+
+
+def factor_inverse_lower(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The lower Cholesky factors L of a (..., n, n) symmetric CPU batch (as ``factor_lower`` gives
+    them), their inverses L⁻¹ (lower; the identity where the factorisation failed) and LAPACK's int32
+    info per matrix: the C++ operator, ``potf2`` then ``trti2`` matrix by matrix (``factors_inverted``)."""
+    return torch.ops.optlayers_lapack.potf2_inverse_lower(M)
