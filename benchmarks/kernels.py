@@ -294,7 +294,7 @@ def _launch_count(code: str) -> tuple[int, int]:
     import re
 
     fused = len(re.findall(r"^\s+cpp_fused_\w+\(", code, re.M)) + len(re.findall(r"\.run\(", code))
-    library = len(re.findall(r"(?:extern_kernels\.\w+|torch\.ops\.aten\.\w+\.\w+)\(", code))  # calls, not checks
+    library = len(re.findall(r"(?:extern_kernels\.\w+|torch\.ops\.(?:aten|optlayers_lapack)\.\w+\.\w+)\(", code))  # calls, not checks
     return fused, library
 
 

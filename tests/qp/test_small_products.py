@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from optlayers import compiling, linalg, solve_qp
-from optlayers.engine import kkt
+from optlayers.engine import kkt, lapack
 from tests.qp.qp_problems import random_qp
 
 EPS = torch.finfo(torch.float64).eps
@@ -69,12 +69,15 @@ def _library_calls_per_iteration(monkeypatch, data: dict) -> dict[str, int]:
         compiling.compiled.cache_clear()
         torch._dynamo.reset()
     bodies = [module for gm in graphs for name, module in gm.named_modules() if name.startswith("body_fn")]
-    bodies = [body for body in bodies if any("cholesky" in str(node.target) for node in body.graph.nodes)]
+    factorises = ("cholesky", "potf2_inverse_lower")
+    bodies = [body for body in bodies if any(f in str(node.target) for node in body.graph.nodes for f in factorises)]
     assert len(bodies) == 1  # the interior point loop's (the equilibration's loop factorises nothing)
-    names = ("matmul", "bmm", "baddbmm", "addmm", "einsum", "linalg_cholesky_ex", "linalg_solve_triangular")
+    names = ("matmul", "bmm", "baddbmm", "addmm", "einsum", "linalg_cholesky_ex", "linalg_solve_triangular",
+             "potf2_inverse_lower")
     counts = {name: 0 for name in names}
     for node in bodies[0].graph.nodes:
         target = getattr(node.target, "__name__", str(node.target))
+        target = "potf2_inverse_lower" if "potf2_inverse_lower" in str(node.target) else target
         if node.op in ("call_function", "call_method") and target in counts:
             counts[target] += 1
     return counts
@@ -84,11 +87,14 @@ def _library_calls_per_iteration(monkeypatch, data: dict) -> dict[str, int]:
 def test_a_small_problems_iteration_calls_the_library_only_to_factorise(monkeypatch, m):
     """n = 10, 10 inequalities (and m equalities): no product in the loop's body is left to the
     library; its library calls are a Cholesky factorisation and the factor's inversion, for H and
-    (with equalities) for S."""
+    (with equalities) for S: torch's two, or one call of the operator that does both where
+    ``engine.lapack`` factorises (``lapack.factors_inverted``)."""
     counts = _library_calls_per_iteration(monkeypatch, random_qp((4,), 10, 10, m))
     factors = 2 if m else 1
+    fused = lapack.FACTORED_DTYPES and lapack.INVERTED_DTYPES and lapack.load_operator()
     assert counts == {"matmul": 0, "bmm": 0, "baddbmm": 0, "addmm": 0, "einsum": 0,
-                      "linalg_cholesky_ex": factors, "linalg_solve_triangular": factors}, counts
+                      "linalg_cholesky_ex": 0 if fused else factors, "linalg_solve_triangular": 0 if fused else factors,
+                      "potf2_inverse_lower": factors if fused else 0}, counts
 
 
 def test_traced_kkt_solves_give_the_eager_ones(eager_backend):
