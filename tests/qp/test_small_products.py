@@ -129,7 +129,7 @@ def _loop_body(lines: list[str]) -> str:
     indentation)."""
     starts = [i for i, line in enumerate(lines) if "subgraph: while_loop_body_graph" in line]
     bodies = ["\n".join(lines[start:next(i for i in range(start, len(lines)) if lines[i] == "    }")]) for start in starts]
-    bodies = [body for body in bodies if "cholesky" in body]
+    bodies = [body for body in bodies if "cholesky" in body or "potf2_inverse_lower" in body]
     assert len(bodies) == 1
     return bodies[0]
 
@@ -137,8 +137,9 @@ def _loop_body(lines: list[str]) -> str:
 @pytest.mark.slow
 def test_inductors_loop_body_calls_the_library_only_to_factorise():
     """With inductor (compiles: a minute or two): the generated loop body of a compiled solve at
-    (B, n) = (8, 10) calls the library twice per iteration (Cholesky, the factor's inversion), and
-    the solve gives the eager answer to 1e-12."""
+    (B, n) = (8, 10) calls the library twice per iteration (Cholesky, the factor's inversion), or
+    once where one operator does both (``lapack.factors_inverted``), and the solve gives the eager
+    answer to the rounding of the two factorisations."""
     from torch._inductor.utils import run_and_get_code
 
     data = random_qp((8,), 10, 10, 0)
@@ -150,9 +151,10 @@ def test_inductors_loop_body_calls_the_library_only_to_factorise():
         compiling.compiled.cache_clear()
         torch._dynamo.reset()
     eager = solve_qp(**data)
-    torch.testing.assert_close(compiled.z, eager.z, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(compiled.z, eager.z, rtol=1e-10, atol=1e-10)
     assert torch.equal(compiled.iterations, eager.iterations)
     body = _loop_body([line for code in codes for line in code.split("\n")])
     library = body.count("aoti_torch_call_dispatcher(") + body.count("aoti_torch_proxy_executor_call_function(")
     products = sum(body.count(f"aoti_torch_cpu_{op}_out(") for op in ("bmm", "baddbmm", "mm", "addmm"))
-    assert products == 0 and library == 2, (products, library)
+    fused = lapack.FACTORED_DTYPES and lapack.INVERTED_DTYPES and lapack.load_operator()
+    assert products == 0 and library == (1 if fused else 2), (products, library)
