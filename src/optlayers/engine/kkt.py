@@ -326,18 +326,16 @@ def factor_kkt(
             H_diagonal.add_(shift_h)
             chol_h, ok, inv_h = _factor_inverted(H_factored, check_finite, empty, skipped)
         y, chol_s, inv_s = C.transpose(-2, -1), empty, empty  # empty: there is no Schur complement
+        if rows:
+            shift = delta.unsqueeze(-1) if eq_rows is None else torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
         if rows and coupled is not None:  # the coupled rows alone, in one operator (compiled, potf2's route)
-            shift = torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
             y, chol_s, info = lapack.coupled_schur(chol_h, C, coupled, shift)
-            ok = ok & (info == 0)
-            if check_finite:
-                ok = ok & _finite(chol_s.diagonal(dim1=-2, dim2=-1).sum(-1))
+            ok = ok & _factored(chol_s, info, check_finite)
         elif rows:
             kept = C if order is None else C.gather(-2, order.unsqueeze(-1).expand(-1, -1, C.shape[-1]))
             kept_t = kept.transpose(-2, -1)
             y = kept_t / chol_h.unsqueeze(-1) if diagonal else _lower_solve(chol_h, inv_h, kept_t)
             S = product(y.transpose(-2, -1), y)
-            shift = delta.unsqueeze(-1) if eq_rows is None else torch.addcmul(d0, delta.unsqueeze(-1), eq_rows)
             S.diagonal(dim1=-2, dim2=-1).add_(shift if order is None else shift.gather(-1, order))
             if order is None:
                 chol_s, ok_s, inv_s = _factor_inverted(S, check_finite, empty)

@@ -243,11 +243,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupled_schur_typed(const at::Ten
         rows[count] = j;
         std::copy(c_rows + j * n, c_rows + (j + 1) * n, work.data() + static_cast<int64_t>(count) * n);
         ++count;
-      } else if (shift[j] > 0) {
+      } else {
         s[j * r + j] = std::sqrt(shift[j]);
-      } else if (first_bad == 0) {
-        first_bad = static_cast<int>(j) + 1;
-        s[j * r + j] = std::sqrt(shift[j]);
+        if (!(shift[j] > 0) && first_bad == 0) first_bad = static_cast<int>(j) + 1;
       }
     }
     if (count > 0) {
@@ -293,8 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupled_schur(const at::Tensor& L
   return coupled_schur_typed<float>(factor, rows, mask, diag, *found);
 }
 
-// The lower Cholesky factor L of each matrix of a (..., n, n) symmetric batch, as potf2_lower gives
-// it, its inverse L^-1 (lower) and LAPACK's info per matrix: potf2 as there, then trti2 on a copy of
+// The lower Cholesky factor L of each matrix of a (..., n, n) symmetric batch and LAPACK's info per
+// matrix, by potf2_lower, and its inverse L^-1 (lower): trti2 on a copy of
 // the factor ('U' read column-major, as the factor's U = L^T: the inverse of U is (L^-1)^T, which
 // read row-major is L^-1). A matrix whose factorisation failed gets the identity for an inverse
 // (finite wherever it is read; its info reports the failure).
@@ -306,16 +304,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> potf2_inverse_lower(const at::Ten
   TORCH_CHECK(found != nullptr && found->potf2 != nullptr && found->trti2 != nullptr,
               "potf2_inverse_lower: no potf2 and trti2 routines for dtype ", M.scalar_type(),
               " (float32 and float64, after set_routines)");
-  at::Tensor factor = M.clone(at::MemoryFormat::Contiguous);
+  auto [factor, info] = potf2_lower(M, c10::nullopt);
   int n = static_cast<int>(M.size(-1));
-  at::Tensor info = at::zeros(M.sizes().slice(0, M.dim() - 2), M.options().dtype(at::kInt));
   const int64_t count = info.numel();
   const int64_t stride = static_cast<int64_t>(n) * n * factor.element_size();
-  int* reports = info.data_ptr<int>();
+  const int* reports = info.data_ptr<int>();
   char upper = 'U', non_unit = 'N';
-  char* first = static_cast<char*>(factor.data_ptr());
-  for (int64_t k = 0; k < count; ++k) found->potf2(&upper, &n, first + k * stride, &n, reports + k);
-  factor.tril_();
   at::Tensor inverse = factor.clone();
   char* inverses = static_cast<char*>(inverse.data_ptr());
   for (int64_t k = 0; k < count; ++k) {

@@ -375,13 +375,12 @@ def solve_lower(L: Tensor, R: Tensor, forward: bool, backward: bool) -> Tensor:
 
 def factors_coupled_rows(H: Tensor, C: Tensor) -> bool:
     """Whether ``coupled_schur`` forms and factorises the Schur complement of the rows ``C``
-    (B, r, n) with the factor of ``H`` (B, n, n): in compiled code, on ``potf2``'s route for both
-    orders (``used_for``), where torch's library exports ``trsm`` for the dtype (``SCHUR_DTYPES``). There the batch keeps
+    (B, r, n) with the factor of ``H`` (B, n, n): in compiled code, on ``potf2``'s route for H
+    (``used_for``) and for S's order r, where torch's library exports ``trsm`` for the dtype (``SCHUR_DTYPES``). There the batch keeps
     every row of C (no host read says how many are coupled), and the rows that S does not couple are
     zero: the operator leaves them out of the solve, the product and the factorisation."""
-    if not (torch.compiler.is_compiling() and H.dim() == 3 and C.dim() == 3 and H.dtype in SCHUR_DTYPES and used_for(H)):
-        return False
-    return used_for(C.new_empty(0, C.shape[-2], C.shape[-2]))
+    return (torch.compiler.is_compiling() and H.dim() == 3 and C.dim() == 3 and H.dtype in SCHUR_DTYPES
+            and MIN_N <= C.shape[-2] <= MAX_N and used_for(H))
 
 
 def coupled_schur(L: Tensor, C: Tensor, coupled: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
