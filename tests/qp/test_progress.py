@@ -60,21 +60,37 @@ def _stepped(d: dict, tol: float, max_iter: int) -> tuple:
     return result, seen, settings
 
 
+def _one_problem_each() -> list[dict]:
+    """``_problems(1)``, then each problem of ``_problems(6)`` alone (batches of one)."""
+    six = _problems(6)
+    return [_problems(1)] + [{key: value[i:i + 1] for key, value in six.items()} for i in range(6)]
+
+
 def test_a_problem_without_progress_ends_at_the_iterate_of_its_last_progress():
-    """One problem (no batch effects on the rounding), stepped by the method itself: it ends
-    INACCURATE ``progress_limit`` iterations after its last progress, at that iterate: the final
-    residuals' measures equal those recorded then (``State.best``; the restored iterate's residuals,
-    recomputed), and none of the iterates after it measured below 0.9 of them (``ipm._PROGRESS``)."""
-    result, seen, settings = _stepped(_problems(1), 2.5e-16, 200)
-    st, res = result.state, result.residuals
-    limit = settings.progress_limit
-    assert int(st.status[0]) == QPStatus.INACCURATE and int(st.iterations[0]) < 200
-    assert int(st.counters[0, 3]) == limit and len(seen) > limit + 1
-    assert torch.equal(res.progress, st.best), (res.progress, st.best)
-    assert torch.equal(seen[-limit - 2], st.best), (seen[-limit - 2], st.best)
-    assert (torch.cat(seen[-limit - 1 : -1]) >= ipm._PROGRESS * st.best).all(), (seen[-limit - 1 :], st.best)
-    # the last step had moved away from that iterate: returning to it is what is tested
-    assert not torch.equal(seen[-2], st.best), seen[-2:]
+    """Problems alone (no batch effects on the rounding), stepped by the method itself: each that
+    ends INACCURATE does so ``progress_limit`` iterations after its last progress, at that iterate:
+    the final residuals' measures equal those recorded then (``State.best``; the restored iterate's
+    residuals, recomputed), and none of the iterates after it measured below 0.9 of them
+    (``ipm._PROGRESS``). Whether a problem's last step moves away from that iterate, so that the
+    return to it is exercised, depends on the machine's rounding: of these seven problems at least
+    one must (the first does on the AMD EPYC machine; on the Intel Xeon one the first does not, the
+    six others do)."""
+    inaccurate = returned = 0
+    for d in _one_problem_each():
+        result, seen, settings = _stepped(d, 2.5e-16, 200)
+        st, res = result.state, result.residuals
+        limit = settings.progress_limit
+        assert int(st.iterations[0]) < 200
+        if int(st.status[0]) != QPStatus.INACCURATE:
+            assert int(st.status[0]) == QPStatus.SOLVED, st.status  # solved by its rounding
+            continue
+        inaccurate += 1
+        assert int(st.counters[0, 3]) == limit and len(seen) > limit + 1
+        assert torch.equal(res.progress, st.best), (res.progress, st.best)
+        assert torch.equal(seen[-limit - 2], st.best), (seen[-limit - 2], st.best)
+        assert (torch.cat(seen[-limit - 1 : -1]) >= ipm._PROGRESS * st.best).all(), (seen[-limit - 1 :], st.best)
+        returned += not torch.equal(seen[-2], st.best)  # the last step had moved away from that iterate
+    assert inaccurate >= 2 and returned >= 1, (inaccurate, returned)
 
 
 def test_a_problem_far_from_tolerance_when_it_stops_progressing_goes_on():
