@@ -80,10 +80,12 @@ def test_compiled_code_asks_for_the_operator_only_where_it_would_factorise_with_
 
 @pytest.fixture
 def operator(monkeypatch):
-    """The C++ operator loaded (built on first use), on any machine whose scipy exports potf2."""
+    """The C++ operator loaded (built on first use), on any machine where the factorisation routine is
+    found (``lapack._routine``), eager solves factorising by the same routine."""
     if lapack._routine(torch.float64) is None or lapack._routine(torch.float32) is None:
-        pytest.skip("scipy exports no potf2")
+        pytest.skip("no LAPACK factorisation routine found")
     monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64, torch.float32}))
+    monkeypatch.setattr(lapack, "EAGER_FACTORED", True)
     if not lapack._operator_state["loaded"]:
         monkeypatch.setattr(lapack, "_operator_state", {"loaded": False, "tried": False})
         if not lapack.load_operator():
@@ -144,6 +146,7 @@ def test_threads_factorising_at_once_each_get_their_own_factors():
 
 def test_the_rule_takes_mid_sized_cpu_matrices_without_gradients_on_the_cpus_schedule(monkeypatch):
     monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64, torch.float32}))
+    monkeypatch.setattr(lapack, "EAGER_FACTORED", True)
     M = torch.eye(lapack.MIN_N, dtype=torch.float64)
     assert lapack.used_for(M) and lapack.used_for(torch.eye(lapack.MAX_N)) and lapack.used_for(M.expand(3, -1, -1))
     assert not lapack.used_for(torch.eye(lapack.MIN_N - 1, dtype=torch.float64))
@@ -158,14 +161,27 @@ def test_the_rule_takes_mid_sized_cpu_matrices_without_gradients_on_the_cpus_sch
     assert not lapack.used_for(M)
 
 
-def test_the_dtypes_are_decided_by_the_machine():
-    expected = lapack._mkl_in_generic_code() and lapack._routine(torch.float64) is not None
+def test_the_dtypes_and_the_routine_are_decided_by_the_machine():
+    expected = torch.backends.mkl.is_available() and lapack._routine(torch.float64) is not None
     assert (torch.float64 in lapack.FACTORED_DTYPES) == expected
+    assert lapack.EAGER_FACTORED == (torch.backends.mkl.is_available() and lapack._mkl_in_generic_code())
+    if lapack._factor_source() == "potrf" and lapack._routine(torch.float64) is not None:  # MKL's own, from torch's library
+        address = ctypes.cast(lapack._routine(torch.float64), ctypes.c_void_p).value
+        assert address == lapack._torch_blas_address("dpotrf_")
+
+
+def test_eager_solves_take_the_routine_only_where_eager_factored(monkeypatch):
+    M = _spd((2,), 50, torch.float64)
+    monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64}))
+    for eager in (False, True):
+        monkeypatch.setattr(lapack, "EAGER_FACTORED", eager)
+        assert lapack.used_for(M) == eager
 
 
 @needs_potf2
 @pytest.mark.parametrize("equalities", [0, 10])
 def test_a_solve_with_potf2_agrees_with_one_with_torchs_factorisation(monkeypatch, equalities):
+    monkeypatch.setattr(lapack, "EAGER_FACTORED", True)
     Q, p, G, h, A, b = random_qp(6, 50, 50, equalities, seed=3).tensors()
     p = p.clone().requires_grad_(True)
     seen = []
@@ -217,6 +233,7 @@ def test_with_potf2_slices_reproduce_the_whole_batch_and_a_problem_its_answer_al
     from the whole batch by about 1e-13 with torch's factorisation as well (whose factors themselves
     depend on a matrix's place in its batch, see the test above), and such differences can move a
     problem's last iteration."""
+    monkeypatch.setattr(lapack, "EAGER_FACTORED", True)
     monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64}))
     torch.manual_seed(3)
     data = qp_problems.random_qp((6,), 45, 50, 5, active=True)

@@ -1,14 +1,15 @@
 // The operators optlayers_lapack::potf2_lower, optlayers_lapack::trsv_lower,
 // optlayers_lapack::add_product_where, optlayers_lapack::coupled_schur and
-// optlayers_lapack::potf2_inverse_lower, which compiled solves call on the CPU where engine/lapack.py
-// chooses scipy's LAPACK and BLAS (see that module): the lower Cholesky factor of each matrix of a
+// optlayers_lapack::potf2_inverse_lower, which compiled solves call on the CPU where torch's LAPACK
+// is MKL (engine/lapack.py, FACTORED_DTYPES): the lower Cholesky factor of each matrix of a
 // (..., n, n) symmetric batch, with LAPACK's info per matrix, the triangular solves with such factors
 // of a (..., n) batch of vectors, the batched product C + A B of the matrices that a mask marks, the
 // Schur complement of the rows a mask marks and its factor, and a factor with its inverse.
 // The factorisation and the product skip the matrices the mask leaves out (problems that have
-// finished, whose factors nothing reads). The routines are scipy's, whose addresses lapack.py hands
-// over once (set_routines), and torch's own product and triangular solve: this file links against
-// nothing but torch. An operator whose outputs change (their shapes or strides) must change its name
+// finished, whose factors nothing reads). The routines are those lapack.py chooses and hands over
+// once by address (set_routines): the factorisation (scipy's potf2, or MKL's potrf from torch's
+// library on an Intel processor), scipy's trsv and trti2, torch's own product and triangular solve:
+// this file links against nothing but torch. An operator whose outputs change (their shapes or strides) must change its name
 // or schema: inductor's graph cache knows a compiled graph by the operators it calls, not by their
 // fake kernels (lapack.py), so that a graph compiled against the old outputs would be reused.
 #include <ATen/ATen.h>
@@ -17,12 +18,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
 namespace {
 
-// LAPACK's xPOTF2(UPLO, N, A, LDA, INFO) and BLAS's xTRSV(UPLO, TRANS, DIAG, N, A, LDA, X, INCX),
+// LAPACK's xPOTF2(UPLO, N, A, LDA, INFO) (or xPOTRF, which takes the same arguments) and BLAS's xTRSV(UPLO, TRANS, DIAG, N, A, LDA, X, INCX),
 // for float and double alike (arrays by address).
 // BLAS's xGEMM(TRANSA, TRANSB, M, N, K, ALPHA, A, LDA, B, LDB, BETA, C, LDC) likewise: torch's own
 // (MKL's, where lapack.py finds it in torch's library), for the product operator.
@@ -90,14 +92,18 @@ std::tuple<at::Tensor, at::Tensor> potf2_lower(const at::Tensor& M, const c10::o
   const int64_t stride = static_cast<int64_t>(n) * n * factor.element_size();
   char* first = static_cast<char*>(factor.data_ptr());
   int* reports = info.data_ptr<int>();
+  const size_t entry = factor.element_size();
   for (int64_t k = 0; k < count; ++k) {
     if (on == nullptr || on[k]) {
-      routine(&upper, &n, first + k * stride, &n, reports + k);
+      char* matrix = first + k * stride;
+      routine(&upper, &n, matrix, &n, reports + k);
+      for (int64_t i = 0; i + 1 < n; ++i) {  // the upper triangle zeroed while the factor is in cache
+        std::memset(matrix + (i * n + i + 1) * entry, 0, (n - i - 1) * entry);
+      }
     } else {
       factor.select(0, k).fill_(0).diagonal().fill_(1);
     }
   }
-  factor.tril_();
   return {factor, info};
 }
 

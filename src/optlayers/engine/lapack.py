@@ -27,8 +27,20 @@ and at batch 128, n = 100, 4.8 against 8.9 ms; n = 30, 0.47 against 0.49 ms; n =
 its order only, never on the other problems of its batch, so that the route adds no dependence of
 a problem's answer on its batch as the working batch shrinks (a few µs lost per call at batch 1 and
 n < 80). A matrix's factor is the same bits wherever it sits in a batch, which torch's MKL
-factorisation did not give at n = 45. On an Intel processor, where MKL is not in
-its generic code (and nothing was measured), torch's own factorisation stands.
+factorisation did not give at n = 45.
+
+On an Intel processor MKL runs its own code, and torch's factorisation of one matrix is as fast
+as a call of MKL's ``potrf`` matrix by matrix (eager calls, one thread, 2026-12-06, the Intel
+Xeon machine: n = 100, batch 1, 16, 128: 24 / 28, 411 / 417, 3,644 / 3,432 µs); eager solves keep
+torch's there (``EAGER_FACTORED``). Compiled solves take the operators below on both processors
+(``FACTORED_DTYPES``), with MKL's own ``potrf`` (from torch's library, as the product's ``gemm``) as
+the factorisation on an Intel processor: torch's factorisation in compiled code is a call through
+the operator registry, copies into and out of LAPACK's layout and a pass of ``triu`` over each
+factor, and its triangular solves with one vector copy the factor too (at batch 128, n = 100 the
+``triu`` pass took 6 % of a compiled forward + backward, ``perf``-like samples of ``py-spy``, and
+the solves' ``trsm`` 6 %). Measured there (one thread, compiled forward + backward, torch's route
+against the operators, two runs each): (1, 100) 4.03 / 3.57 ms, (128, 100) 401 / 369 and
+379 / 328 ms.
 
 Compiled solves call it as the C++ operator ``optlayers_lapack::potf2_lower`` (``lapack.cpp``, built
 by torch's extension builder the first time a compiled solve on such a machine factorises a matrix
@@ -71,6 +83,7 @@ it the routine stays on its caller's thread: two threads factorising 64 matrices
 not stay there, was measured for H and not adopted (BENCHMARKS.md)."""
 
 _ROUTINES = {torch.float64: "dpotf2", torch.float32: "spotf2"}
+_POTRF_ROUTINES = {torch.float64: "dpotrf_", torch.float32: "spotrf_"}
 _TRSV_ROUTINES = {torch.float64: "dtrsv", torch.float32: "strsv"}
 _TRTI2_ROUTINES = {torch.float64: "dtrti2", torch.float32: "strti2"}
 _GEMM_ROUTINES = {torch.float64: "dgemm_", torch.float32: "sgemm_"}
@@ -118,10 +131,24 @@ def _address(capsule: object, signed: Callable[[bytes], bool]) -> int:
     return pointer(capsule, signature) or 0
 
 
+def _factor_source() -> str:
+    """Which routine factorises here: "potf2" (scipy's) where torch's LAPACK is MKL on an AMD
+    processor (``_mkl_in_generic_code``), "potrf" (MKL's own, from torch's library) where it is
+    MKL on another processor, "" where torch's LAPACK is not MKL (nothing measured: torch's
+    factorisation stands)."""
+    if not torch.backends.mkl.is_available():
+        return ""
+    return "potf2" if _mkl_in_generic_code() else "potrf"
+
+
 @functools.lru_cache(maxsize=None)
 def _routine(dtype: torch.dtype) -> _Routine | None:
-    """LAPACK's ``potf2`` for ``dtype`` from scipy's table of C entry points, callable with five
-    addresses (uplo, n, a, lda, info), or None where scipy does not export it."""
+    """LAPACK's Cholesky factorisation for ``dtype``, callable with five addresses (uplo, n, a, lda,
+    info): MKL's ``potrf`` from torch's library where ``_factor_source`` says so and torch exports
+    it, else ``potf2`` from scipy's table of C entry points; None where neither is found. The
+    operators call the same routine (``load_operator``), so that eager and compiled factors agree."""
+    if _factor_source() == "potrf" and (address := _torch_blas_address(_POTRF_ROUTINES[dtype])):
+        return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5)(address)
     capsule = _capsule("cython_lapack", _ROUTINES[dtype])
     return None if capsule is None else _entry_point(capsule)
 
@@ -187,9 +214,15 @@ def _entry_point(capsule: object) -> _Routine | None:
     return ctypes.CFUNCTYPE(None, *[ctypes.c_void_p] * 5)(address) if address else None
 
 
-FACTORED_DTYPES = frozenset(dtype for dtype in _ROUTINES if _routine(dtype) is not None) if _mkl_in_generic_code() else frozenset()
-"""The dtypes that ``potf2`` factorises on this machine: float32 and float64 where torch's LAPACK is
-MKL on an AMD processor and scipy exports the routines; none elsewhere. Decided once, at import."""
+FACTORED_DTYPES = frozenset(dtype for dtype in _ROUTINES if _routine(dtype) is not None) if _factor_source() else frozenset()
+"""The dtypes that ``_routine`` factorises on this machine, through the operators in compiled solves
+(and in eager ones where ``EAGER_FACTORED``): float32 and float64 where torch's LAPACK is MKL and
+the routines are found; none elsewhere. Decided once, at import."""
+
+EAGER_FACTORED = _factor_source() == "potf2"
+"""Whether eager solves factorise by ``_routine`` too (``used_for``): where it is scipy's ``potf2``
+and torch's MKL runs its generic code (the table above); on an Intel processor torch's own
+factorisation is as fast eagerly. Decided once, at import."""
 
 
 SOLVED_DTYPES = frozenset(dtype for dtype in _TRSV_ROUTINES if _trsv_address(dtype))
@@ -282,7 +315,7 @@ def _operator_loaded() -> bool:
 def used_for(M: Tensor) -> bool:
     """Whether ``factor_lower`` factorises ``M`` by ``potf2`` rather than torch: a CPU matrix of a
     dtype in ``FACTORED_DTYPES`` and of order ``MIN_N`` to ``MAX_N`` that no gradient flows
-    through: in an eager solve on the CPU's own schedule (``host.cpu_schedule``: the counts of
+    through: in an eager solve where ``EAGER_FACTORED``, on the CPU's own schedule (``host.cpu_schedule``: the counts of
     ``host.accelerator_schedule`` are of what an accelerator dispatches, which never takes it), and
     in compiled code where the operator loads (``_operator_loaded``)."""
     if not (M.device.type == "cpu" and M.dtype in FACTORED_DTYPES and MIN_N <= M.shape[-1] <= MAX_N
@@ -290,7 +323,7 @@ def used_for(M: Tensor) -> bool:
         return False
     if torch.compiler.is_compiling():
         return _operator_loaded()
-    return cpu_schedule(M.device)
+    return EAGER_FACTORED and cpu_schedule(M.device)
 
 
 _ORDERS: dict[int, ctypes.c_int] = {}
