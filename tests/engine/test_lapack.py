@@ -105,9 +105,9 @@ def test_compiled_code_factorises_with_the_operator_to_the_bit_of_the_eager_rout
 
 def test_the_operator_refuses_what_it_cannot_factorise(operator):
     with pytest.raises(RuntimeError, match="square matrices"):
-        torch.ops.optlayers_lapack.potf2_lower(torch.zeros(2, 3, 4, dtype=torch.float64))
+        torch.ops.optlayers_lapack.cholesky_lower(torch.zeros(2, 3, 4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="no potf2 routine for dtype"):
-        torch.ops.optlayers_lapack.potf2_lower(torch.eye(50, dtype=torch.float16))
+        torch.ops.optlayers_lapack.cholesky_lower(torch.eye(50, dtype=torch.float16))
 
 
 def test_a_failed_build_warns_once_and_leaves_torchs_factorisation(monkeypatch):
@@ -276,7 +276,7 @@ def test_only_an_entry_point_with_potf2s_32_bit_signature_is_called(signature, t
 @pytest.mark.parametrize("forward, backward", [(True, False), (False, True), (True, True)])
 def test_the_solve_operator_solves_as_torchs_triangular_solves_do(operator, dtype, tol, forward, backward):
     M = _spd((2, 3), 60, dtype, seed=5)
-    L, _ = torch.ops.optlayers_lapack.potf2_lower(M)
+    L, _ = torch.ops.optlayers_lapack.cholesky_lower(M)
     r = torch.randn(2, 3, 60, 1, generator=torch.Generator().manual_seed(6), dtype=dtype)
     x = lapack.solve_lower(L, r, forward, backward)
     expected = torch.linalg.solve_triangular(L, r, upper=False) if forward else r
@@ -378,7 +378,7 @@ def test_the_operators_skip_the_matrices_a_mask_leaves_out_and_give_the_others_b
     M[2, 7, 7] = -1.0
     active = torch.tensor([True, False, True, True, False])
     plain, plain_info = lapack.factor_lower(M)
-    for L, info in (torch.ops.optlayers_lapack.potf2_lower(M, active), lapack.factor_lower(M, active)):
+    for L, info in (torch.ops.optlayers_lapack.cholesky_lower(M, active), lapack.factor_lower(M, active)):
         assert torch.equal(info, plain_info * active) and info.tolist() == [0, 0, 8, 0, 0]
         assert torch.equal(L[active], plain[active])
         assert torch.equal(L[~active], torch.eye(48, dtype=dtype).expand(2, 48, 48))
@@ -401,9 +401,9 @@ def test_the_product_operator_refuses_what_it_cannot_multiply(operator):
     with pytest.raises(RuntimeError, match=r"active must be a CPU bool tensor of one flag per matrix \(2\)"):
         torch.ops.optlayers_lapack.add_product_where(C, A, A.transpose(-2, -1), on[:1])
     with pytest.raises(RuntimeError, match="active must be a CPU bool tensor"):
-        torch.ops.optlayers_lapack.potf2_lower(C + torch.eye(4, dtype=torch.float64), on.int())
+        torch.ops.optlayers_lapack.cholesky_lower(C + torch.eye(4, dtype=torch.float64), on.int())
     with pytest.raises(RuntimeError, match=r"a mask needs a \(B, n, n\) batch"):
-        torch.ops.optlayers_lapack.potf2_lower(torch.eye(4, dtype=torch.float64).repeat(2, 1, 1, 1), on)
+        torch.ops.optlayers_lapack.cholesky_lower(torch.eye(4, dtype=torch.float64).repeat(2, 1, 1, 1), on)
     with pytest.raises(ValueError, match=r"active must be a \(2,\) bool mask of a \(B, n, n\) batch"):
         lapack.factor_lower(C + torch.eye(4, dtype=torch.float64), on[:1])
 
@@ -563,7 +563,7 @@ def test_a_compiled_factorisation_with_stiff_rows_takes_the_schur_operator_and_a
 
     A = data.Q.new_zeros(5, 0, 50) if data.A is None else data.A
     targets, compiled = _compiled_targets(factor, data.Q, A, data.G, w_inv, reg, stiff)
-    assert sum("coupled_schur" in t for t in targets) == 1 and sum("potf2_lower" in t for t in targets) == 1, targets
+    assert sum("coupled_schur" in t for t in targets) == 1 and sum("cholesky_lower" in t for t in targets) == 1, targets
     assert not any("solve_triangular" in t for t in targets), targets
     eager = factor(data.Q, A, data.G, w_inv, reg, stiff)
     assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1]) and torch.equal(compiled[4], eager[4])

@@ -1,4 +1,4 @@
-// The operators optlayers_lapack::potf2_lower, optlayers_lapack::trsv_lower,
+// The operators optlayers_lapack::cholesky_lower, optlayers_lapack::trsv_lower,
 // optlayers_lapack::add_product_where, optlayers_lapack::coupled_schur and
 // optlayers_lapack::potf2_inverse_lower, which compiled solves call on the CPU where torch's LAPACK
 // is MKL (engine/lapack.py, FACTORED_DTYPES): the lower Cholesky factor of each matrix of a
@@ -9,9 +9,11 @@
 // finished, whose factors nothing reads). The routines are those lapack.py chooses and hands over
 // once by address (set_routines): the factorisation (scipy's potf2, or MKL's potrf from torch's
 // library on an Intel processor), scipy's trsv and trti2, torch's own product and triangular solve:
-// this file links against nothing but torch. An operator whose outputs change (their shapes or strides) must change its name
-// or schema: inductor's graph cache knows a compiled graph by the operators it calls, not by their
-// fake kernels (lapack.py), so that a graph compiled against the old outputs would be reused.
+// this file links against nothing but torch. An operator whose outputs (their shapes or strides)
+// or arguments change must change its name: inductor's graph cache knows a compiled graph by the
+// names of the operators it calls, not by their schemas or fake kernels (lapack.py), so that a graph
+// compiled against the old operator would be reused (an argument added to the factorisation's
+// operator under its old name crashed the cached graphs that called it with the old arguments).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -73,22 +75,22 @@ const bool* active_flags(const c10::optional<at::Tensor>& active, int64_t count,
 // read row-major, is the lower factor L = U^T: so 'U' on the row-major copy, then its upper
 // triangle zeroed. A matrix that `active` leaves out is not factorised: its factor is the identity
 // (info 0), so that it stays finite wherever it is read.
-std::tuple<at::Tensor, at::Tensor> potf2_lower(const at::Tensor& M, const c10::optional<at::Tensor>& active) {
-  TORCH_CHECK(M.dim() >= 2 && M.size(-1) == M.size(-2), "potf2_lower: M must be a batch of square matrices, got shape ",
+std::tuple<at::Tensor, at::Tensor> cholesky_lower(const at::Tensor& M, const c10::optional<at::Tensor>& active) {
+  TORCH_CHECK(M.dim() >= 2 && M.size(-1) == M.size(-2), "cholesky_lower: M must be a batch of square matrices, got shape ",
               M.sizes());
-  TORCH_CHECK(M.device().is_cpu(), "potf2_lower: M must be on the CPU, got ", M.device());
+  TORCH_CHECK(M.device().is_cpu(), "cholesky_lower: M must be on the CPU, got ", M.device());
   const Routines* found = routines_for(M);
   Potf2 routine = found == nullptr ? nullptr : found->potf2;
-  TORCH_CHECK(routine != nullptr, "potf2_lower: no potf2 routine for dtype ", M.scalar_type(),
+  TORCH_CHECK(routine != nullptr, "cholesky_lower: no potf2 routine for dtype ", M.scalar_type(),
               " (float32 and float64, after set_routines)");
   at::Tensor factor = M.clone(at::MemoryFormat::Contiguous);
   int n = static_cast<int>(M.size(-1));
   at::Tensor info = at::zeros(M.sizes().slice(0, M.dim() - 2), M.options().dtype(at::kInt));
   char upper = 'U';
   const int64_t count = info.numel();
-  TORCH_CHECK(!active.has_value() || M.dim() == 3, "potf2_lower: a mask needs a (B, n, n) batch, got shape ", M.sizes());
+  TORCH_CHECK(!active.has_value() || M.dim() == 3, "cholesky_lower: a mask needs a (B, n, n) batch, got shape ", M.sizes());
   at::Tensor kept;
-  const bool* on = active_flags(active, count, kept, "potf2_lower");
+  const bool* on = active_flags(active, count, kept, "cholesky_lower");
   const int64_t stride = static_cast<int64_t>(n) * n * factor.element_size();
   char* first = static_cast<char*>(factor.data_ptr());
   int* reports = info.data_ptr<int>();
@@ -215,7 +217,7 @@ at::Tensor trsv_lower(const at::Tensor& L, const at::Tensor& r, bool forward, bo
 // their order, so the factor is lower triangular. Per matrix, in a work buffer of the coupled
 // rows only: their c rows of C, row-major c x n, read column-major are C_c^T (n x c); trsm with
 // U = L^T read column-major solves L Y_c = C_c^T in place; gemm forms Y_c^T Y_c (c x c), the
-// shift is added, and potf2 factorises it as potf2_lower does.
+// shift is added, and potf2 factorises it as cholesky_lower does.
 template <typename T>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> coupled_schur_typed(const at::Tensor& factor, const at::Tensor& C,
                                                                    const at::Tensor& mask, const at::Tensor& diag,
@@ -298,7 +300,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupled_schur(const at::Tensor& L
 }
 
 // The lower Cholesky factor L of each matrix of a (..., n, n) symmetric batch and LAPACK's info per
-// matrix, by potf2_lower, and its inverse L^-1 (lower): trti2 on a copy of
+// matrix, by cholesky_lower, and its inverse L^-1 (lower): trti2 on a copy of
 // the factor ('U' read column-major, as the factor's U = L^T: the inverse of U is (L^-1)^T, which
 // read row-major is L^-1). A matrix whose factorisation failed gets the identity for an inverse
 // (finite wherever it is read; its info reports the failure).
@@ -310,7 +312,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> potf2_inverse_lower(const at::Ten
   TORCH_CHECK(found != nullptr && found->potf2 != nullptr && found->trti2 != nullptr,
               "potf2_inverse_lower: no potf2 and trti2 routines for dtype ", M.scalar_type(),
               " (float32 and float64, after set_routines)");
-  auto [factor, info] = potf2_lower(M, c10::nullopt);
+  auto [factor, info] = cholesky_lower(M, c10::nullopt);
   int n = static_cast<int>(M.size(-1));
   const int64_t count = info.numel();
   const int64_t stride = static_cast<int64_t>(n) * n * factor.element_size();
@@ -335,7 +337,7 @@ TORCH_LIBRARY(optlayers_lapack, m) {
   m.def("set_routines(int double_potf2, int float_potf2, int double_trsv, int float_trsv, int double_gemm, int float_gemm, "
         "int double_trsm, int float_trsm, int double_trti2, int float_trti2) -> ()",
         &set_routines);
-  m.def("potf2_lower(Tensor M, Tensor? active=None) -> (Tensor, Tensor)");
+  m.def("cholesky_lower(Tensor M, Tensor? active=None) -> (Tensor, Tensor)");
   m.def("trsv_lower(Tensor L, Tensor r, bool forward, bool backward) -> Tensor");
   m.def("add_product_where(Tensor C, Tensor A, Tensor B, Tensor active) -> Tensor");
   m.def("coupled_schur(Tensor L, Tensor C, Tensor coupled, Tensor shift) -> (Tensor, Tensor, Tensor)");
@@ -343,7 +345,7 @@ TORCH_LIBRARY(optlayers_lapack, m) {
 }
 
 TORCH_LIBRARY_IMPL(optlayers_lapack, CPU, m) {
-  m.impl("potf2_lower", &potf2_lower);
+  m.impl("cholesky_lower", &cholesky_lower);
   m.impl("trsv_lower", &trsv_lower);
   m.impl("add_product_where", &add_product_where);
   m.impl("coupled_schur", &coupled_schur);

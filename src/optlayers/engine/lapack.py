@@ -42,7 +42,7 @@ the solves' ``trsm`` 6 %). Measured there (one thread, compiled forward + backwa
 against the operators, two runs each): (1, 100) 4.03 / 3.57 ms, (128, 100) 401 / 369 and
 379 / 328 ms.
 
-Compiled solves call it as the C++ operator ``optlayers_lapack::potf2_lower`` (``lapack.cpp``, built
+Compiled solves call it as the C++ operator ``optlayers_lapack::cholesky_lower`` (``lapack.cpp``, built
 by torch's extension builder the first time a compiled solve on such a machine factorises a matrix
 of those orders, about 40 s, and cached by torch across processes; ``load_operator``). A Python routine called from inductor's
 generated code cost 50–80 µs more per call than torch's factorisation (a compiled forward +
@@ -268,7 +268,7 @@ def load_operator() -> bool:
         triangular = [_trsm_address(dtype) if dtype in FACTORED_DTYPES else 0 for dtype in (torch.float64, torch.float32)]
         inverses = [_trti2_address(dtype) if dtype in FACTORED_DTYPES else 0 for dtype in (torch.float64, torch.float32)]
         torch.ops.optlayers_lapack.set_routines(*factors, *solves, *products, *triangular, *inverses)
-        torch.library.register_fake("optlayers_lapack::potf2_lower", _potf2_lower_shapes)
+        torch.library.register_fake("optlayers_lapack::cholesky_lower", _cholesky_lower_shapes)
         torch.library.register_fake("optlayers_lapack::trsv_lower", _trsv_lower_shapes)
         torch.library.register_fake("optlayers_lapack::add_product_where", _add_product_where_shapes)
         torch.library.register_fake("optlayers_lapack::coupled_schur", _coupled_schur_shapes)
@@ -277,7 +277,7 @@ def load_operator() -> bool:
         return True
 
 
-def _potf2_lower_shapes(M: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def _cholesky_lower_shapes(M: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The operator's outputs' shapes, dtypes and layout, for tracing."""
     return torch.empty_like(M, memory_format=torch.contiguous_format), M.new_empty(M.shape[:-2], dtype=torch.int32)
 
@@ -349,7 +349,7 @@ def factor_lower(M: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tenso
         raise ValueError(f"factor_lower: active must be a ({M.shape[0] if M.dim() else 0},) bool mask of a (B, n, n) batch, "
                          f"got {tuple(active.shape)} {active.dtype} for M of shape {tuple(M.shape)}")
     if torch.compiler.is_compiling():
-        return torch.ops.optlayers_lapack.potf2_lower(M, active)
+        return torch.ops.optlayers_lapack.cholesky_lower(M, active)
     factor = M.clone(memory_format=torch.contiguous_format)
     n = M.shape[-1]
     info = torch.zeros(M.shape[:-2], dtype=torch.int32)
