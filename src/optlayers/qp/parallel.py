@@ -50,7 +50,9 @@ def compiled_slice_count(batch: int, n: int, device: torch.device) -> int:
 # 5.7 GB/s on the AMD EPYC machine, one thread, against 30 GB/s from the cache). Measured there
 # (``benchmarks/compiled_chunks.py``), compiled forward + backward of 128 problems with n = 100: one
 # thread, chunks of 32, 16, 8, 4 and 2 against the whole batch 0.72, 0.58, 0.55, 0.57 and 0.61 of the
-# time; two threads, chunks of 8 and 4 against slices of 64 whole 0.67 and 0.67 (docs/qp.md).
+# time; two threads, chunks of 8 and 4 against slices of 64 whole 0.67 and 0.67 (docs/qp.md). On the
+# Intel Xeon machine (2 MB of L2 per core against the AMD's 512 KB; 2026-12-06, one thread, 5 rounds,
+# medians) chunks of 8 stay the fastest: 16, 32 and 4 took 1.07, 1.09 and 1.03 times as long.
 _CHUNK_ENTRIES = 80_000
 # Smaller chunks pay their calls' fixed cost: a slice that has no divisor of at least this many
 # entries (and at most ``_CHUNK_ENTRIES``) runs whole.
