@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> cholesky_lower(const at::Tensor& M, const c10
   TORCH_CHECK(M.device().is_cpu(), "cholesky_lower: M must be on the CPU, got ", M.device());
   const Routines* found = routines_for(M);
   Potf2 routine = found == nullptr ? nullptr : found->potf2;
-  TORCH_CHECK(routine != nullptr, "cholesky_lower: no potf2 routine for dtype ", M.scalar_type(),
+  TORCH_CHECK(routine != nullptr, "cholesky_lower: no factorisation routine for dtype ", M.scalar_type(),
               " (float32 and float64, after set_routines)");
   at::Tensor factor = M.clone(at::MemoryFormat::Contiguous);
   int n = static_cast<int>(M.size(-1));

@@ -37,8 +37,8 @@ torch's there (``EAGER_FACTORED``). Compiled solves take the operators below on 
 the factorisation on an Intel processor: torch's factorisation in compiled code is a call through
 the operator registry, copies into and out of LAPACK's layout and a pass of ``triu`` over each
 factor, and its triangular solves with one vector copy the factor too (at batch 128, n = 100 the
-``triu`` pass took 6 % of a compiled forward + backward, ``perf``-like samples of ``py-spy``, and
-the solves' ``trsm`` 6 %). Measured there (one thread, compiled forward + backward, torch's route
+``triu`` pass took 6 % of a compiled forward + backward in the samples of ``py-spy --native``,
+and the solves' ``trsm`` 6 %). Measured there (one thread, compiled forward + backward, torch's route
 against the operators, two runs each): (1, 100) 4.03 / 3.57 ms, (128, 100) 401 / 369 and
 379 / 328 ms.
 
@@ -313,7 +313,7 @@ def _operator_loaded() -> bool:
 
 
 def used_for(M: Tensor) -> bool:
-    """Whether ``factor_lower`` factorises ``M`` by ``potf2`` rather than torch: a CPU matrix of a
+    """Whether ``factor_lower`` factorises ``M`` by ``_routine`` rather than torch: a CPU matrix of a
     dtype in ``FACTORED_DTYPES`` and of order ``MIN_N`` to ``MAX_N`` that no gradient flows
     through: in an eager solve where ``EAGER_FACTORED``, on the CPU's own schedule (``host.cpu_schedule``: the counts of
     ``host.accelerator_schedule`` are of what an accelerator dispatches, which never takes it), and
@@ -338,7 +338,8 @@ def _order(n: int) -> int:
 def factor_lower(M: Tensor, active: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The lower Cholesky factors of a (..., n, n) symmetric CPU batch (a new row-major tensor, its
     upper triangle zero) and LAPACK's int32 info per matrix (0, or the order of the first leading
-    minor that is not positive definite), by ``potf2``, as ``torch.linalg.cholesky_ex`` gives them
+    minor that is not positive definite), by ``_routine`` (scipy's ``potf2``, or MKL's ``potrf``
+    on an Intel processor), as ``torch.linalg.cholesky_ex`` gives them
     but for a NaN pivot: OpenBLAS's ``potf2`` tests a pivot for ≤ 0 only, so that a factor with NaN
     is reported 0 (``kkt.cholesky``'s ``check_finite`` tests the factor's diagonal). For float32
     and float64 matrices where scipy exports the routine (``_routine``); the engine calls it where
