@@ -596,15 +596,15 @@ def test_the_factor_and_inverse_operator_gives_potf2s_factor_and_its_inverse(ope
 
 def test_the_factor_and_inverse_operator_refuses_what_it_cannot_factorise(operator):
     with pytest.raises(RuntimeError, match="square matrices"):
-        torch.ops.optlayers_lapack.potf2_inverse_lower(torch.zeros(2, 3, 4, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="no potf2 and trti2 routines for dtype"):
-        torch.ops.optlayers_lapack.potf2_inverse_lower(torch.eye(5, dtype=torch.float16))
+        torch.ops.optlayers_lapack.cholesky_inverse_lower(torch.zeros(2, 3, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="no factorisation and trti2 routines for dtype"):
+        torch.ops.optlayers_lapack.cholesky_inverse_lower(torch.eye(5, dtype=torch.float16))
 
 
 @pytest.mark.parametrize("equalities", [0, 3])
 def test_a_compiled_factorisation_of_small_order_factorises_and_inverts_in_one_operator_call(operator, equalities):
     """``kkt.factor_kkt`` under compilation at orders up to ``kkt.INVERTED_MAX_N``: H and S are
-    factorised and their factors inverted by ``potf2_inverse_lower`` (no torch factorisation or
+    factorised and their factors inverted by ``cholesky_inverse_lower`` (no torch factorisation or
     triangular solve in the traced graph); the factors agree with the eager ones to 1e-12 and the
     inverses invert them."""
     data = random_qp(4, 10, 10, equalities, seed=13)
@@ -618,8 +618,8 @@ def test_a_compiled_factorisation_of_small_order_factorises_and_inverts_in_one_o
         return f.chol_h, f.inv_h, f.chol_s, f.inv_s, f.ok
 
     targets, (chol_h, inv_h, chol_s, inv_s, ok) = _compiled_targets(factor, data.Q, A, data.G, w_inv, reg)
-    assert sum("potf2_inverse_lower" in t for t in targets) == (2 if equalities else 1), targets
-    assert not any("cholesky" in t or "solve_triangular" in t for t in targets), targets
+    assert sum("cholesky_inverse_lower" in t for t in targets) == (2 if equalities else 1), targets
+    assert not any("linalg_cholesky" in t or "cholesky_lower" in t or "solve_triangular" in t for t in targets), targets
     eager = factor(data.Q, A, data.G, w_inv, reg)
     assert bool(ok.all()) and torch.equal(ok, eager[4])
     torch.testing.assert_close(chol_h, eager[0], rtol=1e-12, atol=1e-12)

@@ -78,8 +78,8 @@ def test_the_loop_goes_on_after_the_host_reacts(eager_backend, monkeypatch):
     (eager, grad, eager_reactions), (compiled, grad_compiled, compiled_reactions) = sols
     assert eager_reactions == compiled_reactions >= 2
     assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.iterations, eager.iterations)
-    # where engine.lapack factorises (AMD with torch's MKL) the compiled factors are potf2's and trti2's,
-    # the eager ones torch's: the iterates agree to the rounding the two leave (6e-12 here)
+    # where engine.lapack's operators factorise (wherever torch's LAPACK is MKL) the compiled small factors
+    # are the operator's, the eager ones torch's: the iterates agree to the rounding the two leave (6e-12 here)
     torch.testing.assert_close(compiled.z, eager.z, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(grad_compiled, grad, rtol=1e-10, atol=1e-10)
 

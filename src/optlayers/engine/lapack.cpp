@@ -1,6 +1,6 @@
 // The operators optlayers_lapack::cholesky_lower, optlayers_lapack::trsv_lower,
 // optlayers_lapack::add_product_where, optlayers_lapack::coupled_schur and
-// optlayers_lapack::potf2_inverse_lower, which compiled solves call on the CPU where torch's LAPACK
+// optlayers_lapack::cholesky_inverse_lower, which compiled solves call on the CPU where torch's LAPACK
 // is MKL (engine/lapack.py, FACTORED_DTYPES): the lower Cholesky factor of each matrix of a
 // (..., n, n) symmetric batch, with LAPACK's info per matrix, the triangular solves with such factors
 // of a (..., n) batch of vectors, the batched product C + A B of the matrices that a mask marks, the
@@ -304,13 +304,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> coupled_schur(const at::Tensor& L
 // the factor ('U' read column-major, as the factor's U = L^T: the inverse of U is (L^-1)^T, which
 // read row-major is L^-1). A matrix whose factorisation failed gets the identity for an inverse
 // (finite wherever it is read; its info reports the failure).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> potf2_inverse_lower(const at::Tensor& M) {
-  TORCH_CHECK(M.dim() >= 2 && M.size(-1) == M.size(-2), "potf2_inverse_lower: M must be a batch of square matrices, got shape ",
+std::tuple<at::Tensor, at::Tensor, at::Tensor> cholesky_inverse_lower(const at::Tensor& M) {
+  TORCH_CHECK(M.dim() >= 2 && M.size(-1) == M.size(-2), "cholesky_inverse_lower: M must be a batch of square matrices, got shape ",
               M.sizes());
-  TORCH_CHECK(M.device().is_cpu(), "potf2_inverse_lower: M must be on the CPU, got ", M.device());
+  TORCH_CHECK(M.device().is_cpu(), "cholesky_inverse_lower: M must be on the CPU, got ", M.device());
   const Routines* found = routines_for(M);
   TORCH_CHECK(found != nullptr && found->potf2 != nullptr && found->trti2 != nullptr,
-              "potf2_inverse_lower: no potf2 and trti2 routines for dtype ", M.scalar_type(),
+              "cholesky_inverse_lower: no factorisation and trti2 routines for dtype ", M.scalar_type(),
               " (float32 and float64, after set_routines)");
   auto [factor, info] = cholesky_lower(M, c10::nullopt);
   int n = static_cast<int>(M.size(-1));
@@ -341,7 +341,7 @@ TORCH_LIBRARY(optlayers_lapack, m) {
   m.def("trsv_lower(Tensor L, Tensor r, bool forward, bool backward) -> Tensor");
   m.def("add_product_where(Tensor C, Tensor A, Tensor B, Tensor active) -> Tensor");
   m.def("coupled_schur(Tensor L, Tensor C, Tensor coupled, Tensor shift) -> (Tensor, Tensor, Tensor)");
-  m.def("potf2_inverse_lower(Tensor M) -> (Tensor, Tensor, Tensor)");
+  m.def("cholesky_inverse_lower(Tensor M) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(optlayers_lapack, CPU, m) {
@@ -349,5 +349,5 @@ TORCH_LIBRARY_IMPL(optlayers_lapack, CPU, m) {
   m.impl("trsv_lower", &trsv_lower);
   m.impl("add_product_where", &add_product_where);
   m.impl("coupled_schur", &coupled_schur);
-  m.impl("potf2_inverse_lower", &potf2_inverse_lower);
+  m.impl("cholesky_inverse_lower", &cholesky_inverse_lower);
 }

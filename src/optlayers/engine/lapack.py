@@ -272,7 +272,7 @@ def load_operator() -> bool:
         torch.library.register_fake("optlayers_lapack::trsv_lower", _trsv_lower_shapes)
         torch.library.register_fake("optlayers_lapack::add_product_where", _add_product_where_shapes)
         torch.library.register_fake("optlayers_lapack::coupled_schur", _coupled_schur_shapes)
-        torch.library.register_fake("optlayers_lapack::potf2_inverse_lower", _potf2_inverse_lower_shapes)
+        torch.library.register_fake("optlayers_lapack::cholesky_inverse_lower", _cholesky_inverse_lower_shapes)
         _operator_state["loaded"] = True
         return True
 
@@ -292,7 +292,7 @@ def _add_product_where_shapes(C: Tensor, A: Tensor, B: Tensor, active: Tensor) -
     return torch.empty_like(C, memory_format=torch.contiguous_format)
 
 
-def _potf2_inverse_lower_shapes(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _cholesky_inverse_lower_shapes(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The factor-and-inverse operator's outputs' shapes, dtypes and layout, for tracing."""
     factor = torch.empty_like(M, memory_format=torch.contiguous_format)
     return factor, torch.empty_like(factor), M.new_empty(M.shape[:-2], dtype=torch.int32)
@@ -444,4 +444,4 @@ def factor_inverse_lower(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The lower Cholesky factors L of a (..., n, n) symmetric CPU batch (as ``factor_lower`` gives
     them), their inverses L⁻¹ (lower; the identity where the factorisation failed) and LAPACK's int32
     info per matrix: the C++ operator, ``potf2`` then ``trti2`` matrix by matrix (``factors_inverted``)."""
-    return torch.ops.optlayers_lapack.potf2_inverse_lower(M)
+    return torch.ops.optlayers_lapack.cholesky_inverse_lower(M)
