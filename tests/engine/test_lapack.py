@@ -67,11 +67,11 @@ def test_compiled_code_without_the_operator_keeps_torchs_factorisation(monkeypat
 
 def test_compiled_code_asks_for_the_operator_only_where_it_would_factorise_with_it(monkeypatch):
     """The operator is built where a compiled factorisation first needs it: tracing one of an order
-    below ``MIN_N`` never asks; one in range asks once per trace and, told no, keeps torch's."""
+    below ``COMPILED_MIN_N`` never asks; one in range asks once per trace and, told no, keeps torch's."""
     monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64}))
     asked = []
     monkeypatch.setattr(lapack, "load_operator", lambda: asked.append(True) and False)
-    for n, expected in ((lapack.MIN_N - 1, 0), (lapack.MIN_N, 1)):
+    for n, expected in ((lapack.COMPILED_MIN_N - 1, 0), (lapack.COMPILED_MIN_N, 1)):
         M = _spd((2,), n, torch.float64, seed=n)
         compiled = torch.compile(lambda X: kkt.cholesky(X)[0], fullgraph=True, options={"cpp_wrapper": True})
         torch.testing.assert_close(compiled(M), torch.linalg.cholesky(M), rtol=1e-12, atol=1e-12)
@@ -307,7 +307,8 @@ def _compiled_targets(fn, *args):
     return targets, torch.compile(fn, backend=backend, fullgraph=True)(*args)
 
 
-@pytest.mark.parametrize("n, taken", [(lapack.MIN_N - 1, False), (lapack.MIN_N, True), (lapack.MAX_N + 1, False)])
+@pytest.mark.parametrize("n, taken", [(lapack.COMPILED_MIN_N - 1, False), (lapack.COMPILED_MIN_N, True),
+                                      (lapack.MIN_N - 1, True), (lapack.MAX_N + 1, False)])
 def test_compiled_solves_with_a_potf2_factor_take_the_operator_and_agree_with_torchs(operator, n, taken):
     M = _spd((3,), n, torch.float64, seed=n)
     r = torch.randn(3, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
@@ -543,15 +544,17 @@ def test_the_schur_operator_refuses_what_it_cannot_factorise(operator):
         lapack.coupled_schur(L.half(), C.half(), coupled, shift.half())
 
 
+@pytest.mark.parametrize("n, rows", [(50, 60), (lapack.COMPILED_MIN_N + 7, lapack.COMPILED_MIN_N + 2)])
 @pytest.mark.parametrize("equalities", [0, 5])
-def test_a_compiled_factorisation_with_stiff_rows_takes_the_schur_operator_and_agrees_with_the_eager_one(operator, equalities):
+def test_a_compiled_factorisation_with_stiff_rows_takes_the_schur_operator_and_agrees_with_the_eager_one(operator, equalities, n, rows):
     """``kkt.factor_kkt`` with stiff rows under compilation forms S over the coupled rows alone
     (``lapack.coupled_schur`` in the traced graph, in place of the triangular solve, the product and
-    the factorisation of the whole S): its H and H's factor are the eager ones to the bit, Y and S's factor to 1e-12, and the
-    factor solves the KKT system as the eager one does."""
-    data = random_qp(5, 50, 60, equalities, seed=11)
+    the factorisation of the whole S): its H is the eager one to the bit, and so is H's factor where
+    the eager solve factorises by the same routine (order ``MIN_N`` and up; below it, torch's, to
+    1e-12); Y and S's factor agree to 1e-12, and the factor solves the KKT system as the eager one does."""
+    data = random_qp(5, n, rows, equalities, seed=11)
     g = torch.Generator().manual_seed(12)
-    lam, s = torch.rand(5, 60, generator=g, dtype=torch.float64) + 0.1, torch.rand(5, 60, generator=g, dtype=torch.float64) + 0.1
+    lam, s = torch.rand(5, rows, generator=g, dtype=torch.float64) + 0.1, torch.rand(5, rows, generator=g, dtype=torch.float64) + 0.1
     s[:, ::3] = 1e-9  # near-active rows, kept out of H
     s[3, :] = 1e-9  # every row of one problem
     w_inv, reg = lam / s, torch.full((5,), 1e-8, dtype=torch.float64)
@@ -561,12 +564,15 @@ def test_a_compiled_factorisation_with_stiff_rows_takes_the_schur_operator_and_a
         f = kkt.factor_kkt(Q, A, G, w_inv, reg, reg, stiff=stiff, retries=0)
         return f.H, f.chol_h, f.Y, f.chol_s, f.ok
 
-    A = data.Q.new_zeros(5, 0, 50) if data.A is None else data.A
+    A = data.Q.new_zeros(5, 0, n) if data.A is None else data.A
     targets, compiled = _compiled_targets(factor, data.Q, A, data.G, w_inv, reg, stiff)
     assert sum("coupled_schur" in t for t in targets) == 1 and sum("cholesky_lower" in t for t in targets) == 1, targets
     assert not any("solve_triangular" in t for t in targets), targets
     eager = factor(data.Q, A, data.G, w_inv, reg, stiff)
-    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1]) and torch.equal(compiled[4], eager[4])
+    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[4], eager[4])
+    if n >= lapack.MIN_N:
+        assert torch.equal(compiled[1], eager[1])
+    torch.testing.assert_close(compiled[1], eager[1], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(compiled[2], eager[2], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(compiled[3], eager[3], rtol=1e-12, atol=1e-12)
     assert bool(compiled[4].all())

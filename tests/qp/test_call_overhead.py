@@ -28,7 +28,7 @@ SOLVE_GUARDS = 86  # 2 of them on IPMSettings.balanced_step_fraction, 4 the prog
 # progress_limit), 3 the iterate's recession test's and the augmented factorisation's (ipm._STILL_DIVERGING,
 # kkt.AUGMENT, augment), 1 the refinement's early stop (kkt._REFINED_ROUNDOFFS), 2 the derivative checks'
 # bounds (derivative_checks.AMBIGUOUS_ROW_RATIO, MAX_AMPLIFICATION), 1 dynamo's own on the 0-d fill (an
-# epilogue guard), 1 the Cholesky route's smallest order (lapack.MIN_N, where lapack.FACTORED_DTYPES has the dtype)
+# epilogue guard), 1 the Cholesky route's smallest compiled order (lapack.COMPILED_MIN_N, where lapack.FACTORED_DTYPES has the dtype)
 BACKWARD_GUARDS = 107  # 3 of them the factor's augment (KKTFactor.augment, kkt.AUGMENT), 8 the refinement's
 # early stop (kkt._REFINED_ROUNDOFFS, and 7 on torch's pytree registry, with which torch.cond flattens its operands)
 

@@ -33,7 +33,7 @@ On an Intel processor MKL runs its own code, and torch's factorisation of one ma
 as a call of MKL's ``potrf`` matrix by matrix (eager calls, one thread, 2026-12-06, the Intel
 Xeon machine: n = 100, batch 1, 16, 128: 24 / 28, 411 / 417, 3,644 / 3,432 µs); eager solves keep
 torch's there (``EAGER_FACTORED``). Compiled solves take the operators below on both processors
-(``FACTORED_DTYPES``), with MKL's own ``potrf`` (from torch's library, as the product's ``gemm``) as
+(``FACTORED_DTYPES``), from order ``COMPILED_MIN_N``, with MKL's own ``potrf`` (from torch's library, as the product's ``gemm``) as
 the factorisation on an Intel processor: torch's factorisation in compiled code is a call through
 the operator registry, copies into and out of LAPACK's layout and a pass of ``triu`` over each
 factor, and its triangular solves with one vector copy the factor too (at batch 128, n = 100 the
@@ -72,8 +72,18 @@ from torch import Tensor
 from optlayers.host import cpu_schedule
 
 MIN_N = 40
-"""The smallest order factorised by ``potf2``: the measurements above, where it wins from n = 40 at
-batch 16 and from n = 30 at batch 128 (at batch 1 a call's fixed cost counts up to n = 80)."""
+"""The smallest order that eager solves factorise by ``potf2``: the measurements above, where it wins
+from n = 40 at batch 16 and from n = 30 at batch 128 (at batch 1 a call's fixed cost counts up to
+n = 80)."""
+
+COMPILED_MIN_N = 13
+"""The smallest order that compiled solves factorise and solve with by the operators: the one above
+the factors that compiled solves invert (``kkt.INVERTED_MAX_N``, ``factors_inverted``). The eager
+bound ``MIN_N`` is the cost of a ``ctypes`` call from Python, which the C++ operator does not pay;
+under it torch's factorisation and solves are calls through the operator registry with their
+copies. Measured on the Intel Xeon machine (compiled forward + backward, float64, one thread,
+``benchmarks/ab_trees.py``, 2026-12-06), orders 20 and 30 against torch's route: see docs/qp.md,
+"The operators below order 40"."""
 
 MAX_N = 192
 """The largest order factorised by ``potf2``: unblocked, it falls behind blocked factorisations
@@ -308,20 +318,22 @@ def _coupled_schur_shapes(L: Tensor, C: Tensor, coupled: Tensor, shift: Tensor) 
 def _operator_loaded() -> bool:
     """``load_operator()``, evaluated when dynamo traces a factorisation that ``potf2`` would take:
     the operator is built where a compiled solve first needs it (never for one whose orders are
-    all outside ``MIN_N`` to ``MAX_N``), and the traced code holds the answer as a constant."""
+    all outside ``COMPILED_MIN_N`` to ``MAX_N``), and the traced code holds the answer as a constant."""
     return load_operator()
 
 
 def used_for(M: Tensor) -> bool:
     """Whether ``factor_lower`` factorises ``M`` by ``_routine`` rather than torch: a CPU matrix of a
-    dtype in ``FACTORED_DTYPES`` and of order ``MIN_N`` to ``MAX_N`` that no gradient flows
-    through: in an eager solve where ``EAGER_FACTORED``, on the CPU's own schedule (``host.cpu_schedule``: the counts of
+    dtype in ``FACTORED_DTYPES`` and of order ``MIN_N`` (compiled: ``COMPILED_MIN_N``) to ``MAX_N``
+    that no gradient flows through: in an eager solve where ``EAGER_FACTORED``, on the CPU's own schedule (``host.cpu_schedule``: the counts of
     ``host.accelerator_schedule`` are of what an accelerator dispatches, which never takes it), and
     in compiled code where the operator loads (``_operator_loaded``)."""
-    if not (M.device.type == "cpu" and M.dtype in FACTORED_DTYPES and MIN_N <= M.shape[-1] <= MAX_N
+    compiling = torch.compiler.is_compiling()
+    if not (M.device.type == "cpu" and M.dtype in FACTORED_DTYPES
+            and (COMPILED_MIN_N if compiling else MIN_N) <= M.shape[-1] <= MAX_N
             and not (M.requires_grad and torch.is_grad_enabled())):
         return False
-    if torch.compiler.is_compiling():
+    if compiling:
         return _operator_loaded()
     return EAGER_FACTORED and cpu_schedule(M.device)
 
@@ -414,7 +426,7 @@ def factors_coupled_rows(H: Tensor, C: Tensor) -> bool:
     every row of C (no host read says how many are coupled), and the rows that S does not couple are
     zero: the operator leaves them out of the solve, the product and the factorisation."""
     return (torch.compiler.is_compiling() and H.dim() == 3 and C.dim() == 3 and H.dtype in SCHUR_DTYPES
-            and MIN_N <= C.shape[-2] <= MAX_N and used_for(H))
+            and COMPILED_MIN_N <= C.shape[-2] <= MAX_N and used_for(H))
 
 
 def coupled_schur(L: Tensor, C: Tensor, coupled: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
