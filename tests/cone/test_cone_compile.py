@@ -10,7 +10,7 @@ from optlayers import compiling, threads
 from optlayers.cone import ConeLayer, ConeSpec, solve_cone
 from optlayers.cone.interior import solver
 from optlayers.cone.testing import ALL_CONES, random_program
-from optlayers.engine import loop
+from optlayers.engine import lapack, loop
 
 PROGRAMS = [(ALL_CONES, 16, False), (ALL_CONES, 14, True), (ConeSpec(nonneg=5, soc=[3], exp_dual=2), 8, False)]
 # Every cone kind with more than 12 equality rows and variables: under compilation the KKT solves invert
@@ -71,7 +71,10 @@ def test_the_device_loop_takes_the_host_loops_iterates(quadratic, monkeypatch):
     same statuses, iteration counts and iterates bit for bit. With the working batch cut to the
     running elements (the eager default) an element's batched linear algebra runs in a smaller
     batch, which may round it differently (MKL on an AMD EPYC machine does: up to 6e-6 on this
-    program's last iterates): the same statuses, iterates as close as the method's accuracy."""
+    program's last iterates): the same statuses, iterates as close as the method's accuracy.
+    Both loops factorise with torch: the compiled solves' LAPACK operators (``lapack.used_for``,
+    from order ``lapack.COMPILED_MIN_N``) round differently from torch's eager factorisation."""
+    monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset())
     spec, n = WIDE, 24
     A, b, c, P, *_ = random_program(spec, n, batch=9, seed=3, quadratic=quadratic)
     parts = tuple(solver.parts_of(spec))
