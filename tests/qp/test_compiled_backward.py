@@ -2,11 +2,14 @@
 backward's gradients for every datum, failed elements included; higher-order derivatives keep the
 eager rules. Traced by dynamo's eager backend (no inductor compilation: fast), except the slow
 test, which compiles with inductor."""
+import dataclasses
+
 import pytest
 import torch
 
 from optlayers import solve_qp
-from optlayers.qp import autograd
+from optlayers.engine import kkt
+from optlayers.qp import autograd, parallel
 from optlayers.status import Status
 from tests.qp.qp_problems import random_qp
 
@@ -36,6 +39,22 @@ def _gradients(data: dict, which: tuple[str, ...]) -> tuple[torch.Tensor, dict[s
 
 def _eager_rule(monkeypatch) -> None:
     monkeypatch.setattr(autograd, "_first_order", lambda saved: False)
+    monkeypatch.setattr(autograd, "_plain", lambda saved: False)
+
+
+def _in_chunks_of(monkeypatch, problems: int, n: int) -> None:
+    """Compiled solves of ``n`` variables cut into chunks of ``problems`` (``parallel``'s bounds
+    lowered to small problems)."""
+    monkeypatch.setattr(parallel, "_MIN_CHUNK_ENTRIES", 1)
+    monkeypatch.setattr(parallel, "_CHUNK_ENTRIES", problems * n * n)
+
+
+def _counted(monkeypatch, name: str) -> list[int]:
+    """Counts the calls of ``autograd.<name>``."""
+    calls: list[int] = []
+    real = getattr(autograd, name)
+    monkeypatch.setattr(autograd, name, lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    return calls
 
 
 def _compare(data: dict, monkeypatch, rtol: float, which: tuple[str, ...] = ("Q", "p", "G", "h", "A", "b")) -> torch.Tensor:
@@ -67,6 +86,41 @@ def test_compiled_backward_gives_the_eager_gradients(eager_backend, monkeypatch,
     data = random_qp((4,), 6, 8, m, active=True)
     status = _compare(_with_infeasible_element(data) if failed else data, monkeypatch, 1e-12)
     assert (status != Status.SOLVED).any() == failed and (status == Status.SOLVED).any()
+
+
+@pytest.mark.parametrize("m, failed", [(0, False), (2, True)])
+def test_a_batch_in_chunks_factorises_for_the_derivatives_in_the_backward(eager_backend, monkeypatch, m, failed):
+    """A compiled solve in chunks leaves the derivatives' factorisation to its backward, which makes
+    it chunk by chunk (``autograd._sliced_factorising_vjp``): the eager backward's gradients, a
+    failed element's zero included."""
+    _in_chunks_of(monkeypatch, 2, 6)
+    factorising = _counted(monkeypatch, "_sliced_factorising_vjp")
+    data = random_qp((4,), 6, 8, m, active=True)
+    status = _compare(_with_infeasible_element(data) if failed else data, monkeypatch, 1e-12)
+    assert factorising == [1]  # the compiled backward's; the eager rule's ran without it
+    assert (status != Status.SOLVED).any() == failed and (status == Status.SOLVED).any()
+
+
+def test_a_factorisation_that_fails_in_the_backward_is_made_again_with_retries(eager_backend, monkeypatch):
+    """Where the backward's unretried factorisation fails, the batch's is made again with retries,
+    as a forward's would be (``autograd._left_factor``), and the gradients are the eager rule's."""
+    _in_chunks_of(monkeypatch, 2, 6)
+    data = random_qp((4,), 6, 8, 2, active=True)
+    real = autograd.derivative_factor
+
+    def unretried_fails(*args, retries=kkt.MAX_FACTOR_RETRIES, **kwargs):
+        f = real(*args, retries=retries, **kwargs)
+        return f if retries else dataclasses.replace(f, ok=torch.zeros_like(f.ok))
+    monkeypatch.setattr(autograd, "derivative_factor", unretried_fails)
+    remade = _counted(monkeypatch, "_left_factor")
+    status, compiled_grads = _gradients(data, ("Q", "p", "G", "h", "A", "b"))
+    assert remade == [1] and (status == Status.SOLVED).all()
+    with monkeypatch.context() as patch:
+        _eager_rule(patch)
+        _, eager_grads = _gradients(data, ("Q", "p", "G", "h", "A", "b"))
+    for name, got in compiled_grads.items():
+        want = eager_grads[name]
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12 * float(want.abs().max()), msg=name)
 
 
 def test_compiled_backward_of_float32_data_and_one_datum(eager_backend, monkeypatch):

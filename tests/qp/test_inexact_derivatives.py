@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from optlayers import InexactDerivativeWarning, solve_qp
+from optlayers.qp import autograd, parallel
 from optlayers.qp.derivative_checks import AMBIGUOUS_ROW_RATIO
 from qp_problems import random_qp
 
@@ -140,3 +141,23 @@ def test_a_tie_in_an_lp_over_the_simplex_is_named():
                  torch.ones(1, 3, dtype=torch.float64), torch.ones(1, dtype=torch.float64)).z
     with pytest.warns(InexactDerivativeWarning, match="the derivative of the QP amplifies a change of p"):
         z.sum().backward()
+
+
+def test_a_batch_in_chunks_names_the_elements_the_whole_batch_names(eager_backend, monkeypatch):
+    """A compiled batch in chunks of two makes its derivatives' factorisation in the backward
+    (``autograd._sliced_factorising_vjp``), and names the elements whose derivative amplifies a
+    change, as the whole batch does (``test_a_solution_that_is_not_unique_is_named``)."""
+    monkeypatch.setattr(parallel, "_MIN_CHUNK_ENTRIES", 1)
+    monkeypatch.setattr(parallel, "_CHUNK_ENTRIES", 2 * 2 * 2)
+    factorising = []
+    real = autograd._sliced_factorising_vjp
+    monkeypatch.setattr(autograd, "_sliced_factorising_vjp", lambda *args: factorising.append(1) or real(*args))
+    Q = torch.stack([torch.zeros(2, 2), torch.diag(torch.tensor([0.0, 1.0])), torch.diag(torch.tensor([1.0, 1e-4])),
+                     torch.eye(2)]).double()
+    p = torch.tensor([[0.0, 1.0], [0.0, 0.3], [0.3, 3e-5], [0.3, 0.2]], dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        solve_qp(Q, p, BOX_G, BOX_H, compile=True).z.sum().backward()
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, InexactDerivativeWarning)]
+    assert "the derivative at elements 0, 1 amplifies a change of p" in message and "not unique" in message
+    assert factorising == [1]

@@ -30,12 +30,15 @@ from optlayers.engine.graphed import graphs_calls
 from optlayers.engine.step import QPData
 from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
-from optlayers.qp.derivative_checks import warn_inexact
+from optlayers.engine.kkt import KKTFactor
+from optlayers.host import host_read
+from optlayers.qp.derivative_checks import inexact_derivatives, warn_inexact
 from optlayers.qp.derivatives import (
     FORWARD_OVER_FORWARD,
     KKTPoint,
     data_cotangent,
     factor_from,
+    factor_tensors,
     flat_vmap,
     plain_solution_vjp,
     solution_jvp,
@@ -43,7 +46,7 @@ from optlayers.qp.derivatives import (
 )
 from optlayers.qp.forward import N_PUBLIC, Saved, keep_solved
 from optlayers.qp.forward import outputs as forward_outputs
-from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings, solve_part
+from optlayers.qp.ipm import COMPUTE_DTYPE, IPMSettings, derivative_factor, solve_part
 from optlayers.qp.parallel import compiled_slices
 from optlayers.qp.scaling import (
     Scaling,
@@ -60,17 +63,34 @@ _FACTOR_AT = _STATUS_AT + 1 + len(Saved._fields)  # where the factor's tensors b
 
 _FORWARD_OUTCOME = threading.local()
 """``QPSolveFn.forward``'s word to the ``setup_context`` that follows it in the same thread: whether
-some solved element's derivative is inexact (``forward.Outcome.inexact``, read with the statuses)."""
+some solved element's derivative is inexact (``forward.Outcome.inexact``, read with the statuses),
+and whether the forward left the derivatives' factorisation to the backward
+(``forward.Outcome.factor_left``)."""
 
 
-def _warn_inexact_at(saved: tuple[Tensor, ...], batch_shape: tuple[int, ...]) -> None:
+def _warn_inexact_at(saved: tuple[Tensor, ...], batch_shape: tuple[int, ...], settings: IPMSettings | None = None,
+                     factor_left: bool | None = None) -> None:
     """``derivative_checks.warn_inexact`` at the scaled solution among the tensors ``setup_context``
-    saved, with the derivatives' factorisation where the forward kept it (else the amplification
-    is not tested)."""
+    saved, with the derivatives' factorisation where the forward kept it, made here where the
+    forward left it to the backward (``factor_left``, with ``settings``: ``_left_factor``), else
+    without (the amplification is not tested)."""
     status, *rest = saved[_STATUS_AT:_FACTOR_AT]
     point = Saved(*rest)
-    factor = factor_from(saved[_FACTOR_AT:], point.A.shape[-2]) if len(saved) > _FACTOR_AT else None
+    factor = None
+    if len(saved) > _FACTOR_AT:
+        factor = factor_from(saved[_FACTOR_AT:], point.A.shape[-2])
+    elif factor_left is not None and settings is not None:
+        factor = _left_factor(point, settings, factor_left)
     warn_inexact(status, point.lam, point.s, factor, batch_shape)
+
+
+def _left_factor(point: Saved, settings: IPMSettings, diagonal: bool) -> KKTFactor:
+    """The derivatives' factorisation at the saved scaled solution ``point``, with the retries of
+    a forward that makes it (``ipm.iterate``), where the forward left it to the backward
+    (``forward.Outcome.factor_left``, the batch's structure ``diagonal``); eager, untracked."""
+    with torch.no_grad():
+        Q, A, G, lam, s = (t.detach() for t in (point.Q, point.A, point.G, point.lam, point.s))
+        return derivative_factor(Q, A, G, lam, s, settings, diagonal=diagonal)
 
 
 def _fill(on_failure: str | FailurePolicy) -> float:
@@ -144,12 +164,16 @@ def _vjp(pt: KKTPoint, sc: Scaling, solved: Tensor, dtype: torch.dtype, grads: t
     return tuple(None if t is None else t.to(dtype) for t in ct)
 
 
+def _plain(saved: tuple[Tensor, ...]) -> bool:
+    """Whether a backward with these saved tensors (``setup_context``'s) is a first-order one: no
+    graph is recorded (``_differentiated``) and no ``torch.func`` transform is active."""
+    return not torch._C._are_functorch_transforms_active() and not _differentiated(saved[:_STATUS_AT])
+
+
 def _first_order(saved: tuple[Tensor, ...]) -> bool:
-    """Whether a backward with these saved tensors (``setup_context``'s) is a first-order one at a
-    factorised point: the factor was saved, no graph is recorded (``_differentiated``) and no
-    ``torch.func`` transform is active. Then ``_compiled_vjp`` may run it."""
-    return (len(saved) > _FACTOR_AT and not torch._C._are_functorch_transforms_active()
-            and not _differentiated(saved[:_STATUS_AT]))
+    """Whether a backward with these saved tensors is a first-order one (``_plain``) at a
+    factorised point (the factor was saved). Then ``_compiled_vjp`` may run it."""
+    return len(saved) > _FACTOR_AT and _plain(saved)
 
 
 def _compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: tuple[bool, ...],
@@ -165,18 +189,61 @@ def _compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], n
     return _vjp(pt, Scaling(sv.d, sv.e, sv.f, sv.c), solved, dtype, grads, needs, settings, plain_solution_vjp)
 
 
-def _sliced_compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: tuple[bool, ...],
-                         settings: IPMSettings, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
-    """``_compiled_vjp`` compiled, in the forward's slices and chunks (``compiled_slices``), the
-    chunks' gradients joined as they come (``batch.map_chunks_joined``)."""
-    vjp = compiled(_compiled_vjp, point[0].device.type, batched=True)
+def _factorising_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: tuple[bool, ...],
+                     settings: IPMSettings, dtype: torch.dtype, diagonal: bool) -> tuple[tuple[Tensor | None, ...], Tensor]:
+    """``_compiled_vjp`` at a point without its factor (the forward left it to the backward:
+    ``forward.Outcome.factor_left``, the batch's structure ``diagonal``), which is made first,
+    unretried, as the forward would have made it (``fused.whole``); and (2,) bool: whether some
+    factorisation failed, whether some solved problem's derivative is inexact
+    (``derivative_checks.inexact_derivatives``)."""
+    status, *rest = point
+    sv = Saved(*rest[: len(Saved._fields)])
+    f = derivative_factor(sv.Q, sv.A, sv.G, sv.lam, sv.s, settings, retries=0, diagonal=diagonal)
+    ct = _compiled_vjp((*point, *factor_tensors(f)), grads, needs, settings, dtype)
+    return ct, torch.stack([~f.ok.all(), inexact_derivatives(status, sv.lam, sv.s, f).any()])
+
+
+def _in_chunks(fn: Callable[..., tuple[tuple[Tensor | None, ...], Any]], point: tuple[Tensor, ...],
+               grads: tuple[Tensor | None, ...], *args: Any) -> tuple[tuple[Tensor | None, ...], list[Any]]:
+    """``fn(point, grads, *args)``, which gives the cotangents and one more result, in the
+    forward's slices and chunks (``compiled_slices``): the chunks' cotangents joined as they come
+    (``batch.map_chunks_joined``), and the other results in batch order."""
     batch = point[0].shape[0]
     n = Saved(*point[1: 1 + len(Saved._fields)]).x.shape[-1]
     count, chunk = compiled_slices(batch, n, point[0].device)
     if chunk == batch:
-        return vjp(point, grads, needs, settings, dtype)
-    return map_chunks_joined(lambda part: (vjp(tuple(t[part] for t in point), tuple(None if g is None else g[part] for g in grads),
-                                               needs, settings, dtype), None), batch, count, chunk)[0]
+        ct, other = fn(point, grads, *args)
+        return ct, [other]
+    return map_chunks_joined(lambda part: fn(tuple(t[part] for t in point), tuple(None if g is None else g[part] for g in grads),
+                                             *args), batch, count, chunk)
+
+
+def _sliced_compiled_vjp(point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...], needs: tuple[bool, ...],
+                         settings: IPMSettings, dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+    """``_compiled_vjp`` compiled, in the forward's slices and chunks (``_in_chunks``)."""
+    vjp = compiled(_compiled_vjp, point[0].device.type, batched=True)
+    return _in_chunks(lambda *args: (vjp(*args), None), point, grads, needs, settings, dtype)[0]
+
+
+def _sliced_factorising_vjp(ctx: Any, point: tuple[Tensor, ...], grads: tuple[Tensor | None, ...],
+                            needs: tuple[bool, ...], dtype: torch.dtype) -> tuple[Tensor | None, ...]:
+    """The first-order backward of a forward that left the derivatives' factorisation to it
+    (``ctx.factor_left``): ``_factorising_vjp`` compiled, in the forward's slices and chunks
+    (``_in_chunks``; one host read per chunk). Where some solved problem's derivative is inexact,
+    or some factorisation failed, the whole batch's is made again with retries (``_left_factor``),
+    as the forward's would have been (``ipm.iterate``): the warning names the problems
+    (``warn_inexact``), and where one failed the backward runs with it."""
+    vjp = compiled(_factorising_vjp, point[0].device.type, batched=True)
+    ct, flags = _in_chunks(vjp, point, grads, needs, ctx.settings, dtype, ctx.factor_left)
+    unfactored, inexact = (any(column) for column in zip(*(host_read(f) for f in flags)))
+    if unfactored or inexact:
+        status, *rest = point
+        sv = Saved(*rest)
+        f = _left_factor(sv, ctx.settings, ctx.factor_left)
+        warn_inexact(status, sv.lam, sv.s, f, ctx.batch_shape)
+        if unfactored:
+            ct = _compiled_vjp((*point, *factor_tensors(f)), grads, needs, ctx.settings, dtype)
+    return ct
 
 
 def _threads_for(p: Tensor) -> contextlib.AbstractContextManager:
@@ -191,7 +258,10 @@ def _backward(ctx: Any, saved: tuple[Tensor, ...], needs: tuple[bool, ...], grad
     """``QPSolveFn.backward`` for the cotangents ``grads`` of (z, ν, λ, s), the tensors ``saved`` by
     ``setup_context`` and the inputs' ``needs``."""
     graphs = graphs_calls(saved[0].device, ctx.settings.compiled)
-    if (ctx.settings.compiled or graphs) and _first_order(saved):
+    if ctx.factor_left is not None and _plain(saved):
+        grads = tuple(None if g is None else g.contiguous() for g in grads)  # as below
+        ct = _sliced_factorising_vjp(ctx, saved[_STATUS_AT:], grads, needs, saved[0].dtype)
+    elif (ctx.settings.compiled or graphs) and _first_order(saved):
         # contiguous: the compiled function is specialised to its inputs' strides, and a loss's
         # cotangent may come expanded (z.sum()) or not (z.square().sum()): one compilation for both
         grads = tuple(None if g is None else g.contiguous() for g in grads)
@@ -201,6 +271,8 @@ def _backward(ctx: Any, saved: tuple[Tensor, ...], needs: tuple[bool, ...], grad
         else:
             ct = _sliced_compiled_vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
     else:
+        if ctx.factor_left is not None:  # the forward did not look (``setup_context``)
+            _warn_inexact_at(saved, ctx.batch_shape, ctx.settings, ctx.factor_left)
         pt, sc, solved, dtype = _point(ctx)
         ct = _vjp(pt, sc, solved, dtype, grads, needs, ctx.settings, solution_vjp)
     return (*ct, None, None, None, None)
@@ -223,12 +295,14 @@ class QPSolveFn(torch.autograd.Function):
             apply_failure_policy(outputs[4].reshape(batch_shape), on_failure,
                                  primal=(outputs[6].reshape(batch_shape), outputs[9].reshape(batch_shape)))
         _FORWARD_OUTCOME.inexact = outcome.inexact  # for setup_context: the backward warns (warn_inexact)
+        _FORWARD_OUTCOME.factor_left = outcome.factor_left  # and makes the factorisation the forward left it
         return outputs
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         ctx.settings, ctx.fill, ctx.n_outputs, ctx.batch_shape = inputs[6], _fill(inputs[8]), len(output), inputs[9]
         ctx.inexact, _FORWARD_OUTCOME.inexact = getattr(_FORWARD_OUTCOME, "inexact", False), False
+        ctx.factor_left, _FORWARD_OUTCOME.factor_left = getattr(_FORWARD_OUTCOME, "factor_left", None), None
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs nobody differentiates
         Q, _, G, _, A, _ = inputs[:6]
         saved = (Q, A, G, *output[:5], *output[N_PUBLIC:])  # data, (z, λ, ν, s, status), _Saved, factor
@@ -258,7 +332,7 @@ class QPSolveFn(torch.autograd.Function):
         pt, sc, solved, _ = _point(ctx)
         dtype = next(t.dtype for t in (dQ, dp, dG, dh, dA, db) if t is not None)
         if ctx.inexact or len(ctx.saved_tensors) == _FACTOR_AT:  # without a factor kept the forward did not look
-            _warn_inexact_at(ctx.saved_tensors, ctx.batch_shape)
+            _warn_inexact_at(ctx.saved_tensors, ctx.batch_shape, ctx.settings, ctx.factor_left)
 
         def tangent(t: Tensor | None, like: Tensor) -> Tensor:
             return torch.zeros_like(like) if t is None else t.to(COMPUTE_DTYPE)

@@ -88,6 +88,9 @@ class Outcome:
 
     all_solved: bool
     inexact: bool = False
+    factor_left: bool | None = None
+    """Where the derivatives' factorisation was left to the backward (``_compiled_forward`` in
+    chunks), the batch's structure that it takes (``QPData.diagonal``); None elsewhere."""
 
     @staticmethod
     def of(result: IPMResult) -> Outcome:
@@ -186,7 +189,13 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     chunks that disagreed would give factors of different shapes (diagonal or dense), which no
     joined factor holds, and a verdict per chunk would cost each chunk a compiled call, a read and
     a pass over its data more. Otherwise the solve goes on from there (``fused.go_on``). Data that fail the value checks raise, naming their elements in
-    the whole batch."""
+    the whole batch.
+
+    A batch solved in chunks leaves the derivatives' factorisation to the backward, which makes
+    it chunk by chunk (``autograd._sliced_compiled_vjp``; ``Outcome.factor_left``): joined into
+    the batch's tensors here, its five matrices per problem (H, C, Y and both factors) were copied
+    once more (at batch 128, n = 100, one thread, the join took 32 of 355 ms of a forward +
+    backward, most of it theirs), and the work is the same either way."""
     device = p.device.type
     raw = tuple(t.detach() if t.requires_grad else t for t in (Q, p, G, h, A, b))  # one specialisation whichever require gradients
     batch, n = p.shape
@@ -194,6 +203,8 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     pointwise = pointwise_cats(chunk, n, p.device)
     diagonal = _looks_at_structure(n, p.device) and _structure(raw[0], raw[2])
     checked = compiled(_checked_solved, device, pointwise_cat=pointwise, batched=True)  # once for every batch of two or more
+    left = keep_factor and chunk < batch  # the derivatives' factorisation left to the backward
+    keep_factor = keep_factor and not left
 
     def solve(part: slice) -> tuple[tuple[Tensor, ...], Outcome]:
         data = raw if chunk == batch else tuple(t[part] for t in raw)
@@ -205,8 +216,9 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
 
     if chunk == batch:
         return solve(slice(0, batch))
-    outs, solved = map_chunks_joined(solve, batch, count, chunk, ragged=_INVERSES)
-    return tuple(_inverses(out) if index in _INVERSES else out for index, out in enumerate(outs)), Outcome.joined(solved)
+    outs, solved = map_chunks_joined(solve, batch, count, chunk, ragged=_INVERSES if keep_factor else ())
+    outcome = replace(Outcome.joined(solved), factor_left=diagonal if left else None)
+    return tuple(_inverses(out) if index in _INVERSES else out for index, out in enumerate(outs)), outcome
 
 
 # Where the factor's inverses (``KKTFactor.inv_h``, ``inv_s``) sit among the forward's outputs.
