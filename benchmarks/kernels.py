@@ -324,9 +324,11 @@ def _launches(code: str) -> dict[str, int]:
 def compiled_launches(batch: int, n: int, n_ineq: int, n_eq: int) -> dict[str, int]:
     """Kernel launches of one iteration of the compiled path (``solve_qp(compile=True)``): the
     fused kernels and the library calls (batched products, Cholesky, triangular solves) in the
-    code inductor generates for ``ipm.step``; and (``backward_*``) of its first-order backward
-    (``qp.autograd._compiled_vjp``) for the cotangent of z and gradients of all six data.
-    Compiles twice (tens of seconds each)."""
+    code inductor generates for ``ipm.step``; (``backward_*``) of its first-order backward
+    (``qp.autograd._compiled_vjp``) for the cotangent of z and gradients of all six data; and
+    (``factorising_backward_*``) of the backward of a batch solved in chunks, which makes the
+    derivatives' factorisation itself (``qp.autograd._factorising_vjp``: the forward's launches
+    for it move there). Compiles three times (tens of seconds each)."""
     from torch._inductor.utils import run_and_get_code
 
     from optlayers.qp import autograd, ipm
@@ -347,7 +349,11 @@ def compiled_launches(batch: int, n: int, n_ineq: int, n_eq: int) -> dict[str, i
     vjp = torch.compile(autograd._compiled_vjp, fullgraph=True, dynamic=False)
     _, code = run_and_get_code(vjp, z.grad_fn.saved_tensors[autograd._STATUS_AT:], (torch.ones_like(z), None, None, None),
                                (True,) * 6, settings, torch.float64)
-    return {**launches, **{f"backward_{key}": value for key, value in _launches(code[-1]).items()}}
+    launches.update({f"backward_{key}": value for key, value in _launches(code[-1]).items()})
+    factorising = torch.compile(autograd._factorising_vjp, fullgraph=True, dynamic=False)
+    _, code = run_and_get_code(factorising, z.grad_fn.saved_tensors[autograd._STATUS_AT:autograd._FACTOR_AT],
+                               (torch.ones_like(z), None, None, None), (True,) * 6, settings, torch.float64, False)
+    return {**launches, **{f"factorising_backward_{key}": value for key, value in _launches(code[-1]).items()}}
 
 
 @dataclass(frozen=True)
@@ -474,7 +480,9 @@ def main(argv: list[str] | None = None) -> None:
                   f"({launches['fused']} fused kernels, {launches['library']} library calls; "
                   f"{launches['total_skipped']} where the refinement's further steps are skipped); backward "
                   f"{launches['backward_total']} ({launches['backward_fused']} fused, {launches['backward_library']} library; "
-                  f"{launches['backward_total_skipped']} skipped)")
+                  f"{launches['backward_total_skipped']} skipped); backward of a batch in chunks, its factorisation "
+                  f"included, {launches['factorising_backward_total']} ({launches['factorising_backward_fused']} fused, "
+                  f"{launches['factorising_backward_library']} library)")
         result["cone_compiled"] = cone = compiled_cone_counts(args.batch)
         print(f"compiled cone iteration: {cone['iteration_total']} launches ({cone['iteration_fused']} fused kernels, "
               f"{cone['iteration_library']} library calls); forward without / with the refinement: "
