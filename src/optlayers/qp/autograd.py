@@ -1,6 +1,7 @@
 """The QP solve as a ``torch.autograd.Function``: forward runs the interior point method
 (``qp/forward.py``), backward (VJP) and jvp differentiate the KKT conditions with the factorisation at the solution —
-built by the forward when gradients were possible, otherwise on demand.
+built by the forward when gradients were possible (by the compiled backward, chunk by chunk, where a
+compiled forward solved the batch in chunks: ``forward.Outcome.factor_left``), otherwise on demand.
 
 Inputs are flat batches (B, ·) as produced by ``problem.prepare_qp``; broadcasting of shared
 arguments happens before, with ``expand``, so autograd sums their gradients over the batch.

@@ -105,7 +105,9 @@ class Outcome:
 class Saved(NamedTuple):
     """What the derivatives need, in the scaled space: the trailing outputs of ``outputs``, then
     the tensors of the KKT factorisation at the solution when the forward built it (gradients
-    were possible then); without them ``KKTSolve`` builds it (a ``jvp`` asked later)."""
+    were possible then, and the batch was not solved in chunks: ``Outcome.factor_left``); without
+    them the compiled backward (``Outcome.factor_left``) or ``KKTSolve`` (a ``jvp`` asked later)
+    builds it."""
 
     Q: Tensor
     A: Tensor
