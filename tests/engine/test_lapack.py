@@ -144,6 +144,13 @@ def test_threads_factorising_at_once_each_get_their_own_factors():
         torch.testing.assert_close(L @ L.transpose(-2, -1), M, rtol=1e-12, atol=1e-10)
 
 
+def test_compiled_solves_take_the_operators_up_to_the_blocked_bound_where_mkl_factorises():
+    """Where the routine is MKL's own blocked ``potrf`` the compiled bound is ``BLOCKED_MAX_N``;
+    where it is scipy's unblocked ``potf2``, ``MAX_N`` (the eager bound)."""
+    assert lapack.COMPILED_MAX_N == (lapack.BLOCKED_MAX_N if lapack._factor_source() == "potrf" else lapack.MAX_N)
+    assert lapack.MAX_N <= lapack.COMPILED_MAX_N <= lapack.BLOCKED_MAX_N
+
+
 def test_the_rule_takes_mid_sized_cpu_matrices_without_gradients_on_the_cpus_schedule(monkeypatch):
     monkeypatch.setattr(lapack, "FACTORED_DTYPES", frozenset({torch.float64, torch.float32}))
     monkeypatch.setattr(lapack, "EAGER_FACTORED", True)
@@ -308,7 +315,8 @@ def _compiled_targets(fn, *args):
 
 
 @pytest.mark.parametrize("n, taken", [(lapack.COMPILED_MIN_N - 1, False), (lapack.COMPILED_MIN_N, True),
-                                      (lapack.MIN_N - 1, True), (lapack.MAX_N + 1, False)])
+                                      (lapack.MIN_N - 1, True), (lapack.COMPILED_MAX_N, True),
+                                      (lapack.COMPILED_MAX_N + 1, False)])
 def test_compiled_solves_with_a_potf2_factor_take_the_operator_and_agree_with_torchs(operator, n, taken):
     M = _spd((3,), n, torch.float64, seed=n)
     r = torch.randn(3, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)

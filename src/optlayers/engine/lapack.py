@@ -83,10 +83,10 @@ bound ``MIN_N`` is the cost of a ``ctypes`` call from Python, which the C++ oper
 under it torch's factorisation and solves are calls through the operator registry with their
 copies. Measured on the Intel Xeon machine (compiled forward + backward, float64, one thread,
 ``benchmarks/ab_trees.py``, 2026-12-06), orders 20 and 30 against torch's route: see docs/qp.md,
-"The operators below order 40"."""
+"The operators below order 40 and above 192"."""
 
 MAX_N = 192
-"""The largest order factorised by ``potf2``: unblocked, it falls behind blocked factorisations
+"""The largest order factorised by ``potf2`` (eager solves; compiled ones: ``COMPILED_MAX_N``): unblocked, it falls behind blocked factorisations
 above this (batch 16, n = 200: 4.3 against torch's 4.6 ms; n = 500: 1.3 times torch's time). Up to
 it the routine stays on its caller's thread: two threads factorising 64 matrices each at once took
 0.99–1.21 times one thread's time at n = 100–192 (2026-12-05). scipy's BLAS ``syrk``, which does
@@ -229,6 +229,20 @@ FACTORED_DTYPES = frozenset(dtype for dtype in _ROUTINES if _routine(dtype) is n
 (and in eager ones where ``EAGER_FACTORED``): float32 and float64 where torch's LAPACK is MKL and
 the routines are found; none elsewhere. Decided once, at import."""
 
+BLOCKED_MAX_N = 512
+"""The largest order that compiled solves take the operators for where their factorisation is
+MKL's own ``potrf`` (``_factor_source``: an Intel processor), which is blocked: ``MAX_N``'s reason,
+``potf2`` falling behind blocked factorisations, does not hold there, and above it torch's route in
+compiled code is a registry call with copies and a ``triu`` pass. Measured on the Intel Xeon
+machine (2026-12-06, compiled forward + backward, float64, best of 7, two runs each, ``MAX_N``
+patched): (8, 250) 0.92 of the time at one thread and 0.87–0.88 at two, (4, 400) 0.97–0.98 at one
+thread. Orders above it were not measured and keep torch's."""
+
+COMPILED_MAX_N = BLOCKED_MAX_N if _factor_source() == "potrf" else MAX_N
+"""The largest order that compiled solves take the operators for: ``BLOCKED_MAX_N`` where the
+routine is MKL's blocked ``potrf``, ``MAX_N`` where it is scipy's unblocked ``potf2``. Decided once,
+at import."""
+
 EAGER_FACTORED = _factor_source() == "potf2"
 """Whether eager solves factorise by ``_routine`` too (``used_for``): where it is scipy's ``potf2``
 and torch's MKL runs its generic code (the table above); on an Intel processor torch's own
@@ -318,19 +332,19 @@ def _coupled_schur_shapes(L: Tensor, C: Tensor, coupled: Tensor, shift: Tensor) 
 def _operator_loaded() -> bool:
     """``load_operator()``, evaluated when dynamo traces a factorisation that ``potf2`` would take:
     the operator is built where a compiled solve first needs it (never for one whose orders are
-    all outside ``COMPILED_MIN_N`` to ``MAX_N``), and the traced code holds the answer as a constant."""
+    all outside ``COMPILED_MIN_N`` to ``COMPILED_MAX_N``), and the traced code holds the answer as a constant."""
     return load_operator()
 
 
 def used_for(M: Tensor) -> bool:
     """Whether ``factor_lower`` factorises ``M`` by ``_routine`` rather than torch: a CPU matrix of a
-    dtype in ``FACTORED_DTYPES`` and of order ``MIN_N`` (compiled: ``COMPILED_MIN_N``) to ``MAX_N``
+    dtype in ``FACTORED_DTYPES`` and of order ``MIN_N`` to ``MAX_N`` (compiled: ``COMPILED_MIN_N`` to ``COMPILED_MAX_N``)
     that no gradient flows through: in an eager solve where ``EAGER_FACTORED``, on the CPU's own schedule (``host.cpu_schedule``: the counts of
     ``host.accelerator_schedule`` are of what an accelerator dispatches, which never takes it), and
     in compiled code where the operator loads (``_operator_loaded``)."""
     compiling = torch.compiler.is_compiling()
     if not (M.device.type == "cpu" and M.dtype in FACTORED_DTYPES
-            and (COMPILED_MIN_N if compiling else MIN_N) <= M.shape[-1] <= MAX_N
+            and ((COMPILED_MIN_N <= M.shape[-1] <= COMPILED_MAX_N) if compiling else (MIN_N <= M.shape[-1] <= MAX_N))
             and not (M.requires_grad and torch.is_grad_enabled())):
         return False
     if compiling:
@@ -426,7 +440,7 @@ def factors_coupled_rows(H: Tensor, C: Tensor) -> bool:
     every row of C (no host read says how many are coupled), and the rows that S does not couple are
     zero: the operator leaves them out of the solve, the product and the factorisation."""
     return (torch.compiler.is_compiling() and H.dim() == 3 and C.dim() == 3 and H.dtype in SCHUR_DTYPES
-            and COMPILED_MIN_N <= C.shape[-2] <= MAX_N and used_for(H))
+            and COMPILED_MIN_N <= C.shape[-2] <= COMPILED_MAX_N and used_for(H))
 
 
 def coupled_schur(L: Tensor, C: Tensor, coupled: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:
