@@ -141,11 +141,12 @@ def _address(capsule: object, signed: Callable[[bytes], bool]) -> int:
     return pointer(capsule, signature) or 0
 
 
+@functools.lru_cache(maxsize=None)
 def _factor_source() -> str:
     """Which routine factorises here: "potf2" (scipy's) where torch's LAPACK is MKL on an AMD
     processor (``_mkl_in_generic_code``), "potrf" (MKL's own, from torch's library) where it is
     MKL on another processor, "" where torch's LAPACK is not MKL (nothing measured: torch's
-    factorisation stands)."""
+    factorisation stands). Decided once (the module's constants below read it at import)."""
     if not torch.backends.mkl.is_available():
         return ""
     return "potf2" if _mkl_in_generic_code() else "potrf"
@@ -336,6 +337,12 @@ def _operator_loaded() -> bool:
     return load_operator()
 
 
+def _taken_order(n: int, compiling: bool) -> bool:
+    """Whether the route takes a matrix of order ``n``: ``COMPILED_MIN_N`` to ``COMPILED_MAX_N`` in
+    compiled code, ``MIN_N`` to ``MAX_N`` in eager solves."""
+    return COMPILED_MIN_N <= n <= COMPILED_MAX_N if compiling else MIN_N <= n <= MAX_N
+
+
 def used_for(M: Tensor) -> bool:
     """Whether ``factor_lower`` factorises ``M`` by ``_routine`` rather than torch: a CPU matrix of a
     dtype in ``FACTORED_DTYPES`` and of order ``MIN_N`` to ``MAX_N`` (compiled: ``COMPILED_MIN_N`` to ``COMPILED_MAX_N``)
@@ -343,8 +350,7 @@ def used_for(M: Tensor) -> bool:
     ``host.accelerator_schedule`` are of what an accelerator dispatches, which never takes it), and
     in compiled code where the operator loads (``_operator_loaded``)."""
     compiling = torch.compiler.is_compiling()
-    if not (M.device.type == "cpu" and M.dtype in FACTORED_DTYPES
-            and ((COMPILED_MIN_N <= M.shape[-1] <= COMPILED_MAX_N) if compiling else (MIN_N <= M.shape[-1] <= MAX_N))
+    if not (M.device.type == "cpu" and M.dtype in FACTORED_DTYPES and _taken_order(M.shape[-1], compiling)
             and not (M.requires_grad and torch.is_grad_enabled())):
         return False
     if compiling:
@@ -440,7 +446,7 @@ def factors_coupled_rows(H: Tensor, C: Tensor) -> bool:
     every row of C (no host read says how many are coupled), and the rows that S does not couple are
     zero: the operator leaves them out of the solve, the product and the factorisation."""
     return (torch.compiler.is_compiling() and H.dim() == 3 and C.dim() == 3 and H.dtype in SCHUR_DTYPES
-            and COMPILED_MIN_N <= C.shape[-2] <= COMPILED_MAX_N and used_for(H))
+            and _taken_order(C.shape[-2], compiling=True) and used_for(H))
 
 
 def coupled_schur(L: Tensor, C: Tensor, coupled: Tensor, shift: Tensor) -> tuple[Tensor, Tensor, Tensor]:

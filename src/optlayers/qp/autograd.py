@@ -28,10 +28,10 @@ from optlayers.compiling import compiled
 from optlayers.engine.batch import map_chunks_joined
 from optlayers.engine.constants import constant
 from optlayers.engine.graphed import graphs_calls
+from optlayers.engine.kkt import KKTFactor
 from optlayers.engine.step import QPData
 from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
-from optlayers.engine.kkt import KKTFactor
 from optlayers.host import host_read
 from optlayers.qp.derivative_checks import inexact_derivatives, warn_inexact
 from optlayers.qp.derivatives import (
@@ -259,14 +259,14 @@ def _backward(ctx: Any, saved: tuple[Tensor, ...], needs: tuple[bool, ...], grad
     """``QPSolveFn.backward`` for the cotangents ``grads`` of (z, ν, λ, s), the tensors ``saved`` by
     ``setup_context`` and the inputs' ``needs``."""
     graphs = graphs_calls(saved[0].device, ctx.settings.compiled)
-    if ctx.factor_left is not None and _plain(saved):
-        grads = tuple(None if g is None else g.contiguous() for g in grads)  # as below
-        ct = _sliced_factorising_vjp(ctx, saved[_STATUS_AT:], grads, needs, saved[0].dtype)
-    elif (ctx.settings.compiled or graphs) and _first_order(saved):
+    factorising = ctx.factor_left is not None and _plain(saved)
+    if factorising or ((ctx.settings.compiled or graphs) and _first_order(saved)):
         # contiguous: the compiled function is specialised to its inputs' strides, and a loss's
         # cotangent may come expanded (z.sum()) or not (z.square().sum()): one compilation for both
         grads = tuple(None if g is None else g.contiguous() for g in grads)
-        if graphs:  # one CUDA graph replay, compiled or not
+        if factorising:  # the forward left the derivatives' factorisation to the backward
+            ct = _sliced_factorising_vjp(ctx, saved[_STATUS_AT:], grads, needs, saved[0].dtype)
+        elif graphs:  # one CUDA graph replay, compiled or not
             vjp = solve_part(_compiled_vjp, ctx.settings, saved[0].device)
             ct = vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
         else:

@@ -194,7 +194,7 @@ def _compiled_forward(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: 
     the whole batch.
 
     A batch solved in chunks leaves the derivatives' factorisation to the backward, which makes
-    it chunk by chunk (``autograd._sliced_compiled_vjp``; ``Outcome.factor_left``): joined into
+    it chunk by chunk (``autograd._sliced_factorising_vjp``; ``Outcome.factor_left``): joined into
     the batch's tensors here, its five matrices per problem (H, C, Y and both factors) were copied
     once more (at batch 128, n = 100, one thread, the join took 32 of 355 ms of a forward +
     backward, most of it theirs), and the work is the same either way."""
