@@ -38,13 +38,48 @@ def elementwise(a: Tensor, b: Tensor) -> bool:
     return torch.compiler.is_compiling() and (inner == 1 or max(a.shape[-2], inner, b.shape[-1]) <= SMALL_PRODUCT_MAX)
 
 
+VECTOR_LIBRARY_SIZES = (17, 63)
+"""The inner sizes (first, last) of the compiled CPU products of one row or one column that are
+called from the library (``vector_in_library``) in a batch of two or more problems ..."""
+
+VECTOR_LIBRARY_MIN_ONE = 32
+"""... and the first in a batch of one problem, where the library call's fixed cost counts for more."""
+
+
+def vector_in_library(a: Tensor, b: Tensor) -> bool:
+    """Whether ``product(a, b)`` of (B, r, c) a and (B, c, d) b with one row (r = 1) or one column
+    (d = 1) is taken as ``torch.baddbmm`` with ``beta=0`` rather than ``torch.bmm``: under
+    compilation on the CPU, for inner sizes c in ``VECTOR_LIBRARY_SIZES`` (from
+    ``VECTOR_LIBRARY_MIN_ONE`` at batch 1). Inductor lowers a CPU ``bmm`` with one row or one column
+    to a multiply and a sum of its own, which runs far slower than the library's product where the
+    matrix is in the cache (its vector loops end in masked loads at every row). Measured (torch
+    2.13, one thread, the Intel Xeon machine, 2026-12-06, a compiled chain of 20 products of one
+    matrix, each with a multiply and an add; µs per product, ``bmm`` against ``baddbmm``):
+    (B, c) = (1, 20) 1.3 / 1.5, (1, 32) 1.6 / 1.5, (1, 100) 5.6 / 2.3, (8, 20) 2.8 / 2.1,
+    (8, 32) 5.2 / 2.4, (8, 100) 37 / 8, (128, 20) 31 / 10, (128, 100) 831 / 393. In whole solves
+    (compiled forward + backward, ``benchmarks/ab_trees.py``, both orders) the library's products took
+    (128, 50) 0.76 and 0.81 of the time, (32, 30) 0.74, (128, 20) 0.91, (1, 50) 0.94, but (64, 100)
+    and (128, 100), whose chunks' matrices come from memory and whose fused sums read a matrix once
+    for two products, 1.03: hence the last size. ``baddbmm`` is lowered to the library call
+    whatever its ``beta``. Elsewhere (eagerly, on an accelerator, where ``elementwise``) the product is
+    ``product``'s usual one."""
+    if not torch.compiler.is_compiling() or a.device.type != "cpu" or (a.shape[-2] != 1 and b.shape[-1] != 1):
+        return False
+    first, last = VECTOR_LIBRARY_SIZES
+    return (VECTOR_LIBRARY_MIN_ONE if a.shape[0] == 1 else first) <= a.shape[-1] <= last
+
+
 def product(a: Tensor, b: Tensor) -> Tensor:
     """a @ b for (..., r, c) a and (..., c, d) b (batch dimensions broadcast), elementwise where
     ``elementwise`` says so. Two (B, ·, ·) operands go to ``torch.bmm`` directly: ``@`` reaches the
     same ``bmm`` through an expand and a reshape of each operand and a view of the result, five
-    dispatches of its own per product (each costs about as much as an n = 10 product itself)."""
+    dispatches of its own per product (each costs about as much as an n = 10 product itself); a
+    row or a column times a matrix under compilation on the CPU to ``torch.baddbmm``
+    (``vector_in_library``)."""
     if not elementwise(a, b):
         if a.ndim == b.ndim == 3 and a.shape[0] == b.shape[0]:
+            if vector_in_library(a, b):  # beta = 0: the first operand's values are not read
+                return torch.baddbmm(a[:, :1, :1], a, b, beta=0)
             return torch.bmm(a, b)
         return a @ b
     if a.shape[-1] == 1:

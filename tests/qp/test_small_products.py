@@ -49,6 +49,43 @@ def test_the_rule_is_elementwise_under_compilation_only_and_for_small_sizes_or_o
     assert seen == (True, False, False, True)
 
 
+def _vector_products(M, v, w):
+    return linalg.mv(M, v), linalg.mtv(M, w), linalg.product(v.unsqueeze(-2), M.mT), linalg.product(M, v.unsqueeze(-1))
+
+
+@pytest.mark.parametrize("batch, r, c", [(3, 40, 40), (3, 5, 63), (1, 40, 32), (2, 64, 17)])
+def test_vector_products_from_the_library_agree_with_torchs(batch, r, c):
+    """A row or a column times a matrix traced with an inner size in ``VECTOR_LIBRARY_SIZES``
+    (``baddbmm`` with beta = 0), or eagerly (``bmm``), gives torch's product to rounding."""
+    gen = torch.Generator().manual_seed(batch * 1000 + r + c)
+    M = torch.randn(batch, r, c, generator=gen, dtype=torch.float64)
+    v, w = torch.randn(batch, c, generator=gen, dtype=torch.float64), torch.randn(batch, r, generator=gen, dtype=torch.float64)
+    expected = ((M @ v.unsqueeze(-1)).squeeze(-1), (M.mT @ w.unsqueeze(-1)).squeeze(-1), v.unsqueeze(-2) @ M.mT, M @ v.unsqueeze(-1))
+    scales = ((M.abs() @ v.abs().unsqueeze(-1)).squeeze(-1), (M.abs().mT @ w.abs().unsqueeze(-1)).squeeze(-1),
+              v.abs().unsqueeze(-2) @ M.abs().mT, M.abs() @ v.abs().unsqueeze(-1))
+    for got in (_vector_products(M, v, w), _traced(_vector_products)(M, v, w)):
+        for g, e, s in zip(got, expected, scales):
+            assert g.shape == e.shape
+            assert bool(((g - e).abs() <= 4 * (max(r, c) + 2) * EPS * s).all())
+
+
+def test_vector_products_are_taken_from_the_library_for_inner_sizes_in_bounds_under_compilation_on_the_cpu():
+    """``vector_in_library``: under compilation on the CPU, a product with one row or one column whose
+    inner size is in ``VECTOR_LIBRARY_SIZES`` (from ``VECTOR_LIBRARY_MIN_ONE`` at batch 1); never
+    eagerly, nor for a product with more rows and columns."""
+    first, last = linalg.VECTOR_LIBRARY_SIZES
+    one = linalg.VECTOR_LIBRARY_MIN_ONE
+
+    def rule(batch: int, rows: int, inner: int, cols: int) -> bool:
+        return linalg.vector_in_library(torch.ones(batch, rows, inner), torch.ones(batch, inner, cols))
+
+    assert not rule(2, 1, first, 30)  # eagerly: torch's product
+    cases = [(2, 1, first, 30), (2, 1, first - 1, 30), (2, 30, last, 1), (2, 30, last + 1, 1), (1, 1, one, 5),
+             (1, 1, one - 1, 5), (2, 4, 40, 4)]
+    seen = _traced(lambda: tuple(rule(*case) for case in cases))()
+    assert seen == (True, False, True, False, True, False, False)
+
+
 def _library_calls_per_iteration(monkeypatch, data: dict) -> dict[str, int]:
     """The library operations (products, factorisations, triangular solves) in the body of the
     compiled solve's loop (``qp.fused.steps``), as dynamo traces it: each is a library call of its
