@@ -107,6 +107,14 @@ def _name(case: dict) -> str:
     return f"{shape}{' compiled' if case['compiled'] else ''}"
 
 
+def _own_extensions(env: dict[str, str], which: int) -> dict[str, str]:
+    """``env`` with a torch extension folder of the worker's own (``TORCH_EXTENSIONS_DIR``, under the
+    one given or torch's default): two trees whose C++ operators differ would otherwise build into,
+    and load from, one folder at once."""
+    base = env.get("TORCH_EXTENSIONS_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")
+    return dict(env, TORCH_EXTENSIONS_DIR=os.path.join(base, f"ab_trees_{which}"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("old", type=Path, help="the reference tree (a checkout of the repository)")
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> None:
         env = machine.with_steady_malloc(env)
     print(f"workers: {args.threads} intra-op thread(s), GLIBC_TUNABLES={env.get('GLIBC_TUNABLES')}", flush=True)
     workers = {tree: subprocess.Popen([sys.executable, "-c", _WORKER, str(tree.resolve())], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, text=True, env=env) for tree in (args.old, args.new)}
+                                      stdout=subprocess.PIPE, text=True, env=_own_extensions(env, which))
+               for which, tree in enumerate((args.old, args.new))}
     try:
         for case in args.cases:
             best = {tree: float("inf") for tree in workers}

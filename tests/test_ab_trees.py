@@ -52,3 +52,15 @@ def test_steady_malloc_keeps_tunables_already_set():
     env = machine.with_steady_malloc({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2", "PATH": "/bin"})
     assert env == {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2:" + machine.STEADY_MALLOC, "PATH": "/bin"}
     assert machine.with_steady_malloc({})["GLIBC_TUNABLES"] == machine.STEADY_MALLOC
+
+
+def test_each_worker_builds_the_operators_in_a_folder_of_its_own(tmp_path):
+    """Two trees whose C++ operators differ must not build into one extension folder: each worker's
+    ``TORCH_EXTENSIONS_DIR`` is its own, under the one given (or torch's default)."""
+    given = {"TORCH_EXTENSIONS_DIR": str(tmp_path), "OTHER": "kept"}
+    first, second = (ab_trees._own_extensions(given, which) for which in (0, 1))
+    assert first["TORCH_EXTENSIONS_DIR"] != second["TORCH_EXTENSIONS_DIR"]
+    assert all(Path(env["TORCH_EXTENSIONS_DIR"]).parent == tmp_path and env["OTHER"] == "kept" for env in (first, second))
+    assert given["TORCH_EXTENSIONS_DIR"] == str(tmp_path)  # the caller's environment is not changed
+    default = ab_trees._own_extensions({}, 0)["TORCH_EXTENSIONS_DIR"]
+    assert Path(default).parent == Path.home() / ".cache" / "torch_extensions"
