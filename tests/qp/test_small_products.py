@@ -200,3 +200,13 @@ def test_inductors_loop_body_calls_the_library_only_to_factorise():
     products = sum(body.count(f"aoti_torch_cpu_{op}_out(") for op in ("bmm", "baddbmm", "mm", "addmm"))
     fused = _one_call_factorises_and_inverts()
     assert products == 0 and library == (1 if fused else 2), (products, library)
+
+
+def test_mid_sized_vector_products_of_an_iteration_are_the_librarys(monkeypatch):
+    """n = 30 (batch 4, 30 inequalities): every product of a row or a column in the loop's body is a
+    library call (``baddbmm``, ``linalg.vector_in_library``), none is left as a ``bmm`` that inductor
+    would write as its own sum; at n = 70, above ``VECTOR_LIBRARY_SIZES``, they are ``bmm`` again."""
+    mid = _library_calls_per_iteration(monkeypatch, random_qp((4,), 30, 30, 0))
+    assert mid["bmm"] == 0 and mid["baddbmm"] > 0, mid
+    large = _library_calls_per_iteration(monkeypatch, random_qp((4,), 70, 70, 0))
+    assert large["bmm"] > 0, large
