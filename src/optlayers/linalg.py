@@ -58,9 +58,9 @@ def vector_in_library(a: Tensor, b: Tensor) -> bool:
     (B, c) = (1, 20) 1.3 / 1.5, (1, 32) 1.6 / 1.5, (1, 100) 5.6 / 2.3, (8, 20) 2.8 / 2.1,
     (8, 32) 5.2 / 2.4, (8, 100) 37 / 8, (128, 20) 31 / 10, (128, 100) 831 / 393. In whole solves
     (compiled forward + backward, ``benchmarks/ab_trees.py``, both orders) the library's products took
-    (128, 50) 0.76 and 0.81 of the time, (32, 30) 0.74, (128, 20) 0.91, (1, 50) 0.94, but (64, 100)
-    and (128, 100), whose chunks' matrices come from memory and whose fused sums read a matrix once
-    for two products, 1.03: hence the last size. ``baddbmm`` is lowered to the library call
+    (128, 50) 0.76–0.81 of the time, (32, 30) 0.72–0.74, (128, 20) 0.91, (1, 50) 0.91–0.94, but
+    (64, 100) and (128, 100) 1.03 (chunks of 8 whose matrices come from memory: there inductor's
+    fused sums were no slower than the library's calls): hence the last size. ``baddbmm`` is lowered to the library call
     whatever its ``beta``. Elsewhere (eagerly, on an accelerator, where ``elementwise``) the product is
     ``product``'s usual one."""
     if not torch.compiler.is_compiling() or a.device.type != "cpu" or (a.shape[-2] != 1 and b.shape[-1] != 1):
