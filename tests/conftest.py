@@ -28,3 +28,27 @@ def eager_backend(monkeypatch):
     yield
     compiling.compiled.cache_clear()
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def failing_backend(monkeypatch):
+    """``torch.compile``, as the package calls it, with a backend that raises (as inductor's C++
+    compilation does without a compiler, or with a broken cache), counting its attempts;
+    specialisations cleared before and after."""
+    attempts = []
+
+    def backend(gm, example_inputs):
+        attempts.append(1)
+        raise RuntimeError("g++: not found\nsecond line")
+
+    real = torch.compile
+
+    def compile(fn, **kwargs):  # the package's calls pass inductor's options; torch's own (an eager while_loop's) pass
+        return torch._dynamo.optimize(backend, nopython=True)(fn) if "options" in kwargs else real(fn, **kwargs)
+
+    compiling.compiled.cache_clear()
+    torch._dynamo.reset()
+    monkeypatch.setattr(torch, "compile", compile)
+    yield attempts
+    compiling.compiled.cache_clear()
+    torch._dynamo.reset()

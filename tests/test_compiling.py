@@ -5,6 +5,7 @@ Traced with dynamo's eager backend (no inductor compilation: fast)."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import pytest
 import torch
@@ -275,3 +276,43 @@ def test_unbatched_or_with_batch_dynamic_off_each_batch_is_compiled(eager_backen
     for batch in (4, 7, 2):
         plain(torch.ones(batch, 3))
     assert _frames_compiled() == 6
+
+
+
+def test_a_backend_failure_runs_the_function_eagerly_with_one_warning(failing_backend):
+    run = compiling.compiled(_double, "cpu")
+    with pytest.warns(RuntimeWarning, match=r"failed to compile _double \(RuntimeError: g\+\+: not found\)") as caught:
+        assert torch.equal(run(torch.ones(3)), torch.full((3,), 2.0))
+    assert len([w for w in caught if "failed to compile" in str(w.message)]) == 1
+    tries = len(failing_backend)
+    assert tries >= 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        assert torch.equal(run(torch.ones(4)), torch.full((4,), 2.0))  # another shape: not compiled again
+    assert len(failing_backend) == tries
+
+
+def test_dynamos_own_errors_are_not_taken_for_backend_failures(eager_backend):
+    def breaks(x: torch.Tensor) -> torch.Tensor:
+        print("a graph break")  # fullgraph=True: dynamo raises
+        return x
+
+    run = compiling.compiled(breaks, "cpu")
+    with pytest.raises(torch._dynamo.exc.Unsupported):
+        run(torch.ones(2))
+
+
+def test_a_qp_layer_whose_backend_fails_gives_the_eager_solution_and_gradient(failing_backend):
+    from optlayers import solve_qp
+    from tests.qp.qp_problems import random_qp
+
+    data = random_qp((3,), 5, 4, 1, active=True)
+    p = data["p"].clone().requires_grad_()
+    eager = solve_qp(**{**data, "p": p})
+    (g_eager,) = torch.autograd.grad(eager.z.sum(), p)
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        sol = solve_qp(**{**data, "p": p}, compile=True)
+        (g,) = torch.autograd.grad(sol.z.sum(), p)
+    assert (sol.status == 0).all()
+    torch.testing.assert_close(sol.z, eager.z, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g, g_eager, rtol=0, atol=1e-12)

@@ -19,12 +19,14 @@ import logging
 import threading
 import types
 import warnings
+import weakref
 from dataclasses import fields, is_dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, TypeVar
 
 import torch
 from torch import Tensor
+from torch._inductor.exc import InductorError
 
 if TYPE_CHECKING:  # a type only: the module is torch's private one
     from torch._dynamo.types import GuardFilterEntry
@@ -255,14 +257,42 @@ def compiled(fn: Callable, device_type: str, pointwise_cat: bool = False, batche
 
 def _call(graph: Callable, fn: Callable, name: str, *args: object, **kwargs: object) -> object:
     """``graph`` (``fn`` compiled) called under ``_STATIC_UNRECORDED`` and torch's own recompile
-    limit; past that, ``_past_torchs_limit``."""
+    limit; past that, ``_past_torchs_limit``. Where the backend failed to compile ``graph``
+    (``_BACKEND_FAILURES``), ``fn`` runs eagerly, from then on for every call of ``graph``
+    (``_gave_up``)."""
+    if graph in _GAVE_UP:
+        return fn(*args, **kwargs)
     revert = _STATIC_UNRECORDED()
     try:
         return graph(*args, **kwargs)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         return _past_torchs_limit(graph, fn, name, *args, **kwargs)
+    except _BACKEND_FAILURES as error:
+        _gave_up(graph, name, error)
     finally:
         revert()
+    return fn(*args, **kwargs)
+
+
+_BACKEND_FAILURES = (torch._dynamo.exc.BackendCompilerFailed, InductorError)
+"""What torch raises where its backend, not the traced code, failed: inductor's lowering or the C++
+compiler (no compiler, a broken cache, headers built for another instruction set). The traced code
+is the eager one, so its eager run gives the same results, only slower. A graph break or an
+unsupported operation in the traced code (a package bug) raises dynamo's own errors, which pass."""
+
+_GAVE_UP: weakref.WeakSet = weakref.WeakSet()
+"""The compiled functions whose backend failed: their calls run eagerly for the rest of the process
+(a new attempt would trace and fail again at every call)."""
+
+
+def _gave_up(graph: Callable, name: str, error: Exception) -> None:
+    """Record that the backend failed to compile ``graph`` (``name``), with a warning that names the error."""
+    _GAVE_UP.add(graph)
+    cause = getattr(error, "inner_exception", None) or error
+    first = next((line.strip() for line in str(cause).splitlines() if line.strip()), "")
+    warnings.warn(f"compile=True: torch's backend failed to compile {name} ({type(cause).__name__}: {first[:200]}); "
+                  "it runs eagerly from now on in this process (the same results, more slowly)",
+                  RuntimeWarning, stacklevel=4)
 
 
 def _past_torchs_limit(graph: Callable, fn: Callable, name: str, *args: object, **kwargs: object) -> object:

@@ -114,6 +114,16 @@ def test_compiled_solve_traced_whole_equals_the_eager_one(eager_backend, spec, n
     _assert_agree(run, _solved(spec, n, quadratic), 1e-12)
 
 
+
+def test_a_compiled_solve_whose_backend_fails_gives_the_eager_answers(failing_backend):
+    """Where torch's backend fails (no C++ compiler, a broken cache), the solve runs eagerly, with
+    a warning: the eager statuses, solutions and gradients."""
+    spec, n, quadratic = PROGRAMS[1]
+    with pytest.warns(RuntimeWarning, match="failed to compile"):
+        run = _solved(spec, n, quadratic, compile=True)
+    assert failing_backend
+    _assert_agree(run, _solved(spec, n, quadratic), 1e-12)
+
 @pytest.mark.slow
 def test_compiled_solve_equals_the_eager_one():
     """Compiled by inductor (minutes with a cold cache): the eager solve's statuses, and its
