@@ -316,3 +316,15 @@ def test_a_qp_layer_whose_backend_fails_gives_the_eager_solution_and_gradient(fa
     assert (sol.status == 0).all()
     torch.testing.assert_close(sol.z, eager.z, rtol=0, atol=1e-12)
     torch.testing.assert_close(g, g_eager, rtol=0, atol=1e-12)
+
+
+def test_a_backend_failure_past_torchs_limit_runs_the_function_eagerly():
+    """A new specialisation past torch's recompile limit is compiled again under the package's
+    limit (``_past_torchs_limit``): a backend failure there gives up on the graph as in ``_call``."""
+    def graph(x: torch.Tensor) -> torch.Tensor:
+        raise torch._dynamo.exc.BackendCompilerFailed(graph, RuntimeError("cc1plus: out of memory"), None)
+
+    with pytest.warns(RuntimeWarning, match=r"failed to compile _double \(RuntimeError: cc1plus: out of memory\)"):
+        assert torch.equal(compiling._past_torchs_limit(graph, _double, "_double", torch.ones(2)), torch.full((2,), 2.0))
+    assert graph in compiling._GAVE_UP
+    assert torch.equal(compiling._call(graph, _double, "_double", torch.ones(3)), torch.full((3,), 2.0))  # eager now

@@ -297,14 +297,17 @@ def _gave_up(graph: Callable, name: str, error: Exception) -> None:
 
 def _past_torchs_limit(graph: Callable, fn: Callable, name: str, *args: object, **kwargs: object) -> object:
     """A call of ``graph`` (``fn`` compiled) that met torch's recompile limit, again under
-    ``COMPILED_SHAPES``; past that, ``fn`` run eagerly, with a warning."""
+    ``COMPILED_SHAPES``; past that, ``fn`` run eagerly, with a warning; where the backend fails,
+    as in ``_call``."""
     with _COMPILING, torch._dynamo.config.patch(recompile_limit=COMPILED_SHAPES):
         try:
             return graph(*args, **kwargs)
         except torch._dynamo.exc.FailOnRecompileLimitHit:
             warnings.warn(f"compile=True: {name} has {COMPILED_SHAPES} compiled specialisations (problem shapes, "
                           "tolerances); this call runs eagerly", RuntimeWarning, stacklevel=3)
-            return fn(*args, **kwargs)
+        except _BACKEND_FAILURES as error:
+            _gave_up(graph, name, error)
+    return fn(*args, **kwargs)
 
 
 def owned(obj: T) -> T:
