@@ -21,13 +21,8 @@ def eager_backend(monkeypatch):
     """``torch.compile`` traced whole by dynamo but run by its eager backend (no inductor compilation:
     fast; the guards kept as asked), with the compiled wrappers and dynamo's specialisations cleared
     before and after."""
-    compiling.compiled.cache_clear()
-    torch._dynamo.reset()  # dynamo keeps its specialisations per code object across tests
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: torch._dynamo.optimize(
+    yield from _compiling_with(monkeypatch, lambda fn, **kwargs: torch._dynamo.optimize(
         "eager", nopython=True, dynamic=kwargs.get("dynamic"), guard_filter_fn=kwargs.get("options", {}).get("guard_filter_fn"))(fn))
-    yield
-    compiling.compiled.cache_clear()
-    torch._dynamo.reset()
 
 
 @pytest.fixture
@@ -46,9 +41,16 @@ def failing_backend(monkeypatch):
     def compile(fn, **kwargs):  # the package's calls pass inductor's options; torch's own (an eager while_loop's) pass
         return torch._dynamo.optimize(backend, nopython=True)(fn) if "options" in kwargs else real(fn, **kwargs)
 
+    yield from _compiling_with(monkeypatch, compile, attempts)
+
+
+def _compiling_with(monkeypatch, compile, value=None):
+    """``torch.compile`` replaced by ``compile`` for a test (which gets ``value``), with the compiled
+    wrappers and dynamo's specialisations cleared before and after: dynamo keeps its
+    specialisations per code object across tests."""
     compiling.compiled.cache_clear()
     torch._dynamo.reset()
     monkeypatch.setattr(torch, "compile", compile)
-    yield attempts
+    yield value
     compiling.compiled.cache_clear()
     torch._dynamo.reset()

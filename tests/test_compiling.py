@@ -278,7 +278,6 @@ def test_unbatched_or_with_batch_dynamic_off_each_batch_is_compiled(eager_backen
     assert _frames_compiled() == 6
 
 
-
 def test_a_backend_failure_runs_the_function_eagerly_with_one_warning(failing_backend):
     run = compiling.compiled(_double, "cpu")
     with pytest.warns(RuntimeWarning, match=r"failed to compile _double \(RuntimeError: g\+\+: not found\)") as caught:

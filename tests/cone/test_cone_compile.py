@@ -114,7 +114,6 @@ def test_compiled_solve_traced_whole_equals_the_eager_one(eager_backend, spec, n
     _assert_agree(run, _solved(spec, n, quadratic), 1e-12)
 
 
-
 def test_a_compiled_solve_whose_backend_fails_gives_the_eager_answers(failing_backend):
     """Where torch's backend fails (no C++ compiler, a broken cache), the solve runs eagerly, with
     a warning: the eager statuses, solutions and gradients."""
@@ -123,6 +122,7 @@ def test_a_compiled_solve_whose_backend_fails_gives_the_eager_answers(failing_ba
         run = _solved(spec, n, quadratic, compile=True)
     assert failing_backend
     _assert_agree(run, _solved(spec, n, quadratic), 1e-12)
+
 
 @pytest.mark.slow
 def test_compiled_solve_equals_the_eager_one():
