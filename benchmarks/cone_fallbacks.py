@@ -10,7 +10,7 @@ stops); and the largest distance max|x - x_clarabel| / (1 + max|x_clarabel|) to 
 solution (clarabel alone, refined) over the elements the interior point method itself returned
 SOLVED (before the refinement) and over all elements after the whole ``solve_cone``.
 
-    PYTHONPATH=src python benchmarks/cone_fallbacks.py [--count 1000] [--kinds exp exp_dual] [--json FILE]
+    PYTHONPATH=src python benchmarks/cone_fallbacks.py [--count 1000] [--kinds exp exp_dual] [--tol 1e-8] [--json FILE]
 """
 from __future__ import annotations
 
@@ -38,10 +38,12 @@ KINDS = {
 }
 N = 6
 BATCH = 250
+INACCURATE_TOL = interior_solver.ConeIPMSettings().inaccurate_tol
 
 
-def fallbacks(spec: ConeSpec, count: int) -> dict:
-    """Outcomes of ``count`` programs of ``spec`` solved in batches of ``BATCH`` (seeds 0, 1, ...)."""
+def fallbacks(spec: ConeSpec, count: int, tol: float | None = None) -> dict:
+    """Outcomes of ``count`` programs of ``spec`` solved in batches of ``BATCH`` (seeds 0, 1, ...);
+    ``tol``: the interior point method's (``ConeIPMSettings.tol``; None: its default)."""
     statuses, to_clarabel, final = collections.Counter(), [0], collections.Counter()
     raw, steps = [], [0]
     original = autograd._fall_back
@@ -73,7 +75,8 @@ def fallbacks(spec: ConeSpec, count: int) -> dict:
             size = min(BATCH, count - seed * BATCH)
             A, b, c, *_ = random_program(spec, N, batch=size, seed=seed)
             steps[0] = 0
-            solution = solve_cone(A, b, c, spec, solver="ipm")
+            options = {} if tol is None else {"tol": tol, "inaccurate_tol": max(tol, INACCURATE_TOL)}
+            solution = solve_cone(A, b, c, spec, solver="ipm", solver_options=options)
             iterations.append(steps[0])
             final.update(ConeStatus(int(code)).name for code in solution.status)
             reference = solve_cone(A, b, c, spec, solver="clarabel").x
@@ -100,10 +103,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kinds", nargs="+", choices=sorted(KINDS), default=list(KINDS),
                         help="cone kinds to run (default: all)")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--tol", type=float, default=None,
+                        help="the interior point method's tolerance (ConeIPMSettings.tol; default: its default)")
     args = parser.parse_args(argv)
     if args.count < 1:
         parser.error(f"--count must be >= 1, got {args.count}")
-    rows = {kind: fallbacks(KINDS[kind], args.count) for kind in args.kinds}
+    if args.tol is not None and not 0 < args.tol < 1:
+        parser.error(f"--tol must be in (0, 1), got {args.tol}")
+    rows = {kind: fallbacks(KINDS[kind], args.count, args.tol) for kind in args.kinds}
     print("| cone | programs | not SOLVED by the IPM | to Clarabel after refinement | per 1,000 | final statuses "
           "| iterations per batch | distance to Clarabel: IPM SOLVED, final |")
     print("|---|---|---|---|---|---|---|---|")

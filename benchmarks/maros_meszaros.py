@@ -9,11 +9,12 @@ perturbations of a solution; 2 % of them end ≤ 1e-7). Below about 1e-5 a float
 passes the gap test only by how its rounding falls (Clarabel's solution: gap 3.1e-5).
 
 Two more columns show what the solver claims: its own gap (``QPSolution.gap``, |xᵀQx + pᵀx + hᵀλ + bᵀν|
-of the solver's form) and that gap at the returned point in exact arithmetic (``exact_gap``); a
+of the solver's form; NaN for the cone layers, whose solutions report none) and that gap at the returned point in exact arithmetic (``exact_gap``); a
 SOLVED problem's exact gap is within the solver's tolerance (tol / 10 unless ``--solver-tol`` says
 otherwise).
 
     python benchmarks/maros_meszaros.py [--data DIR] [--tol 1e-6] [--solver-tol T] [--only NAME ...] [--json FILE]
+        [--layer qp | cone-ipm | cone-clarabel]
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ import scipy.io
 import torch
 
 from optlayers import QPStatus, solve_qp
+from optlayers.cone.interior.solver import ConeIPMSettings
 from optlayers.cone.qp import solve_qp_cone
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "maros_meszaros_dense"
@@ -148,7 +150,8 @@ def solve_one(path: Path, tol: float, max_iter: int, layer: str = "qp", solver_t
     """One problem through ``solve_qp`` (layer "qp") or as a cone program through ``solve_qp_cone``
     ("cone-ipm": the batched interior point method with its Clarabel fallback; "cone-clarabel").
     ``solver_tol``: ``solve_qp``'s own tolerance (rel_tol 0); None: a tenth of ``tol``, so that a
-    SOLVED problem passes this script's check (``tol``) with a margin."""
+    SOLVED problem passes this script's check (``tol``) with a margin. With "cone-ipm", the interior
+    point method's relative tolerance (``ConeIPMSettings.tol``; None: its default)."""
     qp = load(path)
     data = to_optlayers(qp)
     masks = data.pop("_masks")
@@ -158,8 +161,10 @@ def solve_one(path: Path, tol: float, max_iter: int, layer: str = "qp", solver_t
                        on_failure="ignore")
         status, iterations = QPStatus(int(sol.status)), int(sol.iterations)
     else:
+        options = {} if solver_tol is None or layer != "cone-ipm" else {
+            "tol": solver_tol, "inaccurate_tol": max(solver_tol, ConeIPMSettings().inaccurate_tol)}
         sol = solve_qp_cone(data["Q"], data["p"], data["G"], data["h"], data["A"], data["b"],
-                            solver=layer.split("-")[1], on_failure="ignore")
+                            solver=layer.split("-")[1], on_failure="ignore", solver_options=options)
         status, iterations = (QPStatus.SOLVED if int(sol.status) == 0 else QPStatus.NUMERICAL_ERROR), 0
     seconds = time.perf_counter() - start
     if status == QPStatus.SOLVED:
@@ -170,8 +175,9 @@ def solve_one(path: Path, tol: float, max_iter: int, layer: str = "qp", solver_t
     else:
         primal = dual = gap = exact = math.nan
     solved = status == QPStatus.SOLVED and max(primal, dual, gap) <= tol
+    reported = float(sol.gap) if layer == "qp" else math.nan  # a cone solution reports no gap of its own
     return Outcome(qp.name, qp.P.shape[0], qp.A.shape[0], status.name.lower(), iterations, primal, dual, gap, seconds, solved,
-                   float(sol.gap), exact)
+                   reported, exact)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,15 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="folder of the .mat files")
     parser.add_argument("--tol", type=float, default=1e-6, help="success threshold on each residual")
     parser.add_argument("--solver-tol", type=float, default=None,
-                        help="solve_qp's tolerance, rel_tol 0 (default: a tenth of --tol; the QP layer only)")
+                        help="solve_qp's tolerance, rel_tol 0 (default: a tenth of --tol), or with --layer cone-ipm "
+                             "the cone interior point method's relative one (default: its own)")
     parser.add_argument("--max-iter", type=int, default=200)
     parser.add_argument("--only", nargs="*", help="problem names to run")
     parser.add_argument("--json", type=Path, help="write the outcomes here")
     parser.add_argument("--layer", choices=("qp", "cone-ipm", "cone-clarabel"), default="qp",
                         help="the QP layer, or the QP as a cone program (solve_qp_cone) with that forward solver")
     args = parser.parse_args(argv)
-    if args.solver_tol is not None and not (args.solver_tol > 0 and args.layer == "qp"):
-        parser.error(f"--solver-tol must be > 0 and goes with --layer qp, got {args.solver_tol} with --layer {args.layer}")
+    if args.solver_tol is not None and not (0 < args.solver_tol < 1 and args.layer in ("qp", "cone-ipm")):
+        parser.error(f"--solver-tol must be in (0, 1) and goes with --layer qp or cone-ipm, got {args.solver_tol} "
+                     f"with --layer {args.layer}")
     paths = sorted(args.data.glob("*.mat"))
     if args.only:
         paths = [p for p in paths if p.stem in set(args.only)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -245,13 +246,44 @@ def test_maros_meszaros_solver_tolerance_is_passed_to_the_solver(tmp_path, capsy
     assert "solved 1 of 1" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv", [["--solver-tol", "0"], ["--solver-tol", "1e-7", "--layer", "cone-ipm"]])
+@pytest.mark.parametrize("argv", [["--solver-tol", "0"], ["--solver-tol", "1"],
+                                  ["--solver-tol", "1e-7", "--layer", "cone-clarabel"]])
 def test_maros_meszaros_refuses_a_solver_tolerance_it_cannot_use(argv, capsys):
     from benchmarks import maros_meszaros
 
     with pytest.raises(SystemExit):
         maros_meszaros.main(argv)
-    assert "--solver-tol must be > 0" in capsys.readouterr().err
+    assert "--solver-tol must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_maros_meszaros_cone_layer_solves_and_takes_the_interior_point_tolerance(monkeypatch):
+    from benchmarks import maros_meszaros
+
+    seen = []
+    solve = maros_meszaros.solve_qp_cone
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["solver_options"])
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(maros_meszaros, "solve_qp_cone", spy)
+    path = MM_DATA / "HS21.mat"
+    default = maros_meszaros.solve_one(path, tol=1e-6, max_iter=200, layer="cone-ipm")
+    loose = maros_meszaros.solve_one(path, tol=1e-6, max_iter=200, layer="cone-ipm", solver_tol=1e-4)
+    assert seen == [{}, {"tol": 1e-4, "inaccurate_tol": 1e-4}]
+    assert default.solved and loose.solved  # the Newton refinement finishes either
+    assert math.isnan(default.reported_gap) and default.exact_gap <= 1e-6
+
+
+def test_cone_fallbacks_counts_statuses_and_iterations_at_the_given_tolerance():
+    from benchmarks import cone_fallbacks
+
+    spec = cone_fallbacks.KINDS["soc"]
+    tight = cone_fallbacks.fallbacks(spec, 8)
+    loose = cone_fallbacks.fallbacks(spec, 8, tol=1e-3)
+    assert tight["final"] == loose["final"] == {"SOLVED": 8}
+    assert loose["batch_iterations"][0] < tight["batch_iterations"][0]
+    assert loose["final_distance_to_clarabel"] <= 1e-9  # the refinement takes both to round-off
 
 
 def test_blas_backends_times_every_operation_with_both_libraries(capsys):
