@@ -982,8 +982,8 @@ def test_a_fallback_keeps_the_refined_w_of_the_other_elements(monkeypatch):
     real = solver.solve
 
     def one_unsolved(*args, **kwargs):
-        x, y, s, status = real(*args, **kwargs)
-        return x, y, s, torch.where(torch.arange(len(status)) == 1, int(ConeStatus.MAX_ITER), status)
+        x, y, s, status, *state = real(*args, **kwargs)
+        return x, y, s, torch.where(torch.arange(len(status)) == 1, int(ConeStatus.MAX_ITER), status), *state
 
     monkeypatch.setattr(autograd.interior_solver, "solve", one_unsolved)
     settings = autograd.Settings(ALL_CONES, "ipm", "dense", {}, None, None)
@@ -1055,3 +1055,129 @@ def test_nonnegative_step_fraction_saves_iterations_on_linear_programs():
     432 iterations in all and at most 8 per element, against 481 and 9 at 0.99.)"""
     _assert_saves_iterations(ConeSpec(zero=5, nonneg=40), 20, {"nonneg_step_fraction": 0.99},
                              gain=0.93, distance=1e-6)
+
+
+def test_refined_settings_stop_early_unless_a_tolerance_is_given():
+    """Where the Newton refinement follows, the method stops at REFINED_TOL; a caller's ``tol`` stands,
+    and a caller's ``inaccurate_tol`` below REFINED_TOL is taken as the stop (tol <= inaccurate_tol)."""
+    assert solver.refined_settings({}).tol == solver.REFINED_TOL > solver.ConeIPMSettings().tol
+    assert solver.refined_settings({"tol": 1e-9}).tol == 1e-9
+    assert solver.refined_settings({"inaccurate_tol": 1e-7}).tol == 1e-7
+    assert solver.refined_settings({"max_iter": 30}, compiled=True) == solver.ConeIPMSettings(
+        tol=solver.REFINED_TOL, max_iter=30, compiled=True)
+    for refused in ({"inaccurate_tol": "loose"}, {"inaccurate_tol": 1e-9}):  # the second below the default tol
+        with pytest.raises(ValueError, match="inaccurate_tol"):
+            solver.refined_settings(refused)
+
+
+def _tolerances_seen(monkeypatch) -> list:
+    """The ``tol`` of every interior point solve from here on."""
+    from optlayers.cone import autograd
+
+    seen, real = [], solver.solve
+
+    def spy(*args, **kwargs):
+        seen.append(args[5].tol)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(autograd.interior_solver, "solve", spy)
+    return seen
+
+
+def test_the_method_stops_early_only_where_the_refinement_follows(monkeypatch):
+    """solve_cone(solver="ipm") stops the method at REFINED_TOL; with ``refine_steps=0`` or a
+    ``tol`` of the caller's it runs to that tolerance. Every answer is refined to round-off alike."""
+    A, b, c, _, x_star, *_ = random_program(ALL_CONES, 15, batch=4, seed=96)
+    seen = _tolerances_seen(monkeypatch)
+    early = solve_cone(A, b, c, ALL_CONES, solver="ipm")
+    own = solve_cone(A, b, c, ALL_CONES, solver="ipm", solver_options={"tol": 1e-8})
+    unrefined = solve_cone(A, b, c, ALL_CONES, solver="ipm", refine_steps=0)
+    assert seen == [solver.REFINED_TOL, 1e-8, solver.ConeIPMSettings().tol]
+    assert (early.status == ConeStatus.SOLVED).all() and (own.status == ConeStatus.SOLVED).all()
+    torch.testing.assert_close(early.x, own.x, rtol=0, atol=1e-11)
+    torch.testing.assert_close(early.x, x_star, rtol=0, atol=1e-9)
+    assert (unrefined.status == ConeStatus.SOLVED).all()
+
+
+def test_the_method_goes_on_from_a_kept_state_as_if_it_had_not_stopped():
+    """A solve stopped at a loose tolerance and taken on from its states (``keep_state``, ``start``) to
+    a tighter one ends where one solve at the tighter tolerance ends, in as many iterations; a start
+    that is not such a state, or with a compiled solve, is refused."""
+    A, b, c, P, *_ = random_program(ALL_CONES, 15, batch=5, quadratic=True, seed=98)
+    *_, state = solver.solve(A, b, c, P, ALL_CONES, solver.ConeIPMSettings(tol=1e-5), keep_state=True)
+    x, y, s, status, later = solver.solve(A, b, c, P, ALL_CONES, solver.ConeIPMSettings(tol=1e-9), start=state,
+                                          keep_state=True)
+    X, Y, S, STATUS, straight = solver.solve(A, b, c, P, ALL_CONES, solver.ConeIPMSettings(tol=1e-9), keep_state=True)
+    assert (status == ConeStatus.SOLVED).all() and (STATUS == ConeStatus.SOLVED).all()
+    width = straight.shape[-1] - 2 - 3  # v, then the regularisation, the iterations and the three counters
+    assert torch.equal(later[:, width + 1], straight[:, width + 1]) and (state[:, width + 1] < later[:, width + 1]).all()
+    for got, want in ((x, X), (y, Y), (s, S)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="start must be"):
+        solver.solve(A, b, c, P, ALL_CONES, solver.ConeIPMSettings(compiled=True), start=state)
+    with pytest.raises(ValueError, match="start must be"):
+        solver.solve(A, b, c, P, ALL_CONES, start=state[:2])
+    with pytest.raises(ValueError, match="start holds states of"):
+        solver.solve(A, b, c, P, ALL_CONES, start=state[:, 1:])
+
+
+def test_an_element_whose_refinement_stalls_after_the_early_stop_is_taken_on(monkeypatch):
+    """An element that the refinement does not take to _REFINED_FROM_EARLY_STOP (here: marked astray,
+    as on a degenerate program, whose answer is then not SOLVED) is taken on from its state by the
+    method to its own tolerance, eagerly, alone, and ends as it would have without the early stop:
+    its x and its gradient (through the merged factorization, w and roots) are those of the solve at
+    that tolerance; the others keep theirs."""
+    from optlayers.cone import autograd, refine
+
+    A, b, c, P, *_ = random_program(ALL_CONES, 15, batch=3, quadratic=True, seed=97)
+
+    def solved(**kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        A_ = A.clone().requires_grad_(True)
+        x = solve_cone(A_, b, c, ALL_CONES, P, solver="ipm", **kwargs).x
+        (x * torch.linspace(-1, 1, x.shape[-1], dtype=x.dtype)).sum().backward()
+        return x.detach(), A_.grad
+
+    early_x, early_grad = solved()
+    own_x, own_grad = solved(solver_options={"tol": 1e-8})
+    real_refine, solves = refine.refine_and_check, _tolerances_seen(monkeypatch)
+
+    def second_stalls(point, b, c, mode, steps):
+        point, kkt, astray = real_refine(point, b, c, mode, steps)
+        if solves[-1] == solver.REFINED_TOL:  # the early stop's refinement
+            astray = astray | (torch.arange(len(astray)) == 1)
+        return point, kkt, astray
+
+    monkeypatch.setattr(autograd.refine, "refine_and_check", second_stalls)
+    x, grad = solved()
+    assert solves == [solver.REFINED_TOL, solver.ConeIPMSettings().tol]
+    torch.testing.assert_close(x[1], own_x[1], rtol=0, atol=1e-13)
+    torch.testing.assert_close(x[[0, 2]], early_x[[0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(grad[1], own_grad[1], rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(grad[[0, 2]], early_grad[[0, 2]], rtol=1e-8, atol=1e-10)
+
+
+def test_of_two_solved_answers_the_element_taken_on_keeps_the_more_accurate(monkeypatch):
+    """Where both the early stop's refined answer and the one taken on from it are SOLVED, the
+    element keeps the one with the smaller KKT residual, and the forward reports that residual."""
+    from optlayers.cone import autograd, refine
+
+    A, b, c, P, *_ = random_program(ALL_CONES, 15, batch=3, quadratic=True, seed=99)
+    settings = autograd.Settings(ALL_CONES, "ipm", "dense", {}, None, None)
+    early, _, early_kkt = autograd._solve_and_refine(A, b, c, P, settings)
+    real_refine = refine.refine_and_check
+    worse = {"kkt": None}
+
+    def taken_on_is_worse(point, b_, c_, mode, steps):
+        point, kkt, astray = real_refine(point, b_, c_, mode, steps)
+        if len(kkt) == 1:  # the element taken on: a worse residual, still SOLVED
+            kkt = kkt + 1e-9
+            worse["kkt"] = kkt
+        else:  # the early stop's: element 1 not converged
+            kkt = torch.where(torch.arange(len(kkt)) == 1, kkt.clamp_min(1e-9 / 2), kkt)
+        return point, kkt, astray
+
+    monkeypatch.setattr(autograd.refine, "refine_and_check", taken_on_is_worse)
+    point, status, kkt = autograd._solve_and_refine(A, b, c, P, settings)
+    assert worse["kkt"] is not None and (status == ConeStatus.SOLVED).all()
+    torch.testing.assert_close(point.x, early.x, rtol=0, atol=0)  # element 1 kept its own answer
+    assert kkt[1] == max(float(early_kkt[1]), 1e-9 / 2)
