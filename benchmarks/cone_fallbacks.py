@@ -54,11 +54,11 @@ def fallbacks(spec: ConeSpec, count: int, tol: float | None = None) -> dict:
 
     original_solve = autograd._solve
 
-    def solve_spy(A, b, c, P, settings, start=None):  # the interior point method's own statuses
-        out = original_solve(A, b, c, P, settings, start)
-        if settings.solver == "ipm" and start is None:  # not an early stop's elements taken on (autograd._confirmed)
-            statuses.update(ConeStatus(int(code)).name for code in out[3])
-            raw.append((out[0], out[3]))
+    def solve_spy(A, b, c, P, settings):  # the interior point method's own statuses
+        out = original_solve(A, b, c, P, settings)
+        if settings.solver == "ipm":
+            statuses.update(ConeStatus(int(code)).name for code in out[-1])
+            raw.append((out[0], out[-1]))
         return out
 
     original_step = interior_solver._step

@@ -27,8 +27,7 @@ MAX_EXP_DERIVATIVE_KERNELS = 70
 # solve_cone(solver="ipm") on the cone benchmark's programs (all five cones), batch 8 (128 gives the
 # same counts): 13 forward syncs (validation 1, the interior point method's looks 3, the
 # refinement's 3 and its linear solves' 2, the exponential projections' root looks 3 (their
-# derivatives take the projections' roots: 2 looks fewer), the status 1; one of them, with the interior
-# point method stopped at REFINED_TOL, the look for the elements it takes on: 12 with a tol given), 2 in the adjoint
+# derivatives take the projections' roots: 2 looks fewer), the status 1), 2 in the adjoint
 # (iterative refinement's; it takes the refined point's w and roots, where it looked once more to
 # solve for the roots at y - s).
 MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 13, 2

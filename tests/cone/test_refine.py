@@ -14,7 +14,7 @@ SPEC = ConeSpec(zero=2, nonneg=8, soc=[4, 3], exp=1)  # m = 20
 def ipm_point(n: int, batch: int, seed: int = 0):
     A, b, c, _, x, y, s = random_program(SPEC, n, batch=batch, seed=seed)
     settings = autograd.Settings(SPEC, "ipm", "dense", {}, None, 1, 0, "raise")
-    x0, y0, s0, status, _ = autograd._solve(A, b, c, None, settings)
+    x0, y0, s0, status = autograd._solve(A, b, c, None, settings)
     assert bool((status == 0).all()), status
     return Point(SPEC, A, None, x0, y0, s0, torch.ones(batch, dtype=torch.bool)), b, c, x
 
@@ -131,7 +131,7 @@ def test_refinement_that_raises_the_kkt_residual_keeps_the_solvers_answer_and_re
     spec = ConeSpec(nonneg=8)
     A, b, c = _scaled_lps(1e-4)
     settings = autograd.Settings(spec, "ipm", "dense", {}, None, 1, 0, "ignore")
-    x0, y0, s0, status, _ = autograd._solve(A, b, c, None, settings)
+    x0, y0, s0, status = autograd._solve(A, b, c, None, settings)
     point = Point(spec, A, None, x0, y0, s0, status == 0)
     before = refine.kkt_residual(point.cleaned(), b, c)
     refined, kkt, astray = refine.refine_and_check(point, b, c, "dense")

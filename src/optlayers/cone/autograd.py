@@ -77,23 +77,18 @@ def _problems(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor
 
 
 def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
-           settings: Settings, start: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+           settings: Settings) -> tuple[torch.Tensor, ...]:
     """x (B, n), y, s (B, m) and status (B,) from the chosen solver, before refinement ("ipm":
-    the batched interior point method, on A's device), and where that method stopped early
-    (``_stops_early``) each element's state, from which it continues (``start``, ``_confirmed``);
-    else None."""
+    the batched interior point method, on A's device)."""
     if settings.solver == "ipm":
         dense = A.detach().to_dense() if A.layout != torch.strided else A.detach()
         batch = b.shape[0]
         P_sym = _sym(P)  # shared (n, n) or (B, n, n): interior_solver.solve takes either
-        early = _stops_early(settings) and start is None
-        options = (interior_solver.refined_settings(settings.options, settings.compile) if early
-                   else interior_solver.ConeIPMSettings(**settings.options, compiled=settings.compile))
-        x, y, s, status, *state = interior_solver.solve(
+        x, y, s, status = interior_solver.solve(
             dense.expand(batch, *dense.shape[-2:]), b.detach(), c.detach(),
-            None if P_sym is None else P_sym.detach(), settings.spec, options, max_slices=settings.max_workers,
-            start=start, keep_state=early)
-        return x, y, s, status, state[0] if early else None
+            None if P_sym is None else P_sym.detach(), settings.spec,
+            interior_solver.ConeIPMSettings(**settings.options, compiled=settings.compile), max_slices=settings.max_workers)
+        return x, y, s, status
     results = backends.solve_batch(_problems(A, b, c, P), settings.spec, settings.solver, settings.options,
                                    settings.warm_starts, settings.max_workers)
     like = dict(dtype=b.dtype, device=b.device)
@@ -101,66 +96,19 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
     y = torch.as_tensor(np.stack([r.y for r in results]), **like)
     s = torch.as_tensor(np.stack([r.s for r in results]), **like)
     status = torch.tensor([int(r.status) for r in results], dtype=torch.int64, device=b.device)
-    return x, y, s, status, None
-
-
-def _stops_early(settings: Settings) -> bool:
-    """Whether the interior point method stops at ``interior_solver.REFINED_TOL`` and leaves the last
-    digits to the Newton refinement: solver "ipm", refinement on, no ``tol`` of the caller's."""
-    return settings.solver == "ipm" and settings.refine_steps > 0 and "tol" not in settings.options
+    return x, y, s, status
 
 
 def _solve_and_refine(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
-                      settings: Settings, start: torch.Tensor | None = None
-                      ) -> tuple[derivative.Point, torch.Tensor, torch.Tensor]:
-    """The refined solution, its status (SOLVED only where the relative KKT residual is small) and
-    that residual (``refine.refine_and_check``'s).
-    Where the interior point method stopped early (``_stops_early``), the elements it solved whose
-    refinement did not converge (``_REFINED_FROM_EARLY_STOP``) go on to the method's own tolerance
-    (``_confirmed``). ``start``: the interior point method's states to go on from (``_solve``)."""
-    x, y, s, ipm_status, state = _solve(A, b, c, P, settings, start)
-    returned = (ipm_status == ConeStatus.SOLVED) | (ipm_status == ConeStatus.INACCURATE)
+                      settings: Settings) -> tuple[derivative.Point, torch.Tensor]:
+    """The refined solution and its status: SOLVED only where the relative KKT residual is small."""
+    x, y, s, status = _solve(A, b, c, P, settings)
+    returned = (status == ConeStatus.SOLVED) | (status == ConeStatus.INACCURATE)
     point = derivative.Point(settings.spec, A.detach(), _sym(P), x, y, s, returned)
     point, kkt, astray = refine.refine_and_check(point, b.detach(), c.detach(), settings.mode, settings.refine_steps)
     accurate = (kkt <= refine.SOLVED_TOL) & ~astray
-    status = torch.where(returned & accurate, int(ConeStatus.SOLVED), ipm_status)
-    status = torch.where(returned & ~accurate, int(ConeStatus.INACCURATE), status)
-    if state is not None:
-        unconverged = (ipm_status == ConeStatus.SOLVED) & (~(kkt <= _REFINED_FROM_EARLY_STOP) | astray)
-        point, status, kkt = _confirmed(A, b, c, P, settings, point, status, kkt, unconverged, state)
-    return point, status, kkt
-
-
-_OWN_TOL = interior_solver.ConeIPMSettings.tol  # the method's tolerance where nothing follows it
-_REFINED_FROM_EARLY_STOP = 1e-10
-"""The relative KKT residual (``refine.kkt_residual``) below which the refinement from the interior
-point method's early stop (``interior_solver.REFINED_TOL``) is taken to have converged. Random programs
-of every cone kind reach 4.5e-13 or less from there (``benchmarks/cone_fallbacks.py``'s 5,000 and the
-cone benchmark's 384); of the Maros–Meszaros QPs as cone programs, 7 of 62 stopped between 4e-9 and
-2.4e-7 (QSHARE2B astray) and are taken on (``_confirmed``)."""
-
-
-def _confirmed(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, settings: Settings,
-               point: derivative.Point, status: torch.Tensor, kkt: torch.Tensor, short: torch.Tensor,
-               state: torch.Tensor) -> tuple[derivative.Point, torch.Tensor, torch.Tensor]:
-    """``point``, ``status`` and ``kkt`` with the elements ``short`` (B,) taken on by the interior point
-    method from where it stopped early (their ``state``) to its own tolerance, eagerly (a compiled
-    call would compile again for their number), and refined. These are the elements whose
-    refinement from the early stop did not converge (degenerate or badly scaled programs, where
-    Newton's method on the residual map stalls); each keeps the better of its two answers: the one
-    SOLVED, or where both are, the one with the smaller KKT residual. So no element ends less
-    accurate than without the early stop, for the cost of its last few iterations. One host read."""
-    index = short.nonzero().squeeze(-1)
-    if index.numel() == 0:
-        return point, status, kkt
-    own = dataclasses.replace(settings, options={**settings.options, "tol": _OWN_TOL}, compile=False)
-    sub, sub_status, sub_kkt = _solve_and_refine(A if A.dim() == 2 else A[index], b[index], c[index],
-                                                 P if P is None or P.dim() == 2 else P[index], own, state[index])
-    solved, sub_solved = status[index] == ConeStatus.SOLVED, sub_status == ConeStatus.SOLVED
-    better = sub_solved & (~solved | (sub_kkt < kkt[index])) | ~solved
-    kkt = kkt.clone()
-    kkt[index[better]] = sub_kkt[better]
-    return (*_replaced(settings.spec, point, status, sub, sub_status, index, better), kkt)
+    status = torch.where(returned & accurate, int(ConeStatus.SOLVED), status)
+    return point, torch.where(returned & ~accurate, int(ConeStatus.INACCURATE), status)
 
 
 def _clarabel_available() -> bool:
@@ -177,17 +125,9 @@ def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tenso
         return point, status
     index = (status != ConeStatus.SOLVED).nonzero().squeeze(-1)
     clarabel = dataclasses.replace(settings, solver="clarabel", options={}, warm_starts=None)
-    sub, sub_status, _ = _solve_and_refine(A if A.dim() == 2 else A[index], b[index], c[index],
-                                           P if P is None or P.dim() == 2 else P[index], clarabel)
+    sub, sub_status = _solve_and_refine(A if A.dim() == 2 else A[index], b[index], c[index],
+                                        P if P is None or P.dim() == 2 else P[index], clarabel)
     better = (sub_status == ConeStatus.SOLVED) | (status[index] != ConeStatus.INACCURATE)
-    return _replaced(settings.spec, point, status, sub, sub_status, index, better)
-
-
-def _replaced(spec: ConeSpec, point: derivative.Point, status: torch.Tensor, sub: derivative.Point,
-              sub_status: torch.Tensor, index: torch.Tensor, better: torch.Tensor) -> tuple[derivative.Point, torch.Tensor]:
-    """``point`` and ``status`` with the elements ``index`` taken from ``sub``'s (a solve of those
-    elements alone) where ``better``: x, y, s, the factorization's (written over: this forward's
-    own), w and its roots (``_merged_w``)."""
     index, sub_status = index[better], sub_status[better]
     merged = []
     for whole, part in ((point.x, sub.x), (point.y, sub.y), (point.s, sub.s)):
@@ -201,7 +141,7 @@ def _replaced(spec: ConeSpec, point: derivative.Point, status: torch.Tensor, sub
         lu, pivots = point.factorization.lu, point.factorization.pivots
         lu[index], pivots[index] = sub.factorization.lu[better], sub.factorization.pivots[better]
         factorization = linsolve.DenseFactorization(lu, pivots)  # its small pivots no longer known
-    w, roots = _merged_w(spec, point, sub, index, better)
+    w, roots = _merged_w(settings.spec, point, sub, index, better)
     point = dataclasses.replace(point, x=merged[0], y=merged[1], s=merged[2], factorization=factorization, w=w,
                                 roots=roots)
     return point, status
@@ -260,7 +200,7 @@ class ConeProgram(torch.autograd.Function):
         check_finite({"A": A, "b": b, "c": c, "P": P})
         check_semidefinite(P)
         with _threads_for(A, b):
-            point, status, _ = _solve_and_refine(A, b, c, P, settings)
+            point, status = _solve_and_refine(A, b, c, P, settings)
             all_solved = bool((status == ConeStatus.SOLVED).all())  # one host sync, also spares the policy's
             if settings.solver == "ipm" and not all_solved:
                 point, status = _fall_back(A, b, c, P, settings, point, status)

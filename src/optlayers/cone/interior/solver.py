@@ -60,11 +60,9 @@ class ConeIPMSettings:
 
     Attributes:
         tol: relative primal, dual and gap residual at which an element stops. 1e-8 as
-            Clarabel: a degenerate element that the Newton refinement after the solver cannot
-            improve keeps this accuracy (1e-6 left such elements 1e-3 off on badly scaled rows).
-            ``solve_cone`` stops earlier, at ``REFINED_TOL``, where the refinement follows and
-            ``tol`` is not set, and solves again at this tolerance the elements the refinement
-            did not take below it.
+            Clarabel: the Newton refinement after the solver takes most elements to round-off,
+            but a degenerate element it cannot improve keeps this accuracy (1e-6 left such
+            elements 1e-3 off on badly scaled rows).
         inaccurate_tol: an element that stalls (on an exponential cone the membership test
             loses its digits near the boundary) or runs out of iterations with a residual below
             this is returned INACCURATE, for the refinement to finish; above, it has failed.
@@ -148,40 +146,13 @@ class ConeIPMSettings:
             raise ValueError(f"ConeIPMSettings.inaccurate_tol ({self.inaccurate_tol}) must be >= tol ({self.tol})")
 
 
-REFINED_TOL = 1e-7
-"""``tol`` where the Newton refinement follows the method (``solve_cone``'s ``solver="ipm"`` unless its
-``solver_options`` set ``tol`` or ``refine_steps=0``; ``refined_settings``). The refinement takes the
-answer to round-off from here as from 1e-8 (on the cone benchmark's 128 programs, relative KKT
-residuals at most 4e-14 either way), and each decade is about one iteration fewer: there 10.4, 9.3
-and 8.4 iterations on average at 1e-8, 1e-7 and 1e-6, 13, 12 and 11 at most (the most is what a
-compiled slice runs). 1e-6 saved a second iteration but cost elsewhere: the factorization that the
-refinement makes at the method's answer, which the adjoint's solves are preconditioned with, was
-further from the refined point (one more refinement step in the adjoint), programs whose
-residual map is singular (non-unique solutions: least-squares Newton steps) took up to five Newton
-steps instead of one, and on the Maros–Meszaros QPs as cone programs 12 of 62 went on to 1e-8
-(``cone.autograd._confirmed``), which made the set 1.23 times as slow (1.06 at 1e-7). Where the
-refinement does not converge from here, ``cone.autograd`` takes the element on from its state to
-``ConeIPMSettings.tol``."""
-
-
-def refined_settings(options: dict, compiled: bool = False) -> ConeIPMSettings:
-    """The settings (``ConeIPMSettings`` fields in ``options``) of a solve that the Newton refinement
-    follows: ``tol`` REFINED_TOL where ``options`` set none (their ``inaccurate_tol`` where that is lower).
-    ``options`` are checked as given first, so that they are refused or taken alike with the refinement or without."""
-    own = ConeIPMSettings(**options, compiled=compiled)
-    return own if "tol" in options else dataclasses.replace(own, tol=min(REFINED_TOL, own.inaccurate_tol))
-
-
 def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
-          settings: ConeIPMSettings = ConeIPMSettings(), max_slices: int | None = None,
-          start: torch.Tensor | None = None, keep_state: bool = False) -> tuple[torch.Tensor, ...]:
+          settings: ConeIPMSettings = ConeIPMSettings(), max_slices: int | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Solve a batch: A (B, m, n), b (B, m), c (B, n), P (B, n, n), shared (n, n) or None; float64.
 
     Returns x (B, n), y (B, m), s (B, m) and status (B,) int64 (ConeStatus: SOLVED, INACCURATE,
-    MAX_ITER or NUMERICAL_ERROR); every element holds its last iterate. With ``keep_state``, also
-    each element's last iterate as the method carries it (B, ·), from which a later call with
-    ``start`` continues (eagerly: every element running again, tested against ``settings.tol``),
-    as if the first call had run on with those settings. A large CPU batch is
+    MAX_ITER or NUMERICAL_ERROR); every element holds its last iterate. A large CPU batch is
     solved in at most ``max_slices`` (default: torch's thread count) slices on parallel threads
     (threads.py), with the same result; with ``settings.compiled`` in equal slices
     (``threads.equal_slice_count``), each one compiled call.
@@ -200,19 +171,14 @@ def solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | N
         P = P.expand(batch, n, n)
     if spec.size != m:
         raise ValueError(f"spec covers {spec.size} rows but A has m = {m}")
-    if start is not None and (settings.compiled or start.dim() != 2 or start.shape[0] != batch):
-        raise ValueError(f"start must be (B, ·) = ({batch}, ·) states of an earlier solve (keep_state) and goes with "
-                         f"an eager solve, got {tuple(start.shape)} with compiled={settings.compiled}")
     if settings.compiled:
         count = threads.equal_slice_count(batch, 1, A.device, _MIN_COMPILED_SLICE, max_slices)
     else:
         count = threads.slice_count(batch, (m + n) * n, A.device, _MIN_SLICE_ENTRIES)
         count = min(count, max_slices or count)
     parts = threads.map_slices(
-        lambda part: _solve(A[part], b[part], c[part], None if P is None else P[part], spec, settings,
-                            None if start is None else start[part]), batch, count)
-    outputs = tuple(torch.cat(outputs) for outputs in zip(*parts))
-    return outputs if keep_state else outputs[:4]
+        lambda part: _solve(A[part], b[part], c[part], None if P is None else P[part], spec, settings), batch, count)
+    return tuple(torch.cat(outputs) for outputs in zip(*parts))
 
 
 def parts_of(spec: ConeSpec) -> list[cone_parts.Part]:
@@ -235,40 +201,21 @@ def parts_of(spec: ConeSpec) -> list[cone_parts.Part]:
 
 
 def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, spec: ConeSpec,
-           settings: ConeIPMSettings, start: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """``solve`` for one slice, with its states: set up, then iterate and map back (``_solved``; one
-    compiled call with ``settings.compiled``)."""
+           settings: ConeIPMSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``solve`` for one slice: set up, then iterate and map back (``_solved``; one compiled call
+    with ``settings.compiled``)."""
     parts = tuple(parts_of(spec))
     program, step_parts = _setup(A, b, c, P, spec, parts, workspace=not (settings.compiled or _graphed(A.device, settings, parts)))
     solved = compiled(_solved, A.device.type) if settings.compiled else _solved
-    return solved(program, step_parts, parts, settings) if start is None else solved(program, step_parts, parts, settings, start)
+    return solved(program, step_parts, parts, settings)
 
 
 def _solved(program: _Program, step_parts: tuple[cone_parts.Part, ...], parts: tuple[cone_parts.Part, ...],
-            settings: ConeIPMSettings, start: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-    """x, y, s, the statuses and the states (``_packed``) of the program set up by ``_setup``: iterate
-    (from ``start``'s states where given), map back."""
-    st, status = _iterate(program, step_parts, settings, start)
+            settings: ConeIPMSettings) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, y, s and the statuses of the program set up by ``_setup``: iterate, map back."""
+    st, status = _iterate(program, step_parts, settings)
     y_k, s_k = _from_primal_exp(torch.cat([st.lam, st.y_k], -1), torch.cat([st.s, st.s_k], -1), parts)
-    return st.x, torch.cat([st.nu, y_k], -1), torch.cat([torch.zeros_like(st.nu), s_k], -1), status, _packed(st)
-
-
-def _packed(st: State) -> torch.Tensor:
-    """What the method carries of each element from one iteration to the next, (B, ·): the iterate
-    v, the regularisation, the iteration count and the counters."""
-    return torch.cat([st.v, st.reg.unsqueeze(-1), st.iterations.unsqueeze(-1).to(st.v.dtype), st.counters.to(st.v.dtype)], -1)
-
-
-def _unpacked(packed: torch.Tensor, like: State) -> State:
-    """The running state of each element from ``_packed``'s (B, ·) ``packed``, shaped as ``like``."""
-    width = like.v.shape[-1]
-    if packed.shape[-1] != width + 2 + like.counters.shape[-1]:
-        raise ValueError(f"start holds states of {packed.shape[-1]} numbers, this program's have "
-                         f"{width + 2 + like.counters.shape[-1]}")
-    as_int = lambda t: t.round().to(like.iterations.dtype)  # noqa: E731
-    return dataclasses.replace(like, v=packed[:, :width].clone(), reg=packed[:, width].clone(),
-                               iterations=as_int(packed[:, width + 1]), counters=as_int(packed[:, width + 2:]),
-                               status=torch.full_like(like.status, RUNNING))
+    return st.x, torch.cat([st.nu, y_k], -1), torch.cat([torch.zeros_like(st.nu), s_k], -1), status
 
 
 @dataclasses.dataclass(frozen=True)
@@ -450,18 +397,13 @@ def _step(program: _Program, st: State, res: _Residuals, parts: tuple[cone_parts
 
 
 def _iterate(program: _Program, parts: tuple[cone_parts.Part, ...],
-             settings: ConeIPMSettings, start: torch.Tensor | None = None) -> tuple[State, torch.Tensor]:
+             settings: ConeIPMSettings) -> tuple[State, torch.Tensor]:
     """The interior point method on the engine's loop (``engine.loop.run``; with
     ``settings.compiled`` on the device, ``_on_device``): the last state and status of every
-    element, from ``_start`` or from the packed states ``start`` (``_packed``). Elements still
-    running after ``max_iter`` steps are INACCURATE if their error is within ``inaccurate_tol``,
-    else MAX_ITER."""
+    element. Elements still running after ``max_iter`` steps are INACCURATE if their error is
+    within ``inaccurate_tol``, else MAX_ITER."""
     degree = max(program.nonneg + cone_parts.degree(parts), 1)
     st, res = _start(program, parts, degree, settings)
-    if start is not None:
-        st = _unpacked(start, st)
-        res = _residuals(program, st, degree)
-        st = _converged(st, res, settings)
     step = lambda program, st, res: _step(program, st, res, parts, degree, settings)  # noqa: E731
     graphed = _graphed(program.c.device, settings, parts)
     if graphed:  # one CUDA graph replay per iteration (``engine.graphed``), over a batch that keeps its shape
