@@ -126,3 +126,42 @@ def test_compiled_equilibration_loops_over_the_iterations_with_the_eager_result(
         assert torch.equal(getattr(got, name), getattr(want, name)), name
     for name in ("Q", "p", "A", "b", "G", "h"):
         assert torch.equal(getattr(got_data, name), getattr(want_data, name)), name
+
+
+def test_eager_norms_in_float32_give_the_float64_scalings(monkeypatch):
+    """An eager solve's Ruiz iterations take their norms in float32 (``scaling.NORM_DTYPE``): on
+    problems whose rows and columns spread over twelve decades, the same powers of two as in float64,
+    and the scaled data in float64."""
+    from optlayers.qp import scaling
+
+    data = _data(7, batch=16, n=20, k=30, m=5, spread=6.0)
+    dtypes, col_max = [], scaling._col_max
+    monkeypatch.setattr(scaling, "_col_max", lambda M: dtypes.append(M.dtype) or col_max(M))
+    scaled, single = equilibrate(data)
+    assert dtypes[:2] == [torch.float32, torch.float32]  # the iterations' norms (the cost scale's last, in float64)
+    monkeypatch.setattr(scaling, "NORM_DTYPE", {})
+    scaled_double, double = equilibrate(data)
+    for name in ("d", "e", "f", "c"):
+        assert torch.equal(getattr(single, name), getattr(double, name)), name
+        assert getattr(single, name).dtype == torch.float64
+    for name in ("Q", "p", "A", "b", "G", "h"):
+        assert torch.equal(getattr(scaled, name), getattr(scaled_double, name)), name
+
+
+def test_a_row_below_float32s_range_keeps_the_scaling_one(monkeypatch):
+    """A constraint row whose entries are all below float32's least (1e-45) counts as zero in the eager
+    norms: its scaling stays 1, where float64's norms scale it up (by the guard's 100 per iteration);
+    either is a valid scaling, every scaling a finite power of two."""
+    from optlayers.qp import scaling
+
+    data = _data(8)
+    G = data.G.clone()
+    G[:, 0] = 1e-50
+    data = dataclasses.replace(data, G=G)
+    _, single = equilibrate(data)
+    monkeypatch.setattr(scaling, "NORM_DTYPE", {})
+    _, double = equilibrate(data)
+    assert (single.f[:, 0] == 1).all() and (double.f[:, 0] > 1).all()
+    for sc in (single, double):
+        scales = torch.cat([sc.d, sc.e, sc.f, sc.c[:, None]], -1)
+        assert torch.isfinite(scales).all() and (torch.frexp(scales).mantissa == 0.5).all()
