@@ -68,8 +68,8 @@ def _inv_sqrt(norm: Tensor) -> Tensor:
 
 
 # On the CPU with one intra-op thread a large batch is equilibrated in slices whose Q and [A; G]
-# (in the problem's dtype) take about this many bytes, so that the passes of the Ruiz iterations (three each) and of
-# the scaling read them from the core's cache rather than from memory (at batch 128, n = 100 the
+# (in the problem's dtype) take about this many bytes, so that the passes of the Ruiz iterations
+# (three each) and of the scaling read them from the core's cache rather than from memory (at batch 128, n = 100 the
 # batch's matrices are 20 MB; 60-68 -> 47-51 ms). With more threads every small kernel of a slice
 # would fork and join the thread team, which a loaded machine turned into a loss (214-224 -> 287-299
 # ms with two threads at load 4.4), so there the batch is equilibrated whole.
@@ -134,7 +134,8 @@ def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
     else:
         for _ in range(iterations):
             scales = ruiz(scales)
-    scales = _power_of_two(scales.to(data.p.dtype))  # exact scaling: the scaled problem is the original one (see ``_power_of_two``)
+    # exact scaling: the scaled problem is the original one (see ``_power_of_two``)
+    scales = _power_of_two(scales.to(data.p.dtype))
     d, e, f = scales.split([n, data.b.shape[-1], data.h.shape[-1]], dim=-1)
     Q = d.unsqueeze(-1) * data.Q * d.unsqueeze(-2)
     A = e.unsqueeze(-1) * data.A * d.unsqueeze(-2)
