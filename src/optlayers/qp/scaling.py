@@ -67,12 +67,12 @@ def _inv_sqrt(norm: Tensor) -> Tensor:
     return torch.where(norm > 0, norm.clamp(_MIN_NORM, _MAX_NORM).rsqrt(), constant(1.0, norm))  # 1.0: a tensor per call
 
 
-# On the CPU with one intra-op thread a large batch is equilibrated in slices whose Q and [A; G]
-# (in the problem's dtype) take about this many bytes, so that the passes of the Ruiz iterations
-# (three each) and of the scaling read them from the core's cache rather than from memory (at batch 128, n = 100 the
-# batch's matrices are 20 MB; 60-68 -> 47-51 ms). With more threads every small kernel of a slice
-# would fork and join the thread team, which a loaded machine turned into a loss (214-224 -> 287-299
-# ms with two threads at load 4.4), so there the batch is equilibrated whole.
+# On the CPU with one intra-op thread a large batch is equilibrated in slices whose Q and [A; G] (in
+# the problem's dtype) take about this many bytes, so that the passes of the Ruiz iterations (three
+# each) and of the scaling read them from the core's cache rather than from memory (at batch 128, n
+# = 100 the batch's matrices are 20 MB; 60-68 -> 47-51 ms). With more threads every small kernel of
+# a slice would fork and join the thread team, which a loaded machine turned into a loss (214-224 ->
+# 287-299 ms with two threads at load 4.4), so there the batch is equilibrated whole.
 _SLICE_BYTES = 1 << 20
 
 
