@@ -8,10 +8,10 @@ ulp more or less in the components of x or y moves the gap by 2.4e-6 (median ove
 perturbations of a solution; 2 % of them end ≤ 1e-7). Below about 1e-5 a float64 solution of it
 passes the gap test only by how its rounding falls (Clarabel's solution: gap 3.1e-5).
 
-Two more columns show what the solver claims: its own gap (``QPSolution.gap``, |xᵀQx + pᵀx + hᵀλ + bᵀν|
-of the solver's form; NaN for the cone layers, whose solutions report none) and that gap at the returned point in exact arithmetic (``exact_gap``); a
-SOLVED problem's exact gap is within the solver's tolerance (tol / 10 unless ``--solver-tol`` says
-otherwise).
+Two more columns show what the solver claims: its own gap (``QPSolution.gap``, |xᵀQx + pᵀx + hᵀλ +
+bᵀν| of the solver's form; NaN for the cone layers, whose solutions report none) and that gap at the
+returned point in exact arithmetic (``exact_gap``); a SOLVED problem's exact gap is within the
+solver's tolerance (tol / 10 unless ``--solver-tol`` says otherwise).
 
     python benchmarks/maros_meszaros.py [--data DIR] [--tol 1e-6] [--solver-tol T] [--only NAME ...] [--json FILE]
         [--layer qp | cone-ipm | cone-clarabel]
