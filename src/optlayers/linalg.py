@@ -133,3 +133,17 @@ def inf_norm(x: Tensor, dim: int = -1) -> Tensor:
     if not torch.compiler.is_compiling() and cpu_schedule(x.device):
         return x.abs().amax(dim)
     return torch.linalg.vector_norm(x, math.inf, dim)
+
+
+def symmetric_eigenvalues(a: Tensor) -> Tensor:
+    """The eigenvalues of the symmetric (..., d, d) matrices ``a`` (from their lower triangles), in
+    ascending order, as ``torch.linalg.eigvalsh``. Under compilation torch 2.13 lowers ``eigvalsh``
+    to ``aten._linalg_eigh`` with the eigenvectors (its ``compute_v`` follows whether a gradient
+    could be wanted, which the tracing assumes): there the operator is called for the values
+    alone. For the cone method's step lengths (two calls of 128 matrices of order 4 per iteration
+    of a compiled slice of 64 programs) that took a compiled iteration from 5.84-5.95 to 5.61-5.72
+    ms (one thread, the Intel Xeon machine, 2026-12-06; BENCHMARKS.md). Eagerly, ``eigvalsh``
+    itself, which leaves the vectors out where no gradient is wanted."""
+    if torch.compiler.is_compiling():
+        return torch.ops.aten._linalg_eigh.default(a, "L", False)[0]
+    return torch.linalg.eigvalsh(a)

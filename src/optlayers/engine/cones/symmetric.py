@@ -16,6 +16,7 @@ import torch
 from optlayers.engine.cones import svec
 from optlayers.engine.constants import constant, identity, made_once
 from optlayers.host import reads_are_free
+from optlayers.linalg import symmetric_eigenvalues
 
 
 def _mv(M: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -173,7 +174,7 @@ def _psd_step_from(scale: torch.Tensor, dx: torch.Tensor) -> torch.Tensor:
     inner = svec.vec_to_mat(dx) * scale
     # LAPACK raises on NaN: non-finite entries (of an element whose step is not finite, which fails) as 0
     finite = torch.nan_to_num(inner, nan=0.0, posinf=0.0, neginf=0.0)
-    step = torch.linalg.eigvalsh(finite)[..., 0].reciprocal().neg()
+    step = symmetric_eigenvalues(finite)[..., 0].reciprocal().neg()
     return torch.where(step > 0, step, constant(torch.inf, step))
 
 
