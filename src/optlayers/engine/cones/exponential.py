@@ -214,12 +214,14 @@ def _dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor, chol: torch.Tens
     -mu g by logarithmic homogeneity): H^-1 = (I - r y s^T) (mu hess)^-1 (I - r s y^T) + r y y^T
     with r = 1 / <s, y> (the inverse BFGS formula, a congruence plus a positive rank-one term,
     stays positive definite in floating point), written as F F^T with
-    F^T = [L^-1 (I - r s y^T) / sqrt(mu); sqrt(r) y^T], L L^T = hess; V is the R of F^T = Q R."""
+    F^T = [L^-1 (I - r s y^T) / sqrt(mu); sqrt(r) y^T], L L^T = hess; V is the R of F^T = Q R (R alone:
+    ``mode="r"``, the same R without forming Q, 122 against 145 µs for 64 programs' four cones, one
+    thread, the Intel Xeon machine, 2026-12-06)."""
     r = sy.reciprocal().unsqueeze(-1)
     eye = identity(3, s.device, s.dtype)
     lower = torch.linalg.solve_triangular(chol, eye - (r * s).unsqueeze(-1) * y.unsqueeze(-2), upper=False)
     Ft = torch.cat([lower / mu.sqrt()[..., None, None], (r.sqrt() * y).unsqueeze(-2)], -2)
-    return torch.linalg.qr(Ft).R
+    return torch.linalg.qr(Ft, mode="r").R
 
 
 def _primal_dual_v(s: torch.Tensor, y: torch.Tensor, sy: torch.Tensor,
