@@ -26,17 +26,6 @@ RUIZ_ITERATIONS = 10
 # not blown up (the same guard as OSQP's MIN_SCALING / MAX_SCALING).
 _MIN_NORM = 1e-4
 _MAX_NORM = 1e4
-NORM_DTYPE = {torch.float64: torch.float32}
-"""The dtype in which an eager solve's Ruiz iterations take the norms of a problem of the key's dtype
-(the others, and compiled solves: its own). The scalings are rounded to powers of two at the end and
-every norm is clamped to [_MIN_NORM, _MAX_NORM], so float32's precision and range lose nothing that
-matters (an entry beyond float32's range gives a norm outside the clamp in either; a row or column
-whose entries are all below float32's least, 1e-45, counts as zero and keeps the scaling 1), and the
-iterations' passes over |Q| and |[A; G]| move half the bytes: batch 128, n = 100, two threads, the
-equilibration 28.5 against 42.9 ms, the scalings the same bits (and the Maros–Meszaros set's
-iterations, one problem at a time, the same counts). Compiled solves keep float64: inductor reads the
-matrices once per iteration in a fused kernel, and the casts cost more than they save there
-((1, 10) 1.13 times the time, (8, 100) 1.03, (1, 100) 0.95; BENCHMARKS.md)."""
 
 
 @dataclass(frozen=True)
@@ -118,9 +107,8 @@ def _looped(step: Callable[[Tensor], Tensor], x: Tensor, iterations: int) -> Ten
 
 def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
     n = data.p.shape[-1]
-    norms = data.p.dtype if torch.compiler.is_compiling() else NORM_DTYPE.get(data.p.dtype, data.p.dtype)
-    absQ, absC = data.Q.to(norms).abs(), torch.cat([data.A, data.G], dim=-2).to(norms).abs()
-    scales = torch.ones(data.p.shape[0], n + absC.shape[-2], dtype=norms, device=data.p.device)  # [d, e, f]
+    absQ, absC = data.Q.abs(), torch.cat([data.A, data.G], dim=-2).abs()
+    scales = torch.ones(data.p.shape[0], n + absC.shape[-2], dtype=data.p.dtype, device=data.p.device)  # [d, e, f]
 
     def ruiz(scales: Tensor) -> Tensor:
         # Norms of the currently scaled matrices, without forming them: |d_i M_ij d_j| etc.
@@ -134,8 +122,7 @@ def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
     else:
         for _ in range(iterations):
             scales = ruiz(scales)
-    # exact scaling: the scaled problem is the original one (see ``_power_of_two``)
-    scales = _power_of_two(scales.to(data.p.dtype))
+    scales = _power_of_two(scales)  # exact scaling: the scaled problem is the original one (see ``_power_of_two``)
     d, e, f = scales.split([n, data.b.shape[-1], data.h.shape[-1]], dim=-1)
     Q = d.unsqueeze(-1) * data.Q * d.unsqueeze(-2)
     A = e.unsqueeze(-1) * data.A * d.unsqueeze(-2)
