@@ -33,7 +33,7 @@ from optlayers.engine.step import QPData
 from optlayers.functions import applied_as_given
 from optlayers.higher_order import no_forward_over_forward
 from optlayers.host import host_read
-from optlayers.qp.derivative_checks import inexact_derivatives, warn_inexact
+from optlayers.qp.derivative_checks import inexact_derivatives, inexact_message, warn_inexact, warn_message
 from optlayers.qp.derivatives import (
     FORWARD_OVER_FORWARD,
     KKTPoint,
@@ -63,26 +63,29 @@ _FACTOR_AT = _STATUS_AT + 1 + len(Saved._fields)  # where the factor's tensors b
 
 
 _FORWARD_OUTCOME = threading.local()
-"""``QPSolveFn.forward``'s word to the ``setup_context`` that follows it in the same thread: whether
-some solved element's derivative is inexact (``forward.Outcome.inexact``, read with the statuses),
-and whether the forward left the derivatives' factorisation to the backward
-(``forward.Outcome.factor_left``)."""
+"""``QPSolveFn.forward``'s word to the ``setup_context`` that follows it in the same thread: the
+``InexactDerivativeWarning`` that its derivatives give, where some solved element's derivative is
+inexact (``forward.Outcome.inexact``, read with the statuses; the elements named then, in the
+forward, whose tensors are plain under every ``torch.func`` transform), and whether the forward left
+the derivatives' factorisation to the backward (``forward.Outcome.factor_left``)."""
 
 
-def _warn_inexact_at(saved: tuple[Tensor, ...], batch_shape: tuple[int, ...], settings: IPMSettings | None = None,
-                     factor_left: bool | None = None) -> None:
-    """``derivative_checks.warn_inexact`` at the scaled solution among the tensors ``setup_context``
-    saved, with the derivatives' factorisation where the forward kept it, made here where the
-    forward left it to the backward (``factor_left``, with ``settings``: ``_left_factor``), else
-    without (the amplification is not tested)."""
-    status, *rest = saved[_STATUS_AT:_FACTOR_AT]
+def _inexact_message_at(saved: tuple[Tensor, ...], batch_shape: tuple[int, ...], settings: IPMSettings | None = None,
+                        factor_left: bool | None = None) -> str | None:
+    """``derivative_checks.inexact_message`` at the scaled solution among the tensors ``setup_context``
+    saves (``saved``: from the status on, as ``setup_context`` lays them out after the data and
+    solution), with the derivatives' factorisation where the forward kept it; made here where it
+    did not, with ``settings`` (``_left_factor``: the batch's structure ``factor_left`` where the
+    forward left the factorisation to the backward, else a dense factor); else without (the
+    amplification is not tested)."""
+    status, *rest = saved[:_FACTOR_AT - _STATUS_AT]
     point = Saved(*rest)
     factor = None
-    if len(saved) > _FACTOR_AT:
-        factor = factor_from(saved[_FACTOR_AT:], point.A.shape[-2])
-    elif factor_left is not None and settings is not None:
-        factor = _left_factor(point, settings, factor_left)
-    warn_inexact(status, point.lam, point.s, factor, batch_shape)
+    if len(saved) > _FACTOR_AT - _STATUS_AT:
+        factor = factor_from(saved[_FACTOR_AT - _STATUS_AT:], point.A.shape[-2])
+    elif settings is not None:
+        factor = _left_factor(point, settings, bool(factor_left))
+    return inexact_message(status, point.lam, point.s, factor, batch_shape)
 
 
 def _left_factor(point: Saved, settings: IPMSettings, diagonal: bool) -> KKTFactor:
@@ -273,7 +276,7 @@ def _backward(ctx: Any, saved: tuple[Tensor, ...], needs: tuple[bool, ...], grad
             ct = _sliced_compiled_vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
     else:
         if ctx.factor_left is not None:  # the forward did not look (``setup_context``)
-            _warn_inexact_at(saved, ctx.batch_shape, ctx.settings, ctx.factor_left)
+            warn_message(_inexact_message_at(saved[_STATUS_AT:], ctx.batch_shape, ctx.settings, ctx.factor_left))
         pt, sc, solved, dtype = _point(ctx)
         ct = _vjp(pt, sc, solved, dtype, grads, needs, ctx.settings, solution_vjp)
     return (*ct, None, None, None, None)
@@ -295,15 +298,20 @@ class QPSolveFn(torch.autograd.Function):
         if not outcome.all_solved:  # the primal residual and its bound name the possibly infeasible elements
             apply_failure_policy(outputs[4].reshape(batch_shape), on_failure,
                                  primal=(outputs[6].reshape(batch_shape), outputs[9].reshape(batch_shape)))
-        _FORWARD_OUTCOME.inexact = outcome.inexact  # for setup_context: the backward warns (warn_inexact)
-        _FORWARD_OUTCOME.factor_left = outcome.factor_left  # and makes the factorisation the forward left it
+        # for setup_context: the backward and forward-mode derivatives warn (the elements named here, in
+        # plain tensors), and make the factorisation the forward left them
+        _FORWARD_OUTCOME.message = (_inexact_message_at((outputs[4], *outputs[N_PUBLIC:]), batch_shape)
+                                    if outcome.inexact else None)
+        _FORWARD_OUTCOME.factor_left = outcome.factor_left
         return outputs
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         ctx.settings, ctx.fill, ctx.n_outputs, ctx.batch_shape = inputs[6], _fill(inputs[8]), len(output), inputs[9]
-        ctx.inexact, _FORWARD_OUTCOME.inexact = getattr(_FORWARD_OUTCOME, "inexact", False), False
-        ctx.factor_left, _FORWARD_OUTCOME.factor_left = getattr(_FORWARD_OUTCOME, "factor_left", None), None
+        # read, not consumed: under torch.func a forward's context is set up twice (its transform's level
+        # and the level below), and the backward runs with the second; each forward sets both anew
+        ctx.inexact_message = getattr(_FORWARD_OUTCOME, "message", None)
+        ctx.factor_left = getattr(_FORWARD_OUTCOME, "factor_left", None)
         ctx.set_materialize_grads(False)  # no zero tensors for the outputs nobody differentiates
         Q, _, G, _, A, _ = inputs[:6]
         saved = (Q, A, G, *output[:5], *output[N_PUBLIC:])  # data, (z, λ, ν, s, status), _Saved, factor
@@ -315,8 +323,7 @@ class QPSolveFn(torch.autograd.Function):
     def backward(ctx: Any, gz: Tensor | None, glam: Tensor | None, gnu: Tensor | None, gs: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         needs, grads = tuple(ctx.needs_input_grad[:6]), (gz, gnu, glam, gs)
         saved = ctx.saved_tensors
-        if ctx.inexact:  # known to the forward without a read of its own; naming the elements reads
-            _warn_inexact_at(saved, ctx.batch_shape)
+        warn_message(ctx.inexact_message)  # named by the forward
         with _threads_for(saved[3]):  # z, (B, n)
             return _backward(ctx, saved, needs, grads)
 
@@ -332,8 +339,10 @@ class QPSolveFn(torch.autograd.Function):
             dA: Tensor | None, db: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         pt, sc, solved, _ = _point(ctx)
         dtype = next(t.dtype for t in (dQ, dp, dG, dh, dA, db) if t is not None)
-        if ctx.inexact or len(ctx.saved_tensors) == _FACTOR_AT:  # without a factor kept the forward did not look
-            _warn_inexact_at(ctx.saved_tensors, ctx.batch_shape, ctx.settings, ctx.factor_left)
+        if ctx.inexact_message is not None:
+            warn_message(ctx.inexact_message)
+        elif len(ctx.saved_tensors) == _FACTOR_AT:  # without a factor kept the forward did not look: the test here
+            warn_message(_inexact_message_at(ctx.saved_tensors[_STATUS_AT:], ctx.batch_shape, ctx.settings, ctx.factor_left))
 
         def tangent(t: Tensor | None, like: Tensor) -> Tensor:
             return torch.zeros_like(like) if t is None else t.to(COMPUTE_DTYPE)

@@ -22,8 +22,11 @@ derivative's amplification (``amplification``) tells it.
 
 This module finds such problems (``inexact_derivatives``: the forward computes it where gradients
 are possible, with the derivatives' factorisation, and reads it with the final statuses, no host
-synchronisation of its own) and warns about them (``warn_inexact``: the backward does where the
-forward found some, and a forward-mode derivative does; ``qp.autograd``). It does not find
+synchronisation of its own) and warns about them: where it found some, the forward names them
+(``inexact_message``, a read more) and its derivatives give that warning (``warn_message``: the
+backward and forward-mode derivatives, under any ``torch.func`` transform, whose tensors the text
+does not read); a forward-mode derivative of a forward that kept no factorisation makes one and
+tests there (``qp.autograd``). It does not find
 dependent active rows (the multipliers' derivatives are then not defined; docs/qp.md).
 """
 from __future__ import annotations
@@ -93,15 +96,30 @@ def inexact_derivatives(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor) ->
 
 def warn_inexact(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor | None, batch_shape: tuple[int, ...]) -> None:
     """Warn (an ``InexactDerivativeWarning``) naming the solved problems whose derivative is
-    inexact, where some is, by reason: ``status`` (B,), the scaled solution's (λ, s) (B, k), its
-    derivatives' factorisation ``f`` (None: the amplification is not tested) and the batch's shape,
-    whose indices name them (one host read)."""
+    inexact, where some is, by reason (``inexact_message``)."""
+    warn_message(inexact_message(status, lam, s, f, batch_shape))
+
+
+def warn_message(message: str | None) -> None:
+    """Give ``message`` (``inexact_message``'s) as an ``InexactDerivativeWarning``; None: nothing."""
+    if message is not None:
+        warnings.warn(message, InexactDerivativeWarning, stacklevel=user_stacklevel())
+
+
+def inexact_message(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor | None,
+                    batch_shape: tuple[int, ...]) -> str | None:
+    """The text of the ``InexactDerivativeWarning`` that names the solved problems whose derivative
+    is inexact, by reason, or None where none is: ``status`` (B,), the scaled solution's (λ, s)
+    (B, k), its derivatives' factorisation ``f`` (None: the amplification is not tested) and the
+    batch's shape, whose indices name them (one host read, more where some is inexact). Plain
+    tensors only (a forward's): the text is what a backward or a forward-mode derivative under any
+    ``torch.func`` transform gives without reading its tensors."""
     solved = status == int(QPStatus.SOLVED)
     ambiguous = solved & ambiguous_rows(lam, s)
     growth = amplification(f) if f is not None else lam.new_zeros(lam.shape[:-1])
     amplified = solved & (growth > MAX_AMPLIFICATION)
     if not bool((ambiguous | amplified).any()):
-        return
+        return None
 
     def named(mask: Tensor) -> str:
         return f"at elements {listed_elements(mask.reshape(batch_shape).nonzero().tolist())}" if batch_shape else "of the QP"
@@ -120,4 +138,4 @@ def warn_inexact(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor | None, ba
             f"(above {MAX_AMPLIFICATION:g}, in the scaled problem): the solution is not unique (a face of optima, "
             "which an LP or a singular Q can have, and where the derivative computed, about 4/tol along the face, "
             "is not the solution map's: it has none) or nearly so (curvature below about 1e-6 of the data's scale)")
-    warnings.warn("; ".join(reasons) + ".", InexactDerivativeWarning, stacklevel=user_stacklevel())
+    return "; ".join(reasons) + "."
