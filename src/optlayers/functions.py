@@ -1,9 +1,11 @@
 """What this package's ``torch.autograd.Function`` classes share: an ``apply`` that does not bind
-its arguments to ``forward``'s signature on every call."""
+its arguments to ``forward``'s signature on every call, and a backward that says plainly where
+torch's prototype batched gradients cannot run it."""
 from __future__ import annotations
 
+import functools
 import inspect
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 from torch._functorch.utils import unwrap_dead_wrappers
@@ -41,3 +43,34 @@ def applied_as_given(function: F) -> F:
                         f"{', '.join(refused)} are not")
     function.apply = classmethod(_apply_as_given)
     return function
+
+
+BATCHED_GRADIENTS_REFUSED = (
+    "{name}'s backward cannot run under torch.autograd's batched gradients (torch.autograd.grad(..., "
+    "is_grads_batched=True), torch.autograd.functional.jacobian or hessian with vectorize=True, "
+    "gradcheck(check_batched_grad=True)): that prototype's batched tensors take only some operations, "
+    "and it needs others ({error}). Use torch.func.jacrev, or torch.func.vmap over torch.func.vjp, which "
+    "run it batched, or leave vectorize and is_grads_batched False")
+"""The error that replaces an internal one raised in a backward under torch's legacy batched
+gradients (``refuses_batched_gradients``)."""
+
+
+def refuses_batched_gradients(name: str) -> Callable[[Callable], Callable]:
+    """A decorator for a ``torch.autograd.Function``'s ``backward`` (``name``: the layer's name in
+    messages): where it fails under torch.autograd's batched gradients (its cotangents are the
+    legacy vmap's batched tensors, which have batching rules for some operations only, so that a
+    backward runs there or not by the operations its problem takes), the error says so and names
+    the ``torch.func`` transforms that run it, instead of the prototype's internal one
+    (``BATCHED_GRADIENTS_REFUSED``). Other errors, and every backward that runs, are left as they are."""
+    def decorate(backward: Callable) -> Callable:
+        @functools.wraps(backward)
+        def run(ctx: Any, *grads: Any) -> Any:
+            try:
+                return backward(ctx, *grads)
+            except RuntimeError as error:
+                if not any(isinstance(g, torch.Tensor) and torch._C._functorch.is_legacy_batchedtensor(g) for g in grads):
+                    raise
+                first = next((line for line in str(error).splitlines() if line.strip()), "")
+                raise RuntimeError(BATCHED_GRADIENTS_REFUSED.format(name=name, error=first[:200])) from error
+        return run
+    return decorate

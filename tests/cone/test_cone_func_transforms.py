@@ -139,3 +139,12 @@ def test_per_sample_gradients_of_a_shared_P():
         leaf = P[0].clone().requires_grad_()
         want, = torch.autograd.grad(loss(leaf, b[i], c[i]), leaf)
         torch.testing.assert_close(per_sample[i], want, atol=1e-7, rtol=1e-6)
+
+
+def test_torchs_batched_gradients_are_refused_with_the_transforms_that_run():
+    """The cone layer's backward reads its refinement's convergence on the host, which torch's
+    prototype batched gradients cannot run: the error says so and names torch.func's transforms."""
+    A, b, c, *_ = _shared(None)
+    with pytest.raises(RuntimeError, match="cone layer's backward cannot run under torch.autograd's batched gradients.*"
+                                           "torch.func.jacrev"):
+        torch.autograd.functional.jacobian(lambda c: solve_cone(A, b, c, SPEC).x, c, vectorize=True)

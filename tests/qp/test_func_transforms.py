@@ -238,3 +238,23 @@ def test_optnet_per_sample_parameter_gradients():
     total = torch.autograd.grad(sum(loss(leaves, xi) for xi in x), list(leaves.values()))
     for (name, g_sum) in zip(leaves, total):
         torch.testing.assert_close(per_sample[name].sum(0), g_sum, atol=1e-9, rtol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("ineq, eq", [(True, False), (False, True), (False, False), (True, True)])
+def test_torchs_batched_gradients_give_the_jacobian(ineq, eq):
+    """torch.autograd's batched gradients (``jacobian(vectorize=True)``, ``is_grads_batched``,
+    ``gradcheck(check_batched_grad=True)``: torch's prototype vmap, with batching rules for some
+    operations only) run the backward, whichever blocks are absent (a slice over a whole tensor is an
+    alias, which it has no rule for), and give the plain backward's Jacobian."""
+    data = _blocks(random_qp((), 3, 4, 2, active=True), ineq, eq)
+    present = [k for k in NAMES if data[k] is not None]
+    for name in ("p", "Q", "G", "h", "b"):
+        if name not in present:
+            continue
+
+        def z_of(x, name=name):
+            return solve_qp(**{**data, name: x}).z
+        vectorized = torch.autograd.functional.jacobian(z_of, data[name], vectorize=True)
+        torch.testing.assert_close(vectorized, torch.autograd.functional.jacobian(z_of, data[name]), rtol=0, atol=0)
+    p = data["p"].clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda p: solve_qp(**{**data, "p": p}).z, (p,), check_batched_grad=True)

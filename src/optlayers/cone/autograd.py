@@ -26,7 +26,7 @@ from optlayers.cone.interior import solver as interior_solver
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.engine.constants import constant
-from optlayers.functions import applied_as_given
+from optlayers.functions import applied_as_given, refuses_batched_gradients
 from optlayers.status import FailurePolicy
 from optlayers.validation.cone import check_finite, check_semidefinite
 
@@ -229,6 +229,7 @@ class ConeProgram(torch.autograd.Function):
         ctx.save_for_forward(A, P, x, y, s, status, lu, pivots, w)
 
     @staticmethod
+    @refuses_batched_gradients("The cone layer")
     def backward(ctx: Any, vx: torch.Tensor | None, vy: torch.Tensor | None, vs: torch.Tensor | None,
                  *_non_differentiable: Any) -> tuple:
         A, P, x, y, s, status, lu, pivots, w = ctx.saved_tensors

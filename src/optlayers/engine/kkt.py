@@ -692,6 +692,9 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
             dx, omega = (torch.where(negligible.unsqueeze(-1), kept, new) for kept, new in zip((dx, omega), stepped))
     dlam = mv(f.G, dx) if v is None else add_mv(v, f.G, dx)
     dlam = f.w_inv_soft * dlam
+    # ω's parts as views only where they are parts: a slice over all of ω is an alias, for which
+    # torch's batched gradients (``is_grads_batched``, ``jacobian(vectorize=True)``) have no rule
+    rows = omega.shape[-1]
     if stiff_rows:
-        dlam = torch.where(f.w_inv_soft > 0, dlam, omega[:, f.m :])
-    return dx, omega[:, : f.m], dlam
+        dlam = torch.where(f.w_inv_soft > 0, dlam, omega[:, f.m :] if f.m else omega)
+    return dx, omega[:, : f.m] if f.m < rows else omega, dlam

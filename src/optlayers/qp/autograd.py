@@ -30,7 +30,7 @@ from optlayers.engine.constants import constant
 from optlayers.engine.graphed import graphs_calls
 from optlayers.engine.kkt import KKTFactor
 from optlayers.engine.step import QPData
-from optlayers.functions import applied_as_given
+from optlayers.functions import applied_as_given, refuses_batched_gradients
 from optlayers.higher_order import no_forward_over_forward
 from optlayers.host import host_read
 from optlayers.qp.derivative_checks import inexact_derivatives, inexact_message, warn_inexact, warn_message
@@ -320,6 +320,7 @@ class QPSolveFn(torch.autograd.Function):
         ctx.mark_non_differentiable(*output[4:])
 
     @staticmethod
+    @refuses_batched_gradients("The QP layer")
     def backward(ctx: Any, gz: Tensor | None, glam: Tensor | None, gnu: Tensor | None, gs: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         needs, grads = tuple(ctx.needs_input_grad[:6]), (gz, gnu, glam, gs)
         saved = ctx.saved_tensors
