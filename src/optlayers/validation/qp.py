@@ -191,9 +191,13 @@ def _check_tensor(name: str, t: object, ref: Tensor | None) -> Tensor:
     return t
 
 
+# the symbol of each constraint matrix's row count in the messages: m equalities (A), k inequalities (G)
+_ROWS = {"A": "m", "G": "k"}
+
+
 def _check_matrix(name: str, M: Tensor, rows: int | None, n: int, p: Tensor) -> None:
     if M.dim() < 2 or M.shape[-1] != n or (rows is not None and M.shape[-2] != rows):
-        want = f"(..., {rows if rows is not None else 'k'}, {n})"
+        want = f"(..., {rows if rows is not None else _ROWS.get(name, 'rows')}, {n})"
         raise ValueError(f"{name} must have shape {want} to match p of shape {tuple(p.shape)} (n = {n} variables), "
                          f"got {tuple(M.shape)}")
 
@@ -206,6 +210,10 @@ def _check_pair(mat_name: str, vec_name: str, M: object, v: object, ref: Tensor,
         return None, None
     if absent_M or absent_v:
         given, missing = (vec_name, mat_name) if absent_M else (mat_name, vec_name)
+        empty = M if absent_M else v
+        if isinstance(empty, Tensor):  # given, but with no rows: the other must have none either
+            raise ValueError(f"{missing} has no rows (shape {tuple(empty.shape)}) but {given} has shape "
+                             f"{tuple(getattr(M if absent_v else v, 'shape', ()))}; give both with the same rows, or neither")
         raise ValueError(f"{given} was given without {missing}; pass both or neither")
     M = _check_tensor(mat_name, M, ref)
     v = _check_tensor(vec_name, v, ref)
