@@ -210,10 +210,10 @@ def _check_pair(mat_name: str, vec_name: str, M: object, v: object, ref: Tensor,
         return None, None
     if absent_M or absent_v:
         given, missing = (vec_name, mat_name) if absent_M else (mat_name, vec_name)
-        empty = M if absent_M else v
-        if isinstance(empty, Tensor):  # given, but with no rows: the other must have none either
+        empty, present = (M, v) if absent_M else (v, M)
+        if isinstance(empty, Tensor) and isinstance(present, Tensor):  # given with no rows: the other has some
             raise ValueError(f"{missing} has no rows (shape {tuple(empty.shape)}) but {given} has shape "
-                             f"{tuple(getattr(M if absent_v else v, 'shape', ()))}; give both with the same rows, or neither")
+                             f"{tuple(present.shape)}; give both with the same rows, or neither")
         raise ValueError(f"{given} was given without {missing}; pass both or neither")
     M = _check_tensor(mat_name, M, ref)
     v = _check_tensor(vec_name, v, ref)
