@@ -66,7 +66,8 @@ class SolveError(RuntimeError):
 class InexactDerivativeWarning(RuntimeWarning):
     """Warned where a solved element's derivative is inexact or does not exist: a constraint row
     there is neither clearly active nor clearly inactive at the solution, or the solution is not
-    unique (``solve_qp``; see docs/qp.md, "Where the derivative is inexact or does not exist"). A
+    unique (``solve_qp``; see docs/qp.md, "Where the derivative is inexact or does not exist"), or a
+    cone program's solution was not refined to round-off (``solve_cone``; docs/cone.md). A
     category of its own, so that a caller can filter it (``warnings.filterwarnings("ignore",
     category=...)``) or count it."""
 

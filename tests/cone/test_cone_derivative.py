@@ -200,7 +200,7 @@ def test_derivatives_at_the_refined_w_match_those_at_y_minus_s():
 
     A, b, c, *_ = random_program(ALL_CONES, 14, batch=4, seed=11)
     settings = autograd.Settings(ALL_CONES, "ipm", "dense", {}, None, None)
-    point, status = autograd._solve_and_refine(A, b, c, None, settings)
+    point, status, _ = autograd._solve_and_refine(A, b, c, None, settings)
     assert point.w is not None and sum(r is not None for r in point.roots) >= 1
     assert torch.allclose(point.w, point.y - point.s, atol=1e-12)
     plain = dataclasses.replace(point, w=None, roots=None)

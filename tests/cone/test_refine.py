@@ -1,10 +1,12 @@
 """The Newton refinement on the residual map (refine.py): where it stops, and what it keeps."""
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
-from optlayers import ConeSpec, solve_cone
+from optlayers import ConeSpec, InexactDerivativeWarning, solve_cone
 from optlayers.cone import autograd, linsolve, refine
 from optlayers.cone.derivative import Point
 from optlayers.cone.testing import n_range, random_program
@@ -169,3 +171,36 @@ def test_scs_default_answers_are_refined_to_the_solution():
         assert bool((solution.status == 0).all()), seed
         error = (solution.x - x_true).abs().amax(-1) / (1 + x_true.abs().amax(-1))
         assert int((error > 1e-8).sum()) <= 1 and float(error.max()) < 1e-4, (seed, error.max())
+
+
+def _inexact_warnings(run) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in caught if issubclass(w.category, InexactDerivativeWarning)]
+
+
+def test_derivatives_of_solutions_not_refined_to_round_off_warn():
+    """A SOLVED element whose relative KKT residual stays above ``refine.UNREFINED_KKT`` (refinement
+    skipped, or stalled: SCS's answer to docs/cone.md's example program 62 of seed 0) has a derivative
+    accurate only to about that residual: backward and jvp name it; refined elements are not named."""
+    pytest.importorskip("scs", reason="scs not installed")
+    cones = ConeSpec(zero=3, nonneg=10, soc=[4, 4], psd=[3], exp=1)
+    A, b, c, *_ = random_program(cones, 12, batch=64, seed=0)
+    A, b, c = A[60:], b[60:], c[60:]
+
+    def backward(solver: str, steps: int):
+        b_ = b.clone().requires_grad_()
+        solution = solve_cone(A, b_, c, cones, solver=solver, refine_steps=steps)
+        assert bool((solution.status == 0).all())
+        solution.x.sum().backward()
+
+    assert _inexact_warnings(lambda: backward("ipm", refine.MAX_STEPS)) == []
+    (stalled,) = _inexact_warnings(lambda: backward("scs", refine.MAX_STEPS))
+    assert "the derivative at elements 2 is inexact: their solution was not refined to round-off" in stalled
+    (skipped,) = _inexact_warnings(lambda: backward("ipm", 0))
+    assert "is inexact" in skipped
+    tangent = torch.ones_like(c)
+    (forward_mode,) = _inexact_warnings(lambda: torch.func.jvp(
+        lambda c: solve_cone(A, b, c, cones, solver="scs").x, (c,), (tangent,)))
+    assert forward_mode == stalled

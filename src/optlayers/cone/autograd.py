@@ -14,6 +14,8 @@ import contextlib
 import dataclasses
 import importlib.util
 import math
+import threading
+import warnings
 from typing import Any
 
 import numpy as np
@@ -27,7 +29,8 @@ from optlayers.cone.spec import ConeSpec
 from optlayers.cone.status import ConeStatus
 from optlayers.engine.constants import constant
 from optlayers.functions import applied_as_given, refuses_batched_gradients
-from optlayers.status import FailurePolicy
+from optlayers.host import host_read
+from optlayers.status import FailurePolicy, InexactDerivativeWarning, listed_elements, user_stacklevel
 from optlayers.validation.cone import check_finite, check_semidefinite
 
 SECOND_ORDER = (
@@ -100,15 +103,38 @@ def _solve(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | 
 
 
 def _solve_and_refine(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
-                      settings: Settings) -> tuple[derivative.Point, torch.Tensor]:
-    """The refined solution and its status: SOLVED only where the relative KKT residual is small."""
+                      settings: Settings) -> tuple[derivative.Point, torch.Tensor, torch.Tensor]:
+    """The refined solution, its status (SOLVED only where the relative KKT residual is small) and
+    the SOLVED elements not refined to round-off (B,): a relative KKT residual above
+    ``refine.UNREFINED_KKT``."""
     x, y, s, status = _solve(A, b, c, P, settings)
     returned = (status == ConeStatus.SOLVED) | (status == ConeStatus.INACCURATE)
     point = derivative.Point(settings.spec, A.detach(), _sym(P), x, y, s, returned)
     point, kkt, astray = refine.refine_and_check(point, b.detach(), c.detach(), settings.mode, settings.refine_steps)
     accurate = (kkt <= refine.SOLVED_TOL) & ~astray
     status = torch.where(returned & accurate, int(ConeStatus.SOLVED), status)
-    return point, torch.where(returned & ~accurate, int(ConeStatus.INACCURATE), status)
+    return point, torch.where(returned & ~accurate, int(ConeStatus.INACCURATE), status), \
+        returned & accurate & (kkt > refine.UNREFINED_KKT)
+
+
+_FORWARD_OUTCOME = threading.local()
+"""``ConeProgram.forward``'s word to the ``setup_context`` that follows it in the same thread: the
+``InexactDerivativeWarning`` that its derivatives give (``_unrefined_message``), or None."""
+
+
+def _unrefined_message(unrefined: torch.Tensor) -> str:
+    """The warning for the SOLVED elements ``unrefined`` (B,) whose refinement did not reach round-off."""
+    return (f"the derivative at elements {listed_elements(unrefined.nonzero().tolist())} is inexact: their solution "
+            f"was not refined to round-off (a relative KKT residual above {refine.UNREFINED_KKT:g}, within the "
+            f"{refine.SOLVED_TOL:g} that SOLVED asks: the Newton refinement stalled, as it can from SCS's loose "
+            "answers, or refine_steps=0), so that the solution and its derivative are accurate only to about that "
+            "residual; another solver (solver=\"ipm\" or \"clarabel\") or a tighter solver tolerance "
+            "(solver_options) gives the refinement a closer start.")
+
+
+def _warn(message: str | None) -> None:
+    if message is not None:
+        warnings.warn(message, InexactDerivativeWarning, stacklevel=user_stacklevel())
 
 
 def _clarabel_available() -> bool:
@@ -116,19 +142,22 @@ def _clarabel_available() -> bool:
 
 
 def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, settings: Settings,
-               point: derivative.Point, status: torch.Tensor) -> tuple[derivative.Point, torch.Tensor]:
+               point: derivative.Point, status: torch.Tensor,
+               unrefined: torch.Tensor) -> tuple[derivative.Point, torch.Tensor, torch.Tensor]:
     """Solve the elements the batched interior point method left unsolved with Clarabel (which
     also certifies infeasibility) and take Clarabel's answer where it is SOLVED or where the
-    interior point method returned nothing. Without the clarabel package (the ``cone`` extra)
-    the interior point method's statuses stand."""
+    interior point method returned nothing, with its ``unrefined`` flag (``_solve_and_refine``).
+    Without the clarabel package (the ``cone`` extra) the interior point method's statuses stand."""
     if not _clarabel_available():
-        return point, status
+        return point, status, unrefined
     index = (status != ConeStatus.SOLVED).nonzero().squeeze(-1)
     clarabel = dataclasses.replace(settings, solver="clarabel", options={}, warm_starts=None)
-    sub, sub_status = _solve_and_refine(A if A.dim() == 2 else A[index], b[index], c[index],
-                                        P if P is None or P.dim() == 2 else P[index], clarabel)
+    sub, sub_status, sub_unrefined = _solve_and_refine(A if A.dim() == 2 else A[index], b[index], c[index],
+                                                       P if P is None or P.dim() == 2 else P[index], clarabel)
     better = (sub_status == ConeStatus.SOLVED) | (status[index] != ConeStatus.INACCURATE)
     index, sub_status = index[better], sub_status[better]
+    unrefined = unrefined.clone()
+    unrefined[index] = sub_unrefined[better]
     merged = []
     for whole, part in ((point.x, sub.x), (point.y, sub.y), (point.s, sub.s)):
         whole = whole.clone()
@@ -144,7 +173,7 @@ def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tenso
     w, roots = _merged_w(settings.spec, point, sub, index, better)
     point = dataclasses.replace(point, x=merged[0], y=merged[1], s=merged[2], factorization=factorization, w=w,
                                 roots=roots)
-    return point, status
+    return point, status, unrefined
 
 
 def _merged_w(spec: ConeSpec, point: derivative.Point, sub: derivative.Point, index: torch.Tensor,
@@ -200,11 +229,14 @@ class ConeProgram(torch.autograd.Function):
         check_finite({"A": A, "b": b, "c": c, "P": P})
         check_semidefinite(P)
         with _threads_for(A, b):
-            point, status = _solve_and_refine(A, b, c, P, settings)
-            all_solved = bool((status == ConeStatus.SOLVED).all())  # one host sync, also spares the policy's
+            point, status, unrefined = _solve_and_refine(A, b, c, P, settings)
+            # one host sync, also spares the policy's
+            all_solved, any_unrefined = host_read(torch.stack([(status == ConeStatus.SOLVED).all(), unrefined.any()]))
             if settings.solver == "ipm" and not all_solved:
-                point, status = _fall_back(A, b, c, P, settings, point, status)
-                all_solved = False  # the fallback's statuses are the policy's to read
+                point, status, unrefined = _fall_back(A, b, c, P, settings, point, status, unrefined)
+                all_solved, any_unrefined = False, bool(unrefined.any())  # the fallback's statuses: the policy's to read
+        # for setup_context: the derivatives warn where a SOLVED element was not refined to round-off
+        _FORWARD_OUTCOME.message = _unrefined_message(unrefined) if any_unrefined else None
         x = point.x
         solved = (status == ConeStatus.SOLVED).unsqueeze(-1)
         nan = lambda t: torch.where(solved, t, constant(math.nan, t))  # noqa: E731
@@ -225,6 +257,7 @@ class ConeProgram(torch.autograd.Function):
         # zero cotangent alone would be a (B, n + m, n + m) tensor written on every backward
         ctx.set_materialize_grads(False)
         ctx.settings = settings
+        ctx.unrefined_message = getattr(_FORWARD_OUTCOME, "message", None)  # read, not consumed (torch.func: twice)
         ctx.save_for_backward(A, P, x, y, s, status, lu, pivots, w)
         ctx.save_for_forward(A, P, x, y, s, status, lu, pivots, w)
 
@@ -233,6 +266,7 @@ class ConeProgram(torch.autograd.Function):
     def backward(ctx: Any, vx: torch.Tensor | None, vy: torch.Tensor | None, vs: torch.Tensor | None,
                  *_non_differentiable: Any) -> tuple:
         A, P, x, y, s, status, lu, pivots, w = ctx.saved_tensors
+        _warn(ctx.unrefined_message)
         needs = tuple(ctx.needs_input_grad[:4])
         # an output without a cotangent passes None (zero): with none for y and s, D^T is not applied
         with _threads_for(A, y):
@@ -243,6 +277,7 @@ class ConeProgram(torch.autograd.Function):
     def jvp(ctx: Any, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
             dP: torch.Tensor | None, _settings: Any) -> tuple:
         A, P, x, y, s, status, lu, pivots, w = ctx.saved_tensors
+        _warn(ctx.unrefined_message)
         with _threads_for(A, y):
             dx, dy, ds = _JVP.apply(ctx.settings, A, P, x, y, s, status, lu, pivots, w, dA, db, dc, dP)
         return dx, dy, ds, None, None, None, None
