@@ -98,6 +98,26 @@ def test_only_torchs_own_deprecation_notice_from_its_lowering_is_hidden():
     assert [(str(w.message)[:12], w.filename) for w in seen] == [(text[:12], "mine.py"), ("another noti", "lowering.py")]
 
 
+def test_torchs_own_deprecation_stays_hidden_after_a_block_that_dropped_its_filter():
+    """A ``warnings.catch_warnings`` block restores the filters it found: the filter that the first
+    compiled call inside it added is gone after it, and the next compiled call (``_call``) adds it again."""
+    import warnings
+
+    text = "`torch._prims_common.check` is deprecated and will be removed in the future."
+    with warnings.catch_warnings():  # the process's filters as they were after the test
+        warnings.filters[:] = [f for f in warnings.filters if f[1] is None or "prims_common" not in f[1].pattern]
+        with warnings.catch_warnings():  # a caller's block around the first compiled call
+            compiling._hide_torch_own_deprecation()
+            assert compiling._OWN_FILTERS[0] in warnings.filters
+        assert compiling._OWN_FILTERS[0] not in warnings.filters
+        assert compiling._call(lambda: "compiled", lambda: "eager", "f") == "compiled"
+        assert compiling._OWN_FILTERS[0] in warnings.filters
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.warn_explicit(text, FutureWarning, "lowering.py", 1, module="torch._inductor.lowering")
+            warnings.warn_explicit(text, FutureWarning, "mine.py", 1, module="my_code")
+        assert [w.filename for w in seen] == ["mine.py"]
+
+
 def test_recompile_limit_warnings_are_dropped_for_this_packages_functions_only(eager_backend):
     import logging
 

@@ -115,10 +115,21 @@ lowers one of our graphs (``torch._inductor.lowering`` calls the deprecated ``ch
 a user of this package can act on."""
 
 
+_OWN_FILTERS: list = []
+"""The entry of ``warnings.filters`` that ``_hide_torch_own_deprecation`` made (the first time)."""
+
+
 def _hide_torch_own_deprecation() -> None:
-    """Ignore ``TORCH_OWN_DEPRECATION``, and only where inductor's lowering raises it."""
+    """Ignore ``TORCH_OWN_DEPRECATION``, and only where inductor's lowering raises it; again where
+    the filter is gone (a ``warnings.catch_warnings`` block restores at its exit the filters it
+    found, dropping one added inside it: the first compiled call inside such a block, as in a
+    test, would otherwise leave every later compilation showing torch's warning). ``_call`` asks
+    before each compiled call: a membership test of the filters, under a µs."""
+    if _OWN_FILTERS and _OWN_FILTERS[0] in warnings.filters:
+        return
     warnings.filterwarnings("ignore", message=TORCH_OWN_DEPRECATION, category=FutureWarning,
                             module=r"torch\._inductor\.lowering")
+    _OWN_FILTERS[:] = [warnings.filters[0]]
 
 
 @functools.cache
@@ -262,6 +273,7 @@ def _call(graph: Callable, fn: Callable, name: str, *args: object, **kwargs: obj
     (``_gave_up``)."""
     if graph in _GAVE_UP:
         return fn(*args, **kwargs)
+    _hide_torch_own_deprecation()
     revert = _STATIC_UNRECORDED()
     try:
         return graph(*args, **kwargs)
