@@ -202,3 +202,21 @@ def test_help_gives_each_option_its_defaults(capsys, name):
     assert f"training epochs (default: {module.FULL['epochs']}; with --quick: {module.QUICK['epochs']})" in text
     assert "(default: 0)" in text and "(default: float64)" in text
     assert text.count("(default: runs/") == 1  # --out's own text, not doubled
+
+
+@pytest.mark.parametrize("name,option,value", [("mnist", "--models", "optnet"), ("sudoku", "--models", "conv"),
+                                               ("denoising", "--methods", "fc")])
+def test_a_model_named_twice_is_refused_up_front(capsys, tmp_path, name, option, value):
+    err = _usage_error(capsys, ["experiment", name, option, value, value, "--out", str(tmp_path)])
+    assert f"argument {option}: {value} given more than once" in err
+    assert not any(tmp_path.iterdir())  # nothing trained
+
+
+def test_quick_9x9_sudoku_takes_its_own_smoke_sizes():
+    from optlayers.experiments import sudoku
+    parser = cli.build_parser()
+    quick_4x4 = sudoku.sizes(parser.parse_args(["experiment", "sudoku", "--quick"]))
+    quick_9x9 = sudoku.sizes(parser.parse_args(["experiment", "sudoku", "--quick", "--box", "3"]))
+    assert quick_4x4 == tuple(sudoku.QUICK[k] for k in ("epochs", "batch_size", "n_train", "n_test", "conv_width"))
+    assert quick_9x9 == tuple(sudoku.QUICK_9X9[k] for k in ("epochs", "batch_size", "n_train", "n_test", "conv_width"))
+    assert sudoku.sizes(parser.parse_args(["experiment", "sudoku", "--quick", "--box", "3", "--epochs", "5"]))[0] == 5

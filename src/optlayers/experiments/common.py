@@ -80,6 +80,18 @@ def positive_float(text: str) -> float:
     return value
 
 
+class Distinct(argparse.Action):
+    """argparse action for a list option (``nargs="+"``): each value at most once (a model named twice
+    would be trained twice into one folder, the second refused for the first's checkpoint)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        repeated = sorted({v for v in values if list(values).count(v) > 1})
+        if repeated:
+            parser.error(f"argument {option_string}: {', '.join(map(str, repeated))} given more than once")
+        setattr(namespace, self.dest, values)
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, default_out: str) -> None:
     """Options every experiment has; sizes left at None take the experiment's full or --quick default."""
     parser.add_argument("--out", type=Path, default=Path(default_out), help=f"output directory (default: {default_out})")

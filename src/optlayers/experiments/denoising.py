@@ -62,7 +62,7 @@ INIT_NOISE = 1e-3
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_common_arguments(parser, "runs/denoising")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (default: all four)")
+    parser.add_argument("--methods", nargs="+", action=common.Distinct, choices=METHODS, default=list(METHODS), help="methods to run (default: all four)")
     parser.add_argument("--d-penalty", type=_nonnegative_float, default=D_PENALTY,
                         help=f"weight of the L1 penalty on D for optnet-learn-d (default {D_PENALTY}, one of the original code's two settings; 0: none)")
     parser.add_argument("--init-noise", type=_nonnegative_float, default=INIT_NOISE,

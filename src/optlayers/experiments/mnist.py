@@ -45,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     common.add_common_arguments(parser, "runs/mnist")
     parser.add_argument("--dataset", choices=("mnist", "fashion-mnist"), default="mnist")
     parser.add_argument("--data-dir", type=Path, default=None, help="folder with the four standard IDX files (.gz or not)")
-    parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), help="models to train (default: both)")
+    parser.add_argument("--models", nargs="+", action=common.Distinct, choices=MODELS, default=list(MODELS), help="models to train (default: both)")
 
 
 def _find(data_dir: Path, stem: str) -> Path:
