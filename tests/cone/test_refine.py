@@ -1,15 +1,14 @@
 """The Newton refinement on the residual map (refine.py): where it stops, and what it keeps."""
-import warnings
-
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
-from optlayers import ConeSpec, InexactDerivativeWarning, solve_cone
+from optlayers import ConeSpec, solve_cone
 from optlayers.cone import autograd, linsolve, refine
 from optlayers.cone.derivative import Point
 from optlayers.cone.testing import n_range, random_program
+from tests.inexact_warnings import inexact_warnings
 
 SPEC = ConeSpec(zero=2, nonneg=8, soc=[4, 3], exp=1)  # m = 20
 
@@ -173,13 +172,6 @@ def test_scs_default_answers_are_refined_to_the_solution():
         assert int((error > 1e-8).sum()) <= 1 and float(error.max()) < 1e-4, (seed, error.max())
 
 
-def _inexact_warnings(run) -> list[str]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        run()
-    return [str(w.message) for w in caught if issubclass(w.category, InexactDerivativeWarning)]
-
-
 def test_derivatives_of_solutions_not_refined_to_round_off_warn():
     """A SOLVED element whose relative KKT residual stays above ``refine.UNREFINED_KKT`` (refinement
     skipped, or stalled: SCS's answer to docs/cone.md's example program 62 of seed 0) has a derivative
@@ -195,12 +187,12 @@ def test_derivatives_of_solutions_not_refined_to_round_off_warn():
         assert bool((solution.status == 0).all())
         solution.x.sum().backward()
 
-    assert _inexact_warnings(lambda: backward("ipm", refine.MAX_STEPS)) == []
-    (stalled,) = _inexact_warnings(lambda: backward("scs", refine.MAX_STEPS))
+    assert inexact_warnings(lambda: backward("ipm", refine.MAX_STEPS)) == []
+    (stalled,) = inexact_warnings(lambda: backward("scs", refine.MAX_STEPS))
     assert "the derivative at elements 2 is inexact: their solution was not refined to round-off" in stalled
-    (skipped,) = _inexact_warnings(lambda: backward("ipm", 0))
+    (skipped,) = inexact_warnings(lambda: backward("ipm", 0))
     assert "is inexact" in skipped
     tangent = torch.ones_like(c)
-    (forward_mode,) = _inexact_warnings(lambda: torch.func.jvp(
+    (forward_mode,) = inexact_warnings(lambda: torch.func.jvp(
         lambda c: solve_cone(A, b, c, cones, solver="scs").x, (c,), (tangent,)))
     assert forward_mode == stalled

@@ -11,6 +11,7 @@ from optlayers import InexactDerivativeWarning, solve_qp
 from optlayers.qp import autograd, parallel
 from optlayers.qp.derivative_checks import AMBIGUOUS_ROW_RATIO
 from qp_problems import random_qp
+from tests.inexact_warnings import inexact_warnings
 
 N, K, ACTIVE = 6, 8, 3
 
@@ -163,24 +164,17 @@ def test_a_batch_in_chunks_names_the_elements_the_whole_batch_names(eager_backen
     assert factorising == [1]
 
 
-def _inexact_warnings(fn) -> list[str]:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fn()
-    return [str(w.message) for w in caught if issubclass(w.category, InexactDerivativeWarning)]
-
-
 def test_torch_func_reverse_mode_warns_once_as_a_backward_does():
     """Under ``torch.func`` a forward's context is set up twice; each transform's derivative warns once,
     with the elements the forward named (under ``vmap``, the vmapped ones)."""
     one = torch.ones(1, dtype=torch.float64)
     Q, G, p = one.diag(), one.diag(), -one  # min ½(z − 1)² over z ≤ h = 1: weakly active (λ = s = 0)
     loss = lambda h: solve_qp(Q, p, G, h).z.sum()  # noqa: E731
-    backward = _inexact_warnings(lambda: loss(one.clone().requires_grad_()).backward())
+    backward = inexact_warnings(lambda: loss(one.clone().requires_grad_()).backward())
     assert len(backward) == 1 and "the derivative of the QP is inexact" in backward[0]
     for transform in (torch.func.grad(loss), torch.func.jacrev(loss)):
-        assert _inexact_warnings(lambda: transform(one)) == backward
-    (batched,) = _inexact_warnings(lambda: torch.func.vmap(torch.func.grad(loss))(one.expand(3, 1)))
+        assert inexact_warnings(lambda: transform(one)) == backward
+    (batched,) = inexact_warnings(lambda: torch.func.vmap(torch.func.grad(loss))(one.expand(3, 1)))
     assert "the derivative at elements 0, 1, 2 is inexact" in batched
 
 
@@ -191,5 +185,5 @@ def test_forward_mode_tests_the_amplification_without_a_kept_factorisation():
     solution = lambda p: solve_qp(Q, p, BOX_G, BOX_H).z  # noqa: E731
     tangent = torch.tensor([1.0, 0.0], dtype=torch.float64)
     for derivative in (lambda: torch.func.jvp(solution, (p,), (tangent,)), lambda: torch.func.jacfwd(solution)(p)):
-        (message,) = _inexact_warnings(derivative)
+        (message,) = inexact_warnings(derivative)
         assert "the derivative of the QP amplifies a change of p" in message and "not unique" in message
