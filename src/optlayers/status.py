@@ -85,6 +85,13 @@ def user_stacklevel() -> int:
     return level
 
 
+def warn_inexact_derivative(message: str | None) -> None:
+    """Give ``message`` as an ``InexactDerivativeWarning`` attributed to the user's code (the QP's
+    ``derivative_checks.inexact_message``, the cone layer's unrefined elements); None: nothing."""
+    if message is not None:
+        warnings.warn(message, InexactDerivativeWarning, stacklevel=user_stacklevel())
+
+
 def listed_elements(where: list[list[int]], most: int = 10) -> str:
     """Batch elements given by their (multi-)indices (``mask.nonzero().tolist()``) as text: at most
     ``most`` of them, then how many more."""

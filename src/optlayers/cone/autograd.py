@@ -15,7 +15,6 @@ import dataclasses
 import importlib.util
 import math
 import threading
-import warnings
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from optlayers.cone.status import ConeStatus
 from optlayers.engine.constants import constant
 from optlayers.functions import applied_as_given, refuses_batched_gradients
 from optlayers.host import host_read
-from optlayers.status import FailurePolicy, InexactDerivativeWarning, listed_elements, user_stacklevel
+from optlayers.status import FailurePolicy, listed_elements, warn_inexact_derivative
 from optlayers.validation.cone import check_finite, check_semidefinite
 
 SECOND_ORDER = (
@@ -130,11 +129,6 @@ def _unrefined_message(unrefined: torch.Tensor) -> str:
             "answers, or refine_steps=0), so that the solution and its derivative are accurate only to about that "
             "residual; another solver (solver=\"ipm\" or \"clarabel\") or a tighter solver tolerance "
             "(solver_options) gives the refinement a closer start.")
-
-
-def _warn(message: str | None) -> None:
-    if message is not None:
-        warnings.warn(message, InexactDerivativeWarning, stacklevel=user_stacklevel())
 
 
 def _clarabel_available() -> bool:
@@ -266,7 +260,7 @@ class ConeProgram(torch.autograd.Function):
     def backward(ctx: Any, vx: torch.Tensor | None, vy: torch.Tensor | None, vs: torch.Tensor | None,
                  *_non_differentiable: Any) -> tuple:
         A, P, x, y, s, status, lu, pivots, w = ctx.saved_tensors
-        _warn(ctx.unrefined_message)
+        warn_inexact_derivative(ctx.unrefined_message)
         needs = tuple(ctx.needs_input_grad[:4])
         # an output without a cotangent passes None (zero): with none for y and s, D^T is not applied
         with _threads_for(A, y):
@@ -277,7 +271,7 @@ class ConeProgram(torch.autograd.Function):
     def jvp(ctx: Any, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
             dP: torch.Tensor | None, _settings: Any) -> tuple:
         A, P, x, y, s, status, lu, pivots, w = ctx.saved_tensors
-        _warn(ctx.unrefined_message)
+        warn_inexact_derivative(ctx.unrefined_message)
         with _threads_for(A, y):
             dx, dy, ds = _JVP.apply(ctx.settings, A, P, x, y, s, status, lu, pivots, w, dA, db, dc, dP)
         return dx, dy, ds, None, None, None, None

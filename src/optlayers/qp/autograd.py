@@ -33,7 +33,7 @@ from optlayers.engine.step import QPData
 from optlayers.functions import applied_as_given, refuses_batched_gradients
 from optlayers.higher_order import no_forward_over_forward
 from optlayers.host import host_read
-from optlayers.qp.derivative_checks import inexact_derivatives, inexact_message, warn_inexact, warn_message
+from optlayers.qp.derivative_checks import inexact_derivatives, inexact_message, warn_inexact
 from optlayers.qp.derivatives import (
     FORWARD_OVER_FORWARD,
     KKTPoint,
@@ -57,6 +57,7 @@ from optlayers.qp.scaling import (
     unscale_solution,
 )
 from optlayers.qp.status import FailurePolicy, QPStatus, apply_failure_policy
+from optlayers.status import warn_inexact_derivative
 
 _STATUS_AT = 7  # where the status is among the saved tensors (``setup_context``), after the data and solution
 _FACTOR_AT = _STATUS_AT + 1 + len(Saved._fields)  # where the factor's tensors begin
@@ -276,7 +277,7 @@ def _backward(ctx: Any, saved: tuple[Tensor, ...], needs: tuple[bool, ...], grad
             ct = _sliced_compiled_vjp(saved[_STATUS_AT:], grads, needs, ctx.settings, saved[0].dtype)
     else:
         if ctx.factor_left is not None:  # the forward did not look (``setup_context``)
-            warn_message(_inexact_message_at(saved[_STATUS_AT:], ctx.batch_shape, ctx.settings, ctx.factor_left))
+            warn_inexact_derivative(_inexact_message_at(saved[_STATUS_AT:], ctx.batch_shape, ctx.settings, ctx.factor_left))
         pt, sc, solved, dtype = _point(ctx)
         ct = _vjp(pt, sc, solved, dtype, grads, needs, ctx.settings, solution_vjp)
     return (*ct, None, None, None, None)
@@ -324,7 +325,7 @@ class QPSolveFn(torch.autograd.Function):
     def backward(ctx: Any, gz: Tensor | None, glam: Tensor | None, gnu: Tensor | None, gs: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         needs, grads = tuple(ctx.needs_input_grad[:6]), (gz, gnu, glam, gs)
         saved = ctx.saved_tensors
-        warn_message(ctx.inexact_message)  # named by the forward
+        warn_inexact_derivative(ctx.inexact_message)  # named by the forward
         with _threads_for(saved[3]):  # z, (B, n)
             return _backward(ctx, saved, needs, grads)
 
@@ -341,9 +342,9 @@ class QPSolveFn(torch.autograd.Function):
         pt, sc, solved, _ = _point(ctx)
         dtype = next(t.dtype for t in (dQ, dp, dG, dh, dA, db) if t is not None)
         if ctx.inexact_message is not None:
-            warn_message(ctx.inexact_message)
+            warn_inexact_derivative(ctx.inexact_message)
         elif len(ctx.saved_tensors) == _FACTOR_AT:  # without a factor kept the forward did not look: the test here
-            warn_message(_inexact_message_at(ctx.saved_tensors[_STATUS_AT:], ctx.batch_shape, ctx.settings, ctx.factor_left))
+            warn_inexact_derivative(_inexact_message_at(ctx.saved_tensors[_STATUS_AT:], ctx.batch_shape, ctx.settings, ctx.factor_left))
 
         def tangent(t: Tensor | None, like: Tensor) -> Tensor:
             return torch.zeros_like(like) if t is None else t.to(COMPUTE_DTYPE)

@@ -23,7 +23,7 @@ derivative's amplification (``amplification``) tells it.
 This module finds such problems (``inexact_derivatives``: the forward computes it where gradients
 are possible, with the derivatives' factorisation, and reads it with the final statuses, no host
 synchronisation of its own) and warns about them: where it found some, the forward names them
-(``inexact_message``, a read more) and its derivatives give that warning (``warn_message``: the
+(``inexact_message``, a read more) and its derivatives give that warning (``status.warn_inexact_derivative``: the
 backward and forward-mode derivatives, under any ``torch.func`` transform, whose tensors the text
 does not read); a forward-mode derivative of a forward that kept no factorisation makes one and
 tests there (``qp.autograd``). It does not find
@@ -31,14 +31,12 @@ dependent active rows (the multipliers' derivatives are then not defined; docs/q
 """
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
 
 from optlayers.engine.kkt import KKTFactor, solve_reduced
 from optlayers.qp.status import QPStatus
-from optlayers.status import InexactDerivativeWarning, listed_elements, user_stacklevel
+from optlayers.status import listed_elements, warn_inexact_derivative
 
 AMBIGUOUS_ROW_RATIO = 1e-3
 """A solved problem's derivative is reported inexact where some inequality row has
@@ -97,13 +95,7 @@ def inexact_derivatives(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor) ->
 def warn_inexact(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor | None, batch_shape: tuple[int, ...]) -> None:
     """Warn (an ``InexactDerivativeWarning``) naming the solved problems whose derivative is
     inexact, where some is, by reason (``inexact_message``)."""
-    warn_message(inexact_message(status, lam, s, f, batch_shape))
-
-
-def warn_message(message: str | None) -> None:
-    """Give ``message`` (``inexact_message``'s) as an ``InexactDerivativeWarning``; None: nothing."""
-    if message is not None:
-        warnings.warn(message, InexactDerivativeWarning, stacklevel=user_stacklevel())
+    warn_inexact_derivative(inexact_message(status, lam, s, f, batch_shape))
 
 
 def inexact_message(status: Tensor, lam: Tensor, s: Tensor, f: KKTFactor | None,
