@@ -694,7 +694,6 @@ def solve_reduced(f: KKTFactor, rx: Tensor, re: Tensor | None, v: Tensor | None,
     dlam = f.w_inv_soft * dlam
     # ω's parts as views only where they are parts: a slice over all of ω is an alias, for which
     # torch's batched gradients (``is_grads_batched``, ``jacobian(vectorize=True)``) have no rule
-    rows = omega.shape[-1]
     if stiff_rows:
         dlam = torch.where(f.w_inv_soft > 0, dlam, omega[:, f.m :] if f.m else omega)
-    return dx, omega[:, : f.m] if f.m < rows else omega, dlam
+    return dx, omega[:, : f.m] if f.m < omega.shape[-1] else omega, dlam
