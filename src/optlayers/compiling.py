@@ -322,6 +322,23 @@ def _past_torchs_limit(graph: Callable, fn: Callable, name: str, *args: object, 
     return fn(*args, **kwargs)
 
 
+OPAQUE_REASON = ("optlayers' solvers read flags on the host and loop on them: a user's torch.compile calls them "
+                 "as they are (compile=True compiles the solver's own parts)")
+
+
+def opaque_to_user_compile(fn: Callable[..., T]) -> Callable[..., T]:
+    """``fn`` (a public entry point: a solve, a layer's ``forward``) called as it is where a user's
+    ``torch.compile`` meets it, one graph break, rather than traced.
+
+    Traced, a solve's host reads, loops and validation split it into dozens of graphs, each compiled
+    by inductor: a model of a linear layer and an ``OptNet`` took 122 s for its first compiled call
+    (23 graph breaks, dynamo's warnings about ``lru_cache`` and data-dependent reads), where it takes
+    about a second called as it is. The solve's own compiled parts (``compile=True``) still compile
+    inside it: ``torch.compiler.disable`` stops dynamo at ``fn``'s frame and its callees, and a
+    ``torch.compile``d function called from there starts dynamo again. Costs under a µs a call."""
+    return torch.compiler.disable(fn, reason=OPAQUE_REASON)
+
+
 def owned(obj: T) -> T:
     """``obj`` (a dataclass of tensors) with every tensor copied into memory of its own: the state
     replayed in a CUDA graph's buffers before it is kept (see the module docstring), and the data that the

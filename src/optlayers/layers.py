@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from optlayers.compiling import opaque_to_user_compile
 from optlayers.qp.relax import Relaxation
 from optlayers.qp.solve import QPSolution, solve_qp
 from optlayers.validation.options import check_bool, check_int
@@ -185,6 +186,7 @@ class OptNet(nn.Module):
             A, b = self.A, self.A @ z0
         return Q, G, h, A, b
 
+    @opaque_to_user_compile
     def solve(self, p: Tensor):
         """The full :func:`optlayers.solve_qp` solution (``z``, duals, slacks, status) for input ``p``."""
         p = _from_autocast(p, self)
@@ -193,6 +195,7 @@ class OptNet(nn.Module):
             Q, G, h, A, b = self.qp_data()
             return _record(self, solve_qp(Q, p, G, h, A, b, **self.solver_options))
 
+    @opaque_to_user_compile
     def forward(self, p: Tensor) -> Tensor:
         return self.solve(p).z
 
@@ -273,6 +276,7 @@ class OptNetTV(nn.Module):
         G = torch.cat([torch.cat([D, -eye_t], 1), torch.cat([-D, -eye_t], 1)])
         return Q, G, torch.zeros(2 * self.n_diff, device=D.device, dtype=D.dtype)
 
+    @opaque_to_user_compile
     def forward(self, y: Tensor) -> Tensor:
         y = _from_autocast(y, self)
         with _autocast_off(y):

@@ -68,7 +68,9 @@ def test_dynamo_wrappers_and_patches_entered_per_call(eager_backend, monkeypatch
     monkeypatch.setattr(inspect.Signature, "bind", lambda self, *a, **k: binds.append(str(self)) or real_bind(self, *a, **k))
     calls = _python_calls(call)
     assert calls[("eval_frame.py", "compile_wrapper")] == COMPILED_CALLS  # one call of each compiled function
-    assert calls[("eval_frame.py", "_fn")] <= COMPILED_CALLS  # the graph's call only, no profiler ranges around it
+    # the graphs' calls, and the two entries' torch.compiler.disable wrappers (QPFunction.forward, its
+    # solve: compiling.opaque_to_user_compile), no profiler ranges around them
+    assert calls[("eval_frame.py", "_fn")] <= COMPILED_CALLS + 2
     assert calls[("_config_module.py", "change")] <= COMPILED_CALLS  # one patch of dynamo's settings per call
     assert binds == []
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import torch
 
+from optlayers.compiling import opaque_to_user_compile
 from optlayers.cone.autograd import ConeProgram, Settings
 from optlayers.cone import autograd
 from optlayers.cone.data import prepare_cone
@@ -72,6 +73,7 @@ def choose_solver(rows: int, batch: int, device: torch.device | str) -> str:
     return "ipm" if batch * rows ** AUTO_CPU_POWER >= limit else "clarabel"
 
 
+@opaque_to_user_compile
 def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: str = "dense",
                on_failure: str = "raise", solver_options: dict | None = None,
                warm_start: ConeSolution | None = None, max_workers: int | None = None,
@@ -189,6 +191,7 @@ class ConeLayer(torch.nn.Module):
         self.cones, self.options = cones, options
         self.last_status: torch.Tensor | None = None
 
+    @opaque_to_user_compile
     def forward(self, A, b, c, P=None) -> ConeSolution:
         sol = solve_cone(A, b, c, self.cones, P, **self.options)
         if not torch._C._are_functorch_transforms_active():

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from optlayers.compiling import opaque_to_user_compile
 from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp
@@ -56,6 +57,7 @@ class QPSolution:
     relaxed: Tensor
 
 
+@opaque_to_user_compile
 def solve_qp(
     Q: Tensor,
     p: Tensor,
@@ -273,6 +275,7 @@ class QPFunction(nn.Module):
         self.failed_value, self.relaxation, self.compile = float(failed_value), relaxation, compile
         self.last_status: Tensor | None = None
 
+    @opaque_to_user_compile
     def solve(self, Q: Tensor, p: Tensor, G: Tensor | None = None, h: Tensor | None = None,
               A: Tensor | None = None, b: Tensor | None = None) -> QPSolution:
         """The whole solution (z, multipliers, slacks, status, residuals) for this layer's options."""
@@ -289,6 +292,7 @@ class QPFunction(nn.Module):
                 print(_summary(sol))
         return sol
 
+    @opaque_to_user_compile
     def forward(self, Q: Tensor, p: Tensor, G: Tensor | None = None, h: Tensor | None = None,
                 A: Tensor | None = None, b: Tensor | None = None) -> Tensor:
         return self.solve(Q, p, G, h, A, b).z
