@@ -114,14 +114,16 @@ def _differentiated(saved: tuple[Tensor, ...]) -> bool:
     return torch.is_grad_enabled() or any(forward_ad.unpack_dual(t).tangent is not None for t in saved)
 
 
-def _point(ctx: Any) -> tuple[KKTPoint, Scaling, Tensor, torch.dtype]:
+def _point(saved: tuple[Tensor, ...]) -> tuple[KKTPoint, Scaling, Tensor, torch.dtype]:
     """The scaled solution and data at which to differentiate, the scaling, the solved mask and
     the data's dtype. When the rule may be differentiated (``_differentiated``) the point is
     differentiable: its values are the saved float64 ones, its derivatives those of the outputs
     and inputs of ``forward``. Then, and when the factorisation is still to be built there,
     failed elements read x = ν = 0, λ = s = 1 (their derivatives are zero; no NaN can leak);
-    otherwise they keep whatever the solver left (``KKTSolve`` gives them zero solutions)."""
-    Qi, Ai, Gi, z, lam, nu, s, status, *rest = ctx.saved_tensors
+    otherwise they keep whatever the solver left (``KKTSolve`` gives them zero solutions).
+    ``saved``: ``ctx.saved_tensors``, which the rule reads once (``torch.utils.checkpoint``
+    recomputes them and lets each be unpacked only once)."""
+    Qi, Ai, Gi, z, lam, nu, s, status, *rest = saved
     sv = Saved(*rest[: len(Saved._fields)])
     factor = tuple(rest[len(Saved._fields):])
     solved = status == int(QPStatus.SOLVED)
@@ -278,7 +280,7 @@ def _backward(ctx: Any, saved: tuple[Tensor, ...], needs: tuple[bool, ...], grad
     else:
         if ctx.factor_left is not None:  # the forward did not look (``setup_context``)
             warn_inexact_derivative(_inexact_message_at(saved[_STATUS_AT:], ctx.batch_shape, ctx.settings, ctx.factor_left))
-        pt, sc, solved, dtype = _point(ctx)
+        pt, sc, solved, dtype = _point(saved)
         ct = _vjp(pt, sc, solved, dtype, grads, needs, ctx.settings, solution_vjp)
     return (*ct, None, None, None, None)
 
@@ -339,12 +341,13 @@ class QPSolveFn(torch.autograd.Function):
     @staticmethod
     def jvp(ctx: Any, dQ: Tensor | None, dp: Tensor | None, dG: Tensor | None, dh: Tensor | None,
             dA: Tensor | None, db: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        pt, sc, solved, _ = _point(ctx)
+        saved = ctx.saved_tensors  # read once: torch.utils.checkpoint lets each saved tensor be unpacked once
+        pt, sc, solved, _ = _point(saved)
         dtype = next(t.dtype for t in (dQ, dp, dG, dh, dA, db) if t is not None)
         if ctx.inexact_message is not None:
             warn_inexact_derivative(ctx.inexact_message)
-        elif len(ctx.saved_tensors) == _FACTOR_AT:  # without a factor kept the forward did not look: the test here
-            warn_inexact_derivative(_inexact_message_at(ctx.saved_tensors[_STATUS_AT:], ctx.batch_shape, ctx.settings, ctx.factor_left))
+        elif len(saved) == _FACTOR_AT:  # without a factor kept the forward did not look: the test here
+            warn_inexact_derivative(_inexact_message_at(saved[_STATUS_AT:], ctx.batch_shape, ctx.settings, ctx.factor_left))
 
         def tangent(t: Tensor | None, like: Tensor) -> Tensor:
             return torch.zeros_like(like) if t is None else t.to(COMPUTE_DTYPE)
@@ -353,7 +356,7 @@ class QPSolveFn(torch.autograd.Function):
                    b=tangent(db, pt.nu), G=tangent(dG, pt.G), h=tangent(dh, pt.lam))
         with _threads_for(pt.x):
             dx, dnu, dlam, ds = solution_jvp(pt, scale_data_tangent(sc, t), ctx.settings)
-        point = ctx.saved_tensors[:7]  # the data and solution as saved (not computed here: see no_forward_over_forward)
+        point = saved[:7]  # the data and solution as saved (not computed here: see no_forward_over_forward)
         dz, dnu, dlam, ds = (no_forward_over_forward(FORWARD_OVER_FORWARD, keep_solved(solved, v, 0.0).to(dtype), *point)
                              for v in unscale_solution(sc, dx, dnu, dlam, ds))
         return (dz, dlam, dnu, ds, *([None] * (ctx.n_outputs - 4)))
