@@ -169,7 +169,7 @@ class PhaseCounter(KernelCounter):
         super().__init__()
         self.rules, self.innermost = rules, innermost
         self.phases: Counter[str] = Counter()
-        self._root = str(Path(inspect.getfile(solve_qp)).parents[1])  # .../src/optlayers/.. : the package's folder
+        self._root = str(Path(inspect.getfile(inspect.unwrap(solve_qp))).parents[1])  # .../src/optlayers/qp/.. : the package's folder
         self._regions: dict[types.CodeType, tuple[str, list[tuple[int, str]]] | None] = {}
 
     def __torch_dispatch__(self, func, types_, args=(), kwargs=None):  # noqa: ANN001
