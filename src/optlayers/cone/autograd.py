@@ -455,8 +455,8 @@ def _grad_sparse(A: torch.Tensor, point: derivative.Point, r: torch.Tensor) -> t
         crow, col = A.crow_indices(), A.col_indices()
         rows = torch.repeat_interleave(torch.arange(A.shape[0], device=A.device), crow.diff())
         values = embedding.grad_A_entries(point.x, point.y, r, rows, col)
-        return torch.sparse_csr_tensor(crow, col, values, size=A.shape)
+        return torch.sparse_csr_tensor(crow, col, values, size=A.shape, check_invariants=False)  # A's own pattern
     A = A.coalesce()
     rows, cols = A.indices()
     values = embedding.grad_A_entries(point.x, point.y, r, rows, cols)
-    return torch.sparse_coo_tensor(A.indices(), values, size=A.shape)
+    return torch.sparse_coo_tensor(A.indices(), values, size=A.shape, check_invariants=False, is_coalesced=True)

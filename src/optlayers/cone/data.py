@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
@@ -33,9 +34,11 @@ def _to_tensor(name: str, value, allow_sparse: bool) -> torch.Tensor:
             value = value.toarray()
         else:
             csr = sp.csr_matrix(value)
-            value = torch.sparse_csr_tensor(torch.as_tensor(csr.indptr, dtype=torch.int64),
-                                            torch.as_tensor(csr.indices, dtype=torch.int64),
-                                            torch.as_tensor(csr.data), size=csr.shape)
+            with warnings.catch_warnings():  # torch's notice that its CSR support is in beta: not the user's doing
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+                value = torch.sparse_csr_tensor(torch.as_tensor(csr.indptr, dtype=torch.int64),
+                                                torch.as_tensor(csr.indices, dtype=torch.int64),
+                                                torch.as_tensor(csr.data), size=csr.shape, check_invariants=False)
     if isinstance(value, np.ndarray):
         value = torch.as_tensor(value)
     check_cone_tensor(name, value, allow_sparse)
