@@ -141,11 +141,11 @@ class OptNet(nn.Module):
         self.solver_options = _solver_options(tol, max_iter, on_failure, failed_value, relaxation, compile)
         self.last_status: Tensor | None = None
 
-        if fixed_q is None:
-            self.L = nn.Parameter(torch.tril(torch.rand(n, n, **factory)))
-            self.register_buffer("tril_mask", torch.tril(torch.ones(n, n, **factory)), persistent=False)
-        else:
-            self.register_buffer("fixed_Q", fixed_q * torch.eye(n, **factory), persistent=False)
+        # Q is formed from parameters and constants at each call, never kept in a buffer: a buffer left out
+        # of the state_dict held uninitialised memory after deferred initialisation (a module built on
+        # the meta device, then to_empty and load_state_dict): z 1.5e4 off, silently.
+        self.L = nn.Parameter(torch.tril(torch.rand(n, n, **factory))) if fixed_q is None else None
+        self._factory = factory  # the dtype and device of a fixed Q where the layer has no parameters
         # Absent constraint blocks are registered as None so that DistributedDataParallel sees no unused parameters.
         self.G = nn.Parameter(torch.empty(n_ineq, n, **factory).uniform_(-1.0, 1.0)) if n_ineq else None
         self.s0_raw = nn.Parameter(torch.full((n_ineq,), _SOFTPLUS_ONE, **factory)) if n_ineq else None
@@ -166,13 +166,17 @@ class OptNet(nn.Module):
         """The positive slack of the learned inequalities at ``z₀``, shape ``(n_ineq,)``; None if n_ineq = 0."""
         return None if self.s0_raw is None else F.softplus(self.s0_raw)
 
-    def qp_data(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-        """The current ``(Q, G, h, A, b)``; ``None`` for absent constraints. ``G``/``h`` include ``z ≥ 0``."""
+    def qp_data(self, like: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+        """The current ``(Q, G, h, A, b)``; ``None`` for absent constraints. ``G``/``h`` include ``z ≥ 0``.
+        A fixed Q takes the parameters' dtype and device, or, in a layer without parameters, ``like``'s
+        (the input), or else the layer's construction's."""
         if self.fixed_q is None:
-            L = self.L * self.tril_mask
+            L = torch.tril(self.L)
             Q = L @ L.T + self.eps * torch.eye(self.n, device=L.device, dtype=L.dtype)
         else:
-            Q = self.fixed_Q
+            like = next(self.parameters(), like)
+            factory = self._factory if like is None else {"device": like.device, "dtype": like.dtype}
+            Q = self.fixed_q * torch.eye(self.n, **factory)
         z0 = self.z0
         G = h = A = b = None
         if self.n_ineq:
@@ -192,7 +196,7 @@ class OptNet(nn.Module):
         p = _from_autocast(p, self)
         with _autocast_off(p):
             check_layer_input("p", p, self.n, self)
-            Q, G, h, A, b = self.qp_data()
+            Q, G, h, A, b = self.qp_data(p)
             return _record(self, solve_qp(Q, p, G, h, A, b, **self.solver_options))
 
     @opaque_to_user_compile

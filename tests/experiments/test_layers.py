@@ -117,7 +117,7 @@ def test_mnist_feature_optnet_head_solves_its_qp():
         head.L.add_(0.3 * torch.tril(torch.rand(10, 10, dtype=torch.float64)))
     x = torch.relu(torch.randn(3, 10, dtype=torch.float64))
     z = head(x).detach().numpy()
-    L = (head.L * head.tril_mask).detach().numpy()
+    L = torch.tril(head.L).detach().numpy()
     Q = L @ L.T + 1e-4 * np.eye(10)
     G = head.G.detach().numpy()
     h = (head.z0(x) @ head.G.T + torch.nn.functional.softplus(head.s0(x))).detach().numpy()
@@ -171,3 +171,28 @@ def test_optnet_lp_whose_feasible_set_cannot_be_bounded_warns(sizes, warned):
         with pytest.warns(RuntimeWarning):
             layer(p)
         assert int(layer.last_status) == int(Status.DUAL_INFEASIBLE)
+
+
+@pytest.mark.parametrize("options", [{}, {"fixed_q": 0.5, "nonnegative": True}, {"fixed_q": 0.5}])
+@pytest.mark.parametrize("how", ["to_empty", "assign", "skip_init"])
+def test_deferred_initialisation_then_a_state_dict_gives_the_layer_it_was_saved_from(options, how):
+    """A layer built without memory (torch's meta device, or ``skip_init``) and loaded from a
+    state_dict is the saved layer: its Q is formed from parameters and constants, not from a buffer
+    left out of the state_dict (which kept uninitialised memory: z 1.5e4 off, silently)."""
+    sizes = (6, 4, 1) if "fixed_q" not in options or options.get("nonnegative") else (6,)
+    saved = OptNet(*sizes, dtype=torch.float64, **options)
+    if how == "skip_init":
+        layer = torch.nn.utils.skip_init(OptNet, *sizes, dtype=torch.float64, **options)
+        layer.load_state_dict(saved.state_dict())
+    else:
+        with torch.device("meta"):
+            layer = OptNet(*sizes, dtype=torch.float64, **options)
+        if how == "to_empty":
+            layer = layer.to_empty(device="cpu")
+            layer.load_state_dict(saved.state_dict())
+        else:
+            layer.load_state_dict(saved.state_dict(), assign=True)
+    p = torch.randn(3, 6, dtype=torch.float64)
+    assert torch.equal(layer(p), saved(p))
+    for got, want in zip(layer.qp_data(p), saved.qp_data(p)):
+        assert (got is None and want is None) or torch.equal(got, want)

@@ -88,13 +88,12 @@ class FeatureOptNetHead(nn.Module):
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         self.L = nn.Parameter(torch.eye(n, **factory))
-        self.register_buffer("tril_mask", torch.tril(torch.ones(n, n, **factory)), persistent=False)
         self.G = nn.Parameter(torch.empty(n_ineq, n, **factory).uniform_(-1.0, 1.0))
         self.z0 = nn.Linear(n, n, **factory)
         self.s0 = nn.Linear(n, n_ineq, **factory)
 
     def forward(self, x: Tensor) -> Tensor:
-        L = self.L * self.tril_mask
+        L = torch.tril(self.L)
         Q = L @ L.T + DEFAULT_EPS * torch.eye(len(L), device=L.device, dtype=L.dtype)
         h = self.z0(x) @ self.G.T + F.softplus(self.s0(x))
         return solve_qp(Q, x, self.G, h, on_failure="ignore").z
