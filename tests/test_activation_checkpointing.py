@@ -71,3 +71,17 @@ def test_second_derivatives_through_a_checkpoint():
         g, = torch.autograd.grad(out, q, create_graph=True)
         return torch.autograd.grad(g.sum(), q)[0]
     torch.testing.assert_close(hessian_row_sums(True), hessian_row_sums(False), rtol=1e-12, atol=1e-12)
+
+
+def test_a_solve_under_allow_mutation_on_saved_tensors():
+    """torch's context for editing saved tensors in place runs a dispatch mode that sees every
+    operation; the eager loop's inference tensors failed under it ("Inference tensors do not track
+    version counter"), so the loop leaves inference mode off where a dispatch mode is active."""
+    Q, p, G, h, _, _ = _qp()
+    plain = _gradients(lambda p: solve_qp(Q, p, G, h).z.square().sum(), (p,))
+    q = p.clone().requires_grad_()
+    with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        z = solve_qp(Q, q, G, h).z
+        z.square().sum().backward()
+        z.relu_()  # allowed by the context
+    torch.testing.assert_close(q.grad, plain[0], rtol=1e-12, atol=1e-12)

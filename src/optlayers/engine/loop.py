@@ -79,8 +79,12 @@ def _in_inference_mode(step: Step, device: torch.device) -> bool:
     (``host.cpu_schedule``), where an iteration is hundreds of small operations whose autograd
     bookkeeping (version counters, records of views) inference mode skips. The compiled steps
     are left as they are (their guards would see the mode), and so is work on an accelerator
-    (its eager step is replayed from a CUDA graph) or counted as one (``host.accelerator_schedule``)."""
-    return not torch.compiler.is_compiling() and not isinstance(step, Steps) and cpu_schedule(device)
+    (its eager step is replayed from a CUDA graph) or counted as one (``host.accelerator_schedule``),
+    and work under a user's ``TorchDispatchMode`` (``allow_mutation_on_saved_tensors``, selective
+    activation checkpointing), which sees every operation and fails on inference tensors
+    ("Inference tensors do not track version counter")."""
+    return (not torch.compiler.is_compiling() and not isinstance(step, Steps) and cpu_schedule(device)
+            and not torch._C._len_torch_dispatch_stack())
 
 
 def _normal(out: Run) -> Run:
