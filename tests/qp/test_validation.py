@@ -298,3 +298,30 @@ def test_a_layer_in_half_precision_is_named_as_such():
     with pytest.raises(TypeError, match=r"the layer's parameters are torch.bfloat16, which the solver does not take "
                                         r"\(float32 or float64\); convert the layer \(layer.to\(torch.float32\)\) and its input p"):
         OptNet(3, n_ineq=2).to(torch.bfloat16)(torch.randn(4, 3, dtype=torch.bfloat16))
+
+
+def test_large_finite_data_whose_sum_overflows():
+    """The value check sums each tensor (one reduction): in float32, bounds of 1e38 overflowed that
+    sum and the check crashed with an internal torch error; it sums in float64 now, and data whose
+    float64 sum overflows are refused by name."""
+    Q, G = torch.eye(3), torch.cat([torch.eye(3), -torch.eye(3)])
+    p = torch.randn(4, 3)
+    box = solve_qp(Q.float(), p.float(), G.float(), torch.full((6,), 1e38, dtype=torch.float32))
+    assert (box.status == 0).all()
+    torch.testing.assert_close(box.z, -p.float(), rtol=1e-5, atol=1e-5)  # no bound active: z = -p
+    huge = torch.full((6,), torch.finfo(torch.float64).max)
+    with pytest.raises(ValueError, match=r"h has entries so large \(up to 1.8e\+308\) that their sum overflows float64"):
+        solve_qp(Q, p, G, huge)
+
+
+def test_an_absent_bound_as_a_row_of_zeros_costs_nothing():
+    """The advice of the messages and docs/qp.md: a row of zeros in G with h = 1 is never active, and
+    the solve takes the solution and the iterations of the problem without it."""
+    L = torch.randn(4, 6, 6)
+    Q, p = L @ L.mT + torch.eye(6), torch.randn(4, 6)
+    G, h = torch.eye(6).expand(4, 6, 6), torch.full((4, 6), 0.3)
+    without = solve_qp(Q, p, G, h)
+    padded = solve_qp(Q, p, torch.cat([G, torch.zeros(4, 3, 6)], 1), torch.cat([h, torch.ones(4, 3)], 1))
+    torch.testing.assert_close(padded.z, without.z, rtol=1e-9, atol=1e-9)
+    assert torch.equal(padded.iterations, without.iterations)
+    assert float(padded.lam[:, 6:].abs().max()) < 1e-9

@@ -272,9 +272,14 @@ def semidefinite(Q: Tensor) -> Tensor:
     return cholesky(shifted)[1]
 
 
+ABSENT_BOUND = ("write an absent bound as a row of zeros in G with h = 1 (never active: it costs no iterations; "
+                "a large finite bound does, three times as many at 1e6) or leave its row out")
+
+
 def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:
     """``check_values``'s test as a 0-d bool tensor on the data's device, not read."""
-    sums = torch.stack([t.sum() for t in (Q, p, G, h, A, b)])  # NaN or ±inf exactly where an entry is (or overflow)
+    # NaN or ±inf exactly where an entry is (or where the sum overflows float64: ``check_values`` says so)
+    sums = torch.stack([t.sum(dtype=torch.float64) for t in (Q, p, G, h, A, b)])
     distinct, _ = _distinct(Q)  # a shared Q (an OptNet layer's) is factorised once, not once per element
     asym, bound, _ = _asymmetry(distinct)
     return ((sums - sums) == 0).all() & (asym <= bound) & semidefinite(distinct).all()
@@ -296,8 +301,11 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
         if not bool(torch.isfinite(t).all()):
             bad = (~torch.isfinite(t)).flatten(1).any(-1).nonzero().tolist()
             raise ValueError(f"{name} contains NaN or Inf at batch elements {listed_elements(bad)} (flattened); QP data must be finite "
-                             "whatever on_failure says: drop those elements, and write an absent bound as a large finite "
-                             "one or leave its row out")
+                             f"whatever on_failure says: drop those elements; {ABSENT_BOUND}")
+    for name, t in data.items():
+        if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
+            raise ValueError(f"{name} has entries so large (up to {float(t.abs().max()):.3g}) that their sum overflows float64, "
+                             f"which the solve cannot work with; {ABSENT_BOUND}")
     if bool(asym > bound):
         raise ValueError(
             f"Q must be symmetric (positive semidefinite); max |Q - Qᵀ| = {float(asym):.3g} exceeds {tol:.1e}·max(1, max|Q|); "
