@@ -84,6 +84,23 @@ def test_only_inductors_c_shim_notices_are_dropped():
     assert not shim_filter.filter(notice) and shim_filter.filter(other)
 
 
+def test_torchs_own_deprecation_notice_stays_hidden_under_a_later_error_filter(monkeypatch):
+    """A user's ``filterwarnings("error", category=FutureWarning)`` added after the first compiled call
+    went in front of the package's filter: inductor's lowering then raised torch's own notice as an
+    exception, which the package took for a failed compilation (eager from then on)."""
+    import warnings
+
+    monkeypatch.setattr(compiling, "_OWN_FILTERS", [])
+    text = "`torch._prims_common.check` is deprecated and will be removed in the future."
+    with warnings.catch_warnings():
+        compiling._hide_torch_own_deprecation()  # a first compiled call
+        warnings.filterwarnings("error", category=FutureWarning)  # the user's, later
+        compiling._hide_torch_own_deprecation()  # the next compiled call
+        warnings.warn_explicit(text, FutureWarning, "lowering.py", 1, module="torch._inductor.lowering")  # not raised
+        with pytest.raises(FutureWarning):
+            warnings.warn_explicit("another notice", FutureWarning, "mine.py", 1, module="my_code")
+
+
 def test_only_torchs_own_deprecation_notice_from_its_lowering_is_hidden(monkeypatch):
     import warnings
 

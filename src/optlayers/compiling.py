@@ -123,9 +123,11 @@ def _hide_torch_own_deprecation() -> None:
     """Ignore ``TORCH_OWN_DEPRECATION``, and only where inductor's lowering raises it; again where
     the filter is gone (a ``warnings.catch_warnings`` block restores at its exit the filters it
     found, dropping one added inside it: the first compiled call inside such a block, as in a
-    test, would otherwise leave every later compilation showing torch's warning). ``_call`` asks
-    before each compiled call: a membership test of the filters, under a µs."""
-    if _OWN_FILTERS and _OWN_FILTERS[0] in warnings.filters:
+    test, would otherwise leave every later compilation showing torch's warning) or no longer
+    first (a user's later ``filterwarnings("error", category=FutureWarning)`` put in front of it made
+    torch's warning an exception inside inductor, which took it for a failed compilation and left
+    the solve eager for the rest of the process). ``_call`` asks before each compiled call."""
+    if _OWN_FILTERS and warnings.filters and warnings.filters[0] is _OWN_FILTERS[0]:
         return
     warnings.filterwarnings("ignore", message=TORCH_OWN_DEPRECATION, category=FutureWarning,
                             module=r"torch\._inductor\.lowering")
