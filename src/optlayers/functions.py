@@ -46,17 +46,17 @@ def applied_as_given(function: F) -> F:
 
 
 BATCHED_GRADIENTS_REFUSED = (
-    "{name}'s backward cannot run under torch.autograd's batched gradients (torch.autograd.grad(..., "
+    "{name}'s derivative rules cannot run under torch.autograd's batched gradients (torch.autograd.grad(..., "
     "is_grads_batched=True), torch.autograd.functional.jacobian or hessian with vectorize=True, "
-    "gradcheck(check_batched_grad=True)): that prototype's batched tensors take only some operations, "
-    "and it needs others ({error}). Use torch.func.jacrev, or torch.func.vmap over torch.func.vjp, which "
-    "run it batched, or leave vectorize and is_grads_batched False")
+    "gradcheck(check_batched_grad=True or check_batched_forward_grad=True)): that prototype's batched tensors "
+    "take only some operations, and they need others ({error}). Use torch.func.jacrev or jacfwd, or torch.func.vmap "
+    "over torch.func.vjp or jvp, which run them batched, or leave vectorize and is_grads_batched False")
 """The error that replaces an internal one raised in a backward under torch's legacy batched
 gradients (``refuses_batched_gradients``)."""
 
 
 def refuses_batched_gradients(name: str) -> Callable[[Callable], Callable]:
-    """A decorator for a ``torch.autograd.Function``'s ``backward`` (``name``: the layer's name in
+    """A decorator for a ``torch.autograd.Function``'s ``backward`` or ``jvp`` (``name``: the layer's name in
     messages): where it fails under torch.autograd's batched gradients (its cotangents are the
     legacy vmap's batched tensors, which have batching rules for some operations only, so that a
     backward runs there or not by the operations its problem takes), the error says so and names

@@ -145,6 +145,8 @@ def test_torchs_batched_gradients_are_refused_with_the_transforms_that_run():
     """The cone layer's backward reads its refinement's convergence on the host, which torch's
     prototype batched gradients cannot run: the error says so and names torch.func's transforms."""
     A, b, c, *_ = _shared(None)
-    with pytest.raises(RuntimeError, match="cone layer's backward cannot run under torch.autograd's batched gradients.*"
-                                           "torch.func.jacrev"):
+    refusal = "cone layer's derivative rules cannot run under torch.autograd's batched gradients.*torch.func.jacrev"
+    with pytest.raises(RuntimeError, match=refusal):
         torch.autograd.functional.jacobian(lambda c: solve_cone(A, b, c, SPEC).x, c, vectorize=True)
+    with pytest.raises(RuntimeError, match=refusal):  # its jvp, under the forward-mode batched tangents
+        torch.autograd.functional.jacobian(lambda c: solve_cone(A, b, c, SPEC).x, c, vectorize=True, strategy="forward-mode")

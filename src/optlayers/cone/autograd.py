@@ -35,7 +35,8 @@ from optlayers.validation.cone import check_finite, check_semidefinite
 SECOND_ORDER = (
     "second derivatives of the cone program (double backward, torch.func.hessian, jacrev or jacfwd of a "
     "derivative) are not supported: its derivative rules are exact but not themselves differentiable. First "
-    "derivatives (backward, jvp, torch.func.vjp, jvp, jacrev, jacfwd, vmap) are available.")
+    "derivatives (backward, jvp, torch.func.vjp, jvp, jacrev, jacfwd, vmap) are available; "
+    "torch.autograd.functional.jvp and hvp take theirs by double backward: use torch.func.jvp.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,6 +269,7 @@ class ConeProgram(torch.autograd.Function):
         return (*(g if need else None for g, need in zip(grads, needs)), None)
 
     @staticmethod
+    @refuses_batched_gradients("The cone layer")
     def jvp(ctx: Any, dA: torch.Tensor | None, db: torch.Tensor | None, dc: torch.Tensor | None,
             dP: torch.Tensor | None, _settings: Any) -> tuple:
         A, P, x, y, s, status, lu, pivots, w = ctx.saved_tensors
