@@ -101,7 +101,9 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
         on_failure: "raise", "warn" or "ignore" when an element is not solved.
         solver_options: passed to the solver named by ``solver`` (ConeIPMSettings fields for "ipm",
             Clarabel settings attributes, SCS keyword arguments; refused with "auto", which may run
-            either: name the solver they are for); names and values are checked first (unknown
+            either: name the solver they are for); their tolerances apply to the program as solved,
+            which is scaled to unit size where its data are far from it (``unit_scales``); names
+            and values are checked first (unknown
             names, iteration limits below 1, negative or non-finite tolerances, or all-zero
             tolerances that would only run to the limit are refused).
         warm_start: a previous solution of the same shapes (used by SCS).
