@@ -58,7 +58,7 @@ def test_packing_keeps_every_field_of_the_qps_state_and_residuals():
         flat, _ = prepare_qp(*(data[key] for key in ("Q", "p", "G", "h", "A", "b")))
         scaled, sc = equilibrate(qp_data(*flat))
         settings = ipm.default_settings(torch.float64, None, None, None)
-        st, res = ipm.start(scaled, ipm.Units.of(sc), settings)
+        st, res = ipm.start(scaled, ipm.Units.of(sc, scaled, settings), settings)
         where = device_loop.layout(st, res)
         back = device_loop.unpack(device_loop.pack(st, res), where, fused.KINDS)
         for before, after in zip((st, res), back):

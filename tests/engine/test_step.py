@@ -92,7 +92,7 @@ def test_a_qp_iterate_with_a_slack_exactly_zero_solves():
     flat, _ = prepare_qp(*(data[key] for key in ("Q", "p", "G", "h", "A", "b")))
     scaled, sc = equilibrate(qp_data(*flat))
     settings = ipm.default_settings(torch.float64, None, None, None)
-    units = ipm.Units.of(sc)
+    units = ipm.Units.of(sc, scaled, settings)
 
     def solve(st):
         res = ipm.residuals(scaled, units, st, settings)

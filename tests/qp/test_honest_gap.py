@@ -73,12 +73,12 @@ def test_a_plain_gap_within_its_rounding_of_the_tolerance_does_not_pass():
     raw = random_qp((2,), 6, 5, 2)
     flat, _ = prepare_qp(*(raw[key] for key in ("Q", "p", "G", "h", "A", "b")))
     data, sc = equilibrate(qp_data(*flat))
-    units = ipm.Units.of(sc)
-    st = ipm.initial_point(data, ipm.default_settings(torch.float64, None, None, None))
+    defaults = ipm.default_settings(torch.float64, None, None, None)
+    st = ipm.initial_point(data, defaults)
     settings = ipm.default_settings(torch.float64, 1e-8, 0.0, None)
-    res = ipm.residuals(data, units, st, settings)
+    res = ipm.residuals(data, ipm.Units.of(sc, data, settings), st, settings)  # the units hold the absolute tolerance
     torch.testing.assert_close(res.limit[:, 2], 1e-8 - ipm._GAP_ROUNDING * res.gap_size, rtol=1e-15, atol=0)
-    default = ipm.residuals(data, units, st, ipm.default_settings(torch.float64, None, None, None))
+    default = ipm.residuals(data, ipm.Units.of(sc, data, defaults), st, defaults)
     tolerance = 1e-12 + 1e-12 * default.gap_size
     assert ((default.limit[:, 2] / tolerance - 1).abs() < 0.02).all()
 

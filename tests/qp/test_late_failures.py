@@ -91,8 +91,8 @@ def test_accurate_gap_matches_exact_arithmetic_where_the_plain_one_is_rounding()
     raw = random_qp((1,), n, k, m)
     flat, _ = prepare_qp(*(raw[key] for key in ("Q", "p", "G", "h", "A", "b")))
     data, sc = equilibrate(qp_data(*flat))
-    units = ipm.Units.of(sc)
     settings = ipm.default_settings(torch.float64, None, None, None)
+    units = ipm.Units.of(sc, data, settings)
     st = ipm.initial_point(data, settings)
     # an iterate with huge x and multipliers whose terms nearly cancel
     x = torch.randn(1, n, dtype=torch.float64) * 1e4
@@ -175,7 +175,7 @@ def test_an_accepted_accurate_gap_is_what_the_residuals_report_and_judge():
     raw = random_qp((2,), 6, 5, 2)
     flat, _ = prepare_qp(*(raw[key] for key in ("Q", "p", "G", "h", "A", "b")))
     data, sc = equilibrate(qp_data(*flat))
-    units = ipm.Units.of(sc)
+    units = ipm.Units.of(sc, data, ipm.default_settings(torch.float64, None, None, None))
     st = ipm.initial_point(data, ipm.default_settings(torch.float64, None, None, None))
     n, m, k = st.n, st.m, st.k
     st = dataclasses.replace(st, v=torch.cat([st.v[:, : n + m + k].mul(0.0), st.v[:, n + m + k :]], -1))

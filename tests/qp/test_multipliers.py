@@ -32,7 +32,7 @@ def test_least_norm_multipliers_match_numpy_least_squares_with_dependent_rows():
     d["G"][:, 5] = d["A"][:, 1]
     data, _ = _scaled(d)
     settings = dataclasses.replace(ipm.default_settings(torch.float64, 1e-8, 0.0, 100), compiled=False)
-    st, _ = ipm.start(data, ipm.Units.of(_scaled(d)[1]), settings)
+    st, _ = ipm.start(data, ipm.Units.of(_scaled(d)[1], data, settings), settings)
     lam, s = torch.rand(4, 10, dtype=torch.float64), torch.rand(4, 10, dtype=torch.float64)
     v = st.v.clone()
     v[:, st.n + st.m : st.n + st.m + 2 * st.k] = torch.cat([lam, s], -1)
@@ -64,8 +64,8 @@ def _far_out_on_the_ray(p1: float, x2_error: float = 0.0):
     multiplied, so that the gap stays), x₂ and the slack of x₂ ≤ 1 moved by ``x2_error``, status
     INACCURATE."""
     data, sc = _scaled(_fixed_and_bounded(p1))
-    units = ipm.Units.of(sc)
     settings = dataclasses.replace(ipm.default_settings(torch.float64, 1e-8, 0.0, 100), compiled=False)
+    units = ipm.Units.of(sc, data, settings)
     result = ipm.solve_scaled(data, sc, settings, with_factor=False)
     assert result.state.status.item() == QPStatus.SOLVED
     st = result.state
@@ -109,8 +109,8 @@ def test_the_end_of_the_solve_leaves_problems_whose_dual_residual_passes():
     torch.manual_seed(0)
     d = random_qp((3,), 8, 6, 2)
     data, sc = _scaled(d)
-    units = ipm.Units.of(sc)
     settings = dataclasses.replace(ipm.default_settings(torch.float64, 1e-8, 0.0, 100), compiled=False)
+    units = ipm.Units.of(sc, data, settings)
     result = ipm.solve_scaled(data, sc, settings, with_factor=False)
     for st in (result.state, dataclasses.replace(result.state, status=torch.full_like(result.state.status, int(QPStatus.INACCURATE)))):
         back, res, changed, again = ipm._smaller_multipliers_of_unsolved(data, units, st, result.residuals, settings, True)

@@ -129,7 +129,7 @@ def test_no_problem_ends_inaccurate_where_its_accurate_gap_would_pass(monkeypatc
     def solved(result) -> tuple[torch.Tensor, torch.Tensor]:
         st, res = result.state, result.residuals
         inaccurate = st.status == QPStatus.INACCURATE
-        accurate = ipm._accept_accurate_gaps(data, ipm.Units.of(sc), st, res, inaccurate)
+        accurate = ipm._accept_accurate_gaps(data, ipm.Units.of(sc, data, settings), st, res, inaccurate)
         return st.status == QPStatus.SOLVED, inaccurate & accurate.converged
 
     with_end_test, passing = solved(ipm.solve_scaled(data, sc, settings, with_factor=False))

@@ -161,3 +161,32 @@ def test_a_solve_under_inference_mode_leaves_later_solves_unaffected():
     torch.testing.assert_close(z.detach(), z_inference, rtol=0, atol=1e-10)
     z.sum().backward()
     assert torch.isfinite(p.grad).all()
+
+
+@pytest.mark.parametrize("scale, accuracy", [(1e-3, 1e-6), (1e-6, 1e-3)])
+def test_small_data_are_solved_as_accurately_as_unit_data(scale, accuracy):
+    """A QP is homogeneous in (p, h, b): z(αp, αh, αb) = αz(p, h, b), with dz/dp, dz/dh, dz/db the
+    same at every α. The default tolerance's absolute part follows data below 2^-6
+    (``ipm.absolute_tolerance``): at α = 1e-6 a fixed 1e-12 was met with z 6 % off and gradients
+    1 % to 60 % off, SOLVED. (At 1e-6 they are now 1e-4 off: the equilibration leaves h and b small
+    beside p, which the cost scaling brings to unit size, and the regularisation's refinement then
+    stops short; scaling (p, h, b) together would remove that.)"""
+    torch.manual_seed(0)
+    B, n, k, m = 8, 6, 10, 2
+    L = torch.randn(B, n, n)
+    Q, G, A = L @ L.mT + 0.1 * torch.eye(n), torch.randn(B, k, n), torch.randn(B, m, n)
+    z0 = torch.randn(B, n, 1)
+    h = (G @ z0).squeeze(-1) + 0.1 + torch.rand(B, k)  # z0 strictly feasible: a generic, non-degenerate optimum
+    b, p, w = (A @ z0).squeeze(-1), torch.randn(B, n), torch.randn(B, n)
+
+    def solve(alpha):
+        data = [(alpha * t).requires_grad_() for t in (p, h, b)]
+        sol = solve_qp(Q, data[0], G, data[1], A, data[2])
+        grads = torch.autograd.grad((w * sol.z).sum(), data)
+        return sol, grads
+    unit, unit_grads = solve(1.0)
+    small, small_grads = solve(scale)
+    assert (small.status == 0).all()
+    torch.testing.assert_close(small.z / scale, unit.z, rtol=accuracy, atol=accuracy * float(unit.z.abs().max()))
+    for got, want in zip(small_grads, unit_grads):
+        torch.testing.assert_close(got, want, rtol=10 * accuracy, atol=accuracy * float(want.abs().max()))

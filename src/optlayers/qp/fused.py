@@ -82,7 +82,7 @@ def whole(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: bool,
     solved, whether some factorisation failed, whether some solved problem's derivative is inexact
     (``derivative_checks.inexact_derivatives``; only with ``with_factor``). ``finished`` reads it;
     ``go_on`` goes on from there."""
-    units = Units.of(sc)
+    units = Units.of(sc, data, settings)
     st, res = ipm._start_unretried(data, units, settings)
     start_failed = (st.status == int(QPStatus.NUMERICAL_ERROR)).any()
     where = layout(st, res)
@@ -121,7 +121,7 @@ def go_on(data: QPData, sc: Scaling, packed: Packed, where: Layout, factor: tupl
     reaction (and ``ipm.iterate`` ends the solve); where the start failed (its factorisation is
     retried behind a host look), it is ``ipm.solve_scaled`` with ``steps``."""
     taken, start_failed = info[:2]
-    units = Units.of(sc)
+    units = Units.of(sc, data, settings)
     steps_fn = compiled(steps, data.p.device.type, pointwise_cat=pointwise_cats(*data.p.shape, data.p.device),
                         batched=True)
 

@@ -98,6 +98,8 @@ class IPMSettings:
             without an inequality row is held by equality rows alone (on Maros–Meszaros QCAPRI
             35 iterations instead of 58; a fuzzed equality-constrained QP solved in 8 that ran to
             ``max_iter``).
+        tol_follows_data: ``tol`` times the size of each problem's data where that is far below 1
+            (``Units.absolute``); ``default_settings`` sets it where no ``tol`` is given.
         compiled: run the equilibration, the start, each iteration and the derivatives'
             factorisation as ``torch.compile``d graphs (``fullgraph=True``; on the CPU the start,
             the iterations and the factorisation as one, ``qp.fused``; on CUDA the iteration
@@ -122,6 +124,7 @@ class IPMSettings:
     progress_limit: int = 20
     augment: bool = True
     compiled: bool = False
+    tol_follows_data: bool = False
 
     @property
     def rules(self) -> StepRules:
@@ -143,9 +146,9 @@ def default_settings(dtype: torch.dtype, tol: float | None, rel_tol: float | Non
     eigenvalue of Q), far beyond float32's resolution."""
     tight = dtype == torch.float64
     base = IPMSettings(tol=1e-12 if tight else 1e-10, rel_tol=1e-12 if tight else 1e-10, max_iter=100, reg=1e-9, ineq_reg=1e-10,
-                       compiled=compiled)
-    if tol is not None:
-        base = replace(base, tol=tol, rel_tol=tol if rel_tol is None else rel_tol)
+                       compiled=compiled, tol_follows_data=True)
+    if tol is not None:  # an absolute tolerance asked for is taken as it is
+        base = replace(base, tol=tol, rel_tol=tol if rel_tol is None else rel_tol, tol_follows_data=False)
     elif rel_tol is not None:
         base = replace(base, rel_tol=rel_tol)
     if max_iter is not None:
@@ -163,14 +166,38 @@ class Units:
     backtrack: Tensor  # (B, j): the merit step's candidate factors βʲ (the same for every problem)
     primal: Tensor  # (B, m + k): [1 / e, 1 / f]
     gauge: Tensor  # (B, 1, 4): [1, 1, 1 / c, 1 / c], the factors of the primal and dual norms (already in units), the gap and sᵀλ
+    absolute: Tensor  # (B, 1): each problem's absolute tolerance (``absolute_tolerance``)
 
     @staticmethod
-    def of(sc: Scaling) -> Units:
+    def of(sc: Scaling, data: QPData, settings: IPMSettings) -> Units:
+        """The units of the problems ``data`` scaled by ``sc``, solved with ``settings``."""
         batch, cost = sc.c.shape[0], 1.0 / sc.c
-        return Units(dual=1.0 / (sc.d * sc.c.unsqueeze(-1)), cost=cost,
-                     backtrack=_backtrack_factors(sc.c.dtype, sc.c.device).expand(batch, -1),
-                     primal=torch.cat([1.0 / sc.e, 1.0 / sc.f], -1),
-                     gauge=torch.cat([constant((1.0, 1.0), cost).expand(batch, 2), cost.unsqueeze(-1).expand(batch, 2)], -1).unsqueeze(-2))
+        dual, primal = 1.0 / (sc.d * sc.c.unsqueeze(-1)), torch.cat([1.0 / sc.e, 1.0 / sc.f], -1)
+        return Units(dual=dual, cost=cost, backtrack=_backtrack_factors(sc.c.dtype, sc.c.device).expand(batch, -1),
+                     primal=primal,
+                     gauge=torch.cat([constant((1.0, 1.0), cost).expand(batch, 2), cost.unsqueeze(-1).expand(batch, 2)], -1).unsqueeze(-2),
+                     absolute=absolute_tolerance(data, dual, primal, settings))
+
+
+SMALL_DATA = 2.0 ** -6
+"""Below this size of its p, h and b a problem's default absolute tolerance follows its data's size."""
+
+
+def absolute_tolerance(data: QPData, dual: Tensor, primal: Tensor, settings: IPMSettings) -> Tensor:
+    """(B, 1): ``settings.tol``, times, where ``tol_follows_data``, the size of each problem's p, h
+    and b (their largest entry in the original units, as a power of two) where that is below
+    ``SMALL_DATA``. The residuals' tests are tol + rel_tol × their terms' size: on data of size 1e-6
+    (p, h and b; a QP is homogeneous in them: z(αp, αh, αb) = αz) a tolerance of 1e-12 is one of 1e-6
+    relative, met with z 6 % off and gradients 1 % to 60 % off, SOLVED; the gap's terms (1e-12)
+    met it at the start. Scaled by the data's size, the test is the one of unit data; an explicit
+    ``tol`` is absolute as asked."""
+    tol = torch.full_like(data.p[:, :1], settings.tol)
+    if not settings.tol_follows_data:
+        return tol
+    sides = torch.cat([data.p * dual, torch.cat([data.b, data.h], -1) * primal], -1)
+    size = inf_norm(sides).unsqueeze(-1) if sides.shape[-1] else tol.new_zeros(tol.shape)
+    power = torch.ldexp(torch.ones_like(size), torch.frexp(size).exponent)  # size in [power / 2, power)
+    return torch.where((size > 0) & (size < SMALL_DATA), tol * power, tol)
 
 
 @made_once
@@ -311,7 +338,7 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
                           dual_norms[1:].amax(0), gap_size, gap_size], -1).unflatten(-1, (2, 4)) * units.gauge
     measured, sizes = tested.unbind(1)
     mu = complementarity / max(k, 1)
-    limit = sizes.mul(settings.rel_tol).add_(settings.tol)
+    limit = sizes.mul(settings.rel_tol).add_(units.absolute)
     # [primal, dual, gap] and [primal, dual, sᵀλ] over their tolerances, each one's largest
     ratios = measured / limit
     progress = torch.maximum(ratios[:, :2].amax(-1, keepdim=True), ratios[:, 2:])
@@ -569,7 +596,7 @@ def _look_flags(st: State, res: Residuals, units: Units, running: Tensor, iterat
     switch = ((st.iterations < iteration) > st.stiff_tried) & running
     stiff = running & st.stiff
     met = res.met
-    gap_alone = (met[:, :2].all(-1) > met[:, 2]) & (res.mu * units.cost <= settings.tol / max(st.k, 1))
+    gap_alone = (met[:, :2].all(-1) > met[:, 2]) & (res.mu * units.cost <= units.absolute[:, 0] / max(st.k, 1))
     return torch.stack([switch, stiff & (st.reg > settings.reg), stiff, gap_alone & running])
 
 
@@ -719,7 +746,7 @@ def solve_scaled(data: QPData, sc: Scaling, settings: IPMSettings, with_factor: 
     ``qp.fused.whole`` instead). The
     loop's looks also count the flags of ``_look_flags`` (``_StiffAndGapLook``). One more read at
     the end tells which problems failed and whether the derivatives' factorisation needs a retry."""
-    units = Units.of(sc)
+    units = Units.of(sc, data, settings)
     device = data.p.device
     if settings.compiled or graphs_calls(device, settings.compiled):
         full, res = solve_part(_start_unretried, settings, device)(data, units, settings)
