@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from optlayers import ConeSolution, ConeSolveError, ConeSpec, ConeStatus, solve_cone
+from optlayers import ConeLayer, ConeSolution, ConeSolveError, ConeSpec, ConeStatus, solve_cone
 from optlayers.cone.testing import ALL_CONES, n_range, random_program
 
 SOLUTION_TOL = 1e-8  # refined solutions are accurate to ~1e-12; this leaves room for conditioning
@@ -271,3 +271,14 @@ def test_sparse_A_solves_and_differentiates_without_warnings(layout):
     assert torch.allclose(sol.x, x, atol=SOLUTION_TOL) and b.grad is not None
     if layout != "scipy":
         assert sparse.grad is not None and sparse.grad.layout == sparse.layout
+
+
+@pytest.mark.parametrize("solver", ["scs", "clarabel"])
+def test_checking_a_verbose_option_prints_nothing(solver, capfd):
+    """The options are checked by building the solver on a one-row program; verbose=True printed
+    SCS's banner for that program when the layer was made. A verbose solve still prints its own."""
+    pytest.importorskip(solver)
+    ConeLayer(ConeSpec(nonneg=3), solver=solver, solver_options={"verbose": True})
+    assert capfd.readouterr().out == ""
+    with pytest.raises(ValueError, match="verbose"):
+        ConeLayer(ConeSpec(nonneg=3), solver=solver, solver_options={"verbose": "loud"})

@@ -91,6 +91,8 @@ def refusal(solver: str, name: str, value: object) -> str | None:
     integer out of range when it is set). Settings that write files are not tried."""
     if name in ("write_data_filename", "log_csv_filename"):
         return None
+    if name == "verbose" and isinstance(value, bool):
+        value = False  # a valid value, tried quietly: True would print the solver's banner for this program
     one = sp.csc_matrix(np.ones((1, 1)))
     try:
         if solver == "scs":
