@@ -80,3 +80,15 @@ def test_solve_cone_returns_an_empty_solution(solver):
     assert sol.x.shape == (0, 2) and sol.y.shape == (0, 3) and sol.s.shape == (0, 3) and sol.status.shape == (0,)
     sol.x.sum().backward()
     assert A.grad.shape == (0, 3, 2) and torch.equal(c.grad, torch.zeros_like(c))
+
+
+@pytest.mark.parametrize("layout", [torch.strided, torch.sparse_coo, torch.sparse_csr])
+def test_an_empty_batch_with_a_shared_A_gives_it_a_zero_gradient(layout):
+    """A shared A, dense or sparse, with b and c of an empty batch: its gradient is zero, in its layout
+    (a sparse one was not joined to the outputs, and the backward raised)."""
+    spec = ConeSpec(zero=1, nonneg=2)
+    dense = torch.randn(3, 2, dtype=torch.float64)
+    A = (dense if layout == torch.strided else dense.to_sparse(layout=layout)).requires_grad_()
+    sol = solve_cone(A, torch.ones(0, 3, dtype=torch.float64), torch.ones(0, 2, dtype=torch.float64), spec)
+    sol.x.sum().backward()
+    assert A.grad.layout == layout and float(A.grad.to_dense().abs().sum()) == 0.0

@@ -203,7 +203,9 @@ def unit_scales(b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None = None)
 def _empty_solution(data) -> ConeSolution:
     """The solution of an empty batch: x (0, n), y and s (0, m), joined to the inputs (through a
     zero) so that their gradients are zero, as for any batch whose outputs do not use them."""
-    zero = sum(t.sum() for t in (data.A, data.b, data.c, data.P) if t is not None and t.layout == torch.strided) * 0
+    def entries(t: torch.Tensor) -> torch.Tensor:  # a sparse A's stored values (a COO one's once coalesced)
+        return t if t.layout == torch.strided else (t.coalesce() if t.layout == torch.sparse_coo else t).values()
+    zero = sum(entries(t).sum() for t in (data.A, data.b, data.c, data.P) if t is not None) * 0
     x, y = data.c * 0 + zero, data.b * 0 + zero
     return ConeSolution(x, y, y.clone(), torch.zeros(0, dtype=torch.int64, device=data.b.device))
 
