@@ -135,6 +135,12 @@ def inf_norm(x: Tensor, dim: int = -1) -> Tensor:
     return torch.linalg.vector_norm(x, math.inf, dim)
 
 
+def power_of_two_above(t: Tensor) -> Tensor:
+    """2ᵉ for each t in [2ᵉ⁻¹, 2ᵉ) (``frexp``'s exponent; 1 for t = 0): a scale by which t divides
+    into [½, 1) exactly. (``qp.scaling``'s Ruiz scalings take the nearest power instead.)"""
+    return torch.ldexp(torch.ones_like(t), torch.frexp(t).exponent)
+
+
 def symmetric_eigenvalues(a: Tensor) -> Tensor:
     """The eigenvalues of the symmetric (..., d, d) matrices ``a`` (from their lower triangles), in
     ascending order, as ``torch.linalg.eigvalsh``. Under compilation torch 2.13 lowers ``eigvalsh``

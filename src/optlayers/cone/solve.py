@@ -13,6 +13,7 @@ from optlayers.cone import autograd
 from optlayers.cone.data import prepare_cone
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
+from optlayers.linalg import power_of_two_above
 from optlayers.status import FailurePolicy, Status
 from optlayers.validation.cone import check_cone_options, check_layer_options
 from optlayers.validation.options import check_int
@@ -192,9 +193,8 @@ def unit_scales(b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None = None)
         return torch.where(torch.isfinite(largest), largest, 0.0)  # non-finite data are refused inside the solve
 
     def power(largest: torch.Tensor) -> torch.Tensor:
-        exponent = torch.frexp(largest).exponent  # largest in [2^(e-1), 2^e); frexp(0): exponent 0
-        near_unit = (exponent >= 1 - UNIT_RANGE) & (exponent <= UNIT_RANGE)
-        return torch.where(near_unit, 1.0, torch.ldexp(torch.ones_like(largest), exponent))
+        scale = power_of_two_above(largest)  # 1 for 0
+        return torch.where((scale >= 2.0 ** (1 - UNIT_RANGE)) & (scale <= 2.0 ** UNIT_RANGE), 1.0, scale)
     primal = power(size(b, (-1,)))
     gradient = size(c, (-1,)) if P is None else torch.maximum(size(c, (-1,)), primal * size(P, (-2, -1)))
     return primal, power(gradient)

@@ -25,7 +25,7 @@ from optlayers.engine.graphed import GraphedCall, GraphedStep, graphs_calls, lin
 from optlayers.engine.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, raise_limit, regularisation_after, solve_reduced
 from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, QPData, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, cpu_schedule, host_read
-from optlayers.linalg import inf_norm, mtv, mv
+from optlayers.linalg import inf_norm, mtv, mv, power_of_two_above
 from optlayers.qp.derivative_checks import inexact_derivatives
 from optlayers.qp.multipliers import smaller_multipliers
 from optlayers.qp.scaling import Scaling
@@ -196,8 +196,7 @@ def absolute_tolerance(data: QPData, dual: Tensor, primal: Tensor, settings: IPM
         return tol
     sides = torch.cat([data.p * dual, torch.cat([data.b, data.h], -1) * primal], -1)
     size = inf_norm(sides).unsqueeze(-1) if sides.shape[-1] else tol.new_zeros(tol.shape)
-    power = torch.ldexp(torch.ones_like(size), torch.frexp(size).exponent)  # size in [power / 2, power)
-    return torch.where((size > 0) & (size < SMALL_DATA), tol * power, tol)
+    return torch.where((size > 0) & (size < SMALL_DATA), tol * power_of_two_above(size), tol)
 
 
 @made_once
