@@ -16,13 +16,18 @@ def _seed_and_dtype():
     torch.set_default_dtype(previous)
 
 
+def eager_compile(fn, **kwargs):
+    """``torch.compile(fn, **kwargs)`` as the package calls it, traced whole by dynamo but run by its
+    eager backend (no inductor compilation: fast; the guards kept as asked)."""
+    return torch._dynamo.optimize("eager", nopython=True, dynamic=kwargs.get("dynamic"),
+                                  guard_filter_fn=kwargs.get("options", {}).get("guard_filter_fn"))(fn)
+
+
 @pytest.fixture
 def eager_backend(monkeypatch):
-    """``torch.compile`` traced whole by dynamo but run by its eager backend (no inductor compilation:
-    fast; the guards kept as asked), with the compiled wrappers and dynamo's specialisations cleared
-    before and after."""
-    yield from _compiling_with(monkeypatch, lambda fn, **kwargs: torch._dynamo.optimize(
-        "eager", nopython=True, dynamic=kwargs.get("dynamic"), guard_filter_fn=kwargs.get("options", {}).get("guard_filter_fn"))(fn))
+    """``torch.compile`` replaced by ``eager_compile``, with the compiled wrappers and dynamo's
+    specialisations cleared before and after."""
+    yield from _compiling_with(monkeypatch, eager_compile)
 
 
 @pytest.fixture

@@ -8,8 +8,9 @@ from torch._dynamo.testing import CompileCounter
 from optlayers import ConeLayer, OptNet, OptNetTV, QPFunction, solve_cone, solve_qp
 from optlayers.cone.testing import ALL_CONES, random_program
 from optlayers.compiling import OPAQUE_REASON
+from tests.qp.qp_problems import random_qp
 
-from conftest import _compiling_with
+from conftest import _compiling_with, eager_compile
 
 USER_COMPILE = torch.compile  # before a fixture replaces it for the package's own compiled path
 
@@ -23,9 +24,10 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-def _qp_data(batch: int = 3, n: int = 5, k: int = 4):
-    L = torch.randn(batch, n, n)
-    return L @ L.mT + torch.eye(n), torch.randn(batch, k, n), torch.rand(batch, k) + 0.1
+def _qp_data():
+    """Q, G, h of three feasible QPs of 5 variables and 4 inequalities (``random_qp``)."""
+    data = random_qp((3,), 5, 4, 0)
+    return data["Q"], data["G"], data["h"]
 
 
 def _user_graph_breaks() -> list[str]:
@@ -90,13 +92,12 @@ def test_cone_layer_and_solve_cone_in_a_compiled_function(entry):
 
 @pytest.fixture
 def package_compiled_calls(monkeypatch):
-    """The package's own ``torch.compile`` (``compile=True``) traced by dynamo's eager backend, as
-    conftest's ``eager_backend`` does, with the calls of what it compiled counted."""
+    """The package's own ``torch.compile`` (``compile=True``) as conftest's ``eager_backend`` makes it,
+    with the calls of what it compiled counted."""
     calls = []
 
     def compile(fn, **kwargs):
-        graph = torch._dynamo.optimize("eager", nopython=True, dynamic=kwargs.get("dynamic"),
-                                       guard_filter_fn=kwargs.get("options", {}).get("guard_filter_fn"))(fn)
+        graph = eager_compile(fn, **kwargs)
 
         def counted(*args, **kw):
             calls.append(getattr(fn, "__name__", repr(fn)))
