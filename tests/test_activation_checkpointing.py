@@ -7,12 +7,13 @@ from torch.utils.checkpoint import checkpoint
 
 from optlayers import OptNet, QPFunction, solve_cone, solve_qp
 from optlayers.cone.testing import ALL_CONES, random_program
+from tests.qp.qp_problems import random_qp
 
 
-def _qp(batch=3, n=5, k=4, m=2):
-    L = torch.randn(batch, n, n)
-    return (L @ L.mT + torch.eye(n), torch.randn(batch, n), torch.randn(batch, k, n), torch.rand(batch, k) + 0.1,
-            torch.randn(batch, m, n), 0.1 * torch.randn(batch, m))
+def _qp():
+    """(Q, p, G, h, A, b) of three feasible QPs (``random_qp``)."""
+    data = random_qp((3,), 5, 4, 2)
+    return tuple(data[key] for key in ("Q", "p", "G", "h", "A", "b"))
 
 
 def _gradients(loss, inputs, reentrant=None):
