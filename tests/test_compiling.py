@@ -366,3 +366,27 @@ def test_a_backend_failure_past_torchs_limit_runs_the_function_eagerly():
         assert torch.equal(compiling._past_torchs_limit(graph, _double, "_double", torch.ones(2)), torch.full((2,), 2.0))
     assert graph in compiling._GAVE_UP
     assert torch.equal(compiling._call(graph, _double, "_double", torch.ones(3)), torch.full((3,), 2.0))  # eager now
+
+
+@pytest.mark.slow
+def test_a_batch_compiles_with_inductor_into_the_eager_answers():
+    """inductor's own C++, vectorised over a batch of 64 (the other tests trace with dynamo's eager
+    backend, which compiles nothing): a construct that inductor cannot compile makes the solve run
+    eagerly with a RuntimeWarning, here an error. frexp's int32 exponent did, in the default
+    tolerance's size ("no matching function for call to convert<double, 2, int32_t, 1>"). About a
+    minute with a cold cache."""
+    from optlayers import solve_qp
+    from tests.qp.qp_problems import random_qp
+
+    compiling.compiled.cache_clear()
+    torch._dynamo.reset()
+    data = random_qp((64,), 10, 10, 2)
+    data["p"], data["h"], data["b"] = (1e-3 * data[key] for key in ("p", "h", "b"))  # small data: the tolerance's size
+    eager = solve_qp(**data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        compiled = solve_qp(**data, compile=True)
+    assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.iterations, eager.iterations)
+    torch.testing.assert_close(compiled.z, eager.z, rtol=1e-9, atol=1e-12)
+    compiling.compiled.cache_clear()
+    torch._dynamo.reset()
