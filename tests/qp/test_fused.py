@@ -104,7 +104,8 @@ def test_a_failed_start_runs_no_compiled_iterations(eager_backend, monkeypatch):
     taken, start_failed = reads[0][:2]
     assert start_failed and taken == 0
     assert torch.equal(compiled.status, eager.status) and torch.equal(compiled.iterations, eager.iterations)
-    torch.testing.assert_close(compiled.z, eager.z, rtol=1e-12, atol=1e-12)
+    # the same iterations; the compiled kernels sum in their own order (1.5e-12 apart on an AMD EPYC)
+    torch.testing.assert_close(compiled.z, eager.z, rtol=1e-10, atol=1e-10)
 
 
 def test_compiled_certificates_give_the_eager_statuses(eager_backend):

@@ -166,7 +166,7 @@ class Units:
     backtrack: Tensor  # (B, j): the merit step's candidate factors βʲ (the same for every problem)
     primal: Tensor  # (B, m + k): [1 / e, 1 / f]
     gauge: Tensor  # (B, 1, 4): [1, 1, 1 / c, 1 / c], the factors of the primal and dual norms (already in units), the gap and sᵀλ
-    absolute: Tensor  # (B, 1): each problem's absolute tolerance (``absolute_tolerance``)
+    absolute: Tensor  # (B, 4): each problem's absolute tolerances of the residuals, the gap and sᵀλ (``absolute_tolerance``)
 
     @staticmethod
     def of(sc: Scaling, data: QPData, settings: IPMSettings) -> Units:
@@ -184,19 +184,21 @@ SMALL_DATA = 2.0 ** -6
 
 
 def absolute_tolerance(data: QPData, dual: Tensor, primal: Tensor, settings: IPMSettings) -> Tensor:
-    """(B, 1): ``settings.tol``, times, where ``tol_follows_data``, the size of each problem's p, h
-    and b (their largest entry in the original units, as a power of two) where that is below
-    ``SMALL_DATA``. The residuals' tests are tol + rel_tol × their terms' size: on data of size 1e-6
-    (p, h and b; a QP is homogeneous in them: z(αp, αh, αb) = αz) a tolerance of 1e-12 is one of 1e-6
-    relative, met with z 6 % off and gradients 1 % to 60 % off, SOLVED; the gap's terms (1e-12)
-    met it at the start. Scaled by the data's size, the test is the one of unit data; an explicit
-    ``tol`` is absolute as asked."""
+    """(B, 4): the absolute tolerances of the primal residual, the dual residual, the gap and sᵀλ:
+    ``settings.tol``, times, where ``tol_follows_data``, σ, σ, σ² and σ², where σ is the size of each
+    problem's p, h and b (their largest entry in the original units, as a power of two) where that is
+    below ``SMALL_DATA`` (else 1). The tests are tol + rel_tol × their terms' size. A QP is
+    homogeneous in (p, h, b): z(αp, αh, αb) = αz, its residuals scale by α and its gap and sᵀλ by α².
+    On data of size 1e-6 a tolerance of 1e-12 on all four is one of 1e-6 relative on the residuals,
+    met with z 6 % off and gradients 1 % to 60 % off, SOLVED; tol σ on the gap (σ² = 1e-12) left them
+    1e-4 off. Scaled so, the test is the one of unit data; an explicit ``tol`` is absolute as asked."""
     tol = torch.full_like(data.p[:, :1], settings.tol)
     if not settings.tol_follows_data:
-        return tol
+        return tol.expand(-1, 4)
     sides = torch.cat([data.p * dual, torch.cat([data.b, data.h], -1) * primal], -1)
     size = inf_norm(sides).unsqueeze(-1) if sides.shape[-1] else tol.new_zeros(tol.shape)
-    return torch.where((size > 0) & (size < SMALL_DATA), tol * power_of_two_above(size), tol)
+    sigma = torch.where((size > 0) & (size < SMALL_DATA), power_of_two_above(size), 1.0)
+    return tol * torch.cat([sigma, sigma, sigma * sigma, sigma * sigma], -1)
 
 
 @made_once
@@ -595,7 +597,7 @@ def _look_flags(st: State, res: Residuals, units: Units, running: Tensor, iterat
     switch = ((st.iterations < iteration) > st.stiff_tried) & running
     stiff = running & st.stiff
     met = res.met
-    gap_alone = (met[:, :2].all(-1) > met[:, 2]) & (res.mu * units.cost <= units.absolute[:, 0] / max(st.k, 1))
+    gap_alone = (met[:, :2].all(-1) > met[:, 2]) & (res.mu * units.cost <= units.absolute[:, 3] / max(st.k, 1))
     return torch.stack([switch, stiff & (st.reg > settings.reg), stiff, gap_alone & running])
 
 

@@ -84,7 +84,7 @@ def solve_qp(
         A, b: (..., m, n) and (..., m) equality constraints, or None.
         tol: absolute tolerance on the primal residual, dual residual and gap (default 1e-12 for
             float64 data, 1e-10 for float32, times the size of p, h and b where that is below
-            2^-6; the iteration itself always runs in float64).
+            2^-6, and the gap's times its square; the iteration itself always runs in float64).
         rel_tol: relative tolerance (default: ``tol``). Settings float64 cannot meet (both
             below 2.2e-16, e.g. ``tol=0`` with ``rel_tol`` unset) are refused.
         max_iter: iteration limit (default 100).
