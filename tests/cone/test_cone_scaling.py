@@ -61,36 +61,85 @@ def test_gradients_on_small_data_match_the_unit_scale_ones(solver):
 
 
 def test_quadratic_programs_of_mixed_scales_match_finite_differences():
-    """With P the solution is not homogeneous in b; P is scaled by β/γ per program (a shared P is
-    then one per program, its gradient their sum): gradients against central differences of a
-    relative step of 1e-4 at each scale."""
+    """With P the solution is not homogeneous in b; P is scaled by β/(γα²) per program (a shared P
+    is then one per program, its gradient their sum): gradients against central differences of a
+    relative step of 1e-4 at each scale of b, c and A, each of one program's loss (the programs
+    are independent; the others' rounding would swamp a small one's differences)."""
     A, b, c, P, _, _, _ = random_program(ALL_CONES, 12, batch=3, seed=5, quadratic=True)
     scales = torch.tensor([[1e-4], [1.0], [3e3]])
     b, c = b * scales, c * scales.flip(0)
+    A = A * torch.tensor([1.0, 1e3, 1.0])[:, None, None]  # α: x scaled by β/α, P by β/(γα²)
     for shared in (False, True):
         Pi = P[0] if shared else P
         weights = torch.linspace(-1.0, 1.0, c.shape[-1])
-        loss = lambda b, c: (weights * solve_cone(A, b, c, ALL_CONES, Pi, solver="ipm").x).sum()  # noqa: E731
+        losses = lambda b, c: (weights * solve_cone(A, b, c, ALL_CONES, Pi, solver="ipm").x).sum(-1)  # noqa: E731
         bg, cg = b.clone().requires_grad_(), c.clone().requires_grad_()
-        loss(bg, cg).backward()
+        losses(bg, cg).sum().backward()
         for data, grad, other in ((b, bg.grad, c), (c, cg.grad, b)):
             for index in [(0, 1), (1, 2), (2, 0)]:
                 step = 1e-4 * float(data[index[0]].abs().max())
                 e = torch.zeros_like(data)
                 e[index] = step
                 args = ((data + e, other), (data - e, other)) if data is b else ((other, data + e), (other, data - e))
-                difference = (loss(*args[0]) - loss(*args[1])) / (2 * step)
+                difference = (losses(*args[0]) - losses(*args[1]))[index[0]] / (2 * step)
                 torch.testing.assert_close(grad[index], difference, rtol=1e-4, atol=1e-8)
+
+
+def test_a_small_matrix_with_a_quadratic_objective_has_the_finite_difference_gradient():
+    """A·1e-3, b·3e3, c·1e-4 and a shared P (x of 5e6): the interior point method returned SOLVED
+    with dx/db 12 times the central differences' (495 against 41.67), with no warning; solved with
+    A at unit size (α = 2^-8) the two agree."""
+    A, b, c, P, _, _, _ = random_program(ALL_CONES, 12, batch=3, seed=5, quadratic=True)
+    A, b, c = 1e-3 * A[2:], 3e3 * b[2:], 1e-4 * c[2:]
+    weights = torch.linspace(-1.0, 1.0, c.shape[-1])
+    loss = lambda b: (weights * solve_cone(A, b, c, ALL_CONES, P[0], solver="ipm").x).sum()  # noqa: E731
+    bg = b.clone().requires_grad_()
+    loss(bg).backward()
+    step = 1e-5 * float(b.abs().max())
+    for index in [(0, 0), (0, 5)]:
+        e = torch.zeros_like(b)
+        e[index] = step
+        difference = (loss(b + e) - loss(b - e)) / (2 * step)
+        torch.testing.assert_close(bg.grad[index], difference, rtol=1e-5, atol=1e-6)
 
 
 def test_unit_scales_are_powers_of_two_and_one_for_zero_or_non_finite_data():
     b = torch.tensor([[300.0, -1e-4], [0.0, 0.0], [float("inf"), 1.0], [2.0 ** -20, 0.0], [40.0, 0.02]])
-    beta, gamma = unit_scales(b, b)
+    A = torch.ones(2, 2)
+    alpha, beta, gamma = unit_scales(A, b, b)
     mantissa, _ = torch.frexp(beta)
-    assert (mantissa == 0.5).all() and torch.equal(beta, gamma)
+    assert (mantissa == 0.5).all() and torch.equal(beta, gamma) and alpha.tolist() == [[1.0]]
     assert beta.flatten().tolist() == [512.0, 1.0, 1.0, 2.0 ** -19, 1.0]  # 40: within UNIT_RANGE, as given
     # with P the dual scale covers the objective's gradient at an x of size β: max(|c|, β|P|)
     P = torch.tensor([[3.0, 0.0], [0.0, 0.0]])
     for shared_or_not in (P, P.expand(2, 2, 2)):
-        beta, gamma = unit_scales(b[[0, 3]], torch.full((2, 2), 1e-3), shared_or_not)
+        _, beta, gamma = unit_scales(A, b[[0, 3]], torch.full((2, 2), 1e-3), shared_or_not)
         assert beta.flatten().tolist() == [512.0, 2.0 ** -19] and gamma.flatten().tolist() == [2048.0, 2.0 ** -9]
+    # A's scale α divides x's: the dual scale is then that of c/α (and of β|P|/α²)
+    big = torch.stack([torch.full((2, 2), 1e3), torch.full((2, 2), 2.0)])
+    alpha, beta, gamma = unit_scales(big, b[[0, 3]], torch.full((2, 2), 1e-3))
+    assert alpha.flatten().tolist() == [1024.0, 1.0] and beta.flatten().tolist() == [512.0, 2.0 ** -19]
+    assert gamma.flatten().tolist() == [2.0 ** -19, 2.0 ** -9]  # 1e-3/1024 in [2^-20, 2^-19); 1e-3
+    # a sparse A is solved as given
+    assert unit_scales(big[0].to_sparse(), b, b)[0].tolist() == [[1.0]]
+
+
+@pytest.mark.parametrize("solver", ["ipm", "clarabel"])
+@pytest.mark.parametrize("scale", [1e4, 1e-4])
+def test_a_matrix_far_from_unit_size_gives_the_unit_scale_derivatives(solver, scale):
+    """x(kA, b, c) = x(A, b, c)/k, y(kA, b, c) = y(A, b, c)/k, s as it is: the program is solved
+    with A at unit size (``unit_scales``' α). With A·1e4 the interior point method returned one of
+    these 8 programs SOLVED with a gradient 100 % off (with a warning)."""
+    A, b, c, _, _, _, _ = random_program(ALL_CONES, 12, batch=8, seed=2)
+
+    def solve(A):
+        bl, cl = b.clone().requires_grad_(), c.clone().requires_grad_()
+        sol = solve_cone(A, bl, cl, ALL_CONES, solver=solver)
+        w, v = torch.linspace(-1.0, 2.0, sol.x.shape[-1]), torch.linspace(0.5, -1.5, sol.y.shape[-1])
+        return (sol, *torch.autograd.grad((w * sol.x).sum() + (v * sol.y).sum(), (bl, cl)))
+    base, gb, gc = solve(A)
+    scaled, gb_scaled, gc_scaled = solve(scale * A)
+    assert (scaled.status == ConeStatus.SOLVED).all()
+    for got, want in ((scaled.x * scale, base.x), (scaled.y * scale, base.y), (scaled.s, base.s),
+                      (gb_scaled * scale, gb), (gc_scaled * scale, gc)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)

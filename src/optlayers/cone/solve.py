@@ -144,21 +144,25 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     # The solvers, the refinement and the derivative all work in float64, on the program scaled to
     # unit size (``unit_scales``); outputs follow the inputs' dtype and scale.
     A, b, c, P = (None if t is None else t.to(torch.float64) for t in (data.A, data.b, data.c, data.P))
-    primal, dual = unit_scales(b, c, P)
+    matrix, primal, dual = unit_scales(A, b, c, P)
+    x_scale = primal / matrix  # x = (β/α)x̃
     if warm_start is not None:
         x0, y0, s0 = (t.detach().cpu().double().reshape(data.b.shape[0], -1) / scale
-                      for t, scale in ((warm_start.x, primal), (warm_start.y, dual), (warm_start.s, primal)))
+                      for t, scale in ((warm_start.x, x_scale), (warm_start.y, dual), (warm_start.s, primal)))
         x0, y0, s0 = (t.numpy() for t in (x0, y0, s0))
         warm = tuple(None if not np.isfinite(x0[i]).all() else (x0[i], y0[i], s0[i]) for i in range(len(x0)))
     policy = FailurePolicy(on_failure, failed_value, "cone programs")  # applied inside, so also under vmap
     settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps, policy, compile)
     if P is not None:
-        ratio = primal / dual  # (B, 1): a shared P stays shared where every program has the same (read
-        # by the host, which torch.func's transforms cannot: there it is one per program)
+        ratio = (primal / dual / (matrix * matrix)).expand(b.shape[0], 1)  # (B, 1): a shared P stays shared
+        # where every program has the same (read by the host, which torch.func's transforms cannot:
+        # there it is one per program)
         one = P.dim() == 2 and not torch._C._are_functorch_transforms_active() and bool((ratio == ratio[0]).all())
         P = P * ratio[0] if one else P * ratio.unsqueeze(-1)
-    x, y, s, status, *_ = ConeProgram.apply(A, b / primal, c / dual, P, settings)
-    x, y, s = ((t * scale).to(data.b.dtype) for t, scale in ((x, primal), (y, dual), (s, primal)))
+    if A.layout == torch.strided and (torch._C._are_functorch_transforms_active() or bool((matrix != 1).any())):
+        A = A / (matrix.unsqueeze(-1) if A.dim() == 3 else matrix)  # (the host's read spares A's copy at unit size)
+    x, y, s, status, *_ = ConeProgram.apply(A, b / primal, c / (dual * matrix), P, settings)
+    x, y, s = ((t * scale).to(data.b.dtype) for t, scale in ((x, x_scale), (y, dual), (s, primal)))
     if not math.isnan(failed_value):
         solved = (status == Status.SOLVED).unsqueeze(-1)
         x, y, s = (torch.where(solved, t, failed_value) for t in (x, y, s))
@@ -174,30 +178,41 @@ programs of docs/cone.md (sizes 2-5) came out worse scaled to sizes in [1/2, 1),
 the refinement's reach."""
 
 
-def unit_scales(b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Powers of two β (B, 1) and γ (B, 1) near the sizes of each program's primal and dual data, or 1
-    where that size is within ``UNIT_RANGE`` of 1 (or 0): β near the largest |b|, γ near the largest
-    of |c| and β|P| (the objective's gradient at an x of size β), so
-    that the program solved is of unit size: min ½x̃ᵀ(β/γ)Px̃ + (c/γ)ᵀx̃ s.t. Ax̃ + s̃ = b/β, s̃ ∈ K,
-    whose solution gives x = βx̃, s = βs̃, y = γỹ (K is a cone), exactly: powers of two round nothing.
+def unit_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                P: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Powers of two α, β and γ ((B, 1), or (1, 1) for α of a shared A) near the sizes of each
+    program's matrix, primal and dual data, or 1 where that size is within ``UNIT_RANGE`` of 1 (or
+    0): α near the largest |A| (dense A; 1 for a sparse one), β near the largest |b|, γ near the
+    largest of |c|/α and β|P|/α² (the objective's gradient at an x of size β/α), so that the program
+    solved is of unit size:
+
+        min ½x̃ᵀ(β/(γα²))Px̃ + (c/(αγ))ᵀx̃ s.t. (A/α)x̃ + s̃ = b/β, s̃ ∈ K,
+
+    whose solution gives x = (β/α)x̃, s = βs̃, y = γỹ (K is a cone), exactly: powers of two round
+    nothing.
 
     The solvers' tolerances, the refinement's target and the SOLVED test are partly absolute (over
     1 + the largest term, as SCS's): on data of scale 1e-4 and below an answer met them while its y
     and s were accurate only to about that, both ~1e-5 on inactive rows, so that the Newton
     refinement from it failed and the derivative took the wrong active set: gradients 30 % to 30
-    times off with the status SOLVED and no warning. Scaled, the program is solved, refined and
-    checked as one of unit size; the scales are constants of the reparametrisation (detached), so
-    that the derivatives through them are exact."""
+    times off with the status SOLVED and no warning; with A of scale 1e3 (x of 1e-3) gradients were
+    90 % off, with a warning. Scaled, the program is solved, refined and checked as one of unit size;
+    the scales are constants of the reparametrisation (detached), so that the derivatives through
+    them are exact."""
     def size(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-        largest = t.detach().abs().amax(dims).reshape(-1, 1)  # (1, 1) for a shared P
+        largest = t.detach().abs().amax(dims).reshape(-1, 1)  # (1, 1) for a shared A or P
         return torch.where(torch.isfinite(largest), largest, 0.0)  # non-finite data are refused inside the solve
 
     def power(largest: torch.Tensor) -> torch.Tensor:
         scale = power_of_two_above(largest)  # 1 for 0
         return torch.where((scale >= 2.0 ** (1 - UNIT_RANGE)) & (scale <= 2.0 ** UNIT_RANGE), 1.0, scale)
+    # a sparse A (whose division torch's CSR tensors do not differentiate) is solved as given
+    matrix = power(size(A, (-2, -1))) if A.layout == torch.strided else torch.ones_like(b[:1, :1])
     primal = power(size(b, (-1,)))
-    gradient = size(c, (-1,)) if P is None else torch.maximum(size(c, (-1,)), primal * size(P, (-2, -1)))
-    return primal, power(gradient)
+    gradient = size(c, (-1,)) / matrix
+    if P is not None:
+        gradient = torch.maximum(gradient, primal * size(P, (-2, -1)) / (matrix * matrix))
+    return matrix, primal, power(gradient)
 
 
 def _empty_solution(data) -> ConeSolution:
