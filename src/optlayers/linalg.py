@@ -138,9 +138,10 @@ def inf_norm(x: Tensor, dim: int = -1) -> Tensor:
 def power_of_two_above(t: Tensor) -> Tensor:
     """A power of two 2ᵉ for each t ≥ 0 with t in [2ᵉ⁻¹, 2ᵉ) (up to log2's rounding next to a power of
     two; 1 for t = 0): a scale by which t divides into about [½, 1) exactly. exp2 of an integer, as
-    ``qp.scaling``'s Ruiz scalings (which take the nearest power): ``frexp``'s int32 exponent broke
-    inductor's vectorised C++ in a compiled solve of 128 problems ("no matching function for call
-    to convert<double, 2, int32_t, 1>"), which then ran eagerly."""
+    ``qp.scaling``'s Ruiz scalings (which take the nearest power), not ``frexp``: its int32 exponent
+    does not compile in inductor's vectorised C++ ("no matching function for call to
+    convert<double, 2, int32_t, 1>"), and a compiled solve of 64 or more problems would run eagerly
+    (``tests/test_compiling.py``)."""
     return torch.where(t > 0, torch.exp2(torch.floor(torch.log2(t)) + 1), 1.0)
 
 

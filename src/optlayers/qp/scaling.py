@@ -132,9 +132,9 @@ def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
     c = _power_of_two(torch.where(cost_norm > 0, 1.0 / cost_norm.clamp(_MIN_NORM, _MAX_NORM), constant(1.0, cost_norm)))
     p, b, h = c[:, None] * p, e * data.b, f * data.h
     t = _data_scale(torch.cat([p, b, h], -1))
-    scaled = QPData(Q=c[:, None, None] * Q, p=p / t[:, None], A=A, b=b / t[:, None], G=G, h=h / t[:, None])
-    t2 = t[:, None]
-    return scaled, Scaling(d=d * t2, e=e / t2, f=f / t2, c=c / (t * t))
+    t_col = t[:, None]
+    scaled = QPData(Q=c[:, None, None] * Q, p=p / t_col, A=A, b=b / t_col, G=G, h=h / t_col)
+    return scaled, Scaling(d=d * t_col, e=e / t_col, f=f / t_col, c=c / (t * t))
 
 
 SMALL_SIDES = 2.0 ** -6
