@@ -338,7 +338,7 @@ def compiled_launches(batch: int, n: int, n_ineq: int, n_eq: int) -> dict[str, i
     flat, _ = prepare_qp(*random_qp(batch, n, n_ineq, n_eq, seed=0).tensors())
     data, scaling = equilibrate(qp_data(*flat))
     settings = ipm.default_settings(torch.float64, None, None, None)
-    units = ipm.Units.of(scaling)
+    units = ipm.Units.of(scaling, data, settings)
     state, res = ipm.start(data, units, settings)
     step = torch.compile(ipm.step, fullgraph=True, dynamic=False)
     _, code = run_and_get_code(step, data, units, state, res, settings)
