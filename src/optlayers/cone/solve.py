@@ -154,7 +154,7 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     policy = FailurePolicy(on_failure, failed_value, "cone programs")  # applied inside, so also under vmap
     settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps, policy, compile)
     if P is not None:
-        ratio = (primal / dual / (matrix * matrix)).expand(b.shape[0], 1)  # (B, 1): a shared P stays shared
+        ratio = primal / dual / (matrix * matrix)  # (B, 1): a shared P stays shared
         # where every program has the same (read by the host, which torch.func's transforms cannot:
         # there it is one per program)
         one = P.dim() == 2 and not torch._C._are_functorch_transforms_active() and bool((ratio == ratio[0]).all())
@@ -198,9 +198,8 @@ def unit_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
     times off with the status SOLVED and no warning; with A of scale 1e4 one of 8 programs' gradients
     was 100 % off (with a warning), and with A of scale 1e-3 and P (x of 5e6) dx/db was 12 times the
     central differences', SOLVED, with no warning. Scaled, the program is solved, refined and checked
-    as one of unit size;
-    the scales are constants of the reparametrisation (detached), so that the derivatives through
-    them are exact."""
+    as one of unit size; the scales are constants of the reparametrisation (detached), so that the
+    derivatives through them are exact."""
     def size(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
         largest = t.detach().abs().amax(dims).reshape(-1, 1)  # (1, 1) for a shared A or P
         return torch.where(torch.isfinite(largest), largest, 0.0)  # non-finite data are refused inside the solve

@@ -28,7 +28,7 @@ from optlayers.host import RUNNING, cpu_schedule, host_read
 from optlayers.linalg import inf_norm, mtv, mv, power_of_two_above
 from optlayers.qp.derivative_checks import inexact_derivatives
 from optlayers.qp.multipliers import smaller_multipliers
-from optlayers.qp.scaling import Scaling
+from optlayers.qp.scaling import SMALL_DATA, Scaling
 from optlayers.qp.status import QPStatus
 
 # The interior point iteration runs in float64 whatever the data's dtype: its KKT systems grow
@@ -179,8 +179,6 @@ class Units:
                      absolute=absolute_tolerance(data, dual, primal, settings))
 
 
-SMALL_DATA = 2.0 ** -6
-"""Below this size of its p, h and b a problem's default absolute tolerance follows its data's size."""
 
 
 def absolute_tolerance(data: QPData, dual: Tensor, primal: Tensor, settings: IPMSettings) -> Tensor:

@@ -137,15 +137,16 @@ def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
     return scaled, Scaling(d=d * t_col, e=e / t_col, f=f / t_col, c=c / (t * t))
 
 
-SMALL_SIDES = 2.0 ** -6
-"""Scaled right-hand sides (p, b, h) whose largest entry is below this are brought to unit size
-together (``_data_scale``)."""
+SMALL_DATA = 2.0 ** -6
+"""p, h and b whose largest entry is below this are small: scaled, they are brought to unit size
+together (``_data_scale``); in the original units, the default tolerance follows them
+(``ipm.absolute_tolerance``)."""
 _SMALLEST_DATA_SCALE = 2.0 ** -40  # t² and 1/t² stay far inside float32's range
 
 
 def _data_scale(sides: Tensor) -> Tensor:
     """(B,): a power of two t near the size of each scaled problem's p, b and h where that is below
-    ``SMALL_SIDES`` (at least 2^-40), else 1. A QP is homogeneous in (p, h, b): its solution at (p/t,
+    ``SMALL_DATA`` (at least 2^-40), else 1. A QP is homogeneous in (p, h, b): its solution at (p/t,
     b/t, h/t) is x/t, ν/t, λ/t, s/t, so the problem is solved at unit size, and the matrices keep
     their scaling: t enters the scaling as d·t, e/t, f/t and c/t², which gives the same Q̂, Â, Ĝ and
     divides p̂, b̂, ĥ by t, so that every map between scaled and original quantities holds as it is.
@@ -153,7 +154,7 @@ def _data_scale(sides: Tensor) -> Tensor:
     matrices of unit size, the interior point method's absolute terms (its regularisation among
     them) are of the size of the data, and its answers 1e-4 off in relative terms."""
     size = sides.abs().amax(-1) if sides.shape[-1] else sides.new_zeros(sides.shape[0])
-    small = (size > 0) & (size < SMALL_SIDES)
+    small = (size > 0) & (size < SMALL_DATA)
     return torch.where(small, _power_of_two(size.clamp_min(_SMALLEST_DATA_SCALE)), constant(1.0, size))
 
 
