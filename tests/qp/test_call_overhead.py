@@ -24,7 +24,7 @@ COMPILED_CALLS = 2
 # backward's ones and expand, the gradient's accumulation)
 ATEN_OUTSIDE = 19
 # guards evaluated by a call of each compiled function (``compiling.keeps_guard``)
-SOLVE_GUARDS = 91  # 3 of them the default absolute tolerance that follows small data (IPMSettings.tol_follows_data, SMALL_DATA as ipm reads it), 2 the scale of small data (scaling.SMALL_DATA, _SMALLEST_DATA_SCALE), 2 on IPMSettings.balanced_step_fraction, 4 the progress test's constants (ipm._PROGRESS, _PROGRESS_COUNTER, _REDUCED_ACCURACY,
+SOLVE_GUARDS = 91  # 3 of them the default absolute tolerance that follows small data (IPMSettings.tol_follows_data, SMALL_DATA as ipm reads it), 2 the scale of small data and objectives (scaling.SMALL_DATA, _SMALLEST_SCALE), 2 on IPMSettings.balanced_step_fraction, 4 the progress test's constants (ipm._PROGRESS, _PROGRESS_COUNTER, _REDUCED_ACCURACY,
 # progress_limit), 3 the iterate's recession test's and the augmented factorisation's (ipm._STILL_DIVERGING,
 # kkt.AUGMENT, augment), 1 the refinement's early stop (kkt._REFINED_ROUNDOFFS), 2 the derivative checks'
 # bounds (derivative_checks.AMBIGUOUS_ROW_RATIO, MAX_AMPLIFICATION), 1 dynamo's own on the 0-d fill (an

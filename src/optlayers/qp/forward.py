@@ -175,7 +175,7 @@ def _checked_solved(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Te
     not, no iteration runs)."""
     scaled, sc, passed = _checked_scaling(Q, p, G, h, A, b)
     info, *rest = _solved(replace(scaled, diagonal=diagonal), sc, fill, settings, with_factor, halt=~passed)
-    return ((scaled.Q, scaled.p, scaled.A, scaled.b, scaled.G, scaled.h), (sc.d.clone(), sc.e.clone(), sc.f.clone(), sc.c),
+    return ((scaled.Q, scaled.p, scaled.A, scaled.b, scaled.G, scaled.h), (sc.d.clone(), sc.e.clone(), sc.f.clone(), sc.c, sc.objective),
             torch.cat([info, passed.reshape(1)]), *rest)
 
 

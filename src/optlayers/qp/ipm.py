@@ -176,27 +176,33 @@ class Units:
         return Units(dual=dual, cost=cost, backtrack=_backtrack_factors(sc.c.dtype, sc.c.device).expand(batch, -1),
                      primal=primal,
                      gauge=torch.cat([constant((1.0, 1.0), cost).expand(batch, 2), cost.unsqueeze(-1).expand(batch, 2)], -1).unsqueeze(-2),
-                     absolute=absolute_tolerance(data, dual, primal, settings))
+                     absolute=absolute_tolerance(data, dual, primal, settings, sc.objective))
 
 
 
 
-def absolute_tolerance(data: QPData, dual: Tensor, primal: Tensor, settings: IPMSettings) -> Tensor:
+def absolute_tolerance(data: QPData, dual: Tensor, primal: Tensor, settings: IPMSettings,
+                       objective: Tensor | None = None) -> Tensor:
     """(B, 4): the absolute tolerances of the primal residual, the dual residual, the gap and sᵀλ:
-    ``settings.tol``, times, where ``tol_follows_data``, σ, σ, σ² and σ², where σ is the size of each
-    problem's p, h and b (their largest entry in the original units, as a power of two) where that is
-    below ``SMALL_DATA`` (else 1). The tests are tol + rel_tol × their terms' size. A QP is
-    homogeneous in (p, h, b): z(αp, αh, αb) = αz, its residuals scale by α and its gap and sᵀλ by α².
-    On data of size 1e-6 a tolerance of 1e-12 on all four is one of 1e-6 relative on the residuals,
-    met with z 6 % off and gradients 1 % to 60 % off, SOLVED; tol σ on the gap (σ² = 1e-12) left them
-    1e-4 off. Scaled so, the test is the one of unit data; an explicit ``tol`` is absolute as asked."""
+    ``settings.tol``, times, where ``tol_follows_data``, σ, σω, σ²ω and σ²ω, where σ is the size of
+    each problem's p, h and b (their largest entry in the original units, as a power of two) where
+    that is below ``SMALL_DATA`` (else 1), and ω the objective's size beside the constraints
+    (``objective``, ``scaling.objective_size``; 1 where None). The tests are tol + rel_tol × their
+    terms' size. A QP is homogeneous in (p, h, b): z(αp, αh, αb) = αz, its residuals scale by α and
+    its gap and sᵀλ by α²; and in (Q, p): at (ωQ, ωp) z is the same, the multipliers, the dual
+    residual and the gap scale by ω. On data of size 1e-6 a tolerance of 1e-12 on all four is one
+    of 1e-6 relative on the residuals, met with z 6 % off and gradients 1 % to 60 % off, SOLVED;
+    tol σ on the gap (σ² = 1e-12) left them 1e-4 off; with Q and p of 1e-6 and 1e-8 (and a fixed
+    tolerance on the dual residual and the gap), the gradients were 8e-5 and 6e-3 off. Scaled so,
+    the test is the one of unit data; an explicit ``tol`` is absolute as asked."""
     tol = torch.full_like(data.p[:, :1], settings.tol)
     if not settings.tol_follows_data:
         return tol.expand(-1, 4)
     sides = torch.cat([data.p * dual, torch.cat([data.b, data.h], -1) * primal], -1)
     size = inf_norm(sides).unsqueeze(-1) if sides.shape[-1] else tol.new_zeros(tol.shape)
     sigma = torch.where((size > 0) & (size < SMALL_DATA), power_of_two_above(size), 1.0)
-    return tol * torch.cat([sigma, sigma, sigma * sigma, sigma * sigma], -1)
+    dual_side = sigma if objective is None else sigma * objective.unsqueeze(-1)
+    return tol * torch.cat([sigma, dual_side, sigma * dual_side, sigma * dual_side], -1)
 
 
 @made_once

@@ -30,12 +30,15 @@ _MAX_NORM = 1e4
 
 @dataclass(frozen=True)
 class Scaling:
-    """Diagonal scalings d (B, n), e (B, m), f (B, k) and cost scale c (B,)."""
+    """Diagonal scalings d (B, n), e (B, m), f (B, k) and cost scale c (B,); ``objective`` (B,), the
+    objective's size ω that the default tolerance follows (``objective_size``), kept by the forward's
+    scalings and None in those the backward rebuilds (no tolerance is tested there)."""
 
     d: Tensor
     e: Tensor
     f: Tensor
     c: Tensor
+    objective: Tensor | None = None
 
 
 def _col_max(M: Tensor) -> Tensor:
@@ -127,35 +130,54 @@ def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
     Q = d.unsqueeze(-1) * data.Q * d.unsqueeze(-2)
     A = e.unsqueeze(-1) * data.A * d.unsqueeze(-2)
     G = f.unsqueeze(-1) * data.G * d.unsqueeze(-2)
-    p = d * data.p
-    cost_norm = torch.maximum(_col_max(Q.abs()).mean(-1), p.abs().amax(-1) if p.shape[-1] else p.new_zeros(p.shape[0]))
-    c = _power_of_two(torch.where(cost_norm > 0, 1.0 / cost_norm.clamp(_MIN_NORM, _MAX_NORM), constant(1.0, cost_norm)))
-    p, b, h = c[:, None] * p, e * data.b, f * data.h
-    t = _data_scale(torch.cat([p, b, h], -1))
+    p, b, h = d * data.p, e * data.b, f * data.h
+    t, c = _sizes(Q, p, torch.cat([b, h], -1))
     t_col = t[:, None]
-    scaled = QPData(Q=c[:, None, None] * Q, p=p / t_col, A=A, b=b / t_col, G=G, h=h / t_col)
-    return scaled, Scaling(d=d * t_col, e=e / t_col, f=f / t_col, c=c / (t * t))
+    scaled = QPData(Q=c[:, None, None] * Q, p=c[:, None] * p / t_col, A=A, b=b / t_col, G=G, h=h / t_col)
+    return scaled, Scaling(d=d * t_col, e=e / t_col, f=f / t_col, c=c / (t * t), objective=objective_size(c))
 
 
 SMALL_DATA = 2.0 ** -6
-"""p, h and b whose largest entry is below this are small: scaled, they are brought to unit size
-together (``_data_scale``); in the original units, the default tolerance follows them
+"""Sizes below this are small: the variables' scale where the right-hand sides (or p against Q) are
+small, and the objective's where Q and p are small beside the constraints. Scaled, such problems are
+solved at unit size (``_sizes``); in the original units, the default tolerance follows them
 (``ipm.absolute_tolerance``)."""
-_SMALLEST_DATA_SCALE = 2.0 ** -40  # t² and 1/t² stay far inside float32's range
+_SMALLEST_SCALE = 2.0 ** -40  # t, ω and their squares stay far inside float32's range
 
 
-def _data_scale(sides: Tensor) -> Tensor:
-    """(B,): a power of two t near the size of each scaled problem's p, b and h where that is below
-    ``SMALL_DATA`` (at least 2^-40), else 1. A QP is homogeneous in (p, h, b): its solution at (p/t,
-    b/t, h/t) is x/t, ν/t, λ/t, s/t, so the problem is solved at unit size, and the matrices keep
-    their scaling: t enters the scaling as d·t, e/t, f/t and c/t², which gives the same Q̂, Â, Ĝ and
-    divides p̂, b̂, ĥ by t, so that every map between scaled and original quantities holds as it is.
-    Equilibrated rows and columns leave these sides as small as the data: at sides of 1e-6 beside
-    matrices of unit size, the interior point method's absolute terms (its regularisation among
-    them) are of the size of the data, and its answers 1e-4 off in relative terms."""
-    size = sides.abs().amax(-1) if sides.shape[-1] else sides.new_zeros(sides.shape[0])
+def _sizes(Q: Tensor, p: Tensor, sides: Tensor) -> tuple[Tensor, Tensor]:
+    """(B,) each, for the equilibrated Q, p and [b, h] (``sides``): a variables' scale t and a cost
+    scale c, powers of two, that bring the scaled problem's objective and its right-hand sides to
+    unit size together. t is the size the solution's variables take, max(|[b, h]|, |p| / q) (q
+    the size of Q, as the mean of its columns' largest entries), where that is below
+    ``SMALL_DATA`` (at least 2^-40), else 1; c is 1 / max(q, |p| / t) (within [1e-4, 2^40]; 1
+    where Q and p are zero). The scaled problem's Q̂ = c·Q, p̂ = c·p / t, b̂ = b / t and ĥ = h / t
+    then have at most unit size, and one of Q̂ and p̂ unit size.
+
+    A QP is homogeneous in (p, h, b) and in (Q, p): at (αp, αh, αb) its solution is αx, αν, αλ, αs,
+    and at (ωQ, ωp) it is x, s with ων, ωλ. t and c undo both: t enters the scaling as d·t, e/t, f/t
+    and c/t², which leaves Q̂, Â and Ĝ as c·DQD, EAD and FGD, so that every map between scaled and
+    original quantities holds as it is. Left at the data's size (p, b and h of 1e-6 beside unit
+    matrices, or Q and p of 1e-8 beside unit constraints), the interior point method's absolute
+    terms (its regularisation among them) are of the size of the data, and its answers 1e-4 off in
+    relative terms. A linear program's variables follow b and h alone (q = 0)."""
+    q = _col_max(Q.abs()).mean(-1) if Q.shape[-1] else p.new_zeros(p.shape[0])
+    linear = p.abs().amax(-1) if p.shape[-1] else p.new_zeros(p.shape[0])
+    rhs = sides.abs().amax(-1) if sides.shape[-1] else sides.new_zeros(sides.shape[0])
+    size = torch.maximum(rhs, torch.where(q > 0, linear / q.clamp_min(_SMALLEST_SCALE), constant(0.0, q)))
     small = (size > 0) & (size < SMALL_DATA)
-    return torch.where(small, _power_of_two(size.clamp_min(_SMALLEST_DATA_SCALE)), constant(1.0, size))
+    t = torch.where(small, _power_of_two(size.clamp_min(_SMALLEST_SCALE)), constant(1.0, size))
+    cost = torch.maximum(q, linear / t)
+    c = _power_of_two(torch.where(cost > 0, 1.0 / cost.clamp(_SMALLEST_SCALE, _MAX_NORM), constant(1.0, cost)))
+    return t, c
+
+
+def objective_size(c: Tensor) -> Tensor:
+    """(B,): the objective's size ω of the equilibrated problems whose cost scale (before the
+    variables' scale) is ``c`` (``_sizes``): 1 / c where that is below ``SMALL_DATA``, else 1. Where
+    no ``tol`` is given, the tolerances of the dual residual and the gap follow it
+    (``ipm.absolute_tolerance``)."""
+    return torch.where(c > 1.0 / SMALL_DATA, 1.0 / c, constant(1.0, c))
 
 
 def unscale_solution(sc: Scaling, x: Tensor | None, nu: Tensor | None, lam: Tensor | None,
