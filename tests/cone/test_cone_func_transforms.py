@@ -31,6 +31,17 @@ def test_vmap_over_b_and_c_with_a_shared_A():
     torch.testing.assert_close(out, solve_cone(A, b, c, SPEC).x, atol=1e-10, rtol=0)
 
 
+def test_vmap_of_a_function_returning_the_whole_solution():
+    """``ConeSolution`` is a pytree node: a vmapped function may return it, every field batched."""
+    A, b, c, *_ = _shared(3)
+    out = vmap(lambda b, c: solve_cone(A, b, c, SPEC))(b, c)
+    want = solve_cone(A, b, c, SPEC)
+    assert type(out) is type(want)
+    for name in ("x", "y", "s"):
+        torch.testing.assert_close(getattr(out, name), getattr(want, name), atol=1e-10, rtol=0)
+    torch.testing.assert_close(out.status, want.status)
+
+
 def test_vmap_over_every_input_with_P_and_an_inner_batch():
     A, b, c, P, *_ = random_program(SPEC, N, batch=6, quadratic=True, seed=3)
     stacked = [t.reshape(3, 2, *t.shape[1:]) for t in (A, b, c, P)]

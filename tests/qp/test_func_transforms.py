@@ -47,6 +47,18 @@ def test_readme_example_under_vmap():
     torch.testing.assert_close(z, p.neg().clamp(max=0.0), atol=1e-9, rtol=0)  # argmin ½|z|² + pᵀz over z ≤ 0
 
 
+def test_vmap_of_a_function_returning_the_whole_solution_matches_the_batched_call():
+    """``QPSolution`` is a pytree node: a vmapped function may return it, every field batched."""
+    data = random_qp((4,), 4, 5, 2, active=True)
+    out = vmap(lambda p, h: solve_qp(data["Q"][0], p, data["G"][0], h, data["A"][0], data["b"][0], tol=1e-13))(data["p"], data["h"])
+    want = solve_qp(data["Q"][0], data["p"], data["G"][0], data["h"], data["A"][0], data["b"][0], tol=1e-13)
+    assert type(out) is type(want)
+    for name in ("z", "lam", "nu", "s"):
+        torch.testing.assert_close(getattr(out, name), getattr(want, name), atol=1e-10, rtol=0)
+    for name in ("status", "iterations", "relaxed"):
+        torch.testing.assert_close(getattr(out, name), getattr(want, name))
+
+
 def test_vmap_over_a_batched_call_and_an_unbatched_shared_matrix():
     data = random_qp((3, 2), 4, 5, 1, active=True)
     Q = data["Q"][0, 0]

@@ -60,6 +60,10 @@ class ConeSolution:
     status: torch.Tensor
 
 
+# a pytree node (its fields the children): torch.func.vmap and torch.export take it as an output
+torch.export.register_dataclass(ConeSolution, serialized_type_name="optlayers.ConeSolution")
+
+
 def choose_solver(rows: int, batch: int, device: torch.device | str) -> str:
     """The solver ``solver="auto"`` runs for ``batch`` programs of ``rows`` constraint rows (m) on
     ``device``: "ipm" where batch * rows ** AUTO_CPU_POWER reaches AUTO_CPU_WORK on the CPU or

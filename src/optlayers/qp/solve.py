@@ -57,6 +57,10 @@ class QPSolution:
     relaxed: Tensor
 
 
+# a pytree node (its fields the children): torch.func.vmap and torch.export take it as an output
+torch.export.register_dataclass(QPSolution, serialized_type_name="optlayers.QPSolution")
+
+
 @opaque_to_user_compile
 def solve_qp(
     Q: Tensor,
