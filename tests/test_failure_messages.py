@@ -75,3 +75,33 @@ def test_a_numerical_error_with_the_primal_residual_above_tolerance_is_named_as_
     assert message == (f"3 of 3 QPs were not solved: numerical_error (elements 0, 1): {Status.NUMERICAL_ERROR.message} "
                        "(primal residual above tolerance at elements 0: those problems may be infeasible); "
                        f"inaccurate (elements 2): {Status.INACCURATE.message}"), message
+
+
+@pytest.mark.parametrize("recorder", ["torch.jit.trace", "torch.export"])
+@pytest.mark.parametrize("entry", ["OptNet", "QPFunction", "solve_cone"])
+def test_a_recorded_solve_is_refused_with_a_message_that_says_why(recorder, entry):
+    """A tracer or torch.export recording a solve would meet its host reads deep inside (a
+    ValueError about a tensor where an int was expected; a guard on a data-dependent value):
+    the entry refuses it first, naming the recorder and what to do instead."""
+    from optlayers import OptNet
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    models = {
+        "OptNet": OptNet(n=3, n_ineq=2, n_eq=1).double(),
+        "QPFunction": _Module(lambda x: QPFunction()(torch.eye(3, dtype=torch.float64), x, G.new_ones(1, 3), G.new_ones(1))),
+        "solve_cone": _Module(lambda x: solve_cone(-torch.eye(3, dtype=x.dtype), x.abs(), x.new_ones(3), ConeSpec(nonneg=3)).x),
+    }
+    model = models[entry]
+    record = (lambda: torch.jit.trace(model, (x,))) if recorder == "torch.jit.trace" else (lambda: torch.export.export(model, (x,)))
+    with pytest.raises(NotImplementedError, match=f"cannot be recorded by {recorder}: .* call the model as it is, or torch.compile it"):
+        record()
+    model(x)  # called as it is, it runs
+
+
+class _Module(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)

@@ -10,6 +10,7 @@ import torch
 
 from optlayers.cone.spec import ConeSpec
 from optlayers.validation.cone import check_cone_data, check_cone_tensor, check_cones
+from optlayers.validation.options import check_not_recorded
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +48,9 @@ def _to_tensor(name: str, value, allow_sparse: bool) -> torch.Tensor:
 
 def prepare_cone(A, b, c, P, cones: ConeSpec) -> ConeData:
     """Check types, dtypes, devices, shapes and the cone sizes (``validation.cone``; finiteness is
-    checked inside the solve, ``validation.cone.check_finite``); return canonical data."""
+    checked inside the solve, ``validation.cone.check_finite``); return canonical data. A solve being
+    recorded by a tracer or ``torch.export`` is refused (``validation.options.check_not_recorded``)."""
+    check_not_recorded("solve_cone")
     check_cones(cones)
     tensors = {"A": _to_tensor("A", A, True), "b": _to_tensor("b", b, False), "c": _to_tensor("c", c, False)}
     if P is not None:

@@ -17,6 +17,25 @@ FLOAT64_RESOLUTION = torch.finfo(torch.float64).eps
 this times the size of their terms, so a tolerance below it can only be met by luck."""
 
 
+def check_not_recorded(solve: str) -> None:
+    """Refuse a solve that ``torch.jit.trace`` (or ``torch.onnx.export``'s tracer) or
+    ``torch.export.export`` is recording, with a message that says why, in place of the error deep in
+    the solve that either reaches: the interior point method's loop, its checks and its choice of
+    path read values on the host, which a trace would freeze as constants and an exported graph
+    cannot hold."""
+    if torch.jit.is_tracing():
+        recorder = "torch.jit.trace"
+    elif torch.compiler.is_exporting():
+        recorder = "torch.export"
+    else:
+        return
+    raise NotImplementedError(
+        f"{solve} cannot be recorded by {recorder}: its interior point method reads values on the host "
+        "(its loop, its checks and its choice of path depend on the data), which a recorded graph cannot hold; "
+        "call the model as it is, or torch.compile it (the solve stays a call of its own, and compile=True "
+        "compiles the solver's parts)")
+
+
 def _is_number(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from optlayers.engine.kkt import cholesky
 from optlayers.qp.relax import Relaxation
 from optlayers.status import ON_FAILURE_CHOICES, listed_elements
-from optlayers.validation.options import check_bool, check_choice, check_fill, check_int, check_number, check_tolerances
+from optlayers.validation.options import (check_bool, check_choice, check_fill, check_int, check_not_recorded, check_number,
+                                          check_tolerances)
 
 SOLVE_QP_FAILURE_CHOICES = (*ON_FAILURE_CHOICES, "relax")
 """``on_failure`` values: the common policy, plus "relax" (see ``optlayers.qp.relax``)."""
@@ -149,7 +150,9 @@ def is_absent(t: Tensor | None, rows_dim: int) -> bool:
 def check_qp_data(Q: object, p: object, G: object, h: object, A: object,
                   b: object) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Types, dtypes, devices and shapes of the QP data (p fixes n, dtype and device); returns
-    them with an absent constraint pair as (None, None)."""
+    them with an absent constraint pair as (None, None). A solve being recorded by a tracer or
+    ``torch.export`` is refused (``check_not_recorded``)."""
+    check_not_recorded("a QP solve")
     p = _check_tensor("p", p, None)
     if p.dim() < 1 or p.shape[-1] == 0:
         raise ValueError(f"p must have shape (..., n) with n >= 1, got {tuple(p.shape)}")
