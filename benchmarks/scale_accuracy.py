@@ -23,8 +23,8 @@ import torch
 from optlayers import solve_qp
 
 QP_SCALES = [("objective", w) for w in (1e-3, 1e-6, 1e-8, 1e-10, 1e-12, 1e3, 1e6, 1e8)] + \
-    [("data", a) for a in (1e-3, 1e-6, 1e-9, 1e-12)]
-LP_SCALES = [(1e-3, 1.0), (1e-6, 1.0), (1e-9, 1.0), (1.0, 1e-6), (1.0, 1e-10), (1e-6, 1e-6)]
+    [("data", a) for a in (1e-3, 1e-6, 1e-9, 1e-12, 1e3, 1e6, 1e7, 1e9, 1e12)]
+LP_SCALES = [(1e-3, 1.0), (1e-6, 1.0), (1e-9, 1.0), (1.0, 1e-6), (1.0, 1e-10), (1e-6, 1e-6), (1e6, 1.0), (1e9, 1.0), (1.0, 1e6)]
 """(α, ω) for the linear programs: p scaled by αω, h and b by α."""
 
 
@@ -62,7 +62,7 @@ def _qp_solve(d: dict[str, torch.Tensor], kind: str, scale: float) -> tuple[obje
     omega, alpha = (scale, 1.0) if kind == "objective" else (1.0, scale)
     data = [(omega * d["Q"]).requires_grad_(), (omega * alpha * d["p"]).requires_grad_(), (alpha * d["h"]).requires_grad_(),
             (alpha * d["b"]).requires_grad_()]
-    sol = solve_qp(data[0], data[1], d["G"], data[2], d["A"], data[3])
+    sol = solve_qp(data[0], data[1], d["G"], data[2], d["A"], data[3], on_failure="ignore")
     grads = torch.autograd.grad((d["w"] * sol.z).sum(), data)
     # dz/dQ scales by α/ω (z by α, Q by ω), dz/dp by 1/ω, dz/dh and dz/db by 1: w·z's gradients by α·that
     return sol, [grads[0] * omega / alpha, grads[1] * omega, grads[2], grads[3]]
@@ -86,7 +86,7 @@ def lp_rows() -> list[dict[str, object]]:
     unit = solve_qp(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"])
     rows = []
     for alpha, omega in LP_SCALES:
-        sol = solve_qp(d["Q"], alpha * omega * d["p"], d["G"], alpha * d["h"], d["A"], alpha * d["b"])
+        sol = solve_qp(d["Q"], alpha * omega * d["p"], d["G"], alpha * d["h"], d["A"], alpha * d["b"], on_failure="ignore")
         rows.append({"alpha": alpha, "omega": omega, "statuses": sol.status.tolist(), "iterations": sol.iterations.tolist(),
                      "z": _relative(sol.z / alpha, unit.z)})
     return rows

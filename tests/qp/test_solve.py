@@ -163,14 +163,15 @@ def test_a_solve_under_inference_mode_leaves_later_solves_unaffected():
     assert torch.isfinite(p.grad).all()
 
 
-@pytest.mark.parametrize("scale", [1e-3, 1e-6, 1e-12])
-def test_small_data_are_solved_as_accurately_as_unit_data(scale):
+@pytest.mark.parametrize("scale", [1e-3, 1e-6, 1e-12, 1e7, 1e9])
+def test_data_far_from_unit_size_are_solved_as_accurately_as_unit_data(scale):
     """A QP is homogeneous in (p, h, b): z(αp, αh, αb) = αz(p, h, b), with dz/dp, dz/dh, dz/db the
-    same at every α. Small data are solved at unit size (``qp.scaling._sizes``) and tested with
-    the default tolerance's absolute part following them, the gap's as their square
-    (``ipm.absolute_tolerance``). At α = 1e-6 a fixed 1e-12 was met with z 6 % off and gradients
-    1 % to 60 % off, SOLVED; the residuals' tolerance on the gap and no scaling left them 1e-4 off,
-    and at 1e-12 the iteration limit was reached."""
+    same at every α. Data far from unit size are solved at unit size (``qp.scaling._sizes``), and
+    small ones tested with the default tolerance's absolute part following them, the gap's as their
+    square (``ipm.absolute_tolerance``). At α = 1e-6 a fixed 1e-12 was met with z 6 % off and
+    gradients 1 % to 60 % off, SOLVED; the residuals' tolerance on the gap and no scaling left them
+    1e-4 off, and at 1e-12 the iteration limit was reached. At α = 1e7 and 1e9 unscaled, seven and
+    eight of the eight feasible problems were reported PRIMAL_INFEASIBLE."""
     torch.manual_seed(0)
     B, n, k, m = 8, 6, 10, 2
     L = torch.randn(B, n, n)

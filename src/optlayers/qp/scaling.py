@@ -142,17 +142,24 @@ SMALL_DATA = 2.0 ** -6
 small, and the objective's where Q and p are small beside the constraints. Scaled, such problems are
 solved at unit size (``_sizes``); in the original units, the default tolerance follows them
 (``ipm.absolute_tolerance``)."""
-_SMALLEST_SCALE = 2.0 ** -40  # t, ω and their squares stay far inside float32's range
+LARGE_DATA = 2.0 ** 20
+"""Variables whose size is above this are large: scaled, such problems are solved at unit size
+(``_sizes``). Random QPs with p, b and h of 1e7 (unit matrices) were certified infeasible unscaled,
+those of 1e6 solved. 2^6, the bound of small data, took ordinary problems too and cost two of the
+Maros–Meszaros set (QPCBOEI1, QSCAGR25); at 2^20 the set's iteration counts are those of unscaled
+variables but QGROW7's and QGROW15's (two and three more)."""
+_SMALLEST_SCALE = 2.0 ** -40  # t, 1 / t, ω and their squares stay far inside float32's range
 
 
 def _sizes(Q: Tensor, p: Tensor, sides: Tensor) -> tuple[Tensor, Tensor]:
     """(B,) each, for the equilibrated Q, p and [b, h] (``sides``): a variables' scale t and a cost
     scale c, powers of two, that bring the scaled problem's objective and its right-hand sides to
-    unit size together. t is the size the solution's variables take, max(|[b, h]|, |p| / q) (q
-    the size of Q, as the mean of its columns' largest entries), where that is below
-    ``SMALL_DATA`` (at least 2^-40), else 1; c is 1 / max(q, |p| / t) (within [1e-4, 2^40]; 1
+    unit size together. t is the size the solution's variables take where that is below
+    ``SMALL_DATA`` (max(|[b, h]|, |p| / q), q the size of Q as the mean of its columns' largest
+    entries; at least 2^-40) or above ``LARGE_DATA`` (|[b, h]|, or |p| / q where there are no
+    constraints' sides; at most 2^40), else 1; c is 1 / max(q, |p| / t) (within [1e-4, 2^40]; 1
     where Q and p are zero). The scaled problem's Q̂ = c·Q, p̂ = c·p / t, b̂ = b / t and ĥ = h / t
-    then have at most unit size, and one of Q̂ and p̂ unit size.
+    then have at most unit size (b̂ and ĥ, where they are far from it), and one of Q̂ and p̂ unit size.
 
     A QP is homogeneous in (p, h, b) and in (Q, p): at (αp, αh, αb) its solution is αx, αν, αλ, αs,
     and at (ωQ, ωp) it is x, s with ων, ωλ. t and c undo both: t enters the scaling as d·t, e/t, f/t
@@ -160,13 +167,17 @@ def _sizes(Q: Tensor, p: Tensor, sides: Tensor) -> tuple[Tensor, Tensor]:
     original quantities holds as it is. Left at the data's size (p, b and h of 1e-6 beside unit
     matrices, or Q and p of 1e-8 beside unit constraints), the interior point method's absolute
     terms (its regularisation among them) are of the size of the data, and its answers 1e-4 off in
-    relative terms. A linear program's variables follow b and h alone (q = 0)."""
+    relative terms; p, b and h of 1e7 had feasible problems certified infeasible. A linear program's
+    variables follow b and h alone (q = 0)."""
     q = _col_max(Q.abs()).mean(-1) if Q.shape[-1] else p.new_zeros(p.shape[0])
     linear = p.abs().amax(-1) if p.shape[-1] else p.new_zeros(p.shape[0])
     rhs = sides.abs().amax(-1) if sides.shape[-1] else sides.new_zeros(sides.shape[0])
-    size = torch.maximum(rhs, torch.where(q > 0, linear / q.clamp_min(_SMALLEST_SCALE), constant(0.0, q)))
-    small = (size > 0) & (size < SMALL_DATA)
-    t = torch.where(small, _power_of_two(size.clamp_min(_SMALLEST_SCALE)), constant(1.0, size))
+    unconstrained = torch.where(q > 0, linear / q.clamp_min(_SMALLEST_SCALE), constant(0.0, q))  # |Q⁻¹p|'s size
+    small = torch.maximum(rhs, unconstrained)
+    large = torch.where(rhs > 0, rhs, unconstrained)  # bounded by the constraints where there are any
+    size = torch.where(small < SMALL_DATA, small, large)
+    far = (size > 0) & ((size < SMALL_DATA) | (size > LARGE_DATA))
+    t = torch.where(far, _power_of_two(size.clamp(_SMALLEST_SCALE, 1.0 / _SMALLEST_SCALE)), constant(1.0, size))
     cost = torch.maximum(q, linear / t)
     c = _power_of_two(torch.where(cost > 0, 1.0 / cost.clamp(_SMALLEST_SCALE, _MAX_NORM), constant(1.0, cost)))
     return t, c
