@@ -103,6 +103,23 @@ def test_no_false_unboundedness_certificate_on_an_infeasible_element():
     _judged_ok(case, 1)
 
 
+def test_no_false_unboundedness_certificate_where_both_certificates_pass():
+    """A linear program with inconsistent equalities (rows 0 and 2 parallel), rows and columns
+    scaled over 5 decades: infeasible, and its dual feasible by construction. Its Newton direction
+    passed the recession test by rounding (‖A dx‖ = 7.6e-8 ‖dx‖, pᵀdx = −1.3e-7 ‖dx‖ against
+    ε = 1e-7) in the same iterations as the Farkas test, and the dual certificate won: reported
+    DUAL_INFEASIBLE (the 10,000-case run on the AMD EPYC machine, 2026-12-07). Where both hold, the
+    primal one is reported (``ipm.assess``)."""
+    case = {"seed": 13, "n": 6, "k": 1, "m": 3, "objective_decades": -2.00001, "row_decades": 5.2236472056555225,
+            "column_decades": 5.2236472056555225,
+            "elements": [{"kind": "infeasible_eq", "rank": 2, "duplicate_rows": True, "redundant_eq": False},
+                         {"kind": "infeasible_eq", "rank": 6, "duplicate_rows": False, "redundant_eq": True},
+                         {"kind": "unbounded", "rank": 1, "duplicate_rows": True, "redundant_eq": True},
+                         {"kind": "infeasible_eq", "rank": 0, "duplicate_rows": True, "redundant_eq": True}]}
+    for element in range(4):
+        _judged_ok(case, element)
+
+
 def test_no_false_unboundedness_certificate():
     """min -1.875 z s.t. -0.75 z <= -1.3125, 1.5 z = 2.625: z = 1.75 is the only feasible point; its
     vanishing last steps once passed the relative recession tests by rounding."""

@@ -576,12 +576,16 @@ def assess(data: QPData, st: State, res: Residuals, step: Step, settings: IPMSet
     # a stall, a primal and a dual infeasibility certificate, and no progress, held long enough
     stalled, primal_infeasible, dual_infeasible, stuck = (counters >= constant(
         (settings.stall_limit, _CERTIFICATE_PERSISTENCE, _CERTIFICATE_PERSISTENCE, settings.progress_limit), counters)).unbind(-1)
-    # no progress near tolerance (INACCURATE), a failure or a stall, then primal, then dual infeasibility:
-    # the later test wins
+    # no progress near tolerance (INACCURATE), a failure or a stall, then dual, then primal infeasibility:
+    # the later test wins. Where both certificates hold, primal infeasibility is reported: its tests ask
+    # for the primal residual unmet, which an unbounded problem's iterates meet, while the recession
+    # test's relative margins pass by rounding on a badly scaled problem with inconsistent equalities
+    # (‖A dx‖ = 7.6e-8 ‖dx‖, pᵀdx = −1.3e-7 ‖dx‖ against ε = 1e-7: a fuzzed linear program whose dual
+    # is feasible by construction, reported unbounded)
     status = st.status.masked_fill(stuck & (best[:, 0] <= _REDUCED_ACCURACY), int(QPStatus.INACCURATE))
     status = status.masked_fill(gave_up | stalled, int(QPStatus.NUMERICAL_ERROR))
-    status = status.masked_fill(primal_infeasible, int(QPStatus.PRIMAL_INFEASIBLE))
     status = status.masked_fill(dual_infeasible, int(QPStatus.DUAL_INFEASIBLE))
+    status = status.masked_fill(primal_infeasible, int(QPStatus.PRIMAL_INFEASIBLE))
     # an INACCURATE problem holds the iterate of its last progress (frozen ones hold it already)
     v = torch.where((status == int(QPStatus.INACCURATE)).unsqueeze(-1), best_v, v)
     return replace(st, v=v, status=status, iterations=st.iterations + sound, counters=counters, reg=reg,
