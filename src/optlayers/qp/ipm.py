@@ -179,8 +179,6 @@ class Units:
                      absolute=absolute_tolerance(data, dual, primal, settings, sc.objective))
 
 
-
-
 def absolute_tolerance(data: QPData, dual: Tensor, primal: Tensor, settings: IPMSettings,
                        objective: Tensor | None = None) -> Tensor:
     """(B, 4): the absolute tolerances of the primal residual, the dual residual, the gap and sᵀλ:
