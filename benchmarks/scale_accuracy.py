@@ -7,7 +7,9 @@ theirs, dz/dh and dz/db are the same and dz/dQ, dz/dp 1/ω times theirs. For eac
 solves a batch of random QPs (n = 6, 10 inequalities, 2 equalities) and of linear programs (Q = 0, a
 box and 16 random rows) with the default tolerance and prints, beside the statuses and iterations,
 the largest relative error of z and of the gradients of w·z (w random) against the unit-scale
-solve, the gradients brought back to unit scale.
+solve, the gradients brought back to unit scale. The same QPs at unit scale are solved with bounds
+far above their sides added (never active, as a bound of 1e20 that stands for an absent one): their
+answers and gradients are those without the bounds, and the bounds' own gradients zero.
 
     PYTHONPATH=src python -m benchmarks.scale_accuracy [--json FILE]
 """
@@ -24,6 +26,8 @@ from optlayers import solve_qp
 
 QP_SCALES = [("objective", w) for w in (1e-3, 1e-6, 1e-8, 1e-10, 1e-12, 1e3, 1e6, 1e8)] + \
     [("data", a) for a in (1e-3, 1e-6, 1e-9, 1e-12, 1e3, 1e6, 1e7, 1e9, 1e12)]
+FAR_BOUNDS = [(kind, beta) for kind in ("one", "box") for beta in (1e4, 1e8, 1e12, 1e20)]
+"""Bounds far above the QPs' other sides, never active: z₀ ≤ β (one) or −β ≤ z ≤ β (box)."""
 LP_SCALES = [(1e-3, 1.0), (1e-6, 1.0), (1e-9, 1.0), (1.0, 1e-6), (1.0, 1e-10), (1e-6, 1e-6), (1e6, 1.0), (1e9, 1.0), (1.0, 1e6)]
 """(α, ω) for the linear programs: p scaled by αω, h and b by α."""
 
@@ -81,6 +85,30 @@ def qp_rows() -> list[dict[str, object]]:
     return rows
 
 
+def far_bound_rows() -> list[dict[str, object]]:
+    """The unit QPs with bounds far above their sides added (``FAR_BOUNDS``): against the unit solve
+    without them, z and the gradients of w·z w.r.t. Q, p, h (its own rows) and b."""
+    d = _qp()
+    unit, unit_grads = _qp_solve(d, "data", 1.0)
+    B, n = d["p"].shape
+    eye = torch.eye(n, dtype=d["G"].dtype).expand(B, n, n)
+    rows = []
+    for kind, beta in FAR_BOUNDS:
+        extra = eye[:, :1] if kind == "one" else torch.cat([eye, -eye], 1)
+        k = d["h"].shape[-1]
+        data = [d["Q"].clone().requires_grad_(), d["p"].clone().requires_grad_(),
+                torch.cat([d["h"], torch.full((B, extra.shape[1]), beta, dtype=d["h"].dtype)], -1).requires_grad_(),
+                d["b"].clone().requires_grad_()]
+        sol = solve_qp(data[0], data[1], torch.cat([d["G"], extra], 1), data[2], d["A"], data[3], on_failure="ignore")
+        grads = list(torch.autograd.grad((d["w"] * sol.z).sum(), data))
+        far_gradient = float(grads[2][:, k:].abs().max())
+        grads[2] = grads[2][:, :k]
+        rows.append({"kind": kind, "bound": beta, "statuses": sol.status.tolist(), "iterations": sol.iterations.tolist(),
+                     "unit_iterations": unit.iterations.tolist(), "z": _relative(sol.z.detach(), unit.z.detach()),
+                     "gradients": max(_relative(g, u) for g, u in zip(grads, unit_grads)), "far_gradient": far_gradient})
+    return rows
+
+
 def lp_rows() -> list[dict[str, object]]:
     d = _lp()
     unit = solve_qp(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"])
@@ -98,13 +126,21 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # inexact-derivative warnings: the errors below say how inexact
-        qp, lp = qp_rows(), lp_rows()
+        qp, far, lp = qp_rows(), far_bound_rows(), lp_rows()
     print("QPs (n = 6, 10 inequalities, 2 equalities, 8 problems): Q, p scaled by ω (objective) or p, h, b by α (data)")
     print("| scale | all SOLVED | iterations | z error | gradient error |\n|---|---|---|---|---|")
     for r in qp:
         name = f"{'ω' if r['kind'] == 'objective' else 'α'} = {r['scale']:g}"
         print(f"| {name} | {all(s == 0 for s in r['statuses'])} | {min(r['iterations'])}–{max(r['iterations'])} | "
               f"{r['z']:.1e} | {r['gradients']:.1e} |")
+    print("\nThe same QPs at unit scale with bounds far above their sides: z₀ ≤ β (one) or −β ≤ z ≤ β (box), "
+          "against the QPs without them")
+    print("| bounds | all SOLVED | iterations (without) | z error | gradient error | largest gradient w.r.t. a far side |"
+          "\n|---|---|---|---|---|---|")
+    for r in far:
+        print(f"| {r['kind']}, β = {r['bound']:g} | {all(s == 0 for s in r['statuses'])} | {min(r['iterations'])}–"
+              f"{max(r['iterations'])} ({min(r['unit_iterations'])}–{max(r['unit_iterations'])}) | {r['z']:.1e} | "
+              f"{r['gradients']:.1e} | {r['far_gradient']:.1e} |")
     print("\nLinear programs (Q = 0, n = 6, a box and 16 rows, 2 equalities): p scaled by αω, h and b by α")
     print("| α, ω | all SOLVED | iterations | z error |\n|---|---|---|---|")
     for r in lp:
@@ -113,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       "torch": torch.__version__, "qp": qp, "lp": lp}, out, indent=1)
+                       "torch": torch.__version__, "qp": qp, "far_bounds": far, "lp": lp}, out, indent=1)
 
 
 if __name__ == "__main__":

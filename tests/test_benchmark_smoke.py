@@ -580,7 +580,8 @@ def test_bench_cone_times_every_method_once_a_round_in_changing_orders():
 
 def test_scale_accuracy_prints_both_tables_and_writes_every_row(tmp_path, capsys):
     """``benchmarks/scale_accuracy.py`` runs, and its rows say what the solver's scaling promises:
-    every problem solved, at every scale, within 1e-7 of the unit-scale answers."""
+    every problem solved, at every scale and with bounds far above its sides, within 1e-7 of the
+    unit-scale answers."""
     from benchmarks import scale_accuracy
     out = tmp_path / "scales.json"
     scale_accuracy.main(["--json", str(out)])
@@ -588,6 +589,9 @@ def test_scale_accuracy_prints_both_tables_and_writes_every_row(tmp_path, capsys
     assert "| ω = 1e-10 |" in printed and "| 1, 1e-10 |" in printed
     rows = json.loads(out.read_text())
     assert len(rows["qp"]) == len(scale_accuracy.QP_SCALES) and len(rows["lp"]) == len(scale_accuracy.LP_SCALES)
-    for row in rows["qp"] + rows["lp"]:
+    assert len(rows["far_bounds"]) == len(scale_accuracy.FAR_BOUNDS) and "| box, β = 1e+20 |" in printed
+    for row in rows["qp"] + rows["far_bounds"] + rows["lp"]:
         assert all(status == 0 for status in row["statuses"]), row
         assert row["z"] <= 1e-7 and row.get("gradients", 0.0) <= 1e-7, row
+    for row in rows["far_bounds"]:  # a bound never active weighs nothing: neither iterations nor gradient
+        assert max(row["iterations"]) <= max(row["unit_iterations"]) + 3 and row["far_gradient"] <= 1e-9, row

@@ -24,11 +24,12 @@ COMPILED_CALLS = 2
 # backward's ones and expand, the gradient's accumulation)
 ATEN_OUTSIDE = 19
 # guards evaluated by a call of each compiled function (``compiling.keeps_guard``)
-SOLVE_GUARDS = 91  # 3 of them the default absolute tolerance that follows small data (IPMSettings.tol_follows_data, SMALL_DATA as ipm reads it), 2 the scale of small data and objectives (scaling.SMALL_DATA, _SMALLEST_SCALE), 2 on IPMSettings.balanced_step_fraction, 4 the progress test's constants (ipm._PROGRESS, _PROGRESS_COUNTER, _REDUCED_ACCURACY,
+SOLVE_GUARDS = 92  # 3 of them the default absolute tolerance that follows small data (IPMSettings.tol_follows_data, SMALL_DATA as ipm reads it), 2 the scale of small data and objectives (scaling.SMALL_DATA, _SMALLEST_SCALE), 2 on IPMSettings.balanced_step_fraction, 4 the progress test's constants (ipm._PROGRESS, _PROGRESS_COUNTER, _REDUCED_ACCURACY,
 # progress_limit), 3 the iterate's recession test's and the augmented factorisation's (ipm._STILL_DIVERGING,
 # kkt.AUGMENT, augment), 1 the refinement's early stop (kkt._REFINED_ROUNDOFFS), 2 the derivative checks'
 # bounds (derivative_checks.AMBIGUOUS_ROW_RATIO, MAX_AMPLIFICATION), 1 dynamo's own on the 0-d fill (an
-# epilogue guard), 1 the Cholesky route's smallest compiled order (lapack.COMPILED_MIN_N, where lapack.FACTORED_DTYPES has the dtype)
+# epilogue guard), 1 the Cholesky route's smallest compiled order (lapack.COMPILED_MIN_N, where lapack.FACTORED_DTYPES has the dtype),
+# 1 the gap of far sides (sides.FAR_SIDE)
 BACKWARD_GUARDS = 107  # 3 of them the factor's augment (KKTFactor.augment, kkt.AUGMENT), 8 the refinement's
 # early stop (kkt._REFINED_ROUNDOFFS, and 7 on torch's pytree registry, with which torch.cond flattens its operands)
 

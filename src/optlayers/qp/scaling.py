@@ -18,6 +18,7 @@ from optlayers.engine.batch import concat, take
 from optlayers.engine.constants import constant
 from optlayers.engine.step import QPData
 from optlayers.host import cpu_schedule
+from optlayers.sides import far_sides
 
 # Ruiz iterations: each halves the log-spread of row/column norms; ten is the usual choice
 # (OSQP, PIQP) and equilibrates to within a few percent.
@@ -131,7 +132,7 @@ def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
     A = e.unsqueeze(-1) * data.A * d.unsqueeze(-2)
     G = f.unsqueeze(-1) * data.G * d.unsqueeze(-2)
     p, b, h = d * data.p, e * data.b, f * data.h
-    t, c = _sizes(Q, p, torch.cat([b, h], -1))
+    t, c = _sizes(Q, p, b, h)
     t_col = t[:, None]
     scaled = QPData(Q=c[:, None, None] * Q, p=c[:, None] * p / t_col, A=A, b=b / t_col, G=G, h=h / t_col)
     return scaled, Scaling(d=d * t_col, e=e / t_col, f=f / t_col, c=c / (t * t), objective=objective_size(c))
@@ -151,13 +152,14 @@ variables but QGROW7's and QGROW15's (two and three more)."""
 _SMALLEST_SCALE = 2.0 ** -40  # t, 1 / t, ω and their squares stay far inside float32's range
 
 
-def _sizes(Q: Tensor, p: Tensor, sides: Tensor) -> tuple[Tensor, Tensor]:
-    """(B,) each, for the equilibrated Q, p and [b, h] (``sides``): a variables' scale t and a cost
+def _sizes(Q: Tensor, p: Tensor, b: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+    """(B,) each, for the equilibrated Q, p, b and h: a variables' scale t and a cost
     scale c, powers of two, that bring the scaled problem's objective and its right-hand sides to
     unit size together. t is the size the solution's variables take where that is below
     ``SMALL_DATA`` (max(|[b, h]|, |p| / q), q the size of Q as the mean of its columns' largest
-    entries; at least 2^-40) or above ``LARGE_DATA`` (|[b, h]|, or |p| / q where there are no
-    constraints' sides; at most 2^40), else 1; c is 1 / max(q, |p| / t) (within [1e-4, 2^40]; 1
+    entries; at least 2^-40) or above ``LARGE_DATA`` (|[b, h]| without h's far sides,
+    ``sides.far_sides``, or |p| / q where there are no constraints' sides; at most 2^40), else 1;
+    c is 1 / max(q, |p| / t) (within [1e-4, 2^40]; 1
     where Q and p are zero). The scaled problem's Q̂ = c·Q, p̂ = c·p / t, b̂ = b / t and ĥ = h / t
     then have at most unit size (b̂ and ĥ, where they are far from it), and one of Q̂ and p̂ unit size.
 
@@ -171,10 +173,15 @@ def _sizes(Q: Tensor, p: Tensor, sides: Tensor) -> tuple[Tensor, Tensor]:
     variables follow b and h alone (q = 0)."""
     q = _col_max(Q.abs()).mean(-1) if Q.shape[-1] else p.new_zeros(p.shape[0])
     linear = p.abs().amax(-1) if p.shape[-1] else p.new_zeros(p.shape[0])
+    sides = torch.cat([b, h], -1)
     rhs = sides.abs().amax(-1) if sides.shape[-1] else sides.new_zeros(sides.shape[0])
     unconstrained = torch.where(q > 0, linear / q.clamp_min(_SMALLEST_SCALE), constant(0.0, q))  # |Q⁻¹p|'s size
     small = torch.maximum(rhs, unconstrained)
-    large = torch.where(rhs > 0, rhs, unconstrained)  # bounded by the constraints where there are any
+    # every equality holds at the solution, but an inequality far above the others (``far_sides``) need not
+    # be active: the largest of the other sides
+    equalities = b.abs().amax(-1) if b.shape[-1] else b.new_zeros(b.shape[0])
+    typical = torch.maximum(equalities, far_sides(h)[1]) if h.shape[-1] else equalities
+    large = torch.where(rhs > 0, typical, unconstrained)  # bounded by the constraints where there are any
     size = torch.where(small < SMALL_DATA, small, large)
     far = (size > 0) & ((size < SMALL_DATA) | (size > LARGE_DATA))
     t = torch.where(far, _power_of_two(size.clamp(_SMALLEST_SCALE, 1.0 / _SMALLEST_SCALE)), constant(1.0, size))

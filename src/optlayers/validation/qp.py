@@ -275,8 +275,8 @@ def semidefinite(Q: Tensor) -> Tensor:
     return cholesky(shifted)[1]
 
 
-ABSENT_BOUND = ("write an absent bound as a row of zeros in G with h = 1 (never active: it costs no iterations; "
-                "a large finite bound does, three times as many at 1e6) or leave its row out")
+ABSENT_BOUND = ("write an absent bound as a row of zeros in G with h = 1, or as a large finite side far above the "
+                "others (1e20), or leave its row out")
 
 
 def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:

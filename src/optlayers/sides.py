@@ -1,0 +1,33 @@
+"""Inequality sides far above the others: bounds such as 1e12 or 1e20 that stand for absent ones.
+
+A bound far above a problem's other sides is never active unless the variables grow as large, but
+where a solver follows the largest side (a scale of the data, a least-squares start, a tolerance
+relative to the largest term) such a side sets the size of everything else. The QP's variables'
+scale and its start (``qp.scaling``, ``qp.ipm.initial_point``) and the cone layer's nonnegative rows
+(``cone.solve.far_row_scales``) leave the far sides out.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+FAR_SIDE = 1e3
+"""A side is far where it is above this times (1 + the next smaller side, itself not zero), or above
+a far side (``far_sides``)."""
+
+
+def far_sides(h: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, k) the far sides of Gx ≤ h (any sign: |h| is compared): those from the first gap of
+    ``FAR_SIDE`` between nonzero sides in the sorted |h| up, and (B,) the largest |h| that is not far.
+    Where the nonzero sides run in steps of less than ``FAR_SIDE`` none is far, however widely they
+    spread, and the smallest nonzero side never is: zero sides (bounds x ≥ 0) beside sides of 1e3 to
+    1e7 (Maros–Meszaros QGROW7) are no gap. Without a host synchronisation."""
+    size = h.abs()
+    if size.shape[-1] < 2:
+        return torch.zeros_like(size, dtype=torch.bool), size.amax(-1)
+    ordered = size.sort(-1).values
+    below, above = ordered[:, :-1], ordered[:, 1:]
+    gaps = (torch.add(above, below, alpha=-FAR_SIDE) > FAR_SIDE) & (below > 0)
+    first_far = torch.where(gaps, above, torch.inf).amin(-1, keepdim=True)
+    far = size >= first_far
+    return far, size.masked_fill(far, 0).amax(-1)
