@@ -143,3 +143,36 @@ def test_a_matrix_far_from_unit_size_gives_the_unit_scale_derivatives(solver, sc
     for got, want in ((scaled.x * scale, base.x), (scaled.y * scale, base.y), (scaled.s, base.s),
                       (gb_scaled * scale, gb), (gc_scaled * scale, gc)):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["ipm", "clarabel"])
+@pytest.mark.parametrize("bound", [1e4, 1e12, 1e20])
+def test_bounds_far_above_the_other_sides_leave_the_solution_and_its_derivatives(solver, bound):
+    """−β ≤ x ≤ β added as nonnegative rows to random QPs (never active): x, y and the gradients
+    w.r.t. A, b and c are those of the programs without the box, and the box's own gradients zero.
+    Its rows are scaled to the other sides' size (``solve.far_row_scales``); unscaled, at 1e4 one
+    program of 8 came out SOLVED 17 % above the optimum, and at 1e12 five SOLVED and infeasible by
+    up to 0.47, with either solver."""
+    torch.manual_seed(0)
+    B, n, k = 8, 6, 10
+    G, z0 = torch.randn(B, k, n, dtype=torch.float64), torch.randn(B, n, 1, dtype=torch.float64)
+    h = (G @ z0).squeeze(-1) + 0.1 + torch.rand(B, k, dtype=torch.float64)
+    L = torch.randn(B, n, n, dtype=torch.float64)
+    P, c = L @ L.mT + 0.1 * torch.eye(n, dtype=torch.float64), torch.randn(B, n, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64).expand(B, n, n)
+    w, v = torch.randn(B, n, dtype=torch.float64), torch.randn(B, k, dtype=torch.float64)
+
+    def solve(A, b, rows):
+        data = [t.clone().requires_grad_() for t in (A, b, c)]
+        sol = solve_cone(data[0], data[1], data[2], ConeSpec(nonneg=rows), P=P, solver=solver)
+        assert (sol.status == ConeStatus.SOLVED).all()
+        return sol, torch.autograd.grad((w * sol.x).sum() + (v * sol.y[:, :k]).sum(), data)
+    plain, plain_grads = solve(G, h, k)
+    boxed, boxed_grads = solve(torch.cat([G, eye, -eye], 1), torch.cat([h, torch.full((B, 2 * n), bound)], 1), k + 2 * n)
+    torch.testing.assert_close(boxed.x, plain.x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(boxed.y[:, :k], plain.y, rtol=1e-9, atol=1e-9)
+    assert float(boxed.y[:, k:].abs().max()) <= 1e-12
+    grad_A, grad_b, grad_c = boxed_grads
+    assert float(grad_A[:, k:].abs().max()) <= 1e-9 and float(grad_b[:, k:].abs().max()) <= 1e-9
+    for got, want in zip((grad_A[:, :k], grad_b[:, :k], grad_c), plain_grads):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7 * float(want.abs().max()))

@@ -14,6 +14,7 @@ from optlayers.cone.data import prepare_cone
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
 from optlayers.linalg import power_of_two_above
+from optlayers.sides import far_sides
 from optlayers.status import FailurePolicy, Status
 from optlayers.validation.cone import check_cone_options, check_layer_options
 from optlayers.validation.options import check_int
@@ -148,11 +149,16 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     # The solvers, the refinement and the derivative all work in float64, on the program scaled to
     # unit size (``unit_scales``); outputs follow the inputs' dtype and scale.
     A, b, c, P = (None if t is None else t.to(torch.float64) for t in (data.A, data.b, data.c, data.P))
+    rows = far_row_scales(A, b, cones)  # (B, m) or 1: the program with far nonnegative rows scaled, y = r·y', s = s'/r
+    if rows is not None:
+        A, b = A * rows.unsqueeze(-1), b * rows
+    else:
+        rows = torch.ones_like(b[:1, :1])
     matrix, primal, dual = unit_scales(A, b, c, P)
     x_scale = primal / matrix  # x = (β/α)x̃
     if warm_start is not None:
         x0, y0, s0 = (t.detach().cpu().double().reshape(data.b.shape[0], -1) / scale
-                      for t, scale in ((warm_start.x, x_scale), (warm_start.y, dual), (warm_start.s, primal)))
+                      for t, scale in ((warm_start.x, x_scale), (warm_start.y, dual * rows), (warm_start.s, primal / rows)))
         x0, y0, s0 = (t.numpy() for t in (x0, y0, s0))
         warm = tuple(None if not np.isfinite(x0[i]).all() else (x0[i], y0[i], s0[i]) for i in range(len(x0)))
     policy = FailurePolicy(on_failure, failed_value, "cone programs")  # applied inside, so also under vmap
@@ -166,7 +172,7 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     if A.layout == torch.strided and (torch._C._are_functorch_transforms_active() or bool((matrix != 1).any())):
         A = A / (matrix.unsqueeze(-1) if A.dim() == 3 else matrix)  # (the host's read spares A's copy at unit size)
     x, y, s, status, *_ = ConeProgram.apply(A, b / primal, c / (dual * matrix), P, settings)
-    x, y, s = ((t * scale).to(data.b.dtype) for t, scale in ((x, x_scale), (y, dual), (s, primal)))
+    x, y, s = ((t * scale).to(data.b.dtype) for t, scale in ((x, x_scale), (y, dual * rows), (s, primal / rows)))
     if not math.isnan(failed_value):
         solved = (status == Status.SOLVED).unsqueeze(-1)
         x, y, s = (torch.where(solved, t, failed_value) for t in (x, y, s))
@@ -180,6 +186,33 @@ UNIT_RANGE = 6
 Solvers' defaults are tuned on data of about unit size: SCS's answers (eps 1e-4) to the example
 programs of docs/cone.md (sizes 2-5) came out worse scaled to sizes in [1/2, 1), one of 64 beyond
 the refinement's reach."""
+
+
+def far_row_scales(A: torch.Tensor, b: torch.Tensor, cones: ConeSpec) -> torch.Tensor | None:
+    """(B, m) powers of two r that scale each program's far nonnegative rows (``sides.far_sides``: sides
+    far above the others, as bounds of 1e12 that stand for absent ones) to the size of its largest
+    other nonnegative side, 1 elsewhere; None where no program has one (read by the host; under
+    torch.func's transforms, which cannot read, always the scales, but None for a shared A, which
+    scaled rows would copy into every program, taking a batched solve's path where the plain call
+    takes the shared one's). (rA)x + s' = rb, s' ∈ K is the
+    same program where r scales nonnegative rows only (s' = rs, y' = y/r), exactly (powers of two),
+    and r is a constant of it (detached), so that the derivatives through it are exact. Unscaled, a
+    far side set the size of the program's data (``unit_scales``) and of the solvers' relative
+    tests: with −1e4 ≤ x ≤ 1e4 added to random programs, one of 8 came out SOLVED at an objective
+    17 % above the optimum, and with 1e12 five of 8 SOLVED and infeasible by up to 0.47, with the
+    method and with Clarabel alike. A sparse A is solved as given."""
+    transformed = torch._C._are_functorch_transforms_active()
+    if A.layout != torch.strided or cones.nonneg < 2 or (transformed and A.dim() == 2):
+        return None
+    start = cones.zero
+    sides = b[:, start:start + cones.nonneg].detach()
+    far, typical = far_sides(sides)
+    if not transformed and not bool(far.any()):
+        return None
+    target = torch.where(typical > 0, power_of_two_above(typical), 1.0).unsqueeze(-1)
+    scales = torch.where(far, target / power_of_two_above(sides.abs()), 1.0)
+    ones = torch.ones_like(b)
+    return torch.cat([ones[:, :start], scales, ones[:, start + cones.nonneg:]], -1)
 
 
 def unit_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
