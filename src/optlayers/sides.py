@@ -17,8 +17,10 @@ a far side (``far_sides``)."""
 
 
 def far_sides(h: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, k) the far sides of Gx ≤ h (any sign: |h| is compared): those from the first gap of
-    ``FAR_SIDE`` between nonzero sides in the sorted |h| up, and (B,) the largest |h| that is not far.
+    """(B, k) the far sides of Gx ≤ h: the positive ones from the first gap of ``FAR_SIDE`` between
+    nonzero sides in the sorted |h| up, and (B,) the largest |h| that is not far. A side far below
+    the others (Gᵢx ≤ −1e8) is never far: it holds only where the variables are as large, so they
+    follow it.
     Where the nonzero sides run in steps of less than ``FAR_SIDE`` none is far, however widely they
     spread, and the smallest nonzero side never is: zero sides (bounds x ≥ 0) beside sides of 1e3 to
     1e7 (Maros–Meszaros QGROW7) are no gap. Without a host synchronisation."""
@@ -29,5 +31,5 @@ def far_sides(h: Tensor) -> tuple[Tensor, Tensor]:
     below, above = ordered[:, :-1], ordered[:, 1:]
     gaps = (torch.add(above, below, alpha=-FAR_SIDE) > FAR_SIDE) & (below > 0)
     first_far = torch.where(gaps, above, torch.inf).amin(-1, keepdim=True)
-    far = size >= first_far
+    far = (size >= first_far) & (h > 0)
     return far, size.masked_fill(far, 0).amax(-1)

@@ -229,17 +229,30 @@ def test_bounds_far_above_the_other_sides_cost_neither_iterations_nor_accuracy(b
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7 * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("beta", [1e4, 1e8])
+def test_a_side_far_below_the_others_sets_the_variables_size(beta):
+    """z₀ ≥ β (the row −z₀ ≤ −β) among unit bounds: the solution is as large as β, so the side is no
+    far one (``sides.far_sides``) and the variables' scale follows it. Taken for a far side, the
+    start left it out and the solve ended MAX_ITER at 1e4 and PRIMAL_INFEASIBLE at 1e8."""
+    Q, p = torch.eye(3, dtype=torch.float64), torch.tensor([0.0, 1.0, -1.0], dtype=torch.float64)
+    G = torch.tensor([[-1.0, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=torch.float64)
+    sol = solve_qp(Q, p, G, torch.tensor([-beta, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64))
+    assert sol.status == QPStatus.SOLVED
+    assert abs(float(sol.z[0]) - beta) <= 1e-10 * beta
+
+
 def test_far_sides_are_those_above_a_gap_between_nonzero_sides():
-    """``far_sides``: the sides from the first gap of ``FAR_SIDE`` between nonzero sides up, and the
-    largest other side; zero sides below spread ones (Maros–Meszaros QGROW7: zeros, then 3e3 to 9e6)
-    are no gap, nor are sides spread in smaller steps, nor a single row."""
+    """``far_sides``: the positive sides from the first gap of ``FAR_SIDE`` between nonzero sides up,
+    and the largest other side; zero sides below spread ones (Maros–Meszaros QGROW7: zeros, then 3e3
+    to 9e6) are no gap, nor are sides spread in smaller steps, nor a single row, and a side far below
+    the others (−1e30) is never far."""
     from optlayers.sides import FAR_SIDE, far_sides
     h = torch.tensor([[0.0, -2.0, 1.0, 3.0 * FAR_SIDE * 4, 1e20, -1e30],  # 1.2e4 is above 1e3 · (1 + 3)
                       [0.0, 0.0, 3e3, 4e4, 5e5, 9e6],
                       [1e-9, 1e-6, 1e-3, 1.0, 1e3, 1e6]], dtype=torch.float64)
     far, typical = far_sides(h)
-    assert far.tolist() == [[False, False, False, True, True, True], [False] * 6, [False] * 6]
-    assert typical.tolist() == [2.0, 9e6, 1e6]
+    assert far.tolist() == [[False, False, False, True, True, False], [False] * 6, [False] * 6]  # −1e30: not far
+    assert typical.tolist() == [1e30, 9e6, 1e6]
     far, typical = far_sides(torch.tensor([[1e20]], dtype=torch.float64))
     assert far.tolist() == [[False]] and typical.tolist() == [1e20]
 
