@@ -9,7 +9,8 @@ box and 16 random rows) with the default tolerance and prints, beside the status
 the largest relative error of z and of the gradients of w·z (w random) against the unit-scale
 solve, the gradients brought back to unit scale. The same QPs at unit scale are solved with bounds
 far above their sides added (never active, as a bound of 1e20 that stands for an absent one): their
-answers and gradients are those without the bounds, and the bounds' own gradients zero.
+answers and gradients are those without the bounds, and the bounds' own gradients zero; and, as
+cone programs (``solve_cone``, the interior point method and Clarabel), with a far box.
 
     PYTHONPATH=src python -m benchmarks.scale_accuracy [--json FILE]
 """
@@ -109,6 +110,40 @@ def far_bound_rows() -> list[dict[str, object]]:
     return rows
 
 
+CONE_FAR_BOUNDS = [(solver, beta) for solver in ("ipm", "clarabel") for beta in (1e4, 1e8, 1e12, 1e20)]
+"""The cone layer's solvers and the bounds −β ≤ x ≤ β added to its programs as nonnegative rows."""
+
+
+def cone_far_bound_rows() -> list[dict[str, object]]:
+    """The unit QPs as cone programs (Gz ≤ h as nonnegative rows, P = Q, c = p, no equalities) with
+    −β ≤ x ≤ β added (``CONE_FAR_BOUNDS``): against the programs without the box, x and the
+    gradients of w·x w.r.t. A, b (their own rows) and c, and the largest violation of the rows."""
+    from optlayers import ConeSpec, solve_cone
+    d = _qp()
+    B, n = d["p"].shape
+    k = d["h"].shape[-1]
+    eye = torch.eye(n, dtype=d["G"].dtype).expand(B, n, n)
+
+    def solve(A, b, solver):
+        data = [t.clone().requires_grad_() for t in (A, b, d["p"])]
+        sol = solve_cone(data[0], data[1], data[2], ConeSpec(nonneg=b.shape[-1]), P=d["Q"], solver=solver, on_failure="ignore")
+        return sol, torch.autograd.grad((d["w"] * sol.x).sum(), data)
+    rows, plain = [], {}
+    for solver, beta in CONE_FAR_BOUNDS:
+        if solver not in plain:
+            plain[solver] = solve(d["G"], d["h"], solver)
+        unit, unit_grads = plain[solver]
+        A = torch.cat([d["G"], eye, -eye], 1)
+        b = torch.cat([d["h"], torch.full((B, 2 * n), beta, dtype=d["h"].dtype)], -1)
+        sol, grads = solve(A, b, solver)
+        violation = (A @ sol.x.detach().unsqueeze(-1)).squeeze(-1) - b
+        rows.append({"solver": solver, "bound": beta, "statuses": sol.status.tolist(),
+                     "x": _relative(sol.x.detach(), unit.x.detach()),
+                     "gradients": max(_relative(g, u) for g, u in zip((grads[0][:, :k], grads[1][:, :k], grads[2]), unit_grads)),
+                     "violation": float(violation.max())})
+    return rows
+
+
 def lp_rows() -> list[dict[str, object]]:
     d = _lp()
     unit = solve_qp(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"])
@@ -126,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # inexact-derivative warnings: the errors below say how inexact
-        qp, far, lp = qp_rows(), far_bound_rows(), lp_rows()
+        qp, far, lp, cone = qp_rows(), far_bound_rows(), lp_rows(), cone_far_bound_rows()
     print("QPs (n = 6, 10 inequalities, 2 equalities, 8 problems): Q, p scaled by ω (objective) or p, h, b by α (data)")
     print("| scale | all SOLVED | iterations | z error | gradient error |\n|---|---|---|---|---|")
     for r in qp:
@@ -146,10 +181,16 @@ def main(argv: list[str] | None = None) -> None:
     for r in lp:
         print(f"| {r['alpha']:g}, {r['omega']:g} | {all(s == 0 for s in r['statuses'])} | {min(r['iterations'])}–"
               f"{max(r['iterations'])} | {r['z']:.1e} |")
+    print("\nThe same QPs as cone programs (solve_cone, nonnegative rows) with −β ≤ x ≤ β added, against the "
+          "programs without the box")
+    print("| solver, β | all SOLVED | x error | gradient error | largest violation of a row |\n|---|---|---|---|---|")
+    for r in cone:
+        print(f"| {r['solver']}, {r['bound']:g} | {all(s == 0 for s in r['statuses'])} | {r['x']:.1e} | "
+              f"{r['gradients']:.1e} | {r['violation']:.1e} |")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       "torch": torch.__version__, "qp": qp, "far_bounds": far, "lp": lp}, out, indent=1)
+                       "torch": torch.__version__, "qp": qp, "far_bounds": far, "lp": lp, "cone_far_bounds": cone}, out, indent=1)
 
 
 if __name__ == "__main__":
