@@ -176,3 +176,18 @@ def test_bounds_far_above_the_other_sides_leave_the_solution_and_its_derivatives
     assert float(grad_A[:, k:].abs().max()) <= 1e-9 and float(grad_b[:, k:].abs().max()) <= 1e-9
     for got, want in zip((grad_A[:, :k], grad_b[:, :k], grad_c), plain_grads):
         torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize("solver", ["ipm", "clarabel"])
+@pytest.mark.parametrize("bound", [1e4, 1e12])
+def test_a_far_side_the_objective_reaches_is_not_scaled(solver, bound):
+    """x₀ ≤ β among unit bounds with P = I and c₀ = −100β: the objective pushes x₀ onto its far side,
+    so it is no far row (``solve.far_row_scales``): x₀ = β and dx₀/db = e₀. Scaled as a far row, its
+    multiplier grew as large as its scale is small and the solve ended INACCURATE at 1e12."""
+    A = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=torch.float64)
+    b = torch.tensor([bound, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64, requires_grad=True)
+    c = torch.tensor([-100 * bound, 1.0, -1.0], dtype=torch.float64)
+    sol = solve_cone(A, b, c, ConeSpec(nonneg=5), P=torch.eye(3, dtype=torch.float64), solver=solver)
+    assert sol.status == ConeStatus.SOLVED and abs(float(sol.x[0]) - bound) <= 1e-10 * bound
+    grad, = torch.autograd.grad(sol.x[0], b)
+    torch.testing.assert_close(grad, torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64), rtol=0, atol=1e-9)

@@ -241,6 +241,21 @@ def test_a_side_far_below_the_others_sets_the_variables_size(beta):
     assert abs(float(sol.z[0]) - beta) <= 1e-10 * beta
 
 
+@pytest.mark.parametrize("beta", [1e6, 1e8, 1e12])
+def test_a_far_side_the_objective_pushes_on_is_active(beta):
+    """z₀ ≤ β among unit bounds, with p₀ = −100β: the far side is active, z₀ = β and dz₀/dβ = 1. The
+    start takes such a row (violated by its least-squares fit) at its own scale (``ipm._start_row_scales``);
+    scaled as an absent bound, the solve ended MAX_ITER at 1e6 and NUMERICAL_ERROR at 1e8 and 1e12."""
+    Q, p = torch.eye(3, dtype=torch.float64), torch.tensor([-100 * beta, 1.0, -1.0], dtype=torch.float64)
+    G = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=torch.float64)
+    h = torch.tensor([beta, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64, requires_grad=True)
+    sol = solve_qp(Q, p, G, h)
+    assert sol.status == QPStatus.SOLVED
+    assert abs(float(sol.z[0]) - beta) <= 1e-10 * beta
+    grad, = torch.autograd.grad(sol.z[0], h)
+    torch.testing.assert_close(grad, torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64), rtol=0, atol=1e-9)
+
+
 def test_far_sides_are_those_above_a_gap_between_nonzero_sides():
     """``far_sides``: the positive sides from the first gap of ``FAR_SIDE`` between nonzero sides up,
     and the largest other side; zero sides below spread ones (Maros–Meszaros QGROW7: zeros, then 3e3

@@ -14,7 +14,7 @@ from optlayers.cone.data import prepare_cone
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.spec import ConeSpec
 from optlayers.linalg import power_of_two_above
-from optlayers.sides import far_sides
+from optlayers.sides import FAR_SIDE, far_sides
 from optlayers.status import FailurePolicy, Status
 from optlayers.validation.cone import check_cone_options, check_layer_options
 from optlayers.validation.options import check_int
@@ -149,7 +149,7 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     # The solvers, the refinement and the derivative all work in float64, on the program scaled to
     # unit size (``unit_scales``); outputs follow the inputs' dtype and scale.
     A, b, c, P = (None if t is None else t.to(torch.float64) for t in (data.A, data.b, data.c, data.P))
-    rows = far_row_scales(A, b, cones)  # (B, m) or 1: the program with far nonnegative rows scaled, y = r·y', s = s'/r
+    rows = far_row_scales(A, b, c, P, cones)  # (B, m) or 1: the program with far nonnegative rows scaled, y = r·y', s = s'/r
     if rows is not None:
         A, b = A * rows.unsqueeze(-1), b * rows
     else:
@@ -188,7 +188,8 @@ programs of docs/cone.md (sizes 2-5) came out worse scaled to sizes in [1/2, 1),
 the refinement's reach."""
 
 
-def far_row_scales(A: torch.Tensor, b: torch.Tensor, cones: ConeSpec) -> torch.Tensor | None:
+def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
+                   cones: ConeSpec) -> torch.Tensor | None:
     """(B, m) powers of two r that scale each program's far nonnegative rows (``sides.far_sides``: sides
     far above the others, as bounds of 1e12 that stand for absent ones) to the size of its largest
     other nonnegative side, 1 elsewhere; None where no program has one (read by the host; under
@@ -200,13 +201,19 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, cones: ConeSpec) -> torch.T
     far side set the size of the program's data (``unit_scales``) and of the solvers' relative
     tests: with −1e4 ≤ x ≤ 1e4 added to random programs, one of 8 came out SOLVED at an objective
     17 % above the optimum, and with 1e12 five of 8 SOLVED and infeasible by up to 0.47, with the
-    method and with Clarabel alike. A sparse A is solved as given."""
+    method and with Clarabel alike. With P, a side within ``FAR_SIDE`` times (1 + |c| / |P|, the
+    size of the unconstrained minimum) is not taken for far: the objective may push the variables
+    onto it (x₀ ≤ 1e12 with c₀ = −1e14: scaled, its multiplier grew as large as the scale is small,
+    and the solve ended INACCURATE). A sparse A is solved as given."""
     transformed = torch._C._are_functorch_transforms_active()
     if A.layout != torch.strided or cones.nonneg < 2 or (transformed and A.dim() == 2):
         return None
     start = cones.zero
     sides = b[:, start:start + cones.nonneg].detach()
     far, typical = far_sides(sides)
+    if P is not None:  # the unconstrained minimum's size, |c| / |P| (0 for P = 0: a linear objective)
+        reach = c.detach().abs().amax(-1, keepdim=True) / P.detach().abs().amax((-2, -1)).reshape(-1, 1)
+        far = far & (sides > FAR_SIDE * (1 + torch.nan_to_num(reach, nan=0.0, posinf=0.0)))
     if not transformed and not bool(far.any()):
         return None
     target = torch.where(typical > 0, power_of_two_above(typical), 1.0).unsqueeze(-1)

@@ -365,6 +365,10 @@ def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR
     x, nu, z = solve_reduced(f, -data.p, data.b, -data.h, settings.refine_steps)
     if k:
         z = z / rows  # the scaled rows' G'x − h'
+        # a far row that the fit (which all but left it out) violates is one the objective pushes on,
+        # likely active: it takes the start of its own scale (``_start_row_scales``)
+        pushed = (z > 0) & (rows < 1)
+        z, rows = torch.where(pushed, z / rows, z), torch.where(pushed, constant(1.0, rows), rows)
         shift_s = z.amax(-1, keepdim=True)
         shift_l = (-z).amax(-1, keepdim=True)
         s = torch.where(shift_s >= 0, -z + 1 + shift_s, -z).clamp(min=_INTERIOR_FLOOR) / rows
@@ -388,7 +392,10 @@ def _start_row_scales(h: Tensor) -> Tensor:
     stalled at a gap of 1e13 (5 of 8 random QPs with one such bound reached the iteration limit).
     Scaled, the far row barely weighs in the fit, and starts with its slack at its side and λ at
     the other rows' size over it (sλ is unchanged by the scaling, as are the Newton directions).
-    Where no side is far the start is CVXOPT's, bit for bit."""
+    A far row that the fit then violates (the objective pushes the variables beyond it: z₀ ≤ 1e6
+    with p₀ = −1e8) is active at the solution, not absent: scaled, its multiplier would be as large
+    as the scale is small, and the solve ended MAX_ITER at 1e6 and NUMERICAL_ERROR at 1e8; it
+    takes its own scale back after the fit. Where no side is far the start is CVXOPT's, bit for bit."""
     far, typical = far_sides(h)
     return torch.where(far, (1 + typical.unsqueeze(-1)) / h.abs(), constant(1.0, h))
 
