@@ -364,11 +364,11 @@ def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR
                    augment=settings.augment)
     x, nu, z = solve_reduced(f, -data.p, data.b, -data.h, settings.refine_steps)
     if k:
-        z = z / rows  # the scaled rows' G'x − h'
+        z = z / rows  # the scaled rows' G'x − h' = α(Gx − h)
         # a far row that the fit (which all but left it out) violates is one the objective pushes on,
-        # likely active: it takes the start of its own scale (``_start_row_scales``)
-        pushed = (z > 0) & (rows < 1)
-        z, rows = torch.where(pushed, z / rows, z), torch.where(pushed, constant(1.0, rows), rows)
+        # likely active: it takes the start of its own scale (``_start_row_scales``; other rows have α = 1)
+        own = torch.where(z > 0, 1.0, rows)
+        z, rows = z * own / rows, own
         shift_s = z.amax(-1, keepdim=True)
         shift_l = (-z).amax(-1, keepdim=True)
         s = torch.where(shift_s >= 0, -z + 1 + shift_s, -z).clamp(min=_INTERIOR_FLOOR) / rows
