@@ -110,34 +110,40 @@ def far_bound_rows() -> list[dict[str, object]]:
     return rows
 
 
-CONE_FAR_BOUNDS = [(solver, beta) for solver in ("ipm", "clarabel") for beta in (1e4, 1e8, 1e12, 1e20)]
-"""The cone layer's solvers and the bounds −β ≤ x ≤ β added to its programs as nonnegative rows."""
+CONE_FAR_BOUNDS = [(kind, solver, beta) for kind in ("quadratic", "linear") for solver in ("ipm", "clarabel")
+                   for beta in (1e4, 1e8, 1e12, 1e20)]
+"""The cone layer's programs (the QPs, or the linear programs), solvers and the bounds −β ≤ x ≤ β added
+to them as nonnegative rows."""
 
 
 def cone_far_bound_rows() -> list[dict[str, object]]:
-    """The unit QPs as cone programs (Gz ≤ h as nonnegative rows, P = Q, c = p, no equalities) with
-    −β ≤ x ≤ β added (``CONE_FAR_BOUNDS``): against the programs without the box, x and the
-    gradients of w·x w.r.t. A, b (their own rows) and c, and the largest violation of the rows."""
+    """The unit QPs (P = Q) or linear programs (their box and 16 rows) as cone programs (Gz ≤ h as
+    nonnegative rows, c = p, no equalities) with −β ≤ x ≤ β added (``CONE_FAR_BOUNDS``): against the
+    programs without it, x and the gradients of w·x w.r.t. A, b (their own rows) and c, and the
+    largest violation of the rows."""
     from optlayers import ConeSpec, solve_cone
-    d = _qp()
-    B, n = d["p"].shape
-    k = d["h"].shape[-1]
-    eye = torch.eye(n, dtype=d["G"].dtype).expand(B, n, n)
+    problems = {"quadratic": _qp(), "linear": _lp()}
+    w = problems["quadratic"]["w"]
 
-    def solve(A, b, solver):
+    def solve(d, A, b, solver):
         data = [t.clone().requires_grad_() for t in (A, b, d["p"])]
-        sol = solve_cone(data[0], data[1], data[2], ConeSpec(nonneg=b.shape[-1]), P=d["Q"], solver=solver, on_failure="ignore")
-        return sol, torch.autograd.grad((d["w"] * sol.x).sum(), data)
+        P = d["Q"] if d["Q"].abs().amax() > 0 else None
+        sol = solve_cone(data[0], data[1], data[2], ConeSpec(nonneg=b.shape[-1]), P=P, solver=solver, on_failure="ignore")
+        return sol, torch.autograd.grad((w * sol.x).sum(), data)
     rows, plain = [], {}
-    for solver, beta in CONE_FAR_BOUNDS:
-        if solver not in plain:
-            plain[solver] = solve(d["G"], d["h"], solver)
-        unit, unit_grads = plain[solver]
+    for kind, solver, beta in CONE_FAR_BOUNDS:
+        d = problems[kind]
+        B, n = d["p"].shape
+        k = d["h"].shape[-1]
+        eye = torch.eye(n, dtype=d["G"].dtype).expand(B, n, n)
+        if (kind, solver) not in plain:
+            plain[kind, solver] = solve(d, d["G"], d["h"], solver)
+        unit, unit_grads = plain[kind, solver]
         A = torch.cat([d["G"], eye, -eye], 1)
         b = torch.cat([d["h"], torch.full((B, 2 * n), beta, dtype=d["h"].dtype)], -1)
-        sol, grads = solve(A, b, solver)
+        sol, grads = solve(d, A, b, solver)
         violation = (A @ sol.x.detach().unsqueeze(-1)).squeeze(-1) - b
-        rows.append({"solver": solver, "bound": beta, "statuses": sol.status.tolist(),
+        rows.append({"kind": kind, "solver": solver, "bound": beta, "statuses": sol.status.tolist(),
                      "x": _relative(sol.x.detach(), unit.x.detach()),
                      "gradients": max(_relative(g, u) for g, u in zip((grads[0][:, :k], grads[1][:, :k], grads[2]), unit_grads)),
                      "violation": float(violation.max())})
@@ -181,11 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     for r in lp:
         print(f"| {r['alpha']:g}, {r['omega']:g} | {all(s == 0 for s in r['statuses'])} | {min(r['iterations'])}–"
               f"{max(r['iterations'])} | {r['z']:.1e} |")
-    print("\nThe same QPs as cone programs (solve_cone, nonnegative rows) with −β ≤ x ≤ β added, against the "
-          "programs without the box")
-    print("| solver, β | all SOLVED | x error | gradient error | largest violation of a row |\n|---|---|---|---|---|")
+    print("\nThe same QPs and linear programs as cone programs (solve_cone, nonnegative rows) with −β ≤ x ≤ β "
+          "added, against the programs without the box")
+    print("| program, solver, β | all SOLVED | x error | gradient error | largest violation of a row |\n|---|---|---|---|---|")
     for r in cone:
-        print(f"| {r['solver']}, {r['bound']:g} | {all(s == 0 for s in r['statuses'])} | {r['x']:.1e} | "
+        print(f"| {r['kind']}, {r['solver']}, {r['bound']:g} | {all(s == 0 for s in r['statuses'])} | {r['x']:.1e} | "
               f"{r['gradients']:.1e} | {r['violation']:.1e} |")
     if args.json:
         with open(args.json, "w") as out:

@@ -593,7 +593,7 @@ def test_scale_accuracy_prints_both_tables_and_writes_every_row(tmp_path, capsys
     for row in rows["qp"] + rows["far_bounds"] + rows["lp"]:
         assert all(status == 0 for status in row["statuses"]), row
         assert row["z"] <= 1e-7 and row.get("gradients", 0.0) <= 1e-7, row
-    assert len(rows["cone_far_bounds"]) == len(scale_accuracy.CONE_FAR_BOUNDS) and "| clarabel, 1e+20 |" in printed
+    assert len(rows["cone_far_bounds"]) == len(scale_accuracy.CONE_FAR_BOUNDS) and "| linear, clarabel, 1e+20 |" in printed
     for row in rows["cone_far_bounds"]:
         assert all(status == 0 for status in row["statuses"]) and row["x"] <= 1e-7 and row["gradients"] <= 1e-7, row
         assert row["violation"] <= 1e-9, row
