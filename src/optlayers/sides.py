@@ -18,12 +18,13 @@ a far side (``far_sides``)."""
 
 def far_sides(h: Tensor) -> tuple[Tensor, Tensor]:
     """(B, k) the far sides of Gx ≤ h: the positive ones from the first gap of ``FAR_SIDE`` between
-    nonzero sides in the sorted |h| up, and (B,) the largest |h| that is not far. A side far below
-    the others (Gᵢx ≤ −1e8) is never far: it holds only where the variables are as large, so they
-    follow it.
+    nonzero sides in the sorted |h| up, and (B,) the largest |h| that is not far. Without a host
+    synchronisation.
+
     Where the nonzero sides run in steps of less than ``FAR_SIDE`` none is far, however widely they
     spread, and the smallest nonzero side never is: zero sides (bounds x ≥ 0) beside sides of 1e3 to
-    1e7 (Maros–Meszaros QGROW7) are no gap. Without a host synchronisation."""
+    1e7 (Maros–Meszaros QGROW7) are no gap. A side far below the others (Gᵢx ≤ −1e8) is never far:
+    it holds only where the variables are as large, so they follow it."""
     size = h.abs()
     if size.shape[-1] < 2:
         return torch.zeros_like(size, dtype=torch.bool), size.amax(-1)

@@ -195,9 +195,11 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
     other nonnegative side, 1 elsewhere; None where no program has one (read by the host; under
     torch.func's transforms, which cannot read, always the scales, but None for a shared A, which
     scaled rows would copy into every program, taking a batched solve's path where the plain call
-    takes the shared one's). (rA)x + s' = rb, s' ∈ K is the
-    same program where r scales nonnegative rows only (s' = rs, y' = y/r), exactly (powers of two),
-    and r is a constant of it (detached), so that the derivatives through it are exact. Unscaled, a
+    takes the shared one's).
+
+    (rA)x + s' = rb, s' ∈ K is the same program where r scales nonnegative rows only (s' = rs,
+    y' = y/r), exactly (powers of two), and r is a constant of it (detached), so that the
+    derivatives through it are exact. Unscaled, a
     far side set the size of the program's data (``unit_scales``) and of the solvers' relative
     tests: with −1e4 ≤ x ≤ 1e4 added to random programs, one of 8 came out SOLVED at an objective
     17 % above the optimum, and with 1e12 five of 8 SOLVED and infeasible by up to 0.47, with the

@@ -29,8 +29,8 @@ from optlayers.linalg import inf_norm, mtv, mv, power_of_two_above
 from optlayers.qp.derivative_checks import inexact_derivatives
 from optlayers.qp.multipliers import smaller_multipliers
 from optlayers.qp.scaling import SMALL_DATA, Scaling
-from optlayers.sides import far_sides
 from optlayers.qp.status import QPStatus
+from optlayers.sides import far_sides
 
 # The interior point iteration runs in float64 whatever the data's dtype: its KKT systems grow
 # as ill-conditioned as 1/tol, beyond float32's reach, and GPUs of the H100 class run float64
