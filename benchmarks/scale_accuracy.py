@@ -12,7 +12,7 @@ far above their sides added (never active, as a bound of 1e20 that stands for an
 answers and gradients are those without the bounds, and the bounds' own gradients zero; and, as
 cone programs (``solve_cone``, the interior point method and Clarabel), with a far box.
 
-    PYTHONPATH=src python -m benchmarks.scale_accuracy [--json FILE]
+    PYTHONPATH=src python -m benchmarks.scale_accuracy [--json FILE] [--peers [SOLVER ...]]
 """
 from __future__ import annotations
 
@@ -150,6 +150,38 @@ def cone_far_bound_rows() -> list[dict[str, object]]:
     return rows
 
 
+PEER_FAR_BOUNDS = (1e4, 1e8, 1e12, 1e20)
+"""The bounds −β ≤ z ≤ β added to the QPs for ``--peers``."""
+
+
+def peer_far_bound_rows(names: list[str]) -> list[dict[str, object]]:
+    """The unit QPs with −β ≤ z ≤ β added (``PEER_FAR_BOUNDS``), solved by each named solver of
+    ``benchmarks.solvers`` that imports (float64, its own settings): the largest relative error of z
+    against optlayers' solve of the QPs without the box, and how many of the 8 came back finite."""
+    from benchmarks.problems import QPBatch
+    from benchmarks.solvers import available_solvers
+    d = _qp()
+    reference = solve_qp(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"]).z
+    B, n = d["p"].shape
+    eye = torch.eye(n, dtype=d["G"].dtype).expand(B, n, n)
+    solvers, missing = available_solvers(names, threads=1)
+    rows = [{"solver": line.split(":")[0], "skipped": line} for line in missing]
+    for solver in solvers:
+        for beta in PEER_FAR_BOUNDS:
+            qp = QPBatch(d["Q"], d["p"], torch.cat([d["G"], eye, -eye], 1),
+                         torch.cat([d["h"], torch.full((B, 2 * n), beta, dtype=d["h"].dtype)], -1), d["A"], d["b"])
+            try:
+                with torch.no_grad():
+                    z = solver.solve(qp).detach().to(torch.float64)
+            except Exception as error:  # a peer that fails on the data is a row of the table, not the end of the run
+                rows.append({"solver": solver.name, "bound": beta, "error": f"{type(error).__name__}: {error}"[:120]})
+                continue
+            finite = torch.isfinite(z).all(-1)
+            rows.append({"solver": solver.name, "bound": beta, "finite": int(finite.sum()),
+                         "z": _relative(z[finite], reference[finite]) if bool(finite.any()) else float("nan")})
+    return rows
+
+
 def lp_rows() -> list[dict[str, object]]:
     d = _lp()
     unit = solve_qp(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"])
@@ -164,10 +196,13 @@ def lp_rows() -> list[dict[str, object]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--peers", nargs="*", metavar="SOLVER",
+                        help="also solve the QPs with a far box by these solvers of benchmarks/solvers.py (all where none is named)")
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # inexact-derivative warnings: the errors below say how inexact
         qp, far, lp, cone = qp_rows(), far_bound_rows(), lp_rows(), cone_far_bound_rows()
+        peers = None if args.peers is None else peer_far_bound_rows(args.peers or None)
     print("QPs (n = 6, 10 inequalities, 2 equalities, 8 problems): Q, p scaled by ω (objective) or p, h, b by α (data)")
     print("| scale | all SOLVED | iterations | z error | gradient error |\n|---|---|---|---|---|")
     for r in qp:
@@ -193,10 +228,22 @@ def main(argv: list[str] | None = None) -> None:
     for r in cone:
         print(f"| {r['kind']}, {r['solver']}, {r['bound']:g} | {all(s == 0 for s in r['statuses'])} | {r['x']:.1e} | "
               f"{r['gradients']:.1e} | {r['violation']:.1e} |")
+    if peers is not None:
+        print("\nThe QPs with −β ≤ z ≤ β added, by the peers (their own settings), against optlayers' solve "
+              "of the QPs without the box")
+        print("| solver, β | finite of 8 | z error |\n|---|---|---|")
+        for r in peers:
+            if "skipped" in r:
+                print(f"| {r['skipped']} | | |")
+            elif "error" in r:
+                print(f"| {r['solver']}, {r['bound']:g} | raised {r['error']} | |")
+            else:
+                print(f"| {r['solver']}, {r['bound']:g} | {r['finite']} | {r['z']:.1e} |")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                       "torch": torch.__version__, "qp": qp, "far_bounds": far, "lp": lp, "cone_far_bounds": cone}, out, indent=1)
+                       "torch": torch.__version__, "qp": qp, "far_bounds": far, "lp": lp, "cone_far_bounds": cone,
+                       "peer_far_bounds": peers}, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -599,3 +599,15 @@ def test_scale_accuracy_prints_both_tables_and_writes_every_row(tmp_path, capsys
         assert row["violation"] <= 1e-9, row
     for row in rows["far_bounds"]:  # a bound never active weighs nothing: neither iterations nor gradient
         assert max(row["iterations"]) <= max(row["unit_iterations"]) + 3 and row["far_gradient"] <= 1e-9, row
+
+
+def test_scale_accuracy_takes_the_peers_through_the_benchmarks_solvers(tmp_path, capsys):
+    """``scale_accuracy.py --peers``: each named solver of ``benchmarks/solvers.py`` (here the package
+    itself, which every machine has) solves the QPs with a far box, a row per bound."""
+    from benchmarks import scale_accuracy
+    out = tmp_path / "peers.json"
+    scale_accuracy.main(["--peers", "optlayers", "--json", str(out)])
+    assert "| optlayers, 1e+20 | 8 |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["peer_far_bounds"]
+    assert [r["bound"] for r in rows] == list(scale_accuracy.PEER_FAR_BOUNDS)
+    assert all(r["finite"] == 8 and r["z"] <= 1e-9 for r in rows), rows
