@@ -86,21 +86,26 @@ def qp_rows() -> list[dict[str, object]]:
     return rows
 
 
+def _with_far_bounds(d: dict[str, torch.Tensor], beta: float, kind: str = "box") -> tuple[torch.Tensor, torch.Tensor]:
+    """``d``'s G and h with z₀ ≤ β (``kind`` "one") or −β ≤ z ≤ β ("box") added as their last rows."""
+    B, n = d["p"].shape
+    eye = torch.eye(n, dtype=d["G"].dtype).expand(B, n, n)
+    extra = eye[:, :1] if kind == "one" else torch.cat([eye, -eye], 1)
+    return torch.cat([d["G"], extra], 1), torch.cat([d["h"], torch.full((B, extra.shape[1]), beta, dtype=d["h"].dtype)], -1)
+
+
 def far_bound_rows() -> list[dict[str, object]]:
     """The unit QPs with bounds far above their sides added (``FAR_BOUNDS``): against the unit solve
     without them, z and the gradients of w·z w.r.t. Q, p, h (its own rows) and b."""
     d = _qp()
     unit, unit_grads = _qp_solve(d, "data", 1.0)
-    B, n = d["p"].shape
-    eye = torch.eye(n, dtype=d["G"].dtype).expand(B, n, n)
+    k = d["h"].shape[-1]
     rows = []
     for kind, beta in FAR_BOUNDS:
-        extra = eye[:, :1] if kind == "one" else torch.cat([eye, -eye], 1)
-        k = d["h"].shape[-1]
-        data = [d["Q"].clone().requires_grad_(), d["p"].clone().requires_grad_(),
-                torch.cat([d["h"], torch.full((B, extra.shape[1]), beta, dtype=d["h"].dtype)], -1).requires_grad_(),
+        G, h = _with_far_bounds(d, beta, kind)
+        data = [d["Q"].clone().requires_grad_(), d["p"].clone().requires_grad_(), h.requires_grad_(),
                 d["b"].clone().requires_grad_()]
-        sol = solve_qp(data[0], data[1], torch.cat([d["G"], extra], 1), data[2], d["A"], data[3], on_failure="ignore")
+        sol = solve_qp(data[0], data[1], G, data[2], d["A"], data[3], on_failure="ignore")
         grads = list(torch.autograd.grad((d["w"] * sol.z).sum(), data))
         far_gradient = float(grads[2][:, k:].abs().max())
         grads[2] = grads[2][:, :k]
@@ -133,14 +138,11 @@ def cone_far_bound_rows() -> list[dict[str, object]]:
     rows, plain = [], {}
     for kind, solver, beta in CONE_FAR_BOUNDS:
         d = problems[kind]
-        B, n = d["p"].shape
         k = d["h"].shape[-1]
-        eye = torch.eye(n, dtype=d["G"].dtype).expand(B, n, n)
         if (kind, solver) not in plain:
             plain[kind, solver] = solve(d, d["G"], d["h"], solver)
         unit, unit_grads = plain[kind, solver]
-        A = torch.cat([d["G"], eye, -eye], 1)
-        b = torch.cat([d["h"], torch.full((B, 2 * n), beta, dtype=d["h"].dtype)], -1)
+        A, b = _with_far_bounds(d, beta)
         sol, grads = solve(d, A, b, solver)
         violation = (A @ sol.x.detach().unsqueeze(-1)).squeeze(-1) - b
         rows.append({"kind": kind, "solver": solver, "bound": beta, "statuses": sol.status.tolist(),
@@ -162,14 +164,11 @@ def peer_far_bound_rows(names: list[str]) -> list[dict[str, object]]:
     from benchmarks.solvers import available_solvers
     d = _qp()
     reference = solve_qp(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"]).z
-    B, n = d["p"].shape
-    eye = torch.eye(n, dtype=d["G"].dtype).expand(B, n, n)
     solvers, missing = available_solvers(names, threads=1)
     rows = [{"solver": line.split(":")[0], "skipped": line} for line in missing]
     for solver in solvers:
         for beta in PEER_FAR_BOUNDS:
-            qp = QPBatch(d["Q"], d["p"], torch.cat([d["G"], eye, -eye], 1),
-                         torch.cat([d["h"], torch.full((B, 2 * n), beta, dtype=d["h"].dtype)], -1), d["A"], d["b"])
+            qp = QPBatch(d["Q"], d["p"], *_with_far_bounds(d, beta), d["A"], d["b"])
             try:
                 with torch.no_grad():
                     z = solver.solve(qp).detach().to(torch.float64)
