@@ -68,3 +68,16 @@ def box_qp(batch: int, n: int, m: int) -> dict[str, torch.Tensor]:
     eye = torch.eye(n).expand(batch, n, n)
     return {"Q": torch.diag_embed(q), "p": 3 * torch.randn(batch, n), "G": torch.cat([eye, -eye], dim=-2),
             "h": torch.cat([upper, -lower], dim=-1), "A": A, "b": (A @ inside.unsqueeze(-1)).squeeze(-1)}
+
+
+def generic_qps() -> tuple[torch.Tensor, ...]:
+    """Q, p, G, h, A, b and a weight w (float64) of 8 random QPs (n = 6, 10 inequalities, 2 equalities)
+    with a strictly feasible z₀: generic, non-degenerate optima."""
+    torch.manual_seed(0)
+    B, n, k, m = 8, 6, 10, 2
+    L = torch.randn(B, n, n, dtype=torch.float64)
+    Q, G, A = L @ L.mT + 0.1 * torch.eye(n), torch.randn(B, k, n, dtype=torch.float64), torch.randn(B, m, n, dtype=torch.float64)
+    z0 = torch.randn(B, n, 1, dtype=torch.float64)
+    h = (G @ z0).squeeze(-1) + 0.1 + torch.rand(B, k, dtype=torch.float64)
+    b, p, w = (A @ z0).squeeze(-1), torch.randn(B, n, dtype=torch.float64), torch.randn(B, n, dtype=torch.float64)
+    return Q, p, G, h, A, b, w

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optlayers import QPFunction, QPStatus, solve_qp
-from qp_problems import clarabel_solve, random_qp
+from qp_problems import clarabel_solve, generic_qps, random_qp
 
 TIGHT = 1e-12
 
@@ -194,19 +194,6 @@ def test_data_far_from_unit_size_are_solved_as_accurately_as_unit_data(scale):
         torch.testing.assert_close(got, want, rtol=10 * accuracy, atol=accuracy * float(want.abs().max()))
 
 
-def _generic_qps() -> tuple[torch.Tensor, ...]:
-    """Q, p, G, h, A, b and a weight w (float64) of 8 random QPs (n = 6, 10 inequalities, 2 equalities)
-    with a strictly feasible z₀: generic, non-degenerate optima."""
-    torch.manual_seed(0)
-    B, n, k, m = 8, 6, 10, 2
-    L = torch.randn(B, n, n, dtype=torch.float64)
-    Q, G, A = L @ L.mT + 0.1 * torch.eye(n), torch.randn(B, k, n, dtype=torch.float64), torch.randn(B, m, n, dtype=torch.float64)
-    z0 = torch.randn(B, n, 1, dtype=torch.float64)
-    h = (G @ z0).squeeze(-1) + 0.1 + torch.rand(B, k, dtype=torch.float64)
-    b, p, w = (A @ z0).squeeze(-1), torch.randn(B, n, dtype=torch.float64), torch.randn(B, n, dtype=torch.float64)
-    return Q, p, G, h, A, b, w
-
-
 @pytest.mark.parametrize("bounds", ["one", "box"])
 @pytest.mark.parametrize("beta", [1e8, 1e12, 1e20])
 def test_bounds_far_above_the_other_sides_cost_neither_iterations_nor_accuracy(bounds, beta):
@@ -216,7 +203,7 @@ def test_bounds_far_above_the_other_sides_cost_neither_iterations_nor_accuracy(b
     start's least-squares fit followed the far side: with z₀ ≤ 1e12 five of eight problems reached
     the iteration limit, and with −1e12 ≤ z ≤ 1e12 every problem was scaled by 1e-12; at 1e8 they
     took 17 to 30 iterations against 6 to 10."""
-    Q, p, G, h, A, b, w = _generic_qps()
+    Q, p, G, h, A, b, w = generic_qps()
     B, n, k = p.shape[0], p.shape[1], h.shape[1]
     eye = torch.eye(n, dtype=torch.float64).expand(B, n, n)
     far_rows = eye[:, :1] if bounds == "one" else torch.cat([eye, -eye], 1)
@@ -287,7 +274,7 @@ def test_a_small_objective_is_solved_as_accurately_as_a_unit_one(omega):
     size (``qp.scaling._sizes``) and the default tolerance of the dual residual and the gap follows
     it (``ipm.absolute_tolerance``). With a fixed cost scale and tolerance, ω = 1e-6 gave gradients
     8e-5 off and ω = 1e-10 26 % off, SOLVED."""
-    Q, p, G, h, A, b, w = _generic_qps()
+    Q, p, G, h, A, b, w = generic_qps()
 
     def solve(scale):
         data = [t.clone().requires_grad_() for t in (scale * Q, scale * p, h, b)]

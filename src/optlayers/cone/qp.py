@@ -12,8 +12,9 @@ import torch
 
 from optlayers.cone.solve import solve_cone
 from optlayers.cone.spec import ConeSpec
-from optlayers.qp.problem import prepare_qp
-from optlayers.validation.qp import check_constrained, check_values
+from optlayers.qp.problem import prepare_qp, with_absent_sides, without_absent_sides
+from optlayers.status import Status
+from optlayers.validation.qp import InfiniteSides, check_constrained, check_values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,7 @@ class ConeQPSolution:
 def solve_qp_cone(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = None, h: torch.Tensor | None = None,
                   A: torch.Tensor | None = None, b: torch.Tensor | None = None, **cone_options) -> ConeQPSolution:
     """Solve the QP with ``solve_cone`` (its forward solver, the HSDE derivative backward), its data checked
-    and broadcast as by ``solve_qp``.
+    and broadcast as by ``solve_qp``, sides of +inf in h taken as absent bounds as there.
 
     Args:
         Q: (n, n) or (B, n, n) positive semidefinite.
@@ -43,10 +44,18 @@ def solve_qp_cone(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = Non
         ConeQPSolution, unbatched when every input is.
     """
     (Q, p, G, h, A, b), batch = prepare_qp(Q, p, G, h, A, b)  # the checks and broadcasting of solve_qp
-    check_values(Q, p, G, h, A, b)
+    absent = None
+    try:
+        check_values(Q, p, G, h, A, b)
+    except InfiniteSides:  # absent bounds, as solve_qp takes them
+        (Q, p, G, h, A, b), absent = without_absent_sides((Q, p, G, h, A, b))
+        check_values(Q, p, G, h, A, b)
     m, k = A.shape[-2], G.shape[-2]
     check_constrained(m, k)
     sol = solve_cone(torch.cat([A, G], -2), torch.cat([b, h], -1), p, ConeSpec(zero=m, nonneg=k), Q, **cone_options)
-    parts = (sol.x, sol.y[..., m:], sol.y[..., :m], sol.s[..., m:], sol.status)
+    lam, s = sol.y[..., m:], sol.s[..., m:]
+    if absent is not None:
+        lam, s = with_absent_sides(lam, s, absent, sol.status == Status.SOLVED)
+    parts = (sol.x, lam, sol.y[..., :m], s, sol.status)
     z, lam, nu, s, status = (t.reshape((*batch, *t.shape[1:])) for t in parts)
     return ConeQPSolution(z=z, lam=lam, nu=nu, s=s, status=status)

@@ -13,11 +13,11 @@ from torch import Tensor, nn
 from optlayers.compiling import opaque_to_user_compile
 from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.ipm import IPMSettings, default_settings
-from optlayers.qp.problem import prepare_qp
+from optlayers.qp.problem import prepare_qp, with_absent_sides, without_absent_sides
 from optlayers.qp.relax import Relaxation, elastic_data, original_parts
 from optlayers.status import FailurePolicy, Status, listed_elements, possibly_infeasible, user_stacklevel
 from optlayers.validation.options import check_bool
-from optlayers.validation.qp import check_positive_definite, check_qp_options, check_qpth_options
+from optlayers.validation.qp import InfiniteSides, check_positive_definite, check_qp_options, check_qpth_options
 
 
 @dataclass(frozen=True)
@@ -28,7 +28,7 @@ class QPSolution:
         z: (..., n) primal solution (differentiable).
         lam: (..., k) inequality multipliers, ≥ 0 (differentiable).
         nu: (..., m) equality multipliers (differentiable).
-        s: (..., k) slacks h − Gz ≥ 0 (differentiable).
+        s: (..., k) slacks h − Gz ≥ 0 (differentiable); +inf, and lam 0, where h is +inf.
         status: (...,) ``Status`` codes (``optlayers.Status``, also named ``QPStatus``); elements
             not ``SOLVED`` hold ``failed_value`` (NaN by default) in z, lam, nu, s and get zero
             gradient — except relaxed ones.
@@ -84,7 +84,8 @@ def solve_qp(
         Q: (..., n, n) symmetric positive semidefinite (singular and zero allowed); checked, to
             float32's rounding, with the data's finiteness (``validation.qp.check_values``).
         p: (..., n).
-        G, h: (..., k, n) and (..., k) inequality constraints, or None.
+        G, h: (..., k, n) and (..., k) inequality constraints, or None. A side of +inf is an
+            absent bound: each QP is solved without such rows (docs/qp.md, "Absent bounds").
         A, b: (..., m, n) and (..., m) equality constraints, or None.
         tol: absolute tolerance on the primal residual, dual residual and gap (default 1e-12 for
             float64 data, 1e-10 for float32, times the size of p, h and b where that is below
@@ -129,16 +130,25 @@ def solve_qp(
 
 def solve_prepared(flat: tuple[Tensor, ...], batch: torch.Size, settings: IPMSettings, on_failure: str,
                    failed_value: float = math.nan, relaxation: Relaxation | None = None) -> QPSolution:
-    """``solve_qp`` on data already checked and flattened by ``prepare_qp``."""
+    """``solve_qp`` on data already checked and flattened by ``prepare_qp``. Sides of +inf in h
+    are absent bounds: the QPs are solved without those rows (``problem.without_absent_sides``; the
+    value checks find them, so data without them pay nothing), whose λ is 0 and s +inf."""
     relax = on_failure == "relax"
     policy = FailurePolicy("ignore" if relax else on_failure, failed_value, "QPs")
-    out = _solve_flat(flat, settings, policy, batch)  # failed elements hold failed_value
+    absent = None
+    try:
+        out = _solve_flat(flat, settings, policy, batch)  # failed elements hold failed_value
+    except InfiniteSides:
+        flat, absent = without_absent_sides(flat)
+        out = _solve_flat(flat, settings, policy, batch)
     z, lam, nu, s, status = out[:5]
     if relax:  # the relaxed elements' solutions replace failed_value
         z, lam, nu, s, relaxed = _relax(flat, settings, out, relaxation or Relaxation())
         _warn_relaxed(status.reshape(batch), relaxed.reshape(batch), failed_value)
     else:
         relaxed = torch.zeros_like(status, dtype=torch.bool)
+    if absent is not None:
+        lam, s = with_absent_sides(lam, s, absent, (status == Status.SOLVED) | relaxed)
     outputs = (z, lam, nu, s, *out[4:9], relaxed)  # out[9], the primal residual's bound, only serves _relaxable
     if tuple(batch) != tuple(status.shape):  # not already the batch's shape (B,)
         outputs = tuple(t.reshape((*batch, *t.shape[1:])) for t in outputs)

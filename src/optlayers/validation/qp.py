@@ -275,8 +275,15 @@ def semidefinite(Q: Tensor) -> Tensor:
     return cholesky(shifted)[1]
 
 
-ABSENT_BOUND = ("write an absent bound as a row of zeros in G with h = 1, or as a large finite side far above the "
-                "others (1e20), or leave its row out")
+ABSENT_BOUND = ("write an absent bound as +inf in h (solve_qp and QPFunction leave its row out), as a row of zeros in "
+                "G with h = 1, or as a large finite side far above the others (1e20), or leave its row out")
+
+
+class InfiniteSides(ValueError):
+    """``check_values``'s refusal of data whose only non-finite entries are +inf in h: absent bounds.
+    ``qp.solve.solve_prepared`` catches it and solves the QPs without those rows
+    (``problem.without_absent_sides``); elsewhere (``solve_qp_cone``, ``QPSolveFn`` called directly)
+    it is the refusal it reads as."""
 
 
 def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:
@@ -300,11 +307,20 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
     data = {"Q": Q, "p": p, "G": G, "h": h, "A": A, "b": b}
     distinct, shared = _distinct(Q)
     asym, bound, tol = _asymmetry(distinct)
+    infinite_sides = bool(torch.isposinf(h).any())
     for name, t in data.items():
-        if not bool(torch.isfinite(t).all()):
-            bad = (~torch.isfinite(t)).flatten(1).any(-1).nonzero().tolist()
-            raise ValueError(f"{name} contains NaN or Inf at batch elements {listed_elements(bad)} (flattened); QP data must be finite "
+        finite = torch.isfinite(t) | torch.isposinf(t) if name == "h" else torch.isfinite(t)
+        if not bool(finite.all()):
+            bad = (~finite).flatten(1).any(-1).nonzero().tolist()
+            what = "NaN or -inf (Gz ≤ -inf has no solution)" if name == "h" else "NaN or Inf"
+            raise ValueError(f"{name} contains {what} at batch elements {listed_elements(bad)} (flattened); QP data must be finite "
                              f"whatever on_failure says: drop those elements; {ABSENT_BOUND}")
+    if infinite_sides:
+        bad = torch.isposinf(h).flatten(1).any(-1).nonzero().tolist()
+        raise InfiniteSides(f"h contains +inf at batch elements {listed_elements(bad)} (flattened): solve_qp and QPFunction "
+                            "take it as an absent bound and leave its row out; this entry point does not. Write an absent "
+                            "bound as a row of zeros in G with h = 1, or as a large finite side far above the others (1e20), "
+                            "or leave its row out")
     for name, t in data.items():
         if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
             raise ValueError(f"{name} has entries so large (up to {float(t.abs().max()):.3g}) that their sum overflows float64, "
