@@ -312,9 +312,10 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
         finite = torch.isfinite(t) | torch.isposinf(t) if name == "h" else torch.isfinite(t)
         if not bool(finite.all()):
             bad = (~finite).flatten(1).any(-1).nonzero().tolist()
-            what = "NaN or -inf (Gz ≤ -inf has no solution)" if name == "h" else "NaN or Inf"
-            raise ValueError(f"{name} contains {what} at batch elements {listed_elements(bad)} (flattened); QP data must be finite "
-                             f"whatever on_failure says: drop those elements; {ABSENT_BOUND}")
+            what = "NaN or -inf" if name == "h" else "NaN or Inf"
+            why = " (+inf is an absent bound; Gz ≤ -inf has no solution)" if name == "h" else ""
+            raise ValueError(f"{name} contains {what} at batch elements {listed_elements(bad)} (flattened){why}; QP data must be "
+                             f"finite whatever on_failure says: drop those elements; {ABSENT_BOUND}")
     if infinite_sides:
         bad = torch.isposinf(h).flatten(1).any(-1).nonzero().tolist()
         raise InfiniteSides(f"h contains +inf at batch elements {listed_elements(bad)} (flattened): solve_qp and QPFunction "
