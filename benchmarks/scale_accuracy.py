@@ -8,9 +8,10 @@ solves a batch of random QPs (n = 6, 10 inequalities, 2 equalities) and of linea
 box and 16 random rows) with the default tolerance and prints, beside the statuses and iterations,
 the largest relative error of z and of the gradients of w·z (w random) against the unit-scale
 solve, the gradients brought back to unit scale. The same QPs at unit scale are solved with bounds
-far above their sides added (never active, as a bound of 1e20 that stands for an absent one): their
-answers and gradients are those without the bounds, and the bounds' own gradients zero; and, as
-cone programs (``solve_cone``, the interior point method and Clarabel), with a far box.
+far above their sides added (never active, as a bound of 1e20 that stands for an absent one, or
++inf, an absent bound as such): their answers and gradients are those without the bounds, and the
+bounds' own gradients zero; and, as cone programs (``solve_cone``, the interior point method and
+Clarabel), with a far box (finite: the cone layer's data must be).
 
     PYTHONPATH=src python -m benchmarks.scale_accuracy [--json FILE] [--peers [SOLVER ...]]
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import warnings
 
 import torch
@@ -27,7 +29,7 @@ from optlayers import solve_qp
 
 QP_SCALES = [("objective", w) for w in (1e-3, 1e-6, 1e-8, 1e-10, 1e-12, 1e3, 1e6, 1e8)] + \
     [("data", a) for a in (1e-3, 1e-6, 1e-9, 1e-12, 1e3, 1e6, 1e7, 1e9, 1e12)]
-FAR_BOUNDS = [(kind, beta) for kind in ("one", "box") for beta in (1e4, 1e8, 1e12, 1e20)]
+FAR_BOUNDS = [(kind, beta) for kind in ("one", "box") for beta in (1e4, 1e8, 1e12, 1e20, math.inf)]
 """Bounds far above the QPs' other sides, never active: z₀ ≤ β (one) or −β ≤ z ≤ β (box)."""
 LP_SCALES = [(1e-3, 1.0), (1e-6, 1.0), (1e-9, 1.0), (1.0, 1e-6), (1.0, 1e-10), (1e-6, 1e-6), (1e6, 1.0), (1e9, 1.0), (1.0, 1e6)]
 """(α, ω) for the linear programs: p scaled by αω, h and b by α."""
@@ -152,8 +154,8 @@ def cone_far_bound_rows() -> list[dict[str, object]]:
     return rows
 
 
-PEER_FAR_BOUNDS = (1e4, 1e8, 1e12, 1e20)
-"""The bounds −β ≤ z ≤ β added to the QPs for ``--peers``."""
+PEER_FAR_BOUNDS = (1e4, 1e8, 1e12, 1e20, math.inf)
+"""The bounds −β ≤ z ≤ β added to the QPs for ``--peers`` (+inf: absent bounds as such)."""
 
 
 def peer_far_bound_rows(names: list[str]) -> list[dict[str, object]]:

@@ -590,6 +590,7 @@ def test_scale_accuracy_prints_both_tables_and_writes_every_row(tmp_path, capsys
     rows = json.loads(out.read_text())
     assert len(rows["qp"]) == len(scale_accuracy.QP_SCALES) and len(rows["lp"]) == len(scale_accuracy.LP_SCALES)
     assert len(rows["far_bounds"]) == len(scale_accuracy.FAR_BOUNDS) and "| box, β = 1e+20 |" in printed
+    assert "| box, β = inf |" in printed
     for row in rows["qp"] + rows["far_bounds"] + rows["lp"]:
         assert all(status == 0 for status in row["statuses"]), row
         assert row["z"] <= 1e-7 and row.get("gradients", 0.0) <= 1e-7, row
@@ -607,7 +608,8 @@ def test_scale_accuracy_takes_the_peers_through_the_benchmarks_solvers(tmp_path,
     from benchmarks import scale_accuracy
     out = tmp_path / "peers.json"
     scale_accuracy.main(["--peers", "optlayers", "--json", str(out)])
-    assert "| optlayers, 1e+20 | 8 |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| optlayers, 1e+20 | 8 |" in printed and "| optlayers, inf | 8 |" in printed
     rows = json.loads(out.read_text())["peer_far_bounds"]
     assert [r["bound"] for r in rows] == list(scale_accuracy.PEER_FAR_BOUNDS)
     assert all(r["finite"] == 8 and r["z"] <= 1e-9 for r in rows), rows

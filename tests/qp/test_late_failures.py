@@ -179,8 +179,9 @@ def test_an_accepted_accurate_gap_is_what_the_residuals_report_and_judge():
     st = ipm.initial_point(data, ipm.default_settings(torch.float64, None, None, None))
     n, m, k = st.n, st.m, st.k
     st = dataclasses.replace(st, v=torch.cat([st.v[:, : n + m + k].mul(0.0), st.v[:, n + m + k :]], -1))
-    measured = torch.tensor([[1e-10, 1e-10, 1.0], [1.0, 1e-10, 1.0]], dtype=torch.float64)
-    limit = torch.full((2, 3), 1e-8, dtype=torch.float64)
+    # the primal and dual residuals, the gap, the complementarity by component (a ratio to its tolerance)
+    measured = torch.tensor([[1e-10, 1e-10, 1.0, 0.5], [1.0, 1e-10, 1.0, 0.5]], dtype=torch.float64)
+    limit = torch.tensor([[1e-8, 1e-8, 1e-8, 1.0]] * 2, dtype=torch.float64)
     zeros = torch.zeros(2, dtype=torch.float64)
     res = ipm.Residuals(st.x, st.nu, st.lam, zeros, zeros, measured, limit, zeros, st.x.unsqueeze(1), measured[:, :2])
     assert not res.converged.any()

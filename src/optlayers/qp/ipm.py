@@ -166,18 +166,28 @@ class Units:
     cost: Tensor  # (B,): 1 / c
     backtrack: Tensor  # (B, j): the merit step's candidate factors βʲ (the same for every problem)
     primal: Tensor  # (B, m + k): [1 / e, 1 / f]
-    gauge: Tensor  # (B, 1, 4): [1, 1, 1 / c, 1 / c], the factors of the primal and dual norms (already in units), the gap and sᵀλ
-    absolute: Tensor  # (B, 4): each problem's absolute tolerances of the residuals, the gap and sᵀλ (``absolute_tolerance``)
+    gauge: Tensor  # (B, 1, 5): [1, 1, 1 / c, 1, 1 / c], the factors of the primal and dual norms (already in units), the gap, the complementarity by component (a ratio) and sᵀλ
+    absolute: Tensor  # (B, 5): the absolute tolerances of the residuals, the gap, the complementarity by component (1: its measure is a ratio to its tolerance) and sᵀλ (``absolute_tolerance``)
+    # ``_complementarity_by_component``'s constants:
+    g_abs: Tensor  # (B, k, n): |G| of the scaled problem
+    row_sides: Tensor  # (B, k): |h| plus the size below which the absolute tolerance rules (tol / rel_tol), in the rows' scaled units
+    dual_absolute: Tensor  # (B, n): the dual residual's absolute tolerance in each variable's scaled units
 
     @staticmethod
     def of(sc: Scaling, data: QPData, settings: IPMSettings) -> Units:
         """The units of the problems ``data`` scaled by ``sc``, solved with ``settings``."""
         batch, cost = sc.c.shape[0], 1.0 / sc.c
         dual, primal = 1.0 / (sc.d * sc.c.unsqueeze(-1)), torch.cat([1.0 / sc.e, 1.0 / sc.f], -1)
+        ones = constant((1.0, 1.0), cost).expand(batch, 2)
+        absolute = absolute_tolerance(data, dual, primal, settings, sc.objective)
+        # tol / rel_tol in the rows' scaled units (rel_tol = 0: every size is below it, and the test is the absolute one)
+        floor = (absolute[:, :1] / (settings.rel_tol * primal[:, data.b.shape[-1]:]) if settings.rel_tol > 0
+                 else torch.full_like(data.h, torch.inf))
         return Units(dual=dual, cost=cost, backtrack=_backtrack_factors(sc.c.dtype, sc.c.device).expand(batch, -1),
                      primal=primal,
-                     gauge=torch.cat([constant((1.0, 1.0), cost).expand(batch, 2), cost.unsqueeze(-1).expand(batch, 2)], -1).unsqueeze(-2),
-                     absolute=absolute_tolerance(data, dual, primal, settings, sc.objective))
+                     gauge=torch.stack([ones[:, 0], ones[:, 1], cost, ones[:, 0], cost], -1).unsqueeze(-2),
+                     absolute=torch.cat([absolute[:, :3], ones[:, :1], absolute[:, 3:]], -1),
+                     g_abs=data.G.abs(), row_sides=data.h.abs() + floor, dual_absolute=absolute[:, 1:2] / dual)
 
 
 def absolute_tolerance(data: QPData, dual: Tensor, primal: Tensor, settings: IPMSettings,
@@ -316,7 +326,8 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     if k:
         gx = mv(data.G, x)
         r_i = (gx + s) - data.h
-        lam_dots = _dots(lam, [data.h, s])  # hᵀλ, sᵀλ
+        lam_products = lam * torch.stack([data.h, s])  # the terms of hᵀλ and sᵀλ (a sum, as ``_dots``)
+        lam_dots = lam_products.sum(-1)
         terms.append(lam_dots[:1])
         complementarity = lam_dots[1]
     else:
@@ -335,20 +346,44 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     else:
         primal_norms = units.gauge.new_zeros(3, units.gauge.shape[0])
     terms = torch.cat(terms)
-    # (B, 2, 4): the primal residual, the dual residual, the gap and sᵀλ; then their sizes (the gap's
-    # for sᵀλ); the gap and sᵀλ in the original units
+    by_component = (_complementarity_by_component(units, s, lam, lam_products[1], dual, settings.rel_tol) if k
+                    else constant(0.0, units.cost).expand_as(units.cost))
+    # (B, 2, 5): the primal residual, the dual residual, the gap, the complementarity by component and
+    # sᵀλ; then their sizes (the gap's for sᵀλ; none for the ratio); in the original units
     gap, gap_size = torch.maximum(terms.sum(0).abs(), complementarity), inf_norm(terms, 0)
-    tested = torch.stack([primal_norms[0], dual_norms[0], gap, complementarity, primal_norms[1:].amax(0),
-                          dual_norms[1:].amax(0), gap_size, gap_size], -1).unflatten(-1, (2, 4)) * units.gauge
+    tested = torch.stack([primal_norms[0], dual_norms[0], gap, by_component, complementarity, primal_norms[1:].amax(0),
+                          dual_norms[1:].amax(0), gap_size, constant(0.0, gap_size).expand_as(gap_size), gap_size], -1).unflatten(-1, (2, 5)) * units.gauge
     measured, sizes = tested.unbind(1)
     mu = complementarity / max(k, 1)
     limit = sizes.mul(settings.rel_tol).add_(units.absolute)
-    # [primal, dual, gap] and [primal, dual, sᵀλ] over their tolerances, each one's largest
+    # [primal, dual, by component, gap] and [primal, dual, by component, sᵀλ] over their tolerances, each one's largest
     ratios = measured / limit
-    progress = torch.maximum(ratios[:, :2].amax(-1, keepdim=True), ratios[:, 2:])
-    measured, limit, gap_size = measured[:, :3], limit[:, :3], sizes[:, 2]
+    progress = torch.maximum(torch.maximum(ratios[:, :2].amax(-1, keepdim=True), ratios[:, 3:4]), ratios[:, 2::2])
+    measured, limit, gap_size = measured[:, :4], limit[:, :4], sizes[:, 2]
     limit[:, 2].sub_(gap_size, alpha=_GAP_ROUNDING)  # the plain gap's rounding comes off its limit
     return Residuals(r_d, r_e, r_i, mu, scaled, measured, limit, gap_size, dual[3:].movedim(0, 1), progress)
+
+
+def _complementarity_by_component(units: Units, s: Tensor, lam: Tensor, lam_s: Tensor, dual: Tensor, rel_tol: float) -> Tensor:
+    """(B,) the largest ratio, over the variables j, of the complementarity that the inequality rows
+    leave on variable j, Σᵢ |Gᵢⱼ| λᵢ sᵢ / Pᵢ, to its tolerance rel_tol · max(|Qx|ⱼ, |p|ⱼ, |Gᵀλ|ⱼ,
+    |Aᵀν|ⱼ, (|G|ᵀλ)ⱼ) + tol (the dual residual's, in its units); Pᵢ = |hᵢ| + sᵢ + tol / rel_tol, the
+    row's size (|(Gx)ᵢ| is at most |hᵢ| + sᵢ, to the primal residual; the absolute tolerance rules
+    below tol / rel_tol); ``lam_s`` is λ∘s (``residuals``'). The gap test is
+    relative to the gap's largest term: where one variable is far larger than the others (z₀ = 1e8
+    beside |z₁| ≤ 0.5, z₁ = −0.5 at the optimum), the small variables' rows could keep a
+    complementarity as large as the gap's tolerance, and their variables were solved only to it
+    (z₁ = −6e-5, SOLVED at the start). Here each variable's rows are resolved on that variable's own
+    scale: an active row's slack to rel_tol of the row's size, an inactive row's λ to rel_tol of the
+    variable's terms. Where s and λ vanish together (a weakly active row) it asks for sλ ≤ rel_tol
+    times the row's and the variable's sizes, as the gap test does on unit data; (|G|ᵀλ)ⱼ keeps rows
+    whose multipliers cancel (two rows bounding one variable from both sides) from asking for more."""
+    size = units.row_sides + s
+    # two products of one row each, not one of two rows: under compilation rows and columns are the library's
+    # (``linalg.vector_in_library``) where a product of two rows would be inductor's own sum
+    seen, cancelling = mtv(units.g_abs, lam_s / size), mtv(units.g_abs, lam)  # |G|ᵀ(λs/P), |G|ᵀλ
+    terms = torch.maximum(dual[1:].abs().amax(0), cancelling)
+    return (seen / torch.addcmul(units.dual_absolute, terms, constant(rel_tol, terms))).amax(-1)
 
 
 def initial_point(data: QPData, settings: IPMSettings, retries: int = MAX_FACTOR_RETRIES) -> State:
@@ -488,7 +523,7 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
         torch.stack([ny, nx, norm_y, farkas_iterate])
         * constant((eps, eps, _ROUNDING, -eps, -eps, -eps, -eps, 0.0), nx).view(2, 4, 1))
     eps_norm_x, moving_x, minus_eps_norm_x = norm_x * constant((eps, _STILL_DIVERGING, -eps), nx).unsqueeze(-1)
-    (primal_limit, dual_limit, _), (primal, dual, _) = res.limit.unbind(-1), res.measured.unbind(-1)
+    (primal_limit, dual_limit, *_), (primal, dual, *_) = res.limit.unbind(-1), res.measured.unbind(-1)
     # without equality (inequality) rows their tests are taken by another test of the same certificate
     farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y),
                    # dy must move y: a step of dy at y's rounding (an optimum's dual, converged) passes the relative tests by rounding
@@ -627,7 +662,7 @@ def _look_flags(st: State, res: Residuals, units: Units, running: Tensor, iterat
     switch = ((st.iterations < iteration) > st.stiff_tried) & running
     stiff = running & st.stiff
     met = res.met
-    gap_alone = (met[:, :2].all(-1) > met[:, 2]) & (res.mu * units.cost <= units.absolute[:, 3] / max(st.k, 1))
+    gap_alone = ((met[:, :2].all(-1) & met[:, 3]) > met[:, 2]) & (res.mu * units.cost <= units.absolute[:, 4] / max(st.k, 1))
     return torch.stack([switch, stiff & (st.reg > settings.reg), stiff, gap_alone & running])
 
 
@@ -691,10 +726,10 @@ def _accept_accurate_gaps(data: QPData, units: Units, st: State, res: Residuals,
     replaced by those, so that they read converged."""
     gap = torch.maximum(accurate_gap(data, units, st), res.mu * max(st.k, 1) * units.cost)
     tolerance = res.limit[:, 2] + _GAP_ROUNDING * res.gap_size
-    passed = candidates & res.met[:, :2].all(-1) & (gap <= tolerance)
+    passed = candidates & res.met[:, :2].all(-1) & res.met[:, 3] & (gap <= tolerance)
     measured, limit = res.measured, res.limit
-    return replace(res, measured=torch.stack([measured[:, 0], measured[:, 1], torch.where(passed, gap, measured[:, 2])], -1),
-                   limit=torch.stack([limit[:, 0], limit[:, 1], torch.where(passed, tolerance, limit[:, 2])], -1))
+    return replace(res, measured=torch.stack([measured[:, 0], measured[:, 1], torch.where(passed, gap, measured[:, 2]), measured[:, 3]], -1),
+                   limit=torch.stack([limit[:, 0], limit[:, 1], torch.where(passed, tolerance, limit[:, 2]), limit[:, 3]], -1))
 
 
 # RUNNING is the one status below SOLVED, so that raising a status to at least SOLVED marks a running
