@@ -74,3 +74,19 @@ def random_qp(batch: int, n: int, n_ineq: int, n_eq: int = 0, *, seed: int = 0) 
     A = torch.randn(batch, n_eq, n, **kw)
     b = (A @ z0.unsqueeze(-1)).squeeze(-1)
     return QPBatch(Q, p, G, h, A, b)
+
+
+def with_a_large_variable(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor, h: torch.Tensor, A: torch.Tensor,
+                          b: torch.Tensor, beta: float) -> tuple[torch.Tensor, ...]:
+    """The flat QPs (B, ·) with one more variable z_big, decoupled from the others (its row and
+    column of Q the identity's, no constraint on it) and pushed to β by its cost −β: the solution is
+    the QPs' own with z_big = β, and so are the derivatives w.r.t. the QPs' own data."""
+    B, n = p.shape
+    Q2 = torch.zeros(B, n + 1, n + 1, dtype=Q.dtype)
+    Q2[:, :n, :n], Q2[:, n, n] = Q, 1.0
+    p2 = torch.cat([p, torch.full((B, 1), -beta, dtype=p.dtype)], -1)
+
+    def widen(M: torch.Tensor) -> torch.Tensor:
+        return torch.cat([M, torch.zeros(B, M.shape[1], 1, dtype=M.dtype)], -1)
+    return Q2, p2, widen(G), h, widen(A), b
+

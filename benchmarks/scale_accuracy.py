@@ -8,6 +8,8 @@ solves a batch of random QPs (n = 6, 10 inequalities, 2 equalities) and of linea
 box and 16 random rows) with the default tolerance and prints, beside the statuses and iterations,
 the largest relative error of z and of the gradients of w·z (w random) against the unit-scale
 solve, the gradients brought back to unit scale. The same QPs at unit scale are solved with bounds
+beside one more variable, decoupled, pushed to β (1e4 to 1e12): their own answers and gradients are
+those without it. The same QPs at unit scale are solved with bounds
 far above their sides added (never active, as a bound of 1e20 that stands for an absent one, or
 +inf, an absent bound as such): their answers and gradients are those without the bounds, and the
 bounds' own gradients zero; and, as cone programs (``solve_cone``, the interior point method and
@@ -183,6 +185,59 @@ def peer_far_bound_rows(names: list[str]) -> list[dict[str, object]]:
     return rows
 
 
+LARGE_VARIABLES = (1e4, 1e8, 1e12)
+"""The values β to which one more variable, decoupled from the QPs' own, is pushed
+(``problems.with_a_large_variable``)."""
+
+
+def large_variable_rows() -> list[dict[str, object]]:
+    """The unit QPs beside a decoupled variable pushed to β (``LARGE_VARIABLES``): against the unit
+    solve, their own z and the gradients of w·z w.r.t. p, h and b."""
+    from benchmarks.problems import with_a_large_variable
+    d = _qp()
+    n = d["p"].shape[-1]
+
+    def solve(Q, p, G, h, A, b):
+        data = [t.clone().requires_grad_() for t in (p, h, b)]
+        sol = solve_qp(Q, data[0], G, data[1], A, data[2], on_failure="ignore")
+        grads = torch.autograd.grad((d["w"] * sol.z[:, :n]).sum(), data)
+        return sol, (grads[0][:, :n], *grads[1:])
+    unit, unit_grads = solve(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"])
+    rows = []
+    for beta in LARGE_VARIABLES:
+        sol, grads = solve(*with_a_large_variable(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"], beta))
+        rows.append({"beta": beta, "statuses": sol.status.tolist(), "iterations": sol.iterations.tolist(),
+                     "unit_iterations": unit.iterations.tolist(), "z": _relative(sol.z[:, :n].detach(), unit.z.detach()),
+                     "gradients": max(_relative(g, u) for g, u in zip(grads, unit_grads))})
+    return rows
+
+
+def peer_large_variable_rows(names: list[str]) -> list[dict[str, object]]:
+    """The unit QPs beside a decoupled variable pushed to β (``LARGE_VARIABLES``), solved by each named
+    solver of ``benchmarks.solvers`` that imports: the largest relative error of their own z against
+    optlayers' solve of the QPs alone, and how many of the 8 came back finite."""
+    from benchmarks.problems import QPBatch, with_a_large_variable
+    from benchmarks.solvers import available_solvers
+    d = _qp()
+    n = d["p"].shape[-1]
+    reference = solve_qp(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"]).z
+    solvers, missing = available_solvers(names, threads=1)
+    rows = [{"solver": line.split(":")[0], "skipped": line} for line in missing]
+    for solver in solvers:
+        for beta in LARGE_VARIABLES:
+            qp = QPBatch(*with_a_large_variable(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"], beta))
+            try:
+                with torch.no_grad():
+                    z = solver.solve(qp).detach().to(torch.float64)[:, :n]
+            except Exception as error:  # a peer that fails on the data is a row of the table, not the end of the run
+                rows.append({"solver": solver.name, "beta": beta, "error": f"{type(error).__name__}: {error}"[:120]})
+                continue
+            finite = torch.isfinite(z).all(-1)
+            rows.append({"solver": solver.name, "beta": beta, "finite": int(finite.sum()),
+                         "z": _relative(z[finite], reference[finite]) if bool(finite.any()) else float("nan")})
+    return rows
+
+
 def lp_rows() -> list[dict[str, object]]:
     d = _lp()
     unit = solve_qp(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"])
@@ -202,8 +257,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # inexact-derivative warnings: the errors below say how inexact
-        qp, far, lp, cone = qp_rows(), far_bound_rows(), lp_rows(), cone_far_bound_rows()
+        qp, far, lp, cone, large = qp_rows(), far_bound_rows(), lp_rows(), cone_far_bound_rows(), large_variable_rows()
         peers = None if args.peers is None else peer_far_bound_rows(args.peers or None)
+        peers_large = None if args.peers is None else peer_large_variable_rows(args.peers or None)
     print("QPs (n = 6, 10 inequalities, 2 equalities, 8 problems): Q, p scaled by ω (objective) or p, h, b by α (data)")
     print("| scale | all SOLVED | iterations | z error | gradient error |\n|---|---|---|---|---|")
     for r in qp:
@@ -218,6 +274,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"| {r['kind']}, β = {r['bound']:g} | {all(s == 0 for s in r['statuses'])} | {min(r['iterations'])}–"
               f"{max(r['iterations'])} ({min(r['unit_iterations'])}–{max(r['unit_iterations'])}) | {r['z']:.1e} | "
               f"{r['gradients']:.1e} | {r['far_gradient']:.1e} |")
+    print("\nThe same QPs at unit scale beside one more variable, decoupled, pushed to β, against the QPs alone")
+    print("| β | all SOLVED | iterations (alone) | z error | gradient error |\n|---|---|---|---|---|")
+    for r in large:
+        print(f"| {r['beta']:g} | {all(s == 0 for s in r['statuses'])} | {min(r['iterations'])}–{max(r['iterations'])} "
+              f"({min(r['unit_iterations'])}–{max(r['unit_iterations'])}) | {r['z']:.1e} | {r['gradients']:.1e} |")
     print("\nLinear programs (Q = 0, n = 6, a box and 16 rows, 2 equalities): p scaled by αω, h and b by α")
     print("| α, ω | all SOLVED | iterations | z error |\n|---|---|---|---|")
     for r in lp:
@@ -240,11 +301,21 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| {r['solver']}, {r['bound']:g} | raised {r['error']} | |")
             else:
                 print(f"| {r['solver']}, {r['bound']:g} | {r['finite']} | {r['z']:.1e} |")
+        print("\nThe QPs beside one more variable, decoupled, pushed to β, by the peers (their own settings), against "
+              "optlayers' solve of the QPs alone (their own variables)")
+        print("| solver, β | finite of 8 | z error |\n|---|---|---|")
+        for r in peers_large:
+            if "skipped" in r:
+                print(f"| {r['skipped']} | | |")
+            elif "error" in r:
+                print(f"| {r['solver']}, {r['beta']:g} | raised {r['error']} | |")
+            else:
+                print(f"| {r['solver']}, {r['beta']:g} | {r['finite']} | {r['z']:.1e} |")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "torch": torch.__version__, "qp": qp, "far_bounds": far, "lp": lp, "cone_far_bounds": cone,
-                       "peer_far_bounds": peers}, out, indent=1)
+                       "large_variable": large, "peer_far_bounds": peers, "peer_large_variable": peers_large}, out, indent=1)
 
 
 if __name__ == "__main__":

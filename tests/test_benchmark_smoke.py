@@ -598,6 +598,9 @@ def test_scale_accuracy_prints_both_tables_and_writes_every_row(tmp_path, capsys
     for row in rows["cone_far_bounds"]:
         assert all(status == 0 for status in row["statuses"]) and row["x"] <= 1e-7 and row["gradients"] <= 1e-7, row
         assert row["violation"] <= 1e-9, row
+    assert [r["beta"] for r in rows["large_variable"]] == list(scale_accuracy.LARGE_VARIABLES)
+    for row in rows["large_variable"]:  # a variable far larger than the others leaves theirs as accurate
+        assert all(status == 0 for status in row["statuses"]) and row["z"] <= 1e-9 and row["gradients"] <= 1e-7, row
     for row in rows["far_bounds"]:  # a bound never active weighs nothing: neither iterations nor gradient
         assert max(row["iterations"]) <= max(row["unit_iterations"]) + 3 and row["far_gradient"] <= 1e-9, row
 
@@ -613,3 +616,6 @@ def test_scale_accuracy_takes_the_peers_through_the_benchmarks_solvers(tmp_path,
     rows = json.loads(out.read_text())["peer_far_bounds"]
     assert [r["bound"] for r in rows] == list(scale_accuracy.PEER_FAR_BOUNDS)
     assert all(r["finite"] == 8 and r["z"] <= 1e-9 for r in rows), rows
+    large = json.loads(out.read_text())["peer_large_variable"]
+    assert [r["beta"] for r in large] == list(scale_accuracy.LARGE_VARIABLES)
+    assert all(r["finite"] == 8 and r["z"] <= 1e-9 for r in large), large

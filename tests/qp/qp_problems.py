@@ -81,16 +81,3 @@ def generic_qps() -> tuple[torch.Tensor, ...]:
     h = (G @ z0).squeeze(-1) + 0.1 + torch.rand(B, k, dtype=torch.float64)
     b, p, w = (A @ z0).squeeze(-1), torch.randn(B, n, dtype=torch.float64), torch.randn(B, n, dtype=torch.float64)
     return Q, p, G, h, A, b, w
-
-
-def with_a_large_variable(Q, p, G, h, A, b, beta):
-    """The QPs with one more variable z_big, decoupled from the others (its row and column of Q
-    the identity's, no constraint on it) and pushed to β by its cost −β: the solution is the QPs'
-    own with z_big = β, and so are the derivatives w.r.t. the QPs' own data."""
-    B, n = p.shape
-    Q2 = torch.zeros(B, n + 1, n + 1, dtype=Q.dtype)
-    Q2[:, :n, :n], Q2[:, n, n] = Q, 1.0
-    p2 = torch.cat([p, torch.full((B, 1), -beta, dtype=p.dtype)], -1)
-    widen = lambda M: torch.cat([M, torch.zeros(B, M.shape[1], 1, dtype=M.dtype)], -1)  # noqa: E731
-    return Q2, p2, widen(G), h, widen(A), b
-

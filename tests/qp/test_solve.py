@@ -3,8 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.problems import with_a_large_variable
 from optlayers import QPFunction, QPStatus, solve_qp
-from qp_problems import clarabel_solve, generic_qps, random_qp, with_a_large_variable
+from qp_problems import clarabel_solve, generic_qps, random_qp
 
 TIGHT = 1e-12
 
