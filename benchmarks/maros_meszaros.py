@@ -146,19 +146,21 @@ def exact_gap(data: dict, z: np.ndarray, lam: np.ndarray, nu: np.ndarray) -> flo
     return abs(math.fsum(np.concatenate([part.ravel() for part in parts]).tolist()))
 
 
-def solve_one(path: Path, tol: float, max_iter: int, layer: str = "qp", solver_tol: float | None = None) -> Outcome:
+def solve_one(path: Path, tol: float, max_iter: int, layer: str = "qp", solver_tol: float | None = None,
+              solver_defaults: bool = False) -> Outcome:
     """One problem through ``solve_qp`` (layer "qp") or as a cone program through ``solve_qp_cone``
     ("cone-ipm": the batched interior point method with its Clarabel fallback; "cone-clarabel").
     ``solver_tol``: ``solve_qp``'s own tolerance (rel_tol 0); None: a tenth of ``tol``, so that a
     SOLVED problem passes this script's check (``tol``) with a margin. With "cone-ipm", the interior
-    point method's relative tolerance (``ConeIPMSettings.tol``; None: its default)."""
+    point method's relative tolerance (``ConeIPMSettings.tol``; None: its default). ``solver_defaults``:
+    ``solve_qp``'s own default tolerances instead (absolute and relative, following the data)."""
     qp = load(path)
     data = to_optlayers(qp)
     masks = data.pop("_masks")
     start = time.perf_counter()
     if layer == "qp":
-        sol = solve_qp(**data, tol=tol / 10 if solver_tol is None else solver_tol, rel_tol=0.0, max_iter=max_iter,
-                       on_failure="ignore")
+        tolerances = {} if solver_defaults else {"tol": tol / 10 if solver_tol is None else solver_tol, "rel_tol": 0.0}
+        sol = solve_qp(**data, **tolerances, max_iter=max_iter, on_failure="ignore")
         status, iterations = QPStatus(int(sol.status)), int(sol.iterations)
     else:
         options = {} if solver_tol is None or layer != "cone-ipm" else {
@@ -187,6 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--solver-tol", type=float, default=None,
                         help="solve_qp's tolerance, rel_tol 0 (default: a tenth of --tol), or with --layer cone-ipm "
                              "the cone interior point method's relative one (default: its own)")
+    parser.add_argument("--solver-defaults", action="store_true",
+                        help="solve_qp's own default tolerances (absolute and relative) in place of --solver-tol's")
     parser.add_argument("--max-iter", type=int, default=200)
     parser.add_argument("--only", nargs="*", help="problem names to run")
     parser.add_argument("--json", type=Path, help="write the outcomes here")
@@ -205,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     outcomes = []
     print(f"{'problem':<10} {'n':>5} {'rows':>5} {'status':<18} {'iter':>4} {'primal':>9} {'dual':>9} {'gap':>9} {'time s':>7}  ok  {'own gap':>9} {'exact':>9}")
     for path in paths:
-        o = solve_one(path, args.tol, args.max_iter, args.layer, args.solver_tol)
+        o = solve_one(path, args.tol, args.max_iter, args.layer, args.solver_tol, args.solver_defaults)
         outcomes.append(o)
         print(f"{o.name:<10} {o.n:>5} {o.rows:>5} {o.status:<18} {o.iterations:>4} {o.primal:9.1e} {o.dual:9.1e} {o.gap:9.1e} {o.seconds:7.2f}  {'yes' if o.solved else 'NO':>3} {o.reported_gap:9.1e} {o.exact_gap:9.1e}", flush=True)
     solved = sum(o.solved for o in outcomes)

@@ -33,6 +33,17 @@ def test_at_least_61_of_62_solved():
     assert not overstated, overstated
 
 
+@pytest.mark.parametrize("name", ["QISRAEL", "QSCAGR7", "QGROW7", "QPCBOEI1", "QSTAIR"])
+def test_solved_at_the_default_tolerances_is_solved_to_1e_6(name):
+    """With ``solve_qp``'s own tolerances (1e-12, absolute and relative) these problems came out
+    SOLVED with a gap of 2e-6 to 1.3e-5 in the script's measure (54 of 62 to 1e-6): the gap's
+    tolerance is relative to its largest term, and rows of small variables kept their
+    complementarity. Resolved on each variable's own scale (``ipm._complementarity_by_component``),
+    61 of 62 are solved to 1e-6 (QFORPLAN is not)."""
+    outcome = maros_meszaros.solve_one(DATA / f"{name}.mat", tol=1e-6, max_iter=200, solver_defaults=True)
+    assert outcome.status == "solved" and outcome.solved, outcome
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("name", ["QISRAEL", "QSHARE1B", "QBEACONF"])
 def test_edge_problems_solve_with_one_and_two_threads(name, threads, tmp_path):
