@@ -162,25 +162,34 @@ PEER_FAR_BOUNDS = (1e4, 1e8, 1e12, 1e20, math.inf)
 
 def peer_far_bound_rows(names: list[str]) -> list[dict[str, object]]:
     """The unit QPs with −β ≤ z ≤ β added (``PEER_FAR_BOUNDS``), solved by each named solver of
-    ``benchmarks.solvers`` that imports (float64, its own settings): the largest relative error of z
-    against optlayers' solve of the QPs without the box, and how many of the 8 came back finite."""
+    ``benchmarks.solvers`` that imports (``_peer_rows``)."""
     from benchmarks.problems import QPBatch
+    d = _qp()
+    return _peer_rows(names, "bound", [(beta, QPBatch(d["Q"], d["p"], *_with_far_bounds(d, beta), d["A"], d["b"]))
+                                       for beta in PEER_FAR_BOUNDS])
+
+
+def _peer_rows(names: list[str], key: str, cases: list[tuple[float, object]]) -> list[dict[str, object]]:
+    """Each named solver of ``benchmarks.solvers`` that imports (float64, its own settings) on each
+    case (its value under ``key``, and the unit QPs changed so that the solution of their own
+    variables is unchanged): the largest relative error of those variables against optlayers'
+    solve of the unit QPs, and how many of the 8 came back finite; a solver that raises is a row
+    of its own."""
     from benchmarks.solvers import available_solvers
     d = _qp()
     reference = solve_qp(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"]).z
     solvers, missing = available_solvers(names, threads=1)
     rows = [{"solver": line.split(":")[0], "skipped": line} for line in missing]
     for solver in solvers:
-        for beta in PEER_FAR_BOUNDS:
-            qp = QPBatch(d["Q"], d["p"], *_with_far_bounds(d, beta), d["A"], d["b"])
+        for value, qp in cases:
             try:
                 with torch.no_grad():
-                    z = solver.solve(qp).detach().to(torch.float64)
+                    z = solver.solve(qp).detach().to(torch.float64)[:, :reference.shape[-1]]
             except Exception as error:  # a peer that fails on the data is a row of the table, not the end of the run
-                rows.append({"solver": solver.name, "bound": beta, "error": f"{type(error).__name__}: {error}"[:120]})
+                rows.append({"solver": solver.name, key: value, "error": f"{type(error).__name__}: {error}"[:120]})
                 continue
             finite = torch.isfinite(z).all(-1)
-            rows.append({"solver": solver.name, "bound": beta, "finite": int(finite.sum()),
+            rows.append({"solver": solver.name, key: value, "finite": int(finite.sum()),
                          "z": _relative(z[finite], reference[finite]) if bool(finite.any()) else float("nan")})
     return rows
 
@@ -214,28 +223,11 @@ def large_variable_rows() -> list[dict[str, object]]:
 
 def peer_large_variable_rows(names: list[str]) -> list[dict[str, object]]:
     """The unit QPs beside a decoupled variable pushed to β (``LARGE_VARIABLES``), solved by each named
-    solver of ``benchmarks.solvers`` that imports: the largest relative error of their own z against
-    optlayers' solve of the QPs alone, and how many of the 8 came back finite."""
+    solver of ``benchmarks.solvers`` that imports (``_peer_rows``: the error of the QPs' own variables)."""
     from benchmarks.problems import QPBatch, with_a_large_variable
-    from benchmarks.solvers import available_solvers
     d = _qp()
-    n = d["p"].shape[-1]
-    reference = solve_qp(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"]).z
-    solvers, missing = available_solvers(names, threads=1)
-    rows = [{"solver": line.split(":")[0], "skipped": line} for line in missing]
-    for solver in solvers:
-        for beta in LARGE_VARIABLES:
-            qp = QPBatch(*with_a_large_variable(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"], beta))
-            try:
-                with torch.no_grad():
-                    z = solver.solve(qp).detach().to(torch.float64)[:, :n]
-            except Exception as error:  # a peer that fails on the data is a row of the table, not the end of the run
-                rows.append({"solver": solver.name, "beta": beta, "error": f"{type(error).__name__}: {error}"[:120]})
-                continue
-            finite = torch.isfinite(z).all(-1)
-            rows.append({"solver": solver.name, "beta": beta, "finite": int(finite.sum()),
-                         "z": _relative(z[finite], reference[finite]) if bool(finite.any()) else float("nan")})
-    return rows
+    return _peer_rows(names, "beta", [(beta, QPBatch(*with_a_large_variable(d["Q"], d["p"], d["G"], d["h"], d["A"], d["b"], beta)))
+                                      for beta in LARGE_VARIABLES])
 
 
 def lp_rows() -> list[dict[str, object]]:
@@ -247,6 +239,17 @@ def lp_rows() -> list[dict[str, object]]:
         rows.append({"alpha": alpha, "omega": omega, "statuses": sol.status.tolist(), "iterations": sol.iterations.tolist(),
                      "z": _relative(sol.z / alpha, unit.z)})
     return rows
+
+
+def _print_peer_rows(rows: list[dict[str, object]], key: str) -> None:
+    print("| solver, β | finite of 8 | z error |\n|---|---|---|")
+    for r in rows:
+        if "skipped" in r:
+            print(f"| {r['skipped']} | | |")
+        elif "error" in r:
+            print(f"| {r['solver']}, {r[key]:g} | raised {r['error']} | |")
+        else:
+            print(f"| {r['solver']}, {r[key]:g} | {r['finite']} | {r['z']:.1e} |")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -293,24 +296,10 @@ def main(argv: list[str] | None = None) -> None:
     if peers is not None:
         print("\nThe QPs with −β ≤ z ≤ β added, by the peers (their own settings), against optlayers' solve "
               "of the QPs without the box")
-        print("| solver, β | finite of 8 | z error |\n|---|---|---|")
-        for r in peers:
-            if "skipped" in r:
-                print(f"| {r['skipped']} | | |")
-            elif "error" in r:
-                print(f"| {r['solver']}, {r['bound']:g} | raised {r['error']} | |")
-            else:
-                print(f"| {r['solver']}, {r['bound']:g} | {r['finite']} | {r['z']:.1e} |")
+        _print_peer_rows(peers, "bound")
         print("\nThe QPs beside one more variable, decoupled, pushed to β, by the peers (their own settings), against "
               "optlayers' solve of the QPs alone (their own variables)")
-        print("| solver, β | finite of 8 | z error |\n|---|---|---|")
-        for r in peers_large:
-            if "skipped" in r:
-                print(f"| {r['skipped']} | | |")
-            elif "error" in r:
-                print(f"| {r['solver']}, {r['beta']:g} | raised {r['error']} | |")
-            else:
-                print(f"| {r['solver']}, {r['beta']:g} | {r['finite']} | {r['z']:.1e} |")
+        _print_peer_rows(peers_large, "beta")
     if args.json:
         with open(args.json, "w") as out:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
