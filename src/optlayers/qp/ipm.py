@@ -180,7 +180,8 @@ class Units:
         dual, primal = 1.0 / (sc.d * sc.c.unsqueeze(-1)), torch.cat([1.0 / sc.e, 1.0 / sc.f], -1)
         ones = constant((1.0, 1.0), cost).expand(batch, 2)
         absolute = absolute_tolerance(data, dual, primal, settings, sc.objective)
-        # tol / rel_tol in the rows' scaled units (rel_tol = 0: every size is below it, and the test is the absolute one)
+        # tol / rel_tol in the rows' scaled units (rel_tol = 0: infinite, and the complementarity by component asks
+        # nothing that the absolute tests do not)
         floor = (absolute[:, :1] / (settings.rel_tol * primal[:, data.b.shape[-1]:]) if settings.rel_tol > 0
                  else torch.full_like(data.h, torch.inf))
         return Units(dual=dual, cost=cost, backtrack=_backtrack_factors(sc.c.dtype, sc.c.device).expand(batch, -1),

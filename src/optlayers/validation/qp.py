@@ -275,15 +275,15 @@ def semidefinite(Q: Tensor) -> Tensor:
     return cholesky(shifted)[1]
 
 
-ABSENT_BOUND = ("write an absent bound as +inf in h (solve_qp and QPFunction leave its row out), as a row of zeros in "
-                "G with h = 1, or as a large finite side far above the others (1e20), or leave its row out")
+ABSENT_BOUND = ("write an absent bound as +inf in h (solve_qp, QPFunction and solve_qp_cone leave its row out), as a "
+                "row of zeros in G with h = 1, or as a large finite side far above the others (1e20), or leave its row out")
 
 
 class InfiniteSides(ValueError):
     """``check_values``'s refusal of data whose only non-finite entries are +inf in h: absent bounds.
-    ``qp.solve.solve_prepared`` catches it and solves the QPs without those rows
-    (``problem.without_absent_sides``); elsewhere (``solve_qp_cone``, ``QPSolveFn`` called directly)
-    it is the refusal it reads as."""
+    ``qp.solve.solve_prepared`` and ``cone.qp.solve_qp_cone`` catch it and solve the QPs without
+    those rows (``problem.without_absent_sides``); elsewhere (``QPSolveFn`` called directly) it is
+    the refusal it reads as."""
 
 
 def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:
