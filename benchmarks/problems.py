@@ -89,4 +89,3 @@ def with_a_large_variable(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor, h: 
     def widen(M: torch.Tensor) -> torch.Tensor:
         return torch.cat([M, torch.zeros(B, M.shape[1], 1, dtype=M.dtype)], -1)
     return Q2, p2, widen(G), h, widen(A), b
-

@@ -11,7 +11,6 @@ from optlayers.cone.qp import solve_qp_cone
 from qp_problems import generic_qps
 
 
-
 def _with_absent_rows():
     """The generic QPs with a box −3 ≤ z ≤ 3 appended, a different set of its sides +inf in each
     QP (the first QP none, the last all), and the mask of those sides."""

@@ -108,8 +108,8 @@ def test_accurate_gap_matches_exact_arithmetic_where_the_plain_one_is_rounding()
     data = dataclasses.replace(data, p=p)
     exact = _exact_gap(data, units, st)
     accurate = float(ipm.accurate_gap(data, units, st)[0])
-    terms = ipm._dots(st.x, [ipm.mv(data.Q, st.x), data.p]).sum(0) + ipm._dots(st.lam, [data.h]).sum(0)
-    plain = float((terms + ipm._dots(st.nu, [data.b]).sum(0)).abs()[0] * units.cost[0])  # as ``residuals`` sums
+    terms = ipm._pair_dots(st.x, torch.stack([ipm.mv(data.Q, st.x), data.p])).sum(0) + ipm._pair_dots(st.lam, data.h)
+    plain = float((terms + ipm._pair_dots(st.nu, data.b)).abs()[0] * units.cost[0])  # as ``residuals`` sums
     assert abs(accurate - exact) <= 1e-12 * max(exact, 1.0)
     assert abs(plain - exact) > 1e3 * abs(accurate - exact)  # the test problem does need it
 

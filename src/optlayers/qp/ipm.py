@@ -180,10 +180,8 @@ class Units:
         dual, primal = 1.0 / (sc.d * sc.c.unsqueeze(-1)), torch.cat([1.0 / sc.e, 1.0 / sc.f], -1)
         ones = constant((1.0, 1.0), cost).expand(batch, 2)
         absolute = absolute_tolerance(data, dual, primal, settings, sc.objective)
-        # tol / rel_tol in the rows' scaled units (rel_tol = 0: infinite, and the complementarity by component asks
-        # nothing that the absolute tests do not)
-        floor = (absolute[:, :1] / (settings.rel_tol * primal[:, data.b.shape[-1]:]) if settings.rel_tol > 0
-                 else torch.full_like(data.h, torch.inf))
+        # tol / rel_tol in the rows' scaled units (with rel_tol = 0 ``residuals`` skips the test)
+        floor = absolute[:, :1] / (settings.rel_tol * primal[:, data.b.shape[-1]:]) if settings.rel_tol > 0 else 0.0
         return Units(dual=dual, cost=cost, backtrack=_backtrack_factors(sc.c.dtype, sc.c.device).expand(batch, -1),
                      primal=primal,
                      gauge=torch.stack([ones[:, 0], ones[:, 1], cost, ones[:, 0], cost], -1).unsqueeze(-2),
@@ -295,15 +293,10 @@ class IPMResult:
 
 
 def _pair_dots(u: Tensor, v: Tensor) -> Tensor:
-    """Row-wise dot products of (..., B, r) tensors: (..., B)."""
-    return (u * v).sum(-1)
-
-
-def _dots(u: Tensor, vs: list[Tensor]) -> Tensor:
-    """uᵀv for each v of ``vs`` (all (B, r)): (len(vs), B). A product and a sum, not a batched
+    """Row-wise dot products of (..., B, r) tensors: (..., B). A product and a sum, not a batched
     matrix product: torch's sum adds in a cascade, more accurately than BLAS's dot, and the duality
     gap of hard problems (large terms that cancel) depends on those digits."""
-    return _pair_dots(u, torch.stack(vs))
+    return (u * v).sum(-1)
 
 
 # The rounding of the plain gap of ``residuals`` (sums of products whose largest term is T) is
@@ -327,7 +320,7 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     if k:
         gx = mv(data.G, x)
         r_i = (gx + s) - data.h
-        lam_products = lam * torch.stack([data.h, s])  # the terms of hᵀλ and sᵀλ (a sum, as ``_dots``)
+        lam_products = lam * torch.stack([data.h, s])  # the terms of hᵀλ and sᵀλ (summed as ``_pair_dots`` does)
         lam_dots = lam_products.sum(-1)
         terms.append(lam_dots[:1])
         complementarity = lam_dots[1]
@@ -347,8 +340,9 @@ def residuals(data: QPData, units: Units, st: State, settings: IPMSettings) -> R
     else:
         primal_norms = units.gauge.new_zeros(3, units.gauge.shape[0])
     terms = torch.cat(terms)
-    by_component = (_complementarity_by_component(units, s, lam, lam_products[1], dual, settings.rel_tol) if k
-                    else constant(0.0, units.cost).expand_as(units.cost))
+    # with rel_tol = 0 the test asks nothing that the absolute tests do not (every row's size is infinite)
+    by_component = (_complementarity_by_component(units, s, lam, lam_products[1], dual, settings.rel_tol)
+                    if k and settings.rel_tol > 0 else constant(0.0, units.cost).expand_as(units.cost))
     # (B, 2, 5): the primal residual, the dual residual, the gap, the complementarity by component and
     # sᵀλ; then their sizes (the gap's for sᵀλ; none for the ratio); in the original units
     gap, gap_size = torch.maximum(terms.sum(0).abs(), complementarity), inf_norm(terms, 0)

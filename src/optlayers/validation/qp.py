@@ -275,8 +275,10 @@ def semidefinite(Q: Tensor) -> Tensor:
     return cholesky(shifted)[1]
 
 
-ABSENT_BOUND = ("write an absent bound as +inf in h (solve_qp, QPFunction and solve_qp_cone leave its row out), as a "
-                "row of zeros in G with h = 1, or as a large finite side far above the others (1e20), or leave its row out")
+_FINITE_ABSENT_BOUND = ("a row of zeros in G with h = 1, or as a large finite side far above the others (1e20), or leave "
+                        "its row out")
+ABSENT_BOUND = ("write an absent bound as +inf in h (solve_qp, QPFunction and solve_qp_cone leave its row out), as "
+                f"{_FINITE_ABSENT_BOUND}")
 
 
 class InfiniteSides(ValueError):
@@ -307,21 +309,20 @@ def check_values(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tenso
     data = {"Q": Q, "p": p, "G": G, "h": h, "A": A, "b": b}
     distinct, shared = _distinct(Q)
     asym, bound, tol = _asymmetry(distinct)
-    infinite_sides = bool(torch.isposinf(h).any())
+    infinite_sides = torch.isposinf(h)
     for name, t in data.items():
-        finite = torch.isfinite(t) | torch.isposinf(t) if name == "h" else torch.isfinite(t)
+        finite = torch.isfinite(t) | infinite_sides if name == "h" else torch.isfinite(t)
         if not bool(finite.all()):
             bad = (~finite).flatten(1).any(-1).nonzero().tolist()
             what = "NaN or -inf" if name == "h" else "NaN or Inf"
             why = " (+inf is an absent bound; Gz ≤ -inf has no solution)" if name == "h" else ""
             raise ValueError(f"{name} contains {what} at batch elements {listed_elements(bad)} (flattened){why}; QP data must be "
                              f"finite whatever on_failure says: drop those elements; {ABSENT_BOUND}")
-    if infinite_sides:
-        bad = torch.isposinf(h).flatten(1).any(-1).nonzero().tolist()
-        raise InfiniteSides(f"h contains +inf at batch elements {listed_elements(bad)} (flattened): solve_qp and QPFunction "
-                            "take it as an absent bound and leave its row out; this entry point does not. Write an absent "
-                            "bound as a row of zeros in G with h = 1, or as a large finite side far above the others (1e20), "
-                            "or leave its row out")
+    if bool(infinite_sides.any()):
+        bad = infinite_sides.flatten(1).any(-1).nonzero().tolist()
+        raise InfiniteSides(f"h contains +inf at batch elements {listed_elements(bad)} (flattened): solve_qp, QPFunction and "
+                            "solve_qp_cone take it as an absent bound and leave its row out; this entry point does not. "
+                            f"Write an absent bound as {_FINITE_ABSENT_BOUND}")
     for name, t in data.items():
         if not bool(torch.isfinite(t.sum(dtype=torch.float64))):
             raise ValueError(f"{name} has entries so large (up to {float(t.abs().max()):.3g}) that their sum overflows float64, "
