@@ -13,7 +13,9 @@ those without it. The same QPs at unit scale are solved with bounds
 far above their sides added (never active, as a bound of 1e20 that stands for an absent one, or
 +inf, an absent bound as such): their answers and gradients are those without the bounds, and the
 bounds' own gradients zero; and, as cone programs (``solve_cone``, the interior point method and
-Clarabel), with a far box (finite: the cone layer's data must be).
+Clarabel), with a far box (finite: the cone layer's data must be). Random cone programs of every
+cone kind with a known solution are solved with their variables and rows scaled by up to 10^±6
+(the cone layer equilibrates them: ``cone.scaling.equilibration``).
 
     PYTHONPATH=src python -m benchmarks.scale_accuracy [--json FILE] [--peers [SOLVER ...]]
 """
@@ -156,6 +158,41 @@ def cone_far_bound_rows() -> list[dict[str, object]]:
     return rows
 
 
+CONE_SPREADS = (0.0, 2.0, 4.0, 6.0)
+"""The spans σ of the cone programs' scalings: variables and rows scaled by 10^U(−σ, σ)."""
+CONE_SPREAD_KINDS = {"all": dict(zero=3, nonneg=6, soc=[4, 3], psd=[3], exp=2, exp_dual=1),
+                     "soc": dict(zero=2, nonneg=6, soc=[6, 5, 3]), "psd": dict(nonneg=4, psd=[4, 3]),
+                     "exp": dict(zero=1, nonneg=4, exp=4, exp_dual=2)}
+"""The cone programs of ``cone_spread_rows``: every cone, and each curved kind with zero and nonnegative rows."""
+
+
+def cone_spread_rows(batch: int = 64) -> list[dict[str, object]]:
+    """Random cone programs with a known unique solution (``cone.testing.random_program``, with and
+    without P, for each kind of ``CONE_SPREAD_KINDS``) with their variables and rows scaled by
+    10^U(−σ, σ) (``CONE_SPREADS``; one number per cone on the curved ones: ``cone.testing.random_scalings``),
+    solved by both solvers: how many SOLVED, how many of those more than 1e-6 off (x, relative to
+    its largest entry), and the largest error of x among the SOLVED."""
+    from optlayers import ConeSpec, solve_cone
+    from optlayers.cone.testing import n_range, random_program, random_scalings, scaled
+    rows = []
+    for name, cones in CONE_SPREAD_KINDS.items():
+        spec = ConeSpec(**cones)
+        n = sum(n_range(spec)) // 2
+        for quadratic in (False, True):
+            A, b, c, P, x, _, _ = random_program(spec, n, batch=batch, seed=1, quadratic=quadratic)
+            for span in CONE_SPREADS:
+                d, e = random_scalings(spec, n, batch, span, seed=2)
+                A2, b2, c2, P2 = scaled(A, b, c, P, d, e)
+                for solver in ("ipm", "clarabel"):
+                    sol = solve_cone(A2, b2, c2, spec, P2, solver=solver, on_failure="ignore")
+                    error = (sol.x * d - x).abs().amax(-1) / x.abs().amax(-1)
+                    solved = sol.status == 0
+                    rows.append({"cones": name, "quadratic": quadratic, "span": span, "solver": solver,
+                                 "solved": int(solved.sum()), "of": batch, "off": int((solved & (error > 1e-6)).sum()),
+                                 "x": float(error[solved].max()) if bool(solved.any()) else math.nan})
+    return rows
+
+
 PEER_FAR_BOUNDS = (1e4, 1e8, 1e12, 1e20, math.inf)
 """The bounds −β ≤ z ≤ β added to the QPs for ``--peers`` (+inf: absent bounds as such)."""
 
@@ -261,6 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # inexact-derivative warnings: the errors below say how inexact
         qp, far, lp, cone, large = qp_rows(), far_bound_rows(), lp_rows(), cone_far_bound_rows(), large_variable_rows()
+        spread = cone_spread_rows()
         peers = None if args.peers is None else peer_far_bound_rows(args.peers or None)
         peers_large = None if args.peers is None else peer_large_variable_rows(args.peers or None)
     print("QPs (n = 6, 10 inequalities, 2 equalities, 8 problems): Q, p scaled by ω (objective) or p, h, b by α (data)")
@@ -293,6 +331,12 @@ def main(argv: list[str] | None = None) -> None:
     for r in cone:
         print(f"| {r['kind']}, {r['solver']}, {r['bound']:g} | {all(s == 0 for s in r['statuses'])} | {r['x']:.1e} | "
               f"{r['gradients']:.1e} | {r['violation']:.1e} |")
+    print("\nCone programs (64 of each kind, known unique solutions) with variables and rows scaled by 10^U(−σ, σ), "
+          "against their own solutions")
+    print("| cones, P, σ | solver | SOLVED | SOLVED but > 1e-6 off | largest x error (SOLVED) |\n|---|---|---|---|---|")
+    for r in spread:
+        print(f"| {r['cones']}, {'P' if r['quadratic'] else 'no P'}, {r['span']:g} | {r['solver']} | {r['solved']} of {r['of']} | "
+              f"{r['off']} | {r['x']:.1e} |")
     if peers is not None:
         print("\nThe QPs with −β ≤ z ≤ β added, by the peers (their own settings), against optlayers' solve "
               "of the QPs without the box")
@@ -304,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as out:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "torch": torch.__version__, "qp": qp, "far_bounds": far, "lp": lp, "cone_far_bounds": cone,
-                       "large_variable": large, "peer_far_bounds": peers, "peer_large_variable": peers_large}, out, indent=1)
+                       "large_variable": large, "cone_spread": spread, "peer_far_bounds": peers, "peer_large_variable": peers_large}, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -603,6 +603,9 @@ def test_scale_accuracy_prints_both_tables_and_writes_every_row(tmp_path, capsys
         assert all(status == 0 for status in row["statuses"]) and row["z"] <= 1e-9 and row["gradients"] <= 1e-7, row
     for row in rows["far_bounds"]:  # a bound never active weighs nothing: neither iterations nor gradient
         assert max(row["iterations"]) <= max(row["unit_iterations"]) + 3 and row["far_gradient"] <= 1e-9, row
+    assert len(rows["cone_spread"]) == 2 * 2 * len(scale_accuracy.CONE_SPREAD_KINDS) * len(scale_accuracy.CONE_SPREADS)
+    for row in rows["cone_spread"]:  # variables and rows of every size: each program as accurate as at its own
+        assert row["solved"] == row["of"] and row["off"] == 0 and row["x"] <= 1e-9, row
 
 
 def test_scale_accuracy_takes_the_peers_through_the_benchmarks_solvers(tmp_path, capsys):

@@ -4,7 +4,7 @@ A bound far above a problem's other sides is never active unless the variables g
 where a solver follows the largest side (a scale of the data, a least-squares start, a tolerance
 relative to the largest term) such a side sets the size of everything else. The QP's variables'
 scale and its start (``qp.scaling``, ``qp.ipm.initial_point``) and the cone layer's nonnegative rows
-(``cone.solve.far_row_scales``) leave the far sides out.
+(``cone.scaling.far_row_scales``) leave the far sides out.
 """
 from __future__ import annotations
 

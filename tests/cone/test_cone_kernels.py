@@ -27,11 +27,12 @@ MAX_EXP_DERIVATIVE_KERNELS = 70
 # solve_cone(solver="ipm") on the cone benchmark's programs (all five cones), batch 8 (128 gives the
 # same counts): 14 forward syncs (validation 1, the interior point method's looks 3, the
 # refinement's 3 and its linear solves' 2, the exponential projections' root looks 3 (their
-# derivatives take the projections' roots: 2 looks fewer), the status 1), and 1 for whether a
-# nonnegative row's side is far above the others (solve.far_row_scales); 2 in the adjoint
+# derivatives take the projections' roots: 2 looks fewer), the status 1), 1 for whether a
+# nonnegative row's side is far above the others (scaling.far_row_scales) and 1 for whether a
+# program's rows or columns spread too far to be solved unequilibrated (scaling.equilibration); 2 in the adjoint
 # (iterative refinement's; it takes the refined point's w and roots, where it looked once more to
 # solve for the roots at y - s).
-MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 14, 2
+MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 15, 2
 # Kernels per iteration of the cone interior point method on those programs, on the accelerators'
 # schedule (every exponential cone's dual scaling and every step trial formed: the count a GPU
 # launches), counted after a warm-up solve (the cones' cached constants): 480 measured with the PSD scaling's

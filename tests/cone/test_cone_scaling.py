@@ -1,4 +1,4 @@
-"""solve_cone on data of any scale: the program is solved at unit size (``solve.unit_scales``), so
+"""solve_cone on data of any scale: the program is solved at unit size (``scaling.unit_scales``), so
 that x(βb, γc) = βx(b, c), y(βb, γc) = γy(b, c) for LPs and cone programs without P, and the
 derivatives stay exact on data of scale 1e-4 and below (where answers met the solvers' partly
 absolute tolerances with the wrong active set: gradients 30 % to 30 times off, SOLVED, no warning)."""
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optlayers import ConeSpec, ConeStatus, solve_cone
-from optlayers.cone.solve import unit_scales
+from optlayers.cone.scaling import unit_scales
 from optlayers.cone.testing import ALL_CONES, random_program
 
 SPEC = ConeSpec(nonneg=4, soc=[4])
@@ -150,7 +150,7 @@ def test_a_matrix_far_from_unit_size_gives_the_unit_scale_derivatives(solver, sc
 def test_bounds_far_above_the_other_sides_leave_the_solution_and_its_derivatives(solver, bound):
     """−β ≤ x ≤ β added as nonnegative rows to random QPs (never active): x, y and the gradients
     w.r.t. A, b and c are those of the programs without the box, and the box's own gradients zero.
-    Its rows are scaled to the other sides' size (``solve.far_row_scales``); unscaled, at 1e4 one
+    Its rows are scaled to the other sides' size (``scaling.far_row_scales``); unscaled, at 1e4 one
     program of 8 came out SOLVED 17 % above the optimum, and at 1e12 five SOLVED and infeasible by
     up to 0.47, with either solver."""
     torch.manual_seed(0)
@@ -182,7 +182,7 @@ def test_bounds_far_above_the_other_sides_leave_the_solution_and_its_derivatives
 @pytest.mark.parametrize("bound", [1e4, 1e12])
 def test_a_far_side_the_objective_reaches_is_not_scaled(solver, bound):
     """x₀ ≤ β among unit bounds with P = I and c₀ = −100β: the objective pushes x₀ onto its far side,
-    so it is no far row (``solve.far_row_scales``): x₀ = β and dx₀/db = e₀. Scaled as a far row, its
+    so it is no far row (``scaling.far_row_scales``): x₀ = β and dx₀/db = e₀. Scaled as a far row, its
     multiplier grew as large as its scale is small and the solve ended INACCURATE at 1e12."""
     A = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]], dtype=torch.float64)
     b = torch.tensor([bound, 0.5, 0.5, 0.5, 0.5], dtype=torch.float64, requires_grad=True)

@@ -150,7 +150,7 @@ def test_refinement_that_raises_the_kkt_residual_keeps_the_solvers_answer_and_re
         (torch.nan_to_num(sol.x) * weights).sum().backward()
         return sol.status, bb.grad
 
-    # solve_cone solves such programs at unit size (solve.unit_scales): every one is SOLVED, those
+    # solve_cone solves such programs at unit size (scaling.unit_scales): every one is SOLVED, those
     # whose refinement went astray above too, with the gradients of the unscaled programs
     status_small, grad_small = status_and_gradient(1.0)
     status_unit, grad_unit = status_and_gradient(1e4)

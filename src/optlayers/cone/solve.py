@@ -12,9 +12,8 @@ from optlayers.cone.autograd import ConeProgram, Settings
 from optlayers.cone import autograd
 from optlayers.cone.data import prepare_cone
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
+from optlayers.cone.scaling import equilibration, far_row_scales, unit_scales
 from optlayers.cone.spec import ConeSpec
-from optlayers.linalg import power_of_two_above
-from optlayers.sides import FAR_SIDE, far_sides
 from optlayers.status import FailurePolicy, Status
 from optlayers.validation.cone import check_cone_options, check_layer_options
 from optlayers.validation.options import check_int
@@ -108,7 +107,8 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
         solver_options: passed to the solver named by ``solver`` (ConeIPMSettings fields for "ipm",
             Clarabel settings attributes, SCS keyword arguments; refused with "auto", which may run
             either: name the solver they are for); their tolerances apply to the program as solved,
-            which is scaled to unit size where its data are far from it (``unit_scales``); names
+            which is equilibrated where its variables or rows differ far in size and scaled to unit
+            size where its data are far from it (``cone.scaling``); names
             and values are checked first (unknown
             names, iteration limits below 1, negative or non-finite tolerances, or all-zero
             tolerances that would only run to the limit are refused).
@@ -146,16 +146,21 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
         if given != expected:
             raise ValueError(f"warm_start must be a solution of the same shapes: x, y, s of {expected} (batch "
                              f"dimensions flattened), got {given}")
-    # The solvers, the refinement and the derivative all work in float64, on the program scaled to
-    # unit size (``unit_scales``); outputs follow the inputs' dtype and scale.
+    # The solvers, the refinement and the derivative all work in float64, on the program equilibrated
+    # where its variables or rows are far apart in size, its far rows scaled and the whole at unit
+    # size (``cone.scaling``); outputs follow the inputs' dtype and scale.
     A, b, c, P = (None if t is None else t.to(torch.float64) for t in (data.A, data.b, data.c, data.P))
-    rows = far_row_scales(A, b, c, P, cones)  # (B, m) or 1: the program with far nonnegative rows scaled, y = r·y', s = s'/r
-    if rows is not None:
-        A, b = A * rows.unsqueeze(-1), b * rows
-    else:
-        rows = torch.ones_like(b[:1, :1])
+    variables, rows = torch.ones_like(c[:1, :1]), torch.ones_like(b[:1, :1])
+    scales = equilibration(A, P, cones)  # x = d·x', y = e·y', s = s'/e
+    if scales is not None:
+        variables, rows = scales
+        A, b, c = _scaled_matrix(A, rows, variables), b * rows, c * variables
+        P = None if P is None else _scaled_matrix(P, variables, variables)
+    far = far_row_scales(A, b, c, P, cones)  # (B, m) or None: the program with far nonnegative rows scaled, y = r·y', s = s'/r
+    if far is not None:
+        A, b, rows = A * far.unsqueeze(-1), b * far, rows * far
     matrix, primal, dual = unit_scales(A, b, c, P)
-    x_scale = primal / matrix  # x = (β/α)x̃
+    x_scale = variables * primal / matrix  # x = d(β/α)x̃
     if warm_start is not None:
         x0, y0, s0 = (t.detach().cpu().double().reshape(data.b.shape[0], -1) / scale
                       for t, scale in ((warm_start.x, x_scale), (warm_start.y, dual * rows), (warm_start.s, primal / rows)))
@@ -181,85 +186,12 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     return ConeSolution(x, y, s, status)
 
 
-UNIT_RANGE = 6
-"""Data whose size (``unit_scales``) lies within [2^-6, 2^6) are solved as given; outside, scaled.
-Solvers' defaults are tuned on data of about unit size: SCS's answers (eps 1e-4) to the example
-programs of docs/cone.md (sizes 2-5) came out worse scaled to sizes in [1/2, 1), one of 64 beyond
-the refinement's reach."""
-
-
-def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
-                   cones: ConeSpec) -> torch.Tensor | None:
-    """(B, m) powers of two r that scale each program's far nonnegative rows (``sides.far_sides``: sides
-    far above the others, as bounds of 1e12 that stand for absent ones) to the size of its largest
-    other nonnegative side, 1 elsewhere; None where no program has one (read by the host; under
-    torch.func's transforms, which cannot read, always the scales, but None for a shared A, which
-    scaled rows would copy into every program, taking a batched solve's path where the plain call
-    takes the shared one's).
-
-    (rA)x + s' = rb, s' ∈ K is the same program where r scales nonnegative rows only (s' = rs,
-    y' = y/r), exactly (powers of two), and r is a constant of it (detached), so that the
-    derivatives through it are exact. Unscaled, a
-    far side set the size of the program's data (``unit_scales``) and of the solvers' relative
-    tests: with −1e4 ≤ x ≤ 1e4 added to random programs, one of 8 came out SOLVED at an objective
-    17 % above the optimum, and with 1e12 five of 8 SOLVED and infeasible by up to 0.47, with the
-    method and with Clarabel alike. With P, a side within ``FAR_SIDE`` times (1 + |c| / |P|, the
-    size of the unconstrained minimum) is not taken for far: the objective may push the variables
-    onto it (x₀ ≤ 1e12 with c₀ = −1e14: scaled, its multiplier grew as large as the scale is small,
-    and the solve ended INACCURATE). A sparse A is solved as given."""
-    transformed = torch._C._are_functorch_transforms_active()
-    if A.layout != torch.strided or cones.nonneg < 2 or (transformed and A.dim() == 2):
-        return None
-    start = cones.zero
-    sides = b[:, start:start + cones.nonneg].detach()
-    far, typical = far_sides(sides)
-    if P is not None:  # the unconstrained minimum's size, |c| / |P| (0 for P = 0: a linear objective)
-        reach = c.detach().abs().amax(-1, keepdim=True) / P.detach().abs().amax((-2, -1)).reshape(-1, 1)
-        far = far & (sides > FAR_SIDE * (1 + torch.nan_to_num(reach, nan=0.0, posinf=0.0)))
-    if not transformed and not bool(far.any()):
-        return None
-    target = torch.where(typical > 0, power_of_two_above(typical), 1.0).unsqueeze(-1)
-    scales = torch.where(far, target / power_of_two_above(sides.abs()), 1.0)
-    ones = torch.ones_like(b)
-    return torch.cat([ones[:, :start], scales, ones[:, start + cones.nonneg:]], -1)
-
-
-def unit_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
-                P: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Powers of two α, β and γ ((B, 1), or (1, 1) for α of a shared A) near the sizes of each
-    program's matrix, primal and dual data, or 1 where that size is within ``UNIT_RANGE`` of 1 (or
-    0): α near the largest |A| (dense A; 1 for a sparse one), β near the largest |b|, γ near the
-    largest of |c|/α and β|P|/α² (the objective's gradient at an x of size β/α), so that the program
-    solved is of unit size:
-
-        min ½x̃ᵀ(β/(γα²))Px̃ + (c/(αγ))ᵀx̃ s.t. (A/α)x̃ + s̃ = b/β, s̃ ∈ K,
-
-    whose solution gives x = (β/α)x̃, s = βs̃, y = γỹ (K is a cone), exactly: powers of two round
-    nothing.
-
-    The solvers' tolerances, the refinement's target and the SOLVED test are partly absolute (over
-    1 + the largest term, as SCS's): on data of scale 1e-4 and below an answer met them while its y
-    and s were accurate only to about that, both ~1e-5 on inactive rows, so that the Newton
-    refinement from it failed and the derivative took the wrong active set: gradients 30 % to 30
-    times off with the status SOLVED and no warning; with A of scale 1e4 one of 8 programs' gradients
-    was 100 % off (with a warning), and with A of scale 1e-3 and P (x of 5e6) dx/db was 12 times the
-    central differences', SOLVED, with no warning. Scaled, the program is solved, refined and checked
-    as one of unit size; the scales are constants of the reparametrisation (detached), so that the
-    derivatives through them are exact."""
-    def size(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-        largest = t.detach().abs().amax(dims).reshape(-1, 1)  # (1, 1) for a shared A or P
-        return torch.where(torch.isfinite(largest), largest, 0.0)  # non-finite data are refused inside the solve
-
-    def power(largest: torch.Tensor) -> torch.Tensor:
-        scale = power_of_two_above(largest)  # 1 for 0
-        return torch.where((scale >= 2.0 ** (1 - UNIT_RANGE)) & (scale <= 2.0 ** UNIT_RANGE), 1.0, scale)
-    # a sparse A (whose division torch's CSR tensors do not differentiate) is solved as given
-    matrix = power(size(A, (-2, -1))) if A.layout == torch.strided else torch.ones_like(b[:1, :1])
-    primal = power(size(b, (-1,)))
-    gradient = size(c, (-1,)) / matrix
-    if P is not None:
-        gradient = torch.maximum(gradient, primal * size(P, (-2, -1)) / (matrix * matrix))
-    return matrix, primal, power(gradient)
+def _scaled_matrix(M: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """diag(rows) M diag(columns) for M (r, c) shared or (B, r, c), and scalings (1 or B, ·): a shared M
+    with one scaling stays shared."""
+    if M.dim() == 2 and rows.shape[0] == 1 and columns.shape[0] == 1:
+        return M * rows[0].unsqueeze(-1) * columns[0]
+    return M * rows.unsqueeze(-1) * columns.unsqueeze(-2)
 
 
 def _empty_solution(data) -> ConeSolution:

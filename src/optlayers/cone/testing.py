@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from optlayers.cone import product
+from optlayers.cone import nonneg, product, zero
 from optlayers.cone.spec import ConeSpec
 from optlayers.engine.cones import svec
 
@@ -93,3 +93,25 @@ def random_program(spec: ConeSpec, n: int, batch: int | None = None, seed: int =
         b, c, x, y, s = b[0], c[0], x[0], y[0], s[0]
         P = None if P is None else P[0]
     return A, b, c, P, x, y, s
+
+
+def random_scalings(spec: ConeSpec, n: int, batch: int, span: float, seed: int = 0,
+                    dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """d (batch, n) and e (batch, m) of 10^U(−span, span), e one number per cone on the cones other than
+    the zero and nonnegative ones (a positive multiple of a point of a cone is in it): the program
+    ``scaled`` by them has the solution x/d, y/e, s·e."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return 10.0 ** ((2 * torch.rand(*shape, generator=gen, dtype=dtype) - 1) * span)
+    rows = [draw(batch, block.count * block.size) if block.module in (zero, nonneg)
+            else draw(batch, block.count).repeat_interleave(block.size, -1) for block in spec.blocks()]
+    return draw(batch, n), torch.cat(rows, -1)
+
+
+def scaled(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, d: torch.Tensor,
+           e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The program (A, b, c, P) (batched) with its variables scaled by d and its rows by e:
+    A' = EAD, b' = Eb, c' = Dc, P' = DPD, whose solution is x/d, y/e, s·e."""
+    P = None if P is None else P * d.unsqueeze(-1) * d.unsqueeze(-2)
+    return A * e.unsqueeze(-1) * d.unsqueeze(-2), b * e, c * d, P

@@ -1,0 +1,182 @@
+"""Scalings of a cone program that ``solve_cone`` solves in its place, each exact (powers of two)
+and a constant of the reparametrisation (detached), so that derivatives through them are exact:
+
+- ``equilibration``: the variables and rows at comparable sizes (Ruiz), where they are far apart;
+- ``far_row_scales``: nonnegative rows whose sides stand far above the others' at their size;
+- ``unit_scales``: the whole program at unit size.
+"""
+from __future__ import annotations
+
+import torch
+
+from optlayers.cone.spec import ConeSpec
+from optlayers.cone import nonneg, zero
+from optlayers.linalg import power_of_two_above
+from optlayers.sides import FAR_SIDE, far_sides
+
+
+UNIT_RANGE = 6
+"""Data whose size (``unit_scales``) lies within [2^-6, 2^6) are solved as given; outside, scaled.
+Solvers' defaults are tuned on data of about unit size: SCS's answers (eps 1e-4) to the example
+programs of docs/cone.md (sizes 2-5) came out worse scaled to sizes in [1/2, 1), one of 64 beyond
+the refinement's reach."""
+
+
+def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
+                   cones: ConeSpec) -> torch.Tensor | None:
+    """(B, m) powers of two r that scale each program's far nonnegative rows (``sides.far_sides``: sides
+    far above the others, as bounds of 1e12 that stand for absent ones) to the size of its largest
+    other nonnegative side, 1 elsewhere; None where no program has one (read by the host; under
+    torch.func's transforms, which cannot read, always the scales, but None for a shared A, which
+    scaled rows would copy into every program, taking a batched solve's path where the plain call
+    takes the shared one's).
+
+    (rA)x + s' = rb, s' ∈ K is the same program where r scales nonnegative rows only (s' = rs,
+    y' = y/r), exactly (powers of two), and r is a constant of it (detached), so that the
+    derivatives through it are exact. Unscaled, a
+    far side set the size of the program's data (``unit_scales``) and of the solvers' relative
+    tests: with −1e4 ≤ x ≤ 1e4 added to random programs, one of 8 came out SOLVED at an objective
+    17 % above the optimum, and with 1e12 five of 8 SOLVED and infeasible by up to 0.47, with the
+    method and with Clarabel alike. With P, a side within ``FAR_SIDE`` times (1 + |c| / |P|, the
+    size of the unconstrained minimum) is not taken for far: the objective may push the variables
+    onto it (x₀ ≤ 1e12 with c₀ = −1e14: scaled, its multiplier grew as large as the scale is small,
+    and the solve ended INACCURATE). A sparse A is solved as given."""
+    transformed = torch._C._are_functorch_transforms_active()
+    if A.layout != torch.strided or cones.nonneg < 2 or (transformed and A.dim() == 2):
+        return None
+    start = cones.zero
+    sides = b[:, start:start + cones.nonneg].detach()
+    far, typical = far_sides(sides)
+    if P is not None:  # the unconstrained minimum's size, |c| / |P| (0 for P = 0: a linear objective)
+        reach = c.detach().abs().amax(-1, keepdim=True) / P.detach().abs().amax((-2, -1)).reshape(-1, 1)
+        far = far & (sides > FAR_SIDE * (1 + torch.nan_to_num(reach, nan=0.0, posinf=0.0)))
+    if not transformed and not bool(far.any()):
+        return None
+    target = torch.where(typical > 0, power_of_two_above(typical), 1.0).unsqueeze(-1)
+    scales = torch.where(far, target / power_of_two_above(sides.abs()), 1.0)
+    ones = torch.ones_like(b)
+    return torch.cat([ones[:, :start], scales, ones[:, start + cones.nonneg:]], -1)
+
+
+def unit_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
+                P: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Powers of two α, β and γ ((B, 1), or (1, 1) for α of a shared A) near the sizes of each
+    program's matrix, primal and dual data, or 1 where that size is within ``UNIT_RANGE`` of 1 (or
+    0): α near the largest |A| (dense A; 1 for a sparse one), β near the largest |b|, γ near the
+    largest of |c|/α and β|P|/α² (the objective's gradient at an x of size β/α), so that the program
+    solved is of unit size:
+
+        min ½x̃ᵀ(β/(γα²))Px̃ + (c/(αγ))ᵀx̃ s.t. (A/α)x̃ + s̃ = b/β, s̃ ∈ K,
+
+    whose solution gives x = (β/α)x̃, s = βs̃, y = γỹ (K is a cone), exactly: powers of two round
+    nothing.
+
+    The solvers' tolerances, the refinement's target and the SOLVED test are partly absolute (over
+    1 + the largest term, as SCS's): on data of scale 1e-4 and below an answer met them while its y
+    and s were accurate only to about that, both ~1e-5 on inactive rows, so that the Newton
+    refinement from it failed and the derivative took the wrong active set: gradients 30 % to 30
+    times off with the status SOLVED and no warning; with A of scale 1e4 one of 8 programs' gradients
+    was 100 % off (with a warning), and with A of scale 1e-3 and P (x of 5e6) dx/db was 12 times the
+    central differences', SOLVED, with no warning. Scaled, the program is solved, refined and checked
+    as one of unit size; the scales are constants of the reparametrisation (detached), so that the
+    derivatives through them are exact."""
+    def size(t: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        largest = t.detach().abs().amax(dims).reshape(-1, 1)  # (1, 1) for a shared A or P
+        return torch.where(torch.isfinite(largest), largest, 0.0)  # non-finite data are refused inside the solve
+
+    def power(largest: torch.Tensor) -> torch.Tensor:
+        scale = power_of_two_above(largest)  # 1 for 0
+        return torch.where((scale >= 2.0 ** (1 - UNIT_RANGE)) & (scale <= 2.0 ** UNIT_RANGE), 1.0, scale)
+    # a sparse A (whose division torch's CSR tensors do not differentiate) is solved as given
+    matrix = power(size(A, (-2, -1))) if A.layout == torch.strided else torch.ones_like(b[:1, :1])
+    primal = power(size(b, (-1,)))
+    gradient = size(c, (-1,)) / matrix
+    if P is not None:
+        gradient = torch.maximum(gradient, primal * size(P, (-2, -1)) / (matrix * matrix))
+    return matrix, primal, power(gradient)
+
+
+RUIZ_ITERATIONS = 10
+"""Ruiz iterations of ``equilibration`` (as the QP layer's, ``qp.scaling``): each halves the spread
+of the rows' and columns' largest entries (in logarithms)."""
+_MIN_NORM, _MAX_NORM = 1e-4, 1e4
+"""A row's or column's largest entry is taken within this range by one Ruiz iteration (OSQP's
+guard, as ``qp.scaling``'s), so that a near-empty row or column is not blown up at once."""
+
+
+def equilibration(A: torch.Tensor, P: torch.Tensor | None, cones: ConeSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Powers of two d ((B, n), or (1, n) where A and P are shared) and e ((B or 1, m)) that bring the
+    program's variables and rows to comparable sizes (Ruiz equilibration of [[P, Aᵀ], [A, 0]]):
+
+        min ½x̄ᵀ(DPD)x̄ + (Dc)ᵀx̄ s.t. (EAD)x̄ + s̄ = Eb, s̄ ∈ K,
+
+    with x = Dx̄, y = Eȳ, s = s̄/E, exactly. e is one number per cone on the rows of the
+    second-order, PSD and exponential cones (which a positive number maps onto themselves), one per
+    row on the zero and nonnegative rows. None (read by the host) where no program's rows or
+    columns spread over more than 2^``UNIT_RANGE`` (their largest entries), and d and e are 1 for
+    each program whose scalings stay within that spread: such programs are solved as given. A sparse
+    A is solved as given.
+
+    Unequilibrated, the solvers' tests (relative to the program's largest terms) passed answers
+    whose small variables or rows were far from solved: random QPs as cone programs with their
+    variables scaled by 10^±2 came out SOLVED up to 1e-4 off, by 10^±6 a fifth SOLVED up to 200 %
+    off and a fifth not solved; their rows scaled by 10^±4, 17 of 128 SOLVED up to 6 % off
+    (``tests/cone/test_cone_scaling.py``), with the interior point method and Clarabel alike."""
+    if A.layout != torch.strided or not A.shape[-1] or not A.shape[-2]:
+        return None
+    transformed = torch._C._are_functorch_transforms_active()
+    a = A.detach().abs()
+    a = a if a.dim() == 3 else a.unsqueeze(0)
+    p = None
+    if P is not None:
+        p = P.detach().abs()
+        p = p if p.dim() == 3 else p.unsqueeze(0)
+        if a.shape[0] == 1:  # a shared A keeps one scaling: the programs' P at their largest
+            p = p.amax(0, keepdim=True)
+    if not transformed and not bool(_spread(_columns(a, p), -1).gt(2.0 ** UNIT_RANGE).any()
+                                    | _spread(a.amax(-1), -1).gt(2.0 ** UNIT_RANGE).any()):
+        return None
+    d = a.new_ones(max(a.shape[0], 1 if p is None else p.shape[0]), a.shape[-1])
+    e = a.new_ones(a.shape[0], a.shape[-2])
+    for _ in range(RUIZ_ITERATIONS):
+        scaled = a * e.unsqueeze(-1) * d.unsqueeze(-2)
+        columns = _columns(scaled, None if p is None else p * d.unsqueeze(-1) * d.unsqueeze(-2))
+        d = d * _inverse_root(columns)
+        e = e * _inverse_root(_by_cone(scaled.amax(-1), cones))
+    d, e = torch.exp2(torch.round(torch.log2(d))), torch.exp2(torch.round(torch.log2(e)))
+    far = (_spread(d, -1) > 2.0 ** UNIT_RANGE) | (_spread(e, -1) > 2.0 ** UNIT_RANGE)  # (B, 1)
+    d, e = torch.where(far, d, 1.0), torch.where(far, e, 1.0)
+    if not transformed and not bool(far.any()):
+        return None
+    return d, e
+
+
+def _columns(a: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
+    """The largest entry of each column of [P; A] (a and p: their absolute values, (B, ·, n))."""
+    largest = a.amax(-2) if a.shape[-2] else a.new_zeros(a.shape[0], a.shape[-1])
+    return largest if p is None else torch.maximum(largest, p.amax(-2))
+
+
+def _spread(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The ratio of the largest to the smallest positive entry along ``dim`` (kept), 1 where none is positive."""
+    positive = t > 0
+    largest = t.masked_fill(~positive, 0.0).amax(dim, keepdim=True)
+    smallest = t.masked_fill(~positive, torch.inf).amin(dim, keepdim=True)
+    return torch.where(positive.any(dim, keepdim=True), largest / smallest, 1.0)
+
+
+def _inverse_root(norms: torch.Tensor) -> torch.Tensor:
+    """1/√(norm), the norm taken within [``_MIN_NORM``, ``_MAX_NORM``]; 1 for an empty row or column."""
+    return torch.where(norms > 0, norms.clamp(_MIN_NORM, _MAX_NORM).rsqrt(), 1.0)
+
+
+def _by_cone(rows: torch.Tensor, cones: ConeSpec) -> torch.Tensor:
+    """(B, m) rows' norms, each cone other than the zero and nonnegative ones given its rows' largest."""
+    parts = []
+    for block in cones.blocks():
+        piece = rows[:, block.start:block.stop]
+        if block.module not in (zero, nonneg):
+            piece = piece.reshape(-1, block.count, block.size).amax(-1, keepdim=True).expand(-1, -1, block.size)
+            piece = piece.reshape(-1, block.count * block.size)
+        parts.append(piece)
+    return torch.cat(parts, -1) if parts else rows
