@@ -122,7 +122,7 @@ def far_bound_rows() -> list[dict[str, object]]:
 
 
 CONE_FAR_BOUNDS = [(kind, solver, beta) for kind in ("quadratic", "linear") for solver in ("ipm", "clarabel")
-                   for beta in (1e4, 1e8, 1e12, 1e20)]
+                   for beta in (1e3, 1e4, 1e8, 1e12, 1e20)]
 """The cone layer's programs (the QPs, or the linear programs), solvers and the bounds −β ≤ x ≤ β added
 to them as nonnegative rows."""
 

@@ -16,10 +16,10 @@ FAR_SIDE = 1e3
 a far side (``far_sides``)."""
 
 
-def far_sides(h: Tensor) -> tuple[Tensor, Tensor]:
-    """(B, k) the far sides of Gx ≤ h: the positive ones from the first gap of ``FAR_SIDE`` between
-    nonzero sides in the sorted |h| up, and (B,) the largest |h| that is not far. Without a host
-    synchronisation.
+def far_sides(h: Tensor, ratio: float = FAR_SIDE) -> tuple[Tensor, Tensor]:
+    """(B, k) the far sides of Gx ≤ h: the positive ones from the first gap of ``ratio`` (above
+    ``ratio`` times 1 + the side below) between nonzero sides in the sorted |h| up, and (B,) the
+    largest |h| that is not far. Without a host synchronisation.
 
     Where the nonzero sides run in steps of less than ``FAR_SIDE`` none is far, however widely they
     spread, and the smallest nonzero side never is: zero sides (bounds x ≥ 0) beside sides of 1e3 to
@@ -30,7 +30,7 @@ def far_sides(h: Tensor) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(size, dtype=torch.bool), size.amax(-1)
     ordered = size.sort(-1).values
     below, above = ordered[:, :-1], ordered[:, 1:]
-    gaps = (torch.add(above, below, alpha=-FAR_SIDE) > FAR_SIDE) & (below > 0)
+    gaps = (torch.add(above, below, alpha=-ratio) > ratio) & (below > 0)
     first_far = torch.where(gaps, above, torch.inf).amin(-1, keepdim=True)
     far = (size >= first_far) & (h > 0)
     return far, size.masked_fill(far, 0).amax(-1)
