@@ -3,8 +3,9 @@
 A bound far above a problem's other sides is never active unless the variables grow as large, but
 where a solver follows the largest side (a scale of the data, a least-squares start, a tolerance
 relative to the largest term) such a side sets the size of everything else. The QP's variables'
-scale and its start (``qp.scaling``, ``qp.ipm.initial_point``) and the cone layer's nonnegative rows
-(``cone.scaling.far_row_scales``) leave the far sides out.
+scale and its start (``qp.scaling``, ``qp.ipm.initial_point``) leave the far sides out. The cone
+layer scales its nonnegative rows' far sides away by a rule of its own (``cone.scaling.far_rows``:
+its solvers' tests are relative to the largest side, not only their start).
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ FAR_SIDE = 1e3
 a far side (``far_sides``)."""
 
 
-def far_sides(h: Tensor, ratio: float = FAR_SIDE) -> tuple[Tensor, Tensor]:
-    """(B, k) the far sides of Gx ≤ h: the positive ones from the first gap of ``ratio`` (above
-    ``ratio`` times 1 + the side below) between nonzero sides in the sorted |h| up, and (B,) the
-    largest |h| that is not far. Without a host synchronisation.
+def far_sides(h: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, k) the far sides of Gx ≤ h: the positive ones from the first gap of ``FAR_SIDE`` between
+    nonzero sides in the sorted |h| up, and (B,) the largest |h| that is not far. Without a host
+    synchronisation.
 
     Where the nonzero sides run in steps of less than ``FAR_SIDE`` none is far, however widely they
     spread, and the smallest nonzero side never is: zero sides (bounds x ≥ 0) beside sides of 1e3 to
@@ -30,7 +31,7 @@ def far_sides(h: Tensor, ratio: float = FAR_SIDE) -> tuple[Tensor, Tensor]:
         return torch.zeros_like(size, dtype=torch.bool), size.amax(-1)
     ordered = size.sort(-1).values
     below, above = ordered[:, :-1], ordered[:, 1:]
-    gaps = (torch.add(above, below, alpha=-ratio) > ratio) & (below > 0)
+    gaps = (torch.add(above, below, alpha=-FAR_SIDE) > FAR_SIDE) & (below > 0)
     first_far = torch.where(gaps, above, torch.inf).amin(-1, keepdim=True)
     far = (size >= first_far) & (h > 0)
     return far, size.masked_fill(far, 0).amax(-1)

@@ -12,7 +12,6 @@ import torch
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone import nonneg, zero
 from optlayers.linalg import power_of_two_above
-from optlayers.sides import far_sides
 
 
 UNIT_RANGE = 6
@@ -23,17 +22,35 @@ the refinement's reach."""
 
 
 FAR_ROW = 2.0 ** UNIT_RANGE
-"""A nonnegative row's side is far (``far_row_scales``) above this times 1 + the next smaller side:
-the size beyond which one side, setting the program's unit (``unit_scales``), leaves the others
-within the solvers' tests' absolute part (1 + the largest term). The QP layer's far sides
-(``sides.FAR_SIDE``, 1e3) only set its start and its variables' scale."""
+"""A nonnegative row's side is far (``far_rows``) above this times 1 + the program's smallest
+nonzero side."""
+
+
+def far_rows(sides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, k) the far sides of the nonnegative rows' sides ``sides``: the positive ones above
+    ``FAR_ROW`` times 1 + the smallest nonzero |side| (none where all are zero), and (B,) the largest
+    |side| that is not far.
+
+    A side that large sets the program's unit (``unit_scales``) and leaves the others within the
+    solvers' tests' absolute part (1 + the largest term), unsolved. Taken as the QP layer takes its
+    far sides (``sides.far_sides``: from a gap of 1e3 times 1 + the next side up), a box of 1e3 to
+    1e4 about random QPs with two equalities (never active) was no far row on some of them, and 2 to
+    7 of 32 came out SOLVED up to 20 % off, or INACCURATE; and with no gap at all, 24 inactive rows
+    whose slacks were 10^U(0, 4) left 5 of 32 SOLVED up to 30 % off and 2 INACCURATE (with the
+    interior point method and Clarabel alike; ``tests/cone/test_cone_scaling.py``). A side far below
+    the others (negative) is never far: it holds only where the variables are as large."""
+    size = sides.abs()
+    smallest = size.masked_fill(size == 0, torch.inf).amin(-1, keepdim=True)
+    far = sides > FAR_ROW * (1 + smallest)
+    return far, size.masked_fill(far, 0).amax(-1)
 
 
 def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
                    cones: ConeSpec) -> torch.Tensor | None:
-    """(B, m) powers of two r that scale each program's far nonnegative rows (``sides.far_sides`` with
-    ``FAR_ROW``: sides far above the others, as bounds of 1e12 that stand for absent ones, or a box of
-    1e3 about variables of unit size) to the size of its largest other nonnegative side, 1 elsewhere; None where no program has one (read by the host; under
+    """(B, m) powers of two r that scale each program's far nonnegative rows (``far_rows``: sides far
+    above the others, as bounds of 1e12 that stand for absent ones, a box of 1e3 about variables of
+    unit size, or the loosest of rows whose sides spread over orders) to the size of its largest other
+    nonnegative side, 1 elsewhere; None where no program has one (read by the host; under
     torch.func's transforms, which cannot read, always the scales, but None for a shared A, which
     scaled rows would copy into every program, taking a batched solve's path where the plain call
     takes the shared one's).
@@ -44,10 +61,7 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
     far side set the size of the program's data (``unit_scales``) and of the solvers' relative
     tests: with −1e4 ≤ x ≤ 1e4 added to random programs, one of 8 came out SOLVED at an objective
     17 % above the optimum, and with 1e12 five of 8 SOLVED and infeasible by up to 0.47, with the
-    method and with Clarabel alike; and with −β ≤ x ≤ β added to random QPs (with two equalities)
-    as long as it was no far side of the QP layer's (``sides.FAR_SIDE``: 1e3 times the next side), at
-    β = 1e3 to 1e4, 2 to 7 of 32 came out SOLVED up to 20 % off or INACCURATE (the other sides, at
-    1/β of the largest, met the tests' absolute part unsolved). With P, a side within ``FAR_ROW``
+    method and with Clarabel alike. With P, a side within ``FAR_ROW``
     times (1 + |c| / |P|, the size of the unconstrained minimum) is not taken for far: the objective may push the variables
     onto it (x₀ ≤ 1e12 with c₀ = −1e14: scaled, its multiplier grew as large as the scale is small,
     and the solve ended INACCURATE). A sparse A is solved as given."""
@@ -56,7 +70,7 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
         return None
     start = cones.zero
     sides = b[:, start:start + cones.nonneg].detach()
-    far, typical = far_sides(sides, FAR_ROW)
+    far, typical = far_rows(sides)
     if P is not None:  # the unconstrained minimum's size, |c| / |P| (0 for P = 0: a linear objective)
         reach = c.detach().abs().amax(-1, keepdim=True) / P.detach().abs().amax((-2, -1)).reshape(-1, 1)
         far = far & (sides > FAR_ROW * (1 + torch.nan_to_num(reach, nan=0.0, posinf=0.0)))
