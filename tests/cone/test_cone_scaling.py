@@ -194,6 +194,20 @@ def test_a_far_side_the_objective_reaches_is_not_scaled(solver, bound):
     torch.testing.assert_close(grad, torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64), rtol=0, atol=1e-9)
 
 
+def _qps_with_equalities(seed: int, slack=lambda gen, shape: torch.rand(*shape, generator=gen, dtype=torch.float64),
+                         B: int = 32, n: int = 8, k: int = 12, m: int = 2):
+    """Random strictly convex QPs (Q, p, G, h, A, b) whose point z₀ of unit size holds the equalities and
+    leaves the inequalities the slacks ``slack(generator, (B, k))``."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+    L = draw(B, n, n)
+    Q = L @ L.mT / n + 1e-2 * torch.eye(n, dtype=torch.float64)
+    G, z0, A, p = draw(B, k, n), draw(B, n, 1), draw(B, m, n), draw(B, n)
+    return Q, p, G, (G @ z0).squeeze(-1) + slack(gen, (B, k)), A, (A @ z0).squeeze(-1)
+
+
 @pytest.mark.parametrize("solver", ["ipm", "clarabel"])
 @pytest.mark.parametrize("bound", [1e3, 2e3, 1e4])
 def test_a_box_a_thousand_times_the_other_sides_is_a_far_row(solver, bound):
@@ -202,17 +216,8 @@ def test_a_box_a_thousand_times_the_other_sides_is_a_far_row(solver, bound):
     (``scaling.FAR_ROW``); taken at the QP layer's 1e3 (``sides.FAR_SIDE``), boxes of 1e3 to 1e4 were
     no far rows on some of these QPs, the other sides then 1/β of the program's unit, and 2 to 7 of
     32 came out SOLVED up to 20 % off, or INACCURATE, with either solver."""
-    gen = torch.Generator().manual_seed(11)
-    B, n, k, m = 32, 8, 12, 2
-
-    def draw(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-    L = draw(B, n, n)
-    Q = L @ L.mT / n + 1e-2 * torch.eye(n, dtype=torch.float64)
-    G, z0 = draw(B, k, n), draw(B, n, 1)
-    h = (G @ z0).squeeze(-1) + torch.rand(B, k, generator=gen, dtype=torch.float64)
-    A = draw(B, m, n)
-    b, p = (A @ z0).squeeze(-1), draw(B, n)
+    Q, p, G, h, A, b = _qps_with_equalities(11)
+    B, n = p.shape
     eye = torch.eye(n, dtype=torch.float64).expand(B, n, n)
     boxed = solve_qp_cone(Q, p, torch.cat([G, eye, -eye], 1), torch.cat([h, torch.full((B, 2 * n), bound)], -1), A, b,
                           solver=solver)
@@ -228,17 +233,47 @@ def test_sides_spread_over_orders_without_a_gap_leave_no_wrong_answer(solver, sp
     (``sides.far_sides``), as cone programs: the loosest rows are far rows of the cone layer
     (``scaling.far_rows``), and the SOLVED answers are ``solve_qp``'s. With the QP layer's rule, at σ = 4
     5 of 32 came out SOLVED up to 30 % off and 2 INACCURATE, at σ = 6 4 SOLVED up to 4 times off."""
-    gen = torch.Generator().manual_seed(12)
-    B, n, k, m = 32, 8, 24, 2
-
-    def draw(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-    L = draw(B, n, n)
-    Q = L @ L.mT / n + 1e-2 * torch.eye(n, dtype=torch.float64)
-    G, z0, A, p = draw(B, k, n), draw(B, n, 1), draw(B, m, n), draw(B, n)
-    b = (A @ z0).squeeze(-1)
-    h = (G @ z0).squeeze(-1) + 10.0 ** (span * torch.rand(B, k, generator=gen, dtype=torch.float64))
+    def slack(gen, shape):
+        return 10.0 ** (span * torch.rand(*shape, generator=gen, dtype=torch.float64))
+    Q, p, G, h, A, b = _qps_with_equalities(12, slack, k=24)
+    B = p.shape[0]
     sol = solve_qp_cone(Q, p, G, h, A, b, solver=solver, on_failure="ignore")
     solved = sol.status == ConeStatus.SOLVED
     assert int(solved.sum()) >= B - 1  # at σ = 6 one program is INACCURATE (reported, not wrong)
     torch.testing.assert_close(sol.z[solved], solve_qp(Q, p, G, h, A, b).z[solved], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["ipm", "clarabel"])
+@pytest.mark.parametrize("radius", [1e4, 1e8, 1e12])
+def test_a_ball_far_larger_than_the_other_sides_is_a_far_cone(solver, radius):
+    """‖z‖ ≤ R (a second-order cone, never active) added to random QPs with two equalities: z is
+    ``solve_qp``'s without it, and the ball's multiplier zero. Its rows are scaled by one number to
+    the other sides' size (``scaling.far_row_scales``); unscaled, at R = 1e4 four of 32 came out
+    SOLVED up to 90 % off, at 1e6 to 1e12 19 to 24 of 32 SOLVED up to 40 times off, with either solver."""
+    Q, p, G, h, A, b = _qps_with_equalities(21)
+    B, n = p.shape
+    ball = torch.cat([torch.zeros(B, 1, n, dtype=torch.float64), -torch.eye(n, dtype=torch.float64).expand(B, n, n)], 1)
+    sides = torch.cat([torch.full((B, 1), radius, dtype=torch.float64), torch.zeros(B, n, dtype=torch.float64)], -1)
+    sol = solve_cone(torch.cat([A, G, ball], 1), torch.cat([b, h, sides], -1), p, ConeSpec(zero=2, nonneg=12, soc=[n + 1]), Q,
+                     solver=solver)
+    assert (sol.status == ConeStatus.SOLVED).all()
+    torch.testing.assert_close(sol.x, solve_qp(Q, p, G, h, A, b).z, rtol=1e-8, atol=1e-8)
+    assert float(sol.y[:, 14:].abs().max()) <= 1e-12
+
+
+@pytest.mark.parametrize("solver", ["ipm", "clarabel"])
+@pytest.mark.parametrize("radius", [1e4, 1e8])
+def test_a_large_ball_the_objective_pushes_onto(solver, radius):
+    """min −x₀ + x₁ − x₂ s.t. ‖x‖ ≤ R, |x₁|, |x₂| ≤ 0.5 (a linear program: its ball is scaled as a far
+    cone, active or not): x = (√(R² − 0.5), −0.5, 0.5). Unscaled, at R = 1e8 x₁ and x₂ came out
+    5.6e-9 and −5.6e-9, SOLVED; at R = 1e12 the scaled ball's multiplier is 1e12 times the others'
+    and both solvers report INACCURATE (docs/cone.md)."""
+    A = torch.cat([torch.tensor([[0.0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]]), torch.zeros(1, 3), -torch.eye(3)])
+    b = torch.cat([torch.full((4,), 0.5), torch.tensor([radius]), torch.zeros(3)]).double().requires_grad_()
+    sol = solve_cone(A.double(), b, torch.tensor([-1.0, 1.0, -1.0], dtype=torch.float64), ConeSpec(nonneg=4, soc=[4]),
+                     solver=solver)
+    assert sol.status == ConeStatus.SOLVED
+    torch.testing.assert_close(sol.x[1:], torch.tensor([-0.5, 0.5], dtype=torch.float64), rtol=0, atol=1e-9)
+    assert abs(float(sol.x[0]) - (radius ** 2 - 0.5) ** 0.5) <= 1e-7 * radius  # Clarabel's 2e-8 at 1e8 (ipm 6e-11)
+    grad, = torch.autograd.grad(sol.x[0], b)
+    assert abs(float(grad[4]) - radius / (radius ** 2 - 0.5) ** 0.5) <= 1e-6

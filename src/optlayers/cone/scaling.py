@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from optlayers.cone.spec import ConeSpec
-from optlayers.cone import nonneg, zero
+from optlayers.cone import nonneg, soc, zero
 from optlayers.linalg import power_of_two_above
 
 
@@ -47,39 +47,55 @@ def far_rows(sides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
                    cones: ConeSpec) -> torch.Tensor | None:
-    """(B, m) powers of two r that scale each program's far nonnegative rows (``far_rows``: sides far
-    above the others, as bounds of 1e12 that stand for absent ones, a box of 1e3 about variables of
-    unit size, or the loosest of rows whose sides spread over orders) to the size of its largest other
-    nonnegative side, 1 elsewhere; None where no program has one (read by the host; under
+    """(B, m) powers of two r that scale each program's far nonnegative rows and far balls to the size
+    of its largest side that is not far, 1 elsewhere: the sides of the nonnegative rows and the radii
+    of the second-order cones (a ball ‖u‖ ≤ R: its first row's side, where no side of its other rows
+    is larger), far by ``far_rows`` (bounds of 1e12 that stand for absent ones, a box of 1e3 about
+    variables of unit size, the loosest of rows whose sides spread over orders, a ball of 1e4); a
+    ball's rows by one number. None where no program has a far side (read by the host; under
     torch.func's transforms, which cannot read, always the scales, but None for a shared A, which
     scaled rows would copy into every program, taking a batched solve's path where the plain call
     takes the shared one's).
 
-    (rA)x + s' = rb, s' ∈ K is the same program where r scales nonnegative rows only (s' = rs,
-    y' = y/r), exactly (powers of two), and r is a constant of it (detached), so that the
-    derivatives through it are exact. Unscaled, a
-    far side set the size of the program's data (``unit_scales``) and of the solvers' relative
-    tests: with −1e4 ≤ x ≤ 1e4 added to random programs, one of 8 came out SOLVED at an objective
-    17 % above the optimum, and with 1e12 five of 8 SOLVED and infeasible by up to 0.47, with the
-    method and with Clarabel alike. With P, a side within ``FAR_ROW``
-    times (1 + |c| / |P|, the size of the unconstrained minimum) is not taken for far: the objective may push the variables
+    (rA)x + s' = rb, s' ∈ K is the same program where r scales nonnegative rows, or a cone's rows
+    by one number (s' = rs, y' = y/r), exactly (powers of two), and r is a constant of it (detached),
+    so that the derivatives through it are exact. Unscaled, a far side set the size of the program's
+    data (``unit_scales``) and of the solvers' relative tests: with −1e4 ≤ x ≤ 1e4 added to random
+    programs, one of 8 came out SOLVED at an objective 17 % above the optimum, and with 1e12 five of
+    8 SOLVED and infeasible by up to 0.47; with ‖x‖ ≤ R added to 32 random QPs with two equalities,
+    at R = 1e4 four SOLVED up to 90 % off, at 1e6 to 1e12 19 to 24 SOLVED up to 40 times off; with
+    the method and with Clarabel alike. With P, a side within ``FAR_ROW`` times (1 + |c| / |P|, the
+    size of the unconstrained minimum) is not taken for far: the objective may push the variables
     onto it (x₀ ≤ 1e12 with c₀ = −1e14: scaled, its multiplier grew as large as the scale is small,
     and the solve ended INACCURATE). A sparse A is solved as given."""
     transformed = torch._C._are_functorch_transforms_active()
-    if A.layout != torch.strided or cones.nonneg < 2 or (transformed and A.dim() == 2):
+    balls = [block for block in cones.blocks() if block.module is soc]
+    if (A.layout != torch.strided or cones.nonneg + sum(block.count for block in balls) < 2
+            or (transformed and A.dim() == 2)):
         return None
-    start = cones.zero
-    sides = b[:, start:start + cones.nonneg].detach()
-    far, typical = far_rows(sides)
+    b = b.detach()
+    sides, radii = b[:, cones.zero:cones.zero + cones.nonneg], []
+    for block in balls:  # a ball's side: its radius, where no entry of its centre is larger
+        cone_sides = b[:, block.start:block.stop].reshape(-1, block.count, block.size)
+        radius = cone_sides[..., 0]
+        radii.append(torch.where(radius >= cone_sides[..., 1:].abs().amax(-1), radius, -radius.abs()))
+    every = torch.cat([sides, *radii], -1)
+    far, typical = far_rows(every)
     if P is not None:  # the unconstrained minimum's size, |c| / |P| (0 for P = 0: a linear objective)
         reach = c.detach().abs().amax(-1, keepdim=True) / P.detach().abs().amax((-2, -1)).reshape(-1, 1)
-        far = far & (sides > FAR_ROW * (1 + torch.nan_to_num(reach, nan=0.0, posinf=0.0)))
+        far = far & (every > FAR_ROW * (1 + torch.nan_to_num(reach, nan=0.0, posinf=0.0)))
     if not transformed and not bool(far.any()):
         return None
     target = torch.where(typical > 0, power_of_two_above(typical), 1.0).unsqueeze(-1)
-    scales = torch.where(far, target / power_of_two_above(sides.abs()), 1.0)
+    scales = torch.where(far, target / power_of_two_above(every.abs()), 1.0)
     ones = torch.ones_like(b)
-    return torch.cat([ones[:, :start], scales, ones[:, start + cones.nonneg:]], -1)
+    pieces, start = [ones[:, :cones.zero], scales[:, :cones.nonneg]], cones.nonneg
+    for block in balls:  # one number per cone (the balls follow the nonnegative rows, SCS order): a
+        # positive multiple of a point of a cone is in it
+        pieces.append(scales[:, start:start + block.count].repeat_interleave(block.size, -1))
+        start += block.count
+    stop = balls[-1].stop if balls else cones.zero + cones.nonneg
+    return torch.cat([*pieces, ones[:, stop:]], -1)
 
 
 def unit_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
