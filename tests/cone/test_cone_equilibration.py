@@ -3,12 +3,13 @@ equilibrated (``scaling.equilibration``: x = Dx̄, y = Eȳ, s = s̄/E, powers of
 variables of a program scaled by D and its rows by E (one number per cone) are D⁻¹x, E⁻¹y, Es of
 the program's own solution, and its derivatives those of the program's own, carried by the
 scalings. Unequilibrated, with variables and rows scaled by 10^±4, most such programs came out
-SOLVED up to 100 % off, with the interior point method and Clarabel alike."""
+SOLVED up to 7 % off (at 10^±6 up to 1,000 times), with the interior point method and Clarabel alike."""
 import pytest
 import torch
 
 from optlayers import ConeSpec, ConeStatus, solve_cone, solve_qp
 from optlayers.cone import nonneg, zero
+from optlayers.cone import solve as solve_module
 from optlayers.cone.qp import solve_qp_cone
 from optlayers.cone.scaling import UNIT_RANGE, equilibration
 from optlayers.cone.testing import random_program, random_scalings, scaled
@@ -94,10 +95,30 @@ def test_scalings_are_powers_of_two_one_per_cone_and_shared_with_a_shared_a():
     assert shared[0].shape == (1, N) and shared[1].shape == (1, SPEC.size)
 
 
-def test_a_shared_a_stays_shared_and_its_programs_are_solved():
+def test_a_shared_a_stays_shared_and_its_programs_are_solved(monkeypatch):
     A, b, c, _, x, _, _ = random_program(SPEC, N, batch=5, seed=7, shared_A=True)
     d, e = random_scalings(SPEC, N, 1, 3.0, seed=8)
     A2 = A * e[0].unsqueeze(-1) * d[0]
+    shapes = []
+    apply = solve_module.ConeProgram.apply
+    monkeypatch.setattr(solve_module.ConeProgram, "apply", lambda A, *rest: shapes.append(A.shape) or apply(A, *rest))
     sol = solve_cone(A2, b * e, c * d, SPEC, solver="ipm")
+    assert shapes == [A.shape]  # equilibrated, and still one matrix for every program
     assert (sol.status == ConeStatus.SOLVED).all()
     torch.testing.assert_close(sol.x * d, x, rtol=1e-9, atol=1e-9)
+
+
+def test_vmap_and_jacrev_over_an_equilibrated_program_match_the_batched_solve():
+    """Under torch.func's transforms the scalings are computed without a host read and applied to every
+    program (``scaling.equilibration``): the vmapped solve and its jacobian are the batched ones."""
+    A, b, c, _, _, _, _ = random_program(SPEC, N, batch=3, seed=9)
+    d, e = random_scalings(SPEC, N, 3, 3.0, seed=10)
+    A2, b2, c2, _ = scaled(A, b, c, None, d, e)
+    batched = solve_cone(A2, b2, c2, SPEC, solver="ipm").x
+    mapped = torch.func.vmap(lambda A, b, c: solve_cone(A, b, c, SPEC, solver="ipm").x)(A2, b2, c2)
+    torch.testing.assert_close(mapped, batched, rtol=1e-10, atol=1e-12)
+    jacobian = torch.func.jacrev(lambda b: solve_cone(A2[0], b, c2[0], SPEC, solver="ipm").x)(b2[0])
+    b_leaf = b2[0].clone().requires_grad_()
+    x = solve_cone(A2[0], b_leaf, c2[0], SPEC, solver="ipm").x
+    rows = torch.stack([torch.autograd.grad(x[i], b_leaf, retain_graph=True)[0] for i in range(N)])
+    torch.testing.assert_close(jacobian, rows, rtol=1e-8, atol=1e-10)

@@ -249,16 +249,37 @@ def test_a_ball_far_larger_than_the_other_sides_is_a_far_cone(solver, radius):
     """‖z‖ ≤ R (a second-order cone, never active) added to random QPs with two equalities: z is
     ``solve_qp``'s without it, and the ball's multiplier zero. Its rows are scaled by one number to
     the other sides' size (``scaling.far_row_scales``); unscaled, at R = 1e4 four of 32 came out
-    SOLVED up to 90 % off, at 1e6 to 1e12 19 to 24 of 32 SOLVED up to 40 times off, with either solver."""
+    SOLVED up to 90 % off (seven with Clarabel), at 1e6 to 1e12 19 to 25 of 32 SOLVED up to 40 times
+    off, with either solver."""
     Q, p, G, h, A, b = _qps_with_equalities(21)
     B, n = p.shape
     ball = torch.cat([torch.zeros(B, 1, n, dtype=torch.float64), -torch.eye(n, dtype=torch.float64).expand(B, n, n)], 1)
     sides = torch.cat([torch.full((B, 1), radius, dtype=torch.float64), torch.zeros(B, n, dtype=torch.float64)], -1)
-    sol = solve_cone(torch.cat([A, G, ball], 1), torch.cat([b, h, sides], -1), p, ConeSpec(zero=2, nonneg=12, soc=[n + 1]), Q,
-                     solver=solver)
+    rows = A.shape[1] + G.shape[1]  # the ball's rows follow the equalities and the inequalities
+    sol = solve_cone(torch.cat([A, G, ball], 1), torch.cat([b, h, sides], -1), p,
+                     ConeSpec(zero=A.shape[1], nonneg=G.shape[1], soc=[n + 1]), Q, solver=solver)
     assert (sol.status == ConeStatus.SOLVED).all()
     torch.testing.assert_close(sol.x, solve_qp(Q, p, G, h, A, b).z, rtol=1e-8, atol=1e-8)
-    assert float(sol.y[:, 14:].abs().max()) <= 1e-12
+    assert float(sol.y[:, rows:].abs().max()) <= 1e-12
+
+
+@pytest.mark.parametrize("solver", ["ipm", "clarabel"])
+def test_second_order_cones_of_one_row_and_of_several_sizes_beside_a_far_ball(solver):
+    """A second-order cone of one row (t ≥ 0, no centre) and balls of other sizes beside a far one: each
+    cone's rows are scaled by its own number, in the specification's order (``scaling.far_row_scales``)."""
+    Q, p, G, h, A, b = _qps_with_equalities(22, B=8, n=3)
+    B, n = p.shape
+    minus = -torch.eye(n, dtype=torch.float64).expand(B, n, n)
+    cones = [(torch.zeros(B, 1, n, dtype=torch.float64), torch.full((B, 1), 3.0, dtype=torch.float64)),  # 0 ≤ 3
+             (torch.cat([torch.zeros(B, 1, n, dtype=torch.float64), minus[:, :2]], 1),  # ‖z₀, z₁‖ ≤ 10
+              torch.cat([torch.full((B, 1), 10.0, dtype=torch.float64), torch.zeros(B, 2, dtype=torch.float64)], -1)),
+             (torch.cat([torch.zeros(B, 1, n, dtype=torch.float64), minus], 1),  # ‖z‖ ≤ 1e9: far
+              torch.cat([torch.full((B, 1), 1e9, dtype=torch.float64), torch.zeros(B, n, dtype=torch.float64)], -1))]
+    spec = ConeSpec(zero=A.shape[1], nonneg=G.shape[1], soc=[1, 3, n + 1])
+    sol = solve_cone(torch.cat([A, G, *(a for a, _ in cones)], 1), torch.cat([b, h, *(s for _, s in cones)], -1), p, spec, Q,
+                     solver=solver)
+    assert (sol.status == ConeStatus.SOLVED).all()
+    torch.testing.assert_close(sol.x, solve_qp(Q, p, G, h, A, b).z, rtol=1e-8, atol=1e-8)  # no cone is active
 
 
 @pytest.mark.parametrize("solver", ["ipm", "clarabel"])

@@ -63,8 +63,8 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
     data (``unit_scales``) and of the solvers' relative tests: with −1e4 ≤ x ≤ 1e4 added to random
     programs, one of 8 came out SOLVED at an objective 17 % above the optimum, and with 1e12 five of
     8 SOLVED and infeasible by up to 0.47; with ‖x‖ ≤ R added to 32 random QPs with two equalities,
-    at R = 1e4 four SOLVED up to 90 % off, at 1e6 to 1e12 19 to 24 SOLVED up to 40 times off; with
-    the method and with Clarabel alike. With P, a side within ``FAR_ROW`` times (1 + |c| / |P|, the
+    at R = 1e4 four to seven SOLVED up to 90 % off, at 1e6 to 1e12 19 to 25 SOLVED up to 40 times
+    off; with the method and with Clarabel alike. With P, a side within ``FAR_ROW`` times (1 + |c| / |P|, the
     size of the unconstrained minimum) is not taken for far: the objective may push the variables
     onto it (x₀ ≤ 1e12 with c₀ = −1e14: scaled, its multiplier grew as large as the scale is small,
     and the solve ended INACCURATE). A sparse A is solved as given."""
@@ -78,7 +78,8 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
     for block in balls:  # a ball's side: its radius, where no entry of its centre is larger
         cone_sides = b[:, block.start:block.stop].reshape(-1, block.count, block.size)
         radius = cone_sides[..., 0]
-        radii.append(torch.where(radius >= cone_sides[..., 1:].abs().amax(-1), radius, -radius.abs()))
+        centre = cone_sides[..., 1:].abs().amax(-1) if block.size > 1 else torch.zeros_like(radius)
+        radii.append(torch.where(radius >= centre, radius, -radius.abs()))
     every = torch.cat([sides, *radii], -1)
     far, typical = far_rows(every)
     if P is not None:  # the unconstrained minimum's size, |c| / |P| (0 for P = 0: a linear objective)
@@ -161,7 +162,7 @@ def equilibration(A: torch.Tensor, P: torch.Tensor | None, cones: ConeSpec) -> t
     whose small variables or rows were far from solved: random QPs as cone programs with their
     variables scaled by 10^±2 came out SOLVED up to 1e-4 off, by 10^±6 a fifth SOLVED up to 200 %
     off and a fifth not solved; their rows scaled by 10^±4, 17 of 128 SOLVED up to 6 % off
-    (``tests/cone/test_cone_scaling.py``), with the interior point method and Clarabel alike."""
+    (``tests/cone/test_cone_equilibration.py``), with the interior point method and Clarabel alike."""
     if A.layout != torch.strided or not A.shape[-1] or not A.shape[-2]:
         return None
     transformed = torch._C._are_functorch_transforms_active()
