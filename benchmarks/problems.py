@@ -89,3 +89,18 @@ def with_a_large_variable(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor, h: 
     def widen(M: torch.Tensor) -> torch.Tensor:
         return torch.cat([M, torch.zeros(B, M.shape[1], 1, dtype=M.dtype)], -1)
     return Q2, p2, widen(G), h, widen(A), b
+
+
+def qps_with_equalities(seed: int, slack=lambda gen, shape: torch.rand(*shape, generator=gen, dtype=torch.float64),
+                        B: int = 32, n: int = 8, k: int = 12, m: int = 2) -> tuple[torch.Tensor, ...]:
+    """Random strictly convex QPs (Q, p, G, h, A, b), float64, whose point z₀ of unit size holds the
+    m equalities and leaves the k inequalities the slacks ``slack(generator, (B, k))`` (U(0, 1) by
+    default); Q = LLᵀ/n + 1e-2 I."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def draw(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+    L = draw(B, n, n)
+    Q = L @ L.mT / n + 1e-2 * torch.eye(n, dtype=torch.float64)
+    G, z0, A, p = draw(B, k, n), draw(B, n, 1), draw(B, m, n), draw(B, n)
+    return Q, p, G, (G @ z0).squeeze(-1) + slack(gen, (B, k)), A, (A @ z0).squeeze(-1)

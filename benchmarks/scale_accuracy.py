@@ -193,6 +193,51 @@ def cone_spread_rows(batch: int = 64) -> list[dict[str, object]]:
     return rows
 
 
+CONE_QP_SIDES = [("box", bound) for bound in (1e3, 2e3, 1e4, 1e5)] + [("spread", span) for span in (2.0, 3.0, 4.0, 6.0)] + \
+    [("ball", radius) for radius in (1e3, 1e4, 1e6, 1e8, 1e12)]
+"""The QPs of ``cone_qp_side_rows``: a box −β ≤ z ≤ β, inequalities whose slacks spread over 10^U(0, σ),
+or a ball ‖z‖ ≤ R (a second-order cone)."""
+
+
+def cone_qp_side_rows() -> list[dict[str, object]]:
+    """Random QPs with two equalities (``benchmarks.problems.qps_with_equalities``) as cone programs,
+    with sides far above the others (``CONE_QP_SIDES``), by both solvers, against ``solve_qp`` (the
+    QPs without the box or ball): a box or a ball, never active, about 32 QPs; 128 QPs whose 24
+    inactive rows' slacks are 10^U(0, σ). How many SOLVED, how many of those more than 1e-8 off (z,
+    relative to its largest entry), and the largest error among the SOLVED."""
+    from benchmarks.problems import qps_with_equalities
+    from optlayers import ConeSpec, solve_cone
+    rows = []
+    for kind, size in CONE_QP_SIDES:
+        if kind == "spread":
+            def slack(gen, shape, span=size):
+                return 10.0 ** (span * torch.rand(*shape, generator=gen, dtype=torch.float64))
+            Q, p, G, h, A, b = qps_with_equalities(12, slack, B=128, k=24)
+        else:
+            Q, p, G, h, A, b = qps_with_equalities(11 if kind == "box" else 21)
+        (B, n), m, k = p.shape, A.shape[1], G.shape[1]
+        rows_A, rows_b, soc = [A, G], [b, h], []
+        if kind == "box":
+            eye = torch.eye(n, dtype=torch.float64).expand(B, n, n)
+            rows_A.append(torch.cat([eye, -eye], 1))
+            rows_b.append(torch.full((B, 2 * n), size, dtype=torch.float64))
+        elif kind == "ball":
+            rows_A.append(torch.cat([torch.zeros(B, 1, n, dtype=torch.float64), -torch.eye(n, dtype=torch.float64).expand(B, n, n)], 1))
+            rows_b.append(torch.cat([torch.full((B, 1), size, dtype=torch.float64), torch.zeros(B, n, dtype=torch.float64)], -1))
+            soc = [n + 1]
+        nonneg = k + (2 * n if kind == "box" else 0)
+        want = solve_qp(Q, p, G, h, A, b).z
+        for solver in ("ipm", "clarabel"):
+            sol = solve_cone(torch.cat(rows_A, 1), torch.cat(rows_b, -1), p, ConeSpec(zero=m, nonneg=nonneg, soc=soc), Q,
+                             solver=solver, on_failure="ignore")
+            solved = sol.status == 0
+            error = (sol.x - want).abs().amax(-1) / want.abs().amax(-1)
+            rows.append({"kind": kind, "size": size, "solver": solver, "solved": int(solved.sum()), "of": B,
+                         "off": int((solved & (error > 1e-8)).sum()),
+                         "z": float(error[solved].max()) if bool(solved.any()) else math.nan})
+    return rows
+
+
 PEER_FAR_BOUNDS = (1e4, 1e8, 1e12, 1e20, math.inf)
 """The bounds −β ≤ z ≤ β added to the QPs for ``--peers`` (+inf: absent bounds as such)."""
 
@@ -298,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # inexact-derivative warnings: the errors below say how inexact
         qp, far, lp, cone, large = qp_rows(), far_bound_rows(), lp_rows(), cone_far_bound_rows(), large_variable_rows()
-        spread = cone_spread_rows()
+        spread, cone_sides = cone_spread_rows(), cone_qp_side_rows()
         peers = None if args.peers is None else peer_far_bound_rows(args.peers or None)
         peers_large = None if args.peers is None else peer_large_variable_rows(args.peers or None)
     print("QPs (n = 6, 10 inequalities, 2 equalities, 8 problems): Q, p scaled by ω (objective) or p, h, b by α (data)")
@@ -337,6 +382,12 @@ def main(argv: list[str] | None = None) -> None:
     for r in spread:
         print(f"| {r['cones']}, {'P' if r['quadratic'] else 'no P'}, {r['span']:g} | {r['solver']} | {r['solved']} of {r['of']} | "
               f"{r['off']} | {r['x']:.1e} |")
+    print("\nRandom QPs with two equalities as cone programs with a box or ball far above their sides (never active; 32 "
+          "QPs) or 24 inequalities whose slacks are 10^U(0, σ) (128 QPs), against solve_qp")
+    print("| QPs, size | solver | SOLVED | SOLVED but > 1e-8 off | largest z error (SOLVED) |\n|---|---|---|---|---|")
+    for r in cone_sides:
+        name = {"box": "box β", "spread": "slacks σ", "ball": "ball R"}[r["kind"]]
+        print(f"| {name} = {r['size']:g} | {r['solver']} | {r['solved']} of {r['of']} | {r['off']} | {r['z']:.1e} |")
     if peers is not None:
         print("\nThe QPs with −β ≤ z ≤ β added, by the peers (their own settings), against optlayers' solve "
               "of the QPs without the box")
@@ -348,7 +399,7 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as out:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "torch": torch.__version__, "qp": qp, "far_bounds": far, "lp": lp, "cone_far_bounds": cone,
-                       "large_variable": large, "cone_spread": spread, "peer_far_bounds": peers, "peer_large_variable": peers_large}, out, indent=1)
+                       "large_variable": large, "cone_spread": spread, "cone_qp_sides": cone_sides, "peer_far_bounds": peers, "peer_large_variable": peers_large}, out, indent=1)
 
 
 if __name__ == "__main__":

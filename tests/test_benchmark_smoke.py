@@ -606,6 +606,10 @@ def test_scale_accuracy_prints_both_tables_and_writes_every_row(tmp_path, capsys
     assert len(rows["cone_spread"]) == 2 * 2 * len(scale_accuracy.CONE_SPREAD_KINDS) * len(scale_accuracy.CONE_SPREADS)
     for row in rows["cone_spread"]:  # variables and rows of every size: each program as accurate as at its own
         assert row["solved"] == row["of"] and row["off"] == 0 and row["x"] <= 1e-9, row
+    assert [(r["kind"], r["size"]) for r in rows["cone_qp_sides"][::2]] == scale_accuracy.CONE_QP_SIDES
+    for row in rows["cone_qp_sides"]:  # a box or a ball far above the other sides: as solve_qp without it
+        if row["kind"] != "spread":
+            assert row["solved"] == row["of"] and row["off"] == 0 and row["z"] <= 1e-9, row
 
 
 def test_scale_accuracy_takes_the_peers_through_the_benchmarks_solvers(tmp_path, capsys):

@@ -2,6 +2,9 @@
 that x(βb, γc) = βx(b, c), y(βb, γc) = γy(b, c) for LPs and cone programs without P, and the
 derivatives stay exact on data of scale 1e-4 and below (where answers met the solvers' partly
 absolute tolerances with the wrong active set: gradients 30 % to 30 times off, SOLVED, no warning)."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,6 +12,9 @@ from optlayers import ConeSpec, ConeStatus, solve_cone, solve_qp
 from optlayers.cone.qp import solve_qp_cone
 from optlayers.cone.scaling import unit_scales
 from optlayers.cone.testing import ALL_CONES, random_program
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.problems import qps_with_equalities  # noqa: E402
 
 SPEC = ConeSpec(nonneg=4, soc=[4])
 
@@ -194,20 +200,6 @@ def test_a_far_side_the_objective_reaches_is_not_scaled(solver, bound):
     torch.testing.assert_close(grad, torch.tensor([1.0, 0, 0, 0, 0], dtype=torch.float64), rtol=0, atol=1e-9)
 
 
-def _qps_with_equalities(seed: int, slack=lambda gen, shape: torch.rand(*shape, generator=gen, dtype=torch.float64),
-                         B: int = 32, n: int = 8, k: int = 12, m: int = 2):
-    """Random strictly convex QPs (Q, p, G, h, A, b) whose point z₀ of unit size holds the equalities and
-    leaves the inequalities the slacks ``slack(generator, (B, k))``."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def draw(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64)
-    L = draw(B, n, n)
-    Q = L @ L.mT / n + 1e-2 * torch.eye(n, dtype=torch.float64)
-    G, z0, A, p = draw(B, k, n), draw(B, n, 1), draw(B, m, n), draw(B, n)
-    return Q, p, G, (G @ z0).squeeze(-1) + slack(gen, (B, k)), A, (A @ z0).squeeze(-1)
-
-
 @pytest.mark.parametrize("solver", ["ipm", "clarabel"])
 @pytest.mark.parametrize("bound", [1e3, 2e3, 1e4])
 def test_a_box_a_thousand_times_the_other_sides_is_a_far_row(solver, bound):
@@ -216,7 +208,7 @@ def test_a_box_a_thousand_times_the_other_sides_is_a_far_row(solver, bound):
     (``scaling.FAR_ROW``); taken at the QP layer's 1e3 (``sides.FAR_SIDE``), boxes of 1e3 to 1e4 were
     no far rows on some of these QPs, the other sides then 1/β of the program's unit, and 2 to 7 of
     32 came out SOLVED up to 20 % off, or INACCURATE, with either solver."""
-    Q, p, G, h, A, b = _qps_with_equalities(11)
+    Q, p, G, h, A, b = qps_with_equalities(11)
     B, n = p.shape
     eye = torch.eye(n, dtype=torch.float64).expand(B, n, n)
     boxed = solve_qp_cone(Q, p, torch.cat([G, eye, -eye], 1), torch.cat([h, torch.full((B, 2 * n), bound)], -1), A, b,
@@ -235,7 +227,7 @@ def test_sides_spread_over_orders_without_a_gap_leave_no_wrong_answer(solver, sp
     5 of 32 came out SOLVED up to 30 % off and 2 INACCURATE, at σ = 6 4 SOLVED up to 4 times off."""
     def slack(gen, shape):
         return 10.0 ** (span * torch.rand(*shape, generator=gen, dtype=torch.float64))
-    Q, p, G, h, A, b = _qps_with_equalities(12, slack, k=24)
+    Q, p, G, h, A, b = qps_with_equalities(12, slack, k=24)
     B = p.shape[0]
     sol = solve_qp_cone(Q, p, G, h, A, b, solver=solver, on_failure="ignore")
     solved = sol.status == ConeStatus.SOLVED
@@ -251,7 +243,7 @@ def test_a_ball_far_larger_than_the_other_sides_is_a_far_cone(solver, radius):
     the other sides' size (``scaling.far_row_scales``); unscaled, at R = 1e4 four of 32 came out
     SOLVED up to 90 % off (seven with Clarabel), at 1e6 to 1e12 19 to 25 of 32 SOLVED up to 40 times
     off, with either solver."""
-    Q, p, G, h, A, b = _qps_with_equalities(21)
+    Q, p, G, h, A, b = qps_with_equalities(21)
     B, n = p.shape
     ball = torch.cat([torch.zeros(B, 1, n, dtype=torch.float64), -torch.eye(n, dtype=torch.float64).expand(B, n, n)], 1)
     sides = torch.cat([torch.full((B, 1), radius, dtype=torch.float64), torch.zeros(B, n, dtype=torch.float64)], -1)
@@ -267,7 +259,7 @@ def test_a_ball_far_larger_than_the_other_sides_is_a_far_cone(solver, radius):
 def test_second_order_cones_of_one_row_and_of_several_sizes_beside_a_far_ball(solver):
     """A second-order cone of one row (t ≥ 0, no centre) and balls of other sizes beside a far one: each
     cone's rows are scaled by its own number, in the specification's order (``scaling.far_row_scales``)."""
-    Q, p, G, h, A, b = _qps_with_equalities(22, B=8, n=3)
+    Q, p, G, h, A, b = qps_with_equalities(22, B=8, n=3)
     B, n = p.shape
     minus = -torch.eye(n, dtype=torch.float64).expand(B, n, n)
     cones = [(torch.zeros(B, 1, n, dtype=torch.float64), torch.full((B, 1), 3.0, dtype=torch.float64)),  # 0 ≤ 3
