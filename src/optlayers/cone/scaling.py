@@ -12,6 +12,7 @@ import torch
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone import nonneg, soc, zero
 from optlayers.linalg import power_of_two_above
+from optlayers.qp.scaling import RUIZ_ITERATIONS, column_max, inverse_sqrt_norm
 
 
 UNIT_RANGE = 6
@@ -137,14 +138,6 @@ def unit_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,
     return matrix, primal, power(gradient)
 
 
-RUIZ_ITERATIONS = 10
-"""Ruiz iterations of ``equilibration`` (as the QP layer's, ``qp.scaling``): each halves the spread
-of the rows' and columns' largest entries (in logarithms)."""
-_MIN_NORM, _MAX_NORM = 1e-4, 1e4
-"""A row's or column's largest entry is taken within this range by one Ruiz iteration (OSQP's
-guard, as ``qp.scaling``'s), so that a near-empty row or column is not blown up at once."""
-
-
 def equilibration(A: torch.Tensor, P: torch.Tensor | None, cones: ConeSpec) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Powers of two d ((B, n), or (1, n) where A and P are shared) and e ((B or 1, m)) that bring the
     program's variables and rows to comparable sizes (Ruiz equilibration of [[P, Aᵀ], [A, 0]]):
@@ -182,8 +175,8 @@ def equilibration(A: torch.Tensor, P: torch.Tensor | None, cones: ConeSpec) -> t
     for _ in range(RUIZ_ITERATIONS):
         scaled = a * e.unsqueeze(-1) * d.unsqueeze(-2)
         columns = _columns(scaled, None if p is None else p * d.unsqueeze(-1) * d.unsqueeze(-2))
-        d = d * _inverse_root(columns)
-        e = e * _inverse_root(_by_cone(scaled.amax(-1), cones))
+        d = d * inverse_sqrt_norm(columns)
+        e = e * inverse_sqrt_norm(_by_cone(scaled.amax(-1), cones))
     d, e = torch.exp2(torch.round(torch.log2(d))), torch.exp2(torch.round(torch.log2(e)))
     far = (_spread(d, -1) > 2.0 ** UNIT_RANGE) | (_spread(e, -1) > 2.0 ** UNIT_RANGE)  # (B, 1)
     d, e = torch.where(far, d, 1.0), torch.where(far, e, 1.0)
@@ -194,8 +187,7 @@ def equilibration(A: torch.Tensor, P: torch.Tensor | None, cones: ConeSpec) -> t
 
 def _columns(a: torch.Tensor, p: torch.Tensor | None) -> torch.Tensor:
     """The largest entry of each column of [P; A] (a and p: their absolute values, (B, ·, n))."""
-    largest = a.amax(-2) if a.shape[-2] else a.new_zeros(a.shape[0], a.shape[-1])
-    return largest if p is None else torch.maximum(largest, p.amax(-2))
+    return column_max(a) if p is None else torch.maximum(column_max(a), column_max(p))
 
 
 def _spread(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -204,11 +196,6 @@ def _spread(t: torch.Tensor, dim: int) -> torch.Tensor:
     largest = t.masked_fill(~positive, 0.0).amax(dim, keepdim=True)
     smallest = t.masked_fill(~positive, torch.inf).amin(dim, keepdim=True)
     return torch.where(positive.any(dim, keepdim=True), largest / smallest, 1.0)
-
-
-def _inverse_root(norms: torch.Tensor) -> torch.Tensor:
-    """1/√(norm), the norm taken within [``_MIN_NORM``, ``_MAX_NORM``]; 1 for an empty row or column."""
-    return torch.where(norms > 0, norms.clamp(_MIN_NORM, _MAX_NORM).rsqrt(), 1.0)
 
 
 def _by_cone(rows: torch.Tensor, cones: ConeSpec) -> torch.Tensor:

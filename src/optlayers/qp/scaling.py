@@ -42,21 +42,23 @@ class Scaling:
     objective: Tensor | None = None
 
 
-def _col_max(M: Tensor) -> Tensor:
+def column_max(M: Tensor) -> Tensor:
     """Column maxima of a nonnegative (B, r, c) (its column infinity norms), zeros when r = 0."""
     if M.shape[-2] == 0:
         return M.new_zeros(M.shape[0], M.shape[-1])
     return M.amax(-2)
 
 
-def _row_max(M: Tensor) -> Tensor:
+def row_max(M: Tensor) -> Tensor:
     """Row maxima of a nonnegative (B, r, c) (its row infinity norms), zeros when c = 0."""
     if M.shape[-1] == 0:
         return M.new_zeros(M.shape[:-1])
     return M.amax(-1)
 
 
-def _inv_sqrt(norm: Tensor) -> Tensor:
+def inverse_sqrt_norm(norm: Tensor) -> Tensor:
+    """One Ruiz factor per row or column: 1/√(its largest entry), that taken within [_MIN_NORM, _MAX_NORM];
+    1 for an empty one."""
     return torch.where(norm > 0, norm.clamp(_MIN_NORM, _MAX_NORM).rsqrt(), constant(1.0, norm))  # 1.0: a tensor per call
 
 
@@ -117,9 +119,9 @@ def _equilibrate(data: QPData, iterations: int) -> tuple[QPData, Scaling]:
     def ruiz(scales: Tensor) -> Tensor:
         # Norms of the currently scaled matrices, without forming them: |d_i M_ij d_j| etc.
         d, ef = scales.split([n, absC.shape[-2]], -1)
-        col = torch.maximum(_col_max(absQ * d.unsqueeze(-1)), _col_max(absC * ef.unsqueeze(-1))) * d
-        rows = _row_max(absC * d.unsqueeze(-2)) * ef
-        return scales * _inv_sqrt(torch.cat([col, rows], dim=-1))
+        col = torch.maximum(column_max(absQ * d.unsqueeze(-1)), column_max(absC * ef.unsqueeze(-1))) * d
+        rows = row_max(absC * d.unsqueeze(-2)) * ef
+        return scales * inverse_sqrt_norm(torch.cat([col, rows], dim=-1))
 
     if torch.compiler.is_compiling() and data.p.device.type == "cpu":
         scales = _looped(ruiz, scales, iterations)
@@ -171,7 +173,7 @@ def _sizes(Q: Tensor, p: Tensor, b: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
     terms (its regularisation among them) are of the size of the data, and its answers 1e-4 off in
     relative terms; p, b and h of 1e7 had feasible problems certified infeasible. A linear program's
     variables follow b and h alone (q = 0)."""
-    q = _col_max(Q.abs()).mean(-1) if Q.shape[-1] else p.new_zeros(p.shape[0])
+    q = column_max(Q.abs()).mean(-1) if Q.shape[-1] else p.new_zeros(p.shape[0])
     linear = p.abs().amax(-1) if p.shape[-1] else p.new_zeros(p.shape[0])
     sides = torch.cat([b, h], -1)
     rhs = sides.abs().amax(-1) if sides.shape[-1] else sides.new_zeros(sides.shape[0])
