@@ -17,7 +17,7 @@ Clarabel), with a far box (finite: the cone layer's data must be). Random cone p
 cone kind with a known solution are solved with their variables and rows scaled by up to 10^±6
 (the cone layer equilibrates them: ``cone.scaling.equilibration``).
 
-    PYTHONPATH=src python -m benchmarks.scale_accuracy [--json FILE] [--peers [SOLVER ...]]
+    PYTHONPATH=src python -m benchmarks.scale_accuracy [--json FILE] [--peers [SOLVER ...]] [--diffcp]
 """
 from __future__ import annotations
 
@@ -193,6 +193,38 @@ def cone_spread_rows(batch: int = 64) -> list[dict[str, object]]:
     return rows
 
 
+def diffcp_spread_rows(batch: int = 64) -> list[dict[str, object]]:
+    """``cone_spread_rows``' programs without P, by diffcp (``diffcp.solve_and_derivative_batch``, dense
+    mode, its defaults: no refinement), with Clarabel and SCS forwards: how many answers are more
+    than 1e-6 off (x, relative to its largest entry), and the largest error; a row with ``error``
+    where diffcp raised (its Clarabel interface takes no dual exponential cones)."""
+    import diffcp
+    import numpy as np
+    import scipy.sparse as sp
+    from optlayers import ConeSpec
+    from optlayers.cone.testing import n_range, random_program, random_scalings, scaled
+    rows = []
+    for name, cones in CONE_SPREAD_KINDS.items():
+        spec = ConeSpec(**cones)
+        n = sum(n_range(spec)) // 2
+        A, b, c, _, x, _, _ = random_program(spec, n, batch=batch, seed=1)
+        for span in CONE_SPREADS:
+            d, e = random_scalings(spec, n, batch, span, seed=2)
+            A2, b2, c2, _ = scaled(A, b, c, None, d, e)
+            for method in ("Clarabel", "SCS"):
+                row = {"cones": name, "span": span, "solver": f"diffcp {method}", "of": batch}
+                try:
+                    xs = diffcp.solve_and_derivative_batch([sp.csc_matrix(a) for a in A2.numpy()], list(b2.numpy()),
+                                                           list(c2.numpy()), [spec.scs_cone()] * batch, mode="dense",
+                                                           solve_method=method)[0]
+                except Exception as err:  # noqa: BLE001 - a peer's refusal is a row of the table
+                    rows.append({**row, "error": f"{type(err).__name__}: {str(err)[:60]}"})
+                    continue
+                error = (torch.as_tensor(np.stack(xs)) * d - x).abs().amax(-1) / x.abs().amax(-1)
+                rows.append({**row, "off": int((error > 1e-6).sum()), "x": float(error.max())})
+    return rows
+
+
 CONE_QP_SIDES = [("box", bound) for bound in (1e3, 2e3, 1e4, 1e5)] + [("spread", span) for span in (2.0, 3.0, 4.0, 6.0)] + \
     [("ball", radius) for radius in (1e3, 1e4, 1e6, 1e8, 1e12)]
 """The QPs of ``cone_qp_side_rows``: a box −β ≤ z ≤ β, inequalities whose slacks spread over 10^U(0, σ),
@@ -339,11 +371,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--peers", nargs="*", metavar="SOLVER",
                         help="also solve the QPs with a far box by these solvers of benchmarks/solvers.py (all where none is named)")
+    parser.add_argument("--diffcp", action="store_true",
+                        help="also solve the cone programs with variables and rows of every size by diffcp")
     args = parser.parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # inexact-derivative warnings: the errors below say how inexact
         qp, far, lp, cone, large = qp_rows(), far_bound_rows(), lp_rows(), cone_far_bound_rows(), large_variable_rows()
         spread, cone_sides = cone_spread_rows(), cone_qp_side_rows()
+        spread_diffcp = diffcp_spread_rows() if args.diffcp else None
         peers = None if args.peers is None else peer_far_bound_rows(args.peers or None)
         peers_large = None if args.peers is None else peer_large_variable_rows(args.peers or None)
     print("QPs (n = 6, 10 inequalities, 2 equalities, 8 problems): Q, p scaled by ω (objective) or p, h, b by α (data)")
@@ -388,6 +423,12 @@ def main(argv: list[str] | None = None) -> None:
     for r in cone_sides:
         name = {"box": "box β", "spread": "slacks σ", "ball": "ball R"}[r["kind"]]
         print(f"| {name} = {r['size']:g} | {r['solver']} | {r['solved']} of {r['of']} | {r['off']} | {r['z']:.1e} |")
+    if spread_diffcp is not None:
+        print("\nThe same cone programs without P by diffcp (dense, its defaults, no refinement)")
+        print("| cones, σ | solver | > 1e-6 off | largest x error |\n|---|---|---|---|")
+        for r in spread_diffcp:
+            result = f"raised {r['error']} |" if "error" in r else f"{r['off']} of {r['of']} | {r['x']:.1e}"
+            print(f"| {r['cones']}, {r['span']:g} | {r['solver']} | {result} |")
     if peers is not None:
         print("\nThe QPs with −β ≤ z ≤ β added, by the peers (their own settings), against optlayers' solve "
               "of the QPs without the box")
@@ -399,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.json, "w") as out:
             json.dump({"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                        "torch": torch.__version__, "qp": qp, "far_bounds": far, "lp": lp, "cone_far_bounds": cone,
-                       "large_variable": large, "cone_spread": spread, "cone_qp_sides": cone_sides, "peer_far_bounds": peers, "peer_large_variable": peers_large}, out, indent=1)
+                       "large_variable": large, "cone_spread": spread, "cone_qp_sides": cone_sides, "cone_spread_diffcp": spread_diffcp,
+                       "peer_far_bounds": peers, "peer_large_variable": peers_large}, out, indent=1)
 
 
 if __name__ == "__main__":

@@ -626,3 +626,15 @@ def test_scale_accuracy_takes_the_peers_through_the_benchmarks_solvers(tmp_path,
     large = json.loads(out.read_text())["peer_large_variable"]
     assert [r["beta"] for r in large] == list(scale_accuracy.LARGE_VARIABLES)
     assert all(r["finite"] == 8 and r["z"] <= 1e-9 for r in large), large
+
+
+def test_scale_accuracy_takes_the_spread_cone_programs_to_diffcp():
+    """``scale_accuracy.py --diffcp``: every kind and span of the spread cone programs by both of
+    diffcp's forwards, each row an error count or diffcp's refusal."""
+    pytest.importorskip("diffcp")
+    from benchmarks import scale_accuracy
+    rows = scale_accuracy.diffcp_spread_rows(batch=2)
+    assert len(rows) == 2 * len(scale_accuracy.CONE_SPREAD_KINDS) * len(scale_accuracy.CONE_SPREADS)
+    for row in rows:
+        assert ("error" in row) != ("off" in row), row
+        assert "error" in row or 0 <= row["off"] <= row["of"] == 2, row
