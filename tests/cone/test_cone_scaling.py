@@ -3,12 +3,13 @@ that x(βb, γc) = βx(b, c), y(βb, γc) = γy(b, c) for LPs and cone programs 
 derivatives stay exact on data of scale 1e-4 and below (where answers met the solvers' partly
 absolute tolerances with the wrong active set: gradients 30 % to 30 times off, SOLVED, no warning)."""
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from optlayers import ConeSpec, ConeStatus, solve_cone, solve_qp
+from optlayers import ConeSpec, ConeStatus, InexactDerivativeWarning, solve_cone, solve_qp
 from optlayers.cone.qp import solve_qp_cone
 from optlayers.cone.scaling import unit_scales
 from optlayers.cone.testing import ALL_CONES, random_program
@@ -233,6 +234,29 @@ def test_sides_spread_over_orders_without_a_gap_leave_no_wrong_answer(solver, sp
     solved = sol.status == ConeStatus.SOLVED
     assert int(solved.sum()) >= B - 1  # at σ = 6 one program is INACCURATE (reported, not wrong)
     torch.testing.assert_close(sol.z[solved], solve_qp(Q, p, G, h, A, b).z[solved], rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["ipm", "clarabel"])
+@pytest.mark.parametrize("span, stalled", [(2.0, [20]), (3.0, [2, 57]), (4.0, [37]), (6.0, [30, 101, 104])])
+def test_a_refinement_that_stalls_is_solved_again_at_a_tighter_tolerance(solver, span, stalled):
+    """The QPs of the table of spread sides (128 drawn, slacks 10^U(0, σ)) whose refinement stalled
+    1e-3 from the solution with either solver, SOLVED, at the default tolerance (an active row with a
+    small multiplier left with y and s of one size): solved again at ``RETRY_TOLERANCES``, their answers
+    and derivatives are the QP layer's, with no inexact derivative."""
+    def slack(gen, shape):
+        return 10.0 ** (span * torch.rand(*shape, generator=gen, dtype=torch.float64))
+    Q, p, G, h, A, b = (t[stalled] for t in qps_with_equalities(12, slack, B=128, k=24))
+    weights = torch.randn(len(stalled), p.shape[-1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    p_cone, p_qp = p.clone().requires_grad_(True), p.clone().requires_grad_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InexactDerivativeWarning)
+        sol = solve_qp_cone(Q, p_cone, G, h, A, b, solver=solver)
+        (sol.z * weights).sum().backward()
+    want = solve_qp(Q, p_qp, G, h, A, b).z
+    (want * weights).sum().backward()
+    assert (sol.status == ConeStatus.SOLVED).all()
+    torch.testing.assert_close(sol.z, want, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(p_cone.grad, p_qp.grad, rtol=1e-7, atol=1e-7)
 
 
 @pytest.mark.parametrize("solver", ["ipm", "clarabel"])

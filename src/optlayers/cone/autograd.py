@@ -126,10 +126,10 @@ def _unrefined_message(unrefined: torch.Tensor) -> str:
     """The warning for the SOLVED elements ``unrefined`` (B,) whose refinement did not reach round-off."""
     return (f"the derivative at elements {listed_elements(unrefined.nonzero().tolist())} is inexact: their solution "
             f"was not refined to round-off (a relative KKT residual above {refine.UNREFINED_KKT:g}, within the "
-            f"{refine.SOLVED_TOL:g} that SOLVED asks: the Newton refinement stalled, as it can from SCS's loose "
-            "answers, or refine_steps=0), so that the solution and its derivative are accurate only to about that "
-            "residual; another solver (solver=\"ipm\" or \"clarabel\") or a tighter solver tolerance "
-            "(solver_options) gives the refinement a closer start.")
+            f"{refine.SOLVED_TOL:g} that SOLVED asks: the Newton refinement stalled, also from a second solve at a "
+            "tighter tolerance, or refine_steps=0), so that the solution and its derivative are accurate only to "
+            "about that residual; another solver (solver=\"ipm\" or \"clarabel\") may give the refinement a "
+            "closer start.")
 
 
 def _clarabel_available() -> bool:
@@ -147,9 +147,56 @@ def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tenso
         return point, status, unrefined
     index = (status != ConeStatus.SOLVED).nonzero().squeeze(-1)
     clarabel = dataclasses.replace(settings, solver="clarabel", options={}, warm_starts=None)
+    return _solved_again(A, b, c, P, clarabel, point, status, unrefined, index,
+                         lambda sub_status, _: (sub_status == ConeStatus.SOLVED) | (status[index] != ConeStatus.INACCURATE))
+
+
+RETRY_TOLERANCES = {"ipm": {"tol": 1e-10}, "clarabel": {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10},
+                    "scs": {"eps_abs": 1e-10, "eps_rel": 1e-10}}
+"""The tolerances (each solver's own settings) at which ``_tightened`` solves again the SOLVED elements
+whose refinement stalled; a tighter tolerance given in ``solver_options`` is kept. The stalls seen
+come from an active row whose multiplier is small beside the others' (1e-2 against 0.1-1): at the
+default 1e-8 the interior point method and Clarabel leave that row's y and s of one size, and Newton's
+steps on the residual map then take it for inactive and stop 1e-3 away from the solution (1-3 of 128
+random QPs whose inactive rows' slacks spread over 10^0-10^6, SOLVED with both solvers); at 1e-10 y
+and s are apart and every one of them refines to round-off (``benchmarks/scale_accuracy.py``, the
+cone table of spread sides). SCS's stalls are solved again by Clarabel where the clarabel package is
+installed (``_retry_solver``): SCS at 1e-9 left one of docs/cone.md's example programs where its
+default had (a dual 1.1 off, x 2.6e-5 off), and only 1e-11 with many more iterations did better."""
+
+
+def _retry_solver(solver: str) -> str:
+    """The solver that solves again the elements ``solver``'s answers stalled the refinement at: the
+    same, but Clarabel for SCS where it is installed (``RETRY_TOLERANCES``)."""
+    return "clarabel" if solver == "scs" and _clarabel_available() else solver
+
+
+def _tightened(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, settings: Settings,
+               point: derivative.Point, status: torch.Tensor,
+               unrefined: torch.Tensor) -> tuple[derivative.Point, torch.Tensor, torch.Tensor]:
+    """The SOLVED elements whose refinement stalled (``unrefined``) solved again at ``RETRY_TOLERANCES``
+    (by ``_retry_solver``; the interior point method eagerly, from its own start: compiled, it would
+    compile again for their count), and refined; the new answer is taken where it is SOLVED and refined
+    to round-off, and the others keep theirs (and their flag). The forward calls it with the default
+    ``refine_steps`` (or more) only: fewer steps are a user's choice of a shorter refinement, which a
+    second solve at a tighter tolerance would more than undo."""
+    solver = _retry_solver(settings.solver)
+    given = settings.options if solver == settings.solver else {}
+    tighter = {name: min(value, given.get(name, value)) for name, value in RETRY_TOLERANCES[solver].items()}
+    retry = dataclasses.replace(settings, solver=solver, options={**given, **tighter}, warm_starts=None, compile=False)
+    return _solved_again(A, b, c, P, retry, point, status, unrefined, unrefined.nonzero().squeeze(-1),
+                         lambda sub_status, sub_unrefined: (sub_status == ConeStatus.SOLVED) & ~sub_unrefined)
+
+
+def _solved_again(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, settings: Settings,
+                  point: derivative.Point, status: torch.Tensor, unrefined: torch.Tensor, index: torch.Tensor,
+                  takes: Any) -> tuple[derivative.Point, torch.Tensor, torch.Tensor]:
+    """The elements ``index`` solved and refined again under ``settings`` (``_solve_and_refine``), their
+    answers (x, y, s, status, ``unrefined`` flag, the refinement's factorization, w and roots) put in
+    place of the first ones where ``takes(sub_status, sub_unrefined)`` (a mask over ``index``) holds."""
     sub, sub_status, sub_unrefined = _solve_and_refine(A if A.dim() == 2 else A[index], b[index], c[index],
-                                                       P if P is None or P.dim() == 2 else P[index], clarabel)
-    better = (sub_status == ConeStatus.SOLVED) | (status[index] != ConeStatus.INACCURATE)
+                                                       P if P is None or P.dim() == 2 else P[index], settings)
+    better = takes(sub_status, sub_unrefined)
     index, sub_status = index[better], sub_status[better]
     unrefined = unrefined.clone()
     unrefined[index] = sub_unrefined[better]
@@ -230,6 +277,9 @@ class ConeProgram(torch.autograd.Function):
             if settings.solver == "ipm" and not all_solved:
                 point, status, unrefined = _fall_back(A, b, c, P, settings, point, status, unrefined)
                 all_solved, any_unrefined = False, bool(unrefined.any())  # the fallback's statuses: the policy's to read
+            if any_unrefined and settings.refine_steps >= refine.MAX_STEPS:  # a refinement stalled: a closer start
+                point, status, unrefined = _tightened(A, b, c, P, settings, point, status, unrefined)
+                any_unrefined = bool(unrefined.any())
         # for setup_context: the derivatives warn where a SOLVED element was not refined to round-off
         _FORWARD_OUTCOME.message = _unrefined_message(unrefined) if any_unrefined else None
         x = point.x
