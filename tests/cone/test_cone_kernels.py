@@ -24,8 +24,9 @@ MAX_EXP_SYNCS = 1
 # The exponential cone's derivative at a point whose projection's roots it is given (which also tell
 # the rows' regions): 67 kernels measured (112 when it classified the rows again and formed h' term by term).
 MAX_EXP_DERIVATIVE_KERNELS = 70
-# solve_cone(solver="ipm") on the cone benchmark's programs (all five cones), batch 8 (128 gives the
-# same counts): 15 forward syncs (validation 1, the interior point method's looks 3, the
+# solve_cone(solver="ipm") on the cone benchmark's programs (all five cones), batch 8 (at batch 128 the
+# interior point method looks once more, 16 in all: its looks follow its iterations, and the larger batch's
+# slowest program takes more): 15 forward syncs (validation 1, the interior point method's looks 3, the
 # refinement's 3 and its linear solves' 2, the exponential projections' root looks 3 (their
 # derivatives take the projections' roots: 2 looks fewer), the status 1), 1 for whether a
 # nonnegative row's side is far above the others (scaling.far_row_scales) and 1 for whether a
