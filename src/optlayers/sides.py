@@ -6,8 +6,13 @@ relative to the largest term) such a side sets the size of everything else. The 
 scale and its start (``qp.scaling``, ``qp.ipm.initial_point``) leave the far sides out. The cone
 layer scales its nonnegative rows' far sides away by a rule of its own (``cone.scaling.far_rows``:
 its solvers' tests are relative to the largest side, not only their start).
+
+Sides of +inf are absent bounds: both layers solve without those rows (``without_absent``) and give
+them the multiplier 0 and the slack +inf of a bound that is not there (``with_absent``).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -35,3 +40,22 @@ def far_sides(h: Tensor) -> tuple[Tensor, Tensor]:
     first_far = torch.where(gaps, above, torch.inf).amin(-1, keepdim=True)
     far = (size >= first_far) & (h > 0)
     return far, size.masked_fill(far, 0).amax(-1)
+
+
+def without_absent(G: Tensor, h: Tensor, absent: Tensor) -> tuple[Tensor, Tensor]:
+    """Gx ≤ h (G (B or 1, k, n) or (k, n), h (B, k)) with the rows ``absent`` (B, k) made rows that hold for
+    every x: their rows of G zeros (a batched G where some are), their sides the problem's largest finite
+    |h| (1 where that is 0), so that they change neither the variables' scale nor the tolerances' sizes.
+    Differentiable: the data's derivatives at those rows are zero (the side filled in is detached).
+    ``with_absent`` maps the solution back."""
+    finite = torch.where(torch.isfinite(h), h, 0.0).detach().abs().amax(-1, keepdim=True)
+    fill = torch.where(finite > 0, finite, 1.0)
+    return torch.where(absent.unsqueeze(-1), 0.0, G), torch.where(absent, fill, h)
+
+
+def with_absent(lam: Tensor, s: Tensor, absent: Tensor, solved: Tensor) -> tuple[Tensor, Tensor]:
+    """Multipliers and slacks (B, k) of programs solved without their absent bounds (``without_absent``'s
+    ``absent``), at those rows of the elements that hold a solution (``solved``, (B,)): 0 and +inf, the
+    multiplier and slack of a bound that is not there, with zero derivatives."""
+    rows = absent & solved.unsqueeze(-1)
+    return torch.where(rows, 0.0, lam), torch.where(rows, math.inf, s)

@@ -12,7 +12,8 @@ import torch
 
 from optlayers.cone.solve import solve_cone
 from optlayers.cone.spec import ConeSpec
-from optlayers.qp.problem import prepare_qp, with_absent_sides, without_absent_sides
+from optlayers.qp.problem import prepare_qp, without_absent_sides
+from optlayers.sides import with_absent
 from optlayers.status import Status
 from optlayers.validation.qp import InfiniteSides, check_constrained, check_values
 
@@ -55,7 +56,7 @@ def solve_qp_cone(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = Non
     sol = solve_cone(torch.cat([A, G], -2), torch.cat([b, h], -1), p, ConeSpec(zero=m, nonneg=k), Q, **cone_options)
     lam, s = sol.y[..., m:], sol.s[..., m:]
     if absent is not None:
-        lam, s = with_absent_sides(lam, s, absent, sol.status == Status.SOLVED)
+        lam, s = with_absent(lam, s, absent, sol.status == Status.SOLVED)
     parts = (sol.x, lam, sol.y[..., :m], s, sol.status)
     z, lam, nu, s, status = (t.reshape((*batch, *t.shape[1:])) for t in parts)
     return ConeQPSolution(z=z, lam=lam, nu=nu, s=s, status=status)

@@ -39,11 +39,13 @@ def far_rows(sides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     7 of 32 came out SOLVED up to 20 % off, or INACCURATE; and with no gap at all, 24 inactive rows
     whose slacks were 10^U(0, 4) left 5 of 32 SOLVED up to 30 % off and 2 INACCURATE (with the
     interior point method and Clarabel alike; ``tests/cone/test_cone_scaling.py``). A side far below
-    the others (negative) is never far: it holds only where the variables are as large."""
+    the others (negative) is never far: it holds only where the variables are as large. A side of
+    +inf (an absent bound, ``sides.without_absent``) is neither far nor counted."""
     size = sides.abs()
-    smallest = size.masked_fill(size == 0, torch.inf).amin(-1, keepdim=True)
-    far = sides > FAR_ROW * (1 + smallest)
-    return far, size.masked_fill(far, 0).amax(-1)
+    finite = torch.isfinite(sides)
+    smallest = size.masked_fill((size == 0) | ~finite, torch.inf).amin(-1, keepdim=True)
+    far = (sides > FAR_ROW * (1 + smallest)) & finite
+    return far, size.masked_fill(far | ~finite, 0).amax(-1)
 
 
 def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
@@ -53,7 +55,8 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
     of the second-order cones (a ball ‖u‖ ≤ R: its first row's side, where no side of its other rows
     is larger), far by ``far_rows`` (bounds of 1e12 that stand for absent ones, a box of 1e3 about
     variables of unit size, the loosest of rows whose sides spread over orders, a ball of 1e4); a
-    ball's rows by one number. None where no program has a far side (read by the host; under
+    ball's rows by one number (1 on a nonnegative row of side +inf, an absent bound, which ``solve_cone``
+    takes out). None where no program has a far side or an absent bound (read by the host; under
     torch.func's transforms, which cannot read, always the scales, but None for a shared A, which
     scaled rows would copy into every program, taking a batched solve's path where the plain call
     takes the shared one's).
@@ -86,7 +89,7 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
     if P is not None:  # the unconstrained minimum's size, |c| / |P| (0 for P = 0: a linear objective)
         reach = c.detach().abs().amax(-1, keepdim=True) / P.detach().abs().amax((-2, -1)).reshape(-1, 1)
         far = far & (every > FAR_ROW * (1 + torch.nan_to_num(reach, nan=0.0, posinf=0.0)))
-    if not transformed and not bool(far.any()):
+    if not transformed and not bool((far | torch.isposinf(every)).any()):  # (absent bounds: solve_cone's to read)
         return None
     target = torch.where(typical > 0, power_of_two_above(typical), 1.0).unsqueeze(-1)
     scales = torch.where(far, target / power_of_two_above(every.abs()), 1.0)

@@ -14,6 +14,7 @@ from optlayers.cone.data import prepare_cone
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
 from optlayers.cone.scaling import equilibration, far_row_scales, unit_scales
 from optlayers.cone.spec import ConeSpec
+from optlayers.sides import with_absent, without_absent
 from optlayers.status import FailurePolicy, Status
 from optlayers.validation.cone import check_cone_options, check_layer_options
 from optlayers.validation.options import check_int
@@ -87,7 +88,7 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
 
     Args:
         A: (m, n) shared or (B, m, n); dense tensor, torch sparse (CSR/COO, shared only) or scipy sparse.
-        b: (m,) or (B, m).
+        b: (m,) or (B, m); +inf on a nonnegative row is an absent bound (the row left out; y = 0, s = +inf).
         c: (n,) or (B, n).
         cones: the cone K (SCS order and conventions), covering the m rows.
         P: optional (n, n) or (B, n, n) PSD matrix; its symmetric part is used. One that is not
@@ -157,8 +158,13 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
         A, b, c = _scaled_matrix(A, rows, variables), b * rows, c * variables
         P = None if P is None else _scaled_matrix(P, variables, variables)
     far = far_row_scales(A, b, c, P, cones)  # (B, m) or None: the program with far nonnegative rows scaled, y = r·y', s = s'/r
+    absent = None
     if far is not None:
         A, b, rows = A * far.unsqueeze(-1), b * far, rows * far
+    if far is not None or _mapped(A):  # far_row_scales finds +inf sides too
+        absent = _absent_bounds(b, cones)  # nonnegative rows of side +inf, solved as rows that always hold
+        if absent is not None:
+            A, b = without_absent(A, b, absent)
     matrix, primal, dual = unit_scales(A, b, c, P)
     x_scale = variables * primal / matrix  # x = d(β/α)x̃
     if warm_start is not None:
@@ -178,12 +184,34 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
         A = A / (matrix.unsqueeze(-1) if A.dim() == 3 else matrix)  # (the host's read spares A's copy at unit size)
     x, y, s, status, *_ = ConeProgram.apply(A, b / primal, c / (dual * matrix), P, settings)
     x, y, s = ((t * scale).to(data.b.dtype) for t, scale in ((x, x_scale), (y, dual * rows), (s, primal / rows)))
+    if absent is not None:  # y = 0 and s = +inf on an absent bound
+        y, s = with_absent(y, s, absent, status == Status.SOLVED)
     if not math.isnan(failed_value):
         solved = (status == Status.SOLVED).unsqueeze(-1)
         x, y, s = (torch.where(solved, t, failed_value) for t in (x, y, s))
     if data.batch is None:
         x, y, s, status = x[0], y[0], s[0], status[0]
     return ConeSolution(x, y, s, status)
+
+
+def _absent_bounds(b: torch.Tensor, cones: ConeSpec) -> torch.Tensor | None:
+    """(B, m) the nonnegative rows whose side in ``b`` (B, m) is +inf: absent bounds; None where there is
+    none (read by the host; under torch.func's transforms, which cannot read, the mask). A side of +inf
+    on another cone's row stays, and is refused (``validation.cone.check_finite``), as it is under the
+    transforms beside a shared A (a matrix that vmap does not map: zeroing rows in it would copy it into
+    every program)."""
+    rows = torch.isposinf(b[:, cones.zero:cones.zero + cones.nonneg])
+    absent = torch.cat([torch.zeros_like(b[:, :cones.zero], dtype=torch.bool), rows,
+                        torch.zeros_like(b[:, cones.zero + cones.nonneg:], dtype=torch.bool)], -1)
+    if not torch._C._are_functorch_transforms_active() and not bool(absent.any()):
+        return None
+    return absent
+
+
+def _mapped(A: torch.Tensor) -> bool:
+    """Whether ``A`` is one program's matrix under torch.func.vmap (mapped, not shared: a BatchedTensor),
+    where ``far_row_scales`` sees a shared A and gives no scales."""
+    return torch._C._are_functorch_transforms_active() and torch._C._functorch.is_batchedtensor(A)
 
 
 def _scaled_matrix(M: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

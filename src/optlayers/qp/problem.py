@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from optlayers.engine.step import QPData
+from optlayers.sides import without_absent
 from optlayers.validation.qp import check_qp_data
 
 
@@ -47,20 +48,9 @@ def qp_data(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) ->
 
 def without_absent_sides(flat: tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], Tensor]:
     """The flat data with every inequality whose side is +inf (an absent bound) made a row that
-    holds for every z: its row of G zeros, its side the problem's largest finite |h| (1 where that
-    is 0), so that the row changes neither the variables' scale nor the tolerances' sizes; and the
-    (B, k) mask of those rows. Differentiable: the data's derivatives at those rows are zero (the
-    side filled in is detached). ``with_absent_sides`` maps the solution back."""
+    holds for every z (``sides.without_absent``), and the (B, k) mask of those rows;
+    ``sides.with_absent`` maps the solution back."""
     Q, p, G, h, A, b = flat
     absent = torch.isposinf(h)
-    finite = torch.where(absent, 0.0, h).detach().abs().amax(-1, keepdim=True)
-    fill = torch.where(finite > 0, finite, 1.0)
-    return (Q, p, torch.where(absent.unsqueeze(-1), 0.0, G), torch.where(absent, fill, h), A, b), absent
-
-
-def with_absent_sides(lam: Tensor, s: Tensor, absent: Tensor, solved: Tensor) -> tuple[Tensor, Tensor]:
-    """λ and s (B, k) of the QPs solved without their absent bounds (``without_absent_sides``'s
-    ``absent``), at those rows of the elements that hold a solution (``solved``, (B,)): λ = 0 and
-    s = +inf, the multiplier and slack of a bound that is not there, with zero derivatives."""
-    rows = absent & solved.unsqueeze(-1)
-    return torch.where(rows, 0.0, lam), torch.where(rows, math.inf, s)
+    G, h = without_absent(G, h, absent)
+    return (Q, p, G, h, A, b), absent

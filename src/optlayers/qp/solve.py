@@ -13,7 +13,8 @@ from torch import Tensor, nn
 from optlayers.compiling import opaque_to_user_compile
 from optlayers.qp.autograd import QPSolveFn
 from optlayers.qp.ipm import IPMSettings, default_settings
-from optlayers.qp.problem import prepare_qp, with_absent_sides, without_absent_sides
+from optlayers.qp.problem import prepare_qp, without_absent_sides
+from optlayers.sides import with_absent
 from optlayers.qp.relax import Relaxation, elastic_data, original_parts
 from optlayers.status import FailurePolicy, Status, listed_elements, possibly_infeasible, user_stacklevel
 from optlayers.validation.options import check_bool
@@ -148,7 +149,7 @@ def solve_prepared(flat: tuple[Tensor, ...], batch: torch.Size, settings: IPMSet
     else:
         relaxed = torch.zeros_like(status, dtype=torch.bool)
     if absent is not None:
-        lam, s = with_absent_sides(lam, s, absent, (status == Status.SOLVED) | relaxed)
+        lam, s = with_absent(lam, s, absent, (status == Status.SOLVED) | relaxed)
     outputs = (z, lam, nu, s, *out[4:9], relaxed)  # out[9], the primal residual's bound, only serves _relaxable
     if tuple(batch) != tuple(status.shape):  # not already the batch's shape (B,)
         outputs = tuple(t.reshape((*batch, *t.shape[1:])) for t in outputs)

@@ -1,0 +1,89 @@
+"""Sides of +inf on nonnegative rows of a cone program: absent bounds, as ``solve_qp`` takes them in h.
+``solve_cone`` solves without those rows (``sides.without_absent``) and gives them y = 0 and s = +inf;
+the reference is the same program without the rows, solved by the same solver."""
+import math
+
+import pytest
+import torch
+
+from optlayers import ConeSpec, ConeStatus, solve_cone
+from optlayers.cone.testing import random_program
+
+SPEC = ConeSpec(zero=2, nonneg=10, soc=[4])
+WITH_BOUNDS = ConeSpec(zero=2, nonneg=13, soc=[4])  # three more nonnegative rows after SPEC's ten
+KEPT = list(range(12)) + list(range(15, 19))  # WITH_BOUNDS' rows that are SPEC's
+EXTRA = [12, 13, 14]
+
+
+def _programs(shared: bool, quadratic: bool):
+    """SPEC's random programs (batch 4, n = 9: unique solutions, ``testing.n_range``) and the same with
+    three more nonnegative rows: +inf sides in elements 1 and 3 (beside a side of 5 in 3), sides of 1e3
+    and 2e3 (never active) in elements 0 and 2."""
+    A, b, c, P, *_ = random_program(SPEC, 9, batch=4, seed=3, quadratic=quadratic, shared_A=shared)
+    gen = torch.Generator().manual_seed(1)
+    rows = torch.randn(3, 9, generator=gen, dtype=torch.float64)
+    sides = torch.tensor([[1e3] * 3, [math.inf] * 3, [1e3, 1e3, 2e3], [math.inf, 5.0, math.inf]], dtype=torch.float64)
+    if shared:
+        A_more = torch.cat([A[:12], rows, A[12:]], 0)
+    else:
+        A_more = torch.cat([A[:, :12], rows.expand(4, 3, 9), A[:, 12:]], 1)
+    b_more = torch.cat([b[:, :12], sides, b[:, 12:]], -1)
+    return (A, b, c, P), (A_more, b_more, c, P)
+
+
+@pytest.mark.parametrize("solver", ["ipm", "clarabel"])
+@pytest.mark.parametrize("shared, quadratic", [(False, False), (False, True), (True, False)])
+def test_absent_bounds_give_the_program_without_them_and_its_derivatives(solver, shared, quadratic):
+    """x, and y and s on the other rows, are the program's without the absent rows (also beside a
+    finite side of 5 in the same element, which binds nothing here); the absent rows hold y = 0 and
+    s = +inf; the derivatives of x, y and s with respect to every input are the program's without them,
+    and zero at the absent rows' A and b."""
+    reduced, full = _programs(shared, quadratic)
+    leaves = [t.clone().requires_grad_(True) if t is not None else None for t in reduced]
+    more = [t.clone().requires_grad_(True) if t is not None else None for t in full]
+    gen = torch.Generator().manual_seed(2)
+    wx, wy, ws = (torch.randn(4, k, generator=gen, dtype=torch.float64) for k in (9, 16, 16))
+    want = solve_cone(leaves[0], leaves[1], leaves[2], SPEC, leaves[3], solver=solver)
+    got = solve_cone(more[0], more[1], more[2], WITH_BOUNDS, more[3], solver=solver)
+    assert bool((got.status == ConeStatus.SOLVED).all())
+    torch.testing.assert_close(got.x, want.x, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got.y[:, KEPT], want.y, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(got.s[:, KEPT], want.s, rtol=1e-9, atol=1e-9)
+    absent = torch.isposinf(full[1])
+    assert bool((got.y[absent] == 0).all()) and bool(torch.isposinf(got.s[absent]).all())
+    assert bool(torch.isfinite(got.s[~absent]).all())
+
+    # the sides of 1e3 and 5 (elements 0, 2, 3) are inactive rows of those programs: their y is 0
+    ((got.x * wx).sum() + (got.y[:, KEPT] * wy).sum() + (got.s[:, KEPT] * ws).sum()).backward()
+    ((want.x * wx).sum() + (want.y * wy).sum() + (want.s * ws).sum()).backward()
+    rows_axis = 0 if shared else 1
+    torch.testing.assert_close(more[0].grad.index_select(rows_axis, torch.tensor(KEPT)), leaves[0].grad, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(more[1].grad[:, KEPT], leaves[1].grad, rtol=1e-7, atol=1e-8)
+    torch.testing.assert_close(more[2].grad, leaves[2].grad, rtol=1e-7, atol=1e-8)
+    if quadratic:
+        torch.testing.assert_close(more[3].grad, leaves[3].grad, rtol=1e-7, atol=1e-8)
+    assert bool((more[1].grad[absent] == 0).all())
+    if not shared:
+        assert bool((more[0].grad[absent] == 0).all())
+
+
+def test_vmap_over_programs_with_absent_bounds_is_the_batched_solve():
+    """torch.func.vmap over the programs one by one (each with its own A) gives the batched solve's
+    answers, the absent rows' y = 0 and s = +inf included."""
+    _, (A, b, c, _) = _programs(False, False)
+    batched = solve_cone(A, b, c, WITH_BOUNDS, solver="ipm")
+    mapped = torch.func.vmap(lambda A, b, c: solve_cone(A, b, c, WITH_BOUNDS, solver="ipm"))(A, b, c)
+    torch.testing.assert_close(mapped.x, batched.x, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mapped.y, batched.y, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(mapped.s, batched.s, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("row", [0, 16])
+def test_a_side_of_inf_on_another_cone_is_refused(row):
+    """+inf is an absent bound on a nonnegative row only: on an equality row (0) or a second-order
+    cone's row (16) it is refused, naming b."""
+    _, (A, b, c, _) = _programs(False, False)
+    b = b.clone()
+    b[0, row] = math.inf
+    with pytest.raises(ValueError, match="b contains NaN or Inf"):
+        solve_cone(A, b, c, WITH_BOUNDS, solver="ipm")
