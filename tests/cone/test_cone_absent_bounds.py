@@ -87,3 +87,17 @@ def test_a_side_of_inf_on_another_cone_is_refused(row):
     b[0, row] = math.inf
     with pytest.raises(ValueError, match="b contains NaN or Inf"):
         solve_cone(A, b, c, WITH_BOUNDS, solver="ipm")
+
+
+def test_forward_mode_derivatives_are_those_of_the_program_without_the_absent_rows():
+    """torch.func.jvp with tangents of A, b and c: x's tangent is the program's without the absent rows
+    (tangents on the absent rows change nothing)."""
+    (A, b, c, _), (A_more, b_more, c_more, _) = _programs(False, False)
+    gen = torch.Generator().manual_seed(4)
+    dA, db, dc = (torch.randn(t.shape, generator=gen, dtype=torch.float64) for t in (A_more, b_more, c_more))
+    rows = torch.tensor(KEPT)
+    _, want = torch.func.jvp(lambda A, b, c: solve_cone(A, b, c, SPEC, solver="ipm").x, (A, b, c),
+                             (dA[:, rows], db[:, rows], dc))
+    _, got = torch.func.jvp(lambda A, b, c: solve_cone(A, b, c, WITH_BOUNDS, solver="ipm").x, (A_more, b_more, c_more),
+                            (dA, db, dc))
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
