@@ -89,7 +89,7 @@ def test_the_kkt_check_after_refinement_takes_the_refinements_products():
     for P in (None, torch.eye(point.x.shape[-1], dtype=torch.float64).expand(6, -1, -1) / 3):
         with_p = Point(SPEC, point.A, P, point.x, point.y, point.s, ok)
         for steps in (0, 1, refine.MAX_STEPS):
-            refined, kkt, _ = refine.refine_and_check(with_p, b, c, "dense", steps)
+            refined, kkt, *_ = refine.refine_and_check(with_p, b, c, "dense", steps)
             assert torch.equal(kkt, refine.kkt_residual(refined.cleaned(), b, c))
             assert torch.equal(refined.x, refine.refine(with_p, b, c, "dense", steps).x)
 
@@ -108,7 +108,7 @@ def test_the_kkt_check_of_an_element_no_step_improves_is_at_its_own_y(monkeypatc
         return linsolve.SolveResult(solution, result.residual, result.factorization, result.bound)
 
     monkeypatch.setattr(linsolve, "solve_dense", spoiled)
-    refined, kkt, _ = refine.refine_and_check(point, b, c, "dense", refine.MAX_STEPS)
+    refined, kkt, *_ = refine.refine_and_check(point, b, c, "dense", refine.MAX_STEPS)
     assert torch.equal(refined.y[0], point.y[0])  # kept the solver's answer
     assert torch.equal(kkt, refine.kkt_residual(refined.cleaned(), b, c))
 
@@ -137,7 +137,7 @@ def test_refinement_that_raises_the_kkt_residual_keeps_the_solvers_answer_and_re
     x0, y0, s0, status = autograd._solve(A, b, c, None, settings)
     point = Point(spec, A, None, x0, y0, s0, status == 0)
     before = refine.kkt_residual(point.cleaned(), b, c)
-    refined, kkt, astray = refine.refine_and_check(point, b, c, "dense")
+    refined, kkt, astray, _ = refine.refine_and_check(point, b, c, "dense")
     assert bool(astray.any()) and not bool(astray.all())  # the test reaches both kinds
     assert bool((kkt[astray] <= before[astray]).all())  # the solver's answer, not the worse refined one
     assert torch.equal(refined.x[astray], x0[astray])

@@ -110,11 +110,12 @@ def _solve_and_refine(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torc
     x, y, s, status = _solve(A, b, c, P, settings)
     returned = (status == ConeStatus.SOLVED) | (status == ConeStatus.INACCURATE)
     point = derivative.Point(settings.spec, A.detach(), _sym(P), x, y, s, returned)
-    point, kkt, astray = refine.refine_and_check(point, b.detach(), c.detach(), settings.mode, settings.refine_steps)
+    point, kkt, astray, unreached = refine.refine_and_check(point, b.detach(), c.detach(), settings.mode,
+                                                            settings.refine_steps)
     accurate = (kkt <= refine.SOLVED_TOL) & ~astray
     status = torch.where(returned & accurate, int(ConeStatus.SOLVED), status)
     return point, torch.where(returned & ~accurate, int(ConeStatus.INACCURATE), status), \
-        returned & accurate & (kkt > refine.UNREFINED_KKT)
+        returned & accurate & ((kkt > refine.UNREFINED_KKT) | unreached)
 
 
 _FORWARD_OUTCOME = threading.local()
@@ -160,32 +161,42 @@ default 1e-8 the interior point method and Clarabel leave that row's y and s of 
 steps on the residual map then take it for inactive and stop 1e-3 away from the solution (1-3 of 128
 random QPs whose inactive rows' slacks spread over 10^0-10^6, SOLVED with both solvers); at 1e-10 y
 and s are apart and every one of them refines to round-off (``benchmarks/scale_accuracy.py``, the
-cone table of spread sides). SCS's stalls are solved again by Clarabel where the clarabel package is
-installed (``_retry_solver``): SCS at 1e-9 left one of docs/cone.md's example programs where its
-default had (a dual 1.1 off, x 2.6e-5 off), and only 1e-11 with many more iterations did better."""
+cone table of spread sides)."""
 
 
-def _retry_solver(solver: str) -> str:
-    """The solver that solves again the elements ``solver``'s answers stalled the refinement at: the
-    same, but Clarabel for SCS where it is installed (``RETRY_TOLERANCES``)."""
-    return "clarabel" if solver == "scs" and _clarabel_available() else solver
+def _retry_solvers(solver: str) -> list[str]:
+    """The solvers that solve again, one after the other, the elements whose refinement ``solver``'s
+    answers stalled (``RETRY_TOLERANCES``): the same, then Clarabel, where the clarabel package is
+    installed; SCS's by Clarabel alone. SCS at 1e-9 left one of docs/cone.md's example programs where
+    its default had (a dual 1.1 off, x 2.6e-5 off; only 1e-11, with many more iterations, did better).
+    Clarabel at 1e-10 solved the two-variable program of docs/cone.md ("A refinement that cannot
+    start") at β = 1e8, where the interior point method at 1e-10 did not."""
+    if not _clarabel_available():
+        return [solver]
+    return ["clarabel"] if solver in ("scs", "clarabel") else [solver, "clarabel"]
 
 
 def _tightened(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, settings: Settings,
                point: derivative.Point, status: torch.Tensor,
                unrefined: torch.Tensor) -> tuple[derivative.Point, torch.Tensor, torch.Tensor]:
     """The SOLVED elements whose refinement stalled (``unrefined``) solved again at ``RETRY_TOLERANCES``
-    (by ``_retry_solver``; the interior point method eagerly, from its own start: compiled, it would
-    compile again for their count), and refined; the new answer is taken where it is SOLVED and refined
-    to round-off, and the others keep theirs (and their flag). The forward calls it with the default
-    ``refine_steps`` (or more) only: fewer steps are a user's choice of a shorter refinement, which a
-    second solve at a tighter tolerance would more than undo."""
-    solver = _retry_solver(settings.solver)
-    given = settings.options if solver == settings.solver else {}
-    tighter = {name: min(value, given.get(name, value)) for name, value in RETRY_TOLERANCES[solver].items()}
-    retry = dataclasses.replace(settings, solver=solver, options={**given, **tighter}, warm_starts=None, compile=False)
-    return _solved_again(A, b, c, P, retry, point, status, unrefined, unrefined.nonzero().squeeze(-1),
-                         lambda sub_status, sub_unrefined: (sub_status == ConeStatus.SOLVED) & ~sub_unrefined)
+    (by ``_retry_solvers``, each taking those the one before left; the interior point method eagerly,
+    from its own start: compiled, it would compile again for their count), and refined; a new answer is
+    taken where it is SOLVED and refined to round-off, and the others keep theirs (and their flag). The
+    forward calls it with the default ``refine_steps`` (or more) only: fewer steps are a user's choice
+    of a shorter refinement, which a second solve at a tighter tolerance would more than undo. One host
+    read per solver after the first."""
+    for count, solver in enumerate(_retry_solvers(settings.solver)):
+        if count and not bool(unrefined.any()):
+            break
+        given = settings.options if solver == settings.solver else {}
+        tighter = {name: min(value, given.get(name, value)) for name, value in RETRY_TOLERANCES[solver].items()}
+        retry = dataclasses.replace(settings, solver=solver, options={**given, **tighter}, warm_starts=None,
+                                    compile=False)
+        point, status, unrefined = _solved_again(
+            A, b, c, P, retry, point, status, unrefined, unrefined.nonzero().squeeze(-1),
+            lambda sub_status, sub_unrefined: (sub_status == ConeStatus.SOLVED) & ~sub_unrefined)
+    return point, status, unrefined
 
 
 def _solved_again(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, settings: Settings,
