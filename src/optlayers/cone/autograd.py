@@ -106,7 +106,7 @@ def _solve_and_refine(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torc
                       settings: Settings) -> tuple[derivative.Point, torch.Tensor, torch.Tensor]:
     """The refined solution, its status (SOLVED only where the relative KKT residual is small) and
     the SOLVED elements not refined to round-off (B,): a relative KKT residual above
-    ``refine.UNREFINED_KKT``."""
+    ``refine.UNREFINED_KKT``, or a refinement that did not reach its target (``refine.Refined.unreached``)."""
     x, y, s, status = _solve(A, b, c, P, settings)
     returned = (status == ConeStatus.SOLVED) | (status == ConeStatus.INACCURATE)
     point = derivative.Point(settings.spec, A.detach(), _sym(P), x, y, s, returned)
@@ -127,7 +127,8 @@ def _unrefined_message(unrefined: torch.Tensor) -> str:
     """The warning for the SOLVED elements ``unrefined`` (B,) whose refinement did not reach round-off."""
     return (f"the derivative at elements {listed_elements(unrefined.nonzero().tolist())} is inexact: their solution "
             f"was not refined to round-off (a relative KKT residual above {refine.UNREFINED_KKT:g}, within the "
-            f"{refine.SOLVED_TOL:g} that SOLVED asks: the Newton refinement stalled, also from a second solve at a "
+            f"{refine.SOLVED_TOL:g} that SOLVED asks, or a residual map the refinement left above {refine.UNREACHED:g} "
+            "times its target: the Newton refinement stalled, also from a second solve at a "
             "tighter tolerance, or refine_steps=0), so that the solution and its derivative are accurate only to "
             "about that residual; another solver (solver=\"ipm\" or \"clarabel\") may give the refinement a "
             "closer start.")
