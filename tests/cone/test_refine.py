@@ -79,6 +79,25 @@ def test_singular_systems_get_the_minimum_norm_solution():
         assert torch.allclose(result.solution, expected, atol=1e-9), float((result.solution - expected).abs().max())
 
 
+def test_a_singular_system_whose_svd_fails_gets_the_minimum_norm_solution_all_the_same(monkeypatch):
+    """Where LAPACK's SVD does not converge (``torch.linalg.pinv`` raised on Maros–Meszaros QGROW7 as
+    a cone program, and the whole solve with it), the least-squares solve takes LAPACK's ``gelss``: the
+    same minimum-norm solutions (scipy's), transposed or not, and no error."""
+    point, b, c, _ = ipm_point(n_range(SPEC)[0] - 3, batch=4)
+    point = point.cleaned()
+    dense = refine._derivative(point, point.y - point.s).dense(4)
+    rhs = torch.randn(4, dense.shape[-1], dtype=dense.dtype, generator=torch.Generator().manual_seed(6))
+
+    def fails(*_args, **_kwargs):
+        raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+    monkeypatch.setattr(torch.linalg, "pinv", fails)
+    for transpose in (False, True):
+        matrices = dense.transpose(-1, -2) if transpose else dense
+        expected = torch.as_tensor(np.stack([scipy.linalg.lstsq(matrices[i].numpy(), rhs[i].numpy())[0] for i in range(4)]))
+        got = linsolve._least_squares(dense, rhs, transpose)
+        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
+
+
 def test_the_kkt_check_after_refinement_takes_the_refinements_products():
     """``refine_and_check`` measures the refined point with the products with A (and P) of the
     refinement's last residual: the same residuals, bit for bit, as measuring it afresh, also for
