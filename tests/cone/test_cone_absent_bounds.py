@@ -101,3 +101,58 @@ def test_forward_mode_derivatives_are_those_of_the_program_without_the_absent_ro
     _, got = torch.func.jvp(lambda A, b, c: solve_cone(A, b, c, WITH_BOUNDS, solver="ipm").x, (A_more, b_more, c_more),
                             (dA, db, dc))
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", ["ipm", "clarabel"])
+def test_programs_with_one_nonnegative_row_take_an_absent_bound(solver):
+    """Programs of fewer than two nonnegative rows and second-order cones (which the far rows' check
+    does not look at): min ½‖x‖² + cᵀx with an equality and one absent bound is the program with the
+    equality alone."""
+    A = torch.tensor([[1.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    c = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    P = torch.eye(2, dtype=torch.float64)
+    got = solve_cone(A, torch.tensor([1.0, math.inf], dtype=torch.float64), c, ConeSpec(zero=1, nonneg=1), P,
+                     solver=solver)
+    want = solve_cone(A[:1], torch.tensor([1.0], dtype=torch.float64), c, ConeSpec(zero=1), P, solver=solver)
+    torch.testing.assert_close(got.x, want.x, rtol=1e-9, atol=1e-9)
+    assert float(got.y[1]) == 0 and math.isinf(float(got.s[1]))
+
+
+def test_a_warm_start_from_a_solution_with_absent_bounds():
+    """SCS warm-started from its own solution of a program with an absent bound (whose s is +inf
+    there) solves it again (the infinite slack is started at the row's filled-in side); before, SCS
+    failed (NUMERICAL_ERROR)."""
+    pytest.importorskip("scs", reason="scs not installed")
+    A = torch.eye(2, dtype=torch.float64)
+    b = torch.tensor([1.0, math.inf], dtype=torch.float64)
+    c = torch.tensor([-1.0, 2.0], dtype=torch.float64)
+    P = torch.eye(2, dtype=torch.float64)
+    cold = solve_cone(A, b, c, ConeSpec(nonneg=2), P, solver="scs")
+    warm = solve_cone(A, b, c, ConeSpec(nonneg=2), P, solver="scs", warm_start=cold)
+    assert int(warm.status) == ConeStatus.SOLVED
+    torch.testing.assert_close(warm.x, torch.tensor([1.0, -2.0], dtype=torch.float64), rtol=1e-9, atol=1e-9)
+
+
+def test_composed_transforms_over_programs_with_absent_bounds():
+    """vmap of grad over per-program A (wrapped by grad inside vmap), and jvp of one program, take the
+    absent bounds: the gradients and tangents of the programs without the rows."""
+    (A, b, c, _), (A_more, b_more, c_more, _) = _programs(False, False)
+
+    def grad_c(spec):
+        return lambda A, b, c: torch.func.grad(lambda c: solve_cone(A, b, c, spec, solver="ipm").x.sum())(c)
+    want = torch.func.vmap(grad_c(SPEC))(A, b, c)
+    got = torch.func.vmap(grad_c(WITH_BOUNDS))(A_more, b_more, c_more)
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+    tangent = torch.ones_like(c[1])
+    _, want = torch.func.jvp(lambda c: solve_cone(A[1], b[1], c, SPEC, solver="ipm").x, (c[1],), (tangent,))
+    _, got = torch.func.jvp(lambda c: solve_cone(A_more[1], b_more[1], c, WITH_BOUNDS, solver="ipm").x, (c_more[1],),
+                            (tangent,))
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-8)
+
+
+def test_an_absent_bound_beside_a_sparse_a_is_refused():
+    """A sparse A's rows are not zeroed: +inf in b is refused there, naming b and the limit."""
+    A = torch.eye(2, dtype=torch.float64).to_sparse_csr()
+    with pytest.raises(ValueError, match="not with a sparse A"):
+        solve_cone(A, torch.tensor([1.0, math.inf], dtype=torch.float64), torch.tensor([-1.0, 2.0], dtype=torch.float64),
+                   ConeSpec(nonneg=2), torch.eye(2, dtype=torch.float64), solver="clarabel")

@@ -128,10 +128,10 @@ def _unrefined_message(unrefined: torch.Tensor) -> str:
     return (f"the derivative at elements {listed_elements(unrefined.nonzero().tolist())} is inexact: their solution "
             f"was not refined to round-off (a relative KKT residual above {refine.UNREFINED_KKT:g}, within the "
             f"{refine.SOLVED_TOL:g} that SOLVED asks, or a residual map the refinement left above {refine.UNREACHED:g} "
-            "times its target: the Newton refinement stalled, also from a second solve at a "
-            "tighter tolerance, or refine_steps=0), so that the solution and its derivative are accurate only to "
-            "about that residual; another solver (solver=\"ipm\" or \"clarabel\") may give the refinement a "
-            "closer start.")
+            "times its target: the Newton refinement stalled, also from the second solves at a tighter tolerance "
+            "that follow a refinement of the default refine_steps or more, or refine_steps=0), so that the solution "
+            "and its derivative are accurate only to about that residual; another solver, a tighter tolerance "
+            "(solver_options) or more refine_steps may give the refinement a closer start.")
 
 
 def _clarabel_available() -> bool:
@@ -185,8 +185,8 @@ def _tightened(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tenso
     from its own start: compiled, it would compile again for their count), and refined; a new answer is
     taken where it is SOLVED and refined to round-off, and the others keep theirs (and their flag). The
     forward calls it with the default ``refine_steps`` (or more) only: fewer steps are a user's choice
-    of a shorter refinement, which a second solve at a tighter tolerance would more than undo. One host
-    read per solver after the first."""
+    of a shorter refinement, which a second solve at a tighter tolerance would more than undo. Each solve
+    reads the host as a solve does, and the loop once more per solver after the first."""
     for count, solver in enumerate(_retry_solvers(settings.solver)):
         if count and not bool(unrefined.any()):
             break

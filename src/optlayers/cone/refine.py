@@ -31,8 +31,8 @@ MAX_STEPS = 20  # Newton steps: an interior point method's answers reach TARGET 
 TARGET = 1e-13  # relative residual below which an element needs no more steps (float64 round-off level)
 UNREFINED_KKT = 1e-11  # relative KKT residual above which a SOLVED element was not refined to round-off (its
 # refinement stalled, or was not run: refine_steps=0), so that its solution, and its derivative, are accurate
-# only to about that: the forward solves it again at a tighter tolerance (cone.autograd.RETRY_TOLERANCES), and
-# the derivatives warn where that did not help. Refined answers sit far below it: on 3,072 programs of the
+# only to about that: the forward solves it again at a tighter tolerance (cone.autograd.RETRY_TOLERANCES; with
+# the default refine_steps or more), and the derivatives warn where that did not help. Refined answers sit far below it: on 3,072 programs of the
 # cone_fallbacks kinds and docs/cone.md's example (two seeds of 128 each), from the interior point method and
 # Clarabel, at most 1.4e-12; on 2,560 random programs of five kinds (cone.testing.random_program, with and
 # without P) at most 3.2e-13. A stalled refinement ends well above it: from SCS at its default eps, at 1.4e-7
@@ -161,8 +161,9 @@ class Refined(NamedTuple):
     (the same x and y), and those at the solver's own x and y elsewhere (no pass over A again); the
     elements whose refinement went ``astray`` (B,): its steps lowered ||R|| but left a KKT residual above
     ``SOLVED_TOL`` and above the solver's answer's, so that they keep the solver's answer, at which the
-    derivative is not to be trusted; and the solved elements whose returned point leaves ||R|| above
-    ``UNREACHED`` times the target (B,): their refinement did not reach it, whatever their KKT residual."""
+    derivative is not to be trusted; and the elements the solver returned (``point.ok``) whose returned
+    point leaves ||R|| above ``UNREACHED`` times the target (B,): their refinement did not reach it,
+    whatever their KKT residual."""
 
     point: Point
     kkt: torch.Tensor

@@ -56,7 +56,9 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
     is larger), far by ``far_rows`` (bounds of 1e12 that stand for absent ones, a box of 1e3 about
     variables of unit size, the loosest of rows whose sides spread over orders, a ball of 1e4); a
     ball's rows by one number (1 on a nonnegative row of side +inf, an absent bound, which ``solve_cone``
-    takes out). None where no program has a far side or an absent bound (read by the host; under
+    takes out). None for a sparse A and for fewer than two nonnegative rows and second-order cones (not
+    looked at: ``solve_cone`` looks for absent bounds there itself), and where no program has a far side
+    or an absent bound (read by the host; under
     torch.func's transforms, which cannot read, always the scales, but None for a shared A, which
     scaled rows would copy into every program, taking a batched solve's path where the plain call
     takes the shared one's).

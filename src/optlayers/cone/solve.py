@@ -88,7 +88,8 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
 
     Args:
         A: (m, n) shared or (B, m, n); dense tensor, torch sparse (CSR/COO, shared only) or scipy sparse.
-        b: (m,) or (B, m); +inf on a nonnegative row is an absent bound (the row left out; y = 0, s = +inf).
+        b: (m,) or (B, m); +inf on a nonnegative row is an absent bound (the row left out; y = 0, s = +inf;
+            refused with a sparse A, and under torch.func.vmap beside an A it does not map).
         c: (n,) or (B, n).
         cones: the cone K (SCS order and conventions), covering the m rows.
         P: optional (n, n) or (B, n, n) PSD matrix; its symmetric part is used. One that is not
@@ -161,7 +162,7 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     absent = None
     if far is not None:
         A, b, rows = A * far.unsqueeze(-1), b * far, rows * far
-    if far is not None or _mapped(A):  # far_row_scales finds +inf sides too
+    if _may_have_absent_bounds(A, b, cones, far):
         absent = _absent_bounds(b, cones)  # nonnegative rows of side +inf, solved as rows that always hold
         if absent is not None:
             A, b = without_absent(A, b, absent)
@@ -170,8 +171,11 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     if warm_start is not None:
         x0, y0, s0 = (t.detach().cpu().double().reshape(data.b.shape[0], -1) / scale
                       for t, scale in ((warm_start.x, x_scale), (warm_start.y, dual * rows), (warm_start.s, primal / rows)))
+        if absent is not None:  # an absent bound's s = +inf is, in the program solved (a zero row), its side
+            s0 = torch.where(absent.cpu(), (b / primal).detach().cpu().double().expand_as(s0), s0)
         x0, y0, s0 = (t.numpy() for t in (x0, y0, s0))
-        warm = tuple(None if not np.isfinite(x0[i]).all() else (x0[i], y0[i], s0[i]) for i in range(len(x0)))
+        warm = tuple(None if not (np.isfinite(x0[i]).all() and np.isfinite(y0[i]).all() and np.isfinite(s0[i]).all())
+                     else (x0[i], y0[i], s0[i]) for i in range(len(x0)))
     policy = FailurePolicy(on_failure, failed_value, "cone programs")  # applied inside, so also under vmap
     settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps, policy, compile)
     if P is not None:
@@ -197,9 +201,8 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
 def _absent_bounds(b: torch.Tensor, cones: ConeSpec) -> torch.Tensor | None:
     """(B, m) the nonnegative rows whose side in ``b`` (B, m) is +inf: absent bounds; None where there is
     none (read by the host; under torch.func's transforms, which cannot read, the mask). A side of +inf
-    on another cone's row stays, and is refused (``validation.cone.check_finite``), as it is under the
-    transforms beside a shared A (a matrix that vmap does not map: zeroing rows in it would copy it into
-    every program)."""
+    on another cone's row stays, and is refused (``validation.cone.check_finite``), as it is where
+    ``_may_have_absent_bounds`` does not look (a sparse A; a shared A under vmap)."""
     rows = torch.isposinf(b[:, cones.zero:cones.zero + cones.nonneg])
     absent = torch.cat([torch.zeros_like(b[:, :cones.zero], dtype=torch.bool), rows,
                         torch.zeros_like(b[:, cones.zero + cones.nonneg:], dtype=torch.bool)], -1)
@@ -208,10 +211,31 @@ def _absent_bounds(b: torch.Tensor, cones: ConeSpec) -> torch.Tensor | None:
     return absent
 
 
-def _mapped(A: torch.Tensor) -> bool:
-    """Whether ``A`` is one program's matrix under torch.func.vmap (mapped, not shared: a BatchedTensor),
-    where ``far_row_scales`` sees a shared A and gives no scales."""
-    return torch._C._are_functorch_transforms_active() and torch._C._functorch.is_batchedtensor(A)
+def _may_have_absent_bounds(A: torch.Tensor, b: torch.Tensor, cones: ConeSpec, far: torch.Tensor | None) -> bool:
+    """Whether ``solve_cone`` looks for absent bounds (``_absent_bounds``): where ``far_row_scales``
+    found far or absent sides (``far``), or did not look at them (fewer than two nonnegative rows and
+    second-order cones: one host read more, for such small programs only), or under torch.func's
+    transforms, where it gives no scales for a 2-D A: there where A is one program's (mapped by vmap
+    at some level) or the program is one (b is not mapped either), not beside a shared A under vmap,
+    which zeroed rows would copy into every program. Never for a sparse A (its rows are not zeroed)."""
+    if A.layout != torch.strided or cones.nonneg == 0:
+        return False
+    if far is not None or cones.nonneg + len(cones.soc) < 2:
+        return True
+    if torch._C._are_functorch_transforms_active():
+        return _mapped(A) or not _mapped(b)
+    return False
+
+
+def _mapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is mapped by torch.func.vmap at some level of the transforms it is wrapped in."""
+    functorch = torch._C._functorch
+    while True:
+        if functorch.is_batchedtensor(t):
+            return True
+        if not functorch.is_functorch_wrapped_tensor(t):
+            return False
+        t = functorch.get_unwrapped(t)
 
 
 def _scaled_matrix(M: torch.Tensor, rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

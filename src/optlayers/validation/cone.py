@@ -235,8 +235,8 @@ def check_finite(tensors: dict[str, torch.Tensor | None]) -> None:
     for name, ok in zip(given, finite.tolist()):
         if not ok:
             raise ValueError(f"{name} contains NaN or Inf; all data must be finite" + (
-                " (but for +inf in b on a nonnegative row, an absent bound; not under torch.func transforms with a "
-                "shared A)" if name == "b" else ""))
+                " (but for +inf in b on a nonnegative row, an absent bound; not with a sparse A, nor under "
+                "torch.func.vmap beside an A it does not map)" if name == "b" else ""))
 
 
 def check_semidefinite(P: torch.Tensor | None) -> None:
