@@ -1,4 +1,6 @@
 """The Newton refinement on the residual map (refine.py): where it stops, and what it keeps."""
+import math
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -81,8 +83,8 @@ def test_singular_systems_get_the_minimum_norm_solution():
 
 def test_a_singular_system_whose_svd_fails_gets_the_minimum_norm_solution_all_the_same(monkeypatch):
     """Where LAPACK's SVD does not converge (``torch.linalg.pinv`` raised on Maros–Meszaros QGROW7 as
-    a cone program, and the whole solve with it), the least-squares solve takes LAPACK's ``gelss``: the
-    same minimum-norm solutions (scipy's), transposed or not, and no error."""
+    a cone program, and the whole solve with it), or gives NaN, the least-squares solve takes LAPACK's
+    ``gelss``: the same minimum-norm solutions (scipy's), transposed or not, and no error."""
     point, b, c, _ = ipm_point(n_range(SPEC)[0] - 3, batch=4)
     point = point.cleaned()
     dense = refine._derivative(point, point.y - point.s).dense(4)
@@ -90,12 +92,17 @@ def test_a_singular_system_whose_svd_fails_gets_the_minimum_norm_solution_all_th
 
     def fails(*_args, **_kwargs):
         raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
-    monkeypatch.setattr(torch.linalg, "pinv", fails)
-    for transpose in (False, True):
-        matrices = dense.transpose(-1, -2) if transpose else dense
-        expected = torch.as_tensor(np.stack([scipy.linalg.lstsq(matrices[i].numpy(), rhs[i].numpy())[0] for i in range(4)]))
-        got = linsolve._least_squares(dense, rhs, transpose)
-        torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
+
+    def nan(matrices, *_args, **_kwargs):  # as an accelerator's SVD may fail: without raising
+        return torch.full_like(matrices.transpose(-1, -2), math.nan)
+    for broken in (fails, nan):
+        monkeypatch.setattr(torch.linalg, "pinv", broken)
+        for transpose in (False, True):
+            matrices = dense.transpose(-1, -2) if transpose else dense
+            expected = torch.as_tensor(np.stack([scipy.linalg.lstsq(matrices[i].numpy(), rhs[i].numpy())[0]
+                                                 for i in range(4)]))
+            got = linsolve._least_squares(dense, rhs, transpose)
+            torch.testing.assert_close(got, expected, rtol=1e-8, atol=1e-9)
 
 
 def test_the_kkt_check_after_refinement_takes_the_refinements_products():

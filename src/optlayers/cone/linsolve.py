@@ -222,16 +222,21 @@ def _least_squares(matrices: torch.Tensor, rhs: torch.Tensor, transpose: bool) -
     does not converge (LAPACK's ``gesdd`` gave up on a singular M of Maros–Meszaros QGROW7 as a cone
     program, and the solve raised), through LAPACK's ``gelss`` instead: the SVD by QR iteration
     (``bdsqr``) in place of divide and conquer, the same minimum-norm solution, on the CPU. (``gelsy``,
-    a complete orthogonal factorisation, took 19 for the rank 23 of such matrices.)"""
+    a complete orthogonal factorisation, took 19 for the rank 23 of such matrices.) The same where the
+    pseudo-inverse comes back with a NaN or an infinity (as an accelerator's SVD may, which need not
+    raise): one host read, on this rare path only."""
     if transpose:
         matrices = matrices.transpose(-1, -2)
     try:
-        return (torch.linalg.pinv(matrices) @ rhs.unsqueeze(-1)).squeeze(-1)
+        solved = (torch.linalg.pinv(matrices) @ rhs.unsqueeze(-1)).squeeze(-1)
+        if bool(torch.isfinite(solved).all()) or not bool(torch.isfinite(matrices).all()):
+            return solved
     except torch.linalg.LinAlgError:
-        cpu = torch.device("cpu")
-        rcond = torch.finfo(matrices.dtype).eps * max(matrices.shape[-2:])
-        solved = torch.linalg.lstsq(matrices.to(cpu), rhs.unsqueeze(-1).to(cpu), rcond=rcond, driver="gelss").solution
-        return solved.squeeze(-1).to(rhs.device)
+        pass
+    cpu = torch.device("cpu")
+    rcond = torch.finfo(matrices.dtype).eps * max(matrices.shape[-2:])
+    solved = torch.linalg.lstsq(matrices.to(cpu), rhs.unsqueeze(-1).to(cpu), rcond=rcond, driver="gelss").solution
+    return solved.squeeze(-1).to(rhs.device)
 
 
 def solve_iterative(make: Callable[[int], ResidualDerivative], rhs: torch.Tensor, transpose: bool,
