@@ -12,9 +12,7 @@ import torch
 
 from optlayers.cone.solve import solve_cone
 from optlayers.cone.spec import ConeSpec
-from optlayers.qp.problem import prepare_qp, without_absent_sides
-from optlayers.sides import with_absent
-from optlayers.status import Status
+from optlayers.qp.problem import prepare_qp
 from optlayers.validation.qp import InfiniteSides, check_constrained, check_values
 
 
@@ -45,18 +43,13 @@ def solve_qp_cone(Q: torch.Tensor, p: torch.Tensor, G: torch.Tensor | None = Non
         ConeQPSolution, unbatched when every input is.
     """
     (Q, p, G, h, A, b), batch = prepare_qp(Q, p, G, h, A, b)  # the checks and broadcasting of solve_qp
-    absent = None
     try:
         check_values(Q, p, G, h, A, b)
-    except InfiniteSides:  # absent bounds, as solve_qp takes them
-        (Q, p, G, h, A, b), absent = without_absent_sides((Q, p, G, h, A, b))
-        check_values(Q, p, G, h, A, b)
+    except InfiniteSides:  # absent bounds, as solve_qp takes them: solve_cone leaves out a nonnegative row of side +inf
+        check_values(Q, p, G, torch.where(torch.isposinf(h), 0.0, h), A, b)
     m, k = A.shape[-2], G.shape[-2]
     check_constrained(m, k)
     sol = solve_cone(torch.cat([A, G], -2), torch.cat([b, h], -1), p, ConeSpec(zero=m, nonneg=k), Q, **cone_options)
-    lam, s = sol.y[..., m:], sol.s[..., m:]
-    if absent is not None:
-        lam, s = with_absent(lam, s, absent, sol.status == Status.SOLVED)
-    parts = (sol.x, lam, sol.y[..., :m], s, sol.status)
+    parts = (sol.x, sol.y[..., m:], sol.y[..., :m], sol.s[..., m:], sol.status)
     z, lam, nu, s, status = (t.reshape((*batch, *t.shape[1:])) for t in parts)
     return ConeQPSolution(z=z, lam=lam, nu=nu, s=s, status=status)

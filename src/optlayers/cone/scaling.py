@@ -48,6 +48,12 @@ def far_rows(sides: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return far, size.masked_fill(far | ~finite, 0).amax(-1)
 
 
+def looks_at_sides(A: torch.Tensor, cones: ConeSpec) -> bool:
+    """Whether ``far_row_scales`` looks at a program's sides: a dense A, and two or more nonnegative rows
+    and second-order cones (one side cannot be far from the others)."""
+    return A.layout == torch.strided and cones.nonneg + len(cones.soc) >= 2
+
+
 def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
                    cones: ConeSpec) -> torch.Tensor | None:
     """(B, m) powers of two r that scale each program's far nonnegative rows and far balls to the size
@@ -75,10 +81,9 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
     onto it (x₀ ≤ 1e12 with c₀ = −1e14: scaled, its multiplier grew as large as the scale is small,
     and the solve ended INACCURATE). A sparse A is solved as given."""
     transformed = torch._C._are_functorch_transforms_active()
-    balls = [block for block in cones.blocks() if block.module is soc]
-    if (A.layout != torch.strided or cones.nonneg + sum(block.count for block in balls) < 2
-            or (transformed and A.dim() == 2)):
+    if not looks_at_sides(A, cones) or (transformed and A.dim() == 2):
         return None
+    balls = [block for block in cones.blocks() if block.module is soc]
     b = b.detach()
     sides, radii = b[:, cones.zero:cones.zero + cones.nonneg], []
     for block in balls:  # a ball's side: its radius, where no entry of its centre is larger

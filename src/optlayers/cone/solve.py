@@ -12,7 +12,7 @@ from optlayers.cone.autograd import ConeProgram, Settings
 from optlayers.cone import autograd
 from optlayers.cone.data import prepare_cone
 from optlayers.cone.refine import MAX_STEPS as REFINE_STEPS
-from optlayers.cone.scaling import equilibration, far_row_scales, unit_scales
+from optlayers.cone.scaling import equilibration, far_row_scales, looks_at_sides, unit_scales
 from optlayers.cone.spec import ConeSpec
 from optlayers.sides import with_absent, without_absent
 from optlayers.status import FailurePolicy, Status
@@ -220,7 +220,7 @@ def _may_have_absent_bounds(A: torch.Tensor, b: torch.Tensor, cones: ConeSpec, f
     which zeroed rows would copy into every program. Never for a sparse A (its rows are not zeroed)."""
     if A.layout != torch.strided or cones.nonneg == 0:
         return False
-    if far is not None or cones.nonneg + len(cones.soc) < 2:
+    if far is not None or not looks_at_sides(A, cones):
         return True
     if torch._C._are_functorch_transforms_active():
         return _mapped(A) or not _mapped(b)

@@ -283,9 +283,9 @@ ABSENT_BOUND = ("write an absent bound as +inf in h (solve_qp, QPFunction and so
 
 class InfiniteSides(ValueError):
     """``check_values``'s refusal of data whose only non-finite entries are +inf in h: absent bounds.
-    ``qp.solve.solve_prepared`` and ``cone.qp.solve_qp_cone`` catch it and solve the QPs without
-    those rows (``problem.without_absent_sides``); elsewhere (``QPSolveFn`` called directly) it is
-    the refusal it reads as."""
+    ``qp.solve.solve_prepared`` catches it and solves the QPs without those rows
+    (``problem.without_absent_sides``), and ``cone.qp.solve_qp_cone`` hands them to ``solve_cone``,
+    which leaves them out as well; elsewhere (``QPSolveFn`` called directly) it is the refusal it reads as."""
 
 
 def values_pass(Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:
