@@ -2,6 +2,8 @@
 ``solve_cone`` solves without those rows (``sides.without_absent``) and gives them y = 0 and s = +inf;
 the reference is the same program without the rows, solved by the same solver."""
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -156,3 +158,32 @@ def test_an_absent_bound_beside_a_sparse_a_is_refused():
     with pytest.raises(ValueError, match="not with a sparse A"):
         solve_cone(A, torch.tensor([1.0, math.inf], dtype=torch.float64), torch.tensor([-1.0, 2.0], dtype=torch.float64),
                    ConeSpec(nonneg=2), torch.eye(2, dtype=torch.float64), solver="clarabel")
+
+
+class _Stop(Exception):
+    """Raised in place of the solve: what ``solve_cone`` reads before it is counted alone."""
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_far_rows_and_absent_bounds_take_no_read_of_their_own(shared, monkeypatch):
+    """The far rows' check reads whether there are absent bounds in its own read (``scaling.FarRows``):
+    programs with far rows (sides of 1e3) and absent bounds, and with far rows alone (the +inf sides
+    made 1e3), make as many host reads before their solve as the same programs with neither (those
+    sides made 2). Before, programs with far rows made one more (whether there were absent bounds)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from benchmarks import kernels
+    from optlayers import host
+    from optlayers.cone import solve as solve_module
+
+    def stop(*args):
+        raise _Stop
+    monkeypatch.setattr(solve_module.ConeProgram, "apply", stop)
+    _, (A, b, c, P) = _programs(shared, False)
+    extra = torch.zeros_like(b, dtype=torch.bool)
+    extra[:, EXTRA] = True
+    reads = []
+    for sides in (b, torch.where(torch.isposinf(b), 1e3, b), torch.where(extra, 2.0, b)):
+        with host.accelerator_schedule(), kernels.KernelCounter() as counter, pytest.raises(_Stop):
+            solve_cone(A, sides, c, WITH_BOUNDS, P, solver="ipm")
+        reads.append(counter.sync_count)
+    assert reads[0] == reads[1] == reads[2], reads

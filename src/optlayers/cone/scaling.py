@@ -7,10 +7,13 @@ and a constant of the reparametrisation (detached), so that derivatives through 
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from optlayers.cone.spec import ConeSpec
 from optlayers.cone import nonneg, soc, zero
+from optlayers.host import host_read
 from optlayers.linalg import power_of_two_above
 from optlayers.qp.scaling import RUIZ_ITERATIONS, column_max, inverse_sqrt_norm
 
@@ -54,20 +57,30 @@ def looks_at_sides(A: torch.Tensor, cones: ConeSpec) -> bool:
     return A.layout == torch.strided and cones.nonneg + len(cones.soc) >= 2
 
 
+class FarRows(NamedTuple):
+    """``far_row_scales``' outcome: the ``scales`` (B, m), or None; and whether a nonnegative row has a
+    side of +inf (an absent bound, which ``solve_cone`` takes out), read by the host in the same
+    synchronisation as whether a side is far: True or False where it was read, None where it was not
+    (the sides not looked at, or under torch.func's transforms)."""
+
+    scales: torch.Tensor | None
+    absent: bool | None
+
+
 def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None,
-                   cones: ConeSpec) -> torch.Tensor | None:
+                   cones: ConeSpec) -> FarRows:
     """(B, m) powers of two r that scale each program's far nonnegative rows and far balls to the size
     of its largest side that is not far, 1 elsewhere: the sides of the nonnegative rows and the radii
     of the second-order cones (a ball ‖u‖ ≤ R: its first row's side, where no side of its other rows
     is larger), far by ``far_rows`` (bounds of 1e12 that stand for absent ones, a box of 1e3 about
     variables of unit size, the loosest of rows whose sides spread over orders, a ball of 1e4); a
     ball's rows by one number (1 on a nonnegative row of side +inf, an absent bound, which ``solve_cone``
-    takes out). None for a sparse A and for fewer than two nonnegative rows and second-order cones (not
-    looked at: ``solve_cone`` looks for absent bounds there itself), and where no program has a far side
-    or an absent bound (read by the host; under
-    torch.func's transforms, which cannot read, always the scales, but None for a shared A, which
-    scaled rows would copy into every program, taking a batched solve's path where the plain call
-    takes the shared one's).
+    takes out); with them, whether there are absent bounds (``FarRows``). No scales for a sparse A and for
+    fewer than two nonnegative rows and second-order cones (not looked at: ``solve_cone`` looks for
+    absent bounds there itself), and where no program has a far side (read by the host, with the
+    absent bounds in the same read; under torch.func's transforms, which cannot read, always the
+    scales, but none for a shared A, which scaled rows would copy into every program, taking a
+    batched solve's path where the plain call takes the shared one's).
 
     (rA)x + s' = rb, s' ∈ K is the same program where r scales nonnegative rows, or a cone's rows
     by one number (s' = rs, y' = y/r), exactly (powers of two), and r is a constant of it (detached),
@@ -82,7 +95,7 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
     and the solve ended INACCURATE). A sparse A is solved as given."""
     transformed = torch._C._are_functorch_transforms_active()
     if not looks_at_sides(A, cones) or (transformed and A.dim() == 2):
-        return None
+        return FarRows(None, None)
     balls = [block for block in cones.blocks() if block.module is soc]
     b = b.detach()
     sides, radii = b[:, cones.zero:cones.zero + cones.nonneg], []
@@ -96,8 +109,12 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
     if P is not None:  # the unconstrained minimum's size, |c| / |P| (0 for P = 0: a linear objective)
         reach = c.detach().abs().amax(-1, keepdim=True) / P.detach().abs().amax((-2, -1)).reshape(-1, 1)
         far = far & (every > FAR_ROW * (1 + torch.nan_to_num(reach, nan=0.0, posinf=0.0)))
-    if not transformed and not bool((far | torch.isposinf(every)).any()):  # (absent bounds: solve_cone's to read)
-        return None
+    absent = None
+    if not transformed:  # one read: whether any side is far, and whether a nonnegative row's is +inf (an absent bound)
+        flags = torch.stack([far.any(), torch.isposinf(sides).any()])
+        any_far, absent = (bool(flag) for flag in host_read(flags))
+        if not any_far:
+            return FarRows(None, absent)
     target = torch.where(typical > 0, power_of_two_above(typical), 1.0).unsqueeze(-1)
     scales = torch.where(far, target / power_of_two_above(every.abs()), 1.0)
     ones = torch.ones_like(b)
@@ -107,7 +124,7 @@ def far_row_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.T
         pieces.append(scales[:, start:start + block.count].repeat_interleave(block.size, -1))
         start += block.count
     stop = balls[-1].stop if balls else cones.zero + cones.nonneg
-    return torch.cat([*pieces, ones[:, stop:]], -1)
+    return FarRows(torch.cat([*pieces, ones[:, stop:]], -1), absent)
 
 
 def unit_scales(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor,

@@ -158,12 +158,12 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
         variables, rows = scales
         A, b, c = _scaled_matrix(A, rows, variables), b * rows, c * variables
         P = None if P is None else _scaled_matrix(P, variables, variables)
-    far = far_row_scales(A, b, c, P, cones)  # (B, m) or None: the program with far nonnegative rows scaled, y = r·y', s = s'/r
+    far, has_absent = far_row_scales(A, b, c, P, cones)  # far: (B, m) or None: far nonnegative rows scaled, y = r·y', s = s'/r
     absent = None
     if far is not None:
         A, b, rows = A * far.unsqueeze(-1), b * far, rows * far
-    if _may_have_absent_bounds(A, b, cones, far):
-        absent = _absent_bounds(b, cones)  # nonnegative rows of side +inf, solved as rows that always hold
+    if has_absent is not False and _may_have_absent_bounds(A, b, cones, far, has_absent):
+        absent = _absent_bounds(b, cones, has_absent)  # nonnegative rows of side +inf, solved as rows that always hold
         if absent is not None:
             A, b = without_absent(A, b, absent)
     matrix, primal, dual = unit_scales(A, b, c, P)
@@ -198,29 +198,34 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     return ConeSolution(x, y, s, status)
 
 
-def _absent_bounds(b: torch.Tensor, cones: ConeSpec) -> torch.Tensor | None:
+def _absent_bounds(b: torch.Tensor, cones: ConeSpec, known: bool | None) -> torch.Tensor | None:
     """(B, m) the nonnegative rows whose side in ``b`` (B, m) is +inf: absent bounds; None where there is
-    none (read by the host; under torch.func's transforms, which cannot read, the mask). A side of +inf
-    on another cone's row stays, and is refused (``validation.cone.check_finite``), as it is where
-    ``_may_have_absent_bounds`` does not look (a sparse A; a shared A under vmap)."""
+    none: ``known`` where ``far_row_scales`` read it, else read by the host (under torch.func's transforms,
+    which cannot read, the mask). A side of +inf on another cone's row stays, and is refused
+    (``validation.cone.check_finite``), as it is where ``_may_have_absent_bounds`` does not look (a
+    sparse A; a shared A under vmap)."""
+    if known is False:
+        return None
     rows = torch.isposinf(b[:, cones.zero:cones.zero + cones.nonneg])
     absent = torch.cat([torch.zeros_like(b[:, :cones.zero], dtype=torch.bool), rows,
                         torch.zeros_like(b[:, cones.zero + cones.nonneg:], dtype=torch.bool)], -1)
-    if not torch._C._are_functorch_transforms_active() and not bool(absent.any()):
+    if known is None and not torch._C._are_functorch_transforms_active() and not bool(absent.any()):
         return None
     return absent
 
 
-def _may_have_absent_bounds(A: torch.Tensor, b: torch.Tensor, cones: ConeSpec, far: torch.Tensor | None) -> bool:
+def _may_have_absent_bounds(A: torch.Tensor, b: torch.Tensor, cones: ConeSpec, far: torch.Tensor | None,
+                            known: bool | None) -> bool:
     """Whether ``solve_cone`` looks for absent bounds (``_absent_bounds``): where ``far_row_scales``
-    found far or absent sides (``far``), or did not look at them (fewer than two nonnegative rows and
+    read that there are some (``known``, read with its far sides), or gave scales without reading
+    (under torch.func's transforms), or did not look at the sides (fewer than two nonnegative rows and
     second-order cones: one host read more, for such small programs only), or under torch.func's
     transforms, where it gives no scales for a 2-D A: there where A is one program's (mapped by vmap
     at some level) or the program is one (b is not mapped either), not beside a shared A under vmap,
     which zeroed rows would copy into every program. Never for a sparse A (its rows are not zeroed)."""
-    if A.layout != torch.strided or cones.nonneg == 0:
+    if A.layout != torch.strided or cones.nonneg == 0 or known is False:
         return False
-    if far is not None or not looks_at_sides(A, cones):
+    if known or far is not None or not looks_at_sides(A, cones):
         return True
     if torch._C._are_functorch_transforms_active():
         return _mapped(A) or not _mapped(b)
