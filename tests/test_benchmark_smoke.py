@@ -639,3 +639,28 @@ def test_scale_accuracy_takes_the_spread_cone_programs_to_diffcp():
     for row in rows:
         assert ("error" in row) != ("off" in row), row
         assert "error" in row or 0 <= row["off"] <= row["of"] == 2, row
+
+
+def test_iteration_counts_compares_ours_with_clarabels_per_problem(tmp_path, capsys):
+    pytest.importorskip("clarabel", reason="clarabel not installed")
+    from benchmarks import iteration_counts
+
+    out = tmp_path / "counts.json"
+    result = iteration_counts.main(["--batch", "3", "--n", "4", "6", "--json", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert [row["n"] for row in result["rows"]] == [4, 6]
+    for row in result["rows"]:  # every problem solved by both, each with its own count
+        assert len(row["ours"]) == len(row["clarabel"]) == 3
+        assert row["ours_solved"] == row["clarabel_solved"] == 3
+        assert all(count > 0 for count in row["ours"] + row["clarabel"])
+    assert result["meta"]["cpu"] and result["meta"]["date"]
+    table = capsys.readouterr().out
+    assert table.startswith("| n | ours (solved of 3) | Clarabel (solved) |") and "| 6 | mean " in table
+
+
+def test_iteration_counts_refuses_sizes_below_one(capsys):
+    from benchmarks import iteration_counts
+
+    with pytest.raises(SystemExit):
+        iteration_counts.main(["--batch", "0"])
+    assert "--batch and --n must be positive, got 0" in capsys.readouterr().err
