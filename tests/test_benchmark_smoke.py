@@ -664,3 +664,23 @@ def test_iteration_counts_refuses_sizes_below_one(capsys):
     with pytest.raises(SystemExit):
         iteration_counts.main(["--batch", "0"])
     assert "--batch and --n must be positive, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layer", ["qp", "cone"])
+def test_steady_loop_times_the_calls_after_the_warm_ones(layer, monkeypatch, capsys):
+    from benchmarks import steady_loop
+
+    calls = []
+    real = steady_loop.call
+    monkeypatch.setattr(steady_loop, "call", lambda args: (lambda once: lambda: (calls.append(1), once())[1])(real(args)))
+    mean = steady_loop.main(["--layer", layer, "--batch", "2", "--n", "4", "--warm", "1", "--calls", "2", "--backward"])
+    assert len(calls) == 3 and mean > 0
+    assert capsys.readouterr().out.startswith(f"{layer} batch 2")
+
+
+def test_steady_loop_refuses_counts_below_one(capsys):
+    from benchmarks import steady_loop
+
+    with pytest.raises(SystemExit):
+        steady_loop.main(["--calls", "0"])
+    assert "must be positive" in capsys.readouterr().err
