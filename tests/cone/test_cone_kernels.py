@@ -18,57 +18,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import kernels  # noqa: E402
 
 # The exponential cone's projection computes every row (regions merged by masks) and looks once,
-# after exp.NEWTON_UNCHECKED Newton steps, whether every root has converged (measured: 1 on these
-# points, where boolean indexing of the root rows made 14 for the projection and 19 for the derivative).
+# after exp.NEWTON_UNCHECKED Newton steps, whether every root has converged (1 on these points).
 MAX_EXP_SYNCS = 1
 # The exponential cone's derivative at a point whose projection's roots it is given (which also tell
-# the rows' regions): 67 kernels measured (112 when it classified the rows again and formed h' term by term).
+# the rows' regions): 67 kernels measured.
 MAX_EXP_DERIVATIVE_KERNELS = 70
 # solve_cone(solver="ipm") on the cone benchmark's programs (all five cones), batch 8 (at batch 128 the
 # interior point method looks once more, 16 in all: its looks follow its iterations, and the larger batch's
 # slowest program takes more): 15 forward syncs (validation 1, the interior point method's looks 3, the
 # refinement's 3 and its linear solves' 2, the exponential projections' root looks 3 (their
-# derivatives take the projections' roots: 2 looks fewer), the status 1), 1 for whether a
-# nonnegative row's side is far above the others (scaling.far_row_scales) and 1 for whether a
+# derivatives take the projections' roots), the status 1), 1 for whether a nonnegative row's side is
+# far above the others or +inf (scaling.far_row_scales, both read at once) and 1 for whether a
 # program's rows or columns spread too far to be solved unequilibrated (scaling.equilibration); 2 in the adjoint
-# (iterative refinement's; it takes the refined point's w and roots, where it looked once more to
-# solve for the roots at y - s).
+# (iterative refinement's; it takes the refined point's w and roots).
 MAX_SOLVE_SYNCS, MAX_ADJOINT_SYNCS = 15, 2
 # Kernels per iteration of the cone interior point method on those programs, on the accelerators'
 # schedule (every exponential cone's dual scaling and every step trial formed: the count a GPU
-# launches), counted after a warm-up solve (the cones' cached constants): 480 measured with the PSD scaling's
-# W and W⁻¹ by one congruence product each way (482 before that), with the zero Q of a
-# program without P left out of H and of Q dx (483 before that, 484 counted before kernels.py warmed
-# the constants up, with the scaled rows
-# G = V A_K by one product with the scalings' block-diagonal matrix and the residuals' norms by one
-# reduction (498 before those, with the cone
-# rows' scalings as one block-diagonal matrix (one product per V u or V^T u), the Wright omega solve in 3
-# Newton steps of 5 kernels, the residuals' norms and dot products stacked, the exponential step
-# search's points mapped by one product and the exponential parts out of the closed-form step
-# tests, the PSD Jordan division entry by entry of svec, the exponential scaling's dot products
-# paired and its two corrector tests merged (595 before those, with the
-# exponential cone's barrier derivatives from shared factored terms and its step search testing the
-# mapped dual points with the primal margin, the second-order and PSD cones' constants made once and
-# their step tests' terms kept from the scaling, and the Jordan products of the corrector stacked
-# (905 before those; 903 before the step lengths ignored 0/0, one kernel each; with the residuals'
-# one pass over all rows for A x and one for Aᵀy and the Newton directions' A_Kᵀ Vᵀ u and V A_K dx
-# from the scaled rows G = V A_K that H is formed from (962 before those, with the QP step's
-# fusions; 980 with the nonnegative rows as the KKT system's diagonal rows, 1,007 with them among
-# the scaled cone rows; 1,109 before the directions passed over A_K twice instead of over G and A_K
-# three times and the nonnegative and second-order step tests measured from s and y)))).
+# launches), counted after a warm-up solve (the cones' cached constants): 480 measured. What keeps it
+# there: the scaled rows G = V A_K by one product with the scalings' block-diagonal matrix, from
+# which H and the Newton directions' A_Kᵀ Vᵀ u and V A_K dx are formed; the PSD scaling's W and W⁻¹ by
+# one congruence product each way; no zero Q for a program without P; the nonnegative rows as the KKT
+# system's diagonal rows; the residuals' norms by one reduction and one pass over all rows each for
+# A x and Aᵀy; the Wright omega solve in 3 Newton steps of 5 kernels; the exponential step search's
+# points mapped by one product; the second-order and PSD cones' constants made once.
 MAX_CONE_KERNELS_PER_ITERATION = 487
 # The Newton refinement (and the KKT check after it) on those programs at batch 8, counted as the forward's
-# kernels with refine_steps=6 less those with 0: 1,050 measured with the refined answer's KKT residual
-# compared with the solver's answer's, which an element keeps where refinement went astray (1,020 before;
-# 1,082 while the returned point's residual was taken a third time);
-# 1,018 with the PSD derivatives taking their
-# projections' eigendecompositions (1,019 before), -D written through strided views of
-# its diagonal blocks, the small-pivot test carried with the factorization and the KKT check taking the
-# refinement's products with A (1,033-1,036 before those, counting -D's made-once row indices; 1,844 before
-# its exponential root solves started from guesses, the derivatives took the projections' regions with
-# their roots, h's coefficients became two fused products and the second-order derivative a diagonal plus
-# rank two); adjoint 231 with the PSD derivative taking the projection's eigendecomposition (234 before
-# that, 305 before the exponential derivatives took their projections' roots).
+# kernels with refine_steps=6 less those with 0: 1,050 measured (the refined answer's KKT residual compared
+# with the solver's answer's, which an element keeps where refinement went astray; the PSD derivatives
+# taking their projections' eigendecompositions; -D written through strided views of its diagonal blocks;
+# the small-pivot test carried with the factorization; the KKT check taking the refinement's products
+# with A; the exponential root solves started from guesses and the derivatives taking the projections'
+# regions with their roots); the adjoint 231 (the PSD and exponential derivatives taking the
+# projections' eigendecompositions and roots).
 MAX_REFINE_KERNELS, MAX_ADJOINT_KERNELS = 1_100, 245
 
 

@@ -24,32 +24,20 @@ from tests.qp.qp_problems import random_qp
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks import kernels  # noqa: E402
 
-# Measured 175 and 241 (171 and 237 before the step fraction's test, ipm.BALANCED_STEP_FRACTION: four
-# kernels; B = 128, n = 100 gives the same counts; where they go: ``kernels.py
-# --phases``); 6 synchronisations (validation, the start's factorisation, the looks after iterations
-# 8, 12 and 16, the final read; 5 here, where the look after iteration 12 finds every problem
-# finished); forwards of 2738 and 3594 kernels here (10 and 9 iterations; 2695 and 3550 before sides far above
-# the others were left out of the variables' scale and the start, sides.far_sides, and the start's far rows that
-# its fit violates took their own scale back, 43 and 44 kernels a solve;
-# 2689 and 3544 before large
-# variables were scaled too, scaling.LARGE_DATA, six kernels a solve; 2678 and 3533 before the
-# objective's size was found beside the variables' scale, qp.scaling._sizes, and the default tolerance
-# followed it, 11 kernels a solve; 2655 and 3510 before small
-# data were solved at unit size, the variables' scale of qp.scaling._sizes, and the gap's absolute tolerance followed their
-# square, 23 kernels a solve; 2651 and 3506 while
-# linalg.power_of_two_above was frexp's, which inductor's vectorised C++ could not compile, four fewer;
-# 2634 and 3489 before the default absolute tolerance followed small data, ipm.absolute_tolerance, 17
-# kernels a solve; 2631 and 3486 before the value
-# checks' factorisation took the engine's, which refuses a factor with a non-finite diagonal, four
-# kernels, and its shift went onto the diagonal alone, one fewer; 2507 and 3438 before the steps
-# went 0.999 of the way to the boundary, ipm.BALANCED_STEP_FRACTION, with which six of the eight problems
-# without equalities have converged at the look after iteration 8, and the working batch is compacted; 2455 and
-# 3386 before the value checks tested Q's semidefiniteness, 14 kernels, and the derivative checks read
-# with the final statuses, 52: qp.derivative_checks); a backward of 57 kernels, 60 with
-# equalities (with the loss's sum and its ones: z.sum().backward()).
-# 2 and 3 of them the iterate's Farkas test (ipm._certificates), 8 and 10 the iterate's recession test,
-# 12 the progress test (IPMSettings.progress_limit), 7 with equalities the factorisation of H + σAᵀA
-# (IPMSettings.augment)
+# Measured on these problems (batch 8, n = 10, without and with 5 equalities; B = 128, n = 100 gives the
+# same counts per iteration; where they go: ``kernels.py --phases``): 186 and 252 kernels per iteration,
+# of which 2 and 3 the iterate's Farkas test (ipm._certificates), 8 and 10 the iterate's recession test,
+# 12 the progress test (IPMSettings.progress_limit), 4 the step fraction's test
+# (ipm.BALANCED_STEP_FRACTION), 11 the complementarity by variable, 7 with equalities the
+# factorisation of H + σAᵀA (IPMSettings.augment); forwards of 2904 and 3760 kernels (10 and 9
+# iterations: with steps 0.999 of the way to the boundary six of the eight problems without equalities
+# have converged at the look after iteration 8, and the working batch is compacted; a solve's own
+# kernels include the value checks (Q's semidefiniteness), the scalings (sides far above the others left
+# out, small and large data at unit size, the objective's size) and the derivative checks read with
+# the final statuses, qp.derivative_checks); 6 synchronisations at most (validation, the start's
+# factorisation, the looks after iterations 8, 12 and 16, the final read; 5 here, where the look
+# after iteration 12 finds every problem finished); a backward of 57 kernels, 60 with equalities
+# (with the loss's sum and its ones: z.sum().backward()).
 MAX_KERNELS_PER_ITERATION = {0: 186, 5: 252}
 MAX_FORWARD_KERNELS = {0: 2904, 5: 3760}
 MAX_FORWARD_SYNCS = 6
