@@ -165,35 +165,41 @@ and s are apart and every one of them refines to round-off (``benchmarks/scale_a
 cone table of spread sides)."""
 
 
-def _retry_solvers(solver: str) -> list[str]:
-    """The solvers that solve again, one after the other, the elements whose refinement ``solver``'s
-    answers stalled (``RETRY_TOLERANCES``): the same, then Clarabel, where the clarabel package is
-    installed; SCS's by Clarabel alone. SCS at 1e-9 left one of docs/cone.md's example programs where
-    its default had (a dual 1.1 off, x 2.6e-5 off; only 1e-11, with many more iterations, did better).
-    Clarabel at 1e-10 solved the two-variable program of docs/cone.md ("A refinement that cannot
-    start") at β = 1e8, where the interior point method at 1e-10 did not."""
+def _retries(solver: str) -> list[tuple[str, bool]]:
+    """The solves, one after the other, of the elements whose refinement ``solver``'s answers stalled, as
+    (solver, tightened): at ``RETRY_TOLERANCES`` (tightened) the same solver, then Clarabel, then Clarabel
+    at its own defaults, where the clarabel package is installed; SCS's by Clarabel alone (both ways).
+    SCS at 1e-9 left one of docs/cone.md's example programs where its default had (a dual 1.1 off, x
+    2.6e-5 off; only 1e-11, with many more iterations, did better). On the two-variable program of
+    docs/cone.md ("A refinement that cannot start") Clarabel at 1e-10 solved β = 1e8, where the interior
+    point method at 1e-10 did not, and Clarabel at its defaults β = 1e6, where both at 1e-10 did not
+    (their relative tests settle the small variable's row sooner or later, at other points): each rung
+    takes only answers refined to round-off, so a rung that does not help changes nothing. Clarabel's
+    own answers are not solved again at its defaults (they would be the same)."""
     if not _clarabel_available():
-        return [solver]
-    return ["clarabel"] if solver in ("scs", "clarabel") else [solver, "clarabel"]
+        return [(solver, True)]
+    if solver == "clarabel":
+        return [("clarabel", True)]
+    return ([] if solver == "scs" else [(solver, True)]) + [("clarabel", True), ("clarabel", False)]
 
 
 def _tightened(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, settings: Settings,
                point: derivative.Point, status: torch.Tensor,
                unrefined: torch.Tensor) -> tuple[derivative.Point, torch.Tensor, torch.Tensor]:
     """The SOLVED elements whose refinement stalled (``unrefined``) solved again at ``RETRY_TOLERANCES``
-    (by ``_retry_solvers``, each taking those the one before left; the interior point method eagerly,
+    and at last at Clarabel's defaults (``_retries``, each taking those the one before left; the interior point method eagerly,
     from its own start: compiled, it would compile again for their count), and refined; a new answer is
     taken where it is SOLVED and refined to round-off, and the others keep theirs (and their flag). The
     forward calls it with the default ``refine_steps`` (or more) only: fewer steps are a user's choice
     of a shorter refinement, which a second solve at a tighter tolerance would more than undo. Each solve
     reads the host as a solve does, and the loop once more per solver after the first."""
-    for count, solver in enumerate(_retry_solvers(settings.solver)):
+    for count, (solver, tightened) in enumerate(_retries(settings.solver)):
         if count and not bool(unrefined.any()):
             break
         given = settings.options if solver == settings.solver else {}
         tighter = {name: min(value, given.get(name, value)) for name, value in RETRY_TOLERANCES[solver].items()}
-        retry = dataclasses.replace(settings, solver=solver, options={**given, **tighter}, warm_starts=None,
-                                    compile=False)
+        retry = dataclasses.replace(settings, solver=solver, options={**given, **tighter} if tightened else given,
+                                    warm_starts=None, compile=False)
         point, status, unrefined = _solved_again(
             A, b, c, P, retry, point, status, unrefined, unrefined.nonzero().squeeze(-1),
             lambda sub_status, sub_unrefined: (sub_status == ConeStatus.SOLVED) & ~sub_unrefined)
