@@ -2,11 +2,12 @@
 and the backend that actually ran), its answers and gradients against Clarabel's on a batch of each
 cone kind, and its options."""
 import math
+import warnings
 
 import pytest
 import torch
 
-from optlayers.cone import ConeLayer, ConeSpec, autograd, backends, solve_cone
+from optlayers.cone import ConeLayer, ConeSpec, ConeStatus, autograd, backends, solve_cone
 from optlayers.cone import solve as solve_module
 from optlayers.cone.testing import n_range, random_program
 
@@ -133,3 +134,46 @@ def test_auto_refuses_solver_options_with_the_fix():
     for solver in ("clarabel", "ipm"):  # named, the options go to that solver
         sol = solve_cone(A, b, c, KINDS["nonneg"], solver=solver, solver_options={"max_iter": 50})
         assert bool((sol.status == 0).all())
+
+
+def _two_variable_program(beta: float):
+    """min ½‖x‖² − βx₀ + x₁ s.t. |x₁| ≤ 0.5: x = (β, −0.5) (docs/cone.md, "A refinement that cannot start")."""
+    P = torch.eye(2, dtype=torch.float64)
+    A = torch.tensor([[0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
+    b = torch.tensor([0.5, 0.5], dtype=torch.float64)
+    c = torch.tensor([-beta, 1.0], dtype=torch.float64, requires_grad=True)
+    return A, b, c, P
+
+
+@pytest.mark.parametrize("beta", [1e4, 1e10])
+def test_auto_hands_what_clarabel_leaves_unsolved_to_the_interior_point_method(beta):
+    """For one small program "auto" runs Clarabel, which at its defaults ends this program INACCURATE at
+    β = 1e4 and 1e10; "auto" hands it to the batched interior point method, which solves it: x₁ = −0.5
+    and dx₁/dc₁ = 0, no warning (it raised SolveError on a704e6f). Named explicitly, Clarabel's status
+    stands."""
+    pytest.importorskip("clarabel", reason="clarabel not installed")
+    A, b, c, P = _two_variable_program(beta)
+    assert solve_module.choose_solver(2, 1, "cpu") == "clarabel"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sol = solve_cone(A, b, c, ConeSpec(nonneg=2), P)
+        dx0, = torch.autograd.grad(sol.x[0], c, retain_graph=True)
+        dx1, = torch.autograd.grad(sol.x[1], c)
+    x = sol.x.detach()
+    assert int(sol.status) == ConeStatus.SOLVED
+    assert abs(float(x[1]) + 0.5) < 1e-9 and abs(float(x[0]) - beta) < 1e-9 * beta
+    # x₀ = −c₀ and x₁ on its bound: dx₀/dc = (−1, 0), dx₁/dc = 0
+    torch.testing.assert_close(dx0, torch.tensor([-1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(dx1, torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-9)
+    explicit = solve_cone(A, b, c.detach(), ConeSpec(nonneg=2), P, solver="clarabel", on_failure="ignore")
+    assert int(explicit.status) == ConeStatus.INACCURATE
+
+
+def test_auto_keeps_clarabels_infeasibility_certificate():
+    """x ≥ 1 and x ≤ 0: Clarabel certifies it infeasible, and "auto" reports that, without a second solve."""
+    pytest.importorskip("clarabel", reason="clarabel not installed")
+    A = torch.tensor([[-1.0], [1.0]], dtype=torch.float64)
+    b = torch.tensor([-1.0, 0.0], dtype=torch.float64)
+    c = torch.tensor([1.0], dtype=torch.float64)
+    sol = solve_cone(A, b, c, ConeSpec(nonneg=2), on_failure="ignore")
+    assert int(sol.status) == ConeStatus.PRIMAL_INFEASIBLE

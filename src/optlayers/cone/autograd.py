@@ -52,6 +52,7 @@ class Settings:
     refine_steps: int = refine.MAX_STEPS
     policy: FailurePolicy | None = None  # applied by the forward, on plain tensors (so also under vmap)
     compile: bool = False  # the interior point method compiled (ConeIPMSettings.compiled)
+    automatic: bool = False  # the solver was chosen by solver="auto" (its failures may go to the other one)
 
 
 def _scipy(A: torch.Tensor) -> sp.csc_matrix:
@@ -151,6 +152,30 @@ def _fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tenso
     clarabel = dataclasses.replace(settings, solver="clarabel", options={}, warm_starts=None)
     return _solved_again(A, b, c, P, clarabel, point, status, unrefined, index,
                          lambda sub_status, _: (sub_status == ConeStatus.SOLVED) | (status[index] != ConeStatus.INACCURATE))
+
+
+_NO_CERTIFICATE = (ConeStatus.MAX_ITER, ConeStatus.NUMERICAL_ERROR, ConeStatus.INACCURATE)
+"""The statuses of an element returned without a solution and without an infeasibility certificate."""
+
+
+def _method_fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torch.Tensor | None, settings: Settings,
+                      point: derivative.Point, status: torch.Tensor,
+                      unrefined: torch.Tensor) -> tuple[derivative.Point, torch.Tensor, torch.Tensor]:
+    """Where ``solver="auto"`` chose Clarabel: solve the elements Clarabel left without a solution and
+    without a certificate (``_NO_CERTIFICATE``) with the batched interior point method (eagerly), and
+    take its answer where it is SOLVED, with its ``unrefined`` flag: the mirror of ``_fall_back``, which
+    hands the method's failures to Clarabel. An infeasibility certificate stands. Clarabel at its
+    defaults ended INACCURATE on min ½‖x‖² − βx₀ + x₁, |x₁| ≤ 0.5 at β = 1e4 and 1e10, which the method
+    solves (docs/cone.md, "A refinement that cannot start")."""
+    failed = torch.zeros_like(status, dtype=torch.bool)
+    for code in _NO_CERTIFICATE:
+        failed |= status == code
+    index = failed.nonzero().squeeze(-1)
+    if index.numel() == 0:
+        return point, status, unrefined
+    method = dataclasses.replace(settings, solver="ipm", options={}, warm_starts=None, compile=False)
+    return _solved_again(A, b, c, P, method, point, status, unrefined, index,
+                         lambda sub_status, _: sub_status == ConeStatus.SOLVED)
 
 
 RETRY_TOLERANCES = {"ipm": {"tol": 1e-10}, "clarabel": {"tol_gap_abs": 1e-10, "tol_gap_rel": 1e-10, "tol_feas": 1e-10},
@@ -295,6 +320,9 @@ class ConeProgram(torch.autograd.Function):
             if settings.solver == "ipm" and not all_solved:
                 point, status, unrefined = _fall_back(A, b, c, P, settings, point, status, unrefined)
                 all_solved, any_unrefined = False, bool(unrefined.any())  # the fallback's statuses: the policy's to read
+            elif settings.solver == "clarabel" and settings.automatic and not all_solved:
+                point, status, unrefined = _method_fall_back(A, b, c, P, settings, point, status, unrefined)
+                all_solved, any_unrefined = False, bool(unrefined.any())
             if any_unrefined and settings.refine_steps >= refine.MAX_STEPS:  # a refinement stalled: a closer start
                 point, status, unrefined = _tightened(A, b, c, P, settings, point, status, unrefined)
                 any_unrefined = bool(unrefined.any())

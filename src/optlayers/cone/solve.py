@@ -101,7 +101,8 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
             "scs" (splitting; uses ``warm_start``). "auto" runs "ipm" for batches that are large for
             their programs' size (on the CPU from 44 programs of m = 96 rows, 207 of m = 44,
             1,000 of m = 20, where it takes down to half of Clarabel's time; on a GPU from 512
-            programs of m = 96) (docs/cone.md, "Which forward solver").
+            programs of m = 96) (docs/cone.md, "Which forward solver"), and Clarabel otherwise,
+            handing the elements Clarabel leaves without a solution or a certificate to "ipm".
         mode: the derivative's linear solve: "dense" (batched LU, CPU or CUDA), or "lsqr"/"lsmr"
             (matrix-free, element by element, for large sparse problems; reverse mode only:
             forward mode, torch.func.jvp, always uses the dense solve).
@@ -135,7 +136,8 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     data = prepare_cone(A, b, c, P, cones)
     if data.b.shape[0] == 0:
         return _empty_solution(data)
-    if solver == "auto":
+    automatic = solver == "auto"
+    if automatic:
         solver = choose_solver(cones.size, data.b.shape[0], data.b.device)
     warm = None
     if warm_start is not None:
@@ -177,7 +179,8 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
         warm = tuple(None if not (np.isfinite(x0[i]).all() and np.isfinite(y0[i]).all() and np.isfinite(s0[i]).all())
                      else (x0[i], y0[i], s0[i]) for i in range(len(x0)))
     policy = FailurePolicy(on_failure, failed_value, "cone programs")  # applied inside, so also under vmap
-    settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps, policy, compile)
+    settings = Settings(cones, solver, mode, dict(solver_options or {}), warm, max_workers, refine_steps, policy, compile,
+                        automatic)
     if P is not None:
         ratio = primal / dual / (matrix * matrix)  # (B, 1): a shared P stays shared
         # where every program has the same (read by the host, which torch.func's transforms cannot:
