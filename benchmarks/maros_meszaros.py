@@ -14,7 +14,7 @@ returned point in exact arithmetic (``exact_gap``); a SOLVED problem's exact gap
 solver's tolerance (tol / 10 unless ``--solver-tol`` says otherwise).
 
     python benchmarks/maros_meszaros.py [--data DIR] [--tol 1e-6] [--solver-tol T] [--only NAME ...] [--json FILE]
-        [--layer qp | cone-ipm | cone-clarabel]
+        [--layer qp | cone-ipm | cone-clarabel | cone-auto]
 """
 from __future__ import annotations
 
@@ -149,7 +149,8 @@ def exact_gap(data: dict, z: np.ndarray, lam: np.ndarray, nu: np.ndarray) -> flo
 def solve_one(path: Path, tol: float, max_iter: int, layer: str = "qp", solver_tol: float | None = None,
               solver_defaults: bool = False) -> Outcome:
     """One problem through ``solve_qp`` (layer "qp") or as a cone program through ``solve_qp_cone``
-    ("cone-ipm": the batched interior point method with its Clarabel fallback; "cone-clarabel").
+    ("cone-ipm": the batched interior point method with its Clarabel fallback; "cone-clarabel"; "cone-auto":
+    ``solve_cone``'s default, which runs Clarabel for one program and hands what it leaves unsolved to the method).
     ``solver_tol``: ``solve_qp``'s own tolerance (rel_tol 0); None: a tenth of ``tol``, so that a
     SOLVED problem passes this script's check (``tol``) with a margin. With "cone-ipm", the interior
     point method's relative tolerance (``ConeIPMSettings.tol``; None: its default). ``solver_defaults``:
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-iter", type=int, default=200)
     parser.add_argument("--only", nargs="*", help="problem names to run")
     parser.add_argument("--json", type=Path, help="write the outcomes here")
-    parser.add_argument("--layer", choices=("qp", "cone-ipm", "cone-clarabel"), default="qp",
+    parser.add_argument("--layer", choices=("qp", "cone-ipm", "cone-clarabel", "cone-auto"), default="qp",
                         help="the QP layer, or the QP as a cone program (solve_qp_cone) with that forward solver")
     args = parser.parse_args(argv)
     if args.solver_tol is not None and not (0 < args.solver_tol < 1 and args.layer in ("qp", "cone-ipm")):

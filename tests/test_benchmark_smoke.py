@@ -275,6 +275,21 @@ def test_maros_meszaros_cone_layer_solves_and_takes_the_interior_point_tolerance
     assert math.isnan(default.reported_gap) and default.exact_gap <= 1e-6
 
 
+def test_maros_meszaros_cone_auto_layer_runs_solve_cones_default(monkeypatch):
+    from benchmarks import maros_meszaros
+
+    seen = []
+    solve = maros_meszaros.solve_qp_cone
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["solver"], kwargs["solver_options"]))
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(maros_meszaros, "solve_qp_cone", spy)
+    outcome = maros_meszaros.solve_one(MM_DATA / "HS21.mat", tol=1e-6, max_iter=200, layer="cone-auto")
+    assert seen == [("auto", {})] and outcome.solved
+
+
 def test_cone_fallbacks_counts_statuses_and_iterations_at_the_given_tolerance():
     from benchmarks import cone_fallbacks
 
