@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
 from benchmarks import machine  # noqa: E402
 from benchmarks.problems import random_qp  # noqa: E402
+from benchmarks.qp_benchmark import _git_commit  # noqa: E402
 from optlayers import solve_qp  # noqa: E402
 
 
@@ -70,9 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
     for row in rows:
         print(f"| {row['n']} | {summary(row['ours'])} ({row['ours_solved']}) | "
               f"{summary(row['clarabel'])} ({row['clarabel_solved']}) |")
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1]).stdout.strip() or None
-    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
+    meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": _git_commit(),
             "cpu": machine.cpu_model(), "torch": torch.__version__, "threads": torch.get_num_threads()}
     result = {"meta": meta, "args": vars(args), "rows": rows}
     if args.json:

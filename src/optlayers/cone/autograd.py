@@ -167,10 +167,7 @@ def _method_fall_back(A: torch.Tensor, b: torch.Tensor, c: torch.Tensor, P: torc
     hands the method's failures to Clarabel. An infeasibility certificate stands. Clarabel at its
     defaults ended INACCURATE on min ½‖x‖² − βx₀ + x₁, |x₁| ≤ 0.5 at β = 1e4 and 1e10, which the method
     solves (docs/cone.md, "A refinement that cannot start")."""
-    failed = torch.zeros_like(status, dtype=torch.bool)
-    for code in _NO_CERTIFICATE:
-        failed |= status == code
-    index = failed.nonzero().squeeze(-1)
+    index = torch.isin(status, torch.tensor(_NO_CERTIFICATE, device=status.device)).nonzero().squeeze(-1)
     if index.numel() == 0:
         return point, status, unrefined
     method = dataclasses.replace(settings, solver="ipm", options={}, warm_starts=None, compile=False)

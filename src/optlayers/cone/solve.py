@@ -164,7 +164,7 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
     absent = None
     if far is not None:
         A, b, rows = A * far.unsqueeze(-1), b * far, rows * far
-    if has_absent is not False and _may_have_absent_bounds(A, b, cones, far, has_absent):
+    if _may_have_absent_bounds(A, b, cones, far, has_absent):
         absent = _absent_bounds(b, cones, has_absent)  # nonnegative rows of side +inf, solved as rows that always hold
         if absent is not None:
             A, b = without_absent(A, b, absent)
@@ -202,13 +202,11 @@ def solve_cone(A, b, c, cones: ConeSpec, P=None, *, solver: str = "auto", mode: 
 
 
 def _absent_bounds(b: torch.Tensor, cones: ConeSpec, known: bool | None) -> torch.Tensor | None:
-    """(B, m) the nonnegative rows whose side in ``b`` (B, m) is +inf: absent bounds; None where there is
-    none: ``known`` where ``far_row_scales`` read it, else read by the host (under torch.func's transforms,
-    which cannot read, the mask). A side of +inf on another cone's row stays, and is refused
-    (``validation.cone.check_finite``), as it is where ``_may_have_absent_bounds`` does not look (a
-    sparse A; a shared A under vmap)."""
-    if known is False:
-        return None
+    """(B, m) the nonnegative rows whose side in ``b`` (B, m) is +inf: absent bounds, which ``known``
+    (True) says ``far_row_scales`` read there are; otherwise (None) None where there is none, read by the
+    host (under torch.func's transforms, which cannot read, the mask). A side of +inf on another cone's
+    row stays, and is refused (``validation.cone.check_finite``), as it is where
+    ``_may_have_absent_bounds`` does not look (a sparse A; a shared A under vmap)."""
     rows = torch.isposinf(b[:, cones.zero:cones.zero + cones.nonneg])
     absent = torch.cat([torch.zeros_like(b[:, :cones.zero], dtype=torch.bool), rows,
                         torch.zeros_like(b[:, cones.zero + cones.nonneg:], dtype=torch.bool)], -1)
