@@ -43,14 +43,15 @@ VECTOR_LIBRARY_SIZES = (17, 63)
 called from the library (``vector_in_library``) in a batch of two or more problems ..."""
 
 VECTOR_LIBRARY_MIN_ONE = 32
-"""... and the first in a batch of one problem, where the library call's fixed cost counts for more."""
+"""... and the first in a batch of one problem, where the library call's fixed cost counts for more
+(a batch of one has no last: every inner size from this one)."""
 
 
 def vector_in_library(a: Tensor, b: Tensor) -> bool:
     """Whether ``product(a, b)`` of (B, r, c) a and (B, c, d) b with one row (r = 1) or one column
     (d = 1) is taken as ``torch.baddbmm`` with ``beta=0`` rather than ``torch.bmm``: under
-    compilation on the CPU, for inner sizes c in ``VECTOR_LIBRARY_SIZES`` (from
-    ``VECTOR_LIBRARY_MIN_ONE`` at batch 1). Inductor lowers a CPU ``bmm`` with one row or one column
+    compilation on the CPU, for inner sizes c in ``VECTOR_LIBRARY_SIZES`` (at batch 1, every c from
+    ``VECTOR_LIBRARY_MIN_ONE``). Inductor lowers a CPU ``bmm`` with one row or one column
     to a multiply and a sum of its own, which runs far slower than the library's product where the
     matrix is in the cache (at n = 100 its hottest instructions were in the masked loads ending each row). Measured (torch
     2.13, one thread, the Intel Xeon machine, 2026-12-06, a compiled chain of 20 products of one
@@ -60,13 +61,19 @@ def vector_in_library(a: Tensor, b: Tensor) -> bool:
     (compiled forward + backward, ``benchmarks/ab_trees.py``, both orders) the library's products took
     (128, 50) 0.76–0.81 of the time, (32, 30) 0.72–0.74, (128, 20) 0.91, (1, 50) 0.91–0.94, but
     (64, 100) and (128, 100) 1.03 (chunks of 8 whose matrices come from memory: there inductor's
-    fused sums were no slower than the library's calls): hence the last size. ``baddbmm`` is lowered to the library call
+    fused sums were no slower than the library's calls): hence the last size, which a batch of one,
+    whose matrix stays in the cache, does not have: there the library's products took (1, 100)
+    0.90–0.91 of the time at two threads (25 rounds, both orders) and 0.97 at one, (1, 200) 0.96
+    (the Intel Xeon machine, 2026-12-07); (8, 100) 1.00 and (128, 100) 0.97 with the last size lifted
+    for batches up to 32 too, within the noise, so it stays there. ``baddbmm`` is lowered to the library call
     whatever its ``beta``. Elsewhere (eagerly, on an accelerator, where ``elementwise``) the product is
     ``product``'s usual one."""
     if not torch.compiler.is_compiling() or a.device.type != "cpu" or (a.shape[-2] != 1 and b.shape[-1] != 1):
         return False
     first, last = VECTOR_LIBRARY_SIZES
-    return (VECTOR_LIBRARY_MIN_ONE if a.shape[0] == 1 else first) <= a.shape[-1] <= last
+    if a.shape[0] == 1:
+        return VECTOR_LIBRARY_MIN_ONE <= a.shape[-1]
+    return first <= a.shape[-1] <= last
 
 
 def product(a: Tensor, b: Tensor) -> Tensor:

@@ -71,7 +71,7 @@ def test_vector_products_from_the_library_agree_with_torchs(batch, r, c):
 
 def test_vector_products_are_taken_from_the_library_for_inner_sizes_in_bounds_under_compilation_on_the_cpu():
     """``vector_in_library``: under compilation on the CPU, a product with one row or one column whose
-    inner size is in ``VECTOR_LIBRARY_SIZES`` (from ``VECTOR_LIBRARY_MIN_ONE`` at batch 1); never
+    inner size is in ``VECTOR_LIBRARY_SIZES`` (at batch 1, every size from ``VECTOR_LIBRARY_MIN_ONE``); never
     eagerly, nor for a product with more rows and columns."""
     first, last = linalg.VECTOR_LIBRARY_SIZES
     one = linalg.VECTOR_LIBRARY_MIN_ONE
@@ -81,9 +81,9 @@ def test_vector_products_are_taken_from_the_library_for_inner_sizes_in_bounds_un
 
     assert not rule(2, 1, first, 30)  # eagerly: torch's product
     cases = [(2, 1, first, 30), (2, 1, first - 1, 30), (2, 30, last, 1), (2, 30, last + 1, 1), (1, 1, one, 5),
-             (1, 1, one - 1, 5), (2, 4, 40, 4)]
+             (1, 1, one - 1, 5), (1, 30, last + 1, 1), (1, 1, 200, 5), (2, 4, 40, 4)]
     seen = _traced(lambda: tuple(rule(*case) for case in cases))()
-    assert seen == (True, False, True, False, True, False, False)
+    assert seen == (True, False, True, False, True, False, True, True, False)
 
 
 def _library_calls_per_iteration(monkeypatch, data: dict) -> dict[str, int]:
