@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: the benchmarks package
 from benchmarks import machine  # noqa: E402
 from benchmarks.interleaved import round_orders  # noqa: E402
+from benchmarks.qp_benchmark import _git_commit  # noqa: E402
 from optlayers.cone import ConeSpec, refine, solve_cone  # noqa: E402
 from optlayers.cone.derivative import Point  # noqa: E402
 from optlayers.cone.testing import random_program  # noqa: E402
@@ -207,7 +208,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def metadata(args: argparse.Namespace) -> dict:
     """The run's settings and machine, written as the JSON's ``meta`` and printed."""
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": _git_commit(),
             "cpu": machine.cpu_model(), "preload": machine.preloaded(), "torch": torch.__version__, "threads": args.threads, "batch": args.batch,
             "m": SPEC.size, "n": N, "cones": str(SPEC), "repeats": args.repeats, "compiled_row": args.compiled}
 

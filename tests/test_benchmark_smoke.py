@@ -375,6 +375,7 @@ def test_every_benchmark_that_records_the_machine_uses_the_shared_reader(monkeyp
     assert qp_benchmark.metadata(args, ["--quick"], [])["cpu"] == FAKE_CPU
     meta = bench_cone.metadata(bench_cone.parse_args(["--threads", "1", "--batch", "2"]))
     assert meta["cpu"] == FAKE_CPU and meta["threads"] == 1 and meta["batch"] == 2
+    assert meta["commit"] == qp_benchmark._git_commit()  # the figure names the code it measured
     ops = {"cholesky": "numpy", "triangular_solve": "scipy", "product": "numpy"}
     monkeypatch.setattr(blas_backends, "measure", lambda batch, n, repeats: {
         f"{op}_{lib}": 1.0 for op, other in ops.items() for lib in ("torch", other)})  # nothing timed
