@@ -219,10 +219,14 @@ def test_a_stalled_refinement_is_solved_again_and_its_derivative_is_exact():
         solution.x.sum().backward()
         return b_.grad
 
+    # The derivative reaches 4.1e3 here, and refined answers' derivatives differ by their rounding amplified
+    # by M's conditioning: the interior point method's, SCS's solved again and Clarabel's agreed to 3.4e-8,
+    # 2.7e-8 and 6.1e-8 of that on the Intel Xeon (2026-12-07; within 1e-8 on the AMD EPYC); the stalled
+    # answer's was 8e-4 off.
     for chosen in ([62], [60, 61, 62, 63]):
         assert inexact_warnings(lambda: gradient("scs", refine.MAX_STEPS, chosen)) == []
         want = gradient("ipm", refine.MAX_STEPS, chosen)
-        torch.testing.assert_close(gradient("scs", refine.MAX_STEPS, chosen), want, rtol=1e-8, atol=1e-8 * float(want.abs().max()))
+        torch.testing.assert_close(gradient("scs", refine.MAX_STEPS, chosen), want, rtol=2e-7, atol=2e-7 * float(want.abs().max()))
     (skipped,) = inexact_warnings(lambda: gradient("ipm", 0, [60, 61, 62, 63]))
     assert "the derivative at elements 0, 1, 2, 3 is inexact: their solution was not refined to round-off" in skipped
     A, b, c = A[60:], b[60:], c[60:]
