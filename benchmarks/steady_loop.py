@@ -23,8 +23,6 @@ from benchmarks.problems import random_qp  # noqa: E402
 from optlayers import solve_cone, solve_qp  # noqa: E402
 from optlayers.cone.testing import random_program  # noqa: E402
 
-CONE_N = 48
-
 
 def call(args: argparse.Namespace):
     """A function that makes one call: the forward (and the backward with ``--backward``)."""
@@ -37,9 +35,9 @@ def call(args: argparse.Namespace):
             if args.backward:
                 z.sum().backward()
         return once
-    from benchmarks.bench_cone import SPEC
+    from benchmarks.bench_cone import N, SPEC
 
-    A, b, c, *_ = random_program(SPEC, CONE_N, batch=args.batch, seed=0)
+    A, b, c, *_ = random_program(SPEC, N, batch=args.batch, seed=0)
     options = {} if args.refine_steps is None else {"refine_steps": args.refine_steps}
 
     def once():
@@ -65,7 +63,8 @@ def main(argv: list[str] | None = None) -> float:
     if min(args.batch, args.n, args.threads, args.calls) < 1 or args.warm < 0:
         parser.error(f"--batch, --n, --threads and --calls must be positive and --warm not negative, got {args.batch}, "
                      f"{args.n}, {args.threads}, {args.calls} and {args.warm}")
-    torch.set_num_threads(args.threads)
+    if args.threads != torch.get_num_threads():  # as bench_cone.py: torch.set_num_threads only when asked
+        torch.set_num_threads(args.threads)  # (it breaks MKL's batched LU with more than one thread, pytorch/pytorch#142815)
     once = call(args)
     for _ in range(args.warm):
         once()
