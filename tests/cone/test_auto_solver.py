@@ -10,6 +10,7 @@ import torch
 from optlayers.cone import ConeLayer, ConeSpec, ConeStatus, autograd, backends, solve_cone
 from optlayers.cone import solve as solve_module
 from optlayers.cone.testing import n_range, random_program
+from tests.cone.programs import two_variable_program
 
 KINDS = {  # one batch of each cone kind, with the zero cone's equality rows where a program needs them
     "nonneg": ConeSpec(zero=2, nonneg=10),
@@ -136,15 +137,6 @@ def test_auto_refuses_solver_options_with_the_fix():
         assert bool((sol.status == 0).all())
 
 
-def _two_variable_program(beta: float):
-    """min ½‖x‖² − βx₀ + x₁ s.t. |x₁| ≤ 0.5: x = (β, −0.5) (docs/cone.md, "A refinement that cannot start")."""
-    P = torch.eye(2, dtype=torch.float64)
-    A = torch.tensor([[0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
-    b = torch.tensor([0.5, 0.5], dtype=torch.float64)
-    c = torch.tensor([-beta, 1.0], dtype=torch.float64, requires_grad=True)
-    return A, b, c, P
-
-
 @pytest.mark.parametrize("beta", [1e4, 1e10])
 def test_auto_hands_what_clarabel_leaves_unsolved_to_the_interior_point_method(beta):
     """For one small program "auto" runs Clarabel, which at its defaults ends this program INACCURATE at
@@ -152,7 +144,7 @@ def test_auto_hands_what_clarabel_leaves_unsolved_to_the_interior_point_method(b
     and dx₁/dc₁ = 0, no warning (it raised SolveError on a704e6f). Named explicitly, Clarabel's status
     stands."""
     pytest.importorskip("clarabel", reason="clarabel not installed")
-    A, b, c, P = _two_variable_program(beta)
+    A, b, c, P = two_variable_program(beta)
     assert solve_module.choose_solver(2, 1, "cpu") == "clarabel"
     with warnings.catch_warnings():
         warnings.simplefilter("error")

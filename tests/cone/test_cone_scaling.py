@@ -16,6 +16,7 @@ from optlayers.cone.testing import ALL_CONES, random_program
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from benchmarks.problems import qps_with_equalities  # noqa: E402
+from tests.cone.programs import two_variable_program  # noqa: E402
 
 SPEC = ConeSpec(nonneg=4, soc=[4])
 
@@ -325,10 +326,7 @@ def test_a_small_variable_beside_a_large_one_is_right_or_its_derivative_warns(be
     its defaults at 1e6: right), and where that fails too (1e12) its derivatives warn. 1e6 and 1e8 fail
     on 2456dfb, 1e6 on b65331e."""
     pytest.importorskip("clarabel", reason="clarabel not installed")
-    P = torch.eye(2, dtype=torch.float64)
-    A = torch.tensor([[0.0, 1.0], [0.0, -1.0]], dtype=torch.float64)
-    b = torch.tensor([0.5, 0.5], dtype=torch.float64)
-    c = torch.tensor([-beta, 1.0], dtype=torch.float64, requires_grad=True)
+    A, b, c, P = two_variable_program(beta)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         sol = solve_cone(A, b, c, ConeSpec(nonneg=2), P, solver="ipm")
