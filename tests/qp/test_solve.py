@@ -195,6 +195,26 @@ def test_data_far_from_unit_size_are_solved_as_accurately_as_unit_data(scale):
         torch.testing.assert_close(got, want, rtol=10 * accuracy, atol=accuracy * float(want.abs().max()))
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+def test_fixed_variables_of_large_size_beside_a_singular_q_are_solved_at_every_objective_scale(seed):
+    """Every variable fixed at z0 by two opposite bounds (no interior: z0 is the one feasible point),
+    four equalities through it, a rank-three Q, and p and z0 of size 3e4, with Q and p scaled by ω.
+    Left unscaled (``qp.scaling.LARGE_DATA`` 2^20), variables of this size left the dual residual at
+    the rounding of Q's cancelling product, above the default relative tolerance: 2 and 1 of these
+    40 solves (seeds 1 and 2) ended unsolved. Scaled to unit size, each is SOLVED at z0."""
+    g = torch.Generator().manual_seed(seed)
+    B, n, m, rank, size = 10, 9, 4, 3, 3e4
+    L = torch.randn(B, n, rank, generator=g, dtype=torch.float64)
+    p, z0 = (size * torch.randn(B, n, generator=g, dtype=torch.float64) for _ in range(2))
+    A = torch.randn(B, m, n, generator=g, dtype=torch.float64)
+    eye = torch.eye(n, dtype=torch.float64)
+    G, h, b = torch.cat([eye, -eye]), torch.cat([z0, -z0], -1), (A @ z0.unsqueeze(-1)).squeeze(-1)
+    for omega in (1.0, 0.1, 1e-3, 1e-5):
+        sol = solve_qp(omega * (L @ L.mT), omega * p, G, h, A, b, on_failure="ignore")
+        assert (sol.status == QPStatus.SOLVED).all(), (omega, sol.status.tolist())
+        torch.testing.assert_close(sol.z, z0, rtol=0, atol=1e-9 * size)
+
+
 @pytest.mark.parametrize("bounds", ["one", "box"])
 @pytest.mark.parametrize("beta", [1e8, 1e12, 1e20])
 def test_bounds_far_above_the_other_sides_cost_neither_iterations_nor_accuracy(bounds, beta):

@@ -145,12 +145,17 @@ SMALL_DATA = 2.0 ** -6
 small, and the objective's where Q and p are small beside the constraints. Scaled, such problems are
 solved at unit size (``_sizes``); in the original units, the default tolerance follows them
 (``ipm.absolute_tolerance``)."""
-LARGE_DATA = 2.0 ** 20
+LARGE_DATA = 2.0 ** 16
 """Variables whose size is above this are large: scaled, such problems are solved at unit size
 (``_sizes``). Random QPs with p, b and h of 1e7 (unit matrices) were certified infeasible unscaled,
-those of 1e6 solved. 2^6, the bound of small data, took ordinary problems too and cost two of the
-Maros–Meszaros set (QPCBOEI1, QSCAGR25); at 2^20 the set's iteration counts are those of unscaled
-variables but QGROW7's and QGROW15's (two and three more)."""
+those of 1e6 solved. Unscaled variables of 1e4 to 1e6 can leave the dual residual at a rounding of
+ε·|Q||x| above the default relative tolerance where Q's product cancels (a singular Q): QPs with a
+rank-three Q and every variable fixed by two opposite bounds, with Q and p scaled by 1e-5 to 1,
+ended INACCURATE or MAX_ITER at 2^20 in 2 of 40 solves at x ≈ 1e5, 1 at 3e4 and 1 at 1e4, a fuzzed
+one with x ≈ 6e5 at four of six scales; at 2^16 only the one at 1e4 (BENCHMARKS.md, "Variables of
+2^16 to 2^20"). 2^12 solved that one too but cost Maros–Meszaros QPCBOEI1, and 2^6, the bound of
+small data, QPCBOEI1 and QSCAGR25; at 2^16 the set's iteration counts are those of 2^20 but
+QPCBOEI2's (48 against 33)."""
 _SMALLEST_SCALE = 2.0 ** -40  # t, 1 / t, ω and their squares stay far inside float32's range
 
 
