@@ -155,7 +155,7 @@ ended INACCURATE or MAX_ITER at 2^20 in 2 of 40 solves at x ≈ 1e5, 1 at 3e4 an
 one with x ≈ 6e5 at four of six scales; at 2^16 only the one at 1e4 (BENCHMARKS.md, "Variables of
 2^16 to 2^20"). 2^12 solved that one too but cost Maros–Meszaros QPCBOEI1, and 2^6, the bound of
 small data, QPCBOEI1 and QSCAGR25; at 2^16 the set's iteration counts are those of 2^20 but
-QPCBOEI2's (48 against 33)."""
+QPCBOEI2's (48 and 49 against 33 and 31, one and two threads)."""
 _SMALLEST_SCALE = 2.0 ** -40  # t, 1 / t, ω and their squares stay far inside float32's range
 
 
