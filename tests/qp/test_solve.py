@@ -205,12 +205,13 @@ def test_fixed_variables_of_large_size_beside_a_singular_q_are_solved_at_every_o
     g = torch.Generator().manual_seed(seed)
     B, n, m, rank, size = 10, 9, 4, 3, 3e4
     L = torch.randn(B, n, rank, generator=g, dtype=torch.float64)
+    Q = L @ L.mT
     p, z0 = (size * torch.randn(B, n, generator=g, dtype=torch.float64) for _ in range(2))
     A = torch.randn(B, m, n, generator=g, dtype=torch.float64)
     eye = torch.eye(n, dtype=torch.float64)
     G, h, b = torch.cat([eye, -eye]), torch.cat([z0, -z0], -1), (A @ z0.unsqueeze(-1)).squeeze(-1)
     for omega in (1.0, 0.1, 1e-3, 1e-5):
-        sol = solve_qp(omega * (L @ L.mT), omega * p, G, h, A, b, on_failure="ignore")
+        sol = solve_qp(omega * Q, omega * p, G, h, A, b, on_failure="ignore")
         assert (sol.status == QPStatus.SOLVED).all(), (omega, sol.status.tolist())
         torch.testing.assert_close(sol.z, z0, rtol=0, atol=1e-9 * size)
 
