@@ -162,3 +162,33 @@ def test_random_infeasible_batches_are_certified_and_feasible_ones_are_not(n, k,
     assert (~feasible).sum() > batch // 2
     assert (sol.status[~feasible] == QPStatus.PRIMAL_INFEASIBLE).all(), sol.status[~feasible]
     assert (sol.status[feasible] == QPStatus.SOLVED).all(), sol.status[feasible]
+
+
+def _nearly_dependent_equalities(seed: int) -> tuple[torch.Tensor, ...]:
+    """An LP over a box around an integer point z with equality rows that z satisfies exactly, some
+    of them copies of others 2^-27 to 2^-40 apart (dyadic data, so A z = b holds exactly): feasible,
+    but within the rows' difference of infeasible problems."""
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(3, 14))
+    z = rng.integers(-4, 5, n).astype(float)
+    m0 = int(rng.integers(1, n // 2 + 1))
+    A0 = np.round(rng.standard_normal((m0, n)) * 2**10) / 2**10
+    copies = rng.integers(0, m0, int(rng.integers(1, m0 + 1)))
+    A = np.vstack([A0, A0[copies] + rng.integers(-3, 4, (len(copies), n)) * 2.0 ** -int(rng.integers(27, 41))])
+    G = np.vstack([np.eye(n), -np.eye(n)])
+    h = np.concatenate([z + rng.integers(1, 4, n) / 2, -z + rng.integers(1, 4, n) / 2])
+    p = np.round(rng.standard_normal(n) * 2**8) / 2**8
+    return tuple(torch.tensor(a, dtype=torch.float64) for a in (np.zeros((n, n)), p, G, h, A, A @ z))
+
+
+@pytest.mark.parametrize("seed", [158, 271])
+def test_nearly_dependent_equality_rows_are_not_certified_infeasible(seed):
+    """Two equality rows 2^-27 to 2^-40 apart leave Newton directions dy whose ‖Aᵀdν + Gᵀdλ‖ is below
+    1e-7‖dy‖ with bᵀdν + hᵀdλ < −1e-7‖dy‖, helped by negative dλ on rows with h > 0. Those two
+    relative tests proved only that no feasible point lies within about one (scaled) unit of the
+    origin, and these feasible LPs were reported PRIMAL_INFEASIBLE. The certificate is (dν, dλ⁺), and
+    ‖Aᵀdν + Gᵀdλ⁺‖ < ε(−bᵀdν − hᵀdλ⁺) puts every feasible point beyond 1/ε, as the iterate's test does."""
+    Q, p, G, h, A, b = _nearly_dependent_equalities(seed)
+    sol = solve_qp(Q, p, G, h, A, b, on_failure="ignore")
+    assert int(sol.status) != QPStatus.PRIMAL_INFEASIBLE, sol.status
+    assert int(sol.status) in (QPStatus.SOLVED, QPStatus.INACCURATE, QPStatus.MAX_ITER), sol.status

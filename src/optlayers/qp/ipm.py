@@ -25,7 +25,7 @@ from optlayers.engine.graphed import GraphedCall, GraphedStep, graphs_calls, lin
 from optlayers.engine.kkt import MAX_FACTOR_RETRIES, KKTFactor, factor_kkt, raise_limit, regularisation_after, solve_reduced
 from optlayers.engine.step import BACKTRACK, BACKTRACK_STEPS, QPData, State, Step, StepRules, factor_at, newton_step
 from optlayers.host import RUNNING, cpu_schedule, host_read
-from optlayers.linalg import inf_norm, mtv, mv, power_of_two_above
+from optlayers.linalg import add_mtv, inf_norm, mtv, mv, power_of_two_above
 from optlayers.qp.derivative_checks import inexact_derivatives
 from optlayers.qp.multipliers import smaller_multipliers
 from optlayers.qp.scaling import SMALL_DATA, Scaling
@@ -452,10 +452,17 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     succeeded and the step is finite; and, for ``assess``, whether the problem runs (B,) and whether
     its regularisation is below ``reg_limit`` (B,: ``kkt.raisable``), in the same comparison.
 
-    Primal infeasibility (dν, dλ): ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ < −ε‖dy‖, dλ ≥ −ε‖dy‖,
-    and ‖dy‖ > 64 ε₆₄ ‖y‖ (``_ROUNDING``): where the duals have converged, a step dy at their
-    rounding passes the relative tests by rounding (‖dy‖ = 1e-16 ‖y‖ certified a feasible LP;
-    right certificates were seen to fire with ‖dy‖ down to 1.8e-12 ‖y‖).
+    Primal infeasibility, the direction dy = (dν, dλ) with its negative dλ dropped, y⁺ = (dν, dλ⁺):
+    ‖Aᵀdν + Gᵀdλ⁺‖ < ε(−bᵀdν − hᵀdλ⁺), bᵀdν + hᵀdλ⁺ < −ε‖dy‖, dλ ≥ −ε‖dy‖, and ‖dy‖ > 64 ε₆₄ ‖y‖
+    (``_ROUNDING``): where the duals have converged, a step dy at their rounding passes the relative
+    tests by rounding (‖dy‖ = 1e-16 ‖y‖ certified a feasible LP; right certificates were seen to
+    fire with ‖dy‖ down to 1.8e-12 ‖y‖). As y⁺ ≥ 0 exactly, every feasible x then has ‖x‖₁ > 1/ε,
+    as below. The relative tests ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖ and bᵀdν + hᵀdλ < −ε‖dy‖ alone put feasible
+    points only beyond about one unit: they certified LPs with equality rows 2^-27 to 2^-40 apart,
+    feasible at integer points within four units, by directions whose negative dλ, on rows with
+    h > 0, made bᵀdν + hᵀdλ negative (``tests/qp/test_status.py``); the 10,000 fuzzed cases'
+    verdicts are the same under either test. The sign test stays: the direction's dλ must be
+    nonnegative to its rounding.
     Or the iterate y = (ν, λ) itself (λ > 0 always, so no sign test):
     ‖Aᵀν + Gᵀλ‖ < ε(−bᵀν − hᵀλ), bᵀν + hᵀλ < −ε‖y‖, with the primal residual unmet. Every
     feasible x then has ‖x‖₁ > 1/ε (0 ≥ yᵀ(Gx − h, Ax − b) ≥ −‖Aᵀν + Gᵀλ‖‖x‖₁ − bᵀν − hᵀλ): the
@@ -485,8 +492,9 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     ``_CERTIFICATE_PERSISTENCE`` consecutive iterations (the 14 unbounded elements that the 10,000
     fuzzed batches of the AMD EPYC run left at ``MAX_ITER``, with the factorisation of H + σAᵀA);
     its iterations count towards the persistence as the direction's do.
-    The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx; A dx and G dx are measured (the
-    regularised step need not satisfy A dx = −r_e, G dx = −r_i − ds where A is rank deficient).
+    The Newton equations give Aᵀdν + Gᵀdλ = −r_d − Q dx, so Aᵀdν + Gᵀdλ⁺ = −r_d − Q dx − Gᵀmin(dλ, 0);
+    A dx and G dx are measured (the regularised step need not satisfy A dx = −r_e,
+    G dx = −r_i − ds where A is rank deficient).
     All families of comparisons are one stacked operation.
     """
     n, m, k = st.n, st.m, st.k
@@ -497,13 +505,20 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     # and, for the iterate's recession test, Qx + p = r_d − Aᵀν − Gᵀλ and Qx
     aty = res.y_terms.sum(1) if m else res.y_terms[:, 0]
     qx_p = res.r_d - aty
-    on_x = torch.stack([res.r_d + step.q_dx, step.q_dx, dx, qx_p, x, aty, qx_p - data.p])
+    # the direction's certificate is (dν, dλ⁺), its negative dλ dropped (``_certificates``' docstring):
+    # −(Aᵀdν + Gᵀdλ⁺) = r_d + Q dx + Gᵀ min(dλ, 0)
+    certificate_terms = res.r_d + step.q_dx
+    if k:
+        dlam_plus = dlam.clamp_min(0.0)
+        certificate_terms = add_mtv(certificate_terms, data.G, dlam - dlam_plus)
+    on_x = torch.stack([certificate_terms, step.q_dx, dx, qx_p, x, aty, qx_p - data.p])
     residual_y, norm_qdx, nx, _, norm_x, norm_aty, norm_qx = inf_norm(on_x)
     if m + k:
-        dy_y = torch.stack([dy, st.v[:, n : n + m + k]])
-        ny, norm_y = inf_norm(dy_y)
+        dy_plus = (torch.cat([dy[:, :m], dlam_plus], -1) if m else dlam_plus) if k else dy
+        dy_y = torch.stack([dy, st.v[:, n : n + m + k], dy_plus])
+        ny, norm_y = inf_norm(dy_y[:2])
         by = torch.cat([data.b, data.h], -1) if m and k else (data.b if m else data.h)
-        farkas_value, farkas_iterate = (dy_y * by).sum(-1)  # bᵀdν + hᵀdλ, bᵀν + hᵀλ
+        farkas_iterate, farkas_value = (dy_y[1:] * by).sum(-1)  # bᵀν + hᵀλ, bᵀdν + hᵀdλ⁺
     else:
         ny = norm_y = farkas_value = farkas_iterate = torch.zeros_like(nx)
     # pᵀdx, and the objective's slope along dx at x + T dx, T = ‖x‖ / ‖dx‖: pᵀdx + (x + T dx)ᵀQ dx
@@ -517,16 +532,17 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     (eps_y, eps_x, rounding_y, eps_farkas), (minus_eps_y, minus_eps_x, minus_eps_norm_y, _) = (
         torch.stack([ny, nx, norm_y, farkas_iterate])
         * constant((eps, eps, _ROUNDING, -eps, -eps, -eps, -eps, 0.0), nx).view(2, 4, 1))
+    eps_farkas_step = farkas_value * -eps  # −ε(bᵀdν + hᵀdλ⁺)
     eps_norm_x, moving_x, minus_eps_norm_x = norm_x * constant((eps, _STILL_DIVERGING, -eps), nx).unsqueeze(-1)
     (primal_limit, dual_limit, *_), (primal, dual, *_) = res.limit.unbind(-1), res.measured.unbind(-1)
     # without equality (inequality) rows their tests are taken by another test of the same certificate
-    farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y),
+    farkas_rows = [(residual_y, eps_farkas_step), (farkas_value, minus_eps_y),
                    # dy must move y: a step of dy at y's rounding (an optimum's dual, converged) passes the relative tests by rounding
                    (rounding_y, ny),
                    # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
                    # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
                    (primal_limit, primal),
-                   (minus_eps_y, dlam.amin(-1)) if k else (residual_y, eps_y)]
+                   (minus_eps_y, dlam.amin(-1)) if k else (residual_y, eps_farkas_step)]
     recession_rows = [(norm_qdx, eps_x), (inf_norm(mv(data.A, dx)) if m else norm_qdx, eps_x),
                       (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (p_slope, minus_eps_x),
                       (far_slope, minus_eps_x), (dual_limit, dual)]
