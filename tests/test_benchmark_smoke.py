@@ -700,3 +700,17 @@ def test_steady_loop_refuses_counts_below_one(capsys):
     with pytest.raises(SystemExit):
         steady_loop.main(["--calls", "0"])
     assert "must be positive" in capsys.readouterr().err
+
+
+def test_nearly_dependent_rows_benchmark_judges_both_solvers_against_the_exact_rows(tmp_path, capsys):
+    """One LP per range: a table row per range, the exact rows' reference found for every problem,
+    and solve_qp's answers at copies 2^-8 to 2^-11 apart within 1e-9 of it."""
+    pytest.importorskip("clarabel")
+    from benchmarks import nearly_dependent
+
+    assert nearly_dependent.main(["--problems", "1", "--json", str(tmp_path / "rows.json")]) == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [row["noise"] for row in rows] == [f"2^-{low}..2^-{high}" for low, high in nearly_dependent.RANGES]
+    assert all(row["references"] == {"Solved": 1} for row in rows)
+    assert rows[0]["optlayers"] == {"SOLVED": 1} and rows[0]["optlayers_errors"]["max"] < 1e-9
+    assert capsys.readouterr().out.count("\n| 2^-") == len(rows)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from optlayers.compiling import opaque_to_user_compile
 from optlayers.qp.autograd import QPSolveFn
+from optlayers.qp.equalities import given_multipliers, orthonormal_rows
 from optlayers.qp.ipm import IPMSettings, default_settings
 from optlayers.qp.problem import prepare_qp, without_absent_sides
 from optlayers.sides import with_absent
@@ -158,8 +159,14 @@ def solve_prepared(flat: tuple[Tensor, ...], batch: torch.Size, settings: IPMSet
 
 def _solve_flat(flat: tuple[Tensor, ...], settings: IPMSettings, policy: FailurePolicy,
                 batch: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """``QPSolveFn`` on the flat data, nearly dependent equality rows replaced by their orthonormal
+    equivalent (``equalities.orthonormal_rows``) and ν mapped back to the given rows."""
     keep_factor = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
-    return QPSolveFn.apply(*flat, settings, keep_factor, policy, tuple(batch))
+    A, b, rows = orthonormal_rows(flat[4], flat[5])
+    out = QPSolveFn.apply(*flat[:4], A, b, settings, keep_factor, policy, tuple(batch))
+    if rows is None:
+        return out
+    return (*out[:2], given_multipliers(rows, out[2]), *out[3:])
 
 
 def _relaxable(out: tuple[Tensor, ...]) -> Tensor:
