@@ -104,17 +104,8 @@ def test_transformed_rows_give_the_given_problems_solution_multipliers_and_deriv
 
 def test_gradients_of_nearly_dependent_rows_match_finite_differences():
     """A QP with a row and its copy 2^-10 apart (transformed): gradcheck of z and ν in every input."""
-    g = torch.Generator().manual_seed(3)
-    d = torch.float64
-    L = torch.randn(2, 5, 5, generator=g, dtype=d)
-    Q = L @ L.mT / 5 + 0.1 * torch.eye(5, dtype=d)
-    A = torch.randn(2, 2, 5, generator=g, dtype=d)
-    A = torch.cat([A, A[:, :1] + 2.0**-10 * torch.randn(2, 1, 5, generator=g, dtype=d)], 1)
-    G, z0 = torch.randn(2, 2, 5, generator=g, dtype=d), torch.randn(2, 5, generator=g, dtype=d)
-    h = torch.einsum("bkn,bn->bk", G, z0) + torch.tensor([0.0, 0.5], dtype=d)  # one row active at z0
-    b = torch.einsum("bmn,bn->bm", A, z0)
-    p = -torch.einsum("bij,bj->bi", Q, z0) - G[:, 0] * 0.7 - torch.einsum("bmn,bm->bn", A, torch.randn(2, 3, generator=g, dtype=d))
-    assert not torch.equal(equalities.orthonormal_rows(A, b)[2].factor, torch.eye(3, dtype=d).expand(2, 3, 3))
+    Q, p, G, h, A, b = _nearly_dependent_qp()
+    assert not torch.equal(equalities.orthonormal_rows(A, b)[2].factor, torch.eye(3, dtype=torch.float64).expand(2, 3, 3))
 
     def solution(M, p, G, h, A, b):
         sol = solve_qp(0.5 * (M + M.mT), p, G, h, A, b, tol=1e-13)
@@ -156,3 +147,62 @@ def test_rows_nearer_than_the_smallest_share_are_left_as_given_and_not_certified
     assert torch.equal(equalities.orthonormal_rows(d["A"], d["b"])[2].factor, identity)
     sol = solve_qp(*(d[name] for name in NAMES), on_failure="ignore")
     assert not (sol.status == QPStatus.PRIMAL_INFEASIBLE).any(), sol.status
+
+
+def _nearly_dependent_qp() -> tuple[torch.Tensor, ...]:
+    """Two QPs whose third equality row is a copy of their first 2^-10 apart (transformed), one
+    inequality active at the solution."""
+    g = torch.Generator().manual_seed(3)
+    d = torch.float64
+    L = torch.randn(2, 5, 5, generator=g, dtype=d)
+    Q = L @ L.mT / 5 + 0.1 * torch.eye(5, dtype=d)
+    A = torch.randn(2, 2, 5, generator=g, dtype=d)
+    A = torch.cat([A, A[:, :1] + 2.0**-10 * torch.randn(2, 1, 5, generator=g, dtype=d)], 1)
+    G, z0 = torch.randn(2, 2, 5, generator=g, dtype=d), torch.randn(2, 5, generator=g, dtype=d)
+    h = torch.einsum("bkn,bn->bk", G, z0) + torch.tensor([0.0, 0.5], dtype=d)
+    b = torch.einsum("bmn,bn->bm", A, z0)
+    p = -torch.einsum("bij,bj->bi", Q, z0) - G[:, 0] * 0.7 - torch.einsum("bmn,bm->bn", A, torch.randn(2, 3, generator=g, dtype=d))
+    return Q, p, G, h, A, b
+
+
+@pytest.mark.parametrize("wrt", [4, 5, 1])
+def test_forward_mode_derivatives_of_nearly_dependent_rows_match_reverse_mode(wrt):
+    """torch.func.jvp and forward-mode dual tensors (under which A does not require grad) give the
+    tangent of z and ν in A, b and p that the reverse mode's vjp gives."""
+    data = _nearly_dependent_qp()
+    assert not torch.equal(equalities.orthonormal_rows(data[4], data[5])[2].factor, torch.eye(3, dtype=torch.float64).expand(2, 3, 3))
+    tangent = torch.randn(data[wrt].shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+
+    def outputs(x):
+        args = list(data)
+        args[wrt] = x
+        sol = solve_qp(*args, tol=1e-13)
+        return torch.cat([sol.z, sol.nu], -1)
+
+    _, jvp = torch.func.jvp(outputs, (data[wrt],), (tangent,))
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.unpack_dual(outputs(torch.autograd.forward_ad.make_dual(data[wrt], tangent))).tangent
+    out, vjp_fn = torch.func.vjp(outputs, data[wrt])
+    cotangent = torch.randn(out.shape, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    reverse = (vjp_fn(cotangent)[0] * tangent).sum()
+    assert jvp.abs().max() > 0
+    for forward in (jvp, dual):
+        assert torch.allclose((forward * cotangent).sum(), reverse, rtol=1e-7), (float((forward * cotangent).sum()), float(reverse))
+
+
+def test_failed_elements_of_transformed_problems_hold_failed_value_in_nu():
+    data = _nearly_dependent_qp()
+    sol = solve_qp(*data, max_iter=2, on_failure="ignore", failed_value=3.0)
+    assert (sol.status != QPStatus.SOLVED).all()
+    assert (sol.nu == 3.0).all() and (sol.z == 3.0).all(), sol.nu
+
+
+def test_float32_data_are_solved_with_their_rows_as_given():
+    """Cast back to float32 the replaced rows would carry float32's rounding into ν amplified by
+    1/share: float32 data keep their rows (and are solved in float64, where rows 2^-9 apart solve)."""
+    d = _nearly_dependent_lps([9, 10])
+    single = {name: d[name].float() for name in NAMES}
+    assert equalities.orthonormal_rows(single["A"], single["b"])[2] is None
+    sol = solve_qp(*(single[name] for name in NAMES))
+    reference = solve_qp(*(d[name] for name in NAMES))
+    assert torch.allclose(sol.z.double(), reference.z, atol=1e-5)

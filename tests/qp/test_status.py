@@ -185,10 +185,32 @@ def _nearly_dependent_equalities(seed: int) -> tuple[torch.Tensor, ...]:
 def test_nearly_dependent_equality_rows_are_not_certified_infeasible(seed):
     """Two equality rows 2^-27 to 2^-40 apart leave Newton directions dy whose ‖Aᵀdν + Gᵀdλ‖ is below
     1e-7‖dy‖ with bᵀdν + hᵀdλ < −1e-7‖dy‖, helped by negative dλ on rows with h > 0. Those two
-    relative tests proved only that no feasible point lies within about one (scaled) unit of the
-    origin, and these feasible LPs were reported PRIMAL_INFEASIBLE. The certificate is (dν, dλ⁺), and
-    ‖Aᵀdν + Gᵀdλ⁺‖ < ε(−bᵀdν − hᵀdλ⁺) puts every feasible point beyond 1/ε, as the iterate's test does."""
+    relative tests alone prove only that no feasible point lies within about one (scaled) unit of
+    the origin, and pass on these feasible LPs. The certificate is (dν, dλ⁺), and it must put every
+    feasible point beyond twice the iterate's size."""
     Q, p, G, h, A, b = _nearly_dependent_equalities(seed)
     sol = solve_qp(Q, p, G, h, A, b, on_failure="ignore")
     assert int(sol.status) != QPStatus.PRIMAL_INFEASIBLE, sol.status
     assert int(sol.status) in (QPStatus.SOLVED, QPStatus.INACCURATE, QPStatus.MAX_ITER), sol.status
+
+
+@pytest.mark.parametrize("inequality", [False, True])
+def test_problems_infeasible_by_a_small_margin_are_certified(inequality):
+    """A box |x| ≤ 1 and a row a·x = ‖a‖₁ + margin (or ≥), infeasible by margins 1e-1 to 1e-6: every
+    one PRIMAL_INFEASIBLE. (A test of the direction against ε times −bᵀdν − hᵀdλ⁺, which puts feasible
+    points beyond 1/ε, certifies the equality rows only down to margins of 2e-3: the regularised
+    direction's ‖Aᵀdν + Gᵀdλ⁺‖ is 3e-11 to 8e-10 ‖dy‖.)"""
+    d, n = torch.float64, 6
+    g = torch.Generator().manual_seed(0)
+    margin = 10.0 ** -torch.linspace(1, 6, 16, dtype=d)
+    a = torch.randn(16, n, generator=g, dtype=d)
+    L = torch.randn(16, n, n, generator=g, dtype=d)
+    Q, p = L @ L.mT / n, torch.randn(16, n, generator=g, dtype=d)
+    eye = torch.eye(n, dtype=d).expand(16, n, n)
+    G, h = torch.cat([eye, -eye], 1), torch.ones(16, 2 * n, dtype=d)
+    side = a.abs().sum(-1) + margin
+    if inequality:
+        sol = solve_qp(Q, p, torch.cat([G, -a[:, None]], 1), torch.cat([h, -side[:, None]], 1), on_failure="ignore")
+    else:
+        sol = solve_qp(Q, p, G, h, a[:, None], side[:, None], on_failure="ignore")
+    assert (sol.status == QPStatus.PRIMAL_INFEASIBLE).all(), sol.status

@@ -8,24 +8,30 @@ regularisation from δ ≈ 1e-5 on: the step hardly moves the iterate along it, 
 with a primal residual of about δ times its distance (MAX_ITER or INACCURATE), or takes a step of
 that difference for a Farkas direction.
 
-The rows are replaced by an equivalent set with the same solutions. With D the columns' sizes
-(their largest entries) and (AD⁻¹)ᵀ = QR (Householder), A = RᵀQᵀD, so Ax = b holds exactly where
-QᵀDx = R⁻ᵀb. The rows QᵀD are orthonormal but for the columns' sizes, which the solve's
-equilibration takes out; the difference's δ has moved into the right-hand side R⁻ᵀb, of unit size
-where b is consistent. The multipliers map back by ν = R⁻¹ν̂, and the derivatives by the same map:
-with M = R⁻ᵀ held fixed, (A, b) ↦ (MA, Mb) leaves x, λ and s unchanged and ν = Mᵀν̂ for every A
-and b near the data, so the chain rule through the fixed M is exact (QᵀD stands for MA's value,
-which it equals in exact arithmetic and represents more accurately).
+The rows are replaced by an equivalent set with the same solutions. With E, C a row and a column
+equilibration of A (four Ruiz iterations) and (EAC)ᵀ = QR (Householder), A = E⁻¹RᵀQᵀC⁻¹, so
+Ax = b holds exactly where QᵀC⁻¹x = R⁻ᵀEb. The rows QᵀC⁻¹ are orthonormal but for the columns'
+scaling, which the solve's own equilibration takes out; the difference's δ has moved into the
+right-hand side R⁻ᵀEb, of unit size where b is consistent. With M = R⁻ᵀE, the multipliers map back
+by ν = Mᵀν̂ = ER⁻¹ν̂, and the derivatives by the same map: with M held fixed, (A, b) ↦ (MA, Mb)
+leaves x, λ and s unchanged and ν = Mᵀν̂ for every A and b near the data, so the chain rule through
+the fixed M is exact (QᵀC⁻¹ stands for MA's value, which it equals in exact arithmetic and
+represents more accurately). The primal residual that the solve reports, and tests against its
+tolerance, is that of the replaced rows: the given rows' residual E⁻¹Rᵀ times it, in units of
+each row's size.
 
-A problem is transformed where some row's share |R_ii| / ‖(AD⁻¹)_i‖ (the part of the row outside
-the span of the rows before it; the same for A and for A with its columns scaled) is below
-``NEARLY_DEPENDENT`` and every row's is above ``SMALLEST_SHARE`` and ``DEPENDENT`` units of the
-data's rounding. Rows dependent to rounding (exact duplicates, redundant combinations) are left
-to the method, whose regularisation handles them: a division by their R_ii would make a
-constraint of rounding noise. Rows nearer than ``SMALLEST_SHARE`` are left too: the transform's
-own rounding would move them by more than the method's tolerances. Such problems may stall
-(MAX_ITER, INACCURATE); where their rows differ by less than the tolerance, the difference is
+A float64 problem is transformed where some row's share |R_ii| / ‖(EAC)_i‖ (the part of the row
+outside the span of the rows before it, measured on the equilibrated rows, so that neither a row's
+nor a column's size decides it) is below ``NEARLY_DEPENDENT`` and every row's is above
+``SMALLEST_SHARE``. Rows dependent to rounding (exact duplicates, redundant combinations: shares
+of 1e-16) are left to the method, whose regularisation handles them: a division by their R_ii
+would make a constraint of rounding noise. Rows nearer than ``SMALLEST_SHARE`` are left too: the
+transform's own rounding would move them by more than the method's tolerances. Such problems may
+stall (MAX_ITER, INACCURATE); where their rows differ by less than the tolerance, the difference is
 not a constraint the method can see, and a SOLVED answer holds the rows to the tolerance only.
+Float32 data are solved as given: the replaced rows, cast back to float32, would carry its rounding
+into ν amplified by 1/share (ν 1e-5 off at shares of 2^-8, where the rows as given are solved in
+float64 to 3e-8).
 """
 from __future__ import annotations
 
@@ -39,11 +45,8 @@ NEARLY_DEPENDENT = 2.0 ** -7
 over a box with equality rows copied at noise 2^-12 to 2^-15 of their size were solved in 95 of
 100 cases untransformed, at 2^-8 to 2^-11 in all 100; at 2^-16 to 2^-19 in 38 (BENCHMARKS.md,
 "Nearly dependent equality rows")."""
-DEPENDENT = 4096.0
-"""Rows whose share is at most this many units of the data's rounding (float64: 9.1e-13; float32:
-4.9e-4) are dependent: a problem with such a row is not transformed."""
 SMALLEST_SHARE = 2.0 ** -26
-"""Nor is a problem with a row whose share is at most this. R comes from A + E with E of
+"""A problem with a row whose share is at most this is not transformed. R comes from A + E with E of
 float64's rounding, so the transformed rows hold at the exact solution only to about ε/share of
 their size (7.7e-8 at a share of 1.5e-9); where the equalities and active inequality rows meet in
 a point, that misses it: fuzzed QPs of that kind with shares of 2e-12 to 1.5e-9 ended MAX_ITER or
@@ -64,6 +67,13 @@ def given_multipliers(rows: RowMap, nu: Tensor) -> Tensor:
     """ν of the given rows from ν̂ of the rows ``orthonormal_rows`` made: Mᵀν̂ = E R⁻¹ν̂."""
     mapped = torch.linalg.solve_triangular(rows.factor, nu.unsqueeze(-1).to(rows.factor.dtype), upper=True).squeeze(-1)
     return (rows.scale * mapped).to(nu.dtype)
+
+
+def _carries_derivatives(A: Tensor) -> bool:
+    """Whether A may carry a derivative: it requires grad, a torch.func transform is active
+    (``jvp``, ``jacfwd``, ``vmap`` of ``grad``), or it is a forward-mode dual tensor."""
+    return (A.requires_grad or torch._C._are_functorch_transforms_active()
+            or torch.autograd.forward_ad.unpack_dual(A).tangent is not None)
 
 
 def _equilibrated(A: Tensor, iterations: int = 4) -> tuple[Tensor, Tensor]:
@@ -87,16 +97,15 @@ def orthonormal_rows(A: Tensor, b: Tensor) -> tuple[Tensor, Tensor, RowMap | Non
     variables, an empty batch). Computed in float64 and returned in the data's dtype; no host
     synchronisation."""
     batch, m, n = A.shape
-    if m == 0 or m > n or batch == 0:
+    if m == 0 or m > n or batch == 0 or A.dtype != torch.float64:
         return A, b, None
     given = A.detach().to(torch.float64)
     e, c = _equilibrated(given)
     scaled = e.unsqueeze(-1) * given * c.unsqueeze(-2)
     basis, factor = torch.linalg.qr(scaled.mT)  # (EAC)ᵀ = QR: (B, n, m), (B, m, m)
     share = factor.diagonal(dim1=-2, dim2=-1).abs() / torch.linalg.vector_norm(scaled, dim=-1)
-    smallest_share = max(DEPENDENT * torch.finfo(A.dtype).eps, SMALLEST_SHARE)
     smallest = share.amin(-1)  # NaN (a zero row) compares False: not transformed
-    transformed = (smallest < NEARLY_DEPENDENT) & (smallest > smallest_share)
+    transformed = (smallest < NEARLY_DEPENDENT) & (smallest > SMALLEST_SHARE)
     # the others' map is the identity: their solves below are exact copies, never a division by a
     # dependent row's R_ii (whose infinities would reach the derivatives as 0·inf)
     kept = transformed[:, None, None]
@@ -104,7 +113,7 @@ def orthonormal_rows(A: Tensor, b: Tensor) -> tuple[Tensor, Tensor, RowMap | Non
     e = torch.where(transformed.unsqueeze(-1), e, torch.ones_like(e))
     lower = factor.mT
     rows = (basis.mT / c.unsqueeze(-2)).to(A.dtype)  # EAC = RᵀQᵀ: Ax = b holds where QᵀC⁻¹x = R⁻ᵀEb
-    if A.requires_grad:  # value QᵀC⁻¹, derivative R⁻ᵀE dA (M fixed): see the module docstring
+    if _carries_derivatives(A):  # value QᵀC⁻¹, derivative R⁻ᵀE dA (M fixed): see the module docstring
         moved = e.unsqueeze(-1) * (A - A.detach()).to(torch.float64)
         rows = rows + torch.linalg.solve_triangular(lower, moved, upper=False).to(A.dtype)
     # R⁻ᵀEb (b itself where the map is the identity)

@@ -453,16 +453,21 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     its regularisation is below ``reg_limit`` (B,: ``kkt.raisable``), in the same comparison.
 
     Primal infeasibility, the direction dy = (dν, dλ) with its negative dλ dropped, y⁺ = (dν, dλ⁺):
-    ‖Aᵀdν + Gᵀdλ⁺‖ < ε(−bᵀdν − hᵀdλ⁺), bᵀdν + hᵀdλ⁺ < −ε‖dy‖, dλ ≥ −ε‖dy‖, and ‖dy‖ > 64 ε₆₄ ‖y‖
-    (``_ROUNDING``): where the duals have converged, a step dy at their rounding passes the relative
-    tests by rounding (‖dy‖ = 1e-16 ‖y‖ certified a feasible LP; right certificates were seen to
-    fire with ‖dy‖ down to 1.8e-12 ‖y‖). As y⁺ ≥ 0 exactly, every feasible x then has ‖x‖₁ > 1/ε,
-    as below. The relative tests ‖Aᵀdν + Gᵀdλ‖ ≤ ε‖dy‖ and bᵀdν + hᵀdλ < −ε‖dy‖ alone put feasible
-    points only beyond about one unit: they certified LPs with equality rows 2^-27 to 2^-40 apart,
-    feasible at integer points within four units, by directions whose negative dλ, on rows with
-    h > 0, made bᵀdν + hᵀdλ negative (``tests/qp/test_status.py``); the 10,000 fuzzed cases'
-    verdicts are the same under either test. The sign test stays: the direction's dλ must be
-    nonnegative to its rounding.
+    ‖Aᵀdν + Gᵀdλ⁺‖ ≤ ε‖dy‖, bᵀdν + hᵀdλ⁺ < −ε‖dy‖, and −(bᵀdν + hᵀdλ⁺) > r‖Aᵀdν + Gᵀdλ⁺‖ with
+    r = min(2(1 + n‖x‖∞), 1/ε);
+    dλ ≥ −ε‖dy‖; and ‖dy‖ > 64 ε₆₄ ‖y‖ (``_ROUNDING``): where the duals have converged, a step dy at
+    their rounding passes the relative tests by rounding (‖dy‖ = 1e-16 ‖y‖ certified a feasible LP;
+    right certificates were seen to fire with ‖dy‖ down to 1.8e-12 ‖y‖). As y⁺ ≥ 0 exactly, every
+    feasible point x̄ has ‖x̄‖₁ ≥ −(bᵀdν + hᵀdλ⁺) / ‖Aᵀdν + Gᵀdλ⁺‖ (as below), so the third test puts
+    every feasible point beyond twice the iterate's size (n‖x‖∞ ≥ ‖x‖₁), or beyond 1/ε where the
+    iterate has diverged (an infeasible element of the fuzzing, certified at ‖x‖ = 3e20 by a
+    direction of radius 3e16). The relative tests alone put
+    feasible points only beyond about one (scaled) unit, and pass on feasible LPs with equality rows
+    2^-27 to 2^-40 apart, feasible at integer points within four units, by directions whose negative
+    dλ, on rows with h > 0, make bᵀdν + hᵀdλ negative (``tests/qp/test_status.py``). A radius of 1/ε,
+    as the iterate's test below asks, is beyond the regularised direction's accuracy (‖Aᵀdν + Gᵀdλ⁺‖
+    of 3e-11 to 8e-10 ‖dy‖ in the last iterations of a box |x| ≤ 1 with a·x = ‖a‖₁ + 1e-2 or 1e-4):
+    it leaves such problems uncertified from margins of 2e-3 down.
     Or the iterate y = (ν, λ) itself (λ > 0 always, so no sign test):
     ‖Aᵀν + Gᵀλ‖ < ε(−bᵀν − hᵀλ), bᵀν + hᵀλ < −ε‖y‖, with the primal residual unmet. Every
     feasible x then has ‖x‖₁ > 1/ε (0 ≥ yᵀ(Gx − h, Ax − b) ≥ −‖Aᵀν + Gᵀλ‖‖x‖₁ − bᵀν − hᵀλ): the
@@ -532,17 +537,21 @@ def _certificates(data: QPData, st: State, res: Residuals, step: Step, eps: floa
     (eps_y, eps_x, rounding_y, eps_farkas), (minus_eps_y, minus_eps_x, minus_eps_norm_y, _) = (
         torch.stack([ny, nx, norm_y, farkas_iterate])
         * constant((eps, eps, _ROUNDING, -eps, -eps, -eps, -eps, 0.0), nx).view(2, 4, 1))
-    eps_farkas_step = farkas_value * -eps  # −ε(bᵀdν + hᵀdλ⁺)
+    # bᵀdν + hᵀdλ⁺ + min(2(1 + n‖x‖∞), 1/ε)‖Aᵀdν + Gᵀdλ⁺‖: negative where (dν, dλ⁺) puts every feasible
+    # point beyond twice the iterate's size, or beyond 1/ε (``_certificates``' docstring)
+    radius = torch.add(constant(2.0, nx), norm_x, alpha=2.0 * n).clamp_max(1.0 / eps)
+    beyond_iterate = torch.addcmul(farkas_value, residual_y, radius)
+    zero = constant(0.0, nx).expand(nx.shape[0])
     eps_norm_x, moving_x, minus_eps_norm_x = norm_x * constant((eps, _STILL_DIVERGING, -eps), nx).unsqueeze(-1)
     (primal_limit, dual_limit, *_), (primal, dual, *_) = res.limit.unbind(-1), res.measured.unbind(-1)
     # without equality (inequality) rows their tests are taken by another test of the same certificate
-    farkas_rows = [(residual_y, eps_farkas_step), (farkas_value, minus_eps_y),
+    farkas_rows = [(residual_y, eps_y), (farkas_value, minus_eps_y), (beyond_iterate, zero),
                    # dy must move y: a step of dy at y's rounding (an optimum's dual, converged) passes the relative tests by rounding
                    (rounding_y, ny),
                    # a primal (dual) infeasible problem cannot have its primal (dual) residual within tolerance:
                    # there the direction is an optimum's vanishing step, whose relative tests are rounding noise
                    (primal_limit, primal),
-                   (minus_eps_y, dlam.amin(-1)) if k else (residual_y, eps_farkas_step)]
+                   (minus_eps_y, dlam.amin(-1)) if k else (residual_y, eps_y)]
     recession_rows = [(norm_qdx, eps_x), (inf_norm(mv(data.A, dx)) if m else norm_qdx, eps_x),
                       (mv(data.G, dx).amax(-1) if k else norm_qdx, eps_x), (p_slope, minus_eps_x),
                       (far_slope, minus_eps_x), (dual_limit, dual)]

@@ -41,7 +41,9 @@ class QPSolution:
             plain sum of its terms cannot tell (rel_tol = 0 and terms far above tol), it is
             evaluated with error-free products and sums, and the problem is scaled by powers of
             two, so that the returned point is the solver's iterate without rounding. (Float32 data
-            are solved in float64; rounding the point to float32 moves the gap again.)
+            are solved in float64; rounding the point to float32 moves the gap again.) Where nearly
+            dependent equality rows were replaced by an equivalent set (``qp.equalities``), the
+            primal residual is that of the replaced rows, each of about unit size.
         relaxed: (...,) bool: elements that were PRIMAL_INFEASIBLE and hold the solution of their
             elastic relaxation (``on_failure="relax"``): its z, the multipliers of Gz ≤ h + t and
             Az = b + u − v, and the slacks h + t − Gz, all differentiable. All False otherwise.
@@ -159,14 +161,16 @@ def solve_prepared(flat: tuple[Tensor, ...], batch: torch.Size, settings: IPMSet
 
 def _solve_flat(flat: tuple[Tensor, ...], settings: IPMSettings, policy: FailurePolicy,
                 batch: tuple[int, ...]) -> tuple[Tensor, ...]:
-    """``QPSolveFn`` on the flat data, nearly dependent equality rows replaced by their orthonormal
-    equivalent (``equalities.orthonormal_rows``) and ν mapped back to the given rows."""
+    """``QPSolveFn`` on the flat data, nearly dependent equality rows replaced by an equivalent
+    well-conditioned set (``equalities.orthonormal_rows``) and the SOLVED elements' ν mapped back to
+    the given rows (the others hold ``failed_value``)."""
     keep_factor = torch.is_grad_enabled() and any(t.requires_grad for t in flat)
     A, b, rows = orthonormal_rows(flat[4], flat[5])
     out = QPSolveFn.apply(*flat[:4], A, b, settings, keep_factor, policy, tuple(batch))
     if rows is None:
         return out
-    return (*out[:2], given_multipliers(rows, out[2]), *out[3:])
+    nu = torch.where((out[4] == Status.SOLVED).unsqueeze(-1), given_multipliers(rows, out[2]), out[2])
+    return (*out[:2], nu, *out[3:])
 
 
 def _relaxable(out: tuple[Tensor, ...]) -> Tensor:
