@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from benchmarks.nearly_dependent import problem
 from optlayers import ConeSolveError, ConeStatus, QPSolveError, QPStatus, SolveError, Status, solve_qp
 from optlayers.cone.qp import solve_qp_cone
 from optlayers.status import describe_failures
@@ -164,23 +165,6 @@ def test_random_infeasible_batches_are_certified_and_feasible_ones_are_not(n, k,
     assert (sol.status[feasible] == QPStatus.SOLVED).all(), sol.status[feasible]
 
 
-def _nearly_dependent_equalities(seed: int) -> tuple[torch.Tensor, ...]:
-    """An LP over a box around an integer point z with equality rows that z satisfies exactly, some
-    of them copies of others 2^-27 to 2^-40 apart (dyadic data, so A z = b holds exactly): feasible,
-    but within the rows' difference of infeasible problems."""
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(3, 14))
-    z = rng.integers(-4, 5, n).astype(float)
-    m0 = int(rng.integers(1, n // 2 + 1))
-    A0 = np.round(rng.standard_normal((m0, n)) * 2**10) / 2**10
-    copies = rng.integers(0, m0, int(rng.integers(1, m0 + 1)))
-    A = np.vstack([A0, A0[copies] + rng.integers(-3, 4, (len(copies), n)) * 2.0 ** -int(rng.integers(27, 41))])
-    G = np.vstack([np.eye(n), -np.eye(n)])
-    h = np.concatenate([z + rng.integers(1, 4, n) / 2, -z + rng.integers(1, 4, n) / 2])
-    p = np.round(rng.standard_normal(n) * 2**8) / 2**8
-    return tuple(torch.tensor(a, dtype=torch.float64) for a in (np.zeros((n, n)), p, G, h, A, A @ z))
-
-
 @pytest.mark.parametrize("seed", [158, 271])
 def test_nearly_dependent_equality_rows_are_not_certified_infeasible(seed):
     """Two equality rows 2^-27 to 2^-40 apart leave Newton directions dy whose ‖Aᵀdν + Gᵀdλ‖ is below
@@ -188,8 +172,8 @@ def test_nearly_dependent_equality_rows_are_not_certified_infeasible(seed):
     relative tests alone prove only that no feasible point lies within about one (scaled) unit of
     the origin, and pass on these feasible LPs. The certificate is (dν, dλ⁺), and it must put every
     feasible point beyond twice the iterate's size."""
-    Q, p, G, h, A, b = _nearly_dependent_equalities(seed)
-    sol = solve_qp(Q, p, G, h, A, b, on_failure="ignore")
+    lp = problem(seed, 27, 40)  # LPs over a box, feasible at an integer point: benchmarks/nearly_dependent.py
+    sol = solve_qp(*(torch.tensor(lp[name]) for name in ("Q", "p", "G", "h", "A", "b")), on_failure="ignore")
     assert int(sol.status) != QPStatus.PRIMAL_INFEASIBLE, sol.status
     assert int(sol.status) in (QPStatus.SOLVED, QPStatus.INACCURATE, QPStatus.MAX_ITER), sol.status
 
