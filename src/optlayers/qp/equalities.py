@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from optlayers.engine.constants import identity
+
 NEARLY_DEPENDENT = 2.0 ** -7
 """A problem with a row whose share (module docstring) is below this is transformed. LPs
 over a box with equality rows copied at noise 2^-12 to 2^-15 of their size were solved in 95 of
@@ -94,8 +96,8 @@ def orthonormal_rows(A: Tensor, b: Tensor) -> tuple[Tensor, Tensor, RowMap | Non
     """(A, b) (B, m, n), (B, m) with each problem's nearly dependent equality rows replaced by the
     equivalent rows QᵀC⁻¹x = R⁻ᵀEb (see the module docstring), and the ``RowMap`` back
     (``given_multipliers``); None where no problem can have such rows (no rows, more rows than
-    variables, an empty batch). Computed in float64 and returned in the data's dtype; no host
-    synchronisation."""
+    variables, an empty batch, float32 data). Computed in float64 and returned in the data's dtype;
+    no host synchronisation."""
     batch, m, n = A.shape
     if m == 0 or m > n or batch == 0 or A.dtype != torch.float64:
         return A, b, None
@@ -109,7 +111,7 @@ def orthonormal_rows(A: Tensor, b: Tensor) -> tuple[Tensor, Tensor, RowMap | Non
     # the others' map is the identity: their solves below are exact copies, never a division by a
     # dependent row's R_ii (whose infinities would reach the derivatives as 0·inf)
     kept = transformed[:, None, None]
-    factor = torch.where(kept, factor, torch.eye(m, dtype=factor.dtype, device=factor.device))
+    factor = torch.where(kept, factor, identity(m, factor.device, factor.dtype))
     e = torch.where(transformed.unsqueeze(-1), e, torch.ones_like(e))
     lower = factor.mT
     rows = (basis.mT / c.unsqueeze(-2)).to(A.dtype)  # EAC = RᵀQᵀ: Ax = b holds where QᵀC⁻¹x = R⁻ᵀEb
