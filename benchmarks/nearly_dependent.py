@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problems", type=int, default=100, help="LPs per range of the noise (default 100)")
     parser.add_argument("--json", help="write the rows to this file")
     args = parser.parse_args(argv)
+    if args.problems < 1:
+        parser.error(f"--problems must be positive, got {args.problems}")
     warnings.filterwarnings("ignore")
     rows = run(args.problems)
     print(f"{cpu_model()}, torch {torch.__version__}, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")

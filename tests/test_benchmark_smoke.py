@@ -714,3 +714,12 @@ def test_nearly_dependent_rows_benchmark_judges_both_solvers_against_the_exact_r
     assert all(row["references"] == {"Solved": 1} for row in rows)
     assert rows[0]["optlayers"] == {"SOLVED": 1} and rows[0]["optlayers_errors"]["max"] < 1e-9
     assert capsys.readouterr().out.count("\n| 2^-") == len(rows)
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_nearly_dependent_rows_benchmark_refuses_counts_below_one(count, capsys):
+    from benchmarks import nearly_dependent
+
+    with pytest.raises(SystemExit):
+        nearly_dependent.main(["--problems", count])
+    assert f"--problems must be positive, got {count}" in capsys.readouterr().err
